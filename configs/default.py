@@ -1,0 +1,56 @@
+"""Fields shared by every model's config.
+
+A model config imports this file, sets `model_name` (the file in models/) and
+`model` (that file's constructor arguments), and overrides what differs.
+`get_config('smoke')` shrinks any config to a run of seconds.
+"""
+
+import ml_collections
+
+
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+  """Returns the default config; `arg='smoke'` makes a seconds-long run."""
+  config = ml_collections.ConfigDict()
+
+  # File in models/ and its constructor arguments (besides field_dims).
+  config.model_name = 'fm'
+  config.model = ml_collections.ConfigDict()
+
+  config.dataset = ml_collections.ConfigDict()
+  # ml-latest-small (embedded), ml-100k, ml-1m, ml-20m, ml-25m.
+  config.dataset.name = 'ml-latest-small'
+  # Local file or directory of the raw data; empty: the embedded copy
+  # (ml-latest-small) or a verified download into `cache_dir` (GroupLens).
+  config.dataset.path = ''
+  # Where downloads and encoded arrays are kept; empty: $XDG_CACHE_HOME/flax_fm
+  # (default ~/.cache/flax_fm).
+  config.dataset.cache_dir = ''
+  # Base URL of the GroupLens archives (tests point it at a local server).
+  config.dataset.url = 'https://files.grouplens.org/datasets/movielens'
+  # Fractions of train / validation / test, split at random with `seed`.
+  config.dataset.split = (0.8, 0.1, 0.1)
+  config.dataset.seed = 0
+
+  config.batch_size = 2048
+  # Evaluation batches are padded to this size (a mask drops the padding).
+  config.eval_batch_size = 8192
+  # Adam with L2 weight decay added to the gradient, as torch's
+  # Adam(weight_decay=...) in pytorch-fm.
+  config.learning_rate = 1e-3
+  config.weight_decay = 1e-6
+  config.num_epochs = 100
+  # Stop after this many epochs without a better validation AUC.
+  config.patience = 2
+  # Seeds parameter initialisation, the shuffle of every epoch and dropout.
+  config.seed = 0
+  config.log_every_steps = 50
+  # Show a progress bar on stderr (process 0 only).
+  config.progress_bar = True
+
+  if arg == 'smoke':
+    config.num_epochs = 2
+    config.batch_size = 512
+    config.log_every_steps = 10
+  elif arg:
+    raise ValueError(f'Unknown config argument {arg!r}; use "smoke".')
+  return config
