@@ -1,0 +1,58 @@
+"""Trains and evaluates a CTR model; `python main.py --config=C --workdir=W`.
+
+This file is kept short on purpose: it parses flags, optionally joins a
+multi-host run, and hands over to `train.train_and_evaluate`, where the logic
+lives and tests reach it.
+"""
+
+from absl import app
+from absl import flags
+from absl import logging
+import jax
+from ml_collections import config_flags
+
+import train
+
+FLAGS = flags.FLAGS
+
+flags.DEFINE_string('workdir', None, 'Directory for checkpoints and metrics.')
+config_flags.DEFINE_config_file(
+  'config',
+  None,
+  'Training configuration file, e.g. configs/fm.py (or configs/fm.py:smoke).',
+  lock_config=True,
+)
+flags.DEFINE_bool(
+  'distributed',
+  False,
+  'Join a multi-host run with jax.distributed.initialize(); the flags below'
+  ' (or what JAX detects on Slurm, Open MPI or Cloud TPU) say how.',
+)
+flags.DEFINE_string(
+  'coordinator_address', None, 'host:port of process 0 (multi-host).'
+)
+flags.DEFINE_integer('num_processes', None, 'Number of processes (multi-host).')
+flags.DEFINE_integer('process_id', None, 'This process, 0-based (multi-host).')
+flags.mark_flags_as_required(['config', 'workdir'])
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError('Too many command-line arguments.')
+  if FLAGS.distributed:
+    jax.distributed.initialize(
+      coordinator_address=FLAGS.coordinator_address,
+      num_processes=FLAGS.num_processes,
+      process_id=FLAGS.process_id,
+    )
+  logging.info(
+    'JAX process %d / %d, local devices: %r',
+    jax.process_index(),
+    jax.process_count(),
+    jax.local_devices(),
+  )
+  train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
+
+
+if __name__ == '__main__':
+  app.run(main)

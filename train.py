@@ -1,0 +1,602 @@
+"""Data-parallel training and evaluation with `jax.pmap`.
+
+`train_and_evaluate(config, workdir)` loads the dataset, builds
+`models/<config.model_name>.py`, trains with the global batch split over all
+local devices (and processes), evaluates AUC and logloss on the validation
+split after every epoch, keeps the best checkpoint, stops early, and finally
+scores the best state on the test split. Restarted in the same workdir it
+resumes from the latest checkpoint.
+"""
+
+from collections.abc import Callable, Iterator
+import functools
+import importlib
+import json
+import math
+import os
+import queue
+import sys
+import threading
+import time
+from typing import Any
+
+from absl import logging
+from flax import jax_utils
+from flax.training import train_state
+import jax
+from jax import lax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+import orbax.checkpoint as ocp
+
+import data
+
+AXIS = 'batch'
+
+
+class TrainState(train_state.TrainState):
+  """Params, optimizer state and BatchNorm statistics (`{}` if none)."""
+
+  batch_stats: Any = None
+
+
+# --------------------------------------------------------------------------
+# Metrics.
+
+
+def roc_auc(labels: np.ndarray, scores: np.ndarray) -> float:
+  """Exact ROC AUC: the Mann-Whitney statistic, ties counted half.
+
+  Args:
+    labels: 0/1 `[n]`.
+    scores: any monotone score `[n]` (logits keep more resolution than
+      probabilities, which saturate to 1.0 in float32).
+
+  Returns:
+    P(score of a random positive > score of a random negative), with ties
+    counted 1/2; NaN when one class is absent.
+  """
+  labels = np.asarray(labels, np.float64).reshape(-1)
+  scores = np.asarray(scores, np.float64).reshape(-1)
+  n_pos = labels.sum()
+  n_neg = len(labels) - n_pos
+  if n_pos == 0 or n_neg == 0:
+    return float('nan')
+  order = np.argsort(scores, kind='mergesort')
+  sorted_scores = scores[order]
+  # Average 1-based rank of each run of equal scores.
+  starts = np.r_[0, np.flatnonzero(np.diff(sorted_scores)) + 1]
+  ends = np.r_[starts[1:], len(scores)]
+  ranks = np.empty(len(scores))
+  ranks[order] = np.repeat((starts + ends + 1) / 2.0, ends - starts)
+  return float(
+    (ranks[labels == 1].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg)
+  )
+
+
+def binary_logloss(labels: np.ndarray, logits: np.ndarray) -> float:
+  """Mean binary cross-entropy of `sigmoid(logits)`, computed stably."""
+  labels = np.asarray(labels, np.float64)
+  logits = np.asarray(logits, np.float64)
+  return float(
+    np.mean(
+      np.maximum(logits, 0) - logits * labels + np.log1p(np.exp(-abs(logits)))
+    )
+  )
+
+
+# --------------------------------------------------------------------------
+# Factories.
+
+
+def create_model(
+  config: ml_collections.ConfigDict,
+  field_dims: tuple[int, ...],
+  axis_name: str | None = None,
+):
+  """Builds `models/<config.model_name>.py`'s `Model`."""
+  try:
+    module = importlib.import_module(f'models.{config.model_name}')
+  except ModuleNotFoundError as e:
+    names = sorted(
+      f[:-3]
+      for f in os.listdir(os.path.join(data.ROOT, 'models'))
+      if f.endswith('.py') and not f.startswith('_')
+    )
+    raise ValueError(
+      f'config.model_name: no model {config.model_name!r} in models/;'
+      f' choose one of {", ".join(names)}.'
+    ) from e
+  return module.Model(
+    field_dims=tuple(field_dims), axis_name=axis_name, **config.model
+  )
+
+
+def create_optimizer(
+  config: ml_collections.ConfigDict,
+) -> optax.GradientTransformation:
+  """Adam with L2 weight decay added to the gradient (torch's Adam)."""
+  return optax.chain(
+    optax.add_decayed_weights(config.weight_decay),
+    optax.adam(config.learning_rate),
+  )
+
+
+def create_train_state(
+  rng: jax.Array, config: ml_collections.ConfigDict, model, num_fields: int
+) -> TrainState:
+  """Initialises parameters, BatchNorm statistics and the optimizer."""
+  ids = jnp.zeros((2, num_fields), jnp.int32)
+  variables = model.init({'params': rng, 'dropout': rng}, ids, train=False)
+  return TrainState.create(
+    apply_fn=model.apply,
+    params=variables['params'],
+    tx=create_optimizer(config),
+    batch_stats=variables.get('batch_stats', {}),
+  )
+
+
+def warm_start(state: TrainState, workdir: str) -> TrainState:
+  """Copies every parameter whose path and shape match from another run.
+
+  Used e.g. for FNN's FM pre-training: `--config.init_from=<fm workdir>`.
+  """
+  manager = ocp.CheckpointManager(
+    os.path.join(workdir, 'checkpoints', 'best'),
+    options=ocp.CheckpointManagerOptions(read_only=True, create=False),
+  )
+  step = manager.latest_step()
+  if step is None:
+    raise ValueError(f'config.init_from: no checkpoint in {workdir}')
+  restored = manager.restore(
+    step, args=ocp.args.Composite(state=ocp.args.StandardRestore())
+  )['state']['params']
+  source = {
+    jax.tree_util.keystr(p): v
+    for p, v in jax.tree_util.tree_leaves_with_path(restored)
+  }
+  copied = []
+
+  def take(path, value):
+    key = jax.tree_util.keystr(path)
+    if key in source and np.shape(source[key]) == np.shape(value):
+      copied.append(key)
+      return jnp.asarray(source[key], value.dtype)
+    return value
+
+  params = jax.tree_util.tree_map_with_path(take, state.params)
+  if not copied:
+    raise ValueError(
+      f'config.init_from: no parameter of {workdir} matches this model.'
+    )
+  logging.info('Warm start from %s: %s', workdir, ', '.join(copied))
+  return state.replace(params=params, opt_state=state.tx.init(params))
+
+
+# --------------------------------------------------------------------------
+# Steps (per device; pmapped in train_and_evaluate).
+
+
+def train_step(
+  state: TrainState,
+  batch: dict[str, jax.Array],
+  *,
+  model,
+  seed: int,
+  axis_name: str = AXIS,
+) -> tuple[TrainState, jax.Array]:
+  """One optimizer step on this device's shard of the global batch.
+
+  Returns:
+    The new state and the global mean loss of the batch.
+  """
+  # A different dropout key for every step and every device.
+  dropout_rng = jax.random.fold_in(
+    jax.random.fold_in(jax.random.key(seed), state.step),
+    lax.axis_index(axis_name),
+  )
+
+  def loss_fn(params):
+    logits, updates = model.apply(
+      {'params': params, 'batch_stats': state.batch_stats},
+      batch['ids'],
+      train=True,
+      rngs={'dropout': dropout_rng},
+      mutable=['batch_stats', 'losses'],
+    )
+    loss = optax.sigmoid_binary_cross_entropy(logits, batch['label']).mean()
+    # Regularisers that a model sows (e.g. AFM's attention L2).
+    extra = sum(jnp.sum(x) for x in jax.tree.leaves(updates.get('losses', {})))
+    return loss + extra, (loss, updates.get('batch_stats', {}))
+
+  grads, (loss, batch_stats) = jax.grad(loss_fn, has_aux=True)(state.params)
+  # Devices hold equal shares of the global batch, so the mean of their
+  # gradients is the gradient of the global mean loss.
+  grads = lax.pmean(grads, axis_name)
+  state = state.apply_gradients(grads=grads, batch_stats=batch_stats)
+  return state, lax.pmean(loss, axis_name)
+
+
+def eval_step(
+  state: TrainState,
+  batch: dict[str, jax.Array],
+  *,
+  model,
+  axis_name: str = AXIS,
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """Logits of this device's shard and global masked loss sums.
+
+  Returns:
+    Logits `[batch / devices]`, the psum of the masked loss and of the mask.
+  """
+  logits = model.apply(
+    {'params': state.params, 'batch_stats': state.batch_stats},
+    batch['ids'],
+    train=False,
+  )
+  losses = optax.sigmoid_binary_cross_entropy(logits, batch['label'])
+  loss_sum = lax.psum(jnp.sum(losses * batch['mask']), axis_name)
+  count = lax.psum(jnp.sum(batch['mask']), axis_name)
+  return logits, loss_sum, count
+
+
+# --------------------------------------------------------------------------
+# Host-side helpers.
+
+
+def replicate(tree: Any) -> Any:
+  """Copies `tree` to every local device, sharded as pmap's outputs are.
+
+  pmap lays its outputs out on a mesh named after its axis; inputs laid out
+  on another mesh would make the second step compile the step again.
+  """
+  return jax_utils.replicate(tree, axis_name=AXIS)
+
+
+def prefetch(iterator: Iterator, size: int = 2) -> Iterator:
+  """Runs `iterator` in a background thread, `size` items ahead.
+
+  Gathering rows (from a memory map, for large data) then overlaps with the
+  device step instead of stalling it.
+  """
+  items = queue.Queue(maxsize=size)
+  end = object()
+
+  def produce():
+    try:
+      for item in iterator:
+        items.put(item)
+    except BaseException as e:  # Re-raised in the consumer.
+      items.put(e)
+    else:
+      items.put(end)
+
+  thread = threading.Thread(target=produce, daemon=True)
+  thread.start()
+  while (item := items.get()) is not end:
+    if isinstance(item, BaseException):
+      raise item
+    yield item
+
+
+def evaluate(
+  p_eval_step: Callable,
+  state: TrainState,
+  split: data.Split,
+  batch_size: int,
+) -> dict[str, float]:
+  """Exact AUC and logloss of `state` on `split`, over all processes."""
+  num_devices = jax.local_device_count()
+  logits, labels, masks = [], [], []
+  loss_sum = count = 0.0
+  batches = data.eval_batches(
+    split,
+    batch_size,
+    process_index=jax.process_index(),
+    process_count=jax.process_count(),
+  )
+  pending = []
+  for batch in prefetch(batches):
+    pending.append((p_eval_step(state, data.shard(batch, num_devices)), batch))
+  for (out_logits, out_loss, out_count), batch in pending:
+    logits.append(np.asarray(out_logits).reshape(-1))
+    labels.append(batch['label'])
+    masks.append(batch['mask'])
+    loss_sum += float(out_loss[0])
+    count += float(out_count[0])
+  logits, labels, masks = map(np.concatenate, (logits, labels, masks))
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+
+    logits, labels, masks = (
+      np.asarray(multihost_utils.process_allgather(x)).reshape(-1)
+      for x in (logits, labels, masks)
+    )
+  keep = masks > 0
+  return {
+    'auc': roc_auc(labels[keep], logits[keep]),
+    'logloss': loss_sum / max(count, 1.0),
+    'num_examples': int(keep.sum()),
+  }
+
+
+class MetricsWriter:
+  """Appends JSON lines to `workdir/metrics.jsonl` (process 0 only)."""
+
+  def __init__(self, workdir: str, enabled: bool):
+    self.path = os.path.join(workdir, 'metrics.jsonl')
+    self.enabled = enabled
+
+  def truncate(self, epoch: int) -> None:
+    """Keeps only train/valid lines of epochs <= `epoch` (atomic rewrite).
+
+    A resumed run redoes the epochs after its checkpoint; their old lines,
+    and any old test line, would otherwise appear twice.
+    """
+    if not self.enabled or not os.path.exists(self.path):
+      return
+    kept = []
+    with open(self.path) as f:
+      for line in f:
+        try:
+          record = json.loads(line)
+        except json.JSONDecodeError:
+          continue  # A line cut short by a kill.
+        if record.get('split') != 'test' and record.get('epoch', 0) <= epoch:
+          kept.append(json.dumps(record) + '\n')
+    tmp = self.path + '.tmp'
+    with open(tmp, 'w') as f:
+      f.writelines(kept)
+    os.replace(tmp, self.path)
+
+  def write(self, **record) -> None:
+    logging.info('%s', ' '.join(f'{k}={v}' for k, v in record.items()))
+    if self.enabled:
+      with open(self.path, 'a') as f:
+        f.write(json.dumps(record) + '\n')
+        f.flush()
+
+
+class ProgressBar:
+  """One-line progress with examples/s and running loss, on a terminal."""
+
+  def __init__(self, total: int, epoch: int, enabled: bool):
+    self.total, self.epoch = total, epoch
+    self.enabled = enabled and sys.stderr.isatty()
+    self.start = time.perf_counter()
+
+  def update(self, step: int, examples: int, loss: float) -> None:
+    if not self.enabled:
+      return
+    rate = examples / max(time.perf_counter() - self.start, 1e-9)
+    filled = int(30 * step / max(self.total, 1))
+    sys.stderr.write(
+      f'\repoch {self.epoch} [{"#" * filled}{"." * (30 - filled)}]'
+      f' {step}/{self.total} {rate:,.0f} ex/s loss {loss:.4f}'
+    )
+    sys.stderr.flush()
+
+  def close(self) -> None:
+    if self.enabled:
+      sys.stderr.write('\n')
+
+
+class _OrbaxInfoFilter:
+  """Drops orbax's INFO lines (a dozen per checkpoint) from the absl log."""
+
+  def filter(self, record) -> bool:
+    return record.levelno >= 30 or '/orbax/' not in record.pathname
+
+
+def quiet_orbax_logs() -> None:
+  handler = logging.get_absl_handler()
+  if not any(isinstance(f, _OrbaxInfoFilter) for f in handler.filters):
+    handler.addFilter(_OrbaxInfoFilter())
+
+
+def _check_batch_sizes(config: ml_collections.ConfigDict) -> None:
+  devices = jax.device_count()
+  for key in ('batch_size', 'eval_batch_size'):
+    if config[key] <= 0 or config[key] % devices:
+      raise ValueError(
+        f'config.{key}={config[key]} must be a positive multiple of the'
+        f' number of devices ({devices}: {jax.process_count()} process(es)'
+        f' x {jax.local_device_count()} local device(s)).'
+      )
+
+
+def _checkpoint_managers(workdir: str):
+  """Managers of the latest (for resuming) and the best (for test) state."""
+  options = ocp.CheckpointManagerOptions(max_to_keep=1, create=True)
+  root = os.path.join(os.path.abspath(workdir), 'checkpoints')
+  return (
+    ocp.CheckpointManager(os.path.join(root, 'latest'), options=options),
+    ocp.CheckpointManager(os.path.join(root, 'best'), options=options),
+  )
+
+
+def _save(manager, step: int, state: TrainState, meta: dict) -> None:
+  if step in manager.all_steps():
+    manager.delete(step)  # A redone epoch after a crash between two saves.
+  manager.save(
+    step,
+    args=ocp.args.Composite(
+      state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)
+    ),
+  )
+
+
+def _restore(manager, step: int, target: TrainState) -> tuple[TrainState, dict]:
+  restored = manager.restore(
+    step,
+    args=ocp.args.Composite(
+      state=ocp.args.StandardRestore(target), meta=ocp.args.JsonRestore()
+    ),
+  )
+  return restored['state'], restored['meta']
+
+
+# --------------------------------------------------------------------------
+# The loop.
+
+
+def train_and_evaluate(
+  config: ml_collections.ConfigDict, workdir: str
+) -> dict[str, float]:
+  """Trains, early-stops on validation AUC, and evaluates the best on test.
+
+  Args:
+    config: the run's config (see configs/default.py).
+    workdir: where checkpoints, metrics.jsonl and config.json go.
+
+  Returns:
+    The test metrics of the best state: `auc`, `logloss`, `num_examples`.
+  """
+  quiet_orbax_logs()
+  _check_batch_sizes(config)
+  is_main = jax.process_index() == 0
+  os.makedirs(workdir, exist_ok=True)
+  if is_main:
+    with open(os.path.join(workdir, 'config.json'), 'w') as f:
+      f.write(config.to_json_best_effort(indent=2))
+
+  dataset = data.load_dataset(config.dataset)
+  logging.info(
+    'Dataset %s: fields %s, field_dims %s, %d/%d/%d examples',
+    dataset.name,
+    dataset.field_names,
+    dataset.field_dims,
+    len(dataset.train),
+    len(dataset.valid),
+    len(dataset.test),
+  )
+  steps_per_epoch = data.num_train_steps(dataset.train, config.batch_size)
+  if steps_per_epoch == 0:
+    raise ValueError(
+      f'config.batch_size={config.batch_size} exceeds the'
+      f' {len(dataset.train)} training examples.'
+    )
+
+  model = create_model(config, dataset.field_dims, axis_name=AXIS)
+  state = create_train_state(
+    jax.random.key(config.seed), config, model, len(dataset.field_dims)
+  )
+  logging.info(
+    'Model %s: %d parameters',
+    config.model_name,
+    sum(x.size for x in jax.tree.leaves(state.params)),
+  )
+  if config.get('init_from'):
+    state = warm_start(state, config.init_from)
+
+  latest, best = _checkpoint_managers(workdir)
+  meta = {'epoch': 0, 'best_auc': -1.0, 'best_epoch': 0, 'bad_epochs': 0}
+  if latest.latest_step() is not None:
+    state, meta = _restore(latest, latest.latest_step(), state)
+    logging.info('Resumed from epoch %d of %s', meta['epoch'], workdir)
+  writer = MetricsWriter(workdir, enabled=is_main)
+  writer.truncate(meta['epoch'])
+
+  p_train_step = jax.pmap(
+    functools.partial(train_step, model=model, seed=config.seed),
+    axis_name=AXIS,
+    # The old state is never read after a step: let XLA reuse its buffers.
+    donate_argnums=(0,),
+  )
+  p_eval_step = jax.pmap(
+    functools.partial(eval_step, model=model), axis_name=AXIS
+  )
+  num_devices = jax.local_device_count()
+  replicated = replicate(state)
+
+  epoch = meta['epoch']
+  while epoch < config.num_epochs and meta['bad_epochs'] < config.patience:
+    bar = ProgressBar(
+      steps_per_epoch, epoch + 1, config.progress_bar and is_main
+    )
+    batches = data.train_batches(
+      dataset.train,
+      config.batch_size,
+      seed=config.seed,
+      epoch=epoch,
+      process_index=jax.process_index(),
+      process_count=jax.process_count(),
+    )
+    losses = []
+    start = None
+    for step, batch in enumerate(prefetch(batches), start=1):
+      replicated, loss = p_train_step(
+        replicated, data.shard(batch, num_devices)
+      )
+      losses.append(loss)
+      if step == 1:
+        loss.block_until_ready()  # Exclude compilation from the rate.
+        start = time.perf_counter()
+      if step % config.log_every_steps == 0 or step == steps_per_epoch:
+        recent = float(
+          np.mean(jax.device_get(losses[-config.log_every_steps :]))
+        )
+        bar.update(step, (step - 1) * config.batch_size, recent)
+    epoch_loss = float(np.mean(jax.device_get(losses)))
+    elapsed = time.perf_counter() - start
+    bar.close()
+    epoch += 1
+    global_step = epoch * steps_per_epoch
+    rate = (steps_per_epoch - 1) * config.batch_size / max(elapsed, 1e-9)
+    writer.write(
+      split='train',
+      epoch=epoch,
+      step=global_step,
+      loss=epoch_loss,
+      examples_per_sec=rate,
+    )
+    valid = evaluate(
+      p_eval_step, replicated, dataset.valid, config.eval_batch_size
+    )
+    writer.write(split='valid', epoch=epoch, step=global_step, **valid)
+    if not math.isfinite(epoch_loss):
+      raise FloatingPointError(
+        f'Training loss is {epoch_loss} at epoch {epoch}'
+      )
+
+    host_state = jax.device_get(jax_utils.unreplicate(replicated))
+    if valid['auc'] > meta['best_auc']:
+      meta.update(best_auc=valid['auc'], best_epoch=epoch, bad_epochs=0)
+      _save(best, epoch, host_state, dict(meta, epoch=epoch))
+    else:
+      meta['bad_epochs'] += 1
+    meta['epoch'] = epoch
+    # Best before latest: a kill between the two redoes this epoch.
+    best.wait_until_finished()
+    _save(latest, epoch, host_state, meta)
+    latest.wait_until_finished()
+
+  if meta['bad_epochs'] >= config.patience:
+    logging.info(
+      'Early stop after epoch %d: best validation AUC %.5f at epoch %d',
+      epoch,
+      meta['best_auc'],
+      meta['best_epoch'],
+    )
+  if best.latest_step() is None:
+    raise ValueError(
+      'No checkpoint to evaluate: config.num_epochs must be at least 1.'
+    )
+  best_state, _ = _restore(best, best.latest_step(), state)
+  test = evaluate(
+    p_eval_step,
+    replicate(best_state),
+    dataset.test,
+    config.eval_batch_size,
+  )
+  writer.write(
+    split='test',
+    epoch=meta['best_epoch'],
+    step=meta['best_epoch'] * steps_per_epoch,
+    **test,
+  )
+  latest.close()
+  best.close()
+  return test
