@@ -43,6 +43,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.patience = 2
   # Seeds parameter initialisation, the shuffle of every epoch and dropout.
   config.seed = 0
+  # Workdir of an earlier run whose best parameters initialise every
+  # parameter of the same path and shape (e.g. FNN from a trained FM).
+  config.init_from = ''
   config.log_every_steps = 50
   # Show a progress bar on stderr (process 0 only).
   config.progress_bar = True

@@ -1,0 +1,96 @@
+"""End to end through `python main.py` in a subprocess, as a user runs it."""
+
+import json
+import os
+import subprocess
+import sys
+import tempfile
+
+from absl.testing import absltest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _run(workdir, *flags, config='configs/fm.py:smoke'):
+  cache = os.path.join(os.path.dirname(workdir), 'cache')
+  return subprocess.run(
+    [
+      sys.executable,
+      'main.py',
+      f'--config={config}',
+      f'--workdir={workdir}',
+      f'--config.dataset.cache_dir={cache}',
+      *flags,
+    ],
+    cwd=ROOT,
+    capture_output=True,
+    text=True,
+    timeout=300,
+  )
+
+
+def _metrics(workdir):
+  with open(os.path.join(workdir, 'metrics.jsonl')) as f:
+    return [json.loads(line) for line in f]
+
+
+class MainTest(absltest.TestCase):
+  def setUp(self):
+    super().setUp()
+    self.tmp = tempfile.mkdtemp()
+
+  def test_smoke_run_writes_metrics_and_resumes_without_retraining(self):
+    workdir = os.path.join(self.tmp, 'fm')
+    result = _run(workdir, '--config.num_epochs=1')
+    self.assertEqual(result.returncode, 0, result.stderr[-3000:])
+    lines = _metrics(workdir)
+    self.assertEqual([r['split'] for r in lines], ['train', 'valid', 'test'])
+    for record in lines:
+      self.assertIn('epoch', record)
+      self.assertIn('step', record)
+    self.assertGreater(lines[0]['examples_per_sec'], 0)
+    for record in lines[1:]:
+      self.assertEqual(
+        set(record) - {'split', 'epoch', 'step'},
+        {'auc', 'logloss', 'num_examples'},
+      )
+      self.assertGreater(record['auc'], 0.7)
+    with open(os.path.join(workdir, 'config.json')) as f:
+      self.assertEqual(json.load(f)['model_name'], 'fm')
+
+    # Same workdir, one more epoch: epoch 1 is restored, not retrained.
+    result = _run(workdir, '--config.num_epochs=2')
+    self.assertEqual(result.returncode, 0, result.stderr[-3000:])
+    self.assertIn('Resumed from epoch 1', result.stderr)
+    resumed = _metrics(workdir)
+    self.assertEqual(resumed[:2], lines[:2])
+    self.assertEqual(
+      [(r['split'], r['epoch']) for r in resumed],
+      [('train', 1), ('valid', 1), ('train', 2), ('valid', 2), ('test', 2)],
+    )
+
+    # The two-step run equals an uninterrupted two-epoch run.
+    straight = os.path.join(self.tmp, 'straight')
+    result = _run(straight, '--config.num_epochs=2')
+    self.assertEqual(result.returncode, 0, result.stderr[-3000:])
+    expected = _metrics(straight)
+    for a, b in zip(resumed, expected, strict=True):
+      for key in ('loss', 'auc', 'logloss'):
+        if key in a:
+          self.assertAlmostEqual(a[key], b[key], places=5)
+
+  def test_config_typo_names_the_key(self):
+    result = _run(os.path.join(self.tmp, 'typo'), '--config.batch_sise=64')
+    self.assertNotEqual(result.returncode, 0)
+    self.assertIn('batch_sise', result.stderr)
+    self.assertIn('Did you mean', result.stderr)
+    self.assertIn('batch_size', result.stderr)
+
+  def test_bad_batch_size_names_the_key(self):
+    result = _run(os.path.join(self.tmp, 'odd'), '--config.batch_size=511')
+    self.assertNotEqual(result.returncode, 0)
+    self.assertIn('config.batch_size=511', result.stderr)
+
+
+if __name__ == '__main__':
+  absltest.main()
