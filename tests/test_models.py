@@ -29,6 +29,26 @@ BATCH = 6
 TEST_KWARGS = {
   'lr': {},
   'fm': {'embed_dim': 4},
+  'ffm': {'embed_dim': 4},
+  'fnn': {'embed_dim': 4, 'mlp_dims': (8, 6), 'dropout': 0.2},
+  'wd': {
+    'embed_dim': 4,
+    'mlp_dims': (8, 6),
+    'dropout': 0.2,
+    'cross_fields': ((0, 1),),
+    'cross_buckets': 50,
+  },
+  'afm': {'embed_dim': 4, 'attn_size': 3, 'dropouts': (0.2, 0.2)},
+  'nfm': {'embed_dim': 4, 'mlp_dims': (8, 6), 'dropouts': (0.2, 0.2)},
+  'ncf': {
+    'user_field_idx': 0,
+    'item_field_idx': 1,
+    'embed_dim': 4,
+    'mlp_dims': (8, 6),
+    'dropout': 0.2,
+  },
+  'fnfm': {'embed_dim': 4, 'mlp_dims': (8, 6), 'dropouts': (0.2, 0.2)},
+  'deepfm': {'embed_dim': 4, 'mlp_dims': (8, 6), 'dropout': 0.2},
 }
 
 # Number of parameters with FIELD_DIMS and TEST_KWARGS. A model without an
@@ -36,6 +56,34 @@ TEST_KWARGS = {
 PARAM_COUNTS = {
   'lr': 23 + 1,  # one weight per id + bias
   'fm': 23 + 1 + 23 * 4,  # linear + factors
+  # linear + one [23, 4] table per field (3 fields)
+  'ffm': 23 + 1 + 23 * 3 * 4,
+  # factors + per-id FM weights (no bias) + MLP on 3 * (1 + 4) = 15 inputs:
+  # Dense 15->8, BN(8), Dense 8->6, BN(6), Dense 6->1
+  'fnn': 23 * 4 + 23 + (15 * 8 + 8) + 2 * 8 + (8 * 6 + 6) + 2 * 6 + (6 + 1),
+  # linear + cross 0x1 (7 * 11 = 77 pairs hashed into 50) + embeddings +
+  # MLP on 3 * 4 = 12 inputs: Dense 12->8, BN(8), Dense 8->6, BN(6), 6->1
+  'wd': 23 + 1 + 50 + 23 * 4 + (12 * 8 + 8) + 2 * 8 + (8 * 6 + 6) + 2 * 6 + 7,
+  # linear + embeddings + attention W [4, 3], b [3] + h [3] + p [4]
+  'afm': 23 + 1 + 23 * 4 + (4 * 3 + 3) + 3 + 4,
+  # linear + embeddings + BN(4) on f_BI + MLP on the 4 dims of f_BI:
+  # Dense 4->8, BN(8), Dense 8->6, BN(6), Dense 6->1
+  'nfm': (
+    23 + 1 + 23 * 4 + 2 * 4 + (4 * 8 + 8) + 2 * 8 + (8 * 6 + 6) + 2 * 6 + 7
+  ),
+  # MLP embeddings [23, 4] + GMF embeddings of user and item [7 + 11, 4] +
+  # MLP tower on 3 * 4 = 12 inputs: Dense 12->8, BN(8), Dense 8->6, BN(6) +
+  # prediction Dense on [GMF 4; MLP 6] -> 1
+  'ncf': 23 * 4 + 18 * 4 + (12 * 8 + 8) + 2 * 8 + (8 * 6 + 6) + 2 * 6 + 11,
+  # linear + field-aware factors [23, 3, 4] + BN on 3 pairs * 4 = 12 + MLP:
+  # Dense 12->8, BN(8), Dense 8->6, BN(6), Dense 6->1
+  'fnfm': (
+    (23 + 1 + 23 * 3 * 4 + 2 * 12)
+    + ((12 * 8 + 8) + 2 * 8 + (8 * 6 + 6) + 2 * 6 + 7)
+  ),
+  # linear + embeddings + MLP on 3 * 4 = 12 inputs: Dense 12->8, BN(8),
+  # Dense 8->6, BN(6), Dense 6->1
+  'deepfm': 23 + 1 + 23 * 4 + (12 * 8 + 8) + 2 * 8 + (8 * 6 + 6) + 2 * 6 + 7,
 }
 
 # Blocks that model files copy verbatim from each other (DESIGN.md 2).
@@ -45,6 +93,7 @@ SHARED_BLOCKS = (
   'FeaturesEmbedding',
   'FactorizationMachine',
   'MultiLayerPerceptron',
+  'FieldAwareEmbedding',  # ffm.py and fnfm.py
 )
 
 

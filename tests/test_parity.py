@@ -27,6 +27,35 @@ def _embedding(w, prefix):
   return {'embedding': w[f'{prefix}.embedding.weight']}
 
 
+def _mlp(w, prefix, num_hidden):
+  """torch MultiLayerPerceptron -> our (params, batch_stats).
+
+  torch's Sequential holds Linear, BatchNorm1d, ReLU, Dropout per hidden
+  layer (indices 4i and 4i + 1), then the output Linear (index 4n).
+  """
+  params, stats = {}, {}
+  for i in range(num_hidden):
+    lin, bn = f'{prefix}.{4 * i}', f'{prefix}.{4 * i + 1}'
+    params[f'Dense_{i}'] = {
+      'kernel': w[f'{lin}.weight'].T,
+      'bias': w[f'{lin}.bias'],
+    }
+    params[f'BatchNorm_{i}'] = {
+      'scale': w[f'{bn}.weight'],
+      'bias': w[f'{bn}.bias'],
+    }
+    stats[f'BatchNorm_{i}'] = {
+      'mean': w[f'{bn}.running_mean'],
+      'var': w[f'{bn}.running_var'],
+    }
+  out = f'{prefix}.{4 * num_hidden}'
+  params[f'Dense_{num_hidden}'] = {
+    'kernel': w[f'{out}.weight'].T,
+    'bias': w[f'{out}.bias'],
+  }
+  return params, stats
+
+
 def _lr(w):
   return {'params': {'FeaturesLinear_0': _linear(w, 'linear')}}, {}
 
@@ -39,11 +68,163 @@ def _fm(w):
   return {'params': params}, {'embed_dim': 4}
 
 
+def _ffm(w):
+  # torch keeps one [ids, dim] table per field; ours stacks them on axis 1.
+  num_fields = sum(k.startswith('ffm.embeddings.') for k in w)
+  table = np.stack(
+    [w[f'ffm.embeddings.{g}.weight'] for g in range(num_fields)], axis=1
+  )
+  params = {
+    'FeaturesLinear_0': _linear(w, 'linear'),
+    'FieldAwareEmbedding_0': {'embedding': table},
+  }
+  return {'params': params}, {'embed_dim': 4}
+
+
+def _fnn(w):
+  # pytorch-fm feeds the factors alone: fm_linear_inputs=False.
+  mlp, stats = _mlp(w, 'mlp.mlp', 2)
+  params = {
+    'FeaturesEmbedding_0': _embedding(w, 'embedding'),
+    'MultiLayerPerceptron_0': mlp,
+  }
+  variables = {
+    'params': params,
+    'batch_stats': {'MultiLayerPerceptron_0': stats},
+  }
+  kwargs = dict(embed_dim=4, mlp_dims=(8, 6), dropout=0.2)
+  return variables, {**kwargs, 'fm_linear_inputs': False}
+
+
+def _wd(w):
+  # No cross products (the default), as pytorch-fm.
+  mlp, stats = _mlp(w, 'mlp.mlp', 2)
+  params = {
+    'FeaturesLinear_0': _linear(w, 'linear'),
+    'FeaturesEmbedding_0': _embedding(w, 'embedding'),
+    'MultiLayerPerceptron_0': mlp,
+  }
+  variables = {
+    'params': params,
+    'batch_stats': {'MultiLayerPerceptron_0': stats},
+  }
+  return variables, dict(embed_dim=4, mlp_dims=(8, 6), dropout=0.2)
+
+
+def _afm(w):
+  # The score bias `afm.projection.bias` is dropped (softmax cancels it) and
+  # the output bias `afm.fc.bias` is folded into w_0 (models/afm.py).
+  linear = _linear(w, 'linear')
+  linear['bias'] = linear['bias'] + w['afm.fc.bias']
+  params = {
+    'FeaturesLinear_0': linear,
+    'FeaturesEmbedding_0': _embedding(w, 'embedding'),
+    'AttentionalFactorizationMachine_0': {
+      'attention': {
+        'kernel': w['afm.attention.weight'].T,
+        'bias': w['afm.attention.bias'],
+      },
+      'projection': {'kernel': w['afm.projection.weight'].T},
+      'fc': {'kernel': w['afm.fc.weight'].T},
+    },
+  }
+  # Our dropouts are off in eval mode; the fixture's torch model had 0.
+  return {'params': params}, dict(embed_dim=4, attn_size=3, dropouts=(0.2, 0.2))
+
+
+def _bn(w, prefix):
+  """torch BatchNorm1d -> our (params, batch_stats) of one nn.BatchNorm."""
+  params = {'scale': w[f'{prefix}.weight'], 'bias': w[f'{prefix}.bias']}
+  stats = {
+    'mean': w[f'{prefix}.running_mean'],
+    'var': w[f'{prefix}.running_var'],
+  }
+  return params, stats
+
+
+def _nfm(w):
+  # torch's `fm` Sequential: 0 FactorizationMachine, 1 BatchNorm1d, 2 Dropout.
+  mlp, mlp_stats = _mlp(w, 'mlp.mlp', 2)
+  bn, bn_stats = _bn(w, 'fm.1')
+  params = {
+    'FeaturesLinear_0': _linear(w, 'linear'),
+    'FeaturesEmbedding_0': _embedding(w, 'embedding'),
+    'BatchNorm_0': bn,
+    'MultiLayerPerceptron_0': mlp,
+  }
+  stats = {'BatchNorm_0': bn_stats, 'MultiLayerPerceptron_0': mlp_stats}
+  variables = {'params': params, 'batch_stats': stats}
+  return variables, dict(embed_dim=4, mlp_dims=(8, 6), dropouts=(0.2, 0.2))
+
+
+def _ncf(w):
+  # pytorch-fm's MLP tower has no output layer (`fc` is the prediction
+  # layer): give `_mlp` a placeholder one and drop it. One table feeds both
+  # towers in pytorch-fm: shared_embedding=True (the paper's separate tables
+  # are checked in tests/test_models_b.py).
+  dummy = {'mlp.mlp.8.weight': np.zeros((1, 6)), 'mlp.mlp.8.bias': np.zeros(1)}
+  mlp, mlp_stats = _mlp({**w, **dummy}, 'mlp.mlp', 2)
+  del mlp['Dense_2']
+  params = {
+    'embedding': _embedding(w, 'embedding'),
+    'MultiLayerPerceptron_0': mlp,
+    'prediction': {'kernel': w['fc.weight'].T, 'bias': w['fc.bias']},
+  }
+  variables = {
+    'params': params,
+    'batch_stats': {'MultiLayerPerceptron_0': mlp_stats},
+  }
+  kwargs = dict(user_field_idx=0, item_field_idx=1, embed_dim=4)
+  kwargs.update(mlp_dims=(8, 6), dropout=0.2, shared_embedding=True)
+  return variables, kwargs
+
+
+def _fnfm(w):
+  # torch keeps one [ids, dim] table per field; ours stacks them on axis 1.
+  num_fields = sum(k.startswith('ffm.embeddings.') for k in w)
+  table = np.stack(
+    [w[f'ffm.embeddings.{g}.weight'] for g in range(num_fields)], axis=1
+  )
+  mlp, mlp_stats = _mlp(w, 'mlp.mlp', 2)
+  bn, bn_stats = _bn(w, 'bn')
+  params = {
+    'FeaturesLinear_0': _linear(w, 'linear'),
+    'FieldAwareEmbedding_0': {'embedding': table},
+    'BatchNorm_0': bn,
+    'MultiLayerPerceptron_0': mlp,
+  }
+  stats = {'BatchNorm_0': bn_stats, 'MultiLayerPerceptron_0': mlp_stats}
+  variables = {'params': params, 'batch_stats': stats}
+  return variables, dict(embed_dim=4, mlp_dims=(8, 6), dropouts=(0.2, 0.2))
+
+
+def _deepfm(w):
+  mlp, stats = _mlp(w, 'mlp.mlp', 2)
+  params = {
+    'FeaturesLinear_0': _linear(w, 'linear'),
+    'FeaturesEmbedding_0': _embedding(w, 'embedding'),
+    'MultiLayerPerceptron_0': mlp,
+  }
+  variables = {
+    'params': params,
+    'batch_stats': {'MultiLayerPerceptron_0': stats},
+  }
+  return variables, dict(embed_dim=4, mlp_dims=(8, 6), dropout=0.2)
+
+
 # Model name -> function of the torch weights (dict name -> array) returning
 # our variables and the constructor arguments matching the fixture.
 CONVERTERS = {
   'lr': _lr,
   'fm': _fm,
+  'ffm': _ffm,
+  'fnn': _fnn,
+  'wd': _wd,
+  'afm': _afm,
+  'nfm': _nfm,
+  'ncf': _ncf,
+  'fnfm': _fnfm,
+  'deepfm': _deepfm,
 }
 
 

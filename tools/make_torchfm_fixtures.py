@@ -46,11 +46,103 @@ def _fm():
   return FactorizationMachineModel(FIELD_DIMS, embed_dim=4)
 
 
+def _ffm():
+  from torchfm.model.ffm import FieldAwareFactorizationMachineModel
+
+  return FieldAwareFactorizationMachineModel(FIELD_DIMS, embed_dim=4)
+
+
+def _fnn():
+  from torchfm.model.fnn import FactorizationSupportedNeuralNetworkModel
+
+  return FactorizationSupportedNeuralNetworkModel(
+    FIELD_DIMS, embed_dim=4, mlp_dims=(8, 6), dropout=0.2
+  )
+
+
+def _wd():
+  from torchfm.model.wd import WideAndDeepModel
+
+  return WideAndDeepModel(FIELD_DIMS, embed_dim=4, mlp_dims=(8, 6), dropout=0.2)
+
+
+def _afm():
+  from torchfm.model.afm import AttentionalFactorizationMachineModel
+
+  # Dropout 0: pytorch-fm's AFM calls F.dropout without `training=`, so it
+  # drops in eval mode too; only dropout-free outputs are deterministic.
+  # `_afm_extras` records the random ones.
+  return AttentionalFactorizationMachineModel(
+    FIELD_DIMS, embed_dim=4, attn_size=3, dropouts=(0.0, 0.0)
+  )
+
+
+def _afm_extras(model, ids):
+  """Two eval-mode outputs of the same AFM with dropouts (0.2, 0.2)."""
+  model.afm.dropouts = (0.2, 0.2)
+  with torch.no_grad():
+    runs = [model(ids).numpy() for _ in range(2)]
+  model.afm.dropouts = (0.0, 0.0)
+  return {'eval_dropout_probs': np.stack(runs).astype(np.float32)}
+
+
+def _nfm():
+  from torchfm.model.nfm import NeuralFactorizationMachineModel
+
+  return NeuralFactorizationMachineModel(
+    FIELD_DIMS, embed_dim=4, mlp_dims=(8, 6), dropouts=(0.2, 0.2)
+  )
+
+
+def _ncf():
+  from torchfm.model.ncf import NeuralCollaborativeFiltering
+
+  # Field indices as torchfm's MovieLens datasets give them (index arrays).
+  return NeuralCollaborativeFiltering(
+    FIELD_DIMS,
+    user_field_idx=np.array((0,), dtype=np.int64),
+    item_field_idx=np.array((1,), dtype=np.int64),
+    embed_dim=4,
+    mlp_dims=(8, 6),
+    dropout=0.2,
+  )
+
+
+def _fnfm():
+  from torchfm.model.fnfm import FieldAwareNeuralFactorizationMachineModel
+
+  return FieldAwareNeuralFactorizationMachineModel(
+    FIELD_DIMS, embed_dim=4, mlp_dims=(8, 6), dropouts=(0.2, 0.2)
+  )
+
+
+def _deepfm():
+  from torchfm.model.dfm import DeepFactorizationMachineModel
+
+  return DeepFactorizationMachineModel(
+    FIELD_DIMS, embed_dim=4, mlp_dims=(8, 6), dropout=0.2
+  )
+
+
 # Model name (as in models/) -> builder of the reference module. Hyper-
 # parameters here must match tests/test_parity.py.
 BUILDERS = {
   'lr': _lr,
   'fm': _fm,
+  'ffm': _ffm,
+  'fnn': _fnn,
+  'wd': _wd,
+  'afm': _afm,
+  'nfm': _nfm,
+  'ncf': _ncf,
+  'fnfm': _fnfm,
+  'deepfm': _deepfm,
+}
+
+# Model name -> function(model, ids tensor) returning more arrays to save
+# (names without the `w/` prefix), e.g. to record a behaviour we differ from.
+EXTRAS = {
+  'afm': _afm_extras,
 }
 
 
@@ -70,6 +162,8 @@ def write_fixture(name: str) -> str:
     for k, v in model.state_dict().items()
     if v.is_floating_point()
   }
+  if name in EXTRAS:
+    arrays.update(EXTRAS[name](model, torch.from_numpy(ids)))
   path = os.path.join(OUT_DIR, f'torchfm_{name}.npz')
   np.savez_compressed(
     path,
