@@ -30,6 +30,33 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # Fractions of train / validation / test, split at random with `seed`.
   config.dataset.split = (0.8, 0.1, 0.1)
   config.dataset.seed = 0
+  # CTR datasets (name criteo, avazu, libfm or csv; see README, Datasets).
+  # Predefined validation and test files (both or neither; neither: `split`
+  # of `path` at random). A libfm `path` directory finds them by name.
+  config.dataset.valid_path = ''
+  config.dataset.test_path = ''
+  # Values seen fewer times in the training data share one out-of-vocabulary
+  # id per field; -1: the format's default (criteo 10, avazu 4, others 1).
+  config.dataset.min_count = -1
+  # Integers v > 2 become int(log(v)**2), as pytorch-fm (criteo, csv).
+  config.dataset.log_bucket = True
+  # avazu: hour (YYMMDDHH) -> hour_of_day and weekday; False: raw hour field.
+  config.dataset.hour_features = True
+  # avazu: drop the `id` column (unique per row); False keeps it as a field.
+  config.dataset.drop_id = True
+  # csv (or .parquet): the 0/1 label column, the integer columns (bucketed as
+  # criteo's), the categorical columns (empty: all other columns), separator.
+  config.dataset.label_column = ''
+  config.dataset.numeric_columns = ()
+  config.dataset.categorical_columns = ()
+  config.dataset.sep = ','
+  # libfm: field sizes, feature indices global over the fields end to end;
+  # empty: the k-th feature of a line is field k, encoded from the data.
+  config.dataset.field_dims = ()
+  # Skip and count malformed lines instead of stopping at the first one.
+  config.dataset.skip_bad_lines = False
+  # Lines per chunk when preprocessing (memory grows with it, not the file).
+  config.dataset.chunk_rows = 100_000
 
   config.batch_size = 2048
   # Evaluation batches are padded to this size (a mask drops the padding).

@@ -1,0 +1,1 @@
+"""Benchmarks of flax-fm (python -m benchmarks.<name>)."""

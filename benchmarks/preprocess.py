@@ -1,0 +1,181 @@
+"""Out-of-core preprocessing speed and peak memory, on synthetic CTR files.
+
+python -m benchmarks.preprocess --format=criteo --lines=1000000,10000000
+
+For each size it writes a synthetic file (benchmarks/synthetic.py, seeded)
+under `--dir` unless it is already there, preprocesses it with
+`data.load_dataset` in a fresh child process and an empty cache directory,
+and reports wall time, lines/s, MiB/s and the child's peak resident memory
+(`ru_maxrss` from `os.wait4`). Results go to
+`benchmarks/results/preprocess_<format>.{json,md}` (rows of other sizes
+are kept). The synthetic file and the cache are deleted afterwards unless
+`--keep` (10M Criteo lines are about 2.4 GB).
+"""
+
+import argparse
+from collections.abc import Sequence
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+RESULTS = os.path.join(ROOT, 'benchmarks', 'results')
+
+# Runs in the child: preprocess, then report what was made as JSON.
+_CHILD = """
+import json, sys, time
+sys.path.insert(0, {root!r})
+import data
+from configs import default
+config = default.get_config().dataset
+config.update(json.loads({overrides!r}))
+start = time.perf_counter()
+dataset = data.load_dataset(config)
+print(json.dumps(dict(
+  seconds=time.perf_counter() - start,
+  examples=[len(dataset.train), len(dataset.valid), len(dataset.test)],
+  field_dims_sum=int(sum(dataset.field_dims)),
+)))
+"""
+
+
+def run_child(overrides: dict) -> dict:
+  """Preprocesses in a fresh process; its result and peak RSS in MiB."""
+  code = _CHILD.format(root=ROOT, overrides=json.dumps(overrides))
+  start = time.perf_counter()
+  child = subprocess.Popen(
+    [sys.executable, '-c', code], stdout=subprocess.PIPE, text=True
+  )
+  out = child.stdout.read()
+  _, status, usage = os.wait4(child.pid, 0)
+  wall = time.perf_counter() - start
+  child.stdout.close()
+  child.returncode = os.waitstatus_to_exitcode(status)
+  if child.returncode:
+    raise RuntimeError(f'preprocessing failed (exit {child.returncode})')
+  result = json.loads(out.strip().splitlines()[-1])
+  # ru_maxrss is in KiB on Linux; it includes this (small) process's
+  # resident size at the fork.
+  result.update(peak_rss_mib=usage.ru_maxrss / 1024, process_seconds=wall)
+  return result
+
+
+def benchmark(
+  fmt: str, lines: int, directory: str, keep: bool, chunk_rows: int
+) -> dict:
+  suffix = 'txt' if fmt == 'criteo' else 'csv'
+  path = os.path.join(directory, f'{fmt}_{lines}.{suffix}')
+  if not os.path.exists(path):
+    # In a child too: a forked child's ru_maxrss starts from its parent's
+    # resident size, so this process must stay small.
+    subprocess.run(
+      [sys.executable, '-m', 'benchmarks.synthetic', f'--format={fmt}']
+      + [f'--lines={lines}', f'--out={path}'],
+      check=True,
+      cwd=ROOT,
+    )
+  cache = os.path.join(directory, f'cache_{fmt}_{lines}')
+  shutil.rmtree(cache, ignore_errors=True)
+  size = os.path.getsize(path)
+  load = os.getloadavg()[0]
+  try:
+    result = run_child(
+      dict(name=fmt, path=path, cache_dir=cache, chunk_rows=chunk_rows)
+    )
+    cache_bytes = sum(
+      os.path.getsize(os.path.join(d, f))
+      for d, _, files in os.walk(cache)
+      for f in files
+    )
+  finally:
+    shutil.rmtree(cache, ignore_errors=True)
+    if not keep:
+      os.remove(path)
+  seconds = result['seconds']
+  return dict(
+    format=fmt,
+    lines=lines,
+    file_mib=round(size / 2**20, 1),
+    seconds=round(seconds, 1),
+    lines_per_sec=round(lines / seconds),
+    mib_per_sec=round(size / 2**20 / seconds, 1),
+    peak_rss_mib=round(result['peak_rss_mib']),
+    cache_mib=round(cache_bytes / 2**20, 1),
+    field_dims_sum=result['field_dims_sum'],
+    chunk_rows=chunk_rows,
+    machine=f'{platform.machine()}, {os.cpu_count()} CPUs',
+    # Other work on the machine slows the timing (not the memory).
+    load_average=round(load, 1),
+    python=platform.python_version(),
+  )
+
+
+def write_results(fmt: str, rows: list[dict]) -> str:
+  """Merges `rows` into results/preprocess_<fmt>.json and rewrites the .md."""
+  os.makedirs(RESULTS, exist_ok=True)
+  path = os.path.join(RESULTS, f'preprocess_{fmt}.json')
+  old = []
+  if os.path.exists(path):
+    with open(path) as f:
+      old = json.load(f)
+  sizes = {r['lines'] for r in rows}
+  merged = sorted(
+    [r for r in old if r['lines'] not in sizes] + rows,
+    key=lambda r: r['lines'],
+  )
+  with open(path, 'w') as f:
+    json.dump(merged, f, indent=1)
+  lines = [
+    f'# Preprocessing synthetic {fmt} files (two passes, out of core)',
+    '',
+    f'`python -m benchmarks.preprocess --format={fmt}'
+    f' --lines={",".join(str(r["lines"]) for r in merged)}`',
+    '',
+    '| lines | file MiB | seconds | lines/s | MiB/s | peak RSS MiB |'
+    ' cache MiB | sum of field_dims | load average |',
+    '|---:|---:|---:|---:|---:|---:|---:|---:|---:|',
+  ]
+  for r in merged:
+    lines.append(
+      f'| {r["lines"]:,} | {r["file_mib"]:,} | {r["seconds"]:,} |'
+      f' {r["lines_per_sec"]:,} | {r["mib_per_sec"]} |'
+      f' {r["peak_rss_mib"]:,} | {r["cache_mib"]:,} |'
+      f' {r["field_dims_sum"]:,} | {r.get("load_average", "")} |'
+    )
+  lines += ['', f'Machine: {merged[-1]["machine"]}.', '']
+  md = os.path.join(RESULTS, f'preprocess_{fmt}.md')
+  with open(md, 'w') as f:
+    f.write('\n'.join(lines))
+  return md
+
+
+def main(argv: Sequence[str] | None = None) -> list[dict]:
+  parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+  parser.add_argument('--format', choices=('criteo', 'avazu'), default='criteo')
+  parser.add_argument(
+    '--lines', default='1000000,10000000', help='comma-separated sizes'
+  )
+  parser.add_argument('--dir', default='/tmp/flax_fm_preprocess')
+  parser.add_argument('--chunk_rows', type=int, default=100_000)
+  parser.add_argument('--keep', action='store_true', help='keep the files')
+  parser.add_argument(
+    '--no_write', action='store_true', help='do not write results/'
+  )
+  args = parser.parse_args(argv)
+  os.makedirs(args.dir, exist_ok=True)
+  rows = []
+  for lines in (int(x) for x in args.lines.split(',')):
+    row = benchmark(args.format, lines, args.dir, args.keep, args.chunk_rows)
+    print(json.dumps(row), flush=True)
+    rows.append(row)
+  if not args.no_write:
+    print(write_results(args.format, rows), file=sys.stderr)
+  return rows
+
+
+if __name__ == '__main__':
+  main()

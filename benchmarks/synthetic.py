@@ -1,0 +1,229 @@
+"""Synthetic Criteo- and Avazu-format files of N lines, seeded.
+
+python -m benchmarks.synthetic --format=criteo --lines=1000000 \
+  --out=/tmp/criteo_1m.txt
+
+The layout is the raw competition format (Criteo DAC `train.txt`: label, 13
+integer and 26 hexadecimal categorical columns, tab-separated, empty =
+missing; Avazu `train`: a header, then id, click, hour and 21 categorical
+columns, comma-separated), so that data.py preprocesses it exactly as it
+would the real files. Each categorical column draws from a vocabulary of
+the size the full data set has (Criteo: the Kaggle train.txt counts quoted
+by DLRM; Avazu: its train file) with Zipf skew (exponent 1.1), so the share
+of rare values and the vocabularies that preprocessing must count are of the
+real order; missing rates follow the real columns roughly. Labels depend on
+a few columns (CTR about 0.25 for Criteo, 0.17 for Avazu), so a model
+trained on the file does better than chance. The same seed gives the same
+bytes.
+"""
+
+import argparse
+from collections.abc import Sequence
+import os
+import sys
+import time
+
+import numpy as np
+
+# Distinct values of C1..C26 in Criteo's 45.8M-line Kaggle train.txt.
+CRITEO_CARDINALITIES = (
+  *(1460, 583, 10131227, 2202608, 305, 24, 12517, 633, 3, 93145, 5683),
+  *(8351593, 3194, 27, 14992, 5461306, 10, 5652, 2173, 4, 7046547, 18, 15),
+  *(286181, 105, 142572),
+)
+CRITEO_CAT_MISSING = (
+  *(0, 0, 0.03, 0.03, 0, 0.12, 0, 0, 0, 0, 0, 0.03, 0, 0, 0, 0.03, 0, 0),
+  *(0.44, 0.44, 0.03, 0.76, 0, 0.03, 0.44, 0.44),
+)
+# Missing rate and log-normal location of I1..I13.
+CRITEO_INT_MISSING = (
+  *(0.45, 0, 0.21, 0.22, 0.03, 0.22, 0.04, 0.0005, 0.04, 0.45, 0.04, 0.77),
+  0.22,
+)
+CRITEO_INT_MU = (
+  0.5,
+  1.5,
+  2.5,
+  1.8,
+  7.5,
+  3.5,
+  1.5,
+  2.5,
+  3.5,
+  0.3,
+  1.0,
+  0.3,
+  1.8,
+)
+
+# Avazu columns after id, click and hour: (cardinality, hexadecimal?).
+AVAZU_CATEGORICAL = (
+  ('C1', 7, False),
+  ('banner_pos', 7, False),
+  ('site_id', 4737, True),
+  ('site_domain', 7745, True),
+  ('site_category', 26, True),
+  ('app_id', 8552, True),
+  ('app_domain', 559, True),
+  ('app_category', 36, True),
+  ('device_id', 2686408, True),
+  ('device_ip', 6729486, True),
+  ('device_model', 8251, True),
+  ('device_type', 5, False),
+  ('device_conn_type', 4, False),
+  ('C14', 2626, False),
+  ('C15', 8, False),
+  ('C16', 9, False),
+  ('C17', 435, False),
+  ('C18', 4, False),
+  ('C19', 68, False),
+  ('C20', 172, False),
+  ('C21', 60, False),
+)
+
+ZIPF_EXPONENT = 1.1
+CHUNK = 200_000
+_HEX = np.frombuffer(b'0123456789abcdef', np.uint8)
+
+
+def zipf_indices(
+  rng: np.random.Generator, size: int, vocab: int, exponent: float
+) -> np.ndarray:
+  """Draws in `[0, vocab)` with P(k) ~ (k + 1)**-exponent (continuous approx).
+
+  Inverse transform of the power law on `[1, vocab + 1)`: no table of
+  `vocab` probabilities, so vocabularies of millions cost nothing.
+  """
+  u = rng.random(size)
+  a = 1.0 - exponent
+  x = ((float(vocab + 1) ** a - 1.0) * u + 1.0) ** (1.0 / a)
+  return np.minimum(x.astype(np.int64) - 1, vocab - 1)
+
+
+def scramble(indices: np.ndarray, salt: int) -> np.ndarray:
+  """A per-column bijection of 32-bit values: popular values look random."""
+  x = (indices.astype(np.uint64) + np.uint64(salt)) & np.uint64(0xFFFFFFFF)
+  for _ in range(2):  # A 32-bit integer hash (invertible).
+    x ^= x >> np.uint64(16)
+    x = (x * np.uint64(0x45D9F3B)) & np.uint64(0xFFFFFFFF)
+  x ^= x >> np.uint64(16)
+  return x.astype(np.uint32)
+
+
+def hex8(values: np.ndarray) -> np.ndarray:
+  """uint32 `[n]` -> bytes `[n]` of 8 lowercase hex digits (vectorised)."""
+  octets = values.astype('>u4').view(np.uint8).reshape(-1, 4)
+  out = np.empty((len(values), 8), np.uint8)
+  out[:, 0::2] = _HEX[octets >> 4]
+  out[:, 1::2] = _HEX[octets & 15]
+  return out.view('S8').reshape(-1)
+
+
+def join_lines(columns: Sequence[np.ndarray], sep: bytes) -> bytes:
+  """Bytes columns `[n]` -> the `n` lines of text they make."""
+  rows = zip(*(column.tolist() for column in columns), strict=True)
+  return b'\n'.join(sep.join(row) for row in rows) + b'\n'
+
+
+def _blank(column: np.ndarray, missing: np.ndarray) -> np.ndarray:
+  column = column.astype(np.bytes_)
+  column[missing] = b''
+  return column
+
+
+def criteo_chunk(rng: np.random.Generator, n: int, effects: dict) -> bytes:
+  """`n` lines of Criteo DAC format."""
+  logit = np.full(n, -1.25)
+  columns = []
+  for i, mu in enumerate(CRITEO_INT_MU):
+    values = np.floor(rng.lognormal(mu, 1.3, n)).astype(np.int64) - 1
+    if i == 1:  # I2 has a few negative values (-1, -2, -3).
+      negative = rng.random(n) < 0.05
+      values[negative] = -rng.integers(1, 4, int(negative.sum()))
+    if i in (5, 10):
+      logit += 0.25 * (np.log1p(np.maximum(values, 0)) - mu)
+    columns.append(_blank(values, rng.random(n) < CRITEO_INT_MISSING[i]))
+  for c, vocab in enumerate(CRITEO_CARDINALITIES):
+    index = zipf_indices(rng, n, vocab, ZIPF_EXPONENT)
+    if c in effects:
+      logit += effects[c][index]
+    missing = rng.random(n) < CRITEO_CAT_MISSING[c]
+    columns.append(_blank(hex8(scramble(index, 7919 * (c + 1))), missing))
+  label = (rng.random(n) < 1 / (1 + np.exp(-logit))).astype(np.int64)
+  return join_lines([label.astype(np.bytes_), *columns], b'\t')
+
+
+def avazu_chunk(
+  rng: np.random.Generator, n: int, start: int, total: int, effects: dict
+) -> bytes:
+  """`n` lines of Avazu format, rows `start..start + n` of `total`."""
+  ids = rng.integers(0, np.iinfo(np.int64).max, n, dtype=np.int64)
+  # Chronological over 10 days, as the real file: 14102100 .. 14103023.
+  hours = (np.arange(start, start + n) * 240 // max(total, 1)).astype(np.int64)
+  hour = (14102100 + (hours // 24) * 100 + hours % 24).astype(np.bytes_)
+  logit = np.full(n, -1.7) + 0.2 * np.sin(hours % 24 / 24 * 2 * np.pi)
+  columns = []
+  for c, (_, vocab, is_hex) in enumerate(AVAZU_CATEGORICAL):
+    index = zipf_indices(rng, n, vocab, ZIPF_EXPONENT)
+    if c in effects:
+      logit += effects[c][index]
+    if is_hex:
+      columns.append(hex8(scramble(index, 104729 * (c + 1))))
+    else:
+      columns.append((index + 1000 * (c == 0)).astype(np.bytes_))
+  click = (rng.random(n) < 1 / (1 + np.exp(-logit))).astype(np.int64)
+  return join_lines(
+    [ids.astype(np.bytes_), click.astype(np.bytes_), hour, *columns], b','
+  )
+
+
+def write(fmt: str, lines: int, out: str, seed: int = 0) -> str:
+  """Writes `lines` synthetic lines of `fmt` to `out` (atomically)."""
+  rng = np.random.default_rng(seed)
+  small = (
+    CRITEO_CARDINALITIES
+    if fmt == 'criteo'
+    else [v for _, v, _ in AVAZU_CATEGORICAL]
+  )
+  # Per-value effects on the click logit for the small vocabularies.
+  effects = {
+    c: rng.normal(0, 0.6, vocab)
+    for c, vocab in enumerate(small)
+    if vocab <= 10_000
+  }
+  tmp = f'{out}.partial'
+  os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+  with open(tmp, 'wb') as f:
+    if fmt == 'avazu':
+      header = ['id', 'click', 'hour'] + [c for c, _, _ in AVAZU_CATEGORICAL]
+      f.write(','.join(header).encode() + b'\n')
+    for start in range(0, lines, CHUNK):
+      n = min(CHUNK, lines - start)
+      if fmt == 'criteo':
+        f.write(criteo_chunk(rng, n, effects))
+      else:
+        f.write(avazu_chunk(rng, n, start, lines, effects))
+  os.replace(tmp, out)
+  return out
+
+
+def main(argv: Sequence[str] | None = None) -> str:
+  parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+  parser.add_argument('--format', choices=('criteo', 'avazu'), required=True)
+  parser.add_argument('--lines', type=int, required=True)
+  parser.add_argument('--out', required=True)
+  parser.add_argument('--seed', type=int, default=0)
+  args = parser.parse_args(argv)
+  start = time.perf_counter()
+  write(args.format, args.lines, args.out, args.seed)
+  print(
+    f'{args.out}: {args.lines:,} {args.format} lines,'
+    f' {os.path.getsize(args.out) / 2**20:,.0f} MiB,'
+    f' {time.perf_counter() - start:.1f} s',
+    file=sys.stderr,
+  )
+  return args.out
+
+
+if __name__ == '__main__':
+  main()
