@@ -26,24 +26,41 @@ flags.DEFINE_bool(
   'distributed',
   False,
   'Join a multi-host run with jax.distributed.initialize(); the flags below'
-  ' (or what JAX detects on Slurm, Open MPI or Cloud TPU) say how.',
+  ' (or what JAX detects on Slurm, Open MPI or Cloud TPU) say how. Implied'
+  ' by any of them.',
 )
 flags.DEFINE_string(
   'coordinator_address', None, 'host:port of process 0 (multi-host).'
 )
 flags.DEFINE_integer('num_processes', None, 'Number of processes (multi-host).')
 flags.DEFINE_integer('process_id', None, 'This process, 0-based (multi-host).')
+flags.DEFINE_integer(
+  'heartbeat_timeout_seconds',
+  100,
+  'Multi-host: a process silent for this long is declared dead and the'
+  ' others stop with an error naming it.',
+)
+flags.DEFINE_integer(
+  'initialization_timeout_seconds',
+  300,
+  'Multi-host: how long the processes wait for each other at start-up.',
+)
 flags.mark_flags_as_required(['config', 'workdir'])
 
 
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError('Too many command-line arguments.')
-  if FLAGS.distributed:
-    jax.distributed.initialize(
-      coordinator_address=FLAGS.coordinator_address,
-      num_processes=FLAGS.num_processes,
-      process_id=FLAGS.process_id,
+  if FLAGS.distributed or any(
+    FLAGS[name].present
+    for name in ('coordinator_address', 'num_processes', 'process_id')
+  ):
+    train.setup_distributed(
+      FLAGS.coordinator_address,
+      FLAGS.num_processes,
+      FLAGS.process_id,
+      heartbeat_timeout_seconds=FLAGS.heartbeat_timeout_seconds,
+      initialization_timeout_seconds=FLAGS.initialization_timeout_seconds,
     )
   logging.info(
     'JAX process %d / %d, local devices: %r',
@@ -51,7 +68,12 @@ def main(argv):
     jax.process_count(),
     jax.local_devices(),
   )
-  train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
+  try:
+    train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
+  except (Exception, KeyboardInterrupt) as e:
+    # Multi-host: name a lost process and exit instead of hanging.
+    train.stop_after_failure(e, FLAGS.heartbeat_timeout_seconds)
+    raise
 
 
 if __name__ == '__main__':

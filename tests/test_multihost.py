@@ -1,0 +1,402 @@
+"""Multi-process training on 127.0.0.1, with real processes and real faults.
+
+N processes of `main.py`, one emulated CPU device each, joined by
+`jax.distributed` (gloo collectives), stand in for N hosts. N is
+`$FM_TEST_NUM_PROCESSES` (default 2), e.g.
+
+  FM_TEST_NUM_PROCESSES=4 python -m pytest tests/test_multihost.py
+
+Every subprocess is bounded by a timeout and killed with SIGKILL at the end
+(JAX's preemption notifier catches SIGTERM).
+
+With 3 or more processes a SIGKILL can make gloo (whose collectives XLA runs
+untagged) abort process 0 on a collective mismatch before the heartbeat
+timeout; the survivors then name process 0, not the killed one. The kill
+test accepts that case only with gloo's abort in process 0's log, and says so
+in a warning.
+"""
+
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import warnings
+
+from absl.testing import absltest
+import numpy as np
+import orbax.checkpoint as ocp
+
+from configs import fm as fm_config
+import data
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+NUM_PROCESSES = int(os.environ.get('FM_TEST_NUM_PROCESSES', '2'))
+NUM_EPOCHS = 3
+# --heartbeat_timeout_seconds of the fault test: survivors must stop within
+# about this long after a peer dies. Small, but far above scheduling noise.
+HEARTBEAT_TIMEOUT = 10
+# Seconds allowed on top of the heartbeat timeout on a loaded machine.
+SLACK = 15
+RUN_TIMEOUT = 300
+
+
+def _free_port() -> int:
+  with socket.socket() as s:
+    s.bind(('127.0.0.1', 0))
+    return s.getsockname()[1]
+
+
+def _env(num_devices: int) -> dict:
+  """The environment with `num_devices` CPU devices per process.
+
+  conftest.py puts a 2-device flag in XLA_FLAGS; it is replaced. Proxy
+  variables are dropped: everything talks over loopback.
+  """
+  env = {k: v for k, v in os.environ.items() if '_proxy' not in k.lower()}
+  flags = re.sub(
+    r'--xla_force_host_platform_device_count=\S+',
+    '',
+    env.get('XLA_FLAGS', ''),
+  )
+  env['XLA_FLAGS'] = (
+    f'{flags} --xla_force_host_platform_device_count={num_devices}'
+  ).strip()
+  env['JAX_PLATFORMS'] = 'cpu'
+  env.pop('JAX_COORDINATOR_ADDRESS', None)
+  return env
+
+
+class Run:
+  """`main.py` in one or more processes; logs go to files beside workdir.
+
+  A `{i}` in `workdir` becomes the process index (an unshared workdir).
+  """
+
+  def __init__(self, workdir, cache, num_processes, *flags, tag='run'):
+    self.workdir = workdir
+    self.logs = []
+    self.procs = []
+    base = [
+      sys.executable,
+      'main.py',
+      '--config=configs/fm.py:smoke',
+      f'--config.dataset.cache_dir={cache}',
+      f'--config.num_epochs={NUM_EPOCHS}',
+      '--config.progress_bar=false',
+      *flags,
+    ]
+    if num_processes > 1:
+      base.append(f'--coordinator_address=127.0.0.1:{_free_port()}')
+      base.append(f'--num_processes={num_processes}')
+    devices = 1 if num_processes > 1 else NUM_PROCESSES
+    for i in range(num_processes):
+      command = base + [f'--workdir={workdir.format(i=i)}']
+      if num_processes > 1:
+        command.append(f'--process_id={i}')
+      log = f'{workdir.format(i=i)}.{tag}.{i}.log'
+      self.logs.append(log)
+      with open(log, 'w') as out:
+        self.procs.append(
+          subprocess.Popen(
+            command,
+            cwd=ROOT,
+            env=_env(devices),
+            stdout=out,
+            stderr=subprocess.STDOUT,
+          )
+        )
+
+  def log(self, i: int) -> str:
+    with open(self.logs[i], errors='replace') as f:
+      return f.read()
+
+  def tails(self) -> str:
+    return '\n'.join(
+      f'--- process {i} ---\n{self.log(i)[-3000:]}'
+      for i in range(len(self.procs))
+    )
+
+  def wait(self, timeout: float = RUN_TIMEOUT) -> list[int]:
+    deadline = time.monotonic() + timeout
+    try:
+      return [p.wait(max(deadline - time.monotonic(), 0.1)) for p in self.procs]
+    except subprocess.TimeoutExpired as e:
+      self.kill()
+      raise AssertionError(f'Timed out:\n{self.tails()}') from e
+
+  def kill(self) -> None:
+    for p in self.procs:
+      if p.poll() is None:
+        p.send_signal(signal.SIGKILL)
+        p.wait()
+
+
+def _metrics(workdir: str) -> list[dict]:
+  with open(os.path.join(workdir, 'metrics.jsonl')) as f:
+    return [json.loads(line) for line in f]
+
+
+def _logged_test_metrics(text: str) -> tuple[str, str, str]:
+  """The test line every process logs: auc, logloss, num_examples."""
+  found = re.findall(
+    r'split=test .*?auc=(\S+) logloss=(\S+) num_examples=(\d+)', text
+  )
+  assert len(found) == 1, text[-3000:]
+  return found[0]
+
+
+# Process 0's abort when gloo sees messages of different collectives.
+_GLOO_MISMATCH = r'gloo::EnforceNotMet|collective mismatch'
+
+
+def _names_lost(log: str, process: int) -> bool:
+  """Whether `log` reports `process` lost: our message or JAX's own."""
+  patterns = [
+    rf'Lost process(\(es\))? {process} of {NUM_PROCESSES}:',
+    rf'stopped sending heartbeats\):\s*{process}\s',
+    rf'Task {process} heartbeat timeout',
+  ]
+  if process == 0:  # It runs the coordination service ("leader").
+    patterns.append(r'the leader task was preempted/died')
+  return any(re.search(p, log) for p in patterns)
+
+
+def _state(workdir: str) -> dict:
+  """The latest checkpointed train state as a flat {path: numpy array}."""
+  manager = ocp.CheckpointManager(
+    os.path.join(workdir, 'checkpoints', 'latest'),
+    options=ocp.CheckpointManagerOptions(read_only=True, create=False),
+  )
+  restored = manager.restore(
+    manager.latest_step(),
+    args=ocp.args.Composite(state=ocp.args.StandardRestore()),
+  )['state']
+  manager.close()
+  flat = {}
+
+  def walk(prefix, node):
+    if isinstance(node, dict):
+      for key, value in node.items():
+        walk(f'{prefix}/{key}', value)
+    elif isinstance(node, (list, tuple)):
+      for key, value in enumerate(node):
+        walk(f'{prefix}/{key}', value)
+    elif node is not None:  # Optax's empty states restore as None.
+      flat[prefix] = np.asarray(node)
+
+  walk('', restored)
+  return flat
+
+
+class _MultiProcessTestCase(absltest.TestCase):
+  """A temporary directory and the encoded dataset, shared by the tests."""
+
+  @classmethod
+  def setUpClass(cls):
+    super().setUpClass()
+    cls.tmp = tempfile.mkdtemp(prefix='multihost-')
+    cls.cache = os.path.join(cls.tmp, 'cache')
+    # Encode the dataset once, before any process races to write the cache.
+    config = fm_config.get_config('smoke')
+    config.dataset.cache_dir = cls.cache
+    data.load_dataset(config.dataset)
+
+  @classmethod
+  def tearDownClass(cls):
+    shutil.rmtree(cls.tmp, ignore_errors=True)
+    super().tearDownClass()
+
+  def _start_and_hit_after_first_checkpoint(self, workdir, sig):
+    """Starts the processes; sends `sig` to the last after epoch 1's save.
+
+    Returns:
+      The run, the victim's index and the monotonic time of the signal.
+    """
+    victim = NUM_PROCESSES - 1
+    timeout = f'--heartbeat_timeout_seconds={HEARTBEAT_TIMEOUT}'
+    run = Run(workdir, self.cache, NUM_PROCESSES, timeout, tag='first')
+    try:
+      first = os.path.join(workdir, 'checkpoints', 'latest', '1')
+      deadline = time.monotonic() + RUN_TIMEOUT
+      while not os.path.isdir(first):
+        self.assertTrue(
+          all(p.poll() is None for p in run.procs),
+          f'A process ended before the first checkpoint:\n{run.tails()}',
+        )
+        self.assertLess(time.monotonic(), deadline, run.tails())
+        time.sleep(0.02)
+      self.assertIsNone(run.procs[victim].poll())
+      run.procs[victim].send_signal(sig)
+      return run, victim, time.monotonic()
+    except BaseException:
+      run.kill()
+      raise
+
+  def _wait_for_survivors(self, run, victim, since) -> list[int]:
+    """Every other process must exit non-zero within the bound."""
+    bound = HEARTBEAT_TIMEOUT + SLACK
+    survivors = [i for i in range(NUM_PROCESSES) if i != victim]
+    for i in survivors:
+      try:
+        code = run.procs[i].wait(max(since + bound - time.monotonic(), 0))
+      except subprocess.TimeoutExpired:
+        self.fail(f'Process {i} still runs {bound} s after the fault.')
+      self.assertNotEqual(code, 0, run.tails())
+    self.assertLess(time.monotonic() - since, bound)
+    return survivors
+
+
+class TrainingTest(_MultiProcessTestCase):
+  """N processes against one process with N devices; kill and resume."""
+
+  @classmethod
+  def setUpClass(cls):
+    super().setUpClass()
+    # The reference: one process with NUM_PROCESSES emulated devices.
+    cls.reference = os.path.join(cls.tmp, 'reference')
+    run = Run(cls.reference, cls.cache, 1)
+    codes = run.wait()
+    assert codes == [0], run.tails()
+    cls.reference_metrics = _metrics(cls.reference)
+
+  def _check_same_test_metrics_on_every_process(self, run: Run) -> tuple:
+    logged = {_logged_test_metrics(run.log(i)) for i in range(len(run.procs))}
+    self.assertLen(logged, 1, run.tails())
+    return logged.pop()
+
+  def test_processes_train_as_one_process_with_as_many_devices(self):
+    workdir = os.path.join(self.tmp, 'processes')
+    run = Run(workdir, self.cache, NUM_PROCESSES)
+    self.assertEqual(run.wait(), [0] * NUM_PROCESSES, run.tails())
+    self.assertIn(f'JAX process 0 / {NUM_PROCESSES}', run.log(0))
+
+    # Same parameters and optimizer state after the same global batches.
+    got, want = _state(workdir), _state(self.reference)
+    self.assertEqual(sorted(got), sorted(want))
+    self.assertTrue(any('/params/' in key for key in got))
+    for key in want:
+      np.testing.assert_allclose(got[key], want[key], atol=1e-5, err_msg=key)
+
+    # Same train/valid/test lines, written once (by process 0).
+    metrics = _metrics(workdir)
+    self.assertEqual(
+      [(r['split'], r['epoch'], r['step']) for r in metrics],
+      [(r['split'], r['epoch'], r['step']) for r in self.reference_metrics],
+    )
+    for a, b in zip(metrics, self.reference_metrics, strict=True):
+      for key in ('loss', 'auc', 'logloss'):
+        if key in b:
+          self.assertAlmostEqual(a[key], b[key], places=6, msg=(key, a, b))
+      self.assertEqual(a.get('num_examples'), b.get('num_examples'))
+
+    # Every process evaluated the whole split and reports the same numbers.
+    auc, _, count = self._check_same_test_metrics_on_every_process(run)
+    self.assertAlmostEqual(float(auc), metrics[-1]['auc'], places=12)
+    self.assertEqual(int(count), metrics[-1]['num_examples'])
+
+  def test_killed_process_stops_the_others_and_restart_resumes(self):
+    workdir = os.path.join(self.tmp, 'killed')
+    run, victim, killed = self._start_and_hit_after_first_checkpoint(
+      workdir, signal.SIGKILL
+    )
+    try:
+      survivors = self._wait_for_survivors(run, victim, killed)
+      logs = {i: run.log(i) for i in survivors}
+      named = {i for i in survivors if _names_lost(logs[i], victim)}
+      if named != set(survivors):
+        # With 3+ processes, gloo (the CPU collectives) can abort process 0
+        # on a collective mismatch within milliseconds of the kill, before
+        # the heartbeat timeout; its coordination service goes with it and
+        # the others report process 0 lost. See the README.
+        self.assertGreater(NUM_PROCESSES, 2, run.tails())
+        self.assertRegex(logs[0], _GLOO_MISMATCH, run.tails())
+        for i in survivors[1:]:
+          self.assertTrue(_names_lost(logs[i], 0), run.tails())
+        warnings.warn(
+          f'gloo aborted process 0 after the kill of process {victim}: the'
+          ' survivors named process 0 (see README, Faults).',
+          stacklevel=1,
+        )
+    finally:
+      run.kill()
+    # The kill came mid-training: there is no test line yet.
+    self.assertNotIn('test', [r['split'] for r in _metrics(workdir)])
+
+    # All processes again, same flags: resume from the checkpoint and finish
+    # as the uninterrupted run did.
+    timeout = f'--heartbeat_timeout_seconds={HEARTBEAT_TIMEOUT}'
+    run = Run(workdir, self.cache, NUM_PROCESSES, timeout, tag='again')
+    self.assertEqual(run.wait(), [0] * NUM_PROCESSES, run.tails())
+    for i in range(NUM_PROCESSES):
+      self.assertRegex(run.log(i), r'Resumed from epoch [1-9]')
+    metrics = _metrics(workdir)
+    self.assertEqual(metrics[-1]['split'], 'test')
+    self.assertAlmostEqual(
+      metrics[-1]['auc'], self.reference_metrics[-1]['auc'], delta=0.002
+    )
+    auc, _, _ = self._check_same_test_metrics_on_every_process(run)
+    self.assertAlmostEqual(float(auc), metrics[-1]['auc'], places=12)
+
+
+class FaultTest(_MultiProcessTestCase):
+  """A hung process, an unshared workdir, a missing cluster."""
+
+  def test_frozen_process_is_declared_dead_after_the_heartbeat_timeout(self):
+    # A stopped process (a hung or unreachable host) keeps its sockets open:
+    # the others wait in a collective until the coordination service misses
+    # its heartbeats, then every one of them stops, naming it.
+    workdir = os.path.join(self.tmp, 'frozen')
+    run, victim, stopped = self._start_and_hit_after_first_checkpoint(
+      workdir, signal.SIGSTOP
+    )
+    try:
+      for i in self._wait_for_survivors(run, victim, stopped):
+        self.assertTrue(_names_lost(run.log(i), victim), run.tails())
+    finally:
+      run.kill()
+
+  def test_unshared_workdir_stops_every_process_with_a_clear_error(self):
+    workdir = os.path.join(self.tmp, 'unshared-{i}')
+    run = Run(workdir, self.cache, NUM_PROCESSES)
+    self.assertNotIn(0, run.wait(), run.tails())
+    for i in range(NUM_PROCESSES):
+      self.assertRegex(
+        run.log(i),
+        r'is not shared: process\(es\) '
+        + ', '.join(map(str, range(1, NUM_PROCESSES))),
+      )
+
+  def test_distributed_without_cluster_or_flags_says_what_to_pass(self):
+    env = {
+      k: v
+      for k, v in _env(1).items()
+      if not k.startswith(('SLURM_', 'OMPI_', 'PMI_', 'TPU_'))
+    }
+    result = subprocess.run(
+      [
+        sys.executable,
+        'main.py',
+        '--config=configs/fm.py:smoke',
+        f'--workdir={os.path.join(self.tmp, "nocluster")}',
+        '--distributed',
+      ],
+      cwd=ROOT,
+      env=env,
+      capture_output=True,
+      text=True,
+      timeout=RUN_TIMEOUT,
+    )
+    self.assertNotEqual(result.returncode, 0)
+    self.assertIn('Cannot join a multi-process run', result.stderr)
+    self.assertIn('--coordinator_address', result.stderr)
+    self.assertFalse(os.path.exists(os.path.join(self.tmp, 'nocluster')))
+
+
+if __name__ == '__main__':
+  absltest.main()
