@@ -1,0 +1,256 @@
+"""Shared parts of the benchmarks: configs, torchfm models, machine, results.
+
+Nothing here imports torch or JAX at module level: the orchestrating process
+of `benchmarks.throughput` stays free of both, and every torch import is
+guarded so the scripts run (without their torchfm side) where torch is absent.
+"""
+
+from collections.abc import Sequence
+import csv
+import datetime
+import importlib
+import importlib.util
+import inspect
+import json
+import os
+import platform
+import sys
+from typing import Any
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+RESULTS = os.path.join(ROOT, 'benchmarks', 'results')
+# data.py, train.py, configs/ and models/ import from the repository root.
+if ROOT not in sys.path:
+  sys.path.insert(0, ROOT)
+
+# Our model name (models/<name>.py) -> torchfm's module and class, as used by
+# pytorch-fm's examples/main.py `get_model` (its DeepFM is 'dfm').
+TORCHFM_MODELS = {
+  'lr': ('lr', 'LogisticRegressionModel'),
+  'fm': ('fm', 'FactorizationMachineModel'),
+  'ffm': ('ffm', 'FieldAwareFactorizationMachineModel'),
+  'fnn': ('fnn', 'FactorizationSupportedNeuralNetworkModel'),
+  'wd': ('wd', 'WideAndDeepModel'),
+  'nfm': ('nfm', 'NeuralFactorizationMachineModel'),
+  'fnfm': ('fnfm', 'FieldAwareNeuralFactorizationMachineModel'),
+  'deepfm': ('dfm', 'DeepFactorizationMachineModel'),
+  'afm': ('afm', 'AttentionalFactorizationMachineModel'),
+  'ncf': ('ncf', 'NeuralCollaborativeFiltering'),
+}
+
+
+def model_names() -> list[str]:
+  """Models that have both a file in models/ and a config in configs/."""
+  names = []
+  for f in sorted(os.listdir(os.path.join(ROOT, 'models'))):
+    name = f[:-3]
+    if (
+      f.endswith('.py')
+      and not f.startswith('_')
+      and os.path.exists(os.path.join(ROOT, 'configs', f))
+    ):
+      names.append(name)
+  # Cheap models first: a partial run still covers the most models.
+  order = list(TORCHFM_MODELS)
+  return sorted(names, key=lambda n: (order.index(n) if n in order else 99, n))
+
+
+def parse_models(value: str) -> list[str]:
+  """`all` or a comma-separated list, checked against models/ and configs/."""
+  known = model_names()
+  if value in ('', 'all'):
+    return known
+  names = [n.strip() for n in value.split(',') if n.strip()]
+  unknown = [n for n in names if n not in known]
+  if unknown:
+    raise SystemExit(
+      f'--models: unknown model(s) {", ".join(unknown)}; choose from'
+      f' {", ".join(known)} or "all".'
+    )
+  return names
+
+
+def get_config(name: str, arg: str | None = None):
+  """`configs/<name>.py`'s config (`arg='smoke'` for the smoke variant)."""
+  return importlib.import_module(f'configs.{name}').get_config(arg)
+
+
+def torch_available() -> bool:
+  """Whether torch and torchfm can be imported (dev-only dependencies)."""
+  return all(
+    importlib.util.find_spec(m) is not None for m in ('torch', 'torchfm')
+  )
+
+
+def torchfm_model(name: str, model_config: dict, field_dims: Sequence[int]):
+  """torchfm's model `name` with our config's equivalent hyper-parameters.
+
+  Our constructor arguments are passed where torchfm's constructor has the
+  same name (embed_dim, mlp_dims, dropout(s), attn_size, user/item field
+  indices); ours that it lacks (e.g. AFM's attn_l2, W&D's crosses, FNN's
+  fm_linear_inputs) are dropped. torchfm's models return probabilities.
+  """
+  module_name, class_name = TORCHFM_MODELS[name]
+  cls = getattr(
+    importlib.import_module(f'torchfm.model.{module_name}'), class_name
+  )
+  accepted = inspect.signature(cls.__init__).parameters
+  kwargs = {
+    k: tuple(v) if isinstance(v, list) else v
+    for k, v in dict(model_config).items()
+    if k in accepted and k != 'field_dims'
+  }
+  return cls([int(d) for d in field_dims], **kwargs)
+
+
+def _cpu_model() -> str:
+  try:
+    with open('/proc/cpuinfo') as f:
+      for line in f:
+        if line.startswith('model name'):
+          return line.split(':', 1)[1].strip()
+  except OSError:
+    pass
+  return platform.processor() or platform.machine()
+
+
+def _version(module: str) -> str | None:
+  try:
+    from importlib import metadata  # pylint: disable=g-import-not-at-top
+
+    return metadata.version(module)
+  except Exception:  # pylint: disable=broad-except
+    return None
+
+
+def load_average() -> list[float] | None:
+  try:
+    return [round(x, 2) for x in os.getloadavg()]
+  except OSError:
+    return None
+
+
+def machine_info() -> dict[str, Any]:
+  """CPU model, core count, load, and the versions of what was measured."""
+  return {
+    'date': datetime.datetime.now(datetime.timezone.utc).isoformat(
+      timespec='seconds'
+    ),
+    'cpu': _cpu_model(),
+    'cores': os.cpu_count(),
+    'load_average': load_average(),
+    'python': platform.python_version(),
+    'platform': platform.platform(),
+    'versions': {
+      m: _version(m)
+      for m in (
+        'jax',
+        'jaxlib',
+        'flax',
+        'optax',
+        'numpy',
+        'torch',
+        'torchfm',
+      )
+    },
+  }
+
+
+def machine_line(info: dict[str, Any]) -> str:
+  """One Markdown line describing the machine of `machine_info()`."""
+  versions = ', '.join(f'{k} {v}' for k, v in info['versions'].items() if v)
+  load = info.get('load_average')
+  load_end = info.get('load_average_end')
+  return (
+    f'Machine: {info["cpu"]}, {info["cores"]} cores; {versions}; Python'
+    f' {info["python"]}; load average at start {load}'
+    + (f', at end {load_end}' if load_end else '')
+    + f'; {info["date"]}.'
+  )
+
+
+def rss_mib() -> tuple[float | None, float | None]:
+  """(current, peak) resident memory of this process in MiB (Linux)."""
+  current = peak = None
+  try:
+    with open('/proc/self/status') as f:
+      for line in f:
+        if line.startswith('VmRSS:'):
+          current = int(line.split()[1]) / 1024
+        elif line.startswith('VmHWM:'):
+          peak = int(line.split()[1]) / 1024
+  except OSError:
+    import resource  # pylint: disable=g-import-not-at-top
+
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+  return current, peak
+
+
+def markdown_table(header: Sequence[str], rows: Sequence[Sequence]) -> str:
+  """A GitHub Markdown table; floats keep what `fmt_cell` gives them."""
+  lines = [
+    '| ' + ' | '.join(header) + ' |',
+    '|' + '|'.join('---' for _ in header) + '|',
+  ]
+  for row in rows:
+    lines.append('| ' + ' | '.join(str(c) for c in row) + ' |')
+  return '\n'.join(lines)
+
+
+def write_results(
+  out_dir: str,
+  stem: str,
+  records: list[dict],
+  info: dict,
+  markdown: str,
+) -> list[str]:
+  """Writes `<stem>.json` (machine + records), `.csv` and `.md`; atomic.
+
+  Each file is written to a temporary name and renamed, so an interrupted
+  run leaves the previous complete file, never a truncated one.
+  """
+  os.makedirs(out_dir, exist_ok=True)
+  paths = []
+
+  def put(suffix: str, writer) -> None:
+    path = os.path.join(out_dir, f'{stem}.{suffix}')
+    tmp = path + '.tmp'
+    with open(tmp, 'w', newline='') as f:
+      writer(f)
+    os.replace(tmp, path)
+    paths.append(path)
+
+  put(
+    'json',
+    lambda f: json.dump({'machine': info, 'results': records}, f, indent=1),
+  )
+  columns = []
+  for record in records:
+    columns += [k for k in record if k not in columns]
+
+  def write_csv(f):
+    w = csv.DictWriter(f, fieldnames=columns, extrasaction='ignore')
+    w.writeheader()
+    for record in records:
+      w.writerow(
+        {
+          k: json.dumps(v) if isinstance(v, (list, dict)) else v
+          for k, v in record.items()
+        }
+      )
+
+  put('csv', write_csv)
+  put('md', lambda f: f.write(markdown + '\n'))
+  return paths
+
+
+def fmt(value, spec: str = ',.0f', missing: str = 'n/a') -> str:
+  """Formats a number, or `missing` for None / NaN."""
+  if value is None:
+    return missing
+  try:
+    if value != value:  # NaN.
+      return missing
+    return format(value, spec)
+  except (TypeError, ValueError):
+    return str(value)

@@ -1,0 +1,279 @@
+"""The benchmark scripts in their tiny modes, so that they cannot rot.
+
+Each runs for seconds on tiny data; the torchfm side runs only where torch
+and torchfm are installed (dev-only) and is skipped cleanly elsewhere. The
+numbers are checked against what they must be (rates from their own timings,
+AUCs against a brute-force count, field_dims against the raw file), never
+against timing thresholds.
+"""
+
+import json
+import math
+import os
+import shutil
+import struct
+import tempfile
+import types
+
+from absl.testing import absltest
+import numpy as np
+import pandas as pd
+import pytest
+
+from benchmarks import common
+from benchmarks import plot
+from benchmarks import quality
+from benchmarks import throughput
+import data
+
+HAS_TORCH = common.torch_available()
+
+
+def _read_json(path):
+  with open(path) as f:
+    return json.load(f)
+
+
+class _TempDirs:
+  """`create_tempdir` that works under pytest without absl flags."""
+
+  def create_tempdir(self):
+    path = tempfile.mkdtemp(prefix='test_benchmarks-')
+    self.addCleanup(shutil.rmtree, path, ignore_errors=True)
+    return types.SimpleNamespace(full_path=path)
+
+
+class ThroughputTest(_TempDirs, absltest.TestCase):
+  def _run(self, *flags):
+    out = self.create_tempdir().full_path
+    records = throughput.main(['--tiny', f'--out_dir={out}', *flags])
+    return out, records
+
+  def test_tiny_flax_only(self):
+    out, records = self._run('--models=fm,ffm', '--no_torch')
+    self.assertEqual([r['model'] for r in records], ['fm', 'ffm'])
+    for r in records:
+      self.assertEqual(r['data'], 'synthetic')
+      self.assertEqual(r['field_dims'], list(throughput.TINY_FIELD_DIMS))
+      for key in ('flax_train_ex_per_s', 'flax_eval_ex_per_s'):
+        self.assertTrue(math.isfinite(r[key]) and r[key] > 0, (key, r))
+      # The median of the per-round rates.
+      self.assertAlmostEqual(
+        float(np.median(r['flax_train_rounds'])),
+        r['flax_train_ex_per_s'],
+        delta=1.0,
+      )
+      self.assertGreater(r['flax_peak_rss_mib'], 50)
+      self.assertAlmostEqual(
+        r['flax_step_ms'], 256 * 1e3 / r['flax_train_ex_per_s']
+      )
+      for key in ('flax_forward_backward_ms', 'flax_optimizer_ms'):
+        self.assertTrue(math.isfinite(r[key]) and r[key] > 0, (key, r))
+      self.assertTrue(math.isfinite(r['flax_final_loss']))
+      # Warm-up compiled the steps; the timed rounds must not recompile.
+      self.assertEqual(r['flax_compiles_after_warmup'], 0)
+      # conftest.py's two emulated devices reach the worker.
+      self.assertEqual(r['flax_info']['devices'], 2)
+      self.assertNotIn('torchfm_train_ex_per_s', r)
+    saved = _read_json(os.path.join(out, 'throughput.json'))
+    self.assertEqual(saved['results'], json.loads(json.dumps(records)))
+    self.assertEqual(saved['machine']['cores'], os.cpu_count())
+    csv = pd.read_csv(os.path.join(out, 'throughput.csv'))
+    np.testing.assert_allclose(
+      csv['flax_train_ex_per_s'], [r['flax_train_ex_per_s'] for r in records]
+    )
+    with open(os.path.join(out, 'throughput.md')) as f:
+      md = f.read()
+    self.assertIn('| fm | synthetic |', md)
+    self.assertIn(f'{os.cpu_count()} cores', md)
+
+  def test_devices_flag(self):
+    _, records = self._run('--models=lr', '--no_torch', '--devices=1')
+    self.assertEqual(records[0]['flax_info']['devices'], 1)
+
+  def test_unknown_model_is_an_error(self):
+    with self.assertRaisesRegex(SystemExit, 'unknown model.*nope'):
+      self._run('--models=nope')
+
+  @pytest.mark.skipif(not HAS_TORCH, reason='torch/torchfm not installed')
+  def test_tiny_with_torchfm(self):
+    _, records = self._run('--models=fm')
+    r = records[0]
+    self.assertGreater(r['torchfm_train_ex_per_s'], 0)
+    self.assertEqual(r['torchfm_compiles_after_warmup'], 0)
+    self.assertAlmostEqual(
+      r['train_speedup'],
+      r['flax_train_ex_per_s'] / r['torchfm_train_ex_per_s'],
+    )
+    self.assertAlmostEqual(
+      r['eval_speedup'], r['flax_eval_ex_per_s'] / r['torchfm_eval_ex_per_s']
+    )
+
+  def test_skips_torchfm_when_missing(self):
+    original = common.torch_available
+    common.torch_available = lambda: False
+    try:
+      _, records = self._run('--models=lr')
+    finally:
+      common.torch_available = original
+    self.assertNotIn('torchfm_train_ex_per_s', records[0])
+    self.assertNotIn('train_speedup', records[0])
+
+  def test_zipf_ids_follow_the_rank_law(self):
+    rng = np.random.default_rng(0)
+    n, size = 50, 200_000
+    ids = throughput.zipf_ids(rng, size, n, exponent=1.0)
+    self.assertEqual(ids.dtype, np.int32)
+    self.assertTrue(((ids >= 0) & (ids < n)).all())
+    counts = np.sort(np.bincount(ids, minlength=n))[::-1]
+    expected = size / np.arange(1, n + 1) / np.sum(1 / np.arange(1, n + 1))
+    np.testing.assert_allclose(counts[:5], expected[:5], rtol=0.05)
+
+
+class QualityTest(_TempDirs, absltest.TestCase):
+  def test_tiny(self):
+    out = self.create_tempdir().full_path
+    cache = self.create_tempdir().full_path
+    runs = quality.RUNS if HAS_TORCH else ('flax',)
+    records = quality.main(
+      [
+        '--tiny',
+        f'--out_dir={out}',
+        f'--cache_dir={cache}',
+        f'--workdir={self.create_tempdir().full_path}',
+        f'--runs={",".join(runs)}',
+      ]
+    )
+    (r,) = records
+    self.assertEqual(r['model'], 'fm')
+    for run in runs:
+      lines = quality.read_metrics(
+        os.path.join(out, 'quality', 'fm', run, 'metrics.jsonl')
+      )
+      valid = [x for x in lines if x['split'] == 'valid']
+      self.assertLen(valid, r[f'{run}_epochs'])
+      self.assertEqual(r[f'{run}_best_valid_auc'], max(x['auc'] for x in valid))
+      self.assertEqual(lines[-1]['split'], 'test')
+      self.assertEqual(r[f'{run}_test_auc'], lines[-1]['auc'])
+      times = [x['wall_time'] for x in lines if x['split'] != 'test']
+      self.assertEqual(times, sorted(times))
+      self.assertGreater(times[0], 0)
+      self.assertEqual(lines[-1]['num_examples'], 10085)
+    # Two smoke epochs of our FM on MovieLens are far above chance.
+    self.assertBetween(r['flax_best_valid_auc'], 0.7, 1.0)
+    self.assertEqual(r['flax_epochs'], 2)
+    if HAS_TORCH:
+      # Raw ids as torchfm's loader: max + 1 of the raw columns.
+      frame = data.read_movielens(data.EMBEDDED, 'ml-latest-small')
+      self.assertEqual(
+        r['torchfm_raw_field_dims'],
+        [int(frame['user'].max()) + 1, int(frame['item'].max()) + 1],
+      )
+      self.assertEqual(r['torchfm_dense_field_dims'], [610, 9724])
+      flax_lines = quality.read_metrics(
+        os.path.join(out, 'quality', 'fm', 'flax', 'metrics.jsonl')
+      )
+      for run in runs[1:]:
+        self.assertEqual(
+          r[f'flax_time_to_{run}_best'],
+          quality.time_to_reach(flax_lines, r[f'{run}_best_valid_auc']),
+        )
+        self.assertAlmostEqual(
+          r[f'test_auc_minus_{run}'],
+          r['flax_test_auc'] - r[f'{run}_test_auc'],
+        )
+    saved = _read_json(os.path.join(out, 'quality.json'))
+    self.assertEqual(saved['results'], json.loads(json.dumps(records)))
+    with open(os.path.join(out, 'quality.md')) as f:
+      self.assertIn(f'| fm | {r["flax_best_valid_auc"]:.4f} |', f.read())
+
+  def test_time_to_reach_and_summarize(self):
+    lines = [
+      {'split': 'train', 'epoch': 1, 'loss': 0.7, 'examples_per_sec': 10.0},
+      {'split': 'valid', 'epoch': 1, 'auc': 0.70, 'wall_time': 1.0},
+      {'split': 'train', 'epoch': 2, 'loss': 0.6, 'examples_per_sec': 30.0},
+      {'split': 'valid', 'epoch': 2, 'auc': 0.75, 'wall_time': 2.0},
+      {'split': 'train', 'epoch': 3, 'loss': 0.5, 'examples_per_sec': 20.0},
+      {'split': 'valid', 'epoch': 3, 'auc': 0.74, 'wall_time': 3.0},
+      {'split': 'test', 'epoch': 2, 'auc': 0.76, 'wall_time': 3.5},
+    ]
+    self.assertEqual(quality.time_to_reach(lines, 0.72), 2.0)
+    self.assertEqual(quality.time_to_reach(lines, 0.70), 1.0)
+    self.assertIsNone(quality.time_to_reach(lines, 0.80))
+    self.assertEqual(
+      quality.summarize(lines),
+      {
+        'best_valid_auc': 0.75,
+        'best_epoch': 2,
+        'best_wall_time': 2.0,
+        'epochs': 3,
+        'test_auc': 0.76,
+        'wall_time': 3.5,
+        'train_ex_per_s': 20.0,
+      },
+    )
+
+  def test_logloss_matches_the_formula(self):
+    labels = np.array([1.0, 0.0, 1.0, 0.0])
+    probs = np.array([0.9, 0.2, 0.0, 1.0])  # The last two clamp at -100.
+    expected = -(np.log(0.9) + np.log(0.8) - 100 - 100) / 4
+    self.assertAlmostEqual(quality._logloss(labels, probs), expected)
+
+
+class PlotTest(_TempDirs, absltest.TestCase):
+  def _metrics(self, name, wall_time=True):
+    workdir = os.path.join(self.create_tempdir().full_path, name)
+    os.makedirs(workdir)
+    with open(os.path.join(workdir, 'metrics.jsonl'), 'w') as f:
+      for epoch in range(1, 4):
+        for split, key, value in (
+          ('train', 'loss', 0.7 - 0.05 * epoch),
+          ('valid', 'auc', 0.7 + 0.02 * epoch),
+        ):
+          record = {'split': split, 'epoch': epoch, key: value}
+          if wall_time:
+            record['wall_time'] = 1.5 * epoch
+          f.write(json.dumps(record) + '\n')
+      f.write(json.dumps({'split': 'test', 'epoch': 3, 'auc': 0.75}) + '\n')
+    return workdir
+
+  def test_writes_a_png(self):
+    pytest.importorskip('matplotlib')
+    runs = [self._metrics('a'), self._metrics('b', wall_time=False)]
+    out = os.path.join(self.create_tempdir().full_path, 'sub', 'runs.png')
+    self.assertEqual(plot.main([*runs, f'--out={out}', '--title=t']), out)
+    with open(out, 'rb') as f:
+      blob = f.read()
+    self.assertEqual(blob[:8], b'\x89PNG\r\n\x1a\n')
+    self.assertEqual(blob[12:16], b'IHDR')
+    width, height = struct.unpack('>II', blob[16:24])
+    self.assertEqual((width, height), (1100, 750))
+    self.assertGreater(len(blob), 20_000)
+    self.assertEqual(blob[-8:-4], b'IEND')
+    self.assertFalse(os.path.exists(out + '.tmp.png'))
+
+  def test_series_and_labels(self):
+    records = plot.read_run(self._metrics('c'))
+    self.assertEqual(
+      plot.series(records, 'valid', 'auc', 'epoch'),
+      ([1, 2, 3], [0.72, 0.74, 0.76]),
+    )
+    self.assertEqual(
+      plot.series(records, 'train', 'loss', 'wall_time')[0], [1.5, 3.0, 4.5]
+    )
+    self.assertEqual(plot.default_label('/x/fm/flax'), 'fm/flax')
+    self.assertEqual(plot.default_label('/x/fm/flax/metrics.jsonl'), 'fm/flax')
+
+  def test_bad_line_names_file_and_line(self):
+    workdir = self._metrics('d')
+    path = os.path.join(workdir, 'metrics.jsonl')
+    with open(path, 'a') as f:
+      f.write('{"split": "valid", \n')
+    with self.assertRaisesRegex(SystemExit, f'{path}:8: not a JSON line'):
+      plot.read_run(workdir)
+    with self.assertRaisesRegex(SystemExit, 'no such metrics file'):
+      plot.read_run(os.path.join(workdir, 'missing'))
+
+
+if __name__ == '__main__':
+  absltest.main()
