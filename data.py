@@ -365,6 +365,19 @@ def cache_key(spec: dict) -> str:
   return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
+def _publish(tmp: str, directory: str) -> None:
+  """Renames the complete cache `tmp` to `directory`, atomically.
+
+  A concurrent writer (another process of a multi-host run) that finished
+  first wins; its cache holds the same arrays.
+  """
+  try:
+    os.rename(tmp, directory)
+  except OSError:
+    if not os.path.isfile(os.path.join(directory, 'meta.json')):
+      raise
+
+
 def write_cache(directory: str, dataset: Dataset, spec: dict) -> None:
   """Writes `dataset` to `directory` atomically (temporary dir + rename)."""
   parent = os.path.dirname(directory)
@@ -383,11 +396,7 @@ def write_cache(directory: str, dataset: Dataset, spec: dict) -> None:
     }
     with open(os.path.join(tmp, 'meta.json'), 'w') as f:
       json.dump(meta, f, indent=1)
-    try:
-      os.rename(tmp, directory)
-    except OSError:
-      if not os.path.isfile(os.path.join(directory, 'meta.json')):
-        raise  # Not a concurrent writer that finished first.
+    _publish(tmp, directory)
   finally:
     shutil.rmtree(tmp, ignore_errors=True)
 
@@ -1523,11 +1532,7 @@ def _preprocess_ctr(config, files: dict, spec: dict, directory: str) -> None:
       f.flush()
       os.fsync(f.fileno())
     os.remove(owner)
-    try:
-      os.rename(tmp, directory)
-    except OSError:
-      if not os.path.isfile(os.path.join(directory, 'meta.json')):
-        raise  # Not a concurrent writer that finished first.
+    _publish(tmp, directory)
   finally:
     for pair in writers:
       for writer in pair:
