@@ -117,6 +117,7 @@ class _JaxRunner:
     self.jax = jax
     ids, labels, field_dims = make_data(spec)
     config = common.get_config(spec['model'])
+    config.optimizer = spec.get('optimizer', 'adam')
     self.config, self.field_dims, self.train_mod = config, field_dims, train
     self.num_devices = jax.local_device_count()
     model = train.create_model(config, field_dims, axis_name=train.AXIS)
@@ -127,7 +128,8 @@ class _JaxRunner:
     self.p_train = jax.pmap(
       functools.partial(train.train_step, model=model, seed=spec['seed']),
       axis_name=train.AXIS,
-      donate_argnums=train.state_donation(),  # As train_and_evaluate.
+      # As train_and_evaluate.
+      donate_argnums=train.state_donation(config.optimizer),
     )
     self.p_eval = jax.pmap(
       functools.partial(train.eval_step, model=model), axis_name=train.AXIS
@@ -188,17 +190,28 @@ class _JaxRunner:
       )
       return optax.sigmoid_binary_cross_entropy(logits, batch['label']).mean()
 
-    def update(params, opt_state, grads):
+    train = self.train_mod
+    lazy = isinstance(host.opt_state, train.LazyAdamState)
+    num_rows = sum(self.field_dims)
+
+    def update(params, opt_state, grads, ids):
+      if lazy:  # As train.train_step: the touched rows' gradients only.
+        rows = train.touched_rows(ids, self.field_dims, axis_name=None)
+        grads = train.gather_rows(grads, rows, num_rows)
+        updates, opt_state = host.tx.update(grads, opt_state, params, rows=rows)
+        params = train.apply_row_updates(params, updates, rows, num_rows)
+        return params, opt_state
       updates, opt_state = host.tx.update(grads, opt_state, params)
       return optax.apply_updates(params, updates), opt_state
 
     grad_fn = jax.jit(jax.grad(loss_fn))
     # Donated as the train step's state is (see train.state_donation).
-    donate = (0, 1) if self.train_mod.state_donation() else ()
+    donate = (0, 1) if train.state_donation(self.config.optimizer) else ()
     update_fn = jax.jit(update, donate_argnums=donate)
     params, opt_state = host.params, host.opt_state
     grads = grad_fn(params, host.batch_stats, batches[0])
-    params, opt_state = update_fn(params, opt_state, grads)  # Compiles.
+    ids = batches[0]['ids']
+    params, opt_state = update_fn(params, opt_state, grads, ids)  # Compiles.
     jax.block_until_ready(params)
     start = time.perf_counter()
     for i in range(steps):
@@ -207,7 +220,7 @@ class _JaxRunner:
     grad_s = time.perf_counter() - start
     start = time.perf_counter()
     for _ in range(steps):
-      params, opt_state = update_fn(params, opt_state, grads)
+      params, opt_state = update_fn(params, opt_state, grads, ids)
     jax.block_until_ready(params)
     update_s = time.perf_counter() - start
     return {
@@ -404,6 +417,7 @@ def measure(model: str, data_name: str, args, libraries: Sequence[str]):
     'devices': args.devices,
     'seed': 0,
     'cache_dir': args.cache_dir,
+    'optimizer': args.optimizer,
   }
   workers = {}
   try:
@@ -440,6 +454,7 @@ def measure(model: str, data_name: str, args, libraries: Sequence[str]):
       'eval_batch_size': args.eval_batch_size,
       'steps': args.steps,
       'rounds': args.rounds,
+      'optimizer': args.optimizer,
     }
     for library, worker in workers.items():
       record[f'{library}_train_ex_per_s'] = statistics.median(
@@ -569,6 +584,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     '--no_torch', action='store_true', help='measure flax-fm only'
   )
   parser.add_argument('--cache_dir', default='', help='dataset cache')
+  parser.add_argument(
+    '--optimizer',
+    default='adam',
+    choices=('adam', 'lazy_adam'),
+    help="flax-fm's config.optimizer (torchfm: always dense Adam)",
+  )
   parser.add_argument(
     '--tiny', action='store_true', help='a seconds-long run on tiny data'
   )
