@@ -97,7 +97,11 @@ def _fnn(w):
 
 
 def _wd(w):
-  # No cross products (the default), as pytorch-fm.
+  """W&D without cross products (the default, as pytorch-fm) and DeepFM.
+
+  Both are a linear term, one embedding table and an MLP, under the same
+  names in torch and in our files.
+  """
   mlp, stats = _mlp(w, 'mlp.mlp', 2)
   params = {
     'FeaturesLinear_0': _linear(w, 'linear'),
@@ -198,20 +202,6 @@ def _fnfm(w):
   return variables, dict(embed_dim=4, mlp_dims=(8, 6), dropouts=(0.2, 0.2))
 
 
-def _deepfm(w):
-  mlp, stats = _mlp(w, 'mlp.mlp', 2)
-  params = {
-    'FeaturesLinear_0': _linear(w, 'linear'),
-    'FeaturesEmbedding_0': _embedding(w, 'embedding'),
-    'MultiLayerPerceptron_0': mlp,
-  }
-  variables = {
-    'params': params,
-    'batch_stats': {'MultiLayerPerceptron_0': stats},
-  }
-  return variables, dict(embed_dim=4, mlp_dims=(8, 6), dropout=0.2)
-
-
 # Model name -> function of the torch weights (dict name -> array) returning
 # our variables and the constructor arguments matching the fixture.
 CONVERTERS = {
@@ -224,7 +214,7 @@ CONVERTERS = {
   'nfm': _nfm,
   'ncf': _ncf,
   'fnfm': _fnfm,
-  'deepfm': _deepfm,
+  'deepfm': _wd,
 }
 
 
