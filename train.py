@@ -8,13 +8,11 @@ scores the best state on the test split. Restarted in the same workdir it
 resumes from the latest checkpoint.
 """
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 import functools
 import importlib
-import json
 import math
 import os
-import queue
 import sys
 import threading
 import time
@@ -32,6 +30,7 @@ import optax
 import orbax.checkpoint as ocp
 
 import data
+import utils
 
 AXIS = 'batch'
 
@@ -436,32 +435,6 @@ def state_donation(optimizer: str = 'adam') -> tuple[int, ...]:
   return () if jax.default_backend() == 'cpu' else (0,)
 
 
-def prefetch(iterator: Iterator, size: int = 2) -> Iterator:
-  """Runs `iterator` in a background thread, `size` items ahead.
-
-  Gathering rows (from a memory map, for large data) then overlaps with the
-  device step instead of stalling it.
-  """
-  items = queue.Queue(maxsize=size)
-  end = object()
-
-  def produce():
-    try:
-      for item in iterator:
-        items.put(item)
-    except BaseException as e:  # Re-raised in the consumer.
-      items.put(e)
-    else:
-      items.put(end)
-
-  thread = threading.Thread(target=produce, daemon=True)
-  thread.start()
-  while (item := items.get()) is not end:
-    if isinstance(item, BaseException):
-      raise item
-    yield item
-
-
 def evaluate(
   p_eval_step: Callable,
   state: TrainState,
@@ -479,7 +452,7 @@ def evaluate(
     process_count=jax.process_count(),
   )
   pending = []
-  for batch in prefetch(batches):
+  for batch in utils.prefetch(batches):
     pending.append((p_eval_step(state, data.shard(batch, num_devices)), batch))
   for (out_logits, out_loss, out_count), batch in pending:
     logits.append(np.asarray(out_logits).reshape(-1))
@@ -501,92 +474,6 @@ def evaluate(
     'logloss': loss_sum / max(count, 1.0),
     'num_examples': int(keep.sum()),
   }
-
-
-class MetricsWriter:
-  """Appends JSON lines to `workdir/metrics.jsonl` (process 0 only).
-
-  Every line gets `wall_time`: seconds since training started, carried over
-  a resume by `wall_time_offset` (the value saved with the checkpoint), so
-  runs can be compared against wall-clock time (benchmarks/plot.py).
-  """
-
-  def __init__(
-    self, workdir: str, enabled: bool, wall_time_offset: float = 0.0
-  ):
-    self.path = os.path.join(workdir, 'metrics.jsonl')
-    self.enabled = enabled
-    self.start = time.perf_counter() - wall_time_offset
-
-  def wall_time(self) -> float:
-    return time.perf_counter() - self.start
-
-  def truncate(self, epoch: int) -> None:
-    """Keeps only train/valid lines of epochs <= `epoch` (atomic rewrite).
-
-    A resumed run redoes the epochs after its checkpoint; their old lines,
-    and any old test line, would otherwise appear twice.
-    """
-    if not self.enabled or not os.path.exists(self.path):
-      return
-    kept = []
-    with open(self.path) as f:
-      for line in f:
-        try:
-          record = json.loads(line)
-        except json.JSONDecodeError:
-          continue  # A line cut short by a kill.
-        if record.get('split') != 'test' and record.get('epoch', 0) <= epoch:
-          kept.append(json.dumps(record) + '\n')
-    tmp = self.path + '.tmp'
-    with open(tmp, 'w') as f:
-      f.writelines(kept)
-    os.replace(tmp, self.path)
-
-  def write(self, **record) -> None:
-    record['wall_time'] = round(self.wall_time(), 3)
-    logging.info('%s', ' '.join(f'{k}={v}' for k, v in record.items()))
-    if self.enabled:
-      with open(self.path, 'a') as f:
-        f.write(json.dumps(record) + '\n')
-        f.flush()
-
-
-class ProgressBar:
-  """One-line progress with examples/s and running loss, on a terminal."""
-
-  def __init__(self, total: int, epoch: int, enabled: bool):
-    self.total, self.epoch = total, epoch
-    self.enabled = enabled and sys.stderr.isatty()
-    self.start = time.perf_counter()
-
-  def update(self, step: int, examples: int, loss: float) -> None:
-    if not self.enabled:
-      return
-    rate = examples / max(time.perf_counter() - self.start, 1e-9)
-    filled = int(30 * step / max(self.total, 1))
-    sys.stderr.write(
-      f'\repoch {self.epoch} [{"#" * filled}{"." * (30 - filled)}]'
-      f' {step}/{self.total} {rate:,.0f} ex/s loss {loss:.4f}'
-    )
-    sys.stderr.flush()
-
-  def close(self) -> None:
-    if self.enabled:
-      sys.stderr.write('\n')
-
-
-class _OrbaxInfoFilter:
-  """Drops orbax's INFO lines (a dozen per checkpoint) from the absl log."""
-
-  def filter(self, record) -> bool:
-    return record.levelno >= 30 or '/orbax/' not in record.pathname
-
-
-def quiet_orbax_logs() -> None:
-  handler = logging.get_absl_handler()
-  if not any(isinstance(f, _OrbaxInfoFilter) for f in handler.filters):
-    handler.addFilter(_OrbaxInfoFilter())
 
 
 def _check_batch_sizes(config: ml_collections.ConfigDict) -> None:
@@ -863,7 +750,7 @@ def train_and_evaluate(
   Returns:
     The test metrics of the best state: `auc`, `logloss`, `num_examples`.
   """
-  quiet_orbax_logs()
+  utils.quiet_orbax_logs()
   _check_batch_sizes(config)
   is_main = jax.process_index() == 0
   os.makedirs(workdir, exist_ok=True)
@@ -911,7 +798,7 @@ def train_and_evaluate(
   if latest.latest_step() is not None:
     state, meta = _restore(latest, latest.latest_step(), state)
     logging.info('Resumed from epoch %d of %s', meta['epoch'], workdir)
-  writer = MetricsWriter(
+  writer = utils.MetricsWriter(
     workdir, enabled=is_main, wall_time_offset=meta.get('wall_time', 0.0)
   )
   writer.truncate(meta['epoch'])
@@ -929,8 +816,11 @@ def train_and_evaluate(
 
   epoch = meta['epoch']
   while epoch < config.num_epochs and meta['bad_epochs'] < config.patience:
-    bar = ProgressBar(
-      steps_per_epoch, epoch + 1, config.progress_bar and is_main
+    bar = utils.ProgressBar(
+      f'epoch {epoch + 1}',
+      steps_per_epoch,
+      'ex',
+      enabled=config.progress_bar and is_main,
     )
     batches = data.train_batches(
       dataset.train,
@@ -942,7 +832,7 @@ def train_and_evaluate(
     )
     losses = []
     start = None
-    for step, batch in enumerate(prefetch(batches), start=1):
+    for step, batch in enumerate(utils.prefetch(batches), start=1):
       replicated, loss = p_train_step(
         replicated, data.shard(batch, num_devices)
       )
@@ -954,7 +844,7 @@ def train_and_evaluate(
         recent = float(
           np.mean(jax.device_get(losses[-config.log_every_steps :]))
         )
-        bar.update(step, (step - 1) * config.batch_size, recent)
+        bar.update(step, (step - 1) * config.batch_size, f'loss {recent:.4f}')
     epoch_loss = float(np.mean(jax.device_get(losses)))
     elapsed = time.perf_counter() - start
     bar.close()

@@ -1,0 +1,203 @@
+"""Host-side utilities shared by training and preprocessing.
+
+The metrics file, one progress bar (training steps and preprocessing passes
+alike), a background prefetcher, file opening that understands `.gz`, and the
+filter that keeps orbax's INFO lines out of the log.
+"""
+
+from collections.abc import Iterator
+import gzip
+import json
+import os
+import queue
+import sys
+import threading
+import time
+from typing import IO
+
+from absl import logging
+
+
+class MetricsWriter:
+  """Appends JSON lines to `workdir/metrics.jsonl` (process 0 only).
+
+  Every line gets `wall_time`: seconds since training started, carried over
+  a resume by `wall_time_offset` (the value saved with the checkpoint), so
+  runs can be compared against wall-clock time (benchmarks/plot.py).
+  """
+
+  def __init__(
+    self, workdir: str, enabled: bool, wall_time_offset: float = 0.0
+  ):
+    self.path = os.path.join(workdir, 'metrics.jsonl')
+    self.enabled = enabled
+    self.start = time.perf_counter() - wall_time_offset
+
+  def wall_time(self) -> float:
+    return time.perf_counter() - self.start
+
+  def truncate(self, epoch: int) -> None:
+    """Keeps only train/valid lines of epochs <= `epoch` (atomic rewrite).
+
+    A resumed run redoes the epochs after its checkpoint; their old lines,
+    and any old test line, would otherwise appear twice.
+    """
+    if not self.enabled or not os.path.exists(self.path):
+      return
+    kept = []
+    with open(self.path) as f:
+      for line in f:
+        try:
+          record = json.loads(line)
+        except json.JSONDecodeError:
+          continue  # A line cut short by a kill.
+        if record.get('split') != 'test' and record.get('epoch', 0) <= epoch:
+          kept.append(json.dumps(record) + '\n')
+    tmp = self.path + '.tmp'
+    with open(tmp, 'w') as f:
+      f.writelines(kept)
+    os.replace(tmp, self.path)
+
+  def write(self, **record) -> None:
+    record['wall_time'] = round(self.wall_time(), 3)
+    logging.info('%s', ' '.join(f'{k}={v}' for k, v in record.items()))
+    if self.enabled:
+      with open(self.path, 'a') as f:
+        f.write(json.dumps(record) + '\n')
+        f.flush()
+
+
+class ProgressBar:
+  """One line of progress on a terminal: bar, amount done, rate, caption.
+
+  Used for training epochs (`done` in steps, the rate in examples/s) and for
+  preprocessing passes (`done` in bytes shown as MiB, the rate in lines/s).
+  Off the terminal it draws nothing; `close` logs one summary line when
+  `log_summary` is set.
+  """
+
+  def __init__(
+    self,
+    desc: str,
+    total: int,
+    rate_unit: str,
+    *,
+    scale: int = 1,
+    scale_unit: str = '',
+    enabled: bool = True,
+    interval: float = 0.0,
+    log_summary: bool = False,
+  ):
+    """Starts the clock.
+
+    Args:
+      desc: text before the bar (`'epoch 3'`, `'count train.txt'`).
+      total: the amount of work, in the unit of `update`'s `done`.
+      rate_unit: what `update`'s `count` counts (`'ex'`, `'lines'`).
+      scale: `done` and `total` are shown divided by this (2**20: MiB).
+      scale_unit: the unit shown after them (`'MiB'`).
+      enabled: draw at all (e.g. only on process 0).
+      interval: minimum seconds between redraws.
+      log_summary: log `desc`, the count and the rate on `close`.
+    """
+    self.desc, self.total = desc, max(total, 1)
+    self.rate_unit, self.scale, self.scale_unit = rate_unit, scale, scale_unit
+    self.enabled = enabled and sys.stderr.isatty()
+    self.interval, self.log_summary = interval, log_summary
+    self.start = self.last = time.perf_counter()
+    self.count = 0
+
+  def update(self, done: int, count: int, caption: str = '') -> None:
+    """Redraws with `done` of `total` and `count` items so far in total."""
+    self.count = count
+    now = time.perf_counter()
+    if not self.enabled or now - self.last < self.interval:
+      return
+    self.last = now
+    rate = count / max(now - self.start, 1e-9)
+    filled = int(30 * min(done / self.total, 1.0))
+    amount = (
+      f'{done / self.scale:,.0f}/{self.total / self.scale:,.0f}'
+      f'{" " + self.scale_unit if self.scale_unit else ""}'
+    )
+    sys.stderr.write(
+      f'\r{self.desc} [{"#" * filled}{"." * (30 - filled)}] {amount}'
+      f' {rate:,.0f} {self.rate_unit}/s{" " + caption if caption else ""}'
+    )
+    sys.stderr.flush()
+
+  def close(self) -> None:
+    elapsed = time.perf_counter() - self.start
+    if self.enabled:
+      sys.stderr.write('\n')
+    if self.log_summary:
+      logging.info(
+        '%s: %d %s in %.1f s (%.0f %s/s)',
+        self.desc,
+        self.count,
+        self.rate_unit,
+        elapsed,
+        self.count / max(elapsed, 1e-9),
+        self.rate_unit,
+      )
+
+
+def prefetch(iterator: Iterator, size: int = 2) -> Iterator:
+  """Runs `iterator` in a background thread, `size` items ahead.
+
+  Gathering rows (from a memory map, for large data) then overlaps with the
+  device step instead of stalling it. An exception in the thread is raised
+  in the consumer.
+  """
+  items = queue.Queue(maxsize=size)
+  end = object()
+
+  def produce():
+    try:
+      for item in iterator:
+        items.put(item)
+    except BaseException as e:  # Re-raised in the consumer.
+      items.put(e)
+    else:
+      items.put(end)
+
+  thread = threading.Thread(target=produce, daemon=True)
+  thread.start()
+  while (item := items.get()) is not end:
+    if isinstance(item, BaseException):
+      raise item
+    yield item
+
+
+def open_binary(path: str) -> tuple[IO[bytes], IO[bytes]]:
+  """Opens `path` (gzip if it ends in `.gz`) for reading bytes.
+
+  Returns:
+    (the file to read, the raw file whose `tell()` is the progress in bytes
+    of the file on disk). The caller closes both.
+  """
+  raw = open(path, 'rb')
+  if path.endswith('.gz'):
+    return gzip.GzipFile(fileobj=raw, mode='rb'), raw
+  return raw, raw
+
+
+def open_text(path: str) -> IO[str]:
+  """Opens `path` (gzip if it ends in `.gz`) as UTF-8 text."""
+  if path.endswith('.gz'):
+    return gzip.open(path, 'rt', encoding='utf-8', errors='replace')
+  return open(path, encoding='utf-8', errors='replace')
+
+
+class _OrbaxInfoFilter:
+  """Drops orbax's INFO lines (a dozen per checkpoint) from the absl log."""
+
+  def filter(self, record) -> bool:
+    return record.levelno >= 30 or '/orbax/' not in record.pathname
+
+
+def quiet_orbax_logs() -> None:
+  """Installs `_OrbaxInfoFilter` on absl's handler, once."""
+  handler = logging.get_absl_handler()
+  if not any(isinstance(f, _OrbaxInfoFilter) for f in handler.filters):
+    handler.addFilter(_OrbaxInfoFilter())
