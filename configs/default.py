@@ -7,6 +7,8 @@ A model config imports this file, sets `model_name` (the file in models/) and
 
 import ml_collections
 
+import data
+
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   """Returns the default config; `arg='smoke'` makes a seconds-long run."""
@@ -17,11 +19,16 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.model = ml_collections.ConfigDict()
 
   config.dataset = ml_collections.ConfigDict()
-  # ml-latest-small (embedded), ml-100k, ml-1m, ml-20m, ml-25m.
+  # ml-latest-small (embedded), ml-100k, ml-1m, ml-20m, ml-25m, criteo,
+  # avazu, libfm or csv (see README, Datasets).
   config.dataset.name = 'ml-latest-small'
   # Local file or directory of the raw data; empty: the embedded copy
   # (ml-latest-small) or a verified download into `cache_dir` (GroupLens).
   config.dataset.path = ''
+  # Predefined validation and test files (both or neither; neither: `split`
+  # of `path` at random). A libfm `path` directory finds them by name.
+  config.dataset.valid_path = ''
+  config.dataset.test_path = ''
   # Where downloads and encoded arrays are kept; empty: $XDG_CACHE_HOME/flax_fm
   # (default ~/.cache/flax_fm).
   config.dataset.cache_dir = ''
@@ -30,33 +37,20 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # Fractions of train / validation / test, split at random with `seed`.
   config.dataset.split = (0.8, 0.1, 0.1)
   config.dataset.seed = 0
-  # CTR datasets (name criteo, avazu, libfm or csv; see README, Datasets).
-  # Predefined validation and test files (both or neither; neither: `split`
-  # of `path` at random). A libfm `path` directory finds them by name.
-  config.dataset.valid_path = ''
-  config.dataset.test_path = ''
   # Values seen fewer times in the training data share one out-of-vocabulary
   # id per field; -1: the format's default (criteo 10, avazu 4, others 1).
   config.dataset.min_count = -1
-  # Integers v > 2 become int(log(v)**2), as pytorch-fm (criteo, csv).
-  config.dataset.log_bucket = True
-  # avazu: hour (YYMMDDHH) -> hour_of_day and weekday; False: raw hour field.
-  config.dataset.hour_features = True
-  # avazu: drop the `id` column (unique per row); False keeps it as a field.
-  config.dataset.drop_id = True
-  # csv (or .parquet): the 0/1 label column, the integer columns (bucketed as
-  # criteo's), the categorical columns (empty: all other columns), separator.
-  config.dataset.label_column = ''
-  config.dataset.numeric_columns = ()
-  config.dataset.categorical_columns = ()
-  config.dataset.sep = ','
-  # libfm: field sizes, feature indices global over the fields end to end;
-  # empty: the k-th feature of a line is field k, encoded from the data.
-  config.dataset.field_dims = ()
   # Skip and count malformed lines instead of stopping at the first one.
   config.dataset.skip_bad_lines = False
   # Lines per chunk when preprocessing (memory grows with it, not the file).
   config.dataset.chunk_rows = 100_000
+  # The keys of one format each, read only when `name` is that format (any
+  # other format's key set is an error); defaults and meaning in
+  # datasets/<format>.py: csv (label_column, numeric_columns,
+  # categorical_columns, sep, log_bucket), criteo (log_bucket), avazu
+  # (hour_features, drop_id), libfm (field_dims). E.g.
+  # --config.dataset.csv.label_column=clicked.
+  config.dataset.update(data.format_defaults())
 
   config.batch_size = 2048
   # Evaluation batches are padded to this size (a mask drops the padding).

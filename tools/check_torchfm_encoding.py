@@ -94,7 +94,7 @@ def compare(fmt: str, path: str) -> list[str]:
     config = default.get_config().dataset
     config.update(name=fmt, path=path, cache_dir=cache, split=(1.0, 0.0, 0.0))
     if fmt == 'avazu':
-      config.hour_features = False
+      config.avazu.hour_features = False
     dataset = data.load_dataset(config)
     ours = np.array(dataset.train.ids)
     labels = np.array(dataset.train.labels)

@@ -1,194 +1,54 @@
-"""Tests of the CTR datasets of data.py: Criteo, Avazu, libFM, CSV/Parquet.
+"""Tests of the CTR sources: Criteo, Avazu, libFM and CSV/Parquet.
 
 Every file is synthetic, written by the test. Encodings are checked against
 a pure-Python transcription of pytorch-fm's preprocessing
-(torchfm/dataset/criteo.py and avazu.py) run on the same lines; the ids of
-kept values may be numbered differently (pytorch-fm enumerates a set), so
-the check is that each field's ids correspond one to one, with the
-out-of-vocabulary id last in both.
+(tests/dataset_testing.py) run on the same lines.
 """
 
 import collections
 import datetime
 import gzip
 import json
-import math
 import os
 import random
-import socket
-import subprocess
-import sys
-import tempfile
-import time
 from unittest import mock
 
 from absl.testing import absltest
 from absl.testing import parameterized
+from dataset_testing import DatasetTestCase
+from dataset_testing import all_rows
+from dataset_testing import assert_same_encoding
+from dataset_testing import avazu_rows
+from dataset_testing import convert_numeric_feature
+from dataset_testing import criteo_rows
+from dataset_testing import reference_encode
+from dataset_testing import write_lines
 import numpy as np
 
-from configs import default
-from configs import fm
 import data
-import train
-
-# --------------------------------------------------------------------------
-# pytorch-fm's rules in plain Python (the reference).
-
-
-def convert_numeric_feature(val: str) -> str:
-  """torchfm/dataset/criteo.py's function, verbatim."""
-  if val == '':
-    return 'NULL'
-  v = int(val)
-  if v > 2:
-    return str(int(math.log(v) ** 2))
-  else:
-    return str(v - 2)
-
-
-def reference_encode(rows, int_fields, min_count, bucket=True):
-  """pytorch-fm's feature mapper: rows of raw strings -> ids, field_dims.
-
-  Values of `int_fields` go through `convert_numeric_feature` (when
-  `bucket`); values seen fewer than `min_count` times share the last id.
-  """
-  num_fields = len(rows[0])
-  convert = convert_numeric_feature if bucket else (lambda v: v or 'NULL')
-  counts = [collections.Counter() for _ in range(num_fields)]
-  for row in rows:
-    for f, value in enumerate(row):
-      counts[f][convert(value) if f in int_fields else value] += 1
-  mappers = [
-    {v: i for i, v in enumerate(sorted(v for v, c in cnt.items() if c >= m))}
-    for cnt, m in zip(counts, [min_count] * num_fields, strict=True)
-  ]
-  ids = [
-    [
-      mappers[f].get(
-        convert(value) if f in int_fields else value, len(mappers[f])
-      )
-      for f, value in enumerate(row)
-    ]
-    for row in rows
-  ]
-  return np.array(ids), tuple(len(m) + 1 for m in mappers)
-
-
-def assert_same_encoding(test, ids, dims, ref_ids, ref_dims):
-  """Equal up to a renaming of each field's in-vocabulary ids."""
-  ids, ref_ids = np.asarray(ids), np.asarray(ref_ids)
-  test.assertEqual(tuple(dims), tuple(ref_dims))
-  test.assertEqual(ids.shape, ref_ids.shape)
-  for f in range(ids.shape[1]):
-    pairs = set(zip(ids[:, f].tolist(), ref_ids[:, f].tolist(), strict=True))
-    ours = {a for a, _ in pairs}
-    theirs = {b for _, b in pairs}
-    test.assertTrue(
-      len(pairs) == len(ours) == len(theirs), f'field {f} is not 1:1'
-    )
-    for a, b in pairs:
-      test.assertEqual(a == dims[f] - 1, b == ref_dims[f] - 1, f'OOV of {f}')
-    test.assertLess(ids[:, f].max(), dims[f])
-
-
-# --------------------------------------------------------------------------
-# Synthetic files.
-
-
-def _hex(rng, vocab):
-  """A skewed draw from `vocab` hex values, sometimes missing."""
-  if rng.random() < 0.1:
-    return ''
-  return f'{int(vocab * rng.random() ** 3):08x}'
-
-
-def _integer(rng):
-  kind = rng.random()
-  if kind < 0.15:
-    return ''
-  if kind < 0.5:
-    return str(rng.randint(-3, 5))
-  if kind < 0.9:
-    return str(rng.randint(6, 300))
-  return str(rng.randint(300, 10**9))
-
-
-def criteo_rows(n, seed=0):
-  rng = random.Random(seed)
-  return [
-    [str(rng.randint(0, 1))]
-    + [_integer(rng) for _ in range(13)]
-    + [_hex(rng, 5 + 20 * (c % 4)) for c in range(26)]
-    for _ in range(n)
-  ]
-
-
-def avazu_rows(n, seed=0):
-  rng = random.Random(seed)
-  rows = []
-  for _ in range(n):
-    day, hour = rng.randint(21, 30), rng.randint(0, 23)
-    rows.append(
-      [str(rng.getrandbits(63)), str(rng.randint(0, 1)), f'1410{day}{hour:02d}']
-      + [_hex(rng, 3 + 7 * (c % 3)) or '0' for c in range(21)]
-    )
-  return rows
-
-
-def write_lines(path, rows, sep, header=None):
-  with open(path, 'w') as f:
-    if header:
-      f.write(sep.join(header) + '\n')
-    for row in rows:
-      f.write(sep.join(row) + '\n')
-  return path
-
-
-class _TmpTest(parameterized.TestCase):
-  def setUp(self):
-    super().setUp()
-    self.tmp = self.enter_context(tempfile.TemporaryDirectory())
-
-  def config(self, name, path, **overrides):
-    config = default.get_config().dataset
-    config.name = name
-    config.path = path
-    config.cache_dir = os.path.join(self.tmp, 'cache')
-    config.chunk_rows = 97  # Several chunks, and a short last one.
-    config.update(overrides)
-    return config
-
-  def encoded(self):
-    root = os.path.join(self.tmp, 'cache', 'encoded')
-    return sorted(os.listdir(root)) if os.path.isdir(root) else []
-
-
-def _all_rows(dataset):
-  return np.asarray(dataset.train.ids), np.asarray(dataset.train.labels)
-
-
-# --------------------------------------------------------------------------
-# Encoding against the reference.
+from datasets import avazu
+from datasets import encode
+from datasets import text
 
 
 class IntegerRuleTest(absltest.TestCase):
   def test_keys_are_pytorch_fm_classes_on_every_bucket_edge(self):
-    edges = data._log_bucket_edges()
+    edges = text.log_bucket_edges()
     values = set(range(-5, 3000))
     for e in edges[:: max(1, len(edges) // 300)].tolist() + edges[-3:].tolist():
       values.update((e - 1, e, e + 1))
     values.update(random.Random(0).randrange(3, 1 << 62) for _ in range(2000))
     values = np.array(sorted(values), np.int64)
-    keys = data.int_feature_keys(values, np.zeros(len(values), bool))
+    keys = text.int_feature_keys(values, np.zeros(len(values), bool))
     expected = [int(convert_numeric_feature(str(v))) for v in values.tolist()]
     np.testing.assert_array_equal(keys, expected)
-    missing = data.int_feature_keys(np.array([7, 7]), np.array([True, False]))
-    self.assertEqual(missing[0], data._MISSING_INT)
+    missing = text.int_feature_keys(np.array([7, 7]), np.array([True, False]))
+    self.assertEqual(missing[0], text.MISSING_INT)
     self.assertEqual(missing[1], 3)  # int(log(7) ** 2) = int(3.79)
 
   def test_counts_merge_in_chunks_like_a_counter(self):
     rng = np.random.default_rng(0)
-    counter = data._Counts()
+    counter = encode.Counts()
     counter.MIN_MERGE = 10  # Merge often.
     expected = collections.Counter()
     for _ in range(30):
@@ -202,7 +62,7 @@ class IntegerRuleTest(absltest.TestCase):
       )
 
 
-class CriteoTest(_TmpTest):
+class CriteoTest(DatasetTestCase):
   @parameterized.parameters(
     dict(min_count=-1, log_bucket=True, expected_min=10),
     dict(min_count=3, log_bucket=True, expected_min=3),
@@ -218,10 +78,10 @@ class CriteoTest(_TmpTest):
       path,
       split=(1.0, 0.0, 0.0),
       min_count=min_count,
-      log_bucket=log_bucket,
+      criteo=dict(log_bucket=log_bucket),
     )
     dataset = data.load_dataset(config)
-    ids, labels = _all_rows(dataset)
+    ids, labels = all_rows(dataset)
     ref_ids, ref_dims = reference_encode(
       [r[1:] for r in rows], set(range(13)), expected_min, bucket=log_bucket
     )
@@ -232,26 +92,6 @@ class CriteoTest(_TmpTest):
     self.assertIsInstance(dataset.train.ids, np.memmap)
     self.assertEqual(dataset.train.ids.dtype, np.int32)
     self.assertEqual(dataset.train.labels.dtype, np.float32)
-
-  def test_random_split_is_split_indices_in_file_order(self):
-    rows = criteo_rows(500, seed=1)
-    path = write_lines(os.path.join(self.tmp, 'train.txt'), rows, '\t')
-    whole = data.load_dataset(self.config('criteo', path, split=(1.0, 0, 0)))
-    ids, labels = _all_rows(whole)
-    config = self.config('criteo', path, split=(0.7, 0.2, 0.1), seed=5)
-    dataset = data.load_dataset(config)
-    parts = data.split_indices(500, (0.7, 0.2, 0.1), 5)
-    for split, part in zip(('train', 'valid', 'test'), parts, strict=True):
-      rows_ = np.sort(part)
-      np.testing.assert_array_equal(getattr(dataset, split).ids, ids[rows_])
-      np.testing.assert_array_equal(
-        getattr(dataset, split).labels, labels[rows_]
-      )
-    assignment = data.split_assignment(500, (0.7, 0.2, 0.1), 5)
-    for s, part in enumerate(parts):
-      np.testing.assert_array_equal(
-        np.flatnonzero(assignment == s), sorted(part)
-      )
 
   def test_gzip_and_crlf_sources_encode_the_same(self):
     rows = criteo_rows(300, seed=2)
@@ -301,15 +141,17 @@ class CriteoTest(_TmpTest):
           self.assertEqual(dataset.test.ids[i, 13 + c], dims[13 + c] - 1)
 
 
-class AvazuTest(_TmpTest):
+class AvazuTest(DatasetTestCase):
   def test_pytorch_fm_fields_with_raw_hour(self):
     rows = avazu_rows(600)
     path = write_lines(
-      os.path.join(self.tmp, 'train.csv'), rows, ',', data.AVAZU_COLUMNS
+      os.path.join(self.tmp, 'train.csv'), rows, ',', avazu.COLUMNS
     )
-    config = self.config('avazu', path, split=(1.0, 0, 0), hour_features=False)
+    config = self.config(
+      'avazu', path, split=(1.0, 0, 0), avazu=dict(hour_features=False)
+    )
     dataset = data.load_dataset(config)
-    ids, labels = _all_rows(dataset)
+    ids, labels = all_rows(dataset)
     ref_ids, ref_dims = reference_encode([r[2:] for r in rows], set(), 4)
     assert_same_encoding(self, ids, dataset.field_dims, ref_ids, ref_dims)
     np.testing.assert_array_equal(labels, [float(r[1]) for r in rows])
@@ -319,12 +161,14 @@ class AvazuTest(_TmpTest):
   def test_hour_of_day_weekday_and_id_without_header(self):
     rows = avazu_rows(300, seed=1)
     path = write_lines(os.path.join(self.tmp, 'dev.csv'), rows, ',')
-    config = self.config('avazu', path, split=(1.0, 0, 0), drop_id=False)
+    config = self.config(
+      'avazu', path, split=(1.0, 0, 0), avazu=dict(drop_id=False)
+    )
     dataset = data.load_dataset(config)
     self.assertEqual(
       dataset.field_names[:4], ('id', 'hour_of_day', 'weekday', 'C1')
     )
-    ids, _ = _all_rows(dataset)
+    ids, _ = all_rows(dataset)
     derived = [
       [
         r[0],
@@ -340,7 +184,7 @@ class AvazuTest(_TmpTest):
 
   def test_wrong_header_and_bad_hour(self):
     rows = avazu_rows(20)
-    header = list(data.AVAZU_COLUMNS)
+    header = list(avazu.COLUMNS)
     header[5] = 'site'
     path = write_lines(os.path.join(self.tmp, 'a.csv'), rows, ',', header)
     with self.assertRaisesRegex(data.DataError, r'a\.csv:1: header'):
@@ -351,7 +195,7 @@ class AvazuTest(_TmpTest):
       data.load_dataset(self.config('avazu', path))
 
 
-class LibFMTest(_TmpTest):
+class LibFMTest(DatasetTestCase):
   def _lines(self, n, seed, fields=(30, 8, 5)):
     rng = random.Random(seed)
     rows = []
@@ -360,7 +204,7 @@ class LibFMTest(_TmpTest):
       rows.append((rng.choice((-1, 1)), values))
     return rows
 
-  def _write(self, name, rows, offsets):
+  def write_text(self, name, rows, offsets):
     lines = [
       f'{label} '
       + ' '.join(f'{o + v}:1' for o, v in zip(offsets, values, strict=True))
@@ -379,7 +223,7 @@ class LibFMTest(_TmpTest):
       parts,
       strict=True,
     ):
-      self._write(name, rows, offsets)
+      self.write_text(name, rows, offsets)
     dataset = data.load_dataset(
       self.config('libfm', os.path.join(self.tmp, 'd'))
     )
@@ -411,22 +255,24 @@ class LibFMTest(_TmpTest):
   def test_given_field_dims_take_global_indices_as_they_are(self):
     os.makedirs(os.path.join(self.tmp, 'd'))
     rows = self._lines(120, 3)
-    path = self._write('all.libfm', rows, (0, 30, 38))
+    path = self.write_text('all.libfm', rows, (0, 30, 38))
     with open(path) as f:  # Features in any order on a line.
       lines = [line.split() for line in f]
     with open(path, 'w') as f:
       f.writelines(' '.join([p[0]] + p[:0:-1]) + '\n' for p in lines)
     config = self.config(
-      'libfm', path, field_dims=(30, 8, 5), split=(1.0, 0, 0)
+      'libfm', path, libfm=dict(field_dims=(30, 8, 5)), split=(1.0, 0, 0)
     )
     dataset = data.load_dataset(config)
     self.assertEqual(dataset.field_dims, (30, 8, 5))
     np.testing.assert_array_equal(dataset.train.ids, [v for _, v in rows])
-    bad = self._write('bad.libfm', [(1, [0, 7, 4])], (0, 30, 38))
+    bad = self.write_text('bad.libfm', [(1, [0, 7, 4])], (0, 30, 38))
     with open(bad, 'a') as f:
       f.write('1 3:1 31:1 44:1\n')  # 44 is beyond 30 + 8 + 5.
     with self.assertRaisesRegex(data.DataError, r'bad\.libfm:2: .*beyond'):
-      data.load_dataset(self.config('libfm', bad, field_dims=(30, 8, 5)))
+      data.load_dataset(
+        self.config('libfm', bad, libfm=dict(field_dims=(30, 8, 5)))
+      )
 
   @parameterized.parameters(
     ('2 1:1 2:1\n', 'label 2'),
@@ -444,7 +290,7 @@ class LibFMTest(_TmpTest):
       data.load_dataset(self.config('libfm', path))
 
 
-class CsvTest(_TmpTest):
+class CsvTest(DatasetTestCase):
   def test_named_columns_quotes_and_numeric_buckets(self):
     rng = random.Random(0)
     header = ['user', 'clicked', 'age', 'city']
@@ -462,8 +308,7 @@ class CsvTest(_TmpTest):
       'csv',
       path,
       split=(1.0, 0, 0),
-      label_column='clicked',
-      numeric_columns=('age',),
+      csv=dict(label_column='clicked', numeric_columns=('age',)),
       min_count=3,
     )
     dataset = data.load_dataset(config)
@@ -476,12 +321,12 @@ class CsvTest(_TmpTest):
     np.testing.assert_array_equal(
       dataset.train.labels, [float(r[1]) for r in rows]
     )
-    config.categorical_columns = ('city',)
-    config.numeric_columns = ()
+    config.csv.categorical_columns = ('city',)
+    config.csv.numeric_columns = ()
     self.assertEqual(data.load_dataset(config).field_names, ('city',))
-    config.categorical_columns = ('city, user',)  # As a flag gives 'a,b'.
+    config.csv.categorical_columns = ('city, user',)  # As a flag gives 'a,b'.
     self.assertEqual(data.load_dataset(config).field_names, ('user', 'city'))
-    config.label_column = 'click'
+    config.csv.label_column = 'click'
     with self.assertRaisesRegex(
       data.DataError, 'label_column.*click.*clicks.csv'
     ):
@@ -499,8 +344,12 @@ class CsvTest(_TmpTest):
     )
     pq_path = os.path.join(self.tmp, 'a.parquet')
     pd.read_csv(csv_path, dtype=str).astype({'y': int}).to_parquet(pq_path)
-    a = data.load_dataset(self.config('csv', csv_path, label_column='y'))
-    b = data.load_dataset(self.config('csv', pq_path, label_column='y'))
+    a = data.load_dataset(
+      self.config('csv', csv_path, csv=dict(label_column='y'))
+    )
+    b = data.load_dataset(
+      self.config('csv', pq_path, csv=dict(label_column='y'))
+    )
     self.assertEqual(a.field_dims, b.field_dims)
     np.testing.assert_array_equal(a.train.ids, b.train.ids)
     np.testing.assert_array_equal(a.test.labels, b.test.labels)
@@ -510,7 +359,7 @@ class CsvTest(_TmpTest):
 # Bad lines, the cache key, interrupted runs.
 
 
-class BadLinesTest(_TmpTest):
+class BadLinesTest(DatasetTestCase):
   @parameterized.parameters(
     (lambda r: r[:-1], 'expected 40 columns .* found 39'),
     (lambda r: r + ['x'], 'expected 40 columns .* found 41'),
@@ -568,206 +417,7 @@ class BadLinesTest(_TmpTest):
     self.assertLen(dataset.train, 50)
 
 
-class CacheKeyTest(_TmpTest):
-  def test_every_option_and_the_source_change_the_key(self):
-    path = write_lines(os.path.join(self.tmp, 'a.csv'), avazu_rows(30), ',')
-
-    def key(name='csv', **overrides):
-      config = self.config(name, path, label_column='click')
-      config.update(overrides)
-      return data.cache_key(data.ctr_spec(config, data._ctr_files(config)))
-
-    changed = [
-      key(min_count=2),
-      key(log_bucket=False),
-      key(split=(0.7, 0.2, 0.1)),
-      key(seed=1),
-      key(skip_bad_lines=True),
-      key(label_column='hour'),
-      key(numeric_columns=('hour',)),
-      key(categorical_columns=('C1',)),
-      key(sep=';'),
-      key('criteo'),
-      key('avazu'),
-      key('avazu', hour_features=False),
-      key('avazu', drop_id=False),
-      key('libfm'),
-      key('libfm', field_dims=(3, 4)),
-      key(valid_path=path, test_path=path),
-    ]
-    base_key = key()
-    self.assertEqual(base_key, key(chunk_rows=5))  # Not an output option.
-    self.assertEqual(base_key, key(min_count=1))  # The default, spelt out.
-    self.assertLen(set(changed + [base_key]), len(changed) + 1)
-    os.utime(path, ns=(1, 1))
-    self.assertNotEqual(base_key, key())
-
-  def test_exception_mid_way_leaves_no_trusted_cache_and_old_intact(self):
-    path = write_lines(
-      os.path.join(self.tmp, 'train.txt'), criteo_rows(400), '\t'
-    )
-    old = data.load_dataset(self.config('criteo', path))
-    old_ids = np.array(old.train.ids)
-    [old_name] = self.encoded()
-    real = data._encode_chunk
-    calls = []
-
-    def failing(*args):
-      calls.append(1)
-      if len(calls) == 3:
-        raise RuntimeError('injected')
-      return real(*args)
-
-    config = self.config('criteo', path, min_count=2)
-    with mock.patch.object(data, '_encode_chunk', failing):
-      with self.assertRaisesRegex(RuntimeError, 'injected'):
-        data.load_dataset(config)
-    self.assertEqual(self.encoded(), [old_name])  # No partial, no temp dir.
-    np.testing.assert_array_equal(
-      data.load_dataset(self.config('criteo', path)).train.ids, old_ids
-    )
-    fresh = data.load_dataset(config)  # Rebuilt, not a partial one.
-    self.assertLen(self.encoded(), 2)
-    self.assertLen(fresh.train, 320)
-    self.assertEqual(fresh.train.ids.shape[1], 39)
-
-  def test_sigkill_mid_way_leaves_nothing_trusted(self):
-    path = write_lines(
-      os.path.join(self.tmp, 'train.txt'), criteo_rows(400), '\t'
-    )
-    config = self.config('criteo', path, chunk_rows=40)
-    encoded = os.path.join(self.tmp, 'cache', 'encoded')
-    # A child preprocesses slowly (0.3 s per chunk of pass 2) until killed.
-    script = (
-      'import sys, time, ml_collections\n'
-      f'sys.path.insert(0, {data.ROOT!r})\n'
-      'import data\n'
-      'real = data._encode_chunk\n'
-      'def slow(*args):\n'
-      '  time.sleep(0.3)\n'
-      '  return real(*args)\n'
-      'data._encode_chunk = slow\n'
-      f'data.load_dataset(ml_collections.ConfigDict({config.to_dict()!r}))\n'
-    )
-    child = subprocess.Popen([sys.executable, '-c', script])
-    try:
-      deadline = time.monotonic() + 60
-      while not any(n.startswith('.tmp-') for n in self.encoded()):
-        self.assertIsNone(child.poll(), 'the child ended before the kill')
-        self.assertLess(time.monotonic(), deadline)
-        time.sleep(0.05)
-      time.sleep(0.4)  # Some rows written.
-    finally:
-      child.kill()
-      child.wait()
-    [partial] = self.encoded()
-    self.assertTrue(partial.startswith('.tmp-criteo-'))
-    self.assertTrue(os.listdir(os.path.join(encoded, partial)))
-    dataset = data.load_dataset(config)  # Not served from the partial.
-    [name] = self.encoded()  # And the partial is gone.
-    self.assertFalse(name.startswith('.'))
-    self.assertEqual(
-      (len(dataset.train), len(dataset.valid), len(dataset.test)), (320, 40, 40)
-    )
-
-  def test_killed_runs_temporary_directories_are_removed(self):
-    path = write_lines(
-      os.path.join(self.tmp, 'train.txt'), criteo_rows(50), '\t'
-    )
-    encoded = os.path.join(self.tmp, 'cache', 'encoded')
-    dead = subprocess.Popen([sys.executable, '-c', ''])
-    dead.wait()
-    owners = {
-      '.tmp-criteo-dead': dead.pid,  # A run that was killed.
-      '.tmp-criteo-alive': os.getpid(),  # A run still writing.
-    }
-    for name, pid in owners.items():
-      os.makedirs(os.path.join(encoded, name))
-      with open(os.path.join(encoded, name, 'owner.json'), 'w') as f:
-        json.dump({'host': socket.gethostname(), 'pid': pid}, f)
-    os.makedirs(os.path.join(encoded, '.tmp-other'))  # No owner: not ours.
-    data.load_dataset(self.config('criteo', path))
-    left = self.encoded()
-    self.assertNotIn('.tmp-criteo-dead', left)
-    self.assertIn('.tmp-criteo-alive', left)
-    self.assertIn('.tmp-other', left)
-    self.assertLen(left, 3)  # And the new cache, without its owner file.
-    [new] = [n for n in left if not n.startswith('.')]
-    self.assertFalse(os.path.exists(os.path.join(encoded, new, 'owner.json')))
-
-
-# --------------------------------------------------------------------------
-# Training from memory maps.
-
-
-class MemmapTrainingTest(_TmpTest):
-  def test_train_batches_permutation_unchanged_and_memmap_equal(self):
-    path = write_lines(
-      os.path.join(self.tmp, 'train.txt'), criteo_rows(900), '\t'
-    )
-    dataset = data.load_dataset(self.config('criteo', path))
-    split = dataset.train
-    memory = data.Split(np.array(split.ids), np.array(split.labels))
-    for process in range(2):
-      got = list(
-        data.train_batches(
-          split, 100, seed=3, epoch=1, process_index=process, process_count=2
-        )
-      )
-      want = list(
-        data.train_batches(
-          memory, 100, seed=3, epoch=1, process_index=process, process_count=2
-        )
-      )
-      perm = np.random.default_rng([3, 1]).permutation(len(memory))
-      self.assertLen(got, len(memory) // 100)
-      for step, (a, b) in enumerate(zip(got, want, strict=True)):
-        rows = np.sort(
-          perm[step * 100 + process * 50 : step * 100 + process * 50 + 50]
-        )
-        np.testing.assert_array_equal(a['ids'], b['ids'])
-        np.testing.assert_array_equal(a['ids'], memory.ids[rows])
-        np.testing.assert_array_equal(a['label'], memory.labels[rows])
-
-  def test_memmap_training_gives_in_memory_metrics(self):
-    path = write_lines(
-      os.path.join(self.tmp, 'train.txt'), criteo_rows(2000), '\t'
-    )
-    config = fm.get_config('smoke')
-    config.dataset = self.config('criteo', path, min_count=2)
-    config.batch_size = 256
-    config.progress_bar = False
-    load = data.load_dataset
-
-    def in_memory(dataset_config):
-      dataset = load(dataset_config)
-      splits = {
-        s: data.Split(
-          np.array(getattr(dataset, s).ids),
-          np.array(getattr(dataset, s).labels),
-        )
-        for s in ('train', 'valid', 'test')
-      }
-      for split in splits.values():
-        self.assertNotIsInstance(split.ids, np.memmap)
-      return data.Dataset(
-        dataset.name, dataset.field_names, dataset.field_dims, **splits
-      )
-
-    mapped = train.train_and_evaluate(config, os.path.join(self.tmp, 'a'))
-    self.assertIsInstance(load(config.dataset).train.ids, np.memmap)
-    with mock.patch.object(data, 'load_dataset', in_memory):
-      memory = train.train_and_evaluate(config, os.path.join(self.tmp, 'b'))
-    self.assertEqual(mapped, memory)
-    self.assertGreater(mapped['auc'], 0.0)
-    self.assertEqual(mapped['num_examples'], 200)
-
-
-# --------------------------------------------------------------------------
-# The benchmark scripts, tiny.
-
-
-class BenchmarkScriptsTest(_TmpTest):
+class BenchmarkScriptsTest(DatasetTestCase):
   def test_synthetic_files_are_seeded_and_parse_as_the_real_format(self):
     from benchmarks import synthetic
 
@@ -787,9 +437,7 @@ class BenchmarkScriptsTest(_TmpTest):
 
     c = synthetic.write('avazu', 300, os.path.join(self.tmp, 'c.csv'))
     with open(c) as f:
-      self.assertEqual(
-        tuple(f.readline().strip().split(',')), data.AVAZU_COLUMNS
-      )
+      self.assertEqual(tuple(f.readline().strip().split(',')), avazu.COLUMNS)
     self.assertLen(
       data.load_dataset(self.config('avazu', c, split=(1.0, 0, 0))).train, 300
     )

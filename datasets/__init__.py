@@ -1,0 +1,1 @@
+"""Dataset sources: one module per format, and the shared encoding."""

@@ -1,0 +1,149 @@
+"""The types that data.py and every source module share.
+
+A source module (`datasets/<format>.py`) turns raw files into `Encoded`
+rows; data.py splits them, caches them and hands out `Dataset`s. A source
+module exposes:
+
+- `NAMES`: the values of `config.dataset.name` it serves.
+- `DEFAULTS`: its format keys, `config.dataset.<format>`, and their defaults.
+- `MIN_COUNT`: its default of `config.dataset.min_count`.
+- `files(config) -> {role: path}`: its source files (downloading them if
+  need be), role `'all'` (split at random) or `'train'`, `'valid'`, `'test'`.
+- `build(config, options, paths) -> Encoded`: the encoded rows of the
+  files that `files` returned; `options` is its `config.dataset.<format>`
+  section and `config.min_count` is resolved.
+
+A text source writes `reader(options, path) -> Reader` and takes
+`files = encode.source_files` and `build = encode.build_from(reader)`:
+datasets/encode.py then makes the out-of-core passes with its readers.
+Adding a source is one such module and its name in `data.FORMATS`.
+"""
+
+from collections.abc import Callable, Iterator
+import dataclasses
+import os
+from typing import Protocol
+
+import ml_collections
+import numpy as np
+
+import utils
+
+
+class DataError(utils.UserError, ValueError):
+  """Bad input data or dataset config; the message names the file or key."""
+
+
+class DownloadError(utils.UserError, RuntimeError):
+  """A download failed or did not match its checksum."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Split:
+  """One split: ids int32 `[n, fields]` and labels float32 `[n]`.
+
+  The arrays may be read-only memory maps.
+  """
+
+  ids: np.ndarray
+  labels: np.ndarray
+
+  def __len__(self) -> int:
+    return len(self.labels)
+
+
+@dataclasses.dataclass(frozen=True)
+class Dataset:
+  """An encoded dataset: its fields, its three splits and its vocabulary.
+
+  Attributes:
+    vocabulary: per field, the keys of its ids in id order (int64 `[n_f]`):
+      the raw value (MovieLens, libFM) or the key of a CTR value (see
+      datasets/text.py); ids from `len(vocabulary[f])` on are
+      out-of-vocabulary. None when not known.
+  """
+
+  name: str
+  field_names: tuple[str, ...]
+  field_dims: tuple[int, ...]
+  train: Split
+  valid: Split
+  test: Split
+  vocabulary: tuple[np.ndarray, ...] | None = None
+
+
+# (role of the file, ids int32 [n, fields], labels float32 [n]).
+Chunk = tuple[str, np.ndarray, np.ndarray]
+
+
+@dataclasses.dataclass(frozen=True)
+class Encoded:
+  """A source's encoded rows, before the split and the cache.
+
+  Attributes:
+    field_names: one name per field.
+    field_dims: ids of field `f` are in `[0, field_dims[f])`.
+    vocabulary: per field, the keys of its ids in id order (int64).
+    rows: examples per role (`'all'`, or `'train'`, `'valid'`, `'test'`).
+    chunks: yields the rows, in file order, as `Chunk`s; called once.
+    in_memory: the rows come in one chunk, so a random split can keep them
+      in the order of the seeded permutation (as MovieLens always has).
+    skipped: malformed lines skipped (`config.dataset.skip_bad_lines`).
+  """
+
+  field_names: tuple[str, ...]
+  field_dims: tuple[int, ...]
+  vocabulary: tuple[np.ndarray, ...]
+  rows: dict[str, int]
+  chunks: Callable[[], Iterator[Chunk]]
+  in_memory: bool = False
+  skipped: int = 0
+
+
+class BadLine(Protocol):
+  """Called with where a malformed line is (`'file:12'`) and why."""
+
+  def __call__(self, where: str, reason: str) -> None: ...
+
+
+class Reader(Protocol):
+  """Parses the lines of one source file to int64 keys, for encode.py.
+
+  A reader of a file that is not text lines (Parquet) also has
+  `line_batches(path, chunk_rows)`, yielding lists of lines.
+  """
+
+  field_names: tuple[str, ...]
+
+  def has_header(self, first_line: bytes, path: str) -> bool:
+    """Whether `first_line` of `path` is a header (checked if it is)."""
+
+  def parse(
+    self,
+    lines: list[bytes],
+    first: int,
+    where: Callable[[int], str],
+    bad: BadLine,
+  ) -> tuple[np.ndarray, np.ndarray]:
+    """Keys int64 `[n, fields]` and 0/1 labels float32 `[n]` of the lines.
+
+    Args:
+      lines: raw lines, with their newlines; blank lines carry no example.
+      first: number of the first line, 1-based.
+      where: `where(number)` names a line in messages.
+      bad: called for each malformed line, in line order.
+    """
+
+
+def default_cache_dir() -> str:
+  base = os.environ.get('XDG_CACHE_HOME') or os.path.join(
+    os.path.expanduser('~'), '.cache'
+  )
+  return os.path.join(base, 'flax_fm')
+
+
+def cache_dir(config: ml_collections.ConfigDict) -> str:
+  """The cache directory of `config.dataset.cache_dir` or the default."""
+  return os.path.abspath(
+    os.path.expanduser(config.cache_dir or default_cache_dir())
+  )

@@ -1,0 +1,349 @@
+"""Out-of-core encoding of text sources: two streaming passes over the files.
+
+Pass 1 parses and validates every line in chunks of `chunk_rows` lines
+(through the source's `core.Reader`), and counts the int64 keys of each
+field over the training rows (a sorted array of distinct keys and their
+counts: memory grows with the vocabulary, not with the rows). The kept keys
+(seen at least `min_count` times) get dense ids in key order and every rarer
+value one out-of-vocabulary id per field, the last one, as pytorch-fm does.
+Pass 2 (`Encoded.chunks`) parses the files again and looks the keys up;
+data.py routes its chunks to the splits of the cache.
+"""
+
+from collections.abc import Callable, Iterator
+import functools
+import itertools
+import logging
+import os
+
+import ml_collections
+import numpy as np
+
+from datasets import core
+import utils
+
+
+class Counts:
+  """Occurrences of int64 keys of one field; memory O(distinct keys).
+
+  Each chunk's distinct keys and counts wait in a list that is merged into
+  the sorted totals once it is as long as they are (amortised O(n log n)).
+  """
+
+  MIN_MERGE = 1 << 18  # Pending keys that trigger a merge, at least.
+
+  def __init__(self):
+    self.keys = np.empty(0, np.int64)
+    self.counts = np.empty(0, np.int64)
+    self._pending = []
+    self._pending_size = 0
+
+  def add(self, keys: np.ndarray) -> None:
+    unique, counts = np.unique(keys, return_counts=True)
+    self._pending.append((unique, counts))
+    self._pending_size += len(unique)
+    if self._pending_size >= max(len(self.keys), self.MIN_MERGE):
+      self._merge()
+
+  def _merge(self) -> None:
+    if not self._pending:
+      return
+    keys = np.concatenate([self.keys] + [k for k, _ in self._pending])
+    counts = np.concatenate([self.counts] + [c for _, c in self._pending])
+    self._pending, self._pending_size = [], 0
+    order = np.argsort(keys, kind='stable')
+    keys, counts = keys[order], counts[order]
+    del order
+    starts = np.flatnonzero(np.r_[True, keys[1:] != keys[:-1]])
+    self.keys, self.counts = keys[starts], np.add.reduceat(counts, starts)
+
+  def kept(self, min_count: int) -> np.ndarray:
+    """Sorted keys seen at least `min_count` times."""
+    self._merge()
+    return self.keys[self.counts >= min_count]
+
+
+def encode_keys(vocabulary: np.ndarray, keys: np.ndarray) -> np.ndarray:
+  """Ids of `keys` `[n]` in a sorted `vocabulary`; the rest get `len(vocab)`."""
+  if len(vocabulary) == 0:
+    return np.zeros(len(keys), np.int32)
+  pos = np.searchsorted(vocabulary, keys)
+  hit = vocabulary[np.minimum(pos, len(vocabulary) - 1)] == keys
+  return np.where(hit, pos, len(vocabulary)).astype(np.int32)
+
+
+def encode_ids(
+  vocabulary: tuple[np.ndarray, ...] | None, keys: np.ndarray
+) -> np.ndarray:
+  """int32 ids `[n, fields]` of int64 keys (as they are without vocabulary)."""
+  if vocabulary is None:
+    return keys.astype(np.int32)
+  ids = np.empty(keys.shape, np.int32)
+  for f, table in enumerate(vocabulary):
+    ids[:, f] = encode_keys(table, keys[:, f])
+  return ids
+
+
+class BadLines:
+  """Raises on a malformed line, or counts and skips it (`skip_bad_lines`)."""
+
+  def __init__(self, skip: bool, log: bool = True):
+    self.skip = skip
+    self.log = log
+    self.count = 0
+
+  def __call__(self, where: str, reason: str) -> None:
+    if not self.skip:
+      raise core.DataError(
+        f'{where}: {reason} (set config.dataset.skip_bad_lines=True to'
+        ' skip malformed lines)'
+      )
+    self.count += 1
+    if self.log and self.count <= 5:
+      logging.warning('Skipping %s: %s', where, reason)
+
+
+class NpyWriter:
+  """Appends rows to a `.npy` file whose final shape is known up front.
+
+  Plain buffered writes rather than a memory map: written pages then count
+  in the page cache, not in this process's resident memory.
+  """
+
+  def __init__(self, path: str, dtype, shape: tuple[int, ...]):
+    self.path, self.dtype, self.shape = path, np.dtype(dtype), shape
+    self.rows = 0
+    self.file = open(path, 'wb')  # Closed in close().
+    np.lib.format.write_array_header_1_0(
+      self.file,
+      {
+        'descr': np.lib.format.dtype_to_descr(self.dtype),
+        'fortran_order': False,
+        'shape': shape,
+      },
+    )
+
+  def write(self, rows: np.ndarray) -> None:
+    rows = np.ascontiguousarray(rows, self.dtype)
+    if rows.shape[1:] != self.shape[1:]:
+      raise ValueError(f'{self.path}: rows of shape {rows.shape}')
+    self.rows += len(rows)
+    if self.rows > self.shape[0]:
+      raise core.DataError(f'{self.path}: more rows than counted in pass 1')
+    self.file.write(rows.tobytes())
+
+  def close(self) -> None:
+    if not self.file.closed:
+      self.file.flush()
+      os.fsync(self.file.fileno())
+      self.file.close()
+    if self.rows != self.shape[0]:
+      raise core.DataError(
+        f'{self.path}: {self.rows} rows written, {self.shape[0]} counted in'
+        ' pass 1; did the source change during preprocessing?'
+      )
+
+
+def text_lines(path: str) -> Iterator[bytes]:
+  """The lines of text file `path` (decompressed if `.gz`), as bytes."""
+  f, raw = utils.open_binary(path)
+  with raw, f:
+    yield from f
+
+
+def _progress(desc: str, path: str) -> utils.ProgressBar:
+  return utils.ProgressBar(
+    desc,
+    os.path.getsize(path),
+    'lines',
+    scale=2**20,
+    scale_unit='MiB',
+    interval=0.5,
+    log_summary=True,
+  )
+
+
+def chunks(
+  reader: core.Reader, path: str, chunk_rows: int, bad: BadLines, desc: str
+) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+  """Parsed chunks `(keys [n, fields], labels [n])` of one source file."""
+  progress = _progress(desc, path)
+  count = 0
+  if hasattr(reader, 'line_batches'):
+    row = 1
+    for lines in reader.line_batches(path, chunk_rows):
+      yield reader.parse(lines, row, lambda n: f'{path}: row {n}', bad)
+      row += len(lines)
+      count += len(lines)
+      progress.update(0, count)
+    progress.close()
+    return
+  f, raw = utils.open_binary(path)
+  with raw, f:
+    number = 1
+    first = f.readline()
+    if first and not reader.has_header(first, path):
+      lines = [first, *itertools.islice(f, chunk_rows - 1)]
+    else:
+      number, lines = 2, list(itertools.islice(f, chunk_rows))
+    while lines:
+      yield reader.parse(lines, number, lambda n: f'{path}:{n}', bad)
+      number += len(lines)
+      count += len(lines)
+      progress.update(raw.tell(), count)
+      lines = list(itertools.islice(f, chunk_rows))
+  progress.close()
+
+
+def source_files(
+  config: ml_collections.ConfigDict, find_splits: bool = False
+) -> dict[str, str]:
+  """Source files: {'all': path} (random split) or train / valid / test.
+
+  Args:
+    config: `config.dataset`.
+    find_splits: in a `path` directory, also take the valid ('valid' or
+      'dev' in the name) and test files when `valid_path` and `test_path`
+      are not set.
+  """
+  name = config.name
+  if not config.path:
+    raise core.DataError(
+      f'config.dataset.path: set it to the {name} file (e.g.'
+      ' --config.dataset.path=/data/criteo/train.txt).'
+    )
+  path = os.path.abspath(os.path.expanduser(config.path))
+  valid, test = config.valid_path, config.test_path
+  if os.path.isdir(path):
+    found = {}
+    for entry in sorted(os.listdir(path)):
+      full = os.path.join(path, entry)
+      if entry.startswith('.') or not os.path.isfile(full):
+        continue
+      low = entry.lower()
+      role = (
+        'train'
+        if 'train' in low
+        else 'valid'
+        if 'valid' in low or (find_splits and 'dev' in low)
+        else 'test'
+        if 'test' in low and find_splits
+        else None
+      )
+      if role:
+        found.setdefault(role, []).append(full)
+    if any(len(v) > 1 for v in found.values()) or 'train' not in found:
+      raise core.DataError(
+        f'config.dataset.path: {path} is a directory; expected exactly one'
+        f' file with "train" in its name, found {found.get("train", [])}.'
+        ' Name the file itself instead.'
+      )
+    path = found['train'][0]
+    if find_splits and not (valid or test):
+      if 'valid' in found and 'test' in found:
+        valid, test = found['valid'][0], found['test'][0]
+  files = {'all': path}
+  if valid or test:
+    if not (valid and test):
+      raise core.DataError(
+        'config.dataset.valid_path and config.dataset.test_path: set both'
+        ' (predefined splits) or neither (random split of the path).'
+      )
+    files = {'train': path, 'valid': valid, 'test': test}
+  for role, file in files.items():
+    file = os.path.abspath(os.path.expanduser(file))
+    files[role] = file
+    if not os.path.isfile(file):
+      key = {'valid': 'valid_path', 'test': 'test_path'}.get(role, 'path')
+      raise core.DataError(f'config.dataset.{key}: {file} does not exist.')
+  return files
+
+
+def build_from(
+  reader: Callable[[ml_collections.ConfigDict, str], core.Reader],
+) -> Callable[..., core.Encoded]:
+  """The `build` of a text source whose `reader(options, path)` parses a file.
+
+  See datasets/core.py; `options` is the source's format section.
+  """
+
+  def build(config, options, paths) -> core.Encoded:
+    return encode(config, paths, functools.partial(reader, options))
+
+  return build
+
+
+def encode(
+  config: ml_collections.ConfigDict,
+  files: dict[str, str],
+  reader: Callable[[str], core.Reader],
+  field_dims: tuple[int, ...] = (),
+) -> core.Encoded:
+  """Pass 1 over `files`; pass 2 is the returned `Encoded.chunks`.
+
+  Args:
+    config: `config.dataset`, its `min_count` resolved.
+    files: {role: path}, as `source_files` returns.
+    reader: `reader(path)` is the parser of file `path`; every file's fields
+      must be those of the training file.
+    field_dims: when given, the keys are the ids as they are (libFM with
+      `field_dims`) and nothing is counted.
+
+  Returns:
+    The vocabulary and the row counts; `chunks()` makes pass 2.
+  """
+  train_role = 'all' if 'all' in files else 'train'
+  readers = {role: reader(path) for role, path in files.items()}
+  field_names = readers[train_role].field_names
+  for role, path in files.items():
+    if readers[role].field_names != field_names:
+      raise core.DataError(
+        f'{path}: fields {readers[role].field_names} differ from those of'
+        f' {files[train_role]}: {field_names}.'
+      )
+  logging.info(
+    'Preprocessing %s from %s (min_count %d)',
+    config.name,
+    ', '.join(files.values()),
+    config.min_count,
+  )
+
+  def passes(number: int, bad: BadLines) -> Iterator[tuple[str, tuple]]:
+    what = ('count', 'encode')[number - 1]
+    for role, path in files.items():
+      desc = f'{config.name} pass {number}/2 ({what}) {os.path.basename(path)}'
+      for chunk in chunks(readers[role], path, config.chunk_rows, bad, desc):
+        yield role, chunk
+
+  # Pass 1: validate, count rows, count the training values of each field.
+  counts = [Counts() for _ in field_names]
+  bad = BadLines(config.skip_bad_lines)
+  rows = dict.fromkeys(files, 0)
+  for role, (keys, _) in passes(1, bad):
+    rows[role] += len(keys)
+    if role == train_role and not field_dims:
+      for f, counter in enumerate(counts):
+        counter.add(keys[:, f])
+  for role, path in files.items():
+    if rows[role] == 0:
+      raise core.DataError(f'{path}: no examples found.')
+  if field_dims:
+    vocabulary = None
+    kept = tuple(np.arange(d, dtype=np.int64) for d in field_dims)
+  else:
+    vocabulary = tuple(counter.kept(config.min_count) for counter in counts)
+    kept, field_dims = vocabulary, tuple(len(v) + 1 for v in vocabulary)
+  del counts
+
+  def pass_2() -> Iterator[core.Chunk]:
+    for role, (keys, labels) in passes(2, BadLines(bad.skip, log=False)):
+      yield role, encode_ids(vocabulary, keys), labels
+
+  return core.Encoded(
+    field_names=field_names,
+    field_dims=tuple(int(d) for d in field_dims),
+    vocabulary=kept,
+    rows=rows,
+    chunks=pass_2,
+    skipped=bad.count,
+  )

@@ -1,0 +1,267 @@
+"""MovieLens ratings (GroupLens): fields user and item, label rating > 3.
+
+ml-latest-small is embedded in the repository (assets/, with its README);
+ml-100k, ml-1m, ml-20m and ml-25m download from GroupLens into the cache
+directory, verified against GroupLens's published MD5s. Ids are dense: each
+column's distinct values numbered in sorted order.
+"""
+
+from collections.abc import Iterator
+import hashlib
+import http.client
+import logging
+import os
+import shutil
+import tempfile
+import urllib.error
+import urllib.request
+import zipfile
+
+import ml_collections
+import numpy as np
+import pandas as pd
+
+from datasets import core
+import utils
+
+EMBEDDED = os.path.join(
+  os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+  'assets',
+  'ml-latest-small',
+  'ratings.csv.gz',
+)
+
+# Archive MD5s as GroupLens publishes them in its `.md5` sidecar files.
+GROUPLENS_MD5 = {
+  'ml-100k': '0e33842e24a9c977be4e0107933c0723',
+  'ml-1m': 'c4d9eecfca2ab87c1945afe126590906',
+  'ml-20m': 'cd245b17a1ae2cc31bb14903e1204af3',
+  'ml-25m': '6b51fb2759a8657d3bfcbfc42b592ada',
+}
+
+# Ratings file inside each archive: (name, separator, header line).
+RATINGS_FILE = {
+  'ml-latest-small': ('ratings.csv', ',', True),
+  'ml-100k': ('u.data', '\t', False),
+  'ml-1m': ('ratings.dat', '::', False),
+  'ml-20m': ('ratings.csv', ',', True),
+  'ml-25m': ('ratings.csv', ',', True),
+}
+
+NAMES = tuple(RATINGS_FILE)
+DEFAULTS = {}
+MIN_COUNT = 1  # Every user and item is kept.
+
+
+def download(url: str, dest: str, *, md5: str | None = None) -> str:
+  """Downloads `url` to `dest`, verifying its MD5; atomic.
+
+  The bytes go to a temporary file beside `dest` that is renamed only when the
+  transfer is complete and its checksum matches, so an interrupted or corrupt
+  download never leaves a file that a later run would trust.
+
+  Args:
+    url: what to fetch.
+    dest: final path of the file.
+    md5: expected hex MD5 of the content, or None to skip the check.
+
+  Returns:
+    `dest`.
+
+  Raises:
+    DownloadError: network failure, truncated transfer or checksum mismatch.
+  """
+  os.makedirs(os.path.dirname(dest), exist_ok=True)
+  fd, tmp = tempfile.mkstemp(
+    dir=os.path.dirname(dest), prefix=os.path.basename(dest) + '.partial-'
+  )
+  try:
+    digest = hashlib.md5()
+    received = 0
+    with os.fdopen(fd, 'wb') as out:
+      with urllib.request.urlopen(url, timeout=60) as response:
+        expected = response.headers.get('Content-Length')
+        while chunk := response.read(1 << 20):
+          out.write(chunk)
+          digest.update(chunk)
+          received += len(chunk)
+    if expected is not None and received != int(expected):
+      raise core.DownloadError(
+        f'Download of {url} ended after {received} of {expected} bytes.'
+      )
+    if md5 is not None and digest.hexdigest() != md5:
+      raise core.DownloadError(
+        f'Checksum mismatch for {url}: MD5 {digest.hexdigest()}, expected'
+        f' {md5}. The file was discarded; retry, or download it yourself'
+        ' and set config.dataset.path.'
+      )
+    os.replace(tmp, dest)
+    return dest
+  except (urllib.error.URLError, http.client.HTTPException, OSError) as e:
+    raise core.DownloadError(f'Could not download {url}: {e}') from e
+  finally:
+    if os.path.exists(tmp):
+      os.remove(tmp)
+
+
+def fetch_grouplens(name: str, config: ml_collections.ConfigDict) -> str:
+  """Returns the directory of GroupLens archive `name`, downloading it once.
+
+  The archive is verified against `GROUPLENS_MD5` and unpacked into a
+  temporary directory that is renamed into place when complete.
+  """
+  root = os.path.join(core.cache_dir(config), 'downloads')
+  final = os.path.join(root, name)
+  if os.path.isdir(final):
+    return final
+  url = f'{config.url.rstrip("/")}/{name}.zip'
+  logging.info('Downloading %s', url)
+  archive = download(
+    url, os.path.join(root, f'{name}.zip'), md5=GROUPLENS_MD5[name]
+  )
+  tmp = tempfile.mkdtemp(dir=root, prefix=f'.{name}-')
+  try:
+    with zipfile.ZipFile(archive) as z:
+      z.extractall(tmp)
+    inner = os.path.join(tmp, name)
+    os.rename(inner if os.path.isdir(inner) else tmp, final)
+  except (zipfile.BadZipFile, OSError) as e:
+    if not os.path.isdir(final):
+      raise core.DownloadError(f'Could not unpack {archive}: {e}') from e
+  finally:
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.remove(archive)
+  return final
+
+
+def files(config: ml_collections.ConfigDict) -> dict[str, str]:
+  """{'all': the ratings file of MovieLens `config.name`}."""
+  name = config.name
+  filename = RATINGS_FILE[name][0]
+  if config.path:
+    path = os.path.expanduser(config.path)
+    if os.path.isdir(path):
+      path = os.path.join(path, filename)
+    if not os.path.exists(path):
+      raise core.DataError(
+        f'config.dataset.path: {path} does not exist (expected the {name}'
+        f' file {filename} or its directory).'
+      )
+    return {'all': path}
+  if name == 'ml-latest-small':
+    return {'all': EMBEDDED}
+  return {'all': os.path.join(fetch_grouplens(name, config), filename)}
+
+
+def _bad_line(path: str, sep: str, header: bool) -> str:
+  """Finds the first malformed ratings line of `path` and describes it."""
+  with utils.open_text(path) as f:
+    for number, line in enumerate(f, start=1):
+      if header and number == 1:
+        continue
+      line = line.rstrip('\r\n')
+      if not line:
+        continue
+      parts = line.split(sep)
+      if len(parts) != 4:
+        return (
+          f'{path}:{number}: expected 4 {sep!r}-separated columns (user,'
+          f' item, rating, timestamp), found {len(parts)}: {line[:80]!r}'
+        )
+      for what, value, kind in zip(
+        ('user id', 'item id', 'rating'),
+        parts[:3],
+        (int, int, float),
+        strict=True,
+      ):
+        try:
+          kind(value)
+        except ValueError:
+          return f'{path}:{number}: {what} {value!r} is not a number'
+  return f'{path}: could not be parsed as a ratings file'
+
+
+def read_movielens(path: str, name: str) -> pd.DataFrame:
+  """Reads a MovieLens ratings file into columns user, item, rating.
+
+  Raises:
+    DataError: naming the file and line of the first malformed row.
+  """
+  _, sep, header = RATINGS_FILE[name]
+  # '::' (ml-1m) is read as ':' with the empty columns between skipped, which
+  # keeps pandas' fast C parser.
+  columns = [0, 2, 4, 6] if sep == '::' else [0, 1, 2, 3]
+  try:
+    frame = pd.read_csv(
+      path,
+      sep=':' if sep == '::' else sep,
+      header=0 if header else None,
+      dtype=str,
+      engine='c',
+      skip_blank_lines=True,
+      encoding_errors='replace',
+    )
+    if frame.shape[1] != columns[-1] + 1:
+      raise ValueError('wrong number of columns')
+    frame = frame.iloc[:, columns]
+    if frame.isna().to_numpy().any():
+      raise ValueError('missing values')
+    out = pd.DataFrame(
+      {
+        'user': pd.to_numeric(frame.iloc[:, 0], errors='raise'),
+        'item': pd.to_numeric(frame.iloc[:, 1], errors='raise'),
+        'rating': pd.to_numeric(frame.iloc[:, 2], errors='raise'),
+      }
+    )
+  except (ValueError, pd.errors.ParserError) as e:
+    raise core.DataError(_bad_line(path, sep, header)) from e
+  if len(out) == 0:
+    raise core.DataError(f'{path}: no ratings found')
+  return out
+
+
+def encode_columns(
+  columns: list[np.ndarray],
+) -> tuple[np.ndarray, tuple[np.ndarray, ...]]:
+  """Encodes each column's distinct values to dense ids in sorted order.
+
+  Args:
+    columns: one array of raw values `[n]` per field.
+
+  Returns:
+    ids int32 `[n, fields]` and, per field, its distinct values in id order
+    (so `field_dims[f]` is `len(values[f])`).
+  """
+  ids, vocabulary = [], []
+  for column in columns:
+    values, inverse = np.unique(np.asarray(column), return_inverse=True)
+    ids.append(inverse.astype(np.int32).reshape(-1))
+    vocabulary.append(values)
+  return np.stack(ids, axis=1), tuple(vocabulary)
+
+
+def build(
+  config: ml_collections.ConfigDict,
+  options: ml_collections.ConfigDict,
+  paths: dict[str, str],
+) -> core.Encoded:
+  """Reads the ratings in memory; every user and item keeps an id."""
+  del options  # MovieLens has no format keys.
+  logging.info('Encoding %s from %s', config.name, paths['all'])
+  frame = read_movielens(paths['all'], config.name)
+  ids, vocabulary = encode_columns(
+    [frame['user'].to_numpy(), frame['item'].to_numpy()]
+  )
+  labels = (frame['rating'].to_numpy() > 3).astype(np.float32)
+
+  def chunks() -> Iterator[core.Chunk]:
+    yield 'all', ids, labels
+
+  return core.Encoded(
+    field_names=('user', 'item'),
+    field_dims=tuple(len(v) for v in vocabulary),
+    vocabulary=vocabulary,
+    rows={'all': len(labels)},
+    chunks=chunks,
+    in_memory=True,
+  )

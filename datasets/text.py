@@ -1,0 +1,309 @@
+"""Delimited text files (Criteo, Avazu, CSV): columns to int64 keys per field.
+
+Every value becomes an int64 key, so that counting and encoding
+(datasets/encode.py) never hold strings: a categorical string its 64-bit
+hash, an integer pytorch-fm's Criteo class of it. Two values share a key
+exactly when pytorch-fm would give them one id.
+"""
+
+from collections.abc import Callable
+import csv
+import dataclasses
+import functools
+import io
+import math
+
+import numpy as np
+import pandas as pd
+
+from datasets import core
+
+# Key of an empty integer feature; integers are rejected beyond +-2**62.
+MISSING_INT = np.iinfo(np.int64).min
+INT_LIMIT = 1 << 62
+
+
+@functools.cache
+def log_bucket_edges() -> np.ndarray:
+  """Smallest integer `v` with `int(math.log(v) ** 2) >= k`, k = 1, 2, ...
+
+  `np.searchsorted(edges, v, side='right')` is then pytorch-fm's bucket of
+  an integer `v > 2`, decided by the same `math.log` that pytorch-fm calls:
+  no vectorised log can round a value across a bucket boundary.
+  """
+  edges = []
+  while int(math.log(INT_LIMIT) ** 2) > len(edges):
+    k, lo, hi = len(edges) + 1, 3, INT_LIMIT
+    while lo < hi:
+      mid = (lo + hi) // 2
+      if int(math.log(mid) ** 2) >= k:
+        hi = mid
+      else:
+        lo = mid + 1
+    edges.append(lo)
+  return np.array(edges, np.int64)
+
+
+def int_feature_keys(
+  values: np.ndarray, missing: np.ndarray, log_bucket: bool = True
+) -> np.ndarray:
+  """Keys of integer features by pytorch-fm's Criteo rule, vectorised.
+
+  pytorch-fm maps an empty value to 'NULL', `v > 2` to `int(log(v) ** 2)`
+  and other values to `v - 2`. The keys here are the same classes: a
+  sentinel for missing values, the bucket (>= 1) for `v > 2`, and `v - 2`
+  (<= 0) otherwise, so two values share a key exactly when they share
+  pytorch-fm's string.
+
+  Args:
+    values: int64 `[n]` (any value where `missing`).
+    missing: bool `[n]`, True for empty fields.
+    log_bucket: False keeps every integer as its own key.
+
+  Returns:
+    int64 keys `[n]`.
+  """
+  values = np.asarray(values, np.int64)
+  if log_bucket:
+    buckets = np.searchsorted(log_bucket_edges(), values, side='right')
+    keys = np.where(values > 2, buckets, values - 2)
+  else:
+    keys = values.copy()
+  keys[missing] = MISSING_INT
+  return keys
+
+
+def string_keys(values: np.ndarray) -> np.ndarray:
+  """int64 keys of categorical strings `[n]`: a fixed-key 64-bit hash.
+
+  Distinct values of one field collide with probability about
+  `distinct**2 / 2**65` (1e-5 for 10M values), and the hash is the same in
+  every process and run, so ids are reproducible.
+  """
+  return pd.util.hash_array(np.asarray(values, object)).view(np.int64)
+
+
+def split_line(line: bytes, sep: str, quoting: bool) -> list[str]:
+  text = line.decode('utf-8-sig', 'replace').rstrip('\r\n')
+  if quoting:
+    return next(csv.reader([text], delimiter=sep))
+  return text.split(sep)
+
+
+@dataclasses.dataclass(frozen=True)
+class Field:
+  """One field of a table and the column it is made from.
+
+  Attributes:
+    name: the field's name.
+    column: its source column.
+    kind: 'cat' (a string), 'int' (an integer, bucketed when the table's
+      `log_bucket`), or 'derived' (an integer turned into keys by `derive`).
+    derive: int64 values `[n]` -> (int64 keys `[n]`, bool valid `[n]`).
+    expects: what a valid value of a derived field looks like (messages).
+  """
+
+  name: str
+  column: str
+  kind: str = 'cat'
+  derive: Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]] | None = None
+  expects: str = ''
+
+
+@dataclasses.dataclass(frozen=True)
+class Table:
+  """A delimited text layout: its columns and the fields made from them.
+
+  Attributes:
+    columns: every column of a line, in order.
+    label: the 0/1 label column.
+    fields: the fields, in order.
+    sep: column separator.
+    quoting: whether fields may be quoted (generic CSV; never Criteo/Avazu).
+    log_bucket: bucket 'int' fields as pytorch-fm's Criteo loader.
+    hint: what the columns are, for error messages.
+    header: whether files start with a header line (None: when the first
+      field of the first line is the first column's name).
+  """
+
+  columns: tuple[str, ...]
+  label: str
+  fields: tuple[Field, ...]
+  sep: str
+  quoting: bool
+  log_bucket: bool
+  hint: str
+  header: bool | None
+
+  @property
+  def field_names(self) -> tuple[str, ...]:
+    return tuple(field.name for field in self.fields)
+
+  def has_header(self, first_line: bytes, path: str) -> bool:
+    """Whether `first_line` of `path` is a header (checked if it is)."""
+    if self.header is not None:
+      return self.header
+    names = [c.strip() for c in split_line(first_line, self.sep, False)]
+    if names[0] != self.columns[0]:
+      return False
+    if tuple(names) != self.columns:
+      raise core.DataError(
+        f'{path}:1: header {",".join(names)} differs from the expected'
+        f' {",".join(self.columns)}'
+      )
+    return True
+
+  def parse(
+    self, lines: list[bytes], first: int, where, bad: core.BadLine
+  ) -> tuple[np.ndarray, np.ndarray]:
+    """Parses lines `first, first + 1, ...` (see `core.Reader.parse`)."""
+    numbers = np.arange(first, first + len(lines))
+    # (line number, reason) of every malformed line, reported in line order
+    # at the end, so that an error names the chunk's first bad line.
+    issues = []
+    sep = self.sep.encode()
+    counts = np.fromiter(
+      (line.count(sep) for line in lines), np.int64, len(lines)
+    )
+    good = counts == len(self.columns) - 1
+    for i in np.flatnonzero(~good):
+      line = lines[i]
+      if not line.strip():
+        continue  # A blank line carries no example.
+      found = len(split_line(line, self.sep, self.quoting))
+      if found == len(self.columns):  # Separators inside quotes.
+        good[i] = True
+        continue
+      issues.append(
+        (
+          numbers[i],
+          f'expected {len(self.columns)} columns ({self.hint}), found {found}',
+        )
+      )
+    lines = [lines[i] for i in np.flatnonzero(good)]
+    numbers = numbers[good]
+    keys = np.zeros((0, len(self.fields)), np.int64)
+    labels = np.zeros(0, np.float32)
+    if lines:
+      try:
+        frame = self._read(lines, typed=True)
+      except (ValueError, TypeError, OverflowError) as e:
+        keep = self._find_unparsable(lines, numbers, issues)
+        lines, numbers = [lines[i] for i in keep], numbers[keep]
+        try:
+          frame = self._read(lines, typed=True)
+        except (ValueError, TypeError, OverflowError):
+          raise core.DataError(
+            f'{where(numbers[0])} to line {numbers[-1]}: could not parse ({e})'
+          ) from e
+      keys, labels = self._keys(frame, numbers, issues)
+    for number, reason in sorted(issues):
+      bad(where(number), reason)
+    return keys, labels
+
+  def _integer_columns(self) -> list[str]:
+    cols = [self.label]
+    for field in self.fields:
+      if field.kind != 'cat' and field.column not in cols:
+        cols.append(field.column)
+    return cols
+
+  def _read(self, lines: list[bytes], typed: bool) -> pd.DataFrame:
+    integers = self._integer_columns()
+    needed = set(integers) | {field.column for field in self.fields}
+    if typed:
+      dtype = {c: ('Int64' if c in integers else object) for c in needed}
+      na = {c: [''] for c in integers}
+    else:
+      dtype, na = object, None
+    return pd.read_csv(
+      io.BytesIO(b''.join(lines)),
+      sep=self.sep,
+      header=None,
+      names=list(self.columns),
+      usecols=[c for c in self.columns if c in needed],
+      dtype=dtype,
+      keep_default_na=False,
+      na_filter=typed,
+      na_values=na,
+      quoting=csv.QUOTE_MINIMAL if self.quoting else csv.QUOTE_NONE,
+      engine='c',
+      skip_blank_lines=False,
+      encoding_errors='replace',
+    )
+
+  def _find_unparsable(self, lines, numbers, issues) -> np.ndarray:
+    """Adds the lines whose integer columns do not parse to `issues`.
+
+    Returns:
+      The indices of the other lines.
+    """
+    frame = self._read(lines, typed=False)
+    wrong = np.zeros(len(lines), bool)
+    for column in self._integer_columns():
+      text = frame[column].to_numpy(object)
+      number = pd.to_numeric(
+        pd.Series(text).replace('', None), errors='coerce'
+      ).to_numpy(np.float64)
+      ok = (
+        np.isfinite(number)
+        & (number == np.round(number))
+        & (np.abs(number) < INT_LIMIT)
+      )
+      if column != self.label:
+        ok |= text == ''
+      for i in np.flatnonzero(~ok & ~wrong):
+        what = 'label' if column == self.label else f'integer column {column}'
+        issues.append((numbers[i], f'{what} {text[i]!r} is not an integer'))
+      wrong |= ~ok
+    return np.flatnonzero(~wrong)
+
+  def _keys(self, frame, numbers, issues):
+    """Keys and labels of the good rows; the others are added to `issues`."""
+    n = len(frame)
+    wrong = np.zeros(n, bool)
+    reasons = {}
+
+    def flag(mask, reason):
+      for i in np.flatnonzero(mask & ~wrong):
+        reasons[i] = reason(i)
+      wrong[mask] = True
+
+    label = frame[self.label]
+    label_na = label.isna().to_numpy()
+    label = label.to_numpy(np.int64, na_value=0)
+    flag(
+      label_na | ~np.isin(label, (-1, 0, 1)),
+      lambda i: (
+        'missing label'
+        if label_na[i]
+        else f'label {label[i]} is not 0 or 1 (or -1)'
+      ),
+    )
+    keys = np.empty((n, len(self.fields)), np.int64)
+    for f, field in enumerate(self.fields):
+      column = field.column
+      if field.kind == 'cat':
+        keys[:, f] = string_keys(frame[column].to_numpy(object))
+        continue
+      series = frame[column]
+      missing = series.isna().to_numpy()
+      values = series.to_numpy(np.int64, na_value=0)
+      flag(
+        np.abs(values) >= INT_LIMIT,
+        lambda i, c=column, v=values: f'{c} {v[i]} is out of range',
+      )
+      if field.kind == 'int':
+        keys[:, f] = int_feature_keys(values, missing, self.log_bucket)
+      else:
+        derived, valid = field.derive(values)
+        flag(
+          missing | ~valid,
+          lambda i, c=column, s=series, e=field.expects: (
+            f'{c} {s.iloc[i]!r} is not {e}'
+          ),
+        )
+        keys[:, f] = derived
+    issues.extend((numbers[i], reason) for i, reason in reasons.items())
+    keep = ~wrong
+    return keys[keep], (label[keep] == 1).astype(np.float32)

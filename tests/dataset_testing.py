@@ -1,0 +1,157 @@
+"""Shared by the dataset tests: pytorch-fm's CTR encoding, synthetic files.
+
+The reference encoding is a transcription of torchfm/dataset/criteo.py and
+avazu.py; the ids of kept values may be numbered differently from ours
+(pytorch-fm enumerates a set), so `assert_same_encoding` checks that each
+field's ids correspond one to one, with the out-of-vocabulary id last in
+both.
+"""
+
+import collections
+import math
+import os
+import random
+import tempfile
+
+from absl.testing import parameterized
+import numpy as np
+
+from configs import default
+
+
+def convert_numeric_feature(val: str) -> str:
+  """torchfm/dataset/criteo.py's function, verbatim."""
+  if val == '':
+    return 'NULL'
+  v = int(val)
+  if v > 2:
+    return str(int(math.log(v) ** 2))
+  else:
+    return str(v - 2)
+
+
+def reference_encode(rows, int_fields, min_count, bucket=True):
+  """pytorch-fm's feature mapper: rows of raw strings -> ids, field_dims.
+
+  Values of `int_fields` go through `convert_numeric_feature` (when
+  `bucket`); values seen fewer than `min_count` times share the last id.
+  """
+  num_fields = len(rows[0])
+  convert = convert_numeric_feature if bucket else (lambda v: v or 'NULL')
+  counts = [collections.Counter() for _ in range(num_fields)]
+  for row in rows:
+    for f, value in enumerate(row):
+      counts[f][convert(value) if f in int_fields else value] += 1
+  mappers = [
+    {v: i for i, v in enumerate(sorted(v for v, c in cnt.items() if c >= m))}
+    for cnt, m in zip(counts, [min_count] * num_fields, strict=True)
+  ]
+  ids = [
+    [
+      mappers[f].get(
+        convert(value) if f in int_fields else value, len(mappers[f])
+      )
+      for f, value in enumerate(row)
+    ]
+    for row in rows
+  ]
+  return np.array(ids), tuple(len(m) + 1 for m in mappers)
+
+
+def assert_same_encoding(test, ids, dims, ref_ids, ref_dims):
+  """Equal up to a renaming of each field's in-vocabulary ids."""
+  ids, ref_ids = np.asarray(ids), np.asarray(ref_ids)
+  test.assertEqual(tuple(dims), tuple(ref_dims))
+  test.assertEqual(ids.shape, ref_ids.shape)
+  for f in range(ids.shape[1]):
+    pairs = set(zip(ids[:, f].tolist(), ref_ids[:, f].tolist(), strict=True))
+    ours = {a for a, _ in pairs}
+    theirs = {b for _, b in pairs}
+    test.assertTrue(
+      len(pairs) == len(ours) == len(theirs), f'field {f} is not 1:1'
+    )
+    for a, b in pairs:
+      test.assertEqual(a == dims[f] - 1, b == ref_dims[f] - 1, f'OOV of {f}')
+    test.assertLess(ids[:, f].max(), dims[f])
+
+
+def _hex(rng, vocab):
+  """A skewed draw from `vocab` hex values, sometimes missing."""
+  if rng.random() < 0.1:
+    return ''
+  return f'{int(vocab * rng.random() ** 3):08x}'
+
+
+def _integer(rng):
+  kind = rng.random()
+  if kind < 0.15:
+    return ''
+  if kind < 0.5:
+    return str(rng.randint(-3, 5))
+  if kind < 0.9:
+    return str(rng.randint(6, 300))
+  return str(rng.randint(300, 10**9))
+
+
+def criteo_rows(n, seed=0):
+  rng = random.Random(seed)
+  return [
+    [str(rng.randint(0, 1))]
+    + [_integer(rng) for _ in range(13)]
+    + [_hex(rng, 5 + 20 * (c % 4)) for c in range(26)]
+    for _ in range(n)
+  ]
+
+
+def avazu_rows(n, seed=0):
+  rng = random.Random(seed)
+  rows = []
+  for _ in range(n):
+    day, hour = rng.randint(21, 30), rng.randint(0, 23)
+    rows.append(
+      [str(rng.getrandbits(63)), str(rng.randint(0, 1)), f'1410{day}{hour:02d}']
+      + [_hex(rng, 3 + 7 * (c % 3)) or '0' for c in range(21)]
+    )
+  return rows
+
+
+def write_text(path, text):
+  os.makedirs(os.path.dirname(path), exist_ok=True)
+  with open(path, 'w') as f:
+    f.write(text)
+  return path
+
+
+def write_lines(path, rows, sep, header=None):
+  with open(path, 'w') as f:
+    if header:
+      f.write(sep.join(header) + '\n')
+    for row in rows:
+      f.write(sep.join(row) + '\n')
+  return path
+
+
+class DatasetTestCase(parameterized.TestCase):
+  """A temporary directory and dataset configs with a cache inside it."""
+
+  def setUp(self):
+    super().setUp()
+    self.tmp = self.enter_context(tempfile.TemporaryDirectory())
+
+  def config(self, name, path, **overrides):
+    """`config.dataset` of `name` at `path`; format keys as nested dicts."""
+    config = default.get_config().dataset
+    config.name = name
+    config.path = path
+    config.cache_dir = os.path.join(self.tmp, 'cache')
+    config.chunk_rows = 97  # Several chunks, and a short last one.
+    config.update(overrides)
+    return config
+
+  def encoded(self):
+    root = os.path.join(self.tmp, 'cache', 'encoded')
+    return sorted(os.listdir(root)) if os.path.isdir(root) else []
+
+
+def all_rows(dataset):
+  return np.asarray(dataset.train.ids), np.asarray(dataset.train.labels)

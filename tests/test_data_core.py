@@ -1,0 +1,436 @@
+"""Tests of data.py: the seeded split, the cache, the vocabulary, batches."""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from unittest import mock
+
+from absl.testing import absltest
+from absl.testing import parameterized
+from dataset_testing import DatasetTestCase
+from dataset_testing import all_rows
+from dataset_testing import avazu_rows
+from dataset_testing import criteo_rows
+from dataset_testing import write_lines
+from dataset_testing import write_text
+import numpy as np
+
+from configs import fm
+import data
+from datasets import criteo
+from datasets import encode
+from datasets import movielens
+import train
+
+
+class SplitTest(DatasetTestCase):
+  def test_random_split_is_split_indices_in_file_order(self):
+    rows = criteo_rows(500, seed=1)
+    path = write_lines(os.path.join(self.tmp, 'train.txt'), rows, '\t')
+    whole = data.load_dataset(self.config('criteo', path, split=(1.0, 0, 0)))
+    ids, labels = all_rows(whole)
+    config = self.config('criteo', path, split=(0.7, 0.2, 0.1), seed=5)
+    dataset = data.load_dataset(config)
+    parts = data.split_indices(500, (0.7, 0.2, 0.1), 5)
+    for split, part in zip(('train', 'valid', 'test'), parts, strict=True):
+      rows_ = np.sort(part)
+      np.testing.assert_array_equal(getattr(dataset, split).ids, ids[rows_])
+      np.testing.assert_array_equal(
+        getattr(dataset, split).labels, labels[rows_]
+      )
+    # One permutation: numpy's, drawn in int32 to halve its memory.
+    perm = np.random.default_rng(5).permutation(500)
+    np.testing.assert_array_equal(np.concatenate(parts), perm)
+
+  def test_movielens_splits_keep_the_order_of_the_permutation(self):
+    path = write_text(
+      os.path.join(self.tmp, 'ml', 'ratings.csv'),
+      'userId,movieId,rating,timestamp\n'
+      + ''.join(f'{u * 3},{u % 11},{u % 5 + 1},0\n' for u in range(300)),
+    )
+    dataset = data.load_dataset(self.config('ml-20m', path, seed=4))
+    frame = movielens.read_movielens(path, 'ml-20m')
+    ids, vocabulary = movielens.encode_columns(
+      [frame['user'].to_numpy(), frame['item'].to_numpy()]
+    )
+    labels = (frame['rating'].to_numpy() > 3).astype(np.float32)
+    parts = data.split_indices(300, (0.8, 0.1, 0.1), 4)
+    for split, part in zip(('train', 'valid', 'test'), parts, strict=True):
+      np.testing.assert_array_equal(getattr(dataset, split).ids, ids[part])
+      np.testing.assert_array_equal(
+        getattr(dataset, split).labels, labels[part]
+      )
+    # The vocabulary maps ids back to the raw user and item ids.
+    for f, column in enumerate(('user', 'item')):
+      np.testing.assert_array_equal(dataset.vocabulary[f], vocabulary[f])
+      np.testing.assert_array_equal(
+        dataset.vocabulary[f][dataset.valid.ids[:, f]],
+        frame[column].to_numpy()[parts[1]],
+      )
+
+  def test_sizes_round_down_train_and_valid_and_fractions_are_checked(self):
+    self.assertEqual(data.split_sizes(10, (0.75, 0.15, 0.1)), (7, 1, 2))
+    self.assertEqual(data.split_sizes(7, (1.0, 0.0, 0.0)), (7, 0, 0))
+    for bad in ((0.8, 0.3, 0.1), (0.5, 0.5), (1.1, -0.1, 0.0)):
+      with self.assertRaisesRegex(data.DataError, 'config.dataset.split'):
+        data.split_sizes(10, bad)
+
+
+class CacheTest(DatasetTestCase):
+  def setUp(self):
+    super().setUp()
+    self.path = write_text(
+      os.path.join(self.tmp, 'src', 'ratings.csv'),
+      'userId,movieId,rating,timestamp\n'
+      + ''.join(f'{u},{u % 7},{u % 5 + 1},0\n' for u in range(200)),
+    )
+
+  def test_second_load_reads_the_cache_not_the_source(self):
+    config = self.config('ml-20m', self.path)
+    first = data.load_dataset(config)
+    read = mock.patch.object(
+      movielens, 'read_movielens', side_effect=AssertionError
+    )
+    with read:
+      second = data.load_dataset(config)
+    self.assertIsInstance(second.train.ids, np.memmap)
+    np.testing.assert_array_equal(first.train.ids, second.train.ids)
+
+  def test_changed_source_or_option_is_not_served_stale(self):
+    config = self.config('ml-20m', self.path)
+    before = data.load_dataset(config)
+    with open(self.path, 'a') as f:
+      f.write('500,3,5,0\n')
+    after = data.load_dataset(config)
+    self.assertEqual(after.field_dims[0], before.field_dims[0] + 1)
+    config.seed = 1
+    reseeded = data.load_dataset(config)
+    self.assertFalse(np.array_equal(reseeded.train.ids, after.train.ids))
+    encoded = os.listdir(os.path.join(config.cache_dir, 'encoded'))
+    self.assertLen(encoded, 3)
+
+  def test_failed_write_leaves_no_trusted_cache(self):
+    config = self.config('ml-20m', self.path)
+    with mock.patch.object(np, 'save', side_effect=OSError('disk full')):
+      with self.assertRaises(OSError):
+        data.load_dataset(config)
+    encoded = os.path.join(config.cache_dir, 'encoded')
+    self.assertEqual(os.listdir(encoded), [])
+    self.assertLen(data.load_dataset(config).train, 160)
+
+
+class VocabularyTest(DatasetTestCase):
+  def test_raw_lines_encode_to_the_cached_ids_with_the_vocabulary(self):
+    rows = criteo_rows(600, seed=7)
+    path = write_lines(os.path.join(self.tmp, 'train.txt'), rows, '\t')
+    config = self.config('criteo', path, min_count=3)
+    dataset = data.load_dataset(config)
+    # What a predict step does with a raw line: parse it with the source's
+    # reader, then look its keys up in the cached vocabulary.
+    lines = [('\t'.join(r) + '\n').encode() for r in rows]
+    keys, labels = criteo.reader(config.criteo, path).parse(
+      lines, 1, str, encode.BadLines(skip=False)
+    )
+    ids = encode.encode_ids(dataset.vocabulary, keys)
+    parts = data.split_indices(600, config.split, config.seed)
+    for split, part in zip(('train', 'valid', 'test'), parts, strict=True):
+      got = getattr(dataset, split)
+      np.testing.assert_array_equal(got.ids, ids[np.sort(part)])
+      np.testing.assert_array_equal(got.labels, labels[np.sort(part)])
+    # Every field: its kept keys, sorted, then the one out-of-vocabulary id.
+    self.assertEqual(
+      tuple(len(v) + 1 for v in dataset.vocabulary), dataset.field_dims
+    )
+    for keys_f in dataset.vocabulary:
+      self.assertTrue(np.all(np.diff(keys_f) > 0))
+    # On disk: one int64 array, no pickle, sizes in meta.json.
+    [name] = self.encoded()
+    directory = os.path.join(self.tmp, 'cache', 'encoded', name)
+    with open(os.path.join(directory, 'meta.json')) as f:
+      meta = json.load(f)
+    vocab = np.load(os.path.join(directory, 'vocab.npy'), allow_pickle=False)
+    self.assertEqual(vocab.dtype, np.int64)
+    self.assertEqual(
+      meta['vocabulary_sizes'], [len(v) for v in dataset.vocabulary]
+    )
+    np.testing.assert_array_equal(vocab, np.concatenate(dataset.vocabulary))
+    self.assertEqual(meta['field_names'], list(dataset.field_names))
+
+
+class CacheKeyTest(DatasetTestCase):
+  def test_every_option_and_the_source_change_the_key(self):
+    path = write_lines(os.path.join(self.tmp, 'a.csv'), avazu_rows(30), ',')
+
+    def key(name='csv', **overrides):
+      config = self.config(name, path)
+      if name == 'csv':
+        config.csv.label_column = 'click'
+      config.update(overrides)
+      source, config, options = data.resolve(config)
+      spec = data.cache_spec(config, options, source.files(config))
+      return data.cache_key(spec)
+
+    changed = [
+      key(min_count=2),
+      key(csv=dict(log_bucket=False)),
+      key(split=(0.7, 0.2, 0.1)),
+      key(seed=1),
+      key(skip_bad_lines=True),
+      key(csv=dict(label_column='hour')),
+      key(csv=dict(numeric_columns=('hour',))),
+      key(csv=dict(categorical_columns=('C1',))),
+      key(csv=dict(sep=';')),
+      key('criteo'),
+      key('criteo', criteo=dict(log_bucket=False)),
+      key('avazu'),
+      key('avazu', avazu=dict(hour_features=False)),
+      key('avazu', avazu=dict(drop_id=False)),
+      key('libfm'),
+      key('libfm', libfm=dict(field_dims=(3, 4))),
+      key(valid_path=path, test_path=path),
+    ]
+    base_key = key()
+    self.assertEqual(base_key, key(chunk_rows=5))  # Not an output option.
+    self.assertEqual(base_key, key(min_count=1))  # The default, spelt out.
+    self.assertLen(set(changed + [base_key]), len(changed) + 1)
+    os.utime(path, ns=(1, 1))
+    self.assertNotEqual(base_key, key())
+
+  def test_exception_mid_way_leaves_no_trusted_cache_and_old_intact(self):
+    path = write_lines(
+      os.path.join(self.tmp, 'train.txt'), criteo_rows(400), '\t'
+    )
+    old = data.load_dataset(self.config('criteo', path))
+    old_ids = np.array(old.train.ids)
+    [old_name] = self.encoded()
+    real = encode.encode_ids
+    calls = []
+
+    def failing(*args):
+      calls.append(1)
+      if len(calls) == 3:
+        raise RuntimeError('injected')
+      return real(*args)
+
+    config = self.config('criteo', path, min_count=2)
+    with mock.patch.object(encode, 'encode_ids', failing):
+      with self.assertRaisesRegex(RuntimeError, 'injected'):
+        data.load_dataset(config)
+    self.assertEqual(self.encoded(), [old_name])  # No partial, no temp dir.
+    np.testing.assert_array_equal(
+      data.load_dataset(self.config('criteo', path)).train.ids, old_ids
+    )
+    fresh = data.load_dataset(config)  # Rebuilt, not a partial one.
+    self.assertLen(self.encoded(), 2)
+    self.assertLen(fresh.train, 320)
+    self.assertEqual(fresh.train.ids.shape[1], 39)
+
+  def test_sigkill_mid_way_leaves_nothing_trusted(self):
+    path = write_lines(
+      os.path.join(self.tmp, 'train.txt'), criteo_rows(400), '\t'
+    )
+    config = self.config('criteo', path, chunk_rows=40)
+    encoded = os.path.join(self.tmp, 'cache', 'encoded')
+    # A child preprocesses slowly (0.3 s per chunk of pass 2) until killed.
+    script = (
+      'import sys, time, ml_collections\n'
+      f'sys.path.insert(0, {data.ROOT!r})\n'
+      'import data\n'
+      'from datasets import encode\n'
+      'real = encode.encode_ids\n'
+      'def slow(*args):\n'
+      '  time.sleep(0.3)\n'
+      '  return real(*args)\n'
+      'encode.encode_ids = slow\n'
+      f'data.load_dataset(ml_collections.ConfigDict({config.to_dict()!r}))\n'
+    )
+    child = subprocess.Popen([sys.executable, '-c', script])
+    try:
+      deadline = time.monotonic() + 60
+      while not any(n.startswith('.tmp-') for n in self.encoded()):
+        self.assertIsNone(child.poll(), 'the child ended before the kill')
+        self.assertLess(time.monotonic(), deadline)
+        time.sleep(0.05)
+      time.sleep(0.4)  # Some rows written.
+    finally:
+      child.kill()
+      child.wait()
+    [partial] = self.encoded()
+    self.assertTrue(partial.startswith('.tmp-criteo-'))
+    self.assertTrue(os.listdir(os.path.join(encoded, partial)))
+    dataset = data.load_dataset(config)  # Not served from the partial.
+    [name] = self.encoded()  # And the partial is gone.
+    self.assertFalse(name.startswith('.'))
+    self.assertEqual(
+      (len(dataset.train), len(dataset.valid), len(dataset.test)), (320, 40, 40)
+    )
+
+  def test_killed_runs_temporary_directories_are_removed(self):
+    path = write_lines(
+      os.path.join(self.tmp, 'train.txt'), criteo_rows(50), '\t'
+    )
+    encoded = os.path.join(self.tmp, 'cache', 'encoded')
+    dead = subprocess.Popen([sys.executable, '-c', ''])
+    dead.wait()
+    owners = {
+      '.tmp-criteo-dead': dead.pid,  # A run that was killed.
+      '.tmp-criteo-alive': os.getpid(),  # A run still writing.
+    }
+    for name, pid in owners.items():
+      os.makedirs(os.path.join(encoded, name))
+      with open(os.path.join(encoded, name, 'owner.json'), 'w') as f:
+        json.dump({'host': socket.gethostname(), 'pid': pid}, f)
+    os.makedirs(os.path.join(encoded, '.tmp-other'))  # No owner: not ours.
+    data.load_dataset(self.config('criteo', path))
+    left = self.encoded()
+    self.assertNotIn('.tmp-criteo-dead', left)
+    self.assertIn('.tmp-criteo-alive', left)
+    self.assertIn('.tmp-other', left)
+    self.assertLen(left, 3)  # And the new cache, without its owner file.
+    [new] = [n for n in left if not n.startswith('.')]
+    self.assertFalse(os.path.exists(os.path.join(encoded, new, 'owner.json')))
+
+
+class MemmapTrainingTest(DatasetTestCase):
+  def test_train_batches_permutation_unchanged_and_memmap_equal(self):
+    path = write_lines(
+      os.path.join(self.tmp, 'train.txt'), criteo_rows(900), '\t'
+    )
+    dataset = data.load_dataset(self.config('criteo', path))
+    split = dataset.train
+    memory = data.Split(np.array(split.ids), np.array(split.labels))
+    for process in range(2):
+      got = list(
+        data.train_batches(
+          split, 100, seed=3, epoch=1, process_index=process, process_count=2
+        )
+      )
+      want = list(
+        data.train_batches(
+          memory, 100, seed=3, epoch=1, process_index=process, process_count=2
+        )
+      )
+      perm = np.random.default_rng([3, 1]).permutation(len(memory))
+      self.assertLen(got, len(memory) // 100)
+      for step, (a, b) in enumerate(zip(got, want, strict=True)):
+        rows = np.sort(
+          perm[step * 100 + process * 50 : step * 100 + process * 50 + 50]
+        )
+        np.testing.assert_array_equal(a['ids'], b['ids'])
+        np.testing.assert_array_equal(a['ids'], memory.ids[rows])
+        np.testing.assert_array_equal(a['label'], memory.labels[rows])
+
+  def test_memmap_training_gives_in_memory_metrics(self):
+    path = write_lines(
+      os.path.join(self.tmp, 'train.txt'), criteo_rows(2000), '\t'
+    )
+    config = fm.get_config('smoke')
+    config.dataset = self.config('criteo', path, min_count=2)
+    config.batch_size = 256
+    config.progress_bar = False
+    load = data.load_dataset
+
+    def in_memory(dataset_config):
+      dataset = load(dataset_config)
+      splits = {
+        s: data.Split(
+          np.array(getattr(dataset, s).ids),
+          np.array(getattr(dataset, s).labels),
+        )
+        for s in ('train', 'valid', 'test')
+      }
+      for split in splits.values():
+        self.assertNotIsInstance(split.ids, np.memmap)
+      return data.Dataset(
+        dataset.name, dataset.field_names, dataset.field_dims, **splits
+      )
+
+    mapped = train.train_and_evaluate(config, os.path.join(self.tmp, 'a'))
+    self.assertIsInstance(load(config.dataset).train.ids, np.memmap)
+    with mock.patch.object(data, 'load_dataset', in_memory):
+      memory = train.train_and_evaluate(config, os.path.join(self.tmp, 'b'))
+    self.assertEqual(mapped, memory)
+    self.assertGreater(mapped['auc'], 0.0)
+    self.assertEqual(mapped['num_examples'], 200)
+
+
+class BatchTest(parameterized.TestCase):
+  def _split(self, n):
+    ids = np.stack([np.arange(n), np.arange(n) % 3], 1).astype(np.int32)
+    return data.Split(ids, (np.arange(n) % 2).astype(np.float32))
+
+  @parameterized.parameters(7, 8, 9, 16, 17)
+  def test_train_batches_drop_remainder_and_processes_partition(self, n):
+    split = self._split(n)
+    whole = list(data.train_batches(split, 4, seed=3, epoch=1))
+    self.assertLen(whole, n // 4)
+    seen = np.concatenate([b['ids'][:, 0] for b in whole])
+    self.assertLen(np.unique(seen), len(seen))  # No row twice in an epoch.
+    parts = [
+      list(
+        data.train_batches(
+          split, 4, seed=3, epoch=1, process_index=p, process_count=2
+        )
+      )
+      for p in range(2)
+    ]
+    for step, batch in enumerate(whole):
+      union = np.concatenate([parts[0][step]['ids'], parts[1][step]['ids']])
+      self.assertEqual(sorted(union[:, 0]), sorted(batch['ids'][:, 0]))
+    # Another epoch, another order; the same epoch, the same order.
+    other = list(data.train_batches(split, 4, seed=3, epoch=2))
+    again = list(data.train_batches(split, 4, seed=3, epoch=1))
+    np.testing.assert_array_equal(whole[0]['ids'], again[0]['ids'])
+    if n >= 16:
+      self.assertFalse(
+        all(
+          np.array_equal(a['ids'], b['ids'])
+          for a, b in zip(whole, other, strict=True)
+        )
+      )
+
+  @parameterized.parameters((7, 1), (7, 2), (8, 2), (9, 2), (3, 4), (17, 3))
+  def test_eval_batches_cover_every_row_once_with_a_mask(self, n, processes):
+    split = self._split(n)
+    per_process = [
+      list(
+        data.eval_batches(
+          split, 4 * processes, process_index=p, process_count=processes
+        )
+      )
+      for p in range(processes)
+    ]
+    self.assertLen({len(b) for b in per_process}, 1)  # Same batch count.
+    rows = []
+    for batches in per_process:
+      for b in batches:
+        self.assertEqual(b['ids'].shape, (4, 2))
+        rows.extend(b['ids'][b['mask'] == 1, 0])
+        self.assertTrue(np.all(b['label'][b['mask'] == 0] == 0))
+    self.assertEqual(sorted(rows), list(range(n)))
+
+  def test_batch_sizes_must_split_over_processes(self):
+    data.check_batch_size(8, 4, 'config.batch_size', 'devices')
+    for size in (6, 0, -4):
+      with self.assertRaisesRegex(
+        data.DataError, rf'config.batch_size={size} .* of devices \(4\)'
+      ):
+        data.check_batch_size(size, 4, 'config.batch_size', 'devices')
+    split = self._split(16)
+    with self.assertRaisesRegex(data.DataError, 'config.batch_size=5'):
+      next(data.train_batches(split, 5, seed=0, epoch=0, process_count=2))
+    with self.assertRaisesRegex(data.DataError, 'config.eval_batch_size=5'):
+      next(data.eval_batches(split, 5, process_count=2))
+
+  def test_shard_reshapes_and_rejects_uneven_batches(self):
+    batch = {'ids': np.zeros((6, 2), np.int32), 'label': np.zeros(6)}
+    self.assertEqual(data.shard(batch, 2)['ids'].shape, (2, 3, 2))
+    with self.assertRaisesRegex(data.DataError, 'batch_size'):
+      data.shard(batch, 4)
+
+
+if __name__ == '__main__':
+  absltest.main()

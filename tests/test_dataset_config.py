@@ -1,0 +1,123 @@
+"""Tests of `config.dataset`: shared keys, one section of keys per format."""
+
+import os
+
+from absl.testing import absltest
+from absl.testing import parameterized
+from dataset_testing import DatasetTestCase
+from dataset_testing import avazu_rows
+from dataset_testing import criteo_rows
+from dataset_testing import write_lines
+import ml_collections
+import numpy as np
+
+from configs import default
+import data
+
+# A non-default value of every format key.
+CHANGED = {
+  'csv': dict(
+    label_column='click',
+    numeric_columns=('C1',),
+    categorical_columns=('C14',),
+    sep=';',
+    log_bucket=False,
+  ),
+  'criteo': dict(log_bucket=False),
+  'avazu': dict(hour_features=False, drop_id=False),
+  'libfm': dict(field_dims=(3, 4)),
+}
+
+
+class DatasetConfigTest(DatasetTestCase):
+  def test_default_config_has_one_section_per_format_with_its_defaults(self):
+    config = default.get_config().dataset
+    for fmt, source in data.SOURCES.items():
+      if source.DEFAULTS:
+        self.assertEqual(config[fmt].to_dict(), source.DEFAULTS)
+      self.assertEqual(set(CHANGED.get(fmt, {})), set(source.DEFAULTS))
+    shared = {k for k in config.keys() if k not in data.SOURCES}
+    self.assertEqual(shared, set(data.SHARED_KEYS))
+    self.assertEqual(
+      set(data.FORMAT_OF),
+      {'ml-latest-small', 'ml-100k', 'ml-1m', 'ml-20m', 'ml-25m'}
+      | {'criteo', 'avazu', 'libfm', 'csv'},
+    )
+
+  @parameterized.parameters(
+    (fmt, key, value, other)
+    for fmt, keys in CHANGED.items()
+    for key, value in keys.items()
+    for other in ('criteo', 'csv', 'ml-latest-small')
+    if other != fmt
+  )
+  def test_a_key_of_another_format_is_an_error_naming_it(
+    self, fmt, key, value, other
+  ):
+    config = self.config(other, '', **{fmt: {key: value}})
+    with self.assertRaisesRegex(
+      data.DataError,
+      rf'^config\.dataset\.{fmt}\.{key} is set but config\.dataset\.name is'
+      rf" '{other}'\.$",
+    ):
+      data.load_dataset(config)
+    self.assertEqual(self.encoded(), [])
+
+  def test_defaults_spelt_out_in_another_format_are_not_an_error(self):
+    path = write_lines(
+      os.path.join(self.tmp, 'train.txt'), criteo_rows(100), '\t'
+    )
+    config = self.config(
+      'criteo', path, avazu=dict(drop_id=True), csv=dict(sep=',')
+    )
+    self.assertLen(data.load_dataset(config).field_names, 39)
+
+  def test_unknown_and_old_flat_keys_are_errors_naming_the_new_place(self):
+    config = self.config('criteo', '')
+    with config.unlocked():
+      config.hour_features = False
+    with self.assertRaisesRegex(
+      data.DataError,
+      r'config\.dataset\.hour_features: unknown key \(it is'
+      r' config\.dataset\.avazu\.hour_features now\)',
+    ):
+      data.load_dataset(config)
+    config = self.config('criteo', '')
+    config.criteo.log_bucket_typo = True
+    with self.assertRaisesRegex(
+      data.DataError, r'config\.dataset\.criteo\.log_bucket_typo: unknown'
+    ):
+      data.load_dataset(config)
+
+  def test_the_selected_format_reads_its_own_section(self):
+    rows = avazu_rows(200)
+    path = write_lines(os.path.join(self.tmp, 'a.csv'), rows, ',')
+    config = self.config('avazu', path, split=(1.0, 0, 0))
+    names = data.load_dataset(config).field_names
+    self.assertEqual(names[:3], ('hour_of_day', 'weekday', 'C1'))
+    config.avazu.update(CHANGED['avazu'])
+    names = data.load_dataset(config).field_names
+    self.assertEqual(names[:3], ('id', 'hour', 'C1'))
+    # A hand-made config without the section gets the format's defaults.
+    bare = ml_collections.ConfigDict(
+      {k: v for k, v in config.to_dict().items() if k not in data.SOURCES}
+    )
+    bare_dataset = data.load_dataset(bare)
+    self.assertEqual(bare_dataset.field_names[:2], ('hour_of_day', 'weekday'))
+    np.testing.assert_array_equal(
+      bare_dataset.train.ids,
+      data.load_dataset(
+        self.config('avazu', path, split=(1.0, 0, 0))
+      ).train.ids,
+    )
+
+  def test_min_count_default_is_the_formats(self):
+    for name, min_count in (('criteo', 10), ('avazu', 4), ('csv', 1)):
+      _, resolved, _ = data.resolve(self.config(name, ''))
+      self.assertEqual(resolved.min_count, min_count)
+    _, resolved, _ = data.resolve(self.config('criteo', '', min_count=2))
+    self.assertEqual(resolved.min_count, 2)
+
+
+if __name__ == '__main__':
+  absltest.main()
