@@ -11,6 +11,7 @@ from absl import logging
 import jax
 from ml_collections import config_flags
 
+import multihost
 import train
 
 FLAGS = flags.FLAGS
@@ -55,7 +56,7 @@ def main(argv):
     FLAGS[name].present
     for name in ('coordinator_address', 'num_processes', 'process_id')
   ):
-    train.setup_distributed(
+    multihost.setup_distributed(
       FLAGS.coordinator_address,
       FLAGS.num_processes,
       FLAGS.process_id,
@@ -72,7 +73,7 @@ def main(argv):
     train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
   except (Exception, KeyboardInterrupt) as e:
     # Multi-host: name a lost process and exit instead of hanging.
-    train.stop_after_failure(e, FLAGS.heartbeat_timeout_seconds)
+    multihost.stop_after_failure(e, FLAGS.heartbeat_timeout_seconds)
     raise
 
 

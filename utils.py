@@ -1,11 +1,12 @@
 """Host-side utilities shared by training and preprocessing.
 
 The metrics file, one progress bar (training steps and preprocessing passes
-alike), a background prefetcher, file opening that understands `.gz`, and the
-filter that keeps orbax's INFO lines out of the log.
+alike), a background prefetcher, file opening that understands `.gz`, the
+filter that keeps orbax's INFO lines out of the log, and the error type of
+problems the user can fix, with the entry-point wrapper that prints them.
 """
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 import gzip
 import json
 import os
@@ -13,8 +14,11 @@ import queue
 import sys
 import threading
 import time
-from typing import IO
+import traceback
+from typing import IO, Any
 
+from absl import app
+from absl import flags
 from absl import logging
 
 
@@ -201,3 +205,40 @@ def quiet_orbax_logs() -> None:
   handler = logging.get_absl_handler()
   if not any(isinstance(f, _OrbaxInfoFilter) for f in handler.filters):
     handler.addFilter(_OrbaxInfoFilter())
+
+
+class UserError(Exception):
+  """A problem the user can fix: config, data, workdir or permissions.
+
+  The message is one paragraph that names the file (and line), the config
+  key or the path, and says what to do. `run_main` prints it as one line,
+  without a traceback; any other exception is a bug and keeps its traceback.
+  """
+
+
+# Set (to anything but 0) to see the traceback of a UserError.
+TRACEBACK_ENV = 'FLAX_FM_TRACEBACK'
+
+
+def run_main(main: Callable[[list[str]], Any]) -> None:
+  """`absl.app.run(main)`, with a `UserError` printed as one line, status 2.
+
+  `--verbosity=1` (or higher) or `$FLAX_FM_TRACEBACK` also prints the
+  traceback. Other exceptions reach absl unchanged: traceback, status 1.
+  """
+
+  def guarded(argv: list[str]) -> Any:
+    try:
+      return main(argv)
+    except UserError as e:
+      verbose = os.environ.get(TRACEBACK_ENV, '') not in ('', '0')
+      if verbose or flags.FLAGS.verbosity >= 1:
+        traceback.print_exc()
+      logging.flush()
+      sys.stdout.flush()
+      program = os.path.basename(sys.argv[0])
+      sys.stderr.write(f'{program}: error: {e}\n')
+      sys.stderr.flush()
+      sys.exit(2)
+
+  app.run(guarded)

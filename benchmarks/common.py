@@ -5,7 +5,7 @@ of `benchmarks.throughput` stays free of both, and every torch import is
 guarded so the scripts run (without their torchfm side) where torch is absent.
 """
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 import csv
 import datetime
 import importlib
@@ -36,20 +36,32 @@ TORCHFM_MODELS = {
   'deepfm': ('dfm', 'DeepFactorizationMachineModel'),
   'afm': ('afm', 'AttentionalFactorizationMachineModel'),
   'ncf': ('ncf', 'NeuralCollaborativeFiltering'),
+  'afn': ('afn', 'AdaptiveFactorizationNetwork'),
+  'dcn': ('dcn', 'DeepCrossNetworkModel'),
+  'xdeepfm': ('xdfm', 'ExtremeDeepFactorizationMachineModel'),
+  'autoint': ('afi', 'AutomaticFeatureInteractionModel'),
+  # Configs of models/pnn.py (`method` 'inner' and 'outer').
+  'ipnn': ('pnn', 'ProductNeuralNetworkModel'),
+  'opnn': ('pnn', 'ProductNeuralNetworkModel'),
 }
 
 
 def model_names() -> list[str]:
   """Models that have both a file in models/ and a config in configs/."""
-  names = []
-  for f in sorted(os.listdir(os.path.join(ROOT, 'models'))):
-    name = f[:-3]
-    if (
-      f.endswith('.py')
-      and not f.startswith('_')
-      and os.path.exists(os.path.join(ROOT, 'configs', f))
-    ):
-      names.append(name)
+  import models  # pylint: disable=g-import-not-at-top
+
+  names = [
+    name
+    for name in models.names()
+    if os.path.exists(os.path.join(ROOT, 'configs', f'{name}.py'))
+  ]
+  # Configs named otherwise than their model file (ipnn, opnn: pnn).
+  names += [
+    name
+    for name in TORCHFM_MODELS
+    if name not in names
+    and os.path.exists(os.path.join(ROOT, 'configs', f'{name}.py'))
+  ]
   # Cheap models first: a partial run still covers the most models.
   order = list(TORCHFM_MODELS)
   return sorted(names, key=lambda n: (order.index(n) if n in order else 99, n))
@@ -82,6 +94,13 @@ def torch_available() -> bool:
   )
 
 
+# torchfm's arguments that ours name otherwise: model -> function of our
+# model config returning them (AFN: one dropout rate, torchfm's first entry).
+TORCHFM_KWARGS = {
+  'afn': lambda c: {'LNN_dim': c['lnn_dim'], 'dropouts': (c['dropout'],)},
+}
+
+
 def torchfm_model(name: str, model_config: dict, field_dims: Sequence[int]):
   """torchfm's model `name` with our config's equivalent hyper-parameters.
 
@@ -100,6 +119,7 @@ def torchfm_model(name: str, model_config: dict, field_dims: Sequence[int]):
     for k, v in dict(model_config).items()
     if k in accepted and k != 'field_dims'
   }
+  kwargs.update(TORCHFM_KWARGS.get(name, lambda c: {})(dict(model_config)))
   return cls([int(d) for d in field_dims], **kwargs)
 
 
@@ -197,18 +217,37 @@ def markdown_table(header: Sequence[str], rows: Sequence[Sequence]) -> str:
   return '\n'.join(lines)
 
 
+def command_line(script: str, argv: Sequence[str] | None) -> str:
+  """`python -m benchmarks.<script>` and its arguments (None: sys.argv's)."""
+  args = sys.argv[1:] if argv is None else argv
+  return ' '.join(['python -m benchmarks.' + script, *args])
+
+
 def write_results(
   out_dir: str,
   stem: str,
   records: list[dict],
   info: dict,
-  markdown: str,
+  markdown: Callable[[list[dict], dict, str], str],
+  command: str,
 ) -> list[str]:
   """Writes `<stem>.json` (machine + records), `.csv` and `.md`; atomic.
 
-  Each file is written to a temporary name and renamed, so an interrupted
-  run leaves the previous complete file, never a truncated one.
+  Called after every model, so that a long run keeps what it measured: the
+  load average at the end is updated in `info`, and each file is written to
+  a temporary name and renamed, so an interrupted run leaves the previous
+  complete file, never a truncated one.
+
+  Args:
+    out_dir: where the files go.
+    stem: their name without the suffix.
+    records: one dict per measurement.
+    info: `machine_info()`.
+    markdown: `(records, info, command)` -> the `.md` file's text.
+    command: the command that ran the benchmark (`command_line`).
   """
+  info['load_average_end'] = load_average()
+  markdown = markdown(records, info, command)
   os.makedirs(out_dir, exist_ok=True)
   paths = []
 

@@ -33,7 +33,6 @@ import copy
 import json
 import os
 import shutil
-import sys
 import tempfile
 import time
 
@@ -59,6 +58,7 @@ def torchfm_data(config, dataset, raw: bool) -> tuple[dict, tuple]:
     (dense: ours; raw: `max + 1` of each raw column, as torchfm's loader).
   """
   import data  # pylint: disable=g-import-not-at-top
+  from datasets import movielens  # pylint: disable=g-import-not-at-top
 
   splits = {
     name: (np.asarray(part.ids, np.int64), np.asarray(part.labels, np.float32))
@@ -72,9 +72,9 @@ def torchfm_data(config, dataset, raw: bool) -> tuple[dict, tuple]:
     return splits, tuple(dataset.field_dims)
   if config.dataset.name != 'ml-latest-small' or config.dataset.path:
     raise SystemExit('--runs=torchfm_raw needs the embedded ml-latest-small.')
-  frame = data.read_movielens(data.EMBEDDED, 'ml-latest-small')
+  frame = movielens.read_movielens(movielens.EMBEDDED, 'ml-latest-small')
   columns = [frame['user'].to_numpy(), frame['item'].to_numpy()]
-  # data.encode_columns numbers each column's sorted distinct values.
+  # movielens.encode_columns numbers each column's sorted distinct values.
   vocab = [np.unique(c) for c in columns]
   out = {}
   for name, (ids, labels) in splits.items():
@@ -431,20 +431,13 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
       print(f'torchfm runs skipped ({why}).')
       runs = [r for r in runs if not r.startswith('torchfm')]
   info = common.machine_info()
-  command = 'python -m benchmarks.quality ' + ' '.join(
-    sys.argv[1:] if argv is None else argv
-  )
+  command = common.command_line('quality', argv)
   records = []
   for name in models:
     records.append(run_model(name, args, runs))
-    info['load_average_end'] = common.load_average()
     # After every model, so that a long run keeps what it measured.
     common.write_results(
-      args.out_dir,
-      'quality',
-      records,
-      info,
-      markdown(records, info, command.strip()),
+      args.out_dir, 'quality', records, info, markdown, command
     )
   return records
 

@@ -28,7 +28,6 @@ from collections.abc import Sequence
 import multiprocessing
 import os
 import statistics
-import sys
 import time
 import traceback
 
@@ -170,57 +169,53 @@ class _JaxRunner:
   def breakdown(self, steps: int) -> dict[str, float]:
     """ms per step of forward + backward alone and of the optimizer alone.
 
-    Both parts of `train.train_step`, each jitted on one device's shard
-    outside pmap (BatchNorm without an axis name), so they time apart.
+    The two parts of `train.train_step` (`train.loss_fn` and
+    `optim.apply_gradients`), each jitted on one device's shard outside pmap
+    (BatchNorm without an axis name), so they time apart.
     """
-    import optax  # pylint: disable=g-import-not-at-top
+    import functools  # pylint: disable=g-import-not-at-top
 
-    jax = self.jax
-    model = self.train_mod.create_model(self.config, self.field_dims)
+    import optim  # pylint: disable=g-import-not-at-top
+
+    jax, train = self.jax, self.train_mod
+    model = train.create_model(self.config, self.field_dims)
     host = jax.tree.map(lambda x: x[0], self.state)
     batches = [jax.tree.map(lambda x: x[0], b) for b in self.train_batches]
+    grad_fn = jax.jit(
+      jax.grad(functools.partial(train.loss_fn, model=model), has_aux=True)
+    )
 
-    def loss_fn(params, batch_stats, batch):
-      logits, _ = model.apply(
-        {'params': params, 'batch_stats': batch_stats},
-        batch['ids'],
-        train=True,
-        rngs={'dropout': jax.random.key(0)},
-        mutable=['batch_stats', 'losses'],
+    def update(grads, opt_state, params, ids):
+      return optim.apply_gradients(
+        host.tx,
+        grads,
+        opt_state,
+        params,
+        ids=ids,
+        field_dims=self.field_dims,
+        axis_name=None,
       )
-      return optax.sigmoid_binary_cross_entropy(logits, batch['label']).mean()
 
-    train = self.train_mod
-    lazy = isinstance(host.opt_state, train.LazyAdamState)
-    num_rows = sum(self.field_dims)
-
-    def update(params, opt_state, grads, ids):
-      if lazy:  # As train.train_step: the touched rows' gradients only.
-        rows = train.touched_rows(ids, self.field_dims, axis_name=None)
-        grads = train.gather_rows(grads, rows, num_rows)
-        updates, opt_state = host.tx.update(grads, opt_state, params, rows=rows)
-        params = train.apply_row_updates(params, updates, rows, num_rows)
-        return params, opt_state
-      updates, opt_state = host.tx.update(grads, opt_state, params)
-      return optax.apply_updates(params, updates), opt_state
-
-    grad_fn = jax.jit(jax.grad(loss_fn))
     # Donated as the train step's state is (see train.state_donation).
-    donate = (0, 1) if train.state_donation(self.config.optimizer) else ()
+    donate = (1, 2) if train.state_donation(self.config.optimizer) else ()
     update_fn = jax.jit(update, donate_argnums=donate)
+    rng = jax.random.key(0)
     params, opt_state = host.params, host.opt_state
-    grads = grad_fn(params, host.batch_stats, batches[0])
-    ids = batches[0]['ids']
-    params, opt_state = update_fn(params, opt_state, grads, ids)  # Compiles.
+
+    def grads_of(batch):
+      return grad_fn(params, host.batch_stats, batch, rng)[0]
+
+    grads, ids = grads_of(batches[0]), batches[0]['ids']
+    params, opt_state = update_fn(grads, opt_state, params, ids)  # Compiles.
     jax.block_until_ready(params)
     start = time.perf_counter()
     for i in range(steps):
-      grads = grad_fn(params, host.batch_stats, batches[i % len(batches)])
+      grads = grads_of(batches[i % len(batches)])
     jax.block_until_ready(grads)
     grad_s = time.perf_counter() - start
     start = time.perf_counter()
     for _ in range(steps):
-      params, opt_state = update_fn(params, opt_state, grads, ids)
+      params, opt_state = update_fn(grads, opt_state, params, ids)
     jax.block_until_ready(params)
     update_s = time.perf_counter() - start
     return {
@@ -628,9 +623,7 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
   else:
     print('torchfm side skipped: torch or torchfm is not installed.')
   info = common.machine_info()
-  command = 'python -m benchmarks.throughput ' + ' '.join(
-    sys.argv[1:] if argv is None else argv
-  )
+  command = common.command_line('throughput', argv)
   records = []
   for data_name in args.data:
     for model in models:
@@ -646,14 +639,9 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
         f'  ({time.perf_counter() - start:.0f} s)',
         flush=True,
       )
-      info['load_average_end'] = common.load_average()
       # Written after every model, so a long run keeps what it measured.
       common.write_results(
-        args.out_dir,
-        'throughput',
-        records,
-        info,
-        markdown(records, info, command.strip()),
+        args.out_dir, 'throughput', records, info, markdown, command
       )
   return records
 

@@ -24,7 +24,7 @@ from benchmarks import common
 from benchmarks import plot
 from benchmarks import quality
 from benchmarks import throughput
-import data
+from datasets import movielens
 
 HAS_TORCH = common.torch_available()
 
@@ -164,7 +164,7 @@ class QualityTest(_TempDirs, absltest.TestCase):
     self.assertEqual(r['flax_epochs'], 2)
     if HAS_TORCH:
       # Raw ids as torchfm's loader: max + 1 of the raw columns.
-      frame = data.read_movielens(data.EMBEDDED, 'ml-latest-small')
+      frame = movielens.read_movielens(movielens.EMBEDDED, 'ml-latest-small')
       self.assertEqual(
         r['torchfm_raw_field_dims'],
         [int(frame['user'].max()) + 1, int(frame['item'].max()) + 1],

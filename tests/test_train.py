@@ -1,6 +1,8 @@
-"""Tests of train.py: metrics, the pmap step on 2 devices, padded evaluation."""
+"""Tests of train.py: metrics, the model factory, the pmap steps on 2 devices,
+padded evaluation, and a whole run that resumes."""
 
 import functools
+import importlib
 import itertools
 import json
 import os
@@ -15,7 +17,10 @@ import numpy as np
 
 from configs import default
 import data
+import models
 import train
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _brute_force_auc(labels, scores):
@@ -26,6 +31,16 @@ def _brute_force_auc(labels, scores):
     for p, n in itertools.product(pos, neg)
   )
   return wins / (len(pos) * len(neg))
+
+
+def _numpy_logloss(labels, logits):
+  """Mean of -y log p - (1 - y) log(1 - p), p = sigmoid(logits), in float64.
+
+  -log p = log(1 + e^-z) and -log(1 - p) = log(1 + e^z), exact for any z.
+  """
+  z = np.asarray(logits, np.float64)
+  y = np.asarray(labels, np.float64)
+  return np.mean(y * np.logaddexp(0, -z) + (1 - y) * np.logaddexp(0, z))
 
 
 def _config(**overrides):
@@ -68,13 +83,24 @@ class MetricsTest(parameterized.TestCase):
     self.assertEqual(train.roc_auc([0, 1], [0.5, 0.5]), 0.5)
     self.assertTrue(np.isnan(train.roc_auc([1, 1], [0.1, 0.2])))
 
-  def test_logloss_matches_numpy(self):
-    rng = np.random.default_rng(0)
-    logits = rng.normal(size=300) * 5
-    labels = rng.integers(0, 2, 300)
-    p = 1 / (1 + np.exp(-logits))
-    expected = -np.mean(labels * np.log(p) + (1 - labels) * np.log(1 - p))
-    self.assertAlmostEqual(train.binary_logloss(labels, logits), expected, 10)
+
+class CreateModelTest(absltest.TestCase):
+  def test_every_configured_model_builds_from_its_file(self):
+    names = models.names()
+    self.assertContainsSubset({'lr', 'fm', 'ffm', 'afm', 'ncf'}, names)
+    for name in names:
+      if not os.path.exists(os.path.join(ROOT, 'configs', f'{name}.py')):
+        continue  # A model file whose config is still to come.
+      config = importlib.import_module(f'configs.{name}').get_config('smoke')
+      model = train.create_model(config, (13, 17))
+      self.assertEqual(config.model_name, name)
+      self.assertEqual(type(model).__module__, f'models.{name}')
+
+  def test_unknown_model_lists_the_model_files(self):
+    with self.assertRaisesRegex(ValueError, 'config.model_name.*nope') as e:
+      train.create_model(_config(model_name='nope'), (13, 17))
+    for name in models.names():
+      self.assertIn(name, str(e.exception))
 
 
 class PmapStepTest(absltest.TestCase):
@@ -123,9 +149,62 @@ class PmapStepTest(absltest.TestCase):
     )
 
 
+class TrainStepLossTest(absltest.TestCase):
+  """The loss that train_step returns and descends: BCE plus sown penalties."""
+
+  def _afm_step(self, attn_l2):
+    config = _config(model_name='afm', weight_decay=0.0)
+    config.model = ml_collections.ConfigDict(
+      dict(embed_dim=4, attn_size=3, dropouts=(0.0, 0.0), attn_l2=attn_l2)
+    )
+    model = train.create_model(config, (13, 17), axis_name=train.AXIS)
+    state = train.create_train_state(jax.random.key(0), config, model, 2)
+    split = _dataset(64)
+    batch = {'ids': split.ids, 'label': split.labels}
+    p_step = jax.pmap(
+      functools.partial(train.train_step, model=model, seed=0),
+      axis_name=train.AXIS,
+    )
+    new, loss = p_step(jax_utils.replicate(state), data.shard(batch, 2))
+    logits = train.create_model(config, (13, 17)).apply(
+      {'params': state.params}, batch['ids'], train=False
+    )
+    bce = _numpy_logloss(batch['label'], logits)
+    return state, jax_utils.unreplicate(new), float(loss[0]), bce
+
+  def _attention_kernel(self, params):
+    (kernel,) = [
+      np.asarray(v, np.float64)
+      for p, v in jax.tree_util.tree_leaves_with_path(params)
+      if 'attention' in jax.tree_util.keystr(p)
+      and 'kernel' in jax.tree_util.keystr(p)
+    ]
+    return kernel
+
+  def test_sown_penalty_is_in_the_loss_and_its_gradient(self):
+    state, new, loss, bce = self._afm_step(attn_l2=0.5)
+    kernel = self._attention_kernel(state.params)
+    penalty = 0.5 * np.sum(kernel**2)
+    self.assertGreater(penalty, 0.05)
+    self.assertAlmostEqual(loss, bce + penalty, places=5)
+
+    state, plain, plain_loss, plain_bce = self._afm_step(attn_l2=0.0)
+    self.assertAlmostEqual(plain_bce, bce, places=12)
+    self.assertAlmostEqual(plain_loss, bce, places=5)
+    # Two fields make one pair, whose attention weight is 1 whatever the
+    # attention network computes: the BCE gradient of its kernel is zero and
+    # (without weight decay) only the penalty moves it.
+    np.testing.assert_array_equal(self._attention_kernel(plain.params), kernel)
+    moved = np.abs(self._attention_kernel(new.params) - kernel)
+    self.assertGreater(moved.min(), 0)
+
+
 class EvaluateTest(parameterized.TestCase):
-  @parameterized.parameters(101, 16, 15, 17, 1)
-  def test_padded_evaluation_equals_unpadded_numpy(self, n):
+  # Batch 16 on 2 devices: one, several and part batches; larger logits.
+  @parameterized.parameters(
+    (101, 1.0), (16, 1.0), (15, 1.0), (17, 1.0), (1, 1.0), (101, 2.0)
+  )
+  def test_padded_evaluation_equals_unpadded_numpy(self, n, scale):
     config = _config()
     model = train.create_model(config, (13, 17), axis_name=train.AXIS)
     state = train.create_train_state(jax.random.key(1), config, model, 2)
@@ -133,7 +212,9 @@ class EvaluateTest(parameterized.TestCase):
     state = state.replace(
       params=jax.tree.map(
         lambda x: (
-          np.random.default_rng(2).normal(size=x.shape).astype(np.float32)
+          np.random.default_rng(2)
+          .normal(scale=scale, size=x.shape)
+          .astype(np.float32)
         ),
         state.params,
       )
@@ -150,7 +231,7 @@ class EvaluateTest(parameterized.TestCase):
     )
     self.assertEqual(metrics['num_examples'], n)
     self.assertAlmostEqual(
-      metrics['logloss'], train.binary_logloss(split.labels, logits), 5
+      metrics['logloss'], _numpy_logloss(split.labels, logits), 5
     )
     if 0 < split.labels.sum() < n:
       self.assertAlmostEqual(

@@ -1,4 +1,5 @@
-"""Tests of `config.optimizer='lazy_adam'`: train.lazy_adam in train_step."""
+"""Tests of optim.py: `lazy_adam` against brute force and dense Adam, in
+`train.train_step` on 1 and 2 devices, and `apply_gradients` without pmap."""
 
 import functools
 import tempfile
@@ -12,6 +13,7 @@ import optax
 import orbax.checkpoint as ocp
 
 from configs import default
+import optim
 import train
 
 FIELD_DIMS = (3, 4)  # 7 table rows.
@@ -37,6 +39,8 @@ def _config(model_name='fm', optimizer='lazy_adam', **overrides):
       'user_field_idx': 0,
       'item_field_idx': 1,
     }
+  elif model_name == 'afm':
+    config.model = {'embed_dim': 3, 'attn_size': 2, 'dropouts': (0.0, 0.0)}
   elif model_name == 'deepfm':
     config.model = {'embed_dim': 3, 'mlp_dims': (4,), 'dropout': 0.0}
   config.optimizer = optimizer
@@ -198,22 +202,55 @@ class LazyAdamTest(parameterized.TestCase):
       )
     )
 
+  @parameterized.parameters('adam', 'lazy_adam')
+  def test_apply_gradients_without_axis_equals_the_train_step(self, optimizer):
+    # The benchmarks time loss_fn and apply_gradients outside pmap: they must
+    # be the train step's. AFM has tables and dense layers, and no dropout
+    # here, so dropout keys do not matter. (A bias before BatchNorm has a
+    # zero gradient up to rounding, which Adam would blow up to full steps.)
+    config = _config('afm', optimizer)
+    _, state, step = _setup(config)
+    model = train.create_model(config, FIELD_DIMS)
+    state = _first(_run(step, state, [(ALL_ROWS, LABELS)]))
+    want = _first(_run(step, state, [(SOME_ROWS, LABELS)]))
+    batch = {'ids': SOME_ROWS, 'label': LABELS}
+    (_, batch_stats), grads = jax.value_and_grad(
+      functools.partial(train.loss_fn, model=model), has_aux=True
+    )(state.params, state.batch_stats, batch, jax.random.key(0))
+    params, opt_state = jax.jit(
+      functools.partial(
+        optim.apply_gradients,
+        state.tx,
+        ids=SOME_ROWS,
+        field_dims=FIELD_DIMS,
+        axis_name=None,
+      )
+    )(grads, state.opt_state, state.params)
+    check = functools.partial(np.testing.assert_allclose, rtol=1e-6, atol=1e-7)
+    jax.tree.map(
+      check,
+      (params, opt_state, batch_stats),
+      (want.params, want.opt_state, want.batch_stats),
+    )
+    moved = jax.tree.map(lambda a, b: np.abs(a - b).max(), params, state.params)
+    self.assertGreater(max(jax.tree.leaves(moved)), 0)
+
   def test_unknown_optimizer_names_the_config_field(self):
     with self.assertRaisesRegex(ValueError, r'config\.optimizer.*sgd'):
-      train.create_optimizer(_config(optimizer='sgd'), num_rows=NUM_ROWS)
+      optim.create_optimizer(_config(optimizer='sgd'), num_rows=NUM_ROWS)
 
   def test_state_round_trips_through_orbax(self):
     _, state, step = _setup(_config('ffm'))
     state = _first(_run(step, state, [(SOME_ROWS, LABELS)]))
     with tempfile.TemporaryDirectory() as workdir:
       manager = ocp.CheckpointManager(workdir)
-      train._save(manager, 1, state, {'epoch': 1})
+      train.save_checkpoint(manager, 1, state, {'epoch': 1})
       manager.wait_until_finished()
       _, target, _ = _setup(_config('ffm'))
-      restored, meta = train._restore(manager, 1, target)
+      restored, meta = train.restore_checkpoint(manager, 1, target)
       manager.close()
     self.assertEqual(meta, {'epoch': 1})
-    self.assertIsInstance(restored.opt_state, train.LazyAdamState)
+    self.assertIsInstance(restored.opt_state, optim.LazyAdamState)
     jax.tree.map(
       np.testing.assert_array_equal,
       (restored.step, restored.params, restored.opt_state),
