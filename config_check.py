@@ -1,0 +1,367 @@
+"""Checks a whole config before any data work, naming every bad key at once.
+
+`validate_config` checks what can be checked without the data: types and
+ranges of every key of configs/default.py, the model file and its
+constructor arguments, the dataset split. It reports all problems in one
+`ConfigError`; what needs the data (field indices against the number of
+fields, batch sizes against the number of examples) is checked where the
+data is loaded.
+"""
+
+from collections.abc import Callable, Sequence
+import dataclasses
+import importlib
+import math
+import numbers
+import os
+from typing import Any
+
+import ml_collections
+
+import models
+from utils import UserError
+
+# The names `optim.create_optimizer` accepts.
+OPTIMIZERS = ('adam', 'lazy_adam')
+
+# Model attributes that the trainer sets from the data (or flax itself).
+_TRAINER_SET = (
+  'field_dims',
+  'multi_field_dims',
+  'num_dense',
+  'axis_name',
+  'dtype',
+  'parent',
+  'name',
+)
+
+
+class ConfigError(UserError, ValueError):
+  """Bad config values; the message names each key, its value and the rule."""
+
+
+# A rule returns None when the value is fine, else what it must be.
+Rule = Callable[[Any], str | None]
+
+
+def _is_int(value: Any) -> bool:
+  return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+  return (
+    isinstance(value, numbers.Real)
+    and not isinstance(value, bool)
+    and math.isfinite(value)
+  )
+
+
+def _is_sequence(value: Any) -> bool:
+  return isinstance(value, (list, tuple))
+
+
+def integer(low: int) -> Rule:
+  return lambda v: None if _is_int(v) and v >= low else f'an integer >= {low}'
+
+
+def number(low: float, *, strict: bool = False) -> Rule:
+  """A finite number >= `low` (> if `strict`)."""
+
+  def rule(value: Any) -> str | None:
+    ok = _is_number(value) and (value > low if strict else value >= low)
+    return None if ok else f'a number {">" if strict else ">="} {low}'
+
+  return rule
+
+
+def rate(value: Any) -> str | None:
+  ok = _is_number(value) and 0 <= value < 1
+  return None if ok else 'a dropout rate in [0, 1)'
+
+
+def boolean(value: Any) -> str | None:
+  return None if isinstance(value, bool) else 'True or False'
+
+
+def string(value: Any) -> str | None:
+  return None if isinstance(value, str) else 'a string'
+
+
+def one_of(names: Sequence[str]) -> Rule:
+  return lambda v: None if v in names else f'one of {", ".join(names)}'
+
+
+def integers(low: int) -> Rule:
+  def rule(value: Any) -> str | None:
+    ok = _is_sequence(value) and all(_is_int(v) and v >= low for v in value)
+    return None if ok else f'a sequence of integers >= {low}'
+
+  return rule
+
+
+def columns(value: Any) -> str | None:
+  ok = isinstance(value, str) or (
+    _is_sequence(value) and all(isinstance(v, str) for v in value)
+  )
+  return None if ok else 'column names: a sequence of strings, or "a,b,c"'
+
+
+def rates(length: int | None) -> Rule:
+  def rule(value: Any) -> str | None:
+    ok = _is_sequence(value) and all(
+      _is_number(v) and 0 <= v < 1 for v in value
+    )
+    ok = ok and (length is None or len(value) == length)
+    n = f'{length} ' if length is not None else ''
+    return None if ok else f'a sequence of {n}dropout rates in [0, 1)'
+
+  return rule
+
+
+def optional_index(value: Any) -> str | None:
+  ok = value is None or (_is_int(value) and value >= 0)
+  return None if ok else 'a field index >= 0 (or None)'
+
+
+def field_pairs(value: Any) -> str | None:
+  ok = _is_sequence(value) and all(
+    _is_sequence(p)
+    and len(p) == 2
+    and all(_is_int(i) and i >= 0 for i in p)
+    and p[0] != p[1]
+    for p in value
+  )
+  return None if ok else 'a sequence of pairs of two different field indices'
+
+
+TOP_LEVEL = {
+  'model_name': string,
+  'batch_size': integer(1),
+  'eval_batch_size': integer(1),
+  'learning_rate': number(0, strict=True),
+  'weight_decay': number(0),
+  'num_epochs': integer(1),
+  # 0 would stop before the first epoch; num_epochs alone bounds a run.
+  'patience': integer(1),
+  'seed': integer(0),
+  'init_from': string,
+  'log_every_steps': integer(1),
+  'progress_bar': boolean,
+}
+
+# By the last part of the key, so that format-specific keys are found both
+# as `dataset.<key>` and under `dataset.<format>.<key>`.
+DATASET = {
+  'name': string,
+  'path': string,
+  'valid_path': string,
+  'test_path': string,
+  'cache_dir': string,
+  'url': string,
+  'seed': integer(0),
+  'min_count': integer(-1),
+  'chunk_rows': integer(1),
+  'skip_bad_lines': boolean,
+  'log_bucket': boolean,
+  'hour_features': boolean,
+  'drop_id': boolean,
+  'label_column': string,
+  'numeric_columns': columns,
+  'categorical_columns': columns,
+  'sep': string,
+  'field_dims': integers(1),
+}
+
+# Constructor arguments of models/*.py, by name; others are checked against
+# the type of their default value.
+MODEL = {
+  'embed_dim': integer(1),
+  'attn_size': integer(1),
+  'cross_buckets': integer(1),
+  'mlp_dims': integers(1),
+  'dropout': rate,
+  'attn_l2': number(0),
+  'user_field_idx': optional_index,
+  'item_field_idx': optional_index,
+  'cross_fields': field_pairs,
+}
+
+
+def validate_config(
+  config: ml_collections.ConfigDict,
+  *,
+  dataset_names: Sequence[str] | None = None,
+  optimizers: Sequence[str] = OPTIMIZERS,
+  num_devices: int | None = None,
+) -> None:
+  """Checks every key that can be checked without the data.
+
+  Args:
+    config: the run's config (see configs/default.py); keys it lacks are
+      not checked.
+    dataset_names: the accepted `dataset.name`s; None: not checked here.
+    optimizers: the accepted `optimizer`s.
+    num_devices: the run's device count (all processes): batch sizes must
+      be multiples of it; None: not checked here.
+
+  Raises:
+    ConfigError: one message naming every bad key, its value and the rule.
+  """
+  problems = []
+
+  def check(key: str, value: Any, rule: Rule | None) -> None:
+    expected = rule(value) if rule else None
+    if expected:
+      problems.append(f'config.{key}={value!r} must be {expected}')
+
+  for key, rule in TOP_LEVEL.items():
+    if key in config:
+      check(key, config[key], rule)
+  if 'optimizer' in config:
+    check('optimizer', config.optimizer, one_of(optimizers))
+  if num_devices:
+    for key in ('batch_size', 'eval_batch_size'):
+      value = config.get(key)
+      if _is_int(value) and value >= 1 and value % num_devices:
+        problems.append(
+          f'config.{key}={value} must be a multiple of the {num_devices}'
+          ' devices of this run'
+        )
+  problems += _init_from_problems(config.get('init_from'))
+  problems += _model_problems(config)
+  if 'dataset' in config:
+    problems += _dataset_problems(config.dataset, dataset_names, check)
+  if problems:
+    raise ConfigError(
+      f'{len(problems)} bad config value{"s" * (len(problems) > 1)}: '
+      + '; '.join(problems)
+      + f'. Fix {"them" if len(problems) > 1 else "it"} in the config file or'
+      ' with --config.<key>=<value>.'
+    )
+
+
+def _init_from_problems(init_from: Any) -> list[str]:
+  if not isinstance(init_from, str) or not init_from:
+    return []
+  best = os.path.join(os.path.expanduser(init_from), 'checkpoints', 'best')
+  if os.path.isdir(best) and any(n.isdigit() for n in os.listdir(best)):
+    return []
+  return [
+    f'config.init_from={init_from!r} must be the workdir of a run that saved'
+    f' a best checkpoint ({best} has none)'
+  ]
+
+
+def _model_problems(config: ml_collections.ConfigDict) -> list[str]:
+  """The model file exists and accepts every `config.model` key."""
+  name = config.get('model_name')
+  if not isinstance(name, str):
+    return []  # Reported by TOP_LEVEL.
+  if name not in models.names():
+    return [
+      f'config.model_name={name!r} must name a file in models/: one of'
+      f' {", ".join(models.names())}'
+    ]
+  model = config.get('model') or {}
+  if isinstance(model, ml_collections.ConfigDict):
+    model = model.to_dict()
+  # Importing a model file costs well under a second; the data may cost
+  # minutes.
+  fields = {
+    f.name: f
+    for f in dataclasses.fields(importlib.import_module(f'models.{name}').Model)
+  }
+  accepted = [k for k in fields if k not in _TRAINER_SET]
+  problems = []
+  for key, value in model.items():
+    where = f'config.model.{key}={value!r}'
+    if key in _TRAINER_SET:
+      problems.append(f'{where}: remove it, the trainer sets it')
+      continue
+    if key not in fields:
+      problems.append(
+        f'{where}: models/{name}.py has no such argument; it takes'
+        f' {", ".join(accepted) or "none"}'
+      )
+      continue
+    default = fields[key].default
+    rule = MODEL.get(key)
+    if key == 'dropouts':
+      rule = rates(len(default) if _is_sequence(default) else None)
+    elif rule is None:
+      rule = _rule_like(default)
+    expected = rule(value) if rule else None
+    if expected:
+      problems.append(f'{where} must be {expected}')
+  return problems
+
+
+def _rule_like(default: Any) -> Rule | None:
+  """A type check from a constructor argument's default value."""
+  if isinstance(default, bool):
+    return boolean
+  if _is_int(default):
+    return integer(0)
+  if isinstance(default, float):
+    return number(-math.inf)
+  if isinstance(default, str):
+    return string
+  return None
+
+
+def _dataset_problems(
+  dataset: Any, names: Sequence[str] | None, check: Callable
+) -> list[str]:
+  """Problems of `config.dataset` (per-key ones go through `check`)."""
+  if isinstance(dataset, ml_collections.ConfigDict):
+    dataset = dataset.to_dict()
+  problems = []
+
+  def walk(node: dict, prefix: str) -> None:
+    for key, value in node.items():
+      if isinstance(value, dict):
+        walk(value, f'{prefix}{key}.')
+      else:
+        check(f'dataset.{prefix}{key}', value, DATASET.get(key))
+
+  walk(dataset, '')
+  name = dataset.get('name')
+  if names is not None and isinstance(name, str) and name not in names:
+    problems.append(
+      f'config.dataset.name={name!r} must be one of {", ".join(names)}'
+    )
+  valid, test = dataset.get('valid_path'), dataset.get('test_path')
+  if bool(valid) != bool(test):
+    problems.append(
+      'config.dataset.valid_path and config.dataset.test_path must be set'
+      ' both (predefined validation and test files) or neither (a random'
+      f' split of dataset.path); got {valid!r} and {test!r}'
+    )
+  path = dataset.get('path')
+  # A libfm directory may hold its own validation and test files.
+  predefined = bool(valid and test) or (
+    name == 'libfm' and isinstance(path, str) and os.path.isdir(path)
+  )
+  problems += _split_problems(dataset.get('split'), predefined)
+  return problems
+
+
+def _split_problems(split: Any, predefined: bool) -> list[str]:
+  where = f'config.dataset.split={split!r}'
+  if not (
+    _is_sequence(split)
+    and len(split) == 3
+    and all(_is_number(f) and f >= 0 for f in split)
+    and abs(sum(split) - 1) <= 1e-6
+  ):
+    return [
+      f'{where} must be three non-negative fractions of train, validation'
+      ' and test summing to 1, e.g. (0.8, 0.1, 0.1)'
+    ]
+  if not predefined and min(split) == 0:
+    return [
+      f'{where} must give every part a fraction > 0: training needs'
+      ' examples, early stopping validation examples, the final score test'
+      ' examples (or set dataset.valid_path and dataset.test_path)'
+    ]
+  return []

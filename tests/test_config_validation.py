@@ -1,0 +1,211 @@
+"""Tests of config_check.py: every bad key is named before any data work."""
+
+import importlib
+import os
+import tempfile
+
+from absl.testing import absltest
+from absl.testing import parameterized
+import ml_collections
+
+import config_check
+import models
+import utils
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CONFIGS = sorted(
+  f[:-3]
+  for f in os.listdir(os.path.join(ROOT, 'configs'))
+  if f.endswith('.py') and f not in ('__init__.py', 'default.py')
+)
+
+
+def _config(name='fm', **values):
+  """The real config `configs/<name>.py` with `a__b=v` meaning `a.b = v`."""
+  config = importlib.import_module(f'configs.{name}').get_config()
+  for key, value in values.items():
+    node = config
+    *parents, leaf = key.split('__')
+    for parent in parents:
+      node = node[parent]
+    if isinstance(node, ml_collections.ConfigDict):
+      with node.ignore_type():
+        node[leaf] = value
+    else:
+      node[leaf] = value
+  return config
+
+
+class _TestCase(parameterized.TestCase):
+  def problems(self, config, **kwargs):
+    """The message of the ConfigError that `config` must raise."""
+    with self.assertRaises(config_check.ConfigError) as cm:
+      config_check.validate_config(config, **kwargs)
+    return str(cm.exception)
+
+
+class RealConfigsTest(_TestCase):
+  def test_every_config_file_is_valid(self):
+    self.assertNotEmpty(CONFIGS)
+    for name in CONFIGS:
+      for arg in (None, 'smoke'):
+        config = importlib.import_module(f'configs.{name}').get_config(arg)
+        config_check.validate_config(config, num_devices=2)
+
+  def test_every_dropout_rate_of_every_config_is_checked(self):
+    checked = 0
+    for name in CONFIGS:
+      model = _config(name).model
+      for key in ('dropout', 'dropouts'):
+        if key in model:
+          bad = 1.0 if key == 'dropout' else (0.2,) * (len(model[key]) - 1)
+          message = self.problems(_config(name, **{f'model__{key}': bad}))
+          self.assertIn(f'config.model.{key}={bad!r}', message)
+          self.assertIn('dropout rate', message)
+          checked += 1
+    self.assertGreaterEqual(checked, 7)
+
+  def test_optimizer_names_are_those_the_optimizer_factory_builds(self):
+    try:
+      factory = importlib.import_module('optim').create_optimizer
+    except ModuleNotFoundError:
+      factory = importlib.import_module('train').create_optimizer
+    for name in config_check.OPTIMIZERS:
+      factory(_config(optimizer=name), num_rows=10)
+    with self.assertRaises(ValueError):
+      factory(_config(optimizer='sgd'), num_rows=10)
+
+
+class BadValueTest(_TestCase):
+  @parameterized.parameters(
+    ('batch_size', 0, 'an integer >= 1'),
+    ('batch_size', -3, 'an integer >= 1'),
+    ('batch_size', 2.5, 'an integer >= 1'),
+    ('eval_batch_size', 0, 'an integer >= 1'),
+    ('num_epochs', 0, 'an integer >= 1'),
+    ('log_every_steps', 0, 'an integer >= 1'),
+    ('patience', 0, 'an integer >= 1'),
+    ('learning_rate', -1.0, 'a number > 0'),
+    ('learning_rate', 0.0, 'a number > 0'),
+    ('learning_rate', float('nan'), 'a number > 0'),
+    ('weight_decay', -1e-6, 'a number >= 0'),
+    ('optimizer', 'sgd', 'one of adam, lazy_adam'),
+    ('seed', -1, 'an integer >= 0'),
+    ('progress_bar', 'yes', 'True or False'),
+    ('model__embed_dim', 0, 'an integer >= 1'),
+    ('model__embed_dim', -4, 'an integer >= 1'),
+    ('dataset__seed', -1, 'an integer >= 0'),
+    ('dataset__chunk_rows', 0, 'an integer >= 1'),
+    ('dataset__min_count', -2, 'an integer >= -1'),
+    ('dataset__skip_bad_lines', 1, 'True or False'),
+  )
+  def test_bad_value_is_named_with_its_rule(self, key, value, rule):
+    message = self.problems(_config(**{key: value}))
+    self.assertIn(f'config.{key.replace("__", ".")}={value!r} must be', message)
+    self.assertIn(rule, message)
+    self.assertStartsWith(message, '1 bad config value: ')
+
+  @parameterized.parameters(
+    ('nfm', 'model__mlp_dims', (64, 0), 'integers >= 1'),
+    ('afm', 'model__attn_size', 0, 'an integer >= 1'),
+    ('afm', 'model__attn_l2', -0.1, 'a number >= 0'),
+    ('wd', 'model__cross_fields', ((1, 1),), 'two different field indices'),
+    ('wd', 'model__cross_buckets', 0, 'an integer >= 1'),
+    ('ncf', 'model__user_field_idx', -1, 'a field index >= 0'),
+    ('ncf', 'model__shared_embedding', 'no', 'True or False'),
+    ('fnn', 'model__fm_linear_inputs', 0, 'True or False'),
+  )
+  def test_bad_model_argument_is_named(self, name, key, value, rule):
+    message = self.problems(_config(name, **{key: value}))
+    self.assertIn(f'config.{key.replace("__", ".")}={value!r} must be', message)
+    self.assertIn(rule, message)
+
+  def test_unknown_model_is_named_before_any_data(self):
+    message = self.problems(_config(model_name='nope'))
+    self.assertIn("model_name='nope' must name a file in models/", message)
+    self.assertIn(', '.join(models.names()), message)
+
+  def test_model_argument_the_model_does_not_take_is_named(self):
+    message = self.problems(_config(model__embed_dims=8))
+    self.assertIn('model.embed_dims=8: models/fm.py has no such', message)
+    self.assertIn('embed_dim', message)
+    message = self.problems(_config(model__field_dims=(3, 4)))
+    self.assertIn('config.model.field_dims=(3, 4): remove it', message)
+
+  @parameterized.parameters(
+    ((1.0, 0.0, 0.0), 'every part a fraction > 0'),
+    ((0.0, 0.5, 0.5), 'every part a fraction > 0'),
+    ((0.5, 0.5), 'three non-negative fractions'),
+    ((0.8, 0.1, 0.2), 'summing to 1'),
+    ((1.1, -0.05, -0.05), 'three non-negative fractions'),
+  )
+  def test_bad_split_is_named(self, split, rule):
+    message = self.problems(_config(dataset__split=split))
+    self.assertIn(f'config.dataset.split={split!r} must', message)
+    self.assertIn(rule, message)
+
+  def test_predefined_files_allow_a_split_without_validation_part(self):
+    config = _config(
+      dataset__split=(1.0, 0.0, 0.0),
+      dataset__valid_path='v.txt',
+      dataset__test_path='t.txt',
+    )
+    config_check.validate_config(config)
+    message = self.problems(_config(dataset__valid_path='v.txt'))
+    self.assertIn('valid_path and config.dataset.test_path must', message)
+
+  def test_nested_dataset_keys_are_checked_by_name(self):
+    config = _config()
+    config.dataset.csv = ml_collections.ConfigDict({'sep': 3})
+    config.dataset.libfm = ml_collections.ConfigDict({'field_dims': (4, 0)})
+    message = self.problems(config)
+    self.assertIn('config.dataset.csv.sep=3 must be a string', message)
+    self.assertIn('config.dataset.libfm.field_dims=(4, 0) must be', message)
+
+  def test_dataset_names_and_device_count_when_given(self):
+    message = self.problems(
+      _config(dataset__name='movielens', batch_size=6, eval_batch_size=8),
+      dataset_names=('ml-1m', 'criteo'),
+      num_devices=4,
+    )
+    self.assertIn("dataset.name='movielens' must be one of ml-1m", message)
+    self.assertIn('config.batch_size=6 must be a multiple of the 4', message)
+    self.assertNotIn('eval_batch_size=8', message)
+
+  def test_init_from_must_hold_a_best_checkpoint(self):
+    with tempfile.TemporaryDirectory() as run:
+      message = self.problems(_config(init_from=run))
+      self.assertIn(f'config.init_from={run!r} must be the workdir', message)
+      os.makedirs(os.path.join(run, 'checkpoints', 'best', '4'))
+      config_check.validate_config(_config(init_from=run))
+
+  def test_all_problems_in_one_message(self):
+    config = _config(
+      'deepfm',
+      batch_size=0,
+      learning_rate=-1.0,
+      model__embed_dim=0,
+      model__dropout=1.5,
+      dataset__split=(1.0, 0.0, 0.0),
+      log_every_steps=0,
+    )
+    with self.assertRaises(utils.UserError) as cm:
+      config_check.validate_config(config)
+    self.assertIsInstance(cm.exception, ValueError)
+    message = str(cm.exception)
+    self.assertStartsWith(message, '6 bad config values: ')
+    for key in (
+      'batch_size=0',
+      'learning_rate=-1.0',
+      'model.embed_dim=0',
+      'model.dropout=1.5',
+      'dataset.split=(1.0, 0.0, 0.0)',
+      'log_every_steps=0',
+    ):
+      self.assertIn(f'config.{key} must', message)
+    self.assertNotIn('\n', message)
+    self.assertEndsWith(message, '--config.<key>=<value>.')
+
+
+if __name__ == '__main__':
+  absltest.main()

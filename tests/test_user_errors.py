@@ -1,0 +1,110 @@
+"""Tests of utils.run_main: a UserError is one line and status 2, bugs are not.
+
+Each case runs a tiny entry point in a subprocess, as a user runs main.py.
+"""
+
+import os
+import subprocess
+import sys
+import tempfile
+import textwrap
+
+from absl.testing import absltest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+MESSAGE = 'config.batch_size: set it to 2048.'
+
+_SCRIPT = textwrap.dedent(
+  f"""
+  import sys
+  sys.path.insert(0, {ROOT!r})
+  import utils
+
+
+  def main(argv):
+    kind = argv[1]
+    if kind == 'user':
+      try:
+        {{}}['batch_size']
+      except KeyError as e:
+        raise utils.UserError({MESSAGE!r}) from e
+    if kind == 'config':
+      import config_check
+      from configs import fm
+      config = fm.get_config()
+      config.batch_size = 0
+      config_check.validate_config(config)
+    if kind == 'internal':
+      raise RuntimeError('an internal bug')
+    print('done')
+
+
+  if __name__ == '__main__':
+    utils.run_main(main)
+  """
+)
+
+
+class RunMainTest(absltest.TestCase):
+  @classmethod
+  def setUpClass(cls):
+    super().setUpClass()
+    cls.script = os.path.join(tempfile.mkdtemp(), 'entry.py')
+    with open(cls.script, 'w') as f:
+      f.write(_SCRIPT)
+
+  def _run(self, *args, env=None):
+    return subprocess.run(
+      [sys.executable, self.script, *args],
+      capture_output=True,
+      text=True,
+      timeout=120,
+      env={**os.environ, **(env or {})},
+    )
+
+  def test_user_error_is_one_line_with_status_2(self):
+    result = self._run('user')
+    self.assertEqual(result.returncode, 2, result.stderr)
+    self.assertNotIn('Traceback', result.stderr)
+    self.assertEqual(
+      result.stderr.strip().splitlines()[-1], f'entry.py: error: {MESSAGE}'
+    )
+
+  def test_config_error_is_a_user_error(self):
+    result = self._run('config')
+    self.assertEqual(result.returncode, 2, result.stderr)
+    self.assertNotIn('Traceback', result.stderr)
+    self.assertIn(
+      'entry.py: error: 1 bad config value: config.batch_size=0 must be',
+      result.stderr,
+    )
+
+  def test_verbosity_or_environment_shows_the_traceback(self):
+    for args, env in (
+      (['--verbosity=1'], None),
+      ([], {'FLAX_FM_TRACEBACK': '1'}),
+    ):
+      result = self._run(*args, 'user', env=env)
+      self.assertEqual(result.returncode, 2, result.stderr)
+      self.assertIn('Traceback', result.stderr)
+      self.assertIn("KeyError: 'batch_size'", result.stderr)  # The cause.
+      last = result.stderr.strip().splitlines()[-1]
+      self.assertEqual(last, f'entry.py: error: {MESSAGE}')
+    result = self._run('user', env={'FLAX_FM_TRACEBACK': '0'})
+    self.assertNotIn('Traceback', result.stderr)
+
+  def test_internal_error_keeps_its_traceback(self):
+    result = self._run('internal')
+    self.assertNotIn(result.returncode, (0, 2))
+    self.assertIn('Traceback', result.stderr)
+    self.assertIn('RuntimeError: an internal bug', result.stderr)
+    self.assertNotIn('error: an internal bug', result.stderr)
+
+  def test_success_exits_0(self):
+    result = self._run('ok')
+    self.assertEqual(result.returncode, 0, result.stderr)
+    self.assertEqual(result.stdout.strip(), 'done')
+
+
+if __name__ == '__main__':
+  absltest.main()

@@ -1,0 +1,497 @@
+"""Tests of workdir.py: the directory checks, the lock, the config record."""
+
+import contextlib
+import errno
+import json
+import os
+import select
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import textwrap
+import threading
+import time
+import unittest
+from unittest import mock
+
+from absl.testing import absltest
+import ml_collections
+
+from configs import fm
+from configs import nfm
+import utils
+import workdir
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TIMEOUT = 60  # Seconds any subprocess may take; none should come near it.
+
+# Waits for `<dir>/go`, takes the lock, says so, holds it until `<dir>/release`.
+_CONTENDER = textwrap.dedent(
+  """
+  import os, sys, time
+  sys.path.insert(0, {root!r})
+  import utils, workdir
+  path, signals = sys.argv[1], sys.argv[2]
+  open(os.path.join(signals, f'ready-{{os.getpid()}}'), 'w').close()
+  deadline = time.time() + {timeout}
+  while not os.path.exists(os.path.join(signals, 'go')):
+    if time.time() > deadline:
+      sys.exit(4)
+    time.sleep(0.001)
+  try:
+    lock = workdir.acquire(path)
+  except utils.UserError as e:
+    print('REFUSED', e, flush=True)
+    sys.exit(3)
+  print('WON', os.getpid(), flush=True)
+  while not os.path.exists(os.path.join(signals, 'release')):
+    if time.time() > deadline:
+      sys.exit(5)
+    time.sleep(0.01)
+  lock.release()
+  """
+).format(root=ROOT, timeout=TIMEOUT)
+
+
+def _start(path, signals, **kwargs):
+  return subprocess.Popen(
+    [sys.executable, '-c', _CONTENDER, path, signals],
+    stdout=subprocess.PIPE,
+    stderr=subprocess.PIPE,
+    text=True,
+    **kwargs,
+  )
+
+
+def _wait_until(predicate, what):
+  deadline = time.monotonic() + TIMEOUT
+  while not predicate():
+    if time.monotonic() > deadline:
+      raise AssertionError(f'Timed out waiting for {what}.')
+    time.sleep(0.01)
+
+
+def _read_line(proc):
+  ready, _, _ = select.select([proc.stdout], [], [], TIMEOUT)
+  if not ready:
+    proc.kill()
+    raise AssertionError('The lock holder said nothing.')
+  return proc.stdout.readline().strip()
+
+
+@contextlib.contextmanager
+def _read_only(path):
+  """Makes directory `path` unwritable for this process, even as root.
+
+  Root ignores modes, so as root the directory is made immutable (as
+  `chattr +i`, which the issue's reproduction used).
+  """
+  if os.geteuid() != 0:
+    os.chmod(path, 0o555)
+    try:
+      yield
+    finally:
+      os.chmod(path, 0o755)
+    return
+  if subprocess.run(['chattr', '+i', path], capture_output=True).returncode:
+    raise unittest.SkipTest('chattr +i is not available here.')
+  try:
+    yield
+  finally:
+    subprocess.run(['chattr', '-i', path], check=True)
+
+
+class PrepareTest(absltest.TestCase):
+  def setUp(self):
+    super().setUp()
+    self.tmp = tempfile.mkdtemp()
+
+  def test_creates_missing_directories(self):
+    path = os.path.join(self.tmp, 'a', 'b')
+    self.assertEqual(workdir.prepare(path), path)
+    self.assertTrue(os.path.isdir(path))
+
+  def test_file_is_refused_by_path(self):
+    path = os.path.join(self.tmp, 'file')
+    with open(path, 'w'):
+      pass
+    with self.assertRaisesRegex(
+      utils.UserError, f'workdir {path} exists and is not a directory'
+    ):
+      workdir.prepare(path)
+
+  def test_directory_under_a_file_names_the_file(self):
+    parent = os.path.join(self.tmp, 'file')
+    with open(parent, 'w'):
+      pass
+    with self.assertRaisesRegex(
+      utils.UserError, f'cannot be created: {parent} is a file'
+    ):
+      workdir.prepare(os.path.join(parent, 'run'))
+
+  def _message(self, path):
+    with self.assertRaises(utils.UserError) as cm:
+      workdir.prepare(path)
+    return str(cm.exception)
+
+  def test_unwritable_directory_is_refused(self):
+    path = os.path.join(self.tmp, 'ro')
+    os.mkdir(path)
+    with _read_only(path):
+      message = self._message(path)
+    self.assertIn(f'workdir {path} is not writable', message)
+
+  def test_uncreatable_directory_names_the_parent(self):
+    parent = os.path.join(self.tmp, 'ro')
+    os.mkdir(parent)
+    with _read_only(parent):
+      message = self._message(os.path.join(parent, 'x', 'run'))
+    self.assertIn(f'cannot be created in {parent} (', message)
+
+  def test_unwritable_checkpoints_are_named(self):
+    path = os.path.join(self.tmp, 'run')
+    checkpoints = os.path.join(path, 'checkpoints')
+    os.makedirs(os.path.join(checkpoints, 'latest', '3'))
+    with _read_only(checkpoints):
+      message = self._message(path)
+    self.assertIn(f'cannot write: {checkpoints}', message)
+
+
+class LockTest(absltest.TestCase):
+  def setUp(self):
+    super().setUp()
+    self.tmp = tempfile.mkdtemp()
+    self.path = workdir.prepare(os.path.join(self.tmp, 'run'))
+
+  def test_processes_started_together_exactly_one_wins(self):
+    for round_ in range(5):
+      signals = tempfile.mkdtemp(dir=self.tmp)
+      procs = [_start(self.path, signals) for _ in range(2)]
+      try:
+        _wait_until(
+          lambda s=signals: len(os.listdir(s)) == 2, 'both contenders ready'
+        )
+        open(os.path.join(signals, 'go'), 'w').close()
+        _wait_until(
+          lambda p=procs: any(x.poll() is not None for x in p),
+          'one contender to be refused',
+        )
+        [loser] = [p for p in procs if p.poll() is not None]
+        [winner] = [p for p in procs if p is not loser]
+        out, err = loser.communicate(timeout=TIMEOUT)
+        self.assertEqual(loser.returncode, 3, f'round {round_}: {out} {err}')
+        self.assertIn(f'pid {winner.pid} on host {socket.gethostname()}', out)
+        self.assertIn('started', out)
+        open(os.path.join(signals, 'release'), 'w').close()
+        out, err = winner.communicate(timeout=TIMEOUT)
+        self.assertEqual(winner.returncode, 0, err)
+        self.assertEqual(out.split(), ['WON', str(winner.pid)])
+      finally:
+        for p in procs:
+          if p.poll() is None:
+            p.kill()
+            p.communicate()
+    with open(os.path.join(self.path, workdir.LOCK_FILE)) as f:
+      self.assertTrue(json.load(f)['released'])
+
+  def test_live_holder_refuses_then_sigkilled_holder_is_taken_over(self):
+    signals = tempfile.mkdtemp(dir=self.tmp)
+    open(os.path.join(signals, 'go'), 'w').close()
+    holder = _start(self.path, signals)
+    try:
+      self.assertEqual(_read_line(holder), f'WON {holder.pid}')
+      with self.assertRaises(utils.UserError) as cm:
+        workdir.acquire(self.path)
+      message = str(cm.exception)
+      self.assertIn(f'{self.path} is in use by pid {holder.pid}', message)
+      self.assertIn(f'on host {socket.gethostname()}', message)
+    finally:
+      os.kill(holder.pid, signal.SIGKILL)
+      holder.communicate(timeout=TIMEOUT)
+    with self.assertLogs(level='WARNING') as logs:
+      lock = workdir.acquire(self.path)
+    with lock:
+      self.assertEqual(lock.taken_over_from['pid'], holder.pid)
+      self.assertIn(f'Taking over workdir {self.path}', logs.output[0])
+      self.assertIn(f'pid {holder.pid}', logs.output[0])
+    # A released lock is not a dead run's: no takeover next time.
+    with workdir.acquire(self.path) as lock:
+      self.assertIsNone(lock.taken_over_from)
+
+  def test_without_lock_support_a_live_pid_refuses(self):
+    signals = tempfile.mkdtemp(dir=self.tmp)
+    open(os.path.join(signals, 'go'), 'w').close()
+    holder = _start(self.path, signals)
+
+    def no_locks(fd, operation):
+      del fd, operation
+      raise OSError(errno.ENOLCK, 'No locks available')
+
+    try:
+      self.assertEqual(_read_line(holder), f'WON {holder.pid}')
+      with mock.patch.object(workdir.fcntl, 'flock', no_locks):
+        with self.assertRaisesRegex(
+          utils.UserError, f'pid {holder.pid} .*Its process still exists'
+        ):
+          workdir.acquire(self.path)
+    finally:
+      os.kill(holder.pid, signal.SIGKILL)
+      holder.communicate(timeout=TIMEOUT)
+    with mock.patch.object(workdir.fcntl, 'flock', no_locks):
+      with workdir.acquire(self.path) as lock:
+        self.assertEqual(lock.taken_over_from['pid'], holder.pid)
+
+  def test_same_process_cannot_lock_twice(self):
+    with workdir.acquire(self.path):
+      with self.assertRaisesRegex(utils.UserError, 'by this process'):
+        workdir.acquire(self.path)
+    workdir.acquire(self.path).release()
+
+  def test_disabled_lock_holds_nothing(self):
+    with workdir.acquire(self.path, enabled=False) as lock:
+      self.assertIsNone(lock.path)
+      workdir.acquire(self.path).release()
+
+  def _fake_holder(self, beats):
+    """A run on another host, on a file system whose locks do not reach it.
+
+    It writes its record `beats` times, a beat every 0.02 s, into a lock
+    file that it does not lock.
+    """
+    path = os.path.join(self.path, workdir.LOCK_FILE)
+
+    def write(beat):
+      record = {
+        'host': 'elsewhere',
+        'pid': 4242,
+        'start_time': 'yesterday',
+        'heartbeat': beat,
+        'heartbeat_seconds': 0.1,
+        'released': False,
+      }
+      with open(path, 'w') as f:
+        json.dump(record, f)
+
+    write(0)
+    stop = threading.Event()
+
+    def run():
+      for beat in range(1, beats + 1):
+        if stop.wait(0.02):
+          return
+        write(beat)
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    self.addCleanup(thread.join)
+    self.addCleanup(stop.set)
+
+  def test_other_host_whose_heartbeat_moves_refuses(self):
+    self._fake_holder(beats=500)
+    with self.assertRaisesRegex(
+      utils.UserError, 'pid 4242 on host elsewhere.*heartbeat.*still moves'
+    ):
+      workdir.acquire(self.path)
+
+  def test_other_host_whose_heartbeat_stopped_is_taken_over(self):
+    self._fake_holder(beats=0)
+    with self.assertLogs(level='WARNING') as logs:
+      lock = workdir.acquire(self.path)
+    with lock:
+      self.assertEqual(lock.taken_over_from['host'], 'elsewhere')
+    self.assertRegex(logs.output[0], r'watching its heartbeat for 0\.\d s')
+    self.assertIn('Taking over', logs.output[1])
+
+  def test_holder_rewrites_its_heartbeat(self):
+    with workdir.acquire(self.path, heartbeat_seconds=0.05):
+      lock_file = os.path.join(self.path, workdir.LOCK_FILE)
+
+      def heartbeat():
+        with open(lock_file) as f:
+          try:
+            return json.load(f)['heartbeat']
+          except json.JSONDecodeError:
+            return None  # Caught mid-rewrite.
+
+      first = heartbeat() or 0.0
+      _wait_until(lambda: (heartbeat() or 0.0) > first, 'a new heartbeat')
+      with open(lock_file) as f:
+        record = json.load(f)
+      self.assertEqual(record['pid'], os.getpid())
+      self.assertFalse(record['released'])
+
+
+def _changed(config, **values):
+  config = ml_collections.ConfigDict(config.to_dict())
+  for key, value in values.items():
+    node = config
+    *parents, leaf = key.split('__')
+    for parent in parents:
+      node = node[parent]
+    node[leaf] = value
+  return config
+
+
+class CheckResumeTest(absltest.TestCase):
+  def setUp(self):
+    super().setUp()
+    self.path = workdir.prepare(tempfile.mkdtemp())
+    self.config = fm.get_config()
+
+  def _history(self):
+    path = os.path.join(self.path, workdir.HISTORY_FILE)
+    if not os.path.exists(path):
+      return []
+    with open(path) as f:
+      return [json.loads(line) for line in f]
+
+  def _record(self):
+    with open(os.path.join(self.path, workdir.CONFIG_FILE)) as f:
+      return json.load(f)
+
+  def test_new_run_records_its_config(self):
+    self.assertEqual(workdir.check_resume(self.path, self.config), [])
+    self.assertEqual(self._record(), json.loads(self.config.to_json()))
+    self.assertEqual(
+      workdir.check_resume(self.path, self.config, resuming=True), []
+    )
+    self.assertEqual(self._history(), [])
+
+  def test_changes_to_data_model_or_steps_are_refused_listing_each(self):
+    workdir.check_resume(self.path, self.config)
+    recorded = self._record()
+    changed = _changed(
+      self.config,
+      dataset__seed=1,
+      batch_size=512,
+      learning_rate=0.01,
+      model__embed_dim=8,
+      num_epochs=3,  # Safe: not listed.
+    )
+    with self.assertRaises(utils.UserError) as cm:
+      workdir.check_resume(self.path, changed, resuming=True)
+    message = str(cm.exception)
+    for difference in (
+      'batch_size 2048 -> 512',
+      'dataset.seed 0 -> 1',
+      'learning_rate 0.001 -> 0.01',
+      'model.embed_dim 16 -> 8',
+    ):
+      self.assertIn(difference, message)
+    self.assertNotIn('num_epochs 100', message)
+    self.assertIn('use another workdir or delete this one', message)
+    self.assertEqual(self._record(), recorded)
+    self.assertEqual(self._history(), [])
+
+  def test_another_model_is_refused(self):
+    workdir.check_resume(self.path, self.config)
+    with self.assertRaises(utils.UserError) as cm:
+      workdir.check_resume(self.path, nfm.get_config(), resuming=True)
+    message = str(cm.exception)
+    self.assertIn('model_name "fm" -> "nfm"', message)
+    self.assertIn('model.embed_dim 16 -> 64', message)
+    self.assertIn('model.dropouts (absent) -> [0.2, 0.2]', message)
+
+  def test_nested_and_moved_dataset_keys_are_compared(self):
+    self.config.dataset.csv = ml_collections.ConfigDict({'sep': ','})
+    workdir.check_resume(self.path, self.config)
+    moved = _changed(self.config, dataset__csv__sep=';')
+    moved.dataset.chunk_rows = 10  # Safe.
+    with self.assertRaisesRegex(utils.UserError, 'dataset.csv.sep "," -> ";"'):
+      workdir.check_resume(self.path, moved, resuming=True)
+    del moved.dataset['csv']
+    with self.assertRaisesRegex(
+      utils.UserError, r'dataset.csv.sep "," -> \(absent\)'
+    ):
+      workdir.check_resume(self.path, moved, resuming=True)
+
+  def test_safe_changes_are_appended_to_the_history_once(self):
+    workdir.check_resume(self.path, self.config)
+    shorter = _changed(self.config, num_epochs=5, patience=4)
+    changes = workdir.check_resume(self.path, shorter, resuming=True)
+    history = self._history()
+    self.assertEqual(changes, history)
+    self.assertEqual(
+      [(h['key'], h['old'], h['new']) for h in history],
+      [('num_epochs', 100, 5), ('patience', 2, 4)],
+    )
+    for h in history:
+      self.assertIn('time', h)
+    # Compared with the record as changed by its history: nothing new.
+    again = workdir.check_resume(self.path, shorter, resuming=True)
+    self.assertEqual(again, [])
+    workdir.check_resume(self.path, self.config, resuming=True)
+    self.assertEqual(
+      [(h['key'], h['old'], h['new']) for h in self._history()[2:]],
+      [('num_epochs', 5, 100), ('patience', 4, 2)],
+    )
+    self.assertEqual(self._record()['num_epochs'], 100)
+
+  def test_process_that_does_not_write_checks_only(self):
+    workdir.check_resume(self.path, self.config)
+    shorter = _changed(self.config, num_epochs=5)
+    workdir.check_resume(self.path, shorter, resuming=True, write=False)
+    self.assertEqual(self._history(), [])
+    with self.assertRaises(utils.UserError):
+      workdir.check_resume(
+        self.path, _changed(self.config, seed=3), resuming=True, write=False
+      )
+
+  def test_run_without_checkpoints_replaces_an_old_record(self):
+    workdir.check_resume(self.path, self.config)
+    workdir.check_resume(
+      self.path, _changed(self.config, num_epochs=5), resuming=True
+    )
+    other = nfm.get_config()
+    self.assertEqual(workdir.check_resume(self.path, other), [])
+    self.assertEqual(self._record()['model_name'], 'nfm')
+    self.assertEqual(self._history(), [])
+
+  def test_checkpoints_are_found_by_step_directory(self):
+    self.assertFalse(workdir.has_checkpoints(self.path))
+    latest = os.path.join(self.path, 'checkpoints', 'latest')
+    os.makedirs(os.path.join(latest, '3.orbax-checkpoint-tmp-17'))
+    self.assertFalse(workdir.has_checkpoints(self.path))
+    os.makedirs(os.path.join(self.path, 'checkpoints', 'best', '2'))
+    self.assertTrue(workdir.has_checkpoints(self.path))
+    workdir.check_resume(self.path, self.config, resuming=False)
+    with self.assertRaisesRegex(utils.UserError, 'seed 0 -> 1'):
+      workdir.check_resume(self.path, _changed(self.config, seed=1))
+
+  def test_unreadable_record_is_refused_by_name(self):
+    with open(os.path.join(self.path, workdir.CONFIG_FILE), 'w') as f:
+      f.write('{"model_name": "fm", ')
+    with self.assertRaisesRegex(
+      utils.UserError, f'Cannot read {self.path}/config.json'
+    ):
+      workdir.check_resume(self.path, self.config, resuming=True)
+
+  def test_checkpoints_without_record_record_this_config(self):
+    with self.assertLogs(level='WARNING'):
+      workdir.check_resume(self.path, self.config, resuming=True)
+    self.assertEqual(self._record()['model_name'], 'fm')
+
+  def test_safe_list_covers_only_what_cannot_change_a_resumed_run(self):
+    flat = workdir.flatten(fm.get_config())
+    safe = sorted(k for k in flat if workdir.is_safe(k))
+    self.assertEqual(
+      safe,
+      [
+        'dataset.cache_dir',
+        'dataset.chunk_rows',
+        'dataset.url',
+        'eval_batch_size',
+        'init_from',
+        'log_every_steps',
+        'num_epochs',
+        'patience',
+        'progress_bar',
+      ],
+    )
+    self.assertFalse(workdir.is_safe('some_key_added_later'))
+
+
+if __name__ == '__main__':
+  absltest.main()
