@@ -25,6 +25,11 @@ Inputs are per-field ids `[batch, fields]` (int32, field `f` in
 `[0, field_dims[f])`, at least two fields); the output is the logit y(x)
 `[batch]` (float32). The sigmoid belongs to the loss.
 
+Optional side inputs are more fields of the linear term and of the pairs of
+z, each with its own field-aware vectors: a multi-hot field (`multi_ids`,
+e.g. a movie's genres) adds the mean (or sum) of its ids' weights and
+vectors, a numeric field (`dense`) `w x` and `v x` for its value `x`.
+
 Differences from pytorch-fm (torchfm 0.7.0,
 `FieldAwareNeuralFactorizationMachineModel`, whose architecture this file
 matches layer for layer):
@@ -62,60 +67,220 @@ def field_offsets(field_dims: Sequence[int]) -> np.ndarray:
   return np.concatenate([[0], np.cumsum(field_dims)[:-1]]).astype(np.int32)
 
 
+def pool_multi_hot(
+  table: jnp.ndarray,
+  multi_ids: jnp.ndarray,
+  multi_field_dims: Sequence[int],
+  pooling: str = 'mean',
+) -> jnp.ndarray:
+  """Pools the rows of each multi-hot field's ids into one row per field.
+
+  Field `m`'s ids index `table` from row `field_offsets(multi_field_dims)[m]`,
+  as one-hot fields index theirs. Padding (-1) is skipped: 'mean' divides the
+  sum by the number of ids present, 'sum' keeps it; a field without ids pools
+  to zeros.
+
+  Args:
+    table: rows of every multi-hot field, `[sum(multi_field_dims), ...]`.
+    multi_ids: ids `[batch, multi_fields, max_len]`, padded with -1.
+    multi_field_dims: number of ids of each multi-hot field.
+    pooling: 'mean' or 'sum'.
+
+  Returns:
+    One row per field, `[batch, multi_fields, ...]`.
+  """
+  if pooling not in ('mean', 'sum'):
+    raise ValueError(f"multi_pooling must be 'mean' or 'sum', got {pooling!r}.")
+  present = multi_ids >= 0  # [B, M, L]
+  offsets = field_offsets(multi_field_dims)[:, None]  # [M, 1]
+  rows = jnp.where(present, multi_ids + offsets, 0)  # [B, M, L]
+  trailing = (1,) * (table.ndim - 1)
+  mask = present.reshape(present.shape + trailing)  # [B, M, L, 1...]
+  x = jnp.where(mask, jnp.take(table, rows, axis=0), 0)  # [B, M, L, ...]
+  pooled = jnp.sum(x, axis=2)  # [B, M, ...]
+  if pooling == 'mean':
+    count = jnp.sum(present, axis=2).reshape(pooled.shape[:2] + trailing)
+    pooled = pooled / jnp.maximum(count, 1).astype(pooled.dtype)
+  return pooled
+
+
+def embed_fields(
+  tables: tuple[jnp.ndarray, jnp.ndarray | None, jnp.ndarray | None],
+  ids: jnp.ndarray,
+  multi_ids: jnp.ndarray | None,
+  dense: jnp.ndarray | None,
+  field_dims: Sequence[int],
+  multi_field_dims: Sequence[int] = (),
+  multi_pooling: str = 'mean',
+) -> jnp.ndarray:
+  """Rows of every field: one-hot ids, then multi-hot ids, then numbers.
+
+  A one-hot field takes its id's row, a multi-hot field its ids' rows pooled
+  (`pool_multi_hot`), a numeric field its value times its own row.
+
+  Args:
+    tables: the one-hot table `[sum(field_dims), ...]`, the multi-hot table
+      `[sum(multi_field_dims), ...]` (None without multi-hot fields) and the
+      numeric table `[dense_fields, ...]` (None without numeric fields).
+    ids: `[batch, fields]` int, field `f`'s in `[0, field_dims[f])`.
+    multi_ids: `[batch, multi_fields, max_len]` int, padded with -1; None
+      without multi-hot fields.
+    dense: `[batch, dense_fields]` float; None without numeric fields.
+    field_dims: number of ids of each one-hot field.
+    multi_field_dims: number of ids of each multi-hot field.
+    multi_pooling: 'mean' or 'sum' (`pool_multi_hot`).
+
+  Returns:
+    `[batch, fields + multi_fields + dense_fields, ...]`.
+
+  Raises:
+    ValueError: an input whose shape disagrees with the declared fields.
+  """
+  table, multi_table, dense_table = tables
+  num_dense = 0 if dense_table is None else dense_table.shape[0]
+  for name, x, fields, ndim, declared in (
+    ('ids', ids, len(field_dims), 2, f'field_dims={tuple(field_dims)}'),
+    (
+      'multi_ids',
+      multi_ids,
+      len(multi_field_dims),
+      3,
+      f'multi_field_dims={tuple(multi_field_dims)}',
+    ),
+    ('dense', dense, num_dense, 2, f'num_dense={num_dense}'),
+  ):
+    if x is None and fields == 0:
+      continue
+    if x is None or x.ndim != ndim or x.shape[:2] != (ids.shape[0], fields):
+      batch = 'batch' if name == 'ids' else ids.shape[0]
+      want = f'[{batch}, {fields}' + (', max_len]' if ndim == 3 else ']')
+      got = 'None' if x is None else f'shape {tuple(x.shape)}'
+      raise ValueError(
+        f'{name} must be {want} for a model built with {declared}; got {got}.'
+      )
+  rows = ids + field_offsets(field_dims)  # [B, F]
+  parts = [jnp.take(table, rows, axis=0)]  # [B, F, ...]
+  if multi_table is not None:
+    parts.append(
+      pool_multi_hot(multi_table, multi_ids, multi_field_dims, multi_pooling)
+    )  # [B, M, ...]
+  if dense_table is not None:
+    values = dense.astype(dense_table.dtype)  # [B, N]
+    values = values.reshape(values.shape + (1,) * (dense_table.ndim - 1))
+    parts.append(values * dense_table)  # [B, N, ...]
+  return jnp.concatenate(parts, axis=1)
+
+
 class FeaturesLinear(nn.Module):
-  """Linear term `w_0 + sum_f w_{x_f}` over one-hot fields.
+  """Linear term `w_0 + sum_f w_f(x_f)` over every field.
+
+  A one-hot field adds its id's weight, a multi-hot field its ids' weights
+  pooled as its embeddings are, a numeric field its weight times its value.
 
   Attributes:
-    field_dims: number of ids of each field.
+    field_dims: number of ids of each one-hot field.
+    multi_field_dims: number of ids of each multi-hot field.
+    num_dense: number of numeric fields.
+    multi_pooling: 'mean' or 'sum' over a multi-hot field's ids.
     dtype: dtype of the computation.
   """
 
   field_dims: Sequence[int]
+  multi_field_dims: Sequence[int] = ()
+  num_dense: int = 0
+  multi_pooling: str = 'mean'
   dtype: jnp.dtype = jnp.float32
 
   @nn.compact
-  def __call__(self, ids: jnp.ndarray) -> jnp.ndarray:
-    """Maps ids `[batch, fields]` to the linear logit `[batch]`."""
-    weight = self.param(
-      'weight', nn.initializers.zeros, (sum(self.field_dims), 1)
-    )
-    bias = self.param('bias', nn.initializers.zeros, (1,))
-    rows = ids + field_offsets(self.field_dims)  # [B, F]
-    w = jnp.take(weight, rows, axis=0).astype(self.dtype)  # [B, F, 1]
-    return jnp.sum(w, axis=(1, 2)) + bias.astype(self.dtype)[0]
+  def __call__(
+    self,
+    ids: jnp.ndarray,
+    multi_ids: jnp.ndarray | None = None,
+    dense: jnp.ndarray | None = None,
+  ) -> jnp.ndarray:
+    """Maps the fields' inputs (`embed_fields`) to the logit term `[batch]`."""
+    zeros = nn.initializers.zeros
+    weight = self.param('weight', zeros, (sum(self.field_dims), 1))
+    bias = self.param('bias', zeros, (1,))
+    multi_weight = dense_weight = None
+    if self.multi_field_dims:
+      multi_weight = self.param(
+        'multi_weight', zeros, (sum(self.multi_field_dims), 1)
+      )
+    if self.num_dense:
+      dense_weight = self.param('dense_weight', zeros, (self.num_dense, 1))
+    w = embed_fields(
+      (weight, multi_weight, dense_weight),
+      ids,
+      multi_ids,
+      dense,
+      self.field_dims,
+      self.multi_field_dims,
+      self.multi_pooling,
+    ).astype(self.dtype)  # [B, T, 1]
+    return jnp.sum(w, axis=(1, 2)) + bias.astype(self.dtype)[0]  # [B]
 
 
 class FieldAwareEmbedding(nn.Module):
-  """Field-aware factors `v_{x_f, g}` of every id against every field.
+  """Field-aware factors `v_{x_f, g}` of every field against every field.
 
-  The table is `[ids, fields, dim]`; its slice `[:, g]` is the vectors used
-  against field `g`, xavier-uniform initialised as one `[ids, dim]` table.
+  Each table has one `[dim]` vector per row and field met: one-hot ids
+  `[ids, fields, dim]`, multi-hot ids likewise (pooled per field), numeric
+  fields `[dense_fields, fields, dim]` (scaled by the value), where `fields`
+  counts every field. Each `[:, g]` slice is xavier-uniform initialised as
+  one `[rows, dim]` table.
 
   Attributes:
-    field_dims: number of ids of each field.
+    field_dims: number of ids of each one-hot field.
     embed_dim: size k of each factor.
+    multi_field_dims: number of ids of each multi-hot field.
+    num_dense: number of numeric fields.
+    multi_pooling: 'mean' or 'sum' over a multi-hot field's ids.
     dtype: dtype of the returned factors.
   """
 
   field_dims: Sequence[int]
   embed_dim: int
+  multi_field_dims: Sequence[int] = ()
+  num_dense: int = 0
+  multi_pooling: str = 'mean'
   dtype: jnp.dtype = jnp.float32
 
   @nn.compact
-  def __call__(self, ids: jnp.ndarray) -> jnp.ndarray:
-    """Maps ids `[batch, fields]` to `[batch, fields, fields, dim]`.
+  def __call__(
+    self,
+    ids: jnp.ndarray,
+    multi_ids: jnp.ndarray | None = None,
+    dense: jnp.ndarray | None = None,
+  ) -> jnp.ndarray:
+    """Maps the fields' inputs (`embed_fields`) to `[batch, T, T, dim]`.
 
-    Entry `[b, f, g]` is `v_{x_f, g}`: the vector of the id of field `f`
-    used against field `g`.
+    `T` counts every field: one-hot, then multi-hot, then numeric. Entry
+    `[b, f, g]` is `v_{x_f, g}`: the vector of field `f` used against
+    field `g`.
     """
-    num_fields = len(self.field_dims)
-    table = self.param(
-      'embedding',
-      nn.initializers.xavier_uniform(in_axis=0, out_axis=2, batch_axis=(1,)),
-      (sum(self.field_dims), num_fields, self.embed_dim),
+    init = nn.initializers.xavier_uniform(
+      in_axis=0, out_axis=2, batch_axis=(1,)
     )
-    rows = ids + field_offsets(self.field_dims)  # [B, F]
-    return jnp.take(table, rows, axis=0).astype(self.dtype)
+    fields = len(self.field_dims) + len(self.multi_field_dims) + self.num_dense
+    row = (fields, self.embed_dim)
+    table = self.param('embedding', init, (sum(self.field_dims),) + row)
+    multi_table = dense_table = None
+    if self.multi_field_dims:
+      multi_table = self.param(
+        'multi_embedding', init, (sum(self.multi_field_dims),) + row
+      )
+    if self.num_dense:
+      dense_table = self.param('dense_embedding', init, (self.num_dense,) + row)
+    return embed_fields(
+      (table, multi_table, dense_table),
+      ids,
+      multi_ids,
+      dense,
+      self.field_dims,
+      self.multi_field_dims,
+      self.multi_pooling,
+    ).astype(self.dtype)  # [B, T, T, D]
 
 
 class MultiLayerPerceptron(nn.Module):
@@ -177,8 +342,14 @@ class FieldAwareBiInteraction(nn.Module):
 class FieldAwareNeuralFactorizationMachine(nn.Module):
   """FNFM: `y = w_0 + sum_f w_{x_f} + MLP(Dropout(BN(z)))`.
 
+  Multi-hot and numeric fields are more fields f of the linear term and of
+  the pairs of z.
+
   Attributes:
-    field_dims: number of ids of each field (at least two fields).
+    field_dims: number of ids of each one-hot field.
+    multi_field_dims: number of ids of each multi-hot field.
+    num_dense: number of numeric fields.
+    multi_pooling: 'mean' or 'sum' over a multi-hot field's ids.
     embed_dim: size k of each field-aware factor.
     mlp_dims: widths of the hidden layers above the interaction layer.
     dropouts: dropout rates after the interaction layer and after each
@@ -188,6 +359,9 @@ class FieldAwareNeuralFactorizationMachine(nn.Module):
   """
 
   field_dims: Sequence[int]
+  multi_field_dims: Sequence[int] = ()
+  num_dense: int = 0
+  multi_pooling: str = 'mean'
   embed_dim: int = 4
   mlp_dims: Sequence[int] = (64,)
   dropouts: Sequence[float] = (0.2, 0.2)
@@ -195,18 +369,47 @@ class FieldAwareNeuralFactorizationMachine(nn.Module):
   dtype: jnp.dtype = jnp.float32
 
   @nn.compact
-  def __call__(self, ids: jnp.ndarray, *, train: bool = False) -> jnp.ndarray:
-    """Returns logits `[batch]` for ids `[batch, fields]`."""
-    if len(self.field_dims) < 2:
+  def __call__(
+    self,
+    ids: jnp.ndarray,
+    multi_ids: jnp.ndarray | None = None,
+    dense: jnp.ndarray | None = None,
+    *,
+    train: bool = False,
+  ) -> jnp.ndarray:
+    """Returns logits `[batch]`.
+
+    Args:
+      ids: one-hot ids `[batch, fields]` int32, field `f`'s in
+        `[0, field_dims[f])`.
+      multi_ids: multi-hot ids `[batch, multi_fields, max_len]` int32,
+        padded with -1; required iff `multi_field_dims`.
+      dense: numeric values `[batch, dense_fields]` float32; required iff
+        `num_dense`.
+      train: dropout and BatchNorm in training mode.
+    """
+    num_fields = (
+      len(self.field_dims) + len(self.multi_field_dims) + self.num_dense
+    )
+    if num_fields < 2:
       raise ValueError(
         'FNFM interacts pairs of fields and needs at least two fields; got '
-        f'field_dims={tuple(self.field_dims)}.'
+        f'field_dims={tuple(self.field_dims)}, '
+        f'multi_field_dims={tuple(self.multi_field_dims)}, '
+        f'num_dense={self.num_dense}.'
       )
     pair_dropout, mlp_dropout = self.dropouts
-    linear = FeaturesLinear(self.field_dims, dtype=self.dtype)(ids)  # [B]
-    v = FieldAwareEmbedding(self.field_dims, self.embed_dim, dtype=self.dtype)(
-      ids
-    )  # [B, F, F, D]
+    inputs = (ids, multi_ids, dense)
+    fields = dict(
+      multi_field_dims=tuple(self.multi_field_dims),
+      num_dense=self.num_dense,
+      multi_pooling=self.multi_pooling,
+      dtype=self.dtype,
+    )
+    linear = FeaturesLinear(self.field_dims, **fields)(*inputs)  # [B]
+    v = FieldAwareEmbedding(self.field_dims, self.embed_dim, **fields)(
+      *inputs
+    )  # [B, T, T, D]
     z = FieldAwareBiInteraction()(v)  # [B, P * D]
     z = nn.BatchNorm(
       use_running_average=not train,

@@ -27,6 +27,11 @@ hyper-parameters (`config.model.user_field_idx`, `config.model.item_field_idx`;
 indices that do not name two different fields raise an error naming those
 keys.
 
+Optional side inputs (`multi_ids`: multi-hot fields such as a movie's
+genres, each the mean or sum of its ids' embeddings; `dense`: numeric
+fields, each its value times a learned vector) are more fields `e_f` of the
+MLP tower; GMF stays the product of the user and item embeddings.
+
 Differences from pytorch-fm (torchfm 0.7.0, `NeuralCollaborativeFiltering`):
   * GMF and MLP learn separate embeddings, as the paper's NeuMF does ("we
     allow GMF and MLP to learn separate embeddings", section 3.4): sharing
@@ -66,29 +71,162 @@ def field_offsets(field_dims: Sequence[int]) -> np.ndarray:
   return np.concatenate([[0], np.cumsum(field_dims)[:-1]]).astype(np.int32)
 
 
+def pool_multi_hot(
+  table: jnp.ndarray,
+  multi_ids: jnp.ndarray,
+  multi_field_dims: Sequence[int],
+  pooling: str = 'mean',
+) -> jnp.ndarray:
+  """Pools the rows of each multi-hot field's ids into one row per field.
+
+  Field `m`'s ids index `table` from row `field_offsets(multi_field_dims)[m]`,
+  as one-hot fields index theirs. Padding (-1) is skipped: 'mean' divides the
+  sum by the number of ids present, 'sum' keeps it; a field without ids pools
+  to zeros.
+
+  Args:
+    table: rows of every multi-hot field, `[sum(multi_field_dims), ...]`.
+    multi_ids: ids `[batch, multi_fields, max_len]`, padded with -1.
+    multi_field_dims: number of ids of each multi-hot field.
+    pooling: 'mean' or 'sum'.
+
+  Returns:
+    One row per field, `[batch, multi_fields, ...]`.
+  """
+  if pooling not in ('mean', 'sum'):
+    raise ValueError(f"multi_pooling must be 'mean' or 'sum', got {pooling!r}.")
+  present = multi_ids >= 0  # [B, M, L]
+  offsets = field_offsets(multi_field_dims)[:, None]  # [M, 1]
+  rows = jnp.where(present, multi_ids + offsets, 0)  # [B, M, L]
+  trailing = (1,) * (table.ndim - 1)
+  mask = present.reshape(present.shape + trailing)  # [B, M, L, 1...]
+  x = jnp.where(mask, jnp.take(table, rows, axis=0), 0)  # [B, M, L, ...]
+  pooled = jnp.sum(x, axis=2)  # [B, M, ...]
+  if pooling == 'mean':
+    count = jnp.sum(present, axis=2).reshape(pooled.shape[:2] + trailing)
+    pooled = pooled / jnp.maximum(count, 1).astype(pooled.dtype)
+  return pooled
+
+
+def embed_fields(
+  tables: tuple[jnp.ndarray, jnp.ndarray | None, jnp.ndarray | None],
+  ids: jnp.ndarray,
+  multi_ids: jnp.ndarray | None,
+  dense: jnp.ndarray | None,
+  field_dims: Sequence[int],
+  multi_field_dims: Sequence[int] = (),
+  multi_pooling: str = 'mean',
+) -> jnp.ndarray:
+  """Rows of every field: one-hot ids, then multi-hot ids, then numbers.
+
+  A one-hot field takes its id's row, a multi-hot field its ids' rows pooled
+  (`pool_multi_hot`), a numeric field its value times its own row.
+
+  Args:
+    tables: the one-hot table `[sum(field_dims), ...]`, the multi-hot table
+      `[sum(multi_field_dims), ...]` (None without multi-hot fields) and the
+      numeric table `[dense_fields, ...]` (None without numeric fields).
+    ids: `[batch, fields]` int, field `f`'s in `[0, field_dims[f])`.
+    multi_ids: `[batch, multi_fields, max_len]` int, padded with -1; None
+      without multi-hot fields.
+    dense: `[batch, dense_fields]` float; None without numeric fields.
+    field_dims: number of ids of each one-hot field.
+    multi_field_dims: number of ids of each multi-hot field.
+    multi_pooling: 'mean' or 'sum' (`pool_multi_hot`).
+
+  Returns:
+    `[batch, fields + multi_fields + dense_fields, ...]`.
+
+  Raises:
+    ValueError: an input whose shape disagrees with the declared fields.
+  """
+  table, multi_table, dense_table = tables
+  num_dense = 0 if dense_table is None else dense_table.shape[0]
+  for name, x, fields, ndim, declared in (
+    ('ids', ids, len(field_dims), 2, f'field_dims={tuple(field_dims)}'),
+    (
+      'multi_ids',
+      multi_ids,
+      len(multi_field_dims),
+      3,
+      f'multi_field_dims={tuple(multi_field_dims)}',
+    ),
+    ('dense', dense, num_dense, 2, f'num_dense={num_dense}'),
+  ):
+    if x is None and fields == 0:
+      continue
+    if x is None or x.ndim != ndim or x.shape[:2] != (ids.shape[0], fields):
+      batch = 'batch' if name == 'ids' else ids.shape[0]
+      want = f'[{batch}, {fields}' + (', max_len]' if ndim == 3 else ']')
+      got = 'None' if x is None else f'shape {tuple(x.shape)}'
+      raise ValueError(
+        f'{name} must be {want} for a model built with {declared}; got {got}.'
+      )
+  rows = ids + field_offsets(field_dims)  # [B, F]
+  parts = [jnp.take(table, rows, axis=0)]  # [B, F, ...]
+  if multi_table is not None:
+    parts.append(
+      pool_multi_hot(multi_table, multi_ids, multi_field_dims, multi_pooling)
+    )  # [B, M, ...]
+  if dense_table is not None:
+    values = dense.astype(dense_table.dtype)  # [B, N]
+    values = values.reshape(values.shape + (1,) * (dense_table.ndim - 1))
+    parts.append(values * dense_table)  # [B, N, ...]
+  return jnp.concatenate(parts, axis=1)
+
+
 class FeaturesEmbedding(nn.Module):
-  """One shared embedding table for all fields, xavier-uniform initialised.
+  """Embeddings of every field, each table xavier-uniform initialised.
+
+  One-hot fields share one table, multi-hot fields another (pooled per
+  field), numeric fields have one vector each, scaled by the value.
 
   Attributes:
-    field_dims: number of ids of each field.
+    field_dims: number of ids of each one-hot field.
     embed_dim: embedding size.
+    multi_field_dims: number of ids of each multi-hot field.
+    num_dense: number of numeric fields.
+    multi_pooling: 'mean' or 'sum' over a multi-hot field's ids.
     dtype: dtype of the returned embeddings.
   """
 
   field_dims: Sequence[int]
   embed_dim: int
+  multi_field_dims: Sequence[int] = ()
+  num_dense: int = 0
+  multi_pooling: str = 'mean'
   dtype: jnp.dtype = jnp.float32
 
   @nn.compact
-  def __call__(self, ids: jnp.ndarray) -> jnp.ndarray:
-    """Maps ids `[batch, fields]` to embeddings `[batch, fields, dim]`."""
-    table = self.param(
-      'embedding',
-      nn.initializers.xavier_uniform(),
-      (sum(self.field_dims), self.embed_dim),
-    )
-    rows = ids + field_offsets(self.field_dims)  # [B, F]
-    return jnp.take(table, rows, axis=0).astype(self.dtype)
+  def __call__(
+    self,
+    ids: jnp.ndarray,
+    multi_ids: jnp.ndarray | None = None,
+    dense: jnp.ndarray | None = None,
+  ) -> jnp.ndarray:
+    """Maps the fields' inputs (`embed_fields`) to `[batch, fields, dim]`.
+
+    `fields` counts every field: one-hot, then multi-hot, then numeric.
+    """
+    init = nn.initializers.xavier_uniform()
+    dim = self.embed_dim
+    table = self.param('embedding', init, (sum(self.field_dims), dim))
+    multi_table = dense_table = None
+    if self.multi_field_dims:
+      multi_table = self.param(
+        'multi_embedding', init, (sum(self.multi_field_dims), dim)
+      )
+    if self.num_dense:
+      dense_table = self.param('dense_embedding', init, (self.num_dense, dim))
+    return embed_fields(
+      (table, multi_table, dense_table),
+      ids,
+      multi_ids,
+      dense,
+      self.field_dims,
+      self.multi_field_dims,
+      self.multi_pooling,
+    ).astype(self.dtype)  # [B, T, D]
 
 
 class MultiLayerPerceptron(nn.Module):
@@ -131,8 +269,14 @@ class MultiLayerPerceptron(nn.Module):
 class NeuralCollaborativeFiltering(nn.Module):
   """NeuMF: `y = h^T [p_u * q_i; MLP([e_1; ...; e_F])] + b`.
 
+  User and item are one-hot fields; multi-hot and numeric fields are more
+  fields e_f of the MLP tower only.
+
   Attributes:
-    field_dims: number of ids of each field.
+    field_dims: number of ids of each one-hot field.
+    multi_field_dims: number of ids of each multi-hot field.
+    num_dense: number of numeric fields.
+    multi_pooling: 'mean' or 'sum' over a multi-hot field's ids.
     user_field_idx: index of the user field in `field_dims`.
     item_field_idx: index of the item field in `field_dims`.
     embed_dim: size of the GMF and MLP embeddings.
@@ -145,6 +289,9 @@ class NeuralCollaborativeFiltering(nn.Module):
   """
 
   field_dims: Sequence[int]
+  multi_field_dims: Sequence[int] = ()
+  num_dense: int = 0
+  multi_pooling: str = 'mean'
   user_field_idx: int | None = None
   item_field_idx: int | None = None
   embed_dim: int = 16
@@ -174,12 +321,36 @@ class NeuralCollaborativeFiltering(nn.Module):
     super().__post_init__()
 
   @nn.compact
-  def __call__(self, ids: jnp.ndarray, *, train: bool = False) -> jnp.ndarray:
-    """Returns logits `[batch]` for ids `[batch, fields]`."""
+  def __call__(
+    self,
+    ids: jnp.ndarray,
+    multi_ids: jnp.ndarray | None = None,
+    dense: jnp.ndarray | None = None,
+    *,
+    train: bool = False,
+  ) -> jnp.ndarray:
+    """Returns logits `[batch]`.
+
+    Args:
+      ids: one-hot ids `[batch, fields]` int32, field `f`'s in
+        `[0, field_dims[f])`.
+      multi_ids: multi-hot ids `[batch, multi_fields, max_len]` int32,
+        padded with -1; required iff `multi_field_dims`.
+      dense: numeric values `[batch, dense_fields]` float32; required iff
+        `num_dense`.
+      train: dropout and BatchNorm in training mode.
+    """
     user, item = self.user_field_idx, self.item_field_idx
+    inputs = (ids, multi_ids, dense)
+    fields = dict(
+      multi_field_dims=tuple(self.multi_field_dims),
+      num_dense=self.num_dense,
+      multi_pooling=self.multi_pooling,
+      dtype=self.dtype,
+    )
     e = FeaturesEmbedding(
-      self.field_dims, self.embed_dim, dtype=self.dtype, name='embedding'
-    )(ids)  # [B, F, D]
+      self.field_dims, self.embed_dim, **fields, name='embedding'
+    )(*inputs)  # [B, T, D]
     if self.shared_embedding:
       p, q = e[:, user], e[:, item]  # [B, D], [B, D]
     else:
@@ -197,7 +368,7 @@ class NeuralCollaborativeFiltering(nn.Module):
       output_layer=False,
       axis_name=self.axis_name,
       dtype=self.dtype,
-    )(e.reshape(e.shape[0], -1), train=train)  # [B, F * D] -> [B, H]
+    )(e.reshape(e.shape[0], -1), train=train)  # [B, T * D] -> [B, H]
     fused = jnp.concatenate([gmf, mlp], axis=-1)  # [B, D + H]
     logits = nn.Dense(1, dtype=self.dtype, name='prediction')(fused)[:, 0]
     return logits.astype(jnp.float32)  # [B]

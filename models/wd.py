@@ -20,17 +20,25 @@ part is `MLP(concat_f e_{x_f})`. Inputs are per-field ids `[batch, fields]`
 (int32, field `f` in `[0, field_dims[f])`); the output is the logit
 `[batch]` (float32). The sigmoid belongs to the loss.
 
+Optional side inputs are more fields of both parts: a multi-hot field
+(`multi_ids`, e.g. a movie's genres) adds the mean (or sum) of its ids'
+weights to the wide part and of their embeddings to the deep part's input, a
+numeric field (`dense`) `w x` and `e x` for its value `x`.
+
 Differences from pytorch-fm (torchfm 0.7.0, `WideAndDeepModel`):
   * The paper's cross-product features are available: `cross_fields` lists
     pairs of field indices, each adding the weight of the active id pair to
     the wide part. A pair `(f, g)` gets `min(field_dims[f] * field_dims[g],
-    cross_buckets)` weights and the pair index `x_f * field_dims[g] + x_g`
-    (uint32, so wrapping for huge tables) modulo that size: exact when the
-    product fits, hashed (colliding) beyond. pytorch-fm has no crosses; the
-    default `cross_fields=()` reproduces it exactly (the parity test uses
-    it). On MovieLens (user, movie) the only cross is user x movie, whose
-    pairs each occur once: a test pair's weight was never trained (or,
-    hashed, belongs to other pairs), so the config keeps crosses off.
+    cross_buckets)` weights. When all pairs fit, each has its own weight, at
+    `x_f * field_dims[g] + x_g`; beyond, the pair goes to bucket
+    `MurmurHash3_x86_32(x_f, x_g) mod cross_buckets` (the hash of the two ids
+    as little-endian uint32 words, seed 0), so both ids decide the bucket and
+    distinct pairs collide as often as random ones. pytorch-fm has no
+    crosses; the default `cross_fields=()` reproduces it exactly (the parity
+    test uses it). On MovieLens (user, movie) the only cross is user x
+    movie, whose pairs each occur once: a test pair's weight was never
+    trained (or, hashed, belongs to other pairs), so the config keeps
+    crosses off.
   * The linear weights start at zero. pytorch-fm keeps `nn.Embedding`'s
     N(0, 1) initialisation, a large random per-id bias that the optimiser
     must first unlearn.
@@ -59,52 +67,212 @@ def field_offsets(field_dims: Sequence[int]) -> np.ndarray:
   return np.concatenate([[0], np.cumsum(field_dims)[:-1]]).astype(np.int32)
 
 
+def pool_multi_hot(
+  table: jnp.ndarray,
+  multi_ids: jnp.ndarray,
+  multi_field_dims: Sequence[int],
+  pooling: str = 'mean',
+) -> jnp.ndarray:
+  """Pools the rows of each multi-hot field's ids into one row per field.
+
+  Field `m`'s ids index `table` from row `field_offsets(multi_field_dims)[m]`,
+  as one-hot fields index theirs. Padding (-1) is skipped: 'mean' divides the
+  sum by the number of ids present, 'sum' keeps it; a field without ids pools
+  to zeros.
+
+  Args:
+    table: rows of every multi-hot field, `[sum(multi_field_dims), ...]`.
+    multi_ids: ids `[batch, multi_fields, max_len]`, padded with -1.
+    multi_field_dims: number of ids of each multi-hot field.
+    pooling: 'mean' or 'sum'.
+
+  Returns:
+    One row per field, `[batch, multi_fields, ...]`.
+  """
+  if pooling not in ('mean', 'sum'):
+    raise ValueError(f"multi_pooling must be 'mean' or 'sum', got {pooling!r}.")
+  present = multi_ids >= 0  # [B, M, L]
+  offsets = field_offsets(multi_field_dims)[:, None]  # [M, 1]
+  rows = jnp.where(present, multi_ids + offsets, 0)  # [B, M, L]
+  trailing = (1,) * (table.ndim - 1)
+  mask = present.reshape(present.shape + trailing)  # [B, M, L, 1...]
+  x = jnp.where(mask, jnp.take(table, rows, axis=0), 0)  # [B, M, L, ...]
+  pooled = jnp.sum(x, axis=2)  # [B, M, ...]
+  if pooling == 'mean':
+    count = jnp.sum(present, axis=2).reshape(pooled.shape[:2] + trailing)
+    pooled = pooled / jnp.maximum(count, 1).astype(pooled.dtype)
+  return pooled
+
+
+def embed_fields(
+  tables: tuple[jnp.ndarray, jnp.ndarray | None, jnp.ndarray | None],
+  ids: jnp.ndarray,
+  multi_ids: jnp.ndarray | None,
+  dense: jnp.ndarray | None,
+  field_dims: Sequence[int],
+  multi_field_dims: Sequence[int] = (),
+  multi_pooling: str = 'mean',
+) -> jnp.ndarray:
+  """Rows of every field: one-hot ids, then multi-hot ids, then numbers.
+
+  A one-hot field takes its id's row, a multi-hot field its ids' rows pooled
+  (`pool_multi_hot`), a numeric field its value times its own row.
+
+  Args:
+    tables: the one-hot table `[sum(field_dims), ...]`, the multi-hot table
+      `[sum(multi_field_dims), ...]` (None without multi-hot fields) and the
+      numeric table `[dense_fields, ...]` (None without numeric fields).
+    ids: `[batch, fields]` int, field `f`'s in `[0, field_dims[f])`.
+    multi_ids: `[batch, multi_fields, max_len]` int, padded with -1; None
+      without multi-hot fields.
+    dense: `[batch, dense_fields]` float; None without numeric fields.
+    field_dims: number of ids of each one-hot field.
+    multi_field_dims: number of ids of each multi-hot field.
+    multi_pooling: 'mean' or 'sum' (`pool_multi_hot`).
+
+  Returns:
+    `[batch, fields + multi_fields + dense_fields, ...]`.
+
+  Raises:
+    ValueError: an input whose shape disagrees with the declared fields.
+  """
+  table, multi_table, dense_table = tables
+  num_dense = 0 if dense_table is None else dense_table.shape[0]
+  for name, x, fields, ndim, declared in (
+    ('ids', ids, len(field_dims), 2, f'field_dims={tuple(field_dims)}'),
+    (
+      'multi_ids',
+      multi_ids,
+      len(multi_field_dims),
+      3,
+      f'multi_field_dims={tuple(multi_field_dims)}',
+    ),
+    ('dense', dense, num_dense, 2, f'num_dense={num_dense}'),
+  ):
+    if x is None and fields == 0:
+      continue
+    if x is None or x.ndim != ndim or x.shape[:2] != (ids.shape[0], fields):
+      batch = 'batch' if name == 'ids' else ids.shape[0]
+      want = f'[{batch}, {fields}' + (', max_len]' if ndim == 3 else ']')
+      got = 'None' if x is None else f'shape {tuple(x.shape)}'
+      raise ValueError(
+        f'{name} must be {want} for a model built with {declared}; got {got}.'
+      )
+  rows = ids + field_offsets(field_dims)  # [B, F]
+  parts = [jnp.take(table, rows, axis=0)]  # [B, F, ...]
+  if multi_table is not None:
+    parts.append(
+      pool_multi_hot(multi_table, multi_ids, multi_field_dims, multi_pooling)
+    )  # [B, M, ...]
+  if dense_table is not None:
+    values = dense.astype(dense_table.dtype)  # [B, N]
+    values = values.reshape(values.shape + (1,) * (dense_table.ndim - 1))
+    parts.append(values * dense_table)  # [B, N, ...]
+  return jnp.concatenate(parts, axis=1)
+
+
 class FeaturesLinear(nn.Module):
-  """Linear term `w_0 + sum_f w_{x_f}` over one-hot fields.
+  """Linear term `w_0 + sum_f w_f(x_f)` over every field.
+
+  A one-hot field adds its id's weight, a multi-hot field its ids' weights
+  pooled as its embeddings are, a numeric field its weight times its value.
 
   Attributes:
-    field_dims: number of ids of each field.
+    field_dims: number of ids of each one-hot field.
+    multi_field_dims: number of ids of each multi-hot field.
+    num_dense: number of numeric fields.
+    multi_pooling: 'mean' or 'sum' over a multi-hot field's ids.
     dtype: dtype of the computation.
   """
 
   field_dims: Sequence[int]
+  multi_field_dims: Sequence[int] = ()
+  num_dense: int = 0
+  multi_pooling: str = 'mean'
   dtype: jnp.dtype = jnp.float32
 
   @nn.compact
-  def __call__(self, ids: jnp.ndarray) -> jnp.ndarray:
-    """Maps ids `[batch, fields]` to the linear logit `[batch]`."""
-    weight = self.param(
-      'weight', nn.initializers.zeros, (sum(self.field_dims), 1)
-    )
-    bias = self.param('bias', nn.initializers.zeros, (1,))
-    rows = ids + field_offsets(self.field_dims)  # [B, F]
-    w = jnp.take(weight, rows, axis=0).astype(self.dtype)  # [B, F, 1]
+  def __call__(
+    self,
+    ids: jnp.ndarray,
+    multi_ids: jnp.ndarray | None = None,
+    dense: jnp.ndarray | None = None,
+  ) -> jnp.ndarray:
+    """Maps the fields' inputs (`embed_fields`) to the logit term `[batch]`."""
+    zeros = nn.initializers.zeros
+    weight = self.param('weight', zeros, (sum(self.field_dims), 1))
+    bias = self.param('bias', zeros, (1,))
+    multi_weight = dense_weight = None
+    if self.multi_field_dims:
+      multi_weight = self.param(
+        'multi_weight', zeros, (sum(self.multi_field_dims), 1)
+      )
+    if self.num_dense:
+      dense_weight = self.param('dense_weight', zeros, (self.num_dense, 1))
+    w = embed_fields(
+      (weight, multi_weight, dense_weight),
+      ids,
+      multi_ids,
+      dense,
+      self.field_dims,
+      self.multi_field_dims,
+      self.multi_pooling,
+    ).astype(self.dtype)  # [B, T, 1]
     return jnp.sum(w, axis=(1, 2)) + bias.astype(self.dtype)[0]  # [B]
 
 
 class FeaturesEmbedding(nn.Module):
-  """One shared embedding table for all fields, xavier-uniform initialised.
+  """Embeddings of every field, each table xavier-uniform initialised.
+
+  One-hot fields share one table, multi-hot fields another (pooled per
+  field), numeric fields have one vector each, scaled by the value.
 
   Attributes:
-    field_dims: number of ids of each field.
+    field_dims: number of ids of each one-hot field.
     embed_dim: embedding size.
+    multi_field_dims: number of ids of each multi-hot field.
+    num_dense: number of numeric fields.
+    multi_pooling: 'mean' or 'sum' over a multi-hot field's ids.
     dtype: dtype of the returned embeddings.
   """
 
   field_dims: Sequence[int]
   embed_dim: int
+  multi_field_dims: Sequence[int] = ()
+  num_dense: int = 0
+  multi_pooling: str = 'mean'
   dtype: jnp.dtype = jnp.float32
 
   @nn.compact
-  def __call__(self, ids: jnp.ndarray) -> jnp.ndarray:
-    """Maps ids `[batch, fields]` to embeddings `[batch, fields, dim]`."""
-    table = self.param(
-      'embedding',
-      nn.initializers.xavier_uniform(),
-      (sum(self.field_dims), self.embed_dim),
-    )
-    rows = ids + field_offsets(self.field_dims)  # [B, F]
-    return jnp.take(table, rows, axis=0).astype(self.dtype)  # [B, F, D]
+  def __call__(
+    self,
+    ids: jnp.ndarray,
+    multi_ids: jnp.ndarray | None = None,
+    dense: jnp.ndarray | None = None,
+  ) -> jnp.ndarray:
+    """Maps the fields' inputs (`embed_fields`) to `[batch, fields, dim]`.
+
+    `fields` counts every field: one-hot, then multi-hot, then numeric.
+    """
+    init = nn.initializers.xavier_uniform()
+    dim = self.embed_dim
+    table = self.param('embedding', init, (sum(self.field_dims), dim))
+    multi_table = dense_table = None
+    if self.multi_field_dims:
+      multi_table = self.param(
+        'multi_embedding', init, (sum(self.multi_field_dims), dim)
+      )
+    if self.num_dense:
+      dense_table = self.param('dense_embedding', init, (self.num_dense, dim))
+    return embed_fields(
+      (table, multi_table, dense_table),
+      ids,
+      multi_ids,
+      dense,
+      self.field_dims,
+      self.multi_field_dims,
+      self.multi_pooling,
+    ).astype(self.dtype)  # [B, T, D]
 
 
 class MultiLayerPerceptron(nn.Module):
@@ -156,6 +324,27 @@ def cross_sizes(
   )
 
 
+def murmur3_pair(a: jnp.ndarray, b: jnp.ndarray) -> jnp.ndarray:
+  """MurmurHash3_x86_32, seed 0, of the 8 bytes of two uint32 words `a, b`.
+
+  Computed in uint32 (multiplications wrap mod 2**32), so it is exact and the
+  same on every backend. For a fixed `b` it is a bijection of `a`, and the
+  reverse: neither id is lost before the modulo.
+  """
+
+  def rotl(x, r):
+    return (x << np.uint32(r)) | (x >> np.uint32(32 - r))
+
+  h = jnp.zeros_like(a)
+  for k in (a, b):
+    k = rotl(k * np.uint32(0xCC9E2D51), 15) * np.uint32(0x1B873593)
+    h = rotl(h ^ k, 13) * np.uint32(5) + np.uint32(0xE6546B64)
+  h = h ^ np.uint32(8)  # the key length in bytes
+  h = (h ^ (h >> np.uint32(16))) * np.uint32(0x85EBCA6B)
+  h = (h ^ (h >> np.uint32(13))) * np.uint32(0xC2B2AE35)
+  return h ^ (h >> np.uint32(16))
+
+
 class CrossProductLinear(nn.Module):
   """Wide weights of pairwise cross products `sum_c w_{(x_f, x_g)}`.
 
@@ -188,12 +377,22 @@ class CrossProductLinear(nn.Module):
     first = np.array([f for f, _ in self.cross_fields])  # [C]
     second = np.array([g for _, g in self.cross_fields])  # [C]
     second_dims = np.array(self.field_dims, dtype=np.uint32)[second]  # [C]
+    exact = np.array(
+      [
+        self.field_dims[f] * self.field_dims[g] <= self.num_buckets
+        for f, g in self.cross_fields
+      ]
+    )  # [C]
     weight = self.param('weight', nn.initializers.zeros, (int(sizes.sum()), 1))
-    # uint32 arithmetic wraps instead of overflowing for huge fields.
-    pair = ids[:, first].astype(jnp.uint32) * second_dims + ids[
-      :, second
-    ].astype(jnp.uint32)  # [B, C]
-    buckets = (pair % sizes.astype(np.uint32)).astype(jnp.int32)  # [B, C]
+    ids = jnp.asarray(ids)
+    x_f = ids[:, first].astype(jnp.uint32)  # [B, C]
+    x_g = ids[:, second].astype(jnp.uint32)  # [B, C]
+    # The exact index is below num_buckets < 2**31 wherever it is used.
+    buckets = jnp.where(
+      exact,
+      x_f * second_dims + x_g,
+      murmur3_pair(x_f, x_g) % sizes.astype(np.uint32),
+    ).astype(jnp.int32)  # [B, C]
     rows = buckets + starts  # [B, C]
     w = jnp.take(weight, rows, axis=0).astype(self.dtype)  # [B, C, 1]
     return jnp.sum(w, axis=(1, 2))  # [B]
@@ -202,19 +401,28 @@ class CrossProductLinear(nn.Module):
 class WideAndDeep(nn.Module):
   """Wide & Deep: `y = w_0 + sum_f w_{x_f} [+ crosses] + MLP(concat_f e_f)`.
 
+  Multi-hot and numeric fields are more fields f of the linear term and of
+  the MLP input; crosses pair one-hot fields only.
+
   Attributes:
-    field_dims: number of ids of each field.
+    field_dims: number of ids of each one-hot field.
+    multi_field_dims: number of ids of each multi-hot field.
+    num_dense: number of numeric fields.
+    multi_pooling: 'mean' or 'sum' over a multi-hot field's ids.
     embed_dim: size of the deep part's embeddings.
     mlp_dims: widths of the hidden layers of the deep part.
     dropout: dropout rate after each hidden layer.
-    cross_fields: pairs `(f, g)` of field indices whose cross product joins
-      the wide part; empty (the default) as pytorch-fm.
+    cross_fields: pairs `(f, g)` of one-hot field indices whose cross
+      product joins the wide part; empty (the default) as pytorch-fm.
     cross_buckets: most weights per cross; bigger crosses are hashed.
     axis_name: pmap axis over which BatchNorm statistics are averaged.
     dtype: dtype of the computation.
   """
 
   field_dims: Sequence[int]
+  multi_field_dims: Sequence[int] = ()
+  num_dense: int = 0
+  multi_pooling: str = 'mean'
   embed_dim: int = 16
   mlp_dims: Sequence[int] = (16, 16)
   dropout: float = 0.2
@@ -224,9 +432,33 @@ class WideAndDeep(nn.Module):
   dtype: jnp.dtype = jnp.float32
 
   @nn.compact
-  def __call__(self, ids: jnp.ndarray, *, train: bool = False) -> jnp.ndarray:
-    """Returns logits `[batch]` for ids `[batch, fields]`."""
-    wide = FeaturesLinear(self.field_dims, dtype=self.dtype)(ids)  # [B]
+  def __call__(
+    self,
+    ids: jnp.ndarray,
+    multi_ids: jnp.ndarray | None = None,
+    dense: jnp.ndarray | None = None,
+    *,
+    train: bool = False,
+  ) -> jnp.ndarray:
+    """Returns logits `[batch]`.
+
+    Args:
+      ids: one-hot ids `[batch, fields]` int32, field `f`'s in
+        `[0, field_dims[f])`.
+      multi_ids: multi-hot ids `[batch, multi_fields, max_len]` int32,
+        padded with -1; required iff `multi_field_dims`.
+      dense: numeric values `[batch, dense_fields]` float32; required iff
+        `num_dense`.
+      train: dropout and BatchNorm in training mode.
+    """
+    inputs = (ids, multi_ids, dense)
+    fields = dict(
+      multi_field_dims=tuple(self.multi_field_dims),
+      num_dense=self.num_dense,
+      multi_pooling=self.multi_pooling,
+      dtype=self.dtype,
+    )
+    wide = FeaturesLinear(self.field_dims, **fields)(*inputs)  # [B]
     if self.cross_fields:
       wide = wide + CrossProductLinear(
         self.field_dims,
@@ -234,15 +466,15 @@ class WideAndDeep(nn.Module):
         self.cross_buckets,
         dtype=self.dtype,
       )(ids)  # [B]
-    e = FeaturesEmbedding(self.field_dims, self.embed_dim, dtype=self.dtype)(
-      ids
-    )  # [B, F, D]
+    e = FeaturesEmbedding(self.field_dims, self.embed_dim, **fields)(
+      *inputs
+    )  # [B, T, D]
     deep = MultiLayerPerceptron(
       self.mlp_dims,
       dropout=self.dropout,
       axis_name=self.axis_name,
       dtype=self.dtype,
-    )(e.reshape(e.shape[0], -1), train=train)  # [B]
+    )(e.reshape(e.shape[0], -1), train=train)  # [B, T * D] -> [B]
     return (wide + deep).astype(jnp.float32)
 
 
