@@ -1,0 +1,458 @@
+"""AutoInt: feature interactions learnt by multi-head self-attention.
+
+Weiping Song, Chence Shi, Zhiping Xiao, Zhijian Duan, Yewen Xu, Ming Zhang
+and Jian Tang. "AutoInt: Automatic Feature Interaction Learning via
+Self-Attentive Neural Networks". ACM International Conference on Information
+and Knowledge Management (CIKM), 2019. https://arxiv.org/abs/1810.11921
+
+Each field's embedding `e_m` attends to every field's (the paper's
+eq. (5)-(7)); for each head h of H, with `d' = A / H` the head size,
+
+  alpha^h_{m,k} = softmax_k(<W^h_Q e_m, W^h_K e_k> / sqrt(d')),
+  e~^h_m        = sum_k alpha^h_{m,k} W^h_V e_k,
+  e~_m          = W_O [e~^1_m; ...; e~^H_m] + b_O,
+
+and a residual connection and a ReLU follow (eq. (8)),
+`e^Res_m = ReLU(e~_m + W_Res e_m)`. The output unit (eq. (9)) reads the
+concatenation `[e^Res_1; ...; e^Res_F]` `[batch, fields * A]`; as
+pytorch-fm's model (the paper's AutoInt+, "jointly trained with a DNN"), a
+linear term and an MLP on the concatenated embeddings are added:
+
+  y = w_0 + sum_f w_{x_f} + w_att^T [e^Res_1; ...; e^Res_F] + b_att
+      + MLP([e_1; ...; e_F]).
+
+Inputs are per-field ids `[batch, fields]` (int32, field `f` in
+`[0, field_dims[f])`); the output is the logit y `[batch]` (float32). The
+paper's sigmoid belongs to the loss.
+
+Optional side inputs are more fields that attend and are attended to: a
+multi-hot field (`multi_ids`, e.g. a movie's genres) adds the mean (or sum)
+of its ids' weights and embeddings, a numeric field (`dense`) `w x` and
+`v x` for its value `x`, as the paper's embedding layer does for
+multi-valued and numerical fields.
+
+The architecture is pytorch-fm's (torchfm 0.7.0,
+`AutomaticFeatureInteractionModel`, whose weights map one to one, with
+`torch.nn.MultiheadAttention`'s `in_proj` split into the query, key and
+value layers), which differs from the paper's eq. (5)-(8) in ways this file
+keeps:
+  * The embeddings `[batch, fields, embed_dim]` are first projected by one
+    Dense layer to `[batch, fields, atten_embed_dim]`, and the attention
+    layers work in that width A.
+  * The attention layer is torch's `MultiheadAttention`: query, key and
+    value projections with biases, scores scaled by `1 / sqrt(d')`, and an
+    output projection `W_O, b_O` after the heads are concatenated.
+  * With several attention layers, the residual connection and the ReLU
+    come once, after the last layer (eq. (8) has them in every layer), and
+    `has_residual=False` removes the residual connection.
+  * Dropout (`dropouts[0]`) acts on the attention weights alpha, as torch's
+    `MultiheadAttention(dropout=...)`; `dropouts[1]` is the MLP's.
+
+Differences from pytorch-fm:
+  * The linear weights start at zero instead of `nn.Embedding`'s N(0, 1),
+    a large random per-id bias that the optimiser must first unlearn.
+  * The model returns logits; pytorch-fm returns probabilities.
+  * The dense layers use Flax's default initialisers (LeCun normal kernels,
+    zero biases), not torch's (xavier-uniform attention projections,
+    uniform Linear layers).
+
+This file is self-contained on purpose: it imports only jax, flax and numpy,
+so it can be copied alone into another project.
+"""
+
+from collections.abc import Sequence
+import math
+
+import flax.linen as nn
+import jax.numpy as jnp
+import numpy as np
+
+
+def field_offsets(field_dims: Sequence[int]) -> np.ndarray:
+  """Start row of each field in the shared table: `[fields]` int32."""
+  return np.concatenate([[0], np.cumsum(field_dims)[:-1]]).astype(np.int32)
+
+
+def pool_multi_hot(
+  table: jnp.ndarray,
+  multi_ids: jnp.ndarray,
+  multi_field_dims: Sequence[int],
+  pooling: str = 'mean',
+) -> jnp.ndarray:
+  """Pools the rows of each multi-hot field's ids into one row per field.
+
+  Field `m`'s ids index `table` from row `field_offsets(multi_field_dims)[m]`,
+  as one-hot fields index theirs. Padding (-1) is skipped: 'mean' divides the
+  sum by the number of ids present, 'sum' keeps it; a field without ids pools
+  to zeros.
+
+  Args:
+    table: rows of every multi-hot field, `[sum(multi_field_dims), ...]`.
+    multi_ids: ids `[batch, multi_fields, max_len]`, padded with -1.
+    multi_field_dims: number of ids of each multi-hot field.
+    pooling: 'mean' or 'sum'.
+
+  Returns:
+    One row per field, `[batch, multi_fields, ...]`.
+  """
+  if pooling not in ('mean', 'sum'):
+    raise ValueError(f"multi_pooling must be 'mean' or 'sum', got {pooling!r}.")
+  present = multi_ids >= 0  # [B, M, L]
+  offsets = field_offsets(multi_field_dims)[:, None]  # [M, 1]
+  rows = jnp.where(present, multi_ids + offsets, 0)  # [B, M, L]
+  trailing = (1,) * (table.ndim - 1)
+  mask = present.reshape(present.shape + trailing)  # [B, M, L, 1...]
+  x = jnp.where(mask, jnp.take(table, rows, axis=0), 0)  # [B, M, L, ...]
+  pooled = jnp.sum(x, axis=2)  # [B, M, ...]
+  if pooling == 'mean':
+    count = jnp.sum(present, axis=2).reshape(pooled.shape[:2] + trailing)
+    pooled = pooled / jnp.maximum(count, 1).astype(pooled.dtype)
+  return pooled
+
+
+def embed_fields(
+  tables: tuple[jnp.ndarray, jnp.ndarray | None, jnp.ndarray | None],
+  ids: jnp.ndarray,
+  multi_ids: jnp.ndarray | None,
+  dense: jnp.ndarray | None,
+  field_dims: Sequence[int],
+  multi_field_dims: Sequence[int] = (),
+  multi_pooling: str = 'mean',
+) -> jnp.ndarray:
+  """Rows of every field: one-hot ids, then multi-hot ids, then numbers.
+
+  A one-hot field takes its id's row, a multi-hot field its ids' rows pooled
+  (`pool_multi_hot`), a numeric field its value times its own row.
+
+  Args:
+    tables: the one-hot table `[sum(field_dims), ...]`, the multi-hot table
+      `[sum(multi_field_dims), ...]` (None without multi-hot fields) and the
+      numeric table `[dense_fields, ...]` (None without numeric fields).
+    ids: `[batch, fields]` int, field `f`'s in `[0, field_dims[f])`.
+    multi_ids: `[batch, multi_fields, max_len]` int, padded with -1; None
+      without multi-hot fields.
+    dense: `[batch, dense_fields]` float; None without numeric fields.
+    field_dims: number of ids of each one-hot field.
+    multi_field_dims: number of ids of each multi-hot field.
+    multi_pooling: 'mean' or 'sum' (`pool_multi_hot`).
+
+  Returns:
+    `[batch, fields + multi_fields + dense_fields, ...]`.
+
+  Raises:
+    ValueError: an input whose shape disagrees with the declared fields.
+  """
+  table, multi_table, dense_table = tables
+  num_dense = 0 if dense_table is None else dense_table.shape[0]
+  for name, x, fields, ndim, declared in (
+    ('ids', ids, len(field_dims), 2, f'field_dims={tuple(field_dims)}'),
+    (
+      'multi_ids',
+      multi_ids,
+      len(multi_field_dims),
+      3,
+      f'multi_field_dims={tuple(multi_field_dims)}',
+    ),
+    ('dense', dense, num_dense, 2, f'num_dense={num_dense}'),
+  ):
+    if x is None and fields == 0:
+      continue
+    if x is None or x.ndim != ndim or x.shape[:2] != (ids.shape[0], fields):
+      batch = 'batch' if name == 'ids' else ids.shape[0]
+      want = f'[{batch}, {fields}' + (', max_len]' if ndim == 3 else ']')
+      got = 'None' if x is None else f'shape {tuple(x.shape)}'
+      raise ValueError(
+        f'{name} must be {want} for a model built with {declared}; got {got}.'
+      )
+  rows = ids + field_offsets(field_dims)  # [B, F]
+  parts = [jnp.take(table, rows, axis=0)]  # [B, F, ...]
+  if multi_table is not None:
+    parts.append(
+      pool_multi_hot(multi_table, multi_ids, multi_field_dims, multi_pooling)
+    )  # [B, M, ...]
+  if dense_table is not None:
+    values = dense.astype(dense_table.dtype)  # [B, N]
+    values = values.reshape(values.shape + (1,) * (dense_table.ndim - 1))
+    parts.append(values * dense_table)  # [B, N, ...]
+  return jnp.concatenate(parts, axis=1)
+
+
+class FeaturesLinear(nn.Module):
+  """Linear term `w_0 + sum_f w_f(x_f)` over every field.
+
+  A one-hot field adds its id's weight, a multi-hot field its ids' weights
+  pooled as its embeddings are, a numeric field its weight times its value.
+
+  Attributes:
+    field_dims: number of ids of each one-hot field.
+    multi_field_dims: number of ids of each multi-hot field.
+    num_dense: number of numeric fields.
+    multi_pooling: 'mean' or 'sum' over a multi-hot field's ids.
+    dtype: dtype of the computation.
+  """
+
+  field_dims: Sequence[int]
+  multi_field_dims: Sequence[int] = ()
+  num_dense: int = 0
+  multi_pooling: str = 'mean'
+  dtype: jnp.dtype = jnp.float32
+
+  @nn.compact
+  def __call__(
+    self,
+    ids: jnp.ndarray,
+    multi_ids: jnp.ndarray | None = None,
+    dense: jnp.ndarray | None = None,
+  ) -> jnp.ndarray:
+    """Maps the fields' inputs (`embed_fields`) to the logit term `[batch]`."""
+    zeros = nn.initializers.zeros
+    weight = self.param('weight', zeros, (sum(self.field_dims), 1))
+    bias = self.param('bias', zeros, (1,))
+    multi_weight = dense_weight = None
+    if self.multi_field_dims:
+      multi_weight = self.param(
+        'multi_weight', zeros, (sum(self.multi_field_dims), 1)
+      )
+    if self.num_dense:
+      dense_weight = self.param('dense_weight', zeros, (self.num_dense, 1))
+    w = embed_fields(
+      (weight, multi_weight, dense_weight),
+      ids,
+      multi_ids,
+      dense,
+      self.field_dims,
+      self.multi_field_dims,
+      self.multi_pooling,
+    ).astype(self.dtype)  # [B, T, 1]
+    return jnp.sum(w, axis=(1, 2)) + bias.astype(self.dtype)[0]
+
+
+class FeaturesEmbedding(nn.Module):
+  """Embeddings of every field, each table xavier-uniform initialised.
+
+  One-hot fields share one table, multi-hot fields another (pooled per
+  field), numeric fields have one vector each, scaled by the value.
+
+  Attributes:
+    field_dims: number of ids of each one-hot field.
+    embed_dim: embedding size.
+    multi_field_dims: number of ids of each multi-hot field.
+    num_dense: number of numeric fields.
+    multi_pooling: 'mean' or 'sum' over a multi-hot field's ids.
+    dtype: dtype of the returned embeddings.
+  """
+
+  field_dims: Sequence[int]
+  embed_dim: int
+  multi_field_dims: Sequence[int] = ()
+  num_dense: int = 0
+  multi_pooling: str = 'mean'
+  dtype: jnp.dtype = jnp.float32
+
+  @nn.compact
+  def __call__(
+    self,
+    ids: jnp.ndarray,
+    multi_ids: jnp.ndarray | None = None,
+    dense: jnp.ndarray | None = None,
+  ) -> jnp.ndarray:
+    """Maps the fields' inputs (`embed_fields`) to `[batch, fields, dim]`.
+
+    `fields` counts every field: one-hot, then multi-hot, then numeric.
+    """
+    init = nn.initializers.xavier_uniform()
+    dim = self.embed_dim
+    table = self.param('embedding', init, (sum(self.field_dims), dim))
+    multi_table = dense_table = None
+    if self.multi_field_dims:
+      multi_table = self.param(
+        'multi_embedding', init, (sum(self.multi_field_dims), dim)
+      )
+    if self.num_dense:
+      dense_table = self.param('dense_embedding', init, (self.num_dense, dim))
+    return embed_fields(
+      (table, multi_table, dense_table),
+      ids,
+      multi_ids,
+      dense,
+      self.field_dims,
+      self.multi_field_dims,
+      self.multi_pooling,
+    ).astype(self.dtype)
+
+
+class MultiLayerPerceptron(nn.Module):
+  """Linear -> BatchNorm -> ReLU -> Dropout per hidden layer, then Linear.
+
+  Attributes:
+    hidden_dims: widths of the hidden layers.
+    dropout: dropout rate after each hidden layer.
+    output_layer: end with a Linear layer to one unit (`[batch]` out);
+      otherwise return the last hidden layer `[batch, hidden_dims[-1]]`.
+    axis_name: pmap axis over which BatchNorm statistics are averaged.
+    dtype: dtype of the computation.
+  """
+
+  hidden_dims: Sequence[int]
+  dropout: float = 0.0
+  output_layer: bool = True
+  axis_name: str | None = None
+  dtype: jnp.dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jnp.ndarray, *, train: bool) -> jnp.ndarray:
+    """Maps `[batch, features]` to `[batch]` (or `[batch, hidden]`)."""
+    for width in self.hidden_dims:
+      x = nn.Dense(width, dtype=self.dtype)(x)  # [B, H]
+      x = nn.BatchNorm(
+        use_running_average=not train,
+        momentum=0.9,
+        epsilon=1e-5,
+        axis_name=self.axis_name,
+        dtype=self.dtype,
+      )(x)
+      x = nn.relu(x)
+      x = nn.Dropout(self.dropout, deterministic=not train)(x)
+    if self.output_layer:
+      x = nn.Dense(1, dtype=self.dtype)(x)[:, 0]  # [B]
+    return x
+
+
+class MultiHeadSelfAttention(nn.Module):
+  """Self-attention across fields with H heads (torch's MultiheadAttention).
+
+  Attributes:
+    num_heads: number of heads H; must divide the input width A.
+    dropout: dropout rate on the attention weights alpha.
+    dtype: dtype of the computation.
+  """
+
+  num_heads: int
+  dropout: float = 0.0
+  dtype: jnp.dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jnp.ndarray, *, train: bool) -> jnp.ndarray:
+    """Maps `[batch, fields, A]` to the attended `[batch, fields, A]`."""
+    batch, fields, width = x.shape
+    head_dim = width // self.num_heads
+
+    def project(name: str) -> jnp.ndarray:
+      y = nn.Dense(width, dtype=self.dtype, name=name)(x)  # [B, F, A]
+      return y.reshape(batch, fields, self.num_heads, head_dim)  # [B, F, H, d']
+
+    q, k, v = project('query'), project('key'), project('value')
+    scores = jnp.einsum('bmhd,bkhd->bhmk', q, k) / math.sqrt(head_dim)
+    # scores: [B, H, F, F]
+    alpha = nn.softmax(scores, axis=-1)  # [B, H, F, F]
+    alpha = nn.Dropout(self.dropout, deterministic=not train)(alpha)
+    heads = jnp.einsum('bhmk,bkhd->bmhd', alpha, v)  # [B, F, H, d']
+    heads = heads.reshape(batch, fields, width)  # [B, F, A]
+    return nn.Dense(width, dtype=self.dtype, name='out')(heads)  # [B, F, A]
+
+
+class AutomaticFeatureInteractionModel(nn.Module):
+  """AutoInt+: `y = w_0 + sum_f w_{x_f} + w_att^T [e^Res] + MLP([e_f])`.
+
+  Attributes:
+    field_dims: number of ids of each one-hot field.
+    multi_field_dims: number of ids of each multi-hot field.
+    num_dense: number of numeric fields.
+    multi_pooling: 'mean' or 'sum' over a multi-hot field's ids.
+    embed_dim: size of the field embeddings e, read by the MLP.
+    atten_embed_dim: width A of the attention layers.
+    num_heads: number of attention heads H; must divide `atten_embed_dim`.
+    num_layers: number of stacked attention layers.
+    mlp_dims: widths of the hidden layers of the MLP.
+    dropouts: dropout rates of the attention weights and of the MLP's
+      hidden layers.
+    has_residual: add `W_Res e_m` to the last attention layer's output.
+    axis_name: pmap axis over which BatchNorm statistics are averaged.
+    dtype: dtype of the computation.
+  """
+
+  field_dims: Sequence[int]
+  multi_field_dims: Sequence[int] = ()
+  num_dense: int = 0
+  multi_pooling: str = 'mean'
+  embed_dim: int = 16
+  atten_embed_dim: int = 64
+  num_heads: int = 2
+  num_layers: int = 3
+  mlp_dims: Sequence[int] = (400, 400)
+  dropouts: Sequence[float] = (0.0, 0.0)
+  has_residual: bool = True
+  axis_name: str | None = None
+  dtype: jnp.dtype = jnp.float32
+
+  def __post_init__(self):
+    if self.num_heads <= 0 or self.atten_embed_dim % self.num_heads:
+      raise ValueError(
+        'config.model.num_heads must divide config.model.atten_embed_dim; '
+        f'got num_heads={self.num_heads!r}, '
+        f'atten_embed_dim={self.atten_embed_dim!r}.'
+      )
+    if len(self.dropouts) != 2:
+      raise ValueError(
+        'config.model.dropouts: give two rates (attention weights, MLP); '
+        f'got {tuple(self.dropouts)!r}.'
+      )
+    super().__post_init__()
+
+  @nn.compact
+  def __call__(
+    self,
+    ids: jnp.ndarray,
+    multi_ids: jnp.ndarray | None = None,
+    dense: jnp.ndarray | None = None,
+    *,
+    train: bool = False,
+  ) -> jnp.ndarray:
+    """Returns logits `[batch]`.
+
+    Args:
+      ids: one-hot ids `[batch, fields]` int32, field `f`'s in
+        `[0, field_dims[f])`.
+      multi_ids: multi-hot ids `[batch, multi_fields, max_len]` int32,
+        padded with -1; required iff `multi_field_dims`.
+      dense: numeric values `[batch, dense_fields]` float32; required iff
+        `num_dense`.
+      train: dropout and BatchNorm in training mode.
+    """
+    inputs = (ids, multi_ids, dense)
+    fields = dict(
+      multi_field_dims=tuple(self.multi_field_dims),
+      num_dense=self.num_dense,
+      multi_pooling=self.multi_pooling,
+      dtype=self.dtype,
+    )
+    linear = FeaturesLinear(self.field_dims, **fields)(*inputs)  # [B]
+    e = FeaturesEmbedding(self.field_dims, self.embed_dim, **fields)(
+      *inputs
+    )  # [B, T, D]
+    a = nn.Dense(
+      self.atten_embed_dim, dtype=self.dtype, name='atten_embedding'
+    )(e)  # [B, T, A]
+    for i in range(self.num_layers):
+      a = MultiHeadSelfAttention(
+        self.num_heads,
+        dropout=self.dropouts[0],
+        dtype=self.dtype,
+        name=f'self_attn_{i}',
+      )(a, train=train)  # [B, T, A]
+    if self.has_residual:
+      a = a + nn.Dense(
+        self.atten_embed_dim, dtype=self.dtype, name='res_embedding'
+      )(e)  # [B, T, A]
+    r = nn.relu(a).reshape(a.shape[0], -1)  # [B, T * A]
+    attn = nn.Dense(1, dtype=self.dtype, name='attn_fc')(r)[:, 0]  # [B]
+    deep = MultiLayerPerceptron(
+      self.mlp_dims,
+      dropout=self.dropouts[1],
+      axis_name=self.axis_name,
+      dtype=self.dtype,
+    )(e.reshape(e.shape[0], -1), train=train)  # [B, T * D] -> [B]
+    return (linear + attn + deep).astype(jnp.float32)
+
+
+Model = AutomaticFeatureInteractionModel

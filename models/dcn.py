@@ -1,0 +1,354 @@
+"""Deep & Cross Network (DCN).
+
+Ruoxi Wang, Bin Fu, Gang Fu and Mingliang Wang. "Deep & Cross Network for Ad
+Click Predictions". ADKDD (KDD workshop), 2017.
+https://arxiv.org/abs/1708.05123
+
+A cross network and a deep network read the same input, the concatenated
+field embeddings `x_0 = [v_1; v_2; ...; v_F]` `[batch, fields * dim]` (the
+paper's eq. (1)-(2)), and a logistic layer reads both outputs. The paper's
+eq. (3)-(5):
+
+  x_{l+1} = x_0 x_l^T w_l + b_l + x_l            (cross layer, l = 0..L1-1)
+  h_{l+1} = ReLU(W_l h_l + b_l),   h_0 = x_0     (deep layer,  l = 0..L2-1)
+  y       = [x_{L1}; h_{L2}]^T w_logits + b
+
+where `w_l` and `b_l` are vectors `[fields * dim]`, so that a cross layer
+costs O(fields * dim): `x_0 x_l^T w_l = x_0 * <x_l, w_l>`. Each cross layer
+adds one degree to the polynomial in `x_0` that `x_l` computes.
+
+Inputs are per-field ids `[batch, fields]` (int32, field `f` in
+`[0, field_dims[f])`); the output is the logit y `[batch]` (float32). The
+paper's sigmoid belongs to the loss.
+
+Optional side inputs are more fields of `x_0`: a multi-hot field
+(`multi_ids`, e.g. a movie's genres) adds the mean (or sum) of its ids'
+embeddings, a numeric field (`dense`) its value times a vector of its own,
+so that `x_0` is `[batch, (fields + multi_fields + dense_fields) * dim]`.
+(The paper stacks raw numeric values into `x_0`; an embedded value keeps
+every field the same width.)
+
+Differences from pytorch-fm (torchfm 0.7.0, `DeepCrossNetworkModel`, whose
+architecture this file matches layer for layer):
+  * The model returns logits; pytorch-fm returns probabilities.
+  * The dense layers use Flax's default initialisers (LeCun normal kernels,
+    zero biases), not torch's uniform ones.
+
+Differences from the paper, kept from pytorch-fm: every field has an
+embedding of the same size `embed_dim` (the paper sizes each field's
+embedding as `6 * cardinality^(1/4)`). The deep layers carry BatchNorm, as
+the paper's implementation details say; pytorch-fm's MLP block also puts
+dropout after each hidden layer.
+
+This file is self-contained on purpose: it imports only jax, flax and numpy,
+so it can be copied alone into another project.
+"""
+
+from collections.abc import Sequence
+
+import flax.linen as nn
+import jax.numpy as jnp
+import numpy as np
+
+
+def field_offsets(field_dims: Sequence[int]) -> np.ndarray:
+  """Start row of each field in the shared table: `[fields]` int32."""
+  return np.concatenate([[0], np.cumsum(field_dims)[:-1]]).astype(np.int32)
+
+
+def pool_multi_hot(
+  table: jnp.ndarray,
+  multi_ids: jnp.ndarray,
+  multi_field_dims: Sequence[int],
+  pooling: str = 'mean',
+) -> jnp.ndarray:
+  """Pools the rows of each multi-hot field's ids into one row per field.
+
+  Field `m`'s ids index `table` from row `field_offsets(multi_field_dims)[m]`,
+  as one-hot fields index theirs. Padding (-1) is skipped: 'mean' divides the
+  sum by the number of ids present, 'sum' keeps it; a field without ids pools
+  to zeros.
+
+  Args:
+    table: rows of every multi-hot field, `[sum(multi_field_dims), ...]`.
+    multi_ids: ids `[batch, multi_fields, max_len]`, padded with -1.
+    multi_field_dims: number of ids of each multi-hot field.
+    pooling: 'mean' or 'sum'.
+
+  Returns:
+    One row per field, `[batch, multi_fields, ...]`.
+  """
+  if pooling not in ('mean', 'sum'):
+    raise ValueError(f"multi_pooling must be 'mean' or 'sum', got {pooling!r}.")
+  present = multi_ids >= 0  # [B, M, L]
+  offsets = field_offsets(multi_field_dims)[:, None]  # [M, 1]
+  rows = jnp.where(present, multi_ids + offsets, 0)  # [B, M, L]
+  trailing = (1,) * (table.ndim - 1)
+  mask = present.reshape(present.shape + trailing)  # [B, M, L, 1...]
+  x = jnp.where(mask, jnp.take(table, rows, axis=0), 0)  # [B, M, L, ...]
+  pooled = jnp.sum(x, axis=2)  # [B, M, ...]
+  if pooling == 'mean':
+    count = jnp.sum(present, axis=2).reshape(pooled.shape[:2] + trailing)
+    pooled = pooled / jnp.maximum(count, 1).astype(pooled.dtype)
+  return pooled
+
+
+def embed_fields(
+  tables: tuple[jnp.ndarray, jnp.ndarray | None, jnp.ndarray | None],
+  ids: jnp.ndarray,
+  multi_ids: jnp.ndarray | None,
+  dense: jnp.ndarray | None,
+  field_dims: Sequence[int],
+  multi_field_dims: Sequence[int] = (),
+  multi_pooling: str = 'mean',
+) -> jnp.ndarray:
+  """Rows of every field: one-hot ids, then multi-hot ids, then numbers.
+
+  A one-hot field takes its id's row, a multi-hot field its ids' rows pooled
+  (`pool_multi_hot`), a numeric field its value times its own row.
+
+  Args:
+    tables: the one-hot table `[sum(field_dims), ...]`, the multi-hot table
+      `[sum(multi_field_dims), ...]` (None without multi-hot fields) and the
+      numeric table `[dense_fields, ...]` (None without numeric fields).
+    ids: `[batch, fields]` int, field `f`'s in `[0, field_dims[f])`.
+    multi_ids: `[batch, multi_fields, max_len]` int, padded with -1; None
+      without multi-hot fields.
+    dense: `[batch, dense_fields]` float; None without numeric fields.
+    field_dims: number of ids of each one-hot field.
+    multi_field_dims: number of ids of each multi-hot field.
+    multi_pooling: 'mean' or 'sum' (`pool_multi_hot`).
+
+  Returns:
+    `[batch, fields + multi_fields + dense_fields, ...]`.
+
+  Raises:
+    ValueError: an input whose shape disagrees with the declared fields.
+  """
+  table, multi_table, dense_table = tables
+  num_dense = 0 if dense_table is None else dense_table.shape[0]
+  for name, x, fields, ndim, declared in (
+    ('ids', ids, len(field_dims), 2, f'field_dims={tuple(field_dims)}'),
+    (
+      'multi_ids',
+      multi_ids,
+      len(multi_field_dims),
+      3,
+      f'multi_field_dims={tuple(multi_field_dims)}',
+    ),
+    ('dense', dense, num_dense, 2, f'num_dense={num_dense}'),
+  ):
+    if x is None and fields == 0:
+      continue
+    if x is None or x.ndim != ndim or x.shape[:2] != (ids.shape[0], fields):
+      batch = 'batch' if name == 'ids' else ids.shape[0]
+      want = f'[{batch}, {fields}' + (', max_len]' if ndim == 3 else ']')
+      got = 'None' if x is None else f'shape {tuple(x.shape)}'
+      raise ValueError(
+        f'{name} must be {want} for a model built with {declared}; got {got}.'
+      )
+  rows = ids + field_offsets(field_dims)  # [B, F]
+  parts = [jnp.take(table, rows, axis=0)]  # [B, F, ...]
+  if multi_table is not None:
+    parts.append(
+      pool_multi_hot(multi_table, multi_ids, multi_field_dims, multi_pooling)
+    )  # [B, M, ...]
+  if dense_table is not None:
+    values = dense.astype(dense_table.dtype)  # [B, N]
+    values = values.reshape(values.shape + (1,) * (dense_table.ndim - 1))
+    parts.append(values * dense_table)  # [B, N, ...]
+  return jnp.concatenate(parts, axis=1)
+
+
+class FeaturesEmbedding(nn.Module):
+  """Embeddings of every field, each table xavier-uniform initialised.
+
+  One-hot fields share one table, multi-hot fields another (pooled per
+  field), numeric fields have one vector each, scaled by the value.
+
+  Attributes:
+    field_dims: number of ids of each one-hot field.
+    embed_dim: embedding size.
+    multi_field_dims: number of ids of each multi-hot field.
+    num_dense: number of numeric fields.
+    multi_pooling: 'mean' or 'sum' over a multi-hot field's ids.
+    dtype: dtype of the returned embeddings.
+  """
+
+  field_dims: Sequence[int]
+  embed_dim: int
+  multi_field_dims: Sequence[int] = ()
+  num_dense: int = 0
+  multi_pooling: str = 'mean'
+  dtype: jnp.dtype = jnp.float32
+
+  @nn.compact
+  def __call__(
+    self,
+    ids: jnp.ndarray,
+    multi_ids: jnp.ndarray | None = None,
+    dense: jnp.ndarray | None = None,
+  ) -> jnp.ndarray:
+    """Maps the fields' inputs (`embed_fields`) to `[batch, fields, dim]`.
+
+    `fields` counts every field: one-hot, then multi-hot, then numeric.
+    """
+    init = nn.initializers.xavier_uniform()
+    dim = self.embed_dim
+    table = self.param('embedding', init, (sum(self.field_dims), dim))
+    multi_table = dense_table = None
+    if self.multi_field_dims:
+      multi_table = self.param(
+        'multi_embedding', init, (sum(self.multi_field_dims), dim)
+      )
+    if self.num_dense:
+      dense_table = self.param('dense_embedding', init, (self.num_dense, dim))
+    return embed_fields(
+      (table, multi_table, dense_table),
+      ids,
+      multi_ids,
+      dense,
+      self.field_dims,
+      self.multi_field_dims,
+      self.multi_pooling,
+    ).astype(self.dtype)
+
+
+class MultiLayerPerceptron(nn.Module):
+  """Linear -> BatchNorm -> ReLU -> Dropout per hidden layer, then Linear.
+
+  Attributes:
+    hidden_dims: widths of the hidden layers.
+    dropout: dropout rate after each hidden layer.
+    output_layer: end with a Linear layer to one unit (`[batch]` out);
+      otherwise return the last hidden layer `[batch, hidden_dims[-1]]`.
+    axis_name: pmap axis over which BatchNorm statistics are averaged.
+    dtype: dtype of the computation.
+  """
+
+  hidden_dims: Sequence[int]
+  dropout: float = 0.0
+  output_layer: bool = True
+  axis_name: str | None = None
+  dtype: jnp.dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jnp.ndarray, *, train: bool) -> jnp.ndarray:
+    """Maps `[batch, features]` to `[batch]` (or `[batch, hidden]`)."""
+    for width in self.hidden_dims:
+      x = nn.Dense(width, dtype=self.dtype)(x)  # [B, H]
+      x = nn.BatchNorm(
+        use_running_average=not train,
+        momentum=0.9,
+        epsilon=1e-5,
+        axis_name=self.axis_name,
+        dtype=self.dtype,
+      )(x)
+      x = nn.relu(x)
+      x = nn.Dropout(self.dropout, deterministic=not train)(x)
+    if self.output_layer:
+      x = nn.Dense(1, dtype=self.dtype)(x)[:, 0]  # [B]
+    return x
+
+
+class VectorCrossNetwork(nn.Module):
+  """Cross layers `x_{l+1} = x_0 * <x_l, w_l> + b_l + x_l` (eq. (3)).
+
+  The weights `w_l` are vectors (DCN-V2, models/dcnv2.py, has matrices).
+
+  Attributes:
+    num_layers: number of cross layers L1.
+    dtype: dtype of the computation.
+  """
+
+  num_layers: int
+  dtype: jnp.dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x0: jnp.ndarray) -> jnp.ndarray:
+    """Maps `x_0` `[batch, features]` to `x_{L1}` `[batch, features]`."""
+    x = x0
+    for i in range(self.num_layers):
+      # <x_l, w_l> as a Dense layer to one unit (torch's Linear(d, 1)).
+      xw = nn.Dense(1, use_bias=False, dtype=self.dtype, name=f'w_{i}')(
+        x
+      )  # [B, 1]
+      b = self.param(f'b_{i}', nn.initializers.zeros, (x0.shape[-1],))
+      x = x0 * xw + b.astype(self.dtype) + x  # [B, T * D]
+    return x
+
+
+class DeepCrossNetworkModel(nn.Module):
+  """DCN: `y = [CrossNet(x_0); MLP(x_0)]^T w_logits + b`.
+
+  Attributes:
+    field_dims: number of ids of each one-hot field.
+    multi_field_dims: number of ids of each multi-hot field.
+    num_dense: number of numeric fields.
+    multi_pooling: 'mean' or 'sum' over a multi-hot field's ids.
+    embed_dim: size of each field's embedding.
+    num_layers: number of cross layers L1.
+    mlp_dims: widths of the deep layers (L2 = len(mlp_dims)).
+    dropout: dropout rate after each deep layer.
+    axis_name: pmap axis over which BatchNorm statistics are averaged.
+    dtype: dtype of the computation.
+  """
+
+  field_dims: Sequence[int]
+  multi_field_dims: Sequence[int] = ()
+  num_dense: int = 0
+  multi_pooling: str = 'mean'
+  embed_dim: int = 16
+  num_layers: int = 3
+  mlp_dims: Sequence[int] = (16, 16)
+  dropout: float = 0.2
+  axis_name: str | None = None
+  dtype: jnp.dtype = jnp.float32
+
+  @nn.compact
+  def __call__(
+    self,
+    ids: jnp.ndarray,
+    multi_ids: jnp.ndarray | None = None,
+    dense: jnp.ndarray | None = None,
+    *,
+    train: bool = False,
+  ) -> jnp.ndarray:
+    """Returns logits `[batch]`.
+
+    Args:
+      ids: one-hot ids `[batch, fields]` int32, field `f`'s in
+        `[0, field_dims[f])`.
+      multi_ids: multi-hot ids `[batch, multi_fields, max_len]` int32,
+        padded with -1; required iff `multi_field_dims`.
+      dense: numeric values `[batch, dense_fields]` float32; required iff
+        `num_dense`.
+      train: dropout and BatchNorm in training mode.
+    """
+    inputs = (ids, multi_ids, dense)
+    fields = dict(
+      multi_field_dims=tuple(self.multi_field_dims),
+      num_dense=self.num_dense,
+      multi_pooling=self.multi_pooling,
+      dtype=self.dtype,
+    )
+    v = FeaturesEmbedding(self.field_dims, self.embed_dim, **fields)(
+      *inputs
+    )  # [B, T, D]
+    x0 = v.reshape(v.shape[0], -1)  # [B, T * D]
+    cross = VectorCrossNetwork(self.num_layers, dtype=self.dtype)(
+      x0
+    )  # [B, T * D]
+    deep = MultiLayerPerceptron(
+      self.mlp_dims,
+      dropout=self.dropout,
+      output_layer=False,
+      axis_name=self.axis_name,
+      dtype=self.dtype,
+    )(x0, train=train)  # [B, H]
+    stacked = jnp.concatenate([cross, deep], axis=1)  # [B, T * D + H]
+    logit = nn.Dense(1, dtype=self.dtype, name='output')(stacked)  # [B, 1]
+    return logit[:, 0].astype(jnp.float32)
+
+
+Model = DeepCrossNetworkModel

@@ -1,0 +1,446 @@
+"""xDeepFM: a Compressed Interaction Network (CIN), a linear part and a DNN.
+
+Jianxun Lian, Xiaohuan Zhou, Fuzheng Zhang, Zhongxia Chen, Xing Xie and
+Guangzhong Sun. "xDeepFM: Combining Explicit and Implicit Feature
+Interactions for Recommender Systems". ACM SIGKDD Conference on Knowledge
+Discovery and Data Mining (KDD), 2018. https://arxiv.org/abs/1803.05170
+
+The field embeddings form a matrix `X^0` `[fields, dim]` (row `j` is `v_j`).
+Layer k of the CIN (the paper's eq. (6)) builds `H_k` feature maps, each a
+weighted sum of the element-wise (Hadamard, `*`) products of a row of the
+previous layer and a row of `X^0`:
+
+  X^k_{h,*} = sum_{i < H_{k-1}} sum_{j < F}
+                W^{k,h}_{ij} (X^{k-1}_{i,*} * X^0_{j,*}),
+
+followed here by a ReLU, as in pytorch-fm. Each map is
+sum-pooled over the embedding dimension, `p^k_h = sum_d X^k_{h,d}` (eq. (7)),
+and the output unit (eq. (9)) adds the linear term and a DNN on the
+concatenated embeddings:
+
+  y = w_0 + sum_f w_{x_f} + w_cin^T [p^1; ...; p^T] + b_cin
+      + MLP([v_1; ...; v_F]).
+
+With `split_half` (pytorch-fm's default; its examples/main.py, and
+configs/xdeepfm.py, turn it off), each layer but the last sends half of its
+maps to the pooling and the other half to the next layer; without it, every
+map goes to both. The products of a layer are the outer product of
+`X^{k-1}` and `X^0` along the fields, `[batch, F * H_{k-1}, dim]`, and `W^k`
+is a Dense layer over its `F * H_{k-1}` channels (the 1x1 convolution of the
+paper's Figure 4).
+
+Inputs are per-field ids `[batch, fields]` (int32, field `f` in
+`[0, field_dims[f])`); the output is the logit y `[batch]` (float32). The
+paper's sigmoid belongs to the loss.
+
+Optional side inputs are more fields, that is more rows of `X^0` and more
+terms of the linear part: a multi-hot field (`multi_ids`, e.g. a movie's
+genres) adds the mean (or sum) of its ids' weights and embeddings, a numeric
+field (`dense`) `w x` and `v x` for its value `x`.
+
+Differences from pytorch-fm (torchfm 0.7.0,
+`ExtremeDeepFactorizationMachineModel`, whose architecture this file matches
+layer for layer, including which half of a split layer is pooled):
+  * The linear weights start at zero instead of `nn.Embedding`'s N(0, 1),
+    a large random per-id bias that the optimiser must first unlearn.
+  * The model returns logits; pytorch-fm returns probabilities.
+  * The dense layers use Flax's default initialisers (LeCun normal kernels,
+    zero biases), not torch's uniform ones.
+  * With `split_half`, a layer before the last with an odd number of maps
+    is an error when the model is built (pytorch-fm fails in its first
+    forward pass).
+
+Differences from the paper, kept from pytorch-fm: a ReLU follows each CIN
+layer (eq. (6) has no activation); the DNN's hidden layers carry BatchNorm
+and dropout; the linear term, the CIN output layer and the
+MLP output layer each have a bias (the sum is one bias, trained three ways).
+
+This file is self-contained on purpose: it imports only jax, flax and numpy,
+so it can be copied alone into another project.
+"""
+
+from collections.abc import Sequence
+
+import flax.linen as nn
+import jax.numpy as jnp
+import numpy as np
+
+
+def field_offsets(field_dims: Sequence[int]) -> np.ndarray:
+  """Start row of each field in the shared table: `[fields]` int32."""
+  return np.concatenate([[0], np.cumsum(field_dims)[:-1]]).astype(np.int32)
+
+
+def pool_multi_hot(
+  table: jnp.ndarray,
+  multi_ids: jnp.ndarray,
+  multi_field_dims: Sequence[int],
+  pooling: str = 'mean',
+) -> jnp.ndarray:
+  """Pools the rows of each multi-hot field's ids into one row per field.
+
+  Field `m`'s ids index `table` from row `field_offsets(multi_field_dims)[m]`,
+  as one-hot fields index theirs. Padding (-1) is skipped: 'mean' divides the
+  sum by the number of ids present, 'sum' keeps it; a field without ids pools
+  to zeros.
+
+  Args:
+    table: rows of every multi-hot field, `[sum(multi_field_dims), ...]`.
+    multi_ids: ids `[batch, multi_fields, max_len]`, padded with -1.
+    multi_field_dims: number of ids of each multi-hot field.
+    pooling: 'mean' or 'sum'.
+
+  Returns:
+    One row per field, `[batch, multi_fields, ...]`.
+  """
+  if pooling not in ('mean', 'sum'):
+    raise ValueError(f"multi_pooling must be 'mean' or 'sum', got {pooling!r}.")
+  present = multi_ids >= 0  # [B, M, L]
+  offsets = field_offsets(multi_field_dims)[:, None]  # [M, 1]
+  rows = jnp.where(present, multi_ids + offsets, 0)  # [B, M, L]
+  trailing = (1,) * (table.ndim - 1)
+  mask = present.reshape(present.shape + trailing)  # [B, M, L, 1...]
+  x = jnp.where(mask, jnp.take(table, rows, axis=0), 0)  # [B, M, L, ...]
+  pooled = jnp.sum(x, axis=2)  # [B, M, ...]
+  if pooling == 'mean':
+    count = jnp.sum(present, axis=2).reshape(pooled.shape[:2] + trailing)
+    pooled = pooled / jnp.maximum(count, 1).astype(pooled.dtype)
+  return pooled
+
+
+def embed_fields(
+  tables: tuple[jnp.ndarray, jnp.ndarray | None, jnp.ndarray | None],
+  ids: jnp.ndarray,
+  multi_ids: jnp.ndarray | None,
+  dense: jnp.ndarray | None,
+  field_dims: Sequence[int],
+  multi_field_dims: Sequence[int] = (),
+  multi_pooling: str = 'mean',
+) -> jnp.ndarray:
+  """Rows of every field: one-hot ids, then multi-hot ids, then numbers.
+
+  A one-hot field takes its id's row, a multi-hot field its ids' rows pooled
+  (`pool_multi_hot`), a numeric field its value times its own row.
+
+  Args:
+    tables: the one-hot table `[sum(field_dims), ...]`, the multi-hot table
+      `[sum(multi_field_dims), ...]` (None without multi-hot fields) and the
+      numeric table `[dense_fields, ...]` (None without numeric fields).
+    ids: `[batch, fields]` int, field `f`'s in `[0, field_dims[f])`.
+    multi_ids: `[batch, multi_fields, max_len]` int, padded with -1; None
+      without multi-hot fields.
+    dense: `[batch, dense_fields]` float; None without numeric fields.
+    field_dims: number of ids of each one-hot field.
+    multi_field_dims: number of ids of each multi-hot field.
+    multi_pooling: 'mean' or 'sum' (`pool_multi_hot`).
+
+  Returns:
+    `[batch, fields + multi_fields + dense_fields, ...]`.
+
+  Raises:
+    ValueError: an input whose shape disagrees with the declared fields.
+  """
+  table, multi_table, dense_table = tables
+  num_dense = 0 if dense_table is None else dense_table.shape[0]
+  for name, x, fields, ndim, declared in (
+    ('ids', ids, len(field_dims), 2, f'field_dims={tuple(field_dims)}'),
+    (
+      'multi_ids',
+      multi_ids,
+      len(multi_field_dims),
+      3,
+      f'multi_field_dims={tuple(multi_field_dims)}',
+    ),
+    ('dense', dense, num_dense, 2, f'num_dense={num_dense}'),
+  ):
+    if x is None and fields == 0:
+      continue
+    if x is None or x.ndim != ndim or x.shape[:2] != (ids.shape[0], fields):
+      batch = 'batch' if name == 'ids' else ids.shape[0]
+      want = f'[{batch}, {fields}' + (', max_len]' if ndim == 3 else ']')
+      got = 'None' if x is None else f'shape {tuple(x.shape)}'
+      raise ValueError(
+        f'{name} must be {want} for a model built with {declared}; got {got}.'
+      )
+  rows = ids + field_offsets(field_dims)  # [B, F]
+  parts = [jnp.take(table, rows, axis=0)]  # [B, F, ...]
+  if multi_table is not None:
+    parts.append(
+      pool_multi_hot(multi_table, multi_ids, multi_field_dims, multi_pooling)
+    )  # [B, M, ...]
+  if dense_table is not None:
+    values = dense.astype(dense_table.dtype)  # [B, N]
+    values = values.reshape(values.shape + (1,) * (dense_table.ndim - 1))
+    parts.append(values * dense_table)  # [B, N, ...]
+  return jnp.concatenate(parts, axis=1)
+
+
+class FeaturesLinear(nn.Module):
+  """Linear term `w_0 + sum_f w_f(x_f)` over every field.
+
+  A one-hot field adds its id's weight, a multi-hot field its ids' weights
+  pooled as its embeddings are, a numeric field its weight times its value.
+
+  Attributes:
+    field_dims: number of ids of each one-hot field.
+    multi_field_dims: number of ids of each multi-hot field.
+    num_dense: number of numeric fields.
+    multi_pooling: 'mean' or 'sum' over a multi-hot field's ids.
+    dtype: dtype of the computation.
+  """
+
+  field_dims: Sequence[int]
+  multi_field_dims: Sequence[int] = ()
+  num_dense: int = 0
+  multi_pooling: str = 'mean'
+  dtype: jnp.dtype = jnp.float32
+
+  @nn.compact
+  def __call__(
+    self,
+    ids: jnp.ndarray,
+    multi_ids: jnp.ndarray | None = None,
+    dense: jnp.ndarray | None = None,
+  ) -> jnp.ndarray:
+    """Maps the fields' inputs (`embed_fields`) to the logit term `[batch]`."""
+    zeros = nn.initializers.zeros
+    weight = self.param('weight', zeros, (sum(self.field_dims), 1))
+    bias = self.param('bias', zeros, (1,))
+    multi_weight = dense_weight = None
+    if self.multi_field_dims:
+      multi_weight = self.param(
+        'multi_weight', zeros, (sum(self.multi_field_dims), 1)
+      )
+    if self.num_dense:
+      dense_weight = self.param('dense_weight', zeros, (self.num_dense, 1))
+    w = embed_fields(
+      (weight, multi_weight, dense_weight),
+      ids,
+      multi_ids,
+      dense,
+      self.field_dims,
+      self.multi_field_dims,
+      self.multi_pooling,
+    ).astype(self.dtype)  # [B, T, 1]
+    return jnp.sum(w, axis=(1, 2)) + bias.astype(self.dtype)[0]
+
+
+class FeaturesEmbedding(nn.Module):
+  """Embeddings of every field, each table xavier-uniform initialised.
+
+  One-hot fields share one table, multi-hot fields another (pooled per
+  field), numeric fields have one vector each, scaled by the value.
+
+  Attributes:
+    field_dims: number of ids of each one-hot field.
+    embed_dim: embedding size.
+    multi_field_dims: number of ids of each multi-hot field.
+    num_dense: number of numeric fields.
+    multi_pooling: 'mean' or 'sum' over a multi-hot field's ids.
+    dtype: dtype of the returned embeddings.
+  """
+
+  field_dims: Sequence[int]
+  embed_dim: int
+  multi_field_dims: Sequence[int] = ()
+  num_dense: int = 0
+  multi_pooling: str = 'mean'
+  dtype: jnp.dtype = jnp.float32
+
+  @nn.compact
+  def __call__(
+    self,
+    ids: jnp.ndarray,
+    multi_ids: jnp.ndarray | None = None,
+    dense: jnp.ndarray | None = None,
+  ) -> jnp.ndarray:
+    """Maps the fields' inputs (`embed_fields`) to `[batch, fields, dim]`.
+
+    `fields` counts every field: one-hot, then multi-hot, then numeric.
+    """
+    init = nn.initializers.xavier_uniform()
+    dim = self.embed_dim
+    table = self.param('embedding', init, (sum(self.field_dims), dim))
+    multi_table = dense_table = None
+    if self.multi_field_dims:
+      multi_table = self.param(
+        'multi_embedding', init, (sum(self.multi_field_dims), dim)
+      )
+    if self.num_dense:
+      dense_table = self.param('dense_embedding', init, (self.num_dense, dim))
+    return embed_fields(
+      (table, multi_table, dense_table),
+      ids,
+      multi_ids,
+      dense,
+      self.field_dims,
+      self.multi_field_dims,
+      self.multi_pooling,
+    ).astype(self.dtype)
+
+
+class MultiLayerPerceptron(nn.Module):
+  """Linear -> BatchNorm -> ReLU -> Dropout per hidden layer, then Linear.
+
+  Attributes:
+    hidden_dims: widths of the hidden layers.
+    dropout: dropout rate after each hidden layer.
+    output_layer: end with a Linear layer to one unit (`[batch]` out);
+      otherwise return the last hidden layer `[batch, hidden_dims[-1]]`.
+    axis_name: pmap axis over which BatchNorm statistics are averaged.
+    dtype: dtype of the computation.
+  """
+
+  hidden_dims: Sequence[int]
+  dropout: float = 0.0
+  output_layer: bool = True
+  axis_name: str | None = None
+  dtype: jnp.dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jnp.ndarray, *, train: bool) -> jnp.ndarray:
+    """Maps `[batch, features]` to `[batch]` (or `[batch, hidden]`)."""
+    for width in self.hidden_dims:
+      x = nn.Dense(width, dtype=self.dtype)(x)  # [B, H]
+      x = nn.BatchNorm(
+        use_running_average=not train,
+        momentum=0.9,
+        epsilon=1e-5,
+        axis_name=self.axis_name,
+        dtype=self.dtype,
+      )(x)
+      x = nn.relu(x)
+      x = nn.Dropout(self.dropout, deterministic=not train)(x)
+    if self.output_layer:
+      x = nn.Dense(1, dtype=self.dtype)(x)[:, 0]  # [B]
+    return x
+
+
+class CompressedInteractionNetwork(nn.Module):
+  """CIN: `X^k_h = ReLU(sum_{i,j} W^{k,h}_{ij} (X^{k-1}_i * X^0_j))`, pooled.
+
+  Attributes:
+    cross_layer_sizes: number of feature maps H_k of each layer.
+    split_half: pool one half of each layer's maps (all but the last
+      layer) and feed the other half to the next layer.
+    dtype: dtype of the computation.
+  """
+
+  cross_layer_sizes: Sequence[int]
+  split_half: bool = True
+  dtype: jnp.dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x0: jnp.ndarray) -> jnp.ndarray:
+    """Maps `X^0` `[batch, fields, dim]` to the CIN's logit term `[batch]`."""
+    batch, _, dim = x0.shape
+    h = x0  # X^{k-1}: [B, H_{k-1}, D]
+    pooled = []
+    last = len(self.cross_layer_sizes) - 1
+    for k, size in enumerate(self.cross_layer_sizes):
+      # Channel j * H_{k-1} + i holds X^0_{j,*} * X^{k-1}_{i,*}, the order of
+      # torch's `x0.unsqueeze(2) * h.unsqueeze(1)`.
+      z = jnp.einsum('bjd,bid->bdji', x0, h)  # [B, D, F, H_{k-1}]
+      z = z.reshape(batch, dim, -1)  # [B, D, F * H_{k-1}]
+      x = nn.relu(nn.Dense(size, dtype=self.dtype, name=f'conv_{k}')(z))
+      # x: [B, D, H_k]
+      if self.split_half and k != last:
+        x, h = x[..., : size // 2], x[..., size // 2 :]  # [B, D, H_k / 2]
+        h = jnp.swapaxes(h, 1, 2)  # [B, H_k / 2, D]
+      else:
+        h = jnp.swapaxes(x, 1, 2)  # [B, H_k, D]
+      pooled.append(jnp.sum(x, axis=1))  # p^k: [B, H_k (/ 2)]
+    p = jnp.concatenate(pooled, axis=1)  # [B, sum_k H_k (/ 2)]
+    return nn.Dense(1, dtype=self.dtype, name='fc')(p)[:, 0]  # [B]
+
+
+class ExtremeDeepFactorizationMachineModel(nn.Module):
+  """xDeepFM: `y = w_0 + sum_f w_{x_f} + CIN(X^0) + MLP([v_1; ...; v_F])`.
+
+  Attributes:
+    field_dims: number of ids of each one-hot field.
+    multi_field_dims: number of ids of each multi-hot field.
+    num_dense: number of numeric fields.
+    multi_pooling: 'mean' or 'sum' over a multi-hot field's ids.
+    embed_dim: size of the embeddings v, shared by the CIN and the DNN.
+    mlp_dims: widths of the hidden layers of the DNN.
+    dropout: dropout rate after each hidden layer of the DNN.
+    cross_layer_sizes: number of feature maps H_k of each CIN layer.
+    split_half: pool half of the maps of each CIN layer but the last and
+      feed the other half forward (each such layer needs an even size).
+    axis_name: pmap axis over which BatchNorm statistics are averaged.
+    dtype: dtype of the computation.
+  """
+
+  field_dims: Sequence[int]
+  multi_field_dims: Sequence[int] = ()
+  num_dense: int = 0
+  multi_pooling: str = 'mean'
+  embed_dim: int = 16
+  mlp_dims: Sequence[int] = (16, 16)
+  dropout: float = 0.2
+  cross_layer_sizes: Sequence[int] = (16, 16)
+  split_half: bool = True
+  axis_name: str | None = None
+  dtype: jnp.dtype = jnp.float32
+
+  def __post_init__(self):
+    sizes = tuple(self.cross_layer_sizes)
+    if not sizes or any(s <= 0 for s in sizes):
+      raise ValueError(
+        'config.model.cross_layer_sizes: give at least one positive layer '
+        f'size; got {sizes!r}.'
+      )
+    if self.split_half and any(s % 2 for s in sizes[:-1]):
+      raise ValueError(
+        'config.model.cross_layer_sizes: with split_half=True every CIN '
+        f'layer but the last needs an even size; got {sizes!r}.'
+      )
+    super().__post_init__()
+
+  @nn.compact
+  def __call__(
+    self,
+    ids: jnp.ndarray,
+    multi_ids: jnp.ndarray | None = None,
+    dense: jnp.ndarray | None = None,
+    *,
+    train: bool = False,
+  ) -> jnp.ndarray:
+    """Returns logits `[batch]`.
+
+    Args:
+      ids: one-hot ids `[batch, fields]` int32, field `f`'s in
+        `[0, field_dims[f])`.
+      multi_ids: multi-hot ids `[batch, multi_fields, max_len]` int32,
+        padded with -1; required iff `multi_field_dims`.
+      dense: numeric values `[batch, dense_fields]` float32; required iff
+        `num_dense`.
+      train: dropout and BatchNorm in training mode.
+    """
+    inputs = (ids, multi_ids, dense)
+    fields = dict(
+      multi_field_dims=tuple(self.multi_field_dims),
+      num_dense=self.num_dense,
+      multi_pooling=self.multi_pooling,
+      dtype=self.dtype,
+    )
+    linear = FeaturesLinear(self.field_dims, **fields)(*inputs)  # [B]
+    v = FeaturesEmbedding(self.field_dims, self.embed_dim, **fields)(
+      *inputs
+    )  # [B, T, D]
+    cin = CompressedInteractionNetwork(
+      tuple(self.cross_layer_sizes),
+      split_half=self.split_half,
+      dtype=self.dtype,
+    )(v)  # [B]
+    deep = MultiLayerPerceptron(
+      self.mlp_dims,
+      dropout=self.dropout,
+      axis_name=self.axis_name,
+      dtype=self.dtype,
+    )(v.reshape(v.shape[0], -1), train=train)  # [B, T * D] -> [B]
+    return (linear + cin + deep).astype(jnp.float32)
+
+
+Model = ExtremeDeepFactorizationMachineModel
