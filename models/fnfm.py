@@ -47,9 +47,10 @@ matches layer for layer):
 Like pytorch-fm, the model keeps NFM's linear term `w_0 + sum_f w_{x_f}` and
 its dropout after the normalised interaction layer. The shape bug reported
 against pytorch-fm's FNFM (its GitHub issue 9: outputs of shape
-`[batch, batch]`) was fixed before torchfm 0.7.0; tests/test_parity.py checks
-this file against 0.7.0's eval-mode outputs, and tests/test_models_b.py the
-interaction layer against a loop over field pairs.
+`[batch, batch]`) was fixed before torchfm 0.7.0;
+tests/test_model_parity.py checks this file against 0.7.0's outputs, and
+tests/test_model_equations.py the interaction layer against a loop over field
+pairs.
 
 This file is self-contained on purpose: it imports only jax, flax and numpy,
 so it can be copied alone into another project.

@@ -37,8 +37,8 @@ Differences from pytorch-fm (torchfm 0.7.0, `NeuralCollaborativeFiltering`):
     allow GMF and MLP to learn separate embeddings", section 3.4): sharing
     one table forces both towers to one embedding size and, the paper
     argues, limits the fused model. pytorch-fm feeds both towers from one
-    table; `shared_embedding=True` reproduces that (tests/test_parity.py
-    checks it against pytorch-fm). The GMF table holds only the user and
+    table; `shared_embedding=True` reproduces that (checked against
+    pytorch-fm by tests/test_model_parity.py). The GMF table holds only the user and
     item fields, the only ones GMF reads.
   * The field indices are ints, checked at construction, instead of index
     arrays read without a check.

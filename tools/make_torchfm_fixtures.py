@@ -3,8 +3,13 @@
 Dev-only: needs `pip install torch==2.13.0 torchfm==0.7.0`, which the library
 itself never imports. Each fixture holds the reference model's weights (keys
 `w/<state_dict name>`, float32), a batch of ids `ids` `[batch, fields]` and
-the reference's eval-mode output `probs` `[batch]`. tests/test_parity.py loads
-the weights into our model and compares.
+the reference's eval-mode output `probs` `[batch]`; then one training step
+from the same weights, in train mode with every dropout rate at 0: labels
+`train/labels` `[batch]`, outputs `train/probs`, the loss `train/loss` (BCE
+of the probabilities, mean over the batch), the gradient of that loss for
+each parameter (`grad/<name>`) and the BatchNorm running statistics after the
+step (`after/<name>`). tests/test_model_parity.py loads the weights into our
+model and compares.
 
   python tools/make_torchfm_fixtures.py            # all models
   python tools/make_torchfm_fixtures.py fm lr      # some
@@ -124,8 +129,154 @@ def _deepfm():
   )
 
 
+def _dcn():
+  from torchfm.model.dcn import DeepCrossNetworkModel
+
+  return DeepCrossNetworkModel(
+    FIELD_DIMS, embed_dim=4, num_layers=2, mlp_dims=(8, 6), dropout=0.2
+  )
+
+
+def _xdeepfm():
+  from torchfm.model.xdfm import ExtremeDeepFactorizationMachineModel
+
+  # split_half with an odd last layer: maps 6 -> 3 pooled + 3 forward,
+  # 4 -> 2 + 2, then all 3 pooled.
+  return ExtremeDeepFactorizationMachineModel(
+    FIELD_DIMS,
+    embed_dim=4,
+    mlp_dims=(8, 6),
+    dropout=0.2,
+    cross_layer_sizes=(6, 4, 3),
+    split_half=True,
+  )
+
+
+def _autoint():
+  from torchfm.model.afi import AutomaticFeatureInteractionModel
+
+  # Attention dropout 0: torch's MultiheadAttention keeps its rate in a
+  # float, not an nn.Dropout, so the dropout-free training step below would
+  # not turn it off.
+  return AutomaticFeatureInteractionModel(
+    FIELD_DIMS,
+    embed_dim=4,
+    atten_embed_dim=6,
+    num_heads=2,
+    num_layers=2,
+    mlp_dims=(8, 6),
+    dropouts=(0.0, 0.2),
+  )
+
+
+def _variant(prefix, model, ids, seed):
+  """Weights (`<prefix>/w/...`) and eval output of a second configuration."""
+  _randomize(model, seed=seed)
+  model.eval()
+  with torch.no_grad():
+    probs = model(ids).numpy().astype(np.float32)
+  arrays = {
+    f'{prefix}/w/{k}': v.numpy().astype(np.float32)
+    for k, v in model.state_dict().items()
+    if v.is_floating_point()
+  }
+  arrays[f'{prefix}/probs'] = probs
+  return arrays
+
+
+def _xdeepfm_extras(model, ids):
+  """The same model without split_half (pytorch-fm's example setting)."""
+  from torchfm.model.xdfm import ExtremeDeepFactorizationMachineModel
+
+  del model
+  nosplit = ExtremeDeepFactorizationMachineModel(
+    FIELD_DIMS,
+    embed_dim=4,
+    mlp_dims=(8,),
+    dropout=0.2,
+    cross_layer_sizes=(5, 3),
+    split_half=False,
+  )
+  return _variant('nosplit', nosplit, ids, seed=4)
+
+
+def _autoint_extras(model, ids):
+  """One attention layer of 3 heads, without the residual connection."""
+  from torchfm.model.afi import AutomaticFeatureInteractionModel
+
+  del model
+  nores = AutomaticFeatureInteractionModel(
+    FIELD_DIMS,
+    embed_dim=4,
+    atten_embed_dim=6,
+    num_heads=3,
+    num_layers=1,
+    mlp_dims=(8,),
+    dropouts=(0.0, 0.2),
+    has_residual=False,
+  )
+  return _variant('nores', nores, ids, seed=5)
+
+
+def _pytorch_fm_master(module: str):
+  """`torchfm/model/<module>.py` of pytorch-fm's GitHub master, imported.
+
+  torchfm 0.7.0 (PyPI) predates HOFM: PYTORCH_FM_SRC must name a checkout
+  of https://github.com/rixwew/pytorch-fm (master). Its model imports its
+  own torchfm/layer.py (AnovaKernel), in place of the installed one.
+  """
+  import importlib.util  # pylint: disable=g-import-not-at-top
+
+  import torchfm.layer  # pylint: disable=g-import-not-at-top
+
+  src = os.environ.get('PYTORCH_FM_SRC', '')
+  if not os.path.isfile(os.path.join(src, 'torchfm', 'layer.py')):
+    raise SystemExit(
+      f'{module}: set PYTORCH_FM_SRC to a checkout of'
+      ' https://github.com/rixwew/pytorch-fm (master); torchfm 0.7.0 has no'
+      f' {module}.'
+    )
+
+  def load(name, path):
+    spec = importlib.util.spec_from_file_location(name, path)
+    loaded = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(loaded)
+    return loaded
+
+  installed = torchfm.layer
+  sys.modules['torchfm.layer'] = load(
+    'torchfm.layer', os.path.join(src, 'torchfm', 'layer.py')
+  )
+  try:
+    return load(
+      f'pytorch_fm_master_{module}',
+      os.path.join(src, 'torchfm', 'model', f'{module}.py'),
+    )
+  finally:
+    sys.modules['torchfm.layer'] = installed
+
+
+def _hofm():
+  # Order 4: the ANOVA kernels of orders 3 and 4 both have factors.
+  hofm = _pytorch_fm_master('hofm')
+  return hofm.HighOrderFactorizationMachineModel(
+    FIELD_DIMS, order=4, embed_dim=3
+  )
+
+
+def _pnn(method):
+  from torchfm.model.pnn import ProductNeuralNetworkModel
+
+  model = ProductNeuralNetworkModel(
+    FIELD_DIMS, embed_dim=4, mlp_dims=(8, 6), dropout=0.2, method=method
+  )
+  # Its linear term is never used in forward (no output, no gradient).
+  del model.linear
+  return model
+
+
 # Model name (as in models/) -> builder of the reference module. Hyper-
-# parameters here must match tests/test_parity.py.
+# parameters here must match tests/test_model_parity.py.
 BUILDERS = {
   'lr': _lr,
   'fm': _fm,
@@ -137,13 +288,51 @@ BUILDERS = {
   'ncf': _ncf,
   'fnfm': _fnfm,
   'deepfm': _deepfm,
+  'dcn': _dcn,
+  'xdeepfm': _xdeepfm,
+  'autoint': _autoint,
+  'hofm': _hofm,
+  # models/pnn.py, method 'inner' and 'outer'.
+  'ipnn': lambda: _pnn('inner'),
+  'opnn': lambda: _pnn('outer'),
 }
 
 # Model name -> function(model, ids tensor) returning more arrays to save
 # (names without the `w/` prefix), e.g. to record a behaviour we differ from.
 EXTRAS = {
   'afm': _afm_extras,
+  'xdeepfm': _xdeepfm_extras,
+  'autoint': _autoint_extras,
 }
+
+
+def _train_step(model, ids):
+  """One train-mode forward and backward with every dropout rate at 0."""
+  for module in model.modules():
+    if isinstance(module, torch.nn.Dropout):
+      module.p = 0.0
+  if hasattr(model, 'afm'):  # AFM's functional dropouts
+    model.afm.dropouts = (0.0, 0.0)
+  model.train()
+  rng = np.random.default_rng(3)
+  labels = (rng.permutation(BATCH) % 2).astype(np.float32)  # both classes
+  model.zero_grad()
+  probs = model(ids)
+  loss = torch.nn.functional.binary_cross_entropy(
+    probs, torch.from_numpy(labels)
+  )
+  loss.backward()
+  arrays = {
+    'train/labels': labels,
+    'train/probs': probs.detach().numpy().astype(np.float32),
+    'train/loss': np.float32(loss.item()),
+  }
+  for k, v in model.named_parameters():
+    arrays[f'grad/{k}'] = v.grad.numpy().astype(np.float32)
+  for k, v in model.state_dict().items():
+    if k.endswith(('running_mean', 'running_var')):
+      arrays[f'after/{k}'] = v.numpy().astype(np.float32)
+  return arrays
 
 
 def write_fixture(name: str) -> str:
@@ -164,6 +353,8 @@ def write_fixture(name: str) -> str:
   }
   if name in EXTRAS:
     arrays.update(EXTRAS[name](model, torch.from_numpy(ids)))
+  # Last: it changes the dropout rates and the running statistics.
+  arrays.update(_train_step(model, torch.from_numpy(ids)))
   path = os.path.join(OUT_DIR, f'torchfm_{name}.npz')
   np.savez_compressed(
     path,

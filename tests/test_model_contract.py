@@ -1,0 +1,285 @@
+"""The contract every file in models/ keeps (DESIGN.md 2).
+
+Shapes and dtypes, parameter counts, gradients, imports, running alone,
+identical copies of shared code, initialisation, and the configs that build
+each model. The per-model tables live in tests/model_tables.py.
+"""
+
+import ast
+import collections
+import os
+import subprocess
+import sys
+import tempfile
+
+from absl.testing import absltest
+from absl.testing import parameterized
+import jax
+import jax.numpy as jnp
+from model_tables import BATCH
+from model_tables import DROPOUT_SITES
+from model_tables import MODEL_NAMES
+from model_tables import PARAM_COUNTS
+from model_tables import TEST_KWARGS
+from model_tables import build
+from model_tables import init
+from model_tables import module
+from model_tables import random_ids
+import numpy as np
+
+from configs import deepfm as deepfm_config
+from configs import fnfm as fnfm_config
+from configs import ncf as ncf_config
+from configs import nfm as nfm_config
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+MODELS_DIR = os.path.join(ROOT, 'models')
+
+# Top-level names that may differ between model files. Every other class,
+# function or constant defined in two or more files must be the same text.
+SHARED_NAME_EXCEPTIONS = frozenset({'Model'})
+
+
+def _source(name):
+  with open(os.path.join(MODELS_DIR, f'{name}.py')) as f:
+    return f.read()
+
+
+def _top_level_definitions(source):
+  """Yields `(name, source text)` of each top-level def, class and constant."""
+  for node in ast.parse(source).body:
+    if isinstance(node, (ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
+      names = [node.name]
+    elif isinstance(node, ast.Assign):
+      names = [t.id for t in node.targets if isinstance(t, ast.Name)]
+    elif isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name):
+      names = [node.target.id]
+    else:
+      continue
+    for name in names:
+      yield name, ast.get_source_segment(source, node)
+
+
+class ModelContractTest(parameterized.TestCase):
+  def test_every_model_has_a_table_entry(self):
+    self.assertEqual(sorted(PARAM_COUNTS), MODEL_NAMES)
+    self.assertEqual(sorted(TEST_KWARGS), MODEL_NAMES)
+    self.assertEqual(sorted(DROPOUT_SITES), MODEL_NAMES)
+
+  @parameterized.named_parameters((n, n) for n in MODEL_NAMES)
+  def test_output_shape_and_dtype(self, name):
+    model = build(name)
+    ids = random_ids()
+    variables = init(model, ids)
+    logits = model.apply(variables, ids, train=False)
+    self.assertEqual(logits.shape, (BATCH,))
+    self.assertEqual(logits.dtype, jnp.float32)
+    self.assertTrue(np.all(np.isfinite(logits)))
+
+  @parameterized.named_parameters((n, n) for n in MODEL_NAMES)
+  def test_param_count(self, name):
+    model = build(name)
+    variables = init(model, random_ids())
+    count = sum(x.size for x in jax.tree.leaves(variables['params']))
+    self.assertEqual(count, PARAM_COUNTS.get(name))
+
+  @parameterized.named_parameters((n, n) for n in MODEL_NAMES)
+  def test_gradients_finite_and_nonzero(self, name):
+    model = build(name)
+    ids = random_ids(batch=32)
+    variables = init(model, ids)
+    # Random parameters everywhere, so that zero-initialised leaves (the
+    # linear term) do not hide the gradient of another leaf.
+    leaves, treedef = jax.tree.flatten(variables['params'])
+    keys = jax.random.split(jax.random.key(2), len(leaves))
+    params = jax.tree.unflatten(
+      treedef,
+      [
+        0.3 * jax.random.normal(k, x.shape)
+        for k, x in zip(keys, leaves, strict=True)
+      ],
+    )
+    labels = (np.arange(32) % 2).astype(np.float32)
+    others = {k: v for k, v in variables.items() if k != 'params'}
+
+    def loss_fn(p):
+      logits, _ = model.apply(
+        {'params': p, **others},
+        ids,
+        train=True,
+        rngs={'dropout': jax.random.key(3)},
+        mutable=['batch_stats'],
+      )
+      return jnp.mean(jnp.square(logits - labels))
+
+    grads = jax.grad(loss_fn)(params)
+    for path, g in jax.tree_util.tree_leaves_with_path(grads):
+      with self.subTest(jax.tree_util.keystr(path)):
+        self.assertTrue(np.all(np.isfinite(g)))
+        self.assertGreater(float(jnp.max(jnp.abs(g))), 0.0)
+
+  @parameterized.named_parameters((n, n) for n in MODEL_NAMES)
+  def test_model_file_imports_only_allowed_modules(self, name):
+    allowed = {
+      'flax',
+      'jax',
+      'numpy',
+      'typing',
+      'collections',
+      'functools',
+      'math',
+    }
+    tree = ast.parse(_source(name))
+    for node in ast.walk(tree):
+      if isinstance(node, ast.Import):
+        roots = [a.name.split('.')[0] for a in node.names]
+      elif isinstance(node, ast.ImportFrom):
+        self.assertEqual(node.level, 0, 'relative import')
+        roots = [node.module.split('.')[0]]
+      else:
+        continue
+      for root in roots:
+        self.assertIn(root, allowed)
+
+  def test_names_defined_in_several_files_are_identical_copies(self):
+    # Shared blocks are copied verbatim (DESIGN.md 2): whatever name two
+    # files both define must be the same text, with no list to keep.
+    copies = collections.defaultdict(list)
+    for name in MODEL_NAMES:
+      for block, text in _top_level_definitions(_source(name)):
+        copies[block].append((name, text))
+    shared = {
+      block: versions
+      for block, versions in copies.items()
+      if len(versions) > 1 and block not in SHARED_NAME_EXCEPTIONS
+    }
+    # The parse found the blocks that most files share.
+    self.assertGreater(len(shared.get('FeaturesLinear', ())), 2)
+    self.assertGreater(len(shared.get('MultiLayerPerceptron', ())), 2)
+    for block, versions in sorted(shared.items()):
+      first_name, first = versions[0]
+      for other_name, other in versions[1:]:
+        with self.subTest(block=block, file=other_name):
+          self.assertEqual(
+            first,
+            other,
+            f'{block} differs in models/{first_name}.py and '
+            f'models/{other_name}.py',
+          )
+
+  def test_each_model_file_runs_alone_in_an_empty_directory(self):
+    # One subprocess for all models keeps the JAX start-up cost single.
+    script = (
+      'import importlib, sys\n'
+      'import jax, jax.numpy as jnp, numpy as np\n'
+      'assert "data" not in sys.modules\n'
+      'for name, kwargs in %r.items():\n'
+      '  m = importlib.import_module(name)\n'
+      '  model = m.Model(field_dims=(3, 4), **kwargs)\n'
+      '  ids = np.array([[0, 1], [2, 3], [1, 0], [0, 2]], np.int32)\n'
+      '  v = model.init({"params": jax.random.key(0),'
+      ' "dropout": jax.random.key(1)}, ids, train=False)\n'
+      '  def loss(p):\n'
+      '    out, _ = model.apply({**v, "params": p}, ids, train=True,'
+      ' rngs={"dropout": jax.random.key(2)}, mutable=["batch_stats"])\n'
+      '    return jnp.mean(out ** 2)\n'
+      '  g = jax.grad(loss)(v["params"])\n'
+      '  assert all(np.all(np.isfinite(x)) for x in jax.tree.leaves(g))\n'
+      '  print("ok", name)\n'
+    ) % {n: TEST_KWARGS.get(n, {}) for n in MODEL_NAMES}
+    with tempfile.TemporaryDirectory() as tmp:
+      for name in MODEL_NAMES:
+        with open(os.path.join(tmp, f'{name}.py'), 'w') as dst:
+          dst.write(_source(name))
+      env = dict(os.environ, PYTHONPATH='')
+      result = subprocess.run(
+        [sys.executable, '-c', script],
+        cwd=tmp,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+      )
+    self.assertEqual(result.returncode, 0, result.stderr)
+    for name in MODEL_NAMES:
+      self.assertIn(f'ok {name}', result.stdout)
+
+
+# Field sizes for the initialisation statistics: a few thousand numbers per
+# table, so that the bounds below are tight.
+INIT_FIELD_DIMS = (300, 500, 200)
+
+
+class InitialisationTest(parameterized.TestCase):
+  """Initial values as pytorch-fm's, except the zero linear term.
+
+  The bounds are 6 standard errors of the statistic for the table's sample
+  size: a false alarm is a 1e-8 event, while N(0, 1) values or another
+  initialiser miss them by far.
+  """
+
+  def _params(self, name):
+    model = build(name, field_dims=INIT_FIELD_DIMS)
+    ids = random_ids(batch=4, field_dims=INIT_FIELD_DIMS)
+    return init(model, ids)['params']
+
+  @parameterized.named_parameters((n, n) for n in MODEL_NAMES)
+  def test_embedding_tables_are_xavier_uniform(self, name):
+    # torch.nn.init.xavier_uniform_ on each [rows, dim] table: U(-b, b) with
+    # b = sqrt(6 / (rows + dim)), so mean 0 and variance b^2 / 3. FFM-style
+    # [rows, fields, dim] tables are one such table per field.
+    for path, table in jax.tree_util.tree_leaves_with_path(self._params(name)):
+      if path[-1].key != 'embedding':
+        continue
+      table = np.asarray(table, np.float64)
+      rows, dim = table.shape[0], table.shape[-1]
+      bound = np.sqrt(6.0 / (rows + dim))
+      slices = table.reshape(rows, -1, dim)
+      for i in range(slices.shape[1]):
+        x = slices[:, i].ravel()
+        n = x.size
+        with self.subTest(f'{jax.tree_util.keystr(path)}[:, {i}]'):
+          self.assertLessEqual(np.max(np.abs(x)), bound)
+          # The support is filled: the largest |x| is near the bound.
+          self.assertGreater(np.max(np.abs(x)), bound * (1 - 20.0 / n))
+          self.assertLess(abs(x.mean()), 6 * bound / np.sqrt(3 * n))
+          var_se = np.sqrt(4.0 / 45.0) * bound**2 / np.sqrt(n)
+          self.assertLess(abs(x.var() - bound**2 / 3), 6 * var_se)
+          # Uniform, not bell-shaped: half the values inside b / 2.
+          inner = np.mean(np.abs(x) < bound / 2)
+          self.assertLess(abs(inner - 0.5), 6 * 0.5 / np.sqrt(n))
+
+  @parameterized.named_parameters((n, n) for n in MODEL_NAMES)
+  def test_linear_terms_start_at_zero(self, name):
+    # Unlike pytorch-fm's N(0, 1) (models/*.py docstrings): every weight and
+    # bias of a linear-term block (FeaturesLinear, CrossProductLinear) is 0.
+    for path, x in jax.tree_util.tree_leaves_with_path(self._params(name)):
+      if any('Linear' in str(getattr(k, 'key', '')) for k in path[:-1]):
+        with self.subTest(jax.tree_util.keystr(path)):
+          np.testing.assert_array_equal(x, np.zeros_like(x))
+
+
+class ConfigTest(parameterized.TestCase):
+  @parameterized.parameters(
+    ('nfm', nfm_config, dict(embed_dim=64, mlp_dims=(64,))),
+    ('ncf', ncf_config, dict(embed_dim=16, mlp_dims=(16, 16), dropout=0.2)),
+    ('fnfm', fnfm_config, dict(embed_dim=4, mlp_dims=(64,))),
+    ('deepfm', deepfm_config, dict(embed_dim=16, mlp_dims=(16, 16))),
+  )
+  def test_config_builds_its_model_on_movielens_fields(
+    self, name, config_module, expected
+  ):
+    config = config_module.get_config()
+    self.assertEqual(config.model_name, name)
+    for key, value in expected.items():
+      self.assertEqual(config.model[key], value, key)
+    model = module(name).Model(field_dims=(6, 9), **config.model)
+    ids = random_ids(batch=4, field_dims=(6, 9))
+    variables = model.init(jax.random.key(0), ids, train=False)
+    out = model.apply(variables, ids, train=False)
+    self.assertEqual(out.shape, (4,))
+    self.assertEqual(out.dtype, jnp.float32)
+
+
+if __name__ == '__main__':
+  absltest.main()
