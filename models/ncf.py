@@ -38,8 +38,8 @@ Differences from pytorch-fm (torchfm 0.7.0, `NeuralCollaborativeFiltering`):
     one table forces both towers to one embedding size and, the paper
     argues, limits the fused model. pytorch-fm feeds both towers from one
     table; `shared_embedding=True` reproduces that (checked against
-    pytorch-fm by tests/test_model_parity.py). The GMF table holds only the user and
-    item fields, the only ones GMF reads.
+    pytorch-fm by tests/test_model_parity.py). The GMF table holds only the
+    user and item fields, the only ones GMF reads.
   * The field indices are ints, checked at construction, instead of index
     arrays read without a check.
   * The model returns logits; pytorch-fm returns probabilities.
