@@ -4,30 +4,26 @@ A dataset is a table of categorical fields encoded to dense ids
 `0..field_dims[f]-1`, with a 0/1 label, split into train, validation and
 test. `config.dataset.name` picks a source module of datasets/; its format
 keys sit in `config.dataset.<format>`. Encoded splits are cached as `.npy`
-files (memory-mapped when read), under a key of the source files and of
-every option, so a second run starts in seconds and a changed input never
-serves stale data.
+files (memory-mapped when read), under a key of the source files' content
+and of every option, so a second run skips the encoding and a changed input
+never serves stale data. Every load checks the cache against its checksums
+and the data's invariants (datasets/cache.py), and rebuilds a damaged one.
 
 Batches are dicts of numpy arrays: `ids` int32 `[batch, fields]`, `label`
 float32 `[batch]`, and for evaluation `mask` float32 `[batch]` (0 on padding).
 """
 
 from collections.abc import Iterator, Sequence
-import hashlib
 import importlib
-import json
 import logging
 import math
 import os
-import shutil
-import socket
-import tempfile
 
 import ml_collections
 import numpy as np
 
+from datasets import cache
 from datasets import core
-from datasets import encode
 
 # Re-exported: the names that training, benchmarks and tests use.
 DataError = core.DataError
@@ -53,10 +49,7 @@ SHARED_KEYS = (
   *('seed', 'min_count', 'skip_bad_lines', 'chunk_rows'),
 )
 
-# Bump when the cache's files or any encoding change: part of every key.
-CACHE_VERSION = 2
-
-SPLITS = ('train', 'valid', 'test')
+SPLITS = cache.SPLITS
 
 
 def format_defaults() -> dict[str, ml_collections.ConfigDict]:
@@ -154,29 +147,8 @@ def split_indices(
 
 
 # --------------------------------------------------------------------------
-# The cache: one directory per key, `{split}_ids.npy`, `{split}_labels.npy`,
-# `vocab.npy` (every field's keys in id order, end to end) and `meta.json`.
-
-
-def fingerprint(path: str) -> dict:
-  """Identifies a source file's version cheaply: size, mtime and edges.
-
-  Hashing the first and last MiB next to size and modification time catches
-  a replaced or edited file without reading gigabytes.
-  """
-  stat = os.stat(path)
-  digest = hashlib.sha256()
-  with open(path, 'rb') as f:
-    digest.update(f.read(1 << 20))
-    if stat.st_size > 1 << 20:
-      f.seek(max(stat.st_size - (1 << 20), 1 << 20))
-      digest.update(f.read())
-  return {
-    'path': os.path.abspath(path),
-    'size': stat.st_size,
-    'mtime_ns': stat.st_mtime_ns,
-    'sha256_edges': digest.hexdigest(),
-  }
+# The cache (datasets/cache.py): one directory per key of the sources'
+# content and of every option.
 
 
 def cache_spec(
@@ -186,9 +158,9 @@ def cache_spec(
 ) -> dict:
   """Everything the encoded arrays depend on: the cache key's input."""
   out = {
-    'version': CACHE_VERSION,
+    'version': cache.VERSION,
     'name': config.name,
-    'sources': {role: fingerprint(path) for role, path in paths.items()},
+    'sources': {role: cache.fingerprint(path) for role, path in paths.items()},
     'min_count': config.min_count,
     'skip_bad_lines': config.skip_bad_lines,
     'options': options.to_dict(),
@@ -196,41 +168,6 @@ def cache_spec(
   if 'all' in paths:
     out.update(split=list(config.split), seed=config.seed)
   return out
-
-
-def cache_key(spec: dict) -> str:
-  """A short stable hash of a JSON-able description of the preprocessing."""
-  blob = json.dumps(spec, sort_keys=True)
-  return hashlib.sha256(blob.encode()).hexdigest()[:16]
-
-
-# Written into a temporary cache directory: who is filling it.
-_OWNER = 'owner.json'
-
-
-def _remove_stale_tmp(parent: str) -> None:
-  """Deletes temporary cache directories of dead runs on this host.
-
-  A killed preprocessing run leaves its `.tmp-*` directory (up to the size
-  of the encoded data); its `owner.json` names the host and process, so a
-  later run on the same host removes it once that process is gone.
-  """
-  for entry in (e for e in os.listdir(parent) if e.startswith('.tmp-')):
-    path = os.path.join(parent, entry)
-    try:
-      with open(os.path.join(path, _OWNER)) as f:
-        owner = json.load(f)
-    except (OSError, ValueError):
-      continue  # Not ours, or being created.
-    if owner.get('host') != socket.gethostname():
-      continue
-    try:
-      os.kill(int(owner['pid']), 0)
-    except ProcessLookupError:
-      logging.info('Removing %s, left by a run that died', path)
-      shutil.rmtree(path, ignore_errors=True)
-    except (PermissionError, KeyError, ValueError, TypeError, OverflowError):
-      pass  # Alive (another user's process) or unreadable: leave it.
 
 
 def _routed(encoded: core.Encoded, config) -> Iterator[tuple]:
@@ -259,23 +196,11 @@ def _routed(encoded: core.Encoded, config) -> Iterator[tuple]:
     row += len(ids)
 
 
-def write_cache(
-  directory: str, encoded: core.Encoded, config, spec: dict
-) -> None:
-  """Splits and writes `encoded` to `directory` atomically.
-
-  The arrays go to a temporary directory beside it, renamed into place only
-  when complete, so an interrupted run never leaves a cache that a later
-  run would trust. A concurrent writer (another process of a multi-host
-  run) that finished first wins; its cache holds the same arrays.
-  """
-  parent = os.path.dirname(directory)
-  os.makedirs(parent, exist_ok=True)
-  _remove_stale_tmp(parent)
-  tmp = tempfile.mkdtemp(dir=parent, prefix=f'.tmp-{config.name}-')
-  owner = os.path.join(tmp, _OWNER)
-  with open(owner, 'w') as f:
-    json.dump({'host': socket.gethostname(), 'pid': os.getpid()}, f)
+def _build(directory, source, config, options, paths, spec, replace) -> None:
+  """Encodes the sources and writes the cache; a changed source is an error."""
+  stats = {path: cache.source_stat(path) for path in paths.values()}
+  with core.reading(*paths.values()):
+    encoded = source.build(config, options, paths)
   if 'all' in encoded.rows:
     sizes = split_sizes(encoded.rows['all'], config.split)
   else:
@@ -283,80 +208,14 @@ def write_cache(
   logging.info(
     '%s: %s examples, field_dims %s', config.name, sizes, encoded.field_dims
   )
-  num_fields = len(encoded.field_names)
-  writers = []
-  try:
-    for split, size in zip(SPLITS, sizes, strict=True):
-      path = os.path.join(tmp, split)
-      writers += [  # Flat: ids and labels of train, then of valid, of test.
-        encode.NpyWriter(f'{path}_ids.npy', np.int32, (size, num_fields)),
-        encode.NpyWriter(f'{path}_labels.npy', np.float32, (size,)),
-      ]
-    for s, ids, labels in _routed(encoded, config):
-      writers[2 * s].write(ids)
-      writers[2 * s + 1].write(labels)
-    for writer in writers:
-      writer.close()
-    vocabulary = [np.asarray(v, np.int64) for v in encoded.vocabulary]
-    np.save(
-      os.path.join(tmp, 'vocab.npy'),
-      np.concatenate(vocabulary),
-      allow_pickle=False,
-    )
-    for source in spec['sources'].values():
-      if fingerprint(source['path']) != source:
-        raise DataError(f'{source["path"]} changed during preprocessing.')
-    meta = {
-      'name': config.name,
-      'field_names': list(encoded.field_names),
-      'field_dims': list(encoded.field_dims),
-      # Field f's keys are vocab.npy[sum(sizes[:f]):][:sizes[f]]; its ids
-      # from sizes[f] on are out of vocabulary.
-      'vocabulary_sizes': [len(v) for v in vocabulary],
-      'spec': spec,
-      'examples': dict(zip(SPLITS, sizes, strict=True)),
-      'skipped_lines': encoded.skipped,
-    }
-    with open(os.path.join(tmp, 'meta.json'), 'w') as f:
-      json.dump(meta, f, indent=1)
-      f.flush()
-      os.fsync(f.fileno())
-    os.remove(owner)
-    try:
-      os.rename(tmp, directory)
-    except OSError:
-      if not os.path.isfile(os.path.join(directory, 'meta.json')):
-        raise
-    logging.info('Wrote %s', directory)
-  finally:
-    for writer in writers:
-      writer.file.close()
-    shutil.rmtree(tmp, ignore_errors=True)
 
+  def parts():
+    yield from _routed(encoded, config)
+    for path, stat in stats.items():  # Before the cache is published.
+      if cache.source_stat(path) != stat:
+        raise DataError(f'{path} changed during preprocessing; run again.')
 
-def read_cache(directory: str) -> Dataset:
-  """Opens a cache written by `write_cache`, memory-mapping the arrays."""
-  with open(os.path.join(directory, 'meta.json')) as f:
-    meta = json.load(f)
-  if meta['skipped_lines']:
-    logging.warning(
-      '%s: skipped %d malformed lines (config.dataset.skip_bad_lines)',
-      meta['name'],
-      meta['skipped_lines'],
-    )
-
-  def load(name):
-    return np.load(os.path.join(directory, f'{name}.npy'), mmap_mode='r')
-
-  ends = np.cumsum(meta['vocabulary_sizes'])
-  vocabulary = load('vocab')
-  return Dataset(
-    name=meta['name'],
-    field_names=tuple(meta['field_names']),
-    field_dims=tuple(meta['field_dims']),
-    **{s: Split(load(f'{s}_ids'), load(f'{s}_labels')) for s in SPLITS},
-    vocabulary=tuple(np.split(vocabulary, ends[:-1])),
-  )
+  cache.write(directory, encoded, sizes, parts(), spec, replace)
 
 
 def load_dataset(config: ml_collections.ConfigDict) -> Dataset:
@@ -366,10 +225,12 @@ def load_dataset(config: ml_collections.ConfigDict) -> Dataset:
     config: the `dataset` part of the config.
 
   Returns:
-    The encoded dataset, its splits memory-mapped from the cache.
+    The encoded dataset, its splits memory-mapped from the cache, checked:
+    ids inside `field_dims` and labels 0 or 1.
 
   Raises:
-    DataError: unknown name or key, missing path or malformed file.
+    DataError: unknown name or key, missing, unreadable or malformed file,
+      or a cache that cannot be written.
   """
   source, config, options = resolve(config)
   paths = source.files(config)
@@ -377,11 +238,20 @@ def load_dataset(config: ml_collections.ConfigDict) -> Dataset:
     split_sizes(1, config.split)  # Validates the fractions before any work.
   spec = cache_spec(config, options, paths)
   directory = os.path.join(
-    cache_dir(config), 'encoded', f'{config.name}-{cache_key(spec)}'
+    cache_dir(config), 'encoded', f'{config.name}-{cache.key(spec)}'
   )
-  if not os.path.isfile(os.path.join(directory, 'meta.json')):
-    write_cache(directory, source.build(config, options, paths), config, spec)
-  return read_cache(directory)
+  if os.path.lexists(directory):
+    try:
+      return cache.read(directory, spec)
+    except cache.Damaged as e:
+      logging.warning('Rebuilding the damaged cache %s: %s', directory, e)
+  replace = os.path.lexists(directory)
+  _build(directory, source, config, options, paths, spec, replace)
+  try:
+    return cache.read(directory, spec)
+  except cache.Damaged as e:
+    # The rows passed the same checks on the way in: a bug or a bad disk.
+    raise RuntimeError(f'{directory} fails its check once written: {e}') from e
 
 
 # --------------------------------------------------------------------------

@@ -20,9 +20,13 @@ Adding a source is one such module and its name in `data.FORMATS`.
 """
 
 from collections.abc import Callable, Iterator
+import contextlib
 import dataclasses
+import gzip
 import os
+import secrets
 from typing import Protocol
+import zlib
 
 import ml_collections
 import numpy as np
@@ -147,3 +151,61 @@ def cache_dir(config: ml_collections.ConfigDict) -> str:
   return os.path.abspath(
     os.path.expanduser(config.cache_dir or default_cache_dir())
   )
+
+
+def make_temp_dir(parent: str, prefix: str) -> str:
+  """A new directory `parent/prefix<random>`, with the umask's permissions.
+
+  Unlike `tempfile.mkdtemp` (always 0700), it honours the umask (0755 with
+  the usual 022), so a cache directory renamed from it serves every user
+  of a shared `cache_dir`.
+  """
+  while True:
+    path = os.path.join(parent, prefix + secrets.token_hex(6))
+    try:
+      os.mkdir(path, 0o777)  # Minus the umask.
+      return path
+    except FileExistsError:
+      continue
+
+
+def _read_error(where: str, e: BaseException) -> str:
+  if isinstance(e, gzip.BadGzipFile) and 'Not a gzipped' in str(e):
+    return (
+      f'{where}: not gzip data although the name ends in .gz ({e}). Compress'
+      ' it, or rename it without .gz if it is plain text.'
+    )
+  if isinstance(e, (EOFError, zlib.error, gzip.BadGzipFile)):
+    return (
+      f'{where}: the compressed data is truncated or corrupt ({e}). Copy or'
+      ' download the file again.'
+    )
+  if isinstance(e, PermissionError):
+    return (
+      f'{where}: permission denied. Make it readable (chmod a+r), or copy it'
+      ' to a readable place and point config.dataset.path at the copy.'
+    )
+  if isinstance(e, IsADirectoryError):
+    return (
+      f'{where}: is a directory, where a file was expected. Point'
+      ' config.dataset.path at the file.'
+    )
+  if isinstance(e, FileNotFoundError):
+    return f'{where}: does not exist. Check config.dataset.path.'
+  return f'{where}: could not be read ({e}).'
+
+
+@contextlib.contextmanager
+def reading(*paths: str) -> Iterator[None]:
+  """Turns errors of reading source files into a `DataError` naming the file.
+
+  A truncated or fake `.gz`, a permission or a directory where a file was
+  expected become one message with a remedy instead of a bare exception.
+  """
+  try:
+    yield
+  except (EOFError, zlib.error, OSError) as e:
+    where = getattr(e, 'filename', None) or (
+      paths[0] if len(paths) == 1 else 'one of ' + ', '.join(paths)
+    )
+    raise DataError(_read_error(str(where), e)) from e

@@ -69,13 +69,17 @@ class ParquetTable(text.Table):
       yield [line + b'\n' for line in csv_text.encode().split(b'\n')[:-1]]
 
 
-def reader(options: ml_collections.ConfigDict, path: str) -> text.Table:
-  """The table of one CSV (or Parquet) file, from its header."""
-  label = options.label_column
-  if not label:
-    raise core.DataError(
-      'config.dataset.csv.label_column: name the 0/1 label column of the CSV.'
-    )
+def reader(
+  options: ml_collections.ConfigDict, path: str, require_label: bool = True
+) -> text.Table:
+  """The table of one CSV (or Parquet) file, from its header.
+
+  Args:
+    options: `config.dataset.csv`.
+    path: the file.
+    require_label: False accepts a file without the label column (rows to
+      predict); its table has no label.
+  """
   sep = options.sep or ','
   if _is_parquet(path):
     header = list(_parquet_file(path).schema_arrow.names)
@@ -88,6 +92,29 @@ def reader(options: ml_collections.ConfigDict, path: str) -> text.Table:
         f'{path}:1: expected a header line with column names'
       )
     header = [c.strip() for c in text.split_line(first, sep, True)]
+  return table(options, header, path, require_label)
+
+
+def table(
+  options: ml_collections.ConfigDict,
+  header: Sequence[str],
+  path: str,
+  require_label: bool = True,
+) -> text.Table:
+  """The table of a file (or data frame) `path` whose columns are `header`.
+
+  See `reader`.
+  """
+  label = options.label_column
+  if not label:
+    raise core.DataError(
+      'config.dataset.csv.label_column: name the 0/1 label column of the CSV.'
+    )
+  sep = options.sep or ','
+  header = list(header)
+  unlabeled = not require_label and label not in header
+  if unlabeled:
+    header.append(label)  # Checked, then dropped below.
   for key in ('label_column', 'categorical_columns', 'numeric_columns'):
     for column in column_list(options[key]):
       if column not in header:
@@ -114,7 +141,7 @@ def reader(options: ml_collections.ConfigDict, path: str) -> text.Table:
   )
   if not fields:
     raise core.DataError(f'{path}: no feature columns besides the label.')
-  table = dict(
+  layout = dict(
     columns=tuple(header),
     label=label,
     fields=fields,
@@ -127,8 +154,10 @@ def reader(options: ml_collections.ConfigDict, path: str) -> text.Table:
   if _is_parquet(path):
     # Record batches come back as CSV text of just the used columns.
     columns = (label, *(field.column for field in fields))
-    return ParquetTable(**dict(table, columns=columns, sep=',', header=False))
-  return text.Table(**table)
+    out = ParquetTable(**dict(layout, columns=columns, sep=',', header=False))
+  else:
+    out = text.Table(**layout)
+  return out.without_label() if unlabeled else out
 
 
 files = encode.source_files

@@ -103,52 +103,12 @@ class BadLines:
       logging.warning('Skipping %s: %s', where, reason)
 
 
-class NpyWriter:
-  """Appends rows to a `.npy` file whose final shape is known up front.
-
-  Plain buffered writes rather than a memory map: written pages then count
-  in the page cache, not in this process's resident memory.
-  """
-
-  def __init__(self, path: str, dtype, shape: tuple[int, ...]):
-    self.path, self.dtype, self.shape = path, np.dtype(dtype), shape
-    self.rows = 0
-    self.file = open(path, 'wb')  # Closed in close().
-    np.lib.format.write_array_header_1_0(
-      self.file,
-      {
-        'descr': np.lib.format.dtype_to_descr(self.dtype),
-        'fortran_order': False,
-        'shape': shape,
-      },
-    )
-
-  def write(self, rows: np.ndarray) -> None:
-    rows = np.ascontiguousarray(rows, self.dtype)
-    if rows.shape[1:] != self.shape[1:]:
-      raise ValueError(f'{self.path}: rows of shape {rows.shape}')
-    self.rows += len(rows)
-    if self.rows > self.shape[0]:
-      raise core.DataError(f'{self.path}: more rows than counted in pass 1')
-    self.file.write(rows.tobytes())
-
-  def close(self) -> None:
-    if not self.file.closed:
-      self.file.flush()
-      os.fsync(self.file.fileno())
-      self.file.close()
-    if self.rows != self.shape[0]:
-      raise core.DataError(
-        f'{self.path}: {self.rows} rows written, {self.shape[0]} counted in'
-        ' pass 1; did the source change during preprocessing?'
-      )
-
-
 def text_lines(path: str) -> Iterator[bytes]:
   """The lines of text file `path` (decompressed if `.gz`), as bytes."""
-  f, raw = utils.open_binary(path)
-  with raw, f:
-    yield from f
+  with core.reading(path):
+    f, raw = utils.open_binary(path)
+    with raw, f:
+      yield from f
 
 
 def _progress(desc: str, path: str) -> utils.ProgressBar:
@@ -167,6 +127,11 @@ def chunks(
   reader: core.Reader, path: str, chunk_rows: int, bad: BadLines, desc: str
 ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
   """Parsed chunks `(keys [n, fields], labels [n])` of one source file."""
+  with core.reading(path):
+    yield from _chunks(reader, path, chunk_rows, bad, desc)
+
+
+def _chunks(reader, path, chunk_rows, bad, desc):
   progress = _progress(desc, path)
   count = 0
   if hasattr(reader, 'line_batches'):

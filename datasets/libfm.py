@@ -28,13 +28,25 @@ DEFAULTS = {
 
 
 class Reader:
-  """Parses libFM lines (see the module docstring) to keys and labels."""
+  """Parses libFM lines (see the module docstring) to keys and labels.
 
-  def __init__(self, num_fields: int, field_dims: tuple[int, ...]):
+  With `labeled=False` lines have no label (rows to predict): they start
+  with the features, and their labels are NaN.
+  """
+
+  def __init__(
+    self, num_fields: int, field_dims: tuple[int, ...], labeled: bool = True
+  ):
     self.num_fields = num_fields
     self.field_dims = field_dims
+    self.labeled = labeled
     self.offsets = np.concatenate([[0], np.cumsum(field_dims)]).astype(np.int64)
     self.field_names = tuple(f'field{f}' for f in range(num_fields))
+
+  def for_rows(self, first_line: bytes) -> 'Reader':
+    """The reader of lines like `first_line`: with a label, or without."""
+    labeled = len(first_line.split()) != self.num_fields
+    return Reader(self.num_fields, self.field_dims, labeled)
 
   @staticmethod
   def has_header(first_line: bytes, path: str) -> bool:
@@ -60,11 +72,13 @@ class Reader:
 
   def _parse_line(self, tokens):
     """(label, keys) of one line, or the reason it is malformed."""
+    if not self.labeled:
+      tokens = [b'nan', *tokens]
     try:
       label = float(tokens[0])
     except ValueError:
       return f'label {tokens[0].decode(errors="replace")!r} is not a number'
-    if label not in (-1.0, 0.0, 1.0):
+    if label not in (-1.0, 0.0, 1.0) and self.labeled:
       return f'label {tokens[0].decode(errors="replace")} is not -1, 0 or 1'
     features = tokens[1:]
     if len(features) != self.num_fields:
@@ -87,8 +101,9 @@ class Reader:
           ' features (value 1) are supported'
         )
       indices.append(index)
+    label = float(label > 0) if self.labeled else label
     if not self.field_dims:
-      return float(label > 0), indices
+      return label, indices
     indices = np.array(indices, np.int64)
     fields = np.searchsorted(self.offsets, indices, side='right') - 1
     if indices.max() >= self.offsets[-1]:
@@ -102,7 +117,7 @@ class Reader:
       )
     keys = np.empty(self.num_fields, np.int64)
     keys[fields] = indices - self.offsets[fields]
-    return float(label > 0), keys
+    return label, keys
 
 
 def reader(options: ml_collections.ConfigDict, path: str) -> Reader:

@@ -3,12 +3,15 @@
 ml-latest-small is embedded in the repository (assets/, with its README);
 ml-100k, ml-1m, ml-20m and ml-25m download from GroupLens into the cache
 directory, verified against GroupLens's published MD5s. Ids are dense: each
-column's distinct values numbered in sorted order.
+column's distinct values numbered in sorted order, and one more id per
+field, the last, for a user or movie that the ratings do not have: never
+seen in training, it is the id of an unseen user or movie at prediction.
 """
 
 from collections.abc import Iterator
 import hashlib
 import http.client
+import io
 import logging
 import os
 import shutil
@@ -119,7 +122,7 @@ def fetch_grouplens(name: str, config: ml_collections.ConfigDict) -> str:
   archive = download(
     url, os.path.join(root, f'{name}.zip'), md5=GROUPLENS_MD5[name]
   )
-  tmp = tempfile.mkdtemp(dir=root, prefix=f'.{name}-')
+  tmp = core.make_temp_dir(root, f'.{name}-')  # The umask's mode, not 0700.
   try:
     with zipfile.ZipFile(archive) as z:
       z.extractall(tmp)
@@ -153,32 +156,82 @@ def files(config: ml_collections.ConfigDict) -> dict[str, str]:
   return {'all': os.path.join(fetch_grouplens(name, config), filename)}
 
 
+# Columns of a ratings line; rows to predict have the first two only.
+COLUMNS = ('user id', 'item id', 'rating', 'timestamp')
+
+
+def labels_of(ratings: np.ndarray) -> np.ndarray:
+  """0/1 labels float32 of ratings, as pytorch-fm: a rating > 3 is positive."""
+  return (np.asarray(ratings) > 3).astype(np.float32)
+
+
+def _line_problem(line: str, sep: str, width: int = 4) -> str | None:
+  """Why ratings line `line` (of `width` columns) is malformed, or None."""
+  line = line.rstrip('\r\n')
+  if not line:
+    return None
+  parts = line.split(sep)
+  if len(parts) != width:
+    return (
+      f'expected {width} {sep!r}-separated columns'
+      f' ({", ".join(c.split()[0] for c in COLUMNS[:width])}), found'
+      f' {len(parts)}: {line[:80]!r}'
+    )
+  for what, value, kind in zip(
+    COLUMNS, parts[:3], (int, int, float), strict=False
+  ):
+    try:
+      kind(value)
+    except ValueError:
+      return f'{what} {value!r} is not a number'
+  return None
+
+
 def _bad_line(path: str, sep: str, header: bool) -> str:
   """Finds the first malformed ratings line of `path` and describes it."""
   with utils.open_text(path) as f:
     for number, line in enumerate(f, start=1):
       if header and number == 1:
         continue
-      line = line.rstrip('\r\n')
-      if not line:
-        continue
-      parts = line.split(sep)
-      if len(parts) != 4:
-        return (
-          f'{path}:{number}: expected 4 {sep!r}-separated columns (user,'
-          f' item, rating, timestamp), found {len(parts)}: {line[:80]!r}'
-        )
-      for what, value, kind in zip(
-        ('user id', 'item id', 'rating'),
-        parts[:3],
-        (int, int, float),
-        strict=True,
-      ):
-        try:
-          kind(value)
-        except ValueError:
-          return f'{path}:{number}: {what} {value!r} is not a number'
+      problem = _line_problem(line, sep)
+      if problem:
+        return f'{path}:{number}: {problem}'
   return f'{path}: could not be parsed as a ratings file'
+
+
+def _read_ratings(source, sep: str, header: bool, width: int = 4):
+  """Columns user, item (and rating) of ratings text; ValueError if bad.
+
+  Args:
+    source: a path or a binary file of ratings lines.
+    sep: the column separator.
+    header: whether the first line is a header.
+    width: columns per line: 4, or 2 (user and item: rows to predict).
+  """
+  # '::' (ml-1m) is read as ':' with the empty columns between skipped, which
+  # keeps pandas' fast C parser.
+  columns = [0, 2, 4, 6][:width] if sep == '::' else list(range(width))
+  frame = pd.read_csv(
+    source,
+    sep=':' if sep == '::' else sep,
+    header=0 if header else None,
+    dtype=str,
+    engine='c',
+    skip_blank_lines=True,
+    encoding_errors='replace',
+  )
+  if len(frame) and frame.shape[1] != columns[-1] + 1:
+    raise ValueError('wrong number of columns')
+  frame = frame.iloc[:, columns]
+  if frame.isna().to_numpy().any():
+    raise ValueError('missing values')
+  names = ('user', 'item', 'rating')[: min(width, 3)]
+  return pd.DataFrame(
+    {
+      name: pd.to_numeric(frame.iloc[:, i], errors='raise')
+      for i, name in enumerate(names)
+    }
+  )
 
 
 def read_movielens(path: str, name: str) -> pd.DataFrame:
@@ -188,36 +241,64 @@ def read_movielens(path: str, name: str) -> pd.DataFrame:
     DataError: naming the file and line of the first malformed row.
   """
   _, sep, header = RATINGS_FILE[name]
-  # '::' (ml-1m) is read as ':' with the empty columns between skipped, which
-  # keeps pandas' fast C parser.
-  columns = [0, 2, 4, 6] if sep == '::' else [0, 1, 2, 3]
   try:
-    frame = pd.read_csv(
-      path,
-      sep=':' if sep == '::' else sep,
-      header=0 if header else None,
-      dtype=str,
-      engine='c',
-      skip_blank_lines=True,
-      encoding_errors='replace',
-    )
-    if frame.shape[1] != columns[-1] + 1:
-      raise ValueError('wrong number of columns')
-    frame = frame.iloc[:, columns]
-    if frame.isna().to_numpy().any():
-      raise ValueError('missing values')
-    out = pd.DataFrame(
-      {
-        'user': pd.to_numeric(frame.iloc[:, 0], errors='raise'),
-        'item': pd.to_numeric(frame.iloc[:, 1], errors='raise'),
-        'rating': pd.to_numeric(frame.iloc[:, 2], errors='raise'),
-      }
-    )
+    out = _read_ratings(path, sep, header)
   except (ValueError, pd.errors.ParserError) as e:
     raise core.DataError(_bad_line(path, sep, header)) from e
   if len(out) == 0:
     raise core.DataError(f'{path}: no ratings found')
   return out
+
+
+class Reader:
+  """Parses ratings lines in chunks to keys and labels (`core.Reader`).
+
+  The keys are the raw user and item ids (the vocabulary's values). Used to
+  predict: rows have the columns of the run's ratings file, or only user
+  and item (`labeled=False`: labels are NaN). Any first line whose first
+  column is not a number is a header.
+  """
+
+  field_names = ('user', 'item')
+
+  def __init__(self, sep: str, labeled: bool = True):
+    self.sep = sep
+    self.labeled = labeled
+
+  def for_rows(self, first_line: bytes) -> 'Reader':
+    """The reader of lines like `first_line`: with or without ratings."""
+    parts = first_line.decode('utf-8', 'replace').strip().split(self.sep)
+    return Reader(self.sep, labeled=len(parts) != 2)
+
+  def has_header(self, first_line: bytes, path: str) -> bool:
+    del path
+    first = first_line.decode('utf-8', 'replace').split(self.sep)[0]
+    try:
+      int(first)
+    except ValueError:
+      return True
+    return False
+
+  def parse(self, lines, first, where, bad):
+    """See `core.Reader.parse`."""
+    width = 4 if self.labeled else 2
+    numbers = range(first, first + len(lines))
+    try:
+      frame = _read_ratings(io.BytesIO(b''.join(lines)), self.sep, False, width)
+    except (ValueError, pd.errors.ParserError):
+      good = []
+      for number, line in zip(numbers, lines, strict=True):
+        text = line.decode('utf-8', 'replace')
+        problem = _line_problem(text, self.sep, width)
+        if problem:
+          bad(where(number), problem)
+        else:
+          good.append(line)
+      frame = _read_ratings(io.BytesIO(b''.join(good)), self.sep, False, width)
+    keys = frame[['user', 'item']].to_numpy(np.int64)
+    if self.labeled:
+      return keys, labels_of(frame['rating'].to_numpy())
+    return keys, np.full(len(keys), np.nan, np.float32)
 
 
 def encode_columns(
@@ -230,7 +311,7 @@ def encode_columns(
 
   Returns:
     ids int32 `[n, fields]` and, per field, its distinct values in id order
-    (so `field_dims[f]` is `len(values[f])`).
+    (ids `0..len(values[f]) - 1`).
   """
   ids, vocabulary = [], []
   for column in columns:
@@ -252,14 +333,15 @@ def build(
   ids, vocabulary = encode_columns(
     [frame['user'].to_numpy(), frame['item'].to_numpy()]
   )
-  labels = (frame['rating'].to_numpy() > 3).astype(np.float32)
+  labels = labels_of(frame['rating'].to_numpy())
 
   def chunks() -> Iterator[core.Chunk]:
     yield 'all', ids, labels
 
   return core.Encoded(
     field_names=('user', 'item'),
-    field_dims=tuple(len(v) for v in vocabulary),
+    # The last id of each field is for users and movies not in the ratings.
+    field_dims=tuple(len(v) + 1 for v in vocabulary),
     vocabulary=vocabulary,
     rows={'all': len(labels)},
     chunks=chunks,

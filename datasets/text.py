@@ -116,7 +116,8 @@ class Table:
 
   Attributes:
     columns: every column of a line, in order.
-    label: the 0/1 label column.
+    label: the 0/1 label column; '' for rows without one (prediction
+      input), whose labels are then NaN.
     fields: the fields, in order.
     sep: column separator.
     quoting: whether fields may be quoted (generic CSV; never Criteo/Avazu).
@@ -138,6 +139,24 @@ class Table:
   @property
   def field_names(self) -> tuple[str, ...]:
     return tuple(field.name for field in self.fields)
+
+  def without_label(self) -> 'Table':
+    """The same layout without its label column (rows to predict)."""
+    columns = tuple(c for c in self.columns if c != self.label)
+    return dataclasses.replace(self, columns=columns, label='')
+
+  def for_rows(self, first_line: bytes) -> 'Table':
+    """This table, or `without_label()` if `first_line` lacks the label.
+
+    A header names its columns; a line of data without the label column
+    has one column less.
+    """
+    names = [c.strip() for c in split_line(first_line, self.sep, False)]
+    if self.header or (self.header is None and names[0] == self.columns[0]):
+      labeled = self.label in names
+    else:
+      labeled = len(names) != len(self.columns) - 1
+    return self if labeled or not self.label else self.without_label()
 
   def has_header(self, first_line: bytes, path: str) -> bool:
     """Whether `first_line` of `path` is a header (checked if it is)."""
@@ -202,7 +221,7 @@ class Table:
     return keys, labels
 
   def _integer_columns(self) -> list[str]:
-    cols = [self.label]
+    cols = [self.label] if self.label else []
     for field in self.fields:
       if field.kind != 'cat' and field.column not in cols:
         cols.append(field.column)
@@ -269,11 +288,15 @@ class Table:
         reasons[i] = reason(i)
       wrong[mask] = True
 
-    label = frame[self.label]
-    label_na = label.isna().to_numpy()
-    label = label.to_numpy(np.int64, na_value=0)
+    if not self.label:
+      label = np.full(n, np.nan)
+      label_na = np.zeros(n, bool)
+    else:
+      label = frame[self.label]
+      label_na = label.isna().to_numpy()
+      label = label.to_numpy(np.int64, na_value=0)
     flag(
-      label_na | ~np.isin(label, (-1, 0, 1)),
+      label_na | ~(np.isin(label, (-1, 0, 1)) | np.isnan(label)),
       lambda i: (
         'missing label'
         if label_na[i]
@@ -306,4 +329,5 @@ class Table:
         keys[:, f] = derived
     issues.extend((numbers[i], reason) for i, reason in reasons.items())
     keep = ~wrong
-    return keys[keep], (label[keep] == 1).astype(np.float32)
+    labels = np.where(np.isnan(label[keep]), np.nan, label[keep] == 1)
+    return keys[keep], labels.astype(np.float32)

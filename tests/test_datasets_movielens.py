@@ -4,6 +4,7 @@ import hashlib
 import http.server
 import io
 import os
+import stat
 import tempfile
 import threading
 from unittest import mock
@@ -89,11 +90,12 @@ class DownloadTest(absltest.TestCase):
     self.md5 = hashlib.md5(self.payload).hexdigest()
 
   def test_good_archive_is_verified_unpacked_and_loaded(self):
+    self.addCleanup(os.umask, os.umask(0o022))
     with _Server(self.payload) as server:
       config = _dataset_config(self.tmp, name='ml-100k', url=server.url)
       with mock.patch.dict(movielens.GROUPLENS_MD5, {'ml-100k': self.md5}):
         dataset = data.load_dataset(config)
-    self.assertEqual(dataset.field_dims, (29, 8))
+    self.assertEqual(dataset.field_dims, (30, 9))  # With the OOV ids.
     n = len(dataset.train) + len(dataset.valid) + len(dataset.test)
     self.assertEqual(n, len(self.rows))
     positives = sum(r > 3 for _, _, r in self.rows)
@@ -105,6 +107,9 @@ class DownloadTest(absltest.TestCase):
     downloads = os.path.join(config.cache_dir, 'downloads')
     self.assertEqual(os.listdir(downloads), ['ml-100k'])
     self.assertIn('u.data', os.listdir(os.path.join(downloads, 'ml-100k')))
+    # Readable by the other users of a shared cache_dir, as the umask says.
+    mode = os.stat(os.path.join(downloads, 'ml-100k')).st_mode
+    self.assertEqual(stat.S_IMODE(mode), 0o755)
 
   def test_checksum_mismatch_is_a_clear_error_and_leaves_cache_clean(self):
     with _Server(self.payload) as server:
@@ -138,7 +143,8 @@ class MovieLensParsingTest(parameterized.TestCase):
   def test_embedded_data_loads_offline(self):
     dataset = data.load_dataset(_dataset_config(self.tmp))
     self.assertEqual(dataset.field_names, ('user', 'item'))
-    self.assertEqual(dataset.field_dims, (610, 9724))  # Dense ids.
+    # Dense ids, and one more per field for unseen users and movies.
+    self.assertEqual(dataset.field_dims, (611, 9725))
     self.assertEqual(
       (len(dataset.train), len(dataset.valid), len(dataset.test)),
       (80668, 10083, 10085),
@@ -166,11 +172,11 @@ class MovieLensParsingTest(parameterized.TestCase):
     np.testing.assert_array_equal(values[1], [7, 500])
     np.testing.assert_array_equal(ids, [[1, 1], [1, 0], [2, 1], [0, 0]])
     # The directory works as config.dataset.path too.
-    config = _dataset_config(
-      self.tmp, name=name, path=os.path.dirname(path), split=(0.5, 0.25, 0.25)
+    config = _dataset_config(  # Four rows: no validation split.
+      self.tmp, name=name, path=os.path.dirname(path), split=(1.0, 0.0, 0.0)
     )
     dataset = data.load_dataset(config)
-    self.assertEqual(dataset.field_dims, (3, 2))
+    self.assertEqual(dataset.field_dims, (4, 3))  # With the OOV ids.
 
   @parameterized.named_parameters(
     ('columns', '1,2,4.0,5\n3,4,5.0\n', ':3: expected 4'),

@@ -1,0 +1,563 @@
+"""Faults injected into the data side: nothing on disk is trusted unchecked.
+
+Damaged caches are rebuilt with a warning, a source edited in place is
+noticed, files that cannot be read give one `DataError` naming the file,
+a failed write leaves the other caches as they were, and cache directories
+serve every user of a shared `cache_dir`.
+"""
+
+import builtins
+import errno
+import gzip
+import hashlib
+import io
+import json
+import os
+import stat
+from unittest import mock
+
+from absl.testing import absltest
+from absl.testing import parameterized
+from dataset_testing import DatasetTestCase
+from dataset_testing import criteo_rows
+from dataset_testing import write_lines
+from dataset_testing import write_text
+import numpy as np
+
+import data
+from datasets import cache
+from datasets import core
+from datasets import movielens
+import utils
+
+RATINGS_HEADER = 'userId,movieId,rating,timestamp\n'
+
+
+def _ratings(n=200, rating=lambda u: u % 5 + 1):
+  return RATINGS_HEADER + ''.join(
+    f'{u},{u % 7},{rating(u)},0\n' for u in range(n)
+  )
+
+
+def _tree(root):
+  """{relative path: SHA-256 of its bytes} of every file under `root`."""
+  out = {}
+  for directory, _, files in os.walk(root):
+    for name in files:
+      path = os.path.join(directory, name)
+      with open(path, 'rb') as f:
+        out[os.path.relpath(path, root)] = hashlib.sha256(f.read()).hexdigest()
+  return out
+
+
+def _arrays(dataset):
+  return [
+    np.array(a)
+    for s in (dataset.train, dataset.valid, dataset.test)
+    for a in (s.ids, s.labels)
+  ]
+
+
+class IntegrityTestCase(DatasetTestCase):
+  def setUp(self):
+    super().setUp()
+    self.path = write_text(
+      os.path.join(self.tmp, 'src', 'ratings.csv'), _ratings()
+    )
+
+  def cache_path(self, *names):
+    [name] = [n for n in self.encoded() if not n.startswith('.')]
+    return os.path.join(self.tmp, 'cache', 'encoded', name, *names)
+
+  def assert_same(self, a, b):
+    for x, y in zip(_arrays(a), _arrays(b), strict=True):
+      np.testing.assert_array_equal(x, y)
+
+
+def _truncate(path):
+  with open(path, 'r+b') as f:
+    f.truncate(os.path.getsize(path) - 7)
+
+
+def _empty(path):
+  open(path, 'w').close()
+
+
+def _invalid_json(path):
+  with open(path, 'w') as f:
+    f.write('{"version": 3, "files": ')
+
+
+def _overwrite(path, values, dtype):
+  """Overwrites the rows of an .npy file in place; the size is kept."""
+  array = np.load(path, mmap_mode='r+')
+  array[...] = np.asarray(values, dtype)
+  array.flush()
+  del array
+
+
+def _npy_checksum(content: bytes) -> str:
+  """The checksum of an .npy file's bytes as meta.json records it.
+
+  The SHA-256 of the SHA-256s of its pieces: the header, then whole rows of
+  about `cache.PIECE_BYTES` each.
+  """
+  f = io.BytesIO(content)
+  np.lib.format.read_magic(f)
+  shape, _, dtype = np.lib.format.read_array_header_1_0(f)
+  start, row = f.tell(), dtype.itemsize * int(np.prod(shape[1:]))
+  step = max(1, cache.PIECE_BYTES // row) * row
+  pieces = [content[:start]] + [
+    content[o : o + step] for o in range(start, len(content), step)
+  ]
+  digests = b''.join(hashlib.sha256(p).digest() for p in pieces)
+  return hashlib.sha256(digests).hexdigest()
+
+
+def _update_checksum(directory, name):
+  """Makes meta.json agree with the file again: only invariants can tell."""
+  with open(os.path.join(directory, f'{name}.npy'), 'rb') as f:
+    checksum = _npy_checksum(f.read())
+  meta_path = os.path.join(directory, 'meta.json')
+  with open(meta_path) as f:
+    meta = json.load(f)
+  meta['files'][name]['sha256'] = checksum
+  with open(meta_path, 'w') as f:
+    json.dump(meta, f)
+
+
+class DamagedCacheTest(IntegrityTestCase):
+  """Every damage is found, warned about and repaired from the source."""
+
+  def damage_and_reload(self, damage):
+    config = self.config('ml-20m', self.path)
+    good = data.load_dataset(config)
+    expected = _arrays(good)
+    del good
+    directory = self.cache_path()
+    damage(directory)
+    reads = []
+    real = movielens.read_movielens
+
+    def counting(*args):
+      reads.append(args)
+      return real(*args)
+
+    with mock.patch.object(movielens, 'read_movielens', counting):
+      with self.assertLogs(level='WARNING') as logs:
+        again = data.load_dataset(config)
+    self.assertLen(reads, 1)  # Rebuilt from the source, not served.
+    for x, y in zip(_arrays(again), expected, strict=True):
+      np.testing.assert_array_equal(x, y)
+    # The repaired cache is served from then on, without a warning.
+    with mock.patch.object(
+      movielens, 'read_movielens', side_effect=AssertionError
+    ):
+      with self.assertNoLogs(level='WARNING'):
+        data.load_dataset(config)
+    return '\n'.join(logs.output)
+
+  @parameterized.named_parameters(
+    (
+      'truncated_ids',
+      lambda d: _truncate(f'{d}/train_ids.npy'),
+      'train_ids.npy has',
+    ),
+    (
+      'truncated_labels',
+      lambda d: _truncate(f'{d}/test_labels.npy'),
+      'test_labels.npy has',
+    ),
+    ('empty_meta', lambda d: _empty(f'{d}/meta.json'), 'meta.json'),
+    ('invalid_meta', lambda d: _invalid_json(f'{d}/meta.json'), 'meta.json'),
+    ('missing_meta', lambda d: os.remove(f'{d}/meta.json'), 'meta.json'),
+    (
+      'missing_file',
+      lambda d: os.remove(f'{d}/valid_ids.npy'),
+      'valid_ids.npy',
+    ),
+    (
+      'empty_dir',
+      lambda d: [os.remove(f'{d}/{n}') for n in os.listdir(d)],
+      'meta.json',
+    ),
+  )
+  def test_damaged_file_is_rebuilt_with_a_warning(self, damage, message):
+    self.assertIn(message, self.damage_and_reload(damage))
+
+  def test_labels_overwritten_with_seven_fail_the_checksum(self):
+    output = self.damage_and_reload(
+      lambda d: _overwrite(f'{d}/train_labels.npy', 7.0, np.float32)
+    )
+    self.assertIn('train_labels.npy: its checksum differs', output)
+
+  def test_labels_not_0_1_are_found_even_with_a_matching_checksum(self):
+    def damage(directory):
+      _overwrite(f'{directory}/valid_labels.npy', 7.0, np.float32)
+      _update_checksum(directory, 'valid_labels')
+
+    output = self.damage_and_reload(damage)
+    self.assertIn(
+      'valid_labels.npy: labels other than 0 and 1 (e.g. 7.0)', output
+    )
+
+  def test_ids_out_of_range_are_found_even_with_a_matching_checksum(self):
+    def damage(directory):
+      ids = np.load(f'{directory}/train_ids.npy')
+      ids[5, 1] = 10**6
+      ids[9, 0] = -1
+      _overwrite(f'{directory}/train_ids.npy', ids, np.int32)
+      _update_checksum(directory, 'train_ids')
+
+    output = self.damage_and_reload(damage)
+    self.assertIn(
+      'train_ids.npy: ids outside [0, field_dims) in field(s) [0, 1]', output
+    )
+
+  def test_a_flipped_bit_inside_the_id_range_fails_the_checksum(self):
+    def damage(directory):
+      ids = np.load(f'{directory}/test_ids.npy')
+      ids[3, 1] ^= 1  # Still a valid id of another item.
+      _overwrite(f'{directory}/test_ids.npy', ids, np.int32)
+
+    self.assertIn('test_ids.npy: its checksum', self.damage_and_reload(damage))
+
+  def test_meta_json_of_other_data_is_not_trusted(self):
+    def damage(directory):
+      with open(f'{directory}/meta.json') as f:
+        meta = json.load(f)
+      meta['field_dims'][0] = 1  # Would let ids of field 0 overflow.
+      with open(f'{directory}/meta.json', 'w') as f:
+        json.dump(meta, f)
+
+    self.assertIn('train_ids.npy: ids outside', self.damage_and_reload(damage))
+
+
+class PiecesTest(IntegrityTestCase):
+  def test_checksums_and_checks_agree_across_many_pieces(self):
+    path = write_lines(
+      os.path.join(self.tmp, 'train.txt'), criteo_rows(900, seed=2), '\t'
+    )
+    config = self.config('criteo', path, chunk_rows=37)
+    # Pieces of 3 rows of ids, 40 labels: every write crosses boundaries.
+    with mock.patch.object(cache, 'PIECE_BYTES', 3 * 39 * 4 + 5):
+      dataset = data.load_dataset(config)
+      reference = _arrays(dataset)
+      directory = self.cache_path()
+      with open(os.path.join(directory, 'meta.json')) as f:
+        meta = json.load(f)
+      for name in ('train_ids', 'valid_labels', 'vocab'):
+        record = meta['files'][name]
+        with open(os.path.join(directory, f'{name}.npy'), 'rb') as f:
+          content = f.read()
+        self.assertLen(content, record['bytes'])
+        self.assertEqual(record['sha256'], _npy_checksum(content))
+      self.assertGreater(meta['examples']['train'], 100)  # 30+ pieces.
+      # A bad id in a middle piece is found.
+      ids = np.load(os.path.join(directory, 'train_ids.npy'))
+      ids[400, 20] = dataset.field_dims[20]
+      del dataset
+      _overwrite(os.path.join(directory, 'train_ids.npy'), ids, np.int32)
+      _update_checksum(directory, 'train_ids')
+      with self.assertLogs(level='WARNING') as logs:
+        again = data.load_dataset(config)
+    self.assertIn('field(s) [20]', '\n'.join(logs.output))
+    for x, y in zip(_arrays(again), reference, strict=True):
+      np.testing.assert_array_equal(x, y)
+
+
+class FreshDataTest(IntegrityTestCase):
+  """Encoded rows that break the contract are never published."""
+
+  @parameterized.named_parameters(
+    (
+      'id_equal_to_field_dim',
+      lambda ids, labels: ids.__setitem__((4, 0), 7),
+      'ids outside',
+    ),
+    (
+      'negative_id',
+      lambda ids, labels: ids.__setitem__((0, 1), -3),
+      'ids outside',
+    ),
+    (
+      'label_half',
+      lambda ids, labels: labels.__setitem__(2, 0.5),
+      'labels other than 0 and 1',
+    ),
+    (
+      'label_nan',
+      lambda ids, labels: labels.__setitem__(2, np.nan),
+      'labels other than 0 and 1',
+    ),
+  )
+  def test_a_source_breaking_the_contract_is_an_error(self, break_, message):
+    def build(config, options, paths):
+      del config, options, paths
+      rng = np.random.default_rng(0)
+      ids = rng.integers(0, 7, (100, 2)).astype(np.int32)
+      labels = np.tile(np.float32([0, 1]), 50)
+      break_(ids, labels)
+      return core.Encoded(
+        field_names=('a', 'b'),
+        field_dims=(7, 7),
+        vocabulary=(np.arange(6), np.arange(6)),
+        rows={'all': 100},
+        chunks=lambda: iter([('all', ids, labels)]),
+        in_memory=True,
+      )
+
+    with mock.patch.object(movielens, 'build', build):
+      with self.assertRaisesRegex(RuntimeError, message):
+        data.load_dataset(self.config('ml-20m', self.path))
+    self.assertEqual(self.encoded(), [])  # Nothing published, nothing left.
+
+
+class SourceChangeTest(IntegrityTestCase):
+  def test_same_size_edit_in_the_middle_with_mtime_kept_is_noticed(self):
+    # Over 2 MiB, so that the edit lies outside the first and last MiB.
+    path = write_text(
+      os.path.join(self.tmp, 'big', 'ratings.csv'), _ratings(300_000)
+    )
+    self.assertGreater(os.path.getsize(path), 3 << 20)
+    config = self.config('ml-20m', path)
+    before = data.load_dataset(config)
+    with open(path, 'rb') as f:
+      text = f.read()
+    line = b'\n150000,4,1,0\n'  # A negative, mid-file.
+    where = text.index(line) + len(line) - 4
+    self.assertTrue(1 << 20 < where < len(text) - (1 << 20))
+    old = os.stat(path)
+    with open(path, 'r+b') as f:
+      f.seek(where)
+      f.write(b'5')  # Now a positive.
+    os.utime(path, ns=(old.st_atime_ns, old.st_mtime_ns))
+    self.assertEqual(os.path.getsize(path), old.st_size)
+    self.assertEqual(os.stat(path).st_mtime_ns, old.st_mtime_ns)
+    after = data.load_dataset(config)
+
+    def positives(dataset):
+      splits = (dataset.train, dataset.valid, dataset.test)
+      return sum(int(np.sum(s.labels)) for s in splits)
+
+    self.assertEqual(positives(after), positives(before) + 1)
+    self.assertLen(self.encoded(), 2)
+
+  def test_a_touch_or_a_copy_reuses_the_cache(self):
+    config = self.config('ml-20m', self.path)
+    first = data.load_dataset(config)
+    os.utime(self.path, ns=(1, 1))
+    copy = write_text(os.path.join(self.tmp, 'copy', 'ratings.csv'), _ratings())
+    with mock.patch.object(
+      movielens, 'read_movielens', side_effect=AssertionError
+    ):
+      self.assert_same(first, data.load_dataset(config))
+      self.assert_same(first, data.load_dataset(self.config('ml-20m', copy)))
+    self.assertLen(self.encoded(), 1)
+
+  def test_a_source_changed_during_preprocessing_is_an_error(self):
+    real = movielens.read_movielens
+
+    def editing(path, name):
+      frame = real(path, name)
+      with open(path, 'a') as f:
+        f.write('999,1,5,0\n')
+      return frame
+
+    with mock.patch.object(movielens, 'read_movielens', editing):
+      with self.assertRaisesRegex(
+        data.DataError, 'changed during preprocessing'
+      ):
+        data.load_dataset(self.config('ml-20m', self.path))
+    self.assertEqual(self.encoded(), [])
+
+
+class ReadErrorTest(IntegrityTestCase):
+  """Files that cannot be read: one DataError naming the file, a remedy."""
+
+  def assert_names(self, config, path, message):
+    with self.assertRaises(data.DataError) as cm:
+      data.load_dataset(config)
+    text = str(cm.exception)
+    self.assertIn(path, text)
+    self.assertRegex(text, message)
+    self.assertNotIn('\n', text)
+    return cm.exception
+
+  def criteo_gz(self):
+    text = ''.join('\t'.join(r) + '\n' for r in criteo_rows(300))
+    path = os.path.join(self.tmp, 'train.txt.gz')
+    with gzip.open(path, 'wt') as f:
+      f.write(text)
+    return path
+
+  def test_truncated_gz(self):
+    path = self.criteo_gz()
+    _truncate(path)
+    self.assert_names(self.config('criteo', path), path, 'truncated or corrupt')
+    ratings = os.path.join(self.tmp, 'ml', 'ratings.csv.gz')
+    os.makedirs(os.path.dirname(ratings))
+    with gzip.open(ratings, 'wt') as f:
+      f.write(_ratings(2000))
+    _truncate(ratings)
+    self.assert_names(self.config('ml-20m', ratings), ratings, 'truncated')
+
+  def test_corrupt_gz(self):
+    path = self.criteo_gz()
+    with open(path, 'r+b') as f:  # A bit of the CRC-32 in the trailer.
+      f.seek(-8, os.SEEK_END)
+      crc = f.read(1)
+      f.seek(-8, os.SEEK_END)
+      f.write(bytes([crc[0] ^ 1]))
+    self.assert_names(self.config('criteo', path), path, 'truncated or corrupt')
+
+  def test_plain_file_named_gz(self):
+    path = write_lines(
+      os.path.join(self.tmp, 'train.txt.gz'), criteo_rows(50), '\t'
+    )
+    error = self.assert_names(
+      self.config('criteo', path), path, 'not gzip data.*rename it without .gz'
+    )
+    self.assertIsInstance(error.__cause__, gzip.BadGzipFile)
+    ratings = write_text(
+      os.path.join(self.tmp, 'ml', 'ratings.csv.gz'), _ratings()
+    )
+    self.assert_names(self.config('ml-20m', ratings), ratings, 'not gzip')
+
+  def test_directory_where_a_file_is_expected(self):
+    ratings = os.path.join(self.tmp, 'ml', 'ratings.csv')
+    os.makedirs(ratings)
+    self.assert_names(
+      self.config('ml-20m', os.path.dirname(ratings)), ratings, 'is a directory'
+    )
+
+  def test_unreadable_file(self):
+    real = builtins.open
+
+    def denying(file, *args, **kwargs):
+      if file == self.path:
+        raise PermissionError(errno.EACCES, 'Permission denied', file)
+      return real(file, *args, **kwargs)
+
+    with mock.patch.object(builtins, 'open', denying):
+      self.assert_names(
+        self.config('ml-20m', self.path), self.path, 'permission denied.*chmod'
+      )
+    # Denied later, when the encoding opens it (a criteo file).
+    path = write_lines(
+      os.path.join(self.tmp, 'train.txt'), criteo_rows(50), '\t'
+    )
+    real_open = utils.open_binary
+
+    def denying_binary(file):
+      if file == path:
+        raise PermissionError(errno.EACCES, 'Permission denied', file)
+      return real_open(file)
+
+    with mock.patch.object(utils, 'open_binary', denying_binary):
+      self.assert_names(self.config('criteo', path), path, 'permission denied')
+
+  def test_missing_paths(self):
+    missing = os.path.join(self.tmp, 'nowhere', 'train.txt')
+    self.assert_names(self.config('criteo', missing), missing, 'does not exist')
+    self.assert_names(self.config('ml-20m', missing), missing, 'does not exist')
+    config = self.config(
+      'criteo', self.path, valid_path=missing, test_path=self.path
+    )
+    self.assert_names(config, missing, 'valid_path')
+
+  def test_cache_dir_that_cannot_be_written(self):
+    config = self.config('ml-20m', self.path)
+    config.cache_dir = write_text(os.path.join(self.tmp, 'a_file'), '')
+    self.assert_names(
+      config, config.cache_dir, 'Could not write the dataset cache.*cache_dir'
+    )
+
+
+class FailedWriteTest(IntegrityTestCase):
+  """A failure while writing a cache leaves every other cache as it was."""
+
+  @parameterized.named_parameters(
+    ('exception', RuntimeError('injected'), RuntimeError, 'injected'),
+    (
+      'disk_full',
+      OSError(errno.ENOSPC, 'No space left on device'),
+      data.DataError,
+      'No space left',
+    ),
+  )
+  def test_failure_mid_write_keeps_the_previous_cache(
+    self, error, raised, message
+  ):
+    config = self.config('ml-20m', self.path)
+    old = data.load_dataset(config)
+    expected = _arrays(old)
+    del old
+    root = os.path.join(self.tmp, 'cache')
+    files = _tree(root)
+    real = cache.NpyWriter.write
+    calls = []
+
+    def failing(writer, rows):
+      calls.append(1)
+      if len(calls) == 3:  # After the training rows, mid-way.
+        raise error
+      return real(writer, rows)
+
+    config.seed = 1  # Another cache, beside the old one.
+    with mock.patch.object(cache.NpyWriter, 'write', failing):
+      with self.assertRaisesRegex(raised, message):
+        data.load_dataset(config)
+    self.assertLen(calls, 3)
+    self.assertEqual(_tree(root), files)  # Byte for byte; no temporaries.
+    config.seed = 0
+    with mock.patch.object(
+      movielens, 'read_movielens', side_effect=AssertionError
+    ):
+      with self.assertNoLogs(level='WARNING'):
+        for x, y in zip(
+          _arrays(data.load_dataset(config)), expected, strict=True
+        ):
+          np.testing.assert_array_equal(x, y)
+
+  def test_failed_rebuild_of_a_damaged_cache_is_retried(self):
+    config = self.config('ml-20m', self.path)
+    expected = _arrays(data.load_dataset(config))
+    _truncate(self.cache_path('train_ids.npy'))
+    with mock.patch.object(
+      cache.NpyWriter, 'close', side_effect=RuntimeError('x')
+    ):
+      with self.assertLogs(level='WARNING'), self.assertRaises(RuntimeError):
+        data.load_dataset(config)
+    with self.assertLogs(level='WARNING'):
+      again = data.load_dataset(config)
+    for x, y in zip(_arrays(again), expected, strict=True):
+      np.testing.assert_array_equal(x, y)
+    self.assertLen(self.encoded(), 1)  # The damaged one went.
+
+
+class PermissionsTest(IntegrityTestCase):
+  """Cache directories follow the umask: a shared cache_dir serves all."""
+
+  @parameterized.parameters((0o022, 0o755, 0o644), (0o027, 0o750, 0o640))
+  def test_modes_follow_the_umask(self, umask, dir_mode, file_mode):
+    old = os.umask(umask)
+    self.addCleanup(os.umask, old)
+    data.load_dataset(self.config('ml-20m', self.path))
+    root = os.path.join(self.tmp, 'cache')
+    checked = 0
+    for directory, _, files in os.walk(root):
+      self.assertEqual(
+        stat.S_IMODE(os.stat(directory).st_mode), dir_mode, directory
+      )
+      for name in files:
+        path = os.path.join(directory, name)
+        self.assertEqual(stat.S_IMODE(os.stat(path).st_mode), file_mode, path)
+        checked += 1
+    self.assertEqual(checked, 8)  # 6 arrays, vocab.npy and meta.json.
+    made = core.make_temp_dir(self.tmp, '.x-')
+    self.assertEqual(stat.S_IMODE(os.stat(made).st_mode), dir_mode)
+
+
+if __name__ == '__main__':
+  absltest.main()
