@@ -1,0 +1,212 @@
+"""Click probabilities of raw rows, from a trained run's workdir alone.
+
+python predict.py --workdir=/tmp/fm --input=ratings.csv --output=out.csv
+
+The input is in the format the run was trained on (a MovieLens ratings file,
+Criteo TSV, Avazu CSV, libFM, or CSV/Parquet with a header), with or without
+its label column. Rows are encoded with the run's saved encoder (a value
+that training did not keep gets its field's out-of-vocabulary id) and scored
+by the best checkpoint. The output CSV has a `probability` column, and
+`label` when the input has one: one line per input row (blank lines carry no
+row), in input order. The file is read in chunks of `--chunk_rows` lines,
+so memory does not grow with it, and each batch is split over every local
+device. A malformed row stops with its file and line.
+
+From Python:
+
+  predictor = predict.load('/tmp/fm')
+  probabilities = predictor(frame)  # a DataFrame of raw values
+  probabilities = predictor.predict_ids(ids)  # int32 ids [n, fields]
+"""
+
+from collections.abc import Iterator
+import functools
+import os
+from typing import Any
+
+from absl import flags
+from absl import logging
+import jax
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec
+import numpy as np
+import pandas as pd
+
+import checkpoints
+import encoder as encoder_lib
+import train
+import utils
+
+
+class Predictor:
+  """The best model of a run and its encoder: raw rows in, probabilities out.
+
+  Batches are split over every local device (a 1-D mesh; the parameters
+  are replicated). A batch shorter than `batch_size` is padded to a power
+  of two, so any input compiles at most a few shapes.
+  """
+
+  def __init__(
+    self,
+    encoder: encoder_lib.Encoder,
+    model: Any,
+    variables: dict,
+    batch_size: int = 8192,
+  ):
+    """Places the parameters on every local device.
+
+    Args:
+      encoder: the run's encoder.
+      model: the flax module, built for `encoder.field_dims`.
+      variables: its `params` (and `batch_stats`).
+      batch_size: rows per device step (rounded up to the device count).
+    """
+    self.encoder = encoder
+    self.model = model
+    devices = jax.local_devices()
+    self.num_devices = len(devices)
+    self.batch_size = -(-batch_size // self.num_devices) * self.num_devices
+    mesh = jax.sharding.Mesh(np.array(devices), ('batch',))
+    self._rows = NamedSharding(mesh, PartitionSpec('batch'))
+    replicated = NamedSharding(mesh, PartitionSpec())
+    self.variables = jax.device_put(variables, replicated)
+    self._probabilities = jax.jit(
+      functools.partial(probabilities, model),
+      in_shardings=(replicated, self._rows),
+      out_shardings=self._rows,
+    )
+
+  def _padded_size(self, n: int) -> int:
+    if n >= self.batch_size:
+      return self.batch_size
+    size = max(self.num_devices, 1 << max(n - 1, 0).bit_length())
+    return min(-(-size // self.num_devices) * self.num_devices, self.batch_size)
+
+  def predict_ids(self, ids: np.ndarray) -> np.ndarray:
+    """Probabilities float32 `[n]` of encoded ids int32 `[n, fields]`."""
+    ids = np.asarray(ids, np.int32)
+    fields = len(self.encoder.field_dims)
+    if ids.ndim != 2 or ids.shape[1] != fields:
+      raise ValueError(f'ids must be [n, {fields}], got {ids.shape}.')
+    outs = []
+    for start in range(0, len(ids), self.batch_size):  # Dispatch all first.
+      batch = ids[start : start + self.batch_size]
+      padded = np.zeros((self._padded_size(len(batch)), fields), np.int32)
+      padded[: len(batch)] = batch
+      placed = jax.device_put(padded, self._rows)
+      outs.append((self._probabilities(self.variables, placed), len(batch)))
+    if not outs:
+      return np.zeros(0, np.float32)
+    return np.concatenate([np.asarray(out)[:n] for out, n in outs])
+
+  def __call__(self, frame: pd.DataFrame) -> np.ndarray:
+    """Probabilities float32 `[n]` of a DataFrame of raw values.
+
+    See `encoder.Encoder.encode` for its columns.
+    """
+    return self.predict_ids(self.encoder.encode(frame).ids)
+
+  def predict_file(
+    self, path: str, chunk_rows: int = 100_000
+  ) -> Iterator[tuple[np.ndarray, np.ndarray | None]]:
+    """`(probabilities [n], labels [n] or None)` of each chunk of `path`.
+
+    The next chunk is parsed in the background while this one is scored.
+    """
+    for rows in utils.prefetch(self.encoder.chunks(path, chunk_rows)):
+      yield self.predict_ids(rows.ids), rows.labels
+
+
+def probabilities(model: Any, variables: dict, ids: jax.Array) -> jax.Array:
+  """`sigmoid(model(ids))` float32 `[batch]`, in inference mode."""
+  logits = model.apply(variables, ids, train=False)
+  return jax.nn.sigmoid(logits.astype(np.float32))
+
+
+def load(workdir: str, batch_size: int = 8192) -> Predictor:
+  """The predictor of the best checkpoint of run `workdir`.
+
+  Raises:
+    UserError: `workdir` has no encoder or no readable best checkpoint.
+  """
+  utils.quiet_orbax_logs()
+  encoder = encoder_lib.load(workdir)
+  model = train.create_model(encoder.model_config(), encoder.field_dims)
+  state, meta = checkpoints.load_best(workdir)
+  variables = {'params': state['params']}
+  if state.get('batch_stats'):
+    variables['batch_stats'] = state['batch_stats']
+  logging.info(
+    'Restored the best checkpoint of %s (epoch %s)',
+    workdir,
+    meta.get('best_epoch', meta.get('epoch')),
+  )
+  return Predictor(encoder, model, variables, batch_size)
+
+
+def csv_lines(probabilities: np.ndarray, labels: np.ndarray | None) -> str:
+  """Output lines `probability[,label]`, each float32 written exactly.
+
+  numpy's shortest repr of a float32 reads back as the same float32, and is
+  many times faster than formatting each value in Python.
+  """
+  text = np.asarray(probabilities, np.float32).astype(str).tolist()
+  if labels is not None:
+    flags_ = ('0', '1')
+    text = [f'{p},{flags_[int(y)]}' for p, y in zip(text, labels, strict=True)]
+  return ''.join(line + '\n' for line in text)
+
+
+def write_predictions(
+  predictor: Predictor, path: str, output: str, chunk_rows: int = 100_000
+) -> int:
+  """Writes the probabilities (and labels) of file `path` to CSV `output`.
+
+  The output appears complete or not at all (written beside, then renamed).
+
+  Returns:
+    The number of rows written.
+  """
+  tmp = f'{output}.tmp-{os.getpid()}'
+  rows, header = 0, None
+  try:
+    with open(tmp, 'w') as f:
+      for probs, labels in predictor.predict_file(path, chunk_rows):
+        if header is None:
+          header = 'probability' + (',label' if labels is not None else '')
+          f.write(header + '\n')
+        f.write(csv_lines(probs, labels))
+        rows += len(probs)
+      if header is None:
+        f.write('probability\n')
+    os.replace(tmp, output)
+  finally:
+    if os.path.exists(tmp):
+      os.remove(tmp)
+  return rows
+
+
+def define_flags() -> None:
+  """The command line's flags (not at import: `load` is a library call)."""
+  flags.DEFINE_string('workdir', None, 'Workdir of a finished training run.')
+  flags.DEFINE_string('input', None, 'Rows to score, in the run format.')
+  flags.DEFINE_string('output', None, 'CSV to write: probability[,label].')
+  flags.DEFINE_integer('batch_size', 8192, 'Rows per step, over all devices.')
+  flags.DEFINE_integer('chunk_rows', 100_000, 'Lines read at a time.')
+  flags.mark_flags_as_required(['workdir', 'input', 'output'])
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise utils.UserError(f'Unexpected arguments: {" ".join(argv[1:])}')
+  args = flags.FLAGS
+  if not os.path.isfile(args.input):
+    raise utils.UserError(f'--input: {args.input} is not a file.')
+  predictor = load(args.workdir, args.batch_size)
+  rows = write_predictions(predictor, args.input, args.output, args.chunk_rows)
+  logging.info('Wrote %d rows to %s', rows, args.output)
+
+
+if __name__ == '__main__':
+  define_flags()
+  utils.run_main(main)

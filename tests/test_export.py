@@ -1,0 +1,196 @@
+"""Tests of export.py: every model file exports, to jax.export and to ONNX.
+
+For every file in models/ (new ones included), the exported function must
+agree with `model.apply` within 1e-5 on a batch of 1 and of 777: model.jax
+in a subprocess in which flax and the project cannot be imported, and
+model.onnx in onnxruntime. All models share one process and one
+subprocess. A run's whole export (the command line) is checked too.
+"""
+
+import json
+import os
+import subprocess
+import sys
+import tempfile
+
+from absl.testing import absltest
+import jax
+import jax.numpy as jnp
+from model_tables import FIELD_DIMS
+from model_tables import MODEL_NAMES
+from model_tables import build
+from model_tables import init
+from model_tables import random_ids
+import numpy as np
+import onnxruntime
+from predict_testing import ROOT
+from predict_testing import trained_run
+
+import encoder
+import export
+
+# Models that cannot go to ONNX, and why (the README lists them). A model
+# listed here must fail the conversion, so the list stays true.
+ONNX_UNSUPPORTED = {}
+
+TOLERANCE = 1e-5
+
+# Run in a subprocess with jax and numpy only: loads every model.jax and
+# prints the largest difference from the expected probabilities per batch.
+_JAX_ONLY = """
+import sys
+sys.modules['flax'] = None  # `import flax` raises ImportError.
+import json
+import jax
+import numpy as np
+
+try:
+  import flax  # noqa: F401
+  raise SystemExit('flax was importable')
+except ImportError:
+  pass
+for project_module in ('models', 'export', 'predict', 'train'):
+  try:
+    __import__(project_module)
+    raise SystemExit(project_module + ' was importable')
+  except ImportError:
+    pass
+expected = np.load('expected.npz')
+ids = expected['ids']
+errors = {}
+for name in json.loads(sys.argv[1]):
+  with open(name + '.jax', 'rb') as f:
+    model = jax.export.deserialize(bytearray(f.read()))
+  errors[name] = [
+    float(np.max(np.abs(np.asarray(model.call(ids[:n])) - expected[name][:n])))
+    for n in (1, len(ids))
+  ]
+print(json.dumps(errors))
+"""
+
+
+def _variables(model, ids, seed):
+  """Random variables of `model`'s shapes (no zeros left, positive variances).
+
+  Only the shapes are traced: a compiled `init` per model would cost more
+  than the rest of the test.
+  """
+  shapes = jax.eval_shape(lambda x: init(model, x), ids)
+  rng = np.random.default_rng(seed)
+
+  def fill(path, x):
+    if jax.tree_util.keystr(path).endswith("['var']"):
+      return rng.uniform(0.5, 1.5, x.shape).astype(np.float32)
+    return (0.2 * rng.normal(size=x.shape)).astype(x.dtype)
+
+  return jax.tree_util.tree_map_with_path(fill, shapes)
+
+
+def _onnx_run(serialized, ids):
+  session = onnxruntime.InferenceSession(serialized)
+  return session.run([export.OUTPUT], {export.INPUT: ids})[0]
+
+
+class EveryModelTest(absltest.TestCase):
+  def test_every_model_exports_to_jax_and_onnx(self):
+    tmp = self.enter_context(tempfile.TemporaryDirectory())
+    ids = random_ids(777, FIELD_DIMS, seed=3)
+    expected = {}
+    for seed, name in enumerate(MODEL_NAMES):
+      with self.subTest(model=name):
+        model = build(name)
+        variables = _variables(model, ids[:2], seed)
+        probabilities = jax.jit(
+          lambda x, m=model, v=variables: jax.nn.sigmoid(
+            m.apply(v, x, train=False)
+          )
+        )
+        expected[name] = np.asarray(probabilities(ids))
+        fn = export.inference_function(model, variables)
+        serialized = export.export_jax(fn, len(FIELD_DIMS))
+        with open(os.path.join(tmp, f'{name}.jax'), 'wb') as f:
+          f.write(serialized)
+        if name in ONNX_UNSUPPORTED:
+          try:
+            export.export_onnx(fn, len(FIELD_DIMS))
+          except Exception:  # pylint: disable=broad-except
+            continue
+          self.fail(f'{name} goes to ONNX now: drop it from ONNX_UNSUPPORTED')
+        onnx = export.export_onnx(fn, len(FIELD_DIMS))
+        for n in (1, len(ids)):
+          got = _onnx_run(onnx, ids[:n])
+          self.assertEqual(got.shape, (n,))
+          self.assertEqual(got.dtype, np.float32)
+          np.testing.assert_allclose(
+            got, expected[name][:n], rtol=0, atol=TOLERANCE
+          )
+    np.savez(os.path.join(tmp, 'expected.npz'), ids=ids, **expected)
+    with open(os.path.join(tmp, 'jax_only.py'), 'w') as f:
+      f.write(_JAX_ONLY)
+    env = {k: v for k, v in os.environ.items() if k != 'PYTHONPATH'}
+    done = subprocess.run(
+      [sys.executable, 'jax_only.py', json.dumps(sorted(expected))],
+      cwd=tmp,
+      env=env,
+      capture_output=True,
+      text=True,
+    )
+    self.assertEqual(done.returncode, 0, done.stderr[-2000:])
+    errors = json.loads(done.stdout.strip().splitlines()[-1])
+    self.assertEqual(sorted(errors), sorted(MODEL_NAMES))
+    for name, (one, many) in errors.items():
+      with self.subTest(model=name):
+        self.assertLessEqual(max(one, many), TOLERANCE)
+
+
+class ExportRunTest(absltest.TestCase):
+  def test_command_line_exports_a_run(self):
+    run = trained_run()
+    tmp = self.enter_context(tempfile.TemporaryDirectory())
+    out = os.path.join(tmp, 'export')
+    subprocess.run(
+      [
+        sys.executable,
+        os.path.join(ROOT, 'export.py'),
+        f'--workdir={run.workdir}',
+        f'--output={out}',
+        '--platforms=cpu,cuda',
+      ],
+      check=True,
+      cwd=tmp,
+      capture_output=True,
+    )
+    self.assertEqual(
+      sorted(os.listdir(out)),
+      ['encoder', 'model.jax', 'model.onnx', 'signature.json'],
+    )
+    with open(os.path.join(out, 'signature.json')) as f:
+      signature = json.load(f)
+    dataset = run.dataset
+    self.assertEqual(signature['field_names'], list(dataset.field_names))
+    self.assertEqual(signature['field_dims'], list(dataset.field_dims))
+    self.assertEqual(signature['platforms'], ['cpu', 'cuda'])
+    self.assertIsNone(signature['onnx_error'])
+    self.assertEqual(
+      signature['inputs'],
+      [{'name': 'ids', 'dtype': 'int32', 'shape': ['batch', 39]}],
+    )
+    # A serving process encodes raw rows with the exported encoder alone.
+    source = os.path.join(tmp, 'test.txt')
+    with open(source, 'w') as f:
+      f.writelines(line + '\n' for line in run.lines['test'])
+    ids = encoder.load(out).encode(source).ids
+    np.testing.assert_array_equal(ids, dataset.test.ids)
+    expected = np.asarray(run.probabilities(ids))
+    with open(os.path.join(out, 'model.jax'), 'rb') as f:
+      model = jax.export.deserialize(bytearray(f.read()))
+    self.assertEqual(model.platforms, ('cpu', 'cuda'))
+    got = np.asarray(model.call(jnp.asarray(ids)))
+    np.testing.assert_allclose(got, expected, rtol=0, atol=TOLERANCE)
+    with open(os.path.join(out, 'model.onnx'), 'rb') as f:
+      got = _onnx_run(f.read(), ids)
+    np.testing.assert_allclose(got, expected, rtol=0, atol=TOLERANCE)
+
+
+if __name__ == '__main__':
+  absltest.main()

@@ -1,0 +1,135 @@
+"""Tests of predict.py: raw rows of a run's test split give back its test AUC.
+
+A tiny FM run is trained on a Criteo-format file (tests/predict_testing.py);
+its test split's raw lines go through `predict.py`, whose probabilities must
+be `model.apply`'s on the cache's ids, row by row, and give the run's test
+AUC. Runs on two emulated devices (tests/conftest.py), so every batch is
+split and padded.
+"""
+
+import io
+import os
+import subprocess
+import sys
+import tempfile
+
+from absl.testing import absltest
+from absl.testing import parameterized
+from dataset_testing import criteo_rows
+import numpy as np
+import pandas as pd
+from predict_testing import ROOT
+from predict_testing import trained_run
+
+from datasets import criteo
+import predict
+import train
+from utils import UserError
+
+
+def _write(path, lines):
+  with open(path, 'w') as f:
+    f.writelines(line + '\n' for line in lines)
+  return path
+
+
+class PredictTest(parameterized.TestCase):
+  @classmethod
+  def setUpClass(cls):
+    super().setUpClass()
+    cls.trained = trained_run()
+    cls.predictor = predict.load(cls.trained.workdir, batch_size=64)
+
+  def setUp(self):
+    super().setUp()
+    self.tmp = self.enter_context(tempfile.TemporaryDirectory())
+
+  def _expected(self, ids):
+    return np.asarray(self.trained.probabilities(np.asarray(ids)))
+
+  def test_command_line_reproduces_test_auc_and_model_apply(self):
+    test = self.trained.dataset.test
+    lines = self.trained.lines['test']
+    source = _write(os.path.join(self.tmp, 'test.txt'), lines)
+    output = os.path.join(self.tmp, 'out.csv')
+    subprocess.run(
+      [
+        sys.executable,
+        os.path.join(ROOT, 'predict.py'),
+        f'--workdir={self.trained.workdir}',
+        f'--input={source}',
+        f'--output={output}',
+        '--chunk_rows=50',  # Three chunks.
+      ],
+      check=True,
+      cwd=self.tmp,
+      capture_output=True,
+    )
+    out = pd.read_csv(output)
+    self.assertEqual(list(out.columns), ['probability', 'label'])
+    self.assertLen(out, len(test))
+    np.testing.assert_array_equal(out['label'], test.labels)
+    probabilities = out['probability'].to_numpy(np.float32)
+    np.testing.assert_allclose(
+      probabilities, self._expected(test.ids), rtol=0, atol=1e-6
+    )
+    self.assertAlmostEqual(
+      train.roc_auc(out['label'], probabilities),
+      self.trained.test_metrics['auc'],
+      delta=1e-6,
+    )
+
+  def test_unlabeled_rows_in_any_chunks(self):
+    lines = [line.split('\t', 1)[1] for line in self.trained.lines['valid']]
+    source = _write(os.path.join(self.tmp, 'test.txt'), lines)
+    output = os.path.join(self.tmp, 'out.csv')
+    rows = predict.write_predictions(self.predictor, source, output, 7)
+    out = pd.read_csv(output)
+    self.assertEqual(rows, len(lines))
+    self.assertEqual(list(out.columns), ['probability'])
+    expected = self._expected(self.trained.dataset.valid.ids)
+    np.testing.assert_allclose(out['probability'], expected, atol=1e-6)
+
+  @parameterized.parameters(1, 2, 3, 63, 64, 65, 150)
+  def test_ids_of_any_count_match_model_apply(self, n):
+    ids = np.asarray(self.trained.dataset.test.ids)[:n]
+    got = self.predictor.predict_ids(ids)
+    self.assertEqual(got.shape, (n,))
+    self.assertEqual(got.dtype, np.float32)
+    np.testing.assert_allclose(got, self._expected(ids), atol=1e-6)
+
+  def test_dataframe_with_unseen_values_gets_oov_ids(self):
+    rows = [r[1:] for r in criteo_rows(4, seed=99)]
+    rows[1] = ['123456789'] * 13 + ['unseen'] * 26
+    frame = pd.DataFrame(rows, columns=criteo.COLUMNS[1:]).replace('', None)
+    encoded = self.predictor.encoder.encode(frame)
+    oov = np.array(self.predictor.encoder.oov_ids)
+    np.testing.assert_array_equal(encoded.ids[1, 13:], oov[13:])
+    got = self.predictor(frame)
+    np.testing.assert_allclose(got, self._expected(encoded.ids), atol=1e-6)
+    self.assertEqual(len(set(got.tolist())), 4)
+
+  def test_bad_row_names_file_and_line(self):
+    lines = list(self.trained.lines['test'][:5])
+    lines[2] = lines[2].rsplit('\t', 1)[0]
+    source = _write(os.path.join(self.tmp, 'bad.txt'), lines)
+    output = os.path.join(self.tmp, 'out.csv')
+    with self.assertRaisesRegex(UserError, r'bad\.txt:3: expected'):
+      predict.write_predictions(self.predictor, source, output)
+    self.assertFalse(os.path.exists(output))
+
+  def test_missing_workdir_is_a_user_error(self):
+    with self.assertRaisesRegex(UserError, 'no encoder.json'):
+      predict.load(self.tmp)
+
+  def test_output_is_parsed_back_exactly(self):
+    probs = np.array([1e-8, 0.123456789, 1 - 1e-7, 0.5], np.float32)
+    text = 'probability,label\n' + predict.csv_lines(probs, np.eye(4)[0])
+    back = pd.read_csv(io.StringIO(text))
+    got = back['probability'].to_numpy(np.float32)
+    np.testing.assert_array_equal(got, probs)
+    np.testing.assert_array_equal(back['label'], [1, 0, 0, 0])
+
+
+if __name__ == '__main__':
+  absltest.main()
