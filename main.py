@@ -2,8 +2,16 @@
 
 This file is kept short on purpose: it parses flags, optionally joins a
 multi-host run, and hands over to `train.train_and_evaluate`, where the logic
-lives and tests reach it.
+lives and tests reach it. A problem the user can fix (config, data, workdir,
+permissions, disk) ends the run with one line and status 2; any other error
+with its traceback and status 1. Either way the process ends within
+`EXIT_GRACE_SECONDS`, whatever threads are left waiting.
 """
+
+import os
+import sys
+import threading
+import time
 
 from absl import app
 from absl import flags
@@ -13,6 +21,7 @@ from ml_collections import config_flags
 
 import multihost
 import train
+import utils
 
 FLAGS = flags.FLAGS
 
@@ -48,6 +57,25 @@ flags.DEFINE_integer(
 )
 flags.mark_flags_as_required(['config', 'workdir'])
 
+# How long a failed run may take to shut down. Python's exit waits for every
+# non-daemon thread, and a thread waiting on a broken disk or a lost peer
+# may never end.
+EXIT_GRACE_SECONDS = 30.0
+
+
+def exit_within(seconds: float, status: int) -> None:
+  """Ends the process with `status` in `seconds` unless it has ended."""
+
+  def stop():
+    time.sleep(seconds)
+    logging.error('Still shutting down after %.0f s: exiting now.', seconds)
+    logging.flush()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(status)
+
+  threading.Thread(target=stop, name='exit_within', daemon=True).start()
+
 
 def main(argv):
   if len(argv) > 1:
@@ -72,10 +100,13 @@ def main(argv):
   try:
     train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
   except (Exception, KeyboardInterrupt) as e:
-    # Multi-host: name a lost process and exit instead of hanging.
-    multihost.stop_after_failure(e, FLAGS.heartbeat_timeout_seconds)
+    user_error = isinstance(e, utils.UserError)
+    if not user_error:
+      # Multi-host: name a lost process and exit instead of hanging.
+      multihost.stop_after_failure(e, FLAGS.heartbeat_timeout_seconds)
+    exit_within(EXIT_GRACE_SECONDS, 2 if user_error else 1)
     raise
 
 
 if __name__ == '__main__':
-  app.run(main)
+  utils.run_main(main)

@@ -21,6 +21,9 @@ import ml_collections
 import numpy as np
 import optax
 
+# The values of `config.optimizer`.
+NAMES = ('adam', 'lazy_adam')
+
 
 def is_table(x: jax.Array, num_rows: int) -> bool:
   """Whether a parameter leaf is a shared table of `num_rows` rows."""
@@ -168,7 +171,8 @@ def create_optimizer(
       raise ValueError('config.optimizer=lazy_adam needs num_rows.')
     return lazy_adam(config.learning_rate, config.weight_decay, num_rows)
   raise ValueError(
-    f'config.optimizer: unknown {config.optimizer!r}; choose adam or lazy_adam.'
+    f'config.optimizer: unknown {config.optimizer!r}; choose one of'
+    f' {", ".join(NAMES)}.'
   )
 
 

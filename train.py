@@ -12,7 +12,6 @@ from collections.abc import Callable
 import functools
 import importlib
 import math
-import os
 import time
 from typing import Any
 
@@ -25,13 +24,17 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
-import orbax.checkpoint as ocp
 
+import checkpoints
+import config_check
 import data
+import encoder
 import models
 import multihost
 import optim
 import utils
+from utils import UserError
+import workdir as workdir_lib
 
 # The pmap axis of the devices; models name it for BatchNorm's statistics.
 AXIS = 'batch'
@@ -106,13 +109,7 @@ def warm_start(state: TrainState, workdir: str) -> TrainState:
 
   Used e.g. for FNN's FM pre-training: `--config.init_from=<fm workdir>`.
   """
-  manager = ocp.CheckpointManager(
-    os.path.join(workdir, 'checkpoints', 'best'),
-    options=ocp.CheckpointManagerOptions(read_only=True, create=False),
-  )
-  if manager.latest_step() is None:
-    raise ValueError(f'config.init_from: no checkpoint in {workdir}')
-  restored, _ = restore_checkpoint(manager, manager.latest_step())
+  restored, _ = checkpoints.load_best(workdir)
   keystr, leaves = jax.tree_util.keystr, jax.tree_util.tree_leaves_with_path
   source = {keystr(path): value for path, value in leaves(restored['params'])}
   copied = []
@@ -126,7 +123,7 @@ def warm_start(state: TrainState, workdir: str) -> TrainState:
 
   params = jax.tree_util.tree_map_with_path(take, state.params)
   if not copied:
-    raise ValueError(
+    raise UserError(
       f'config.init_from: no parameter of {workdir} matches this model.'
     )
   logging.info('Warm start from %s: %s', workdir, ', '.join(copied))
@@ -274,50 +271,6 @@ def evaluate(
   }
 
 
-def checkpoint_managers(
-  workdir: str,
-) -> tuple[ocp.CheckpointManager, ocp.CheckpointManager]:
-  """Managers of the latest (for resuming) and the best (for test) state."""
-  options = ocp.CheckpointManagerOptions(
-    max_to_keep=1,
-    create=True,
-    # A process killed while saving leaves a temporary directory behind.
-    cleanup_tmp_directories=True,
-  )
-  root = os.path.join(os.path.abspath(workdir), 'checkpoints')
-  return (
-    ocp.CheckpointManager(os.path.join(root, 'latest'), options=options),
-    ocp.CheckpointManager(os.path.join(root, 'best'), options=options),
-  )
-
-
-def save_checkpoint(
-  manager: ocp.CheckpointManager, step: int, state: TrainState, meta: dict
-) -> None:
-  """Saves `state` (host arrays) and the JSON `meta` as `step`."""
-  if step in manager.all_steps():
-    manager.delete(step)  # A redone epoch after a crash between two saves.
-  manager.save(
-    step,
-    args=ocp.args.Composite(
-      state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)
-    ),
-  )
-
-
-def restore_checkpoint(
-  manager: ocp.CheckpointManager, step: int, target: TrainState | None = None
-) -> tuple[Any, dict]:
-  """The state (shaped as `target`; None: as saved) and meta of `step`."""
-  restored = manager.restore(
-    step,
-    args=ocp.args.Composite(
-      state=ocp.args.StandardRestore(target), meta=ocp.args.JsonRestore()
-    ),
-  )
-  return restored['state'], restored['meta']
-
-
 def train_epoch(
   p_train_step: Callable,
   state: TrainState,
@@ -358,10 +311,49 @@ def train_epoch(
   return state, loss, (steps - 1) * config.batch_size / elapsed
 
 
+def check_splits(dataset: data.Dataset, config: ml_collections.ConfigDict):
+  """Refuses, before any training, splits that cannot train or be scored.
+
+  Early stopping maximises the validation AUC and the run reports the test
+  AUC: both are undefined without examples of both classes.
+
+  Raises:
+    UserError: naming the split, its counts and what to change.
+  """
+  if data.num_train_steps(dataset.train, config.batch_size) == 0:
+    raise UserError(
+      f'config.batch_size={config.batch_size} exceeds the'
+      f' {len(dataset.train)} training examples of {dataset.name}: lower it,'
+      ' or give training a larger part with config.dataset.split.'
+    )
+  for name, split in (('validation', dataset.valid), ('test', dataset.test)):
+    positives = int(np.count_nonzero(np.asarray(split.labels) > 0.5))
+    negatives = len(split) - positives
+    if positives and negatives:
+      continue
+    what = (
+      'no examples'
+      if not len(split)
+      else f'{positives} positive and {negatives} negative examples'
+    )
+    use = 'early stopping' if name == 'validation' else 'the final score'
+    raise UserError(
+      f'The {name} split of {dataset.name} has {what}: its AUC, which'
+      f' {use} needs, is undefined without both classes. Change'
+      f' config.dataset.split (now {tuple(config.dataset.split)}) or'
+      ' config.dataset.seed, or pass config.dataset.valid_path and'
+      ' config.dataset.test_path files that hold both labels.'
+    )
+
+
 def train_and_evaluate(
   config: ml_collections.ConfigDict, workdir: str
 ) -> dict[str, float]:
   """Trains, early-stops on validation AUC, and evaluates the best on test.
+
+  The config is checked before anything else; the workdir is locked for the
+  whole run, and a restart must continue the run its checkpoints come from
+  (see workdir.py).
 
   Args:
     config: the run's config (see configs/default.py).
@@ -369,19 +361,42 @@ def train_and_evaluate(
 
   Returns:
     The test metrics of the best state: `auc`, `logloss`, `num_examples`.
+
+  Raises:
+    UserError: a bad config, workdir or dataset, or a workdir in use.
   """
   utils.quiet_orbax_logs()
-  for key in ('batch_size', 'eval_batch_size'):
-    data.check_batch_size(
-      config[key], jax.device_count(), f'config.{key}', 'devices'
-    )
+  config_check.validate_config(
+    config,
+    dataset_names=tuple(data.FORMAT_OF),
+    optimizers=optim.NAMES,
+    num_devices=jax.device_count(),
+  )
   is_main = jax.process_index() == 0
-  os.makedirs(workdir, exist_ok=True)
+  workdir = workdir_lib.prepare(workdir)
   multihost.check_shared_workdir(workdir)
-  if is_main:
-    with open(os.path.join(workdir, 'config.json'), 'w') as f:
-      f.write(config.to_json_best_effort(indent=2))
+  with lock_workdir(workdir, is_main):
+    return _run(config, workdir, is_main)
 
+
+def lock_workdir(workdir: str, is_main: bool) -> workdir_lib.Lock:
+  """Process 0 locks the workdir; every process raises if it was refused."""
+  try:
+    lock, refused = workdir_lib.acquire(workdir, enabled=is_main), None
+  except UserError as e:
+    lock, refused = workdir_lib.Lock(), e
+  if not multihost.allgather(np.int32(refused is None)).all():
+    raise refused or UserError(
+      f'Process 0 could not lock workdir {workdir}: see its log for why.'
+    )
+  return lock
+
+
+def _run(
+  config: ml_collections.ConfigDict, workdir: str, is_main: bool
+) -> dict[str, float]:
+  """`train_and_evaluate` in its prepared, locked workdir."""
+  workdir_lib.check_resume(workdir, config, write=is_main)
   dataset = data.load_dataset(config.dataset)
   sizes = [len(s) for s in (dataset.train, dataset.valid, dataset.test)]
   logging.info(
@@ -391,12 +406,10 @@ def train_and_evaluate(
     dataset.field_dims,
     sizes,
   )
+  check_splits(dataset, config)
+  if is_main:  # What predict.py and export.py need to encode raw rows.
+    encoder.save(workdir, dataset, config)
   steps_per_epoch = data.num_train_steps(dataset.train, config.batch_size)
-  if steps_per_epoch == 0:
-    raise ValueError(
-      f'config.batch_size={config.batch_size} exceeds the'
-      f' {len(dataset.train)} training examples.'
-    )
 
   model = create_model(config, dataset.field_dims, axis_name=AXIS)
   state = create_train_state(
@@ -407,15 +420,16 @@ def train_and_evaluate(
   if config.get('init_from'):
     state = warm_start(state, config.init_from)
 
-  latest, best = checkpoint_managers(workdir)
-  meta = {'epoch': 0, 'best_auc': -1.0, 'best_epoch': 0, 'bad_epochs': 0}
+  ckpt = checkpoints.Checkpoints(workdir)
   # Every process restores the files process 0 wrote; a process that saw
   # none would start over and run other steps than the rest.
   multihost.assert_same_on_all_processes(
-    latest.latest_step(), 'latest checkpoints', workdir
+    ckpt.latest.latest_step(), 'latest checkpoints', workdir
   )
-  if latest.latest_step() is not None:
-    state, meta = restore_checkpoint(latest, latest.latest_step(), state)
+  state, meta = ckpt.restore_latest(state)
+  if meta is None:
+    meta = {'epoch': 0, 'best_auc': -1.0, 'best_epoch': 0, 'bad_epochs': 0}
+  else:
     logging.info('Resumed from epoch %d of %s', meta['epoch'], workdir)
   writer = utils.MetricsWriter(
     workdir, enabled=is_main, wall_time_offset=meta.get('wall_time', 0.0)
@@ -446,21 +460,22 @@ def train_and_evaluate(
       p_eval_step, replicated, dataset.valid, config.eval_batch_size
     )
     writer.write(split='valid', epoch=epoch, step=step, **valid)
-    if not math.isfinite(loss):
-      raise FloatingPointError(f'Training loss is {loss} at epoch {epoch}')
+    if not (math.isfinite(loss) and math.isfinite(valid['auc'])):
+      raise FloatingPointError(
+        f'Training diverged at epoch {epoch}: loss {loss}, validation AUC'
+        f' {valid["auc"]}. Lower config.learning_rate.'
+      )
 
     host_state = jax.device_get(jax_utils.unreplicate(replicated))
     if valid['auc'] > meta['best_auc']:
       meta.update(best_auc=valid['auc'], best_epoch=epoch, bad_epochs=0)
-      save_checkpoint(best, epoch, host_state, dict(meta, epoch=epoch))
+      ckpt.save_best(epoch, host_state, dict(meta, epoch=epoch))
     else:
       meta['bad_epochs'] += 1
     meta['epoch'] = epoch
     meta['wall_time'] = writer.wall_time()
     # Best before latest: a kill between the two redoes this epoch.
-    best.wait_until_finished()
-    save_checkpoint(latest, epoch, host_state, meta)
-    latest.wait_until_finished()
+    ckpt.save_latest(epoch, host_state, meta)
 
   if meta['bad_epochs'] >= config.patience:
     logging.info(
@@ -469,14 +484,8 @@ def train_and_evaluate(
       meta['best_auc'],
       meta['best_epoch'],
     )
-  multihost.assert_same_on_all_processes(
-    best.latest_step(), 'best checkpoints', workdir
-  )
-  if best.latest_step() is None:
-    raise ValueError(
-      'No checkpoint to evaluate: config.num_epochs must be at least 1.'
-    )
-  best_state, _ = restore_checkpoint(best, best.latest_step(), state)
+  logging.info('Scoring epoch %d on the test split', meta['best_epoch'])
+  best_state = ckpt.restore_best(meta, state)
   test = evaluate(
     p_eval_step, replicate(best_state), dataset.test, config.eval_batch_size
   )
@@ -486,6 +495,5 @@ def train_and_evaluate(
     step=meta['best_epoch'] * steps_per_epoch,
     **test,
   )
-  latest.close()
-  best.close()
+  ckpt.close()
   return test

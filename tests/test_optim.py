@@ -10,8 +10,8 @@ from flax import jax_utils
 import jax
 import numpy as np
 import optax
-import orbax.checkpoint as ocp
 
+import checkpoints
 from configs import default
 import optim
 import train
@@ -243,11 +243,10 @@ class LazyAdamTest(parameterized.TestCase):
     _, state, step = _setup(_config('ffm'))
     state = _first(_run(step, state, [(SOME_ROWS, LABELS)]))
     with tempfile.TemporaryDirectory() as workdir:
-      manager = ocp.CheckpointManager(workdir)
-      train.save_checkpoint(manager, 1, state, {'epoch': 1})
-      manager.wait_until_finished()
+      manager = checkpoints.manager(workdir)
+      checkpoints.save(manager, 1, state, {'epoch': 1}, keep=set)
       _, target, _ = _setup(_config('ffm'))
-      restored, meta = train.restore_checkpoint(manager, 1, target)
+      restored, meta = checkpoints.restore(manager, 1, target)
       manager.close()
     self.assertEqual(meta, {'epoch': 1})
     self.assertIsInstance(restored.opt_state, optim.LazyAdamState)

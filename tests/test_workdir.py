@@ -21,6 +21,7 @@ import ml_collections
 
 from configs import fm
 from configs import nfm
+import lock as lock_lib
 import utils
 import workdir
 
@@ -231,7 +232,7 @@ class LockTest(absltest.TestCase):
 
     try:
       self.assertEqual(_read_line(holder), f'WON {holder.pid}')
-      with mock.patch.object(workdir.fcntl, 'flock', no_locks):
+      with mock.patch.object(lock_lib.fcntl, 'flock', no_locks):
         with self.assertRaisesRegex(
           utils.UserError, f'pid {holder.pid} .*Its process still exists'
         ):
@@ -239,7 +240,7 @@ class LockTest(absltest.TestCase):
     finally:
       os.kill(holder.pid, signal.SIGKILL)
       holder.communicate(timeout=TIMEOUT)
-    with mock.patch.object(workdir.fcntl, 'flock', no_locks):
+    with mock.patch.object(lock_lib.fcntl, 'flock', no_locks):
       with workdir.acquire(self.path) as lock:
         self.assertEqual(lock.taken_over_from['pid'], holder.pid)
 

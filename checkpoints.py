@@ -1,0 +1,340 @@
+"""The checkpoints of a run: the latest states to resume from, and the best.
+
+`workdir/checkpoints/latest` keeps the states of the last `KEEP_LATEST`
+epochs, and the best epoch's while it is older, so that a damaged newest one
+falls back to the one before and a lost best one can be recovered.
+`workdir/checkpoints/best` keeps the state of the best validation AUC, which
+the test split scores. Each is an orbax step directory named by its epoch,
+holding the `TrainState` and a JSON `meta` (epoch, best AUC and epoch, bad
+epochs, wall time).
+
+Nothing on disk is trusted without a check: once a step is complete, a
+`checksums.json` beside its files records their sizes and SHA-256; a restore
+verifies them first (orbax itself reads a flipped bit without complaint).
+A step without the file, from a run killed between the two writes, is read
+unverified.
+
+Saves are synchronous: the trainer waits for every save anyway, and an
+error (a full disk, a directory made read-only) raises in the caller instead
+of leaving orbax's background threads waiting for each other until the
+process is killed.
+"""
+
+from collections.abc import Callable
+import errno
+import hashlib
+import json
+import os
+from typing import Any
+
+from absl import logging
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+
+import multihost
+from utils import UserError
+
+KEEP_LATEST = 2
+CHECKSUMS = 'checksums.json'
+
+
+def manager(
+  directory: str, *, read_only: bool = False
+) -> ocp.CheckpointManager:
+  """A synchronous orbax manager of `directory`; we delete its old steps."""
+  if read_only:
+    options = ocp.CheckpointManagerOptions(read_only=True, create=False)
+  else:
+    options = ocp.CheckpointManagerOptions(
+      create=True,
+      enable_async_checkpointing=False,
+      # A process killed while saving leaves a temporary directory behind.
+      cleanup_tmp_directories=True,
+    )
+  return ocp.CheckpointManager(directory, options=options)
+
+
+def checksums(directory: str) -> dict[str, list]:
+  """`{relative path: [size, sha256 hex]}` of every file under `directory`."""
+  found = {}
+  for root, _, names in os.walk(directory):
+    for name in names:
+      path = os.path.join(root, name)
+      relative = os.path.relpath(path, directory)
+      if relative.startswith(CHECKSUMS):
+        continue  # The record itself, or its copy being written.
+      digest = hashlib.sha256()
+      with open(path, 'rb') as f:
+        while chunk := f.read(1 << 20):
+          digest.update(chunk)
+      found[relative] = [os.path.getsize(path), digest.hexdigest()]
+  return found
+
+
+def write_checksums(directory: str) -> None:
+  """Records the checksums of a complete step directory (atomic)."""
+  files = checksums(directory)
+  path = os.path.join(directory, CHECKSUMS)
+  tmp = f'{path}.tmp-{os.getpid()}'
+  with open(tmp, 'w') as f:
+    json.dump({'files': files}, f, sort_keys=True)
+    f.flush()
+    os.fsync(f.fileno())
+  os.replace(tmp, path)
+
+
+def damage(directory: str) -> str | None:
+  """What is wrong with a step directory's files; None if they match.
+
+  Files that `checksums.json` lists must exist with their recorded size and
+  content. Without the file nothing can be checked: None.
+  """
+  if not os.path.isdir(directory):
+    return 'it does not exist'
+  path = os.path.join(directory, CHECKSUMS)
+  if not os.path.exists(path):
+    return None
+  try:
+    with open(path) as f:
+      expected = json.load(f)['files']
+  except (OSError, ValueError, KeyError, TypeError) as e:
+    return f'{CHECKSUMS} is unreadable ({e})'
+  for relative, (size, _) in sorted(expected.items()):
+    file = os.path.join(directory, relative)
+    if not os.path.isfile(file):
+      return f'{relative} is missing'
+    if os.path.getsize(file) != size:
+      return f'{relative} has {os.path.getsize(file)} bytes, not {size}'
+  actual = checksums(directory)
+  for relative, (_, digest) in sorted(expected.items()):
+    if actual[relative][1] != digest:
+      return f'the content of {relative} changed (SHA-256 mismatch)'
+  return None
+
+
+def _step_dir(mgr: ocp.CheckpointManager, step: int) -> str:
+  return os.path.join(str(mgr.directory), str(step))
+
+
+def restore(
+  mgr: ocp.CheckpointManager, step: int, target: Any = None
+) -> tuple[Any, dict]:
+  """The verified state (shaped as `target`; None: as saved) and meta.
+
+  Raises:
+    ValueError: the step's files are damaged or cannot be restored (every
+      process raises when any does).
+  """
+  problem = damage(_step_dir(mgr, step))
+  restored = None
+  if problem is None:
+    try:
+      restored = mgr.restore(
+        step,
+        args=ocp.args.Composite(
+          state=ocp.args.StandardRestore(target), meta=ocp.args.JsonRestore()
+        ),
+      )
+    except Exception as e:  # pylint: disable=broad-except
+      problem = f'{type(e).__name__}: {str(e).splitlines()[0][:300]}'
+  # Every process restores the same step, or none does.
+  failed = multihost.allgather(np.int32(problem is not None))
+  if failed.any():
+    raise ValueError(problem or 'another process could not read it')
+  return restored['state'], restored['meta']
+
+
+def save(
+  mgr: ocp.CheckpointManager,
+  step: int,
+  state: Any,
+  meta: dict,
+  keep: Callable[[list[int]], set[int]],
+) -> None:
+  """Saves `state` (host arrays) and `meta` as `step`, then prunes old steps.
+
+  Steps at or after `step` (a redone epoch, or steps that a fallback skipped)
+  are deleted first: orbax saves nothing at or below its latest step. After
+  the save, steps outside `keep(all steps)` are deleted.
+
+  Raises:
+    UserError: the directory cannot be written (full disk, permissions).
+  """
+  try:
+    for old in mgr.all_steps():
+      if old >= step:
+        mgr.delete(old)
+    if not mgr.save(
+      step,
+      args=ocp.args.Composite(
+        state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)
+      ),
+    ):
+      raise RuntimeError(f'orbax skipped saving step {step} in {mgr.directory}')
+    mgr.wait_until_finished()
+    if jax.process_index() == 0:
+      write_checksums(_step_dir(mgr, step))
+    kept = keep(sorted(mgr.all_steps()))
+    for old in mgr.all_steps():
+      if old not in kept:
+        mgr.delete(old)
+  except Exception as e:
+    problem = _os_problem(e)
+    if problem is None:
+      raise
+    raise UserError(
+      f'Cannot save the checkpoint of epoch {step} in {mgr.directory}:'
+      f' {problem}. Free space or restore write access there, then start'
+      ' the run again: it resumes from the last checkpoint saved.'
+    ) from e
+
+
+# What the file system says when a disk is full or a directory read-only;
+# tensorstore reports these in the text of its own errors.
+_OS_FAULTS = (
+  errno.ENOSPC,
+  errno.EDQUOT,
+  errno.EACCES,
+  errno.EPERM,
+  errno.EROFS,
+)
+
+
+def _os_problem(error: BaseException | None) -> str | None:
+  """The file system fault in `error`'s chain of causes, if any."""
+  seen = set()
+  while error is not None and id(error) not in seen:
+    seen.add(id(error))
+    if isinstance(error, OSError):
+      name = errno.errorcode.get(error.errno, str(error.errno))
+      where = f', {error.filename}' if error.filename else ''
+      return f'{error.strerror or error} ({name}{where})'
+    for code in _OS_FAULTS:
+      if os.strerror(code) in str(error):
+        return f'{os.strerror(code)} ({errno.errorcode[code]}): {error}'
+    error = error.__cause__ or error.__context__
+  return None
+
+
+class Checkpoints:
+  """The `latest` and `best` managers of a workdir, with their policies."""
+
+  def __init__(self, workdir: str):
+    root = os.path.join(os.path.abspath(workdir), 'checkpoints')
+    self.latest = manager(os.path.join(root, 'latest'))
+    self.best = manager(os.path.join(root, 'best'))
+
+  def restore_latest(self, target: Any) -> tuple[Any, dict | None]:
+    """The newest readable latest state and meta; `(target, None)` if none.
+
+    A damaged step is skipped with a warning naming what is wrong.
+
+    Raises:
+      UserError: there are steps but none can be read.
+    """
+    steps = sorted(self.latest.all_steps(), reverse=True)
+    problems = []
+    for step in steps:
+      try:
+        state, meta = restore(self.latest, step, target)
+      except ValueError as e:
+        problems.append(f'epoch {step}: {e}')
+        logging.warning(
+          'Checkpoint %s is damaged (%s); falling back to an older one.',
+          _step_dir(self.latest, step),
+          e,
+        )
+        continue
+      return state, meta
+    if steps:
+      raise UserError(
+        f'No checkpoint in {self.latest.directory} can be read: '
+        + '; '.join(problems)
+        + '. Restore the directory from a backup, or delete'
+        f' {os.path.dirname(str(self.latest.directory))} to train this run'
+        ' again from the start.'
+      )
+    return target, None
+
+  def save_latest(self, epoch: int, state: Any, meta: dict) -> None:
+    """Saves the state after `epoch`; keeps the last two and the best."""
+
+    def keep(steps: list[int]) -> set[int]:
+      return set(steps[-KEEP_LATEST:]) | {meta['best_epoch']}
+
+    save(self.latest, epoch, state, meta, keep)
+    logging.info('Saved the checkpoint of epoch %d', epoch)
+
+  def save_best(self, epoch: int, state: Any, meta: dict) -> None:
+    """Saves the new best state, `epoch`'s; deletes the former best."""
+    save(self.best, epoch, state, meta, lambda steps: {epoch})
+
+  def restore_best(self, meta: dict, target: Any) -> Any:
+    """The best state, epoch `meta['best_epoch']`.
+
+    A missing or damaged best checkpoint is recovered, with a warning, from
+    the latest states (which keep the best epoch's) and saved again.
+
+    Raises:
+      UserError: neither directory holds a readable state of that epoch.
+    """
+    epoch = meta['best_epoch']
+    problems = []
+    for mgr in (self.best, self.latest):
+      if epoch not in mgr.all_steps():
+        problems.append(f'{_step_dir(mgr, epoch)} does not exist')
+        continue
+      try:
+        state, _ = restore(mgr, epoch, target)
+      except ValueError as e:
+        problems.append(f'{_step_dir(mgr, epoch)}: {e}')
+        continue
+      if mgr is self.latest:
+        logging.warning(
+          'The best checkpoint is unusable (%s); recovered epoch %d from %s.',
+          problems[0],
+          epoch,
+          _step_dir(mgr, epoch),
+        )
+        self.save_best(epoch, state, dict(meta, epoch=epoch))
+      return state
+    raise UserError(
+      f'The best checkpoint, of epoch {epoch} (validation AUC'
+      f' {meta["best_auc"]:.5f}), is lost: ' + '; '.join(problems) + '. The'
+      ' test split is scored with it. Restore'
+      f' {self.best.directory} from a backup, or delete'
+      f' {os.path.dirname(str(self.best.directory))} to train this run again'
+      ' from the start.'
+    )
+
+  def close(self) -> None:
+    self.latest.close()
+    self.best.close()
+
+
+def load_best(workdir: str) -> tuple[Any, dict]:
+  """The best state (as saved, host arrays) and meta of another run.
+
+  Raises:
+    UserError: `workdir` has no readable best checkpoint.
+  """
+  directory = os.path.join(os.path.expanduser(workdir), 'checkpoints', 'best')
+  again = (
+    f' Run training again in {workdir} with its config: it recovers the best'
+    ' checkpoint from checkpoints/latest while that holds it.'
+  )
+  if not os.path.isdir(directory):
+    raise UserError(f'No best checkpoint in {directory}.{again}')
+  mgr = manager(directory, read_only=True)
+  try:
+    step = mgr.latest_step()
+    if step is None:
+      raise UserError(f'No best checkpoint in {directory}.{again}')
+    return restore(mgr, step)
+  except ValueError as e:
+    raise UserError(
+      f'The best checkpoint {_step_dir(mgr, step)} is damaged: {e}.{again}'
+    ) from e
+  finally:
+    mgr.close()

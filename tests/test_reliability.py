@@ -1,0 +1,741 @@
+"""Faults injected into whole runs: each ends in bounded time with a clear
+status and message, and what was saved stays usable.
+
+In-process runs damage checkpoints and splits; `python main.py`
+subprocesses (every one bounded by `TIMEOUT`) meet a full disk, a directory
+that turns read-only, a failing background thread, a thread that never
+ends, bad configs and workdirs; and a stress test SIGKILLs runs at random
+moments of every phase and checks that the restarts end with the
+uninterrupted run's metrics.
+"""
+
+from concurrent import futures
+import json
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import textwrap
+import threading
+import time
+import unittest
+from unittest import mock
+
+from absl import logging
+from absl.testing import absltest
+from absl.testing import parameterized
+import numpy as np
+
+import checkpoints
+from configs import fm
+import train
+import utils
+import workdir as workdir_lib
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TIMEOUT = 300  # Seconds any subprocess may take; none should come near it.
+
+
+def _write_csv(path, n, seed, positive_rate=None):
+  """A CTR file: three categorical fields and a label that depends on them."""
+  rng = np.random.default_rng(seed)
+  user, item, ctx = (rng.integers(0, d, n) for d in (50, 40, 5))
+  logit = np.sin(user) + np.cos(item * 0.7) + 0.3 * ctx - 0.6
+  if positive_rate is None:
+    label = rng.random(n) < 1 / (1 + np.exp(-2 * logit))
+  else:
+    label = rng.random(n) < positive_rate
+  with open(path, 'w') as f:
+    f.write('user,item,ctx,label\n')
+    for row in zip(user, item, ctx, label.astype(int), strict=True):
+      f.write('u{},i{},c{},{}\n'.format(*row))
+  return path
+
+
+# The run of every test: 3 epochs of 50 steps on 3200 training examples.
+SETTINGS = {
+  'dataset.name': 'csv',
+  'dataset.csv.label_column': 'label',
+  'model.embed_dim': 4,
+  'batch_size': 64,
+  'eval_batch_size': 256,
+  'num_epochs': 3,
+  'patience': 10,
+  'progress_bar': False,
+}
+
+
+def _config(data_dir, **overrides):
+  config = fm.get_config('smoke')
+  settings = {
+    **SETTINGS,
+    'dataset.path': os.path.join(data_dir, 'clicks.csv'),
+    'dataset.cache_dir': os.path.join(data_dir, 'cache'),
+    **overrides,
+  }
+  for key, value in settings.items():
+    *parents, name = key.split('.')
+    node = config
+    for parent in parents:
+      node = node[parent]
+    node[name] = value
+  return config
+
+
+def _flags(workdir, data_dir, **overrides):
+  settings = {
+    **SETTINGS,
+    'dataset.path': os.path.join(data_dir, 'clicks.csv'),
+    'dataset.cache_dir': os.path.join(data_dir, 'cache'),
+    **overrides,
+  }
+  return [
+    'main.py',
+    '--config=configs/fm.py:smoke',
+    f'--workdir={workdir}',
+    *(f'--config.{k}={v}' for k, v in settings.items()),
+  ]
+
+
+def _metrics(workdir):
+  """metrics.jsonl without what depends on the clock."""
+  with open(os.path.join(workdir, 'metrics.jsonl')) as f:
+    records = [json.loads(line) for line in f]
+  for record in records:
+    record.pop('wall_time')
+    record.pop('examples_per_sec', None)
+  return records
+
+
+class _Case(parameterized.TestCase):
+  def assertSameMetrics(self, got, want):
+    def keys(records):
+      return [
+        (r['split'], r['epoch'], r['step'], r.get('num_examples'))
+        for r in records
+      ]
+
+    self.assertEqual(keys(got), keys(want))
+    for a, b in zip(got, want, strict=True):
+      for key in ('loss', 'auc', 'logloss'):
+        if key in b:
+          self.assertAlmostEqual(a[key], b[key], delta=1e-6, msg=(a, b))
+
+
+def _largest_file(directory):
+  files = [
+    os.path.join(root, name)
+    for root, _, names in os.walk(directory)
+    for name in names
+    if name != checkpoints.CHECKSUMS
+  ]
+  return max(files, key=os.path.getsize)
+
+
+def _corrupt(step_dir, how):
+  path = _largest_file(os.path.join(step_dir, 'state'))
+  with open(path, 'rb') as f:
+    raw = bytearray(f.read())
+  if how == 'truncate':
+    raw = raw[: len(raw) // 2]
+  else:  # One flipped bit: orbax itself reads the file without complaint.
+    raw[len(raw) // 2] ^= 0x01
+  with open(path, 'wb') as f:
+    f.write(bytes(raw))
+
+
+class CheckpointPolicyTest(absltest.TestCase):
+  """Checkpoints on a small pytree, without training."""
+
+  def setUp(self):
+    super().setUp()
+    self.workdir = tempfile.mkdtemp()
+    self.ckpt = checkpoints.Checkpoints(self.workdir)
+
+  def tearDown(self):
+    self.ckpt.close()
+    super().tearDown()
+
+  def _state(self, epoch):
+    return {'w': np.arange(4, dtype=np.float32) + epoch}
+
+  def _meta(self, epoch, best_epoch):
+    return {'epoch': epoch, 'best_epoch': best_epoch, 'best_auc': 0.7}
+
+  def test_latest_keeps_the_last_two_and_the_best(self):
+    for epoch in range(1, 6):
+      self.ckpt.save_latest(epoch, self._state(epoch), self._meta(epoch, 2))
+    self.assertEqual(self.ckpt.latest.all_steps(), [2, 4, 5])
+    for epoch in (6, 7):
+      self.ckpt.save_latest(epoch, self._state(epoch), self._meta(epoch, 7))
+    self.assertEqual(self.ckpt.latest.all_steps(), [6, 7])
+    state, meta = self.ckpt.restore_latest(None)
+    np.testing.assert_array_equal(state['w'], self._state(7)['w'])
+    self.assertEqual(meta['epoch'], 7)
+
+  def test_best_keeps_one_and_every_step_records_its_checksums(self):
+    for epoch in (1, 3):
+      self.ckpt.save_best(epoch, self._state(epoch), self._meta(epoch, epoch))
+    self.assertEqual(self.ckpt.best.all_steps(), [3])
+    step_dir = os.path.join(self.workdir, 'checkpoints', 'best', '3')
+    with open(os.path.join(step_dir, checkpoints.CHECKSUMS)) as f:
+      recorded = json.load(f)['files']
+    self.assertEqual(recorded, checkpoints.checksums(step_dir))
+    self.assertIn('_CHECKPOINT_METADATA', recorded)
+    self.assertIsNone(checkpoints.damage(step_dir))
+
+  def test_a_lost_best_is_named_with_its_epoch(self):
+    self.ckpt.save_latest(3, self._state(3), self._meta(3, 1))
+    with self.assertRaisesRegex(
+      utils.UserError,
+      r'best checkpoint, of epoch 1 \(validation AUC 0.70000\), is lost:'
+      r' .*best/1 does not exist; .*latest/1 does not exist',
+    ):
+      self.ckpt.restore_best(self._meta(3, 1), None)
+
+  def test_file_system_faults_in_error_text_are_user_errors(self):
+    # Tensorstore reports a full disk in the text of a ValueError.
+    full = ValueError(
+      'Error writing "params.w" in OCDBT database: [RESOURCE_EXHAUSTED]'
+      ' No space left on device'
+    )
+    with mock.patch.object(self.ckpt.latest, 'save', side_effect=full):
+      with self.assertRaisesRegex(
+        utils.UserError,
+        r'Cannot save the checkpoint of epoch 1 in .*latest: No space left'
+        r' on device \(ENOSPC\): Error writing',
+      ):
+        self.ckpt.save_latest(1, self._state(1), self._meta(1, 1))
+    bug = ValueError('shapes (3,) and (4,) do not match')
+    with mock.patch.object(self.ckpt.latest, 'save', side_effect=bug):
+      with self.assertRaisesRegex(ValueError, 'do not match'):
+        self.ckpt.save_latest(1, self._state(1), self._meta(1, 1))
+
+  def test_a_damaged_latest_step_falls_back_with_a_warning(self):
+    for epoch in (1, 2):
+      self.ckpt.save_latest(epoch, self._state(epoch), self._meta(epoch, 1))
+    step_dir = os.path.join(self.workdir, 'checkpoints', 'latest', '2')
+    meta_file = os.path.join(step_dir, 'meta', 'metadata')
+    with open(meta_file, 'a') as f:
+      f.write(' ')  # Same JSON, one more byte: only the checksums notice.
+    self.assertIn('meta/metadata has', checkpoints.damage(step_dir))
+    with self.assertLogs('absl', 'WARNING') as logs:
+      state, meta = self.ckpt.restore_latest(None)
+    self.assertEqual(meta['epoch'], 1)
+    np.testing.assert_array_equal(state['w'], self._state(1)['w'])
+    self.assertIn('latest/2 is damaged', '\n'.join(logs.output))
+
+
+class TrainingFaultTest(_Case):
+  """Whole runs in this process, on a copy of one finished reference run."""
+
+  @classmethod
+  def setUpClass(cls):
+    super().setUpClass()
+    cls.tmp = tempfile.mkdtemp()
+    _write_csv(os.path.join(cls.tmp, 'clicks.csv'), 4000, seed=0)
+    cls.reference = os.path.join(cls.tmp, 'reference')
+    cls.test_metrics = train.train_and_evaluate(_config(cls.tmp), cls.reference)
+    cls.lines = _metrics(cls.reference)
+
+  def _copy(self):
+    workdir = os.path.join(tempfile.mkdtemp(dir=self.tmp), 'run')
+    shutil.copytree(self.reference, workdir)
+    return workdir
+
+  def _best_epoch(self):
+    return self.lines[-1]['epoch']
+
+  def test_reference_run_keeps_two_latest_and_the_best(self):
+    root = os.path.join(self.reference, 'checkpoints')
+    best = self._best_epoch()
+    self.assertEqual(
+      sorted(os.listdir(os.path.join(root, 'best'))), [str(best)]
+    )
+    self.assertEqual(
+      sorted(map(int, os.listdir(os.path.join(root, 'latest')))),
+      sorted({2, 3, best}),
+    )
+    with open(os.path.join(self.reference, workdir_lib.CONFIG_FILE)) as f:
+      self.assertEqual(json.load(f)['num_epochs'], 3)
+    self.assertGreater(self.test_metrics['auc'], 0.7)
+
+  @parameterized.parameters('truncate', 'flip')
+  def test_damaged_newest_checkpoint_falls_back_to_the_previous(self, how):
+    workdir = self._copy()
+    newest = os.path.join(workdir, 'checkpoints', 'latest', '3')
+    _corrupt(newest, how)
+    with self.assertLogs('absl', 'WARNING') as logs:
+      test = train.train_and_evaluate(_config(self.tmp), workdir)
+    self.assertRegex('\n'.join(logs.output), 'latest/3 is damaged')
+    self.assertSameMetrics(_metrics(workdir), self.lines)
+    self.assertAlmostEqual(test['auc'], self.test_metrics['auc'], delta=1e-6)
+    self.assertIsNone(checkpoints.damage(newest))  # Saved again, whole.
+
+  def test_every_latest_checkpoint_damaged_is_refused_by_name(self):
+    workdir = self._copy()
+    latest = os.path.join(workdir, 'checkpoints', 'latest')
+    for step in os.listdir(latest):
+      _corrupt(os.path.join(latest, step), 'flip')
+    with self.assertRaisesRegex(
+      utils.UserError,
+      r'No checkpoint in .*latest can be read: epoch 3: .*SHA-256 mismatch.*'
+      r' delete .*checkpoints to train this run again',
+    ):
+      train.train_and_evaluate(_config(self.tmp), workdir)
+
+  def test_deleted_best_is_recovered_from_latest(self):
+    workdir = self._copy()
+    best_dir = os.path.join(workdir, 'checkpoints', 'best')
+    shutil.rmtree(best_dir)
+    with self.assertLogs('absl', 'WARNING') as logs:
+      test = train.train_and_evaluate(_config(self.tmp), workdir)
+    self.assertIn('recovered epoch', '\n'.join(logs.output))
+    self.assertAlmostEqual(test['auc'], self.test_metrics['auc'], delta=1e-6)
+    self.assertSameMetrics(_metrics(workdir), self.lines)
+    step_dir = os.path.join(best_dir, str(self._best_epoch()))
+    self.assertIsNone(checkpoints.damage(step_dir))
+    self.assertTrue(
+      os.path.exists(os.path.join(step_dir, 'commit_success.txt'))
+    )
+
+  def test_changed_split_seed_is_refused_before_the_data(self):
+    workdir = self._copy()
+    config = _config(self.tmp, **{'dataset.seed': 1})
+    config.dataset.cache_dir = os.path.join(workdir, 'no-cache')
+    with self.assertRaisesRegex(utils.UserError, r'dataset.seed 0 -> 1'):
+      train.train_and_evaluate(config, workdir)
+    self.assertFalse(os.path.exists(config.dataset.cache_dir))
+
+  def test_live_workdir_is_refused_before_the_data(self):
+    workdir = os.path.join(self.tmp, 'locked')
+    config = _config(self.tmp)
+    config.dataset.cache_dir = os.path.join(workdir, 'no-cache')
+    with workdir_lib.acquire(workdir_lib.prepare(workdir)):
+      with self.assertRaisesRegex(utils.UserError, 'in use by this process'):
+        train.train_and_evaluate(config, workdir)
+    self.assertFalse(os.path.exists(config.dataset.cache_dir))
+
+
+class SplitCheckTest(_Case):
+  """Splits that cannot train or be scored stop the run before training."""
+
+  @classmethod
+  def setUpClass(cls):
+    super().setUpClass()
+    cls.tmp = tempfile.mkdtemp()
+    _write_csv(os.path.join(cls.tmp, 'clicks.csv'), 400, seed=0)
+    _write_csv(os.path.join(cls.tmp, 'train.csv'), 400, seed=1)
+    _write_csv(os.path.join(cls.tmp, 'mixed.csv'), 50, seed=2)
+    _write_csv(os.path.join(cls.tmp, 'zeros.csv'), 60, seed=3, positive_rate=0)
+
+  def _refused(self, pattern, **overrides):
+    workdir = tempfile.mkdtemp(dir=self.tmp)
+    with self.assertRaisesRegex(utils.UserError, pattern):
+      train.train_and_evaluate(_config(self.tmp, **overrides), workdir)
+    self.assertFalse(os.path.exists(os.path.join(workdir, 'checkpoints')))
+
+  def test_empty_validation_split(self):
+    self._refused(
+      r'The validation split of csv has no examples: its AUC, which early'
+      r' stopping needs, is undefined .* config.dataset.split \(now'
+      r' \(0.999, 0.0005, 0.0005\)\)',
+      **{'dataset.split': (0.999, 0.0005, 0.0005)},
+    )
+
+  @parameterized.parameters(('validation', 'valid'), ('test', 'test'))
+  def test_split_with_one_class(self, name, key):
+    files = {'valid': 'mixed.csv', 'test': 'mixed.csv', key: 'zeros.csv'}
+    self._refused(
+      f'The {name} split of csv has 0 positive and 60 negative examples',
+      **{
+        'dataset.path': os.path.join(self.tmp, 'train.csv'),
+        'dataset.valid_path': os.path.join(self.tmp, files['valid']),
+        'dataset.test_path': os.path.join(self.tmp, files['test']),
+      },
+    )
+
+  def test_batch_larger_than_the_training_split(self):
+    self._refused(
+      r'config.batch_size=512 exceeds the 320 training examples',
+      batch_size=512,
+    )
+
+
+# Runs main.py after injecting the fault named by $FAULT (see `_apply`).
+_ENTRY = textwrap.dedent(
+  """
+  import builtins, errno, os, sys, threading
+  sys.path.insert(0, {root!r})
+  import checkpoints, data, main, train, utils
+
+  fault = os.environ['FAULT']
+  main.EXIT_GRACE_SECONDS = 3.0
+  armed = []  # Non-empty from the first save of epoch 2 on.
+  save = checkpoints.save
+
+  def save_armed(manager, step, *args, **kwargs):
+    if step >= 2:
+      armed.append(step)
+    return save(manager, step, *args, **kwargs)
+
+  checkpoints.save = save_armed
+
+  def checkpoint_path(path):
+    return armed and '/checkpoints/' in os.fspath(path)
+
+  if fault == 'read_only':
+    makedirs = os.makedirs
+
+    def refuse(path, *args, **kwargs):
+      if checkpoint_path(path):
+        raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), path)
+      return makedirs(path, *args, **kwargs)
+
+    os.makedirs = refuse
+
+  if fault == 'disk_full':
+    real_open = builtins.open
+
+    def full_open(path, mode='r', *args, **kwargs):
+      if checkpoint_path(path) and any(c in mode for c in 'wax+'):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), path)
+      return real_open(path, mode, *args, **kwargs)
+
+    builtins.open = full_open
+
+  if fault == 'stuck_thread':
+    # A thread that never ends, as orbax's did after a failed save.
+    threading.Thread(target=threading.Event().wait).start()
+    evaluate = train.evaluate
+    calls = []
+
+    def failing_evaluate(*args, **kwargs):
+      calls.append(1)
+      if len(calls) == 2:
+        raise RuntimeError('injected failure in epoch 2')
+      return evaluate(*args, **kwargs)
+
+    train.evaluate = failing_evaluate
+
+  if fault == 'prefetch':
+    train_batches = data.train_batches
+
+    def failing_batches(*args, **kwargs):
+      for i, batch in enumerate(train_batches(*args, **kwargs)):
+        if i == 3:
+          raise OSError(errno.EIO, 'Input/output error', 'injected.npy')
+        yield batch
+
+    data.train_batches = failing_batches
+
+  sys.argv = sys.argv[1:]
+  utils.run_main(main.main)
+  """
+).format(root=ROOT)
+
+
+def _run(argv, env=None, **kwargs):
+  return subprocess.run(
+    [sys.executable, *argv],
+    cwd=ROOT,
+    capture_output=True,
+    text=True,
+    timeout=TIMEOUT,
+    env={**os.environ, **(env or {})},
+    **kwargs,
+  )
+
+
+class MainFaultTest(_Case):
+  """`python main.py` as a user runs it, with faults injected."""
+
+  @classmethod
+  def setUpClass(cls):
+    super().setUpClass()
+    cls.tmp = tempfile.mkdtemp()
+    _write_csv(os.path.join(cls.tmp, 'clicks.csv'), 4000, seed=0)
+    cls.entry = os.path.join(cls.tmp, 'entry.py')
+    with open(cls.entry, 'w') as f:
+      f.write(_ENTRY)
+
+  def _workdir(self):
+    return os.path.join(tempfile.mkdtemp(dir=self.tmp), 'run')
+
+  def _inject(self, fault, workdir):
+    return _run([self.entry, *_flags(workdir, self.tmp)], env={'FAULT': fault})
+
+  def assertUserError(self, result, *parts):
+    """Status 2 and one line, `main.py: error: ...`, with no traceback."""
+    self.assertEqual(result.returncode, 2, result.stderr[-3000:])
+    self.assertNotIn('Traceback', result.stderr)
+    last = result.stderr.strip().splitlines()[-1]
+    self.assertRegex(last, r'^(main|entry)\.py: error: ')
+    for part in parts:
+      self.assertIn(part, last)
+
+  @parameterized.parameters(
+    ('disk_full', 'No space left on device (ENOSPC'),
+    ('read_only', 'Permission denied (EACCES'),
+  )
+  def test_failed_save_exits_and_keeps_what_was_saved(self, fault, reason):
+    workdir = self._workdir()
+    result = self._inject(fault, workdir)
+    self.assertUserError(
+      result, 'Cannot save the checkpoint of epoch 2', reason, 'resumes'
+    )
+    # Epoch 1 is intact: the run resumes from it and ends as one that never
+    # failed.
+    result = _run(_flags(workdir, self.tmp))
+    self.assertEqual(result.returncode, 0, result.stderr[-3000:])
+    self.assertIn('Resumed from epoch 1', result.stderr)
+    self.assertSameMetrics(_metrics(workdir), self._straight())
+
+  def _straight(self):
+    """The metrics of the run without a fault."""
+    cls = type(self)
+    if not hasattr(cls, 'straight'):
+      workdir = self._workdir()
+      result = _run(_flags(workdir, self.tmp))
+      self.assertEqual(result.returncode, 0, result.stderr[-3000:])
+      cls.straight = _metrics(workdir)
+    return cls.straight
+
+  def test_thread_that_never_ends_cannot_hold_a_failed_run(self):
+    result = self._inject('stuck_thread', self._workdir())
+    self.assertEqual(result.returncode, 1, result.stderr[-3000:])
+    self.assertIn('RuntimeError: injected failure in epoch 2', result.stderr)
+    self.assertIn('exiting now', result.stderr)
+
+  def test_error_in_the_prefetch_thread_surfaces(self):
+    workdir = self._workdir()
+    result = self._inject('prefetch', workdir)
+    self.assertEqual(result.returncode, 1, result.stderr[-3000:])
+    self.assertIn('Traceback', result.stderr)
+    self.assertIn('Input/output error', result.stderr)
+    self.assertFalse(os.path.exists(os.path.join(workdir, 'metrics.jsonl')))
+
+  def test_bad_values_are_named_before_any_data_work(self):
+    cache = os.path.join(self.tmp, 'never-made')
+    bad = {
+      'log_every_steps': 0,
+      'model.embed_dim': -4,
+      'learning_rate': -1,
+      'patience': 0,
+      'dataset.cache_dir': cache,
+    }
+    result = _run(_flags(self._workdir(), self.tmp, **bad))
+    self.assertUserError(
+      result,
+      '4 bad config values',
+      'config.log_every_steps=0 must be an integer >= 1',
+      'config.model.embed_dim=-4 must be an integer >= 1',
+      'config.learning_rate=-1.0 must be a number > 0',
+      'config.patience=0 must be an integer >= 1',
+    )
+    self.assertFalse(os.path.exists(cache))
+    result = _run(_flags(self._workdir(), self.tmp, **{'model.embed_dim': 0}))
+    self.assertUserError(result, 'config.model.embed_dim=0 must be')
+
+  def test_workdir_that_is_a_file(self):
+    path = os.path.join(self.tmp, 'a-file')
+    with open(path, 'w'):
+      pass
+    result = _run(_flags(path, self.tmp))
+    self.assertUserError(result, f'workdir {path} exists and is not a dir')
+
+  def test_unwritable_workdir(self):
+    workdir = self._workdir()
+    os.makedirs(workdir)
+    if os.geteuid() != 0:
+      os.chmod(workdir, 0o555)
+      undo = ['chmod', '755', workdir]
+    elif subprocess.run(
+      ['chattr', '+i', workdir], capture_output=True
+    ).returncode:
+      raise unittest.SkipTest('chattr +i is not available here.')
+    else:
+      undo = ['chattr', '-i', workdir]
+    try:
+      result = _run(_flags(workdir, self.tmp))
+    finally:
+      subprocess.run(undo, check=True)
+    self.assertUserError(result, f'workdir {workdir} is not writable')
+
+  def test_workdir_in_use_names_its_holder(self):
+    workdir = workdir_lib.prepare(self._workdir())
+    with workdir_lib.acquire(workdir):
+      result = _run(_flags(workdir, self.tmp))
+    self.assertUserError(result, f'is in use by pid {os.getpid()} on host')
+
+
+class KillRestartStressTest(_Case):
+  """SIGKILL at random moments of every phase, then restart: 20 kills.
+
+  Two chains of runs go side by side, each in its own workdir and cache. A
+  kill waits for the log line that starts its phase (for the phases of an
+  epoch, in a random one of the epochs left), then a random part of that
+  phase's duration in an uninterrupted reference run; a preprocessing kill
+  first deletes its chain's cache. Phases take turns; a run whose epochs
+  are all trained is finished when an epoch's turn comes. Every run that
+  finishes must end with the reference's metrics, every line of them; the
+  next kill then goes to a fresh workdir.
+  """
+
+  KILLS = 20
+  CHAINS = 2
+  # Phase: (the log line that starts it, the line that ends it).
+  PHASES = {
+    'preprocess': ('JAX process', 'Dataset csv'),
+    'train': ('parameters', 'Saved the checkpoint of epoch 3'),
+    'evaluate': ('split=train', 'split=valid'),
+    'save': ('split=valid', 'Saved the checkpoint'),
+    'test': ('on the test split', 'split=test'),
+  }
+  EPOCH_PHASES = ('train', 'evaluate', 'save')
+
+  def _start(self, workdir, cache, env):
+    flags = _flags(workdir, self.tmp, **{'dataset.cache_dir': cache})
+    return subprocess.Popen(
+      [sys.executable, *flags],
+      cwd=ROOT,
+      stdout=subprocess.DEVNULL,
+      stderr=subprocess.PIPE,
+      text=True,
+      env=env,
+    )
+
+  def _watch(self, proc, marker=None, count=1, delay=0.0):
+    """Reads the log; SIGKILLs `delay` s after the `count`th `marker` line.
+
+    Returns:
+      The log lines with the time each was read.
+    """
+    lines, seen = [], threading.Event()
+
+    def read():
+      for line in proc.stderr:
+        lines.append((time.monotonic(), line))
+        if marker and sum(marker in s for _, s in lines) >= count:
+          seen.set()
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    deadline = time.monotonic() + TIMEOUT
+    try:
+      while marker and proc.poll() is None and not seen.wait(0.01):
+        self.assertLess(time.monotonic(), deadline, 'the run hung')
+      if marker and seen.is_set():
+        end = time.monotonic() + delay
+        while proc.poll() is None and time.monotonic() < end:
+          time.sleep(0.002)
+        if proc.poll() is None:
+          proc.send_signal(signal.SIGKILL)
+      proc.wait(timeout=max(deadline - time.monotonic(), 1))
+    finally:
+      if proc.poll() is None:  # The run hung: end it with the test.
+        proc.kill()
+        proc.wait()
+    reader.join(timeout=TIMEOUT)
+    return lines
+
+  def _finish(self, workdir, cache, env):
+    proc = self._start(workdir, cache, env)
+    lines = self._watch(proc)
+    self.assertEqual(proc.returncode, 0, ''.join(s for _, s in lines)[-3000:])
+    return lines
+
+  def _epochs_left(self, workdir):
+    latest = os.path.join(workdir, 'checkpoints', 'latest')
+    steps = os.listdir(latest) if os.path.isdir(latest) else []
+    done = max((int(s) for s in steps if s.isdigit()), default=0)
+    return SETTINGS['num_epochs'] - done
+
+  def _unchecked(self, workdir):
+    """Step directories without checksums: a save cut short leaves one."""
+    found = set()
+    for manager in ('latest', 'best'):
+      directory = os.path.join(workdir, 'checkpoints', manager)
+      for name in os.listdir(directory) if os.path.isdir(directory) else []:
+        step = os.path.join(directory, name)
+        if not os.path.exists(os.path.join(step, checkpoints.CHECKSUMS)):
+          found.add(step)
+    return found
+
+  def _chain(self, index, kills, windows, expected, env):
+    """`kills` kills and restarts; returns the phases that were killed."""
+    rng = random.Random(index)
+    cache = os.path.join(self.tmp, f'cache{index}')
+    order = list(self.PHASES)
+    runs, killed = 0, []
+    workdir = os.path.join(self.tmp, f'chain{index}-run{runs}')
+    while len(killed) < kills:
+      self.assertLess(runs, kills, 'the kills keep missing the runs')
+      phase = order[(index + len(killed)) % len(order)]
+      left = self._epochs_left(workdir)
+      if phase in self.EPOCH_PHASES and not left:
+        # Every epoch is trained: finish this run, start another.
+        self._finish(workdir, cache, env)
+        self.assertSameMetrics(_metrics(workdir), expected)
+        runs += 1
+        workdir = os.path.join(self.tmp, f'chain{index}-run{runs}')
+        left = self._epochs_left(workdir)
+      marker, count, window = self.PHASES[phase][0], 1, windows[phase]
+      if phase == 'train':
+        window *= left / SETTINGS['num_epochs']
+      elif phase in self.EPOCH_PHASES:
+        count = rng.randint(1, left)
+      if phase == 'preprocess':
+        shutil.rmtree(cache, ignore_errors=True)
+      before = self._unchecked(workdir)
+      proc = self._start(workdir, cache, env)
+      lines = self._watch(proc, marker, count, rng.uniform(0, window))
+      if proc.returncode == -signal.SIGKILL:
+        cut = self._unchecked(workdir) - before
+        killed.append(phase + ' (a save cut short)' * bool(cut))
+        continue
+      log = ''.join(s for _, s in lines)[-3000:]
+      self.assertEqual(proc.returncode, 0, log)
+      self.assertSameMetrics(_metrics(workdir), expected)
+      runs += 1
+      workdir = os.path.join(self.tmp, f'chain{index}-run{runs}')
+    self._finish(workdir, cache, env)
+    self.assertSameMetrics(_metrics(workdir), expected)
+    return killed
+
+  def test_sigkill_anywhere_then_restart_ends_as_the_uninterrupted_run(self):
+    self.tmp = tempfile.mkdtemp()
+    _write_csv(os.path.join(self.tmp, 'clicks.csv'), 4000, seed=0)
+    # The reference run caches the compiled programs on disk, and the
+    # others only read them: the restarts spend their time on the run.
+    env = {
+      **os.environ,
+      'JAX_COMPILATION_CACHE_DIR': os.path.join(self.tmp, 'jax-cache'),
+      'JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS': '0',
+      'JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES': '0',
+    }
+    reference = os.path.join(self.tmp, 'reference')
+    lines = self._finish(reference, os.path.join(self.tmp, 'cache'), env)
+    expected = _metrics(reference)
+    windows = {}
+    for phase, (start, end) in self.PHASES.items():
+      begin = next(t for t, s in lines if start in s)
+      windows[phase] = next(t for t, s in lines if end in s and t >= begin)
+      windows[phase] -= begin
+
+    kills = self.KILLS // self.CHAINS
+    with futures.ThreadPoolExecutor(self.CHAINS) as pool:
+      chains = [
+        pool.submit(self._chain, i, kills, windows, expected, env)
+        for i in range(self.CHAINS)
+      ]
+      killed = [phase for chain in chains for phase in chain.result()]
+    self.assertLen(killed, self.KILLS)
+    logging.info('Killed in: %s', {p: killed.count(p) for p in set(killed)})
+
+
+if __name__ == '__main__':
+  absltest.main()
