@@ -443,7 +443,7 @@ def measure(model: str, data_name: str, args, libraries: Sequence[str]):
       'model': model,
       'data': data_name,
       'field_dims': list(
-        args.field_dims if data_name == 'synthetic' else (610, 9724)
+        args.field_dims if data_name == 'synthetic' else (611, 9725)
       ),
       'batch_size': args.batch_size,
       'eval_batch_size': args.eval_batch_size,

@@ -169,7 +169,8 @@ class QualityTest(_TempDirs, absltest.TestCase):
         r['torchfm_raw_field_dims'],
         [int(frame['user'].max()) + 1, int(frame['item'].max()) + 1],
       )
-      self.assertEqual(r['torchfm_dense_field_dims'], [610, 9724])
+      # Our dense ids: 610 users and 9,724 movies, plus each field's OOV id.
+      self.assertEqual(r['torchfm_dense_field_dims'], [611, 9725])
       flax_lines = quality.read_metrics(
         os.path.join(out, 'quality', 'fm', 'flax', 'metrics.jsonl')
       )
