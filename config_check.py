@@ -170,6 +170,12 @@ DATASET = {
   'categorical_columns': columns,
   'sep': string,
   'field_dims': integers(1),
+  'side_features': columns,
+  'float_columns': columns,
+  'multi_hot_columns': columns,
+  'multi_hot_sep': string,
+  'multi_hot_max_len': integer(1),
+  'numeric': one_of(('buckets', 'dense')),
 }
 
 # Constructor arguments of models/*.py, by name; others are checked against

@@ -10,7 +10,11 @@ never serves stale data. Every load checks the cache against its checksums
 and the data's invariants (datasets/cache.py), and rebuilds a damaged one.
 
 Batches are dicts of numpy arrays: `ids` int32 `[batch, fields]`, `label`
-float32 `[batch]`, and for evaluation `mask` float32 `[batch]` (0 on padding).
+float32 `[batch]`, and for evaluation `mask` float32 `[batch]` (0 on padding);
+a dataset with multi-hot fields adds `multi_ids` int32 `[batch,
+multi_fields, max_len]` (-1 after each list's values), one with numeric
+fields `dense` float32 `[batch, dense_fields]`. `model_inputs(batch)` is
+what the model takes: `ids` and, when present, `multi_ids` and `dense`.
 """
 
 from collections.abc import Iterator, Sequence
@@ -46,8 +50,11 @@ FORMAT_OF = {name: fmt for fmt, s in SOURCES.items() for name in s.NAMES}
 # Keys of config.dataset that every format reads.
 SHARED_KEYS = (
   *('name', 'path', 'valid_path', 'test_path', 'cache_dir', 'url', 'split'),
-  *('seed', 'min_count', 'skip_bad_lines', 'chunk_rows'),
+  *('seed', 'min_count', 'skip_bad_lines', 'chunk_rows', 'side_features'),
 )
+
+# The keys of a batch that are the model's inputs, and their dtypes.
+INPUTS = {'ids': np.int32, 'multi_ids': np.int32, 'dense': np.float32}
 
 SPLITS = cache.SPLITS
 
@@ -97,9 +104,20 @@ def resolve(config: ml_collections.ConfigDict):
   source = SOURCES[selected]
   options = ml_collections.ConfigDict(source.DEFAULTS)
   options.update(dict(config.get(selected) or {}))
+  features = core.name_list(config.get('side_features') or ())
+  allowed = getattr(source, 'SIDE_FEATURES', {}).get(config.name, ())
+  for feature in features:
+    if feature not in allowed:
+      choices = ', '.join(allowed) or 'none'
+      raise DataError(
+        f'config.dataset.side_features: {config.name} has no side feature'
+        f' {feature!r} (side features of {config.name}: {choices}).'
+      )
   config = ml_collections.ConfigDict(config.to_dict())
   if config.min_count < 0:
     config.min_count = source.MIN_COUNT
+  # In the source's order, so that a reordered list shares the cache.
+  config.side_features = tuple(f for f in allowed if f in features)
   return source, config, options
 
 
@@ -165,35 +183,43 @@ def cache_spec(
     'skip_bad_lines': config.skip_bad_lines,
     'options': options.to_dict(),
   }
+  if config.get('side_features'):  # Absent otherwise: older keys stay valid.
+    out['side_features'] = list(config.side_features)
   if 'all' in paths:
     out.update(split=list(config.split), seed=config.seed)
   return out
 
 
+def _take(arrays: Sequence[np.ndarray | None], index) -> tuple:
+  return tuple(None if a is None else a[index] for a in arrays)
+
+
 def _routed(encoded: core.Encoded, config) -> Iterator[tuple]:
-  """`(split index, ids, labels)` pieces: by the file's role, or at random."""
+  """`(split index, ids, labels[, multi_ids, dense])` pieces (`core.Chunk`
+  with the split for the role): by the file's role, or at random."""
   if 'all' not in encoded.rows:
-    for role, ids, labels in encoded.chunks():
-      yield SPLITS.index(role), ids, labels
+    for role, *arrays in encoded.chunks():
+      yield SPLITS.index(role), *arrays
     return
   parts = split_indices(encoded.rows['all'], config.split, config.seed)
   if encoded.in_memory:  # Each split in the order of the permutation.
-    [(_, ids, labels)] = encoded.chunks()
+    [(_, *arrays)] = encoded.chunks()
     for s, part in enumerate(parts):
-      yield s, ids[part], labels[part]
+      yield s, *_take(arrays, part)
     return
   # Streamed: one byte per row says its split; rows stay in file order.
   assignment = np.full(encoded.rows['all'], 2, np.int8)
   assignment[parts[0]], assignment[parts[1]] = 0, 1
   del parts
   row = 0
-  for _, ids, labels in encoded.chunks():
-    where = assignment[row : row + len(ids)]
-    if len(where) != len(ids):
+  for _, *arrays in encoded.chunks():
+    count = len(arrays[0])
+    where = assignment[row : row + count]
+    if len(where) != count:
       raise DataError(f'{config.name}: more rows than in pass 1 (changed?)')
     for s in range(len(SPLITS)):
-      yield s, ids[where == s], labels[where == s]
-    row += len(ids)
+      yield s, *_take(arrays, where == s)
+    row += count
 
 
 def _build(directory, source, config, options, paths, spec, replace) -> None:
@@ -268,6 +294,44 @@ def check_batch_size(size: int, divisor: int, name: str, what: str) -> None:
     )
 
 
+def model_inputs(batch: dict) -> dict:
+  """The model's inputs of `batch`: `ids`, and `multi_ids` and `dense` when
+  it has them, as keyword arguments of `model.apply`."""
+  return {key: batch[key] for key in INPUTS if key in batch}
+
+
+def model_fields(dataset: Dataset) -> dict:
+  """The model's constructor arguments that describe the dataset's inputs
+  besides `field_dims`: `multi_field_dims` and `num_dense`, when non-empty."""
+  out = {}
+  if dataset.multi_field_dims:
+    out['multi_field_dims'] = tuple(dataset.multi_field_dims)
+  if dataset.dense_names:
+    out['num_dense'] = len(dataset.dense_names)
+  return out
+
+
+def example_inputs(model, rows: int = 2) -> dict:
+  """Inputs of `rows` examples for `model.init`: id 0, empty lists, zeros."""
+  out = {'ids': np.zeros((rows, len(model.field_dims)), np.int32)}
+  if getattr(model, 'multi_field_dims', ()):
+    shape = (rows, len(model.multi_field_dims), 1)
+    out['multi_ids'] = np.full(shape, -1, np.int32)
+  if getattr(model, 'num_dense', 0):
+    out['dense'] = np.zeros((rows, model.num_dense), np.float32)
+  return out
+
+
+def _rows(split: Split, rows) -> dict[str, np.ndarray]:
+  """`ids`, `label` and, when `split` has them, `multi_ids` and `dense`."""
+  out = {'ids': split.ids[rows], 'label': split.labels[rows]}
+  if split.multi_ids is not None:
+    out['multi_ids'] = split.multi_ids[rows]
+  if split.dense is not None:
+    out['dense'] = split.dense[rows]
+  return out
+
+
 def num_train_steps(split: Split, batch_size: int) -> int:
   """Steps of one training epoch: full global batches only."""
   return len(split) // batch_size
@@ -299,7 +363,8 @@ def train_batches(
 
   Yields:
     Dicts with `ids` int32 `[batch_size / process_count, fields]` and `label`
-    float32 `[batch_size / process_count]`.
+    float32 `[batch_size / process_count]`, and the split's `multi_ids` and
+    `dense` rows when it has them.
   """
   check_batch_size(batch_size, process_count, 'config.batch_size', 'processes')
   local = batch_size // process_count
@@ -308,8 +373,7 @@ def train_batches(
     start = step * batch_size + process_index * local
     # Sorted rows read a memory map front to back; the rows of a batch are
     # a set, so their order does not matter.
-    rows = np.sort(perm[start : start + local])
-    yield {'ids': split.ids[rows], 'label': split.labels[rows]}
+    yield _rows(split, np.sort(perm[start : start + local]))
 
 
 def eval_batches(
@@ -323,11 +387,13 @@ def eval_batches(
 
   Process `p` evaluates the contiguous rows `[n*p/P, n*(p+1)/P)`. Every
   process yields the same number of batches (collectives need that); the
-  last ones are padded with zero ids and `mask == 0`.
+  last ones are padded with zero ids, empty lists (-1) in `multi_ids`, zero
+  `dense` and `mask == 0`.
 
   Yields:
     Dicts with `ids` int32 `[batch_size / process_count, fields]`, `label`
-    and `mask` float32 `[batch_size / process_count]`.
+    and `mask` float32 `[batch_size / process_count]`, and `multi_ids` and
+    `dense` when the split has them.
   """
   check_batch_size(
     batch_size, process_count, 'config.eval_batch_size', 'processes'
@@ -336,17 +402,17 @@ def eval_batches(
   bounds = [len(split) * p // process_count for p in range(process_count + 1)]
   lo, hi = bounds[process_index], bounds[process_index + 1]
   longest = max(np.diff(bounds))
-  num_fields = split.ids.shape[1]
   for b in range(max(1, math.ceil(longest / local))):
     start, stop = min(lo + b * local, hi), min(lo + (b + 1) * local, hi)
-    count = stop - start
-    ids = np.zeros((local, num_fields), np.int32)
-    label = np.zeros((local,), np.float32)
-    mask = np.zeros((local,), np.float32)
-    ids[:count] = split.ids[start:stop]
-    label[:count] = split.labels[start:stop]
-    mask[:count] = 1.0
-    yield {'ids': ids, 'label': label, 'mask': mask}
+    batch = {}
+    for key, rows in _rows(split, slice(start, stop)).items():
+      fill = -1 if key == 'multi_ids' else 0
+      dtype = INPUTS.get(key, np.float32)
+      batch[key] = np.full((local,) + rows.shape[1:], fill, dtype)
+      batch[key][: stop - start] = rows
+    batch['mask'] = np.zeros((local,), np.float32)
+    batch['mask'][: stop - start] = 1.0
+    yield batch
 
 
 def shard(batch: dict[str, np.ndarray], num_devices: int) -> dict:

@@ -44,10 +44,15 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.dataset.skip_bad_lines = False
   # Lines per chunk when preprocessing (memory grows with it, not the file).
   config.dataset.chunk_rows = 100_000
+  # MovieLens movie and user features besides the ids, e.g. 'genres,year':
+  # genres, year, tags (ml-latest-small, ml-20m, ml-25m); genres, year, age,
+  # gender, occupation, zip (ml-100k, ml-1m). See datasets/movielens_side.py.
+  config.dataset.side_features = ()
   # The keys of one format each, read only when `name` is that format (any
   # other format's key set is an error); defaults and meaning in
   # datasets/<format>.py: csv (label_column, numeric_columns,
-  # categorical_columns, sep, log_bucket), criteo (log_bucket), avazu
+  # categorical_columns, sep, log_bucket, float_columns, multi_hot_columns,
+  # multi_hot_sep, multi_hot_max_len), criteo (log_bucket, numeric), avazu
   # (hour_features, drop_id), libfm (field_dims). E.g.
   # --config.dataset.csv.label_column=clicked.
   config.dataset.update(data.format_defaults())

@@ -2,10 +2,15 @@
 
 A cache is one directory: `{split}_ids.npy`, `{split}_labels.npy`,
 `vocab.npy` (every field's keys in id order, end to end) and `meta.json`,
-which records each file's size and SHA-256, computed while writing. `read`
-checks all of it and the data's invariants (ids inside `field_dims`, labels
-exactly 0 or 1) in one parallel pass over the bytes, and raises `Damaged`
-rather than serve a cache that fails a check; data.py then rebuilds it.
+which records each file's size and SHA-256, computed while writing. A
+dataset with multi-hot fields adds `{split}_multi_ids.npy` and
+`multi_vocab.npy`, one with numeric fields `{split}_dense.npy`
+(standardised, see datasets/side.py; the statistics are in meta.json).
+`read` checks all of it and the data's invariants (ids inside `field_dims`,
+multi-hot ids inside `multi_field_dims` or -1 padding, finite numeric
+values, labels exactly 0 or 1) in one parallel pass over the bytes, and
+raises `Damaged` rather than serve a cache that fails a check; data.py then
+rebuilds it.
 
 Sources are identified by a SHA-256 of their whole content (`fingerprint`),
 so any change to a source, even one that keeps its size and modification
@@ -26,6 +31,7 @@ import socket
 import numpy as np
 
 from datasets import core
+from datasets import side
 
 # Bump when the cache's files or any encoding change: part of every key.
 VERSION = 4
@@ -253,7 +259,9 @@ def write(
     directory: the cache directory.
     encoded: the source's rows (fields, vocabulary, skipped lines).
     sizes: rows of train, valid and test.
-    parts: `(split index, ids, labels)` pieces, in row order per split.
+    parts: `(split index, ids, labels)` pieces, in row order per split, and
+      their `multi_ids` and raw `dense` (see `core.Chunk`) when `encoded`
+      has such fields.
     spec: the cache key's input, recorded in meta.json.
     replace: `directory` exists and is damaged: replace it.
 
@@ -262,7 +270,12 @@ def write(
     RuntimeError: the rows break the data contract (a bug of the source).
   """
   parent, name = os.path.dirname(directory), spec['name']
-  writers, tmp = [], None
+  writers, tmp = {}, None  # {file name without .npy: its writer}
+
+  def add(file: str, dtype, shape: tuple[int, ...]) -> NpyWriter:
+    writers[file] = NpyWriter(os.path.join(tmp, f'{file}.npy'), dtype, shape)
+    return writers[file]
+
   try:
     os.makedirs(parent, exist_ok=True)
     remove_stale(parent)
@@ -271,26 +284,46 @@ def write(
       json.dump({'host': socket.gethostname(), 'pid': os.getpid()}, f)
     num_fields = len(encoded.field_names)
     dims = np.array(encoded.field_dims, np.uint32)
+    multi_dims = np.array(encoded.multi_field_dims, np.int64)
+    num_multi, num_dense = len(multi_dims), len(encoded.dense_names)
     for split, size in zip(SPLITS, sizes, strict=True):
-      path = os.path.join(tmp, split)
-      writers += [  # Flat: ids and labels of train, then of valid, of test.
-        NpyWriter(f'{path}_ids.npy', np.int32, (size, num_fields)),
-        NpyWriter(f'{path}_labels.npy', np.float32, (size,)),
-      ]
-    for s, ids, labels in parts:
+      add(f'{split}_ids', np.int32, (size, num_fields))
+      add(f'{split}_labels', np.float32, (size,))
+      if num_multi:
+        add(f'{split}_multi_ids', np.int32, (size, num_multi, encoded.max_len))
+      if num_dense:  # Raw, NaN where missing: standardised once complete.
+        add(f'{split}_dense_raw', np.float64, (size, num_dense))
+    for s, ids, labels, *extra in parts:
+      multi, dense = extra or (None, None)
       ids = np.ascontiguousarray(ids, np.int32)
       problem = ids_problem(ids, dims) or labels_problem(labels)
+      if (multi is None) != (not num_multi) or (dense is None) != (
+        not num_dense
+      ):
+        problem = problem or 'multi-hot or numeric arrays but not such fields'
+      if num_multi and not problem:
+        problem = side.multi_problem(np.asarray(multi), multi_dims)
+      if num_dense and not problem:
+        problem = side.dense_problem(np.asarray(dense), allow_missing=True)
       if problem:
         raise RuntimeError(f'{name}: encoded {SPLITS[s]} rows have {problem}')
-      writers[2 * s].write(ids)
-      writers[2 * s + 1].write(labels)
-    vocabulary = [np.asarray(v, np.int64) for v in encoded.vocabulary]
-    total = sum(len(v) for v in vocabulary)
-    vocab = os.path.join(tmp, 'vocab.npy')
-    writers.append(NpyWriter(vocab, np.int64, (total,)))
-    for keys in vocabulary:
-      writers[-1].write(keys)
-    files = [os.path.basename(w.path)[: -len('.npy')] for w in writers]
+      writers[f'{SPLITS[s]}_ids'].write(ids)
+      writers[f'{SPLITS[s]}_labels'].write(labels)
+      if num_multi:
+        writers[f'{SPLITS[s]}_multi_ids'].write(multi)
+      if num_dense:
+        writers[f'{SPLITS[s]}_dense_raw'].write(dense)
+    mean, std = side.write_standardised(writers, add, SPLITS, sizes, num_dense)
+    for file, keys in (
+      ('vocab', encoded.vocabulary),
+      ('multi_vocab', encoded.multi_vocabulary if num_multi else None),
+    ):
+      if keys is None:
+        continue
+      keys = [np.asarray(v, np.int64) for v in keys]
+      writer = add(file, np.int64, (sum(len(v) for v in keys),))
+      for part in keys:
+        writer.write(part)
     meta = {
       'version': VERSION,
       'name': name,
@@ -298,11 +331,19 @@ def write(
       'field_dims': [int(d) for d in encoded.field_dims],
       # Field f's keys are vocab.npy[sum(sizes[:f]):][:sizes[f]]; its ids
       # from sizes[f] on are out of vocabulary.
-      'vocabulary_sizes': [len(v) for v in vocabulary],
+      'vocabulary_sizes': [len(v) for v in encoded.vocabulary],
+      'multi_field_names': list(encoded.multi_field_names),
+      'multi_field_dims': [int(d) for d in encoded.multi_field_dims],
+      # As vocabulary_sizes, of multi_vocab.npy.
+      'multi_vocabulary_sizes': [len(v) for v in encoded.multi_vocabulary],
+      'max_len': int(encoded.max_len) if num_multi else 0,
+      'dense_names': list(encoded.dense_names),
+      'dense_mean': mean,
+      'dense_std': std,
       'spec': spec,
       'examples': dict(zip(SPLITS, sizes, strict=True)),
       'skipped_lines': encoded.skipped,
-      'files': {f: w.close() for f, w in zip(files, writers, strict=True)},
+      'files': {f: w.close() for f, w in writers.items()},
     }
     with open(os.path.join(tmp, 'meta.json'), 'w') as f:
       json.dump(meta, f, indent=1)
@@ -317,7 +358,7 @@ def write(
       ' or set config.dataset.cache_dir to a writable directory.'
     ) from e
   finally:
-    for writer in writers:
+    for writer in writers.values():
       writer.file.close()
     if tmp:
       shutil.rmtree(tmp, ignore_errors=True)
@@ -352,6 +393,14 @@ def _checked(directory: str, meta: dict, spec: dict) -> core.Dataset:
   dims = np.array(meta['field_dims'], np.uint32)
   if len(dims) != num_fields:
     raise Damaged('meta.json: field_dims and field_names differ in length')
+  # Absent from caches written before multi-hot and numeric fields.
+  multi_dims = np.array(meta.get('multi_field_dims', []), np.int64)
+  num_multi, max_len = len(multi_dims), meta.get('max_len', 0)
+  num_dense = len(meta.get('dense_names', []))
+  if len(meta.get('multi_field_names', [])) != num_multi or (
+    num_multi and max_len < 1
+  ):
+    raise Damaged('meta.json: multi-hot names, dims and max_len disagree')
 
   def labels_check(data):
     return labels_problem(np.frombuffer(data, np.float32))
@@ -360,11 +409,28 @@ def _checked(directory: str, meta: dict, spec: dict) -> core.Dataset:
     ids = np.frombuffer(data, np.int32).reshape(-1, num_fields)
     return ids_problem(ids, dims)
 
+  def multi_check(data):
+    ids = np.frombuffer(data, np.int32).reshape(-1, num_multi, max_len)
+    return side.multi_problem(ids, multi_dims)
+
+  def dense_check(data):
+    return side.dense_problem(
+      np.frombuffer(data, np.float32).reshape(-1, num_dense)
+    )
+
   expected = {'vocab': (np.int64, (sum(meta['vocabulary_sizes']),), None)}
+  if num_multi:
+    size = sum(meta['multi_vocabulary_sizes'])
+    expected['multi_vocab'] = (np.int64, (size,), None)
   for s in SPLITS:
     n = meta['examples'][s]
     expected[f'{s}_ids'] = (np.int32, (n, num_fields), ids_check)
     expected[f'{s}_labels'] = (np.float32, (n,), labels_check)
+    if num_multi:
+      shape = (n, num_multi, max_len)
+      expected[f'{s}_multi_ids'] = (np.int32, shape, multi_check)
+    if num_dense:
+      expected[f'{s}_dense'] = (np.float32, (n, num_dense), dense_check)
   arrays = {}
   for name, (dtype, shape, check) in expected.items():
     path = os.path.join(directory, f'{name}.npy')
@@ -401,14 +467,32 @@ def _checked(directory: str, meta: dict, spec: dict) -> core.Dataset:
       meta['name'],
       meta['skipped_lines'],
     )
-  ends = np.cumsum(meta['vocabulary_sizes'])
+  if set(meta['files']) != set(expected):
+    raise Damaged('meta.json lists other files than its fields need')
+
+  def vocabulary(file, sizes):
+    return tuple(np.split(arrays[file], np.cumsum(sizes)[:-1])) if sizes else ()
+
   return core.Dataset(
     name=meta['name'],
     field_names=tuple(meta['field_names']),
     field_dims=tuple(meta['field_dims']),
     **{
-      s: core.Split(*(arrays[f'{s}_{a}'] for a in ('ids', 'labels')))
+      s: core.Split(
+        arrays[f'{s}_ids'],
+        arrays[f'{s}_labels'],
+        arrays.get(f'{s}_multi_ids'),
+        arrays.get(f'{s}_dense'),
+      )
       for s in SPLITS
     },
-    vocabulary=tuple(np.split(arrays['vocab'], ends[:-1])),
+    vocabulary=vocabulary('vocab', meta['vocabulary_sizes']),
+    multi_field_names=tuple(meta.get('multi_field_names', [])),
+    multi_field_dims=tuple(int(d) for d in multi_dims),
+    multi_vocabulary=vocabulary(
+      'multi_vocab', meta.get('multi_vocabulary_sizes', [])
+    ),
+    dense_names=tuple(meta.get('dense_names', [])),
+    dense_mean=tuple(meta.get('dense_mean', [])),
+    dense_std=tuple(meta.get('dense_std', [])),
   )

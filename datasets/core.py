@@ -8,7 +8,11 @@ module exposes:
 - `DEFAULTS`: its format keys, `config.dataset.<format>`, and their defaults.
 - `MIN_COUNT`: its default of `config.dataset.min_count`.
 - `files(config) -> {role: path}`: its source files (downloading them if
-  need be), role `'all'` (split at random) or `'train'`, `'valid'`, `'test'`.
+  need be), role `'all'` (split at random) or `'train'`, `'valid'`, `'test'`;
+  any other role is a file of side information (MovieLens `movies`), part
+  of the cache key like the others.
+- `SIDE_FEATURES` (optional): `{dataset name: the values that
+  config.dataset.side_features accepts}`.
 - `build(config, options, paths) -> Encoded`: the encoded rows of the
   files that `files` returned; `options` is its `config.dataset.<format>`
   section and `config.min_count` is resolved.
@@ -19,13 +23,13 @@ datasets/encode.py then makes the out-of-core passes with its readers.
 Adding a source is one such module and its name in `data.FORMATS`.
 """
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 import contextlib
 import dataclasses
 import gzip
 import os
 import secrets
-from typing import Protocol
+from typing import NamedTuple, Protocol
 import zlib
 
 import ml_collections
@@ -44,13 +48,25 @@ class DownloadError(utils.UserError, RuntimeError):
 
 @dataclasses.dataclass(frozen=True)
 class Split:
-  """One split: ids int32 `[n, fields]` and labels float32 `[n]`.
+  """One split: the model's inputs and the labels of its `n` examples.
 
   The arrays may be read-only memory maps.
+
+  Attributes:
+    ids: int32 `[n, fields]`, one id per one-hot field.
+    labels: float32 `[n]`, 0 or 1.
+    multi_ids: int32 `[n, multi_fields, max_len]`, the ids of each
+      multi-hot field's values, padded with -1 at the end; None without
+      multi-hot fields.
+    dense: float32 `[n, dense_fields]`, each numeric field standardised
+      with the training split's mean and standard deviation (a missing
+      value is 0); None without numeric fields.
   """
 
   ids: np.ndarray
   labels: np.ndarray
+  multi_ids: np.ndarray | None = None
+  dense: np.ndarray | None = None
 
   def __len__(self) -> int:
     return len(self.labels)
@@ -60,11 +76,24 @@ class Split:
 class Dataset:
   """An encoded dataset: its fields, its three splits and its vocabulary.
 
+  One-hot fields (`ids`) come first; multi-hot fields (`multi_ids`) and
+  numeric fields (`dense`) are optional and empty by default.
+
   Attributes:
     vocabulary: per field, the keys of its ids in id order (int64 `[n_f]`):
       the raw value (MovieLens, libFM) or the key of a CTR value (see
       datasets/text.py); ids from `len(vocabulary[f])` on are
       out-of-vocabulary. None when not known.
+    multi_field_names: one name per multi-hot field.
+    multi_field_dims: ids of multi-hot field `m` are in
+      `[0, multi_field_dims[m])`; the last is its out-of-vocabulary id.
+    multi_vocabulary: per multi-hot field, the keys of its ids in id order
+      (int64), as `vocabulary`.
+    dense_names: one name per numeric field.
+    dense_mean: per numeric field, the mean of its training values.
+    dense_std: per numeric field, the standard deviation of its training
+      values (1 where it is 0 or undefined): `dense` holds
+      `(value - mean) / std`.
   """
 
   name: str
@@ -74,10 +103,19 @@ class Dataset:
   valid: Split
   test: Split
   vocabulary: tuple[np.ndarray, ...] | None = None
+  multi_field_names: tuple[str, ...] = ()
+  multi_field_dims: tuple[int, ...] = ()
+  multi_vocabulary: tuple[np.ndarray, ...] = ()
+  dense_names: tuple[str, ...] = ()
+  dense_mean: tuple[float, ...] = ()
+  dense_std: tuple[float, ...] = ()
 
 
-# (role of the file, ids int32 [n, fields], labels float32 [n]).
-Chunk = tuple[str, np.ndarray, np.ndarray]
+# (role of the file, ids int32 [n, fields], labels float32 [n]), and when
+# the source has multi-hot or numeric fields, then multi_ids int32
+# [n, multi_fields, max_len] (-1 padding) and raw dense float64
+# [n, dense_fields] (NaN: missing), each None when the source has none.
+Chunk = tuple
 
 
 @dataclasses.dataclass(frozen=True)
@@ -93,6 +131,13 @@ class Encoded:
     in_memory: the rows come in one chunk, so a random split can keep them
       in the order of the seeded permutation (as MovieLens always has).
     skipped: malformed lines skipped (`config.dataset.skip_bad_lines`).
+    multi_field_names: one name per multi-hot field.
+    multi_field_dims: ids of multi-hot field `m` are in
+      `[0, multi_field_dims[m])`.
+    multi_vocabulary: per multi-hot field, its keys in id order (int64).
+    max_len: the last dimension of the chunks' `multi_ids`.
+    dense_names: one name per numeric field; the chunks hold raw values,
+      which the cache standardises with the training split's statistics.
   """
 
   field_names: tuple[str, ...]
@@ -102,6 +147,11 @@ class Encoded:
   chunks: Callable[[], Iterator[Chunk]]
   in_memory: bool = False
   skipped: int = 0
+  multi_field_names: tuple[str, ...] = ()
+  multi_field_dims: tuple[int, ...] = ()
+  multi_vocabulary: tuple[np.ndarray, ...] = ()
+  max_len: int = 0
+  dense_names: tuple[str, ...] = ()
 
 
 class BadLine(Protocol):
@@ -110,11 +160,32 @@ class BadLine(Protocol):
   def __call__(self, where: str, reason: str) -> None: ...
 
 
+# The key after the last value of a multi-hot field's list, up to max_len.
+PAD_KEY = np.iinfo(np.int64).min + 1
+
+
+class Side(NamedTuple):
+  """The multi-hot and numeric values of parsed lines (`Reader.parse`).
+
+  Attributes:
+    multi: int64 keys `[n, multi_fields, max_len]`, `PAD_KEY` after each
+      list's values; None without multi-hot fields.
+    dense: float64 raw values `[n, dense_fields]`, NaN where missing; None
+      without numeric fields.
+  """
+
+  multi: np.ndarray | None
+  dense: np.ndarray | None
+
+
 class Reader(Protocol):
   """Parses the lines of one source file to int64 keys, for encode.py.
 
   A reader of a file that is not text lines (Parquet) also has
-  `line_batches(path, chunk_rows)`, yielding lists of lines.
+  `line_batches(path, chunk_rows)`, yielding lists of lines. A reader with
+  multi-hot or numeric fields has non-empty `multi_field_names` (lists of
+  at most `max_len` values) or `dense_names`, and its `parse` returns a
+  third element, the lines' `Side`.
   """
 
   field_names: tuple[str, ...]
@@ -137,6 +208,15 @@ class Reader(Protocol):
       where: `where(number)` names a line in messages.
       bad: called for each malformed line, in line order.
     """
+
+
+def name_list(value: str | Sequence[str]) -> tuple[str, ...]:
+  """Names of a config value: `('a', 'b')`, or `'a,b'` from a flag."""
+  if isinstance(value, str):
+    value = (value,)
+  return tuple(
+    name.strip() for item in value for name in item.split(',') if name.strip()
+  )
 
 
 def default_cache_dir() -> str:

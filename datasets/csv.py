@@ -4,6 +4,20 @@ The header names the columns. Categorical columns are encoded like Criteo's
 (a field each); numeric columns hold integers, bucketed as Criteo's by
 default. Values may be quoted. A file ending in `.parquet` or `.pq` is read
 in record batches with pyarrow.
+
+Two more kinds of column feed the model other inputs than one id:
+
+- `float_columns`: numbers, each a numeric field (`dense`), standardised
+  with the mean and standard deviation of the training split's values
+  (kept in the cache's meta.json). An empty or NaN cell is missing and
+  becomes 0 after standardisation, i.e. the training mean; a value that is
+  not a number (or is infinite) is a malformed line.
+- `multi_hot_columns`: lists of categorical values separated by
+  `multi_hot_sep` (`horror|drama`), each a multi-hot field (`multi_ids`)
+  with its own vocabulary: values seen fewer than `min_count` times share
+  an out-of-vocabulary id, as in a categorical field. Values are stripped,
+  empty ones dropped (an empty cell is an empty list); a list longer than
+  `multi_hot_max_len` keeps its first `multi_hot_max_len` values.
 """
 
 from collections.abc import Iterator, Sequence
@@ -28,16 +42,23 @@ DEFAULTS = {
   'sep': ',',
   # Integers v > 2 of numeric columns become int(log(v)**2).
   'log_bucket': True,
+  # Number columns fed as standardised values; empty or NaN: the mean.
+  'float_columns': (),
+  # Columns of value lists, e.g. 'horror|drama', one multi-hot field each.
+  'multi_hot_columns': (),
+  'multi_hot_sep': '|',
+  # A longer list keeps its first multi_hot_max_len values.
+  'multi_hot_max_len': 16,
 }
 
+# Column names of a config value: `('a', 'b')`, or `'a,b'` from a flag.
+column_list = core.name_list
 
-def column_list(value: str | Sequence[str]) -> tuple[str, ...]:
-  """Column names of a config value: `('a', 'b')`, or `'a,b'` from a flag."""
-  if isinstance(value, str):
-    value = (value,)
-  return tuple(
-    name.strip() for item in value for name in item.split(',') if name.strip()
-  )
+# The keys of config.dataset.csv that name columns.
+COLUMN_KEYS = (
+  *('label_column', 'categorical_columns', 'numeric_columns'),
+  *('float_columns', 'multi_hot_columns'),
+)
 
 
 def _is_parquet(path: str) -> bool:
@@ -115,29 +136,36 @@ def table(
   unlabeled = not require_label and label not in header
   if unlabeled:
     header.append(label)  # Checked, then dropped below.
-  for key in ('label_column', 'categorical_columns', 'numeric_columns'):
-    for column in column_list(options[key]):
+  for key in COLUMN_KEYS:
+    for column in column_list(options.get(key, ())):
       if column not in header:
         raise core.DataError(
           f'config.dataset.csv.{key}: column {column!r} is not in the header'
           f' of {path}: {", ".join(header)}.'
         )
-  numeric = column_list(options.numeric_columns)
-  categorical = column_list(options.categorical_columns) or tuple(
-    c for c in header if c != label and c not in numeric
+  kinds = {'int': column_list(options.numeric_columns)}
+  kinds['float'] = column_list(options.get('float_columns', ()))
+  kinds['multi'] = column_list(options.get('multi_hot_columns', ()))
+  named = [label, *(c for columns in kinds.values() for c in columns)]
+  kinds['cat'] = column_list(options.categorical_columns) or tuple(
+    c for c in header if c not in named
   )
-  both = set(numeric) & set(categorical) | {label} & (
-    set(numeric) | set(categorical)
-  )
-  if both:
+  named += kinds['cat']
+  twice = sorted({c for c in named if named.count(c) > 1})
+  if twice:
     raise core.DataError(
-      f'config.dataset.csv: column(s) {sorted(both)} named twice among'
-      ' label_column, numeric_columns and categorical_columns.'
+      f'config.dataset.csv: column(s) {twice} named twice among'
+      f' {", ".join(COLUMN_KEYS)}.'
     )
+  sep_multi = options.get('multi_hot_sep', '|')
+  if kinds['multi'] and (not sep_multi or sep_multi == sep):
+    raise core.DataError(
+      f'config.dataset.csv.multi_hot_sep={sep_multi!r} must be a non-empty'
+      f' separator other than the column separator {sep!r}.'
+    )
+  kind_of = {c: kind for kind, columns in kinds.items() for c in columns}
   fields = tuple(
-    text.Field(c, c, 'int' if c in numeric else 'cat')
-    for c in header
-    if c in numeric or c in categorical
+    text.Field(c, c, kind_of[c]) for c in header if c in kind_of and c != label
   )
   if not fields:
     raise core.DataError(f'{path}: no feature columns besides the label.')
@@ -150,6 +178,8 @@ def table(
     log_bucket=options.log_bucket,
     hint=f'{sep!r}-separated, header of {path}',
     header=True,
+    multi_sep=sep_multi,
+    max_len=options.get('multi_hot_max_len', 16),
   )
   if _is_parquet(path):
     # Record batches come back as CSV text of just the used columns.

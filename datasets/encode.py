@@ -6,8 +6,10 @@ field over the training rows (a sorted array of distinct keys and their
 counts: memory grows with the vocabulary, not with the rows). The kept keys
 (seen at least `min_count` times) get dense ids in key order and every rarer
 value one out-of-vocabulary id per field, the last one, as pytorch-fm does.
-Pass 2 (`Encoded.chunks`) parses the files again and looks the keys up;
-data.py routes its chunks to the splits of the cache.
+A multi-hot field's values are counted and kept the same way, and pass 1
+finds the longest list, the `max_len` of the cache. Pass 2
+(`Encoded.chunks`) parses the files again and looks the keys up; data.py
+routes its chunks to the splits of the cache.
 """
 
 from collections.abc import Callable, Iterator
@@ -82,6 +84,23 @@ def encode_ids(
   for f, table in enumerate(vocabulary):
     ids[:, f] = encode_keys(table, keys[:, f])
   return ids
+
+
+def encode_multi(
+  vocabulary: tuple[np.ndarray, ...], keys: np.ndarray
+) -> np.ndarray:
+  """int32 ids `[n, multi_fields, len]` of multi-hot keys; padding -> -1.
+
+  Args:
+    vocabulary: per multi-hot field, its sorted kept keys.
+    keys: int64 `[n, multi_fields, len]`, `core.PAD_KEY` after the values.
+  """
+  ids = np.empty(keys.shape, np.int32)
+  for m, table in enumerate(vocabulary):
+    ids[:, m] = encode_keys(table, keys[:, m].reshape(-1)).reshape(
+      len(keys), -1
+    )
+  return np.where(keys == core.PAD_KEY, np.int32(-1), ids)
 
 
 class BadLines:
@@ -259,12 +278,21 @@ def encode(
   """
   train_role = 'all' if 'all' in files else 'train'
   readers = {role: reader(path) for role, path in files.items()}
-  field_names = readers[train_role].field_names
+
+  def names(role):
+    r = readers[role]
+    return (
+      r.field_names,
+      getattr(r, 'multi_field_names', ()),
+      getattr(r, 'dense_names', ()),
+    )
+
+  field_names, multi_names, dense_names = names(train_role)
   for role, path in files.items():
-    if readers[role].field_names != field_names:
+    if names(role) != names(train_role):
       raise core.DataError(
-        f'{path}: fields {readers[role].field_names} differ from those of'
-        f' {files[train_role]}: {field_names}.'
+        f'{path}: fields {sum(names(role), ())} differ from those of'
+        f' {files[train_role]}: {sum(names(train_role), ())}.'
       )
   logging.info(
     'Preprocessing %s from %s (min_count %d)',
@@ -282,13 +310,20 @@ def encode(
 
   # Pass 1: validate, count rows, count the training values of each field.
   counts = [Counts() for _ in field_names]
+  multi_counts = [Counts() for _ in multi_names]
+  longest = 1
   bad = BadLines(config.skip_bad_lines)
   rows = dict.fromkeys(files, 0)
-  for role, (keys, _) in passes(1, bad):
+  for role, (keys, _, *side) in passes(1, bad):
     rows[role] += len(keys)
     if role == train_role and not field_dims:
       for f, counter in enumerate(counts):
         counter.add(keys[:, f])
+    if multi_names:
+      present = side[0].multi != core.PAD_KEY  # [n, M, L]
+      longest = max(longest, int(present.sum(-1).max(initial=0)))
+      for m, counter in enumerate(multi_counts if role == train_role else ()):
+        counter.add(side[0].multi[:, m][present[:, m]])
   for role, path in files.items():
     if rows[role] == 0:
       raise core.DataError(f'{path}: no examples found.')
@@ -298,11 +333,20 @@ def encode(
   else:
     vocabulary = tuple(counter.kept(config.min_count) for counter in counts)
     kept, field_dims = vocabulary, tuple(len(v) + 1 for v in vocabulary)
-  del counts
+  multi_vocabulary = tuple(c.kept(config.min_count) for c in multi_counts)
+  del counts, multi_counts
 
   def pass_2() -> Iterator[core.Chunk]:
-    for role, (keys, labels) in passes(2, BadLines(bad.skip, log=False)):
-      yield role, encode_ids(vocabulary, keys), labels
+    parsed = passes(2, BadLines(bad.skip, log=False))
+    for role, (keys, labels, *side) in parsed:
+      ids = encode_ids(vocabulary, keys)
+      if not side:
+        yield role, ids, labels
+        continue
+      multi, dense = side[0]
+      if multi is not None:
+        multi = encode_multi(multi_vocabulary, multi[:, :, :longest])
+      yield role, ids, labels, multi, dense
 
   return core.Encoded(
     field_names=field_names,
@@ -311,4 +355,9 @@ def encode(
     rows=rows,
     chunks=pass_2,
     skipped=bad.count,
+    multi_field_names=multi_names,
+    multi_field_dims=tuple(len(v) + 1 for v in multi_vocabulary),
+    multi_vocabulary=multi_vocabulary,
+    max_len=longest if multi_names else 0,
+    dense_names=dense_names,
   )

@@ -6,6 +6,8 @@ directory, verified against GroupLens's published MD5s. Ids are dense: each
 column's distinct values numbered in sorted order, and one more id per
 field, the last, for a user or movie that the ratings do not have: never
 seen in training, it is the id of an unseen user or movie at prediction.
+`config.dataset.side_features` adds fields of the movies and users
+(datasets/movielens_side.py): genres, year, tags, age, gender, ...
 """
 
 from collections.abc import Iterator
@@ -25,6 +27,7 @@ import numpy as np
 import pandas as pd
 
 from datasets import core
+from datasets import movielens_side
 import utils
 
 EMBEDDED = os.path.join(
@@ -53,6 +56,7 @@ RATINGS_FILE = {
 
 NAMES = tuple(RATINGS_FILE)
 DEFAULTS = {}
+SIDE_FEATURES = movielens_side.SIDE_FEATURES
 MIN_COUNT = 1  # Every user and item is kept.
 
 
@@ -138,7 +142,8 @@ def fetch_grouplens(name: str, config: ml_collections.ConfigDict) -> str:
 
 
 def files(config: ml_collections.ConfigDict) -> dict[str, str]:
-  """{'all': the ratings file of MovieLens `config.name`}."""
+  """{'all': the ratings file of MovieLens `config.name`}, and the side
+  files (`movies`, `tags`, `users`) beside it that its side features need."""
   name = config.name
   filename = RATINGS_FILE[name][0]
   if config.path:
@@ -150,10 +155,15 @@ def files(config: ml_collections.ConfigDict) -> dict[str, str]:
         f'config.dataset.path: {path} does not exist (expected the {name}'
         f' file {filename} or its directory).'
       )
+  elif name == 'ml-latest-small':
+    path = EMBEDDED
+  else:
+    path = os.path.join(fetch_grouplens(name, config), filename)
+  features = tuple(config.get('side_features') or ())
+  if not features:
     return {'all': path}
-  if name == 'ml-latest-small':
-    return {'all': EMBEDDED}
-  return {'all': os.path.join(fetch_grouplens(name, config), filename)}
+  directory = os.path.dirname(os.path.abspath(path))
+  return {'all': path, **movielens_side.files(name, directory, features)}
 
 
 # Columns of a ratings line; rows to predict have the first two only.
@@ -326,7 +336,10 @@ def build(
   options: ml_collections.ConfigDict,
   paths: dict[str, str],
 ) -> core.Encoded:
-  """Reads the ratings in memory; every user and item keeps an id."""
+  """Reads the ratings in memory; every user and item keeps an id.
+
+  Side features are looked up per user and movie (`movielens_side.tables`).
+  """
   del options  # MovieLens has no format keys.
   logging.info('Encoding %s from %s', config.name, paths['all'])
   frame = read_movielens(paths['all'], config.name)
@@ -334,16 +347,37 @@ def build(
     [frame['user'].to_numpy(), frame['item'].to_numpy()]
   )
   labels = labels_of(frame['rating'].to_numpy())
+  # The last id of each field is for users and movies not in the ratings.
+  field_dims = tuple(len(v) + 1 for v in vocabulary)
+  side = movielens_side.tables(
+    config.name,
+    paths,
+    tuple(config.get('side_features') or ()),
+    *vocabulary,
+    config.min_count,
+  )
+  if side.user_ids is not None:
+    ids = np.concatenate([ids, side.user_ids[ids[:, 0]]], axis=1)
+  extra = ()
+  if side.item_multi is not None or side.item_dense is not None:
+    extra = tuple(
+      None if table is None else table[ids[:, 1]]
+      for table in (side.item_multi, side.item_dense)
+    )
 
   def chunks() -> Iterator[core.Chunk]:
-    yield 'all', ids, labels
+    yield 'all', ids, labels, *extra
 
   return core.Encoded(
-    field_names=('user', 'item'),
-    # The last id of each field is for users and movies not in the ratings.
-    field_dims=tuple(len(v) + 1 for v in vocabulary),
-    vocabulary=vocabulary,
+    field_names=('user', 'item', *side.field_names),
+    field_dims=field_dims + side.field_dims,
+    vocabulary=vocabulary + side.vocabulary,
     rows={'all': len(labels)},
     chunks=chunks,
     in_memory=True,
+    multi_field_names=side.multi_field_names,
+    multi_field_dims=side.multi_field_dims,
+    multi_vocabulary=side.multi_vocabulary,
+    max_len=side.max_len,
+    dense_names=side.dense_names,
   )

@@ -3,7 +3,9 @@
 Every value becomes an int64 key, so that counting and encoding
 (datasets/encode.py) never hold strings: a categorical string its 64-bit
 hash, an integer pytorch-fm's Criteo class of it. Two values share a key
-exactly when pytorch-fm would give them one id.
+exactly when pytorch-fm would give them one id. A multi-hot column holds a
+list of categorical values (`a|b|c`), each keyed as a categorical string; a
+float column stays a number (`core.Side`).
 """
 
 from collections.abc import Callable
@@ -98,9 +100,13 @@ class Field:
     name: the field's name.
     column: its source column.
     kind: 'cat' (a string), 'int' (an integer, bucketed when the table's
-      `log_bucket`), or 'derived' (an integer turned into keys by `derive`).
+      `log_bucket`), 'derived' (an integer turned into keys by `derive`),
+      'multi' (a list of strings split at the table's `multi_sep`: a
+      multi-hot field) or 'float' (a number: a numeric field).
     derive: int64 values `[n]` -> (int64 keys `[n]`, bool valid `[n]`).
     expects: what a valid value of a derived field looks like (messages).
+    transform: float64 values `[n]` -> the values a 'float' field keeps
+      (e.g. Criteo's `log(1 + max(x, 0))`); None keeps them.
   """
 
   name: str
@@ -108,6 +114,14 @@ class Field:
   kind: str = 'cat'
   derive: Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]] | None = None
   expects: str = ''
+  transform: Callable[[np.ndarray], np.ndarray] | None = None
+
+
+# Kinds of the fields that are not one-hot ids.
+SIDE_KINDS = ('multi', 'float')
+
+# Cells of a float column that are a missing value.
+FLOAT_MISSING = ('', 'nan', 'NaN', 'NAN', 'Nan')
 
 
 @dataclasses.dataclass(frozen=True)
@@ -125,6 +139,8 @@ class Table:
     hint: what the columns are, for error messages.
     header: whether files start with a header line (None: when the first
       field of the first line is the first column's name).
+    multi_sep: separator of the values of a 'multi' field's list.
+    max_len: a longer list keeps its first `max_len` values.
   """
 
   columns: tuple[str, ...]
@@ -135,10 +151,21 @@ class Table:
   log_bucket: bool
   hint: str
   header: bool | None
+  multi_sep: str = '|'
+  max_len: int = 16
 
   @property
   def field_names(self) -> tuple[str, ...]:
-    return tuple(field.name for field in self.fields)
+    """The one-hot fields' names."""
+    return tuple(f.name for f in self.fields if f.kind not in SIDE_KINDS)
+
+  @property
+  def multi_field_names(self) -> tuple[str, ...]:
+    return tuple(f.name for f in self.fields if f.kind == 'multi')
+
+  @property
+  def dense_names(self) -> tuple[str, ...]:
+    return tuple(f.name for f in self.fields if f.kind == 'float')
 
   def without_label(self) -> 'Table':
     """The same layout without its label column (rows to predict)."""
@@ -172,10 +199,13 @@ class Table:
       )
     return True
 
-  def parse(
-    self, lines: list[bytes], first: int, where, bad: core.BadLine
-  ) -> tuple[np.ndarray, np.ndarray]:
-    """Parses lines `first, first + 1, ...` (see `core.Reader.parse`)."""
+  def parse(self, lines: list[bytes], first: int, where, bad: core.BadLine):
+    """Parses lines `first, first + 1, ...` (see `core.Reader.parse`).
+
+    Returns:
+      keys int64 `[n, fields]`, labels float32 `[n]`, and the `core.Side`
+      when the table has multi-hot or float fields.
+    """
     numbers = np.arange(first, first + len(lines))
     # (line number, reason) of every malformed line, reported in line order
     # at the end, so that an error names the chunk's first bad line.
@@ -201,8 +231,9 @@ class Table:
       )
     lines = [lines[i] for i in np.flatnonzero(good)]
     numbers = numbers[good]
-    keys = np.zeros((0, len(self.fields)), np.int64)
+    keys = np.zeros((0, len(self.field_names)), np.int64)
     labels = np.zeros(0, np.float32)
+    side = self._side(None)
     if lines:
       try:
         frame = self._read(lines, typed=True)
@@ -215,24 +246,53 @@ class Table:
           raise core.DataError(
             f'{where(numbers[0])} to line {numbers[-1]}: could not parse ({e})'
           ) from e
-      keys, labels = self._keys(frame, numbers, issues)
+      keys, labels, side = self._keys(frame, numbers, issues)
     for number, reason in sorted(issues):
       bad(where(number), reason)
+    if self.multi_field_names or self.dense_names:
+      return keys, labels, side
     return keys, labels
 
   def _integer_columns(self) -> list[str]:
     cols = [self.label] if self.label else []
     for field in self.fields:
-      if field.kind != 'cat' and field.column not in cols:
+      if field.kind in ('int', 'derived') and field.column not in cols:
         cols.append(field.column)
     return cols
 
+  def _float_columns(self) -> list[str]:
+    return [f.column for f in self.fields if f.kind == 'float']
+
+  def _side(self, frame: pd.DataFrame | None) -> core.Side:
+    """The multi-hot keys and float values of `frame`'s rows (None: none)."""
+    multi = dense = None
+    n = 0 if frame is None else len(frame)
+    fields = [f for f in self.fields if f.kind == 'multi']
+    if fields:
+      multi = np.full((n, len(fields), self.max_len), core.PAD_KEY, np.int64)
+      for m, field in enumerate(fields):
+        if n:
+          cells = frame[field.column].to_numpy(object)
+          multi[:, m] = multi_hot_keys(cells, self.multi_sep, self.max_len)
+    fields = [f for f in self.fields if f.kind == 'float']
+    if fields:
+      dense = np.empty((n, len(fields)), np.float64)
+      for d, field in enumerate(fields):
+        if n:
+          values = frame[field.column].to_numpy(np.float64, na_value=np.nan)
+          dense[:, d] = field.transform(values) if field.transform else values
+    return core.Side(multi, dense)
+
   def _read(self, lines: list[bytes], typed: bool) -> pd.DataFrame:
-    integers = self._integer_columns()
+    integers, floats = self._integer_columns(), self._float_columns()
     needed = set(integers) | {field.column for field in self.fields}
     if typed:
-      dtype = {c: ('Int64' if c in integers else object) for c in needed}
+      dtype = {
+        c: 'Int64' if c in integers else 'float64' if c in floats else object
+        for c in needed
+      }
       na = {c: [''] for c in integers}
+      na.update({c: list(FLOAT_MISSING) for c in floats})
     else:
       dtype, na = object, None
     return pd.read_csv(
@@ -275,6 +335,19 @@ class Table:
         what = 'label' if column == self.label else f'integer column {column}'
         issues.append((numbers[i], f'{what} {text[i]!r} is not an integer'))
       wrong |= ~ok
+    for column in self._float_columns():
+      text = frame[column].to_numpy(object)
+      number = pd.to_numeric(
+        pd.Series(text).replace('', None), errors='coerce'
+      ).to_numpy(np.float64)
+      # Empty and NaN cells are missing values, not errors.
+      missing = np.isin(text.astype(str), FLOAT_MISSING)
+      ok = ~np.isnan(number) | missing
+      for i in np.flatnonzero(~ok & ~wrong):
+        issues.append(
+          (numbers[i], f'float column {column} {text[i]!r} is not a number')
+        )
+      wrong |= ~ok
     return np.flatnonzero(~wrong)
 
   def _keys(self, frame, numbers, issues):
@@ -303,8 +376,15 @@ class Table:
         else f'label {label[i]} is not 0 or 1 (or -1)'
       ),
     )
-    keys = np.empty((n, len(self.fields)), np.int64)
-    for f, field in enumerate(self.fields):
+    for column in self._float_columns():
+      values = frame[column].to_numpy(np.float64, na_value=np.nan)
+      flag(
+        np.isinf(values),
+        lambda i, c=column, v=values: f'float column {c} {v[i]} is not finite',
+      )
+    one_hot = [field for field in self.fields if field.kind not in SIDE_KINDS]
+    keys = np.empty((n, len(one_hot)), np.int64)
+    for f, field in enumerate(one_hot):
       column = field.column
       if field.kind == 'cat':
         keys[:, f] = string_keys(frame[column].to_numpy(object))
@@ -330,4 +410,30 @@ class Table:
     issues.extend((numbers[i], reason) for i, reason in reasons.items())
     keep = ~wrong
     labels = np.where(np.isnan(label[keep]), np.nan, label[keep] == 1)
-    return keys[keep], labels.astype(np.float32)
+    side = self._side(frame[keep] if not keep.all() else frame)
+    return keys[keep], labels.astype(np.float32), side
+
+
+def multi_hot_keys(cells: np.ndarray, sep: str, max_len: int) -> np.ndarray:
+  """Keys int64 `[n, max_len]` of multi-hot cells like `'a|b|c'`.
+
+  Each value is stripped and keyed as a categorical string (`string_keys`);
+  empty values are dropped (an empty or missing cell is an empty list), a
+  list keeps its first `max_len` values in their order (duplicates too),
+  and `core.PAD_KEY` fills the rest.
+  """
+  out = np.full((len(cells), max_len), core.PAD_KEY, np.int64)
+  lists = [
+    [v for v in (p.strip() for p in str(c).split(sep)) if v][:max_len]
+    if isinstance(c, str)
+    else []
+    for c in cells
+  ]
+  lengths = np.fromiter(map(len, lists), np.int64, len(lists))
+  values = [v for row in lists for v in row]
+  if values:
+    rows = np.repeat(np.arange(len(lists)), lengths)
+    starts = np.repeat(np.cumsum(lengths) - lengths, lengths)
+    cols = np.arange(len(values)) - starts
+    out[rows, cols] = string_keys(np.array(values, object))
+  return out

@@ -22,8 +22,12 @@ CHANGED = {
     categorical_columns=('C14',),
     sep=';',
     log_bucket=False,
+    float_columns=('C15',),
+    multi_hot_columns=('C16',),
+    multi_hot_sep=';',
+    multi_hot_max_len=4,
   ),
-  'criteo': dict(log_bucket=False),
+  'criteo': dict(log_bucket=False, numeric='dense'),
   'avazu': dict(hour_features=False, drop_id=False),
   'libfm': dict(field_dims=(3, 4)),
 }

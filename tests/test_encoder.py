@@ -230,7 +230,9 @@ class EncoderTest(DatasetTestCase):
     self.assertEqual(meta['field_dims'], list(dataset.field_dims))
     self.assertEqual(meta['model_name'], 'fm')
     self.assertEqual(meta['model'], {'embed_dim': 3})
-    self.assertEqual(meta['options'], {'log_bucket': True})
+    self.assertEqual(
+      meta['options'], {'log_bucket': True, 'numeric': 'buckets'}
+    )
     self.assertIn('integer', meta['rules'])
     flat = np.load(os.path.join(directory, 'vocabulary.npy'))
     np.testing.assert_array_equal(flat, np.concatenate(dataset.vocabulary))

@@ -1,0 +1,400 @@
+"""MovieLens side features, multi-hot and numeric batches, and training.
+
+MovieLens genres, year and tags are compared with a pandas brute force on
+the embedded files; ml-100k and ml-1m user and movie files with tiny
+synthetic ones in GroupLens's layouts.
+"""
+
+import collections
+import os
+import re
+import tempfile
+
+from absl.testing import absltest
+from absl.testing import parameterized
+from dataset_testing import DatasetTestCase
+from dataset_testing import write_lines
+from dataset_testing import write_text
+import jax
+import ml_collections
+import numpy as np
+import pandas as pd
+from test_datasets_csv_features import HEADER
+from test_datasets_csv_features import csv_options
+from test_datasets_csv_features import feature_rows
+
+import checkpoints
+from configs import default
+import data
+from datasets import movielens
+from datasets import text
+import train
+from utils import UserError
+import workdir as workdir_lib
+
+ASSETS = os.path.dirname(movielens.EMBEDDED)
+
+
+def _keys(values):
+  return text.string_keys(np.array(list(values), object))
+
+
+def _remember(strings):
+  """Hashes `strings` at once for `_ids_of` (one call per string is slow)."""
+  strings = sorted(set(strings) - set(_KEY))
+  if strings:
+    _KEY.update(zip(strings, _keys(strings).tolist(), strict=True))
+
+
+def _index(vocabulary):
+  return {k: i for i, k in enumerate(np.asarray(vocabulary).tolist())}
+
+
+def _ids_of(index, values, length):
+  """Ids `[length]` of strings `values` (`_remember`ed) in `index`, a
+  vocabulary's `{key: id}`; -1 pads, an unknown key is OOV, `len(index)`."""
+  out = np.full(length, -1, np.int32)
+  ids = [index.get(_KEY[v], len(index)) for v in values[:length]]
+  out[: len(ids)] = ids
+  return out
+
+
+_KEY = {}
+
+
+def _brute_force_movies(min_count):
+  """Per rated movie: genres, tags (ordered, cut at 16), year; and ratings."""
+  ratings = pd.read_csv(movielens.EMBEDDED)
+  movies = pd.read_csv(os.path.join(ASSETS, 'movies.csv.gz')).set_index(
+    'movieId'
+  )
+  tags = pd.read_csv(os.path.join(ASSETS, 'tags.csv.gz'))
+  rated = set(ratings['movieId'])
+  genres = {
+    m: [
+      g for g in movies.loc[m, 'genres'].split('|') if g != '(no genres listed)'
+    ]
+    for m in rated
+  }
+  applied = collections.defaultdict(collections.Counter)
+  for m, tag in zip(tags['movieId'], tags['tag'], strict=True):
+    applied[m][str(tag).strip().lower()] += 1
+  movie_tags = {
+    m: sorted(applied[m], key=lambda t, c=applied[m]: (-c[t], t))[:16]
+    for m in rated
+  }
+  on_movies = collections.Counter(t for m in rated for t in movie_tags[m])
+  kept_tags = {t for t, c in on_movies.items() if c >= min_count}
+  _remember(g for v in genres.values() for g in v)
+  _remember(t for v in movie_tags.values() for t in v)
+  year = {}
+  for m in rated:
+    found = re.search(r'\((\d{4})\)\s*$', movies.loc[m, 'title'].strip())
+    year[m] = float(found.group(1)) if found else np.nan
+  return ratings, genres, movie_tags, kept_tags, year
+
+
+class MovieLensSideTest(DatasetTestCase):
+  @parameterized.parameters(1, 2)
+  def test_embedded_genres_year_tags_match_pandas(self, min_count):
+    config = self.config('ml-latest-small', '', min_count=min_count)
+    config.side_features = ('year,tags', 'genres')  # Any order, as flags.
+    dataset = data.load_dataset(config)
+    ratings, genres, tags, kept_tags, year = _brute_force_movies(min_count)
+    self.assertEqual(dataset.field_names, ('user', 'item'))
+    self.assertEqual(dataset.multi_field_names, ('genres', 'tags'))
+    self.assertEqual(dataset.dense_names, ('year',))
+    all_genres = {g for v in genres.values() for g in v}
+    self.assertLen(all_genres, 19)
+    self.assertEqual(
+      dataset.multi_field_dims, (len(all_genres) + 1, len(kept_tags) + 1)
+    )
+    np.testing.assert_array_equal(
+      dataset.multi_vocabulary[1], np.sort(_keys(kept_tags))
+    )
+    parts = data.split_indices(len(ratings), (0.8, 0.1, 0.1), 0)
+    movie = ratings['movieId'].to_numpy()
+    years = np.array([year[m] for m in movie])
+    mean, std = np.nanmean(years[parts[0]]), np.nanstd(years[parts[0]])
+    np.testing.assert_allclose(dataset.dense_mean, [mean], rtol=1e-12)
+    np.testing.assert_allclose(dataset.dense_std, [std], rtol=1e-12)
+    self.assertEqual(dataset.train.multi_ids.shape[2], 16)
+    index = [_index(v) for v in dataset.multi_vocabulary]
+    expected = {
+      m: np.stack(
+        [_ids_of(index[0], genres[m], 16), _ids_of(index[1], tags[m], 16)]
+      )
+      for m in genres
+    }
+    for split, part in zip(
+      (dataset.train, dataset.valid, dataset.test), parts, strict=True
+    ):
+      np.testing.assert_array_equal(
+        split.multi_ids, np.stack([expected[m] for m in movie[part]])
+      )
+      np.testing.assert_allclose(
+        split.dense[:, 0],
+        np.nan_to_num((years[part] - mean) / std, nan=0.0),
+        atol=1e-6,
+      )
+    if min_count == 2:  # A tag of one movie only is out of vocabulary.
+      self.assertIn(len(kept_tags), dataset.train.multi_ids[:, 1])
+
+  def test_reordered_list_shares_the_cache_and_no_features_is_unchanged(self):
+    for features in (('genres,year',), ('year', 'genres'), ()):
+      config = self.config('ml-latest-small', '')
+      config.side_features = features
+      dataset = data.load_dataset(config)
+    self.assertLen(self.encoded(), 2)
+    self.assertIsNone(dataset.train.multi_ids)
+    self.assertIsNone(dataset.train.dense)
+    self.assertEqual(dataset.field_dims, (611, 9725))
+
+  @parameterized.parameters(
+    (
+      'ml-100k',
+      'tags',
+      "ml-100k has no side feature 'tags' \\(side features of ml-100k:"
+      ' genres, year, age, gender, occupation, zip\\)\\.$',
+    ),
+    ('ml-latest-small', 'age', "ml-latest-small has no side feature 'age'"),
+    ('criteo', 'genres', "criteo has no side feature 'genres' .*: none"),
+  )
+  def test_unknown_side_feature_is_a_config_error(self, name, feature, msg):
+    config = self.config(name, '/nonexistent')
+    config.side_features = (feature,)
+    with self.assertRaisesRegex(
+      data.DataError, '^config.dataset.side_features: ' + msg
+    ):
+      data.load_dataset(config)
+
+
+# Tiny GroupLens files: (user, gender, age, occupation, zip) and movies.
+USERS = [
+  (1, 'M', '24', 'technician', '85711'),
+  (2, 'F', '53', 'other', '94043'),
+  (3, 'M', '24', 'writer', '32067'),
+  (4, 'F', '53', 'technician', 'T8H1N'),
+  (5, 'M', '33', 'other', '85702'),
+]
+MOVIES = [
+  (1, 'Toy Story (1995)', ('Animation', "Children's", 'Comedy')),
+  (2, 'GoldenEye (1995)', ('Action', 'Adventure', 'Thriller')),
+  (3, 'Café Noir', ()),  # No year, no genre: 'unknown' in ml-100k.
+  (4, 'Heat (1995) ', ('Action', 'Crime', 'Thriller')),
+]
+
+
+def _write_ml100k(directory):
+  ratings = [(u, m, (u + m) % 5 + 1) for u in range(1, 6) for m in (1, 2, 3, 4)]
+  write_text(
+    f'{directory}/u.data', ''.join(f'{u}\t{m}\t{r}\t0\n' for u, m, r in ratings)
+  )
+  write_text(
+    f'{directory}/u.user',
+    ''.join(f'{u}|{a}|{g}|{o}|{z}\n' for u, g, a, o, z in USERS),
+  )
+  genres = movielens.movielens_side.ML100K_GENRES
+  lines = []
+  for m, title, these in MOVIES:
+    flags = [
+      str(int(g in these or (g == 'unknown' and not these))) for g in genres
+    ]
+    lines.append(
+      '|'.join([str(m), title, '01-Jan-1995', '', 'http://x', *flags])
+    )
+  with open(f'{directory}/u.item', 'wb') as f:
+    f.write(('\n'.join(lines) + '\n').encode('latin-1'))
+  return ratings
+
+
+def _write_ml1m(directory):
+  ratings = [(u, m, (u * m) % 5 + 1) for u in range(1, 6) for m in (1, 2, 3, 4)]
+  write_text(
+    f'{directory}/ratings.dat',
+    ''.join(f'{u}::{m}::{r}::0\n' for u, m, r in ratings),
+  )
+  write_text(
+    f'{directory}/users.dat',
+    ''.join(f'{u}::{g}::{a}::{o}::{z}\n' for u, g, a, o, z in USERS),
+  )
+  with open(f'{directory}/movies.dat', 'wb') as f:
+    for m, title, these in MOVIES:
+      f.write(f'{m}::{title}::{"|".join(these)}\n'.encode('latin-1'))
+  return ratings
+
+
+class GroupLensSideTest(DatasetTestCase):
+  @parameterized.parameters(('ml-100k', _write_ml100k), ('ml-1m', _write_ml1m))
+  def test_user_and_movie_files_match_a_brute_force(self, name, write):
+    directory = os.path.join(self.tmp, name)
+    os.makedirs(directory)
+    ratings = write(directory)
+    config = self.config(name, directory, split=(0.5, 0.25, 0.25))
+    config.side_features = ('zip,occupation,gender,age,year,genres',)
+    dataset = data.load_dataset(config)
+    self.assertEqual(
+      dataset.field_names,
+      ('user', 'item', 'age', 'gender', 'occupation', 'zip'),
+    )
+    self.assertEqual(dataset.multi_field_names, ('genres',))
+    by_movie = {m[0]: m for m in MOVIES}
+    parts = data.split_indices(len(ratings), (0.5, 0.25, 0.25), 0)
+    splits = (dataset.train, dataset.valid, dataset.test)
+    # age, gender, occupation, zip (its first three characters).
+    for f, column in enumerate((2, 1, 3, 4)):
+      value = {
+        u[0]: u[column][:3].upper() if f == 3 else u[column] for u in USERS
+      }
+      _remember(value.values())
+      vocabulary = np.sort(_keys(set(value.values())))
+      np.testing.assert_array_equal(dataset.vocabulary[2 + f], vocabulary)
+      for split, part in zip(splits, parts, strict=True):
+        expected = [
+          _ids_of(_index(vocabulary), [value[ratings[i][0]]], 1)[0]
+          for i in part
+        ]
+        np.testing.assert_array_equal(split.ids[:, 2 + f], expected)
+    vocabulary = dataset.multi_vocabulary[0]
+    self.assertLen(vocabulary, 7)  # 'unknown' is no genre.
+    _remember(g for m in MOVIES for g in m[2])
+    years = np.array([1995.0 if m != 3 else np.nan for _, m, _ in ratings])
+    mean = np.nanmean(years[parts[0]])
+    self.assertEqual(dataset.dense_mean, (mean,))
+    self.assertEqual(dataset.dense_std, (1.0,))  # One year: std 0 -> 1.
+    for split, part in zip(splits, parts, strict=True):
+      movies = [ratings[i][1] for i in part]
+      np.testing.assert_array_equal(
+        split.multi_ids[:, 0],
+        [_ids_of(_index(vocabulary), list(by_movie[m][2]), 3) for m in movies],
+      )
+      np.testing.assert_allclose(split.dense[:, 0], 0.0)
+
+  def test_a_missing_side_file_names_it_and_the_key(self):
+    directory = os.path.join(self.tmp, 'ml-100k')
+    os.makedirs(directory)
+    _write_ml100k(directory)
+    os.remove(f'{directory}/u.user')
+    config = self.config('ml-100k', directory)
+    config.side_features = ('genres', 'zip')
+    with self.assertRaisesRegex(
+      data.DataError,
+      r'^config.dataset.side_features: genres, zip of ml-100k'
+      r' need u.user, which is not in',
+    ):
+      data.load_dataset(config)
+
+
+def _split(n, max_len=3, dense_fields=2):
+  """A split whose every input of row r holds r, to check alignment."""
+  rows = np.arange(n)
+  multi = np.full((n, 2, max_len), -1, np.int32)
+  multi[:, 0, 0] = rows
+  for r in rows:
+    multi[r, 1, : 1 + r % max_len] = 7  # Lists of 1..max_len ids.
+  multi[rows % 4 == 0, 1] = -1  # Some empty lists.
+  dense = np.stack([rows * 1.0, -rows * 0.5], 1).astype(np.float32)
+  ids = np.stack([rows, rows % 5], 1).astype(np.int32)
+  return data.Split(ids, (rows % 2).astype(np.float32), multi, dense)
+
+
+class BatchesTest(parameterized.TestCase):
+  @parameterized.parameters(1, 2)
+  def test_train_batches_carry_the_same_rows_of_every_input(self, processes):
+    split = _split(50)
+    for p in range(processes):
+      batches = list(
+        data.train_batches(
+          split, 8, seed=1, epoch=2, process_index=p, process_count=processes
+        )
+      )
+      self.assertLen(batches, 6)
+      for batch in batches:
+        rows = batch['ids'][:, 0]
+        self.assertEqual(batch['multi_ids'].shape, (8 // processes, 2, 3))
+        np.testing.assert_array_equal(batch['multi_ids'], split.multi_ids[rows])
+        np.testing.assert_array_equal(batch['dense'], split.dense[rows])
+        sharded = data.shard(batch, 2 // processes)
+        self.assertEqual(sharded['multi_ids'].shape[:2], (2 // processes, 4))
+        self.assertEqual(sharded['dense'].shape, (2 // processes, 4, 2))
+
+  @parameterized.parameters((13, 1), (16, 1), (17, 2), (3, 2))
+  def test_eval_batches_pad_lists_with_minus_one_and_values_with_zero(
+    self, n, processes
+  ):
+    split = _split(n)
+    seen = []
+    for p in range(processes):
+      for batch in data.eval_batches(
+        split, 8, process_index=p, process_count=processes
+      ):
+        real = batch['mask'] > 0
+        rows = batch['ids'][real, 0]
+        seen += rows.tolist()
+        np.testing.assert_array_equal(
+          batch['multi_ids'][real], split.multi_ids[rows]
+        )
+        np.testing.assert_array_equal(batch['dense'][real], split.dense[rows])
+        np.testing.assert_array_equal(batch['multi_ids'][~real], -1)
+        np.testing.assert_array_equal(batch['dense'][~real], 0.0)
+        self.assertEqual(batch['multi_ids'].dtype, np.int32)
+        self.assertEqual(batch['dense'].dtype, np.float32)
+        self.assertEqual(
+          set(data.model_inputs(batch)), {'ids', 'multi_ids', 'dense'}
+        )
+    self.assertEqual(sorted(seen), list(range(n)))
+
+  def test_model_inputs_leave_out_absent_inputs_and_labels(self):
+    batch = {'ids': np.zeros((2, 3)), 'label': np.zeros(2), 'mask': 1}
+    self.assertEqual(list(data.model_inputs(batch)), ['ids'])
+
+
+class ResumeTest(absltest.TestCase):
+  def test_a_changed_side_feature_refuses_a_resume(self):
+    workdir = tempfile.mkdtemp()
+    config = default.get_config()
+    workdir_lib.check_resume(workdir, config, resuming=False)
+    config.dataset.side_features = ('genres',)
+    with self.assertRaisesRegex(UserError, 'dataset.side_features'):
+      workdir_lib.check_resume(workdir, config, resuming=True)
+
+
+class TrainingTest(DatasetTestCase):
+  def run_fm(self, path, **csv):
+    config = default.get_config()
+    config.model = ml_collections.ConfigDict(dict(embed_dim=4))
+    config.batch_size = 128
+    config.eval_batch_size = 256
+    config.num_epochs = 6
+    config.learning_rate = 0.01
+    config.progress_bar = False
+    config.dataset = self.config('csv', path, csv=csv_options(**csv))
+    workdir = os.path.join(self.tmp, f'run{len(os.listdir(self.tmp))}')
+    return train.train_and_evaluate(config, workdir), workdir
+
+  def test_float_and_multi_hot_columns_train_beyond_ids_alone(self):
+    self.assertEqual(jax.local_device_count(), 2)
+    path = write_lines(
+      os.path.join(self.tmp, 'train.csv'),
+      feature_rows(6000, seed=4),
+      ',',
+      HEADER,
+    )
+    side, workdir = self.run_fm(path)
+    ids_only, _ = self.run_fm(
+      path,
+      float_columns=(),
+      multi_hot_columns=(),
+      categorical_columns=('shop',),
+    )
+    # The label depends on price and the tags only.
+    self.assertGreater(side['auc'], 0.75)
+    self.assertGreater(side['auc'], ids_only['auc'] + 0.2)
+    restored = checkpoints.load_best(workdir)[0]['params']
+    self.assertIn(
+      'multi_embedding', str(jax.tree_util.tree_structure(restored))
+    )
+
+
+if __name__ == '__main__':
+  absltest.main()
