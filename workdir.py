@@ -213,6 +213,12 @@ def check_resume(
     return []
 
   old = _recorded(record_path, history_path)
+  # A key that a newer version of this library added is absent from an
+  # older record: at its default value it continues the recorded run.
+  defaults = _defaults()
+  for k in set(new) - set(old):
+    if k in defaults and defaults[k] == new[k]:
+      old[k] = new[k]
   keys = sorted(set(old) | set(new))
   changed = [k for k in keys if old.get(k, _ABSENT) != new.get(k, _ABSENT)]
   refused = [k for k in changed if not is_safe(k)]
@@ -240,6 +246,13 @@ def check_resume(
 
 
 _ABSENT = object()
+
+
+def _defaults() -> dict[str, Any]:
+  """configs/default.py's config, flattened (its data keys resolved)."""
+  from configs import default  # Imports data.py: only when needed.
+
+  return flatten(default.get_config())
 
 
 def _show(flat: dict, key: str) -> str:

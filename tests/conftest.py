@@ -1,7 +1,9 @@
 """Test set-up: two emulated CPU devices, so every pmap path runs sharded."""
 
 import os
+import shutil
 import sys
+import tempfile
 
 # Must happen before JAX initialises its backends; subprocesses inherit it.
 _FLAG = '--xla_force_host_platform_device_count=2'
@@ -14,3 +16,23 @@ os.environ.setdefault('JAX_PLATFORMS', 'cpu')
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
   sys.path.insert(0, ROOT)
+
+
+def pytest_configure(config):
+  """One JAX compilation cache for the whole session, subprocesses included.
+
+  Many tests run `main.py` in a subprocess, which compiles the same programs
+  again; with the cache they are compiled once per session. The workers
+  (pytest-xdist) and subprocesses inherit the variable from the controller.
+  """
+  if hasattr(config, 'workerinput'):
+    return
+  if 'JAX_COMPILATION_CACHE_DIR' not in os.environ:
+    config._jax_cache = tempfile.mkdtemp(prefix='flax-fm-test-jax-cache-')
+    os.environ['JAX_COMPILATION_CACHE_DIR'] = config._jax_cache
+    os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS', '0.2')
+
+
+def pytest_unconfigure(config):
+  if getattr(config, '_jax_cache', None):
+    shutil.rmtree(config._jax_cache, ignore_errors=True)

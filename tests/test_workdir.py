@@ -386,6 +386,23 @@ class CheckResumeTest(absltest.TestCase):
     self.assertEqual(self._record(), recorded)
     self.assertEqual(self._history(), [])
 
+  def test_keys_added_by_a_newer_version_resume_at_their_defaults(self):
+    # A record written before `dataset.side_features` existed.
+    workdir.check_resume(self.path, self.config)
+    record = self._record()
+    del record['dataset']['side_features']
+    with open(os.path.join(self.path, workdir.CONFIG_FILE), 'w') as f:
+      json.dump(record, f)
+    self.assertEqual(
+      workdir.check_resume(self.path, self.config, resuming=True), []
+    )
+    changed = _changed(self.config, dataset__side_features=('genres',))
+    with self.assertRaises(utils.UserError) as cm:
+      workdir.check_resume(self.path, changed, resuming=True)
+    self.assertIn(
+      'dataset.side_features (absent) -> ["genres"]', str(cm.exception)
+    )
+
   def test_another_model_is_refused(self):
     workdir.check_resume(self.path, self.config)
     with self.assertRaises(utils.UserError) as cm:
