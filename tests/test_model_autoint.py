@@ -10,17 +10,15 @@ heads and no residual connection. Torch is not needed to run these tests.
 """
 
 import importlib
-import json
 import math
 import os
-import subprocess
-import sys
-import tempfile
 
 from absl.testing import absltest
 from absl.testing import parameterized
 import jax
 import jax.numpy as jnp
+from model_tables import random_ids
+from model_tables import randomize
 import numpy as np
 
 from configs import autoint as autoint_config
@@ -36,26 +34,6 @@ EPS = 1e-5
 KWARGS = dict(
   embed_dim=3, atten_embed_dim=6, num_heads=2, num_layers=2, mlp_dims=(6, 4)
 )
-
-
-def _ids(batch, seed=0, field_dims=FIELD_DIMS):
-  rng = np.random.default_rng(seed)
-  return np.stack(
-    [rng.integers(0, d, size=batch) for d in field_dims], axis=1
-  ).astype(np.int32)
-
-
-def _random_variables(model, ids, seed=1):
-  """Init, then random parameters and BatchNorm statistics everywhere."""
-  variables = model.init(jax.random.key(0), ids)
-  rng = np.random.default_rng(seed)
-
-  def fill(path, x):
-    if jax.tree_util.keystr(path).endswith("['var']"):
-      return rng.uniform(0.5, 1.5, size=x.shape).astype(np.float32)
-    return (0.5 * rng.normal(size=x.shape)).astype(np.float32)
-
-  return jax.tree_util.tree_map_with_path(fill, variables)
 
 
 def _np_mlp(x, params, stats, num_hidden):
@@ -300,8 +278,8 @@ class SelfAttentionTest(parameterized.TestCase):
   @parameterized.parameters(True, False)
   def test_eval_model_matches_the_equations(self, has_residual):
     model = autoint.Model(FIELD_DIMS, has_residual=has_residual, **KWARGS)
-    ids = _ids(7)
-    variables = _random_variables(model, ids)
+    ids = random_ids(7, field_dims=FIELD_DIMS)
+    variables = randomize(model.init(jax.random.key(0), ids))
     np.testing.assert_allclose(
       model.apply(variables, ids),
       _np_model(variables, ids, KWARGS, has_residual=has_residual),
@@ -319,9 +297,9 @@ class SelfAttentionTest(parameterized.TestCase):
 class TrainingModeTest(absltest.TestCase):
   def setUp(self):
     super().setUp()
-    self.ids = _ids(16, seed=2)
+    self.ids = random_ids(16, field_dims=FIELD_DIMS, seed=2)
     base = autoint.Model(FIELD_DIMS, dropouts=(0.0, 0.0), **KWARGS)
-    self.variables = _random_variables(base, self.ids)
+    self.variables = randomize(base.init(jax.random.key(0), self.ids))
 
   def _train(self, dropouts, seed=0):
     model = autoint.Model(FIELD_DIMS, dropouts=dropouts, **KWARGS)
@@ -385,7 +363,7 @@ class SideInputTest(absltest.TestCase):
     model = autoint.Model(
       FIELD_DIMS, multi_field_dims=(5,), num_dense=1, **KWARGS
     )
-    ids = _ids(4)
+    ids = random_ids(4, field_dims=FIELD_DIMS)
     multi_ids = np.array([[[0, 3]], [[2, -1]], [[-1, -1]], [[4, 4]]], np.int32)
     dense = np.array([[0.5], [-1.0], [2.0], [0.0]], np.float32)
     variables = model.init(jax.random.key(0), ids, multi_ids, dense)
@@ -423,46 +401,6 @@ class SideInputTest(absltest.TestCase):
     )
 
 
-class StandaloneTest(absltest.TestCase):
-  def test_file_copied_alone_gives_the_same_outputs(self):
-    kwargs = dict(
-      embed_dim=2,
-      atten_embed_dim=4,
-      num_heads=2,
-      num_layers=1,
-      mlp_dims=(4,),
-      dropouts=(0.5, 0.5),
-    )
-    script = (
-      'import json, jax, numpy as np\n'
-      'import autoint\n'
-      f'm = autoint.Model((3, 4), **{kwargs!r})\n'
-      'ids = np.array([[0, 1], [2, 3], [1, 0]], np.int32)\n'
-      'v = m.init(jax.random.key(0), ids)\n'
-      'out, _ = m.apply(v, ids, train=True, mutable=["batch_stats"],'
-      ' rngs={"dropout": jax.random.key(1)})\n'
-      'print(json.dumps([m.apply(v, ids).tolist(), out.tolist()]))\n'
-    )
-    with tempfile.TemporaryDirectory() as tmp:
-      with open(autoint.__file__) as src, open(f'{tmp}/autoint.py', 'w') as dst:
-        dst.write(src.read())
-      result = subprocess.run(
-        [sys.executable, '-c', script],
-        cwd=tmp,
-        env=dict(os.environ, PYTHONPATH=''),
-        capture_output=True,
-        text=True,
-        timeout=300,
-      )
-    self.assertEqual(result.returncode, 0, result.stderr)
-    eval_out, train_out = json.loads(result.stdout.strip().splitlines()[-1])
-    m = autoint.Model((3, 4), **kwargs)
-    ids = np.array([[0, 1], [2, 3], [1, 0]], np.int32)
-    v = m.init(jax.random.key(0), ids)
-    np.testing.assert_allclose(eval_out, m.apply(v, ids), rtol=1e-6)
-    self.assertFalse(np.allclose(eval_out, train_out))
-
-
 class ConfigTest(absltest.TestCase):
   def test_config_is_pytorch_fm_examples_main(self):
     config = autoint_config.get_config()
@@ -480,7 +418,7 @@ class ConfigTest(absltest.TestCase):
       ),
     )
     model = autoint.Model(field_dims=(6, 9), **config.model)
-    ids = _ids(4, field_dims=(6, 9))
+    ids = random_ids(4, field_dims=(6, 9))
     out = model.apply(model.init(jax.random.key(0), ids), ids)
     self.assertEqual(out.shape, (4,))
     self.assertEqual(out.dtype, jnp.float32)

@@ -7,6 +7,7 @@ each model. The per-model tables live in tests/model_tables.py.
 
 import ast
 import collections
+import json
 import os
 import subprocess
 import sys
@@ -170,22 +171,24 @@ class ModelContractTest(parameterized.TestCase):
   def test_each_model_file_runs_alone_in_an_empty_directory(self):
     # One subprocess for all models keeps the JAX start-up cost single.
     script = (
-      'import importlib, sys\n'
+      'import importlib, json, sys\n'
       'import jax, jax.numpy as jnp, numpy as np\n'
       'assert "data" not in sys.modules\n'
+      'ids = np.array([[0, 1], [2, 3], [1, 0], [0, 2]], np.int32)\n'
+      'out = {}\n'
       'for name, kwargs in %r.items():\n'
       '  m = importlib.import_module(name)\n'
       '  model = m.Model(field_dims=(3, 4), **kwargs)\n'
-      '  ids = np.array([[0, 1], [2, 3], [1, 0], [0, 2]], np.int32)\n'
       '  v = model.init({"params": jax.random.key(0),'
       ' "dropout": jax.random.key(1)}, ids, train=False)\n'
       '  def loss(p):\n'
       '    out, _ = model.apply({**v, "params": p}, ids, train=True,'
       ' rngs={"dropout": jax.random.key(2)}, mutable=["batch_stats"])\n'
       '    return jnp.mean(out ** 2)\n'
-      '  g = jax.grad(loss)(v["params"])\n'
+      '  g = jax.jit(jax.grad(loss))(v["params"])\n'
       '  assert all(np.all(np.isfinite(x)) for x in jax.tree.leaves(g))\n'
-      '  print("ok", name)\n'
+      '  out[name] = model.apply(v, ids).tolist()\n'
+      'print(json.dumps(out))\n'
     ) % {n: TEST_KWARGS.get(n, {}) for n in MODEL_NAMES}
     with tempfile.TemporaryDirectory() as tmp:
       for name in MODEL_NAMES:
@@ -201,8 +204,19 @@ class ModelContractTest(parameterized.TestCase):
         timeout=300,
       )
     self.assertEqual(result.returncode, 0, result.stderr)
+    outputs = json.loads(result.stdout.strip().splitlines()[-1])
+    ids = np.array([[0, 1], [2, 3], [1, 0], [0, 2]], np.int32)
     for name in MODEL_NAMES:
-      self.assertIn(f'ok {name}', result.stdout)
+      # The copy computes what the project's file computes.
+      model = build(name, field_dims=(3, 4))
+      variables = model.init(
+        {'params': jax.random.key(0), 'dropout': jax.random.key(1)},
+        ids,
+        train=False,
+      )
+      np.testing.assert_allclose(
+        outputs[name], model.apply(variables, ids), rtol=1e-5, err_msg=name
+      )
 
 
 # Field sizes for the initialisation statistics: a few thousand numbers per

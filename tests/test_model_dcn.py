@@ -7,15 +7,13 @@ statistics). Torch is not needed to run these tests.
 """
 
 import importlib
-import json
 import os
-import subprocess
-import sys
-import tempfile
 
 from absl.testing import absltest
 import jax
 import jax.numpy as jnp
+from model_tables import random_ids
+from model_tables import randomize
 import numpy as np
 
 from configs import dcn as dcn_config
@@ -27,26 +25,6 @@ FIELD_DIMS = (7, 11, 5, 4)
 OFFSETS = np.cumsum((0,) + FIELD_DIMS[:-1])
 EPS = 1e-5
 KWARGS = dict(embed_dim=3, num_layers=2, mlp_dims=(6, 4))
-
-
-def _ids(batch, seed=0, field_dims=FIELD_DIMS):
-  rng = np.random.default_rng(seed)
-  return np.stack(
-    [rng.integers(0, d, size=batch) for d in field_dims], axis=1
-  ).astype(np.int32)
-
-
-def _random_variables(model, ids, seed=1):
-  """Init, then random parameters and BatchNorm statistics everywhere."""
-  variables = model.init(jax.random.key(0), ids)
-  rng = np.random.default_rng(seed)
-
-  def fill(path, x):
-    if jax.tree_util.keystr(path).endswith("['var']"):
-      return rng.uniform(0.5, 1.5, size=x.shape).astype(np.float32)
-    return (0.5 * rng.normal(size=x.shape)).astype(np.float32)
-
-  return jax.tree_util.tree_map_with_path(fill, variables)
 
 
 def _np_mlp(x, params, stats, num_hidden, output_layer=True):
@@ -204,8 +182,8 @@ class TorchfmParityTest(absltest.TestCase):
 class CrossNetworkTest(absltest.TestCase):
   def test_eval_model_matches_the_paper_equations(self):
     model = dcn.Model(FIELD_DIMS, **KWARGS)
-    ids = _ids(9)
-    variables = _random_variables(model, ids)
+    ids = random_ids(9, field_dims=FIELD_DIMS)
+    variables = randomize(model.init(jax.random.key(0), ids))
     np.testing.assert_allclose(
       model.apply(variables, ids), _np_dcn(variables, ids), rtol=1e-4, atol=1e-4
     )
@@ -214,9 +192,9 @@ class CrossNetworkTest(absltest.TestCase):
 class TrainingModeTest(absltest.TestCase):
   def setUp(self):
     super().setUp()
-    self.ids = _ids(16, seed=2)
+    self.ids = random_ids(16, field_dims=FIELD_DIMS, seed=2)
     base = dcn.Model(FIELD_DIMS, dropout=0.0, **KWARGS)
-    self.variables = _random_variables(base, self.ids)
+    self.variables = randomize(base.init(jax.random.key(0), self.ids))
 
   def _train(self, model, seed=0):
     return model.apply(
@@ -281,7 +259,7 @@ class TrainingModeTest(absltest.TestCase):
 class SideInputTest(absltest.TestCase):
   def test_multi_hot_and_numeric_fields_widen_x0(self):
     model = dcn.Model(FIELD_DIMS, multi_field_dims=(5,), num_dense=2, **KWARGS)
-    ids = _ids(6)
+    ids = random_ids(6, field_dims=FIELD_DIMS)
     # Two ids, one id, no id (pools to zeros), ...
     lists = [[0, 3], [2], [], [4, 1], [3], [0, 1]]
     multi_ids = np.full((6, 1, 2), -1, np.int32)
@@ -324,39 +302,6 @@ class SideInputTest(absltest.TestCase):
     np.testing.assert_allclose(out, expected[:, 0], rtol=1e-4, atol=1e-5)
 
 
-class StandaloneTest(absltest.TestCase):
-  def test_file_copied_alone_gives_the_same_outputs(self):
-    script = (
-      'import json, jax, numpy as np\n'
-      'import dcn\n'
-      'm = dcn.Model((3, 4), embed_dim=2, num_layers=2, mlp_dims=(4,),'
-      ' dropout=0.5)\n'
-      'ids = np.array([[0, 1], [2, 3], [1, 0]], np.int32)\n'
-      'v = m.init(jax.random.key(0), ids)\n'
-      'out, _ = m.apply(v, ids, train=True, mutable=["batch_stats"],'
-      ' rngs={"dropout": jax.random.key(1)})\n'
-      'print(json.dumps([m.apply(v, ids).tolist(), out.tolist()]))\n'
-    )
-    with tempfile.TemporaryDirectory() as tmp:
-      with open(dcn.__file__) as src, open(f'{tmp}/dcn.py', 'w') as dst:
-        dst.write(src.read())
-      result = subprocess.run(
-        [sys.executable, '-c', script],
-        cwd=tmp,
-        env=dict(os.environ, PYTHONPATH=''),
-        capture_output=True,
-        text=True,
-        timeout=300,
-      )
-    self.assertEqual(result.returncode, 0, result.stderr)
-    eval_out, train_out = json.loads(result.stdout.strip().splitlines()[-1])
-    m = dcn.Model((3, 4), embed_dim=2, num_layers=2, mlp_dims=(4,), dropout=0.5)
-    ids = np.array([[0, 1], [2, 3], [1, 0]], np.int32)
-    v = m.init(jax.random.key(0), ids)
-    np.testing.assert_allclose(eval_out, m.apply(v, ids), rtol=1e-6)
-    self.assertFalse(np.allclose(eval_out, train_out))
-
-
 class ConfigTest(absltest.TestCase):
   def test_config_is_pytorch_fm_examples_main(self):
     config = dcn_config.get_config()
@@ -366,7 +311,7 @@ class ConfigTest(absltest.TestCase):
       dict(embed_dim=16, num_layers=3, mlp_dims=(16, 16), dropout=0.2),
     )
     model = dcn.Model(field_dims=(6, 9), **config.model)
-    ids = _ids(4, field_dims=(6, 9))
+    ids = random_ids(4, field_dims=(6, 9))
     out = model.apply(model.init(jax.random.key(0), ids), ids)
     self.assertEqual(out.shape, (4,))
     self.assertEqual(out.dtype, jnp.float32)

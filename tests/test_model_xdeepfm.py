@@ -9,16 +9,14 @@ model with `split_half=False`. Torch is not needed to run these tests.
 """
 
 import importlib
-import json
 import os
-import subprocess
-import sys
-import tempfile
 
 from absl.testing import absltest
 from absl.testing import parameterized
 import jax
 import jax.numpy as jnp
+from model_tables import random_ids
+from model_tables import randomize
 import numpy as np
 
 from configs import xdeepfm as xdeepfm_config
@@ -32,26 +30,6 @@ FIELD_DIMS = (7, 11, 5, 4)
 OFFSETS = np.cumsum((0,) + FIELD_DIMS[:-1])
 EPS = 1e-5
 KWARGS = dict(embed_dim=3, mlp_dims=(6, 4), cross_layer_sizes=(4, 6, 3))
-
-
-def _ids(batch, seed=0, field_dims=FIELD_DIMS):
-  rng = np.random.default_rng(seed)
-  return np.stack(
-    [rng.integers(0, d, size=batch) for d in field_dims], axis=1
-  ).astype(np.int32)
-
-
-def _random_variables(model, ids, seed=1):
-  """Init, then random parameters and BatchNorm statistics everywhere."""
-  variables = model.init(jax.random.key(0), ids)
-  rng = np.random.default_rng(seed)
-
-  def fill(path, x):
-    if jax.tree_util.keystr(path).endswith("['var']"):
-      return rng.uniform(0.5, 1.5, size=x.shape).astype(np.float32)
-    return (0.5 * rng.normal(size=x.shape)).astype(np.float32)
-
-  return jax.tree_util.tree_map_with_path(fill, variables)
 
 
 def _np_mlp(x, params, stats, num_hidden):
@@ -251,8 +229,8 @@ class CompressedInteractionNetworkTest(parameterized.TestCase):
   @parameterized.parameters(True, False)
   def test_eval_model_matches_the_paper_equations(self, split_half):
     model = xdeepfm.Model(FIELD_DIMS, split_half=split_half, **KWARGS)
-    ids = _ids(7)
-    variables = _random_variables(model, ids)
+    ids = random_ids(7, field_dims=FIELD_DIMS)
+    variables = randomize(model.init(jax.random.key(0), ids))
     np.testing.assert_allclose(
       model.apply(variables, ids),
       _np_xdeepfm(variables, ids, split_half),
@@ -265,7 +243,9 @@ class CompressedInteractionNetworkTest(parameterized.TestCase):
     shapes = {}
     for split_half in (True, False):
       model = xdeepfm.Model(FIELD_DIMS, split_half=split_half, **KWARGS)
-      params = model.init(jax.random.key(0), _ids(2))['params']
+      params = model.init(
+        jax.random.key(0), random_ids(2, field_dims=FIELD_DIMS)
+      )['params']
       cin = params['CompressedInteractionNetwork_0']
       shapes[split_half] = [cin[f'conv_{k}']['kernel'].shape for k in range(3)]
       shapes[split_half].append(cin['fc']['kernel'].shape)
@@ -289,9 +269,9 @@ class CompressedInteractionNetworkTest(parameterized.TestCase):
 class TrainingModeTest(absltest.TestCase):
   def setUp(self):
     super().setUp()
-    self.ids = _ids(16, seed=2)
+    self.ids = random_ids(16, field_dims=FIELD_DIMS, seed=2)
     base = xdeepfm.Model(FIELD_DIMS, dropout=0.0, **KWARGS)
-    self.variables = _random_variables(base, self.ids)
+    self.variables = randomize(base.init(jax.random.key(0), self.ids))
 
   def _train(self, model, seed=0):
     return model.apply(
@@ -345,7 +325,7 @@ class SideInputTest(absltest.TestCase):
     model = xdeepfm.Model(
       FIELD_DIMS, multi_field_dims=(5,), num_dense=1, **kwargs
     )
-    ids = _ids(4)
+    ids = random_ids(4, field_dims=FIELD_DIMS)
     multi_ids = np.array([[[0, 3]], [[2, -1]], [[-1, -1]], [[4, 4]]], np.int32)
     dense = np.array([[0.5], [-1.0], [2.0], [0.0]], np.float32)
     variables = model.init(jax.random.key(0), ids, multi_ids, dense)
@@ -398,39 +378,6 @@ class SideInputTest(absltest.TestCase):
     np.testing.assert_allclose(out, expected, rtol=1e-4, atol=1e-5)
 
 
-class StandaloneTest(absltest.TestCase):
-  def test_file_copied_alone_gives_the_same_outputs(self):
-    kwargs = dict(embed_dim=2, mlp_dims=(4,), cross_layer_sizes=(4, 3))
-    script = (
-      'import json, jax, numpy as np\n'
-      'import xdeepfm\n'
-      f'm = xdeepfm.Model((3, 4), dropout=0.5, **{kwargs!r})\n'
-      'ids = np.array([[0, 1], [2, 3], [1, 0]], np.int32)\n'
-      'v = m.init(jax.random.key(0), ids)\n'
-      'out, _ = m.apply(v, ids, train=True, mutable=["batch_stats"],'
-      ' rngs={"dropout": jax.random.key(1)})\n'
-      'print(json.dumps([m.apply(v, ids).tolist(), out.tolist()]))\n'
-    )
-    with tempfile.TemporaryDirectory() as tmp:
-      with open(xdeepfm.__file__) as src, open(f'{tmp}/xdeepfm.py', 'w') as dst:
-        dst.write(src.read())
-      result = subprocess.run(
-        [sys.executable, '-c', script],
-        cwd=tmp,
-        env=dict(os.environ, PYTHONPATH=''),
-        capture_output=True,
-        text=True,
-        timeout=300,
-      )
-    self.assertEqual(result.returncode, 0, result.stderr)
-    eval_out, train_out = json.loads(result.stdout.strip().splitlines()[-1])
-    m = xdeepfm.Model((3, 4), dropout=0.5, **kwargs)
-    ids = np.array([[0, 1], [2, 3], [1, 0]], np.int32)
-    v = m.init(jax.random.key(0), ids)
-    np.testing.assert_allclose(eval_out, m.apply(v, ids), rtol=1e-6)
-    self.assertFalse(np.allclose(eval_out, train_out))
-
-
 class ConfigTest(absltest.TestCase):
   def test_config_is_pytorch_fm_examples_main(self):
     config = xdeepfm_config.get_config()
@@ -446,7 +393,7 @@ class ConfigTest(absltest.TestCase):
       ),
     )
     model = xdeepfm.Model(field_dims=(6, 9), **config.model)
-    ids = _ids(4, field_dims=(6, 9))
+    ids = random_ids(4, field_dims=(6, 9))
     out = model.apply(model.init(jax.random.key(0), ids), ids)
     self.assertEqual(out.shape, (4,))
     self.assertEqual(out.dtype, jnp.float32)
