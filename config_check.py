@@ -22,7 +22,7 @@ import models
 from utils import UserError
 
 # The names `optim.create_optimizer` accepts.
-OPTIMIZERS = ('adam', 'lazy_adam')
+OPTIMIZERS = ('adam', 'lazy_adam', 'rowwise_adagrad')
 
 # Model attributes that the trainer sets from the data (or flax itself).
 _TRAINER_SET = (
@@ -139,6 +139,7 @@ TOP_LEVEL = {
   'batch_size': integer(1),
   'eval_batch_size': integer(1),
   'learning_rate': number(0, strict=True),
+  'table_learning_rate': number(0, strict=True),
   'weight_decay': number(0),
   'num_epochs': integer(1),
   # 0 would stop before the first epoch; num_epochs alone bounds a run.
@@ -146,6 +147,7 @@ TOP_LEVEL = {
   'seed': integer(0),
   'init_from': string,
   'log_every_steps': integer(1),
+  'steps_per_dispatch': integer(1),
   'progress_bar': boolean,
 }
 

@@ -424,3 +424,48 @@ def shard(batch: dict[str, np.ndarray], num_devices: int) -> dict:
     )
     out[key] = value.reshape((num_devices, -1) + value.shape[1:])
   return out
+
+
+def stack_batches(
+  batches: Iterator[dict], sizes: list[int], num_devices: int
+) -> Iterator[dict]:
+  """Stacks of `sizes` consecutive batches: `[devices, size, B / devices]`."""
+  batches = iter(batches)
+  for size in sizes:
+    group = [shard(next(batches), num_devices) for _ in range(size)]
+    yield {key: np.stack([b[key] for b in group], axis=1) for key in group[0]}
+
+
+def check_splits(dataset: Dataset, config: ml_collections.ConfigDict):
+  """Refuses, before any training, splits that cannot train or be scored.
+
+  Early stopping maximises the validation AUC and the run reports the test
+  AUC: both are undefined without examples of both classes.
+
+  Raises:
+    DataError: naming the split, its counts and what to change.
+  """
+  if num_train_steps(dataset.train, config.batch_size) == 0:
+    raise DataError(
+      f'config.batch_size={config.batch_size} exceeds the'
+      f' {len(dataset.train)} training examples of {dataset.name}: lower it,'
+      ' or give training a larger part with config.dataset.split.'
+    )
+  for name, split in (('validation', dataset.valid), ('test', dataset.test)):
+    positives = int(np.count_nonzero(np.asarray(split.labels) > 0.5))
+    negatives = len(split) - positives
+    if positives and negatives:
+      continue
+    what = (
+      'no examples'
+      if not len(split)
+      else f'{positives} positive and {negatives} negative examples'
+    )
+    use = 'early stopping' if name == 'validation' else 'the final score'
+    raise DataError(
+      f'The {name} split of {dataset.name} has {what}: its AUC, which'
+      f' {use} needs, is undefined without both classes. Change'
+      f' config.dataset.split (now {tuple(config.dataset.split)}) or'
+      ' config.dataset.seed, or pass config.dataset.valid_path and'
+      ' config.dataset.test_path files that hold both labels.'
+    )

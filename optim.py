@@ -1,82 +1,51 @@
-"""Optimizers: torch's Adam with L2, and its row-sparse variant `lazy_adam`.
+"""Optimizers: torch's Adam with L2, and two that update only the rows read.
 
-`create_optimizer(config, num_rows)` builds the optax transformation that
+`create_optimizer(config, tables)` builds the transformation that
 `config.optimizer` names; `apply_gradients` is the one update that every
 caller uses (the pmapped train step, and the benchmarks with no axis).
 
-The embedding tables of a CTR model dominate its step: a dense update reads
-and writes every row, and under pmap the table-sized gradient is
-all-reduced. `lazy_adam` updates only the rows the global batch touches, and
-only those rows' gradients cross devices; it never builds a table-sized
-update. Tables are the leaves whose first dimension is `num_rows`,
-`sum(field_dims)`, indexed by `ids + field_offsets`.
+- 'adam': optax's Adam with L2 weight decay added to the gradient, over every
+  parameter, tables included (torch's `Adam(weight_decay=...)`, as
+  pytorch-fm): the reference.
+- 'lazy_adam': the same Adam, but each table's rows, first and second
+  moments are decayed and updated only where the batch read them
+  (TensorFlow's LazyAdam, torch's SparseAdam).
+- 'rowwise_adagrad': Adagrad on the tables with one accumulator per row, the
+  mean of the row's squared gradient (TorchRec's default for embeddings);
+  dense Adam with L2 on the other parameters.
+
+The row-wise two take the tables' gradients as the rows read
+(`sparse.RowGrads`, from `sparse.value_and_grad`) and never read or write a
+whole table: a step costs the rows of the batch, not the rows of the table.
 """
 
+from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import jax
-from jax import lax
 import jax.numpy as jnp
 import ml_collections
-import numpy as np
 import optax
 
+import sparse
+
 # The values of `config.optimizer`.
-NAMES = ('adam', 'lazy_adam')
+NAMES = ('adam', 'lazy_adam', 'rowwise_adagrad')
 
 
-def is_table(x: jax.Array, num_rows: int) -> bool:
-  """Whether a parameter leaf is a shared table of `num_rows` rows."""
-  return x.ndim >= 1 and x.shape[0] == num_rows
+class RowSparse(NamedTuple):
+  """An optimizer whose `tables` take their gradients as `sparse.RowGrads`.
 
-
-def take_rows(x: jax.Array, rows: jax.Array) -> jax.Array:
-  """`x[rows]`, zeros for the out-of-range padding of `touched_rows`."""
-  return jnp.take(x, rows, axis=0, mode='fill', fill_value=0)
-
-
-def touched_rows(
-  ids: jax.Array, field_dims: tuple[int, ...], axis_name: str | None
-) -> jax.Array:
-  """Sorted unique table rows of the global batch, padded out of range.
-
-  Args:
-    ids: this device's ids `[batch / devices, fields]`.
-    field_dims: the dataset's field sizes.
-    axis_name: the pmap axis whose devices' rows are joined; None: this
-      device's rows only.
-
-  Returns:
-    `[batch * fields]` int32: every row that some device's batch touches,
-    once, then `sum(field_dims)` as padding (a static size for XLA). Every
-    device gets the same array, so replicas update the same rows.
+  Attributes:
+    init: `init(params) -> state`, as optax's.
+    apply: `apply(grads, state, params) -> (params, state)`: one step, the
+      tables' rows read updated in place (when donated).
+    tables: the params paths of the tables.
   """
-  offsets = np.concatenate([[0], np.cumsum(field_dims)[:-1]]).astype(np.int32)
-  rows = (ids + offsets).reshape(-1)
-  if axis_name is not None:
-    rows = lax.all_gather(rows, axis_name).reshape(-1)
-  return jnp.unique(rows, size=rows.size, fill_value=sum(field_dims))
 
-
-def gather_rows(grads: Any, rows: jax.Array, num_rows: int) -> Any:
-  """The table leaves' gradients at `rows` `[len(rows), ...]`; others as is."""
-  return jax.tree.map(
-    lambda g: take_rows(g, rows) if is_table(g, num_rows) else g, grads
-  )
-
-
-def apply_row_updates(
-  params: Any, updates: Any, rows: jax.Array, num_rows: int
-) -> Any:
-  """`optax.apply_updates` with the tables' updates given at `rows` only."""
-
-  def apply(p, u):
-    if is_table(p, num_rows):
-      new = take_rows(p, rows) + u
-      return p.at[rows].set(new.astype(p.dtype), mode='drop')
-    return (p + u).astype(p.dtype)
-
-  return jax.tree.map(apply, params, updates)
+  init: Callable
+  apply: Callable
+  tables: frozenset[sparse.Path]
 
 
 class LazyAdamState(NamedTuple):
@@ -87,89 +56,237 @@ class LazyAdamState(NamedTuple):
   nu: optax.Params
 
 
+class RowwiseAdagradState(NamedTuple):
+  """State of `rowwise_adagrad`.
+
+  Attributes:
+    count: the step count (bias correction of the dense leaves' Adam).
+    mu: Adam's first moments of the dense leaves (`optax.MaskedNode()` at
+      the tables).
+    nu: their second moments, likewise.
+    accumulator: the tables' sums of mean squared row gradients, `[rows]`
+      (`optax.MaskedNode()` at the dense leaves).
+  """
+
+  count: jax.Array
+  mu: optax.Params
+  nu: optax.Params
+  accumulator: optax.Params
+
+
+def tables_of(tx: Any) -> frozenset[sparse.Path]:
+  """The tables whose gradients `tx` takes as rows; empty for dense ones."""
+  return getattr(tx, 'tables', frozenset())
+
+
+def _adam(g, m, v, p, count, learning_rate, weight_decay, b1, b2, eps):
+  """optax.add_decayed_weights + optax.adam, term by term: `(u, m, v)`."""
+  g = g + weight_decay * p
+  m = (1 - b1) * g + b1 * m
+  v = (1 - b2) * g**2 + b2 * v
+  m_hat = m / (1 - b1**count).astype(m.dtype)
+  v_hat = v / (1 - b2**count).astype(v.dtype)
+  return m_hat / (jnp.sqrt(v_hat) + eps) * -learning_rate, m, v
+
+
+def _leaves(tree: Any, params: Any) -> list:
+  """`tree`'s subtrees at `params`' leaves (a `RowGrads` is one)."""
+  return jax.tree.structure(params).flatten_up_to(tree)
+
+
+def _row_grads(g: Any, path: sparse.Path) -> sparse.RowGrads:
+  if not isinstance(g, sparse.RowGrads):
+    raise TypeError(
+      f'The gradient of table {"/".join(path)} must be sparse.RowGrads'
+      ' (sparse.value_and_grad), not a dense array.'
+    )
+  return g
+
+
+def _paths(params: Any) -> list[sparse.Path]:
+  return [
+    tuple(k.key for k in path)
+    for path, _ in jax.tree_util.tree_leaves_with_path(params)
+  ]
+
+
 def lazy_adam(
   learning_rate: float,
   weight_decay: float,
-  num_rows: int,
+  tables: frozenset[sparse.Path],
   b1: float = 0.9,
   b2: float = 0.999,
   eps: float = 1e-8,
-) -> optax.GradientTransformationExtraArgs:
+) -> RowSparse:
   """Row-sparse Adam with L2 (TensorFlow's LazyAdam, torch's SparseAdam).
 
-  Table leaves (first dimension `num_rows`) are updated only in the touched
-  `rows`: those rows get the weight decay, the moment updates and Adam's
-  step exactly as dense Adam would; the other rows keep their parameters and
-  moments. Bias correction uses the global step count. Other leaves get
-  dense Adam with L2 (as `create_optimizer`'s 'adam'). (A layer with as
-  many inputs as the tables have rows would be taken for a table; real
-  tables have far more rows than any layer here has inputs.)
+  The rows of a table that the batch read get the weight decay, the moment
+  updates and Adam's step exactly as dense Adam would give them; its other
+  rows keep their parameters and moments. Bias correction uses the global
+  step count. Other leaves get dense Adam with L2, as 'adam'.
 
-  `update(grads, state, params, rows=rows)` takes the rows' gradients
-  `[len(rows), ...]` for the table leaves (`gather_rows`) and returns the
-  rows' updates likewise, so that a step costs O(batch), not O(table), for
-  the tables: apply them with `apply_row_updates`. `rows` are unique, padded
-  with `num_rows` (out of range: read as zeros, dropped when written).
+  Args:
+    learning_rate: Adam's step size.
+    weight_decay: L2 coefficient added to the gradient.
+    tables: the params paths of the tables (`sparse.declared_tables`).
+    b1: decay of the first moment.
+    b2: decay of the second moment.
+    eps: added to the root of the second moment.
   """
 
   def init(params):
-    zeros = lambda p: jax.tree.map(jnp.zeros_like, p)
+    zeros = lambda p: jax.tree.map(jnp.zeros_like, p)  # noqa: E731
     return LazyAdamState(
       count=jnp.zeros([], jnp.int32), mu=zeros(params), nu=zeros(params)
     )
 
-  def update(grads, state, params=None, *, rows=None, **extra_args):
-    del extra_args
-    if params is None or rows is None:
-      raise ValueError('lazy_adam needs params and rows (apply_gradients).')
+  def apply(grads, state, params):
     count = optax.safe_increment(state.count)
-    bc1, bc2 = 1 - b1**count, 1 - b2**count
+    hyper = (count, learning_rate, weight_decay, b1, b2, eps)
 
-    # The arithmetic of optax.add_decayed_weights + optax.adam, term by term.
-    def leaf(g, m, v, p):
-      table = is_table(p, num_rows)
-      old = [take_rows(x, rows) for x in (m, v, p)] if table else [m, v, p]
-      g = g + weight_decay * old[2]
-      m_new = (1 - b1) * g + b1 * old[0]
-      v_new = (1 - b2) * g**2 + b2 * old[1]
-      m_hat = m_new / bc1.astype(m_new.dtype)
-      v_hat = v_new / bc2.astype(v_new.dtype)
-      u = m_hat / (jnp.sqrt(v_hat) + eps) * -learning_rate
-      if table:
-        m_new = m.at[rows].set(m_new, mode='drop')
-        v_new = v.at[rows].set(v_new, mode='drop')
-      return u, m_new, v_new
+    def leaf(path, g, m, v, p):
+      if path not in tables:
+        u, m, v = _adam(g, m, v, p, *hyper)
+        return (p + u).astype(p.dtype), m, v
 
-    treedef = jax.tree.structure(params)
-    flat = (treedef.flatten_up_to(t) for t in (grads, state.mu, state.nu))
+      def rule(g, p, m, v):
+        u, m, v = _adam(g, m, v, p, *hyper)
+        return p + u, m, v
+
+      return sparse.update_rows(_row_grads(g, path), (p, m, v), rule)
+
     out = [
-      leaf(*xs) for xs in zip(*flat, treedef.flatten_up_to(params), strict=True)
+      leaf(*xs)
+      for xs in zip(
+        _paths(params),
+        _leaves(grads, params),
+        _leaves(state.mu, params),
+        _leaves(state.nu, params),
+        jax.tree.leaves(params),
+        strict=True,
+      )
     ]
-    updates, mu, nu = (treedef.unflatten(x) for x in zip(*out, strict=True))
-    return updates, LazyAdamState(count=count, mu=mu, nu=nu)
+    treedef = jax.tree.structure(params)
+    params, mu, nu = (treedef.unflatten(x) for x in zip(*out, strict=True))
+    return params, LazyAdamState(count=count, mu=mu, nu=nu)
 
-  return optax.GradientTransformationExtraArgs(init, update)
+  return RowSparse(init, apply, frozenset(tables))
+
+
+def rowwise_adagrad(
+  learning_rate: float,
+  weight_decay: float,
+  tables: frozenset[sparse.Path],
+  table_learning_rate: float | None = None,
+  eps: float = 1e-8,
+  b1: float = 0.9,
+  b2: float = 0.999,
+) -> RowSparse:
+  """Row-wise Adagrad on the tables, Adam with L2 on the other leaves.
+
+  For each row `r` of a table that the batch read, with `g` its summed
+  gradient plus `weight_decay * w_r` (TorchRec's exact row-wise Adagrad
+  with L2 weight decay):
+
+    a_r <- a_r + mean(g^2),
+    w_r <- w_r - table_learning_rate * g / (sqrt(a_r) + eps).
+
+  One accumulator per row instead of Adam's two moments per weight: a step
+  reads and writes a row and one number. Rows not read keep their weights
+  and accumulators. The other leaves get dense Adam with L2, as 'adam'.
+
+  Args:
+    learning_rate: Adam's step size.
+    weight_decay: L2 coefficient added to the gradient.
+    tables: the params paths of the tables (`sparse.declared_tables`).
+    table_learning_rate: Adagrad's step size (None: `learning_rate`);
+      Adagrad's steps shrink as its accumulators grow, so it wants larger
+      ones than Adam.
+    eps: added to the root of the accumulator (and of Adam's moment).
+    b1: Adam's decay of the first moment (dense leaves).
+    b2: Adam's decay of the second moment (dense leaves).
+  """
+
+  def init(params):
+    treedef = jax.tree.structure(params)
+
+    def per_leaf(table, other):
+      leaves = zip(_paths(params), jax.tree.leaves(params), strict=True)
+      return treedef.unflatten(
+        [table(p) if path in tables else other(p) for path, p in leaves]
+      )
+
+    masked = lambda p: optax.MaskedNode()  # noqa: E731
+    rows = lambda p: jnp.zeros(p.shape[:1], jnp.float32)  # noqa: E731
+    return RowwiseAdagradState(
+      count=jnp.zeros([], jnp.int32),
+      mu=per_leaf(masked, jnp.zeros_like),
+      nu=per_leaf(masked, jnp.zeros_like),
+      accumulator=per_leaf(rows, masked),
+    )
+
+  table_rate = (
+    learning_rate if table_learning_rate is None else table_learning_rate
+  )
+
+  def apply(grads, state, params):
+    count = optax.safe_increment(state.count)
+    hyper = (count, learning_rate, weight_decay, b1, b2, eps)
+
+    def rule(g, p, a):
+      g = g + weight_decay * p
+      a = a + jnp.mean(jnp.square(g).reshape(g.shape[0], -1), axis=1)
+      scale = table_rate / (jnp.sqrt(a) + eps)
+      return p - scale.reshape((-1,) + (1,) * (g.ndim - 1)) * g, a
+
+    def leaf(path, g, m, v, a, p):
+      if path not in tables:
+        u, m, v = _adam(g, m, v, p, *hyper)
+        return (p + u).astype(p.dtype), m, v, a
+      p, a = sparse.update_rows(_row_grads(g, path), (p, a), rule)
+      return p, m, v, a
+
+    out = [
+      leaf(*xs)
+      for xs in zip(
+        _paths(params),
+        _leaves(grads, params),
+        _leaves(state.mu, params),
+        _leaves(state.nu, params),
+        _leaves(state.accumulator, params),
+        jax.tree.leaves(params),
+        strict=True,
+      )
+    ]
+    treedef = jax.tree.structure(params)
+    params, mu, nu, acc = (treedef.unflatten(x) for x in zip(*out, strict=True))
+    return params, RowwiseAdagradState(count, mu, nu, acc)
+
+  return RowSparse(init, apply, frozenset(tables))
 
 
 def create_optimizer(
-  config: ml_collections.ConfigDict, num_rows: int = 0
-) -> optax.GradientTransformation:
-  """`config.optimizer`: 'adam' (torch's Adam with L2) or 'lazy_adam'.
+  config: ml_collections.ConfigDict,
+  tables: frozenset[sparse.Path] = frozenset(),
+) -> optax.GradientTransformation | RowSparse:
+  """The optimizer that `config.optimizer` names (see the module docstring).
 
   Args:
-    config: the run's config (`optimizer`, `learning_rate`, `weight_decay`).
-    num_rows: rows of the shared embedding tables, `sum(field_dims)`
-      (needed by 'lazy_adam').
+    config: the run's config (`optimizer`, `learning_rate`, `weight_decay`,
+      and for 'rowwise_adagrad' `table_learning_rate`).
+    tables: the model's tables (`sparse.declared_tables`), updated row-wise
+      by 'lazy_adam' and 'rowwise_adagrad'; 'adam' updates them densely.
+
+  Raises:
+    ValueError: an unknown `config.optimizer`.
   """
+  lr, wd = config.learning_rate, config.weight_decay
   if config.optimizer == 'adam':
-    return optax.chain(
-      optax.add_decayed_weights(config.weight_decay),
-      optax.adam(config.learning_rate),
-    )
+    return optax.chain(optax.add_decayed_weights(wd), optax.adam(lr))
   if config.optimizer == 'lazy_adam':
-    if num_rows <= 0:
-      raise ValueError('config.optimizer=lazy_adam needs num_rows.')
-    return lazy_adam(config.learning_rate, config.weight_decay, num_rows)
+    return lazy_adam(lr, wd, tables)
+  if config.optimizer == 'rowwise_adagrad':
+    return rowwise_adagrad(lr, wd, tables, config.table_learning_rate)
   raise ValueError(
     f'config.optimizer: unknown {config.optimizer!r}; choose one of'
     f' {", ".join(NAMES)}.'
@@ -177,40 +294,29 @@ def create_optimizer(
 
 
 def apply_gradients(
-  tx: optax.GradientTransformation,
+  tx: optax.GradientTransformation | RowSparse,
   grads: Any,
   opt_state: optax.OptState,
   params: Any,
   *,
-  ids: jax.Array,
-  field_dims: tuple[int, ...],
   axis_name: str | None,
 ) -> tuple[Any, optax.OptState]:
   """One optimizer step from this device's gradients.
 
-  Devices hold equal shares of the global batch, so the mean of their
-  gradients is the gradient of the global mean loss. With `lazy_adam` only
-  the touched rows' gradients are averaged and updated; every device sees
-  the same rows, so the replicas stay identical.
-
   Args:
     tx: from `create_optimizer`.
-    grads: this device's gradients, shaped as `params`.
+    grads: this device's gradients (`sparse.value_and_grad` with
+      `tables_of(tx)`: the tables' leaves are `sparse.RowGrads`).
     opt_state: `tx`'s state.
     params: the parameters before the step.
-    ids: this device's ids `[batch / devices, fields]` (read by `lazy_adam`).
-    field_dims: the dataset's field sizes.
-    axis_name: the pmap axis to average over; None: one device (no pmap).
+    axis_name: the pmap axis whose devices' gradients are joined
+      (`sparse.exchange`); None: one device (no pmap).
 
   Returns:
-    The new parameters and optimizer state.
+    The new parameters and optimizer state; every device gets the same.
   """
-  mean = (lambda x: lax.pmean(x, axis_name)) if axis_name else (lambda x: x)
-  if not isinstance(opt_state, LazyAdamState):
-    updates, opt_state = tx.update(mean(grads), opt_state, params)
-    return optax.apply_updates(params, updates), opt_state
-  num_rows = sum(field_dims)
-  rows = touched_rows(ids, field_dims, axis_name)
-  grads = mean(gather_rows(grads, rows, num_rows))
-  updates, opt_state = tx.update(grads, opt_state, params, rows=rows)
-  return apply_row_updates(params, updates, rows, num_rows), opt_state
+  grads = sparse.exchange(grads, axis_name)
+  if isinstance(tx, RowSparse):
+    return tx.apply(grads, opt_state, params)
+  updates, opt_state = tx.update(grads, opt_state, params)
+  return optax.apply_updates(params, updates), opt_state

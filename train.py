@@ -32,6 +32,7 @@ import encoder
 import models
 import multihost
 import optim
+import sparse
 import utils
 from utils import UserError
 import workdir as workdir_lib
@@ -75,8 +76,9 @@ def create_model(
   config: ml_collections.ConfigDict,
   field_dims: tuple[int, ...],
   axis_name: str | None = None,
+  **inputs,
 ):
-  """Builds `models/<config.model_name>.py`'s `Model`."""
+  """Builds `models/<config.model_name>.py`'s `Model` (+ data.model_fields)."""
   if config.model_name not in models.names():
     raise ValueError(
       f'config.model_name: no model {config.model_name!r} in models/;'
@@ -84,7 +86,7 @@ def create_model(
     )
   module = importlib.import_module(f'models.{config.model_name}')
   return module.Model(
-    field_dims=tuple(field_dims), axis_name=axis_name, **config.model
+    field_dims=tuple(field_dims), axis_name=axis_name, **config.model, **inputs
   )
 
 
@@ -92,14 +94,17 @@ def create_train_state(
   rng: jax.Array, config: ml_collections.ConfigDict, model, num_fields: int
 ) -> TrainState:
   """Initialises parameters, BatchNorm statistics and the optimizer."""
-  ids = jnp.zeros((2, num_fields), jnp.int32)
+  del num_fields  # data.example_inputs reads the fields from the model.
   # One compiled init instead of dozens of op-by-op compilations.
   init = jax.jit(functools.partial(model.init, train=False))
-  variables = init({'params': rng, 'dropout': rng}, ids)
+  inputs = data.example_inputs(model)
+  variables = init({'params': rng, 'dropout': rng}, **inputs)
   return TrainState.create(
     apply_fn=model.apply,
     params=variables['params'],
-    tx=optim.create_optimizer(config, num_rows=sum(model.field_dims)),
+    tx=optim.create_optimizer(
+      config, sparse.declared_tables(model.apply, variables, **inputs)
+    ),
     batch_stats=variables.get('batch_stats', {}),
   )
 
@@ -137,22 +142,28 @@ def loss_fn(
   dropout_rng: jax.Array,
   *,
   model,
-) -> tuple[jax.Array, Any]:
+  perturbations: Any = None,
+) -> tuple[jax.Array, tuple[Any, Any]]:
   """The training loss of one device's batch and the new BatchNorm statistics.
 
   The loss is the mean binary cross-entropy plus the penalties that the model
-  sows into its `losses` collection (e.g. AFM's attention L2).
+  sows into its `losses` collection (e.g. AFM's attention L2). Also returned:
+  the rows that the model's tables read (the `sparse.ROWS` collection), and
+  `perturbations`, if given, are added to them (`sparse.value_and_grad`).
   """
+  variables = {'params': params, 'batch_stats': batch_stats}
+  if perturbations:
+    variables[sparse.PERTURBATIONS] = perturbations
   logits, updates = model.apply(
-    {'params': params, 'batch_stats': batch_stats},
-    batch['ids'],
+    variables,
+    **data.model_inputs(batch),
     train=True,
     rngs={'dropout': dropout_rng},
-    mutable=['batch_stats', 'losses'],
+    mutable=['batch_stats', 'losses', sparse.ROWS],
   )
   loss = optax.sigmoid_binary_cross_entropy(logits, batch['label']).mean()
   loss += sum(jnp.sum(x) for x in jax.tree.leaves(updates.get('losses', {})))
-  return loss, updates.get('batch_stats', {})
+  return loss, (updates.get('batch_stats', {}), updates.get(sparse.ROWS, {}))
 
 
 def train_step(
@@ -169,17 +180,21 @@ def train_step(
     jax.random.fold_in(jax.random.key(seed), state.step),
     lax.axis_index(axis_name),
   )
-  (loss, batch_stats), grads = jax.value_and_grad(
-    functools.partial(loss_fn, model=model), has_aux=True
-  )(state.params, state.batch_stats, batch, dropout_rng)
-  params, opt_state = optim.apply_gradients(
-    state.tx,
-    grads,
-    state.opt_state,
+  # The tables of a row-wise optimizer get the gradients of the rows read.
+  (loss, batch_stats), grads = sparse.value_and_grad(
+    lambda params, perturbations: loss_fn(
+      params,
+      state.batch_stats,
+      batch,
+      dropout_rng,
+      model=model,
+      perturbations=perturbations,
+    ),
     state.params,
-    ids=batch['ids'],
-    field_dims=model.field_dims,
-    axis_name=axis_name,
+    optim.tables_of(state.tx),
+  )
+  params, opt_state = optim.apply_gradients(
+    state.tx, grads, state.opt_state, state.params, axis_name=axis_name
   )
   state = state.replace(
     step=state.step + 1,
@@ -188,6 +203,19 @@ def train_step(
     batch_stats=batch_stats,
   )
   return state, lax.pmean(loss, axis_name)
+
+
+def train_steps(
+  state: TrainState, batches: dict[str, jax.Array], **kwargs
+) -> tuple[TrainState, jax.Array]:
+  """`train_step` on each of a stack of batches `[steps, ...]`, one dispatch.
+
+  Returns the new state and the losses `[steps]`; `kwargs` go to
+  `train_step`.
+  """
+  return lax.scan(
+    lambda state, batch: train_step(state, batch, **kwargs), state, batches
+  )
 
 
 def eval_step(
@@ -200,7 +228,7 @@ def eval_step(
   """Logits `[batch / devices]`, the psums of the masked loss and the mask."""
   logits = model.apply(
     {'params': state.params, 'batch_stats': state.batch_stats},
-    batch['ids'],
+    **data.model_inputs(batch),
     train=False,
   )
   losses = optax.sigmoid_binary_cross_entropy(logits, batch['label'])
@@ -224,11 +252,11 @@ def state_donation(optimizer: str = 'adam') -> tuple[int, ...]:
   The old state is never read after a step, so XLA may reuse its buffers.
   But on XLA:CPU, donating the replicated state makes the compiled step copy
   the donated parameters and Adam moments first, a loss for every model with
-  large tables. 'lazy_adam' donates everywhere: it writes only the touched
-  rows of the tables and moments, in place when donated (else XLA copies the
-  whole tables first).
+  large tables. The row-wise optimizers donate everywhere: they write only
+  the rows read of the tables and of their state, in place when donated
+  (else XLA copies the whole tables first).
   """
-  if optimizer == 'lazy_adam':
+  if optimizer != 'adam':
     return (0,)
   return () if jax.default_backend() == 'cpu' else (0,)
 
@@ -294,56 +322,26 @@ def train_epoch(
     process_index=jax.process_index(),
     process_count=jax.process_count(),
   )
-  losses, start = [], None
-  for step, batch in enumerate(utils.prefetch(batches), start=1):
-    batch = data.shard(batch, jax.local_device_count())
+  # Stacks of `steps_per_dispatch` batches, a shorter remainder first: at
+  # most two shapes to compile, both before the rate is timed.
+  size = config.steps_per_dispatch
+  sizes = [steps % size] * (steps % size > 0) + [size] * (steps // size)
+  batches = data.stack_batches(batches, sizes, jax.local_device_count())
+  losses, done, every = [], 0, config.log_every_steps
+  for group, batch in enumerate(utils.prefetch(batches)):
     state, loss = p_train_step(state, batch)
-    losses.append(loss)
-    if step == 1:
+    losses.append(loss[0])
+    done += sizes[group]
+    if group == len(set(sizes)) - 1:
       loss.block_until_ready()  # Exclude compilation from the rate.
-      start = time.perf_counter()
-    if step % config.log_every_steps == 0 or step == steps:
-      recent = np.mean(jax.device_get(losses[-config.log_every_steps :]))
-      bar.update(step, (step - 1) * config.batch_size, f'loss {recent:.4f}')
-  loss = float(np.mean(jax.device_get(losses)))
+      start, timed = time.perf_counter(), done
+    if done // every > (done - sizes[group]) // every or done == steps:
+      recent = np.mean(np.concatenate(jax.device_get(losses))[-every:])
+      bar.update(done, (done - 1) * config.batch_size, f'loss {recent:.4f}')
+  loss = float(np.mean(np.concatenate(jax.device_get(losses))))
   elapsed = max(time.perf_counter() - start, 1e-9)
   bar.close()
-  return state, loss, (steps - 1) * config.batch_size / elapsed
-
-
-def check_splits(dataset: data.Dataset, config: ml_collections.ConfigDict):
-  """Refuses, before any training, splits that cannot train or be scored.
-
-  Early stopping maximises the validation AUC and the run reports the test
-  AUC: both are undefined without examples of both classes.
-
-  Raises:
-    UserError: naming the split, its counts and what to change.
-  """
-  if data.num_train_steps(dataset.train, config.batch_size) == 0:
-    raise UserError(
-      f'config.batch_size={config.batch_size} exceeds the'
-      f' {len(dataset.train)} training examples of {dataset.name}: lower it,'
-      ' or give training a larger part with config.dataset.split.'
-    )
-  for name, split in (('validation', dataset.valid), ('test', dataset.test)):
-    positives = int(np.count_nonzero(np.asarray(split.labels) > 0.5))
-    negatives = len(split) - positives
-    if positives and negatives:
-      continue
-    what = (
-      'no examples'
-      if not len(split)
-      else f'{positives} positive and {negatives} negative examples'
-    )
-    use = 'early stopping' if name == 'validation' else 'the final score'
-    raise UserError(
-      f'The {name} split of {dataset.name} has {what}: its AUC, which'
-      f' {use} needs, is undefined without both classes. Change'
-      f' config.dataset.split (now {tuple(config.dataset.split)}) or'
-      ' config.dataset.seed, or pass config.dataset.valid_path and'
-      ' config.dataset.test_path files that hold both labels.'
-    )
+  return state, loss, max(steps - timed, 1) * config.batch_size / elapsed
 
 
 def train_and_evaluate(
@@ -372,6 +370,7 @@ def train_and_evaluate(
     optimizers=optim.NAMES,
     num_devices=jax.device_count(),
   )
+  utils.enable_compilation_cache(data.cache_dir(config.dataset))
   is_main = jax.process_index() == 0
   workdir = workdir_lib.prepare(workdir)
   multihost.check_shared_workdir(workdir)
@@ -406,12 +405,14 @@ def _run(
     dataset.field_dims,
     sizes,
   )
-  check_splits(dataset, config)
+  data.check_splits(dataset, config)
   if is_main:  # What predict.py and export.py need to encode raw rows.
     encoder.save(workdir, dataset, config)
   steps_per_epoch = data.num_train_steps(dataset.train, config.batch_size)
 
-  model = create_model(config, dataset.field_dims, axis_name=AXIS)
+  model = create_model(
+    config, dataset.field_dims, AXIS, **data.model_fields(dataset)
+  )
   state = create_train_state(
     jax.random.key(config.seed), config, model, len(dataset.field_dims)
   )
@@ -437,7 +438,7 @@ def _run(
   writer.truncate(meta['epoch'])
 
   p_train_step = jax.pmap(
-    functools.partial(train_step, model=model, seed=config.seed),
+    functools.partial(train_steps, model=model, seed=config.seed),
     axis_name=AXIS,
     donate_argnums=state_donation(config.optimizer),
   )

@@ -2,8 +2,9 @@
 
 The metrics file, one progress bar (training steps and preprocessing passes
 alike), a background prefetcher, file opening that understands `.gz`, the
-filter that keeps orbax's INFO lines out of the log, and the error type of
-problems the user can fix, with the entry-point wrapper that prints them.
+filter that keeps orbax's INFO lines out of the log, the persistent
+compilation cache, and the error type of problems the user can fix, with
+the entry-point wrapper that prints them.
 """
 
 from collections.abc import Callable, Iterator
@@ -205,6 +206,34 @@ def quiet_orbax_logs() -> None:
   handler = logging.get_absl_handler()
   if not any(isinstance(f, _OrbaxInfoFilter) for f in handler.filters):
     handler.addFilter(_OrbaxInfoFilter())
+
+
+def enable_compilation_cache(cache_dir: str) -> None:
+  """Keeps every compiled program in `cache_dir/jax` for the next runs.
+
+  JAX's persistent compilation cache, for programs of any size and compile
+  time: a run on small data spends most of its time compiling, and a
+  restart or a second run with the same shapes then loads the programs
+  instead. Left alone when the user set `JAX_COMPILATION_CACHE_DIR`, or
+  disabled it with `JAX_ENABLE_COMPILATION_CACHE=false`.
+  """
+  import jax  # pylint: disable=g-import-not-at-top
+  from jax.experimental.compilation_cache import compilation_cache as cc  # pylint: disable=g-import-not-at-top
+
+  if os.environ.get('JAX_COMPILATION_CACHE_DIR'):
+    return
+  directory = os.path.abspath(os.path.join(cache_dir, 'jax'))
+  if jax.config.jax_compilation_cache_dir == directory:
+    return
+  try:
+    os.makedirs(directory, exist_ok=True)
+  except OSError as e:  # The data's own cache reports an unusable cache_dir.
+    logging.warning('No compilation cache in %s: %s', directory, e)
+    return
+  jax.config.update('jax_compilation_cache_dir', directory)
+  jax.config.update('jax_persistent_cache_min_entry_size_bytes', -1)
+  jax.config.update('jax_persistent_cache_min_compile_time_secs', 0.0)
+  cc.reset_cache()  # Another directory may already be in use.
 
 
 class UserError(Exception):

@@ -37,7 +37,7 @@ HISTORY_FILE = 'config_history.jsonl'
 # are checked against fixed checksums whatever their URL.
 SAFE_KEYS = (
   *('num_epochs', 'patience', 'log_every_steps', 'progress_bar'),
-  *('eval_batch_size', 'init_from'),
+  *('eval_batch_size', 'init_from', 'steps_per_dispatch'),
   *('dataset.cache_dir', 'dataset.chunk_rows', 'dataset.url'),
 )
 

@@ -1,22 +1,28 @@
 """Training and evaluation throughput: flax-fm against pytorch-fm (torchfm).
 
-For each model, on the same dense-encoded ids, `field_dims`, batch size,
-optimizer (Adam lr 1e-3 + L2 1e-6 added to the gradient) and hyper-parameters
-(configs/<model>.py), times N training steps after a warm-up of our pmapped
-`train.train_step` and of torchfm's model fed pre-built in-memory tensors
-(its fastest path), alternating the two libraries for several rounds, and
-reports the median examples/s of each and their ratio, evaluation
-examples/s, and each process's peak RSS.
+For each model, on the same dense-encoded ids, `field_dims`, batch size and
+hyper-parameters (configs/<model>.py), times N training steps after a
+warm-up of our pmapped `train.train_steps` (`steps_per_dispatch` steps per
+dispatch, as `train_and_evaluate`) with each of our optimizers, and of
+torchfm's model fed pre-built in-memory tensors (its fastest path) with
+torch's Adam (lr 1e-3 + L2 1e-6 added to the gradient), alternating all of
+them for several rounds, and reports the median examples/s of each and
+their ratio, evaluation examples/s, each process's peak RSS, and how far a
+step is from the memory bandwidth: the bytes it must touch at the least
+(benchmarks/bandwidth.py) against the machine's measured copy bandwidth.
 
 Each library runs in its own worker process (spawned, so the parent imports
 neither JAX nor torch): the peak RSS of a worker is what that library needs
 for the model, and the two runtimes never share threads or memory.
 
 Data: `synthetic` ids shaped as MovieLens-20M (138,493 users, 26,744 items,
-Zipf popularity) and `embedded` (the training split of ml-latest-small).
+Zipf popularity), `criteo` ids shaped as a 2M-line Criteo file
+(benchmarks/synthetic.py's, encoded: 39 fields, 130,498 rows, Zipf 1.1 per
+field) and `embedded` (the training split of ml-latest-small).
 
   python -m benchmarks.throughput                       # all models
   python -m benchmarks.throughput --models=fm,ffm --steps=100 --rounds=5
+  python -m benchmarks.throughput --optimizers=adam,rowwise_adagrad
   python -m benchmarks.throughput --tiny                # seconds, no torch
 
 Results: benchmarks/results/throughput.{json,csv,md} (with --tiny:
@@ -33,11 +39,23 @@ import traceback
 
 import numpy as np
 
+from benchmarks import bandwidth
 from benchmarks import common
 
 # MovieLens-20M: 138,493 users and 26,744 rated movies.
 ML20M_FIELD_DIMS = (138_493, 26_744)
 TINY_FIELD_DIMS = (1_000, 500)
+# `field_dims` of a 2M-line file of benchmarks/synthetic.py (seed 0) after
+# data.py's Criteo preprocessing: 13 bucketed integers, 26 categoricals.
+CRITEO_FIELD_DIMS = (
+  *(38, 52, 64, 54, 160, 81, 52, 66, 82, 37, 45, 32, 56),
+  *(1461, 584, 10619, 11038, 306, 26, 11601, 634, 4, 12598, 5684, 10636),
+  *(3195, 28, 12623, 10838, 11, 5653, 2175, 6, 10694, 20, 16, 11765, 107),
+  7357,
+)
+FIELD_DIMS = {'criteo': CRITEO_FIELD_DIMS}
+OPTIMIZERS = ('adam', 'lazy_adam', 'rowwise_adagrad')
+DATA = ('synthetic', 'criteo', 'embedded')
 
 
 # --------------------------------------------------------------------------
@@ -78,6 +96,12 @@ def make_data(spec: dict):
     )
   field_dims = tuple(spec['field_dims'])
   rng = np.random.default_rng(spec['seed'])
+  if spec['data'] == 'criteo':
+    # Zipf 1.1 as benchmarks/synthetic.py's values; a batch of 2048 then
+    # reads as many distinct rows (about 12K) as the encoded file's do.
+    ids = np.stack([zipf_ids(rng, rows, d, 1.1) for d in field_dims], 1)
+    labels = (rng.random(rows) < 0.25).astype(np.float32)
+    return ids, labels, field_dims
   # User activity is less skewed than item popularity in MovieLens.
   ids = np.stack(
     [
@@ -95,7 +119,7 @@ def make_data(spec: dict):
 
 
 class _JaxRunner:
-  """Our pmapped train and eval steps on pre-built numpy batches."""
+  """Our pmapped train steps (one optimizer) and eval step on numpy batches."""
 
   def __init__(self, spec: dict):
     import functools  # pylint: disable=g-import-not-at-top
@@ -116,16 +140,20 @@ class _JaxRunner:
     self.jax = jax
     ids, labels, field_dims = make_data(spec)
     config = common.get_config(spec['model'])
-    config.optimizer = spec.get('optimizer', 'adam')
+    config.optimizer = spec['optimizer']
+    if spec.get('steps_per_dispatch'):
+      config.steps_per_dispatch = spec['steps_per_dispatch']
     self.config, self.field_dims, self.train_mod = config, field_dims, train
     self.num_devices = jax.local_device_count()
     model = train.create_model(config, field_dims, axis_name=train.AXIS)
     state = train.create_train_state(
       jax.random.key(spec['seed']), config, model, len(field_dims)
     )
+    b = spec['batch_size']
+    self.leaves = self._leaves(state, ids, b)
     self.state = train.replicate(state)
     self.p_train = jax.pmap(
-      functools.partial(train.train_step, model=model, seed=spec['seed']),
+      functools.partial(train.train_steps, model=model, seed=spec['seed']),
       axis_name=train.AXIS,
       # As train_and_evaluate.
       donate_argnums=train.state_donation(config.optimizer),
@@ -133,13 +161,15 @@ class _JaxRunner:
     self.p_eval = jax.pmap(
       functools.partial(train.eval_step, model=model), axis_name=train.AXIS
     )
-    b = spec['batch_size']
-    self.train_batches = [
-      data.shard(
-        {'ids': ids[i : i + b], 'label': labels[i : i + b]}, self.num_devices
-      )
+    self.batches = [
+      {'ids': ids[i : i + b], 'label': labels[i : i + b]}
       for i in range(0, len(labels), b)
     ]
+    self.per_dispatch = min(config.steps_per_dispatch, len(self.batches))
+    sizes = [self.per_dispatch] * (len(self.batches) // self.per_dispatch)
+    self.train_batches = list(
+      data.stack_batches(iter(self.batches), sizes, self.num_devices)
+    )
     split = data.Split(ids, labels)
     self.eval_batches = [
       data.shard(batch, self.num_devices)
@@ -147,17 +177,47 @@ class _JaxRunner:
     ][: spec['eval_batches']]
     self.step = 0
 
-  def train(self, steps: int) -> float:
+  def _leaves(self, state, ids: np.ndarray, batch_size: int) -> dict:
+    """Each parameter's size; for a table, its rows and the lookups and
+    distinct rows of a global batch (mean over the first batches)."""
+    from flax import traverse_util  # pylint: disable=g-import-not-at-top
+
+    import sparse  # pylint: disable=g-import-not-at-top
+
+    model = self.train_mod.create_model(self.config, self.field_dims)
+    variables = {'params': state.params, 'batch_stats': state.batch_stats}
+    rows_of = self.jax.jit(
+      lambda v, x: model.apply(v, x, mutable=[sparse.ROWS])[1]
+    )
+    counts = {}
+    for i in range(0, min(len(ids), 8 * batch_size), batch_size):
+      read = rows_of(variables, ids[i : i + batch_size]).get(sparse.ROWS, {})
+      for path, (rows,) in traverse_util.flatten_dict(read).items():
+        rows = np.asarray(rows)
+        rows = rows[rows >= 0]
+        counts.setdefault(path, []).append((rows.size, np.unique(rows).size))
+    leaves = {}
+    for path, x in traverse_util.flatten_dict(state.params).items():
+      leaf = {'size': int(x.size)}
+      if path in counts:
+        lookups, unique = np.mean(counts[path], axis=0)
+        leaf.update(rows=int(x.shape[0]), lookups=lookups, unique=unique)
+      leaves['/'.join(path)] = leaf
+    return leaves
+
+  def train(self, steps: int) -> tuple[float, int]:
+    """Seconds for at least `steps` steps, whole dispatches; steps run."""
     loss = None
+    dispatches = -(-steps // self.per_dispatch)
     start = time.perf_counter()
-    for _ in range(steps):
+    for _ in range(dispatches):
       batch = self.train_batches[self.step % len(self.train_batches)]
       self.state, loss = self.p_train(self.state, batch)
       self.step += 1
     self.jax.block_until_ready((self.state, loss))
     elapsed = time.perf_counter() - start
-    self.last_loss = float(loss[0])
-    return elapsed
+    self.last_loss = float(loss[0, -1])
+    return elapsed, dispatches * self.per_dispatch
 
   def evaluate(self) -> tuple[float, int]:
     start = time.perf_counter()
@@ -169,53 +229,60 @@ class _JaxRunner:
   def breakdown(self, steps: int) -> dict[str, float]:
     """ms per step of forward + backward alone and of the optimizer alone.
 
-    The two parts of `train.train_step` (`train.loss_fn` and
-    `optim.apply_gradients`), each jitted on one device's shard outside pmap
-    (BatchNorm without an axis name), so they time apart.
+    The two parts of `train.train_step` (`sparse.value_and_grad` of
+    `train.loss_fn`, and `optim.apply_gradients`), each jitted on one
+    device's share of a batch outside pmap (BatchNorm without an axis name),
+    so they time apart.
     """
     import functools  # pylint: disable=g-import-not-at-top
 
     import optim  # pylint: disable=g-import-not-at-top
+    import sparse  # pylint: disable=g-import-not-at-top
 
     jax, train = self.jax, self.train_mod
     model = train.create_model(self.config, self.field_dims)
     host = jax.tree.map(lambda x: x[0], self.state)
-    batches = [jax.tree.map(lambda x: x[0], b) for b in self.train_batches]
-    grad_fn = jax.jit(
-      jax.grad(functools.partial(train.loss_fn, model=model), has_aux=True)
-    )
+    share = lambda x: x[: len(x) // self.num_devices]  # noqa: E731
+    batches = [jax.tree.map(share, b) for b in self.batches]
+    tables = optim.tables_of(host.tx)
+    rng = jax.random.key(0)
 
-    def update(grads, opt_state, params, ids):
-      return optim.apply_gradients(
-        host.tx,
-        grads,
-        opt_state,
+    def grads_of(params, batch):
+      fun = functools.partial(
+        train.loss_fn,
+        batch_stats=host.batch_stats,
+        batch=batch,
+        dropout_rng=rng,
+        model=model,
+      )
+      return sparse.value_and_grad(
+        lambda p, perturbations: fun(p, perturbations=perturbations),
         params,
-        ids=ids,
-        field_dims=self.field_dims,
-        axis_name=None,
+        tables,
+      )[1]
+
+    def update(grads, params, opt_state):
+      return optim.apply_gradients(
+        host.tx, grads, opt_state, params, axis_name=None
       )
 
-    # Donated as the train step's state is (see train.state_donation).
+    grad_fn = jax.jit(grads_of)
+    # Donated as the train step's state (see train.state_donation), the
+    # arguments in the order of the outputs, each buffer its own output's.
     donate = (1, 2) if train.state_donation(self.config.optimizer) else ()
     update_fn = jax.jit(update, donate_argnums=donate)
-    rng = jax.random.key(0)
     params, opt_state = host.params, host.opt_state
-
-    def grads_of(batch):
-      return grad_fn(params, host.batch_stats, batch, rng)[0]
-
-    grads, ids = grads_of(batches[0]), batches[0]['ids']
-    params, opt_state = update_fn(grads, opt_state, params, ids)  # Compiles.
+    grads = grad_fn(params, batches[0])
+    params, opt_state = update_fn(grads, params, opt_state)  # Compiles.
     jax.block_until_ready(params)
     start = time.perf_counter()
     for i in range(steps):
-      grads = grads_of(batches[i % len(batches)])
+      grads = grad_fn(params, batches[i % len(batches)])
     jax.block_until_ready(grads)
     grad_s = time.perf_counter() - start
     start = time.perf_counter()
     for _ in range(steps):
-      params, opt_state = update_fn(grads, opt_state, params, ids)
+      params, opt_state = update_fn(grads, params, opt_state)
     jax.block_until_ready(params)
     update_s = time.perf_counter() - start
     return {
@@ -254,7 +321,7 @@ class _TorchRunner:
     ]
     self.step = 0
 
-  def train(self, steps: int) -> float:
+  def train(self, steps: int) -> tuple[float, int]:
     self.model.train()
     start = time.perf_counter()
     for _ in range(steps):
@@ -266,7 +333,7 @@ class _TorchRunner:
       self.step += 1
     elapsed = time.perf_counter() - start
     self.last_loss = float(loss.detach())
-    return elapsed
+    return elapsed, steps
 
   def breakdown(self, steps: int) -> dict[str, float]:
     """ms per step of forward + backward and of `optimizer.step()`."""
@@ -311,7 +378,11 @@ def _worker(library: str, spec: dict, conn) -> None:
         os.environ['XLA_FLAGS'] = ' '.join(flags)
       os.environ.setdefault('JAX_PLATFORMS', 'cpu')
       runner = _JaxRunner(spec)
-      info = {'devices': runner.num_devices}
+      info = {
+        'devices': runner.num_devices,
+        'steps_per_dispatch': runner.per_dispatch,
+        'step_bytes': bandwidth.step_bytes(runner.leaves, spec['optimizer']),
+      }
     else:
       runner = _TorchRunner(spec)
       info = {'threads': runner.torch.get_num_threads()}
@@ -320,12 +391,13 @@ def _worker(library: str, spec: dict, conn) -> None:
       command, arg = conn.recv()
       if command == 'train':
         before = runner.compiles
-        elapsed = runner.train(arg)
+        elapsed, steps = runner.train(arg)
         conn.send(
           (
             'ok',
             {
               'seconds': elapsed,
+              'steps': steps,
               'loss': runner.last_loss,
               'compiles': runner.compiles - before,
             },
@@ -399,12 +471,23 @@ class Worker:
 # Measurement.
 
 
-def measure(model: str, data_name: str, args, libraries: Sequence[str]):
-  """Times `libraries` on one model and data set, alternating per round."""
+def measure(
+  model: str,
+  data_name: str,
+  args,
+  libraries: Sequence[str],
+  bytes_per_second: float,
+) -> list[dict]:
+  """Times one model on one data set, alternating every runner per round.
+
+  The runners are torchfm's (if in `libraries`) and ours with each of
+  `args.optimizers`; returns one record per optimizer, each with torchfm's
+  figures.
+  """
   spec = {
     'model': model,
     'data': data_name,
-    'field_dims': args.field_dims,
+    'field_dims': FIELD_DIMS.get(data_name, args.field_dims),
     'batch_size': args.batch_size,
     'eval_batch_size': args.eval_batch_size,
     'eval_batches': args.eval_batches,
@@ -412,81 +495,94 @@ def measure(model: str, data_name: str, args, libraries: Sequence[str]):
     'devices': args.devices,
     'seed': 0,
     'cache_dir': args.cache_dir,
-    'optimizer': args.optimizer,
+    'steps_per_dispatch': args.steps_per_dispatch,
   }
+  runners = [
+    (f'flax:{o}', 'flax', dict(spec, optimizer=o)) for o in args.optimizers
+  ]
+  if 'torchfm' in libraries:
+    runners.append(('torchfm', 'torchfm', spec))
   workers = {}
   try:
-    for library in libraries:
-      workers[library] = Worker(library, spec)
-    train_rates = {lib: [] for lib in libraries}
-    eval_rates = {lib: [] for lib in libraries}
-    losses, compiles = {}, {lib: 0 for lib in libraries}
+    for name, library, runner_spec in runners:
+      workers[name] = Worker(library, runner_spec)
+    train_rates = {name: [] for name in workers}
+    eval_rates = {name: [] for name in workers}
+    losses, compiles = {}, {name: 0 for name in workers}
     for worker in workers.values():
       worker.call('train', args.warmup)  # Compilation, allocator, caches.
       worker.call('eval')
     for _ in range(args.rounds):
-      for library, worker in workers.items():
+      for name, worker in workers.items():
         out = worker.call('train', args.steps)
-        train_rates[library].append(
-          args.steps * args.batch_size / out['seconds']
+        train_rates[name].append(
+          out['steps'] * args.batch_size / out['seconds']
         )
-        losses[library] = out['loss']
-        compiles[library] += out['compiles']
+        losses[name] = out['loss']
+        compiles[name] += out['compiles']
         out = worker.call('eval')
-        eval_rates[library].append(out['examples'] / out['seconds'])
-        compiles[library] += out['compiles']
-    breakdown = {
-      lib: worker.call('breakdown', args.steps)
-      for lib, worker in workers.items()
-    }
+        eval_rates[name].append(out['examples'] / out['seconds'])
+        compiles[name] += out['compiles']
+    figures = {}
+    for name, worker in workers.items():
+      rate = statistics.median(train_rates[name])
+      figures[name] = {
+        'train_ex_per_s': rate,
+        'train_rounds': [round(r) for r in train_rates[name]],
+        'eval_ex_per_s': statistics.median(eval_rates[name]),
+        'peak_rss_mib': worker.call('rss'),
+        'step_ms': 1e3 * args.batch_size / rate,
+        **worker.call('breakdown', args.steps),
+        'final_loss': losses[name],
+        'compiles_after_warmup': compiles[name],
+        'info': worker.info,
+      }
+  finally:
+    for worker in workers.values():
+      worker.close()
+  records = []
+  for optimizer in args.optimizers:
     record = {
       'model': model,
       'data': data_name,
       'field_dims': list(
-        args.field_dims if data_name == 'synthetic' else (611, 9725)
+        spec['field_dims'] if data_name != 'embedded' else (611, 9725)
       ),
       'batch_size': args.batch_size,
       'eval_batch_size': args.eval_batch_size,
       'steps': args.steps,
       'rounds': args.rounds,
-      'optimizer': args.optimizer,
+      'optimizer': optimizer,
     }
-    for library, worker in workers.items():
-      record[f'{library}_train_ex_per_s'] = statistics.median(
-        train_rates[library]
-      )
-      record[f'{library}_train_rounds'] = [
-        round(r) for r in train_rates[library]
-      ]
-      record[f'{library}_eval_ex_per_s'] = statistics.median(
-        eval_rates[library]
-      )
-      record[f'{library}_peak_rss_mib'] = worker.call('rss')
-      record[f'{library}_step_ms'] = (
-        1e3 * args.batch_size / record[f'{library}_train_ex_per_s']
-      )
-      for key, value in breakdown[library].items():
-        record[f'{library}_{key}'] = value
-      record[f'{library}_final_loss'] = losses[library]
-      record[f'{library}_compiles_after_warmup'] = compiles[library]
-      record[f'{library}_info'] = worker.info
-    if 'torchfm' in workers:
+    ours = figures[f'flax:{optimizer}']
+    record.update({f'flax_{k}': v for k, v in ours.items()})
+    # The least bytes a step touches, and the fastest step they allow.
+    step_bytes = ours['info']['step_bytes']['total']
+    record['flax_step_mib'] = step_bytes / 2**20
+    record['bandwidth_gb_per_s'] = bytes_per_second / 1e9
+    record['flax_bound_ex_per_s'] = (
+      args.batch_size * bytes_per_second / step_bytes
+    )
+    record['flax_of_bound'] = (
+      ours['train_ex_per_s'] / record['flax_bound_ex_per_s']
+    )
+    if 'torchfm' in figures:
+      record.update({f'torchfm_{k}': v for k, v in figures['torchfm'].items()})
       record['train_speedup'] = (
         record['flax_train_ex_per_s'] / record['torchfm_train_ex_per_s']
       )
       record['eval_speedup'] = (
         record['flax_eval_ex_per_s'] / record['torchfm_eval_ex_per_s']
       )
-    return record
-  finally:
-    for worker in workers.values():
-      worker.close()
+    records.append(record)
+  return records
 
 
 def markdown(records: list[dict], info: dict, command: str) -> str:
   header = [
     'model',
     'data',
+    'optimizer',
     'flax-fm train ex/s',
     'torchfm train ex/s',
     'train speedup',
@@ -501,6 +597,7 @@ def markdown(records: list[dict], info: dict, command: str) -> str:
       [
         r['model'],
         r['data'],
+        r['optimizer'],
         common.fmt(r.get('flax_train_ex_per_s')),
         common.fmt(r.get('torchfm_train_ex_per_s')),
         common.fmt(r.get('train_speedup'), '.1f') + 'x',
@@ -511,7 +608,7 @@ def markdown(records: list[dict], info: dict, command: str) -> str:
         f' {common.fmt(r.get("torchfm_peak_rss_mib"))}',
       ]
     )
-  split_header = ['model', 'data']
+  split_header = ['model', 'data', 'optimizer']
   split_rows = []
   libraries = [
     lib
@@ -525,31 +622,54 @@ def markdown(records: list[dict], info: dict, command: str) -> str:
       f'{name} forward+backward ms',
       f'{name} rest (optimizer) ms',
     ]
+  split_header += [
+    'flax-fm MiB touched / step',
+    'bound ex/s',
+    'flax-fm of bound',
+  ]
   for r in records:
-    row = [r['model'], r['data']]
+    row = [r['model'], r['data'], r['optimizer']]
     for lib in libraries:
       step, grad = r.get(f'{lib}_step_ms'), r.get(f'{lib}_forward_backward_ms')
       rest = step - grad if step is not None and grad is not None else None
       row += [common.fmt(x, '.2f') for x in (step, grad, rest)]
+    row += [
+      common.fmt(r.get('flax_step_mib'), '.1f'),
+      common.fmt(r.get('flax_bound_ex_per_s')),
+      common.fmt(100 * r.get('flax_of_bound', float('nan')), '.0f') + '%',
+    ]
     split_rows.append(row)
   first = records[0] if records else {}
+  flax_info = first.get('flax_info', {})
+  synthetic = next(
+    (r['field_dims'] for r in records if r['data'] == 'synthetic'),
+    list(ML20M_FIELD_DIMS),
+  )
   return '\n\n'.join(
     [
       f'`{command}`',
       common.markdown_table(header, rows),
       'Where the time of a training step goes: the whole step, forward +'
       ' backward alone (jitted apart on one device), and the rest, mostly'
-      ' the optimizer update of the dense embedding gradient:',
+      ' the optimizer update; then the least memory traffic of a step'
+      ' (benchmarks/bandwidth.py: the lookups, their gradients and the'
+      ' update of the rows or tables it must read and write), the step rate'
+      ' that the measured copy bandwidth'
+      f' ({common.fmt(first.get("bandwidth_gb_per_s"), ".1f")} GB/s) would'
+      ' allow at that traffic, and the share of it reached:',
       common.markdown_table(split_header, split_rows),
       f'Median of {first.get("rounds")} alternating rounds of'
       f' {first.get("steps")} training steps (batch'
-      f' {first.get("batch_size")}) and of evaluation (batch'
-      f' {first.get("eval_batch_size")}) after a warm-up; flax-fm on'
-      f' {first.get("flax_info", {}).get("devices")} CPU device(s), torchfm'
-      f' with {first.get("torchfm_info", {}).get("threads")} intra-op'
-      f' threads. synthetic: MovieLens-20M-shaped ids (field_dims'
-      f' {first.get("field_dims") if first.get("data") == "synthetic" else ""}'
-      ', Zipf popularity); embedded: ml-latest-small, dense ids.',
+      f' {first.get("batch_size")}; flax-fm'
+      f' {flax_info.get("steps_per_dispatch")} steps per dispatch) and of'
+      f' evaluation (batch {first.get("eval_batch_size")}) after a warm-up;'
+      f' flax-fm on {flax_info.get("devices")} CPU device(s), torchfm with'
+      f' {first.get("torchfm_info", {}).get("threads")} intra-op threads and'
+      ' dense Adam. synthetic: MovieLens-20M-shaped ids (field_dims'
+      f' {synthetic}, Zipf popularity); criteo: ids shaped as a'
+      f' 2M-line Criteo file ({len(CRITEO_FIELD_DIMS)} fields,'
+      f' {sum(CRITEO_FIELD_DIMS):,} rows, Zipf 1.1); embedded:'
+      ' ml-latest-small, dense ids.',
       common.machine_line(info),
     ]
   )
@@ -561,7 +681,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
   )
   parser.add_argument('--models', default='all', help='all or a,b,c')
   parser.add_argument(
-    '--data', default='synthetic,embedded', help='synthetic and/or embedded'
+    '--data', default=','.join(DATA), help=f'some of {", ".join(DATA)}'
   )
   parser.add_argument('--batch_size', type=int, default=2048)
   parser.add_argument('--eval_batch_size', type=int, default=8192)
@@ -580,10 +700,16 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
   )
   parser.add_argument('--cache_dir', default='', help='dataset cache')
   parser.add_argument(
-    '--optimizer',
-    default='adam',
-    choices=('adam', 'lazy_adam'),
-    help="flax-fm's config.optimizer (torchfm: always dense Adam)",
+    '--optimizers',
+    default=None,
+    help=f"flax-fm's config.optimizer values, some of {', '.join(OPTIMIZERS)}"
+    ' (default: all; with --tiny, adam). torchfm: always dense Adam',
+  )
+  parser.add_argument(
+    '--steps_per_dispatch',
+    type=int,
+    default=None,
+    help="flax-fm's config.steps_per_dispatch (default: the config's)",
   )
   parser.add_argument(
     '--tiny', action='store_true', help='a seconds-long run on tiny data'
@@ -591,24 +717,30 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
   parser.add_argument('--out_dir', default=None)
   args = parser.parse_args(argv)
   args.field_dims = ML20M_FIELD_DIMS
+  if args.optimizers is None:
+    args.optimizers = 'adam' if args.tiny else ','.join(OPTIMIZERS)
   if args.tiny:
     args.field_dims = TINY_FIELD_DIMS
     if args.models == 'all':
       args.models = 'fm'
-    if args.data == 'synthetic,embedded':
+    if args.data == ','.join(DATA):
       args.data = 'synthetic'
     args.batch_size, args.eval_batch_size = 256, 512
     args.steps, args.warmup, args.rounds = 4, 2, 2
     args.eval_batches, args.pool_batches = 2, 4
   if args.out_dir is None:
     args.out_dir = os.path.join(common.RESULTS, 'tmp' if args.tiny else '')
-  args.data = [d.strip() for d in args.data.split(',') if d.strip()]
-  for d in args.data:
-    if d not in ('synthetic', 'embedded'):
-      parser.error(f'--data: unknown {d!r}; use synthetic and/or embedded')
+  for key, known in (('data', DATA), ('optimizers', OPTIMIZERS)):
+    values = [v.strip() for v in getattr(args, key).split(',') if v.strip()]
+    for v in values:
+      if v not in known:
+        parser.error(f'--{key}: unknown {v!r}; use some of {", ".join(known)}')
+    setattr(args, key, values)
   for key in ('batch_size', 'eval_batch_size', 'steps', 'rounds'):
     if getattr(args, key) <= 0:
       parser.error(f'--{key} must be positive')
+  if args.steps_per_dispatch is not None and args.steps_per_dispatch <= 0:
+    parser.error('--steps_per_dispatch must be positive')
   return args
 
 
@@ -623,22 +755,27 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
   else:
     print('torchfm side skipped: torch or torchfm is not installed.')
   info = common.machine_info()
+  bytes_per_second = bandwidth.copy_bandwidth(mib=32 if args.tiny else 256)
+  info['copy_bandwidth_gb_per_s'] = bytes_per_second / 1e9
+  print(f'copy bandwidth {bytes_per_second / 1e9:.1f} GB/s', flush=True)
   command = common.command_line('throughput', argv)
   records = []
   for data_name in args.data:
     for model in models:
       start = time.perf_counter()
-      record = measure(model, data_name, args, libraries)
-      records.append(record)
-      print(
-        f'{model:7s} {data_name:9s}'
-        f' flax {record["flax_train_ex_per_s"]:>12,.0f} ex/s'
-        f'  torchfm {common.fmt(record.get("torchfm_train_ex_per_s")):>10}'
-        f' ex/s  speedup {common.fmt(record.get("train_speedup"), ".1f")}x'
-        f'  eval {common.fmt(record.get("eval_speedup"), ".1f")}x'
-        f'  ({time.perf_counter() - start:.0f} s)',
-        flush=True,
-      )
+      new = measure(model, data_name, args, libraries, bytes_per_second)
+      records += new
+      for record in new:
+        print(
+          f'{model:7s} {data_name:9s} {record["optimizer"]:15s}'
+          f' flax {record["flax_train_ex_per_s"]:>12,.0f} ex/s'
+          f' ({100 * record["flax_of_bound"]:.0f}% of bound)'
+          f'  torchfm {common.fmt(record.get("torchfm_train_ex_per_s")):>10}'
+          f' ex/s  speedup {common.fmt(record.get("train_speedup"), ".1f")}x'
+          f'  eval {common.fmt(record.get("eval_speedup"), ".1f")}x',
+          flush=True,
+        )
+      print(f'  ({time.perf_counter() - start:.0f} s)', flush=True)
       # Written after every model, so a long run keeps what it measured.
       common.write_results(
         args.out_dir, 'throughput', records, info, markdown, command

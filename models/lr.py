@@ -38,11 +38,46 @@ def field_offsets(field_dims: Sequence[int]) -> np.ndarray:
   return np.concatenate([[0], np.cumsum(field_dims)[:-1]]).astype(np.int32)
 
 
+def take_rows(
+  table: jnp.ndarray,
+  rows: jnp.ndarray,
+  module: nn.Module | None = None,
+  name: str = '',
+) -> jnp.ndarray:
+  """`table[rows]` `[*rows.shape, ...]`, declared as a table of `module`.
+
+  A trainer may then update only the rows a batch reads (e.g. lazy Adam):
+  when the 'table_rows' collection is mutable the rows are sown there under
+  `name`, the table's parameter name, and when a 'perturbations' collection
+  is passed its zeros of the result's shape are added (`Module.perturb`), so
+  that their gradient is the gradient of the gathered rows and the
+  table-sized gradient need not be formed. Plain `apply` and `init` do
+  neither.
+
+  Args:
+    table: `[rows, ...]`.
+    rows: int rows to read; negative ones are padding, read as row 0 (the
+      caller masks them) and reported as no row of the table.
+    module: the module that owns `table`; None: a plain gather.
+    name: the parameter name of `table` in `module`.
+
+  Returns:
+    `[*rows.shape, ...]`.
+  """
+  x = jnp.take(table, jnp.maximum(rows, 0), axis=0)
+  if module is None or module.is_initializing():
+    return x
+  module.sow('table_rows', name, rows)
+  return module.perturb(name, x)
+
+
 def pool_multi_hot(
   table: jnp.ndarray,
   multi_ids: jnp.ndarray,
   multi_field_dims: Sequence[int],
   pooling: str = 'mean',
+  module: nn.Module | None = None,
+  name: str = '',
 ) -> jnp.ndarray:
   """Pools the rows of each multi-hot field's ids into one row per field.
 
@@ -56,6 +91,8 @@ def pool_multi_hot(
     multi_ids: ids `[batch, multi_fields, max_len]`, padded with -1.
     multi_field_dims: number of ids of each multi-hot field.
     pooling: 'mean' or 'sum'.
+    module: the module that owns `table` (`take_rows`); None: none.
+    name: the parameter name of `table` in `module`.
 
   Returns:
     One row per field, `[batch, multi_fields, ...]`.
@@ -64,10 +101,11 @@ def pool_multi_hot(
     raise ValueError(f"multi_pooling must be 'mean' or 'sum', got {pooling!r}.")
   present = multi_ids >= 0  # [B, M, L]
   offsets = field_offsets(multi_field_dims)[:, None]  # [M, 1]
-  rows = jnp.where(present, multi_ids + offsets, 0)  # [B, M, L]
+  rows = jnp.where(present, multi_ids + offsets, -1)  # [B, M, L]
   trailing = (1,) * (table.ndim - 1)
   mask = present.reshape(present.shape + trailing)  # [B, M, L, 1...]
-  x = jnp.where(mask, jnp.take(table, rows, axis=0), 0)  # [B, M, L, ...]
+  x = take_rows(table, rows, module, name)  # [B, M, L, ...]
+  x = jnp.where(mask, x, 0)
   pooled = jnp.sum(x, axis=2)  # [B, M, ...]
   if pooling == 'mean':
     count = jnp.sum(present, axis=2).reshape(pooled.shape[:2] + trailing)
@@ -83,6 +121,8 @@ def embed_fields(
   field_dims: Sequence[int],
   multi_field_dims: Sequence[int] = (),
   multi_pooling: str = 'mean',
+  module: nn.Module | None = None,
+  names: tuple[str, str] = ('', ''),
 ) -> jnp.ndarray:
   """Rows of every field: one-hot ids, then multi-hot ids, then numbers.
 
@@ -100,6 +140,8 @@ def embed_fields(
     field_dims: number of ids of each one-hot field.
     multi_field_dims: number of ids of each multi-hot field.
     multi_pooling: 'mean' or 'sum' (`pool_multi_hot`).
+    module: the module that owns the tables (`take_rows`); None: none.
+    names: the parameter names of the one-hot and multi-hot tables.
 
   Returns:
     `[batch, fields + multi_fields + dense_fields, ...]`.
@@ -130,10 +172,17 @@ def embed_fields(
         f'{name} must be {want} for a model built with {declared}; got {got}.'
       )
   rows = ids + field_offsets(field_dims)  # [B, F]
-  parts = [jnp.take(table, rows, axis=0)]  # [B, F, ...]
+  parts = [take_rows(table, rows, module, names[0])]  # [B, F, ...]
   if multi_table is not None:
     parts.append(
-      pool_multi_hot(multi_table, multi_ids, multi_field_dims, multi_pooling)
+      pool_multi_hot(
+        multi_table,
+        multi_ids,
+        multi_field_dims,
+        multi_pooling,
+        module,
+        names[1],
+      )
     )  # [B, M, ...]
   if dense_table is not None:
     values = dense.astype(dense_table.dtype)  # [B, N]
@@ -188,6 +237,8 @@ class FeaturesLinear(nn.Module):
       self.field_dims,
       self.multi_field_dims,
       self.multi_pooling,
+      module=self,
+      names=('weight', 'multi_weight'),
     ).astype(self.dtype)  # [B, T, 1]
     return jnp.sum(w, axis=(1, 2)) + bias.astype(self.dtype)[0]  # [B]
 

@@ -71,9 +71,9 @@ class RealConfigsTest(_TestCase):
     except ModuleNotFoundError:
       factory = importlib.import_module('train').create_optimizer
     for name in config_check.OPTIMIZERS:
-      factory(_config(optimizer=name), num_rows=10)
+      factory(_config(optimizer=name))
     with self.assertRaises(ValueError):
-      factory(_config(optimizer='sgd'), num_rows=10)
+      factory(_config(optimizer='sgd'))
 
 
 class BadValueTest(_TestCase):
@@ -89,7 +89,7 @@ class BadValueTest(_TestCase):
     ('learning_rate', 0.0, 'a number > 0'),
     ('learning_rate', float('nan'), 'a number > 0'),
     ('weight_decay', -1e-6, 'a number >= 0'),
-    ('optimizer', 'sgd', 'one of adam, lazy_adam'),
+    ('optimizer', 'sgd', 'one of adam, lazy_adam, rowwise_adagrad'),
     ('seed', -1, 'an integer >= 0'),
     ('progress_bar', 'yes', 'True or False'),
     ('model__embed_dim', 0, 'an integer >= 1'),

@@ -1,5 +1,5 @@
-"""Tests of optim.py: `lazy_adam` against brute force and dense Adam, in
-`train.train_step` on 1 and 2 devices, and `apply_gradients` without pmap."""
+"""Tests of optim.py: the row-wise optimizers against brute force in numpy,
+against dense Adam, on 1 and 2 devices, and through a checkpoint."""
 
 import functools
 import tempfile
@@ -7,6 +7,7 @@ import tempfile
 from absl.testing import absltest
 from absl.testing import parameterized
 from flax import jax_utils
+from flax import traverse_util
 import jax
 import numpy as np
 import optax
@@ -14,6 +15,7 @@ import optax
 import checkpoints
 from configs import default
 import optim
+import sparse
 import train
 
 FIELD_DIMS = (3, 4)  # 7 table rows.
@@ -22,9 +24,11 @@ NUM_ROWS = sum(FIELD_DIMS)
 # in [0, 4); rows = ids + (0, 3).
 ALL_ROWS = np.array([[0, 0], [1, 1], [2, 2], [0, 3]], np.int32)
 ALL_ROWS_2 = np.array([[2, 3], [1, 0], [0, 2], [1, 1]], np.int32)
-# Rows 0, 1 (field 0) and 3, 5 (field 1); rows 2, 4 and 6 stay untouched.
+# Rows 0, 1 (field 0) and 3, 5 (field 1), each read twice; rows 2, 4 and 6
+# stay untouched.
 SOME_ROWS = np.array([[0, 0], [1, 2], [0, 2], [1, 0]], np.int32)
 LABELS = np.array([1.0, 0.0, 1.0, 0.0], np.float32)
+SPARSE = ('lazy_adam', 'rowwise_adagrad')
 
 
 def _config(model_name='fm', optimizer='lazy_adam', **overrides):
@@ -32,12 +36,14 @@ def _config(model_name='fm', optimizer='lazy_adam', **overrides):
   config.model_name = model_name
   config.model = {'embed_dim': 3}
   if model_name == 'ncf':
+    # GMF's table holds the item field first: its rows are not the shared
+    # table's.
     config.model = {
       'embed_dim': 3,
       'mlp_dims': (4,),
       'dropout': 0.0,
-      'user_field_idx': 0,
-      'item_field_idx': 1,
+      'user_field_idx': 1,
+      'item_field_idx': 0,
     }
   elif model_name == 'afm':
     config.model = {'embed_dim': 3, 'attn_size': 2, 'dropouts': (0.0, 0.0)}
@@ -45,6 +51,7 @@ def _config(model_name='fm', optimizer='lazy_adam', **overrides):
     config.model = {'embed_dim': 3, 'mlp_dims': (4,), 'dropout': 0.0}
   config.optimizer = optimizer
   config.learning_rate = 0.05
+  config.table_learning_rate = 0.03  # rowwise_adagrad's, on the tables.
   config.weight_decay = 0.1
   config.update(overrides)
   return config
@@ -81,100 +88,175 @@ def _first(tree):
   return jax.tree.map(lambda x: x[0], tree)
 
 
-def _numpy_lazy_adam(grads, mu, nu, params, rows, count, config):
-  """Brute-force LazyAdam + L2 in float64, row by row on the tables."""
+def _rows_read(model_name, ids):
+  """Brute force: the table rows that `ids` read, per table path."""
+  rows = set((ids + [0, FIELD_DIMS[0]]).reshape(-1).tolist())
+  if model_name == 'ncf':
+    gmf = ids[:, [1, 0]] + [0, FIELD_DIMS[1]]  # Item field first.
+    return {
+      ('embedding', 'embedding'): rows,
+      ('gmf_embedding', 'embedding'): set(gmf.reshape(-1).tolist()),
+    }
+  return {
+    ('FeaturesLinear_0', 'weight'): rows,
+    ('FeaturesEmbedding_0', 'embedding'): rows,
+  }
+
+
+def _numpy_step(optimizer, grads, state, read, config):
+  """Brute force in float64, row by row on the tables.
+
+  Args:
+    optimizer: 'lazy_adam' or 'rowwise_adagrad'.
+    grads: the dense gradient of every leaf (`jax.grad`).
+    state: the train state before the step.
+    read: the rows each table read (`_rows_read`).
+    config: `learning_rate`, `table_learning_rate` and `weight_decay`.
+
+  Returns:
+    Flat dicts (by path) of the new params and of each state field.
+  """
   lr, wd = config.learning_rate, config.weight_decay
   b1, b2, eps = 0.9, 0.999, 1e-8
+  count = int(state.opt_state.count) + 1
+  flat = lambda tree: {  # noqa: E731
+    k: np.array(v, np.float64)
+    for k, v in traverse_util.flatten_dict(tree).items()
+    if not isinstance(v, optax.MaskedNode)
+  }
+  p, g = flat(state.params), flat(grads)
+  mu, nu = flat(state.opt_state.mu), flat(state.opt_state.nu)
+  acc = {}
+  if optimizer == 'rowwise_adagrad':
+    acc = flat(state.opt_state.accumulator)
 
-  def leaf(g, m, v, p):
-    g, m, v, p = (np.array(x, np.float64) for x in (g, m, v, p))
-    # Other leaves: dense Adam, all elements at once.
-    touched = sorted(set(rows)) if p.shape[0] == NUM_ROWS else [Ellipsis]
-    for r in touched:
-      gr = g[r] + wd * p[r]
-      m[r] = b1 * m[r] + (1 - b1) * gr
-      v[r] = b2 * v[r] + (1 - b2) * gr**2
-      m_hat = m[r] / (1 - b1**count)
-      v_hat = v[r] / (1 - b2**count)
-      p[r] = p[r] - lr * m_hat / (np.sqrt(v_hat) + eps)
-    return p, m, v
+  def adam(key, r):
+    gr = g[key][r] + wd * p[key][r]
+    mu[key][r] = b1 * mu[key][r] + (1 - b1) * gr
+    nu[key][r] = b2 * nu[key][r] + (1 - b2) * gr**2
+    m_hat = mu[key][r] / (1 - b1**count)
+    v_hat = nu[key][r] / (1 - b2**count)
+    p[key][r] = p[key][r] - lr * m_hat / (np.sqrt(v_hat) + eps)
 
-  out = jax.tree.map(leaf, grads, mu, nu, params)
-  is_out = lambda x: isinstance(x, tuple)  # noqa: E731
-  return tuple(
-    jax.tree.map(lambda o, i=i: o[i], out, is_leaf=is_out) for i in range(3)
-  )
+  for key in p:
+    if key not in read:
+      adam(key, Ellipsis)  # Dense leaves: every element at once.
+      continue
+    for r in sorted(read[key]):
+      if optimizer == 'lazy_adam':
+        adam(key, r)
+      else:
+        gr = g[key][r] + wd * p[key][r]
+        acc[key][r] += np.mean(gr**2)
+        step = config.table_learning_rate / (np.sqrt(acc[key][r]) + eps)
+        p[key][r] = p[key][r] - step * gr
+  return p, {'mu': mu, 'nu': nu, 'accumulator': acc}
 
 
-class LazyAdamTest(parameterized.TestCase):
-  def test_one_step_matches_brute_force(self):
-    config = _config()
-    model, state, step = _setup(config)
-    # A first step touching every row makes all moments nonzero.
-    before = _first(_run(step, state, [(ALL_ROWS, LABELS)]))
+def _before_batch_norm(path, flat_params):
+  """Whether `path` is the bias of a Dense layer that BatchNorm follows.
 
-    def loss_fn(params):
-      logits = model.apply({'params': params}, SOME_ROWS, train=True)
-      return optax.sigmoid_binary_cross_entropy(logits, LABELS).mean()
+  Its gradient is zero up to rounding, which Adam blows up to full steps:
+  its value is noise, different in any two computations.
+  """
+  norm = path[:-2] + (path[-2].replace('Dense', 'BatchNorm'), 'scale')
+  return path[-1] == 'bias' and norm in flat_params
 
-    grads = jax.grad(loss_fn)(before.params)
-    rows = (SOME_ROWS + np.array([0, FIELD_DIMS[0]])).reshape(-1).tolist()
-    want_p, want_m, want_v = _numpy_lazy_adam(
-      grads,
-      before.opt_state.mu,
-      before.opt_state.nu,
-      before.params,
-      rows,
-      2,
-      config,
+
+def _dense_grads(config, state, ids):
+  """`jax.grad` of the train step's loss over whole tables, one device."""
+  model = train.create_model(config, FIELD_DIMS)
+  batch = {'ids': ids, 'label': LABELS}
+  return jax.jit(
+    jax.grad(
+      lambda p: train.loss_fn(
+        p, state.batch_stats, batch, jax.random.key(0), model=model
+      )[0]
     )
-    after = _first(_run(step, before, [(SOME_ROWS, LABELS)]))
-    self.assertEqual(int(after.step), 2)
-    self.assertEqual(int(after.opt_state.count), 2)
-    for got, want in (
-      (after.params, want_p),
-      (after.opt_state.mu, want_m),
-      (after.opt_state.nu, want_v),
-    ):
-      jax.tree.map(
-        functools.partial(np.testing.assert_allclose, rtol=2e-5, atol=1e-7),
-        got,
-        want,
-      )
-    # Untouched rows, parameters and moments alike: bit-identical.
-    untouched = [2, 4, 6]
-    for name in ('FeaturesEmbedding_0', 'FeaturesLinear_0'):
-      leaf = 'embedding' if name == 'FeaturesEmbedding_0' else 'weight'
-      for old, new in (
-        (before.params, after.params),
-        (before.opt_state.mu, after.opt_state.mu),
-        (before.opt_state.nu, after.opt_state.nu),
-      ):
-        np.testing.assert_array_equal(
-          new[name][leaf][untouched], old[name][leaf][untouched]
+  )(state.params)
+
+
+class RowwiseOptimizerTest(parameterized.TestCase):
+  @parameterized.parameters(
+    ('lazy_adam', 'fm'),
+    ('lazy_adam', 'ncf'),
+    ('rowwise_adagrad', 'fm'),
+    ('rowwise_adagrad', 'ncf'),
+  )
+  def test_steps_match_brute_force(self, optimizer, model_name):
+    config = _config(model_name, optimizer)
+    _, state, step = _setup(config)
+    tables = set(_rows_read(model_name, ALL_ROWS))
+    self.assertEqual(set(optim.tables_of(state.tx)), tables)
+    # A first step touching every row makes all moments nonzero; then steps
+    # that read some rows, each twice.
+    state = _first(_run(step, state, [(ALL_ROWS, LABELS)]))
+    for ids in (SOME_ROWS, SOME_ROWS[::-1], ALL_ROWS_2):
+      read = _rows_read(model_name, ids)
+      grads = _dense_grads(config, state, ids)
+      want_p, want_state = _numpy_step(optimizer, grads, state, read, config)
+      after = _first(_run(step, state, [(ids, LABELS)]))
+      self.assertEqual(int(after.opt_state.count), int(after.step))
+      got_p = traverse_util.flatten_dict(after.params)
+      for key, want in want_p.items():
+        if _before_batch_norm(key, want_p):
+          continue
+        # Steps are ~learning_rate = 0.05; float32 rounding of the
+        # gradients (two compiled programs) moves Adam's by ~1e-7.
+        np.testing.assert_allclose(
+          got_p[key], want, rtol=2e-5, atol=1e-6, err_msg=str(key)
         )
+      for field, leaves in want_state.items():
+        if not leaves:  # lazy_adam has no accumulators.
+          continue
+        got = traverse_util.flatten_dict(getattr(after.opt_state, field))
+        for key, want in leaves.items():
+          if _before_batch_norm(key, want_p):
+            continue
+          np.testing.assert_allclose(
+            got[key], want, rtol=2e-5, atol=1e-6, err_msg=f'{field} {key}'
+          )
+      # Rows not read, parameters and state alike: bit-identical.
+      before_p = traverse_util.flatten_dict(state.params)
+      for key, rows in read.items():
+        unread = sorted(set(range(got_p[key].shape[0])) - rows)
+        np.testing.assert_array_equal(got_p[key][unread], before_p[key][unread])
         self.assertFalse(
-          np.array_equal(new[name][leaf][[0, 3]], old[name][leaf][[0, 3]])
+          np.array_equal(got_p[key][sorted(rows)], before_p[key][sorted(rows)])
         )
+      state = after
 
   @parameterized.parameters('fm', 'ffm', 'ncf', 'deepfm')
-  def test_equals_dense_adam_when_every_row_is_touched(self, model_name):
+  def test_lazy_adam_equals_dense_adam_when_every_row_is_touched(
+    self, model_name
+  ):
     batches = [(ALL_ROWS, LABELS), (ALL_ROWS_2, LABELS), (ALL_ROWS, LABELS)]
     states = {}
     for optimizer in ('adam', 'lazy_adam'):
       _, state, step = _setup(_config(model_name, optimizer))
       states[optimizer] = _first(_run(step, state, batches))
     dense, lazy = states['adam'], states['lazy_adam']
-    check = functools.partial(np.testing.assert_allclose, rtol=1e-5, atol=1e-7)
-    jax.tree.map(check, lazy.params, dense.params)
-    jax.tree.map(check, lazy.opt_state.mu, dense.opt_state[1][0].mu)
-    jax.tree.map(check, lazy.opt_state.nu, dense.opt_state[1][0].nu)
+    pairs = (
+      (lazy.params, dense.params),
+      (lazy.opt_state.mu, dense.opt_state[1][0].mu),
+      (lazy.opt_state.nu, dense.opt_state[1][0].nu),
+    )
+    for got, want in pairs:
+      got, want = map(traverse_util.flatten_dict, (got, want))
+      self.assertEqual(set(got), set(want))
+      for path in want:
+        if _before_batch_norm(path, want):
+          continue
+        np.testing.assert_allclose(
+          got[path], want[path], rtol=1e-5, atol=1e-7, err_msg=str(path)
+        )
 
-  @parameterized.parameters('fm', 'ffm')
-  def test_two_devices_match_one(self, model_name):
-    config = _config(model_name)
+  @parameterized.product(optimizer=SPARSE, model_name=('fm', 'ffm'))
+  def test_two_devices_match_one(self, optimizer, model_name):
+    config = _config(model_name, optimizer)
     # In the second step each device's half touches rows the other's does
-    # not: device 1 alone touches rows 2 and 6 (ids [2, 3]).
+    # not: device 1 alone touches rows 2 and 6 (ids [2, 3]), and reads them
+    # four times.
     labels = np.concatenate([LABELS, LABELS[::-1]])
     batches = [
       (np.concatenate([ALL_ROWS_2, ALL_ROWS]), labels),
@@ -202,7 +284,7 @@ class LazyAdamTest(parameterized.TestCase):
       )
     )
 
-  @parameterized.parameters('adam', 'lazy_adam')
+  @parameterized.parameters('adam', *SPARSE)
   def test_apply_gradients_without_axis_equals_the_train_step(self, optimizer):
     # The benchmarks time loss_fn and apply_gradients outside pmap: they must
     # be the train step's. AFM has tables and dense layers, and no dropout
@@ -214,18 +296,26 @@ class LazyAdamTest(parameterized.TestCase):
     state = _first(_run(step, state, [(ALL_ROWS, LABELS)]))
     want = _first(_run(step, state, [(SOME_ROWS, LABELS)]))
     batch = {'ids': SOME_ROWS, 'label': LABELS}
-    (_, batch_stats), grads = jax.value_and_grad(
-      functools.partial(train.loss_fn, model=model), has_aux=True
-    )(state.params, state.batch_stats, batch, jax.random.key(0))
-    params, opt_state = jax.jit(
-      functools.partial(
-        optim.apply_gradients,
-        state.tx,
-        ids=SOME_ROWS,
-        field_dims=FIELD_DIMS,
-        axis_name=None,
+
+    def update(params, opt_state):
+      fun = lambda p, perturbations: train.loss_fn(  # noqa: E731
+        p,
+        state.batch_stats,
+        batch,
+        jax.random.key(0),
+        model=model,
+        perturbations=perturbations,
       )
-    )(grads, state.opt_state, state.params)
+      (_, batch_stats), grads = sparse.value_and_grad(
+        fun, params, optim.tables_of(state.tx)
+      )
+      return batch_stats, *optim.apply_gradients(
+        state.tx, grads, opt_state, params, axis_name=None
+      )
+
+    batch_stats, params, opt_state = jax.jit(update)(
+      state.params, state.opt_state
+    )
     check = functools.partial(np.testing.assert_allclose, rtol=1e-6, atol=1e-7)
     jax.tree.map(
       check,
@@ -235,21 +325,31 @@ class LazyAdamTest(parameterized.TestCase):
     moved = jax.tree.map(lambda a, b: np.abs(a - b).max(), params, state.params)
     self.assertGreater(max(jax.tree.leaves(moved)), 0)
 
+  def test_a_table_given_a_dense_gradient_is_refused(self):
+    config = _config('fm', 'rowwise_adagrad')
+    _, state, _ = _setup(config)
+    grads = jax.tree.map(np.zeros_like, state.params)
+    with self.assertRaisesRegex(TypeError, 'RowGrads'):
+      optim.apply_gradients(
+        state.tx, grads, state.opt_state, state.params, axis_name=None
+      )
+
   def test_unknown_optimizer_names_the_config_field(self):
     with self.assertRaisesRegex(ValueError, r'config\.optimizer.*sgd'):
-      optim.create_optimizer(_config(optimizer='sgd'), num_rows=NUM_ROWS)
+      optim.create_optimizer(_config(optimizer='sgd'))
 
-  def test_state_round_trips_through_orbax(self):
-    _, state, step = _setup(_config('ffm'))
+  @parameterized.parameters(*SPARSE)
+  def test_state_round_trips_through_orbax(self, optimizer):
+    _, state, step = _setup(_config('ffm', optimizer))
     state = _first(_run(step, state, [(SOME_ROWS, LABELS)]))
     with tempfile.TemporaryDirectory() as workdir:
       manager = checkpoints.manager(workdir)
       checkpoints.save(manager, 1, state, {'epoch': 1}, keep=set)
-      _, target, _ = _setup(_config('ffm'))
+      _, target, _ = _setup(_config('ffm', optimizer))
       restored, meta = checkpoints.restore(manager, 1, target)
       manager.close()
     self.assertEqual(meta, {'epoch': 1})
-    self.assertIsInstance(restored.opt_state, optim.LazyAdamState)
+    self.assertIsInstance(restored.opt_state, type(state.opt_state))
     jax.tree.map(
       np.testing.assert_array_equal,
       (restored.step, restored.params, restored.opt_state),

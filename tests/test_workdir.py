@@ -506,6 +506,7 @@ class CheckResumeTest(absltest.TestCase):
         'num_epochs',
         'patience',
         'progress_bar',
+        'steps_per_dispatch',
       ],
     )
     self.assertFalse(workdir.is_safe('some_key_added_later'))

@@ -1,0 +1,88 @@
+"""How far a training step is from the machine's memory bandwidth.
+
+A CTR step on big tables is bound by memory traffic, not arithmetic: it
+gathers the rows of the batch, writes their gradients, and updates the
+optimizer's state. `copy_bandwidth` measures what this machine moves (a
+numpy copy, read and write counted), `step_bytes` counts what a step must
+touch at the least with each optimizer, and their ratio is the fastest step
+the memory allows.
+
+  python -m benchmarks.bandwidth      # prints the copy bandwidth
+"""
+
+from collections.abc import Mapping
+import statistics
+import time
+
+import numpy as np
+
+
+def copy_bandwidth(mib: int = 256, repeats: int = 7) -> float:
+  """Bytes per second that `np.copyto` moves: the median of `repeats`.
+
+  A copy of `mib` MiB reads and writes it; both count. The arrays are larger
+  than any cache, and touched once before timing.
+  """
+  src = np.ones(mib * 2**20 // 8, np.float64)
+  dst = np.empty_like(src)
+  np.copyto(dst, src)
+  times = []
+  for _ in range(repeats):
+    start = time.perf_counter()
+    np.copyto(dst, src)
+    times.append(time.perf_counter() - start)
+  return 2 * src.nbytes / statistics.median(times)
+
+
+def step_bytes(
+  leaves: Mapping[str, dict], optimizer: str, itemsize: int = 4
+) -> dict[str, float]:
+  """The least memory traffic of one training step, in bytes.
+
+  Counted per parameter leaf, each read or write of a float once:
+  - a dense leaf (any optimizer: Adam): its gradient, the parameter and
+    two moments read, the parameter and moments written, `7 x size`;
+  - a table's lookups: the gathered rows read and their gradients written,
+    `2 x lookups x row`, plus, for the row-wise optimizers, the gradients
+    read again and summed into one per distinct row;
+  - a table's update: 'adam' forms the dense gradient (zeros, then the
+    lookups added) and updates every row, `8 x size`; 'lazy_adam' reads and
+    writes the distinct rows of the table and of both moments, `6 x rows
+    read x row`; 'rowwise_adagrad' the rows of the table and one
+    accumulator each, `2 x rows read x (row + 1 float)`.
+
+  Args:
+    leaves: by parameter path, `{'size': elements, 'rows': table rows (0:
+      not a table), 'lookups': lookups per step, 'unique': distinct rows
+      read per step}`.
+    optimizer: 'adam', 'lazy_adam' or 'rowwise_adagrad'.
+    itemsize: bytes per parameter.
+
+  Returns:
+    `{'dense': ..., 'lookups': ..., 'update': ..., 'total': ...}` bytes.
+  """
+  out = {'dense': 0.0, 'lookups': 0.0, 'update': 0.0}
+  for leaf in leaves.values():
+    size = leaf['size'] * itemsize
+    if not leaf.get('rows'):
+      out['dense'] += 7 * size
+      continue
+    row = size / leaf['rows']
+    lookups, unique = leaf['lookups'] * row, leaf['unique'] * row
+    out['lookups'] += 2 * lookups
+    if optimizer == 'adam':
+      out['update'] += 8 * size
+    elif optimizer == 'lazy_adam':
+      out['lookups'] += lookups + unique
+      out['update'] += 6 * unique
+    elif optimizer == 'rowwise_adagrad':
+      out['lookups'] += lookups + unique
+      out['update'] += 2 * (unique + leaf['unique'] * itemsize)
+    else:
+      raise ValueError(f'unknown optimizer {optimizer!r}')
+  out['total'] = sum(out.values())
+  return out
+
+
+if __name__ == '__main__':
+  print(f'copy bandwidth: {copy_bandwidth() / 1e9:.1f} GB/s')

@@ -1,0 +1,270 @@
+"""Tests of sparse.py: the tables' gradients as the rows read.
+
+The row gradients are checked against the dense gradient that
+`jax.grad` forms over the whole table, the rows against ids and offsets
+computed here, and the cross-device exchange against a concatenation.
+"""
+
+import functools
+
+from absl.testing import absltest
+from absl.testing import parameterized
+from flax import traverse_util
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from configs import default
+import data
+import sparse
+import train
+
+FIELD_DIMS = (3, 4)
+# Duplicates within a field and across the batch; row 2 of field 0 and
+# rows 1, 3 of field 1 unread.
+IDS = np.array([[0, 0], [1, 2], [0, 2], [1, 0], [0, 2], [1, 0]], np.int32)
+LABELS = np.array([1, 0, 1, 0, 0, 1], np.float32)
+# Two multi-hot fields of 3 and 2 ids, padded with -1; one example's list
+# of the second field is empty.
+MULTI_IDS = np.array(
+  [
+    [[0, 2, -1], [1, -1, -1]],
+    [[2, 2, -1], [-1, -1, -1]],
+    [[1, -1, -1], [0, 1, -1]],
+    [[0, -1, -1], [1, -1, -1]],
+    [[2, 0, 1], [0, -1, -1]],
+    [[0, -1, -1], [1, 0, -1]],
+  ],
+  np.int32,
+)
+MULTI_FIELD_DIMS = (3, 2)
+DENSE = np.linspace(-1, 1, 12, dtype=np.float32).reshape(6, 2)
+
+MODEL_KWARGS = {
+  'fm': {'embed_dim': 3},
+  'ffm': {'embed_dim': 2},
+  # GMF reads the user and item fields in its own table, item first here.
+  'ncf': {
+    'embed_dim': 3,
+    'mlp_dims': (4,),
+    'dropout': 0.0,
+    'user_field_idx': 1,
+    'item_field_idx': 0,
+  },
+  'wd': {
+    'embed_dim': 3,
+    'mlp_dims': (4,),
+    'dropout': 0.0,
+    'cross_fields': ((0, 1),),
+    'cross_buckets': 5,
+  },
+}
+
+
+def _offsets(dims):
+  return np.concatenate([[0], np.cumsum(dims)[:-1]]).astype(np.int32)
+
+
+def _rows_read(name, batch):
+  """Brute force: each table's rows that `batch` reads, in lookup order."""
+  one_hot = (batch['ids'] + _offsets(FIELD_DIMS)).reshape(-1)
+  if name == 'ncf':
+    user, item = 1, 0
+    gmf = batch['ids'][:, [user, item]] + [0, FIELD_DIMS[user]]
+    return {
+      ('embedding', 'embedding'): one_hot,
+      ('gmf_embedding', 'embedding'): gmf.reshape(-1),
+    }
+  prefix = 'FieldAwareEmbedding_0' if name == 'ffm' else 'FeaturesEmbedding_0'
+  rows = {
+    ('FeaturesLinear_0', 'weight'): one_hot,
+    (prefix, 'embedding'): one_hot,
+  }
+  if name == 'wd':
+    # Field 0 x field 1 has 12 pairs > 5 buckets: hashed, so only the
+    # count and range of its rows can be checked here.
+    rows[('CrossProductLinear_0', 'weight')] = None
+  if 'multi_ids' in batch:
+    multi = batch['multi_ids'] + _offsets(MULTI_FIELD_DIMS)[:, None]
+    multi = np.where(batch['multi_ids'] >= 0, multi, -1).reshape(-1)
+    rows[('FeaturesLinear_0', 'multi_weight')] = multi
+    rows[('FeaturesEmbedding_0', 'multi_embedding')] = multi
+  return rows
+
+
+def _model_and_params(name, **fields):
+  config = default.get_config()
+  config.model_name = name
+  config.model = dict(MODEL_KWARGS[name])
+  model = train.create_model(config, FIELD_DIMS, **fields)
+  variables = jax.jit(functools.partial(model.init, train=False))(
+    jax.random.key(0), **data.example_inputs(model)
+  )
+  # Random values everywhere: zero-initialised tables hide gradients.
+  leaves, treedef = jax.tree.flatten(variables['params'])
+  keys = jax.random.split(jax.random.key(1), len(leaves))
+  params = jax.tree.unflatten(
+    treedef,
+    [
+      0.5 * jax.random.normal(k, x.shape)
+      for k, x in zip(keys, leaves, strict=True)
+    ],
+  )
+  return model, params, variables.get('batch_stats', {})
+
+
+def _batch(multi=False):
+  batch = {'ids': IDS, 'label': LABELS}
+  if multi:
+    batch.update(multi_ids=MULTI_IDS, dense=DENSE)
+  return batch
+
+
+class RowGradientsTest(parameterized.TestCase):
+  @parameterized.named_parameters(
+    ('fm', 'fm', False),
+    ('ffm', 'ffm', False),
+    ('ncf_item_field_first', 'ncf', False),
+    ('wd_with_a_cross', 'wd', False),
+    ('fm_multi_hot_and_numeric', 'fm', True),
+  )
+  def test_row_gradients_are_the_rows_of_the_dense_gradient(self, name, multi):
+    fields = (
+      {'multi_field_dims': MULTI_FIELD_DIMS, 'num_dense': 2} if multi else {}
+    )
+    model, params, batch_stats = _model_and_params(name, **fields)
+    batch = _batch(multi)
+
+    def fun(params, perturbations):
+      return train.loss_fn(
+        params,
+        batch_stats,
+        batch,
+        jax.random.key(0),
+        model=model,
+        perturbations=perturbations,
+      )
+
+    tables = sparse.declared_tables(
+      model.apply,
+      {'params': params, 'batch_stats': batch_stats},
+      **data.model_inputs(batch),
+    )
+    want_rows = _rows_read(name, batch)
+    self.assertEqual(tables, frozenset(want_rows))
+
+    # Both compiled, so that both sum the same float32 terms in one order.
+    (dense_loss, _), dense = jax.jit(
+      jax.value_and_grad(lambda p: fun(p, None), has_aux=True)
+    )(params)
+    (loss, _), grads = jax.jit(
+      functools.partial(sparse.value_and_grad, fun, tables=tables)
+    )(params)
+    self.assertEqual(loss, dense_loss)
+    dense = traverse_util.flatten_dict(dense)
+    grads = traverse_util.flatten_dict(grads)
+    self.assertEqual(set(dense), set(grads))
+    for path, g in grads.items():
+      with self.subTest('/'.join(path)):
+        if path not in tables:
+          np.testing.assert_array_equal(g, dense[path])
+          continue
+        self.assertIsInstance(g, sparse.RowGrads)
+        rows = np.asarray(g.rows)
+        if want_rows[path] is None:
+          self.assertEqual(len(rows), len(IDS))
+        else:
+          np.testing.assert_array_equal(rows, want_rows[path])
+        # Summed per row: exactly the dense gradient's rows (bit for bit),
+        # whose other rows are zero.
+        num_rows = dense[path].shape[0]
+        count, summed = jax.jit(sparse.dedup, static_argnums=1)(g, num_rows)
+        read = np.asarray(summed.rows)[:count]
+        self.assertEqual(sorted(read), sorted(set(rows[rows >= 0])))
+        np.testing.assert_array_equal(summed.rows[count:], num_rows)
+        np.testing.assert_array_equal(summed.values[:count], dense[path][read])
+        unread = np.setdiff1d(np.arange(num_rows), read)
+        np.testing.assert_array_equal(dense[path][unread], 0)
+        self.assertGreater(np.abs(dense[path][read]).max(), 0)
+
+  def test_dedup_sums_each_rows_lookups_in_order(self):
+    rng = np.random.default_rng(0)
+    rows = rng.integers(-1, 9, 40).astype(np.int32)  # -1: padding.
+    rows[rows == 4] = 5  # Row 4 unread.
+    values = rng.normal(size=(40, 2, 3)).astype(np.float32)
+    count, out = sparse.dedup(sparse.RowGrads(jnp.asarray(rows), values), 9)
+    # Distinct rows in order of first lookup, then padding.
+    first_seen = list(dict.fromkeys(r for r in rows.tolist() if r >= 0))
+    self.assertEqual(int(count), len(first_seen))
+    np.testing.assert_array_equal(out.rows[:count], first_seen)
+    np.testing.assert_array_equal(out.rows[count:], 9)
+    np.testing.assert_array_equal(out.values[count:], 0)
+    for i, r in enumerate(first_seen):
+      want = np.zeros((2, 3), np.float32)
+      for j in np.flatnonzero(rows == r):  # In lookup order.
+        want = want + values[j]
+      np.testing.assert_array_equal(out.values[i], want)
+
+  def test_update_rows_changes_the_rows_read_only_in_chunks(self):
+    # 7 distinct rows in chunks of 3: three rounds of the rule, the last
+    # one partial.
+    rows = np.array([6, 0, 6, 2, 9, 3, -1, 11, 0, 5, 9], np.int32)
+    values = np.arange(11, dtype=np.float32)[:, None] * [1.0, 10.0]
+    table = np.zeros((12, 2), np.float32)
+    count = np.zeros((12,), np.float32)
+
+    def rule(g, t, c):
+      return t + g, c + 1
+
+    new_table, new_count = jax.jit(
+      functools.partial(sparse.update_rows, rule=rule, chunk=3)
+    )(sparse.RowGrads(jnp.asarray(rows), values), (table, count))
+    want_table, want_count = table.copy(), count.copy()
+    for r in set(rows.tolist()) - {-1}:
+      want_table[r] = values[rows == r].sum(axis=0)
+      want_count[r] = 1
+    np.testing.assert_array_equal(new_table, want_table)
+    np.testing.assert_array_equal(new_count, want_count)
+
+  def test_init_and_plain_apply_are_unchanged(self):
+    model, params, _ = _model_and_params('fm')
+    variables = model.init(jax.random.key(0), IDS[:2])
+    self.assertEqual(set(variables), {'params'})
+    # Another batch size than init's: no perturbation of init's shape.
+    logits = model.apply({'params': params}, IDS)
+    self.assertEqual(logits.shape, (len(IDS),))
+
+  def test_every_model_declares_its_one_hot_tables(self):
+    for name in ('lr', 'fm', 'ffm', 'fnn', 'afm', 'nfm', 'fnfm', 'deepfm'):
+      config = default.get_config()
+      config.model_name = name
+      model = train.create_model(config, FIELD_DIMS)
+      variables = model.init(jax.random.key(0), IDS, train=False)
+      tables = sparse.declared_tables(model.apply, variables, IDS)
+      params = traverse_util.flatten_dict(variables['params'])
+      with self.subTest(name):
+        self.assertTrue(tables)
+        for path in tables:
+          self.assertEqual(params[path].shape[0], sum(FIELD_DIMS))
+
+
+class ExchangeTest(absltest.TestCase):
+  def test_two_devices_send_their_rows_and_average_the_rest(self):
+    rows = np.array([[0, 3, -1], [3, 1, 2]], np.int32)
+    values = np.arange(2 * 3 * 2, dtype=np.float32).reshape(2, 3, 2)
+    dense = np.array([[1.0, 2.0], [3.0, 6.0]], np.float32)
+    out = jax.pmap(
+      lambda g: sparse.exchange(g, 'batch'),
+      axis_name='batch',
+      devices=jax.local_devices()[:2],
+    )({'table': sparse.RowGrads(rows, values), 'bias': dense})
+    for device in range(2):
+      np.testing.assert_array_equal(out['table'].rows[device], rows.reshape(-1))
+      np.testing.assert_array_equal(
+        out['table'].values[device], values.reshape(6, 2) / 2
+      )
+      np.testing.assert_array_equal(out['bias'][device], [2.0, 4.0])
+
+
+if __name__ == '__main__':
+  absltest.main()
