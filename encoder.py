@@ -17,12 +17,21 @@ cache:
   before it, and key `vocabulary[f][i]` has id `i`. Absent when the ids are
   the keys themselves, or when the dataset was built in memory without one
   (the run then predicts encoded ids only).
+- With multi-hot or numeric fields (CSV `float_columns` and
+  `multi_hot_columns`, Criteo `numeric='dense'`, MovieLens
+  `side_features`), encoder.json also holds `multi_field_names`,
+  `multi_field_dims`, `multi_vocabulary_sizes`, `multi_oov_ids`, `max_len`,
+  `multi_hot_sep`, `dense_names`, `dense_mean`, `dense_std`,
+  `side_features` and `side_tables`, and `.npy` files beside it hold the
+  multi-hot vocabularies and MovieLens's per-user and per-movie tables
+  (encoder_side.py).
 
-JSON and a plain `.npy`, no pickle. `load(workdir)` returns the `Encoder`;
-it parses raw rows (a file in the run's format, or a pandas DataFrame) with
-the source's own reader (datasets/<format>.py), so a row gets exactly the
-keys it got in training, and looks the keys up: a value that training did
-not keep gets its field's out-of-vocabulary id.
+JSON and plain `.npy`, no pickle; layout version 1 (ids only) still loads.
+`load(workdir)` returns the `Encoder`; it parses raw rows (a file in the
+run's format, or a pandas DataFrame) with the source's own reader
+(datasets/<format>.py), so a row gets exactly the keys it got in training,
+and looks the keys up: a value that training did not keep gets its field's
+out-of-vocabulary id.
 """
 
 from collections.abc import Iterator
@@ -43,56 +52,36 @@ from datasets import encode
 from datasets import libfm
 from datasets import movielens
 from datasets import text
+import encoder_side
 import utils
 
-VERSION = 1
+# 2: multi-hot and numeric fields. Version 1 encoders (ids only) still load.
+VERSION = 2
 DIRECTORY = 'encoder'
-
-_HASH = (
-  'key of a categorical string: pandas.util.hash_array(values, encoding='
-  "'utf8', hash_key='0123456789123456', categorize=True) viewed as int64"
-)
-_INT_BUCKETS = (
-  'key of an integer v: int(math.log(v) ** 2) if v > 2, else v - 2 (as'
-  ' pytorch-fm); empty: -2**63'
-)
-_INT_RAW = 'key of an integer: the integer; empty: -2**63'
-
-
-def _rules(fmt: str, options: dict) -> dict[str, str]:
-  """How raw values become keys and labels, in words, for encoder.json."""
-  ints = _INT_BUCKETS if options.get('log_bucket', True) else _INT_RAW
-  if fmt == 'movielens':
-    return {
-      'keys': 'the raw user id and movie id',
-      'label': 'rating > 3 is a positive',
-    }
-  if fmt == 'libfm':
-    keys = (
-      'the feature index minus the offset of its field (the ids)'
-      if options.get('field_dims')
-      else "the feature index of the line's k-th feature, for field k"
-    )
-    return {'keys': keys, 'label': 'a label > 0 is a positive'}
-  rules = {'categorical': _HASH, 'label': '1 is a positive, 0 or -1 not'}
-  if fmt == 'avazu':
-    rules['hour'] = (
-      'hour_of_day and weekday (0 = Monday) of hour YYMMDDHH'
-      if options.get('hour_features', True)
-      else _HASH
-    )
-  else:
-    rules['integer'] = ints
-  return rules
 
 
 @dataclasses.dataclass(frozen=True)
 class Rows:
-  """Encoded rows: ids int32 `[n, fields]`, and 0/1 labels float32 `[n]`
-  when the rows have a label (else None)."""
+  """Encoded rows: the model's inputs, and their labels.
+
+  Attributes:
+    ids: int32 `[n, fields]`.
+    labels: 0/1 float32 `[n]` when the rows have a label, else None.
+    multi_ids: int32 `[n, multi_fields, max_len]`, -1 padding; None without
+      multi-hot fields.
+    dense: float32 `[n, dense_fields]`, standardised; None without numeric
+      fields.
+  """
 
   ids: np.ndarray
   labels: np.ndarray | None
+  multi_ids: np.ndarray | None = None
+  dense: np.ndarray | None = None
+
+  def inputs(self) -> dict[str, np.ndarray]:
+    """`ids`, and `multi_ids` and `dense` when present: `model.apply`'s."""
+    out = {'ids': self.ids, 'multi_ids': self.multi_ids, 'dense': self.dense}
+    return {k: v for k, v in out.items() if v is not None}
 
 
 def _tuples(value: Any) -> Any:
@@ -136,8 +125,10 @@ class Encoder:
       keys are the ids (libFM with `field_dims`) or when the dataset had
       none (built in memory): such an encoder cannot encode raw rows.
     model_name: the model file, `models/<model_name>.py`.
-    model: its constructor arguments besides `field_dims`.
+    model: its constructor arguments besides `field_dims` and the inputs'
+      (`model_config` adds `multi_field_dims` and `num_dense`).
     keys_are_ids: the keys are the ids (libFM with `field_dims`).
+    side: the multi-hot and numeric fields (encoder_side.py).
   """
 
   name: str
@@ -150,6 +141,7 @@ class Encoder:
   model_name: str
   model: dict
   keys_are_ids: bool = False
+  side: encoder_side.SideInputs = encoder_side.SideInputs()
 
   @property
   def oov_ids(self) -> tuple[int | None, ...]:
@@ -161,10 +153,20 @@ class Encoder:
       for v, d in zip(self.vocabulary, self.field_dims, strict=True)
     )
 
+  @property
+  def raw_field_names(self) -> tuple[str, ...]:
+    """The one-hot fields of a raw row (MovieLens: user and item; the user
+    side fields are looked up)."""
+    if self.side.user_ids is not None:
+      return self.field_names[:2]
+    return self.field_names
+
   def model_config(self) -> ml_collections.ConfigDict:
-    """`model_name` and `model`, the keys that `train.create_model` reads."""
+    """`model_name` and `model`, the keys that `train.create_model` reads;
+    `model` includes the inputs' `multi_field_dims` and `num_dense`."""
+    model = {**self.model, **self.side.model_fields()}
     return ml_collections.ConfigDict(
-      {'model_name': self.model_name, 'model': dict(self.model)}
+      {'model_name': self.model_name, 'model': model}
     )
 
   def write(self, directory: str) -> str:
@@ -182,11 +184,16 @@ class Encoder:
       'vocabulary_sizes': sizes,
       'keys_are_ids': self.keys_are_ids,
       'oov_ids': list(self.oov_ids),
-      'rules': _rules(self.format, self.options),
+      'rules': encoder_side.rules(self.format, self.options, self.side),
       'model_name': self.model_name,
       'model': self.model,
+      **self.side.meta(),
+      'multi_hot_sep': self.options.get('multi_hot_sep')
+      if self.format == 'csv' and self.side.multi_field_names
+      else None,
     }
     os.makedirs(directory, exist_ok=True)
+    self.side.write(directory)
     # Vocabulary first: encoder.json, written last, says what it must hold.
     path = os.path.join(directory, 'vocabulary.npy')
     if self.vocabulary is not None:
@@ -203,13 +210,30 @@ class Encoder:
     return directory
 
   def encode_keys(self, keys: np.ndarray) -> np.ndarray:
-    """Ids int32 `[n, fields]` of int64 keys `[n, fields]` (unkept: OOV)."""
+    """Ids int32 `[n, fields]` of int64 keys `[n, fields]` (unkept: OOV).
+
+    MovieLens with user side fields: keys `[n, 2]` of user and item.
+    """
     if self.vocabulary is None and not self.keys_are_ids:
       raise utils.UserError(
         f'The encoder of this {self.name} run has no vocabulary (its dataset'
         ' was built in memory): it cannot encode raw rows; pass ids.'
       )
-    return encode.encode_ids(self.vocabulary, keys)
+    vocabulary = self.vocabulary
+    if vocabulary is not None:
+      vocabulary = vocabulary[: keys.shape[1]]
+    return encode.encode_ids(vocabulary, keys)
+
+  def _rows(
+    self, keys: np.ndarray, labels: np.ndarray | None, parsed: Any = None
+  ) -> Rows:
+    """The encoded `Rows` of a reader's keys, labels and `core.Side`."""
+    ids = self.encode_keys(keys)
+    if self.side.features:
+      ids, multi, dense = self.side.lookup(ids)
+    else:
+      multi, dense = self.side.encode(parsed, len(keys))
+    return Rows(ids, labels, multi, dense)
 
   def reader(self, path: str) -> core.Reader:
     """The source's reader of the rows in file `path`, with or without label.
@@ -230,23 +254,35 @@ class Encoder:
     if not hasattr(reader, 'line_batches'):  # Parquet: chose by its schema.
       with core.reading(path):
         reader = reader.for_rows(_first_line(path))
-    self._check_fields(reader.field_names, path)
+    self._check_fields(reader, path)
     return reader
+
+  def _all_fields(self) -> tuple[str, ...]:
+    """One-hot, multi-hot and numeric fields of a raw row, in that order."""
+    if self.side.features:
+      return self.raw_field_names
+    return (
+      self.raw_field_names + self.side.multi_field_names + self.side.dense_names
+    )
 
   def _in_order(self, table: text.Table) -> text.Table:
     """`table` with its fields in the run's order (a CSV's columns may be
     in any order)."""
-    if sorted(table.field_names) != sorted(self.field_names):
-      return table
+    want = self._all_fields()
     by_name = {field.name: field for field in table.fields}
-    fields = tuple(by_name[name] for name in self.field_names)
+    if sorted(by_name) != sorted(want):
+      return table
+    fields = tuple(by_name[name] for name in want)
     return dataclasses.replace(table, fields=fields)
 
-  def _check_fields(self, names: tuple[str, ...], where: str) -> None:
-    if tuple(names) != self.field_names:
+  def _check_fields(self, reader: Any, where: str) -> None:
+    names = tuple(reader.field_names)
+    names += tuple(getattr(reader, 'multi_field_names', ()))
+    names += tuple(getattr(reader, 'dense_names', ()))
+    if names != self._all_fields():
       raise core.DataError(
         f'{where}: its fields {", ".join(names)} differ from those the model'
-        f' was trained on: {", ".join(self.field_names)}.'
+        f' was trained on: {", ".join(self._all_fields())}.'
       )
 
   def chunks(self, path: str, chunk_rows: int = 100_000) -> Iterator[Rows]:
@@ -258,8 +294,9 @@ class Encoder:
     reader = self.reader(path)
     labeled = _is_labeled(reader)
     desc = f'predict {os.path.basename(path)}'
-    for keys, labels in encode.chunks(reader, path, chunk_rows, _raise, desc):
-      yield Rows(self.encode_keys(keys), labels if labeled else None)
+    parsed = encode.chunks(reader, path, chunk_rows, _raise, desc)
+    for keys, labels, *side in parsed:
+      yield self._rows(keys, labels if labeled else None, *side)
 
   def encode(self, rows: pd.DataFrame | str) -> Rows:
     """Encodes a DataFrame of raw values, or a whole file (its path).
@@ -268,24 +305,33 @@ class Encoder:
     header (Criteo: label, I1..I13, C1..C26; Avazu: click, hour, C1, ...;
     CSV: its header's), MovieLens `user`, `item` (and `rating`), libFM
     `field0`, `field1`, ... (the feature indices, and `label`). The label
-    column is optional; a missing value is an empty (None or NaN) cell.
+    column is optional; a missing value is an empty (None or NaN) cell. A
+    multi-hot cell is a string of values joined by the run's separator or
+    a list of values.
     """
     if isinstance(rows, (str, os.PathLike)):
       parts = list(self.chunks(os.fspath(rows)))
-      labels = [p.labels for p in parts]
-      ids = [p.ids for p in parts] or [np.zeros((0, len(self.field_dims)))]
+      if not parts:
+        keys = np.zeros((0, len(self.raw_field_names)), np.int64)
+        parts = [self._rows(keys, None)]
+      arrays = {
+        f.name: [getattr(p, f.name) for p in parts]
+        for f in dataclasses.fields(Rows)
+      }
       return Rows(
-        np.concatenate(ids).astype(np.int32),
-        None
-        if not parts or any(x is None for x in labels)
-        else np.concatenate(labels),
+        **{
+          name: None
+          if any(x is None for x in values)
+          else np.concatenate(values)
+          for name, values in arrays.items()
+        }
       )
     reader, lines = self._frame_lines(rows)
     labeled = _is_labeled(reader)
-    keys, labels = reader.parse(
+    keys, labels, *side = reader.parse(
       lines, 1, lambda n: f'DataFrame row {n - 1}', _raise
     )
-    return Rows(self.encode_keys(keys), labels if labeled else None)
+    return self._rows(keys, labels if labeled else None, *side)
 
   def _frame_lines(self, frame: pd.DataFrame) -> tuple[Any, list[bytes]]:
     """The source's reader of `frame` and its rows as lines of that format."""
@@ -304,6 +350,9 @@ class Encoder:
       reader = libfm.Reader(len(self.field_names), dims, labeled)
       columns = (['label'] if labeled else []) + list(self.field_names)
     else:
+      frame = encoder_side.joined_lists(
+        frame, self.side.multi_field_names, options.get('multi_hot_sep', '|')
+      )
       if self.format == 'csv':
         table = self._in_order(
           csv.table(options, names, 'the DataFrame', require_label=False)
@@ -328,7 +377,7 @@ class Encoder:
     missing = [c for c in columns if c not in frame.columns]
     if missing:
       raise core.DataError(f'The DataFrame has no column {", ".join(missing)}.')
-    self._check_fields(reader.field_names, 'The DataFrame')
+    self._check_fields(reader, 'The DataFrame')
     frame = frame[columns].apply(_integral)
     body = frame.to_csv(
       sep=sep, header=False, index=False, lineterminator='\n', quoting=quoting
@@ -384,6 +433,7 @@ def save(
     model_name=config.model_name,
     model=config.model.to_dict(),
     keys_are_ids=identity,
+    side=encoder_side.from_dataset(dataset, fmt, dataset_config),
   )
   return encoder.write(os.path.join(workdir, DIRECTORY))
 
@@ -412,6 +462,7 @@ def load(path: str) -> Encoder:
       f'{directory}/encoder.json: layout version {meta.get("version")} is'
       f' newer than this code reads ({VERSION}); update the code.'
     )
+  side = encoder_side.read(meta, directory, utils.UserError)
   vocabulary = None
   if meta['vocabulary_sizes'] is not None:
     flat = np.load(
@@ -435,4 +486,5 @@ def load(path: str) -> Encoder:
     model_name=meta['model_name'],
     model=_tuples(meta['model']),
     keys_are_ids=meta.get('keys_are_ids', False),
+    side=side,
   )

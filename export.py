@@ -19,19 +19,26 @@ writes into the output directory:
     ids = np.array([[0, 3], [5, 1]], np.int32)  # [batch, fields]
     probabilities = np.asarray(model.call(ids))  # float32 [batch]
 
-- `model.onnx`: the same function as ONNX (input `ids`, output
-  `probability`, batch dimension `batch`), for onnxruntime. It needs the
-  optional converter: `pip install jax2onnx onnxruntime
-  "orbax-checkpoint>=0.12.8"` (jax2onnx's newest releases would downgrade
-  orbax otherwise; see requirements-dev.txt). Without it, or with
+  A run with multi-hot or numeric fields takes them too, in this order:
+  `model.call(ids, multi_ids, dense)`, with int32 `multi_ids` `[batch,
+  multi_fields, max_len]` (the ids of each list, padded with -1) and
+  float32 `dense` `[batch, dense_fields]` (standardised values), each only
+  when the run has such fields.
+
+- `model.onnx`: the same function as ONNX (inputs `ids`, and `multi_ids`
+  and `dense` when present, output `probability`, batch dimension `batch`),
+  for onnxruntime. It needs the optional converter: `pip install jax2onnx
+  onnxruntime "orbax-checkpoint>=0.12.8"` (jax2onnx's newest releases would
+  downgrade orbax otherwise; see requirements-dev.txt). Without it, or with
   `--noonnx`, it is left out, and signature.json says why.
-- `signature.json`: inputs and outputs, `field_names`, `field_dims`, the
-  out-of-vocabulary ids, the model and the files.
+- `signature.json`: inputs (name, dtype, shape) and outputs,
+  `field_names`, `field_dims`, the out-of-vocabulary ids, the multi-hot
+  and numeric fields (`multi_field_names`, `multi_field_dims`, `max_len`,
+  `dense_names`), the model and the files.
 - `encoder/`: the run's encoder (encoder.py), to encode raw rows.
 """
 
 from collections.abc import Callable, Sequence
-import functools
 import importlib.abc
 import json
 import logging as std_logging
@@ -48,29 +55,73 @@ import encoder as encoder_lib
 import predict
 import utils
 
-VERSION = 1
+VERSION = 2
 INPUT = 'ids'
+INPUTS = ('ids', 'multi_ids', 'dense')
 OUTPUT = 'probability'
 PLATFORMS = ('cpu', 'cuda', 'rocm', 'tpu')
+
+# The inputs of an export: int (ids only, the number of fields) or a dict
+# {name: shape after the batch}, names among INPUTS in that order.
+Inputs = int | dict[str, tuple[int, ...]]
 
 
 def ids_spec(num_fields: int) -> jax.ShapeDtypeStruct:
   """int32 ids `[batch, num_fields]`, the batch a symbolic dimension."""
-  shape = jax.export.symbolic_shape(f'batch, {num_fields}')
-  return jax.ShapeDtypeStruct(shape, jnp.int32)
+  return input_specs(num_fields)[0]
 
 
-def inference_function(model, variables: dict) -> Callable:
-  """`ids -> probabilities` of `model` with `variables` closed over."""
-  return functools.partial(predict.probabilities, model, variables)
+def model_inputs(model, max_len: int = 1) -> dict[str, tuple[int, ...]]:
+  """`{name: shape after the batch}` of the inputs that `model` takes."""
+  out = {'ids': (len(model.field_dims),)}
+  if getattr(model, 'multi_field_dims', ()):
+    out['multi_ids'] = (len(model.multi_field_dims), max_len)
+  if getattr(model, 'num_dense', 0):
+    out['dense'] = (model.num_dense,)
+  return out
+
+
+def _named(inputs: Inputs) -> dict[str, tuple[int, ...]]:
+  return {'ids': (inputs,)} if isinstance(inputs, int) else dict(inputs)
+
+
+def input_specs(inputs: Inputs) -> list[jax.ShapeDtypeStruct]:
+  """The specs of `inputs`, sharing one symbolic batch dimension."""
+  (batch,) = jax.export.symbolic_shape('batch')
+  return [
+    jax.ShapeDtypeStruct(
+      (batch, *shape), jnp.float32 if name == 'dense' else jnp.int32
+    )
+    for name, shape in _named(inputs).items()
+  ]
+
+
+def inference_function(
+  model, variables: dict, names: Sequence[str] = ('ids',)
+) -> Callable:
+  """`(*inputs) -> probabilities` of `model`, `variables` closed over.
+
+  Args:
+    model: the flax module.
+    variables: its variables.
+    names: the names of the positional inputs, among INPUTS in that order.
+  """
+  names = tuple(names)
+
+  def fn(*inputs):
+    return predict.probabilities(
+      model, variables, **dict(zip(names, inputs, strict=True))
+    )
+
+  return fn
 
 
 def export_jax(
-  fn: Callable, num_fields: int, platforms: Sequence[str] = ('cpu',)
+  fn: Callable, inputs: Inputs, platforms: Sequence[str] = ('cpu',)
 ) -> bytes:
   """`fn` serialized by `jax.export` for `platforms`, any batch size."""
   exported = jax.export.export(jax.jit(fn), platforms=tuple(platforms))(
-    ids_spec(num_fields)
+    *input_specs(inputs)
   )
   return bytes(exported.serialize())
 
@@ -81,9 +132,10 @@ def _inline(jaxpr, consts: Sequence, *args) -> list:
   jax2onnx cannot lower an integer remainder with a symbolic batch
   dimension (W&D's hashed crosses take one); `x - (x / y) * y`, with
   truncating division, is the same remainder and lowers. Only functions
-  with such a remainder take this path: tracing first, outside jax2onnx,
-  turns `jnp.einsum` into `dot_general`s, some of which it lowers to an
-  invalid ONNX Einsum (xDeepFM's).
+  with such a remainder, or that jax2onnx fails to convert directly, take
+  this path: tracing first, outside jax2onnx, turns `jnp.einsum` into
+  `dot_general`s, some of which it lowers to an invalid ONNX Einsum
+  (xDeepFM's).
   """
   env = {}
 
@@ -156,8 +208,8 @@ class _SkipPlugins(importlib.abc.MetaPathFinder):
     return None
 
 
-def export_onnx(fn: Callable, num_fields: int) -> bytes:
-  """`fn` as an ONNX model (input `ids`, output `probability`).
+def export_onnx(fn: Callable, inputs: Inputs) -> bytes:
+  """`fn` as an ONNX model (inputs named as `inputs`, output `probability`).
 
   Raises:
     ImportError: jax2onnx is not installed.
@@ -165,14 +217,24 @@ def export_onnx(fn: Callable, num_fields: int) -> bytes:
   """
   from jax2onnx import to_onnx  # pylint: disable=g-import-not-at-top
 
-  spec = ids_spec(num_fields)
-  closed = jax.make_jaxpr(fn)(spec)
-  traced = fn
+  specs = input_specs(inputs)
+  closed = jax.make_jaxpr(fn)(*specs)
+
+  def inlined(*args):
+    return _inline(closed.jaxpr, closed.consts, *args)[0]
+
   if _has_integer_rem(closed.jaxpr):
+    return _to_onnx(to_onnx, inlined, specs, inputs)
+  try:
+    return _to_onnx(to_onnx, fn, specs, inputs)
+  except Exception:  # pylint: disable=broad-except
+    # jax2onnx's own BatchNorm lowering rejects some flax BatchNorms (AFN's,
+    # over axis 1): the traced primitives convert.
+    return _to_onnx(to_onnx, inlined, specs, inputs)
 
-    def traced(ids):
-      return _inline(closed.jaxpr, closed.consts, ids)[0]
 
+def _to_onnx(to_onnx: Callable, fn: Callable, specs, inputs: Inputs) -> bytes:
+  """`to_onnx(fn, ...)` serialized, with jax2onnx's extra plugins skipped."""
   finder = _SkipPlugins()
   loggers = [std_logging.getLogger(n) for n in ('jax2onnx', 'onnx_ir')]
   levels = [logger.level for logger in loggers]
@@ -182,10 +244,10 @@ def export_onnx(fn: Callable, num_fields: int) -> bytes:
     for logger in loggers:
       logger.setLevel(std_logging.ERROR)
     proto = to_onnx(
-      traced,
-      [spec],
+      fn,
+      specs,
       model_name='flax_fm',
-      input_names=[INPUT],
+      input_names=list(_named(inputs)),
       output_names=[OUTPUT],
     )
   finally:
@@ -232,11 +294,11 @@ def export(
   """
   check_platforms(platforms)
   enc = predictor.encoder
-  num_fields = len(enc.field_dims)
+  inputs = model_inputs(predictor.model, enc.side.max_len)
   variables = jax.device_get(predictor.variables)
-  fn = inference_function(predictor.model, variables)
+  fn = inference_function(predictor.model, variables, tuple(inputs))
   os.makedirs(output, exist_ok=True)
-  serialized = export_jax(fn, num_fields, platforms)
+  serialized = export_jax(fn, inputs, platforms)
   _write(os.path.join(output, 'model.jax'), serialized)
   files = {'jax': 'model.jax', 'onnx': None, 'encoder': 'encoder'}
   onnx_error = None
@@ -245,7 +307,7 @@ def export(
     os.remove(onnx_path)
   if onnx:
     try:
-      _write(onnx_path, export_onnx(fn, num_fields))
+      _write(onnx_path, export_onnx(fn, inputs))
       files['onnx'] = 'model.onnx'
     except ImportError as e:
       onnx_error = (
@@ -260,12 +322,23 @@ def export(
   signature = {
     'version': VERSION,
     'inputs': [
-      {'name': INPUT, 'dtype': 'int32', 'shape': ['batch', num_fields]}
+      {
+        'name': name,
+        'dtype': 'float32' if name == 'dense' else 'int32',
+        'shape': ['batch', *shape],
+      }
+      for name, shape in inputs.items()
     ],
     'outputs': [{'name': OUTPUT, 'dtype': 'float32', 'shape': ['batch']}],
     'field_names': list(enc.field_names),
     'field_dims': list(enc.field_dims),
     'oov_ids': list(enc.oov_ids),
+    # multi_ids: the ids of each list, -1 after its values; dense: values
+    # standardised with the training split's dense_mean and dense_std.
+    'multi_field_names': list(enc.side.multi_field_names),
+    'multi_field_dims': list(enc.side.multi_field_dims),
+    'max_len': enc.side.max_len,
+    'dense_names': list(enc.side.dense_names),
     'model_name': enc.model_name,
     'model': enc.model,
     'platforms': list(platforms),

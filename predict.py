@@ -12,15 +12,20 @@ row), in input order. The file is read in chunks of `--chunk_rows` lines,
 so memory does not grow with it, and each batch is split over every local
 device. A malformed row stops with its file and line.
 
+A run with multi-hot or numeric fields (CSV `float_columns` and
+`multi_hot_columns`, Criteo `numeric='dense'`, MovieLens `side_features`)
+reads them from the same rows (MovieLens looks them up by user and movie)
+and feeds the model `multi_ids` and `dense` too.
+
 From Python:
 
   predictor = predict.load('/tmp/fm')
   probabilities = predictor(frame)  # a DataFrame of raw values
   probabilities = predictor.predict_ids(ids)  # int32 ids [n, fields]
+  probabilities = predictor.predict_ids(ids, multi_ids=m, dense=d)
 """
 
 from collections.abc import Iterator
-import functools
 import os
 from typing import Any
 
@@ -71,10 +76,18 @@ class Predictor:
     replicated = NamedSharding(mesh, PartitionSpec())
     self.variables = jax.device_put(variables, replicated)
     self._probabilities = jax.jit(
-      functools.partial(probabilities, model),
+      lambda variables, inputs: probabilities(model, variables, **inputs),
       in_shardings=(replicated, self._rows),
       out_shardings=self._rows,
     )
+    side = encoder.side
+    # The shape after the batch, the padding value and dtype of each input.
+    self._inputs = {'ids': ((len(encoder.field_dims),), 0, np.int32)}
+    if side.multi_field_names:
+      shape = (len(side.multi_field_names), side.max_len)
+      self._inputs['multi_ids'] = (shape, -1, np.int32)
+    if side.dense_names:
+      self._inputs['dense'] = ((len(side.dense_names),), 0, np.float32)
 
   def _padded_size(self, n: int) -> int:
     if n >= self.batch_size:
@@ -82,29 +95,59 @@ class Predictor:
     size = max(self.num_devices, 1 << max(n - 1, 0).bit_length())
     return min(-(-size // self.num_devices) * self.num_devices, self.batch_size)
 
-  def predict_ids(self, ids: np.ndarray) -> np.ndarray:
-    """Probabilities float32 `[n]` of encoded ids int32 `[n, fields]`."""
-    ids = np.asarray(ids, np.int32)
-    fields = len(self.encoder.field_dims)
-    if ids.ndim != 2 or ids.shape[1] != fields:
-      raise ValueError(f'ids must be [n, {fields}], got {ids.shape}.')
+  def predict_ids(
+    self,
+    ids: np.ndarray,
+    multi_ids: np.ndarray | None = None,
+    dense: np.ndarray | None = None,
+  ) -> np.ndarray:
+    """Probabilities float32 `[n]` of encoded inputs.
+
+    Args:
+      ids: int32 `[n, fields]`.
+      multi_ids: int32 `[n, multi_fields, max_len]`, -1 padding; required
+        exactly when the run has multi-hot fields.
+      dense: float32 `[n, dense_fields]`, standardised; required exactly
+        when the run has numeric fields.
+    """
+    given = {'ids': ids, 'multi_ids': multi_ids, 'dense': dense}
+    inputs = {}
+    for name, value in given.items():
+      if (value is None) != (name not in self._inputs):
+        raise ValueError(
+          f'{name}: this run takes {", ".join(self._inputs)}; got'
+          f' {", ".join(k for k, v in given.items() if v is not None)}.'
+        )
+      if value is None:
+        continue
+      shape, _, dtype = self._inputs[name]
+      inputs[name] = np.asarray(value, dtype)
+      rows = len(inputs['ids']) if inputs['ids'].ndim else -1
+      if inputs[name].shape[1:] != shape or len(inputs[name]) != rows:
+        want = ', '.join(str(d) for d in ('n',) + shape)
+        raise ValueError(f'{name} must be [{want}], got {np.shape(value)}.')
+    n = len(inputs['ids'])
     outs = []
-    for start in range(0, len(ids), self.batch_size):  # Dispatch all first.
-      batch = ids[start : start + self.batch_size]
-      padded = np.zeros((self._padded_size(len(batch)), fields), np.int32)
-      padded[: len(batch)] = batch
-      placed = jax.device_put(padded, self._rows)
-      outs.append((self._probabilities(self.variables, placed), len(batch)))
+    for start in range(0, n, self.batch_size):  # Dispatch all first.
+      size = min(self.batch_size, n - start)
+      batch = {}
+      for name, value in inputs.items():
+        shape, fill, dtype = self._inputs[name]
+        padded = np.full((self._padded_size(size),) + shape, fill, dtype)
+        padded[:size] = value[start : start + size]
+        batch[name] = padded
+      placed = jax.device_put(batch, self._rows)
+      outs.append((self._probabilities(self.variables, placed), size))
     if not outs:
       return np.zeros(0, np.float32)
-    return np.concatenate([np.asarray(out)[:n] for out, n in outs])
+    return np.concatenate([np.asarray(out)[:k] for out, k in outs])
 
   def __call__(self, frame: pd.DataFrame) -> np.ndarray:
     """Probabilities float32 `[n]` of a DataFrame of raw values.
 
     See `encoder.Encoder.encode` for its columns.
     """
-    return self.predict_ids(self.encoder.encode(frame).ids)
+    return self.predict_ids(**self.encoder.encode(frame).inputs())
 
   def predict_file(
     self, path: str, chunk_rows: int = 100_000
@@ -114,12 +157,21 @@ class Predictor:
     The next chunk is parsed in the background while this one is scored.
     """
     for rows in utils.prefetch(self.encoder.chunks(path, chunk_rows)):
-      yield self.predict_ids(rows.ids), rows.labels
+      yield self.predict_ids(**rows.inputs()), rows.labels
 
 
-def probabilities(model: Any, variables: dict, ids: jax.Array) -> jax.Array:
-  """`sigmoid(model(ids))` float32 `[batch]`, in inference mode."""
-  logits = model.apply(variables, ids, train=False)
+def probabilities(
+  model: Any,
+  variables: dict,
+  ids: jax.Array,
+  multi_ids: jax.Array | None = None,
+  dense: jax.Array | None = None,
+) -> jax.Array:
+  """`sigmoid(model(ids[, multi_ids][, dense]))` float32 `[batch]`, in
+  inference mode; the inputs as `encoder.Rows` holds them."""
+  side = {'multi_ids': multi_ids, 'dense': dense}
+  side = {k: v for k, v in side.items() if v is not None}
+  logits = model.apply(variables, ids, train=False, **side)
   return jax.nn.sigmoid(logits.astype(np.float32))
 
 

@@ -3,7 +3,10 @@
 Each format's tiny file is preprocessed by data.py (one split holding every
 row), its encoder saved and loaded back, and the same rows encoded again,
 from the file, without their label, and as a DataFrame: the ids must be
-the cache's. Unseen and rare values get the OOV id.
+the cache's. Unseen and rare values get the OOV id. Multi-hot and numeric
+fields (CSV, Criteo's dense integers, MovieLens side features) must give
+the cache's `multi_ids` and `dense` too, and an encoder of layout version 1
+(ids only) still loads.
 """
 
 import dataclasses
@@ -18,14 +21,27 @@ from dataset_testing import write_lines
 import ml_collections
 import numpy as np
 import pandas as pd
+from test_datasets_csv_features import HEADER
+from test_datasets_csv_features import MIN_COUNT
+from test_datasets_csv_features import csv_options
+from test_datasets_csv_features import feature_rows
+from test_side_features import _write_ml100k
 
 from configs import default
 import data
 from datasets import criteo
+from datasets import text
 import encoder
+import encoder_side
 import utils
 
 CRITEO_COLUMNS = list(criteo.COLUMNS)
+# The keys of encoder.json in layout version 1.
+V1_KEYS = (
+  *('version', 'name', 'format', 'options', 'min_count', 'field_names'),
+  *('field_dims', 'vocabulary_sizes', 'keys_are_ids', 'oov_ids', 'rules'),
+  *('model_name', 'model'),
+)
 AVAZU_HEADER = [
   *('id', 'click', 'hour', 'C1', 'banner_pos', 'site_id', 'site_domain'),
   *('site_category', 'app_id', 'app_domain', 'app_category', 'device_id'),
@@ -40,7 +56,7 @@ def _frame(rows, columns):
   return frame.replace('', None)
 
 
-class EncoderTest(DatasetTestCase):
+class EncoderTestCase(DatasetTestCase):
   def _save(self, name, path, **overrides):
     """Preprocesses `path` as one split, saves and loads its encoder."""
     config = default.get_config()
@@ -72,6 +88,8 @@ class EncoderTest(DatasetTestCase):
     else:
       np.testing.assert_array_equal(got.labels, labels)
 
+
+class EncoderTest(EncoderTestCase):
   @parameterized.parameters(True, False)
   def test_criteo_file_unlabeled_file_and_frame_give_training_ids(self, bucket):
     rows = criteo_rows(300, seed=1)
@@ -259,3 +277,189 @@ class EncoderTest(DatasetTestCase):
     self.assertEqual(enc.oov_ids, (None,) * 39)
     with self.assertRaisesRegex(utils.UserError, 'cannot encode raw rows'):
       enc.encode(path)
+
+
+def _permuted(split, order):
+  """`split`'s inputs and labels, rows in `order`."""
+  return data.Split(
+    *(
+      None if a is None else np.asarray(a)[order]
+      for a in (split.ids, split.labels, split.multi_ids, split.dense)
+    )
+  )
+
+
+class SideInputsTest(EncoderTestCase):
+  def _check_inputs(self, got, split, labeled=True):
+    """`got` (`encoder.Rows`) holds `split`'s inputs, and labels if
+    `labeled`, exactly."""
+    for name in ('ids', 'multi_ids', 'dense'):
+      want = getattr(split, name)
+      if want is None:
+        self.assertIsNone(getattr(got, name), name)
+      else:
+        self.assertEqual(getattr(got, name).dtype, want.dtype, name)
+        np.testing.assert_array_equal(getattr(got, name), want, name)
+    if labeled:
+      np.testing.assert_array_equal(got.labels, split.labels)
+    else:
+      self.assertIsNone(got.labels)
+
+  def test_csv_lists_and_numbers_from_file_frame_and_parquet(self):
+    rows = feature_rows(300, seed=8)
+    path = write_lines(os.path.join(self.tmp, 'train.csv'), rows, ',', HEADER)
+    dataset, enc, workdir = self._save(
+      'csv', path, min_count=MIN_COUNT, csv=csv_options()
+    )
+    train = dataset.train  # Every row, in file order.
+    self.assertEqual(enc.side.multi_field_dims, dataset.multi_field_dims)
+    self.assertEqual(
+      enc.model_config().model.to_dict(),
+      {
+        'embed_dim': 3,
+        'multi_field_dims': dataset.multi_field_dims,
+        'num_dense': 2,
+      },
+    )
+    self._check_inputs(enc.encode(path), train)
+    chunks = list(enc.chunks(path, chunk_rows=64))
+    self.assertLen(chunks, 5)
+    np.testing.assert_array_equal(
+      np.concatenate([c.multi_ids for c in chunks]), train.multi_ids
+    )
+    frame = pd.read_csv(path, dtype=str, keep_default_na=False)
+    shuffled = frame[['colors', 'count', 'tags', 'shop', 'price']]
+    other = os.path.join(self.tmp, 'test.csv')
+    shuffled.to_csv(other, index=False)
+    self._check_inputs(enc.encode(other), train, labeled=False)
+    typed = shuffled.assign(
+      price=shuffled['price'].replace('', 'nan').astype(float),
+      count=shuffled['count'].astype(float),
+    )
+    parquet = os.path.join(self.tmp, 'test.parquet')
+    typed.to_parquet(parquet)
+    self._check_inputs(enc.encode(parquet), train, labeled=False)
+    # A DataFrame's multi-hot cells may be lists.
+    lists = typed.assign(tags=[c.split('|') for c in typed['tags']])
+    self._check_inputs(enc.encode(lists), train, labeled=False)
+    # Unseen and repeated values, a list longer than max_len, empty cells.
+    self.assertEqual(enc.side.max_len, 4)
+    new = pd.DataFrame(
+      {
+        'shop': ['a', 'zz'],
+        'price': ['', str(enc.side.dense_mean[0] + enc.side.dense_std[0])],
+        'count': ['nan', '3'],
+        'tags': ['never| t0 |t0|t1|t2|t3', ''],
+        'colors': [None, 'c0'],
+      }
+    )
+    got = enc.encode(new)
+    index = {k: i for i, k in enumerate(enc.side.multi_vocabulary[0])}
+    keys = text.string_keys(np.array(['t0', 't0', 't1'], object))
+    tag_ids = [index[k] for k in keys]
+    oov = enc.side.multi_field_dims[0] - 1
+    np.testing.assert_array_equal(got.multi_ids[0, 0], [oov, *tag_ids])
+    np.testing.assert_array_equal(got.multi_ids[0, 1], [-1] * 4)
+    np.testing.assert_array_equal(got.multi_ids[1, 0], [-1] * 4)
+    shop_a = train.ids[[r[1] for r in rows].index('a'), 0]
+    np.testing.assert_array_equal(got.ids[:, 0], [shop_a, 5])  # 'zz': OOV.
+    count = (3 - enc.side.dense_mean[1]) / enc.side.dense_std[1]
+    np.testing.assert_allclose(got.dense, [[0, 0], [1, count]], atol=1e-6)
+    files = sorted(os.listdir(os.path.join(workdir, 'encoder')))
+    self.assertEqual(
+      files, ['encoder.json', 'multi_vocabulary.npy', 'vocabulary.npy']
+    )
+    with open(os.path.join(workdir, 'encoder', 'encoder.json')) as f:
+      meta = json.load(f)
+    self.assertEqual(meta['multi_field_names'], ['tags', 'colors'])
+    self.assertEqual(meta['multi_hot_sep'], '|')
+    self.assertEqual(meta['max_len'], 4)
+    self.assertEqual(meta['dense_mean'], list(dataset.dense_mean))
+    self.assertEqual(meta['dense_std'], list(dataset.dense_std))
+    self.assertIn('missing', meta['rules']['numeric'])
+    with self.assertRaisesRegex(data.DataError, "float_columns: .*'price'"):
+      enc.encode(frame.drop(columns='price'))
+
+  def test_criteo_dense_integers(self):
+    rows = criteo_rows(200, seed=9)
+    path = write_lines(os.path.join(self.tmp, 'train.txt'), rows, '\t')
+    dataset, enc, _ = self._save(
+      'criteo', path, min_count=2, criteo={'numeric': 'dense'}
+    )
+    self.assertEqual(enc.side.dense_names, tuple(CRITEO_COLUMNS[1:14]))
+    self.assertLen(enc.field_dims, 26)
+    self._check_inputs(enc.encode(path), dataset.train)
+    frame = _frame(rows, CRITEO_COLUMNS).drop(columns='label')
+    self._check_inputs(enc.encode(frame), dataset.train, labeled=False)
+
+  def test_movielens_side_features_are_looked_up_by_user_and_movie(self):
+    directory = os.path.join(self.tmp, 'ml-100k')
+    os.makedirs(directory)
+    ratings = _write_ml100k(directory)
+    features = ('genres,year,age,gender',)
+    dataset, enc, workdir = self._save(
+      'ml-100k', directory, side_features=features
+    )
+    self.assertEqual(enc.side.features, ('genres', 'year', 'age', 'gender'))
+    order = np.argsort(data.split_indices(len(ratings), (1, 0, 0), 0)[0])
+    in_file_order = _permuted(dataset.train, order)
+    got = enc.encode(os.path.join(directory, 'u.data'))
+    self._check_inputs(got, in_file_order)
+    # Unseen users and movies: OOV ids, empty lists, the mean year (0).
+    frame = pd.DataFrame({'user': [1, 99, 99, 3], 'item': [4, 2, 77, 1]})
+    got = enc.encode(frame)
+    row = {(u, m): i for i, (u, m, _) in enumerate(ratings)}
+    known = [row[1, 4], row[1, 2], None, row[3, 1]]
+    oov = np.array(enc.field_dims) - 1
+    for r, i in enumerate(known):
+      if r != 2:  # Movie 77 is unseen: only the user part is known.
+        np.testing.assert_array_equal(
+          got.multi_ids[r], in_file_order.multi_ids[i]
+        )
+        np.testing.assert_array_equal(got.dense[r], in_file_order.dense[i])
+    np.testing.assert_array_equal(got.ids[0], in_file_order.ids[row[1, 4]])
+    np.testing.assert_array_equal(got.ids[3], in_file_order.ids[row[3, 1]])
+    np.testing.assert_array_equal(got.ids[1, [0, 2, 3]], oov[[0, 2, 3]])
+    self.assertEqual(got.ids[1, 1], in_file_order.ids[row[1, 2], 1])
+    np.testing.assert_array_equal(got.ids[2], oov)
+    np.testing.assert_array_equal(got.multi_ids[2], -1)
+    np.testing.assert_array_equal(got.dense[2], 0)
+    pairs = os.path.join(self.tmp, 'pairs.csv')
+    with open(pairs, 'w') as f:
+      f.write('1\t4\n99\t77\n')
+    from_file = enc.encode(pairs)
+    self.assertIsNone(from_file.labels)
+    for name in ('ids', 'multi_ids', 'dense'):
+      np.testing.assert_array_equal(
+        getattr(from_file, name), getattr(got, name)[[0, 2]]
+      )
+    self.assertEqual(
+      sorted(os.listdir(os.path.join(workdir, 'encoder'))),
+      [
+        'encoder.json',
+        'multi_vocabulary.npy',
+        'side_item_dense.npy',
+        'side_item_multi_ids.npy',
+        'side_user_ids.npy',
+        'vocabulary.npy',
+      ],
+    )
+
+  def test_version_1_encoders_still_load(self):
+    rows = criteo_rows(60, seed=10)
+    path = write_lines(os.path.join(self.tmp, 'train.txt'), rows, '\t')
+    dataset, _, workdir = self._save('criteo', path, min_count=2)
+    meta_path = os.path.join(workdir, 'encoder', 'encoder.json')
+    with open(meta_path) as f:
+      meta = json.load(f)
+    self.assertEqual(meta['version'], 2)
+    meta = {key: meta[key] for key in V1_KEYS} | {'version': 1}
+    with open(meta_path, 'w') as f:
+      json.dump(meta, f)
+    old = encoder.load(workdir)
+    self.assertEqual(old.side, encoder_side.SideInputs())
+    self._check_inputs(old.encode(path), dataset.train)
+    self.assertEqual(
+      old.model_config().to_dict(),
+      {'model_name': 'fm', 'model': {'embed_dim': 3}},
+    )

@@ -1,10 +1,12 @@
 """Tests of export.py: every model file exports, to jax.export and to ONNX.
 
-For every file in models/ (new ones included), the exported function must
-agree with `model.apply` within 1e-5 on a batch of 1 and of 777: model.jax
-in a subprocess in which flax and the project cannot be imported, and
-model.onnx in onnxruntime. All models share one process and one
-subprocess. A run's whole export (the command line) is checked too.
+For every file in models/ (new ones included), built with multi-hot and
+numeric fields, the exported function of `ids`, `multi_ids` and `dense`
+must agree with `model.apply` within 1e-5 on a batch of 1 and of 777:
+model.jax in a subprocess in which flax and the project cannot be
+imported, and model.onnx in onnxruntime. All models share one process and
+one subprocess. A run's whole export (the command line, ids only) is
+checked too.
 """
 
 import json
@@ -19,7 +21,6 @@ import jax.numpy as jnp
 from model_tables import FIELD_DIMS
 from model_tables import MODEL_NAMES
 from model_tables import build
-from model_tables import init
 from model_tables import random_ids
 import numpy as np
 import onnxruntime
@@ -34,6 +35,11 @@ import export
 ONNX_UNSUPPORTED = {}
 
 TOLERANCE = 1e-5
+
+# The side inputs every model is built with.
+MULTI_FIELD_DIMS = (6, 9)
+NUM_DENSE = 2
+MAX_LEN = 3
 
 # Run in a subprocess with jax and numpy only: loads every model.jax and
 # prints the largest difference from the expected probabilities per batch.
@@ -56,26 +62,46 @@ for project_module in ('models', 'export', 'predict', 'train'):
   except ImportError:
     pass
 expected = np.load('expected.npz')
-ids = expected['ids']
+inputs = [expected[k] for k in ('ids', 'multi_ids', 'dense')]
 errors = {}
 for name in json.loads(sys.argv[1]):
   with open(name + '.jax', 'rb') as f:
     model = jax.export.deserialize(bytearray(f.read()))
-  errors[name] = [
-    float(np.max(np.abs(np.asarray(model.call(ids[:n])) - expected[name][:n])))
-    for n in (1, len(ids))
-  ]
+  errors[name] = []
+  for n in (1, len(inputs[0])):
+    got = np.asarray(model.call(*(x[:n] for x in inputs)))
+    errors[name].append(float(np.max(np.abs(got - expected[name][:n]))))
 print(json.dumps(errors))
 """
 
 
-def _variables(model, ids, seed):
+def _side_inputs(batch, seed):
+  """`ids`, `multi_ids` (lists of 0 to MAX_LEN ids, -1 padding) and
+  `dense` of `batch` rows."""
+  rng = np.random.default_rng(seed)
+  multi = np.full((batch, len(MULTI_FIELD_DIMS), MAX_LEN), -1, np.int32)
+  lengths = rng.integers(0, MAX_LEN + 1, multi.shape[:2])
+  for m, dim in enumerate(MULTI_FIELD_DIMS):
+    for b in range(batch):
+      multi[b, m, : lengths[b, m]] = rng.integers(0, dim, lengths[b, m])
+  return {
+    'ids': random_ids(batch, FIELD_DIMS, seed=seed),
+    'multi_ids': multi,
+    'dense': rng.normal(size=(batch, NUM_DENSE)).astype(np.float32),
+  }
+
+
+def _variables(model, inputs, seed):
   """Random variables of `model`'s shapes (no zeros left, positive variances).
 
   Only the shapes are traced: a compiled `init` per model would cost more
   than the rest of the test.
   """
-  shapes = jax.eval_shape(lambda x: init(model, x), ids)
+  rngs = {'params': jax.random.key(0), 'dropout': jax.random.key(1)}
+  shapes = jax.eval_shape(
+    lambda x: model.init(rngs, **x, train=False),
+    {k: v[:2] for k, v in inputs.items()},
+  )
   rng = np.random.default_rng(seed)
 
   def fill(path, x):
@@ -86,45 +112,54 @@ def _variables(model, ids, seed):
   return jax.tree_util.tree_map_with_path(fill, shapes)
 
 
-def _onnx_run(serialized, ids):
+def _onnx_run(serialized, inputs):
+  """Probabilities of onnxruntime; `inputs`: ids `[batch, fields]`, or a
+  dict of named inputs."""
+  if not isinstance(inputs, dict):
+    inputs = {export.INPUT: inputs}
   session = onnxruntime.InferenceSession(serialized)
-  return session.run([export.OUTPUT], {export.INPUT: ids})[0]
+  return session.run([export.OUTPUT], inputs)[0]
+
+
+def _reference(model, variables):
+  return jax.jit(
+    lambda x: jax.nn.sigmoid(model.apply(variables, **x, train=False))
+  )
 
 
 class EveryModelTest(absltest.TestCase):
   def test_every_model_exports_to_jax_and_onnx(self):
     tmp = self.enter_context(tempfile.TemporaryDirectory())
-    ids = random_ids(777, FIELD_DIMS, seed=3)
+    inputs = _side_inputs(777, seed=3)
     expected = {}
     for seed, name in enumerate(MODEL_NAMES):
       with self.subTest(model=name):
-        model = build(name)
-        variables = _variables(model, ids[:2], seed)
-        probabilities = jax.jit(
-          lambda x, m=model, v=variables: jax.nn.sigmoid(
-            m.apply(v, x, train=False)
-          )
+        model = build(
+          name, multi_field_dims=MULTI_FIELD_DIMS, num_dense=NUM_DENSE
         )
-        expected[name] = np.asarray(probabilities(ids))
-        fn = export.inference_function(model, variables)
-        serialized = export.export_jax(fn, len(FIELD_DIMS))
+        specs = export.model_inputs(model, MAX_LEN)
+        self.assertEqual(list(specs), list(inputs))
+        variables = _variables(model, inputs, seed)
+        expected[name] = np.asarray(_reference(model, variables)(inputs))
+        fn = export.inference_function(model, variables, tuple(specs))
+        serialized = export.export_jax(fn, specs)
         with open(os.path.join(tmp, f'{name}.jax'), 'wb') as f:
           f.write(serialized)
         if name in ONNX_UNSUPPORTED:
           try:
-            export.export_onnx(fn, len(FIELD_DIMS))
+            export.export_onnx(fn, specs)
           except Exception:  # pylint: disable=broad-except
             continue
           self.fail(f'{name} goes to ONNX now: drop it from ONNX_UNSUPPORTED')
-        onnx = export.export_onnx(fn, len(FIELD_DIMS))
-        for n in (1, len(ids)):
-          got = _onnx_run(onnx, ids[:n])
+        onnx = export.export_onnx(fn, specs)
+        for n in (1, len(expected[name])):
+          got = _onnx_run(onnx, {k: v[:n] for k, v in inputs.items()})
           self.assertEqual(got.shape, (n,))
           self.assertEqual(got.dtype, np.float32)
           np.testing.assert_allclose(
             got, expected[name][:n], rtol=0, atol=TOLERANCE
           )
-    np.savez(os.path.join(tmp, 'expected.npz'), ids=ids, **expected)
+    np.savez(os.path.join(tmp, 'expected.npz'), **inputs, **expected)
     with open(os.path.join(tmp, 'jax_only.py'), 'w') as f:
       f.write(_JAX_ONLY)
     env = {k: v for k, v in os.environ.items() if k != 'PYTHONPATH'}
@@ -141,6 +176,26 @@ class EveryModelTest(absltest.TestCase):
     for name, (one, many) in errors.items():
       with self.subTest(model=name):
         self.assertLessEqual(max(one, many), TOLERANCE)
+
+
+class InputsTest(absltest.TestCase):
+  def test_numeric_fields_without_multi_hot_and_ids_alone(self):
+    inputs = _side_inputs(33, seed=4)
+    del inputs['multi_ids']
+    for model, given in (
+      (build('fm', num_dense=NUM_DENSE), inputs),
+      (build('fm'), {'ids': inputs['ids']}),
+    ):
+      specs = export.model_inputs(model, MAX_LEN)
+      self.assertEqual(list(specs), list(given))
+      variables = _variables(model, given, seed=5)
+      expected = np.asarray(_reference(model, variables)(given))
+      fn = export.inference_function(model, variables, tuple(specs))
+      exported = jax.export.deserialize(export.export_jax(fn, specs))
+      got = np.asarray(exported.call(*given.values()))
+      np.testing.assert_allclose(got, expected, rtol=0, atol=TOLERANCE)
+      got = _onnx_run(export.export_onnx(fn, specs), given)
+      np.testing.assert_allclose(got, expected, rtol=0, atol=TOLERANCE)
 
 
 class ExportRunTest(absltest.TestCase):

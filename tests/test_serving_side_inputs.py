@@ -1,0 +1,252 @@
+"""Predict and export with multi-hot and numeric inputs, from raw rows.
+
+Two tiny runs, each trained once for its test class: FM on a CSV with float
+and multi-hot columns, and FM on MovieLens ratings with
+`side_features=genres,year`. Raw rows of their test splits go through the
+saved encoder, predict.py and the exports (jax.export, ONNX); the inputs
+must be the cache's exactly, and the probabilities `model.apply`'s on the
+cache's inputs.
+"""
+
+import atexit
+import functools
+import os
+import shutil
+import tempfile
+
+from absl.testing import absltest
+import jax
+import ml_collections
+import numpy as np
+import onnxruntime
+import pandas as pd
+from predict_testing import split_lines
+from predict_testing import train_run
+from test_datasets_csv_features import HEADER
+from test_datasets_csv_features import MIN_COUNT
+from test_datasets_csv_features import csv_options
+from test_datasets_csv_features import feature_rows
+
+import checkpoints
+from configs import fm
+import data
+from datasets import movielens
+import encoder
+import export
+import predict
+import train
+
+TOLERANCE = 1e-5
+INPUTS = ('ids', 'multi_ids', 'dense')
+
+
+def _config(cache_dir: str) -> ml_collections.ConfigDict:
+  config = fm.get_config('smoke')
+  config.model = ml_collections.ConfigDict({'embed_dim': 4})
+  config.dataset.cache_dir = cache_dir
+  config.batch_size = 128
+  config.eval_batch_size = 256
+  config.num_epochs = 1
+  config.log_every_steps = 5
+  config.progress_bar = False
+  return config
+
+
+def _reference(config, workdir, dataset):
+  """`inputs -> sigmoid(model.apply(best variables, **inputs))`."""
+  model = train.create_model(
+    config, dataset.field_dims, **data.model_fields(dataset)
+  )
+  state, _ = checkpoints.load_best(workdir)
+
+  @jax.jit
+  def probabilities(inputs):
+    logits = model.apply({'params': state['params']}, **inputs, train=False)
+    return jax.nn.sigmoid(logits)
+
+  return lambda inputs: np.asarray(probabilities(inputs))
+
+
+def _inputs(split) -> dict:
+  return {k: np.asarray(getattr(split, k)) for k in INPUTS}
+
+
+@functools.cache
+def csv_run():
+  """A run on a CSV with float (price, count) and multi-hot (tags, colors)
+  columns: its workdir, config, dataset, test lines and reference."""
+  tmp = tempfile.mkdtemp(prefix='serving_side_csv_')
+  atexit.register(shutil.rmtree, tmp, ignore_errors=True)
+  rows = feature_rows(1500, seed=12)
+  path = os.path.join(tmp, 'train.csv')
+  with open(path, 'w') as f:
+    f.writelines(','.join(r) + '\n' for r in [HEADER, *rows])
+  config = _config(os.path.join(tmp, 'cache'))
+  config.dataset.name = 'csv'
+  config.dataset.path = path
+  config.dataset.min_count = MIN_COUNT
+  config.dataset.csv.update(csv_options())
+  workdir = os.path.join(tmp, 'run')
+  metrics = train_run(config, workdir)
+  dataset = data.load_dataset(config.dataset)
+  lines = split_lines([','.join(r) for r in rows], config)['test']
+  reference = _reference(config, workdir, dataset)
+  return workdir, dataset, lines, metrics, reference
+
+
+@functools.cache
+def movielens_run():
+  """A run on 4,000 embedded ratings with genres and year of each movie."""
+  tmp = tempfile.mkdtemp(prefix='serving_side_ml_')
+  atexit.register(shutil.rmtree, tmp, ignore_errors=True)
+  ratings = pd.read_csv(movielens.EMBEDDED).head(4000)
+  ratings.to_csv(os.path.join(tmp, 'ratings.csv'), index=False)
+  assets = os.path.dirname(movielens.EMBEDDED)
+  shutil.copy(os.path.join(assets, 'movies.csv.gz'), tmp)
+  config = _config(os.path.join(tmp, 'cache'))
+  config.dataset.path = os.path.join(tmp, 'ratings.csv')
+  config.dataset.side_features = ('genres,year',)
+  workdir = os.path.join(tmp, 'run')
+  train_run(config, workdir)
+  dataset = data.load_dataset(config.dataset)
+  return workdir, dataset, _reference(config, workdir, dataset)
+
+
+class CsvTest(absltest.TestCase):
+  @classmethod
+  def setUpClass(cls):
+    super().setUpClass()
+    cls.workdir, cls.dataset, cls.lines, cls.metrics, cls.reference = csv_run()
+    cls.predictor = predict.load(cls.workdir, batch_size=64)
+    cls.test = cls.dataset.test
+    cls.expected = cls.reference(_inputs(cls.test))
+
+  def setUp(self):
+    super().setUp()
+    self.tmp = self.enter_context(tempfile.TemporaryDirectory())
+
+  def _file(self, lines, header=HEADER):
+    path = os.path.join(self.tmp, 'test.csv')
+    with open(path, 'w') as f:
+      f.writelines(line + '\n' for line in [','.join(header), *lines])
+    return path
+
+  def test_raw_rows_give_the_cached_inputs_and_the_test_auc(self):
+    self.assertEqual(self.dataset.multi_field_names, ('tags', 'colors'))
+    self.assertEqual(self.dataset.dense_names, ('price', 'count'))
+    source = self._file(self.lines)
+    rows = self.predictor.encoder.encode(source)
+    for name in INPUTS:
+      np.testing.assert_array_equal(
+        getattr(rows, name), getattr(self.test, name)
+      )
+    output = os.path.join(self.tmp, 'out.csv')
+    count = predict.write_predictions(self.predictor, source, output, 50)
+    out = pd.read_csv(output)
+    self.assertEqual(count, len(self.test))
+    np.testing.assert_array_equal(out['label'], self.test.labels)
+    np.testing.assert_allclose(
+      out['probability'], self.expected, rtol=0, atol=1e-6
+    )
+    self.assertAlmostEqual(
+      train.roc_auc(out['label'], out['probability'].to_numpy(np.float32)),
+      self.metrics['auc'],
+      delta=1e-6,
+    )
+
+  def test_a_dataframe_without_label_and_encoded_inputs(self):
+    frame = pd.read_csv(
+      self._file(self.lines), dtype=str, keep_default_na=False
+    ).drop(columns='click')
+    frame['price'] = frame['price'].replace('', 'nan').astype(float)
+    frame['tags'] = [cell.split('|') for cell in frame['tags']]
+    got = self.predictor(frame)
+    np.testing.assert_allclose(got, self.expected, rtol=0, atol=1e-6)
+    got = self.predictor.predict_ids(**_inputs(self.test))
+    np.testing.assert_allclose(got, self.expected, rtol=0, atol=1e-6)
+    with self.assertRaisesRegex(ValueError, 'takes ids, multi_ids, dense'):
+      self.predictor.predict_ids(self.test.ids)
+
+  def test_exports_take_the_three_inputs(self):
+    out = os.path.join(self.tmp, 'export')
+    signature = export.export(self.predictor, out)
+    self.assertIsNone(signature['onnx_error'])
+    max_len = self.test.multi_ids.shape[2]
+    self.assertEqual(
+      signature['inputs'],
+      [
+        {'name': 'ids', 'dtype': 'int32', 'shape': ['batch', 1]},
+        {'name': 'multi_ids', 'dtype': 'int32', 'shape': ['batch', 2, max_len]},
+        {'name': 'dense', 'dtype': 'float32', 'shape': ['batch', 2]},
+      ],
+    )
+    self.assertEqual(signature['multi_field_names'], ['tags', 'colors'])
+    self.assertEqual(signature['dense_names'], ['price', 'count'])
+    # A serving process encodes raw rows with the exported encoder alone.
+    rows = encoder.load(out).encode(self._file(self.lines)).inputs()
+    self.assertEqual(list(rows), list(INPUTS))
+    with open(os.path.join(out, 'model.jax'), 'rb') as f:
+      model = jax.export.deserialize(bytearray(f.read()))
+    for n in (1, len(self.expected)):
+      args = [rows[k][:n] for k in INPUTS]
+      got = np.asarray(model.call(*args))
+      np.testing.assert_allclose(got, self.expected[:n], rtol=0, atol=TOLERANCE)
+      session = onnxruntime.InferenceSession(os.path.join(out, 'model.onnx'))
+      [got] = session.run([export.OUTPUT], {k: rows[k][:n] for k in INPUTS})
+      np.testing.assert_allclose(got, self.expected[:n], rtol=0, atol=TOLERANCE)
+
+
+class MovieLensTest(absltest.TestCase):
+  @classmethod
+  def setUpClass(cls):
+    super().setUpClass()
+    cls.workdir, cls.dataset, reference = movielens_run()
+    cls.reference = staticmethod(reference)
+    cls.predictor = predict.load(cls.workdir, batch_size=64)
+
+  def test_raw_user_and_movie_ids_give_the_cached_inputs(self):
+    test = self.dataset.test
+    self.assertEqual(self.dataset.multi_field_names, ('genres',))
+    self.assertEqual(self.dataset.dense_names, ('year',))
+    users, items = self.dataset.vocabulary[:2]
+    frame = pd.DataFrame(
+      {'user': users[test.ids[:, 0]], 'item': items[test.ids[:, 1]]}
+    )
+    rows = self.predictor.encoder.encode(frame)
+    for name in INPUTS:
+      np.testing.assert_array_equal(getattr(rows, name), getattr(test, name))
+    self.assertTrue(np.any(test.dense != 0))
+    expected = self.reference(_inputs(test))
+    np.testing.assert_allclose(
+      self.predictor(frame), expected, rtol=0, atol=1e-6
+    )
+    tmp = self.enter_context(tempfile.TemporaryDirectory())
+    source, output = os.path.join(tmp, 'pairs.csv'), os.path.join(tmp, 'o')
+    frame.rename(columns={'user': 'userId', 'item': 'movieId'}).to_csv(
+      source, index=False
+    )
+    predict.write_predictions(self.predictor, source, output, chunk_rows=7)
+    np.testing.assert_allclose(
+      pd.read_csv(output)['probability'], expected, rtol=0, atol=1e-6
+    )
+
+  def test_an_unseen_movie_has_no_genres_and_the_mean_year(self):
+    users, items = self.dataset.vocabulary[:2]
+    frame = pd.DataFrame({'user': [users[0]], 'item': [10**9]})
+    oov = self.dataset.field_dims[1] - 1
+    max_len = self.dataset.test.multi_ids.shape[2]
+    inputs = {
+      'ids': np.array([[0, oov]], np.int32),
+      'multi_ids': np.full((1, 1, max_len), -1, np.int32),
+      'dense': np.zeros((1, 1), np.float32),
+    }
+    rows = self.predictor.encoder.encode(frame).inputs()
+    for name in INPUTS:
+      np.testing.assert_array_equal(rows[name], inputs[name])
+    np.testing.assert_allclose(
+      self.predictor(frame), self.reference(inputs), rtol=0, atol=1e-6
+    )
+
+
+if __name__ == '__main__':
+  absltest.main()
