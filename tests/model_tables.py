@@ -7,6 +7,7 @@ A new model file adds one line to each table below; the contract tests
 import importlib
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 import models
@@ -15,6 +16,9 @@ MODEL_NAMES = models.names()
 
 FIELD_DIMS = (7, 11, 5)
 BATCH = 6
+# Two fields, as the embedded MovieLens data (user, movie): the fewest a pair
+# model takes, and where one dead unit can silence every pair.
+TWO_FIELD_DIMS = (6, 9)
 
 # Constructor arguments used by the contract tests: small, but every layer
 # (dropout, BatchNorm, attention) present.
@@ -56,6 +60,47 @@ TEST_KWARGS = {
     'num_layers': 2,
     'mlp_dims': (8, 6),
     'dropouts': (0.2, 0.2),
+  },
+  'hofm': {'order': 3, 'embed_dim': 4},
+  'pnn': {
+    'embed_dim': 4,
+    'mlp_dims': (8, 6),
+    'dropout': 0.2,
+    'method': 'outer',
+  },
+  'fwfm': {'embed_dim': 4, 'linear_type': 'filv'},
+  # The paper's LNN (clamped log, two BatchNorms): every layer of the file.
+  'afn': {
+    'embed_dim': 4,
+    'lnn_dim': 6,
+    'mlp_dims': (8, 6),
+    'dropout': 0.2,
+    'lnn': 'paper',
+  },
+  'dcnv2': {
+    'embed_dim': 4,
+    'num_cross_layers': 2,
+    'mlp_dims': (8, 6),
+    'dropout': 0.2,
+    'structure': 'parallel',
+    'low_rank': 2,
+    'num_experts': 3,
+  },
+  'finalmlp': {
+    'embed_dim': 4,
+    'mlp1_dims': (8,),
+    'mlp2_dims': (6, 4),
+    'dropouts': (0.2, 0.2),
+    'fs_dims': (5,),
+    'fs1_context': (0,),
+    'fs2_context': (),
+    'num_heads': 2,
+  },
+  'fibinet': {
+    'embed_dim': 4,
+    'mlp_dims': (8, 6),
+    'dropout': 0.2,
+    'bilinear_type': 'field_interaction',
   },
 }
 
@@ -127,6 +172,66 @@ PARAM_COUNTS = {
     + 2 * 6
     + 7
   ),
+  # linear + one [23, order - 1 = 2, 4] table (orders 2 and 3)
+  'hofm': 23 + 1 + 23 * 8,
+  # embeddings + outer-product kernel [4, 3 pairs, 4] + MLP on 3 * 4 + 3
+  # pairs = 15 inputs: Dense 15->8, BN(8), Dense 8->6, BN(6), Dense 6->1
+  'pnn': 23 * 4 + 4 * 3 * 4 + (15 * 8 + 8) + 2 * 8 + (8 * 6 + 6) + 2 * 6 + 7,
+  # embeddings + FiLV vector per field [3, 4] + bias + 3 pair weights
+  'fwfm': 23 * 4 + 3 * 4 + 1 + 3,
+  # linear + embeddings + LNN weights [6, 3], BatchNorm over the 3 fields'
+  # logarithms and over the 6 neurons + MLP on 6 * 4 = 24 inputs: Dense
+  # 24->8, BN(8), Dense 8->6, BN(6), Dense 6->1
+  'afn': (
+    23
+    + 1
+    + 23 * 4
+    + 6 * 3
+    + 2 * 3
+    + 2 * 6
+    + (24 * 8 + 8)
+    + 2 * 8
+    + (8 * 6 + 6)
+    + 2 * 6
+    + 7
+  ),
+  # embeddings + gates 12->3 (no bias) + 2 layers x (U, V [3, 12, 2],
+  # C [3, 2, 2], b [12]) + MLP 12->8->6 with BN + logit Dense [12 + 6]->1
+  'dcnv2': (
+    23 * 4
+    + 12 * 3
+    + 2 * (2 * 3 * 12 * 2 + 3 * 2 * 2 + 12)
+    + (12 * 8 + 8)
+    + 2 * 8
+    + (8 * 6 + 6)
+    + 2 * 6
+    + 19
+  ),
+  # embeddings + gate 1: context table [7, 4], Dense 4->5, 5->12 + gate 2
+  # bias [12] + stream 1: Dense 12->8, BN(8) + stream 2: Dense 12->6, BN(6),
+  # Dense 6->4, BN(4) + fusion: W [2 heads, 4, 2], w_1 [8] + b, w_2 [4]
+  'finalmlp': (
+    23 * 4
+    + 7 * 4
+    + (4 * 5 + 5)
+    + (5 * 12 + 12)
+    + 12
+    + (12 * 8 + 8)
+    + 2 * 8
+    + (12 * 6 + 6)
+    + 2 * 6
+    + (6 * 4 + 4)
+    + 2 * 4
+    + 2 * 4 * 2
+    + (8 + 1)
+    + 4
+  ),
+  # linear + embeddings + SENET 3->1->3 (no biases) + 2 bilinear layers of
+  # [3 pairs, 4, 4] + MLP on 2 * 3 pairs * 4 = 24 inputs, no BatchNorm:
+  # Dense 24->8, Dense 8->6, Dense 6->1
+  'fibinet': (
+    23 + 1 + 23 * 4 + (3 + 3) + 2 * 3 * 4 * 4 + (24 * 8 + 8) + (8 * 6 + 6) + 7
+  ),
 }
 
 # Every dropout of each model: site name -> the constructor argument that
@@ -147,6 +252,13 @@ DROPOUT_SITES = {
   'dcn': {'mlp': ('dropout', None)},
   'xdeepfm': {'mlp': ('dropout', None)},
   'autoint': {'attention': ('dropouts', 0), 'mlp': ('dropouts', 1)},
+  'hofm': {},
+  'pnn': {'mlp': ('dropout', None)},
+  'fwfm': {},
+  'afn': {'mlp': ('dropout', None)},
+  'dcnv2': {'mlp': ('dropout', None)},
+  'finalmlp': {'mlp1': ('dropouts', 0), 'mlp2': ('dropouts', 1)},
+  'fibinet': {'mlp': ('dropout', None)},
 }
 
 # Where each model is checked against pytorch-fm (torchfm 0.7.0): the test
@@ -158,7 +270,21 @@ TORCHFM_PARITY = dict.fromkeys(
 TORCHFM_PARITY.update(
   {
     name: f'tests/test_model_{name}.py'
-    for name in ('dcn', 'xdeepfm', 'autoint')
+    for name in ('dcn', 'xdeepfm', 'autoint', 'pnn', 'afn')
+  }
+)
+# pytorch-fm's GitHub master, not in torchfm 0.7.0.
+TORCHFM_PARITY['hofm'] = 'tests/test_model_hofm.py'
+TORCHFM_PARITY.update(
+  {
+    name: f'none: pytorch-fm has no {paper}; brute force in'
+    f' tests/test_model_{name}.py'
+    for name, paper in (
+      ('fwfm', 'FwFM'),
+      ('dcnv2', 'DCN-V2'),
+      ('finalmlp', 'FinalMLP'),
+      ('fibinet', 'FiBiNET'),
+    )
   }
 )
 
@@ -223,3 +349,52 @@ def randomize(variables, seed=1):
     return (0.5 * rng.normal(size=np.shape(x))).astype(np.float32)
 
   return jax.tree_util.tree_map_with_path(fill, variables)
+
+
+def zero_gradient_leaves(model, ids, seeds=(0,)):
+  """Parameters whose gradient is exactly zero at initialisation.
+
+  The gradient of a training-mode logistic loss on random 0/1 labels at
+  `model.init`'s own parameters, as the first step of a run sees it: a
+  parameter without one there (behind a dead ReLU, in an unused branch) may
+  never train.
+
+  Args:
+    model: the model.
+    ids: its input ids `[batch, fields]`.
+    seeds: initialisations to try; a dead unit may depend on the draw.
+
+  Returns:
+    `{seed: [key paths (jax.tree_util.keystr) of the all-zero leaves]}`.
+  """
+  labels = np.random.default_rng(0).integers(0, 2, size=len(ids))
+  zeros = {}
+  for seed in seeds:
+    rngs = {'params': jax.random.key(seed), 'dropout': jax.random.key(seed)}
+    variables = model.init(rngs, ids, train=False)
+    others = {k: v for k, v in variables.items() if k != 'params'}
+
+    def loss(params, others=others, seed=seed):
+      logits, _ = model.apply(
+        {'params': params, **others},
+        ids,
+        train=True,
+        rngs={'dropout': jax.random.key(seed + 1)},
+        mutable=['batch_stats'],
+      )
+      return jnp.mean(jnp.logaddexp(0.0, logits) - labels * logits)
+
+    grads = jax.grad(loss)(variables['params'])
+    zeros[seed] = [
+      jax.tree_util.keystr(path)
+      for path, g in jax.tree_util.tree_leaves_with_path(grads)
+      if not np.any(g)
+    ]
+  return zeros
+
+
+def initial_zero_gradients(name, seeds=(0, 1, 2)):
+  """`zero_gradient_leaves` of `build(name)` on TWO_FIELD_DIMS."""
+  model = build(name, field_dims=TWO_FIELD_DIMS)
+  ids = random_ids(batch=32, field_dims=TWO_FIELD_DIMS)
+  return zero_gradient_leaves(model, ids, seeds)

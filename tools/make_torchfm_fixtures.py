@@ -275,6 +275,15 @@ def _pnn(method):
   return model
 
 
+def _afn():
+  from torchfm.model.afn import AdaptiveFactorizationNetwork
+
+  # tests/test_model_afn.py holds the converter (its `lnn='torchfm'` form).
+  return AdaptiveFactorizationNetwork(
+    FIELD_DIMS, embed_dim=4, LNN_dim=6, mlp_dims=(8, 6), dropouts=(0.2,) * 3
+  )
+
+
 # Model name (as in models/) -> builder of the reference module. Hyper-
 # parameters here must match tests/test_model_parity.py.
 BUILDERS = {
@@ -295,6 +304,7 @@ BUILDERS = {
   # models/pnn.py, method 'inner' and 'outer'.
   'ipnn': lambda: _pnn('inner'),
   'opnn': lambda: _pnn('outer'),
+  'afn': _afn,
 }
 
 # Model name -> function(model, ids tensor) returning more arrays to save

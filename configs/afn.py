@@ -1,0 +1,22 @@
+"""AFN (Cheng et al., AAAI 2020) on the embedded MovieLens data.
+
+python main.py --config=configs/afn.py --workdir=/tmp/afn
+python main.py --config=configs/afn.py:smoke --workdir=/tmp/afn_smoke
+
+Hyper-parameters of pytorch-fm's examples/main.py (GitHub master; its 'afn'
+entry: embed_dim 16, LNN_dim 1500, mlp_dims (400, 400, 400), dropouts 0),
+with its training recipe (configs/default.py).
+"""
+
+import ml_collections
+
+from configs import default
+
+
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+  config = default.get_config(arg)
+  config.model_name = 'afn'
+  config.model = ml_collections.ConfigDict(
+    dict(embed_dim=16, lnn_dim=1500, mlp_dims=(400, 400, 400), dropout=0.0)
+  )
+  return config

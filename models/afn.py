@@ -1,0 +1,500 @@
+"""Adaptive Factorization Network (AFN).
+
+Weiyu Cheng, Yanyan Shen and Linpeng Huang. "Adaptive Factorization Network:
+Learning Adaptive-Order Feature Interactions". AAAI Conference on Artificial
+Intelligence (AAAI), 2020. https://arxiv.org/abs/1909.03276
+
+A logarithmic neural network (LNN) learns cross features of any (even
+fractional) order: with `e_f` the embedding `[dim]` of field `f`, each of
+the `L` logarithmic neurons of the paper's eq. (5) computes, element-wise over
+the embedding dimension,
+
+  y_j = exp(sum_f w_jf ln|e_f|) = prod_f |e_f|^{w_jf},    j = 1..L,
+
+an interaction whose order `w_jf` per field is learned. The `L` outputs
+`[batch, L, dim]` are flattened and fed to hidden layers (Linear ->
+BatchNorm -> ReLU -> Dropout) ending in a Linear layer to one unit. As in
+pytorch-fm, a linear term `w_0 + sum_f w_{x_f}` is added:
+
+  y(x) = w_0 + sum_f w_{x_f} + MLP([y_1; ...; y_L]).
+
+Inputs are per-field ids `[batch, fields]` (int32, field `f` in
+`[0, field_dims[f])`); the output is the logit y(x) `[batch]` (float32). The
+sigmoid belongs to the loss.
+
+Optional side inputs are more fields f of every term: a multi-hot field
+(`multi_ids`, e.g. a movie's genres) adds the mean (or sum) of its ids'
+weights and embeddings, a numeric field (`dense`) `w x` and `e x` for its
+value `x`; each is one more input of every logarithmic neuron. A value of 0
+or an empty multi-hot list gives an all-zero embedding, which both forms
+below keep finite (the shift of log1p, the clamp of log).
+
+Two forms of the logarithmic layer (`lnn`):
+  * 'torchfm' (default), pytorch-fm's `LNN` layer for layer:
+    `y_j = ReLU(expm1(sum_f w_jf log1p(|e_f| + 1e-7)))`. The shifted
+    logarithm is finite at zero, so it needs neither a clamp nor BatchNorm;
+    it no longer is the product `prod_f |e_f|^{w_jf}` of the paper but
+    `prod_f (1 + |e_f|)^{w_jf} - 1` (ReLU keeps it non-negative).
+  * 'paper', the authors' code (and FuxiCTR's): `ln max(|e_f|, 1e-4)` (the
+    paper writes that zeros are replaced by a small positive number; the
+    authors' code clips at 1e-4), BatchNorm over each field's logarithms,
+    the weighted sum (without the authors' bias, as pytorch-fm and
+    FuxiCTR), `exp`, BatchNorm over each neuron's outputs. The two
+    BatchNorms keep `exp` from overflowing.
+
+Differences from pytorch-fm (torchfm 0.7.0, `AdaptiveFactorizationNetwork`,
+whose architecture the default matches layer for layer):
+  * The linear weights start at zero instead of `nn.Embedding`'s N(0, 1),
+    a large random per-id bias that the optimiser must first unlearn.
+  * One `dropout` rate for the hidden layers. pytorch-fm takes a tuple
+    `dropouts` and uses only its first entry.
+  * The model returns logits; pytorch-fm returns probabilities.
+  * The hidden layers use Flax's default initialisers (LeCun normal kernels,
+    zero biases), not torch's uniform ones. The LNN weights start as
+    pytorch-fm's, uniform in `[-1/sqrt(fields), 1/sqrt(fields)]`.
+
+Differences from the paper, kept from pytorch-fm: the linear term (the paper
+predicts from the LNN and its MLP alone) and BatchNorm in the hidden layers.
+The paper's AFN+ (an ensemble with a separate DNN) is not built here.
+
+This file is self-contained on purpose: it imports only jax, flax and numpy,
+so it can be copied alone into another project.
+"""
+
+from collections.abc import Sequence
+import functools
+import math
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+
+def field_offsets(field_dims: Sequence[int]) -> np.ndarray:
+  """Start row of each field in the shared table: `[fields]` int32."""
+  return np.concatenate([[0], np.cumsum(field_dims)[:-1]]).astype(np.int32)
+
+
+def take_rows(
+  table: jnp.ndarray,
+  rows: jnp.ndarray,
+  module: nn.Module | None = None,
+  name: str = '',
+) -> jnp.ndarray:
+  """`table[rows]` `[*rows.shape, ...]`, declared as a table of `module`.
+
+  A trainer may then update only the rows a batch reads (e.g. lazy Adam):
+  when the 'table_rows' collection is mutable the rows are sown there under
+  `name`, the table's parameter name, and when a 'perturbations' collection
+  is passed its zeros of the result's shape are added (`Module.perturb`), so
+  that their gradient is the gradient of the gathered rows and the
+  table-sized gradient need not be formed. Plain `apply` and `init` do
+  neither.
+
+  Args:
+    table: `[rows, ...]`.
+    rows: int rows to read; negative ones are padding, read as row 0 (the
+      caller masks them) and reported as no row of the table.
+    module: the module that owns `table`; None: a plain gather.
+    name: the parameter name of `table` in `module`.
+
+  Returns:
+    `[*rows.shape, ...]`.
+  """
+  x = jnp.take(table, jnp.maximum(rows, 0), axis=0)
+  if module is None or module.is_initializing():
+    return x
+  module.sow('table_rows', name, rows)
+  return module.perturb(name, x)
+
+
+def pool_multi_hot(
+  table: jnp.ndarray,
+  multi_ids: jnp.ndarray,
+  multi_field_dims: Sequence[int],
+  pooling: str = 'mean',
+  module: nn.Module | None = None,
+  name: str = '',
+) -> jnp.ndarray:
+  """Pools the rows of each multi-hot field's ids into one row per field.
+
+  Field `m`'s ids index `table` from row `field_offsets(multi_field_dims)[m]`,
+  as one-hot fields index theirs. Padding (-1) is skipped: 'mean' divides the
+  sum by the number of ids present, 'sum' keeps it; a field without ids pools
+  to zeros.
+
+  Args:
+    table: rows of every multi-hot field, `[sum(multi_field_dims), ...]`.
+    multi_ids: ids `[batch, multi_fields, max_len]`, padded with -1.
+    multi_field_dims: number of ids of each multi-hot field.
+    pooling: 'mean' or 'sum'.
+    module: the module that owns `table` (`take_rows`); None: none.
+    name: the parameter name of `table` in `module`.
+
+  Returns:
+    One row per field, `[batch, multi_fields, ...]`.
+  """
+  if pooling not in ('mean', 'sum'):
+    raise ValueError(f"multi_pooling must be 'mean' or 'sum', got {pooling!r}.")
+  present = multi_ids >= 0  # [B, M, L]
+  offsets = field_offsets(multi_field_dims)[:, None]  # [M, 1]
+  rows = jnp.where(present, multi_ids + offsets, -1)  # [B, M, L]
+  trailing = (1,) * (table.ndim - 1)
+  mask = present.reshape(present.shape + trailing)  # [B, M, L, 1...]
+  x = take_rows(table, rows, module, name)  # [B, M, L, ...]
+  x = jnp.where(mask, x, 0)
+  pooled = jnp.sum(x, axis=2)  # [B, M, ...]
+  if pooling == 'mean':
+    count = jnp.sum(present, axis=2).reshape(pooled.shape[:2] + trailing)
+    pooled = pooled / jnp.maximum(count, 1).astype(pooled.dtype)
+  return pooled
+
+
+def embed_fields(
+  tables: tuple[jnp.ndarray, jnp.ndarray | None, jnp.ndarray | None],
+  ids: jnp.ndarray,
+  multi_ids: jnp.ndarray | None,
+  dense: jnp.ndarray | None,
+  field_dims: Sequence[int],
+  multi_field_dims: Sequence[int] = (),
+  multi_pooling: str = 'mean',
+  module: nn.Module | None = None,
+  names: tuple[str, str] = ('', ''),
+) -> jnp.ndarray:
+  """Rows of every field: one-hot ids, then multi-hot ids, then numbers.
+
+  A one-hot field takes its id's row, a multi-hot field its ids' rows pooled
+  (`pool_multi_hot`), a numeric field its value times its own row.
+
+  Args:
+    tables: the one-hot table `[sum(field_dims), ...]`, the multi-hot table
+      `[sum(multi_field_dims), ...]` (None without multi-hot fields) and the
+      numeric table `[dense_fields, ...]` (None without numeric fields).
+    ids: `[batch, fields]` int, field `f`'s in `[0, field_dims[f])`.
+    multi_ids: `[batch, multi_fields, max_len]` int, padded with -1; None
+      without multi-hot fields.
+    dense: `[batch, dense_fields]` float; None without numeric fields.
+    field_dims: number of ids of each one-hot field.
+    multi_field_dims: number of ids of each multi-hot field.
+    multi_pooling: 'mean' or 'sum' (`pool_multi_hot`).
+    module: the module that owns the tables (`take_rows`); None: none.
+    names: the parameter names of the one-hot and multi-hot tables.
+
+  Returns:
+    `[batch, fields + multi_fields + dense_fields, ...]`.
+
+  Raises:
+    ValueError: an input whose shape disagrees with the declared fields.
+  """
+  table, multi_table, dense_table = tables
+  num_dense = 0 if dense_table is None else dense_table.shape[0]
+  for name, x, fields, ndim, declared in (
+    ('ids', ids, len(field_dims), 2, f'field_dims={tuple(field_dims)}'),
+    (
+      'multi_ids',
+      multi_ids,
+      len(multi_field_dims),
+      3,
+      f'multi_field_dims={tuple(multi_field_dims)}',
+    ),
+    ('dense', dense, num_dense, 2, f'num_dense={num_dense}'),
+  ):
+    if x is None and fields == 0:
+      continue
+    if x is None or x.ndim != ndim or x.shape[:2] != (ids.shape[0], fields):
+      batch = 'batch' if name == 'ids' else ids.shape[0]
+      want = f'[{batch}, {fields}' + (', max_len]' if ndim == 3 else ']')
+      got = 'None' if x is None else f'shape {tuple(x.shape)}'
+      raise ValueError(
+        f'{name} must be {want} for a model built with {declared}; got {got}.'
+      )
+  rows = ids + field_offsets(field_dims)  # [B, F]
+  parts = [take_rows(table, rows, module, names[0])]  # [B, F, ...]
+  if multi_table is not None:
+    parts.append(
+      pool_multi_hot(
+        multi_table,
+        multi_ids,
+        multi_field_dims,
+        multi_pooling,
+        module,
+        names[1],
+      )
+    )  # [B, M, ...]
+  if dense_table is not None:
+    values = dense.astype(dense_table.dtype)  # [B, N]
+    values = values.reshape(values.shape + (1,) * (dense_table.ndim - 1))
+    parts.append(values * dense_table)  # [B, N, ...]
+  return jnp.concatenate(parts, axis=1)
+
+
+class FeaturesLinear(nn.Module):
+  """Linear term `w_0 + sum_f w_f(x_f)` over every field.
+
+  A one-hot field adds its id's weight, a multi-hot field its ids' weights
+  pooled as its embeddings are, a numeric field its weight times its value.
+
+  Attributes:
+    field_dims: number of ids of each one-hot field.
+    multi_field_dims: number of ids of each multi-hot field.
+    num_dense: number of numeric fields.
+    multi_pooling: 'mean' or 'sum' over a multi-hot field's ids.
+    dtype: dtype of the computation.
+  """
+
+  field_dims: Sequence[int]
+  multi_field_dims: Sequence[int] = ()
+  num_dense: int = 0
+  multi_pooling: str = 'mean'
+  dtype: jnp.dtype = jnp.float32
+
+  @nn.compact
+  def __call__(
+    self,
+    ids: jnp.ndarray,
+    multi_ids: jnp.ndarray | None = None,
+    dense: jnp.ndarray | None = None,
+  ) -> jnp.ndarray:
+    """Maps the fields' inputs (`embed_fields`) to the logit term `[batch]`."""
+    zeros = nn.initializers.zeros
+    weight = self.param('weight', zeros, (sum(self.field_dims), 1))
+    bias = self.param('bias', zeros, (1,))
+    multi_weight = dense_weight = None
+    if self.multi_field_dims:
+      multi_weight = self.param(
+        'multi_weight', zeros, (sum(self.multi_field_dims), 1)
+      )
+    if self.num_dense:
+      dense_weight = self.param('dense_weight', zeros, (self.num_dense, 1))
+    w = embed_fields(
+      (weight, multi_weight, dense_weight),
+      ids,
+      multi_ids,
+      dense,
+      self.field_dims,
+      self.multi_field_dims,
+      self.multi_pooling,
+      module=self,
+      names=('weight', 'multi_weight'),
+    ).astype(self.dtype)  # [B, T, 1]
+    return jnp.sum(w, axis=(1, 2)) + bias.astype(self.dtype)[0]  # [B]
+
+
+class FeaturesEmbedding(nn.Module):
+  """Embeddings of every field, each table xavier-uniform initialised.
+
+  One-hot fields share one table, multi-hot fields another (pooled per
+  field), numeric fields have one vector each, scaled by the value.
+
+  Attributes:
+    field_dims: number of ids of each one-hot field.
+    embed_dim: embedding size.
+    multi_field_dims: number of ids of each multi-hot field.
+    num_dense: number of numeric fields.
+    multi_pooling: 'mean' or 'sum' over a multi-hot field's ids.
+    dtype: dtype of the returned embeddings.
+  """
+
+  field_dims: Sequence[int]
+  embed_dim: int
+  multi_field_dims: Sequence[int] = ()
+  num_dense: int = 0
+  multi_pooling: str = 'mean'
+  dtype: jnp.dtype = jnp.float32
+
+  @nn.compact
+  def __call__(
+    self,
+    ids: jnp.ndarray,
+    multi_ids: jnp.ndarray | None = None,
+    dense: jnp.ndarray | None = None,
+  ) -> jnp.ndarray:
+    """Maps the fields' inputs (`embed_fields`) to `[batch, fields, dim]`.
+
+    `fields` counts every field: one-hot, then multi-hot, then numeric.
+    """
+    init = nn.initializers.xavier_uniform()
+    dim = self.embed_dim
+    table = self.param('embedding', init, (sum(self.field_dims), dim))
+    multi_table = dense_table = None
+    if self.multi_field_dims:
+      multi_table = self.param(
+        'multi_embedding', init, (sum(self.multi_field_dims), dim)
+      )
+    if self.num_dense:
+      dense_table = self.param('dense_embedding', init, (self.num_dense, dim))
+    return embed_fields(
+      (table, multi_table, dense_table),
+      ids,
+      multi_ids,
+      dense,
+      self.field_dims,
+      self.multi_field_dims,
+      self.multi_pooling,
+      module=self,
+      names=('embedding', 'multi_embedding'),
+    ).astype(self.dtype)  # [B, T, D]
+
+
+class MultiLayerPerceptron(nn.Module):
+  """Linear -> BatchNorm -> ReLU -> Dropout per hidden layer, then Linear.
+
+  Attributes:
+    hidden_dims: widths of the hidden layers.
+    dropout: dropout rate after each hidden layer.
+    output_layer: end with a Linear layer to one unit (`[batch]` out);
+      otherwise return the last hidden layer `[batch, hidden_dims[-1]]`.
+    axis_name: pmap axis over which BatchNorm statistics are averaged.
+    dtype: dtype of the computation.
+  """
+
+  hidden_dims: Sequence[int]
+  dropout: float = 0.0
+  output_layer: bool = True
+  axis_name: str | None = None
+  dtype: jnp.dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jnp.ndarray, *, train: bool) -> jnp.ndarray:
+    """Maps `[batch, features]` to `[batch]` (or `[batch, hidden]`)."""
+    for width in self.hidden_dims:
+      x = nn.Dense(width, dtype=self.dtype)(x)  # [B, H]
+      x = nn.BatchNorm(
+        use_running_average=not train,
+        momentum=0.9,
+        epsilon=1e-5,
+        axis_name=self.axis_name,
+        dtype=self.dtype,
+      )(x)
+      x = nn.relu(x)
+      x = nn.Dropout(self.dropout, deterministic=not train)(x)
+    if self.output_layer:
+      x = nn.Dense(1, dtype=self.dtype)(x)[:, 0]  # [B]
+    return x
+
+
+class LogarithmicNeuralNetwork(nn.Module):
+  """`L` logarithmic neurons `y_j = exp(sum_f w_jf ln|e_f|)` (eq. 5).
+
+  Attributes:
+    lnn_dim: number of logarithmic neurons L.
+    lnn: 'torchfm' (log1p / expm1 / ReLU) or 'paper' (clamped log and exp,
+      each followed by BatchNorm); see the module docstring.
+    axis_name: pmap axis over which BatchNorm statistics are averaged.
+    dtype: dtype of the computation.
+  """
+
+  lnn_dim: int
+  lnn: str = 'torchfm'
+  axis_name: str | None = None
+  dtype: jnp.dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, e: jnp.ndarray, *, train: bool) -> jnp.ndarray:
+    """Maps embeddings `[batch, fields, dim]` to `[batch, lnn_dim, dim]`."""
+    if self.lnn not in ('torchfm', 'paper'):
+      raise ValueError(f"lnn must be 'torchfm' or 'paper', got {self.lnn!r}.")
+    num_fields = e.shape[1]
+    bound = 1.0 / math.sqrt(num_fields)
+    weight = self.param(
+      'weight',
+      functools.partial(jax.random.uniform, minval=-bound, maxval=bound),
+      (self.lnn_dim, num_fields),
+    ).astype(self.dtype)  # [L, F]
+
+    def batch_norm(name):
+      # Over axis 1: one mean and variance per field (or per neuron).
+      return nn.BatchNorm(
+        use_running_average=not train,
+        axis=1,
+        momentum=0.9,
+        epsilon=1e-5,
+        axis_name=self.axis_name,
+        dtype=self.dtype,
+        name=name,
+      )
+
+    if self.lnn == 'torchfm':
+      log_e = jnp.log1p(jnp.abs(e) + 1e-7)  # [B, T, D]
+      z = jnp.einsum('lf,bfd->bld', weight, log_e)  # [B, L, D]
+      return nn.relu(jnp.expm1(z))
+    log_e = jnp.log(jnp.maximum(jnp.abs(e), 1e-4))  # [B, T, D]
+    log_e = batch_norm('log_batch_norm')(log_e)
+    z = jnp.einsum('lf,bfd->bld', weight, log_e)  # [B, L, D]
+    return batch_norm('exp_batch_norm')(jnp.exp(z))
+
+
+class AdaptiveFactorizationNetwork(nn.Module):
+  """AFN: `y = w_0 + sum_f w_{x_f} + MLP(LNN([e_f]))`.
+
+  Attributes:
+    field_dims: number of ids of each one-hot field.
+    multi_field_dims: number of ids of each multi-hot field.
+    num_dense: number of numeric fields.
+    multi_pooling: 'mean' or 'sum' over a multi-hot field's ids.
+    embed_dim: size of the embeddings e.
+    lnn_dim: number of logarithmic neurons L.
+    mlp_dims: widths of the hidden layers over the LNN's `L * dim` outputs.
+    dropout: dropout rate after each hidden layer.
+    lnn: form of the logarithmic layer, 'torchfm' or 'paper'.
+    axis_name: pmap axis over which BatchNorm statistics are averaged.
+    dtype: dtype of the computation.
+  """
+
+  field_dims: Sequence[int]
+  multi_field_dims: Sequence[int] = ()
+  num_dense: int = 0
+  multi_pooling: str = 'mean'
+  embed_dim: int = 16
+  lnn_dim: int = 1500
+  mlp_dims: Sequence[int] = (400, 400, 400)
+  dropout: float = 0.0
+  lnn: str = 'torchfm'
+  axis_name: str | None = None
+  dtype: jnp.dtype = jnp.float32
+
+  @nn.compact
+  def __call__(
+    self,
+    ids: jnp.ndarray,
+    multi_ids: jnp.ndarray | None = None,
+    dense: jnp.ndarray | None = None,
+    *,
+    train: bool = False,
+  ) -> jnp.ndarray:
+    """Returns logits `[batch]`.
+
+    Args:
+      ids: one-hot ids `[batch, fields]` int32, field `f`'s in
+        `[0, field_dims[f])`.
+      multi_ids: multi-hot ids `[batch, multi_fields, max_len]` int32,
+        padded with -1; required iff `multi_field_dims`.
+      dense: numeric values `[batch, dense_fields]` float32; required iff
+        `num_dense`.
+      train: dropout and BatchNorm in training mode.
+    """
+    inputs = (ids, multi_ids, dense)
+    fields = dict(
+      multi_field_dims=tuple(self.multi_field_dims),
+      num_dense=self.num_dense,
+      multi_pooling=self.multi_pooling,
+      dtype=self.dtype,
+    )
+    linear = FeaturesLinear(self.field_dims, **fields)(*inputs)  # [B]
+    e = FeaturesEmbedding(self.field_dims, self.embed_dim, **fields)(
+      *inputs
+    )  # [B, T, D]
+    y = LogarithmicNeuralNetwork(
+      self.lnn_dim, lnn=self.lnn, axis_name=self.axis_name, dtype=self.dtype
+    )(e, train=train)  # [B, L, D]
+    deep = MultiLayerPerceptron(
+      self.mlp_dims,
+      dropout=self.dropout,
+      axis_name=self.axis_name,
+      dtype=self.dtype,
+    )(y.reshape(y.shape[0], -1), train=train)  # [B, L * D] -> [B]
+    return (linear + deep).astype(jnp.float32)
+
+
+Model = AdaptiveFactorizationNetwork

@@ -1,0 +1,442 @@
+"""Deep & Cross Network V2 (DCN-V2).
+
+Ruoxi Wang, Rakesh Shivanna, Derek Z. Cheng, Sagar Jain, Dong Lin, Lichan
+Hong and Ed H. Chi. "DCN V2: Improved Deep & Cross Network and Practical
+Lessons for Web-scale Learning to Rank Systems". The Web Conference (WWW),
+2021. https://arxiv.org/abs/2008.13535
+
+The embeddings of all fields, concatenated, form `x_0` `[batch, fields *
+dim]`. A cross network of `num_cross_layers` layers builds explicit feature
+crosses of growing order; the full-rank cross layer is the paper's eq. (1),
+
+  x_{l+1} = x_0 * (W_l x_l + b_l) + x_l,            W_l `[n, n]`,
+
+(`*` element-wise), and its mixture of `num_experts` low-rank experts is
+eq. (4) (with `low_rank` r set),
+
+  x_{l+1} = sum_i G_i(x_l) E_i(x_l) + x_l,
+  E_i(x_l) = x_0 * (U_l^i g(C_l^i g(V_l^i^T x_l)) + b_l),
+
+with U, V `[n, r]`, C `[r, r]`, g = tanh and the gates `G(x_l) =
+softmax_i(g_i^T x_l)`. A deep network (hidden layers Linear -> BatchNorm ->
+ReLU -> Dropout) either follows the cross network (structure 'stacked',
+Figure 1 left: `h = MLP(x_L)`) or runs beside it on `x_0` (structure
+'parallel', Figure 1 right: `h = [x_L; MLP(x_0)]`); a Linear layer maps `h`
+to the logit. 'stacked' with no hidden layers (`mlp_dims=()`) is the cross
+network alone.
+
+Inputs are per-field ids `[batch, fields]` (int32, field `f` in
+`[0, field_dims[f])`); the output is the logit `[batch]` (float32). The
+sigmoid belongs to the loss. Optional side inputs are more fields of `x_0`:
+a multi-hot field (`multi_ids`, e.g. a movie's genres) adds the mean (or
+sum) of its ids' embeddings, a numeric field (`dense`) `e x` for its value
+`x`, so `x_0` has `(fields + multi_fields + dense_fields) * dim` entries.
+
+pytorch-fm has no DCN-V2; the reference for the details the paper leaves
+open is FuxiCTR (`CrossNetV2`, `CrossNetMix`, `DCNv2`):
+  * The gates `g_i` are shared by all cross layers, as in the paper's
+    eq. (4) (G_i has no layer index) and FuxiCTR; each layer has its own U,
+    V, C and b.
+  * U, V and C start xavier-normal per expert, b at zero, as FuxiCTR.
+
+Differences from FuxiCTR: the hidden layers carry BatchNorm (as every MLP of
+this library, after pytorch-fm), which FuxiCTR's published DCN-V2 configs
+switch off; the full-rank cross layers and the hidden layers use Flax's
+default initialisers (LeCun normal kernels, zero biases), FuxiCTR
+xavier-normal ones. FuxiCTR's fourth structure 'stacked_parallel' is left
+out.
+
+This file is self-contained on purpose: it imports only jax, flax and numpy,
+so it can be copied alone into another project.
+"""
+
+from collections.abc import Sequence
+
+import flax.linen as nn
+import jax.numpy as jnp
+import numpy as np
+
+
+def field_offsets(field_dims: Sequence[int]) -> np.ndarray:
+  """Start row of each field in the shared table: `[fields]` int32."""
+  return np.concatenate([[0], np.cumsum(field_dims)[:-1]]).astype(np.int32)
+
+
+def take_rows(
+  table: jnp.ndarray,
+  rows: jnp.ndarray,
+  module: nn.Module | None = None,
+  name: str = '',
+) -> jnp.ndarray:
+  """`table[rows]` `[*rows.shape, ...]`, declared as a table of `module`.
+
+  A trainer may then update only the rows a batch reads (e.g. lazy Adam):
+  when the 'table_rows' collection is mutable the rows are sown there under
+  `name`, the table's parameter name, and when a 'perturbations' collection
+  is passed its zeros of the result's shape are added (`Module.perturb`), so
+  that their gradient is the gradient of the gathered rows and the
+  table-sized gradient need not be formed. Plain `apply` and `init` do
+  neither.
+
+  Args:
+    table: `[rows, ...]`.
+    rows: int rows to read; negative ones are padding, read as row 0 (the
+      caller masks them) and reported as no row of the table.
+    module: the module that owns `table`; None: a plain gather.
+    name: the parameter name of `table` in `module`.
+
+  Returns:
+    `[*rows.shape, ...]`.
+  """
+  x = jnp.take(table, jnp.maximum(rows, 0), axis=0)
+  if module is None or module.is_initializing():
+    return x
+  module.sow('table_rows', name, rows)
+  return module.perturb(name, x)
+
+
+def pool_multi_hot(
+  table: jnp.ndarray,
+  multi_ids: jnp.ndarray,
+  multi_field_dims: Sequence[int],
+  pooling: str = 'mean',
+  module: nn.Module | None = None,
+  name: str = '',
+) -> jnp.ndarray:
+  """Pools the rows of each multi-hot field's ids into one row per field.
+
+  Field `m`'s ids index `table` from row `field_offsets(multi_field_dims)[m]`,
+  as one-hot fields index theirs. Padding (-1) is skipped: 'mean' divides the
+  sum by the number of ids present, 'sum' keeps it; a field without ids pools
+  to zeros.
+
+  Args:
+    table: rows of every multi-hot field, `[sum(multi_field_dims), ...]`.
+    multi_ids: ids `[batch, multi_fields, max_len]`, padded with -1.
+    multi_field_dims: number of ids of each multi-hot field.
+    pooling: 'mean' or 'sum'.
+    module: the module that owns `table` (`take_rows`); None: none.
+    name: the parameter name of `table` in `module`.
+
+  Returns:
+    One row per field, `[batch, multi_fields, ...]`.
+  """
+  if pooling not in ('mean', 'sum'):
+    raise ValueError(f"multi_pooling must be 'mean' or 'sum', got {pooling!r}.")
+  present = multi_ids >= 0  # [B, M, L]
+  offsets = field_offsets(multi_field_dims)[:, None]  # [M, 1]
+  rows = jnp.where(present, multi_ids + offsets, -1)  # [B, M, L]
+  trailing = (1,) * (table.ndim - 1)
+  mask = present.reshape(present.shape + trailing)  # [B, M, L, 1...]
+  x = take_rows(table, rows, module, name)  # [B, M, L, ...]
+  x = jnp.where(mask, x, 0)
+  pooled = jnp.sum(x, axis=2)  # [B, M, ...]
+  if pooling == 'mean':
+    count = jnp.sum(present, axis=2).reshape(pooled.shape[:2] + trailing)
+    pooled = pooled / jnp.maximum(count, 1).astype(pooled.dtype)
+  return pooled
+
+
+def embed_fields(
+  tables: tuple[jnp.ndarray, jnp.ndarray | None, jnp.ndarray | None],
+  ids: jnp.ndarray,
+  multi_ids: jnp.ndarray | None,
+  dense: jnp.ndarray | None,
+  field_dims: Sequence[int],
+  multi_field_dims: Sequence[int] = (),
+  multi_pooling: str = 'mean',
+  module: nn.Module | None = None,
+  names: tuple[str, str] = ('', ''),
+) -> jnp.ndarray:
+  """Rows of every field: one-hot ids, then multi-hot ids, then numbers.
+
+  A one-hot field takes its id's row, a multi-hot field its ids' rows pooled
+  (`pool_multi_hot`), a numeric field its value times its own row.
+
+  Args:
+    tables: the one-hot table `[sum(field_dims), ...]`, the multi-hot table
+      `[sum(multi_field_dims), ...]` (None without multi-hot fields) and the
+      numeric table `[dense_fields, ...]` (None without numeric fields).
+    ids: `[batch, fields]` int, field `f`'s in `[0, field_dims[f])`.
+    multi_ids: `[batch, multi_fields, max_len]` int, padded with -1; None
+      without multi-hot fields.
+    dense: `[batch, dense_fields]` float; None without numeric fields.
+    field_dims: number of ids of each one-hot field.
+    multi_field_dims: number of ids of each multi-hot field.
+    multi_pooling: 'mean' or 'sum' (`pool_multi_hot`).
+    module: the module that owns the tables (`take_rows`); None: none.
+    names: the parameter names of the one-hot and multi-hot tables.
+
+  Returns:
+    `[batch, fields + multi_fields + dense_fields, ...]`.
+
+  Raises:
+    ValueError: an input whose shape disagrees with the declared fields.
+  """
+  table, multi_table, dense_table = tables
+  num_dense = 0 if dense_table is None else dense_table.shape[0]
+  for name, x, fields, ndim, declared in (
+    ('ids', ids, len(field_dims), 2, f'field_dims={tuple(field_dims)}'),
+    (
+      'multi_ids',
+      multi_ids,
+      len(multi_field_dims),
+      3,
+      f'multi_field_dims={tuple(multi_field_dims)}',
+    ),
+    ('dense', dense, num_dense, 2, f'num_dense={num_dense}'),
+  ):
+    if x is None and fields == 0:
+      continue
+    if x is None or x.ndim != ndim or x.shape[:2] != (ids.shape[0], fields):
+      batch = 'batch' if name == 'ids' else ids.shape[0]
+      want = f'[{batch}, {fields}' + (', max_len]' if ndim == 3 else ']')
+      got = 'None' if x is None else f'shape {tuple(x.shape)}'
+      raise ValueError(
+        f'{name} must be {want} for a model built with {declared}; got {got}.'
+      )
+  rows = ids + field_offsets(field_dims)  # [B, F]
+  parts = [take_rows(table, rows, module, names[0])]  # [B, F, ...]
+  if multi_table is not None:
+    parts.append(
+      pool_multi_hot(
+        multi_table,
+        multi_ids,
+        multi_field_dims,
+        multi_pooling,
+        module,
+        names[1],
+      )
+    )  # [B, M, ...]
+  if dense_table is not None:
+    values = dense.astype(dense_table.dtype)  # [B, N]
+    values = values.reshape(values.shape + (1,) * (dense_table.ndim - 1))
+    parts.append(values * dense_table)  # [B, N, ...]
+  return jnp.concatenate(parts, axis=1)
+
+
+class FeaturesEmbedding(nn.Module):
+  """Embeddings of every field, each table xavier-uniform initialised.
+
+  One-hot fields share one table, multi-hot fields another (pooled per
+  field), numeric fields have one vector each, scaled by the value.
+
+  Attributes:
+    field_dims: number of ids of each one-hot field.
+    embed_dim: embedding size.
+    multi_field_dims: number of ids of each multi-hot field.
+    num_dense: number of numeric fields.
+    multi_pooling: 'mean' or 'sum' over a multi-hot field's ids.
+    dtype: dtype of the returned embeddings.
+  """
+
+  field_dims: Sequence[int]
+  embed_dim: int
+  multi_field_dims: Sequence[int] = ()
+  num_dense: int = 0
+  multi_pooling: str = 'mean'
+  dtype: jnp.dtype = jnp.float32
+
+  @nn.compact
+  def __call__(
+    self,
+    ids: jnp.ndarray,
+    multi_ids: jnp.ndarray | None = None,
+    dense: jnp.ndarray | None = None,
+  ) -> jnp.ndarray:
+    """Maps the fields' inputs (`embed_fields`) to `[batch, fields, dim]`.
+
+    `fields` counts every field: one-hot, then multi-hot, then numeric.
+    """
+    init = nn.initializers.xavier_uniform()
+    dim = self.embed_dim
+    table = self.param('embedding', init, (sum(self.field_dims), dim))
+    multi_table = dense_table = None
+    if self.multi_field_dims:
+      multi_table = self.param(
+        'multi_embedding', init, (sum(self.multi_field_dims), dim)
+      )
+    if self.num_dense:
+      dense_table = self.param('dense_embedding', init, (self.num_dense, dim))
+    return embed_fields(
+      (table, multi_table, dense_table),
+      ids,
+      multi_ids,
+      dense,
+      self.field_dims,
+      self.multi_field_dims,
+      self.multi_pooling,
+      module=self,
+      names=('embedding', 'multi_embedding'),
+    ).astype(self.dtype)  # [B, T, D]
+
+
+class MultiLayerPerceptron(nn.Module):
+  """Linear -> BatchNorm -> ReLU -> Dropout per hidden layer, then Linear.
+
+  Attributes:
+    hidden_dims: widths of the hidden layers.
+    dropout: dropout rate after each hidden layer.
+    output_layer: end with a Linear layer to one unit (`[batch]` out);
+      otherwise return the last hidden layer `[batch, hidden_dims[-1]]`.
+    axis_name: pmap axis over which BatchNorm statistics are averaged.
+    dtype: dtype of the computation.
+  """
+
+  hidden_dims: Sequence[int]
+  dropout: float = 0.0
+  output_layer: bool = True
+  axis_name: str | None = None
+  dtype: jnp.dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jnp.ndarray, *, train: bool) -> jnp.ndarray:
+    """Maps `[batch, features]` to `[batch]` (or `[batch, hidden]`)."""
+    for width in self.hidden_dims:
+      x = nn.Dense(width, dtype=self.dtype)(x)  # [B, H]
+      x = nn.BatchNorm(
+        use_running_average=not train,
+        momentum=0.9,
+        epsilon=1e-5,
+        axis_name=self.axis_name,
+        dtype=self.dtype,
+      )(x)
+      x = nn.relu(x)
+      x = nn.Dropout(self.dropout, deterministic=not train)(x)
+    if self.output_layer:
+      x = nn.Dense(1, dtype=self.dtype)(x)[:, 0]  # [B]
+    return x
+
+
+class CrossNetworkV2(nn.Module):
+  """Full-rank (eq. 1) or mixture of low-rank (eq. 4) cross layers.
+
+  Attributes:
+    num_layers: number of cross layers L.
+    low_rank: rank r of each expert; None for full-rank layers.
+    num_experts: number of low-rank experts (only with `low_rank`).
+    dtype: dtype of the computation.
+  """
+
+  num_layers: int
+  low_rank: int | None = None
+  num_experts: int = 4
+  dtype: jnp.dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x0: jnp.ndarray) -> jnp.ndarray:
+    """Maps `x_0` `[batch, n]` to `x_L` `[batch, n]`."""
+    n = x0.shape[-1]
+    x = x0
+    if self.low_rank is None:
+      for i in range(self.num_layers):
+        w_x = nn.Dense(n, dtype=self.dtype, name=f'cross_{i}')(x)  # [B, n]
+        x = x0 * w_x + x
+      return x
+    # One initialiser per expert: fans of each [n, r] or [r, r] slice.
+    init = nn.initializers.xavier_normal(batch_axis=(0,))
+    experts, r = self.num_experts, self.low_rank
+    gating = nn.Dense(experts, use_bias=False, dtype=self.dtype, name='gating')
+    for i in range(self.num_layers):
+      u = self.param(f'U_{i}', init, (experts, n, r)).astype(self.dtype)
+      v = self.param(f'V_{i}', init, (experts, n, r)).astype(self.dtype)
+      c = self.param(f'C_{i}', init, (experts, r, r)).astype(self.dtype)
+      b = self.param(f'b_{i}', nn.initializers.zeros, (n,)).astype(self.dtype)
+      h = jnp.tanh(jnp.einsum('bn,enr->ber', x, v))  # [B, E, r]
+      h = jnp.tanh(jnp.einsum('ers,bes->ber', c, h))  # [B, E, r]
+      e = x0[:, None, :] * (jnp.einsum('enr,ber->ben', u, h) + b)  # [B, E, n]
+      g = nn.softmax(gating(x), axis=-1)  # [B, E]
+      x = jnp.einsum('be,ben->bn', g, e) + x  # [B, n]
+    return x
+
+
+class DeepCrossNetworkV2(nn.Module):
+  """DCN-V2: cross network and deep network, stacked or in parallel.
+
+  Attributes:
+    field_dims: number of ids of each one-hot field.
+    multi_field_dims: number of ids of each multi-hot field.
+    num_dense: number of numeric fields.
+    multi_pooling: 'mean' or 'sum' over a multi-hot field's ids.
+    embed_dim: embedding size; `x_0` has `fields * embed_dim` entries.
+    num_cross_layers: number of cross layers.
+    mlp_dims: widths of the hidden layers of the deep network.
+    dropout: dropout rate after each hidden layer.
+    structure: 'parallel' or 'stacked'.
+    low_rank: rank of the mixture's experts; None for full-rank layers.
+    num_experts: number of low-rank experts (only with `low_rank`).
+    axis_name: pmap axis over which BatchNorm statistics are averaged.
+    dtype: dtype of the computation.
+  """
+
+  field_dims: Sequence[int]
+  multi_field_dims: Sequence[int] = ()
+  num_dense: int = 0
+  multi_pooling: str = 'mean'
+  embed_dim: int = 16
+  num_cross_layers: int = 3
+  mlp_dims: Sequence[int] = (500, 500, 500)
+  dropout: float = 0.0
+  structure: str = 'parallel'
+  low_rank: int | None = None
+  num_experts: int = 4
+  axis_name: str | None = None
+  dtype: jnp.dtype = jnp.float32
+
+  @nn.compact
+  def __call__(
+    self,
+    ids: jnp.ndarray,
+    multi_ids: jnp.ndarray | None = None,
+    dense: jnp.ndarray | None = None,
+    *,
+    train: bool = False,
+  ) -> jnp.ndarray:
+    """Returns logits `[batch]`.
+
+    Args:
+      ids: one-hot ids `[batch, fields]` int32, field `f`'s in
+        `[0, field_dims[f])`.
+      multi_ids: multi-hot ids `[batch, multi_fields, max_len]` int32,
+        padded with -1; required iff `multi_field_dims`.
+      dense: numeric values `[batch, dense_fields]` float32; required iff
+        `num_dense`.
+      train: dropout and BatchNorm in training mode.
+    """
+    inputs = (ids, multi_ids, dense)
+    fields = dict(
+      multi_field_dims=tuple(self.multi_field_dims),
+      num_dense=self.num_dense,
+      multi_pooling=self.multi_pooling,
+      dtype=self.dtype,
+    )
+    if self.structure not in ('parallel', 'stacked'):
+      raise ValueError(
+        f"structure must be 'parallel' or 'stacked', got {self.structure!r}."
+      )
+    v = FeaturesEmbedding(self.field_dims, self.embed_dim, **fields)(
+      *inputs
+    )  # [B, T, D]
+    x0 = v.reshape(v.shape[0], -1)  # [B, T * D]
+    cross = CrossNetworkV2(
+      self.num_cross_layers,
+      low_rank=self.low_rank,
+      num_experts=self.num_experts,
+      dtype=self.dtype,
+    )(x0)  # [B, T * D]
+    deep = MultiLayerPerceptron(
+      self.mlp_dims,
+      dropout=self.dropout,
+      output_layer=False,
+      axis_name=self.axis_name,
+      dtype=self.dtype,
+    )
+    if self.structure == 'stacked':
+      h = deep(cross, train=train)  # [B, H]
+    else:
+      h = jnp.concatenate([cross, deep(x0, train=train)], axis=-1)  # [B, n + H]
+    logit = nn.Dense(1, dtype=self.dtype, name='logit')(h)[:, 0]  # [B]
+    return logit.astype(jnp.float32)
+
+
+Model = DeepCrossNetworkV2

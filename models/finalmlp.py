@@ -1,0 +1,477 @@
+"""FinalMLP: two MLP streams with feature selection and bilinear fusion.
+
+Kelong Mao, Jieming Zhu, Liangcai Su, Guohao Cai, Yuru Li and Zhenhua Dong.
+"FinalMLP: An Enhanced Two-Stream MLP Model for CTR Prediction". AAAI
+Conference on Artificial Intelligence (AAAI), 2023.
+https://arxiv.org/abs/2304.00902
+
+The embeddings of all fields, concatenated, form `e` `[batch, fields * dim]`.
+Each of two streams k = 1, 2 sees `e` through its own feature-selection gate
+(the paper's eq. (3)-(4)),
+
+  g_k = 2 sigmoid(MLP_k^gate(x_k)),    h_k = g_k * e,
+
+where `x_k` is the concatenated embeddings of the stream's context fields
+(`fs1_context`, `fs2_context`, from their own embedding table) and the gate
+MLP is Linear -> ReLU per hidden layer, then Linear to `fields * dim` units;
+a stream without context fields (FuxiCTR's default) has the same gate for
+every example, `g_k = 2 sigmoid(b_k)` with a learned `b_k` `[fields * dim]`.
+Each stream is an MLP (Linear -> BatchNorm -> ReLU -> Dropout) with outputs
+`o_1` `[batch, d_1]` and `o_2` `[batch, d_2]`, fused by multi-head bilinear
+aggregation (eq. (5)-(6)): both are split into `num_heads` chunks `o_k^h`,
+
+  y = b + w_1^T o_1 + w_2^T o_2 + sum_h o_1^h^T W_h o_2^h,
+
+with W_h `[d_1 / heads, d_2 / heads]`. Inputs are per-field ids `[batch,
+fields]` (int32, field `f` in `[0, field_dims[f])`); the output is the
+logit y `[batch]` (float32). The sigmoid belongs to the loss.
+
+Optional side inputs are more fields of `e`: a multi-hot field (`multi_ids`,
+e.g. a movie's genres) adds the mean (or sum) of its ids' embeddings, a
+numeric field (`dense`) `e x` for its value `x`, so `e` has `(fields +
+multi_fields + dense_fields) * dim` entries, all gated. Context fields are
+one-hot fields.
+
+pytorch-fm has no FinalMLP; the reference for the details the paper leaves
+open is FuxiCTR (`FinalMLP`, `FeatureSelection`, `InteractionAggregation`).
+Differences from it:
+  * The stream MLPs carry BatchNorm (as every MLP of this library, after
+    pytorch-fm); FuxiCTR's published FinalMLP configs switch it off. The
+    gate MLPs have none, as FuxiCTR's.
+  * One bias `b` where FuxiCTR's two Linear layers `w_1`, `w_2` have one each
+    (their sum is one parameter). W starts xavier-normal over its
+    `[heads * d_1/heads * d_2/heads, 1]` view, as FuxiCTR; the other layers
+    use Flax's default initialisers (LeCun normal kernels, zero biases),
+    FuxiCTR xavier-normal ones.
+  * Without context fields FuxiCTR feeds its gate MLP a learned input
+    that starts at zero: the hidden units start at ReLU(0) = 0, where the
+    ReLU passes no gradient, so the input, the hidden layers and the output
+    kernel never train and only the output bias learns. This file keeps
+    that bias alone, `g_k = 2 sigmoid(b_k)` with `b_k` starting at zero:
+    the same gate at every step of training, without the parameters that
+    never change.
+
+This file is self-contained on purpose: it imports only jax, flax and numpy,
+so it can be copied alone into another project.
+"""
+
+from collections.abc import Sequence
+import math
+
+import flax.linen as nn
+import jax.numpy as jnp
+import numpy as np
+
+
+def field_offsets(field_dims: Sequence[int]) -> np.ndarray:
+  """Start row of each field in the shared table: `[fields]` int32."""
+  return np.concatenate([[0], np.cumsum(field_dims)[:-1]]).astype(np.int32)
+
+
+def take_rows(
+  table: jnp.ndarray,
+  rows: jnp.ndarray,
+  module: nn.Module | None = None,
+  name: str = '',
+) -> jnp.ndarray:
+  """`table[rows]` `[*rows.shape, ...]`, declared as a table of `module`.
+
+  A trainer may then update only the rows a batch reads (e.g. lazy Adam):
+  when the 'table_rows' collection is mutable the rows are sown there under
+  `name`, the table's parameter name, and when a 'perturbations' collection
+  is passed its zeros of the result's shape are added (`Module.perturb`), so
+  that their gradient is the gradient of the gathered rows and the
+  table-sized gradient need not be formed. Plain `apply` and `init` do
+  neither.
+
+  Args:
+    table: `[rows, ...]`.
+    rows: int rows to read; negative ones are padding, read as row 0 (the
+      caller masks them) and reported as no row of the table.
+    module: the module that owns `table`; None: a plain gather.
+    name: the parameter name of `table` in `module`.
+
+  Returns:
+    `[*rows.shape, ...]`.
+  """
+  x = jnp.take(table, jnp.maximum(rows, 0), axis=0)
+  if module is None or module.is_initializing():
+    return x
+  module.sow('table_rows', name, rows)
+  return module.perturb(name, x)
+
+
+def pool_multi_hot(
+  table: jnp.ndarray,
+  multi_ids: jnp.ndarray,
+  multi_field_dims: Sequence[int],
+  pooling: str = 'mean',
+  module: nn.Module | None = None,
+  name: str = '',
+) -> jnp.ndarray:
+  """Pools the rows of each multi-hot field's ids into one row per field.
+
+  Field `m`'s ids index `table` from row `field_offsets(multi_field_dims)[m]`,
+  as one-hot fields index theirs. Padding (-1) is skipped: 'mean' divides the
+  sum by the number of ids present, 'sum' keeps it; a field without ids pools
+  to zeros.
+
+  Args:
+    table: rows of every multi-hot field, `[sum(multi_field_dims), ...]`.
+    multi_ids: ids `[batch, multi_fields, max_len]`, padded with -1.
+    multi_field_dims: number of ids of each multi-hot field.
+    pooling: 'mean' or 'sum'.
+    module: the module that owns `table` (`take_rows`); None: none.
+    name: the parameter name of `table` in `module`.
+
+  Returns:
+    One row per field, `[batch, multi_fields, ...]`.
+  """
+  if pooling not in ('mean', 'sum'):
+    raise ValueError(f"multi_pooling must be 'mean' or 'sum', got {pooling!r}.")
+  present = multi_ids >= 0  # [B, M, L]
+  offsets = field_offsets(multi_field_dims)[:, None]  # [M, 1]
+  rows = jnp.where(present, multi_ids + offsets, -1)  # [B, M, L]
+  trailing = (1,) * (table.ndim - 1)
+  mask = present.reshape(present.shape + trailing)  # [B, M, L, 1...]
+  x = take_rows(table, rows, module, name)  # [B, M, L, ...]
+  x = jnp.where(mask, x, 0)
+  pooled = jnp.sum(x, axis=2)  # [B, M, ...]
+  if pooling == 'mean':
+    count = jnp.sum(present, axis=2).reshape(pooled.shape[:2] + trailing)
+    pooled = pooled / jnp.maximum(count, 1).astype(pooled.dtype)
+  return pooled
+
+
+def embed_fields(
+  tables: tuple[jnp.ndarray, jnp.ndarray | None, jnp.ndarray | None],
+  ids: jnp.ndarray,
+  multi_ids: jnp.ndarray | None,
+  dense: jnp.ndarray | None,
+  field_dims: Sequence[int],
+  multi_field_dims: Sequence[int] = (),
+  multi_pooling: str = 'mean',
+  module: nn.Module | None = None,
+  names: tuple[str, str] = ('', ''),
+) -> jnp.ndarray:
+  """Rows of every field: one-hot ids, then multi-hot ids, then numbers.
+
+  A one-hot field takes its id's row, a multi-hot field its ids' rows pooled
+  (`pool_multi_hot`), a numeric field its value times its own row.
+
+  Args:
+    tables: the one-hot table `[sum(field_dims), ...]`, the multi-hot table
+      `[sum(multi_field_dims), ...]` (None without multi-hot fields) and the
+      numeric table `[dense_fields, ...]` (None without numeric fields).
+    ids: `[batch, fields]` int, field `f`'s in `[0, field_dims[f])`.
+    multi_ids: `[batch, multi_fields, max_len]` int, padded with -1; None
+      without multi-hot fields.
+    dense: `[batch, dense_fields]` float; None without numeric fields.
+    field_dims: number of ids of each one-hot field.
+    multi_field_dims: number of ids of each multi-hot field.
+    multi_pooling: 'mean' or 'sum' (`pool_multi_hot`).
+    module: the module that owns the tables (`take_rows`); None: none.
+    names: the parameter names of the one-hot and multi-hot tables.
+
+  Returns:
+    `[batch, fields + multi_fields + dense_fields, ...]`.
+
+  Raises:
+    ValueError: an input whose shape disagrees with the declared fields.
+  """
+  table, multi_table, dense_table = tables
+  num_dense = 0 if dense_table is None else dense_table.shape[0]
+  for name, x, fields, ndim, declared in (
+    ('ids', ids, len(field_dims), 2, f'field_dims={tuple(field_dims)}'),
+    (
+      'multi_ids',
+      multi_ids,
+      len(multi_field_dims),
+      3,
+      f'multi_field_dims={tuple(multi_field_dims)}',
+    ),
+    ('dense', dense, num_dense, 2, f'num_dense={num_dense}'),
+  ):
+    if x is None and fields == 0:
+      continue
+    if x is None or x.ndim != ndim or x.shape[:2] != (ids.shape[0], fields):
+      batch = 'batch' if name == 'ids' else ids.shape[0]
+      want = f'[{batch}, {fields}' + (', max_len]' if ndim == 3 else ']')
+      got = 'None' if x is None else f'shape {tuple(x.shape)}'
+      raise ValueError(
+        f'{name} must be {want} for a model built with {declared}; got {got}.'
+      )
+  rows = ids + field_offsets(field_dims)  # [B, F]
+  parts = [take_rows(table, rows, module, names[0])]  # [B, F, ...]
+  if multi_table is not None:
+    parts.append(
+      pool_multi_hot(
+        multi_table,
+        multi_ids,
+        multi_field_dims,
+        multi_pooling,
+        module,
+        names[1],
+      )
+    )  # [B, M, ...]
+  if dense_table is not None:
+    values = dense.astype(dense_table.dtype)  # [B, N]
+    values = values.reshape(values.shape + (1,) * (dense_table.ndim - 1))
+    parts.append(values * dense_table)  # [B, N, ...]
+  return jnp.concatenate(parts, axis=1)
+
+
+class FeaturesEmbedding(nn.Module):
+  """Embeddings of every field, each table xavier-uniform initialised.
+
+  One-hot fields share one table, multi-hot fields another (pooled per
+  field), numeric fields have one vector each, scaled by the value.
+
+  Attributes:
+    field_dims: number of ids of each one-hot field.
+    embed_dim: embedding size.
+    multi_field_dims: number of ids of each multi-hot field.
+    num_dense: number of numeric fields.
+    multi_pooling: 'mean' or 'sum' over a multi-hot field's ids.
+    dtype: dtype of the returned embeddings.
+  """
+
+  field_dims: Sequence[int]
+  embed_dim: int
+  multi_field_dims: Sequence[int] = ()
+  num_dense: int = 0
+  multi_pooling: str = 'mean'
+  dtype: jnp.dtype = jnp.float32
+
+  @nn.compact
+  def __call__(
+    self,
+    ids: jnp.ndarray,
+    multi_ids: jnp.ndarray | None = None,
+    dense: jnp.ndarray | None = None,
+  ) -> jnp.ndarray:
+    """Maps the fields' inputs (`embed_fields`) to `[batch, fields, dim]`.
+
+    `fields` counts every field: one-hot, then multi-hot, then numeric.
+    """
+    init = nn.initializers.xavier_uniform()
+    dim = self.embed_dim
+    table = self.param('embedding', init, (sum(self.field_dims), dim))
+    multi_table = dense_table = None
+    if self.multi_field_dims:
+      multi_table = self.param(
+        'multi_embedding', init, (sum(self.multi_field_dims), dim)
+      )
+    if self.num_dense:
+      dense_table = self.param('dense_embedding', init, (self.num_dense, dim))
+    return embed_fields(
+      (table, multi_table, dense_table),
+      ids,
+      multi_ids,
+      dense,
+      self.field_dims,
+      self.multi_field_dims,
+      self.multi_pooling,
+      module=self,
+      names=('embedding', 'multi_embedding'),
+    ).astype(self.dtype)  # [B, T, D]
+
+
+class MultiLayerPerceptron(nn.Module):
+  """Linear -> BatchNorm -> ReLU -> Dropout per hidden layer, then Linear.
+
+  Attributes:
+    hidden_dims: widths of the hidden layers.
+    dropout: dropout rate after each hidden layer.
+    output_layer: end with a Linear layer to one unit (`[batch]` out);
+      otherwise return the last hidden layer `[batch, hidden_dims[-1]]`.
+    axis_name: pmap axis over which BatchNorm statistics are averaged.
+    dtype: dtype of the computation.
+  """
+
+  hidden_dims: Sequence[int]
+  dropout: float = 0.0
+  output_layer: bool = True
+  axis_name: str | None = None
+  dtype: jnp.dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jnp.ndarray, *, train: bool) -> jnp.ndarray:
+    """Maps `[batch, features]` to `[batch]` (or `[batch, hidden]`)."""
+    for width in self.hidden_dims:
+      x = nn.Dense(width, dtype=self.dtype)(x)  # [B, H]
+      x = nn.BatchNorm(
+        use_running_average=not train,
+        momentum=0.9,
+        epsilon=1e-5,
+        axis_name=self.axis_name,
+        dtype=self.dtype,
+      )(x)
+      x = nn.relu(x)
+      x = nn.Dropout(self.dropout, deterministic=not train)(x)
+    if self.output_layer:
+      x = nn.Dense(1, dtype=self.dtype)(x)[:, 0]  # [B]
+    return x
+
+
+class FeatureGate(nn.Module):
+  """Gate `2 sigmoid(MLP(x))`: Linear -> ReLU per hidden layer, no BatchNorm.
+
+  Attributes:
+    hidden_dims: widths of the hidden layers.
+    features: number of gated features (the output width).
+    dtype: dtype of the computation.
+  """
+
+  hidden_dims: Sequence[int]
+  features: int
+  dtype: jnp.dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
+    """Maps the context `[batch, c]` to gates in (0, 2) `[batch, features]`."""
+    for width in self.hidden_dims:
+      x = nn.relu(nn.Dense(width, dtype=self.dtype)(x))  # [B, H]
+    return 2.0 * nn.sigmoid(nn.Dense(self.features, dtype=self.dtype)(x))
+
+
+class InteractionAggregation(nn.Module):
+  """Multi-head bilinear fusion `b + w_1^T o_1 + w_2^T o_2 + sum_h ...`.
+
+  Attributes:
+    num_heads: number of heads; both inputs' widths must divide by it.
+    dtype: dtype of the computation.
+  """
+
+  num_heads: int = 1
+  dtype: jnp.dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, o1: jnp.ndarray, o2: jnp.ndarray) -> jnp.ndarray:
+    """Maps `[batch, d_1]` and `[batch, d_2]` to the logit `[batch]`."""
+    heads = self.num_heads
+    if o1.shape[-1] % heads or o2.shape[-1] % heads:
+      raise ValueError(
+        f'num_heads={heads} must divide both stream widths, got'
+        f' {o1.shape[-1]} and {o2.shape[-1]}.'
+      )
+    h1, h2 = o1.shape[-1] // heads, o2.shape[-1] // heads
+
+    def xavier_flat(key, shape):
+      std = math.sqrt(2.0 / (math.prod(shape) + 1))
+      return std * nn.initializers.normal(1.0)(key, shape)
+
+    w = self.param('w_xy', xavier_flat, (heads, h1, h2)).astype(self.dtype)
+    y = nn.Dense(1, dtype=self.dtype, name='w_x')(o1)[:, 0]  # [B]
+    y += nn.Dense(1, use_bias=False, dtype=self.dtype, name='w_y')(o2)[:, 0]
+    o1 = o1.reshape(o1.shape[0], heads, h1)  # [B, heads, h1]
+    o2 = o2.reshape(o2.shape[0], heads, h2)  # [B, heads, h2]
+    return y + jnp.einsum('bhi,hij,bhj->b', o1, w, o2)  # [B]
+
+
+class FinalMLP(nn.Module):
+  """FinalMLP: two gated MLP streams fused by bilinear aggregation.
+
+  Attributes:
+    field_dims: number of ids of each one-hot field.
+    multi_field_dims: number of ids of each multi-hot field.
+    num_dense: number of numeric fields.
+    multi_pooling: 'mean' or 'sum' over a multi-hot field's ids.
+    embed_dim: embedding size.
+    mlp1_dims: widths of the hidden layers of stream 1.
+    mlp2_dims: widths of the hidden layers of stream 2.
+    dropouts: dropout rates after each hidden layer of stream 1 and 2.
+    use_fs: gate the streams' inputs (feature selection); False feeds `e`.
+    fs_dims: widths of the hidden layers of each gate MLP.
+    fs1_context: one-hot fields (indices into `field_dims`, taken in
+      increasing order) whose embeddings are gate 1's input; () for a
+      learned gate, the same for every example.
+    fs2_context: the same for gate 2.
+    num_heads: heads of the bilinear fusion.
+    axis_name: pmap axis over which BatchNorm statistics are averaged.
+    dtype: dtype of the computation.
+  """
+
+  field_dims: Sequence[int]
+  multi_field_dims: Sequence[int] = ()
+  num_dense: int = 0
+  multi_pooling: str = 'mean'
+  embed_dim: int = 16
+  mlp1_dims: Sequence[int] = (1024, 512)
+  mlp2_dims: Sequence[int] = (1024, 512, 256)
+  dropouts: Sequence[float] = (0.0, 0.0)
+  use_fs: bool = True
+  fs_dims: Sequence[int] = (1024, 512)
+  fs1_context: Sequence[int] = ()
+  fs2_context: Sequence[int] = ()
+  num_heads: int = 2
+  axis_name: str | None = None
+  dtype: jnp.dtype = jnp.float32
+
+  @nn.compact
+  def __call__(
+    self,
+    ids: jnp.ndarray,
+    multi_ids: jnp.ndarray | None = None,
+    dense: jnp.ndarray | None = None,
+    *,
+    train: bool = False,
+  ) -> jnp.ndarray:
+    """Returns logits `[batch]`.
+
+    Args:
+      ids: one-hot ids `[batch, fields]` int32, field `f`'s in
+        `[0, field_dims[f])`.
+      multi_ids: multi-hot ids `[batch, multi_fields, max_len]` int32,
+        padded with -1; required iff `multi_field_dims`.
+      dense: numeric values `[batch, dense_fields]` float32; required iff
+        `num_dense`.
+      train: dropout and BatchNorm in training mode.
+    """
+    inputs = (ids, multi_ids, dense)
+    fields = dict(
+      multi_field_dims=tuple(self.multi_field_dims),
+      num_dense=self.num_dense,
+      multi_pooling=self.multi_pooling,
+      dtype=self.dtype,
+    )
+    v = FeaturesEmbedding(self.field_dims, self.embed_dim, **fields)(
+      *inputs
+    )  # [B, T, D]
+    e = v.reshape(v.shape[0], -1)  # [B, T * D]
+    streams = []
+    for k, context in ((1, self.fs1_context), (2, self.fs2_context)):
+      h = e
+      if self.use_fs:
+        if context:
+          fields = sorted(set(context))
+          x = FeaturesEmbedding(
+            [self.field_dims[f] for f in fields],
+            self.embed_dim,
+            dtype=self.dtype,
+            name=f'fs{k}_context_embedding',
+          )(ids[:, fields])  # [B, C, D]
+          x = x.reshape(x.shape[0], -1)  # [B, C * D]
+          gate = FeatureGate(
+            self.fs_dims, e.shape[-1], dtype=self.dtype, name=f'fs{k}_gate'
+          )(x)  # [B, T * D]
+        else:
+          bias = self.param(
+            f'fs{k}_gate_bias', nn.initializers.zeros, (e.shape[-1],)
+          )
+          gate = 2.0 * nn.sigmoid(bias.astype(self.dtype))  # [T * D]
+        h = gate * e
+      mlp = MultiLayerPerceptron(
+        self.mlp1_dims if k == 1 else self.mlp2_dims,
+        dropout=self.dropouts[k - 1],
+        output_layer=False,
+        axis_name=self.axis_name,
+        dtype=self.dtype,
+        name=f'mlp{k}',
+      )
+      streams.append(mlp(h, train=train))  # [B, d_k]
+    y = InteractionAggregation(self.num_heads, dtype=self.dtype)(*streams)
+    return y.astype(jnp.float32)
+
+
+Model = FinalMLP

@@ -1,0 +1,477 @@
+"""Field-weighted Factorization Machine (FwFM).
+
+Junwei Pan, Jian Xu, Alfonso Lucas Ruiz, Wenliang Zhao, Shengjun Pan, Yu Sun
+and Quan Lu. "Field-weighted Factorization Machines for Click-Through Rate
+Prediction in Display Advertising". The Web Conference (WWW), 2018.
+https://arxiv.org/abs/1806.03514
+
+FM whose pairwise interactions are weighted by one learned scalar per pair of
+FIELDS. With one active (one-hot) feature per field and `v_f` the embedding
+`[dim]` of the id that field `f` takes, the paper's model reads
+
+  y(x) = linear(x) + sum_{f < g} r_{fg} <v_f, v_g>,
+
+with `r` `[pairs]`, one weight per pair of fields (P = F (F - 1) / 2). The
+paper studies three linear terms, all available here (`linear_type`):
+
+  'lw'    w_0 + sum_f w_{x_f}            one weight per id (as FM),
+  'felv'  w_0 + sum_f <v_f, w_{x_f}>     one vector `[dim]` per id (FeLV),
+  'filv'  w_0 + sum_f <v_f, w_f>         one vector `[dim]` per FIELD (FiLV).
+
+FiLV costs only `fields * dim` parameters and is the default here, as in
+FuxiCTR (the reference implementation of the BARS open benchmark);
+configs/fwfm.py says which one it uses on the embedded data.
+
+Inputs are per-field ids `[batch, fields]` (int32, field `f` in
+`[0, field_dims[f])`); the output is the logit y(x) `[batch]` (float32). The
+sigmoid belongs to the loss.
+
+Optional side inputs are more fields of both terms, each with its own pair
+weights: a multi-hot field (`multi_ids`, e.g. a movie's genres) is the mean
+(or sum) of its ids' embeddings (and, for 'lw' and 'felv', linear weights), a
+numeric field (`dense`) its value `x` times its own vector, in every table:
+FeLV's term of a numeric field is then `x^2 <e, w>`, as in FuxiCTR, whose
+numeric features scale their linear vectors as their embeddings.
+
+pytorch-fm has no FwFM. Choices where the paper leaves one open (FuxiCTR's
+in brackets):
+  * The field-pair weights r start at one, so that an untrained FwFM is an
+    FM [xavier-normal weights of a Linear layer over the pairs].
+  * The linear weights (`w` of every linear type) start at zero, as in every
+    model of this library [LW and FeLV: the embeddings' N(0, 1e-4); FiLV: a
+    xavier-normal Linear layer over the flattened embeddings].
+  * Embeddings are xavier-uniform, as every model of this library.
+
+The embedding and the 'lw' linear term are named as in models/fm.py, so
+`config.init_from=<workdir of an FM run with the same embed_dim>` warm-starts
+them from a trained FM.
+
+This file is self-contained on purpose: it imports only jax, flax and numpy,
+so it can be copied alone into another project.
+"""
+
+from collections.abc import Sequence
+
+import flax.linen as nn
+import jax.numpy as jnp
+import numpy as np
+
+
+def field_offsets(field_dims: Sequence[int]) -> np.ndarray:
+  """Start row of each field in the shared table: `[fields]` int32."""
+  return np.concatenate([[0], np.cumsum(field_dims)[:-1]]).astype(np.int32)
+
+
+def take_rows(
+  table: jnp.ndarray,
+  rows: jnp.ndarray,
+  module: nn.Module | None = None,
+  name: str = '',
+) -> jnp.ndarray:
+  """`table[rows]` `[*rows.shape, ...]`, declared as a table of `module`.
+
+  A trainer may then update only the rows a batch reads (e.g. lazy Adam):
+  when the 'table_rows' collection is mutable the rows are sown there under
+  `name`, the table's parameter name, and when a 'perturbations' collection
+  is passed its zeros of the result's shape are added (`Module.perturb`), so
+  that their gradient is the gradient of the gathered rows and the
+  table-sized gradient need not be formed. Plain `apply` and `init` do
+  neither.
+
+  Args:
+    table: `[rows, ...]`.
+    rows: int rows to read; negative ones are padding, read as row 0 (the
+      caller masks them) and reported as no row of the table.
+    module: the module that owns `table`; None: a plain gather.
+    name: the parameter name of `table` in `module`.
+
+  Returns:
+    `[*rows.shape, ...]`.
+  """
+  x = jnp.take(table, jnp.maximum(rows, 0), axis=0)
+  if module is None or module.is_initializing():
+    return x
+  module.sow('table_rows', name, rows)
+  return module.perturb(name, x)
+
+
+def pool_multi_hot(
+  table: jnp.ndarray,
+  multi_ids: jnp.ndarray,
+  multi_field_dims: Sequence[int],
+  pooling: str = 'mean',
+  module: nn.Module | None = None,
+  name: str = '',
+) -> jnp.ndarray:
+  """Pools the rows of each multi-hot field's ids into one row per field.
+
+  Field `m`'s ids index `table` from row `field_offsets(multi_field_dims)[m]`,
+  as one-hot fields index theirs. Padding (-1) is skipped: 'mean' divides the
+  sum by the number of ids present, 'sum' keeps it; a field without ids pools
+  to zeros.
+
+  Args:
+    table: rows of every multi-hot field, `[sum(multi_field_dims), ...]`.
+    multi_ids: ids `[batch, multi_fields, max_len]`, padded with -1.
+    multi_field_dims: number of ids of each multi-hot field.
+    pooling: 'mean' or 'sum'.
+    module: the module that owns `table` (`take_rows`); None: none.
+    name: the parameter name of `table` in `module`.
+
+  Returns:
+    One row per field, `[batch, multi_fields, ...]`.
+  """
+  if pooling not in ('mean', 'sum'):
+    raise ValueError(f"multi_pooling must be 'mean' or 'sum', got {pooling!r}.")
+  present = multi_ids >= 0  # [B, M, L]
+  offsets = field_offsets(multi_field_dims)[:, None]  # [M, 1]
+  rows = jnp.where(present, multi_ids + offsets, -1)  # [B, M, L]
+  trailing = (1,) * (table.ndim - 1)
+  mask = present.reshape(present.shape + trailing)  # [B, M, L, 1...]
+  x = take_rows(table, rows, module, name)  # [B, M, L, ...]
+  x = jnp.where(mask, x, 0)
+  pooled = jnp.sum(x, axis=2)  # [B, M, ...]
+  if pooling == 'mean':
+    count = jnp.sum(present, axis=2).reshape(pooled.shape[:2] + trailing)
+    pooled = pooled / jnp.maximum(count, 1).astype(pooled.dtype)
+  return pooled
+
+
+def embed_fields(
+  tables: tuple[jnp.ndarray, jnp.ndarray | None, jnp.ndarray | None],
+  ids: jnp.ndarray,
+  multi_ids: jnp.ndarray | None,
+  dense: jnp.ndarray | None,
+  field_dims: Sequence[int],
+  multi_field_dims: Sequence[int] = (),
+  multi_pooling: str = 'mean',
+  module: nn.Module | None = None,
+  names: tuple[str, str] = ('', ''),
+) -> jnp.ndarray:
+  """Rows of every field: one-hot ids, then multi-hot ids, then numbers.
+
+  A one-hot field takes its id's row, a multi-hot field its ids' rows pooled
+  (`pool_multi_hot`), a numeric field its value times its own row.
+
+  Args:
+    tables: the one-hot table `[sum(field_dims), ...]`, the multi-hot table
+      `[sum(multi_field_dims), ...]` (None without multi-hot fields) and the
+      numeric table `[dense_fields, ...]` (None without numeric fields).
+    ids: `[batch, fields]` int, field `f`'s in `[0, field_dims[f])`.
+    multi_ids: `[batch, multi_fields, max_len]` int, padded with -1; None
+      without multi-hot fields.
+    dense: `[batch, dense_fields]` float; None without numeric fields.
+    field_dims: number of ids of each one-hot field.
+    multi_field_dims: number of ids of each multi-hot field.
+    multi_pooling: 'mean' or 'sum' (`pool_multi_hot`).
+    module: the module that owns the tables (`take_rows`); None: none.
+    names: the parameter names of the one-hot and multi-hot tables.
+
+  Returns:
+    `[batch, fields + multi_fields + dense_fields, ...]`.
+
+  Raises:
+    ValueError: an input whose shape disagrees with the declared fields.
+  """
+  table, multi_table, dense_table = tables
+  num_dense = 0 if dense_table is None else dense_table.shape[0]
+  for name, x, fields, ndim, declared in (
+    ('ids', ids, len(field_dims), 2, f'field_dims={tuple(field_dims)}'),
+    (
+      'multi_ids',
+      multi_ids,
+      len(multi_field_dims),
+      3,
+      f'multi_field_dims={tuple(multi_field_dims)}',
+    ),
+    ('dense', dense, num_dense, 2, f'num_dense={num_dense}'),
+  ):
+    if x is None and fields == 0:
+      continue
+    if x is None or x.ndim != ndim or x.shape[:2] != (ids.shape[0], fields):
+      batch = 'batch' if name == 'ids' else ids.shape[0]
+      want = f'[{batch}, {fields}' + (', max_len]' if ndim == 3 else ']')
+      got = 'None' if x is None else f'shape {tuple(x.shape)}'
+      raise ValueError(
+        f'{name} must be {want} for a model built with {declared}; got {got}.'
+      )
+  rows = ids + field_offsets(field_dims)  # [B, F]
+  parts = [take_rows(table, rows, module, names[0])]  # [B, F, ...]
+  if multi_table is not None:
+    parts.append(
+      pool_multi_hot(
+        multi_table,
+        multi_ids,
+        multi_field_dims,
+        multi_pooling,
+        module,
+        names[1],
+      )
+    )  # [B, M, ...]
+  if dense_table is not None:
+    values = dense.astype(dense_table.dtype)  # [B, N]
+    values = values.reshape(values.shape + (1,) * (dense_table.ndim - 1))
+    parts.append(values * dense_table)  # [B, N, ...]
+  return jnp.concatenate(parts, axis=1)
+
+
+class FeaturesLinear(nn.Module):
+  """Linear term `w_0 + sum_f w_f(x_f)` over every field.
+
+  A one-hot field adds its id's weight, a multi-hot field its ids' weights
+  pooled as its embeddings are, a numeric field its weight times its value.
+
+  Attributes:
+    field_dims: number of ids of each one-hot field.
+    multi_field_dims: number of ids of each multi-hot field.
+    num_dense: number of numeric fields.
+    multi_pooling: 'mean' or 'sum' over a multi-hot field's ids.
+    dtype: dtype of the computation.
+  """
+
+  field_dims: Sequence[int]
+  multi_field_dims: Sequence[int] = ()
+  num_dense: int = 0
+  multi_pooling: str = 'mean'
+  dtype: jnp.dtype = jnp.float32
+
+  @nn.compact
+  def __call__(
+    self,
+    ids: jnp.ndarray,
+    multi_ids: jnp.ndarray | None = None,
+    dense: jnp.ndarray | None = None,
+  ) -> jnp.ndarray:
+    """Maps the fields' inputs (`embed_fields`) to the logit term `[batch]`."""
+    zeros = nn.initializers.zeros
+    weight = self.param('weight', zeros, (sum(self.field_dims), 1))
+    bias = self.param('bias', zeros, (1,))
+    multi_weight = dense_weight = None
+    if self.multi_field_dims:
+      multi_weight = self.param(
+        'multi_weight', zeros, (sum(self.multi_field_dims), 1)
+      )
+    if self.num_dense:
+      dense_weight = self.param('dense_weight', zeros, (self.num_dense, 1))
+    w = embed_fields(
+      (weight, multi_weight, dense_weight),
+      ids,
+      multi_ids,
+      dense,
+      self.field_dims,
+      self.multi_field_dims,
+      self.multi_pooling,
+      module=self,
+      names=('weight', 'multi_weight'),
+    ).astype(self.dtype)  # [B, T, 1]
+    return jnp.sum(w, axis=(1, 2)) + bias.astype(self.dtype)[0]  # [B]
+
+
+class FeaturesEmbedding(nn.Module):
+  """Embeddings of every field, each table xavier-uniform initialised.
+
+  One-hot fields share one table, multi-hot fields another (pooled per
+  field), numeric fields have one vector each, scaled by the value.
+
+  Attributes:
+    field_dims: number of ids of each one-hot field.
+    embed_dim: embedding size.
+    multi_field_dims: number of ids of each multi-hot field.
+    num_dense: number of numeric fields.
+    multi_pooling: 'mean' or 'sum' over a multi-hot field's ids.
+    dtype: dtype of the returned embeddings.
+  """
+
+  field_dims: Sequence[int]
+  embed_dim: int
+  multi_field_dims: Sequence[int] = ()
+  num_dense: int = 0
+  multi_pooling: str = 'mean'
+  dtype: jnp.dtype = jnp.float32
+
+  @nn.compact
+  def __call__(
+    self,
+    ids: jnp.ndarray,
+    multi_ids: jnp.ndarray | None = None,
+    dense: jnp.ndarray | None = None,
+  ) -> jnp.ndarray:
+    """Maps the fields' inputs (`embed_fields`) to `[batch, fields, dim]`.
+
+    `fields` counts every field: one-hot, then multi-hot, then numeric.
+    """
+    init = nn.initializers.xavier_uniform()
+    dim = self.embed_dim
+    table = self.param('embedding', init, (sum(self.field_dims), dim))
+    multi_table = dense_table = None
+    if self.multi_field_dims:
+      multi_table = self.param(
+        'multi_embedding', init, (sum(self.multi_field_dims), dim)
+      )
+    if self.num_dense:
+      dense_table = self.param('dense_embedding', init, (self.num_dense, dim))
+    return embed_fields(
+      (table, multi_table, dense_table),
+      ids,
+      multi_ids,
+      dense,
+      self.field_dims,
+      self.multi_field_dims,
+      self.multi_pooling,
+      module=self,
+      names=('embedding', 'multi_embedding'),
+    ).astype(self.dtype)  # [B, T, D]
+
+
+class EmbeddingLinear(nn.Module):
+  """Linear term `w_0 + sum_f <v_f, w_f>` on the embeddings (FeLV or FiLV).
+
+  FeLV (`per_id`): `w_f` is a vector of the id that field f takes, looked up
+  as the embeddings are (a multi-hot field pools its ids' vectors, a numeric
+  field scales its one vector by its value). FiLV: `w_f` is one vector per
+  field.
+
+  Attributes:
+    field_dims: number of ids of each one-hot field.
+    per_id: one vector per id (FeLV); otherwise one per field (FiLV).
+    multi_field_dims: number of ids of each multi-hot field.
+    num_dense: number of numeric fields.
+    multi_pooling: 'mean' or 'sum' over a multi-hot field's ids.
+    dtype: dtype of the computation.
+  """
+
+  field_dims: Sequence[int]
+  per_id: bool
+  multi_field_dims: Sequence[int] = ()
+  num_dense: int = 0
+  multi_pooling: str = 'mean'
+  dtype: jnp.dtype = jnp.float32
+
+  @nn.compact
+  def __call__(
+    self,
+    v: jnp.ndarray,
+    ids: jnp.ndarray,
+    multi_ids: jnp.ndarray | None = None,
+    dense: jnp.ndarray | None = None,
+  ) -> jnp.ndarray:
+    """Maps `v` `[batch, fields, dim]` and the fields' inputs to `[batch]`."""
+    zeros = nn.initializers.zeros
+    dim = v.shape[-1]
+    if self.per_id:
+      weight = self.param('weight', zeros, (sum(self.field_dims), dim))
+      multi_weight = dense_weight = None
+      if self.multi_field_dims:
+        multi_weight = self.param(
+          'multi_weight', zeros, (sum(self.multi_field_dims), dim)
+        )
+      if self.num_dense:
+        dense_weight = self.param('dense_weight', zeros, (self.num_dense, dim))
+      w = embed_fields(
+        (weight, multi_weight, dense_weight),
+        ids,
+        multi_ids,
+        dense,
+        self.field_dims,
+        self.multi_field_dims,
+        self.multi_pooling,
+        module=self,
+        names=('weight', 'multi_weight'),
+      )  # [B, T, D]
+    else:
+      w = self.param('weight', zeros, v.shape[1:])  # [T, D]
+    bias = self.param('bias', zeros, (1,))
+    w = w.astype(self.dtype)
+    return jnp.sum(v * w, axis=(1, 2)) + bias.astype(self.dtype)[0]  # [B]
+
+
+class FieldWeightedInteraction(nn.Module):
+  """Pairwise term `sum_{f<g} r_fg <v_f, v_g>`, one weight per field pair.
+
+  Attributes:
+    dtype: dtype of the computation.
+  """
+
+  dtype: jnp.dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, v: jnp.ndarray) -> jnp.ndarray:
+    """Maps embeddings `[batch, fields, dim]` to the logit term `[batch]`."""
+    first, second = np.triu_indices(v.shape[1], k=1)  # [P], P = T(T-1)/2
+    r = self.param('r', nn.initializers.ones, (len(first),))
+    dots = jnp.sum(v[:, first] * v[:, second], axis=-1)  # [B, P]
+    return dots @ r.astype(self.dtype)  # [B]
+
+
+class FieldWeightedFactorizationMachine(nn.Module):
+  """FwFM: `y = linear(x) + sum_{f<g} r_fg <v_f, v_g>`.
+
+  Multi-hot and numeric fields are more fields f of both terms.
+
+  Attributes:
+    field_dims: number of ids of each one-hot field.
+    multi_field_dims: number of ids of each multi-hot field.
+    num_dense: number of numeric fields.
+    multi_pooling: 'mean' or 'sum' over a multi-hot field's ids.
+    embed_dim: size k of the embeddings v.
+    linear_type: 'lw' (a weight per id), 'felv' (a vector per id) or 'filv'
+      (a vector per field); see the module docstring.
+    axis_name: unused (FwFM has no BatchNorm); kept for the common signature.
+    dtype: dtype of the computation.
+  """
+
+  field_dims: Sequence[int]
+  multi_field_dims: Sequence[int] = ()
+  num_dense: int = 0
+  multi_pooling: str = 'mean'
+  embed_dim: int = 10
+  linear_type: str = 'filv'
+  axis_name: str | None = None
+  dtype: jnp.dtype = jnp.float32
+
+  @nn.compact
+  def __call__(
+    self,
+    ids: jnp.ndarray,
+    multi_ids: jnp.ndarray | None = None,
+    dense: jnp.ndarray | None = None,
+    *,
+    train: bool = False,
+  ) -> jnp.ndarray:
+    """Returns logits `[batch]`.
+
+    Args:
+      ids: one-hot ids `[batch, fields]` int32, field `f`'s in
+        `[0, field_dims[f])`.
+      multi_ids: multi-hot ids `[batch, multi_fields, max_len]` int32,
+        padded with -1; required iff `multi_field_dims`.
+      dense: numeric values `[batch, dense_fields]` float32; required iff
+        `num_dense`.
+      train: unused (FwFM has neither dropout nor BatchNorm).
+    """
+    del train
+    if self.linear_type not in ('lw', 'felv', 'filv'):
+      raise ValueError(
+        f"linear_type must be 'lw', 'felv' or 'filv', got {self.linear_type!r}."
+      )
+    inputs = (ids, multi_ids, dense)
+    fields = dict(
+      multi_field_dims=tuple(self.multi_field_dims),
+      num_dense=self.num_dense,
+      multi_pooling=self.multi_pooling,
+      dtype=self.dtype,
+    )
+    v = FeaturesEmbedding(self.field_dims, self.embed_dim, **fields)(
+      *inputs
+    )  # [B, T, D]
+    if self.linear_type == 'lw':
+      linear = FeaturesLinear(self.field_dims, **fields)(*inputs)  # [B]
+    else:
+      linear = EmbeddingLinear(
+        self.field_dims, per_id=self.linear_type == 'felv', **fields
+      )(v, *inputs)  # [B]
+    pairwise = FieldWeightedInteraction(dtype=self.dtype)(v)  # [B]
+    return (linear + pairwise).astype(jnp.float32)
+
+
+Model = FieldWeightedFactorizationMachine

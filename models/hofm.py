@@ -1,0 +1,443 @@
+"""Higher-Order Factorization Machine (HOFM).
+
+Mathieu Blondel, Akinori Fujino, Naonori Ueda and Masakazu Ishihata.
+"Higher-Order Factorization Machines". Advances in Neural Information
+Processing Systems (NeurIPS), 2016. https://arxiv.org/abs/1607.07195
+
+FM extended to interactions of order up to m, each order t with its own
+factors `p^(t)` `[dim]` per id. With one active (one-hot) feature per field
+and `p^(t)_f` the order-t factors of the id that field `f` takes, the
+paper's model, written with ANOVA kernels, reads
+
+  y(x)      = w_0 + sum_f w_{x_f} + sum_{t=2}^{m} sum_d A^t(p^(t)_{:,d}),
+  A^t(p)    = sum_{f_1 < f_2 < ... < f_t} p_{f_1} p_{f_2} ... p_{f_t},
+
+the ANOVA kernel of degree t over the fields, taken per embedding dimension
+`d` and summed. `A^2` is FM's pairwise term, computed in O(fields * dim) with
+Rendle's identity. For t >= 3 the kernel is the paper's dynamic programme
+(section 3, Algorithm 1), O(t * fields * dim):
+
+  a(0, j) = 1,    a(s, 0) = 0 for s >= 1,
+  a(s, j) = a(s, j - 1) + p_j a(s - 1, j - 1),      A^t(p) = a(t, F),
+
+where `a(s, j)` is the degree-s kernel over the first j fields.
+
+Inputs are per-field ids `[batch, fields]` (int32, field `f` in
+`[0, field_dims[f])`); the output is the logit y(x) `[batch]` (float32). The
+sigmoid belongs to the loss.
+
+Optional side inputs are more fields of every sum: a multi-hot field
+(`multi_ids`, e.g. a movie's genres) adds the mean (or sum) of its ids'
+weights and factors, a numeric field (`dense`) adds `w x` and `p x` for its
+value `x`.
+
+Differences from pytorch-fm (its GitHub master's
+`HighOrderFactorizationMachineModel`, not in torchfm 0.7.0, whose layout
+this file follows: one table of `(m - 1) k` columns, `k = embed_dim`, whose
+columns `[(t - 2) k, (t - 1) k)` hold the order-t factors):
+  * The linear weights start at zero instead of `nn.Embedding`'s N(0, 1),
+    a large random per-id bias that the optimiser must first unlearn.
+  * The model returns logits; pytorch-fm returns probabilities.
+
+As pytorch-fm, the paper's optional per-factor weights `lambda_s^(t)` are
+left out (all ones): the factors absorb them.
+
+This file is self-contained on purpose: it imports only jax, flax and numpy,
+so it can be copied alone into another project.
+"""
+
+from collections.abc import Sequence
+
+import flax.linen as nn
+import jax.numpy as jnp
+import numpy as np
+
+
+def field_offsets(field_dims: Sequence[int]) -> np.ndarray:
+  """Start row of each field in the shared table: `[fields]` int32."""
+  return np.concatenate([[0], np.cumsum(field_dims)[:-1]]).astype(np.int32)
+
+
+def take_rows(
+  table: jnp.ndarray,
+  rows: jnp.ndarray,
+  module: nn.Module | None = None,
+  name: str = '',
+) -> jnp.ndarray:
+  """`table[rows]` `[*rows.shape, ...]`, declared as a table of `module`.
+
+  A trainer may then update only the rows a batch reads (e.g. lazy Adam):
+  when the 'table_rows' collection is mutable the rows are sown there under
+  `name`, the table's parameter name, and when a 'perturbations' collection
+  is passed its zeros of the result's shape are added (`Module.perturb`), so
+  that their gradient is the gradient of the gathered rows and the
+  table-sized gradient need not be formed. Plain `apply` and `init` do
+  neither.
+
+  Args:
+    table: `[rows, ...]`.
+    rows: int rows to read; negative ones are padding, read as row 0 (the
+      caller masks them) and reported as no row of the table.
+    module: the module that owns `table`; None: a plain gather.
+    name: the parameter name of `table` in `module`.
+
+  Returns:
+    `[*rows.shape, ...]`.
+  """
+  x = jnp.take(table, jnp.maximum(rows, 0), axis=0)
+  if module is None or module.is_initializing():
+    return x
+  module.sow('table_rows', name, rows)
+  return module.perturb(name, x)
+
+
+def pool_multi_hot(
+  table: jnp.ndarray,
+  multi_ids: jnp.ndarray,
+  multi_field_dims: Sequence[int],
+  pooling: str = 'mean',
+  module: nn.Module | None = None,
+  name: str = '',
+) -> jnp.ndarray:
+  """Pools the rows of each multi-hot field's ids into one row per field.
+
+  Field `m`'s ids index `table` from row `field_offsets(multi_field_dims)[m]`,
+  as one-hot fields index theirs. Padding (-1) is skipped: 'mean' divides the
+  sum by the number of ids present, 'sum' keeps it; a field without ids pools
+  to zeros.
+
+  Args:
+    table: rows of every multi-hot field, `[sum(multi_field_dims), ...]`.
+    multi_ids: ids `[batch, multi_fields, max_len]`, padded with -1.
+    multi_field_dims: number of ids of each multi-hot field.
+    pooling: 'mean' or 'sum'.
+    module: the module that owns `table` (`take_rows`); None: none.
+    name: the parameter name of `table` in `module`.
+
+  Returns:
+    One row per field, `[batch, multi_fields, ...]`.
+  """
+  if pooling not in ('mean', 'sum'):
+    raise ValueError(f"multi_pooling must be 'mean' or 'sum', got {pooling!r}.")
+  present = multi_ids >= 0  # [B, M, L]
+  offsets = field_offsets(multi_field_dims)[:, None]  # [M, 1]
+  rows = jnp.where(present, multi_ids + offsets, -1)  # [B, M, L]
+  trailing = (1,) * (table.ndim - 1)
+  mask = present.reshape(present.shape + trailing)  # [B, M, L, 1...]
+  x = take_rows(table, rows, module, name)  # [B, M, L, ...]
+  x = jnp.where(mask, x, 0)
+  pooled = jnp.sum(x, axis=2)  # [B, M, ...]
+  if pooling == 'mean':
+    count = jnp.sum(present, axis=2).reshape(pooled.shape[:2] + trailing)
+    pooled = pooled / jnp.maximum(count, 1).astype(pooled.dtype)
+  return pooled
+
+
+def embed_fields(
+  tables: tuple[jnp.ndarray, jnp.ndarray | None, jnp.ndarray | None],
+  ids: jnp.ndarray,
+  multi_ids: jnp.ndarray | None,
+  dense: jnp.ndarray | None,
+  field_dims: Sequence[int],
+  multi_field_dims: Sequence[int] = (),
+  multi_pooling: str = 'mean',
+  module: nn.Module | None = None,
+  names: tuple[str, str] = ('', ''),
+) -> jnp.ndarray:
+  """Rows of every field: one-hot ids, then multi-hot ids, then numbers.
+
+  A one-hot field takes its id's row, a multi-hot field its ids' rows pooled
+  (`pool_multi_hot`), a numeric field its value times its own row.
+
+  Args:
+    tables: the one-hot table `[sum(field_dims), ...]`, the multi-hot table
+      `[sum(multi_field_dims), ...]` (None without multi-hot fields) and the
+      numeric table `[dense_fields, ...]` (None without numeric fields).
+    ids: `[batch, fields]` int, field `f`'s in `[0, field_dims[f])`.
+    multi_ids: `[batch, multi_fields, max_len]` int, padded with -1; None
+      without multi-hot fields.
+    dense: `[batch, dense_fields]` float; None without numeric fields.
+    field_dims: number of ids of each one-hot field.
+    multi_field_dims: number of ids of each multi-hot field.
+    multi_pooling: 'mean' or 'sum' (`pool_multi_hot`).
+    module: the module that owns the tables (`take_rows`); None: none.
+    names: the parameter names of the one-hot and multi-hot tables.
+
+  Returns:
+    `[batch, fields + multi_fields + dense_fields, ...]`.
+
+  Raises:
+    ValueError: an input whose shape disagrees with the declared fields.
+  """
+  table, multi_table, dense_table = tables
+  num_dense = 0 if dense_table is None else dense_table.shape[0]
+  for name, x, fields, ndim, declared in (
+    ('ids', ids, len(field_dims), 2, f'field_dims={tuple(field_dims)}'),
+    (
+      'multi_ids',
+      multi_ids,
+      len(multi_field_dims),
+      3,
+      f'multi_field_dims={tuple(multi_field_dims)}',
+    ),
+    ('dense', dense, num_dense, 2, f'num_dense={num_dense}'),
+  ):
+    if x is None and fields == 0:
+      continue
+    if x is None or x.ndim != ndim or x.shape[:2] != (ids.shape[0], fields):
+      batch = 'batch' if name == 'ids' else ids.shape[0]
+      want = f'[{batch}, {fields}' + (', max_len]' if ndim == 3 else ']')
+      got = 'None' if x is None else f'shape {tuple(x.shape)}'
+      raise ValueError(
+        f'{name} must be {want} for a model built with {declared}; got {got}.'
+      )
+  rows = ids + field_offsets(field_dims)  # [B, F]
+  parts = [take_rows(table, rows, module, names[0])]  # [B, F, ...]
+  if multi_table is not None:
+    parts.append(
+      pool_multi_hot(
+        multi_table,
+        multi_ids,
+        multi_field_dims,
+        multi_pooling,
+        module,
+        names[1],
+      )
+    )  # [B, M, ...]
+  if dense_table is not None:
+    values = dense.astype(dense_table.dtype)  # [B, N]
+    values = values.reshape(values.shape + (1,) * (dense_table.ndim - 1))
+    parts.append(values * dense_table)  # [B, N, ...]
+  return jnp.concatenate(parts, axis=1)
+
+
+class FeaturesLinear(nn.Module):
+  """Linear term `w_0 + sum_f w_f(x_f)` over every field.
+
+  A one-hot field adds its id's weight, a multi-hot field its ids' weights
+  pooled as its embeddings are, a numeric field its weight times its value.
+
+  Attributes:
+    field_dims: number of ids of each one-hot field.
+    multi_field_dims: number of ids of each multi-hot field.
+    num_dense: number of numeric fields.
+    multi_pooling: 'mean' or 'sum' over a multi-hot field's ids.
+    dtype: dtype of the computation.
+  """
+
+  field_dims: Sequence[int]
+  multi_field_dims: Sequence[int] = ()
+  num_dense: int = 0
+  multi_pooling: str = 'mean'
+  dtype: jnp.dtype = jnp.float32
+
+  @nn.compact
+  def __call__(
+    self,
+    ids: jnp.ndarray,
+    multi_ids: jnp.ndarray | None = None,
+    dense: jnp.ndarray | None = None,
+  ) -> jnp.ndarray:
+    """Maps the fields' inputs (`embed_fields`) to the logit term `[batch]`."""
+    zeros = nn.initializers.zeros
+    weight = self.param('weight', zeros, (sum(self.field_dims), 1))
+    bias = self.param('bias', zeros, (1,))
+    multi_weight = dense_weight = None
+    if self.multi_field_dims:
+      multi_weight = self.param(
+        'multi_weight', zeros, (sum(self.multi_field_dims), 1)
+      )
+    if self.num_dense:
+      dense_weight = self.param('dense_weight', zeros, (self.num_dense, 1))
+    w = embed_fields(
+      (weight, multi_weight, dense_weight),
+      ids,
+      multi_ids,
+      dense,
+      self.field_dims,
+      self.multi_field_dims,
+      self.multi_pooling,
+      module=self,
+      names=('weight', 'multi_weight'),
+    ).astype(self.dtype)  # [B, T, 1]
+    return jnp.sum(w, axis=(1, 2)) + bias.astype(self.dtype)[0]  # [B]
+
+
+class FeaturesEmbedding(nn.Module):
+  """Embeddings of every field, each table xavier-uniform initialised.
+
+  One-hot fields share one table, multi-hot fields another (pooled per
+  field), numeric fields have one vector each, scaled by the value.
+
+  Attributes:
+    field_dims: number of ids of each one-hot field.
+    embed_dim: embedding size.
+    multi_field_dims: number of ids of each multi-hot field.
+    num_dense: number of numeric fields.
+    multi_pooling: 'mean' or 'sum' over a multi-hot field's ids.
+    dtype: dtype of the returned embeddings.
+  """
+
+  field_dims: Sequence[int]
+  embed_dim: int
+  multi_field_dims: Sequence[int] = ()
+  num_dense: int = 0
+  multi_pooling: str = 'mean'
+  dtype: jnp.dtype = jnp.float32
+
+  @nn.compact
+  def __call__(
+    self,
+    ids: jnp.ndarray,
+    multi_ids: jnp.ndarray | None = None,
+    dense: jnp.ndarray | None = None,
+  ) -> jnp.ndarray:
+    """Maps the fields' inputs (`embed_fields`) to `[batch, fields, dim]`.
+
+    `fields` counts every field: one-hot, then multi-hot, then numeric.
+    """
+    init = nn.initializers.xavier_uniform()
+    dim = self.embed_dim
+    table = self.param('embedding', init, (sum(self.field_dims), dim))
+    multi_table = dense_table = None
+    if self.multi_field_dims:
+      multi_table = self.param(
+        'multi_embedding', init, (sum(self.multi_field_dims), dim)
+      )
+    if self.num_dense:
+      dense_table = self.param('dense_embedding', init, (self.num_dense, dim))
+    return embed_fields(
+      (table, multi_table, dense_table),
+      ids,
+      multi_ids,
+      dense,
+      self.field_dims,
+      self.multi_field_dims,
+      self.multi_pooling,
+      module=self,
+      names=('embedding', 'multi_embedding'),
+    ).astype(self.dtype)  # [B, T, D]
+
+
+class FactorizationMachine(nn.Module):
+  """Pairwise term `sum_{f<g} v_f * v_g` in O(fields * dim) (Rendle, 3.1).
+
+  Attributes:
+    reduce_sum: sum over the embedding dimension (`[batch]` out) or keep it
+      (`[batch, dim]` out, the bi-interaction pooling of NFM).
+  """
+
+  reduce_sum: bool = True
+
+  @nn.compact
+  def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
+    """Maps embeddings `[batch, fields, dim]` to `[batch]` or `[batch, dim]`."""
+    square_of_sum = jnp.square(jnp.sum(x, axis=1))  # [B, D]
+    sum_of_square = jnp.sum(jnp.square(x), axis=1)  # [B, D]
+    interaction = 0.5 * (square_of_sum - sum_of_square)  # [B, D]
+    if self.reduce_sum:
+      return jnp.sum(interaction, axis=1)  # [B]
+    return interaction
+
+
+class AnovaKernel(nn.Module):
+  """ANOVA kernel `A^t = sum_{f_1 < ... < f_t} prod_s x_{f_s}` per dimension.
+
+  The paper's dynamic programme: `a(s, j)`, the degree-s kernel over the
+  first j fields, held for all j at once as `[batch, fields + 1, dim]`, is a
+  cumulative sum over fields of `x_j a(s - 1, j - 1)`.
+
+  Attributes:
+    order: the degree t >= 1.
+    reduce_sum: sum over the embedding dimension (`[batch]` out) or keep it
+      (`[batch, dim]` out).
+  """
+
+  order: int
+  reduce_sum: bool = True
+
+  @nn.compact
+  def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
+    """Maps `[batch, fields, dim]` to `[batch]` or `[batch, dim]`."""
+    batch, _, dim = x.shape
+    zero = jnp.zeros((batch, 1, dim), x.dtype)  # a(s, 0) = 0, s >= 1
+    a = jnp.ones((batch, x.shape[1] + 1, dim), x.dtype)  # a(0, j) = 1
+    for _ in range(self.order):
+      steps = x * a[:, :-1]  # x_j a(s - 1, j - 1): [B, F, D]
+      a = jnp.concatenate([zero, jnp.cumsum(steps, axis=1)], axis=1)
+    kernel = a[:, -1]  # a(t, F): [B, D]
+    if self.reduce_sum:
+      return jnp.sum(kernel, axis=1)  # [B]
+    return kernel
+
+
+class HighOrderFactorizationMachine(nn.Module):
+  """HOFM: `y = w_0 + sum_f w_{x_f} + sum_{t=2}^m sum_d A^t(p^(t)_{:,d})`.
+
+  Multi-hot and numeric fields are more fields f of every sum.
+
+  Attributes:
+    field_dims: number of ids of each one-hot field.
+    multi_field_dims: number of ids of each multi-hot field.
+    num_dense: number of numeric fields.
+    multi_pooling: 'mean' or 'sum' over a multi-hot field's ids.
+    order: the highest interaction order m (1: logistic regression, 2: FM).
+    embed_dim: size k of the factors of each order.
+    axis_name: unused (HOFM has no BatchNorm); kept for the common signature.
+    dtype: dtype of the computation.
+  """
+
+  field_dims: Sequence[int]
+  multi_field_dims: Sequence[int] = ()
+  num_dense: int = 0
+  multi_pooling: str = 'mean'
+  order: int = 3
+  embed_dim: int = 16
+  axis_name: str | None = None
+  dtype: jnp.dtype = jnp.float32
+
+  @nn.compact
+  def __call__(
+    self,
+    ids: jnp.ndarray,
+    multi_ids: jnp.ndarray | None = None,
+    dense: jnp.ndarray | None = None,
+    *,
+    train: bool = False,
+  ) -> jnp.ndarray:
+    """Returns logits `[batch]`.
+
+    Args:
+      ids: one-hot ids `[batch, fields]` int32, field `f`'s in
+        `[0, field_dims[f])`.
+      multi_ids: multi-hot ids `[batch, multi_fields, max_len]` int32,
+        padded with -1; required iff `multi_field_dims`.
+      dense: numeric values `[batch, dense_fields]` float32; required iff
+        `num_dense`.
+      train: unused (HOFM has neither dropout nor BatchNorm).
+    """
+    del train
+    if self.order < 1:
+      raise ValueError(f'order must be >= 1, got {self.order}.')
+    inputs = (ids, multi_ids, dense)
+    fields = dict(
+      multi_field_dims=tuple(self.multi_field_dims),
+      num_dense=self.num_dense,
+      multi_pooling=self.multi_pooling,
+      dtype=self.dtype,
+    )
+    y = FeaturesLinear(self.field_dims, **fields)(*inputs)  # [B]
+    if self.order >= 2:
+      k = self.embed_dim
+      # One table holds the factors of every order, k columns each.
+      p = FeaturesEmbedding(self.field_dims, (self.order - 1) * k, **fields)(
+        *inputs
+      )  # [B, T, (m - 1) * k]
+      y = y + FactorizationMachine(reduce_sum=True)(p[..., :k])  # [B]
+      for t in range(3, self.order + 1):
+        p_t = p[..., (t - 2) * k : (t - 1) * k]  # [B, T, k]
+        y = y + AnovaKernel(t, reduce_sum=True)(p_t)  # [B]
+    return y.astype(jnp.float32)
+
+
+Model = HighOrderFactorizationMachine

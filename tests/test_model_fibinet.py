@@ -1,0 +1,253 @@
+"""FiBiNET (models/fibinet.py) against its equations, by brute force.
+
+pytorch-fm has no FiBiNET: the SENET layer (eq. (1)-(4)), the three
+bilinear types (eq. (5)-(7)) and the whole model are recomputed example by
+example in numpy.
+"""
+
+import importlib
+
+from absl.testing import absltest
+from absl.testing import parameterized
+import jax
+import jax.numpy as jnp
+from model_tables import initial_zero_gradients
+import numpy as np
+
+from configs import fibinet as fibinet_config
+
+fibinet = importlib.import_module('models.fibinet')
+
+FIELD_DIMS = (7, 11, 5, 4)
+OFFSETS = np.cumsum((0,) + FIELD_DIMS[:-1])
+KWARGS = dict(embed_dim=3, mlp_dims=(16, 16), reduction_ratio=2)
+
+
+def _ids(batch, seed=0, field_dims=FIELD_DIMS):
+  rng = np.random.default_rng(seed)
+  return np.stack(
+    [rng.integers(0, d, size=batch) for d in field_dims], axis=1
+  ).astype(np.int32)
+
+
+def _random_variables(model, ids, seed=1):
+  """Init, then random parameters everywhere."""
+  variables = model.init(jax.random.key(0), ids)
+  rng = np.random.default_rng(seed)
+  return jax.tree.map(
+    lambda x: (0.5 * rng.normal(size=x.shape)).astype(np.float32), variables
+  )
+
+
+def _np_mlp(x, params, num_hidden):
+  """Eval-mode DeepNetwork: Linear -> ReLU per hidden layer, then Linear."""
+  for i in range(num_hidden):
+    x = x @ params[f'Dense_{i}']['kernel'] + params[f'Dense_{i}']['bias']
+    x = np.maximum(x, 0.0)
+  out = params[f'Dense_{num_hidden}']
+  return (x @ out['kernel'] + out['bias'])[:, 0]
+
+
+def _np_senet(e, params, excitation):
+  """`v_f = a_f e_f`, `a = s(W_2 ReLU(W_1 z))`, `z_f = mean_d e_fd`."""
+  w1 = params['Dense_0']['kernel'].T  # [reduced, F]
+  w2 = params['Dense_1']['kernel'].T  # [F, reduced]
+  out = np.empty_like(e)
+  for b in range(len(e)):
+    z = np.array([e[b, f].mean() for f in range(e.shape[1])])
+    a = w2 @ np.maximum(w1 @ z, 0.0)
+    a = np.maximum(a, 0.0) if excitation == 'relu' else 1 / (1 + np.exp(-a))
+    out[b] = a[:, None] * e[b]
+  return out
+
+
+def _np_bilinear(e, weight, bilinear_type):
+  """`p_fg = (e_f W) * e_g` for f < g, W by type, pair by pair."""
+  num_fields = e.shape[1]
+  pairs = []
+  for f in range(num_fields):
+    for g in range(f + 1, num_fields):
+      if bilinear_type == 'field_all':
+        w = weight
+      elif bilinear_type == 'field_each':
+        w = weight[f]
+      else:
+        w = weight[len(pairs)]
+      pairs.append((e[:, f] @ w) * e[:, g])  # [B, D]
+  return np.stack(pairs, axis=1)  # [B, P, D]
+
+
+def _np_model(ids, variables, bilinear_type, excitation):
+  p = variables['params']
+  rows = ids + OFFSETS
+  e = np.asarray(p['FeaturesEmbedding_0']['embedding'], np.float64)[rows]
+  v = _np_senet(e, p['SqueezeExcitation_0'], excitation)
+  first = _np_bilinear(e, p['BilinearInteraction_0']['weight'], bilinear_type)
+  second = _np_bilinear(v, p['BilinearInteraction_1']['weight'], bilinear_type)
+  pairs = np.concatenate([first, second], axis=1).reshape(len(ids), -1)
+  linear = p['FeaturesLinear_0']
+  return (
+    linear['bias'][0]
+    + linear['weight'][rows, 0].sum(axis=1)
+    + _np_mlp(pairs, p['DeepNetwork_0'], 2)
+  )
+
+
+class EquationTest(parameterized.TestCase):
+  @parameterized.parameters(
+    ('field_all', 'sigmoid'),
+    ('field_each', 'sigmoid'),
+    ('field_interaction', 'sigmoid'),
+    ('field_interaction', 'relu'),
+  )
+  def test_eval_model_matches_brute_force(self, bilinear_type, excitation):
+    model = fibinet.Model(
+      FIELD_DIMS, bilinear_type=bilinear_type, excitation=excitation, **KWARGS
+    )
+    ids = _ids(6)
+    variables = _random_variables(model, ids)
+    out = model.apply(variables, ids, train=False)
+    expected = _np_model(ids, variables, bilinear_type, excitation)
+    np.testing.assert_allclose(out, expected, rtol=1e-4, atol=1e-4)
+
+  def test_weight_shapes_by_type(self):
+    # 4 fields, 6 pairs, dim 3; SENET squeezes 4 fields to int(4 / 2) = 2.
+    expected = {
+      'field_all': (3, 3),
+      'field_each': (3, 3, 3),  # one per field but the last
+      'field_interaction': (6, 3, 3),
+    }
+    ids = _ids(2)
+    for bilinear_type, shape in expected.items():
+      model = fibinet.Model(FIELD_DIMS, bilinear_type=bilinear_type, **KWARGS)
+      shapes = jax.tree.map(
+        np.shape, jax.eval_shape(model.init, jax.random.key(0), ids)['params']
+      )
+      with self.subTest(bilinear_type):
+        for name in ('BilinearInteraction_0', 'BilinearInteraction_1'):
+          self.assertEqual(shapes[name]['weight'], shape)
+        self.assertEqual(
+          shapes['SqueezeExcitation_0'],
+          {'Dense_0': {'kernel': (4, 2)}, 'Dense_1': {'kernel': (2, 4)}},
+        )
+
+  def test_two_fields_squeeze_to_one_unit(self):
+    # max(1, int(2 / 3)) = 1, as FuxiCTR; one pair.
+    model = fibinet.Model((6, 9), embed_dim=3, mlp_dims=(4,))
+    shapes = jax.tree.map(
+      np.shape,
+      jax.eval_shape(model.init, jax.random.key(0), _ids(2, field_dims=(6, 9))),
+    )['params']
+    self.assertEqual(shapes['SqueezeExcitation_0']['Dense_0']['kernel'], (2, 1))
+    self.assertEqual(shapes['BilinearInteraction_0']['weight'], (1, 3, 3))
+
+  def test_bad_arguments_are_errors(self):
+    ids = _ids(2)
+    for kwargs, message in (
+      (dict(bilinear_type='field_pair'), "'field_all', 'field_each'"),
+      (dict(excitation='tanh'), "'relu' or 'sigmoid'"),
+    ):
+      with self.subTest(message):
+        model = fibinet.Model(FIELD_DIMS, **kwargs, **KWARGS)
+        with self.assertRaisesRegex(ValueError, message):
+          model.init(jax.random.key(0), ids)
+    with self.assertRaisesRegex(ValueError, 'at least two fields'):
+      fibinet.Model((5,), **KWARGS).init(jax.random.key(0), ids[:, :1])
+
+
+class ExcitationTest(parameterized.TestCase):
+  @parameterized.parameters(('relu', True), ('sigmoid', False))
+  def test_relu_excitation_silences_a_field_for_good(self, excitation, dead):
+    # Two fields squeeze to one unit r >= 0; a negative entry of W_2 makes
+    # that field's ReLU weight 0 for every example, so q (one pair) is 0
+    # and SENET and q's bilinear weights get no gradient. The sigmoid
+    # weight of the same field is in (0, 1) and passes one.
+    field_dims = (6, 9)
+    model = fibinet.Model(
+      field_dims, embed_dim=3, mlp_dims=(4,), excitation=excitation
+    )
+    ids = _ids(32, field_dims=field_dims)
+    params = model.init(jax.random.key(0), ids)['params']
+    senet = dict(params['SqueezeExcitation_0'])
+    senet['Dense_1'] = {'kernel': jnp.array([[-1.0, 1.0]])}
+    params = {**params, 'SqueezeExcitation_0': senet}
+    labels = (np.arange(32) % 3 == 0).astype(np.float32)
+
+    def loss(p):
+      logits = model.apply({'params': p}, ids)
+      return jnp.mean((jax.nn.sigmoid(logits) - labels) ** 2)
+
+    grads = jax.grad(loss)(params)
+    for leaf in (
+      grads['BilinearInteraction_1']['weight'],
+      grads['SqueezeExcitation_0']['Dense_0']['kernel'],
+      grads['SqueezeExcitation_0']['Dense_1']['kernel'],
+    ):
+      self.assertEqual(float(jnp.max(jnp.abs(leaf))) == 0.0, dead)
+
+
+class TrainingModeTest(absltest.TestCase):
+  def test_dropout_acts_only_in_training_and_there_is_no_batchnorm(self):
+    ids = _ids(16, seed=2)
+    base = fibinet.Model(FIELD_DIMS, dropout=0.0, **KWARGS)
+    variables = _random_variables(base, ids)
+    self.assertEqual(set(variables), {'params'})
+
+    def train_out(model, seed):
+      return model.apply(
+        variables, ids, train=True, rngs={'dropout': jax.random.key(seed)}
+      )
+
+    # Without dropout, training mode is evaluation mode.
+    out0 = train_out(base, 0)
+    np.testing.assert_allclose(
+      out0, base.apply(variables, ids), rtol=1e-6, atol=1e-6
+    )
+    # The MLP's dropout changes training outputs, by key.
+    dropped = fibinet.Model(FIELD_DIMS, dropout=0.5, **KWARGS)
+    a, b = train_out(dropped, 0), train_out(dropped, 1)
+    self.assertGreater(np.mean(~np.isclose(a, out0)), 0.9)
+    self.assertGreater(np.mean(~np.isclose(a, b)), 0.9)
+    # Eval mode ignores dropout and keys.
+    np.testing.assert_array_equal(
+      dropped.apply(variables, ids),
+      dropped.apply(variables, ids, rngs={'dropout': jax.random.key(5)}),
+    )
+    np.testing.assert_array_equal(
+      dropped.apply(variables, ids), base.apply(variables, ids)
+    )
+
+
+class InitialGradientTest(absltest.TestCase):
+  def test_every_parameter_gets_a_gradient_from_initialisation(self):
+    # tests/model_tables.py's TEST_KWARGS model on two fields, three draws.
+    zeros = initial_zero_gradients('fibinet')
+    self.assertEqual(zeros, dict.fromkeys(zeros, []))
+
+
+class ConfigTest(absltest.TestCase):
+  def test_config(self):
+    config = fibinet_config.get_config()
+    self.assertEqual(config.model_name, 'fibinet')
+    self.assertEqual(
+      dict(config.model),
+      dict(
+        embed_dim=16,
+        mlp_dims=(),
+        dropout=0.0,
+        reduction_ratio=3.0,
+        excitation='sigmoid',
+        bilinear_type='field_interaction',
+      ),
+    )
+    model = fibinet.Model(field_dims=(6, 9), **config.model)
+    ids = _ids(4, field_dims=(6, 9))
+    variables = jax.eval_shape(model.init, jax.random.key(0), ids)
+    kernel = variables['params']['DeepNetwork_0']['Dense_0']['kernel']
+    self.assertEqual(kernel.shape, (2 * 16, 1))  # p and q of one pair
+    out = jax.eval_shape(model.apply, variables, ids)
+    self.assertEqual((out.shape, out.dtype), ((4,), jnp.float32))
+
+
+if __name__ == '__main__':
+  absltest.main()
