@@ -7,10 +7,10 @@ Hyper-parameters of pytorch-fm's examples/main.py (its 'ipnn' entry:
 embed_dim 16, mlp_dims (16,), dropout 0.2), with its training recipe
 (configs/default.py).
 
-On ml-latest-small (seeded 8:1:1 split, config.seed 0, 1, 2): test AUC
-0.7934, 0.7872, 0.7897 (mean 0.7901). torchfm 0.7.0 on the same split
-(benchmarks/quality.py, torch seeds 0, 1, 2): 0.7946, 0.7945, 0.7923 (mean
-0.7938) with its raw ids, 0.7913, 0.7940, 0.7922 (mean 0.7925) with ours.
+On ml-latest-small (seeded 8:1:1 split, `--config.seed=0`, 1, 2): test AUC
+0.7926, 0.7891, 0.7917 (mean 0.7912). torchfm 0.7.0 on the same split and
+dense ids (benchmarks/quality.py, torch seeds 0, 1, 2): 0.7952, 0.7930, 0.7911
+(mean 0.7931).
 """
 
 import ml_collections
