@@ -197,7 +197,7 @@ class ModelContractTest(parameterized.TestCase):
         env=env,
         capture_output=True,
         text=True,
-        timeout=300,
+        timeout=900,
       )
     self.assertEqual(result.returncode, 0, result.stderr)
     outputs = json.loads(result.stdout.strip().splitlines()[-1])
