@@ -6,11 +6,9 @@ python main.py --config=configs/hofm.py:smoke --workdir=/tmp/hofm_smoke
 Hyper-parameters of pytorch-fm's examples/main.py (GitHub master; its 'hofm'
 entry: order 3, embed_dim 16), with its training recipe (configs/default.py).
 
-On ml-latest-small (seeded 8:1:1 split, `--config.seed=0`, 1, 2): test AUC
-0.7864, 0.7900, 0.7872 (mean 0.7878; configs/fm.py 0.7875, 0.7891, 0.7890).
-Its two fields (user, movie) have no triple, so the order-3 term is zero
-there and HOFM is an FM with other random draws; it matters on data with
-three fields or more (side inputs count).
+The embedded data's two fields (user, movie) have no triple, so the order-3
+term is zero there and HOFM is an FM with other random draws; the higher
+orders matter on three fields or more (side inputs count).
 """
 
 import ml_collections

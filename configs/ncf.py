@@ -3,13 +3,6 @@
 python main.py --config=configs/ncf.py --workdir=/tmp/ncf
 python main.py --config=configs/ncf.py:smoke --workdir=/tmp/ncf_smoke
 
-On ml-latest-small (seeded 8:1:1 split, 2 CPU cores, shared): test AUC
-0.7883, logloss 0.5379, best epoch 3 of 5 run, about 6 s wall. pytorch-fm
-0.7.0 on the same split (benchmarks/quality.py): test AUC 0.7906 with dense
-ids, 0.7912 with its raw ids.
-Seeds 0, 1, 2 (`--config.seed`): 0.7883, 0.7887, 0.7901; with
-`shared_embedding=True`: 0.7884, 0.7883, 0.7898.
-
 NCF needs a user and an item field. On a dataset whose fields are not
 (user, item) in that order, set them, e.g. `--config.model.user_field_idx=2
 --config.model.item_field_idx=5`; indices that do not name two different

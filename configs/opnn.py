@@ -7,11 +7,6 @@ Hyper-parameters of pytorch-fm's examples/main.py (its 'opnn' entry:
 embed_dim 16, mlp_dims (16,), dropout 0.2), with its training recipe
 (configs/default.py). Its outer product is the kernel product of the
 journal version (models/pnn.py).
-
-On ml-latest-small (seeded 8:1:1 split, `--config.seed=0`, 1, 2): test AUC
-0.7929, 0.7886, 0.7911 (mean 0.7909). torchfm 0.7.0 on the same split and
-dense ids (benchmarks/quality.py, torch seeds 0, 1, 2): 0.7927, 0.7919, 0.7924
-(mean 0.7923).
 """
 
 import ml_collections
