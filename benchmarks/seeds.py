@@ -1,0 +1,232 @@
+"""Test AUC across seeds: flax-fm against torchfm, mean and spread.
+
+One seed moves a test AUC on ml-latest-small by up to 0.004, more than most
+differences between two models or two libraries, so a comparison of one
+seed each says little. For each model and seed this trains, on the same
+seeded 8:1:1 split of the embedded data (`dataset.seed` stays 0; the seed
+moves initialisation, shuffling and dropout):
+
+- `flax`: `train.train_and_evaluate` with configs/<model>.py and
+  `config.seed = seed`, as `python main.py --config.seed=<seed>`;
+- `torchfm`: torchfm's examples/main.py loop on our dense ids
+  (`benchmarks.quality.train_torchfm`, `torch.manual_seed(seed)`), for the
+  models torchfm has.
+
+It reports each side's mean, sample standard deviation and every seed's test
+AUC (of the best-validation state), and the difference of the means with its
+standard error. A run whose workdir already holds its test result is read,
+not trained again: an interrupted benchmark goes on where it stopped.
+
+  python -m benchmarks.seeds --models=fm,ipnn,opnn --seeds=0-9 \
+    --workdir=/tmp/flax_fm_seeds
+
+Results: benchmarks/results/<out_name>.{json,csv,md} (default seeds).
+"""
+
+import argparse
+from collections.abc import Sequence
+import json
+import os
+import tempfile
+
+import numpy as np
+
+from benchmarks import common
+from benchmarks import quality
+
+RUNS = ('flax', 'torchfm')
+
+
+def parse_seeds(value: str) -> list[int]:
+  """'0-9' or '0,1,2' (or a mix: '0-2,5') -> sorted distinct seeds."""
+  seeds = set()
+  for part in value.split(','):
+    part = part.strip()
+    if not part:
+      continue
+    first, _, last = part.partition('-')
+    try:
+      seeds.update(range(int(first), int(last or first) + 1))
+    except ValueError:
+      raise SystemExit(
+        f'--seeds: {part!r} is not a seed or a range like 0-9.'
+      ) from None
+  if not seeds:
+    raise SystemExit('--seeds: give at least one seed, e.g. 0-2.')
+  return sorted(seeds)
+
+
+def finished_test_auc(workdir: str) -> float | None:
+  """Test AUC of a finished run in `workdir` (its metrics.jsonl), or None."""
+  path = os.path.join(workdir, 'metrics.jsonl')
+  if not os.path.exists(path):
+    return None
+  tests = [r for r in quality.read_metrics(path) if r['split'] == 'test']
+  return tests[-1]['auc'] if tests else None
+
+
+def run_seed(name: str, run: str, seed: int, args) -> float:
+  """Test AUC of `run` of model `name` with `seed` (trained if not yet)."""
+  workdir = os.path.join(args.workdir, name, f's{seed}', run)
+  auc = finished_test_auc(workdir)
+  if auc is not None:
+    return auc
+  import data  # pylint: disable=g-import-not-at-top
+  import train  # pylint: disable=g-import-not-at-top
+
+  config = common.get_config(name, 'smoke' if args.tiny else None)
+  config.seed = seed
+  config.progress_bar = False
+  if args.cache_dir:
+    config.dataset.cache_dir = args.cache_dir
+  if run == 'flax':
+    train.train_and_evaluate(config, workdir)
+  else:
+    dataset = data.load_dataset(config.dataset)
+    splits, field_dims = quality.torchfm_data(config, dataset, raw=False)
+    quality.train_torchfm(
+      name, config, splits, field_dims, workdir, 10 if args.tiny else 0
+    )
+  return finished_test_auc(workdir)
+
+
+def summarize(name: str, aucs: dict[str, list[float]]) -> dict:
+  """Mean, sample std and seeds of each run; difference of the means."""
+  record = {'model': name}
+  for run, values in aucs.items():
+    values = np.asarray(values, np.float64)
+    record[f'{run}_test_auc'] = [float(v) for v in values]
+    record[f'{run}_mean'] = float(values.mean())
+    record[f'{run}_std'] = float(values.std(ddof=1)) if len(values) > 1 else 0.0
+  if len(aucs) == 2:
+    n = [len(v) for v in aucs.values()]
+    record['difference'] = record['flax_mean'] - record['torchfm_mean']
+    # Standard error of a difference of two independent means.
+    record['difference_se'] = float(
+      np.sqrt(
+        record['flax_std'] ** 2 / n[0] + record['torchfm_std'] ** 2 / n[1]
+      )
+    )
+  return record
+
+
+def markdown(records: list[dict], info: dict, command: str) -> str:
+  header = [
+    'model',
+    'seeds',
+    'flax-fm test AUC, mean ± std',
+    'torchfm (dense ids), mean ± std',
+    'flax-fm - torchfm (± s.e.)',
+  ]
+  rows = []
+  for r in records:
+    torch = (
+      f'{r["torchfm_mean"]:.4f} ± {r["torchfm_std"]:.4f}'
+      if 'torchfm_mean' in r
+      else '-'
+    )
+    difference = (
+      f'{r["difference"]:+.4f} (± {r["difference_se"]:.4f})'
+      if 'difference' in r
+      else '-'
+    )
+    rows.append(
+      [
+        r['model'],
+        len(r['flax_test_auc']),
+        f'{r["flax_mean"]:.4f} ± {r["flax_std"]:.4f}',
+        torch,
+        difference,
+      ]
+    )
+  seeds = common.markdown_table(
+    ['model', 'run', 'test AUC by seed'],
+    [
+      [r['model'], run, ' '.join(f'{a:.4f}' for a in r[f'{run}_test_auc'])]
+      for r in records
+      for run in RUNS
+      if f'{run}_test_auc' in r
+    ],
+  )
+  note = (
+    'ml-latest-small, the same seeded 8:1:1 split for every run; the seed'
+    ' moves initialisation, shuffling and dropout. Test AUC of the'
+    ' best-validation state; std: sample standard deviation over the seeds;'
+    ' s.e.: standard error of the difference of the two means.'
+  )
+  return '\n\n'.join(
+    [
+      f'`{command}`',
+      common.markdown_table(header, rows),
+      seeds,
+      note,
+      common.machine_line(info),
+    ]
+  )
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+  parser = argparse.ArgumentParser(
+    prog='python -m benchmarks.seeds', description=__doc__.split('\n')[0]
+  )
+  parser.add_argument('--models', default='all', help='all or a,b,c')
+  parser.add_argument('--seeds', default='0-2', help="e.g. '0-9' or '0,3'")
+  parser.add_argument(
+    '--torch_seeds', default='', help="torchfm's seeds (default: --seeds)"
+  )
+  parser.add_argument(
+    '--workdir',
+    default='',
+    help='runs; finished ones are reused (default: a new temp dir)',
+  )
+  parser.add_argument('--cache_dir', default='', help='dataset cache')
+  parser.add_argument('--no_torch', action='store_true')
+  parser.add_argument('--tiny', action='store_true', help='smoke config')
+  parser.add_argument('--out_dir', default=None)
+  parser.add_argument(
+    '--out_name', default='seeds', help='results file name (no suffix)'
+  )
+  args = parser.parse_args(argv)
+  args.seeds = parse_seeds(args.seeds)
+  args.torch_seeds = (
+    parse_seeds(args.torch_seeds) if args.torch_seeds else args.seeds
+  )
+  if args.out_dir is None:
+    args.out_dir = os.path.join(common.RESULTS, 'tmp' if args.tiny else '')
+  if not args.workdir:
+    args.workdir = tempfile.mkdtemp(prefix='flax_fm_seeds-')
+  return args
+
+
+def main(argv: Sequence[str] | None = None) -> list[dict]:
+  args = parse_args(argv)
+  models = common.parse_models(args.models)
+  with_torch = not args.no_torch and common.torch_available()
+  if not with_torch:
+    print('torchfm runs skipped (--no_torch, or torch/torchfm missing).')
+  info = common.machine_info()
+  command = common.command_line('seeds', argv)
+  records = []
+  for name in models:
+    runs = [
+      r
+      for r in RUNS
+      if r == 'flax' or (with_torch and name in common.TORCHFM_MODELS)
+    ]
+    aucs = {
+      run: [
+        run_seed(name, run, seed, args)
+        for seed in (args.seeds if run == 'flax' else args.torch_seeds)
+      ]
+      for run in runs
+    }
+    records.append(summarize(name, aucs))
+    print(json.dumps(records[-1]), flush=True)
+    common.write_results(
+      args.out_dir, args.out_name, records, info, markdown, command
+    )
+  return records
+
+
+if __name__ == '__main__':
+  main()
