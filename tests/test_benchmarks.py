@@ -23,6 +23,7 @@ import pytest
 from benchmarks import common
 from benchmarks import plot
 from benchmarks import quality
+from benchmarks import seeds
 from benchmarks import throughput
 from datasets import movielens
 
@@ -219,6 +220,52 @@ class QualityTest(_TempDirs, absltest.TestCase):
     probs = np.array([0.9, 0.2, 0.0, 1.0])  # The last two clamp at -100.
     expected = -(np.log(0.9) + np.log(0.8) - 100 - 100) / 4
     self.assertAlmostEqual(quality._logloss(labels, probs), expected)
+
+
+class SeedsTest(_TempDirs, absltest.TestCase):
+  def test_parse_seeds(self):
+    self.assertEqual(seeds.parse_seeds('0-2'), [0, 1, 2])
+    self.assertEqual(seeds.parse_seeds('5,0-1, 1'), [0, 1, 5])
+    for bad in ('', 'a', '1-x'):
+      with self.assertRaises(SystemExit):
+        seeds.parse_seeds(bad)
+
+  def test_summary_is_the_sample_statistics(self):
+    flax, torch = [0.79, 0.80, 0.78], [0.785, 0.795]
+    r = seeds.summarize('fm', {'flax': flax, 'torchfm': torch})
+    self.assertAlmostEqual(r['flax_mean'], 0.79)
+    self.assertAlmostEqual(r['flax_std'], 0.01)  # sqrt(2e-4 / 2)
+    self.assertAlmostEqual(r['torchfm_std'], math.sqrt(0.005**2 * 2))
+    self.assertAlmostEqual(r['difference'], 0.79 - 0.79)
+    self.assertAlmostEqual(
+      r['difference_se'], math.sqrt(0.01**2 / 3 + 0.005**2 * 2 / 2)
+    )
+
+  def test_finished_runs_are_read_not_trained(self):
+    out = self.create_tempdir().full_path
+    work = self.create_tempdir().full_path
+    for seed, auc in ((0, 0.61), (1, 0.63)):
+      run = os.path.join(work, 'fm', f's{seed}', 'flax')
+      os.makedirs(run)
+      with open(os.path.join(run, 'metrics.jsonl'), 'w') as f:
+        f.write(json.dumps({'split': 'valid', 'epoch': 1, 'auc': 0.5}) + '\n')
+        f.write(json.dumps({'split': 'test', 'epoch': 1, 'auc': auc}) + '\n')
+    # Nothing to train: no dataset is read, so this takes no time.
+    records = seeds.main(
+      [
+        '--models=fm',
+        '--seeds=0-1',
+        '--no_torch',
+        f'--workdir={work}',
+        f'--out_dir={out}',
+      ]
+    )
+    self.assertEqual(records[0]['flax_test_auc'], [0.61, 0.63])
+    self.assertAlmostEqual(records[0]['flax_mean'], 0.62)
+    saved = _read_json(os.path.join(out, 'seeds.json'))
+    self.assertEqual(saved['results'], records)
+    with open(os.path.join(out, 'seeds.md')) as f:
+      self.assertIn('0.6200 ± 0.0141', f.read())
 
 
 class PlotTest(_TempDirs, absltest.TestCase):
