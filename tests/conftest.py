@@ -1,16 +1,24 @@
-"""Test set-up: two emulated CPU devices, so every pmap path runs sharded."""
+"""Test set-up: two emulated CPU devices, fast compiles, one JAX cache."""
 
 import os
 import shutil
 import sys
 import tempfile
 
-# Must happen before JAX initialises its backends; subprocesses inherit it.
-_FLAG = '--xla_force_host_platform_device_count=2'
-if _FLAG not in os.environ.get('XLA_FLAGS', ''):
-  os.environ['XLA_FLAGS'] = (
-    os.environ.get('XLA_FLAGS', '') + ' ' + _FLAG
-  ).strip()
+# Must happen before JAX initialises its backends; subprocesses inherit them.
+# Two devices, so that every pmap path runs sharded; and no LLVM
+# optimisation of the compiled CPU code: the tests run tiny programs once,
+# where compiling them is most of the time, and level 0 compiles them a few
+# times faster. The computations are the same.
+_FLAGS = (
+  '--xla_force_host_platform_device_count=2',
+  '--xla_backend_optimization_level=0',
+)
+for _flag in _FLAGS:
+  if _flag.split('=')[0] not in os.environ.get('XLA_FLAGS', ''):
+    os.environ['XLA_FLAGS'] = (
+      os.environ.get('XLA_FLAGS', '') + ' ' + _flag
+    ).strip()
 os.environ.setdefault('JAX_PLATFORMS', 'cpu')
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
