@@ -10,8 +10,9 @@ fusion heads; but dropout 0.5 in both streams instead of 0, and the user
 field as gate 1's context and the movie field as gate 2's (the paper's
 user- and item-specific feature gating) instead of none, chosen on the
 validation AUC: the template overfits this two-field data set within three
-epochs. Training as pytorch-fm (configs/default.py: Adam 1e-3, weight decay
-1e-6, batch 2048), not FuxiCTR's batch of 10000.
+epochs. Training as pytorch-fm (configs/default.py: Adam 1e-3, batch 2048),
+not FuxiCTR's batch of 10000, but with weight decay 1e-4 instead of 1e-6,
+also chosen on the validation AUC (1e-6, 1e-5, 1e-4 tried).
 """
 
 import ml_collections
@@ -22,6 +23,7 @@ from configs import default
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config = default.get_config(arg)
   config.model_name = 'finalmlp'
+  config.weight_decay = 1e-4
   config.model = ml_collections.ConfigDict(
     dict(
       embed_dim=16,
