@@ -97,15 +97,19 @@ def summarize(name: str, aucs: dict[str, list[float]]) -> dict:
     values = np.asarray(values, np.float64)
     record[f'{run}_test_auc'] = [float(v) for v in values]
     record[f'{run}_mean'] = float(values.mean())
-    record[f'{run}_std'] = float(values.std(ddof=1)) if len(values) > 1 else 0.0
+    # One seed has no spread to estimate.
+    record[f'{run}_std'] = (
+      float(values.std(ddof=1)) if len(values) > 1 else None
+    )
   if len(aucs) == 2:
     n = [len(v) for v in aucs.values()]
     record['difference'] = record['flax_mean'] - record['torchfm_mean']
     # Standard error of a difference of two independent means.
-    record['difference_se'] = float(
-      np.sqrt(
-        record['flax_std'] ** 2 / n[0] + record['torchfm_std'] ** 2 / n[1]
-      )
+    stds = (record['flax_std'], record['torchfm_std'])
+    record['difference_se'] = (
+      None
+      if None in stds
+      else float(np.sqrt(stds[0] ** 2 / n[0] + stds[1] ** 2 / n[1]))
     )
   return record
 
@@ -118,15 +122,15 @@ def markdown(records: list[dict], info: dict, command: str) -> str:
     'torchfm (dense ids), mean ± std',
     'flax-fm - torchfm (± s.e.)',
   ]
+
+  def spread(r, run):
+    return f'{r[f"{run}_mean"]:.4f} ± {common.fmt(r[f"{run}_std"], ".4f", "-")}'
+
   rows = []
   for r in records:
-    torch = (
-      f'{r["torchfm_mean"]:.4f} ± {r["torchfm_std"]:.4f}'
-      if 'torchfm_mean' in r
-      else '-'
-    )
+    torch = spread(r, 'torchfm') if 'torchfm_mean' in r else '-'
     difference = (
-      f'{r["difference"]:+.4f} (± {r["difference_se"]:.4f})'
+      f'{r["difference"]:+.4f} (± {common.fmt(r["difference_se"], ".4f", "-")})'
       if 'difference' in r
       else '-'
     )
@@ -134,7 +138,7 @@ def markdown(records: list[dict], info: dict, command: str) -> str:
       [
         r['model'],
         len(r['flax_test_auc']),
-        f'{r["flax_mean"]:.4f} ± {r["flax_std"]:.4f}',
+        spread(r, 'flax'),
         torch,
         difference,
       ]

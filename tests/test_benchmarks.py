@@ -267,6 +267,14 @@ class SeedsTest(_TempDirs, absltest.TestCase):
     with open(os.path.join(out, 'seeds.md')) as f:
       self.assertIn('0.6200 ± 0.0141', f.read())
 
+  def test_one_seed_has_no_spread(self):
+    r = seeds.summarize('afn', {'flax': [0.78, 0.79], 'torchfm': [0.76]})
+    self.assertIsNone(r['torchfm_std'])
+    self.assertIsNone(r['difference_se'])
+    self.assertAlmostEqual(r['difference'], 0.785 - 0.76)
+    text = seeds.markdown([r], common.machine_info(), '')
+    self.assertIn('0.7600 ± - | +0.0250 (± -)', text)
+
 
 class PlotTest(_TempDirs, absltest.TestCase):
   def _metrics(self, name, wall_time=True):
