@@ -21,7 +21,7 @@ import jax.numpy as jnp
 from model_tables import FIELD_DIMS
 from model_tables import MODEL_NAMES
 from model_tables import build
-from model_tables import random_ids
+from model_testing import random_ids
 import numpy as np
 import onnxruntime
 from predict_testing import ROOT

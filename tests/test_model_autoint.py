@@ -11,44 +11,34 @@ heads and no residual connection. Torch is not needed to run these tests.
 
 import importlib
 import math
-import os
 
 from absl.testing import absltest
 from absl.testing import parameterized
-import jax
-import jax.numpy as jnp
-from model_tables import random_ids
-from model_tables import randomize
+from model_testing import apply_eval
+from model_testing import apply_train
+from model_testing import check_config_model
+from model_testing import check_torchfm_eval
+from model_testing import check_torchfm_step
+from model_testing import load_fixture
+from model_testing import np_fields
+from model_testing import np_linear
+from model_testing import np_mlp
+from model_testing import random_ids
+from model_testing import random_variables
+from model_testing import torch_dense
+from model_testing import torch_features_embedding
+from model_testing import torch_features_linear
+from model_testing import torch_mlp
 import numpy as np
 
 from configs import autoint as autoint_config
 
 autoint = importlib.import_module('models.autoint')
 
-FIXTURE = os.path.join(
-  os.path.dirname(__file__), 'fixtures', 'torchfm_autoint.npz'
-)
 FIELD_DIMS = (7, 11, 5, 4)
-OFFSETS = np.cumsum((0,) + FIELD_DIMS[:-1])
-EPS = 1e-5
 KWARGS = dict(
   embed_dim=3, atten_embed_dim=6, num_heads=2, num_layers=2, mlp_dims=(6, 4)
 )
-
-
-def _np_mlp(x, params, stats, num_hidden):
-  """MultiLayerPerceptron without dropout; `stats=None`: batch statistics."""
-  for i in range(num_hidden):
-    x = x @ params[f'Dense_{i}']['kernel'] + params[f'Dense_{i}']['bias']
-    if stats is None:
-      mean, var = x.mean(axis=0), x.var(axis=0)
-    else:
-      mean, var = (stats[f'BatchNorm_{i}'][k] for k in ('mean', 'var'))
-    bn = params[f'BatchNorm_{i}']
-    x = (x - mean) / np.sqrt(var + EPS) * bn['scale'] + bn['bias']
-    x = np.maximum(x, 0.0)
-  out = params[f'Dense_{num_hidden}']
-  return (x @ out['kernel'] + out['bias'])[:, 0]
 
 
 def _dense(x, params):
@@ -104,47 +94,26 @@ def _np_autoint(
     s = None
     if batch_stats:
       s = variables['batch_stats']['MultiLayerPerceptron_0']
-    deep = _np_mlp(e.reshape(len(e), -1), mlp, s, num_hidden)
+    deep = np_mlp(e.reshape(len(e), -1), mlp, s, num_hidden)
   return linear + attn + deep
 
 
 def _np_model(variables, ids, kwargs, **options):
   """`_np_autoint` with embeddings and linear term looked up from `ids`."""
   p = variables['params']
-  rows = ids + OFFSETS
-  e = np.asarray(p['FeaturesEmbedding_0']['embedding'])[rows]
-  lin = p['FeaturesLinear_0']
-  linear = lin['bias'][0] + np.asarray(lin['weight'])[rows, 0].sum(1)
+  e = np_fields(p['FeaturesEmbedding_0'], 'embedding', ids, FIELD_DIMS)
+  linear = np_linear(p['FeaturesLinear_0'], ids, FIELD_DIMS)
   return _np_autoint(variables, e, linear, kwargs, **options)
-
-
-def _linear(w, name):
-  return {'kernel': w[f'{name}.weight'].T, 'bias': w[f'{name}.bias']}
 
 
 def _from_torch(w, num_layers, num_hidden, has_residual):
   """torchfm AutomaticFeatureInteractionModel state dict -> our variables."""
-  mlp, stats = {}, {}
-  for i in range(num_hidden):
-    bn = f'mlp.mlp.{4 * i + 1}'
-    mlp[f'Dense_{i}'] = _linear(w, f'mlp.mlp.{4 * i}')
-    mlp[f'BatchNorm_{i}'] = {
-      'scale': w[f'{bn}.weight'],
-      'bias': w[f'{bn}.bias'],
-    }
-    stats[f'BatchNorm_{i}'] = {
-      'mean': w[f'{bn}.running_mean'],
-      'var': w[f'{bn}.running_var'],
-    }
-  mlp[f'Dense_{num_hidden}'] = _linear(w, f'mlp.mlp.{4 * num_hidden}')
+  mlp, stats = torch_mlp(w, 'mlp.mlp', num_hidden)
   params = {
-    'FeaturesLinear_0': {
-      'weight': w['linear.fc.weight'],
-      'bias': w['linear.bias'],
-    },
-    'FeaturesEmbedding_0': {'embedding': w['embedding.embedding.weight']},
-    'atten_embedding': _linear(w, 'atten_embedding'),
-    'attn_fc': _linear(w, 'attn_fc'),
+    'FeaturesLinear_0': torch_features_linear(w),
+    'FeaturesEmbedding_0': torch_features_embedding(w),
+    'atten_embedding': torch_dense(w, 'atten_embedding'),
+    'attn_fc': torch_dense(w, 'attn_fc'),
     'MultiLayerPerceptron_0': mlp,
   }
   for i in range(num_layers):
@@ -159,10 +128,10 @@ def _from_torch(w, num_layers, num_hidden, has_residual):
       }
       for j, name in enumerate(('query', 'key', 'value'))
     }
-    layer['out'] = _linear(w, f'{prefix}.out_proj')
+    layer['out'] = torch_dense(w, f'{prefix}.out_proj')
     params[f'self_attn_{i}'] = layer
   if has_residual:
-    params['res_embedding'] = _linear(w, 'V_res_embedding')
+    params['res_embedding'] = torch_dense(w, 'V_res_embedding')
   return {'params': params, 'batch_stats': {'MultiLayerPerceptron_0': stats}}
 
 
@@ -187,8 +156,9 @@ FIXTURE_MODELS = {
 }
 
 
-def _fixture_variables(w, kwargs):
-  return _from_torch(
+def _convert(kwargs):
+  """The converter of a fixture model with these constructor arguments."""
+  return lambda w: _from_torch(
     w, kwargs['num_layers'], len(kwargs['mlp_dims']), kwargs['has_residual']
   )
 
@@ -196,90 +166,27 @@ def _fixture_variables(w, kwargs):
 class TorchfmParityTest(parameterized.TestCase):
   def setUp(self):
     super().setUp()
-    self.data = np.load(FIXTURE)
-    self.field_dims = tuple(int(d) for d in self.data['field_dims'])
-
-  def _weights(self, prefix):
-    key = f'{prefix}w/'
-    return {
-      k[len(key) :]: self.data[k] for k in self.data.files if k.startswith(key)
-    }
+    self.data, self.field_dims = load_fixture('autoint')
 
   @parameterized.named_parameters(('residual', ''), ('no_residual', 'nores/'))
   def test_eval_outputs_match_torchfm(self, prefix):
     kwargs = FIXTURE_MODELS[prefix]
     # Our dropouts act in training only; the fixture's attention had 0.
     model = autoint.Model(self.field_dims, dropouts=(0.2, 0.2), **kwargs)
-    variables = _fixture_variables(self._weights(prefix), kwargs)
-    ids = self.data['ids']
-    init = model.init(jax.random.key(0), ids)
-    self.assertEqual(
-      jax.tree.map(np.shape, init), jax.tree.map(np.shape, variables)
-    )
-    logits = model.apply(variables, ids, train=False)
-    np.testing.assert_allclose(
-      jax.nn.sigmoid(logits), self.data[f'{prefix}probs'], rtol=1e-5, atol=1e-5
-    )
+    check_torchfm_eval(model, self.data, _convert(kwargs), prefix)
 
   def test_train_step_matches_torchfm(self):
-    # torchfm's step ran in train mode with dropout 0: batch statistics in
-    # BatchNorm, BCE of the probabilities, then its running statistics.
     kwargs = FIXTURE_MODELS['']
     model = autoint.Model(self.field_dims, dropouts=(0.0, 0.0), **kwargs)
-    w = self._weights('')
-    variables = _fixture_variables(w, kwargs)
-    ids, labels = self.data['ids'], self.data['train/labels']
-
-    def loss_fn(params):
-      logits, state = model.apply(
-        {**variables, 'params': params},
-        ids,
-        train=True,
-        mutable=['batch_stats'],
-      )
-      loss = jnp.mean(jnp.logaddexp(0.0, logits) - labels * logits)
-      return loss, (logits, state)
-
-    (loss, (logits, state)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-      variables['params']
-    )
-    np.testing.assert_allclose(
-      jax.nn.sigmoid(logits), self.data['train/probs'], rtol=1e-5, atol=1e-5
-    )
-    np.testing.assert_allclose(loss, self.data['train/loss'], rtol=1e-5)
-    grad_w = {k[5:]: self.data[k] for k in self.data.files if k[:5] == 'grad/'}
-    expected = _fixture_variables({**w, **grad_w}, kwargs)['params']
-    for path, g in jax.tree_util.tree_leaves_with_path(grads):
-      want = expected
-      for key in path:
-        want = want[key.key]
-      with self.subTest(jax.tree_util.keystr(path)):
-        np.testing.assert_allclose(g, want, rtol=1e-4, atol=1e-6)
-    # Running statistics: torch updates the variance with the unbiased batch
-    # variance, Flax with the biased one; same momentum (0.1 / 0.9).
-    n = len(ids)
-    for i, bn in ((0, 'mlp.mlp.1'), (1, 'mlp.mlp.5')):
-      got = state['batch_stats']['MultiLayerPerceptron_0'][f'BatchNorm_{i}']
-      old_var = w[f'{bn}.running_var']
-      np.testing.assert_allclose(
-        got['mean'], self.data[f'after/{bn}.running_mean'], rtol=1e-5, atol=1e-6
-      )
-      unbiased = (self.data[f'after/{bn}.running_var'] - 0.9 * old_var) / 0.1
-      np.testing.assert_allclose(
-        got['var'],
-        0.9 * old_var + 0.1 * unbiased * (n - 1) / n,
-        rtol=1e-4,
-        atol=1e-5,
-      )
-      self.assertFalse(np.allclose(got['mean'], w[f'{bn}.running_mean']))
+    check_torchfm_step(model, self.data, _convert(kwargs))
 
 
 class SelfAttentionTest(parameterized.TestCase):
   @parameterized.parameters(True, False)
   def test_eval_model_matches_the_equations(self, has_residual):
     model = autoint.Model(FIELD_DIMS, has_residual=has_residual, **KWARGS)
-    ids = random_ids(7, field_dims=FIELD_DIMS)
-    variables = randomize(model.init(jax.random.key(0), ids))
+    ids = random_ids(7, FIELD_DIMS)
+    variables = random_variables(model, ids)
     np.testing.assert_allclose(
       model.apply(variables, ids),
       _np_model(variables, ids, KWARGS, has_residual=has_residual),
@@ -297,19 +204,13 @@ class SelfAttentionTest(parameterized.TestCase):
 class TrainingModeTest(absltest.TestCase):
   def setUp(self):
     super().setUp()
-    self.ids = random_ids(16, field_dims=FIELD_DIMS, seed=2)
+    self.ids = random_ids(16, FIELD_DIMS, seed=2)
     base = autoint.Model(FIELD_DIMS, dropouts=(0.0, 0.0), **KWARGS)
-    self.variables = randomize(base.init(jax.random.key(0), self.ids))
+    self.variables = random_variables(base, self.ids)
 
   def _train(self, dropouts, seed=0):
     model = autoint.Model(FIELD_DIMS, dropouts=dropouts, **KWARGS)
-    return model.apply(
-      self.variables,
-      self.ids,
-      train=True,
-      rngs={'dropout': jax.random.key(seed)},
-      mutable=['batch_stats'],
-    )
+    return apply_train(model, self.variables, self.ids, seed=seed)
 
   def _expected(self, **options):
     return _np_model(
@@ -317,10 +218,10 @@ class TrainingModeTest(absltest.TestCase):
     )
 
   def test_batch_statistics_in_training(self):
-    out, state = self._train((0.0, 0.0))
+    out, stats = self._train((0.0, 0.0))
     np.testing.assert_allclose(out, self._expected(), rtol=1e-4, atol=1e-4)
     old = self.variables['batch_stats']['MultiLayerPerceptron_0']
-    new = state['batch_stats']['MultiLayerPerceptron_0']
+    new = stats['MultiLayerPerceptron_0']
     for layer in ('BatchNorm_0', 'BatchNorm_1'):
       for stat in ('mean', 'var'):
         with self.subTest(f'{layer} {stat}'):
@@ -348,10 +249,9 @@ class TrainingModeTest(absltest.TestCase):
 
   def test_eval_ignores_dropout_and_keys(self):
     model = autoint.Model(FIELD_DIMS, dropouts=(0.5, 0.5), **KWARGS)
-    out = model.apply(self.variables, self.ids)
-    rngs = {'dropout': jax.random.key(3)}
+    out = apply_eval(model, self.variables, self.ids)
     np.testing.assert_array_equal(
-      out, model.apply(self.variables, self.ids, rngs=rngs)
+      out, apply_eval(model, self.variables, self.ids, seed=3)
     )
     np.testing.assert_allclose(
       out, _np_model(self.variables, self.ids, KWARGS), rtol=1e-4, atol=1e-4
@@ -363,35 +263,15 @@ class SideInputTest(absltest.TestCase):
     model = autoint.Model(
       FIELD_DIMS, multi_field_dims=(5,), num_dense=1, **KWARGS
     )
-    ids = random_ids(4, field_dims=FIELD_DIMS)
+    ids = random_ids(4, FIELD_DIMS)
     multi_ids = np.array([[[0, 3]], [[2, -1]], [[-1, -1]], [[4, 4]]], np.int32)
     dense = np.array([[0.5], [-1.0], [2.0], [0.0]], np.float32)
-    variables = model.init(jax.random.key(0), ids, multi_ids, dense)
+    variables = random_variables(model, ids, multi_ids, dense)
     p = variables['params']
     self.assertEqual(p['attn_fc']['kernel'].shape, (6 * 6, 1))
-    present = [[i for i in row[0] if i >= 0] for row in multi_ids]
-    emb = jax.tree.map(np.asarray, p['FeaturesEmbedding_0'])
-    multi = np.stack(
-      [emb['multi_embedding'][r].mean(0) if r else np.zeros(3) for r in present]
-    )
-    e = np.concatenate(
-      [
-        emb['embedding'][ids + OFFSETS],
-        multi[:, None],
-        dense[:, :, None] * emb['dense_embedding'][None],
-      ],
-      axis=1,
-    )  # [B, 6, D]
-    lin = jax.tree.map(np.asarray, p['FeaturesLinear_0'])
-    multi_w = np.array(
-      [lin['multi_weight'][r, 0].mean() if r else 0.0 for r in present]
-    )
-    linear = (
-      lin['bias'][0]
-      + lin['weight'][ids + OFFSETS, 0].sum(1)
-      + multi_w
-      + dense[:, 0] * lin['dense_weight'][0, 0]
-    )
+    side = (ids, FIELD_DIMS, multi_ids, (5,), dense)
+    e = np_fields(p['FeaturesEmbedding_0'], 'embedding', *side)  # [B, 6, D]
+    linear = np_linear(p['FeaturesLinear_0'], *side)
     out = model.apply(variables, ids, multi_ids, dense)
     np.testing.assert_allclose(
       out,
@@ -417,11 +297,7 @@ class ConfigTest(absltest.TestCase):
         has_residual=True,
       ),
     )
-    model = autoint.Model(field_dims=(6, 9), **config.model)
-    ids = random_ids(4, field_dims=(6, 9))
-    out = model.apply(model.init(jax.random.key(0), ids), ids)
-    self.assertEqual(out.shape, (4,))
-    self.assertEqual(out.dtype, jnp.float32)
+    check_config_model(autoint, config)
 
 
 if __name__ == '__main__':

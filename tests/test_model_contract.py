@@ -19,13 +19,20 @@ import jax
 import jax.numpy as jnp
 from model_tables import BATCH
 from model_tables import DROPOUT_SITES
+from model_tables import FIELD_DIMS
 from model_tables import MODEL_NAMES
 from model_tables import PARAM_COUNTS
 from model_tables import TEST_KWARGS
+from model_tables import TWO_FIELD_ZERO_GRADIENTS
 from model_tables import build
-from model_tables import init
+from model_tables import initial_zero_gradients
 from model_tables import module
-from model_tables import random_ids
+from model_testing import apply_eval
+from model_testing import check_config_model
+from model_testing import init
+from model_testing import loss_and_grads
+from model_testing import random_ids
+from model_testing import random_variables
 import numpy as np
 
 from configs import deepfm as deepfm_config
@@ -70,9 +77,8 @@ class ModelContractTest(parameterized.TestCase):
   @parameterized.named_parameters((n, n) for n in MODEL_NAMES)
   def test_output_shape_and_dtype(self, name):
     model = build(name)
-    ids = random_ids()
-    variables = init(model, ids)
-    logits = model.apply(variables, ids, train=False)
+    ids = random_ids(BATCH, FIELD_DIMS)
+    logits = apply_eval(model, init(model, ids), ids)
     self.assertEqual(logits.shape, (BATCH,))
     self.assertEqual(logits.dtype, jnp.float32)
     self.assertTrue(np.all(np.isfinite(logits)))
@@ -80,44 +86,35 @@ class ModelContractTest(parameterized.TestCase):
   @parameterized.named_parameters((n, n) for n in MODEL_NAMES)
   def test_param_count(self, name):
     model = build(name)
-    variables = init(model, random_ids())
-    count = sum(x.size for x in jax.tree.leaves(variables['params']))
+    ids = random_ids(BATCH, FIELD_DIMS)
+    variables = jax.eval_shape(model.init, jax.random.key(0), ids)
+    count = sum(np.prod(x.shape) for x in jax.tree.leaves(variables['params']))
     self.assertEqual(count, PARAM_COUNTS.get(name))
 
   @parameterized.named_parameters((n, n) for n in MODEL_NAMES)
   def test_gradients_finite_and_nonzero(self, name):
     model = build(name)
-    ids = random_ids(batch=32)
-    variables = init(model, ids)
+    ids = random_ids(32, FIELD_DIMS)
     # Random parameters everywhere, so that zero-initialised leaves (the
     # linear term) do not hide the gradient of another leaf.
-    leaves, treedef = jax.tree.flatten(variables['params'])
-    keys = jax.random.split(jax.random.key(2), len(leaves))
-    params = jax.tree.unflatten(
-      treedef,
-      [
-        0.3 * jax.random.normal(k, x.shape)
-        for k, x in zip(keys, leaves, strict=True)
-      ],
-    )
+    variables = random_variables(model, ids, seed=2, scale=0.3)
     labels = (np.arange(32) % 2).astype(np.float32)
-    others = {k: v for k, v in variables.items() if k != 'params'}
-
-    def loss_fn(p):
-      logits, _ = model.apply(
-        {'params': p, **others},
-        ids,
-        train=True,
-        rngs={'dropout': jax.random.key(3)},
-        mutable=['batch_stats'],
-      )
-      return jnp.mean(jnp.square(logits - labels))
-
-    grads = jax.grad(loss_fn)(params)
+    _, _, grads, _ = loss_and_grads(
+      model, variables, (ids,), labels, loss=_squared_error, seed=3
+    )
     for path, g in jax.tree_util.tree_leaves_with_path(grads):
       with self.subTest(jax.tree_util.keystr(path)):
         self.assertTrue(np.all(np.isfinite(g)))
         self.assertGreater(float(jnp.max(jnp.abs(g))), 0.0)
+
+  @parameterized.named_parameters((n, n) for n in MODEL_NAMES)
+  def test_every_parameter_gets_a_gradient_from_initialisation(self, name):
+    # The TEST_KWARGS model on two fields, three draws: a parameter without
+    # a gradient at the first step (behind a dead ReLU, in an unused branch)
+    # may never train.
+    zeros = initial_zero_gradients(name)
+    expected = list(TWO_FIELD_ZERO_GRADIENTS.get(name, ()))
+    self.assertEqual(zeros, dict.fromkeys(zeros, expected))
 
   @parameterized.named_parameters((n, n) for n in MODEL_NAMES)
   def test_model_file_imports_only_allowed_modules(self, name):
@@ -170,6 +167,8 @@ class ModelContractTest(parameterized.TestCase):
 
   def test_each_model_file_runs_alone_in_an_empty_directory(self):
     # One subprocess for all models keeps the JAX start-up cost single.
+    # Eager calls on purpose: the primitives that the models share compile
+    # once for all of them, where jit would compile each model whole.
     script = (
       'import importlib, json, sys\n'
       'import jax, jax.numpy as jnp, numpy as np\n'
@@ -217,6 +216,10 @@ class ModelContractTest(parameterized.TestCase):
       self.assertTrue(np.all(np.isfinite(train_out)), name)
 
 
+def _squared_error(logits, labels):
+  return jnp.mean(jnp.square(logits - labels))
+
+
 # Field sizes for the initialisation statistics: a few thousand numbers per
 # table, so that the bounds below are tight.
 INIT_FIELD_DIMS = (300, 500, 200)
@@ -232,7 +235,7 @@ class InitialisationTest(parameterized.TestCase):
 
   def _params(self, name):
     model = build(name, field_dims=INIT_FIELD_DIMS)
-    ids = random_ids(batch=4, field_dims=INIT_FIELD_DIMS)
+    ids = random_ids(4, INIT_FIELD_DIMS)
     return init(model, ids)['params']
 
   @parameterized.named_parameters((n, n) for n in MODEL_NAMES)
@@ -285,12 +288,7 @@ class ConfigTest(parameterized.TestCase):
     self.assertEqual(config.model_name, name)
     for key, value in expected.items():
       self.assertEqual(config.model[key], value, key)
-    model = module(name).Model(field_dims=(6, 9), **config.model)
-    ids = random_ids(batch=4, field_dims=(6, 9))
-    variables = model.init(jax.random.key(0), ids, train=False)
-    out = model.apply(variables, ids, train=False)
-    self.assertEqual(out.shape, (4,))
-    self.assertEqual(out.dtype, jnp.float32)
+    check_config_model(module(name), config)
 
 
 if __name__ == '__main__':

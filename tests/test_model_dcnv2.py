@@ -10,8 +10,12 @@ import importlib
 from absl.testing import absltest
 from absl.testing import parameterized
 import jax
-import jax.numpy as jnp
-from model_tables import initial_zero_gradients
+from model_testing import check_config_model
+from model_testing import check_dropout_in_training_only
+from model_testing import np_mlp
+from model_testing import offsets
+from model_testing import random_ids
+from model_testing import random_variables
 import numpy as np
 
 from configs import dcnv2 as dcnv2_config
@@ -19,39 +23,7 @@ from configs import dcnv2 as dcnv2_config
 dcnv2 = importlib.import_module('models.dcnv2')
 
 FIELD_DIMS = (7, 11, 5, 4)
-OFFSETS = np.cumsum((0,) + FIELD_DIMS[:-1])
-EPS = 1e-5
 KWARGS = dict(embed_dim=3, num_cross_layers=2, mlp_dims=(16, 16))
-
-
-def _ids(batch, seed=0, field_dims=FIELD_DIMS):
-  rng = np.random.default_rng(seed)
-  return np.stack(
-    [rng.integers(0, d, size=batch) for d in field_dims], axis=1
-  ).astype(np.int32)
-
-
-def _random_variables(model, ids, seed=1):
-  """Init, then random parameters and BatchNorm statistics everywhere."""
-  variables = model.init(jax.random.key(0), ids)
-  rng = np.random.default_rng(seed)
-
-  def fill(path, x):
-    if jax.tree_util.keystr(path).endswith("['var']"):
-      return rng.uniform(0.5, 1.5, size=x.shape).astype(np.float32)
-    return (0.5 * rng.normal(size=x.shape)).astype(np.float32)
-
-  return jax.tree_util.tree_map_with_path(fill, variables)
-
-
-def _np_hidden(x, params, stats, num_hidden):
-  """Eval-mode hidden layers Linear -> BatchNorm -> ReLU (no output layer)."""
-  for i in range(num_hidden):
-    x = x @ params[f'Dense_{i}']['kernel'] + params[f'Dense_{i}']['bias']
-    bn, s = params[f'BatchNorm_{i}'], stats[f'BatchNorm_{i}']
-    x = (x - s['mean']) / np.sqrt(s['var'] + EPS) * bn['scale'] + bn['bias']
-    x = np.maximum(x, 0.0)
-  return x
 
 
 def _np_cross(x0, params, num_layers, low_rank):
@@ -79,15 +51,16 @@ def _np_cross(x0, params, num_layers, low_rank):
 def _np_model(ids, variables, structure, low_rank, num_layers, num_hidden):
   p, s = variables['params'], variables['batch_stats']
   table = np.asarray(p['FeaturesEmbedding_0']['embedding'], np.float64)
-  x0 = table[ids + OFFSETS].reshape(len(ids), -1)  # [B, F * D]
+  x0 = table[ids + offsets(FIELD_DIMS)].reshape(len(ids), -1)  # [B, F * D]
   cross = np.stack(
     [_np_cross(x, p['CrossNetworkV2_0'], num_layers, low_rank) for x in x0]
   )
   mlp_p, mlp_s = p['MultiLayerPerceptron_0'], s['MultiLayerPerceptron_0']
   if structure == 'stacked':
-    h = _np_hidden(cross, mlp_p, mlp_s, num_hidden)
+    h = np_mlp(cross, mlp_p, mlp_s, num_hidden, output_layer=False)
   else:
-    h = np.concatenate([cross, _np_hidden(x0, mlp_p, mlp_s, num_hidden)], -1)
+    hidden = np_mlp(x0, mlp_p, mlp_s, num_hidden, output_layer=False)
+    h = np.concatenate([cross, hidden], -1)
   return (h @ p['logit']['kernel'] + p['logit']['bias'])[:, 0]
 
 
@@ -106,8 +79,8 @@ class EquationTest(parameterized.TestCase):
       num_experts=3,
       **KWARGS,
     )
-    ids = _ids(7)
-    variables = _random_variables(model, ids)
+    ids = random_ids(7, FIELD_DIMS)
+    variables = random_variables(model, ids)
     out = model.apply(variables, ids, train=False)
     expected = _np_model(ids, variables, structure, low_rank, 2, 2)
     np.testing.assert_allclose(out, expected, rtol=1e-4, atol=1e-4)
@@ -136,59 +109,20 @@ class EquationTest(parameterized.TestCase):
   def test_unknown_structure_is_an_error(self):
     model = dcnv2.Model(FIELD_DIMS, structure='stacked_parallel', **KWARGS)
     with self.assertRaisesRegex(ValueError, "'parallel' or 'stacked'"):
-      model.init(jax.random.key(0), _ids(2))
+      model.init(jax.random.key(0), random_ids(2, FIELD_DIMS))
 
 
 class TrainingModeTest(parameterized.TestCase):
   @parameterized.parameters('parallel', 'stacked')
   def test_dropout_batchnorm_and_eval(self, structure):
-    ids = _ids(16, seed=2)
+    ids = random_ids(16, FIELD_DIMS, seed=2)
     base = dcnv2.Model(FIELD_DIMS, structure=structure, dropout=0.0, **KWARGS)
-    variables = _random_variables(base, ids)
-
-    def train_out(model, seed):
-      return model.apply(
-        variables,
-        ids,
-        train=True,
-        rngs={'dropout': jax.random.key(seed)},
-        mutable=['batch_stats'],
-      )
-
-    # Without dropout, training mode is deterministic but uses batch
-    # statistics: it differs from eval mode, and the statistics move.
-    out0, state0 = train_out(base, 0)
-    out1, _ = train_out(base, 1)
-    np.testing.assert_array_equal(out0, out1)
-    self.assertFalse(np.allclose(out0, base.apply(variables, ids)))
-    old = variables['batch_stats']['MultiLayerPerceptron_0']
-    new = state0['batch_stats']['MultiLayerPerceptron_0']
-    for layer in ('BatchNorm_0', 'BatchNorm_1'):
-      for stat in ('mean', 'var'):
-        self.assertFalse(np.allclose(new[layer][stat], old[layer][stat]))
-    # The deep network's dropout changes training outputs, by key.
+    # The deep network's dropout.
     dropped = dcnv2.Model(
       FIELD_DIMS, structure=structure, dropout=0.5, **KWARGS
     )
-    a, _ = train_out(dropped, 0)
-    b, _ = train_out(dropped, 1)
-    self.assertGreater(np.mean(~np.isclose(a, out0)), 0.9)
-    self.assertGreater(np.mean(~np.isclose(a, b)), 0.9)
-    # Eval mode ignores dropout and keys.
-    np.testing.assert_array_equal(
-      dropped.apply(variables, ids),
-      dropped.apply(variables, ids, rngs={'dropout': jax.random.key(5)}),
-    )
-    np.testing.assert_array_equal(
-      dropped.apply(variables, ids), base.apply(variables, ids)
-    )
-
-
-class InitialGradientTest(absltest.TestCase):
-  def test_every_parameter_gets_a_gradient_from_initialisation(self):
-    # tests/model_tables.py's TEST_KWARGS model on two fields, three draws.
-    zeros = initial_zero_gradients('dcnv2')
-    self.assertEqual(zeros, dict.fromkeys(zeros, []))
+    variables = random_variables(base, ids)
+    check_dropout_in_training_only(base, dropped, variables, ids)
 
 
 class ConfigTest(absltest.TestCase):
@@ -207,13 +141,9 @@ class ConfigTest(absltest.TestCase):
         num_experts=4,
       ),
     )
-    model = dcnv2.Model(field_dims=(6, 9), **config.model)
-    ids = _ids(4, field_dims=(6, 9))
-    variables = jax.eval_shape(model.init, jax.random.key(0), ids)
+    variables = check_config_model(dcnv2, config)
     kernel = variables['params']['logit']['kernel']
     self.assertEqual(kernel.shape, (2 * 16 + 500, 1))  # [x_L; MLP(x_0)]
-    out = jax.eval_shape(model.apply, variables, ids)
-    self.assertEqual((out.shape, out.dtype), ((4,), jnp.float32))
 
 
 if __name__ == '__main__':

@@ -11,46 +11,17 @@ from absl.testing import parameterized
 import jax
 import jax.numpy as jnp
 from model_tables import module
-from model_tables import random_ids
-from model_tables import randomize
+from model_testing import np_batchnorm
+from model_testing import np_linear
+from model_testing import np_mlp
+from model_testing import offsets
+from model_testing import random_ids
+from model_testing import random_variables
+from model_testing import randomize
 import numpy as np
 
 FIELD_DIMS = (7, 11, 5, 4)
-OFFSETS = np.cumsum((0,) + FIELD_DIMS[:-1])
-EPS = 1e-5
-
-
-def _rows(ids, field_dims=FIELD_DIMS):
-  return ids + np.cumsum((0,) + tuple(field_dims[:-1]))
-
-
-def _random_variables(model, ids, seed=1, **kwargs):
-  """Init, then random parameters and BatchNorm statistics everywhere."""
-  return randomize(model.init(jax.random.key(0), ids, **kwargs), seed)
-
-
-def _np_batchnorm(x, params, stats):
-  """Eval-mode BatchNorm with running statistics."""
-  x = (x - stats['mean']) / np.sqrt(stats['var'] + EPS)
-  return x * params['scale'] + params['bias']
-
-
-def _np_mlp(x, params, stats, num_hidden, output_layer=True):
-  """Eval-mode MultiLayerPerceptron: dropout is the identity."""
-  for i in range(num_hidden):
-    dense = params[f'Dense_{i}']
-    x = x @ dense['kernel'] + dense['bias']
-    x = _np_batchnorm(x, params[f'BatchNorm_{i}'], stats[f'BatchNorm_{i}'])
-    x = np.maximum(x, 0.0)
-  if output_layer:
-    dense = params[f'Dense_{num_hidden}']
-    x = (x @ dense['kernel'] + dense['bias'])[:, 0]
-  return x
-
-
-def _np_linear(params, ids):
-  w = np.asarray(params['weight'])[:, 0]
-  return w[ids + OFFSETS].sum(axis=1) + params['bias'][0]
+OFFSETS = offsets(FIELD_DIMS)
 
 
 def _brute_bi_interaction(v):
@@ -99,7 +70,7 @@ class FactorizationMachineTest(absltest.TestCase):
     w = np.asarray(params['FeaturesLinear_0']['weight'])[:, 0]
     b = float(params['FeaturesLinear_0']['bias'][0])
     v = np.asarray(params['FeaturesEmbedding_0']['embedding'])
-    for i, rows in enumerate(_rows(ids, field_dims)):
+    for i, rows in enumerate(ids + offsets(field_dims)):
       expected = b + w[rows].sum()
       for f in range(len(rows)):
         for g in range(f + 1, len(rows)):
@@ -128,7 +99,7 @@ class FieldAwareFactorizationMachineTest(absltest.TestCase):
     w = np.asarray(params['FeaturesLinear_0']['weight'])[:, 0]
     b = float(params['FeaturesLinear_0']['bias'][0])
     table = np.asarray(params['FieldAwareEmbedding_0']['embedding'])
-    for i, rows in enumerate(_rows(ids)):
+    for i, rows in enumerate(ids + OFFSETS):
       expected = b + w[rows].sum()
       for f in range(len(rows)):
         for g in range(f + 1, len(rows)):
@@ -158,7 +129,7 @@ class FactorizationSupportedNeuralNetworkTest(absltest.TestCase):
     params = randomize(variables['params'], 1)
     stats = variables['batch_stats']
     out = model.apply({'params': params, 'batch_stats': stats}, ids)
-    rows = _rows(ids)
+    rows = ids + OFFSETS
     w = np.asarray(params['FeaturesLinear_0']['weight'])[rows]  # [B, F, 1]
     v = np.asarray(params['FeaturesEmbedding_0']['embedding'])[rows]
     z = np.concatenate([w, v], axis=-1).reshape(len(ids), -1)  # [B, F*4]
@@ -413,7 +384,7 @@ class InteractionTest(absltest.TestCase):
     fnfm = module('fnfm')
     ids = random_ids(6, FIELD_DIMS)
     embedding = fnfm.FieldAwareEmbedding(FIELD_DIMS, 3)
-    variables = _random_variables(embedding, ids)
+    variables = random_variables(embedding, ids)
     v = embedding.apply(variables, ids)  # [B, F, F, D]
     out = fnfm.FieldAwareBiInteraction().apply({}, v)
     table = np.asarray(variables['params']['embedding'])
@@ -428,13 +399,13 @@ class ForwardTest(absltest.TestCase):
   def test_nfm(self):
     model = module('nfm').Model(FIELD_DIMS, embed_dim=3, mlp_dims=(5, 4))
     ids = random_ids(8, FIELD_DIMS)
-    variables = _random_variables(model, ids)
+    variables = random_variables(model, ids)
     p, s = variables['params'], variables['batch_stats']
     v = np.asarray(p['FeaturesEmbedding_0']['embedding'])[ids + OFFSETS]
-    bi = _np_batchnorm(
+    bi = np_batchnorm(
       _brute_bi_interaction(v), p['BatchNorm_0'], s['BatchNorm_0']
     )
-    expected = _np_linear(p['FeaturesLinear_0'], ids) + _np_mlp(
+    expected = np_linear(p['FeaturesLinear_0'], ids, FIELD_DIMS) + np_mlp(
       bi, p['MultiLayerPerceptron_0'], s['MultiLayerPerceptron_0'], 2
     )
     out = model.apply(variables, ids, train=False)
@@ -443,12 +414,12 @@ class ForwardTest(absltest.TestCase):
   def test_fnfm(self):
     model = module('fnfm').Model(FIELD_DIMS, embed_dim=3, mlp_dims=(5,))
     ids = random_ids(8, FIELD_DIMS)
-    variables = _random_variables(model, ids)
+    variables = random_variables(model, ids)
     p, s = variables['params'], variables['batch_stats']
     table = np.asarray(p['FieldAwareEmbedding_0']['embedding'])
     z = _brute_field_aware_pairs(table, ids)
-    z = _np_batchnorm(z, p['BatchNorm_0'], s['BatchNorm_0'])
-    expected = _np_linear(p['FeaturesLinear_0'], ids) + _np_mlp(
+    z = np_batchnorm(z, p['BatchNorm_0'], s['BatchNorm_0'])
+    expected = np_linear(p['FeaturesLinear_0'], ids, FIELD_DIMS) + np_mlp(
       z, p['MultiLayerPerceptron_0'], s['MultiLayerPerceptron_0'], 1
     )
     out = model.apply(variables, ids, train=False)
@@ -457,17 +428,19 @@ class ForwardTest(absltest.TestCase):
   def test_deepfm(self):
     model = module('deepfm').Model(FIELD_DIMS, embed_dim=3, mlp_dims=(5, 4))
     ids = random_ids(8, FIELD_DIMS)
-    variables = _random_variables(model, ids)
+    variables = random_variables(model, ids)
     p, s = variables['params'], variables['batch_stats']
     v = np.asarray(p['FeaturesEmbedding_0']['embedding'])[ids + OFFSETS]
     pairwise = _brute_bi_interaction(v).sum(axis=1)
-    deep = _np_mlp(
+    deep = np_mlp(
       v.reshape(8, -1),
       p['MultiLayerPerceptron_0'],
       s['MultiLayerPerceptron_0'],
       2,
     )
-    expected = _np_linear(p['FeaturesLinear_0'], ids) + pairwise + deep
+    expected = (
+      np_linear(p['FeaturesLinear_0'], ids, FIELD_DIMS) + pairwise + deep
+    )
     out = model.apply(variables, ids, train=False)
     np.testing.assert_allclose(out, expected, rtol=1e-4, atol=1e-4)
 
@@ -480,7 +453,7 @@ class ForwardTest(absltest.TestCase):
       mlp_dims=(5, 4),
     )
     ids = random_ids(8, FIELD_DIMS)
-    variables = _random_variables(model, ids)
+    variables = random_variables(model, ids)
     p, s = variables['params'], variables['batch_stats']
     e = np.asarray(p['embedding']['embedding'])[ids + OFFSETS]  # [B, F, D]
     # The GMF table holds the user field's rows, then the item field's.
@@ -488,7 +461,7 @@ class ForwardTest(absltest.TestCase):
     user_rows = ids[:, 2]
     item_rows = FIELD_DIMS[2] + ids[:, 0]
     gmf = gmf_table[user_rows] * gmf_table[item_rows]
-    mlp = _np_mlp(
+    mlp = np_mlp(
       e.reshape(8, -1),
       p['MultiLayerPerceptron_0'],
       s['MultiLayerPerceptron_0'],

@@ -11,7 +11,15 @@ from absl.testing import absltest
 from absl.testing import parameterized
 import jax
 import jax.numpy as jnp
-from model_tables import initial_zero_gradients
+from model_testing import check_config_model
+from model_testing import check_dropout_in_training_only
+from model_testing import init
+from model_testing import loss_and_grads
+from model_testing import np_linear
+from model_testing import np_mlp
+from model_testing import offsets
+from model_testing import random_ids
+from model_testing import random_variables
 import numpy as np
 
 from configs import fibinet as fibinet_config
@@ -19,33 +27,7 @@ from configs import fibinet as fibinet_config
 fibinet = importlib.import_module('models.fibinet')
 
 FIELD_DIMS = (7, 11, 5, 4)
-OFFSETS = np.cumsum((0,) + FIELD_DIMS[:-1])
 KWARGS = dict(embed_dim=3, mlp_dims=(16, 16), reduction_ratio=2)
-
-
-def _ids(batch, seed=0, field_dims=FIELD_DIMS):
-  rng = np.random.default_rng(seed)
-  return np.stack(
-    [rng.integers(0, d, size=batch) for d in field_dims], axis=1
-  ).astype(np.int32)
-
-
-def _random_variables(model, ids, seed=1):
-  """Init, then random parameters everywhere."""
-  variables = model.init(jax.random.key(0), ids)
-  rng = np.random.default_rng(seed)
-  return jax.tree.map(
-    lambda x: (0.5 * rng.normal(size=x.shape)).astype(np.float32), variables
-  )
-
-
-def _np_mlp(x, params, num_hidden):
-  """Eval-mode DeepNetwork: Linear -> ReLU per hidden layer, then Linear."""
-  for i in range(num_hidden):
-    x = x @ params[f'Dense_{i}']['kernel'] + params[f'Dense_{i}']['bias']
-    x = np.maximum(x, 0.0)
-  out = params[f'Dense_{num_hidden}']
-  return (x @ out['kernel'] + out['bias'])[:, 0]
 
 
 def _np_senet(e, params, excitation):
@@ -79,18 +61,15 @@ def _np_bilinear(e, weight, bilinear_type):
 
 def _np_model(ids, variables, bilinear_type, excitation):
   p = variables['params']
-  rows = ids + OFFSETS
-  e = np.asarray(p['FeaturesEmbedding_0']['embedding'], np.float64)[rows]
+  table = np.asarray(p['FeaturesEmbedding_0']['embedding'], np.float64)
+  e = table[ids + offsets(FIELD_DIMS)]
   v = _np_senet(e, p['SqueezeExcitation_0'], excitation)
   first = _np_bilinear(e, p['BilinearInteraction_0']['weight'], bilinear_type)
   second = _np_bilinear(v, p['BilinearInteraction_1']['weight'], bilinear_type)
   pairs = np.concatenate([first, second], axis=1).reshape(len(ids), -1)
-  linear = p['FeaturesLinear_0']
-  return (
-    linear['bias'][0]
-    + linear['weight'][rows, 0].sum(axis=1)
-    + _np_mlp(pairs, p['DeepNetwork_0'], 2)
-  )
+  # DeepNetwork: the MLP block without BatchNorm.
+  deep = np_mlp(pairs, p['DeepNetwork_0'], None, 2, batchnorm=False)
+  return np_linear(p['FeaturesLinear_0'], ids, FIELD_DIMS) + deep
 
 
 class EquationTest(parameterized.TestCase):
@@ -104,8 +83,8 @@ class EquationTest(parameterized.TestCase):
     model = fibinet.Model(
       FIELD_DIMS, bilinear_type=bilinear_type, excitation=excitation, **KWARGS
     )
-    ids = _ids(6)
-    variables = _random_variables(model, ids)
+    ids = random_ids(6, FIELD_DIMS)
+    variables = random_variables(model, ids)
     out = model.apply(variables, ids, train=False)
     expected = _np_model(ids, variables, bilinear_type, excitation)
     np.testing.assert_allclose(out, expected, rtol=1e-4, atol=1e-4)
@@ -117,7 +96,7 @@ class EquationTest(parameterized.TestCase):
       'field_each': (3, 3, 3),  # one per field but the last
       'field_interaction': (6, 3, 3),
     }
-    ids = _ids(2)
+    ids = random_ids(2, FIELD_DIMS)
     for bilinear_type, shape in expected.items():
       model = fibinet.Model(FIELD_DIMS, bilinear_type=bilinear_type, **KWARGS)
       shapes = jax.tree.map(
@@ -136,13 +115,13 @@ class EquationTest(parameterized.TestCase):
     model = fibinet.Model((6, 9), embed_dim=3, mlp_dims=(4,))
     shapes = jax.tree.map(
       np.shape,
-      jax.eval_shape(model.init, jax.random.key(0), _ids(2, field_dims=(6, 9))),
+      jax.eval_shape(model.init, jax.random.key(0), random_ids(2, (6, 9))),
     )['params']
     self.assertEqual(shapes['SqueezeExcitation_0']['Dense_0']['kernel'], (2, 1))
     self.assertEqual(shapes['BilinearInteraction_0']['weight'], (1, 3, 3))
 
   def test_bad_arguments_are_errors(self):
-    ids = _ids(2)
+    ids = random_ids(2, FIELD_DIMS)
     for kwargs, message in (
       (dict(bilinear_type='field_pair'), "'field_all', 'field_each'"),
       (dict(excitation='tanh'), "'relu' or 'sigmoid'"),
@@ -153,6 +132,10 @@ class EquationTest(parameterized.TestCase):
           model.init(jax.random.key(0), ids)
     with self.assertRaisesRegex(ValueError, 'at least two fields'):
       fibinet.Model((5,), **KWARGS).init(jax.random.key(0), ids[:, :1])
+
+
+def _brier(logits, labels):
+  return jnp.mean((jax.nn.sigmoid(logits) - labels) ** 2)
 
 
 class ExcitationTest(parameterized.TestCase):
@@ -166,18 +149,15 @@ class ExcitationTest(parameterized.TestCase):
     model = fibinet.Model(
       field_dims, embed_dim=3, mlp_dims=(4,), excitation=excitation
     )
-    ids = _ids(32, field_dims=field_dims)
-    params = model.init(jax.random.key(0), ids)['params']
+    ids = random_ids(32, field_dims)
+    params = init(model, ids)['params']
     senet = dict(params['SqueezeExcitation_0'])
     senet['Dense_1'] = {'kernel': jnp.array([[-1.0, 1.0]])}
     params = {**params, 'SqueezeExcitation_0': senet}
     labels = (np.arange(32) % 3 == 0).astype(np.float32)
-
-    def loss(p):
-      logits = model.apply({'params': p}, ids)
-      return jnp.mean((jax.nn.sigmoid(logits) - labels) ** 2)
-
-    grads = jax.grad(loss)(params)
+    _, _, grads, _ = loss_and_grads(
+      model, {'params': params}, (ids,), labels, loss=_brier, train=False
+    )
     for leaf in (
       grads['BilinearInteraction_1']['weight'],
       grads['SqueezeExcitation_0']['Dense_0']['kernel'],
@@ -188,41 +168,13 @@ class ExcitationTest(parameterized.TestCase):
 
 class TrainingModeTest(absltest.TestCase):
   def test_dropout_acts_only_in_training_and_there_is_no_batchnorm(self):
-    ids = _ids(16, seed=2)
+    ids = random_ids(16, FIELD_DIMS, seed=2)
     base = fibinet.Model(FIELD_DIMS, dropout=0.0, **KWARGS)
-    variables = _random_variables(base, ids)
-    self.assertEqual(set(variables), {'params'})
-
-    def train_out(model, seed):
-      return model.apply(
-        variables, ids, train=True, rngs={'dropout': jax.random.key(seed)}
-      )
-
-    # Without dropout, training mode is evaluation mode.
-    out0 = train_out(base, 0)
-    np.testing.assert_allclose(
-      out0, base.apply(variables, ids), rtol=1e-6, atol=1e-6
-    )
-    # The MLP's dropout changes training outputs, by key.
+    # The MLP's dropout.
     dropped = fibinet.Model(FIELD_DIMS, dropout=0.5, **KWARGS)
-    a, b = train_out(dropped, 0), train_out(dropped, 1)
-    self.assertGreater(np.mean(~np.isclose(a, out0)), 0.9)
-    self.assertGreater(np.mean(~np.isclose(a, b)), 0.9)
-    # Eval mode ignores dropout and keys.
-    np.testing.assert_array_equal(
-      dropped.apply(variables, ids),
-      dropped.apply(variables, ids, rngs={'dropout': jax.random.key(5)}),
-    )
-    np.testing.assert_array_equal(
-      dropped.apply(variables, ids), base.apply(variables, ids)
-    )
-
-
-class InitialGradientTest(absltest.TestCase):
-  def test_every_parameter_gets_a_gradient_from_initialisation(self):
-    # tests/model_tables.py's TEST_KWARGS model on two fields, three draws.
-    zeros = initial_zero_gradients('fibinet')
-    self.assertEqual(zeros, dict.fromkeys(zeros, []))
+    variables = random_variables(base, ids)
+    self.assertEqual(set(variables), {'params'})
+    check_dropout_in_training_only(base, dropped, variables, ids)
 
 
 class ConfigTest(absltest.TestCase):
@@ -240,13 +192,9 @@ class ConfigTest(absltest.TestCase):
         bilinear_type='field_interaction',
       ),
     )
-    model = fibinet.Model(field_dims=(6, 9), **config.model)
-    ids = _ids(4, field_dims=(6, 9))
-    variables = jax.eval_shape(model.init, jax.random.key(0), ids)
+    variables = check_config_model(fibinet, config)
     kernel = variables['params']['DeepNetwork_0']['Dense_0']['kernel']
     self.assertEqual(kernel.shape, (2 * 16, 1))  # p and q of one pair
-    out = jax.eval_shape(model.apply, variables, ids)
-    self.assertEqual((out.shape, out.dtype), ((4,), jnp.float32))
 
 
 if __name__ == '__main__':

@@ -10,8 +10,14 @@ import importlib
 from absl.testing import absltest
 from absl.testing import parameterized
 import jax
-import jax.numpy as jnp
-from model_tables import initial_zero_gradients
+from model_testing import assert_same_shapes
+from model_testing import check_config_model
+from model_testing import check_dropout_in_training_only
+from model_testing import init
+from model_testing import np_mlp
+from model_testing import offsets
+from model_testing import random_ids
+from model_testing import random_variables
 import numpy as np
 
 from configs import finalmlp as finalmlp_config
@@ -19,47 +25,12 @@ from configs import finalmlp as finalmlp_config
 finalmlp = importlib.import_module('models.finalmlp')
 
 FIELD_DIMS = (7, 11, 5, 4)
-OFFSETS = np.cumsum((0,) + FIELD_DIMS[:-1])
-EPS = 1e-5
 KWARGS = dict(embed_dim=3, mlp1_dims=(16, 8), mlp2_dims=(16, 12), fs_dims=(5,))
-
-
-def _ids(batch, seed=0, field_dims=FIELD_DIMS):
-  rng = np.random.default_rng(seed)
-  return np.stack(
-    [rng.integers(0, d, size=batch) for d in field_dims], axis=1
-  ).astype(np.int32)
-
-
-def _random_variables(model, ids, seed=1):
-  """Init, then random parameters and BatchNorm statistics everywhere."""
-  variables = model.init(jax.random.key(0), ids)
-  rng = np.random.default_rng(seed)
-
-  def fill(path, x):
-    if jax.tree_util.keystr(path).endswith("['var']"):
-      return rng.uniform(0.5, 1.5, size=x.shape).astype(np.float32)
-    return (0.5 * rng.normal(size=x.shape)).astype(np.float32)
-
-  return jax.tree_util.tree_map_with_path(fill, variables)
-
-
-def _np_hidden(x, params, stats, num_hidden):
-  """Eval-mode hidden layers Linear -> BatchNorm -> ReLU (no output layer)."""
-  for i in range(num_hidden):
-    x = x @ params[f'Dense_{i}']['kernel'] + params[f'Dense_{i}']['bias']
-    bn, s = params[f'BatchNorm_{i}'], stats[f'BatchNorm_{i}']
-    x = (x - s['mean']) / np.sqrt(s['var'] + EPS) * bn['scale'] + bn['bias']
-    x = np.maximum(x, 0.0)
-  return x
 
 
 def _np_gate(x, params, num_hidden):
   """`2 sigmoid(MLP(x))` with ReLU hidden layers."""
-  for i in range(num_hidden):
-    x = np.maximum(
-      x @ params[f'Dense_{i}']['kernel'] + params[f'Dense_{i}']['bias'], 0
-    )
+  x = np_mlp(x, params, None, num_hidden, output_layer=False, batchnorm=False)
   out = params[f'Dense_{num_hidden}']
   return 2.0 / (1.0 + np.exp(-(x @ out['kernel'] + out['bias'])))
 
@@ -81,7 +52,7 @@ def _np_fusion(o1, o2, params, heads):
 def _np_model(ids, variables, contexts, heads):
   p, s = variables['params'], variables['batch_stats']
   table = np.asarray(p['FeaturesEmbedding_0']['embedding'], np.float64)
-  e = table[ids + OFFSETS].reshape(len(ids), -1)  # [B, F * D]
+  e = table[ids + offsets(FIELD_DIMS)].reshape(len(ids), -1)  # [B, F * D]
   streams = []
   for k, context in ((1, contexts[0]), (2, contexts[1])):
     if context:
@@ -93,7 +64,8 @@ def _np_model(ids, variables, contexts, heads):
     else:
       gate = 2.0 / (1.0 + np.exp(-np.asarray(p[f'fs{k}_gate_bias'])))
     h = gate * e
-    streams.append(_np_hidden(h, p[f'mlp{k}'], s[f'mlp{k}'], 2))
+    hidden = np_mlp(h, p[f'mlp{k}'], s[f'mlp{k}'], 2, output_layer=False)
+    streams.append(hidden)
   return _np_fusion(*streams, p['InteractionAggregation_0'], heads)
 
 
@@ -107,8 +79,8 @@ class EquationTest(parameterized.TestCase):
     model = finalmlp.Model(
       FIELD_DIMS, fs1_context=fs1, fs2_context=fs2, num_heads=heads, **KWARGS
     )
-    ids = _ids(6)
-    variables = _random_variables(model, ids)
+    ids = random_ids(6, FIELD_DIMS)
+    variables = random_variables(model, ids)
     out = model.apply(variables, ids, train=False)
     expected = _np_model(ids, variables, (fs1, fs2), heads)
     np.testing.assert_allclose(out, expected, rtol=1e-4, atol=1e-4)
@@ -116,16 +88,14 @@ class EquationTest(parameterized.TestCase):
   def test_without_feature_selection_streams_see_the_embeddings(self):
     gated = finalmlp.Model(FIELD_DIMS, **KWARGS)
     plain = finalmlp.Model(FIELD_DIMS, use_fs=False, **KWARGS)
-    ids = _ids(6)
-    variables = _random_variables(gated, ids)
+    ids = random_ids(6, FIELD_DIMS)
+    variables = random_variables(gated, ids)
     p = dict(variables['params'])
     for name in ('fs1_gate_bias', 'fs2_gate_bias'):
       del p[name]
     out = plain.apply({**variables, 'params': p}, ids)
-    self.assertEqual(
-      jax.tree.map(np.shape, p),
-      jax.tree.map(np.shape, plain.init(jax.random.key(0), ids)['params']),
-    )
+    shapes = jax.eval_shape(plain.init, jax.random.key(0), ids)['params']
+    assert_same_shapes(p, shapes)
     # A gate of exactly 1 (zero gate bias) is no gate.
     p = {**variables['params']}
     for k in (1, 2):
@@ -138,8 +108,8 @@ class EquationTest(parameterized.TestCase):
     # FuxiCTR's gate MLP on a zero-initialised learned input: only its
     # output bias ever gets a gradient, so the bias alone is the gate.
     model = finalmlp.Model(FIELD_DIMS, fs2_context=(1,), **KWARGS)
-    ids = _ids(4)
-    params = model.init(jax.random.key(0), ids)['params']
+    ids = random_ids(4, FIELD_DIMS)
+    params = init(model, ids)['params']
     self.assertEqual(params['fs1_gate_bias'].shape, (4 * 3,))
     np.testing.assert_array_equal(params['fs1_gate_bias'], np.zeros(12))
     self.assertNotIn('fs1_gate', params)
@@ -149,61 +119,21 @@ class EquationTest(parameterized.TestCase):
   def test_heads_must_divide_stream_widths(self):
     model = finalmlp.Model(FIELD_DIMS, num_heads=3, **KWARGS)
     with self.assertRaisesRegex(ValueError, 'num_heads=3 must divide'):
-      model.init(jax.random.key(0), _ids(2))
+      model.init(jax.random.key(0), random_ids(2, FIELD_DIMS))
 
 
 class TrainingModeTest(parameterized.TestCase):
   @parameterized.parameters(0, 1)
   def test_dropout_batchnorm_and_eval(self, stream):
-    ids = _ids(16, seed=2)
+    ids = random_ids(16, FIELD_DIMS, seed=2)
     base = finalmlp.Model(FIELD_DIMS, dropouts=(0.0, 0.0), **KWARGS)
-    variables = _random_variables(base, ids)
-
-    def train_out(model, seed):
-      return model.apply(
-        variables,
-        ids,
-        train=True,
-        rngs={'dropout': jax.random.key(seed)},
-        mutable=['batch_stats'],
-      )
-
-    # Without dropout, training mode is deterministic but uses batch
-    # statistics: it differs from eval mode, and both streams' statistics
-    # move.
-    out0, state0 = train_out(base, 0)
-    out1, _ = train_out(base, 1)
-    np.testing.assert_array_equal(out0, out1)
-    self.assertFalse(np.allclose(out0, base.apply(variables, ids)))
-    for mlp in ('mlp1', 'mlp2'):
-      old = variables['batch_stats'][mlp]
-      new = state0['batch_stats'][mlp]
-      for layer in ('BatchNorm_0', 'BatchNorm_1'):
-        for stat in ('mean', 'var'):
-          self.assertFalse(np.allclose(new[layer][stat], old[layer][stat]))
-    # Each stream's dropout alone changes training outputs, by key.
+    # Each stream's dropout alone; the statistics of both streams move.
     rates = [0.0, 0.0]
     rates[stream] = 0.5
     dropped = finalmlp.Model(FIELD_DIMS, dropouts=tuple(rates), **KWARGS)
-    a, _ = train_out(dropped, 0)
-    b, _ = train_out(dropped, 1)
-    self.assertGreater(np.mean(~np.isclose(a, out0)), 0.9)
-    self.assertGreater(np.mean(~np.isclose(a, b)), 0.9)
-    # Eval mode ignores dropout and keys.
-    np.testing.assert_array_equal(
-      dropped.apply(variables, ids),
-      dropped.apply(variables, ids, rngs={'dropout': jax.random.key(5)}),
-    )
-    np.testing.assert_array_equal(
-      dropped.apply(variables, ids), base.apply(variables, ids)
-    )
-
-
-class InitialGradientTest(absltest.TestCase):
-  def test_every_parameter_gets_a_gradient_from_initialisation(self):
-    # tests/model_tables.py's TEST_KWARGS model on two fields, three draws.
-    zeros = initial_zero_gradients('finalmlp')
-    self.assertEqual(zeros, dict.fromkeys(zeros, []))
+    variables = random_variables(base, ids)
+    self.assertEqual(set(variables['batch_stats']), {'mlp1', 'mlp2'})
+    check_dropout_in_training_only(base, dropped, variables, ids)
 
 
 class ConfigTest(absltest.TestCase):
@@ -224,13 +154,9 @@ class ConfigTest(absltest.TestCase):
         num_heads=2,
       ),
     )
-    model = finalmlp.Model(field_dims=(6, 9), **config.model)
-    ids = _ids(4, field_dims=(6, 9))
-    variables = jax.eval_shape(model.init, jax.random.key(0), ids)
+    variables = check_config_model(finalmlp, config)
     w = variables['params']['InteractionAggregation_0']['w_xy']
     self.assertEqual(w.shape, (2, 256, 128))
-    out = jax.eval_shape(model.apply, variables, ids)
-    self.assertEqual((out.shape, out.dtype), ((4,), jnp.float32))
 
 
 if __name__ == '__main__':

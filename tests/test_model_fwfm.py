@@ -11,7 +11,13 @@ from absl.testing import absltest
 from absl.testing import parameterized
 import jax
 import jax.numpy as jnp
-from model_tables import initial_zero_gradients
+from model_testing import check_config_model
+from model_testing import check_training_mode_is_eval_mode
+from model_testing import init
+from model_testing import np_fields
+from model_testing import random_ids
+from model_testing import random_variables
+from model_testing import side_inputs
 import numpy as np
 
 from configs import fwfm as fwfm_config
@@ -24,49 +30,9 @@ MULTI_FIELD_DIMS = (6, 3)
 LINEAR_TYPES = ('lw', 'felv', 'filv')
 
 
-def _ids(batch, seed=0, field_dims=FIELD_DIMS):
-  rng = np.random.default_rng(seed)
-  return np.stack(
-    [rng.integers(0, d, size=batch) for d in field_dims], axis=1
-  ).astype(np.int32)
-
-
-def _side_inputs(batch, seed=0):
-  """Multi-hot ids `[batch, 2, 3]` padded with -1 (some rows empty), dense."""
-  rng = np.random.default_rng(seed)
-  multi = np.full((batch, len(MULTI_FIELD_DIMS), 3), -1, np.int32)
-  for b in range(batch):
-    for m, d in enumerate(MULTI_FIELD_DIMS):
-      n = rng.integers(0, 4)  # 0 to 3 ids
-      multi[b, m, :n] = rng.choice(d, size=n, replace=False)
-  dense = rng.normal(size=(batch, 2)).astype(np.float32)
-  return multi, dense
-
-
-def _randomize(variables, seed=1):
-  rng = np.random.default_rng(seed)
-  return jax.tree.map(
-    lambda x: (0.5 * rng.normal(size=x.shape)).astype(np.float32), variables
-  )
-
-
-def _np_rows(p, prefix, ids, multi=None, dense=None):
-  """Rows `[batch, T, ...]` by hand: one-hot, multi-hot mean, value * row."""
-  table = np.asarray(p[prefix], np.float64)
-  out = [table[ids + np.cumsum((0,) + FIELD_DIMS[:-1])]]
-  if multi is not None:
-    multi_table = np.asarray(p[f'multi_{prefix}'], np.float64)
-    starts = np.cumsum((0,) + MULTI_FIELD_DIMS[:-1])
-    pooled = np.zeros(multi.shape[:2] + table.shape[1:])
-    for b, m in itertools.product(*map(range, multi.shape[:2])):
-      rows = [starts[m] + i for i in multi[b, m] if i >= 0]
-      if rows:
-        pooled[b, m] = multi_table[rows].mean(axis=0)
-    out.append(pooled)
-  if dense is not None:
-    dense_table = np.asarray(p[f'dense_{prefix}'], np.float64)
-    out.append(dense[:, :, None] * dense_table[None])
-  return np.concatenate(out, axis=1)
+def _np_rows(p, name, ids, multi=None, dense=None):
+  """`np_fields` of this file's fields."""
+  return np_fields(p, name, ids, FIELD_DIMS, multi, MULTI_FIELD_DIMS, dense)
 
 
 def _np_fwfm(params, linear_type, ids, multi=None, dense=None):
@@ -94,8 +60,8 @@ class EquationTest(parameterized.TestCase):
   @parameterized.parameters(*LINEAR_TYPES)
   def test_eval_model_matches_brute_force(self, linear_type):
     model = fwfm.Model(FIELD_DIMS, embed_dim=3, linear_type=linear_type)
-    ids = _ids(7)
-    params = _randomize(model.init(jax.random.key(0), ids))['params']
+    ids = random_ids(7, FIELD_DIMS)
+    params = random_variables(model, ids)['params']
     self.assertEqual(params['FieldWeightedInteraction_0']['r'].shape, (6,))
     out = model.apply({'params': params}, ids)
     np.testing.assert_allclose(
@@ -112,11 +78,9 @@ class EquationTest(parameterized.TestCase):
       embed_dim=3,
       linear_type=linear_type,
     )
-    ids = _ids(7)
-    multi, dense = _side_inputs(7)
-    params = _randomize(model.init(jax.random.key(0), ids, multi, dense))[
-      'params'
-    ]
+    ids = random_ids(7, FIELD_DIMS)
+    multi, dense = side_inputs(7, MULTI_FIELD_DIMS)
+    params = random_variables(model, ids, multi, dense)['params']
     self.assertEqual(params['FieldWeightedInteraction_0']['r'].shape, (28,))
     out = model.apply({'params': params}, ids, multi, dense)
     np.testing.assert_allclose(
@@ -133,7 +97,7 @@ class EquationTest(parameterized.TestCase):
     model = fwfm.Model((3,), num_dense=1, embed_dim=3, linear_type=linear_type)
     ids = np.zeros((4, 1), np.int32)
     dense = np.array([[0.0], [0.5], [1.0], [-2.0]], np.float32)
-    variables = _randomize(model.init(jax.random.key(0), ids, dense=dense))
+    variables = random_variables(model, ids, None, dense)
     y, y2, y0 = (
       model.apply(variables, ids, dense=scale * dense) for scale in (1, 2, 0)
     )
@@ -152,8 +116,9 @@ class EquationTest(parameterized.TestCase):
   @parameterized.parameters(*LINEAR_TYPES)
   def test_parameters_of_each_linear_type(self, linear_type):
     model = fwfm.Model(FIELD_DIMS, embed_dim=3, linear_type=linear_type)
-    params = model.init(jax.random.key(0), _ids(2))['params']
-    shapes = jax.tree.map(np.shape, params)
+    ids = random_ids(2, FIELD_DIMS)
+    shapes = jax.eval_shape(model.init, jax.random.key(0), ids)['params']
+    shapes = jax.tree.map(np.shape, shapes)
     expected = {
       'lw': {'FeaturesLinear_0': {'weight': (27, 1), 'bias': (1,)}},
       'felv': {'EmbeddingLinear_0': {'weight': (27, 3), 'bias': (1,)}},
@@ -171,11 +136,11 @@ class EquationTest(parameterized.TestCase):
   def test_untrained_fwfm_with_lw_is_fm(self):
     # r starts at one and the names match models/fm.py: an FM's parameters
     # give the same outputs (and warm-start an FwFM).
-    ids = _ids(9)
+    ids = random_ids(9, FIELD_DIMS)
     fm_model = fm.Model(FIELD_DIMS, embed_dim=3)
-    fm_params = _randomize(fm_model.init(jax.random.key(0), ids))['params']
+    fm_params = random_variables(fm_model, ids)['params']
     model = fwfm.Model(FIELD_DIMS, embed_dim=3, linear_type='lw')
-    params = model.init(jax.random.key(0), ids)['params']
+    params = init(model, ids)['params']
     np.testing.assert_array_equal(params['FieldWeightedInteraction_0']['r'], 1)
     params = {**params, **fm_params}
     np.testing.assert_allclose(
@@ -188,33 +153,15 @@ class EquationTest(parameterized.TestCase):
   def test_unknown_linear_type_is_an_error(self):
     model = fwfm.Model(FIELD_DIMS, linear_type='lv')
     with self.assertRaisesRegex(ValueError, "'lw', 'felv' or 'filv'"):
-      model.init(jax.random.key(0), _ids(2))
+      model.init(jax.random.key(0), random_ids(2, FIELD_DIMS))
 
 
 class TrainingModeTest(absltest.TestCase):
   def test_training_mode_is_eval_mode(self):
-    # No dropout, no BatchNorm: train=True changes nothing, and there is no
-    # state to update.
     model = fwfm.Model(FIELD_DIMS, embed_dim=3)
-    ids = _ids(8)
-    variables = _randomize(model.init(jax.random.key(0), ids))
-    self.assertEqual(set(variables), {'params'})
-    train, state = model.apply(
-      variables,
-      ids,
-      train=True,
-      rngs={'dropout': jax.random.key(1)},
-      mutable=['batch_stats'],
-    )
-    self.assertEqual(dict(state), {})
-    np.testing.assert_array_equal(train, model.apply(variables, ids))
-
-
-class InitialGradientTest(absltest.TestCase):
-  def test_every_parameter_gets_a_gradient_from_initialisation(self):
-    # tests/model_tables.py's TEST_KWARGS model on two fields, three draws.
-    zeros = initial_zero_gradients('fwfm')
-    self.assertEqual(zeros, dict.fromkeys(zeros, []))
+    ids = random_ids(8, FIELD_DIMS)
+    variables = random_variables(model, ids)
+    check_training_mode_is_eval_mode(model, variables, ids)
 
 
 class ConfigTest(absltest.TestCase):
@@ -222,11 +169,7 @@ class ConfigTest(absltest.TestCase):
     config = fwfm_config.get_config()
     self.assertEqual(config.model_name, 'fwfm')
     self.assertEqual(dict(config.model), dict(embed_dim=10, linear_type='filv'))
-    model = fwfm.Model(field_dims=(6, 9), **config.model)
-    ids = _ids(4, field_dims=(6, 9))
-    out = model.apply(model.init(jax.random.key(0), ids), ids)
-    self.assertEqual(out.shape, (4,))
-    self.assertEqual(out.dtype, jnp.float32)
+    check_config_model(fwfm, config)
 
 
 if __name__ == '__main__':

@@ -18,7 +18,15 @@ import jax.numpy as jnp
 from model_tables import MODEL_NAMES
 from model_tables import TEST_KWARGS
 from model_tables import module
-from model_tables import randomize
+from model_testing import init
+from model_testing import loss_and_grads
+from model_testing import np_fields
+from model_testing import np_linear
+from model_testing import np_pool
+from model_testing import offsets
+from model_testing import random_ids
+from model_testing import random_variables
+from model_testing import randomize
 import numpy as np
 
 FIELD_DIMS = (7, 11, 5)
@@ -27,17 +35,6 @@ NUM_DENSE = 2
 BATCH = 5
 MAX_LEN = 4
 NAMED_MODELS = [(name, name) for name in MODEL_NAMES]
-
-
-def _offsets(dims):
-  return np.cumsum((0,) + tuple(dims[:-1]))
-
-
-def _ids(batch=BATCH, field_dims=FIELD_DIMS, seed=0):
-  rng = np.random.default_rng(seed)
-  return np.stack(
-    [rng.integers(0, d, size=batch) for d in field_dims], axis=1
-  ).astype(np.int32)
 
 
 def _multi_ids(batch=BATCH, dims=MULTI_FIELD_DIMS, max_len=MAX_LEN, seed=0):
@@ -62,35 +59,22 @@ def _dense(batch=BATCH, num_dense=NUM_DENSE, seed=0):
   return values.astype(np.float32)
 
 
-def _pool_brute(table, multi_ids, dims, pooling):
-  """`[batch, multi_fields, ...]` by a loop over every listed id."""
-  table = np.asarray(table, np.float64)
-  offsets = _offsets(dims)
-  batch, fields, _ = multi_ids.shape
-  out = np.zeros((batch, fields) + table.shape[1:])
-  for b in range(batch):
-    for m in range(fields):
-      present = [i for i in multi_ids[b, m] if i >= 0]
-      for i in present:
-        out[b, m] += table[offsets[m] + i]
-      if pooling == 'mean' and present:
-        out[b, m] /= len(present)
-  return out
+def _inputs():
+  """One-hot ids, multi-hot ids and numeric values of one batch."""
+  return random_ids(BATCH, FIELD_DIMS), _multi_ids(), _dense()
 
 
-def _fields_brute(tables, ids, multi_ids, dense, pooling):
-  """Rows of every field `[batch, F + M + N, ...]` from the tables."""
-  table, multi_table, dense_table = (np.asarray(t, np.float64) for t in tables)
-  one_hot = table[ids + _offsets(FIELD_DIMS)]  # [B, F, ...]
-  multi = _pool_brute(multi_table, multi_ids, MULTI_FIELD_DIMS, pooling)
-  trailing = (1,) * (dense_table.ndim - 1)
-  numeric = dense.reshape(dense.shape + trailing) * dense_table  # [B, N, ...]
-  return np.concatenate([one_hot, multi, numeric], axis=1)
+def _np_fields(params, name, inputs, pooling='mean'):
+  """`np_fields` of this file's fields; `inputs`: ids, multi_ids, dense."""
+  ids, multi_ids, dense = inputs
+  return np_fields(
+    params, name, ids, FIELD_DIMS, multi_ids, MULTI_FIELD_DIMS, dense, pooling
+  )
 
 
-def _init(model, *inputs):
-  rngs = {'params': jax.random.key(0), 'dropout': jax.random.key(1)}
-  return model.init(rngs, *inputs, train=False)
+def _sum_sin(logits, labels):
+  del labels
+  return jnp.sum(jnp.sin(logits))
 
 
 def _paths(tree):
@@ -130,7 +114,7 @@ class PoolingTest(parameterized.TestCase):
       self.assertEqual(out.shape, (BATCH, 2) + trailing)
       np.testing.assert_allclose(
         out,
-        _pool_brute(table, multi_ids, MULTI_FIELD_DIMS, pooling),
+        np_pool(table, multi_ids, MULTI_FIELD_DIMS, pooling),
         rtol=1e-6,
         atol=1e-6,
       )
@@ -161,7 +145,7 @@ class FeatureBlocksTest(parameterized.TestCase):
     block = fm.FeaturesEmbedding(
       FIELD_DIMS, 3, MULTI_FIELD_DIMS, NUM_DENSE, multi_pooling=pooling
     )
-    inputs = (_ids(), _multi_ids(), _dense())
+    inputs = _inputs()
     variables = block.init(jax.random.key(0), *inputs)
     p = variables['params']
     self.assertEqual(
@@ -173,8 +157,7 @@ class FeatureBlocksTest(parameterized.TestCase):
       },
     )
     out = block.apply(variables, *inputs)  # [B, T, D]
-    tables = (p['embedding'], p['multi_embedding'], p['dense_embedding'])
-    expected = _fields_brute(tables, *inputs, pooling)
+    expected = _np_fields(p, 'embedding', inputs, pooling)
     self.assertEqual(out.shape, (BATCH, 3 + 2 + NUM_DENSE, 3))
     np.testing.assert_allclose(out, expected, rtol=1e-6, atol=1e-6)
     # A numeric field's row is exactly its value times its vector.
@@ -187,15 +170,15 @@ class FeatureBlocksTest(parameterized.TestCase):
   def test_linear_term_of_every_field(self):
     fm = module('fm')
     block = fm.FeaturesLinear(FIELD_DIMS, MULTI_FIELD_DIMS, NUM_DENSE)
-    inputs = (_ids(), _multi_ids(), _dense())
-    variables = randomize(block.init(jax.random.key(0), *inputs))
+    inputs = _inputs()
+    variables = random_variables(block, *inputs)
     p = variables['params']
     out = block.apply(variables, *inputs)  # [B]
     w, mw, dw = p['weight'][:, 0], p['multi_weight'][:, 0], p['dense_weight']
     for b in range(BATCH):
       expected = float(p['bias'][0])
-      expected += sum(w[inputs[0][b] + _offsets(FIELD_DIMS)])
-      for m, o in enumerate(_offsets(MULTI_FIELD_DIMS)):
+      expected += sum(w[inputs[0][b] + offsets(FIELD_DIMS)])
+      for m, o in enumerate(offsets(MULTI_FIELD_DIMS)):
         listed = [i for i in inputs[1][b, m] if i >= 0]
         expected += sum(mw[o + i] for i in listed) / max(len(listed), 1)
       expected += sum(dw[n, 0] * inputs[2][b, n] for n in range(NUM_DENSE))
@@ -235,8 +218,8 @@ class ModelInputsTest(parameterized.TestCase):
     # field-aware vectors) and through every interaction and MLP.
     mod = self._module(name)
     model = self._side_model(mod, name, pooling)
-    ids, multi_ids, dense = _ids(), _multi_ids(), _dense()
-    variables = randomize(_init(model, ids, multi_ids, dense))
+    ids, multi_ids, dense = _inputs()
+    variables = random_variables(model, ids, multi_ids, dense)
     out = model.apply(variables, ids, multi_ids, dense)
 
     extra = len(MULTI_FIELD_DIMS) + NUM_DENSE
@@ -247,7 +230,7 @@ class ModelInputsTest(parameterized.TestCase):
     )
 
     def multi_rows(table):  # [M * B, ...]: field m's row b, pooled
-      pooled = _pool_brute(table, multi_ids, MULTI_FIELD_DIMS, pooling)
+      pooled = np_pool(table, multi_ids, MULTI_FIELD_DIMS, pooling)
       return np.moveaxis(pooled, 1, 0).reshape((-1,) + table.shape[1:])
 
     def dense_rows(table):  # [N * B, ...]: field n's row b, value * vector
@@ -258,7 +241,9 @@ class ModelInputsTest(parameterized.TestCase):
     flat_variables = _as_one_hot_fields(variables, multi_rows, dense_rows)
     self.assertEqual(
       jax.tree.map(np.shape, flat_variables),
-      jax.tree.map(np.shape, _init(flat, flat_ids)),
+      jax.tree.map(
+        np.shape, jax.eval_shape(flat.init, jax.random.key(0), flat_ids)
+      ),
       'the side tables are not the only difference',
     )
     expected = flat.apply(flat_variables, flat_ids)
@@ -268,14 +253,14 @@ class ModelInputsTest(parameterized.TestCase):
   def test_without_side_inputs_the_model_is_the_ids_only_model(self, name):
     mod = self._module(name)
     kwargs = TEST_KWARGS.get(name, {})
-    ids = _ids()
+    ids = random_ids(BATCH, FIELD_DIMS)
     model = mod.Model(FIELD_DIMS, **kwargs)
-    variables = _init(model, ids)
+    variables = init(model, ids)
     for path in _paths(variables):
       self.assertNotIn("['multi_", path)
       self.assertNotIn("['dense_", path)
     explicit = mod.Model(FIELD_DIMS, multi_field_dims=(), num_dense=0, **kwargs)
-    explicit_variables = _init(explicit, ids)
+    explicit_variables = init(explicit, ids)
     self.assertEqual(
       jax.tree.map(np.shape, explicit_variables),
       jax.tree.map(np.shape, variables),
@@ -299,16 +284,13 @@ class ModelInputsTest(parameterized.TestCase):
   def test_gradients_reach_the_side_tables_at_the_listed_rows(self, name):
     mod = self._module(name)
     model = self._side_model(mod, name)
-    inputs = (_ids(), _multi_ids(), _dense())
-    variables = randomize(_init(model, *inputs))
-
-    def loss(params):
-      logits = model.apply({**variables, 'params': params}, *inputs)
-      return jnp.sum(jnp.sin(logits))
-
-    grads = jax.grad(loss)(variables['params'])
+    inputs = _inputs()
+    variables = random_variables(model, *inputs)
+    _, _, grads, _ = loss_and_grads(
+      model, variables, inputs, loss=_sum_sin, train=False
+    )
     listed = np.zeros(sum(MULTI_FIELD_DIMS), bool)
-    for m, o in enumerate(_offsets(MULTI_FIELD_DIMS)):
+    for m, o in enumerate(offsets(MULTI_FIELD_DIMS)):
       ids = inputs[1][:, m]
       listed[o + ids[ids >= 0]] = True
     side = {
@@ -329,7 +311,7 @@ class ModelInputsTest(parameterized.TestCase):
   def test_inputs_that_disagree_with_the_fields_raise(self, name):
     mod = self._module(name)
     model = self._side_model(mod, name)
-    ids, multi_ids, dense = _ids(), _multi_ids(), _dense()
+    ids, multi_ids, dense = _inputs()
     cases = {
       'multi_ids': (
         (ids, multi_ids[:, :1], dense),  # one field short
@@ -347,14 +329,14 @@ class ModelInputsTest(parameterized.TestCase):
     for input_name, calls in cases.items():
       for inputs in calls:
         with self.assertRaisesRegex(ValueError, f'^{input_name} must be'):
-          _init(model, *inputs)
+          init(model, *inputs)
     plain = mod.Model(FIELD_DIMS, **TEST_KWARGS.get(name, {}))
     with self.assertRaisesRegex(ValueError, r'multi_field_dims=\(\)'):
-      _init(plain, ids, multi_ids)
+      init(plain, ids, multi_ids)
     with self.assertRaisesRegex(ValueError, 'num_dense=0'):
-      _init(plain, ids, None, dense)
+      init(plain, ids, None, dense)
     with self.assertRaisesRegex(ValueError, "'mean' or 'sum'"):
-      _init(self._side_model(mod, name, 'max'), ids, multi_ids, dense)
+      init(self._side_model(mod, name, 'max'), ids, multi_ids, dense)
 
 
 class InteractionByHandTest(parameterized.TestCase):
@@ -367,14 +349,15 @@ class InteractionByHandTest(parameterized.TestCase):
       num_dense=NUM_DENSE,
       **kwargs,
     )
-    inputs = (_ids(), _multi_ids(), _dense())
-    variables = randomize(_init(model, *inputs))
+    inputs = _inputs()
+    variables = random_variables(model, *inputs)
     return model.apply(variables, *inputs), variables['params'], inputs
 
   def _linear(self, p, inputs):
-    tables = (p['weight'], p['multi_weight'], p['dense_weight'])
-    w = _fields_brute(tables, *inputs, 'mean')[..., 0]  # [B, T]
-    return float(p['bias'][0]) + w.sum(axis=1)  # [B]
+    ids, multi_ids, dense = inputs
+    return np_linear(
+      p, ids, FIELD_DIMS, multi_ids, MULTI_FIELD_DIMS, dense
+    )  # [B]
 
   def test_lr(self):
     out, p, inputs = self._run('lr')
@@ -384,8 +367,7 @@ class InteractionByHandTest(parameterized.TestCase):
   def test_fm(self):
     out, p, inputs = self._run('fm', embed_dim=3)
     e = p['FeaturesEmbedding_0']
-    tables = (e['embedding'], e['multi_embedding'], e['dense_embedding'])
-    v = _fields_brute(tables, *inputs, 'mean')  # [B, T, D]
+    v = _np_fields(e, 'embedding', inputs)  # [B, T, D]
     expected = self._linear(p['FeaturesLinear_0'], inputs)
     for f in range(v.shape[1]):
       for g in range(f + 1, v.shape[1]):
@@ -395,8 +377,7 @@ class InteractionByHandTest(parameterized.TestCase):
   def test_ffm(self):
     out, p, inputs = self._run('ffm', embed_dim=3)
     e = p['FieldAwareEmbedding_0']
-    tables = (e['embedding'], e['multi_embedding'], e['dense_embedding'])
-    v = _fields_brute(tables, *inputs, 'mean')  # [B, T, T, D]
+    v = _np_fields(e, 'embedding', inputs)  # [B, T, T, D]
     self.assertEqual(v.shape[1:3], (7, 7))
     expected = self._linear(p['FeaturesLinear_0'], inputs)
     for f in range(7):
@@ -415,8 +396,8 @@ class InteractionByHandTest(parameterized.TestCase):
       num_dense=NUM_DENSE,
       **TEST_KWARGS[name],
     )
-    inputs = (_ids(), _multi_ids(), _dense())
-    variables = randomize(_init(model, *inputs))
+    inputs = _inputs()
+    variables = random_variables(model, *inputs)
     seen = []
 
     def record(next_fun, args, kwargs, context):
@@ -428,8 +409,7 @@ class InteractionByHandTest(parameterized.TestCase):
       model.apply(variables, *inputs)
     key = 'embedding' if name == 'ncf' else 'FeaturesEmbedding_0'
     e = variables['params'][key]
-    tables = (e['embedding'], e['multi_embedding'], e['dense_embedding'])
-    v = _fields_brute(tables, *inputs, 'mean')  # [B, T, D]
+    v = _np_fields(e, 'embedding', inputs)  # [B, T, D]
     self.assertLen(seen, 1)
     np.testing.assert_allclose(
       seen[0], v.reshape(BATCH, -1), rtol=1e-6, atol=1e-6

@@ -24,64 +24,32 @@ import os
 from absl.testing import absltest
 from absl.testing import parameterized
 import jax
-import jax.numpy as jnp
 from model_tables import MODEL_NAMES
 from model_tables import TORCHFM_PARITY
 from model_tables import dropout_kwargs
 from model_tables import module
+from model_testing import check_torchfm_eval
+from model_testing import check_torchfm_step
+from model_testing import load_fixture
+from model_testing import prefixed
+from model_testing import torch_batchnorm
+from model_testing import torch_dense
+from model_testing import torch_features_embedding
+from model_testing import torch_features_linear
+from model_testing import torch_mlp
 import numpy as np
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-FIXTURES = os.path.join(ROOT, 'tests', 'fixtures')
-
-
-def _linear(w, prefix):
-  """torch FeaturesLinear -> our FeaturesLinear params."""
-  return {'weight': w[f'{prefix}.fc.weight'], 'bias': w[f'{prefix}.bias']}
-
-
-def _embedding(w, prefix):
-  """torch FeaturesEmbedding -> our FeaturesEmbedding params."""
-  return {'embedding': w[f'{prefix}.embedding.weight']}
-
-
-def _mlp(w, prefix, num_hidden):
-  """torch MultiLayerPerceptron -> our (params, batch_stats).
-
-  torch's Sequential holds Linear, BatchNorm1d, ReLU, Dropout per hidden
-  layer (indices 4i and 4i + 1), then the output Linear (index 4n).
-  """
-  params, stats = {}, {}
-  for i in range(num_hidden):
-    lin, bn = f'{prefix}.{4 * i}', f'{prefix}.{4 * i + 1}'
-    params[f'Dense_{i}'] = {
-      'kernel': w[f'{lin}.weight'].T,
-      'bias': w[f'{lin}.bias'],
-    }
-    params[f'BatchNorm_{i}'] = {
-      'scale': w[f'{bn}.weight'],
-      'bias': w[f'{bn}.bias'],
-    }
-    stats[f'BatchNorm_{i}'] = {
-      'mean': w[f'{bn}.running_mean'],
-      'var': w[f'{bn}.running_var'],
-    }
-  out = f'{prefix}.{4 * num_hidden}'
-  params[f'Dense_{num_hidden}'] = {
-    'kernel': w[f'{out}.weight'].T,
-    'bias': w[f'{out}.bias'],
-  }
-  return params, stats
 
 
 def _lr(w):
-  return {'params': {'FeaturesLinear_0': _linear(w, 'linear')}}, {}
+  return {'params': {'FeaturesLinear_0': torch_features_linear(w)}}, {}
 
 
 def _fm(w):
   params = {
-    'FeaturesLinear_0': _linear(w, 'linear'),
-    'FeaturesEmbedding_0': _embedding(w, 'embedding'),
+    'FeaturesLinear_0': torch_features_linear(w),
+    'FeaturesEmbedding_0': torch_features_embedding(w),
   }
   return {'params': params}, {'embed_dim': 4}
 
@@ -93,7 +61,7 @@ def _ffm(w):
     [w[f'ffm.embeddings.{g}.weight'] for g in range(num_fields)], axis=1
   )
   params = {
-    'FeaturesLinear_0': _linear(w, 'linear'),
+    'FeaturesLinear_0': torch_features_linear(w),
     'FieldAwareEmbedding_0': {'embedding': table},
   }
   return {'params': params}, {'embed_dim': 4}
@@ -101,9 +69,9 @@ def _ffm(w):
 
 def _fnn(w):
   # pytorch-fm feeds the factors alone: fm_linear_inputs=False.
-  mlp, stats = _mlp(w, 'mlp.mlp', 2)
+  mlp, stats = torch_mlp(w, 'mlp.mlp', 2)
   params = {
-    'FeaturesEmbedding_0': _embedding(w, 'embedding'),
+    'FeaturesEmbedding_0': torch_features_embedding(w),
     'MultiLayerPerceptron_0': mlp,
   }
   variables = {
@@ -120,10 +88,10 @@ def _wd(w):
   Both are a linear term, one embedding table and an MLP, under the same
   names in torch and in our files.
   """
-  mlp, stats = _mlp(w, 'mlp.mlp', 2)
+  mlp, stats = torch_mlp(w, 'mlp.mlp', 2)
   params = {
-    'FeaturesLinear_0': _linear(w, 'linear'),
-    'FeaturesEmbedding_0': _embedding(w, 'embedding'),
+    'FeaturesLinear_0': torch_features_linear(w),
+    'FeaturesEmbedding_0': torch_features_embedding(w),
     'MultiLayerPerceptron_0': mlp,
   }
   variables = {
@@ -136,16 +104,13 @@ def _wd(w):
 def _afm(w):
   # The score bias `afm.projection.bias` is dropped (softmax cancels it) and
   # the output bias `afm.fc.bias` is folded into w_0 (models/afm.py).
-  linear = _linear(w, 'linear')
+  linear = torch_features_linear(w)
   linear['bias'] = linear['bias'] + w['afm.fc.bias']
   params = {
     'FeaturesLinear_0': linear,
-    'FeaturesEmbedding_0': _embedding(w, 'embedding'),
+    'FeaturesEmbedding_0': torch_features_embedding(w),
     'AttentionalFactorizationMachine_0': {
-      'attention': {
-        'kernel': w['afm.attention.weight'].T,
-        'bias': w['afm.attention.bias'],
-      },
+      'attention': torch_dense(w, 'afm.attention'),
       'projection': {'kernel': w['afm.projection.weight'].T},
       'fc': {'kernel': w['afm.fc.weight'].T},
     },
@@ -154,23 +119,13 @@ def _afm(w):
   return {'params': params}, dict(embed_dim=4, attn_size=3, dropouts=(0.2, 0.2))
 
 
-def _bn(w, prefix):
-  """torch BatchNorm1d -> our (params, batch_stats) of one nn.BatchNorm."""
-  params = {'scale': w[f'{prefix}.weight'], 'bias': w[f'{prefix}.bias']}
-  stats = {
-    'mean': w[f'{prefix}.running_mean'],
-    'var': w[f'{prefix}.running_var'],
-  }
-  return params, stats
-
-
 def _nfm(w):
   # torch's `fm` Sequential: 0 FactorizationMachine, 1 BatchNorm1d, 2 Dropout.
-  mlp, mlp_stats = _mlp(w, 'mlp.mlp', 2)
-  bn, bn_stats = _bn(w, 'fm.1')
+  mlp, mlp_stats = torch_mlp(w, 'mlp.mlp', 2)
+  bn, bn_stats = torch_batchnorm(w, 'fm.1')
   params = {
-    'FeaturesLinear_0': _linear(w, 'linear'),
-    'FeaturesEmbedding_0': _embedding(w, 'embedding'),
+    'FeaturesLinear_0': torch_features_linear(w),
+    'FeaturesEmbedding_0': torch_features_embedding(w),
     'BatchNorm_0': bn,
     'MultiLayerPerceptron_0': mlp,
   }
@@ -181,16 +136,13 @@ def _nfm(w):
 
 def _ncf(w):
   # pytorch-fm's MLP tower has no output layer (`fc` is the prediction
-  # layer): give `_mlp` a placeholder one and drop it. One table feeds both
-  # towers in pytorch-fm: shared_embedding=True (the paper's separate tables
-  # are checked below).
-  dummy = {'mlp.mlp.8.weight': np.zeros((1, 6)), 'mlp.mlp.8.bias': np.zeros(1)}
-  mlp, mlp_stats = _mlp({**w, **dummy}, 'mlp.mlp', 2)
-  del mlp['Dense_2']
+  # layer). One table feeds both towers in pytorch-fm: shared_embedding=True
+  # (the paper's separate tables are checked below).
+  mlp, mlp_stats = torch_mlp(w, 'mlp.mlp', 2, output_layer=False)
   params = {
-    'embedding': _embedding(w, 'embedding'),
+    'embedding': torch_features_embedding(w),
     'MultiLayerPerceptron_0': mlp,
-    'prediction': {'kernel': w['fc.weight'].T, 'bias': w['fc.bias']},
+    'prediction': torch_dense(w, 'fc'),
   }
   variables = {
     'params': params,
@@ -207,10 +159,10 @@ def _fnfm(w):
   table = np.stack(
     [w[f'ffm.embeddings.{g}.weight'] for g in range(num_fields)], axis=1
   )
-  mlp, mlp_stats = _mlp(w, 'mlp.mlp', 2)
-  bn, bn_stats = _bn(w, 'bn')
+  mlp, mlp_stats = torch_mlp(w, 'mlp.mlp', 2)
+  bn, bn_stats = torch_batchnorm(w, 'bn')
   params = {
-    'FeaturesLinear_0': _linear(w, 'linear'),
+    'FeaturesLinear_0': torch_features_linear(w),
     'FieldAwareEmbedding_0': {'embedding': table},
     'BatchNorm_0': bn,
     'MultiLayerPerceptron_0': mlp,
@@ -244,24 +196,17 @@ FOLDED = {
 }
 
 
-def _sigmoid(x):
-  return 1.0 / (1.0 + np.exp(-np.asarray(x, np.float64)))
+def _load(name, dropout=True):
+  """The fixture's model (with our dropout rates or at 0), fixture, converter.
 
-
-def _load(name):
-  """The fixture: its arrays, and the torch weights by state_dict name."""
-  data = np.load(os.path.join(FIXTURES, f'torchfm_{name}.npz'))
-  w = {k[2:]: data[k] for k in data.files if k.startswith('w/')}
-  return data, w
-
-
-def _prefixed(data, prefix):
-  return {k[len(prefix) :]: data[k] for k in data.files if k.startswith(prefix)}
-
-
-def _build(name, data, kwargs):
-  field_dims = tuple(int(d) for d in data['field_dims'])
-  return module(name).Model(field_dims=field_dims, **kwargs)
+  The converter of the torch weights returns our variables.
+  """
+  data, field_dims = load_fixture(name)
+  _, kwargs = CONVERTERS[name](prefixed(data, 'w/'))
+  if not dropout:
+    kwargs = dropout_kwargs(name, base=kwargs)
+  model = module(name).Model(field_dims, **kwargs)
+  return model, data, lambda w: CONVERTERS[name](w)[0]
 
 
 class TorchfmParityTest(parameterized.TestCase):
@@ -278,101 +223,21 @@ class TorchfmParityTest(parameterized.TestCase):
 
   @parameterized.named_parameters((n, n) for n in sorted(CONVERTERS))
   def test_eval_outputs_match_torchfm(self, name):
-    data, w = _load(name)
-    variables, kwargs = CONVERTERS[name](w)
-    model = _build(name, data, kwargs)
-    # The converted tree must have exactly the structure init creates.
-    init = model.init(jax.random.key(0), data['ids'], train=False)
-    self.assertEqual(
-      jax.tree.structure(jax.tree.map(np.shape, init)),
-      jax.tree.structure(jax.tree.map(np.shape, variables)),
-    )
-    jax.tree.map(
-      lambda a, b: self.assertEqual(np.shape(a), np.shape(b)),
-      init,
-      variables,
-    )
-    logits = model.apply(variables, data['ids'], train=False)
-    np.testing.assert_allclose(
-      _sigmoid(logits), data['probs'], rtol=1e-5, atol=1e-5
-    )
+    check_torchfm_eval(*_load(name))
 
   @parameterized.named_parameters((n, n) for n in sorted(CONVERTERS))
   def test_one_training_step_matches_torchfm(self, name):
-    data, w = _load(name)
-    variables, kwargs = CONVERTERS[name](w)
-    model = _build(name, data, dropout_kwargs(name, base=kwargs))
-    ids, labels = data['ids'], data['train/labels']
-    others = {k: v for k, v in variables.items() if k != 'params'}
-
-    def loss_fn(params):
-      logits, state = model.apply(
-        {'params': params, **others},
-        ids,
-        train=True,
-        rngs={'dropout': jax.random.key(0)},
-        mutable=['batch_stats'],
-      )
-      # torch's BCELoss of sigmoid(logits), written stably.
-      loss = jnp.mean(jnp.logaddexp(0.0, logits) - labels * logits)
-      return loss, (logits, state)
-
-    (loss, (logits, state)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-      variables['params']
-    )
-    np.testing.assert_allclose(
-      _sigmoid(logits), data['train/probs'], rtol=1e-5, atol=1e-5
-    )
-    np.testing.assert_allclose(loss, data['train/loss'], rtol=1e-5)
-
-    # Gradients: torch's, converted as its weights are.
-    torch_grads = _prefixed(data, 'grad/')
-    self.assertEqual(
-      sorted(torch_grads),
-      sorted(k for k in w if not k.endswith(('running_mean', 'running_var'))),
-    )
+    model, data, convert = _load(name, dropout=False)
+    grads = prefixed(data, 'grad/')
     for folded, target in FOLDED.get(name, {}).items():
       if target is None:
-        np.testing.assert_allclose(torch_grads[folded], 0.0, atol=1e-7)
+        np.testing.assert_allclose(grads[folded], 0.0, atol=1e-7)
       else:
         np.testing.assert_allclose(
-          torch_grads[folded], torch_grads[target], rtol=1e-6, atol=1e-8
+          grads[folded], grads[target], rtol=1e-6, atol=1e-8
         )
-      torch_grads[folded] = np.zeros_like(torch_grads[folded])
-    expected, _ = CONVERTERS[name]({**w, **torch_grads})
-    self.assertEqual(
-      jax.tree.structure(grads), jax.tree.structure(expected['params'])
-    )
-    for (path, got), want in zip(
-      jax.tree_util.tree_leaves_with_path(grads),
-      jax.tree.leaves(expected['params']),
-      strict=True,
-    ):
-      with self.subTest(jax.tree_util.keystr(path)):
-        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-6)
-
-    # Running statistics after the step. Same momentum (torch 0.1 is flax
-    # 0.9); torch averages in the unbiased batch variance, flax the biased.
-    after = _prefixed(data, 'after/')
-    n = len(ids)
-    for key in [k for k in after if k.endswith('running_var')]:
-      old = w[key]
-      unbiased = (after[key] - 0.9 * old) / 0.1
-      after[key] = 0.9 * old + 0.1 * unbiased * (n - 1) / n
-    expected_stats = CONVERTERS[name]({**w, **after})[0].get('batch_stats', {})
-    got_stats = state.get('batch_stats', {})
-    self.assertEqual(
-      jax.tree.structure(got_stats), jax.tree.structure(expected_stats)
-    )
-    for (path, got), want, old in zip(
-      jax.tree_util.tree_leaves_with_path(got_stats),
-      jax.tree.leaves(expected_stats),
-      jax.tree.leaves(variables.get('batch_stats', {})),
-      strict=True,
-    ):
-      with self.subTest(jax.tree_util.keystr(path)):
-        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-6)
-        self.assertGreater(np.max(np.abs(got - old)), 1e-4)
+      grads[folded] = np.zeros_like(grads[folded])
+    check_torchfm_step(model, data, convert, grads)
 
 
 class DeparturesFromTorchfmTest(absltest.TestCase):
@@ -382,13 +247,12 @@ class DeparturesFromTorchfmTest(absltest.TestCase):
     # The fixture's torch AFM with dropouts (0.2, 0.2) gives two different
     # outputs in eval mode; ours with the same rates is deterministic and
     # equals torch's dropout-free output.
-    data, w = _load('afm')
+    model, data, convert = _load('afm')
     torch_runs = data['eval_dropout_probs']
     self.assertGreater(np.max(np.abs(torch_runs[0] - torch_runs[1])), 1e-3)
     self.assertGreater(np.max(np.abs(torch_runs[0] - data['probs'])), 1e-3)
-    variables, kwargs = CONVERTERS['afm'](w)
-    self.assertEqual(kwargs['dropouts'], (0.2, 0.2))
-    model = _build('afm', data, kwargs)
+    self.assertEqual(model.dropouts, (0.2, 0.2))
+    variables = convert(prefixed(data, 'w/'))
     first = model.apply(variables, data['ids'], train=False)
     second = model.apply(variables, data['ids'], train=False)
     np.testing.assert_array_equal(first, second)
@@ -401,16 +265,15 @@ class DeparturesFromTorchfmTest(absltest.TestCase):
     # default) gives GMF its own. Loaded with pytorch-fm's table in both
     # places, the default model reproduces pytorch-fm's outputs; with its own
     # GMF table it does not.
-    data, w = _load('ncf')
+    data, field_dims = load_fixture('ncf')
     ids = data['ids']
-    field_dims = tuple(int(d) for d in data['field_dims'])
-    shared_variables, kwargs = CONVERTERS['ncf'](w)
+    shared_variables, kwargs = CONVERTERS['ncf'](prefixed(data, 'w/'))
     self.assertTrue(kwargs.pop('shared_embedding'))
     ncf = module('ncf')
     shared = ncf.Model(field_dims, shared_embedding=True, **kwargs)
     paper = ncf.Model(field_dims, **kwargs)
-    shared_init = shared.init(jax.random.key(0), ids)
-    paper_init = paper.init(jax.random.key(0), ids)
+    shared_init = jax.eval_shape(shared.init, jax.random.key(0), ids)
+    paper_init = jax.eval_shape(paper.init, jax.random.key(0), ids)
     self.assertNotIn('gmf_embedding', shared_init['params'])
     self.assertEqual(
       paper_init['params']['gmf_embedding']['embedding'].shape,
@@ -423,7 +286,7 @@ class DeparturesFromTorchfmTest(absltest.TestCase):
     tied_params = {**params, 'gmf_embedding': {'embedding': tied}}
     out = paper.apply({'params': tied_params, 'batch_stats': batch_stats}, ids)
     np.testing.assert_allclose(
-      _sigmoid(out), data['probs'], rtol=1e-5, atol=1e-5
+      jax.nn.sigmoid(out), data['probs'], rtol=1e-5, atol=1e-5
     )
     shared_out = shared.apply(shared_variables, ids)
     np.testing.assert_allclose(out, shared_out, rtol=1e-6, atol=1e-6)

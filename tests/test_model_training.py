@@ -12,13 +12,14 @@ from absl.testing import parameterized
 import jax
 import jax.numpy as jnp
 from model_tables import DROPOUT_SITES
+from model_tables import FIELD_DIMS
 from model_tables import MODEL_NAMES
 from model_tables import build
 from model_tables import dropout_kwargs
-from model_tables import init
 from model_tables import module
-from model_tables import random_ids
-from model_tables import randomize
+from model_testing import random_ids
+from model_testing import random_variables
+from model_testing import randomize
 import numpy as np
 
 SITES = [
@@ -43,8 +44,8 @@ def _train(model, variables, ids, seed=0):
 def _setup(name, rates=None, batch=16):
   """A model with the given dropout rates, random variables, and ids."""
   model = build(name, **dropout_kwargs(name, rates))
-  ids = random_ids(batch=batch, seed=3)
-  return model, randomize(init(model, ids), seed=4), ids
+  ids = random_ids(batch, FIELD_DIMS, seed=3)
+  return model, random_variables(model, ids, seed=4), ids
 
 
 class DropoutTest(parameterized.TestCase):
@@ -144,7 +145,7 @@ class SownLossTest(absltest.TestCase):
   def test_attention_l2_is_sown_only_in_training(self):
     afm = module('afm')
     field_dims = (7, 11, 5, 4)
-    ids = random_ids(batch=4, field_dims=field_dims)
+    ids = random_ids(4, field_dims)
     model = afm.Model(field_dims=field_dims, embed_dim=4, attn_l2=0.3)
     variables = model.init(jax.random.key(0), ids)
     kernel = variables['params']['AttentionalFactorizationMachine_0'][
@@ -183,7 +184,7 @@ class SownLossTest(absltest.TestCase):
     # the parameters, 2 * attn_l2 * W, not a constant.
     afm = module('afm')
     field_dims = (7, 11, 5)
-    ids = random_ids(batch=4, field_dims=field_dims)
+    ids = random_ids(4, field_dims)
     model = afm.Model(field_dims=field_dims, embed_dim=4, attn_l2=0.3)
     params = randomize(model.init(jax.random.key(0), ids)['params'])
 
