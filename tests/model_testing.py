@@ -1,10 +1,10 @@
 """Shared by the model tests: inputs, compiled calls, numpy references, checks.
 
 Compiled calls: eager `model.init` and `jax.grad` dispatch every primitive
-on its own (one small compilation each), which made a tiny model's test
-take many seconds; here each call is one `jax.jit` program, cached by the
-(hashable) module, so a second call with the same model and shapes compiles
-nothing.
+on its own, one small compilation each. Here each call is one `jax.jit`
+program, cached by the (hashable) module, so that a second call with the
+same model and shapes compiles nothing; where only shapes matter
+(`random_variables`), `jax.eval_shape` compiles nothing at all.
 
 Numpy references follow the layer names of the shared blocks that every
 model file copies (`FeaturesLinear`, `FeaturesEmbedding`,
@@ -88,15 +88,10 @@ def lookup(tree, path):
   return tree
 
 
-# Compiled model calls; the module is a static (hashed) argument. XLA's
-# backend optimisations cost more compile time than these tiny programs
-# ever run, so they are off.
-_jit = functools.partial(
-  jax.jit, compiler_options={'xla_backend_optimization_level': 0}
-)
+# Compiled model calls; the module is a static (hashed) argument.
 
 
-@functools.partial(_jit, static_argnums=0)
+@functools.partial(jax.jit, static_argnums=0)
 def _init(model, rngs, inputs):
   return model.init(rngs, *inputs, train=False)
 
@@ -107,7 +102,7 @@ def init(model, *inputs, seed=0):
   return _init(model, rngs, inputs)
 
 
-@functools.partial(_jit, static_argnames=('model', 'train'))
+@functools.partial(jax.jit, static_argnames=('model', 'train'))
 def _apply(model, variables, inputs, key, *, train):
   rngs = None if key is None else {'dropout': key}
   if not train:
@@ -134,7 +129,7 @@ def logistic_loss(logits, labels):
   return jnp.mean(jnp.logaddexp(0.0, logits) - labels * logits)
 
 
-@functools.partial(_jit, static_argnames=('model', 'loss', 'train'))
+@functools.partial(jax.jit, static_argnames=('model', 'loss', 'train'))
 def _loss_and_grads(model, loss, params, others, inputs, labels, key, train):
   def loss_fn(p):
     logits, state = model.apply(

@@ -18,6 +18,7 @@ import jax.numpy as jnp
 from model_tables import MODEL_NAMES
 from model_tables import TEST_KWARGS
 from model_tables import module
+from model_testing import apply_eval
 from model_testing import init
 from model_testing import loss_and_grads
 from model_testing import np_fields
@@ -220,7 +221,7 @@ class ModelInputsTest(parameterized.TestCase):
     model = self._side_model(mod, name, pooling)
     ids, multi_ids, dense = _inputs()
     variables = random_variables(model, ids, multi_ids, dense)
-    out = model.apply(variables, ids, multi_ids, dense)
+    out = apply_eval(model, variables, ids, multi_ids, dense)
 
     extra = len(MULTI_FIELD_DIMS) + NUM_DENSE
     flat = mod.Model(FIELD_DIMS + (BATCH,) * extra, **TEST_KWARGS.get(name, {}))
@@ -246,7 +247,7 @@ class ModelInputsTest(parameterized.TestCase):
       ),
       'the side tables are not the only difference',
     )
-    expected = flat.apply(flat_variables, flat_ids)
+    expected = apply_eval(flat, flat_variables, flat_ids)
     np.testing.assert_allclose(out, expected, rtol=2e-5, atol=2e-5)
 
   @parameterized.named_parameters(NAMED_MODELS)
