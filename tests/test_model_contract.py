@@ -68,6 +68,35 @@ def _top_level_definitions(source):
       yield name, ast.get_source_segment(source, node)
 
 
+# Run in an empty directory holding copies of the model files; argv: the
+# constructor arguments by model (a Python literal, tuples kept), then the
+# project's directory.
+_RUN_ALONE = """
+import ast, importlib, json, sys
+import jax, numpy as np
+
+ids = np.array([[0, 1], [2, 3], [1, 0], [0, 2]], np.int32)
+
+
+def run(module, kwargs):
+  model = importlib.import_module(module).Model(field_dims=(3, 4), **kwargs)
+  rngs = {'params': jax.random.key(0), 'dropout': jax.random.key(1)}
+  v = model.init(rngs, ids, train=False)
+  train, _ = model.apply(v, ids, train=True, mutable=['batch_stats'],
+                         rngs={'dropout': jax.random.key(2)})
+  return [model.apply(v, ids).tolist(), train.tolist()]
+
+
+kwargs = ast.literal_eval(sys.argv[1])
+copies = {name: run(name, kw) for name, kw in kwargs.items()}
+project = ('models', 'data', 'train', 'configs')
+imported = sorted(m for m in sys.modules if m.split('.')[0] in project)
+sys.path.insert(0, sys.argv[2])
+ref = {name: run('models.' + name, kw)[0] for name, kw in kwargs.items()}
+print(json.dumps([imported, copies, ref]))
+"""
+
+
 class ModelContractTest(parameterized.TestCase):
   def test_every_model_has_a_table_entry(self):
     self.assertEqual(sorted(PARAM_COUNTS), MODEL_NAMES)
@@ -168,30 +197,18 @@ class ModelContractTest(parameterized.TestCase):
   def test_each_model_file_runs_alone_in_an_empty_directory(self):
     # One subprocess for all models keeps the JAX start-up cost single.
     # Eager calls on purpose: the primitives that the models share compile
-    # once for all of them, where jit would compile each model whole.
-    script = (
-      'import importlib, json, sys\n'
-      'import jax, jax.numpy as jnp, numpy as np\n'
-      'assert "data" not in sys.modules\n'
-      'ids = np.array([[0, 1], [2, 3], [1, 0], [0, 2]], np.int32)\n'
-      'out = {}\n'
-      'for name, kwargs in %r.items():\n'
-      '  m = importlib.import_module(name)\n'
-      '  model = m.Model(field_dims=(3, 4), **kwargs)\n'
-      '  v = model.init({"params": jax.random.key(0),'
-      ' "dropout": jax.random.key(1)}, ids, train=False)\n'
-      '  train, _ = model.apply(v, ids, train=True, mutable=["batch_stats"],'
-      ' rngs={"dropout": jax.random.key(2)})\n'
-      '  out[name] = [model.apply(v, ids).tolist(), train.tolist()]\n'
-      'print(json.dumps(out))\n'
-    ) % {n: TEST_KWARGS.get(n, {}) for n in MODEL_NAMES}
+    # once for all of them (copies and project files alike), where jit
+    # would compile each model whole. The copies run first, with nothing
+    # of the project importable; then the project's directory goes on the
+    # path and its files compute the reference in the same process.
+    kwargs = {n: TEST_KWARGS.get(n, {}) for n in MODEL_NAMES}
     with tempfile.TemporaryDirectory() as tmp:
       for name in MODEL_NAMES:
         with open(os.path.join(tmp, f'{name}.py'), 'w') as dst:
           dst.write(_source(name))
       env = dict(os.environ, PYTHONPATH='')
       result = subprocess.run(
-        [sys.executable, '-c', script],
+        [sys.executable, '-c', _RUN_ALONE, repr(kwargs), ROOT],
         cwd=tmp,
         env=env,
         capture_output=True,
@@ -199,20 +216,19 @@ class ModelContractTest(parameterized.TestCase):
         timeout=900,
       )
     self.assertEqual(result.returncode, 0, result.stderr)
-    outputs = json.loads(result.stdout.strip().splitlines()[-1])
-    ids = np.array([[0, 1], [2, 3], [1, 0], [0, 2]], np.int32)
+    alone, outputs, reference = json.loads(
+      result.stdout.strip().splitlines()[-1]
+    )
+    # Nothing of the project was imported while the copies ran.
+    self.assertEqual(alone, [])
+    self.assertEqual(sorted(outputs), MODEL_NAMES)
     for name in MODEL_NAMES:
       # The copy computes what the project's file computes.
-      model = build(name, field_dims=(3, 4))
-      variables = model.init(
-        {'params': jax.random.key(0), 'dropout': jax.random.key(1)},
-        ids,
-        train=False,
-      )
       eval_out, train_out = outputs[name]
       np.testing.assert_allclose(
-        eval_out, model.apply(variables, ids), rtol=1e-5, err_msg=name
+        eval_out, reference[name], rtol=1e-5, err_msg=name
       )
+      self.assertLen(train_out, 4, name)
       self.assertTrue(np.all(np.isfinite(train_out)), name)
 
 
