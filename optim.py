@@ -110,6 +110,25 @@ def _paths(params: Any) -> list[sparse.Path]:
   ]
 
 
+def _map_leaves(fn: Callable, params: Any, *trees: Any) -> tuple:
+  """`fn(path, *leaves of trees, param)` on each leaf of `params`.
+
+  Returns:
+    One tree shaped as `params` per output of `fn`.
+  """
+  out = [
+    fn(*xs)
+    for xs in zip(
+      _paths(params),
+      *(_leaves(t, params) for t in trees),
+      jax.tree.leaves(params),
+      strict=True,
+    )
+  ]
+  treedef = jax.tree.structure(params)
+  return tuple(treedef.unflatten(x) for x in zip(*out, strict=True))
+
+
 def lazy_adam(
   learning_rate: float,
   weight_decay: float,
@@ -155,19 +174,7 @@ def lazy_adam(
 
       return sparse.update_rows(_row_grads(g, path), (p, m, v), rule)
 
-    out = [
-      leaf(*xs)
-      for xs in zip(
-        _paths(params),
-        _leaves(grads, params),
-        _leaves(state.mu, params),
-        _leaves(state.nu, params),
-        jax.tree.leaves(params),
-        strict=True,
-      )
-    ]
-    treedef = jax.tree.structure(params)
-    params, mu, nu = (treedef.unflatten(x) for x in zip(*out, strict=True))
+    params, mu, nu = _map_leaves(leaf, params, grads, state.mu, state.nu)
     return params, LazyAdamState(count=count, mu=mu, nu=nu)
 
   return RowSparse(init, apply, frozenset(tables))
@@ -246,20 +253,9 @@ def rowwise_adagrad(
       p, a = sparse.update_rows(_row_grads(g, path), (p, a), rule)
       return p, m, v, a
 
-    out = [
-      leaf(*xs)
-      for xs in zip(
-        _paths(params),
-        _leaves(grads, params),
-        _leaves(state.mu, params),
-        _leaves(state.nu, params),
-        _leaves(state.accumulator, params),
-        jax.tree.leaves(params),
-        strict=True,
-      )
-    ]
-    treedef = jax.tree.structure(params)
-    params, mu, nu, acc = (treedef.unflatten(x) for x in zip(*out, strict=True))
+    params, mu, nu, acc = _map_leaves(
+      leaf, params, grads, state.mu, state.nu, state.accumulator
+    )
     return params, RowwiseAdagradState(count, mu, nu, acc)
 
   return RowSparse(init, apply, frozenset(tables))
