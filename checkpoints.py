@@ -14,10 +14,13 @@ verifies them first (orbax itself reads a flipped bit without complaint).
 A step without the file, from a run killed between the two writes, is read
 unverified.
 
-Saves are synchronous: the trainer waits for every save anyway, and an
-error (a full disk, a directory made read-only) raises in the caller instead
-of leaving orbax's background threads waiting for each other until the
-process is killed.
+Each save is a synchronous orbax save, so that an error (a full disk, a
+directory made read-only) raises in the code that saved instead of leaving
+orbax's background threads waiting for each other until the process is
+killed. With `background=True` the saves run in that order on a thread of
+our own while training goes on: an error raises at the next save or at
+`wait`, and the saves after a failed one are skipped, so the directories
+hold what a synchronous run killed at that save would hold.
 """
 
 from collections.abc import Callable
@@ -25,6 +28,7 @@ import errno
 import hashlib
 import json
 import os
+import threading
 from typing import Any
 
 from absl import logging
@@ -218,12 +222,75 @@ def _os_problem(error: BaseException | None) -> str | None:
 
 
 class Checkpoints:
-  """The `latest` and `best` managers of a workdir, with their policies."""
+  """The `latest` and `best` managers of a workdir, with their policies.
 
-  def __init__(self, workdir: str):
+  A context manager: leaving it waits for the saves still running and
+  closes the managers; an error of those saves raises then, unless another
+  error is already on its way (it is logged instead).
+  """
+
+  def __init__(self, workdir: str, *, background: bool = False):
+    """Opens `workdir/checkpoints/{latest,best}`.
+
+    Args:
+      workdir: the run's directory.
+      background: save on a thread while the caller goes on (see the module
+        docstring); the saved states are copied first.
+    """
     root = os.path.join(os.path.abspath(workdir), 'checkpoints')
     self.latest = manager(os.path.join(root, 'latest'))
     self.best = manager(os.path.join(root, 'best'))
+    self.background = background
+    self._thread: threading.Thread | None = None
+    self._failed = False  # A save failed: the later ones are skipped.
+    self._error: BaseException | None = None  # Its error, until raised.
+
+  def __enter__(self) -> 'Checkpoints':
+    return self
+
+  def __exit__(self, kind, error, tb) -> None:
+    try:
+      self.wait()
+    except Exception as e:  # pylint: disable=broad-except
+      if error is None:
+        raise
+      logging.error('A checkpoint save failed too: %s', e)
+    finally:
+      self.close()
+
+  def _submit(self, save_fn: Callable[..., None], *args) -> None:
+    """Runs `save_fn(*args)` now, or queued after the saves before it."""
+    if not self.background:
+      save_fn(*args)
+      return
+    self._raise_error()
+    previous = self._thread
+
+    def work():
+      if previous is not None:
+        previous.join()
+      if not self._failed:
+        try:
+          save_fn(*args)
+        except BaseException as e:  # pylint: disable=broad-except
+          self._failed, self._error = True, e
+
+    # Not a daemon: an exiting interpreter lets the save finish.
+    self._thread = threading.Thread(target=work, name='checkpoint-save')
+    self._thread.start()
+
+  def _raise_error(self) -> None:
+    """Raises the first failed save's error, once."""
+    error, self._error = self._error, None
+    if error is not None:
+      raise error
+
+  def wait(self) -> None:
+    """Blocks until every queued save is on disk; raises a save's error."""
+    if self._thread is not None:
+      self._thread.join()
+      self._thread = None
+    self._raise_error()
 
   def restore_latest(self, target: Any) -> tuple[Any, dict | None]:
     """The newest readable latest state and meta; `(target, None)` if none.
@@ -260,15 +327,30 @@ class Checkpoints:
   def save_latest(self, epoch: int, state: Any, meta: dict) -> None:
     """Saves the state after `epoch`; keeps the last two and the best."""
 
-    def keep(steps: list[int]) -> set[int]:
-      return set(steps[-KEEP_LATEST:]) | {meta['best_epoch']}
+    best = meta['best_epoch']
 
-    save(self.latest, epoch, state, meta, keep)
-    logging.info('Saved the checkpoint of epoch %d', epoch)
+    def keep(steps: list[int]) -> set[int]:
+      return set(steps[-KEEP_LATEST:]) | {best}
+
+    def save_and_log(*args):
+      save(*args)
+      logging.info('Saved the checkpoint of epoch %d', epoch)
+
+    self._submit(
+      save_and_log, self.latest, epoch, *self._copy(state, meta), keep
+    )
 
   def save_best(self, epoch: int, state: Any, meta: dict) -> None:
     """Saves the new best state, `epoch`'s; deletes the former best."""
-    save(self.best, epoch, state, meta, lambda steps: {epoch})
+    self._submit(
+      save, self.best, epoch, *self._copy(state, meta), lambda steps: {epoch}
+    )
+
+  def _copy(self, state: Any, meta: dict) -> tuple[Any, dict]:
+    """What a background save needs: its own copies, as the caller goes on."""
+    if not self.background:
+      return state, meta
+    return jax.tree.map(np.array, state), dict(meta)
 
   def restore_best(self, meta: dict, target: Any) -> Any:
     """The best state, epoch `meta['best_epoch']`.
@@ -279,6 +361,7 @@ class Checkpoints:
     Raises:
       UserError: neither directory holds a readable state of that epoch.
     """
+    self.wait()
     epoch = meta['best_epoch']
     problems = []
     for mgr in (self.best, self.latest):
@@ -309,6 +392,7 @@ class Checkpoints:
     )
 
   def close(self) -> None:
+    """Closes the managers (after `wait`, when saving in the background)."""
     self.latest.close()
     self.best.close()
 

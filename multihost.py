@@ -4,8 +4,9 @@ One process per host, joined by `jax.distributed.initialize`
 (`setup_distributed`). Each process trains on its part of every global
 batch; orbax writes the replicated state once and every process restores it
 from the shared workdir. The checks here make a badly set-up run fail on
-every process with one clear message, and `stop_after_failure` turns a lost
-peer into a bounded exit that names it.
+every process with one clear message (`lock_workdir`: all stop when process
+0 cannot lock the workdir), and `stop_after_failure` turns a lost peer into
+a bounded exit that names it.
 """
 
 import os
@@ -16,6 +17,9 @@ from absl import logging
 import jax
 from jax.experimental import multihost_utils
 import numpy as np
+
+import lock
+from utils import UserError
 
 
 def setup_distributed(
@@ -233,3 +237,16 @@ def allgather(x: np.ndarray) -> np.ndarray:
   if jax.process_count() == 1:
     return np.asarray(x).reshape(-1)
   return np.asarray(multihost_utils.process_allgather(x)).reshape(-1)
+
+
+def lock_workdir(workdir: str, is_main: bool) -> lock.Lock:
+  """Process 0 locks the workdir; every process raises if it was refused."""
+  try:
+    held, refused = lock.acquire(workdir, enabled=is_main), None
+  except UserError as e:
+    held, refused = lock.Lock(), e
+  if not allgather(np.int32(refused is None)).all():
+    raise refused or UserError(
+      f'Process 0 could not lock workdir {workdir}: see its log for why.'
+    )
+  return held

@@ -374,21 +374,8 @@ def train_and_evaluate(
   is_main = jax.process_index() == 0
   workdir = workdir_lib.prepare(workdir)
   multihost.check_shared_workdir(workdir)
-  with lock_workdir(workdir, is_main):
+  with multihost.lock_workdir(workdir, is_main):
     return _run(config, workdir, is_main)
-
-
-def lock_workdir(workdir: str, is_main: bool) -> workdir_lib.Lock:
-  """Process 0 locks the workdir; every process raises if it was refused."""
-  try:
-    lock, refused = workdir_lib.acquire(workdir, enabled=is_main), None
-  except UserError as e:
-    lock, refused = workdir_lib.Lock(), e
-  if not multihost.allgather(np.int32(refused is None)).all():
-    raise refused or UserError(
-      f'Process 0 could not lock workdir {workdir}: see its log for why.'
-    )
-  return lock
 
 
 def _run(
@@ -421,7 +408,10 @@ def _run(
   if config.get('init_from'):
     state = warm_start(state, config.init_from)
 
-  ckpt = checkpoints.Checkpoints(workdir)
+  # Single-host saves run on a thread while training goes on (multi-host
+  # saves are collective); leaving `with ckpt` waits for them, before the
+  # lock on the workdir goes.
+  ckpt = checkpoints.Checkpoints(workdir, background=jax.process_count() == 1)
   # Every process restores the files process 0 wrote; a process that saw
   # none would start over and run other steps than the rest.
   multihost.assert_same_on_all_processes(
@@ -447,54 +437,54 @@ def _run(
   )
   replicated = replicate(state)
 
-  epoch = meta['epoch']
-  while epoch < config.num_epochs and meta['bad_epochs'] < config.patience:
-    replicated, loss, rate = train_epoch(
-      p_train_step, replicated, dataset.train, config, epoch
-    )
-    epoch += 1
-    step = epoch * steps_per_epoch
-    writer.write(
-      split='train', epoch=epoch, step=step, loss=loss, examples_per_sec=rate
-    )
-    valid = evaluate(
-      p_eval_step, replicated, dataset.valid, config.eval_batch_size
-    )
-    writer.write(split='valid', epoch=epoch, step=step, **valid)
-    if not (math.isfinite(loss) and math.isfinite(valid['auc'])):
-      raise FloatingPointError(
-        f'Training diverged at epoch {epoch}: loss {loss}, validation AUC'
-        f' {valid["auc"]}. Lower config.learning_rate.'
+  with ckpt:
+    epoch = meta['epoch']
+    while epoch < config.num_epochs and meta['bad_epochs'] < config.patience:
+      replicated, loss, rate = train_epoch(
+        p_train_step, replicated, dataset.train, config, epoch
       )
+      epoch += 1
+      step = epoch * steps_per_epoch
+      writer.write(
+        split='train', epoch=epoch, step=step, loss=loss, examples_per_sec=rate
+      )
+      valid = evaluate(
+        p_eval_step, replicated, dataset.valid, config.eval_batch_size
+      )
+      writer.write(split='valid', epoch=epoch, step=step, **valid)
+      if not (math.isfinite(loss) and math.isfinite(valid['auc'])):
+        raise FloatingPointError(
+          f'Training diverged at epoch {epoch}: loss {loss}, validation AUC'
+          f' {valid["auc"]}. Lower config.learning_rate.'
+        )
 
-    host_state = jax.device_get(jax_utils.unreplicate(replicated))
-    if valid['auc'] > meta['best_auc']:
-      meta.update(best_auc=valid['auc'], best_epoch=epoch, bad_epochs=0)
-      ckpt.save_best(epoch, host_state, dict(meta, epoch=epoch))
-    else:
-      meta['bad_epochs'] += 1
-    meta['epoch'] = epoch
-    meta['wall_time'] = writer.wall_time()
-    # Best before latest: a kill between the two redoes this epoch.
-    ckpt.save_latest(epoch, host_state, meta)
+      host_state = jax.device_get(jax_utils.unreplicate(replicated))
+      if valid['auc'] > meta['best_auc']:
+        meta.update(best_auc=valid['auc'], best_epoch=epoch, bad_epochs=0)
+        ckpt.save_best(epoch, host_state, dict(meta, epoch=epoch))
+      else:
+        meta['bad_epochs'] += 1
+      meta['epoch'] = epoch
+      meta['wall_time'] = writer.wall_time()
+      # Best before latest: a kill between the two redoes this epoch.
+      ckpt.save_latest(epoch, host_state, meta)
 
-  if meta['bad_epochs'] >= config.patience:
-    logging.info(
-      'Early stop after epoch %d: best validation AUC %.5f at epoch %d',
-      epoch,
-      meta['best_auc'],
-      meta['best_epoch'],
+    if meta['bad_epochs'] >= config.patience:
+      logging.info(
+        'Early stop after epoch %d: best validation AUC %.5f at epoch %d',
+        epoch,
+        meta['best_auc'],
+        meta['best_epoch'],
+      )
+    logging.info('Scoring epoch %d on the test split', meta['best_epoch'])
+    best_state = ckpt.restore_best(meta, state)
+    test = evaluate(
+      p_eval_step, replicate(best_state), dataset.test, config.eval_batch_size
     )
-  logging.info('Scoring epoch %d on the test split', meta['best_epoch'])
-  best_state = ckpt.restore_best(meta, state)
-  test = evaluate(
-    p_eval_step, replicate(best_state), dataset.test, config.eval_batch_size
-  )
-  writer.write(
-    split='test',
-    epoch=meta['best_epoch'],
-    step=meta['best_epoch'] * steps_per_epoch,
-    **test,
-  )
-  ckpt.close()
+    writer.write(
+      split='test',
+      epoch=meta['best_epoch'],
+      step=meta['best_epoch'] * steps_per_epoch,
+      **test,
+    )
   return test

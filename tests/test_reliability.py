@@ -10,6 +10,7 @@ uninterrupted run's metrics.
 """
 
 from concurrent import futures
+import errno
 import json
 import os
 import random
@@ -213,6 +214,77 @@ class CheckpointPolicyTest(absltest.TestCase):
     with mock.patch.object(self.ckpt.latest, 'save', side_effect=bug):
       with self.assertRaisesRegex(ValueError, 'do not match'):
         self.ckpt.save_latest(1, self._state(1), self._meta(1, 1))
+
+  def test_background_saves_match_synchronous_ones(self):
+    sync_steps = []
+    for background in (False, True):
+      workdir = tempfile.mkdtemp()
+      with checkpoints.Checkpoints(workdir, background=background) as ckpt:
+        for epoch in range(1, 6):
+          state = self._state(epoch)
+          meta = self._meta(epoch, 2)
+          ckpt.save_latest(epoch, state, meta)
+          if epoch == 2:
+            ckpt.save_best(epoch, state, dict(meta))
+          # The caller goes on with its own objects: the save has copies.
+          state['w'] += 100
+          meta['best_epoch'] = 5
+        ckpt.wait()
+        steps = ckpt.latest.all_steps(), ckpt.best.all_steps()
+        restored, meta = ckpt.restore_latest(None)
+        best = ckpt.restore_best({'best_epoch': 2, 'best_auc': 0.7}, None)
+      np.testing.assert_array_equal(restored['w'], self._state(5)['w'])
+      np.testing.assert_array_equal(best['w'], self._state(2)['w'])
+      self.assertEqual(meta['best_epoch'], 2)
+      sync_steps.append(steps)
+    self.assertEqual(sync_steps[0], ([2, 4, 5], [2]))
+    self.assertEqual(sync_steps[1], sync_steps[0])
+
+  def _failing_at(self, ckpt, bad_epoch):
+    """Makes the orbax save of `bad_epoch` in `ckpt.latest` find a full disk."""
+    real = ckpt.latest.save
+
+    def save(step, *args, **kwargs):
+      if step == bad_epoch:
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), 'w.npy')
+      return real(step, *args, **kwargs)
+
+    return mock.patch.object(ckpt.latest, 'save', side_effect=save)
+
+  def test_a_failed_background_save_raises_once_and_stops_the_rest(self):
+    ckpt = checkpoints.Checkpoints(tempfile.mkdtemp(), background=True)
+    raised = []
+    with self._failing_at(ckpt, 2):
+      ckpt.save_latest(1, self._state(1), self._meta(1, 1))
+      for epoch in (2, 3, 4):
+        try:  # Raises at the next save, or at the wait: whichever comes.
+          ckpt.save_latest(epoch, self._state(epoch), self._meta(epoch, 1))
+        except utils.UserError as e:
+          raised.append(str(e))
+      try:
+        ckpt.wait()
+      except utils.UserError as e:
+        raised.append(str(e))
+    self.assertLen(raised, 1)
+    self.assertRegex(
+      raised[0], 'Cannot save the checkpoint of epoch 2 .*No space left'
+    )
+    # The saves after the failed one were skipped: the disk holds what a
+    # run killed at epoch 2's save holds.
+    self.assertEqual(ckpt.latest.all_steps(), [1])
+    state, meta = ckpt.restore_latest(None)
+    np.testing.assert_array_equal(state['w'], self._state(1)['w'])
+    ckpt.close()
+
+  def test_leaving_on_another_error_logs_a_failed_save(self):
+    with self.assertLogs('absl', 'ERROR') as logs:
+      with self.assertRaisesRegex(KeyError, 'the first error'):
+        ckpt = checkpoints.Checkpoints(tempfile.mkdtemp(), background=True)
+        with self._failing_at(ckpt, 1), ckpt:
+          ckpt.save_latest(1, self._state(1), self._meta(1, 1))
+          raise KeyError('the first error')
+    self.assertIn('A checkpoint save failed too', '\n'.join(logs.output))
+    self.assertIn('No space left on device', '\n'.join(logs.output))
 
   def test_a_damaged_latest_step_falls_back_with_a_warning(self):
     for epoch in (1, 2):
