@@ -148,6 +148,7 @@ TOP_LEVEL = {
   'init_from': string,
   'log_every_steps': integer(1),
   'steps_per_dispatch': integer(1),
+  'device_split_mb': integer(0),
   'progress_bar': boolean,
 }
 

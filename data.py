@@ -337,7 +337,7 @@ def num_train_steps(split: Split, batch_size: int) -> int:
   return len(split) // batch_size
 
 
-def train_batches(
+def train_rows(
   split: Split,
   batch_size: int,
   *,
@@ -345,8 +345,8 @@ def train_batches(
   epoch: int,
   process_index: int = 0,
   process_count: int = 1,
-) -> Iterator[dict[str, np.ndarray]]:
-  """This process's part of each global training batch of one epoch.
+) -> Iterator[np.ndarray]:
+  """This process's rows of each global training batch of one epoch.
 
   The epoch's order is a permutation seeded by `(seed, epoch)`, identical on
   every process, so the processes together see exactly the batches one
@@ -362,9 +362,7 @@ def train_batches(
     process_count: number of processes (`jax.process_count()`).
 
   Yields:
-    Dicts with `ids` int32 `[batch_size / process_count, fields]` and `label`
-    float32 `[batch_size / process_count]`, and the split's `multi_ids` and
-    `dense` rows when it has them.
+    Row indices int32 `[batch_size / process_count]`, sorted.
   """
   check_batch_size(batch_size, process_count, 'config.batch_size', 'processes')
   local = batch_size // process_count
@@ -373,7 +371,27 @@ def train_batches(
     start = step * batch_size + process_index * local
     # Sorted rows read a memory map front to back; the rows of a batch are
     # a set, so their order does not matter.
-    yield _rows(split, np.sort(perm[start : start + local]))
+    yield np.sort(perm[start : start + local]).astype(np.int32)
+
+
+def train_batches(split: Split, batch_size: int, **kwargs) -> Iterator[dict]:
+  """The batches (`ids`, `label`, ...) of `train_rows(split, ...)`'s rows."""
+  for rows in train_rows(split, batch_size, **kwargs):
+    yield _rows(split, rows)
+
+
+def resident_split(
+  split: Split, config: ml_collections.ConfigDict
+) -> dict[str, np.ndarray] | None:
+  """`split` as one batch to keep on the devices; None if it does not fit.
+
+  It fits in `config.device_split_mb` MiB. A memory map is read into memory.
+  """
+  arrays = (split.ids, split.labels, split.multi_ids, split.dense)
+  size = sum(a.nbytes for a in arrays if a is not None)
+  if size > config.device_split_mb * 2**20:
+    return None
+  return {k: np.asarray(v) for k, v in _rows(split, slice(None)).items()}
 
 
 def eval_batches(
@@ -434,6 +452,15 @@ def stack_batches(
   for size in sizes:
     group = [shard(next(batches), num_devices) for _ in range(size)]
     yield {key: np.stack([b[key] for b in group], axis=1) for key in group[0]}
+
+
+def stack_rows(
+  rows: Iterator[np.ndarray], sizes: list[int], num_devices: int
+) -> Iterator[np.ndarray]:
+  """`train_rows` stacked as `stack_batches` stacks their examples."""
+  batches = ({'rows': r} for r in rows)
+  for stack in stack_batches(batches, sizes, num_devices):
+    yield stack['rows']  # [devices, size, B / devices]
 
 
 def check_splits(dataset: Dataset, config: ml_collections.ConfigDict):

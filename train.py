@@ -206,13 +206,19 @@ def train_step(
 
 
 def train_steps(
-  state: TrainState, batches: dict[str, jax.Array], **kwargs
+  state: TrainState,
+  batches: dict[str, jax.Array] | jax.Array,
+  resident: dict[str, jax.Array] | None = None,
+  **kwargs,
 ) -> tuple[TrainState, jax.Array]:
   """`train_step` on each of a stack of batches `[steps, ...]`, one dispatch.
 
-  Returns the new state and the losses `[steps]`; `kwargs` go to
+  With `resident` (`data.resident_split`), `batches` are its rows `[steps,
+  batch]`. Returns the new state and the losses `[steps]`; `kwargs` go to
   `train_step`.
   """
+  if resident is not None:
+    batches = jax.tree.map(lambda x: x[batches], resident)
   return lax.scan(
     lambda state, batch: train_step(state, batch, **kwargs), state, batches
   )
@@ -249,12 +255,11 @@ def replicate(tree: Any) -> Any:
 def state_donation(optimizer: str = 'adam') -> tuple[int, ...]:
   """`donate_argnums` of the pmapped train step: the state, except on CPU.
 
-  The old state is never read after a step, so XLA may reuse its buffers.
-  But on XLA:CPU, donating the replicated state makes the compiled step copy
-  the donated parameters and Adam moments first, a loss for every model with
-  large tables. The row-wise optimizers donate everywhere: they write only
-  the rows read of the tables and of their state, in place when donated
-  (else XLA copies the whole tables first).
+  The old state is never read after a step, so XLA may reuse its buffers;
+  but on XLA:CPU, a donated replicated state is copied first, a loss for
+  every model with large tables. The row-wise optimizers donate everywhere:
+  they write the rows read of the tables and their state, in place when
+  donated (else XLA copies the whole tables first).
   """
   if optimizer != 'adam':
     return (0,)
@@ -305,8 +310,11 @@ def train_epoch(
   split: data.Split,
   config: ml_collections.ConfigDict,
   epoch: int,
+  resident: dict[str, jax.Array] | None = None,
 ) -> tuple[TrainState, float, float]:
   """Trains one epoch of `split` in shuffled global batches.
+
+  With `resident`, `split` kept on the devices, the host sends only rows.
 
   Returns:
     The new state, the mean loss, and examples/s after the compiling step.
@@ -314,7 +322,7 @@ def train_epoch(
   steps = data.num_train_steps(split, config.batch_size)
   show = config.progress_bar and jax.process_index() == 0
   bar = utils.ProgressBar(f'epoch {epoch + 1}', steps, 'ex', enabled=show)
-  batches = data.train_batches(
+  batches = (data.train_batches if resident is None else data.train_rows)(
     split,
     config.batch_size,
     seed=config.seed,
@@ -326,10 +334,11 @@ def train_epoch(
   # most two shapes to compile, both before the rate is timed.
   size = config.steps_per_dispatch
   sizes = [steps % size] * (steps % size > 0) + [size] * (steps // size)
-  batches = data.stack_batches(batches, sizes, jax.local_device_count())
+  stack = data.stack_batches if resident is None else data.stack_rows
+  batches = stack(batches, sizes, jax.local_device_count())
   losses, done, every = [], 0, config.log_every_steps
   for group, batch in enumerate(utils.prefetch(batches)):
-    state, loss = p_train_step(state, batch)
+    state, loss = p_train_step(state, batch, resident)
     losses.append(loss[0])
     done += sizes[group]
     if group == len(set(sizes)) - 1:
@@ -436,12 +445,13 @@ def _run(
     functools.partial(eval_step, model=model), axis_name=AXIS
   )
   replicated = replicate(state)
+  resident = replicate(data.resident_split(dataset.train, config))
 
   with ckpt:
     epoch = meta['epoch']
     while epoch < config.num_epochs and meta['bad_epochs'] < config.patience:
       replicated, loss, rate = train_epoch(
-        p_train_step, replicated, dataset.train, config, epoch
+        p_train_step, replicated, dataset.train, config, epoch, resident
       )
       epoch += 1
       step = epoch * steps_per_epoch

@@ -33,11 +33,13 @@ HISTORY_FILE = 'config_history.jsonl'
 # Every other key, including any added later, refuses a resume until it is
 # listed here. Evaluation masks its padding (any eval_batch_size gives the
 # same metrics); init_from is read only by a run that starts from scratch;
-# the cache's place and chunk size do not change what it holds; downloads
-# are checked against fixed checksums whatever their URL.
+# steps_per_dispatch and device_split_mb change how the batches reach the
+# devices, not the steps; the cache's place and chunk size do not change
+# what it holds; downloads are checked against fixed checksums whatever
+# their URL.
 SAFE_KEYS = (
   *('num_epochs', 'patience', 'log_every_steps', 'progress_bar'),
-  *('eval_batch_size', 'init_from', 'steps_per_dispatch'),
+  *('eval_batch_size', 'init_from', 'steps_per_dispatch', 'device_split_mb'),
   *('dataset.cache_dir', 'dataset.chunk_rows', 'dataset.url'),
 )
 

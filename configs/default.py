@@ -84,6 +84,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # Training steps per dispatch to the devices (one compiled loop over a
   # stack of batches): fewer round trips on small steps, the same updates.
   config.steps_per_dispatch = 16
+  # Keep the training split on every device when its arrays take at most
+  # this many MiB (MovieLens: 1 MiB): the host sends only row indices.
+  # 0: never.
+  config.device_split_mb = 1024
   # Show a progress bar on stderr (process 0 only).
   config.progress_bar = True
 

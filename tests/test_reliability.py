@@ -494,15 +494,16 @@ _ENTRY = textwrap.dedent(
     train.evaluate = failing_evaluate
 
   if fault == 'prefetch':
-    train_batches = data.train_batches
+    # The rows of a batch: host-fed and device-resident training read them.
+    train_rows = data.train_rows
 
-    def failing_batches(*args, **kwargs):
-      for i, batch in enumerate(train_batches(*args, **kwargs)):
+    def failing_rows(*args, **kwargs):
+      for i, rows in enumerate(train_rows(*args, **kwargs)):
         if i == 3:
           raise OSError(errno.EIO, 'Input/output error', 'injected.npy')
-        yield batch
+        yield rows
 
-    data.train_batches = failing_batches
+    data.train_rows = failing_rows
 
   sys.argv = sys.argv[1:]
   utils.run_main(main.main)

@@ -24,7 +24,7 @@ import utils
 FIELD_DIMS = (5, 6)
 
 
-def _setup(optimizer):
+def _setup(optimizer, **inputs):
   config = default.get_config()
   # Dropout, so the steps' keys must match; no BatchNorm, whose preceding
   # bias has a zero gradient up to rounding, which Adam turns into noise.
@@ -34,7 +34,7 @@ def _setup(optimizer):
   config.batch_size = 8
   config.learning_rate = 0.02
   config.progress_bar = False
-  model = train.create_model(config, FIELD_DIMS, axis_name=train.AXIS)
+  model = train.create_model(config, FIELD_DIMS, axis_name=train.AXIS, **inputs)
   state = train.create_train_state(
     jax.random.key(0), config, model, len(FIELD_DIMS)
   )
@@ -45,10 +45,17 @@ def _setup(optimizer):
   return config, state, p_steps
 
 
-def _split(num):
+def _split(num, side=False):
+  """`num` random examples; with `side`, a multi-hot and a numeric field."""
   rng = np.random.default_rng(0)
   ids = np.stack([rng.integers(0, d, num) for d in FIELD_DIMS], 1)
-  return data.Split(ids.astype(np.int32), (rng.random(num) < 0.5) * 1.0)
+  labels = ((rng.random(num) < 0.5) * 1.0).astype(np.float32)
+  if not side:
+    return data.Split(ids.astype(np.int32), labels)
+  multi = rng.integers(-1, 4, (num, 1, 3)).astype(np.int32)
+  multi = -np.sort(-multi, axis=-1)  # -1 padding at the end of each list.
+  dense = rng.normal(size=(num, 1)).astype(np.float32)
+  return data.Split(ids.astype(np.int32), labels, multi, dense)
 
 
 class StepsPerDispatchTest(parameterized.TestCase):
@@ -82,6 +89,56 @@ class StepsPerDispatchTest(parameterized.TestCase):
       jax.device_get(train.replicate(_setup(optimizer)[1]).params),
     )
     self.assertGreater(max(jax.tree.leaves(moved)), 1e-3)
+
+  @parameterized.parameters('adam', 'rowwise_adagrad')
+  def test_a_split_kept_on_the_devices_trains_as_one_fed_by_the_host(
+    self, optimizer
+  ):
+    split = _split(7 * 8 + 5, side=True)
+    inputs = {'multi_field_dims': (4,), 'num_dense': 1}
+    runs = {}
+    for mb in (0, 1):
+      config, state, p_steps = _setup(optimizer, **inputs)
+      config.steps_per_dispatch = 3
+      config.device_split_mb = mb
+      resident = train.replicate(data.resident_split(split, config))
+      self.assertEqual(resident is None, mb == 0)
+      state, loss, _ = train.train_epoch(
+        p_steps, train.replicate(state), split, config, 0, resident
+      )
+      runs[mb] = jax.device_get((state.params, state.opt_state)), loss
+    self.assertEqual(jax.local_device_count(), 2)
+    self.assertEqual(runs[1][1], runs[0][1])
+    jax.tree.map(np.testing.assert_array_equal, runs[1][0], runs[0][0])
+
+    # The side inputs reached the model: their embeddings moved.
+    def flat(params):
+      leaves = jax.tree_util.tree_leaves_with_path(params)
+      return {jax.tree_util.keystr(k): np.asarray(v) for k, v in leaves}
+
+    trained = flat(runs[1][0][0])
+    initial = flat(train.replicate(_setup(optimizer, **inputs)[1]).params)
+    for name in ('multi_embedding', 'dense_embedding'):
+      key = next(k for k in trained if name in k)
+      self.assertGreater(np.abs(trained[key] - initial[key]).max(), 1e-3)
+
+  def test_resident_split_respects_the_size_limit(self):
+    config = default.get_config()
+    config.device_split_mb = 1
+    for rows, fits in ((2**16, True), (2**16 + 1, False)):
+      # 3 ids and a label: 16 bytes a row, 1 MiB in 2**16 rows.
+      split = data.Split(
+        np.zeros((rows, 3), np.int32), np.arange(rows, dtype=np.float32)
+      )
+      whole = data.resident_split(split, config)
+      self.assertEqual(whole is not None, fits)
+    whole = data.resident_split(_split(10, side=True), config)
+    self.assertEqual(sorted(whole), ['dense', 'ids', 'label', 'multi_ids'])
+    np.testing.assert_array_equal(
+      whole['multi_ids'], _split(10, side=True).multi_ids
+    )
+    config.device_split_mb = 0
+    self.assertIsNone(data.resident_split(_split(10), config))
 
   def test_stack_batches_keeps_the_order_of_the_batches(self):
     batches = [

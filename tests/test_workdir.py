@@ -500,6 +500,7 @@ class CheckResumeTest(absltest.TestCase):
         'dataset.cache_dir',
         'dataset.chunk_rows',
         'dataset.url',
+        'device_split_mb',
         'eval_batch_size',
         'init_from',
         'log_every_steps',
