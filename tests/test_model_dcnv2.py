@@ -134,8 +134,8 @@ class ConfigTest(absltest.TestCase):
       dict(
         embed_dim=16,
         num_cross_layers=3,
-        mlp_dims=(500, 500, 500),
-        dropout=0.5,
+        mlp_dims=(16, 16),
+        dropout=0.2,
         structure='parallel',
         low_rank=None,
         num_experts=4,
@@ -143,7 +143,7 @@ class ConfigTest(absltest.TestCase):
     )
     variables = check_config_model(dcnv2, config)
     kernel = variables['params']['logit']['kernel']
-    self.assertEqual(kernel.shape, (2 * 16 + 500, 1))  # [x_L; MLP(x_0)]
+    self.assertEqual(kernel.shape, (2 * 16 + 16, 1))  # [x_L; MLP(x_0)]
 
 
 if __name__ == '__main__':
