@@ -29,6 +29,7 @@ import checkpoints
 import config_check
 import data
 import encoder
+import metrics
 import models
 import multihost
 import optim
@@ -45,31 +46,6 @@ class TrainState(train_state.TrainState):
   """Params, optimizer state and BatchNorm statistics (`{}` if none)."""
 
   batch_stats: Any = None
-
-
-def roc_auc(labels: np.ndarray, scores: np.ndarray) -> float:
-  """Exact ROC AUC: P(score of a positive > score of a negative), ties half.
-
-  `labels` are 0/1 `[n]`; `scores` `[n]` any monotone score (logits keep more
-  resolution than probabilities, which saturate to 1.0 in float32). NaN when
-  one class is absent.
-  """
-  labels = np.asarray(labels, np.float64).reshape(-1)
-  scores = np.asarray(scores, np.float64).reshape(-1)
-  n_pos = labels.sum()
-  n_neg = len(labels) - n_pos
-  if n_pos == 0 or n_neg == 0:
-    return float('nan')
-  order = np.argsort(scores, kind='mergesort')
-  sorted_scores = scores[order]
-  # Average 1-based rank of each run of equal scores.
-  starts = np.r_[0, np.flatnonzero(np.diff(sorted_scores)) + 1]
-  ends = np.r_[starts[1:], len(scores)]
-  ranks = np.empty(len(scores))
-  ranks[order] = np.repeat((starts + ends + 1) / 2.0, ends - starts)
-  return float(
-    (ranks[labels == 1].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg)
-  )
 
 
 def create_model(
@@ -298,7 +274,7 @@ def evaluate(
   logits, labels, masks = map(multihost.allgather, (logits, labels, masks))
   keep = masks > 0
   return {
-    'auc': roc_auc(labels[keep], logits[keep]),
+    'auc': metrics.roc_auc(labels[keep], logits[keep]),
     'logloss': loss_sum / max(count, 1.0),
     'num_examples': int(keep.sum()),
   }
@@ -431,7 +407,7 @@ def _run(
     meta = {'epoch': 0, 'best_auc': -1.0, 'best_epoch': 0, 'bad_epochs': 0}
   else:
     logging.info('Resumed from epoch %d of %s', meta['epoch'], workdir)
-  writer = utils.MetricsWriter(
+  writer = metrics.MetricsWriter(
     workdir, enabled=is_main, wall_time_offset=meta.get('wall_time', 0.0)
   )
   writer.truncate(meta['epoch'])

@@ -1,7 +1,7 @@
 """Host-side utilities shared by training and preprocessing.
 
-The metrics file, one progress bar (training steps and preprocessing passes
-alike), a background prefetcher, file opening that understands `.gz`, the
+One progress bar (training steps and preprocessing passes alike), a
+background prefetcher, file opening that understands `.gz`, the
 filter that keeps orbax's INFO lines out of the log, the persistent
 compilation cache, and the error type of problems the user can fix, with
 the entry-point wrapper that prints them.
@@ -9,7 +9,6 @@ the entry-point wrapper that prints them.
 
 from collections.abc import Callable, Iterator
 import gzip
-import json
 import os
 import queue
 import sys
@@ -21,55 +20,6 @@ from typing import IO, Any
 from absl import app
 from absl import flags
 from absl import logging
-
-
-class MetricsWriter:
-  """Appends JSON lines to `workdir/metrics.jsonl` (process 0 only).
-
-  Every line gets `wall_time`: seconds since training started, carried over
-  a resume by `wall_time_offset` (the value saved with the checkpoint), so
-  runs can be compared against wall-clock time (benchmarks/plot.py).
-  """
-
-  def __init__(
-    self, workdir: str, enabled: bool, wall_time_offset: float = 0.0
-  ):
-    self.path = os.path.join(workdir, 'metrics.jsonl')
-    self.enabled = enabled
-    self.start = time.perf_counter() - wall_time_offset
-
-  def wall_time(self) -> float:
-    return time.perf_counter() - self.start
-
-  def truncate(self, epoch: int) -> None:
-    """Keeps only train/valid lines of epochs <= `epoch` (atomic rewrite).
-
-    A resumed run redoes the epochs after its checkpoint; their old lines,
-    and any old test line, would otherwise appear twice.
-    """
-    if not self.enabled or not os.path.exists(self.path):
-      return
-    kept = []
-    with open(self.path) as f:
-      for line in f:
-        try:
-          record = json.loads(line)
-        except json.JSONDecodeError:
-          continue  # A line cut short by a kill.
-        if record.get('split') != 'test' and record.get('epoch', 0) <= epoch:
-          kept.append(json.dumps(record) + '\n')
-    tmp = self.path + '.tmp'
-    with open(tmp, 'w') as f:
-      f.writelines(kept)
-    os.replace(tmp, self.path)
-
-  def write(self, **record) -> None:
-    record['wall_time'] = round(self.wall_time(), 3)
-    logging.info('%s', ' '.join(f'{k}={v}' for k, v in record.items()))
-    if self.enabled:
-      with open(self.path, 'a') as f:
-        f.write(json.dumps(record) + '\n')
-        f.flush()
 
 
 class ProgressBar:

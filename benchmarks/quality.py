@@ -120,7 +120,7 @@ def train_torchfm(
   """
   import torch  # pylint: disable=g-import-not-at-top
 
-  import train  # pylint: disable=g-import-not-at-top
+  import metrics  # pylint: disable=g-import-not-at-top
 
   torch.manual_seed(config.seed)
   os.makedirs(workdir, exist_ok=True)
@@ -143,6 +143,7 @@ def train_torchfm(
 
   def write(**record):
     record['wall_time'] = round(time.perf_counter() - start, 3)
+    record['time'] = round(time.time(), 3)  # As metrics.MetricsWriter.
     with open(path, 'a') as f:
       f.write(json.dumps(record) + '\n')
 
@@ -158,7 +159,7 @@ def train_torchfm(
       )
     y = labels.numpy()
     return {
-      'auc': train.roc_auc(y, probs),
+      'auc': metrics.roc_auc(y, probs),
       'logloss': _logloss(y, probs),
       'num_examples': len(y),
     }

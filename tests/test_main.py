@@ -51,7 +51,7 @@ class MainTest(absltest.TestCase):
     self.assertGreater(lines[0]['examples_per_sec'], 0)
     for record in lines[1:]:
       self.assertEqual(
-        set(record) - {'split', 'epoch', 'step', 'wall_time'},
+        set(record) - {'split', 'epoch', 'step', 'wall_time', 'time'},
         {'auc', 'logloss', 'num_examples'},
       )
       self.assertGreater(record['auc'], 0.7)

@@ -22,8 +22,8 @@ from predict_testing import ROOT
 from predict_testing import trained_run
 
 from datasets import criteo
+import metrics
 import predict
-import train
 from utils import UserError
 
 
@@ -74,7 +74,7 @@ class PredictTest(parameterized.TestCase):
       probabilities, self._expected(test.ids), rtol=0, atol=1e-6
     )
     self.assertAlmostEqual(
-      train.roc_auc(out['label'], probabilities),
+      metrics.roc_auc(out['label'], probabilities),
       self.trained.test_metrics['auc'],
       delta=1e-6,
     )

@@ -107,6 +107,7 @@ def _metrics(workdir):
     records = [json.loads(line) for line in f]
   for record in records:
     record.pop('wall_time')
+    record.pop('time')
     record.pop('examples_per_sec', None)
   return records
 

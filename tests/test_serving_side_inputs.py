@@ -33,6 +33,7 @@ import data
 from datasets import movielens
 import encoder
 import export
+import metrics
 import predict
 import train
 
@@ -149,7 +150,7 @@ class CsvTest(absltest.TestCase):
       out['probability'], self.expected, rtol=0, atol=1e-6
     )
     self.assertAlmostEqual(
-      train.roc_auc(out['label'], out['probability'].to_numpy(np.float32)),
+      metrics.roc_auc(out['label'], out['probability'].to_numpy(np.float32)),
       self.metrics['auc'],
       delta=1e-6,
     )

@@ -1,0 +1,89 @@
+"""The metrics of a run: exact ROC AUC, and the `metrics.jsonl` it writes.
+
+Numpy and the standard library only, so that a process without JAX (a
+benchmark's torch worker) scores and records its runs the same way.
+"""
+
+import json
+import os
+import time
+
+from absl import logging
+import numpy as np
+
+
+def roc_auc(labels: np.ndarray, scores: np.ndarray) -> float:
+  """Exact ROC AUC: P(score of a positive > score of a negative), ties half.
+
+  `labels` are 0/1 `[n]`; `scores` `[n]` any monotone score (logits keep more
+  resolution than probabilities, which saturate to 1.0 in float32). NaN when
+  one class is absent.
+  """
+  labels = np.asarray(labels, np.float64).reshape(-1)
+  scores = np.asarray(scores, np.float64).reshape(-1)
+  n_pos = labels.sum()
+  n_neg = len(labels) - n_pos
+  if n_pos == 0 or n_neg == 0:
+    return float('nan')
+  order = np.argsort(scores, kind='mergesort')
+  sorted_scores = scores[order]
+  # Average 1-based rank of each run of equal scores.
+  starts = np.r_[0, np.flatnonzero(np.diff(sorted_scores)) + 1]
+  ends = np.r_[starts[1:], len(scores)]
+  ranks = np.empty(len(scores))
+  ranks[order] = np.repeat((starts + ends + 1) / 2.0, ends - starts)
+  return float(
+    (ranks[labels == 1].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg)
+  )
+
+
+class MetricsWriter:
+  """Appends JSON lines to `workdir/metrics.jsonl` (process 0 only).
+
+  Every line gets `wall_time`: seconds since training started, carried over
+  a resume by `wall_time_offset` (the value saved with the checkpoint), so
+  runs can be compared against wall-clock time (benchmarks/plot.py); and
+  `time`, the Unix time of the line, so that a run can be timed from its
+  process's launch (benchmarks/time_to_auc.py).
+  """
+
+  def __init__(
+    self, workdir: str, enabled: bool, wall_time_offset: float = 0.0
+  ):
+    self.path = os.path.join(workdir, 'metrics.jsonl')
+    self.enabled = enabled
+    self.start = time.perf_counter() - wall_time_offset
+
+  def wall_time(self) -> float:
+    return time.perf_counter() - self.start
+
+  def truncate(self, epoch: int) -> None:
+    """Keeps only train/valid lines of epochs <= `epoch` (atomic rewrite).
+
+    A resumed run redoes the epochs after its checkpoint; their old lines,
+    and any old test line, would otherwise appear twice.
+    """
+    if not self.enabled or not os.path.exists(self.path):
+      return
+    kept = []
+    with open(self.path) as f:
+      for line in f:
+        try:
+          record = json.loads(line)
+        except json.JSONDecodeError:
+          continue  # A line cut short by a kill.
+        if record.get('split') != 'test' and record.get('epoch', 0) <= epoch:
+          kept.append(json.dumps(record) + '\n')
+    tmp = self.path + '.tmp'
+    with open(tmp, 'w') as f:
+      f.writelines(kept)
+    os.replace(tmp, self.path)
+
+  def write(self, **record) -> None:
+    record['wall_time'] = round(self.wall_time(), 3)
+    record['time'] = round(time.time(), 3)
+    logging.info('%s', ' '.join(f'{k}={v}' for k, v in record.items()))
+    if self.enabled:
+      with open(self.path, 'a') as f:
+        f.write(json.dumps(record) + '\n')
+        f.flush()
