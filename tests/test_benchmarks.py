@@ -25,6 +25,7 @@ from benchmarks import plot
 from benchmarks import quality
 from benchmarks import seeds
 from benchmarks import throughput
+from benchmarks import time_to_auc
 from datasets import movielens
 
 HAS_TORCH = common.torch_available()
@@ -220,6 +221,66 @@ class QualityTest(_TempDirs, absltest.TestCase):
     probs = np.array([0.9, 0.2, 0.0, 1.0])  # The last two clamp at -100.
     expected = -(np.log(0.9) + np.log(0.8) - 100 - 100) / 4
     self.assertAlmostEqual(quality._logloss(labels, probs), expected)
+
+
+class TimeToAucTest(_TempDirs, absltest.TestCase):
+  def test_times_count_from_the_launch(self):
+    run = {
+      'start': 100.0,
+      'end': 109.0,
+      'lines': [
+        {'split': 'train', 'epoch': 1, 'time': 103.0},
+        {'split': 'valid', 'epoch': 1, 'auc': 0.70, 'time': 103.5},
+        {'split': 'valid', 'epoch': 2, 'auc': 0.76, 'time': 105.25},
+        {'split': 'valid', 'epoch': 3, 'auc': 0.75, 'time': 107.0},
+        {'split': 'test', 'epoch': 2, 'auc': 0.74, 'time': 108.0},
+      ],
+    }
+    self.assertEqual(time_to_auc.time_to(run, 0.70), 3.5)
+    self.assertEqual(time_to_auc.time_to(run, 0.755), 5.25)
+    self.assertIsNone(time_to_auc.time_to(run, 0.77))
+    self.assertEqual(
+      time_to_auc.summary(run, 0.72),
+      {
+        'best_valid_auc': 0.76,
+        'test_auc': 0.74,
+        'epochs': 3,
+        'seconds_to_target': 5.25,
+        'seconds_total': 9.0,
+      },
+    )
+
+  def test_launch_reads_the_lines_the_process_wrote(self):
+    workdir = self.create_tempdir().full_path
+    script = (
+      'import json, sys, time\n'
+      'with open(sys.argv[1] + "/metrics.jsonl", "w") as f:\n'
+      '  f.write(json.dumps({"split": "valid", "time": time.time()}))\n'
+    )
+    run = time_to_auc.launch(['-c', script, workdir], workdir)
+    (line,) = run['lines']
+    self.assertLessEqual(run['start'], line['time'])
+    self.assertLessEqual(line['time'], run['end'])
+    with self.assertRaisesRegex(
+      RuntimeError, r'failed:(?s:.*)ZeroDivisionError'
+    ):
+      time_to_auc.launch(['-c', '1 / 0'], workdir)
+
+  def test_data_flags_and_arguments(self):
+    args = time_to_auc.parse_args(['--data=criteo', '--criteo=/d/c.txt'])
+    self.assertEqual(
+      time_to_auc.data_flags('criteo', args),
+      [
+        '--config.progress_bar=False',
+        '--config.dataset.name=criteo',
+        '--config.dataset.path=/d/c.txt',
+      ],
+    )
+    self.assertEqual(args.optimizers, ['adam', 'rowwise_adagrad'])
+    with self.assertRaises(SystemExit):
+      time_to_auc.parse_args(['--data=criteo'])
+    with self.assertRaises(SystemExit):
+      time_to_auc.parse_args(['--data=avazu'])
 
 
 class SeedsTest(_TempDirs, absltest.TestCase):
