@@ -91,6 +91,10 @@ def value_and_grad(
       lambda p: fun(p, None), has_aux=True
     )(params)
     return (loss, aux), grads
+  # In a fixed order: a frozenset's follows the process's string hashes,
+  # and a traced program that differs between processes misses the
+  # persistent compilation cache.
+  tables = sorted(tables)
   flat = traverse_util.flatten_dict(params)
   _, (_, shapes) = jax.eval_shape(fun, params, None)
   shapes = traverse_util.flatten_dict(shapes)
