@@ -164,12 +164,19 @@ def enable_compilation_cache(cache_dir: str) -> None:
   JAX's persistent compilation cache, for programs of any size and compile
   time: a run on small data spends most of its time compiling, and a
   restart or a second run with the same shapes then loads the programs
-  instead. Left alone when the user set `JAX_COMPILATION_CACHE_DIR`, or
-  disabled it with `JAX_ENABLE_COMPILATION_CACHE=false`.
+  instead. A directory set in `JAX_COMPILATION_CACHE_DIR` is used instead
+  of `cache_dir/jax`, and a threshold set in its own environment variable
+  is kept; `JAX_ENABLE_COMPILATION_CACHE=false` disables the cache.
   """
   import jax  # pylint: disable=g-import-not-at-top
   from jax.experimental.compilation_cache import compilation_cache as cc  # pylint: disable=g-import-not-at-top
 
+  for name, value in (
+    ('jax_persistent_cache_min_entry_size_bytes', -1),
+    ('jax_persistent_cache_min_compile_time_secs', 0.0),
+  ):
+    if name.upper() not in os.environ:
+      jax.config.update(name, value)
   if os.environ.get('JAX_COMPILATION_CACHE_DIR'):
     return
   directory = os.path.abspath(os.path.join(cache_dir, 'jax'))
@@ -181,8 +188,6 @@ def enable_compilation_cache(cache_dir: str) -> None:
     logging.warning('No compilation cache in %s: %s', directory, e)
     return
   jax.config.update('jax_compilation_cache_dir', directory)
-  jax.config.update('jax_persistent_cache_min_entry_size_bytes', -1)
-  jax.config.update('jax_persistent_cache_min_compile_time_secs', 0.0)
   cc.reset_cache()  # Another directory may already be in use.
 
 
