@@ -156,20 +156,31 @@ class StepsPerDispatchTest(parameterized.TestCase):
 class CompilationCacheTest(absltest.TestCase):
   def test_compiled_programs_are_written_under_the_cache_dir(self):
     before = jax.config.jax_compilation_cache_dir
+    min_time = 'jax_persistent_cache_min_compile_time_secs'
+    before_min_time = getattr(jax.config, min_time)
+    env = dict(os.environ, JAX_COMPILATION_CACHE_DIR='')
+    env.pop(min_time.upper(), None)  # The tests' conftest sets one.
     with (
       tempfile.TemporaryDirectory() as tmp,
-      mock.patch.dict(os.environ, {'JAX_COMPILATION_CACHE_DIR': ''}),
+      mock.patch.dict(os.environ, env, clear=True),
     ):
       try:
         utils.enable_compilation_cache(tmp)
         directory = os.path.join(tmp, 'jax')
         self.assertEqual(jax.config.jax_compilation_cache_dir, directory)
+        # Even a program that compiles in milliseconds.
         jax.jit(lambda x: jnp.sin(x) * 3.25)(
           jnp.arange(7.0)
         ).block_until_ready()
         self.assertNotEmpty(os.listdir(directory))
+        # A threshold the user set in its environment variable is kept.
+        os.environ[min_time.upper()] = '0.5'
+        jax.config.update(min_time, 0.5)
+        utils.enable_compilation_cache(tmp)
+        self.assertEqual(getattr(jax.config, min_time), 0.5)
       finally:
         jax.config.update('jax_compilation_cache_dir', before)
+        jax.config.update(min_time, before_min_time)
         compilation_cache.reset_cache()
 
   def test_an_unusable_cache_dir_is_skipped(self):
