@@ -113,6 +113,18 @@ def _model_and_params(name, **fields):
   return model, params, variables.get('batch_stats', {})
 
 
+def _loss(model, batch_stats, batch):
+  """`train.loss_fn` of `batch` as `sparse.value_and_grad` takes it."""
+  return lambda params, perturbations: train.loss_fn(
+    params,
+    batch_stats,
+    batch,
+    jax.random.key(0),
+    model=model,
+    perturbations=perturbations,
+  )
+
+
 def _batch(multi=False):
   batch = {'ids': IDS, 'label': LABELS}
   if multi:
@@ -135,16 +147,7 @@ class RowGradientsTest(parameterized.TestCase):
     model, params, batch_stats = _model_and_params(name, **fields)
     batch = _batch(multi)
 
-    def fun(params, perturbations):
-      return train.loss_fn(
-        params,
-        batch_stats,
-        batch,
-        jax.random.key(0),
-        model=model,
-        perturbations=perturbations,
-      )
-
+    fun = _loss(model, batch_stats, batch)
     tables = sparse.declared_tables(
       model.apply,
       {'params': params, 'batch_stats': batch_stats},
@@ -254,16 +257,7 @@ class RowGradientsTest(parameterized.TestCase):
     self.assertLen(tables, 4)  # Two tables of the one-hot, two multi-hot.
 
     def program(order):
-      def loss(params, perturbations):
-        return train.loss_fn(
-          params,
-          batch_stats,
-          batch,
-          jax.random.key(0),
-          model=model,
-          perturbations=perturbations,
-        )
-
+      loss = _loss(model, batch_stats, batch)
       fun = lambda p: sparse.value_and_grad(loss, p, order(tables))
       return jax.jit(fun).lower(params).as_text()
 
