@@ -236,7 +236,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     prog='python -m benchmarks.time_to_auc',
     description=__doc__.split('\n')[0],
   )
-  parser.add_argument('--models', default='fm', help='all or a,b,c')
+  parser.add_argument(
+    '--models', default='fm', help="a,b,c, or all (torchfm's models)"
+  )
   parser.add_argument('--data', default='embedded', help='embedded,criteo')
   parser.add_argument('--criteo', default='', help='a Criteo-format file')
   parser.add_argument('--optimizers', default='adam,rowwise_adagrad')
@@ -264,8 +266,12 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
     torch_worker(args.torch_worker)
     return []
   if not common.torch_available():
-    raise SystemExit('torch and torchfm are needed: pip install torch torchfm')
-  models = [m for m in common.parse_models(args.models)]
+    raise SystemExit(
+      'torch and torchfm are needed: pip install torch==2.13.0 torchfm==0.7.0'
+    )
+  models = common.parse_models(args.models)
+  if args.models == 'all':  # The models torchfm has.
+    models = [m for m in models if m in common.TORCHFM_MODELS]
   missing = [m for m in models if m not in common.TORCHFM_MODELS]
   if missing:
     raise SystemExit(f'torchfm has no {", ".join(missing)}')
