@@ -218,9 +218,22 @@ class CheckpointPolicyTest(absltest.TestCase):
 
   def test_background_saves_match_synchronous_ones(self):
     sync_steps = []
+    save = checkpoints.save
+    gate = threading.Event()
+
+    def gated_save(*args):
+      gate.wait(60)  # No background save starts before the caller is done.
+      return save(*args)
+
     for background in (False, True):
       workdir = tempfile.mkdtemp()
-      with checkpoints.Checkpoints(workdir, background=background) as ckpt:
+      gate.clear()
+      with (
+        mock.patch.object(checkpoints, 'save', gated_save),
+        checkpoints.Checkpoints(workdir, background=background) as ckpt,
+      ):
+        if not background:
+          gate.set()
         for epoch in range(1, 6):
           state = self._state(epoch)
           meta = self._meta(epoch, 2)
@@ -230,6 +243,7 @@ class CheckpointPolicyTest(absltest.TestCase):
           # The caller goes on with its own objects: the save has copies.
           state['w'] += 100
           meta['best_epoch'] = 5
+        gate.set()
         ckpt.wait()
         steps = ckpt.latest.all_steps(), ckpt.best.all_steps()
         restored, meta = ckpt.restore_latest(None)
