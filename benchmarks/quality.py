@@ -238,11 +238,13 @@ def summarize(lines: list[dict]) -> dict:
   }
 
 
-def time_to_reach(lines: list[dict], target: float) -> float | None:
-  """Wall time of the first validation with AUC >= `target`, or None."""
+def time_to_reach(
+  lines: list[dict], target: float, clock: str = 'wall_time'
+) -> float | None:
+  """`clock` of the first validation with AUC >= `target`, or None."""
   for r in lines:
     if r['split'] == 'valid' and r['auc'] >= target:
-      return r.get('wall_time')
+      return r.get(clock)
   return None
 
 

@@ -123,10 +123,8 @@ def launch(argv: list[str], workdir: str, env: dict | None = None) -> dict:
 
 def time_to(run: dict, target: float) -> float | None:
   """Seconds from launch to the first validation with AUC >= `target`."""
-  for r in run['lines']:
-    if r['split'] == 'valid' and r['auc'] >= target:
-      return r['time'] - run['start']
-  return None
+  reached = quality.time_to_reach(run['lines'], target, clock='time')
+  return None if reached is None else reached - run['start']
 
 
 def summary(run: dict, target: float) -> dict:
