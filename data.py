@@ -447,10 +447,13 @@ def shard(batch: dict[str, np.ndarray], num_devices: int) -> dict:
 def stack_batches(
   batches: Iterator[dict], sizes: list[int], num_devices: int
 ) -> Iterator[dict]:
-  """Stacks of `sizes` consecutive batches: `[devices, size, B / devices]`."""
-  batches = iter(batches)
+  """Stacks of `sizes` batches `[devices, max(sizes), B / devices]`, each
+  shorter one ending in zero batches, which `train.train_steps` skips."""
+  batches, length = iter(batches), max(sizes)
   for size in sizes:
     group = [shard(next(batches), num_devices) for _ in range(size)]
+    pad = {k: np.zeros_like(v) for k, v in group[0].items()}
+    group += [pad] * (length - size)
     yield {key: np.stack([b[key] for b in group], axis=1) for key in group[0]}
 
 

@@ -185,19 +185,30 @@ def train_steps(
   state: TrainState,
   batches: dict[str, jax.Array] | jax.Array,
   resident: dict[str, jax.Array] | None = None,
+  num_steps: jax.Array | None = None,
   **kwargs,
 ) -> tuple[TrainState, jax.Array]:
   """`train_step` on each of a stack of batches `[steps, ...]`, one dispatch.
 
   With `resident` (`data.resident_split`), `batches` are its rows `[steps,
-  batch]`. Returns the new state and the losses `[steps]`; `kwargs` go to
-  `train_step`.
+  batch]`. With `num_steps`, a traced count, only the first `num_steps`
+  batches train: a shorter stack padded to the same shape runs in the same
+  compiled program. Returns the new state and the losses `[steps]` (zero past
+  `num_steps`); `kwargs` go to `train_step`.
   """
-  if resident is not None:
-    batches = jax.tree.map(lambda x: x[batches], resident)
-  return lax.scan(
-    lambda state, batch: train_step(state, batch, **kwargs), state, batches
-  )
+  length = jax.tree.leaves(batches)[0].shape[0]
+
+  def body(i, carry):
+    state, losses = carry
+    batch = jax.tree.map(lambda x: x[i], batches)
+    if resident is not None:
+      batch = jax.tree.map(lambda x: x[batch], resident)
+    state, loss = train_step(state, batch, **kwargs)
+    return state, losses.at[i].set(loss)
+
+  num_steps = length if num_steps is None else num_steps
+  losses = jnp.zeros([length], jnp.float32)
+  return lax.fori_loop(0, num_steps, body, (state, losses))
 
 
 def eval_step(
@@ -281,6 +292,11 @@ def evaluate(
   }
 
 
+def _first(losses: list[np.ndarray], sizes: list[int]) -> np.ndarray:
+  """The losses of the steps that ran: `sizes[i]` of each padded stack."""
+  return np.concatenate([x[:n] for x, n in zip(losses, sizes, strict=False)])
+
+
 def train_epoch(
   p_train_step: Callable,
   state: TrainState,
@@ -307,24 +323,25 @@ def train_epoch(
     process_index=jax.process_index(),
     process_count=jax.process_count(),
   )
-  # Stacks of `steps_per_dispatch` batches, a shorter remainder first: at
-  # most two shapes to compile, both before the rate is timed.
-  size = config.steps_per_dispatch
+  # Stacks of `steps_per_dispatch` batches, a shorter remainder first and
+  # padded to their shape: one program, compiled before the rate is timed.
+  size = min(config.steps_per_dispatch, steps)
   sizes = [steps % size] * (steps % size > 0) + [size] * (steps // size)
   stack = data.stack_batches if resident is None else data.stack_rows
   batches = stack(batches, sizes, jax.local_device_count())
   losses, done, every = [], 0, config.log_every_steps
   for group, batch in enumerate(utils.prefetch(batches)):
-    state, loss = p_train_step(state, batch, resident)
+    count = np.full(jax.local_device_count(), sizes[group], np.int32)
+    state, loss = p_train_step(state, batch, resident, count)
     losses.append(loss[0])
     done += sizes[group]
-    if group == len(set(sizes)) - 1:
+    if group == 0:
       loss.block_until_ready()  # Exclude compilation from the rate.
       start, timed = time.perf_counter(), done
     if done // every > (done - sizes[group]) // every or done == steps:
-      recent = np.mean(np.concatenate(jax.device_get(losses))[-every:])
+      recent = np.mean(_first(jax.device_get(losses), sizes)[-every:])
       bar.update(done, (done - 1) * config.batch_size, f'loss {recent:.4f}')
-  loss = float(np.mean(np.concatenate(jax.device_get(losses))))
+  loss = float(np.mean(_first(jax.device_get(losses), sizes)))
   elapsed = max(time.perf_counter() - start, 1e-9)
   bar.close()
   return state, loss, max(steps - timed, 1) * config.batch_size / elapsed

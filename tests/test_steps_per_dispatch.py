@@ -145,12 +145,33 @@ class StepsPerDispatchTest(parameterized.TestCase):
       {'ids': np.full((4, 2), i), 'label': np.full(4, i)} for i in range(5)
     ]
     stacks = list(data.stack_batches(iter(batches), [2, 3], 2))
+    # The shorter stack is padded with zeros to the longer's shape.
     self.assertEqual(
-      [s['ids'].shape for s in stacks], [(2, 2, 2, 2), (2, 3, 2, 2)]
+      [s['ids'].shape for s in stacks], [(2, 3, 2, 2), (2, 3, 2, 2)]
+    )
+    np.testing.assert_array_equal(
+      stacks[0]['label'][1], [[0, 0], [1, 1], [0, 0]]
     )
     np.testing.assert_array_equal(
       stacks[1]['label'][1], [[2, 2], [3, 3], [4, 4]]
     )
+
+  def test_an_epoch_with_a_remainder_compiles_one_program(self):
+    shapes = []
+
+    def traced(state, batches, *args, **kwargs):
+      shapes.append(jax.tree.map(jnp.shape, batches))
+      return train_steps(state, batches, *args, **kwargs)
+
+    train_steps = train.train_steps
+    with mock.patch.object(train, 'train_steps', traced):
+      config, state, p_steps = _setup('adam')
+    config.steps_per_dispatch = 3  # 7 steps: stacks of 1, 3 and 3.
+    state, _, _ = train.train_epoch(
+      p_steps, train.replicate(state), _split(7 * 8 + 5), config, epoch=0
+    )
+    self.assertEqual(int(state.step[0]), 7)
+    self.assertEqual(shapes, [{'ids': (3, 4, 2), 'label': (3, 4)}])
 
 
 class CompilationCacheTest(absltest.TestCase):
