@@ -1,20 +1,23 @@
-"""Synthetic Criteo- and Avazu-format files of N lines, seeded.
+"""Synthetic Criteo-, Avazu- and MovieLens-20M-format files of N lines, seeded.
 
 python -m benchmarks.synthetic --format=criteo --lines=1000000 \
   --out=/tmp/criteo_1m.txt
 
-The layout is the raw competition format (Criteo DAC `train.txt`: label, 13
-integer and 26 hexadecimal categorical columns, tab-separated, empty =
-missing; Avazu `train`: a header, then id, click, hour and 21 categorical
-columns, comma-separated), so that data.py preprocesses it exactly as it
-would the real files. Each categorical column draws from a vocabulary of
-the size the full data set has (Criteo: the Kaggle train.txt counts quoted
-by DLRM; Avazu: its train file) with Zipf skew (exponent 1.1), so the share
-of rare values and the vocabularies that preprocessing must count are of the
-real order; missing rates follow the real columns roughly. Labels depend on
-a few columns (CTR about 0.25 for Criteo, 0.17 for Avazu), so a model
-trained on the file does better than chance. The same seed gives the same
-bytes.
+The layout is the raw format (Criteo DAC `train.txt`: label, 13 integer and
+26 hexadecimal categorical columns, tab-separated, empty = missing; Avazu
+`train`: a header, then id, click, hour and 21 categorical columns,
+comma-separated; MovieLens-20M `ratings.csv`: a header, then userId, movieId,
+rating, timestamp), so that data.py preprocesses it exactly as it would the
+real files. Each categorical column draws from a vocabulary of the size the
+full data set has (Criteo: the Kaggle train.txt counts quoted by DLRM;
+Avazu: its train file; MovieLens: ML-20M's 138,493 users and 26,744 rated
+movies, every one rated at least once when there are lines enough) with
+Zipf skew (exponent 1.1), so the share of rare values and the vocabularies
+that preprocessing must count are of the real order; missing rates follow
+the real columns roughly. Labels depend on a few columns (CTR about 0.25 for
+Criteo, 0.17 for Avazu; for MovieLens, ratings from user and movie biases
+and rank-8 factors, about half above 3), so a model trained on the file does
+better than chance. The same seed gives the same bytes.
 """
 
 import argparse
@@ -80,6 +83,10 @@ AVAZU_CATEGORICAL = (
   ('C20', 172, False),
   ('C21', 60, False),
 )
+
+# MovieLens-20M: 138,493 users and 26,744 rated movies.
+ML20M_USERS, ML20M_MOVIES = 138_493, 26_744
+ML_RANK = 8
 
 ZIPF_EXPONENT = 1.1
 CHUNK = 200_000
@@ -177,9 +184,51 @@ def avazu_chunk(
   )
 
 
+def movielens_effects(rng: np.random.Generator) -> dict:
+  """Rating effects of ML-20M's users and movies, and the orders that put
+  each of them once in the first lines."""
+  effects = {}
+  for name, vocab in (('user', ML20M_USERS), ('movie', ML20M_MOVIES)):
+    effects[name] = (
+      rng.normal(0, 0.4, vocab),  # Bias.
+      rng.normal(0, 0.35, (vocab, ML_RANK)),  # Factors.
+      rng.permutation(vocab),  # Who comes first.
+    )
+  return effects
+
+
+def movielens_chunk(
+  rng: np.random.Generator, n: int, start: int, effects: dict
+) -> bytes:
+  """`n` lines of ML-20M's ratings.csv, rows `start..start + n`."""
+  index, score = {}, np.full(n, 3.3)
+  for name, (bias, _, first) in effects.items():
+    index[name] = zipf_indices(rng, n, len(bias), ZIPF_EXPONENT)
+    row = np.arange(start, start + n)
+    covered = row < len(first)
+    index[name][covered] = first[row[covered]]
+    score += bias[index[name]]
+  user, movie = effects['user'][1], effects['movie'][1]
+  score += np.einsum('nk,nk->n', user[index['user']], movie[index['movie']])
+  score += rng.normal(0, 0.8, n)
+  rating = np.clip(np.round(score * 2) / 2, 0.5, 5.0)
+  seconds = 789_652_009 + rng.integers(0, 638_000_000, n)
+  return join_lines(
+    [
+      (index['user'] + 1).astype(np.bytes_),
+      (index['movie'] + 1).astype(np.bytes_),
+      np.char.mod(b'%.1f', rating).astype(np.bytes_),
+      seconds.astype(np.bytes_),
+    ],
+    b',',
+  )
+
+
 def write(fmt: str, lines: int, out: str, seed: int = 0) -> str:
   """Writes `lines` synthetic lines of `fmt` to `out` (atomically)."""
   rng = np.random.default_rng(seed)
+  if fmt == 'movielens':
+    return _write_movielens(rng, lines, out)
   small = (
     CRITEO_CARDINALITIES
     if fmt == 'criteo'
@@ -207,9 +256,23 @@ def write(fmt: str, lines: int, out: str, seed: int = 0) -> str:
   return out
 
 
+def _write_movielens(rng: np.random.Generator, lines: int, out: str) -> str:
+  effects = movielens_effects(rng)
+  tmp = f'{out}.partial'
+  os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+  with open(tmp, 'wb') as f:
+    f.write(b'userId,movieId,rating,timestamp\n')
+    for start in range(0, lines, CHUNK):
+      f.write(movielens_chunk(rng, min(CHUNK, lines - start), start, effects))
+  os.replace(tmp, out)
+  return out
+
+
 def main(argv: Sequence[str] | None = None) -> str:
   parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
-  parser.add_argument('--format', choices=('criteo', 'avazu'), required=True)
+  parser.add_argument(
+    '--format', choices=('criteo', 'avazu', 'movielens'), required=True
+  )
   parser.add_argument('--lines', type=int, required=True)
   parser.add_argument('--out', required=True)
   parser.add_argument('--seed', type=int, default=0)

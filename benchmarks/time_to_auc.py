@@ -17,8 +17,10 @@ checkpoints included.
   config, as main.py keeps the cache under the dataset cache).
 
 Data: `embedded` (ml-latest-small, the default config) and, given
-`--criteo=FILE`, a Criteo-format file (e.g. the 2M lines of `python -m
-benchmarks.synthetic --format=criteo --lines=2000000 --out=FILE`).
+`--criteo=FILE` or `--ml20m=FILE`, a Criteo-format file or a MovieLens-20M
+`ratings.csv` (e.g. the 2M lines of `python -m benchmarks.synthetic
+--format=criteo --lines=2000000 --out=FILE`, or of `--format=movielens`:
+ML-20M's users and movies).
 
   python -m benchmarks.time_to_auc --models=fm,deepfm
   python -m benchmarks.time_to_auc --models=fm --criteo=/tmp/criteo_2m.txt \
@@ -43,7 +45,9 @@ from benchmarks import common
 from benchmarks import quality
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-DATA = ('embedded', 'criteo')
+DATA = ('embedded', 'criteo', 'ml20m')
+# The data sets read from a file: `config.dataset.name`, the file's flag.
+FILE_DATA = {'criteo': 'criteo', 'ml20m': 'ml-20m'}
 
 
 def data_flags(name: str, args) -> list[str]:
@@ -51,10 +55,10 @@ def data_flags(name: str, args) -> list[str]:
   flags = ['--config.progress_bar=False']
   if args.cache_dir:
     flags.append(f'--config.dataset.cache_dir={args.cache_dir}')
-  if name == 'criteo':
+  if name in FILE_DATA:
     flags += [
-      '--config.dataset.name=criteo',
-      f'--config.dataset.path={args.criteo}',
+      f'--config.dataset.name={FILE_DATA[name]}',
+      f'--config.dataset.path={getattr(args, name)}',
     ]
   return flags
 
@@ -66,8 +70,9 @@ def write_split(name: str, args, out: str) -> None:
   config = common.get_config('fm')
   if args.cache_dir:
     config.dataset.cache_dir = args.cache_dir
-  if name == 'criteo':
-    config.dataset.name, config.dataset.path = 'criteo', args.criteo
+  if name in FILE_DATA:
+    config.dataset.name = FILE_DATA[name]
+    config.dataset.path = getattr(args, name)
   dataset = data.load_dataset(config.dataset)
   os.makedirs(out, exist_ok=True)
   for split in ('train', 'valid', 'test'):
@@ -237,8 +242,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
   parser.add_argument(
     '--models', default='fm', help="a,b,c, or all (torchfm's models)"
   )
-  parser.add_argument('--data', default='embedded', help='embedded,criteo')
+  parser.add_argument('--data', default='embedded', help=','.join(DATA))
   parser.add_argument('--criteo', default='', help='a Criteo-format file')
+  parser.add_argument('--ml20m', default='', help='an ML-20M ratings.csv')
   parser.add_argument('--optimizers', default='adam,rowwise_adagrad')
   parser.add_argument('--workdir', default='', help='runs (default: temp)')
   parser.add_argument('--cache_dir', default='', help='dataset cache')
@@ -251,8 +257,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
   for name in args.data:
     if name not in DATA:
       parser.error(f'--data: {name!r} is not one of {", ".join(DATA)}')
-  if 'criteo' in args.data and not args.criteo:
-    parser.error('--data=criteo needs --criteo=FILE')
+  for name in FILE_DATA:
+    if name in args.data and not getattr(args, name):
+      parser.error(f'--data={name} needs --{name}=FILE')
   if not args.workdir:
     args.workdir = tempfile.mkdtemp(prefix='flax_fm_time_to_auc-')
   return args

@@ -277,8 +277,14 @@ class TimeToAucTest(_TempDirs, absltest.TestCase):
       ],
     )
     self.assertEqual(args.optimizers, ['adam', 'rowwise_adagrad'])
-    with self.assertRaises(SystemExit):
-      time_to_auc.parse_args(['--data=criteo'])
+    args = time_to_auc.parse_args(['--data=ml20m', '--ml20m=/d/r.csv'])
+    self.assertEqual(
+      time_to_auc.data_flags('ml20m', args)[1:],
+      ['--config.dataset.name=ml-20m', '--config.dataset.path=/d/r.csv'],
+    )
+    for name in ('criteo', 'ml20m'):
+      with self.assertRaises(SystemExit):
+        time_to_auc.parse_args([f'--data={name}'])
     with self.assertRaises(SystemExit):
       time_to_auc.parse_args(['--data=avazu'])
 

@@ -442,6 +442,32 @@ class BenchmarkScriptsTest(DatasetTestCase):
       data.load_dataset(self.config('avazu', c, split=(1.0, 0, 0))).train, 300
     )
 
+  def test_synthetic_movielens_covers_its_ids_and_parses_as_ml_20m(self):
+    from benchmarks import synthetic
+
+    a = synthetic.write('movielens', 700, os.path.join(self.tmp, 'a.csv'))
+    b = synthetic.write('movielens', 700, os.path.join(self.tmp, 'b.csv'))
+    with open(a) as f, open(b) as g:
+      text = f.read()
+      self.assertEqual(text, g.read())
+    header, *lines = text.splitlines()
+    self.assertEqual(header, 'userId,movieId,rating,timestamp')
+    rows = np.array([line.split(',') for line in lines], float)
+    self.assertEqual(rows.shape, (700, 4))
+    # Each of the first lines brings a user and a movie not seen before.
+    self.assertLen(set(rows[:, 0]), 700)
+    self.assertLen(set(rows[:, 1]), 700)
+    self.assertTrue(set(rows[:, 2]) <= set(np.arange(1, 11) / 2))
+    positives = int((rows[:, 2] > 3).sum())
+    self.assertBetween(positives, 200, 500)
+    dataset = data.load_dataset(self.config('ml-20m', a, split=(1.0, 0, 0)))
+    self.assertEqual(dataset.field_dims, (701, 701))  # And one unseen id.
+    self.assertEqual(int(np.sum(dataset.train.labels)), positives)
+    # Past ML-20M's 26,744 movies, the movies repeat.
+    many = synthetic.write('movielens', 30_000, os.path.join(self.tmp, 'c'))
+    movies = np.loadtxt(many, delimiter=',', skiprows=1, usecols=1)
+    self.assertLen(set(movies), synthetic.ML20M_MOVIES)
+
   def test_preprocess_benchmark_reports_what_it_made(self):
     from benchmarks import preprocess
 
