@@ -34,16 +34,17 @@ and looks the keys up: a value that training did not keep gets its field's
 out-of-vocabulary id.
 """
 
+from __future__ import annotations
+
 from collections.abc import Iterator
 import csv as csv_module
 import dataclasses
 import json
 import os
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import ml_collections
 import numpy as np
-import pandas as pd
 
 import data
 from datasets import core
@@ -54,6 +55,9 @@ from datasets import movielens
 from datasets import text
 import encoder_side
 import utils
+
+if TYPE_CHECKING:
+  import pandas as pd
 
 # 2: multi-hot and numeric fields. Version 1 encoders (ids only) still load.
 VERSION = 2

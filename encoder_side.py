@@ -25,18 +25,23 @@ the rules of every input (`rules`); the arrays are plain `.npy` files
 beside it, no pickle.
 """
 
+from __future__ import annotations
+
 import dataclasses
 import os
+from typing import TYPE_CHECKING
 
 import ml_collections
 import numpy as np
-import pandas as pd
 
 from datasets import core
 from datasets import encode
 from datasets import movielens
 from datasets import movielens_side
 from datasets import side as side_lib
+
+if TYPE_CHECKING:
+  import pandas as pd
 
 # The arrays in the encoder's directory, by attribute.
 FILES = {

@@ -10,6 +10,8 @@ seen in training, it is the id of an unseen user or movie at prediction.
 (datasets/movielens_side.py): genres, year, tags, age, gender, ...
 """
 
+from __future__ import annotations
+
 from collections.abc import Iterator
 import hashlib
 import http.client
@@ -18,17 +20,20 @@ import logging
 import os
 import shutil
 import tempfile
+from typing import TYPE_CHECKING
 import urllib.error
 import urllib.request
 import zipfile
 
 import ml_collections
 import numpy as np
-import pandas as pd
 
 from datasets import core
 from datasets import movielens_side
 import utils
+
+if TYPE_CHECKING:
+  import pandas as pd
 
 EMBEDDED = os.path.join(
   os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
@@ -218,6 +223,8 @@ def _read_ratings(source, sep: str, header: bool, width: int = 4):
     header: whether the first line is a header.
     width: columns per line: 4, or 2 (user and item: rows to predict).
   """
+  import pandas as pd  # pylint: disable=g-import-not-at-top
+
   # '::' (ml-1m) is read as ':' with the empty columns between skipped, which
   # keeps pandas' fast C parser.
   columns = [0, 2, 4, 6][:width] if sep == '::' else list(range(width))
@@ -250,6 +257,8 @@ def read_movielens(path: str, name: str) -> pd.DataFrame:
   Raises:
     DataError: naming the file and line of the first malformed row.
   """
+  import pandas as pd  # pylint: disable=g-import-not-at-top
+
   _, sep, header = RATINGS_FILE[name]
   try:
     out = _read_ratings(path, sep, header)
@@ -275,7 +284,7 @@ class Reader:
     self.sep = sep
     self.labeled = labeled
 
-  def for_rows(self, first_line: bytes) -> 'Reader':
+  def for_rows(self, first_line: bytes) -> Reader:
     """The reader of lines like `first_line`: with or without ratings."""
     parts = first_line.decode('utf-8', 'replace').strip().split(self.sep)
     return Reader(self.sep, labeled=len(parts) != 2)
@@ -291,6 +300,8 @@ class Reader:
 
   def parse(self, lines, first, where, bad):
     """See `core.Reader.parse`."""
+    import pandas as pd  # pylint: disable=g-import-not-at-top
+
     width = 4 if self.labeled else 2
     numbers = range(first, first + len(lines))
     try:

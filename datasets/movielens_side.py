@@ -19,17 +19,22 @@ field's out-of-vocabulary id, the last. A movie (user) missing from the
 side file has empty lists, a missing year and out-of-vocabulary ids.
 """
 
+from __future__ import annotations
+
 import dataclasses
 import os
 import re
+from typing import TYPE_CHECKING
 
 import numpy as np
-import pandas as pd
 
 from datasets import core
 from datasets import encode
 from datasets import text
 import utils
+
+if TYPE_CHECKING:
+  import pandas as pd
 
 MOVIE_FEATURES = ('genres', 'year', 'tags')
 USER_FEATURES = ('age', 'gender', 'occupation', 'zip')
@@ -103,6 +108,8 @@ def _lines(path: str) -> list[list[str]]:
 
 
 def _frame(path: str, columns: tuple[str, ...], what: str) -> pd.DataFrame:
+  import pandas as pd  # pylint: disable=g-import-not-at-top
+
   rows = _lines(path)
   for number, row in enumerate(rows, start=1):
     if len(row) < len(columns):
@@ -115,6 +122,8 @@ def _frame(path: str, columns: tuple[str, ...], what: str) -> pd.DataFrame:
 
 def read_movies(name: str, path: str) -> pd.DataFrame:
   """Columns `item` (int64), `title` and `genres` (a list of strings)."""
+  import pandas as pd  # pylint: disable=g-import-not-at-top
+
   if name == 'ml-100k':
     rows = _lines(path)
     flags = np.array([r[5:24] for r in rows if len(r) >= 24]) == '1'
@@ -144,6 +153,8 @@ def read_movies(name: str, path: str) -> pd.DataFrame:
 
 def read_tags(path: str) -> pd.DataFrame:
   """Columns `item` (int64) and `tag` (lowercased, stripped, non-empty)."""
+  import pandas as pd  # pylint: disable=g-import-not-at-top
+
   with core.reading(path):
     frame = pd.read_csv(path, dtype=str, keep_default_na=False)
   frame = frame.rename(columns={'movieId': 'item'})

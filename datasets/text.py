@@ -8,17 +8,22 @@ list of categorical values (`a|b|c`), each keyed as a categorical string; a
 float column stays a number (`core.Side`).
 """
 
+from __future__ import annotations
+
 from collections.abc import Callable
 import csv
 import dataclasses
 import functools
 import io
 import math
+from typing import TYPE_CHECKING
 
 import numpy as np
-import pandas as pd
 
 from datasets import core
+
+if TYPE_CHECKING:
+  import pandas as pd
 
 # Key of an empty integer feature; integers are rejected beyond +-2**62.
 MISSING_INT = np.iinfo(np.int64).min
@@ -82,6 +87,8 @@ def string_keys(values: np.ndarray) -> np.ndarray:
   `distinct**2 / 2**65` (1e-5 for 10M values), and the hash is the same in
   every process and run, so ids are reproducible.
   """
+  import pandas as pd  # pylint: disable=g-import-not-at-top
+
   return pd.util.hash_array(np.asarray(values, object)).view(np.int64)
 
 
@@ -167,12 +174,12 @@ class Table:
   def dense_names(self) -> tuple[str, ...]:
     return tuple(f.name for f in self.fields if f.kind == 'float')
 
-  def without_label(self) -> 'Table':
+  def without_label(self) -> Table:
     """The same layout without its label column (rows to predict)."""
     columns = tuple(c for c in self.columns if c != self.label)
     return dataclasses.replace(self, columns=columns, label='')
 
-  def for_rows(self, first_line: bytes) -> 'Table':
+  def for_rows(self, first_line: bytes) -> Table:
     """This table, or `without_label()` if `first_line` lacks the label.
 
     A header names its columns; a line of data without the label column
@@ -284,6 +291,8 @@ class Table:
     return core.Side(multi, dense)
 
   def _read(self, lines: list[bytes], typed: bool) -> pd.DataFrame:
+    import pandas as pd  # pylint: disable=g-import-not-at-top
+
     integers, floats = self._integer_columns(), self._float_columns()
     needed = set(integers) | {field.column for field in self.fields}
     if typed:
@@ -317,6 +326,8 @@ class Table:
     Returns:
       The indices of the other lines.
     """
+    import pandas as pd  # pylint: disable=g-import-not-at-top
+
     frame = self._read(lines, typed=False)
     wrong = np.zeros(len(lines), bool)
     for column in self._integer_columns():
