@@ -500,7 +500,7 @@ def measure(
   runners = [
     (f'flax:{o}', 'flax', dict(spec, optimizer=o)) for o in args.optimizers
   ]
-  if 'torchfm' in libraries:
+  if 'torchfm' in libraries and model in common.TORCHFM_MODELS:
     runners.append(('torchfm', 'torchfm', spec))
   workers = {}
   try:

@@ -14,6 +14,7 @@ import shutil
 import struct
 import tempfile
 import types
+from unittest import mock
 
 from absl.testing import absltest
 import numpy as np
@@ -120,6 +121,13 @@ class ThroughputTest(_TempDirs, absltest.TestCase):
       common.torch_available = original
     self.assertNotIn('torchfm_train_ex_per_s', records[0])
     self.assertNotIn('train_speedup', records[0])
+
+  def test_a_model_torchfm_lacks_is_measured_on_our_side_only(self):
+    # With torch at hand, FwFM (not in torchfm) must not start its worker.
+    with mock.patch.object(common, 'torch_available', lambda: True):
+      _, records = self._run('--models=fwfm')
+    self.assertGreater(records[0]['flax_train_ex_per_s'], 0)
+    self.assertNotIn('torchfm_train_ex_per_s', records[0])
 
   def test_zipf_ids_follow_the_rank_law(self):
     rng = np.random.default_rng(0)
