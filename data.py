@@ -452,8 +452,9 @@ def stack_batches(
   batches, length = iter(batches), max(sizes)
   for size in sizes:
     group = [shard(next(batches), num_devices) for _ in range(size)]
-    pad = {k: np.zeros_like(v) for k, v in group[0].items()}
-    group += [pad] * (length - size)
+    if size < length:
+      pad = {k: np.zeros_like(v) for k, v in group[0].items()}
+      group += [pad] * (length - size)
     yield {key: np.stack([b[key] for b in group], axis=1) for key in group[0]}
 
 

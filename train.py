@@ -329,10 +329,11 @@ def train_epoch(
   sizes = [steps % size] * (steps % size > 0) + [size] * (steps // size)
   stack = data.stack_batches if resident is None else data.stack_rows
   batches = stack(batches, sizes, jax.local_device_count())
+  # The step counts, on the devices once rather than sent with every stack.
+  counts = {n: replicate(np.int32(n)) for n in set(sizes)}
   losses, done, every = [], 0, config.log_every_steps
   for group, batch in enumerate(utils.prefetch(batches)):
-    count = np.full(jax.local_device_count(), sizes[group], np.int32)
-    state, loss = p_train_step(state, batch, resident, count)
+    state, loss = p_train_step(state, batch, resident, counts[sizes[group]])
     losses.append(loss[0])
     done += sizes[group]
     if group == 0:

@@ -418,14 +418,21 @@ class BadLinesTest(DatasetTestCase):
 
 
 class BenchmarkScriptsTest(DatasetTestCase):
-  def test_synthetic_files_are_seeded_and_parse_as_the_real_format(self):
+  def _seeded(self, fmt, lines):
+    """A synthetic file's path and text, checked to repeat byte for byte."""
     from benchmarks import synthetic
 
-    a = synthetic.write('criteo', 400, os.path.join(self.tmp, 'a.txt'))
-    b = synthetic.write('criteo', 400, os.path.join(self.tmp, 'b.txt'))
+    a = synthetic.write(fmt, lines, os.path.join(self.tmp, f'{fmt}_a'))
+    b = synthetic.write(fmt, lines, os.path.join(self.tmp, f'{fmt}_b'))
     with open(a) as f, open(b) as g:
       text = f.read()
       self.assertEqual(text, g.read())
+    return a, text
+
+  def test_synthetic_files_are_seeded_and_parse_as_the_real_format(self):
+    from benchmarks import synthetic
+
+    a, text = self._seeded('criteo', 400)
     rows = [line.split('\t') for line in text.splitlines()]
     self.assertEqual({len(r) for r in rows}, {40})
     self.assertEqual({r[0] for r in rows}, {'0', '1'})
@@ -445,11 +452,7 @@ class BenchmarkScriptsTest(DatasetTestCase):
   def test_synthetic_movielens_covers_its_ids_and_parses_as_ml_20m(self):
     from benchmarks import synthetic
 
-    a = synthetic.write('movielens', 700, os.path.join(self.tmp, 'a.csv'))
-    b = synthetic.write('movielens', 700, os.path.join(self.tmp, 'b.csv'))
-    with open(a) as f, open(b) as g:
-      text = f.read()
-      self.assertEqual(text, g.read())
+    a, text = self._seeded('movielens', 700)
     header, *lines = text.splitlines()
     self.assertEqual(header, 'userId,movieId,rating,timestamp')
     rows = np.array([line.split(',') for line in lines], float)
