@@ -16,7 +16,6 @@ import time
 from typing import Any
 
 from absl import logging
-from flax import jax_utils
 from flax.training import train_state
 import jax
 from jax import lax
@@ -33,13 +32,14 @@ import metrics
 import models
 import multihost
 import optim
+import programs
 import sparse
 import utils
 from utils import UserError
 import workdir as workdir_lib
 
 # The pmap axis of the devices; models name it for BatchNorm's statistics.
-AXIS = 'batch'
+AXIS = programs.AXIS
 
 
 class TrainState(train_state.TrainState):
@@ -66,23 +66,39 @@ def create_model(
   )
 
 
+def state_initializer(
+  config: ml_collections.ConfigDict, model
+) -> Callable[[jax.Array], TrainState]:
+  """The jitted `init(rng) -> TrainState`: parameters, BatchNorm statistics
+  and optimizer state in one compiled program (not one per initializer)."""
+  inputs = data.example_inputs(model)
+
+  def variables(rng):
+    return model.init({'params': rng, 'dropout': rng}, train=False, **inputs)
+
+  shapes = jax.eval_shape(variables, jax.random.key(0))
+  tx = optim.create_optimizer(
+    config, sparse.declared_tables(model.apply, shapes, **inputs)
+  )
+
+  def init(rng):
+    initial = variables(rng)
+    return TrainState.create(
+      apply_fn=model.apply,
+      params=initial['params'],
+      tx=tx,
+      batch_stats=initial.get('batch_stats', {}),
+    )
+
+  return jax.jit(init)
+
+
 def create_train_state(
   rng: jax.Array, config: ml_collections.ConfigDict, model, num_fields: int
 ) -> TrainState:
   """Initialises parameters, BatchNorm statistics and the optimizer."""
   del num_fields  # data.example_inputs reads the fields from the model.
-  # One compiled init instead of dozens of op-by-op compilations.
-  init = jax.jit(functools.partial(model.init, train=False))
-  inputs = data.example_inputs(model)
-  variables = init({'params': rng, 'dropout': rng}, **inputs)
-  return TrainState.create(
-    apply_fn=model.apply,
-    params=variables['params'],
-    tx=optim.create_optimizer(
-      config, sparse.declared_tables(model.apply, variables, **inputs)
-    ),
-    batch_stats=variables.get('batch_stats', {}),
-  )
+  return state_initializer(config, model)(rng)
 
 
 def warm_start(state: TrainState, workdir: str) -> TrainState:
@@ -230,28 +246,7 @@ def eval_step(
   return logits, loss_sum, count
 
 
-def replicate(tree: Any) -> Any:
-  """Copies `tree` to every local device, sharded as pmap's outputs are.
-
-  pmap lays its outputs out on a mesh named after its axis; inputs laid out
-  on another mesh would make the second step compile the step again.
-  """
-  return jax_utils.replicate(tree, axis_name=AXIS)
-
-
-def state_donation(optimizer: str = 'adam') -> tuple[int, ...]:
-  """`donate_argnums` of the pmapped train step: the state, except on CPU.
-
-  The old state is never read after a step, so XLA may reuse its buffers.
-  But on XLA:CPU, donating the replicated state makes the compiled step copy
-  the donated parameters and Adam moments first, a loss for every model with
-  large tables. The row-wise optimizers donate everywhere: they write only
-  the rows read of the tables and of their state, in place when donated
-  (else XLA copies the whole tables first).
-  """
-  if optimizer != 'adam':
-    return (0,)
-  return () if jax.default_backend() == 'cpu' else (0,)
+replicate = programs.replicate
 
 
 def evaluate(
@@ -277,8 +272,9 @@ def evaluate(
     (p_eval_step(state, data.shard(batch, num_devices)), batch)
     for batch in utils.prefetch(batches)
   ]
-  loss_sum = sum(float(loss[0]) for (_, loss, _), _ in outs)
-  count = sum(float(n[0]) for (_, _, n), _ in outs)
+  # Device 0's copies of the psums; `x[0]` would compile a program.
+  loss_sum = sum(loss.addressable_data(0).item() for (_, loss, _), _ in outs)
+  count = sum(n.addressable_data(0).item() for (_, _, n), _ in outs)
   logits = np.concatenate([np.asarray(out[0]).reshape(-1) for out, _ in outs])
   labels = np.concatenate([batch['label'] for _, batch in outs])
   masks = np.concatenate([batch['mask'] for _, batch in outs])
@@ -294,7 +290,9 @@ def evaluate(
 
 def _first(losses: list[np.ndarray], sizes: list[int]) -> np.ndarray:
   """The losses of the steps that ran: `sizes[i]` of each padded stack."""
-  return np.concatenate([x[:n] for x, n in zip(losses, sizes, strict=False)])
+  return np.concatenate(
+    [np.reshape(x, -1)[:n] for x, n in zip(losses, sizes, strict=False)]
+  )
 
 
 def train_epoch(
@@ -315,26 +313,13 @@ def train_epoch(
   steps = data.num_train_steps(split, config.batch_size)
   show = config.progress_bar and jax.process_index() == 0
   bar = utils.ProgressBar(f'epoch {epoch + 1}', steps, 'ex', enabled=show)
-  batches = (data.train_batches if resident is None else data.train_rows)(
-    split,
-    config.batch_size,
-    seed=config.seed,
-    epoch=epoch,
-    process_index=jax.process_index(),
-    process_count=jax.process_count(),
-  )
-  # Stacks of `steps_per_dispatch` batches, a shorter remainder first and
-  # padded to their shape: one program, compiled before the rate is timed.
-  size = min(config.steps_per_dispatch, steps)
-  sizes = [steps % size] * (steps % size > 0) + [size] * (steps // size)
-  stack = data.stack_batches if resident is None else data.stack_rows
-  batches = stack(batches, sizes, jax.local_device_count())
+  sizes, batches = programs.epoch_stacks(split, config, epoch, resident)
   # The step counts, on the devices once rather than sent with every stack.
   counts = {n: replicate(np.int32(n)) for n in set(sizes)}
   losses, done, every = [], 0, config.log_every_steps
   for group, batch in enumerate(utils.prefetch(batches)):
     state, loss = p_train_step(state, batch, resident, counts[sizes[group]])
-    losses.append(loss[0])
+    losses.append(loss.addressable_data(0))  # [1, steps]
     done += sizes[group]
     if group == 0:
       loss.block_until_ready()  # Exclude compilation from the rate.
@@ -404,9 +389,28 @@ def _run(
   model = create_model(
     config, dataset.field_dims, AXIS, **data.model_fields(dataset)
   )
-  state = create_train_state(
-    jax.random.key(config.seed), config, model, len(dataset.field_dims)
+  p_train_step = jax.pmap(
+    functools.partial(train_steps, model=model, seed=config.seed),
+    axis_name=AXIS,
+    donate_argnums=programs.state_donation(config.optimizer),
   )
+  p_eval_step = jax.pmap(
+    functools.partial(eval_step, model=model), axis_name=AXIS
+  )
+  # The train and eval programs compile on threads, from shapes, while the
+  # state initialises and the latest checkpoint restores.
+  init, rng = state_initializer(config, model), jax.random.key(config.seed)
+  resident = replicate(data.resident_split(dataset.train, config))
+  wait_compiled = programs.compile_train_and_eval(
+    p_train_step,
+    p_eval_step,
+    jax.eval_shape(init, rng),
+    dataset.train,
+    dataset.valid,
+    config,
+    resident,
+  )
+  state = init(rng)
   num_params = sum(x.size for x in jax.tree.leaves(state.params))
   logging.info('Model %s: %d parameters', config.model_name, num_params)
   if config.get('init_from'):
@@ -431,16 +435,8 @@ def _run(
   )
   writer.truncate(meta['epoch'])
 
-  p_train_step = jax.pmap(
-    functools.partial(train_steps, model=model, seed=config.seed),
-    axis_name=AXIS,
-    donate_argnums=state_donation(config.optimizer),
-  )
-  p_eval_step = jax.pmap(
-    functools.partial(eval_step, model=model), axis_name=AXIS
-  )
   replicated = replicate(state)
-  resident = replicate(data.resident_split(dataset.train, config))
+  wait_compiled()
 
   with ckpt:
     epoch = meta['epoch']
@@ -463,7 +459,7 @@ def _run(
           f' {valid["auc"]}. Lower config.learning_rate.'
         )
 
-      host_state = jax.device_get(jax_utils.unreplicate(replicated))
+      host_state = programs.first_replica(replicated)
       if valid['auc'] > meta['best_auc']:
         meta.update(best_auc=valid['auc'], best_epoch=epoch, bad_epochs=0)
         ckpt.save_best(epoch, host_state, dict(meta, epoch=epoch))

@@ -127,6 +127,7 @@ class _JaxRunner:
     import jax  # pylint: disable=g-import-not-at-top
 
     import data  # pylint: disable=g-import-not-at-top
+    import programs  # pylint: disable=g-import-not-at-top
     import train  # pylint: disable=g-import-not-at-top
 
     self.compiles = 0
@@ -156,7 +157,7 @@ class _JaxRunner:
       functools.partial(train.train_steps, model=model, seed=spec['seed']),
       axis_name=train.AXIS,
       # As train_and_evaluate.
-      donate_argnums=train.state_donation(config.optimizer),
+      donate_argnums=programs.state_donation(config.optimizer),
     )
     self.p_eval = jax.pmap(
       functools.partial(train.eval_step, model=model), axis_name=train.AXIS
@@ -237,6 +238,7 @@ class _JaxRunner:
     import functools  # pylint: disable=g-import-not-at-top
 
     import optim  # pylint: disable=g-import-not-at-top
+    import programs  # pylint: disable=g-import-not-at-top
     import sparse  # pylint: disable=g-import-not-at-top
 
     jax, train = self.jax, self.train_mod
@@ -267,9 +269,9 @@ class _JaxRunner:
       )
 
     grad_fn = jax.jit(grads_of)
-    # Donated as the train step's state (see train.state_donation), the
+    # Donated as the train step's state (see programs.state_donation), the
     # arguments in the order of the outputs, each buffer its own output's.
-    donate = (1, 2) if train.state_donation(self.config.optimizer) else ()
+    donate = (1, 2) if programs.state_donation(self.config.optimizer) else ()
     update_fn = jax.jit(update, donate_argnums=donate)
     params, opt_state = host.params, host.opt_state
     grads = grad_fn(params, batches[0])

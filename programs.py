@@ -1,0 +1,193 @@
+"""What the pmapped train and eval programs are called with, compiled ahead.
+
+`jax.pmap` runs one copy of a program on each local device, on arrays with a
+leading device axis laid out on a mesh named after the pmap axis. Moving a
+tree there with `jnp.stack` (as `flax.jax_utils.replicate` does) compiles one
+small program per array shape, and taking one replica back compiles a
+squeeze per shape: dozens of compilations, a good part of a short run's
+start-up. `replicate` and `first_replica` go through host memory and compile
+nothing.
+
+`epoch_stacks` gives the train program its stacks of batches, each of one
+shape, and `state_donation` says whether it may reuse the state's buffers.
+`compile_train_and_eval` compiles the train and eval programs on threads
+while the host initialises the state and restores checkpoints: it needs
+only their shapes (`replicated_shapes`).
+"""
+
+from collections.abc import Callable, Iterator
+import concurrent.futures
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+import data
+
+# The pmap axis of the devices; models name it for BatchNorm's statistics.
+AXIS = 'batch'
+
+
+def sharding() -> jax.sharding.NamedSharding:
+  """Where pmap puts its replicated outputs: split over the local devices.
+
+  Inputs laid out otherwise would make a program's second call compile it
+  again.
+  """
+  mesh = jax.sharding.Mesh(np.array(jax.local_devices()), (AXIS,))
+  return jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(AXIS))
+
+
+def replicate(tree: Any) -> Any:
+  """A copy of each array `[...]` on every local device: `[devices, ...]`.
+
+  Device arrays are copied to the host first, then to each device: no
+  program compiles, and no device holds more than its own copy.
+  """
+  layout = sharding()
+  devices = list(layout.mesh.devices.flat)
+
+  def put(x):
+    x = np.asarray(x)[None]
+    shards = [jax.device_put(x, d) for d in devices]
+    shape = (len(devices),) + x.shape[1:]
+    return jax.make_array_from_single_device_arrays(shape, layout, shards)
+
+  return jax.tree.map(put, tree)
+
+
+def first_replica(tree: Any) -> Any:
+  """Host copies (numpy) of device 0's replica of each `[devices, ...]` array.
+
+  A copy, never a view: the device buffers may be donated to the next step.
+  """
+  return jax.tree.map(lambda x: np.array(x.addressable_data(0))[0], tree)
+
+
+def replicated_shapes(shapes: Any) -> Any:
+  """`replicate`'s output shapes for a tree of shapes (`jax.eval_shape`'s)."""
+  layout, count = sharding(), jax.local_device_count()
+  return jax.tree.map(
+    lambda x: jax.ShapeDtypeStruct(
+      (count,) + x.shape, x.dtype, sharding=layout
+    ),
+    shapes,
+  )
+
+
+def compile_ahead(
+  *programs: tuple[Callable, Callable[[], tuple]],
+) -> Callable[[], None]:
+  """Compiles each `(program, args)` pair on a thread of its own.
+
+  `args()`, run on the thread, returns the program's arguments or their
+  shapes (`jax.ShapeDtypeStruct`, with the sharding of device arrays). A
+  later call with arguments of those shapes runs without compiling.
+
+  Returns:
+    `wait()`, which waits for the compilations and raises what they raised.
+    Python waits for them at exit, so none is cut off.
+  """
+  pool = concurrent.futures.ThreadPoolExecutor(len(programs), 'compile_ahead')
+  futures = [
+    pool.submit(lambda p, a: p.lower(*a()).compile(), program, args)
+    for program, args in programs
+  ]
+  pool.shutdown(wait=False)
+
+  def wait():
+    for future in futures:
+      future.result()
+
+  return wait
+
+
+def state_donation(optimizer: str = 'adam') -> tuple[int, ...]:
+  """`donate_argnums` of the pmapped train step: the state, except on CPU.
+
+  The old state is never read after a step, so XLA may reuse its buffers.
+  But on XLA:CPU, donating the replicated state makes the compiled step copy
+  the donated parameters and Adam moments first, a loss for every model with
+  large tables. The row-wise optimizers donate everywhere: they write only
+  the rows read of the tables and of their state, in place when donated
+  (else XLA copies the whole tables first).
+  """
+  if optimizer != 'adam':
+    return (0,)
+  return () if jax.default_backend() == 'cpu' else (0,)
+
+
+def epoch_stacks(
+  split: data.Split,
+  config: ml_collections.ConfigDict,
+  epoch: int,
+  resident: dict[str, jax.Array] | None = None,
+) -> tuple[list[int], Iterator[dict[str, np.ndarray] | np.ndarray]]:
+  """The steps of each dispatch of an epoch, and the stacks they train on.
+
+  Stacks of `config.steps_per_dispatch` batches (rows of `resident`, if
+  given), a shorter remainder first and padded to their shape: one program.
+  """
+  steps = data.num_train_steps(split, config.batch_size)
+  batches = (data.train_batches if resident is None else data.train_rows)(
+    split,
+    config.batch_size,
+    seed=config.seed,
+    epoch=epoch,
+    process_index=jax.process_index(),
+    process_count=jax.process_count(),
+  )
+  size = min(config.steps_per_dispatch, steps)
+  sizes = [steps % size] * (steps % size > 0) + [size] * (steps // size)
+  stack = data.stack_batches if resident is None else data.stack_rows
+  return sizes, stack(batches, sizes, jax.local_device_count())
+
+
+def compile_train_and_eval(
+  p_train_step: Callable,
+  p_eval_step: Callable,
+  shapes: Any,
+  train_split: data.Split,
+  valid_split: data.Split,
+  config: ml_collections.ConfigDict,
+  resident: dict[str, jax.Array] | None = None,
+) -> Callable[[], None]:
+  """Compiles the train and eval programs on threads, while the host goes on.
+
+  Args:
+    p_train_step: the pmapped `train.train_steps`.
+    p_eval_step: the pmapped `train.eval_step`.
+    shapes: the shapes of the (unreplicated) train state.
+    train_split: the training split; its first stack gives the shapes.
+    valid_split: the validation split; its first batch gives the shapes.
+    config: the run's config.
+    resident: `train_split` on the devices (`data.resident_split`), if it is
+      kept there.
+
+  Returns:
+    `wait()`, which returns once both are compiled. With several processes
+    it returns at once and the programs compile at their first call: there
+    pmap's lowering of `jax.ShapeDtypeStruct` arguments fails (an
+    IndexError in jax 0.10's `mesh_local_to_global`).
+  """
+  if jax.process_count() > 1:
+    return lambda: None
+  state = replicated_shapes(shapes)
+  count = replicated_shapes(jax.ShapeDtypeStruct((), jnp.int32))
+
+  def train_args():
+    _, stacks = epoch_stacks(train_split, config, 0, resident)
+    return state, next(stacks), resident, count
+
+  def eval_args():
+    batches = data.eval_batches(
+      valid_split,
+      config.eval_batch_size,
+      process_index=jax.process_index(),
+      process_count=jax.process_count(),
+    )
+    return state, data.shard(next(batches), jax.local_device_count())
+
+  return compile_ahead((p_train_step, train_args), (p_eval_step, eval_args))

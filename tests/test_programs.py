@@ -1,0 +1,201 @@
+"""programs.py: replicas that compile nothing, programs compiled ahead.
+
+And `compile_train_and_eval`: the programs it compiles are the ones a run
+calls, so the first epoch and evaluation start without compiling.
+"""
+
+import contextlib
+import functools
+
+from absl.testing import absltest
+from absl.testing import parameterized
+import jax
+from jax import lax
+import jax.numpy as jnp
+import numpy as np
+
+from configs import default
+import data
+import programs
+import train
+
+# One per program that a call lowers (compiled, or loaded from the cache).
+LOWERING = '/jax/core/compile/jaxpr_to_mlir_module_duration'
+
+
+@contextlib.contextmanager
+def lowerings():
+  """Yields the list of the programs lowered inside the block."""
+  events = []
+
+  def listen(event, duration, **kwargs):
+    del duration, kwargs
+    if event == LOWERING:
+      events.append(event)
+
+  jax.monitoring.register_event_duration_secs_listener(listen)
+  try:
+    yield events
+  finally:
+    jax.monitoring.unregister_event_duration_listener(listen)
+
+
+class ReplicateTest(absltest.TestCase):
+  def test_every_device_holds_the_tree_and_nothing_compiles(self):
+    tree = {
+      'table': np.arange(12, dtype=np.float32).reshape(4, 3),
+      'step': np.int32(5),
+      'on_device': jnp.arange(3.0),  # Computed before the block.
+    }
+    tree['on_device'].block_until_ready()
+    with lowerings() as lowered:
+      out = programs.replicate(tree)
+    self.assertEqual(lowered, [])
+    count = jax.local_device_count()
+    self.assertEqual(count, 2)  # conftest's two emulated devices.
+    for key, value in tree.items():
+      self.assertEqual(out[key].shape, (count,) + np.shape(value))
+      self.assertEqual(out[key].dtype, np.asarray(value).dtype)
+      self.assertEqual(out[key].sharding, programs.sharding())
+      for shard in out[key].addressable_shards:
+        np.testing.assert_array_equal(np.asarray(shard.data)[0], value)
+    self.assertLen({s.device for s in out['table'].addressable_shards}, count)
+
+  def test_replicas_are_laid_out_as_pmap_lays_out_its_outputs(self):
+    step = jax.pmap(lambda x: x + 1.0, axis_name=programs.AXIS)
+    x = programs.replicate(np.zeros(3, np.float32))
+    y = step(x)
+    self.assertEqual(y.sharding, x.sharding)
+    with lowerings() as lowered:  # So the output's call compiles nothing.
+      z = step(y)
+    self.assertEqual(lowered, [])
+    np.testing.assert_array_equal(np.asarray(z), np.full((2, 3), 2.0))
+
+  def test_first_replica_is_a_host_copy_of_device_0s(self):
+    # Different values on each device: the first replica is device 0's.
+    scaled = jax.pmap(
+      lambda x: x * (1.0 + lax.axis_index(programs.AXIS)),
+      axis_name=programs.AXIS,
+    )
+    y = scaled(programs.replicate(np.arange(1.0, 4.0, dtype=np.float32)))
+    np.testing.assert_array_equal(np.asarray(y)[1], [2.0, 4.0, 6.0])
+    with lowerings() as lowered:
+      host = programs.first_replica({'w': y})['w']
+    self.assertEqual(lowered, [])
+    self.assertIsInstance(host, np.ndarray)
+    np.testing.assert_array_equal(host, [1.0, 2.0, 3.0])
+    host[0] = 9.0  # A copy: the device's buffer keeps its value.
+    np.testing.assert_array_equal(np.asarray(y)[0], [1.0, 2.0, 3.0])
+
+  def test_replicated_shapes_are_those_of_the_replicas(self):
+    value = np.ones((4, 3), np.float32)
+    shape = programs.replicated_shapes(jax.eval_shape(lambda: value))
+    replica = programs.replicate(value)
+    self.assertEqual(shape.shape, replica.shape)
+    self.assertEqual(shape.dtype, replica.dtype)
+    self.assertEqual(shape.sharding, replica.sharding)
+
+
+class CompileAheadTest(absltest.TestCase):
+  def test_a_program_compiled_ahead_runs_without_compiling(self):
+    step = jax.pmap(lambda w, x: jnp.tanh(x @ w) * 1.5, axis_name=programs.AXIS)
+    weights = np.full((3, 2), 0.25, np.float32)
+    inputs = np.ones((2, 5, 3), np.float32)
+    shape = jax.ShapeDtypeStruct(weights.shape, weights.dtype)
+    wait = programs.compile_ahead(
+      (step, lambda: (programs.replicated_shapes(shape), inputs))
+    )
+    wait()
+    replicas = programs.replicate(weights)
+    with lowerings() as lowered:
+      out = step(replicas, inputs)
+    self.assertEqual(lowered, [])
+    np.testing.assert_allclose(
+      np.asarray(out), np.tanh(inputs @ weights) * 1.5, rtol=1e-6
+    )
+
+  def test_wait_raises_what_a_compilation_raised(self):
+    step = jax.pmap(lambda x: x @ x, axis_name=programs.AXIS)
+    wait = programs.compile_ahead(
+      (step, lambda: (np.ones((2, 3, 4), np.float32),))  # 3x4 @ 3x4.
+    )
+    with self.assertRaisesRegex(TypeError, 'dot_general'):
+      wait()
+
+
+FIELD_DIMS = (5, 6)
+
+
+def _split(num, side=False):
+  """`num` random examples; with `side`, a multi-hot and a numeric field."""
+  rng = np.random.default_rng(0)
+  ids = np.stack([rng.integers(0, d, num) for d in FIELD_DIMS], 1)
+  labels = (rng.random(num) < 0.5).astype(np.float32)
+  if not side:
+    return data.Split(ids.astype(np.int32), labels)
+  multi = -np.sort(-rng.integers(-1, 4, (num, 1, 3)), axis=-1)
+  dense = rng.normal(size=(num, 1)).astype(np.float32)
+  return data.Split(ids.astype(np.int32), labels, multi.astype(np.int32), dense)
+
+
+class TrainCompileAheadTest(parameterized.TestCase):
+  @parameterized.product(
+    model_name=('fm', 'deepfm'),
+    optimizer=('adam', 'rowwise_adagrad'),
+    resident=(False, True),
+    side=(False, True),
+  )
+  def test_the_run_calls_the_programs_compiled_ahead(
+    self, model_name, optimizer, resident, side
+  ):
+    config = default.get_config()
+    config.model_name = model_name
+    config.model = {'embed_dim': 4}
+    if model_name == 'deepfm':  # BatchNorm and dropout.
+      config.model = {'embed_dim': 4, 'mlp_dims': (8,), 'dropout': 0.2}
+    config.optimizer = optimizer
+    config.batch_size, config.eval_batch_size = 8, 16
+    config.steps_per_dispatch = 3  # 7 steps: a padded stack, then 3 and 3.
+    config.progress_bar = False
+    train_split, valid_split = _split(7 * 8 + 5, side), _split(40, side)
+    inputs = {}
+    if side:
+      inputs = {'multi_field_dims': (4,), 'num_dense': 1}
+    model = train.create_model(config, FIELD_DIMS, train.AXIS, **inputs)
+    p_train = jax.pmap(
+      functools.partial(train.train_steps, model=model, seed=0),
+      axis_name=train.AXIS,
+      donate_argnums=programs.state_donation(optimizer),
+    )
+    p_eval = jax.pmap(
+      functools.partial(train.eval_step, model=model), axis_name=train.AXIS
+    )
+    init, rng = train.state_initializer(config, model), jax.random.key(0)
+    rows = None
+    if resident:
+      rows = train.replicate(data.resident_split(train_split, config))
+    wait = programs.compile_train_and_eval(
+      p_train,
+      p_eval,
+      jax.eval_shape(init, rng),
+      train_split,
+      valid_split,
+      config,
+      rows,
+    )
+    state = train.replicate(init(rng))
+    wait()
+    with lowerings() as lowered:
+      for epoch in range(2):
+        state, loss, _ = train.train_epoch(
+          p_train, state, train_split, config, epoch, rows
+        )
+        scores = train.evaluate(p_eval, state, valid_split, 16)
+    self.assertEqual(lowered, [])
+    self.assertEqual(int(np.asarray(state.step)[0]), 14)
+    self.assertTrue(np.isfinite(loss))
+    self.assertEqual(scores['num_examples'], 40)
+
+
+if __name__ == '__main__':
+  absltest.main()
