@@ -316,7 +316,9 @@ def train_epoch(
   sizes, batches = programs.epoch_stacks(split, config, epoch, resident)
   # The step counts, on the devices once rather than sent with every stack.
   counts = {n: replicate(np.int32(n)) for n in set(sizes)}
-  losses, done, every = [], 0, config.log_every_steps
+  # Each stack's losses stay on the device until read, once: the bar reads
+  # the new ones (waiting for them) only when it is drawn.
+  losses, fetched, done, every = [], [], 0, config.log_every_steps
   for group, batch in enumerate(utils.prefetch(batches)):
     state, loss = p_train_step(state, batch, resident, counts[sizes[group]])
     losses.append(loss.addressable_data(0))  # [1, steps]
@@ -324,10 +326,13 @@ def train_epoch(
     if group == 0:
       loss.block_until_ready()  # Exclude compilation from the rate.
       start, timed = time.perf_counter(), done
-    if done // every > (done - sizes[group]) // every or done == steps:
-      recent = np.mean(_first(jax.device_get(losses), sizes)[-every:])
+    logs = done // every > (done - sizes[group]) // every or done == steps
+    if bar.enabled and logs:
+      fetched += jax.device_get(losses[len(fetched) :])
+      recent = np.mean(_first(fetched, sizes)[-every:])
       bar.update(done, (done - 1) * config.batch_size, f'loss {recent:.4f}')
-  loss = float(np.mean(_first(jax.device_get(losses), sizes)))
+  fetched += jax.device_get(losses[len(fetched) :])
+  loss = float(np.mean(_first(fetched, sizes)))
   elapsed = max(time.perf_counter() - start, 1e-9)
   bar.close()
   return state, loss, max(steps - timed, 1) * config.batch_size / elapsed

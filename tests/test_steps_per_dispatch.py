@@ -6,6 +6,7 @@ what the steps compute; the cache must store what a run compiles.
 
 import functools
 import os
+import sys
 import tempfile
 from unittest import mock
 
@@ -121,6 +122,48 @@ class StepsPerDispatchTest(parameterized.TestCase):
     for name in ('multi_embedding', 'dense_embedding'):
       key = next(k for k in trained if name in k)
       self.assertGreater(np.abs(trained[key] - initial[key]).max(), 1e-3)
+
+  def test_the_bar_shows_the_recent_losses_reading_each_stack_once(self):
+    # 23 steps, 3 per dispatch (2, then 3 x 7), a bar line every 5 steps:
+    # after the stacks that cross a multiple of 5, and the last.
+    split = _split(23 * 8 + 5)
+    config, state, p_steps = _setup('adam')
+    config.steps_per_dispatch, config.progress_bar = 1, True
+    captions, read = [], []
+    get = jax.device_get
+
+    def device_get(tree):
+      read.extend(jax.tree.leaves(tree))
+      return get(tree)
+
+    def update(bar, done, count, caption=''):
+      del bar, count
+      captions.append((done, float(caption.split()[-1])))
+
+    # Per-step losses, from a run with one step a dispatch and a line a step.
+    config.log_every_steps = 1
+    with (
+      mock.patch.object(sys.stderr, 'isatty', lambda: True),
+      mock.patch.object(utils.ProgressBar, 'update', update),
+    ):
+      train.train_epoch(p_steps, train.replicate(state), split, config, 0)
+      steps = np.array([loss for _, loss in captions])
+      captions.clear()
+      config.steps_per_dispatch, config.log_every_steps = 3, 5
+      with mock.patch.object(jax, 'device_get', device_get):
+        _, loss, _ = train.train_epoch(
+          p_steps, train.replicate(state), split, config, 0
+        )
+    self.assertLen(steps, 23)
+    self.assertEqual([d for d, _ in captions], [5, 11, 17, 20, 23])
+    for done, recent in captions:
+      np.testing.assert_allclose(
+        recent, steps[done - 5 : done].mean(), atol=1e-4
+      )
+    # The captions round to 4 decimals.
+    np.testing.assert_allclose(loss, steps.mean(), atol=1e-4)
+    # Each stack's losses are read once, not once per line.
+    self.assertLen(read, 8)
 
   def test_resident_split_respects_the_size_limit(self):
     config = default.get_config()
