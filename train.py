@@ -249,6 +249,19 @@ def eval_step(
 replicate = programs.replicate
 
 
+def pmapped_steps(model, config: ml_collections.ConfigDict) -> tuple:
+  """The run's pmapped `train_steps` and `eval_step` of `model`."""
+  p_train_step = jax.pmap(
+    functools.partial(train_steps, model=model, seed=config.seed),
+    axis_name=AXIS,
+    donate_argnums=programs.state_donation(config.optimizer),
+  )
+  p_eval_step = jax.pmap(
+    functools.partial(eval_step, model=model), axis_name=AXIS
+  )
+  return p_train_step, p_eval_step
+
+
 def evaluate(
   p_eval_step: Callable,
   state: TrainState,
@@ -394,14 +407,7 @@ def _run(
   model = create_model(
     config, dataset.field_dims, AXIS, **data.model_fields(dataset)
   )
-  p_train_step = jax.pmap(
-    functools.partial(train_steps, model=model, seed=config.seed),
-    axis_name=AXIS,
-    donate_argnums=programs.state_donation(config.optimizer),
-  )
-  p_eval_step = jax.pmap(
-    functools.partial(eval_step, model=model), axis_name=AXIS
-  )
+  p_train_step, p_eval_step = pmapped_steps(model, config)
   # The train and eval programs compile on threads, from shapes, while the
   # state initialises and the latest checkpoint restores.
   init, rng = state_initializer(config, model), jax.random.key(config.seed)

@@ -122,12 +122,9 @@ class _JaxRunner:
   """Our pmapped train steps (one optimizer) and eval step on numpy batches."""
 
   def __init__(self, spec: dict):
-    import functools  # pylint: disable=g-import-not-at-top
-
     import jax  # pylint: disable=g-import-not-at-top
 
     import data  # pylint: disable=g-import-not-at-top
-    import programs  # pylint: disable=g-import-not-at-top
     import train  # pylint: disable=g-import-not-at-top
 
     self.compiles = 0
@@ -141,7 +138,7 @@ class _JaxRunner:
     self.jax = jax
     ids, labels, field_dims = make_data(spec)
     config = common.get_config(spec['model'])
-    config.optimizer = spec['optimizer']
+    config.optimizer, config.seed = spec['optimizer'], spec['seed']
     if spec.get('steps_per_dispatch'):
       config.steps_per_dispatch = spec['steps_per_dispatch']
     self.config, self.field_dims, self.train_mod = config, field_dims, train
@@ -153,15 +150,7 @@ class _JaxRunner:
     b = spec['batch_size']
     self.leaves = self._leaves(state, ids, b)
     self.state = train.replicate(state)
-    self.p_train = jax.pmap(
-      functools.partial(train.train_steps, model=model, seed=spec['seed']),
-      axis_name=train.AXIS,
-      # As train_and_evaluate.
-      donate_argnums=programs.state_donation(config.optimizer),
-    )
-    self.p_eval = jax.pmap(
-      functools.partial(train.eval_step, model=model), axis_name=train.AXIS
-    )
+    self.p_train, self.p_eval = train.pmapped_steps(model, config)
     self.batches = [
       {'ids': ids[i : i + b], 'label': labels[i : i + b]}
       for i in range(0, len(labels), b)

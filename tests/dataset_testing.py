@@ -17,6 +17,7 @@ from absl.testing import parameterized
 import numpy as np
 
 from configs import default
+import data
 
 
 def convert_numeric_feature(val: str) -> str:
@@ -155,3 +156,16 @@ class DatasetTestCase(parameterized.TestCase):
 
 def all_rows(dataset):
   return np.asarray(dataset.train.ids), np.asarray(dataset.train.labels)
+
+
+def random_split(num: int, field_dims, side: bool = False) -> data.Split:
+  """`num` random examples; with `side`, a multi-hot and a numeric field."""
+  rng = np.random.default_rng(0)
+  ids = np.stack([rng.integers(0, d, num) for d in field_dims], 1)
+  labels = ((rng.random(num) < 0.5) * 1.0).astype(np.float32)
+  if not side:
+    return data.Split(ids.astype(np.int32), labels)
+  multi = rng.integers(-1, 4, (num, 1, 3)).astype(np.int32)
+  multi = -np.sort(-multi, axis=-1)  # -1 padding at the end of each list.
+  dense = rng.normal(size=(num, 1)).astype(np.float32)
+  return data.Split(ids.astype(np.int32), labels, multi, dense)

@@ -5,10 +5,10 @@ calls, so the first epoch and evaluation start without compiling.
 """
 
 import contextlib
-import functools
 
 from absl.testing import absltest
 from absl.testing import parameterized
+import dataset_testing
 import jax
 from jax import lax
 import jax.numpy as jnp
@@ -127,15 +127,7 @@ FIELD_DIMS = (5, 6)
 
 
 def _split(num, side=False):
-  """`num` random examples; with `side`, a multi-hot and a numeric field."""
-  rng = np.random.default_rng(0)
-  ids = np.stack([rng.integers(0, d, num) for d in FIELD_DIMS], 1)
-  labels = (rng.random(num) < 0.5).astype(np.float32)
-  if not side:
-    return data.Split(ids.astype(np.int32), labels)
-  multi = -np.sort(-rng.integers(-1, 4, (num, 1, 3)), axis=-1)
-  dense = rng.normal(size=(num, 1)).astype(np.float32)
-  return data.Split(ids.astype(np.int32), labels, multi.astype(np.int32), dense)
+  return dataset_testing.random_split(num, FIELD_DIMS, side)
 
 
 class TrainCompileAheadTest(parameterized.TestCase):
@@ -162,14 +154,7 @@ class TrainCompileAheadTest(parameterized.TestCase):
     if side:
       inputs = {'multi_field_dims': (4,), 'num_dense': 1}
     model = train.create_model(config, FIELD_DIMS, train.AXIS, **inputs)
-    p_train = jax.pmap(
-      functools.partial(train.train_steps, model=model, seed=0),
-      axis_name=train.AXIS,
-      donate_argnums=programs.state_donation(optimizer),
-    )
-    p_eval = jax.pmap(
-      functools.partial(train.eval_step, model=model), axis_name=train.AXIS
-    )
+    p_train, p_eval = train.pmapped_steps(model, config)
     init, rng = train.state_initializer(config, model), jax.random.key(0)
     rows = None
     if resident:

@@ -12,6 +12,7 @@ from unittest import mock
 
 from absl.testing import absltest
 from absl.testing import parameterized
+import dataset_testing
 import jax
 from jax.experimental.compilation_cache import compilation_cache
 import jax.numpy as jnp
@@ -47,16 +48,7 @@ def _setup(optimizer, **inputs):
 
 
 def _split(num, side=False):
-  """`num` random examples; with `side`, a multi-hot and a numeric field."""
-  rng = np.random.default_rng(0)
-  ids = np.stack([rng.integers(0, d, num) for d in FIELD_DIMS], 1)
-  labels = ((rng.random(num) < 0.5) * 1.0).astype(np.float32)
-  if not side:
-    return data.Split(ids.astype(np.int32), labels)
-  multi = rng.integers(-1, 4, (num, 1, 3)).astype(np.int32)
-  multi = -np.sort(-multi, axis=-1)  # -1 padding at the end of each list.
-  dense = rng.normal(size=(num, 1)).astype(np.float32)
-  return data.Split(ids.astype(np.int32), labels, multi, dense)
+  return dataset_testing.random_split(num, FIELD_DIMS, side)
 
 
 class StepsPerDispatchTest(parameterized.TestCase):
