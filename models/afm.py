@@ -344,11 +344,16 @@ class AttentionalFactorizationMachine(nn.Module):
     """Maps embeddings `[batch, fields, dim]` to the logit term `[batch]`."""
     first, second = np.triu_indices(v.shape[1], k=1)  # [P], P = F(F-1)/2
     pairs = v[:, first] * v[:, second]  # [B, P, D]
+    batch, num_pairs, dim = pairs.shape
+    # The attention network reads rows `[B * P, D]`: XLA:CPU runs its
+    # backward faster than on `[B, P, D]` (a kernel's gradient is then one
+    # matrix product, not a contraction over two axes). Same result.
+    rows = pairs.reshape(batch * num_pairs, dim)  # [B * P, D]
     attention = nn.Dense(self.attn_size, dtype=self.dtype, name='attention')
-    hidden = nn.relu(attention(pairs))  # [B, P, A]
+    hidden = nn.relu(attention(rows))  # [B * P, A]
     scores = nn.Dense(1, use_bias=False, dtype=self.dtype, name='projection')(
       hidden
-    )[..., 0]  # [B, P]
+    ).reshape(batch, num_pairs)  # [B, P]
     a = nn.softmax(scores, axis=1)  # [B, P]
     a = nn.Dropout(self.dropouts[0], deterministic=not train)(a)
     pooled = jnp.sum(a[..., None] * pairs, axis=1)  # [B, D]
