@@ -1,4 +1,4 @@
-"""How far a training step is from the machine's memory bandwidth.
+"""How far a training step is from the machine's memory bandwidth and FLOPs.
 
 A CTR step on big tables is bound by memory traffic, not arithmetic: it
 gathers the rows of the batch, writes their gradients, and updates the
@@ -7,7 +7,13 @@ numpy copy, read and write counted), `step_bytes` counts what a step must
 touch at the least with each optimizer, and their ratio is the fastest step
 the memory allows.
 
-  python -m benchmarks.bandwidth      # prints the copy bandwidth
+A step that crosses every pair of fields (FFM, AFM, AutoInt, PNN, ...) is
+bound by arithmetic instead: `matmul_rate` measures the floating-point
+operations per second of XLA's largest-case kernel, a square f32 matrix
+product, and `compiled_flops` counts those of a compiled step (XLA's cost
+analysis); their ratio is the fastest step the arithmetic allows.
+
+  python -m benchmarks.bandwidth      # prints both rates
 """
 
 from collections.abc import Mapping
@@ -84,5 +90,42 @@ def step_bytes(
   return out
 
 
+def matmul_rate(size: int = 2048, repeats: int = 5) -> float:
+  """FLOP/s of XLA's f32 `[size, size] @ [size, size]` on the default device.
+
+  The median of `repeats` products after a warm-up, counted as
+  `2 size^3` operations each. JAX is imported here, so that a process that
+  only measures bandwidth does not load it.
+  """
+  import jax  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+
+  a = jnp.ones((size, size), jnp.float32)
+  product = jax.jit(jnp.dot)
+  product(a, a).block_until_ready()
+  times = []
+  for _ in range(repeats):
+    start = time.perf_counter()
+    product(a, a).block_until_ready()
+    times.append(time.perf_counter() - start)
+  return 2 * size**3 / statistics.median(times)
+
+
+def compiled_flops(fn, *args) -> float:
+  """Floating-point operations of `jax.jit(fn)(*args)`, by XLA's cost analysis.
+
+  Counts each matrix product's multiply-adds as two operations and each
+  element of an elementwise operation as one; gathers and scatters count
+  none. A loop's body is counted once, so `fn` should be one step.
+  """
+  import jax  # pylint: disable=g-import-not-at-top
+
+  cost = jax.jit(fn).lower(*args).compile().cost_analysis()
+  if isinstance(cost, (list, tuple)):  # Older JAX: one dict per program.
+    cost = cost[0]
+  return float(cost.get('flops', 0.0))
+
+
 if __name__ == '__main__':
   print(f'copy bandwidth: {copy_bandwidth() / 1e9:.1f} GB/s')
+  print(f'XLA f32 matmul: {matmul_rate() / 1e9:.1f} GFLOP/s')

@@ -217,12 +217,13 @@ class _JaxRunner:
     return elapsed, sum(x.size for x in logits)
 
   def breakdown(self, steps: int) -> dict[str, float]:
-    """ms per step of forward + backward alone and of the optimizer alone.
+    """ms and GFLOP per step of forward + backward alone and of the optimizer.
 
     The two parts of `train.train_step` (`sparse.value_and_grad` of
     `train.loss_fn`, and `optim.apply_gradients`), each jitted on one
     device's share of a batch outside pmap (BatchNorm without an axis name),
-    so they time apart.
+    so they time apart; their operations are counted by XLA's cost analysis
+    (`bandwidth.compiled_flops`).
     """
     import functools  # pylint: disable=g-import-not-at-top
 
@@ -264,6 +265,12 @@ class _JaxRunner:
     update_fn = jax.jit(update, donate_argnums=donate)
     params, opt_state = host.params, host.opt_state
     grads = grad_fn(params, batches[0])
+    flops = {
+      'forward_backward_gflop': 1e-9
+      * bandwidth.compiled_flops(grads_of, params, batches[0]),
+      'optimizer_gflop': 1e-9
+      * bandwidth.compiled_flops(update, grads, params, opt_state),
+    }
     params, opt_state = update_fn(grads, params, opt_state)  # Compiles.
     jax.block_until_ready(params)
     start = time.perf_counter()
@@ -279,6 +286,7 @@ class _JaxRunner:
     return {
       'forward_backward_ms': 1e3 * grad_s / steps,
       'optimizer_ms': 1e3 * update_s / steps,
+      **flops,
     }
 
 
@@ -373,6 +381,7 @@ def _worker(library: str, spec: dict, conn) -> None:
         'devices': runner.num_devices,
         'steps_per_dispatch': runner.per_dispatch,
         'step_bytes': bandwidth.step_bytes(runner.leaves, spec['optimizer']),
+        'matmul_flops_per_s': bandwidth.matmul_rate(),
       }
     else:
       runner = _TorchRunner(spec)
@@ -557,6 +566,17 @@ def measure(
     record['flax_of_bound'] = (
       ours['train_ex_per_s'] / record['flax_bound_ex_per_s']
     )
+    # The operations of a whole batch (each device counts its share), and
+    # the fastest step XLA's matrix-product rate allows at that count.
+    devices = ours['info']['devices']
+    step_gflop = devices * (
+      ours['forward_backward_gflop'] + ours['optimizer_gflop']
+    )
+    record['flax_step_gflop'] = step_gflop
+    record['matmul_gflop_per_s'] = ours['info']['matmul_flops_per_s'] / 1e9
+    record['flax_compute_bound_ex_per_s'] = (
+      args.batch_size * record['matmul_gflop_per_s'] / step_gflop
+    )
     if 'torchfm' in figures:
       record.update({f'torchfm_{k}': v for k, v in figures['torchfm'].items()})
       record['train_speedup'] = (
@@ -564,6 +584,10 @@ def measure(
       )
       record['eval_speedup'] = (
         record['flax_eval_ex_per_s'] / record['torchfm_eval_ex_per_s']
+      )
+      # The most any implementation of our step's arithmetic could reach.
+      record['compute_bound_speedup'] = (
+        record['flax_compute_bound_ex_per_s'] / record['torchfm_train_ex_per_s']
       )
     records.append(record)
   return records
@@ -617,6 +641,9 @@ def markdown(records: list[dict], info: dict, command: str) -> str:
     'flax-fm MiB touched / step',
     'bound ex/s',
     'flax-fm of bound',
+    'flax-fm GFLOP / step',
+    'compute bound ex/s',
+    'compute bound / torchfm',
   ]
   for r in records:
     row = [r['model'], r['data'], r['optimizer']]
@@ -628,6 +655,9 @@ def markdown(records: list[dict], info: dict, command: str) -> str:
       common.fmt(r.get('flax_step_mib'), '.1f'),
       common.fmt(r.get('flax_bound_ex_per_s')),
       common.fmt(100 * r.get('flax_of_bound', float('nan')), '.0f') + '%',
+      common.fmt(r.get('flax_step_gflop'), '.3g'),
+      common.fmt(r.get('flax_compute_bound_ex_per_s')),
+      common.fmt(r.get('compute_bound_speedup'), '.1f') + 'x',
     ]
     split_rows.append(row)
   first = records[0] if records else {}
@@ -647,7 +677,12 @@ def markdown(records: list[dict], info: dict, command: str) -> str:
       ' update of the rows or tables it must read and write), the step rate'
       ' that the measured copy bandwidth'
       f' ({common.fmt(first.get("bandwidth_gb_per_s"), ".1f")} GB/s) would'
-      ' allow at that traffic, and the share of it reached:',
+      ' allow at that traffic, and the share of it reached; then the'
+      " operations of a step (XLA's cost analysis), the step rate that XLA's"
+      ' f32 matrix product'
+      f' ({common.fmt(first.get("matmul_gflop_per_s"), ".0f")} GFLOP/s) would'
+      " allow at that count, and that rate against torchfm's: the most any"
+      ' implementation of the same arithmetic could reach on this machine:',
       common.markdown_table(split_header, split_rows),
       f'Median of {first.get("rounds")} alternating rounds of'
       f' {first.get("steps")} training steps (batch'

@@ -21,6 +21,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from benchmarks import bandwidth
 from benchmarks import common
 from benchmarks import plot
 from benchmarks import quality
@@ -44,6 +45,26 @@ class _TempDirs:
     path = tempfile.mkdtemp(prefix='test_benchmarks-')
     self.addCleanup(shutil.rmtree, path, ignore_errors=True)
     return types.SimpleNamespace(full_path=path)
+
+
+class BandwidthTest(absltest.TestCase):
+  def test_compiled_flops_counts_products_and_elementwise_ops(self):
+    x, w, b = np.ones((8, 16)), np.ones((16, 4)), np.ones(4)
+    self.assertEqual(
+      bandwidth.compiled_flops(lambda x, w: x @ w, x, w), 2 * 8 * 16 * 4
+    )
+    self.assertEqual(
+      bandwidth.compiled_flops(lambda x, w, b: x @ w + b, x, w, b),
+      2 * 8 * 16 * 4 + 8 * 4,
+    )
+
+  def test_matmul_rate_is_the_operations_over_the_median_time(self):
+    times = iter([0.0, 1.0, 1.0, 3.0, 3.0, 7.0, 7.0, 8.0])  # 1, 2, 4, 1 s.
+    with mock.patch.object(
+      bandwidth.time, 'perf_counter', side_effect=lambda: next(times)
+    ):
+      rate = bandwidth.matmul_rate(size=16, repeats=4)
+    self.assertEqual(rate, 2 * 16**3 / 1.5)
 
 
 class ThroughputTest(_TempDirs, absltest.TestCase):
@@ -73,6 +94,18 @@ class ThroughputTest(_TempDirs, absltest.TestCase):
       for key in ('flax_forward_backward_ms', 'flax_optimizer_ms'):
         self.assertTrue(math.isfinite(r[key]) and r[key] > 0, (key, r))
       self.assertTrue(math.isfinite(r['flax_final_loss']))
+      # A whole batch's operations: each of the 2 devices counts its share.
+      for key in ('flax_forward_backward_gflop', 'flax_optimizer_gflop'):
+        self.assertGreater(r[key], 0, key)
+      self.assertAlmostEqual(
+        r['flax_step_gflop'],
+        2 * (r['flax_forward_backward_gflop'] + r['flax_optimizer_gflop']),
+      )
+      self.assertAlmostEqual(
+        r['flax_compute_bound_ex_per_s'],
+        256 * r['matmul_gflop_per_s'] / r['flax_step_gflop'],
+        places=3,
+      )
       # Warm-up compiled the steps; the timed rounds must not recompile.
       self.assertEqual(r['flax_compiles_after_warmup'], 0)
       # conftest.py's two emulated devices reach the worker.
