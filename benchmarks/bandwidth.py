@@ -10,8 +10,9 @@ the memory allows.
 A step that crosses every pair of fields (FFM, AFM, AutoInt, PNN, ...) is
 bound by arithmetic instead: `matmul_rate` measures the floating-point
 operations per second of XLA's largest-case kernel, a square f32 matrix
-product, and `compiled_flops` counts those of a compiled step (XLA's cost
-analysis); their ratio is the fastest step the arithmetic allows.
+product, and `compiled_cost` counts those of a compiled step (XLA's cost
+analysis); their ratio is the fastest step the arithmetic allows. The same
+analysis counts the bytes the compiled step moves, intermediates included.
 
   python -m benchmarks.bandwidth      # prints both rates
 """
@@ -111,19 +112,26 @@ def matmul_rate(size: int = 2048, repeats: int = 5) -> float:
   return 2 * size**3 / statistics.median(times)
 
 
-def compiled_flops(fn, *args) -> float:
-  """Floating-point operations of `jax.jit(fn)(*args)`, by XLA's cost analysis.
+def compiled_cost(fn, *args) -> dict[str, float]:
+  """Operations and memory traffic of `jax.jit(fn)(*args)`, by XLA.
 
-  Counts each matrix product's multiply-adds as two operations and each
-  element of an elementwise operation as one; gathers and scatters count
-  none. A loop's body is counted once, so `fn` should be one step.
+  XLA's cost analysis of the compiled program: `flops` counts each matrix
+  product's multiply-adds as two operations and each element of an
+  elementwise operation as one (gathers and scatters count none); `bytes`
+  counts every operand read and every result written by each (fused)
+  operation, as if no cache held them: the traffic of the program as
+  compiled, intermediates included, not the least a step must move. A
+  loop's body is counted once, so `fn` should be one step.
   """
   import jax  # pylint: disable=g-import-not-at-top
 
   cost = jax.jit(fn).lower(*args).compile().cost_analysis()
   if isinstance(cost, (list, tuple)):  # Older JAX: one dict per program.
     cost = cost[0]
-  return float(cost.get('flops', 0.0))
+  return {
+    'flops': float(cost.get('flops', 0.0)),
+    'bytes': float(cost.get('bytes accessed', 0.0)),
+  }
 
 
 if __name__ == '__main__':

@@ -217,13 +217,13 @@ class _JaxRunner:
     return elapsed, sum(x.size for x in logits)
 
   def breakdown(self, steps: int) -> dict[str, float]:
-    """ms and GFLOP per step of forward + backward alone and of the optimizer.
+    """ms, GFLOP and MiB of a step's forward + backward and of its optimizer.
 
     The two parts of `train.train_step` (`sparse.value_and_grad` of
     `train.loss_fn`, and `optim.apply_gradients`), each jitted on one
     device's share of a batch outside pmap (BatchNorm without an axis name),
-    so they time apart; their operations are counted by XLA's cost analysis
-    (`bandwidth.compiled_flops`).
+    so they time apart; their operations and the bytes they move as compiled
+    are counted by XLA's cost analysis (`bandwidth.compiled_cost`).
     """
     import functools  # pylint: disable=g-import-not-at-top
 
@@ -265,11 +265,13 @@ class _JaxRunner:
     update_fn = jax.jit(update, donate_argnums=donate)
     params, opt_state = host.params, host.opt_state
     grads = grad_fn(params, batches[0])
-    flops = {
-      'forward_backward_gflop': 1e-9
-      * bandwidth.compiled_flops(grads_of, params, batches[0]),
-      'optimizer_gflop': 1e-9
-      * bandwidth.compiled_flops(update, grads, params, opt_state),
+    grad_cost = bandwidth.compiled_cost(grads_of, params, batches[0])
+    update_cost = bandwidth.compiled_cost(update, grads, params, opt_state)
+    cost = {
+      'forward_backward_gflop': 1e-9 * grad_cost['flops'],
+      'optimizer_gflop': 1e-9 * update_cost['flops'],
+      'forward_backward_compiled_mib': grad_cost['bytes'] / 2**20,
+      'optimizer_compiled_mib': update_cost['bytes'] / 2**20,
     }
     params, opt_state = update_fn(grads, params, opt_state)  # Compiles.
     jax.block_until_ready(params)
@@ -286,7 +288,7 @@ class _JaxRunner:
     return {
       'forward_backward_ms': 1e3 * grad_s / steps,
       'optimizer_ms': 1e3 * update_s / steps,
-      **flops,
+      **cost,
     }
 
 
@@ -577,6 +579,17 @@ def measure(
     record['flax_compute_bound_ex_per_s'] = (
       args.batch_size * record['matmul_gflop_per_s'] / step_gflop
     )
+    # The bytes the compiled step moves, intermediates included, and the
+    # step rate the copy bandwidth allows at that traffic.
+    compiled_bytes = (
+      devices
+      * 2**20
+      * (ours['forward_backward_compiled_mib'] + ours['optimizer_compiled_mib'])
+    )
+    record['flax_compiled_step_mib'] = compiled_bytes / 2**20
+    record['flax_compiled_traffic_bound_ex_per_s'] = (
+      args.batch_size * bytes_per_second / compiled_bytes
+    )
     if 'torchfm' in figures:
       record.update({f'torchfm_{k}': v for k, v in figures['torchfm'].items()})
       record['train_speedup'] = (
@@ -644,6 +657,8 @@ def markdown(records: list[dict], info: dict, command: str) -> str:
     'flax-fm GFLOP / step',
     'compute bound ex/s',
     'compute bound / torchfm',
+    'flax-fm MiB moved as compiled / step',
+    'its bound ex/s',
   ]
   for r in records:
     row = [r['model'], r['data'], r['optimizer']]
@@ -658,6 +673,8 @@ def markdown(records: list[dict], info: dict, command: str) -> str:
       common.fmt(r.get('flax_step_gflop'), '.3g'),
       common.fmt(r.get('flax_compute_bound_ex_per_s')),
       common.fmt(r.get('compute_bound_speedup'), '.1f') + 'x',
+      common.fmt(r.get('flax_compiled_step_mib'), '.1f'),
+      common.fmt(r.get('flax_compiled_traffic_bound_ex_per_s')),
     ]
     split_rows.append(row)
   first = records[0] if records else {}
@@ -682,7 +699,11 @@ def markdown(records: list[dict], info: dict, command: str) -> str:
       ' f32 matrix product'
       f' ({common.fmt(first.get("matmul_gflop_per_s"), ".0f")} GFLOP/s) would'
       " allow at that count, and that rate against torchfm's: the most any"
-      ' implementation of the same arithmetic could reach on this machine:',
+      ' implementation of the same arithmetic could reach on this machine;'
+      ' last, the bytes our compiled step moves (the same analysis: every'
+      ' operand and result of every fused operation, intermediates'
+      ' included) and the step rate the copy bandwidth allows at that'
+      ' traffic:',
       common.markdown_table(split_header, split_rows),
       f'Median of {first.get("rounds")} alternating rounds of'
       f' {first.get("steps")} training steps (batch'

@@ -48,15 +48,17 @@ class _TempDirs:
 
 
 class BandwidthTest(absltest.TestCase):
-  def test_compiled_flops_counts_products_and_elementwise_ops(self):
+  def test_compiled_cost_counts_operations_and_bytes(self):
     x, w, b = np.ones((8, 16)), np.ones((16, 4)), np.ones(4)
+    # f32 (JAX's default): the operands read and the result written.
     self.assertEqual(
-      bandwidth.compiled_flops(lambda x, w: x @ w, x, w), 2 * 8 * 16 * 4
+      bandwidth.compiled_cost(lambda x, w: x @ w, x, w),
+      {'flops': 2 * 8 * 16 * 4, 'bytes': 4 * (8 * 16 + 16 * 4 + 8 * 4)},
     )
-    self.assertEqual(
-      bandwidth.compiled_flops(lambda x, w, b: x @ w + b, x, w, b),
-      2 * 8 * 16 * 4 + 8 * 4,
-    )
+    cost = bandwidth.compiled_cost(lambda x, w, b: x @ w + b, x, w, b)
+    self.assertEqual(cost['flops'], 2 * 8 * 16 * 4 + 8 * 4)
+    # At least the inputs and the output, each once.
+    self.assertGreaterEqual(cost['bytes'], 4 * (8 * 16 + 16 * 4 + 4 + 8 * 4))
 
   def test_matmul_rate_is_the_operations_over_the_median_time(self):
     times = iter([0.0, 1.0, 1.0, 3.0, 3.0, 7.0, 7.0, 8.0])  # 1, 2, 4, 1 s.
@@ -104,6 +106,22 @@ class ThroughputTest(_TempDirs, absltest.TestCase):
       self.assertAlmostEqual(
         r['flax_compute_bound_ex_per_s'],
         256 * r['matmul_gflop_per_s'] / r['flax_step_gflop'],
+        places=3,
+      )
+      self.assertAlmostEqual(
+        r['flax_compiled_step_mib'],
+        2
+        * (
+          r['flax_forward_backward_compiled_mib']
+          + r['flax_optimizer_compiled_mib']
+        ),
+      )
+      self.assertAlmostEqual(
+        r['flax_compiled_traffic_bound_ex_per_s'],
+        256
+        * 1e9
+        * r['bandwidth_gb_per_s']
+        / (2**20 * r['flax_compiled_step_mib']),
         places=3,
       )
       # Warm-up compiled the steps; the timed rounds must not recompile.
