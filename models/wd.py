@@ -85,15 +85,17 @@ def take_rows(
 
   Args:
     table: `[rows, ...]`.
-    rows: int rows to read; negative ones are padding, read as row 0 (the
-      caller masks them) and reported as no row of the table.
+    rows: int rows to read, below the table's size (a larger one reads the
+      last row: the gather clips, so XLA adds no mask over its result);
+      negative ones are padding, read as row 0 (the caller masks them) and
+      reported as no row of the table.
     module: the module that owns `table`; None: a plain gather.
     name: the parameter name of `table` in `module`.
 
   Returns:
     `[*rows.shape, ...]`.
   """
-  x = jnp.take(table, jnp.maximum(rows, 0), axis=0)
+  x = jnp.take(table, jnp.maximum(rows, 0), axis=0, mode='clip')
   if module is None or module.is_initializing():
     return x
   module.sow('table_rows', name, rows)
