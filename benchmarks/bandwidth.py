@@ -7,12 +7,13 @@ numpy copy, read and write counted), `step_bytes` counts what a step must
 touch at the least with each optimizer, and their ratio is the fastest step
 the memory allows.
 
-A step that crosses every pair of fields (FFM, AFM, AutoInt, PNN, ...) is
-bound by arithmetic instead: `matmul_rate` measures the floating-point
-operations per second of XLA's largest-case kernel, a square f32 matrix
+A step with large dense layers (AutoInt's attention) can be bound by
+arithmetic instead: `matmul_rate` measures the floating-point operations
+per second of XLA's fastest kind of work, a large square f32 matrix
 product, and `compiled_cost` counts those of a compiled step (XLA's cost
 analysis); their ratio is the fastest step the arithmetic allows. The same
-analysis counts the bytes the compiled step moves, intermediates included.
+analysis counts the bytes the compiled step moves, intermediates included,
+which bound a step that crosses every pair of fields as XLA compiles it.
 
   python -m benchmarks.bandwidth      # prints both rates
 """

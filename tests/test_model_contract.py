@@ -116,8 +116,7 @@ class ModelContractTest(parameterized.TestCase):
     # One copy (the copies are identical, tested below). A row past the
     # table reads its last row, padding (-1) row 0, and the compiled gather
     # has no select over its result: jnp.take's default 'fill' mode adds
-    # one, which reads every gathered row again (DeepFM's evaluation of
-    # 8192 Criteo-shaped rows took 3.5 times as long with it).
+    # one, which reads every gathered row again (benchmarks/README.md).
     take_rows = module('fm').take_rows
     table = jnp.arange(12.0).reshape(4, 3)
     rows = jnp.array([[0, 3], [-1, 7]])
