@@ -18,11 +18,22 @@ which bound a step that crosses every pair of fields as XLA compiles it.
   python -m benchmarks.bandwidth      # prints both rates
 """
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 import statistics
 import time
 
 import numpy as np
+
+
+def _median_seconds(run: Callable[[], object], repeats: int) -> float:
+  """The median wall time of `repeats` calls of `run`, after one untimed."""
+  run()
+  times = []
+  for _ in range(repeats):
+    start = time.perf_counter()
+    run()
+    times.append(time.perf_counter() - start)
+  return statistics.median(times)
 
 
 def copy_bandwidth(mib: int = 256, repeats: int = 7) -> float:
@@ -33,13 +44,8 @@ def copy_bandwidth(mib: int = 256, repeats: int = 7) -> float:
   """
   src = np.ones(mib * 2**20 // 8, np.float64)
   dst = np.empty_like(src)
-  np.copyto(dst, src)
-  times = []
-  for _ in range(repeats):
-    start = time.perf_counter()
-    np.copyto(dst, src)
-    times.append(time.perf_counter() - start)
-  return 2 * src.nbytes / statistics.median(times)
+  seconds = _median_seconds(lambda: np.copyto(dst, src), repeats)
+  return 2 * src.nbytes / seconds
 
 
 def step_bytes(
@@ -104,13 +110,8 @@ def matmul_rate(size: int = 2048, repeats: int = 5) -> float:
 
   a = jnp.ones((size, size), jnp.float32)
   product = jax.jit(jnp.dot)
-  product(a, a).block_until_ready()
-  times = []
-  for _ in range(repeats):
-    start = time.perf_counter()
-    product(a, a).block_until_ready()
-    times.append(time.perf_counter() - start)
-  return 2 * size**3 / statistics.median(times)
+  seconds = _median_seconds(lambda: product(a, a).block_until_ready(), repeats)
+  return 2 * size**3 / seconds
 
 
 def compiled_cost(fn, *args) -> dict[str, float]:
