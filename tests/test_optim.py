@@ -247,8 +247,12 @@ class RowwiseOptimizerTest(parameterized.TestCase):
       for path in want:
         if _before_batch_norm(path, want):
           continue
+        # The two sum a row's lookups in different orders, and Adam divides
+        # by sqrt(nu): an ulp of a small gradient moves a parameter by up to
+        # ~1e-6 (seen on an Intel Xeon, not on AMD EPYC). A wrong row or a
+        # missed decay moves it by a step, ~learning_rate (0.05).
         np.testing.assert_allclose(
-          got[path], want[path], rtol=1e-5, atol=1e-7, err_msg=str(path)
+          got[path], want[path], rtol=1e-5, atol=1e-5, err_msg=str(path)
         )
 
   @parameterized.product(optimizer=SPARSE, model_name=('fm', 'ffm'))
