@@ -123,11 +123,14 @@ def compiled_cost(fn, *args) -> dict[str, float]:
   counts every operand read and every result written by each (fused)
   operation, as if no cache held them: the traffic of the program as
   compiled, intermediates included, not the least a step must move. A
-  loop's body is counted once, so `fn` should be one step.
+  loop's body is counted once, so `fn` should be one step. A `fn` already
+  jitted is analysed as it is, donations included, and its compilation is
+  shared with its calls.
   """
   import jax  # pylint: disable=g-import-not-at-top
 
-  cost = jax.jit(fn).lower(*args).compile().cost_analysis()
+  jitted = fn if hasattr(fn, 'lower') else jax.jit(fn)
+  cost = jitted.lower(*args).compile().cost_analysis()
   if isinstance(cost, (list, tuple)):  # Older JAX: one dict per program.
     cost = cost[0]
   return {

@@ -17,6 +17,7 @@ import types
 from unittest import mock
 
 from absl.testing import absltest
+import jax
 import numpy as np
 import pandas as pd
 import pytest
@@ -59,6 +60,14 @@ class BandwidthTest(absltest.TestCase):
     self.assertEqual(cost['flops'], 2 * 8 * 16 * 4 + 8 * 4)
     # At least the inputs and the output, each once.
     self.assertGreaterEqual(cost['bytes'], 4 * (8 * 16 + 16 * 4 + 4 + 8 * 4))
+    # A jitted function is analysed through its own `lower`, whose
+    # compilation its calls share: no second `jax.jit`.
+    jitted = jax.jit(lambda x, w: x @ w)
+    jitted(x, w)
+    with mock.patch.object(jax, 'jit', side_effect=AssertionError('jit')):
+      self.assertEqual(
+        bandwidth.compiled_cost(jitted, x, w)['flops'], 2 * 8 * 16 * 4
+      )
 
   def test_matmul_rate_is_the_operations_over_the_median_time(self):
     times = iter([0.0, 1.0, 1.0, 3.0, 3.0, 7.0, 7.0, 8.0])  # 1, 2, 4, 1 s.
