@@ -34,12 +34,16 @@ import multihost
 import optim
 import programs
 import sparse
+import threefry
 import utils
 from utils import UserError
 import workdir as workdir_lib
 
 # The pmap axis of the devices; models name it for BatchNorm's statistics.
 AXIS = programs.AXIS
+
+# Dropout masks and initialisers without a loop on CPU, with the same bits.
+threefry.unroll_on_cpu()
 
 
 class TrainState(train_state.TrainState):

@@ -1,0 +1,118 @@
+"""threefry.py: the unrolled hash equals Threefry-2x32 and JAX's own bits."""
+
+import os
+import subprocess
+import sys
+import tempfile
+
+from absl.testing import absltest
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+import threefry
+
+# What JAX draws with a key, jitted: raw bits, floats, split and fold_in
+# chains and a Flax dropout mask, over sizes odd and even.
+DRAWS = """
+import jax, jax.numpy as jnp, numpy as np, flax.linen as nn
+
+def draws():
+  key = jax.random.key(20161201)
+  a, b = jax.random.split(jax.random.fold_in(key, 7))
+  mask = nn.Dropout(0.3).apply(
+    {}, jnp.ones([37, 5]), deterministic=False,
+    rngs={'dropout': jax.random.fold_in(b, 3)})
+  return {
+    'bits': jax.random.bits(key, (1001,)),
+    'uniform': jax.random.uniform(a, (6, 33)),
+    'normal': jax.random.normal(b, (128,)),
+    'keys': jax.random.key_data(jax.random.split(a, 5)),
+    'mask': mask,
+  }
+"""
+
+
+def _numpy_threefry(key, x):
+  """Threefry-2x32, 20 rounds, in numpy uint32 arithmetic (Random123)."""
+  rotate = lambda v, d: (v << np.uint32(d)) | (v >> np.uint32(32 - d))
+  ks = [key[0], key[1], key[0] ^ key[1] ^ np.uint32(0x1BD11BDA)]
+  x = [x[0] + ks[0], x[1] + ks[1]]
+  rotations = [(13, 15, 26, 6), (17, 29, 16, 24)]
+  for s in range(1, 6):
+    for d in rotations[(s - 1) % 2]:
+      x[0] = x[0] + x[1]
+      x[1] = rotate(x[1], d) ^ x[0]
+    x[0] = x[0] + ks[s % 3]
+    x[1] = x[1] + ks[(s + 1) % 3] + np.uint32(s)
+  return x
+
+
+class ThreefryTest(absltest.TestCase):
+  def test_known_answers(self):
+    # Random123's known-answer vectors for threefry2x32_20.
+    cases = [
+      ((0, 0), (0, 0), (0x6B200159, 0x99BA4EFE)),
+      ((2**32 - 1,) * 2, (2**32 - 1,) * 2, (0x1CB996FC, 0xBB002BE7)),
+      (
+        (0x13198A2E, 0x03707344),
+        (0x243F6A88, 0x85A308D3),
+        (0xC4923A9C, 0x483DF7A0),
+      ),
+    ]
+    hash_fn = jax.jit(threefry.threefry2x32)
+    for key, count, expected in cases:
+      words = [jnp.asarray(np.uint32(v)) for v in key + count]
+      self.assertEqual(tuple(int(w) for w in hash_fn(*words)), expected)
+
+  def test_equals_numpy_on_random_words(self):
+    rng = np.random.default_rng(0)
+    key = rng.integers(0, 2**32, 2, dtype=np.uint32)
+    x = rng.integers(0, 2**32, (2, 999), dtype=np.uint32)
+    with np.errstate(over='ignore'):
+      expected = _numpy_threefry(key, x)
+    got = jax.jit(threefry.threefry2x32)(key[0], key[1], x[0], x[1])
+    np.testing.assert_array_equal(np.asarray(got[0]), expected[0])
+    np.testing.assert_array_equal(np.asarray(got[1]), expected[1])
+
+  def test_registered_lowering_keeps_jax_bits_without_a_loop(self):
+    namespace = {}
+    exec(DRAWS, namespace)  # noqa: S102
+    draws = jax.jit(namespace['draws'])
+    threefry.unroll_on_cpu()
+    self.assertNotIn('while', draws.lower().compile().as_text())
+    ours = draws()
+    # JAX's own CPU lowering, in a process that never registered ours.
+    with tempfile.TemporaryDirectory() as tmp:
+      out = os.path.join(tmp, 'draws.npz')
+      script = DRAWS + (
+        f'\nnp.savez({out!r}, **jax.tree.map(np.asarray, jax.jit(draws)()))\n'
+      )
+      subprocess.run([sys.executable, '-c', script], check=True, timeout=120)
+      with np.load(out) as theirs:
+        self.assertEqual(set(theirs), set(ours))
+        for name, value in theirs.items():
+          np.testing.assert_array_equal(np.asarray(ours[name]), value, name)
+    # The mask really drops: about 30% of 185 entries.
+    self.assertBetween(float((ours['mask'] == 0).mean()), 0.15, 0.45)
+
+  def test_training_registers_it(self):
+    script = (
+      'import jax, train\n'
+      'bits = jax.jit(lambda k: jax.random.bits(k, (8,)))\n'
+      "print('while' in bits.lower(jax.random.key(0)).compile().as_text())\n"
+    )
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    out = subprocess.run(
+      [sys.executable, '-c', script],
+      cwd=root,
+      check=True,
+      timeout=120,
+      capture_output=True,
+      text=True,
+    )
+    self.assertEqual(out.stdout.strip(), 'False')
+
+
+if __name__ == '__main__':
+  absltest.main()
