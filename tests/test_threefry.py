@@ -1,6 +1,8 @@
 """threefry.py: the unrolled hash equals Threefry-2x32 and JAX's own bits."""
 
+import math
 import os
+import re
 import subprocess
 import sys
 import tempfile
@@ -48,6 +50,19 @@ def _numpy_threefry(key, x):
   return x
 
 
+def _kernels_hashing(hlo: str) -> list[tuple[int, int]]:
+  """(rotations, output size) of each compiled computation that rotates."""
+  kernels = []
+  for computation in re.split(r'\n(?=%|ENTRY)', hlo):
+    rotations = computation.count('shift-left(')
+    if rotations:
+      head = computation.split('\n')[0]
+      shape = re.search(r'-> \(?\w+\[([\d,]*)\]', head)
+      dims = [int(d) for d in shape.group(1).split(',') if d] if shape else []
+      kernels.append((rotations, math.prod(dims)))
+  return kernels
+
+
 class ThreefryTest(absltest.TestCase):
   def test_known_answers(self):
     # Random123's known-answer vectors for threefry2x32_20.
@@ -75,12 +90,14 @@ class ThreefryTest(absltest.TestCase):
     np.testing.assert_array_equal(np.asarray(got[0]), expected[0])
     np.testing.assert_array_equal(np.asarray(got[1]), expected[1])
 
-  def test_registered_lowering_keeps_jax_bits_without_a_loop(self):
+  def test_registered_lowering_keeps_jax_bits_in_one_pass(self):
     namespace = {}
     exec(DRAWS, namespace)  # noqa: S102
     draws = jax.jit(namespace['draws'])
     threefry.unroll_on_cpu()
-    self.assertNotIn('while', draws.lower().compile().as_text())
+    # All 20 rounds in one kernel (JAX's CPU loop has 4 in its body).
+    kernels = _kernels_hashing(draws.lower().compile().as_text())
+    self.assertEqual(max(rotations for rotations, _ in kernels), 20)
     ours = draws()
     # JAX's own CPU lowering, in a process that never registered ours.
     with tempfile.TemporaryDirectory() as tmp:
@@ -96,11 +113,32 @@ class ThreefryTest(absltest.TestCase):
     # The mask really drops: about 30% of 185 entries.
     self.assertBetween(float((ours['mask'] == 0).mean()), 0.15, 0.45)
 
+  def test_a_broadcast_reader_does_not_hash_again(self):
+    # A [64, 16] mask read by a product broadcast over 100 columns (as AFM's
+    # gradient reads its pooled vector's mask): hashed once, 1,024 words.
+    # Written out inline, XLA fuses the hash into the product's kernel and
+    # hashes each word 100 times.
+    threefry.unroll_on_cpu()
+
+    def masked(key, y):
+      keep = jax.random.bernoulli(key, 0.8, (64, 16))
+      return jnp.where(keep, 1.25, 0.0)[:, None, :] * y
+
+    y = jnp.ones([64, 100, 16])
+    hlo = jax.jit(masked).lower(jax.random.key(0), y).compile().as_text()
+    sizes = [size for rotations, size in _kernels_hashing(hlo) if rotations]
+    self.assertEqual(max(sizes), 64 * 16)
+    keep = jax.random.bernoulli(jax.random.key(0), 0.8, (64, 16))
+    np.testing.assert_array_equal(
+      jax.jit(masked)(jax.random.key(0), y),
+      np.broadcast_to(np.where(keep, 1.25, 0.0)[:, None, :], y.shape),
+    )
+
   def test_training_registers_it(self):
     script = (
       'import jax, train\n'
       'bits = jax.jit(lambda k: jax.random.bits(k, (8,)))\n'
-      "print('while' in bits.lower(jax.random.key(0)).compile().as_text())\n"
+      'print(bits.lower(jax.random.key(0)).compile().as_text())\n'
     )
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     out = subprocess.run(
@@ -111,7 +149,8 @@ class ThreefryTest(absltest.TestCase):
       capture_output=True,
       text=True,
     )
-    self.assertEqual(out.stdout.strip(), 'False')
+    kernels = _kernels_hashing(out.stdout)
+    self.assertEqual(max(rotations for rotations, _ in kernels), 20)
 
 
 if __name__ == '__main__':
