@@ -42,7 +42,7 @@ import workdir as workdir_lib
 # The pmap axis of the devices; models name it for BatchNorm's statistics.
 AXIS = programs.AXIS
 
-# Dropout masks and initialisers without a loop on CPU, with the same bits.
+# Dropout masks and initialisers hashed in one pass on CPU, with the same bits.
 threefry.unroll_on_cpu()
 
 
