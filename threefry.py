@@ -14,8 +14,17 @@ mask of its pooled vector `[batch, dim]`, read by a gradient broadcast over
 741 pairs of fields, was then hashed 741 times per word (its step on the
 Criteo shape 1.7x slower than with JAX's loop).
 
+Initialisers read each random word once, into a weight: there the loop buys
+nothing and costs compilation, so `inline()` lowers the hash written out
+inline for the programs lowered within it (`train.state_initializer` uses it
+for `jit(init)`).
+
 The hash is the same, so every initial weight and every mask keeps its bits.
 """
+
+from collections.abc import Iterator
+import contextlib
+import contextvars
 
 import jax
 from jax import lax
@@ -28,6 +37,10 @@ import numpy as np
 ROTATIONS = ((13, 15, 26, 6), (17, 29, 16, 24))
 # Threefry's key-schedule parity constant.
 PARITY = np.uint32(0x1BD11BDA)
+# Whether programs lowered now take the hash inline (`inline()`). A context
+# variable: each thread has its own, so the programs that other threads
+# lower at the same time keep the loop.
+_INLINE = contextvars.ContextVar('threefry_inline', default=False)
 
 
 def _rotate_left(x: jax.Array, distance: int) -> jax.Array:
@@ -63,11 +76,14 @@ def threefry2x32(
 def _lowering(
   key1: jax.Array, key2: jax.Array, x1: jax.Array, x2: jax.Array
 ) -> tuple[jax.Array, jax.Array]:
-  """`threefry2x32` in one pass of a loop, its output stored once."""
+  """`threefry2x32` in one pass of a loop, its output stored once (inline
+  within `inline()`)."""
   shape = jnp.broadcast_shapes(key1.shape, key2.shape, x1.shape, x2.shape)
   x = (jnp.broadcast_to(x1, shape), jnp.broadcast_to(x2, shape))
   if 0 in shape:  # Nothing to hash (nor a key word to count from).
     return x
+  if _INLINE.get():
+    return threefry2x32(key1, key2, *x)
   # One pass, counted from the key: (k >> 31) | 1 is 1 for every k. The pass
   # hashes its carry, so that XLA does not hoist the hash out of the loop.
   passes = (jnp.ravel(key1)[0] >> np.uint32(31)) | np.uint32(1)
@@ -77,6 +93,22 @@ def _lowering(
     lambda _, x: threefry2x32(key1, key2, *x),
     x,
   )
+
+
+@contextlib.contextmanager
+def inline() -> Iterator[None]:
+  """Programs lowered within it, on this thread, take the hash inline.
+
+  For programs that read each random word once (initialisers): the hash is
+  then one kernel per array with no loop around it, which compiles faster.
+  Not for programs that broadcast random words (dropout masks read by a
+  gradient): XLA would hash again in every reader (see the module docstring).
+  """
+  token = _INLINE.set(True)
+  try:
+    yield
+  finally:
+    _INLINE.reset(token)
 
 
 def unroll_on_cpu() -> None:

@@ -73,8 +73,8 @@ def create_model(
 def state_initializer(
   config: ml_collections.ConfigDict, model
 ) -> Callable[[jax.Array], TrainState]:
-  """The jitted `init(rng) -> TrainState`: parameters, BatchNorm statistics
-  and optimizer state in one compiled program (not one per initializer)."""
+  """`init(rng) -> TrainState`: parameters, BatchNorm statistics and
+  optimizer state in one compiled program (not one per initializer)."""
   inputs = data.example_inputs(model)
 
   def variables(rng):
@@ -85,6 +85,7 @@ def state_initializer(
     config, sparse.declared_tables(model.apply, shapes, **inputs)
   )
 
+  @jax.jit
   def init(rng):
     initial = variables(rng)
     return TrainState.create(
@@ -94,7 +95,13 @@ def state_initializer(
       batch_stats=initial.get('batch_stats', {}),
     )
 
-  return jax.jit(init)
+  def initialise(rng: jax.Array) -> TrainState:
+    # Each initialiser reads its random words once: the hash inline compiles
+    # faster than in its loop, with the same bits (threefry.py).
+    with threefry.inline():
+      return init(rng)
+
+  return initialise
 
 
 def create_train_state(

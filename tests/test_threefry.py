@@ -1,18 +1,23 @@
 """threefry.py: the unrolled hash equals Threefry-2x32 and JAX's own bits."""
 
+import contextlib
 import math
 import os
 import re
 import subprocess
 import sys
 import tempfile
+import threading
+from unittest import mock
 
 from absl.testing import absltest
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from configs import deepfm
 import threefry
+import train
 
 # What JAX draws with a key, jitted: raw bits, floats, split and fold_in
 # chains and a Flax dropout mask, over sizes odd and even.
@@ -133,6 +138,54 @@ class ThreefryTest(absltest.TestCase):
       jax.jit(masked)(jax.random.key(0), y),
       np.broadcast_to(np.where(keep, 1.25, 0.0)[:, None, :], y.shape),
     )
+
+  def test_inline_keeps_the_bits_without_a_loop_on_its_thread(self):
+    threefry.unroll_on_cpu()
+    namespace = {}
+    exec(DRAWS, namespace)
+    draws = namespace['draws']
+    looped = jax.jit(lambda: draws())
+    inline = jax.jit(lambda: draws())  # Its own cache entry.
+    elsewhere = {}
+    with threefry.inline():
+      hlo = inline.lower().compile().as_text()
+      # A program another thread lowers meanwhile keeps the loop.
+      thread = threading.Thread(
+        target=lambda: elsewhere.update(hlo=looped.lower().as_text())
+      )
+      thread.start()
+      thread.join()
+    self.assertNotIn('while(', hlo)
+    self.assertIn('stablehlo.while', elsewhere['hlo'])
+    self.assertIn('while(', looped.lower().compile().as_text())
+    ours, theirs = inline(), looped()
+    for name, value in theirs.items():
+      np.testing.assert_array_equal(ours[name], value, name)
+
+  def test_training_initialises_inline_with_the_same_bits(self):
+    config = deepfm.get_config()
+    model = train.create_model(config, (13, 17))
+    modes = []
+    hash_fn = threefry.threefry2x32
+
+    def recording(*args):
+      modes.append(threefry._INLINE.get())
+      return hash_fn(*args)
+
+    with mock.patch.object(threefry, 'threefry2x32', recording):
+      state = train.state_initializer(config, model)(jax.random.key(3))
+    self.assertNotEmpty(modes)
+    self.assertTrue(all(modes))
+    with mock.patch.object(threefry, 'inline', contextlib.nullcontext):
+      looped = train.state_initializer(config, model)(jax.random.key(3))
+    leaves = jax.tree.leaves((state.params, state.opt_state))
+    expected = jax.tree.leaves((looped.params, looped.opt_state))
+    self.assertLen(leaves, len(expected))
+    for got, want in zip(leaves, expected, strict=True):
+      np.testing.assert_array_equal(got, want)
+    # The embedding table really is random.
+    table = state.params['FeaturesEmbedding_0']['embedding']
+    self.assertGreater(float(jnp.std(table)), 0.01)
 
   def test_training_registers_it(self):
     script = (
