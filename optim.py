@@ -25,6 +25,7 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
 import optax
 
 import sparse
@@ -261,9 +262,31 @@ def rowwise_adagrad(
   return RowSparse(init, apply, frozenset(tables))
 
 
+# The rates that `create_optimizer` may take as arrays instead of constants.
+RATES = ('learning_rate', 'weight_decay', 'table_learning_rate')
+
+
+def rates_of(config: ml_collections.ConfigDict) -> dict[str, np.ndarray]:
+  """`config`'s `RATES`, float32 scalars, for `create_optimizer(rates=...)`.
+
+  A program that takes them as arguments rather than constants compiles
+  once for all learning rates and weight decays (`train.hyperparameters`).
+  `table_learning_rate` None is `learning_rate`.
+  """
+  table_lr = config.get('table_learning_rate')
+  return {
+    'learning_rate': np.float32(config.learning_rate),
+    'weight_decay': np.float32(config.weight_decay),
+    'table_learning_rate': np.float32(
+      config.learning_rate if table_lr is None else table_lr
+    ),
+  }
+
+
 def create_optimizer(
   config: ml_collections.ConfigDict,
   tables: frozenset[sparse.Path] = frozenset(),
+  rates: dict[str, jax.Array] | None = None,
 ) -> optax.GradientTransformation | RowSparse:
   """The optimizer that `config.optimizer` names (see the module docstring).
 
@@ -272,17 +295,23 @@ def create_optimizer(
       and for 'rowwise_adagrad' `table_learning_rate`).
     tables: the model's tables (`sparse.declared_tables`), updated row-wise
       by 'lazy_adam' and 'rowwise_adagrad'; 'adam' updates them densely.
+    rates: `rates_of(config)`, possibly traced, used instead of the
+      config's values: the same optimizer, whose state does not depend on
+      them, in a program that does not change with them.
 
   Raises:
     ValueError: an unknown `config.optimizer`.
   """
   lr, wd = config.learning_rate, config.weight_decay
+  table_lr = config.get('table_learning_rate')
+  if rates is not None:
+    lr, wd, table_lr = (rates[name] for name in RATES)
   if config.optimizer == 'adam':
     return optax.chain(optax.add_decayed_weights(wd), optax.adam(lr))
   if config.optimizer == 'lazy_adam':
     return lazy_adam(lr, wd, tables)
   if config.optimizer == 'rowwise_adagrad':
-    return rowwise_adagrad(lr, wd, tables, config.table_learning_rate)
+    return rowwise_adagrad(lr, wd, tables, table_lr)
   raise ValueError(
     f'config.optimizer: unknown {config.optimizer!r}; choose one of'
     f' {", ".join(NAMES)}.'

@@ -149,6 +149,7 @@ def compile_train_and_eval(
   p_train_step: Callable,
   p_eval_step: Callable,
   shapes: Any,
+  hyper: Any,
   train_split: data.Split,
   valid_split: data.Split,
   config: ml_collections.ConfigDict,
@@ -160,6 +161,7 @@ def compile_train_and_eval(
     p_train_step: the pmapped `train.train_steps`.
     p_eval_step: the pmapped `train.eval_step`.
     shapes: the shapes of the (unreplicated) train state.
+    hyper: the (unreplicated) `train.hyperparameters`, numpy scalars.
     train_split: the training split; its first stack gives the shapes.
     valid_split: the validation split; its first batch gives the shapes.
     config: the run's config.
@@ -176,10 +178,13 @@ def compile_train_and_eval(
     return lambda: None
   state = replicated_shapes(shapes)
   count = replicated_shapes(jax.ShapeDtypeStruct((), jnp.int32))
+  hyper = replicated_shapes(
+    jax.tree.map(lambda x: jax.ShapeDtypeStruct((), np.result_type(x)), hyper)
+  )
 
   def train_args():
     _, stacks = epoch_stacks(train_split, config, 0, resident)
-    return state, next(stacks), resident, count
+    return state, next(stacks), hyper, resident, count
 
   def eval_args():
     batches = data.eval_batches(

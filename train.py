@@ -169,20 +169,39 @@ def loss_fn(
   return loss, (updates.get('batch_stats', {}), updates.get(sparse.ROWS, {}))
 
 
+def hyperparameters(config: ml_collections.ConfigDict) -> dict[str, Any]:
+  """What the train program takes as arguments rather than constants.
+
+  The seed of the dropout masks and the optimizer's rates
+  (`optim.rates_of`), as numpy scalars: runs that differ only in them (a
+  sweep over seeds or learning rates) share one compiled train program,
+  found in the persistent compilation cache after the first.
+  """
+  # jax.random.key keeps a seed's low 32 bits (without jax_enable_x64).
+  seed = np.uint32(config.seed % 2**32)
+  return {'seed': seed, **optim.rates_of(config)}
+
+
 def train_step(
   state: TrainState,
   batch: dict[str, jax.Array],
+  hyper: dict[str, jax.Array],
   *,
   model,
-  seed: int,
+  config: ml_collections.ConfigDict,
   axis_name: str = AXIS,
 ) -> tuple[TrainState, jax.Array]:
-  """One optimizer step; returns the new state and the global batch's loss."""
+  """One optimizer step; returns the new state and the global batch's loss.
+
+  `hyper` is `hyperparameters(config)`; `config` names the optimizer.
+  """
   # A different dropout key for every step and every device.
   dropout_rng = jax.random.fold_in(
-    jax.random.fold_in(jax.random.key(seed), state.step),
+    jax.random.fold_in(jax.random.key(hyper['seed']), state.step),
     lax.axis_index(axis_name),
   )
+  rates = {name: hyper[name] for name in optim.RATES}
+  tx = optim.create_optimizer(config, optim.tables_of(state.tx), rates)
   # The tables of a row-wise optimizer get the gradients of the rows read.
   (loss, batch_stats), grads = sparse.value_and_grad(
     lambda params, perturbations: loss_fn(
@@ -194,10 +213,10 @@ def train_step(
       perturbations=perturbations,
     ),
     state.params,
-    optim.tables_of(state.tx),
+    optim.tables_of(tx),
   )
   params, opt_state = optim.apply_gradients(
-    state.tx, grads, state.opt_state, state.params, axis_name=axis_name
+    tx, grads, state.opt_state, state.params, axis_name=axis_name
   )
   state = state.replace(
     step=state.step + 1,
@@ -211,6 +230,7 @@ def train_step(
 def train_steps(
   state: TrainState,
   batches: dict[str, jax.Array] | jax.Array,
+  hyper: dict[str, jax.Array],
   resident: dict[str, jax.Array] | None = None,
   num_steps: jax.Array | None = None,
   **kwargs,
@@ -221,7 +241,7 @@ def train_steps(
   batch]`. With `num_steps`, a traced count, only the first `num_steps`
   batches train: a shorter stack padded to the same shape runs in the same
   compiled program. Returns the new state and the losses `[steps]` (zero past
-  `num_steps`); `kwargs` go to `train_step`.
+  `num_steps`); `hyper` and `kwargs` go to `train_step`.
   """
   length = jax.tree.leaves(batches)[0].shape[0]
 
@@ -230,7 +250,7 @@ def train_steps(
     batch = jax.tree.map(lambda x: x[i], batches)
     if resident is not None:
       batch = jax.tree.map(lambda x: x[batch], resident)
-    state, loss = train_step(state, batch, **kwargs)
+    state, loss = train_step(state, batch, hyper, **kwargs)
     return state, losses.at[i].set(loss)
 
   num_steps = length if num_steps is None else num_steps
@@ -261,9 +281,14 @@ replicate = programs.replicate
 
 
 def pmapped_steps(model, config: ml_collections.ConfigDict) -> tuple:
-  """The run's pmapped `train_steps` and `eval_step` of `model`."""
+  """The run's pmapped `train_steps` and `eval_step` of `model`.
+
+  The train program is called as `p_train_step(state, batches, hyper,
+  resident, num_steps)`, with `hyper` the replicated
+  `hyperparameters(config)`.
+  """
   p_train_step = jax.pmap(
-    functools.partial(train_steps, model=model, seed=config.seed),
+    functools.partial(train_steps, model=model, config=config),
     axis_name=AXIS,
     donate_argnums=programs.state_donation(config.optimizer),
   )
@@ -338,13 +363,17 @@ def train_epoch(
   show = config.progress_bar and jax.process_index() == 0
   bar = utils.ProgressBar(f'epoch {epoch + 1}', steps, 'ex', enabled=show)
   sizes, batches = programs.epoch_stacks(split, config, epoch, resident)
-  # The step counts, on the devices once rather than sent with every stack.
+  # The step counts and hyperparameters, on the devices once rather than
+  # sent with every stack.
   counts = {n: replicate(np.int32(n)) for n in set(sizes)}
+  hyper = replicate(hyperparameters(config))
   # Each stack's losses stay on the device until read, once: the bar reads
   # the new ones (waiting for them) only when it is drawn.
   losses, fetched, done, every = [], [], 0, config.log_every_steps
   for group, batch in enumerate(utils.prefetch(batches)):
-    state, loss = p_train_step(state, batch, resident, counts[sizes[group]])
+    state, loss = p_train_step(
+      state, batch, hyper, resident, counts[sizes[group]]
+    )
     losses.append(loss.addressable_data(0))  # [1, steps]
     done += sizes[group]
     if group == 0:
@@ -427,6 +456,7 @@ def _run(
     p_train_step,
     p_eval_step,
     jax.eval_shape(init, rng),
+    hyperparameters(config),
     dataset.train,
     dataset.valid,
     config,

@@ -151,6 +151,7 @@ class _JaxRunner:
     self.leaves = self._leaves(state, ids, b)
     self.state = train.replicate(state)
     self.p_train, self.p_eval = train.pmapped_steps(model, config)
+    self.hyper = train.replicate(train.hyperparameters(config))
     self.batches = [
       {'ids': ids[i : i + b], 'label': labels[i : i + b]}
       for i in range(0, len(labels), b)
@@ -202,7 +203,7 @@ class _JaxRunner:
     start = time.perf_counter()
     for _ in range(dispatches):
       batch = self.train_batches[self.step % len(self.train_batches)]
-      self.state, loss = self.p_train(self.state, batch)
+      self.state, loss = self.p_train(self.state, batch, self.hyper)
       self.step += 1
     self.jax.block_until_ready((self.state, loss))
     elapsed = time.perf_counter() - start

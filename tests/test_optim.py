@@ -62,12 +62,14 @@ def _setup(config, num_devices=1):
   state = train.create_train_state(
     jax.random.key(0), config, model, len(FIELD_DIMS)
   )
-  step = jax.pmap(
-    functools.partial(train.train_step, model=model, seed=0),
+  devices = jax.local_devices()[:num_devices]
+  p_step = jax.pmap(
+    functools.partial(train.train_step, model=model, config=config),
     axis_name=train.AXIS,
-    devices=jax.local_devices()[:num_devices],
+    devices=devices,
   )
-  return model, state, step
+  hyper = jax_utils.replicate(train.hyperparameters(config), devices=devices)
+  return model, state, lambda state, batch: p_step(state, batch, hyper)
 
 
 def _run(step, state, batches, num_devices=1):

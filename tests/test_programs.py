@@ -163,6 +163,7 @@ class TrainCompileAheadTest(parameterized.TestCase):
       p_train,
       p_eval,
       jax.eval_shape(init, rng),
+      train.hyperparameters(config),
       train_split,
       valid_split,
       config,

@@ -41,7 +41,7 @@ def _setup(optimizer, **inputs):
     jax.random.key(0), config, model, len(FIELD_DIMS)
   )
   p_steps = jax.pmap(
-    functools.partial(train.train_steps, model=model, seed=0),
+    functools.partial(train.train_steps, model=model, config=config),
     axis_name=train.AXIS,
   )
   return config, state, p_steps

@@ -19,6 +19,7 @@ from configs import default
 import data
 import metrics
 import models
+import programs
 import train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -119,12 +120,15 @@ class PmapStepTest(absltest.TestCase):
 
   def _step(self, devices):
     p_step = jax.pmap(
-      functools.partial(train.train_step, model=self.model, seed=0),
+      functools.partial(train.train_step, model=self.model, config=self.config),
       axis_name=train.AXIS,
       devices=devices,
     )
     state = jax_utils.replicate(self.state, devices=devices)
-    state, loss = p_step(state, data.shard(self.batch, len(devices)))
+    hyper = jax_utils.replicate(
+      train.hyperparameters(self.config), devices=devices
+    )
+    state, loss = p_step(state, data.shard(self.batch, len(devices)), hyper)
     return state, loss
 
   def test_replicas_identical_after_a_step(self):
@@ -151,6 +155,76 @@ class PmapStepTest(absltest.TestCase):
     )
 
 
+class HyperparametersTest(absltest.TestCase):
+  """The seed and the rates are the train program's arguments, not constants:
+  a sweep over them compiles one program (and finds it in the cache)."""
+
+  def _config(self, **overrides):
+    config = _config(
+      model_name='deepfm', optimizer='rowwise_adagrad', batch_size=16
+    )
+    config.model = ml_collections.ConfigDict(
+      dict(embed_dim=4, mlp_dims=(8,), dropout=0.5)
+    )
+    config.update(overrides)
+    return config
+
+  def _program(self, config):
+    model = train.create_model(config, (13, 17), axis_name=train.AXIS)
+    state = train.create_train_state(jax.random.key(0), config, model, 2)
+    p_train, _ = train.pmapped_steps(model, config)
+    # One batch: one step, whose Adam update is -lr * g / (|g| + eps).
+    _, stacks = programs.epoch_stacks(_dataset(16), config, 0)
+    args = (train.replicate(state), next(stacks))
+    return p_train, state, args
+
+  def test_the_program_does_not_change_with_the_seed_or_the_rates(self):
+    texts = []
+    for overrides in (
+      {},
+      dict(
+        seed=7, learning_rate=0.02, weight_decay=0.1, table_learning_rate=0.3
+      ),
+    ):
+      config = self._config(**overrides)
+      p_train, _, args = self._program(config)
+      hyper = train.replicate(train.hyperparameters(config))
+      texts.append(p_train.lower(*args, hyper).as_text())
+    self.assertEqual(texts[0], texts[1])
+    # A change that matters does change it.
+    p_train, _, args = self._program(self._config(optimizer='adam'))
+    hyper = train.replicate(train.hyperparameters(self._config()))
+    self.assertNotEqual(p_train.lower(*args, hyper).as_text(), texts[0])
+
+  def test_the_step_takes_them_from_its_arguments(self):
+    config = self._config(optimizer='adam', weight_decay=0.0)
+    p_train, state, args = self._program(config)
+    moves = {}
+    for name, overrides in [
+      ('base', {}),
+      ('seed', {'seed': 3}),
+      ('lr', {'learning_rate': 2 * config.learning_rate}),
+    ]:
+      hyper = train.hyperparameters(self._config(**overrides))
+      new, _ = p_train(*args, train.replicate(hyper))
+      moves[name] = jax.tree.map(
+        lambda a, b: np.asarray(a[0], np.float64) - np.asarray(b),
+        new.params,
+        state.params,
+      )
+    kernel = lambda tree: tree['MultiLayerPerceptron_0']['Dense_0']['kernel']  # noqa: E731
+    # Another seed drops other units: other steps.
+    self.assertGreater(
+      np.abs(kernel(moves['seed']) - kernel(moves['base'])).max(), 1e-4
+    )
+    # Twice Adam's rate: every step twice as long (the moments are the same).
+    for got, base in zip(
+      jax.tree.leaves(moves['lr']), jax.tree.leaves(moves['base']), strict=True
+    ):
+      np.testing.assert_allclose(got, 2 * base, rtol=1e-4, atol=1e-9)
+    self.assertGreater(np.abs(kernel(moves['base'])).max(), 1e-4)
+
+
 class TrainStepLossTest(absltest.TestCase):
   """The loss that train_step returns and descends: BCE plus sown penalties."""
 
@@ -164,10 +238,14 @@ class TrainStepLossTest(absltest.TestCase):
     split = _dataset(64)
     batch = {'ids': split.ids, 'label': split.labels}
     p_step = jax.pmap(
-      functools.partial(train.train_step, model=model, seed=0),
+      functools.partial(train.train_step, model=model, config=config),
       axis_name=train.AXIS,
     )
-    new, loss = p_step(jax_utils.replicate(state), data.shard(batch, 2))
+    new, loss = p_step(
+      jax_utils.replicate(state),
+      data.shard(batch, 2),
+      jax_utils.replicate(train.hyperparameters(config)),
+    )
     logits = train.create_model(config, (13, 17)).apply(
       {'params': state.params}, batch['ids'], train=False
     )
