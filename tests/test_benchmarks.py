@@ -22,6 +22,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from benchmarks import ab
 from benchmarks import bandwidth
 from benchmarks import common
 from benchmarks import plot
@@ -46,6 +47,52 @@ class _TempDirs:
     path = tempfile.mkdtemp(prefix='test_benchmarks-')
     self.addCleanup(shutil.rmtree, path, ignore_errors=True)
     return types.SimpleNamespace(full_path=path)
+
+
+class AbTest(_TempDirs, absltest.TestCase):
+  def test_two_variants_alternate_and_train_what_they_time(self):
+    out = self.create_tempdir().full_path
+    (r,) = ab.main(
+      [
+        '--model=fm',
+        '--set=batch_size=512',
+        '--set=model.embed_dim=4',
+        '--a=steps_per_dispatch=2',
+        '--b=steps_per_dispatch=3',
+        '--b=optimizer=rowwise_adagrad',
+        '--rounds=3',
+        '--dispatches=2',
+        f'--out_dir={out}',
+        '--out_name=t',
+      ]
+    )
+    self.assertEqual(r['a_overrides'], {'steps_per_dispatch': 2})
+    self.assertEqual(
+      r['b_overrides'],
+      {'steps_per_dispatch': 3, 'optimizer': 'rowwise_adagrad'},
+    )
+    self.assertEqual(r['set'], {'batch_size': 512, 'model.embed_dim': 4})
+    for v, steps in (('a', 2), ('b', 3)):
+      self.assertEqual(r[f'{v}_steps_per_dispatch'], steps)
+      # The warm-up dispatch, then 3 rounds of 2: every one trained.
+      self.assertEqual(r[f'{v}_trained_steps'], (1 + 3 * 2) * steps)
+      self.assertLen(r[f'{v}_rounds'], 3)
+      self.assertAlmostEqual(
+        r[f'{v}_ex_per_s'], float(np.median(r[f'{v}_rounds']))
+      )
+    self.assertAlmostEqual(r['b_over_a'], r['b_ex_per_s'] / r['a_ex_per_s'])
+    saved = _read_json(os.path.join(out, 't.json'))['results']
+    self.assertEqual(saved[0]['b_trained_steps'], 21)
+    with open(os.path.join(out, 't.md')) as f:
+      self.assertIn("optimizer='rowwise_adagrad'", f.read())
+
+  def test_bad_overrides_name_themselves(self):
+    with self.assertRaisesRegex(SystemExit, "--a: 'lr' is not key=value"):
+      ab.main(['--model=fm', '--a=lr'])
+    with self.assertRaisesRegex(SystemExit, 'no_such_key'):
+      ab.main(['--model=fm', '--b=model.no_such_key.x=1'])
+    with self.assertRaisesRegex(SystemExit, "unknown 'nope'"):
+      ab.main(['--model=nope'])
 
 
 class BandwidthTest(absltest.TestCase):

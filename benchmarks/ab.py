@@ -1,0 +1,227 @@
+"""Two variants of one model's train program, timed in one process.
+
+Between processes minutes apart, a small shared machine's speed drifts (on
+the 2-core test machine by up to a quarter), more than most changes to a
+step. Within one process, with the two compiled programs alternated, the
+drift falls on both. So a change to a step is measured here: each variant is
+the model's config with `--set` and then its own `--a` or `--b` overrides
+(`key=value`, nested keys dotted: `model.dropout=0.2`), trained on its
+dataset's training split (the embedded data unless `--set` names another)
+as `train.train_and_evaluate` trains it: the same pmapped program, stacks
+of `steps_per_dispatch` batches, the split on the devices when it fits.
+After one warm-up dispatch each, `--rounds` rounds of `--dispatches`
+dispatches are timed in the order AB, BA, AB, ...; each round gives training
+examples/s. Give the same overrides twice for an A/A run: its ratio is the
+noise.
+
+  python -m benchmarks.ab --model=deepfm --a=optimizer=adam \\
+    --b=optimizer=rowwise_adagrad
+
+Results: benchmarks/results/<out_name>.{json,csv,md} (default ab).
+"""
+
+import argparse
+import ast
+from collections.abc import Sequence
+import statistics
+import time
+from typing import Any
+
+from benchmarks import common
+
+VARIANTS = ('a', 'b')
+
+
+def parse_overrides(items: Sequence[str], flag: str) -> dict[str, Any]:
+  """`['key=value', ...]` -> `{key: value}`, values as Python literals."""
+  overrides = {}
+  for item in items:
+    key, sep, raw = item.partition('=')
+    if not sep or not key.strip():
+      raise SystemExit(f'{flag}: {item!r} is not key=value.')
+    try:
+      value = ast.literal_eval(raw)
+    except (ValueError, SyntaxError):
+      value = raw  # A bare string, e.g. optimizer=adam.
+    overrides[key.strip()] = value
+  return overrides
+
+
+def variant_config(model: str, *overrides: dict[str, Any]):
+  """The model's config with `overrides` applied in order."""
+  config = common.get_config(model)
+  for layer in overrides:
+    for key, value in layer.items():
+      *parents, last = key.split('.')
+      node = config
+      try:
+        for parent in parents:
+          node = node[parent]
+        node[last] = value
+      except (KeyError, TypeError, AttributeError) as e:
+        raise SystemExit(f'{key}={value!r}: {e}') from None
+  return config
+
+
+class Variant:
+  """One config's compiled train program, its state and its stacks."""
+
+  def __init__(self, config):
+    import jax  # pylint: disable=g-import-not-at-top
+    import numpy as np  # pylint: disable=g-import-not-at-top
+
+    import data  # pylint: disable=g-import-not-at-top
+    import programs  # pylint: disable=g-import-not-at-top
+    import train  # pylint: disable=g-import-not-at-top
+
+    self.jax = jax
+    dataset = data.load_dataset(config.dataset)
+    model = train.create_model(
+      config, dataset.field_dims, train.AXIS, **data.model_fields(dataset)
+    )
+    self.p_train, _ = train.pmapped_steps(model, config)
+    init = train.state_initializer(config, model)
+    self.state = programs.replicate(init(jax.random.key(config.seed)))
+    self.hyper = programs.replicate(train.hyperparameters(config))
+    self.resident = programs.replicate(
+      data.resident_split(dataset.train, config)
+    )
+    sizes, stacks = programs.epoch_stacks(
+      dataset.train, config, 0, self.resident
+    )
+    # The full stacks of the first epoch (a shorter remainder runs the same
+    # program, padded, but trains fewer examples).
+    self.steps = max(sizes)
+    self.stacks = [
+      s for s, n in zip(stacks, sizes, strict=True) if n == self.steps
+    ]
+    self.count = programs.replicate(np.int32(self.steps))
+    self.examples = self.steps * config.batch_size
+    self.dispatches = 0
+    self.dispatch(1)  # Compiles, and warms up.
+
+  def dispatch(self, n: int) -> None:
+    """Runs `n` dispatches and waits for the last."""
+    for _ in range(n):
+      stack = self.stacks[self.dispatches % len(self.stacks)]
+      self.state, loss = self.p_train(
+        self.state, stack, self.hyper, self.resident, self.count
+      )
+      self.dispatches += 1
+    self.jax.block_until_ready((self.state, loss))
+
+  def trained_steps(self) -> int:
+    return int(self.jax.device_get(self.state.step)[0])
+
+
+def measure(variants: dict, rounds: int, dispatches: int) -> dict:
+  """Examples/s of each variant per round, rounds in the order AB, BA, ..."""
+  rates = {name: [] for name in variants}
+  names = list(variants)
+  for r in range(rounds):
+    for name in names if r % 2 == 0 else names[::-1]:
+      variant = variants[name]
+      start = time.perf_counter()
+      variant.dispatch(dispatches)
+      elapsed = time.perf_counter() - start
+      rates[name].append(variant.examples * dispatches / elapsed)
+  return rates
+
+
+def markdown(records: list[dict], info: dict, command: str) -> str:
+  rows = []
+  for r in records:
+    for v in VARIANTS:
+      rounds = r[f'{v}_rounds']
+      rows.append(
+        [
+          r['model'],
+          v,
+          ', '.join(f'{k}={x!r}' for k, x in r[f'{v}_overrides'].items())
+          or '(config)',
+          common.fmt(r[f'{v}_ex_per_s']),
+          f'{common.fmt(min(rounds))} - {common.fmt(max(rounds))}',
+        ]
+      )
+  header = ['model', 'variant', 'overrides', 'train ex/s (median)', 'rounds']
+  ratios = ', '.join(f'{r["model"]} b/a {r["b_over_a"]:.3f}' for r in records)
+  return '\n\n'.join(
+    [
+      f'`{command}`',
+      common.markdown_table(header, rows),
+      f'Ratio of the medians: {ratios}. Common overrides:'
+      f' {records[0]["set"] or "none"}; {records[0]["rounds"]} rounds of'
+      f' {records[0]["dispatches"]} dispatches each, alternated.',
+      common.machine_line(info),
+    ]
+  )
+
+
+def main(argv: Sequence[str] | None = None) -> list[dict]:
+  parser = argparse.ArgumentParser(
+    prog='python -m benchmarks.ab', description=__doc__.split('\n')[0]
+  )
+  parser.add_argument('--model', required=True, help='a config in configs/')
+  for flag, what in (
+    ('--set', 'both variants'),
+    ('--a', 'variant a'),
+    ('--b', 'variant b'),
+  ):
+    parser.add_argument(
+      flag, action='append', default=[], help=f'key=value for {what}'
+    )
+  parser.add_argument('--rounds', type=int, default=12)
+  parser.add_argument('--dispatches', type=int, default=4, help='per round')
+  parser.add_argument('--out_dir', default=common.RESULTS)
+  parser.add_argument('--out_name', default='ab')
+  args = parser.parse_args(argv)
+  if args.model not in common.model_names():
+    raise SystemExit(
+      f'--model: unknown {args.model!r}; one of'
+      f' {", ".join(common.model_names())}.'
+    )
+  if args.rounds < 1 or args.dispatches < 1:
+    raise SystemExit('--rounds and --dispatches: at least 1.')
+  common_overrides = parse_overrides(args.set, '--set')
+  overrides = {v: parse_overrides(getattr(args, v), f'--{v}') for v in VARIANTS}
+  configs = {
+    v: variant_config(args.model, common_overrides, overrides[v])
+    for v in VARIANTS
+  }
+  info = common.machine_info()
+  variants = {v: Variant(configs[v]) for v in VARIANTS}
+  rates = measure(variants, args.rounds, args.dispatches)
+  record = {
+    'model': args.model,
+    'set': common_overrides,
+    'rounds': args.rounds,
+    'dispatches': args.dispatches,
+  }
+  for v in VARIANTS:
+    record.update(
+      {
+        f'{v}_overrides': overrides[v],
+        f'{v}_ex_per_s': statistics.median(rates[v]),
+        f'{v}_rounds': rates[v],
+        f'{v}_steps_per_dispatch': variants[v].steps,
+        f'{v}_trained_steps': variants[v].trained_steps(),
+      }
+    )
+  record['b_over_a'] = record['b_ex_per_s'] / record['a_ex_per_s']
+  print(
+    f'{args.model}: a {record["a_ex_per_s"]:,.0f} ex/s, b'
+    f' {record["b_ex_per_s"]:,.0f} ex/s, b/a {record["b_over_a"]:.3f}'
+  )
+  common.write_results(
+    args.out_dir,
+    args.out_name,
+    [record],
+    info,
+    markdown,
+    common.command_line('ab', argv),
+  )
+  return [record]
+
+
+if __name__ == '__main__':
+  main()
