@@ -23,6 +23,7 @@ Results: benchmarks/results/<out_name>.{json,csv,md} (default ab).
 import argparse
 import ast
 from collections.abc import Sequence
+import os
 import statistics
 import time
 from typing import Any
@@ -172,9 +173,19 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
     )
   parser.add_argument('--rounds', type=int, default=12)
   parser.add_argument('--dispatches', type=int, default=4, help='per round')
-  parser.add_argument('--out_dir', default=common.RESULTS)
+  parser.add_argument('--out_dir', default=None, help='default: results/')
   parser.add_argument('--out_name', default='ab')
+  parser.add_argument(
+    '--tiny', action='store_true', help='a seconds-long run: 2 rounds of 1'
+  )
   args = parser.parse_args(argv)
+  if args.tiny:
+    args.rounds, args.dispatches = 2, 1
+    args.set = ['batch_size=256', *args.set]
+  if args.out_dir is None:
+    args.out_dir = common.RESULTS
+    if args.tiny:
+      args.out_dir = os.path.join(common.RESULTS, 'tmp')
   if args.model not in common.model_names():
     raise SystemExit(
       f'--model: unknown {args.model!r}; one of'

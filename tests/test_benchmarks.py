@@ -86,6 +86,15 @@ class AbTest(_TempDirs, absltest.TestCase):
     with open(os.path.join(out, 't.md')) as f:
       self.assertIn("optimizer='rowwise_adagrad'", f.read())
 
+  def test_tiny(self):
+    out = self.create_tempdir().full_path
+    (r,) = ab.main(['--model=fm', '--tiny', f'--out_dir={out}'])
+    self.assertEqual((r['rounds'], r['dispatches']), (2, 1))
+    self.assertEqual(r['set'], {'batch_size': 256})
+    steps = r['a_steps_per_dispatch']
+    self.assertEqual(r['a_trained_steps'], 3 * steps)
+    self.assertTrue(os.path.exists(os.path.join(out, 'ab.md')))
+
   def test_bad_overrides_name_themselves(self):
     with self.assertRaisesRegex(SystemExit, "--a: 'lr' is not key=value"):
       ab.main(['--model=fm', '--a=lr'])
