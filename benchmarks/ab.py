@@ -23,6 +23,7 @@ Results: benchmarks/results/<out_name>.{json,csv,md} (default ab).
 import argparse
 import ast
 from collections.abc import Sequence
+import itertools
 import os
 import statistics
 import time
@@ -31,6 +32,9 @@ from typing import Any
 from benchmarks import common
 
 VARIANTS = ('a', 'b')
+# Distinct stacks of batches each variant cycles through: the epoch's first
+# ones, not the whole epoch held in memory.
+POOL = 8
 
 
 def parse_overrides(items: Sequence[str], flag: str) -> dict[str, Any]:
@@ -90,12 +94,11 @@ class Variant:
     sizes, stacks = programs.epoch_stacks(
       dataset.train, config, 0, self.resident
     )
-    # The full stacks of the first epoch (a shorter remainder runs the same
-    # program, padded, but trains fewer examples).
+    # Up to `POOL` full stacks of the first epoch, cycled (a shorter
+    # remainder runs the same program, padded, but trains fewer examples).
     self.steps = max(sizes)
-    self.stacks = [
-      s for s, n in zip(stacks, sizes, strict=True) if n == self.steps
-    ]
+    full = (s for s, n in zip(stacks, sizes, strict=True) if n == self.steps)
+    self.stacks = list(itertools.islice(full, POOL))
     self.count = programs.replicate(np.int32(self.steps))
     self.examples = self.steps * config.batch_size
     self.dispatches = 0
