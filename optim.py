@@ -295,17 +295,16 @@ def create_optimizer(
       and for 'rowwise_adagrad' `table_learning_rate`).
     tables: the model's tables (`sparse.declared_tables`), updated row-wise
       by 'lazy_adam' and 'rowwise_adagrad'; 'adam' updates them densely.
-    rates: `rates_of(config)`, possibly traced, used instead of the
-      config's values: the same optimizer, whose state does not depend on
-      them, in a program that does not change with them.
+    rates: `rates_of(config)` (None: computed here), possibly traced: the
+      same optimizer, whose state does not depend on them, in a program
+      that does not change with them.
 
   Raises:
     ValueError: an unknown `config.optimizer`.
   """
-  lr, wd = config.learning_rate, config.weight_decay
-  table_lr = config.get('table_learning_rate')
-  if rates is not None:
-    lr, wd, table_lr = (rates[name] for name in RATES)
+  if rates is None:
+    rates = rates_of(config)
+  lr, wd, table_lr = (rates[name] for name in RATES)
   if config.optimizer == 'adam':
     return optax.chain(optax.add_decayed_weights(wd), optax.adam(lr))
   if config.optimizer == 'lazy_adam':
