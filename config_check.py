@@ -193,6 +193,15 @@ MODEL = {
   'user_field_idx': optional_index,
   'item_field_idx': optional_index,
   'cross_fields': field_pairs,
+  # Every string argument is one of a few names (tests/
+  # test_config_validation.py holds each model to this list).
+  'multi_pooling': one_of(('mean', 'sum')),
+  'method': one_of(('inner', 'outer')),
+  'structure': one_of(('parallel', 'stacked')),
+  'lnn': one_of(('torchfm', 'paper')),
+  'excitation': one_of(('relu', 'sigmoid')),
+  'bilinear_type': one_of(('field_all', 'field_each', 'field_interaction')),
+  'linear_type': one_of(('lw', 'felv', 'filv')),
 }
 
 

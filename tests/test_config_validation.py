@@ -1,12 +1,17 @@
 """Tests of config_check.py: every bad key is named before any data work."""
 
+import dataclasses
+import functools
 import importlib
 import os
 import tempfile
 
 from absl.testing import absltest
 from absl.testing import parameterized
+import jax
 import ml_collections
+import model_tables
+import model_testing
 
 import config_check
 import models
@@ -114,11 +119,48 @@ class BadValueTest(_TestCase):
     ('ncf', 'model__user_field_idx', -1, 'a field index >= 0'),
     ('ncf', 'model__shared_embedding', 'no', 'True or False'),
     ('fnn', 'model__fm_linear_inputs', 0, 'True or False'),
+    ('ipnn', 'model__method', 'kernel', 'one of inner, outer'),
+    ('dcnv2', 'model__structure', 'mixed', 'one of parallel, stacked'),
+    ('afn', 'model__lnn', 'log', 'one of torchfm, paper'),
+    ('fibinet', 'model__excitation', 'tanh', 'one of relu, sigmoid'),
+    ('fibinet', 'model__bilinear_type', 'all', 'one of field_all'),
+    ('fwfm', 'model__linear_type', 'fw', 'one of lw, felv, filv'),
+    ('fm', 'model__multi_pooling', 'max', 'one of mean, sum'),
   )
   def test_bad_model_argument_is_named(self, name, key, value, rule):
     message = self.problems(_config(name, **{key: value}))
     self.assertIn(f'config.{key.replace("__", ".")}={value!r} must be', message)
     self.assertIn(rule, message)
+
+  def test_every_string_model_argument_has_its_names(self):
+    # A string the model does not know would otherwise stop the run at
+    # initialisation with a traceback: each string argument of each model
+    # has a one-of rule, the rule takes the default, and the model takes
+    # every name the rule allows.
+    checked = 0
+    for name in models.names():
+      model_cls = importlib.import_module(f'models.{name}').Model
+      for field in dataclasses.fields(model_cls):
+        if not isinstance(field.default, str) or field.name in (
+          config_check._TRAINER_SET  # pylint: disable=protected-access
+        ):
+          continue
+        with self.subTest(model=name, key=field.name):
+          rule = config_check.MODEL.get(field.name)
+          self.assertIsNotNone(rule, f'no rule for {field.name}')
+          self.assertIsNone(rule(field.default))
+          self.assertIsNotNone(rule('no-such-name'))
+          names = rule('no-such-name').removeprefix('one of ').split(', ')
+          for value in names:
+            model = model_tables.build(name, **{field.name: value})
+            # Tracing runs the model's own checks; nothing compiles.
+            jax.eval_shape(
+              functools.partial(model.init, train=False),
+              jax.random.key(0),
+              model_testing.random_ids(2, model_tables.FIELD_DIMS),
+            )
+          checked += 1
+    self.assertGreaterEqual(checked, 6 + len(models.names()))
 
   def test_unknown_model_is_named_before_any_data(self):
     message = self.problems(_config(model_name='nope'))
