@@ -195,6 +195,7 @@ MODEL = {
   'cross_fields': field_pairs,
   # Every string argument is one of a few names (tests/
   # test_config_validation.py holds each model to this list).
+  'linear_init': one_of(('lecun', 'torch')),
   'multi_pooling': one_of(('mean', 'sum')),
   'method': one_of(('inner', 'outer')),
   'structure': one_of(('parallel', 'stacked')),

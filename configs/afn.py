@@ -17,6 +17,12 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config = default.get_config(arg)
   config.model_name = 'afn'
   config.model = ml_collections.ConfigDict(
-    dict(embed_dim=16, lnn_dim=1500, mlp_dims=(400, 400, 400), dropout=0.0)
+    dict(
+      embed_dim=16,
+      lnn_dim=1500,
+      mlp_dims=(400, 400, 400),
+      dropout=0.0,
+      linear_init='lecun',
+    )
   )
   return config

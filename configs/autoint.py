@@ -26,6 +26,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       mlp_dims=(400, 400),
       dropouts=(0.0, 0.0),
       has_residual=True,
+      linear_init='lecun',
     )
   )
   return config

@@ -17,6 +17,12 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config = default.get_config(arg)
   config.model_name = 'dcn'
   config.model = ml_collections.ConfigDict(
-    dict(embed_dim=16, num_layers=3, mlp_dims=(16, 16), dropout=0.2)
+    dict(
+      embed_dim=16,
+      num_layers=3,
+      mlp_dims=(16, 16),
+      dropout=0.2,
+      linear_init='lecun',
+    )
   )
   return config

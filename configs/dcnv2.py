@@ -34,6 +34,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       structure='parallel',
       low_rank=None,
       num_experts=4,
+      linear_init='lecun',
     )
   )
   return config

@@ -14,6 +14,6 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.model_name = 'deepfm'
   # As pytorch-fm's examples/main.py (its model name there is 'dfm').
   config.model = ml_collections.ConfigDict(
-    dict(embed_dim=16, mlp_dims=(16, 16), dropout=0.2)
+    dict(embed_dim=16, mlp_dims=(16, 16), dropout=0.2, linear_init='lecun')
   )
   return config

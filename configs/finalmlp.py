@@ -36,6 +36,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       fs1_context=(0,),
       fs2_context=(1,),
       num_heads=2,
+      linear_init='lecun',
     )
   )
   return config

@@ -22,6 +22,6 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # As pytorch-fm's examples/main.py. dropouts: after the interaction layer,
   # after each hidden layer.
   config.model = ml_collections.ConfigDict(
-    dict(embed_dim=4, mlp_dims=(64,), dropouts=(0.2, 0.2))
+    dict(embed_dim=4, mlp_dims=(64,), dropouts=(0.2, 0.2), linear_init='lecun')
   )
   return config

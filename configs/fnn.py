@@ -26,6 +26,12 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # Sizes as pytorch-fm's examples/main.py. fm_linear_inputs=True feeds each
   # field's FM linear weight to the MLP too (the paper); False as pytorch-fm.
   config.model = ml_collections.ConfigDict(
-    dict(embed_dim=16, mlp_dims=(16, 16), dropout=0.2, fm_linear_inputs=True)
+    dict(
+      embed_dim=16,
+      mlp_dims=(16, 16),
+      dropout=0.2,
+      fm_linear_inputs=True,
+      linear_init='lecun',
+    )
   )
   return config

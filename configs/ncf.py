@@ -29,6 +29,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       mlp_dims=(16, 16),
       dropout=0.2,
       shared_embedding=False,
+      linear_init='lecun',
     )
   )
   return config

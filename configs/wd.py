@@ -23,6 +23,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       dropout=0.2,
       cross_fields=(),
       cross_buckets=2**17,
+      linear_init='lecun',
     )
   )
   return config

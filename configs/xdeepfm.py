@@ -23,6 +23,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       split_half=False,
       mlp_dims=(16, 16),
       dropout=0.2,
+      linear_init='lecun',
     )
   )
   return config

@@ -50,8 +50,9 @@ whose architecture the default matches layer for layer):
     `dropouts` and uses only its first entry.
   * The model returns logits; pytorch-fm returns probabilities.
   * The hidden layers use Flax's default initialisers (LeCun normal kernels,
-    zero biases), not torch's uniform ones. The LNN weights start as
-    pytorch-fm's, uniform in `[-1/sqrt(fields), 1/sqrt(fields)]`.
+    zero biases), not torch's uniform ones (`linear_init='torch'` gives
+    those). The LNN weights start as pytorch-fm's, uniform in
+    `[-1/sqrt(fields), 1/sqrt(fields)]`.
 
 Differences from the paper, kept from pytorch-fm: the linear term (the paper
 predicts from the LNN and its MLP alone) and BatchNorm in the hidden layers.
@@ -339,6 +340,27 @@ class FeaturesEmbedding(nn.Module):
     ).astype(self.dtype)  # [B, T, D]
 
 
+def linear_initializers(kind: str, fan_in: int) -> dict:
+  """`nn.Dense` initialiser arguments for a layer reading `fan_in` features.
+
+  Args:
+    kind: 'lecun', Flax's default (LeCun-normal kernel, zero bias); or
+      'torch', torch.nn.Linear's (kernel and bias both uniform in
+      `[-1/sqrt(fan_in), 1/sqrt(fan_in))`).
+    fan_in: number of input features.
+  """
+  if kind == 'lecun':
+    return {}
+  if kind != 'torch':
+    raise ValueError(f"linear_init must be 'lecun' or 'torch', got {kind!r}.")
+  bound = 1.0 / np.sqrt(fan_in)
+
+  def uniform(key, shape, dtype=jnp.float32):
+    return jax.random.uniform(key, shape, dtype, -bound, bound)
+
+  return dict(kernel_init=uniform, bias_init=uniform)
+
+
 class MultiLayerPerceptron(nn.Module):
   """Linear -> BatchNorm -> ReLU -> Dropout per hidden layer, then Linear.
 
@@ -348,6 +370,8 @@ class MultiLayerPerceptron(nn.Module):
     output_layer: end with a Linear layer to one unit (`[batch]` out);
       otherwise return the last hidden layer `[batch, hidden_dims[-1]]`.
     axis_name: pmap axis over which BatchNorm statistics are averaged.
+    linear_init: initialisers of the Dense layers, 'lecun' (Flax's
+      default) or 'torch' (torch.nn.Linear's).
     dtype: dtype of the computation.
   """
 
@@ -355,13 +379,15 @@ class MultiLayerPerceptron(nn.Module):
   dropout: float = 0.0
   output_layer: bool = True
   axis_name: str | None = None
+  linear_init: str = 'lecun'
   dtype: jnp.dtype = jnp.float32
 
   @nn.compact
   def __call__(self, x: jnp.ndarray, *, train: bool) -> jnp.ndarray:
     """Maps `[batch, features]` to `[batch]` (or `[batch, hidden]`)."""
     for width in self.hidden_dims:
-      x = nn.Dense(width, dtype=self.dtype)(x)  # [B, H]
+      init = linear_initializers(self.linear_init, x.shape[-1])
+      x = nn.Dense(width, dtype=self.dtype, **init)(x)  # [B, H]
       x = nn.BatchNorm(
         use_running_average=not train,
         momentum=0.9,
@@ -372,7 +398,8 @@ class MultiLayerPerceptron(nn.Module):
       x = nn.relu(x)
       x = nn.Dropout(self.dropout, deterministic=not train)(x)
     if self.output_layer:
-      x = nn.Dense(1, dtype=self.dtype)(x)[:, 0]  # [B]
+      init = linear_initializers(self.linear_init, x.shape[-1])
+      x = nn.Dense(1, dtype=self.dtype, **init)(x)[:, 0]  # [B]
     return x
 
 
@@ -441,6 +468,8 @@ class AdaptiveFactorizationNetwork(nn.Module):
     dropout: dropout rate after each hidden layer.
     lnn: form of the logarithmic layer, 'torchfm' or 'paper'.
     axis_name: pmap axis over which BatchNorm statistics are averaged.
+    linear_init: initialisers of the MLP's Dense layers, 'lecun' (Flax's
+      default) or 'torch' (torch.nn.Linear's).
     dtype: dtype of the computation.
   """
 
@@ -454,6 +483,7 @@ class AdaptiveFactorizationNetwork(nn.Module):
   dropout: float = 0.0
   lnn: str = 'torchfm'
   axis_name: str | None = None
+  linear_init: str = 'lecun'
   dtype: jnp.dtype = jnp.float32
 
   @nn.compact
@@ -494,6 +524,7 @@ class AdaptiveFactorizationNetwork(nn.Module):
       self.mlp_dims,
       dropout=self.dropout,
       axis_name=self.axis_name,
+      linear_init=self.linear_init,
       dtype=self.dtype,
     )(y.reshape(y.shape[0], -1), train=train)  # [B, L * D] -> [B]
     return (linear + deep).astype(jnp.float32)

@@ -54,7 +54,7 @@ Differences from pytorch-fm:
   * The model returns logits; pytorch-fm returns probabilities.
   * The dense layers use Flax's default initialisers (LeCun normal kernels,
     zero biases), not torch's (xavier-uniform attention projections,
-    uniform Linear layers).
+    uniform Linear layers; `linear_init='torch'` gives the MLP torch's).
 
 This file is self-contained on purpose: it imports only jax, flax and numpy,
 so it can be copied alone into another project.
@@ -64,6 +64,7 @@ from collections.abc import Sequence
 import math
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -336,6 +337,27 @@ class FeaturesEmbedding(nn.Module):
     ).astype(self.dtype)
 
 
+def linear_initializers(kind: str, fan_in: int) -> dict:
+  """`nn.Dense` initialiser arguments for a layer reading `fan_in` features.
+
+  Args:
+    kind: 'lecun', Flax's default (LeCun-normal kernel, zero bias); or
+      'torch', torch.nn.Linear's (kernel and bias both uniform in
+      `[-1/sqrt(fan_in), 1/sqrt(fan_in))`).
+    fan_in: number of input features.
+  """
+  if kind == 'lecun':
+    return {}
+  if kind != 'torch':
+    raise ValueError(f"linear_init must be 'lecun' or 'torch', got {kind!r}.")
+  bound = 1.0 / np.sqrt(fan_in)
+
+  def uniform(key, shape, dtype=jnp.float32):
+    return jax.random.uniform(key, shape, dtype, -bound, bound)
+
+  return dict(kernel_init=uniform, bias_init=uniform)
+
+
 class MultiLayerPerceptron(nn.Module):
   """Linear -> BatchNorm -> ReLU -> Dropout per hidden layer, then Linear.
 
@@ -345,6 +367,8 @@ class MultiLayerPerceptron(nn.Module):
     output_layer: end with a Linear layer to one unit (`[batch]` out);
       otherwise return the last hidden layer `[batch, hidden_dims[-1]]`.
     axis_name: pmap axis over which BatchNorm statistics are averaged.
+    linear_init: initialisers of the Dense layers, 'lecun' (Flax's
+      default) or 'torch' (torch.nn.Linear's).
     dtype: dtype of the computation.
   """
 
@@ -352,13 +376,15 @@ class MultiLayerPerceptron(nn.Module):
   dropout: float = 0.0
   output_layer: bool = True
   axis_name: str | None = None
+  linear_init: str = 'lecun'
   dtype: jnp.dtype = jnp.float32
 
   @nn.compact
   def __call__(self, x: jnp.ndarray, *, train: bool) -> jnp.ndarray:
     """Maps `[batch, features]` to `[batch]` (or `[batch, hidden]`)."""
     for width in self.hidden_dims:
-      x = nn.Dense(width, dtype=self.dtype)(x)  # [B, H]
+      init = linear_initializers(self.linear_init, x.shape[-1])
+      x = nn.Dense(width, dtype=self.dtype, **init)(x)  # [B, H]
       x = nn.BatchNorm(
         use_running_average=not train,
         momentum=0.9,
@@ -369,7 +395,8 @@ class MultiLayerPerceptron(nn.Module):
       x = nn.relu(x)
       x = nn.Dropout(self.dropout, deterministic=not train)(x)
     if self.output_layer:
-      x = nn.Dense(1, dtype=self.dtype)(x)[:, 0]  # [B]
+      init = linear_initializers(self.linear_init, x.shape[-1])
+      x = nn.Dense(1, dtype=self.dtype, **init)(x)[:, 0]  # [B]
     return x
 
 
@@ -430,6 +457,8 @@ class AutomaticFeatureInteractionModel(nn.Module):
       hidden layers.
     has_residual: add `W_Res e_m` to the last attention layer's output.
     axis_name: pmap axis over which BatchNorm statistics are averaged.
+    linear_init: initialisers of the MLP's Dense layers, 'lecun' (Flax's
+      default) or 'torch' (torch.nn.Linear's).
     dtype: dtype of the computation.
   """
 
@@ -445,6 +474,7 @@ class AutomaticFeatureInteractionModel(nn.Module):
   dropouts: Sequence[float] = (0.0, 0.0)
   has_residual: bool = True
   axis_name: str | None = None
+  linear_init: str = 'lecun'
   dtype: jnp.dtype = jnp.float32
 
   def __post_init__(self):
@@ -515,6 +545,7 @@ class AutomaticFeatureInteractionModel(nn.Module):
       self.mlp_dims,
       dropout=self.dropouts[1],
       axis_name=self.axis_name,
+      linear_init=self.linear_init,
       dtype=self.dtype,
     )(e.reshape(e.shape[0], -1), train=train)  # [B, T * D] -> [B]
     return (linear + attn + deep).astype(jnp.float32)

@@ -42,7 +42,8 @@ open is FuxiCTR (`CrossNetV2`, `CrossNetMix`, `DCNv2`):
 Differences from FuxiCTR: the hidden layers carry BatchNorm (as every MLP of
 this library, after pytorch-fm), which FuxiCTR's published DCN-V2 configs
 switch off; the full-rank cross layers and the hidden layers use Flax's
-default initialisers (LeCun normal kernels, zero biases), FuxiCTR
+default initialisers (LeCun normal kernels, zero biases; with
+`linear_init='torch'` the hidden layers use torch's), FuxiCTR
 xavier-normal ones. FuxiCTR's fourth structure 'stacked_parallel' is left
 out.
 
@@ -53,6 +54,7 @@ so it can be copied alone into another project.
 from collections.abc import Sequence
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -273,6 +275,27 @@ class FeaturesEmbedding(nn.Module):
     ).astype(self.dtype)  # [B, T, D]
 
 
+def linear_initializers(kind: str, fan_in: int) -> dict:
+  """`nn.Dense` initialiser arguments for a layer reading `fan_in` features.
+
+  Args:
+    kind: 'lecun', Flax's default (LeCun-normal kernel, zero bias); or
+      'torch', torch.nn.Linear's (kernel and bias both uniform in
+      `[-1/sqrt(fan_in), 1/sqrt(fan_in))`).
+    fan_in: number of input features.
+  """
+  if kind == 'lecun':
+    return {}
+  if kind != 'torch':
+    raise ValueError(f"linear_init must be 'lecun' or 'torch', got {kind!r}.")
+  bound = 1.0 / np.sqrt(fan_in)
+
+  def uniform(key, shape, dtype=jnp.float32):
+    return jax.random.uniform(key, shape, dtype, -bound, bound)
+
+  return dict(kernel_init=uniform, bias_init=uniform)
+
+
 class MultiLayerPerceptron(nn.Module):
   """Linear -> BatchNorm -> ReLU -> Dropout per hidden layer, then Linear.
 
@@ -282,6 +305,8 @@ class MultiLayerPerceptron(nn.Module):
     output_layer: end with a Linear layer to one unit (`[batch]` out);
       otherwise return the last hidden layer `[batch, hidden_dims[-1]]`.
     axis_name: pmap axis over which BatchNorm statistics are averaged.
+    linear_init: initialisers of the Dense layers, 'lecun' (Flax's
+      default) or 'torch' (torch.nn.Linear's).
     dtype: dtype of the computation.
   """
 
@@ -289,13 +314,15 @@ class MultiLayerPerceptron(nn.Module):
   dropout: float = 0.0
   output_layer: bool = True
   axis_name: str | None = None
+  linear_init: str = 'lecun'
   dtype: jnp.dtype = jnp.float32
 
   @nn.compact
   def __call__(self, x: jnp.ndarray, *, train: bool) -> jnp.ndarray:
     """Maps `[batch, features]` to `[batch]` (or `[batch, hidden]`)."""
     for width in self.hidden_dims:
-      x = nn.Dense(width, dtype=self.dtype)(x)  # [B, H]
+      init = linear_initializers(self.linear_init, x.shape[-1])
+      x = nn.Dense(width, dtype=self.dtype, **init)(x)  # [B, H]
       x = nn.BatchNorm(
         use_running_average=not train,
         momentum=0.9,
@@ -306,7 +333,8 @@ class MultiLayerPerceptron(nn.Module):
       x = nn.relu(x)
       x = nn.Dropout(self.dropout, deterministic=not train)(x)
     if self.output_layer:
-      x = nn.Dense(1, dtype=self.dtype)(x)[:, 0]  # [B]
+      init = linear_initializers(self.linear_init, x.shape[-1])
+      x = nn.Dense(1, dtype=self.dtype, **init)(x)[:, 0]  # [B]
     return x
 
 
@@ -368,6 +396,8 @@ class DeepCrossNetworkV2(nn.Module):
     low_rank: rank of the mixture's experts; None for full-rank layers.
     num_experts: number of low-rank experts (only with `low_rank`).
     axis_name: pmap axis over which BatchNorm statistics are averaged.
+    linear_init: initialisers of the MLP's Dense layers, 'lecun' (Flax's
+      default) or 'torch' (torch.nn.Linear's).
     dtype: dtype of the computation.
   """
 
@@ -383,6 +413,7 @@ class DeepCrossNetworkV2(nn.Module):
   low_rank: int | None = None
   num_experts: int = 4
   axis_name: str | None = None
+  linear_init: str = 'lecun'
   dtype: jnp.dtype = jnp.float32
 
   @nn.compact
@@ -431,6 +462,7 @@ class DeepCrossNetworkV2(nn.Module):
       dropout=self.dropout,
       output_layer=False,
       axis_name=self.axis_name,
+      linear_init=self.linear_init,
       dtype=self.dtype,
     )
     if self.structure == 'stacked':

@@ -41,8 +41,9 @@ Differences from it:
   * One bias `b` where FuxiCTR's two Linear layers `w_1`, `w_2` have one each
     (their sum is one parameter). W starts xavier-normal over its
     `[heads * d_1/heads * d_2/heads, 1]` view, as FuxiCTR; the other layers
-    use Flax's default initialisers (LeCun normal kernels, zero biases),
-    FuxiCTR xavier-normal ones.
+    use Flax's default initialisers (LeCun normal kernels, zero biases;
+    `linear_init='torch'` gives the MLPs torch's), FuxiCTR xavier-normal
+    ones.
   * Without context fields FuxiCTR feeds its gate MLP a learned input
     that starts at zero: the hidden units start at ReLU(0) = 0, where the
     ReLU passes no gradient, so the input, the hidden layers and the output
@@ -59,6 +60,7 @@ from collections.abc import Sequence
 import math
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -279,6 +281,27 @@ class FeaturesEmbedding(nn.Module):
     ).astype(self.dtype)  # [B, T, D]
 
 
+def linear_initializers(kind: str, fan_in: int) -> dict:
+  """`nn.Dense` initialiser arguments for a layer reading `fan_in` features.
+
+  Args:
+    kind: 'lecun', Flax's default (LeCun-normal kernel, zero bias); or
+      'torch', torch.nn.Linear's (kernel and bias both uniform in
+      `[-1/sqrt(fan_in), 1/sqrt(fan_in))`).
+    fan_in: number of input features.
+  """
+  if kind == 'lecun':
+    return {}
+  if kind != 'torch':
+    raise ValueError(f"linear_init must be 'lecun' or 'torch', got {kind!r}.")
+  bound = 1.0 / np.sqrt(fan_in)
+
+  def uniform(key, shape, dtype=jnp.float32):
+    return jax.random.uniform(key, shape, dtype, -bound, bound)
+
+  return dict(kernel_init=uniform, bias_init=uniform)
+
+
 class MultiLayerPerceptron(nn.Module):
   """Linear -> BatchNorm -> ReLU -> Dropout per hidden layer, then Linear.
 
@@ -288,6 +311,8 @@ class MultiLayerPerceptron(nn.Module):
     output_layer: end with a Linear layer to one unit (`[batch]` out);
       otherwise return the last hidden layer `[batch, hidden_dims[-1]]`.
     axis_name: pmap axis over which BatchNorm statistics are averaged.
+    linear_init: initialisers of the Dense layers, 'lecun' (Flax's
+      default) or 'torch' (torch.nn.Linear's).
     dtype: dtype of the computation.
   """
 
@@ -295,13 +320,15 @@ class MultiLayerPerceptron(nn.Module):
   dropout: float = 0.0
   output_layer: bool = True
   axis_name: str | None = None
+  linear_init: str = 'lecun'
   dtype: jnp.dtype = jnp.float32
 
   @nn.compact
   def __call__(self, x: jnp.ndarray, *, train: bool) -> jnp.ndarray:
     """Maps `[batch, features]` to `[batch]` (or `[batch, hidden]`)."""
     for width in self.hidden_dims:
-      x = nn.Dense(width, dtype=self.dtype)(x)  # [B, H]
+      init = linear_initializers(self.linear_init, x.shape[-1])
+      x = nn.Dense(width, dtype=self.dtype, **init)(x)  # [B, H]
       x = nn.BatchNorm(
         use_running_average=not train,
         momentum=0.9,
@@ -312,7 +339,8 @@ class MultiLayerPerceptron(nn.Module):
       x = nn.relu(x)
       x = nn.Dropout(self.dropout, deterministic=not train)(x)
     if self.output_layer:
-      x = nn.Dense(1, dtype=self.dtype)(x)[:, 0]  # [B]
+      init = linear_initializers(self.linear_init, x.shape[-1])
+      x = nn.Dense(1, dtype=self.dtype, **init)(x)[:, 0]  # [B]
     return x
 
 
@@ -391,6 +419,8 @@ class FinalMLP(nn.Module):
     fs2_context: the same for gate 2.
     num_heads: heads of the bilinear fusion.
     axis_name: pmap axis over which BatchNorm statistics are averaged.
+    linear_init: initialisers of the MLP's Dense layers, 'lecun' (Flax's
+      default) or 'torch' (torch.nn.Linear's).
     dtype: dtype of the computation.
   """
 
@@ -408,6 +438,7 @@ class FinalMLP(nn.Module):
   fs2_context: Sequence[int] = ()
   num_heads: int = 2
   axis_name: str | None = None
+  linear_init: str = 'lecun'
   dtype: jnp.dtype = jnp.float32
 
   @nn.compact
@@ -468,6 +499,7 @@ class FinalMLP(nn.Module):
         dropout=self.dropouts[k - 1],
         output_layer=False,
         axis_name=self.axis_name,
+        linear_init=self.linear_init,
         dtype=self.dtype,
         name=f'mlp{k}',
       )

@@ -42,7 +42,8 @@ matches layer for layer):
     `embed_dim` can warm-start this model through `config.init_from`.
   * The model returns logits; pytorch-fm returns probabilities.
   * The hidden layers use Flax's default initialisers (LeCun normal kernels,
-    zero biases), not torch's uniform ones.
+    zero biases), not torch's uniform ones (`linear_init='torch'` gives
+    those).
 
 Like pytorch-fm, the model keeps NFM's linear term `w_0 + sum_f w_{x_f}` and
 its dropout after the normalised interaction layer. The shape bug reported
@@ -59,6 +60,7 @@ so it can be copied alone into another project.
 from collections.abc import Sequence
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -339,6 +341,27 @@ class FieldAwareEmbedding(nn.Module):
     ).astype(self.dtype)  # [B, T, T, D]
 
 
+def linear_initializers(kind: str, fan_in: int) -> dict:
+  """`nn.Dense` initialiser arguments for a layer reading `fan_in` features.
+
+  Args:
+    kind: 'lecun', Flax's default (LeCun-normal kernel, zero bias); or
+      'torch', torch.nn.Linear's (kernel and bias both uniform in
+      `[-1/sqrt(fan_in), 1/sqrt(fan_in))`).
+    fan_in: number of input features.
+  """
+  if kind == 'lecun':
+    return {}
+  if kind != 'torch':
+    raise ValueError(f"linear_init must be 'lecun' or 'torch', got {kind!r}.")
+  bound = 1.0 / np.sqrt(fan_in)
+
+  def uniform(key, shape, dtype=jnp.float32):
+    return jax.random.uniform(key, shape, dtype, -bound, bound)
+
+  return dict(kernel_init=uniform, bias_init=uniform)
+
+
 class MultiLayerPerceptron(nn.Module):
   """Linear -> BatchNorm -> ReLU -> Dropout per hidden layer, then Linear.
 
@@ -348,6 +371,8 @@ class MultiLayerPerceptron(nn.Module):
     output_layer: end with a Linear layer to one unit (`[batch]` out);
       otherwise return the last hidden layer `[batch, hidden_dims[-1]]`.
     axis_name: pmap axis over which BatchNorm statistics are averaged.
+    linear_init: initialisers of the Dense layers, 'lecun' (Flax's
+      default) or 'torch' (torch.nn.Linear's).
     dtype: dtype of the computation.
   """
 
@@ -355,13 +380,15 @@ class MultiLayerPerceptron(nn.Module):
   dropout: float = 0.0
   output_layer: bool = True
   axis_name: str | None = None
+  linear_init: str = 'lecun'
   dtype: jnp.dtype = jnp.float32
 
   @nn.compact
   def __call__(self, x: jnp.ndarray, *, train: bool) -> jnp.ndarray:
     """Maps `[batch, features]` to `[batch]` (or `[batch, hidden]`)."""
     for width in self.hidden_dims:
-      x = nn.Dense(width, dtype=self.dtype)(x)  # [B, H]
+      init = linear_initializers(self.linear_init, x.shape[-1])
+      x = nn.Dense(width, dtype=self.dtype, **init)(x)  # [B, H]
       x = nn.BatchNorm(
         use_running_average=not train,
         momentum=0.9,
@@ -372,7 +399,8 @@ class MultiLayerPerceptron(nn.Module):
       x = nn.relu(x)
       x = nn.Dropout(self.dropout, deterministic=not train)(x)
     if self.output_layer:
-      x = nn.Dense(1, dtype=self.dtype)(x)[:, 0]  # [B]
+      init = linear_initializers(self.linear_init, x.shape[-1])
+      x = nn.Dense(1, dtype=self.dtype, **init)(x)[:, 0]  # [B]
     return x
 
 
@@ -411,6 +439,8 @@ class FieldAwareNeuralFactorizationMachine(nn.Module):
     dropouts: dropout rates after the interaction layer and after each
       hidden layer.
     axis_name: pmap axis over which BatchNorm statistics are averaged.
+    linear_init: initialisers of the MLP's Dense layers, 'lecun' (Flax's
+      default) or 'torch' (torch.nn.Linear's).
     dtype: dtype of the computation.
   """
 
@@ -422,6 +452,7 @@ class FieldAwareNeuralFactorizationMachine(nn.Module):
   mlp_dims: Sequence[int] = (64,)
   dropouts: Sequence[float] = (0.2, 0.2)
   axis_name: str | None = None
+  linear_init: str = 'lecun'
   dtype: jnp.dtype = jnp.float32
 
   @nn.compact
@@ -479,6 +510,7 @@ class FieldAwareNeuralFactorizationMachine(nn.Module):
       self.mlp_dims,
       dropout=mlp_dropout,
       axis_name=self.axis_name,
+      linear_init=self.linear_init,
       dtype=self.dtype,
     )(z, train=train)  # [B]
     return (linear + deep).astype(jnp.float32)

@@ -36,6 +36,9 @@ Differences from pytorch-fm (torchfm 0.7.0,
     feeds the factors alone, which `fm_linear_inputs=False` reproduces
     exactly (the parity test uses it).
   * The model returns logits; pytorch-fm returns probabilities.
+  * The hidden layers use Flax's default initialisers (LeCun normal kernels,
+    zero biases), not torch's uniform ones (`linear_init='torch'` gives
+    those).
 
 Differences from the paper, shared with pytorch-fm:
   * The paper's `z` also starts with the FM bias `w_0`. It is the same for
@@ -54,6 +57,7 @@ so it can be copied alone into another project.
 from collections.abc import Sequence
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -327,6 +331,27 @@ class FieldLinearWeights(nn.Module):
     ).astype(self.dtype)  # [B, T, 1]
 
 
+def linear_initializers(kind: str, fan_in: int) -> dict:
+  """`nn.Dense` initialiser arguments for a layer reading `fan_in` features.
+
+  Args:
+    kind: 'lecun', Flax's default (LeCun-normal kernel, zero bias); or
+      'torch', torch.nn.Linear's (kernel and bias both uniform in
+      `[-1/sqrt(fan_in), 1/sqrt(fan_in))`).
+    fan_in: number of input features.
+  """
+  if kind == 'lecun':
+    return {}
+  if kind != 'torch':
+    raise ValueError(f"linear_init must be 'lecun' or 'torch', got {kind!r}.")
+  bound = 1.0 / np.sqrt(fan_in)
+
+  def uniform(key, shape, dtype=jnp.float32):
+    return jax.random.uniform(key, shape, dtype, -bound, bound)
+
+  return dict(kernel_init=uniform, bias_init=uniform)
+
+
 class MultiLayerPerceptron(nn.Module):
   """Linear -> BatchNorm -> ReLU -> Dropout per hidden layer, then Linear.
 
@@ -336,6 +361,8 @@ class MultiLayerPerceptron(nn.Module):
     output_layer: end with a Linear layer to one unit (`[batch]` out);
       otherwise return the last hidden layer `[batch, hidden_dims[-1]]`.
     axis_name: pmap axis over which BatchNorm statistics are averaged.
+    linear_init: initialisers of the Dense layers, 'lecun' (Flax's
+      default) or 'torch' (torch.nn.Linear's).
     dtype: dtype of the computation.
   """
 
@@ -343,13 +370,15 @@ class MultiLayerPerceptron(nn.Module):
   dropout: float = 0.0
   output_layer: bool = True
   axis_name: str | None = None
+  linear_init: str = 'lecun'
   dtype: jnp.dtype = jnp.float32
 
   @nn.compact
   def __call__(self, x: jnp.ndarray, *, train: bool) -> jnp.ndarray:
     """Maps `[batch, features]` to `[batch]` (or `[batch, hidden]`)."""
     for width in self.hidden_dims:
-      x = nn.Dense(width, dtype=self.dtype)(x)  # [B, H]
+      init = linear_initializers(self.linear_init, x.shape[-1])
+      x = nn.Dense(width, dtype=self.dtype, **init)(x)  # [B, H]
       x = nn.BatchNorm(
         use_running_average=not train,
         momentum=0.9,
@@ -360,7 +389,8 @@ class MultiLayerPerceptron(nn.Module):
       x = nn.relu(x)
       x = nn.Dropout(self.dropout, deterministic=not train)(x)
     if self.output_layer:
-      x = nn.Dense(1, dtype=self.dtype)(x)[:, 0]  # [B]
+      init = linear_initializers(self.linear_init, x.shape[-1])
+      x = nn.Dense(1, dtype=self.dtype, **init)(x)[:, 0]  # [B]
     return x
 
 
@@ -380,6 +410,8 @@ class FactorizationSupportedNeuralNetwork(nn.Module):
     fm_linear_inputs: also feed the FM linear weight of each field (the
       paper); False feeds the factors alone (pytorch-fm).
     axis_name: pmap axis over which BatchNorm statistics are averaged.
+    linear_init: initialisers of the MLP's Dense layers, 'lecun' (Flax's
+      default) or 'torch' (torch.nn.Linear's).
     dtype: dtype of the computation.
   """
 
@@ -392,6 +424,7 @@ class FactorizationSupportedNeuralNetwork(nn.Module):
   dropout: float = 0.2
   fm_linear_inputs: bool = True
   axis_name: str | None = None
+  linear_init: str = 'lecun'
   dtype: jnp.dtype = jnp.float32
 
   @nn.compact
@@ -435,6 +468,7 @@ class FactorizationSupportedNeuralNetwork(nn.Module):
       self.mlp_dims,
       dropout=self.dropout,
       axis_name=self.axis_name,
+      linear_init=self.linear_init,
       dtype=self.dtype,
     )(z, train=train)  # [B]
     return y.astype(jnp.float32)

@@ -43,6 +43,9 @@ Differences from pytorch-fm (torchfm 0.7.0, `WideAndDeepModel`):
     N(0, 1) initialisation, a large random per-id bias that the optimiser
     must first unlearn.
   * The model returns logits; pytorch-fm returns probabilities.
+  * The hidden layers use Flax's default initialisers (LeCun normal kernels,
+    zero biases), not torch's uniform ones (`linear_init='torch'` gives
+    those).
 
 Differences from the paper, shared with pytorch-fm: only pairwise crosses
 (the paper allows any conjunction); one optimiser for both parts (the paper
@@ -58,6 +61,7 @@ so it can be copied alone into another project.
 from collections.abc import Sequence
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -330,6 +334,27 @@ class FeaturesEmbedding(nn.Module):
     ).astype(self.dtype)  # [B, T, D]
 
 
+def linear_initializers(kind: str, fan_in: int) -> dict:
+  """`nn.Dense` initialiser arguments for a layer reading `fan_in` features.
+
+  Args:
+    kind: 'lecun', Flax's default (LeCun-normal kernel, zero bias); or
+      'torch', torch.nn.Linear's (kernel and bias both uniform in
+      `[-1/sqrt(fan_in), 1/sqrt(fan_in))`).
+    fan_in: number of input features.
+  """
+  if kind == 'lecun':
+    return {}
+  if kind != 'torch':
+    raise ValueError(f"linear_init must be 'lecun' or 'torch', got {kind!r}.")
+  bound = 1.0 / np.sqrt(fan_in)
+
+  def uniform(key, shape, dtype=jnp.float32):
+    return jax.random.uniform(key, shape, dtype, -bound, bound)
+
+  return dict(kernel_init=uniform, bias_init=uniform)
+
+
 class MultiLayerPerceptron(nn.Module):
   """Linear -> BatchNorm -> ReLU -> Dropout per hidden layer, then Linear.
 
@@ -339,6 +364,8 @@ class MultiLayerPerceptron(nn.Module):
     output_layer: end with a Linear layer to one unit (`[batch]` out);
       otherwise return the last hidden layer `[batch, hidden_dims[-1]]`.
     axis_name: pmap axis over which BatchNorm statistics are averaged.
+    linear_init: initialisers of the Dense layers, 'lecun' (Flax's
+      default) or 'torch' (torch.nn.Linear's).
     dtype: dtype of the computation.
   """
 
@@ -346,13 +373,15 @@ class MultiLayerPerceptron(nn.Module):
   dropout: float = 0.0
   output_layer: bool = True
   axis_name: str | None = None
+  linear_init: str = 'lecun'
   dtype: jnp.dtype = jnp.float32
 
   @nn.compact
   def __call__(self, x: jnp.ndarray, *, train: bool) -> jnp.ndarray:
     """Maps `[batch, features]` to `[batch]` (or `[batch, hidden]`)."""
     for width in self.hidden_dims:
-      x = nn.Dense(width, dtype=self.dtype)(x)  # [B, H]
+      init = linear_initializers(self.linear_init, x.shape[-1])
+      x = nn.Dense(width, dtype=self.dtype, **init)(x)  # [B, H]
       x = nn.BatchNorm(
         use_running_average=not train,
         momentum=0.9,
@@ -363,7 +392,8 @@ class MultiLayerPerceptron(nn.Module):
       x = nn.relu(x)
       x = nn.Dropout(self.dropout, deterministic=not train)(x)
     if self.output_layer:
-      x = nn.Dense(1, dtype=self.dtype)(x)[:, 0]  # [B]
+      init = linear_initializers(self.linear_init, x.shape[-1])
+      x = nn.Dense(1, dtype=self.dtype, **init)(x)[:, 0]  # [B]
     return x
 
 
@@ -472,6 +502,8 @@ class WideAndDeep(nn.Module):
       product joins the wide part; empty (the default) as pytorch-fm.
     cross_buckets: most weights per cross; bigger crosses are hashed.
     axis_name: pmap axis over which BatchNorm statistics are averaged.
+    linear_init: initialisers of the MLP's Dense layers, 'lecun' (Flax's
+      default) or 'torch' (torch.nn.Linear's).
     dtype: dtype of the computation.
   """
 
@@ -485,6 +517,7 @@ class WideAndDeep(nn.Module):
   cross_fields: Sequence[tuple[int, int]] = ()
   cross_buckets: int = 2**17
   axis_name: str | None = None
+  linear_init: str = 'lecun'
   dtype: jnp.dtype = jnp.float32
 
   @nn.compact
@@ -529,6 +562,7 @@ class WideAndDeep(nn.Module):
       self.mlp_dims,
       dropout=self.dropout,
       axis_name=self.axis_name,
+      linear_init=self.linear_init,
       dtype=self.dtype,
     )(e.reshape(e.shape[0], -1), train=train)  # [B, T * D] -> [B]
     return (wide + deep).astype(jnp.float32)

@@ -119,6 +119,7 @@ class BadValueTest(_TestCase):
     ('ncf', 'model__user_field_idx', -1, 'a field index >= 0'),
     ('ncf', 'model__shared_embedding', 'no', 'True or False'),
     ('fnn', 'model__fm_linear_inputs', 0, 'True or False'),
+    ('deepfm', 'model__linear_init', 'xavier', 'one of lecun, torch'),
     ('ipnn', 'model__method', 'kernel', 'one of inner, outer'),
     ('dcnv2', 'model__structure', 'mixed', 'one of parallel, stacked'),
     ('afn', 'model__lnn', 'log', 'one of torchfm, paper'),

@@ -169,7 +169,13 @@ class ConfigTest(absltest.TestCase):
     self.assertEqual(config.model_name, 'afn')
     self.assertEqual(
       dict(config.model),
-      dict(embed_dim=16, lnn_dim=1500, mlp_dims=(400, 400, 400), dropout=0.0),
+      dict(
+        embed_dim=16,
+        lnn_dim=1500,
+        mlp_dims=(400, 400, 400),
+        dropout=0.0,
+        linear_init='lecun',
+      ),
     )
     variables = check_config_model(afn, config)
     lnn = variables['params']['LogarithmicNeuralNetwork_0']['weight']

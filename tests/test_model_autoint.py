@@ -295,6 +295,7 @@ class ConfigTest(absltest.TestCase):
         mlp_dims=(400, 400),
         dropouts=(0.0, 0.0),
         has_residual=True,
+        linear_init='lecun',
       ),
     )
     check_config_model(autoint, config)

@@ -7,6 +7,7 @@ each model. The per-model tables live in tests/model_tables.py.
 
 import ast
 import collections
+import dataclasses
 import json
 import os
 import subprocess
@@ -251,6 +252,11 @@ def _squared_error(logits, labels):
   return jnp.mean(jnp.square(logits - labels))
 
 
+def _fields(name):
+  """Constructor argument names of models/<name>.py's Model."""
+  return {f.name for f in dataclasses.fields(module(name).Model)}
+
+
 # Field sizes for the initialisation statistics: a few thousand numbers per
 # table, so that the bounds below are tight.
 INIT_FIELD_DIMS = (300, 500, 200)
@@ -303,6 +309,53 @@ class InitialisationTest(parameterized.TestCase):
       if any('Linear' in str(getattr(k, 'key', '')) for k in path[:-1]):
         with self.subTest(jax.tree_util.keystr(path)):
           np.testing.assert_array_equal(x, np.zeros_like(x))
+
+  @parameterized.named_parameters(
+    (n, n) for n in MODEL_NAMES if 'linear_init' in _fields(n)
+  )
+  def test_torch_linear_init_is_torch_nn_linear_default(self, name):
+    # linear_init='torch' changes the MLP's Dense layers and nothing else
+    # (Flax derives each layer's key from its path): kernel and bias
+    # U(-b, b) with b = 1/sqrt(fan_in), as torch.nn.Linear. The default
+    # stays Flax's: LeCun-normal kernels (variance 1/fan_in), zero biases.
+    ids = random_ids(4, INIT_FIELD_DIMS)
+    torch_params = init(
+      build(name, field_dims=INIT_FIELD_DIMS, linear_init='torch'), ids
+    )['params']
+    flat = dict(jax.tree_util.tree_leaves_with_path(self._params(name)))
+    torch_flat = dict(jax.tree_util.tree_leaves_with_path(torch_params))
+    scaled = {'kernel': ([], []), 'bias': ([], [])}
+    for path, x in torch_flat.items():
+      lecun = np.asarray(flat[path], np.float64)
+      if np.array_equal(lecun, x):
+        continue
+      where = jax.tree_util.keystr(path)
+      self.assertTrue('MultiLayerPerceptron' in where or 'mlp' in where, where)
+      kind = path[-1].key
+      (fan_in,) = [
+        v.shape[0]
+        for p, v in torch_flat.items()
+        if p[:-1] == path[:-1] and p[-1].key == 'kernel'
+      ]
+      scaled[kind][0].append(np.ravel(x) * np.sqrt(fan_in))
+      scaled[kind][1].append(np.ravel(lecun) * np.sqrt(fan_in))
+    self.assertNotEmpty(scaled['kernel'][0])
+    self.assertEqual(len(scaled['kernel'][0]), len(scaled['bias'][0]))
+    for kind, (torch_x, lecun_x) in scaled.items():
+      x, ref = np.concatenate(torch_x), np.concatenate(lecun_x)
+      n = x.size
+      with self.subTest(kind):
+        # U(-1, 1) once scaled by sqrt(fan_in): variance 1/3.
+        self.assertLessEqual(np.max(np.abs(x)), 1.0)
+        self.assertLess(abs(x.mean()), 6 / np.sqrt(3 * n))
+        self.assertLess(abs(x.var() - 1 / 3), 6 * np.sqrt(4 / 45 / n))
+        if kind == 'bias':
+          np.testing.assert_array_equal(ref, 0.0)
+        else:
+          # LeCun normal: variance 1 once scaled (a 6-sigma band).
+          self.assertLess(abs(ref.var() - 1.0), 6 * np.sqrt(2 / n))
+    with self.assertRaisesRegex(ValueError, "linear_init must be 'lecun'"):
+      init(build(name, field_dims=INIT_FIELD_DIMS, linear_init='x'), ids)
 
 
 class ConfigTest(parameterized.TestCase):

@@ -197,7 +197,13 @@ class ConfigTest(absltest.TestCase):
     self.assertEqual(config.model_name, 'dcn')
     self.assertEqual(
       dict(config.model),
-      dict(embed_dim=16, num_layers=3, mlp_dims=(16, 16), dropout=0.2),
+      dict(
+        embed_dim=16,
+        num_layers=3,
+        mlp_dims=(16, 16),
+        dropout=0.2,
+        linear_init='lecun',
+      ),
     )
     check_config_model(dcn, config)
 

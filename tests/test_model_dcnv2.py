@@ -139,6 +139,7 @@ class ConfigTest(absltest.TestCase):
         structure='parallel',
         low_rank=None,
         num_experts=4,
+        linear_init='lecun',
       ),
     )
     variables = check_config_model(dcnv2, config)

@@ -152,6 +152,7 @@ class ConfigTest(absltest.TestCase):
         fs1_context=(0,),
         fs2_context=(1,),
         num_heads=2,
+        linear_init='lecun',
       ),
     )
     variables = check_config_model(finalmlp, config)

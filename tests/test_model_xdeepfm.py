@@ -262,6 +262,7 @@ class ConfigTest(absltest.TestCase):
         split_half=False,
         mlp_dims=(16, 16),
         dropout=0.2,
+        linear_init='lecun',
       ),
     )
     check_config_model(xdeepfm, config)
