@@ -21,13 +21,11 @@ Results: benchmarks/results/<out_name>.{json,csv,md} (default ab).
 """
 
 import argparse
-import ast
 from collections.abc import Sequence
 import itertools
 import os
 import statistics
 import time
-from typing import Any
 
 from benchmarks import common
 
@@ -35,37 +33,6 @@ VARIANTS = ('a', 'b')
 # Distinct stacks of batches each variant cycles through: the epoch's first
 # ones, not the whole epoch held in memory.
 POOL = 8
-
-
-def parse_overrides(items: Sequence[str], flag: str) -> dict[str, Any]:
-  """`['key=value', ...]` -> `{key: value}`, values as Python literals."""
-  overrides = {}
-  for item in items:
-    key, sep, raw = item.partition('=')
-    if not sep or not key.strip():
-      raise SystemExit(f'{flag}: {item!r} is not key=value.')
-    try:
-      value = ast.literal_eval(raw)
-    except (ValueError, SyntaxError):
-      value = raw  # A bare string, e.g. optimizer=adam.
-    overrides[key.strip()] = value
-  return overrides
-
-
-def variant_config(model: str, *overrides: dict[str, Any]):
-  """The model's config with `overrides` applied in order."""
-  config = common.get_config(model)
-  for layer in overrides:
-    for key, value in layer.items():
-      *parents, last = key.split('.')
-      node = config
-      try:
-        for parent in parents:
-          node = node[parent]
-        node[last] = value
-      except (KeyError, TypeError, AttributeError) as e:
-        raise SystemExit(f'{key}={value!r}: {e}') from None
-  return config
 
 
 class Variant:
@@ -196,10 +163,12 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
     )
   if args.rounds < 1 or args.dispatches < 1:
     raise SystemExit('--rounds and --dispatches: at least 1.')
-  common_overrides = parse_overrides(args.set, '--set')
-  overrides = {v: parse_overrides(getattr(args, v), f'--{v}') for v in VARIANTS}
+  common_overrides = common.parse_overrides(args.set, '--set')
+  overrides = {
+    v: common.parse_overrides(getattr(args, v), f'--{v}') for v in VARIANTS
+  }
   configs = {
-    v: variant_config(args.model, common_overrides, overrides[v])
+    v: common.get_config(args.model, None, common_overrides, overrides[v])
     for v in VARIANTS
   }
   info = common.machine_info()

@@ -5,6 +5,7 @@ of `benchmarks.throughput` stays free of both, and every torch import is
 guarded so the scripts run (without their torchfm side) where torch is absent.
 """
 
+import ast
 from collections.abc import Callable, Sequence
 import csv
 import datetime
@@ -82,9 +83,42 @@ def parse_models(value: str) -> list[str]:
   return names
 
 
-def get_config(name: str, arg: str | None = None):
-  """`configs/<name>.py`'s config (`arg='smoke'` for the smoke variant)."""
-  return importlib.import_module(f'configs.{name}').get_config(arg)
+def get_config(name: str, arg: str | None = None, *overrides: dict):
+  """`configs/<name>.py`'s config (`arg='smoke'` for the smoke variant).
+
+  Args:
+    name: the config file.
+    arg: its argument, e.g. 'smoke'.
+    *overrides: `{dotted.key: value}` dicts (`parse_overrides`), applied in
+      order; a key the config lacks stops with a message.
+  """
+  config = importlib.import_module(f'configs.{name}').get_config(arg)
+  for layer in overrides:
+    for key, value in layer.items():
+      *parents, last = key.split('.')
+      node = config
+      try:
+        for parent in parents:
+          node = node[parent]
+        node[last] = value
+      except (KeyError, TypeError, AttributeError) as e:
+        raise SystemExit(f'{key}={value!r}: {e}') from None
+  return config
+
+
+def parse_overrides(items: Sequence[str], flag: str) -> dict[str, Any]:
+  """`['key=value', ...]` -> `{key: value}`, values as Python literals."""
+  overrides = {}
+  for item in items:
+    key, sep, raw = item.partition('=')
+    if not sep or not key.strip():
+      raise SystemExit(f'{flag}: {item!r} is not key=value.')
+    try:
+      value = ast.literal_eval(raw)
+    except (ValueError, SyntaxError):
+      value = raw  # A bare string, e.g. optimizer=adam.
+    overrides[key.strip()] = value
+  return overrides
 
 
 def torch_available() -> bool:

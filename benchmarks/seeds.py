@@ -6,15 +6,17 @@ seed each says little. For each model and seed this trains, on the same
 seeded 8:1:1 split of the embedded data (`dataset.seed` stays 0; the seed
 moves initialisation, shuffling and dropout):
 
-- `flax`: `train.train_and_evaluate` with configs/<model>.py and
-  `config.seed = seed`, as `python main.py --config.seed=<seed>`;
+- `flax`: `train.train_and_evaluate` with configs/<model>.py, the `--set`
+  overrides (e.g. `--set=model.linear_init=torch`, a run directory of their
+  own) and `config.seed = seed`, as `python main.py --config.seed=<seed>`;
 - `torchfm`: torchfm's examples/main.py loop on our dense ids
   (`benchmarks.quality.train_torchfm`, `torch.manual_seed(seed)`), for the
   models torchfm has.
 
 It reports each side's mean, sample standard deviation and every seed's test
-AUC (of the best-validation state), and the difference of the means with its
-standard error. A run whose workdir already holds its test result is read,
+AUC (of the best-validation state), the difference of the means with its
+standard error, and each side's mean best validation AUC (what a config is
+chosen on). A run whose workdir already holds its test result is read,
 not trained again: an interrupted benchmark goes on where it stopped.
 
   python -m benchmarks.seeds --models=fm,ipnn,opnn --seeds=0-9 \
@@ -27,6 +29,7 @@ import argparse
 from collections.abc import Sequence
 import json
 import os
+import re
 import tempfile
 
 import numpy as np
@@ -56,25 +59,42 @@ def parse_seeds(value: str) -> list[int]:
   return sorted(seeds)
 
 
-def finished_test_auc(workdir: str) -> float | None:
-  """Test AUC of a finished run in `workdir` (its metrics.jsonl), or None."""
+def finished_aucs(workdir: str) -> tuple[float, float] | None:
+  """(test AUC, best validation AUC) of a finished run in `workdir`, or None."""
   path = os.path.join(workdir, 'metrics.jsonl')
   if not os.path.exists(path):
     return None
-  tests = [r for r in quality.read_metrics(path) if r['split'] == 'test']
-  return tests[-1]['auc'] if tests else None
+  records = quality.read_metrics(path)
+  tests = [r['auc'] for r in records if r['split'] == 'test']
+  valids = [r['auc'] for r in records if r['split'] == 'valid']
+  return (tests[-1], max(valids)) if tests and valids else None
 
 
-def run_seed(name: str, run: str, seed: int, args) -> float:
-  """Test AUC of `run` of model `name` with `seed` (trained if not yet)."""
-  workdir = os.path.join(args.workdir, name, f's{seed}', run)
-  auc = finished_test_auc(workdir)
-  if auc is not None:
-    return auc
+def run_dir(run: str, overrides: dict) -> str:
+  """`flax`, or `flax-key=value-...` for a run with config overrides."""
+  if run != 'flax' or not overrides:
+    return run
+  parts = [f'{k}={v!r}' for k, v in sorted(overrides.items())]
+  return 'flax-' + re.sub(r'[^A-Za-z0-9_.=,+-]', '', '-'.join(parts))
+
+
+def run_seed(name: str, run: str, seed: int, args) -> tuple[float, float]:
+  """(test, best valid) AUC of `run` of `name` with `seed` (trained if not)."""
+  workdir = os.path.join(
+    args.workdir, name, f's{seed}', run_dir(run, args.overrides)
+  )
+  aucs = finished_aucs(workdir)
+  if aucs is not None:
+    return aucs
   import data  # pylint: disable=g-import-not-at-top
   import train  # pylint: disable=g-import-not-at-top
 
-  config = common.get_config(name, 'smoke' if args.tiny else None)
+  # --set changes flax-fm's config only: torchfm keeps pytorch-fm's recipe.
+  config = common.get_config(
+    name,
+    'smoke' if args.tiny else None,
+    args.overrides if run == 'flax' else {},
+  )
   config.seed = seed
   config.progress_bar = False
   if args.cache_dir:
@@ -87,12 +107,25 @@ def run_seed(name: str, run: str, seed: int, args) -> float:
     quality.train_torchfm(
       name, config, splits, field_dims, workdir, 10 if args.tiny else 0
     )
-  return finished_test_auc(workdir)
+  return finished_aucs(workdir)
 
 
-def summarize(name: str, aucs: dict[str, list[float]]) -> dict:
-  """Mean, sample std and seeds of each run; difference of the means."""
+def summarize(
+  name: str,
+  aucs: dict[str, list[float]],
+  valid_aucs: dict[str, list[float]] | None = None,
+) -> dict:
+  """Mean, sample std and seeds of each run; difference of the means.
+
+  Args:
+    name: the model.
+    aucs: test AUCs by run ('flax', 'torchfm'), one per seed.
+    valid_aucs: best validation AUCs by run, one per seed (optional).
+  """
   record = {'model': name}
+  for run, values in (valid_aucs or {}).items():
+    record[f'{run}_valid_auc'] = [float(v) for v in values]
+    record[f'{run}_valid_mean'] = float(np.mean(values))
   for run, values in aucs.items():
     values = np.asarray(values, np.float64)
     record[f'{run}_test_auc'] = [float(v) for v in values]
@@ -121,6 +154,7 @@ def markdown(records: list[dict], info: dict, command: str) -> str:
     'flax-fm test AUC, mean ± std',
     'torchfm (dense ids), mean ± std',
     'flax-fm - torchfm (± s.e.)',
+    'best valid AUC, mean: flax-fm / torchfm',
   ]
 
   def spread(r, run):
@@ -141,6 +175,9 @@ def markdown(records: list[dict], info: dict, command: str) -> str:
         spread(r, 'flax'),
         torch,
         difference,
+        ' / '.join(
+          common.fmt(r.get(f'{run}_valid_mean'), '.4f', '-') for run in RUNS
+        ),
       ]
     )
   seeds = common.markdown_table(
@@ -184,6 +221,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     help='runs; finished ones are reused (default: a new temp dir)',
   )
   parser.add_argument('--cache_dir', default='', help='dataset cache')
+  parser.add_argument(
+    '--set',
+    action='append',
+    default=[],
+    help="key=value for flax-fm's config (dotted keys); torchfm's is kept",
+  )
   parser.add_argument('--no_torch', action='store_true')
   parser.add_argument('--tiny', action='store_true', help='smoke config')
   parser.add_argument('--out_dir', default=None)
@@ -191,6 +234,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     '--out_name', default='seeds', help='results file name (no suffix)'
   )
   args = parser.parse_args(argv)
+  args.overrides = common.parse_overrides(args.set, '--set')
   args.seeds = parse_seeds(args.seeds)
   args.torch_seeds = (
     parse_seeds(args.torch_seeds) if args.torch_seeds else args.seeds
@@ -217,14 +261,16 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
       for r in RUNS
       if r == 'flax' or (with_torch and name in common.TORCHFM_MODELS)
     ]
-    aucs = {
+    pairs = {
       run: [
         run_seed(name, run, seed, args)
         for seed in (args.seeds if run == 'flax' else args.torch_seeds)
       ]
       for run in runs
     }
-    records.append(summarize(name, aucs))
+    aucs = {run: [test for test, _ in p] for run, p in pairs.items()}
+    valid = {run: [v for _, v in p] for run, p in pairs.items()}
+    records.append(summarize(name, aucs, valid))
     print(json.dumps(records[-1]), flush=True)
     common.write_results(
       args.out_dir, args.out_name, records, info, markdown, command

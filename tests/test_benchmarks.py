@@ -455,8 +455,40 @@ class SeedsTest(_TempDirs, absltest.TestCase):
     self.assertAlmostEqual(records[0]['flax_mean'], 0.62)
     saved = _read_json(os.path.join(out, 'seeds.json'))
     self.assertEqual(saved['results'], records)
+    # The best validation AUC of each seed, and its mean beside the test's.
+    self.assertEqual(records[0]['flax_valid_auc'], [0.5, 0.5])
     with open(os.path.join(out, 'seeds.md')) as f:
-      self.assertIn('0.6200 ± 0.0141', f.read())
+      text = f.read()
+    self.assertIn('0.6200 ± 0.0141', text)
+    self.assertIn('| 0.5000 / - |', text)
+
+  def test_overrides_have_runs_of_their_own(self):
+    out = self.create_tempdir().full_path
+    work = self.create_tempdir().full_path
+    overrides = {'model.embed_dim': 8, 'learning_rate': 0.002}
+    for run, auc in (('flax', 0.61), (seeds.run_dir('flax', overrides), 0.7)):
+      path = os.path.join(work, 'fm', 's0', run)
+      os.makedirs(path)
+      with open(os.path.join(path, 'metrics.jsonl'), 'w') as f:
+        for split, value in (('valid', 0.6), ('valid', 0.65), ('test', auc)):
+          f.write(json.dumps({'split': split, 'epoch': 1, 'auc': value}))
+          f.write('\n')
+    self.assertEqual(
+      seeds.run_dir('flax', overrides),
+      'flax-learning_rate=0.002-model.embed_dim=8',
+    )
+    self.assertEqual(seeds.run_dir('torchfm', overrides), 'torchfm')
+    args = ['--models=fm', '--seeds=0', '--no_torch', f'--workdir={work}']
+    args.append(f'--out_dir={out}')
+    plain = seeds.main(args)
+    changed = seeds.main(
+      args + ['--set=model.embed_dim=8', '--set=learning_rate=0.002']
+    )
+    self.assertEqual(plain[0]['flax_test_auc'], [0.61])
+    self.assertEqual(changed[0]['flax_test_auc'], [0.7])
+    self.assertEqual(changed[0]['flax_valid_auc'], [0.65])
+    with self.assertRaises(SystemExit):
+      seeds.main(args + ['--set=embed_dim'])
 
   def test_one_seed_has_no_spread(self):
     r = seeds.summarize('afn', {'flax': [0.78, 0.79], 'torchfm': [0.76]})
