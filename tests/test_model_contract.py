@@ -360,7 +360,11 @@ class InitialisationTest(parameterized.TestCase):
 
 class ConfigTest(parameterized.TestCase):
   @parameterized.parameters(
-    ('nfm', nfm_config, dict(embed_dim=64, mlp_dims=(64,))),
+    (
+      'nfm',
+      nfm_config,
+      dict(embed_dim=64, mlp_dims=(64,), linear_init='torch'),
+    ),
     ('ncf', ncf_config, dict(embed_dim=16, mlp_dims=(16, 16), dropout=0.2)),
     ('fnfm', fnfm_config, dict(embed_dim=4, mlp_dims=(64,))),
     ('deepfm', deepfm_config, dict(embed_dim=16, mlp_dims=(16, 16))),

@@ -180,7 +180,14 @@ class ConfigTest(parameterized.TestCase):
     self.assertEqual(config.model_name, 'pnn')
     self.assertEqual(
       dict(config.model),
-      dict(embed_dim=16, mlp_dims=(16,), dropout=0.2, method=method),
+      dict(
+        embed_dim=16,
+        mlp_dims=(16,),
+        dropout=0.2,
+        method=method,
+        # pytorch-fm's torch.nn.Linear initialisers.
+        linear_init='torch',
+      ),
     )
     check_config_model(pnn, config)
 
