@@ -3,8 +3,9 @@
 One seed moves a test AUC on ml-latest-small by up to 0.004, more than most
 differences between two models or two libraries, so a comparison of one
 seed each says little. For each model and seed this trains, on the same
-seeded 8:1:1 split of the embedded data (`dataset.seed` stays 0; the seed
-moves initialisation, shuffling and dropout):
+seeded 8:1:1 split of the embedded data (`dataset.seed`, `--split_seed`,
+stays 0 unless given; the seed moves initialisation, shuffling and
+dropout):
 
 - `flax`: `train.train_and_evaluate` with configs/<model>.py, the `--set`
   overrides (e.g. `--set=model.linear_init=torch`, a run directory of their
@@ -81,7 +82,10 @@ def run_dir(run: str, overrides: dict) -> str:
 def run_seed(name: str, run: str, seed: int, args) -> tuple[float, float]:
   """(test, best valid) AUC of `run` of `name` with `seed` (trained if not)."""
   workdir = os.path.join(
-    args.workdir, name, f's{seed}', run_dir(run, args.overrides)
+    args.workdir,
+    name,
+    f'split{args.split_seed}_s{seed}' if args.split_seed else f's{seed}',
+    run_dir(run, args.overrides),
   )
   aucs = finished_aucs(workdir)
   if aucs is not None:
@@ -96,6 +100,7 @@ def run_seed(name: str, run: str, seed: int, args) -> tuple[float, float]:
     args.overrides if run == 'flax' else {},
   )
   config.seed = seed
+  config.dataset.seed = args.split_seed  # Both libraries: the same split.
   config.progress_bar = False
   if args.cache_dir:
     config.dataset.cache_dir = args.cache_dir
@@ -226,6 +231,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     action='append',
     default=[],
     help="key=value for flax-fm's config (dotted keys); torchfm's is kept",
+  )
+  parser.add_argument(
+    '--split_seed',
+    type=int,
+    default=0,
+    help='dataset.seed: another 8:1:1 split, for both libraries',
   )
   parser.add_argument('--no_torch', action='store_true')
   parser.add_argument('--tiny', action='store_true', help='smoke config')

@@ -466,8 +466,12 @@ class SeedsTest(_TempDirs, absltest.TestCase):
     out = self.create_tempdir().full_path
     work = self.create_tempdir().full_path
     overrides = {'model.embed_dim': 8, 'learning_rate': 0.002}
-    for run, auc in (('flax', 0.61), (seeds.run_dir('flax', overrides), 0.7)):
-      path = os.path.join(work, 'fm', 's0', run)
+    for split, run, auc in (
+      ('s0', 'flax', 0.61),
+      ('s0', seeds.run_dir('flax', overrides), 0.7),
+      ('split3_s0', 'flax', 0.8),
+    ):
+      path = os.path.join(work, 'fm', split, run)
       os.makedirs(path)
       with open(os.path.join(path, 'metrics.jsonl'), 'w') as f:
         for split, value in (('valid', 0.6), ('valid', 0.65), ('test', auc)):
@@ -487,8 +491,58 @@ class SeedsTest(_TempDirs, absltest.TestCase):
     self.assertEqual(plain[0]['flax_test_auc'], [0.61])
     self.assertEqual(changed[0]['flax_test_auc'], [0.7])
     self.assertEqual(changed[0]['flax_valid_auc'], [0.65])
+    # Another split (--split_seed) has runs of its own too.
+    other = seeds.main(args + ['--split_seed=3'])
+    self.assertEqual(other[0]['flax_test_auc'], [0.8])
     with self.assertRaises(SystemExit):
       seeds.main(args + ['--set=embed_dim'])
+
+  def test_both_libraries_train_on_the_split_of_split_seed(self):
+    # The flax and torchfm runs read config.dataset.seed; --set reaches
+    # flax-fm's config only.
+    seen = []
+
+    def finish(run, config, workdir):
+      seen.append((run, config.dataset.seed, config.model.embed_dim))
+      os.makedirs(workdir, exist_ok=True)
+      with open(os.path.join(workdir, 'metrics.jsonl'), 'w') as f:
+        for split in ('valid', 'test'):
+          f.write(json.dumps({'split': split, 'epoch': 1, 'auc': 0.6}) + '\n')
+
+    import data  # pylint: disable=g-import-not-at-top
+    import train  # pylint: disable=g-import-not-at-top
+
+    work = self.create_tempdir().full_path
+    with (
+      mock.patch.object(
+        train,
+        'train_and_evaluate',
+        lambda config, workdir: finish('flax', config, workdir),
+      ),
+      mock.patch.object(data, 'load_dataset', lambda config: None),
+      mock.patch.object(
+        quality, 'torchfm_data', lambda config, dataset, raw: (None, None)
+      ),
+      mock.patch.object(
+        quality,
+        'train_torchfm',
+        lambda name, config, splits, dims, workdir, steps: finish(
+          'torchfm', config, workdir
+        ),
+      ),
+      mock.patch.object(common, 'torch_available', lambda: True),
+    ):
+      seeds.main(
+        [
+          '--models=fm',
+          '--seeds=0',
+          '--split_seed=4',
+          '--set=model.embed_dim=3',
+          f'--workdir={work}',
+          f'--out_dir={self.create_tempdir().full_path}',
+        ]
+      )
+    self.assertEqual(sorted(seen), [('flax', 4, 3), ('torchfm', 4, 16)])
 
   def test_one_seed_has_no_spread(self):
     r = seeds.summarize('afn', {'flax': [0.78, 0.79], 'torchfm': [0.76]})
