@@ -9,6 +9,8 @@ The lock itself (`acquire`, `Lock`, `LOCK_FILE`) lives in lock.py and is
 re-exported here.
 """
 
+import dataclasses
+import importlib
 import json
 import os
 import tempfile
@@ -216,8 +218,11 @@ def check_resume(
 
   old = _recorded(record_path, history_path)
   # A key that a newer version of this library added is absent from an
-  # older record: at its default value it continues the recorded run.
+  # older record: at its default value it continues the recorded run. A
+  # model argument's default is the model's own (same model only).
   defaults = _defaults()
+  if old.get('model_name') == new.get('model_name'):
+    defaults.update(_model_defaults(new.get('model_name')))
   for k in set(new) - set(old):
     if k in defaults and defaults[k] == new[k]:
       old[k] = new[k]
@@ -255,6 +260,23 @@ def _defaults() -> dict[str, Any]:
   from configs import default  # Imports data.py: only when needed.
 
   return flatten(default.get_config())
+
+
+def _model_defaults(name: Any) -> dict[str, Any]:
+  """`model.<argument>` defaults of models/<name>.py's Model, flattened."""
+  try:
+    model = importlib.import_module(f'models.{name}').Model
+  except (ImportError, AttributeError, TypeError):
+    return {}  # Not a model file: the config check names it.
+  return flatten(
+    {
+      'model': {
+        f.name: f.default
+        for f in dataclasses.fields(model)
+        if f.default is not dataclasses.MISSING
+      }
+    }
+  )
 
 
 def _show(flat: dict, key: str) -> str:

@@ -19,6 +19,7 @@ from unittest import mock
 from absl.testing import absltest
 import ml_collections
 
+from configs import deepfm
 from configs import fm
 from configs import nfm
 import lock as lock_lib
@@ -402,6 +403,21 @@ class CheckResumeTest(absltest.TestCase):
     self.assertIn(
       'dataset.side_features (absent) -> ["genres"]', str(cm.exception)
     )
+
+  def test_model_arguments_added_by_a_newer_version_resume_at_defaults(self):
+    # A record written before the MLP's `linear_init` existed: the model's
+    # own default continues it, another value does not.
+    config = deepfm.get_config()
+    workdir.check_resume(self.path, config)
+    record = self._record()
+    del record['model']['linear_init']
+    with open(os.path.join(self.path, workdir.CONFIG_FILE), 'w') as f:
+      json.dump(record, f)
+    self.assertEqual(workdir.check_resume(self.path, config, resuming=True), [])
+    changed = _changed(config, model__linear_init='torch')
+    with self.assertRaises(utils.UserError) as cm:
+      workdir.check_resume(self.path, changed, resuming=True)
+    self.assertIn('model.linear_init (absent) -> "torch"', str(cm.exception))
 
   def test_another_model_is_refused(self):
     workdir.check_resume(self.path, self.config)
