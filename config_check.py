@@ -193,8 +193,8 @@ MODEL = {
   'user_field_idx': optional_index,
   'item_field_idx': optional_index,
   'cross_fields': field_pairs,
-  # Every string argument is one of a few names (tests/
-  # test_config_validation.py holds each model to this list).
+  # Every string argument is one of a few names; a test holds each model's
+  # string arguments to this list.
   'linear_init': one_of(('lecun', 'torch')),
   'multi_pooling': one_of(('mean', 'sum')),
   'method': one_of(('inner', 'outer')),

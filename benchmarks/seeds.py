@@ -3,9 +3,8 @@
 One seed moves a test AUC on ml-latest-small by up to 0.004, more than most
 differences between two models or two libraries, so a comparison of one
 seed each says little. For each model and seed this trains, on the same
-seeded 8:1:1 split of the embedded data (`dataset.seed`, `--split_seed`,
-stays 0 unless given; the seed moves initialisation, shuffling and
-dropout):
+seeded 8:1:1 split of the embedded data (`dataset.seed` 0, or
+`--split_seed`; the seed moves initialisation, shuffling and dropout):
 
 - `flax`: `train.train_and_evaluate` with configs/<model>.py, the `--set`
   overrides (e.g. `--set=model.linear_init=torch`, a run directory of their
