@@ -90,7 +90,8 @@ def get_config(name: str, arg: str | None = None, *overrides: dict):
     name: the config file.
     arg: its argument, e.g. 'smoke'.
     *overrides: `{dotted.key: value}` dicts (`parse_overrides`), applied in
-      order; a key the config lacks stops with a message.
+      order; a missing parent stops with a message, a new leaf is added
+      (and checked with the rest when the run validates its config).
   """
   config = importlib.import_module(f'configs.{name}').get_config(arg)
   for layer in overrides:
