@@ -201,7 +201,8 @@ def train_step(
     lax.axis_index(axis_name),
   )
   rates = {name: hyper[name] for name in optim.RATES}
-  tx = optim.create_optimizer(config, optim.tables_of(state.tx), rates)
+  tables = optim.tables_of(state.tx)
+  tx = optim.create_optimizer(config, tables, rates)
   # The tables of a row-wise optimizer get the gradients of the rows read.
   (loss, batch_stats), grads = sparse.value_and_grad(
     lambda params, perturbations: loss_fn(
@@ -213,7 +214,7 @@ def train_step(
       perturbations=perturbations,
     ),
     state.params,
-    optim.tables_of(tx),
+    tables,
   )
   params, opt_state = optim.apply_gradients(
     tx, grads, state.opt_state, state.params, axis_name=axis_name
