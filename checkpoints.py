@@ -36,6 +36,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
+import legacy
 import multihost
 from utils import UserError
 
@@ -132,21 +133,36 @@ def restore(
   """
   problem = damage(_step_dir(mgr, step))
   restored = None
+
+  def read(target):
+    return mgr.restore(
+      step,
+      args=ocp.args.Composite(
+        state=ocp.args.StandardRestore(target), meta=ocp.args.JsonRestore()
+      ),
+    )
+
   if problem is None:
     try:
-      restored = mgr.restore(
-        step,
-        args=ocp.args.Composite(
-          state=ocp.args.StandardRestore(target), meta=ocp.args.JsonRestore()
-        ),
-      )
+      try:
+        restored = read(target)
+      except Exception as first:  # pylint: disable=broad-except
+        # Saved by an earlier version of the model (legacy.py)?
+        old = None if target is None else legacy.with_old_biases(target)
+        if old is None:
+          raise
+        try:
+          restored = read(old)
+        except Exception:  # pylint: disable=broad-except
+          raise first from None
+      restored = legacy.upgrade(restored['state']), restored['meta']
     except Exception as e:  # pylint: disable=broad-except
       problem = f'{type(e).__name__}: {str(e).splitlines()[0][:300]}'
   # Every process restores the same step, or none does.
   failed = multihost.allgather(np.int32(problem is not None))
   if failed.any():
     raise ValueError(problem or 'another process could not read it')
-  return restored['state'], restored['meta']
+  return restored
 
 
 def save(

@@ -41,11 +41,12 @@ open is FuxiCTR (`CrossNetV2`, `CrossNetMix`, `DCNv2`):
 
 Differences from FuxiCTR: the hidden layers carry BatchNorm (as every MLP of
 this library, after pytorch-fm), which FuxiCTR's published DCN-V2 configs
-switch off; the full-rank cross layers and the hidden layers use Flax's
-default initialisers (LeCun normal kernels, zero biases; with
-`linear_init='torch'` the hidden layers use torch's), FuxiCTR
-xavier-normal ones. FuxiCTR's fourth structure 'stacked_parallel' is left
-out.
+switch off, and their Linear has no bias (BatchNorm cancels it); the
+full-rank cross layers and the hidden layers use Flax's default initialisers
+(LeCun normal kernels, zero biases; with `linear_init='torch'` the hidden
+layers use torch's), FuxiCTR xavier-normal ones. FuxiCTR's fourth structure
+'stacked_parallel' is left out.
+
 
 This file is self-contained on purpose: it imports only jax, flax and numpy,
 so it can be copied alone into another project.
@@ -299,6 +300,13 @@ def linear_initializers(kind: str, fan_in: int) -> dict:
 class MultiLayerPerceptron(nn.Module):
   """Linear -> BatchNorm -> ReLU -> Dropout per hidden layer, then Linear.
 
+  A hidden Linear layer has no bias: the BatchNorm after it subtracts the
+  batch mean, so such a bias would get no gradient from the loss, only
+  from weight decay, which Adam scales up to full-size steps; it would then
+  drift every step and the running mean that evaluation subtracts would
+  trail it. BatchNorm's own bias takes its place (torch.nn.Linear's bias
+  there folds into the running mean: `mean - bias`).
+
   Attributes:
     hidden_dims: widths of the hidden layers.
     dropout: dropout rate after each hidden layer.
@@ -322,7 +330,7 @@ class MultiLayerPerceptron(nn.Module):
     """Maps `[batch, features]` to `[batch]` (or `[batch, hidden]`)."""
     for width in self.hidden_dims:
       init = linear_initializers(self.linear_init, x.shape[-1])
-      x = nn.Dense(width, dtype=self.dtype, **init)(x)  # [B, H]
+      x = nn.Dense(width, use_bias=False, dtype=self.dtype, **init)(x)  # [B, H]
       x = nn.BatchNorm(
         use_running_average=not train,
         momentum=0.9,

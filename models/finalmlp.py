@@ -36,8 +36,9 @@ pytorch-fm has no FinalMLP; the reference for the details the paper leaves
 open is FuxiCTR (`FinalMLP`, `FeatureSelection`, `InteractionAggregation`).
 Differences from it:
   * The stream MLPs carry BatchNorm (as every MLP of this library, after
-    pytorch-fm); FuxiCTR's published FinalMLP configs switch it off. The
-    gate MLPs have none, as FuxiCTR's.
+    pytorch-fm), and their Linear layers no bias (BatchNorm cancels it);
+    FuxiCTR's published FinalMLP configs switch BatchNorm off. The gate
+    MLPs have none, as FuxiCTR's.
   * One bias `b` where FuxiCTR's two Linear layers `w_1`, `w_2` have one each
     (their sum is one parameter). W starts xavier-normal over its
     `[heads * d_1/heads * d_2/heads, 1]` view, as FuxiCTR; the other layers
@@ -305,6 +306,13 @@ def linear_initializers(kind: str, fan_in: int) -> dict:
 class MultiLayerPerceptron(nn.Module):
   """Linear -> BatchNorm -> ReLU -> Dropout per hidden layer, then Linear.
 
+  A hidden Linear layer has no bias: the BatchNorm after it subtracts the
+  batch mean, so such a bias would get no gradient from the loss, only
+  from weight decay, which Adam scales up to full-size steps; it would then
+  drift every step and the running mean that evaluation subtracts would
+  trail it. BatchNorm's own bias takes its place (torch.nn.Linear's bias
+  there folds into the running mean: `mean - bias`).
+
   Attributes:
     hidden_dims: widths of the hidden layers.
     dropout: dropout rate after each hidden layer.
@@ -328,7 +336,7 @@ class MultiLayerPerceptron(nn.Module):
     """Maps `[batch, features]` to `[batch]` (or `[batch, hidden]`)."""
     for width in self.hidden_dims:
       init = linear_initializers(self.linear_init, x.shape[-1])
-      x = nn.Dense(width, dtype=self.dtype, **init)(x)  # [B, H]
+      x = nn.Dense(width, use_bias=False, dtype=self.dtype, **init)(x)  # [B, H]
       x = nn.BatchNorm(
         use_running_average=not train,
         momentum=0.9,

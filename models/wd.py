@@ -43,6 +43,9 @@ Differences from pytorch-fm (torchfm 0.7.0, `WideAndDeepModel`):
     N(0, 1) initialisation, a large random per-id bias that the optimiser
     must first unlearn.
   * The model returns logits; pytorch-fm returns probabilities.
+  * The hidden layers' Linear has no bias, which the BatchNorm after it
+    cancels (`MultiLayerPerceptron`); pytorch-fm's weights load with that
+    bias folded into the running mean.
   * The hidden layers use Flax's default initialisers (LeCun normal kernels,
     zero biases), not torch's uniform ones (`linear_init='torch'` gives
     those).
@@ -358,6 +361,13 @@ def linear_initializers(kind: str, fan_in: int) -> dict:
 class MultiLayerPerceptron(nn.Module):
   """Linear -> BatchNorm -> ReLU -> Dropout per hidden layer, then Linear.
 
+  A hidden Linear layer has no bias: the BatchNorm after it subtracts the
+  batch mean, so such a bias would get no gradient from the loss, only
+  from weight decay, which Adam scales up to full-size steps; it would then
+  drift every step and the running mean that evaluation subtracts would
+  trail it. BatchNorm's own bias takes its place (torch.nn.Linear's bias
+  there folds into the running mean: `mean - bias`).
+
   Attributes:
     hidden_dims: widths of the hidden layers.
     dropout: dropout rate after each hidden layer.
@@ -381,7 +391,7 @@ class MultiLayerPerceptron(nn.Module):
     """Maps `[batch, features]` to `[batch]` (or `[batch, hidden]`)."""
     for width in self.hidden_dims:
       init = linear_initializers(self.linear_init, x.shape[-1])
-      x = nn.Dense(width, dtype=self.dtype, **init)(x)  # [B, H]
+      x = nn.Dense(width, use_bias=False, dtype=self.dtype, **init)(x)  # [B, H]
       x = nn.BatchNorm(
         use_running_average=not train,
         momentum=0.9,

@@ -114,7 +114,8 @@ TEST_KWARGS = {
   },
 }
 
-# Number of parameters with FIELD_DIMS and TEST_KWARGS.
+# Number of parameters with FIELD_DIMS and TEST_KWARGS. A Dense layer before
+# a BatchNorm (BN) has no bias.
 PARAM_COUNTS = {
   'lr': 23 + 1,  # one weight per id + bias
   'fm': 23 + 1 + 23 * 4,  # linear + factors
@@ -122,35 +123,30 @@ PARAM_COUNTS = {
   'ffm': 23 + 1 + 23 * 3 * 4,
   # factors + per-id FM weights (no bias) + MLP on 3 * (1 + 4) = 15 inputs:
   # Dense 15->8, BN(8), Dense 8->6, BN(6), Dense 6->1
-  'fnn': 23 * 4 + 23 + (15 * 8 + 8) + 2 * 8 + (8 * 6 + 6) + 2 * 6 + (6 + 1),
+  'fnn': 23 * 4 + 23 + 15 * 8 + 2 * 8 + 8 * 6 + 2 * 6 + (6 + 1),
   # linear + cross 0x1 (7 * 11 = 77 pairs hashed into 50) + embeddings +
   # MLP on 3 * 4 = 12 inputs: Dense 12->8, BN(8), Dense 8->6, BN(6), 6->1
-  'wd': 23 + 1 + 50 + 23 * 4 + (12 * 8 + 8) + 2 * 8 + (8 * 6 + 6) + 2 * 6 + 7,
+  'wd': 23 + 1 + 50 + 23 * 4 + 12 * 8 + 2 * 8 + 8 * 6 + 2 * 6 + 7,
   # linear + embeddings + attention W [4, 3], b [3] + h [3] + p [4]
   'afm': 23 + 1 + 23 * 4 + (4 * 3 + 3) + 3 + 4,
   # linear + embeddings + BN(4) on f_BI + MLP on the 4 dims of f_BI:
   # Dense 4->8, BN(8), Dense 8->6, BN(6), Dense 6->1
-  'nfm': (
-    23 + 1 + 23 * 4 + 2 * 4 + (4 * 8 + 8) + 2 * 8 + (8 * 6 + 6) + 2 * 6 + 7
-  ),
+  'nfm': 23 + 1 + 23 * 4 + 2 * 4 + 4 * 8 + 2 * 8 + 8 * 6 + 2 * 6 + 7,
   # MLP embeddings [23, 4] + GMF embeddings of user and item [7 + 11, 4] +
   # MLP tower on 3 * 4 = 12 inputs: Dense 12->8, BN(8), Dense 8->6, BN(6) +
   # prediction Dense on [GMF 4; MLP 6] -> 1
-  'ncf': 23 * 4 + 18 * 4 + (12 * 8 + 8) + 2 * 8 + (8 * 6 + 6) + 2 * 6 + 11,
+  'ncf': 23 * 4 + 18 * 4 + 12 * 8 + 2 * 8 + 8 * 6 + 2 * 6 + 11,
   # linear + field-aware factors [23, 3, 4] + BN on 3 pairs * 4 = 12 + MLP:
   # Dense 12->8, BN(8), Dense 8->6, BN(6), Dense 6->1
   'fnfm': (
-    (23 + 1 + 23 * 3 * 4 + 2 * 12)
-    + ((12 * 8 + 8) + 2 * 8 + (8 * 6 + 6) + 2 * 6 + 7)
+    (23 + 1 + 23 * 3 * 4 + 2 * 12) + (12 * 8 + 2 * 8 + 8 * 6 + 2 * 6 + 7)
   ),
   # linear + embeddings + MLP on 3 * 4 = 12 inputs: Dense 12->8, BN(8),
   # Dense 8->6, BN(6), Dense 6->1
-  'deepfm': 23 + 1 + 23 * 4 + (12 * 8 + 8) + 2 * 8 + (8 * 6 + 6) + 2 * 6 + 7,
+  'deepfm': 23 + 1 + 23 * 4 + 12 * 8 + 2 * 8 + 8 * 6 + 2 * 6 + 7,
   # embeddings + 2 cross layers (w [12], b [12]) + MLP on 12: Dense 12->8,
   # BN(8), Dense 8->6, BN(6) + output Dense [12 + 6] -> 1
-  'dcn': (
-    23 * 4 + 2 * (12 + 12) + (12 * 8 + 8) + 2 * 8 + (8 * 6 + 6) + 2 * 6 + 19
-  ),
+  'dcn': 23 * 4 + 2 * (12 + 12) + 12 * 8 + 2 * 8 + 8 * 6 + 2 * 6 + 19,
   # linear + embeddings + CIN: conv 3*3->4, split 2|2, conv 3*2->2,
   # fc [2 + 2]->1 + MLP 12->8->6->1 with BN
   'xdeepfm': (
@@ -160,9 +156,9 @@ PARAM_COUNTS = {
     + (9 * 4 + 4)
     + (6 * 2 + 2)
     + (4 + 1)
-    + (12 * 8 + 8)
+    + 12 * 8
     + 2 * 8
-    + (8 * 6 + 6)
+    + 8 * 6
     + 2 * 6
     + 7
   ),
@@ -176,9 +172,9 @@ PARAM_COUNTS = {
     + 2 * 4 * (6 * 6 + 6)
     + (4 * 6 + 6)
     + (18 + 1)
-    + (12 * 8 + 8)
+    + 12 * 8
     + 2 * 8
-    + (8 * 6 + 6)
+    + 8 * 6
     + 2 * 6
     + 7
   ),
@@ -186,24 +182,14 @@ PARAM_COUNTS = {
   'hofm': 23 + 1 + 23 * 8,
   # embeddings + outer-product kernel [4, 3 pairs, 4] + MLP on 3 * 4 + 3
   # pairs = 15 inputs: Dense 15->8, BN(8), Dense 8->6, BN(6), Dense 6->1
-  'pnn': 23 * 4 + 4 * 3 * 4 + (15 * 8 + 8) + 2 * 8 + (8 * 6 + 6) + 2 * 6 + 7,
+  'pnn': 23 * 4 + 4 * 3 * 4 + 15 * 8 + 2 * 8 + 8 * 6 + 2 * 6 + 7,
   # embeddings + FiLV vector per field [3, 4] + bias + 3 pair weights
   'fwfm': 23 * 4 + 3 * 4 + 1 + 3,
   # linear + embeddings + LNN weights [6, 3], BatchNorm over the 3 fields'
   # logarithms and over the 6 neurons + MLP on 6 * 4 = 24 inputs: Dense
   # 24->8, BN(8), Dense 8->6, BN(6), Dense 6->1
   'afn': (
-    23
-    + 1
-    + 23 * 4
-    + 6 * 3
-    + 2 * 3
-    + 2 * 6
-    + (24 * 8 + 8)
-    + 2 * 8
-    + (8 * 6 + 6)
-    + 2 * 6
-    + 7
+    23 + 1 + 23 * 4 + 6 * 3 + 2 * 3 + 2 * 6 + 24 * 8 + 2 * 8 + 8 * 6 + 2 * 6 + 7
   ),
   # embeddings + gates 12->3 (no bias) + 2 layers x (U, V [3, 12, 2],
   # C [3, 2, 2], b [12]) + MLP 12->8->6 with BN + logit Dense [12 + 6]->1
@@ -211,9 +197,9 @@ PARAM_COUNTS = {
     23 * 4
     + 12 * 3
     + 2 * (2 * 3 * 12 * 2 + 3 * 2 * 2 + 12)
-    + (12 * 8 + 8)
+    + 12 * 8
     + 2 * 8
-    + (8 * 6 + 6)
+    + 8 * 6
     + 2 * 6
     + 19
   ),
@@ -226,11 +212,11 @@ PARAM_COUNTS = {
     + (4 * 5 + 5)
     + (5 * 12 + 12)
     + 12
-    + (12 * 8 + 8)
+    + 12 * 8
     + 2 * 8
-    + (12 * 6 + 6)
+    + 12 * 6
     + 2 * 6
-    + (6 * 4 + 4)
+    + 6 * 4
     + 2 * 4
     + 2 * 4 * 2
     + (8 + 1)

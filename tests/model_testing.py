@@ -321,7 +321,8 @@ def np_mlp(x, params, stats, num_hidden, *, output_layer=True, batchnorm=True):
     `[batch]` with the output layer, the last hidden layer otherwise.
   """
   for i in range(num_hidden):
-    x = x @ params[f'Dense_{i}']['kernel'] + params[f'Dense_{i}']['bias']
+    dense = params[f'Dense_{i}']  # No bias before BatchNorm.
+    x = x @ dense['kernel'] + dense.get('bias', 0.0)
     if batchnorm:
       s = None if stats is None else stats[f'BatchNorm_{i}']
       x = np_batchnorm(x, params[f'BatchNorm_{i}'], s)
@@ -374,13 +375,19 @@ def torch_mlp(w, prefix, num_hidden, output_layer=True):
 
   torch's Sequential holds Linear, BatchNorm1d, ReLU, Dropout per hidden
   layer (indices 4i and 4i + 1), then the output Linear (index 4n) when
-  `output_layer`.
+  `output_layer`. A hidden Linear's bias goes into the running mean (ours
+  have none); its gradient, which BatchNorm makes zero, is dropped.
   """
   params, stats = {}, {}
   for i in range(num_hidden):
-    params[f'Dense_{i}'] = torch_dense(w, f'{prefix}.{4 * i}')
-    bn = torch_batchnorm(w, f'{prefix}.{4 * i + 1}')
-    params[f'BatchNorm_{i}'], stats[f'BatchNorm_{i}'] = bn
+    # Our hidden Dense has no bias: BatchNorm cancels it. It moves into the
+    # running mean, which evaluation subtracts from the same sum.
+    dense = torch_dense(w, f'{prefix}.{4 * i}')
+    bias = dense.pop('bias')
+    params[f'Dense_{i}'] = dense
+    bn, bn_stats = torch_batchnorm(w, f'{prefix}.{4 * i + 1}')
+    params[f'BatchNorm_{i}'] = bn
+    stats[f'BatchNorm_{i}'] = {**bn_stats, 'mean': bn_stats['mean'] - bias}
   if output_layer:
     out = f'{prefix}.{4 * num_hidden}'
     params[f'Dense_{num_hidden}'] = torch_dense(w, out)

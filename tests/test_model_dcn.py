@@ -125,7 +125,7 @@ class TrainingModeTest(absltest.TestCase):
     table = np.asarray(p['FeaturesEmbedding_0']['embedding'], np.float64)
     h = table[self.ids + offsets(FIELD_DIMS)].reshape(len(self.ids), -1)
     dense = p['MultiLayerPerceptron_0']['Dense_0']
-    h = h @ dense['kernel'] + dense['bias']
+    h = h @ dense['kernel']  # No bias before BatchNorm.
     old = self.variables['batch_stats']['MultiLayerPerceptron_0']['BatchNorm_0']
     new = stats['MultiLayerPerceptron_0']['BatchNorm_0']
     np.testing.assert_allclose(

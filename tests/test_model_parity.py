@@ -243,6 +243,36 @@ class TorchfmParityTest(parameterized.TestCase):
 class DeparturesFromTorchfmTest(absltest.TestCase):
   """Where our files differ from torchfm on purpose, shown on its fixtures."""
 
+  def test_bias_before_batchnorm_has_no_gradient_in_torchfm(self):
+    # Our hidden Dense layers have no bias (models/*.py,
+    # MultiLayerPerceptron): BatchNorm cancels it, and the converters fold
+    # torchfm's into the running mean. Its gradient in torchfm's step is 0
+    # up to rounding, while the weights' are not.
+    checked = []
+    fixtures = os.path.join(ROOT, 'tests', 'fixtures')
+    for file in sorted(os.listdir(fixtures)):
+      if not file.startswith('torchfm_'):
+        continue
+      name = file[len('torchfm_') : -len('.npz')]
+      data = np.load(os.path.join(fixtures, file))
+      for key in data.files:
+        if not (key.startswith('grad/mlp.mlp.') and key.endswith('.bias')):
+          continue
+        layer = key[len('grad/') : -len('.bias')]
+        prefix, index = layer.rsplit('.', 1)
+        if f'w/{prefix}.{int(index) + 1}.running_mean' not in data.files:
+          continue  # The output layer: no BatchNorm after it.
+        with self.subTest(key=f'{name} {key}'):
+          self.assertLess(np.max(np.abs(data[key])), 1e-6)
+          weight = np.max(np.abs(data[f'grad/{layer}.weight']))
+          self.assertGreater(weight, 1e-3)
+        checked.append(name)
+    self.assertEqual(
+      set(checked),
+      {'afn', 'autoint', 'dcn', 'deepfm', 'fnfm', 'fnn', 'ipnn', 'ncf', 'nfm'}
+      | {'opnn', 'wd', 'xdeepfm'},
+    )
+
   def test_afm_eval_has_no_dropout_unlike_pytorch_fm(self):
     # The fixture's torch AFM with dropouts (0.2, 0.2) gives two different
     # outputs in eval mode; ours with the same rates is deterministic and
