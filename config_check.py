@@ -145,6 +145,7 @@ TOP_LEVEL = {
   # 0 would stop before the first epoch; num_epochs alone bounds a run.
   'patience': integer(1),
   'seed': integer(0),
+  'shuffle': boolean,
   'init_from': string,
   'log_every_steps': integer(1),
   'steps_per_dispatch': integer(1),

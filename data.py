@@ -343,6 +343,7 @@ def train_rows(
   *,
   seed: int,
   epoch: int,
+  shuffle: bool = True,
   process_index: int = 0,
   process_count: int = 1,
 ) -> Iterator[np.ndarray]:
@@ -358,6 +359,8 @@ def train_rows(
     batch_size: global batch size, over all processes and devices.
     seed: shuffle seed.
     epoch: epoch number (0-based), mixed into the seed.
+    shuffle: False: every epoch in the split's stored order (pytorch-fm's
+      DataLoader), the same batches each epoch.
     process_index: this process (`jax.process_index()`).
     process_count: number of processes (`jax.process_count()`).
 
@@ -366,7 +369,12 @@ def train_rows(
   """
   check_batch_size(batch_size, process_count, 'config.batch_size', 'processes')
   local = batch_size // process_count
-  perm = _permutation(len(split), np.random.default_rng([seed, epoch]))
+  if shuffle:
+    perm = _permutation(len(split), np.random.default_rng([seed, epoch]))
+  else:
+    perm = np.arange(
+      len(split), dtype=np.int64 if len(split) >= 2**31 else np.int32
+    )
   for step in range(num_train_steps(split, batch_size)):
     start = step * batch_size + process_index * local
     # Sorted rows read a memory map front to back; the rows of a batch are

@@ -136,6 +136,7 @@ def epoch_stacks(
     config.batch_size,
     seed=config.seed,
     epoch=epoch,
+    shuffle=config.shuffle,
     process_index=jax.process_index(),
     process_count=jax.process_count(),
   )

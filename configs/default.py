@@ -77,6 +77,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.patience = 2
   # Seeds parameter initialisation, the shuffle of every epoch and dropout.
   config.seed = 0
+  # Reshuffle the training rows every epoch. False: every epoch reads them
+  # in the split's stored order (itself a seeded random order), as
+  # pytorch-fm's DataLoader, which never shuffles.
+  config.shuffle = True
   # Workdir of an earlier run whose best parameters initialise every
   # parameter of the same path and shape (e.g. FNN from a trained FM).
   config.init_from = ''

@@ -396,6 +396,34 @@ class BatchTest(parameterized.TestCase):
         )
       )
 
+  def test_without_shuffle_every_epoch_reads_the_stored_order(self):
+    # pytorch-fm's DataLoader: batch i holds rows [i * B, (i + 1) * B) of
+    # the split in every epoch, the remainder dropped; processes split it.
+    split = self._split(11)
+    for epoch in (0, 1, 5):
+      batches = list(
+        data.train_rows(split, 4, seed=3, epoch=epoch, shuffle=False)
+      )
+      np.testing.assert_array_equal(batches, [[0, 1, 2, 3], [4, 5, 6, 7]])
+      halves = [
+        list(
+          data.train_rows(
+            split,
+            4,
+            seed=3,
+            epoch=epoch,
+            shuffle=False,
+            process_index=p,
+            process_count=2,
+          )
+        )
+        for p in range(2)
+      ]
+      np.testing.assert_array_equal(halves[0], [[0, 1], [4, 5]])
+      np.testing.assert_array_equal(halves[1], [[2, 3], [6, 7]])
+    shuffled = list(data.train_rows(split, 4, seed=3, epoch=0))
+    self.assertFalse(np.array_equal(shuffled, batches))
+
   @parameterized.parameters((7, 1), (7, 2), (8, 2), (9, 2), (3, 4), (17, 3))
   def test_eval_batches_cover_every_row_once_with_a_mask(self, n, processes):
     split = self._split(n)
