@@ -78,8 +78,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # Seeds parameter initialisation, the shuffle of every epoch and dropout.
   config.seed = 0
   # Reshuffle the training rows every epoch. False: every epoch reads them
-  # in the split's stored order (itself a seeded random order), as
-  # pytorch-fm's DataLoader, which never shuffles.
+  # in the split's stored order, as pytorch-fm's DataLoader, which never
+  # shuffles (MovieLens: the seeded split's random order; the file formats
+  # keep file order, so sorted or time-ordered files train in that order).
   config.shuffle = True
   # Workdir of an earlier run whose best parameters initialise every
   # parameter of the same path and shape (e.g. FNN from a trained FM).
