@@ -49,9 +49,7 @@ def _map_blocks(fn, tree: Any) -> Any:
 
 
 def _blocks(tree: Any) -> list[dict]:
-  found = []
-  _map_blocks(found.append, tree)
-  return found
+  return [x for x in jax.tree.leaves(tree, is_leaf=_is_block) if _is_block(x)]
 
 
 def has_old_biases(tree: Any) -> bool:
