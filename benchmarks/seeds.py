@@ -84,7 +84,8 @@ def run_seed(name: str, run: str, seed: int, args) -> tuple[float, float]:
     args.workdir,
     name,
     f'split{args.split_seed}_s{seed}' if args.split_seed else f's{seed}',
-    run_dir(run, args.overrides),
+    run_dir(run, args.overrides)
+    + ('-drop_last' if run == 'torchfm' and args.torch_drop_last else ''),
   )
   aucs = finished_aucs(workdir)
   if aucs is not None:
@@ -108,9 +109,10 @@ def run_seed(name: str, run: str, seed: int, args) -> tuple[float, float]:
   else:
     dataset = data.load_dataset(config.dataset)
     splits, field_dims = quality.torchfm_data(config, dataset, raw=False)
-    quality.train_torchfm(
-      name, config, splits, field_dims, workdir, 10 if args.tiny else 0
-    )
+    steps = 10 if args.tiny else 0
+    if args.torch_drop_last:  # Whole batches only, as ours.
+      steps = steps or len(splits['train'][0]) // config.batch_size
+    quality.train_torchfm(name, config, splits, field_dims, workdir, steps)
   return finished_aucs(workdir)
 
 
@@ -238,6 +240,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     help='dataset.seed: another 8:1:1 split, for both libraries',
   )
   parser.add_argument('--no_torch', action='store_true')
+  parser.add_argument(
+    '--torch_drop_last',
+    action='store_true',
+    help="torchfm without its last partial batch (DataLoader's drop_last)",
+  )
   parser.add_argument('--tiny', action='store_true', help='smoke config')
   parser.add_argument('--out_dir', default=None)
   parser.add_argument(

@@ -544,6 +544,58 @@ class SeedsTest(_TempDirs, absltest.TestCase):
       )
     self.assertEqual(sorted(seen), [('flax', 4, 3), ('torchfm', 4, 16)])
 
+  def test_torch_drop_last_caps_torchfm_at_whole_batches(self):
+    seen = []
+
+    def finish(steps, config, workdir):
+      seen.append((os.path.basename(workdir), steps, config.batch_size))
+      os.makedirs(workdir, exist_ok=True)
+      with open(os.path.join(workdir, 'metrics.jsonl'), 'w') as f:
+        for split in ('valid', 'test'):
+          f.write(json.dumps({'split': split, 'epoch': 1, 'auc': 0.6}) + '\n')
+
+    import data  # pylint: disable=g-import-not-at-top
+    import train  # pylint: disable=g-import-not-at-top
+
+    rows = 5 * 2048 + 7
+    train_split = (np.zeros((rows, 2), np.int32), np.zeros(rows, np.float32))
+    work = self.create_tempdir().full_path
+    args = ['--models=fm', '--seeds=0', f'--workdir={work}']
+    args.append(f'--out_dir={self.create_tempdir().full_path}')
+    with (
+      mock.patch.object(data, 'load_dataset', lambda config: None),
+      mock.patch.object(
+        quality,
+        'torchfm_data',
+        lambda config, dataset, raw: ({'train': train_split}, None),
+      ),
+      mock.patch.object(
+        quality,
+        'train_torchfm',
+        lambda name, config, splits, dims, workdir, steps: finish(
+          steps, config, workdir
+        ),
+      ),
+      mock.patch.object(common, 'torch_available', lambda: True),
+      mock.patch.object(
+        train,
+        'train_and_evaluate',
+        lambda config, workdir: finish(None, config, workdir),
+      ),
+    ):
+      seeds.main(args)
+      seeds.main(args + ['--torch_drop_last'])
+    # DataLoader's default keeps the last 7 rows (steps 0: no cap); with
+    # the flag, 5 whole batches, in a run directory of its own.
+    self.assertEqual(
+      seen,
+      [
+        ('flax', None, 2048),
+        ('torchfm', 0, 2048),
+        ('torchfm-drop_last', 5, 2048),  # The flax run is reused.
+      ],
+    )
+
   def test_one_seed_has_no_spread(self):
     r = seeds.summarize('afn', {'flax': [0.78, 0.79], 'torchfm': [0.76]})
     self.assertIsNone(r['torchfm_std'])

@@ -5,12 +5,14 @@ python tools/lockstep_torchfm.py --model=ipnn --seeds=0-7 --epochs=3
 Removes every difference between the two runs but the code: torchfm 0.7.0
 builds the model with `torch.manual_seed(seed)` and our model starts from its
 weights (converted as the parity tests do); both train with every dropout
-rate at 0, on the training split cut to whole batches, in its stored order
-(no shuffle), with pytorch-fm's recipe (configs/<model>.py); both evaluate
-after each epoch. Prints the validation AUC and training loss of each epoch,
-ours and torchfm's, and the mean difference per epoch over the seeds. Equal
-training losses with a validation AUC apart point at what evaluation reads
-and training does not (BatchNorm's running statistics).
+rate at 0 (`--dropout`: the config's rates, each library drawing its own
+masks), on the training split cut to whole batches, in its stored order
+(no shuffle), with pytorch-fm's recipe (configs/<model>.py, early stopping
+included); both evaluate after each epoch. Prints the validation AUC and
+training loss of each epoch, ours and torchfm's, the test AUC of each
+run's best-validation state, and the mean differences over the seeds.
+Equal training losses with a validation AUC apart point at what evaluation
+reads and training does not (BatchNorm's running statistics).
 
 Dev-only: needs `pip install torch==2.13.0 torchfm==0.7.0`. Models: the
 ones whose converters tests/ has for their default configs (ipnn, opnn,
@@ -42,7 +44,9 @@ def _converter(name: str, config):
   return lambda w: _from_torch(w, config.model.method, num_hidden)
 
 
-def run_seed(name: str, seed: int, epochs: int, workdir: str) -> dict:
+def run_seed(
+  name: str, seed: int, epochs: int, workdir: str, dropout: bool = False
+) -> dict:
   """Per-epoch `{'flax': (valid AUCs, losses), 'torchfm': ...}`."""
   import jax  # pylint: disable=g-import-not-at-top
   import torch  # pylint: disable=g-import-not-at-top
@@ -52,11 +56,12 @@ def run_seed(name: str, seed: int, epochs: int, workdir: str) -> dict:
   import data  # pylint: disable=g-import-not-at-top
   import train  # pylint: disable=g-import-not-at-top
 
-  config = common.get_config(name, None, {'model.dropout': 0.0})
+  config = common.get_config(
+    name, None, {} if dropout else {'model.dropout': 0.0}
+  )
   config.seed = seed
   config.progress_bar = False
-  config.num_epochs = epochs
-  config.patience = epochs + 1
+  config.num_epochs = epochs  # Early stopping as both recipes (patience 2).
   dataset = data.load_dataset(config.dataset)
   splits, field_dims = quality.torchfm_data(config, dataset, raw=False)
   size = len(splits['train'][0]) // config.batch_size * config.batch_size
@@ -100,6 +105,7 @@ def run_seed(name: str, seed: int, epochs: int, workdir: str) -> dict:
     out[run] = (
       [r['auc'] for r in records if r['split'] == 'valid'],
       [r['loss'] for r in records if r['split'] == 'train'],
+      [r['auc'] for r in records if r['split'] == 'test'][-1],
     )
   return out
 
@@ -112,26 +118,46 @@ def main(argv=None) -> None:
   parser.add_argument('--seeds', default='0-3', help="e.g. '0-7' or '0,3'")
   parser.add_argument('--epochs', type=int, default=3)
   parser.add_argument('--workdir', default='')
+  parser.add_argument(
+    '--dropout',
+    action='store_true',
+    help="keep the config's dropout (masks differ between the libraries)",
+  )
   args = parser.parse_args(argv)
   from benchmarks import seeds  # pylint: disable=g-import-not-at-top
 
   workdir = args.workdir or tempfile.mkdtemp(prefix='lockstep-')
-  diffs = []
+  diffs, tests = [], []
   for seed in seeds.parse_seeds(args.seeds):
     runs = run_seed(
-      args.model, seed, args.epochs, os.path.join(workdir, f's{seed}')
+      args.model,
+      seed,
+      args.epochs,
+      os.path.join(workdir, f's{seed}'),
+      args.dropout,
     )
-    for run, (aucs, losses) in runs.items():
+    for run, (aucs, losses, test) in runs.items():
       print(
         f'seed {seed} {run:8s} valid AUC',
         ' '.join(f'{a:.5f}' for a in aucs),
         '| train loss',
         ' '.join(f'{x:.5f}' for x in losses),
+        f'| test AUC (best valid) {test:.5f}',
       )
-    diffs.append(np.subtract(runs['flax'][0], runs['torchfm'][0]))
-  mean = np.mean(diffs, axis=0)
+    n = min(len(runs['flax'][0]), len(runs['torchfm'][0]))
+    diffs.append(np.subtract(runs['flax'][0][:n], runs['torchfm'][0][:n]))
+    tests.append(runs['flax'][2] - runs['torchfm'][2])
+  n = min(map(len, diffs))
+  mean = np.mean([d[:n] for d in diffs], axis=0)
   print('flax - torchfm, valid AUC by epoch, mean over the seeds:')
   print(' '.join(f'{d:+.5f}' for d in mean))
+  print(
+    'flax - torchfm, test AUC of the best-validation state:',
+    f'{np.mean(tests):+.5f}',
+    f'(± {np.std(tests, ddof=1) / np.sqrt(len(tests)):.5f} s.e.)'
+    if len(tests) > 1
+    else '',
+  )
 
 
 if __name__ == '__main__':
