@@ -50,8 +50,32 @@ SHORT_BY = 0.003
 # Data for torchfm: our split, with dense or raw ids.
 
 
+def random_split_rows(config, num_rows: int) -> np.ndarray | None:
+  """The order in which pytorch-fm reads our training split, or None: ours.
+
+  pytorch-fm splits one file with torch's `random_split`, whose training
+  subset reads its rows in a random order, and its DataLoader keeps that
+  order every epoch. MovieLens keeps each split in the seeded split's random
+  order already (None). A random split of one streamed file (Criteo, Avazu,
+  CSV, libFM) keeps file order, which in a time-ordered file is not random:
+  its rows get one permutation, seeded by `config.dataset.seed`. Files split
+  by the user keep file order (None), as pytorch-fm would read them.
+  """
+  import data  # pylint: disable=g-import-not-at-top
+  from datasets import movielens  # pylint: disable=g-import-not-at-top
+
+  if config.dataset.name in movielens.NAMES:
+    return None
+  source, dataset_config, _ = data.resolve(config.dataset)
+  if 'all' not in source.files(dataset_config):
+    return None
+  return np.random.default_rng(config.dataset.seed).permutation(num_rows)
+
+
 def torchfm_data(config, dataset, raw: bool) -> tuple[dict, tuple]:
   """Our train / valid / test rows, as dense ids or mapped back to raw ids.
+
+  The training rows come in pytorch-fm's order (`random_split_rows`).
 
   Returns:
     `{split: (ids int64 [n, fields], labels float32 [n])}` and field_dims
@@ -68,6 +92,9 @@ def torchfm_data(config, dataset, raw: bool) -> tuple[dict, tuple]:
       ('test', dataset.test),
     )
   }
+  order = random_split_rows(config, len(splits['train'][1]))
+  if order is not None:
+    splits['train'] = tuple(a[order] for a in splits['train'])
   if not raw:
     return splits, tuple(dataset.field_dims)
   if config.dataset.name != 'ml-latest-small' or config.dataset.path:

@@ -9,8 +9,10 @@ checkpoints included.
 - torchfm: its examples/main.py loop (benchmarks/quality.py's
   `train_torchfm`: Adam lr 1e-3 + L2 1e-6, batch 2048 in a fixed order,
   early stopping after 2 epochs without a better validation AUC) on our
-  encoded split, read from `.npy` files: the process imports torch, torchfm
-  and numpy, not JAX.
+  encoded split in its order (`quality.random_split_rows`: one file's
+  random split is read in a random order, as torch's `random_split`), read
+  from `.npy` files: the process imports torch, torchfm and numpy, not
+  JAX.
 - flax: `python main.py --config=configs/<model>.py` with each of
   `--optimizers`; `cold` with an empty JAX compilation cache (a first run),
   `warm` again with the cache the cold run filled (every later run of the
@@ -77,8 +79,13 @@ def write_split(name: str, args, out: str) -> None:
   os.makedirs(out, exist_ok=True)
   for split in ('train', 'valid', 'test'):
     part = getattr(dataset, split)
-    np.save(os.path.join(out, f'{split}_ids.npy'), np.asarray(part.ids))
-    np.save(os.path.join(out, f'{split}_labels.npy'), np.asarray(part.labels))
+    ids, labels = np.asarray(part.ids), np.asarray(part.labels)
+    if split == 'train':  # In pytorch-fm's order.
+      order = quality.random_split_rows(config, len(ids))
+      if order is not None:
+        ids, labels = ids[order], labels[order]
+    np.save(os.path.join(out, f'{split}_ids.npy'), ids)
+    np.save(os.path.join(out, f'{split}_labels.npy'), labels)
   with open(os.path.join(out, 'field_dims.json'), 'w') as f:
     json.dump([int(d) for d in dataset.field_dims], f)
 

@@ -340,6 +340,43 @@ class QualityTest(_TempDirs, absltest.TestCase):
       },
     )
 
+  def test_torchfm_reads_a_random_split_of_a_file_in_random_order(self):
+    # pytorch-fm's random_split reads its training rows in a random order;
+    # our streamed split keeps file order, so torchfm gets them permuted.
+    from benchmarks import synthetic  # pylint: disable=g-import-not-at-top
+    import data  # pylint: disable=g-import-not-at-top
+
+    tmp = self.create_tempdir().full_path
+    path = synthetic.write('criteo', 400, os.path.join(tmp, 'train.txt'))
+    config = common.get_config('fm')
+    config.dataset.name, config.dataset.path = 'criteo', path
+    config.dataset.cache_dir = os.path.join(tmp, 'cache')
+    dataset = data.load_dataset(config.dataset)
+    ids, labels = np.asarray(dataset.train.ids), dataset.train.labels
+    order = np.random.default_rng(config.dataset.seed).permutation(len(ids))
+    splits, _ = quality.torchfm_data(config, dataset, raw=False)
+    np.testing.assert_array_equal(splits['train'][0], ids[order])
+    np.testing.assert_array_equal(splits['train'][1], labels[order])
+    self.assertFalse(np.array_equal(splits['train'][0], ids))
+    np.testing.assert_array_equal(splits['valid'][0], dataset.valid.ids)
+    # time_to_auc's torchfm process reads the same order from its files.
+    args = types.SimpleNamespace(
+      criteo=path, cache_dir=config.dataset.cache_dir
+    )
+    out = os.path.join(tmp, 'split')
+    time_to_auc.write_split('criteo', args, out)
+    np.testing.assert_array_equal(
+      np.load(os.path.join(out, 'train_ids.npy')), ids[order]
+    )
+    np.testing.assert_array_equal(
+      np.load(os.path.join(out, 'test_labels.npy')), dataset.test.labels
+    )
+    # Files split by the user, and MovieLens (split in memory, stored in the
+    # random split's order), keep their order.
+    config.dataset.valid_path = config.dataset.test_path = path
+    self.assertIsNone(quality.random_split_rows(config, len(ids)))
+    self.assertIsNone(quality.random_split_rows(common.get_config('fm'), 9))
+
   def test_logloss_matches_the_formula(self):
     labels = np.array([1.0, 0.0, 1.0, 0.0])
     probs = np.array([0.9, 0.2, 0.0, 1.0])  # The last two clamp at -100.
