@@ -74,6 +74,13 @@ def number(low: float, *, strict: bool = False) -> Rule:
   return rule
 
 
+def optional(rule: Rule) -> Rule:
+  """`rule`, or None."""
+  return lambda v: (
+    None if v is None or rule(v) is None else f'{rule(v)} or None'
+  )
+
+
 def rate(value: Any) -> str | None:
   ok = _is_number(value) and 0 <= value < 1
   return None if ok else 'a dropout rate in [0, 1)'
@@ -141,6 +148,7 @@ TOP_LEVEL = {
   'learning_rate': number(0, strict=True),
   'table_learning_rate': number(0, strict=True),
   'weight_decay': number(0),
+  'table_weight_decay': optional(number(0)),
   'num_epochs': integer(1),
   # 0 would stop before the first epoch; num_epochs alone bounds a run.
   'patience': integer(1),

@@ -7,6 +7,9 @@ caller uses (the pmapped train step, and the benchmarks with no axis).
 - 'adam': optax's Adam with L2 weight decay added to the gradient, over every
   parameter, tables included (torch's `Adam(weight_decay=...)`, as
   pytorch-fm): the reference.
+  `config.table_weight_decay`, when set, is the L2 coefficient of the
+  tables instead, for each of the three (e.g. FuxiCTR's separate embedding
+  and network regularizers); None keeps `weight_decay` everywhere.
 - 'lazy_adam': the same Adam, but each table's rows, first and second
   moments are decayed and updated only where the batch read them
   (TensorFlow's LazyAdam, torch's SparseAdam).
@@ -49,6 +52,21 @@ class RowSparse(NamedTuple):
   tables: frozenset[sparse.Path]
 
 
+class Dense(NamedTuple):
+  """A dense optax transformation, and the tables it updates densely.
+
+  Attributes:
+    init: optax's `init(params) -> state`.
+    update: optax's `update(grads, state, params) -> (updates, state)`.
+    tables: the params paths of the model's tables (their weight decay may
+      differ from the other parameters').
+  """
+
+  init: Callable
+  update: Callable
+  tables: frozenset[sparse.Path]
+
+
 class LazyAdamState(NamedTuple):
   """State of `lazy_adam`: the step count and the first and second moments."""
 
@@ -77,7 +95,50 @@ class RowwiseAdagradState(NamedTuple):
 
 def tables_of(tx: Any) -> frozenset[sparse.Path]:
   """The tables whose gradients `tx` takes as rows; empty for dense ones."""
+  return tx.tables if isinstance(tx, RowSparse) else frozenset()
+
+
+def model_tables_of(tx: Any) -> frozenset[sparse.Path]:
+  """The model's tables that `create_optimizer` was given, dense or not."""
   return getattr(tx, 'tables', frozenset())
+
+
+def _decay_of(
+  path: sparse.Path,
+  weight_decay: float,
+  table_weight_decay: float | None,
+  tables: frozenset[sparse.Path],
+) -> float:
+  """The L2 coefficient of the leaf at `path`."""
+  if table_weight_decay is not None and path in tables:
+    return table_weight_decay
+  return weight_decay
+
+
+def add_decayed_weights(
+  weight_decay: float,
+  table_weight_decay: float | None = None,
+  tables: frozenset[sparse.Path] = frozenset(),
+) -> optax.GradientTransformation:
+  """`optax.add_decayed_weights` with its own coefficient for the tables.
+
+  Adds `table_weight_decay * p` to the gradient of each table in `tables`
+  and `weight_decay * p` to every other leaf's. With `table_weight_decay`
+  None it is `optax.add_decayed_weights(weight_decay)` itself, and either
+  way its state is optax's empty one, so checkpoints do not depend on it.
+  """
+  if table_weight_decay is None:
+    return optax.add_decayed_weights(weight_decay)
+
+  def update(updates, state, params):
+    def leaf(path, g, p):
+      decay = _decay_of(path, weight_decay, table_weight_decay, tables)
+      return (g + decay * p,)
+
+    (updates,) = _map_leaves(leaf, params, updates)
+    return updates, state
+
+  return optax.GradientTransformation(lambda params: optax.EmptyState(), update)
 
 
 def _adam(g, m, v, p, count, learning_rate, weight_decay, b1, b2, eps):
@@ -134,6 +195,7 @@ def lazy_adam(
   learning_rate: float,
   weight_decay: float,
   tables: frozenset[sparse.Path],
+  table_weight_decay: float | None = None,
   b1: float = 0.9,
   b2: float = 0.999,
   eps: float = 1e-8,
@@ -149,6 +211,7 @@ def lazy_adam(
     learning_rate: Adam's step size.
     weight_decay: L2 coefficient added to the gradient.
     tables: the params paths of the tables (`sparse.declared_tables`).
+    table_weight_decay: the tables' L2 coefficient (None: `weight_decay`).
     b1: decay of the first moment.
     b2: decay of the second moment.
     eps: added to the root of the second moment.
@@ -162,9 +225,10 @@ def lazy_adam(
 
   def apply(grads, state, params):
     count = optax.safe_increment(state.count)
-    hyper = (count, learning_rate, weight_decay, b1, b2, eps)
 
     def leaf(path, g, m, v, p):
+      decay = _decay_of(path, weight_decay, table_weight_decay, tables)
+      hyper = (count, learning_rate, decay, b1, b2, eps)
       if path not in tables:
         u, m, v = _adam(g, m, v, p, *hyper)
         return (p + u).astype(p.dtype), m, v
@@ -186,6 +250,7 @@ def rowwise_adagrad(
   weight_decay: float,
   tables: frozenset[sparse.Path],
   table_learning_rate: float | None = None,
+  table_weight_decay: float | None = None,
   eps: float = 1e-8,
   b1: float = 0.9,
   b2: float = 0.999,
@@ -193,8 +258,8 @@ def rowwise_adagrad(
   """Row-wise Adagrad on the tables, Adam with L2 on the other leaves.
 
   For each row `r` of a table that the batch read, with `g` its summed
-  gradient plus `weight_decay * w_r` (TorchRec's exact row-wise Adagrad
-  with L2 weight decay):
+  gradient plus `table_weight_decay * w_r` (TorchRec's exact row-wise
+  Adagrad with L2 weight decay; `weight_decay` when None):
 
     a_r <- a_r + mean(g^2),
     w_r <- w_r - table_learning_rate * g / (sqrt(a_r) + eps).
@@ -210,6 +275,7 @@ def rowwise_adagrad(
     table_learning_rate: Adagrad's step size (None: `learning_rate`);
       Adagrad's steps shrink as its accumulators grow, so it wants larger
       ones than Adam.
+    table_weight_decay: the tables' L2 coefficient (None: `weight_decay`).
     eps: added to the root of the accumulator (and of Adam's moment).
     b1: Adam's decay of the first moment (dense leaves).
     b2: Adam's decay of the second moment (dense leaves).
@@ -241,8 +307,12 @@ def rowwise_adagrad(
     count = optax.safe_increment(state.count)
     hyper = (count, learning_rate, weight_decay, b1, b2, eps)
 
+    table_decay = (
+      weight_decay if table_weight_decay is None else table_weight_decay
+    )
+
     def rule(g, p, a):
-      g = g + weight_decay * p
+      g = g + table_decay * p
       a = a + jnp.mean(jnp.square(g).reshape(g.shape[0], -1), axis=1)
       scale = table_rate / (jnp.sqrt(a) + eps)
       return p - scale.reshape((-1,) + (1,) * (g.ndim - 1)) * g, a
@@ -263,7 +333,12 @@ def rowwise_adagrad(
 
 
 # The rates that `create_optimizer` may take as arrays instead of constants.
-RATES = ('learning_rate', 'weight_decay', 'table_learning_rate')
+RATES = (
+  'learning_rate',
+  'weight_decay',
+  'table_learning_rate',
+  'table_weight_decay',
+)
 
 
 def rates_of(config: ml_collections.ConfigDict) -> dict[str, np.ndarray]:
@@ -271,14 +346,20 @@ def rates_of(config: ml_collections.ConfigDict) -> dict[str, np.ndarray]:
 
   A program that takes them as arguments rather than constants compiles
   once for all learning rates and weight decays (`train.hyperparameters`).
-  `table_learning_rate` None is `learning_rate`.
+  `table_learning_rate` None is `learning_rate`; `table_weight_decay` None
+  is `weight_decay` (whether it is None is the optimizer's structure, read
+  from `config` by `create_optimizer`).
   """
   table_lr = config.get('table_learning_rate')
+  table_wd = config.get('table_weight_decay')
   return {
     'learning_rate': np.float32(config.learning_rate),
     'weight_decay': np.float32(config.weight_decay),
     'table_learning_rate': np.float32(
       config.learning_rate if table_lr is None else table_lr
+    ),
+    'table_weight_decay': np.float32(
+      config.weight_decay if table_wd is None else table_wd
     ),
   }
 
@@ -287,14 +368,16 @@ def create_optimizer(
   config: ml_collections.ConfigDict,
   tables: frozenset[sparse.Path] = frozenset(),
   rates: dict[str, jax.Array] | None = None,
-) -> optax.GradientTransformation | RowSparse:
+) -> Dense | RowSparse:
   """The optimizer that `config.optimizer` names (see the module docstring).
 
   Args:
     config: the run's config (`optimizer`, `learning_rate`, `weight_decay`,
-      and for 'rowwise_adagrad' `table_learning_rate`).
+      `table_weight_decay`, and for 'rowwise_adagrad'
+      `table_learning_rate`).
     tables: the model's tables (`sparse.declared_tables`), updated row-wise
-      by 'lazy_adam' and 'rowwise_adagrad'; 'adam' updates them densely.
+      by 'lazy_adam' and 'rowwise_adagrad'; 'adam' updates them densely
+      (`tables_of` its result is empty, `model_tables_of` gives them).
     rates: `rates_of(config)` (None: computed here), possibly traced: the
       same optimizer, whose state does not depend on them, in a program
       that does not change with them.
@@ -304,13 +387,16 @@ def create_optimizer(
   """
   if rates is None:
     rates = rates_of(config)
-  lr, wd, table_lr = (rates[name] for name in RATES)
+  lr, wd, table_lr, table_wd = (rates[name] for name in RATES)
+  if config.get('table_weight_decay') is None:
+    table_wd = None  # The same program as before the key existed.
   if config.optimizer == 'adam':
-    return optax.chain(optax.add_decayed_weights(wd), optax.adam(lr))
+    tx = optax.chain(add_decayed_weights(wd, table_wd, tables), optax.adam(lr))
+    return Dense(tx.init, tx.update, frozenset(tables))
   if config.optimizer == 'lazy_adam':
-    return lazy_adam(lr, wd, tables)
+    return lazy_adam(lr, wd, tables, table_wd)
   if config.optimizer == 'rowwise_adagrad':
-    return rowwise_adagrad(lr, wd, tables, table_lr)
+    return rowwise_adagrad(lr, wd, tables, table_lr, table_wd)
   raise ValueError(
     f'config.optimizer: unknown {config.optimizer!r}; choose one of'
     f' {", ".join(NAMES)}.'
@@ -318,7 +404,7 @@ def create_optimizer(
 
 
 def apply_gradients(
-  tx: optax.GradientTransformation | RowSparse,
+  tx: Dense | RowSparse,
   grads: Any,
   opt_state: optax.OptState,
   params: Any,

@@ -201,8 +201,8 @@ def train_step(
     lax.axis_index(axis_name),
   )
   rates = {name: hyper[name] for name in optim.RATES}
-  tables = optim.tables_of(state.tx)
-  tx = optim.create_optimizer(config, tables, rates)
+  tx = optim.create_optimizer(config, optim.model_tables_of(state.tx), rates)
+  tables = optim.tables_of(tx)
   # The tables of a row-wise optimizer get the gradients of the rows read.
   (loss, batch_stats), grads = sparse.value_and_grad(
     lambda params, perturbations: loss_fn(

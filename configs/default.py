@@ -72,6 +72,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # 'rowwise_adagrad's step size on the tables (`learning_rate` is Adam's).
   config.table_learning_rate = 0.05
   config.weight_decay = 1e-6
+  # The tables' own L2 coefficient (embeddings and per-id linear weights;
+  # the rest keeps `weight_decay`), as FuxiCTR's embedding and network
+  # regularizers. None: `weight_decay` on every parameter, as torch's Adam.
+  config.table_weight_decay = None
   config.num_epochs = 100
   # Stop after this many epochs without a better validation AUC.
   config.patience = 2

@@ -109,31 +109,39 @@ def _numpy_step(optimizer, grads, state, read, config):
   """Brute force in float64, row by row on the tables.
 
   Args:
-    optimizer: 'lazy_adam' or 'rowwise_adagrad'.
+    optimizer: 'lazy_adam' or 'rowwise_adagrad', or 'adam' with every row
+      of each table in `read`.
     grads: the dense gradient of every leaf (`jax.grad`).
     state: the train state before the step.
     read: the rows each table read (`_rows_read`).
-    config: `learning_rate`, `table_learning_rate` and `weight_decay`.
+    config: `learning_rate`, `table_learning_rate`, `weight_decay` and
+      `table_weight_decay`.
 
   Returns:
     Flat dicts (by path) of the new params and of each state field.
   """
   lr, wd = config.learning_rate, config.weight_decay
+  table_wd = (
+    wd if config.table_weight_decay is None else config.table_weight_decay
+  )
   b1, b2, eps = 0.9, 0.999, 1e-8
-  count = int(state.opt_state.count) + 1
+  # 'adam' is optax's chain: (the decay's empty state, (Adam's, the rate's)).
+  adam_state = state.opt_state[1][0] if optimizer == 'adam' else None
+  opt_state = adam_state or state.opt_state
+  count = int(opt_state.count) + 1
   flat = lambda tree: {  # noqa: E731
     k: np.array(v, np.float64)
     for k, v in traverse_util.flatten_dict(tree).items()
     if not isinstance(v, optax.MaskedNode)
   }
   p, g = flat(state.params), flat(grads)
-  mu, nu = flat(state.opt_state.mu), flat(state.opt_state.nu)
+  mu, nu = flat(opt_state.mu), flat(opt_state.nu)
   acc = {}
   if optimizer == 'rowwise_adagrad':
     acc = flat(state.opt_state.accumulator)
 
   def adam(key, r):
-    gr = g[key][r] + wd * p[key][r]
+    gr = g[key][r] + (table_wd if key in read else wd) * p[key][r]
     mu[key][r] = b1 * mu[key][r] + (1 - b1) * gr
     nu[key][r] = b2 * nu[key][r] + (1 - b2) * gr**2
     m_hat = mu[key][r] / (1 - b1**count)
@@ -145,10 +153,10 @@ def _numpy_step(optimizer, grads, state, read, config):
       adam(key, Ellipsis)  # Dense leaves: every element at once.
       continue
     for r in sorted(read[key]):
-      if optimizer == 'lazy_adam':
+      if optimizer in ('adam', 'lazy_adam'):
         adam(key, r)
       else:
-        gr = g[key][r] + wd * p[key][r]
+        gr = g[key][r] + table_wd * p[key][r]
         acc[key][r] += np.mean(gr**2)
         step = config.table_learning_rate / (np.sqrt(acc[key][r]) + eps)
         p[key][r] = p[key][r] - step * gr
@@ -178,15 +186,61 @@ def _dense_grads(config, state, ids):
   )(state.params)
 
 
+class TableWeightDecayTest(parameterized.TestCase):
+  def test_the_tables_get_their_own_coefficient(self):
+    params = {
+      'table': {'embedding': np.full((3, 2), 2.0, np.float32)},
+      'dense': {'kernel': np.full((2,), 3.0, np.float32)},
+    }
+    grads = jax.tree.map(np.ones_like, params)
+    tables = frozenset({('table', 'embedding')})
+    tx = optim.add_decayed_weights(0.1, 0.5, tables)
+    updates, state = tx.update(grads, tx.init(params), params)
+    np.testing.assert_allclose(updates['table']['embedding'], 1 + 0.5 * 2)
+    np.testing.assert_allclose(updates['dense']['kernel'], 1 + 0.1 * 3)
+    # None: optax's own, one coefficient; the state is empty either way.
+    same, plain_state = optim.add_decayed_weights(0.1, None, tables).update(
+      grads, optax.EmptyState(), params
+    )
+    np.testing.assert_allclose(same['table']['embedding'], 1 + 0.1 * 2)
+    self.assertEqual(state, plain_state)
+
+  @parameterized.parameters('fm', 'deepfm')
+  def test_dense_adam_steps_match_brute_force(self, model_name):
+    config = _config(model_name, 'adam', table_weight_decay=0.5)
+    _, state, step = _setup(config)
+    tables = frozenset(_rows_read(model_name, ALL_ROWS))
+    self.assertEqual(optim.model_tables_of(state.tx), tables)
+    self.assertEqual(optim.tables_of(state.tx), frozenset())  # Dense grads.
+    state = _first(_run(step, state, [(ALL_ROWS, LABELS)]))
+    for ids in (SOME_ROWS, ALL_ROWS_2):
+      grads = _dense_grads(config, state, ids)
+      every_row = {key: set(range(NUM_ROWS)) for key in tables}
+      want_p, _ = _numpy_step('adam', grads, state, every_row, config)
+      after = _first(_run(step, state, [(ids, LABELS)]))
+      got_p = traverse_util.flatten_dict(after.params)
+      for key, want in want_p.items():
+        np.testing.assert_allclose(
+          got_p[key], want, rtol=2e-5, atol=1e-6, err_msg=str(key)
+        )
+      state = after
+
+
 class RowwiseOptimizerTest(parameterized.TestCase):
   @parameterized.parameters(
     ('lazy_adam', 'fm'),
     ('lazy_adam', 'ncf'),
     ('rowwise_adagrad', 'fm'),
     ('rowwise_adagrad', 'ncf'),
+    ('lazy_adam', 'fm', 0.5),  # The tables' own weight decay.
+    ('rowwise_adagrad', 'ncf', 0.5),
   )
-  def test_steps_match_brute_force(self, optimizer, model_name):
-    config = _config(model_name, optimizer)
+  def test_steps_match_brute_force(
+    self, optimizer, model_name, table_weight_decay=None
+  ):
+    config = _config(
+      model_name, optimizer, table_weight_decay=table_weight_decay
+    )
     _, state, step = _setup(config)
     tables = set(_rows_read(model_name, ALL_ROWS))
     self.assertEqual(set(optim.tables_of(state.tx)), tables)
