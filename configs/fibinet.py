@@ -21,7 +21,10 @@ overfits within an epoch of its best. With these, a seed takes one of two
 courses: the products take off in the first epochs and the best epoch is
 the 3rd to 5th, as before; or weight decay holds them small and the linear
 term trains on for 50-70 epochs, as in LR (half the seeds; from 7e-5 up,
-every seed).
+every seed). A weight decay on the network alone (`table_weight_decay`)
+steers every seed to one course, but its validation-best value does so by
+switching the pairs off: FiBiNET then scores as LR (benchmarks/README.md,
+"FiBiNET's recipe"), so it is not used here.
 """
 
 import ml_collections
