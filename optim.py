@@ -7,9 +7,6 @@ caller uses (the pmapped train step, and the benchmarks with no axis).
 - 'adam': optax's Adam with L2 weight decay added to the gradient, over every
   parameter, tables included (torch's `Adam(weight_decay=...)`, as
   pytorch-fm): the reference.
-  `config.table_weight_decay`, when set, is the L2 coefficient of the
-  tables instead, for each of the three (e.g. FuxiCTR's separate embedding
-  and network regularizers); None keeps `weight_decay` everywhere.
 - 'lazy_adam': the same Adam, but each table's rows, first and second
   moments are decayed and updated only where the batch read them
   (TensorFlow's LazyAdam, torch's SparseAdam).
@@ -20,6 +17,11 @@ caller uses (the pmapped train step, and the benchmarks with no axis).
 The row-wise two take the tables' gradients as the rows read
 (`sparse.RowGrads`, from `sparse.value_and_grad`) and never read or write a
 whole table: a step costs the rows of the batch, not the rows of the table.
+
+In each, `config.table_weight_decay`, when set, is the tables' L2
+coefficient and `weight_decay` the other parameters' (as FuxiCTR's
+separate embedding and network regularizers); None keeps `weight_decay`
+everywhere.
 """
 
 from collections.abc import Callable
