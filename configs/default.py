@@ -75,7 +75,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # The tables' own L2 coefficient (embeddings and per-id linear weights;
   # the rest keeps `weight_decay`), as FuxiCTR's embedding and network
   # regularizers. None: `weight_decay` on every parameter, as torch's Adam.
-  config.table_weight_decay = None
+  config.table_weight_decay = ml_collections.config_dict.placeholder(float)
   config.num_epochs = 100
   # Stop after this many epochs without a better validation AUC.
   config.patience = 2

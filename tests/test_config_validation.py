@@ -94,6 +94,7 @@ class BadValueTest(_TestCase):
     ('learning_rate', 0.0, 'a number > 0'),
     ('learning_rate', float('nan'), 'a number > 0'),
     ('weight_decay', -1e-6, 'a number >= 0'),
+    ('table_weight_decay', -1e-6, 'a number >= 0 or None'),
     ('optimizer', 'sgd', 'one of adam, lazy_adam, rowwise_adagrad'),
     ('seed', -1, 'an integer >= 0'),
     ('progress_bar', 'yes', 'True or False'),
@@ -109,6 +110,28 @@ class BadValueTest(_TestCase):
     self.assertIn(f'config.{key.replace("__", ".")}={value!r} must be', message)
     self.assertIn(rule, message)
     self.assertStartsWith(message, '1 bad config value: ')
+
+  def test_keys_that_default_to_none_take_numbers_from_the_command_line(self):
+    from absl import flags  # pylint: disable=g-import-not-at-top
+    from ml_collections import config_flags  # pylint: disable=g-import-not-at-top
+
+    def parse(*overrides):
+      # As main.py's flag: config_flags reads the overrides from the argv.
+      argv = ['main.py', f'--config={ROOT}/configs/fm.py', *overrides]
+      values = flags.FlagValues()
+      config_flags.DEFINE_config_file(
+        'config', flag_values=values, sys_argv=argv
+      )
+      values(argv)
+      config_check.validate_config(values.config)
+      return values.config
+
+    self.assertIsNone(parse().table_weight_decay)
+    self.assertEqual(
+      parse('--config.table_weight_decay=0').table_weight_decay, 0
+    )
+    config = parse('--config.table_weight_decay=1e-5')
+    self.assertEqual(config.table_weight_decay, 1e-5)
 
   @parameterized.parameters(
     ('nfm', 'model__mlp_dims', (64, 0), 'integers >= 1'),
