@@ -12,7 +12,6 @@ from collections.abc import Callable
 import functools
 import importlib
 import math
-import time
 from typing import Any
 
 from absl import logging
@@ -169,19 +168,6 @@ def loss_fn(
   return loss, (updates.get('batch_stats', {}), updates.get(sparse.ROWS, {}))
 
 
-def hyperparameters(config: ml_collections.ConfigDict) -> dict[str, Any]:
-  """What the train program takes as arguments rather than constants.
-
-  The seed of the dropout masks and the optimizer's rates
-  (`optim.rates_of`), as numpy scalars: runs that differ only in them (a
-  sweep over seeds or learning rates) share one compiled train program,
-  found in the persistent compilation cache after the first.
-  """
-  # jax.random.key keeps a seed's low 32 bits (without jax_enable_x64).
-  seed = np.uint32(config.seed % 2**32)
-  return {'seed': seed, **optim.rates_of(config)}
-
-
 def train_step(
   state: TrainState,
   batch: dict[str, jax.Array],
@@ -279,6 +265,9 @@ def eval_step(
 
 
 replicate = programs.replicate
+hyperparameters = programs.hyperparameters
+evaluate = programs.evaluate
+train_epoch = programs.train_epoch
 
 
 def pmapped_steps(model, config: ml_collections.ConfigDict) -> tuple:
@@ -297,99 +286,6 @@ def pmapped_steps(model, config: ml_collections.ConfigDict) -> tuple:
     functools.partial(eval_step, model=model), axis_name=AXIS
   )
   return p_train_step, p_eval_step
-
-
-def evaluate(
-  p_eval_step: Callable,
-  state: TrainState,
-  split: data.Split,
-  batch_size: int,
-) -> dict[str, float]:
-  """`auc`, `logloss` and `num_examples` of replicated `state` on `split`.
-
-  Each process scores its slice of `split` with the pmapped `eval_step` in
-  padded global batches of `batch_size`; the padding is masked out.
-  """
-  num_devices = jax.local_device_count()
-  batches = data.eval_batches(
-    split,
-    batch_size,
-    process_index=jax.process_index(),
-    process_count=jax.process_count(),
-  )
-  # Dispatch every batch before reading any result back.
-  outs = [
-    (p_eval_step(state, data.shard(batch, num_devices)), batch)
-    for batch in utils.prefetch(batches)
-  ]
-  # Device 0's copies of the psums; `x[0]` would compile a program.
-  loss_sum = sum(loss.addressable_data(0).item() for (_, loss, _), _ in outs)
-  count = sum(n.addressable_data(0).item() for (_, _, n), _ in outs)
-  logits = np.concatenate([np.asarray(out[0]).reshape(-1) for out, _ in outs])
-  labels = np.concatenate([batch['label'] for _, batch in outs])
-  masks = np.concatenate([batch['mask'] for _, batch in outs])
-  # AUC is not a sum: every process gets the whole split's scores.
-  logits, labels, masks = map(multihost.allgather, (logits, labels, masks))
-  keep = masks > 0
-  return {
-    'auc': metrics.roc_auc(labels[keep], logits[keep]),
-    'logloss': loss_sum / max(count, 1.0),
-    'num_examples': int(keep.sum()),
-  }
-
-
-def _first(losses: list[np.ndarray], sizes: list[int]) -> np.ndarray:
-  """The losses of the steps that ran: `sizes[i]` of each padded stack."""
-  return np.concatenate(
-    [np.reshape(x, -1)[:n] for x, n in zip(losses, sizes, strict=False)]
-  )
-
-
-def train_epoch(
-  p_train_step: Callable,
-  state: TrainState,
-  split: data.Split,
-  config: ml_collections.ConfigDict,
-  epoch: int,
-  resident: dict[str, jax.Array] | None = None,
-) -> tuple[TrainState, float, float]:
-  """Trains one epoch of `split` in shuffled global batches.
-
-  With `resident`, `split` kept on the devices, the host sends only rows.
-
-  Returns:
-    The new state, the mean loss, and examples/s after the compiling step.
-  """
-  steps = data.num_train_steps(split, config.batch_size)
-  show = config.progress_bar and jax.process_index() == 0
-  bar = utils.ProgressBar(f'epoch {epoch + 1}', steps, 'ex', enabled=show)
-  sizes, batches = programs.epoch_stacks(split, config, epoch, resident)
-  # The step counts and hyperparameters, on the devices once rather than
-  # sent with every stack.
-  counts = {n: replicate(np.int32(n)) for n in set(sizes)}
-  hyper = replicate(hyperparameters(config))
-  # Each stack's losses stay on the device until read, once: the bar reads
-  # the new ones (waiting for them) only when it is drawn.
-  losses, fetched, done, every = [], [], 0, config.log_every_steps
-  for group, batch in enumerate(utils.prefetch(batches)):
-    state, loss = p_train_step(
-      state, batch, hyper, resident, counts[sizes[group]]
-    )
-    losses.append(loss.addressable_data(0))  # [1, steps]
-    done += sizes[group]
-    if group == 0:
-      loss.block_until_ready()  # Exclude compilation from the rate.
-      start, timed = time.perf_counter(), done
-    logs = done // every > (done - sizes[group]) // every or done == steps
-    if bar.enabled and logs:
-      fetched += jax.device_get(losses[len(fetched) :])
-      recent = np.mean(_first(fetched, sizes)[-every:])
-      bar.update(done, (done - 1) * config.batch_size, f'loss {recent:.4f}')
-  fetched += jax.device_get(losses[len(fetched) :])
-  loss = float(np.mean(_first(fetched, sizes)))
-  elapsed = max(time.perf_counter() - start, 1e-9)
-  bar.close()
-  return state, loss, max(steps - timed, 1) * config.batch_size / elapsed
 
 
 def train_and_evaluate(
