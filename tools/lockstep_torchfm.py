@@ -47,7 +47,10 @@ def _converter(name: str, config):
 def run_seed(
   name: str, seed: int, epochs: int, workdir: str, dropout: bool = False
 ) -> dict:
-  """Per-epoch `{'flax': (valid AUCs, losses), 'torchfm': ...}`."""
+  """`{run: (valid AUCs by epoch, losses by epoch, best state's test AUC)}`.
+
+  For run 'flax' and run 'torchfm'.
+  """
   import jax  # pylint: disable=g-import-not-at-top
   import torch  # pylint: disable=g-import-not-at-top
 
