@@ -8,9 +8,10 @@ weights (converted as the parity tests do); both train with every dropout
 rate at 0 (`--dropout`: the config's rates, each library drawing its own
 masks), on the training split cut to whole batches, in its stored order
 (no shuffle), with pytorch-fm's recipe (configs/<model>.py, early stopping
-included); both evaluate after each epoch. Prints the validation AUC and
-training loss of each epoch, ours and torchfm's, the test AUC of each
-run's best-validation state, and the mean differences over the seeds.
+included; `--set key=value` changes both, e.g. the data set); both
+evaluate after each epoch. Prints the validation AUC and training loss of
+each epoch, ours and torchfm's, the test AUC of each run's best-validation
+state, and the mean differences over the seeds.
 Equal training losses with a validation AUC apart point at what evaluation
 reads and training does not (BatchNorm's running statistics).
 
@@ -45,7 +46,12 @@ def _converter(name: str, config):
 
 
 def run_seed(
-  name: str, seed: int, epochs: int, workdir: str, dropout: bool = False
+  name: str,
+  seed: int,
+  epochs: int,
+  workdir: str,
+  dropout: bool = False,
+  overrides: dict | None = None,
 ) -> dict:
   """`{run: (valid AUCs by epoch, losses by epoch, best state's test AUC)}`.
 
@@ -59,9 +65,10 @@ def run_seed(
   import data  # pylint: disable=g-import-not-at-top
   import train  # pylint: disable=g-import-not-at-top
 
-  config = common.get_config(
-    name, None, {} if dropout else {'model.dropout': 0.0}
-  )
+  overrides = dict(overrides or {})
+  if not dropout:
+    overrides['model.dropout'] = 0.0
+  config = common.get_config(name, None, overrides)
   config.seed = seed
   config.progress_bar = False
   config.num_epochs = epochs  # Early stopping as both recipes (patience 2).
@@ -122,11 +129,18 @@ def main(argv=None) -> None:
   parser.add_argument('--epochs', type=int, default=3)
   parser.add_argument('--workdir', default='')
   parser.add_argument(
+    '--set',
+    action='append',
+    default=[],
+    help='key=value for both runs, e.g. dataset.name=ml-20m',
+  )
+  parser.add_argument(
     '--dropout',
     action='store_true',
     help="keep the config's dropout (masks differ between the libraries)",
   )
   args = parser.parse_args(argv)
+  from benchmarks import common  # pylint: disable=g-import-not-at-top
   from benchmarks import seeds  # pylint: disable=g-import-not-at-top
 
   workdir = args.workdir or tempfile.mkdtemp(prefix='lockstep-')
@@ -138,6 +152,7 @@ def main(argv=None) -> None:
       args.epochs,
       os.path.join(workdir, f's{seed}'),
       args.dropout,
+      common.parse_overrides(args.set, '--set'),
     )
     for run, (aucs, losses, test) in runs.items():
       print(
