@@ -264,6 +264,7 @@ def eval_step(
   return logits, loss_sum, count
 
 
+# programs.py's, under the names the benchmarks and tests call them by.
 replicate = programs.replicate
 hyperparameters = programs.hyperparameters
 evaluate = programs.evaluate
