@@ -139,14 +139,17 @@ def split_sizes(n: int, fractions: Sequence[float]) -> tuple[int, int, int]:
   return n_train, n_valid, n - n_train - n_valid
 
 
-def _permutation(n: int, rng: np.random.Generator) -> np.ndarray:
-  """`rng.permutation(n)`: the same order, in int32 when `n` allows.
+def _arange(n: int) -> np.ndarray:
+  """`np.arange(n)`, in int32 when `n` allows.
 
   Half the memory below 2**31 rows: 160 MB for Criteo's 40M training rows.
   """
-  if n >= 2**31:
-    return rng.permutation(n)
-  perm = np.arange(n, dtype=np.int32)
+  return np.arange(n, dtype=np.int32 if n < 2**31 else np.int64)
+
+
+def _permutation(n: int, rng: np.random.Generator) -> np.ndarray:
+  """`rng.permutation(n)`: the same order, in `_arange`'s dtype."""
+  perm = _arange(n)
   rng.shuffle(perm)
   return perm
 
@@ -372,9 +375,7 @@ def train_rows(
   if shuffle:
     perm = _permutation(len(split), np.random.default_rng([seed, epoch]))
   else:
-    perm = np.arange(
-      len(split), dtype=np.int64 if len(split) >= 2**31 else np.int32
-    )
+    perm = _arange(len(split))
   for step in range(num_train_steps(split, batch_size)):
     start = step * batch_size + process_index * local
     # Sorted rows read a memory map front to back; the rows of a batch are
