@@ -392,6 +392,25 @@ class InteractionTest(absltest.TestCase):
     self.assertEqual(out.shape, (6, 6 * 3))
     np.testing.assert_allclose(out, brute, rtol=1e-6, atol=1e-6)
 
+  def test_upper_triangle_and_its_gradient_by_hand(self):
+    # fnfm.upper_triangle has its own gradient (a gather): the cotangent of
+    # pair p lands on entry (f, g) of the p-th pair f < g, zero elsewhere.
+    fnfm = module('fnfm')
+    rng = np.random.default_rng(0)
+    for n in (2, 3, 6):
+      m = rng.normal(size=(4, n, n, 3)).astype(np.float32)
+      pairs = [(f, g) for f in range(n) for g in range(f + 1, n)]
+      cotangent = rng.normal(size=(4, len(pairs), 3)).astype(np.float32)
+      out, vjp = jax.vjp(fnfm.upper_triangle, jnp.asarray(m))
+      (grad,) = vjp(jnp.asarray(cotangent))
+      expected = np.zeros_like(m)
+      for p, (f, g) in enumerate(pairs):
+        expected[:, f, g] = cotangent[:, p]
+      np.testing.assert_array_equal(
+        out, np.stack([m[:, f, g] for f, g in pairs], 1)
+      )
+      np.testing.assert_array_equal(grad, expected)
+
 
 class ForwardTest(absltest.TestCase):
   """Eval-mode outputs against numpy forward passes of each equation."""
