@@ -253,10 +253,13 @@ def eval_step(
   axis_name: str = AXIS,
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
   """Logits `[batch / devices]`, the psums of the masked loss and the mask."""
-  logits = model.apply(
+  # Collecting the rows (then dropped) makes this a trainer's program, in
+  # which a model's `take_rows(apart=True)` gathers apart on CPU.
+  logits, _ = model.apply(
     {'params': state.params, 'batch_stats': state.batch_stats},
     **data.model_inputs(batch),
     train=False,
+    mutable=[sparse.ROWS],
   )
   losses = optax.sigmoid_binary_cross_entropy(logits, batch['label'])
   loss_sum = lax.psum(jnp.sum(losses * batch['mask']), axis_name)

@@ -74,6 +74,7 @@ def take_rows(
   rows: jnp.ndarray,
   module: nn.Module | None = None,
   name: str = '',
+  apart: bool = False,
 ) -> jnp.ndarray:
   """`table[rows]` `[*rows.shape, ...]`, declared as a table of `module`.
 
@@ -85,6 +86,14 @@ def take_rows(
   table-sized gradient need not be formed. Plain `apply` and `init` do
   neither.
 
+  With `apart`, a trainer's program (the 'table_rows' collection mutable)
+  compiled for CPU runs the gather as an operation of its own: XLA:CPU fuses
+  a gather into a reshape that flattens its rows (`[B, F, D]` into an MLP's
+  `[B, F * D]`) and then emits it one element at a time, several times
+  slower than the gather alone. A branch on a runtime value, both of whose
+  sides are the same gather, keeps the two apart. Other programs (export,
+  prediction) keep the plain gather: jax2onnx has no platform switch.
+
   Args:
     table: `[rows, ...]`.
     rows: int rows to read, below the table's size (a larger one reads the
@@ -93,14 +102,26 @@ def take_rows(
       reported as no row of the table.
     module: the module that owns `table`; None: a plain gather.
     name: the parameter name of `table` in `module`.
+    apart: run the gather apart from what reads it (above); for rows that
+      only a flattening reshape reads.
 
   Returns:
     `[*rows.shape, ...]`.
   """
-  x = jnp.take(table, jnp.maximum(rows, 0), axis=0, mode='clip')
+
+  def gather(table, rows):
+    return jnp.take(table, jnp.maximum(rows, 0), axis=0, mode='clip')
+
+  def branched(table, rows):
+    return jax.lax.cond(rows.reshape(-1)[0] > 0, gather, gather, table, rows)
+
   if module is None or module.is_initializing():
-    return x
+    return gather(table, rows)
   module.sow('table_rows', name, rows)
+  if apart and rows.size and module.is_mutable_collection('table_rows'):
+    x = jax.lax.platform_dependent(table, rows, cpu=branched, default=gather)
+  else:
+    x = gather(table, rows)
   return module.perturb(name, x)
 
 
@@ -156,6 +177,7 @@ def embed_fields(
   multi_pooling: str = 'mean',
   module: nn.Module | None = None,
   names: tuple[str, str] = ('', ''),
+  apart: bool = False,
 ) -> jnp.ndarray:
   """Rows of every field: one-hot ids, then multi-hot ids, then numbers.
 
@@ -175,6 +197,7 @@ def embed_fields(
     multi_pooling: 'mean' or 'sum' (`pool_multi_hot`).
     module: the module that owns the tables (`take_rows`); None: none.
     names: the parameter names of the one-hot and multi-hot tables.
+    apart: `take_rows`'s, for the one-hot table.
 
   Returns:
     `[batch, fields + multi_fields + dense_fields, ...]`.
@@ -205,7 +228,7 @@ def embed_fields(
         f'{name} must be {want} for a model built with {declared}; got {got}.'
       )
   rows = ids + field_offsets(field_dims)  # [B, F]
-  parts = [take_rows(table, rows, module, names[0])]  # [B, F, ...]
+  parts = [take_rows(table, rows, module, names[0], apart)]  # [B, F, ...]
   if multi_table is not None:
     parts.append(
       pool_multi_hot(
@@ -289,6 +312,8 @@ class FeaturesEmbedding(nn.Module):
     num_dense: number of numeric fields.
     multi_pooling: 'mean' or 'sum' over a multi-hot field's ids.
     dtype: dtype of the returned embeddings.
+    apart: `take_rows`'s, for the one-hot table: for embeddings that only a
+      flattening reshape reads.
   """
 
   field_dims: Sequence[int]
@@ -297,6 +322,7 @@ class FeaturesEmbedding(nn.Module):
   num_dense: int = 0
   multi_pooling: str = 'mean'
   dtype: jnp.dtype = jnp.float32
+  apart: bool = False
 
   @nn.compact
   def __call__(
@@ -329,6 +355,7 @@ class FeaturesEmbedding(nn.Module):
       self.multi_pooling,
       module=self,
       names=('embedding', 'multi_embedding'),
+      apart=self.apart,
     ).astype(self.dtype)  # [B, T, D]
 
 

@@ -16,6 +16,7 @@ import tempfile
 
 from absl.testing import absltest
 from absl.testing import parameterized
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 from model_tables import BATCH
@@ -127,6 +128,73 @@ class ModelContractTest(parameterized.TestCase):
     hlo = jax.jit(take_rows).lower(table, rows).compile().as_text()
     self.assertIn(' gather(', hlo)
     self.assertNotIn(' select(', hlo)
+
+  def test_take_rows_apart_branches_only_in_a_trainers_cpu_program(self):
+    # `apart` keeps the gather out of XLA:CPU's fusion with the flattening
+    # reshape after it by a branch whose two sides are the same gather: the
+    # same values and gradients, a conditional in the compiled program only
+    # when the rows are collected (a trainer's program), none otherwise
+    # (export) nor without `apart`.
+    fm = module('fm')
+    table = jnp.arange(24.0).reshape(8, 3)
+    rows = jnp.array([[0, 7], [-1, 5], [2, 2]])  # Row -1: padding.
+    cotangent = jnp.arange(18.0).reshape(3, 6)
+
+    class Flat(nn.Module):
+      apart: bool
+
+      @nn.compact
+      def __call__(self, rows):
+        t = self.param('t', lambda *_: table)
+        x = fm.take_rows(t, rows, self, 't', self.apart)  # [3, 2, 3]
+        return x.reshape(x.shape[0], -1)  # [3, 6]
+
+    def run(apart, collect):
+      model = Flat(apart)
+      variables = model.init(jax.random.key(0), rows)
+      mutable = ['table_rows'] if collect else False
+
+      def loss(params, rows):
+        out = model.apply({'params': params}, rows, mutable=mutable)
+        out = out[0] if collect else out
+        return jnp.sum(out * cotangent), out
+
+      fn = jax.jit(jax.value_and_grad(loss, has_aux=True))
+      (_, out), grads = fn(variables['params'], rows)
+      hlo = fn.lower(variables['params'], rows).compile().as_text()
+      return out, grads['t'], ' conditional(' in hlo
+
+    plain_out, plain_grad, branched = run(apart=False, collect=True)
+    self.assertFalse(branched)
+    np.testing.assert_array_equal(
+      plain_out, table[jnp.array([[0, 7], [0, 5], [2, 2]])].reshape(3, 6)
+    )
+    for collect in (True, False):
+      out, grad, branched = run(apart=True, collect=collect)
+      self.assertEqual(branched, collect)
+      np.testing.assert_array_equal(out, plain_out)
+      np.testing.assert_array_equal(grad, plain_grad)
+    # Row 2, read twice, sums both cotangents; padding reads row 0.
+    np.testing.assert_array_equal(
+      plain_grad[2], cotangent[2].reshape(2, 3).sum(0)
+    )
+    # The models whose embeddings only the MLP's flattening reads ask for it.
+    for name, kwargs in (('wd', {}), ('ncf', dict(shared_embedding=False))):
+      model = build(name, **kwargs)
+      ids = random_ids(BATCH, FIELD_DIMS)
+      variables = init(model, ids)
+      hlo = (
+        jax.jit(
+          lambda v, ids, model=model: model.apply(
+            v, ids, train=False, mutable=['table_rows']
+          )[0]
+        )
+        .lower(variables, ids)
+        .compile()
+        .as_text()
+      )
+      with self.subTest(model=name):
+        self.assertIn(' conditional(', hlo)
 
   @parameterized.named_parameters((n, n) for n in MODEL_NAMES)
   def test_param_count(self, name):
