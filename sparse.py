@@ -136,7 +136,8 @@ def exchange(grads: Any, axis_name: str | None) -> Any:
   Devices hold equal shares of the global batch, so the gradient of the
   global mean loss is the mean of theirs. Dense leaves are averaged
   (`pmean`); a table's `RowGrads` are gathered from every device, in device
-  order, and divided by the device count: only the rows read travel.
+  order, and divided by the device count: only the rows read travel. On an
+  axis of one device nothing travels (XLA:CPU would copy the gathered rows).
 
   Args:
     grads: this device's gradients (`value_and_grad`).
@@ -145,6 +146,8 @@ def exchange(grads: Any, axis_name: str | None) -> Any:
   if axis_name is None:
     return grads
   count = lax.axis_size(axis_name)
+  if count == 1:
+    return grads
 
   def one(g):
     if isinstance(g, RowGrads):
