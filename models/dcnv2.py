@@ -87,8 +87,10 @@ def take_rows(
   a gather into a reshape that flattens its rows (`[B, F, D]` into an MLP's
   `[B, F * D]`) and then emits it one element at a time, several times
   slower than the gather alone. A branch on a runtime value, both of whose
-  sides are the same gather, keeps the two apart. Other programs (export,
-  prediction) keep the plain gather: jax2onnx has no platform switch.
+  sides are the same gather, keeps the two apart, from 8 fields (the last
+  axis of `rows`; below, compiling the branch costs more than it saves).
+  Other programs (export, prediction) keep the plain gather: jax2onnx has
+  no platform switch.
 
   Args:
     table: `[rows, ...]`.
@@ -114,7 +116,12 @@ def take_rows(
   if module is None or module.is_initializing():
     return gather(table, rows)
   module.sow('table_rows', name, rows)
-  if apart and rows.size and module.is_mutable_collection('table_rows'):
+  if (
+    apart
+    and rows.size
+    and rows.shape[-1] >= 8
+    and module.is_mutable_collection('table_rows')
+  ):
     x = jax.lax.platform_dependent(table, rows, cpu=branched, default=gather)
   else:
     x = gather(table, rows)

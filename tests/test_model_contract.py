@@ -133,12 +133,18 @@ class ModelContractTest(parameterized.TestCase):
     # `apart` keeps the gather out of XLA:CPU's fusion with the flattening
     # reshape after it by a branch whose two sides are the same gather: the
     # same values and gradients, a conditional in the compiled program only
-    # when the rows are collected (a trainer's program), none otherwise
-    # (export) nor without `apart`.
+    # when the rows are collected (a trainer's program) and are 8 fields or
+    # more, none otherwise (export) nor without `apart`.
     fm = module('fm')
     table = jnp.arange(24.0).reshape(8, 3)
-    rows = jnp.array([[0, 7], [-1, 5], [2, 2]])  # Row -1: padding.
-    cotangent = jnp.arange(18.0).reshape(3, 6)
+    rows = jnp.array(  # [3, 8]; row -1 is padding, row 2 read twice.
+      [
+        [0, 7, 1, 2, 3, 4, 5, 6],
+        [-1, 5, 2, 2, 0, 0, 1, 1],
+        [6, 5, 4, 3, 2, 1, 0, 7],
+      ]
+    )
+    cotangent = jnp.arange(72.0).reshape(3, 24)
 
     class Flat(nn.Module):
       apart: bool
@@ -146,10 +152,10 @@ class ModelContractTest(parameterized.TestCase):
       @nn.compact
       def __call__(self, rows):
         t = self.param('t', lambda *_: table)
-        x = fm.take_rows(t, rows, self, 't', self.apart)  # [3, 2, 3]
-        return x.reshape(x.shape[0], -1)  # [3, 6]
+        x = fm.take_rows(t, rows, self, 't', self.apart)  # [3, F, 3]
+        return x.reshape(x.shape[0], -1)  # [3, F * 3]
 
-    def run(apart, collect):
+    def run(apart, collect, rows=rows):
       model = Flat(apart)
       variables = model.init(jax.random.key(0), rows)
       mutable = ['table_rows'] if collect else False
@@ -157,7 +163,7 @@ class ModelContractTest(parameterized.TestCase):
       def loss(params, rows):
         out = model.apply({'params': params}, rows, mutable=mutable)
         out = out[0] if collect else out
-        return jnp.sum(out * cotangent), out
+        return jnp.sum(out * cotangent[:, : out.shape[1]]), out
 
       fn = jax.jit(jax.value_and_grad(loss, has_aux=True))
       (_, out), grads = fn(variables['params'], rows)
@@ -166,22 +172,23 @@ class ModelContractTest(parameterized.TestCase):
 
     plain_out, plain_grad, branched = run(apart=False, collect=True)
     self.assertFalse(branched)
-    np.testing.assert_array_equal(
-      plain_out, table[jnp.array([[0, 7], [0, 5], [2, 2]])].reshape(3, 6)
-    )
+    read = np.maximum(np.asarray(rows), 0)
+    np.testing.assert_array_equal(plain_out, table[read].reshape(3, 24))
+    expected_grad = np.zeros((8, 3))
+    np.add.at(expected_grad, read, np.asarray(cotangent).reshape(3, 8, 3))
+    np.testing.assert_array_equal(plain_grad, expected_grad)
     for collect in (True, False):
       out, grad, branched = run(apart=True, collect=collect)
       self.assertEqual(branched, collect)
       np.testing.assert_array_equal(out, plain_out)
       np.testing.assert_array_equal(grad, plain_grad)
-    # Row 2, read twice, sums both cotangents; padding reads row 0.
-    np.testing.assert_array_equal(
-      plain_grad[2], cotangent[2].reshape(2, 3).sum(0)
-    )
+    # Below 8 fields the plain gather.
+    self.assertFalse(run(apart=True, collect=True, rows=rows[:, :7])[2])
     # The models whose embeddings only the MLP's flattening reads ask for it.
+    field_dims = (3,) * 8
     for name, kwargs in (('wd', {}), ('ncf', dict(shared_embedding=False))):
-      model = build(name, **kwargs)
-      ids = random_ids(BATCH, FIELD_DIMS)
+      model = build(name, field_dims=field_dims, **kwargs)
+      ids = random_ids(BATCH, field_dims)
       variables = init(model, ids)
       hlo = (
         jax.jit(
