@@ -204,7 +204,7 @@ def embed_fields(
     multi_pooling: 'mean' or 'sum' (`pool_multi_hot`).
     module: the module that owns the tables (`take_rows`); None: none.
     names: the parameter names of the one-hot and multi-hot tables.
-    apart: `take_rows`'s, for the one-hot table.
+    apart: `take_rows`'s, for the one-hot table when it is the only one.
 
   Returns:
     `[batch, fields + multi_fields + dense_fields, ...]`.
@@ -235,7 +235,9 @@ def embed_fields(
         f'{name} must be {want} for a model built with {declared}; got {got}.'
       )
   rows = ids + field_offsets(field_dims)  # [B, F]
-  parts = [take_rows(table, rows, module, names[0], apart)]  # [B, F, ...]
+  # Apart only when nothing is concatenated after it (its fusion again).
+  alone = apart and multi_table is None and dense_table is None
+  parts = [take_rows(table, rows, module, names[0], alone)]  # [B, F, ...]
   if multi_table is not None:
     parts.append(
       pool_multi_hot(

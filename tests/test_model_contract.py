@@ -202,6 +202,22 @@ class ModelContractTest(parameterized.TestCase):
       )
       with self.subTest(model=name):
         self.assertIn(' conditional(', hlo)
+    # Not when numeric rows are concatenated after it: the concatenation
+    # would fuse with the reshape again, slower than without the branch.
+    model = build('wd', field_dims=field_dims, num_dense=2)
+    ids, dense = random_ids(BATCH, field_dims), jnp.ones((BATCH, 2))
+    variables = model.init(jax.random.key(0), ids, dense=dense)
+    hlo = (
+      jax.jit(
+        lambda v, ids, dense: model.apply(
+          v, ids, dense=dense, train=False, mutable=['table_rows']
+        )[0]
+      )
+      .lower(variables, ids, dense)
+      .compile()
+      .as_text()
+    )
+    self.assertNotIn(' conditional(', hlo)
 
   @parameterized.named_parameters((n, n) for n in MODEL_NAMES)
   def test_param_count(self, name):
