@@ -137,7 +137,7 @@ class ModelContractTest(parameterized.TestCase):
     # more, none otherwise (export) nor without `apart`.
     fm = module('fm')
     table = jnp.arange(24.0).reshape(8, 3)
-    rows = jnp.array(  # [3, 8]; row -1 is padding, row 2 read twice.
+    rows = jnp.array(  # [3, 8]; -1 is padding, most rows are read twice.
       [
         [0, 7, 1, 2, 3, 4, 5, 6],
         [-1, 5, 2, 2, 0, 0, 1, 1],
