@@ -21,8 +21,8 @@ import ml_collections
 import models
 from utils import UserError
 
-# The names `optim.create_optimizer` accepts.
-OPTIMIZERS = ('adam', 'lazy_adam', 'rowwise_adagrad')
+# The values of `config.optimizer` (optim.NAMES).
+OPTIMIZERS = ('auto', 'adam', 'lazy_adam', 'rowwise_adagrad')
 
 # Model attributes that the trainer sets from the data (or flax itself).
 _TRAINER_SET = (

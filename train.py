@@ -69,11 +69,34 @@ def create_model(
   )
 
 
+def _table_rows(model) -> int:
+  """The rows of `model`'s tables: its one-hot and multi-hot fields' ids."""
+  return sum(model.field_dims) + sum(getattr(model, 'multi_field_dims', ()))
+
+
+def resolve_optimizer(
+  config: ml_collections.ConfigDict, model
+) -> ml_collections.ConfigDict:
+  """`config`, with an `optimizer` of 'auto' replaced by what it is here.
+
+  'auto' depends on the rows of `model`'s tables (`optim.resolve`): the
+  one-hot and multi-hot ids of its fields. The same data gives the same
+  optimizer, so a resumed run restores the state it saved.
+  """
+  name = optim.resolve(config.optimizer, _table_rows(model))
+  if name == config.optimizer:
+    return config
+  config = config.copy_and_resolve_references()
+  config.optimizer = name
+  return config
+
+
 def state_initializer(
   config: ml_collections.ConfigDict, model
 ) -> Callable[[jax.Array], TrainState]:
   """`init(rng) -> TrainState`: parameters, BatchNorm statistics and
   optimizer state in one compiled program (not one per initializer)."""
+  config = resolve_optimizer(config, model)
   inputs = data.example_inputs(model)
 
   def variables(rng):
@@ -187,6 +210,7 @@ def train_step(
     lax.axis_index(axis_name),
   )
   rates = {name: hyper[name] for name in optim.RATES}
+  config = resolve_optimizer(config, model)
   tx = optim.create_optimizer(config, optim.model_tables_of(state.tx), rates)
   tables = optim.tables_of(tx)
   # The tables of a row-wise optimizer get the gradients of the rows read.
@@ -281,6 +305,7 @@ def pmapped_steps(model, config: ml_collections.ConfigDict) -> tuple:
   resident, num_steps)`, with `hyper` the replicated
   `hyperparameters(config)`.
   """
+  config = resolve_optimizer(config, model)
   p_train_step = jax.pmap(
     functools.partial(train_steps, model=model, config=config),
     axis_name=AXIS,
@@ -348,6 +373,14 @@ def _run(
   model = create_model(
     config, dataset.field_dims, AXIS, **data.model_fields(dataset)
   )
+  if config.optimizer == 'auto':
+    config = resolve_optimizer(config, model)
+    logging.info(
+      "config.optimizer 'auto': %s (%d table rows; 'lazy_adam' from %d)",
+      config.optimizer,
+      _table_rows(model),
+      optim.AUTO_SPARSE_ROWS,
+    )
   p_train_step, p_eval_step = pmapped_steps(model, config)
   # The train and eval programs compile on threads, from shapes, while the
   # state initialises and the latest checkpoint restores.

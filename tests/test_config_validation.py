@@ -75,10 +75,17 @@ class RealConfigsTest(_TestCase):
       factory = importlib.import_module('optim').create_optimizer
     except ModuleNotFoundError:
       factory = importlib.import_module('train').create_optimizer
+    resolve = importlib.import_module('optim').resolve
+    built = set()
     for name in config_check.OPTIMIZERS:
-      factory(_config(optimizer=name))
-    with self.assertRaises(ValueError):
-      factory(_config(optimizer='sgd'))
+      # 'auto' is resolved from the tables' rows before anything is built.
+      for rows in (0, 10**9):
+        factory(_config(optimizer=resolve(name, rows)))
+        built.add(resolve(name, rows))
+    self.assertEqual(built, set(config_check.OPTIMIZERS) - {'auto'})
+    for name in ('sgd', 'auto'):
+      with self.assertRaises(ValueError):
+        factory(_config(optimizer=name))
 
 
 class BadValueTest(_TestCase):
@@ -95,7 +102,7 @@ class BadValueTest(_TestCase):
     ('learning_rate', float('nan'), 'a number > 0'),
     ('weight_decay', -1e-6, 'a number >= 0'),
     ('table_weight_decay', -1e-6, 'a number >= 0 or None'),
-    ('optimizer', 'sgd', 'one of adam, lazy_adam, rowwise_adagrad'),
+    ('optimizer', 'sgd', 'one of auto, adam, lazy_adam, rowwise_adagrad'),
     ('seed', -1, 'an integer >= 0'),
     ('progress_bar', 'yes', 'True or False'),
     ('model__embed_dim', 0, 'an integer >= 1'),

@@ -57,8 +57,8 @@ def _config(model_name='fm', optimizer='lazy_adam', **overrides):
   return config
 
 
-def _setup(config, num_devices=1):
-  model = train.create_model(config, FIELD_DIMS, axis_name=train.AXIS)
+def _setup(config, num_devices=1, field_dims=FIELD_DIMS):
+  model = train.create_model(config, field_dims, axis_name=train.AXIS)
   state = train.create_train_state(
     jax.random.key(0), config, model, len(FIELD_DIMS)
   )
@@ -414,6 +414,53 @@ class RowwiseOptimizerTest(parameterized.TestCase):
       np.testing.assert_array_equal,
       (restored.step, restored.params, restored.opt_state),
       (state.step, state.params, state.opt_state),
+    )
+
+
+class AutoOptimizerTest(parameterized.TestCase):
+  def test_auto_is_adam_below_the_rows_and_lazy_adam_from_them(self):
+    rows = optim.AUTO_SPARSE_ROWS
+    self.assertEqual(optim.resolve('auto', rows - 1), 'adam')
+    self.assertEqual(optim.resolve('auto', rows), 'lazy_adam')
+    for name in ('adam', 'lazy_adam', 'rowwise_adagrad'):
+      self.assertEqual(optim.resolve(name, 0), name)
+      self.assertEqual(optim.resolve(name, rows), name)
+
+  def test_the_multi_hot_rows_count(self):
+    config = _config('fm', 'auto')
+    rows = optim.AUTO_SPARSE_ROWS
+    for multi, want in ((0, 'adam'), (1, 'lazy_adam')):
+      model = train.create_model(
+        config, (3, rows - 5), multi_field_dims=(multi + 1,)
+      )
+      self.assertEqual(train.resolve_optimizer(config, model).optimizer, want)
+    self.assertEqual(config.optimizer, 'auto')  # The caller's is kept.
+
+  @parameterized.parameters((-1, 'adam', 'lazy_adam'), (0, 'lazy_adam', 'adam'))
+  def test_a_step_with_auto_is_the_step_of_what_it_resolves_to(
+    self, offset, want, other
+  ):
+    # SOME_ROWS's ids fit; the second field has the rows that decide.
+    field_dims = (3, optim.AUTO_SPARSE_ROWS - 3 + offset)
+    states = {}
+    for name in ('auto', want, other):
+      _, state, step = _setup(_config('fm', name), field_dims=field_dims)
+      states[name] = _first(_run(step, state, [(SOME_ROWS, LABELS)]))
+    self.assertIsInstance(
+      states['auto'].opt_state, type(states[want].opt_state)
+    )
+    jax.tree.map(
+      np.testing.assert_array_equal,
+      states['auto'].params,
+      states[want].params,
+    )
+    # Dense Adam moves the rows not read (their L2 gradient), lazy Adam not.
+    table = ('FeaturesEmbedding_0', 'embedding')
+    flat = traverse_util.flatten_dict
+    self.assertFalse(
+      np.allclose(
+        flat(states['auto'].params)[table], flat(states[other].params)[table]
+      )
     )
 
 

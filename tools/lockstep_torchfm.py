@@ -68,6 +68,8 @@ def run_seed(
   overrides = dict(overrides or {})
   if not dropout:
     overrides['model.dropout'] = 0.0
+  # torchfm's update on tables of any size ('auto' is 'lazy_adam' on large).
+  overrides.setdefault('optimizer', 'adam')
   config = common.get_config(name, None, overrides)
   config.seed = seed
   config.progress_bar = False
