@@ -24,7 +24,9 @@ term trains on for 50-70 epochs, as in LR (half the seeds; from 7e-5 up,
 every seed). A weight decay on the network alone (`table_weight_decay`)
 steers every seed to one course, but its validation-best value does so by
 switching the pairs off: FiBiNET then scores as LR (benchmarks/README.md,
-"FiBiNET's recipe"), so it is not used here.
+"FiBiNET's recipe"), so it is not used here. Dense Adam on tables of any
+size: that weight decay acts on every row each step, and with lazy Adam's
+(on the rows read) FiBiNET ends 0.004 lower on MovieLens-20M-shaped ids.
 """
 
 import ml_collections
@@ -37,6 +39,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.model_name = 'fibinet'
   config.learning_rate = 2e-3
   config.weight_decay = 5e-5
+  config.optimizer = 'adam'  # Not 'auto' (above).
   config.model = ml_collections.ConfigDict(
     dict(
       embed_dim=16,
