@@ -41,12 +41,10 @@ import sparse
 NAMES = ('auto', 'adam', 'lazy_adam', 'rowwise_adagrad')
 
 # 'auto' takes 'lazy_adam' for tables of this many rows or more. Below it a
-# batch reads a large share of the rows: dense Adam's update over the
-# whole table costs little, and it is pytorch-fm's (on ml-latest-small's 10K
-# rows 'lazy_adam' ends up to 0.008 lower in test AUC). Above it, on the
-# Criteo-format file (130K rows) and MovieLens-20M's ids (165K), 'lazy_adam'
-# reaches the same test AUC as 'adam' sooner, its step touching only the
-# rows read (benchmarks/README.md, "The default optimizer").
+# batch reads a large share of the rows: dense Adam's update over the whole
+# table costs little, and it is pytorch-fm's. Above it 'lazy_adam', whose
+# step touches only the rows read, reaches the same test AUC sooner
+# (benchmarks/README.md, "The default optimizer: `auto`").
 AUTO_SPARSE_ROWS = 100_000
 
 
