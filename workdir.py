@@ -252,6 +252,49 @@ def check_resume(
   return entries
 
 
+def resumed_optimizer(
+  workdir: str,
+  config: ml_collections.ConfigDict,
+  names: tuple[str, ...],
+) -> ml_collections.ConfigDict:
+  """`config`, resuming with the recorded optimizer where it asks for 'auto'.
+
+  'auto' picks an optimizer for a new run; the checkpoints of a run hold the
+  state of the one it was trained with, recorded in `config.json` (before
+  'auto' became the default, runs recorded 'adam'). So a restart with
+  'auto' continues with that one, and `check_resume` sees no change.
+
+  Args:
+    workdir: the run's directory.
+    config: this run's config.
+    names: the optimizers this version builds; a recorded name outside them
+      is left to `check_resume` to refuse.
+
+  Raises:
+    UserError: an unreadable record.
+  """
+  record_path = os.path.join(workdir, CONFIG_FILE)
+  if (
+    config.get('optimizer') != 'auto'
+    or not has_checkpoints(workdir)
+    or not os.path.exists(record_path)
+  ):
+    return config
+  old = _recorded(record_path, os.path.join(workdir, HISTORY_FILE))
+  recorded = old.get('optimizer')
+  if recorded == 'auto' or recorded not in names:
+    return config
+  logging.info(
+    "config.optimizer 'auto' resumes with %r, the optimizer of the"
+    ' checkpoints in %s',
+    recorded,
+    workdir,
+  )
+  config = config.copy_and_resolve_references()
+  config.optimizer = recorded
+  return config
+
+
 _ABSENT = object()
 
 

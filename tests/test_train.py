@@ -333,6 +333,23 @@ class TrainAndEvaluateTest(absltest.TestCase):
       self.assertEqual(_metrics(workdir), lines)
       self.assertEqual(again, test)
 
+  def test_auto_resumes_with_the_optimizer_of_the_checkpoints(self):
+    # A run trained with another optimizer than 'auto' picks here (named,
+    # or recorded before 'auto' was the default) goes on with it when
+    # restarted with 'auto', as if never stopped.
+    with tempfile.TemporaryDirectory() as root:
+
+      def run(name, **overrides):
+        config = _config(**overrides)
+        config.dataset.cache_dir = os.path.join(root, 'cache')
+        return train.train_and_evaluate(config, os.path.join(root, name))
+
+      lazy = run('lazy', num_epochs=2, optimizer='lazy_adam')
+      run('resumed', num_epochs=1, optimizer='lazy_adam')
+      self.assertEqual(run('resumed', num_epochs=2, optimizer='auto'), lazy)
+      # 'auto' alone is Adam on these small tables.
+      self.assertNotEqual(run('auto', num_epochs=2, optimizer='auto'), lazy)
+
 
 if __name__ == '__main__':
   absltest.main()

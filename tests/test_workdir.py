@@ -23,6 +23,7 @@ from configs import deepfm
 from configs import fm
 from configs import nfm
 import lock as lock_lib
+import optim
 import utils
 import workdir
 
@@ -462,6 +463,45 @@ class CheckResumeTest(absltest.TestCase):
       [('num_epochs', 5, 100), ('patience', 4, 2)],
     )
     self.assertEqual(self._record()['num_epochs'], 100)
+
+  def _resumed(self, recorded, optimizer, checkpoints=True):
+    self.config.optimizer = recorded
+    workdir.check_resume(self.path, self.config)
+    if checkpoints:
+      os.makedirs(os.path.join(self.path, 'checkpoints', 'latest', '3'))
+    config = _changed(self.config, optimizer=optimizer)
+    return workdir.resumed_optimizer(self.path, config, optim.NAMES)
+
+  def test_auto_resumes_with_the_recorded_optimizer(self):
+    for recorded in ('adam', 'lazy_adam', 'rowwise_adagrad'):
+      with self.subTest(recorded):
+        self.path = workdir.prepare(tempfile.mkdtemp())
+        config = self._resumed(recorded, 'auto')
+        self.assertEqual(config.optimizer, recorded)
+        self.assertEqual(
+          workdir.check_resume(self.path, config, resuming=True), []
+        )
+
+  def test_auto_stays_auto_without_checkpoints_or_a_recorded_name(self):
+    self.assertEqual(
+      self._resumed('adam', 'auto', checkpoints=False).optimizer, 'auto'
+    )
+    self.path = workdir.prepare(tempfile.mkdtemp())
+    self.assertEqual(self._resumed('auto', 'auto').optimizer, 'auto')
+    # A name this version does not build: check_resume names the change.
+    self.path = workdir.prepare(tempfile.mkdtemp())
+    config = self._resumed('sgd', 'auto')
+    self.assertEqual(config.optimizer, 'auto')
+    with self.assertRaisesRegex(utils.UserError, 'optimizer "sgd" -> "auto"'):
+      workdir.check_resume(self.path, config, resuming=True)
+
+  def test_a_named_optimizer_is_not_replaced(self):
+    config = self._resumed('adam', 'lazy_adam')
+    self.assertEqual(config.optimizer, 'lazy_adam')
+    with self.assertRaisesRegex(
+      utils.UserError, 'optimizer "adam" -> "lazy_adam"'
+    ):
+      workdir.check_resume(self.path, config, resuming=True)
 
   def test_process_that_does_not_write_checks_only(self):
     workdir.check_resume(self.path, self.config)
