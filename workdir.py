@@ -3,7 +3,8 @@
 `prepare` checks that the path can hold a run (a directory this process can
 write), `acquire` makes this process its only writer, and `check_resume`
 keeps the record of the config the checkpoints come from, so that a restart
-either continues that run or stops.
+either continues that run or stops (`resumed_optimizer` lets the default
+optimizer, 'auto', continue with the recorded one).
 
 The lock itself (`acquire`, `Lock`, `LOCK_FILE`) lives in lock.py and is
 re-exported here.
