@@ -14,9 +14,10 @@ checkpoints included.
   from `.npy` files: the process imports torch, torchfm and numpy, not
   JAX.
 - flax: `python main.py --config=configs/<model>.py` with each of
-  `--optimizers`; `cold` with an empty JAX compilation cache (a first run),
-  `warm` again with the cache the cold run filled (every later run of the
-  config, as main.py keeps the cache under the dataset cache).
+  `--optimizers` (default: `auto`, the configs' own); `cold` with an empty
+  JAX compilation cache (a first run), `warm` again with the cache the cold
+  run filled (every later run of the config, as main.py keeps the cache
+  under the dataset cache).
 
 Data: `embedded` (ml-latest-small, the default config) and, given
 `--criteo=FILE` or `--ml20m=FILE`, a Criteo-format file or a MovieLens-20M
@@ -252,7 +253,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
   parser.add_argument('--data', default='embedded', help=','.join(DATA))
   parser.add_argument('--criteo', default='', help='a Criteo-format file')
   parser.add_argument('--ml20m', default='', help='an ML-20M ratings.csv')
-  parser.add_argument('--optimizers', default='adam,rowwise_adagrad')
+  parser.add_argument('--optimizers', default='auto', help='a,b (optim.NAMES)')
   parser.add_argument('--workdir', default='', help='runs (default: temp)')
   parser.add_argument('--cache_dir', default='', help='dataset cache')
   parser.add_argument('--out_dir', default=common.RESULTS)
