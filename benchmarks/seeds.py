@@ -196,8 +196,9 @@ def markdown(records: list[dict], info: dict, command: str) -> str:
     ],
   )
   note = (
-    'ml-latest-small, the same seeded 8:1:1 split for every run; the seed'
-    ' moves initialisation, shuffling and dropout. Test AUC of the'
+    "The config's data (ml-latest-small unless `--set=dataset.*` names"
+    ' another), the same seeded split for every run; the seed moves'
+    ' initialisation, shuffling and dropout. Test AUC of the'
     ' best-validation state; std: sample standard deviation over the seeds;'
     ' s.e.: standard error of the difference of the two means.'
   )
