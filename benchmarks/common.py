@@ -6,7 +6,8 @@ guarded so the scripts run (without their torchfm side) where torch is absent.
 """
 
 import ast
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+import contextlib
 import csv
 import datetime
 import importlib
@@ -16,6 +17,7 @@ import json
 import os
 import platform
 import sys
+import tempfile
 from typing import Any
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -250,6 +252,20 @@ def markdown_table(header: Sequence[str], rows: Sequence[Sequence]) -> str:
   for row in rows:
     lines.append('| ' + ' | '.join(str(c) for c in row) + ' |')
   return '\n'.join(lines)
+
+
+@contextlib.contextmanager
+def workdir_or_temp(workdir: str, prefix: str) -> Iterator[str]:
+  """Yields `workdir`, or a temporary directory removed on the way out.
+
+  Runs the user did not ask to keep (no --workdir) leave nothing behind, not
+  even after an error or an interrupt.
+  """
+  if workdir:
+    yield workdir
+    return
+  with tempfile.TemporaryDirectory(prefix=prefix) as tmp:
+    yield tmp
 
 
 def command_line(script: str, argv: Sequence[str] | None) -> str:

@@ -33,7 +33,6 @@ import copy
 import json
 import os
 import shutil
-import tempfile
 import time
 
 import numpy as np
@@ -442,13 +441,18 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
   for run in args.runs:
     if run not in RUNS:
       parser.error(f'--runs: unknown {run!r}; choose from {", ".join(RUNS)}')
-  if not args.workdir:
-    args.workdir = tempfile.mkdtemp(prefix='flax_fm_quality-')
   return args
 
 
 def main(argv: Sequence[str] | None = None) -> list[dict]:
   args = parse_args(argv)
+  with common.workdir_or_temp(args.workdir, 'flax_fm_quality-') as workdir:
+    args.workdir = workdir
+    return run_all(args, argv)
+
+
+def run_all(args: argparse.Namespace, argv: Sequence[str] | None) -> list[dict]:
+  """Runs every model of `args`; writes the results after each."""
   models = common.parse_models(args.models)
   runs = list(args.runs)
   if any(r.startswith('torchfm') for r in runs):

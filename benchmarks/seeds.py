@@ -30,7 +30,6 @@ from collections.abc import Sequence
 import json
 import os
 import re
-import tempfile
 
 import numpy as np
 
@@ -259,13 +258,18 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
   )
   if args.out_dir is None:
     args.out_dir = os.path.join(common.RESULTS, 'tmp' if args.tiny else '')
-  if not args.workdir:
-    args.workdir = tempfile.mkdtemp(prefix='flax_fm_seeds-')
   return args
 
 
 def main(argv: Sequence[str] | None = None) -> list[dict]:
   args = parse_args(argv)
+  with common.workdir_or_temp(args.workdir, 'flax_fm_seeds-') as workdir:
+    args.workdir = workdir
+    return run_all(args, argv)
+
+
+def run_all(args: argparse.Namespace, argv: Sequence[str] | None) -> list[dict]:
+  """Runs every model of `args`; writes the results after each."""
   models = common.parse_models(args.models)
   with_torch = not args.no_torch and common.torch_available()
   if not with_torch:

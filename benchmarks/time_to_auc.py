@@ -39,7 +39,6 @@ import os
 import shutil
 import subprocess
 import sys
-import tempfile
 import time
 
 import numpy as np
@@ -268,8 +267,6 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
   for name in FILE_DATA:
     if name in args.data and not getattr(args, name):
       parser.error(f'--data={name} needs --{name}=FILE')
-  if not args.workdir:
-    args.workdir = tempfile.mkdtemp(prefix='flax_fm_time_to_auc-')
   return args
 
 
@@ -288,6 +285,15 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
   missing = [m for m in models if m not in common.TORCHFM_MODELS]
   if missing:
     raise SystemExit(f'torchfm has no {", ".join(missing)}')
+  with common.workdir_or_temp(args.workdir, 'flax_fm_time_to_auc-') as workdir:
+    args.workdir = workdir
+    return run_all(models, args, argv)
+
+
+def run_all(
+  models: Sequence[str], args: argparse.Namespace, argv: Sequence[str] | None
+) -> list[dict]:
+  """Times every model on every dataset; writes the results after each."""
   info = common.machine_info()
   command = common.command_line('time_to_auc', argv)
   records = []

@@ -49,6 +49,29 @@ class _TempDirs:
     return types.SimpleNamespace(full_path=path)
 
 
+class WorkdirOrTempTest(_TempDirs, absltest.TestCase):
+  def test_a_given_workdir_is_kept(self):
+    work = self.create_tempdir().full_path
+    with common.workdir_or_temp(work, 'x-') as path:
+      self.assertEqual(path, work)
+      open(os.path.join(path, 'run'), 'w').close()
+    self.assertTrue(os.path.exists(os.path.join(work, 'run')))
+
+  def test_a_temporary_one_is_removed_even_after_an_error(self):
+    with common.workdir_or_temp('', 'flax_fm_test-') as path:
+      self.assertTrue(os.path.basename(path).startswith('flax_fm_test-'))
+      open(os.path.join(path, 'run'), 'w').close()
+    self.assertFalse(os.path.exists(path))
+    with self.assertRaises(ValueError):
+      with common.workdir_or_temp('', 'flax_fm_test-') as path:
+        raise ValueError
+    self.assertFalse(os.path.exists(path))
+
+  def test_parsing_the_flags_creates_nothing(self):
+    for module in (seeds, quality, time_to_auc):
+      self.assertEqual(module.parse_args([]).workdir, '')
+
+
 class AbTest(_TempDirs, absltest.TestCase):
   def test_two_variants_alternate_and_train_what_they_time(self):
     out = self.create_tempdir().full_path

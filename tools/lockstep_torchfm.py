@@ -23,7 +23,6 @@ dcn).
 import argparse
 import os
 import sys
-import tempfile
 
 import numpy as np
 
@@ -145,28 +144,28 @@ def main(argv=None) -> None:
   from benchmarks import common  # pylint: disable=g-import-not-at-top
   from benchmarks import seeds  # pylint: disable=g-import-not-at-top
 
-  workdir = args.workdir or tempfile.mkdtemp(prefix='lockstep-')
-  diffs, tests = [], []
-  for seed in seeds.parse_seeds(args.seeds):
-    runs = run_seed(
-      args.model,
-      seed,
-      args.epochs,
-      os.path.join(workdir, f's{seed}'),
-      args.dropout,
-      common.parse_overrides(args.set, '--set'),
-    )
-    for run, (aucs, losses, test) in runs.items():
-      print(
-        f'seed {seed} {run:8s} valid AUC',
-        ' '.join(f'{a:.5f}' for a in aucs),
-        '| train loss',
-        ' '.join(f'{x:.5f}' for x in losses),
-        f'| test AUC (best valid) {test:.5f}',
+  with common.workdir_or_temp(args.workdir, 'lockstep-') as workdir:
+    diffs, tests = [], []
+    for seed in seeds.parse_seeds(args.seeds):
+      runs = run_seed(
+        args.model,
+        seed,
+        args.epochs,
+        os.path.join(workdir, f's{seed}'),
+        args.dropout,
+        common.parse_overrides(args.set, '--set'),
       )
-    n = min(len(runs['flax'][0]), len(runs['torchfm'][0]))
-    diffs.append(np.subtract(runs['flax'][0][:n], runs['torchfm'][0][:n]))
-    tests.append(runs['flax'][2] - runs['torchfm'][2])
+      for run, (aucs, losses, test) in runs.items():
+        print(
+          f'seed {seed} {run:8s} valid AUC',
+          ' '.join(f'{a:.5f}' for a in aucs),
+          '| train loss',
+          ' '.join(f'{x:.5f}' for x in losses),
+          f'| test AUC (best valid) {test:.5f}',
+        )
+      n = min(len(runs['flax'][0]), len(runs['torchfm'][0]))
+      diffs.append(np.subtract(runs['flax'][0][:n], runs['torchfm'][0][:n]))
+      tests.append(runs['flax'][2] - runs['torchfm'][2])
   n = min(map(len, diffs))
   mean = np.mean([d[:n] for d in diffs], axis=0)
   print('flax - torchfm, valid AUC by epoch, mean over the seeds:')
