@@ -15,11 +15,12 @@ import sys
 import threading
 import time
 import traceback
-from typing import IO, Any
+from typing import IO, Any, NoReturn
 
 from absl import app
 from absl import flags
 from absl import logging
+from ml_collections.config_flags import config_flags as config_flags_lib
 
 
 class ProgressBar:
@@ -207,8 +208,10 @@ TRACEBACK_ENV = 'FLAX_FM_TRACEBACK'
 def run_main(main: Callable[[list[str]], Any]) -> None:
   """`absl.app.run(main)`, with a `UserError` printed as one line, status 2.
 
-  `--verbosity=1` (or higher) or `$FLAX_FM_TRACEBACK` also prints the
-  traceback. Other exceptions reach absl unchanged: traceback, status 1.
+  So are an override of a config key that does not exist and an error
+  raised by a config file's code (`file:line`). `--verbosity=1` (or higher)
+  or `$FLAX_FM_TRACEBACK` also prints a UserError's traceback. Other
+  exceptions reach absl unchanged: traceback, status 1.
   """
 
   def guarded(argv: list[str]) -> Any:
@@ -218,11 +221,127 @@ def run_main(main: Callable[[list[str]], Any]) -> None:
       verbose = os.environ.get(TRACEBACK_ENV, '') not in ('', '0')
       if verbose or flags.FLAGS.verbosity >= 1:
         traceback.print_exc()
-      logging.flush()
-      sys.stdout.flush()
-      program = os.path.basename(sys.argv[0])
-      sys.stderr.write(f'{program}: error: {e}\n')
-      sys.stderr.flush()
-      sys.exit(2)
+      fail(str(e))
 
-  app.run(guarded)
+  app.run(guarded, flags_parser=_parse_flags)
+
+
+def fail(message: str) -> NoReturn:
+  """Prints `<program>: error: <message>` as one line and exits with 2."""
+  logging.flush()
+  sys.stdout.flush()
+  program = os.path.basename(sys.argv[0])
+  sys.stderr.write(f'{program}: error: {message}\n')
+  sys.stderr.flush()
+  sys.exit(2)
+
+
+def _parse_flags(argv: list[str]) -> list[str]:
+  """absl's flag parsing, with a bad config file or override as one line.
+
+  absl reports a malformed flag itself; ml_collections lets two user
+  mistakes through as tracebacks: `--config.<key>` for a key the config
+  does not have, and an exception raised by the config file's own code.
+
+  Args:
+    argv: the command line.
+
+  Returns:
+    The arguments left after the flags.
+  """
+  if (message := _config_file_unreadable(argv)) is not None:
+    fail(message)  # ml_collections would raise at the config's first use.
+  try:
+    return app.parse_flags_with_usage(argv)
+  except Exception as e:  # pylint: disable=broad-except
+    message = _override_error(argv, e) or _config_file_error(argv, e)
+    if message is None:
+      raise
+    fail(message)
+
+
+def _config_files(argv: list[str]) -> list[tuple[str, str]]:
+  """(flag, path) of each config-file flag on the command line."""
+  found = []
+  for i, arg in enumerate(argv[1:], 1):
+    name, equals, value = arg.lstrip('-').partition('=')
+    if not arg.startswith('-') or name not in flags.FLAGS:
+      continue
+    parser = flags.FLAGS[name].parser
+    if not isinstance(parser, config_flags_lib.ConfigFileFlagParser):
+      continue
+    if not equals:  # `--config path`
+      value = argv[i + 1] if i + 1 < len(argv) else ''
+    if path := value.split(':', 1)[0]:  # `path:arg` passes arg to the file.
+      found.append((name, path))
+  return found
+
+
+def _config_file_unreadable(argv: list[str]) -> str | None:
+  """The message for a config-file flag whose file cannot be read, or None."""
+  for name, path in _config_files(argv):
+    if not os.path.isfile(path):
+      why = 'does not exist'
+    elif not os.access(path, os.R_OK):
+      why = 'cannot be read'
+    else:
+      continue
+    return (
+      f'--{name}: {path} {why}. Give a config file, e.g.'
+      f' --{name}=configs/fm.py (relative to the current directory).'
+    )
+  return None
+
+
+def _missing_key(error: BaseException) -> tuple[str, str] | None:
+  """(key, hint) of ml_collections' error for a missing key, else None."""
+  while (
+    isinstance(error, (AttributeError, KeyError))
+    and error.args
+    and isinstance(error.args[0], BaseException)
+  ):
+    error = error.args[0]  # ml_collections wraps the KeyError.
+  if not isinstance(error, KeyError) or not error.args:
+    return None
+  first, _, hint = str(error.args[0]).partition('\n')
+  hint = f' {hint.strip()}' if hint.strip() else ''
+  return first.strip('\'"'), hint
+
+
+def _override_error(argv: list[str], error: Exception) -> str | None:
+  """The message for an override of a missing key, or None if it is not."""
+  if (missing := _missing_key(error)) is None:
+    return None
+  key, hint = missing
+  for arg in argv[1:]:
+    name = arg.split('=', 1)[0]
+    if name.startswith('--') and '.' in name and name.rsplit('.')[-1] == key:
+      where = name[2:].rsplit('.', 1)[0]
+      return (
+        f'{name}: {where} has no key {key!r}.{hint} Its keys are in the'
+        ' config file and configs/default.py.'
+      )
+  return None
+
+
+def _config_file_error(argv: list[str], error: Exception) -> str | None:
+  """`file:line: error` when a config file named in `argv` raised `error`."""
+  files = {os.path.abspath(path) for _, path in _config_files(argv)}
+  frames = [
+    f
+    for f in traceback.extract_tb(error.__traceback__)
+    if os.path.abspath(f.filename) in files
+  ]
+  if isinstance(error, SyntaxError) and error.filename:
+    if os.path.abspath(error.filename) in files:
+      return f'{error.filename}:{error.lineno}: {error.msg}'
+  if not frames:
+    return None
+  frame = frames[-1]
+  missing = _missing_key(error)
+  what = (
+    f'no config key {missing[0]!r}.{missing[1]}'
+    if missing
+    else f'{type(error).__name__}: {error}'
+  )
+  return f'{frame.filename}:{frame.lineno}: error in the config file: {what}'

@@ -79,12 +79,51 @@ class MainTest(absltest.TestCase):
         if key in a:
           self.assertAlmostEqual(a[key], b[key], places=5)
 
+  def _assert_one_line(self, result, message):
+    self.assertEqual(result.returncode, 2, result.stderr[-3000:])
+    self.assertNotIn('Traceback', result.stderr)
+    self.assertEqual(
+      result.stderr.strip().splitlines()[-1], f'main.py: error: {message}'
+    )
+
   def test_config_typo_names_the_key(self):
     result = _run(os.path.join(self.tmp, 'typo'), '--config.batch_sise=64')
-    self.assertNotEqual(result.returncode, 0)
-    self.assertIn('batch_sise', result.stderr)
-    self.assertIn('Did you mean', result.stderr)
-    self.assertIn('batch_size', result.stderr)
+    self._assert_one_line(
+      result,
+      "--config.batch_sise: config has no key 'batch_sise'. Did you mean"
+      ' "batch_size" instead of "batch_sise"? Its keys are in the config file'
+      ' and configs/default.py.',
+    )
+    result = _run(os.path.join(self.tmp, 'typo'), '--config.model.dim=8')
+    self._assert_one_line(
+      result,
+      "--config.model.dim: config.model has no key 'dim'. Its keys are in"
+      ' the config file and configs/default.py.',
+    )
+    self.assertFalse(os.path.exists(os.path.join(self.tmp, 'typo')))
+
+  def test_a_config_file_that_fails_is_named_with_its_line(self):
+    missing = os.path.join(self.tmp, 'missing.py')
+    self._assert_one_line(
+      _run(os.path.join(self.tmp, 'w'), config=missing),
+      f'--config: {missing} does not exist. Give a config file, e.g.'
+      ' --config=configs/fm.py (relative to the current directory).',
+    )
+    broken = os.path.join(self.tmp, 'broken.py')
+    with open(broken, 'w') as f:
+      f.write('def get_config(arg=None):\n  return undefined_name\n')
+    self._assert_one_line(
+      _run(os.path.join(self.tmp, 'w'), config=broken),
+      f'{broken}:2: error in the config file: NameError: name'
+      " 'undefined_name' is not defined",
+    )
+    with open(broken, 'w') as f:
+      f.write('def get_config(arg=None)\n  return None\n')
+    self._assert_one_line(
+      _run(os.path.join(self.tmp, 'w'), config=broken),
+      f"{broken}:1: expected ':'",
+    )
+    self.assertFalse(os.path.exists(os.path.join(self.tmp, 'w')))
 
   def test_bad_batch_size_names_the_key(self):
     result = _run(os.path.join(self.tmp, 'odd'), '--config.batch_size=511')
