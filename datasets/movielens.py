@@ -60,6 +60,12 @@ RATINGS_FILE = {
 }
 
 NAMES = tuple(RATINGS_FILE)
+# The headers a file of rows to predict may have (`Reader`): GroupLens's
+# ratings.csv, or the field names.
+HEADERS = (
+  ('userId', 'movieId', 'rating', 'timestamp'),
+  ('user', 'item', 'rating', 'timestamp'),
+)
 DEFAULTS = {}
 SIDE_FEATURES = movielens_side.SIDE_FEATURES
 MIN_COUNT = 1  # Every user and item is kept.
@@ -290,13 +296,34 @@ class Reader:
     return Reader(self.sep, labeled=len(parts) != 2)
 
   def has_header(self, first_line: bytes, path: str) -> bool:
-    del path
-    first = first_line.decode('utf-8', 'replace').split(self.sep)[0]
+    """Whether `first_line` is a header; one that names other columns fails.
+
+    The columns are read by position (user, movie, then rating and time), so
+    a header must name them in that order: GroupLens's `userId,movieId,
+    rating,timestamp` or the field names `user,item,rating,timestamp`, all
+    four or the first two.
+
+    Raises:
+      DataError: a header of other columns, or of these in another order.
+    """
+    names = first_line.decode('utf-8', 'replace').strip().split(self.sep)
     try:
-      int(first)
+      int(names[0])
     except ValueError:
-      return True
-    return False
+      pass
+    else:
+      return False
+    names = [n.strip() for n in names]
+    width = 4 if self.labeled else 2
+    if names not in [list(h[:width]) for h in HEADERS]:
+      expected = ' or '.join(self.sep.join(h[:width]) for h in HEADERS)
+      raise core.DataError(
+        f'{path}:1: header {self.sep.join(names)!r} is not {expected}: the'
+        ' columns are read by position, user then movie'
+        + (', rating, timestamp' if self.labeled else '')
+        + '. Reorder or rename them.'
+      )
+    return True
 
   def parse(self, lines, first, where, bad):
     """See `core.Reader.parse`."""

@@ -208,6 +208,27 @@ class EncoderTest(EncoderTestCase):
       f.write('userId,movieId\n9,99\nx,1\n')
     with self.assertRaisesRegex(data.DataError, "bad.csv:3: user id 'x'"):
       enc.encode(bad)
+    # Columns are read by position: a header must name them in that order.
+    named = os.path.join(self.tmp, 'named.csv')
+    for header, expected in (
+      ('user,item', [[2, 3], [3, 1]]),
+      ('userId,movieId,rating,timestamp', [[2, 3], [3, 1]]),
+      ('movieId,userId', None),
+      ('userId,foo', None),
+    ):
+      body = (
+        '9,99,4.0,0\n5,20,1.0,0\n' if ',rating' in header else '9,99\n5,20\n'
+      )
+      with open(named, 'w') as f:
+        f.write(f'{header}\n{body}')
+      if expected is None:
+        with self.assertRaisesRegex(
+          data.DataError, f"named.csv:1: header '{header}' is not userId,"
+        ):
+          enc.encode(named)
+      else:
+        got = enc.encode(named)
+        np.testing.assert_array_equal(got.ids, expected)
 
   def test_unseen_and_rare_values_get_the_oov_id(self):
     rows = [['1', *(['5'] * 13), *(['aa'] * 26)]] * 3
