@@ -369,7 +369,13 @@ def main(argv):
   args = flags.FLAGS
   check_platforms(args.platforms)
   predictor = predict.load(args.workdir)
-  signature = export(predictor, args.output, args.platforms, args.onnx)
+  try:
+    signature = export(predictor, args.output, args.platforms, args.onnx)
+  except OSError as e:
+    raise utils.UserError(
+      f'--output: cannot write {e.filename or args.output} ({e.strerror or e});'
+      ' choose a directory you can write.'
+    ) from e
   logging.info(
     'Exported %s to %s: %s',
     args.workdir,

@@ -255,7 +255,17 @@ def main(argv):
   if not os.path.isfile(args.input):
     raise utils.UserError(f'--input: {args.input} is not a file.')
   predictor = load(args.workdir, args.batch_size)
-  rows = write_predictions(predictor, args.input, args.output, args.chunk_rows)
+  try:
+    rows = write_predictions(
+      predictor, args.input, args.output, args.chunk_rows
+    )
+  except OSError as e:
+    if e.filename and not str(e.filename).startswith(args.output):
+      raise  # Not the output's.
+    raise utils.UserError(
+      f'--output: cannot write {args.output} ({e.strerror or e}); choose a'
+      ' path in a directory you can write.'
+    ) from e
   logging.info('Wrote %d rows to %s', rows, args.output)
 
 

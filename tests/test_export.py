@@ -199,6 +199,33 @@ class InputsTest(absltest.TestCase):
 
 
 class ExportRunTest(absltest.TestCase):
+  def test_an_output_that_cannot_be_written_is_one_line(self):
+    run = trained_run()
+    tmp = self.enter_context(tempfile.TemporaryDirectory())
+    out = os.path.join(tmp, 'a_file')
+    with open(out, 'w') as f:
+      f.write('kept')
+    done = subprocess.run(
+      [
+        sys.executable,
+        os.path.join(ROOT, 'export.py'),
+        f'--workdir={run.workdir}',
+        f'--output={out}',
+      ],
+      cwd=tmp,
+      capture_output=True,
+      text=True,
+    )
+    self.assertEqual(done.returncode, 2, done.stderr[-3000:])
+    self.assertNotIn('Traceback', done.stderr)
+    self.assertEqual(
+      done.stderr.strip().splitlines()[-1],
+      f'export.py: error: --output: cannot write {out} (File exists);'
+      ' choose a directory you can write.',
+    )
+    with open(out) as f:
+      self.assertEqual(f.read(), 'kept')
+
   def test_command_line_exports_a_run(self):
     run = trained_run()
     tmp = self.enter_context(tempfile.TemporaryDirectory())

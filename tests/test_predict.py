@@ -79,6 +79,29 @@ class PredictTest(parameterized.TestCase):
       delta=1e-6,
     )
 
+  def test_an_output_that_cannot_be_written_is_one_line(self):
+    source = _write(os.path.join(self.tmp, 'test.txt'), ['x'])
+    output = os.path.join(self.tmp, 'missing', 'out.csv')
+    done = subprocess.run(
+      [
+        sys.executable,
+        os.path.join(ROOT, 'predict.py'),
+        f'--workdir={self.trained.workdir}',
+        f'--input={source}',
+        f'--output={output}',
+      ],
+      cwd=self.tmp,
+      capture_output=True,
+      text=True,
+    )
+    self.assertEqual(done.returncode, 2, done.stderr[-3000:])
+    self.assertNotIn('Traceback', done.stderr)
+    self.assertEqual(
+      done.stderr.strip().splitlines()[-1],
+      f'predict.py: error: --output: cannot write {output} (No such file or'
+      ' directory); choose a path in a directory you can write.',
+    )
+
   def test_unlabeled_rows_in_any_chunks(self):
     lines = [line.split('\t', 1)[1] for line in self.trained.lines['valid']]
     source = _write(os.path.join(self.tmp, 'test.txt'), lines)
