@@ -33,20 +33,26 @@ if ROOT not in sys.path:
 
 
 def pytest_configure(config):
-  """One JAX compilation cache for the whole session, subprocesses included.
+  """One temporary root and one JAX compilation cache for the session.
 
-  Many tests run `main.py` in a subprocess, which compiles the same programs
-  again; with the cache they are compiled once per session. The workers
-  (pytest-xdist) and subprocesses inherit the variable from the controller.
+  Every temporary file or directory of the tests (`tempfile`, in the
+  workers and in the subprocesses they start, which inherit `TMPDIR`) lands
+  in one directory that the session removes at its end, so a run leaves
+  nothing behind. Many tests run `main.py` in a subprocess, which compiles
+  the same programs again; with the cache they are compiled once per
+  session. The workers (pytest-xdist) and subprocesses inherit both
+  variables from the controller.
   """
   if hasattr(config, 'workerinput'):
     return
+  config._temp_root = tempfile.mkdtemp(prefix='flax-fm-tests-')
+  os.environ['TMPDIR'] = tempfile.tempdir = config._temp_root
   if 'JAX_COMPILATION_CACHE_DIR' not in os.environ:
-    config._jax_cache = tempfile.mkdtemp(prefix='flax-fm-test-jax-cache-')
-    os.environ['JAX_COMPILATION_CACHE_DIR'] = config._jax_cache
+    cache = os.path.join(config._temp_root, 'jax-cache')
+    os.environ['JAX_COMPILATION_CACHE_DIR'] = cache
     os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS', '0.2')
 
 
 def pytest_unconfigure(config):
-  if getattr(config, '_jax_cache', None):
-    shutil.rmtree(config._jax_cache, ignore_errors=True)
+  if getattr(config, '_temp_root', None):
+    shutil.rmtree(config._temp_root, ignore_errors=True)
