@@ -182,14 +182,21 @@ class TorchfmParityTest(parameterized.TestCase):
 
 
 class SelfAttentionTest(parameterized.TestCase):
-  @parameterized.parameters(True, False)
-  def test_eval_model_matches_the_equations(self, has_residual):
-    model = autoint.Model(FIELD_DIMS, has_residual=has_residual, **KWARGS)
+  @parameterized.parameters(
+    (True, 3),
+    (False, 3),
+    # Embeddings wider than 1.5 A: the first layer applies the embedding
+    # projection before its own instead of composing the two.
+    (True, 10),
+  )
+  def test_eval_model_matches_the_equations(self, has_residual, embed_dim):
+    kwargs = {**KWARGS, 'embed_dim': embed_dim}
+    model = autoint.Model(FIELD_DIMS, has_residual=has_residual, **kwargs)
     ids = random_ids(7, FIELD_DIMS)
     variables = random_variables(model, ids)
     np.testing.assert_allclose(
       model.apply(variables, ids),
-      _np_model(variables, ids, KWARGS, has_residual=has_residual),
+      _np_model(variables, ids, kwargs, has_residual=has_residual),
       rtol=1e-4,
       atol=1e-4,
     )
