@@ -281,7 +281,8 @@ class Reader:
   The keys are the raw user and item ids (the vocabulary's values). Used to
   predict: rows have the columns of the run's ratings file, or only user
   and item (`labeled=False`: labels are NaN). Any first line whose first
-  column is not a number is a header.
+  column is not a number is a header, which must name the columns in their
+  order (`has_header`).
   """
 
   field_names = ('user', 'item')
