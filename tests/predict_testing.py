@@ -9,6 +9,8 @@ split in the cache's order, the dataset, the test metrics and a reference
 import dataclasses
 import functools
 import os
+import subprocess
+import sys
 import tempfile
 
 from dataset_testing import criteo_rows
@@ -107,3 +109,22 @@ def trained_run() -> Run:
     test_metrics=metrics,
     probabilities=probabilities,
   )
+
+
+def command_error(script: str, cwd: str, *flags: str) -> tuple[int, str]:
+  """Runs `python <script> <flags>` (predict.py, export.py) as a user would.
+
+  Returns:
+    The exit status and the last line of stderr; a traceback anywhere in
+    stderr fails (ValueError) instead.
+  """
+  done = subprocess.run(
+    [sys.executable, os.path.join(ROOT, script), *flags],
+    cwd=cwd,
+    capture_output=True,
+    text=True,
+  )
+  if 'Traceback' in done.stderr:
+    raise ValueError(done.stderr[-3000:])
+  lines = done.stderr.strip().splitlines()
+  return done.returncode, lines[-1] if lines else ''

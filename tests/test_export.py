@@ -25,6 +25,7 @@ from model_testing import random_ids
 import numpy as np
 import onnxruntime
 from predict_testing import ROOT
+from predict_testing import command_error
 from predict_testing import trained_run
 
 import encoder
@@ -205,23 +206,15 @@ class ExportRunTest(absltest.TestCase):
     out = os.path.join(tmp, 'a_file')
     with open(out, 'w') as f:
       f.write('kept')
-    done = subprocess.run(
-      [
-        sys.executable,
-        os.path.join(ROOT, 'export.py'),
-        f'--workdir={run.workdir}',
-        f'--output={out}',
-      ],
-      cwd=tmp,
-      capture_output=True,
-      text=True,
-    )
-    self.assertEqual(done.returncode, 2, done.stderr[-3000:])
-    self.assertNotIn('Traceback', done.stderr)
     self.assertEqual(
-      done.stderr.strip().splitlines()[-1],
-      f'export.py: error: --output: cannot write {out} (File exists);'
-      ' choose a directory you can write.',
+      command_error(
+        'export.py', tmp, f'--workdir={run.workdir}', f'--output={out}'
+      ),
+      (
+        2,
+        f'export.py: error: --output: cannot write {out} (File exists);'
+        ' choose a directory you can write.',
+      ),
     )
     with open(out) as f:
       self.assertEqual(f.read(), 'kept')

@@ -19,6 +19,7 @@ from dataset_testing import criteo_rows
 import numpy as np
 import pandas as pd
 from predict_testing import ROOT
+from predict_testing import command_error
 from predict_testing import trained_run
 
 from datasets import criteo
@@ -82,24 +83,19 @@ class PredictTest(parameterized.TestCase):
   def test_an_output_that_cannot_be_written_is_one_line(self):
     source = _write(os.path.join(self.tmp, 'test.txt'), ['x'])
     output = os.path.join(self.tmp, 'missing', 'out.csv')
-    done = subprocess.run(
-      [
-        sys.executable,
-        os.path.join(ROOT, 'predict.py'),
+    self.assertEqual(
+      command_error(
+        'predict.py',
+        self.tmp,
         f'--workdir={self.trained.workdir}',
         f'--input={source}',
         f'--output={output}',
-      ],
-      cwd=self.tmp,
-      capture_output=True,
-      text=True,
-    )
-    self.assertEqual(done.returncode, 2, done.stderr[-3000:])
-    self.assertNotIn('Traceback', done.stderr)
-    self.assertEqual(
-      done.stderr.strip().splitlines()[-1],
-      f'predict.py: error: --output: cannot write {output} (No such file or'
-      ' directory); choose a path in a directory you can write.',
+      ),
+      (
+        2,
+        f'predict.py: error: --output: cannot write {output} (No such file'
+        ' or directory); choose a path in a directory you can write.',
+      ),
     )
 
   def test_unlabeled_rows_in_any_chunks(self):
