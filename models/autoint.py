@@ -526,15 +526,15 @@ class MultiHeadSelfAttention(nn.Module):
     ]
     w = jnp.concatenate([k for k, _ in maps], axis=1)  # [A, 3 A]
     b = jnp.concatenate([b for _, b in maps])  # [3 A]
-    if 2 * w_in.shape[0] > 3 * width:  # Composing would cost more.
-      x = x @ w_in.astype(self.dtype) + b_in.astype(self.dtype)  # [B, F, A]
-    else:
-      w, b = w_in @ w, b_in @ w + b  # [in, 3 A], [3 A]
     # Rows `[B * F, in]` and heads laid out `[B, H, F, d']`: XLA:CPU runs
     # both faster than `[B, F, in]` inputs and `[B, F, H, d']` heads (a
     # kernel's gradient is then one matrix product, not a contraction over
     # two axes).
     rows = x.reshape(batch * fields, -1).astype(self.dtype)
+    if 2 * w_in.shape[0] > 3 * width:  # Composing would cost more.
+      rows = rows @ w_in.astype(self.dtype) + b_in.astype(self.dtype)
+    else:
+      w, b = w_in @ w, b_in @ w + b  # [in, 3 A], [3 A]
     qkv = rows @ w.astype(self.dtype) + b.astype(self.dtype)  # [B * F, 3 A]
     qkv = qkv.reshape(batch, fields, 3, heads, head_dim)
     q, k, v = qkv.transpose(2, 0, 3, 1, 4)  # Each [B, H, F, d'].
