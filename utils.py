@@ -208,10 +208,12 @@ TRACEBACK_ENV = 'FLAX_FM_TRACEBACK'
 def run_main(main: Callable[[list[str]], Any]) -> None:
   """`absl.app.run(main)`, with a `UserError` printed as one line, status 2.
 
-  So are an override of a config key that does not exist and an error
-  raised by a config file's code (`file:line`). `--verbosity=1` (or higher)
-  or `$FLAX_FM_TRACEBACK` also prints a UserError's traceback. Other
-  exceptions reach absl unchanged: traceback, status 1.
+  So are a flag absl cannot parse (a config key's value of the wrong type
+  names the type the key takes), an override of a config key that does not
+  exist and an error raised by a config file's code (`file:line`).
+  `--verbosity=1` (or higher) or `$FLAX_FM_TRACEBACK` also prints a
+  UserError's traceback. Other exceptions reach absl unchanged: traceback,
+  status 1.
   """
 
   def guarded(argv: list[str]) -> Any:
@@ -237,11 +239,13 @@ def fail(message: str) -> NoReturn:
 
 
 def _parse_flags(argv: list[str]) -> list[str]:
-  """absl's flag parsing, with a bad config file or override as one line.
+  """absl's flag parsing, with a bad flag, config file or override as one line.
 
-  absl reports a malformed flag itself; ml_collections lets two user
-  mistakes through as tracebacks: `--config.<key>` for a key the config
-  does not have, and an exception raised by the config file's own code.
+  absl prints a malformed flag in two lines with Python's words for the
+  value (`invalid literal for int() with base 10`) and exits with 1;
+  ml_collections lets two user mistakes through as tracebacks:
+  `--config.<key>` for a key the config does not have, and an exception
+  raised by the config file's own code.
 
   Args:
     argv: the command line.
@@ -252,12 +256,43 @@ def _parse_flags(argv: list[str]) -> list[str]:
   if (message := _config_file_unreadable(argv)) is not None:
     fail(message)  # ml_collections would raise at the config's first use.
   try:
-    return app.parse_flags_with_usage(argv)
+    return flags.FLAGS(argv)
+  except flags.Error as e:
+    fail(_flag_error(argv, e))
   except Exception as e:  # pylint: disable=broad-except
     message = _override_error(argv, e) or _config_file_error(argv, e)
     if message is None:
       raise
     fail(message)
+
+
+# What a config key of each type takes on the command line (bool first: a
+# bool is an int; ConfigDict holds a tuple as a list).
+_TAKES = (
+  (bool, 'True or False'),
+  (int, 'an integer'),
+  (float, 'a number'),
+  ((tuple, list), 'a tuple, quoted for the shell'),
+)
+
+
+def _flag_error(argv: list[str], error: flags.Error) -> str:
+  """absl's message for a flag it cannot parse, as one line."""
+  message = ' '.join(str(error).split()).replace(' ?', '?')
+  name = message.partition('=')[0].removeprefix('flag --')
+  values = [a.split('=', 1)[1] for a in argv if a.startswith(f'--{name}=')]
+  if '.' in name and name in flags.FLAGS and values:
+    current = flags.FLAGS[name].value
+    for kind, takes in _TAKES:
+      if isinstance(current, kind):
+        if isinstance(current, list):
+          current = f"'{tuple(current)}'"
+        return (
+          f'--{name}={values[-1]}: {name} takes {takes}, e.g.'
+          f' {current}; {values[-1]!r} is not one.'
+        )
+  end = '' if message.endswith(('.', '?')) else '.'
+  return f'{message}{end} Pass --helpshort to see the flags.'
 
 
 def _config_files(argv: list[str]) -> list[tuple[str, str]]:

@@ -125,6 +125,26 @@ class MainTest(absltest.TestCase):
     )
     self.assertFalse(os.path.exists(os.path.join(self.tmp, 'w')))
 
+  def test_a_value_of_the_wrong_type_names_what_the_key_takes(self):
+    workdir = os.path.join(self.tmp, 'w')
+    self._assert_one_line(
+      _run(workdir, '--config.batch_size=1.5'),
+      '--config.batch_size=1.5: config.batch_size takes an integer, e.g. 512;'
+      " '1.5' is not one.",
+    )
+    self._assert_one_line(
+      _run(workdir, '--config.dataset.split=(0.8,0.2'),
+      '--config.dataset.split=(0.8,0.2: config.dataset.split takes a tuple,'
+      " quoted for the shell, e.g. '(0.8, 0.1, 0.1)'; '(0.8,0.2' is not"
+      ' one.',
+    )
+    self._assert_one_line(
+      _run(workdir, '--workdirr=/tmp'),
+      "Unknown command line flag 'workdirr'. Did you mean: workdir? Pass"
+      ' --helpshort to see the flags.',
+    )
+    self.assertFalse(os.path.exists(workdir))
+
   def test_bad_batch_size_names_the_key(self):
     result = _run(os.path.join(self.tmp, 'odd'), '--config.batch_size=511')
     self.assertNotEqual(result.returncode, 0)
