@@ -210,6 +210,20 @@ class Reader(Protocol):
     """
 
 
+def shown(value: object, limit: int = 60) -> str:
+  """`repr` of a value quoted in a message, cut to about `limit` characters.
+
+  A binary file or a line with no separators would otherwise put all of it
+  into the one-line error.
+  """
+  if isinstance(value, bytes):
+    value = value.decode('utf-8', 'replace')
+  value = str(value)
+  if len(value) > limit:
+    return f'{value[:limit]!r}... ({len(value)} characters)'
+  return repr(value)
+
+
 def name_list(value: str | Sequence[str]) -> tuple[str, ...]:
   """Names of a config value: `('a', 'b')`, or `'a,b'` from a flag."""
   if isinstance(value, str):

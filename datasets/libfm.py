@@ -77,9 +77,9 @@ class Reader:
     try:
       label = float(tokens[0])
     except ValueError:
-      return f'label {tokens[0].decode(errors="replace")!r} is not a number'
+      return f'label {core.shown(tokens[0])} is not a number'
     if label not in (-1.0, 0.0, 1.0) and self.labeled:
-      return f'label {tokens[0].decode(errors="replace")} is not -1, 0 or 1'
+      return f'label {label:g} is not -1, 0 or 1'
     features = tokens[1:]
     if len(features) != self.num_fields:
       return (
@@ -92,7 +92,7 @@ class Reader:
       try:
         index, value = int(index), float(value) if colon else 1.0
       except ValueError:
-        return f'feature {token.decode(errors="replace")!r} is not idx:value'
+        return f'feature {core.shown(token)} is not idx:value'
       if index < 0 or index >= text.INT_LIMIT:
         return f'feature index {index} is out of range'
       if value != 1.0:

@@ -196,7 +196,7 @@ def _line_problem(line: str, sep: str, width: int = 4) -> str | None:
     return (
       f'expected {width} {sep!r}-separated columns'
       f' ({", ".join(c.split()[0] for c in COLUMNS[:width])}), found'
-      f' {len(parts)}: {line[:80]!r}'
+      f' {len(parts)}: {core.shown(line)}'
     )
   for what, value, kind in zip(
     COLUMNS, parts[:3], (int, int, float), strict=False
@@ -204,7 +204,7 @@ def _line_problem(line: str, sep: str, width: int = 4) -> str | None:
     try:
       kind(value)
     except ValueError:
-      return f'{what} {value!r} is not a number'
+      return f'{what} {core.shown(value)} is not a number'
   return None
 
 
@@ -319,7 +319,8 @@ class Reader:
     if names not in [list(h[:width]) for h in HEADERS]:
       expected = ' or '.join(self.sep.join(h[:width]) for h in HEADERS)
       raise core.DataError(
-        f'{path}:1: header {self.sep.join(names)!r} is not {expected}: the'
+        f'{path}:1: header {core.shown(self.sep.join(names))} is not'
+        f' {expected}: the'
         ' columns are read by position, user then movie'
         + (', rating, timestamp' if self.labeled else '')
         + '. Reorder or rename them.'

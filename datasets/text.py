@@ -344,7 +344,9 @@ class Table:
         ok |= text == ''
       for i in np.flatnonzero(~ok & ~wrong):
         what = 'label' if column == self.label else f'integer column {column}'
-        issues.append((numbers[i], f'{what} {text[i]!r} is not an integer'))
+        issues.append(
+          (numbers[i], f'{what} {core.shown(text[i])} is not an integer')
+        )
       wrong |= ~ok
     for column in self._float_columns():
       text = frame[column].to_numpy(object)
@@ -356,7 +358,10 @@ class Table:
       ok = ~np.isnan(number) | missing
       for i in np.flatnonzero(~ok & ~wrong):
         issues.append(
-          (numbers[i], f'float column {column} {text[i]!r} is not a number')
+          (
+            numbers[i],
+            f'float column {column} {core.shown(text[i])} is not a number',
+          )
         )
       wrong |= ~ok
     return np.flatnonzero(~wrong)
@@ -414,7 +419,7 @@ class Table:
         flag(
           missing | ~valid,
           lambda i, c=column, s=series, e=field.expects: (
-            f'{c} {s.iloc[i]!r} is not {e}'
+            f'{c} {core.shown(s.iloc[i])} is not {e}'
           ),
         )
         keys[:, f] = derived

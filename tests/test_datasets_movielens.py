@@ -183,6 +183,12 @@ class MovieLensParsingTest(parameterized.TestCase):
     ('extra', '1,2,4.0,5\n3,4,5.0,6,7\n', ':3: expected 4'),
     ('user', '1,2,4.0,5\nx1,4,5.0,6\n', ":3: user id 'x1' is not a number"),
     ('rating', '1,2,4.0,5\n1,4,good,6\n', ":3: rating 'good' is not a"),
+    # A value quoted in the message is cut: it stays one readable line.
+    (
+      'long',
+      '1,2,4.0,5\n1,' + 'x' * 5000 + ',4.0,6\n',
+      f":3: item id '{'x' * 60}'... (5000 characters) is not a number",
+    ),
   )
   def test_malformed_lines_name_file_and_line(self, body, message):
     path = write_text(
@@ -194,6 +200,7 @@ class MovieLensParsingTest(parameterized.TestCase):
       data.load_dataset(config)
     self.assertIn(path, str(cm.exception))
     self.assertIn(message, str(cm.exception))
+    self.assertLess(len(str(cm.exception)), 400)
     self.assertFalse(os.path.exists(os.path.join(config.cache_dir, 'encoded')))
 
   def test_missing_path_and_unknown_name_name_the_config_key(self):
