@@ -23,10 +23,12 @@ our own while training goes on: an error raises at the next save or at
 hold what a synchronous run killed at that save would hold.
 """
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+import contextlib
 import errno
 import hashlib
 import json
+import logging as std_logging
 import os
 import threading
 from typing import Any
@@ -49,7 +51,12 @@ def manager(
 ) -> ocp.CheckpointManager:
   """A synchronous orbax manager of `directory`; we delete its old steps."""
   if read_only:
-    options = ocp.CheckpointManagerOptions(read_only=True, create=False)
+    options = ocp.CheckpointManagerOptions(
+      read_only=True, create=False, save_interval_steps=0
+    )
+    # orbax warns that the directory it was asked to only read is read-only.
+    with _without(std_logging.WARNING, 'Given directory is read only'):
+      return ocp.CheckpointManager(directory, options=options)
   else:
     options = ocp.CheckpointManagerOptions(
       create=True,
@@ -58,6 +65,21 @@ def manager(
       cleanup_tmp_directories=True,
     )
   return ocp.CheckpointManager(directory, options=options)
+
+
+@contextlib.contextmanager
+def _without(level: int, prefix: str) -> Iterator[None]:
+  """Drops absl log records of `level` that start with `prefix`."""
+
+  def keep(record: std_logging.LogRecord) -> bool:
+    return not (record.levelno == level and str(record.msg).startswith(prefix))
+
+  logger = logging.get_absl_logger()
+  logger.addFilter(keep)
+  try:
+    yield
+  finally:
+    logger.removeFilter(keep)
 
 
 def checksums(directory: str) -> dict[str, list]:

@@ -53,7 +53,7 @@ class PredictTest(parameterized.TestCase):
     lines = self.trained.lines['test']
     source = _write(os.path.join(self.tmp, 'test.txt'), lines)
     output = os.path.join(self.tmp, 'out.csv')
-    subprocess.run(
+    result = subprocess.run(
       [
         sys.executable,
         os.path.join(ROOT, 'predict.py'),
@@ -65,7 +65,13 @@ class PredictTest(parameterized.TestCase):
       check=True,
       cwd=self.tmp,
       capture_output=True,
+      text=True,
     )
+    # Nothing to warn about (orbax warned that a read-only restore is so).
+    warnings = [
+      w for w in result.stderr.splitlines() if w.startswith(('W', 'E'))
+    ]
+    self.assertEqual(warnings, [])
     out = pd.read_csv(output)
     self.assertEqual(list(out.columns), ['probability', 'label'])
     self.assertLen(out, len(test))
