@@ -10,7 +10,9 @@ by the best checkpoint. The output CSV has a `probability` column, and
 `label` when the input has one: one line per input row (blank lines carry no
 row), in input order. The file is read in chunks of `--chunk_rows` lines,
 so memory does not grow with it, and each batch is split over every local
-device. A malformed row stops with its file and line.
+device. A malformed row stops with its file and line. The log counts the
+rows with values that training did not keep, per field: many of them mean
+a model out of date.
 
 A run with multi-hot or numeric fields (CSV `float_columns` and
 `multi_hot_columns`, Criteo `numeric='dense'`, MovieLens `side_features`)
@@ -23,6 +25,7 @@ From Python:
   probabilities = predictor(frame)  # a DataFrame of raw values
   probabilities = predictor.predict_ids(ids)  # int32 ids [n, fields]
   probabilities = predictor.predict_ids(ids, multi_ids=m, dense=d)
+  unseen = predictor.unseen(ids)  # bool [n, fields]: out-of-vocabulary ids
 """
 
 from collections.abc import Iterator
@@ -156,8 +159,27 @@ class Predictor:
 
     The next chunk is parsed in the background while this one is scored.
     """
+    for rows, probs in self.score_chunks(path, chunk_rows):
+      yield probs, rows.labels
+
+  def score_chunks(
+    self, path: str, chunk_rows: int
+  ) -> Iterator[tuple[encoder_lib.Rows, np.ndarray]]:
+    """`(encoded rows, probabilities)` of each chunk of `path`."""
     for rows in utils.prefetch(self.encoder.chunks(path, chunk_rows)):
-      yield self.predict_ids(**rows.inputs()), rows.labels
+      yield rows, self.predict_ids(**rows.inputs())
+
+  def unseen(self, ids: np.ndarray) -> np.ndarray:
+    """Which `ids` `[n, fields]` are their field's out-of-vocabulary id.
+
+    Such a value was not kept in training (unseen there, or rarer than
+    `min_count`); a field without an OOV id is never marked.
+
+    Returns:
+      bool `[n, fields]`.
+    """
+    oov = np.array([-1 if i is None else i for i in self.encoder.oov_ids])
+    return np.asarray(ids) == oov
 
 
 def probabilities(
@@ -215,26 +237,45 @@ def write_predictions(
   """Writes the probabilities (and labels) of file `path` to CSV `output`.
 
   The output appears complete or not at all (written beside, then renamed).
+  Logs how many rows had a value that training did not keep, per field: a
+  model scoring many of them is out of date.
 
   Returns:
     The number of rows written.
   """
   tmp = f'{output}.tmp-{os.getpid()}'
   rows, header = 0, None
+  unseen = np.zeros(len(predictor.encoder.field_dims), np.int64)  # Per field.
+  unseen_rows = 0
   try:
     with open(tmp, 'w') as f:
-      for probs, labels in predictor.predict_file(path, chunk_rows):
+      for encoded, probs in predictor.score_chunks(path, chunk_rows):
+        labels = encoded.labels
         if header is None:
           header = 'probability' + (',label' if labels is not None else '')
           f.write(header + '\n')
         f.write(csv_lines(probs, labels))
         rows += len(probs)
+        mask = predictor.unseen(encoded.ids)
+        unseen += mask.sum(0)
+        unseen_rows += int(mask.any(1).sum())
       if header is None:
         f.write('probability\n')
     os.replace(tmp, output)
   finally:
     if os.path.exists(tmp):
       os.remove(tmp)
+  if unseen_rows:
+    names = predictor.encoder.field_names
+    logging.info(
+      '%d of %d rows have values that training did not keep, scored with'
+      " the field's out-of-vocabulary id: %s",
+      unseen_rows,
+      rows,
+      ', '.join(
+        f'{name} {n}' for name, n in zip(names, unseen, strict=True) if n
+      ),
+    )
   return rows
 
 

@@ -134,6 +134,32 @@ class PredictTest(parameterized.TestCase):
     np.testing.assert_allclose(got, self._expected(encoded.ids), atol=1e-6)
     self.assertEqual(len(set(got.tolist())), 4)
 
+  def test_rows_with_values_training_did_not_keep_are_counted(self):
+    lines = list(self.trained.lines['test'][:40])
+    cells = lines[5].split('\t')
+    lines[5] = '\t'.join(cells[:14] + ['unseen'] * 26)  # Every categorical.
+    source = _write(os.path.join(self.tmp, 'test.txt'), lines)
+    with self.assertLogs('absl', 'INFO') as logs:
+      predict.write_predictions(
+        self.predictor, source, os.path.join(self.tmp, 'out.csv'), 16
+      )
+    encoded = self.predictor.encoder.encode(source)
+    oov = np.array(
+      [-1 if i is None else i for i in self.predictor.encoder.oov_ids]
+    )
+    mask = encoded.ids == oov
+    np.testing.assert_array_equal(self.predictor.unseen(encoded.ids), mask)
+    self.assertTrue(mask[5, 13:].all())
+    names = self.predictor.encoder.field_names
+    per_field = ', '.join(
+      f'{name} {n}' for name, n in zip(names, mask.sum(0), strict=True) if n
+    )
+    self.assertIn(
+      f'{mask.any(1).sum()} of 40 rows have values that training did not'
+      f" keep, scored with the field's out-of-vocabulary id: {per_field}",
+      '\n'.join(logs.output),
+    )
+
   def test_bad_row_names_file_and_line(self):
     lines = list(self.trained.lines['test'][:5])
     lines[2] = lines[2].rsplit('\t', 1)[0]
