@@ -12,10 +12,14 @@ of `steps_per_dispatch` batches, the split on the devices when it fits.
 After one warm-up dispatch each, `--rounds` rounds of `--dispatches`
 dispatches are timed in the order AB, BA, AB, ...; each round gives training
 examples/s. Give the same overrides twice for an A/A run: its ratio is the
-noise.
+noise. `--a_xla` / `--b_xla` (`option=value`) compile a variant's train
+program with XLA options (`DebugOptions` fields, as `XLA_FLAGS` names
+them), which `XLA_FLAGS` could only set for both.
 
   python -m benchmarks.ab --model=deepfm --a=optimizer=adam \\
     --b=optimizer=rowwise_adagrad
+  python -m benchmarks.ab --model=deepfm \\
+    --b_xla=xla_cpu_experimental_ynn_fusion_type=
 
 Results: benchmarks/results/<out_name>.{json,csv,md} (default ab).
 """
@@ -38,7 +42,7 @@ POOL = 8
 class Variant:
   """One config's compiled train program, its state and its stacks."""
 
-  def __init__(self, config):
+  def __init__(self, config, xla_options: dict[str, str] | None = None):
     import jax  # pylint: disable=g-import-not-at-top
     import numpy as np  # pylint: disable=g-import-not-at-top
 
@@ -69,6 +73,10 @@ class Variant:
     self.count = programs.replicate(np.int32(self.steps))
     self.examples = self.steps * config.batch_size
     self.dispatches = 0
+    if xla_options:
+      args = (self.state, self.stacks[0], self.hyper, self.resident)
+      lowered = self.p_train.lower(*args, self.count)
+      self.p_train = lowered.compile(compiler_options=xla_options)
     self.dispatch(1)  # Compiles, and warms up.
 
   def dispatch(self, n: int) -> None:
@@ -83,6 +91,20 @@ class Variant:
 
   def trained_steps(self) -> int:
     return int(self.jax.device_get(self.state.step)[0])
+
+
+def _xla_options(items: list[str], variant: str) -> dict[str, str]:
+  """`['option=value', ...]` -> `{option: value}`, values as XLA reads them."""
+  options = {}
+  for item in items:
+    key, sep, value = item.partition('=')
+    if not sep or not key.startswith('xla_'):
+      raise SystemExit(
+        f'--{variant}_xla: {item!r} is not xla_<option>=value (e.g.'
+        ' xla_cpu_experimental_ynn_fusion_type=).'
+      )
+    options[key] = value
+  return options
 
 
 def measure(variants: dict, rounds: int, dispatches: int) -> dict:
@@ -104,12 +126,13 @@ def markdown(records: list[dict], info: dict, command: str) -> str:
   for r in records:
     for v in VARIANTS:
       rounds = r[f'{v}_rounds']
+      changes = [f'{k}={x!r}' for k, x in r[f'{v}_overrides'].items()]
+      changes += [f'XLA {k}={x!r}' for k, x in r.get(f'{v}_xla', {}).items()]
       rows.append(
         [
           r['model'],
           v,
-          ', '.join(f'{k}={x!r}' for k, x in r[f'{v}_overrides'].items())
-          or '(config)',
+          ', '.join(changes) or '(config)',
           common.fmt(r[f'{v}_ex_per_s']),
           f'{common.fmt(min(rounds))} - {common.fmt(max(rounds))}',
         ]
@@ -141,6 +164,13 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
     parser.add_argument(
       flag, action='append', default=[], help=f'key=value for {what}'
     )
+  for v in VARIANTS:
+    parser.add_argument(
+      f'--{v}_xla',
+      action='append',
+      default=[],
+      help=f"option=value: an XLA option of variant {v}'s train program",
+    )
   parser.add_argument('--rounds', type=int, default=12)
   parser.add_argument('--dispatches', type=int, default=4, help='per round')
   parser.add_argument('--out_dir', default=None, help='default: results/')
@@ -171,8 +201,16 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
     v: common.get_config(args.model, None, common_overrides, overrides[v])
     for v in VARIANTS
   }
+  xla = {v: _xla_options(getattr(args, f'{v}_xla'), v) for v in VARIANTS}
   info = common.machine_info()
-  variants = {v: Variant(configs[v]) for v in VARIANTS}
+  variants = {}
+  for v in VARIANTS:
+    try:
+      variants[v] = Variant(configs[v], xla[v])
+    except Exception as e:  # pylint: disable=broad-except
+      if not xla[v] or 'While setting option' not in str(e):
+        raise
+      raise SystemExit(f'--{v}_xla: {str(e).splitlines()[0]}') from e
   rates = measure(variants, args.rounds, args.dispatches)
   record = {
     'model': args.model,
@@ -184,6 +222,7 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
     record.update(
       {
         f'{v}_overrides': overrides[v],
+        f'{v}_xla': xla[v],
         f'{v}_ex_per_s': statistics.median(rates[v]),
         f'{v}_rounds': rates[v],
         f'{v}_steps_per_dispatch': variants[v].steps,

@@ -118,6 +118,21 @@ class AbTest(_TempDirs, absltest.TestCase):
     self.assertEqual(r['a_trained_steps'], 3 * steps)
     self.assertTrue(os.path.exists(os.path.join(out, 'ab.md')))
 
+  def test_xla_options_compile_one_variant(self):
+    out = self.create_tempdir().full_path
+    flags = ['--model=fm', '--tiny', f'--out_dir={out}']
+    option = 'xla_backend_optimization_level'  # A long-standing one.
+    (r,) = ab.main([*flags, f'--b_xla={option}=1'])
+    self.assertEqual((r['a_xla'], r['b_xla']), ({}, {option: '1'}))
+    self.assertEqual(r['b_trained_steps'], 3 * r['b_steps_per_dispatch'])
+    with open(os.path.join(out, 'ab.md')) as f:
+      self.assertIn(f"XLA {option}='1'", f.read())
+    # The option reaches XLA: a value it does not know stops the run.
+    with self.assertRaisesRegex(SystemExit, f'--b_xla: .*{option}'):
+      ab.main([*flags, f'--b_xla={option}=nonsense'])
+    with self.assertRaisesRegex(SystemExit, "--a_xla: 'fast' is not xla_"):
+      ab.main([*flags, '--a_xla=fast'])
+
   def test_bad_overrides_name_themselves(self):
     with self.assertRaisesRegex(SystemExit, "--a: 'lr' is not key=value"):
       ab.main(['--model=fm', '--a=lr'])
