@@ -57,13 +57,12 @@ def manager(
     # orbax warns that the directory it was asked to only read is read-only.
     with _without(std_logging.WARNING, 'Given directory is read only'):
       return ocp.CheckpointManager(directory, options=options)
-  else:
-    options = ocp.CheckpointManagerOptions(
-      create=True,
-      enable_async_checkpointing=False,
-      # A process killed while saving leaves a temporary directory behind.
-      cleanup_tmp_directories=True,
-    )
+  options = ocp.CheckpointManagerOptions(
+    create=True,
+    enable_async_checkpointing=False,
+    # A process killed while saving leaves a temporary directory behind.
+    cleanup_tmp_directories=True,
+  )
   return ocp.CheckpointManager(directory, options=options)
 
 
