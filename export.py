@@ -274,6 +274,25 @@ def check_platforms(platforms: Sequence[str]) -> None:
     )
 
 
+def check_output(output: str) -> None:
+  """Raises a UserError if `output` holds files and is not an export.
+
+  An export is written over an earlier one (its signature.json), but not
+  among other files: into a training workdir it would mix with the run's
+  own encoder, and into any other directory with what is there.
+  """
+  if not os.path.isdir(output) or not os.listdir(output):
+    return
+  if os.path.isfile(os.path.join(output, 'signature.json')):
+    return
+  names = sorted(os.listdir(output))
+  shown = ', '.join(names[:4]) + (', ...' if len(names) > 4 else '')
+  raise utils.UserError(
+    f'--output: {output} holds other files ({shown}) and no earlier export;'
+    ' give a new or empty directory, or an earlier export to replace.'
+  )
+
+
 def export(
   predictor: predict.Predictor,
   output: str,
@@ -291,8 +310,12 @@ def export(
   Returns:
     The signature, as written to signature.json. Its `onnx_error` says why
     model.onnx is missing, if it is.
+
+  Raises:
+    UserError: `output` holds files and is not an export (a workdir, say).
   """
   check_platforms(platforms)
+  check_output(output)
   enc = predictor.encoder
   inputs = model_inputs(predictor.model, enc.side.max_len)
   variables = jax.device_get(predictor.variables)

@@ -30,6 +30,7 @@ from predict_testing import trained_run
 
 import encoder
 import export
+from utils import UserError
 
 # Models that cannot go to ONNX, and why (the README lists them). A model
 # listed here must fail the conversion, so the list stays true.
@@ -219,6 +220,30 @@ class ExportRunTest(absltest.TestCase):
     with open(out) as f:
       self.assertEqual(f.read(), 'kept')
 
+  def test_an_output_that_holds_other_files_is_refused(self):
+    run = trained_run()
+    before = {
+      name: os.path.getmtime(os.path.join(run.workdir, name))
+      for name in os.listdir(run.workdir)
+    }
+    self.assertIn('checkpoints', before)
+    self.assertEqual(
+      command_error(
+        'export.py', run.workdir, f'--workdir={run.workdir}', '--output=.'
+      ),
+      (
+        2,
+        'export.py: error: --output: . holds other files'
+        f' ({", ".join(sorted(before)[:4])}, ...) and no earlier export;'
+        ' give a new or empty directory, or an earlier export to replace.',
+      ),
+    )
+    after = {
+      name: os.path.getmtime(os.path.join(run.workdir, name))
+      for name in os.listdir(run.workdir)
+    }
+    self.assertEqual(after, before)
+
   def test_command_line_exports_a_run(self):
     run = trained_run()
     tmp = self.enter_context(tempfile.TemporaryDirectory())
@@ -265,6 +290,15 @@ class ExportRunTest(absltest.TestCase):
     with open(os.path.join(out, 'model.onnx'), 'rb') as f:
       got = _onnx_run(f.read(), ids)
     np.testing.assert_allclose(got, expected, rtol=0, atol=TOLERANCE)
+    # An earlier export may be replaced (its signature.json), with a file
+    # of the user's beside it; without signature.json it is refused.
+    export.check_output(out)
+    with open(os.path.join(out, 'extra.txt'), 'w') as f:
+      f.write('kept')
+    export.check_output(out)
+    os.remove(os.path.join(out, 'signature.json'))
+    with self.assertRaisesRegex(UserError, 'holds other files'):
+      export.check_output(out)
 
 
 if __name__ == '__main__':
