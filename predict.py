@@ -279,6 +279,26 @@ def write_predictions(
   return rows
 
 
+def check_output(output: str, source: str, workdir: str) -> None:
+  """Raises a UserError if writing `output` would replace what we read.
+
+  The output is written beside and renamed over its path at the end: over
+  the input, the rows would be lost; inside the run's directory, one of
+  its files (metrics.jsonl, a checkpoint) could be.
+  """
+  if os.path.exists(output) and os.path.samefile(output, source):
+    raise utils.UserError(
+      f'--output: {output} is the --input file; write the probabilities to'
+      ' another file.'
+    )
+  run = os.path.realpath(workdir)
+  if os.path.realpath(output).startswith(run + os.sep):
+    raise utils.UserError(
+      f"--output: {output} is inside the run's directory {workdir}; write"
+      ' the probabilities outside it.'
+    )
+
+
 def define_flags() -> None:
   """The command line's flags (not at import: `load` is a library call)."""
   flags.DEFINE_string('workdir', None, 'Workdir of a finished training run.')
@@ -295,6 +315,7 @@ def main(argv):
   args = flags.FLAGS
   if not os.path.isfile(args.input):
     raise utils.UserError(f'--input: {args.input} is not a file.')
+  check_output(args.output, args.input, args.workdir)
   predictor = load(args.workdir, args.batch_size)
   try:
     rows = write_predictions(

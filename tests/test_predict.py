@@ -86,6 +86,31 @@ class PredictTest(parameterized.TestCase):
       delta=1e-6,
     )
 
+  def test_an_output_over_the_input_or_the_run_is_refused(self):
+    lines = list(self.trained.lines['test'][:3])
+    source = _write(os.path.join(self.tmp, 'test.txt'), lines)
+    workdir = self.trained.workdir
+    metrics_file = os.path.join(workdir, 'metrics.jsonl')
+    with open(metrics_file) as f:
+      kept = f.read()
+    for output, message in (
+      (source, f'{source} is the --input file; write the probabilities to'),
+      (metrics_file, f"{metrics_file} is inside the run's directory"),
+    ):
+      rc, line = command_error(
+        'predict.py',
+        self.tmp,
+        f'--workdir={workdir}',
+        f'--input={source}',
+        f'--output={output}',
+      )
+      self.assertEqual(rc, 2)
+      self.assertStartsWith(line, f'predict.py: error: --output: {message}')
+    with open(source) as f:
+      self.assertEqual(f.read().splitlines(), lines)
+    with open(metrics_file) as f:
+      self.assertEqual(f.read(), kept)
+
   def test_an_output_that_cannot_be_written_is_one_line(self):
     source = _write(os.path.join(self.tmp, 'test.txt'), ['x'])
     output = os.path.join(self.tmp, 'missing', 'out.csv')
