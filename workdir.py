@@ -204,6 +204,8 @@ def check_resume(
   history_path = os.path.join(workdir, HISTORY_FILE)
   new = flatten(config)
   if not resuming or not os.path.exists(record_path):
+    if not resuming:
+      _refuse_foreign_files(workdir)
     if resuming:
       logging.warning(
         '%s holds checkpoints but no %s: recording this config as theirs'
@@ -325,6 +327,47 @@ def _model_defaults(name: Any) -> dict[str, Any]:
 
 def _show(flat: dict, key: str) -> str:
   return json.dumps(flat[key]) if key in flat else '(absent)'
+
+
+def _refuse_foreign_files(workdir: str) -> None:
+  """Raises a UserError if a new run would overwrite files not of a run.
+
+  A new run rewrites `config.json` and empties `metrics.jsonl`; in a
+  directory of the user's, those may be theirs. A run's record is a JSON
+  object with `model_name`; its metrics are JSON objects with `split` (the
+  last line may be any start of one, cut short by a kill).
+  """
+  record_path = os.path.join(workdir, CONFIG_FILE)
+  if os.path.exists(record_path):
+    try:
+      with open(record_path) as f:
+        record = json.load(f)
+    except (OSError, ValueError):
+      record = None
+    if not isinstance(record, dict) or 'model_name' not in record:
+      raise UserError(
+        f'workdir {workdir} holds a {CONFIG_FILE} that is not the record of'
+        ' a run (a JSON object with "model_name"), which a new run would'
+        ' overwrite. Use another workdir, or move the file away.'
+      )
+  metrics_path = os.path.join(workdir, 'metrics.jsonl')
+  if not os.path.exists(metrics_path):
+    return
+  with open(metrics_path) as f:
+    lines = f.read().splitlines()
+  for number, line in enumerate(lines, 1):
+    try:
+      record = json.loads(line)
+    except ValueError:
+      record = None
+    if number == len(lines) and '{"split": '.startswith(line[:10]):
+      continue  # Cut short by a kill (MetricsWriter writes `split` first).
+    if not isinstance(record, dict) or 'split' not in record:
+      raise UserError(
+        f'{metrics_path}:{number}: not a metrics line of a run, and a new'
+        ' run would empty the file. Use another workdir, or move the file'
+        ' away.'
+      )
 
 
 def _recorded(record_path: str, history_path: str) -> dict[str, Any]:

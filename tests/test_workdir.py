@@ -534,6 +534,29 @@ class CheckResumeTest(absltest.TestCase):
     with self.assertRaisesRegex(utils.UserError, 'seed 0 -> 1'):
       workdir.check_resume(self.path, _changed(self.config, seed=1))
 
+  def test_a_new_run_refuses_to_overwrite_files_not_of_a_run(self):
+    record = os.path.join(self.path, workdir.CONFIG_FILE)
+    metrics = os.path.join(self.path, 'metrics.jsonl')
+    for name, text, message in (
+      (record, '{"mine": 1}\n', 'holds a config.json that is not the record'),
+      (record, 'notes\n', 'holds a config.json that is not the record'),
+      (metrics, 'my log\n', 'metrics.jsonl:1: not a metrics line of a run'),
+      (metrics, '{"split": "train"}\n[1]\n{"spl', 'metrics.jsonl:2: not a'),
+    ):
+      with open(name, 'w') as f:
+        f.write(text)
+      with self.assertRaisesRegex(utils.UserError, message):
+        workdir.check_resume(self.path, self.config, resuming=False)
+      with open(name) as f:
+        self.assertEqual(f.read(), text)
+      os.remove(name)
+    # A run's own leftovers: its record, its metrics cut short by a kill.
+    workdir.check_resume(self.path, self.config)
+    with open(metrics, 'w') as f:
+      f.write('{"split": "train", "epoch": 1}\n{"split": "va')
+    workdir.check_resume(self.path, _changed(self.config, seed=1))
+    self.assertEqual(self._record()['seed'], 1)
+
   def test_unreadable_record_is_refused_by_name(self):
     with open(os.path.join(self.path, workdir.CONFIG_FILE), 'w') as f:
       f.write('{"model_name": "fm", ')
