@@ -206,7 +206,7 @@ def check_resume(
   if not resuming or not os.path.exists(record_path):
     if not resuming:
       _refuse_foreign_files(workdir)
-    if resuming:
+    else:
       logging.warning(
         '%s holds checkpoints but no %s: recording this config as theirs'
         ' without a check.',
