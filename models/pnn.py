@@ -418,8 +418,14 @@ class OuterProductNetwork(nn.Module):
 
   @nn.compact
   def __call__(self, v: jnp.ndarray) -> jnp.ndarray:
-    """Maps embeddings `[batch, fields, dim]` to products `[batch, pairs]`."""
+    """Maps embeddings `[batch, fields, dim]` to products `[batch, pairs]`.
+
+    One field has no pair, hence no kernel (its fans would be zero): the
+    products are `[batch, 0]` and the MLP reads z alone, as pytorch-fm's.
+    """
     first, second = np.triu_indices(v.shape[1], k=1)  # [P], P = F(F-1)/2
+    if not len(first):
+      return jnp.zeros((v.shape[0], 0), self.dtype)  # [B, 0]
     dim = v.shape[2]
     kernel = self.param(
       'kernel', nn.initializers.xavier_uniform(), (dim, len(first), dim)

@@ -52,7 +52,9 @@ def _np_pnn(variables, method, v):
       products.append(
         np.array([v[b, g] @ k[:, pair, :] @ v[b, f] for b in range(batch)])
       )
-  x = np.concatenate([v.reshape(batch, -1), np.stack(products, 1)], axis=1)
+  # One field has no pair: the MLP reads z alone.
+  p = np.stack(products, 1) if products else np.zeros((batch, 0))
+  x = np.concatenate([v.reshape(batch, -1), p], axis=1)
   return np_mlp(
     x,
     params['MultiLayerPerceptron_0'],
@@ -138,6 +140,34 @@ class ProductTest(parameterized.TestCase):
     np.testing.assert_allclose(
       out, _np_pnn(variables, method, v), rtol=1e-4, atol=1e-4
     )
+
+  @parameterized.parameters('inner', 'outer')
+  def test_one_field_has_no_pair_and_the_mlp_reads_z_alone(self, method):
+    # As torchfm's: P = 0 products; OPNN then has no kernel (its xavier fans
+    # would be zero) and is IPNN with the same weights.
+    model = pnn.Model((9,), method=method, **KWARGS)
+    ids = random_ids(7, (9,))
+    variables = random_variables(model, ids)
+    self.assertNotIn('OuterProductNetwork_0', variables['params'])
+    first = variables['params']['MultiLayerPerceptron_0']['Dense_0']
+    self.assertEqual(first['kernel'].shape, (3, 6))
+    out = model.apply(variables, ids)
+    v = np_fields(
+      variables['params']['FeaturesEmbedding_0'], 'embedding', ids, (9,)
+    )
+    np.testing.assert_allclose(
+      out, _np_pnn(variables, method, v), rtol=1e-4, atol=1e-4
+    )
+    inner = pnn.Model((9,), method='inner', **KWARGS).apply(variables, ids)
+    np.testing.assert_allclose(out, inner, rtol=1e-6)
+    y, _ = model.apply(
+      variables,
+      ids,
+      train=True,
+      mutable=['batch_stats'],
+      rngs={'dropout': jax.random.key(1)},
+    )
+    self.assertTrue(np.all(np.isfinite(y)))
 
   def test_outer_kernel_is_xavier_uniform_with_torch_fans(self):
     # torch's xavier_uniform_ on [dim, pairs, dim]: fan_in = pairs * dim,
