@@ -234,15 +234,18 @@ def _read_ratings(source, sep: str, header: bool, width: int = 4):
   # '::' (ml-1m) is read as ':' with the empty columns between skipped, which
   # keeps pandas' fast C parser.
   columns = [0, 2, 4, 6][:width] if sep == '::' else list(range(width))
-  frame = pd.read_csv(
-    source,
-    sep=':' if sep == '::' else sep,
-    header=0 if header else None,
-    dtype=str,
-    engine='c',
-    skip_blank_lines=True,
-    encoding_errors='replace',
-  )
+  try:
+    frame = pd.read_csv(
+      source,
+      sep=':' if sep == '::' else sep,
+      header=0 if header else None,
+      dtype=str,
+      engine='c',
+      skip_blank_lines=True,
+      encoding_errors='replace',
+    )
+  except pd.errors.EmptyDataError:  # Nothing but blank lines: no rows.
+    frame = pd.DataFrame(columns=range(columns[-1] + 1), dtype=str)
   if len(frame) and frame.shape[1] != columns[-1] + 1:
     raise ValueError('wrong number of columns')
   frame = frame.iloc[:, columns]

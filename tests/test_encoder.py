@@ -230,6 +230,23 @@ class EncoderTest(EncoderTestCase):
         got = enc.encode(named)
         np.testing.assert_array_equal(got.ids, expected)
 
+  def test_movielens_blank_chunks_and_an_empty_frame_have_no_rows(self):
+    path = os.path.join(self.tmp, 'ratings.csv')
+    with open(path, 'w') as f:
+      f.write('userId,movieId,rating,timestamp\n7,10,4.0,0\n9,20,2.0,0\n')
+    _, enc, _ = self._save('ml-20m', path)
+    rows = os.path.join(self.tmp, 'rows.csv')
+    with open(rows, 'w') as f:  # Lines 4-6: a chunk of blank lines.
+      f.write('9,20,1.0,0\n\n\n\n\n\n7,10,5.0,0\n\n')
+    chunks = list(enc.chunks(rows, chunk_rows=3))
+    self.assertEqual([len(c.ids) for c in chunks], [1, 0, 1])
+    self._check_rows(enc.encode(rows), [[1, 1], [0, 0]], [0, 1])
+    for labeled in (False, True):
+      columns = ['user', 'item'] + ['rating'] * labeled
+      got = enc.encode(pd.DataFrame({c: [] for c in columns}))
+      self.assertEqual((got.ids.shape, got.ids.dtype), ((0, 2), np.int32))
+      self._check_rows(got, np.zeros((0, 2)), [] if labeled else None)
+
   def test_unseen_and_rare_values_get_the_oov_id(self):
     rows = [['1', *(['5'] * 13), *(['aa'] * 26)]] * 3
     rows += [['0', *(['9'] * 13), *(['bb'] * 26)]]  # Seen once: rare.
