@@ -408,8 +408,8 @@ class Table:
       series = frame[column]
       missing = series.isna().to_numpy()
       values = series.to_numpy(np.int64, na_value=0)
-      flag(
-        np.abs(values) >= INT_LIMIT,
+      flag(  # Not np.abs: it overflows at the int64 minimum.
+        (values >= INT_LIMIT) | (values <= -INT_LIMIT),
         lambda i, c=column, v=values: f'{c} {v[i]} is out of range',
       )
       if field.kind == 'int':

@@ -23,12 +23,32 @@ from dataset_testing import convert_numeric_feature
 from dataset_testing import criteo_rows
 from dataset_testing import reference_encode
 from dataset_testing import write_lines
+import ml_collections
 import numpy as np
 
 import data
 from datasets import avazu
+from datasets import csv
 from datasets import encode
 from datasets import text
+
+
+def _csv_table(header=('y', 'a', 'b'), **options):
+  """The table of a CSV file `f.csv` with `header`, label column y."""
+  options = ml_collections.ConfigDict(
+    dict(csv.DEFAULTS, label_column='y', **options)
+  )
+  return csv.table(options, header, 'f.csv')
+
+
+def _parse(table, lines, skip=False):
+  """(keys, labels, lines skipped) of `table.parse` of lines 1, 2, ..."""
+  bad = encode.BadLines(skip, log=False)
+  lines = [
+    line if isinstance(line, bytes) else line.encode() + b'\n' for line in lines
+  ]
+  keys, labels, *_ = table.parse(lines, 1, lambda n: f'f.csv:{n}', bad)
+  return keys, labels, bad.count
 
 
 class IntegerRuleTest(absltest.TestCase):
@@ -45,6 +65,25 @@ class IntegerRuleTest(absltest.TestCase):
     missing = text.int_feature_keys(np.array([7, 7]), np.array([True, False]))
     self.assertEqual(missing[0], text.MISSING_INT)
     self.assertEqual(missing[1], 3)  # int(log(7) ** 2) = int(3.79)
+
+  def test_int64_min_is_out_of_range_not_a_missing_value(self):
+    lines = [
+      '1,5,x',
+      '0,-9223372036854775808,y',
+      '1,,z',
+      '0,-4611686018427387903,w',
+    ]
+    for bucket in (True, False):
+      table = _csv_table(numeric_columns='a', log_bucket=bucket)
+      with self.assertRaisesRegex(
+        data.DataError, r'^f\.csv:2: a -9223372036854775808 is out of range'
+      ):
+        _parse(table, lines)
+      keys, labels, skipped = _parse(table, lines, skip=True)
+      self.assertEqual(skipped, 1)
+      np.testing.assert_array_equal(labels, [1, 1, 0])
+      self.assertEqual(keys[1, 0], text.MISSING_INT)  # The empty cell only.
+      self.assertNotIn(text.MISSING_INT, keys[[0, 2], 0])
 
   def test_counts_merge_in_chunks_like_a_counter(self):
     rng = np.random.default_rng(0)
