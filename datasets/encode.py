@@ -97,9 +97,7 @@ def encode_multi(
   """
   ids = np.empty(keys.shape, np.int32)
   for m, table in enumerate(vocabulary):
-    ids[:, m] = encode_keys(table, keys[:, m].reshape(-1)).reshape(
-      len(keys), -1
-    )
+    ids[:, m] = encode_keys(table, keys[:, m].ravel()).reshape(ids[:, m].shape)
   return np.where(keys == core.PAD_KEY, np.int32(-1), ids)
 
 

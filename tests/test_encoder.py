@@ -418,6 +418,29 @@ class SideInputsTest(EncoderTestCase):
     with self.assertRaisesRegex(data.DataError, "float_columns: .*'price'"):
       enc.encode(frame.drop(columns='price'))
 
+  def test_csv_header_only_blank_chunks_and_empty_frame_have_no_rows(self):
+    rows = feature_rows(100, seed=8)
+    path = write_lines(os.path.join(self.tmp, 'train.csv'), rows, ',', HEADER)
+    _, enc, _ = self._save('csv', path, min_count=1, csv=csv_options())
+    header_only = write_lines(os.path.join(self.tmp, 'h.csv'), [], ',', HEADER)
+    blanks = write_lines(
+      os.path.join(self.tmp, 'b.csv'),
+      [rows[0], *[[]] * 3, rows[1]],
+      ',',
+      HEADER,
+    )
+    empty = pd.DataFrame({c: [] for c in HEADER[1:]})
+    first_two = enc.encode(path)
+    for source, n in ((header_only, 0), (blanks, 2), (empty, 0)):
+      got = enc.encode(source)
+      for name in ('ids', 'multi_ids', 'dense') + ('labels',) * (n > 0):
+        want = getattr(first_two, name)[:n]
+        self.assertEqual(getattr(got, name).dtype, want.dtype, name)
+        np.testing.assert_array_equal(getattr(got, name), want, name)
+    self.assertEqual(
+      [len(c.ids) for c in enc.chunks(blanks, chunk_rows=2)], [1, 0, 1]
+    )
+
   def test_criteo_dense_integers(self):
     rows = criteo_rows(200, seed=9)
     path = write_lines(os.path.join(self.tmp, 'train.txt'), rows, '\t')

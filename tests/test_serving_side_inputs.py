@@ -163,6 +163,8 @@ class CsvTest(absltest.TestCase):
     frame['tags'] = [cell.split('|') for cell in frame['tags']]
     got = self.predictor(frame)
     np.testing.assert_allclose(got, self.expected, rtol=0, atol=1e-6)
+    got = self.predictor(frame.iloc[:0])  # No rows: no probabilities.
+    self.assertEqual((got.shape, got.dtype), ((0,), np.float32))
     got = self.predictor.predict_ids(**_inputs(self.test))
     np.testing.assert_allclose(got, self.expected, rtol=0, atol=1e-6)
     with self.assertRaisesRegex(ValueError, 'takes ids, multi_ids, dense'):
