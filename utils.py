@@ -258,7 +258,12 @@ def _parse_flags(argv: list[str]) -> list[str]:
   try:
     return flags.FLAGS(argv)
   except flags.Error as e:
-    fail(_flag_error(argv, e))
+    # A config file's ValueError or TypeError reaches us as a flag error,
+    # its traceback flattened into the message; the first error is the one.
+    first = e
+    while first.__cause__ or first.__context__:
+      first = first.__cause__ or first.__context__
+    fail(_config_file_error(argv, first) or _flag_error(argv, e))
   except Exception as e:  # pylint: disable=broad-except
     message = _override_error(argv, e) or _config_file_error(argv, e)
     if message is None:

@@ -123,6 +123,14 @@ class MainTest(absltest.TestCase):
       _run(os.path.join(self.tmp, 'w'), config=broken),
       f"{broken}:1: expected ':'",
     )
+    # A ValueError of the config file reaches absl as a flag error.
+    result = _run(os.path.join(self.tmp, 'w'), config='configs/fm.py:Smoke')
+    self.assertEqual(result.returncode, 2, result.stderr[-3000:])
+    self.assertRegex(  # All of stderr: one line.
+      result.stderr.strip(),
+      r'^main.py: error: configs/fm.py:\d+: error in the config file:'
+      r' ValueError: Unknown config argument \'Smoke\'; use "smoke".$',
+    )
     self.assertFalse(os.path.exists(os.path.join(self.tmp, 'w')))
 
   def test_a_value_of_the_wrong_type_names_what_the_key_takes(self):
