@@ -299,8 +299,13 @@ class Encoder:
     labeled = _is_labeled(reader)
     desc = f'predict {os.path.basename(path)}'
     parsed = encode.chunks(reader, path, chunk_rows, _raise, desc)
+    empty = True
     for keys, labels, *side in parsed:
+      empty = False
       yield self._rows(keys, labels if labeled else None, *side)
+    if empty:  # A chunk of no rows all the same: it says if rows have labels.
+      keys = np.zeros((0, len(self.raw_field_names)), np.int64)
+      yield self._rows(keys, np.zeros(0, np.float32) if labeled else None)
 
   def encode(self, rows: pd.DataFrame | str) -> Rows:
     """Encodes a DataFrame of raw values, or a whole file (its path).
@@ -315,9 +320,6 @@ class Encoder:
     """
     if isinstance(rows, (str, os.PathLike)):
       parts = list(self.chunks(os.fspath(rows)))
-      if not parts:
-        keys = np.zeros((0, len(self.raw_field_names)), np.int64)
-        parts = [self._rows(keys, None)]
       arrays = {
         f.name: [getattr(p, f.name) for p in parts]
         for f in dataclasses.fields(Rows)

@@ -259,8 +259,6 @@ def write_predictions(
         mask = predictor.unseen(encoded.ids)
         unseen += mask.sum(0)
         unseen_rows += int(mask.any(1).sum())
-      if header is None:
-        f.write('probability\n')
     os.replace(tmp, output)
   finally:
     if os.path.exists(tmp):

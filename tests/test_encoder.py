@@ -433,7 +433,9 @@ class SideInputsTest(EncoderTestCase):
     first_two = enc.encode(path)
     for source, n in ((header_only, 0), (blanks, 2), (empty, 0)):
       got = enc.encode(source)
-      for name in ('ids', 'multi_ids', 'dense') + ('labels',) * (n > 0):
+      labeled = source is not empty  # The DataFrame has no click column.
+      self.assertEqual(got.labels is None, not labeled)
+      for name in ('ids', 'multi_ids', 'dense') + ('labels',) * labeled:
         want = getattr(first_two, name)[:n]
         self.assertEqual(getattr(got, name).dtype, want.dtype, name)
         np.testing.assert_array_equal(getattr(got, name), want, name)

@@ -154,6 +154,9 @@ class CsvTest(absltest.TestCase):
       self.metrics['auc'],
       delta=1e-6,
     )
+    count = predict.write_predictions(self.predictor, self._file([]), output)
+    with open(output) as f:
+      self.assertEqual((count, f.read()), (0, 'probability,label\n'))
 
   def test_a_dataframe_without_label_and_encoded_inputs(self):
     frame = pd.read_csv(
