@@ -48,7 +48,8 @@ def setup_distributed(
       to connect at start-up.
 
   Raises:
-    ValueError: the run is not described by the arguments or the cluster.
+    UserError: the run is not described by the arguments or the cluster
+      (the message names the flags to set).
   """
   # Cross-process collectives of the CPU backend (the 2-process tests on one
   # machine). gloo is JAX 0.10's default but not older versions'; GPU and
@@ -62,11 +63,20 @@ def setup_distributed(
       initialization_timeout=initialization_timeout_seconds,
       heartbeat_timeout_seconds=heartbeat_timeout_seconds,
     )
-  except ValueError as e:
-    raise ValueError(
-      f'Cannot join a multi-process run: {e} JAX detects the run on Slurm,'
-      ' Open MPI and Cloud TPU; elsewhere pass --coordinator_address,'
-      ' --num_processes and --process_id.'
+  except (ValueError, TypeError) as e:
+    given = {
+      'coordinator_address': coordinator_address,
+      'num_processes': num_processes,
+      'process_id': process_id,
+    }
+    unset = [f'--{name}' for name, value in given.items() if value is None]
+    raise UserError(
+      f'Cannot join a multi-process run: {e}'
+      + (f' Set {", ".join(unset)}' if unset else ' Check the flags')
+      + ': every process passes --coordinator_address=<host:port of process'
+      ' 0> and --num_processes, and its own --process_id (0 to'
+      ' num_processes - 1). JAX detects them itself only on Slurm, Open MPI'
+      ' and Cloud TPU.'
     ) from e
 
 
@@ -182,7 +192,7 @@ def stop_after_failure(
 
 
 def check_shared_workdir(workdir: str) -> None:
-  """Raises on every process unless all of them see process 0's files.
+  """Raises a UserError on every process unless all see process 0's files.
 
   Orbax writes the replicated state once and every process restores it from
   the files, so a multi-process run needs its workdir on storage that all
@@ -203,7 +213,7 @@ def check_shared_workdir(workdir: str) -> None:
     os.remove(path)
   blind = [i for i, ok in enumerate(seen.tolist()) if not ok]
   if blind:
-    raise ValueError(
+    raise UserError(
       f'--workdir {workdir} is not shared: process(es)'
       f' {", ".join(map(str, blind))} do not see the files process 0 writes'
       ' there. Put the workdir on storage that every host mounts at the same'
@@ -214,7 +224,7 @@ def check_shared_workdir(workdir: str) -> None:
 def assert_same_on_all_processes(
   value: int | None, what: str, workdir: str
 ) -> None:
-  """Raises on every process if the processes see different `value`s.
+  """Raises a UserError on every process if they see different `value`s.
 
   Args:
     value: e.g. the latest checkpoint step; None (no checkpoint) counts as -1.
@@ -225,7 +235,7 @@ def assert_same_on_all_processes(
     return
   values = allgather(np.int32(-1 if value is None else value))
   if (values != values[0]).any():
-    raise ValueError(
+    raise UserError(
       f'The processes see different {what} in {workdir}:'
       f' {dict(enumerate(values.tolist()))} (-1: none). Every process must'
       ' see the same workdir: put it on storage that all hosts share.'

@@ -16,6 +16,7 @@ test accepts that case only with gloo's abort in process 0's log, and says so
 in a warning.
 """
 
+import contextlib
 import json
 import os
 import re
@@ -26,6 +27,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from unittest import mock
 import warnings
 
 from absl.testing import absltest
@@ -34,6 +36,8 @@ import orbax.checkpoint as ocp
 
 from configs import fm as fm_config
 import data
+import multihost
+from utils import UserError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NUM_PROCESSES = int(os.environ.get('FM_TEST_NUM_PROCESSES', '2'))
@@ -364,11 +368,11 @@ class FaultTest(_MultiProcessTestCase):
   def test_unshared_workdir_stops_every_process_with_a_clear_error(self):
     workdir = os.path.join(self.tmp, 'unshared-{i}')
     run = Run(workdir, self.cache, NUM_PROCESSES)
-    self.assertNotIn(0, run.wait(), run.tails())
+    self.assertEqual(run.wait(), [2] * NUM_PROCESSES, run.tails())
     for i in range(NUM_PROCESSES):
       self.assertRegex(
         run.log(i),
-        r'is not shared: process\(es\) '
+        r'main.py: error: --workdir \S+ is not shared: process\(es\) '
         + ', '.join(map(str, range(1, NUM_PROCESSES))),
       )
 
@@ -392,10 +396,78 @@ class FaultTest(_MultiProcessTestCase):
       text=True,
       timeout=RUN_TIMEOUT,
     )
-    self.assertNotEqual(result.returncode, 0)
-    self.assertIn('Cannot join a multi-process run', result.stderr)
-    self.assertIn('--coordinator_address', result.stderr)
+    self.assertEqual(result.returncode, 2, result.stderr[-3000:])
+    self.assertNotIn('Traceback', result.stderr)
+    last = result.stderr.strip().splitlines()[-1]
+    self.assertRegex(
+      last,
+      r'^main.py: error: Cannot join a multi-process run: coordinator_address'
+      r' should be defined. Set --coordinator_address, --num_processes,'
+      r' --process_id: ',
+    )
     self.assertFalse(os.path.exists(os.path.join(self.tmp, 'nocluster')))
+
+
+class UserErrorTest(absltest.TestCase):
+  """A run set up wrong stops with a UserError (one line, status 2)."""
+
+  def test_missing_flags_are_named(self):
+    refusals = (
+      ValueError('coordinator_address should be defined.'),
+      ValueError('process_id and num_processes must be nonnegative.'),
+    )
+    with (
+      mock.patch.object(multihost.jax.config, 'update'),
+      mock.patch.object(
+        multihost.jax.distributed, 'initialize', side_effect=refusals
+      ),
+    ):
+      with self.assertRaisesRegex(
+        UserError,
+        r'^Cannot join a multi-process run: coordinator_address should be'
+        r' defined. Set --coordinator_address, --process_id: every process'
+        r' passes --coordinator_address=<host:port of process 0>',
+      ):
+        multihost.setup_distributed(num_processes=2)
+      with self.assertRaisesRegex(
+        UserError, r'must be nonnegative. Check the flags: every process'
+      ):
+        multihost.setup_distributed('127.0.0.1:1234', 2, 2)
+
+  def _two_processes(self, gathered):
+    return (
+      mock.patch.object(multihost.jax, 'process_count', return_value=2),
+      mock.patch.object(multihost.jax, 'process_index', return_value=0),
+      mock.patch.object(
+        multihost.multihost_utils, 'broadcast_one_to_all', lambda x: x
+      ),
+      mock.patch.object(multihost.multihost_utils, 'sync_global_devices'),
+      mock.patch.object(
+        multihost, 'allgather', return_value=np.array(gathered)
+      ),
+    )
+
+  def test_unshared_workdir(self):
+    workdir = tempfile.mkdtemp()
+    with contextlib.ExitStack() as stack:
+      for patch in self._two_processes([1, 0]):
+        stack.enter_context(patch)
+      with self.assertRaisesRegex(
+        UserError, f'--workdir {workdir} is not shared: process\\(es\\) 1 '
+      ):
+        multihost.check_shared_workdir(workdir)
+    self.assertEqual(os.listdir(workdir), [])  # The check file is gone.
+
+  def test_processes_that_see_other_checkpoints(self):
+    with contextlib.ExitStack() as stack:
+      for patch in self._two_processes([3, -1]):
+        stack.enter_context(patch)
+      with self.assertRaisesRegex(
+        UserError,
+        r'The processes see different latest checkpoints in /w:'
+        r' \{0: 3, 1: -1\} \(-1: none\)',
+      ):
+        multihost.assert_same_on_all_processes(3, 'latest checkpoints', '/w')
 
 
 if __name__ == '__main__':
