@@ -297,14 +297,23 @@ def check_output(output: str, source: str, workdir: str) -> None:
     )
 
 
-def define_flags() -> None:
+def define_flags(values: flags.FlagValues = flags.FLAGS) -> None:
   """The command line's flags (not at import: `load` is a library call)."""
-  flags.DEFINE_string('workdir', None, 'Workdir of a finished training run.')
-  flags.DEFINE_string('input', None, 'Rows to score, in the run format.')
-  flags.DEFINE_string('output', None, 'CSV to write: probability[,label].')
-  flags.DEFINE_integer('batch_size', 8192, 'Rows per step, over all devices.')
-  flags.DEFINE_integer('chunk_rows', 100_000, 'Lines read at a time.')
-  flags.mark_flags_as_required(['workdir', 'input', 'output'])
+  for name, help_ in (
+    ('workdir', 'Workdir of a finished training run.'),
+    ('input', 'Rows to score, in the run format.'),
+    ('output', 'CSV to write: probability[,label].'),
+  ):
+    flags.DEFINE_string(name, None, help_, flag_values=values)
+  # lower_bound: a value below 1 is a one-line error naming the flag.
+  for name, default, help_ in (
+    ('batch_size', 8192, 'Rows per step, over all devices.'),
+    ('chunk_rows', 100_000, 'Lines read at a time.'),
+  ):
+    flags.DEFINE_integer(
+      name, default, help_, lower_bound=1, flag_values=values
+    )
+  flags.mark_flags_as_required(['workdir', 'input', 'output'], values)
 
 
 def main(argv):

@@ -13,6 +13,7 @@ import subprocess
 import sys
 import tempfile
 
+from absl import flags
 from absl.testing import absltest
 from absl.testing import parameterized
 from dataset_testing import criteo_rows
@@ -25,6 +26,7 @@ from predict_testing import trained_run
 from datasets import criteo
 import metrics
 import predict
+import utils
 from utils import UserError
 
 
@@ -197,6 +199,22 @@ class PredictTest(parameterized.TestCase):
   def test_missing_workdir_is_a_user_error(self):
     with self.assertRaisesRegex(UserError, 'no encoder.json'):
       predict.load(self.tmp)
+
+  def test_chunk_rows_and_batch_size_below_one_name_the_flag(self):
+    values = flags.FlagValues()
+    predict.define_flags(values)
+    paths = ['--workdir=w', '--input=i', '--output=o']
+    for flag in ('--chunk_rows=0', '--chunk_rows=-1', '--batch_size=0'):
+      argv = ['predict.py', *paths, flag]
+      with self.assertRaises(flags.Error) as raised:
+        values(argv)
+      self.assertEqual(
+        utils._flag_error(argv, raised.exception),
+        f'flag {flag}: {flag.split("=")[1]} is not a positive integer. Pass'
+        ' --helpshort to see the flags.',
+      )
+    values(['predict.py', *paths, '--chunk_rows=1', '--batch_size=1'])
+    self.assertEqual((values.chunk_rows, values.batch_size), (1, 1))
 
   def test_output_is_parsed_back_exactly(self):
     probs = np.array([1e-8, 0.123456789, 1 - 1e-7, 0.5], np.float32)
