@@ -281,7 +281,8 @@ def train_epoch(
   With `resident`, `split` kept on the devices, the host sends only rows.
 
   Returns:
-    The new state, the mean loss, and examples/s after the compiling step.
+    The new state, the mean loss, and examples/s: of the dispatches after the
+    first (which may compile), or of the whole epoch when it is one dispatch.
   """
   steps = data.num_train_steps(split, config.batch_size)
   show = config.progress_bar and jax.process_index() == 0
@@ -294,13 +295,14 @@ def train_epoch(
   # Each stack's losses stay on the device until read, once: the bar reads
   # the new ones (waiting for them) only when it is drawn.
   losses, fetched, done, every = [], [], 0, config.log_every_steps
+  start, timed = time.perf_counter(), 0
   for group, batch in enumerate(utils.prefetch(batches)):
     state, loss = p_train_step(
       state, batch, hyper, resident, counts[sizes[group]]
     )
     losses.append(loss.addressable_data(0))  # [1, steps]
     done += sizes[group]
-    if group == 0:
+    if group == 0 and len(sizes) > 1:
       loss.block_until_ready()  # Exclude compilation from the rate.
       start, timed = time.perf_counter(), done
     logs = done // every > (done - sizes[group]) // every or done == steps
@@ -312,4 +314,4 @@ def train_epoch(
   loss = float(np.mean(_first(fetched, sizes)))
   elapsed = max(time.perf_counter() - start, 1e-9)
   bar.close()
-  return state, loss, max(steps - timed, 1) * config.batch_size / elapsed
+  return state, loss, (steps - timed) * config.batch_size / elapsed

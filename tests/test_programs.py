@@ -5,6 +5,9 @@ calls, so the first epoch and evaluation start without compiling.
 """
 
 import contextlib
+import itertools
+import types
+from unittest import mock
 
 from absl.testing import absltest
 from absl.testing import parameterized
@@ -181,6 +184,35 @@ class TrainCompileAheadTest(parameterized.TestCase):
     self.assertEqual(int(np.asarray(state.step)[0]), 14)
     self.assertTrue(np.isfinite(loss))
     self.assertEqual(scores['num_examples'], 40)
+
+
+class TrainEpochRateTest(parameterized.TestCase):
+  # 7 steps of 8: one dispatch of 7, or a padded stack of 1, then 3 and 3.
+  @parameterized.parameters((16, 0), (3, 1))
+  def test_the_rate_is_the_timed_examples_over_their_time(
+    self, steps_per_dispatch, untimed_steps
+  ):
+    config = default.get_config()
+    config.model = {'embed_dim': 4}
+    config.batch_size = 8
+    config.steps_per_dispatch = steps_per_dispatch
+    config.progress_bar = False
+    model = train.create_model(config, FIELD_DIMS, train.AXIS)
+    p_train, _ = train.pmapped_steps(model, config)
+    state = train.replicate(
+      train.state_initializer(config, model)(jax.random.key(0))
+    )
+    # Each reading of the clock is 10 s after the one before: the rate's
+    # two readings bound what it timed.
+    clock = types.SimpleNamespace(
+      perf_counter=itertools.count(0.0, 10.0).__next__
+    )
+    with mock.patch.object(programs, 'time', clock):
+      state, _, rate = train.train_epoch(p_train, state, _split(61), config, 0)
+    self.assertEqual(int(np.asarray(state.step)[0]), 7)
+    # A single dispatch is timed whole; else from the end of the first,
+    # which may compile.
+    self.assertAlmostEqual(rate, (7 - untimed_steps) * 8 / 10.0)
 
 
 if __name__ == '__main__':
