@@ -221,6 +221,7 @@ def validate_config(
   dataset_names: Sequence[str] | None = None,
   optimizers: Sequence[str] = OPTIMIZERS,
   num_devices: int | None = None,
+  resuming: bool = False,
 ) -> None:
   """Checks every key that can be checked without the data.
 
@@ -231,6 +232,8 @@ def validate_config(
     optimizers: the accepted `optimizer`s.
     num_devices: the run's device count (all processes): batch sizes must
       be multiples of it; None: not checked here.
+    resuming: the run resumes from its checkpoints, which hold the weights:
+      `init_from` is not read, so not checked.
 
   Raises:
     ConfigError: one message naming every bad key, its value and the rule.
@@ -255,7 +258,8 @@ def validate_config(
           f'config.{key}={value} must be a multiple of the {num_devices}'
           ' devices of this run'
         )
-  problems += _init_from_problems(config.get('init_from'))
+  if not resuming:
+    problems += _init_from_problems(config.get('init_from'))
   problems += _model_problems(config)
   if 'dataset' in config:
     problems += _dataset_problems(config.dataset, dataset_names, check)

@@ -342,6 +342,7 @@ def train_and_evaluate(
     dataset_names=tuple(data.FORMAT_OF),
     optimizers=optim.NAMES,
     num_devices=jax.device_count(),
+    resuming=workdir_lib.has_checkpoints(workdir),
   )
   utils.enable_compilation_cache(data.cache_dir(config.dataset))
   is_main = jax.process_index() == 0
@@ -400,8 +401,6 @@ def _run(
   state = init(rng)
   num_params = sum(x.size for x in jax.tree.leaves(state.params))
   logging.info('Model %s: %d parameters', config.model_name, num_params)
-  if config.get('init_from'):
-    state = warm_start(state, config.init_from)
 
   # Single-host saves run on a thread while training goes on (multi-host
   # saves are collective); leaving `with ckpt` waits for them, before the
@@ -415,6 +414,8 @@ def _run(
   state, meta = ckpt.restore_latest(state)
   if meta is None:
     meta = {'epoch': 0, 'best_auc': -1.0, 'best_epoch': 0, 'bad_epochs': 0}
+    if config.get('init_from'):  # A resumed run has its weights already.
+      state = warm_start(state, config.init_from)
   else:
     logging.info('Resumed from epoch %d of %s', meta['epoch'], workdir)
   writer = metrics.MetricsWriter(

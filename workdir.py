@@ -156,7 +156,7 @@ def is_safe(key: str) -> bool:
 
 def has_checkpoints(workdir: str) -> bool:
   """Whether `workdir/checkpoints/*/` holds a step (orbax names it by step)."""
-  root = os.path.join(workdir, 'checkpoints')
+  root = os.path.join(os.path.expanduser(workdir), 'checkpoints')
   if not os.path.isdir(root):
     return False
   for manager in os.listdir(root):

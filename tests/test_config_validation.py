@@ -251,6 +251,9 @@ class BadValueTest(_TestCase):
       self.assertIn(f'config.init_from={run!r} must be the workdir', message)
       os.makedirs(os.path.join(run, 'checkpoints', 'best', '4'))
       config_check.validate_config(_config(init_from=run))
+    # A resumed run does not read it: it may be gone.
+    config_check.validate_config(_config(init_from=run), resuming=True)
+    self.assertIn('init_from', self.problems(_config(init_from=run)))
 
   def test_all_problems_in_one_message(self):
     config = _config(

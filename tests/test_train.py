@@ -6,6 +6,7 @@ import importlib
 import itertools
 import json
 import os
+import shutil
 import tempfile
 
 from absl.testing import absltest
@@ -15,6 +16,7 @@ import jax
 import ml_collections
 import numpy as np
 
+import config_check
 from configs import default
 import data
 import metrics
@@ -349,6 +351,34 @@ class TrainAndEvaluateTest(absltest.TestCase):
       self.assertEqual(run('resumed', num_epochs=2, optimizer='auto'), lazy)
       # 'auto' alone is Adam on these small tables.
       self.assertNotEqual(run('auto', num_epochs=2, optimizer='auto'), lazy)
+
+  def test_a_resume_does_not_read_init_from(self):
+    # The checkpoints of a warm-started run hold its weights: it resumes
+    # after the run it started from is gone.
+    with tempfile.TemporaryDirectory() as root:
+      base, warm = os.path.join(root, 'base'), os.path.join(root, 'warm')
+      config = _config(num_epochs=1)
+      config.dataset.cache_dir = os.path.join(root, 'cache')
+      train.train_and_evaluate(config, base)
+      config.init_from = base
+      with self.assertLogs('absl', 'INFO') as logs:
+        train.train_and_evaluate(config, warm)
+      self.assertIn(f'Warm start from {base}', '\n'.join(logs.output))
+      shutil.rmtree(base)
+      config.num_epochs = 2
+      with self.assertLogs('absl', 'INFO') as logs:
+        train.train_and_evaluate(config, warm)
+      self.assertIn('Resumed from epoch 1', '\n'.join(logs.output))
+      self.assertNotIn('Warm start', '\n'.join(logs.output))
+      self.assertEqual(
+        [(r['split'], r['epoch']) for r in _metrics(warm)],
+        [('train', 1), ('valid', 1), ('train', 2), ('valid', 2), ('test', 2)],
+      )
+      # From scratch, init_from is read and must exist.
+      with self.assertRaisesRegex(
+        config_check.ConfigError, f'config.init_from={base!r} must be'
+      ):
+        train.train_and_evaluate(config, os.path.join(root, 'new'))
 
 
 if __name__ == '__main__':
