@@ -69,6 +69,21 @@ def field_offsets(field_dims: Sequence[int]) -> np.ndarray:
   return np.concatenate([[0], np.cumsum(field_dims)[:-1]]).astype(np.int32)
 
 
+def one_hot_rows(field_dims: Sequence[int]) -> int:
+  """Rows of the one-hot fields' table: `sum(field_dims)`.
+
+  Raises:
+    ValueError: `field_dims` is empty. Multi-hot and numeric fields join the
+      one-hot fields; they cannot replace them.
+  """
+  if not len(field_dims):
+    raise ValueError(
+      'field_dims is empty: the model needs at least one one-hot'
+      ' (categorical) field; multi-hot and numeric fields cannot replace it.'
+    )
+  return sum(field_dims)
+
+
 def take_rows(
   table: jnp.ndarray,
   rows: jnp.ndarray,
@@ -285,7 +300,7 @@ class FeaturesLinear(nn.Module):
   ) -> jnp.ndarray:
     """Maps the fields' inputs (`embed_fields`) to the logit term `[batch]`."""
     zeros = nn.initializers.zeros
-    weight = self.param('weight', zeros, (sum(self.field_dims), 1))
+    weight = self.param('weight', zeros, (one_hot_rows(self.field_dims), 1))
     bias = self.param('bias', zeros, (1,))
     multi_weight = dense_weight = None
     if self.multi_field_dims:
@@ -346,7 +361,7 @@ class FeaturesEmbedding(nn.Module):
     """
     init = nn.initializers.xavier_uniform()
     dim = self.embed_dim
-    table = self.param('embedding', init, (sum(self.field_dims), dim))
+    table = self.param('embedding', init, (one_hot_rows(self.field_dims), dim))
     multi_table = dense_table = None
     if self.multi_field_dims:
       multi_table = self.param(

@@ -39,6 +39,21 @@ def field_offsets(field_dims: Sequence[int]) -> np.ndarray:
   return np.concatenate([[0], np.cumsum(field_dims)[:-1]]).astype(np.int32)
 
 
+def one_hot_rows(field_dims: Sequence[int]) -> int:
+  """Rows of the one-hot fields' table: `sum(field_dims)`.
+
+  Raises:
+    ValueError: `field_dims` is empty. Multi-hot and numeric fields join the
+      one-hot fields; they cannot replace them.
+  """
+  if not len(field_dims):
+    raise ValueError(
+      'field_dims is empty: the model needs at least one one-hot'
+      ' (categorical) field; multi-hot and numeric fields cannot replace it.'
+    )
+  return sum(field_dims)
+
+
 def take_rows(
   table: jnp.ndarray,
   rows: jnp.ndarray,
@@ -255,7 +270,7 @@ class FeaturesLinear(nn.Module):
   ) -> jnp.ndarray:
     """Maps the fields' inputs (`embed_fields`) to the logit term `[batch]`."""
     zeros = nn.initializers.zeros
-    weight = self.param('weight', zeros, (sum(self.field_dims), 1))
+    weight = self.param('weight', zeros, (one_hot_rows(self.field_dims), 1))
     bias = self.param('bias', zeros, (1,))
     multi_weight = dense_weight = None
     if self.multi_field_dims:

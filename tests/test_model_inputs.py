@@ -349,6 +349,28 @@ class ModelInputsTest(parameterized.TestCase):
     with self.assertRaisesRegex(ValueError, "'mean' or 'sum'"):
       init(self._side_model(mod, name, 'max'), ids, multi_ids, dense)
 
+  @parameterized.named_parameters(NAMED_MODELS)
+  def test_no_one_hot_field_is_a_clear_error(self, name):
+    # field_dims=() used to fail inside xavier init (ZeroDivisionError) or
+    # in a concatenation: multi-hot and numeric fields join the one-hot
+    # fields, they cannot replace them. NCF names its user and item fields.
+    mod = self._module(name)
+    _, multi_ids, dense = _inputs()
+    ids = np.zeros((BATCH, 0), np.int32)
+    message = (
+      r'user_field_idx .* in \[0, 0\)'
+      if name == 'ncf'
+      else r'^field_dims is empty: .* at least one one-hot \(categorical\)'
+    )
+    with self.assertRaisesRegex(ValueError, message):
+      model = mod.Model(
+        (),
+        multi_field_dims=MULTI_FIELD_DIMS,
+        num_dense=NUM_DENSE,
+        **TEST_KWARGS.get(name, {}),
+      )
+      init(model, ids, multi_ids, dense)
+
 
 class InteractionByHandTest(parameterized.TestCase):
   """Models whose whole formula is short enough to write out here."""
