@@ -160,11 +160,7 @@ def split_indices(
   """A seeded random partition of `range(n)` into train / valid / test."""
   n_train, n_valid, _ = split_sizes(n, fractions)
   perm = _permutation(n, np.random.default_rng(seed))
-  return (
-    perm[:n_train],
-    perm[n_train : n_train + n_valid],
-    perm[n_train + n_valid :],
-  )
+  return tuple(np.split(perm, [n_train, n_train + n_valid]))
 
 
 # --------------------------------------------------------------------------
@@ -230,6 +226,12 @@ def _build(directory, source, config, options, paths, spec, replace) -> None:
   stats = {path: cache.source_stat(path) for path in paths.values()}
   with core.reading(*paths.values()):
     encoded = source.build(config, options, paths)
+  if not encoded.field_dims:  # After pass 1, before pass 2 writes anything.
+    raise DataError(
+      f'config.dataset ({config.name}): at least one categorical (one-hot)'
+      ' field is needed besides multi-hot and float ones; name one in'
+      ' config.dataset.csv.categorical_columns or numeric_columns.'
+    )
   if 'all' in encoded.rows:
     sizes = split_sizes(encoded.rows['all'], config.split)
   else:
@@ -327,12 +329,9 @@ def example_inputs(model, rows: int = 2) -> dict:
 
 def _rows(split: Split, rows) -> dict[str, np.ndarray]:
   """`ids`, `label` and, when `split` has them, `multi_ids` and `dense`."""
-  out = {'ids': split.ids[rows], 'label': split.labels[rows]}
-  if split.multi_ids is not None:
-    out['multi_ids'] = split.multi_ids[rows]
-  if split.dense is not None:
-    out['dense'] = split.dense[rows]
-  return out
+  out = dict(ids=split.ids, label=split.labels, multi_ids=split.multi_ids)
+  out['dense'] = split.dense
+  return {key: x[rows] for key, x in out.items() if x is not None}
 
 
 def num_train_steps(split: Split, batch_size: int) -> int:

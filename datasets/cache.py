@@ -52,6 +52,7 @@ class Damaged(Exception):
 
 def _pieces(size: int, start: int, row_bytes: int) -> list[tuple[int, int]]:
   """(offset, length) of the pieces of a file: `[0, start)`, then rows."""
+  row_bytes = max(1, row_bytes)  # As NpyWriter: `[n, 0]` has no row bytes.
   step = max(1, PIECE_BYTES // row_bytes) * row_bytes
   out = [(0, start)] if start else []
   return out + [(o, min(step, size - o)) for o in range(start, size, step)]

@@ -559,5 +559,38 @@ class PermissionsTest(IntegrityTestCase):
     self.assertEqual(stat.S_IMODE(os.stat(made).st_mode), dir_mode)
 
 
+class NoOneHotFieldTest(IntegrityTestCase):
+  """A dataset needs a one-hot field; zero-width rows still checksum."""
+
+  def test_only_float_and_multi_hot_columns_are_refused_before_pass_2(self):
+    # field_dims=() used to write the cache, then fail reading it with a
+    # ZeroDivisionError (cache._pieces), and every model at init.
+    rows = [
+      [str(i % 2), str(i / 7), 'a|b' if i % 3 else 'c'] for i in range(60)
+    ]
+    path = write_lines(
+      os.path.join(self.tmp, 'x.csv'), rows, ',', ['y', 'price', 'tags']
+    )
+    csv = dict(label_column='y', float_columns=('price',))
+    csv.update(multi_hot_columns=('tags',))
+    with self.assertRaisesRegex(
+      data.DataError,
+      r'^config\.dataset \(csv\): at least one categorical \(one-hot\)'
+      r' field is needed .* config\.dataset\.csv\.categorical_columns',
+    ):
+      data.load_dataset(self.config('csv', path, csv=csv))
+    self.assertEqual(self.encoded(), [])  # Nothing written.
+
+  def test_pieces_of_zero_width_rows(self):
+    path = os.path.join(self.tmp, 'ids.npy')
+    writer = cache.NpyWriter(path, np.int32, (5, 0))
+    writer.write(np.zeros((5, 0), np.int32))
+    record = writer.close()
+    size = os.path.getsize(path)  # The header alone.
+    self.assertEqual(cache._pieces(size, size, 0), [(0, size)])
+    digest, _ = cache._scan(path, cache._pieces(size, size, 0))
+    self.assertEqual(record, {'bytes': size, 'sha256': digest})
+
+
 if __name__ == '__main__':
   absltest.main()
