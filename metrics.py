@@ -5,6 +5,7 @@ benchmark's torch worker) scores and records its runs the same way.
 """
 
 import json
+import math
 import os
 import time
 
@@ -37,6 +38,25 @@ def roc_auc(labels: np.ndarray, scores: np.ndarray) -> float:
   )
 
 
+def json_line(record: dict) -> str:
+  """`record` as one line of strict JSON, a non-finite number as `null`.
+
+  JSON has no NaN or infinity (Python would write `NaN`, which other readers
+  refuse): the loss and logloss of a diverged epoch are written as `null`.
+  """
+
+  def finite(value):
+    if isinstance(value, float) and not math.isfinite(value):
+      return None
+    if isinstance(value, dict):
+      return {k: finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+      return [finite(v) for v in value]
+    return value
+
+  return json.dumps(finite(record), allow_nan=False) + '\n'
+
+
 class MetricsWriter:
   """Appends JSON lines to `workdir/metrics.jsonl` (process 0 only).
 
@@ -44,7 +64,8 @@ class MetricsWriter:
   a resume by `wall_time_offset` (the value saved with the checkpoint), so
   runs can be compared against wall-clock time (benchmarks/plot.py); and
   `time`, the Unix time of the line, so that a run can be timed from its
-  process's launch (benchmarks/time_to_auc.py).
+  process's launch (benchmarks/time_to_auc.py). The lines are strict JSON
+  (`json_line`): a metric that is NaN or infinite is `null`.
   """
 
   def __init__(
@@ -73,7 +94,7 @@ class MetricsWriter:
         except json.JSONDecodeError:
           continue  # A line cut short by a kill.
         if record.get('split') != 'test' and record.get('epoch', 0) <= epoch:
-          kept.append(json.dumps(record) + '\n')
+          kept.append(json_line(record))
     tmp = self.path + '.tmp'
     with open(tmp, 'w') as f:
       f.writelines(kept)
@@ -85,5 +106,5 @@ class MetricsWriter:
     logging.info('%s', ' '.join(f'{k}={v}' for k, v in record.items()))
     if self.enabled:
       with open(self.path, 'a') as f:
-        f.write(json.dumps(record) + '\n')
+        f.write(json_line(record))
         f.flush()

@@ -442,9 +442,11 @@ def _run(
       )
       writer.write(split='valid', epoch=epoch, step=step, **valid)
       if not (math.isfinite(loss) and math.isfinite(valid['auc'])):
-        raise FloatingPointError(
+        raise UserError(
           f'Training diverged at epoch {epoch}: loss {loss}, validation AUC'
-          f' {valid["auc"]}. Lower config.learning_rate.'
+          f' {valid["auc"]}. Lower config.learning_rate and train again (in'
+          ' a new workdir if this one holds checkpoints: a resume keeps the'
+          ' learning rate).'
         )
 
       host_state = programs.first_replica(replicated)

@@ -8,6 +8,7 @@ import json
 import os
 import shutil
 import tempfile
+from unittest import mock
 
 from absl.testing import absltest
 from absl.testing import parameterized
@@ -23,6 +24,7 @@ import metrics
 import models
 import programs
 import train
+from utils import UserError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -87,6 +89,24 @@ class MetricsTest(parameterized.TestCase):
     self.assertEqual(metrics.roc_auc([1, 1, 0, 0], [0.1, 0.2, 0.3, 0.4]), 0.0)
     self.assertEqual(metrics.roc_auc([0, 1], [0.5, 0.5]), 0.5)
     self.assertTrue(np.isnan(metrics.roc_auc([1, 1], [0.1, 0.2])))
+
+  def test_non_finite_metrics_are_written_as_null(self):
+    with tempfile.TemporaryDirectory() as workdir:
+      path = os.path.join(workdir, 'metrics.jsonl')
+      with open(path, 'w') as f:  # As written before: not JSON.
+        f.write('{"split": "valid", "epoch": 1, "logloss": NaN}\n')
+      writer = metrics.MetricsWriter(workdir, enabled=True)
+      writer.truncate(1)
+      writer.write(split='train', epoch=2, loss=float('nan'), rate=np.inf)
+      with open(path) as f:
+        records = [json.loads(line, parse_constant=self.fail) for line in f]
+    self.assertEqual(
+      [
+        {k: r[k] for k in ('epoch', 'logloss', 'loss', 'rate') if k in r}
+        for r in records
+      ],
+      [{'epoch': 1, 'logloss': None}, {'epoch': 2, 'loss': None, 'rate': None}],
+    )
 
 
 class CreateModelTest(absltest.TestCase):
@@ -351,6 +371,40 @@ class TrainAndEvaluateTest(absltest.TestCase):
       self.assertEqual(run('resumed', num_epochs=2, optimizer='auto'), lazy)
       # 'auto' alone is Adam on these small tables.
       self.assertNotEqual(run('auto', num_epochs=2, optimizer='auto'), lazy)
+
+  def test_divergence_stops_with_a_user_error_and_keeps_the_checkpoints(self):
+    real = train.train_epoch
+
+    def diverge_in_epoch_2(*args):
+      state, loss, rate = real(*args)
+      return state, float('nan') if args[4] == 1 else loss, rate
+
+    with tempfile.TemporaryDirectory() as workdir:
+      config = _config(num_epochs=2)
+      config.dataset.cache_dir = os.path.join(workdir, 'cache')
+      with (
+        mock.patch.object(train, 'train_epoch', diverge_in_epoch_2),
+        self.assertRaisesRegex(
+          UserError,
+          r'^Training diverged at epoch 2: loss nan, validation AUC 0\.\d+\.'
+          ' Lower config.learning_rate and train again',
+        ),
+      ):
+        train.train_and_evaluate(config, workdir)
+      for kind in ('latest', 'best'):
+        directory = os.path.join(workdir, 'checkpoints', kind)
+        self.assertEqual(os.listdir(directory), ['1'])
+      with open(os.path.join(workdir, 'metrics.jsonl')) as f:
+        lines = [json.loads(line, parse_constant=self.fail) for line in f]
+      self.assertEqual(
+        [(r['split'], r['epoch'], r.get('loss', 0) is None) for r in lines],
+        [('train', 1, False), ('valid', 1, False), ('train', 2, True)]
+        + [('valid', 2, False)],
+      )
+      # Epoch 1 is kept: the run resumes from it.
+      before = _metrics(workdir)
+      self.assertGreater(train.train_and_evaluate(config, workdir)['auc'], 0.7)
+      self.assertEqual(_metrics(workdir)[:2], before[:2])
 
   def test_a_resume_does_not_read_init_from(self):
     # The checkpoints of a warm-started run hold its weights: it resumes
