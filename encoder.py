@@ -400,9 +400,9 @@ def _integral(column: pd.Series) -> pd.Series:
   if column.dtype.kind != 'f':
     return column
   values = column.to_numpy()
-  finite = values[np.isfinite(values)]
-  if np.all(finite == np.round(finite)) and np.all(
-    np.abs(finite) < text.INT_LIMIT
+  present = values[~np.isnan(values)]  # inf: left a float, which fails parsing.
+  if np.all(present == np.round(present)) and np.all(
+    np.abs(present) < text.INT_LIMIT
   ):
     return column.astype('Int64')
   return column

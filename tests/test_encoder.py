@@ -443,6 +443,28 @@ class SideInputsTest(EncoderTestCase):
       [len(c.ids) for c in enc.chunks(blanks, chunk_rows=2)], [1, 0, 1]
     )
 
+  def test_inf_in_a_whole_number_column_is_a_data_error(self):
+    rows = criteo_rows(20, seed=5)
+    path = write_lines(os.path.join(self.tmp, 'train.txt'), rows, '\t')
+    _, enc, _ = self._save('criteo', path)
+    frame = _frame(rows, CRITEO_COLUMNS).astype({'I1': float})
+    for value in (np.inf, -np.inf):
+      frame.loc[2, 'I1'] = value
+      with self.assertRaisesRegex(
+        data.DataError,
+        f"^DataFrame row 2: integer column I1 '{value}' is not an integer",
+      ):
+        enc.encode(frame)
+    rows = feature_rows(50, seed=8)
+    path = write_lines(os.path.join(self.tmp, 'train.csv'), rows, ',', HEADER)
+    _, enc, _ = self._save('csv', path, csv=csv_options())
+    frame = _frame(rows, HEADER).astype({'price': float}).round({'price': 0})
+    frame.loc[3, 'price'] = np.inf
+    with self.assertRaisesRegex(
+      data.DataError, '^DataFrame row 3: float column price inf is not finite'
+    ):
+      enc.encode(frame)
+
   def test_criteo_dense_integers(self):
     rows = criteo_rows(200, seed=9)
     path = write_lines(os.path.join(self.tmp, 'train.txt'), rows, '\t')
