@@ -160,12 +160,17 @@ class SideInputs:
     return multi, dense
 
   def standardized(self, raw: np.ndarray, n: int) -> np.ndarray:
-    """float32 `[n, dense_fields]` of raw values (NaN: missing -> 0)."""
+    """float32 `[n, dense_fields]` of raw values (NaN: missing -> 0).
+
+    Raises:
+      side.OutOfRange: a value beyond float32's range, before or after.
+    """
     if not n:
       return np.zeros((0, len(self.dense_names)), np.float32)
     mean = np.asarray(self.dense_mean, np.float64)
     std = np.asarray(self.dense_std, np.float64)
-    return np.concatenate(list(side_lib.standardized(raw, mean, std)))
+    pieces = side_lib.standardized(raw, mean, std, self.dense_names)
+    return np.concatenate(list(pieces))
 
   def lookup(self, ids: np.ndarray) -> tuple:
     """MovieLens: `(ids, multi_ids, dense)` of user and movie ids `[n, 2]`.

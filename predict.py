@@ -41,6 +41,8 @@ import numpy as np
 import pandas as pd
 
 import checkpoints
+from datasets import core
+from datasets import side
 import encoder as encoder_lib
 import train
 import utils
@@ -150,7 +152,11 @@ class Predictor:
 
     See `encoder.Encoder.encode` for its columns.
     """
-    return self.predict_ids(**self.encoder.encode(frame).inputs())
+    try:
+      rows = self.encoder.encode(frame)
+    except side.OutOfRange as e:
+      raise core.DataError(f'DataFrame row {e.row}: {e}') from e
+    return self.predict_ids(**rows.inputs())
 
   def predict_file(
     self, path: str, chunk_rows: int = 100_000
@@ -166,8 +172,16 @@ class Predictor:
     self, path: str, chunk_rows: int
   ) -> Iterator[tuple[encoder_lib.Rows, np.ndarray]]:
     """`(encoded rows, probabilities)` of each chunk of `path`."""
-    for rows in utils.prefetch(self.encoder.chunks(path, chunk_rows)):
-      yield rows, self.predict_ids(**rows.inputs())
+    done = 0  # Rows of the chunks before.
+    try:
+      for rows in utils.prefetch(self.encoder.chunks(path, chunk_rows)):
+        yield rows, self.predict_ids(**rows.inputs())
+        done += len(rows.ids)
+    except side.OutOfRange as e:
+      raise core.DataError(
+        f'{path}: row {done + e.row + 1} (the header and blank lines not'
+        f' counted): {e}'
+      ) from e
 
   def unseen(self, ids: np.ndarray) -> np.ndarray:
     """Which `ids` `[n, fields]` are their field's out-of-vocabulary id.

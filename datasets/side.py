@@ -6,16 +6,65 @@ field's mean and standard deviation over the TRAINING split's present
 values, and writes `(value - mean) / std` in float32, a missing value
 becoming 0 (the training mean). A field whose training values are all
 missing gets mean 0; a standard deviation of 0 (a constant field) or an
-undefined one is taken as 1, so the values stay finite.
+undefined one is taken as 1, so the values stay finite. A value beyond
+float32's range, before or after standardisation, is a DataError, as inf is.
 """
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 import os
 
 import numpy as np
 
+from datasets import core
+
 # Rows per piece when a numeric file is read back.
 CHUNK_ROWS = 1 << 16
+FLOAT32_MAX = float(np.finfo(np.float32).max)
+
+
+class OutOfRange(core.DataError):
+  """A numeric value beyond float32's range; `row` is its row's index."""
+
+  def __init__(self, message: str, row: int):
+    super().__init__(message)
+    self.row = row
+
+
+def check_range(
+  values: np.ndarray,
+  names: Sequence[str],
+  raw: np.ndarray | None = None,
+  mean: np.ndarray | None = None,
+  std: np.ndarray | None = None,
+) -> None:
+  """Raises OutOfRange at the first of `values` `[n, fields]` (NaN: missing)
+  beyond float32's range, naming its field (`names`, or its index).
+
+  Args:
+    values: raw values, or standardised values of `raw` by `mean` and
+      `std` (which the message then quotes).
+    names: the fields' names, or () for their indices.
+    raw: the raw values, when `values` are standardised.
+    mean: the training mean per field.
+    std: the training standard deviation per field.
+  """
+  bad = np.abs(values) > FLOAT32_MAX  # inf too; NaN is missing.
+  if not bad.any():
+    return
+  row, f = (int(i) for i in np.argwhere(bad)[0])
+  name = names[f] if names else f'#{f}'
+  if raw is None:
+    value = f'{values[row, f]:g} is'
+  else:
+    value = (
+      f'{raw[row, f]:g} standardises to {values[row, f]:g} (mean'
+      f' {mean[f]:g}, std {std[f]:g}), which is'
+    )
+  raise OutOfRange(
+    f'numeric field {name}: {value} beyond float32 range'
+    f' (+-{FLOAT32_MAX:.4g}); remove or rescale the value.',
+    row,
+  )
 
 
 def multi_problem(multi_ids: np.ndarray, dims: np.ndarray) -> str | None:
@@ -82,11 +131,26 @@ def moments(raw: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 
 def standardized(
-  raw: np.ndarray, mean: np.ndarray, std: np.ndarray
+  raw: np.ndarray,
+  mean: np.ndarray,
+  std: np.ndarray,
+  names: Sequence[str] = (),
 ) -> Iterator[np.ndarray]:
-  """float32 `(raw - mean) / std` in pieces of rows; missing (NaN) -> 0."""
-  for piece in _pieces(raw):
-    out = (piece - mean) / std
+  """float32 `(raw - mean) / std` in pieces of rows; missing (NaN) -> 0.
+
+  Raises:
+    OutOfRange: a value beyond float32's range, before or after (its row
+      counted from the first of `raw`).
+  """
+  for start in range(0, len(raw), CHUNK_ROWS):
+    piece = np.asarray(raw[start : start + CHUNK_ROWS], np.float64)
+    try:
+      check_range(piece, names)
+      with np.errstate(over='ignore'):  # A tiny std.
+        out = (piece - mean) / std
+      check_range(out, names, piece, mean, std)
+    except OutOfRange as e:
+      raise OutOfRange(str(e), start + e.row) from None
     yield np.where(np.isnan(out), 0.0, out).astype(np.float32)
 
 

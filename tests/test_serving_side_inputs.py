@@ -11,6 +11,7 @@ cache's inputs.
 import atexit
 import functools
 import os
+import re
 import shutil
 import tempfile
 
@@ -172,6 +173,28 @@ class CsvTest(absltest.TestCase):
     np.testing.assert_allclose(got, self.expected, rtol=0, atol=1e-6)
     with self.assertRaisesRegex(ValueError, 'takes ids, multi_ids, dense'):
       self.predictor.predict_ids(self.test.ids)
+
+  def test_numbers_beyond_float32_name_the_row_and_field(self):
+    lines = list(self.lines[:6])
+    cells = lines[4].split(',')
+    lines[4] = ','.join(cells[:2] + ['1e300'] + cells[3:])  # price.
+    source = self._file(lines[:2] + [''] + lines[2:])
+    output = os.path.join(self.tmp, 'out.csv')
+    beyond = ' is beyond float32 range (+-3.403e+38); remove or rescale'
+    with self.assertRaisesRegex(
+      data.DataError,
+      rf'^{re.escape(source)}: row 5 \(the header and blank lines not'
+      rf' counted\): numeric field price: 1e\+300{re.escape(beyond)}',
+    ):
+      predict.write_predictions(self.predictor, source, output, 2)
+    self.assertFalse(os.path.exists(output))
+    frame = pd.DataFrame({'shop': ['a', 'b'], 'price': [1.0, -1e39]})
+    frame = frame.assign(count=1.0, tags='', colors='')
+    with self.assertRaisesRegex(
+      data.DataError,
+      rf'^DataFrame row 1: numeric field price: -1e\+39{re.escape(beyond)}',
+    ):
+      self.predictor(frame)
 
   def test_exports_take_the_three_inputs(self):
     out = os.path.join(self.tmp, 'export')

@@ -9,6 +9,8 @@ import collections
 import os
 import re
 import tempfile
+from unittest import mock
+import warnings
 
 from absl.testing import absltest
 from absl.testing import parameterized
@@ -27,6 +29,7 @@ import checkpoints
 from configs import default
 import data
 from datasets import movielens
+from datasets import side
 from datasets import text
 import train
 from utils import UserError
@@ -296,6 +299,39 @@ def _split(n, max_len=3, dense_fields=2):
   dense = np.stack([rows * 1.0, -rows * 0.5], 1).astype(np.float32)
   ids = np.stack([rows, rows % 5], 1).astype(np.int32)
   return data.Split(ids, (rows % 2).astype(np.float32), multi, dense)
+
+
+class StandardisationTest(absltest.TestCase):
+  def test_values_beyond_float32_name_their_field_and_row(self):
+    mean, std, names = np.array([1.0, 0.0]), np.array([2.0, 1e-3]), 'ab'
+    fine = np.array([[5.0, np.nan], [-3e38, 3e35], [np.nan, -1e-3]])
+    with warnings.catch_warnings():
+      warnings.simplefilter('error')  # No numpy RuntimeWarning either.
+      got = np.concatenate(list(side.standardized(fine, mean, std, names)))
+      np.testing.assert_array_equal(
+        got, np.float32([[2, 0], [(-3e38 - 1) / 2, 3e38], [0, -1]])
+      )
+      for row, value, message in (
+        (3, [1e300, 0], 'numeric field a: 1e+300 is beyond'),
+        (4, [-1e39, 0], 'numeric field a: -1e+39 is beyond'),
+        (3, [0, np.inf], 'numeric field b: inf is beyond'),
+        (
+          4,
+          [0, 1e38],
+          'numeric field b: 1e+38 standardises to 1e+41 (mean 0, std'
+          ' 0.001), which is beyond',
+        ),
+      ):
+        raw = np.concatenate([fine] + [[[0.0, 0.0]]] * (row - 3) + [[value]])
+        with mock.patch.object(side, 'CHUNK_ROWS', 2):  # Rows of all pieces.
+          with self.assertRaises(side.OutOfRange) as raised:
+            list(side.standardized(raw, mean, std, names))
+        self.assertEqual(raised.exception.row, row)
+        self.assertEqual(
+          str(raised.exception),
+          f'{message} float32 range (+-3.403e+38); remove or rescale the'
+          ' value.',
+        )
 
 
 class BatchesTest(parameterized.TestCase):
