@@ -25,7 +25,6 @@ hold what a synchronous run killed at that save would hold.
 
 from collections.abc import Callable, Iterator
 import contextlib
-import errno
 import hashlib
 import json
 import logging as std_logging
@@ -40,6 +39,7 @@ import orbax.checkpoint as ocp
 
 import legacy
 import multihost
+import utils
 from utils import UserError
 
 KEEP_LATEST = 2
@@ -221,7 +221,7 @@ def save(
       if old not in kept:
         mgr.delete(old)
   except Exception as e:
-    problem = _os_problem(e)
+    problem = utils.os_problem(e)
     if problem is None:
       raise
     raise UserError(
@@ -229,33 +229,6 @@ def save(
       f' {problem}. Free space or restore write access there, then start'
       ' the run again: it resumes from the last checkpoint saved.'
     ) from e
-
-
-# What the file system says when a disk is full or a directory read-only;
-# tensorstore reports these in the text of its own errors.
-_OS_FAULTS = (
-  errno.ENOSPC,
-  errno.EDQUOT,
-  errno.EACCES,
-  errno.EPERM,
-  errno.EROFS,
-)
-
-
-def _os_problem(error: BaseException | None) -> str | None:
-  """The file system fault in `error`'s chain of causes, if any."""
-  seen = set()
-  while error is not None and id(error) not in seen:
-    seen.add(id(error))
-    if isinstance(error, OSError):
-      name = errno.errorcode.get(error.errno, str(error.errno))
-      where = f', {error.filename}' if error.filename else ''
-      return f'{error.strerror or error} ({name}{where})'
-    for code in _OS_FAULTS:
-      if os.strerror(code) in str(error):
-        return f'{os.strerror(code)} ({errno.errorcode[code]}): {error}'
-    error = error.__cause__ or error.__context__
-  return None
 
 
 class Checkpoints:

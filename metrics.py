@@ -1,6 +1,6 @@
 """The metrics of a run: exact ROC AUC, and the `metrics.jsonl` it writes.
 
-Numpy and the standard library only, so that a process without JAX (a
+Without JAX (numpy, absl and utils), so that a process without it (a
 benchmark's torch worker) scores and records its runs the same way.
 """
 
@@ -11,6 +11,8 @@ import time
 
 from absl import logging
 import numpy as np
+
+import utils
 
 
 def roc_auc(labels: np.ndarray, scores: np.ndarray) -> float:
@@ -83,6 +85,10 @@ class MetricsWriter:
 
     A resumed run redoes the epochs after its checkpoint; their old lines,
     and any old test line, would otherwise appear twice.
+
+    Raises:
+      UserError: the file cannot be rewritten (full disk, permissions); it
+        is left as it was.
     """
     if not self.enabled or not os.path.exists(self.path):
       return
@@ -95,16 +101,38 @@ class MetricsWriter:
           continue  # A line cut short by a kill.
         if record.get('split') != 'test' and record.get('epoch', 0) <= epoch:
           kept.append(json_line(record))
-    tmp = self.path + '.tmp'
-    with open(tmp, 'w') as f:
-      f.writelines(kept)
-    os.replace(tmp, self.path)
+    with self._writing():
+      with open(self.path + '.tmp', 'w') as f:
+        f.writelines(kept)
+      os.replace(self.path + '.tmp', self.path)
+
+  def _writing(self):
+    """`utils.writing` for this file and its temporary copy."""
+    name = os.path.basename(self.path)
+    return utils.writing(name, os.path.dirname(self.path), f'{name}.tmp')
 
   def write(self, **record) -> None:
+    """Logs `record` and appends it as a line, whole or not at all.
+
+    Raises:
+      UserError: the line cannot be written (full disk, permissions); the
+        file is left as it was.
+    """
     record['wall_time'] = round(self.wall_time(), 3)
     record['time'] = round(time.time(), 3)
     logging.info('%s', ' '.join(f'{k}={v}' for k, v in record.items()))
-    if self.enabled:
-      with open(self.path, 'a') as f:
-        f.write(json_line(record))
-        f.flush()
+    if not self.enabled:
+      return
+    with self._writing():
+      line = memoryview(json_line(record).encode())
+      fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o666)
+      try:
+        end = os.lseek(fd, 0, os.SEEK_END)
+        try:
+          while line:  # A full disk may take part of it first.
+            line = line[os.write(fd, line) :]
+        except OSError:
+          os.ftruncate(fd, end)
+          raise
+      finally:
+        os.close(fd)

@@ -369,7 +369,9 @@ def _run(
   )
   data.check_splits(dataset, config)
   if is_main:  # What predict.py and export.py need to encode raw rows.
-    encoder.save(workdir, dataset, config)
+    where = f'{workdir}/{encoder.DIRECTORY}'
+    with utils.writing('the encoder', where, '*.tmp'):
+      encoder.save(workdir, dataset, config)
   steps_per_epoch = data.num_train_steps(dataset.train, config.batch_size)
 
   model = create_model(

@@ -3,11 +3,15 @@
 One progress bar (training steps and preprocessing passes alike), a
 background prefetcher, file opening that understands `.gz`, the
 filter that keeps orbax's INFO lines out of the log, the persistent
-compilation cache, and the error type of problems the user can fix, with
+compilation cache, and the error type of problems the user can fix (among
+them a write that a full disk or a permission refuses: `writing`), with
 the entry-point wrapper that prints them.
 """
 
 from collections.abc import Callable, Iterator
+import contextlib
+import errno
+import glob
 import gzip
 import os
 import queue
@@ -199,6 +203,60 @@ class UserError(Exception):
   key or the path, and says what to do. `run_main` prints it as one line,
   without a traceback; any other exception is a bug and keeps its traceback.
   """
+
+
+# What the file system says when a disk is full or a directory read-only;
+# tensorstore reports these in the text of its own errors.
+_OS_FAULTS = (
+  errno.ENOSPC,
+  errno.EDQUOT,
+  errno.EACCES,
+  errno.EPERM,
+  errno.EROFS,
+)
+
+
+def os_problem(error: BaseException | None) -> str | None:
+  """The file system fault in `error`'s chain of causes, if any."""
+  seen = set()
+  while error is not None and id(error) not in seen:
+    seen.add(id(error))
+    if isinstance(error, OSError):
+      if error.errno is None:  # numpy's short write: "10 requested and 5 ..."
+        return f'{error} (a short write: is the disk full?)'
+      name = errno.errorcode.get(error.errno, str(error.errno))
+      where = f', {error.filename}' if error.filename else ''
+      return f'{error.strerror or error} ({name}{where})'
+    for code in _OS_FAULTS:
+      if os.strerror(code) in str(error):
+        return f'{os.strerror(code)} ({errno.errorcode[code]}): {error}'
+    error = error.__cause__ or error.__context__
+  return None
+
+
+@contextlib.contextmanager
+def writing(
+  what: str, directory: str, temporary: str | None = None
+) -> Iterator[None]:
+  """Turns an OSError inside into a UserError naming `what` and `directory`.
+
+  For files written into `directory` through temporary copies (the glob
+  `temporary`, if given), each then renamed over its file: the copies that
+  a failure leaves there are removed, and the files already written stay
+  as they were.
+  """
+  try:
+    yield
+  except OSError as e:
+    if temporary:
+      for path in glob.glob(os.path.join(glob.escape(directory), temporary)):
+        with contextlib.suppress(OSError):
+          os.remove(path)
+    raise UserError(
+      f'Cannot write {what} in {directory}: {os_problem(e)}. Free space or'
+      ' restore write access there, then start the run again: it resumes'
+      ' from the last checkpoint saved.'
+    ) from e
 
 
 # Set (to anything but 0) to see the traceback of a UserError.

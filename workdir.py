@@ -21,6 +21,7 @@ from absl import logging
 import ml_collections
 
 import lock
+import utils
 from utils import UserError
 
 # The lock, for callers that see the workdir as one thing.
@@ -214,9 +215,10 @@ def check_resume(
         CONFIG_FILE,
       )
     if write:
-      _write_atomic(record_path, config.to_json_best_effort(indent=2) + '\n')
-      if os.path.exists(history_path):
-        os.remove(history_path)
+      with utils.writing(CONFIG_FILE, workdir, f'{CONFIG_FILE}.tmp-*'):
+        _write_atomic(record_path, config.to_json_best_effort(indent=2) + '\n')
+        if os.path.exists(history_path):
+          os.remove(history_path)
     return []
 
   old = _recorded(record_path, history_path)
@@ -250,7 +252,7 @@ def check_resume(
     entries.append(entry)
     logging.info('Resumed with %s %s -> %s', k, _show(old, k), _show(new, k))
   if entries and write:
-    with open(history_path, 'a') as f:
+    with utils.writing(HISTORY_FILE, workdir), open(history_path, 'a') as f:
       f.write(''.join(json.dumps(e) + '\n' for e in entries))
   return entries
 

@@ -32,6 +32,8 @@ import numpy as np
 
 import checkpoints
 from configs import fm
+import encoder
+import metrics
 import train
 import utils
 import workdir as workdir_lib
@@ -125,6 +127,11 @@ class _Case(parameterized.TestCase):
       for key in ('loss', 'auc', 'logloss'):
         if key in b:
           self.assertAlmostEqual(a[key], b[key], delta=1e-6, msg=(a, b))
+
+
+def _read(path):
+  with open(path, 'rb') as f:
+    return f.read()
 
 
 def _largest_file(directory):
@@ -316,6 +323,84 @@ class CheckpointPolicyTest(absltest.TestCase):
     self.assertIn('latest/2 is damaged', '\n'.join(logs.output))
 
 
+def _no_space(path=None):
+  return OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), path)
+
+
+class RecordWriteFaultTest(absltest.TestCase):
+  """metrics.jsonl and config.json on a full disk: a UserError, and the
+  files as they were."""
+
+  def setUp(self):
+    super().setUp()
+    self.workdir = tempfile.mkdtemp()
+    self.path = os.path.join(self.workdir, 'metrics.jsonl')
+    self.lines = '{"split": "train", "epoch": 1, "step": 5, "loss": 0.5}\n'
+    with open(self.path, 'w') as f:
+      f.write(self.lines)
+    self.writer = metrics.MetricsWriter(self.workdir, enabled=True)
+
+  def assertUnchanged(self):
+    with open(self.path) as f:
+      self.assertEqual(f.read(), self.lines)
+    self.assertEqual(os.listdir(self.workdir), ['metrics.jsonl'])
+
+  def _refused(self):
+    return self.assertRaisesRegex(
+      utils.UserError,
+      f'^Cannot write metrics.jsonl in {self.workdir}: No space left on'
+      r' device \(ENOSPC[^)]*\). Free space or restore write access there, then'
+      ' start the run again',
+    )
+
+  def test_a_line_the_disk_takes_part_of_is_taken_back(self):
+    write = os.write
+    calls = []
+
+    def full(fd, data):
+      calls.append(len(data))
+      if len(calls) > 1:
+        raise _no_space()
+      return write(fd, data[:10])  # The disk takes 10 bytes, then no more.
+
+    with self._refused(), mock.patch.object(metrics.os, 'write', full):
+      self.writer.write(split='train', epoch=2, step=10, loss=0.4)
+    self.assertLen(calls, 2)
+    self.assertUnchanged()
+    self.writer.write(split='train', epoch=2, step=10, loss=0.4)
+    with open(self.path) as f:
+      first, second = f.readlines()
+    self.assertEqual(first, self.lines)
+    self.assertEqual(json.loads(second)['loss'], 0.4)
+
+  def test_a_rewrite_that_fails_leaves_the_file_and_no_copy(self):
+    real_open = open
+
+    def full_open(path, mode='r', *args, **kwargs):
+      f = real_open(path, mode, *args, **kwargs)
+      if 'w' in mode:
+        f.write('{"split": ')
+        f.close()
+        raise _no_space(path)
+      return f
+
+    with self._refused(), mock.patch('builtins.open', full_open):
+      self.writer.truncate(0)
+    self.assertUnchanged()
+
+  def test_a_config_record_that_cannot_be_written(self):
+    workdir = workdir_lib.prepare(os.path.join(self.workdir, 'run'))
+    with (
+      mock.patch.object(workdir_lib.os, 'fsync', side_effect=_no_space()),
+      self.assertRaisesRegex(
+        utils.UserError,
+        f'^Cannot write config.json in {workdir}: No space left on device',
+      ),
+    ):
+      workdir_lib.check_resume(workdir, fm.get_config('smoke'))
+    self.assertEqual(os.listdir(workdir), [])
+
+
 class TrainingFaultTest(_Case):
   """Whole runs in this process, on a copy of one finished reference run."""
 
@@ -388,6 +473,32 @@ class TrainingFaultTest(_Case):
     self.assertTrue(
       os.path.exists(os.path.join(step_dir, 'commit_success.txt'))
     )
+
+  def test_a_full_disk_while_writing_the_encoder(self):
+    workdir = self._copy()
+    directory = os.path.join(workdir, 'encoder')
+    before = {
+      n: _read(os.path.join(directory, n)) for n in os.listdir(directory)
+    }
+
+    def short_write(f, array, **kwargs):
+      del array, kwargs
+      f.write(b'\x93NUMPY')
+      raise OSError('10334 requested and 5104 written')  # As numpy says.
+
+    with (
+      mock.patch.object(encoder.np, 'save', short_write),
+      self.assertRaisesRegex(
+        utils.UserError,
+        f'^Cannot write the encoder in {directory}: 10334 requested and 5104'
+        r' written \(a short write: is the disk full\?\). Free space',
+      ),
+    ):
+      train.train_and_evaluate(_config(self.tmp), workdir)
+    after = {
+      n: _read(os.path.join(directory, n)) for n in os.listdir(directory)
+    }
+    self.assertEqual(after, before)  # No temporary file, nothing changed.
 
   def test_changed_split_seed_is_refused_before_the_data(self):
     workdir = self._copy()
