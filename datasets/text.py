@@ -99,6 +99,24 @@ def split_line(line: bytes, sep: str, quoting: bool) -> list[str]:
   return text.split(sep)
 
 
+def quoted_columns(line: bytes, sep: str) -> int | None:
+  """Columns of a CSV line as pandas reads them; None: a quote stays open.
+
+  A quote opens a quoted field only at the start of a field (elsewhere it
+  is data), as in pandas and Python's csv module.
+  """
+  text = line.decode('utf-8', 'replace').rstrip('\r\n').replace('\r', ' ')
+  rows = csv.reader([text, ''], delimiter=sep)
+  found = len(next(rows))
+  return None if rows.line_num > 1 else found
+
+
+def _without_crlf(line: bytes) -> bytes:
+  if line.endswith(b'\r\n'):
+    return line[:-2] + b'\n'
+  return line[:-1] if line.endswith(b'\r') else line
+
+
 @dataclasses.dataclass(frozen=True)
 class Field:
   """One field of a table and the column it is made from.
@@ -222,20 +240,16 @@ class Table:
       (line.count(sep) for line in lines), np.int64, len(lines)
     )
     good = counts == len(self.columns) - 1
-    for i in np.flatnonzero(~good):
-      line = lines[i]
-      if not line.strip():
+    check = ~good
+    if self.quoting:  # Quotes may hide separators, or leave a field open.
+      check |= np.fromiter((b'"' in line for line in lines), bool, len(lines))
+    for i in np.flatnonzero(check):
+      if not lines[i].strip():
         continue  # A blank line carries no example.
-      found = len(split_line(line, self.sep, self.quoting))
-      if found == len(self.columns):  # Separators inside quotes.
-        good[i] = True
-        continue
-      issues.append(
-        (
-          numbers[i],
-          f'expected {len(self.columns)} columns ({self.hint}), found {found}',
-        )
-      )
+      reason = self._column_problem(lines[i], counts[i])
+      good[i] = reason is None
+      if reason:
+        issues.append((numbers[i], reason))
     lines = [lines[i] for i in np.flatnonzero(good)]
     numbers = numbers[good]
     keys = np.zeros((0, len(self.field_names)), np.int64)
@@ -253,12 +267,34 @@ class Table:
           raise core.DataError(
             f'{where(numbers[0])} to line {numbers[-1]}: could not parse ({e})'
           ) from e
+      if len(frame) != len(lines):  # Each line must be one row.
+        raise core.DataError(
+          f'{where(numbers[0])} to line {numbers[-1]}: {len(lines)} lines'
+          f' parsed as {len(frame)} rows'
+        )
       keys, labels, side = self._keys(frame, numbers, issues)
     for number, reason in sorted(issues):
       bad(where(number), reason)
     if self.multi_field_names or self.dense_names:
       return keys, labels, side
     return keys, labels
+
+  def _column_problem(self, line: bytes, count: int) -> str | None:
+    """Why `line` (`count` separators) is not one row; None if it is."""
+    found = count + 1
+    if self.quoting:
+      try:
+        found = quoted_columns(line, self.sep)
+      except csv.Error as e:
+        return f'is not a CSV line ({e})'
+      if found is None:
+        return (
+          'a quoted field is not closed on its line (a value spanning lines'
+          ' is not supported)'
+        )
+    if found == len(self.columns):
+      return None
+    return f'expected {len(self.columns)} columns ({self.hint}), found {found}'
 
   def _integer_columns(self) -> list[str]:
     cols = [self.label] if self.label else []
@@ -304,9 +340,13 @@ class Table:
       na.update({c: list(FLOAT_MISSING) for c in floats})
     else:
       dtype, na = object, None
+    body = b''.join(lines)
+    if b'\r' in body:  # Strip CRLF line ends; a bare CR is data.
+      body = b''.join(map(_without_crlf, lines))
     return pd.read_csv(
-      io.BytesIO(b''.join(lines)),
+      io.BytesIO(body),
       sep=self.sep,
+      lineterminator='\n',
       header=None,
       names=list(self.columns),
       usecols=[c for c in self.columns if c in needed],

@@ -28,6 +28,7 @@ import numpy as np
 
 import data
 from datasets import avazu
+from datasets import criteo
 from datasets import csv
 from datasets import encode
 from datasets import text
@@ -454,6 +455,66 @@ class BadLinesTest(DatasetTestCase):
       f.write('\n'.join('\t'.join(r) for r in rows[20:]) + '\n\n')
     dataset = data.load_dataset(self.config('criteo', path, split=(1.0, 0, 0)))
     self.assertLen(dataset.train, 50)
+
+
+class LineAlignmentTest(parameterized.TestCase):
+  """Each line is one row: a bare CR is data, a quote cannot span lines."""
+
+  def test_bare_cr_in_a_criteo_line_is_data_or_a_bad_line(self):
+    table = criteo.reader(ml_collections.ConfigDict(criteo.DEFAULTS), '')
+    rows = criteo_rows(6, seed=3)
+    rows[2][30] = 'ab\rcd'  # C17: a categorical value with a CR inside.
+    lines = ['\t'.join(r) for r in rows]
+    keys, labels, _ = _parse(table, lines)
+    np.testing.assert_array_equal(labels, [float(r[0]) for r in rows])
+    self.assertEqual(keys[2, 29], text.string_keys(np.array(['ab\rcd']))[0])
+    rows[2][30] = 'ab'
+    keys_ab, _, _ = _parse(table, ['\t'.join(r) for r in rows])
+    np.testing.assert_array_equal(
+      np.delete(keys, 2, 0), np.delete(keys_ab, 2, 0)
+    )
+    # CRLF line ends are not data; a CR inside an integer is a bad line.
+    crlf = [line.encode() + b'\r\n' for line in lines]
+    np.testing.assert_array_equal(_parse(table, crlf)[0], keys)
+    rows[4][3] = '12\r3'
+    with self.assertRaisesRegex(
+      data.DataError, r"^f\.csv:5: integer column I3 '12\\r3' is not an integer"
+    ):
+      _parse(table, ['\t'.join(r) for r in rows])
+
+  def test_bare_cr_in_a_csv_cell_is_data(self):
+    keys, labels, _ = _parse(_csv_table(), ['1,p\rq,r', '0,s,"t\r"\r'])
+    np.testing.assert_array_equal(labels, [1, 0])
+    expected = text.string_keys(np.array(['p\rq', 'r', 's', 't\r']))
+    np.testing.assert_array_equal(keys.ravel(), expected)
+
+  def test_quoted_separators_count_as_pandas_reads_them(self):
+    table = _csv_table()
+    keys, labels, _ = _parse(table, ['1,"p,q",r', '0,"s""x",t\r', '1,a"b,c'])
+    np.testing.assert_array_equal(labels, [1, 0, 1])
+    expected = text.string_keys(np.array(['p,q', 'r', 's"x', 't', 'a"b', 'c']))
+    np.testing.assert_array_equal(keys.ravel(), expected)
+    with self.assertRaisesRegex(
+      data.DataError, r'^f\.csv:2: expected 3 columns .*, found 2'
+    ):
+      _parse(table, ['0,s,t', '1,"p,q"', '0,s,t'])
+
+  @parameterized.parameters(
+    (['1,"p,q', '0,s,t"', '1,u,v'], [0, 1], 1),
+    (['1,"p,q', '0,s', '1,u,v"'], [1], 2),
+    (['1,"p', 'q",r'], [], 2),
+  )
+  def test_a_quote_not_closed_on_its_line_is_a_bad_line(
+    self, lines, labels, skipped
+  ):
+    table = _csv_table()
+    with self.assertRaisesRegex(
+      data.DataError, r'^f\.csv:1: a quoted field is not closed on its line'
+    ):
+      _parse(table, lines)
+    _, got, count = _parse(table, lines, skip=True)
+    np.testing.assert_array_equal(got, labels)
+    self.assertEqual(count, skipped)
 
 
 class BenchmarkScriptsTest(DatasetTestCase):
