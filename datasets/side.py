@@ -104,7 +104,9 @@ def _pieces(raw: np.ndarray) -> Iterator[np.ndarray]:
     yield np.asarray(raw[start : start + CHUNK_ROWS], np.float64)
 
 
-def moments(raw: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def moments(
+  raw: np.ndarray, names: Sequence[str] = ()
+) -> tuple[np.ndarray, np.ndarray]:
   """Per column mean and standard deviation of the present values.
 
   Two passes in pieces (memory does not grow with the rows): the sum, then
@@ -112,14 +114,19 @@ def moments(raw: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
   Args:
     raw: float64 `[n, dense_fields]`, NaN where missing (a memory map).
+    names: the fields' names, for an error.
 
   Returns:
     float64 mean and std `[dense_fields]`: mean 0 without present values,
     std 1 where it is 0 or undefined.
+
+  Raises:
+    OutOfRange: a value beyond float32's range.
   """
   width = raw.shape[1]
   total, count, squares = np.zeros(width), np.zeros(width), np.zeros(width)
   for piece in _pieces(raw):
+    check_range(piece, names)  # Then no sum below can overflow float64.
     total += np.nansum(piece, axis=0)
     count += np.count_nonzero(~np.isnan(piece), axis=0)
   mean = np.where(count > 0, total / np.maximum(count, 1), 0.0)
@@ -154,7 +161,9 @@ def standardized(
     yield np.where(np.isnan(out), 0.0, out).astype(np.float32)
 
 
-def write_standardised(writers, add, splits, sizes, num_dense) -> tuple:
+def write_standardised(
+  writers, add, splits, sizes, num_dense, names: Sequence[str] = ()
+) -> tuple:
   """Writes `{split}_dense` from the complete raw files, then deletes them.
 
   Args:
@@ -163,9 +172,14 @@ def write_standardised(writers, add, splits, sizes, num_dense) -> tuple:
     splits: the split names, training first.
     sizes: rows per split.
     num_dense: numeric fields (0: nothing to do).
+    names: the numeric fields' names, for an error (empty: their indices).
 
   Returns:
     Lists of the training split's mean and standard deviation per field.
+
+  Raises:
+    DataError: a value beyond float32's range, before or after
+      standardisation (the cache's temporary files are then dropped).
   """
   if not num_dense:
     return [], []
@@ -174,12 +188,16 @@ def write_standardised(writers, add, splits, sizes, num_dense) -> tuple:
     writer = writers.pop(f'{split}_dense_raw')
     writer.close()
     paths[split] = writer.path
-  mean, std = moments(np.load(paths[splits[0]], mmap_mode='r'))
-  for split, size in zip(splits, sizes, strict=True):
-    writer = add(f'{split}_dense', np.float32, (size, num_dense))
-    raw = np.load(paths[split], mmap_mode='r')
-    for piece in standardized(raw, mean, std):
-      writer.write(piece)
-    del raw
-    os.remove(paths[split])
+  split = splits[0]
+  try:
+    mean, std = moments(np.load(paths[split], mmap_mode='r'), names)
+    for split, size in zip(splits, sizes, strict=True):
+      writer = add(f'{split}_dense', np.float32, (size, num_dense))
+      raw = np.load(paths[split], mmap_mode='r')
+      for piece in standardized(raw, mean, std, names):
+        writer.write(piece)
+      del raw
+      os.remove(paths[split])
+  except OutOfRange as e:
+    raise core.DataError(f'The {split} rows: {e}') from e
   return mean.tolist(), std.tolist()

@@ -334,6 +334,40 @@ class StandardisationTest(absltest.TestCase):
         )
 
 
+class CacheRangeTest(DatasetTestCase):
+  def _load(self, train, **paths):
+    files = {'path': train, **paths}
+    for key, rows in files.items():
+      lines = [[str(i % 2), 'ab'[i % 2], str(v)] for i, v in enumerate(rows)]
+      path = os.path.join(self.tmp, key)
+      files[key] = write_lines(path, lines, ',', ('click', 'shop', 'price'))
+    config = self.config('csv', files.pop('path'), **files)
+    config.csv.update(dict(label_column='click', float_columns=('price',)))
+    return data.load_dataset(config)
+
+  def test_a_value_beyond_float32_leaves_no_cache_and_no_warning(self):
+    normal = [50 + 1e-3 * (i % 7) for i in range(60)]
+    for rows, paths, message in (  # The row's split depends on the seed.
+      (normal[:30] + [1e300] + normal, {}, r'\w+ rows: .* 1e\+300 is'),
+      (normal[:30] + [-1e39] + normal, {}, r'\w+ rows: .* -1e\+39 is'),
+      (
+        normal,
+        {'valid_path': normal, 'test_path': normal[:9] + [1e38]},
+        r'test rows: .* 1e\+38 standardises to [0-9.]+e\+40 \(mean 50',
+      ),
+    ):
+      for _ in range(2):  # Nothing left behind that the next run trusts.
+        with warnings.catch_warnings():
+          warnings.simplefilter('error')
+          with self.assertRaisesRegex(
+            data.DataError,
+            rf'^The {message}.* beyond float32 range \(\+-3.403e\+38\)',
+          ):
+            self._load(rows, **paths)
+        self.assertEqual(self.encoded(), [])
+    self.assertLen(self._load(normal).train.dense, 48)
+
+
 class BatchesTest(parameterized.TestCase):
   @parameterized.parameters(1, 2)
   def test_train_batches_carry_the_same_rows_of_every_input(self, processes):
