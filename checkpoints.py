@@ -29,6 +29,7 @@ import hashlib
 import json
 import logging as std_logging
 import os
+import sys
 import threading
 from typing import Any
 
@@ -202,6 +203,11 @@ def save(
   Raises:
     UserError: the directory cannot be written (full disk, permissions).
   """
+  with _quiet_if_refused():
+    _save(mgr, step, state, meta, keep)
+
+
+def _save(mgr, step, state, meta, keep) -> None:
   try:
     for old in mgr.all_steps():
       if old >= step:
@@ -229,6 +235,63 @@ def save(
       f' {problem}. Free space or restore write access there, then start'
       ' the run again: it resumes from the last checkpoint saved.'
     ) from e
+
+
+# Saves running, and whether one failed on the file system (`_quiet_...`).
+_saves = {'running': 0, 'refused': False}
+
+
+@contextlib.contextmanager
+def _quiet_if_refused() -> Iterator[None]:
+  """Drops orbax's error logs of a save that the file system refuses.
+
+  Each of orbax's threads that a full disk stops logs its traceback (a
+  hundred lines and more), and tensorstore's callbacks then find their
+  event loop closed (unraisable exceptions, printed): the UserError of the
+  save says it all in one line. Orbax's errors during a save that succeeds
+  or fails otherwise are logged as usual, after it.
+  """
+  held = []
+
+  def hold(record: std_logging.LogRecord) -> bool:
+    if record.levelno >= std_logging.ERROR and '/orbax/' in record.pathname:
+      held.append(record)
+      return False
+    return True
+
+  if not hasattr(sys.unraisablehook, 'quiet_after_refused_saves'):
+    sys.unraisablehook = _unraisable_hook(sys.unraisablehook)
+  logger = logging.get_absl_logger()
+  logger.addFilter(hold)
+  _saves['running'] += 1
+  try:
+    yield
+  except UserError:
+    _saves['refused'] = True
+    held.clear()
+    raise
+  finally:
+    _saves['running'] -= 1
+    logger.removeFilter(hold)
+    for record in held:
+      logger.handle(record)
+
+
+def _unraisable_hook(previous: Callable[[Any], None]) -> Callable[[Any], None]:
+  """`sys.unraisablehook` without the closed event loops of orbax's saves
+  (which may come after the save that failed)."""
+
+  def hook(unraisable) -> None:
+    error = unraisable.exc_value
+    if not (
+      (_saves['running'] or _saves['refused'])
+      and isinstance(error, RuntimeError)
+      and str(error) == 'Event loop is closed'
+    ):
+      previous(unraisable)
+
+  hook.quiet_after_refused_saves = True
+  return hook
 
 
 class Checkpoints:

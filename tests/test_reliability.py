@@ -22,6 +22,7 @@ import tempfile
 import textwrap
 import threading
 import time
+import types
 import unittest
 from unittest import mock
 
@@ -29,6 +30,7 @@ from absl import logging
 from absl.testing import absltest
 from absl.testing import parameterized
 import numpy as np
+import tensorstore
 
 import checkpoints
 from configs import fm
@@ -307,6 +309,57 @@ class CheckpointPolicyTest(absltest.TestCase):
           raise KeyError('the first error')
     self.assertIn('A checkpoint save failed too', '\n'.join(logs.output))
     self.assertIn('No space left on device', '\n'.join(logs.output))
+
+  def _save_failing_with(self, error, reported):
+    """Saves epoch 1 while tensorstore's writes raise `error`.
+
+    What reaches `sys.unraisablehook` goes to `reported`: tensorstore's
+    callbacks meet a closed event loop after a failed write, and another
+    problem is reported too.
+    """
+
+    async def failing_open(*args, **kwargs):
+      del args, kwargs
+      for message in ('Event loop is closed', 'another problem'):
+        sys.unraisablehook(
+          types.SimpleNamespace(
+            exc_type=RuntimeError,
+            exc_value=RuntimeError(message),
+            exc_traceback=None,
+            err_msg=None,
+            object=None,
+          )
+        )
+      raise error
+
+    with (
+      mock.patch.object(
+        sys, 'unraisablehook', lambda u: reported.append(str(u.exc_value))
+      ),
+      mock.patch.object(tensorstore, 'open', failing_open),
+    ):
+      self.ckpt.save_best(1, self._state(1), self._meta(1, 1))
+
+  def test_a_save_the_disk_refuses_is_one_error_without_orbax_logs(self):
+    reported = []
+    with (
+      self.assertNoLogs('absl', 'ERROR'),
+      self.assertRaisesRegex(
+        utils.UserError,
+        r'^Cannot save the checkpoint of epoch 1 in .*best: No space left on'
+        r' device \(ENOSPC\)\. Free space',
+      ),
+    ):
+      self._save_failing_with(_no_space(), reported)
+    self.assertEqual(reported, ['another problem'])
+    self.assertEqual(self.ckpt.best.all_steps(), [])
+    # A save that fails otherwise is a bug: orbax's logs say where.
+    with (
+      self.assertLogs('absl', 'ERROR') as logs,
+      self.assertRaisesRegex(RuntimeError, 'a bug'),
+    ):
+      self._save_failing_with(RuntimeError('a bug'), [])
+    self.assertIn('_SignalingThread.run() raised', '\n'.join(logs.output))
 
   def test_a_damaged_latest_step_falls_back_with_a_warning(self):
     for epoch in (1, 2):
