@@ -75,9 +75,29 @@ def _parquet_file(path: str):
   return pq.ParquetFile(path)
 
 
+def rows_of(body: bytes) -> list[bytes]:
+  """The rows of CSV text that pandas' `to_csv` wrote.
+
+  A row whose quoted value holds a newline is one row: quotes come in pairs
+  in a row (`""` inside a quoted value), so a line ends a row when the
+  quotes so far are even. With `lineterminator='\\r\\n'` every value
+  with a CR or LF is quoted: a CR at the end of a value is kept.
+  """
+  lines = [line + b'\n' for line in body.split(b'\n')[:-1]]
+  if b'"' not in body:
+    return lines
+  rows, row = [], b''
+  for line in lines:
+    row += line
+    if not row.count(b'"') % 2:
+      rows.append(row)
+      row = b''
+  return rows
+
+
 @dataclasses.dataclass(frozen=True)
 class ParquetTable(text.Table):
-  """A Parquet file, its record batches read as CSV lines of `columns`."""
+  """A Parquet file, its record batches read as CSV rows of `columns`."""
 
   def line_batches(self, path: str, chunk_rows: int) -> Iterator[list[bytes]]:
     columns = list(self.columns)
@@ -86,8 +106,8 @@ class ParquetTable(text.Table):
     )
     for batch in batches:
       frame = batch.to_pandas()[columns]
-      csv_text = frame.to_csv(header=False, index=False, lineterminator='\n')
-      yield [line + b'\n' for line in csv_text.encode().split(b'\n')[:-1]]
+      body = frame.to_csv(header=False, index=False, lineterminator='\r\n')
+      yield rows_of(body.encode())
 
 
 def reader(

@@ -394,6 +394,30 @@ class CsvTest(DatasetTestCase):
     np.testing.assert_array_equal(a.train.ids, b.train.ids)
     np.testing.assert_array_equal(a.test.labels, b.test.labels)
 
+  def test_parquet_cells_keep_newlines_quotes_and_crs(self):
+    try:
+      import pandas as pd
+      import pyarrow  # noqa: F401
+    except ImportError:
+      self.skipTest('pyarrow is not installed')
+    cells = [['p\nq', 'x'], ['s\rt', 'r,\r\n'], ['u"v\n', '"'], ['', 'e\r']]
+    frame = pd.DataFrame(cells, columns=['a', 'b']).assign(y=[1, 0, 1, 0])
+    path = os.path.join(self.tmp, 'a.parquet')
+    frame.to_parquet(path)
+    table = csv.reader(
+      ml_collections.ConfigDict(dict(csv.DEFAULTS, label_column='y')), path
+    )
+    bad = encode.BadLines(False)
+    parts = list(encode.chunks(table, path, 3, bad, 'test'))
+    keys = np.concatenate([k for k, _ in parts])
+    labels = np.concatenate([y for _, y in parts])
+    np.testing.assert_array_equal(labels, [1, 0, 1, 0])
+    expected = text.string_keys(np.array(sum(cells, []), object))
+    np.testing.assert_array_equal(keys.ravel(), expected)
+    frame.assign(y=[1, 0, 7, 0]).to_parquet(path)
+    with self.assertRaisesRegex(data.DataError, r'a\.parquet: row 3: label 7'):
+      list(encode.chunks(table, path, 3, bad, 'test'))
+
 
 # --------------------------------------------------------------------------
 # Bad lines, the cache key, interrupted runs.
