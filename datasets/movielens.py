@@ -17,6 +17,7 @@ import hashlib
 import http.client
 import io
 import logging
+import math
 import os
 import shutil
 import tempfile
@@ -202,9 +203,11 @@ def _line_problem(line: str, sep: str, width: int = 4) -> str | None:
     COLUMNS, parts[:3], (int, int, float), strict=False
   ):
     try:
-      kind(value)
+      number = kind(value)
     except ValueError:
       return f'{what} {core.shown(value)} is not a number'
+    if not math.isfinite(number):
+      return f'{what} {core.shown(value)} is not a finite number'
   return None
 
 
@@ -252,12 +255,16 @@ def _read_ratings(source, sep: str, header: bool, width: int = 4):
   if frame.isna().to_numpy().any():
     raise ValueError('missing values')
   names = ('user', 'item', 'rating')[: min(width, 3)]
-  return pd.DataFrame(
+  out = pd.DataFrame(
     {
       name: pd.to_numeric(frame.iloc[:, i], errors='raise')
       for i, name in enumerate(names)
     }
   )
+  integers = all(out[name].dtype.kind == 'i' for name in ('user', 'item'))
+  if not integers or not np.isfinite(out.to_numpy(np.float64)).all():
+    raise ValueError('ids that are not integers, or ratings not finite')
+  return out
 
 
 def read_movielens(path: str, name: str) -> pd.DataFrame:
@@ -347,7 +354,14 @@ class Reader:
           bad(where(number), problem)
         else:
           good.append(line)
-      frame = _read_ratings(io.BytesIO(b''.join(good)), self.sep, False, width)
+      try:
+        frame = _read_ratings(
+          io.BytesIO(b''.join(good)), self.sep, False, width
+        )
+      except (ValueError, pd.errors.ParserError) as e:
+        raise core.DataError(
+          f'{where(first)} to line {numbers[-1]}: could not be parsed ({e})'
+        ) from e
     keys = frame[['user', 'item']].to_numpy(np.int64)
     if self.labeled:
       return keys, labels_of(frame['rating'].to_numpy())

@@ -183,6 +183,9 @@ class MovieLensParsingTest(parameterized.TestCase):
     ('extra', '1,2,4.0,5\n3,4,5.0,6,7\n', ':3: expected 4'),
     ('user', '1,2,4.0,5\nx1,4,5.0,6\n', ":3: user id 'x1' is not a number"),
     ('rating', '1,2,4.0,5\n1,4,good,6\n', ":3: rating 'good' is not a"),
+    ('nan', '1,2,4.0,5\n1,4,nan,6\n', ":3: rating 'nan' is not a finite"),
+    ('inf', '1,2,4.0,5\n1,4,-inf,6\n', ":3: rating '-inf' is not a finite"),
+    ('fraction', '1,2,4.0,5\n1.5,4,5,6\n', ":3: user id '1.5' is not a"),
     # A value quoted in the message is cut: it stays one readable line.
     (
       'long',

@@ -204,10 +204,15 @@ class EncoderTest(EncoderTestCase):
       f.write('userId,movieId\n9,99\n\n5,20\n')
     self._check_rows(enc.encode(unlabeled), [[2, 3], [3, 1]], None)
     bad = os.path.join(self.tmp, 'bad.csv')
-    with open(bad, 'w') as f:
-      f.write('userId,movieId\n9,99\nx,1\n')
-    with self.assertRaisesRegex(data.DataError, "bad.csv:3: user id 'x'"):
-      enc.encode(bad)
+    for body, message in (
+      ('userId,movieId\n9,99\nx,1\n', "3: user id 'x' is not a number"),
+      ('9,99,4,0\n9,99,nan,0\n', "2: rating 'nan' is not a finite number"),
+      ('9,99,4,0\n9,99,inf,0\n', "2: rating 'inf' is not a finite number"),
+    ):
+      with open(bad, 'w') as f:
+        f.write(body)
+      with self.assertRaisesRegex(data.DataError, f'bad.csv:{message}$'):
+        enc.encode(bad)
     # Columns are read by position: a header must name them in that order.
     named = os.path.join(self.tmp, 'named.csv')
     for header, expected in (
