@@ -37,15 +37,17 @@ open is FuxiCTR (`CrossNetV2`, `CrossNetMix`, `DCNv2`):
   * The gates `g_i` are shared by all cross layers, as in the paper's
     eq. (4) (G_i has no layer index) and FuxiCTR; each layer has its own U,
     V, C and b.
-  * U, V and C start xavier-normal per expert, b at zero, as FuxiCTR.
+  * U and V `[experts, n, r]` and C `[experts, r, r]` start as FuxiCTR's:
+    torch's xavier-normal over the whole tensor (fan-in `n r` and fan-out
+    `experts r` for U and V, `r^2` and `experts r` for C), b at zero.
 
 Differences from FuxiCTR: the hidden layers carry BatchNorm (as every MLP of
 this library, after pytorch-fm), which FuxiCTR's published DCN-V2 configs
 switch off, and their Linear has no bias (BatchNorm cancels it); the
-full-rank cross layers and the hidden layers use Flax's default initialisers
-(LeCun normal kernels, zero biases; with `linear_init='torch'` the hidden
-layers use torch's), FuxiCTR xavier-normal ones. FuxiCTR's fourth structure
-'stacked_parallel' is left out.
+full-rank cross layers, the gates and the hidden layers use Flax's default
+initialisers (LeCun normal kernels, zero biases; with `linear_init='torch'`
+the hidden layers use torch's), FuxiCTR xavier-normal ones. FuxiCTR's fourth
+structure 'stacked_parallel' is left out.
 
 
 This file is self-contained on purpose: it imports only jax, flax and numpy,
@@ -422,8 +424,12 @@ class CrossNetworkV2(nn.Module):
         w_x = nn.Dense(n, dtype=self.dtype, name=f'cross_{i}')(x)  # [B, n]
         x = x0 * w_x + x
       return x
-    # One initialiser per expert: fans of each [n, r] or [r, r] slice.
-    init = nn.initializers.xavier_normal(batch_axis=(0,))
+    # torch's xavier_normal_ on [experts, n, r] and [experts, r, r], as
+    # FuxiCTR: fans over the whole tensor (fan_in n * r, fan_out experts *
+    # r; r * r and experts * r for C), an untruncated normal.
+    init = nn.initializers.variance_scaling(
+      1.0, 'fan_avg', 'normal', in_axis=1, out_axis=0
+    )
     experts, r = self.num_experts, self.low_rank
     gating = nn.Dense(experts, use_bias=False, dtype=self.dtype, name='gating')
     for i in range(self.num_layers):

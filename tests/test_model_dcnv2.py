@@ -106,6 +106,22 @@ class EquationTest(parameterized.TestCase):
       self.assertEqual(shapes[f'C_{k}'], (5, 2, 2))
       self.assertEqual(shapes[f'b_{k}'], (8,))
 
+  def test_mixture_init_is_fuxictrs_xavier_normal_over_the_whole_tensor(self):
+    # FuxiCTR's CrossNetMix: torch's xavier_normal_ on [experts, n, r] (fan
+    # in n r, fan out experts r) and [experts, r, r] (r^2, experts r), an
+    # untruncated normal; per-expert fans gave U and V a 4x larger std here.
+    n, r, experts = 96, 16, 4
+    cross = dcnv2.CrossNetworkV2(1, low_rank=r, num_experts=experts)
+    params = cross.init(jax.random.key(0), np.ones((1, n), np.float32))
+    params = params['params']
+    for name, fan_in in (('U_0', n * r), ('V_0', n * r), ('C_0', r * r)):
+      w = np.asarray(params[name], np.float64)
+      std = np.sqrt(2.0 / (fan_in + experts * r))
+      self.assertAlmostEqual(np.mean(w), 0.0, delta=0.2 * std)
+      self.assertAlmostEqual(np.std(w) / std, 1.0, delta=0.1, msg=name)
+      if name != 'C_0':  # 6144 draws: a normal's tail, not truncated at 2.
+        self.assertGreater(np.max(np.abs(w)) / std, 3.0)
+
   def test_unknown_structure_is_an_error(self):
     model = dcnv2.Model(FIELD_DIMS, structure='stacked_parallel', **KWARGS)
     with self.assertRaisesRegex(ValueError, "'parallel' or 'stacked'"):
