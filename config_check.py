@@ -94,6 +94,17 @@ def string(value: Any) -> str | None:
   return None if isinstance(value, str) else 'a string'
 
 
+def separator(value: Any) -> str | None:
+  """A CSV column separator; `\\t` typed on a shell is a tab (csv.py)."""
+  ok = isinstance(value, str) and (len(value) <= 1 or value == '\\t')
+  if ok and value not in ('"', '\r', '\n'):
+    return None
+  return (
+    'a string of one character other than a quote or a newline, e.g. "," or'
+    ' ";" or a tab (also written \\t)'
+  )
+
+
 def one_of(names: Sequence[str]) -> Rule:
   return lambda v: None if v in names else f'one of {", ".join(names)}'
 
@@ -180,7 +191,7 @@ DATASET = {
   'label_column': string,
   'numeric_columns': columns,
   'categorical_columns': columns,
-  'sep': string,
+  'sep': separator,
   'field_dims': integers(1),
   'side_features': columns,
   'float_columns': columns,

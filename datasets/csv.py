@@ -61,6 +61,22 @@ COLUMN_KEYS = (
 )
 
 
+# What config.dataset.csv.sep must be (config_check.py says the same).
+SEP_RULE = (
+  'a string of one character other than a quote or a newline, e.g. "," or'
+  ' ";" or a tab (also written \\t)'
+)
+
+
+def separator(options: ml_collections.ConfigDict) -> str:
+  """`config.dataset.csv.sep`: one character; a typed `\\t` is a tab."""
+  sep = options.get('sep') or ','
+  sep = '\t' if sep == '\\t' else sep
+  if not isinstance(sep, str) or len(sep) != 1 or sep in '"\r\n':
+    raise core.DataError(f'config.dataset.csv.sep={sep!r} must be {SEP_RULE}.')
+  return sep
+
+
 def _is_parquet(path: str) -> bool:
   return path.lower().endswith(('.parquet', '.pq'))
 
@@ -121,7 +137,7 @@ def reader(
     require_label: False accepts a file without the label column (rows to
       predict); its table has no label.
   """
-  sep = options.sep or ','
+  sep = separator(options)
   if _is_parquet(path):
     header = list(_parquet_file(path).schema_arrow.names)
   else:
@@ -151,7 +167,7 @@ def table(
     raise core.DataError(
       'config.dataset.csv.label_column: name the 0/1 label column of the CSV.'
     )
-  sep = options.sep or ','
+  sep = separator(options)
   header = list(header)
   unlabeled = not require_label and label not in header
   if unlabeled:

@@ -1,6 +1,7 @@
 """Tests of `config.dataset`: shared keys, one section of keys per format."""
 
 import os
+import re
 
 from absl.testing import absltest
 from absl.testing import parameterized
@@ -11,6 +12,7 @@ from dataset_testing import write_lines
 import ml_collections
 import numpy as np
 
+import config_check
 from configs import default
 import data
 
@@ -31,6 +33,13 @@ CHANGED = {
   'avazu': dict(hour_features=False, drop_id=False),
   'libfm': dict(field_dims=(3, 4)),
 }
+
+
+def _validate(dataset):
+  """`config_check.validate_config` of the default config with `dataset`."""
+  config = default.get_config()
+  config.dataset = dataset
+  config_check.validate_config(config)
 
 
 class DatasetConfigTest(DatasetTestCase):
@@ -121,6 +130,26 @@ class DatasetConfigTest(DatasetTestCase):
       self.assertEqual(resolved.min_count, min_count)
     _, resolved, _ = data.resolve(self.config('criteo', '', min_count=2))
     self.assertEqual(resolved.min_count, 2)
+
+  def test_csv_sep_is_one_character_and_a_typed_backslash_t_is_a_tab(self):
+    rows = [[f'u{i % 5}', str(i % 2), f'c{i % 3}'] for i in range(60)]
+    path = write_lines(os.path.join(self.tmp, 't.tsv'), rows, '\t', 'uyc')
+    tab = self.config('csv', path, csv=dict(label_column='y', sep='\t'))
+    typed = self.config('csv', path, csv=dict(label_column='y', sep='\\t'))
+    _validate(typed)
+    a, b = data.load_dataset(tab), data.load_dataset(typed)
+    self.assertEqual(a.field_names, ('u', 'c'))
+    np.testing.assert_array_equal(a.train.ids, b.train.ids)
+    for sep in (';;', '\\t\\t', '"', '\n'):
+      config = self.config('csv', path, csv=dict(label_column='y', sep=sep))
+      message = (
+        rf'^config\.dataset\.csv\.sep={re.escape(repr(sep))} must be a string'
+        r' of one character .*a tab'
+      )
+      with self.assertRaisesRegex(data.DataError, message):
+        data.load_dataset(config)
+      with self.assertRaisesRegex(config_check.ConfigError, message[1:]):
+        _validate(config)
 
 
 if __name__ == '__main__':
