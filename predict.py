@@ -215,8 +215,15 @@ def load(workdir: str, batch_size: int = 8192) -> Predictor:
   """The predictor of the best checkpoint of run `workdir`.
 
   Raises:
-    UserError: `workdir` has no encoder or no readable best checkpoint.
+    UserError: `workdir` has no encoder or no readable best checkpoint, or
+      is an export (export.py).
   """
+  if os.path.isfile(os.path.join(workdir, 'signature.json')):
+    raise utils.UserError(
+      f'{workdir} is an export (export.py), not a training run: serve its'
+      ' model.jax or model.onnx, or give the workdir of the run it was'
+      ' exported from.'
+    )
   utils.quiet_orbax_logs()
   encoder = encoder_lib.load(workdir)
   model = train.create_model(encoder.model_config(), encoder.field_dims)

@@ -11,6 +11,7 @@ checked too.
 
 import json
 import os
+import re
 import subprocess
 import sys
 import tempfile
@@ -30,6 +31,7 @@ from predict_testing import trained_run
 
 import encoder
 import export
+import predict
 from utils import UserError
 
 # Models that cannot go to ONNX, and why (the README lists them). A model
@@ -290,6 +292,12 @@ class ExportRunTest(absltest.TestCase):
     with open(os.path.join(out, 'model.onnx'), 'rb') as f:
       got = _onnx_run(f.read(), ids)
     np.testing.assert_allclose(got, expected, rtol=0, atol=TOLERANCE)
+    with self.assertRaisesRegex(  # Not "no best checkpoint ... train again".
+      UserError,
+      f'^{re.escape(out)} is an export \\(export.py\\), not a training run:'
+      ' serve its model.jax or model.onnx, or give the workdir of the run',
+    ):
+      predict.load(out)
     # An earlier export may be replaced (its signature.json), with a file
     # of the user's beside it; without signature.json it is refused.
     export.check_output(out)
