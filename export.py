@@ -6,10 +6,10 @@ python export.py --workdir=/tmp/fm --output=/tmp/fm_export --platforms=cpu,cuda
 writes into the output directory:
 
 - `model.jax`: the inference function serialized with `jax.export`, the
-  parameters inside: int32 ids `[batch, fields]` (any batch) in, float32
-  probabilities `[batch]` out, for the `--platforms` asked (cpu, cuda, rocm,
-  tpu). A process with jax and numpy alone (no flax, no project code) runs
-  it:
+  parameters inside: int32 ids `[batch, fields]` (any batch > 0: a symbolic
+  dimension of jax.export is at least 1) in, float32 probabilities
+  `[batch]` out, for the `--platforms` asked (cpu, cuda, rocm, tpu). A
+  process with jax and numpy alone (no flax, no project code) runs it:
 
     import jax
     import numpy as np
@@ -119,7 +119,7 @@ def inference_function(
 def export_jax(
   fn: Callable, inputs: Inputs, platforms: Sequence[str] = ('cpu',)
 ) -> bytes:
-  """`fn` serialized by `jax.export` for `platforms`, any batch size."""
+  """`fn` serialized by `jax.export` for `platforms`, any batch size > 0."""
   exported = jax.export.export(jax.jit(fn), platforms=tuple(platforms))(
     *input_specs(inputs)
   )
