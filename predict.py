@@ -70,7 +70,12 @@ class Predictor:
       model: the flax module, built for `encoder.field_dims`.
       variables: its `params` (and `batch_stats`).
       batch_size: rows per device step (rounded up to the device count).
+
+    Raises:
+      ValueError: `batch_size` is below 1.
     """
+    if batch_size < 1:
+      raise ValueError(f'batch_size must be at least 1, got {batch_size}.')
     self.encoder = encoder
     self.model = model
     devices = jax.local_devices()

@@ -215,6 +215,8 @@ class PredictTest(parameterized.TestCase):
       )
     values(['predict.py', *paths, '--chunk_rows=1', '--batch_size=1'])
     self.assertEqual((values.chunk_rows, values.batch_size), (1, 1))
+    with self.assertRaisesRegex(ValueError, 'at least 1, got 0'):
+      predict.load(self.trained.workdir, batch_size=0)
 
   def test_output_is_parsed_back_exactly(self):
     probs = np.array([1e-8, 0.123456789, 1 - 1e-7, 0.5], np.float32)
