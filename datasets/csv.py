@@ -20,6 +20,7 @@ Two more kinds of column feed the model other inputs than one id:
   `multi_hot_max_len` keeps its first `multi_hot_max_len` values.
 """
 
+import collections
 from collections.abc import Iterator, Sequence
 import dataclasses
 
@@ -149,7 +150,18 @@ def reader(
         f'{path}:1: expected a header line with column names'
       )
     header = [c.strip() for c in text.split_line(first, sep, True)]
+    _check_unique(header, f'{path}:1')
   return table(options, header, path, require_label)
+
+
+def _check_unique(header: Sequence[str], where: str) -> None:
+  counts = collections.Counter(header)
+  twice = [c for c in header if counts[c] > 1]
+  if twice:
+    raise core.DataError(
+      f'{where}: column {twice[0]!r} appears twice in the header'
+      f' ({", ".join(header)}); rename one of them.'
+    )
 
 
 def table(
@@ -169,6 +181,7 @@ def table(
     )
   sep = separator(options)
   header = list(header)
+  _check_unique(header, path)
   unlabeled = not require_label and label not in header
   if unlabeled:
     header.append(label)  # Checked, then dropped below.

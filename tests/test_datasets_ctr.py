@@ -394,6 +394,35 @@ class CsvTest(DatasetTestCase):
     np.testing.assert_array_equal(a.train.ids, b.train.ids)
     np.testing.assert_array_equal(a.test.labels, b.test.labels)
 
+  @parameterized.parameters(
+    (('y', 'a', 'a'), ()), (('y', 'a', 'b', ' a'), ('b',))
+  )
+  def test_a_column_twice_in_the_header_is_a_data_error(self, header, cats):
+    rows = [[str(i % 2)] + [f'v{i % 3}'] * (len(header) - 1) for i in range(20)]
+    path = write_lines(os.path.join(self.tmp, 'd.csv'), rows, ',', header)
+    config = self.config(
+      'csv', path, csv=dict(label_column='y', categorical_columns=cats)
+    )
+    with self.assertRaisesRegex(
+      data.DataError,
+      r"^\S*d\.csv:1: column 'a' appears twice in the header \(y, a, .*\);"
+      ' rename one',
+    ):
+      data.load_dataset(config)
+    try:
+      import pyarrow as pa
+      import pyarrow.parquet as pq
+    except ImportError:
+      return
+    columns = [pa.array([r[k] for r in rows]) for k in range(len(header))]
+    config.path = os.path.join(self.tmp, 'd.parquet')
+    names = [c.strip() for c in header]  # Parquet names are not stripped.
+    pq.write_table(pa.table(columns, names=names), config.path)
+    with self.assertRaisesRegex(
+      data.DataError, r"^\S*d\.parquet: column 'a' appears twice in the header"
+    ):
+      data.load_dataset(config)
+
   def test_parquet_cells_keep_newlines_quotes_and_crs(self):
     try:
       import pandas as pd
