@@ -11,6 +11,8 @@ Labels are -1/0/1 (> 0 is a positive). A `path` directory finds its train,
 validation ('valid' or 'dev') and test files by name.
 """
 
+import codecs
+
 import ml_collections
 import numpy as np
 
@@ -58,6 +60,8 @@ class Reader:
     keys = np.empty((len(lines), self.num_fields), np.int64)
     labels = np.empty(len(lines), np.float32)
     n = 0
+    if first == 1 and lines and lines[0].startswith(codecs.BOM_UTF8):
+      lines = [lines[0][len(codecs.BOM_UTF8) :], *lines[1:]]
     for number, line in enumerate(lines, start=first):
       tokens = line.split()
       if not tokens:

@@ -292,6 +292,23 @@ class LibFMTest(DatasetTestCase):
         else:
           self.assertIn(dataset.test.ids[i, f], vocab[f])
 
+  def test_a_utf8_bom_is_not_part_of_the_first_label(self):
+    os.makedirs(os.path.join(self.tmp, 'd'))
+    rows = self._lines(60, 5)
+    path = self.write_text('all.libfm', rows, (0, 30, 38))
+    with open(path, 'rb') as f:
+      body = f.read()
+    with open(path, 'wb') as f:
+      f.write(b'\xef\xbb\xbf' + body)
+    config = self.config(
+      'libfm', path, libfm=dict(field_dims=(30, 8, 5)), split=(1.0, 0, 0)
+    )
+    dataset = data.load_dataset(config)
+    np.testing.assert_array_equal(dataset.train.ids, [v for _, v in rows])
+    np.testing.assert_array_equal(
+      dataset.train.labels, [float(y > 0) for y, _ in rows]
+    )
+
   def test_given_field_dims_take_global_indices_as_they_are(self):
     os.makedirs(os.path.join(self.tmp, 'd'))
     rows = self._lines(120, 3)
