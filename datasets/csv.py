@@ -149,6 +149,15 @@ def reader(
       raise core.DataError(
         f'{path}:1: expected a header line with column names'
       )
+    if b'\r' in first.rstrip(b'\r\n'):
+      raise core.DataError(
+        f'{path}:1: a carriage return (CR) inside the header line: lines must'
+        ' end with LF or CRLF. Convert the file (e.g. with mac2unix).'
+      )
+    if text.quoted_columns(first, sep) is None:
+      raise core.DataError(
+        f'{path}:1: a quoted column name is not closed on the header line.'
+      )
     header = [c.strip() for c in text.split_line(first, sep, True)]
     _check_unique(header, f'{path}:1')
   return table(options, header, path, require_label)

@@ -440,6 +440,17 @@ class CsvTest(DatasetTestCase):
     ):
       data.load_dataset(config)
 
+  @parameterized.parameters(
+    ('y,a,b\r1,x,z\r0,w,v\r', 'a carriage return'),
+    ('y,"a,b\n1,x,z\n', 'a quoted column name is not closed'),
+  )
+  def test_a_broken_header_line_is_a_data_error(self, body, message):
+    path = os.path.join(self.tmp, 'h.csv')
+    with open(path, 'w', newline='') as f:
+      f.write(body)
+    with self.assertRaisesRegex(data.DataError, rf'^\S*h\.csv:1: {message}'):
+      data.load_dataset(self.config('csv', path, csv=dict(label_column='y')))
+
   def test_parquet_cells_keep_newlines_quotes_and_crs(self):
     try:
       import pandas as pd
