@@ -314,7 +314,9 @@ def write(
         writers[f'{SPLITS[s]}_multi_ids'].write(multi)
       if num_dense:
         writers[f'{SPLITS[s]}_dense_raw'].write(dense)
-    mean, std = side.write_standardised(writers, add, SPLITS, sizes, num_dense)
+    mean, std = side.write_standardised(
+      writers, add, SPLITS, sizes, num_dense, encoded.dense_names
+    )
     for file, keys in (
       ('vocab', encoded.vocabulary),
       ('multi_vocab', encoded.multi_vocabulary if num_multi else None),

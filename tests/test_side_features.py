@@ -348,8 +348,8 @@ class CacheRangeTest(DatasetTestCase):
   def test_a_value_beyond_float32_leaves_no_cache_and_no_warning(self):
     normal = [50 + 1e-3 * (i % 7) for i in range(60)]
     for rows, paths, message in (  # The row's split depends on the seed.
-      (normal[:30] + [1e300] + normal, {}, r'\w+ rows: .* 1e\+300 is'),
-      (normal[:30] + [-1e39] + normal, {}, r'\w+ rows: .* -1e\+39 is'),
+      (normal[:30] + [1e300] + normal, {}, r'\w+ rows: .* price: 1e\+300 is'),
+      (normal[:30] + [-1e39] + normal, {}, r'\w+ rows: .* price: -1e\+39 is'),
       (
         normal,
         {'valid_path': normal, 'test_path': normal[:9] + [1e38]},
