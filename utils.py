@@ -318,10 +318,12 @@ def _parse_flags(argv: list[str]) -> list[str]:
   except flags.Error as e:
     # A config file's ValueError or TypeError reaches us as a flag error,
     # its traceback flattened into the message; the first error is the one.
-    first = e
-    while first.__cause__ or first.__context__:
-      first = first.__cause__ or first.__context__
-    fail(_config_file_error(argv, first) or _flag_error(argv, e))
+    chain = [e]
+    while cause := chain[-1].__cause__ or chain[-1].__context__:
+      if cause in chain:
+        break
+      chain.append(cause)
+    fail(_config_file_error(argv, chain[-1]) or _flag_error(argv, e))
   except Exception as e:  # pylint: disable=broad-except
     message = _override_error(argv, e) or _config_file_error(argv, e)
     if message is None:
