@@ -171,7 +171,7 @@ def train_torchfm(
     record['wall_time'] = round(time.perf_counter() - start, 3)
     record['time'] = round(time.time(), 3)  # As metrics.MetricsWriter.
     with open(path, 'a') as f:
-      f.write(json.dumps(record) + '\n')
+      f.write(metrics.json_line(record))
 
   def evaluate(split: str) -> dict:
     model.eval()
