@@ -37,7 +37,6 @@ out-of-vocabulary id.
 from __future__ import annotations
 
 from collections.abc import Iterator
-import csv as csv_module
 import dataclasses
 import json
 import os
@@ -343,7 +342,7 @@ class Encoder:
     """The source's reader of `frame` and its rows as lines of that format."""
     options = ml_collections.ConfigDict(self.options)
     names = [str(c) for c in frame.columns]
-    sep, quoting = ' ', csv_module.QUOTE_NONE
+    sep, quoting = ' ', False
     if self.format == 'movielens':
       labeled = 'rating' in names
       reader = movielens.Reader(',', labeled)
@@ -378,17 +377,13 @@ class Encoder:
         )
       frame = frame.reindex(columns=list(table.columns), fill_value='')
       columns, sep = list(table.columns), table.sep
-      if table.quoting:
-        quoting = csv_module.QUOTE_MINIMAL
+      quoting = table.quoting
     missing = [c for c in columns if c not in frame.columns]
     if missing:
       raise core.DataError(f'The DataFrame has no column {", ".join(missing)}.')
     self._check_fields(reader, 'The DataFrame')
     frame = frame[columns].apply(_integral)
-    body = frame.to_csv(
-      sep=sep, header=False, index=False, lineterminator='\n', quoting=quoting
-    )
-    return reader, [line + b'\n' for line in body.encode().split(b'\n')[:-1]]
+    return reader, csv.frame_rows(frame, sep, quoting, self.format)
 
 
 def _integral(column: pd.Series) -> pd.Series:

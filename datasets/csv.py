@@ -20,16 +20,24 @@ Two more kinds of column feed the model other inputs than one id:
   `multi_hot_max_len` keeps its first `multi_hot_max_len` values.
 """
 
+from __future__ import annotations
+
 import collections
 from collections.abc import Iterator, Sequence
+import csv as csv_lib
 import dataclasses
+from typing import TYPE_CHECKING
 
 import ml_collections
+import numpy as np
 
 from datasets import core
 from datasets import encode
 from datasets import text
 import utils
+
+if TYPE_CHECKING:
+  import pandas as pd
 
 NAMES = ('csv',)
 MIN_COUNT = 1
@@ -112,6 +120,45 @@ def rows_of(body: bytes) -> list[bytes]:
   return rows
 
 
+def frame_rows(
+  frame: pd.DataFrame, sep: str, quoting: bool, source: str
+) -> list[bytes]:
+  """The rows of `frame` as lines of text, its values separated by `sep`.
+
+  With `quoting` (CSV), a value with a newline, a CR or a quote is quoted
+  (its row is one row, see `rows_of`). Without it, a value holding a
+  newline or `sep` is a DataError naming its row and column: a `source`
+  row cannot carry it.
+  """
+  if quoting:
+    body = frame.to_csv(
+      sep=sep, header=False, index=False, lineterminator='\r\n'
+    )
+    return rows_of(body.encode())
+  try:
+    body = frame.to_csv(
+      sep=sep,
+      header=False,
+      index=False,
+      lineterminator='\n',
+      quoting=csv_lib.QUOTE_NONE,
+    )
+  except csv_lib.Error as e:  # Need to escape: find the first such value.
+    cells = frame.astype(str).to_numpy(str)
+    bad = (np.char.find(cells, sep) >= 0) | (np.char.find(cells, '\n') >= 0)
+    if not bad.any():
+      raise core.DataError(f'The DataFrame: {e}') from e
+    row, column = (int(i) for i in np.argwhere(bad)[0])
+    value = cells[row, column]
+    what = 'a newline' if '\n' in value else f'the separator {sep!r}'
+    raise core.DataError(
+      f'DataFrame row {row}: column {frame.columns[column]}'
+      f' {core.shown(value)} holds {what}, which a {source} row cannot'
+      ' carry; remove it from the value.'
+    ) from None
+  return [line + b'\n' for line in body.encode().split(b'\n')[:-1]]
+
+
 @dataclasses.dataclass(frozen=True)
 class ParquetTable(text.Table):
   """A Parquet file, its record batches read as CSV rows of `columns`."""
@@ -122,9 +169,7 @@ class ParquetTable(text.Table):
       batch_size=chunk_rows, columns=columns
     )
     for batch in batches:
-      frame = batch.to_pandas()[columns]
-      body = frame.to_csv(header=False, index=False, lineterminator='\r\n')
-      yield rows_of(body.encode())
+      yield frame_rows(batch.to_pandas()[columns], ',', True, 'CSV')
 
 
 def reader(

@@ -12,6 +12,7 @@ the cache's `multi_ids` and `dense` too, and an encoder of layout version 1
 import dataclasses
 import json
 import os
+import re
 
 from absl.testing import parameterized
 from dataset_testing import DatasetTestCase
@@ -276,6 +277,37 @@ class EncoderTest(EncoderTestCase):
     frame = _frame(rows, CRITEO_COLUMNS).assign(I3='x')
     with self.assertRaisesRegex(data.DataError, 'DataFrame row 0: integer'):
       enc.encode(frame)
+
+  def test_frame_cells_with_newlines(self):
+    # CSV: a cell with a newline, a CR or a quote is one value, the one
+    # training read from Parquet.
+    cells = ['new\nyork', 'a\r\nb', 'c"\r', 'rome, it', '']
+    frame = pd.DataFrame({'clicked': [1, 0] * 10, 'city': cells * 4})
+    frame = frame.assign(device=['x\n', 'y', 'z"'] * 6 + ['y', 'y'])
+    path = os.path.join(self.tmp, 'train.parquet')
+    frame.to_parquet(path)
+    dataset, enc, _ = self._save('csv', path, csv={'label_column': 'clicked'})
+    ids, labels = self._file_order(dataset)
+    self.assertEqual(dataset.field_dims, (6, 4))
+    self._check_rows(enc.encode(frame), ids, labels)
+    self._check_rows(enc.encode(frame.drop(columns='clicked')), ids, None)
+    # Criteo: a tab-separated row cannot hold a newline or a tab.
+    rows = criteo_rows(20, seed=5)
+    path = write_lines(os.path.join(self.tmp, 'train.txt'), rows, '\t')
+    _, enc, _ = self._save('criteo', path)
+    for value, what in (
+      ('a\nb', 'a newline'),
+      ('a\tb', r"the separator '\\t'"),
+    ):
+      frame = _frame(rows, CRITEO_COLUMNS)
+      frame.loc[3, 'C2'] = value
+      frame.loc[5, 'C1'] = value
+      with self.assertRaisesRegex(
+        data.DataError,
+        rf'^DataFrame row 3: column C2 {re.escape(repr(value))} holds {what},'
+        ' which a criteo row cannot carry; remove it from the value.$',
+      ):
+        enc.encode(frame)
 
   def test_files_are_json_and_npy_and_versioned(self):
     rows = criteo_rows(50, seed=6)
