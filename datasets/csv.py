@@ -11,7 +11,8 @@ Two more kinds of column feed the model other inputs than one id:
   with the mean and standard deviation of the training split's values
   (kept in the cache's meta.json). An empty or NaN cell is missing and
   becomes 0 after standardisation, i.e. the training mean; a value that is
-  not a number (or is infinite) is a malformed line.
+  not a number (or is infinite, or beyond float32's range) is a malformed
+  line.
 - `multi_hot_columns`: lists of categorical values separated by
   `multi_hot_sep` (`horror|drama`), each a multi-hot field (`multi_ids`)
   with its own vocabulary: values seen fewer than `min_count` times share

@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from datasets import core
+from datasets import side
 
 if TYPE_CHECKING:
   import pandas as pd
@@ -147,6 +148,7 @@ SIDE_KINDS = ('multi', 'float')
 
 # Cells of a float column that are a missing value.
 FLOAT_MISSING = ('', 'nan', 'NaN', 'NAN', 'Nan')
+BEYOND_FLOAT32 = f'beyond float32 range (+-{side.FLOAT32_MAX:.4g})'
 
 
 @dataclasses.dataclass(frozen=True)
@@ -361,7 +363,7 @@ class Table:
     )
 
   def _find_unparsable(self, lines, numbers, issues) -> np.ndarray:
-    """Adds the lines whose integer columns do not parse to `issues`.
+    """Adds the lines whose number columns do not parse to `issues`.
 
     Returns:
       The indices of the other lines.
@@ -370,38 +372,24 @@ class Table:
 
     frame = self._read(lines, typed=False)
     wrong = np.zeros(len(lines), bool)
-    for column in self._integer_columns():
+    floats = self._float_columns()
+    for column in self._integer_columns() + floats:
       text = frame[column].to_numpy(object)
       number = pd.to_numeric(
         pd.Series(text).replace('', None), errors='coerce'
       ).to_numpy(np.float64)
-      ok = (
-        np.isfinite(number)
-        & (number == np.round(number))
-        & (np.abs(number) < INT_LIMIT)
-      )
-      if column != self.label:
-        ok |= text == ''
-      for i in np.flatnonzero(~ok & ~wrong):
-        what = 'label' if column == self.label else f'integer column {column}'
-        issues.append(
-          (numbers[i], f'{what} {core.shown(text[i])} is not an integer')
-        )
-      wrong |= ~ok
-    for column in self._float_columns():
-      text = frame[column].to_numpy(object)
-      number = pd.to_numeric(
-        pd.Series(text).replace('', None), errors='coerce'
-      ).to_numpy(np.float64)
-      # Empty and NaN cells are missing values, not errors.
-      missing = np.isin(text.astype(str), FLOAT_MISSING)
-      ok = ~np.isnan(number) | missing
+      if column in floats:  # Empty and NaN cells are missing values.
+        ok = ~np.isnan(number) | np.isin(text.astype(str), FLOAT_MISSING)
+        what, kind = f'float column {column}', 'a number'
+      else:
+        ok = np.isfinite(number) & (number == np.round(number))
+        ok &= np.abs(number) < INT_LIMIT
+        ok |= (text == '') & (column != self.label)
+        what, kind = f'integer column {column}', 'an integer'
+      what = 'label' if column == self.label else what
       for i in np.flatnonzero(~ok & ~wrong):
         issues.append(
-          (
-            numbers[i],
-            f'float column {column} {core.shown(text[i])} is not a number',
-          )
+          (numbers[i], f'{what} {core.shown(text[i])} is not {kind}')
         )
       wrong |= ~ok
     return np.flatnonzero(~wrong)
@@ -432,11 +420,15 @@ class Table:
         else f'label {label[i]} is not 0 or 1 (or -1)'
       ),
     )
-    for column in self._float_columns():
-      values = frame[column].to_numpy(np.float64, na_value=np.nan)
-      flag(
-        np.isinf(values),
-        lambda i, c=column, v=values: f'float column {c} {v[i]} is not finite',
+    for field in (f for f in self.fields if f.kind == 'float'):
+      values = frame[field.column].to_numpy(np.float64, na_value=np.nan)
+      kept = field.transform(values) if field.transform else values
+      flag(  # A kept value must fit float32 (side.py); inf is not finite.
+        np.isinf(values) | (np.abs(kept) > side.FLOAT32_MAX),
+        lambda i, c=field.column, v=values: (
+          f'float column {c} {v[i]} is '
+          + ('not finite' if np.isinf(v[i]) else BEYOND_FLOAT32)
+        ),
       )
     one_hot = [field for field in self.fields if field.kind not in SIDE_KINDS]
     keys = np.empty((n, len(one_hot)), np.int64)
@@ -466,8 +458,8 @@ class Table:
     issues.extend((numbers[i], reason) for i, reason in reasons.items())
     keep = ~wrong
     labels = np.where(np.isnan(label[keep]), np.nan, label[keep] == 1)
-    side = self._side(frame[keep] if not keep.all() else frame)
-    return keys[keep], labels.astype(np.float32), side
+    rows = frame[keep] if not keep.all() else frame
+    return keys[keep], labels.astype(np.float32), self._side(rows)
 
 
 def multi_hot_keys(cells: np.ndarray, sep: str, max_len: int) -> np.ndarray:

@@ -10,6 +10,7 @@ import csv as csv_module
 import os
 import random
 from unittest import mock
+import warnings
 
 from absl.testing import absltest
 from dataset_testing import DatasetTestCase
@@ -192,6 +193,20 @@ class CsvFeaturesTest(DatasetTestCase):
     dataset = self.load(self.write(rows), skip_bad_lines=True)
     splits = (dataset.train, dataset.valid, dataset.test)
     self.assertEqual(sum(map(len, splits)), 199)
+    # Finite, but beyond float32: named while parsing, without a warning.
+    beyond = r'is beyond float32 range \(\+-3\.403e\+38\) \(set'
+    for cell, shown in (('1e300', r'1e\+300'), ('-1e39', r'-1e\+39')):
+      rows[130][2] = cell
+      rows[7][3] = '3.4e38'  # Within float32's range.
+      with warnings.catch_warnings():
+        warnings.simplefilter('error')
+        with self.assertRaisesRegex(
+          data.DataError, rf'^{path}:132: float column price {shown} {beyond}'
+        ):
+          self.load(self.write(rows))
+        dataset = self.load(self.write(rows), skip_bad_lines=True)
+      splits = (dataset.train, dataset.valid, dataset.test)
+      self.assertEqual(sum(map(len, splits)), 199)
 
   def test_config_errors_name_the_key(self):
     path = self.write(feature_rows(50))
