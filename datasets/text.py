@@ -345,22 +345,24 @@ class Table:
     body = b''.join(lines)
     if b'\r' in body:  # Strip CRLF line ends; a bare CR is data.
       body = b''.join(map(_without_crlf, lines))
-    return pd.read_csv(
-      io.BytesIO(body),
-      sep=self.sep,
-      lineterminator='\n',
-      header=None,
-      names=list(self.columns),
-      usecols=[c for c in self.columns if c in needed],
-      dtype=dtype,
-      keep_default_na=False,
-      na_filter=typed,
-      na_values=na,
-      quoting=csv.QUOTE_MINIMAL if self.quoting else csv.QUOTE_NONE,
-      engine='c',
-      skip_blank_lines=False,
-      encoding_errors='replace',
-    )
+    # inf in an integer column fails its cast: the error names it, no warning.
+    with np.errstate(invalid='ignore'):
+      return pd.read_csv(
+        io.BytesIO(body),
+        sep=self.sep,
+        lineterminator='\n',
+        header=None,
+        names=list(self.columns),
+        usecols=[c for c in self.columns if c in needed],
+        dtype=dtype,
+        keep_default_na=False,
+        na_filter=typed,
+        na_values=na,
+        quoting=csv.QUOTE_MINIMAL if self.quoting else csv.QUOTE_NONE,
+        engine='c',
+        skip_blank_lines=False,
+        encoding_errors='replace',
+      )
 
   def _find_unparsable(self, lines, numbers, issues) -> np.ndarray:
     """Adds the lines whose number columns do not parse to `issues`.

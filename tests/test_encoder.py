@@ -13,6 +13,7 @@ import dataclasses
 import json
 import os
 import re
+import warnings
 
 from absl.testing import parameterized
 from dataset_testing import DatasetTestCase
@@ -487,11 +488,13 @@ class SideInputsTest(EncoderTestCase):
     frame = _frame(rows, CRITEO_COLUMNS).astype({'I1': float})
     for value in (np.inf, -np.inf):
       frame.loc[2, 'I1'] = value
-      with self.assertRaisesRegex(
-        data.DataError,
-        f"^DataFrame row 2: integer column I1 '{value}' is not an integer",
-      ):
-        enc.encode(frame)
+      with warnings.catch_warnings():  # No RuntimeWarning of the cast.
+        warnings.simplefilter('error')
+        with self.assertRaisesRegex(
+          data.DataError,
+          f"^DataFrame row 2: integer column I1 '{value}' is not an integer",
+        ):
+          enc.encode(frame)
     rows = feature_rows(50, seed=8)
     path = write_lines(os.path.join(self.tmp, 'train.csv'), rows, ',', HEADER)
     _, enc, _ = self._save('csv', path, csv=csv_options())
