@@ -203,14 +203,20 @@ class Table:
     """This table, or `without_label()` if `first_line` lacks the label.
 
     A header names its columns; a line of data without the label column
-    has one column less.
+    has one column less (a later line's column error then names the choice).
     """
     names = [c.strip() for c in split_line(first_line, self.sep, False)]
+    table, n = self, len(names)
     if self.header or (self.header is None and names[0] == self.columns[0]):
       labeled = self.label in names
     else:
-      labeled = len(names) != len(self.columns) - 1
-    return self if labeled or not self.label else self.without_label()
+      labeled = n != len(self.columns) - 1
+      if self.label and n in (len(self.columns) - 1, len(self.columns)):
+        how = 'with' if labeled else 'without'
+        hint = f'{self.hint}; read {how} the {self.label} column, as the'
+        hint += f' first line has {n} columns'
+        table = dataclasses.replace(self, hint=hint)
+    return table if labeled or not self.label else table.without_label()
 
   def has_header(self, first_line: bytes, path: str) -> bool:
     """Whether `first_line` of `path` is a header (checked if it is)."""

@@ -278,6 +278,20 @@ class EncoderTest(EncoderTestCase):
     frame = _frame(rows, CRITEO_COLUMNS).assign(I3='x')
     with self.assertRaisesRegex(data.DataError, 'DataFrame row 0: integer'):
       enc.encode(frame)
+    # Labeled or not is decided from the first line's columns: an error at
+    # a later line says what was assumed.
+    for first, rest, how in (
+      (rows[0][:-1], rows[1:], ('39', 'without', '39', '40')),
+      (rows[0], [r[1:] for r in rows[1:]], ('40', 'with', '40', '39')),
+    ):
+      test = write_lines(os.path.join(self.tmp, 'a.txt'), [first, *rest], '\t')
+      with self.assertRaisesRegex(
+        data.DataError,
+        r'^\S*a\.txt:2: expected {} columns \(label, 13 integer and 26'
+        r' categorical, tab-separated; read {} the label column, as the first'
+        r' line has {} columns\), found {}$'.format(*how),
+      ):
+        enc.encode(test)
 
   def test_frame_cells_with_newlines(self):
     # CSV: a cell with a newline, a CR or a quote is one value, the one
