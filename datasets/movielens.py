@@ -20,6 +20,7 @@ import logging
 import math
 import os
 import shutil
+import ssl
 import tempfile
 from typing import TYPE_CHECKING
 import urllib.error
@@ -90,11 +91,13 @@ def download(url: str, dest: str, *, md5: str | None = None) -> str:
   Raises:
     DownloadError: network failure, truncated transfer or checksum mismatch.
   """
-  os.makedirs(os.path.dirname(dest), exist_ok=True)
-  fd, tmp = tempfile.mkstemp(
-    dir=os.path.dirname(dest), prefix=os.path.basename(dest) + '.partial-'
-  )
+  directory = os.path.dirname(dest)
+  tmp = None
   try:
+    os.makedirs(directory, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(
+      dir=directory, prefix=os.path.basename(dest) + '.partial-'
+    )
     digest = hashlib.md5()
     received = 0
     with os.fdopen(fd, 'wb') as out:
@@ -116,10 +119,21 @@ def download(url: str, dest: str, *, md5: str | None = None) -> str:
       )
     os.replace(tmp, dest)
     return dest
-  except (urllib.error.URLError, http.client.HTTPException, OSError) as e:
+  except (
+    urllib.error.URLError,
+    http.client.HTTPException,
+    ConnectionError,
+    TimeoutError,
+    ssl.SSLError,
+  ) as e:
     raise core.DownloadError(f'Could not download {url}: {e}') from e
+  except OSError as e:  # Not the network's: the cache directory's.
+    raise core.DownloadError(
+      f'Could not write the download of {url} into {directory}: {e}. Set'
+      ' config.dataset.cache_dir to a writable directory with free space.'
+    ) from e
   finally:
-    if os.path.exists(tmp):
+    if tmp is not None and os.path.exists(tmp):
       os.remove(tmp)
 
 

@@ -1,5 +1,6 @@
 """Tests of the MovieLens source: verified downloads and ratings parsing."""
 
+import contextlib
 import hashlib
 import http.server
 import io
@@ -133,6 +134,33 @@ class DownloadTest(absltest.TestCase):
     config = _dataset_config(self.tmp, name='ml-1m', url=url)
     with self.assertRaisesRegex(data.DownloadError, 'Could not download'):
       data.load_dataset(config)
+
+  def test_cache_dir_not_writable_names_the_directory_and_the_key(self):
+    # A file where cache_dir should be, and a directory that refuses the
+    # download (simulated: tests may run as root).
+    blocker = os.path.join(self.tmp, 'a-file')
+    write_text(blocker, 'not a directory')
+    refused = PermissionError(13, 'Permission denied')
+    for cache_dir, patch in (
+      (blocker, contextlib.nullcontext()),
+      (
+        os.path.join(self.tmp, 'ok'),
+        mock.patch.object(tempfile, 'mkstemp', side_effect=refused),
+      ),
+    ):
+      with self.subTest(cache_dir=cache_dir), patch:
+        config = _dataset_config(
+          self.tmp,
+          name='ml-100k',
+          url='http://127.0.0.1:9',
+          cache_dir=cache_dir,
+        )
+        with self.assertRaisesRegex(
+          data.DownloadError,
+          f'^Could not write the download of http://127.0.0.1:9/ml-100k.zip'
+          f' into {cache_dir}/downloads: .*config.dataset.cache_dir',
+        ):
+          data.load_dataset(config)
 
 
 class MovieLensParsingTest(parameterized.TestCase):
