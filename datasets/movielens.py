@@ -71,6 +71,8 @@ HEADERS = (
 DEFAULTS = {}
 SIDE_FEATURES = movielens_side.SIDE_FEATURES
 MIN_COUNT = 1  # Every user and item is kept.
+# Seconds a download may wait for the server to answer or send more bytes.
+TIMEOUT_S = 60
 
 
 def download(url: str, dest: str, *, md5: str | None = None) -> str:
@@ -101,7 +103,7 @@ def download(url: str, dest: str, *, md5: str | None = None) -> str:
     digest = hashlib.md5()
     received = 0
     with os.fdopen(fd, 'wb') as out:
-      with urllib.request.urlopen(url, timeout=60) as response:
+      with urllib.request.urlopen(url, timeout=TIMEOUT_S) as response:
         expected = response.headers.get('Content-Length')
         while chunk := response.read(1 << 20):
           out.write(chunk)
@@ -126,7 +128,11 @@ def download(url: str, dest: str, *, md5: str | None = None) -> str:
     TimeoutError,
     ssl.SSLError,
   ) as e:
-    raise core.DownloadError(f'Could not download {url}: {e}') from e
+    raise core.DownloadError(
+      f'Could not download {url}: {e}. Check the network and'
+      ' config.dataset.url, then run again; or download and unzip the'
+      ' archive yourself and set config.dataset.path to its directory.'
+    ) from e
   except OSError as e:  # Not the network's: the cache directory's.
     raise core.DownloadError(
       f'Could not write the download of {url} into {directory}: {e}. Set'

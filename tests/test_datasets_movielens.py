@@ -42,11 +42,23 @@ def _ml100k_zip(rows):
 class _Server:
   """A one-file HTTP server on 127.0.0.1 that can cut a transfer short."""
 
-  def __init__(self, payload: bytes, truncate: bool = False):
+  def __init__(
+    self,
+    payload: bytes,
+    truncate: bool = False,
+    status: int = 200,
+    stall: threading.Event | None = None,
+  ):
     payload_ = payload
 
     class Handler(http.server.BaseHTTPRequestHandler):
       def do_GET(self):  # noqa: N802 (http.server's name)
+        if stall is not None:  # Silent until the test is done.
+          stall.wait(30)
+          return
+        if status != 200:
+          self.send_error(status)
+          return
         self.send_response(200)
         self.send_header('Content-Length', str(len(payload_)))
         self.end_headers()
@@ -62,6 +74,7 @@ class _Server:
 
     self.httpd = http.server.HTTPServer(('127.0.0.1', 0), Handler)
     self.url = f'http://127.0.0.1:{self.httpd.server_port}'
+    self.stall = stall
     self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
 
   def __enter__(self):
@@ -69,6 +82,8 @@ class _Server:
     return self
 
   def __exit__(self, *exc):
+    if self.stall is not None:
+      self.stall.set()
     self.httpd.shutdown()
     self.httpd.server_close()
 
@@ -134,6 +149,27 @@ class DownloadTest(absltest.TestCase):
     config = _dataset_config(self.tmp, name='ml-1m', url=url)
     with self.assertRaisesRegex(data.DownloadError, 'Could not download'):
       data.load_dataset(config)
+
+  def test_http_error_and_stalled_server_say_what_to_do(self):
+    stalled = threading.Event()
+    for server, reason in (
+      (_Server(b'', status=404), 'HTTP Error 404: Not Found'),
+      (_Server(b'', status=500), 'HTTP Error 500'),
+      (_Server(b'', stall=stalled), 'timed out'),
+    ):
+      with (
+        self.subTest(reason),
+        server,
+        mock.patch.object(movielens, 'TIMEOUT_S', 0.5),
+      ):
+        config = _dataset_config(self.tmp, name='ml-1m', url=server.url)
+        with self.assertRaisesRegex(
+          data.DownloadError,
+          f'^Could not download {server.url}/ml-1m.zip: .*{reason}.*'
+          'config.dataset.url.*config.dataset.path',
+        ):
+          data.load_dataset(config)
+        self.assertEqual(_files_under(config.cache_dir), [])
 
   def test_cache_dir_not_writable_names_the_directory_and_the_key(self):
     # A file where cache_dir should be, and a directory that refuses the
