@@ -13,6 +13,7 @@ seen in training, it is the id of an unseen user or movie at prediction.
 from __future__ import annotations
 
 from collections.abc import Iterator
+import contextlib
 import hashlib
 import http.client
 import io
@@ -26,6 +27,7 @@ from typing import TYPE_CHECKING
 import urllib.error
 import urllib.request
 import zipfile
+import zlib
 
 import ml_collections
 import numpy as np
@@ -158,18 +160,25 @@ def fetch_grouplens(name: str, config: ml_collections.ConfigDict) -> str:
   archive = download(
     url, os.path.join(root, f'{name}.zip'), md5=GROUPLENS_MD5[name]
   )
-  tmp = core.make_temp_dir(root, f'.{name}-')  # The umask's mode, not 0700.
+  tmp = None
   try:
+    tmp = core.make_temp_dir(root, f'.{name}-')  # The umask's mode.
     with zipfile.ZipFile(archive) as z:
       z.extractall(tmp)
     inner = os.path.join(tmp, name)
     os.rename(inner if os.path.isdir(inner) else tmp, final)
-  except (zipfile.BadZipFile, OSError) as e:
-    if not os.path.isdir(final):
-      raise core.DownloadError(f'Could not unpack {archive}: {e}') from e
+  except (zipfile.BadZipFile, zlib.error, EOFError, OSError) as e:
+    if not os.path.isdir(final):  # Else another run unpacked it first.
+      raise core.DownloadError(
+        f'Could not unpack {url}: {e}. The archive was deleted: run again;'
+        f' or unzip it yourself and set config.dataset.path to its'
+        ' directory.'
+      ) from e
   finally:
-    shutil.rmtree(tmp, ignore_errors=True)
-    os.remove(archive)
+    if tmp is not None:
+      shutil.rmtree(tmp, ignore_errors=True)
+    with contextlib.suppress(FileNotFoundError):  # Another run's removal.
+      os.remove(archive)
   return final
 
 

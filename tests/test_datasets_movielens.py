@@ -171,6 +171,30 @@ class DownloadTest(absltest.TestCase):
           data.load_dataset(config)
         self.assertEqual(_files_under(config.cache_dir), [])
 
+  def test_corrupt_archive_is_discarded_and_a_rerun_recovers(self):
+    # Deflate data that fails to decompress (zlib.error), its MD5 matching.
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, 'w', zipfile.ZIP_DEFLATED) as z:
+      z.writestr('ml-100k/u.data', '1\t1\t5\t0\n' * 500)
+    corrupt = bytearray(buffer.getvalue())
+    corrupt[50:70] = b'\xff' * 20
+    for payload in (bytes(corrupt), b'PK\x03\x04' + b'x' * 100):
+      with self.subTest(len(payload)), _Server(payload) as server:
+        config = _dataset_config(self.tmp, name='ml-100k', url=server.url)
+        md5 = hashlib.md5(payload).hexdigest()
+        with mock.patch.dict(movielens.GROUPLENS_MD5, {'ml-100k': md5}):
+          with self.assertRaisesRegex(
+            data.DownloadError,
+            f'^Could not unpack {server.url}/ml-100k.zip: .*run again.*'
+            'config.dataset.path',
+          ):
+            data.load_dataset(config)
+        self.assertEqual(_files_under(config.cache_dir), [])
+    with _Server(self.payload) as server:
+      config = _dataset_config(self.tmp, name='ml-100k', url=server.url)
+      with mock.patch.dict(movielens.GROUPLENS_MD5, {'ml-100k': self.md5}):
+        self.assertEqual(data.load_dataset(config).field_dims, (30, 9))
+
   def test_cache_dir_not_writable_names_the_directory_and_the_key(self):
     # A file where cache_dir should be, and a directory that refuses the
     # download (simulated: tests may run as root).
