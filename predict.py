@@ -99,6 +99,21 @@ class Predictor:
     if side.dense_names:
       self._inputs['dense'] = ((len(side.dense_names),), 0, np.float32)
 
+  def _problem(self, name: str, raw: np.ndarray) -> str | None:
+    """What is wrong with the values of encoded input `name`, if anything."""
+    if name == 'dense':
+      return side.dense_problem(raw.astype(np.float32))
+    if raw.size and raw.dtype.kind not in 'iu':
+      return f'ids must be integers, got {raw.dtype}'
+    if name == 'multi_ids':
+      dims = np.array(self.encoder.side.multi_field_dims, np.int64)
+      return side.multi_problem(raw, dims)
+    outside = (raw < 0) | (raw >= np.array(self.encoder.field_dims))
+    if not outside.any():
+      return None
+    fields = np.flatnonzero(outside.any(axis=0)).tolist()
+    return f'ids outside [0, field_dims) in field(s) {fields}'
+
   def _padded_size(self, n: int) -> int:
     if n >= self.batch_size:
       return self.batch_size
@@ -119,6 +134,10 @@ class Predictor:
         exactly when the run has multi-hot fields.
       dense: float32 `[n, dense_fields]`, standardised; required exactly
         when the run has numeric fields.
+
+    Raises:
+      ValueError: a missing or extra input, a wrong shape, ids that are
+        not integers or outside the run's ranges, or a non-finite value.
     """
     given = {'ids': ids, 'multi_ids': multi_ids, 'dense': dense}
     inputs = {}
@@ -131,11 +150,14 @@ class Predictor:
       if value is None:
         continue
       shape, _, dtype = self._inputs[name]
-      inputs[name] = np.asarray(value, dtype)
+      raw = np.asarray(value)
+      inputs[name] = raw.astype(dtype, copy=False)
       rows = len(inputs['ids']) if inputs['ids'].ndim else -1
       if inputs[name].shape[1:] != shape or len(inputs[name]) != rows:
         want = ', '.join(str(d) for d in ('n',) + shape)
         raise ValueError(f'{name} must be [{want}], got {np.shape(value)}.')
+      if problem := self._problem(name, raw):  # The gathers would clamp.
+        raise ValueError(f'{name}: {problem}.')
     n = len(inputs['ids'])
     outs = []
     for start in range(0, n, self.batch_size):  # Dispatch all first.

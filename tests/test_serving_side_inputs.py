@@ -174,6 +174,30 @@ class CsvTest(absltest.TestCase):
     with self.assertRaisesRegex(ValueError, 'takes ids, multi_ids, dense'):
       self.predictor.predict_ids(self.test.ids)
 
+  def test_encoded_inputs_out_of_range_are_refused(self):
+    # The model's gathers would clamp them: probabilities of other ids.
+    inputs = {k: v[:3] for k, v in _inputs(self.test).items()}
+    oob = np.array(self.dataset.field_dims, np.int64)
+    multi_oob = np.array(self.dataset.multi_field_dims).reshape(1, -1, 1)
+    for name, value, message in (
+      ('ids', inputs['ids'] + oob, r'ids outside \[0, field_dims\)'),
+      ('ids', inputs['ids'] - 1 - oob, r'ids outside \[0, field_dims\)'),
+      (
+        'ids',
+        inputs['ids'].astype(np.int64) + 2**32,
+        r'ids outside \[0, field_dims\)',
+      ),
+      ('ids', inputs['ids'] + 0.5, 'ids must be integers, got float64'),
+      ('multi_ids', inputs['multi_ids'] + multi_oob, 'outside'),
+      ('multi_ids', inputs['multi_ids'] * 0 - 2, 'outside'),
+      ('dense', inputs['dense'] * np.nan, 'not finite'),
+    ):
+      with self.subTest(name=name, message=message):
+        with self.assertRaisesRegex(ValueError, f'^{name}: .*{message}'):
+          self.predictor.predict_ids(**{**inputs, name: value})
+    got = self.predictor.predict_ids(**inputs)
+    np.testing.assert_allclose(got, self.expected[:3], rtol=0, atol=1e-6)
+
   def test_numbers_beyond_float32_name_the_row_and_field(self):
     lines = list(self.lines[:6])
     cells = lines[4].split(',')
