@@ -391,7 +391,7 @@ class Table:
         what, kind = f'float column {column}', 'a number'
       else:
         ok = np.isfinite(number) & (number == np.round(number))
-        ok &= np.abs(number) < INT_LIMIT
+        ok &= np.abs(number) <= INT_LIMIT  # Rounded: _keys checks exactly.
         ok |= (text == '') & (column != self.label)
         what, kind = f'integer column {column}', 'an integer'
       what = 'label' if column == self.label else what

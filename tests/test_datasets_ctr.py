@@ -86,6 +86,24 @@ class IntegerRuleTest(absltest.TestCase):
       self.assertEqual(keys[1, 0], text.MISSING_INT)  # The empty cell only.
       self.assertNotIn(text.MISSING_INT, keys[[0, 2], 0])
 
+  def test_integers_next_to_the_limit_beside_a_bad_value(self):
+    # A float64 rounds 2**62 - 1 to 2**62: the check of a chunk with a bad
+    # value must not call the good ones next to the limit bad.
+    limit = text.INT_LIMIT
+    lines = [f'1,{limit - 1},x', '0,z,y', f'1,{1 - limit},w', f'0,{limit},v']
+    table = _csv_table(numeric_columns='a', log_bucket=False)
+    with self.assertRaisesRegex(
+      data.DataError, r"^f\.csv:2: integer column a 'z' is not an integer"
+    ):
+      _parse(table, lines)
+    with self.assertRaisesRegex(
+      data.DataError, rf'^f\.csv:4: a {limit} is out of range'
+    ):
+      _parse(table, [lines[0], '0,5,y', *lines[2:]])
+    keys, labels, skipped = _parse(table, lines, skip=True)
+    self.assertEqual(skipped, 2)
+    np.testing.assert_array_equal(keys[:, 0], [limit - 1, 1 - limit])
+
   def test_counts_merge_in_chunks_like_a_counter(self):
     rng = np.random.default_rng(0)
     counter = encode.Counts()
