@@ -16,6 +16,7 @@ import dataclasses
 import functools
 import io
 import math
+import re
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -112,10 +113,11 @@ def quoted_columns(line: bytes, sep: str) -> int | None:
   return None if rows.line_num > 1 else found
 
 
-def _without_crlf(line: bytes) -> bytes:
-  if line.endswith(b'\r\n'):
-    return line[:-2] + b'\n'
-  return line[:-1] if line.endswith(b'\r') else line
+def _written_int(cell: str, value):
+  """The integer written in `cell` if it is one in range, else `value`."""
+  if re.fullmatch(r'\s*[+-]?[0-9]+\s*', cell) and abs(int(cell)) < INT_LIMIT:
+    return int(cell)
+  return value
 
 
 @dataclasses.dataclass(frozen=True)
@@ -350,10 +352,10 @@ class Table:
       dtype, na = object, None
     body = b''.join(lines)
     if b'\r' in body:  # Strip CRLF line ends; a bare CR is data.
-      body = b''.join(map(_without_crlf, lines))
+      body = b''.join(re.sub(rb'\r(\n?)\Z', rb'\1', x) for x in lines)
     # inf in an integer column fails its cast: the error names it, no warning.
     with np.errstate(invalid='ignore'):
-      return pd.read_csv(
+      frame = pd.read_csv(
         io.BytesIO(body),
         sep=self.sep,
         lineterminator='\n',
@@ -369,6 +371,12 @@ class Table:
         skip_blank_lines=False,
         encoding_errors='replace',
       )
+    for column in integers if typed else ():  # A `1e2` makes floats of all:
+      if (frame[column].abs() > 2**53).any():  # the digits past 2**53 are lost.
+        cells = self._read(lines, typed=False)[column]
+        exact = map(_written_int, cells, frame[column])
+        frame[column] = pd.array(list(exact), 'Int64')
+    return frame
 
   def _find_unparsable(self, lines, numbers, issues) -> np.ndarray:
     """Adds the lines whose number columns do not parse to `issues`.

@@ -104,6 +104,17 @@ class IntegerRuleTest(absltest.TestCase):
     self.assertEqual(skipped, 2)
     np.testing.assert_array_equal(keys[:, 0], [limit - 1, 1 - limit])
 
+  def test_a_whole_float_in_a_chunk_rounds_no_other_integer(self):
+    # pandas reads the column as floats for '1e2': 2**53 + 1 kept its digits.
+    table = _csv_table(numeric_columns='a', log_bucket=False)
+    big = [2**53 + 1, text.INT_LIMIT - 1, 1 - text.INT_LIMIT]
+    lines = ['1,1e2,x', *(f'0,{v},y' for v in big), '1,,z', '0,"1.0",w']
+    keys, _, skipped = _parse(table, lines)
+    self.assertEqual(skipped, 0)
+    np.testing.assert_array_equal(
+      keys[:, 0], [100, *big, text.MISSING_INT, 1]
+    )
+
   def test_counts_merge_in_chunks_like_a_counter(self):
     rng = np.random.default_rng(0)
     counter = encode.Counts()
