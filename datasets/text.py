@@ -254,8 +254,8 @@ class Table:
     if self.quoting:  # Quotes may hide separators, or leave a field open.
       check |= np.fromiter((b'"' in line for line in lines), bool, len(lines))
     for i in np.flatnonzero(check):
-      if not lines[i].strip():
-        continue  # A blank line carries no example.
+      if not (counts[i] or lines[i].strip()):
+        continue  # A blank line (no separator) carries no example.
       reason = self._column_problem(lines[i], counts[i])
       good[i] = reason is None
       if reason:

@@ -592,6 +592,18 @@ class LineAlignmentTest(parameterized.TestCase):
     ):
       _parse(table, ['\t'.join(r) for r in rows])
 
+  def test_a_line_of_separators_and_spaces_is_not_blank(self):
+    table = criteo.reader(ml_collections.ConfigDict(criteo.DEFAULTS), '')
+    good = ['\t'.join(r) for r in criteo_rows(2, seed=1)]
+    lines = [good[0], '\t' * 38, ' \t \r', '', ' \r', good[1]]
+    with self.assertRaisesRegex(
+      data.DataError, r'^f\.csv:2: expected 40 columns .*, found 39'
+    ):
+      _parse(table, lines)
+    _, labels, skipped = _parse(table, lines, skip=True)
+    self.assertEqual(skipped, 2)  # Lines 2 and 3; 4 and 5 are blank.
+    self.assertLen(labels, 2)
+
   def test_bare_cr_in_a_csv_cell_is_data(self):
     keys, labels, _ = _parse(_csv_table(), ['1,p\rq,r', '0,s,"t\r"\r'])
     np.testing.assert_array_equal(labels, [1, 0])
