@@ -111,9 +111,7 @@ class IntegerRuleTest(absltest.TestCase):
     lines = ['1,1e2,x', *(f'0,{v},y' for v in big), '1,,z', '0,"1.0",w']
     keys, _, skipped = _parse(table, lines)
     self.assertEqual(skipped, 0)
-    np.testing.assert_array_equal(
-      keys[:, 0], [100, *big, text.MISSING_INT, 1]
-    )
+    np.testing.assert_array_equal(keys[:, 0], [100, *big, text.MISSING_INT, 1])
 
   def test_counts_merge_in_chunks_like_a_counter(self):
     rng = np.random.default_rng(0)
