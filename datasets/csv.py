@@ -235,17 +235,16 @@ def table(
       'config.dataset.csv.label_column: name the 0/1 label column of the CSV.'
     )
   sep = separator(options)
-  header = list(header)
-  _check_unique(header, path)
-  unlabeled = not require_label and label not in header
-  if unlabeled:
-    header.append(label)  # Checked, then dropped below.
+  given = list(header)
+  _check_unique(given, path)
+  unlabeled = not require_label and label not in given
+  header = given + [label] if unlabeled else given  # Checked, dropped below.
   for key in COLUMN_KEYS:
     for column in column_list(options.get(key, ())):
       if column not in header:
         raise core.DataError(
           f'config.dataset.csv.{key}: column {column!r} is not in the header'
-          f' of {path}: {", ".join(header)}.'
+          f' of {path}: {", ".join(given)}.'
         )
   kinds = {'int': column_list(options.numeric_columns)}
   kinds['float'] = column_list(options.get('float_columns', ()))

@@ -467,8 +467,16 @@ class SideInputsTest(EncoderTestCase):
     self.assertEqual(meta['dense_mean'], list(dataset.dense_mean))
     self.assertEqual(meta['dense_std'], list(dataset.dense_std))
     self.assertIn('missing', meta['rules']['numeric'])
-    with self.assertRaisesRegex(data.DataError, "float_columns: .*'price'"):
-      enc.encode(frame.drop(columns='price'))
+    # A missing value in a list is dropped, as an empty one in a cell is.
+    holes = lists.assign(tags=[[None, *t, np.nan] for t in lists['tags']])
+    self._check_inputs(enc.encode(holes), train, labeled=False)
+    for source in (frame, shuffled):  # With and without the label column.
+      source = source.drop(columns=['price', 'colors'])
+      listed = ', '.join(source.columns)  # Its own columns, nothing added.
+      with self.assertRaisesRegex(
+        data.DataError, f"float_columns: .*'price'.*DataFrame: {listed}\\.$"
+      ):
+        enc.encode(source)
 
   def test_csv_header_only_blank_chunks_and_empty_frame_have_no_rows(self):
     rows = feature_rows(100, seed=8)
