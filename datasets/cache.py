@@ -212,15 +212,13 @@ def remove_stale(parent: str) -> None:
         owner = json.load(f)
     except (OSError, ValueError):
       continue  # Not ours, or being created.
-    if owner.get('host') != socket.gethostname():
-      continue
     try:
-      os.kill(int(owner['pid']), 0)
-    except ProcessLookupError:
+      gone = core.process_gone(owner['host'], int(owner['pid']))
+    except (KeyError, ValueError, TypeError):
+      continue  # Unreadable: leave it.
+    if gone:
       logging.info('Removing %s, left by a run that died', path)
       shutil.rmtree(path, ignore_errors=True)
-    except (PermissionError, KeyError, ValueError, TypeError, OverflowError):
-      pass  # Alive (another user's process) or unreadable: leave it.
 
 
 def _publish(tmp: str, directory: str, replace: bool) -> None:

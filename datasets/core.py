@@ -27,8 +27,12 @@ from collections.abc import Callable, Iterator, Sequence
 import contextlib
 import dataclasses
 import gzip
+import logging
 import os
+import re
 import secrets
+import shutil
+import socket
 from typing import NamedTuple, Protocol
 import zlib
 
@@ -261,6 +265,48 @@ def make_temp_dir(parent: str, prefix: str) -> str:
       return path
     except FileExistsError:
       continue
+
+
+def owner_tag() -> str:
+  """`<pid>@<host>` of this process, for the names of its temporary files."""
+  return f'{os.getpid()}@{socket.gethostname()}'
+
+
+def process_gone(host: str, pid: int) -> bool:
+  """Whether process `pid` of `host` is known to have ended.
+
+  Only a process of this host can be known to have ended; one that exists
+  but belongs to another user counts as alive.
+  """
+  if host != socket.gethostname():
+    return False
+  try:
+    os.kill(pid, 0)
+  except ProcessLookupError:
+    return True
+  except (PermissionError, OverflowError, ValueError):
+    pass
+  return False
+
+
+def remove_orphans(parent: str, prefix: str) -> None:
+  """Deletes `parent/<prefix><owner_tag()>.<random>` of ended processes.
+
+  A run killed while downloading or unpacking leaves such a file or
+  directory behind; a later run removes it, not those of live runs.
+  """
+  owned = re.compile(re.escape(prefix) + r'(\d+)@(.*)\.[^.]+$')
+  with contextlib.suppress(OSError):
+    for entry in os.listdir(parent):
+      match = owned.match(entry)
+      if match and process_gone(match[2], int(match[1])):
+        path = os.path.join(parent, entry)
+        logging.info('Removing %s, left by a run that died', path)
+        if os.path.isdir(path) and not os.path.islink(path):
+          shutil.rmtree(path, ignore_errors=True)
+        else:
+          with contextlib.suppress(OSError):
+            os.remove(path)
 
 
 def _read_error(where: str, e: BaseException) -> str:

@@ -99,8 +99,10 @@ def download(url: str, dest: str, *, md5: str | None = None) -> str:
   tmp = None
   try:
     os.makedirs(directory, exist_ok=True)
+    prefix = os.path.basename(dest) + '.partial-'
+    core.remove_orphans(directory, prefix)
     fd, tmp = tempfile.mkstemp(
-      dir=directory, prefix=os.path.basename(dest) + '.partial-'
+      dir=directory, prefix=f'{prefix}{core.owner_tag()}.'
     )
     digest = hashlib.md5()
     received = 0
@@ -162,7 +164,9 @@ def fetch_grouplens(name: str, config: ml_collections.ConfigDict) -> str:
   )
   tmp = None
   try:
-    tmp = core.make_temp_dir(root, f'.{name}-')  # The umask's mode.
+    core.remove_orphans(root, f'.{name}-')
+    # The umask's mode.
+    tmp = core.make_temp_dir(root, f'.{name}-{core.owner_tag()}.')
     with zipfile.ZipFile(archive) as z:
       z.extractall(tmp)
     inner = os.path.join(tmp, name)

@@ -5,7 +5,9 @@ import hashlib
 import http.server
 import io
 import os
+import socket
 import stat
+import subprocess
 import tempfile
 import threading
 from unittest import mock
@@ -107,6 +109,19 @@ class DownloadTest(absltest.TestCase):
 
   def test_good_archive_is_verified_unpacked_and_loaded(self):
     self.addCleanup(os.umask, os.umask(0o022))
+    # What killed runs left: removed when their process is gone from here.
+    downloads = os.path.join(self.tmp, 'cache', 'downloads')
+    os.makedirs(downloads)
+    ended = subprocess.Popen(['true'])
+    ended.wait()
+    host = socket.gethostname()
+    kept = [
+      f'ml-100k.zip.partial-{os.getpid()}@{host}.abc',  # A live run's.
+      f'ml-100k.zip.partial-{ended.pid}@elsewhere.abc',  # Another host's.
+    ]
+    for name in kept + [f'ml-100k.zip.partial-{ended.pid}@{host}.a_1']:
+      write_text(os.path.join(downloads, name), 'part')
+    os.makedirs(os.path.join(downloads, f'.ml-100k-{ended.pid}@{host}.9f', 'x'))
     with _Server(self.payload) as server:
       config = _dataset_config(self.tmp, name='ml-100k', url=server.url)
       with mock.patch.dict(movielens.GROUPLENS_MD5, {'ml-100k': self.md5}):
@@ -120,8 +135,7 @@ class DownloadTest(absltest.TestCase):
     )
     self.assertEqual(int(labels.sum()), positives)
     # Only the unpacked directory and the encoded cache remain.
-    downloads = os.path.join(config.cache_dir, 'downloads')
-    self.assertEqual(os.listdir(downloads), ['ml-100k'])
+    self.assertCountEqual(os.listdir(downloads), ['ml-100k', *kept])
     self.assertIn('u.data', os.listdir(os.path.join(downloads, 'ml-100k')))
     # Readable by the other users of a shared cache_dir, as the umask says.
     mode = os.stat(os.path.join(downloads, 'ml-100k')).st_mode
