@@ -434,6 +434,35 @@ class UserErrorTest(absltest.TestCase):
       ):
         multihost.setup_distributed('127.0.0.1:1234', 2, 2)
 
+  def test_coordinator_address_is_checked_before_jax_gets_it(self):
+    def free_port():
+      with socket.socket() as s:
+        s.bind(('127.0.0.1', 0))
+        return s.getsockname()[1]
+
+    check = multihost.check_coordinator
+    for address in ('localhost', 'localhost:0', 'localhost:70000', ':80'):
+      with self.assertRaisesRegex(UserError, 'expected host:port'):
+        check(address, 0, 1)
+    with self.assertRaisesRegex(
+      UserError, r"no-such-host.invalid:1234: cannot resolve 'no-such-host"
+    ):
+      check('no-such-host.invalid:1234', 1, 1)
+    port = free_port()
+    check(f'127.0.0.1:{port}', 0, 1)  # Free, and here.
+    with self.assertRaisesRegex(
+      UserError,
+      r'^--coordinator_address=192.0.2.1:\d+: process 0 .* does'
+      r' not reach this host',
+    ):  # TEST-NET-1: no host of it answers.
+      check(f'192.0.2.1:{free_port()}', 0, 1, probe_timeout=0.2)
+    with self.assertRaisesRegex(UserError, r'did not answer within 0.3 s'):
+      check(f'127.0.0.1:{port}', 1, 0.3)
+    with socket.create_server(('', port)):
+      with self.assertRaisesRegex(UserError, f'port {port} is in use'):
+        check(f'127.0.0.1:{port}', 0, 1)
+      check(f'127.0.0.1:{port}', 1, 0.3)  # Process 0 answers.
+
   def _two_processes(self, gathered):
     return (
       mock.patch.object(multihost.jax, 'process_count', return_value=2),
