@@ -10,9 +10,11 @@ nothing.
 
 `epoch_stacks` gives the train program its stacks of batches, each of one
 shape, and `state_donation` says whether it may reuse the state's buffers.
-`compile_train_and_eval` compiles the train and eval programs on threads
-while the host initialises the state and restores checkpoints: it needs
-only their shapes (`replicated_shapes`).
+`with_options` compiles a program with XLA options, which `jax.pmap` does
+not take (on CPU, `CPU_COMPILER_OPTIONS`). `compile_train_and_eval`
+compiles the train and eval programs on threads while the host initialises
+the state and restores checkpoints: it needs only their shapes
+(`replicated_shapes`).
 
 `train_epoch` runs the train program over an epoch of a split, with the
 arguments `hyperparameters` gives it; `evaluate` runs the eval program over
@@ -21,6 +23,7 @@ a split and returns its metrics.
 
 from collections.abc import Callable, Iterator
 import concurrent.futures
+import threading
 import time
 from typing import Any
 
@@ -37,6 +40,12 @@ import utils
 
 # The pmap axis of the devices; models name it for BatchNorm's statistics.
 AXIS = 'batch'
+# XLA options of a run's programs on CPU: LLVM's default optimisation level
+# (2) rather than XLA's (3). Training steps run faster for 16 of 18 models
+# on the embedded data and for the models tried on the Criteo and
+# MovieLens-20M shapes, with each optimizer (benchmarks/README.md, "LLVM's
+# level 2"), and programs compile faster.
+CPU_COMPILER_OPTIONS = {'xla_backend_optimization_level': '2'}
 
 
 def sharding() -> jax.sharding.NamedSharding:
@@ -86,6 +95,52 @@ def replicated_shapes(shapes: Any) -> Any:
   )
 
 
+class OptionedProgram:
+  """A pmapped program compiled with XLA options, once per argument shapes.
+
+  Called as the program is: the first call with arguments of new shapes
+  (or `compile` with their `jax.ShapeDtypeStruct`s) lowers and compiles
+  it with `options` (`jax.stages.Lowered.compile`); later calls run that
+  executable.
+  """
+
+  def __init__(self, program: Callable, options: dict[str, str]):
+    self.program = program
+    self.options = dict(options)
+    self._compiled = {}
+    self._lock = threading.Lock()
+
+  def lower(self, *args) -> jax.stages.Lowered:
+    return self.program.lower(*args)
+
+  def compile(self, *args) -> jax.stages.Compiled:
+    """The executable for arguments of the shapes of `args`."""
+    leaves, tree = jax.tree.flatten(args)
+    key = (tree, tuple((np.shape(x), np.dtype(x.dtype)) for x in leaves))
+    with self._lock:
+      compiled = self._compiled.get(key)
+    if compiled is None:
+      compiled = self.lower(*args).compile(compiler_options=self.options)
+      with self._lock:
+        compiled = self._compiled.setdefault(key, compiled)
+    return compiled
+
+  def __call__(self, *args):
+    return self.compile(*args)(*args)
+
+
+def with_options(program: Callable, options: dict[str, str] | None) -> Any:
+  """`program` (pmapped) compiled with XLA `options`; itself if None or {}.
+
+  Only in a single-process run: with several processes pmap lowers at the
+  first call (see `compile_train_and_eval`), and every process must run the
+  same programs.
+  """
+  if not options or jax.process_count() > 1:
+    return program
+  return OptionedProgram(program, options)
+
+
 def compile_ahead(
   *programs: tuple[Callable, Callable[[], tuple]],
 ) -> Callable[[], None]:
@@ -99,10 +154,15 @@ def compile_ahead(
     `wait()`, which waits for the compilations and raises what they raised.
     Python waits for them at exit, so none is cut off.
   """
+
+  def compile_one(program, args):
+    if isinstance(program, OptionedProgram):
+      return program.compile(*args())
+    return program.lower(*args()).compile()
+
   pool = concurrent.futures.ThreadPoolExecutor(len(programs), 'compile_ahead')
   futures = [
-    pool.submit(lambda p, a: p.lower(*a()).compile(), program, args)
-    for program, args in programs
+    pool.submit(compile_one, program, args) for program, args in programs
   ]
   pool.shutdown(wait=False)
 

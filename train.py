@@ -303,7 +303,8 @@ def pmapped_steps(model, config: ml_collections.ConfigDict) -> tuple:
 
   The train program is called as `p_train_step(state, batches, hyper,
   resident, num_steps)`, with `hyper` the replicated
-  `hyperparameters(config)`.
+  `hyperparameters(config)`. On CPU both compile with
+  `programs.CPU_COMPILER_OPTIONS`.
   """
   config = resolve_optimizer(config, model)
   p_train_step = jax.pmap(
@@ -314,7 +315,13 @@ def pmapped_steps(model, config: ml_collections.ConfigDict) -> tuple:
   p_eval_step = jax.pmap(
     functools.partial(eval_step, model=model), axis_name=AXIS
   )
-  return p_train_step, p_eval_step
+  options = programs.CPU_COMPILER_OPTIONS
+  if jax.default_backend() != 'cpu':
+    options = None
+  return (
+    programs.with_options(p_train_step, options),
+    programs.with_options(p_eval_step, options),
+  )
 
 
 def train_and_evaluate(

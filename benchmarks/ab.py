@@ -73,10 +73,11 @@ class Variant:
     self.count = programs.replicate(np.int32(self.steps))
     self.examples = self.steps * config.batch_size
     self.dispatches = 0
-    if xla_options:
+    if xla_options:  # Over the run's own (`programs.with_options`).
       args = (self.state, self.stacks[0], self.hyper, self.resident)
       lowered = self.p_train.lower(*args, self.count)
-      self.p_train = lowered.compile(compiler_options=xla_options)
+      options = {**getattr(self.p_train, 'options', {}), **xla_options}
+      self.p_train = lowered.compile(compiler_options=options)
     self.dispatch(1)  # Compiles, and warms up.
 
   def dispatch(self, n: int) -> None:

@@ -259,11 +259,13 @@ class _JaxRunner:
         host.tx, grads, opt_state, params, axis_name=None
       )
 
-    grad_fn = jax.jit(grads_of)
+    # Compiled as the train step is (programs.with_options).
+    options = getattr(self.p_train, 'options', None)
+    grad_fn = jax.jit(grads_of, compiler_options=options)
     # Donated as the train step's state (see programs.state_donation), the
     # arguments in the order of the outputs, each buffer its own output's.
     donate = (1, 2) if programs.state_donation(self.config.optimizer) else ()
-    update_fn = jax.jit(update, donate_argnums=donate)
+    update_fn = jax.jit(update, donate_argnums=donate, compiler_options=options)
     params, opt_state = host.params, host.opt_state
     grads = grad_fn(params, batches[0])
     # The programs timed below: their compilations are shared.

@@ -117,6 +117,33 @@ class CompileAheadTest(absltest.TestCase):
       np.asarray(out), np.tanh(inputs @ weights) * 1.5, rtol=1e-6
     )
 
+  def test_options_reach_the_compiler_once_per_argument_shapes(self):
+    step = jax.pmap(lambda w, x: jnp.tanh(x @ w), axis_name=programs.AXIS)
+    self.assertIs(programs.with_options(step, None), step)
+    program = programs.with_options(step, programs.CPU_COMPILER_OPTIONS)
+    weights = programs.replicate(np.full((3, 2), 0.25, np.float32))
+    shape = jax.ShapeDtypeStruct((3, 2), np.float32)
+    inputs = np.ones((2, 5, 3), np.float32)
+    programs.compile_ahead(
+      (program, lambda: (programs.replicated_shapes(shape), inputs))
+    )()
+    with lowerings() as lowered:
+      out = program(weights, inputs)
+    self.assertEqual(lowered, [])  # The executable compiled ahead.
+    np.testing.assert_array_equal(out, step(weights, inputs))
+    with lowerings() as lowered:
+      for _ in range(2):  # A new shape compiles once.
+        out = program(weights, inputs[:, :4])
+    self.assertLen(lowered, 1)
+    np.testing.assert_array_equal(out, step(weights, inputs[:, :4]))
+    refused = programs.with_options(
+      step, {'xla_backend_optimization_level': 'high'}
+    )
+    with self.assertRaisesRegex(
+      jax.errors.JaxRuntimeError, 'xla_backend_optimization_level'
+    ):
+      refused(weights, inputs)  # So the options are the compiler's.
+
   def test_wait_raises_what_a_compilation_raised(self):
     step = jax.pmap(lambda x: x @ x, axis_name=programs.AXIS)
     wait = programs.compile_ahead(
@@ -158,6 +185,8 @@ class TrainCompileAheadTest(parameterized.TestCase):
       inputs = {'multi_field_dims': (4,), 'num_dense': 1}
     model = train.create_model(config, FIELD_DIMS, train.AXIS, **inputs)
     p_train, p_eval = train.pmapped_steps(model, config)
+    for program in (p_train, p_eval):  # On CPU.
+      self.assertEqual(program.options, programs.CPU_COMPILER_OPTIONS)
     init, rng = train.state_initializer(config, model), jax.random.key(0)
     rows = None
     if resident:
