@@ -315,9 +315,8 @@ def pmapped_steps(model, config: ml_collections.ConfigDict) -> tuple:
   p_eval_step = jax.pmap(
     functools.partial(eval_step, model=model), axis_name=AXIS
   )
-  options = programs.CPU_COMPILER_OPTIONS
-  if jax.default_backend() != 'cpu':
-    options = None
+  cpu = jax.default_backend() == 'cpu'
+  options = programs.CPU_COMPILER_OPTIONS if cpu else None
   return (
     programs.with_options(p_train_step, options),
     programs.with_options(p_eval_step, options),
