@@ -29,16 +29,19 @@ from __future__ import annotations
 
 import dataclasses
 import os
+from typing import TYPE_CHECKING
 
 import ml_collections
 import numpy as np
-import pandas as pd
 
 from datasets import core
 from datasets import encode
 from datasets import movielens
 from datasets import movielens_side
 from datasets import side as side_lib
+
+if TYPE_CHECKING:
+  import pandas as pd
 
 # The arrays in the encoder's directory, by attribute.
 FILES = {
@@ -258,6 +261,8 @@ def rules(fmt: str, options: dict, inputs: SideInputs) -> dict[str, str]:
 
 
 def _missing(value) -> bool:
+  import pandas as pd  # pylint: disable=g-import-not-at-top
+
   return pd.api.types.is_scalar(value) and bool(pd.isna(value))
 
 

@@ -86,6 +86,25 @@ class MainTest(absltest.TestCase):
       result.stderr.strip().splitlines()[-1], f'main.py: error: {message}'
     )
 
+  def test_start_up_imports_no_pandas(self):
+    # pandas takes a third of a second to import: only the parsers of raw
+    # text and frames import it, not a run whose data is encoded already.
+    out = subprocess.run(
+      [
+        sys.executable,
+        '-c',
+        'import json, sys, main; print(json.dumps([*sys.modules]))',
+      ],
+      cwd=ROOT,
+      capture_output=True,
+      text=True,
+      timeout=120,
+      check=True,
+    )
+    modules = json.loads(out.stdout)
+    self.assertIn('jax', modules)
+    self.assertNotIn('pandas', modules)
+
   def test_config_typo_names_the_key(self):
     result = _run(os.path.join(self.tmp, 'typo'), '--config.batch_sise=64')
     self._assert_one_line(
