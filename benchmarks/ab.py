@@ -94,8 +94,9 @@ class Variant:
     return int(self.jax.device_get(self.state.step)[0])
 
 
-def _xla_options(items: list[str], variant: str) -> dict[str, str]:
-  """`['option=value', ...]` -> `{option: value}`, values as XLA reads them."""
+def _xla_options(items: list[str], variant: str) -> dict[str, str | bool]:
+  """`['option=value', ...]` -> `{option: value}`, values as XLA reads them:
+  XLA takes its boolean options as Python booleans, not strings."""
   options = {}
   for item in items:
     key, sep, value = item.partition('=')
@@ -104,7 +105,8 @@ def _xla_options(items: list[str], variant: str) -> dict[str, str]:
         f'--{variant}_xla: {item!r} is not xla_<option>=value (e.g.'
         ' xla_cpu_experimental_ynn_fusion_type=).'
       )
-    options[key] = value
+    booleans = {'true': True, 'false': False}
+    options[key] = booleans.get(value.lower(), value)
   return options
 
 
