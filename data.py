@@ -1,13 +1,14 @@
-"""Datasets: the registry of sources, the cache, the split and the batches.
+"""Datasets: the registry of sources, the cache, the splits and the batches.
 
 A dataset is a table of categorical fields encoded to dense ids
 `0..field_dims[f]-1`, with a 0/1 label, split into train, validation and
-test. `config.dataset.name` picks a source module of datasets/; its format
-keys sit in `config.dataset.<format>`. Encoded splits are cached as `.npy`
-files (memory-mapped when read), under a key of the source files' content
-and of every option, so a second run skips the encoding and a changed input
-never serves stale data. Every load checks the cache against its checksums
-and the data's invariants (datasets/cache.py), and rebuilds a damaged one.
+test (one file at random: datasets/split.py). `config.dataset.name` picks a
+source module of datasets/; its format keys sit in
+`config.dataset.<format>`. Encoded splits are cached as `.npy` files
+(memory-mapped when read), under a key of the source files' content and of
+every option, so a second run skips the encoding and a changed input never
+serves stale data. Every load checks the cache against its checksums and
+the data's invariants (datasets/cache.py), and rebuilds a damaged one.
 
 Batches are dicts of numpy arrays: `ids` int32 `[batch, fields]`, `label`
 float32 `[batch]`, and for evaluation `mask` float32 `[batch]` (0 on padding);
@@ -28,6 +29,7 @@ import numpy as np
 
 from datasets import cache
 from datasets import core
+from datasets import split as split_lib
 
 # Re-exported: the names that training, benchmarks and tests use.
 DataError = core.DataError
@@ -35,6 +37,8 @@ DownloadError = core.DownloadError
 Dataset = core.Dataset
 Split = core.Split
 cache_dir = core.cache_dir
+split_sizes = split_lib.split_sizes
+split_indices = split_lib.split_indices
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 
@@ -119,48 +123,6 @@ def resolve(config: ml_collections.ConfigDict):
   # In the source's order, so that a reordered list shares the cache.
   config.side_features = tuple(f for f in allowed if f in features)
   return source, config, options
-
-
-# --------------------------------------------------------------------------
-# The seeded split.
-
-
-def split_sizes(n: int, fractions: Sequence[float]) -> tuple[int, int, int]:
-  """Rows of train / valid / test, as pytorch-fm: int() of the first two."""
-  fractions = tuple(float(f) for f in fractions)
-  if (
-    len(fractions) != 3 or min(fractions) < 0 or abs(sum(fractions) - 1) > 1e-6
-  ):
-    raise DataError(
-      f'config.dataset.split must be three non-negative fractions summing'
-      f' to 1, got {fractions}'
-    )
-  n_train, n_valid = int(n * fractions[0]), int(n * fractions[1])
-  return n_train, n_valid, n - n_train - n_valid
-
-
-def _arange(n: int) -> np.ndarray:
-  """`np.arange(n)`, in int32 when `n` allows.
-
-  Half the memory below 2**31 rows: 160 MB for Criteo's 40M training rows.
-  """
-  return np.arange(n, dtype=np.int32 if n < 2**31 else np.int64)
-
-
-def _permutation(n: int, rng: np.random.Generator) -> np.ndarray:
-  """`rng.permutation(n)`: the same order, in `_arange`'s dtype."""
-  perm = _arange(n)
-  rng.shuffle(perm)
-  return perm
-
-
-def split_indices(
-  n: int, fractions: Sequence[float], seed: int
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-  """A seeded random partition of `range(n)` into train / valid / test."""
-  n_train, n_valid, _ = split_sizes(n, fractions)
-  perm = _permutation(n, np.random.default_rng(seed))
-  return tuple(np.split(perm, [n_train, n_train + n_valid]))
 
 
 # --------------------------------------------------------------------------
@@ -372,9 +334,11 @@ def train_rows(
   check_batch_size(batch_size, process_count, 'config.batch_size', 'processes')
   local = batch_size // process_count
   if shuffle:
-    perm = _permutation(len(split), np.random.default_rng([seed, epoch]))
+    perm = split_lib.permutation(
+      len(split), np.random.default_rng([seed, epoch])
+    )
   else:
-    perm = _arange(len(split))
+    perm = split_lib.arange(len(split))
   for step in range(num_train_steps(split, batch_size)):
     start = step * batch_size + process_index * local
     # Sorted rows read a memory map front to back; the rows of a batch are
