@@ -355,7 +355,7 @@ class Encoder:
       reader = libfm.Reader(len(self.field_names), dims, labeled)
       columns = (['label'] if labeled else []) + list(self.field_names)
     else:
-      frame = encoder_side.joined_lists(
+      frame = csv.joined_lists(
         frame, self.side.multi_field_names, options.get('multi_hot_sep', '|')
       )
       if self.format == 'csv':

@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from typing import TYPE_CHECKING
 
 import ml_collections
 import numpy as np
@@ -39,9 +38,6 @@ from datasets import encode
 from datasets import movielens
 from datasets import movielens_side
 from datasets import side as side_lib
-
-if TYPE_CHECKING:
-  import pandas as pd
 
 # The arrays in the encoder's directory, by attribute.
 FILES = {
@@ -258,30 +254,6 @@ def rules(fmt: str, options: dict, inputs: SideInputs) -> dict[str, str]:
       ' row of each is for an out-of-vocabulary user or movie'
     )
   return out
-
-
-def _missing(value) -> bool:
-  import pandas as pd  # pylint: disable=g-import-not-at-top
-
-  return pd.api.types.is_scalar(value) and bool(pd.isna(value))
-
-
-def joined_lists(
-  frame: pd.DataFrame, columns: tuple[str, ...], sep: str
-) -> pd.DataFrame:
-  """`frame` with the list cells of multi-hot `columns` joined by `sep`.
-
-  A missing value in a list (None, NaN) is dropped, as an empty value
-  between two separators of a text cell is.
-  """
-  columns = [c for c in columns if c in frame.columns]
-
-  def join(cell):
-    if isinstance(cell, (list, tuple, np.ndarray)):
-      return sep.join(str(v) for v in cell if not _missing(v))
-    return cell
-
-  return frame.assign(**{c: frame[c].map(join) for c in columns})
 
 
 def from_dataset(

@@ -166,11 +166,41 @@ class ParquetTable(text.Table):
 
   def line_batches(self, path: str, chunk_rows: int) -> Iterator[list[bytes]]:
     columns = list(self.columns)
+    multi = [f.column for f in self.fields if f.kind == 'multi']
     batches = _parquet_file(path).iter_batches(
       batch_size=chunk_rows, columns=columns
     )
     for batch in batches:
-      yield frame_rows(batch.to_pandas()[columns], ',', True, 'CSV')
+      # An integer column with a null stays integers (pandas would make it
+      # floats, written `1.0` in this batch and `1` in the next), and a list
+      # column holds a multi-hot field's values.
+      frame = batch.to_pandas(integer_object_nulls=True)[columns]
+      frame = joined_lists(frame, multi, self.multi_sep)
+      yield frame_rows(frame, ',', True, 'CSV')
+
+
+def _missing(value) -> bool:
+  import pandas as pd  # pylint: disable=g-import-not-at-top
+
+  return pd.api.types.is_scalar(value) and bool(pd.isna(value))
+
+
+def joined_lists(
+  frame: pd.DataFrame, columns: Sequence[str], sep: str
+) -> pd.DataFrame:
+  """`frame` with the list cells of multi-hot `columns` joined by `sep`.
+
+  A missing value in a list (None, NaN) is dropped, as an empty value
+  between two separators of a text cell is.
+  """
+  columns = [c for c in columns if c in frame.columns]
+
+  def join(cell):
+    if isinstance(cell, (list, tuple, np.ndarray)):
+      return sep.join(str(v) for v in cell if not _missing(v))
+    return cell
+
+  return frame.assign(**{c: frame[c].map(join) for c in columns})
 
 
 def reader(

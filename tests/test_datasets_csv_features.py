@@ -18,6 +18,8 @@ from dataset_testing import criteo_rows
 from dataset_testing import write_lines
 import numpy as np
 import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
 from test_data_integrity import _overwrite
 from test_data_integrity import _update_checksum
 
@@ -232,6 +234,40 @@ class CsvFeaturesTest(DatasetTestCase):
     a, b = self.load(path), self.load(parquet)
     np.testing.assert_array_equal(a.train.multi_ids, b.train.multi_ids)
     np.testing.assert_allclose(a.train.dense, b.train.dense, atol=1e-6)
+
+  def test_typed_parquet_gives_the_csv_arrays(self):
+    # Parquet as a user writes it: integer ids with nulls in some record
+    # batches only, and the multi-hot values as list columns.
+    rows = feature_rows(300)
+    for i in range(0, 100, 7):
+      rows[i][1] = ''  # shop, missing in the first batches only.
+    for row in rows:
+      row[1] = str('abcde'.index(row[1]) + 1) if row[1] else ''
+    path = self.write(rows)
+    frame = pd.DataFrame(rows, columns=HEADER)
+    frame = frame.assign(
+      click=frame.click.astype(int),
+      shop=pd.array([int(x) if x else None for x in frame.shop], 'Int64'),
+      price=[float(x) if x else None for x in frame.price],
+      count=frame['count'].astype(int),
+      tags=[[v.strip() for v in x.split('|') if v.strip()] for x in frame.tags],
+      colors=[
+        [v.strip() for v in x.split('|') if v.strip()] for x in frame.colors
+      ],
+    )
+    parquet = os.path.join(self.tmp, 'typed.parquet')
+    # Without pandas' metadata, as other writers (Spark, pyarrow) leave it.
+    table = pa.Table.from_pandas(frame, preserve_index=False)
+    pq.write_table(table.replace_schema_metadata(None), parquet)
+    a = self.load(path, chunk_rows=20)
+    b = self.load(parquet, chunk_rows=20)  # Batches with and without nulls.
+    self.assertEqual(a.field_dims, b.field_dims)
+    # Five shops, the missing value and the rare values' id.
+    self.assertEqual(a.field_dims[0], 7)
+    for x, y in ((a.train, b.train), (a.test, b.test)):
+      np.testing.assert_array_equal(x.ids, y.ids)
+      np.testing.assert_array_equal(x.multi_ids, y.multi_ids)
+      np.testing.assert_allclose(x.dense, y.dense, atol=1e-6)
 
   def test_cache_round_trip_and_damage_of_the_new_arrays(self):
     path = self.write(feature_rows(400))
