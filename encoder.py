@@ -49,6 +49,7 @@ import data
 from datasets import core
 from datasets import csv
 from datasets import encode
+from datasets import keying
 from datasets import libfm
 from datasets import movielens
 from datasets import text
@@ -397,7 +398,7 @@ def _integral(column: pd.Series) -> pd.Series:
   values = column.to_numpy()
   present = values[~np.isnan(values)]  # inf: left a float, which fails parsing.
   if np.all(present == np.round(present)) and np.all(
-    np.abs(present) < text.INT_LIMIT
+    np.abs(present) < keying.INT_LIMIT
   ):
     return column.astype('Int64')
   return column

@@ -5,7 +5,7 @@
 `[n, dense_fields]`, exactly as preprocessing did:
 
 - A multi-hot field keeps its training vocabulary: the kept keys in id
-  order (a value's key is `text.string_keys` of the stripped value); any
+  order (a value's key is `keying.string_keys` of the stripped value); any
   other value gets the field's out-of-vocabulary id, `len(keys)`. A list
   keeps its first `max_len` values (the longest list of preprocessing, at
   most `multi_hot_max_len`) and -1 pads the rest; an empty cell is an empty

@@ -18,7 +18,7 @@ import numpy as np
 
 from datasets import core
 from datasets import encode
-from datasets import text
+from datasets import keying
 
 NAMES = ('libfm',)
 MIN_COUNT = 1
@@ -97,7 +97,7 @@ class Reader:
         index, value = int(index), float(value) if colon else 1.0
       except ValueError:
         return f'feature {core.shown(token)} is not idx:value'
-      if index < 0 or index >= text.INT_LIMIT:
+      if index < 0 or index >= keying.INT_LIMIT:
         return f'feature index {index} is out of range'
       if value != 1.0:
         return (

@@ -12,7 +12,7 @@
   the zip code (the US sectional center), upper-cased. ml-1m's age and
   occupation are its codes (README: 1 = under 18, 18 = 18-24, ...).
 
-Every value is keyed as a categorical string (`text.string_keys` of the
+Every value is keyed as a categorical string (`keying.string_keys` of the
 value as written above), counted once per rated movie (user) that has it,
 and kept when at least `min_count` of them do; the others share the
 field's out-of-vocabulary id, the last. A movie (user) missing from the
@@ -30,7 +30,7 @@ import numpy as np
 
 from datasets import core
 from datasets import encode
-from datasets import text
+from datasets import keying
 import utils
 
 if TYPE_CHECKING:
@@ -210,7 +210,7 @@ def _lists(entities: np.ndarray, table: pd.Series, max_len: int) -> np.ndarray:
     cols = np.arange(len(values)) - np.repeat(
       np.cumsum(lengths) - lengths, lengths
     )
-    out[rows, cols] = text.string_keys(np.array(values, object))
+    out[rows, cols] = keying.string_keys(np.array(values, object))
   return out
 
 

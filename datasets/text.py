@@ -1,11 +1,11 @@
 """Delimited text files (Criteo, Avazu, CSV): columns to int64 keys per field.
 
-Every value becomes an int64 key, so that counting and encoding
-(datasets/encode.py) never hold strings: a categorical string its 64-bit
-hash, an integer pytorch-fm's Criteo class of it. Two values share a key
-exactly when pytorch-fm would give them one id. A multi-hot column holds a
-list of categorical values (`a|b|c`), each keyed as a categorical string; a
-float column stays a number (`core.Side`).
+Every value becomes an int64 key (datasets/keying.py), so that counting and
+encoding (datasets/encode.py) never hold strings. A multi-hot column holds
+a list of categorical values (`a|b|c`), each keyed as a categorical string;
+a float column stays a number (`core.Side`). A line is one row: a line that
+is not (wrong columns, an unclosed quote, bytes that are not UTF-8, a value
+that does not parse) is a bad line, named by its file and number.
 """
 
 from __future__ import annotations
@@ -13,90 +13,31 @@ from __future__ import annotations
 from collections.abc import Callable
 import csv
 import dataclasses
-import functools
 import io
-import math
 import re
 from typing import TYPE_CHECKING
 
 import numpy as np
 
 from datasets import core
+from datasets import keying
 from datasets import side
 
 if TYPE_CHECKING:
   import pandas as pd
 
-# Key of an empty integer feature; integers are rejected beyond +-2**62.
-MISSING_INT = np.iinfo(np.int64).min
-INT_LIMIT = 1 << 62
 
-
-@functools.cache
-def log_bucket_edges() -> np.ndarray:
-  """Smallest integer `v` with `int(math.log(v) ** 2) >= k`, k = 1, 2, ...
-
-  `np.searchsorted(edges, v, side='right')` is then pytorch-fm's bucket of
-  an integer `v > 2`, decided by the same `math.log` that pytorch-fm calls:
-  no vectorised log can round a value across a bucket boundary.
-  """
-  edges = []
-  while int(math.log(INT_LIMIT) ** 2) > len(edges):
-    k, lo, hi = len(edges) + 1, 3, INT_LIMIT
-    while lo < hi:
-      mid = (lo + hi) // 2
-      if int(math.log(mid) ** 2) >= k:
-        hi = mid
-      else:
-        lo = mid + 1
-    edges.append(lo)
-  return np.array(edges, np.int64)
-
-
-def int_feature_keys(
-  values: np.ndarray, missing: np.ndarray, log_bucket: bool = True
-) -> np.ndarray:
-  """Keys of integer features by pytorch-fm's Criteo rule, vectorised.
-
-  pytorch-fm maps an empty value to 'NULL', `v > 2` to `int(log(v) ** 2)`
-  and other values to `v - 2`. The keys here are the same classes: a
-  sentinel for missing values, the bucket (>= 1) for `v > 2`, and `v - 2`
-  (<= 0) otherwise, so two values share a key exactly when they share
-  pytorch-fm's string.
-
-  Args:
-    values: int64 `[n]` (any value where `missing`).
-    missing: bool `[n]`, True for empty fields.
-    log_bucket: False keeps every integer as its own key.
-
-  Returns:
-    int64 keys `[n]`.
-  """
-  values = np.asarray(values, np.int64)
-  if log_bucket:
-    buckets = np.searchsorted(log_bucket_edges(), values, side='right')
-    keys = np.where(values > 2, buckets, values - 2)
-  else:
-    keys = values.copy()
-  keys[missing] = MISSING_INT
-  return keys
-
-
-def string_keys(values: np.ndarray) -> np.ndarray:
-  """int64 keys of categorical strings `[n]`: a fixed-key 64-bit hash.
-
-  Distinct values of one field collide with probability about
-  `distinct**2 / 2**65` (1e-5 for 10M values), and the hash is the same in
-  every process and run, so ids are reproducible.
-  """
-  import pandas as pd  # pylint: disable=g-import-not-at-top
-
-  return pd.util.hash_array(np.asarray(values, object)).view(np.int64)
+def _fit_field_limit(text: str) -> None:
+  """Lets Python's csv module read a field as long as `text` (its default
+  limit, 128 KiB, is not pandas'): the limit only ever grows."""
+  if len(text) >= csv.field_size_limit():
+    csv.field_size_limit(len(text) + 1)
 
 
 def split_line(line: bytes, sep: str, quoting: bool) -> list[str]:
   text = line.decode('utf-8-sig', 'replace').rstrip('\r\n')
   if quoting:
+    _fit_field_limit(text)
     return next(csv.reader([text], delimiter=sep))
   return text.split(sep)
 
@@ -108,14 +49,34 @@ def quoted_columns(line: bytes, sep: str) -> int | None:
   is data), as in pandas and Python's csv module.
   """
   text = line.decode('utf-8', 'replace').rstrip('\r\n').replace('\r', ' ')
+  _fit_field_limit(text)
   rows = csv.reader([text, ''], delimiter=sep)
   found = len(next(rows))
   return None if rows.line_num > 1 else found
 
 
+def _not_utf8(line: bytes) -> str | None:
+  """Why `line` is not UTF-8 text; None if it is.
+
+  Undecodable bytes are not read as a replacement character: values that
+  differ only in them (Latin-1's `ä` and `ö`) would share an id.
+  """
+  try:
+    line.decode('utf-8')
+  except UnicodeDecodeError as e:
+    return (
+      f'byte {line[e.start]:#04x} at column {e.start + 1} is not UTF-8:'
+      ' convert the file to UTF-8 (e.g. iconv -f latin1 -t utf-8)'
+    )
+  return None
+
+
 def _written_int(cell: str, value):
   """The integer written in `cell` if it is one in range, else `value`."""
-  if re.fullmatch(r'\s*[+-]?[0-9]+\s*', cell) and abs(int(cell)) < INT_LIMIT:
+  if (
+    re.fullmatch(r'\s*[+-]?[0-9]+\s*', cell)
+    and abs(int(cell)) < keying.INT_LIMIT
+  ):
     return int(cell)
   return value
 
@@ -260,6 +221,13 @@ class Table:
       good[i] = reason is None
       if reason:
         issues.append((numbers[i], reason))
+    try:  # One check of the chunk; line by line only if it fails.
+      b''.join(lines).decode('utf-8')
+    except UnicodeDecodeError:
+      for i in np.flatnonzero(good):
+        if reason := _not_utf8(lines[i]):
+          good[i] = False
+          issues.append((numbers[i], reason))
     lines = [lines[i] for i in np.flatnonzero(good)]
     numbers = numbers[good]
     keys = np.zeros((0, len(self.field_names)), np.int64)
@@ -326,7 +294,9 @@ class Table:
       for m, field in enumerate(fields):
         if n:
           cells = frame[field.column].to_numpy(object)
-          multi[:, m] = multi_hot_keys(cells, self.multi_sep, self.max_len)
+          multi[:, m] = keying.multi_hot_keys(
+            cells, self.multi_sep, self.max_len
+          )
     fields = [f for f in self.fields if f.kind == 'float']
     if fields:
       dense = np.empty((n, len(fields)), np.float64)
@@ -372,7 +342,7 @@ class Table:
         encoding_errors='replace',
       )
     for column in integers if typed else ():  # A `1e2` makes floats of all:
-      if (frame[column].abs() > 2**53).any():  # the digits past 2**53 are lost.
+      if (frame[column].abs() >= 2**53).any():  # digits from 2**53 are lost.
         cells = self._read(lines, typed=False)[column]
         exact = map(_written_int, cells, frame[column])
         frame[column] = pd.array(list(exact), 'Int64')
@@ -398,15 +368,15 @@ class Table:
         ok = ~np.isnan(number) | np.isin(text.astype(str), FLOAT_MISSING)
         what, kind = f'float column {column}', 'a number'
       else:
-        ok = np.isfinite(number) & (number == np.round(number))
-        ok &= np.abs(number) <= INT_LIMIT  # Rounded: _keys checks exactly.
+        integral = np.isfinite(number) & (number == np.round(number))
+        ok = integral & (np.abs(number) <= keying.INT_LIMIT)  # _keys: exactly.
         ok |= (text == '') & (column != self.label)
         what, kind = f'integer column {column}', 'an integer'
+        integral &= column != self.label
       what = 'label' if column == self.label else what
       for i in np.flatnonzero(~ok & ~wrong):
-        issues.append(
-          (numbers[i], f'{what} {core.shown(text[i])} is not {kind}')
-        )
+        problem = 'is out of range' if integral[i] else f'is not {kind}'
+        issues.append((numbers[i], f'{what} {core.shown(text[i])} {problem}'))
       wrong |= ~ok
     return np.flatnonzero(~wrong)
 
@@ -451,17 +421,17 @@ class Table:
     for f, field in enumerate(one_hot):
       column = field.column
       if field.kind == 'cat':
-        keys[:, f] = string_keys(frame[column].to_numpy(object))
+        keys[:, f] = keying.string_keys(frame[column].to_numpy(object))
         continue
       series = frame[column]
       missing = series.isna().to_numpy()
       values = series.to_numpy(np.int64, na_value=0)
       flag(  # Not np.abs: it overflows at the int64 minimum.
-        (values >= INT_LIMIT) | (values <= -INT_LIMIT),
+        (values >= keying.INT_LIMIT) | (values <= -keying.INT_LIMIT),
         lambda i, c=column, v=values: f'{c} {v[i]} is out of range',
       )
       if field.kind == 'int':
-        keys[:, f] = int_feature_keys(values, missing, self.log_bucket)
+        keys[:, f] = keying.int_feature_keys(values, missing, self.log_bucket)
       else:
         derived, valid = field.derive(values)
         flag(
@@ -476,28 +446,3 @@ class Table:
     labels = np.where(np.isnan(label[keep]), np.nan, label[keep] == 1)
     rows = frame[keep] if not keep.all() else frame
     return keys[keep], labels.astype(np.float32), self._side(rows)
-
-
-def multi_hot_keys(cells: np.ndarray, sep: str, max_len: int) -> np.ndarray:
-  """Keys int64 `[n, max_len]` of multi-hot cells like `'a|b|c'`.
-
-  Each value is stripped and keyed as a categorical string (`string_keys`);
-  empty values are dropped (an empty or missing cell is an empty list), a
-  list keeps its first `max_len` values in their order (duplicates too),
-  and `core.PAD_KEY` fills the rest.
-  """
-  out = np.full((len(cells), max_len), core.PAD_KEY, np.int64)
-  lists = [
-    [v for v in (p.strip() for p in str(c).split(sep)) if v][:max_len]
-    if isinstance(c, str)
-    else []
-    for c in cells
-  ]
-  lengths = np.fromiter(map(len, lists), np.int64, len(lists))
-  values = [v for row in lists for v in row]
-  if values:
-    rows = np.repeat(np.arange(len(lists)), lengths)
-    starts = np.repeat(np.cumsum(lengths) - lengths, lengths)
-    cols = np.arange(len(values)) - starts
-    out[rows, cols] = string_keys(np.array(values, object))
-  return out

@@ -26,7 +26,7 @@ from test_data_integrity import _update_checksum
 import data
 from datasets import cache
 from datasets import csv
-from datasets import text
+from datasets import keying
 
 HEADER = ('click', 'shop', 'price', 'count', 'tags', 'colors')
 MAX_LEN = 4
@@ -93,7 +93,7 @@ def brute_force(rows, train_rows, columns=('tags', 'colors')):
   for c in columns:
     counts = collections.Counter(v for i in train_rows for v in lists[c][i])
     kept = [v for v, k in counts.items() if k >= MIN_COUNT]
-    keys = text.string_keys(np.array(kept, object))
+    keys = keying.string_keys(np.array(kept, object))
     kept = [kept[i] for i in np.argsort(keys)]
     index = {v: i for i, v in enumerate(kept)}
     ids = np.full((len(rows), longest), -1, np.int32)
@@ -155,7 +155,7 @@ class CsvFeaturesTest(DatasetTestCase):
       kept = multi[column][0]
       self.assertEqual(dataset.multi_field_dims[m], len(kept) + 1)
       np.testing.assert_array_equal(
-        dataset.multi_vocabulary[m], np.sort(text.string_keys(kept))
+        dataset.multi_vocabulary[m], np.sort(keying.string_keys(kept))
       )
     # Lists longer than MAX_LEN were cut, and some values are OOV.
     self.assertEqual(dataset.train.multi_ids.shape[2], MAX_LEN)

@@ -31,7 +31,7 @@ from datasets import avazu
 from datasets import criteo
 from datasets import csv
 from datasets import encode
-from datasets import text
+from datasets import keying
 
 
 def _csv_table(header=('y', 'a', 'b'), **options):
@@ -54,17 +54,17 @@ def _parse(table, lines, skip=False):
 
 class IntegerRuleTest(absltest.TestCase):
   def test_keys_are_pytorch_fm_classes_on_every_bucket_edge(self):
-    edges = text.log_bucket_edges()
+    edges = keying.log_bucket_edges()
     values = set(range(-5, 3000))
     for e in edges[:: max(1, len(edges) // 300)].tolist() + edges[-3:].tolist():
       values.update((e - 1, e, e + 1))
     values.update(random.Random(0).randrange(3, 1 << 62) for _ in range(2000))
     values = np.array(sorted(values), np.int64)
-    keys = text.int_feature_keys(values, np.zeros(len(values), bool))
+    keys = keying.int_feature_keys(values, np.zeros(len(values), bool))
     expected = [int(convert_numeric_feature(str(v))) for v in values.tolist()]
     np.testing.assert_array_equal(keys, expected)
-    missing = text.int_feature_keys(np.array([7, 7]), np.array([True, False]))
-    self.assertEqual(missing[0], text.MISSING_INT)
+    missing = keying.int_feature_keys(np.array([7, 7]), np.array([True, False]))
+    self.assertEqual(missing[0], keying.MISSING_INT)
     self.assertEqual(missing[1], 3)  # int(log(7) ** 2) = int(3.79)
 
   def test_int64_min_is_out_of_range_not_a_missing_value(self):
@@ -83,13 +83,13 @@ class IntegerRuleTest(absltest.TestCase):
       keys, labels, skipped = _parse(table, lines, skip=True)
       self.assertEqual(skipped, 1)
       np.testing.assert_array_equal(labels, [1, 1, 0])
-      self.assertEqual(keys[1, 0], text.MISSING_INT)  # The empty cell only.
-      self.assertNotIn(text.MISSING_INT, keys[[0, 2], 0])
+      self.assertEqual(keys[1, 0], keying.MISSING_INT)  # The empty cell only.
+      self.assertNotIn(keying.MISSING_INT, keys[[0, 2], 0])
 
   def test_integers_next_to_the_limit_beside_a_bad_value(self):
     # A float64 rounds 2**62 - 1 to 2**62: the check of a chunk with a bad
     # value must not call the good ones next to the limit bad.
-    limit = text.INT_LIMIT
+    limit = keying.INT_LIMIT
     lines = [f'1,{limit - 1},x', '0,z,y', f'1,{1 - limit},w', f'0,{limit},v']
     table = _csv_table(numeric_columns='a', log_bucket=False)
     with self.assertRaisesRegex(
@@ -107,11 +107,53 @@ class IntegerRuleTest(absltest.TestCase):
   def test_a_whole_float_in_a_chunk_rounds_no_other_integer(self):
     # pandas reads the column as floats for '1e2': 2**53 + 1 kept its digits.
     table = _csv_table(numeric_columns='a', log_bucket=False)
-    big = [2**53 + 1, text.INT_LIMIT - 1, 1 - text.INT_LIMIT]
+    big = [2**53 + 1, keying.INT_LIMIT - 1, 1 - keying.INT_LIMIT]
     lines = ['1,1e2,x', *(f'0,{v},y' for v in big), '1,,z', '0,"1.0",w']
     keys, _, skipped = _parse(table, lines)
     self.assertEqual(skipped, 0)
-    np.testing.assert_array_equal(keys[:, 0], [100, *big, text.MISSING_INT, 1])
+    np.testing.assert_array_equal(
+      keys[:, 0], [100, *big, keying.MISSING_INT, 1]
+    )
+
+  def test_two_to_the_53_beside_a_whole_float_keeps_its_neighbour(self):
+    # Read as floats, 2**53 + 1 becomes 2**53: both must keep their digits.
+    table = _csv_table(numeric_columns='a', log_bucket=False)
+    lines = ['1,1.0,x', f'0,{2**53},y', f'1,{2**53 + 1},z']
+    keys, _, _ = _parse(table, lines)
+    np.testing.assert_array_equal(keys[:, 0], [1, 2**53, 2**53 + 1])
+
+  def test_an_integer_beyond_int64_is_out_of_range(self):
+    table = _csv_table(numeric_columns='a')
+    for value in ('99999999999999999999', '-1e30'):
+      with self.assertRaisesRegex(
+        data.DataError,
+        rf"^f\.csv:2: integer column a '{value}' is out of range",
+      ):
+        _parse(table, ['1,5,x', f'0,{value},y'])
+
+  def test_bytes_that_are_not_utf8_are_a_bad_line(self):
+    # Latin-1's a-umlaut and o-umlaut would both read as U+FFFD: one id.
+    table = _csv_table()
+    lines = ['1,K\u00e4se,x'.encode('latin-1') + b'\n', b'0,Kase,y\n']
+    lines.insert(1, '0,K\u00f6se,z'.encode('latin-1') + b'\n')
+    with self.assertRaisesRegex(
+      data.DataError, r'^f\.csv:1: byte 0xe4 at column 4 is not UTF-8'
+    ):
+      _parse(table, lines)
+    keys, labels, skipped = _parse(table, lines, skip=True)
+    self.assertEqual(skipped, 2)
+    np.testing.assert_array_equal(labels, [0])
+    utf8 = [x.decode('latin-1').encode() for x in lines]
+    keys, _, skipped = _parse(table, utf8)
+    self.assertEqual(skipped, 0)
+    self.assertEqual(len(set(keys[:, 0])), 3)
+
+  def test_a_quoted_line_longer_than_the_csv_modules_field_limit(self):
+    table = _csv_table()
+    tags = '|'.join(f't{j}' for j in range(30_000))  # 200 KB.
+    keys, _, skipped = _parse(table, ['1,a,b', f'0,"u,1",{tags}'])
+    self.assertEqual(skipped, 0)
+    self.assertEqual(keys[1, 1], keying.string_keys(np.array([tags]))[0])
 
   def test_counts_merge_in_chunks_like_a_counter(self):
     rng = np.random.default_rng(0)
@@ -496,7 +538,7 @@ class CsvTest(DatasetTestCase):
     keys = np.concatenate([k for k, _ in parts])
     labels = np.concatenate([y for _, y in parts])
     np.testing.assert_array_equal(labels, [1, 0, 1, 0])
-    expected = text.string_keys(np.array(sum(cells, []), object))
+    expected = keying.string_keys(np.array(sum(cells, []), object))
     np.testing.assert_array_equal(keys.ravel(), expected)
     frame.assign(y=[1, 0, 7, 0]).to_parquet(path)
     with self.assertRaisesRegex(data.DataError, r'a\.parquet: row 3: label 7'):
@@ -575,7 +617,7 @@ class LineAlignmentTest(parameterized.TestCase):
     lines = ['\t'.join(r) for r in rows]
     keys, labels, _ = _parse(table, lines)
     np.testing.assert_array_equal(labels, [float(r[0]) for r in rows])
-    self.assertEqual(keys[2, 29], text.string_keys(np.array(['ab\rcd']))[0])
+    self.assertEqual(keys[2, 29], keying.string_keys(np.array(['ab\rcd']))[0])
     rows[2][30] = 'ab'
     keys_ab, _, _ = _parse(table, ['\t'.join(r) for r in rows])
     np.testing.assert_array_equal(
@@ -605,14 +647,16 @@ class LineAlignmentTest(parameterized.TestCase):
   def test_bare_cr_in_a_csv_cell_is_data(self):
     keys, labels, _ = _parse(_csv_table(), ['1,p\rq,r', '0,s,"t\r"\r'])
     np.testing.assert_array_equal(labels, [1, 0])
-    expected = text.string_keys(np.array(['p\rq', 'r', 's', 't\r']))
+    expected = keying.string_keys(np.array(['p\rq', 'r', 's', 't\r']))
     np.testing.assert_array_equal(keys.ravel(), expected)
 
   def test_quoted_separators_count_as_pandas_reads_them(self):
     table = _csv_table()
     keys, labels, _ = _parse(table, ['1,"p,q",r', '0,"s""x",t\r', '1,a"b,c'])
     np.testing.assert_array_equal(labels, [1, 0, 1])
-    expected = text.string_keys(np.array(['p,q', 'r', 's"x', 't', 'a"b', 'c']))
+    expected = keying.string_keys(
+      np.array(['p,q', 'r', 's"x', 't', 'a"b', 'c'])
+    )
     np.testing.assert_array_equal(keys.ravel(), expected)
     with self.assertRaisesRegex(
       data.DataError, r'^f\.csv:2: expected 3 columns .*, found 2'

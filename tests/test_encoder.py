@@ -32,7 +32,7 @@ from test_side_features import _write_ml100k
 from configs import default
 import data
 from datasets import criteo
-from datasets import text
+from datasets import keying
 import encoder
 import encoder_side
 import utils
@@ -445,7 +445,7 @@ class SideInputsTest(EncoderTestCase):
     )
     got = enc.encode(new)
     index = {k: i for i, k in enumerate(enc.side.multi_vocabulary[0])}
-    keys = text.string_keys(np.array(['t0', 't0', 't1'], object))
+    keys = keying.string_keys(np.array(['t0', 't0', 't1'], object))
     tag_ids = [index[k] for k in keys]
     oov = enc.side.multi_field_dims[0] - 1
     np.testing.assert_array_equal(got.multi_ids[0, 0], [oov, *tag_ids])

@@ -28,9 +28,9 @@ from test_datasets_csv_features import feature_rows
 import checkpoints
 from configs import default
 import data
+from datasets import keying
 from datasets import movielens
 from datasets import side
-from datasets import text
 import train
 from utils import UserError
 import workdir as workdir_lib
@@ -39,7 +39,7 @@ ASSETS = os.path.dirname(movielens.EMBEDDED)
 
 
 def _keys(values):
-  return text.string_keys(np.array(list(values), object))
+  return keying.string_keys(np.array(list(values), object))
 
 
 def _remember(strings):
