@@ -237,7 +237,13 @@ def source_files(
     files[role] = file
     if not os.path.isfile(file):
       key = {'valid': 'valid_path', 'test': 'test_path'}.get(role, 'path')
-      raise core.DataError(f'config.dataset.{key}: {file} does not exist.')
+      problem = 'does not exist'
+      if os.path.exists(file):  # A pipe (`<(zcat ...)`), a device.
+        problem = (
+          'is not a regular file: preprocessing reads its sources more than'
+          ' once. Write it to a file first (`.gz` files are read as they are)'
+        )
+      raise core.DataError(f'config.dataset.{key}: {file} {problem}.')
   return files
 
 

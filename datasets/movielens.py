@@ -241,6 +241,8 @@ def _line_problem(line: str, sep: str, width: int = 4) -> str | None:
       return f'{what} {core.shown(value)} is not a number'
     if not math.isfinite(number):
       return f'{what} {core.shown(value)} is not a finite number'
+    if kind is int and not -(2**63) <= number < 2**63:
+      return f'{what} {core.shown(value)} is out of range (int64)'
   return None
 
 
@@ -309,6 +311,13 @@ def read_movielens(path: str, name: str) -> pd.DataFrame:
   import pandas as pd  # pylint: disable=g-import-not-at-top
 
   _, sep, header = RATINGS_FILE[name]
+  if header:  # Checked as in prediction; a file may also have none.
+    with core.reading(path):
+      f, raw = utils.open_binary(path)
+      with raw, f:
+        first = f.readline()
+    if first.strip():  # An empty file has no ratings (below).
+      header = Reader(sep, labeled=True).has_header(first, path)
   try:
     out = _read_ratings(path, sep, header)
   except (ValueError, pd.errors.ParserError) as e:

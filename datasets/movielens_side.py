@@ -120,6 +120,35 @@ def _frame(path: str, columns: tuple[str, ...], what: str) -> pd.DataFrame:
   return pd.DataFrame([row[: len(columns)] for row in rows], columns=columns)
 
 
+def _read_csv(path: str, needed: tuple[str, ...]) -> pd.DataFrame:
+  """A GroupLens CSV side file with columns `needed` (and any others), all
+  strings; DataError if it is not one."""
+  import pandas as pd  # pylint: disable=g-import-not-at-top
+
+  layout = f'it needs the columns {",".join(needed)}'
+  try:
+    with core.reading(path):
+      frame = pd.read_csv(path, dtype=str, keep_default_na=False)
+  except pd.errors.ParserError as e:
+    found = re.search(r'Expected (\d+) fields in line (\d+), saw (\d+)', str(e))
+    if not found:
+      raise core.DataError(f'{path}: not a CSV file ({e}).') from None
+    width, line, seen = found.groups()
+    raise core.DataError(
+      f'{path}:{line}: expected {width} columns, found {seen}: quote a value'
+      ' that holds a comma.'
+    ) from None
+  except pd.errors.EmptyDataError:
+    raise core.DataError(f'{path}: empty, but {layout}.') from None
+  missing = [c for c in needed if c not in frame.columns]
+  if missing:
+    raise core.DataError(
+      f'{path}:1: no column {", ".join(missing)} in the header'
+      f' {",".join(map(str, frame.columns))}; {layout}.'
+    )
+  return frame
+
+
 def read_movies(name: str, path: str) -> pd.DataFrame:
   """Columns `item` (int64), `title` and `genres` (a list of strings)."""
   import pandas as pd  # pylint: disable=g-import-not-at-top
@@ -140,8 +169,7 @@ def read_movies(name: str, path: str) -> pd.DataFrame:
     if name == 'ml-1m':
       frame = _frame(path, ('item', 'title', 'genres'), 'movies.dat')
     else:
-      with core.reading(path):
-        frame = pd.read_csv(path, dtype=str, keep_default_na=False)
+      frame = _read_csv(path, ('movieId', 'title', 'genres'))
       frame = frame.rename(columns={'movieId': 'item'})
     frame['genres'] = [
       [g for g in genres.split('|') if g and g != '(no genres listed)']
@@ -153,10 +181,8 @@ def read_movies(name: str, path: str) -> pd.DataFrame:
 
 def read_tags(path: str) -> pd.DataFrame:
   """Columns `item` (int64) and `tag` (lowercased, stripped, non-empty)."""
-  import pandas as pd  # pylint: disable=g-import-not-at-top
 
-  with core.reading(path):
-    frame = pd.read_csv(path, dtype=str, keep_default_na=False)
+  frame = _read_csv(path, ('movieId', 'tag'))
   frame = frame.rename(columns={'movieId': 'item'})
   frame['tag'] = frame['tag'].str.strip().str.lower()
   frame = frame[frame['tag'] != '']

@@ -465,6 +465,9 @@ class ReadErrorTest(IntegrityTestCase):
       'criteo', self.path, valid_path=missing, test_path=self.path
     )
     self.assert_names(config, missing, 'valid_path')
+    pipe = os.path.join(self.tmp, 'pipe')  # As `<(zcat train.txt.gz)`.
+    os.mkfifo(pipe)
+    self.assert_names(self.config('criteo', pipe), pipe, 'not a regular file')
 
   def test_cache_dir_that_cannot_be_written(self):
     config = self.config('ml-20m', self.path)

@@ -288,6 +288,11 @@ class MovieLensParsingTest(parameterized.TestCase):
     ('nan', '1,2,4.0,5\n1,4,nan,6\n', ":3: rating 'nan' is not a finite"),
     ('inf', '1,2,4.0,5\n1,4,-inf,6\n', ":3: rating '-inf' is not a finite"),
     ('fraction', '1,2,4.0,5\n1.5,4,5,6\n', ":3: user id '1.5' is not a"),
+    (
+      'huge',
+      '1,2,4.0,5\n99999999999999999999,4,5,6\n',
+      ":3: user id '99999999999999999999' is out of range",
+    ),
     # A value quoted in the message is cut: it stays one readable line.
     (
       'long',
@@ -307,6 +312,21 @@ class MovieLensParsingTest(parameterized.TestCase):
     self.assertIn(message, str(cm.exception))
     self.assertLess(len(str(cm.exception)), 400)
     self.assertFalse(os.path.exists(os.path.join(config.cache_dir, 'encoded')))
+
+  def test_a_ratings_csv_header_is_checked_or_absent(self):
+    rows = ''.join(f'{u},{i},4.0,5\n' for u, i in ((1, 10), (2, 20), (1, 30)))
+    path = os.path.join(self.tmp, 'ml', 'ratings.csv')
+    write_text(path, rows)  # No header: the first line is a rating.
+    frame = movielens.read_movielens(path, 'ml-20m')
+    np.testing.assert_array_equal(frame['user'], [1, 2, 1])
+    np.testing.assert_array_equal(frame['item'], [10, 20, 30])
+    write_text(path, 'movieId,userId,rating,timestamp\n' + rows)
+    with self.assertRaisesRegex(
+      data.DataError,
+      r'ratings\.csv:1: header .* is not userId,movieId,rating,timestamp.*'
+      r' read by position',
+    ):
+      movielens.read_movielens(path, 'ml-20m')
 
   def test_missing_path_and_unknown_name_name_the_config_key(self):
     config = _dataset_config(self.tmp, name='ml-20m', path='/nonexistent/x')

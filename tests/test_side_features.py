@@ -287,6 +287,40 @@ class GroupLensSideTest(DatasetTestCase):
     ):
       data.load_dataset(config)
 
+  @parameterized.named_parameters(
+    (
+      'movies_column',
+      'movies.csv',
+      'movieId,title,genre\n1,A (1995),Drama\n',
+      r'movies\.csv:1: no column genres in the header movieId,title,genre',
+    ),
+    (
+      'movies_row',
+      'movies.csv',
+      'movieId,title,genres\n1,A (1995),Drama\n2,B, (1996),Comedy\n',
+      r'movies\.csv:3: expected 3 columns, found 4: quote a value',
+    ),
+    (
+      'tags_column',
+      'tags.csv',
+      'userId,movieId,label,timestamp\n1,1,fun,5\n',
+      r'tags\.csv:1: no column tag in the header',
+    ),
+  )
+  def test_a_malformed_side_csv_is_one_line(self, name, text, message):
+    directory = os.path.join(self.tmp, 'ml')
+    os.makedirs(directory)
+    ratings = ''.join(f'{u},1,4.0,5\n' for u in range(1, 30))
+    write_text = lambda n, t: open(os.path.join(directory, n), 'w').write(t)  # noqa: E731
+    write_text('ratings.csv', 'userId,movieId,rating,timestamp\n' + ratings)
+    write_text('movies.csv', 'movieId,title,genres\n1,A (1995),Drama\n')
+    write_text('tags.csv', 'userId,movieId,tag,timestamp\n1,1,fun,5\n')
+    write_text(name, text)
+    config = self.config('ml-latest-small', directory)
+    config.side_features = ('genres', 'tags')
+    with self.assertRaisesRegex(data.DataError, message):
+      data.load_dataset(config)
+
 
 def _split(n, max_len=3, dense_fields=2):
   """A split whose every input of row r holds r, to check alignment."""
