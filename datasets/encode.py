@@ -53,6 +53,8 @@ class Counts:
     keys = np.concatenate([self.keys] + [k for k, _ in self._pending])
     counts = np.concatenate([self.counts] + [c for _, c in self._pending])
     self._pending, self._pending_size = [], 0
+    if not len(keys):  # E.g. a multi-hot column whose every list is empty.
+      return
     order = np.argsort(keys, kind='stable')
     keys, counts = keys[order], counts[order]
     del order

@@ -235,6 +235,16 @@ class CsvFeaturesTest(DatasetTestCase):
     np.testing.assert_array_equal(a.train.multi_ids, b.train.multi_ids)
     np.testing.assert_allclose(a.train.dense, b.train.dense, atol=1e-6)
 
+  def test_a_multi_hot_column_empty_in_every_row(self):
+    rows = feature_rows(200)
+    for row in rows:
+      row[5] = ''  # colors.
+    dataset = self.load(self.write(rows))
+    self.assertEqual(dataset.multi_field_dims[1], 1)  # The rare values' id.
+    for split in (dataset.train, dataset.valid, dataset.test):
+      np.testing.assert_array_equal(split.multi_ids[:, 1], -1)
+    self.assertGreater(dataset.multi_field_dims[0], 1)  # tags as before.
+
   def test_typed_parquet_gives_the_csv_arrays(self):
     # Parquet as a user writes it: integer ids with nulls in some record
     # batches only, and the multi-hot values as list columns.
