@@ -341,6 +341,8 @@ def export(
       onnx_error = f'{type(e).__name__}: {str(e).splitlines()[0][:300]}'
     if onnx_error:
       logging.warning('No model.onnx for %s: %s', enc.model_name, onnx_error)
+  else:
+    onnx_error = 'not asked for (onnx=False, --noonnx)'
   enc.write(os.path.join(output, encoder_lib.DIRECTORY))
   signature = {
     'version': VERSION,
@@ -392,17 +394,18 @@ def main(argv):
   args = flags.FLAGS
   check_platforms(args.platforms)
   predictor = predict.load(args.workdir)
+  output = os.path.expanduser(args.output)  # `--output=~/x`: unexpanded.
   try:
-    signature = export(predictor, args.output, args.platforms, args.onnx)
+    signature = export(predictor, output, args.platforms, args.onnx)
   except OSError as e:
     raise utils.UserError(
-      f'--output: cannot write {e.filename or args.output} ({e.strerror or e});'
+      f'--output: cannot write {e.filename or output} ({e.strerror or e});'
       ' choose a directory you can write.'
     ) from e
   logging.info(
     'Exported %s to %s: %s',
     args.workdir,
-    args.output,
+    output,
     ', '.join(f for f in signature['files'].values() if f),
   )
 

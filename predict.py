@@ -222,6 +222,16 @@ class Predictor:
     oov = np.array([-1 if i is None else i for i in self.encoder.oov_ids])
     return np.asarray(ids) == oov
 
+  def unseen_lists(self, multi_ids: np.ndarray) -> np.ndarray:
+    """Which lists of `multi_ids` `[n, multi_fields, max_len]` hold a value
+    that training did not keep (their field's out-of-vocabulary id).
+
+    Returns:
+      bool `[n, multi_fields]`.
+    """
+    oov = np.array(self.encoder.side.multi_field_dims) - 1  # [M]
+    return (np.asarray(multi_ids) == oov[:, None]).any(2)
+
 
 def probabilities(
   model: Any,
@@ -245,6 +255,7 @@ def load(workdir: str, batch_size: int = 8192) -> Predictor:
     UserError: `workdir` has no encoder or no readable best checkpoint, or
       is an export (export.py).
   """
+  workdir = os.path.expanduser(workdir)  # As main.py's --workdir.
   if os.path.isfile(os.path.join(workdir, 'signature.json')):
     raise utils.UserError(
       f'{workdir} is an export (export.py), not a training run: serve its'
@@ -293,7 +304,13 @@ def write_predictions(
   """
   tmp = f'{output}.tmp-{os.getpid()}'
   rows, header = 0, None
-  unseen = np.zeros(len(predictor.encoder.field_dims), np.int64)  # Per field.
+  enc = predictor.encoder
+  names = enc.field_names
+  # Lists read from the rows; MovieLens's come from the movie, by its id.
+  lists = enc.format != 'movielens' and bool(enc.side.multi_field_names)
+  if lists:
+    names += enc.side.multi_field_names
+  unseen = np.zeros(len(names), np.int64)  # Per field.
   unseen_rows = 0
   try:
     with open(tmp, 'w') as f:
@@ -305,6 +322,8 @@ def write_predictions(
         f.write(csv_lines(probs, labels))
         rows += len(probs)
         mask = predictor.unseen(encoded.ids)
+        if lists:
+          mask = np.hstack([mask, predictor.unseen_lists(encoded.multi_ids)])
         unseen += mask.sum(0)
         unseen_rows += int(mask.any(1).sum())
     os.replace(tmp, output)
@@ -312,7 +331,6 @@ def write_predictions(
     if os.path.exists(tmp):
       os.remove(tmp)
   if unseen_rows:
-    names = predictor.encoder.field_names
     logging.info(
       '%d of %d rows have values that training did not keep, scored with'
       " the field's out-of-vocabulary id: %s",
@@ -368,22 +386,24 @@ def main(argv):
   if len(argv) > 1:
     raise utils.UserError(f'Unexpected arguments: {" ".join(argv[1:])}')
   args = flags.FLAGS
-  if not os.path.isfile(args.input):
-    raise utils.UserError(f'--input: {args.input} is not a file.')
-  check_output(args.output, args.input, args.workdir)
-  predictor = load(args.workdir, args.batch_size)
+  # `--flag=~/x` reaches us unexpanded by the shell.
+  workdir, source, output = map(
+    os.path.expanduser, (args.workdir, args.input, args.output)
+  )
+  if not os.path.isfile(source):
+    raise utils.UserError(f'--input: {source} is not a file.')
+  check_output(output, source, workdir)
+  predictor = load(workdir, args.batch_size)
   try:
-    rows = write_predictions(
-      predictor, args.input, args.output, args.chunk_rows
-    )
+    rows = write_predictions(predictor, source, output, args.chunk_rows)
   except OSError as e:
-    if e.filename and not str(e.filename).startswith(args.output):
+    if e.filename and not str(e.filename).startswith(output):
       raise  # Not the output's.
     raise utils.UserError(
-      f'--output: cannot write {args.output} ({e.strerror or e}); choose a'
+      f'--output: cannot write {output} ({e.strerror or e}); choose a'
       ' path in a directory you can write.'
     ) from e
-  logging.info('Wrote %d rows to %s', rows, args.output)
+  logging.info('Wrote %d rows to %s', rows, output)
 
 
 if __name__ == '__main__':

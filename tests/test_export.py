@@ -246,6 +246,20 @@ class ExportRunTest(absltest.TestCase):
     }
     self.assertEqual(after, before)
 
+  def test_without_onnx_the_signature_says_why(self):
+    run = trained_run()
+    out = os.path.join(self.enter_context(tempfile.TemporaryDirectory()), 'x')
+    signature = export.export(predict.load(run.workdir), out, onnx=False)
+    self.assertEqual(
+      sorted(os.listdir(out)), ['encoder', 'model.jax', 'signature.json']
+    )
+    with open(os.path.join(out, 'signature.json')) as f:
+      self.assertEqual(json.load(f), signature)
+    self.assertIsNone(signature['files']['onnx'])
+    self.assertEqual(
+      signature['onnx_error'], 'not asked for (onnx=False, --noonnx)'
+    )
+
   def test_command_line_exports_a_run(self):
     run = trained_run()
     tmp = self.enter_context(tempfile.TemporaryDirectory())
@@ -255,12 +269,13 @@ class ExportRunTest(absltest.TestCase):
         sys.executable,
         os.path.join(ROOT, 'export.py'),
         f'--workdir={run.workdir}',
-        f'--output={out}',
+        '--output=~/export',  # Unexpanded, as a shell leaves it after `=`.
         '--platforms=cpu,cuda',
       ],
       check=True,
-      cwd=tmp,
+      cwd=ROOT,
       capture_output=True,
+      env=dict(os.environ, HOME=tmp),
     )
     self.assertEqual(
       sorted(os.listdir(out)),

@@ -55,19 +55,21 @@ class PredictTest(parameterized.TestCase):
     lines = self.trained.lines['test']
     source = _write(os.path.join(self.tmp, 'test.txt'), lines)
     output = os.path.join(self.tmp, 'out.csv')
+    os.symlink(self.trained.workdir, os.path.join(self.tmp, 'run'))
     result = subprocess.run(
-      [
+      [  # `--flag=~/x` reaches the program unexpanded, as a shell leaves it.
         sys.executable,
         os.path.join(ROOT, 'predict.py'),
-        f'--workdir={self.trained.workdir}',
-        f'--input={source}',
-        f'--output={output}',
+        '--workdir=~/run',
+        f'--input=~/{os.path.basename(source)}',
+        '--output=~/out.csv',
         '--chunk_rows=50',  # Three chunks.
       ],
       check=True,
-      cwd=self.tmp,
+      cwd=ROOT,
       capture_output=True,
       text=True,
+      env=dict(os.environ, HOME=self.tmp),
     )
     # Nothing to warn about (orbax warned that a read-only restore is so).
     warnings = [

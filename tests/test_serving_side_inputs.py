@@ -159,6 +159,35 @@ class CsvTest(absltest.TestCase):
     with open(output) as f:
       self.assertEqual((count, f.read()), (0, 'probability,label\n'))
 
+  def test_unseen_list_values_are_counted(self):
+    lines = [line.split(',') for line in self.lines[:30]]
+    lines[3][4] = 'never|seen'  # tags.
+    lines[7][5] = 'c0|nocolor'  # colors: one kept value, one not.
+    lines[7][1] = 'zzz'  # shop, a one-hot field, in the same row.
+    source = self._file([','.join(line) for line in lines])
+    with self.assertLogs('absl', 'INFO') as logs:
+      predict.write_predictions(
+        self.predictor, source, os.path.join(self.tmp, 'o.csv'), 10
+      )
+    rows = self.predictor.encoder.encode(source)
+    lists = self.predictor.unseen_lists(rows.multi_ids)
+    oov = np.array(self.dataset.multi_field_dims) - 1
+    np.testing.assert_array_equal(
+      lists, (rows.multi_ids == oov[:, None]).any(2)
+    )
+    self.assertTrue(lists[3, 0] and lists[7, 1])
+    mask = np.hstack([self.predictor.unseen(rows.ids), lists])
+    self.assertTrue(mask[7, 0])  # shop.
+    names = ('shop', 'tags', 'colors')
+    per_field = ', '.join(
+      f'{name} {n}' for name, n in zip(names, mask.sum(0), strict=True) if n
+    )
+    self.assertIn(
+      f'{mask.any(1).sum()} of 30 rows have values that training did not'
+      f" keep, scored with the field's out-of-vocabulary id: {per_field}",
+      '\n'.join(logs.output),
+    )
+
   def test_a_dataframe_without_label_and_encoded_inputs(self):
     frame = pd.read_csv(
       self._file(self.lines), dtype=str, keep_default_na=False
