@@ -467,9 +467,11 @@ def load(path: str) -> Encoder:
   side = encoder_side.read(meta, directory, utils.UserError)
   vocabulary = None
   if meta['vocabulary_sizes'] is not None:
-    flat = np.load(
-      os.path.join(directory, 'vocabulary.npy'), allow_pickle=False
-    )
+    path = os.path.join(directory, 'vocabulary.npy')
+    try:
+      flat = np.load(path, allow_pickle=False)
+    except (OSError, ValueError) as e:
+      raise utils.UserError(f'{path}: unreadable ({e}).') from e
     sizes = meta['vocabulary_sizes']
     if flat.dtype != np.int64 or flat.shape != (sum(sizes),):
       raise utils.UserError(

@@ -360,6 +360,8 @@ class Reader:
       DataError: a header of other columns, or of these in another order.
     """
     names = first_line.decode('utf-8', 'replace').strip().split(self.sep)
+    if len(names) < 2:  # One column: no header, a line of another separator.
+      return False  # Parsed, it names its columns as found.
     try:
       int(names[0])
     except ValueError:

@@ -236,6 +236,13 @@ class EncoderTest(EncoderTestCase):
       else:
         got = enc.encode(named)
         np.testing.assert_array_equal(got.ids, expected)
+    # A line of another separator is no header: it is named as a bad line.
+    with open(named, 'w') as f:
+      f.write('9\t99\t4.0\t0\n5,20,1.0,0\n')
+    with self.assertRaisesRegex(
+      data.DataError, "named.csv:1: expected 4 ','-separated columns"
+    ):
+      enc.encode(named)
 
   def test_movielens_blank_chunks_and_an_empty_frame_have_no_rows(self):
     path = os.path.join(self.tmp, 'ratings.csv')
@@ -353,6 +360,21 @@ class EncoderTest(EncoderTestCase):
       encoder.load(workdir)
     with self.assertRaisesRegex(utils.UserError, 'no encoder.json'):
       encoder.load(self.tmp)
+    meta['version'] = encoder.VERSION
+    with open(os.path.join(directory, 'encoder.json'), 'w') as f:
+      json.dump(meta, f)
+    vocabulary = os.path.join(directory, 'vocabulary.npy')
+    with open(vocabulary, 'r+b') as f:
+      f.truncate(50)  # A damaged array: one line, not numpy's traceback.
+    with self.assertRaisesRegex(
+      utils.UserError, f'^{re.escape(vocabulary)}: unreadable \\(.*EOF'
+    ):
+      encoder.load(workdir)
+    os.remove(vocabulary)
+    with self.assertRaisesRegex(
+      utils.UserError, f'^{re.escape(vocabulary)}: unreadable \\(.*No such'
+    ):
+      encoder.load(workdir)
 
   def test_dataset_without_vocabulary_saves_ids_only_encoder(self):
     rows = criteo_rows(30, seed=7)
