@@ -20,7 +20,10 @@ orbax's background threads waiting for each other until the process is
 killed. With `background=True` the saves run in that order on a thread of
 our own while training goes on: an error raises at the next save or at
 `wait`, and the saves after a failed one are skipped, so the directories
-hold what a synchronous run killed at that save would hold.
+hold what a synchronous run killed at that save would hold. A save waits
+while `MAX_QUEUED` others wait to start (an epoch's best and latest
+states): training stays within about an epoch of the disk, and holds a
+bounded number of copies of the state, however short its epochs.
 """
 
 from collections.abc import Callable, Iterator
@@ -44,6 +47,8 @@ import utils
 from utils import UserError
 
 KEEP_LATEST = 2
+# Background saves that may wait to start, beyond the one being written.
+MAX_QUEUED = 2
 CHECKSUMS = 'checksums.json'
 
 
@@ -314,7 +319,10 @@ class Checkpoints:
     self.latest = manager(os.path.join(root, 'latest'))
     self.best = manager(os.path.join(root, 'best'))
     self.background = background
-    self._thread: threading.Thread | None = None
+    # Saves not started, in order, run by one thread.
+    self._queue: list[Callable[[], None]] = []
+    self._changed = threading.Condition()
+    self._worker: threading.Thread | None = None
     self._failed = False  # A save failed: the later ones are skipped.
     self._error: BaseException | None = None  # Its error, until raised.
 
@@ -331,26 +339,37 @@ class Checkpoints:
     finally:
       self.close()
 
-  def _submit(self, save_fn: Callable[..., None], *args) -> None:
-    """Runs `save_fn(*args)` now, or queued after the saves before it."""
+  def _submit(self, job: Callable[[], None]) -> None:
+    """Runs `job()` now, or queued after the saves before it (waiting while
+    `MAX_QUEUED` saves wait to start)."""
     if not self.background:
-      save_fn(*args)
+      job()
       return
     self._raise_error()
-    previous = self._thread
+    with self._changed:
+      self._changed.wait_for(
+        lambda: len(self._queue) < MAX_QUEUED or self._worker is None
+      )
+      self._queue.append(job)
+      if self._worker is None:  # Not a daemon: exiting waits for the saves.
+        self._worker = threading.Thread(target=self._work, name='ckpt-save')
+        self._worker.start()
 
-    def work():
-      if previous is not None:
-        previous.join()
-      if not self._failed:
-        try:
-          save_fn(*args)
-        except BaseException as e:  # pylint: disable=broad-except
+  def _work(self) -> None:
+    """Runs the queued saves in order, until none is left or one fails."""
+    while True:
+      with self._changed:
+        if self._failed or not self._queue:
+          self._queue, self._worker = [], None
+          self._changed.notify_all()
+          return
+        job = self._queue.pop(0)
+        self._changed.notify_all()  # A waiting save may queue.
+      try:
+        job()
+      except BaseException as e:  # pylint: disable=broad-except
+        with self._changed:
           self._failed, self._error = True, e
-
-    # Not a daemon: an exiting interpreter lets the save finish.
-    self._thread = threading.Thread(target=work, name='checkpoint-save')
-    self._thread.start()
 
   def _raise_error(self) -> None:
     """Raises the first failed save's error, once."""
@@ -360,9 +379,8 @@ class Checkpoints:
 
   def wait(self) -> None:
     """Blocks until every queued save is on disk; raises a save's error."""
-    if self._thread is not None:
-      self._thread.join()
-      self._thread = None
+    with self._changed:
+      self._changed.wait_for(lambda: self._worker is None)
     self._raise_error()
 
   def restore_latest(self, target: Any) -> tuple[Any, dict | None]:
@@ -399,25 +417,21 @@ class Checkpoints:
 
   def save_latest(self, epoch: int, state: Any, meta: dict) -> None:
     """Saves the state after `epoch`; keeps the last two and the best."""
-
     best = meta['best_epoch']
+    state, meta = self._copy(state, meta)
 
-    def keep(steps: list[int]) -> set[int]:
-      return set(steps[-KEEP_LATEST:]) | {best}
-
-    def save_and_log(*args):
-      save(*args)
+    def job():
+      keep = lambda steps: set(steps[-KEEP_LATEST:]) | {best}  # noqa: E731
+      save(self.latest, epoch, state, meta, keep)
       logging.info('Saved the checkpoint of epoch %d', epoch)
 
-    self._submit(
-      save_and_log, self.latest, epoch, *self._copy(state, meta), keep
-    )
+    self._submit(job)
 
   def save_best(self, epoch: int, state: Any, meta: dict) -> None:
     """Saves the new best state, `epoch`'s; deletes the former best."""
-    self._submit(
-      save, self.best, epoch, *self._copy(state, meta), lambda steps: {epoch}
-    )
+    state, meta = self._copy(state, meta)
+    job = lambda: save(self.best, epoch, state, meta, lambda steps: {epoch})  # noqa: E731
+    self._submit(job)
 
   def _copy(self, state: Any, meta: dict) -> tuple[Any, dict]:
     """What a background save needs: its own copies, as the caller goes on."""

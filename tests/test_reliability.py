@@ -231,7 +231,7 @@ class CheckpointPolicyTest(absltest.TestCase):
     gate = threading.Event()
 
     def gated_save(*args):
-      gate.wait(60)  # No background save starts before the caller is done.
+      gate.wait(60)  # No background save ends before epoch 2's are queued.
       return save(*args)
 
     for background in (False, True):
@@ -252,7 +252,8 @@ class CheckpointPolicyTest(absltest.TestCase):
           # The caller goes on with its own objects: the save has copies.
           state['w'] += 100
           meta['best_epoch'] = 5
-        gate.set()
+          if epoch == 2:  # Three saves wait: the next would wait for them.
+            gate.set()
         ckpt.wait()
         steps = ckpt.latest.all_steps(), ckpt.best.all_steps()
         restored, meta = ckpt.restore_latest(None)
@@ -263,6 +264,34 @@ class CheckpointPolicyTest(absltest.TestCase):
       sync_steps.append(steps)
     self.assertEqual(sync_steps[0], ([2, 4, 5], [2]))
     self.assertEqual(sync_steps[1], sync_steps[0])
+
+  def test_a_background_save_waits_while_two_wait_to_start(self):
+    gate, started = threading.Event(), threading.Event()
+    save = checkpoints.save
+
+    def gated_save(*args):
+      started.set()
+      gate.wait(60)
+      return save(*args)
+
+    ckpt = checkpoints.Checkpoints(tempfile.mkdtemp(), background=True)
+    with mock.patch.object(checkpoints, 'save', gated_save), ckpt:
+      ckpt.save_latest(1, self._state(1), self._meta(1, 1))  # Written.
+      self.assertTrue(started.wait(60))
+      for epoch in (2, 3):  # Wait to start: the caller goes on.
+        ckpt.save_latest(epoch, self._state(epoch), self._meta(epoch, 1))
+      fourth = threading.Thread(
+        target=ckpt.save_latest, args=(4, self._state(4), self._meta(4, 1))
+      )
+      fourth.start()
+      fourth.join(0.5)
+      try:
+        self.assertTrue(fourth.is_alive())  # Holds no third copy of a state.
+      finally:
+        gate.set()
+      fourth.join(60)
+      self.assertFalse(fourth.is_alive())
+    self.assertEqual(ckpt.latest.all_steps(), [1, 3, 4])
 
   def _failing_at(self, ckpt, bad_epoch):
     """Makes the orbax save of `bad_epoch` in `ckpt.latest` find a full disk."""
