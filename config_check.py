@@ -205,6 +205,13 @@ DATASET = {
 # the type of their default value.
 MODEL = {
   'embed_dim': integer(1),
+  'atten_embed_dim': integer(1),
+  'num_heads': integer(1),
+  'num_experts': integer(1),
+  'low_rank': optional(integer(1)),
+  'order': integer(1),
+  'lnn_dim': integer(1),
+  'reduction_ratio': number(0, strict=True),
   'attn_size': integer(1),
   'cross_buckets': integer(1),
   'mlp_dims': integers(1),

@@ -374,15 +374,19 @@ def _run(
     sizes,
   )
   data.check_splits(dataset, config)
+  try:  # A model checks what depends on several arguments (or the data).
+    model = create_model(
+      config, dataset.field_dims, AXIS, **data.model_fields(dataset)
+    )
+    init = state_initializer(config, model)  # Traces the model once.
+  except ValueError as e:
+    raise UserError(f'models/{config.model_name}.py: {e}') from e
   if is_main:  # What predict.py and export.py need to encode raw rows.
     where = f'{workdir}/{encoder.DIRECTORY}'
     with utils.writing('the encoder', where, '*.tmp'):
       encoder.save(workdir, dataset, config)
   steps_per_epoch = data.num_train_steps(dataset.train, config.batch_size)
 
-  model = create_model(
-    config, dataset.field_dims, AXIS, **data.model_fields(dataset)
-  )
   if config.optimizer == 'auto':
     config = resolve_optimizer(config, model)
     logging.info(
@@ -394,7 +398,7 @@ def _run(
   p_train_step, p_eval_step = pmapped_steps(model, config)
   # The train and eval programs compile on threads, from shapes, while the
   # state initialises and the latest checkpoint restores.
-  init, rng = state_initializer(config, model), jax.random.key(config.seed)
+  rng = jax.random.key(config.seed)
   resident = replicate(data.resident_split(dataset.train, config))
   wait_compiled = programs.compile_train_and_eval(
     p_train_step,

@@ -59,6 +59,11 @@ def prepare(workdir: str) -> str:
     UserError: the path is not a directory, cannot be created, or it or the
       files a run rewrites in it are not writable by this process.
   """
+  if not workdir.strip():  # `--workdir=$UNSET`: not the current directory.
+    raise UserError(
+      'The workdir is empty: give the directory of the run, e.g.'
+      ' --workdir=/tmp/fm (created if missing).'
+    )
   path = os.path.abspath(os.path.expanduser(workdir))
   if os.path.lexists(path) and not os.path.isdir(path):
     raise UserError(

@@ -32,7 +32,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       mlp_dims=(16, 16),
       dropout=0.2,
       structure='parallel',
-      low_rank=None,
+      # None (full rank) or an int: a placeholder, so a flag can set it.
+      low_rank=ml_collections.config_dict.placeholder(int),
       num_experts=4,
       linear_init='lecun',
     )

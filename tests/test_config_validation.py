@@ -139,6 +139,16 @@ class BadValueTest(_TestCase):
     )
     config = parse('--config.table_weight_decay=1e-5')
     self.assertEqual(config.table_weight_decay, 1e-5)
+    # DCN-V2's low-rank mixture, off by default, as its config says.
+    argv = [f'--config={ROOT}/configs/dcnv2.py', '--config.model.low_rank=32']
+    for overrides, low_rank in (([], None), (argv[1:], 32)):
+      values = flags.FlagValues()
+      config_flags.DEFINE_config_file(
+        'config', flag_values=values, sys_argv=['main.py', argv[0], *overrides]
+      )
+      values(['main.py', argv[0], *overrides])
+      config_check.validate_config(values.config)
+      self.assertEqual(values.config.model.low_rank, low_rank)
 
   @parameterized.parameters(
     ('nfm', 'model__mlp_dims', (64, 0), 'integers >= 1'),
@@ -157,6 +167,13 @@ class BadValueTest(_TestCase):
     ('fibinet', 'model__bilinear_type', 'all', 'one of field_all'),
     ('fwfm', 'model__linear_type', 'fw', 'one of lw, felv, filv'),
     ('fm', 'model__multi_pooling', 'max', 'one of mean, sum'),
+    ('autoint', 'model__num_heads', 0, 'an integer >= 1'),
+    ('autoint', 'model__atten_embed_dim', 0, 'an integer >= 1'),
+    ('hofm', 'model__order', 0, 'an integer >= 1'),
+    ('afn', 'model__lnn_dim', 0, 'an integer >= 1'),
+    ('fibinet', 'model__reduction_ratio', 0.0, 'a number > 0'),
+    ('dcnv2', 'model__low_rank', 0, 'an integer >= 1 or None'),
+    ('dcnv2', 'model__num_experts', 0, 'an integer >= 1'),
   )
   def test_bad_model_argument_is_named(self, name, key, value, rule):
     message = self.problems(_config(name, **{key: value}))

@@ -19,6 +19,7 @@ import numpy as np
 
 import config_check
 from configs import default
+from configs import finalmlp
 import data
 import metrics
 import models
@@ -405,6 +406,24 @@ class TrainAndEvaluateTest(absltest.TestCase):
       before = _metrics(workdir)
       self.assertGreater(train.train_and_evaluate(config, workdir)['auc'], 0.7)
       self.assertEqual(_metrics(workdir)[:2], before[:2])
+
+  def test_a_model_that_refuses_its_arguments_is_a_user_error(self):
+    # A check across arguments (or of the data) that only the model makes:
+    # one line, before the encoder is written; the fixed config then runs.
+    with tempfile.TemporaryDirectory() as workdir:
+      config = finalmlp.get_config('smoke')
+      config.dataset.cache_dir = os.path.join(workdir, 'cache')
+      config.model.update(
+        mlp1_dims=(8,), mlp2_dims=(6,), fs_dims=(8,), num_heads=3
+      )
+      with self.assertRaisesRegex(
+        UserError, r'^models/finalmlp\.py: num_heads=3 must divide both'
+      ):
+        train.train_and_evaluate(config, workdir)
+      self.assertNotIn('encoder', os.listdir(workdir))
+      config.model.num_heads = 2
+      config.num_epochs = 1
+      self.assertGreater(train.train_and_evaluate(config, workdir)['auc'], 0.6)
 
   def test_a_resume_does_not_read_init_from(self):
     # The checkpoints of a warm-started run hold its weights: it resumes

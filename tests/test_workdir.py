@@ -125,6 +125,13 @@ class PrepareTest(absltest.TestCase):
     ):
       workdir.prepare(path)
 
+  def test_an_empty_workdir_is_not_the_current_directory(self):
+    before = os.listdir(os.getcwd())
+    for path in ('', '  '):
+      with self.assertRaisesRegex(utils.UserError, '^The workdir is empty'):
+        workdir.prepare(path)
+    self.assertEqual(os.listdir(os.getcwd()), before)
+
   def test_directory_under_a_file_names_the_file(self):
     parent = os.path.join(self.tmp, 'file')
     with open(parent, 'w'):
