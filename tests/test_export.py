@@ -273,7 +273,7 @@ class ExportRunTest(absltest.TestCase):
         '--platforms=cpu,cuda',
       ],
       check=True,
-      cwd=ROOT,
+      cwd=tmp,  # Unexpanded, `~/export` would be made here.
       capture_output=True,
       env=dict(os.environ, HOME=tmp),
     )

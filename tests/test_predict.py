@@ -66,7 +66,7 @@ class PredictTest(parameterized.TestCase):
         '--chunk_rows=50',  # Three chunks.
       ],
       check=True,
-      cwd=ROOT,
+      cwd=self.tmp,
       capture_output=True,
       text=True,
       env=dict(os.environ, HOME=self.tmp),
