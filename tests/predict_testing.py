@@ -74,6 +74,18 @@ def train_run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   return metrics
 
 
+def unseen_line(names, mask: np.ndarray) -> str:
+  """predict.py's log line for `mask` `[rows, fields]`, True where a value
+  was not kept in training, of the fields `names`."""
+  per_field = ', '.join(
+    f'{name} {n}' for name, n in zip(names, mask.sum(0), strict=True) if n
+  )
+  return (
+    f'{mask.any(1).sum()} of {len(mask)} rows have values that training did'
+    f" not keep, scored with the field's out-of-vocabulary id: {per_field}"
+  )
+
+
 def split_lines(lines: list[str], config) -> dict[str, list[str]]:
   """Raw lines of each split of a streamed random split, in cache order."""
   parts = data.split_indices(len(lines), config.dataset.split, 0)
