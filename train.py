@@ -395,6 +395,8 @@ def _run(
       _table_rows(model),
       optim.AUTO_SPARSE_ROWS,
     )
+    if is_main and not workdir_lib.has_checkpoints(workdir):
+      workdir_lib.record_resolved_optimizer(workdir, config.optimizer)
   p_train_step, p_eval_step = pmapped_steps(model, config)
   # The train and eval programs compile on threads, from shapes, while the
   # state initialises and the latest checkpoint restores.

@@ -308,6 +308,24 @@ def resumed_optimizer(
 _ABSENT = object()
 
 
+def record_resolved_optimizer(workdir: str, optimizer: str) -> None:
+  """Writes what 'auto' became into the record of a run that starts.
+
+  A restart naming that optimizer then continues the run, as one with
+  'auto' does (`resumed_optimizer`). A record of another optimizer is left.
+
+  Raises:
+    UserError: the record cannot be read or written.
+  """
+  path = os.path.join(workdir, CONFIG_FILE)
+  with utils.writing(CONFIG_FILE, workdir, f'{CONFIG_FILE}.tmp-*'):
+    with open(path) as f:
+      record = json.load(f)
+    if record.get('optimizer') == 'auto':
+      record['optimizer'] = optimizer
+      _write_atomic(path, json.dumps(record, indent=2) + '\n')
+
+
 def _defaults() -> dict[str, Any]:
   """configs/default.py's config, flattened (its data keys resolved)."""
   from configs import default  # Imports data.py: only when needed.

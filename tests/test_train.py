@@ -371,7 +371,13 @@ class TrainAndEvaluateTest(absltest.TestCase):
       run('resumed', num_epochs=1, optimizer='lazy_adam')
       self.assertEqual(run('resumed', num_epochs=2, optimizer='auto'), lazy)
       # 'auto' alone is Adam on these small tables.
-      self.assertNotEqual(run('auto', num_epochs=2, optimizer='auto'), lazy)
+      adam = run('auto', num_epochs=2, optimizer='auto')
+      self.assertNotEqual(adam, lazy)
+      # A run of 'auto' goes on with what it became, named or not.
+      run('auto_named', num_epochs=1, optimizer='auto')
+      self.assertEqual(run('auto_named', num_epochs=2, optimizer='adam'), adam)
+      run('auto_again', num_epochs=1, optimizer='auto')
+      self.assertEqual(run('auto_again', num_epochs=2, optimizer='auto'), adam)
 
   def test_divergence_stops_with_a_user_error_and_keeps_the_checkpoints(self):
     real = train.train_epoch
