@@ -26,13 +26,11 @@ states): training stays within about an epoch of the disk, and holds a
 bounded number of copies of the state, however short its epochs.
 """
 
-from collections.abc import Callable, Iterator
-import contextlib
+from collections.abc import Callable
 import hashlib
 import json
 import logging as std_logging
 import os
-import sys
 import threading
 from typing import Any
 
@@ -43,6 +41,7 @@ import orbax.checkpoint as ocp
 
 import legacy
 import multihost
+import orbax_logs
 import utils
 from utils import UserError
 
@@ -61,7 +60,9 @@ def manager(
       read_only=True, create=False, save_interval_steps=0
     )
     # orbax warns that the directory it was asked to only read is read-only.
-    with _without(std_logging.WARNING, 'Given directory is read only'):
+    with orbax_logs.without(
+      std_logging.WARNING, 'Given directory is read only'
+    ):
       return ocp.CheckpointManager(directory, options=options)
   options = ocp.CheckpointManagerOptions(
     create=True,
@@ -70,21 +71,6 @@ def manager(
     cleanup_tmp_directories=True,
   )
   return ocp.CheckpointManager(directory, options=options)
-
-
-@contextlib.contextmanager
-def _without(level: int, prefix: str) -> Iterator[None]:
-  """Drops absl log records of `level` that start with `prefix`."""
-
-  def keep(record: std_logging.LogRecord) -> bool:
-    return not (record.levelno == level and str(record.msg).startswith(prefix))
-
-  logger = logging.get_absl_logger()
-  logger.addFilter(keep)
-  try:
-    yield
-  finally:
-    logger.removeFilter(keep)
 
 
 def checksums(directory: str) -> dict[str, list]:
@@ -208,7 +194,7 @@ def save(
   Raises:
     UserError: the directory cannot be written (full disk, permissions).
   """
-  with _quiet_if_refused():
+  with orbax_logs.quiet_if_refused():
     _save(mgr, step, state, meta, keep)
 
 
@@ -243,62 +229,6 @@ def _save(mgr, step, state, meta, keep) -> None:
 
 
 # Saves running, and whether one failed on the file system (`_quiet_...`).
-_saves = {'running': 0, 'refused': False}
-
-
-@contextlib.contextmanager
-def _quiet_if_refused() -> Iterator[None]:
-  """Drops orbax's error logs of a save that the file system refuses.
-
-  Each of orbax's threads that a full disk stops logs its traceback (a
-  hundred lines and more), and tensorstore's callbacks then find their
-  event loop closed (unraisable exceptions, printed): the UserError of the
-  save says it all in one line. Orbax's errors during a save that succeeds
-  or fails otherwise are logged as usual, after it.
-  """
-  held = []
-
-  def hold(record: std_logging.LogRecord) -> bool:
-    if record.levelno >= std_logging.ERROR and '/orbax/' in record.pathname:
-      held.append(record)
-      return False
-    return True
-
-  if not hasattr(sys.unraisablehook, 'quiet_after_refused_saves'):
-    sys.unraisablehook = _unraisable_hook(sys.unraisablehook)
-  logger = logging.get_absl_logger()
-  logger.addFilter(hold)
-  _saves['running'] += 1
-  try:
-    yield
-  except UserError:
-    _saves['refused'] = True
-    held.clear()
-    raise
-  finally:
-    _saves['running'] -= 1
-    logger.removeFilter(hold)
-    for record in held:
-      logger.handle(record)
-
-
-def _unraisable_hook(previous: Callable[[Any], None]) -> Callable[[Any], None]:
-  """`sys.unraisablehook` without the closed event loops of orbax's saves
-  (which may come after the save that failed)."""
-
-  def hook(unraisable) -> None:
-    error = unraisable.exc_value
-    if not (
-      (_saves['running'] or _saves['refused'])
-      and isinstance(error, RuntimeError)
-      and str(error) == 'Event loop is closed'
-    ):
-      previous(unraisable)
-
-  hook.quiet_after_refused_saves = True
-  return hook
-
-
 class Checkpoints:
   """The `latest` and `best` managers of a workdir, with their policies.
 

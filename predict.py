@@ -44,6 +44,7 @@ import checkpoints
 from datasets import core
 from datasets import side
 import encoder as encoder_lib
+import orbax_logs
 import train
 import utils
 
@@ -262,7 +263,7 @@ def load(workdir: str, batch_size: int = 8192) -> Predictor:
       ' model.jax or model.onnx, or give the workdir of the run it was'
       ' exported from.'
     )
-  utils.quiet_orbax_logs()
+  orbax_logs.quiet_info()
   encoder = encoder_lib.load(workdir)
   model = train.create_model(encoder.model_config(), encoder.field_dims)
   state, meta = checkpoints.load_best(workdir)

@@ -31,6 +31,7 @@ import metrics
 import models
 import multihost
 import optim
+import orbax_logs
 import programs
 import sparse
 import threefry
@@ -342,7 +343,7 @@ def train_and_evaluate(
   Raises:
     UserError: a bad config, workdir or dataset, or a workdir in use.
   """
-  utils.quiet_orbax_logs()
+  orbax_logs.quiet_info()
   config_check.validate_config(
     config,
     dataset_names=tuple(data.FORMAT_OF),

@@ -1,8 +1,7 @@
 """Host-side utilities shared by training and preprocessing.
 
 One progress bar (training steps and preprocessing passes alike), a
-background prefetcher, file opening that understands `.gz`, the
-filter that keeps orbax's INFO lines out of the log, the persistent
+background prefetcher, file opening that understands `.gz`, the persistent
 compilation cache, and the error type of problems the user can fix (among
 them a write that a full disk or a permission refuses: `writing`), with
 the entry-point wrapper that prints them.
@@ -147,20 +146,6 @@ def open_text(path: str) -> IO[str]:
   if path.endswith('.gz'):
     return gzip.open(path, 'rt', encoding='utf-8', errors='replace')
   return open(path, encoding='utf-8', errors='replace')
-
-
-class _OrbaxInfoFilter:
-  """Drops orbax's INFO lines (a dozen per checkpoint) from the absl log."""
-
-  def filter(self, record) -> bool:
-    return record.levelno >= 30 or '/orbax/' not in record.pathname
-
-
-def quiet_orbax_logs() -> None:
-  """Installs `_OrbaxInfoFilter` on absl's handler, once."""
-  handler = logging.get_absl_handler()
-  if not any(isinstance(f, _OrbaxInfoFilter) for f in handler.filters):
-    handler.addFilter(_OrbaxInfoFilter())
 
 
 def enable_compilation_cache(cache_dir: str) -> None:

@@ -1,0 +1,102 @@
+"""What orbax logs, cut to what a user of a run needs.
+
+`quiet_info` keeps orbax's INFO lines (a dozen per checkpoint) out of the
+log; `without` drops one expected warning; `quiet_if_refused` holds back
+orbax's error tracebacks during a save, and drops them when the file
+system refused the save (its UserError says it in one line).
+"""
+
+from collections.abc import Callable, Iterator
+import contextlib
+import logging as std_logging
+import sys
+from typing import Any
+
+from absl import logging
+
+from utils import UserError
+
+
+class _OrbaxInfoFilter:
+  """Drops orbax's INFO lines (a dozen per checkpoint) from the absl log."""
+
+  def filter(self, record) -> bool:
+    return record.levelno >= 30 or '/orbax/' not in record.pathname
+
+
+def quiet_info() -> None:
+  """Installs `_OrbaxInfoFilter` on absl's handler, once."""
+  handler = logging.get_absl_handler()
+  if not any(isinstance(f, _OrbaxInfoFilter) for f in handler.filters):
+    handler.addFilter(_OrbaxInfoFilter())
+
+
+@contextlib.contextmanager
+def without(level: int, prefix: str) -> Iterator[None]:
+  """Drops absl log records of `level` that start with `prefix`."""
+
+  def keep(record: std_logging.LogRecord) -> bool:
+    return not (record.levelno == level and str(record.msg).startswith(prefix))
+
+  logger = logging.get_absl_logger()
+  logger.addFilter(keep)
+  try:
+    yield
+  finally:
+    logger.removeFilter(keep)
+
+
+_saves = {'running': 0, 'refused': False}
+
+
+@contextlib.contextmanager
+def quiet_if_refused() -> Iterator[None]:
+  """Drops orbax's error logs of a save that the file system refuses.
+
+  Each of orbax's threads that a full disk stops logs its traceback (a
+  hundred lines and more), and tensorstore's callbacks then find their
+  event loop closed (unraisable exceptions, printed): the UserError of the
+  save says it all in one line. Orbax's errors during a save that succeeds
+  or fails otherwise are logged as usual, after it.
+  """
+  held = []
+
+  def hold(record: std_logging.LogRecord) -> bool:
+    if record.levelno >= std_logging.ERROR and '/orbax/' in record.pathname:
+      held.append(record)
+      return False
+    return True
+
+  if not hasattr(sys.unraisablehook, 'quiet_after_refused_saves'):
+    sys.unraisablehook = _unraisable_hook(sys.unraisablehook)
+  logger = logging.get_absl_logger()
+  logger.addFilter(hold)
+  _saves['running'] += 1
+  try:
+    yield
+  except UserError:
+    _saves['refused'] = True
+    held.clear()
+    raise
+  finally:
+    _saves['running'] -= 1
+    logger.removeFilter(hold)
+    for record in held:
+      logger.handle(record)
+
+
+def _unraisable_hook(previous: Callable[[Any], None]) -> Callable[[Any], None]:
+  """`sys.unraisablehook` without the closed event loops of orbax's saves
+  (which may come after the save that failed)."""
+
+  def hook(unraisable) -> None:
+    error = unraisable.exc_value
+    if not (
+      (_saves['running'] or _saves['refused'])
+      and isinstance(error, RuntimeError)
+      and str(error) == 'Event loop is closed'
+    ):
+      previous(unraisable)
+
+  hook.quiet_after_refused_saves = True
+  return hook
