@@ -14,6 +14,7 @@ import glob
 import gzip
 import os
 import queue
+import re
 import sys
 import threading
 import time
@@ -398,10 +399,17 @@ def _override_error(argv: list[str], error: Exception) -> str | None:
   if (missing := _missing_key(error)) is None:
     return None
   key, hint = missing
+  if found := re.search(r'does not exist .*lookup: ([\w.]+)', key):
+    path = found.group(1)  # A key under a value: `model.embed_dim.x`.
+    return (
+      f'--config.{path}: config.{path.rsplit(".", 1)[0]} is a value, not a'
+      ' group of keys.'
+    )
   for arg in argv[1:]:
     name = arg.split('=', 1)[0]
-    if name.startswith('--') and '.' in name and name.rsplit('.')[-1] == key:
-      where = name[2:].rsplit('.', 1)[0]
+    parts = name[2:].split('.')
+    if name.startswith('--') and key in parts[1:]:  # Anywhere in the path.
+      where = '.'.join(parts[: parts.index(key, 1)])
       return (
         f'{name}: {where} has no key {key!r}.{hint} Its keys are in the'
         ' config file and configs/default.py.'

@@ -119,6 +119,22 @@ class MainTest(absltest.TestCase):
       "--config.model.dim: config.model has no key 'dim'. Its keys are in"
       ' the config file and configs/default.py.',
     )
+    # A typo before the last part of the key, and a key under a value.
+    result = _run(os.path.join(self.tmp, 'typo'), '--config.datset.name=x')
+    self._assert_one_line(
+      result,
+      "--config.datset.name: config has no key 'datset'. Did you mean"
+      ' "dataset" instead of "datset"? Its keys are in the config file and'
+      ' configs/default.py.',
+    )
+    result = _run(
+      os.path.join(self.tmp, 'typo'), '--config.model.embed_dim.x=1'
+    )
+    self._assert_one_line(
+      result,
+      '--config.model.embed_dim.x: config.model.embed_dim is a value, not a'
+      ' group of keys.',
+    )
     self.assertFalse(os.path.exists(os.path.join(self.tmp, 'typo')))
 
   def test_a_config_file_that_fails_is_named_with_its_line(self):
