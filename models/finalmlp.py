@@ -537,6 +537,11 @@ class FinalMLP(nn.Module):
       if self.use_fs:
         if context:
           fields = sorted(set(context))
+          if fields[0] < 0 or fields[-1] >= len(self.field_dims):
+            raise ValueError(
+              f'config.model.fs{k}_context={tuple(context)}: one-hot field'
+              f' indices must be in [0, {len(self.field_dims)}).'
+            )
           x = FeaturesEmbedding(
             [self.field_dims[f] for f in fields],
             self.embed_dim,

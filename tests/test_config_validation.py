@@ -174,6 +174,10 @@ class BadValueTest(_TestCase):
     ('fibinet', 'model__reduction_ratio', 0.0, 'a number > 0'),
     ('dcnv2', 'model__low_rank', 0, 'an integer >= 1 or None'),
     ('dcnv2', 'model__num_experts', 0, 'an integer >= 1'),
+    ('finalmlp', 'model__fs1_context', (-1,), 'integers >= 0'),
+    ('finalmlp', 'model__fs_dims', (-1,), 'integers >= 1'),
+    ('finalmlp', 'model__mlp2_dims', (0,), 'integers >= 1'),
+    ('xdeepfm', 'model__cross_layer_sizes', (16.5,), 'integers >= 1'),
   )
   def test_bad_model_argument_is_named(self, name, key, value, rule):
     message = self.problems(_config(name, **{key: value}))

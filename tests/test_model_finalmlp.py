@@ -121,6 +121,14 @@ class EquationTest(parameterized.TestCase):
     with self.assertRaisesRegex(ValueError, 'num_heads=3 must divide'):
       model.init(jax.random.key(0), random_ids(2, FIELD_DIMS))
 
+  def test_context_fields_must_be_one_hot_fields(self):
+    n = len(FIELD_DIMS)
+    model = finalmlp.Model(FIELD_DIMS, fs1_context=(0, n), **KWARGS)
+    with self.assertRaisesRegex(
+      ValueError, rf'fs1_context=\(0, {n}\): .* in \[0, {n}\)'
+    ):
+      model.init(jax.random.key(0), random_ids(2, FIELD_DIMS))
+
 
 class TrainingModeTest(parameterized.TestCase):
   @parameterized.parameters(0, 1)
