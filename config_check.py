@@ -25,7 +25,7 @@ from utils import UserError
 OPTIMIZERS = ('auto', 'adam', 'lazy_adam', 'rowwise_adagrad')
 
 # Model attributes that the trainer sets from the data (or flax itself).
-_TRAINER_SET = (
+TRAINER_SET = (
   'field_dims',
   'multi_field_dims',
   'num_dense',
@@ -327,11 +327,11 @@ def _model_problems(config: ml_collections.ConfigDict) -> list[str]:
     f.name: f
     for f in dataclasses.fields(importlib.import_module(f'models.{name}').Model)
   }
-  accepted = [k for k in fields if k not in _TRAINER_SET]
+  accepted = [k for k in fields if k not in TRAINER_SET]
   problems = []
   for key, value in model.items():
     where = f'config.model.{key}={value!r}'
-    if key in _TRAINER_SET:
+    if key in TRAINER_SET:
       problems.append(f'{where}: remove it, the trainer sets it')
       continue
     if key not in fields:

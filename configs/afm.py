@@ -23,4 +23,4 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.model = ml_collections.ConfigDict(
     dict(embed_dim=16, attn_size=16, dropouts=(0.2, 0.2), attn_l2=0.0)
   )
-  return config
+  return default.with_model_arguments(config)

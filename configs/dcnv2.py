@@ -38,4 +38,4 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       linear_init='lecun',
     )
   )
-  return config
+  return default.with_model_arguments(config)

@@ -16,4 +16,4 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.model = ml_collections.ConfigDict(
     dict(embed_dim=16, mlp_dims=(16, 16), dropout=0.2, linear_init='lecun')
   )
-  return config
+  return default.with_model_arguments(config)

@@ -2,11 +2,16 @@
 
 A model config imports this file, sets `model_name` (the file in models/) and
 `model` (that file's constructor arguments), and overrides what differs.
-`get_config('smoke')` shrinks any config to a run of seconds.
+`get_config('smoke')` shrinks any config to a run of seconds;
+`with_model_arguments` adds the model's other arguments at their defaults.
 """
+
+import dataclasses
+import importlib
 
 import ml_collections
 
+import config_check
 import data
 
 
@@ -109,4 +114,23 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.log_every_steps = 10
   elif arg:
     raise ValueError(f'Unknown config argument {arg!r}; use "smoke".')
+  return config
+
+
+def with_model_arguments(
+  config: ml_collections.ConfigDict,
+) -> ml_collections.ConfigDict:
+  """`config` with every other argument of its model at the model's default
+  (None-valued ones aside), so that a flag can set any of them, e.g.
+  `--config.model.multi_pooling=sum`."""
+  model = importlib.import_module(f'models.{config.model_name}').Model
+  for field in dataclasses.fields(model):
+    default = field.default
+    if not (
+      field.name in config_check.TRAINER_SET
+      or field.name in config.model
+      or default is None
+      or default is dataclasses.MISSING
+    ):
+      config.model[field.name] = default
   return config

@@ -50,4 +50,4 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       bilinear_type='field_interaction',
     )
   )
-  return config
+  return default.with_model_arguments(config)

@@ -14,4 +14,4 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.model_name = 'fm'
   # As pytorch-fm's examples/main.py.
   config.model = ml_collections.ConfigDict(dict(embed_dim=16))
-  return config
+  return default.with_model_arguments(config)

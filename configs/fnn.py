@@ -37,4 +37,4 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       linear_init='torch',
     )
   )
-  return config
+  return default.with_model_arguments(config)

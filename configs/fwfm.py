@@ -19,4 +19,4 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.model = ml_collections.ConfigDict(
     dict(embed_dim=10, linear_type='filv')
   )
-  return config
+  return default.with_model_arguments(config)

@@ -20,4 +20,4 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config = default.get_config(arg)
   config.model_name = 'hofm'
   config.model = ml_collections.ConfigDict(dict(order=3, embed_dim=16))
-  return config
+  return default.with_model_arguments(config)

@@ -32,4 +32,4 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.model = ml_collections.ConfigDict(
     dict(embed_dim=64, mlp_dims=(64,), dropouts=(0.2, 0.2), linear_init='torch')
   )
-  return config
+  return default.with_model_arguments(config)

@@ -26,4 +26,4 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       linear_init='lecun',
     )
   )
-  return config
+  return default.with_model_arguments(config)

@@ -57,6 +57,31 @@ class RealConfigsTest(_TestCase):
         config = importlib.import_module(f'configs.{name}').get_config(arg)
         config_check.validate_config(config, num_devices=2)
 
+  def test_every_model_argument_is_a_key_a_flag_can_set(self):
+    # A locked config takes no new key from the command line: each argument
+    # the model documents (multi_pooling, AFN's lnn, ...) must be there.
+    trainer = set(config_check.TRAINER_SET)
+    for name in CONFIGS:
+      config = importlib.import_module(f'configs.{name}').get_config()
+      model = importlib.import_module(f'models.{config.model_name}').Model
+      for field in dataclasses.fields(model):
+        if field.name in trainer or field.default is None:
+          continue
+        with self.subTest(config=name, key=field.name):
+          self.assertIn(field.name, config.model)
+    from absl import flags  # pylint: disable=g-import-not-at-top
+    from ml_collections import config_flags  # pylint: disable=g-import-not-at-top
+
+    argv = ['main.py', f'--config={ROOT}/configs/afn.py']
+    argv += ['--config.model.lnn=paper', '--config.model.multi_pooling=sum']
+    values = flags.FlagValues()
+    config_flags.DEFINE_config_file(
+      'config', flag_values=values, sys_argv=argv, lock_config=True
+    )
+    values(argv)
+    self.assertEqual(values.config.model.lnn, 'paper')
+    self.assertEqual(values.config.model.multi_pooling, 'sum')
+
   def test_every_dropout_rate_of_every_config_is_checked(self):
     checked = 0
     for name in CONFIGS:
@@ -194,7 +219,7 @@ class BadValueTest(_TestCase):
       model_cls = importlib.import_module(f'models.{name}').Model
       for field in dataclasses.fields(model_cls):
         if not isinstance(field.default, str) or field.name in (
-          config_check._TRAINER_SET  # pylint: disable=protected-access
+          config_check.TRAINER_SET
         ):
           continue
         with self.subTest(model=name, key=field.name):
