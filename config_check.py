@@ -118,8 +118,9 @@ def integers(low: int) -> Rule:
 
 
 def columns(value: Any) -> str | None:
+  # A flag's `a,1` arrives as ('a', 1): a column may be named by a number.
   ok = isinstance(value, str) or (
-    _is_sequence(value) and all(isinstance(v, str) for v in value)
+    _is_sequence(value) and all(isinstance(v, str) or _is_int(v) for v in value)
   )
   return None if ok else 'column names: a sequence of strings, or "a,b,c"'
 

@@ -232,8 +232,11 @@ def name_list(value: str | Sequence[str]) -> tuple[str, ...]:
   """Names of a config value: `('a', 'b')`, or `'a,b'` from a flag."""
   if isinstance(value, str):
     value = (value,)
-  return tuple(
-    name.strip() for item in value for name in item.split(',') if name.strip()
+  return tuple(  # A number is the column of that name (`1` from a flag).
+    name.strip()
+    for item in value
+    for name in str(item).split(',')
+    if name.strip()
   )
 
 

@@ -26,6 +26,7 @@ from dataset_testing import write_lines
 import ml_collections
 import numpy as np
 
+import config_check
 import data
 from datasets import avazu
 from datasets import criteo
@@ -457,6 +458,18 @@ class CsvTest(DatasetTestCase):
       data.DataError, 'label_column.*click.*clicks.csv'
     ):
       data.load_dataset(config)
+
+  def test_columns_named_by_numbers_as_a_flag_gives_them(self):
+    # `--config.dataset.csv.categorical_columns=1` arrives as (1,).
+    rows = [[str(i % 2), f'c{i % 3}', str(i % 5)] for i in range(60)]
+    path = write_lines(
+      os.path.join(self.tmp, 'n.csv'), rows, ',', ['y', '1', '2019']
+    )
+    options = dict(label_column='y', categorical_columns=(1,))
+    options.update(numeric_columns=(2019,))
+    self.assertIsNone(config_check.columns((1,)))
+    dataset = data.load_dataset(self.config('csv', path, csv=options))
+    self.assertEqual(dataset.field_names, ('1', '2019'))
 
   def test_parquet_reads_like_csv(self):
     try:
