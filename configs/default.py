@@ -44,6 +44,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.dataset.seed = 0
   # Values seen fewer times in the training data share one out-of-vocabulary
   # id per field; -1: the format's default (criteo 10, avazu 4, others 1).
+  # MovieLens keeps every user and movie, as pytorch-fm: there it applies to
+  # the side features only.
   config.dataset.min_count = -1
   # Skip and count malformed lines instead of stopping at the first one.
   config.dataset.skip_bad_lines = False
