@@ -228,7 +228,6 @@ def _save(mgr, step, state, meta, keep) -> None:
     ) from e
 
 
-# Saves running, and whether one failed on the file system (`_quiet_...`).
 class Checkpoints:
   """The `latest` and `best` managers of a workdir, with their policies.
 
@@ -350,8 +349,10 @@ class Checkpoints:
     best = meta['best_epoch']
     state, meta = self._copy(state, meta)
 
+    def keep(steps: list[int]) -> set[int]:
+      return set(steps[-KEEP_LATEST:]) | {best}
+
     def job():
-      keep = lambda steps: set(steps[-KEEP_LATEST:]) | {best}  # noqa: E731
       save(self.latest, epoch, state, meta, keep)
       logging.info('Saved the checkpoint of epoch %d', epoch)
 
@@ -360,7 +361,10 @@ class Checkpoints:
   def save_best(self, epoch: int, state: Any, meta: dict) -> None:
     """Saves the new best state, `epoch`'s; deletes the former best."""
     state, meta = self._copy(state, meta)
-    job = lambda: save(self.best, epoch, state, meta, lambda steps: {epoch})  # noqa: E731
+
+    def job():
+      save(self.best, epoch, state, meta, lambda steps: {epoch})
+
     self._submit(job)
 
   def _copy(self, state: Any, meta: dict) -> tuple[Any, dict]:

@@ -46,6 +46,7 @@ def without(level: int, prefix: str) -> Iterator[None]:
     logger.removeFilter(keep)
 
 
+# Saves running, and whether one failed on the file system.
 _saves = {'running': 0, 'refused': False}
 
 

@@ -221,8 +221,10 @@ class Table:
       good[i] = reason is None
       if reason:
         issues.append((numbers[i], reason))
+    body = b''.join(lines)
     try:  # One check of the chunk; line by line only if it fails.
-      b''.join(lines).decode('utf-8')
+      if not body.isascii():
+        body.decode('utf-8')
     except UnicodeDecodeError:
       for i in np.flatnonzero(good):
         if reason := _not_utf8(lines[i]):
