@@ -17,6 +17,7 @@ training step).
 import functools
 import itertools
 import os
+from unittest import mock
 
 import jax
 import jax.numpy as jnp
@@ -546,6 +547,16 @@ def check_training_mode_is_eval_mode(model, variables, *inputs):
   train, stats = apply_train(model, variables, *inputs, seed=1)
   assert not stats, stats
   np.testing.assert_array_equal(train, apply_eval(model, variables, *inputs))
+
+
+def recipe(config_module, arg=None) -> dict:
+  """The model arguments that `config_module.get_config(arg)` sets itself,
+  without those `configs.default.with_model_arguments` adds at the model's
+  defaults (so that a flag can set them)."""
+  from configs import default  # pylint: disable=g-import-not-at-top
+
+  with mock.patch.object(default, 'with_model_arguments', lambda c: c):
+    return dict(config_module.get_config(arg).model)
 
 
 def check_config_model(model_file, config):

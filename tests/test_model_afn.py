@@ -24,6 +24,7 @@ from model_testing import np_mlp
 from model_testing import offsets
 from model_testing import random_ids
 from model_testing import random_variables
+from model_testing import recipe
 from model_testing import torch_features_embedding
 from model_testing import torch_features_linear
 from model_testing import torch_mlp
@@ -168,7 +169,7 @@ class ConfigTest(absltest.TestCase):
     config = afn_config.get_config()
     self.assertEqual(config.model_name, 'afn')
     self.assertEqual(
-      dict(config.model),
+      recipe(afn_config),
       dict(
         embed_dim=16,
         lnn_dim=1500,

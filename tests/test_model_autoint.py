@@ -25,6 +25,7 @@ from model_testing import np_linear
 from model_testing import np_mlp
 from model_testing import random_ids
 from model_testing import random_variables
+from model_testing import recipe
 from model_testing import torch_dense
 from model_testing import torch_features_embedding
 from model_testing import torch_features_linear
@@ -293,7 +294,7 @@ class ConfigTest(absltest.TestCase):
     config = autoint_config.get_config()
     self.assertEqual(config.model_name, 'autoint')
     self.assertEqual(
-      dict(config.model),
+      recipe(autoint_config),
       dict(
         embed_dim=16,
         atten_embed_dim=64,

@@ -21,6 +21,7 @@ from model_testing import np_mlp
 from model_testing import offsets
 from model_testing import random_ids
 from model_testing import random_variables
+from model_testing import recipe
 from model_testing import torch_dense
 from model_testing import torch_features_embedding
 from model_testing import torch_mlp
@@ -196,7 +197,7 @@ class ConfigTest(absltest.TestCase):
     config = dcn_config.get_config()
     self.assertEqual(config.model_name, 'dcn')
     self.assertEqual(
-      dict(config.model),
+      recipe(dcn_config),
       dict(
         embed_dim=16,
         num_layers=3,

@@ -16,6 +16,7 @@ from model_testing import np_mlp
 from model_testing import offsets
 from model_testing import random_ids
 from model_testing import random_variables
+from model_testing import recipe
 import numpy as np
 
 from configs import dcnv2 as dcnv2_config
@@ -146,7 +147,7 @@ class ConfigTest(absltest.TestCase):
     config = dcnv2_config.get_config()
     self.assertEqual(config.model_name, 'dcnv2')
     self.assertEqual(
-      dict(config.model),
+      recipe(dcnv2_config),
       dict(
         embed_dim=16,
         num_cross_layers=3,

@@ -20,6 +20,7 @@ from model_testing import np_mlp
 from model_testing import offsets
 from model_testing import random_ids
 from model_testing import random_variables
+from model_testing import recipe
 import numpy as np
 
 from configs import fibinet as fibinet_config
@@ -194,7 +195,7 @@ class ConfigTest(absltest.TestCase):
     config = fibinet_config.get_config()
     self.assertEqual(config.model_name, 'fibinet')
     self.assertEqual(
-      dict(config.model),
+      recipe(fibinet_config),
       dict(
         embed_dim=16,
         mlp_dims=(),

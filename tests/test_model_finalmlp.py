@@ -18,6 +18,7 @@ from model_testing import np_mlp
 from model_testing import offsets
 from model_testing import random_ids
 from model_testing import random_variables
+from model_testing import recipe
 import numpy as np
 
 from configs import finalmlp as finalmlp_config
@@ -149,7 +150,7 @@ class ConfigTest(absltest.TestCase):
     config = finalmlp_config.get_config()
     self.assertEqual(config.model_name, 'finalmlp')
     self.assertEqual(
-      dict(config.model),
+      recipe(finalmlp_config),
       dict(
         embed_dim=16,
         mlp1_dims=(1024, 512),

@@ -17,6 +17,7 @@ from model_testing import init
 from model_testing import np_fields
 from model_testing import random_ids
 from model_testing import random_variables
+from model_testing import recipe
 from model_testing import side_inputs
 import numpy as np
 
@@ -168,7 +169,9 @@ class ConfigTest(absltest.TestCase):
   def test_config_is_fuxictr_defaults(self):
     config = fwfm_config.get_config()
     self.assertEqual(config.model_name, 'fwfm')
-    self.assertEqual(dict(config.model), dict(embed_dim=10, linear_type='filv'))
+    self.assertEqual(
+      recipe(fwfm_config), dict(embed_dim=10, linear_type='filv')
+    )
     check_config_model(fwfm, config)
 
 

@@ -21,6 +21,7 @@ from model_testing import np_fields
 from model_testing import np_linear
 from model_testing import random_ids
 from model_testing import random_variables
+from model_testing import recipe
 from model_testing import side_inputs
 from model_testing import torch_features_embedding
 from model_testing import torch_features_linear
@@ -157,7 +158,7 @@ class ConfigTest(absltest.TestCase):
   def test_config_is_pytorch_fm_examples_main(self):
     config = hofm_config.get_config()
     self.assertEqual(config.model_name, 'hofm')
-    self.assertEqual(dict(config.model), dict(order=3, embed_dim=16))
+    self.assertEqual(recipe(hofm_config), dict(order=3, embed_dim=16))
     check_config_model(hofm, config)
 
 

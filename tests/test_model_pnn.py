@@ -23,6 +23,7 @@ from model_testing import np_fields
 from model_testing import np_mlp
 from model_testing import random_ids
 from model_testing import random_variables
+from model_testing import recipe
 from model_testing import side_inputs
 from model_testing import torch_features_embedding
 from model_testing import torch_mlp
@@ -209,7 +210,7 @@ class ConfigTest(parameterized.TestCase):
     config = config_module.get_config()
     self.assertEqual(config.model_name, 'pnn')
     self.assertEqual(
-      dict(config.model),
+      recipe(config_module),
       dict(
         embed_dim=16,
         mlp_dims=(16,),

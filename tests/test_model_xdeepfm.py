@@ -24,6 +24,7 @@ from model_testing import np_linear
 from model_testing import np_mlp
 from model_testing import random_ids
 from model_testing import random_variables
+from model_testing import recipe
 from model_testing import torch_dense
 from model_testing import torch_features_embedding
 from model_testing import torch_features_linear
@@ -255,7 +256,7 @@ class ConfigTest(absltest.TestCase):
     config = xdeepfm_config.get_config()
     self.assertEqual(config.model_name, 'xdeepfm')
     self.assertEqual(
-      dict(config.model),
+      recipe(xdeepfm_config),
       dict(
         embed_dim=16,
         cross_layer_sizes=(16, 16),
