@@ -359,7 +359,7 @@ class Reader:
     Raises:
       DataError: a header of other columns, or of these in another order.
     """
-    names = first_line.decode('utf-8', 'replace').strip().split(self.sep)
+    names = first_line.decode('utf-8-sig', 'replace').strip().split(self.sep)
     if len(names) < 2:  # One column: no header, a line of another separator.
       return False  # Parsed, it names its columns as found.
     try:

@@ -320,6 +320,9 @@ class MovieLensParsingTest(parameterized.TestCase):
     frame = movielens.read_movielens(path, 'ml-20m')
     np.testing.assert_array_equal(frame['user'], [1, 2, 1])
     np.testing.assert_array_equal(frame['item'], [10, 20, 30])
+    with open(path, 'w', encoding='utf-8-sig') as f:  # A BOM, as Excel's.
+      f.write('userId,movieId,rating,timestamp\n' + rows)
+    self.assertLen(movielens.read_movielens(path, 'ml-20m'), 3)
     write_text(path, 'movieId,userId,rating,timestamp\n' + rows)
     with self.assertRaisesRegex(
       data.DataError,
