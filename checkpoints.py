@@ -424,7 +424,9 @@ def load_best(workdir: str) -> tuple[Any, dict]:
   Raises:
     UserError: `workdir` has no readable best checkpoint.
   """
-  directory = os.path.join(os.path.expanduser(workdir), 'checkpoints', 'best')
+  # orbax reads absolute paths only; a relative one is of this directory.
+  path = os.path.abspath(os.path.expanduser(os.fspath(workdir)))
+  directory = os.path.join(path, 'checkpoints', 'best')
   again = (
     f' Run training again in {workdir} with its config: it recovers the best'
     ' checkpoint from checkpoints/latest while that holds it.'

@@ -25,10 +25,15 @@ class _OrbaxInfoFilter:
 
 
 def quiet_info() -> None:
-  """Installs `_OrbaxInfoFilter` on absl's handler, once."""
-  handler = logging.get_absl_handler()
-  if not any(isinstance(f, _OrbaxInfoFilter) for f in handler.filters):
-    handler.addFilter(_OrbaxInfoFilter())
+  """Installs `_OrbaxInfoFilter` on absl's handler and logger, once.
+
+  The handler's sees every record under `app.run` (main.py); the logger's,
+  orbax's absl records when a script or notebook never attached that
+  handler.
+  """
+  for where in (logging.get_absl_handler(), logging.get_absl_logger()):
+    if not any(isinstance(f, _OrbaxInfoFilter) for f in where.filters):
+      where.addFilter(_OrbaxInfoFilter())
 
 
 @contextlib.contextmanager

@@ -52,13 +52,14 @@ SAFE_KEYS = (
 # The directory.
 
 
-def prepare(workdir: str) -> str:
+def prepare(workdir: str | os.PathLike) -> str:
   """Creates `workdir` if needed; returns its absolute path.
 
   Raises:
     UserError: the path is not a directory, cannot be created, or it or the
       files a run rewrites in it are not writable by this process.
   """
+  workdir = os.fspath(workdir)  # A str or a pathlib.Path.
   if not workdir.strip():  # `--workdir=$UNSET`: not the current directory.
     raise UserError(
       'The workdir is empty: give the directory of the run, e.g.'

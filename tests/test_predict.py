@@ -7,6 +7,7 @@ AUC. Runs on two emulated devices (tests/conftest.py), so every batch is
 split and padded.
 """
 
+import contextlib
 import io
 import os
 import subprocess
@@ -191,6 +192,17 @@ class PredictTest(parameterized.TestCase):
     with self.assertRaisesRegex(UserError, r'bad\.txt:3: expected'):
       predict.write_predictions(self.predictor, source, output)
     self.assertFalse(os.path.exists(output))
+
+  def test_a_relative_workdir_loads(self):
+    # orbax reads absolute paths only: a relative one was called damaged.
+    self.enter_context(contextlib.chdir(self.tmp))
+    relative = os.path.relpath(self.trained.workdir)
+    self.assertFalse(os.path.isabs(relative))
+    predictor = predict.load(relative)
+    ids = self.trained.dataset.test.ids[:5]
+    np.testing.assert_array_equal(
+      predictor.predict_ids(ids), self.predictor.predict_ids(ids)
+    )
 
   def test_missing_workdir_is_a_user_error(self):
     with self.assertRaisesRegex(UserError, 'no encoder.json'):

@@ -36,6 +36,7 @@ import checkpoints
 from configs import fm
 import encoder
 import metrics
+import orbax_logs
 import train
 import utils
 import workdir as workdir_lib
@@ -389,6 +390,22 @@ class CheckpointPolicyTest(absltest.TestCase):
     ):
       self._save_failing_with(RuntimeError('a bug'), [])
     self.assertIn('_SignalingThread.run() raised', '\n'.join(logs.output))
+
+  def test_orbax_info_lines_are_dropped_without_app_run_too(self):
+    # A script or notebook never attaches absl's handler: the filter is on
+    # absl's logger as well.
+    orbax_logs.quiet_info()
+    logger = logging.get_absl_logger()
+    orbax = '/site-packages/orbax/checkpoint/manager.py'
+
+    def kept(level, path):
+      return logger.filter(
+        logger.makeRecord('absl', level, path, 1, 'x', (), None)
+      )
+
+    self.assertFalse(kept(logging.converter.STANDARD_INFO, orbax))
+    self.assertTrue(kept(logging.converter.STANDARD_WARNING, orbax))
+    self.assertTrue(kept(logging.converter.STANDARD_INFO, '/work/train.py'))
 
   def test_a_damaged_latest_step_falls_back_with_a_warning(self):
     for epoch in (1, 2):

@@ -4,6 +4,7 @@ import contextlib
 import errno
 import json
 import os
+import pathlib
 import select
 import signal
 import socket
@@ -124,6 +125,10 @@ class PrepareTest(absltest.TestCase):
       utils.UserError, f'workdir {path} exists and is not a directory'
     ):
       workdir.prepare(path)
+
+  def test_a_pathlib_path_is_a_workdir(self):
+    path = os.path.join(self.tmp, 'p')
+    self.assertEqual(workdir.prepare(pathlib.Path(path)), path)
 
   def test_an_empty_workdir_is_not_the_current_directory(self):
     before = os.listdir(os.getcwd())
