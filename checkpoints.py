@@ -276,9 +276,7 @@ class Checkpoints:
       return
     self._raise_error()
     with self._changed:
-      self._changed.wait_for(
-        lambda: len(self._queue) < MAX_QUEUED or self._worker is None
-      )
+      self._changed.wait_for(lambda: len(self._queue) < MAX_QUEUED)
       self._queue.append(job)
       if self._worker is None:  # Not a daemon: exiting waits for the saves.
         self._worker = threading.Thread(target=self._work, name='ckpt-save')

@@ -94,6 +94,10 @@ class Variant:
     return int(self.jax.device_get(self.state.step)[0])
 
 
+# XLA takes its boolean options as Python booleans.
+_BOOLEANS = {'true': True, 'false': False}
+
+
 def _xla_options(items: list[str], variant: str) -> dict[str, str | bool]:
   """`['option=value', ...]` -> `{option: value}`, values as XLA reads them:
   XLA takes its boolean options as Python booleans, not strings."""
@@ -105,8 +109,7 @@ def _xla_options(items: list[str], variant: str) -> dict[str, str | bool]:
         f'--{variant}_xla: {item!r} is not xla_<option>=value (e.g.'
         ' xla_cpu_experimental_ynn_fusion_type=).'
       )
-    booleans = {'true': True, 'false': False}
-    options[key] = booleans.get(value.lower(), value)
+    options[key] = _BOOLEANS.get(value.lower(), value)
   return options
 
 
