@@ -14,18 +14,12 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 import contextlib
-import hashlib
-import http.client
 import io
 import logging
 import math
 import os
 import shutil
-import ssl
-import tempfile
 from typing import TYPE_CHECKING
-import urllib.error
-import urllib.request
 import zipfile
 import zlib
 
@@ -33,6 +27,7 @@ import ml_collections
 import numpy as np
 
 from datasets import core
+from datasets import download
 from datasets import movielens_side
 import utils
 
@@ -73,78 +68,6 @@ HEADERS = (
 DEFAULTS = {}
 SIDE_FEATURES = movielens_side.SIDE_FEATURES
 MIN_COUNT = 1  # Every user and item is kept.
-# Seconds a download may wait for the server to answer or send more bytes.
-TIMEOUT_S = 60
-
-
-def download(url: str, dest: str, *, md5: str | None = None) -> str:
-  """Downloads `url` to `dest`, verifying its MD5; atomic.
-
-  The bytes go to a temporary file beside `dest` that is renamed only when the
-  transfer is complete and its checksum matches, so an interrupted or corrupt
-  download never leaves a file that a later run would trust.
-
-  Args:
-    url: what to fetch.
-    dest: final path of the file.
-    md5: expected hex MD5 of the content, or None to skip the check.
-
-  Returns:
-    `dest`.
-
-  Raises:
-    DownloadError: network failure, truncated transfer or checksum mismatch.
-  """
-  directory = os.path.dirname(dest)
-  tmp = None
-  try:
-    os.makedirs(directory, exist_ok=True)
-    prefix = os.path.basename(dest) + '.partial-'
-    core.remove_orphans(directory, prefix)
-    fd, tmp = tempfile.mkstemp(
-      dir=directory, prefix=f'{prefix}{core.owner_tag()}.'
-    )
-    digest = hashlib.md5()
-    received = 0
-    with os.fdopen(fd, 'wb') as out:
-      with urllib.request.urlopen(url, timeout=TIMEOUT_S) as response:
-        expected = response.headers.get('Content-Length')
-        while chunk := response.read(1 << 20):
-          out.write(chunk)
-          digest.update(chunk)
-          received += len(chunk)
-    if expected is not None and received != int(expected):
-      raise core.DownloadError(
-        f'Download of {url} ended after {received} of {expected} bytes.'
-      )
-    if md5 is not None and digest.hexdigest() != md5:
-      raise core.DownloadError(
-        f'Checksum mismatch for {url}: MD5 {digest.hexdigest()}, expected'
-        f' {md5}. The file was discarded; retry, or download it yourself'
-        ' and set config.dataset.path.'
-      )
-    os.replace(tmp, dest)
-    return dest
-  except (
-    urllib.error.URLError,
-    http.client.HTTPException,
-    ConnectionError,
-    TimeoutError,
-    ssl.SSLError,
-  ) as e:
-    raise core.DownloadError(
-      f'Could not download {url}: {e}. Check the network and'
-      ' config.dataset.url, then run again; or download and unzip the'
-      ' archive yourself and set config.dataset.path to its directory.'
-    ) from e
-  except OSError as e:  # Not the network's: the cache directory's.
-    raise core.DownloadError(
-      f'Could not write the download of {url} into {directory}: {e}. Set'
-      ' config.dataset.cache_dir to a writable directory with free space.'
-    ) from e
-  finally:
-    if tmp is not None and os.path.exists(tmp):
-      os.remove(tmp)
 
 
 def fetch_grouplens(name: str, config: ml_collections.ConfigDict) -> str:
@@ -155,11 +78,19 @@ def fetch_grouplens(name: str, config: ml_collections.ConfigDict) -> str:
   """
   root = os.path.join(core.cache_dir(config), 'downloads')
   final = os.path.join(root, name)
-  if os.path.isdir(final):
+  if os.path.isdir(final):  # Unpacked whole, then renamed (below).
+    ratings = os.path.join(final, RATINGS_FILE[name][0])
+    if not os.path.exists(ratings):
+      raise core.DataError(
+        f'{final} is not an unpacked {name}.zip: {ratings} does not exist.'
+        ' It was not unpacked by this library (or was changed since):'
+        ' delete it to download the archive again, or set'
+        ' config.dataset.path to a directory that holds the files.'
+      )
     return final
   url = f'{config.url.rstrip("/")}/{name}.zip'
   logging.info('Downloading %s', url)
-  archive = download(
+  archive = download.download(
     url, os.path.join(root, f'{name}.zip'), md5=GROUPLENS_MD5[name]
   )
   tmp = None

@@ -20,6 +20,7 @@ import numpy as np
 
 from configs import default
 import data
+from datasets import download
 from datasets import movielens
 
 
@@ -50,8 +51,11 @@ class _Server:
     truncate: bool = False,
     status: int = 200,
     stall: threading.Event | None = None,
+    length: str | None = None,
+    trickle: bool = False,
   ):
     payload_ = payload
+    stop = threading.Event()
 
     class Handler(http.server.BaseHTTPRequestHandler):
       def do_GET(self):  # noqa: N802 (http.server's name)
@@ -62,9 +66,15 @@ class _Server:
           self.send_error(status)
           return
         self.send_response(200)
-        self.send_header('Content-Length', str(len(payload_)))
+        self.send_header('Content-Length', length or str(len(payload_)))
         self.end_headers()
-        if truncate:
+        if trickle:  # A byte at a time, never silent for long.
+          for i in range(len(payload_)):
+            if stop.wait(0.02):
+              return
+            self.wfile.write(payload_[i : i + 1])
+            self.wfile.flush()
+        elif truncate:
           self.wfile.write(payload_[: len(payload_) // 2])
           self.wfile.flush()
           self.connection.shutdown(2)  # The server goes away mid-transfer.
@@ -77,6 +87,7 @@ class _Server:
     self.httpd = http.server.HTTPServer(('127.0.0.1', 0), Handler)
     self.url = f'http://127.0.0.1:{self.httpd.server_port}'
     self.stall = stall
+    self.stop = stop
     self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
 
   def __enter__(self):
@@ -86,6 +97,7 @@ class _Server:
   def __exit__(self, *exc):
     if self.stall is not None:
       self.stall.set()
+    self.stop.set()
     self.httpd.shutdown()
     self.httpd.server_close()
 
@@ -174,7 +186,7 @@ class DownloadTest(absltest.TestCase):
       with (
         self.subTest(reason),
         server,
-        mock.patch.object(movielens, 'TIMEOUT_S', 0.5),
+        mock.patch.object(download, 'TIMEOUT_S', 0.5),
       ):
         config = _dataset_config(self.tmp, name='ml-1m', url=server.url)
         with self.assertRaisesRegex(
@@ -184,6 +196,60 @@ class DownloadTest(absltest.TestCase):
         ):
           data.load_dataset(config)
         self.assertEqual(_files_under(config.cache_dir), [])
+
+  def test_bad_url_length_and_trickle_are_one_line_errors(self):
+    for url, reason in (
+      ('files.grouplens.org/datasets', "unknown url type: 'files.grouplens"),
+      ('', "unknown url type: '/ml-1m.zip'"),
+    ):
+      with self.subTest(url=url):
+        config = _dataset_config(self.tmp, name='ml-1m', url=url)
+        with self.assertRaisesRegex(
+          data.DownloadError,
+          f'^Could not download .*ml-1m.zip: .*{reason}.*config.dataset.url',
+        ):
+          data.load_dataset(config)
+    # An announced length that is not a number is no length: the MD5 decides.
+    for length, md5 in (('abc', self.md5), ('abc', '0' * 32)):
+      with self.subTest(length=length, md5=md5):
+        tmp = tempfile.mkdtemp(dir=self.tmp)
+        config = _dataset_config(tmp, name='ml-100k')
+        with (
+          _Server(self.payload, length=length) as server,
+          mock.patch.dict(movielens.GROUPLENS_MD5, {'ml-100k': md5}),
+        ):
+          config.url = server.url
+          if md5 == self.md5:
+            self.assertEqual(data.load_dataset(config).field_dims, (30, 9))
+          else:
+            with self.assertRaisesRegex(data.DownloadError, 'Checksum'):
+              data.load_dataset(config)
+    # A byte every 20 ms never times out a read; the rate stops it.
+    config = _dataset_config(tempfile.mkdtemp(dir=self.tmp), name='ml-1m')
+    with (
+      _Server(self.payload, trickle=True) as server,
+      mock.patch.object(download, 'TIMEOUT_S', 0.5),
+    ):
+      config.url = server.url
+      with self.assertRaisesRegex(
+        data.DownloadError,
+        rf'^Download of {server.url}/ml-1m.zip stalled: \d+ bytes in \d+ s.*'
+        'config.dataset.path',
+      ):
+        data.load_dataset(config)
+    self.assertEqual(_files_under(config.cache_dir), [])
+
+  def test_a_folder_unpacked_by_hand_without_its_ratings_is_named(self):
+    config = _dataset_config(self.tmp, name='ml-1m', url='http://127.0.0.1:9')
+    folder = os.path.join(config.cache_dir, 'downloads', 'ml-1m')
+    os.makedirs(folder)
+    with self.assertRaisesRegex(
+      data.DataError,
+      f'^{folder} is not an unpacked ml-1m.zip: {folder}/ratings.dat does'
+      ' not exist.* delete it to download the archive again',
+    ):
+      data.load_dataset(config)
+    self.assertEqual(os.listdir(folder), [])
 
   def test_corrupt_archive_is_discarded_and_a_rerun_recovers(self):
     # Deflate data that fails to decompress (zlib.error), its MD5 matching.
