@@ -560,7 +560,8 @@ class AdaptiveFactorizationNetwork(nn.Module):
 
     Args:
       ids: one-hot ids `[batch, fields]` int32, field `f`'s in
-        `[0, field_dims[f])`.
+        `[0, field_dims[f])`. Nothing checks them (a traced array cannot
+        raise): an id outside reads another field's or an edge row.
       multi_ids: multi-hot ids `[batch, multi_fields, max_len]` int32,
         padded with -1; required iff `multi_field_dims`.
       dense: numeric values `[batch, dense_fields]` float32; required iff
@@ -587,7 +588,7 @@ class AdaptiveFactorizationNetwork(nn.Module):
       axis_name=self.axis_name,
       linear_init=self.linear_init,
       dtype=self.dtype,
-    )(y.reshape(y.shape[0], -1), train=train)  # [B, L * D] -> [B]
+    )(jax.lax.collapse(y, 1), train=train)  # [B, L * D] -> [B]
     return (linear + deep).astype(jnp.float32)
 
 

@@ -545,7 +545,7 @@ class MultiHeadSelfAttention(nn.Module):
     # both faster than `[B, F, in]` inputs and `[B, F, H, d']` heads (a
     # kernel's gradient is then one matrix product, not a contraction over
     # two axes).
-    rows = x.reshape(batch * fields, -1).astype(self.dtype)
+    rows = jax.lax.collapse(x, 0, 2).astype(self.dtype)
     if 2 * w_in.shape[0] > 3 * width:  # Composing would cost more.
       rows = rows @ w_in.astype(self.dtype) + b_in.astype(self.dtype)
     else:
@@ -626,7 +626,8 @@ class AutomaticFeatureInteractionModel(nn.Module):
 
     Args:
       ids: one-hot ids `[batch, fields]` int32, field `f`'s in
-        `[0, field_dims[f])`.
+        `[0, field_dims[f])`. Nothing checks them (a traced array cannot
+        raise): an id outside reads another field's or an edge row.
       multi_ids: multi-hot ids `[batch, multi_fields, max_len]` int32,
         padded with -1; required iff `multi_field_dims`.
       dense: numeric values `[batch, dense_fields]` float32; required iff
@@ -648,8 +649,8 @@ class AutomaticFeatureInteractionModel(nn.Module):
 
     def apply(x: jnp.ndarray, affine: Affine) -> jnp.ndarray:
       w, b = (p.astype(self.dtype) for p in affine)
-      y = x.reshape(batch * num_fields, -1) @ w + b  # Rows: [B * T, A].
-      return y.reshape(batch, num_fields, -1)
+      y = jax.lax.collapse(x, 0, 2) @ w + b  # Rows: [B * T, A].
+      return y.reshape(batch, num_fields, y.shape[-1])
 
     width = self.atten_embed_dim
     # Each attention layer applies the linear map before it (the embedding
@@ -668,7 +669,7 @@ class AutomaticFeatureInteractionModel(nn.Module):
     if self.has_residual:
       res = DenseParams(width, name='res_embedding')(e.shape[-1])
       a = a + apply(e, res)  # [B, T, A]
-    r = nn.relu(a).reshape(a.shape[0], -1)  # [B, T * A]
+    r = jax.lax.collapse(nn.relu(a), 1)  # [B, T * A]
     attn = nn.Dense(1, dtype=self.dtype, name='attn_fc')(r)[:, 0]  # [B]
     deep = MultiLayerPerceptron(
       self.mlp_dims,
@@ -676,7 +677,7 @@ class AutomaticFeatureInteractionModel(nn.Module):
       axis_name=self.axis_name,
       linear_init=self.linear_init,
       dtype=self.dtype,
-    )(e.reshape(e.shape[0], -1), train=train)  # [B, T * D] -> [B]
+    )(jax.lax.collapse(e, 1), train=train)  # [B, T * D] -> [B]
     return (linear + attn + deep).astype(jnp.float32)
 
 

@@ -494,7 +494,8 @@ class DeepCrossNetworkV2(nn.Module):
 
     Args:
       ids: one-hot ids `[batch, fields]` int32, field `f`'s in
-        `[0, field_dims[f])`.
+        `[0, field_dims[f])`. Nothing checks them (a traced array cannot
+        raise): an id outside reads another field's or an edge row.
       multi_ids: multi-hot ids `[batch, multi_fields, max_len]` int32,
         padded with -1; required iff `multi_field_dims`.
       dense: numeric values `[batch, dense_fields]` float32; required iff
@@ -515,7 +516,7 @@ class DeepCrossNetworkV2(nn.Module):
     v = FeaturesEmbedding(self.field_dims, self.embed_dim, **fields)(
       *inputs
     )  # [B, T, D]
-    x0 = v.reshape(v.shape[0], -1)  # [B, T * D]
+    x0 = jax.lax.collapse(v, 1)  # [B, T * D]
     cross = CrossNetworkV2(
       self.num_cross_layers,
       low_rank=self.low_rank,

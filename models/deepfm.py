@@ -517,7 +517,8 @@ class DeepFactorizationMachine(nn.Module):
 
     Args:
       ids: one-hot ids `[batch, fields]` int32, field `f`'s in
-        `[0, field_dims[f])`.
+        `[0, field_dims[f])`. Nothing checks them (a traced array cannot
+        raise): an id outside reads another field's or an edge row.
       multi_ids: multi-hot ids `[batch, multi_fields, max_len]` int32,
         padded with -1; required iff `multi_field_dims`.
       dense: numeric values `[batch, dense_fields]` float32; required iff
@@ -542,7 +543,7 @@ class DeepFactorizationMachine(nn.Module):
       axis_name=self.axis_name,
       linear_init=self.linear_init,
       dtype=self.dtype,
-    )(v.reshape(v.shape[0], -1), train=train)  # [B, T * D] -> [B]
+    )(jax.lax.collapse(v, 1), train=train)  # [B, T * D] -> [B]
     return (linear + pairwise + deep).astype(jnp.float32)
 
 

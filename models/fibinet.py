@@ -540,7 +540,8 @@ class FiBiNET(nn.Module):
 
     Args:
       ids: one-hot ids `[batch, fields]` int32, field `f`'s in
-        `[0, field_dims[f])`.
+        `[0, field_dims[f])`. Nothing checks them (a traced array cannot
+        raise): an id outside reads another field's or an edge row.
       multi_ids: multi-hot ids `[batch, multi_fields, max_len]` int32,
         padded with -1; required iff `multi_field_dims`.
       dense: numeric values `[batch, dense_fields]` float32; required iff
@@ -568,7 +569,7 @@ class FiBiNET(nn.Module):
     q = bilinear()(v)  # [B, P, D]
     pairs = jnp.concatenate([p, q], axis=1)  # [B, 2P, D]
     deep = DeepNetwork(self.mlp_dims, dropout=self.dropout, dtype=self.dtype)(
-      pairs.reshape(pairs.shape[0], -1), train=train
+      jax.lax.collapse(pairs, 1), train=train
     )  # [B, 2P * D] -> [B]
     return (linear + deep).astype(jnp.float32)
 

@@ -513,7 +513,8 @@ class FinalMLP(nn.Module):
 
     Args:
       ids: one-hot ids `[batch, fields]` int32, field `f`'s in
-        `[0, field_dims[f])`.
+        `[0, field_dims[f])`. Nothing checks them (a traced array cannot
+        raise): an id outside reads another field's or an edge row.
       multi_ids: multi-hot ids `[batch, multi_fields, max_len]` int32,
         padded with -1; required iff `multi_field_dims`.
       dense: numeric values `[batch, dense_fields]` float32; required iff
@@ -530,7 +531,7 @@ class FinalMLP(nn.Module):
     v = FeaturesEmbedding(self.field_dims, self.embed_dim, **fields)(
       *inputs
     )  # [B, T, D]
-    e = v.reshape(v.shape[0], -1)  # [B, T * D]
+    e = jax.lax.collapse(v, 1)  # [B, T * D]
     streams = []
     for k, context in ((1, self.fs1_context), (2, self.fs2_context)):
       h = e
@@ -548,7 +549,7 @@ class FinalMLP(nn.Module):
             dtype=self.dtype,
             name=f'fs{k}_context_embedding',
           )(ids[:, fields])  # [B, C, D]
-          x = x.reshape(x.shape[0], -1)  # [B, C * D]
+          x = jax.lax.collapse(x, 1)  # [B, C * D]
           gate = FeatureGate(
             self.fs_dims, e.shape[-1], dtype=self.dtype, name=f'fs{k}_gate'
           )(x)  # [B, T * D]

@@ -509,7 +509,7 @@ class FieldAwareBiInteraction(nn.Module):
     """
     # Entry [b, f, g] is v_{x_f, g} * v_{x_g, f}: symmetric in f and g.
     products = v * jnp.swapaxes(v, 1, 2)  # [B, F, F, D]
-    return upper_triangle(products).reshape(v.shape[0], -1)  # [B, P * D]
+    return jax.lax.collapse(upper_triangle(products), 1)  # [B, P * D]
 
 
 class FieldAwareNeuralFactorizationMachine(nn.Module):
@@ -544,6 +544,14 @@ class FieldAwareNeuralFactorizationMachine(nn.Module):
   linear_init: str = 'lecun'
   dtype: jnp.dtype = jnp.float32
 
+  def __post_init__(self):
+    if len(self.dropouts) != 2:
+      raise ValueError(
+        'config.model.dropouts: give two rates (interaction, MLP); '
+        f'got {tuple(self.dropouts)!r}.'
+      )
+    super().__post_init__()
+
   @nn.compact
   def __call__(
     self,
@@ -557,7 +565,8 @@ class FieldAwareNeuralFactorizationMachine(nn.Module):
 
     Args:
       ids: one-hot ids `[batch, fields]` int32, field `f`'s in
-        `[0, field_dims[f])`.
+        `[0, field_dims[f])`. Nothing checks them (a traced array cannot
+        raise): an id outside reads another field's or an edge row.
       multi_ids: multi-hot ids `[batch, multi_fields, max_len]` int32,
         padded with -1; required iff `multi_field_dims`.
       dense: numeric values `[batch, dense_fields]` float32; required iff

@@ -501,7 +501,8 @@ class FactorizationSupportedNeuralNetwork(nn.Module):
 
     Args:
       ids: one-hot ids `[batch, fields]` int32, field `f`'s in
-        `[0, field_dims[f])`.
+        `[0, field_dims[f])`. Nothing checks them (a traced array cannot
+        raise): an id outside reads another field's or an edge row.
       multi_ids: multi-hot ids `[batch, multi_fields, max_len]` int32,
         padded with -1; required iff `multi_field_dims`.
       dense: numeric values `[batch, dense_fields]` float32; required iff
@@ -524,7 +525,7 @@ class FactorizationSupportedNeuralNetwork(nn.Module):
         self.field_dims, **fields, name='FeaturesLinear_0'
       )(*inputs)  # [B, T, 1]
       z = jnp.concatenate([w, z], axis=-1)  # [B, T, 1 + D]
-    z = z.reshape(z.shape[0], -1)  # [B, T * (1 + D)] or [B, T * D]
+    z = jax.lax.collapse(z, 1)  # [B, T * (1 + D)] or [B, T * D]
     y = MultiLayerPerceptron(
       self.mlp_dims,
       dropout=self.dropout,

@@ -478,7 +478,8 @@ class NeuralCollaborativeFiltering(nn.Module):
 
     Args:
       ids: one-hot ids `[batch, fields]` int32, field `f`'s in
-        `[0, field_dims[f])`.
+        `[0, field_dims[f])`. Nothing checks them (a traced array cannot
+        raise): an id outside reads another field's or an edge row.
       multi_ids: multi-hot ids `[batch, multi_fields, max_len]` int32,
         padded with -1; required iff `multi_field_dims`.
       dense: numeric values `[batch, dense_fields]` float32; required iff
@@ -520,7 +521,7 @@ class NeuralCollaborativeFiltering(nn.Module):
       axis_name=self.axis_name,
       linear_init=self.linear_init,
       dtype=self.dtype,
-    )(e.reshape(e.shape[0], -1), train=train)  # [B, T * D] -> [B, H]
+    )(jax.lax.collapse(e, 1), train=train)  # [B, T * D] -> [B, H]
     fused = jnp.concatenate([gmf, mlp], axis=-1)  # [B, D + H]
     logits = nn.Dense(1, dtype=self.dtype, name='prediction')(fused)[:, 0]
     return logits.astype(jnp.float32)  # [B]

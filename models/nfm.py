@@ -499,6 +499,14 @@ class NeuralFactorizationMachine(nn.Module):
   linear_init: str = 'lecun'
   dtype: jnp.dtype = jnp.float32
 
+  def __post_init__(self):
+    if len(self.dropouts) != 2:
+      raise ValueError(
+        'config.model.dropouts: give two rates (Bi-Interaction, MLP); '
+        f'got {tuple(self.dropouts)!r}.'
+      )
+    super().__post_init__()
+
   @nn.compact
   def __call__(
     self,
@@ -512,7 +520,8 @@ class NeuralFactorizationMachine(nn.Module):
 
     Args:
       ids: one-hot ids `[batch, fields]` int32, field `f`'s in
-        `[0, field_dims[f])`.
+        `[0, field_dims[f])`. Nothing checks them (a traced array cannot
+        raise): an id outside reads another field's or an edge row.
       multi_ids: multi-hot ids `[batch, multi_fields, max_len]` int32,
         padded with -1; required iff `multi_field_dims`.
       dense: numeric values `[batch, dense_fields]` float32; required iff

@@ -415,7 +415,7 @@ class InnerProductNetwork(nn.Module):
     # triangle: the gradient of gathered pairs `v[:, first]` is a scatter
     # of `[B, P, D]`, which XLA:CPU runs several times slower.
     gram = jnp.einsum('bfd,bgd->bfg', v, v)  # [B, F, F]
-    return gram.reshape(batch, -1)[:, first * num_fields + second]  # [B, P]
+    return jax.lax.collapse(gram, 1)[:, first * num_fields + second]  # [B, P]
 
 
 class OuterProductNetwork(nn.Module):
@@ -495,7 +495,8 @@ class ProductNeuralNetwork(nn.Module):
 
     Args:
       ids: one-hot ids `[batch, fields]` int32, field `f`'s in
-        `[0, field_dims[f])`.
+        `[0, field_dims[f])`. Nothing checks them (a traced array cannot
+        raise): an id outside reads another field's or an edge row.
       multi_ids: multi-hot ids `[batch, multi_fields, max_len]` int32,
         padded with -1; required iff `multi_field_dims`.
       dense: numeric values `[batch, dense_fields]` float32; required iff
@@ -521,7 +522,7 @@ class ProductNeuralNetwork(nn.Module):
       *inputs
     )  # [B, T, D]
     p = product(v)  # [B, P], P = T (T - 1) / 2
-    z = v.reshape(v.shape[0], -1)  # [B, T * D]
+    z = jax.lax.collapse(v, 1)  # [B, T * D]
     y = MultiLayerPerceptron(
       self.mlp_dims,
       dropout=self.dropout,

@@ -485,7 +485,7 @@ class CompressedInteractionNetwork(nn.Module):
       # Channel j * H_{k-1} + i holds X^0_{j,*} * X^{k-1}_{i,*}, the order of
       # torch's `x0.unsqueeze(2) * h.unsqueeze(1)`.
       z = jnp.einsum('bjd,bid->bdji', x0, h)  # [B, D, F, H_{k-1}]
-      z = z.reshape(batch, dim, -1)  # [B, D, F * H_{k-1}]
+      z = jax.lax.collapse(z, 2)  # [B, D, F * H_{k-1}]
       x = nn.relu(nn.Dense(size, dtype=self.dtype, name=f'conv_{k}')(z))
       # x: [B, D, H_k]
       if self.split_half and k != last:
@@ -558,7 +558,8 @@ class ExtremeDeepFactorizationMachineModel(nn.Module):
 
     Args:
       ids: one-hot ids `[batch, fields]` int32, field `f`'s in
-        `[0, field_dims[f])`.
+        `[0, field_dims[f])`. Nothing checks them (a traced array cannot
+        raise): an id outside reads another field's or an edge row.
       multi_ids: multi-hot ids `[batch, multi_fields, max_len]` int32,
         padded with -1; required iff `multi_field_dims`.
       dense: numeric values `[batch, dense_fields]` float32; required iff
@@ -587,7 +588,7 @@ class ExtremeDeepFactorizationMachineModel(nn.Module):
       axis_name=self.axis_name,
       linear_init=self.linear_init,
       dtype=self.dtype,
-    )(v.reshape(v.shape[0], -1), train=train)  # [B, T * D] -> [B]
+    )(jax.lax.collapse(v, 1), train=train)  # [B, T * D] -> [B]
     return (linear + cin + deep).astype(jnp.float32)
 
 

@@ -114,6 +114,17 @@ class ModelContractTest(parameterized.TestCase):
     self.assertEqual(logits.dtype, jnp.float32)
     self.assertTrue(np.all(np.isfinite(logits)))
 
+  @parameterized.parameters('afm', 'autoint', 'fnfm', 'nfm')
+  def test_two_dropout_rates_or_a_clear_error(self, name):
+    # afm took the first two of three rates; nfm and fnfm raised an unpacking
+    # error naming neither the argument nor what it holds.
+    for rates in ((0.1,), (0.1, 0.2, 0.3)):
+      with self.assertRaisesRegex(
+        ValueError, r'^config\.model\.dropouts: give two rates \(.*\);'
+      ):
+        module(name).Model((3, 4), dropouts=rates)
+    module(name).Model((3, 4), dropouts=(0.1, 0.2))
+
   def test_take_rows_clips_so_the_gather_needs_no_mask(self):
     # One copy (the copies are identical, tested below). A row past the
     # table reads its last row, padding (-1) row 0, and the compiled gather

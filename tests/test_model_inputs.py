@@ -350,6 +350,23 @@ class ModelInputsTest(parameterized.TestCase):
       init(self._side_model(mod, name, 'max'), ids, multi_ids, dense)
 
   @parameterized.named_parameters(NAMED_MODELS)
+  def test_an_empty_batch_gives_no_logits(self, name):
+    # torchfm's `.view(-1, n)` takes a batch of 0; `reshape(0, -1)` raised
+    # ZeroDivisionError in the models that flatten their fields.
+    mod = self._module(name)
+    inputs = _inputs()
+    plain = mod.Model(FIELD_DIMS, **TEST_KWARGS.get(name, {}))
+    for model, model_inputs in (
+      (plain, inputs[:1]),
+      (self._side_model(mod, name), inputs),
+    ):
+      variables = random_variables(model, *model_inputs)
+      out = apply_eval(model, variables, *model_inputs)
+      empty = apply_eval(model, variables, *(x[:0] for x in model_inputs))
+      self.assertEqual((np.shape(out), np.shape(empty)), ((BATCH,), (0,)))
+      self.assertEqual(np.asarray(empty).dtype, np.asarray(out).dtype)
+
+  @parameterized.named_parameters(NAMED_MODELS)
   def test_no_one_hot_field_is_a_clear_error(self, name):
     # field_dims=() used to fail inside xavier init (ZeroDivisionError) or
     # in a concatenation: multi-hot and numeric fields join the one-hot
