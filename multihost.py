@@ -10,11 +10,14 @@ a bounded exit that names it.
 """
 
 import errno
+import hashlib
+import json
 import os
 import socket
 import sys
 import threading
 import time
+from typing import Any
 
 from absl import logging
 import jax
@@ -66,6 +69,24 @@ def setup_distributed(
     and 0 <= process_id < num_processes
   ):
     check_coordinator(address, process_id, initialization_timeout_seconds)
+  # Where a process never connects, jaxlib aborts the waiting ones with
+  # "another task died": say first what is more likely.
+  timeout = initialization_timeout_seconds
+  unjoined = threading.Timer(
+    max(timeout - 2, 0.9 * timeout),
+    logging.error,
+    (
+      'Not every process has joined the run at %s within %s s'
+      ' (--initialization_timeout_seconds): start all %s with the same'
+      ' --coordinator_address and --num_processes, each with its own'
+      ' --process_id.',
+      address,
+      timeout,
+      num_processes,
+    ),
+  )
+  unjoined.daemon = True
+  unjoined.start()
   try:
     jax.distributed.initialize(
       coordinator_address=coordinator_address,
@@ -94,6 +115,8 @@ def setup_distributed(
       ' num_processes - 1). JAX detects them itself only on Slurm, Open MPI'
       ' and Cloud TPU.'
     ) from e
+  finally:
+    unjoined.cancel()
 
 
 def check_coordinator(
@@ -347,6 +370,113 @@ def assert_same_on_all_processes(
       f' {dict(enumerate(values.tolist()))} (-1: none). Every process must'
       ' see the same workdir: put it on storage that all hosts share.'
     )
+
+
+# Config keys that may differ between processes: where each host finds its
+# files (their content is compared by `assert_same_data`) and what it shows.
+HOST_KEYS = ('dataset.path', 'dataset.cache_dir', 'progress_bar')
+
+
+def assert_same_config(flat: dict[str, Any]) -> None:
+  """Raises a UserError on every process unless all have the same config.
+
+  Processes with other learning rates or seeds train apart on overlapping
+  data; another number of epochs or evaluation batch leaves them waiting
+  in different collectives, forever (each still sends its heartbeats).
+
+  Args:
+    flat: the config, `{dotted key: JSON value}` (`workdir.flatten`).
+  """
+  if jax.process_count() == 1:
+    return
+  shared = {k: v for k, v in flat.items() if k not in HOST_KEYS}
+  differ = _differences(gather_text(json.dumps(shared, sort_keys=True)))
+  if differ:
+    raise UserError(
+      'The processes were started with different configs: '
+      + '; '.join(f'config.{d}' for d in differ)
+      + '. Start every process with the same --config and flags (only '
+      + ', '.join(f'config.{k}' for k in HOST_KEYS)
+      + ' may differ).'
+    )
+
+
+def assert_same_data(dataset: Any) -> None:
+  """Raises a UserError on every process unless all loaded the same data.
+
+  Compares the fields, the splits' sizes and label counts, and digests of
+  the vocabularies and of each split's first and last rows: hosts reading
+  other files (`config.dataset.path` is a host's own path) would train
+  apart and score other test rows.
+
+  Args:
+    dataset: the `data.Dataset` this process loaded.
+  """
+  if jax.process_count() == 1:
+    return
+  differ = _differences(gather_text(json.dumps(_fingerprint(dataset))))
+  if differ:
+    raise UserError(
+      'The processes loaded different data: '
+      + '; '.join(differ)
+      + '. Give every process the same file at config.dataset.path (and'
+      ' the same config).'
+    )
+
+
+def _fingerprint(dataset: Any) -> dict[str, Any]:
+  """What `assert_same_data` compares, as JSON values."""
+
+  def digest(*arrays) -> str:
+    h = hashlib.sha256()
+    for x in arrays:
+      h.update(b'' if x is None else np.ascontiguousarray(x).tobytes())
+    return h.hexdigest()[:12]
+
+  out = {
+    'fields': [
+      list(dataset.field_names),
+      list(dataset.field_dims),
+      list(dataset.multi_field_names),
+      list(dataset.multi_field_dims),
+      list(dataset.dense_names),
+    ],
+    'vocabularies': digest(
+      *(dataset.vocabulary or ()), *(dataset.multi_vocabulary or ())
+    ),
+  }
+  for name in ('train', 'valid', 'test'):
+    split = getattr(dataset, name)
+    ends = [
+      x if x is None else x[i]
+      for x in (split.ids, split.labels, split.multi_ids, split.dense)
+      for i in (slice(1024), slice(-1024, None))
+    ]
+    out[name] = [len(split), int(np.sum(split.labels)), digest(*ends)]
+  return out
+
+
+def _differences(texts: list[str]) -> list[str]:
+  """`key: 0: value, 1: value` for each key of the JSON `texts` that differ."""
+  trees = [json.loads(t) for t in texts]
+  differ = []
+  for key in sorted(set().union(*trees)):
+    values = [json.dumps(t.get(key)) for t in trees]
+    if len(set(values)) > 1:
+      shown = ', '.join(f'{i}: {v}' for i, v in enumerate(values))
+      differ.append(f'{key}: {shown}')
+  return differ
+
+
+def gather_text(text: str) -> list[str]:
+  """Every process's `text`, in process order (a collective)."""
+  data = np.frombuffer(text.encode(), np.uint8)
+  lengths = allgather(np.int32(len(data)))
+  padded = np.zeros(max(int(lengths.max()), 1), np.uint8)
+  padded[: len(data)] = data
+  rows = allgather(padded).reshape(len(lengths), -1)
+  counts = lengths.tolist()
+  return [r[:n].tobytes().decode() for r, n in zip(rows, counts, strict=True)]
 
 
 def allgather(x: np.ndarray) -> np.ndarray:

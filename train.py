@@ -344,6 +344,7 @@ def train_and_evaluate(
     UserError: a bad config, workdir or dataset, or a workdir in use.
   """
   orbax_logs.quiet_info()
+  multihost.assert_same_config(workdir_lib.flatten(config))
   config_check.validate_config(
     config,
     dataset_names=tuple(data.FORMAT_OF),
@@ -366,6 +367,7 @@ def _run(
   config = workdir_lib.resumed_optimizer(workdir, config, optim.NAMES)
   workdir_lib.check_resume(workdir, config, write=is_main)
   dataset = data.load_dataset(config.dataset)
+  multihost.assert_same_data(dataset)
   sizes = [len(s) for s in (dataset.train, dataset.valid, dataset.test)]
   logging.info(
     'Dataset %s: fields %s, field_dims %s, train/valid/test examples %s',

@@ -17,6 +17,7 @@ in a warning.
 """
 
 import contextlib
+import dataclasses
 import json
 import os
 import re
@@ -82,7 +83,9 @@ class Run:
   A `{i}` in `workdir` becomes the process index (an unshared workdir).
   """
 
-  def __init__(self, workdir, cache, num_processes, *flags, tag='run'):
+  def __init__(
+    self, workdir, cache, num_processes, *flags, tag='run', only=None
+  ):
     self.workdir = workdir
     self.logs = []
     self.procs = []
@@ -101,6 +104,7 @@ class Run:
     devices = 1 if num_processes > 1 else NUM_PROCESSES
     for i in range(num_processes):
       command = base + [f'--workdir={workdir.format(i=i)}']
+      command += (only or {}).get(i, [])  # Process i's own flags.
       if num_processes > 1:
         command.append(f'--process_id={i}')
       log = f'{workdir.format(i=i)}.{tag}.{i}.log'
@@ -376,6 +380,53 @@ class FaultTest(_MultiProcessTestCase):
         + ', '.join(map(str, range(1, NUM_PROCESSES))),
       )
 
+  def test_processes_with_other_configs_all_stop_naming_the_keys(self):
+    # Another learning rate trained apart, silently; another evaluation
+    # batch left both processes waiting in other collectives, forever.
+    workdir = os.path.join(self.tmp, 'other-configs')
+    other = ['--config.learning_rate=0.01', '--config.eval_batch_size=1024']
+    cache = f'--config.dataset.cache_dir={self.cache}/../cache'  # Same files.
+    run = Run(workdir, self.cache, NUM_PROCESSES, only={1: other + [cache]})
+    self.assertEqual(run.wait(), [2] * NUM_PROCESSES, run.tails())
+    for i in range(NUM_PROCESSES):
+      self.assertRegex(
+        run.log(i),
+        r'main.py: error: The processes were started with different configs:'
+        r' config.eval_batch_size: 0: \d+, 1: 1024.*; config.learning_rate:'
+        r' 0: 0.001, 1: 0.01(, \d: 0.001)*\. Start every process with the'
+        r' same --config and flags \(only config.dataset.path,'
+        r' config.dataset.cache_dir, config.progress_bar may differ\)\.$',
+      )
+    self.assertFalse(os.path.exists(os.path.join(workdir, 'config.json')))
+
+  def test_a_process_that_never_joins_is_what_the_others_report(self):
+    # jaxlib's own abort says "another task died" of a task that never came.
+    result = subprocess.run(
+      [
+        sys.executable,
+        'main.py',
+        '--config=configs/fm.py:smoke',
+        f'--workdir={os.path.join(self.tmp, "alone")}',
+        f'--coordinator_address=127.0.0.1:{_free_port()}',
+        '--num_processes=2',
+        '--process_id=0',
+        '--initialization_timeout_seconds=4',
+      ],
+      cwd=ROOT,
+      env=_env(1),
+      capture_output=True,
+      text=True,
+      timeout=RUN_TIMEOUT,
+    )
+    self.assertNotEqual(result.returncode, 0)
+    self.assertRegex(
+      result.stderr,
+      r'Not every process has joined the run at 127.0.0.1:\d+ within 4 s'
+      r' \(--initialization_timeout_seconds\): start all 2 with the same'
+      r' --coordinator_address and --num_processes, each with its own'
+      r' --process_id\.',
+    )
+
   def test_distributed_without_cluster_or_flags_says_what_to_pass(self):
     env = {
       k: v
@@ -486,6 +537,91 @@ class UserErrorTest(absltest.TestCase):
       ):
         multihost.check_shared_workdir(workdir)
     self.assertEqual(os.listdir(workdir), [])  # The check file is gone.
+
+  def test_processes_that_loaded_other_data(self):
+    # Hosts may read the data from their own paths; what they loaded must
+    # agree, or they train apart and score other test rows.
+    config = fm_config.get_config('smoke').dataset
+    config.cache_dir = tempfile.mkdtemp()
+    dataset = data.load_dataset(config)
+    test = dataset.test
+    flipped = np.array(test.labels)
+    flipped[-1] = 1 - flipped[-1]
+    moved = np.array(test.ids)
+    moved[0] = moved[1]
+    fingerprint = multihost._fingerprint
+    for other, message in (
+      (dataset, None),
+      (
+        dataclasses.replace(dataset, test=dataclasses.replace(test, ids=moved)),
+        r'^The processes loaded different data: test: 0: \[10085, \d+,'
+        r' "\w{12}"\], 1: \[10085, \d+, "\w{12}"\]\. Give every process',
+      ),
+      (
+        dataclasses.replace(
+          dataset, test=dataclasses.replace(test, labels=flipped)
+        ),
+        r'^The processes loaded different data: test: 0: \[10085, (\d+),'
+        r' "\w{12}"\], 1: \[10085, (?!\1)\d+, "\w{12}"\]\.',
+      ),
+      (
+        dataclasses.replace(dataset, field_dims=(611, 9726)),
+        r'^The processes loaded different data: fields: .*9725.*9726.*'
+        r'config.dataset.path',
+      ),
+    ):
+      texts = [json.dumps(fingerprint(d)) for d in (dataset, other)]
+      with (
+        mock.patch.object(multihost.jax, 'process_count', return_value=2),
+        mock.patch.object(multihost, 'gather_text', return_value=texts),
+      ):
+        if message is None:
+          multihost.assert_same_data(dataset)
+        else:
+          with self.assertRaisesRegex(UserError, message):
+            multihost.assert_same_data(dataset)
+
+  def test_host_keys_may_differ_and_nothing_else(self):
+    base = {'dataset.path': '/a', 'progress_bar': True, 'seed': 0}
+    two = mock.patch.object(multihost.jax, 'process_count', return_value=2)
+
+    def sent(flat):  # What this process's config sends to the others.
+      with (
+        two,
+        mock.patch.object(
+          multihost, 'gather_text', side_effect=lambda text: [text, text]
+        ) as gather,
+      ):
+        multihost.assert_same_config(flat)
+      return gather.call_args.args[0]
+
+    for other, message in (
+      ({'dataset.path': '/b', 'progress_bar': False}, None),
+      ({'seed': 1}, r'configs: config.seed: 0: 0, 1: 1\. Start every'),
+      ({'seed': None}, r'configs: config.seed: 0: 0, 1: null\. Start'),
+    ):
+      texts = [sent(base), sent(dict(base, **other))]
+      with two, mock.patch.object(multihost, 'gather_text', return_value=texts):
+        if message is None:
+          multihost.assert_same_config(base)
+        else:
+          with self.assertRaisesRegex(UserError, message):
+            multihost.assert_same_config(base)
+
+  def test_gather_text_pads_and_cuts_each_process_text(self):
+    sent = ['{"a": 1}', '{"bb": "é"}']
+    data = [np.frombuffer(t.encode(), np.uint8) for t in sent]
+    width = max(map(len, data))
+    gathered = iter(
+      [
+        np.array([len(d) for d in data], np.int32),
+        np.concatenate([np.pad(d, (0, width - len(d))) for d in data]),
+      ]
+    )
+    with mock.patch.object(
+      multihost, 'allgather', side_effect=lambda x: next(gathered)
+    ):
+      self.assertEqual(multihost.gather_text(sent[0]), sent)
 
   def test_processes_that_see_other_checkpoints(self):
     with contextlib.ExitStack() as stack:
