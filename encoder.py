@@ -316,7 +316,8 @@ class Encoder:
     `field0`, `field1`, ... (the feature indices, and `label`). The label
     column is optional; a missing value is an empty (None or NaN) cell. A
     multi-hot cell is a string of values joined by the run's separator or
-    a list of values.
+    a list of values. Values are keyed as written: read a CSV with
+    `pd.read_csv(path, dtype=str)`, or its `007` becomes `7`.
     """
     if isinstance(rows, (str, os.PathLike)):
       parts = list(self.chunks(os.fspath(rows)))
@@ -357,7 +358,10 @@ class Encoder:
       columns = (['label'] if labeled else []) + list(self.field_names)
     else:
       frame = csv.joined_lists(
-        frame, self.side.multi_field_names, options.get('multi_hot_sep', '|')
+        frame,
+        self.side.multi_field_names,
+        options.get('multi_hot_sep', '|'),
+        whole=True,
       )
       if self.format == 'csv':
         table = self._in_order(

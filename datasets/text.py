@@ -168,7 +168,7 @@ class Table:
     A header names its columns; a line of data without the label column
     has one column less (a later line's column error then names the choice).
     """
-    names = [c.strip() for c in split_line(first_line, self.sep, False)]
+    names = [c.strip() for c in split_line(first_line, self.sep, self.quoting)]
     table, n = self, len(names)
     if self.header or (self.header is None and names[0] == self.columns[0]):
       labeled = self.label in names
@@ -185,7 +185,7 @@ class Table:
     """Whether `first_line` of `path` is a header (checked if it is)."""
     if self.header is not None:
       return self.header
-    names = [c.strip() for c in split_line(first_line, self.sep, False)]
+    names = [c.strip() for c in split_line(first_line, self.sep, self.quoting)]
     if names[0] != self.columns[0]:
       return False
     if tuple(names) != self.columns:

@@ -9,6 +9,7 @@ the cache's `multi_ids` and `dense` too, and an encoder of layout version 1
 (ids only) still loads.
 """
 
+import csv as csv_module
 import dataclasses
 import json
 import os
@@ -499,6 +500,61 @@ class SideInputsTest(EncoderTestCase):
         data.DataError, f"float_columns: .*'price'.*DataFrame: {listed}\\.$"
       ):
         enc.encode(source)
+
+  def test_a_quoted_header_with_the_label(self):
+    # R's write.csv and pandas' QUOTE_NONNUMERIC quote the names: training
+    # read them, the encoder took the table for one without its label.
+    rng = np.random.default_rng(5)
+    frame = pd.DataFrame(
+      {
+        'clicked': rng.integers(0, 2, 80),
+        'user': [f'u{i}' for i in rng.integers(0, 9, 80)],
+        'city': [f'{i:03d}' for i in rng.integers(0, 5, 80)],
+      }
+    )
+    path = os.path.join(self.tmp, 'quoted.csv')
+    frame.to_csv(path, index=False, quoting=csv_module.QUOTE_NONNUMERIC)
+    with open(path) as f:
+      self.assertEqual(f.readline(), '"clicked","user","city"\n')
+    dataset, enc, _ = self._save('csv', path, csv={'label_column': 'clicked'})
+    ids, labels = self._file_order(dataset)
+    self._check_rows(enc.encode(path), ids, labels)
+    frame.drop(columns='clicked').to_csv(
+      path, index=False, quoting=csv_module.QUOTE_ALL
+    )
+    self._check_rows(enc.encode(path), ids, None)
+
+  def test_integer_lists_with_a_null_from_read_parquet(self):
+    # pd.read_parquet gives every list of a list<int64> column with a null
+    # as floats (7.0); training reads the integers, keyed apart from 7.0.
+    import pyarrow as pa  # pylint: disable=g-import-not-at-top
+    import pyarrow.parquet as pq  # pylint: disable=g-import-not-at-top
+
+    rng = np.random.default_rng(6)
+    tags = [list(rng.integers(0, 12, rng.integers(0, 4))) for _ in range(90)]
+    tags[4] = [3, None, 5]
+    table = pa.table(
+      {
+        'y': rng.integers(0, 2, 90),
+        'user': [f'u{i}' for i in rng.integers(0, 9, 90)],
+        'tags': pa.array(tags, pa.list_(pa.int64())),
+      }
+    )
+    path = os.path.join(self.tmp, 'lists.parquet')
+    pq.write_table(table, path)
+    options = {'label_column': 'y', 'multi_hot_columns': ('tags',)}
+    dataset, enc, _ = self._save('csv', path, min_count=1, csv=options)
+    frame = pd.read_parquet(path)
+    self.assertEqual(frame['tags'][0].dtype, np.float64)
+    for source in (path, frame, frame.assign(tags=frame['tags'] + 0.5)):
+      got = enc.encode(source)
+      np.testing.assert_array_equal(got.ids, dataset.train.ids)
+      if source is path or source is frame:
+        np.testing.assert_array_equal(got.multi_ids, dataset.train.multi_ids)
+      else:  # 3.5 is no integer: written as it is, never seen.
+        oov = dataset.multi_field_dims[0] - 1
+        present = dataset.train.multi_ids >= 0
+        np.testing.assert_array_equal(got.multi_ids[present], oov)
 
   def test_csv_header_only_blank_chunks_and_empty_frame_have_no_rows(self):
     rows = feature_rows(100, seed=8)
