@@ -9,6 +9,7 @@ seeded 8:1:1 split of the embedded data (`dataset.seed` 0, or
 - `flax`: `train.train_and_evaluate` with configs/<model>.py, the `--set`
   overrides (e.g. `--set=model.linear_init=torch`, a run directory of their
   own) and `config.seed = seed`, as `python main.py --config.seed=<seed>`;
+  torchfm takes the `dataset.*` ones among them (the same data);
 - `torchfm`: torchfm's examples/main.py loop on our dense ids
   (`benchmarks.quality.train_torchfm`, `torch.manual_seed(seed)`), for the
   models torchfm has.
@@ -69,12 +70,24 @@ def finished_aucs(workdir: str) -> tuple[float, float] | None:
   return (tests[-1], max(valids)) if tests and valids else None
 
 
+def run_overrides(run: str, overrides: dict) -> dict:
+  """The `--set` overrides `run` trains with.
+
+  flax-fm takes them all; torchfm keeps pytorch-fm's recipe but reads the
+  same data, so it takes the `dataset.*` ones.
+  """
+  if run == 'flax':
+    return overrides
+  return {k: v for k, v in overrides.items() if k.startswith('dataset.')}
+
+
 def run_dir(run: str, overrides: dict) -> str:
-  """`flax`, or `flax-key=value-...` for a run with config overrides."""
-  if run != 'flax' or not overrides:
+  """`run`, or `run-key=value-...` for a run with config overrides."""
+  overrides = run_overrides(run, overrides)
+  if not overrides:
     return run
   parts = [f'{k}={v!r}' for k, v in sorted(overrides.items())]
-  return 'flax-' + re.sub(r'[^A-Za-z0-9_.=,+-]', '', '-'.join(parts))
+  return f'{run}-' + re.sub(r'[^A-Za-z0-9_.=,+-]', '', '-'.join(parts))
 
 
 def run_seed(name: str, run: str, seed: int, args) -> tuple[float, float]:
@@ -92,11 +105,8 @@ def run_seed(name: str, run: str, seed: int, args) -> tuple[float, float]:
   import data  # pylint: disable=g-import-not-at-top
   import train  # pylint: disable=g-import-not-at-top
 
-  # --set changes flax-fm's config only: torchfm keeps pytorch-fm's recipe.
   config = common.get_config(
-    name,
-    'smoke' if args.tiny else None,
-    args.overrides if run == 'flax' else {},
+    name, 'smoke' if args.tiny else None, run_overrides(run, args.overrides)
   )
   config.seed = seed
   config.dataset.seed = args.split_seed  # Both libraries: the same split.
@@ -252,6 +262,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
   )
   args = parser.parse_args(argv)
   args.overrides = common.parse_overrides(args.set, '--set')
+  if 'dataset.seed' in args.overrides:
+    raise SystemExit('--set=dataset.seed: give --split_seed instead.')
   args.seeds = parse_seeds(args.seeds)
   args.torch_seeds = (
     parse_seeds(args.torch_seeds) if args.torch_seeds else args.seeds

@@ -213,9 +213,11 @@ class _JaxRunner:
   def evaluate(self) -> tuple[float, int]:
     start = time.perf_counter()
     outputs = [self.p_eval(self.state, b) for b in self.eval_batches]
-    logits = [np.asarray(out[0]) for out in outputs]
+    for out in outputs:
+      np.asarray(out[0])  # The scores, brought back to the host.
     elapsed = time.perf_counter() - start
-    return elapsed, sum(x.size for x in logits)
+    # The last batch is padded (mask 0); torchfm's is shorter.
+    return elapsed, sum(int(b['mask'].sum()) for b in self.eval_batches)
 
   def breakdown(self, steps: int) -> dict[str, float]:
     """ms, GFLOP and MiB of a step's forward + backward and of its optimizer.

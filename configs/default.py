@@ -74,16 +74,17 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # 'rowwise_adagrad': Adagrad with one accumulator per table row on the
   # tables (TorchRec's default), Adam on the rest. The row-wise two never
   # form a table-sized gradient: much faster steps on large tables.
-  # 'auto': 'adam' below 100,000 table rows (ml-latest-small: pytorch-fm's
-  # update), 'lazy_adam' from there (Criteo, MovieLens-20M: the same test
-  # AUC sooner). Training logs which one it took.
+  # 'auto': 'adam' below 100,000 one-hot and multi-hot ids (ml-latest-small:
+  # pytorch-fm's update), 'lazy_adam' from there (Criteo, MovieLens-20M: the
+  # same test AUC sooner). Training logs which one it took.
   config.optimizer = 'auto'
   config.learning_rate = 1e-3
   # 'rowwise_adagrad's step size on the tables (`learning_rate` is Adam's).
   config.table_learning_rate = 0.05
   config.weight_decay = 1e-6
-  # The tables' own L2 coefficient (embeddings and per-id linear weights;
-  # the rest keeps `weight_decay`), as FuxiCTR's embedding and network
+  # The tables' own L2 coefficient (the rows of one-hot and multi-hot ids:
+  # embeddings and per-id linear weights; the rest, numeric fields' vectors
+  # included, keeps `weight_decay`), as FuxiCTR's embedding and network
   # regularizers. None: `weight_decay` on every parameter, as torch's Adam.
   config.table_weight_decay = ml_collections.config_dict.placeholder(float)
   config.num_epochs = 100

@@ -178,6 +178,26 @@ class ThroughputTest(_TempDirs, absltest.TestCase):
     records = throughput.main(['--tiny', f'--out_dir={out}', *flags])
     return out, records
 
+  def test_evaluation_counts_rows_not_padding(self):
+    # 3 batches of 256 in evaluation batches of 512: the second is padded.
+    spec = dict(
+      model='fm',
+      data='synthetic',
+      field_dims=throughput.TINY_FIELD_DIMS,
+      batch_size=256,
+      eval_batch_size=512,
+      eval_batches=8,
+      pool_batches=3,
+      devices=None,
+      seed=0,
+      cache_dir='',
+      steps_per_dispatch=None,
+      optimizer='adam',
+    )
+    self.assertEqual(throughput._JaxRunner(spec).evaluate()[1], 768)
+    if HAS_TORCH:
+      self.assertEqual(throughput._TorchRunner(spec).evaluate()[1], 768)
+
   def test_tiny_flax_only(self):
     out, records = self._run('--models=fm,ffm', '--no_torch')
     self.assertEqual([r['model'] for r in records], ['fm', 'ffm'])
@@ -295,6 +315,24 @@ class ThroughputTest(_TempDirs, absltest.TestCase):
 
 
 class QualityTest(_TempDirs, absltest.TestCase):
+  def test_a_model_torchfm_lacks_trains_alone(self):
+    # Every run was asked of torchfm too: KeyError at the first such model.
+    out = self.create_tempdir().full_path
+    (r,) = quality.main(
+      [
+        '--tiny',
+        '--models=hofm',
+        f'--out_dir={out}',
+        f'--workdir={self.create_tempdir().full_path}',
+        f'--runs={",".join(quality.RUNS)}',
+      ]
+    )
+    self.assertEqual(
+      sorted(os.listdir(os.path.join(out, 'quality', 'hofm'))), ['flax']
+    )
+    self.assertGreater(r['flax_test_auc'], 0.5)
+    self.assertFalse([k for k in r if k.startswith('torchfm')], r)
+
   def test_tiny(self):
     out = self.create_tempdir().full_path
     cache = self.create_tempdir().full_path
@@ -557,6 +595,17 @@ class SeedsTest(_TempDirs, absltest.TestCase):
       'flax-learning_rate=0.002-model.embed_dim=8',
     )
     self.assertEqual(seeds.run_dir('torchfm', overrides), 'torchfm')
+    # The same data on both sides: torchfm takes the dataset keys.
+    side = {'dataset.side_features': ('genres',), 'learning_rate': 0.002}
+    self.assertEqual(
+      seeds.run_dir('torchfm', side), 'torchfm-dataset.side_features=genres,'
+    )
+    self.assertEqual(
+      seeds.run_overrides('torchfm', side),
+      {'dataset.side_features': ('genres',)},
+    )
+    with self.assertRaisesRegex(SystemExit, '--split_seed'):
+      seeds.main(['--models=fm', '--seeds=0', '--set=dataset.seed=1'])
     args = ['--models=fm', '--seeds=0', '--no_torch', f'--workdir={work}']
     args.append(f'--out_dir={out}')
     plain = seeds.main(args)
