@@ -49,6 +49,8 @@ KEEP_LATEST = 2
 # Background saves that may wait to start, beyond the one being written.
 MAX_QUEUED = 2
 CHECKSUMS = 'checksums.json'
+# Reads of another run's best step that its newer best replaced mid-read.
+READ_ATTEMPTS = 5
 
 
 def manager(
@@ -419,6 +421,9 @@ class Checkpoints:
 def load_best(workdir: str) -> tuple[Any, dict]:
   """The best state (as saved, host arrays) and meta of another run.
 
+  The run may be training still: a step it deletes while it is read (its
+  new best replaced it) is read again at the newer step.
+
   Raises:
     UserError: `workdir` has no readable best checkpoint.
   """
@@ -431,15 +436,32 @@ def load_best(workdir: str) -> tuple[Any, dict]:
   )
   if not os.path.isdir(directory):
     raise UserError(f'No best checkpoint in {directory}.{again}')
-  mgr = manager(directory, read_only=True)
-  try:
-    step = mgr.latest_step()
-    if step is None:
-      raise UserError(f'No best checkpoint in {directory}.{again}')
-    return restore(mgr, step)
-  except ValueError as e:
-    raise UserError(
-      f'The best checkpoint {_step_dir(mgr, step)} is damaged: {e}.{again}'
-    ) from e
-  finally:
-    mgr.close()
+  for attempt in range(READ_ATTEMPTS):
+    mgr, step = None, None
+    try:
+      mgr = manager(directory, read_only=True)
+      step = mgr.latest_step()
+      if step is None:
+        raise UserError(f'No best checkpoint in {directory}.{again}')
+      return restore(mgr, step)
+    except (ValueError, OSError) as e:
+      if attempt + 1 < READ_ATTEMPTS and _replaced(directory, step):
+        continue
+      if step is None or isinstance(e, OSError):
+        raise UserError(
+          f'Cannot read the best checkpoint in {directory}: {e}.{again}'
+        ) from e
+      raise UserError(
+        f'The best checkpoint {_step_dir(mgr, step)} is damaged: {e}.{again}'
+      ) from e
+    finally:
+      if mgr is not None:
+        mgr.close()
+  raise AssertionError('unreachable')
+
+
+def _replaced(directory: str, step: int | None) -> bool:
+  """Whether a run deleted `step` under `directory` or saved a newer one."""
+  names = os.listdir(directory) if os.path.isdir(directory) else []
+  steps = {int(n) for n in names if n.isdigit()}
+  return bool(steps) and (step not in steps or max(steps) > step)

@@ -208,6 +208,37 @@ class CheckpointPolicyTest(absltest.TestCase):
     ):
       self.ckpt.restore_best(self._meta(3, 1), None)
 
+  def test_a_best_replaced_while_another_process_reads_it(self):
+    # predict.py or init_from on a run still training: its new best deletes
+    # the step being read, which read as damaged.
+    self.ckpt.save_best(3, self._state(3), self._meta(3, 3))
+    real = checkpoints.restore
+    calls = []
+
+    def racing(mgr, step, target=None):
+      calls.append(step)
+      if len(calls) == 1:  # The run saves epoch 4's best as we read 3.
+        self.ckpt.save_best(4, self._state(4), self._meta(4, 4))
+        raise ValueError('NOT_FOUND: Error opening "zarr" driver')
+      return real(mgr, step, target)
+
+    with mock.patch.object(checkpoints, 'restore', racing):
+      state, meta = checkpoints.load_best(self.workdir)
+    self.assertEqual((calls, meta['epoch']), ([3, 4], 4))
+    np.testing.assert_array_equal(state['w'], self._state(4)['w'])
+    # Damage that no newer step explains is named, once.
+    calls.clear()
+    with (
+      mock.patch.object(
+        checkpoints, 'restore', side_effect=ValueError('bad bytes')
+      ) as broken,
+      self.assertRaisesRegex(
+        utils.UserError, r'best checkpoint \S+/best/4 is damaged: bad bytes'
+      ),
+    ):
+      checkpoints.load_best(self.workdir)
+    self.assertEqual(broken.call_count, 1)
+
   def test_file_system_faults_in_error_text_are_user_errors(self):
     # Tensorstore reports a full disk in the text of a ValueError.
     full = ValueError(
