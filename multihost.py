@@ -5,8 +5,9 @@ One process per host, joined by `jax.distributed.initialize`
 batch; orbax writes the replicated state once and every process restores it
 from the shared workdir. The checks here make a badly set-up run fail on
 every process with one clear message (`lock_workdir`: all stop when process
-0 cannot lock the workdir), and `stop_after_failure` turns a lost peer into
-a bounded exit that names it.
+0 cannot lock the workdir; `assert_same_config` and `assert_same_data`: when
+the processes were given other configs or read other data), and
+`stop_after_failure` turns a lost peer into a bounded exit that names it.
 """
 
 import errno
@@ -405,9 +406,8 @@ def assert_same_data(dataset: Any) -> None:
   """Raises a UserError on every process unless all loaded the same data.
 
   Compares the fields, the splits' sizes and label counts, and digests of
-  the vocabularies and of each split's first and last rows: hosts reading
-  other files (`config.dataset.path` is a host's own path) would train
-  apart and score other test rows.
+  the vocabularies and each split's ends: hosts reading other files (a
+  host's own `config.dataset.path`) would train apart on other rows.
 
   Args:
     dataset: the `data.Dataset` this process loaded.
@@ -452,7 +452,8 @@ def _fingerprint(dataset: Any) -> dict[str, Any]:
       for x in (split.ids, split.labels, split.multi_ids, split.dense)
       for i in (slice(1024), slice(-1024, None))
     ]
-    out[name] = [len(split), int(np.sum(split.labels)), digest(*ends)]
+    positives = int(np.sum(split.labels, dtype=np.float64))
+    out[name] = [len(split), positives, digest(*ends)]
   return out
 
 
