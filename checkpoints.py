@@ -437,15 +437,19 @@ def load_best(workdir: str) -> tuple[Any, dict]:
   if not os.path.isdir(directory):
     raise UserError(f'No best checkpoint in {directory}.{again}')
   for attempt in range(READ_ATTEMPTS):
-    mgr, step = None, None
+    mgr, step, seen = None, None, None
+    last = attempt + 1 == READ_ATTEMPTS
     try:
       mgr = manager(directory, read_only=True)
       step = mgr.latest_step()
       if step is None:
+        if not last and _replaced(directory, None, None):
+          continue  # Listed as the run swapped its best: none seen.
         raise UserError(f'No best checkpoint in {directory}.{again}')
+      seen = _identity(directory, step)
       return restore(mgr, step)
     except (ValueError, OSError) as e:
-      if attempt + 1 < READ_ATTEMPTS and _replaced(directory, step):
+      if not last and _replaced(directory, step, seen):
         continue
       if step is None or isinstance(e, OSError):
         raise UserError(
@@ -460,8 +464,25 @@ def load_best(workdir: str) -> tuple[Any, dict]:
   raise AssertionError('unreachable')
 
 
-def _replaced(directory: str, step: int | None) -> bool:
-  """Whether a run deleted `step` under `directory` or saved a newer one."""
+def _identity(directory: str, step: int) -> tuple[int, int] | None:
+  """The inode and change time of step `step`'s directory; None if none."""
+  try:
+    info = os.stat(os.path.join(directory, str(step)))
+  except OSError:
+    return None
+  return info.st_ino, info.st_ctime_ns
+
+
+def _replaced(directory: str, step: int | None, seen: tuple | None) -> bool:
+  """Whether a run replaced `step` (`seen`: its `_identity` when read).
+
+  It saved a newer step, deleted `step`, or saved it again (a resumed run
+  redoes the epoch).
+  """
   names = os.listdir(directory) if os.path.isdir(directory) else []
   steps = {int(n) for n in names if n.isdigit()}
-  return bool(steps) and (step not in steps or max(steps) > step)
+  if not steps:
+    return False
+  if step is None or step not in steps or max(steps) > step:
+    return True
+  return _identity(directory, step) != seen

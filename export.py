@@ -258,10 +258,12 @@ def _to_onnx(to_onnx: Callable, fn: Callable, specs, inputs: Inputs) -> bytes:
 
 
 def _write(path: str, payload: bytes | str) -> None:
+  """Replaces `path` with `payload`, whole (another export may run)."""
   mode = 'wb' if isinstance(payload, bytes) else 'w'
-  with open(path + '.tmp', mode) as f:
+  tmp = f'{path}.tmp-{os.getpid()}'
+  with open(tmp, mode) as f:
     f.write(payload)
-  os.replace(path + '.tmp', path)
+  os.replace(tmp, path)
 
 
 def check_platforms(platforms: Sequence[str]) -> None:
@@ -320,17 +322,12 @@ def export(
   inputs = model_inputs(predictor.model, enc.side.max_len)
   variables = jax.device_get(predictor.variables)
   fn = inference_function(predictor.model, variables, tuple(inputs))
-  os.makedirs(output, exist_ok=True)
   serialized = export_jax(fn, inputs, platforms)
-  _write(os.path.join(output, 'model.jax'), serialized)
   files = {'jax': 'model.jax', 'onnx': None, 'encoder': 'encoder'}
-  onnx_error = None
-  onnx_path = os.path.join(output, 'model.onnx')
-  if os.path.exists(onnx_path):
-    os.remove(onnx_path)
+  onnx_error = onnx_model = None
   if onnx:
     try:
-      _write(onnx_path, export_onnx(fn, inputs))
+      onnx_model = export_onnx(fn, inputs)
       files['onnx'] = 'model.onnx'
     except ImportError as e:
       onnx_error = (
@@ -343,6 +340,14 @@ def export(
       logging.warning('No model.onnx for %s: %s', enc.model_name, onnx_error)
   else:
     onnx_error = 'not asked for (onnx=False, --noonnx)'
+  # Every file is ready: an earlier export's are replaced one after the
+  # other, each whole, signature.json last (a server reading it sees the
+  # files it lists), then a model.onnx it no longer lists goes.
+  os.makedirs(output, exist_ok=True)
+  _write(os.path.join(output, 'model.jax'), serialized)
+  onnx_path = os.path.join(output, 'model.onnx')
+  if onnx_model is not None:
+    _write(onnx_path, onnx_model)
   enc.write(os.path.join(output, encoder_lib.DIRECTORY))
   signature = {
     'version': VERSION,
@@ -374,6 +379,8 @@ def export(
   _write(
     os.path.join(output, 'signature.json'), json.dumps(signature, indent=1)
   )
+  if onnx_model is None and os.path.exists(onnx_path):
+    os.remove(onnx_path)
   return signature
 
 

@@ -81,10 +81,13 @@ class MetricsWriter:
     return time.perf_counter() - self.start
 
   def truncate(self, epoch: int) -> None:
-    """Keeps only train/valid lines of epochs <= `epoch` (atomic rewrite).
+    """Keeps only train/valid lines of epochs <= `epoch`.
 
     A resumed run redoes the epochs after its checkpoint; their old lines,
-    and any old test line, would otherwise appear twice.
+    and any old test line, would otherwise appear twice. They end the file
+    (with a line cut short by a kill): it is cut there, in place, so that
+    a reader following it (`tail -f`) goes on. Lines to drop elsewhere
+    (an edited file) make an atomic rewrite.
 
     Raises:
       UserError: the file cannot be rewritten (full disk, permissions); it
@@ -92,16 +95,30 @@ class MetricsWriter:
     """
     if not self.enabled or not os.path.exists(self.path):
       return
-    kept = []
-    with open(self.path) as f:
+    kept, cut, offset = [], None, 0
+    with open(self.path, 'rb') as f:
       for line in f:
         try:
           record = json.loads(line)
-        except json.JSONDecodeError:
-          continue  # A line cut short by a kill.
-        if record.get('split') != 'test' and record.get('epoch', 0) <= epoch:
+        except ValueError:
+          record = None  # A line cut short by a kill.
+        if (
+          isinstance(record, dict)
+          and record.get('split') != 'test'
+          and record.get('epoch', 0) <= epoch
+        ):
           kept.append(json_line(record))
+          if cut is not None or kept[-1].encode() != line:
+            cut = -1  # A kept line after a dropped one, or not strict JSON.
+        elif cut is None:
+          cut = offset
+        offset += len(line)
+    if cut is None:
+      return
     with self._writing():
+      if cut >= 0:
+        os.truncate(self.path, cut)
+        return
       with open(self.path + '.tmp', 'w') as f:
         f.writelines(kept)
       os.replace(self.path + '.tmp', self.path)

@@ -15,6 +15,7 @@ import re
 import subprocess
 import sys
 import tempfile
+from unittest import mock
 
 from absl.testing import absltest
 import jax
@@ -259,6 +260,38 @@ class ExportRunTest(absltest.TestCase):
     self.assertEqual(
       signature['onnx_error'], 'not asked for (onnx=False, --noonnx)'
     )
+
+  def test_a_new_export_replaces_an_earlier_one_whole(self):
+    # A server reading the earlier export found no model.onnx while the
+    # new one converted (seconds), though signature.json listed it.
+    run = trained_run()
+    out = os.path.join(self.enter_context(tempfile.TemporaryDirectory()), 'x')
+    predictor = predict.load(run.workdir)
+    fake = b'onnx bytes'
+    with mock.patch.object(export, 'export_onnx', return_value=fake):
+      export.export(predictor, out)
+    onnx_path = os.path.join(out, 'model.onnx')
+    seen = []
+
+    def converting(fn, inputs):
+      del fn, inputs
+      seen.append(sorted(os.listdir(out)))
+      with open(onnx_path, 'rb') as f:
+        seen.append(f.read())
+      return b'new ' + fake
+
+    with mock.patch.object(export, 'export_onnx', converting):
+      export.export(predictor, out)
+    files = ['encoder', 'model.jax', 'model.onnx', 'signature.json']
+    self.assertEqual(seen, [files, fake])
+    self.assertEqual(sorted(os.listdir(out)), files)
+    with open(onnx_path, 'rb') as f:
+      self.assertEqual(f.read(), b'new ' + fake)
+    # Without ONNX now: the file goes, after the signature that says so.
+    signature = export.export(predictor, out, onnx=False)
+    files.remove('model.onnx')
+    self.assertEqual(sorted(os.listdir(out)), files)
+    self.assertIsNone(signature['files']['onnx'])
 
   def test_command_line_exports_a_run(self):
     run = trained_run()

@@ -226,6 +226,30 @@ class CheckpointPolicyTest(absltest.TestCase):
       state, meta = checkpoints.load_best(self.workdir)
     self.assertEqual((calls, meta['epoch']), ([3, 4], 4))
     np.testing.assert_array_equal(state['w'], self._state(4)['w'])
+    # A resumed run redoes its best epoch: the same step, saved again.
+    calls.clear()
+
+    def redone(mgr, step, target=None):
+      calls.append(step)
+      if len(calls) == 1:
+        self.ckpt.best.delete(4)
+        self.ckpt.save_best(4, self._state(5), self._meta(4, 4))
+        raise ValueError('KeyError: \'Item "meta" was not found\'')
+      return real(mgr, step, target)
+
+    with mock.patch.object(checkpoints, 'restore', redone):
+      state, _ = checkpoints.load_best(self.workdir)
+    self.assertEqual(calls, [4, 4])
+    np.testing.assert_array_equal(state['w'], self._state(5)['w'])
+    # Listed while the run swapped its best: no step seen, then the new one.
+    latest_step = checkpoints.ocp.CheckpointManager.latest_step
+    answers = iter([None])
+    with mock.patch.object(
+      checkpoints.ocp.CheckpointManager,
+      'latest_step',
+      lambda mgr: next(answers, latest_step(mgr)),
+    ):
+      self.assertEqual(checkpoints.load_best(self.workdir)[1]['epoch'], 4)
     # Damage that no newer step explains is named, once.
     calls.clear()
     with (
@@ -504,6 +528,11 @@ class RecordWriteFaultTest(absltest.TestCase):
     self.assertEqual(json.loads(second)['loss'], 0.4)
 
   def test_a_rewrite_that_fails_leaves_the_file_and_no_copy(self):
+    # A line to drop before one to keep (an edited file) takes a rewrite;
+    # the lines that a resume drops end the file and are cut in place.
+    self.lines = '{"split": "test", "epoch": 1, "auc": 0.5}\n' + self.lines
+    with open(self.path, 'w') as f:
+      f.write(self.lines)
     real_open = open
 
     def full_open(path, mode='r', *args, **kwargs):
@@ -515,7 +544,7 @@ class RecordWriteFaultTest(absltest.TestCase):
       return f
 
     with self._refused(), mock.patch('builtins.open', full_open):
-      self.writer.truncate(0)
+      self.writer.truncate(1)
     self.assertUnchanged()
 
   def test_a_config_record_that_cannot_be_written(self):

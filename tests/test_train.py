@@ -91,6 +91,36 @@ class MetricsTest(parameterized.TestCase):
     self.assertEqual(metrics.roc_auc([0, 1], [0.5, 0.5]), 0.5)
     self.assertTrue(np.isnan(metrics.roc_auc([1, 1], [0.1, 0.2])))
 
+  def test_a_resume_cuts_the_file_in_place(self):
+    # A rewrite gave the file a new inode: `tail -f` followed the old one
+    # and went silent, `tail -F` printed every line again.
+    with tempfile.TemporaryDirectory() as workdir:
+      path = os.path.join(workdir, 'metrics.jsonl')
+      writer = metrics.MetricsWriter(workdir, enabled=True)
+      for epoch in (1, 2, 3):
+        writer.write(split='train', epoch=epoch, loss=0.5)
+        writer.write(split='valid', epoch=epoch, auc=0.7)
+      writer.write(split='test', epoch=2, auc=0.7)
+      with open(path) as f:
+        lines = f.readlines()
+      with open(path, 'a') as f:
+        f.write('{"split": "tra')  # Cut short by a kill.
+      inode = os.stat(path).st_ino
+      writer.truncate(3)
+      self.assertEqual(os.stat(path).st_ino, inode)
+      with open(path) as f:
+        self.assertEqual(f.readlines(), lines[:6])
+      mtime = os.stat(path).st_mtime_ns
+      writer.truncate(3)  # Nothing to drop: left alone.
+      self.assertEqual(os.stat(path).st_mtime_ns, mtime)
+      writer.truncate(1)
+      writer.write(split='train', epoch=2, loss=0.4)
+      self.assertEqual(os.stat(path).st_ino, inode)
+      with open(path) as f:
+        got = f.readlines()
+      self.assertEqual(got[:2], lines[:2])
+      self.assertEqual(json.loads(got[2])['loss'], 0.4)
+
   def test_non_finite_metrics_are_written_as_null(self):
     with tempfile.TemporaryDirectory() as workdir:
       path = os.path.join(workdir, 'metrics.jsonl')
