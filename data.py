@@ -233,18 +233,32 @@ def load_dataset(config: ml_collections.ConfigDict) -> Dataset:
   directory = os.path.join(
     cache_dir(config), 'encoded', f'{config.name}-{cache.key(spec)}'
   )
-  if os.path.lexists(directory):
-    try:
-      return cache.read(directory, spec)
-    except cache.Damaged as e:
-      logging.warning('Rebuilding the damaged cache %s: %s', directory, e)
-  replace = os.path.lexists(directory)
-  _build(directory, source, config, options, paths, spec, replace)
+  dataset = _cached(directory, spec)
+  if dataset is not None:
+    return dataset
+  # One process builds; the others (a sweep started at once) wait for it.
+  with core.building(directory, os.path.join(cache_dir(config), 'locks')):
+    dataset = _cached(directory, spec)  # Built by the process waited for?
+    if dataset is not None:
+      return dataset
+    replace = os.path.lexists(directory)
+    _build(directory, source, config, options, paths, spec, replace)
   try:
     return cache.read(directory, spec)
   except cache.Damaged as e:
     # The rows passed the same checks on the way in: a bug or a bad disk.
     raise RuntimeError(f'{directory} fails its check once written: {e}') from e
+
+
+def _cached(directory: str, spec: dict) -> Dataset | None:
+  """The dataset cached in `directory`; None if there is none, or damaged."""
+  if not os.path.lexists(directory):
+    return None
+  try:
+    return cache.read(directory, spec)
+  except cache.Damaged as e:
+    logging.warning('Rebuilding the damaged cache %s: %s', directory, e)
+    return None
 
 
 # --------------------------------------------------------------------------

@@ -26,6 +26,7 @@ Adding a source is one such module and its name in `data.FORMATS`.
 from collections.abc import Callable, Iterator, Sequence
 import contextlib
 import dataclasses
+import fcntl
 import gzip
 import logging
 import os
@@ -352,3 +353,38 @@ def reading(*paths: str) -> Iterator[None]:
       paths[0] if len(paths) == 1 else 'one of ' + ', '.join(paths)
     )
     raise DataError(_read_error(str(where), e)) from e
+
+
+@contextlib.contextmanager
+def building(path: str, lock_dir: str) -> Iterator[None]:
+  """Holds a lock on `path` (`lock_dir/<its name>.lock`) while the caller
+  builds it; waits while another process holds it.
+
+  `fcntl.flock`: the kernel frees it when its holder ends, however it ends.
+  Where the lock file cannot be made (a read-only cache) or locks are not
+  supported, the caller goes on unlocked: publishing is atomic anyway, and
+  only the work may be done twice. The file goes when its holder is done.
+  """
+  try:
+    os.makedirs(lock_dir, exist_ok=True)
+    name = os.path.basename(path)
+    lock_path = os.path.join(lock_dir, f'{name}.lock')
+    fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o666)
+  except OSError:
+    yield
+    return
+  try:
+    try:
+      fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+      logging.info('Waiting for another process to build %s', path)
+      fcntl.flock(fd, fcntl.LOCK_EX)
+    except OSError:
+      pass  # No lock support here.
+    yield
+  finally:
+    # Removed while held: a process that opens it later makes a new one and
+    # may build too, but finds the cache first (publishing is atomic).
+    with contextlib.suppress(OSError):
+      os.remove(lock_path)
+    os.close(fd)  # Releases the lock.

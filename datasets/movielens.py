@@ -88,32 +88,36 @@ def fetch_grouplens(name: str, config: ml_collections.ConfigDict) -> str:
         ' config.dataset.path to a directory that holds the files.'
       )
     return final
-  url = f'{config.url.rstrip("/")}/{name}.zip'
-  logging.info('Downloading %s', url)
-  archive = download.download(
-    url, os.path.join(root, f'{name}.zip'), md5=GROUPLENS_MD5[name]
-  )
-  tmp = None
-  try:
-    core.remove_orphans(root, f'.{name}-')
-    # The umask's mode.
-    tmp = core.make_temp_dir(root, f'.{name}-{core.owner_tag()}.')
-    with zipfile.ZipFile(archive) as z:
-      z.extractall(tmp)
-    inner = os.path.join(tmp, name)
-    os.rename(inner if os.path.isdir(inner) else tmp, final)
-  except (zipfile.BadZipFile, zlib.error, EOFError, OSError) as e:
-    if not os.path.isdir(final):  # Else another run unpacked it first.
-      raise core.DownloadError(
-        f'Could not unpack {url}: {e}. The archive was deleted: run again;'
-        f' or unzip it yourself and set config.dataset.path to its'
-        ' directory.'
-      ) from e
-  finally:
-    if tmp is not None:
-      shutil.rmtree(tmp, ignore_errors=True)
-    with contextlib.suppress(FileNotFoundError):  # Another run's removal.
-      os.remove(archive)
+  # One process downloads; the others (runs started together) wait.
+  with core.building(final, os.path.join(core.cache_dir(config), 'locks')):
+    if os.path.isdir(final):  # Unpacked by the process waited for.
+      return final
+    url = f'{config.url.rstrip("/")}/{name}.zip'
+    logging.info('Downloading %s', url)
+    archive = download.download(
+      url, os.path.join(root, f'{name}.zip'), md5=GROUPLENS_MD5[name]
+    )
+    tmp = None
+    try:
+      core.remove_orphans(root, f'.{name}-')
+      # The umask's mode.
+      tmp = core.make_temp_dir(root, f'.{name}-{core.owner_tag()}.')
+      with zipfile.ZipFile(archive) as z:
+        z.extractall(tmp)
+      inner = os.path.join(tmp, name)
+      os.rename(inner if os.path.isdir(inner) else tmp, final)
+    except (zipfile.BadZipFile, zlib.error, EOFError, OSError) as e:
+      if not os.path.isdir(final):  # Else another run unpacked it first.
+        raise core.DownloadError(
+          f'Could not unpack {url}: {e}. The archive was deleted: run again;'
+          f' or unzip it yourself and set config.dataset.path to its'
+          ' directory.'
+        ) from e
+    finally:
+      if tmp is not None:
+        shutil.rmtree(tmp, ignore_errors=True)
+      with contextlib.suppress(FileNotFoundError):  # Another run's removal.
+        os.remove(archive)
   return final
 
 

@@ -6,6 +6,7 @@ import os
 import socket
 import subprocess
 import sys
+import threading
 import time
 from unittest import mock
 
@@ -113,6 +114,35 @@ class CacheTest(DatasetTestCase):
     self.assertFalse(np.array_equal(reseeded.train.ids, after.train.ids))
     encoded = os.listdir(os.path.join(config.cache_dir, 'encoded'))
     self.assertLen(encoded, 3)
+
+  def test_runs_started_together_build_the_cache_once(self):
+    # A sweep launched at once: each run encoded the file itself (4 x the
+    # time and memory of a Criteo pass); the others now wait and read.
+    config = self.config('ml-20m', self.path)
+    real, builds = data._build, []
+    started = threading.Barrier(3)
+
+    def slow(*args):
+      builds.append(args[0])
+      time.sleep(0.5)  # The others arrive while this one builds.
+      return real(*args)
+
+    results = [None] * 3
+
+    def load(i):
+      started.wait()
+      results[i] = data.load_dataset(config.copy_and_resolve_references())
+
+    with mock.patch.object(data, '_build', slow):
+      threads = [threading.Thread(target=load, args=(i,)) for i in range(3)]
+      for t in threads:
+        t.start()
+      for t in threads:
+        t.join(60)
+    self.assertLen(builds, 1)
+    for dataset in results:
+      np.testing.assert_array_equal(dataset.train.ids, results[0].train.ids)
+    self.assertEqual(os.listdir(os.path.join(config.cache_dir, 'locks')), [])
 
   def test_failed_write_leaves_no_trusted_cache(self):
     config = self.config('ml-20m', self.path)
