@@ -46,6 +46,11 @@ AXIS = 'batch'
 # MovieLens-20M shapes, with each optimizer (benchmarks/README.md, "LLVM's
 # level 2"), and programs compile faster.
 CPU_COMPILER_OPTIONS = {'xla_backend_optimization_level': '2'}
+# Dispatches that may run ahead of the oldest unfinished one where the host
+# sends batches (not rows of a resident split): each is copied to the
+# devices as it is dispatched, and an epoch (or a split) queued at once
+# would hold them all.
+IN_FLIGHT = 2
 
 
 def sharding() -> jax.sharding.NamedSharding:
@@ -300,17 +305,20 @@ def evaluate(
     process_index=jax.process_index(),
     process_count=jax.process_count(),
   )
-  # Dispatch every batch before reading any result back.
-  outs = [
-    (p_eval_step(state, data.shard(batch, num_devices)), batch)
-    for batch in utils.prefetch(batches)
-  ]
+  # Results are read back at the end; a batch waits for the one
+  # `IN_FLIGHT` before it, so that the host does not queue the whole split.
+  outs, labels, masks = [], [], []
+  for batch in utils.prefetch(batches):
+    outs.append(p_eval_step(state, data.shard(batch, num_devices)))
+    labels.append(batch['label'])
+    masks.append(batch['mask'])
+    if len(outs) > IN_FLIGHT:
+      outs[-1 - IN_FLIGHT][0].block_until_ready()
   # Device 0's copies of the psums; `x[0]` would compile a program.
-  loss_sum = sum(loss.addressable_data(0).item() for (_, loss, _), _ in outs)
-  count = sum(n.addressable_data(0).item() for (_, _, n), _ in outs)
-  logits = np.concatenate([np.asarray(out[0]).reshape(-1) for out, _ in outs])
-  labels = np.concatenate([batch['label'] for _, batch in outs])
-  masks = np.concatenate([batch['mask'] for _, batch in outs])
+  loss_sum = sum(loss.addressable_data(0).item() for _, loss, _ in outs)
+  count = sum(n.addressable_data(0).item() for _, _, n in outs)
+  logits = np.concatenate([np.asarray(out[0]).reshape(-1) for out in outs])
+  labels, masks = np.concatenate(labels), np.concatenate(masks)
   # AUC is not a sum: every process gets the whole split's scores.
   logits, labels, masks = map(multihost.allgather, (logits, labels, masks))
   keep = masks > 0
@@ -361,6 +369,8 @@ def train_epoch(
       state, batch, hyper, resident, counts[sizes[group]]
     )
     losses.append(loss.addressable_data(0))  # [1, steps]
+    if resident is None and group >= IN_FLIGHT:  # Not the epoch's rows
+      losses[group - IN_FLIGHT].block_until_ready()  # queued at once.
     done += sizes[group]
     if group == 0 and len(sizes) > 1:
       loss.block_until_ready()  # Exclude compilation from the rate.

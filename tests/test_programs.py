@@ -244,5 +244,65 @@ class TrainEpochRateTest(parameterized.TestCase):
     self.assertAlmostEqual(rate, (7 - untimed_steps) * 8 / 10.0)
 
 
+class InFlightTest(absltest.TestCase):
+  """Host batches: the host waits for old dispatches, not for none."""
+
+  def test_train_and_eval_wait_for_the_dispatch_two_before(self):
+    events = []
+
+    class Result(np.ndarray):
+      def block_until_ready(self):
+        events.append(('wait', int(self.flat[0])))
+        return self
+
+    def result(i, shape=(1,)):
+      return np.full(shape, i, np.float32).view(Result)
+
+    class Loss:
+      def __init__(self, i):
+        self.i = i
+
+      def addressable_data(self, _):
+        return result(self.i)
+
+      def block_until_ready(self):  # The first, for the rate.
+        events.append(('first', self.i))
+
+    def p_train(state, batch, hyper, resident, count):
+      del batch, hyper, resident, count
+      events.append(('train', state))
+      return state + 1, Loss(state)
+
+    config = default.get_config()
+    config.batch_size = 8
+    config.steps_per_dispatch = 1
+    config.progress_bar = False  # Nothing else waits.
+    programs.train_epoch(p_train, 0, _split(48), config, 0)
+    k = programs.IN_FLIGHT
+    expected = []
+    for i in range(6):
+      expected += [('train', i)] + ([('wait', i - k)] if i >= k else [])
+      expected += [('first', 0)] if i == 0 else []
+    self.assertEqual(events, expected)
+
+    # Evaluation too.
+    events.clear()
+
+    def p_eval(state, batch):
+      del state, batch
+      n = len(events)
+      events.append(('eval', n))
+      return result(n, (2, 4)), Loss(1), Loss(8)
+
+    with mock.patch.object(programs.multihost, 'allgather', lambda x: x):
+      programs.evaluate(p_eval, None, _split(30), 8)
+    evals = [e for e in events if e[0] == 'eval']
+    self.assertLen(evals, 4)
+    self.assertIn(('wait', evals[0][1]), events)
+    self.assertLess(
+      events.index(('wait', evals[0][1])), events.index(evals[k + 1])
+    )
+
+
 if __name__ == '__main__':
   absltest.main()
