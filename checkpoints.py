@@ -256,6 +256,7 @@ class Checkpoints:
     self._worker: threading.Thread | None = None
     self._failed = False  # A save failed: the later ones are skipped.
     self._error: BaseException | None = None  # Its error, until raised.
+    self._last_copy: tuple[Any, Any] | None = None  # (state, its copy).
 
   def __enter__(self) -> 'Checkpoints':
     return self
@@ -348,6 +349,7 @@ class Checkpoints:
     """Saves the state after `epoch`; keeps the last two and the best."""
     best = meta['best_epoch']
     state, meta = self._copy(state, meta)
+    self._last_copy = None  # Shared with the save_best just before, if any.
 
     def keep(steps: list[int]) -> set[int]:
       return set(steps[-KEEP_LATEST:]) | {best}
@@ -368,10 +370,16 @@ class Checkpoints:
     self._submit(job)
 
   def _copy(self, state: Any, meta: dict) -> tuple[Any, dict]:
-    """What a background save needs: its own copies, as the caller goes on."""
+    """What a background save needs: its own copies, as the caller goes on.
+
+    The state of a `save_best` and the `save_latest` after it (an epoch's
+    two saves) is copied once.
+    """
     if not self.background:
       return state, meta
-    return jax.tree.map(np.array, state), dict(meta)
+    if self._last_copy is None or self._last_copy[0] is not state:
+      self._last_copy = state, jax.tree.map(np.array, state)
+    return self._last_copy[1], dict(meta)
 
   def restore_best(self, meta: dict, target: Any) -> Any:
     """The best state, epoch `meta['best_epoch']`.

@@ -44,12 +44,14 @@ import json
 import logging as std_logging
 import os
 import sys
+from typing import Any
 
 from absl import flags
 from absl import logging
 import jax
 from jax import lax
 import jax.numpy as jnp
+import numpy as np
 
 import encoder as encoder_lib
 import predict
@@ -60,6 +62,9 @@ INPUT = 'ids'
 INPUTS = ('ids', 'multi_ids', 'dense')
 OUTPUT = 'probability'
 PLATFORMS = ('cpu', 'cuda', 'rocm', 'tpu')
+# Weights that model.jax and model.onnx hold: their formats' 2 GiB, less room
+# for the program.
+MAX_WEIGHT_BYTES = 2**31 - 2**26
 
 # The inputs of an export: int (ids only, the number of fields) or a dict
 # {name: shape after the batch}, names among INPUTS in that order.
@@ -266,6 +271,22 @@ def _write(path: str, payload: bytes | str) -> None:
   os.replace(tmp, path)
 
 
+def check_size(variables: Any) -> None:
+  """Raises a UserError if the weights overflow the exports' 2 GiB.
+
+  model.jax (a flatbuffer) and model.onnx (a protobuf) embed the weights,
+  and neither format holds more than 2 GiB.
+  """
+  size = sum(np.asarray(x).nbytes for x in jax.tree.leaves(variables))
+  if size >= MAX_WEIGHT_BYTES:
+    raise utils.UserError(
+      f'The model has {size / 2**30:.2f} GiB of weights; model.jax and'
+      ' model.onnx embed them and hold at most 2 GiB. Serve it with'
+      ' predict.py from the workdir, or train a smaller one (a larger'
+      ' config.dataset.min_count or a smaller config.model.embed_dim).'
+    )
+
+
 def check_platforms(platforms: Sequence[str]) -> None:
   """Raises a UserError unless `platforms` are known to jax.export."""
   unknown = sorted(set(platforms) - set(PLATFORMS))
@@ -321,6 +342,7 @@ def export(
   enc = predictor.encoder
   inputs = model_inputs(predictor.model, enc.side.max_len)
   variables = jax.device_get(predictor.variables)
+  check_size(variables)
   fn = inference_function(predictor.model, variables, tuple(inputs))
   serialized = export_jax(fn, inputs, platforms)
   files = {'jax': 'model.jax', 'onnx': None, 'encoder': 'encoder'}

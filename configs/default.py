@@ -42,8 +42,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # Fractions of train / validation / test, split at random with `seed`.
   config.dataset.split = (0.8, 0.1, 0.1)
   config.dataset.seed = 0
-  # Values seen fewer times in the training data share one out-of-vocabulary
-  # id per field; -1: the format's default (criteo 10, avazu 4, others 1).
+  # Values seen fewer times share one out-of-vocabulary id per field, counted
+  # in the training file (`path`, the whole of it when `split` divides it,
+  # as pytorch-fm counts); -1: the format's default (criteo 10, avazu 4,
+  # others 1).
   # MovieLens keeps every user and movie, as pytorch-fm: there it applies to
   # the side features only.
   config.dataset.min_count = -1

@@ -2,7 +2,8 @@
 
 Pass 1 parses and validates every line in chunks of `chunk_rows` lines
 (through the source's `core.Reader`), and counts the int64 keys of each
-field over the training rows (a sorted array of distinct keys and their
+field over the training file: all of its rows when one file is split at
+random, as pytorch-fm counts (a sorted array of distinct keys and their
 counts: memory grows with the vocabulary, not with the rows). The kept keys
 (seen at least `min_count` times) get dense ids in key order and every rarer
 value one out-of-vocabulary id per field, the last one, as pytorch-fm does.

@@ -293,6 +293,21 @@ class ExportRunTest(absltest.TestCase):
     self.assertEqual(sorted(os.listdir(out)), files)
     self.assertIsNone(signature['files']['onnx'])
 
+  def test_weights_beyond_the_formats_2_gib_are_one_line(self):
+    # jax.export's flatbuffer raised BuilderSizeError with a traceback.
+    run = trained_run()
+    out = os.path.join(self.enter_context(tempfile.TemporaryDirectory()), 'x')
+    with (
+      mock.patch.object(export, 'MAX_WEIGHT_BYTES', 1000),
+      self.assertRaisesRegex(
+        UserError,
+        r'^The model has 0.00 GiB of weights; model.jax and model.onnx embed'
+        r' them and hold at most 2 GiB. Serve it with predict.py',
+      ),
+    ):
+      export.export(predict.load(run.workdir), out)
+    self.assertFalse(os.path.exists(out))
+
   def test_command_line_exports_a_run(self):
     run = trained_run()
     tmp = self.enter_context(tempfile.TemporaryDirectory())
