@@ -23,6 +23,9 @@ a split and returns its metrics.
 
 from collections.abc import Callable, Iterator
 import concurrent.futures
+import math
+import os
+import resource
 import threading
 import time
 from typing import Any
@@ -220,6 +223,53 @@ def epoch_stacks(
   return sizes, stack(batches, sizes, jax.local_device_count())
 
 
+def check_state_fits(shapes: Any) -> None:
+  """Raises a UserError if the train state cannot fit in memory.
+
+  On CPU every device's copy is in the host's memory: what the kernel says
+  is available (and what an address-space limit leaves); elsewhere, a
+  device's own. A state beyond it would stop XLA in an allocation that
+  never returns (under `ulimit -v`), or be killed by the kernel.
+  """
+  need = sum(
+    math.prod(x.shape) * np.dtype(x.dtype).itemsize
+    for x in jax.tree.leaves(shapes)
+  )
+  device = jax.local_devices()[0]
+  if device.platform == 'cpu':
+    need *= jax.local_device_count()
+    have, where = host_memory(), "this host's available memory"
+  else:
+    have = (device.memory_stats() or {}).get('bytes_limit')
+    where = f'the memory of {device.device_kind} {device.id}'
+  if have is not None and need > have:
+    raise utils.UserError(
+      f'The train state (parameters and optimizer slots) needs'
+      f' {need / 2**30:.2f} GiB, more than the {have / 2**30:.2f} GiB of'
+      f' {where}. Make the tables smaller (a larger config.dataset.min_count'
+      ' or a smaller config.model.embed_dim), or run where memory is free.'
+    )
+
+
+def host_memory() -> int | None:
+  """Bytes this process may still use: MemAvailable, under RLIMIT_AS."""
+  try:
+    with open('/proc/meminfo') as f:
+      info = {k: v.split() for k, v in (line.split(':', 1) for line in f)}
+    have = int(info['MemAvailable'][0]) * 1024
+  except (OSError, KeyError, ValueError, IndexError):
+    return None
+  limit, _ = resource.getrlimit(resource.RLIMIT_AS)
+  if limit != resource.RLIM_INFINITY:
+    try:
+      with open('/proc/self/statm') as f:
+        used = int(f.read().split()[0]) * os.sysconf('SC_PAGE_SIZE')
+    except (OSError, ValueError, IndexError):
+      used = 0
+    have = min(have, max(limit - used, 0))
+  return have
+
+
 def compile_train_and_eval(
   p_train_step: Callable,
   p_eval_step: Callable,
@@ -249,6 +299,7 @@ def compile_train_and_eval(
     pmap's lowering of `jax.ShapeDtypeStruct` arguments fails (an
     IndexError in jax 0.10's `mesh_local_to_global`).
   """
+  check_state_fits(shapes)
   if jax.process_count() > 1:
     return lambda: None
   state = replicated_shapes(shapes)

@@ -254,19 +254,26 @@ def run_main(main: Callable[[list[str]], Any]) -> None:
 
   So are a flag absl cannot parse (a config key's value of the wrong type
   names the type the key takes), an override of a config key that does not
-  exist and an error raised by a config file's code (`file:line`).
-  `--verbosity=1` (or higher) or `$FLAX_FM_TRACEBACK` also prints a
-  UserError's traceback. Other exceptions reach absl unchanged: traceback,
-  status 1.
+  exist and an error raised by a config file's code (`file:line`), and
+  running out of memory (what to lower). `--verbosity=1` (or higher) or
+  `$FLAX_FM_TRACEBACK` also prints a UserError's traceback. Other
+  exceptions reach absl unchanged: traceback, status 1.
   """
 
   def guarded(argv: list[str]) -> Any:
     try:
       return main(argv)
-    except UserError as e:
+    except (UserError, MemoryError) as e:
       verbose = os.environ.get(TRACEBACK_ENV, '') not in ('', '0')
       if verbose or flags.FLAGS.verbosity >= 1:
         traceback.print_exc()
+      if isinstance(e, MemoryError):
+        fail(
+          f'Out of memory ({e or type(e).__name__}). Lower'
+          ' config.dataset.chunk_rows (while preprocessing), config.batch_size'
+          ' or --batch_size, make the tables smaller (a larger'
+          ' config.dataset.min_count), or run where more memory is free.'
+        )
       fail(str(e))
 
   app.run(guarded, flags_parser=_parse_flags)

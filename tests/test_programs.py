@@ -244,6 +244,28 @@ class TrainEpochRateTest(parameterized.TestCase):
     self.assertAlmostEqual(rate, (7 - untimed_steps) * 8 / 10.0)
 
 
+class StateFitsTest(absltest.TestCase):
+  def test_a_state_beyond_the_memory_left_is_named_before_init(self):
+    # Under `ulimit -v`, XLA's allocation of it never returned.
+    shapes = {
+      'table': jax.ShapeDtypeStruct((1000, 256), jnp.float32),
+      'mu': jax.ShapeDtypeStruct((1000, 256), jnp.float32),
+    }
+    need = 2 * 1000 * 256 * 4 * jax.local_device_count()  # Each CPU device.
+    with mock.patch.object(programs, 'host_memory', return_value=need):
+      programs.check_state_fits(shapes)
+    with (
+      mock.patch.object(programs, 'host_memory', return_value=need - 1),
+      self.assertRaisesRegex(
+        programs.utils.UserError,
+        r'^The train state .* needs 0.00 GiB, more than the 0.00 GiB of this'
+        r" host's available memory. Make the tables smaller",
+      ),
+    ):
+      programs.check_state_fits(shapes)
+    self.assertGreater(programs.host_memory(), 2**20)
+
+
 class InFlightTest(absltest.TestCase):
   """Host batches: the host waits for old dispatches, not for none."""
 

@@ -34,6 +34,9 @@ _SCRIPT = textwrap.dedent(
       config = fm.get_config()
       config.batch_size = 0
       config_check.validate_config(config)
+    if kind == 'memory':
+      import numpy as np
+      np.empty(2**62, np.uint8)
     if kind == 'internal':
       raise RuntimeError('an internal bug')
     print('done')
@@ -92,6 +95,17 @@ class RunMainTest(absltest.TestCase):
       self.assertEqual(last, f'entry.py: error: {MESSAGE}')
     result = self._run('user', env={'FLAX_FM_TRACEBACK': '0'})
     self.assertNotIn('Traceback', result.stderr)
+
+  def test_out_of_memory_says_what_to_lower(self):
+    # numpy's _ArrayMemoryError while preprocessing was a traceback.
+    result = self._run('memory')
+    self.assertEqual(result.returncode, 2, result.stderr)
+    self.assertNotIn('Traceback', result.stderr)
+    self.assertRegex(
+      result.stderr.strip().splitlines()[-1],
+      r'^entry.py: error: Out of memory \(Unable to allocate 4.00 EiB .*\).'
+      r' Lower config.dataset.chunk_rows \(while preprocessing\)',
+    )
 
   def test_internal_error_keeps_its_traceback(self):
     result = self._run('internal')
