@@ -317,7 +317,10 @@ class Encoder:
     column is optional; a missing value is an empty (None or NaN) cell. A
     multi-hot cell is a string of values joined by the run's separator or
     a list of values. Values are keyed as written: read a CSV with
-    `pd.read_csv(path, dtype=str)`, or its `007` becomes `7`.
+    `pd.read_csv(path, dtype=str)`, or its `007` becomes `7`, and Parquet
+    as training does, `pyarrow.parquet.read_table(path).to_pandas(
+    integer_object_nulls=True)`: `pd.read_parquet` makes floats (`7.0`) of
+    integers in a column or list column with a null.
     """
     if isinstance(rows, (str, os.PathLike)):
       parts = list(self.chunks(os.fspath(rows)))
@@ -358,10 +361,7 @@ class Encoder:
       columns = (['label'] if labeled else []) + list(self.field_names)
     else:
       frame = csv.joined_lists(
-        frame,
-        self.side.multi_field_names,
-        options.get('multi_hot_sep', '|'),
-        whole=True,
+        frame, self.side.multi_field_names, options.get('multi_hot_sep', '|')
       )
       if self.format == 'csv':
         table = self._in_order(

@@ -266,9 +266,14 @@ def _write(path: str, payload: bytes | str) -> None:
   """Replaces `path` with `payload`, whole (another export may run)."""
   mode = 'wb' if isinstance(payload, bytes) else 'w'
   tmp = f'{path}.tmp-{os.getpid()}'
-  with open(tmp, mode) as f:
-    f.write(payload)
-  os.replace(tmp, path)
+  try:
+    with open(tmp, mode) as f:
+      f.write(payload)
+    os.replace(tmp, path)
+  except BaseException:
+    if os.path.exists(tmp):
+      os.remove(tmp)
+    raise
 
 
 def check_size(variables: Any) -> None:
@@ -281,7 +286,8 @@ def check_size(variables: Any) -> None:
   if size >= MAX_WEIGHT_BYTES:
     raise utils.UserError(
       f'The model has {size / 2**30:.2f} GiB of weights; model.jax and'
-      ' model.onnx embed them and hold at most 2 GiB. Serve it with'
+      f' model.onnx embed them and hold {MAX_WEIGHT_BYTES / 2**30:.2f} GiB at'
+      ' most (2 GiB with the program). Serve it with'
       ' predict.py from the workdir, or train a smaller one (a larger'
       ' config.dataset.min_count or a smaller config.model.embed_dim).'
     )

@@ -28,6 +28,12 @@ import numpy as np
 import lock
 from utils import UserError
 
+UNJOINED = (
+  'Not every process has joined the run at %s after %d of the %s s that'
+  ' --initialization_timeout_seconds allows: start all %s with the same'
+  ' --coordinator_address and --num_processes, each with its own --process_id.'
+)
+
 
 def setup_distributed(
   coordinator_address: str | None = None,
@@ -73,21 +79,13 @@ def setup_distributed(
   # Where a process never connects, jaxlib aborts the waiting ones with
   # "another task died": say first what is more likely.
   timeout = initialization_timeout_seconds
+  after = max(timeout - 2, 0.9 * timeout)
   unjoined = threading.Timer(
-    max(timeout - 2, 0.9 * timeout),
-    logging.error,
-    (
-      'Not every process has joined the run at %s within %s s'
-      ' (--initialization_timeout_seconds): start all %s with the same'
-      ' --coordinator_address and --num_processes, each with its own'
-      ' --process_id.',
-      address,
-      timeout,
-      num_processes,
-    ),
+    after, logging.warning, (UNJOINED, address, after, timeout, num_processes)
   )
   unjoined.daemon = True
-  unjoined.start()
+  if address and num_processes:  # Else the cluster's, unknown here.
+    unjoined.start()
   try:
     jax.distributed.initialize(
       coordinator_address=coordinator_address,
@@ -375,15 +373,17 @@ def assert_same_on_all_processes(
 
 # Config keys that may differ between processes: where each host finds its
 # files (their content is compared by `assert_same_data`) and what it shows.
-HOST_KEYS = ('dataset.path', 'dataset.cache_dir', 'progress_bar')
+HOST_KEYS = (
+  *('dataset.path', 'dataset.valid_path', 'dataset.test_path'),
+  *('dataset.cache_dir', 'progress_bar'),
+)
 
 
 def assert_same_config(flat: dict[str, Any]) -> None:
   """Raises a UserError on every process unless all have the same config.
 
-  Processes with other learning rates or seeds train apart on overlapping
-  data; another number of epochs or evaluation batch leaves them waiting
-  in different collectives, forever (each still sends its heartbeats).
+  Other learning rates or seeds train apart on overlapping data; another
+  number of epochs leaves the processes waiting in other collectives.
 
   Args:
     flat: the config, `{dotted key: JSON value}` (`workdir.flatten`).

@@ -269,7 +269,7 @@ def run_main(main: Callable[[list[str]], Any]) -> None:
         traceback.print_exc()
       if isinstance(e, MemoryError):
         fail(
-          f'Out of memory ({e or type(e).__name__}). Lower'
+          f'Out of memory ({str(e) or type(e).__name__}). Lower'
           ' config.dataset.chunk_rows (while preprocessing), config.batch_size'
           ' or --batch_size, make the tables smaller (a larger'
           ' config.dataset.min_count), or run where more memory is free.'

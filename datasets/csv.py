@@ -34,7 +34,6 @@ import numpy as np
 
 from datasets import core
 from datasets import encode
-from datasets import keying
 from datasets import text
 import utils
 
@@ -187,31 +186,17 @@ def _missing(value) -> bool:
 
 
 def joined_lists(
-  frame: pd.DataFrame, columns: Sequence[str], sep: str, whole: bool = False
+  frame: pd.DataFrame, columns: Sequence[str], sep: str
 ) -> pd.DataFrame:
   """`frame` with the list cells of multi-hot `columns` joined by `sep`.
 
   A missing value in a list (None, NaN) is dropped, as an empty value
   between two separators of a text cell is.
-
-  Args:
-    frame: rows, a list cell a list, tuple or array.
-    columns: the multi-hot columns.
-    sep: the multi-hot separator.
-    whole: write a float array's values as integers when they all are
-      (NaN aside). `pd.read_parquet` gives every list of a `list<int64>`
-      column with a null as floats; training reads its integers
-      (`ParquetTable`), which key apart from `7.0`.
   """
   columns = [c for c in columns if c in frame.columns]
 
   def join(cell):
     if isinstance(cell, (list, tuple, np.ndarray)):
-      if whole and isinstance(cell, np.ndarray) and cell.dtype.kind == 'f':
-        present = cell[~np.isnan(cell)]
-        if np.all(present == np.round(present)):
-          if np.all(np.abs(present) < keying.INT_LIMIT):
-            cell = present.astype(np.int64)
       return sep.join(str(v) for v in cell if not _missing(v))
     return cell
 

@@ -302,11 +302,19 @@ class ExportRunTest(absltest.TestCase):
       self.assertRaisesRegex(
         UserError,
         r'^The model has 0.00 GiB of weights; model.jax and model.onnx embed'
-        r' them and hold at most 2 GiB. Serve it with predict.py',
+        r' them and hold 0.00 GiB at most \(2 GiB with the program\). Serve'
+        r' it with predict.py',
       ),
     ):
       export.export(predict.load(run.workdir), out)
     self.assertFalse(os.path.exists(out))
+
+  def test_a_write_that_fails_leaves_no_temporary_file(self):
+    out = self.enter_context(tempfile.TemporaryDirectory())
+    os.makedirs(os.path.join(out, 'model.jax', 'x'))  # os.replace refuses.
+    with self.assertRaises(OSError):
+      export._write(os.path.join(out, 'model.jax'), b'abc')
+    self.assertEqual(os.listdir(out), ['model.jax'])
 
   def test_command_line_exports_a_run(self):
     run = trained_run()

@@ -395,6 +395,7 @@ class FaultTest(_MultiProcessTestCase):
         r' config.eval_batch_size: 0: \d+, 1: 1024.*; config.learning_rate:'
         r' 0: 0.001, 1: 0.01(, \d: 0.001)*\. Start every process with the'
         r' same --config and flags \(only config.dataset.path,'
+        r' config.dataset.valid_path, config.dataset.test_path,'
         r' config.dataset.cache_dir, config.progress_bar may differ\)\.$',
       )
     self.assertFalse(os.path.exists(os.path.join(workdir, 'config.json')))
@@ -421,10 +422,10 @@ class FaultTest(_MultiProcessTestCase):
     self.assertNotEqual(result.returncode, 0)
     self.assertRegex(
       result.stderr,
-      r'Not every process has joined the run at 127.0.0.1:\d+ within 4 s'
-      r' \(--initialization_timeout_seconds\): start all 2 with the same'
-      r' --coordinator_address and --num_processes, each with its own'
-      r' --process_id\.',
+      r'Not every process has joined the run at 127.0.0.1:\d+ after 3 of'
+      r' the 4 s that --initialization_timeout_seconds allows: start all 2'
+      r' with the same --coordinator_address and --num_processes, each with'
+      r' its own --process_id\.',
     )
 
   def test_distributed_without_cluster_or_flags_says_what_to_pass(self):
@@ -484,6 +485,20 @@ class UserErrorTest(absltest.TestCase):
         UserError, r'must be nonnegative. Check the flags: every process'
       ):
         multihost.setup_distributed('127.0.0.1:1234', 2, 2)
+
+  def test_the_join_warning_waits_only_for_what_the_flags_name(self):
+    # Under Slurm the address and count are the cluster's: nothing to name.
+    for flags, started in (((None, None, None), False), (('h:1', 2, 0), True)):
+      with (
+        mock.patch.object(multihost.jax.config, 'update'),
+        mock.patch.object(multihost.jax.distributed, 'initialize'),
+        mock.patch.object(multihost, 'check_coordinator'),
+        mock.patch.object(multihost.threading, 'Timer') as timer,
+      ):
+        multihost.setup_distributed(*flags, initialization_timeout_seconds=50)
+      self.assertEqual(timer.return_value.start.called, started, flags)
+      timer.return_value.cancel.assert_called_once()
+      self.assertEqual(timer.call_args.args[0], 48)
 
   def test_coordinator_address_is_checked_before_jax_gets_it(self):
     def free_port():
@@ -597,6 +612,7 @@ class UserErrorTest(absltest.TestCase):
 
     for other, message in (
       ({'dataset.path': '/b', 'progress_bar': False}, None),
+      ({'dataset.valid_path': '/b/v', 'dataset.test_path': '/b/t'}, None),
       ({'seed': 1}, r'configs: config.seed: 0: 0, 1: 1\. Start every'),
       ({'seed': None}, r'configs: config.seed: 0: 0, 1: null\. Start'),
     ):

@@ -37,6 +37,8 @@ _SCRIPT = textwrap.dedent(
     if kind == 'memory':
       import numpy as np
       np.empty(2**62, np.uint8)
+    if kind == 'bare_memory':
+      raise MemoryError()
     if kind == 'internal':
       raise RuntimeError('an internal bug')
     print('done')
@@ -105,6 +107,13 @@ class RunMainTest(absltest.TestCase):
       result.stderr.strip().splitlines()[-1],
       r'^entry.py: error: Out of memory \(Unable to allocate 4.00 EiB .*\).'
       r' Lower config.dataset.chunk_rows \(while preprocessing\)',
+    )
+
+  def test_a_memory_error_without_a_message_is_named(self):
+    result = self._run('bare_memory')
+    self.assertEqual(result.returncode, 2, result.stderr)
+    self.assertIn(
+      'entry.py: error: Out of memory (MemoryError). Lower', result.stderr
     )
 
   def test_internal_error_keeps_its_traceback(self):
