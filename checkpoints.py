@@ -373,7 +373,7 @@ class Checkpoints:
     """What a background save needs: its own copies, as the caller goes on.
 
     The state of a `save_best` and the `save_latest` after it (an epoch's
-    two saves) is copied once.
+    two saves) is copied once: the caller does not change it in between.
     """
     if not self.background:
       return state, meta
@@ -410,6 +410,7 @@ class Checkpoints:
           _step_dir(mgr, epoch),
         )
         self.save_best(epoch, state, dict(meta, epoch=epoch))
+        self._last_copy = None  # No save_latest shares it.
       return state
     raise UserError(
       f'The best checkpoint, of epoch {epoch} (validation AUC'

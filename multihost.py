@@ -27,6 +27,7 @@ import numpy as np
 
 import lock
 from utils import UserError
+import workdir as workdir_lib
 
 UNJOINED = (
   'Not every process has joined the run at %s after %d of the %s s that'
@@ -371,12 +372,7 @@ def assert_same_on_all_processes(
     )
 
 
-# Config keys that may differ between processes: where each host finds its
-# files (their content is compared by `assert_same_data`) and what it shows.
-HOST_KEYS = (
-  *('dataset.path', 'dataset.valid_path', 'dataset.test_path'),
-  *('dataset.cache_dir', 'progress_bar'),
-)
+HOST_KEYS = workdir_lib.HOST_KEYS  # May differ between processes.
 
 
 def assert_same_config(flat: dict[str, Any]) -> None:

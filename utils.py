@@ -263,13 +263,18 @@ def run_main(main: Callable[[list[str]], Any]) -> None:
   def guarded(argv: list[str]) -> Any:
     try:
       return main(argv)
-    except (UserError, MemoryError) as e:
+    except Exception as e:  # pylint: disable=broad-except
+      # XLA's out of memory: jax.errors.JaxRuntimeError, RESOURCE_EXHAUSTED.
+      xla_oom = str(e).startswith('RESOURCE_EXHAUSTED')
+      if not isinstance(e, (UserError, MemoryError)) and not xla_oom:
+        raise
       verbose = os.environ.get(TRACEBACK_ENV, '') not in ('', '0')
       if verbose or flags.FLAGS.verbosity >= 1:
         traceback.print_exc()
-      if isinstance(e, MemoryError):
+      if not isinstance(e, UserError):
+        reason = (str(e).splitlines() or [type(e).__name__])[0]
         fail(
-          f'Out of memory ({str(e) or type(e).__name__}). Lower'
+          f'Out of memory ({reason}). Lower'
           ' config.dataset.chunk_rows (while preprocessing), config.batch_size'
           ' or --batch_size, make the tables smaller (a larger'
           ' config.dataset.min_count), or run where more memory is free.'

@@ -46,6 +46,13 @@ SAFE_KEYS = (
   *('eval_batch_size', 'init_from', 'steps_per_dispatch', 'device_split_mb'),
   *('dataset.cache_dir', 'dataset.chunk_rows', 'dataset.url'),
 )
+# Keys that may differ between the processes of a run: where each host finds
+# its files (multihost.assert_same_data compares what they loaded) and what
+# it shows. Process 0's are recorded; the others' are not compared.
+HOST_KEYS = (
+  *('dataset.path', 'dataset.valid_path', 'dataset.test_path'),
+  *('dataset.cache_dir', 'progress_bar'),
+)
 
 
 # --------------------------------------------------------------------------
@@ -239,6 +246,8 @@ def check_resume(
       old[k] = new[k]
   keys = sorted(set(old) | set(new))
   changed = [k for k in keys if old.get(k, _ABSENT) != new.get(k, _ABSENT)]
+  if not write:  # Another host's paths: process 0 recorded its own.
+    changed = [k for k in changed if k not in HOST_KEYS]
   refused = [k for k in changed if not is_safe(k)]
   if refused:
     differences = '; '.join(

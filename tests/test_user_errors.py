@@ -39,6 +39,9 @@ _SCRIPT = textwrap.dedent(
       np.empty(2**62, np.uint8)
     if kind == 'bare_memory':
       raise MemoryError()
+    if kind == 'xla_memory':  # What jax.errors.JaxRuntimeError holds.
+      raise RuntimeError('RESOURCE_EXHAUSTED: Out of memory allocating 8'
+                         ' bytes.')
     if kind == 'internal':
       raise RuntimeError('an internal bug')
     print('done')
@@ -114,6 +117,14 @@ class RunMainTest(absltest.TestCase):
     self.assertEqual(result.returncode, 2, result.stderr)
     self.assertIn(
       'entry.py: error: Out of memory (MemoryError). Lower', result.stderr
+    )
+    result = self._run('xla_memory')  # XLA's, on a device or under a limit.
+    self.assertEqual(result.returncode, 2, result.stderr)
+    self.assertNotIn('Traceback', result.stderr)
+    self.assertIn(
+      'error: Out of memory (RESOURCE_EXHAUSTED: Out of memory allocating 8'
+      ' bytes.). Lower',
+      result.stderr,
     )
 
   def test_internal_error_keeps_its_traceback(self):

@@ -400,6 +400,24 @@ class CheckResumeTest(absltest.TestCase):
     self.assertEqual(self._record(), recorded)
     self.assertEqual(self._history(), [])
 
+  def test_another_hosts_paths_resume_but_not_process_0s(self):
+    # Process 0 records its own paths; the others read theirs (their data
+    # is compared with process 0's by multihost.assert_same_data).
+    paths = dict(
+      dataset__path='/host0/d.csv',
+      dataset__valid_path='/host0/v.csv',
+      dataset__test_path='/host0/t.csv',
+    )
+    workdir.check_resume(self.path, _changed(self.config, **paths))
+    other = _changed(
+      self.config, **{k: v.replace('host0', 'host1') for k, v in paths.items()}
+    )
+    self.assertEqual(
+      workdir.check_resume(self.path, other, resuming=True, write=False), []
+    )
+    with self.assertRaisesRegex(utils.UserError, 'dataset.path "/host0/d'):
+      workdir.check_resume(self.path, other, resuming=True)
+
   def test_keys_added_by_a_newer_version_resume_at_their_defaults(self):
     # A record written before `dataset.side_features` existed.
     workdir.check_resume(self.path, self.config)
