@@ -16,9 +16,10 @@ compiles the train and eval programs on threads while the host initialises
 the state and restores checkpoints: it needs only their shapes
 (`replicated_shapes`).
 
-`train_epoch` runs the train program over an epoch of a split, with the
-arguments `hyperparameters` gives it; `evaluate` runs the eval program over
-a split and returns its metrics.
+`check_state_fits` refuses a train state that the memory left cannot
+hold. `train_epoch` runs the train program over an epoch of a split, with
+the arguments `hyperparameters` gives it; `evaluate` runs the eval program
+over a split and returns its metrics.
 """
 
 from collections.abc import Callable, Iterator
@@ -299,7 +300,6 @@ def compile_train_and_eval(
     pmap's lowering of `jax.ShapeDtypeStruct` arguments fails (an
     IndexError in jax 0.10's `mesh_local_to_global`).
   """
-  check_state_fits(shapes)
   if jax.process_count() > 1:
     return lambda: None
   state = replicated_shapes(shapes)

@@ -405,10 +405,12 @@ def _run(
   # state initialises and the latest checkpoint restores.
   rng = jax.random.key(config.seed)
   resident = replicate(data.resident_split(dataset.train, config))
+  shapes = jax.eval_shape(init, rng)
+  programs.check_state_fits(shapes)  # Before XLA allocates the state.
   wait_compiled = programs.compile_train_and_eval(
     p_train_step,
     p_eval_step,
-    jax.eval_shape(init, rng),
+    shapes,
     hyperparameters(config),
     dataset.train,
     dataset.valid,
