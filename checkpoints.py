@@ -8,11 +8,8 @@ the test split scores. Each is an orbax step directory named by its epoch,
 holding the `TrainState` and a JSON `meta` (epoch, best AUC and epoch, bad
 epochs, wall time).
 
-Nothing on disk is trusted without a check: once a step is complete, a
-`checksums.json` beside its files records their sizes and SHA-256; a restore
-verifies them first (orbax itself reads a flipped bit without complaint).
-A step without the file, from a run killed between the two writes, is read
-unverified.
+Nothing on disk is trusted without a check: a complete step records the
+checksums of its files, which a restore verifies first (`step_files`).
 
 Each save is a synchronous orbax save, so that an error (a full disk, a
 directory made read-only) raises in the code that saved instead of leaving
@@ -27,11 +24,11 @@ bounded number of copies of the state, however short its epochs.
 """
 
 from collections.abc import Callable
-import hashlib
-import json
+import itertools
 import logging as std_logging
 import os
 import threading
+import time
 from typing import Any
 
 from absl import logging
@@ -42,15 +39,19 @@ import orbax.checkpoint as ocp
 import legacy
 import multihost
 import orbax_logs
+import step_files
 import utils
 from utils import UserError
 
 KEEP_LATEST = 2
 # Background saves that may wait to start, beyond the one being written.
 MAX_QUEUED = 2
-CHECKSUMS = 'checksums.json'
-# Reads of another run's best step that its newer best replaced mid-read.
-READ_ATTEMPTS = 5
+# How long `load_best` reads again a best step that a run replaces.
+READ_WAIT_S = 120.0
+# A step that orbax is writing: `<step>` plus this; one not written to for
+# `STALE_S` seconds is what a killed run left.
+SAVING = '.orbax-checkpoint-tmp'
+STALE_S = 30.0
 
 
 def manager(
@@ -75,64 +76,6 @@ def manager(
   return ocp.CheckpointManager(directory, options=options)
 
 
-def checksums(directory: str) -> dict[str, list]:
-  """`{relative path: [size, sha256 hex]}` of every file under `directory`."""
-  found = {}
-  for root, _, names in os.walk(directory):
-    for name in names:
-      path = os.path.join(root, name)
-      relative = os.path.relpath(path, directory)
-      if relative.startswith(CHECKSUMS):
-        continue  # The record itself, or its copy being written.
-      digest = hashlib.sha256()
-      with open(path, 'rb') as f:
-        while chunk := f.read(1 << 20):
-          digest.update(chunk)
-      found[relative] = [os.path.getsize(path), digest.hexdigest()]
-  return found
-
-
-def write_checksums(directory: str) -> None:
-  """Records the checksums of a complete step directory (atomic)."""
-  files = checksums(directory)
-  path = os.path.join(directory, CHECKSUMS)
-  tmp = f'{path}.tmp-{os.getpid()}'
-  with open(tmp, 'w') as f:
-    json.dump({'files': files}, f, sort_keys=True)
-    f.flush()
-    os.fsync(f.fileno())
-  os.replace(tmp, path)
-
-
-def damage(directory: str) -> str | None:
-  """What is wrong with a step directory's files; None if they match.
-
-  Files that `checksums.json` lists must exist with their recorded size and
-  content. Without the file nothing can be checked: None.
-  """
-  if not os.path.isdir(directory):
-    return 'it does not exist'
-  path = os.path.join(directory, CHECKSUMS)
-  if not os.path.exists(path):
-    return None
-  try:
-    with open(path) as f:
-      expected = json.load(f)['files']
-  except (OSError, ValueError, KeyError, TypeError) as e:
-    return f'{CHECKSUMS} is unreadable ({e})'
-  for relative, (size, _) in sorted(expected.items()):
-    file = os.path.join(directory, relative)
-    if not os.path.isfile(file):
-      return f'{relative} is missing'
-    if os.path.getsize(file) != size:
-      return f'{relative} has {os.path.getsize(file)} bytes, not {size}'
-  actual = checksums(directory)
-  for relative, (_, digest) in sorted(expected.items()):
-    if actual[relative][1] != digest:
-      return f'the content of {relative} changed (SHA-256 mismatch)'
-  return None
-
-
 def _step_dir(mgr: ocp.CheckpointManager, step: int) -> str:
   return os.path.join(str(mgr.directory), str(step))
 
@@ -146,7 +89,7 @@ def restore(
     ValueError: the step's files are damaged or cannot be restored (every
       process raises when any does).
   """
-  problem = damage(_step_dir(mgr, step))
+  problem = step_files.damage(_step_dir(mgr, step))
   restored = None
 
   def read(target):
@@ -214,7 +157,7 @@ def _save(mgr, step, state, meta, keep) -> None:
       raise RuntimeError(f'orbax skipped saving step {step} in {mgr.directory}')
     mgr.wait_until_finished()
     if jax.process_index() == 0:
-      write_checksums(_step_dir(mgr, step))
+      step_files.write_checksums(_step_dir(mgr, step))
     kept = keep(sorted(mgr.all_steps()))
     for old in mgr.all_steps():
       if old not in kept:
@@ -430,8 +373,9 @@ class Checkpoints:
 def load_best(workdir: str) -> tuple[Any, dict]:
   """The best state (as saved, host arrays) and meta of another run.
 
-  The run may be training still: a step it deletes while it is read (its
-  new best replaced it) is read again at the newer step.
+  The run may be training still: a step it replaces while it is read (by a
+  newer best, or by the same epoch's when it resumed) is read again once the
+  new one is saved.
 
   Raises:
     UserError: `workdir` has no readable best checkpoint.
@@ -445,20 +389,24 @@ def load_best(workdir: str) -> tuple[Any, dict]:
   )
   if not os.path.isdir(directory):
     raise UserError(f'No best checkpoint in {directory}.{again}')
-  for attempt in range(READ_ATTEMPTS):
+  deadline = time.monotonic() + READ_WAIT_S
+  for attempt in itertools.count():
     mgr, step, seen = None, None, None
-    last = attempt + 1 == READ_ATTEMPTS
+    last = time.monotonic() > deadline
     try:
       mgr = manager(directory, read_only=True)
       step = mgr.latest_step()
       if step is None:
         if not last and _replaced(directory, None, None):
+          time.sleep(min(0.01 * 2**attempt, 1.0))
           continue  # Listed as the run swapped its best: none seen.
         raise UserError(f'No best checkpoint in {directory}.{again}')
       seen = _identity(directory, step)
       return restore(mgr, step)
     except (ValueError, OSError) as e:
       if not last and _replaced(directory, step, seen):
+        orbax_logs.quiet_cut_reads(directory)
+        time.sleep(min(0.01 * 2**attempt, 1.0))
         continue
       if step is None or isinstance(e, OSError):
         raise UserError(
@@ -486,12 +434,28 @@ def _replaced(directory: str, step: int | None, seen: tuple | None) -> bool:
   """Whether a run replaced `step` (`seen`: its `_identity` when read).
 
   It saved a newer step, deleted `step`, or saved it again (a resumed run
-  redoes the epoch).
+  redoes the epoch: it deletes the step, then writes it).
   """
   names = os.listdir(directory) if os.path.isdir(directory) else []
   steps = {int(n) for n in names if n.isdigit()}
   if not steps:
-    return False
+    return step is not None or _saving(directory, names)
   if step is None or step not in steps or max(steps) > step:
     return True
   return _identity(directory, step) != seen
+
+
+def _saving(directory: str, names: list[str]) -> bool:
+  """Whether a step of `names` (in `directory`) is being written now."""
+  now = time.time()
+  for name in names:
+    if not name.endswith(SAVING):
+      continue
+    for root, _, files in os.walk(os.path.join(directory, name)):
+      for path in [root, *(os.path.join(root, f) for f in files)]:
+        try:
+          if now - os.stat(path).st_mtime < STALE_S:
+            return True
+        except OSError:
+          return True  # Renamed as orbax finishes it.
+  return False

@@ -3,7 +3,8 @@
 `quiet_info` keeps orbax's INFO lines (a dozen per checkpoint) out of the
 log; `without` drops one expected warning; `quiet_if_refused` holds back
 orbax's error tracebacks during a save, and drops them when the file
-system refused the save (its UserError says it in one line).
+system refused the save (its UserError says it in one line);
+`quiet_cut_reads` drops what a read that a writer cut short reports late.
 """
 
 from collections.abc import Callable, Iterator
@@ -51,8 +52,9 @@ def without(level: int, prefix: str) -> Iterator[None]:
     logger.removeFilter(keep)
 
 
-# Saves running, and whether one failed on the file system.
-_saves = {'running': 0, 'refused': False}
+# Saves running, whether one failed on the file system, and directories
+# whose reads a writer cut short.
+_saves = {'running': 0, 'refused': False, 'cut': set()}
 
 
 @contextlib.contextmanager
@@ -93,12 +95,12 @@ def quiet_if_refused() -> Iterator[None]:
 
 def _unraisable_hook(previous: Callable[[Any], None]) -> Callable[[Any], None]:
   """`sys.unraisablehook` without the closed event loops of orbax's saves
-  (which may come after the save that failed)."""
+  and cut reads (which may come after the save that failed)."""
 
   def hook(unraisable) -> None:
     error = unraisable.exc_value
     if not (
-      (_saves['running'] or _saves['refused'])
+      (_saves['running'] or _saves['refused'] or _saves['cut'])
       and isinstance(error, RuntimeError)
       and str(error) == 'Event loop is closed'
     ):
@@ -106,3 +108,24 @@ def _unraisable_hook(previous: Callable[[Any], None]) -> Callable[[Any], None]:
 
   hook.quiet_after_refused_saves = True
   return hook
+
+
+def quiet_cut_reads(directory: str) -> None:
+  """Drops the late reports of reads in `directory` that were cut short.
+
+  A run that replaces its best checkpoint as another process reads it cuts
+  that read short; the reader reads the new one (`load_best`). Then
+  asyncio logs each of tensorstore's failed reads ("Task exception was
+  never retrieved", a traceback each) and its callbacks find their event
+  loop closed, as the tasks are collected.
+  """
+
+  def keep(record: std_logging.LogRecord) -> bool:
+    error = record.exc_info[1] if record.exc_info else None
+    return not (error is not None and directory in str(error))
+
+  if directory not in _saves['cut']:
+    _saves['cut'].add(directory)
+    std_logging.getLogger('asyncio').addFilter(keep)
+  if not hasattr(sys.unraisablehook, 'quiet_after_refused_saves'):
+    sys.unraisablehook = _unraisable_hook(sys.unraisablehook)

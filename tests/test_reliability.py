@@ -38,6 +38,7 @@ from configs import fm
 import encoder
 import metrics
 import orbax_logs
+import step_files
 import train
 import utils
 import workdir as workdir_lib
@@ -143,7 +144,7 @@ def _largest_file(directory):
     os.path.join(root, name)
     for root, _, names in os.walk(directory)
     for name in names
-    if name != checkpoints.CHECKSUMS
+    if name != step_files.CHECKSUMS
   ]
   return max(files, key=os.path.getsize)
 
@@ -194,11 +195,11 @@ class CheckpointPolicyTest(absltest.TestCase):
       self.ckpt.save_best(epoch, self._state(epoch), self._meta(epoch, epoch))
     self.assertEqual(self.ckpt.best.all_steps(), [3])
     step_dir = os.path.join(self.workdir, 'checkpoints', 'best', '3')
-    with open(os.path.join(step_dir, checkpoints.CHECKSUMS)) as f:
+    with open(os.path.join(step_dir, step_files.CHECKSUMS)) as f:
       recorded = json.load(f)['files']
-    self.assertEqual(recorded, checkpoints.checksums(step_dir))
+    self.assertEqual(recorded, step_files.checksums(step_dir))
     self.assertIn('_CHECKPOINT_METADATA', recorded)
-    self.assertIsNone(checkpoints.damage(step_dir))
+    self.assertIsNone(step_files.damage(step_dir))
 
   def test_a_lost_best_is_named_with_its_epoch(self):
     self.ckpt.save_latest(3, self._state(3), self._meta(3, 1))
@@ -263,6 +264,46 @@ class CheckpointPolicyTest(absltest.TestCase):
     ):
       checkpoints.load_best(self.workdir)
     self.assertEqual(broken.call_count, 1)
+
+  def test_a_best_deleted_and_saved_again_while_another_process_reads_it(self):
+    # A resumed run redoing its best epoch deletes the step, then writes it:
+    # a reader in between found no step, and called the best lost.
+    self.ckpt.save_best(4, self._state(4), self._meta(4, 4))
+    best = os.path.join(self.workdir, 'checkpoints', 'best')
+    saving = os.path.join(best, '4' + checkpoints.SAVING)
+    real = checkpoints.restore
+    calls = []
+
+    def resumed(mgr, step, target=None):
+      calls.append(step)
+      if len(calls) == 1:
+        self.ckpt.best.delete(4)
+        os.makedirs(saving)
+
+        def finish():
+          time.sleep(0.3)
+          os.rmdir(saving)
+          self.ckpt.save_best(4, self._state(5), self._meta(4, 4))
+
+        threading.Thread(target=finish).start()
+        raise ValueError('FAILED_PRECONDITION: Error reading "w/0.0"')
+      return real(mgr, step, target)
+
+    with mock.patch.object(checkpoints, 'restore', resumed):
+      state, meta = checkpoints.load_best(self.workdir)
+    self.assertEqual((calls, meta['epoch']), ([4, 4], 4))
+    np.testing.assert_array_equal(state['w'], self._state(5)['w'])
+    # What a run killed while saving left is not waited for.
+    self.ckpt.best.delete(4)
+    os.makedirs(os.path.join(saving, 'state'))
+    for path in (os.path.join(saving, 'state'), saving):
+      os.utime(path, (1, 1))
+    with (
+      mock.patch.object(checkpoints.time, 'sleep') as slept,
+      self.assertRaisesRegex(utils.UserError, 'No best checkpoint in'),
+    ):
+      checkpoints.load_best(self.workdir)
+    slept.assert_not_called()
 
   def test_file_system_faults_in_error_text_are_user_errors(self):
     # Tensorstore reports a full disk in the text of a ValueError.
@@ -498,7 +539,7 @@ class CheckpointPolicyTest(absltest.TestCase):
     meta_file = os.path.join(step_dir, 'meta', 'metadata')
     with open(meta_file, 'a') as f:
       f.write(' ')  # Same JSON, one more byte: only the checksums notice.
-    self.assertIn('meta/metadata has', checkpoints.damage(step_dir))
+    self.assertIn('meta/metadata has', step_files.damage(step_dir))
     with self.assertLogs('absl', 'WARNING') as logs:
       state, meta = self.ckpt.restore_latest(None)
     self.assertEqual(meta['epoch'], 1)
@@ -633,7 +674,7 @@ class TrainingFaultTest(_Case):
     self.assertRegex('\n'.join(logs.output), 'latest/3 is damaged')
     self.assertSameMetrics(_metrics(workdir), self.lines)
     self.assertAlmostEqual(test['auc'], self.test_metrics['auc'], delta=1e-6)
-    self.assertIsNone(checkpoints.damage(newest))  # Saved again, whole.
+    self.assertIsNone(step_files.damage(newest))  # Saved again, whole.
 
   def test_every_latest_checkpoint_damaged_is_refused_by_name(self):
     workdir = self._copy()
@@ -657,7 +698,7 @@ class TrainingFaultTest(_Case):
     self.assertAlmostEqual(test['auc'], self.test_metrics['auc'], delta=1e-6)
     self.assertSameMetrics(_metrics(workdir), self.lines)
     step_dir = os.path.join(best_dir, str(self._best_epoch()))
-    self.assertIsNone(checkpoints.damage(step_dir))
+    self.assertIsNone(step_files.damage(step_dir))
     self.assertTrue(
       os.path.exists(os.path.join(step_dir, 'commit_success.txt'))
     )
@@ -1048,7 +1089,7 @@ class KillRestartStressTest(_Case):
       directory = os.path.join(workdir, 'checkpoints', manager)
       for name in os.listdir(directory) if os.path.isdir(directory) else []:
         step = os.path.join(directory, name)
-        if not os.path.exists(os.path.join(step, checkpoints.CHECKSUMS)):
+        if not os.path.exists(os.path.join(step, step_files.CHECKSUMS)):
           found.add(step)
     return found
 
