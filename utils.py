@@ -191,11 +191,13 @@ class UserError(Exception):
   """
 
 
-# What the file system says when a disk is full or a directory read-only;
-# tensorstore reports these in the text of its own errors.
+# What the file system says when a disk is full, a file outgrows the size
+# limit (`ulimit -f`, or a file system's largest file) or a directory is
+# read-only; tensorstore reports these in the text of its own errors.
 _OS_FAULTS = (
   errno.ENOSPC,
   errno.EDQUOT,
+  errno.EFBIG,
   errno.EACCES,
   errno.EPERM,
   errno.EROFS,
@@ -212,12 +214,25 @@ def os_problem(error: BaseException | None) -> str | None:
         return f'{error} (a short write: is the disk full?)'
       name = errno.errorcode.get(error.errno, str(error.errno))
       where = f', {error.filename}' if error.filename else ''
-      return f'{error.strerror or error} ({name}{where})'
+      return f'{error.strerror or error} ({name}{where}){_hint(error.errno)}'
     for code in _OS_FAULTS:
       if os.strerror(code) in str(error):
-        return f'{os.strerror(code)} ({errno.errorcode[code]}): {error}'
+        return (
+          f'{os.strerror(code)} ({errno.errorcode[code]}): {error}'
+          + _hint(code)
+        )
     error = error.__cause__ or error.__context__
   return None
+
+
+def _hint(code: int) -> str:
+  """What else to look at for a fault that is not the disk's space."""
+  if code != errno.EFBIG:
+    return ''
+  return (
+    '; a file outgrew the size limit of one file (`ulimit -f`, or the'
+    ' largest file the file system holds): raise it or write elsewhere'
+  )
 
 
 @contextlib.contextmanager

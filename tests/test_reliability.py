@@ -14,6 +14,7 @@ import errno
 import json
 import os
 import random
+import resource
 import shutil
 import signal
 import subprocess
@@ -322,6 +323,26 @@ class CheckpointPolicyTest(absltest.TestCase):
     with mock.patch.object(self.ckpt.latest, 'save', side_effect=bug):
       with self.assertRaisesRegex(ValueError, 'do not match'):
         self.ckpt.save_latest(1, self._state(1), self._meta(1, 1))
+
+  def test_a_file_over_the_size_limit_is_a_user_error(self):
+    # `ulimit -f` (or FAT32's 4 GiB): Python ignores SIGXFSZ, so the write
+    # fails with EFBIG, which tensorstore reports in the text of an error.
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    rng = np.random.default_rng(0)  # Incompressible: 256 KiB on disk.
+    state = {'w': rng.random(1 << 16, np.float32)}
+    resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 16, hard))
+    try:
+      with self.assertRaisesRegex(
+        utils.UserError,
+        r'Cannot save the checkpoint of epoch 1 in .*latest: File too large'
+        r' \(EFBIG\): .*`ulimit -f`.* Free space',
+      ):
+        self.ckpt.save_latest(1, state, self._meta(1, 1))
+    finally:
+      resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+    self.assertEqual(self.ckpt.latest.all_steps(), [])
+    self.ckpt.save_latest(1, state, self._meta(1, 1))
+    self.assertEqual(self.ckpt.latest.all_steps(), [1])
 
   def test_background_saves_match_synchronous_ones(self):
     sync_steps = []
