@@ -19,6 +19,7 @@ time, gives another cache key.
 
 from collections.abc import Iterable
 import concurrent.futures
+import contextlib
 import hashlib
 import io
 import json
@@ -360,7 +361,10 @@ def write(
     ) from e
   finally:
     for writer in writers.values():
-      writer.file.close()
+      # A full disk refuses the flush of what is still buffered too: the
+      # error on its way says so, and the copy is deleted below.
+      with contextlib.suppress(OSError):
+        writer.file.close()
     if tmp:
       shutil.rmtree(tmp, ignore_errors=True)
 

@@ -1,6 +1,7 @@
 """Tests of data.py: the seeded split, the cache, the vocabulary, batches."""
 
 import errno
+import io
 import json
 import os
 import socket
@@ -152,6 +153,35 @@ class CacheTest(DatasetTestCase):
         data.load_dataset(config)
     encoded = os.path.join(config.cache_dir, 'encoded')
     self.assertEqual(os.listdir(encoded), [])
+    self.assertLen(data.load_dataset(config).train, 160)
+
+  def test_a_disk_that_fills_up_mid_write_is_one_data_error(self):
+    # The disk takes the first bytes, then refuses the rest: buffered rows
+    # that close() flushes are refused again.
+    budget = [4096]
+
+    class Full(io.FileIO):
+      def write(self, b):
+        if len(b) > budget[0]:
+          raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        budget[0] -= len(b)
+        return super().write(b)
+
+    real_open = open
+
+    def full_open(path, mode='r', *args, **kwargs):
+      if str(path).endswith('.npy') and mode == 'wb':
+        return io.BufferedWriter(Full(path, mode))
+      return real_open(path, mode, *args, **kwargs)
+
+    config = self.config('ml-20m', self.path)
+    with mock.patch('builtins.open', full_open):
+      with self.assertRaisesRegex(
+        data.DataError, 'No space left on device.*cache_dir'
+      ):
+        data.load_dataset(config)
+    encoded = os.path.join(config.cache_dir, 'encoded')
+    self.assertEqual(os.listdir(encoded), [])  # No copy left behind.
     self.assertLen(data.load_dataset(config).train, 160)
 
 
