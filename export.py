@@ -39,10 +39,12 @@ writes into the output directory:
 """
 
 from collections.abc import Callable, Sequence
+import contextlib
 import importlib.abc
 import json
 import logging as std_logging
 import os
+import shutil
 import sys
 from typing import Any
 
@@ -262,18 +264,49 @@ def _to_onnx(to_onnx: Callable, fn: Callable, specs, inputs: Inputs) -> bytes:
   return proto.SerializeToString()
 
 
-def _write(path: str, payload: bytes | str) -> None:
-  """Replaces `path` with `payload`, whole (another export may run)."""
-  mode = 'wb' if isinstance(payload, bytes) else 'w'
-  tmp = f'{path}.tmp-{os.getpid()}'
+def _publish(
+  output: str, payloads: dict[str, bytes | str], enc: encoder_lib.Encoder
+) -> None:
+  """Writes `payloads` and `enc` to temporary copies, then renames them.
+
+  The copies sit in `output` (one file system: a rename needs no space),
+  named `<name>.tmp-<pid>`; a failure while writing them removes them and
+  leaves `output`'s files as they were. The copies then replace the files
+  in order, the encoder's file by file (encoder.json last), signature.json
+  last of all.
+  """
+  suffix = f'.tmp-{os.getpid()}'
+  encoder_dir = os.path.join(output, encoder_lib.DIRECTORY)
+  staged_encoder = encoder_dir + suffix
   try:
-    with open(tmp, mode) as f:
-      f.write(payload)
-    os.replace(tmp, path)
+    for name, payload in payloads.items():
+      mode = 'wb' if isinstance(payload, bytes) else 'w'
+      with open(os.path.join(output, name + suffix), mode) as f:
+        f.write(payload)
+    enc.write(staged_encoder)
   except BaseException:
-    if os.path.exists(tmp):
-      os.remove(tmp)
+    for name in payloads:
+      with contextlib.suppress(OSError):
+        os.remove(os.path.join(output, name + suffix))
+    shutil.rmtree(staged_encoder, ignore_errors=True)
     raise
+  for name in payloads:
+    if name != 'signature.json':
+      os.replace(
+        os.path.join(output, name + suffix), os.path.join(output, name)
+      )
+  os.makedirs(encoder_dir, exist_ok=True)
+  names = sorted(os.listdir(staged_encoder), key=lambda n: n == 'encoder.json')
+  for name in names:
+    os.replace(
+      os.path.join(staged_encoder, name), os.path.join(encoder_dir, name)
+    )
+  os.rmdir(staged_encoder)
+  for name in set(os.listdir(encoder_dir)) - set(names):
+    with contextlib.suppress(OSError):  # An earlier encoder's, now unused.
+      os.remove(os.path.join(encoder_dir, name))
+  name = os.path.join(output, 'signature.json')
+  os.replace(name + suffix, name)
 
 
 def check_size(variables: Any) -> None:
@@ -368,15 +401,6 @@ def export(
       logging.warning('No model.onnx for %s: %s', enc.model_name, onnx_error)
   else:
     onnx_error = 'not asked for (onnx=False, --noonnx)'
-  # Every file is ready: an earlier export's are replaced one after the
-  # other, each whole, signature.json last (a server reading it sees the
-  # files it lists), then a model.onnx it no longer lists goes.
-  os.makedirs(output, exist_ok=True)
-  _write(os.path.join(output, 'model.jax'), serialized)
-  onnx_path = os.path.join(output, 'model.onnx')
-  if onnx_model is not None:
-    _write(onnx_path, onnx_model)
-  enc.write(os.path.join(output, encoder_lib.DIRECTORY))
   signature = {
     'version': VERSION,
     'inputs': [
@@ -404,9 +428,17 @@ def export(
     'onnx_error': onnx_error,
     'jax_version': jax.__version__,
   }
-  _write(
-    os.path.join(output, 'signature.json'), json.dumps(signature, indent=1)
-  )
+  # Every file is ready: each is written beside its place first, so that a
+  # disk that fills up leaves an earlier export as it was; then renames
+  # alone replace its files, signature.json last (a server reading it sees
+  # the files it lists), and a model.onnx it no longer lists goes.
+  os.makedirs(output, exist_ok=True)
+  payloads = {'model.jax': serialized}
+  if onnx_model is not None:
+    payloads['model.onnx'] = onnx_model
+  payloads['signature.json'] = json.dumps(signature, indent=1)
+  _publish(output, payloads, enc)
+  onnx_path = os.path.join(output, 'model.onnx')
   if onnx_model is None and os.path.exists(onnx_path):
     os.remove(onnx_path)
   return signature

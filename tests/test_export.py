@@ -9,6 +9,8 @@ one subprocess. A run's whole export (the command line, ids only) is
 checked too.
 """
 
+import errno
+import hashlib
 import json
 import os
 import re
@@ -51,6 +53,7 @@ MAX_LEN = 3
 _JAX_ONLY = """
 import sys
 sys.modules['flax'] = None  # `import flax` raises ImportError.
+import errno
 import json
 import jax
 import numpy as np
@@ -130,6 +133,17 @@ def _reference(model, variables):
   return jax.jit(
     lambda x: jax.nn.sigmoid(model.apply(variables, **x, train=False))
   )
+
+
+def _files(directory):
+  """`{relative path: SHA-256}` of every file under `directory`."""
+  found = {}
+  for root, _, names in os.walk(directory):
+    for name in names:
+      with open(os.path.join(root, name), 'rb') as f:
+        digest = hashlib.sha256(f.read()).hexdigest()
+      found[os.path.relpath(os.path.join(root, name), directory)] = digest
+  return found
 
 
 class EveryModelTest(absltest.TestCase):
@@ -309,12 +323,34 @@ class ExportRunTest(absltest.TestCase):
       export.export(predict.load(run.workdir), out)
     self.assertFalse(os.path.exists(out))
 
-  def test_a_write_that_fails_leaves_no_temporary_file(self):
-    out = self.enter_context(tempfile.TemporaryDirectory())
-    os.makedirs(os.path.join(out, 'model.jax', 'x'))  # os.replace refuses.
-    with self.assertRaises(OSError):
-      export._write(os.path.join(out, 'model.jax'), b'abc')
-    self.assertEqual(os.listdir(out), ['model.jax'])
+  def test_a_reexport_the_disk_refuses_leaves_the_earlier_one(self):
+    # model.jax was replaced before model.onnx found the disk full: the
+    # new model then sat beside the earlier signature and encoder.
+    run = trained_run()
+    out = os.path.join(self.enter_context(tempfile.TemporaryDirectory()), 'x')
+    predictor = predict.load(run.workdir)
+    with mock.patch.object(export, 'export_onnx', return_value=b'onnx'):
+      export.export(predictor, out)
+    before = _files(out)
+    real_open = open
+    written = []
+
+    def full_open(path, mode='r', *args, **kwargs):
+      if 'w' in mode and str(path).startswith(out):
+        written.append(os.path.basename(path))
+        if len(written) == 2:
+          raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), path)
+      return real_open(path, mode, *args, **kwargs)
+
+    with (
+      mock.patch.object(export, 'export_onnx', return_value=b'new onnx'),
+      mock.patch.object(export, 'export_jax', return_value=b'new jax'),
+      mock.patch('builtins.open', full_open),
+      self.assertRaises(OSError),
+    ):
+      export.export(predictor, out)
+    self.assertLen(written, 2)
+    self.assertEqual(_files(out), before)  # No copy left behind either.
 
   def test_command_line_exports_a_run(self):
     run = trained_run()
