@@ -361,9 +361,7 @@ def write(
     ) from e
   finally:
     for writer in writers.values():
-      # A full disk refuses the flush of what is still buffered too: the
-      # error on its way says so, and the copy is deleted below.
-      with contextlib.suppress(OSError):
+      with contextlib.suppress(OSError):  # A full disk's, raised already.
         writer.file.close()
     if tmp:
       shutil.rmtree(tmp, ignore_errors=True)
