@@ -44,6 +44,16 @@ _SCRIPT = textwrap.dedent(
                          ' bytes.')
     if kind == 'internal':
       raise RuntimeError('an internal bug')
+    if kind == 'interrupt_in_gc':  # Ctrl-C as JAX's gc callback runs.
+      import gc, os, signal, time
+      sent = []
+      def collecting(phase, info):
+        if phase == 'start' and not sent:
+          sent.append(os.kill(os.getpid(), signal.SIGINT))
+          sum(range(10000))  # The handler runs here, in the callback.
+      gc.callbacks.append(collecting)
+      gc.collect()
+      time.sleep(5)
     print('done')
 
 
@@ -133,6 +143,14 @@ class RunMainTest(absltest.TestCase):
     self.assertIn('Traceback', result.stderr)
     self.assertIn('RuntimeError: an internal bug', result.stderr)
     self.assertNotIn('error: an internal bug', result.stderr)
+
+  def test_an_interrupt_in_a_gc_callback_stops_the_program(self):
+    # CPython drops it there ("Exception ignored in"): the run went on.
+    result = self._run('interrupt_in_gc')
+    self.assertNotEqual(result.returncode, 0, result.stderr)
+    self.assertNotIn('done', result.stdout)
+    self.assertIn('KeyboardInterrupt', result.stderr)
+    self.assertNotIn('Exception ignored', result.stderr)
 
   def test_success_exits_0(self):
     result = self._run('ok')
