@@ -215,8 +215,10 @@ def reader(
       predict); its table has no label.
   """
   sep = separator(options)
+  schema = None
   if _is_parquet(path):
-    header = list(_parquet_file(path).schema_arrow.names)
+    schema = _parquet_file(path).schema_arrow
+    header = list(schema.names)
   else:
     f, raw = utils.open_binary(path)
     with raw, f:
@@ -236,7 +238,30 @@ def reader(
       )
     header = [c.strip() for c in text.split_line(first, sep, True)]
     _check_unique(header, f'{path}:1')
-  return table(options, header, path, require_label)
+  out = table(options, header, path, require_label)
+  if schema is not None:
+    _check_list_columns(out, schema, path)
+  return out
+
+
+def _check_list_columns(out: text.Table, schema, path: str) -> None:
+  """Refuses a Parquet list column read as anything but a multi-hot field.
+
+  Any other field would key each list's printed array (`['a' 'b']`) as
+  one value.
+  """
+  import pyarrow as pa  # pylint: disable=g-import-not-at-top
+
+  lists = (pa.types.is_list, pa.types.is_large_list)
+  lists += (pa.types.is_fixed_size_list,)
+  for field in out.fields:
+    kind = schema.field(field.column).type
+    if field.kind != 'multi' and any(is_list(kind) for is_list in lists):
+      raise core.DataError(
+        f'{path}: column {field.column} holds lists, which only a multi-hot'
+        ' field reads: name it in config.dataset.csv.multi_hot_columns, or'
+        ' leave it out of categorical_columns (empty: every other column).'
+      )
 
 
 def _check_unique(header: Sequence[str], where: str) -> None:

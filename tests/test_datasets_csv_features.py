@@ -279,6 +279,40 @@ class CsvFeaturesTest(DatasetTestCase):
       np.testing.assert_array_equal(x.multi_ids, y.multi_ids)
       np.testing.assert_allclose(x.dense, y.dense, atol=1e-6)
 
+  def test_parquet_list_column_outside_multi_hot_is_refused(self):
+    # A list column that is not a multi-hot field (here one of the default
+    # categorical columns, every column not named) was keyed as the printed
+    # array "['a' 'b']", one opaque value per list.
+    frame = pd.DataFrame(
+      {
+        'click': [1, 0, 1, 0],
+        'shop': ['a', 'b', 'a', 'c'],
+        'tags': [['x'], ['x', 'y'], [], ['y']],
+      }
+    )
+    parquet = os.path.join(self.tmp, 'lists.parquet')
+    frame.to_parquet(parquet)
+    message = (
+      rf'^{parquet}: column tags holds lists, which only a multi-hot field'
+      r' reads: name it in config\.dataset\.csv\.multi_hot_columns'
+    )
+    for options in (
+      dict(float_columns=(), multi_hot_columns=()),
+      dict(
+        float_columns=(), multi_hot_columns=(), categorical_columns=('tags',)
+      ),
+    ):
+      with self.subTest(**options):
+        with self.assertRaisesRegex(data.DataError, message):
+          self.load(parquet, csv=options)
+    dataset = self.load(
+      parquet,
+      csv=dict(float_columns=(), multi_hot_columns=('tags',)),
+      min_count=1,
+      split=(0.5, 0.25, 0.25),
+    )
+    self.assertEqual(dataset.multi_field_dims, (3,))  # x, y and unseen.
+
   def test_cache_round_trip_and_damage_of_the_new_arrays(self):
     path = self.write(feature_rows(400))
     first = self.load(path)
