@@ -20,13 +20,14 @@ def roc_auc(labels: np.ndarray, scores: np.ndarray) -> float:
 
   `labels` are 0/1 `[n]`; `scores` `[n]` any monotone score (logits keep more
   resolution than probabilities, which saturate to 1.0 in float32). NaN when
-  one class is absent.
+  one class is absent, or when a score is NaN (a diverged model): NaNs have
+  no order, and sorting them would rank them by their position.
   """
   labels = np.asarray(labels, np.float64).reshape(-1)
   scores = np.asarray(scores, np.float64).reshape(-1)
   n_pos = labels.sum()
   n_neg = len(labels) - n_pos
-  if n_pos == 0 or n_neg == 0:
+  if n_pos == 0 or n_neg == 0 or np.isnan(scores).any():
     return float('nan')
   order = np.argsort(scores, kind='mergesort')
   sorted_scores = scores[order]

@@ -460,12 +460,12 @@ def _run(
         p_eval_step, replicated, dataset.valid, config.eval_batch_size
       )
       writer.write(split='valid', epoch=epoch, step=step, **valid)
-      if not (math.isfinite(loss) and math.isfinite(valid['auc'])):
-        raise UserError(
+      if not all(map(math.isfinite, (loss, valid['auc'], valid['logloss']))):
+        raise UserError(  # NaN logits: diverged in the epoch's last step.
           f'Training diverged at epoch {epoch}: loss {loss}, validation AUC'
-          f' {valid["auc"]}. Lower config.learning_rate and train again (in'
-          ' a new workdir if this one holds checkpoints: a resume keeps the'
-          ' learning rate).'
+          f' {valid["auc"]}, logloss {valid["logloss"]}. Lower'
+          ' config.learning_rate and train again (in a new workdir if this'
+          ' one holds checkpoints: a resume keeps the learning rate).'
         )
 
       host_state = programs.first_replica(replicated)

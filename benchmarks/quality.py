@@ -252,7 +252,8 @@ def summarize(lines: list[dict]) -> dict:
   valid = [r for r in lines if r['split'] == 'valid']
   test = [r for r in lines if r['split'] == 'test']
   train = [r for r in lines if r['split'] == 'train']
-  best = max(valid, key=lambda r: r['auc'])
+  # A diverged epoch's AUC is null (NaN logits).
+  best = max(valid, key=lambda r: -1.0 if r['auc'] is None else r['auc'])
   return {
     'best_valid_auc': best['auc'],
     'best_epoch': best['epoch'],
@@ -269,7 +270,7 @@ def time_to_reach(
 ) -> float | None:
   """`clock` of the first validation with AUC >= `target`, or None."""
   for r in lines:
-    if r['split'] == 'valid' and r['auc'] >= target:
+    if r['split'] == 'valid' and r['auc'] is not None and r['auc'] >= target:
       return r.get(clock)
   return None
 

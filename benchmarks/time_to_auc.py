@@ -143,7 +143,9 @@ def summary(run: dict, target: float) -> dict:
   valid = [r for r in run['lines'] if r['split'] == 'valid']
   test = [r for r in run['lines'] if r['split'] == 'test']
   return {
-    'best_valid_auc': max(r['auc'] for r in valid),
+    'best_valid_auc': max(
+      (r['auc'] for r in valid if r['auc'] is not None), default=None
+    ),
     'test_auc': test[-1]['auc'] if test else None,
     'epochs': max(r['epoch'] for r in valid),
     'seconds_to_target': time_to(run, target),

@@ -416,6 +416,16 @@ class QualityTest(_TempDirs, absltest.TestCase):
       },
     )
 
+  def test_a_diverged_epoch_s_null_auc_is_skipped(self):
+    lines = [
+      {'split': 'train', 'epoch': 1, 'loss': 0.7, 'examples_per_sec': 10.0},
+      {'split': 'valid', 'epoch': 1, 'auc': 0.70, 'wall_time': 1.0},
+      {'split': 'train', 'epoch': 2, 'loss': None, 'examples_per_sec': 30.0},
+      {'split': 'valid', 'epoch': 2, 'auc': None, 'wall_time': 2.0},
+    ]
+    self.assertIsNone(quality.time_to_reach(lines, 0.72))
+    self.assertEqual(quality.summarize(lines)['best_valid_auc'], 0.70)
+
   def test_torchfm_reads_a_random_split_of_a_file_in_random_order(self):
     # pytorch-fm's random_split reads its training rows in a random order;
     # our streamed split keeps file order, so torchfm gets them permuted.

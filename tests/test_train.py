@@ -91,6 +91,11 @@ class MetricsTest(parameterized.TestCase):
     self.assertEqual(metrics.roc_auc([0, 1], [0.5, 0.5]), 0.5)
     self.assertTrue(np.isnan(metrics.roc_auc([1, 1], [0.1, 0.2])))
 
+  def test_auc_of_nan_scores_is_nan(self):
+    # Sorted, NaNs kept their positions: an AUC of the rows' order.
+    self.assertTrue(np.isnan(metrics.roc_auc([0, 1], [np.nan, np.nan])))
+    self.assertTrue(np.isnan(metrics.roc_auc([1, 0, 1], [0.2, 0.1, np.nan])))
+
   def test_a_resume_cuts_the_file_in_place(self):
     # A rewrite gave the file a new inode: `tail -f` followed the old one
     # and went silent, `tail -F` printed every line again.
@@ -409,6 +414,25 @@ class TrainAndEvaluateTest(absltest.TestCase):
       run('auto_again', num_epochs=1, optimizer='auto')
       self.assertEqual(run('auto_again', num_epochs=2, optimizer='auto'), adam)
 
+  def test_divergence_in_the_last_step_of_an_epoch_saves_nothing(self):
+    # One step per epoch: its loss is of the initial state, finite, but the
+    # step leaves parameters of 1e30 whose logits are NaN. That state was
+    # scored an AUC (of NaNs) and saved as the best.
+    with tempfile.TemporaryDirectory() as workdir:
+      config = _config(num_epochs=2, learning_rate=1e30, batch_size=65536)
+      config.dataset.cache_dir = os.path.join(workdir, 'cache')
+      with self.assertRaisesRegex(
+        UserError,
+        r'^Training diverged at epoch 1: loss 0\.\d+, validation AUC nan,'
+        ' logloss nan.',
+      ):
+        train.train_and_evaluate(config, workdir)
+      for kind in ('latest', 'best'):
+        directory = os.path.join(workdir, 'checkpoints', kind)
+        self.assertEqual(os.listdir(directory), [])
+      valid = _metrics(workdir)[-1]
+      self.assertEqual((valid['split'], valid['auc']), ('valid', None))
+
   def test_divergence_stops_with_a_user_error_and_keeps_the_checkpoints(self):
     real = train.train_epoch
 
@@ -423,8 +447,8 @@ class TrainAndEvaluateTest(absltest.TestCase):
         mock.patch.object(train, 'train_epoch', diverge_in_epoch_2),
         self.assertRaisesRegex(
           UserError,
-          r'^Training diverged at epoch 2: loss nan, validation AUC 0\.\d+\.'
-          ' Lower config.learning_rate and train again',
+          r'^Training diverged at epoch 2: loss nan, validation AUC 0\.\d+,'
+          r' logloss 0\.\d+\. Lower config.learning_rate and train again',
         ),
       ):
         train.train_and_evaluate(config, workdir)
