@@ -12,6 +12,7 @@ import time
 from absl import logging
 import numpy as np
 
+import event_files
 import utils
 
 
@@ -68,7 +69,8 @@ class MetricsWriter:
   runs can be compared against wall-clock time (benchmarks/plot.py); and
   `time`, the Unix time of the line, so that a run can be timed from its
   process's launch (benchmarks/time_to_auc.py). The lines are strict JSON
-  (`json_line`): a metric that is NaN or infinite is `null`.
+  (`json_line`): a metric that is NaN or infinite is `null`. TensorBoard
+  event files beside it hold the same numbers (`event_files`).
   """
 
   def __init__(
@@ -77,6 +79,7 @@ class MetricsWriter:
     self.path = os.path.join(workdir, 'metrics.jsonl')
     self.enabled = enabled
     self.start = time.perf_counter() - wall_time_offset
+    self.events = event_files.EventWriter(workdir)
 
   def wall_time(self) -> float:
     return time.perf_counter() - self.start
@@ -96,7 +99,7 @@ class MetricsWriter:
     """
     if not self.enabled or not os.path.exists(self.path):
       return
-    kept, cut, offset = [], None, 0
+    kept, cut, offset, step = [], None, 0, 0
     with open(self.path, 'rb') as f:
       for line in f:
         try:
@@ -109,20 +112,23 @@ class MetricsWriter:
           and record.get('epoch', 0) <= epoch
         ):
           kept.append(json_line(record))
+          if isinstance(record.get('step'), int):
+            step = max(step, record['step'])
           if cut is not None or kept[-1].encode() != line:
             cut = -1  # A kept line after a dropped one, or not strict JSON.
         elif cut is None:
           cut = offset
         offset += len(line)
-    if cut is None:
-      return
-    with self._writing():
-      if cut >= 0:
-        os.truncate(self.path, cut)
-        return
-      with open(self.path + '.tmp', 'w') as f:
-        f.writelines(kept)
-      os.replace(self.path + '.tmp', self.path)
+    if cut is not None:
+      with self._writing():
+        if cut >= 0:
+          os.truncate(self.path, cut)
+        else:
+          with open(self.path + '.tmp', 'w') as f:
+            f.writelines(kept)
+          os.replace(self.path + '.tmp', self.path)
+    # TensorBoard drops the events of the steps redone (a kill's).
+    self.events.restart(step + 1)
 
   def _writing(self):
     """`utils.writing` for this file and its temporary copy."""
@@ -154,3 +160,4 @@ class MetricsWriter:
           raise
       finally:
         os.close(fd)
+    self.events.write(record)

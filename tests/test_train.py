@@ -21,6 +21,7 @@ import config_check
 from configs import default
 from configs import finalmlp
 import data
+import event_files
 import metrics
 import models
 import programs
@@ -63,6 +64,19 @@ def _dataset(n=1000, seed=0, field_dims=(13, 17)):
   logits = np.sin(ids[:, 0]) + np.cos(ids[:, 1] * 0.7)
   labels = (rng.random(n) < 1 / (1 + np.exp(-2 * logits))).astype(np.float32)
   return data.Split(ids.astype(np.int32), labels)
+
+
+def _tensorboard(workdir):
+  """{tag: {step: value}} as TensorBoard reads the event files of `workdir`
+  (the last value of a step wins, as in its plots)."""
+  from tensorboard.backend.event_processing import event_accumulator
+
+  events = event_accumulator.EventAccumulator(workdir)
+  events.Reload()
+  return {
+    tag: {e.step: e.value for e in events.Scalars(tag)}
+    for tag in events.Tags()['scalars']
+  }
 
 
 def _metrics(workdir):
@@ -125,6 +139,30 @@ class MetricsTest(parameterized.TestCase):
         got = f.readlines()
       self.assertEqual(got[:2], lines[:2])
       self.assertEqual(json.loads(got[2])['loss'], 0.4)
+
+  def test_crc32c_of_the_event_files(self):
+    # RFC 3720's check value and its 32 bytes of zeros and of 0xff.
+    self.assertEqual(event_files.crc32c(b'123456789'), 0xE3069283)
+    self.assertEqual(event_files.crc32c(bytes(32)), 0x8A9136AA)
+    self.assertEqual(event_files.crc32c(b'\xff' * 32), 0x62A8AB43)
+
+  def test_tensorboard_drops_the_events_a_resume_redoes(self):
+    with tempfile.TemporaryDirectory() as workdir:
+      writer = metrics.MetricsWriter(workdir, enabled=True)
+      for epoch in (1, 2, 3):
+        writer.write(split='train', epoch=epoch, step=10 * epoch, loss=epoch)
+        writer.write(split='valid', epoch=epoch, step=10 * epoch, auc=0.5)
+      # Killed before epoch 3's checkpoint: a new process redoes it.
+      writer = metrics.MetricsWriter(workdir, enabled=True)
+      writer.truncate(2)
+      writer.write(split='train', epoch=3, step=30, loss=0.25)
+      self.assertEqual(
+        _tensorboard(workdir),
+        {
+          'train/loss': {10: 1.0, 20: 2.0, 30: 0.25},
+          'valid/auc': {10: 0.5, 20: 0.5},
+        },
+      )
 
   def test_non_finite_metrics_are_written_as_null(self):
     with tempfile.TemporaryDirectory() as workdir:
@@ -385,10 +423,19 @@ class TrainAndEvaluateTest(absltest.TestCase):
       test = train.train_and_evaluate(config, workdir)
       self.assertGreater(test['auc'], 0.75)
       lines = _metrics(workdir)
+      plotted = {}  # metrics.jsonl's numbers, as TensorBoard plots them.
+      for line in lines:
+        for k in ('loss', 'examples_per_sec', 'auc', 'logloss'):
+          if k in line:
+            tag = plotted.setdefault(f'{line["split"]}/{k}', {})
+            tag[line['step']] = np.float32(line[k])
+      self.assertLen(plotted['valid/auc'], 2)
+      self.assertEqual(_tensorboard(workdir), plotted)
       # A finished run started again trains nothing and ends the same (only
       # the wall time of the re-evaluated test line differs).
       again = train.train_and_evaluate(config, workdir)
       self.assertEqual(_metrics(workdir), lines)
+      self.assertEqual(_tensorboard(workdir), plotted)
       self.assertEqual(again, test)
 
   def test_auto_resumes_with_the_optimizer_of_the_checkpoints(self):

@@ -1,0 +1,151 @@
+"""TensorBoard event files of a run's metrics, written without TensorFlow.
+
+`tensorboard --logdir=<workdir>` plots what `metrics.jsonl` holds: the
+numbers of each train, valid and test line as scalars `<split>/<name>` at
+the line's step. An event file is a TFRecord file of `Event` protocol
+buffers: each record is the data's length, its masked CRC-32C, the data and
+theirs. The few fields written here are encoded by hand, so that neither
+TensorFlow nor generated protobuf classes are needed.
+
+A resumed run starts a new file whose first event says that the session
+restarted at the first step it redoes: TensorBoard then drops the earlier
+files' events from that step on (a kill's), which the run writes again.
+"""
+
+import os
+import socket
+import struct
+import time
+
+from absl import logging
+
+# Metrics of a line that are not plotted: its place and time, and counts.
+NOT_PLOTTED = ('split', 'epoch', 'step', 'wall_time', 'time', 'num_examples')
+_FILES_OPENED = [0]
+
+
+def _crc32c_table() -> list[int]:
+  table = []
+  for byte in range(256):
+    crc = byte
+    for _ in range(8):
+      crc = (crc >> 1) ^ (0x82F63B78 if crc & 1 else 0)
+    table.append(crc)
+  return table
+
+
+_TABLE = _crc32c_table()
+
+
+def crc32c(data: bytes) -> int:
+  """The CRC-32C (Castagnoli) of `data`, which TFRecord files use."""
+  crc = 0xFFFFFFFF
+  for byte in data:
+    crc = _TABLE[(crc ^ byte) & 0xFF] ^ (crc >> 8)
+  return crc ^ 0xFFFFFFFF
+
+
+def _masked_crc(data: bytes) -> bytes:
+  crc = crc32c(data)
+  return struct.pack(
+    '<I', (((crc >> 15) | (crc << 17)) + 0xA282EAD8) & 0xFFFFFFFF
+  )
+
+
+def tf_record(data: bytes) -> bytes:
+  """`data` framed as one record of a TFRecord file."""
+  length = struct.pack('<Q', len(data))
+  return length + _masked_crc(length) + data + _masked_crc(data)
+
+
+def _varint(value: int) -> bytes:
+  out = bytearray()
+  while True:
+    byte, value = value & 0x7F, value >> 7
+    out.append(byte | (0x80 if value else 0))
+    if not value:
+      return bytes(out)
+
+
+def _bytes_field(number: int, payload: bytes) -> bytes:
+  return _varint(number << 3 | 2) + _varint(len(payload)) + payload
+
+
+def event(
+  step: int,
+  wall_time: float,
+  *,
+  scalars: dict[str, float] | None = None,
+  file_version: str | None = None,
+  restart: bool = False,
+) -> bytes:
+  """An `Event` message: tensorflow/core/util/event.proto's fields
+
+  wall_time (1, double), step (2, int64), file_version (3, string), summary
+  (5: `Summary`, whose values (1) have a tag (1) and a simple_value (2,
+  float)) and session_log (7: `SessionLog`, status (1) 1 = START).
+  """
+  out = b'\x09' + struct.pack('<d', wall_time) + b'\x10' + _varint(step)
+  if file_version is not None:
+    out += _bytes_field(3, file_version.encode())
+  if scalars:
+    values = b''.join(
+      _bytes_field(
+        1,
+        _bytes_field(1, tag.encode()) + b'\x15' + struct.pack('<f', value),
+      )
+      for tag, value in scalars.items()
+    )
+    out += _bytes_field(5, values)
+  if restart:
+    out += _bytes_field(7, b'\x08\x01')
+  return out
+
+
+class EventWriter:
+  """Appends a run's metrics to an event file of its own in `directory`.
+
+  The file is created at the first event. A write that fails (a full disk)
+  is logged once and ends the event file: metrics.jsonl, the record that
+  counts, goes on.
+  """
+
+  def __init__(self, directory: str):
+    self.directory = directory
+    self.path = None
+    self.failed = False
+
+  def restart(self, step: int) -> None:
+    """Says that the run redoes its steps from `step` on."""
+    self._append(event(step, time.time(), restart=True))
+
+  def write(self, record: dict) -> None:
+    """Writes the numbers of a metrics line as `<split>/<name>` scalars."""
+    split = record.get('split', 'metrics')
+    scalars = {
+      f'{split}/{name}': float(value)
+      for name, value in record.items()
+      if name not in NOT_PLOTTED and isinstance(value, (int, float))
+    }
+    self._append(event(record.get('step', 0), time.time(), scalars=scalars))
+
+  def _append(self, data: bytes) -> None:
+    if self.failed:
+      return
+    try:
+      if self.path is None:
+        _FILES_OPENED[0] += 1
+        name = (
+          f'events.out.tfevents.{int(time.time())}.{socket.gethostname()}'
+          f'.{os.getpid()}.{_FILES_OPENED[0]}'
+        )
+        self.path = os.path.join(self.directory, name)
+        first = event(0, time.time(), file_version='brain.Event:2')
+        data = tf_record(first) + tf_record(data)
+      else:
+        data = tf_record(data)
+      with open(self.path, 'ab') as f:
+        f.write(data)
+    except OSError as e:
+      self.failed = True
+      logging.warning('No more TensorBoard events in %s: %s', self.path, e)
