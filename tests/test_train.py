@@ -164,6 +164,20 @@ class MetricsTest(parameterized.TestCase):
         },
       )
 
+  def test_an_event_file_the_disk_refuses_leaves_metrics_jsonl_going(self):
+    with tempfile.TemporaryDirectory() as workdir:
+      writer = metrics.MetricsWriter(workdir, enabled=True)
+      full = OSError(28, 'No space left on device')
+      with (
+        mock.patch('builtins.open', side_effect=full) as opened,
+        self.assertLogs(level='WARNING') as logs,
+      ):
+        writer.write(split='train', epoch=1, step=5, loss=0.5)
+        writer.write(split='train', epoch=2, step=10, loss=0.4)
+      self.assertEqual(opened.call_count, 1)  # Tried once.
+      self.assertIn('No more TensorBoard events', logs.output[0])
+      self.assertLen(_metrics(workdir), 2)
+
   def test_non_finite_metrics_are_written_as_null(self):
     with tempfile.TemporaryDirectory() as workdir:
       path = os.path.join(workdir, 'metrics.jsonl')
