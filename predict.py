@@ -12,7 +12,9 @@ row), in input order. The file is read in chunks of `--chunk_rows` lines,
 so memory does not grow with it, and each batch is split over every local
 device. A malformed row stops with its file and line. The log counts the
 rows with values that training did not keep, per field: many of them mean
-a model out of date.
+a model out of date. With labels, it also gives the file's AUC and logloss
+(of the probabilities written; they and the labels stay in memory, 5 bytes
+a row).
 
 A run with multi-hot or numeric fields (CSV `float_columns` and
 `multi_hot_columns`, Criteo `numeric='dense'`, MovieLens `side_features`)
@@ -44,6 +46,7 @@ import checkpoints
 from datasets import core
 from datasets import side
 import encoder as encoder_lib
+import metrics
 import orbax_logs
 import train
 import utils
@@ -313,6 +316,7 @@ def write_predictions(
     names += enc.side.multi_field_names
   unseen = np.zeros(len(names), np.int64)  # Per field.
   unseen_rows = 0
+  scored = []  # (probabilities, labels) of the chunks, when labelled.
   try:
     with open(tmp, 'w') as f:
       for encoded, probs in predictor.score_chunks(path, chunk_rows):
@@ -322,6 +326,8 @@ def write_predictions(
           f.write(header + '\n')
         f.write(csv_lines(probs, labels))
         rows += len(probs)
+        if labels is not None:
+          scored.append((probs, np.asarray(labels, np.uint8)))
         mask = predictor.unseen(encoded.ids)
         if lists:
           mask = np.hstack([mask, predictor.unseen_lists(encoded.multi_ids)])
@@ -341,7 +347,27 @@ def write_predictions(
         f'{name} {n}' for name, n in zip(names, unseen, strict=True) if n
       ),
     )
+  if scored:
+    probs, labels = (np.concatenate(a) for a in zip(*scored, strict=True))
+    logging.info(
+      'The %d labelled rows: AUC %.6f, logloss %.6f',
+      rows,
+      metrics.roc_auc(labels, probs),
+      log_loss(labels, probs),
+    )
   return rows
+
+
+def log_loss(labels: np.ndarray, probabilities: np.ndarray) -> float:
+  """Mean binary cross-entropy of float32 `probabilities` `[n]`.
+
+  A probability of exactly 0 or 1 (float32 saturates) is moved in by the
+  float32 spacing there, as if its logit were finite.
+  """
+  p = np.asarray(probabilities, np.float64)
+  p = np.clip(p, 2.0**-149, 1 - 2.0**-24)
+  y = np.asarray(labels, np.float64)
+  return float(-np.mean(y * np.log(p) + (1 - y) * np.log1p(-p)))
 
 
 def check_output(output: str, source: str, workdir: str) -> None:

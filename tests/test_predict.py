@@ -10,6 +10,7 @@ split and padded.
 import contextlib
 import io
 import os
+import re
 import subprocess
 import sys
 import tempfile
@@ -90,6 +91,17 @@ class PredictTest(parameterized.TestCase):
       metrics.roc_auc(out['label'], probabilities),
       self.trained.test_metrics['auc'],
       delta=1e-6,
+    )
+    # The log scores the labelled file as training scored its test split.
+    found = re.search(
+      r'The (\d+) labelled rows: AUC (\S+), logloss (\S+)', result.stderr
+    )
+    self.assertEqual(int(found[1]), len(test))
+    self.assertAlmostEqual(
+      float(found[2]), self.trained.test_metrics['auc'], delta=1e-6
+    )
+    self.assertAlmostEqual(
+      float(found[3]), self.trained.test_metrics['logloss'], delta=1e-5
     )
 
   def test_an_output_over_the_input_or_the_run_is_refused(self):
