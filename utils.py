@@ -26,6 +26,7 @@ from typing import IO, Any, NoReturn
 from absl import app
 from absl import flags
 from absl import logging
+import ml_collections
 from ml_collections.config_flags import config_flags as config_flags_lib
 
 
@@ -269,10 +270,8 @@ TRACEBACK_ENV = 'FLAX_FM_TRACEBACK'
 def run_main(main: Callable[[list[str]], Any]) -> None:
   """`absl.app.run(main)`, with a `UserError` printed as one line, status 2.
 
-  So are a flag absl cannot parse (a config key's value of the wrong type
-  names the type the key takes), an override of a config key that does not
-  exist and an error raised by a config file's code (`file:line`), and
-  running out of memory (what to lower). `--verbosity=1` (or higher) or
+  So are a flag or config file that `_parse_flags` cannot read, and running
+  out of memory (what to lower). `--verbosity=1` (or higher) or
   `$FLAX_FM_TRACEBACK` also prints a UserError's traceback. Other
   exceptions reach absl unchanged: traceback, status 1.
   """
@@ -339,21 +338,15 @@ def _parse_flags(argv: list[str]) -> list[str]:
   """absl's flag parsing, with a bad flag, config file or override as one line.
 
   absl prints a malformed flag in two lines with Python's words for the
-  value (`invalid literal for int() with base 10`) and exits with 1;
-  ml_collections lets two user mistakes through as tracebacks:
-  `--config.<key>` for a key the config does not have, and an exception
-  raised by the config file's own code.
-
-  Args:
-    argv: the command line.
-
-  Returns:
-    The arguments left after the flags.
+  value and exits with 1 (here: the type a config key takes); ml_collections
+  lets through as tracebacks `--config.<key>` for a key the config lacks,
+  the config file's own exception (here: `file:line`), a file without
+  get_config() or one returning no ConfigDict. Returns the other arguments.
   """
   if (message := _config_file_unreadable(argv)) is not None:
     fail(message)  # ml_collections would raise at the config's first use.
   try:
-    return flags.FLAGS(argv)
+    args = flags.FLAGS(argv)
   except flags.Error as e:
     # A config file's ValueError or TypeError reaches us as a flag error,
     # its traceback flattened into the message; the first error is the one.
@@ -364,10 +357,14 @@ def _parse_flags(argv: list[str]) -> list[str]:
       chain.append(cause)
     fail(_config_file_error(argv, chain[-1]) or _flag_error(argv, e))
   except Exception as e:  # pylint: disable=broad-except
+    missing = "attribute 'get_config'" in str(e) and 'has no get_config()'
     message = _override_error(argv, e) or _config_file_error(argv, e)
-    if message is None:
+    if not (message := message or _not_a_config(argv, missing or '')):
       raise
     fail(message)
+  if message := _not_a_config(argv):
+    fail(message)
+  return args
 
 
 # What a config key of each type takes on the command line (bool first: a
@@ -429,6 +426,21 @@ def _config_file_unreadable(argv: list[str]) -> str | None:
       f'--{name}: {path} {why}. Give a config file, e.g.'
       f' --{name}=configs/fm.py (relative to the current directory).'
     )
+  return None
+
+
+def _not_a_config(argv: list[str], what: str = '') -> str | None:
+  """The message for a config file with no ConfigDict from get_config()."""
+  for name, path in _config_files(argv):
+    flag = flags.FLAGS[name]
+    if flag.present and not isinstance(flag.value, ml_collections.ConfigDict):
+      what = what or f'gave {flag.value!r} from get_config()'
+    if what:
+      return (
+        f'--{name}: {path} {what}; a'
+        ' config file defines get_config(arg=None) returning an'
+        ' ml_collections.ConfigDict, e.g. configs/fm.py.'
+      )
   return None
 
 

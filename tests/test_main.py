@@ -168,6 +168,29 @@ class MainTest(absltest.TestCase):
     )
     self.assertFalse(os.path.exists(os.path.join(self.tmp, 'w')))
 
+  def test_a_config_file_without_a_config_says_what_it_needs(self):
+    needs = (
+      '; a config file defines get_config(arg=None) returning an'
+      ' ml_collections.ConfigDict, e.g. configs/fm.py.'
+    )
+    w = os.path.join(self.tmp, 'w')
+    for text, what in (
+      ('x = 1\n', 'has no get_config()'),
+      ('def get_config():\n  return 1\n', 'gave 1 from get_config()'),
+    ):
+      path = os.path.join(self.tmp, 'not_a_config.py')
+      with open(path, 'w') as f:
+        f.write(text)
+      result = subprocess.run(  # No override: it would fail first.
+        [sys.executable, 'main.py', f'--config={path}', f'--workdir={w}'],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+      )
+      self._assert_one_line(result, f'--config: {path} {what}{needs}')
+    self.assertFalse(os.path.exists(w))
+
   def test_a_value_of_the_wrong_type_names_what_the_key_takes(self):
     workdir = os.path.join(self.tmp, 'w')
     self._assert_one_line(
