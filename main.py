@@ -13,7 +13,6 @@ import sys
 import threading
 import time
 
-from absl import app
 from absl import flags
 from absl import logging
 import jax
@@ -79,7 +78,7 @@ def exit_within(seconds: float, status: int) -> None:
 
 def main(argv):
   if len(argv) > 1:
-    raise app.UsageError('Too many command-line arguments.')
+    raise utils.UserError(f'Unexpected arguments: {" ".join(argv[1:])}')
   if FLAGS.distributed or any(
     FLAGS[name].present
     for name in ('coordinator_address', 'num_processes', 'process_id')

@@ -204,6 +204,9 @@ class MainTest(absltest.TestCase):
       " quoted for the shell, e.g. '(0.8, 0.1, 0.1)'; '(0.8,0.2' is not"
       ' one.',
     )
+    self._assert_one_line(  # As predict.py and export.py say it.
+      _run(workdir, 'fm'), 'Unexpected arguments: fm'
+    )
     self._assert_one_line(
       _run(workdir, '--workdirr=/tmp'),
       "Unknown command line flag 'workdirr'. Did you mean: workdir? Pass"
