@@ -296,6 +296,12 @@ def table(
   header = given + [label] if unlabeled else given  # Checked, dropped below.
   for key in COLUMN_KEYS:
     for column in column_list(options.get(key, ())):
+      if column not in header and not require_label:  # Rows to predict.
+        raise core.DataError(
+          f'{path}: no column {column!r}, which the model reads (its'
+          f' config.dataset.csv.{key}); the columns: {", ".join(given)}.'
+          ' Add it (an empty cell is a value training did not see).'
+        )
       if column not in header:
         raise core.DataError(
           f'config.dataset.csv.{key}: column {column!r} is not in the header'

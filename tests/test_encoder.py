@@ -158,6 +158,15 @@ class EncoderTest(EncoderTestCase):
     self._check_rows(enc.encode(parquet), ids, None)
     with self.assertRaisesRegex(data.DataError, 'differ from those the model'):
       enc.encode(frame.assign(extra=1))
+    # Rows to predict without a column the run named: no config key to fix.
+    frame[['device', 'city']].to_csv(other, index=False)
+    for rows, where in ((other, other), (frame[['city']], 'the DataFrame')):
+      with self.assertRaisesRegex(
+        data.DataError,
+        f"^{where}: no column 'age', which the model reads \\(its"
+        r' config.dataset.csv.numeric_columns\); the columns: ',
+      ):
+        enc.encode(rows)
 
   @parameterized.parameters(((),), ((4, 6, 5),))
   def test_libfm_with_and_without_field_dims(self, field_dims):
