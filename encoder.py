@@ -456,7 +456,7 @@ def load(path: str) -> Encoder:
   try:
     with open(os.path.join(directory, 'encoder.json')) as f:
       meta = json.load(f)
-  except FileNotFoundError as e:
+  except (FileNotFoundError, NotADirectoryError) as e:  # A file: no run.
     raise utils.UserError(
       f'{path}: no encoder.json in it or in its {DIRECTORY}/ directory; is'
       ' it the workdir of a finished training run (or an export)?'

@@ -219,6 +219,9 @@ class PredictTest(parameterized.TestCase):
   def test_missing_workdir_is_a_user_error(self):
     with self.assertRaisesRegex(UserError, 'no encoder.json'):
       predict.load(self.tmp)
+    path = _write(os.path.join(self.tmp, 'rows.csv'), ['1,2'])
+    with self.assertRaisesRegex(UserError, f'^{path}: no encoder.json in it'):
+      predict.load(path)  # A file given as the workdir.
 
   def test_chunk_rows_and_batch_size_below_one_name_the_flag(self):
     values = flags.FlagValues()
