@@ -56,6 +56,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import encoder as encoder_lib
+import entry
 import predict
 import utils
 
@@ -479,4 +480,4 @@ def main(argv):
 
 if __name__ == '__main__':
   define_flags()
-  utils.run_main(main)
+  entry.run_main(main)

@@ -18,6 +18,7 @@ from absl import logging
 import jax
 from ml_collections import config_flags
 
+import entry
 import multihost
 import train
 import utils
@@ -108,4 +109,4 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  utils.run_main(main)
+  entry.run_main(main)

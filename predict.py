@@ -46,6 +46,7 @@ import checkpoints
 from datasets import core
 from datasets import side
 import encoder as encoder_lib
+import entry
 import metrics
 import orbax_logs
 import train
@@ -435,4 +436,4 @@ def main(argv):
 
 if __name__ == '__main__':
   define_flags()
-  utils.run_main(main)
+  entry.run_main(main)

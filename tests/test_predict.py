@@ -27,9 +27,9 @@ from predict_testing import trained_run
 from predict_testing import unseen_line
 
 from datasets import criteo
+import entry
 import metrics
 import predict
-import utils
 from utils import UserError
 
 
@@ -232,7 +232,7 @@ class PredictTest(parameterized.TestCase):
       with self.assertRaises(flags.Error) as raised:
         values(argv)
       self.assertEqual(
-        utils._flag_error(argv, raised.exception),
+        entry._flag_error(argv, raised.exception),
         f'flag {flag}: {flag.split("=")[1]} is not a positive integer. Pass'
         ' --helpshort to see the flags.',
       )

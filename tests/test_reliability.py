@@ -882,7 +882,7 @@ _ENTRY = textwrap.dedent(
     data.train_rows = failing_rows
 
   sys.argv = sys.argv[1:]
-  utils.run_main(main.main)
+  entry.run_main(main.main)
   """
 ).format(root=ROOT)
 

@@ -1,4 +1,4 @@
-"""Tests of utils.run_main: a UserError is one line and status 2, bugs are not.
+"""Tests of entry.run_main: a UserError is one line and status 2, bugs are not.
 
 Each case runs a tiny entry point in a subprocess, as a user runs main.py.
 """
@@ -18,6 +18,7 @@ _SCRIPT = textwrap.dedent(
   f"""
   import sys
   sys.path.insert(0, {ROOT!r})
+  import entry
   import utils
 
 
@@ -58,7 +59,7 @@ _SCRIPT = textwrap.dedent(
 
 
   if __name__ == '__main__':
-    utils.run_main(main)
+    entry.run_main(main)
   """
 )
 
@@ -67,7 +68,7 @@ class RunMainTest(absltest.TestCase):
   @classmethod
   def setUpClass(cls):
     super().setUpClass()
-    cls.script = os.path.join(tempfile.mkdtemp(), 'entry.py')
+    cls.script = os.path.join(tempfile.mkdtemp(), 'tool.py')
     with open(cls.script, 'w') as f:
       f.write(_SCRIPT)
 
@@ -85,7 +86,7 @@ class RunMainTest(absltest.TestCase):
     self.assertEqual(result.returncode, 2, result.stderr)
     self.assertNotIn('Traceback', result.stderr)
     self.assertEqual(
-      result.stderr.strip().splitlines()[-1], f'entry.py: error: {MESSAGE}'
+      result.stderr.strip().splitlines()[-1], f'tool.py: error: {MESSAGE}'
     )
 
   def test_config_error_is_a_user_error(self):
@@ -93,7 +94,7 @@ class RunMainTest(absltest.TestCase):
     self.assertEqual(result.returncode, 2, result.stderr)
     self.assertNotIn('Traceback', result.stderr)
     self.assertIn(
-      'entry.py: error: 1 bad config value: config.batch_size=0 must be',
+      'tool.py: error: 1 bad config value: config.batch_size=0 must be',
       result.stderr,
     )
 
@@ -107,7 +108,7 @@ class RunMainTest(absltest.TestCase):
       self.assertIn('Traceback', result.stderr)
       self.assertIn("KeyError: 'batch_size'", result.stderr)  # The cause.
       last = result.stderr.strip().splitlines()[-1]
-      self.assertEqual(last, f'entry.py: error: {MESSAGE}')
+      self.assertEqual(last, f'tool.py: error: {MESSAGE}')
     result = self._run('user', env={'FLAX_FM_TRACEBACK': '0'})
     self.assertNotIn('Traceback', result.stderr)
 
@@ -118,7 +119,7 @@ class RunMainTest(absltest.TestCase):
     self.assertNotIn('Traceback', result.stderr)
     self.assertRegex(
       result.stderr.strip().splitlines()[-1],
-      r'^entry.py: error: Out of memory \(Unable to allocate 4.00 EiB .*\).'
+      r'^tool.py: error: Out of memory \(Unable to allocate 4.00 EiB .*\).'
       r' Lower config.dataset.chunk_rows \(while preprocessing\)',
     )
 
@@ -126,7 +127,7 @@ class RunMainTest(absltest.TestCase):
     result = self._run('bare_memory')
     self.assertEqual(result.returncode, 2, result.stderr)
     self.assertIn(
-      'entry.py: error: Out of memory (MemoryError). Lower', result.stderr
+      'tool.py: error: Out of memory (MemoryError). Lower', result.stderr
     )
     result = self._run('xla_memory')  # XLA's, on a device or under a limit.
     self.assertEqual(result.returncode, 2, result.stderr)

@@ -1,0 +1,266 @@
+"""The entry points' wrapper: a user's mistake is one line and status 2.
+
+`run_main` runs main.py, predict.py and export.py under absl: a
+`utils.UserError`, running out of memory, and a flag, config file or
+override that absl or ml_collections cannot read each print one line
+naming what to fix; a Ctrl-C stops the program wherever it lands.
+"""
+
+from collections.abc import Callable
+import gc
+import os
+import re
+import signal
+import sys
+import threading
+import traceback
+from typing import Any, NoReturn
+
+from absl import app
+from absl import flags
+from absl import logging
+import ml_collections
+from ml_collections.config_flags import config_flags as config_flags_lib
+
+from utils import UserError
+
+# Set (to anything but 0) to see the traceback of a UserError.
+TRACEBACK_ENV = 'FLAX_FM_TRACEBACK'
+
+
+def run_main(main: Callable[[list[str]], Any]) -> None:
+  """`absl.app.run(main)`, with a `UserError` printed as one line, status 2.
+
+  So are a flag or config file that `_parse_flags` cannot read, and running
+  out of memory (what to lower). `--verbosity=1` (or higher) or
+  `$FLAX_FM_TRACEBACK` also prints a UserError's traceback. Other
+  exceptions reach absl unchanged: traceback, status 1.
+  """
+
+  def guarded(argv: list[str]) -> Any:
+    try:
+      return main(argv)
+    except Exception as e:  # pylint: disable=broad-except
+      # XLA's out of memory: jax.errors.JaxRuntimeError, RESOURCE_EXHAUSTED.
+      xla_oom = str(e).startswith('RESOURCE_EXHAUSTED')
+      if not isinstance(e, (UserError, MemoryError)) and not xla_oom:
+        raise
+      verbose = os.environ.get(TRACEBACK_ENV, '') not in ('', '0')
+      if verbose or flags.FLAGS.verbosity >= 1:
+        traceback.print_exc()
+      if not isinstance(e, UserError):
+        reason = (str(e).splitlines() or [type(e).__name__])[0]
+        fail(
+          f'Out of memory ({reason}). Lower'
+          ' config.dataset.chunk_rows (while preprocessing), config.batch_size'
+          ' or --batch_size, make the tables smaller (a larger'
+          ' config.dataset.min_count), or run where more memory is free.'
+        )
+      fail(str(e))
+
+  keep_interrupts()
+  app.run(guarded, flags_parser=_parse_flags)
+
+
+def keep_interrupts() -> None:
+  """Makes Ctrl-C stop the program even when it lands in a gc callback.
+
+  CPython drops an exception raised in a garbage collector's callback
+  (`Exception ignored in: <function _xla_gc_callback>`), and JAX's runs at
+  every collection: about one Ctrl-C in twelve during preprocessing went
+  unheard and the run trained on. A SIGINT that arrives there is sent
+  again a moment later instead. Python's own handler only is replaced.
+  """
+  if signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+    signal.signal(signal.SIGINT, _interrupt)
+
+
+def _interrupt(signum: int, frame: Any) -> None:
+  callbacks = {getattr(c, '__code__', None) for c in gc.callbacks}
+  while frame is not None:
+    if frame.f_code in callbacks:
+      threading.Timer(0.01, os.kill, (os.getpid(), signum)).start()
+      return
+    frame = frame.f_back
+  raise KeyboardInterrupt
+
+
+def fail(message: str) -> NoReturn:
+  """Prints `<program>: error: <message>` as one line and exits with 2."""
+  logging.flush()
+  sys.stdout.flush()
+  program = os.path.basename(sys.argv[0])
+  sys.stderr.write(f'{program}: error: {message}\n')
+  sys.stderr.flush()
+  sys.exit(2)
+
+
+def _parse_flags(argv: list[str]) -> list[str]:
+  """absl's flag parsing, with a bad flag, config file or override as one line.
+
+  absl prints a malformed flag in two lines with Python's words for the
+  value and exits with 1 (here: the type a config key takes); ml_collections
+  lets through as tracebacks `--config.<key>` for a key the config lacks,
+  the config file's own exception (here: `file:line`), a file without
+  get_config() or one returning no ConfigDict. Returns the other arguments.
+  """
+  if (message := _config_file_unreadable(argv)) is not None:
+    fail(message)  # ml_collections would raise at the config's first use.
+  try:
+    args = flags.FLAGS(argv)
+  except flags.Error as e:
+    # A config file's ValueError or TypeError reaches us as a flag error,
+    # its traceback flattened into the message; the first error is the one.
+    chain = [e]
+    while cause := chain[-1].__cause__ or chain[-1].__context__:
+      if cause in chain:
+        break
+      chain.append(cause)
+    fail(_config_file_error(argv, chain[-1]) or _flag_error(argv, e))
+  except Exception as e:  # pylint: disable=broad-except
+    missing = "attribute 'get_config'" in str(e) and 'has no get_config()'
+    message = _override_error(argv, e) or _config_file_error(argv, e)
+    if not (message := message or _not_a_config(argv, missing or '')):
+      raise
+    fail(message)
+  if message := _not_a_config(argv):
+    fail(message)
+  return args
+
+
+# What a config key of each type takes on the command line (bool first: a
+# bool is an int; ConfigDict holds a tuple as a list).
+_TAKES = (
+  (bool, 'True or False'),
+  (int, 'an integer'),
+  (float, 'a number'),
+  ((tuple, list), 'a tuple, quoted for the shell'),
+)
+
+
+def _flag_error(argv: list[str], error: flags.Error) -> str:
+  """absl's message for a flag it cannot parse, as one line."""
+  message = ' '.join(str(error).split()).replace(' ?', '?')
+  name = message.partition('=')[0].removeprefix('flag --')
+  values = [a.split('=', 1)[1] for a in argv if a.startswith(f'--{name}=')]
+  if '.' in name and name in flags.FLAGS and values:
+    current = flags.FLAGS[name].value
+    for kind, takes in _TAKES:
+      if isinstance(current, kind):
+        if isinstance(current, list):
+          current = f"'{tuple(current)}'"
+        return (
+          f'--{name}={values[-1]}: {name} takes {takes}, e.g.'
+          f' {current}; {values[-1]!r} is not one.'
+        )
+  end = '' if message.endswith(('.', '?')) else '.'
+  return f'{message}{end} Pass --helpshort to see the flags.'
+
+
+def _config_files(argv: list[str]) -> list[tuple[str, str]]:
+  """(flag, path) of each config-file flag on the command line."""
+  found = []
+  for i, arg in enumerate(argv[1:], 1):
+    name, equals, value = arg.lstrip('-').partition('=')
+    if not arg.startswith('-') or name not in flags.FLAGS:
+      continue
+    parser = flags.FLAGS[name].parser
+    if not isinstance(parser, config_flags_lib.ConfigFileFlagParser):
+      continue
+    if not equals:  # `--config path`
+      value = argv[i + 1] if i + 1 < len(argv) else ''
+    if path := value.split(':', 1)[0]:  # `path:arg` passes arg to the file.
+      found.append((name, path))
+  return found
+
+
+def _config_file_unreadable(argv: list[str]) -> str | None:
+  """The message for a config-file flag whose file cannot be read, or None."""
+  for name, path in _config_files(argv):
+    if not os.path.isfile(path):
+      why = 'does not exist'
+    elif not os.access(path, os.R_OK):
+      why = 'cannot be read'
+    else:
+      continue
+    return (
+      f'--{name}: {path} {why}. Give a config file, e.g.'
+      f' --{name}=configs/fm.py (relative to the current directory).'
+    )
+  return None
+
+
+def _not_a_config(argv: list[str], what: str = '') -> str | None:
+  """The message for a config file with no ConfigDict from get_config()."""
+  for name, path in _config_files(argv):
+    flag = flags.FLAGS[name]
+    if flag.present and not isinstance(flag.value, ml_collections.ConfigDict):
+      what = what or f'gave {flag.value!r} from get_config()'
+    if what:
+      return (
+        f'--{name}: {path} {what}; a'
+        ' config file defines get_config(arg=None) returning an'
+        ' ml_collections.ConfigDict, e.g. configs/fm.py.'
+      )
+  return None
+
+
+def _missing_key(error: BaseException) -> tuple[str, str] | None:
+  """(key, hint) of ml_collections' error for a missing key, else None."""
+  while (
+    isinstance(error, (AttributeError, KeyError))
+    and error.args
+    and isinstance(error.args[0], BaseException)
+  ):
+    error = error.args[0]  # ml_collections wraps the KeyError.
+  if not isinstance(error, KeyError) or not error.args:
+    return None
+  first, _, hint = str(error.args[0]).partition('\n')
+  hint = f' {hint.strip()}' if hint.strip() else ''
+  return first.strip('\'"'), hint
+
+
+def _override_error(argv: list[str], error: Exception) -> str | None:
+  """The message for an override of a missing key, or None if it is not."""
+  if (missing := _missing_key(error)) is None:
+    return None
+  key, hint = missing
+  if found := re.search(r'does not exist .*lookup: ([\w.]+)', key):
+    path = found.group(1)  # A key under a value: `model.embed_dim.x`.
+    return (
+      f'--config.{path}: config.{path.rsplit(".", 1)[0]} is a value, not a'
+      ' group of keys.'
+    )
+  for arg in argv[1:]:
+    name = arg.split('=', 1)[0]
+    parts = name[2:].split('.')
+    if name.startswith('--') and key in parts[1:]:  # Anywhere in the path.
+      where = '.'.join(parts[: parts.index(key, 1)])
+      return (
+        f'{name}: {where} has no key {key!r}.{hint} Its keys are in the'
+        ' config file and configs/default.py.'
+      )
+  return None
+
+
+def _config_file_error(argv: list[str], error: Exception) -> str | None:
+  """`file:line: error` when a config file named in `argv` raised `error`."""
+  files = {os.path.abspath(path) for _, path in _config_files(argv)}
+  frames = [
+    f
+    for f in traceback.extract_tb(error.__traceback__)
+    if os.path.abspath(f.filename) in files
+  ]
+  if isinstance(error, SyntaxError) and error.filename:
+    if os.path.abspath(error.filename) in files:
+      return f'{error.filename}:{error.lineno}: {error.msg}'
+  if not frames:
+    return None
+  frame = frames[-1]
+  missing = _missing_key(error)
+  what = (
+    f'no config key {missing[0]!r}.{missing[1]}'
+    if missing
+    else f'{type(error).__name__}: {error}'
+  )
+  return f'{frame.filename}:{frame.lineno}: error in the config file: {what}'
