@@ -317,7 +317,8 @@ class Encoder:
     column is optional; a missing value is an empty (None or NaN) cell. A
     multi-hot cell is a string of values joined by the run's separator or
     a list of values. Values are keyed as written: read a CSV with
-    `pd.read_csv(path, dtype=str)`, or its `007` becomes `7`, and Parquet
+    `pd.read_csv(path, dtype=str, keep_default_na=False)`, or its `007`
+    becomes `7` and its `NA`, `null` or `None` a missing value, and Parquet
     as training does, `pyarrow.parquet.read_table(path).to_pandas(
     integer_object_nulls=True)`: `pd.read_parquet` makes floats (`7.0`) of
     integers in a column or list column with a null.

@@ -168,6 +168,23 @@ class EncoderTest(EncoderTestCase):
       ):
         enc.encode(rows)
 
+  def test_csv_read_as_the_docstring_says_keeps_na_strings(self):
+    # 'NA' (Namibia), 'null' and 'None' are values: training keys them as
+    # written, so the DataFrame read that encode's docstring gives must too.
+    rng = np.random.default_rng(4)
+    countries = rng.choice(['NA', 'null', 'None', 'FR'], 120)
+    path = os.path.join(self.tmp, 'train.csv')
+    pd.DataFrame(
+      {'clicked': rng.integers(0, 2, 120), 'country': countries}
+    ).to_csv(path, index=False)
+    options = {'label_column': 'clicked'}
+    dataset, enc, _ = self._save('csv', path, csv=options)
+    ids, labels = self._file_order(dataset)
+    self.assertEqual(len(set(ids[:, 0].tolist())), 4)
+    read = re.search(r'pd\.read_csv\(path, ([^)]*)\)', enc.encode.__doc__)
+    kwargs = eval(f'dict({read[1]})', {'dict': dict, 'str': str})
+    self._check_rows(enc.encode(pd.read_csv(path, **kwargs)), ids, labels)
+
   @parameterized.parameters(((),), ((4, 6, 5),))
   def test_libfm_with_and_without_field_dims(self, field_dims):
     rng = np.random.default_rng(4)
