@@ -279,7 +279,41 @@ def load(workdir: str, batch_size: int = 8192) -> Predictor:
     workdir,
     meta.get('best_epoch', meta.get('epoch')),
   )
-  return Predictor(encoder, model, variables, batch_size)
+  predictor = Predictor(encoder, model, variables, batch_size)
+  _check_fits(predictor, state['params'], workdir)
+  return predictor
+
+
+def _check_fits(predictor: Predictor, params: Any, workdir: str) -> None:
+  """Refuses parameters that are not the shapes the encoder's model takes.
+
+  Raises:
+    UserError: `encoder/` and the checkpoints come from different runs.
+  """
+  inputs = {
+    name: jax.ShapeDtypeStruct((1,) + shape, dtype)
+    for name, (shape, _, dtype) in predictor._inputs.items()
+  }
+  want = jax.eval_shape(
+    lambda x: predictor.model.init(jax.random.key(0), **x, train=False),
+    inputs,
+  )['params']
+  got, want = (
+    {
+      jax.tree_util.keystr(path): np.shape(leaf)
+      for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]
+    }
+    for tree in (params, want)
+  )
+  if got == want:
+    return
+  name = next(k for k in [*want, *got] if got.get(k) != want.get(k))
+  diff = f'{name} is {got.get(name)}, not {want.get(name)}'
+  raise utils.UserError(
+    f'The best checkpoint of {workdir} does not fit its encoder/ ({diff}):'
+    ' they come from different runs. Restore the encoder/ of the run that'
+    ' saved the checkpoints, or train again.'
+  )
 
 
 def csv_lines(probabilities: np.ndarray, labels: np.ndarray | None) -> str:

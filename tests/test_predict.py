@@ -9,8 +9,10 @@ split and padded.
 
 import contextlib
 import io
+import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -222,6 +224,24 @@ class PredictTest(parameterized.TestCase):
     path = _write(os.path.join(self.tmp, 'rows.csv'), ['1,2'])
     with self.assertRaisesRegex(UserError, f'^{path}: no encoder.json in it'):
       predict.load(path)  # A file given as the workdir.
+
+  def test_an_encoder_of_another_run_is_a_user_error(self):
+    # Flax's ScopeParamShapeError, a traceback, at the first batch before.
+    workdir = os.path.join(self.tmp, 'mixed')
+    shutil.copytree(self.trained.workdir, workdir)
+    path = os.path.join(workdir, 'encoder', 'encoder.json')
+    with open(path) as f:
+      record = json.load(f)
+    dim = record['model']['embed_dim']
+    record['model']['embed_dim'] = dim + 1
+    with open(path, 'w') as f:
+      json.dump(record, f)
+    with self.assertRaisesRegex(
+      UserError,
+      rf'^The best checkpoint of {workdir} does not fit its encoder/'
+      rf" \(\['\w+'\].*is \(\d+, {dim}\), not \(\d+, {dim + 1}\)\)",
+    ):
+      predict.load(workdir)
 
   def test_chunk_rows_and_batch_size_below_one_name_the_flag(self):
     values = flags.FlagValues()
