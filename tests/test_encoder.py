@@ -523,7 +523,9 @@ class SideInputsTest(EncoderTestCase):
       source = source.drop(columns=['price', 'colors'])
       listed = ', '.join(source.columns)  # Its own columns, nothing added.
       with self.assertRaisesRegex(
-        data.DataError, f"float_columns: .*'price'.*DataFrame: {listed}\\.$"
+        data.DataError,
+        f"^the DataFrame: no column 'price', which the model reads \\(its"
+        f' config.dataset.csv.float_columns\\); the columns: {listed}\\.',
       ):
         enc.encode(source)
 
