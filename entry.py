@@ -116,7 +116,11 @@ def _parse_flags(argv: list[str]) -> list[str]:
       if cause in chain:
         break
       chain.append(cause)
-    fail(_config_file_error(argv, chain[-1]) or _flag_error(argv, e))
+    fail(
+      _config_file_error(argv, chain[-1])
+      or _no_argument(argv, e)
+      or _flag_error(argv, e)
+    )
   except Exception as e:  # pylint: disable=broad-except
     missing = "attribute 'get_config'" in str(e) and 'has no get_config()'
     message = _override_error(argv, e) or _config_file_error(argv, e)
@@ -153,8 +157,30 @@ def _flag_error(argv: list[str], error: flags.Error) -> str:
           f'--{name}={values[-1]}: {name} takes {takes}, e.g.'
           f' {current}; {values[-1]!r} is not one.'
         )
+  if name in flags.FLAGS and flags.FLAGS[name].boolean and values:
+    return (
+      f'--{name}={values[-1]}: --{name} takes true or false (or --{name},'
+      f' --no{name}); {values[-1]!r} is not one.'
+    )
   end = '' if message.endswith(('.', '?')) else '.'
   return f'{message}{end} Pass --helpshort to see the flags.'
+
+
+def _no_argument(argv: list[str], error: flags.Error) -> str | None:
+  """The message for `--config=file.py:arg` whose get_config() takes none."""
+  if 'get_config() takes 0 positional arguments' not in str(error):
+    return None
+  for name, path in _config_files(argv):
+    for arg in argv:
+      if arg.startswith((f'--{name}={path}:', f'-{name}={path}:')):
+        given = arg.split(':', 1)[1]
+        return (
+          f'--{name}: get_config() in {path} takes no argument, so'
+          f' {given!r} (after the colon) cannot be passed to it. Drop'
+          f' ":{given}", or define get_config(arg=None) as configs/fm.py'
+          ' does.'
+        )
+  return None
 
 
 def _config_files(argv: list[str]) -> list[tuple[str, str]]:

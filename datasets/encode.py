@@ -193,9 +193,10 @@ def source_files(
   """
   name = config.name
   if not config.path:
+    example = {'criteo': 'criteo/train.txt', 'csv': 'clicks.csv'}
     raise core.DataError(
       f'config.dataset.path: set it to the {name} file (e.g.'
-      ' --config.dataset.path=/data/criteo/train.txt).'
+      f' --config.dataset.path=/data/{example.get(name, f"{name}/train")}).'
     )
   path = os.path.abspath(os.path.expanduser(config.path))
   valid, test = config.valid_path, config.test_path

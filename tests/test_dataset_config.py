@@ -131,6 +131,19 @@ class DatasetConfigTest(DatasetTestCase):
     _, resolved, _ = data.resolve(self.config('criteo', '', min_count=2))
     self.assertEqual(resolved.min_count, 2)
 
+  def test_a_missing_path_gets_an_example_of_its_own_format(self):
+    for name, example in (
+      ('criteo', '/data/criteo/train.txt'),
+      ('csv', '/data/clicks.csv'),
+      ('avazu', '/data/avazu/train'),
+    ):
+      with self.assertRaisesRegex(
+        data.DataError,
+        f'^config.dataset.path: set it to the {name} file \\(e.g.'
+        f' --config.dataset.path={re.escape(example)}\\)',
+      ):
+        data.load_dataset(self.config(name, ''))
+
   def test_csv_sep_is_one_character_and_a_typed_backslash_t_is_a_tab(self):
     rows = [[f'u{i % 5}', str(i % 2), f'c{i % 3}'] for i in range(60)]
     path = write_lines(os.path.join(self.tmp, 't.tsv'), rows, '\t', 'uyc')

@@ -190,6 +190,18 @@ class MainTest(absltest.TestCase):
       )
       self._assert_one_line(result, f'--config: {path} {what}{needs}')
     self.assertFalse(os.path.exists(w))
+    # `:arg` for a get_config() that takes none: ml_collections' traceback,
+    # flattened into the line.
+    with open(path, 'w') as f:
+      f.write(
+        'from configs import fm\ndef get_config():\n  return fm.get_config()\n'
+      )
+    self._assert_one_line(
+      _run(w, config=f'{path}:smoke'),
+      f"--config: get_config() in {path} takes no argument, so 'smoke'"
+      ' (after the colon) cannot be passed to it. Drop ":smoke", or define'
+      ' get_config(arg=None) as configs/fm.py does.',
+    )
 
   def test_a_value_of_the_wrong_type_names_what_the_key_takes(self):
     workdir = os.path.join(self.tmp, 'w')
@@ -206,6 +218,11 @@ class MainTest(absltest.TestCase):
     )
     self._assert_one_line(  # As predict.py and export.py say it.
       _run(workdir, 'fm'), 'Unexpected arguments: fm'
+    )
+    self._assert_one_line(  # absl's words: a Python tuple.
+      _run(workdir, '--distributed=maybe'),
+      '--distributed=maybe: --distributed takes true or false (or'
+      " --distributed, --nodistributed); 'maybe' is not one.",
     )
     self._assert_one_line(
       _run(workdir, '--workdirr=/tmp'),
