@@ -137,7 +137,7 @@ class EventWriter:
         _FILES_OPENED[0] += 1
         name = (
           f'events.out.tfevents.{int(time.time())}.{socket.gethostname()}'
-          f'.{os.getpid()}.{_FILES_OPENED[0]}'
+          f'.{os.getpid()}.{_FILES_OPENED[0]:06d}'  # Sorted as written.
         )
         self.path = os.path.join(self.directory, name)
         first = event(0, time.time(), file_version='brain.Event:2')

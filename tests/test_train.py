@@ -164,6 +164,15 @@ class MetricsTest(parameterized.TestCase):
         },
       )
 
+  def test_the_event_files_of_a_process_sort_as_written(self):
+    # TensorBoard reads a run's files in the order of their names: a
+    # process's tenth file came before its ninth.
+    with tempfile.TemporaryDirectory() as workdir:
+      for n in range(12):
+        writer = event_files.EventWriter(workdir)
+        writer.write({'split': 'train', 'step': 1, 'loss': n})
+      self.assertEqual(_tensorboard(workdir), {'train/loss': {1: 11.0}})
+
   def test_an_event_file_the_disk_refuses_leaves_metrics_jsonl_going(self):
     with tempfile.TemporaryDirectory() as workdir:
       writer = metrics.MetricsWriter(workdir, enabled=True)
