@@ -7,9 +7,12 @@ buffers: each record is the data's length, its masked CRC-32C, the data and
 theirs. The few fields written here are encoded by hand, so that neither
 TensorFlow nor generated protobuf classes are needed.
 
-A resumed run starts a new file whose first event says that the session
-restarted at the first step it redoes: TensorBoard then drops the earlier
-files' events from that step on (a kill's), which the run writes again.
+Each file starts with a SessionLog START (TensorBoard's server ignores the
+first it reads): a resumed run's new file says in it that the session
+restarted at the first step of a line that metrics.jsonl dropped (a kill's
+epochs, or the test line, at the best epoch's step): TensorBoard then drops
+the earlier files' events from that step on, and the kept lines from there
+are written again.
 """
 
 import os
@@ -121,13 +124,18 @@ class EventWriter:
 
   def write(self, record: dict) -> None:
     """Writes the numbers of a metrics line as `<split>/<name>` scalars."""
+    if self.path is None:  # A new run (or metrics.jsonl was removed).
+      self.restart(0)
     split = record.get('split', 'metrics')
     scalars = {
       f'{split}/{name}': float(value)
       for name, value in record.items()
       if name not in NOT_PLOTTED and isinstance(value, (int, float))
     }
-    self._append(event(record.get('step', 0), time.time(), scalars=scalars))
+    wall_time = record.get('time')  # A line written again keeps its time.
+    if not isinstance(wall_time, (int, float)):
+      wall_time = time.time()
+    self._append(event(record.get('step', 0), wall_time, scalars=scalars))
 
   def _append(self, data: bytes) -> None:
     if self.failed:

@@ -100,6 +100,7 @@ class MetricsWriter:
     if not self.enabled or not os.path.exists(self.path):
       return
     kept, cut, offset, step = [], None, 0, 0
+    records, redo = [], None  # The kept lines; the first step of a dropped.
     with open(self.path, 'rb') as f:
       for line in f:
         try:
@@ -112,12 +113,16 @@ class MetricsWriter:
           and record.get('epoch', 0) <= epoch
         ):
           kept.append(json_line(record))
+          records.append(record)
           if isinstance(record.get('step'), int):
             step = max(step, record['step'])
           if cut is not None or kept[-1].encode() != line:
             cut = -1  # A kept line after a dropped one, or not strict JSON.
-        elif cut is None:
-          cut = offset
+        else:
+          if isinstance(record, dict) and isinstance(record.get('step'), int):
+            redo = min(record['step'], record['step'] if redo is None else redo)
+          if cut is None:
+            cut = offset
         offset += len(line)
     if cut is not None:
       with self._writing():
@@ -127,8 +132,14 @@ class MetricsWriter:
           with open(self.path + '.tmp', 'w') as f:
             f.writelines(kept)
           os.replace(self.path + '.tmp', self.path)
-    # TensorBoard drops the events of the steps redone (a kill's).
-    self.events.restart(step + 1)
+    # TensorBoard drops the events from the first step redone (a kill's) or
+    # dropped (a test line's, at the best epoch's step): the kept lines from
+    # there on are written again.
+    start = step + 1 if redo is None else min(redo, step + 1)
+    self.events.restart(start)
+    for record in records:
+      if isinstance(record.get('step'), int) and record['step'] >= start:
+        self.events.write(record)
 
   def _writing(self):
     """`utils.writing` for this file and its temporary copy."""

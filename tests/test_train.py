@@ -79,6 +79,28 @@ def _tensorboard(workdir):
   }
 
 
+def _tensorboard_points(workdir, server=False):
+  """{tag: [(step, value)]} as TensorBoard reads them, every point of a
+  step; `server`: as its server's Python loader, one tag's list."""
+  from tensorboard.backend.event_processing import event_accumulator
+  from tensorboard.backend.event_processing import plugin_event_accumulator
+  from tensorboard.util import tensor_util
+
+  if server:
+    events = plugin_event_accumulator.EventAccumulator(workdir)
+    events.Reload()
+    return [
+      (e.step, tensor_util.make_ndarray(e.tensor_proto).item())
+      for e in events.Tensors('train/loss')
+    ]
+  events = event_accumulator.EventAccumulator(workdir)
+  events.Reload()
+  return {
+    tag: [(e.step, e.value) for e in events.Scalars(tag)]
+    for tag in events.Tags()['scalars']
+  }
+
+
 def _metrics(workdir):
   with open(os.path.join(workdir, 'metrics.jsonl')) as f:
     records = [json.loads(line) for line in f]
@@ -163,6 +185,36 @@ class MetricsTest(parameterized.TestCase):
           'valid/auc': {10: 0.5, 20: 0.5},
         },
       )
+
+  def test_tensorboard_shows_the_test_line_that_metrics_jsonl_keeps(self):
+    # A resume drops the test line, at the best epoch's step, before the
+    # last step kept: TensorBoard kept its point, beside the new one or
+    # twice at the same step.
+    with tempfile.TemporaryDirectory() as workdir:
+      writer = metrics.MetricsWriter(workdir, enabled=True)
+      runs = ((0, (1, 2), 1), (2, (3,), 1), (3, (4,), 4))
+      for resumed, epochs, best in runs:  # Each resumes the one before.
+        writer = metrics.MetricsWriter(workdir, enabled=True)
+        writer.truncate(resumed)
+        for epoch in epochs:
+          for split in ('train', 'valid'):
+            writer.write(split=split, epoch=epoch, step=10 * epoch, auc=epoch)
+        writer.write(split='test', epoch=best, step=10 * best, auc=resumed)
+      steps = [(10 * epoch, epoch) for epoch in (1, 2, 3, 4)]
+      want = {'train/auc': steps, 'valid/auc': steps, 'test/auc': [(40, 3)]}
+      self.assertEqual(_tensorboard_points(workdir), want)
+
+  def test_the_tensorboard_server_drops_the_events_a_resume_redoes(self):
+    # Its loader (`--load_fast=false`, or without tensorboard-data-server)
+    # took the first resume's SessionLog START for the run's start.
+    with tempfile.TemporaryDirectory() as workdir:
+      for resumed, epochs in ((0, (1, 2, 3)), (2, (3,))):
+        writer = metrics.MetricsWriter(workdir, enabled=True)
+        writer.truncate(resumed)
+        for epoch in epochs:
+          writer.write(split='train', epoch=epoch, step=epoch, loss=resumed)
+      want = [(1, 0), (2, 0), (3, 2)]
+      self.assertEqual(_tensorboard_points(workdir, server=True), want)
 
   def test_the_event_files_of_a_process_sort_as_written(self):
     # TensorBoard reads a run's files in the order of their names: a
