@@ -449,7 +449,7 @@ def _saving(directory: str, names: list[str]) -> bool:
   """Whether a step of `names` (in `directory`) is being written now."""
   now = time.time()
   for name in names:
-    if not name.endswith(SAVING):
+    if SAVING not in name:  # Older orbax adds a timestamp.
       continue
     for root, _, files in os.walk(os.path.join(directory, name)):
       for path in [root, *(os.path.join(root, f) for f in files)]:

@@ -12,7 +12,10 @@ first it reads): a resumed run's new file says in it that the session
 restarted at the first step of a line that metrics.jsonl dropped (a kill's
 epochs, or the test line, at the best epoch's step): TensorBoard then drops
 the earlier files' events from that step on, and the kept lines from there
-are written again.
+are written again. TensorBoard's fast loader (tensorboard-data-server)
+ignores the START and drops a series' points only at a step it gets again:
+after a resume that finds a later best epoch, it still shows the earlier
+test point, at the earlier best step.
 """
 
 import os

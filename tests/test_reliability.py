@@ -818,7 +818,7 @@ _ENTRY = textwrap.dedent(
   """
   import builtins, errno, os, sys, threading
   sys.path.insert(0, {root!r})
-  import checkpoints, data, main, train, utils
+  import checkpoints, data, entry, main, train, utils
 
   fault = os.environ['FAULT']
   main.EXIT_GRACE_SECONDS = 3.0
@@ -907,22 +907,22 @@ class MainFaultTest(_Case):
     super().setUpClass()
     cls.tmp = tempfile.mkdtemp()
     _write_csv(os.path.join(cls.tmp, 'clicks.csv'), 4000, seed=0)
-    cls.entry = os.path.join(cls.tmp, 'entry.py')
-    with open(cls.entry, 'w') as f:
+    cls.script = os.path.join(cls.tmp, 'inject.py')
+    with open(cls.script, 'w') as f:
       f.write(_ENTRY)
 
   def _workdir(self):
     return os.path.join(tempfile.mkdtemp(dir=self.tmp), 'run')
 
   def _inject(self, fault, workdir):
-    return _run([self.entry, *_flags(workdir, self.tmp)], env={'FAULT': fault})
+    return _run([self.script, *_flags(workdir, self.tmp)], env={'FAULT': fault})
 
   def assertUserError(self, result, *parts):
     """Status 2 and one line, `main.py: error: ...`, with no traceback."""
     self.assertEqual(result.returncode, 2, result.stderr[-3000:])
     self.assertNotIn('Traceback', result.stderr)
     last = result.stderr.strip().splitlines()[-1]
-    self.assertRegex(last, r'^(main|entry)\.py: error: ')
+    self.assertRegex(last, r'^(main|inject)\.py: error: ')
     for part in parts:
       self.assertIn(part, last)
 
