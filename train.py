@@ -3,9 +3,8 @@
 `train_and_evaluate(config, workdir)` loads the dataset, builds
 `models/<config.model_name>.py`, trains with the global batch split over all
 local devices (and processes), evaluates AUC and logloss on the validation
-split after every epoch, keeps the best checkpoint, stops early, and finally
-scores the best state on the test split. Restarted in the same workdir it
-resumes from the latest checkpoint.
+split after every epoch, keeps the best checkpoint, stops early, and scores
+the best state on the test split. Rerun in its workdir, it resumes.
 """
 
 from collections.abc import Callable
@@ -331,7 +330,8 @@ def train_and_evaluate(
 
   The config is checked before anything else; the workdir is locked for the
   whole run, and a restart must continue the run its checkpoints come from
-  (see workdir.py).
+  (see workdir.py). A JAX cache keeps each call's compiled programs: a sweep
+  in one process frees them with `jax.clear_caches()` between runs.
 
   Args:
     config: the run's config (see configs/default.py).
