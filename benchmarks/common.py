@@ -190,9 +190,7 @@ def load_average() -> list[float] | None:
 def machine_info() -> dict[str, Any]:
   """CPU model, core count, load, and the versions of what was measured."""
   return {
-    'date': datetime.datetime.now(datetime.timezone.utc).isoformat(
-      timespec='seconds'
-    ),
+    'date': datetime.datetime.now(datetime.UTC).isoformat(timespec='seconds'),
     'cpu': _cpu_model(),
     'cores': os.cpu_count(),
     'load_average': load_average(),

@@ -1,6 +1,8 @@
 """Test set-up: two emulated CPU devices, fast compiles, one JAX cache."""
 
+import importlib.metadata
 import os
+import re
 import shutil
 import sys
 import tempfile
@@ -13,13 +15,25 @@ import tempfile
 # code generation in one thread (the two pytest workers use both cores):
 # the model tests' programs compile about 1.7x faster than at level 0
 # alone. The computations are the same. XLA aborts on a flag it does not
-# know: if a newer jaxlib drops one of these, drop it here.
+# know: jaxlib 0.11.1 and later (what pip installs on Python 3.12 and
+# later) abort on the emitters' flag, so it goes only to older ones.
+
+
+def _jaxlib_version() -> tuple[int, ...]:
+  try:
+    version = importlib.metadata.version('jaxlib')
+  except importlib.metadata.PackageNotFoundError:
+    return ()
+  return tuple(int(part) for part in re.findall(r'\d+', version)[:3])
+
+
 _FLAGS = (
   '--xla_force_host_platform_device_count=2',
   '--xla_backend_optimization_level=0',
-  '--xla_cpu_use_fusion_emitters=false',
   '--xla_cpu_parallel_codegen_split_count=1',
 )
+if _jaxlib_version() < (0, 11, 1):
+  _FLAGS += ('--xla_cpu_use_fusion_emitters=false',)
 for _flag in _FLAGS:
   if _flag.split('=')[0] not in os.environ.get('XLA_FLAGS', ''):
     os.environ['XLA_FLAGS'] = (
