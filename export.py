@@ -29,8 +29,10 @@ writes into the output directory:
   and `dense` when present, output `probability`, batch dimension `batch`),
   for onnxruntime. It needs the optional converter: `pip install jax2onnx
   onnxruntime "orbax-checkpoint>=0.12.8"` (jax2onnx's newest releases would
-  downgrade orbax otherwise; see requirements-dev.txt). Without it, or with
-  `--noonnx`, it is left out, and signature.json says why.
+  downgrade orbax otherwise; see requirements-dev.txt). Without it, with
+  `--noonnx`, or when onnxruntime (if installed) cannot run the converted
+  model or gets other numbers than the JAX function on sample rows
+  (`onnx_export.check`), it is left out, and signature.json says why.
 - `signature.json`: inputs (name, dtype, shape) and outputs,
   `field_names`, `field_dims`, the out-of-vocabulary ids, the multi-hot
   and numeric fields (`multi_field_names`, `multi_field_dims`, `max_len`,
@@ -40,30 +42,27 @@ writes into the output directory:
 
 from collections.abc import Callable, Sequence
 import contextlib
-import importlib.abc
 import json
-import logging as std_logging
 import os
 import shutil
-import sys
 from typing import Any
 
 from absl import flags
 from absl import logging
 import jax
-from jax import lax
 import jax.numpy as jnp
 import numpy as np
 
 import encoder as encoder_lib
 import entry
+import onnx_export
 import predict
 import utils
 
 VERSION = 2
 INPUT = 'ids'
 INPUTS = ('ids', 'multi_ids', 'dense')
-OUTPUT = 'probability'
+OUTPUT = onnx_export.OUTPUT
 PLATFORMS = ('cpu', 'cuda', 'rocm', 'tpu')
 # Weights that model.jax and model.onnx hold: their formats' 2 GiB, less room
 # for the program.
@@ -134,135 +133,35 @@ def export_jax(
   return bytes(exported.serialize())
 
 
-def _inline(jaxpr, consts: Sequence, *args) -> list:
-  """Evaluates `jaxpr` with nested calls inlined and integer `rem` rewritten.
-
-  jax2onnx cannot lower an integer remainder with a symbolic batch
-  dimension (W&D's hashed crosses take one); `x - (x / y) * y`, with
-  truncating division, is the same remainder and lowers. Only functions
-  with such a remainder, or that jax2onnx fails to convert directly, take
-  this path: tracing first, outside jax2onnx, turns `jnp.einsum` into
-  `dot_general`s, some of which it lowers to an invalid ONNX Einsum
-  (xDeepFM's).
-  """
-  env = {}
-
-  def read(v):
-    return v.val if isinstance(v, jax.extend.core.Literal) else env[v]
-
-  env.update(zip(jaxpr.constvars, consts, strict=True))
-  env.update(zip(jaxpr.invars, args, strict=True))
-  for eqn in jaxpr.eqns:
-    invals = [read(v) for v in eqn.invars]
-    params = eqn.params
-    inner = params.get('jaxpr', params.get('call_jaxpr'))
-    if eqn.primitive.name == 'rem' and jnp.issubdtype(
-      eqn.invars[0].aval.dtype, jnp.integer
-    ):
-      x, y = invals
-      outs = [x - lax.div(x, y) * y]
-    elif inner is not None and eqn.primitive.name in (
-      'pjit',
-      'jit',
-      'closed_call',
-      'custom_jvp_call',
-    ):
-      closed = getattr(inner, 'jaxpr', inner)
-      outs = _inline(closed, getattr(inner, 'consts', ()), *invals)
-    else:
-      bind_params = eqn.primitive.get_bind_params(params)
-      subfuns = []
-      if isinstance(bind_params, tuple):  # jax < 0.8: (subfuns, params).
-        subfuns, bind_params = bind_params
-      outs = eqn.primitive.bind(*subfuns, *invals, **bind_params)
-      if not eqn.primitive.multiple_results:
-        outs = [outs]
-    for v, value in zip(eqn.outvars, outs, strict=True):
-      env[v] = value
-  return [read(v) for v in jaxpr.outvars]
-
-
-def _has_integer_rem(jaxpr) -> bool:
-  """Whether `jaxpr` (or one nested in it) takes an integer remainder."""
-  for eqn in jaxpr.eqns:
-    if eqn.primitive.name == 'rem' and jnp.issubdtype(
-      eqn.invars[0].aval.dtype, jnp.integer
-    ):
-      return True
-    for value in eqn.params.values():
-      inner = getattr(value, 'jaxpr', value)
-      if hasattr(inner, 'eqns') and _has_integer_rem(inner):
-        return True
-  return False
-
-
-class _SkipPlugins(importlib.abc.MetaPathFinder):
-  """Refuses to import jax2onnx's plugins for other libraries.
-
-  jax2onnx imports every plugin module on its first conversion; those of
-  its examples and of equinox run and compile JAX code as they load, which
-  makes the first export of a process many times slower. A model is traced
-  as JAX primitives, which only the `jax` plugins convert.
-  """
-
-  SKIPPED = tuple(
-    f'jax2onnx.plugins.{tree}' for tree in ('examples', 'equinox', 'dm_pix')
-  )
-
-  def find_spec(self, name, path, target=None):
-    del path, target
-    if name.startswith(self.SKIPPED):
-      raise ImportError(f'{name}: not needed to export a model')
-    return None
-
-
-def export_onnx(fn: Callable, inputs: Inputs) -> bytes:
-  """`fn` as an ONNX model (inputs named as `inputs`, output `probability`).
+def export_onnx(
+  fn: Callable, inputs: Inputs, feeds: dict[str, np.ndarray] | None = None
+) -> bytes:
+  """`fn` as an ONNX model (inputs named as `inputs`, output `probability`),
+  checked on `feeds` (`onnx_export.check`) when given.
 
   Raises:
     ImportError: jax2onnx is not installed.
-    Exception: whatever the converter raises for an unsupported model.
+    Exception: whatever the converter raises for an unsupported model, or
+      the check's ValueError.
   """
-  from jax2onnx import to_onnx  # pylint: disable=g-import-not-at-top
-
-  specs = input_specs(inputs)
-  closed = jax.make_jaxpr(fn)(*specs)
-
-  def inlined(*args):
-    return _inline(closed.jaxpr, closed.consts, *args)[0]
-
-  if _has_integer_rem(closed.jaxpr):
-    return _to_onnx(to_onnx, inlined, specs, inputs)
-  try:
-    return _to_onnx(to_onnx, fn, specs, inputs)
-  except Exception:  # pylint: disable=broad-except
-    # jax2onnx's own BatchNorm lowering rejects some flax BatchNorms (AFN's,
-    # over axis 1): the traced primitives convert.
-    return _to_onnx(to_onnx, inlined, specs, inputs)
+  return onnx_export.convert(
+    fn, input_specs(inputs), list(_named(inputs)), feeds
+  )
 
 
-def _to_onnx(to_onnx: Callable, fn: Callable, specs, inputs: Inputs) -> bytes:
-  """`to_onnx(fn, ...)` serialized, with jax2onnx's extra plugins skipped."""
-  finder = _SkipPlugins()
-  loggers = [std_logging.getLogger(n) for n in ('jax2onnx', 'onnx_ir')]
-  levels = [logger.level for logger in loggers]
-  sys.meta_path.insert(0, finder)
-  try:
-    # They log a warning per skipped plugin and per untyped constant.
-    for logger in loggers:
-      logger.setLevel(std_logging.ERROR)
-    proto = to_onnx(
-      fn,
-      specs,
-      model_name='flax_fm',
-      input_names=list(_named(inputs)),
-      output_names=[OUTPUT],
-    )
-  finally:
-    sys.meta_path.remove(finder)
-    for logger, level in zip(loggers, levels, strict=True):
-      logger.setLevel(level)
-  return proto.SerializeToString()
+def sample_inputs(model, inputs: Inputs, rows: int = 8) -> dict:
+  """Seeded random inputs of `model`, `{name: [rows, ...]}` as `inputs`."""
+  rng = np.random.default_rng(0)
+  out = {}
+  for name, shape in _named(inputs).items():
+    if name == 'dense':
+      out[name] = rng.normal(size=(rows, *shape)).astype(np.float32)
+      continue
+    dims = model.field_dims if name == 'ids' else model.multi_field_dims
+    low = 0 if name == 'ids' else -1  # -1 pads a list.
+    ids = [rng.integers(low, d, (rows, *shape[1:])) for d in dims]
+    out[name] = np.stack(ids, 1).astype(np.int32)
+  return out
 
 
 def _publish(
@@ -389,7 +288,8 @@ def export(
   onnx_error = onnx_model = None
   if onnx:
     try:
-      onnx_model = export_onnx(fn, inputs)
+      feeds = sample_inputs(predictor.model, inputs)
+      onnx_model = export_onnx(fn, inputs, feeds)
       files['onnx'] = 'model.onnx'
     except ImportError as e:
       onnx_error = (

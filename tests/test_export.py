@@ -34,6 +34,7 @@ from predict_testing import trained_run
 
 import encoder
 import export
+import onnx_export
 import predict
 from utils import UserError
 
@@ -170,7 +171,9 @@ class EveryModelTest(absltest.TestCase):
           except Exception:  # pylint: disable=broad-except
             continue
           self.fail(f'{name} goes to ONNX now: drop it from ONNX_UNSUPPORTED')
-        onnx = export.export_onnx(fn, specs)
+        # Checked in onnxruntime on sample rows, as export() does.
+        feeds = export.sample_inputs(model, specs)
+        onnx = export.export_onnx(fn, specs, feeds)
         for n in (1, len(expected[name])):
           got = _onnx_run(onnx, {k: v[:n] for k, v in inputs.items()})
           self.assertEqual(got.shape, (n,))
@@ -195,6 +198,38 @@ class EveryModelTest(absltest.TestCase):
     for name, (one, many) in errors.items():
       with self.subTest(model=name):
         self.assertLessEqual(max(one, many), TOLERANCE)
+
+
+class OnnxCheckTest(absltest.TestCase):
+  def test_a_model_onnxruntime_refuses_or_that_differs_is_not_kept(self):
+    run = trained_run()
+    predictor = predict.load(run.workdir)
+    model, variables = predictor.model, jax.device_get(predictor.variables)
+    specs = export.model_inputs(model)
+    fn = export.inference_function(model, variables, tuple(specs))
+    feeds = export.sample_inputs(model, specs)
+    self.assertEqual(feeds['ids'].shape, (8, len(model.field_dims)))
+    self.assertTrue((feeds['ids'] < np.array(model.field_dims)).all())
+    good = export.export_onnx(fn, specs, feeds)
+    with self.assertRaisesRegex(ValueError, 'onnxruntime cannot run'):
+      onnx_export.check(b'not a model', fn, feeds)
+    with self.assertRaisesRegex(ValueError, 'other probabilities .* up to'):
+      onnx_export.check(good, lambda ids: fn(ids) * 0.5, feeds)
+    # In an export: both ways of converting are tried, then it is left out.
+    out = os.path.join(self.enter_context(tempfile.TemporaryDirectory()), 'x')
+    refused = ValueError('onnxruntime cannot run the model: Einsum')
+    with mock.patch.object(
+      onnx_export, 'check', side_effect=refused
+    ) as checked:
+      signature = export.export(predictor, out)
+    self.assertEqual(checked.call_count, 2)
+    self.assertEqual(
+      signature['onnx_error'],
+      'ValueError: onnxruntime cannot run the model: Einsum',
+    )
+    self.assertEqual(
+      sorted(os.listdir(out)), ['encoder', 'model.jax', 'signature.json']
+    )
 
 
 class InputsTest(absltest.TestCase):
@@ -287,8 +322,8 @@ class ExportRunTest(absltest.TestCase):
     onnx_path = os.path.join(out, 'model.onnx')
     seen = []
 
-    def converting(fn, inputs):
-      del fn, inputs
+    def converting(fn, inputs, feeds):
+      del fn, inputs, feeds
       seen.append(sorted(os.listdir(out)))
       with open(onnx_path, 'rb') as f:
         seen.append(f.read())
