@@ -32,6 +32,7 @@ From Python:
 
 from collections.abc import Iterator
 import os
+import threading
 from typing import Any
 
 from absl import flags
@@ -334,14 +335,15 @@ def write_predictions(
 ) -> int:
   """Writes the probabilities (and labels) of file `path` to CSV `output`.
 
-  The output appears complete or not at all (written beside, then renamed).
+  The output appears complete or not at all (written beside, then renamed;
+  calls on other threads to the same `output` each write their own copy).
   Logs how many rows had a value that training did not keep, per field: a
   model scoring many of them is out of date.
 
   Returns:
     The number of rows written.
   """
-  tmp = f'{output}.tmp-{os.getpid()}'
+  tmp = f'{output}.tmp-{os.getpid()}-{threading.get_ident()}'
   rows, header = 0, None
   enc = predictor.encoder
   names = enc.field_names

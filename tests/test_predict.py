@@ -16,6 +16,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import threading
 
 from absl import flags
 from absl.testing import absltest
@@ -147,6 +148,53 @@ class PredictTest(parameterized.TestCase):
         f'predict.py: error: --output: cannot write {output} (No such file'
         ' or directory); choose a path in a directory you can write.',
       ),
+    )
+
+  def test_two_threads_writing_one_output_each_write_it_whole(self):
+    # Both wrote `<output>.tmp-<pid>`: the first to finish renamed the
+    # other's copy, which went on writing into the output, then failed.
+    lines = self.trained.lines['test']
+    first = _write(os.path.join(self.tmp, 'first.txt'), lines[:40])
+    second = _write(os.path.join(self.tmp, 'second.txt'), lines[40:50])
+    output = os.path.join(self.tmp, 'out.csv')
+    paused, go = threading.Event(), threading.Event()
+
+    class Paused:  # Waits after the first chunk of the first file.
+      def __getattr__(_, name):
+        return getattr(self.predictor, name)
+
+      def score_chunks(_, path, chunk_rows):
+        for i, chunk in enumerate(
+          self.predictor.score_chunks(path, chunk_rows)
+        ):
+          if i == 1:
+            paused.set()
+            go.wait(60)
+          yield chunk
+
+    errors = []
+
+    def write_first():
+      try:
+        predict.write_predictions(Paused(), first, output, 8)
+      except Exception as e:  # pylint: disable=broad-except
+        errors.append(e)
+
+    thread = threading.Thread(target=write_first)
+    thread.start()
+    self.assertTrue(paused.wait(60))
+    predict.write_predictions(self.predictor, second, output)
+    self.assertLen(pd.read_csv(output), 10)
+    go.set()
+    thread.join(60)
+    self.assertEqual(errors, [])
+    alone = os.path.join(self.tmp, 'alone.csv')
+    predict.write_predictions(self.predictor, first, alone, 8)
+    with open(output) as f, open(alone) as g:
+      self.assertEqual(f.read(), g.read())
+    self.assertEqual(  # No copy left behind.
+      sorted(os.listdir(self.tmp)),
+      ['alone.csv', 'first.txt', 'out.csv', 'second.txt'],
     )
 
   def test_unlabeled_rows_in_any_chunks(self):
