@@ -37,6 +37,7 @@ out-of-vocabulary id.
 from __future__ import annotations
 
 from collections.abc import Iterator
+import contextlib
 import dataclasses
 import json
 import os
@@ -49,7 +50,6 @@ import data
 from datasets import core
 from datasets import csv
 from datasets import encode
-from datasets import keying
 from datasets import libfm
 from datasets import movielens
 from datasets import text
@@ -388,29 +388,15 @@ class Encoder:
     if missing:
       raise core.DataError(f'The DataFrame has no column {", ".join(missing)}.')
     self._check_fields(reader, 'The DataFrame')
-    frame = frame[columns].apply(_integral)
+    frame = frame[columns].apply(csv.integral)
     return reader, csv.frame_rows(frame, sep, quoting, self.format)
 
 
-def _integral(column: pd.Series) -> pd.Series:
-  """A float column of whole numbers (NaN: missing) as nullable integers.
-
-  pandas turns an integer column with a missing value into floats, written
-  `3.0`, which the integer parsers reject.
-  """
-  if column.dtype.kind != 'f':
-    return column
-  values = column.to_numpy()
-  present = values[~np.isnan(values)]  # inf: left a float, which fails parsing.
-  if np.all(present == np.round(present)) and np.all(
-    np.abs(present) < keying.INT_LIMIT
-  ):
-    return column.astype('Int64')
-  return column
-
-
 def save(
-  workdir: str, dataset: core.Dataset, config: ml_collections.ConfigDict
+  workdir: str,
+  dataset: core.Dataset,
+  config: ml_collections.ConfigDict,
+  resuming: bool = False,
 ) -> str:
   """Writes the encoder of `dataset` and `config`'s model into `workdir`.
 
@@ -418,6 +404,8 @@ def save(
     workdir: the run's directory.
     dataset: the loaded dataset (its `vocabulary` is required).
     config: the run's config (`dataset`, `model_name`, `model`).
+    resuming: the run has checkpoints; an encoder saved with them must give
+      the same ids (see `encoder_side.check_unchanged`).
 
   Returns:
     The encoder's directory, `workdir/encoder`.
@@ -442,7 +430,11 @@ def save(
     keys_are_ids=identity,
     side=encoder_side.from_dataset(dataset, fmt, dataset_config),
   )
-  return encoder.write(os.path.join(workdir, DIRECTORY))
+  directory, saved = os.path.join(workdir, DIRECTORY), None
+  with contextlib.suppress(utils.UserError):  # None, or damaged: rewritten.
+    saved = load(directory) if resuming else None
+  encoder_side.check_unchanged(saved, encoder)
+  return encoder.write(directory)
 
 
 def load(path: str) -> Encoder:

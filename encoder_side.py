@@ -38,6 +38,7 @@ from datasets import encode
 from datasets import movielens
 from datasets import movielens_side
 from datasets import side as side_lib
+import utils
 
 # The arrays in the encoder's directory, by attribute.
 FILES = {
@@ -325,6 +326,47 @@ def from_dataset(
     item_multi=item_multi,
     item_dense=item_dense,
   )
+
+
+def check_unchanged(saved, new) -> None:
+  """Raises a UserError if encoder `new` gives rows other inputs than
+  `saved` (None: nothing saved), two `encoder.Encoder`s.
+
+  A resumed run re-encodes its data: changed, its rows would get other ids
+  than its checkpoints were trained with, and encoder/ would no longer fit
+  them. The rules' words are not compared (a newer version may reword).
+  """
+  if saved is None:
+    return
+  names = ('field_names', 'field_dims', 'keys_are_ids', 'vocabulary')
+  pairs = [(n, getattr(saved, n), getattr(new, n)) for n in names]
+  if saved.vocabulary and new.vocabulary:  # Name the field.
+    pairs[3:] = zip(  # Unequal field_names are found first.
+      [f'the {name} vocabulary' for name in saved.field_names],
+      saved.vocabulary,
+      new.vocabulary,
+      strict=False,
+    )
+  pairs += [
+    (f.name, getattr(saved.side, f.name), getattr(new.side, f.name))
+    for f in dataclasses.fields(SideInputs)
+  ]
+  for what, a, b in pairs:
+    if not _equal(a, b):
+      raise utils.UserError(
+        f'The data differ from those of the checkpoints ({what} changed):'
+        ' resumed, the run would score their rows by other ids. Restore'
+        ' the data it was trained on, or train in a new workdir.'
+      )
+
+
+def _equal(a, b) -> bool:
+  """Equal, arrays by value (NaN equal to NaN), tuples item by item."""
+  if isinstance(a, (tuple, list)) and isinstance(b, (tuple, list)):
+    return len(a) == len(b) and all(map(_equal, a, b))
+  if isinstance(a, np.ndarray) or isinstance(b, np.ndarray):
+    return np.array_equal(a, b, equal_nan=True)
+  return a == b or (a != a and b != b)
 
 
 def read(meta: dict, directory: str, error) -> SideInputs:

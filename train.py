@@ -385,9 +385,9 @@ def _run(
   except ValueError as e:
     raise UserError(f'models/{config.model_name}.py: {e}') from e
   if is_main:  # What predict.py and export.py need to encode raw rows.
-    where = f'{workdir}/{encoder.DIRECTORY}'
-    with utils.writing('the encoder', where, '*.tmp'):
-      encoder.save(workdir, dataset, config)
+    resuming = workdir_lib.has_checkpoints(workdir)  # Same data, same ids.
+    with utils.writing('the encoder', f'{workdir}/encoder', '*.tmp'):
+      encoder.save(workdir, dataset, config, resuming)
   steps_per_epoch = data.num_train_steps(dataset.train, config.batch_size)
 
   if config.optimizer == 'auto':

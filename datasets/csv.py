@@ -34,6 +34,7 @@ import numpy as np
 
 from datasets import core
 from datasets import encode
+from datasets import keying
 from datasets import text
 import utils
 
@@ -158,6 +159,23 @@ def frame_rows(
       ' carry; remove it from the value.'
     ) from None
   return [line + b'\n' for line in body.encode().split(b'\n')[:-1]]
+
+
+def integral(column: pd.Series) -> pd.Series:
+  """A float column of whole numbers (NaN: missing) as nullable integers.
+
+  pandas turns an integer column with a missing value into floats, written
+  `3.0`, which the integer parsers reject.
+  """
+  if column.dtype.kind != 'f':
+    return column
+  values = column.to_numpy()
+  present = values[~np.isnan(values)]  # inf: left a float, which fails parsing.
+  if np.all(present == np.round(present)) and np.all(
+    np.abs(present) < keying.INT_LIMIT
+  ):
+    return column.astype('Int64')
+  return column
 
 
 @dataclasses.dataclass(frozen=True)

@@ -750,6 +750,35 @@ class TrainingFaultTest(_Case):
     }
     self.assertEqual(after, before)  # No temporary file, nothing changed.
 
+  def test_changed_data_is_refused_before_the_encoder_is_replaced(self):
+    # A resume re-encoded the file and rewrote encoder/ first: rows then got
+    # other ids than the checkpoints were trained with, silently when the
+    # sizes held, and predict.py refused the workdir when they did not.
+    data_dir = tempfile.mkdtemp(dir=self.tmp)
+    path = _write_csv(os.path.join(data_dir, 'clicks.csv'), 600, seed=0)
+    workdir = os.path.join(data_dir, 'run')
+    config = _config(data_dir, num_epochs=1)
+    train.train_and_evaluate(config, workdir)
+    directory = os.path.join(workdir, 'encoder')
+    before = {
+      n: _read(os.path.join(directory, n)) for n in os.listdir(directory)
+    }
+    train.train_and_evaluate(config, workdir)  # The same data resume.
+    with open(path) as f:
+      text = f.read()
+    with open(path, 'w') as f:  # u1 renamed: as many users, other ids.
+      f.write(text.replace('\nu1,', '\nu99,'))
+    with self.assertRaisesRegex(
+      utils.UserError,
+      r'^The data differ from those of the checkpoints \(the user'
+      r' vocabulary changed\)',
+    ):
+      train.train_and_evaluate(config, workdir)
+    after = {
+      n: _read(os.path.join(directory, n)) for n in os.listdir(directory)
+    }
+    self.assertEqual(after, before)
+
   def test_changed_split_seed_is_refused_before_the_data(self):
     workdir = self._copy()
     config = _config(self.tmp, **{'dataset.seed': 1})
