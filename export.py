@@ -45,6 +45,7 @@ import contextlib
 import json
 import os
 import shutil
+import threading
 from typing import Any
 
 from absl import flags
@@ -170,12 +171,12 @@ def _publish(
   """Writes `payloads` and `enc` to temporary copies, then renames them.
 
   The copies sit in `output` (one file system: a rename needs no space),
-  named `<name>.tmp-<pid>`; a failure while writing them removes them and
-  leaves `output`'s files as they were. The copies then replace the files
-  in order, the encoder's file by file (encoder.json last), signature.json
-  last of all.
+  named `<name>.tmp-<pid>-<thread>` (each call its own); a failure while
+  writing them removes them and leaves `output`'s files as they were. The
+  copies then replace the files in order, the encoder's file by file
+  (encoder.json last), signature.json last of all.
   """
-  suffix = f'.tmp-{os.getpid()}'
+  suffix = f'.tmp-{os.getpid()}-{threading.get_ident()}'
   encoder_dir = os.path.join(output, encoder_lib.DIRECTORY)
   staged_encoder = encoder_dir + suffix
   try:

@@ -17,6 +17,7 @@ import re
 import subprocess
 import sys
 import tempfile
+import threading
 from unittest import mock
 
 from absl.testing import absltest
@@ -341,6 +342,50 @@ class ExportRunTest(absltest.TestCase):
     files.remove('model.onnx')
     self.assertEqual(sorted(os.listdir(out)), files)
     self.assertIsNone(signature['files']['onnx'])
+
+  def test_two_threads_publishing_one_output_each_write_it_whole(self):
+    # Both staged `<name>.tmp-<pid>`: the second overwrote the first's
+    # copies and renamed them; the first then failed (FileNotFoundError).
+    out = self.enter_context(tempfile.TemporaryDirectory())
+    paused, go = threading.Event(), threading.Event()
+
+    class Encoder:  # Writes encoder/ as `tag`; the first waits after it.
+      def __init__(self, tag):
+        self.tag = tag
+
+      def write(self, directory):  # As encoder.Encoder.write does.
+        os.makedirs(directory, exist_ok=True)
+        with open(os.path.join(directory, 'encoder.json'), 'w') as f:
+          f.write(self.tag)
+        if self.tag == 'first':
+          paused.set()
+          go.wait(60)
+
+    def publish(tag):
+      payloads = {'model.jax': tag.encode(), 'signature.json': tag}
+      export._publish(out, payloads, Encoder(tag))
+
+    errors = []
+
+    def first():
+      try:
+        publish('first')
+      except Exception as e:  # pylint: disable=broad-except
+        errors.append(e)
+
+    thread = threading.Thread(target=first)
+    thread.start()
+    self.assertTrue(paused.wait(60))
+    publish('second')
+    go.set()
+    thread.join(60)
+    self.assertEqual(errors, [])
+    self.assertEqual(
+      sorted(os.listdir(out)), ['encoder', 'model.jax', 'signature.json']
+    )
+    for name in ('model.jax', 'signature.json', 'encoder/encoder.json'):
+      with open(os.path.join(out, name)) as f:
+        self.assertEqual(f.read(), 'first', name)
 
   def test_weights_beyond_the_formats_2_gib_are_one_line(self):
     # jax.export's flatbuffer raised BuilderSizeError with a traceback.
