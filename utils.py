@@ -102,26 +102,39 @@ def prefetch(iterator: Iterator, size: int = 2) -> Iterator:
 
   Gathering rows (from a memory map, for large data) then overlaps with the
   device step instead of stalling it. An exception in the thread is raised
-  in the consumer.
+  in the consumer. A consumer that stops early (an error, or a caller that
+  took the first items) stops the thread, which closes `iterator`.
   """
   items = queue.Queue(maxsize=size)
   end = object()
+  stop = threading.Event()
 
   def produce():
     try:
       for item in iterator:
         items.put(item)
+        if stop.is_set():
+          return
     except BaseException as e:  # Re-raised in the consumer.
       items.put(e)
     else:
       items.put(end)
+    finally:
+      if hasattr(iterator, 'close'):  # A generator's files close.
+        iterator.close()
 
   thread = threading.Thread(target=produce, daemon=True)
   thread.start()
-  while (item := items.get()) is not end:
-    if isinstance(item, BaseException):
-      raise item
-    yield item
+  try:
+    while (item := items.get()) is not end:
+      if isinstance(item, BaseException):
+        raise item
+      yield item
+  finally:  # Room for the one put the thread may still make before it stops.
+    stop.set()
+    with contextlib.suppress(queue.Empty):
+      while True:
+        items.get_nowait()
 
 
 def open_binary(path: str) -> tuple[IO[bytes], IO[bytes]]:

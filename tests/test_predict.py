@@ -17,6 +17,7 @@ import subprocess
 import sys
 import tempfile
 import threading
+import time
 
 from absl import flags
 from absl.testing import absltest
@@ -196,6 +197,28 @@ class PredictTest(parameterized.TestCase):
       sorted(os.listdir(self.tmp)),
       ['alone.csv', 'first.txt', 'out.csv', 'second.txt'],
     )
+
+  def test_a_file_scored_in_part_leaves_no_thread_or_open_file(self):
+    # A caller that took the first chunk left, per call, the prefetch thread
+    # blocked on its full queue for ever, and the file open.
+    source = _write(
+      os.path.join(self.tmp, 'test.txt'), self.trained.lines['test']
+    )
+    before = threading.active_count()
+    for _ in range(3):
+      for _ in self.predictor.predict_file(source, chunk_rows=5):
+        break
+    deadline = time.monotonic() + 30
+    while threading.active_count() > before and time.monotonic() < deadline:
+      time.sleep(0.01)
+    self.assertEqual(threading.active_count(), before)
+    fds = '/proc/self/fd'
+    if os.path.isdir(fds):
+      opened = set()
+      for fd in os.listdir(fds):
+        with contextlib.suppress(OSError):
+          opened.add(os.readlink(os.path.join(fds, fd)))
+      self.assertNotIn(os.path.realpath(source), opened)
 
   def test_unlabeled_rows_in_any_chunks(self):
     lines = [line.split('\t', 1)[1] for line in self.trained.lines['valid']]
