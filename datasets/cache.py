@@ -12,9 +12,8 @@ values, labels exactly 0 or 1) in one parallel pass over the bytes, and
 raises `Damaged` rather than serve a cache that fails a check; data.py then
 rebuilds it.
 
-Sources are identified by a SHA-256 of their whole content (`fingerprint`),
-so any change to a source, even one that keeps its size and modification
-time, gives another cache key.
+Sources are identified by a SHA-256 of their whole content (`fingerprint`):
+any change to a source, even of the same size and time, is another key.
 """
 
 from collections.abc import Iterable
