@@ -405,7 +405,8 @@ def save(
     dataset: the loaded dataset (its `vocabulary` is required).
     config: the run's config (`dataset`, `model_name`, `model`).
     resuming: the run has checkpoints; an encoder saved with them must give
-      the same ids (see `encoder_side.check_unchanged`).
+      the same ids (see `encoder_side.check_unchanged`; one of layout 1
+      holds no side inputs to compare).
 
   Returns:
     The encoder's directory, `workdir/encoder`.
@@ -433,6 +434,10 @@ def save(
   directory, saved = os.path.join(workdir, DIRECTORY), None
   with contextlib.suppress(utils.UserError):  # None, or damaged: rewritten.
     saved = load(directory) if resuming else None
+  if saved is not None:  # Layout 1 kept no side inputs: theirs not compared.
+    with open(os.path.join(directory, 'encoder.json')) as f:
+      if json.load(f)['version'] < 2:
+        saved = dataclasses.replace(saved, side=encoder.side)
   encoder_side.check_unchanged(saved, encoder)
   return encoder.write(directory)
 

@@ -700,6 +700,33 @@ class SideInputsTest(EncoderTestCase):
       ],
     )
 
+  def test_a_resume_over_a_version_1_encoder_compares_its_ids_alone(self):
+    # Layout 1 kept no side inputs: a resume of such a run (numeric or
+    # multi-hot fields) was refused, "multi_field_names changed".
+    rows = criteo_rows(60, seed=10)
+    path = write_lines(os.path.join(self.tmp, 'train.txt'), rows, '\t')
+    options = dict(min_count=2, criteo={'numeric': 'dense'})
+    dataset, _, workdir = self._save('criteo', path, **options)
+    meta_path = os.path.join(workdir, 'encoder', 'encoder.json')
+    with open(meta_path) as f:
+      meta = json.load(f)
+    old = {key: meta[key] for key in V1_KEYS} | {'version': 1}
+    with open(meta_path, 'w') as f:
+      json.dump(old, f)
+    config = default.get_config()
+    config.dataset = self.config('criteo', path, split=(1.0, 0.0, 0.0))
+    config.dataset.update(options)
+    config.dataset.criteo.numeric = 'dense'
+    config.model_name = 'fm'
+    config.model = ml_collections.ConfigDict({'embed_dim': 3})
+    encoder.save(workdir, dataset, config, resuming=True)
+    with open(meta_path) as f:
+      self.assertEqual(json.load(f), meta)
+    with open(meta_path, 'w') as f:  # Its ids are still compared.
+      json.dump(old | {'field_dims': [d + 1 for d in old['field_dims']]}, f)
+    with self.assertRaisesRegex(utils.UserError, r'\(field_dims changed\)'):
+      encoder.save(workdir, dataset, config, resuming=True)
+
   def test_version_1_encoders_still_load(self):
     rows = criteo_rows(60, seed=10)
     path = write_lines(os.path.join(self.tmp, 'train.txt'), rows, '\t')
