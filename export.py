@@ -298,7 +298,8 @@ def export(
         ' onnxruntime "orbax-checkpoint>=0.12.8" (see requirements-dev.txt)'
       )
     except Exception as e:  # pylint: disable=broad-except
-      onnx_error = f'{type(e).__name__}: {str(e).splitlines()[0][:300]}'
+      lines = str(e).splitlines()  # None: a bare `assert` of jax2onnx's.
+      onnx_error = type(e).__name__ + (f': {lines[0][:300]}' if lines else '')
     if onnx_error:
       logging.warning('No model.onnx for %s: %s', enc.model_name, onnx_error)
   else:

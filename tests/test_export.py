@@ -231,6 +231,11 @@ class OnnxCheckTest(absltest.TestCase):
     self.assertEqual(
       sorted(os.listdir(out)), ['encoder', 'model.jax', 'signature.json']
     )
+    # A converter's error without a message (jax2onnx's bare asserts) raised
+    # IndexError out of export().
+    with mock.patch.object(onnx_export, '_to_onnx', side_effect=AssertionError):
+      signature = export.export(predictor, out)
+    self.assertEqual(signature['onnx_error'], 'AssertionError')
 
 
 class InputsTest(absltest.TestCase):
