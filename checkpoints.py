@@ -115,7 +115,8 @@ def restore(
           raise first from None
       restored = legacy.upgrade(restored['state']), restored['meta']
     except Exception as e:  # pylint: disable=broad-except
-      problem = f'{type(e).__name__}: {str(e).splitlines()[0][:300]}'
+      lines = str(e).splitlines()  # None: a bare `assert`.
+      problem = type(e).__name__ + (f': {lines[0][:300]}' if lines else '')
   # Every process restores the same step, or none does.
   failed = multihost.allgather(np.int32(problem is not None))
   if failed.any():
