@@ -79,7 +79,9 @@ def _interrupt(signum: int, frame: Any) -> None:
   callbacks = {getattr(c, '__code__', None) for c in gc.callbacks}
   while frame is not None:
     if frame.f_code in callbacks:
-      threading.Timer(0.01, os.kill, (os.getpid(), signum)).start()
+      again = threading.Timer(0.01, os.kill, (os.getpid(), signum))
+      again.daemon = True  # A process on its way out is not held.
+      again.start()
       return
     frame = frame.f_back
   raise KeyboardInterrupt
