@@ -252,8 +252,10 @@ def validate_config(
 
   Args:
     config: the run's config (see configs/default.py); keys it lacks are
-      not checked.
+      not checked, unless `dataset_names` is given.
     dataset_names: the accepted `dataset.name`s; None: not checked here.
+      Given (a run's whole config), a config without a key that every run
+      reads is refused.
     optimizers: the accepted `optimizer`s.
     num_devices: the run's device count (all processes): batch sizes must
       be multiples of it; None: not checked here.
@@ -263,6 +265,12 @@ def validate_config(
   Raises:
     ConfigError: one message naming every bad key, its value and the rule.
   """
+  missing = [k for k in (*TOP_LEVEL, 'optimizer', 'dataset') if k not in config]
+  if missing and dataset_names is not None:  # A run's whole config.
+    raise ConfigError(
+      f'The config has no {", ".join(f"config.{k}" for k in missing)}: build'
+      " it on configs/default.py's get_config(), as configs/fm.py does."
+    )
   problems = []
 
   def check(key: str, value: Any, rule: Rule | None) -> None:

@@ -239,6 +239,23 @@ class BadValueTest(_TestCase):
           checked += 1
     self.assertGreaterEqual(checked, 6 + len(models.names()))
 
+  def test_a_config_built_from_scratch_names_the_keys_it_lacks(self):
+    # train.py read config.dataset first: an AttributeError traceback.
+    config = ml_collections.ConfigDict(
+      {'model_name': 'fm', 'model': {}, 'batch_size': 64}
+    )
+    with self.assertRaisesRegex(
+      config_check.ConfigError,
+      r'^The config has no config.eval_batch_size, config.learning_rate,'
+      r' .*config.progress_bar, config.optimizer, config.dataset: build it'
+      r" on configs/default.py's get_config\(\)",
+    ):
+      config_check.validate_config(config, dataset_names=('csv',))
+    config_check.validate_config(config)  # A part of a config: its keys.
+    config_check.validate_config(  # configs/default.py's keys: all there.
+      _config(), dataset_names=('ml-latest-small',)
+    )
+
   def test_unknown_model_is_named_before_any_data(self):
     message = self.problems(_config(model_name='nope'))
     self.assertIn("model_name='nope' must name a file in models/", message)
