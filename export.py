@@ -244,11 +244,12 @@ def check_output(output: str) -> None:
   among other files: into a training workdir it would mix with the run's
   own encoder, and into any other directory with what is there.
   """
-  if not os.path.isdir(output) or not os.listdir(output):
+  if not os.path.isdir(output):
     return
-  if os.path.isfile(os.path.join(output, 'signature.json')):
+  # `<name>.tmp-<pid>-<thread>`: another export's copies, being published.
+  names = sorted(n for n in os.listdir(output) if '.tmp-' not in n)
+  if not names or 'signature.json' in names:
     return
-  names = sorted(os.listdir(output))
   shown = ', '.join(names[:4]) + (', ...' if len(names) > 4 else '')
   raise utils.UserError(
     f'--output: {output} holds other files ({shown}) and no earlier export;'

@@ -301,6 +301,16 @@ class ExportRunTest(absltest.TestCase):
       for name in os.listdir(run.workdir)
     }
     self.assertEqual(after, before)
+    # Another export's staged copies (a thread publishing to a new output)
+    # are not other files; a file of someone else's beside them is named.
+    out = self.enter_context(tempfile.TemporaryDirectory())
+    with open(os.path.join(out, 'model.jax.tmp-7-8'), 'w') as f:
+      f.write('staged')
+    export.check_output(out)
+    with open(os.path.join(out, 'notes.txt'), 'w') as f:
+      f.write('mine')
+    with self.assertRaisesRegex(UserError, r'holds other files \(notes.txt\)'):
+      export.check_output(out)
 
   def test_without_onnx_the_signature_says_why(self):
     run = trained_run()
