@@ -46,6 +46,7 @@ import json
 import os
 import shutil
 import threading
+import time
 from typing import Any
 
 from absl import flags
@@ -68,6 +69,9 @@ PLATFORMS = ('cpu', 'cuda', 'rocm', 'tpu')
 # Weights that model.jax and model.onnx hold: their formats' 2 GiB, less room
 # for the program.
 MAX_WEIGHT_BYTES = 2**31 - 2**26
+# Staged copies this old in an output are a killed export's: no export
+# takes an hour.
+STALE_S = 3600
 
 # The inputs of an export: int (ids only, the number of fields) or a dict
 # {name: shape after the batch}, names among INPUTS in that order.
@@ -174,7 +178,8 @@ def _publish(
   named `<name>.tmp-<pid>-<thread>` (each call its own); a failure while
   writing them removes them and leaves `output`'s files as they were. The
   copies then replace the files in order, the encoder's file by file
-  (encoder.json last), signature.json last of all.
+  (encoder.json last), signature.json last of all. Copies older than
+  `STALE_S`, which a killed export left, are removed.
   """
   suffix = f'.tmp-{os.getpid()}-{threading.get_ident()}'
   encoder_dir = os.path.join(output, encoder_lib.DIRECTORY)
@@ -208,6 +213,15 @@ def _publish(
       os.remove(os.path.join(encoder_dir, name))
   name = os.path.join(output, 'signature.json')
   os.replace(name + suffix, name)
+  for name in os.listdir(output):  # What a killed export left, long ago.
+    path = os.path.join(output, name)
+    with contextlib.suppress(OSError):
+      if '.tmp-' not in name or time.time() - os.lstat(path).st_mtime < STALE_S:
+        continue
+      if os.path.isdir(path):
+        shutil.rmtree(path)
+      else:
+        os.remove(path)
 
 
 def check_size(variables: Any) -> None:

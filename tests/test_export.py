@@ -18,6 +18,7 @@ import subprocess
 import sys
 import tempfile
 import threading
+import time
 from unittest import mock
 
 from absl.testing import absltest
@@ -311,6 +312,19 @@ class ExportRunTest(absltest.TestCase):
       f.write('mine')
     with self.assertRaisesRegex(UserError, r'holds other files \(notes.txt\)'):
       export.check_output(out)
+    # An export removes what a killed one left an hour ago, not the copies
+    # of one that may still run.
+    out = self.enter_context(tempfile.TemporaryDirectory())
+    old, fresh = (os.path.join(out, n) for n in ('encoder.tmp-1-2', 'x.tmp-3'))
+    os.makedirs(old)
+    with open(fresh, 'w') as f:
+      f.write('staged')
+    stale = time.time() - export.STALE_S - 60
+    os.utime(old, (stale, stale))
+    with mock.patch.object(export, 'export_onnx', return_value=b'onnx'):
+      export.export(predict.load(run.workdir), out)
+    self.assertFalse(os.path.exists(old))
+    self.assertTrue(os.path.exists(fresh))
 
   def test_without_onnx_the_signature_says_why(self):
     run = trained_run()
