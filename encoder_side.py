@@ -216,7 +216,9 @@ def _id_rules(fmt: str, options: dict) -> dict[str, str]:
       if options.get('hour_features', True)
       else _HASH
     )
-  else:
+  elif options.get('numeric') != 'dense' and (
+    fmt != 'csv' or options.get('numeric_columns')
+  ):  # Integer fields: Criteo's, unless numbers; a CSV's numeric_columns.
     rules['integer'] = ints
   return rules
 

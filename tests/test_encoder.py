@@ -643,6 +643,9 @@ class SideInputsTest(EncoderTestCase):
     )
     self.assertEqual(enc.side.dense_names, tuple(CRITEO_COLUMNS[1:14]))
     self.assertLen(enc.field_dims, 26)
+    # Its integers are numbers: no rule buckets them (encoder.json's words).
+    rules = encoder_side.rules(enc.format, enc.options, enc.side)
+    self.assertEqual(sorted(rules), ['categorical', 'label', 'numeric'])
     self._check_inputs(enc.encode(path), dataset.train)
     frame = _frame(rows, CRITEO_COLUMNS).drop(columns='label')
     self._check_inputs(enc.encode(frame), dataset.train, labeled=False)
