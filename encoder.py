@@ -389,6 +389,9 @@ class Encoder:
       raise core.DataError(f'The DataFrame has no column {", ".join(missing)}.')
     self._check_fields(reader, 'The DataFrame')
     frame = frame[columns].apply(csv.integral)
+    label = 'label' if self.format == 'libfm' else getattr(reader, 'label', '')
+    if label in frame and frame[label].dtype == bool:  # False/True: 0/1.
+      frame[label] = frame[label].astype(np.int64)
     return reader, csv.frame_rows(frame, sep, quoting, self.format)
 
 

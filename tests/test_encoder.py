@@ -158,6 +158,9 @@ class EncoderTest(EncoderTestCase):
     self._check_rows(enc.encode(parquet), ids, None)
     with self.assertRaisesRegex(data.DataError, 'differ from those the model'):
       enc.encode(frame.assign(extra=1))
+    # A bool label (`clicks > 0`) was "label 'False' is not an integer".
+    clicked = frame.assign(clicked=frame['clicked'] > 0)
+    self._check_rows(enc.encode(clicked), ids, labels)
     # Rows to predict without a column the run named: no config key to fix.
     frame[['device', 'city']].to_csv(other, index=False)
     for rows, where in ((other, other), (frame[['city']], 'the DataFrame')):
