@@ -31,6 +31,7 @@ From Python:
 """
 
 from collections.abc import Iterator
+import json
 import os
 import threading
 from typing import Any
@@ -310,11 +311,31 @@ def _check_fits(predictor: Predictor, params: Any, workdir: str) -> None:
     return
   name = next(k for k in [*want, *got] if got.get(k) != want.get(k))
   diff = f'{name} is {got.get(name)}, not {want.get(name)}'
+  if _layout(workdir) == 1:  # Same run: its side inputs were not saved.
+    raise utils.UserError(
+      f'{workdir}/encoder/ was saved by an older version (layout 1), which'
+      ' kept no multi-hot or numeric inputs, and its checkpoints take some'
+      f" ({diff}): run main.py again with the run's config and"
+      f' --workdir={workdir} (no epoch is trained again) to save encoder/ in'
+      ' the current layout.'
+    )
   raise utils.UserError(
     f'The best checkpoint of {workdir} does not fit its encoder/ ({diff}):'
     ' they come from different runs. Restore the encoder/ of the run that'
     ' saved the checkpoints, or train again.'
   )
+
+
+def _layout(workdir: str) -> int | None:
+  """The layout version of `workdir`'s encoder.json (None: unreadable)."""
+  path = os.path.join(workdir, 'encoder.json')
+  if not os.path.isfile(path):
+    path = os.path.join(workdir, encoder_lib.DIRECTORY, 'encoder.json')
+  try:
+    with open(path) as f:
+      return json.load(f).get('version')
+  except (OSError, ValueError, AttributeError):
+    return None
 
 
 def csv_lines(probabilities: np.ndarray, labels: np.ndarray | None) -> str:

@@ -10,6 +10,7 @@ cache's inputs.
 
 import atexit
 import functools
+import json
 import os
 import re
 import shutil
@@ -28,6 +29,7 @@ from test_datasets_csv_features import HEADER
 from test_datasets_csv_features import MIN_COUNT
 from test_datasets_csv_features import csv_options
 from test_datasets_csv_features import feature_rows
+from test_encoder import V1_KEYS
 
 import checkpoints
 from configs import fm
@@ -159,6 +161,23 @@ class CsvTest(absltest.TestCase):
     count = predict.write_predictions(self.predictor, self._file([]), output)
     with open(output) as f:
       self.assertEqual((count, f.read()), (0, 'probability,label\n'))
+
+  def test_a_layout_1_encoder_says_to_resave_it(self):
+    # Layout 1 kept no side inputs: predict.py and export.py said that
+    # encoder/ and the checkpoints 'come from different runs'.
+    workdir = os.path.join(self.tmp, 'old')
+    shutil.copytree(self.workdir, workdir)
+    path = os.path.join(workdir, 'encoder', 'encoder.json')
+    with open(path) as f:
+      meta = json.load(f)
+    with open(path, 'w') as f:
+      json.dump({key: meta[key] for key in V1_KEYS} | {'version': 1}, f)
+    with self.assertRaisesRegex(
+      predict.utils.UserError,
+      rf'^{workdir}/encoder/ was saved by an older version \(layout 1\),'
+      r'.* run main.py again',
+    ):
+      predict.load(workdir)
 
   def test_unseen_list_values_are_counted(self):
     lines = [line.split(',') for line in self.lines[:30]]
