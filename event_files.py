@@ -108,6 +108,19 @@ def event(
   return out
 
 
+def exist(directory: str) -> bool:
+  """Whether `directory` holds an event file (or cannot be listed).
+
+  Runs of versions before 2026-12-03 wrote none: a resume of one writes the
+  lines of metrics.jsonl that it keeps, not only those from its restart.
+  """
+  try:
+    names = os.listdir(directory)
+  except OSError:
+    return True
+  return any(name.startswith('events.out.tfevents.') for name in names)
+
+
 class EventWriter:
   """Appends a run's metrics to an event file of its own in `directory`.
 

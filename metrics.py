@@ -136,6 +136,8 @@ class MetricsWriter:
     # dropped (a test line's, at the best epoch's step): the kept lines from
     # there on are written again.
     start = step + 1 if redo is None else min(redo, step + 1)
+    if not event_files.exist(os.path.dirname(self.path)):
+      start = 0  # None yet (a run of a version before them): every line.
     self.events.restart(start)
     for record in records:
       if isinstance(record.get('step'), int) and record['step'] >= start:

@@ -204,6 +204,26 @@ class MetricsTest(parameterized.TestCase):
       want = {'train/auc': steps, 'valid/auc': steps, 'test/auc': [(40, 3)]}
       self.assertEqual(_tensorboard_points(workdir), want)
 
+  def test_a_resume_of_a_run_without_event_files_writes_all_it_keeps(self):
+    # Versions before the event files wrote metrics.jsonl alone: a resume
+    # wrote the lines from its restart on, so TensorBoard lost the epochs
+    # before the best one.
+    with tempfile.TemporaryDirectory() as workdir:
+      writer = metrics.MetricsWriter(workdir, enabled=True)
+      for epoch in (1, 2, 3):
+        writer.write(split='train', epoch=epoch, step=10 * epoch, loss=epoch)
+      writer.write(split='test', epoch=2, step=20, auc=0.5)
+      for name in os.listdir(workdir):
+        if name.startswith('events.out.tfevents.'):
+          os.remove(os.path.join(workdir, name))
+      writer = metrics.MetricsWriter(workdir, enabled=True)
+      writer.truncate(2)
+      writer.write(split='train', epoch=3, step=30, loss=0.25)
+      self.assertEqual(
+        _tensorboard(workdir),
+        {'train/loss': {10: 1.0, 20: 2.0, 30: 0.25}},
+      )
+
   def test_the_tensorboard_server_drops_the_events_a_resume_redoes(self):
     # Its loader (`--load_fast=false`, or without tensorboard-data-server)
     # took the first resume's SessionLog START for the run's start.
