@@ -99,8 +99,8 @@ class MetricsWriter:
     """
     if not self.enabled or not os.path.exists(self.path):
       return
-    kept, cut, offset, step = [], None, 0, 0
-    records, redo = [], None  # The kept lines; the first step of a dropped.
+    kept, cut, offset = [], None, 0  # The lines kept, as records.
+    dropped = []  # The steps of the lines dropped.
     with open(self.path, 'rb') as f:
       for line in f:
         try:
@@ -112,15 +112,12 @@ class MetricsWriter:
           and record.get('split') != 'test'
           and record.get('epoch', 0) <= epoch
         ):
-          kept.append(json_line(record))
-          records.append(record)
-          if isinstance(record.get('step'), int):
-            step = max(step, record['step'])
-          if cut is not None or kept[-1].encode() != line:
+          kept.append(record)
+          if cut is not None or json_line(record).encode() != line:
             cut = -1  # A kept line after a dropped one, or not strict JSON.
         else:
           if isinstance(record, dict) and isinstance(record.get('step'), int):
-            redo = min(record['step'], record['step'] if redo is None else redo)
+            dropped.append(record['step'])
           if cut is None:
             cut = offset
         offset += len(line)
@@ -130,16 +127,17 @@ class MetricsWriter:
           os.truncate(self.path, cut)
         else:
           with open(self.path + '.tmp', 'w') as f:
-            f.writelines(kept)
+            f.writelines(json_line(record) for record in kept)
           os.replace(self.path + '.tmp', self.path)
     # TensorBoard drops the events from the first step redone (a kill's) or
     # dropped (a test line's, at the best epoch's step): the kept lines from
     # there on are written again.
-    start = step + 1 if redo is None else min(redo, step + 1)
+    steps = [r['step'] for r in kept if isinstance(r.get('step'), int)]
+    start = min([max(steps, default=0) + 1, *dropped])
     if not event_files.exist(os.path.dirname(self.path)):
       start = 0  # None yet (a run of a version before them): every line.
     self.events.restart(start)
-    for record in records:
+    for record in kept:
       if isinstance(record.get('step'), int) and record['step'] >= start:
         self.events.write(record)
 
