@@ -419,7 +419,6 @@ def load_best(workdir: str) -> tuple[Any, dict]:
     finally:
       if mgr is not None:
         mgr.close()
-  raise AssertionError('unreachable')
 
 
 def _identity(directory: str, step: int) -> tuple[int, int] | None:

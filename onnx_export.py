@@ -10,6 +10,7 @@ checked.
 """
 
 from collections.abc import Callable, Sequence
+import contextlib
 import importlib.abc
 import logging as std_logging
 import sys
@@ -52,19 +53,18 @@ def convert(
   def inlined(*args):
     return _inline(closed.jaxpr, closed.consts, *args)[0]
 
+  def converted(way: Callable) -> bytes:
+    model = _to_onnx(to_onnx, way, specs, names)
+    if feeds is not None:
+      check(model, fn, feeds)
+    return model
+
   # jax2onnx's own BatchNorm lowering rejects some flax BatchNorms (AFN's,
   # over axis 1): the traced primitives convert.
-  ways = [inlined] if _has_integer_rem(closed.jaxpr) else [fn, inlined]
-  for i, way in enumerate(ways):
-    try:
-      model = _to_onnx(to_onnx, way, specs, names)
-      if feeds is not None:
-        check(model, fn, feeds)
-      return model
-    except Exception:  # pylint: disable=broad-except
-      if i + 1 == len(ways):
-        raise
-  raise AssertionError('unreachable')
+  if not _has_integer_rem(closed.jaxpr):
+    with contextlib.suppress(Exception):
+      return converted(fn)
+  return converted(inlined)
 
 
 def check(model: bytes, fn: Callable, feeds: dict[str, np.ndarray]) -> None:
