@@ -211,35 +211,41 @@ class CheckpointPolicyTest(absltest.TestCase):
     ):
       self.ckpt.restore_best(self._meta(3, 1), None)
 
+  def _cut_first_read(self, during, error):
+    """A `checkpoints.restore` whose first read meets `during()` (the run
+    saving its best) and fails with `error`; and the steps it reads."""
+    real, calls = checkpoints.restore, []
+
+    def restore(mgr, step, target=None):
+      calls.append(step)
+      if len(calls) == 1:
+        during()
+        raise error
+      return real(mgr, step, target)
+
+    return restore, calls
+
   def test_a_best_replaced_while_another_process_reads_it(self):
     # predict.py or init_from on a run still training: its new best deletes
     # the step being read, which read as damaged.
     self.ckpt.save_best(3, self._state(3), self._meta(3, 3))
-    real = checkpoints.restore
-    calls = []
-
-    def racing(mgr, step, target=None):
-      calls.append(step)
-      if len(calls) == 1:  # The run saves epoch 4's best as we read 3.
-        self.ckpt.save_best(4, self._state(4), self._meta(4, 4))
-        raise ValueError('NOT_FOUND: Error opening "zarr" driver')
-      return real(mgr, step, target)
-
+    racing, calls = self._cut_first_read(  # Epoch 4's best as we read 3.
+      lambda: self.ckpt.save_best(4, self._state(4), self._meta(4, 4)),
+      ValueError('NOT_FOUND: Error opening "zarr" driver'),
+    )
     with mock.patch.object(checkpoints, 'restore', racing):
       state, meta = checkpoints.load_best(self.workdir)
     self.assertEqual((calls, meta['epoch']), ([3, 4], 4))
     np.testing.assert_array_equal(state['w'], self._state(4)['w'])
+
     # A resumed run redoes its best epoch: the same step, saved again.
-    calls.clear()
+    def save_again():
+      self.ckpt.best.delete(4)
+      self.ckpt.save_best(4, self._state(5), self._meta(4, 4))
 
-    def redone(mgr, step, target=None):
-      calls.append(step)
-      if len(calls) == 1:
-        self.ckpt.best.delete(4)
-        self.ckpt.save_best(4, self._state(5), self._meta(4, 4))
-        raise ValueError('KeyError: \'Item "meta" was not found\'')
-      return real(mgr, step, target)
-
+    redone, calls = self._cut_first_read(
+      save_again, ValueError('KeyError: \'Item "meta" was not found\'')
+    )
     with mock.patch.object(checkpoints, 'restore', redone):
       state, _ = checkpoints.load_best(self.workdir)
     self.assertEqual(calls, [4, 4])
@@ -254,7 +260,6 @@ class CheckpointPolicyTest(absltest.TestCase):
     ):
       self.assertEqual(checkpoints.load_best(self.workdir)[1]['epoch'], 4)
     # Damage that no newer step explains is named, once.
-    calls.clear()
     with (
       mock.patch.object(
         checkpoints, 'restore', side_effect=ValueError('bad bytes')
@@ -272,24 +277,21 @@ class CheckpointPolicyTest(absltest.TestCase):
     self.ckpt.save_best(4, self._state(4), self._meta(4, 4))
     best = os.path.join(self.workdir, 'checkpoints', 'best')
     saving = os.path.join(best, '4' + checkpoints.SAVING)
-    real = checkpoints.restore
-    calls = []
 
-    def resumed(mgr, step, target=None):
-      calls.append(step)
-      if len(calls) == 1:
-        self.ckpt.best.delete(4)
-        os.makedirs(saving)
+    def finish():
+      time.sleep(0.3)
+      os.rmdir(saving)
+      self.ckpt.save_best(4, self._state(5), self._meta(4, 4))
 
-        def finish():
-          time.sleep(0.3)
-          os.rmdir(saving)
-          self.ckpt.save_best(4, self._state(5), self._meta(4, 4))
+    def delete_then_save():
+      self.ckpt.best.delete(4)
+      os.makedirs(saving)
+      threading.Thread(target=finish).start()
 
-        threading.Thread(target=finish).start()
-        raise ValueError('FAILED_PRECONDITION: Error reading "w/0.0"')
-      return real(mgr, step, target)
-
+    resumed, calls = self._cut_first_read(
+      delete_then_save,
+      ValueError('FAILED_PRECONDITION: Error reading "w/0.0"'),
+    )
     with mock.patch.object(checkpoints, 'restore', resumed):
       state, meta = checkpoints.load_best(self.workdir)
     self.assertEqual((calls, meta['epoch']), ([4, 4], 4))
