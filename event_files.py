@@ -7,15 +7,14 @@ buffers: each record is the data's length, its masked CRC-32C, the data and
 theirs. The few fields written here are encoded by hand, so that neither
 TensorFlow nor generated protobuf classes are needed.
 
-Each file starts with a SessionLog START (TensorBoard's server ignores the
-first it reads): a resumed run's new file says in it that the session
-restarted at the first step of a line that metrics.jsonl dropped (a kill's
-epochs, or the test line, at the best epoch's step): TensorBoard then drops
-the earlier files' events from that step on, and the kept lines from there
-are written again. TensorBoard's fast loader (tensorboard-data-server)
-ignores the START and drops a series' points only at a step it gets again:
-after a resume that finds a later best epoch, it still shows the earlier
-test point, at the earlier best step.
+Each file starts with a SessionLog START at step 0. A resumed run replaces
+the files by one that holds the lines metrics.jsonl keeps
+(`EventWriter.rewrite`) and appends to it, so both of TensorBoard's loaders
+(tensorboard-data-server, its default, and its Python one) show what
+metrics.jsonl holds: not the epochs that a kill cut short, nor a test line
+at an earlier best step. A TensorBoard left running across the resume shows
+those until it restarts if it uses the data server, which ignores START;
+its Python loader drops them at the new file's START.
 """
 
 import os
@@ -108,17 +107,8 @@ def event(
   return out
 
 
-def exist(directory: str) -> bool:
-  """Whether `directory` holds an event file (or cannot be listed).
-
-  Runs of versions before 2026-12-03 wrote none: a resume of one writes the
-  lines of metrics.jsonl that it keeps, not only those from its restart.
-  """
-  try:
-    names = os.listdir(directory)
-  except OSError:
-    return True
-  return any(name.startswith('events.out.tfevents.') for name in names)
+PREFIX = 'events.out.tfevents.'  # The files TensorBoard reads.
+TEMPORARY = '.events.tmp'  # Not read: TensorBoard reads names with 'tfevents'.
 
 
 class EventWriter:
@@ -134,14 +124,51 @@ class EventWriter:
     self.path = None
     self.failed = False
 
-  def restart(self, step: int) -> None:
-    """Says that the run redoes its steps from `step` on."""
-    self._append(event(step, time.time(), restart=True))
+  def rewrite(self, records: list[dict]) -> None:
+    """Replaces the directory's event files by one of `records`' numbers.
+
+    The new file is written under a name that TensorBoard does not read and
+    renamed into place. The last of the old files (the one a running
+    TensorBoard's Python loader reads) is emptied: that loader then goes on
+    to the new file, whose START drops what it showed; the others are
+    removed.
+    """
+    old = sorted(
+      name for name in os.listdir(self.directory) if name.startswith(PREFIX)
+    )
+    self.path = self._name()
+    temporary = os.path.join(self.directory, TEMPORARY)
+    try:
+      with open(temporary, 'wb') as f:
+        f.write(self._header())
+        f.writelines(tf_record(self._event(record)) for record in records)
+      os.replace(temporary, self.path)
+      for name in old:
+        path = os.path.join(self.directory, name)
+        if name == old[-1]:
+          os.truncate(path, 0)
+        else:
+          os.remove(path)
+    except OSError as e:
+      self._fail(e)
+      if os.path.exists(temporary):
+        os.remove(temporary)
 
   def write(self, record: dict) -> None:
-    """Writes the numbers of a metrics line as `<split>/<name>` scalars."""
-    if self.path is None:  # A new run (or metrics.jsonl was removed).
-      self.restart(0)
+    """Appends the numbers of a metrics line as `<split>/<name>` scalars."""
+    if self.failed:
+      return
+    data = tf_record(self._event(record))
+    try:
+      if self.path is None:  # A new run (or metrics.jsonl was removed).
+        self.path = self._name()
+        data = self._header() + data
+      with open(self.path, 'ab') as f:
+        f.write(data)
+    except OSError as e:
+      self._fail(e)
+
+  def _event(self, record: dict) -> bytes:
     split = record.get('split', 'metrics')
     scalars = {
       f'{split}/{name}': float(value)
@@ -151,25 +178,23 @@ class EventWriter:
     wall_time = record.get('time')  # A line written again keeps its time.
     if not isinstance(wall_time, (int, float)):
       wall_time = time.time()
-    self._append(event(record.get('step', 0), wall_time, scalars=scalars))
+    return event(record.get('step', 0), wall_time, scalars=scalars)
 
-  def _append(self, data: bytes) -> None:
-    if self.failed:
-      return
-    try:
-      if self.path is None:
-        _FILES_OPENED[0] += 1
-        name = (
-          f'events.out.tfevents.{int(time.time())}.{socket.gethostname()}'
-          f'.{os.getpid()}.{_FILES_OPENED[0]:06d}'  # Sorted as written.
-        )
-        self.path = os.path.join(self.directory, name)
-        first = event(0, time.time(), file_version='brain.Event:2')
-        data = tf_record(first) + tf_record(data)
-      else:
-        data = tf_record(data)
-      with open(self.path, 'ab') as f:
-        f.write(data)
-    except OSError as e:
-      self.failed = True
-      logging.warning('No more TensorBoard events in %s: %s', self.path, e)
+  def _name(self) -> str:
+    _FILES_OPENED[0] += 1
+    name = (
+      f'{PREFIX}{int(time.time())}.{socket.gethostname()}'
+      f'.{os.getpid()}.{_FILES_OPENED[0]:06d}'  # Sorted as written.
+    )
+    return os.path.join(self.directory, name)
+
+  def _header(self) -> bytes:
+    """A new file's first events: its version, then a START at step 0."""
+    now = time.time()
+    return tf_record(event(0, now, file_version='brain.Event:2')) + tf_record(
+      event(0, now, restart=True)
+    )
+
+  def _fail(self, error: OSError) -> None:
+    self.failed = True
+    logging.warning('No more TensorBoard events in %s: %s', self.path, error)

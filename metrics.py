@@ -91,7 +91,8 @@ class MetricsWriter:
     and any old test line, would otherwise appear twice. They end the file
     (with a line cut short by a kill): it is cut there, in place, so that
     a reader following it (`tail -f`) goes on. Lines to drop elsewhere
-    (an edited file) make an atomic rewrite.
+    (an edited file) make an atomic rewrite. The event files are replaced
+    by one that holds the lines kept (`event_files.EventWriter.rewrite`).
 
     Raises:
       UserError: the file cannot be rewritten (full disk, permissions); it
@@ -100,7 +101,6 @@ class MetricsWriter:
     if not self.enabled or not os.path.exists(self.path):
       return
     kept, cut, offset = [], None, 0  # The lines kept, as records.
-    dropped = []  # The steps of the lines dropped.
     with open(self.path, 'rb') as f:
       for line in f:
         try:
@@ -116,8 +116,6 @@ class MetricsWriter:
           if cut is not None or json_line(record).encode() != line:
             cut = -1  # A kept line after a dropped one, or not strict JSON.
         else:
-          if isinstance(record, dict) and isinstance(record.get('step'), int):
-            dropped.append(record['step'])
           if cut is None:
             cut = offset
         offset += len(line)
@@ -129,17 +127,7 @@ class MetricsWriter:
           with open(self.path + '.tmp', 'w') as f:
             f.writelines(json_line(record) for record in kept)
           os.replace(self.path + '.tmp', self.path)
-    # TensorBoard drops the events from the first step redone (a kill's) or
-    # dropped (a test line's, at the best epoch's step): the kept lines from
-    # there on are written again.
-    steps = [r['step'] for r in kept if isinstance(r.get('step'), int)]
-    start = min([max(steps, default=0) + 1, *dropped])
-    if not event_files.exist(os.path.dirname(self.path)):
-      start = 0  # None yet (a run of a version before them): every line.
-    self.events.restart(start)
-    for record in kept:
-      if isinstance(record.get('step'), int) and record['step'] >= start:
-        self.events.write(record)
+    self.events.rewrite([r for r in kept if isinstance(r.get('step'), int)])
 
   def _writing(self):
     """`utils.writing` for this file and its temporary copy."""

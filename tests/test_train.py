@@ -101,6 +101,22 @@ def _tensorboard_points(workdir, server=False):
   }
 
 
+def _tensorboard_fast(workdir):
+  """{tag: [(step, value)]} as TensorBoard's fast loader reads them: every
+  event of the files in the order of their names, SessionLog START
+  ignored, the last value at a step kept."""
+  from tensorboard.backend.event_processing import event_file_loader
+
+  points = {}
+  for name in sorted(os.listdir(workdir)):
+    if name.startswith('events.out.tfevents.'):
+      path = os.path.join(workdir, name)
+      for e in event_file_loader.LegacyEventFileLoader(path).Load():
+        for value in e.summary.value:
+          points.setdefault(value.tag, {})[e.step] = value.simple_value
+  return {tag: sorted(steps.items()) for tag, steps in points.items()}
+
+
 def _metrics(workdir):
   with open(os.path.join(workdir, 'metrics.jsonl')) as f:
     records = [json.loads(line) for line in f]
@@ -189,9 +205,13 @@ class MetricsTest(parameterized.TestCase):
   def test_tensorboard_shows_the_test_line_that_metrics_jsonl_keeps(self):
     # A resume drops the test line, at the best epoch's step, before the
     # last step kept: TensorBoard kept its point, beside the new one or
-    # twice at the same step.
+    # twice at the same step. Its fast loader (tensorboard-data-server, the
+    # default) ignores SessionLog START: it kept the point while the earlier
+    # files were there. A loader running across the resumes reads on.
+    from tensorboard.backend.event_processing import event_accumulator
+
     with tempfile.TemporaryDirectory() as workdir:
-      writer = metrics.MetricsWriter(workdir, enabled=True)
+      running = event_accumulator.EventAccumulator(workdir)
       runs = ((0, (1, 2), 1), (2, (3,), 1), (3, (4,), 4))
       for resumed, epochs, best in runs:  # Each resumes the one before.
         writer = metrics.MetricsWriter(workdir, enabled=True)
@@ -200,9 +220,14 @@ class MetricsTest(parameterized.TestCase):
           for split in ('train', 'valid'):
             writer.write(split=split, epoch=epoch, step=10 * epoch, auc=epoch)
         writer.write(split='test', epoch=best, step=10 * best, auc=resumed)
+        running.Reload()
       steps = [(10 * epoch, epoch) for epoch in (1, 2, 3, 4)]
       want = {'train/auc': steps, 'valid/auc': steps, 'test/auc': [(40, 3)]}
       self.assertEqual(_tensorboard_points(workdir), want)
+      self.assertEqual(_tensorboard_fast(workdir), want)
+      self.assertEqual(
+        [(e.step, e.value) for e in running.Scalars('test/auc')], [(40, 3)]
+      )
 
   def test_a_resume_of_a_run_without_event_files_writes_all_it_keeps(self):
     # Versions before the event files wrote metrics.jsonl alone: a resume
