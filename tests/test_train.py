@@ -270,6 +270,26 @@ class MetricsTest(parameterized.TestCase):
         writer.write({'split': 'train', 'step': 1, 'loss': n})
       self.assertEqual(_tensorboard(workdir), {'train/loss': {1: 11.0}})
 
+  def test_a_rewrite_the_disk_refuses_leaves_the_event_files_as_they_were(self):
+    with tempfile.TemporaryDirectory() as workdir:
+      writer = metrics.MetricsWriter(workdir, enabled=True)
+      for epoch in (1, 2):
+        writer.write(split='train', epoch=epoch, step=epoch, loss=epoch)
+      before = _tensorboard_points(workdir)
+      writer = metrics.MetricsWriter(workdir, enabled=True)
+      full = OSError(28, 'No space left on device')
+      with (
+        mock.patch.object(os, 'replace', side_effect=full),
+        self.assertLogs(level='WARNING') as logs,
+      ):
+        writer.truncate(1)
+      self.assertIn('No more TensorBoard events', logs.output[0])
+      self.assertEqual(_tensorboard_points(workdir), before)
+      names = sorted(os.listdir(workdir))
+      self.assertLen(names, 2)  # No temporary file left behind.
+      self.assertEqual(names[1], 'metrics.jsonl')
+      self.assertLen(_metrics(workdir), 1)
+
   def test_an_event_file_the_disk_refuses_leaves_metrics_jsonl_going(self):
     with tempfile.TemporaryDirectory() as workdir:
       writer = metrics.MetricsWriter(workdir, enabled=True)
