@@ -3,13 +3,15 @@
 One process per host, joined by `jax.distributed.initialize`
 (`setup_distributed`). Each process trains on its part of every global
 batch; orbax writes the replicated state once and every process restores it
-from the shared workdir. The checks here make a badly set-up run fail on
-every process with one clear message (`lock_workdir`: all stop when process
-0 cannot lock the workdir; `assert_same_config` and `assert_same_data`: when
-the processes were given other configs or read other data), and
-`stop_after_failure` turns a lost peer into a bounded exit that names it.
+from the shared workdir. A badly set-up run fails on every process with one
+clear message: `errors_shared` raises on all what one process refused alone
+(process 0's lock of the workdir, a host's data); `assert_same_config` and
+`assert_same_data` compare what they were given. `stop_after_failure` turns
+a lost peer into a bounded exit that names it.
 """
 
+from collections.abc import Iterator
+import contextlib
 import errno
 import hashlib
 import json
@@ -101,12 +103,9 @@ def setup_distributed(
       ' --coordinator_address and start the processes again.'
     ) from e
   except (ValueError, TypeError) as e:
-    given = {
-      'coordinator_address': coordinator_address,
-      'num_processes': num_processes,
-      'process_id': process_id,
-    }
-    unset = [f'--{name}' for name, value in given.items() if value is None]
+    names = ('coordinator_address', 'num_processes', 'process_id')
+    given = (coordinator_address, num_processes, process_id)
+    unset = [f'--{n}' for n, v in zip(names, given, strict=True) if v is None]
     raise UserError(
       f'Cannot join a multi-process run: {e}'
       + (f' Set {", ".join(unset)}' if unset else ' Check the flags')
@@ -372,9 +371,6 @@ def assert_same_on_all_processes(
     )
 
 
-HOST_KEYS = workdir_lib.HOST_KEYS  # May differ between processes.
-
-
 def assert_same_config(flat: dict[str, Any]) -> None:
   """Raises a UserError on every process unless all have the same config.
 
@@ -386,14 +382,14 @@ def assert_same_config(flat: dict[str, Any]) -> None:
   """
   if jax.process_count() == 1:
     return
-  shared = {k: v for k, v in flat.items() if k not in HOST_KEYS}
+  shared = {k: v for k, v in flat.items() if k not in workdir_lib.HOST_KEYS}
   differ = _differences(gather_text(json.dumps(shared, sort_keys=True)))
   if differ:
     raise UserError(
       'The processes were started with different configs: '
       + '; '.join(f'config.{d}' for d in differ)
       + '. Start every process with the same --config and flags (only '
-      + ', '.join(f'config.{k}' for k in HOST_KEYS)
+      + ', '.join(f'config.{k}' for k in workdir_lib.HOST_KEYS)
       + ' may differ).'
     )
 
@@ -483,14 +479,24 @@ def allgather(x: np.ndarray) -> np.ndarray:
   return np.asarray(multihost_utils.process_allgather(x)).reshape(-1)
 
 
+@contextlib.contextmanager
+def errors_shared() -> Iterator[None]:
+  """Raises on every process a UserError that one raised in the block.
+
+  For what one process checks or writes alone (process 0's lock and records,
+  a host's data), which the others would wait for in their next collective.
+  The block must hold no collective.
+  """
+  try:
+    yield
+  except UserError as e:
+    gather_text(str(e))  # Tells the others.
+    raise
+  if told := [text for text in gather_text('') if text]:
+    raise UserError(told[0])
+
+
 def lock_workdir(workdir: str, is_main: bool) -> lock.Lock:
   """Process 0 locks the workdir; every process raises if it was refused."""
-  try:
-    held, refused = lock.acquire(workdir, enabled=is_main), None
-  except UserError as e:
-    held, refused = lock.Lock(), e
-  if not allgather(np.int32(refused is None)).all():
-    raise refused or UserError(
-      f'Process 0 could not lock workdir {workdir}: see its log for why.'
-    )
-  return held
+  with errors_shared():
+    return lock.acquire(workdir, enabled=is_main)

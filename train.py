@@ -384,13 +384,8 @@ def _run(
     init = state_initializer(config, model)  # Traces the model once.
   except ValueError as e:
     raise UserError(f'models/{config.model_name}.py: {e}') from e
-  if is_main:  # What predict.py and export.py need to encode raw rows.
-    resuming = workdir_lib.has_checkpoints(workdir)  # Same data, same ids.
-    with utils.writing('the encoder', f'{workdir}/encoder', '*.tmp'):
-      encoder.save(workdir, dataset, config, resuming)
   steps_per_epoch = data.num_train_steps(dataset.train, config.batch_size)
-
-  if config.optimizer == 'auto':
+  if auto := config.optimizer == 'auto':
     config = resolve_optimizer(config, model)
     logging.info(
       "config.optimizer 'auto': %s (%d table rows; 'lazy_adam' from %d)",
@@ -398,8 +393,15 @@ def _run(
       _table_rows(model),
       optim.AUTO_SPARSE_ROWS,
     )
-    if is_main and not workdir_lib.has_checkpoints(workdir):
-      workdir_lib.record_resolved_optimizer(workdir, config.optimizer)
+  # What predict.py and export.py need to encode raw rows, and what 'auto'
+  # became: process 0 writes them; its refusal stops every process.
+  resuming = workdir_lib.has_checkpoints(workdir)  # Same data, same ids.
+  with multihost.errors_shared():
+    if is_main:
+      with utils.writing('the encoder', f'{workdir}/encoder', '*.tmp'):
+        encoder.save(workdir, dataset, config, resuming)
+      if auto and not resuming:
+        workdir_lib.record_resolved_optimizer(workdir, config.optimizer)
   p_train_step, p_eval_step = pmapped_steps(model, config)
   # The train and eval programs compile on threads, from shapes, while the
   # state initialises and the latest checkpoint restores.
@@ -491,10 +493,6 @@ def _run(
     test = evaluate(
       p_eval_step, replicate(best_state), dataset.test, config.eval_batch_size
     )
-    writer.write(
-      split='test',
-      epoch=meta['best_epoch'],
-      step=meta['best_epoch'] * steps_per_epoch,
-      **test,
-    )
+    best = meta['best_epoch']
+    writer.write(split='test', epoch=best, step=best * steps_per_epoch, **test)
   return test

@@ -202,6 +202,36 @@ def _state(workdir: str) -> dict:
   return flat
 
 
+def _csv_flags(path: str, rows: int = 400) -> list[str]:
+  """Writes a CSV of clicks at `path`; the flags of a run on it."""
+  rng = np.random.default_rng(0)
+  with open(path, 'w') as f:
+    f.write('user,item,label\n')
+    for user, item in rng.integers(0, 20, (rows, 2)).tolist():
+      f.write(f'u{user},i{item},{int(user % 3 == item % 2)}\n')
+  return [
+    '--config.dataset.name=csv',
+    f'--config.dataset.path={path}',
+    '--config.dataset.csv.label_column=label',
+    '--config.batch_size=64',
+  ]
+
+
+def _files(directory: str) -> dict[str, tuple[int, int]]:
+  """The inode and modification time of each file in `directory`."""
+  paths = {n: os.path.join(directory, n) for n in os.listdir(directory)}
+  return {
+    n: (os.stat(p).st_ino, os.stat(p).st_mtime_ns) for n, p in paths.items()
+  }
+
+
+def _one_line_errors(run: Run) -> set[str]:
+  """Each process's last line, which must be its only error and no trace."""
+  for i in range(len(run.procs)):
+    assert 'Traceback' not in run.log(i), run.tails()
+  return {run.log(i).strip().splitlines()[-1] for i in range(len(run.procs))}
+
+
 class _MultiProcessTestCase(absltest.TestCase):
   """A temporary directory and the encoded dataset, shared by the tests."""
 
@@ -399,6 +429,32 @@ class FaultTest(_MultiProcessTestCase):
         r' config.dataset.cache_dir, config.progress_bar may differ\)\.$',
       )
     self.assertFalse(os.path.exists(os.path.join(workdir, 'config.json')))
+
+  def test_changed_data_on_resume_stops_every_process_in_one_line(self):
+    # Process 0 alone compared the data with the encoder of the checkpoints:
+    # it refused while the others waited in their next collective, until its
+    # exit was forced 30 s later and theirs aborted in jaxlib with a trace.
+    workdir = os.path.join(self.tmp, 'changed-data')
+    flags = _csv_flags(f'{workdir}.csv')
+    run = Run(workdir, self.cache, NUM_PROCESSES, *flags, tag='first')
+    self.assertEqual(run.wait(), [0] * NUM_PROCESSES, run.tails())
+    encoder = os.path.join(workdir, 'encoder')
+    before = _files(encoder)
+    with open(f'{workdir}.csv') as f:
+      text = f.read()
+    with open(f'{workdir}.csv', 'w') as f:  # u1 renamed: other user ids.
+      f.write(text.replace('\nu1,', '\nu99,'))
+    started = time.monotonic()
+    run = Run(workdir, self.cache, NUM_PROCESSES, *flags, tag='changed')
+    self.assertEqual(run.wait(), [2] * NUM_PROCESSES, run.tails())
+    self.assertLess(time.monotonic() - started, 30)  # main.py's forced exit.
+    (error,) = _one_line_errors(run)
+    self.assertRegex(
+      error,
+      r'^main.py: error: The data differ from those of the checkpoints \(the'
+      r' user vocabulary changed\)',
+    )
+    self.assertEqual(_files(encoder), before)  # Not rewritten.
 
   def test_a_process_that_never_joins_is_what_the_others_report(self):
     # jaxlib's own abort says "another task died" of a task that never came.
