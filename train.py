@@ -364,9 +364,10 @@ def _run(
   config: ml_collections.ConfigDict, workdir: str, is_main: bool
 ) -> dict[str, float]:
   """`train_and_evaluate` in its prepared, locked workdir."""
-  config = workdir_lib.resumed_optimizer(workdir, config, optim.NAMES)
-  workdir_lib.check_resume(workdir, config, write=is_main)
-  dataset = data.load_dataset(config.dataset)
+  with multihost.errors_shared():  # Refused by one process: by all.
+    config = workdir_lib.resumed_optimizer(workdir, config, optim.NAMES)
+    workdir_lib.check_resume(workdir, config, write=is_main)
+    dataset = data.load_dataset(config.dataset)
   multihost.assert_same_data(dataset)
   sizes = [len(s) for s in (dataset.train, dataset.valid, dataset.test)]
   logging.info(

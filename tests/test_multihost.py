@@ -456,6 +456,27 @@ class FaultTest(_MultiProcessTestCase):
     )
     self.assertEqual(_files(encoder), before)  # Not rewritten.
 
+  def test_a_host_that_cannot_load_its_data_stops_every_process(self):
+    # Hosts may read the data from their own paths: a missing file on one
+    # left the others waiting for it until the heartbeat timeout.
+    workdir = os.path.join(self.tmp, 'no-data')
+    missing = os.path.join(self.tmp, 'missing.csv')
+    run = Run(
+      workdir,
+      self.cache,
+      NUM_PROCESSES,
+      *_csv_flags(f'{workdir}.csv'),
+      f'--heartbeat_timeout_seconds={HEARTBEAT_TIMEOUT}',
+      only={1: [f'--config.dataset.path={missing}']},
+    )
+    self.assertEqual(
+      run.wait(HEARTBEAT_TIMEOUT + SLACK), [2] * NUM_PROCESSES, run.tails()
+    )
+    self.assertEqual(
+      _one_line_errors(run),
+      {f'main.py: error: config.dataset.path: {missing} does not exist.'},
+    )
+
   def test_a_process_that_never_joins_is_what_the_others_report(self):
     # jaxlib's own abort says "another task died" of a task that never came.
     result = subprocess.run(
