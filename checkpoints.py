@@ -48,8 +48,9 @@ KEEP_LATEST = 2
 MAX_QUEUED = 2
 # How long `load_best` reads again a best step that a run replaces.
 READ_WAIT_S = 120.0
-# A step that orbax is writing: `<step>` plus this; one not written to for
-# `STALE_S` seconds is what a killed run left.
+# A step that orbax is writing: `<step>` plus this. One not written to for
+# `STALE_S` seconds, or a directory of steps left empty that long ago, is
+# what a killed run left.
 SAVING = '.orbax-checkpoint-tmp'
 STALE_S = 30.0
 
@@ -433,29 +434,39 @@ def _identity(directory: str, step: int) -> tuple[int, int] | None:
 def _replaced(directory: str, step: int | None, seen: tuple | None) -> bool:
   """Whether a run replaced `step` (`seen`: its `_identity` when read).
 
-  It saved a newer step, deleted `step`, or saved it again (a resumed run
-  redoes the epoch: it deletes the step, then writes it).
+  It saved a newer step, deleted `step`, or saves it again (a resumed run
+  redoes the epoch: it deletes the step, then writes it): also while the
+  step's files go, and until its new save begins (for `STALE_S` seconds
+  after the directory changed).
   """
   names = os.listdir(directory) if os.path.isdir(directory) else []
   steps = {int(n) for n in names if n.isdigit()}
   if not steps:
-    return step is not None or _saving(directory, names)
+    return (
+      step is not None
+      or _recent(directory, tree=False)
+      or _saving(directory, names)
+    )
   if step is None or step not in steps or max(steps) > step:
     return True
-  return _identity(directory, step) != seen
+  path = os.path.join(directory, str(step))
+  return _identity(directory, step) != seen or _recent(path)
 
 
 def _saving(directory: str, names: list[str]) -> bool:
   """Whether a step of `names` (in `directory`) is being written now."""
+  return any(_recent(os.path.join(directory, n)) for n in names if SAVING in n)
+
+
+def _recent(path: str, tree: bool = True) -> bool:
+  """Whether `path` (with `tree`, or a folder or file under it) changed in
+  the last `STALE_S` seconds, or went as it was looked at."""
   now = time.time()
-  for name in names:
-    if SAVING not in name:  # Older orbax adds a timestamp.
-      continue
-    for root, _, files in os.walk(os.path.join(directory, name)):
-      for path in [root, *(os.path.join(root, f) for f in files)]:
-        try:
-          if now - os.stat(path).st_mtime < STALE_S:
-            return True
-        except OSError:
-          return True  # Renamed as orbax finishes it.
+  for root, _, files in os.walk(path) if tree else [(path, (), ())]:
+    for name in [root, *(os.path.join(root, f) for f in files)]:
+      try:
+        if now - os.stat(name).st_mtime < STALE_S:
+          return True
+      except OSError:
+        return True  # Renamed as orbax finishes it, or deleted.
   return False

@@ -162,6 +162,13 @@ def _corrupt(step_dir, how):
     f.write(bytes(raw))
 
 
+def _age(path):
+  """Dates `path` and everything under it to 1970: what a killed run left."""
+  for root, _, files in os.walk(path):
+    for name in [root, *(os.path.join(root, f) for f in files)]:
+      os.utime(name, (1, 1))
+
+
 class CheckpointPolicyTest(absltest.TestCase):
   """Checkpoints on a small pytree, without training."""
 
@@ -259,7 +266,9 @@ class CheckpointPolicyTest(absltest.TestCase):
       lambda mgr: next(answers, latest_step(mgr)),
     ):
       self.assertEqual(checkpoints.load_best(self.workdir)[1]['epoch'], 4)
-    # Damage that no newer step explains is named, once.
+    # Damage that no newer step, nor a change of late, explains is named,
+    # once.
+    _age(os.path.join(self.workdir, 'checkpoints', 'best', '4'))
     with (
       mock.patch.object(
         checkpoints, 'restore', side_effect=ValueError('bad bytes')
@@ -299,14 +308,40 @@ class CheckpointPolicyTest(absltest.TestCase):
     # What a run killed while saving left is not waited for.
     self.ckpt.best.delete(4)
     os.makedirs(os.path.join(saving, 'state'))
-    for path in (os.path.join(saving, 'state'), saving):
-      os.utime(path, (1, 1))
+    _age(best)
     with (
       mock.patch.object(checkpoints.time, 'sleep') as slept,
       self.assertRaisesRegex(utils.UserError, 'No best checkpoint in'),
     ):
       checkpoints.load_best(self.workdir)
     slept.assert_not_called()
+
+  def test_a_best_read_as_a_resumed_run_deletes_and_saves_it_again(self):
+    # The run deletes the step, then creates its temporary directory (14 ms
+    # later with 2 processes, whose save starts with a barrier): a reader
+    # that listed no step in between called the best lost, and one that read
+    # as the step's files went (its directory still there) called it damaged.
+    self.ckpt.save_best(4, self._state(4), self._meta(4, 4))
+    best = os.path.join(self.workdir, 'checkpoints', 'best')
+    begin = {
+      5: lambda: self.ckpt.best.delete(4),
+      6: lambda: shutil.rmtree(os.path.join(best, '4', 'meta')),
+    }
+    for epoch, deleting in begin.items():
+      deleting()
+
+      def save_again(epoch=epoch):
+        time.sleep(0.3)
+        self.ckpt.save_best(4, self._state(epoch), self._meta(4, 4))
+
+      saving = threading.Thread(target=save_again)
+      saving.start()
+      try:
+        state, meta = checkpoints.load_best(self.workdir)
+      finally:
+        saving.join()
+      self.assertEqual(meta['epoch'], 4)
+      np.testing.assert_array_equal(state['w'], self._state(epoch)['w'])
 
   def test_file_system_faults_in_error_text_are_user_errors(self):
     # Tensorstore reports a full disk in the text of a ValueError.
