@@ -4,6 +4,8 @@ Without JAX (numpy, absl and utils), so that a process without it (a
 benchmark's torch worker) scores and records its runs the same way.
 """
 
+from collections.abc import Callable
+import contextlib
 import json
 import math
 import os
@@ -71,11 +73,21 @@ class MetricsWriter:
   process's launch (benchmarks/time_to_auc.py). The lines are strict JSON
   (`json_line`): a metric that is NaN or infinite is `null`. TensorBoard
   event files beside it hold the same numbers (`event_files`).
+
+  Every process of a run calls `truncate` and `write` in `shared()`
+  (`multihost.errors_shared`): where process 0 cannot write, all raise.
   """
 
   def __init__(
-    self, workdir: str, enabled: bool, wall_time_offset: float = 0.0
+    self,
+    workdir: str,
+    enabled: bool,
+    wall_time_offset: float = 0.0,
+    shared: Callable[[], contextlib.AbstractContextManager] = (
+      contextlib.nullcontext
+    ),
   ):
+    self.shared = shared
     self.path = os.path.join(workdir, 'metrics.jsonl')
     self.enabled = enabled
     self.start = time.perf_counter() - wall_time_offset
@@ -98,8 +110,11 @@ class MetricsWriter:
       UserError: the file cannot be rewritten (full disk, permissions); it
         is left as it was.
     """
-    if not self.enabled or not os.path.exists(self.path):
-      return
+    with self.shared():
+      if self.enabled and os.path.exists(self.path):
+        self._truncate(epoch)
+
+  def _truncate(self, epoch: int) -> None:
     kept, cut, offset = [], None, 0  # The lines kept, as records.
     with open(self.path, 'rb') as f:
       for line in f:
@@ -144,8 +159,11 @@ class MetricsWriter:
     record['wall_time'] = round(self.wall_time(), 3)
     record['time'] = round(time.time(), 3)
     logging.info('%s', ' '.join(f'{k}={v}' for k, v in record.items()))
-    if not self.enabled:
-      return
+    with self.shared():
+      if self.enabled:
+        self._append(record)
+
+  def _append(self, record: dict) -> None:
     with self._writing():
       line = memoryview(json_line(record).encode())
       fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o666)

@@ -440,8 +440,8 @@ def _run(
       state = warm_start(state, config.init_from)
   else:
     logging.info('Resumed from epoch %d of %s', meta['epoch'], workdir)
-  writer = metrics.MetricsWriter(
-    workdir, enabled=is_main, wall_time_offset=meta.get('wall_time', 0.0)
+  writer = metrics.MetricsWriter(  # Process 0 writes; its error stops all.
+    workdir, is_main, meta.get('wall_time', 0.0), multihost.errors_shared
   )
   writer.truncate(meta['epoch'])
 

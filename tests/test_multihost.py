@@ -477,6 +477,29 @@ class FaultTest(_MultiProcessTestCase):
       {f'main.py: error: config.dataset.path: {missing} does not exist.'},
     )
 
+  def test_metrics_that_process_0_cannot_write_stop_every_process(self):
+    # Process 0 alone writes metrics.jsonl: a full disk there left the
+    # others in the epoch's collectives until its exit was forced, 30 s on.
+    workdir = os.path.join(self.tmp, 'metrics-unwritable')
+    run = Run(workdir, self.cache, NUM_PROCESSES, tag='first')
+    self.assertEqual(run.wait(), [0] * NUM_PROCESSES, run.tails())
+    path = os.path.join(workdir, 'metrics.jsonl')
+    with open(path) as f:
+      lines = f.readlines()
+    with open(path, 'w') as f:  # A line to drop first: the file is rewritten,
+      f.writelines([lines[-1], *lines[:-1]])
+    os.makedirs(f'{path}.tmp')  # where its copy cannot be written.
+    started = time.monotonic()
+    run = Run(workdir, self.cache, NUM_PROCESSES, tag='again')
+    self.assertEqual(run.wait(), [2] * NUM_PROCESSES, run.tails())
+    self.assertLess(time.monotonic() - started, 30)  # main.py's forced exit.
+    (error,) = _one_line_errors(run)
+    self.assertRegex(
+      error,
+      rf'^main.py: error: Cannot write metrics.jsonl in {workdir}: Is a'
+      r' directory \(EISDIR, ',
+    )
+
   def test_a_process_that_never_joins_is_what_the_others_report(self):
     # jaxlib's own abort says "another task died" of a task that never came.
     result = subprocess.run(
