@@ -309,9 +309,8 @@ def stop_after_failure(
     count,
     exc_info=error,
   )
-  logging.flush()
-  sys.stdout.flush()
-  sys.stderr.flush()
+  for stream in (logging, sys.stdout, sys.stderr):
+    stream.flush()
   # Not sys.exit: the interpreter's exit runs JAX's shutdown barrier, which
   # waits for the dead peer, and joins orbax's and the collectives' threads,
   # which may wait on it forever too. The logs are flushed above; finished
@@ -334,14 +333,12 @@ def check_shared_workdir(workdir: str) -> None:
   )
   path = os.path.join(workdir, f'.shared-{np.asarray(token).tobytes().hex()}')
   if jax.process_index() == 0:
-    with open(path, 'w'):
-      pass
+    open(path, 'w').close()
   multihost_utils.sync_global_devices('flax_fm: workdir check file written')
   seen = allgather(np.int32(os.path.exists(path)))
   if jax.process_index() == 0:
     os.remove(path)
-  blind = [i for i, ok in enumerate(seen.tolist()) if not ok]
-  if blind:
+  if blind := [i for i, ok in enumerate(seen.tolist()) if not ok]:
     raise UserError(
       f'--workdir {workdir} is not shared: process(es)'
       f' {", ".join(map(str, blind))} do not see the files process 0 writes'
@@ -484,16 +481,17 @@ def errors_shared() -> Iterator[None]:
   """Raises on every process a UserError that one raised in the block.
 
   For what one process checks or writes alone (process 0's lock and records,
-  a host's data), which the others would wait for in their next collective.
-  The block must hold no collective.
+  a host's own paths), which the others would wait for in their next
+  collective; they name it. The block must hold no collective.
   """
   try:
     yield
   except UserError as e:
     gather_text(str(e))  # Tells the others.
     raise
-  if told := [text for text in gather_text('') if text]:
-    raise UserError(told[0])
+  for process, text in enumerate(gather_text('')):
+    if text:
+      raise UserError(f'Process {process}: {text}')
 
 
 def lock_workdir(workdir: str, is_main: bool) -> lock.Lock:

@@ -345,16 +345,17 @@ def train_and_evaluate(
   """
   orbax_logs.quiet_info()
   multihost.assert_same_config(workdir_lib.flatten(config))
-  config_check.validate_config(
-    config,
-    dataset_names=tuple(data.FORMAT_OF),
-    optimizers=optim.NAMES,
-    num_devices=jax.device_count(),
-    resuming=workdir_lib.has_checkpoints(workdir),
-  )
-  utils.enable_compilation_cache(data.cache_dir(config.dataset))
+  with multihost.errors_shared():  # A host's own paths may fail alone.
+    config_check.validate_config(
+      config,
+      dataset_names=tuple(data.FORMAT_OF),
+      optimizers=optim.NAMES,
+      num_devices=jax.device_count(),
+      resuming=workdir_lib.has_checkpoints(workdir),
+    )
+    utils.enable_compilation_cache(data.cache_dir(config.dataset))
+    workdir = workdir_lib.prepare(workdir)
   is_main = jax.process_index() == 0
-  workdir = workdir_lib.prepare(workdir)
   multihost.check_shared_workdir(workdir)
   with multihost.lock_workdir(workdir, is_main):
     return _run(config, workdir, is_main)

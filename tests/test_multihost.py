@@ -225,11 +225,18 @@ def _files(directory: str) -> dict[str, tuple[int, int]]:
   }
 
 
-def _one_line_errors(run: Run) -> set[str]:
-  """Each process's last line, which must be its only error and no trace."""
+def _errors(run: Run, culprit: int) -> set[str]:
+  """Each process's last line, the same error in each (others name the
+  process that met it), and no traceback."""
+  lines = set()
   for i in range(len(run.procs)):
     assert 'Traceback' not in run.log(i), run.tails()
-  return {run.log(i).strip().splitlines()[-1] for i in range(len(run.procs))}
+    line = run.log(i).strip().splitlines()[-1]
+    if i != culprit:
+      assert f'main.py: error: Process {culprit}: ' in line, run.tails()
+      line = line.replace(f'Process {culprit}: ', '', 1)
+    lines.add(line)
+  return lines
 
 
 class _MultiProcessTestCase(absltest.TestCase):
@@ -448,7 +455,7 @@ class FaultTest(_MultiProcessTestCase):
     run = Run(workdir, self.cache, NUM_PROCESSES, *flags, tag='changed')
     self.assertEqual(run.wait(), [2] * NUM_PROCESSES, run.tails())
     self.assertLess(time.monotonic() - started, 30)  # main.py's forced exit.
-    (error,) = _one_line_errors(run)
+    (error,) = _errors(run, 0)
     self.assertRegex(
       error,
       r'^main.py: error: The data differ from those of the checkpoints \(the'
@@ -473,8 +480,33 @@ class FaultTest(_MultiProcessTestCase):
       run.wait(HEARTBEAT_TIMEOUT + SLACK), [2] * NUM_PROCESSES, run.tails()
     )
     self.assertEqual(
-      _one_line_errors(run),
+      _errors(run, 1),
       {f'main.py: error: config.dataset.path: {missing} does not exist.'},
+    )
+
+  def test_a_host_that_cannot_make_the_workdir_stops_every_process(self):
+    # Each host makes the workdir: one refused there left the others waiting
+    # in the check of a shared workdir until the heartbeat timeout.
+    blocker = os.path.join(self.tmp, 'a-file')
+    with open(blocker, 'w'):
+      pass
+    run = Run(
+      os.path.join(self.tmp, 'unmade'),
+      self.cache,
+      NUM_PROCESSES,
+      f'--heartbeat_timeout_seconds={HEARTBEAT_TIMEOUT}',
+      only={1: [f'--workdir={blocker}/run']},
+    )
+    self.assertEqual(
+      run.wait(HEARTBEAT_TIMEOUT + SLACK), [2] * NUM_PROCESSES, run.tails()
+    )
+    (error,) = _errors(run, 1)
+    self.assertTrue(
+      error.startswith(
+        f'main.py: error: workdir {blocker}/run cannot be created: {blocker}'
+        ' is a file'
+      ),
+      run.tails(),
     )
 
   def test_metrics_that_process_0_cannot_write_stop_every_process(self):
@@ -493,7 +525,7 @@ class FaultTest(_MultiProcessTestCase):
     run = Run(workdir, self.cache, NUM_PROCESSES, tag='again')
     self.assertEqual(run.wait(), [2] * NUM_PROCESSES, run.tails())
     self.assertLess(time.monotonic() - started, 30)  # main.py's forced exit.
-    (error,) = _one_line_errors(run)
+    (error,) = _errors(run, 0)
     self.assertRegex(
       error,
       rf'^main.py: error: Cannot write metrics.jsonl in {workdir}: Is a'
