@@ -400,7 +400,7 @@ def load_best(workdir: str) -> tuple[Any, dict]:
       step = mgr.latest_step()
       if step is None:
         if not last and _replaced(directory, None, None):
-          time.sleep(min(0.01 * 2**attempt, 1.0))
+          _wait(directory, attempt)
           continue  # Listed as the run swapped its best: none seen.
         raise UserError(f'No best checkpoint in {directory}.{again}')
       seen = _identity(directory, step)
@@ -408,7 +408,7 @@ def load_best(workdir: str) -> tuple[Any, dict]:
     except (ValueError, OSError) as e:
       if not last and _replaced(directory, step, seen):
         orbax_logs.quiet_cut_reads(directory)
-        time.sleep(min(0.01 * 2**attempt, 1.0))
+        _wait(directory, attempt)
         continue
       if step is None or isinstance(e, OSError):
         raise UserError(
@@ -420,6 +420,17 @@ def load_best(workdir: str) -> tuple[Any, dict]:
     finally:
       if mgr is not None:
         mgr.close()
+
+
+def _wait(directory: str, attempt: int) -> None:
+  """Sleeps before the read `attempt + 1` of a best step a run replaces."""
+  if not attempt:
+    logging.info(
+      'A run is saving %s: reading it once saved (waiting %d s at most).',
+      directory,
+      READ_WAIT_S,
+    )
+  time.sleep(min(0.01 * 2**attempt, 1.0))
 
 
 def _identity(directory: str, step: int) -> tuple[int, int] | None:

@@ -337,9 +337,12 @@ class CheckpointPolicyTest(absltest.TestCase):
       saving = threading.Thread(target=save_again)
       saving.start()
       try:
-        state, meta = checkpoints.load_best(self.workdir)
+        with self.assertLogs(level='INFO') as logs:  # Said, once.
+          state, meta = checkpoints.load_best(self.workdir)
       finally:
         saving.join()
+      waiting = [line for line in logs.output if 'A run is saving' in line]
+      self.assertLen(waiting, 1)
       self.assertEqual(meta['epoch'], 4)
       np.testing.assert_array_equal(state['w'], self._state(epoch)['w'])
 
