@@ -405,7 +405,7 @@ def write_predictions(
         f'{name} {n}' for name, n in zip(names, unseen, strict=True) if n
       ),
     )
-  if scored:
+  if scored and rows:  # An empty file has no AUC to log.
     probs, labels = (np.concatenate(a) for a in zip(*scored, strict=True))
     logging.info(
       'The %d labelled rows: AUC %.6f, logloss %.6f',

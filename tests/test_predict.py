@@ -18,6 +18,7 @@ import sys
 import tempfile
 import threading
 import time
+import warnings
 
 from absl import flags
 from absl.testing import absltest
@@ -230,6 +231,21 @@ class PredictTest(parameterized.TestCase):
     self.assertEqual(list(out.columns), ['probability'])
     expected = self._expected(self.trained.dataset.valid.ids)
     np.testing.assert_allclose(out['probability'], expected, atol=1e-6)
+
+  def test_an_empty_file_gets_an_empty_output_and_no_metrics(self):
+    # An empty part of a dataset logged 'The 0 labelled rows: AUC nan' after
+    # numpy's warnings of a mean of nothing.
+    source = _write(os.path.join(self.tmp, 'empty.txt'), [])
+    output = os.path.join(self.tmp, 'out.csv')
+    with (
+      warnings.catch_warnings(),
+      self.assertLogs('absl', 'INFO') as logs,
+    ):
+      warnings.simplefilter('error')
+      rows = predict.write_predictions(self.predictor, source, output, 7)
+    self.assertEqual(rows, 0)
+    self.assertEmpty(pd.read_csv(output))
+    self.assertNotIn('labelled rows', '\n'.join(logs.output))
 
   @parameterized.parameters(1, 2, 3, 63, 64, 65, 150)
   def test_ids_of_any_count_match_model_apply(self, n):
