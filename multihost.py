@@ -478,20 +478,23 @@ def allgather(x: np.ndarray) -> np.ndarray:
 
 @contextlib.contextmanager
 def errors_shared() -> Iterator[None]:
-  """Raises on every process a UserError that one raised in the block.
+  """Raises on every process an error that one raised in the block.
 
   For what one process checks or writes alone (process 0's lock and records,
   a host's own paths), which the others would wait for in their next
-  collective; they name it. The block must hold no collective.
+  collective; they name it, as a UserError or (any other error) a
+  RuntimeError, so that all leave alike. The block must hold no collective.
   """
   try:
     yield
-  except UserError as e:
-    gather_text(str(e))  # Tells the others.
+  except Exception as e:  # Tells the others: 'U' or 'E', then the text.
+    user = isinstance(e, UserError)
+    gather_text(f'U{e}' if user else f'E{type(e).__name__}: {e}')
     raise
   for process, text in enumerate(gather_text('')):
     if text:
-      raise UserError(f'Process {process}: {text}')
+      kind = UserError if text[0] == 'U' else RuntimeError
+      raise kind(f'Process {process}: {text[1:]}')
 
 
 def lock_workdir(workdir: str, is_main: bool) -> lock.Lock:

@@ -532,6 +532,29 @@ class FaultTest(_MultiProcessTestCase):
       r' directory \(EISDIR, ',
     )
 
+  def test_an_unreadable_metrics_file_of_process_0_stops_every_process(self):
+    # Only a UserError was shared: process 0's OSError on reading
+    # metrics.jsonl left the others in their next collective until the
+    # heartbeat timeout declared it lost.
+    workdir = os.path.join(self.tmp, 'metrics-unreadable')
+    run = Run(workdir, self.cache, NUM_PROCESSES, tag='first')
+    self.assertEqual(run.wait(), [0] * NUM_PROCESSES, run.tails())
+    path = os.path.join(workdir, 'metrics.jsonl')
+    os.remove(path)
+    os.makedirs(path)
+    started = time.monotonic()
+    run = Run(workdir, self.cache, NUM_PROCESSES, tag='again')
+    self.assertEqual(run.wait(), [1] * NUM_PROCESSES, run.tails())
+    self.assertLess(time.monotonic() - started, 30)  # main.py's forced exit.
+    self.assertIn('IsADirectoryError', run.log(0))
+    for i in range(1, NUM_PROCESSES):
+      self.assertIn(
+        'RuntimeError: Process 0: IsADirectoryError: [Errno 21] Is a'
+        f" directory: '{path}'",
+        run.log(i),
+        run.tails(),
+      )
+
   def test_a_process_that_never_joins_is_what_the_others_report(self):
     # jaxlib's own abort says "another task died" of a task that never came.
     result = subprocess.run(
@@ -755,6 +778,32 @@ class UserErrorTest(absltest.TestCase):
         else:
           with self.assertRaisesRegex(UserError, message):
             multihost.assert_same_config(base)
+
+  def test_errors_shared_raises_any_error_of_one_process_on_all(self):
+    # Only a UserError was sent: after another error of one process (an
+    # OSError of process 0 on metrics.jsonl) the others waited in their next
+    # collective, and a UserError without text read as no error.
+    for error, kind, text in (
+      (UserError(''), UserError, r'^Process 0: $'),
+      (
+        IsADirectoryError(21, 'Is a directory'),
+        RuntimeError,
+        r'^Process 0: IsADirectoryError: \[Errno 21\] Is a directory$',
+      ),
+    ):
+      with mock.patch.object(
+        multihost, 'gather_text', side_effect=lambda t: [t, '']
+      ) as gather:
+        with self.assertRaises(type(error)), multihost.errors_shared():
+          raise error
+      sent = [c.args[0] for c in gather.call_args_list]
+      self.assertLen(sent, 1)
+      with (  # What the other process raises.
+        mock.patch.object(multihost, 'gather_text', return_value=sent + ['']),
+        self.assertRaisesRegex(kind, text),
+        multihost.errors_shared(),
+      ):
+        pass
 
   def test_gather_text_pads_and_cuts_each_process_text(self):
     sent = ['{"a": 1}', '{"bb": "é"}']
