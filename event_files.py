@@ -17,6 +17,7 @@ those until it restarts if it uses the data server, which ignores START;
 its Python loader drops them at the new file's START.
 """
 
+import contextlib
 import os
 import socket
 import struct
@@ -133,12 +134,11 @@ class EventWriter:
     to the new file, whose START drops what it showed; the others are
     removed.
     """
-    old = sorted(
-      name for name in os.listdir(self.directory) if name.startswith(PREFIX)
-    )
     self.path = self._name()
     temporary = os.path.join(self.directory, TEMPORARY)
     try:
+      names = os.listdir(self.directory)
+      old = sorted(name for name in names if name.startswith(PREFIX))
       with open(temporary, 'wb') as f:
         f.write(self._header())
         f.writelines(tf_record(self._event(record)) for record in records)
@@ -151,7 +151,7 @@ class EventWriter:
           os.remove(path)
     except OSError as e:
       self._fail(e)
-      if os.path.exists(temporary):
+      with contextlib.suppress(OSError):
         os.remove(temporary)
 
   def write(self, record: dict) -> None:

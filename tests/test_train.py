@@ -270,7 +270,11 @@ class MetricsTest(parameterized.TestCase):
         writer.write({'split': 'train', 'step': 1, 'loss': n})
       self.assertEqual(_tensorboard(workdir), {'train/loss': {1: 11.0}})
 
-  def test_a_rewrite_the_disk_refuses_leaves_the_event_files_as_they_were(self):
+  @parameterized.parameters('replace', 'listdir')
+  def test_a_rewrite_the_disk_refuses_leaves_the_event_files_as_they_were(
+    self, refused
+  ):
+    # A refused listing of the old files raised, and stopped the run.
     with tempfile.TemporaryDirectory() as workdir:
       writer = metrics.MetricsWriter(workdir, enabled=True)
       for epoch in (1, 2):
@@ -279,7 +283,7 @@ class MetricsTest(parameterized.TestCase):
       writer = metrics.MetricsWriter(workdir, enabled=True)
       full = OSError(28, 'No space left on device')
       with (
-        mock.patch.object(os, 'replace', side_effect=full),
+        mock.patch.object(os, refused, side_effect=full),
         self.assertLogs(level='WARNING') as logs,
       ):
         writer.truncate(1)
