@@ -115,9 +115,9 @@ TEMPORARY = '.events.tmp'  # Not read: TensorBoard reads names with 'tfevents'.
 class EventWriter:
   """Appends a run's metrics to an event file of its own in `directory`.
 
-  The file is created at the first event. A write that fails (a full disk)
-  is logged once and ends the event file: metrics.jsonl, the record that
-  counts, goes on.
+  The file is created at the first event, or by `rewrite` (a resume). A
+  write that fails (a full disk) is logged once and ends the event file:
+  metrics.jsonl, the record that counts, goes on.
   """
 
   def __init__(self, directory: str):
