@@ -176,10 +176,9 @@ def check_coordinator(
 def _check_served_here(flag: str, found: tuple, timeout: float) -> None:
   """Process 0: the port is free here, and a connection to it comes here.
 
-  Args:
-    flag: the flag and its value, for messages.
-    found: the address's first `socket.getaddrinfo` entry.
-    timeout: seconds to wait for the connection.
+  `found` is the address's first `socket.getaddrinfo` entry, `flag` the flag
+  and its value (for messages), `timeout` the seconds to wait for the
+  connection.
   """
   family, _, _, _, target = found
   port = target[1]
@@ -462,11 +461,9 @@ def gather_text(text: str) -> list[str]:
   """Every process's `text`, in process order (a collective)."""
   data = np.frombuffer(text.encode(), np.uint8)
   lengths = allgather(np.int32(len(data)))
-  padded = np.zeros(max(int(lengths.max()), 1), np.uint8)
-  padded[: len(data)] = data
+  padded = np.pad(data, (0, max(int(lengths.max()), 1) - len(data)))
   rows = allgather(padded).reshape(len(lengths), -1)
-  counts = lengths.tolist()
-  return [r[:n].tobytes().decode() for r, n in zip(rows, counts, strict=True)]
+  return [r[:n].tobytes().decode() for r, n in zip(rows, lengths, strict=True)]
 
 
 def allgather(x: np.ndarray) -> np.ndarray:
