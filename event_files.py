@@ -191,9 +191,8 @@ class EventWriter:
   def _header(self) -> bytes:
     """A new file's first events: its version, then a START at step 0."""
     now = time.time()
-    return tf_record(event(0, now, file_version='brain.Event:2')) + tf_record(
-      event(0, now, restart=True)
-    )
+    version = event(0, now, file_version='brain.Event:2')
+    return tf_record(version) + tf_record(event(0, now, restart=True))
 
   def _fail(self, error: OSError) -> None:
     self.failed = True
