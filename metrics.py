@@ -115,25 +115,31 @@ class MetricsWriter:
         self._truncate(epoch)
 
   def _truncate(self, epoch: int) -> None:
+    try:
+      with open(self.path, 'rb') as f:
+        lines = f.readlines()
+    except OSError as e:
+      raise utils.UserError(
+        f'Cannot read {self.path}: {utils.os_problem(e)}. Make it a readable'
+        ' file again (or move it away), then start the run again.'
+      ) from e
     kept, cut, offset = [], None, 0  # The lines kept, as records.
-    with open(self.path, 'rb') as f:
-      for line in f:
-        try:
-          record = json.loads(line)
-        except ValueError:
-          record = None  # A line cut short by a kill.
-        if (
-          isinstance(record, dict)
-          and record.get('split') != 'test'
-          and record.get('epoch', 0) <= epoch
-        ):
-          kept.append(record)
-          if cut is not None or json_line(record).encode() != line:
-            cut = -1  # A kept line after a dropped one, or not strict JSON.
-        else:
-          if cut is None:
-            cut = offset
-        offset += len(line)
+    for line in lines:
+      try:
+        record = json.loads(line)
+      except ValueError:
+        record = None  # A line cut short by a kill.
+      if (
+        isinstance(record, dict)
+        and record.get('split') != 'test'
+        and record.get('epoch', 0) <= epoch
+      ):
+        kept.append(record)
+        if cut is not None or json_line(record).encode() != line:
+          cut = -1  # A kept line after a dropped one, or not strict JSON.
+      elif cut is None:
+        cut = offset
+      offset += len(line)
     if cut is not None:
       with self._writing():
         if cut >= 0:

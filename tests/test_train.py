@@ -178,6 +178,18 @@ class MetricsTest(parameterized.TestCase):
       self.assertEqual(got[:2], lines[:2])
       self.assertEqual(json.loads(got[2])['loss'], 0.4)
 
+  def test_a_metrics_file_that_cannot_be_read_is_one_line(self):
+    # A resume met a traceback (IsADirectoryError) reading it.
+    with tempfile.TemporaryDirectory() as workdir:
+      os.makedirs(os.path.join(workdir, 'metrics.jsonl'))
+      writer = metrics.MetricsWriter(workdir, enabled=True)
+      with self.assertRaisesRegex(
+        UserError,
+        r'^Cannot read \S+/metrics.jsonl: Is a directory \(EISDIR, .*\)\.'
+        r' Make it a readable file again',
+      ):
+        writer.truncate(1)
+
   def test_crc32c_of_the_event_files(self):
     # RFC 3720's check value and its 32 bytes of zeros and of 0xff.
     self.assertEqual(event_files.crc32c(b'123456789'), 0xE3069283)
