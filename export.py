@@ -27,9 +27,10 @@ writes into the output directory:
 
 - `model.onnx`: the same function as ONNX (inputs `ids`, and `multi_ids`
   and `dense` when present, output `probability`, batch dimension `batch`),
-  for onnxruntime. It needs the optional converter: `pip install jax2onnx
-  onnxruntime "orbax-checkpoint>=0.12.8"` (jax2onnx's newest releases would
-  downgrade orbax otherwise; see requirements-dev.txt). Without it, with
+  for onnxruntime >= 1.18 (opset 21, `onnx_export.OPSET`). It needs the
+  optional converter: `pip install jax2onnx onnxruntime
+  "orbax-checkpoint>=0.12.8"` (jax2onnx's newest releases would downgrade
+  orbax otherwise; see requirements-dev.txt). Without it, with
   `--noonnx`, or when onnxruntime (if installed) cannot run the converted
   model or gets other numbers than the JAX function on sample rows
   (`onnx_export.check`), it is left out, and signature.json says why.

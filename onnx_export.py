@@ -21,6 +21,13 @@ import jax.numpy as jnp
 import numpy as np
 
 OUTPUT = 'probability'
+# The ONNX opset that model.onnx is stamped with. jax2onnx's default (23)
+# needs onnxruntime >= 1.23 (1.22 and older refuse to load it); its IR
+# version 10 needs onnxruntime >= 1.18 (May 2024), whose newest opset is 21:
+# with it, every model loads from onnxruntime 1.18 on (checked on 1.18 to
+# 1.32), but W&D's hashed crosses compute in uint32, whose Mul and Where
+# onnxruntime runs from 1.31 on.
+OPSET = 21
 # The largest difference from the JAX function that a model may show (a
 # saturated sigmoid's float32 rounding differs by a few 1e-6).
 ATOL = 1e-4
@@ -193,6 +200,7 @@ def _to_onnx(
       fn,
       specs,
       model_name='flax_fm',
+      opset=OPSET,
       input_names=list(names),
       output_names=[OUTPUT],
     )

@@ -29,6 +29,7 @@ from model_tables import MODEL_NAMES
 from model_tables import build
 from model_testing import random_ids
 import numpy as np
+import onnx  # jax2onnx's dependency.
 import onnxruntime
 from predict_testing import ROOT
 from predict_testing import command_error
@@ -45,6 +46,12 @@ from utils import UserError
 ONNX_UNSUPPORTED = {}
 
 TOLERANCE = 1e-5
+
+# The newest ONNX IR version and opset that onnxruntime 1.18 (May 2024)
+# loads: model.onnx must not need a newer onnxruntime than that (jax2onnx
+# stamps opset 23 by default, which onnxruntime 1.22 and older refuse).
+MAX_IR_VERSION = 10
+MAX_OPSET = 21
 
 # The side inputs every model is built with.
 MULTI_FIELD_DIMS = (6, 9)
@@ -132,6 +139,15 @@ def _onnx_run(serialized, inputs):
   return session.run([export.OUTPUT], inputs)[0]
 
 
+def _ir_version_and_opset(serialized):
+  """`(IR version, opset of the default domain)` of an ONNX model."""
+  proto = onnx.load_from_string(serialized)
+  domains = ('', 'ai.onnx')
+  return proto.ir_version, max(
+    o.version for o in proto.opset_import if o.domain in domains
+  )
+
+
 def _reference(model, variables):
   return jax.jit(
     lambda x: jax.nn.sigmoid(model.apply(variables, **x, train=False))
@@ -176,6 +192,9 @@ class EveryModelTest(absltest.TestCase):
         # Checked in onnxruntime on sample rows, as export() does.
         feeds = export.sample_inputs(model, specs)
         onnx = export.export_onnx(fn, specs, feeds)
+        ir_version, opset = _ir_version_and_opset(onnx)
+        self.assertLessEqual(ir_version, MAX_IR_VERSION)
+        self.assertLessEqual(opset, MAX_OPSET)
         for n in (1, len(expected[name])):
           got = _onnx_run(onnx, {k: v[:n] for k, v in inputs.items()})
           self.assertEqual(got.shape, (n,))
