@@ -25,8 +25,8 @@ OUTPUT = 'probability'
 # needs onnxruntime >= 1.23 (1.22 and older refuse to load it); its IR
 # version 10 needs onnxruntime >= 1.18 (May 2024), whose newest opset is 21:
 # with it, every model loads from onnxruntime 1.18 on (checked on 1.18 to
-# 1.32), but W&D's hashed crosses compute in uint32, whose Mul and Where
-# onnxruntime runs from 1.31 on.
+# 1.32), but W&D's crosses (`cross_fields`) compute in uint32, whose Mul
+# and Where onnxruntime runs from 1.31 on.
 OPSET = 21
 # The largest difference from the JAX function that a model may show (a
 # saturated sigmoid's float32 rounding differs by a few 1e-6).
