@@ -23,7 +23,8 @@ writes into the output directory:
   `model.call(ids, multi_ids, dense)`, with int32 `multi_ids` `[batch,
   multi_fields, max_len]` (the ids of each list, padded with -1) and
   float32 `dense` `[batch, dense_fields]` (standardised values), each only
-  when the run has such fields.
+  when the run has such fields. A row with an id outside its field's `[0,
+  field_dims)` (in `multi_ids`, or -1) gets NaN.
 
 - `model.onnx`: the same function as ONNX (inputs `ids`, and `multi_ids`
   and `dense` when present, output `probability`, batch dimension `batch`),
@@ -122,11 +123,30 @@ def inference_function(
   names = tuple(names)
 
   def fn(*inputs):
-    return predict.probabilities(
-      model, variables, **dict(zip(names, inputs, strict=True))
-    )
+    named = dict(zip(names, inputs, strict=True))
+    probabilities = predict.probabilities(model, variables, **named)
+    return jnp.where(ids_outside(model, **named) == 0, probabilities, jnp.nan)
 
   return fn
+
+
+def ids_outside(
+  model, ids: jax.Array, multi_ids: jax.Array | None = None, dense=None
+) -> jax.Array:
+  """How many of each row's ids are no id of their field: int32 `[batch]`.
+
+  The model would read another field's row for them (a traced array cannot
+  raise): the exported function gives such a row NaN. `multi_ids` may be -1
+  (padding); `dense` has no range.
+  """
+  del dense
+  dims = np.asarray(model.field_dims, np.int32)
+  count = jnp.sum((ids < 0) | (ids >= dims), axis=1, dtype=jnp.int32)
+  if multi_ids is not None:
+    dims = np.asarray(model.multi_field_dims, np.int32)[:, None]
+    bad = (multi_ids < -1) | (multi_ids >= dims)
+    count += jnp.sum(bad, axis=(1, 2), dtype=jnp.int32)
+  return count
 
 
 def export_jax(

@@ -290,6 +290,30 @@ class CsvTest(absltest.TestCase):
       [got] = session.run([export.OUTPUT], {k: rows[k][:n] for k in INPUTS})
       np.testing.assert_allclose(got, self.expected[:n], rtol=0, atol=TOLERANCE)
 
+  def test_exported_rows_with_ids_outside_their_fields_are_nan(self):
+    # The gathers clipped them: probabilities of other fields' rows, as
+    # plausible as any (predict_ids refuses them; an export cannot raise).
+    out = os.path.join(self.tmp, 'export')
+    export.export(self.predictor, out)
+    inputs = {k: v[:7].copy() for k, v in _inputs(self.test).items()}
+    dims = np.array(self.dataset.multi_field_dims, np.int32)
+    inputs['ids'][1] += self.dataset.field_dims[0]
+    inputs['ids'][2] = -1
+    inputs['multi_ids'][3, 0, 0] = -2
+    inputs['multi_ids'][4, 1, -1] = dims[1]
+    inputs['ids'][5] = np.iinfo(np.int32).max
+    with open(os.path.join(out, 'model.jax'), 'rb') as f:
+      model = jax.export.deserialize(bytearray(f.read()))
+    session = onnxruntime.InferenceSession(os.path.join(out, 'model.onnx'))
+    for got in (
+      np.asarray(model.call(*(inputs[k] for k in INPUTS))),
+      session.run([export.OUTPUT], inputs)[0],
+    ):
+      np.testing.assert_array_equal(np.isnan(got), [0, 1, 1, 1, 1, 1, 0])
+      np.testing.assert_allclose(
+        got[[0, 6]], self.expected[[0, 6]], rtol=0, atol=TOLERANCE
+      )
+
 
 class MovieLensTest(absltest.TestCase):
   @classmethod
