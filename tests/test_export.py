@@ -191,12 +191,12 @@ class EveryModelTest(absltest.TestCase):
           self.fail(f'{name} goes to ONNX now: drop it from ONNX_UNSUPPORTED')
         # Checked in onnxruntime on sample rows, as export() does.
         feeds = export.sample_inputs(model, specs)
-        onnx = export.export_onnx(fn, specs, feeds)
-        ir_version, opset = _ir_version_and_opset(onnx)
+        serialized = export.export_onnx(fn, specs, feeds)
+        ir_version, opset = _ir_version_and_opset(serialized)
         self.assertLessEqual(ir_version, MAX_IR_VERSION)
         self.assertLessEqual(opset, MAX_OPSET)
         for n in (1, len(expected[name])):
-          got = _onnx_run(onnx, {k: v[:n] for k, v in inputs.items()})
+          got = _onnx_run(serialized, {k: v[:n] for k, v in inputs.items()})
           self.assertEqual(got.shape, (n,))
           self.assertEqual(got.dtype, np.float32)
           np.testing.assert_allclose(
