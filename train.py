@@ -312,9 +312,7 @@ def pmapped_steps(model, config: ml_collections.ConfigDict) -> tuple:
     axis_name=AXIS,
     donate_argnums=programs.state_donation(config.optimizer),
   )
-  p_eval_step = jax.pmap(
-    functools.partial(eval_step, model=model), axis_name=AXIS
-  )
+  p_eval_step = jax.pmap(functools.partial(eval_step, model=model), AXIS)
   cpu = jax.default_backend() == 'cpu'
   options = programs.CPU_COMPILER_OPTIONS if cpu else None
   return (
@@ -367,7 +365,9 @@ def _run(
   """`train_and_evaluate` in its prepared, locked workdir."""
   with multihost.errors_shared():  # Refused by one process: by all.
     config = workdir_lib.resumed_optimizer(workdir, config, optim.NAMES)
-    workdir_lib.check_resume(workdir, config, write=is_main)
+    changes = workdir_lib.check_resume(
+      workdir, config, write=is_main, record=False
+    )
     dataset = data.load_dataset(config.dataset)
   multihost.assert_same_data(dataset)
   sizes = [len(s) for s in (dataset.train, dataset.valid, dataset.test)]
@@ -395,13 +395,13 @@ def _run(
       _table_rows(model),
       optim.AUTO_SPARSE_ROWS,
     )
-  # What predict.py and export.py need to encode raw rows, and what 'auto'
-  # became: process 0 writes them; its refusal stops every process.
+  # Process 0 records the encoder, changes and 'auto'; its error stops all.
   resuming = workdir_lib.has_checkpoints(workdir)  # Same data, same ids.
   with multihost.errors_shared():
     if is_main:
       with utils.writing('the encoder', f'{workdir}/encoder', '*.tmp'):
         encoder.save(workdir, dataset, config, resuming)
+      workdir_lib.record_history(workdir, changes)  # Accepted: same data.
       if auto and not resuming:
         workdir_lib.record_resolved_optimizer(workdir, config.optimizer)
   p_train_step, p_eval_step = pmapped_steps(model, config)

@@ -188,6 +188,7 @@ def check_resume(
   *,
   resuming: bool | None = None,
   write: bool = True,
+  record: bool = True,
 ) -> list[dict]:
   """Records the config of a new run, or checks that a restart continues it.
 
@@ -203,6 +204,8 @@ def check_resume(
     config: this run's config.
     resuming: whether the workdir holds checkpoints; None: `has_checkpoints`.
     write: whether this process writes (every process checks).
+    record: whether it appends the safe changes now; False: the caller does
+      (`record_history`) once the resume is accepted (e.g. the same data).
 
   Returns:
     The safe changes as appended to the history: `time`, `key`, `old`,
@@ -266,10 +269,17 @@ def check_resume(
     entry.update({n: v[k] for n, v in (('old', old), ('new', new)) if k in v})
     entries.append(entry)
     logging.info('Resumed with %s %s -> %s', k, _show(old, k), _show(new, k))
-  if entries and write:
-    with utils.writing(HISTORY_FILE, workdir), open(history_path, 'a') as f:
-      f.write(''.join(json.dumps(e) + '\n' for e in entries))
+  if write and record:
+    record_history(workdir, entries)
   return entries
+
+
+def record_history(workdir: str, entries: list[dict]) -> None:
+  """Appends `check_resume`'s entries to the workdir's history."""
+  if entries:
+    path = os.path.join(workdir, HISTORY_FILE)
+    with utils.writing(HISTORY_FILE, workdir), open(path, 'a') as f:
+      f.write(''.join(json.dumps(e) + '\n' for e in entries))
 
 
 def resumed_optimizer(

@@ -808,16 +808,29 @@ class TrainingFaultTest(_Case):
       text = f.read()
     with open(path, 'w') as f:  # u1 renamed: as many users, other ids.
       f.write(text.replace('\nu1,', '\nu99,'))
+    longer = _config(data_dir, num_epochs=2)  # A change a resume may make.
+    history = os.path.join(workdir, workdir_lib.HISTORY_FILE)
     with self.assertRaisesRegex(
       utils.UserError,
       r'^The data differ from those of the checkpoints \(the user'
       r' vocabulary changed\)',
     ):
-      train.train_and_evaluate(config, workdir)
+      train.train_and_evaluate(longer, workdir)
     after = {
       n: _read(os.path.join(directory, n)) for n in os.listdir(directory)
     }
     self.assertEqual(after, before)
+    # Nor did the refused resume record its change (it did before the data
+    # were compared): it is recorded when the run resumes with it.
+    self.assertFalse(os.path.exists(history))
+    with open(path, 'w') as f:
+      f.write(text)
+    train.train_and_evaluate(longer, workdir)
+    with open(history) as f:
+      changes = [json.loads(line) for line in f]
+    self.assertEqual(
+      [(c['key'], c['old'], c['new']) for c in changes], [('num_epochs', 1, 2)]
+    )
 
   def test_changed_split_seed_is_refused_before_the_data(self):
     workdir = self._copy()
