@@ -225,20 +225,6 @@ def _files(directory: str) -> dict[str, tuple[int, int]]:
   }
 
 
-def _errors(run: Run, culprit: int) -> set[str]:
-  """Each process's last line, the same error in each (others name the
-  process that met it), and no traceback."""
-  lines = set()
-  for i in range(len(run.procs)):
-    assert 'Traceback' not in run.log(i), run.tails()
-    line = run.log(i).strip().splitlines()[-1]
-    if i != culprit:
-      assert f'main.py: error: Process {culprit}: ' in line, run.tails()
-      line = line.replace(f'Process {culprit}: ', '', 1)
-    lines.add(line)
-  return lines
-
-
 class _MultiProcessTestCase(absltest.TestCase):
   """A temporary directory and the encoded dataset, shared by the tests."""
 
@@ -437,6 +423,33 @@ class FaultTest(_MultiProcessTestCase):
       )
     self.assertFalse(os.path.exists(os.path.join(workdir, 'config.json')))
 
+  def _refused(self, workdir, culprit, *flags, **kwargs):
+    """The one line with which every process of a run leaves (status 2,
+    within 30 s: before main.py forces an exit or a heartbeat is missed),
+    the others naming process `culprit`, and no traceback."""
+    started = time.monotonic()
+    run = Run(
+      workdir,
+      self.cache,
+      NUM_PROCESSES,
+      *flags,
+      f'--heartbeat_timeout_seconds={HEARTBEAT_TIMEOUT}',
+      **kwargs,
+    )
+    codes = run.wait(HEARTBEAT_TIMEOUT + SLACK)
+    self.assertEqual(codes, [2] * NUM_PROCESSES, run.tails())
+    self.assertLess(time.monotonic() - started, 30, run.tails())
+    lines = set()
+    for i in range(NUM_PROCESSES):
+      self.assertNotIn('Traceback', run.log(i), run.tails())
+      line = run.log(i).strip().splitlines()[-1]
+      if i != culprit:
+        self.assertIn(f'main.py: error: Process {culprit}: ', line)
+        line = line.replace(f'Process {culprit}: ', '', 1)
+      lines.add(line)
+    self.assertLen(lines, 1, run.tails())
+    return lines.pop()
+
   def test_changed_data_on_resume_stops_every_process_in_one_line(self):
     # Process 0 alone compared the data with the encoder of the checkpoints:
     # it refused while the others waited in their next collective, until its
@@ -451,11 +464,7 @@ class FaultTest(_MultiProcessTestCase):
       text = f.read()
     with open(f'{workdir}.csv', 'w') as f:  # u1 renamed: other user ids.
       f.write(text.replace('\nu1,', '\nu99,'))
-    started = time.monotonic()
-    run = Run(workdir, self.cache, NUM_PROCESSES, *flags, tag='changed')
-    self.assertEqual(run.wait(), [2] * NUM_PROCESSES, run.tails())
-    self.assertLess(time.monotonic() - started, 30)  # main.py's forced exit.
-    (error,) = _errors(run, 0)
+    error = self._refused(workdir, 0, *flags, tag='changed')
     self.assertRegex(
       error,
       r'^main.py: error: The data differ from those of the checkpoints \(the'
@@ -468,20 +477,10 @@ class FaultTest(_MultiProcessTestCase):
     # left the others waiting for it until the heartbeat timeout.
     workdir = os.path.join(self.tmp, 'no-data')
     missing = os.path.join(self.tmp, 'missing.csv')
-    run = Run(
-      workdir,
-      self.cache,
-      NUM_PROCESSES,
-      *_csv_flags(f'{workdir}.csv'),
-      f'--heartbeat_timeout_seconds={HEARTBEAT_TIMEOUT}',
-      only={1: [f'--config.dataset.path={missing}']},
-    )
+    only = {1: [f'--config.dataset.path={missing}']}
+    error = self._refused(workdir, 1, *_csv_flags(f'{workdir}.csv'), only=only)
     self.assertEqual(
-      run.wait(HEARTBEAT_TIMEOUT + SLACK), [2] * NUM_PROCESSES, run.tails()
-    )
-    self.assertEqual(
-      _errors(run, 1),
-      {f'main.py: error: config.dataset.path: {missing} does not exist.'},
+      error, f'main.py: error: config.dataset.path: {missing} does not exist.'
     )
 
   def test_a_host_that_cannot_make_the_workdir_stops_every_process(self):
@@ -490,23 +489,14 @@ class FaultTest(_MultiProcessTestCase):
     blocker = os.path.join(self.tmp, 'a-file')
     with open(blocker, 'w'):
       pass
-    run = Run(
-      os.path.join(self.tmp, 'unmade'),
-      self.cache,
-      NUM_PROCESSES,
-      f'--heartbeat_timeout_seconds={HEARTBEAT_TIMEOUT}',
-      only={1: [f'--workdir={blocker}/run']},
-    )
-    self.assertEqual(
-      run.wait(HEARTBEAT_TIMEOUT + SLACK), [2] * NUM_PROCESSES, run.tails()
-    )
-    (error,) = _errors(run, 1)
+    only = {1: [f'--workdir={blocker}/run']}
+    error = self._refused(os.path.join(self.tmp, 'unmade'), 1, only=only)
     self.assertTrue(
       error.startswith(
         f'main.py: error: workdir {blocker}/run cannot be created: {blocker}'
         ' is a file'
       ),
-      run.tails(),
+      error,
     )
 
   def test_metrics_that_process_0_cannot_write_stop_every_process(self):
@@ -521,11 +511,7 @@ class FaultTest(_MultiProcessTestCase):
     with open(path, 'w') as f:  # A line to drop first: the file is rewritten,
       f.writelines([lines[-1], *lines[:-1]])
     os.makedirs(f'{path}.tmp')  # where its copy cannot be written.
-    started = time.monotonic()
-    run = Run(workdir, self.cache, NUM_PROCESSES, tag='again')
-    self.assertEqual(run.wait(), [2] * NUM_PROCESSES, run.tails())
-    self.assertLess(time.monotonic() - started, 30)  # main.py's forced exit.
-    (error,) = _errors(run, 0)
+    error = self._refused(workdir, 0, tag='again')
     self.assertRegex(
       error,
       rf'^main.py: error: Cannot write metrics.jsonl in {workdir}: Is a'
@@ -541,11 +527,7 @@ class FaultTest(_MultiProcessTestCase):
     path = os.path.join(workdir, 'metrics.jsonl')
     os.remove(path)
     os.makedirs(path)
-    started = time.monotonic()
-    run = Run(workdir, self.cache, NUM_PROCESSES, tag='again')
-    self.assertEqual(run.wait(), [2] * NUM_PROCESSES, run.tails())
-    self.assertLess(time.monotonic() - started, 30)  # main.py's forced exit.
-    (error,) = _errors(run, 0)
+    error = self._refused(workdir, 0, tag='again')
     self.assertRegex(
       error, rf'^main.py: error: Cannot read {path}: Is a directory \(EISDIR'
     )
