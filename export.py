@@ -80,11 +80,6 @@ STALE_S = 3600
 Inputs = int | dict[str, tuple[int, ...]]
 
 
-def ids_spec(num_fields: int) -> jax.ShapeDtypeStruct:
-  """int32 ids `[batch, num_fields]`, the batch a symbolic dimension."""
-  return input_specs(num_fields)[0]
-
-
 def model_inputs(model, max_len: int = 1) -> dict[str, tuple[int, ...]]:
   """`{name: shape after the batch}` of the inputs that `model` takes."""
   out = {'ids': (len(model.field_dims),)}
