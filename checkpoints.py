@@ -19,8 +19,9 @@ our own while training goes on: an error raises at the next save or at
 `wait`, and the saves after a failed one are skipped, so the directories
 hold what a synchronous run killed at that save would hold. A save waits
 while `MAX_QUEUED` others wait to start (an epoch's best and latest
-states): training stays within about an epoch of the disk, and holds a
-bounded number of copies of the state, however short its epochs.
+states): a kill loses four epochs at most (one save being written, two
+queued, one waiting), and training holds a bounded number of copies of
+the state, however short its epochs.
 """
 
 from collections.abc import Callable
