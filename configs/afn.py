@@ -25,4 +25,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       linear_init='lecun',
     )
   )
+  if arg == 'smoke':
+    # Narrower, so that the smoke run takes seconds, not minutes, on a CPU.
+    config.model.update(lnn_dim=64, mlp_dims=(64, 64, 64))
   return default.with_model_arguments(config)

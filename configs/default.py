@@ -3,7 +3,7 @@
 A model config imports this file, sets `model_name` (the file in models/) and
 `model` (that file's constructor arguments), and overrides what differs.
 `get_config('smoke')` shrinks any config to two epochs of batch 512, a run
-of seconds (AFN's, with its 10M-weight MLP, takes minutes on a CPU);
+of seconds (configs/afn.py and finalmlp.py also narrow their layers);
 `with_model_arguments` adds the model's other arguments at their defaults.
 """
 

@@ -39,4 +39,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       linear_init='lecun',
     )
   )
+  if arg == 'smoke':
+    # Narrower, so that the smoke run takes seconds, not minutes, on a CPU.
+    config.model.update(
+      mlp1_dims=(64, 32), mlp2_dims=(64, 32, 16), fs_dims=(64, 32)
+    )
   return default.with_model_arguments(config)

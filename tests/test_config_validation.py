@@ -15,6 +15,7 @@ import model_testing
 
 import config_check
 import models
+import train
 import utils
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -56,6 +57,21 @@ class RealConfigsTest(_TestCase):
       for arg in (None, 'smoke'):
         config = importlib.import_module(f'configs.{name}').get_config(arg)
         config_check.validate_config(config, num_devices=2)
+
+  def test_every_smoke_config_is_small(self):
+    # A smoke run takes seconds: at most 1M weights on the embedded data
+    # (AFN's full size has 10M and took minutes, FinalMLP's 2.8M).
+    for name in CONFIGS:
+      config = importlib.import_module(f'configs.{name}').get_config('smoke')
+      model = train.create_model(config, (610, 9742))
+      ids = jax.ShapeDtypeStruct((2, 2), jax.numpy.int32)
+      rngs = {'params': jax.random.key(0), 'dropout': jax.random.key(1)}
+      shapes = jax.eval_shape(
+        functools.partial(model.init, train=False), rngs, ids
+      )
+      size = sum(x.size for x in jax.tree.leaves(shapes['params']))
+      with self.subTest(config=name):
+        self.assertBetween(size, 10_000, 1_000_000)
 
   def test_every_model_argument_is_a_key_a_flag_can_set(self):
     # A locked config takes no new key from the command line: each argument
