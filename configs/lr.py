@@ -1,6 +1,7 @@
 """Logistic regression on the embedded MovieLens data.
 
 python main.py --config=configs/lr.py --workdir=/tmp/lr
+python main.py --config=configs/lr.py:smoke --workdir=/tmp/lr_smoke
 """
 
 import ml_collections
