@@ -21,7 +21,8 @@ hold what a synchronous run killed at that save would hold. A save waits
 while `MAX_QUEUED` others wait to start (an epoch's best and latest
 states): a kill loses four epochs at most (one save being written, two
 queued, one waiting), and training holds a bounded number of copies of
-the state, however short its epochs.
+the state, however short its epochs. An epoch's best and latest states,
+the same, are written once: the latest is a copy of the best's files.
 """
 
 from collections.abc import Callable
@@ -52,7 +53,7 @@ READ_WAIT_S = 120.0
 # A step that orbax is writing: `<step>` plus this. One not written to for
 # `STALE_S` seconds, or a directory of steps left empty that long ago, is
 # what a killed run left.
-SAVING = '.orbax-checkpoint-tmp'
+SAVING = step_files.SAVING
 STALE_S = 30.0
 
 
@@ -132,35 +133,40 @@ def save(
   state: Any,
   meta: dict,
   keep: Callable[[list[int]], set[int]],
+  copy_of: str | None = None,
 ) -> None:
   """Saves `state` (host arrays) and `meta` as `step`, then prunes old steps.
 
   Steps at or after `step` (a redone epoch, or steps that a fallback skipped)
   are deleted first: orbax saves nothing at or below its latest step. After
-  the save, steps outside `keep(all steps)` are deleted.
+  the save, steps outside `keep(all steps)` are deleted. `copy_of`, a
+  complete step of this process's holding the same state and meta, is
+  copied instead of writing the state again (`step_files.copy_step`).
 
   Raises:
     UserError: the directory cannot be written (full disk, permissions).
   """
   with orbax_logs.quiet_if_refused():
-    _save(mgr, step, state, meta, keep)
+    _save(mgr, step, state, meta, keep, copy_of)
 
 
-def _save(mgr, step, state, meta, keep) -> None:
+def _save(mgr, step, state, meta, keep, copy_of) -> None:
   try:
     for old in mgr.all_steps():
       if old >= step:
         mgr.delete(old)
-    if not mgr.save(
-      step,
-      args=ocp.args.Composite(
+    if copy_of is not None:
+      step_files.copy_step(copy_of, _step_dir(mgr, step))
+      mgr.reload()  # orbax lists the steps it saved, and these on reload.
+    else:
+      args = ocp.args.Composite(
         state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)
-      ),
-    ):
-      raise RuntimeError(f'orbax skipped saving step {step} in {mgr.directory}')
-    mgr.wait_until_finished()
-    if jax.process_index() == 0:
-      step_files.write_checksums(_step_dir(mgr, step))
+      )
+      if not mgr.save(step, args=args):
+        raise RuntimeError(f'orbax skipped step {step} in {mgr.directory}')
+      mgr.wait_until_finished()
+      if jax.process_index() == 0:
+        step_files.write_checksums(_step_dir(mgr, step))
     kept = keep(sorted(mgr.all_steps()))
     for old in mgr.all_steps():
       if old not in kept:
@@ -203,6 +209,7 @@ class Checkpoints:
     self._failed = False  # A save failed: the later ones are skipped.
     self._error: BaseException | None = None  # Its error, until raised.
     self._last_copy: tuple[Any, Any] | None = None  # (state, its copy).
+    self._best_saved: tuple | None = None  # (epoch, state, meta) of the last.
 
   def __enter__(self) -> 'Checkpoints':
     return self
@@ -292,22 +299,31 @@ class Checkpoints:
     return target, None
 
   def save_latest(self, epoch: int, state: Any, meta: dict) -> None:
-    """Saves the state after `epoch`; keeps the last two and the best."""
-    best = meta['best_epoch']
+    """Saves the state after `epoch`; keeps the last two and the best.
+
+    Right after `save_best` of the same epoch, state (unchanged) and meta, a
+    single process copies the best's files instead of writing them again.
+    """
+    best, saved = meta['best_epoch'], self._best_saved or (None, None, None)
+    same = saved[0] == epoch and saved[1] is state and saved[2] == meta
+    source = None
+    if same and jax.process_count() == 1:
+      source = _step_dir(self.best, epoch)
     state, meta = self._copy(state, meta)
-    self._last_copy = None  # Shared with the save_best just before, if any.
+    self._last_copy = self._best_saved = None  # Shared with that save_best.
 
     def keep(steps: list[int]) -> set[int]:
       return set(steps[-KEEP_LATEST:]) | {best}
 
     def job():
-      save(self.latest, epoch, state, meta, keep)
+      save(self.latest, epoch, state, meta, keep, source)
       logging.info('Saved the checkpoint of epoch %d', epoch)
 
     self._submit(job)
 
   def save_best(self, epoch: int, state: Any, meta: dict) -> None:
     """Saves the new best state, `epoch`'s; deletes the former best."""
+    self._best_saved = epoch, state, dict(meta)
     state, meta = self._copy(state, meta)
 
     def job():

@@ -3,14 +3,19 @@
 Once a step is complete, a `checksums.json` beside its files records their
 sizes and SHA-256; a restore verifies them first (orbax itself reads a
 flipped bit without complaint). A step without the file, from a run killed
-between the two writes, is read unverified.
+between the two writes, is read unverified. `copy_step` copies a complete
+step: the files orbax would write again for the same state and meta.
 """
 
 import hashlib
 import json
 import os
+import shutil
 
 CHECKSUMS = 'checksums.json'
+# What orbax appends to the name of a step it writes; it deletes such
+# directories, which a killed run left, when it opens theirs.
+SAVING = '.orbax-checkpoint-tmp'
 
 
 def checksums(directory: str) -> dict[str, list]:
@@ -69,3 +74,45 @@ def damage(directory: str) -> str | None:
     if actual[relative][1] != digest:
       return f'the content of {relative} changed (SHA-256 mismatch)'
   return None
+
+
+def copy_step(source: str, target: str) -> None:
+  """Copies the complete step directory `source` to `target` (absent).
+
+  The files go to `target` + `SAVING`, synced, and must match the
+  checksums of `source`, copied with them; then the directory is renamed,
+  as orbax finishes a step. The copy shares no file with `source`: a file
+  damaged in one is not damaged in the other.
+
+  Raises:
+    ValueError: `source` has no checksums, or the copy does not match them.
+    OSError: the copy could not be written.
+  """
+  if not os.path.exists(os.path.join(source, CHECKSUMS)):
+    raise ValueError(f'{source} has no {CHECKSUMS} to check a copy with')
+  tmp = target + SAVING
+  shutil.rmtree(tmp, ignore_errors=True)
+  try:
+    shutil.copytree(source, tmp, copy_function=_copy_synced)
+    problem = damage(tmp)
+    if problem is not None:
+      raise ValueError(f'the copy of {source} is damaged: {problem}')
+    os.rename(tmp, target)
+  except BaseException:
+    shutil.rmtree(tmp, ignore_errors=True)
+    raise
+  _sync(os.path.dirname(target))
+
+
+def _copy_synced(source: str, target: str) -> None:
+  shutil.copyfile(source, target)
+  _sync(target)
+
+
+def _sync(path: str) -> None:
+  """Flushes the file or directory `path` to the disk."""
+  fd = os.open(path, os.O_RDONLY)
+  try:
+    os.fsync(fd)
+  finally:
+    os.close(fd)

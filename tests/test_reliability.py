@@ -32,6 +32,7 @@ from absl.testing import absltest
 from absl.testing import parameterized
 import jax
 import numpy as np
+import orbax.checkpoint as ocp
 import tensorstore
 
 import checkpoints
@@ -208,6 +209,41 @@ class CheckpointPolicyTest(absltest.TestCase):
     self.assertEqual(recorded, step_files.checksums(step_dir))
     self.assertIn('_CHECKPOINT_METADATA', recorded)
     self.assertIsNone(step_files.damage(step_dir))
+
+  def test_an_epochs_latest_state_copies_its_best_files(self):
+    # Orbax writes a state in about 50 ms however small; an improving
+    # epoch's best and latest hold the same state and meta.
+    saves, save = [], ocp.CheckpointManager.save
+
+    def counting(mgr, step, *args, **kwargs):
+      saves.append(os.path.basename(str(mgr.directory)))
+      return save(mgr, step, *args, **kwargs)
+
+    with mock.patch.object(ocp.CheckpointManager, 'save', counting):
+      for epoch in (1, 5):  # Copied: the same state and meta.
+        state, meta = self._state(epoch), self._meta(epoch, epoch)
+        self.ckpt.save_best(epoch, state, meta)
+        self.ckpt.save_latest(epoch, state, meta)
+        if epoch == 1:  # Written: not the best, another state, other meta.
+          self.ckpt.save_latest(2, self._state(2), self._meta(2, 1))
+          self.ckpt.save_best(3, self._state(3), self._meta(3, 3))
+          self.ckpt.save_latest(3, self._state(3), self._meta(3, 3))
+          self.ckpt.save_best(4, state, self._meta(4, 4))
+          self.ckpt.save_latest(4, state, dict(self._meta(4, 4), wall=1))
+    self.assertEqual(saves, ['best', 'latest'] * 3 + ['best'])
+    self.assertEqual(self.ckpt.latest.all_steps(), [4, 5])  # orbax sees 5.
+    best = os.path.join(self.workdir, 'checkpoints', 'best', '5')
+    copy = os.path.join(self.workdir, 'checkpoints', 'latest', '5')
+    self.assertEqual(step_files.checksums(copy), step_files.checksums(best))
+    _corrupt(best, 'flip')  # In place: the copy shares no file with it.
+    self.assertIsNone(step_files.damage(copy))
+    state, meta = self.ckpt.restore_latest(None)
+    np.testing.assert_array_equal(state['w'], self._state(5)['w'])
+    self.assertEqual(meta, self._meta(5, 5))
+    with mock.patch.object(step_files, 'damage', lambda path: 'bad bytes'):
+      with self.assertRaisesRegex(ValueError, 'copy of .* damaged: bad bytes'):
+        step_files.copy_step(copy, copy + '-again')
+    self.assertEqual(sorted(os.listdir(os.path.dirname(copy))), ['4', '5'])
 
   def test_a_lost_best_is_named_with_its_epoch(self):
     self.ckpt.save_latest(3, self._state(3), self._meta(3, 1))
