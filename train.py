@@ -473,14 +473,13 @@ def _run(
         )
 
       host_state = programs.first_replica(replicated)
-      if valid['auc'] > meta['best_auc']:
+      if improved := valid['auc'] > meta['best_auc']:
         meta.update(best_auc=valid['auc'], best_epoch=epoch, bad_epochs=0)
-        ckpt.save_best(epoch, host_state, dict(meta, epoch=epoch))
       else:
         meta['bad_epochs'] += 1
-      meta['epoch'] = epoch
-      meta['wall_time'] = writer.wall_time()
-      # Best before latest: a kill between the two redoes this epoch.
+      meta.update(epoch=epoch, wall_time=writer.wall_time())
+      if improved:  # Before latest: a kill between the two redoes the epoch.
+        ckpt.save_best(epoch, host_state, meta)  # Latest copies its files.
       ckpt.save_latest(epoch, host_state, meta)
 
     if meta['bad_epochs'] >= config.patience:

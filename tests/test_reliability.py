@@ -757,6 +757,9 @@ class TrainingFaultTest(_Case):
       sorted(map(int, os.listdir(os.path.join(root, 'latest')))),
       sorted({2, 3, best}),
     )
+    # The best epoch's two saves write its state once: latest copies best.
+    copy, step = (os.path.join(root, n, str(best)) for n in ('latest', 'best'))
+    self.assertEqual(step_files.checksums(copy), step_files.checksums(step))
     with open(os.path.join(self.reference, workdir_lib.CONFIG_FILE)) as f:
       self.assertEqual(json.load(f)['num_epochs'], 3)
     self.assertGreater(self.test_metrics['auc'], 0.7)
