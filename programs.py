@@ -427,7 +427,7 @@ def train_epoch(
       loss.block_until_ready()  # Exclude compilation from the rate.
       start, timed = time.perf_counter(), done
     logs = done // every > (done - sizes[group]) // every or done == steps
-    if bar.enabled and logs:
+    if logs and bar.due():
       fetched += jax.device_get(losses[len(fetched) :])
       recent = np.mean(_first(fetched, sizes)[-every:])
       bar.update(done, (done - 1) * config.batch_size, f'loss {recent:.4f}')

@@ -27,9 +27,14 @@ class ProgressBar:
 
   Used for training epochs (`done` in steps, the rate in examples/s) and for
   preprocessing passes (`done` in bytes shown as MiB, the rate in lines/s).
-  Off the terminal it draws nothing; `close` logs one summary line when
-  `log_summary` is set.
+  Off the terminal (a log file, a batch job) it logs the same numbers once
+  every `LOG_EVERY` seconds instead, so that a pass or an epoch of many
+  minutes is not silent; `close` logs one summary line when `log_summary`
+  is set.
   """
+
+  # Seconds between two progress lines in the log, off the terminal.
+  LOG_EVERY = 60.0
 
   def __init__(
     self,
@@ -51,34 +56,45 @@ class ProgressBar:
       rate_unit: what `update`'s `count` counts (`'ex'`, `'lines'`).
       scale: `done` and `total` are shown divided by this (2**20: MiB).
       scale_unit: the unit shown after them (`'MiB'`).
-      enabled: draw at all (e.g. only on process 0).
+      enabled: show progress at all (e.g. only on process 0).
       interval: minimum seconds between redraws.
       log_summary: log `desc`, the count and the rate on `close`.
     """
     self.desc, self.total = desc, max(total, 1)
     self.rate_unit, self.scale, self.scale_unit = rate_unit, scale, scale_unit
-    self.enabled = enabled and sys.stderr.isatty()
+    self.enabled = enabled and sys.stderr.isatty()  # Draws a bar.
+    self.logs = enabled and not self.enabled
     self.interval, self.log_summary = interval, log_summary
     self.start = self.last = time.perf_counter()
     self.count = 0
 
+  def due(self) -> bool:
+    """Whether `update` would now draw the bar, or log a line."""
+    wait = self.interval if self.enabled else self.LOG_EVERY
+    return (self.enabled or self.logs) and (
+      time.perf_counter() - self.last >= wait
+    )
+
   def update(self, done: int, count: int, caption: str = '') -> None:
     """Redraws with `done` of `total` and `count` items so far in total."""
     self.count = count
-    now = time.perf_counter()
-    if not self.enabled or now - self.last < self.interval:
+    if not self.due():
       return
-    self.last = now
+    now = self.last = time.perf_counter()
     rate = count / max(now - self.start, 1e-9)
     filled = int(30 * min(done / self.total, 1.0))
     amount = (
       f'{done / self.scale:,.0f}/{self.total / self.scale:,.0f}'
       f'{" " + self.scale_unit if self.scale_unit else ""}'
     )
-    sys.stderr.write(
-      f'\r{self.desc} [{"#" * filled}{"." * (30 - filled)}] {amount}'
-      f' {rate:,.0f} {self.rate_unit}/s{" " + caption if caption else ""}'
-    )
+    line = f'{amount} {rate:,.0f} {self.rate_unit}/s'
+    line += f' {caption}' if caption else ''
+    if self.logs:
+      percent = 100 * min(done / self.total, 1.0)
+      logging.info('%s: %.0f%%, %s', self.desc, percent, line)
+      return
+    bar = '#' * filled + '.' * (30 - filled)
+    sys.stderr.write(f'\r{self.desc} [{bar}] {line}')
     sys.stderr.flush()
 
   def close(self) -> None:

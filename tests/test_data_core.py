@@ -28,6 +28,7 @@ from datasets import criteo
 from datasets import encode
 from datasets import movielens
 import train
+import utils
 
 
 class SplitTest(DatasetTestCase):
@@ -356,6 +357,45 @@ class CacheKeyTest(DatasetTestCase):
     self.assertLen(left, 3)  # And the new cache, without its owner file.
     [new] = [n for n in left if not n.startswith('.')]
     self.assertFalse(os.path.exists(os.path.join(encoded, new, 'owner.json')))
+
+
+class ProgressTest(DatasetTestCase):
+  def test_preprocessing_off_a_terminal_logs_each_pass_as_it_goes(self):
+    # A pass over the 45M lines of Criteo takes minutes: a log file (a
+    # batch job, nohup) must show it moving, not only its end.
+    rows = criteo_rows(400, seed=2)
+    path = write_lines(os.path.join(self.tmp, 'train.txt'), rows, '\t')
+    with (
+      mock.patch.object(utils.ProgressBar, 'LOG_EVERY', 0.0),
+      mock.patch.object(sys.stderr, 'isatty', lambda: False),
+      self.assertLogs(level='INFO') as logs,
+    ):
+      data.load_dataset(self.config('criteo', path, chunk_rows=100))
+    messages = [r.getMessage() for r in logs.records]
+    for number in (1, 2):
+      moving = [m for m in messages if f'pass {number}/2' in m and '%, ' in m]
+      self.assertLen(moving, 4, messages)  # One a chunk here.
+      self.assertIn('lines/s', moving[-1])
+
+  def test_the_bar_draws_on_a_terminal_and_logs_elsewhere_when_due(self):
+    for tty, enabled in ((True, True), (False, True), (False, False)):
+      with (
+        mock.patch.object(sys.stderr, 'isatty', lambda t=tty: t),
+        mock.patch.object(sys.stderr, 'write') as write,
+        mock.patch.object(utils.logging, 'info') as info,
+      ):
+        bar = utils.ProgressBar('epoch 1', 10, 'ex', enabled=enabled)
+        self.assertEqual(bar.due(), tty and enabled)  # LOG_EVERY to wait.
+        bar.last -= utils.ProgressBar.LOG_EVERY
+        self.assertEqual(bar.due(), enabled)
+        bar.update(5, 100, 'loss 0.5000')
+        self.assertFalse(bar.due() and not tty)  # Logged: wait again.
+      self.assertEqual(write.called, tty and enabled)
+      self.assertEqual(info.called, enabled and not tty)
+      if info.called:
+        line = info.call_args[0][0] % info.call_args[0][1:]
+        self.assertStartsWith(line, 'epoch 1: 50%, 5/10 ')
+        self.assertEndsWith(line, 'ex/s loss 0.5000')
 
 
 class MemmapTrainingTest(DatasetTestCase):

@@ -157,6 +157,27 @@ class StepsPerDispatchTest(parameterized.TestCase):
     # Each stack's losses are read once, not once per line.
     self.assertLen(read, 8)
 
+  def test_an_epoch_off_a_terminal_logs_its_progress(self):
+    # An epoch of a large table runs for minutes: a log file shows it move,
+    # at most once every LOG_EVERY seconds (here at every bar update).
+    split = _split(23 * 8 + 5)
+    config, state, p_steps = _setup('adam')
+    config.steps_per_dispatch, config.log_every_steps = 3, 5
+    config.progress_bar = True
+    with (
+      mock.patch.object(sys.stderr, 'isatty', lambda: False),
+      mock.patch.object(utils.ProgressBar, 'LOG_EVERY', 0.0),
+      self.assertLogs(level='INFO') as logs,
+    ):
+      train.train_epoch(p_steps, train.replicate(state), split, config, 0)
+    lines = [r.getMessage() for r in logs.records]
+    lines = [m for m in lines if m.startswith('epoch 1: ')]
+    self.assertEqual(
+      [m.split(', ')[1].split()[0] for m in lines],
+      ['5/23', '11/23', '17/23', '20/23', '23/23'],
+    )
+    self.assertRegex(lines[-1], r'^epoch 1: 100%, 23/23 [\d,]+ ex/s loss ')
+
   def test_resident_split_respects_the_size_limit(self):
     config = default.get_config()
     config.device_split_mb = 1
