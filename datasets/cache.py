@@ -292,6 +292,8 @@ def write(
         add(f'{split}_multi_ids', np.int32, (size, num_multi, encoded.max_len))
       if num_dense:  # Raw, NaN where missing: standardised once complete.
         add(f'{split}_dense_raw', np.float64, (size, num_dense))
+    need = sum(w.dtype.itemsize * math.prod(w.shape) for w in writers.values())
+    core.check_free_space(tmp, need, 'the cache')  # Before pass 2 starts.
     for s, ids, labels, *extra in parts:
       multi, dense = extra or (None, None)
       ids = np.ascontiguousarray(ids, np.int32)

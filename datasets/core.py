@@ -26,6 +26,7 @@ Adding a source is one such module and its name in `data.FORMATS`.
 from collections.abc import Callable, Iterator, Sequence
 import contextlib
 import dataclasses
+import errno
 import fcntl
 import gzip
 import logging
@@ -291,6 +292,21 @@ def process_gone(host: str, pid: int) -> bool:
   except (PermissionError, OverflowError, ValueError):
     pass
   return False
+
+
+def check_free_space(directory: str, need: int, what: str) -> None:
+  """Raises OSError(ENOSPC) unless `directory`'s disk has `need` bytes free.
+
+  Called before a long write whose size is known, so that a disk too small
+  stops it at once rather than after minutes of work.
+  """
+  free = shutil.disk_usage(directory).free
+  if free < need:
+    raise OSError(
+      errno.ENOSPC,
+      f'No space left on device: {what} needs at least'
+      f' {need / 2**20:,.2f} MiB, {free / 2**20:,.2f} MiB free',
+    )
 
 
 def remove_orphans(parent: str, prefix: str) -> None:

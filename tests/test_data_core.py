@@ -4,6 +4,7 @@ import errno
 import io
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -184,6 +185,30 @@ class CacheTest(DatasetTestCase):
     encoded = os.path.join(config.cache_dir, 'encoded')
     self.assertEqual(os.listdir(encoded), [])  # No copy left behind.
     self.assertLen(data.load_dataset(config).train, 160)
+
+  def test_a_disk_too_small_for_the_cache_stops_before_pass_2(self):
+    # Pass 1 knows the cache's size: 10M Criteo lines make 1.5 GB, 45M
+    # about 7 GB; a disk without room refuses it at once, not after the
+    # minutes of pass 2.
+    rows = criteo_rows(300, seed=3)
+    path = write_lines(os.path.join(self.tmp, 'train.txt'), rows, '\t')
+    config = self.config('criteo', path)
+    need = 300 * (39 * 4 + 4)  # At least the ids and the labels.
+    usage = shutil.disk_usage(self.tmp)
+    small = usage._replace(free=need - 1)
+    with (
+      mock.patch.object(shutil, 'disk_usage', return_value=small),
+      mock.patch.object(encode, 'encode_ids') as encode_ids,
+      self.assertRaisesRegex(
+        data.DataError,
+        r'No space left on device: the cache needs at least 0\.\d\d MiB,'
+        r' 0\.\d\d MiB free.*cache_dir',
+      ),
+    ):
+      data.load_dataset(config)
+    encode_ids.assert_not_called()  # Pass 2 never started.
+    self.assertEqual(os.listdir(os.path.join(config.cache_dir, 'encoded')), [])
+    self.assertLen(data.load_dataset(config).train, 240)
 
 
 class VocabularyTest(DatasetTestCase):
