@@ -375,7 +375,14 @@ def resident_split(
   """
   arrays = (split.ids, split.labels, split.multi_ids, split.dense)
   size = sum(a.nbytes for a in arrays if a is not None)
-  if size > config.device_split_mb * 2**20:
+  fits = size <= config.device_split_mb * 2**20
+  logging.info(
+    'Training split: %.1f MiB, %s (config.device_split_mb=%d)',
+    size / 2**20,
+    'kept on the devices' if fits else 'read from the host batch by batch',
+    config.device_split_mb,
+  )
+  if not fits:
     return None
   return {k: np.asarray(v) for k, v in _rows(split, slice(None)).items()}
 

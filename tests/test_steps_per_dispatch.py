@@ -186,8 +186,12 @@ class StepsPerDispatchTest(parameterized.TestCase):
       split = data.Split(
         np.zeros((rows, 3), np.int32), np.arange(rows, dtype=np.float32)
       )
-      whole = data.resident_split(split, config)
+      with self.assertLogs(level='INFO') as logs:
+        whole = data.resident_split(split, config)
       self.assertEqual(whole is not None, fits)
+      # The log says which, as a streamed split trains at another speed.
+      where = 'kept on the devices' if fits else 'read from the host'
+      self.assertIn(f'Training split: 1.0 MiB, {where}', logs.output[-1])
     whole = data.resident_split(_split(10, side=True), config)
     self.assertEqual(sorted(whole), ['dense', 'ids', 'label', 'multi_ids'])
     np.testing.assert_array_equal(
