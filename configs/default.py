@@ -52,7 +52,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.dataset.min_count = -1
   # Skip and count malformed lines instead of stopping at the first one.
   config.dataset.skip_bad_lines = False
-  # Lines per chunk when preprocessing (memory grows with it, not the file).
+  # Lines per chunk when preprocessing: memory grows with it (and with the
+  # distinct values that pass 1 counts), not with the file's lines.
   config.dataset.chunk_rows = 100_000
   # MovieLens movie and user features besides the ids, e.g. 'genres,year':
   # genres, year, tags (ml-latest-small, ml-20m, ml-25m); genres, year, age,
