@@ -279,7 +279,14 @@ def main(argv: Sequence[str] | None = None) -> str:
   )
   parser.add_argument('--lines', type=int, required=True)
   parser.add_argument('--out', required=True)
-  parser.add_argument('--seed', type=int, default=0)
+  parser.add_argument(
+    '--seed',
+    type=int,
+    default=0,
+    help='Seeds the lines and the effects behind the labels: a file of'
+    ' another seed is another task, not held-out lines of the same one;'
+    ' split one file for those.',
+  )
   args = parser.parse_args(argv)
   start = time.perf_counter()
   write(args.format, args.lines, args.out, args.seed)
