@@ -298,9 +298,7 @@ def write(
       multi, dense = extra or (None, None)
       ids = np.ascontiguousarray(ids, np.int32)
       problem = ids_problem(ids, dims) or labels_problem(labels)
-      if (multi is None) != (not num_multi) or (dense is None) != (
-        not num_dense
-      ):
+      if (multi is None, dense is None) != (not num_multi, not num_dense):
         problem = problem or 'multi-hot or numeric arrays but not such fields'
       if num_multi and not problem:
         problem = side.multi_problem(np.asarray(multi), multi_dims)
