@@ -93,7 +93,14 @@ def copy_step(source: str, target: str) -> None:
   tmp = target + SAVING
   shutil.rmtree(tmp, ignore_errors=True)
   try:
-    shutil.copytree(source, tmp, copy_function=_copy_synced)
+    # Not shutil.copytree: it copies the other files after a refused one
+    # and raises a list of every error, not the first OSError.
+    for root, _, files in os.walk(source, onerror=_raise):
+      into = os.path.normpath(os.path.join(tmp, os.path.relpath(root, source)))
+      os.mkdir(into)
+      for name in files:
+        _copy_synced(os.path.join(root, name), os.path.join(into, name))
+      _sync(into)
     problem = damage(tmp)
     if problem is not None:
       raise ValueError(f'the copy of {source} is damaged: {problem}')
@@ -102,6 +109,10 @@ def copy_step(source: str, target: str) -> None:
     shutil.rmtree(tmp, ignore_errors=True)
     raise
   _sync(os.path.dirname(target))
+
+
+def _raise(error: OSError) -> None:
+  raise error
 
 
 def _copy_synced(source: str, target: str) -> None:

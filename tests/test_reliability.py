@@ -245,6 +245,30 @@ class CheckpointPolicyTest(absltest.TestCase):
         step_files.copy_step(copy, copy + '-again')
     self.assertEqual(sorted(os.listdir(os.path.dirname(copy))), ['4', '5'])
 
+  def test_a_full_disk_stops_the_copy_of_the_best_at_its_first_file(self):
+    # Named as a refused orbax write is, not as a list of every file's
+    # error (shutil.copytree's), and no partial step is left.
+    state, meta = self._state(1), self._meta(1, 1)
+    self.ckpt.save_best(1, state, meta)
+    refused = []
+
+    def full(source, target):
+      refused.append(target)
+      raise _no_space(target)
+
+    with (
+      mock.patch.object(step_files.shutil, 'copyfile', full),
+      self.assertRaisesRegex(
+        utils.UserError,
+        r'^Cannot save the checkpoint of epoch 1 in \S+/latest: No space left'
+        r' on device \(ENOSPC, \S+\)\. Free space',
+      ),
+    ):
+      self.ckpt.save_latest(1, state, meta)
+    self.assertLen(refused, 1)
+    latest = os.path.join(self.workdir, 'checkpoints', 'latest')
+    self.assertEqual(os.listdir(latest), [])
+
   def test_a_lost_best_is_named_with_its_epoch(self):
     self.ckpt.save_latest(3, self._state(3), self._meta(3, 1))
     with self.assertRaisesRegex(
