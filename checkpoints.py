@@ -21,8 +21,8 @@ hold what a synchronous run killed at that save would hold. A save waits
 while `MAX_QUEUED` others wait to start (an epoch's best and latest
 states): a kill loses four epochs at most (one save being written, two
 queued, one waiting), and training holds a bounded number of copies of
-the state, however short its epochs. An epoch's best and latest states,
-the same, are written once: the latest is a copy of the best's files.
+the state, however short its epochs. A single process writes an epoch's
+best and latest states, the same, once: the latest copies the best's files.
 """
 
 from collections.abc import Callable

@@ -112,7 +112,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # this many MiB (MovieLens: 1 MiB): the host sends only row indices.
   # 0: never.
   config.device_split_mb = 1024
-  # Show a progress bar on stderr (process 0 only).
+  # Show progress (process 0 only): a bar on a terminal, else a log line a
+  # minute.
   config.progress_bar = True
 
   if arg == 'smoke':
