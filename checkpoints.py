@@ -372,7 +372,7 @@ class Checkpoints:
           _step_dir(mgr, epoch),
         )
         self.save_best(epoch, state, dict(meta, epoch=epoch))
-        self._last_copy = None  # No save_latest shares it.
+        self._last_copy = self._best_saved = None  # No save_latest follows.
       return state
     raise UserError(
       f'The best checkpoint, of epoch {epoch} (validation AUC'
