@@ -29,6 +29,7 @@ import numpy as np
 
 from datasets import cache
 from datasets import core
+from datasets import digests
 from datasets import split as split_lib
 
 # Re-exported: the names that training, benchmarks and tests use.
@@ -136,10 +137,11 @@ def cache_spec(
   paths: dict[str, str],
 ) -> dict:
   """Everything the encoded arrays depend on: the cache key's input."""
+  memo = os.path.join(cache_dir(config), 'digests')
   out = {
     'version': cache.VERSION,
     'name': config.name,
-    'sources': {role: cache.fingerprint(path) for role, path in paths.items()},
+    'sources': {r: digests.fingerprint(p, memo) for r, p in paths.items()},
     'min_count': config.min_count,
     'skip_bad_lines': config.skip_bad_lines,
     'options': options.to_dict(),
