@@ -12,8 +12,8 @@ values, labels exactly 0 or 1) in one parallel pass over the bytes, and
 raises `Damaged` rather than serve a cache that fails a check; data.py then
 rebuilds it.
 
-Sources are identified by a SHA-256 of their whole content (`fingerprint`):
-any change to a source, even of the same size and time, is another key.
+Sources are identified by a SHA-256 of their whole content (`fingerprint`,
+memoised for big files by datasets/digests.py): any change is another key.
 """
 
 from collections.abc import Iterable
@@ -87,9 +87,9 @@ def _scan(
 def fingerprint(path: str) -> dict:
   """Identifies a source file by its size and the SHA-256 of its content.
 
-  Reading the whole file on every load is the price of noticing any change
-  (a same-size edit that keeps the modification time included); `_scan`
-  spreads the hashing over the cores.
+  Reads the whole file (`_scan` spreads the hashing over the cores), so any
+  change is noticed; data.py goes through datasets/digests.py, which reuses
+  the digest of a big file whose size, times and inode have not changed.
   """
   with core.reading(path):
     size = os.stat(path).st_size
