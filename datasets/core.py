@@ -301,6 +301,9 @@ def check_free_space(directory: str, need: int, what: str) -> None:
   stops it at once rather than after minutes of work.
   """
   free = shutil.disk_usage(directory).free
+  if hasattr(os, 'geteuid') and os.geteuid() == 0:  # And the reserved blocks.
+    stat = os.statvfs(directory)
+    free = stat.f_bfree * stat.f_frsize
   if free < need:
     raise OSError(
       errno.ENOSPC,

@@ -4,7 +4,6 @@ import errno
 import io
 import json
 import os
-import shutil
 import socket
 import subprocess
 import sys
@@ -194,21 +193,29 @@ class CacheTest(DatasetTestCase):
     path = write_lines(os.path.join(self.tmp, 'train.txt'), rows, '\t')
     config = self.config('criteo', path)
     need = 300 * (39 * 4 + 4)  # At least the ids and the labels.
-    usage = shutil.disk_usage(self.tmp)
-    small = usage._replace(free=need - 1)
-    with (
-      mock.patch.object(shutil, 'disk_usage', return_value=small),
-      mock.patch.object(encode, 'encode_ids') as encode_ids,
-      self.assertRaisesRegex(
-        data.DataError,
-        r'No space left on device: the cache needs at least 0\.\d\d MiB,'
-        r' 0\.\d\d MiB free.*cache_dir',
-      ),
-    ):
-      data.load_dataset(config)
-    encode_ids.assert_not_called()  # Pass 2 never started.
-    self.assertEqual(os.listdir(os.path.join(config.cache_dir, 'encoded')), [])
-    self.assertLen(data.load_dataset(config).train, 240)
+    # Room for it only in the blocks reserved for root: f_bfree, f_bavail.
+    small = os.statvfs_result((1, 1, 10**6, need + 10**5, need - 1) + (0,) * 5)
+    for euid, refused in ((1000, True), (0, False)):
+      with (
+        self.subTest(euid=euid),
+        mock.patch.object(os, 'statvfs', return_value=small),
+        mock.patch.object(os, 'geteuid', return_value=euid),
+      ):
+        if not refused:
+          self.assertLen(data.load_dataset(config).train, 240)
+          continue
+        with (
+          mock.patch.object(encode, 'encode_ids') as encode_ids,
+          self.assertRaisesRegex(
+            data.DataError,
+            r'No space left on device: the cache needs at least 0\.\d\d MiB,'
+            r' 0\.\d\d MiB free.*cache_dir',
+          ),
+        ):
+          data.load_dataset(config)
+        encode_ids.assert_not_called()  # Pass 2 never started.
+        encoded = os.path.join(config.cache_dir, 'encoded')
+        self.assertEqual(os.listdir(encoded), [])
 
 
 class VocabularyTest(DatasetTestCase):
