@@ -3,7 +3,8 @@
 `run_main` runs main.py, predict.py and export.py under absl: a
 `utils.UserError`, running out of memory, and a flag, config file or
 override that absl or ml_collections cannot read each print one line
-naming what to fix; a Ctrl-C stops the program wherever it lands.
+naming what to fix; a Ctrl-C stops the program wherever it lands, with
+one line and status 130.
 """
 
 from collections.abc import Callable
@@ -33,20 +34,24 @@ def run_main(main: Callable[[list[str]], Any]) -> None:
 
   So are a flag or config file that `_parse_flags` cannot read, and running
   out of memory (what to lower). `--verbosity=1` (or higher) or
-  `$FLAX_FM_TRACEBACK` also prints a UserError's traceback. Other
-  exceptions reach absl unchanged: traceback, status 1.
+  `$FLAX_FM_TRACEBACK` also prints a UserError's traceback. A Ctrl-C prints
+  one line, status 130. Other exceptions reach absl unchanged: traceback,
+  status 1.
   """
 
   def guarded(argv: list[str]) -> Any:
     try:
       return main(argv)
+    except KeyboardInterrupt:
+      if _verbose():
+        traceback.print_exc()
+      fail('interrupted (Ctrl-C).', status=130)  # 128 + SIGINT, as a shell.
     except Exception as e:  # pylint: disable=broad-except
       # XLA's out of memory: jax.errors.JaxRuntimeError, RESOURCE_EXHAUSTED.
       xla_oom = str(e).startswith('RESOURCE_EXHAUSTED')
       if not isinstance(e, (UserError, MemoryError)) and not xla_oom:
         raise
-      verbose = os.environ.get(TRACEBACK_ENV, '') not in ('', '0')
-      if verbose or flags.FLAGS.verbosity >= 1:
+      if _verbose():
         traceback.print_exc()
       if not isinstance(e, UserError):
         reason = (str(e).splitlines() or [type(e).__name__])[0]
@@ -87,14 +92,20 @@ def _interrupt(signum: int, frame: Any) -> None:
   raise KeyboardInterrupt
 
 
-def fail(message: str) -> NoReturn:
-  """Prints `<program>: error: <message>` as one line and exits with 2."""
+def _verbose() -> bool:
+  """Whether the user asked for tracebacks (`--verbosity`, TRACEBACK_ENV)."""
+  verbose = os.environ.get(TRACEBACK_ENV, '') not in ('', '0')
+  return verbose or flags.FLAGS.verbosity >= 1
+
+
+def fail(message: str, status: int = 2) -> NoReturn:
+  """Prints `<program>: error: <message>` as one line and exits."""
   logging.flush()
   sys.stdout.flush()
   program = os.path.basename(sys.argv[0])
   sys.stderr.write(f'{program}: error: {message}\n')
   sys.stderr.flush()
-  sys.exit(2)
+  sys.exit(status)
 
 
 def _parse_flags(argv: list[str]) -> list[str]:

@@ -148,10 +148,19 @@ class RunMainTest(absltest.TestCase):
   def test_an_interrupt_in_a_gc_callback_stops_the_program(self):
     # CPython drops it there ("Exception ignored in"): the run went on.
     result = self._run('interrupt_in_gc')
-    self.assertNotEqual(result.returncode, 0, result.stderr)
+    self.assertEqual(result.returncode, 130, result.stderr)
     self.assertNotIn('done', result.stdout)
-    self.assertIn('KeyboardInterrupt', result.stderr)
     self.assertNotIn('Exception ignored', result.stderr)
+    # One line, as a user's error (Python's own: a traceback of the frames).
+    self.assertNotIn('Traceback', result.stderr)
+    self.assertEqual(
+      result.stderr.strip().splitlines()[-1],
+      'tool.py: error: interrupted (Ctrl-C).',
+    )
+    result = self._run('interrupt_in_gc', env={'FLAX_FM_TRACEBACK': '1'})
+    self.assertEqual(result.returncode, 130, result.stderr)
+    self.assertIn('Traceback', result.stderr)
+    self.assertIn('KeyboardInterrupt', result.stderr)
 
   def test_success_exits_0(self):
     result = self._run('ok')
