@@ -329,6 +329,8 @@ class Reader:
       for number, line in zip(numbers, lines, strict=True):
         text = line.decode('utf-8', 'replace')
         problem = _line_problem(text, self.sep, width)
+        if problem and self.labeled and problem.startswith('expected'):
+          problem += ' (rows to predict may also have 2: user, item)'
         if problem:
           bad(where(number), problem)
         else:

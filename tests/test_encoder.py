@@ -270,7 +270,10 @@ class EncoderTest(EncoderTestCase):
     with open(named, 'w') as f:
       f.write('9\t99\t4.0\t0\n5,20,1.0,0\n')
     with self.assertRaisesRegex(
-      data.DataError, "named.csv:1: expected 4 ','-separated columns"
+      data.DataError,
+      r"named.csv:1: expected 4 ','-separated columns \(user, item, rating,"
+      r' timestamp\), found 1: .* \(rows to predict may also have 2: user,'
+      r' item\)',
     ):
       enc.encode(named)
 
