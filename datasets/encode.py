@@ -38,29 +38,34 @@ class Counts:
   def __init__(self):
     self.keys = np.empty(0, np.int64)
     self.counts = np.empty(0, np.int64)
-    self._pending = []
+    self._pending_keys, self._pending_counts = [], []
     self._pending_size = 0
 
   def add(self, keys: np.ndarray) -> None:
     unique, counts = np.unique(keys, return_counts=True)
-    self._pending.append((unique, counts))
+    self._pending_keys.append(unique)
+    self._pending_counts.append(counts)
     self._pending_size += len(unique)
     if self._pending_size >= max(len(self.keys), self.MIN_MERGE):
       self._merge()
 
   def _merge(self) -> None:
-    if not self._pending:
+    if not self._pending_keys:
       return
-    keys = np.concatenate([self.keys] + [k for k, _ in self._pending])
-    counts = np.concatenate([self.counts] + [c for _, c in self._pending])
-    self._pending, self._pending_size = [], 0
-    if not len(keys):  # E.g. a multi-hot column whose every list is empty.
-      return
-    order = np.argsort(keys, kind='stable')
-    keys, counts = keys[order], counts[order]
-    del order
-    starts = np.flatnonzero(np.r_[True, keys[1:] != keys[:-1]])
-    self.keys, self.counts = keys[starts], np.add.reduceat(counts, starts)
+    # Each input is let go once copied: a merge holds at most four arrays
+    # of its length, without the totals beside them (a quarter less).
+    keys = np.concatenate([self.keys, *self._pending_keys])
+    self.keys, self._pending_keys = None, []
+    counts = np.concatenate([self.counts, *self._pending_counts])
+    self.counts, self._pending_counts, self._pending_size = None, [], 0
+    if len(keys):  # Not, e.g., a multi-hot column whose lists are all empty.
+      order = np.argsort(keys, kind='stable')
+      keys = keys[order]
+      counts = counts[order]
+      del order
+      starts = np.flatnonzero(np.r_[True, keys[1:] != keys[:-1]])
+      keys, counts = keys[starts], np.add.reduceat(counts, starts)
+    self.keys, self.counts = keys, counts
 
   def kept(self, min_count: int) -> np.ndarray:
     """Sorted keys seen at least `min_count` times."""
