@@ -11,16 +11,48 @@ memory numpy allocated while counting (tracemalloc), and the seconds.
 """
 
 import argparse
-import os
-import sys
 import time
 import tracemalloc
 
 import numpy as np
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from benchmarks import common  # noqa: F401  (the repository root on the path)
+from datasets import encode
 
-from datasets import encode  # noqa: E402  pylint: disable=g-import-not-at-top
+
+def key_chunks(chunks: int, chunk_keys: int, seed: int) -> list[np.ndarray]:
+  """`chunks` int64 arrays `[chunk_keys]`: half Zipf, half from 2**40."""
+  rng = np.random.default_rng(seed)
+  n = chunk_keys
+  return [
+    np.where(
+      rng.random(n) < 0.5, rng.zipf(1.1, n), rng.integers(0, 1 << 40, n)
+    ).astype(np.int64)
+    for _ in range(chunks)
+  ]
+
+
+def measure(chunks: list[np.ndarray]) -> dict:
+  """Counts `chunks` with one `encode.Counts`: distinct keys, MiB, seconds."""
+  tracemalloc.start()
+  try:
+    base = tracemalloc.get_traced_memory()[0]
+    start = time.perf_counter()
+    counts = encode.Counts()
+    for keys in chunks:
+      counts.add(keys)
+    counts.kept(10)
+    seconds = time.perf_counter() - start
+    current, peak = tracemalloc.get_traced_memory()
+  finally:
+    tracemalloc.stop()
+  return dict(
+    keys=sum(len(c) for c in chunks),
+    distinct=len(counts.keys),
+    totals_mib=(current - base) / 2**20,
+    peak_mib=(peak - base) / 2**20,
+    seconds=seconds,
+  )
 
 
 def main() -> None:
@@ -29,27 +61,11 @@ def main() -> None:
   parser.add_argument('--chunk_keys', type=int, default=100_000)
   parser.add_argument('--seed', type=int, default=0)
   args = parser.parse_args()
-  rng = np.random.default_rng(args.seed)
-  n = args.chunk_keys
-  chunks = [
-    np.where(
-      rng.random(n) < 0.5, rng.zipf(1.1, n), rng.integers(0, 1 << 40, n)
-    ).astype(np.int64)
-    for _ in range(args.chunks)
-  ]
-  tracemalloc.start()
-  base = tracemalloc.get_traced_memory()[0]
-  start = time.perf_counter()
-  counts = encode.Counts()
-  for keys in chunks:
-    counts.add(keys)
-  counts.kept(10)
-  seconds = time.perf_counter() - start
-  current, peak = tracemalloc.get_traced_memory()
+  r = measure(key_chunks(args.chunks, args.chunk_keys, args.seed))
   print(
-    f'{args.chunks * n:,} keys, {len(counts.keys):,} distinct: totals'
-    f' {(current - base) / 2**20:,.0f} MiB, peak {(peak - base) / 2**20:,.0f}'
-    f' MiB, {seconds:.1f} s'
+    f'{r["keys"]:,} keys, {r["distinct"]:,} distinct: totals'
+    f' {r["totals_mib"]:,.0f} MiB, peak {r["peak_mib"]:,.0f} MiB,'
+    f' {r["seconds"]:.1f} s'
   )
 
 

@@ -25,6 +25,7 @@ import pytest
 from benchmarks import ab
 from benchmarks import bandwidth
 from benchmarks import common
+from benchmarks import counts
 from benchmarks import plot
 from benchmarks import quality
 from benchmarks import seeds
@@ -140,6 +141,18 @@ class AbTest(_TempDirs, absltest.TestCase):
       ab.main(['--model=fm', '--b=model.no_such_key.x=1'])
     with self.assertRaisesRegex(SystemExit, "unknown 'nope'"):
       ab.main(['--model=nope'])
+
+
+class CountsTest(absltest.TestCase):
+  def test_measure_counts_the_distinct_keys_and_their_memory(self):
+    chunks = counts.key_chunks(5, 2000, seed=3)
+    result = counts.measure(chunks)
+    self.assertEqual(result['keys'], 10_000)
+    distinct = len(np.unique(np.concatenate(chunks)))
+    self.assertEqual(result['distinct'], distinct)
+    # The totals: a key and a count, 8 bytes each, per distinct key.
+    self.assertAlmostEqual(result['totals_mib'], distinct * 16 / 2**20, 2)
+    self.assertGreater(result['peak_mib'], result['totals_mib'])
 
 
 class BandwidthTest(absltest.TestCase):
