@@ -211,6 +211,7 @@ def _build(directory, source, config, options, paths, spec, replace) -> None:
         raise DataError(f'{path} changed during preprocessing; run again.')
 
   cache.write(directory, encoded, sizes, parts(), spec, replace)
+  core.release_memory()  # What the passes freed, before training takes over.
 
 
 def load_dataset(config: ml_collections.ConfigDict) -> Dataset:

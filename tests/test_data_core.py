@@ -24,6 +24,7 @@ import numpy as np
 from configs import fm
 import data
 from datasets import cache
+from datasets import core
 from datasets import criteo
 from datasets import encode
 from datasets import movielens
@@ -216,6 +217,19 @@ class CacheTest(DatasetTestCase):
         encode_ids.assert_not_called()  # Pass 2 never started.
         encoded = os.path.join(config.cache_dir, 'encoded')
         self.assertEqual(os.listdir(encoded), [])
+
+  def test_a_build_hands_its_freed_memory_back_a_cache_hit_has_none(self):
+    # The passes' small buffers stayed in the heap while training (310 of
+    # 687 MB after 3M Criteo lines, given back by malloc_trim).
+    path = write_lines(
+      os.path.join(self.tmp, 'train.txt'), criteo_rows(100, seed=4), '\t'
+    )
+    config = self.config('criteo', path)
+    with mock.patch.object(core, 'release_memory') as release:
+      data.load_dataset(config)
+      release.assert_called_once_with()
+      data.load_dataset(config)  # From the cache.
+      release.assert_called_once_with()
 
 
 class VocabularyTest(DatasetTestCase):
