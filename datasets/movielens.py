@@ -155,8 +155,13 @@ def labels_of(ratings: np.ndarray) -> np.ndarray:
   return (np.asarray(ratings) > 3).astype(np.float32)
 
 
-def _line_problem(line: str, sep: str, width: int = 4) -> str | None:
-  """Why ratings line `line` (of `width` columns) is malformed, or None."""
+def _line_problem(
+  line: str, sep: str, width: int = 4, other_width: str = ''
+) -> str | None:
+  """Why ratings line `line` (of `width` columns) is malformed, or None.
+
+  `other_width` follows the count of columns expected when it is wrong.
+  """
   line = line.rstrip('\r\n')
   if not line:
     return None
@@ -165,7 +170,7 @@ def _line_problem(line: str, sep: str, width: int = 4) -> str | None:
     return (
       f'expected {width} {sep!r}-separated columns'
       f' ({", ".join(c.split()[0] for c in COLUMNS[:width])}), found'
-      f' {len(parts)}: {core.shown(line)}'
+      f' {len(parts)}: {core.shown(line)}{other_width}'
     )
   for what, value, kind in zip(
     COLUMNS, parts[:3], (int, int, float), strict=False
@@ -321,6 +326,8 @@ class Reader:
     import pandas as pd  # pylint: disable=g-import-not-at-top
 
     width = 4 if self.labeled else 2
+    other_width = ' (rows to predict may also have 2: user, item)'
+    other_width = other_width if self.labeled else ''
     numbers = range(first, first + len(lines))
     try:
       frame = _read_ratings(io.BytesIO(b''.join(lines)), self.sep, False, width)
@@ -328,9 +335,7 @@ class Reader:
       good = []
       for number, line in zip(numbers, lines, strict=True):
         text = line.decode('utf-8', 'replace')
-        problem = _line_problem(text, self.sep, width)
-        if problem and self.labeled and problem.startswith('expected'):
-          problem += ' (rows to predict may also have 2: user, item)'
+        problem = _line_problem(text, self.sep, width, other_width)
         if problem:
           bad(where(number), problem)
         else:
