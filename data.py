@@ -185,9 +185,11 @@ def _routed(encoded: core.Encoded, config) -> Iterator[tuple]:
     row += count
 
 
-def _build(directory, source, config, options, paths, spec, replace) -> None:
-  """Encodes the sources and writes the cache; a changed source is an error."""
-  stats = {path: cache.source_stat(path) for path in paths.values()}
+def _build(
+  directory, source, config, options, paths, spec, replace, stats
+) -> None:
+  """Encodes the sources and writes the cache; a source changed since its
+  `stats`, taken before `spec` hashed it, is an error."""
   with core.reading(*paths.values()):
     encoded = source.build(config, options, paths)
   if not encoded.field_dims:  # After pass 1, before pass 2 writes anything.
@@ -232,6 +234,8 @@ def load_dataset(config: ml_collections.ConfigDict) -> Dataset:
   paths = source.files(config)
   if 'all' in paths:
     split_sizes(1, config.split)  # Validates the fractions before any work.
+  with core.reading(*paths.values()):
+    stats = {path: cache.source_stat(path) for path in paths.values()}
   spec = cache_spec(config, options, paths)
   directory = os.path.join(
     cache_dir(config), 'encoded', f'{config.name}-{cache.key(spec)}'
@@ -245,7 +249,7 @@ def load_dataset(config: ml_collections.ConfigDict) -> Dataset:
     if dataset is not None:
       return dataset
     replace = os.path.lexists(directory)
-    _build(directory, source, config, options, paths, spec, replace)
+    _build(directory, source, config, options, paths, spec, replace, stats)
   try:
     return cache.read(directory, spec)
   except cache.Damaged as e:

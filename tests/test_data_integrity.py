@@ -371,6 +371,24 @@ class SourceChangeTest(IntegrityTestCase):
         data.load_dataset(self.config('ml-20m', self.path))
     self.assertEqual(self.encoded(), [])
 
+  def test_a_source_changed_after_its_hashing_is_an_error(self):
+    # Between the digest that names the cache and the first read of pass 1:
+    # its rows must not be cached under the old content's key.
+    real = data.cache_spec
+
+    def editing(config, options, paths):
+      spec = real(config, options, paths)
+      with open(self.path, 'a') as f:
+        f.write('999,1,5,0\n')
+      return spec
+
+    with mock.patch.object(data, 'cache_spec', editing):
+      with self.assertRaisesRegex(
+        data.DataError, 'changed during preprocessing'
+      ):
+        data.load_dataset(self.config('ml-20m', self.path))
+    self.assertEqual(self.encoded(), [])
+
 
 class ReadErrorTest(IntegrityTestCase):
   """Files that cannot be read: one DataError naming the file, a remedy."""
