@@ -36,6 +36,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+import batching
 import data
 import metrics
 import multihost
@@ -208,8 +209,10 @@ def epoch_stacks(
   Stacks of `config.steps_per_dispatch` batches (rows of `resident`, if
   given), a shorter remainder first and padded to their shape: one program.
   """
-  steps = data.num_train_steps(split, config.batch_size)
-  batches = (data.train_batches if resident is None else data.train_rows)(
+  steps = batching.num_train_steps(split, config.batch_size)
+  batches = (
+    batching.train_batches if resident is None else batching.train_rows
+  )(
     split,
     config.batch_size,
     seed=config.seed,
@@ -220,7 +223,7 @@ def epoch_stacks(
   )
   size = min(config.steps_per_dispatch, steps)
   sizes = [steps % size] * (steps % size > 0) + [size] * (steps // size)
-  stack = data.stack_batches if resident is None else data.stack_rows
+  stack = batching.stack_batches if resident is None else batching.stack_rows
   return sizes, stack(batches, sizes, jax.local_device_count())
 
 
@@ -291,7 +294,7 @@ def compile_train_and_eval(
     train_split: the training split; its first stack gives the shapes.
     valid_split: the validation split; its first batch gives the shapes.
     config: the run's config.
-    resident: `train_split` on the devices (`data.resident_split`), if it is
+    resident: `train_split` on the devices (`batching.resident_split`), if it is
       kept there.
 
   Returns:
@@ -313,13 +316,13 @@ def compile_train_and_eval(
     return state, next(stacks), hyper, resident, count
 
   def eval_args():
-    batches = data.eval_batches(
+    batches = batching.eval_batches(
       valid_split,
       config.eval_batch_size,
       process_index=jax.process_index(),
       process_count=jax.process_count(),
     )
-    return state, data.shard(next(batches), jax.local_device_count())
+    return state, batching.shard(next(batches), jax.local_device_count())
 
   return compile_ahead((p_train_step, train_args), (p_eval_step, eval_args))
 
@@ -350,7 +353,7 @@ def evaluate(
   is masked out.
   """
   num_devices = jax.local_device_count()
-  batches = data.eval_batches(
+  batches = batching.eval_batches(
     split,
     batch_size,
     process_index=jax.process_index(),
@@ -360,7 +363,7 @@ def evaluate(
   # `IN_FLIGHT` before it, so that the host does not queue the whole split.
   outs, labels, masks = [], [], []
   for batch in utils.prefetch(batches):
-    outs.append(p_eval_step(state, data.shard(batch, num_devices)))
+    outs.append(p_eval_step(state, batching.shard(batch, num_devices)))
     labels.append(batch['label'])
     masks.append(batch['mask'])
     if len(outs) > IN_FLIGHT:
@@ -403,7 +406,7 @@ def train_epoch(
     The new state, the mean loss, and examples/s: of the dispatches after the
     first (which may compile), or of the whole epoch when it is one dispatch.
   """
-  steps = data.num_train_steps(split, config.batch_size)
+  steps = batching.num_train_steps(split, config.batch_size)
   show = config.progress_bar and jax.process_index() == 0
   bar = utils.ProgressBar(f'epoch {epoch + 1}', steps, 'ex', enabled=show)
   sizes, batches = epoch_stacks(split, config, epoch, resident)

@@ -22,6 +22,7 @@ import ml_collections
 import numpy as np
 import optax
 
+import batching
 import checkpoints
 import config_check
 import data
@@ -57,7 +58,7 @@ def create_model(
   axis_name: str | None = None,
   **inputs,
 ):
-  """Builds `models/<config.model_name>.py`'s `Model` (+ data.model_fields)."""
+  """The `Model` of models/<config.model_name>.py; `inputs`: model_fields."""
   if config.model_name not in models.names():
     raise ValueError(
       f'config.model_name: no model {config.model_name!r} in models/;'
@@ -97,7 +98,7 @@ def state_initializer(
   """`init(rng) -> TrainState`: parameters, BatchNorm statistics and
   optimizer state in one compiled program (not one per initializer)."""
   config = resolve_optimizer(config, model)
-  inputs = data.example_inputs(model)
+  inputs = batching.example_inputs(model)
 
   def variables(rng):
     return model.init({'params': rng, 'dropout': rng}, train=False, **inputs)
@@ -130,7 +131,7 @@ def create_train_state(
   rng: jax.Array, config: ml_collections.ConfigDict, model, num_fields: int
 ) -> TrainState:
   """Initialises parameters, BatchNorm statistics and the optimizer."""
-  del num_fields  # data.example_inputs reads the fields from the model.
+  del num_fields  # batching.example_inputs reads the fields from the model.
   return state_initializer(config, model)(rng)
 
 
@@ -181,7 +182,7 @@ def loss_fn(
     variables[sparse.PERTURBATIONS] = perturbations
   logits, updates = model.apply(
     variables,
-    **data.model_inputs(batch),
+    **batching.model_inputs(batch),
     train=True,
     rngs={'dropout': dropout_rng},
     mutable=['batch_stats', 'losses', sparse.ROWS],
@@ -248,7 +249,7 @@ def train_steps(
 ) -> tuple[TrainState, jax.Array]:
   """`train_step` on each of a stack of batches `[steps, ...]`, one dispatch.
 
-  With `resident` (`data.resident_split`), `batches` are its rows `[steps,
+  With `resident` (`batching.resident_split`), `batches` are its rows `[steps,
   batch]`. With `num_steps`, a traced count, only the first `num_steps`
   batches train: a shorter stack padded to the same shape runs in the same
   compiled program. Returns the new state and the losses `[steps]` (zero past
@@ -281,7 +282,7 @@ def eval_step(
   # which a model's `take_rows(apart=True)` gathers apart on CPU.
   logits, _ = model.apply(
     {'params': state.params, 'batch_stats': state.batch_stats},
-    **data.model_inputs(batch),
+    **batching.model_inputs(batch),
     train=False,
     mutable=[sparse.ROWS],
   )
@@ -381,12 +382,12 @@ def _run(
   data.check_splits(dataset, config)
   try:  # A model checks what depends on several arguments (or the data).
     model = create_model(
-      config, dataset.field_dims, AXIS, **data.model_fields(dataset)
+      config, dataset.field_dims, AXIS, **batching.model_fields(dataset)
     )
     init = state_initializer(config, model)  # Traces the model once.
   except ValueError as e:
     raise UserError(f'models/{config.model_name}.py: {e}') from e
-  steps_per_epoch = data.num_train_steps(dataset.train, config.batch_size)
+  steps_per_epoch = batching.num_train_steps(dataset.train, config.batch_size)
   if auto := config.optimizer == 'auto':
     config = resolve_optimizer(config, model)
     logging.info(
@@ -408,7 +409,7 @@ def _run(
   # The train and eval programs compile on threads, from shapes, while the
   # state initialises and the latest checkpoint restores.
   rng = jax.random.key(config.seed)
-  resident = replicate(data.resident_split(dataset.train, config))
+  resident = replicate(batching.resident_split(dataset.train, config))
   shapes = jax.eval_shape(init, rng)
   programs.check_state_fits(shapes)  # Before XLA allocates the state.
   wait_compiled = programs.compile_train_and_eval(

@@ -46,6 +46,7 @@ class Variant:
     import jax  # pylint: disable=g-import-not-at-top
     import numpy as np  # pylint: disable=g-import-not-at-top
 
+    import batching  # pylint: disable=g-import-not-at-top
     import data  # pylint: disable=g-import-not-at-top
     import programs  # pylint: disable=g-import-not-at-top
     import train  # pylint: disable=g-import-not-at-top
@@ -53,14 +54,14 @@ class Variant:
     self.jax = jax
     dataset = data.load_dataset(config.dataset)
     model = train.create_model(
-      config, dataset.field_dims, train.AXIS, **data.model_fields(dataset)
+      config, dataset.field_dims, train.AXIS, **batching.model_fields(dataset)
     )
     self.p_train, _ = train.pmapped_steps(model, config)
     init = train.state_initializer(config, model)
     self.state = programs.replicate(init(jax.random.key(config.seed)))
     self.hyper = programs.replicate(train.hyperparameters(config))
     self.resident = programs.replicate(
-      data.resident_split(dataset.train, config)
+      batching.resident_split(dataset.train, config)
     )
     sizes, stacks = programs.epoch_stacks(
       dataset.train, config, 0, self.resident

@@ -124,6 +124,7 @@ class _JaxRunner:
   def __init__(self, spec: dict):
     import jax  # pylint: disable=g-import-not-at-top
 
+    import batching  # pylint: disable=g-import-not-at-top
     import data  # pylint: disable=g-import-not-at-top
     import train  # pylint: disable=g-import-not-at-top
 
@@ -159,12 +160,12 @@ class _JaxRunner:
     self.per_dispatch = min(config.steps_per_dispatch, len(self.batches))
     sizes = [self.per_dispatch] * (len(self.batches) // self.per_dispatch)
     self.train_batches = list(
-      data.stack_batches(iter(self.batches), sizes, self.num_devices)
+      batching.stack_batches(iter(self.batches), sizes, self.num_devices)
     )
     split = data.Split(ids, labels)
     self.eval_batches = [
-      data.shard(batch, self.num_devices)
-      for batch in data.eval_batches(split, spec['eval_batch_size'])
+      batching.shard(batch, self.num_devices)
+      for batch in batching.eval_batches(split, spec['eval_batch_size'])
     ][: spec['eval_batches']]
     self.step = 0
 

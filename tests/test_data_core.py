@@ -1,4 +1,4 @@
-"""Tests of data.py: the seeded split, the cache, the vocabulary, batches."""
+"""Tests of data.py and batching.py: splits, cache, vocabulary, batches."""
 
 import errno
 import io
@@ -21,6 +21,7 @@ from dataset_testing import write_lines
 from dataset_testing import write_text
 import numpy as np
 
+import batching
 from configs import fm
 import data
 from datasets import cache
@@ -454,12 +455,12 @@ class MemmapTrainingTest(DatasetTestCase):
     memory = data.Split(np.array(split.ids), np.array(split.labels))
     for process in range(2):
       got = list(
-        data.train_batches(
+        batching.train_batches(
           split, 100, seed=3, epoch=1, process_index=process, process_count=2
         )
       )
       want = list(
-        data.train_batches(
+        batching.train_batches(
           memory, 100, seed=3, epoch=1, process_index=process, process_count=2
         )
       )
@@ -515,13 +516,13 @@ class BatchTest(parameterized.TestCase):
   @parameterized.parameters(7, 8, 9, 16, 17)
   def test_train_batches_drop_remainder_and_processes_partition(self, n):
     split = self._split(n)
-    whole = list(data.train_batches(split, 4, seed=3, epoch=1))
+    whole = list(batching.train_batches(split, 4, seed=3, epoch=1))
     self.assertLen(whole, n // 4)
     seen = np.concatenate([b['ids'][:, 0] for b in whole])
     self.assertLen(np.unique(seen), len(seen))  # No row twice in an epoch.
     parts = [
       list(
-        data.train_batches(
+        batching.train_batches(
           split, 4, seed=3, epoch=1, process_index=p, process_count=2
         )
       )
@@ -531,8 +532,8 @@ class BatchTest(parameterized.TestCase):
       union = np.concatenate([parts[0][step]['ids'], parts[1][step]['ids']])
       self.assertEqual(sorted(union[:, 0]), sorted(batch['ids'][:, 0]))
     # Another epoch, another order; the same epoch, the same order.
-    other = list(data.train_batches(split, 4, seed=3, epoch=2))
-    again = list(data.train_batches(split, 4, seed=3, epoch=1))
+    other = list(batching.train_batches(split, 4, seed=3, epoch=2))
+    again = list(batching.train_batches(split, 4, seed=3, epoch=1))
     np.testing.assert_array_equal(whole[0]['ids'], again[0]['ids'])
     if n >= 16:
       self.assertFalse(
@@ -548,12 +549,12 @@ class BatchTest(parameterized.TestCase):
     split = self._split(11)
     for epoch in (0, 1, 5):
       batches = list(
-        data.train_rows(split, 4, seed=3, epoch=epoch, shuffle=False)
+        batching.train_rows(split, 4, seed=3, epoch=epoch, shuffle=False)
       )
       np.testing.assert_array_equal(batches, [[0, 1, 2, 3], [4, 5, 6, 7]])
       halves = [
         list(
-          data.train_rows(
+          batching.train_rows(
             split,
             4,
             seed=3,
@@ -567,7 +568,7 @@ class BatchTest(parameterized.TestCase):
       ]
       np.testing.assert_array_equal(halves[0], [[0, 1], [4, 5]])
       np.testing.assert_array_equal(halves[1], [[2, 3], [6, 7]])
-    shuffled = list(data.train_rows(split, 4, seed=3, epoch=0))
+    shuffled = list(batching.train_rows(split, 4, seed=3, epoch=0))
     self.assertFalse(np.array_equal(shuffled, batches))
 
   @parameterized.parameters((7, 1), (7, 2), (8, 2), (9, 2), (3, 4), (17, 3))
@@ -575,7 +576,7 @@ class BatchTest(parameterized.TestCase):
     split = self._split(n)
     per_process = [
       list(
-        data.eval_batches(
+        batching.eval_batches(
           split, 4 * processes, process_index=p, process_count=processes
         )
       )
@@ -591,23 +592,23 @@ class BatchTest(parameterized.TestCase):
     self.assertEqual(sorted(rows), list(range(n)))
 
   def test_batch_sizes_must_split_over_processes(self):
-    data.check_batch_size(8, 4, 'config.batch_size', 'devices')
+    batching.check_batch_size(8, 4, 'config.batch_size', 'devices')
     for size in (6, 0, -4):
       with self.assertRaisesRegex(
         data.DataError, rf'config.batch_size={size} .* of devices \(4\)'
       ):
-        data.check_batch_size(size, 4, 'config.batch_size', 'devices')
+        batching.check_batch_size(size, 4, 'config.batch_size', 'devices')
     split = self._split(16)
     with self.assertRaisesRegex(data.DataError, 'config.batch_size=5'):
-      next(data.train_batches(split, 5, seed=0, epoch=0, process_count=2))
+      next(batching.train_batches(split, 5, seed=0, epoch=0, process_count=2))
     with self.assertRaisesRegex(data.DataError, 'config.eval_batch_size=5'):
-      next(data.eval_batches(split, 5, process_count=2))
+      next(batching.eval_batches(split, 5, process_count=2))
 
   def test_shard_reshapes_and_rejects_uneven_batches(self):
     batch = {'ids': np.zeros((6, 2), np.int32), 'label': np.zeros(6)}
-    self.assertEqual(data.shard(batch, 2)['ids'].shape, (2, 3, 2))
+    self.assertEqual(batching.shard(batch, 2)['ids'].shape, (2, 3, 2))
     with self.assertRaisesRegex(data.DataError, 'batch_size'):
-      data.shard(batch, 4)
+      batching.shard(batch, 4)
 
 
 if __name__ == '__main__':

@@ -17,8 +17,8 @@ from jax import lax
 import jax.numpy as jnp
 import numpy as np
 
+import batching
 from configs import default
-import data
 import programs
 import train
 
@@ -190,7 +190,7 @@ class TrainCompileAheadTest(parameterized.TestCase):
     init, rng = train.state_initializer(config, model), jax.random.key(0)
     rows = None
     if resident:
-      rows = train.replicate(data.resident_split(train_split, config))
+      rows = train.replicate(batching.resident_split(train_split, config))
     wait = programs.compile_train_and_eval(
       p_train,
       p_eval,

@@ -963,7 +963,7 @@ _ENTRY = textwrap.dedent(
   """
   import builtins, errno, os, sys, threading
   sys.path.insert(0, {root!r})
-  import checkpoints, data, entry, main, train, utils
+  import batching, checkpoints, entry, main, train, utils
 
   fault = os.environ['FAULT']
   main.EXIT_GRACE_SECONDS = 3.0
@@ -1016,7 +1016,7 @@ _ENTRY = textwrap.dedent(
 
   if fault == 'prefetch':
     # The rows of a batch: host-fed and device-resident training read them.
-    train_rows = data.train_rows
+    train_rows = batching.train_rows
 
     def failing_rows(*args, **kwargs):
       for i, rows in enumerate(train_rows(*args, **kwargs)):
@@ -1024,7 +1024,7 @@ _ENTRY = textwrap.dedent(
           raise OSError(errno.EIO, 'Input/output error', 'injected.npy')
         yield rows
 
-    data.train_rows = failing_rows
+    batching.train_rows = failing_rows
 
   sys.argv = sys.argv[1:]
   entry.run_main(main.main)

@@ -31,6 +31,7 @@ from test_datasets_csv_features import csv_options
 from test_datasets_csv_features import feature_rows
 from test_encoder import V1_KEYS
 
+import batching
 import checkpoints
 from configs import fm
 import data
@@ -60,7 +61,7 @@ def _config(cache_dir: str) -> ml_collections.ConfigDict:
 def _reference(config, workdir, dataset):
   """`inputs -> sigmoid(model.apply(best variables, **inputs))`."""
   model = train.create_model(
-    config, dataset.field_dims, **data.model_fields(dataset)
+    config, dataset.field_dims, **batching.model_fields(dataset)
   )
   state, _ = checkpoints.load_best(workdir)
 

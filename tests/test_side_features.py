@@ -25,6 +25,7 @@ from test_datasets_csv_features import HEADER
 from test_datasets_csv_features import csv_options
 from test_datasets_csv_features import feature_rows
 
+import batching
 import checkpoints
 from configs import default
 import data
@@ -408,7 +409,7 @@ class BatchesTest(parameterized.TestCase):
     split = _split(50)
     for p in range(processes):
       batches = list(
-        data.train_batches(
+        batching.train_batches(
           split, 8, seed=1, epoch=2, process_index=p, process_count=processes
         )
       )
@@ -418,7 +419,7 @@ class BatchesTest(parameterized.TestCase):
         self.assertEqual(batch['multi_ids'].shape, (8 // processes, 2, 3))
         np.testing.assert_array_equal(batch['multi_ids'], split.multi_ids[rows])
         np.testing.assert_array_equal(batch['dense'], split.dense[rows])
-        sharded = data.shard(batch, 2 // processes)
+        sharded = batching.shard(batch, 2 // processes)
         self.assertEqual(sharded['multi_ids'].shape[:2], (2 // processes, 4))
         self.assertEqual(sharded['dense'].shape, (2 // processes, 4, 2))
 
@@ -429,7 +430,7 @@ class BatchesTest(parameterized.TestCase):
     split = _split(n)
     seen = []
     for p in range(processes):
-      for batch in data.eval_batches(
+      for batch in batching.eval_batches(
         split, 8, process_index=p, process_count=processes
       ):
         real = batch['mask'] > 0
@@ -444,13 +445,13 @@ class BatchesTest(parameterized.TestCase):
         self.assertEqual(batch['multi_ids'].dtype, np.int32)
         self.assertEqual(batch['dense'].dtype, np.float32)
         self.assertEqual(
-          set(data.model_inputs(batch)), {'ids', 'multi_ids', 'dense'}
+          set(batching.model_inputs(batch)), {'ids', 'multi_ids', 'dense'}
         )
     self.assertEqual(sorted(seen), list(range(n)))
 
   def test_model_inputs_leave_out_absent_inputs_and_labels(self):
     batch = {'ids': np.zeros((2, 3)), 'label': np.zeros(2), 'mask': 1}
-    self.assertEqual(list(data.model_inputs(batch)), ['ids'])
+    self.assertEqual(list(batching.model_inputs(batch)), ['ids'])
 
 
 class ResumeTest(absltest.TestCase):

@@ -14,8 +14,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+import batching
 from configs import default
-import data
 import sparse
 import train
 
@@ -98,7 +98,7 @@ def _model_and_params(name, **fields):
   config.model = dict(MODEL_KWARGS[name])
   model = train.create_model(config, FIELD_DIMS, **fields)
   variables = jax.jit(functools.partial(model.init, train=False))(
-    jax.random.key(0), **data.example_inputs(model)
+    jax.random.key(0), **batching.example_inputs(model)
   )
   # Random values everywhere: zero-initialised tables hide gradients.
   leaves, treedef = jax.tree.flatten(variables['params'])
@@ -151,7 +151,7 @@ class RowGradientsTest(parameterized.TestCase):
     tables = sparse.declared_tables(
       model.apply,
       {'params': params, 'batch_stats': batch_stats},
-      **data.model_inputs(batch),
+      **batching.model_inputs(batch),
     )
     want_rows = _rows_read(name, batch)
     self.assertEqual(tables, frozenset(want_rows))
@@ -252,7 +252,7 @@ class RowGradientsTest(parameterized.TestCase):
     tables = sparse.declared_tables(
       model.apply,
       {'params': params, 'batch_stats': batch_stats},
-      **data.model_inputs(batch),
+      **batching.model_inputs(batch),
     )
     self.assertLen(tables, 4)  # Two tables of the one-hot, two multi-hot.
 

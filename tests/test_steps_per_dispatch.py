@@ -18,6 +18,7 @@ from jax.experimental.compilation_cache import compilation_cache
 import jax.numpy as jnp
 import numpy as np
 
+import batching
 from configs import default
 import data
 import train
@@ -94,7 +95,7 @@ class StepsPerDispatchTest(parameterized.TestCase):
       config, state, p_steps = _setup(optimizer, **inputs)
       config.steps_per_dispatch = 3
       config.device_split_mb = mb
-      resident = train.replicate(data.resident_split(split, config))
+      resident = train.replicate(batching.resident_split(split, config))
       self.assertEqual(resident is None, mb == 0)
       state, loss, _ = train.train_epoch(
         p_steps, train.replicate(state), split, config, 0, resident
@@ -187,24 +188,24 @@ class StepsPerDispatchTest(parameterized.TestCase):
         np.zeros((rows, 3), np.int32), np.arange(rows, dtype=np.float32)
       )
       with self.assertLogs(level='INFO') as logs:
-        whole = data.resident_split(split, config)
+        whole = batching.resident_split(split, config)
       self.assertEqual(whole is not None, fits)
       # The log says which, as a streamed split trains at another speed.
       where = 'kept on the devices' if fits else 'read from the host'
       self.assertIn(f'Training split: 1.0 MiB, {where}', logs.output[-1])
-    whole = data.resident_split(_split(10, side=True), config)
+    whole = batching.resident_split(_split(10, side=True), config)
     self.assertEqual(sorted(whole), ['dense', 'ids', 'label', 'multi_ids'])
     np.testing.assert_array_equal(
       whole['multi_ids'], _split(10, side=True).multi_ids
     )
     config.device_split_mb = 0
-    self.assertIsNone(data.resident_split(_split(10), config))
+    self.assertIsNone(batching.resident_split(_split(10), config))
 
   def test_stack_batches_keeps_the_order_of_the_batches(self):
     batches = [
       {'ids': np.full((4, 2), i), 'label': np.full(4, i)} for i in range(5)
     ]
-    stacks = list(data.stack_batches(iter(batches), [2, 3], 2))
+    stacks = list(batching.stack_batches(iter(batches), [2, 3], 2))
     # The shorter stack is padded with zeros to the longer's shape.
     self.assertEqual(
       [s['ids'].shape for s in stacks], [(2, 3, 2, 2), (2, 3, 2, 2)]

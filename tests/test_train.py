@@ -17,6 +17,7 @@ import jax
 import ml_collections
 import numpy as np
 
+import batching
 import config_check
 from configs import default
 from configs import finalmlp
@@ -380,7 +381,7 @@ class PmapStepTest(absltest.TestCase):
     hyper = jax_utils.replicate(
       train.hyperparameters(self.config), devices=devices
     )
-    state, loss = p_step(state, data.shard(self.batch, len(devices)), hyper)
+    state, loss = p_step(state, batching.shard(self.batch, len(devices)), hyper)
     return state, loss
 
   def test_replicas_identical_after_a_step(self):
@@ -495,7 +496,7 @@ class TrainStepLossTest(absltest.TestCase):
     )
     new, loss = p_step(
       jax_utils.replicate(state),
-      data.shard(batch, 2),
+      batching.shard(batch, 2),
       jax_utils.replicate(train.hyperparameters(config)),
     )
     logits = train.create_model(config, (13, 17)).apply(

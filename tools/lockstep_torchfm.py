@@ -59,6 +59,7 @@ def run_seed(
   import jax  # pylint: disable=g-import-not-at-top
   import torch  # pylint: disable=g-import-not-at-top
 
+  import batching  # pylint: disable=g-import-not-at-top
   from benchmarks import common  # pylint: disable=g-import-not-at-top
   from benchmarks import quality  # pylint: disable=g-import-not-at-top
   import data  # pylint: disable=g-import-not-at-top
@@ -101,12 +102,12 @@ def run_seed(
         step * batch_size, (step + 1) * batch_size, dtype=np.int32
       )
 
-  own_rows = data.train_rows
-  model_class.init, data.train_rows = torch_init, in_order
+  own_rows = batching.train_rows
+  model_class.init, batching.train_rows = torch_init, in_order
   try:
     train.train_and_evaluate(config, os.path.join(workdir, 'flax'))
   finally:
-    model_class.init, data.train_rows = own_init, own_rows
+    model_class.init, batching.train_rows = own_init, own_rows
   quality.train_torchfm(
     name, config, splits, field_dims, os.path.join(workdir, 'torchfm')
   )
