@@ -23,10 +23,6 @@ import numpy as np
 from datasets import core
 from datasets import split as split_lib
 
-DataError = core.DataError
-Dataset = core.Dataset
-Split = core.Split
-
 # The keys of a batch that are the model's inputs, and their dtypes.
 INPUTS = {'ids': np.int32, 'multi_ids': np.int32, 'dense': np.float32}
 
@@ -35,7 +31,7 @@ def check_batch_size(size: int, divisor: int, name: str, what: str) -> None:
   """Raises unless batch size `size` (of config key `name`, e.g.
   `'config.batch_size'`) is a positive multiple of `divisor` `what`s."""
   if size <= 0 or size % divisor:
-    raise DataError(
+    raise core.DataError(
       f'{name}={size} must be a positive multiple of the number of {what}'
       f' ({divisor}).'
     )
@@ -47,7 +43,7 @@ def model_inputs(batch: dict) -> dict:
   return {key: batch[key] for key in INPUTS if key in batch}
 
 
-def model_fields(dataset: Dataset) -> dict:
+def model_fields(dataset: core.Dataset) -> dict:
   """The model's constructor arguments that describe the dataset's inputs
   besides `field_dims`: `multi_field_dims` and `num_dense`, when non-empty."""
   out = {}
@@ -69,20 +65,20 @@ def example_inputs(model, rows: int = 2) -> dict:
   return out
 
 
-def _rows(split: Split, rows) -> dict[str, np.ndarray]:
+def _rows(split: core.Split, rows) -> dict[str, np.ndarray]:
   """`ids`, `label` and, when `split` has them, `multi_ids` and `dense`."""
   out = dict(ids=split.ids, label=split.labels, multi_ids=split.multi_ids)
   out['dense'] = split.dense
   return {key: x[rows] for key, x in out.items() if x is not None}
 
 
-def num_train_steps(split: Split, batch_size: int) -> int:
+def num_train_steps(split: core.Split, batch_size: int) -> int:
   """Steps of one training epoch: full global batches only."""
   return len(split) // batch_size
 
 
 def train_rows(
-  split: Split,
+  split: core.Split,
   batch_size: int,
   *,
   seed: int,
@@ -126,14 +122,16 @@ def train_rows(
     yield np.sort(perm[start : start + local]).astype(np.int32)
 
 
-def train_batches(split: Split, batch_size: int, **kwargs) -> Iterator[dict]:
+def train_batches(
+  split: core.Split, batch_size: int, **kwargs
+) -> Iterator[dict]:
   """The batches (`ids`, `label`, ...) of `train_rows(split, ...)`'s rows."""
   for rows in train_rows(split, batch_size, **kwargs):
     yield _rows(split, rows)
 
 
 def resident_split(
-  split: Split, config: ml_collections.ConfigDict
+  split: core.Split, config: ml_collections.ConfigDict
 ) -> dict[str, np.ndarray] | None:
   """`split` as one batch to keep on the devices; None if it does not fit.
 
@@ -154,7 +152,7 @@ def resident_split(
 
 
 def eval_batches(
-  split: Split,
+  split: core.Split,
   batch_size: int,
   *,
   process_index: int = 0,
