@@ -44,7 +44,7 @@ from jax.sharding import PartitionSpec
 import numpy as np
 import pandas as pd
 
-import checkpoints
+import best_reader
 from datasets import core
 from datasets import side
 import encoder as encoder_lib
@@ -272,7 +272,7 @@ def load(workdir: str, batch_size: int = 8192) -> Predictor:
   orbax_logs.quiet_info()
   encoder = encoder_lib.load(workdir)
   model = train.create_model(encoder.model_config(), encoder.field_dims)
-  state, meta = checkpoints.load_best(workdir)
+  state, meta = best_reader.load_best(workdir)
   variables = {'params': state['params']}
   if state.get('batch_stats'):
     variables['batch_stats'] = state['batch_stats']

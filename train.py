@@ -23,6 +23,7 @@ import numpy as np
 import optax
 
 import batching
+import best_reader
 import checkpoints
 import config_check
 import data
@@ -140,7 +141,7 @@ def warm_start(state: TrainState, workdir: str) -> TrainState:
 
   Used e.g. for FNN's FM pre-training: `--config.init_from=<fm workdir>`.
   """
-  restored, _ = checkpoints.load_best(workdir)
+  restored, _ = best_reader.load_best(workdir)
   keystr, leaves = jax.tree_util.keystr, jax.tree_util.tree_leaves_with_path
   source = {keystr(path): value for path, value in leaves(restored['params'])}
   copied = []

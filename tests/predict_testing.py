@@ -19,7 +19,7 @@ import jax
 import ml_collections
 import numpy as np
 
-import checkpoints
+import best_reader
 from configs import fm
 import data
 import encoder
@@ -106,7 +106,7 @@ def trained_run() -> Run:
   metrics = train_run(config, workdir)
   dataset = data.load_dataset(config.dataset)
   model = train.create_model(config, dataset.field_dims)
-  state, _ = checkpoints.load_best(workdir)
+  state, _ = best_reader.load_best(workdir)
   variables = {'params': state['params']}
 
   @jax.jit

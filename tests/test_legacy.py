@@ -19,6 +19,7 @@ from model_testing import random_ids
 from model_testing import randomize
 import numpy as np
 
+import best_reader
 import checkpoints
 from configs import dcn as dcn_config
 import legacy
@@ -151,7 +152,7 @@ class LegacyTest(parameterized.TestCase):
     with checkpoints.Checkpoints(workdir) as ckpt:
       resumed, got_meta = ckpt.restore_latest(jax.device_get(state))
     self.assertEqual(got_meta['epoch'], 1)
-    best, _ = checkpoints.load_best(workdir)
+    best, _ = best_reader.load_best(workdir)
     want = jax.device_get(state)
     for got in (resumed, best):
       params = got.params if hasattr(got, 'params') else got['params']

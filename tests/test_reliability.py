@@ -35,6 +35,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 import tensorstore
 
+import best_reader
 import checkpoints
 from configs import fm
 import encoder
@@ -301,7 +302,7 @@ class CheckpointPolicyTest(absltest.TestCase):
       ValueError('NOT_FOUND: Error opening "zarr" driver'),
     )
     with mock.patch.object(checkpoints, 'restore', racing):
-      state, meta = checkpoints.load_best(self.workdir)
+      state, meta = best_reader.load_best(self.workdir)
     self.assertEqual((calls, meta['epoch']), ([3, 4], 4))
     np.testing.assert_array_equal(state['w'], self._state(4)['w'])
 
@@ -314,7 +315,7 @@ class CheckpointPolicyTest(absltest.TestCase):
       save_again, ValueError('KeyError: \'Item "meta" was not found\'')
     )
     with mock.patch.object(checkpoints, 'restore', redone):
-      state, _ = checkpoints.load_best(self.workdir)
+      state, _ = best_reader.load_best(self.workdir)
     self.assertEqual(calls, [4, 4])
     np.testing.assert_array_equal(state['w'], self._state(5)['w'])
     # Listed while the run swapped its best: no step seen, then the new one.
@@ -325,7 +326,7 @@ class CheckpointPolicyTest(absltest.TestCase):
       'latest_step',
       lambda mgr: next(answers, latest_step(mgr)),
     ):
-      self.assertEqual(checkpoints.load_best(self.workdir)[1]['epoch'], 4)
+      self.assertEqual(best_reader.load_best(self.workdir)[1]['epoch'], 4)
     # Damage that no newer step, nor a change of late, explains is named,
     # once.
     _age(os.path.join(self.workdir, 'checkpoints', 'best', '4'))
@@ -337,7 +338,7 @@ class CheckpointPolicyTest(absltest.TestCase):
         utils.UserError, r'best checkpoint \S+/best/4 is damaged: bad bytes'
       ),
     ):
-      checkpoints.load_best(self.workdir)
+      best_reader.load_best(self.workdir)
     self.assertEqual(broken.call_count, 1)
 
   def test_a_best_deleted_and_saved_again_while_another_process_reads_it(self):
@@ -345,7 +346,7 @@ class CheckpointPolicyTest(absltest.TestCase):
     # a reader in between found no step, and called the best lost.
     self.ckpt.save_best(4, self._state(4), self._meta(4, 4))
     best = os.path.join(self.workdir, 'checkpoints', 'best')
-    saving = os.path.join(best, '4' + checkpoints.SAVING)
+    saving = os.path.join(best, '4' + best_reader.SAVING)
 
     def finish():
       time.sleep(0.3)
@@ -362,7 +363,7 @@ class CheckpointPolicyTest(absltest.TestCase):
       ValueError('FAILED_PRECONDITION: Error reading "w/0.0"'),
     )
     with mock.patch.object(checkpoints, 'restore', resumed):
-      state, meta = checkpoints.load_best(self.workdir)
+      state, meta = best_reader.load_best(self.workdir)
     self.assertEqual((calls, meta['epoch']), ([4, 4], 4))
     np.testing.assert_array_equal(state['w'], self._state(5)['w'])
     # What a run killed while saving left is not waited for.
@@ -370,10 +371,10 @@ class CheckpointPolicyTest(absltest.TestCase):
     os.makedirs(os.path.join(saving, 'state'))
     _age(best)
     with (
-      mock.patch.object(checkpoints.time, 'sleep') as slept,
+      mock.patch.object(best_reader.time, 'sleep') as slept,
       self.assertRaisesRegex(utils.UserError, 'No best checkpoint in'),
     ):
-      checkpoints.load_best(self.workdir)
+      best_reader.load_best(self.workdir)
     slept.assert_not_called()
 
   def test_a_best_read_as_a_resumed_run_deletes_and_saves_it_again(self):
@@ -398,7 +399,7 @@ class CheckpointPolicyTest(absltest.TestCase):
       saving.start()
       try:
         with self.assertLogs(level='INFO') as logs:  # Said, once.
-          state, meta = checkpoints.load_best(self.workdir)
+          state, meta = best_reader.load_best(self.workdir)
       finally:
         saving.join()
       waiting = [line for line in logs.output if 'A run is saving' in line]

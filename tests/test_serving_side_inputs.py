@@ -32,7 +32,7 @@ from test_datasets_csv_features import feature_rows
 from test_encoder import V1_KEYS
 
 import batching
-import checkpoints
+import best_reader
 from configs import fm
 import data
 from datasets import movielens
@@ -63,7 +63,7 @@ def _reference(config, workdir, dataset):
   model = train.create_model(
     config, dataset.field_dims, **batching.model_fields(dataset)
   )
-  state, _ = checkpoints.load_best(workdir)
+  state, _ = best_reader.load_best(workdir)
 
   @jax.jit
   def probabilities(inputs):

@@ -26,7 +26,7 @@ from test_datasets_csv_features import csv_options
 from test_datasets_csv_features import feature_rows
 
 import batching
-import checkpoints
+import best_reader
 from configs import default
 import data
 from datasets import keying
@@ -495,7 +495,7 @@ class TrainingTest(DatasetTestCase):
     # The label depends on price and the tags only.
     self.assertGreater(side['auc'], 0.75)
     self.assertGreater(side['auc'], ids_only['auc'] + 0.2)
-    restored = checkpoints.load_best(workdir)[0]['params']
+    restored = best_reader.load_best(workdir)[0]['params']
     self.assertIn(
       'multi_embedding', str(jax.tree_util.tree_structure(restored))
     )

@@ -1,0 +1,140 @@
+"""The best checkpoint of another run, which may be training still.
+
+`load_best` reads `workdir/checkpoints/best` for predict.py (and export) and
+`config.init_from`. The run that owns it may replace its best step while it
+is read (a newer best, or the same epoch saved again by a resumed run): the
+read waits for the new step, up to `READ_WAIT_S` seconds, instead of calling
+the best lost or damaged.
+"""
+
+import itertools
+import os
+import time
+from typing import Any
+
+from absl import logging
+
+import checkpoints
+import orbax_logs
+import step_files
+from utils import UserError
+
+# How long `load_best` reads again a best step that a run replaces.
+READ_WAIT_S = 120.0
+# A step that orbax is writing: `<step>` plus this. One not written to for
+# `STALE_S` seconds, or a directory of steps left empty that long ago, is
+# what a killed run left.
+SAVING = step_files.SAVING
+STALE_S = 30.0
+
+
+def load_best(workdir: str) -> tuple[Any, dict]:
+  """The best state (as saved, host arrays) and meta of another run.
+
+  The run may be training still: a step it replaces while it is read (by a
+  newer best, or by the same epoch's when it resumed) is read again once the
+  new one is saved.
+
+  Raises:
+    UserError: `workdir` has no readable best checkpoint.
+  """
+  # orbax reads absolute paths only; a relative one is of this directory.
+  path = os.path.abspath(os.path.expanduser(os.fspath(workdir)))
+  directory = os.path.join(path, 'checkpoints', 'best')
+  again = (
+    f' Run training again in {workdir} with its config: it recovers the best'
+    ' checkpoint from checkpoints/latest while that holds it.'
+  )
+  if not os.path.isdir(directory):
+    raise UserError(f'No best checkpoint in {directory}.{again}')
+  deadline = time.monotonic() + READ_WAIT_S
+  for attempt in itertools.count():
+    mgr, step, seen = None, None, None
+    last = time.monotonic() > deadline
+    try:
+      mgr = checkpoints.manager(directory, read_only=True)
+      step = mgr.latest_step()
+      if step is None:
+        if not last and _replaced(directory, None, None):
+          _wait(directory, attempt)
+          continue  # Listed as the run swapped its best: none seen.
+        raise UserError(f'No best checkpoint in {directory}.{again}')
+      seen = _identity(directory, step)
+      return checkpoints.restore(mgr, step)
+    except (ValueError, OSError) as e:
+      if not last and _replaced(directory, step, seen):
+        orbax_logs.quiet_cut_reads(directory)
+        _wait(directory, attempt)
+        continue
+      if step is None or isinstance(e, OSError):
+        raise UserError(
+          f'Cannot read the best checkpoint in {directory}: {e}.{again}'
+        ) from e
+      raise UserError(
+        f'The best checkpoint {os.path.join(directory, str(step))} is damaged:'
+        f' {e}.{again}'
+      ) from e
+    finally:
+      if mgr is not None:
+        mgr.close()
+
+
+def _wait(directory: str, attempt: int) -> None:
+  """Sleeps before the read `attempt + 1` of a best step a run replaces."""
+  if not attempt:
+    logging.info(
+      'A run is saving %s: reading it once saved (waiting %d s at most).',
+      directory,
+      READ_WAIT_S,
+    )
+  time.sleep(min(0.01 * 2**attempt, 1.0))
+
+
+def _identity(directory: str, step: int) -> tuple[int, int] | None:
+  """The inode and change time of step `step`'s directory; None if none."""
+  try:
+    info = os.stat(os.path.join(directory, str(step)))
+  except OSError:
+    return None
+  return info.st_ino, info.st_ctime_ns
+
+
+def _replaced(directory: str, step: int | None, seen: tuple | None) -> bool:
+  """Whether a run replaced `step` (`seen`: its `_identity` when read).
+
+  It saved a newer step, deleted `step`, or saves it again (a resumed run
+  redoes the epoch: it deletes the step, then writes it): also while the
+  step's files go, and until its new save begins (for `STALE_S` seconds
+  after the directory changed).
+  """
+  names = os.listdir(directory) if os.path.isdir(directory) else []
+  steps = {int(n) for n in names if n.isdigit()}
+  if not steps:
+    return (
+      step is not None
+      or _recent(directory, tree=False)
+      or _saving(directory, names)
+    )
+  if step is None or step not in steps or max(steps) > step:
+    return True
+  path = os.path.join(directory, str(step))
+  return _identity(directory, step) != seen or _recent(path)
+
+
+def _saving(directory: str, names: list[str]) -> bool:
+  """Whether a step of `names` (in `directory`) is being written now."""
+  return any(_recent(os.path.join(directory, n)) for n in names if SAVING in n)
+
+
+def _recent(path: str, tree: bool = True) -> bool:
+  """Whether `path` (with `tree`, or a folder or file under it) changed in
+  the last `STALE_S` seconds, or went as it was looked at."""
+  now = time.time()
+  for root, _, files in os.walk(path) if tree else [(path, (), ())]:
+    for name in [root, *(os.path.join(root, f) for f in files)]:
+      try:
+        if now - os.stat(name).st_mtime < STALE_S:
+          return True
+      except OSError:
+        return True  # Renamed as orbax finishes it, or deleted.
+  return False
