@@ -65,7 +65,9 @@ def quiet_if_refused() -> Iterator[None]:
   hundred lines and more), and tensorstore's callbacks then find their
   event loop closed (unraisable exceptions, printed): the UserError of the
   save says it all in one line. Orbax's errors during a save that succeeds
-  or fails otherwise are logged as usual, after it.
+  or fails otherwise are logged as usual, after it. A thread of a refused
+  save that outlives it (one item refused while another's still writes)
+  finds the interpreter shutting down: its report is dropped too.
   """
   held = []
 
@@ -83,6 +85,8 @@ def quiet_if_refused() -> Iterator[None]:
   try:
     yield
   except UserError:
+    if not _saves['refused']:
+      logger.addFilter(_after_refused)
     _saves['refused'] = True
     held.clear()
     raise
@@ -91,6 +95,17 @@ def quiet_if_refused() -> Iterator[None]:
     logger.removeFilter(hold)
     for record in held:
       logger.handle(record)
+
+
+def _after_refused(record: std_logging.LogRecord) -> bool:
+  """Drops what orbax's threads report on finding the interpreter shut down
+  (after a refused save: the run is ending with its one-line error)."""
+  error = record.exc_info[1] if record.exc_info else None
+  return not (
+    '/orbax/' in record.pathname
+    and isinstance(error, RuntimeError)
+    and str(error).startswith('cannot schedule new futures after')
+  )
 
 
 def _unraisable_hook(previous: Callable[[Any], None]) -> Callable[[Any], None]:

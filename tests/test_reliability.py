@@ -638,6 +638,35 @@ class CheckpointPolicyTest(absltest.TestCase):
       self._save_failing_with(RuntimeError('a bug'), [])
     self.assertIn('_SignalingThread.run() raised', '\n'.join(logs.output))
 
+  def test_orbax_threads_that_outlive_a_refused_save_are_not_logged(self):
+    # One item refused (its meta) while the state's thread still wrote: that
+    # thread then found the interpreter shut down, and its traceback came
+    # after the run's one-line error.
+    logger = logging.get_absl_logger()
+    orbax = '/site-packages/orbax/checkpoint/_src/futures/future.py'
+    late = RuntimeError(
+      'cannot schedule new futures after interpreter shutdown'
+    )
+
+    def kept(path, error):
+      return logger.filter(
+        logger.makeRecord(
+          'absl',
+          logging.converter.STANDARD_ERROR,
+          path,
+          1,
+          'x',
+          (),
+          (RuntimeError, error, None),
+        )
+      )
+
+    with self.assertRaises(utils.UserError), orbax_logs.quiet_if_refused():
+      raise utils.UserError('Cannot save the checkpoint')
+    self.assertFalse(kept(orbax, late))
+    self.assertTrue(kept(orbax, RuntimeError('a bug')))
+    self.assertTrue(kept('/work/train.py', late))
+
   def test_orbax_info_lines_are_dropped_without_app_run_too(self):
     # A script or notebook never attaches absl's handler: the filter is on
     # absl's logger as well.
