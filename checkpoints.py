@@ -23,6 +23,12 @@ states): a kill loses four epochs at most (one save being written, two
 queued, one waiting), and training holds a bounded number of copies of
 the state, however short its epochs. A single process writes an epoch's
 best and latest states, the same, once: the latest copies the best's files.
+
+The state is replicated: in a multi-process run process 0 saves it alone,
+and every process learns the outcome before it goes on
+(`multihost.errors_shared`). With orbax's collective save, a write that
+failed on one process (its `checksums.json`, its part of the state) left
+the others waiting in their next collective until they were aborted.
 """
 
 from collections.abc import Callable
@@ -51,10 +57,24 @@ MAX_QUEUED = 2
 def manager(
   directory: str, *, read_only: bool = False
 ) -> ocp.CheckpointManager:
-  """A synchronous orbax manager of `directory`; we delete its old steps."""
+  """A synchronous orbax manager of `directory`; we delete its old steps.
+
+  In a multi-process run only process 0's manager writes (the others' read
+  only), and no orbax call is a collective: each process's orbax counts it
+  as the only process (its `MultiprocessingOptions`).
+  """
+  alone = {}
+  if jax.process_count() > 1:
+    me = jax.process_index()
+    alone['multiprocessing_options'] = ocp.options.MultiprocessingOptions(
+      primary_host=me, active_processes={me}
+    )
+    read_only = read_only or me != 0
+    if not read_only:  # orbax makes none for one process of several.
+      os.makedirs(directory, exist_ok=True)
   if read_only:
     options = ocp.CheckpointManagerOptions(
-      read_only=True, create=False, save_interval_steps=0
+      read_only=True, create=False, save_interval_steps=0, **alone
     )
     # orbax warns that the directory it was asked to only read is read-only.
     with orbax_logs.without(
@@ -62,10 +82,11 @@ def manager(
     ):
       return ocp.CheckpointManager(directory, options=options)
   options = ocp.CheckpointManagerOptions(
-    create=True,
+    create=not alone,
     enable_async_checkpointing=False,
     # A process killed while saving leaves a temporary directory behind.
     cleanup_tmp_directories=True,
+    **alone,
   )
   return ocp.CheckpointManager(directory, options=options)
 
@@ -134,11 +155,18 @@ def save(
   complete step of this process's holding the same state and meta, is
   copied instead of writing the state again (`step_files.copy_step`).
 
+  In a multi-process run (the state is replicated) process 0 saves alone,
+  and the others then see its steps; an error of its save raises on all.
+
   Raises:
     UserError: the directory cannot be written (full disk, permissions).
   """
-  with orbax_logs.quiet_if_refused():
-    _save(mgr, step, state, meta, keep, copy_of)
+  with multihost.errors_shared():  # No collective in it: process 0 alone.
+    if jax.process_index() == 0:
+      with orbax_logs.quiet_if_refused():
+        _save(mgr, step, state, meta, keep, copy_of)
+  if jax.process_index() != 0:
+    mgr.reload()  # Reads the steps that process 0 wrote and deleted.
 
 
 def _save(mgr, step, state, meta, keep, copy_of) -> None:
@@ -156,8 +184,7 @@ def _save(mgr, step, state, meta, keep, copy_of) -> None:
       if not mgr.save(step, args=args):
         raise RuntimeError(f'orbax skipped step {step} in {mgr.directory}')
       mgr.wait_until_finished()
-      if jax.process_index() == 0:
-        step_files.write_checksums(_step_dir(mgr, step))
+      step_files.write_checksums(_step_dir(mgr, step))
     kept = keep(sorted(mgr.all_steps()))
     for old in mgr.all_steps():
       if old not in kept:

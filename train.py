@@ -428,8 +428,7 @@ def _run(
   logging.info('Model %s: %d parameters', config.model_name, num_params)
 
   # Single-host saves run on a thread while training goes on (multi-host
-  # saves are collective); leaving `with ckpt` waits for them, before the
-  # lock on the workdir goes.
+  # ones end in a collective); `with ckpt` waits for them, inside the lock.
   ckpt = checkpoints.Checkpoints(workdir, background=jax.process_count() == 1)
   # Every process restores the files process 0 wrote; a process that saw
   # none would start over and run other steps than the rest.

@@ -27,6 +27,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import textwrap
 import time
 from unittest import mock
 import warnings
@@ -38,6 +39,7 @@ import orbax.checkpoint as ocp
 from configs import fm as fm_config
 import data
 import multihost
+import step_files
 from utils import UserError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -84,13 +86,22 @@ class Run:
   """
 
   def __init__(
-    self, workdir, cache, num_processes, *flags, tag='run', only=None
+    self,
+    workdir,
+    cache,
+    num_processes,
+    *flags,
+    tag='run',
+    only=None,
+    wrapper=(),
+    env=None,
   ):
     self.workdir = workdir
     self.logs = []
     self.procs = []
     base = [
       sys.executable,
+      *wrapper,  # A script that runs main.py after injecting a fault.
       'main.py',
       '--config=configs/fm.py:smoke',
       f'--config.dataset.cache_dir={cache}',
@@ -114,7 +125,7 @@ class Run:
           subprocess.Popen(
             command,
             cwd=ROOT,
-            env=_env(devices),
+            env={**_env(devices), **(env or {})},
             stdout=out,
             stderr=subprocess.STDOUT,
           )
@@ -157,6 +168,56 @@ def _logged_test_metrics(text: str) -> tuple[str, str, str]:
   )
   assert len(found) == 1, text[-3000:]
   return found[0]
+
+
+# Runs main.py; process 0's save in checkpoints/$FAULT_DIR from epoch 2 on
+# is refused: its checksums.json ($FAULT=checksums, a full disk) or orbax's
+# meta item ($FAULT=meta, permissions).
+_INJECT = textwrap.dedent(
+  """
+  import errno, os, sys
+  sys.path.insert(0, {root!r})
+  from etils import epath
+  import checkpoints, entry, main, step_files
+
+  fault, where = os.environ['FAULT'], os.environ['FAULT_DIR']
+  armed = []
+  save = checkpoints.save
+
+  def save_armed(mgr, step, *args, **kwargs):
+    armed[:] = [step >= 2 and os.path.basename(str(mgr.directory)) == where]
+    return save(mgr, step, *args, **kwargs)
+
+  checkpoints.save = save_armed
+
+  def refuse(code, path):
+    if armed[0] and '--process_id=0' in sys.argv:
+      raise OSError(code, os.strerror(code), str(path))
+
+  if fault == 'checksums':
+    write_checksums = step_files.write_checksums
+
+    def failing_checksums(directory):
+      refuse(errno.ENOSPC, os.path.join(directory, step_files.CHECKSUMS))
+      return write_checksums(directory)
+
+    step_files.write_checksums = failing_checksums
+
+  if fault == 'meta':
+    for cls in [epath.Path, *epath.Path.__subclasses__()]:
+      if 'write_text' in vars(cls):
+
+        def failing_text(self, *args, _write=vars(cls)['write_text'], **kw):
+          if os.path.basename(os.path.dirname(str(self))).startswith('meta'):
+            refuse(errno.EACCES, self)
+          return _write(self, *args, **kw)
+
+        cls.write_text = failing_text
+
+  sys.argv = sys.argv[1:]
+  entry.run_main(main.main)
+  """
+).format(root=ROOT)
 
 
 # Process 0's abort when gloo sees messages of different collectives.
@@ -376,7 +437,8 @@ class TrainingTest(_MultiProcessTestCase):
 
 
 class FaultTest(_MultiProcessTestCase):
-  """A hung process, an unshared workdir, a missing cluster."""
+  """A hung process, an unshared workdir, a missing cluster, a save that
+  one process cannot write."""
 
   def test_frozen_process_is_declared_dead_after_the_heartbeat_timeout(self):
     # A stopped process (a hung or unreachable host) keeps its sockets open:
@@ -530,6 +592,76 @@ class FaultTest(_MultiProcessTestCase):
     error = self._refused(workdir, 0, tag='again')
     self.assertRegex(
       error, rf'^main.py: error: Cannot read {path}: Is a directory \(EISDIR'
+    )
+
+  def _refused_save(self, name, fault, where, reason):
+    """A run whose process 0 cannot save in checkpoints/`where` at epoch 2
+    (`fault`): every process stops in one line naming `reason`, epoch 1's
+    checkpoints and the best are intact, and a rerun resumes from them."""
+    workdir = os.path.join(self.tmp, name)
+    script = os.path.join(self.tmp, 'inject.py')
+    with open(script, 'w') as f:
+      f.write(_INJECT)
+    error = self._refused(
+      workdir,
+      0,
+      tag='fault',
+      wrapper=(script,),
+      env={'FAULT': fault, 'FAULT_DIR': where},
+    )
+    ckpts = os.path.join(workdir, 'checkpoints')
+    self.assertRegex(
+      error,
+      '^main.py: error: Cannot save the checkpoint of epoch 2 in'
+      f' {re.escape(os.path.join(ckpts, where))}: {re.escape(reason)}',
+    )
+    # Epoch 1's latest step and the best (epoch 1's, or 2's saved before a
+    # refused latest) are whole, as their checksums say.
+    best = 1 if where == 'best' else 2
+    for step in (os.path.join('latest', '1'), os.path.join('best', str(best))):
+      path = os.path.join(ckpts, step)
+      self.assertTrue(os.path.exists(os.path.join(path, step_files.CHECKSUMS)))
+      self.assertIsNone(step_files.damage(path), path)
+    self.assertNotIn('2', os.listdir(os.path.join(ckpts, 'latest')))
+    self.assertEqual(
+      [(r['split'], r['epoch']) for r in _metrics(workdir)],
+      [('train', 1), ('valid', 1), ('train', 2), ('valid', 2)],
+    )
+
+    run = Run(workdir, self.cache, NUM_PROCESSES, tag='again')
+    self.assertEqual(run.wait(), [0] * NUM_PROCESSES, run.tails())
+    for i in range(NUM_PROCESSES):
+      self.assertIn('Resumed from epoch 1 ', run.log(i))
+    metrics = _metrics(workdir)
+    self.assertEqual(
+      [(r['split'], r['epoch']) for r in metrics],
+      [(s, e) for e in range(1, NUM_EPOCHS + 1) for s in ('train', 'valid')]
+      + [('test', metrics[-1]['epoch'])],
+    )
+    best = os.path.join(ckpts, 'best', str(metrics[-1]['epoch']))
+    self.assertTrue(os.path.exists(os.path.join(best, step_files.CHECKSUMS)))
+
+  def test_a_checksum_file_that_process_0_cannot_write_stops_every_process(
+    self,
+  ):
+    # Process 0 alone writes a step's checksums.json, after orbax's
+    # collective save: its full disk left the others training on into
+    # their next collective, until its exit was forced 30 s later and
+    # jaxlib aborted theirs (SIGABRT, a fatal-error trace).
+    self._refused_save(
+      'checksums-refused',
+      'checksums',
+      'best',
+      'No space left on device (ENOSPC, ',
+    )
+
+  def test_an_orbax_write_refused_on_process_0_alone_stops_every_process(
+    self,
+  ):
+    # Within orbax's collective save: the others waited in orbax's next
+    # barrier, as above.
+    self._refused_save(
+      'meta-refused', 'meta', 'latest', 'Permission denied (EACCES, '
     )
 
   def test_a_process_that_never_joins_is_what_the_others_report(self):
