@@ -70,8 +70,6 @@ def manager(
       primary_host=me, active_processes={me}
     )
     read_only = read_only or me != 0
-    if not read_only:  # orbax makes none for one process of several.
-      os.makedirs(directory, exist_ok=True)
   if read_only:
     options = ocp.CheckpointManagerOptions(
       read_only=True, create=False, save_interval_steps=0, **alone
@@ -81,8 +79,11 @@ def manager(
       std_logging.WARNING, 'Given directory is read only'
     ):
       return ocp.CheckpointManager(directory, options=options)
+  # Made here: orbax makes none for one process of several, and otherwise
+  # reports its failure from a thread, at the first save.
+  os.makedirs(directory, exist_ok=True)
   options = ocp.CheckpointManagerOptions(
-    create=not alone,
+    create=False,
     enable_async_checkpointing=False,
     # A process killed while saving leaves a temporary directory behind.
     cleanup_tmp_directories=True,
@@ -217,8 +218,10 @@ class Checkpoints:
         docstring); the saved states are copied first.
     """
     root = os.path.join(os.path.abspath(workdir), 'checkpoints')
-    self.latest = manager(os.path.join(root, 'latest'))
-    self.best = manager(os.path.join(root, 'best'))
+    # Process 0 alone makes the directories: its error stops every process.
+    with multihost.errors_shared(), utils.writing('checkpoints', root):
+      self.latest = manager(os.path.join(root, 'latest'))
+      self.best = manager(os.path.join(root, 'best'))
     self.background = background
     # Saves not started, in order, run by one thread.
     self._queue: list[Callable[[], None]] = []

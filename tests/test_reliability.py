@@ -189,6 +189,17 @@ class CheckpointPolicyTest(absltest.TestCase):
   def _meta(self, epoch, best_epoch):
     return {'epoch': epoch, 'best_epoch': best_epoch, 'best_auc': 0.7}
 
+  def test_a_checkpoint_directory_that_cannot_be_made_is_refused_at_once(self):
+    # Before the first epoch, as one UserError: orbax's own refusal came
+    # from a thread, with its traceback, at the end of epoch 1.
+    workdir = tempfile.mkdtemp()
+    os.makedirs(os.path.join(workdir, 'checkpoints'))
+    open(os.path.join(workdir, 'checkpoints', 'best'), 'w').close()
+    with self.assertRaisesRegex(
+      utils.UserError, r'Cannot write checkpoints in .*checkpoints/best'
+    ):
+      checkpoints.Checkpoints(workdir)
+
   def test_latest_keeps_the_last_two_and_the_best(self):
     for epoch in range(1, 6):
       self.ckpt.save_latest(epoch, self._state(epoch), self._meta(epoch, 2))
