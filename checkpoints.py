@@ -21,8 +21,8 @@ hold what a synchronous run killed at that save would hold. A save waits
 while `MAX_QUEUED` others wait to start (an epoch's best and latest
 states): a kill loses four epochs at most (one save being written, two
 queued, one waiting), and training holds a bounded number of copies of
-the state, however short its epochs. A single process writes an epoch's
-best and latest states, the same, once: the latest copies the best's files.
+the state, however short its epochs. An epoch's best and latest states,
+the same, are written once: the latest copies the best's files.
 
 The state is replicated: in a multi-process run process 0 saves it alone,
 and every process learns the outcome before it goes on
@@ -322,13 +322,13 @@ class Checkpoints:
   def save_latest(self, epoch: int, state: Any, meta: dict) -> None:
     """Saves the state after `epoch`; keeps the last two and the best.
 
-    Right after `save_best` of the same epoch, state (unchanged) and meta, a
-    single process copies the best's files instead of writing them again.
+    Right after `save_best` of the same epoch, state (unchanged) and meta,
+    the best's files are copied instead of written again.
     """
     best, saved = meta['best_epoch'], self._best_saved or (None, None, None)
     same = saved[0] == epoch and saved[1] is state and saved[2] == meta
     source = None
-    if same and jax.process_count() == 1:
+    if same:
       source = _step_dir(self.best, epoch)
     state, meta = self._copy(state, meta)
     self._last_copy = self._best_saved = None  # Shared with that save_best.

@@ -392,6 +392,15 @@ class TrainingTest(_MultiProcessTestCase):
     self.assertAlmostEqual(float(auc), metrics[-1]['auc'], places=12)
     self.assertEqual(int(count), metrics[-1]['num_examples'])
 
+    # Process 0 wrote the best epoch once: its latest step copies the best's
+    # files, orbax's metadata (with its timestamps) included.
+    root = os.path.join(workdir, 'checkpoints')
+    [best] = os.listdir(os.path.join(root, 'best'))
+    self.assertEqual(
+      step_files.checksums(os.path.join(root, 'latest', best)),
+      step_files.checksums(os.path.join(root, 'best', best)),
+    )
+
   def test_killed_process_stops_the_others_and_restart_resumes(self):
     workdir = os.path.join(self.tmp, 'killed')
     run, victim, killed = self._start_and_hit_after_first_checkpoint(
