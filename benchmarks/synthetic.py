@@ -22,6 +22,17 @@ bytes. Unlike the real file, Criteo's integer columns hold -1 where a draw
 is below 1 (real ones: 0 and up, but I2): one more class each, kept so that
 the Criteo shape of benchmarks/README.md (`throughput.CRITEO_FIELD_DIMS`)
 stays the one measured.
+
+`--cardinality=kaggle` (Criteo only) gives each categorical column its own
+Zipf exponent and vocabulary (`CRITEO_KAGGLE`), fitted so that 45,840,617
+lines are expected to hold the Kaggle file's distinct values per column and,
+at `min_count` 10, the values that pytorch-fm keeps (`CRITEO_KEPT`): 33.8M
+distinct values in all, 1.09M kept, most values rare. The default's single
+exponent on those vocabularies gives far fewer distinct values, as a Zipf
+law of exponent 1.1 rarely draws past its first ranks. Fewer lines are a
+sample of the same distribution, so they hold what a random sample of the
+real file would under the fit (`expected_values`): 5.6M distinct at 5M
+lines, 9.9M at 10M, 17.4M at 20M.
 """
 
 import argparse
@@ -42,6 +53,27 @@ CRITEO_CAT_MISSING = (
   *(0, 0, 0.03, 0.03, 0, 0.12, 0, 0, 0, 0, 0, 0.03, 0, 0, 0, 0.03, 0, 0),
   *(0.44, 0.44, 0.03, 0.76, 0, 0.03, 0.44, 0.44),
 )
+# Values of C1..C26 seen at least 10 times in the same file: pytorch-fm's
+# field_dims (min_threshold 10) less the out-of-vocabulary id, as quoted.
+CRITEO_KEPT = (
+  *(1457, 554, 193948, 138800, 305, 18, 11969, 633, 3, 42645, 5177, 192772),
+  *(3174, 26, 11421, 181074, 10, 4653, 2031, 4, 189656, 17, 15, 59696, 85),
+  45570,
+)
+KAGGLE_LINES = 45_840_617
+# --cardinality=kaggle: (Zipf exponent, vocabulary) of C1..C26, fitted with
+# `expected_values` to CRITEO_CARDINALITIES and CRITEO_KEPT over
+# KAGGLE_LINES lines (`fit`). C6, C14 and C22 keep exponent 1.1: no power
+# law on 24, 27 or 18 values leaves the few rare ones the real file has.
+CRITEO_KAGGLE = (
+  *((1.1, 1460), (2.478, 583), (1.061, 3091364111), (1.149, 7387814)),
+  *((1.1, 305), (1.1, 24), (1.557, 12517), (1.1, 633), (1.1, 3)),
+  *((1.351, 93799), (1.758, 5683), (1.07, 761161827), (1.1, 3194)),
+  *((1.1, 27), (1.592, 14995), (1.093, 96322386), (1.1, 10), (1.794, 5652)),
+  *((1.919, 2173), (1.1, 4), (1.079, 298920022), (1.1, 18), (1.1, 15)),
+  *((1.29, 325161), (3.536, 105), (1.265, 146755)),
+)
+CARDINALITIES = ('default', 'kaggle')
 # Missing rate and log-normal location of I1..I13.
 CRITEO_INT_MISSING = (
   *(0.45, 0, 0.21, 0.22, 0.03, 0.22, 0.04, 0.0005, 0.04, 0.45, 0.04, 0.77),
@@ -111,6 +143,77 @@ def zipf_indices(
   return np.minimum(x.astype(np.int64) - 1, vocab - 1)
 
 
+def expected_values(
+  vocab: int, exponent: float, draws: float, min_count: int = 10
+) -> tuple[float, float]:
+  """Expected distinct values, and those drawn `min_count` times or more,
+  in `draws` draws of `zipf_indices(..., vocab, exponent)`.
+
+  Exact over the first 16,384 ranks; past them over 4,000 log-spaced runs
+  of ranks, each at its mean probability (Poisson counts for the kept).
+  """
+  a = 1.0 - exponent
+  top = float(vocab + 1) ** a - 1.0
+  edges = np.arange(min(vocab, 1 << 14) + 1, dtype=np.int64)
+  if vocab > edges[-1]:
+    tail = np.geomspace(edges[-1], vocab, 4000).astype(np.int64)
+    edges = np.unique(np.r_[edges, tail, vocab])
+  width = np.diff(edges).astype(float)
+  # P(rank in [e0, e1)) = P(e0 + 1 <= x < e1 + 1).
+  p = np.diff(((edges + 1.0) ** a - 1.0) / top) / width
+  mean = draws * p
+  distinct = width @ -np.expm1(draws * np.log1p(-np.minimum(p, 1 - 1e-16)))
+  term, below = np.exp(-mean), np.zeros_like(mean)
+  for k in range(min_count):  # P(Poisson(mean) < min_count).
+    below += term
+    term = term * mean / (k + 1)
+  return float(distinct), float(width @ np.maximum(1.0 - below, 0.0))
+
+
+def fit(distinct: int, kept: int, draws: float) -> tuple[float, int]:
+  """(exponent, vocab) expected to draw `distinct` values, `kept` of them
+  10 times or more, in `draws` draws (bisections; about a second)."""
+
+  def vocab_for(exponent):  # Smallest vocabulary that reaches `distinct`.
+    lo, hi = distinct, (1 << 32) - 1
+    if expected_values(hi, exponent, draws)[0] < distinct:
+      return None
+    if expected_values(lo, exponent, draws)[0] >= distinct - 0.5:
+      return lo
+    while hi - lo > 1:
+      mid = (lo + hi) // 2
+      if expected_values(mid, exponent, draws)[0] < distinct:
+        lo = mid
+      else:
+        hi = mid
+    return hi
+
+  def kept_at(exponent):
+    vocab = vocab_for(exponent)
+    return vocab, vocab and expected_values(vocab, exponent, draws)[1]
+
+  kept = min(kept, distinct)
+  vocab, got = kept_at(ZIPF_EXPONENT)
+  if vocab is not None and abs(got - kept) <= max(0.01 * kept, 0.5):
+    return ZIPF_EXPONENT, vocab
+  # Steeper laws keep fewer values (on the branch above exponent ~1), and
+  # past some exponent no vocabulary under 2**32 gives `distinct` values.
+  too_steep = vocab is None or got < kept
+  lo, hi = (1.02, ZIPF_EXPONENT) if too_steep else (ZIPF_EXPONENT, 4.0)
+  best = (ZIPF_EXPONENT, float('inf') if vocab is None else abs(got - kept))
+  for _ in range(22):
+    mid = (lo + hi) / 2
+    vocab, got = kept_at(mid)
+    if vocab is None or got < kept:
+      hi = mid
+    else:
+      lo = mid
+    if vocab is not None and abs(got - kept) < best[1]:
+      best = (mid, abs(got - kept))
+  exponent = round(best[0], 3)
+  return exponent, vocab_for(exponent)
+
+
 def scramble(indices: np.ndarray, salt: int) -> np.ndarray:
   """A per-column bijection of 32-bit values: popular values look random."""
   x = (indices.astype(np.uint64) + np.uint64(salt)) & np.uint64(0xFFFFFFFF)
@@ -142,8 +245,14 @@ def _blank(column: np.ndarray, missing: np.ndarray) -> np.ndarray:
   return column
 
 
-def criteo_chunk(rng: np.random.Generator, n: int, effects: dict) -> bytes:
-  """`n` lines of Criteo DAC format."""
+def criteo_chunk(
+  rng: np.random.Generator,
+  n: int,
+  effects: dict,
+  laws: Sequence[tuple[float, int]] = (),
+) -> bytes:
+  """`n` lines of Criteo DAC format; `laws`: (exponent, vocab) of C1..C26."""
+  laws = laws or [(ZIPF_EXPONENT, v) for v in CRITEO_CARDINALITIES]
   logit = np.full(n, -1.25)
   columns = []
   for i, mu in enumerate(CRITEO_INT_MU):
@@ -154,8 +263,8 @@ def criteo_chunk(rng: np.random.Generator, n: int, effects: dict) -> bytes:
     if i in (5, 10):
       logit += 0.25 * (np.log1p(np.maximum(values, 0)) - mu)
     columns.append(_blank(values, rng.random(n) < CRITEO_INT_MISSING[i]))
-  for c, vocab in enumerate(CRITEO_CARDINALITIES):
-    index = zipf_indices(rng, n, vocab, ZIPF_EXPONENT)
+  for c, (exponent, vocab) in enumerate(laws):
+    index = zipf_indices(rng, n, vocab, exponent)
     if c in effects:
       logit += effects[c][index]
     missing = rng.random(n) < CRITEO_CAT_MISSING[c]
@@ -228,13 +337,32 @@ def movielens_chunk(
   )
 
 
-def write(fmt: str, lines: int, out: str, seed: int = 0) -> str:
-  """Writes `lines` synthetic lines of `fmt` to `out` (atomically)."""
+def write(
+  fmt: str, lines: int, out: str, seed: int = 0, cardinality: str = 'default'
+) -> str:
+  """Writes `lines` synthetic lines of `fmt` to `out` (atomically).
+
+  Args:
+    fmt: 'criteo', 'avazu' or 'movielens'.
+    lines: lines of data (without the header).
+    out: the file to write.
+    seed: seeds the lines and the effects behind the labels.
+    cardinality: 'kaggle' (Criteo only): the distinct values of the real
+      file (`CRITEO_KAGGLE`); 'default': one Zipf exponent.
+
+  Returns:
+    `out`.
+  """
+  if cardinality not in CARDINALITIES:
+    raise ValueError(f'cardinality={cardinality!r}: one of {CARDINALITIES}')
+  if cardinality != 'default' and fmt != 'criteo':
+    raise ValueError(f'cardinality={cardinality!r} is for Criteo only.')
   rng = np.random.default_rng(seed)
   if fmt == 'movielens':
     return _write_movielens(rng, lines, out)
+  laws = CRITEO_KAGGLE if cardinality == 'kaggle' else ()
   small = (
-    CRITEO_CARDINALITIES
+    [v for _, v in laws] or CRITEO_CARDINALITIES
     if fmt == 'criteo'
     else [v for _, v, _ in AVAZU_CATEGORICAL]
   )
@@ -253,7 +381,7 @@ def write(fmt: str, lines: int, out: str, seed: int = 0) -> str:
     for start in range(0, lines, CHUNK):
       n = min(CHUNK, lines - start)
       if fmt == 'criteo':
-        f.write(criteo_chunk(rng, n, effects))
+        f.write(criteo_chunk(rng, n, effects, laws))
       else:
         f.write(avazu_chunk(rng, n, start, lines, effects))
   os.replace(tmp, out)
@@ -280,6 +408,13 @@ def main(argv: Sequence[str] | None = None) -> str:
   parser.add_argument('--lines', type=int, required=True)
   parser.add_argument('--out', required=True)
   parser.add_argument(
+    '--cardinality',
+    choices=CARDINALITIES,
+    default='default',
+    help='kaggle (Criteo): the distinct values per column of the Kaggle'
+    ' train.txt over its 45.8M lines, most of them rare.',
+  )
+  parser.add_argument(
     '--seed',
     type=int,
     default=0,
@@ -289,7 +424,7 @@ def main(argv: Sequence[str] | None = None) -> str:
   )
   args = parser.parse_args(argv)
   start = time.perf_counter()
-  write(args.format, args.lines, args.out, args.seed)
+  write(args.format, args.lines, args.out, args.seed, args.cardinality)
   print(
     f'{args.out}: {args.lines:,} {args.format} lines,'
     f' {os.path.getsize(args.out) / 2**20:,.0f} MiB,'

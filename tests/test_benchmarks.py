@@ -29,6 +29,7 @@ from benchmarks import counts
 from benchmarks import plot
 from benchmarks import quality
 from benchmarks import seeds
+from benchmarks import synthetic
 from benchmarks import throughput
 from benchmarks import time_to_auc
 from datasets import movielens
@@ -153,6 +154,52 @@ class CountsTest(absltest.TestCase):
     # The totals: a key and a count, 8 bytes each, per distinct key.
     self.assertAlmostEqual(result['totals_mib'], distinct * 16 / 2**20, 2)
     self.assertGreater(result['peak_mib'], result['totals_mib'])
+
+
+class SyntheticTest(_TempDirs, absltest.TestCase):
+  def _draws(self, column, lines):
+    return lines * (1 - synthetic.CRITEO_CAT_MISSING[column])
+
+  def test_kaggle_laws_hold_the_real_file_s_values_over_its_lines(self):
+    lines = synthetic.KAGGLE_LINES
+    for c, (exponent, vocab) in enumerate(synthetic.CRITEO_KAGGLE):
+      distinct, kept = synthetic.expected_values(
+        vocab, exponent, self._draws(c, lines)
+      )
+      real = synthetic.CRITEO_CARDINALITIES[c]
+      self.assertAlmostEqual(distinct / real, 1, delta=1e-3, msg=f'C{c + 1}')
+      if c + 1 not in (6, 14, 22):  # No power law leaves their rare values.
+        real = synthetic.CRITEO_KEPT[c]
+        self.assertAlmostEqual(kept / real, 1, delta=0.02, msg=f'C{c + 1}')
+    # The default's single exponent draws a fraction (C3: 3.2M of 10.1M).
+    distinct, _ = synthetic.expected_values(
+      synthetic.CRITEO_CARDINALITIES[2], 1.1, self._draws(2, lines)
+    )
+    self.assertLess(distinct, 0.35 * synthetic.CRITEO_CARDINALITIES[2])
+    # The constants are what `fit` finds.
+    got = synthetic.fit(142_572, 45_570, self._draws(25, lines))
+    self.assertEqual(got, synthetic.CRITEO_KAGGLE[25])
+
+  def test_a_kaggle_file_draws_the_values_its_laws_expect(self):
+    tmp = self.create_tempdir().full_path
+    lines = 20_000
+    path = os.path.join(tmp, 'train.txt')
+    synthetic.write('criteo', lines, path, cardinality='kaggle')
+    frame = pd.read_csv(path, sep='\t', header=None, dtype=str)
+    self.assertEqual(frame.shape, (lines, 40))
+    for c, (exponent, vocab) in enumerate(synthetic.CRITEO_KAGGLE):
+      counts = frame[14 + c].dropna().value_counts()
+      expected, _ = synthetic.expected_values(
+        vocab, exponent, counts.sum(), min_count=10
+      )
+      # Within 4 standard deviations (the count's is below sqrt(expected)).
+      self.assertLess(
+        abs(len(counts) - expected), 4 * math.sqrt(expected) + 1, f'C{c + 1}'
+      )
+      if c == 2:  # C3: most values rare (seen once), as min_count drops.
+        self.assertGreater((counts == 1).mean(), 0.85)
+    with self.assertRaisesRegex(ValueError, 'Criteo only'):
+      synthetic.write('avazu', 10, path, cardinality='kaggle')
 
 
 class BandwidthTest(absltest.TestCase):
