@@ -29,43 +29,65 @@ import utils
 class Counts:
   """Occurrences of int64 keys of one field; memory O(distinct keys).
 
-  Each chunk's distinct keys and counts wait in a list that is merged into
-  the sorted totals once it is as long as they are (amortised O(n log n)).
+  Each chunk's distinct keys and counts wait in a list; once they number a
+  quarter of the sorted totals, they are summed among themselves and
+  looked up in the totals: the counts of keys found grow in place, the new
+  keys are inserted (amortised O(n log n)). Counts are int32 until the
+  keys added could overflow them. At peak a field holds its totals about
+  twice (the old and the grown), not four times the totals and the waiting
+  keys as one sort of them all would.
   """
 
   MIN_MERGE = 1 << 18  # Pending keys that trigger a merge, at least.
+  MERGE_FRACTION = 4  # ... and at least the totals over this.
 
   def __init__(self):
     self.keys = np.empty(0, np.int64)
-    self.counts = np.empty(0, np.int64)
+    self.counts = np.empty(0, np.int32)
     self._pending_keys, self._pending_counts = [], []
     self._pending_size = 0
+    self._added = 0  # Keys added: no count can exceed it.
 
   def add(self, keys: np.ndarray) -> None:
     unique, counts = np.unique(keys, return_counts=True)
+    self._added += len(keys)
     self._pending_keys.append(unique)
-    self._pending_counts.append(counts)
+    self._pending_counts.append(counts.astype(self._dtype()))
     self._pending_size += len(unique)
-    if self._pending_size >= max(len(self.keys), self.MIN_MERGE):
+    limit = len(self.keys) // self.MERGE_FRACTION
+    if self._pending_size >= max(limit, self.MIN_MERGE):
       self._merge()
+
+  def _dtype(self) -> type:
+    return np.int32 if self._added <= np.iinfo(np.int32).max else np.int64
 
   def _merge(self) -> None:
     if not self._pending_keys:
       return
-    # Each input is let go once copied: a merge holds at most four arrays
-    # of its length, without the totals beside them (a quarter less).
-    keys = np.concatenate([self.keys, *self._pending_keys])
-    self.keys, self._pending_keys = None, []
-    counts = np.concatenate([self.counts, *self._pending_counts])
-    self.counts, self._pending_counts, self._pending_size = None, [], 0
-    if len(keys):  # Not, e.g., a multi-hot column whose lists are all empty.
-      order = np.argsort(keys, kind='stable')
-      keys = keys[order]
-      counts = counts[order]
-      del order
-      starts = np.flatnonzero(np.r_[True, keys[1:] != keys[:-1]])
-      keys, counts = keys[starts], np.add.reduceat(counts, starts)
-    self.keys, self.counts = keys, counts
+    keys = np.concatenate(self._pending_keys)
+    self._pending_keys = []
+    counts = np.concatenate(self._pending_counts).astype(self._dtype())
+    self._pending_counts, self._pending_size = [], 0
+    if not len(keys):  # E.g. a multi-hot column whose lists are all empty.
+      return
+    order = np.argsort(keys, kind='stable')
+    keys, counts = keys[order], counts[order]
+    del order
+    starts = np.flatnonzero(np.r_[True, keys[1:] != keys[:-1]])
+    keys = keys[starts]
+    counts = np.add.reduceat(counts, starts, dtype=counts.dtype)
+    del starts
+    self.counts = self.counts.astype(counts.dtype, copy=False)
+    at = np.searchsorted(self.keys, keys)
+    if len(self.keys):
+      found = self.keys[np.minimum(at, len(self.keys) - 1)] == keys
+      self.counts[at[found]] += counts[found]  # Distinct keys: no clash.
+      new = ~found
+      del found
+      at, keys, counts = at[new], keys[new], counts[new]
+    # One array at a time, each let go once its grown copy is made.
+    self.keys = np.insert(self.keys, at, keys)
+    self.counts = np.insert(self.counts, at, counts)
 
   def kept(self, min_count: int) -> np.ndarray:
     """Sorted keys seen at least `min_count` times."""

@@ -171,6 +171,18 @@ class IntegerRuleTest(absltest.TestCase):
         sorted(k for k, c in expected.items() if c >= min_count),
       )
 
+  def test_counts_widen_before_they_could_overflow_int32(self):
+    counter = encode.Counts()
+    counter.MIN_MERGE = 1
+    counter.add(np.array([5, 5, 7], np.int64))
+    self.assertEqual(counter.counts.dtype, np.int32)
+    counter.counts[0] = np.iinfo(np.int32).max - 1  # As if seen that often.
+    counter._added = np.iinfo(np.int32).max - 1
+    counter.add(np.array([5, 5, 9], np.int64))  # 5 passes 2**31 - 1.
+    self.assertEqual(counter.counts.dtype, np.int64)
+    np.testing.assert_array_equal(counter.keys, [5, 7, 9])
+    np.testing.assert_array_equal(counter.counts, [2**31, 1, 1])
+
 
 class CriteoTest(DatasetTestCase):
   @parameterized.parameters(
