@@ -370,6 +370,7 @@ def encode(
     kept, field_dims = vocabulary, tuple(len(v) + 1 for v in vocabulary)
   multi_vocabulary = tuple(c.kept(config.min_count) for c in multi_counts)
   del counts, multi_counts
+  core.release_memory()  # The counts' heap, not held through pass 2.
 
   def pass_2() -> Iterator[core.Chunk]:
     parsed = passes(2, BadLines(bad.skip, log=False))

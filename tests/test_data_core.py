@@ -226,11 +226,12 @@ class CacheTest(DatasetTestCase):
       os.path.join(self.tmp, 'train.txt'), criteo_rows(100, seed=4), '\t'
     )
     config = self.config('criteo', path)
+    # A text source's also once pass 1's counts are let go, before pass 2.
     with mock.patch.object(core, 'release_memory') as release:
       data.load_dataset(config)
-      release.assert_called_once_with()
+      self.assertEqual(release.call_count, 2)
       data.load_dataset(config)  # From the cache.
-      release.assert_called_once_with()
+      self.assertEqual(release.call_count, 2)
 
 
 class VocabularyTest(DatasetTestCase):
