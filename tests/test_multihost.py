@@ -668,9 +668,10 @@ class FaultTest(_MultiProcessTestCase):
     self,
   ):
     # Within orbax's collective save: the others waited in orbax's next
-    # barrier, as above.
+    # barrier, as above. In the best: an improving epoch's latest copies
+    # the best's files, with no orbax write to refuse.
     self._refused_save(
-      'meta-refused', 'meta', 'latest', 'Permission denied (EACCES, '
+      'meta-refused', 'meta', 'best', 'Permission denied (EACCES, '
     )
 
   def test_a_process_that_never_joins_is_what_the_others_report(self):
