@@ -171,8 +171,9 @@ def _logged_test_metrics(text: str) -> tuple[str, str, str]:
 
 
 # Runs main.py; process 0's save in checkpoints/$FAULT_DIR from epoch 2 on
-# is refused: its checksums.json ($FAULT=checksums, a full disk) or orbax's
-# meta item ($FAULT=meta, permissions).
+# is refused: its checksums.json ($FAULT=checksums, a full disk), orbax's
+# meta item ($FAULT=meta, permissions) or a copy of the best's files
+# ($FAULT=copy, a full disk).
 _INJECT = textwrap.dedent(
   """
   import errno, os, sys
@@ -213,6 +214,15 @@ _INJECT = textwrap.dedent(
           return _write(self, *args, **kw)
 
         cls.write_text = failing_text
+
+  if fault == 'copy':
+    copy_synced = step_files._copy_synced
+
+    def failing_copy(source, target):
+      refuse(errno.ENOSPC, target)
+      return copy_synced(source, target)
+
+    step_files._copy_synced = failing_copy
 
   sys.argv = sys.argv[1:]
   entry.run_main(main.main)
@@ -672,6 +682,13 @@ class FaultTest(_MultiProcessTestCase):
     # the best's files, with no orbax write to refuse.
     self._refused_save(
       'meta-refused', 'meta', 'best', 'Permission denied (EACCES, '
+    )
+
+  def test_a_latest_copy_refused_on_process_0_stops_every_process(self):
+    # Epoch 2 improves: its latest copies the best's files (process 0
+    # alone), and the best of epoch 2 stays.
+    self._refused_save(
+      'copy-refused', 'copy', 'latest', 'No space left on device (ENOSPC, '
     )
 
   def test_a_process_that_never_joins_is_what_the_others_report(self):
