@@ -355,39 +355,31 @@ class SourceChangeTest(IntegrityTestCase):
       self.assert_same(first, data.load_dataset(self.config('ml-20m', copy)))
     self.assertLen(self.encoded(), 1)
 
-  def test_a_source_changed_during_preprocessing_is_an_error(self):
-    real = movielens.read_movielens
+  def assert_edit_refused(self, module, name):
+    """An edit of the source right after `module.name` returns is refused,
+    and nothing is cached."""
+    real = getattr(module, name)
 
-    def editing(path, name):
-      frame = real(path, name)
-      with open(path, 'a') as f:
+    def editing(*args, **kwargs):
+      out = real(*args, **kwargs)
+      with open(self.path, 'a') as f:
         f.write('999,1,5,0\n')
-      return frame
+      return out
 
-    with mock.patch.object(movielens, 'read_movielens', editing):
+    with mock.patch.object(module, name, editing):
       with self.assertRaisesRegex(
         data.DataError, 'changed during preprocessing'
       ):
         data.load_dataset(self.config('ml-20m', self.path))
     self.assertEqual(self.encoded(), [])
+
+  def test_a_source_changed_during_preprocessing_is_an_error(self):
+    self.assert_edit_refused(movielens, 'read_movielens')
 
   def test_a_source_changed_after_its_hashing_is_an_error(self):
     # Between the digest that names the cache and the first read of pass 1:
     # its rows must not be cached under the old content's key.
-    real = data.cache_spec
-
-    def editing(config, options, paths):
-      spec = real(config, options, paths)
-      with open(self.path, 'a') as f:
-        f.write('999,1,5,0\n')
-      return spec
-
-    with mock.patch.object(data, 'cache_spec', editing):
-      with self.assertRaisesRegex(
-        data.DataError, 'changed during preprocessing'
-      ):
-        data.load_dataset(self.config('ml-20m', self.path))
-    self.assertEqual(self.encoded(), [])
+    self.assert_edit_refused(data, 'cache_spec')
 
 
 class ReadErrorTest(IntegrityTestCase):
