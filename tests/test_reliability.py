@@ -192,7 +192,8 @@ class CheckpointPolicyTest(absltest.TestCase):
   def test_a_checkpoint_directory_that_cannot_be_made_is_refused_at_once(self):
     # Before the first epoch, as one UserError: orbax's own refusal came
     # from a thread, with its traceback, at the end of epoch 1.
-    workdir = self.create_tempdir().full_path
+    workdir = tempfile.mkdtemp()
+    self.addCleanup(shutil.rmtree, workdir)
     os.makedirs(os.path.join(workdir, 'checkpoints'))
     open(os.path.join(workdir, 'checkpoints', 'best'), 'w').close()
     with self.assertRaisesRegex(
