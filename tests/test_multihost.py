@@ -663,10 +663,10 @@ class FaultTest(_MultiProcessTestCase):
   def test_a_checksum_file_that_process_0_cannot_write_stops_every_process(
     self,
   ):
-    # Process 0 alone writes a step's checksums.json, after orbax's
-    # collective save: its full disk left the others training on into
-    # their next collective, until its exit was forced 30 s later and
-    # jaxlib aborted theirs (SIGABRT, a fatal-error trace).
+    # Process 0 alone writes a step's checksums.json. While orbax's save
+    # was collective, its full disk left the others training on into their
+    # next collective, until its exit was forced 30 s later and jaxlib
+    # aborted theirs (SIGABRT, a fatal-error trace).
     self._refused_save(
       'checksums-refused',
       'checksums',
@@ -677,9 +677,9 @@ class FaultTest(_MultiProcessTestCase):
   def test_an_orbax_write_refused_on_process_0_alone_stops_every_process(
     self,
   ):
-    # Within orbax's collective save: the others waited in orbax's next
-    # barrier, as above. In the best: an improving epoch's latest copies
-    # the best's files, with no orbax write to refuse.
+    # Orbax's own write: while its save was collective, the others waited
+    # in its next barrier, as above. In the best: an improving epoch's
+    # latest copies the best's files, with no orbax write to refuse.
     self._refused_save(
       'meta-refused', 'meta', 'best', 'Permission denied (EACCES, '
     )
