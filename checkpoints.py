@@ -157,7 +157,7 @@ def save(
   copied instead of writing the state again (`step_files.copy_step`).
 
   In a multi-process run (the state is replicated) process 0 saves alone,
-  and the others then see its steps; an error of its save raises on all.
+  and the others then list its steps; an error of either raises on all.
 
   Raises:
     UserError: the directory cannot be written (full disk, permissions).
@@ -166,8 +166,23 @@ def save(
     if jax.process_index() == 0:
       with orbax_logs.quiet_if_refused():
         _save(mgr, step, state, meta, keep, copy_of)
-  if jax.process_index() != 0:
-    mgr.reload()  # Reads the steps that process 0 wrote and deleted.
+  if jax.process_count() > 1:
+    with multihost.errors_shared():  # A host's own listing may fail.
+      if jax.process_index() != 0:
+        _reload(mgr)
+
+
+def _reload(mgr: ocp.CheckpointManager) -> None:
+  """Lists the steps that process 0 wrote and deleted."""
+  try:
+    mgr.reload()
+  except OSError as e:
+    raise UserError(
+      f'Cannot read the checkpoints in {mgr.directory}:'
+      f' {utils.os_problem(e)}. Check that this host sees the shared'
+      ' workdir, then start the run again: it resumes from the last'
+      ' checkpoint saved.'
+    ) from e
 
 
 def _save(mgr, step, state, meta, keep, copy_of) -> None:

@@ -224,6 +224,18 @@ _INJECT = textwrap.dedent(
 
     step_files._copy_synced = failing_copy
 
+  if fault == 'reload':  # Process 1's listing of what process 0 saved.
+    import orbax.checkpoint as ocp
+
+    reload = ocp.CheckpointManager.reload
+
+    def failing_reload(self):
+      if armed and armed[0] and '--process_id=1' in sys.argv:
+        raise OSError(errno.EIO, os.strerror(errno.EIO), str(self.directory))
+      return reload(self)
+
+    ocp.CheckpointManager.reload = failing_reload
+
   sys.argv = sys.argv[1:]
   entry.run_main(main.main)
   """
@@ -690,6 +702,31 @@ class FaultTest(_MultiProcessTestCase):
     self._refused_save(
       'copy-refused', 'copy', 'latest', 'No space left on device (ENOSPC, '
     )
+
+  def test_a_listing_that_fails_on_process_1_alone_stops_every_process(self):
+    # The others list the steps that process 0 saved: an error there left
+    # process 0 in its next collective until the heartbeat timeout.
+    workdir = os.path.join(self.tmp, 'reload-refused')
+    script = os.path.join(self.tmp, 'inject.py')
+    with open(script, 'w') as f:
+      f.write(_INJECT)
+    error = self._refused(
+      workdir,
+      1,
+      tag='fault',
+      wrapper=(script,),
+      env={'FAULT': 'reload', 'FAULT_DIR': 'best'},
+    )
+    best = os.path.join(workdir, 'checkpoints', 'best')
+    self.assertRegex(
+      error,
+      f'^main.py: error: Cannot read the checkpoints in {re.escape(best)}:'
+      r' Input/output error \(EIO, ',
+    )
+    run = Run(workdir, self.cache, NUM_PROCESSES, tag='again')
+    self.assertEqual(run.wait(), [0] * NUM_PROCESSES, run.tails())
+    for i in range(NUM_PROCESSES):
+      self.assertIn('Resumed from epoch 1 ', run.log(i))
 
   def test_a_process_that_never_joins_is_what_the_others_report(self):
     # jaxlib's own abort says "another task died" of a task that never came.
