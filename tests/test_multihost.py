@@ -625,21 +625,26 @@ class FaultTest(_MultiProcessTestCase):
       error, rf'^main.py: error: Cannot read {path}: Is a directory \(EISDIR'
     )
 
+  def _injected(self, workdir, culprit, fault, where):
+    """`_refused` of a run under `_INJECT` with `fault` in checkpoints/`where`
+    from epoch 2 on."""
+    script = os.path.join(self.tmp, 'inject.py')
+    with open(script, 'w') as f:
+      f.write(_INJECT)
+    return self._refused(
+      workdir,
+      culprit,
+      tag='fault',
+      wrapper=(script,),
+      env={'FAULT': fault, 'FAULT_DIR': where},
+    )
+
   def _refused_save(self, name, fault, where, reason):
     """A run whose process 0 cannot save in checkpoints/`where` at epoch 2
     (`fault`): every process stops in one line naming `reason`, epoch 1's
     checkpoints and the best are intact, and a rerun resumes from them."""
     workdir = os.path.join(self.tmp, name)
-    script = os.path.join(self.tmp, 'inject.py')
-    with open(script, 'w') as f:
-      f.write(_INJECT)
-    error = self._refused(
-      workdir,
-      0,
-      tag='fault',
-      wrapper=(script,),
-      env={'FAULT': fault, 'FAULT_DIR': where},
-    )
+    error = self._injected(workdir, 0, fault, where)
     ckpts = os.path.join(workdir, 'checkpoints')
     self.assertRegex(
       error,
@@ -707,16 +712,7 @@ class FaultTest(_MultiProcessTestCase):
     # The others list the steps that process 0 saved: an error there left
     # process 0 in its next collective until the heartbeat timeout.
     workdir = os.path.join(self.tmp, 'reload-refused')
-    script = os.path.join(self.tmp, 'inject.py')
-    with open(script, 'w') as f:
-      f.write(_INJECT)
-    error = self._refused(
-      workdir,
-      1,
-      tag='fault',
-      wrapper=(script,),
-      env={'FAULT': 'reload', 'FAULT_DIR': 'best'},
-    )
+    error = self._injected(workdir, 1, 'reload', 'best')
     best = os.path.join(workdir, 'checkpoints', 'best')
     self.assertRegex(
       error,
