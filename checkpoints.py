@@ -236,7 +236,11 @@ class Checkpoints:
     # Process 0 alone makes the directories: its error stops every process.
     with multihost.errors_shared(), utils.writing('checkpoints', root):
       self.latest = manager(os.path.join(root, 'latest'))
-      self.best = manager(os.path.join(root, 'best'))
+      try:
+        self.best = manager(os.path.join(root, 'best'))
+      except BaseException:
+        self.latest.close()
+        raise
     self.background = background
     # Saves not started, in order, run by one thread.
     self._queue: list[Callable[[], None]] = []
@@ -421,5 +425,7 @@ class Checkpoints:
 
   def close(self) -> None:
     """Closes the managers (after `wait`, when saving in the background)."""
-    self.latest.close()
-    self.best.close()
+    try:
+      self.latest.close()
+    finally:
+      self.best.close()

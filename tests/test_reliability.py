@@ -196,10 +196,21 @@ class CheckpointPolicyTest(absltest.TestCase):
     self.addCleanup(shutil.rmtree, workdir)
     os.makedirs(os.path.join(workdir, 'checkpoints'))
     open(os.path.join(workdir, 'checkpoints', 'best'), 'w').close()
-    with self.assertRaisesRegex(
-      utils.UserError, r'Cannot write checkpoints in .*checkpoints/best'
+    closed = []
+    close = ocp.CheckpointManager.close
+
+    def closing(mgr):
+      closed.append(os.path.basename(str(mgr.directory)))
+      close(mgr)
+
+    with (
+      mock.patch.object(ocp.CheckpointManager, 'close', closing),
+      self.assertRaisesRegex(
+        utils.UserError, r'Cannot write checkpoints in .*checkpoints/best'
+      ),
     ):
       checkpoints.Checkpoints(workdir)
+    self.assertEqual(closed, ['latest'])  # Opened first, closed on the way.
 
   def test_latest_keeps_the_last_two_and_the_best(self):
     for epoch in range(1, 6):
