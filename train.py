@@ -128,20 +128,17 @@ def state_initializer(
   return initialise
 
 
-def create_train_state(
-  rng: jax.Array, config: ml_collections.ConfigDict, model, num_fields: int
-) -> TrainState:
-  """Initialises parameters, BatchNorm statistics and the optimizer."""
-  del num_fields  # batching.example_inputs reads the fields from the model.
-  return state_initializer(config, model)(rng)
-
-
 def warm_start(state: TrainState, workdir: str) -> TrainState:
   """Copies every parameter whose path and shape match from another run.
 
   Used e.g. for FNN's FM pre-training: `--config.init_from=<fm workdir>`.
+  Every process reads it; all stop unless all read the same epoch.
   """
-  restored, _ = best_reader.load_best(workdir)
+  with multihost.errors_shared():  # Unshared storage fails on one alone.
+    restored, meta = best_reader.load_best(workdir)
+  multihost.assert_same_on_all_processes(
+    meta['epoch'], 'best checkpoints (config.init_from)', workdir
+  )
   keystr, leaves = jax.tree_util.keystr, jax.tree_util.tree_leaves_with_path
   source = {keystr(path): value for path, value in leaves(restored['params'])}
   copied = []

@@ -145,9 +145,7 @@ class _JaxRunner:
     self.config, self.field_dims, self.train_mod = config, field_dims, train
     self.num_devices = jax.local_device_count()
     model = train.create_model(config, field_dims, axis_name=train.AXIS)
-    state = train.create_train_state(
-      jax.random.key(spec['seed']), config, model, len(field_dims)
-    )
+    state = train.state_initializer(config, model)(jax.random.key(spec['seed']))
     b = spec['batch_size']
     self.leaves = self._leaves(state, ids, b)
     self.state = train.replicate(state)

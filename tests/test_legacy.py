@@ -135,7 +135,7 @@ class LegacyTest(parameterized.TestCase):
   def test_an_old_checkpoint_resumes_and_loads_as_today(self):
     config = dcn_config.get_config('smoke')
     model = train.create_model(config, FIELD_DIMS)
-    state = train.create_train_state(jax.random.key(0), config, model, 3)
+    state = train.state_initializer(config, model)(jax.random.key(0))
     state = state.replace(
       params=randomize(state.params, seed=2),
       batch_stats=randomize(state.batch_stats, seed=3),

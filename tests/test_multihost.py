@@ -236,6 +236,21 @@ _INJECT = textwrap.dedent(
 
     ocp.CheckpointManager.reload = failing_reload
 
+  if fault.startswith('init_from'):  # Process 1's read of the source run.
+    import best_reader, utils
+
+    load_best = best_reader.load_best
+
+    def other_best(workdir):
+      state, meta = load_best(workdir)
+      if '--process_id=1' in sys.argv and fault == 'init_from':
+        raise utils.UserError(f'No best checkpoint in {{workdir}}.')
+      if '--process_id=1' in sys.argv:  # It saved a newer best meanwhile.
+        meta = {{**meta, 'epoch': meta['epoch'] + 1}}
+      return state, meta
+
+    best_reader.load_best = other_best
+
   sys.argv = sys.argv[1:]
   entry.run_main(main.main)
   """
@@ -519,7 +534,7 @@ class FaultTest(_MultiProcessTestCase):
   def _refused(self, workdir, culprit, *flags, **kwargs):
     """The one line with which every process of a run leaves (status 2,
     within 30 s: before main.py forces an exit or a heartbeat is missed),
-    the others naming process `culprit`, and no traceback."""
+    the others naming process `culprit` (None: none), and no traceback."""
     started = time.monotonic()
     run = Run(
       workdir,
@@ -536,7 +551,7 @@ class FaultTest(_MultiProcessTestCase):
     for i in range(NUM_PROCESSES):
       self.assertNotIn('Traceback', run.log(i), run.tails())
       line = run.log(i).strip().splitlines()[-1]
-      if i != culprit:
+      if culprit is not None and i != culprit:
         self.assertIn(f'main.py: error: Process {culprit}: ', line)
         line = line.replace(f'Process {culprit}: ', '', 1)
       lines.add(line)
@@ -638,6 +653,37 @@ class FaultTest(_MultiProcessTestCase):
       wrapper=(script,),
       env={'FAULT': fault, 'FAULT_DIR': where},
     )
+
+  def test_init_from_that_one_process_reads_otherwise_stops_every_process(
+    self,
+  ):
+    # Each process reads config.init_from: one that could not (storage it
+    # does not share) left the others in their next collective, and two
+    # that read other best epochs of a run still training trained apart.
+    source = os.path.join(self.tmp, 'init-source')
+    self.assertEqual(Run(source, self.cache, 1).wait(), [0], source)
+    best = [m['epoch'] for m in _metrics(source) if m['split'] == 'test'][0]
+    script = os.path.join(self.tmp, 'inject.py')
+    with open(script, 'w') as f:
+      f.write(_INJECT)
+    for fault, culprit, error in [
+      ('init_from', 1, f'No best checkpoint in {source}.'),
+      (
+        'init_from_epoch',
+        None,
+        'The processes see different best checkpoints (config.init_from) in'
+        f' {source}: {{0: {best}, 1: {best + 1}}}',
+      ),
+    ]:
+      line = self._refused(
+        os.path.join(self.tmp, fault),
+        culprit,
+        f'--config.init_from={source}',
+        tag='fault',
+        wrapper=(script,),
+        env={'FAULT': fault, 'FAULT_DIR': 'none'},
+      )
+      self.assertTrue(line.startswith(f'main.py: error: {error}'), line)
 
   def _refused_save(self, name, fault, where, reason):
     """A run whose process 0 cannot save in checkpoints/`where` at epoch 2

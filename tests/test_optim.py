@@ -59,9 +59,7 @@ def _config(model_name='fm', optimizer='lazy_adam', **overrides):
 
 def _setup(config, num_devices=1, field_dims=FIELD_DIMS):
   model = train.create_model(config, field_dims, axis_name=train.AXIS)
-  state = train.create_train_state(
-    jax.random.key(0), config, model, len(field_dims)
-  )
+  state = train.state_initializer(config, model)(jax.random.key(0))
   devices = jax.local_devices()[:num_devices]
   p_step = jax.pmap(
     functools.partial(train.train_step, model=model, config=config),

@@ -38,9 +38,7 @@ def _setup(optimizer, **inputs):
   config.learning_rate = 0.02
   config.progress_bar = False
   model = train.create_model(config, FIELD_DIMS, axis_name=train.AXIS, **inputs)
-  state = train.create_train_state(
-    jax.random.key(0), config, model, len(FIELD_DIMS)
-  )
+  state = train.state_initializer(config, model)(jax.random.key(0))
   p_steps = jax.pmap(
     functools.partial(train.train_steps, model=model, config=config),
     axis_name=train.AXIS,

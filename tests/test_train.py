@@ -365,8 +365,8 @@ class PmapStepTest(absltest.TestCase):
     self.assertEqual(jax.local_device_count(), 2, 'conftest sets 2 devices')
     self.config = _config()
     self.model = train.create_model(self.config, (13, 17), axis_name=train.AXIS)
-    self.state = train.create_train_state(
-      jax.random.key(0), self.config, self.model, 2
+    self.state = train.state_initializer(self.config, self.model)(
+      jax.random.key(0)
     )
     split = _dataset(64)
     self.batch = {'ids': split.ids, 'label': split.labels}
@@ -424,7 +424,7 @@ class HyperparametersTest(absltest.TestCase):
 
   def _program(self, config):
     model = train.create_model(config, (13, 17), axis_name=train.AXIS)
-    state = train.create_train_state(jax.random.key(0), config, model, 2)
+    state = train.state_initializer(config, model)(jax.random.key(0))
     p_train, _ = train.pmapped_steps(model, config)
     # One batch: one step, whose Adam update is -lr * g / (|g| + eps).
     _, stacks = programs.epoch_stacks(_dataset(16), config, 0)
@@ -487,7 +487,7 @@ class TrainStepLossTest(absltest.TestCase):
       dict(embed_dim=4, attn_size=3, dropouts=(0.0, 0.0), attn_l2=attn_l2)
     )
     model = train.create_model(config, (13, 17), axis_name=train.AXIS)
-    state = train.create_train_state(jax.random.key(0), config, model, 2)
+    state = train.state_initializer(config, model)(jax.random.key(0))
     split = _dataset(64)
     batch = {'ids': split.ids, 'label': split.labels}
     p_step = jax.pmap(
@@ -540,7 +540,7 @@ class EvaluateTest(parameterized.TestCase):
   def test_padded_evaluation_equals_unpadded_numpy(self, n, scale):
     config = _config()
     model = train.create_model(config, (13, 17), axis_name=train.AXIS)
-    state = train.create_train_state(jax.random.key(1), config, model, 2)
+    state = train.state_initializer(config, model)(jax.random.key(1))
     # Non-trivial parameters, so that scores differ between rows.
     state = state.replace(
       params=jax.tree.map(
