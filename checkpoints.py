@@ -89,7 +89,12 @@ def manager(
     cleanup_tmp_directories=True,
     **alone,
   )
-  return ocp.CheckpointManager(directory, options=options)
+  mgr = ocp.CheckpointManager(directory, options=options)
+  # orbax deletes them on a thread that only its first save waits for (not
+  # close()): an exit before it ends printed its traceback, and a copy into
+  # `<step>.orbax-checkpoint-tmp` could have been deleted under it.
+  getattr(mgr, '_maybe_await_cleanup_tmp_directory', lambda: None)()
+  return mgr
 
 
 def _step_dir(mgr: ocp.CheckpointManager, step: int) -> str:

@@ -9,6 +9,7 @@ moments of every phase and checks that the restarts end with the
 uninterrupted run's metrics.
 """
 
+import asyncio
 from concurrent import futures
 import errno
 import json
@@ -211,6 +212,29 @@ class CheckpointPolicyTest(absltest.TestCase):
     ):
       checkpoints.Checkpoints(workdir)
     self.assertEqual(closed, ['latest'])  # Opened first, closed on the way.
+
+  def test_what_a_killed_save_left_is_gone_when_the_managers_open(self):
+    # orbax deletes it on a thread that nothing waited for: a run that
+    # stopped at once printed the thread's traceback as Python exited.
+    from orbax.checkpoint._src.path import temporary_paths
+
+    workdir = tempfile.mkdtemp()
+    self.addCleanup(shutil.rmtree, workdir)
+    left = os.path.join(
+      workdir, 'checkpoints', 'latest', '3' + step_files.SAVING
+    )
+    os.makedirs(left)
+    cleanup = temporary_paths.cleanup_temporary_paths
+
+    async def slow_cleanup(*args, **kwargs):  # A slow disk.
+      await asyncio.sleep(0.5)
+      return await cleanup(*args, **kwargs)
+
+    with mock.patch.object(
+      temporary_paths, 'cleanup_temporary_paths', slow_cleanup
+    ):
+      checkpoints.Checkpoints(workdir).close()
+    self.assertFalse(os.path.exists(left))
 
   def test_latest_keeps_the_last_two_and_the_best(self):
     for epoch in range(1, 6):
