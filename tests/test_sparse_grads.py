@@ -229,6 +229,30 @@ class RowGradientsTest(parameterized.TestCase):
     np.testing.assert_array_equal(new_table, want_table)
     np.testing.assert_array_equal(new_count, want_count)
 
+  def test_update_rows_pads_a_last_chunk_past_the_lookups(self):
+    # 10 distinct rows in 11 lookups: chunks of 3 or 4 end past the 11th
+    # slot. Padded, the last chunk holds the rows left; a slice moved back
+    # to fit would update the rows before them a second time.
+    rows = np.array([3, 0, 7, 1, 9, 6, 3, 5, 2, 8, 4], np.int32)
+    values = np.arange(1, 12, dtype=np.float32)[:, None] * [1.0, 10.0]
+    table = np.zeros((10, 2), np.float32)
+    count = np.zeros((10,), np.float32)
+    want_table, want_count = table.copy(), count.copy()
+    for r in set(rows.tolist()):
+      want_table[r] = values[rows == r].sum(axis=0)
+      want_count[r] = 1
+
+    def rule(g, t, c):
+      return t + g, c + 1
+
+    for chunk in (3, 4, 11, 16):
+      with self.subTest(chunk=chunk):
+        new_table, new_count = jax.jit(
+          functools.partial(sparse.update_rows, rule=rule, chunk=chunk)
+        )(sparse.RowGrads(jnp.asarray(rows), values), (table, count))
+        np.testing.assert_array_equal(new_table, want_table)
+        np.testing.assert_array_equal(new_count, want_count)
+
   def test_init_and_plain_apply_are_unchanged(self):
     model, params, _ = _model_and_params('fm')
     variables = model.init(jax.random.key(0), IDS[:2])
