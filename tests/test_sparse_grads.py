@@ -9,6 +9,7 @@ import functools
 
 from absl.testing import absltest
 from absl.testing import parameterized
+from flax import linen as nn
 from flax import traverse_util
 import jax
 import jax.numpy as jnp
@@ -16,6 +17,7 @@ import numpy as np
 
 import batching
 from configs import default
+from models import fm
 import sparse
 import train
 
@@ -286,6 +288,33 @@ class RowGradientsTest(parameterized.TestCase):
       return jax.jit(fun).lower(params).as_text()
 
     self.assertEqual(program(Reversed), program(frozenset))
+
+  def test_a_table_read_twice_is_refused(self):
+    # The rows of each table are perturbed once, under its name: a second
+    # read's gradient would land on the first read's rows.
+    class Twice(nn.Module):
+      @nn.compact
+      def __call__(self, rows):
+        t = self.param('t', nn.initializers.normal(1.0), (5, 2))
+        a = fm.take_rows(t, rows[:, 0], self, 't')
+        b = fm.take_rows(t, rows[:, 1], self, 't')
+        return jnp.sum(a * b, axis=-1)
+
+    model = Twice()
+    rows = np.array([[0, 1], [2, 2], [4, 0]], np.int32)
+    params = model.init(jax.random.key(0), rows)['params']
+
+    def fun(params, perturbations):
+      variables = {'params': params}
+      if perturbations:
+        variables[sparse.PERTURBATIONS] = perturbations
+      out, state = model.apply(variables, rows, mutable=[sparse.ROWS])
+      return jnp.sum(out), (None, state[sparse.ROWS])
+
+    with self.assertRaisesRegex(
+      ValueError, r"otherwise than declared: read \{'t': 2\} \(times\)"
+    ):
+      sparse.value_and_grad(fun, params, frozenset({('t',)}))
 
   def test_every_model_declares_its_one_hot_tables(self):
     for name in ('lr', 'fm', 'ffm', 'fnn', 'afm', 'nfm', 'fnfm', 'deepfm'):
