@@ -6,6 +6,8 @@ calls, so the first epoch and evaluation start without compiling.
 
 import contextlib
 import itertools
+import os
+import resource
 import types
 from unittest import mock
 
@@ -264,6 +266,61 @@ class StateFitsTest(absltest.TestCase):
     ):
       programs.check_state_fits(shapes)
     self.assertGreater(programs.host_memory(), 2**20)
+
+  def test_the_memory_left_is_at_most_what_the_address_space_limit_leaves(
+    self,
+  ):
+    # Under `ulimit -v` XLA's allocation of a state beyond it never returned.
+    page = os.sysconf('SC_PAGE_SIZE')
+    with open('/proc/self/statm') as f:
+      used = int(f.read().split()[0]) * page
+    unlimited = resource.RLIM_INFINITY
+    with mock.patch.object(programs.resource, 'getrlimit') as getrlimit:
+      getrlimit.return_value = (used // 2, unlimited)  # Already past it.
+      self.assertEqual(programs.host_memory(), 0)
+      getrlimit.return_value = (used + 2**30, unlimited)
+      left = programs.host_memory()
+      getrlimit.return_value = (unlimited, unlimited)
+      available = programs.host_memory()
+    # 1 GiB, less what the process mapped between the two readings.
+    self.assertAlmostEqual(left, min(2**30, available), delta=2**26)
+
+
+class DonationTest(parameterized.TestCase):
+  @parameterized.parameters(
+    ('adam', False), ('lazy_adam', True), ('rowwise_adagrad', True)
+  )
+  def test_the_row_wise_optimizers_donate_the_state_on_cpu(
+    self, optimizer, donated
+  ):
+    # They write the rows read in place only in a donated state: else XLA
+    # copies every table first. Dense Adam's donated state costs a copy of
+    # its parameters and moments on XLA:CPU.
+    config = default.get_config()
+    config.model = {'embed_dim': 4}
+    config.optimizer = optimizer
+    config.batch_size = 8
+    config.progress_bar = False
+    self.assertEqual(jax.default_backend(), 'cpu')
+    self.assertEqual(programs.state_donation(optimizer), (0,) * donated)
+    model = train.create_model(config, FIELD_DIMS, train.AXIS)
+    p_train, _ = train.pmapped_steps(model, config)
+    state = train.replicate(
+      train.state_initializer(config, model)(jax.random.key(0))
+    )
+    table = state.params['FeaturesEmbedding_0']['embedding']
+    before = np.asarray(table)
+    _, stacks = programs.epoch_stacks(_split(8), config, 0)
+    new, _ = p_train(
+      state,
+      next(stacks),
+      train.replicate(train.hyperparameters(config)),
+      None,
+      train.replicate(np.int32(1)),
+    )
+    self.assertEqual(table.is_deleted(), donated)
+    moved = new.params['FeaturesEmbedding_0']['embedding']
+    self.assertGreater(np.abs(np.asarray(moved) - before).max(), 0)
 
 
 class InFlightTest(absltest.TestCase):
