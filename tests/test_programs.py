@@ -138,6 +138,10 @@ class CompileAheadTest(absltest.TestCase):
         out = program(weights, inputs[:, :4])
     self.assertLen(lowered, 1)
     np.testing.assert_array_equal(out, step(weights, inputs[:, :4]))
+    with lowerings() as lowered:  # So does a new dtype of the same shape.
+      out = program(weights, inputs.astype(np.int32))
+    self.assertLen(lowered, 1)
+    np.testing.assert_array_equal(out, step(weights, inputs.astype(np.int32)))
     refused = programs.with_options(
       step, {'xla_backend_optimization_level': 'high'}
     )
