@@ -408,6 +408,46 @@ class PmapStepTest(absltest.TestCase):
     )
 
 
+class DropoutKeyTest(absltest.TestCase):
+  def test_each_device_and_step_draws_its_own_dropout_masks(self):
+    # The same half batch on both devices: only their masks differ. The
+    # step's loss is the mean of the devices' losses, each under the key
+    # of its step and device.
+    config = _config(model_name='afm', weight_decay=0.0)
+    config.model = ml_collections.ConfigDict(
+      dict(embed_dim=4, attn_size=3, dropouts=(0.5, 0.5))
+    )
+    model = train.create_model(config, (13, 17), axis_name=train.AXIS)
+    state = train.create_train_state(jax.random.key(0), config, model, 2)
+    split = _dataset(16)
+    half = {'ids': split.ids, 'label': split.labels}
+    batch = jax.tree.map(lambda x: np.stack([x, x]), half)
+    p_step = jax.pmap(
+      functools.partial(train.train_step, model=model, config=config),
+      axis_name=train.AXIS,
+    )
+    hyper = train.hyperparameters(config)
+    replicated = jax_utils.replicate(state)
+    seed = jax.random.key(hyper['seed'])
+    for step in range(2):
+      losses = [
+        float(
+          train.loss_fn(
+            state.params,
+            state.batch_stats,
+            half,
+            jax.random.fold_in(jax.random.fold_in(seed, step), device),
+            model=model,
+          )[0]
+        )
+        for device in range(2)
+      ]
+      self.assertGreater(abs(losses[0] - losses[1]), 1e-4)
+      replicated, loss = p_step(replicated, batch, jax_utils.replicate(hyper))
+      self.assertAlmostEqual(float(loss[0]), np.mean(losses), places=5)
+      state = jax_utils.unreplicate(replicated)
+
+
 class HyperparametersTest(absltest.TestCase):
   """The seed and the rates are the train program's arguments, not constants:
   a sweep over them compiles one program (and finds it in the cache)."""
