@@ -635,6 +635,38 @@ class TrainAndEvaluateTest(absltest.TestCase):
       self.assertEqual(_tensorboard(workdir), plotted)
       self.assertEqual(again, test)
 
+  def test_early_stopping_counts_the_epochs_without_a_better_auc(self):
+    # Scripted validation AUCs, then the test AUC. A tie is no better:
+    # with patience 2, epochs 3 (a tie) and 4 end the run after the best,
+    # epoch 2, whose state the test split scores.
+    aucs = itertools.chain([0.6, 0.7, 0.7, 0.65, 0.8], itertools.repeat(0.5))
+
+    def evaluate(p_eval_step, state, split, batch_size):
+      del p_eval_step, state, batch_size
+      return {'auc': next(aucs), 'logloss': 0.5, 'num_examples': len(split)}
+
+    def train_epoch(p_train_step, state, split, config, epoch, resident):
+      del p_train_step, split, config, epoch, resident
+      return state, 0.5, 1.0
+
+    with (
+      tempfile.TemporaryDirectory() as workdir,
+      mock.patch.object(train, 'evaluate', evaluate),
+      mock.patch.object(train, 'train_epoch', train_epoch),
+    ):
+      config = _config(num_epochs=10, patience=2)
+      config.dataset.cache_dir = os.path.join(workdir, 'cache')
+      test = train.train_and_evaluate(config, workdir)
+      self.assertEqual(
+        [(r['split'], r['epoch'], r.get('auc')) for r in _metrics(workdir)],
+        [('train', 1, None), ('valid', 1, 0.6), ('train', 2, None)]
+        + [('valid', 2, 0.7), ('train', 3, None), ('valid', 3, 0.7)]
+        + [('train', 4, None), ('valid', 4, 0.65), ('test', 2, 0.8)],
+      )
+      best = os.path.join(workdir, 'checkpoints', 'best')
+      self.assertEqual(os.listdir(best), ['2'])
+    self.assertEqual(test['auc'], 0.8)
+
   def test_auto_resumes_with_the_optimizer_of_the_checkpoints(self):
     # A run trained with another optimizer than 'auto' picks here (named,
     # or recorded before 'auto' was the default) goes on with it when
