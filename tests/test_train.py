@@ -359,6 +359,30 @@ class CreateModelTest(absltest.TestCase):
       self.assertIn(name, str(e.exception))
 
 
+class WarmStartTest(absltest.TestCase):
+  def test_only_parameters_of_the_same_path_and_shape_are_copied(self):
+    config = _config()
+    model = train.create_model(config, (13, 17))
+    state = train.create_train_state(jax.random.key(0), config, model, 2)
+    params = jax.device_get(state.params)
+    # Another run's FM: linear weights of the same shapes, embeddings of 8.
+    source = jax.tree.map(lambda x: np.asarray(x) + 1.0, params)
+    source['FeaturesEmbedding_0']['embedding'] = np.ones((30, 8), np.float32)
+    source['Other_0'] = {'kernel': np.ones((2,), np.float32)}
+    with mock.patch.object(
+      train.best_reader, 'load_best', return_value=({'params': source}, {})
+    ):
+      warm = jax.device_get(train.warm_start(state, '/runs/fm'))
+    jax.tree.map(
+      np.testing.assert_array_equal,
+      warm.params,
+      {
+        'FeaturesLinear_0': source['FeaturesLinear_0'],
+        'FeaturesEmbedding_0': params['FeaturesEmbedding_0'],
+      },
+    )
+
+
 class PmapStepTest(absltest.TestCase):
   def setUp(self):
     super().setUp()
