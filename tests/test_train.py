@@ -541,6 +541,18 @@ class HyperparametersTest(absltest.TestCase):
       np.testing.assert_allclose(got, 2 * base, rtol=1e-4, atol=1e-9)
     self.assertGreater(np.abs(kernel(moves['base'])).max(), 1e-4)
 
+  def test_a_seed_past_32_bits_keeps_its_low_bits(self):
+    # As jax.random.key does (without jax_enable_x64); numpy's uint32
+    # refused such a seed, which the config accepts.
+    seed = 2**32 + 5
+    hyper = train.hyperparameters(self._config(seed=seed))
+    self.assertEqual(hyper['seed'].dtype, np.uint32)
+    self.assertEqual(hyper['seed'], 5)
+    np.testing.assert_array_equal(
+      jax.random.key_data(jax.random.key(hyper['seed'])),
+      jax.random.key_data(jax.random.key(seed)),
+    )
+
 
 class TrainStepLossTest(absltest.TestCase):
   """The loss that train_step returns and descends: BCE plus sown penalties."""
