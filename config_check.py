@@ -60,8 +60,15 @@ def _is_sequence(value: Any) -> bool:
   return isinstance(value, (list, tuple))
 
 
-def integer(low: int) -> Rule:
-  return lambda v: None if _is_int(v) and v >= low else f'an integer >= {low}'
+def integer(low: int, below: int | None = None) -> Rule:
+  """An integer >= `low` (and < `below`)."""
+
+  def rule(value: Any) -> str | None:
+    ok = _is_int(value) and value >= low and (below is None or value < below)
+    less = '' if below is None else f' and < {below}'
+    return None if ok else f'an integer >= {low}{less}'
+
+  return rule
 
 
 def number(low: float, *, strict: bool = False) -> Rule:
@@ -164,7 +171,7 @@ TOP_LEVEL = {
   'num_epochs': integer(1),
   # 0 would stop before the first epoch; num_epochs alone bounds a run.
   'patience': integer(1),
-  'seed': integer(0),
+  'seed': integer(0, 2**63),  # jax.random.key's int64.
   'shuffle': boolean,
   'init_from': string,
   'log_every_steps': integer(1),

@@ -145,6 +145,7 @@ class BadValueTest(_TestCase):
     ('table_weight_decay', -1e-6, 'a number >= 0 or None'),
     ('optimizer', 'sgd', 'one of auto, adam, lazy_adam, rowwise_adagrad'),
     ('seed', -1, 'an integer >= 0'),
+    ('seed', 2**63, 'an integer >= 0 and < 9223372036854775808'),
     ('progress_bar', 'yes', 'True or False'),
     ('model__embed_dim', 0, 'an integer >= 1'),
     ('model__embed_dim', -4, 'an integer >= 1'),
