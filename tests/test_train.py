@@ -179,6 +179,20 @@ class MetricsTest(parameterized.TestCase):
       self.assertEqual(got[:2], lines[:2])
       self.assertEqual(json.loads(got[2])['loss'], 0.4)
 
+  def test_wall_time_goes_on_from_the_offset_a_resume_restores(self):
+    # A resumed run's lines go on from the saved wall time, so that its
+    # curves against wall-clock time continue the first run's.
+    with (
+      tempfile.TemporaryDirectory() as workdir,
+      mock.patch.object(
+        metrics.time, 'perf_counter', side_effect=[1000.0, 1003.5]
+      ),
+    ):
+      writer = metrics.MetricsWriter(workdir, True, wall_time_offset=120.0)
+      writer.write(split='train', epoch=3, step=30, loss=0.5)
+      with open(os.path.join(workdir, 'metrics.jsonl')) as f:
+        self.assertEqual(json.loads(f.read())['wall_time'], 123.5)
+
   def test_a_metrics_file_that_cannot_be_read_is_one_line(self):
     # A resume met a traceback (IsADirectoryError) reading it.
     with tempfile.TemporaryDirectory() as workdir:
