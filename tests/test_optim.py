@@ -392,6 +392,23 @@ class RowwiseOptimizerTest(parameterized.TestCase):
         state.tx, grads, state.opt_state, state.params, axis_name=None
       )
 
+  def test_rates_default_to_the_dense_ones(self):
+    # A config without table_learning_rate (as `config.get` allows), and
+    # table_weight_decay None: the tables take the dense rates.
+    config = _config('fm', 'rowwise_adagrad', learning_rate=0.25)
+    del config['table_learning_rate']
+    rates = optim.rates_of(config)
+    self.assertEqual(
+      {k: float(v) for k, v in rates.items()},
+      {
+        'learning_rate': 0.25,
+        'weight_decay': np.float32(0.1),
+        'table_learning_rate': 0.25,
+        'table_weight_decay': np.float32(0.1),
+      },
+    )
+    self.assertTrue(all(v.dtype == np.float32 for v in rates.values()))
+
   def test_unknown_optimizer_names_the_config_field(self):
     with self.assertRaisesRegex(ValueError, r'config\.optimizer.*sgd'):
       optim.create_optimizer(_config(optimizer='sgd'))
