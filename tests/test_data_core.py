@@ -572,7 +572,9 @@ class BatchTest(parameterized.TestCase):
     shuffled = list(batching.train_rows(split, 4, seed=3, epoch=0))
     self.assertFalse(np.array_equal(shuffled, batches))
 
-  @parameterized.parameters((7, 1), (7, 2), (8, 2), (9, 2), (3, 4), (17, 3))
+  @parameterized.parameters(
+    (7, 1), (7, 2), (8, 2), (9, 2), (3, 4), (17, 3), (0, 2)
+  )
   def test_eval_batches_cover_every_row_once_with_a_mask(self, n, processes):
     split = self._split(n)
     per_process = [
@@ -591,6 +593,10 @@ class BatchTest(parameterized.TestCase):
         rows.extend(b['ids'][b['mask'] == 1, 0])
         self.assertTrue(np.all(b['label'][b['mask'] == 0] == 0))
     self.assertEqual(sorted(rows), list(range(n)))
+    # As many batches as the longest slice needs, and at least one: an empty
+    # split is one masked batch, not none (which `evaluate` cannot score).
+    longest = max(-(-n // processes), 1)
+    self.assertLen(per_process[0], -(-longest // 4))
 
   def test_batch_sizes_must_split_over_processes(self):
     batching.check_batch_size(8, 4, 'config.batch_size', 'devices')
