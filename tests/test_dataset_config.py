@@ -128,8 +128,11 @@ class DatasetConfigTest(DatasetTestCase):
     for name, min_count in (('criteo', 10), ('avazu', 4), ('csv', 1)):
       _, resolved, _ = data.resolve(self.config(name, ''))
       self.assertEqual(resolved.min_count, min_count)
-    _, resolved, _ = data.resolve(self.config('criteo', '', min_count=2))
-    self.assertEqual(resolved.min_count, 2)
+    # Only -1 means the default: 0 (keep every value) is kept as set.
+    for min_count in (2, 0):
+      config = self.config('criteo', '', min_count=min_count)
+      _, resolved, _ = data.resolve(config)
+      self.assertEqual(resolved.min_count, min_count)
 
   def test_a_missing_path_gets_an_example_of_its_own_format(self):
     for name, example in (
