@@ -163,19 +163,29 @@ class CsvFeaturesTest(DatasetTestCase):
 
   def test_predefined_splits_use_the_training_file_statistics(self):
     rows = [feature_rows(300, seed=s) for s in (1, 2, 3)]
+    for row in rows[0]:  # Training lists of 2 values at most.
+      row[4], row[5] = ('|'.join(parse_lists(c)[:2]) for c in row[4:6])
     paths = [
       self.write(r, f'{name}.csv')
       for r, name in zip(rows, ('train', 'valid', 'test'), strict=True)
     ]
     dataset = self.load(paths[0], valid_path=paths[1], test_path=paths[2])
     everything = rows[0] + rows[1] + rows[2]
+    # Statistics and counts of the training rows; the longest list of all.
     dense, mean, std, multi = brute_force(everything, np.arange(300))
     np.testing.assert_allclose(dataset.dense_mean, mean, rtol=1e-12)
+    self.assertEqual(dataset.valid.multi_ids.shape[2], MAX_LEN)
     for s, split in enumerate((dataset.train, dataset.valid, dataset.test)):
       part = slice(300 * s, 300 * (s + 1))
       np.testing.assert_allclose(split.dense, dense[part], atol=1e-6)
+      for m, column in enumerate(('tags', 'colors')):
+        np.testing.assert_array_equal(
+          split.multi_ids[:, m], multi[column][1][part]
+        )
+    for m, column in enumerate(('tags', 'colors')):
       np.testing.assert_array_equal(
-        split.multi_ids[:, 1], multi['colors'][1][part]
+        dataset.multi_vocabulary[m],
+        np.sort(keying.string_keys(multi[column][0])),
       )
 
   def test_a_bad_float_names_file_line_and_column(self):
