@@ -254,6 +254,14 @@ class CsvFeaturesTest(DatasetTestCase):
     for split in (dataset.train, dataset.valid, dataset.test):
       np.testing.assert_array_equal(split.multi_ids[:, 1], -1)
     self.assertGreater(dataset.multi_field_dims[0], 1)  # tags as before.
+    for row in rows:
+      row[4] = ''  # tags too: every list empty, still one column of -1.
+    dataset = self.load(self.write(rows))
+    self.assertEqual(dataset.multi_field_dims, (1, 1))
+    for split in (dataset.train, dataset.valid, dataset.test):
+      np.testing.assert_array_equal(
+        split.multi_ids, np.full((len(split), 2, 1), -1)
+      )
 
   def test_typed_parquet_gives_the_csv_arrays(self):
     # Parquet as a user writes it: integer ids with nulls in some record
