@@ -549,6 +549,32 @@ class FailedWriteTest(IntegrityTestCase):
     self.assertLen(self.encoded(), 1)  # The damaged one went.
 
 
+class DurabilityTest(IntegrityTestCase):
+  def test_every_file_is_synced_before_the_cache_is_renamed_into_place(self):
+    # Else a crash after the rename could leave a published cache of empty
+    # or partial files (found by the checksums, but rebuilt at length).
+    synced, unsynced = set(), []
+    fsync, rename = os.fsync, os.rename
+
+    def recording_fsync(fd):
+      synced.add(os.fstat(fd).st_ino)
+      return fsync(fd)
+
+    def recording_rename(src, dst):
+      if os.path.basename(src).startswith('.tmp-'):
+        paths = [os.path.join(src, n) for n in sorted(os.listdir(src))]
+        missing = [p for p in paths if os.stat(p).st_ino not in synced]
+        unsynced.append([os.path.basename(p) for p in missing])
+      return rename(src, dst)
+
+    with (
+      mock.patch.object(os, 'fsync', recording_fsync),
+      mock.patch.object(os, 'rename', recording_rename),
+    ):
+      data.load_dataset(self.config('ml-20m', self.path))
+    self.assertEqual(unsynced, [[]])  # One cache published, all of it synced.
+
+
 class PermissionsTest(IntegrityTestCase):
   """Cache directories follow the umask: a shared cache_dir serves all."""
 
