@@ -88,6 +88,17 @@ def _invalid_json(path):
     f.write('{"version": 3, "files": ')
 
 
+def _meta_with_another_file(directory):
+  """meta.json lists a numeric array its fields do not name (as if its
+  `dense_names` were lost): served, the numeric inputs would be dropped."""
+  path = os.path.join(directory, 'meta.json')
+  with open(path) as f:
+    meta = json.load(f)
+  meta['files']['train_dense'] = meta['files']['train_labels']
+  with open(path, 'w') as f:
+    json.dump(meta, f)
+
+
 def _overwrite(path, values, dtype):
   """Overwrites the rows of an .npy file in place; the size is kept."""
   array = np.load(path, mmap_mode='r+')
@@ -181,6 +192,7 @@ class DamagedCacheTest(IntegrityTestCase):
       lambda d: [os.remove(f'{d}/{n}') for n in os.listdir(d)],
       'meta.json',
     ),
+    ('meta_of_other_fields', _meta_with_another_file, 'lists other files'),
   )
   def test_damaged_file_is_rebuilt_with_a_warning(self, damage, message):
     self.assertIn(message, self.damage_and_reload(damage))
