@@ -346,6 +346,10 @@ class StandardisationTest(absltest.TestCase):
       np.testing.assert_array_equal(
         got, np.float32([[2, 0], [(-3e38 - 1) / 2, 3e38], [0, -1]])
       )
+      # float32's extremes are in range, before and after.
+      top = float(np.finfo(np.float32).max)
+      [got] = side.standardized(np.array([[top, -top]]), 0.0, 1.0, names)
+      np.testing.assert_array_equal(got, np.float32([[top, -top]]))
       for row, value, message in (
         (3, [1e300, 0], 'numeric field a: 1e+300 is beyond'),
         (4, [-1e39, 0], 'numeric field a: -1e+39 is beyond'),
