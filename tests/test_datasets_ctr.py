@@ -471,6 +471,24 @@ class CsvTest(DatasetTestCase):
     ):
       data.load_dataset(config)
 
+  def test_a_label_of_minus_one_is_a_negative(self):
+    rows = [[str(y), f'u{i % 3}'] for i, y in enumerate([-1, 1, 0] * 10)]
+    path = write_lines(
+      os.path.join(self.tmp, 'c.csv'), rows, ',', ['clicked', 'user']
+    )
+    config = self.config(
+      'csv', path, split=(1.0, 0, 0), csv=dict(label_column='clicked')
+    )
+    np.testing.assert_array_equal(
+      data.load_dataset(config).train.labels, [0, 1, 0] * 10
+    )
+    rows[4][0] = '2'
+    path = write_lines(path, rows, ',', ['clicked', 'user'])
+    with self.assertRaisesRegex(
+      data.DataError, r'c\.csv:6: label 2 is not 0 or 1 \(or -1\)'
+    ):
+      data.load_dataset(config)
+
   def test_columns_named_by_numbers_as_a_flag_gives_them(self):
     # `--config.dataset.csv.categorical_columns=1` arrives as (1,).
     rows = [[str(i % 2), f'c{i % 3}', str(i % 5)] for i in range(60)]
