@@ -303,6 +303,10 @@ class AvazuTest(DatasetTestCase):
     ref_ids, ref_dims = reference_encode(derived, set(), 4)
     assert_same_encoding(self, ids, dataset.field_dims, ref_ids, ref_dims)
     self.assertEqual(dataset.field_dims[0], 1)  # Every id unique: all OOV.
+    for f in (1, 2):  # The keys are the hours and weekdays (0 = Monday).
+      counts = collections.Counter(int(r[f]) for r in derived)
+      kept = sorted(k for k, c in counts.items() if c >= 4)
+      np.testing.assert_array_equal(dataset.vocabulary[f], kept)
 
   def test_wrong_header_and_bad_hour(self):
     rows = avazu_rows(20)
@@ -311,10 +315,13 @@ class AvazuTest(DatasetTestCase):
     path = write_lines(os.path.join(self.tmp, 'a.csv'), rows, ',', header)
     with self.assertRaisesRegex(data.DataError, r'a\.csv:1: header'):
       data.load_dataset(self.config('avazu', path))
-    rows[6][2] = '14103224'
-    path = write_lines(os.path.join(self.tmp, 'b.csv'), rows, ',')
-    with self.assertRaisesRegex(data.DataError, r'b\.csv:7: hour .* YYMMDDHH'):
-      data.load_dataset(self.config('avazu', path))
+    for hour in ('14103224', '14103024'):  # October 32nd; hour 24.
+      rows[6][2] = hour
+      path = write_lines(os.path.join(self.tmp, 'b.csv'), rows, ',')
+      with self.assertRaisesRegex(
+        data.DataError, rf"b\.csv:7: hour '{hour}' is not YYMMDDHH"
+      ):
+        data.load_dataset(self.config('avazu', path))
 
 
 class LibFMTest(DatasetTestCase):
