@@ -414,8 +414,10 @@ class LibFMTest(DatasetTestCase):
     np.testing.assert_array_equal(dataset.train.ids, [v for _, v in rows])
     bad = self.write_text('bad.libfm', [(1, [0, 7, 4])], (0, 30, 38))
     with open(bad, 'a') as f:
-      f.write('1 3:1 31:1 44:1\n')  # 44 is beyond 30 + 8 + 5.
-    with self.assertRaisesRegex(data.DataError, r'bad\.libfm:2: .*beyond'):
+      f.write('1 3:1 31:1 43:1\n')  # Indices end at 30 + 8 + 5 - 1.
+    with self.assertRaisesRegex(
+      data.DataError, r'bad\.libfm:2: feature index 43 is beyond'
+    ):
       data.load_dataset(
         self.config('libfm', bad, libfm=dict(field_dims=(30, 8, 5)))
       )
