@@ -140,6 +140,23 @@ class DigestMemoTest(DatasetTestCase):
       self.assertEqual(self.fingerprint(), cache.fingerprint(self.path))
     self.assertEqual(self.scan.call_count, 2)  # Ours and the check's.
 
+  def test_a_recent_ctime_is_racy_even_with_an_old_mtime(self):
+    # An edit restamped with an old mtime (`touch -d`) has a ctime of now.
+    old = time.time_ns() - 3600 * 10**9
+    os.utime(self.path, ns=(old, old))
+    stat = os.stat(self.path)
+    self.write_entry(digests.identity(stat), stat.st_ctime_ns / 1e9 + 1)
+    with _ahead():
+      self.assertEqual(self.fingerprint(), cache.fingerprint(self.path))
+    self.assertEqual(self.scan.call_count, 2)  # Ours and the check's.
+
+  def test_an_entry_hashed_in_the_future_is_not_reused(self):
+    # Its time is from a clock that was ahead: no file would look racy.
+    self.write_entry(digests.identity(os.stat(self.path)), time.time() + 3600)
+    with _ahead():
+      self.assertEqual(self.fingerprint(), cache.fingerprint(self.path))
+    self.assertEqual(self.scan.call_count, 2)  # Ours and the check's.
+
   def test_an_entry_as_written_is_reused(self):  # What the others vary.
     st = os.stat(self.path)
     identity = digests.identity(st)
