@@ -134,6 +134,14 @@ class PredictTest(parameterized.TestCase):
     with open(metrics_file) as f:
       self.assertEqual(f.read(), kept)
 
+  def test_an_output_beside_the_run_is_not_inside_it(self):
+    # A path that only starts with the run's path, /tmp/fm2 for /tmp/fm.
+    workdir = self.trained.workdir
+    for output in (workdir + '.csv', workdir + '2/out.csv'):
+      predict.check_output(output, os.path.join(self.tmp, 'x'), workdir)
+    with self.assertRaisesRegex(UserError, 'inside the run'):
+      predict.check_output(workdir + '/out.csv', 'x', workdir)
+
   def test_an_output_that_cannot_be_written_is_one_line(self):
     source = _write(os.path.join(self.tmp, 'test.txt'), ['x'])
     output = os.path.join(self.tmp, 'missing', 'out.csv')
@@ -255,6 +263,29 @@ class PredictTest(parameterized.TestCase):
     self.assertEqual(got.dtype, np.float32)
     np.testing.assert_allclose(got, self._expected(ids), atol=1e-6)
 
+  def test_an_id_equal_to_its_field_dim_is_refused(self):
+    # field_dims[f] is the first id outside field f: the shared table's
+    # gather would read the next field's first row, a plausible number.
+    ids = np.array(self.trained.dataset.test.ids[:2])
+    dims = np.array(self.trained.dataset.field_dims)
+    ids[0] = dims - 1  # The last id of every field is one.
+    np.testing.assert_allclose(
+      self.predictor.predict_ids(ids), self._expected(ids), atol=1e-6
+    )
+    ids[1, 3] = dims[3]
+    with self.assertRaisesRegex(ValueError, r'outside .* field\(s\) \[3\]'):
+      self.predictor.predict_ids(ids)
+
+  def test_a_batch_size_below_the_device_count_is_rounded_up(self):
+    ids = np.asarray(self.trained.dataset.test.ids)[:5]
+    p = self.predictor
+    for batch_size, rounded in ((1, 2), (2, 2), (3, 4)):
+      predictor = predict.Predictor(p.encoder, p.model, p.variables, batch_size)
+      self.assertEqual(predictor.batch_size, rounded)
+      np.testing.assert_allclose(
+        predictor.predict_ids(ids), self._expected(ids), atol=1e-6
+      )
+
   def test_dataframe_with_unseen_values_gets_oov_ids(self):
     rows = [r[1:] for r in criteo_rows(4, seed=99)]
     rows[1] = ['123456789'] * 13 + ['unseen'] * 26
@@ -347,6 +378,14 @@ class PredictTest(parameterized.TestCase):
     self.assertEqual((values.chunk_rows, values.batch_size), (1, 1))
     with self.assertRaisesRegex(ValueError, 'at least 1, got 0'):
       predict.load(self.trained.workdir, batch_size=0)
+
+  def test_log_loss_moves_saturated_probabilities_by_float32_spacing(self):
+    # -log(2**-149) for a label 1 at 0, -log(2**-24) for a label 0 at 1,
+    # -log(0.5): (149 + 24 + 1) / 3 * log(2).
+    got = predict.log_loss(
+      np.array([1, 0, 1]), np.array([0.0, 1.0, 0.5], np.float32)
+    )
+    self.assertAlmostEqual(got, 58 * np.log(2), places=9)
 
   def test_output_is_parsed_back_exactly(self):
     probs = np.array([1e-8, 0.123456789, 1 - 1e-7, 0.5], np.float32)
