@@ -298,7 +298,7 @@ class CsvTest(absltest.TestCase):
     export.export(self.predictor, out)
     inputs = {k: v[:7].copy() for k, v in _inputs(self.test).items()}
     dims = np.array(self.dataset.multi_field_dims, np.int32)
-    inputs['ids'][1] += self.dataset.field_dims[0]
+    inputs['ids'][1] = self.dataset.field_dims  # The first id outside each.
     inputs['ids'][2] = -1
     inputs['multi_ids'][3, 0, 0] = -2
     inputs['multi_ids'][4, 1, -1] = dims[1]
