@@ -62,6 +62,14 @@ def _frame(rows, columns):
 class EncoderTestCase(DatasetTestCase):
   def _save(self, name, path, **overrides):
     """Preprocesses `path` as one split, saves and loads its encoder."""
+    config = self._config(name, path, **overrides)
+    dataset = data.load_dataset(config.dataset)
+    workdir = os.path.join(self.tmp, 'run')
+    encoder.save(workdir, dataset, config)
+    return dataset, encoder.load(workdir), workdir
+
+  def _config(self, name, path, **overrides):
+    """The config of `_save`'s run."""
     config = default.get_config()
     config.dataset = self.config(name, path, split=(1.0, 0.0, 0.0))
     for key, value in overrides.items():
@@ -71,10 +79,7 @@ class EncoderTestCase(DatasetTestCase):
         config.dataset[key] = value
     config.model_name = 'fm'
     config.model = ml_collections.ConfigDict({'embed_dim': 3})
-    dataset = data.load_dataset(config.dataset)
-    workdir = os.path.join(self.tmp, 'run')
-    encoder.save(workdir, dataset, config)
-    return dataset, encoder.load(workdir), workdir
+    return config
 
   def _file_order(self, dataset):
     """The train split's ids and labels in file order (split = 1, 0, 0)."""
@@ -306,6 +311,21 @@ class EncoderTest(EncoderTestCase):
     test += [['123456'] * 13 + ['never'] * 26, [''] * 39]
     got = enc.encode(_frame(test, CRITEO_COLUMNS[1:])).ids
     np.testing.assert_array_equal(got, [[0] * 39] + [[1] * 39] * 3)
+
+  def test_a_field_whose_vocabulary_fills_its_dim_has_no_oov_id(self):
+    # A dataset built in memory may keep every id: no id is left for OOV.
+    enc = encoder.Encoder(
+      name='mine',
+      format='csv',
+      options={},
+      min_count=1,
+      field_names=('a', 'b'),
+      field_dims=(3, 3),
+      vocabulary=(np.arange(2), np.arange(3)),
+      model_name='fm',
+      model={},
+    )
+    self.assertEqual(enc.oov_ids, (2, None))
 
   def test_bad_rows_name_file_and_line(self):
     rows = criteo_rows(20, seed=5)
@@ -708,6 +728,75 @@ class SideInputsTest(EncoderTestCase):
         'vocabulary.npy',
       ],
     )
+
+  def test_a_resume_with_other_numbers_or_lists_is_refused(self):
+    # The same one-hot vocabularies, other means or list vocabularies: the
+    # checkpoints were trained on other inputs.
+    path = write_lines(
+      os.path.join(self.tmp, 'train.csv'),
+      feature_rows(300, seed=8),
+      ',',
+      HEADER,
+    )
+    options = dict(min_count=MIN_COUNT, csv=csv_options())
+    dataset, _, workdir = self._save('csv', path, **options)
+    config = self._config('csv', path, **options)
+    meta_path = os.path.join(workdir, 'encoder', 'encoder.json')
+    with open(meta_path) as f:
+      meta = json.load(f)
+    encoder.save(workdir, dataset, config, resuming=True)  # The same.
+    tags = dataset.multi_vocabulary[0]
+    for changed, what in (
+      (
+        dict(dense_mean=(dataset.dense_mean[0] + 1, dataset.dense_mean[1])),
+        'dense_mean',
+      ),
+      (
+        dict(multi_vocabulary=(tags[:-1], *dataset.multi_vocabulary[1:])),
+        'multi_vocabulary',
+      ),
+    ):
+      other = dataclasses.replace(dataset, **changed)
+      with self.assertRaisesRegex(utils.UserError, rf'\({what} changed\)'):
+        encoder.save(workdir, other, config, resuming=True)
+      with open(meta_path) as f:
+        self.assertEqual(json.load(f), meta)
+
+  def test_a_resume_of_movielens_side_features_is_accepted(self):
+    # The year table's last row, the OOV movie's, is NaN: equal to itself.
+    directory = os.path.join(self.tmp, 'ml-100k')
+    os.makedirs(directory)
+    _write_ml100k(directory)
+    options = dict(side_features=('genres,year,age,gender',))
+    dataset, enc, workdir = self._save('ml-100k', directory, **options)
+    self.assertTrue(np.isnan(enc.side.item_dense[-1, 0]))
+    config = self._config('ml-100k', directory, **options)
+    encoder.save(workdir, dataset, config, resuming=True)
+
+  def test_damaged_arrays_are_named_not_split_as_they_are(self):
+    directory = os.path.join(self.tmp, 'ml-100k')
+    os.makedirs(directory)
+    _write_ml100k(directory)
+    options = dict(side_features=('age',))
+    _, _, workdir = self._save('ml-100k', directory, **options)
+    path = os.path.join(workdir, 'encoder', 'vocabulary.npy')
+    flat = np.load(path)
+    np.save(path, flat[:-1])
+    with self.assertRaisesRegex(
+      utils.UserError,
+      rf'vocabulary.npy: int64 \({len(flat) - 1},\), expected int64'
+      rf' \({len(flat)},\)',
+    ):
+      encoder.load(workdir)
+    np.save(path, flat)
+    path = os.path.join(workdir, 'encoder', 'side_user_ids.npy')
+    users = np.load(path)
+    np.save(path, users[:-1])
+    with self.assertRaisesRegex(
+      utils.UserError,
+      rf'side_user_ids.npy: {len(users) - 1} rows, expected {len(users)}',
+    ):
+      encoder.load(workdir)
 
   def test_a_resume_over_a_version_1_encoder_compares_its_ids_alone(self):
     # Layout 1 kept no side inputs: a resume of such a run (numeric or
