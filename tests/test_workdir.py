@@ -319,6 +319,42 @@ class LockTest(absltest.TestCase):
     self.assertRegex(logs.output[0], r'watching its heartbeat for 0\.\d s')
     self.assertIn('Taking over', logs.output[1])
 
+  def test_a_live_pid_of_a_holder_whose_lock_is_free_is_taken_over(self):
+    # With the lock got, the kernel says the holder is gone: its pid, alive,
+    # is another process's now (a reboot, or pids that wrapped around).
+    with open(os.path.join(self.path, workdir.LOCK_FILE), 'w') as f:
+      json.dump(
+        {'host': socket.gethostname(), 'pid': os.getppid(), 'released': False},
+        f,
+      )
+    with self.assertLogs(level='WARNING'), workdir.acquire(self.path) as lock:
+      self.assertEqual(lock.taken_over_from['pid'], os.getppid())
+
+  def test_a_release_ends_the_watch_of_another_hosts_holder(self):
+    path = os.path.join(self.path, workdir.LOCK_FILE)
+    record = {'host': 'elsewhere', 'pid': 4242, 'heartbeat': 1.0}
+    with open(path, 'w') as f:  # Watched for 2.5 beats of 4 s: 10 s.
+      json.dump(record | {'heartbeat_seconds': 4, 'released': False}, f)
+
+    def release():
+      with open(path, 'w') as f:
+        json.dump(record | {'heartbeat_seconds': 4, 'released': True}, f)
+
+    timer, live_reason = threading.Timer(0.2, release), lock_lib._live_reason
+
+    def watched(*args):
+      timer.start()  # Released while watched.
+      return live_reason(*args)
+
+    start = time.monotonic()
+    with (
+      mock.patch.object(lock_lib, '_live_reason', watched),
+      self.assertLogs(level='WARNING'),
+      workdir.acquire(self.path),
+    ):
+      self.assertLess(time.monotonic() - start, 5.0)
+    timer.join()
+
   def test_holder_rewrites_its_heartbeat(self):
     with workdir.acquire(self.path, heartbeat_seconds=0.05):
       lock_file = os.path.join(self.path, workdir.LOCK_FILE)
@@ -494,6 +530,21 @@ class CheckResumeTest(absltest.TestCase):
     )
     self.assertEqual(self._record()['num_epochs'], 100)
 
+  def test_a_safe_key_removed_on_a_resume_is_recorded_once(self):
+    workdir.check_resume(self.path, self.config)
+    without = _changed(self.config)
+    del without['device_split_mb']
+    changes = workdir.check_resume(self.path, without, resuming=True)
+    self.assertEqual(
+      [(h['key'], h['old'], 'new' in h) for h in changes],
+      [('device_split_mb', self.config.device_split_mb, False)],
+    )
+    # The record as changed by its history has the key no more.
+    self.assertEqual(
+      workdir.check_resume(self.path, without, resuming=True), []
+    )
+    self.assertLen(self._history(), 1)
+
   def _resumed(self, recorded, optimizer, checkpoints=True):
     self.config.optimizer = recorded
     workdir.check_resume(self.path, self.config)
@@ -572,6 +623,8 @@ class CheckResumeTest(absltest.TestCase):
       (record, 'notes\n', 'holds a config.json that is not the record'),
       (metrics, 'my log\n', 'metrics.jsonl:1: not a metrics line of a run'),
       (metrics, '{"split": "train"}\n[1]\n{"spl', 'metrics.jsonl:2: not a'),
+      # Only the last line may be cut short: a run appends after none.
+      (metrics, '{"spl\n{"split": "train"}\n', 'metrics.jsonl:1: not a'),
     ):
       with open(name, 'w') as f:
         f.write(text)
