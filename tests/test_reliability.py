@@ -388,6 +388,24 @@ class CheckpointPolicyTest(absltest.TestCase):
       best_reader.load_best(self.workdir)
     self.assertEqual(broken.call_count, 1)
 
+  def test_a_best_read_as_a_newer_one_is_saved_before_it_goes(self):
+    # The run saves its new best, then deletes the one being read: a read
+    # that failed in between, the old step still there as it was, reads
+    # the new one.
+    self.ckpt.save_best(3, self._state(3), self._meta(3, 3))
+    _age(os.path.join(self.workdir, 'checkpoints', 'best'))
+
+    def save_newer():
+      checkpoints.save(self.ckpt.best, 4, self._state(4), self._meta(4, 4), set)
+
+    racing, calls = self._cut_first_read(
+      save_newer, ValueError('NOT_FOUND: Error opening "zarr" driver')
+    )
+    with mock.patch.object(checkpoints, 'restore', racing):
+      state, meta = best_reader.load_best(self.workdir)
+    self.assertEqual((calls, meta['epoch']), ([3, 4], 4))
+    np.testing.assert_array_equal(state['w'], self._state(4)['w'])
+
   def test_a_best_deleted_and_saved_again_while_another_process_reads_it(self):
     # A resumed run redoing its best epoch deletes the step, then writes it:
     # a reader in between found no step, and called the best lost.
@@ -558,6 +576,17 @@ class CheckpointPolicyTest(absltest.TestCase):
       gate.set()
     self.assertLen(copies, 2)
     best = ckpt.restore_best(self._meta(4, 3), None)
+    np.testing.assert_array_equal(best['w'], self._state(3)['w'])
+
+  def test_a_latest_state_other_than_the_best_before_it_is_its_own(self):
+    # The copy of an epoch's best state is shared only with the same state.
+    with checkpoints.Checkpoints(self.workdir, background=True) as ckpt:
+      ckpt.save_best(3, self._state(3), self._meta(3, 3))
+      ckpt.save_latest(3, self._state(5), self._meta(3, 3))
+      ckpt.wait()
+      latest, _ = ckpt.restore_latest(None)
+      best = ckpt.restore_best(self._meta(3, 3), None)
+    np.testing.assert_array_equal(latest['w'], self._state(5)['w'])
     np.testing.assert_array_equal(best['w'], self._state(3)['w'])
 
   def test_a_background_save_waits_while_two_wait_to_start(self):
