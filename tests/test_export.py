@@ -391,6 +391,42 @@ class ExportRunTest(absltest.TestCase):
     self.assertEqual(sorted(os.listdir(out)), files)
     self.assertIsNone(signature['files']['onnx'])
 
+  def test_a_reexport_renames_the_encoder_json_last_and_drops_old_files(self):
+    # A server that reads encoder.json finds the files it names; a file of
+    # an earlier encoder (one with side tables) does not stay beside it.
+    run = trained_run()
+    out = os.path.join(self.enter_context(tempfile.TemporaryDirectory()), 'x')
+    predictor = predict.load(run.workdir)
+    export.export(predictor, out, onnx=False)
+    encoder_dir = os.path.join(out, 'encoder')
+    files = sorted(os.listdir(encoder_dir))
+    self.assertEqual(files, ['encoder.json', 'vocabulary.npy'])
+    with open(os.path.join(encoder_dir, 'side_item_dense.npy'), 'w') as f:
+      f.write('an earlier encoder')
+    renamed, replace = [], os.replace
+
+    def renaming(source, target):
+      if os.path.dirname(target) in (out, encoder_dir):
+        renamed.append(os.path.relpath(target, out))
+      replace(source, target)
+
+    with mock.patch.object(os, 'replace', renaming):
+      export.export(predictor, out, onnx=False)
+    self.assertEqual(
+      renamed,
+      ['model.jax', 'encoder/vocabulary.npy', 'encoder/encoder.json']
+      + ['signature.json'],
+    )
+    self.assertEqual(sorted(os.listdir(encoder_dir)), files)
+
+  def test_no_platform_or_an_unknown_one_is_refused(self):
+    export.check_platforms(['cpu', 'tpu'])
+    for platforms, named in (([], 'none'), (['cpu', 'gpu'], 'gpu')):
+      with self.assertRaisesRegex(
+        UserError, f'^--platforms: {named}; choose among cpu,cuda,rocm,tpu'
+      ):
+        export.check_platforms(platforms)
+
   def test_two_threads_publishing_one_output_each_write_it_whole(self):
     # Both staged `<name>.tmp-<pid>`: the second overwrote the first's
     # copies and renamed them; the first then failed (FileNotFoundError).
