@@ -317,6 +317,19 @@ class CheckpointPolicyTest(absltest.TestCase):
     latest = os.path.join(self.workdir, 'checkpoints', 'latest')
     self.assertEqual(os.listdir(latest), [])
 
+  def test_a_best_recovered_from_latest_is_saved_with_its_epochs_meta(self):
+    self.ckpt.save_best(2, self._state(2), self._meta(2, 2))
+    for epoch in (2, 3):
+      self.ckpt.save_latest(epoch, self._state(epoch), self._meta(epoch, 2))
+    shutil.rmtree(os.path.join(self.workdir, 'checkpoints', 'best', '2'))
+    with self.assertLogs(level='WARNING'):
+      state = self.ckpt.restore_best(self._meta(3, 2), None)
+    np.testing.assert_array_equal(state['w'], self._state(2)['w'])
+    # As the lost one was saved: epoch 2's, not the epoch that recovers it.
+    state, meta = best_reader.load_best(self.workdir)
+    np.testing.assert_array_equal(state['w'], self._state(2)['w'])
+    self.assertEqual(meta, self._meta(2, 2))
+
   def test_a_lost_best_is_named_with_its_epoch(self):
     self.ckpt.save_latest(3, self._state(3), self._meta(3, 1))
     with self.assertRaisesRegex(
@@ -441,6 +454,35 @@ class CheckpointPolicyTest(absltest.TestCase):
     ):
       best_reader.load_best(self.workdir)
     slept.assert_not_called()
+
+  def test_a_best_whose_save_began_long_ago_is_waited_for(self):
+    # A large state takes longer than STALE_S to write: the directory of
+    # steps changed long ago, the files of the step being saved just now.
+    self.ckpt.save_best(4, self._state(4), self._meta(4, 4))
+    best = os.path.join(self.workdir, 'checkpoints', 'best')
+    saving = os.path.join(best, '4' + best_reader.SAVING)
+
+    def delete_then_save():
+      self.ckpt.best.delete(4)
+      os.makedirs(saving)
+      _age(best)
+      with open(os.path.join(saving, 'part'), 'w') as f:
+        f.write('being written')
+
+      def finish():
+        time.sleep(0.3)
+        shutil.rmtree(saving)
+        self.ckpt.save_best(4, self._state(5), self._meta(4, 4))
+
+      threading.Thread(target=finish).start()
+
+    resumed, calls = self._cut_first_read(
+      delete_then_save, ValueError('FAILED_PRECONDITION: Error reading')
+    )
+    with mock.patch.object(checkpoints, 'restore', resumed):
+      state, _ = best_reader.load_best(self.workdir)
+    self.assertEqual(calls, [4, 4])
+    np.testing.assert_array_equal(state['w'], self._state(5)['w'])
 
   def test_a_best_read_as_a_resumed_run_deletes_and_saves_it_again(self):
     # The run deletes the step, then creates its temporary directory (14 ms
