@@ -377,7 +377,7 @@ class WarmStartTest(absltest.TestCase):
   def test_only_parameters_of_the_same_path_and_shape_are_copied(self):
     config = _config()
     model = train.create_model(config, (13, 17))
-    state = train.create_train_state(jax.random.key(0), config, model, 2)
+    state = train.state_initializer(config, model)(jax.random.key(0))
     params = jax.device_get(state.params)
     # Another run's FM: linear weights of the same shapes, embeddings of 8.
     source = jax.tree.map(lambda x: np.asarray(x) + 1.0, params)
@@ -456,7 +456,7 @@ class DropoutKeyTest(absltest.TestCase):
       dict(embed_dim=4, attn_size=3, dropouts=(0.5, 0.5))
     )
     model = train.create_model(config, (13, 17), axis_name=train.AXIS)
-    state = train.create_train_state(jax.random.key(0), config, model, 2)
+    state = train.state_initializer(config, model)(jax.random.key(0))
     split = _dataset(16)
     half = {'ids': split.ids, 'label': split.labels}
     batch = jax.tree.map(lambda x: np.stack([x, x]), half)
