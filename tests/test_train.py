@@ -384,7 +384,9 @@ class WarmStartTest(absltest.TestCase):
     source['FeaturesEmbedding_0']['embedding'] = np.ones((30, 8), np.float32)
     source['Other_0'] = {'kernel': np.ones((2,), np.float32)}
     with mock.patch.object(
-      train.best_reader, 'load_best', return_value=({'params': source}, {})
+      train.best_reader,
+      'load_best',
+      return_value=({'params': source}, {'epoch': 1}),
     ):
       warm = jax.device_get(train.warm_start(state, '/runs/fm'))
     jax.tree.map(
