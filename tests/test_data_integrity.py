@@ -13,6 +13,7 @@ import hashlib
 import io
 import json
 import os
+import shutil
 import stat
 from unittest import mock
 
@@ -559,6 +560,39 @@ class FailedWriteTest(IntegrityTestCase):
     for x, y in zip(_arrays(again), expected, strict=True):
       np.testing.assert_array_equal(x, y)
     self.assertLen(self.encoded(), 1)  # The damaged one went.
+
+  def test_a_failed_rename_is_an_error_unless_another_run_published(self):
+    config = self.config('ml-20m', self.path)
+    other = os.path.join(self.tmp, 'other')  # Its own cache: the reference.
+    expected = _arrays(
+      data.load_dataset(self.config('ml-20m', self.path, cache_dir=other))
+    )
+    rename = os.rename
+
+    def failing(src, dst, error):
+      if not os.path.basename(src).startswith('.tmp-'):
+        return rename(src, dst)
+      if error.errno == errno.ENOTEMPTY:  # Another run published it first.
+        shutil.copytree(src, dst)
+      raise error
+
+    error = OSError(errno.EIO, 'Input/output error')
+    with mock.patch.object(os, 'rename', lambda a, b: failing(a, b, error)):
+      with self.assertRaisesRegex(
+        data.DataError, 'Could not write the dataset cache .* Input/output'
+      ):
+        data.load_dataset(config)
+    self.assertEqual(self.encoded(), [])  # Nothing published, nothing left.
+    error = OSError(errno.ENOTEMPTY, 'Directory not empty')
+    with mock.patch.object(os, 'rename', lambda a, b: failing(a, b, error)):
+      data.load_dataset(config)
+    self.assertLen(self.encoded(), 1)
+    with mock.patch.object(
+      movielens, 'read_movielens', side_effect=AssertionError
+    ):  # Its cache is served from then on.
+      served = _arrays(data.load_dataset(config))
+    for x, y in zip(served, expected, strict=True):
+      np.testing.assert_array_equal(x, y)
 
 
 class DurabilityTest(IntegrityTestCase):
