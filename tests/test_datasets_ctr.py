@@ -427,6 +427,7 @@ class LibFMTest(DatasetTestCase):
     ('1 1:1\n', 'expected 2 features'),
     ('1 1:0.5 2:1\n', '.*one-hot'),
     ('1 a:1 2:1\n', '.*not idx:value'),
+    ('1 -1:1 2:1\n', 'feature index -1 is out of range'),
   )
   def test_bad_lines(self, line, message):
     path = write_lines(
