@@ -134,6 +134,15 @@ class DatasetConfigTest(DatasetTestCase):
       _, resolved, _ = data.resolve(config)
       self.assertEqual(resolved.min_count, min_count)
 
+  def test_chunk_rows_must_be_positive_without_the_config_check(self):
+    # load_dataset is called directly too (benchmarks, tools): its own check
+    # is one line, where 0 would fail inside itertools.islice.
+    for rows in (0, -5):
+      with self.assertRaisesRegex(
+        data.DataError, f'chunk_rows must be positive, got {rows}'
+      ):
+        data.resolve(self.config('criteo', '', chunk_rows=rows))
+
   def test_a_missing_path_gets_an_example_of_its_own_format(self):
     for name, example in (
       ('criteo', '/data/criteo/train.txt'),
