@@ -353,6 +353,9 @@ class LibFMTest(DatasetTestCase):
       strict=True,
     ):
       self.write_text(name, rows, offsets)
+    # Hidden files are not candidates: an editor's or macOS's beside them.
+    for hidden in ('.x.train.libfm.swp', '._x.train.libfm'):
+      write_lines(os.path.join(self.tmp, 'd', hidden), [['\x00']], '')
     dataset = data.load_dataset(
       self.config('libfm', os.path.join(self.tmp, 'd'))
     )
