@@ -348,6 +348,13 @@ class CsvFeaturesTest(DatasetTestCase):
     [directory] = [
       os.path.join(self.tmp, 'cache', 'encoded', n) for n in self.encoded()
     ]
+    # Nothing else: the raw float64 values went once standardised.
+    arrays = ('ids', 'labels', 'multi_ids', 'dense')
+    expected = [
+      f'{s}_{a}.npy' for s in ('train', 'valid', 'test') for a in arrays
+    ]
+    expected += ['vocab.npy', 'multi_vocab.npy', 'meta.json']
+    self.assertCountEqual(os.listdir(directory), expected)
     config = self.config('csv', path, min_count=MIN_COUNT, csv=csv_options())
     _, config, options = data.resolve(config)
     spec = data.cache_spec(config, options, {'all': path})
