@@ -640,6 +640,22 @@ class BadLinesTest(DatasetTestCase):
     ) as f:
       self.assertEqual(json.load(f)['skipped_lines'], 3)
 
+  @parameterized.parameters(
+    ('criteo', 'train.txt', '\n\n', 'no examples found'),
+    ('csv', 'c.csv', 'y,u\n', 'no examples found'),  # A header alone.
+    ('libfm', 'f.libfm', '\n \n', 'no libFM line with features found'),
+  )
+  def test_a_file_without_examples_is_named(self, name, file, text, message):
+    path = os.path.join(self.tmp, file)
+    with open(path, 'w') as f:
+      f.write(text)
+    config = self.config(name, path)
+    if name == 'csv':
+      config.csv.label_column = 'y'
+    with self.assertRaisesRegex(data.DataError, rf'^{path}: {message}\.$'):
+      data.load_dataset(config)
+    self.assertEqual(self.encoded(), [])
+
   def test_error_names_the_first_bad_line_of_a_chunk(self):
     rows = criteo_rows(60, seed=6)
     rows[9] = rows[9][:3] + ['12x'] + rows[9][4:]  # Line 10: parse stage.

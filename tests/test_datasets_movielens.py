@@ -349,6 +349,7 @@ class MovieLensParsingTest(parameterized.TestCase):
   @parameterized.named_parameters(
     ('columns', '1,2,4.0,5\n3,4,5.0\n', ':3: expected 4'),
     ('extra', '1,2,4.0,5\n3,4,5.0,6,7\n', ':3: expected 4'),
+    ('no_ratings', '\n', ': no ratings found'),  # A header alone.
     ('user', '1,2,4.0,5\nx1,4,5.0,6\n', ":3: user id 'x1' is not a number"),
     ('rating', '1,2,4.0,5\n1,4,good,6\n', ":3: rating 'good' is not a"),
     ('nan', '1,2,4.0,5\n1,4,nan,6\n', ":3: rating 'nan' is not a finite"),
