@@ -424,6 +424,23 @@ class LibFMTest(DatasetTestCase):
       data.load_dataset(
         self.config('libfm', bad, libfm=dict(field_dims=(30, 8, 5)))
       )
+    with self.assertRaisesRegex(
+      data.DataError, r'field_dims must be positive, got \(30, 0, 5\)'
+    ):
+      data.load_dataset(
+        self.config('libfm', bad, libfm=dict(field_dims=(30, 0, 5)))
+      )
+
+  def test_a_directory_with_two_training_files_is_refused(self):
+    os.makedirs(os.path.join(self.tmp, 'd'))
+    for name in ('x.train.libfm', 'x.train.old.libfm'):
+      self.write_text(name, self._lines(10, 0), (0, 30, 38))
+    with self.assertRaisesRegex(
+      data.DataError,
+      r'expected exactly one file with "train" in its name, found'
+      r" \['.*/x\.train\.libfm', '.*/x\.train\.old\.libfm'\]",
+    ):
+      data.load_dataset(self.config('libfm', os.path.join(self.tmp, 'd')))
 
   @parameterized.parameters(
     ('2 1:1 2:1\n', 'label 2'),
@@ -499,6 +516,36 @@ class CsvTest(DatasetTestCase):
     path = write_lines(path, rows, ',', ['clicked', 'user'])
     with self.assertRaisesRegex(
       data.DataError, r'c\.csv:6: label 2 is not 0 or 1 \(or -1\)'
+    ):
+      data.load_dataset(config)
+
+  def test_valid_and_test_files_must_have_the_training_fields(self):
+    # In another order, a file's ids would be looked up in the wrong field.
+    header = ['clicked', 'user', 'city']
+    rows = [[str(i % 2), f'u{i % 4}', f'c{i % 3}'] for i in range(40)]
+    paths = [
+      write_lines(os.path.join(self.tmp, f'{name}.csv'), rows, ',', header)
+      for name in ('train', 'valid')
+    ]
+    paths.append(
+      write_lines(
+        os.path.join(self.tmp, 'test.csv'),
+        [[r[0], r[2], r[1]] for r in rows],
+        ',',
+        ['clicked', 'city', 'user'],
+      )
+    )
+    config = self.config(
+      'csv',
+      paths[0],
+      valid_path=paths[1],
+      test_path=paths[2],
+      csv=dict(label_column='clicked'),
+    )
+    with self.assertRaisesRegex(
+      data.DataError,
+      r"test\.csv: fields \('city', 'user'\) differ from those of"
+      r" .*train\.csv: \('user', 'city'\)",
     ):
       data.load_dataset(config)
 
