@@ -145,11 +145,18 @@ class MovieLensSideTest(DatasetTestCase):
       self.assertIn(len(kept_tags), dataset.train.multi_ids[:, 1])
 
   def test_reordered_list_shares_the_cache_and_no_features_is_unchanged(self):
-    for features in (('genres,year',), ('year', 'genres'), ()):
+    # Another list is another cache, even from the same files (movies.csv).
+    fields = []
+    for features in (('genres,year',), ('year', 'genres'), ('genres',), ()):
       config = self.config('ml-latest-small', '')
       config.side_features = features
       dataset = data.load_dataset(config)
-    self.assertLen(self.encoded(), 2)
+      fields.append((dataset.multi_field_names, dataset.dense_names))
+    self.assertLen(self.encoded(), 3)
+    self.assertEqual(
+      fields,
+      [(('genres',), ('year',))] * 2 + [(('genres',), ()), ((), ())],
+    )
     self.assertIsNone(dataset.train.multi_ids)
     self.assertIsNone(dataset.train.dense)
     self.assertEqual(dataset.field_dims, (611, 9725))
