@@ -173,6 +173,17 @@ class PrepareTest(absltest.TestCase):
       message = self._message(path)
     self.assertIn(f'cannot write: {checkpoints}', message)
 
+  def test_unwritable_encoder_and_metrics_are_named(self):
+    # A run replaces the encoder's files and rewrites metrics.jsonl.
+    path = os.path.join(self.tmp, 'run')
+    encoder = os.path.join(path, 'encoder')
+    metrics = os.path.join(path, 'metrics.jsonl')
+    os.makedirs(encoder)
+    open(metrics, 'w').close()
+    for stuck in (encoder, metrics):
+      with self.subTest(stuck), _read_only(stuck):
+        self.assertIn(f'cannot write: {stuck}', self._message(path))
+
 
 class LockTest(absltest.TestCase):
   def setUp(self):
