@@ -241,6 +241,17 @@ class CsvTest(absltest.TestCase):
     got = self.predictor.predict_ids(**inputs)
     np.testing.assert_allclose(got, self.expected[:3], rtol=0, atol=1e-6)
 
+  def test_inputs_of_another_row_count_than_the_ids_are_refused(self):
+    # Longer lists or numbers than ids were cut to the ids' rows, silently.
+    longer = {k: v[:4] for k, v in _inputs(self.test).items()}
+    inputs = {k: v[:3] for k, v in longer.items()}
+    for name, shape in (('multi_ids', '[n, 2, 4]'), ('dense', '[n, 2]')):
+      with self.subTest(name):
+        with self.assertRaisesRegex(
+          ValueError, rf'^{name} must be {re.escape(shape)}, got \(4,'
+        ):
+          self.predictor.predict_ids(**{**inputs, name: longer[name]})
+
   def test_numbers_beyond_float32_name_the_row_and_field(self):
     lines = list(self.lines[:6])
     cells = lines[4].split(',')
