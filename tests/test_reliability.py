@@ -293,6 +293,17 @@ class CheckpointPolicyTest(absltest.TestCase):
         step_files.copy_step(copy, copy + '-again')
     self.assertEqual(sorted(os.listdir(os.path.dirname(copy))), ['4', '5'])
 
+  def test_a_step_without_checksums_is_not_copied(self):
+    # A run killed between a step's save and its checksums left one: a copy
+    # could not be checked, and would then be trusted as complete.
+    self.ckpt.save_best(3, self._state(3), self._meta(3, 3))
+    source = os.path.join(self.workdir, 'checkpoints', 'best', '3')
+    os.remove(os.path.join(source, step_files.CHECKSUMS))
+    target = os.path.join(self.workdir, 'copy')
+    with self.assertRaisesRegex(ValueError, 'has no checksums.json'):
+      step_files.copy_step(source, target)
+    self.assertEqual(os.listdir(self.workdir), ['checkpoints'])
+
   def test_a_full_disk_stops_the_copy_of_the_best_at_its_first_file(self):
     # Named as a refused orbax write is, not as a list of every file's
     # error (shutil.copytree's), and no partial step is left.
