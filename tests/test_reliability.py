@@ -430,6 +430,25 @@ class CheckpointPolicyTest(absltest.TestCase):
     self.assertEqual((calls, meta['epoch']), ([3, 4], 4))
     np.testing.assert_array_equal(state['w'], self._state(4)['w'])
 
+  def test_a_best_saved_again_long_before_a_slow_read_failed(self):
+    # A read of a large state outlasts STALE_S: the step it read was saved
+    # again (a resumed run) long before; its files are old, but not its own.
+    self.ckpt.save_best(4, self._state(4), self._meta(4, 4))
+    best = os.path.join(self.workdir, 'checkpoints', 'best')
+
+    def save_again_long_ago():
+      self.ckpt.best.delete(4)
+      self.ckpt.save_best(4, self._state(5), self._meta(4, 4))
+      _age(best)
+
+    resumed, calls = self._cut_first_read(
+      save_again_long_ago, ValueError('FAILED_PRECONDITION: Error reading')
+    )
+    with mock.patch.object(checkpoints, 'restore', resumed):
+      state, _ = best_reader.load_best(self.workdir)
+    self.assertEqual(calls, [4, 4])
+    np.testing.assert_array_equal(state['w'], self._state(5)['w'])
+
   def test_a_best_deleted_and_saved_again_while_another_process_reads_it(self):
     # A resumed run redoing its best epoch deletes the step, then writes it:
     # a reader in between found no step, and called the best lost.
@@ -704,6 +723,23 @@ class CheckpointPolicyTest(absltest.TestCase):
     self.assertEqual(ckpt.latest.all_steps(), [1])
     state, meta = ckpt.restore_latest(None)
     np.testing.assert_array_equal(state['w'], self._state(1)['w'])
+    ckpt.close()
+
+  def test_a_failed_background_save_raises_at_the_next_save(self):
+    # The run stops at its next epoch, not after every epoch left.
+    ckpt = checkpoints.Checkpoints(tempfile.mkdtemp(), background=True)
+    with self._failing_at(ckpt, 1):
+      ckpt.save_latest(1, self._state(1), self._meta(1, 1))
+      deadline = time.monotonic() + 60  # The save thread ends as it fails.
+      while any(t.name == 'ckpt-save' for t in threading.enumerate()):
+        self.assertLess(time.monotonic(), deadline)
+        time.sleep(0.01)
+      with self.assertRaisesRegex(
+        utils.UserError, 'checkpoint of epoch 1 .*No space left'
+      ):
+        ckpt.save_latest(2, self._state(2), self._meta(2, 1))
+      ckpt.wait()  # Raised once.
+    self.assertEqual(ckpt.latest.all_steps(), [])
     ckpt.close()
 
   def test_leaving_on_another_error_logs_a_failed_save(self):
