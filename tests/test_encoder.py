@@ -163,6 +163,17 @@ class EncoderTest(EncoderTestCase):
     self._check_rows(enc.encode(parquet), ids, None)
     with self.assertRaisesRegex(data.DataError, 'differ from those the model'):
       enc.encode(frame.assign(extra=1))
+    # A file whose header names another field: its cells are not device's.
+    renamed = frame.rename(columns={'device': 'dev'})
+    renamed.to_csv(other, index=False)
+    renamed.to_parquet(parquet)
+    for source in (other, parquet):
+      with self.assertRaisesRegex(
+        data.DataError,
+        f'^{source}: its fields age, city, dev differ from those the model'
+        ' was trained on: age, city, device.',
+      ):
+        enc.encode(source)
     # A bool label (`clicks > 0`) was "label 'False' is not an integer".
     clicked = frame.assign(clicked=frame['clicked'] > 0)
     self._check_rows(enc.encode(clicked), ids, labels)
