@@ -280,6 +280,44 @@ class RowwiseOptimizerTest(parameterized.TestCase):
         )
       state = after
 
+  def test_rowwise_adagrad_from_zero_accumulators_matches_brute_force(self):
+    # TorchRec's exact row-wise Adagrad from accumulators of zero, on
+    # gradients of 1e-6 to 1: eps is added to the root, so that a row of
+    # tiny gradients still takes a step of about the learning rate.
+    table = np.random.default_rng(0).normal(size=(5, 3)).astype(np.float32)
+    params = {
+      't': {'embedding': table},
+      'd': {'kernel': np.ones(2, np.float32)},
+    }
+    tables = frozenset({('t', 'embedding')})
+    tx = optim.rowwise_adagrad(0.05, 0.0, tables, 0.5, table_weight_decay=0.0)
+    state = tx.init(params)
+    np.testing.assert_array_equal(state.accumulator['t']['embedding'], [0] * 5)
+    # Row 2 read twice, row 0 with gradients of 1e-6, padding, row 4.
+    rows = np.array([2, 0, 2, -1, 4], np.int32)
+    values = np.array(
+      [[1, -2, 3], [1e-6, 2e-6, -1e-6], [1, 2, -1], [0.5, 0, 0], [9, 9, 9]],
+      np.float32,
+    )
+    grads = {
+      't': {'embedding': sparse.RowGrads(rows, values)},
+      'd': {'kernel': np.ones(2, np.float32)},
+    }
+    want_w, want_a = table.astype(np.float64), np.zeros(5)
+    apply = jax.jit(tx.apply)
+    for _ in range(2):
+      params, state = apply(grads, state, params)
+      for r in (0, 2, 4):
+        g = values[rows == r].sum(axis=0)
+        want_a[r] += np.mean(g**2)
+        want_w[r] -= 0.5 * g / (np.sqrt(want_a[r]) + 1e-8)
+      np.testing.assert_allclose(params['t']['embedding'], want_w, rtol=1e-5)
+      np.testing.assert_allclose(
+        state.accumulator['t']['embedding'], want_a, rtol=1e-5
+      )
+    # Row 0's tiny gradients took two steps of about the rate.
+    self.assertGreater(np.abs(table[0] - want_w[0]).min(), 0.5)
+
   @parameterized.parameters('fm', 'ffm', 'ncf', 'deepfm')
   def test_lazy_adam_equals_dense_adam_when_every_row_is_touched(
     self, model_name
