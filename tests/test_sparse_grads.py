@@ -289,6 +289,28 @@ class RowGradientsTest(parameterized.TestCase):
 
     self.assertEqual(program(Reversed), program(frozenset))
 
+  def test_tables_other_than_those_read_are_refused(self):
+    # One read but not declared, or declared but not read: named, before
+    # any gradient is formed.
+    model, params, batch_stats = _model_and_params('fm')
+    fun = _loss(model, batch_stats, _batch())
+    read = frozenset(_rows_read('fm', _batch()))
+    for tables in (
+      read - {('FeaturesLinear_0', 'weight')},
+      read | {('Other_0', 'embedding')},
+    ):
+      declared = ', '.join(sorted(f"'{'/'.join(k)}'" for k in tables))
+      with (
+        self.subTest(declared=declared),
+        self.assertRaisesRegex(
+          ValueError,
+          r'^The model read its tables otherwise than declared: read'
+          r" \{'FeaturesEmbedding_0/embedding': 1, 'FeaturesLinear_0/weight':"
+          rf' 1\}} \(times\), declared \[{declared}\]\.$',
+        ),
+      ):
+        sparse.value_and_grad(fun, params, tables)
+
   def test_a_table_read_twice_is_refused(self):
     # The rows of each table are perturbed once, under its name: a second
     # read's gradient would land on the first read's rows.
