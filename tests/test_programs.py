@@ -289,12 +289,24 @@ class StateFitsTest(absltest.TestCase):
     # 1 GiB, less what the process mapped between the two readings.
     self.assertAlmostEqual(left, min(2**30, available), delta=2**26)
 
+  def test_the_memory_left_is_meminfos_available_kib(self):
+    meminfo = 'MemTotal:  8000 kB\nMemFree:  10 kB\nMemAvailable:  3000 kB\n'
+    with (
+      mock.patch('builtins.open', mock.mock_open(read_data=meminfo)),
+      mock.patch.object(
+        programs.resource,
+        'getrlimit',
+        return_value=(resource.RLIM_INFINITY,) * 2,
+      ),
+    ):
+      self.assertEqual(programs.host_memory(), 3000 * 1024)
+
 
 class DonationTest(parameterized.TestCase):
   @parameterized.parameters(
     ('adam', False), ('lazy_adam', True), ('rowwise_adagrad', True)
   )
-  def test_the_row_wise_optimizers_donate_the_state_on_cpu(
+  def test_the_state_is_donated_except_dense_adams_on_cpu(
     self, optimizer, donated
   ):
     # They write the rows read in place only in a donated state: else XLA
@@ -307,6 +319,9 @@ class DonationTest(parameterized.TestCase):
     config.progress_bar = False
     self.assertEqual(jax.default_backend(), 'cpu')
     self.assertEqual(programs.state_donation(optimizer), (0,) * donated)
+    # Elsewhere every optimizer donates it.
+    with mock.patch.object(programs.jax, 'default_backend', return_value='gpu'):
+      self.assertEqual(programs.state_donation(optimizer), (0,))
     model = train.create_model(config, FIELD_DIMS, train.AXIS)
     p_train, _ = train.pmapped_steps(model, config)
     state = train.replicate(
