@@ -447,6 +447,42 @@ class PmapStepTest(absltest.TestCase):
       one.params,
     )
 
+  def test_batch_norm_statistics_are_the_global_batchs(self):
+    # Each device normalises its half with the global batch's statistics
+    # (BatchNorm's axis_name): the running averages after a step are those
+    # of the whole batch on one device.
+    config = _config(model_name='deepfm')
+    config.model = ml_collections.ConfigDict(
+      dict(embed_dim=4, mlp_dims=(8,), dropout=0.0)
+    )
+    model = train.create_model(config, (13, 17), axis_name=train.AXIS)
+    state = train.create_train_state(jax.random.key(0), config, model, 2)
+    p_step = jax.pmap(
+      functools.partial(train.train_step, model=model, config=config),
+      axis_name=train.AXIS,
+    )
+    new, _ = p_step(
+      jax_utils.replicate(state),
+      batching.shard(self.batch, 2),
+      jax_utils.replicate(train.hyperparameters(config)),
+    )
+    _, want = train.create_model(config, (13, 17)).apply(
+      {'params': state.params, 'batch_stats': state.batch_stats},
+      self.batch['ids'],
+      train=True,
+      mutable=['batch_stats'],
+    )
+    got = jax_utils.unreplicate(new).batch_stats
+    jax.tree.map(
+      functools.partial(np.testing.assert_allclose, rtol=1e-5, atol=1e-6),
+      got,
+      want['batch_stats'],
+    )
+    moved = jax.tree.map(
+      lambda a, b: np.abs(a - b).max(), got, state.batch_stats
+    )
+    self.assertGreater(min(jax.tree.leaves(moved)), 1e-3)
+
 
 class DropoutKeyTest(absltest.TestCase):
   def test_each_device_and_step_draws_its_own_dropout_masks(self):
@@ -690,16 +726,18 @@ class TrainAndEvaluateTest(absltest.TestCase):
   def test_early_stopping_counts_the_epochs_without_a_better_auc(self):
     # Scripted validation AUCs, then the test AUC. A tie is no better:
     # with patience 2, epochs 3 (a tie) and 4 end the run after the best,
-    # epoch 2, whose state the test split scores.
+    # epoch 2, whose state (of step 2 here) the test split scores.
     aucs = itertools.chain([0.6, 0.7, 0.7, 0.65, 0.8], itertools.repeat(0.5))
+    steps = []
 
     def evaluate(p_eval_step, state, split, batch_size):
-      del p_eval_step, state, batch_size
+      del p_eval_step, batch_size
+      steps.append(int(np.asarray(state.step)[0]))
       return {'auc': next(aucs), 'logloss': 0.5, 'num_examples': len(split)}
 
     def train_epoch(p_train_step, state, split, config, epoch, resident):
       del p_train_step, split, config, epoch, resident
-      return state, 0.5, 1.0
+      return state.replace(step=state.step + 1), 0.5, 1.0
 
     with (
       tempfile.TemporaryDirectory() as workdir,
@@ -718,6 +756,7 @@ class TrainAndEvaluateTest(absltest.TestCase):
       best = os.path.join(workdir, 'checkpoints', 'best')
       self.assertEqual(os.listdir(best), ['2'])
     self.assertEqual(test['auc'], 0.8)
+    self.assertEqual(steps, [1, 2, 3, 4, 2])
 
   def test_auto_resumes_with_the_optimizer_of_the_checkpoints(self):
     # A run trained with another optimizer than 'auto' picks here (named,
