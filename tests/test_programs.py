@@ -21,6 +21,7 @@ import numpy as np
 
 import batching
 from configs import default
+import data
 import programs
 import train
 
@@ -248,6 +249,39 @@ class TrainEpochRateTest(parameterized.TestCase):
     # A single dispatch is timed whole; else from the end of the first,
     # which may compile.
     self.assertAlmostEqual(rate, (7 - untimed_steps) * 8 / 10.0)
+
+
+class EpochStacksTest(parameterized.TestCase):
+  @parameterized.parameters(False, True)
+  def test_the_stacks_hold_the_epochs_batches_in_order(self, resident):
+    # 61 rows, whose labels are their indices: 7 steps of 8, 3 a dispatch
+    # (a padded stack of 1, then 3 and 3). Shuffled, an epoch is the rows
+    # of numpy's permutation seeded by (seed, epoch); else the stored order.
+    ids = dataset_testing.random_split(61, FIELD_DIMS).ids
+    split = data.Split(ids, np.arange(61, dtype=np.float32))
+    config = default.get_config()
+    config.batch_size, config.steps_per_dispatch = 8, 3
+
+    def rows(seed, epoch, shuffle):
+      config.seed, config.shuffle = seed, shuffle
+      sizes, stacks = programs.epoch_stacks(
+        split, config, epoch, {'label': split.labels} if resident else None
+      )
+      self.assertEqual(sizes, [1, 3, 3])
+      steps = []
+      for size, stack in zip(sizes, stacks, strict=True):
+        stack = stack if resident else stack['label']  # [devices, 3, 4]
+        steps += [np.sort(np.reshape(stack[:, i], -1)) for i in range(size)]
+      return np.stack(steps)
+
+    stored = np.arange(56).reshape(7, 8)
+    np.testing.assert_array_equal(rows(0, 0, False), stored)
+    np.testing.assert_array_equal(rows(3, 2, False), stored)
+    for seed, epoch in ((0, 0), (0, 1), (3, 0)):
+      perm = np.random.default_rng([seed, epoch]).permutation(61)
+      np.testing.assert_array_equal(
+        rows(seed, epoch, True), np.sort(perm[:56].reshape(7, 8), axis=1)
+      )
 
 
 class StateFitsTest(absltest.TestCase):
