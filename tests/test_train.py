@@ -1,6 +1,7 @@
 """Tests of train.py: metrics, the model factory, the pmap steps on 2 devices,
 padded evaluation, and a whole run that resumes."""
 
+import contextlib
 import functools
 import importlib
 import itertools
@@ -18,6 +19,7 @@ import ml_collections
 import numpy as np
 
 import batching
+import best_reader
 import config_check
 from configs import default
 from configs import finalmlp
@@ -723,12 +725,9 @@ class TrainAndEvaluateTest(absltest.TestCase):
       self.assertEqual(_tensorboard(workdir), plotted)
       self.assertEqual(again, test)
 
-  def test_early_stopping_counts_the_epochs_without_a_better_auc(self):
-    # Scripted validation AUCs, then the test AUC. A tie is no better:
-    # with patience 2, epochs 3 (a tie) and 4 end the run after the best,
-    # epoch 2, whose state (of step 2 here) the test split scores.
-    aucs = itertools.chain([0.6, 0.7, 0.7, 0.65, 0.8], itertools.repeat(0.5))
-    steps = []
+  def _scripted(self, aucs, steps):
+    """Epochs that add one step, evaluations that return the next of `aucs`
+    and append the step of the state they score to `steps`."""
 
     def evaluate(p_eval_step, state, split, batch_size):
       del p_eval_step, batch_size
@@ -739,10 +738,20 @@ class TrainAndEvaluateTest(absltest.TestCase):
       del p_train_step, split, config, epoch, resident
       return state.replace(step=state.step + 1), 0.5, 1.0
 
+    stack = contextlib.ExitStack()
+    stack.enter_context(mock.patch.object(train, 'evaluate', evaluate))
+    stack.enter_context(mock.patch.object(train, 'train_epoch', train_epoch))
+    return stack
+
+  def test_early_stopping_counts_the_epochs_without_a_better_auc(self):
+    # Scripted validation AUCs, then the test AUC. A tie is no better:
+    # with patience 2, epochs 3 (a tie) and 4 end the run after the best,
+    # epoch 2, whose state (of step 2 here) the test split scores.
+    aucs = itertools.chain([0.6, 0.7, 0.7, 0.65, 0.8], itertools.repeat(0.5))
+    steps = []
     with (
       tempfile.TemporaryDirectory() as workdir,
-      mock.patch.object(train, 'evaluate', evaluate),
-      mock.patch.object(train, 'train_epoch', train_epoch),
+      self._scripted(aucs, steps),
     ):
       config = _config(num_epochs=10, patience=2)
       config.dataset.cache_dir = os.path.join(workdir, 'cache')
@@ -757,6 +766,27 @@ class TrainAndEvaluateTest(absltest.TestCase):
       self.assertEqual(os.listdir(best), ['2'])
     self.assertEqual(test['auc'], 0.8)
     self.assertEqual(steps, [1, 2, 3, 4, 2])
+
+  def test_a_resume_goes_on_from_the_saved_wall_time(self):
+    # The checkpoints keep the wall time of their epoch's end; a resumed
+    # run's lines go on from it.
+    with (
+      tempfile.TemporaryDirectory() as workdir,
+      self._scripted(itertools.repeat(0.7), []),
+    ):
+      config = _config(num_epochs=1)
+      config.dataset.cache_dir = os.path.join(workdir, 'cache')
+      train.train_and_evaluate(config, workdir)
+      _, meta = best_reader.load_best(workdir)
+      config.num_epochs = 2
+      train.train_and_evaluate(config, workdir)
+      with open(os.path.join(workdir, 'metrics.jsonl')) as f:
+        times = [json.loads(line)['wall_time'] for line in f]
+    # Train and valid of epoch 1 (its test line is dropped), of epoch 2,
+    # then test.
+    self.assertLen(times, 5)
+    self.assertBetween(meta['wall_time'], times[1], times[2])
+    self.assertEqual(times, sorted(times))
 
   def test_auto_resumes_with_the_optimizer_of_the_checkpoints(self):
     # A run trained with another optimizer than 'auto' picks here (named,
