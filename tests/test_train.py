@@ -726,8 +726,8 @@ class TrainAndEvaluateTest(absltest.TestCase):
       self.assertEqual(again, test)
 
   def _scripted(self, aucs, steps):
-    """Epochs that add one step, evaluations that return the next of `aucs`
-    and append the step of the state they score to `steps`."""
+    """Epochs that only count their steps, evaluations that return the next
+    of `aucs` and append the step of the state they score to `steps`."""
 
     def evaluate(p_eval_step, state, split, batch_size):
       del p_eval_step, batch_size
@@ -735,8 +735,9 @@ class TrainAndEvaluateTest(absltest.TestCase):
       return {'auc': next(aucs), 'logloss': 0.5, 'num_examples': len(split)}
 
     def train_epoch(p_train_step, state, split, config, epoch, resident):
-      del p_train_step, split, config, epoch, resident
-      return state.replace(step=state.step + 1), 0.5, 1.0
+      del p_train_step, epoch, resident
+      n = batching.num_train_steps(split, config.batch_size)
+      return state.replace(step=state.step + n), 0.5, 1.0
 
     stack = contextlib.ExitStack()
     stack.enter_context(mock.patch.object(train, 'evaluate', evaluate))
@@ -746,7 +747,8 @@ class TrainAndEvaluateTest(absltest.TestCase):
   def test_early_stopping_counts_the_epochs_without_a_better_auc(self):
     # Scripted validation AUCs, then the test AUC. A tie is no better:
     # with patience 2, epochs 3 (a tie) and 4 end the run after the best,
-    # epoch 2, whose state (of step 2 here) the test split scores.
+    # epoch 2, whose state the test split scores. Each line names the step
+    # of the state it scores, or of the epoch's end.
     aucs = itertools.chain([0.6, 0.7, 0.7, 0.65, 0.8], itertools.repeat(0.5))
     steps = []
     with (
@@ -756,16 +758,23 @@ class TrainAndEvaluateTest(absltest.TestCase):
       config = _config(num_epochs=10, patience=2)
       config.dataset.cache_dir = os.path.join(workdir, 'cache')
       test = train.train_and_evaluate(config, workdir)
-      self.assertEqual(
-        [(r['split'], r['epoch'], r.get('auc')) for r in _metrics(workdir)],
-        [('train', 1, None), ('valid', 1, 0.6), ('train', 2, None)]
-        + [('valid', 2, 0.7), ('train', 3, None), ('valid', 3, 0.7)]
-        + [('train', 4, None), ('valid', 4, 0.65), ('test', 2, 0.8)],
-      )
+      lines = _metrics(workdir)
       best = os.path.join(workdir, 'checkpoints', 'best')
       self.assertEqual(os.listdir(best), ['2'])
+    self.assertEqual(
+      [(r['split'], r['epoch'], r.get('auc')) for r in lines],
+      [('train', 1, None), ('valid', 1, 0.6), ('train', 2, None)]
+      + [('valid', 2, 0.7), ('train', 3, None), ('valid', 3, 0.7)]
+      + [('train', 4, None), ('valid', 4, 0.65), ('test', 2, 0.8)],
+    )
     self.assertEqual(test['auc'], 0.8)
-    self.assertEqual(steps, [1, 2, 3, 4, 2])
+    n = steps[0]  # The steps of an epoch.
+    self.assertGreater(n, 1)
+    self.assertEqual(steps, [n, 2 * n, 3 * n, 4 * n, 2 * n])
+    self.assertEqual([r['step'] for r in lines if r['split'] != 'train'], steps)
+    self.assertEqual(
+      [r['step'] for r in lines if r['split'] == 'train'], steps[:4]
+    )
 
   def test_a_resume_goes_on_from_the_saved_wall_time(self):
     # The checkpoints keep the wall time of their epoch's end; a resumed
