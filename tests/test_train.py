@@ -458,7 +458,7 @@ class PmapStepTest(absltest.TestCase):
       dict(embed_dim=4, mlp_dims=(8,), dropout=0.0)
     )
     model = train.create_model(config, (13, 17), axis_name=train.AXIS)
-    state = train.create_train_state(jax.random.key(0), config, model, 2)
+    state = train.state_initializer(config, model)(jax.random.key(0))
     p_step = jax.pmap(
       functools.partial(train.train_step, model=model, config=config),
       axis_name=train.AXIS,
