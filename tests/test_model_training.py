@@ -278,6 +278,20 @@ class BatchNormAcrossDevicesTest(parameterized.TestCase):
     ),
     ('fnfm', 'fnfm', dict(embed_dim=3, mlp_dims=(5, 4), dropouts=(0.0, 0.0))),
     ('deepfm', 'deepfm', dict(embed_dim=3, mlp_dims=(5, 4), dropout=0.0)),
+    # The rest pass axis_name on by their own lines (AFN's paper form to
+    # its two LNN BatchNorms as well): TEST_KWARGS, every rate at 0.
+    *(
+      (name, name, dropout_kwargs(name))
+      for name in (
+        'dcn',
+        'xdeepfm',
+        'autoint',
+        'pnn',
+        'afn',
+        'dcnv2',
+        'finalmlp',
+      )
+    ),
   )
   def test_two_device_statistics_equal_global_batch(self, name, kwargs):
     num_devices = 2
