@@ -9,6 +9,7 @@ tests/test_model_parity.py.
 
 from absl.testing import absltest
 from absl.testing import parameterized
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 from model_tables import DROPOUT_SITES
@@ -90,6 +91,37 @@ class DropoutTest(parameterized.TestCase):
     first, _ = _train(half, variables, ids, seed=1)
     second, _ = _train(half, variables, ids, seed=2)
     self.assertGreater(np.max(np.abs(first - second)), 1e-3)
+
+  @parameterized.named_parameters(*SITES)
+  def test_each_dropout_site_drops_at_its_rate(self, name, site):
+    # Each entry of a dropout's input is zeroed or scaled by 1 / (1 - rate),
+    # a fraction `rate` of them zeroed: a site that drops at a rate other
+    # than its argument (half of it, say) still acts and draws by key, so
+    # only the scale and the fraction show it.
+    rate = 0.5
+    _, variables, ids = _setup(name, batch=64)
+    model = build(name, **dropout_kwargs(name, {site: rate}))
+    calls = []
+
+    def record(next_fun, args, kwargs, context):
+      y = next_fun(*args, **kwargs)
+      if isinstance(context.module, nn.Dropout):
+        calls.append((np.asarray(args[0]), np.asarray(y)))
+      return y
+
+    with nn.intercept_methods(record):
+      _train(model, variables, ids)
+    kept = zeroed = 0
+    for x, y in calls:
+      if np.array_equal(x, y):  # A site at rate 0.
+        continue
+      scaled = np.isclose(y, x / (1 - rate), rtol=1e-6, atol=0)
+      self.assertTrue(np.all(scaled | (y == 0)))
+      live = x != 0
+      kept += np.sum(live & scaled & (y != 0))
+      zeroed += np.sum(live & (y == 0))
+    self.assertGreater(kept + zeroed, 100)
+    self.assertAlmostEqual(zeroed / (kept + zeroed), rate, delta=0.1)
 
 
 class BatchNormTest(parameterized.TestCase):
