@@ -57,6 +57,7 @@ def _np_model(ids, variables, contexts, heads):
   streams = []
   for k, context in ((1, contexts[0]), (2, contexts[1])):
     if context:
+      context = sorted(set(context))  # Increasing, each field once.
       ctx_table = p[f'fs{k}_context_embedding']['embedding']
       ctx_offsets = np.cumsum((0,) + tuple(FIELD_DIMS[f] for f in context))
       x = ctx_table[ids[:, list(context)] + ctx_offsets[:-1]]
@@ -75,6 +76,7 @@ class EquationTest(parameterized.TestCase):
     ((), (), 1),
     ((0,), (1, 3), 2),
     ((), (2,), 4),
+    ((3, 1, 3), (), 2),
   )
   def test_eval_model_matches_brute_force(self, fs1, fs2, heads):
     model = finalmlp.Model(
