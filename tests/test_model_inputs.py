@@ -220,6 +220,9 @@ class ModelInputsTest(parameterized.TestCase):
     mod = self._module(name)
     model = self._side_model(mod, name, pooling)
     ids, multi_ids, dense = _inputs()
+    # Id 0 is an id like any other (only -1 pads): a list of each field
+    # starts with it.
+    multi_ids[3, 0, 0] = multi_ids[4, 1, 0] = 0
     variables = random_variables(model, ids, multi_ids, dense)
     out = apply_eval(model, variables, ids, multi_ids, dense)
 
