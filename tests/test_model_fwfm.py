@@ -31,22 +31,25 @@ MULTI_FIELD_DIMS = (6, 3)
 LINEAR_TYPES = ('lw', 'felv', 'filv')
 
 
-def _np_rows(p, name, ids, multi=None, dense=None):
+def _np_rows(p, name, ids, multi=None, dense=None, pooling='mean'):
   """`np_fields` of this file's fields."""
-  return np_fields(p, name, ids, FIELD_DIMS, multi, MULTI_FIELD_DIMS, dense)
+  return np_fields(
+    p, name, ids, FIELD_DIMS, multi, MULTI_FIELD_DIMS, dense, pooling
+  )
 
 
-def _np_fwfm(params, linear_type, ids, multi=None, dense=None):
+def _np_fwfm(params, linear_type, ids, multi=None, dense=None, pooling='mean'):
   """linear(x) + sum_{f<g} r_fg <v_f, v_g>, pair by pair."""
-  v = _np_rows(params['FeaturesEmbedding_0'], 'embedding', ids, multi, dense)
+  rows = lambda p, name: _np_rows(p, name, ids, multi, dense, pooling)
+  v = rows(params['FeaturesEmbedding_0'], 'embedding')
   if linear_type == 'lw':
     p = params['FeaturesLinear_0']
-    w = _np_rows(p, 'weight', ids, multi, dense)[..., 0]  # [B, T]
+    w = rows(p, 'weight')[..., 0]  # [B, T]
     y = p['bias'][0] + w.sum(axis=1)
   else:
     p = params['EmbeddingLinear_0']
     if linear_type == 'felv':
-      w = _np_rows(p, 'weight', ids, multi, dense)
+      w = rows(p, 'weight')
     else:
       w = np.broadcast_to(p['weight'], v.shape)
     y = p['bias'][0] + np.sum(v * w, axis=(1, 2))
@@ -69,13 +72,21 @@ class EquationTest(parameterized.TestCase):
       out, _np_fwfm(params, linear_type, ids), rtol=1e-4, atol=1e-4
     )
 
-  @parameterized.parameters(*LINEAR_TYPES)
-  def test_side_fields_are_more_fields_of_both_terms(self, linear_type):
+  @parameterized.parameters(
+    (linear_type, pooling)
+    for linear_type in LINEAR_TYPES
+    for pooling in ('mean', 'sum')
+  )
+  def test_side_fields_are_more_fields_of_both_terms(
+    self, linear_type, pooling
+  ):
     # 4 one-hot + 2 multi-hot + 2 numeric fields: T = 8, 28 pair weights.
+    # FeLV's vectors pool as the embeddings do.
     model = fwfm.Model(
       FIELD_DIMS,
       multi_field_dims=MULTI_FIELD_DIMS,
       num_dense=2,
+      multi_pooling=pooling,
       embed_dim=3,
       linear_type=linear_type,
     )
@@ -86,7 +97,7 @@ class EquationTest(parameterized.TestCase):
     out = model.apply({'params': params}, ids, multi, dense)
     np.testing.assert_allclose(
       out,
-      _np_fwfm(params, linear_type, ids, multi, dense),
+      _np_fwfm(params, linear_type, ids, multi, dense, pooling),
       rtol=1e-4,
       atol=1e-4,
     )
