@@ -1,11 +1,13 @@
 """Training-mode behaviour of the models: dropout, BatchNorm, sown losses.
 
 Every dropout site listed in tests/model_tables.py must act in training and
-only there; BatchNorm must normalise with the batch in training, keep
+only there, at its rate and in its place; BatchNorm must normalise with the batch in training, keep
 pytorch-fm's running averages and share them across devices; AFM must sow
 its attention penalty. Training-mode numbers against pytorch-fm itself are in
 tests/test_model_parity.py.
 """
+
+import itertools
 
 from absl.testing import absltest
 from absl.testing import parameterized
@@ -15,9 +17,14 @@ import jax.numpy as jnp
 from model_tables import DROPOUT_SITES
 from model_tables import FIELD_DIMS
 from model_tables import MODEL_NAMES
+from model_tables import TEST_KWARGS
 from model_tables import build
 from model_tables import dropout_kwargs
 from model_tables import module
+from model_testing import np_batchnorm
+from model_testing import np_linear
+from model_testing import np_mlp
+from model_testing import offsets
 from model_testing import random_ids
 from model_testing import random_variables
 from model_testing import randomize
@@ -122,6 +129,64 @@ class DropoutTest(parameterized.TestCase):
       zeroed += np.sum(live & (y == 0))
     self.assertGreater(kept + zeroed, 100)
     self.assertAlmostEqual(zeroed / (kept + zeroed), rate, delta=0.1)
+
+
+class DropoutPlacementTest(parameterized.TestCase):
+  """A site at rate 1 zeroes what the layer after it reads.
+
+  The rate checks above see a site's scale, not where it stands against
+  the softmax or BatchNorm next to it; these compare against numpy.
+  """
+
+  def _train_at_rate_one(self, name, site):
+    _, variables, ids = _setup(name)
+    model = build(name, **dropout_kwargs(name, {site: 1.0}))
+    logits, _ = _train(model, variables, ids)
+    return logits, variables['params'], ids
+
+  @parameterized.parameters('attention', 'pooled')
+  def test_afm_dropout_leaves_the_linear_term(self, site):
+    # The attention weights (after the softmax: dropped scores would give
+    # uniform weights) or the pooled pairs all dropped: no pair term.
+    logits, p, ids = self._train_at_rate_one('afm', site)
+    expected = np_linear(p['FeaturesLinear_0'], ids, FIELD_DIMS)
+    np.testing.assert_allclose(logits, expected, rtol=1e-5, atol=1e-5)
+
+  @parameterized.parameters('nfm', 'fnfm')
+  def test_interaction_dropout_follows_the_batchnorm(self, name):
+    # MLP(mask * BN(pairs) / (1 - rate)) with the mask drawn, batch
+    # statistics throughout. (A rate of 1 cannot tell the order: the MLP's
+    # first BatchNorm removes the constant BN(0).)
+    rate = 0.5
+    _, variables, ids = _setup(name)
+    model = build(name, **dropout_kwargs(name, {'interaction': rate}))
+    outputs = []
+
+    def record(next_fun, args, kwargs, context):
+      y = next_fun(*args, **kwargs)
+      if isinstance(context.module, nn.Dropout) and context.module.rate:
+        outputs.append(np.asarray(y))
+      return y
+
+    with nn.intercept_methods(record):
+      logits, _ = _train(model, variables, ids)
+    (dropped,) = outputs
+    p = variables['params']
+    rows = ids + offsets(FIELD_DIMS)
+    pairs = itertools.combinations(range(len(FIELD_DIMS)), 2)
+    if name == 'nfm':  # sum_{f<g} v_f * v_g
+      v = np.asarray(p['FeaturesEmbedding_0']['embedding'])[rows]
+      z = sum(v[:, f] * v[:, g] for f, g in pairs)  # [B, D]
+    else:  # [v_{x_f, g} * v_{x_g, f}] for f < g
+      v = np.asarray(p['FieldAwareEmbedding_0']['embedding'])
+      z = [v[rows[:, f], g] * v[rows[:, g], f] for f, g in pairs]
+      z = np.concatenate(z, axis=1)  # [B, P * D]
+    z = np_batchnorm(z, p['BatchNorm_0']) * (dropped != 0) / (1 - rate)
+    mlp = p['MultiLayerPerceptron_0']
+    hidden = len(TEST_KWARGS[name]['mlp_dims'])
+    expected = np_linear(p['FeaturesLinear_0'], ids, FIELD_DIMS)
+    expected += np_mlp(z, mlp, None, hidden)
+    np.testing.assert_allclose(logits, expected, rtol=1e-4, atol=1e-4)
 
 
 class BatchNormTest(parameterized.TestCase):
