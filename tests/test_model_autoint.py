@@ -14,6 +14,8 @@ import math
 
 from absl.testing import absltest
 from absl.testing import parameterized
+import flax.linen as nn
+import jax
 from model_testing import apply_eval
 from model_testing import apply_train
 from model_testing import check_config_model
@@ -46,8 +48,12 @@ def _dense(x, params):
   return x @ np.asarray(params['kernel'], np.float64) + params['bias']
 
 
-def _np_attention(x, params, num_heads, drop=False):
-  """Eq. (5)-(7) head by head and field by field, then torch's W_O."""
+def _np_attention(x, params, num_heads, drop=False, keep=None):
+  """Eq. (5)-(7) head by head and field by field, then torch's W_O.
+
+  `keep`: dropout on the attention weights, their factors `[B, H, F, F]`
+  (0 or 1 / (1 - rate)).
+  """
   batch, fields, width = x.shape
   d = width // num_heads
   q, k, v = (_dense(x, params[n]) for n in ('query', 'key', 'value'))
@@ -62,6 +68,8 @@ def _np_attention(x, params, num_heads, drop=False):
       alpha /= alpha.sum(1, keepdims=True)
       if drop:  # dropout at rate 1 on the attention weights
         alpha = np.zeros_like(alpha)
+      if keep is not None:
+        alpha = alpha * keep[:, h, m]
       heads[:, m, cols] = np.einsum('bj,bjd->bd', alpha, v[:, :, cols])
   return _dense(heads, params['out'])
 
@@ -75,6 +83,7 @@ def _np_autoint(
   batch_stats=True,
   drop_attention=False,
   drop_mlp=False,
+  attention_keep=None,
 ):
   """Logits by numpy from the embeddings `e` `[B, T, D]` and linear term."""
   p = variables['params']
@@ -82,7 +91,8 @@ def _np_autoint(
   a = _dense(e, p['atten_embedding'])
   for i in range(kwargs['num_layers']):
     layer = p[f'self_attn_{i}']
-    a = _np_attention(a, layer, kwargs['num_heads'], drop_attention)
+    keep = None if attention_keep is None else attention_keep[i]
+    a = _np_attention(a, layer, kwargs['num_heads'], drop_attention, keep)
   if has_residual:
     a = a + _dense(e, p['res_embedding'])
   r = np.maximum(a, 0.0).reshape(len(e), -1)
@@ -244,6 +254,30 @@ class TrainingModeTest(absltest.TestCase):
     a, _ = self._train((0.5, 0.0), seed=0)
     b, _ = self._train((0.5, 0.0), seed=1)
     self.assertGreater(np.mean(~np.isclose(a, b)), 0.5)
+
+  def test_attention_dropout_drops_the_weights_by_their_mask(self):
+    # Rate 0.5: each layer's weights alpha [B, H, F, F] (not the heads'
+    # outputs) kept twice or dropped, by the mask drawn.
+    model = autoint.Model(FIELD_DIMS, dropouts=(0.5, 0.0), **KWARGS)
+    drawn = []
+
+    def record(next_fun, args, kwargs, context):
+      y = next_fun(*args, **kwargs)
+      if isinstance(context.module, nn.Dropout) and context.module.rate:
+        drawn.append(np.where(np.asarray(y) != 0, 2.0, 0.0))
+      return y
+
+    with nn.intercept_methods(record):  # Eagerly: no jit, concrete masks.
+      out, _ = model.apply(
+        self.variables,
+        self.ids,
+        train=True,
+        rngs={'dropout': jax.random.key(0)},
+        mutable=['batch_stats'],
+      )
+    self.assertLen(drawn, KWARGS['num_layers'])
+    expected = self._expected(attention_keep=drawn)
+    np.testing.assert_allclose(out, expected, rtol=1e-4, atol=1e-4)
 
   def test_mlp_dropout_site(self):
     # Rate 1 drops every hidden unit of the MLP: its output is its bias.
