@@ -1,10 +1,10 @@
 """Training-mode behaviour of the models: dropout, BatchNorm, sown losses.
 
 Every dropout site listed in tests/model_tables.py must act in training and
-only there, at its rate and in its place; BatchNorm must normalise with the batch in training, keep
-pytorch-fm's running averages and share them across devices; AFM must sow
-its attention penalty. Training-mode numbers against pytorch-fm itself are in
-tests/test_model_parity.py.
+only there, at its rate and in its place; BatchNorm must normalise with the
+batch in training, keep pytorch-fm's running averages and share them across
+devices; AFM must sow its attention penalty. Training-mode numbers against
+pytorch-fm itself are in tests/test_model_parity.py.
 """
 
 import itertools
@@ -131,6 +131,30 @@ class DropoutTest(parameterized.TestCase):
     self.assertAlmostEqual(zeroed / (kept + zeroed), rate, delta=0.1)
 
 
+MLP_SITES = [(t, name, site) for t, name, site in SITES if site[:3] == 'mlp']
+
+
+def _np_mlp_dropped(x, params, drawn):
+  """An MLP block in training: batch statistics, each hidden layer dropped.
+
+  `drawn`: per hidden layer, its dropout's output (its zeros are the mask)
+  and rate.
+  """
+  dense = [k for k in params if k.startswith('Dense_')]
+  has_bn = any(k.startswith('BatchNorm_') for k in params)
+  hidden = sum(k.startswith('BatchNorm_') for k in params) or len(dense) - 1
+  assert len(drawn) == hidden, f'{len(drawn)} dropouts, {hidden} layers'
+  for i, (y, rate) in enumerate(drawn):
+    x = x @ params[f'Dense_{i}']['kernel'] + params[f'Dense_{i}'].get('bias', 0)
+    if has_bn:
+      x = np_batchnorm(x, params[f'BatchNorm_{i}'])
+    x = np.maximum(x, 0.0) * (y != 0) / (1 - rate)
+  if len(dense) > hidden:
+    out = params[f'Dense_{hidden}']
+    x = (x @ out['kernel'] + out['bias'])[:, 0]
+  return x
+
+
 class DropoutPlacementTest(parameterized.TestCase):
   """A site at rate 1 zeroes what the layer after it reads.
 
@@ -143,6 +167,34 @@ class DropoutPlacementTest(parameterized.TestCase):
     model = build(name, **dropout_kwargs(name, {site: 1.0}))
     logits, _ = _train(model, variables, ids)
     return logits, variables['params'], ids
+
+  @parameterized.named_parameters(*MLP_SITES)
+  def test_mlp_drops_each_hidden_layer_by_its_mask(self, name, site):
+    # Each MLP block (DeepNetwork in FiBiNET) against numpy with the masks
+    # drawn: a dropout after every hidden layer, not only the last.
+    _, variables, ids = _setup(name)
+    model = build(name, **dropout_kwargs(name, {site: 0.5}))
+    blocks, stack = [], []
+
+    def record(next_fun, args, kwargs, context):
+      mod = context.module
+      if type(mod).__name__ in ('MultiLayerPerceptron', 'DeepNetwork'):
+        stack.append([])
+        y = next_fun(*args, **kwargs)
+        params = jax.tree.map(np.asarray, mod.variables['params'])
+        blocks.append((np.asarray(args[0]), np.asarray(y), params, stack.pop()))
+        return y
+      y = next_fun(*args, **kwargs)
+      if isinstance(mod, nn.Dropout) and stack:
+        stack[-1].append((np.asarray(y), mod.rate))
+      return y
+
+    with nn.intercept_methods(record):
+      _train(model, variables, ids)
+    self.assertTrue(any(rate for *_, drawn in blocks for _, rate in drawn))
+    for x, y, params, drawn in blocks:
+      expected = _np_mlp_dropped(x, params, drawn)
+      np.testing.assert_allclose(y, expected, rtol=1e-4, atol=1e-4)
 
   @parameterized.parameters('attention', 'pooled')
   def test_afm_dropout_leaves_the_linear_term(self, site):
