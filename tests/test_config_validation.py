@@ -147,6 +147,8 @@ class BadValueTest(_TestCase):
     ('seed', -1, 'an integer >= 0'),
     ('seed', 2**63, 'an integer >= 0 and < 9223372036854775808'),
     ('progress_bar', 'yes', 'True or False'),
+    ('steps_per_dispatch', 0, 'an integer >= 1'),
+    ('device_split_mb', -1, 'an integer >= 0'),
     ('model__embed_dim', 0, 'an integer >= 1'),
     ('model__embed_dim', -4, 'an integer >= 1'),
     ('dataset__seed', -1, 'an integer >= 0'),
@@ -197,6 +199,10 @@ class BadValueTest(_TestCase):
     ('afm', 'model__attn_size', 0, 'an integer >= 1'),
     ('afm', 'model__attn_l2', -0.1, 'a number >= 0'),
     ('wd', 'model__cross_fields', ((1, 1),), 'two different field indices'),
+    ('wd', 'model__cross_fields', ((0, -1),), 'two different field indices'),
+    ('nfm', 'model__dropouts', (0.2, 1.0), 'sequence of 2 dropout rates'),
+    # An integer argument without a rule of its own: from its default.
+    ('dcnv2', 'model__num_cross_layers', -1, 'an integer >= 0'),
     ('wd', 'model__cross_buckets', 0, 'an integer >= 1'),
     ('ncf', 'model__user_field_idx', -1, 'a field index >= 0'),
     ('ncf', 'model__shared_embedding', 'no', 'True or False'),
@@ -290,6 +296,7 @@ class BadValueTest(_TestCase):
     ((0.0, 0.5, 0.5), 'every part a fraction > 0'),
     ((0.5, 0.5), 'three non-negative fractions'),
     ((0.8, 0.1, 0.2), 'summing to 1'),
+    ((0.8, 0.1, 0.1001), 'summing to 1'),
     ((1.1, -0.05, -0.05), 'three non-negative fractions'),
   )
   def test_bad_split_is_named(self, split, rule):
@@ -306,14 +313,31 @@ class BadValueTest(_TestCase):
     config_check.validate_config(config)
     message = self.problems(_config(dataset__valid_path='v.txt'))
     self.assertIn('valid_path and config.dataset.test_path must', message)
+    # A libfm directory holds its own files; a libfm file is split.
+    with tempfile.TemporaryDirectory() as directory:
+      libfm = dict(dataset__name='libfm', dataset__split=(1.0, 0.0, 0.0))
+      config_check.validate_config(_config(dataset__path=directory, **libfm))
+      path = os.path.join(directory, 'train.libfm')
+      message = self.problems(_config(dataset__path=path, **libfm))
+      self.assertIn('must give every part a fraction > 0', message)
 
   def test_nested_dataset_keys_are_checked_by_name(self):
     config = _config()
-    config.dataset.csv = ml_collections.ConfigDict({'sep': 3})
+    config.dataset.csv = ml_collections.ConfigDict(
+      {'sep': 3, 'multi_hot_max_len': 0}
+    )
     config.dataset.libfm = ml_collections.ConfigDict({'field_dims': (4, 0)})
     message = self.problems(config)
     self.assertIn('config.dataset.csv.sep=3 must be a string', message)
     self.assertIn('config.dataset.libfm.field_dims=(4, 0) must be', message)
+    self.assertIn(
+      'config.dataset.csv.multi_hot_max_len=0 must be an integer >= 1', message
+    )
+    config.dataset.csv = ml_collections.ConfigDict({'sep': '"'})
+    message = self.problems(config)
+    self.assertIn(
+      """config.dataset.csv.sep='"' must be a string of one""", message
+    )
 
   def test_dataset_names_and_device_count_when_given(self):
     message = self.problems(
@@ -324,9 +348,15 @@ class BadValueTest(_TestCase):
     self.assertIn("dataset.name='movielens' must be one of ml-1m", message)
     self.assertIn('config.batch_size=6 must be a multiple of the 4', message)
     self.assertNotIn('eval_batch_size=8', message)
+    message = self.problems(_config(eval_batch_size=6), num_devices=4)
+    self.assertIn('config.eval_batch_size=6 must be a multiple of', message)
 
   def test_init_from_must_hold_a_best_checkpoint(self):
     with tempfile.TemporaryDirectory() as run:
+      message = self.problems(_config(init_from=run))
+      self.assertIn(f'config.init_from={run!r} must be the workdir', message)
+      # A best directory without a step (a save cut short) is not one.
+      os.makedirs(os.path.join(run, 'checkpoints', 'best', '4.orbax-tmp'))
       message = self.problems(_config(init_from=run))
       self.assertIn(f'config.init_from={run!r} must be the workdir', message)
       os.makedirs(os.path.join(run, 'checkpoints', 'best', '4'))
