@@ -181,6 +181,41 @@ class MetricsTest(parameterized.TestCase):
       self.assertEqual(got[:2], lines[:2])
       self.assertEqual(json.loads(got[2])['loss'], 0.4)
 
+  def test_lines_kept_after_a_dropped_one_stay(self):
+    # An edited file: a test line amid the epochs that a resume keeps.
+    with tempfile.TemporaryDirectory() as workdir:
+      path = os.path.join(workdir, 'metrics.jsonl')
+      writer = metrics.MetricsWriter(workdir, enabled=True)
+      writer.write(split='train', epoch=1, loss=0.5)
+      writer.write(split='test', epoch=1, auc=0.6)
+      writer.write(split='valid', epoch=2, auc=0.7)
+      writer.write(split='train', epoch=3, loss=0.3)
+      with open(path) as f:
+        lines = f.readlines()
+      writer.truncate(2)
+      with open(path) as f:
+        self.assertEqual(f.readlines(), [lines[0], lines[2]])
+
+  def test_the_events_a_resume_writes_again_keep_their_time(self):
+    # TensorBoard's relative and wall-time axes read each event's time.
+    from tensorboard.backend.event_processing import event_accumulator
+
+    with tempfile.TemporaryDirectory() as workdir:
+      with open(os.path.join(workdir, 'metrics.jsonl'), 'w') as f:
+        for epoch, at in ((1, 1000.25), (2, 2000.5)):
+          f.write(
+            metrics.json_line(
+              dict(split='train', epoch=epoch, step=epoch, loss=0.5, time=at)
+            )
+          )
+      metrics.MetricsWriter(workdir, enabled=True).truncate(1)
+      events = event_accumulator.EventAccumulator(workdir)
+      events.Reload()
+      self.assertEqual(
+        [(e.wall_time, e.step) for e in events.Scalars('train/loss')],
+        [(1000.25, 1)],
+      )
+
   def test_wall_time_goes_on_from_the_offset_a_resume_restores(self):
     # A resumed run's lines go on from the saved wall time, so that its
     # curves against wall-clock time continue the first run's.
