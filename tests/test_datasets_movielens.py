@@ -169,6 +169,18 @@ class DownloadTest(absltest.TestCase):
           data.load_dataset(config)
     self.assertEqual(_files_under(config.cache_dir), [])
 
+  def test_a_short_transfer_without_a_checksum_is_not_kept(self):
+    # Without an MD5 the announced length is the only check.
+    dest = os.path.join(self.tmp, 'cache', 'x.zip')
+    with _Server(self.payload, truncate=True) as server:
+      with self.assertRaisesRegex(
+        data.DownloadError,
+        rf'^Download of {server.url}/x.zip ended after'
+        rf' {len(self.payload) // 2} of {len(self.payload)} bytes\.$',
+      ):
+        download.download(f'{server.url}/x.zip', dest)
+    self.assertEqual(_files_under(self.tmp), [])
+
   def test_unreachable_server(self):
     with _Server(b'') as server:
       url = server.url
