@@ -236,6 +236,10 @@ class OnnxCheckTest(absltest.TestCase):
       onnx_export.check(b'not a model', fn, feeds)
     with self.assertRaisesRegex(ValueError, 'other probabilities .* up to'):
       onnx_export.check(good, lambda ids: fn(ids) * 0.5, feeds)
+    # ATOL (1e-4) is the bound: a gap of 1e-3 is refused, 1e-5 is not.
+    with self.assertRaisesRegex(ValueError, r'by up to 0\.001 on 8 sample'):
+      onnx_export.check(good, lambda ids: fn(ids) + 1e-3, feeds)
+    onnx_export.check(good, lambda ids: fn(ids) + 1e-5, feeds)
     # In an export: both ways of converting are tried, then it is left out.
     out = os.path.join(self.enter_context(tempfile.TemporaryDirectory()), 'x')
     refused = ValueError('onnxruntime cannot run the model: Einsum')
