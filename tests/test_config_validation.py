@@ -58,6 +58,40 @@ class RealConfigsTest(_TestCase):
         config = importlib.import_module(f'configs.{name}').get_config(arg)
         config_check.validate_config(config, num_devices=2)
 
+  def test_configs_keep_pytorch_fm_recipe(self):
+    # pytorch-fm's examples/main.py: get_model's arguments, the flags'
+    # defaults, the 8:1:1 split and its EarlyStopper(num_trials=2).
+    recipe = {
+      'fm': dict(embed_dim=16),
+      'ffm': dict(embed_dim=4),
+      'fnn': dict(embed_dim=16, mlp_dims=(16, 16), dropout=0.2),
+      'wd': dict(embed_dim=16, mlp_dims=(16, 16), dropout=0.2),
+      'ipnn': dict(embed_dim=16, mlp_dims=(16,), method='inner', dropout=0.2),
+      'opnn': dict(embed_dim=16, mlp_dims=(16,), method='outer', dropout=0.2),
+      'dcn': dict(embed_dim=16, num_layers=3, mlp_dims=(16, 16), dropout=0.2),
+      'nfm': dict(embed_dim=64, mlp_dims=(64,), dropouts=(0.2, 0.2)),
+      'fnfm': dict(embed_dim=4, mlp_dims=(64,), dropouts=(0.2, 0.2)),
+      'deepfm': dict(embed_dim=16, mlp_dims=(16, 16), dropout=0.2),
+      'xdeepfm': dict(
+        embed_dim=16,
+        cross_layer_sizes=(16, 16),
+        split_half=False,
+        mlp_dims=(16, 16),
+        dropout=0.2,
+      ),
+      'afm': dict(embed_dim=16, attn_size=16, dropouts=(0.2, 0.2)),
+    }
+    for name, arguments in recipe.items():
+      config = _config(name)
+      with self.subTest(config=name):
+        self.assertEqual({k: config.model[k] for k in arguments}, arguments)
+        self.assertEqual(
+          (config.optimizer, config.learning_rate, config.weight_decay),
+          ('auto', 1e-3, 1e-6),
+        )
+        self.assertEqual((config.batch_size, config.patience), (2048, 2))
+        self.assertEqual(tuple(config.dataset.split), (0.8, 0.1, 0.1))
+
   def test_every_smoke_config_is_small(self):
     # A smoke run takes seconds: at most 1M weights on the embedded data
     # (AFN's full size has 10M and took minutes, FinalMLP's 2.8M).
