@@ -4,6 +4,7 @@ Each case runs a tiny entry point in a subprocess, as a user runs main.py.
 """
 
 import os
+import signal
 import subprocess
 import sys
 import tempfile
@@ -79,6 +80,9 @@ class RunMainTest(absltest.TestCase):
       text=True,
       timeout=120,
       env={**os.environ, **(env or {})},
+      # As from a terminal: under `nohup` or `&` SIGINT comes ignored, and
+      # the program rightly keeps it so (the Ctrl-C case then ran on).
+      preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
 
   def test_user_error_is_one_line_with_status_2(self):
