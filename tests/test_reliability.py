@@ -945,6 +945,19 @@ class RecordWriteFaultTest(absltest.TestCase):
       workdir_lib.check_resume(workdir, fm.get_config('smoke'))
     self.assertEqual(os.listdir(workdir), [])
 
+  def test_a_disk_fault_an_error_was_raised_in_is_named(self):
+    # An error raised while handling one (no `from`) keeps it as context.
+    try:
+      try:
+        raise OSError(errno.ENOSPC, 'No space left on device', 'a.npy')
+      except OSError:
+        raise RuntimeError('the save failed')  # noqa: B904
+    except RuntimeError as e:
+      error = e
+    self.assertEqual(
+      utils.os_problem(error), 'No space left on device (ENOSPC, a.npy)'
+    )
+
 
 class TrainingFaultTest(_Case):
   """Whole runs in this process, on a copy of one finished reference run."""
