@@ -144,6 +144,12 @@ class MainTest(absltest.TestCase):
       f'--config: {missing} does not exist. Give a config file, e.g.'
       ' --config=configs/fm.py (relative to the current directory).',
     )
+    # A directory: ml_collections' own error named an `_ErrorConfig`.
+    self._assert_one_line(
+      _run(os.path.join(self.tmp, 'w'), config=self.tmp),
+      f'--config: {self.tmp} is not a file. Give a config file, e.g.'
+      ' --config=configs/fm.py (relative to the current directory).',
+    )
     broken = os.path.join(self.tmp, 'broken.py')
     with open(broken, 'w') as f:
       f.write('def get_config(arg=None):\n  return undefined_name\n')
