@@ -5,6 +5,7 @@ import functools
 import importlib
 import os
 import tempfile
+from unittest import mock
 
 from absl.testing import absltest
 from absl.testing import parameterized
@@ -395,6 +396,11 @@ class BadValueTest(_TestCase):
       self.assertIn(f'config.init_from={run!r} must be the workdir', message)
       os.makedirs(os.path.join(run, 'checkpoints', 'best', '4'))
       config_check.validate_config(_config(init_from=run))
+    # `~` is the user's home, as the run that reads it expands it.
+    with tempfile.TemporaryDirectory() as home:
+      os.makedirs(os.path.join(home, 'run', 'checkpoints', 'best', '4'))
+      with mock.patch.dict(os.environ, {'HOME': home}):
+        config_check.validate_config(_config(init_from='~/run'))
     # A resumed run does not read it: it may be gone.
     config_check.validate_config(_config(init_from=run), resuming=True)
     self.assertIn('init_from', self.problems(_config(init_from=run)))
