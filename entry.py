@@ -217,7 +217,7 @@ def _config_file_unreadable(argv: list[str]) -> str | None:
   """The message for a config-file flag whose file cannot be read, or None."""
   for name, path in _config_files(argv):
     if not os.path.isfile(path):
-      why = 'does not exist'
+      why = 'is not a file' if os.path.exists(path) else 'does not exist'
     elif not os.access(path, os.R_OK):
       why = 'cannot be read'
     else:
