@@ -196,6 +196,21 @@ class MetricsTest(parameterized.TestCase):
       with open(path) as f:
         self.assertEqual(f.readlines(), [lines[0], lines[2]])
 
+  def test_a_writer_not_enabled_leaves_the_file_alone(self):
+    # Processes other than 0: only process 0 writes (and cuts) the file.
+    with tempfile.TemporaryDirectory() as workdir:
+      path = os.path.join(workdir, 'metrics.jsonl')
+      metrics.MetricsWriter(workdir, enabled=True).write(
+        split='train', epoch=2, loss=0.5
+      )
+      with open(path) as f:
+        lines = f.readlines()
+      writer = metrics.MetricsWriter(workdir, enabled=False)
+      writer.truncate(1)
+      writer.write(split='train', epoch=2, loss=0.4)
+      with open(path) as f:
+        self.assertEqual(f.readlines(), lines)
+
   def test_the_events_a_resume_writes_again_keep_their_time(self):
     # TensorBoard's relative and wall-time axes read each event's time.
     from tensorboard.backend.event_processing import event_accumulator
