@@ -240,6 +240,10 @@ class OnnxCheckTest(absltest.TestCase):
     with self.assertRaisesRegex(ValueError, r'by up to 0\.001 on 8 sample'):
       onnx_export.check(good, lambda ids: fn(ids) + 1e-3, feeds)
     onnx_export.check(good, lambda ids: fn(ids) + 1e-5, feeds)
+    # Rows of one value: an output of another shape broadcasts to a gap of 0.
+    same = {'ids': np.repeat(feeds['ids'][:1], 8, axis=0)}
+    with self.assertRaisesRegex(ValueError, 'other probabilities'):
+      onnx_export.check(good, lambda ids: fn(ids)[:1], same)
     # In an export: both ways of converting are tried, then it is left out.
     out = os.path.join(self.enter_context(tempfile.TemporaryDirectory()), 'x')
     refused = ValueError('onnxruntime cannot run the model: Einsum')
