@@ -166,6 +166,22 @@ class RunMainTest(absltest.TestCase):
     self.assertIn('Traceback', result.stderr)
     self.assertIn('KeyboardInterrupt', result.stderr)
 
+  def test_only_pythons_own_interrupt_handler_is_replaced(self):
+    # Under nohup or `&` SIGINT comes ignored; a host program may have its
+    # own handler: either stays.
+    import entry  # pylint: disable=g-import-not-at-top
+
+    self.addCleanup(
+      signal.signal, signal.SIGINT, signal.getsignal(signal.SIGINT)
+    )
+    for handler in (signal.SIG_IGN, print):
+      signal.signal(signal.SIGINT, handler)
+      entry.keep_interrupts()
+      self.assertIs(signal.getsignal(signal.SIGINT), handler)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    entry.keep_interrupts()
+    self.assertIs(signal.getsignal(signal.SIGINT), entry._interrupt)
+
   def test_success_exits_0(self):
     result = self._run('ok')
     self.assertEqual(result.returncode, 0, result.stderr)
