@@ -1208,7 +1208,7 @@ _ENTRY = textwrap.dedent(
 
     builtins.open = full_open
 
-  if fault == 'stuck_thread':
+  if fault in ('stuck_thread', 'stuck_thread_user_error'):
     # A thread that never ends, as orbax's did after a failed save.
     threading.Thread(target=threading.Event().wait).start()
     evaluate = train.evaluate
@@ -1216,6 +1216,8 @@ _ENTRY = textwrap.dedent(
 
     def failing_evaluate(*args, **kwargs):
       calls.append(1)
+      if fault == 'stuck_thread_user_error':
+        raise utils.UserError('injected user error')
       if len(calls) == 2:
         raise RuntimeError('injected failure in epoch 2')
       return evaluate(*args, **kwargs)
@@ -1310,6 +1312,11 @@ class MainFaultTest(_Case):
     result = self._inject('stuck_thread', self._workdir())
     self.assertEqual(result.returncode, 1, result.stderr[-3000:])
     self.assertIn('RuntimeError: injected failure in epoch 2', result.stderr)
+    self.assertIn('exiting now', result.stderr)
+    # A user's error keeps its status 2 when the grace period ends the run.
+    result = self._inject('stuck_thread_user_error', self._workdir())
+    self.assertEqual(result.returncode, 2, result.stderr[-3000:])
+    self.assertIn('error: injected user error', result.stderr)
     self.assertIn('exiting now', result.stderr)
 
   def test_error_in_the_prefetch_thread_surfaces(self):
