@@ -18,6 +18,7 @@ from model_tables import build
 from model_testing import random_ids
 from model_testing import randomize
 import numpy as np
+import optax
 
 import best_reader
 import checkpoints
@@ -131,6 +132,17 @@ class LegacyTest(parameterized.TestCase):
     variables = dict(build('dcn').init(jax.random.key(0), ids))
     self.assertIs(legacy.upgrade(variables), variables)
     self.assertIsNone(legacy.with_old_biases({'params': {'Dense_0': {}}}))
+
+  def test_a_masked_kernel_gets_a_masked_bias(self):
+    # An optimizer state that keeps nothing for the MLP (the tables' own
+    # optimizer) holds MaskedNodes there: the old layout has one more.
+    kernel = np.zeros((3, 4), np.float16)
+    block = {'Dense_0': {'kernel': kernel}, 'BatchNorm_0': {'scale': kernel}}
+    masked = {**block, 'Dense_0': {'kernel': optax.MaskedNode()}}
+    old = legacy.with_old_biases({'params': block, 'opt_state': masked})
+    bias = old['params']['Dense_0']['bias']
+    self.assertEqual((bias.shape, bias.dtype), ((4,), np.float16))
+    self.assertIsInstance(old['opt_state']['Dense_0']['bias'], optax.MaskedNode)
 
   def test_an_old_checkpoint_resumes_and_loads_as_today(self):
     config = dcn_config.get_config('smoke')
