@@ -17,9 +17,13 @@ MESSAGE = 'config.batch_size: set it to 2048.'
 
 _SCRIPT = textwrap.dedent(
   f"""
-  import sys
+  import signal, sys
   sys.path.insert(0, {ROOT!r})
   import entry
+
+  # As from a terminal: under `nohup` or `&` SIGINT comes ignored, and the
+  # program rightly keeps it so (the Ctrl-C cases then ran on).
+  signal.signal(signal.SIGINT, signal.default_int_handler)
   import utils
 
 
@@ -80,9 +84,6 @@ class RunMainTest(absltest.TestCase):
       text=True,
       timeout=120,
       env={**os.environ, **(env or {})},
-      # As from a terminal: under `nohup` or `&` SIGINT comes ignored, and
-      # the program rightly keeps it so (the Ctrl-C case then ran on).
-      preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
 
   def test_user_error_is_one_line_with_status_2(self):
