@@ -81,6 +81,12 @@ class EncoderTestCase(DatasetTestCase):
     config.model = ml_collections.ConfigDict({'embed_dim': 3})
     return config
 
+  def _ml100k(self):
+    """A MovieLens-100K directory (`_write_ml100k`): its path, its ratings."""
+    directory = os.path.join(self.tmp, 'ml-100k')
+    os.makedirs(directory)
+    return directory, _write_ml100k(directory)
+
   def _file_order(self, dataset):
     """The train split's ids and labels in file order (split = 1, 0, 0)."""
     ids, labels = np.asarray(dataset.train.ids), dataset.train.labels
@@ -688,9 +694,7 @@ class SideInputsTest(EncoderTestCase):
     self._check_inputs(enc.encode(frame), dataset.train, labeled=False)
 
   def test_movielens_side_features_are_looked_up_by_user_and_movie(self):
-    directory = os.path.join(self.tmp, 'ml-100k')
-    os.makedirs(directory)
-    ratings = _write_ml100k(directory)
+    directory, ratings = self._ml100k()
     features = ('genres,year,age,gender',)
     dataset, enc, workdir = self._save(
       'ml-100k', directory, side_features=features
@@ -775,9 +779,7 @@ class SideInputsTest(EncoderTestCase):
 
   def test_a_resume_of_movielens_side_features_is_accepted(self):
     # The year table's last row, the OOV movie's, is NaN: equal to itself.
-    directory = os.path.join(self.tmp, 'ml-100k')
-    os.makedirs(directory)
-    _write_ml100k(directory)
+    directory, _ = self._ml100k()
     options = dict(side_features=('genres,year,age,gender',))
     dataset, enc, workdir = self._save('ml-100k', directory, **options)
     self.assertTrue(np.isnan(enc.side.item_dense[-1, 0]))
@@ -785,9 +787,7 @@ class SideInputsTest(EncoderTestCase):
     encoder.save(workdir, dataset, config, resuming=True)
 
   def test_damaged_arrays_are_named_not_split_as_they_are(self):
-    directory = os.path.join(self.tmp, 'ml-100k')
-    os.makedirs(directory)
-    _write_ml100k(directory)
+    directory, _ = self._ml100k()
     options = dict(side_features=('age',))
     _, _, workdir = self._save('ml-100k', directory, **options)
     path = os.path.join(workdir, 'encoder', 'vocabulary.npy')

@@ -350,9 +350,9 @@ class CheckpointPolicyTest(absltest.TestCase):
     ):
       self.ckpt.restore_best(self._meta(3, 1), None)
 
-  def _cut_first_read(self, during, error):
-    """A `checkpoints.restore` whose first read meets `during()` (the run
-    saving its best) and fails with `error`; and the steps it reads."""
+  def _load_best_cut(self, during, error):
+    """`load_best` whose first read meets `during()` (the run saving its
+    best) and fails with `error`: the state and meta, and the steps read."""
     real, calls = checkpoints.restore, []
 
     def restore(mgr, step, target=None):
@@ -362,18 +362,18 @@ class CheckpointPolicyTest(absltest.TestCase):
         raise error
       return real(mgr, step, target)
 
-    return restore, calls
+    with mock.patch.object(checkpoints, 'restore', restore):
+      state, meta = best_reader.load_best(self.workdir)
+    return state, meta, calls
 
   def test_a_best_replaced_while_another_process_reads_it(self):
     # predict.py or init_from on a run still training: its new best deletes
     # the step being read, which read as damaged.
     self.ckpt.save_best(3, self._state(3), self._meta(3, 3))
-    racing, calls = self._cut_first_read(  # Epoch 4's best as we read 3.
+    state, meta, calls = self._load_best_cut(  # Epoch 4's best as we read 3.
       lambda: self.ckpt.save_best(4, self._state(4), self._meta(4, 4)),
       ValueError('NOT_FOUND: Error opening "zarr" driver'),
     )
-    with mock.patch.object(checkpoints, 'restore', racing):
-      state, meta = best_reader.load_best(self.workdir)
     self.assertEqual((calls, meta['epoch']), ([3, 4], 4))
     np.testing.assert_array_equal(state['w'], self._state(4)['w'])
 
@@ -382,11 +382,9 @@ class CheckpointPolicyTest(absltest.TestCase):
       self.ckpt.best.delete(4)
       self.ckpt.save_best(4, self._state(5), self._meta(4, 4))
 
-    redone, calls = self._cut_first_read(
+    state, _, calls = self._load_best_cut(
       save_again, ValueError('KeyError: \'Item "meta" was not found\'')
     )
-    with mock.patch.object(checkpoints, 'restore', redone):
-      state, _ = best_reader.load_best(self.workdir)
     self.assertEqual(calls, [4, 4])
     np.testing.assert_array_equal(state['w'], self._state(5)['w'])
     # Listed while the run swapped its best: no step seen, then the new one.
@@ -422,11 +420,9 @@ class CheckpointPolicyTest(absltest.TestCase):
     def save_newer():
       checkpoints.save(self.ckpt.best, 4, self._state(4), self._meta(4, 4), set)
 
-    racing, calls = self._cut_first_read(
+    state, meta, calls = self._load_best_cut(
       save_newer, ValueError('NOT_FOUND: Error opening "zarr" driver')
     )
-    with mock.patch.object(checkpoints, 'restore', racing):
-      state, meta = best_reader.load_best(self.workdir)
     self.assertEqual((calls, meta['epoch']), ([3, 4], 4))
     np.testing.assert_array_equal(state['w'], self._state(4)['w'])
 
@@ -441,11 +437,9 @@ class CheckpointPolicyTest(absltest.TestCase):
       self.ckpt.save_best(4, self._state(5), self._meta(4, 4))
       _age(best)
 
-    resumed, calls = self._cut_first_read(
+    state, _, calls = self._load_best_cut(
       save_again_long_ago, ValueError('FAILED_PRECONDITION: Error reading')
     )
-    with mock.patch.object(checkpoints, 'restore', resumed):
-      state, _ = best_reader.load_best(self.workdir)
     self.assertEqual(calls, [4, 4])
     np.testing.assert_array_equal(state['w'], self._state(5)['w'])
 
@@ -466,12 +460,10 @@ class CheckpointPolicyTest(absltest.TestCase):
       os.makedirs(saving)
       threading.Thread(target=finish).start()
 
-    resumed, calls = self._cut_first_read(
+    state, meta, calls = self._load_best_cut(
       delete_then_save,
       ValueError('FAILED_PRECONDITION: Error reading "w/0.0"'),
     )
-    with mock.patch.object(checkpoints, 'restore', resumed):
-      state, meta = best_reader.load_best(self.workdir)
     self.assertEqual((calls, meta['epoch']), ([4, 4], 4))
     np.testing.assert_array_equal(state['w'], self._state(5)['w'])
     # What a run killed while saving left is not waited for.
@@ -506,11 +498,9 @@ class CheckpointPolicyTest(absltest.TestCase):
 
       threading.Thread(target=finish).start()
 
-    resumed, calls = self._cut_first_read(
+    state, _, calls = self._load_best_cut(
       delete_then_save, ValueError('FAILED_PRECONDITION: Error reading')
     )
-    with mock.patch.object(checkpoints, 'restore', resumed):
-      state, _ = best_reader.load_best(self.workdir)
     self.assertEqual(calls, [4, 4])
     np.testing.assert_array_equal(state['w'], self._state(5)['w'])
 
