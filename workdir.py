@@ -20,6 +20,8 @@ from typing import Any
 from absl import logging
 import ml_collections
 
+import config_check
+from datasets import core
 import lock
 import utils
 from utils import UserError
@@ -163,6 +165,18 @@ def flatten(config: ml_collections.ConfigDict | dict) -> dict[str, Any]:
   return flat
 
 
+def _as_names(flat: dict[str, Any]) -> dict[str, Any]:
+  """`flat` with each dataset column list as its names: `a,b` is `[a, b]`."""
+  return {
+    k: list(core.name_list(v))
+    if k.startswith('dataset.')
+    and config_check.DATASET.get(k.rsplit('.', 1)[-1]) is config_check.columns
+    and isinstance(v, (str, list))
+    else v
+    for k, v in flat.items()
+  }
+
+
 def is_safe(key: str) -> bool:
   """Whether a resumed run may change config key `key` (dotted)."""
   return key in SAFE_KEYS
@@ -237,7 +251,8 @@ def check_resume(
           os.remove(history_path)
     return []
 
-  old = _recorded(record_path, history_path)
+  old = _as_names(_recorded(record_path, history_path))
+  new = _as_names(new)
   # A key that a newer version of this library added is absent from an
   # older record: at its default value it continues the recorded run. A
   # model argument's default is the model's own (same model only).

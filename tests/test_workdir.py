@@ -447,6 +447,34 @@ class CheckResumeTest(absltest.TestCase):
     self.assertEqual(self._record(), recorded)
     self.assertEqual(self._history(), [])
 
+  def test_column_lists_resume_however_they_are_spelled(self):
+    # `--config.dataset.csv.categorical_columns=user,city` records
+    # ('user,city',); the config file's tuple names the same columns.
+    workdir.check_resume(
+      self.path,
+      _changed(
+        self.config,
+        dataset__csv__categorical_columns=('user,city',),
+        dataset__side_features=('genres, year',),
+      ),
+    )
+    same = _changed(
+      self.config,
+      dataset__csv__categorical_columns=('user', 'city'),
+      dataset__side_features=('genres', 'year'),
+    )
+    self.assertEqual(workdir.check_resume(self.path, same, resuming=True), [])
+    self.assertEqual(self._history(), [])
+    reordered = _changed(
+      same, dataset__csv__categorical_columns=('city', 'user')
+    )
+    with self.assertRaisesRegex(
+      utils.UserError,
+      r'dataset.csv.categorical_columns \["user", "city"\] -> \["city",'
+      r' "user"\]',
+    ):
+      workdir.check_resume(self.path, reordered, resuming=True)
+
   def test_another_hosts_paths_resume_but_not_process_0s(self):
     # Process 0 records its own paths; the others read theirs (their data
     # is compared with process 0's by multihost.assert_same_data).
