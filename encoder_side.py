@@ -253,8 +253,11 @@ def rules(fmt: str, options: dict, inputs: SideInputs) -> dict[str, str]:
     )
   if inputs.features:
     out['side_features'] = (
-      'looked up by the encoded user and movie ids in side_tables; the last'
-      ' row of each is for an out-of-vocabulary user or movie'
+      'looked up by the encoded user and movie ids in side_tables: user_ids'
+      " are the user fields' ids, after user and item in ids; item_multi is"
+      ' multi_ids; item_dense holds raw values, standardised as numeric says'
+      ' to give dense. The last row of each is for an out-of-vocabulary user'
+      ' or movie'
     )
   return out
 

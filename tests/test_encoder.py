@@ -743,6 +743,26 @@ class SideInputsTest(EncoderTestCase):
         'vocabulary.npy',
       ],
     )
+    # A server without our code, following encoder.json's rules: the
+    # encoded user and movie ids give the model's other inputs.
+    directory = os.path.join(workdir, 'encoder')
+    with open(os.path.join(directory, 'encoder.json')) as f:
+      meta = json.load(f)
+    rule = meta['rules']['side_features']
+    tables = {
+      name: np.load(os.path.join(directory, file))
+      for name, file in meta['side_tables'].items()
+    }
+    self.assertIn('item_dense holds raw values, standardised', rule)
+    users, items = got.ids[:, 0], got.ids[:, 1]
+    ids = np.concatenate([got.ids[:, :2], tables['user_ids'][users]], axis=1)
+    raw = tables['item_dense'][items]
+    dense = (raw - meta['dense_mean']) / meta['dense_std']
+    np.testing.assert_array_equal(ids, got.ids)
+    np.testing.assert_array_equal(tables['item_multi'][items], got.multi_ids)
+    np.testing.assert_allclose(
+      np.nan_to_num(dense).astype(np.float32), got.dense, rtol=1e-6
+    )
 
   def test_a_resume_with_other_numbers_or_lists_is_refused(self):
     # The same one-hot vocabularies, other means or list vocabularies: the
