@@ -371,10 +371,13 @@ def _run(
   multihost.assert_same_data(dataset)
   sizes = [len(s) for s in (dataset.train, dataset.valid, dataset.test)]
   logging.info(
-    'Dataset %s: fields %s, field_dims %s, train/valid/test examples %s',
+    'Dataset %s: fields %s, field_dims %s, multi-hot fields %s, numeric'
+    ' fields %s, train/valid/test examples %s',
     dataset.name,
     dataset.field_names,
     dataset.field_dims,
+    dataset.multi_field_names,
+    dataset.dense_names,
     sizes,
   )
   data.check_splits(dataset, config)

@@ -496,7 +496,14 @@ class TrainingTest(DatasetTestCase):
       ',',
       HEADER,
     )
-    side, workdir = self.run_fm(path)
+    with self.assertLogs('absl', 'INFO') as logs:
+      side, workdir = self.run_fm(path)
+    # What the run reads besides the ids, in its log.
+    self.assertIn(
+      "multi-hot fields ('tags', 'colors'), numeric fields ('price',"
+      " 'count'), train/valid/test examples",
+      '\n'.join(logs.output),
+    )
     ids_only, _ = self.run_fm(
       path,
       float_columns=(),
