@@ -236,7 +236,8 @@ def load_dataset(config: ml_collections.ConfigDict) -> Dataset:
     return dataset
   # One process builds; the others (a sweep started at once) wait for it.
   with core.building(directory, os.path.join(cache_dir(config), 'locks')):
-    dataset = _cached(directory, spec)  # Built by the process waited for?
+    # Built by the process waited for? (Damage was reported above.)
+    dataset = _cached(directory, spec, warn=False)
     if dataset is not None:
       return dataset
     replace = os.path.lexists(directory)
@@ -248,14 +249,15 @@ def load_dataset(config: ml_collections.ConfigDict) -> Dataset:
     raise RuntimeError(f'{directory} fails its check once written: {e}') from e
 
 
-def _cached(directory: str, spec: dict) -> Dataset | None:
+def _cached(directory: str, spec: dict, warn: bool = True) -> Dataset | None:
   """The dataset cached in `directory`; None if there is none, or damaged."""
   if not os.path.lexists(directory):
     return None
   try:
     return cache.read(directory, spec)
   except cache.Damaged as e:
-    logging.warning('Rebuilding the damaged cache %s: %s', directory, e)
+    if warn:
+      logging.warning('Rebuilding the damaged cache %s: %s', directory, e)
     return None
 
 

@@ -408,6 +408,9 @@ class CsvFeaturesTest(DatasetTestCase):
     with self.assertLogs(level='WARNING') as logs:
       repaired = self.load(path)
     self.assertIn('Rebuilding the damaged cache', logs.output[0])
+    self.assertLen(  # Once, not again when the cache's lock is taken.
+      [line for line in logs.output if 'damaged cache' in line], 1
+    )
     self.assertTrue(np.isfinite(repaired.test.dense).all())
     os.remove(f'{directory}/train_dense.npy')
     with self.assertRaisesRegex(cache.Damaged, 'train_dense.npy'):
