@@ -282,6 +282,18 @@ def _check_list_columns(out: text.Table, schema, path: str) -> None:
       )
 
 
+def _separator_hint(header: Sequence[str], sep: str) -> str:
+  """Why a header of one column may lack a column: another separator."""
+  if len(header) == 1:
+    for other in (',', '\t', ';', '|', ' '):
+      if other != sep and other in header[0]:
+        return (
+          f' The header is one column, with {other!r} in it: is the file'
+          f' {other!r}-separated? config.dataset.csv.sep is {sep!r}.'
+        )
+  return ''
+
+
 def _check_unique(header: Sequence[str], where: str) -> None:
   counts = collections.Counter(header)
   twice = [c for c in header if counts[c] > 1]
@@ -319,11 +331,12 @@ def table(
           f'{path}: no column {column!r}, which the model reads (its'
           f' config.dataset.csv.{key}); the columns: {", ".join(given)}.'
           ' Add it (an empty cell is a value training did not see).'
+          + _separator_hint(given, sep)
         )
       if column not in header:
         raise core.DataError(
           f'config.dataset.csv.{key}: column {column!r} is not in the header'
-          f' of {path}: {", ".join(given)}.'
+          f' of {path}: {", ".join(given)}.' + _separator_hint(given, sep)
         )
   kinds = {'int': column_list(options.numeric_columns)}
   kinds['float'] = column_list(options.get('float_columns', ()))

@@ -623,6 +623,20 @@ class CsvTest(DatasetTestCase):
     with self.assertRaisesRegex(data.DataError, rf'^\S*h\.csv:1: {message}'):
       data.load_dataset(self.config('csv', path, csv=dict(label_column='y')))
 
+  def test_a_header_split_by_another_separator_says_so(self):
+    # A TSV read with the default sep=',' is one column named 'y\ta\tb'.
+    rows = [[str(i % 2), f'v{i % 3}', f'w{i % 2}'] for i in range(20)]
+    path = write_lines(os.path.join(self.tmp, 't.tsv'), rows, '\t', 'yab')
+    with self.assertRaisesRegex(
+      data.DataError,
+      r"^config.dataset.csv.label_column: column 'y' is not in the header of"
+      r" \S*t\.tsv: y\ta\tb\. The header is one column, with '\\t' in it:"
+      r" is the file '\\t'-separated\? config.dataset.csv.sep is ','\.$",
+    ):
+      data.load_dataset(self.config('csv', path, csv=dict(label_column='y')))
+    config = self.config('csv', path, csv=dict(label_column='y', sep='\t'))
+    self.assertEqual(data.load_dataset(config).field_names, ('a', 'b'))
+
   def test_parquet_cells_keep_newlines_quotes_and_crs(self):
     try:
       import pandas as pd
