@@ -261,6 +261,18 @@ def _cached(directory: str, spec: dict, warn: bool = True) -> Dataset | None:
     return None
 
 
+def describe(dataset: Dataset) -> str:
+  """What `dataset` holds, in one line for the run's log."""
+  parts = [f'fields {dataset.field_names}', f'field_dims {dataset.field_dims}']
+  if dataset.multi_field_names:
+    parts.append(f'multi-hot fields {dataset.multi_field_names}')
+  if dataset.dense_names:
+    parts.append(f'numeric fields {dataset.dense_names}')
+  sizes = [len(s) for s in (dataset.train, dataset.valid, dataset.test)]
+  parts.append(f'train/valid/test examples {sizes}')
+  return f'Dataset {dataset.name}: ' + ', '.join(parts)
+
+
 def check_splits(dataset: Dataset, config: ml_collections.ConfigDict):
   """Refuses, before any training, splits that cannot train or be scored.
 

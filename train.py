@@ -369,17 +369,7 @@ def _run(
     )
     dataset = data.load_dataset(config.dataset)
   multihost.assert_same_data(dataset)
-  sizes = [len(s) for s in (dataset.train, dataset.valid, dataset.test)]
-  logging.info(
-    'Dataset %s: fields %s, field_dims %s, multi-hot fields %s, numeric'
-    ' fields %s, train/valid/test examples %s',
-    dataset.name,
-    dataset.field_names,
-    dataset.field_dims,
-    dataset.multi_field_names,
-    dataset.dense_names,
-    sizes,
-  )
+  logging.info('%s', data.describe(dataset))
   data.check_splits(dataset, config)
   try:  # A model checks what depends on several arguments (or the data).
     model = create_model(

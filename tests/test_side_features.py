@@ -504,11 +504,16 @@ class TrainingTest(DatasetTestCase):
       " 'count'), train/valid/test examples",
       '\n'.join(logs.output),
     )
-    ids_only, _ = self.run_fm(
-      path,
-      float_columns=(),
-      multi_hot_columns=(),
-      categorical_columns=('shop',),
+    with self.assertLogs('absl', 'INFO') as logs:
+      ids_only, _ = self.run_fm(
+        path,
+        float_columns=(),
+        multi_hot_columns=(),
+        categorical_columns=('shop',),
+      )
+    [line] = [x for x in logs.output if 'Dataset csv:' in x]
+    self.assertRegex(
+      line, r"fields \('shop',\), field_dims \(\d+,\), train/valid/test"
     )
     # The label depends on price and the tags only.
     self.assertGreater(side['auc'], 0.75)
