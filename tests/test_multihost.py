@@ -18,6 +18,7 @@ in a warning.
 
 import contextlib
 import dataclasses
+import errno
 import json
 import os
 import re
@@ -837,13 +838,18 @@ class UserErrorTest(absltest.TestCase):
     refusals = (
       ValueError('coordinator_address should be defined.'),
       ValueError('process_id and num_processes must be nonnegative.'),
+      ValueError('coordinator_address should be defined.'),
+      multihost.jax.errors.JaxRuntimeError('UNAVAILABLE: bind failed'),
     )
     with (
+      mock.patch.dict(os.environ),
       mock.patch.object(multihost.jax.config, 'update'),
       mock.patch.object(
         multihost.jax.distributed, 'initialize', side_effect=refusals
       ),
+      mock.patch.object(multihost, 'check_coordinator'),
     ):
+      os.environ.pop('JAX_COORDINATOR_ADDRESS', None)
       with self.assertRaisesRegex(
         UserError,
         r'^Cannot join a multi-process run: coordinator_address should be'
@@ -855,16 +861,60 @@ class UserErrorTest(absltest.TestCase):
         UserError, r'must be nonnegative. Check the flags: every process'
       ):
         multihost.setup_distributed('127.0.0.1:1234', 2, 2)
+      with self.assertRaisesRegex(  # Process 0 is set, not missing.
+        UserError, r'defined\. Set --coordinator_address: every process'
+      ):
+        multihost.setup_distributed(None, 2, 0)
+      with self.assertRaisesRegex(
+        UserError,
+        r'^Cannot join a multi-process run at h:1: UNAVAILABLE: bind failed\.'
+        r' Check --coordinator_address and start the processes again\.$',
+      ):
+        multihost.setup_distributed('h:1', 2, 0)
+
+  def test_jax_and_the_address_check_get_what_the_flags_say(self):
+    # Process 0 checks the address too; $JAX_COORDINATOR_ADDRESS stands in
+    # for the flag (JAX reads it itself); an out-of-range process_id is
+    # left to JAX's own error.
+    for flags, checked in (
+      (('h:1', 2, 0), ('h:1', 0, 50)),
+      ((None, 2, 1), ('env-host:2', 1, 50)),
+      (('h:1', 2, 2), None),
+    ):
+      with (
+        mock.patch.dict(os.environ, {'JAX_COORDINATOR_ADDRESS': 'env-host:2'}),
+        mock.patch.object(multihost.jax.config, 'update'),
+        mock.patch.object(multihost.jax.distributed, 'initialize') as init,
+        mock.patch.object(multihost, 'check_coordinator') as check,
+      ):
+        multihost.setup_distributed(
+          *flags, heartbeat_timeout_seconds=7, initialization_timeout_seconds=50
+        )
+      self.assertEqual(check.call_args and check.call_args.args, checked)
+      init.assert_called_once_with(
+        coordinator_address=flags[0],
+        num_processes=2,
+        process_id=flags[2],
+        initialization_timeout=50,
+        heartbeat_timeout_seconds=7,
+      )
 
   def test_the_join_warning_waits_only_for_what_the_flags_name(self):
     # Under Slurm the address and count are the cluster's: nothing to name.
-    for flags, started in (((None, None, None), False), (('h:1', 2, 0), True)):
+    for flags, started in (
+      ((None, None, None), False),
+      ((None, 2, 0), False),
+      (('h:1', None, None), False),
+      (('h:1', 2, 0), True),
+    ):
       with (
+        mock.patch.dict(os.environ),
         mock.patch.object(multihost.jax.config, 'update'),
         mock.patch.object(multihost.jax.distributed, 'initialize'),
         mock.patch.object(multihost, 'check_coordinator'),
         mock.patch.object(multihost.threading, 'Timer') as timer,
       ):
+        os.environ.pop('JAX_COORDINATOR_ADDRESS', None)
         multihost.setup_distributed(*flags, initialization_timeout_seconds=50)
       self.assertEqual(timer.return_value.start.called, started, flags)
       timer.return_value.cancel.assert_called_once()
@@ -877,15 +927,29 @@ class UserErrorTest(absltest.TestCase):
         return s.getsockname()[1]
 
     check = multihost.check_coordinator
-    for address in ('localhost', 'localhost:0', 'localhost:70000', ':80'):
+    malformed = ('localhost', 'localhost:0', 'localhost:65536', ':80')
+    for address in malformed:
       with self.assertRaisesRegex(UserError, 'expected host:port'):
         check(address, 0, 1)
     with self.assertRaisesRegex(
       UserError, r"no-such-host.invalid:1234: cannot resolve 'no-such-host"
     ):
       check('no-such-host.invalid:1234', 1, 1)
+    with self.assertRaisesRegex(  # idna's UnicodeError: an empty label.
+      UserError, r"^--coordinator_address=a..b:1234: cannot resolve 'a..b'"
+    ):
+      check('a..b:1234', 1, 1)
+    with self.assertRaisesRegex(  # IPv6, bracketed: parsed and resolved.
+      UserError, r'^--coordinator_address=\[::1\]:\d+: process 0 did not'
+    ):
+      check(f'[::1]:{free_port()}', 1, 0.3)
     port = free_port()
     check(f'127.0.0.1:{port}', 0, 1)  # Free, and here.
+    # Again: the first check's connection (in TIME_WAIT) holds no port.
+    check(f'127.0.0.1:{port}', 0, 1)
+    refused = OSError(errno.EADDRNOTAVAIL, 'Cannot assign requested address')
+    with mock.patch.object(socket.socket, 'bind', side_effect=refused):
+      check(f'127.0.0.1:{port}', 0, 1)  # Not "in use": jaxlib says what.
     with self.assertRaisesRegex(
       UserError,
       r'^--coordinator_address=192.0.2.1:\d+: process 0 .* does'
