@@ -29,6 +29,7 @@ import subprocess
 import sys
 import tempfile
 import textwrap
+import threading
 import time
 from unittest import mock
 import warnings
@@ -962,6 +963,31 @@ class UserErrorTest(absltest.TestCase):
       with self.assertRaisesRegex(UserError, f'port {port} is in use'):
         check(f'127.0.0.1:{port}', 0, 1)
       check(f'127.0.0.1:{port}', 1, 0.3)  # Process 0 answers.
+    # The address leads to another host's listener: refused in time.
+    failed = []
+    with socket.create_server(('127.0.0.1', 0)) as elsewhere:
+      connect = socket.create_connection
+      with mock.patch.object(
+        socket,
+        'create_connection',
+        lambda _, timeout: connect(elsewhere.getsockname(), timeout),
+      ):
+        probe = threading.Thread(
+          target=self._raised,
+          args=(failed, check, f'127.0.0.1:{free_port()}', 0, 1, 0.3),
+          daemon=True,
+        )
+        probe.start()
+        probe.join(10)
+    self.assertRegex(str(failed), r'a connection to it does not reach this')
+
+  @staticmethod
+  def _raised(into: list, function, *args) -> None:
+    """Calls `function(*args)`; appends the UserError it raised to `into`."""
+    try:
+      function(*args)
+    except UserError as e:
+      into.append(e)
 
   def _two_processes(self, gathered):
     return (
