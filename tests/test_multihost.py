@@ -1137,5 +1137,122 @@ class UserErrorTest(absltest.TestCase):
         multihost.assert_same_on_all_processes(3, 'latest checkpoints', '/w')
 
 
+class _Exited(Exception):
+  """What the tests' `os._exit` raises instead of ending the process."""
+
+
+def _live_devices(alive=(), lost=(), error=None, release=None):
+  """A fake `multihost_utils.live_devices`: it waits for `release` (an
+  Event, at most 5 s), raises `error` or yields the devices of the `alive`
+  processes, and raises at the block's end that those of `lost` failed."""
+
+  def devices(processes):
+    return {mock.Mock(process_index=i) for i in processes}
+
+  @contextlib.contextmanager
+  def live_devices(_):
+    if release is not None:
+      release.wait(5)
+    if error is not None:
+      raise error
+    yield devices(alive)
+    if lost:
+      raise multihost.multihost_utils.ProcessFailureError(devices(lost))
+
+  return live_devices
+
+
+class LostPeerTest(absltest.TestCase):
+  """A failed process asks which peers live, names the lost, exits with 1."""
+
+  def _live(self, **kwargs):
+    with mock.patch.object(
+      multihost.multihost_utils, 'live_devices', _live_devices(**kwargs)
+    ):
+      return multihost.live_processes(1.0)
+
+  def test_live_processes_are_those_the_service_holds_alive(self):
+    self.assertEqual(self._live(alive=(0, 1)), {0, 1})
+    # One lost while the others asked: dead too.
+    self.assertEqual(self._live(alive=(0, 1, 2), lost=(1,)), {0, 2})
+    unreachable = ConnectionError('the service is gone')
+    self.assertIs(self._live(error=unreachable), unreachable)
+
+  def test_no_answer_is_none_after_the_timeout(self):
+    release = threading.Event()
+    self.addCleanup(release.set)
+    started = time.monotonic()
+    with mock.patch.object(
+      multihost.multihost_utils,
+      'live_devices',
+      _live_devices(alive=(0, 1), release=release),
+    ):
+      self.assertIsNone(multihost.live_processes(0.2))
+    self.assertLess(time.monotonic() - started, 3)
+
+  def _stop(self, error, live, count=2):
+    """`stop_after_failure(error, 10)` in process 1 of `count`, whose
+    question gets `live`. Returns the exit status (None: it returned), the
+    last error logged, and the seconds given to `live_processes` (None: not
+    asked)."""
+    with (
+      mock.patch.object(multihost.jax, 'process_count', return_value=count),
+      mock.patch.object(multihost.jax, 'process_index', return_value=1),
+      mock.patch.object(multihost, 'live_processes', return_value=live) as ask,
+      mock.patch.object(multihost.os, '_exit', side_effect=_Exited) as exit_,
+      self.assertLogs('absl', 'ERROR') as logs,
+    ):
+      try:
+        multihost.stop_after_failure(error, 10)
+      except _Exited:
+        pass
+    last = logs.records[-1]
+    if exit_.called:  # The traceback of what stopped it goes with it.
+      self.assertIs(last.exc_info[1], error)
+    status = exit_.call_args.args[0] if exit_.called else None
+    return status, last.getMessage(), ask.call_args and ask.call_args.args
+
+  def test_a_lost_peer_is_named_and_the_process_exits(self):
+    error = RuntimeError('collective failed')
+    again = ' Start all 2 processes again with the same flags to resume'
+    for live, message in (
+      ({1}, 'Lost process(es) 0 of 2: no heartbeat for 10 s. Process 1 stops.'),
+      (None, 'Process 1 of 2 failed alone while the others still run;'),
+      (
+        ConnectionError('gone'),
+        'Lost process 0 of 2: the JAX coordination service it runs is'
+        ' unreachable (gone). Process 1 stops.',
+      ),
+    ):
+      status, logged, asked = self._stop(error, live)
+      self.assertEqual(status, 1, live)
+      self.assertTrue(logged.startswith(message), logged)
+      self.assertIn(again, logged)
+      self.assertEqual(asked, (20,))  # The heartbeat timeout, and some.
+    status, logged, _ = self._stop(error, {0, 1}, count=3)
+    self.assertEqual(status, 1)
+    self.assertTrue(logged.startswith('Lost process(es) 2 of 3:'), logged)
+
+  def test_all_alive_and_failed_alike_return_to_re_raise(self):
+    status, logged, asked = self._stop(ValueError('bad config'), {0, 1})
+    self.assertIsNone(status)
+    self.assertEqual(asked, (20,))
+    self.assertIn('Process 1 of 2 stopped: ValueError: bad config.', logged)
+
+  def test_an_interrupted_process_exits_without_asking(self):
+    # The question would wait for peers that go on training.
+    status, logged, asked = self._stop(KeyboardInterrupt(), {0, 1})
+    self.assertEqual((status, asked), (1, None))
+    self.assertTrue(logged.startswith('Process 1 of 2 interrupted;'), logged)
+
+  def test_a_single_process_returns_at_once(self):
+    with (
+      mock.patch.object(multihost, 'live_processes') as ask,
+      mock.patch.object(multihost.os, '_exit') as exit_,
+    ):
+      multihost.stop_after_failure(RuntimeError('x'), 10)
+    self.assertFalse(ask.called or exit_.called)
+
+
 if __name__ == '__main__':
   absltest.main()
