@@ -40,6 +40,7 @@ import orbax.checkpoint as ocp
 
 from configs import fm as fm_config
 import data
+import lock
 import multihost
 import step_files
 from utils import UserError
@@ -832,6 +833,26 @@ class FaultTest(_MultiProcessTestCase):
     self.assertFalse(os.path.exists(os.path.join(self.tmp, 'nocluster')))
 
 
+@contextlib.contextmanager
+def _among(count, others, index=0):
+  """This process as process `index` of `count`: each `process_allgather(x)`
+  gathers `x` with what the others send, `others(x)` (arrays like `x`)."""
+
+  def gather(x):
+    rows = [np.asarray(y) for y in others(np.asarray(x))]
+    rows.insert(index, np.asarray(x))
+    return np.stack(rows)
+
+  with (
+    mock.patch.object(multihost.jax, 'process_count', return_value=count),
+    mock.patch.object(multihost.jax, 'process_index', return_value=index),
+    mock.patch.object(
+      multihost.multihost_utils, 'process_allgather', side_effect=gather
+    ),
+  ):
+    yield
+
+
 class UserErrorTest(absltest.TestCase):
   """A run set up wrong stops with a UserError (one line, status 2)."""
 
@@ -1135,6 +1156,92 @@ class UserErrorTest(absltest.TestCase):
         r' \{0: 3, 1: -1\} \(-1: none\)',
       ):
         multihost.assert_same_on_all_processes(3, 'latest checkpoints', '/w')
+
+  def test_process_1_sees_the_file_that_process_0_wrote_before_the_barrier(
+    self,
+  ):
+    workdir = tempfile.mkdtemp()
+    self.addCleanup(shutil.rmtree, workdir, ignore_errors=True)
+    token = np.arange(8, dtype=np.uint8)  # Process 0's, broadcast.
+    path = os.path.join(workdir, '.shared-0001020304050607')
+    for shared in (True, False):
+
+      def barrier(_, shared=shared):  # Process 0 wrote before it came.
+        if shared:
+          open(path, 'w').close()
+
+      with (
+        _among(2, lambda x: [np.ones_like(x)], index=1),
+        mock.patch.object(
+          multihost.multihost_utils, 'broadcast_one_to_all', return_value=token
+        ),
+        mock.patch.object(
+          multihost.multihost_utils, 'sync_global_devices', side_effect=barrier
+        ),
+      ):
+        if shared:
+          multihost.check_shared_workdir(workdir)
+          os.remove(path)  # Process 1 leaves it to process 0.
+        else:
+          with self.assertRaisesRegex(
+            UserError, r'is not shared: process\(es\) 1 do not see'
+          ):
+            multihost.check_shared_workdir(workdir)
+
+  def test_what_each_process_sends_is_compared(self):
+    for value, others, seen in (
+      (None, [3], r'\{0: -1, 1: 3\} \(-1: none\)'),
+      (3, [3, -1], r'\{0: 3, 1: 3, 2: -1\}'),
+      (3, [3, 3], None),
+    ):
+      with _among(
+        1 + len(others), lambda x, o=others: [np.int32(v) for v in o]
+      ):
+        if seen is None:
+          multihost.assert_same_on_all_processes(value, 'steps', '/w')
+          continue
+        with self.assertRaisesRegex(
+          UserError, r'^The processes see different steps in /w: ' + seen
+        ):
+          multihost.assert_same_on_all_processes(value, 'steps', '/w')
+
+  def test_no_error_anywhere_raises_nothing_and_any_process_error_does(self):
+    with _among(2, lambda x: [x]):
+      with multihost.errors_shared():
+        pass
+      self.assertEqual(multihost.gather_text(''), ['', ''])
+      np.testing.assert_array_equal(
+        multihost.allgather(np.arange(3)), [0, 1, 2, 0, 1, 2]
+      )
+    with (
+      mock.patch.object(multihost, 'gather_text', return_value=['', 'Uno']),
+      self.assertRaisesRegex(UserError, r'^Process 1: no$'),
+      multihost.errors_shared(),
+    ):
+      pass
+
+  def test_an_interrupt_does_not_wait_for_the_other_processes(self):
+    # They are not in the same collective: a Ctrl-C would wait forever.
+    with mock.patch.object(multihost, 'gather_text') as gather:
+      with self.assertRaises(KeyboardInterrupt), multihost.errors_shared():
+        raise KeyboardInterrupt
+    gather.assert_not_called()
+
+  def test_process_0_alone_locks_and_every_process_hears_a_refusal(self):
+    workdir = tempfile.mkdtemp()
+    self.addCleanup(shutil.rmtree, workdir, ignore_errors=True)
+    with multihost.lock_workdir(workdir, False):
+      self.assertEqual(os.listdir(workdir), [])
+    with multihost.lock_workdir(workdir, True):
+      self.assertEqual(os.listdir(workdir), [lock.LOCK_FILE])
+      with (
+        mock.patch.object(
+          multihost, 'gather_text', side_effect=lambda t: [t, '']
+        ) as gather,
+        self.assertRaisesRegex(UserError, 'already in use'),
+      ):
+        multihost.lock_workdir(workdir, True)
+    self.assertRegex(gather.call_args.args[0], r'^Uworkdir \S+ is already in')
 
 
 class _Exited(Exception):
