@@ -1065,6 +1065,7 @@ class UserErrorTest(absltest.TestCase):
         r'^The processes loaded different data: fields: .*9725.*9726.*'
         r'config.dataset.path',
       ),
+      *self._other_parts(dataset),
     ):
       texts = [json.dumps(fingerprint(d)) for d in (dataset, other)]
       with (
@@ -1076,6 +1077,33 @@ class UserErrorTest(absltest.TestCase):
         else:
           with self.assertRaisesRegex(UserError, message):
             multihost.assert_same_data(dataset)
+
+  @staticmethod
+  def _other_parts(dataset):
+    """(`dataset` with one part changed, the message naming that part alone)
+    for each part that `assert_same_data` compares."""
+    replace = dataclasses.replace
+
+    def last_row_changed(split):  # Beyond the first 1024 rows.
+      ids = np.array(split.ids)
+      ids[-1, 0] = (ids[-1, 0] + 1) % dataset.field_dims[0]
+      return replace(split, ids=ids)
+
+    vocabulary = list(dataset.vocabulary)
+    vocabulary[1] = vocabulary[1][::-1]
+    test = dataset.test
+    dense = np.zeros((len(test), 1), np.float32)
+    for other, part in (
+      (replace(dataset, train=last_row_changed(dataset.train)), 'train'),
+      (replace(dataset, valid=last_row_changed(dataset.valid)), 'valid'),
+      (replace(dataset, test=last_row_changed(test)), 'test'),
+      (replace(dataset, test=replace(test, dense=dense)), 'test'),
+      (replace(dataset, vocabulary=tuple(vocabulary)), 'vocabularies'),
+      (replace(dataset, multi_vocabulary=(np.arange(3),)), 'vocabularies'),
+      (replace(dataset, multi_field_dims=(3,)), 'fields'),
+      (replace(dataset, dense_names=('age',)), 'fields'),
+    ):
+      yield other, rf'^The processes loaded different data: {part}: [^;]*\. '
 
   def test_host_keys_may_differ_and_nothing_else(self):
     base = {'dataset.path': '/a', 'progress_bar': True, 'seed': 0}
@@ -1096,6 +1124,14 @@ class UserErrorTest(absltest.TestCase):
       ({'dataset.valid_path': '/b/v', 'dataset.test_path': '/b/t'}, None),
       ({'seed': 1}, r'configs: config.seed: 0: 0, 1: 1\. Start every'),
       ({'seed': None}, r'configs: config.seed: 0: 0, 1: null\. Start'),
+      # A key that process 0's config lacks (another config file's); every
+      # difference, in key order.
+      ({'model.extra': 1}, r'configs: config.model.extra: 0: null, 1: 1\. '),
+      (
+        {'seed': 2, 'model.extra': 1, 'learning_rate': 0.1},
+        r'configs: config.learning_rate: 0: null, 1: 0.1; config.model.extra:'
+        r' 0: null, 1: 1; config.seed: 0: 0, 1: 2\. ',
+      ),
     ):
       texts = [sent(base), sent(dict(base, **other))]
       with two, mock.patch.object(multihost, 'gather_text', return_value=texts):
@@ -1210,6 +1246,7 @@ class UserErrorTest(absltest.TestCase):
       with multihost.errors_shared():
         pass
       self.assertEqual(multihost.gather_text(''), ['', ''])
+      self.assertEqual(multihost.gather_text('é'), ['é', 'é'])  # 2 bytes.
       np.testing.assert_array_equal(
         multihost.allgather(np.arange(3)), [0, 1, 2, 0, 1, 2]
       )
