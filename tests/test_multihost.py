@@ -594,6 +594,25 @@ class FaultTest(_MultiProcessTestCase):
       error, f'main.py: error: config.dataset.path: {missing} does not exist.'
     )
 
+  def test_hosts_that_loaded_other_data_stop_before_training(self):
+    # Each host may read its own copy of the data: one whose copy differs
+    # (here a label) would train apart and score other test rows.
+    workdir = os.path.join(self.tmp, 'other-data')
+    flags = _csv_flags(f'{workdir}.csv')
+    with open(f'{workdir}.csv') as f:
+      lines = f.readlines()
+    lines[-1] = lines[-1][:-2] + ('0' if lines[-1][-2] == '1' else '1') + '\n'
+    with open(f'{workdir}.other.csv', 'w') as f:
+      f.writelines(lines)
+    only = {1: [f'--config.dataset.path={workdir}.other.csv']}
+    error = self._refused(workdir, None, *flags, only=only)
+    self.assertRegex(
+      error,
+      r'^main.py: error: The processes loaded different data: \w+: 0: .*'
+      r' Give every process the same file at config.dataset.path',
+    )
+    self.assertFalse(os.path.exists(os.path.join(workdir, 'checkpoints')))
+
   def test_a_host_that_cannot_make_the_workdir_stops_every_process(self):
     # Each host makes the workdir: one refused there left the others waiting
     # in the check of a shared workdir until the heartbeat timeout.
