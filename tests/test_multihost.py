@@ -239,6 +239,13 @@ _INJECT = textwrap.dedent(
 
     ocp.CheckpointManager.reload = failing_reload
 
+  if fault == 'unseen':  # Process 1 lists no checkpoint (a stale listing).
+    import orbax.checkpoint as ocp
+
+    if '--process_id=1' in sys.argv:
+      ocp.CheckpointManager.latest_step = lambda self: None
+      ocp.CheckpointManager.all_steps = lambda self, *args, **kwargs: []
+
   if fault.startswith('init_from'):  # Process 1's read of the source run.
     import best_reader, utils
 
@@ -674,6 +681,20 @@ class FaultTest(_MultiProcessTestCase):
       tag='fault',
       wrapper=(script,),
       env={'FAULT': fault, 'FAULT_DIR': where},
+    )
+
+  def test_a_process_that_sees_no_checkpoint_stops_every_process(self):
+    # It would start over while the others resume: other collectives.
+    workdir = os.path.join(self.tmp, 'unseen')
+    run = Run(workdir, self.cache, NUM_PROCESSES, tag='first')
+    self.assertEqual(run.wait(), [0] * NUM_PROCESSES, run.tails())
+    latest = max(map(int, os.listdir(f'{workdir}/checkpoints/latest')))
+    error = self._injected(workdir, None, 'unseen', 'none')
+    self.assertRegex(
+      error,
+      '^main.py: error: The processes see different latest checkpoints in'
+      rf' {re.escape(workdir)}: {{0: {latest}, 1: -1(, \d+: {latest})*}}'
+      r' \(-1: none\)\.',
     )
 
   def test_init_from_that_one_process_reads_otherwise_stops_every_process(
