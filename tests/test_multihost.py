@@ -902,6 +902,7 @@ class UserErrorTest(absltest.TestCase):
       ValueError('process_id and num_processes must be nonnegative.'),
       ValueError('coordinator_address should be defined.'),
       multihost.jax.errors.JaxRuntimeError('UNAVAILABLE: bind failed'),
+      TypeError('process_id must be a nonnegative int.'),
     )
     with (
       mock.patch.dict(os.environ),
@@ -933,6 +934,10 @@ class UserErrorTest(absltest.TestCase):
         r' Check --coordinator_address and start the processes again\.$',
       ):
         multihost.setup_distributed('h:1', 2, 0)
+      with self.assertRaisesRegex(  # As a cluster may give it.
+        UserError, r'nonnegative int\. Check the flags: every process'
+      ):
+        multihost.setup_distributed('h:1', 2, '0')
 
   def test_jax_and_the_address_check_get_what_the_flags_say(self):
     # Process 0 checks the address too; $JAX_COORDINATOR_ADDRESS stands in
@@ -989,7 +994,7 @@ class UserErrorTest(absltest.TestCase):
         return s.getsockname()[1]
 
     check = multihost.check_coordinator
-    malformed = ('localhost', 'localhost:0', 'localhost:65536', ':80')
+    malformed = ('localhost', 'localhost:0', 'localhost:65536', ':80', 'h:ht')
     for address in malformed:
       with self.assertRaisesRegex(UserError, 'expected host:port'):
         check(address, 0, 1)
