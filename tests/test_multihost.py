@@ -847,30 +847,35 @@ class FaultTest(_MultiProcessTestCase):
       for k, v in _env(1).items()
       if not k.startswith(('SLURM_', 'OMPI_', 'PMI_', 'TPU_'))
     }
-    result = subprocess.run(
-      [
-        sys.executable,
-        'main.py',
-        '--config=configs/fm.py:smoke',
-        f'--workdir={os.path.join(self.tmp, "nocluster")}',
-        '--distributed',
-      ],
-      cwd=ROOT,
-      env=env,
-      capture_output=True,
-      text=True,
-      timeout=RUN_TIMEOUT,
-    )
-    self.assertEqual(result.returncode, 2, result.stderr[-3000:])
-    self.assertNotIn('Traceback', result.stderr)
-    last = result.stderr.strip().splitlines()[-1]
-    self.assertRegex(
-      last,
-      r'^main.py: error: Cannot join a multi-process run: coordinator_address'
-      r' should be defined. Set --coordinator_address, --num_processes,'
-      r' --process_id: ',
-    )
-    self.assertFalse(os.path.exists(os.path.join(self.tmp, 'nocluster')))
+    # Any of the flags asks for a multi-process run, as --distributed does.
+    for flag, unset in (
+      ('--distributed', '--coordinator_address, --num_processes, --process_id'),
+      ('--num_processes=2', '--coordinator_address, --process_id'),
+      ('--process_id=0', '--coordinator_address, --num_processes'),
+    ):
+      result = subprocess.run(
+        [
+          sys.executable,
+          'main.py',
+          '--config=configs/fm.py:smoke',
+          f'--workdir={os.path.join(self.tmp, "nocluster")}',
+          flag,
+        ],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=RUN_TIMEOUT,
+      )
+      self.assertEqual(result.returncode, 2, result.stderr[-3000:])
+      self.assertNotIn('Traceback', result.stderr)
+      last = result.stderr.strip().splitlines()[-1]
+      self.assertRegex(
+        last,
+        r'^main.py: error: Cannot join a multi-process run: coordinator_address'
+        rf' should be defined. Set {unset}: ',
+      )
+      self.assertFalse(os.path.exists(os.path.join(self.tmp, 'nocluster')))
 
 
 @contextlib.contextmanager
