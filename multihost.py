@@ -275,12 +275,10 @@ def stop_after_failure(
     wait = heartbeat_timeout_seconds + 10
     logging.error(
       'Process %d of %d stopped: %s: %s. Asking the JAX coordination service'
-      ' which processes are alive (at most %s s).',
-      me,
-      count,
-      type(error).__name__,
-      error,
-      wait,
+      ' which processes are alive (at most %s s). If JAX ends this process'
+      ' first, naming a task that stopped sending heartbeats, that process'
+      ' was lost: start all %d again with the same flags to resume.',
+      *(me, count, type(error).__name__, error, wait, count),
     )
     live = live_processes(wait)
     if isinstance(live, set) and len(live) == count:

@@ -1432,6 +1432,15 @@ class LostPeerTest(absltest.TestCase):
     self.assertIsNone(status)
     self.assertEqual(asked, (20,))
     self.assertIn('Process 1 of 2 stopped: ValueError: bad config.', logged)
+    # JAX's abort for a lost peer may come first: how to resume, said now.
+    self.assertTrue(
+      logged.endswith(
+        ' (at most 20 s). If JAX ends this process first, naming a task that'
+        ' stopped sending heartbeats, that process was lost: start all 2'
+        ' again with the same flags to resume.'
+      ),
+      logged,
+    )
 
   def test_an_interrupted_process_exits_without_asking(self):
     # The question would wait for peers that go on training.
