@@ -14,7 +14,11 @@ import io
 import json
 import os
 import shutil
+import socket
 import stat
+import subprocess
+import sys
+import tempfile
 from unittest import mock
 
 from absl.testing import absltest
@@ -675,6 +679,61 @@ class NoOneHotFieldTest(IntegrityTestCase):
     self.assertEqual(cache._pieces(size, size, 0), [(0, size)])
     digest, _ = cache._scan(path, cache._pieces(size, size, 0))
     self.assertEqual(record, {'bytes': size, 'sha256': digest})
+
+
+class CacheFilesTest(absltest.TestCase):
+  """The cache's writer, publisher and sweeper, called directly."""
+
+  def setUp(self):
+    super().setUp()
+    self.tmp = tempfile.mkdtemp()
+    self.addCleanup(shutil.rmtree, self.tmp, ignore_errors=True)
+
+  def test_a_writer_given_fewer_or_more_rows_than_counted_refuses(self):
+    # A source that yields fewer rows in pass 2 than in pass 1 would leave
+    # a header promising rows that are not there.
+    writer = cache.NpyWriter(os.path.join(self.tmp, 'a.npy'), np.int32, (5, 2))
+    writer.write(np.zeros((3, 2), np.int32))
+    with self.assertRaisesRegex(
+      core.DataError, r'a\.npy: 3 rows written, 5 counted in pass 1'
+    ):
+      writer.close()
+    writer = cache.NpyWriter(os.path.join(self.tmp, 'b.npy'), np.int32, (2,))
+    with self.assertRaisesRegex(
+      core.DataError, r'b\.npy: more rows than counted in pass 1'
+    ):
+      writer.write(np.zeros(3, np.int32))
+
+  def test_stale_sweep_removes_dead_and_damaged_leaves_the_rest(self):
+    def make(name, owner=None):
+      os.makedirs(os.path.join(self.tmp, name, 'x'))
+      if owner is not None:
+        with open(os.path.join(self.tmp, name, 'owner.json'), 'w') as f:
+          f.write(owner)
+
+    dead = subprocess.Popen([sys.executable, '-c', ''])
+    dead.wait()
+    host = socket.gethostname()
+    make('.damaged-ml-20m-abc')  # Left by a run killed while replacing.
+    make('.tmp-a-dead', json.dumps({'host': host, 'pid': dead.pid}))
+    make('.tmp-a-alive', json.dumps({'host': host, 'pid': os.getpid()}))
+    make('.tmp-a-writing', '{"host": ')  # Its owner mid-way through writing.
+    make('.tmp-a-foreign', json.dumps({'host': host + 'x', 'pid': dead.pid}))
+    make('ml-20m-0123')  # A published cache.
+    cache.remove_stale(self.tmp)
+    self.assertEqual(
+      sorted(os.listdir(self.tmp)),
+      ['.tmp-a-alive', '.tmp-a-foreign', '.tmp-a-writing', 'ml-20m-0123'],
+    )
+
+  def test_replacing_a_cache_another_run_moved_away_publishes(self):
+    # Two runs each found the cache damaged; the other moved it aside first.
+    tmp = core.make_temp_dir(self.tmp, '.tmp-a-')
+    write_text(os.path.join(tmp, 'meta.json'), '{}')
+    directory = os.path.join(self.tmp, 'a-0123')
+    cache._publish(tmp, directory, replace=True)
+    self.assertEqual(os.listdir(self.tmp), ['a-0123'])
+    self.assertEqual(os.listdir(directory), ['meta.json'])
 
 
 if __name__ == '__main__':
