@@ -93,15 +93,31 @@ def _invalid_json(path):
     f.write('{"version": 3, "files": ')
 
 
-def _meta_with_another_file(directory):
-  """meta.json lists a numeric array its fields do not name (as if its
-  `dense_names` were lost): served, the numeric inputs would be dropped."""
+def _edit_meta(directory, edit):
+  """Rewrites `directory`'s meta.json after `edit(meta)`."""
   path = os.path.join(directory, 'meta.json')
   with open(path) as f:
     meta = json.load(f)
-  meta['files']['train_dense'] = meta['files']['train_labels']
+  edit(meta)
   with open(path, 'w') as f:
     json.dump(meta, f)
+
+
+def _meta_with_another_file(directory):
+  """meta.json lists a numeric array its fields do not name (as if its
+  `dense_names` were lost): served, the numeric inputs would be dropped."""
+  _edit_meta(
+    directory,
+    lambda m: m['files'].__setitem__('train_dense', m['files']['train_labels']),
+  )
+
+
+def _labels_as_a_column(directory):
+  """train_labels.npy saved `[n, 1]`: same bytes but the header's shape,
+  its checksum updated; served, labels would broadcast against logits."""
+  path = os.path.join(directory, 'train_labels.npy')
+  np.save(path, np.load(path).reshape(-1, 1))
+  _update_checksum(directory, 'train_labels')
 
 
 def _overwrite(path, values, dtype):
@@ -198,6 +214,17 @@ class DamagedCacheTest(IntegrityTestCase):
       'meta.json',
     ),
     ('meta_of_other_fields', _meta_with_another_file, 'lists other files'),
+    (
+      'meta_of_another_key',  # A cache directory copied under another key.
+      lambda d: _edit_meta(d, lambda m: m['spec'].update(min_count=7)),
+      'meta.json describes other data than its key',
+    ),
+    (
+      'meta_names_and_dims_disagree',
+      lambda d: _edit_meta(d, lambda m: m['field_names'].append('x')),
+      'field_dims and field_names differ in length',
+    ),
+    ('header_of_another_shape', _labels_as_a_column, 'train_labels.npy holds'),
   )
   def test_damaged_file_is_rebuilt_with_a_warning(self, damage, message):
     self.assertIn(message, self.damage_and_reload(damage))
@@ -309,6 +336,21 @@ class FreshDataTest(IntegrityTestCase):
     ),
   )
   def test_a_source_breaking_the_contract_is_an_error(self, break_, message):
+    self.assert_refused(break_, message)
+
+  def test_side_arrays_of_a_source_without_such_fields_are_an_error(self):
+    # Written as they were, they would be dropped without a word.
+    multi = np.zeros((100, 1, 2), np.int32)
+    self.assert_refused(
+      lambda ids, labels: None,
+      'multi-hot or numeric arrays but not such fields',
+      extra=(multi, None),
+    )
+
+  def assert_refused(self, break_, message, extra=()):
+    """A source whose chunk is `(ids, labels, *extra)`, `break_` applied,
+    fails with `message` and leaves nothing in the cache."""
+
     def build(config, options, paths):
       del config, options, paths
       rng = np.random.default_rng(0)
@@ -320,7 +362,7 @@ class FreshDataTest(IntegrityTestCase):
         field_dims=(7, 7),
         vocabulary=(np.arange(6), np.arange(6)),
         rows={'all': 100},
-        chunks=lambda: iter([('all', ids, labels)]),
+        chunks=lambda: iter([('all', ids, labels, *extra)]),
         in_memory=True,
       )
 
