@@ -20,6 +20,7 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
+from test_data_integrity import _edit_meta
 from test_data_integrity import _overwrite
 from test_data_integrity import _update_checksum
 
@@ -414,6 +415,11 @@ class CsvFeaturesTest(DatasetTestCase):
     self.assertTrue(np.isfinite(repaired.test.dense).all())
     os.remove(f'{directory}/train_dense.npy')
     with self.assertRaisesRegex(cache.Damaged, 'train_dense.npy'):
+      cache.read(directory, spec)
+    _edit_meta(directory, lambda meta: meta.update(max_len=0))
+    with self.assertRaisesRegex(
+      cache.Damaged, r'^meta\.json: multi-hot names, dims and max_len disagree'
+    ):
       cache.read(directory, spec)
 
 
