@@ -583,6 +583,22 @@ class CsvTest(DatasetTestCase):
     np.testing.assert_array_equal(a.train.ids, b.train.ids)
     np.testing.assert_array_equal(a.test.labels, b.test.labels)
 
+  def test_a_bad_parquet_row_is_named_by_its_row_across_batches(self):
+    try:
+      import pandas as pd
+      import pyarrow  # noqa: F401
+    except ImportError:
+      self.skipTest('pyarrow is not installed')
+    frame = pd.DataFrame({'u': [f'u{i % 7}' for i in range(200)]})
+    frame['y'] = np.arange(200) % 2
+    frame.loc[150, 'y'] = 2  # Row 151, in the second batch of 97.
+    path = os.path.join(self.tmp, 'a.parquet')
+    frame.to_parquet(path)
+    with self.assertRaisesRegex(
+      data.DataError, rf'^{path}: row 151: label 2 is not 0 or 1'
+    ):
+      data.load_dataset(self.config('csv', path, csv=dict(label_column='y')))
+
   @parameterized.parameters(
     (('y', 'a', 'a'), ()), (('y', 'a', 'b', ' a'), ('b',))
   )
