@@ -431,6 +431,22 @@ class LibFMTest(DatasetTestCase):
         self.config('libfm', bad, libfm=dict(field_dims=(30, 0, 5)))
       )
 
+  def test_splits_are_predefined_only_with_both_valid_and_test(self):
+    os.makedirs(os.path.join(self.tmp, 'd'))
+    for name in ('x.train.libfm', 'x.dev.libfm'):  # No test file.
+      self.write_text(name, self._lines(10, 0), (0, 30, 38))
+    train = os.path.join(self.tmp, 'd', 'x.train.libfm')
+    config = self.config('libfm', os.path.join(self.tmp, 'd'))
+    files = encode.source_files(config, find_splits=True)
+    self.assertEqual(files, {'all': train})  # Split at random.
+    config = self.config('libfm', train, valid_path=train)
+    with self.assertRaisesRegex(
+      data.DataError,
+      r'^config\.dataset\.valid_path and config\.dataset\.test_path: set'
+      r' both \(predefined splits\) or neither',
+    ):
+      encode.source_files(config, find_splits=True)
+
   def test_a_directory_with_two_training_files_is_refused(self):
     os.makedirs(os.path.join(self.tmp, 'd'))
     for name in ('x.train.libfm', 'x.train.old.libfm'):
