@@ -8,6 +8,9 @@ distrusts).
 
 import json
 import os
+import socket
+import subprocess
+import sys
 import time
 from unittest import mock
 
@@ -122,7 +125,7 @@ class DigestMemoTest(DatasetTestCase):
       self.assertEqual(self.fingerprint(), cache.fingerprint(self.path))
     self.assertEqual(self.scan.call_count, 2)  # Ours and the check's.
 
-  def write_entry(self, identity, hashed_at):
+  def write_entry(self, identity, hashed_at, **overrides):
     """A memo entry of the file that says its digest is all zeros."""
     real = os.path.realpath(self.path)
     os.makedirs(self.memo, exist_ok=True)
@@ -132,6 +135,7 @@ class DigestMemoTest(DatasetTestCase):
       'identity': identity,
       'sha256': '0' * 64,
       'hashed_at': hashed_at,
+      **overrides,
     }
     with open(digests.memo_path(self.memo, real), 'w') as f:
       json.dump(entry, f)
@@ -166,6 +170,32 @@ class DigestMemoTest(DatasetTestCase):
     with _ahead():
       self.assertEqual(self.fingerprint()['sha256'], '0' * 64)
     self.assertEqual(self.scan.call_count, 0)
+
+  @parameterized.parameters(
+    dict(path='/elsewhere/train.txt'),  # A memo copied from another file.
+    dict(scheme='sha256-of-1024-byte-pieces'),  # Another PIECE_BYTES.
+    dict(sha256=0),
+  )
+  def test_an_entry_of_another_file_scheme_or_type_is_not_reused(self, **kw):
+    identity = digests.identity(os.stat(self.path))
+    self.write_entry(identity, time.time() + 30, **kw)
+    self.assert_entry_not_reused()
+
+  def test_temporaries_of_dead_runs_are_removed_on_save(self):
+    os.makedirs(self.memo)
+    dead = subprocess.Popen([sys.executable, '-c', ''])
+    dead.wait()
+    host = socket.gethostname()
+    names = [f'.tmp-{pid}@{host}.abc' for pid in (dead.pid, os.getpid())]
+    for name in names:
+      with open(os.path.join(self.memo, name), 'w') as f:
+        f.write('{')
+    with _ahead():
+      self.fingerprint()
+    left = sorted(os.listdir(self.memo))
+    self.assertLen(left, 2)  # The live run's and the memo.
+    self.assertIn(names[1], left)
+    self.assertNotIn(names[0], left)
 
   def test_a_change_while_hashing_is_not_recorded(self):
     fingerprint = cache.fingerprint
