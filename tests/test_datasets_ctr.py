@@ -535,6 +535,21 @@ class CsvTest(DatasetTestCase):
     ):
       data.load_dataset(config)
 
+  def test_a_utf8_bom_is_not_part_of_the_first_column_name(self):
+    # As Excel writes "CSV UTF-8": the label column must still be found.
+    rows = [[str(i % 2), f'u{i % 3}'] for i in range(30)]
+    path = write_lines(os.path.join(self.tmp, 'c.csv'), rows, ',', ['y', 'u'])
+    with open(path, 'rb') as f:
+      body = f.read()
+    with open(path, 'wb') as f:
+      f.write(b'\xef\xbb\xbf' + body)
+    config = self.config(
+      'csv', path, split=(1.0, 0, 0), csv=dict(label_column='y')
+    )
+    dataset = data.load_dataset(config)
+    np.testing.assert_array_equal(dataset.train.labels, [0, 1] * 15)
+    self.assertEqual(dataset.field_names, ('u',))
+
   def test_valid_and_test_files_must_have_the_training_fields(self):
     # In another order, a file's ids would be looked up in the wrong field.
     header = ['clicked', 'user', 'city']
