@@ -237,6 +237,15 @@ class DigestMemoTest(DatasetTestCase):
     with _ahead():
       self.assertEqual(self.fingerprint(), cache.fingerprint(self.path))
 
+  def test_a_memo_that_cannot_be_replaced_leaves_no_temporary(self):
+    real = os.path.realpath(self.path)
+    os.makedirs(digests.memo_path(self.memo, real))  # A directory: refused.
+    with _ahead():
+      self.assertEqual(self.fingerprint(), cache.fingerprint(self.path))
+    self.assertEqual(
+      os.listdir(self.memo), [os.path.basename(digests.memo_path('', real))]
+    )
+
   def test_small_files_are_hashed_every_time(self):
     with _ahead(), mock.patch.object(digests, 'MIN_BYTES', 1 << 20):
       first = self.fingerprint()
