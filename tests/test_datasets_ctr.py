@@ -824,6 +824,37 @@ class LineAlignmentTest(parameterized.TestCase):
     self.assertEqual(skipped, 2)  # Lines 2 and 3; 4 and 5 are blank.
     self.assertLen(labels, 2)
 
+  def test_a_line_of_text_without_separators_is_not_blank(self):
+    table = criteo.reader(ml_collections.ConfigDict(criteo.DEFAULTS), '')
+    good = ['\t'.join(r) for r in criteo_rows(2, seed=1)]
+    lines = [good[0], 'garbage', good[1]]
+    with self.assertRaisesRegex(
+      data.DataError, r'^f\.csv:2: expected 40 columns .*, found 1'
+    ):
+      _parse(table, lines)
+    _, labels, skipped = _parse(table, lines, skip=True)
+    self.assertEqual(skipped, 1)
+    self.assertLen(labels, 2)
+
+  def test_rows_to_predict_lack_the_label_only_when_one_column_short(self):
+    table = criteo.reader(ml_collections.ConfigDict(criteo.DEFAULTS), '')
+    for n, label, how in (
+      (40, 'label', 'with'),
+      (39, '', 'without'),
+      (41, 'label', None),  # Neither: read as labeled, its error says 40.
+      (1, 'label', None),
+    ):
+      rows = table.for_rows(('\t'.join(['1'] * n) + '\n').encode())
+      self.assertEqual(rows.label, label, n)
+      self.assertLen(rows.columns, 40 if label else 39)
+      if how:
+        self.assertIn(
+          f'read {how} the label column, as the first line has {n} columns',
+          rows.hint,
+        )
+      else:
+        self.assertEqual(rows.hint, table.hint)
+
   def test_bare_cr_in_a_csv_cell_is_data(self):
     keys, labels, _ = _parse(_csv_table(), ['1,p\rq,r', '0,s,"t\r"\r'])
     np.testing.assert_array_equal(labels, [1, 0])
