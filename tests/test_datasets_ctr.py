@@ -308,6 +308,20 @@ class AvazuTest(DatasetTestCase):
       kept = sorted(k for k, c in counts.items() if c >= 4)
       np.testing.assert_array_equal(dataset.vocabulary[f], kept)
 
+  def test_hour_keys_by_the_calendar(self):
+    hours = [14102100, 14102623, 16022912, 15022900, 14103224, 14103024]
+    hours = np.array(hours + [14102100], np.int64)
+    # Tuesday, Sunday, a leap day (Monday); no 2015-02-29, no October 32nd,
+    # no hour 24.
+    valid = [True, True, True, False, False, False, True]
+    for kind, expected in (
+      ('hour_of_day', [0, 23, 12, 0, 0, 0, 0]),
+      ('weekday', [1, 6, 0, 0, 0, 0, 1]),
+    ):
+      keys, ok = avazu.hour_keys(hours, kind)
+      np.testing.assert_array_equal(ok, valid)
+      np.testing.assert_array_equal(np.where(ok, keys, 0), expected)
+
   def test_wrong_header_and_bad_hour(self):
     rows = avazu_rows(20)
     header = list(avazu.COLUMNS)
