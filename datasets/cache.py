@@ -223,13 +223,12 @@ def remove_stale(parent: str) -> None:
 
 def _publish(tmp: str, directory: str, replace: bool) -> None:
   """Renames `tmp` to `directory`, first moving a damaged one aside."""
-  if replace:
-    parent, name = os.path.split(directory)
+  parent, name = os.path.split(directory)
+  while replace:  # Again if another run's remove_stale took `aside` first.
     aside = core.make_temp_dir(parent, f'.damaged-{name}-')
-    try:
+    with contextlib.suppress(FileNotFoundError):  # Or another run replaced it.
       os.rename(directory, os.path.join(aside, name))
-    except FileNotFoundError:
-      pass  # Another process replaced it first.
+    replace = not os.path.isdir(aside)
     shutil.rmtree(aside, ignore_errors=True)
   try:
     os.rename(tmp, directory)

@@ -777,6 +777,29 @@ class CacheFilesTest(absltest.TestCase):
     self.assertEqual(os.listdir(self.tmp), ['a-0123'])
     self.assertEqual(os.listdir(directory), ['meta.json'])
 
+  def test_a_damaged_cache_is_replaced_though_a_sweep_takes_its_aside(self):
+    # Another run's remove_stale may delete the empty `.damaged-` directory
+    # between its creation and the rename into it: the damaged cache stayed
+    # in place, and the fresh one was dropped as if another run had won.
+    directory = os.path.join(self.tmp, 'a-0123')
+    write_text(os.path.join(directory, 'meta.json'), 'damaged')
+    tmp = core.make_temp_dir(self.tmp, '.tmp-a-')
+    write_text(os.path.join(tmp, 'meta.json'), 'fresh')
+    rename, swept = os.rename, []
+
+    def sweeping(src, dst):
+      if not swept and '.damaged-' in dst:
+        swept.append(dst)
+        cache.remove_stale(self.tmp)
+      return rename(src, dst)
+
+    with mock.patch.object(os, 'rename', sweeping):
+      cache._publish(tmp, directory, replace=True)
+    self.assertLen(swept, 1)
+    self.assertEqual(os.listdir(self.tmp), ['a-0123'])
+    with open(os.path.join(directory, 'meta.json')) as f:
+      self.assertEqual(f.read(), 'fresh')
+
 
 if __name__ == '__main__':
   absltest.main()
