@@ -33,6 +33,7 @@ from datasets import criteo
 from datasets import csv
 from datasets import encode
 from datasets import keying
+from datasets import libfm
 
 
 def _csv_table(header=('y', 'a', 'b'), **options):
@@ -122,6 +123,26 @@ class IntegerRuleTest(absltest.TestCase):
     lines = ['1,1.0,x', f'0,{2**53},y', f'1,{2**53 + 1},z']
     keys, _, _ = _parse(table, lines)
     np.testing.assert_array_equal(keys[:, 0], [1, 2**53, 2**53 + 1])
+
+  def test_minus_the_limit_is_out_of_range_as_the_limit_is(self):
+    table = _csv_table(numeric_columns='a', log_bucket=False)
+    limit = keying.INT_LIMIT
+    with self.assertRaisesRegex(
+      data.DataError, rf'^f\.csv:2: a {-limit} is out of range'
+    ):
+      _parse(table, ['1,5,x', f'0,{-limit},y', f'1,{2**53},z'])
+
+  def test_an_infinite_criteo_count_read_as_a_number_is_a_bad_line(self):
+    # log(1 + max(x, 0)) would make -inf a finite 0.
+    options = ml_collections.ConfigDict(dict(criteo.DEFAULTS, numeric='dense'))
+    table = criteo.reader(options, '')
+    rows = criteo_rows(3, seed=2)
+    rows[1][1] = '-inf'
+    lines = ['\t'.join(r) for r in rows]
+    with self.assertRaisesRegex(
+      data.DataError, r'^f\.csv:2: float column I1 -inf is not finite'
+    ):
+      _parse(table, lines)
 
   def test_an_integer_beyond_int64_is_out_of_range(self):
     table = _csv_table(numeric_columns='a')
@@ -460,6 +481,14 @@ class LibFMTest(DatasetTestCase):
       r' both \(predefined splits\) or neither',
     ):
       encode.source_files(config, find_splits=True)
+
+  def test_given_field_dims_need_one_feature_of_each_field(self):
+    reader = libfm.Reader(3, (30, 8, 5))
+    bad = encode.BadLines(skip=False)
+    with self.assertRaisesRegex(
+      data.DataError, r'^f:1: expected one feature of each field'
+    ):
+      reader.parse([b'1 3:1 4:1 40:1\n'], 1, lambda n: f'f:{n}', bad)
 
   def test_a_directory_with_two_training_files_is_refused(self):
     os.makedirs(os.path.join(self.tmp, 'd'))
