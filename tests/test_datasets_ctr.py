@@ -25,6 +25,7 @@ from dataset_testing import reference_encode
 from dataset_testing import write_lines
 import ml_collections
 import numpy as np
+import pandas as pd
 
 import config_check
 import data
@@ -143,6 +144,23 @@ class IntegerRuleTest(absltest.TestCase):
       data.DataError, r'^f\.csv:2: float column I1 -inf is not finite'
     ):
       _parse(table, lines)
+
+  def test_a_line_with_two_bad_integers_is_one_bad_line(self):
+    table = _csv_table(numeric_columns=('a', 'b'))
+    lines = ['1,5,6', '0,x,y', '1,7,8']
+    keys, labels, skipped = _parse(table, lines, skip=True)
+    self.assertEqual(skipped, 1)
+    np.testing.assert_array_equal(labels, [1, 1])
+
+  def test_only_whole_floats_in_range_become_integers(self):
+    # A DataFrame's integer column with a missing value holds floats; one
+    # beyond the range stays a float, which the parser names, where a cast
+    # would raise a TypeError.
+    whole = pd.Series([3.0, np.nan, -7.0])
+    self.assertEqual(str(csv.integral(whole).dtype), 'Int64')
+    for values in ([3.0, np.nan, 1e20], [3.5, np.nan]):
+      column = pd.Series(values)
+      self.assertIs(csv.integral(column), column)
 
   def test_an_integer_beyond_int64_is_out_of_range(self):
     table = _csv_table(numeric_columns='a')
