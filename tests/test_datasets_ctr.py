@@ -611,6 +611,17 @@ class CsvTest(DatasetTestCase):
     np.testing.assert_array_equal(dataset.train.labels, [0, 1] * 15)
     self.assertEqual(dataset.field_names, ('u',))
 
+  def test_a_quoted_column_name_may_hold_the_separator(self):
+    rows = [[str(i % 2), f'p{i % 4}', f'u{i % 3}'] for i in range(30)]
+    header = ['y', '"price, usd"', 'u']
+    path = write_lines(os.path.join(self.tmp, 'c.csv'), rows, ',', header)
+    config = self.config(
+      'csv', path, split=(1.0, 0, 0), csv=dict(label_column='y')
+    )
+    dataset = data.load_dataset(config)
+    self.assertEqual(dataset.field_names, ('price, usd', 'u'))
+    self.assertEqual(dataset.field_dims, (5, 4))
+
   def test_valid_and_test_files_must_have_the_training_fields(self):
     # In another order, a file's ids would be looked up in the wrong field.
     header = ['clicked', 'user', 'city']
