@@ -78,6 +78,22 @@ class SplitTest(DatasetTestCase):
         frame[column].to_numpy()[parts[1]],
       )
 
+  def test_a_streamed_pass_2_with_more_rows_than_pass_1_is_a_data_error(self):
+    # Rows beyond pass 1's count have no split: named, not an IndexError.
+    chunk = ('all', np.zeros((6, 1), np.int32), np.zeros(6, np.float32))
+    encoded = core.Encoded(
+      field_names=('a',),
+      field_dims=(3,),
+      vocabulary=(np.arange(2),),
+      rows={'all': 10},
+      chunks=lambda: iter([chunk, chunk]),
+    )
+    routed = data._routed(encoded, self.config('criteo', ''))
+    with self.assertRaisesRegex(
+      data.DataError, r'^criteo: more rows than in pass 1 \(changed\?\)'
+    ):
+      list(routed)
+
   def test_sizes_round_down_train_and_valid_and_fractions_are_checked(self):
     self.assertEqual(data.split_sizes(10, (0.75, 0.15, 0.1)), (7, 1, 2))
     self.assertEqual(data.split_sizes(7, (1.0, 0.0, 0.0)), (7, 0, 0))
