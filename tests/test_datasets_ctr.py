@@ -222,6 +222,15 @@ class IntegerRuleTest(absltest.TestCase):
     np.testing.assert_array_equal(counter.keys, [5, 7, 9])
     np.testing.assert_array_equal(counter.counts, [2**31, 1, 1])
 
+  def test_counts_widen_by_rows_added_not_distinct_keys(self):
+    counter = encode.Counts()
+    counter.MIN_MERGE = 1
+    counter.add(np.array([5], np.int64))
+    counter.counts[0] = np.iinfo(np.int32).max - 1  # As if seen that often.
+    counter._added = np.iinfo(np.int32).max - 1
+    counter.add(np.array([5, 5], np.int64))  # One distinct key, two rows.
+    np.testing.assert_array_equal(counter.counts, [2**31])
+
 
 class CriteoTest(DatasetTestCase):
   @parameterized.parameters(
