@@ -353,13 +353,14 @@ class Encoder:
       labeled = 'rating' in names
       reader = movielens.Reader(',', labeled)
       frame = frame.assign(timestamp=0)
-      columns = ['user', 'item'] + (['rating', 'timestamp'] if labeled else [])
+      needed = ['user', 'item'] + ['rating'] * labeled
+      columns = needed + ['timestamp'] * labeled
       sep = ','
     elif self.format == 'libfm':
       labeled = 'label' in names
       dims = tuple(int(d) for d in options.field_dims)
       reader = libfm.Reader(len(self.field_names), dims, labeled)
-      columns = (['label'] if labeled else []) + list(self.field_names)
+      needed = columns = ['label'] * labeled + list(self.field_names)
     else:
       frame = csv.joined_lists(
         frame, self.side.multi_field_names, options.get('multi_hot_sep', '|')
@@ -375,18 +376,16 @@ class Encoder:
       reader = dataclasses.replace(table, header=False)
       needed = [table.label] if table.label else []
       needed += [f.column for f in table.fields if f.column not in needed]
-      missing = [c for c in needed if c not in names]
-      if missing:
-        raise core.DataError(
-          f'The DataFrame has no column {", ".join(missing)}; the run reads'
-          f' {", ".join(needed)}.'
-        )
       frame = frame.reindex(columns=list(table.columns), fill_value='')
       columns, sep = list(table.columns), table.sep
       quoting = table.quoting
-    missing = [c for c in columns if c not in frame.columns]
-    if missing:
-      raise core.DataError(f'The DataFrame has no column {", ".join(missing)}.')
+    missing = [c for c in needed if c not in names]
+    if missing:  # Its own columns too: raw names (userId) are a common slip.
+      raise core.DataError(
+        f'The DataFrame has no column {", ".join(missing)}; the run reads'
+        f' {", ".join(needed)}, and its columns are'
+        f' {", ".join(names) or "none"}.'
+      )
     self._check_fields(reader, 'The DataFrame')
     frame = frame[columns].apply(csv.integral)
     label = 'label' if self.format == 'libfm' else getattr(reader, 'label', '')

@@ -316,6 +316,30 @@ class EncoderTest(EncoderTestCase):
       self.assertEqual((got.ids.shape, got.ids.dtype), ((0, 2), np.int32))
       self._check_rows(got, np.zeros((0, 2)), [] if labeled else None)
 
+  def test_a_frame_missing_columns_names_them_and_its_own_columns(self):
+    path = os.path.join(self.tmp, 'ratings.csv')
+    with open(path, 'w') as f:
+      f.write('userId,movieId,rating,timestamp\n7,10,4.0,0\n9,20,2.0,0\n')
+    _, ml, _ = self._save('ml-20m', path)
+    rows = criteo_rows(4, seed=1)
+    criteo_path = write_lines(os.path.join(self.tmp, 'train.txt'), rows, '\t')
+    _, ct, _ = self._save('criteo', criteo_path)
+    criteo_frame = _frame(rows, CRITEO_COLUMNS).drop(columns=['C3', 'I2'])
+    for enc, frame, missing, reads in (
+      (ml, pd.DataFrame({'userId': [7], 'movieId': [10]}), 'user, item', ''),
+      (ml, pd.DataFrame({'user': [7], 'rating': [4.0]}), 'item', ', rating'),
+      (ml, pd.DataFrame(), 'user, item', ''),
+      (ct, criteo_frame, 'I2, C3', ', '.join(CRITEO_COLUMNS)),
+    ):
+      have = ', '.join(frame.columns) or 'none'
+      reads = 'user, item' + reads if enc is ml else reads
+      with self.assertRaisesRegex(
+        data.DataError,
+        f'^The DataFrame has no column {missing}; the run reads {reads}, and'
+        f' its columns are {have}\\.$',
+      ):
+        enc.encode(frame)
+
   def test_unseen_and_rare_values_get_the_oov_id(self):
     rows = [['1', *(['5'] * 13), *(['aa'] * 26)]] * 3
     rows += [['0', *(['9'] * 13), *(['bb'] * 26)]]  # Seen once: rare.
