@@ -9,6 +9,7 @@ cache's inputs.
 """
 
 import atexit
+import dataclasses
 import functools
 import json
 import os
@@ -273,6 +274,37 @@ class CsvTest(absltest.TestCase):
       rf'^DataFrame row 1: float column price -1e\+39{re.escape(beyond)}$',
     ):
       self.predictor(frame)
+
+  def test_numbers_beyond_float32_once_standardised_name_their_row(self):
+    # With a tiny training std, 1e9 parses but standardises beyond float32.
+    p, side = self.predictor, self.predictor.encoder.side
+    width = len(side.dense_names)
+    side = dataclasses.replace(
+      side, dense_mean=(0.0,) * width, dense_std=(1e-30,) * width
+    )
+    enc = dataclasses.replace(p.encoder, side=side)
+    tiny = predict.Predictor(enc, p.model, p.variables, 64)
+    beyond = re.escape(
+      'numeric field price: 1e+09 standardises to 1e+39 (mean 0, std'
+      ' 1e-30), which is beyond float32 range (+-3.403e+38); remove or'
+      ' rescale the value.'
+    )
+    lines = list(self.lines[:6])
+    cells = lines[4].split(',')
+    lines[4] = ','.join(cells[:2] + ['1e9'] + cells[3:])  # price, row 5.
+    source = self._file(lines[:2] + [''] + lines[2:])  # Chunks of 2 lines.
+    output = os.path.join(self.tmp, 'out.csv')
+    with self.assertRaisesRegex(
+      data.DataError,
+      rf'^{re.escape(source)}: row 5 \(the header and blank lines not'
+      rf' counted\): {beyond}$',
+    ):
+      predict.write_predictions(tiny, source, output, 2)
+    self.assertFalse(os.path.exists(output))
+    frame = pd.DataFrame({'shop': ['a', 'b', 'c'], 'price': [1.0, 2.0, 1e9]})
+    frame = frame.assign(count=1.0, tags='', colors='')
+    with self.assertRaisesRegex(data.DataError, f'^DataFrame row 2: {beyond}$'):
+      tiny(frame)
 
   def test_exports_take_the_three_inputs(self):
     out = os.path.join(self.tmp, 'export')
