@@ -8,6 +8,7 @@ split and padded.
 """
 
 import contextlib
+import dataclasses
 import io
 import json
 import os
@@ -18,6 +19,7 @@ import sys
 import tempfile
 import threading
 import time
+from unittest import mock
 import warnings
 
 from absl import flags
@@ -31,6 +33,7 @@ from predict_testing import command_error
 from predict_testing import trained_run
 from predict_testing import unseen_line
 
+import best_reader
 from datasets import criteo
 import entry
 import metrics
@@ -133,6 +136,24 @@ class PredictTest(parameterized.TestCase):
       self.assertEqual(f.read().splitlines(), lines)
     with open(metrics_file) as f:
       self.assertEqual(f.read(), kept)
+
+  def test_an_input_that_is_no_file_or_an_extra_argument_is_refused(self):
+    # Not the dataset reader's words, which name config.dataset.path.
+    missing = os.path.join(self.tmp, 'missing.txt')
+    output = os.path.join(self.tmp, 'out.csv')
+    self.assertEqual(
+      command_error(
+        'predict.py',
+        self.tmp,
+        f'--workdir={self.trained.workdir}',
+        f'--input={missing}',
+        f'--output={output}',
+      ),
+      (2, f'predict.py: error: --input: {missing} is not a file.'),
+    )
+    with self.assertRaisesRegex(UserError, '^Unexpected arguments: extra$'):
+      predict.main(['predict.py', 'extra'])
+    self.assertFalse(os.path.exists(output))
 
   def test_an_output_beside_the_run_is_not_inside_it(self):
     # A path that only starts with the run's path, /tmp/fm2 for /tmp/fm.
@@ -276,6 +297,18 @@ class PredictTest(parameterized.TestCase):
     with self.assertRaisesRegex(ValueError, r'outside .* field\(s\) \[3\]'):
       self.predictor.predict_ids(ids)
 
+  def test_an_input_the_run_does_not_take_is_refused(self):
+    # An ids-only run: extra lists or numbers are not dropped silently.
+    ids = np.asarray(self.trained.dataset.test.ids)[:2]
+    for name, value in (
+      ('multi_ids', np.zeros((2, 1, 1), np.int32)),
+      ('dense', np.zeros((2, 1), np.float32)),
+    ):
+      with self.assertRaisesRegex(
+        ValueError, f'^{name}: this run takes ids; got ids, {name}\\.$'
+      ):
+        self.predictor.predict_ids(ids, **{name: value})
+
   def test_a_batch_size_below_the_device_count_is_rounded_up(self):
     ids = np.asarray(self.trained.dataset.test.ids)[:5]
     p = self.predictor
@@ -316,6 +349,21 @@ class PredictTest(parameterized.TestCase):
     names = self.predictor.encoder.field_names
     self.assertIn(unseen_line(names, mask), '\n'.join(logs.output))
 
+  def test_a_field_without_an_oov_id_has_no_unseen_id(self):
+    # Its vocabulary fills its dim: id 0 is a kept value, never unseen.
+    p = self.predictor
+    keys = np.arange(p.encoder.field_dims[0], dtype=np.int64)
+    vocabulary = (keys, *p.encoder.vocabulary[1:])
+    enc = dataclasses.replace(p.encoder, vocabulary=vocabulary)
+    oov = enc.oov_ids
+    self.assertEqual(oov, (None,) + p.encoder.oov_ids[1:])
+    full = predict.Predictor(enc, p.model, p.variables, 64)
+    ids = np.zeros((2, len(oov)), np.int32)
+    ids[1, 1:] = oov[1:]
+    want = np.zeros(ids.shape, bool)
+    want[1, 1:] = True
+    np.testing.assert_array_equal(full.unseen(ids), want)
+
   def test_bad_row_names_file_and_line(self):
     lines = list(self.trained.lines['test'][:5])
     lines[2] = lines[2].rsplit('\t', 1)[0]
@@ -323,7 +371,7 @@ class PredictTest(parameterized.TestCase):
     output = os.path.join(self.tmp, 'out.csv')
     with self.assertRaisesRegex(UserError, r'bad\.txt:3: expected'):
       predict.write_predictions(self.predictor, source, output)
-    self.assertFalse(os.path.exists(output))
+    self.assertEqual(os.listdir(self.tmp), ['bad.txt'])  # No partial copy.
 
   def test_a_relative_workdir_loads(self):
     # orbax reads absolute paths only: a relative one was called damaged.
@@ -334,6 +382,23 @@ class PredictTest(parameterized.TestCase):
     ids = self.trained.dataset.test.ids[:5]
     np.testing.assert_array_equal(
       predictor.predict_ids(ids), self.predictor.predict_ids(ids)
+    )
+
+  def test_batch_stats_of_the_checkpoint_are_kept(self):
+    # A BatchNorm model (NFM, DeepFM, ...) reads its running averages.
+    load_best = best_reader.load_best
+    stats = {'norm': {'mean': np.arange(3.0, dtype=np.float32)}}
+
+    def with_stats(workdir):
+      state, meta = load_best(workdir)
+      return {**state, 'batch_stats': stats}, meta
+
+    self.enter_context(
+      mock.patch.object(best_reader, 'load_best', side_effect=with_stats)
+    )
+    predictor = predict.load(self.trained.workdir)
+    np.testing.assert_array_equal(
+      predictor.variables['batch_stats']['norm']['mean'], [0, 1, 2]
     )
 
   def test_missing_workdir_is_a_user_error(self):
@@ -394,6 +459,10 @@ class PredictTest(parameterized.TestCase):
     got = back['probability'].to_numpy(np.float32)
     np.testing.assert_array_equal(got, probs)
     np.testing.assert_array_equal(back['label'], [1, 0, 0, 0])
+    # The shortest text of the float32, not of the float64 it widens to
+    # (0.10000000149011612).
+    got = predict.csv_lines(np.array([0.1, 0.5], np.float32), None)
+    self.assertEqual(got, '0.1\n0.5\n')
 
 
 if __name__ == '__main__':
