@@ -232,6 +232,9 @@ class OnnxCheckTest(absltest.TestCase):
     self.assertEqual(feeds['ids'].shape, (8, len(model.field_dims)))
     self.assertTrue((feeds['ids'] < np.array(model.field_dims)).all())
     good = export.export_onnx(fn, specs, feeds)
+    # The converter's plugins for other libraries load again afterwards.
+    skips = [f for f in sys.meta_path if type(f).__name__ == '_SkipPlugins']
+    self.assertEqual(skips, [])
     with self.assertRaisesRegex(ValueError, 'onnxruntime cannot run'):
       onnx_export.check(b'not a model', fn, feeds)
     with self.assertRaisesRegex(ValueError, 'other probabilities .* up to'):
@@ -240,6 +243,10 @@ class OnnxCheckTest(absltest.TestCase):
     with self.assertRaisesRegex(ValueError, r'by up to 0\.001 on 8 sample'):
       onnx_export.check(good, lambda ids: fn(ids) + 1e-3, feeds)
     onnx_export.check(good, lambda ids: fn(ids) + 1e-5, feeds)
+    # A NaN is no gap within the bound.
+    nan = np.where(np.arange(8) == 3, np.nan, 0).astype(np.float32)
+    with self.assertRaisesRegex(ValueError, r'by up to nan on 8 sample'):
+      onnx_export.check(good, lambda ids: fn(ids) + nan, feeds)
     # Rows of one value: an output of another shape broadcasts to a gap of 0.
     same = {'ids': np.repeat(feeds['ids'][:1], 8, axis=0)}
     with self.assertRaisesRegex(ValueError, 'other probabilities'):
@@ -341,17 +348,22 @@ class ExportRunTest(absltest.TestCase):
       export.check_output(out)
     # An export removes what a killed one left an hour ago, not the copies
     # of one that may still run.
+    # An earlier export's old files that are no copies stay.
     out = self.enter_context(tempfile.TemporaryDirectory())
     old, fresh = (os.path.join(out, n) for n in ('encoder.tmp-1-2', 'x.tmp-3'))
     os.makedirs(old)
-    with open(fresh, 'w') as f:
-      f.write('staged')
+    kept = [os.path.join(out, n) for n in ('signature.json', 'notes.txt')]
+    for path in (fresh, *kept):
+      with open(path, 'w') as f:
+        f.write('{}')
     stale = time.time() - export.STALE_S - 60
-    os.utime(old, (stale, stale))
+    for path in (old, kept[1]):
+      os.utime(path, (stale, stale))
     with mock.patch.object(export, 'export_onnx', return_value=b'onnx'):
       export.export(predict.load(run.workdir), out)
     self.assertFalse(os.path.exists(old))
     self.assertTrue(os.path.exists(fresh))
+    self.assertTrue(os.path.exists(kept[1]))
 
   def test_without_onnx_the_signature_says_why(self):
     run = trained_run()
@@ -494,6 +506,15 @@ class ExportRunTest(absltest.TestCase):
     ):
       export.export(predict.load(run.workdir), out)
     self.assertFalse(os.path.exists(out))
+    # The bound is the first size refused.
+    variables = {'w': np.zeros(250, np.float32)}  # 1000 bytes.
+    with mock.patch.object(export, 'MAX_WEIGHT_BYTES', 1001):
+      export.check_size(variables)
+    with (
+      mock.patch.object(export, 'MAX_WEIGHT_BYTES', 1000),
+      self.assertRaisesRegex(UserError, 'GiB of weights'),
+    ):
+      export.check_size(variables)
 
   def test_a_reexport_the_disk_refuses_leaves_the_earlier_one(self):
     # model.jax was replaced before model.onnx found the disk full: the
@@ -503,26 +524,30 @@ class ExportRunTest(absltest.TestCase):
     predictor = predict.load(run.workdir)
     with mock.patch.object(export, 'export_onnx', return_value=b'onnx'):
       export.export(predictor, out)
-    before = _files(out)
+    before = _files(out), sorted(os.listdir(out))
     real_open = open
-    written = []
+    # The disk fills at model.onnx, or at the staged encoder's last file.
+    for failing, count in (('model.onnx', 2), ('encoder.json', None)):
+      written = []
 
-    def full_open(path, mode='r', *args, **kwargs):
-      if 'w' in mode and str(path).startswith(out):
-        written.append(os.path.basename(path))
-        if len(written) == 2:
-          raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), path)
-      return real_open(path, mode, *args, **kwargs)
+      def full_open(path, mode='r', *args, failing=failing, seen=written, **kw):
+        if 'w' in mode and str(path).startswith(out):
+          seen.append(os.path.basename(path))
+          if seen[-1].startswith(failing):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), path)
+        return real_open(path, mode, *args, **kw)
 
-    with (
-      mock.patch.object(export, 'export_onnx', return_value=b'new onnx'),
-      mock.patch.object(export, 'export_jax', return_value=b'new jax'),
-      mock.patch('builtins.open', full_open),
-      self.assertRaises(OSError),
-    ):
-      export.export(predictor, out)
-    self.assertLen(written, 2)
-    self.assertEqual(_files(out), before)  # No copy left behind either.
+      with (
+        mock.patch.object(export, 'export_onnx', return_value=b'new onnx'),
+        mock.patch.object(export, 'export_jax', return_value=b'new jax'),
+        mock.patch('builtins.open', full_open),
+        self.assertRaises(OSError),
+      ):
+        export.export(predictor, out)
+      if count:  # model.jax was written first.
+        self.assertLen(written, count)
+      # No copy left behind either, nor the staged encoder directory.
+      self.assertEqual((_files(out), sorted(os.listdir(out))), before)
 
   def test_command_line_exports_a_run(self):
     run = trained_run()
@@ -550,6 +575,9 @@ class ExportRunTest(absltest.TestCase):
     dataset = run.dataset
     self.assertEqual(signature['field_names'], list(dataset.field_names))
     self.assertEqual(signature['field_dims'], list(dataset.field_dims))
+    oov_ids = list(encoder.load(run.workdir).oov_ids)
+    self.assertEqual(signature['oov_ids'], oov_ids)
+    self.assertNotEqual(oov_ids, signature['field_dims'])
     self.assertEqual(signature['platforms'], ['cpu', 'cuda'])
     self.assertIsNone(signature['onnx_error'])
     self.assertEqual(
