@@ -320,6 +320,10 @@ class CsvTest(absltest.TestCase):
       ],
     )
     self.assertEqual(signature['multi_field_names'], ['tags', 'colors'])
+    self.assertEqual(
+      signature['multi_field_dims'], list(self.dataset.multi_field_dims)
+    )
+    self.assertEqual(signature['max_len'], max_len)
     self.assertEqual(signature['dense_names'], ['price', 'count'])
     # A serving process encodes raw rows with the exported encoder alone.
     rows = encoder.load(out).encode(self._file(self.lines)).inputs()
