@@ -122,6 +122,8 @@ class EncoderTest(EncoderTestCase):
     self._check_rows(enc.encode(unlabeled), ids, None)
     frame = _frame(rows, CRITEO_COLUMNS)
     self._check_rows(enc.encode(frame), ids, labels)
+    flags = frame.assign(label=frame['label'] == '1')  # False/True: 0/1.
+    self._check_rows(enc.encode(flags), ids, labels)
     numeric = frame.astype({f'I{i}': float for i in range(1, 14)})
     self._check_rows(enc.encode(numeric.drop(columns='label')), ids, None)
 
@@ -841,6 +843,11 @@ class SideInputsTest(EncoderTestCase):
       utils.UserError,
       rf'vocabulary.npy: int64 \({len(flat) - 1},\), expected int64'
       rf' \({len(flat)},\)',
+    ):
+      encoder.load(workdir)
+    np.save(path, flat.astype(np.int32))  # Keys of another type.
+    with self.assertRaisesRegex(
+      utils.UserError, rf'vocabulary.npy: int32 \({len(flat)},\), expected'
     ):
       encoder.load(workdir)
     np.save(path, flat)
