@@ -14,6 +14,7 @@ import dataclasses
 import json
 import os
 import re
+from unittest import mock
 import warnings
 
 from absl.testing import parameterized
@@ -449,6 +450,19 @@ class EncoderTest(EncoderTestCase):
     np.testing.assert_array_equal(flat, np.concatenate(dataset.vocabulary))
     self.assertEqual(sum(meta['vocabulary_sizes']), len(flat))
     self.assertEqual(enc.model_config().model.embed_dim, 3)
+    # A write that fails (a full disk) leaves the earlier encoder.json.
+    with open(os.path.join(directory, 'encoder.json')) as f:
+      before = f.read()
+
+    def full(obj, f, **kwargs):
+      del obj, kwargs
+      f.write('{"vers')
+      raise OSError('No space left on device')
+
+    with mock.patch.object(json, 'dump', full), self.assertRaises(OSError):
+      enc.write(directory)
+    with open(os.path.join(directory, 'encoder.json')) as f:
+      self.assertEqual(f.read(), before)
     meta['version'] = encoder.VERSION + 1
     with open(os.path.join(directory, 'encoder.json'), 'w') as f:
       json.dump(meta, f)
