@@ -250,6 +250,17 @@ class PredictTest(parameterized.TestCase):
           opened.add(os.readlink(os.path.join(fds, fd)))
       self.assertNotIn(os.path.realpath(source), opened)
 
+  def test_predict_file_gives_each_chunk_its_probabilities_and_labels(self):
+    lines = self.trained.lines['test'][:12]
+    source = _write(os.path.join(self.tmp, 'test.txt'), lines)
+    chunks = list(self.predictor.predict_file(source, chunk_rows=5))
+    self.assertEqual([len(p) for p, _ in chunks], [5, 5, 2])
+    probs, labels = (np.concatenate(a) for a in zip(*chunks, strict=True))
+    test = self.trained.dataset.test
+    np.testing.assert_array_equal(labels, np.asarray(test.labels)[:12])
+    expected = self._expected(np.asarray(test.ids)[:12])
+    np.testing.assert_allclose(probs, expected, atol=1e-6)
+
   def test_unlabeled_rows_in_any_chunks(self):
     lines = [line.split('\t', 1)[1] for line in self.trained.lines['valid']]
     source = _write(os.path.join(self.tmp, 'test.txt'), lines)
@@ -276,7 +287,7 @@ class PredictTest(parameterized.TestCase):
     self.assertEmpty(pd.read_csv(output))
     self.assertNotIn('labelled rows', '\n'.join(logs.output))
 
-  @parameterized.parameters(1, 2, 3, 63, 64, 65, 150)
+  @parameterized.parameters(0, 1, 2, 3, 63, 64, 65, 150)
   def test_ids_of_any_count_match_model_apply(self, n):
     ids = np.asarray(self.trained.dataset.test.ids)[:n]
     got = self.predictor.predict_ids(ids)
