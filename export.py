@@ -206,6 +206,7 @@ def _publish(
       with open(os.path.join(output, name + suffix), mode) as f:
         f.write(payload)
     enc.write(staged_encoder)
+    os.makedirs(encoder_dir, exist_ok=True)  # Not a file: before any rename.
   except BaseException:
     for name in payloads:
       with contextlib.suppress(OSError):
@@ -217,7 +218,6 @@ def _publish(
       os.replace(
         os.path.join(output, name + suffix), os.path.join(output, name)
       )
-  os.makedirs(encoder_dir, exist_ok=True)
   names = sorted(os.listdir(staged_encoder), key=lambda n: n == 'encoder.json')
   for name in names:
     os.replace(

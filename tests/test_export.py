@@ -14,6 +14,7 @@ import hashlib
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -548,6 +549,19 @@ class ExportRunTest(absltest.TestCase):
         self.assertLen(written, count)
       # No copy left behind either, nor the staged encoder directory.
       self.assertEqual((_files(out), sorted(os.listdir(out))), before)
+    # An encoder/ that is a file (a damaged export): refused before model.jax
+    # and model.onnx were replaced beside the earlier signature.
+    shutil.rmtree(os.path.join(out, 'encoder'))
+    with open(os.path.join(out, 'encoder'), 'w') as f:
+      f.write('not a directory')
+    before = _files(out), sorted(os.listdir(out))
+    with (
+      mock.patch.object(export, 'export_onnx', return_value=b'new onnx'),
+      mock.patch.object(export, 'export_jax', return_value=b'new jax'),
+      self.assertRaises(FileExistsError),
+    ):
+      export.export(predictor, out)
+    self.assertEqual((_files(out), sorted(os.listdir(out))), before)
 
   def test_command_line_exports_a_run(self):
     run = trained_run()
