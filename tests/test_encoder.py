@@ -596,6 +596,10 @@ class SideInputsTest(EncoderTestCase):
     self.assertEqual(meta['multi_field_names'], ['tags', 'colors'])
     self.assertEqual(meta['multi_hot_sep'], '|')
     self.assertEqual(meta['max_len'], 4)
+    # A server in another language takes the OOV ids from here.
+    oov = [d - 1 for d in dataset.multi_field_dims]
+    self.assertEqual(meta['multi_oov_ids'], oov)
+    self.assertEqual(meta['multi_vocabulary_sizes'], oov)
     self.assertEqual(meta['dense_mean'], list(dataset.dense_mean))
     self.assertEqual(meta['dense_std'], list(dataset.dense_std))
     self.assertIn('missing', meta['rules']['numeric'])
