@@ -834,6 +834,18 @@ class SideInputsTest(EncoderTestCase):
         dict(multi_vocabulary=(tags[:-1], *dataset.multi_vocabulary[1:])),
         'multi_vocabulary',
       ),
+      (  # One more numeric column: every tuple longer.
+        dict(
+          dense_names=(*dataset.dense_names, 'new'),
+          dense_mean=(*dataset.dense_mean, 0.0),
+          dense_std=(*dataset.dense_std, 1.0),
+        ),
+        'dense_names',
+      ),
+      (  # Named by its field.
+        dict(vocabulary=(dataset.vocabulary[0] + 1,)),
+        'the shop vocabulary',
+      ),
     ):
       other = dataclasses.replace(dataset, **changed)
       with self.assertRaisesRegex(utils.UserError, rf'\({what} changed\)'):
