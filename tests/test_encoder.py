@@ -29,6 +29,7 @@ from test_datasets_csv_features import HEADER
 from test_datasets_csv_features import MIN_COUNT
 from test_datasets_csv_features import csv_options
 from test_datasets_csv_features import feature_rows
+from test_side_features import _write_ml1m
 from test_side_features import _write_ml100k
 
 from configs import default
@@ -852,6 +853,54 @@ class SideInputsTest(EncoderTestCase):
         encoder.save(workdir, other, config, resuming=True)
       with open(meta_path) as f:
         self.assertEqual(json.load(f), meta)
+
+  def test_side_files_changed_since_the_data_were_loaded_are_refused(self):
+    # The tables read again must fit the loaded dataset: not lists one
+    # genre shorter (the same seven genres), nor another zip (as many).
+    directory = os.path.join(self.tmp, 'ml-1m')
+    os.makedirs(directory)
+    _write_ml1m(directory)
+    options = dict(side_features=('genres,zip',), min_count=1)
+    config = self._config('ml-1m', directory, **options)
+    dataset = data.load_dataset(config.dataset)
+    workdir = os.path.join(self.tmp, 'run')
+    shorter = (
+      (b"::Animation|Children's|Comedy", b"::Animation|Children's"),
+      (b'::Action|Adventure|Thriller', b'::Action|Adventure'),
+      (b'::Action|Crime|Thriller', b'::Crime|Thriller'),
+      (b'Noir::\n', b'Noir::Comedy\n'),
+    )
+    zip_code = ((b'::32067', b'::33067'),)
+    for name, edits in (('movies.dat', shorter), ('users.dat', zip_code)):
+      path = os.path.join(directory, name)
+      with open(path, 'rb') as f:
+        text = original = f.read()
+      for old, new in edits:
+        self.assertIn(old, text)
+        text = text.replace(old, new)
+      with open(path, 'wb') as f:
+        f.write(text)
+      with self.assertRaisesRegex(
+        RuntimeError,
+        '^ml-1m: the side files give other fields than the cached dataset',
+      ):
+        encoder.save(workdir, dataset, config)
+      self.assertFalse(os.path.exists(workdir))
+      with open(path, 'wb') as f:
+        f.write(original)
+    encoder.save(workdir, dataset, config)  # The files as loaded.
+
+  def test_a_new_encoder_without_side_tables_removes_theirs(self):
+    # A run started again, without side features, in the workdir of one
+    # stopped before its first checkpoint.
+    directory, _ = self._ml100k()
+    self._save('ml-100k', directory, side_features=('genres,year,age',))
+    _, enc, workdir = self._save('ml-100k', directory)
+    self.assertEqual(
+      sorted(os.listdir(os.path.join(workdir, 'encoder'))),
+      ['encoder.json', 'vocabulary.npy'],
+    )
+    self.assertEqual(enc.side, encoder_side.SideInputs())
 
   def test_a_resume_of_movielens_side_features_is_accepted(self):
     # The year table's last row, the OOV movie's, is NaN: equal to itself.
