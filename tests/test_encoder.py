@@ -913,7 +913,7 @@ class SideInputsTest(EncoderTestCase):
 
   def test_damaged_arrays_are_named_not_split_as_they_are(self):
     directory, _ = self._ml100k()
-    options = dict(side_features=('age',))
+    options = dict(side_features=('genres,age',))
     _, _, workdir = self._save('ml-100k', directory, **options)
     path = os.path.join(workdir, 'encoder', 'vocabulary.npy')
     flat = np.load(path)
@@ -936,6 +936,28 @@ class SideInputsTest(EncoderTestCase):
     with self.assertRaisesRegex(
       utils.UserError,
       rf'side_user_ids.npy: {len(users) - 1} rows, expected {len(users)}',
+    ):
+      encoder.load(workdir)
+    np.save(path, users.astype(np.int64))
+    with self.assertRaisesRegex(
+      utils.UserError,
+      rf'^{re.escape(f"{path}: int64 {users.shape}, expected int32.")}$',
+    ):
+      encoder.load(workdir)
+    np.save(path, users)
+    path = os.path.join(workdir, 'encoder', 'multi_vocabulary.npy')
+    flat = np.load(path)
+    np.save(path, flat[:-1])  # np.split would give a genre fewer.
+    with self.assertRaisesRegex(
+      utils.UserError,
+      rf'^{re.escape(path)}: int64 \({len(flat) - 1},\), expected int64'
+      rf' \({len(flat)},\)\.$',
+    ):
+      encoder.load(workdir)
+    with open(path, 'wb') as f:
+      f.write(b'not an array')
+    with self.assertRaisesRegex(
+      utils.UserError, rf'^{re.escape(path)}: unreadable \(.*pickled'
     ):
       encoder.load(workdir)
 
