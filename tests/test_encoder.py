@@ -1006,3 +1006,93 @@ class SideInputsTest(EncoderTestCase):
       old.model_config().to_dict(),
       {'model_name': 'fm', 'model': {'embed_dim': 3}},
     )
+
+
+_MULTI = encoder_side.SideInputs(multi_field_names=('tags',))
+_DENSE = encoder_side.SideInputs(dense_names=('price',))
+
+
+class RulesTest(parameterized.TestCase):
+  """encoder.json's rules, in words, follow each format's options."""
+
+  @parameterized.named_parameters(
+    ('movielens', 'movielens', {}, None, {'keys': 'the raw user id and'}),
+    ('libfm', 'libfm', {}, None, {'keys': 'the feature index of the line'}),
+    (
+      'libfm_ids',
+      'libfm',
+      {'field_dims': (3, 4)},
+      None,
+      {'keys': 'the feature index minus'},
+    ),
+    (
+      'criteo',
+      'criteo',
+      {'log_bucket': True, 'numeric': 'buckets'},
+      None,
+      {'integer': 'key of an integer v: int(math.log'},
+    ),
+    (
+      'criteo_raw',
+      'criteo',
+      {'log_bucket': False, 'numeric': 'buckets'},
+      None,
+      {'integer': 'key of an integer: the integer;'},
+    ),
+    (
+      'criteo_dense',
+      'criteo',
+      {'log_bucket': True, 'numeric': 'dense'},
+      _DENSE,
+      {'numeric': 'log(1 + max(x, 0)) of the integer'},
+    ),
+    (
+      'avazu',
+      'avazu',
+      {'hour_features': True},
+      None,
+      {'hour': 'hour_of_day and weekday'},
+    ),
+    (
+      'avazu_hashed',
+      'avazu',
+      {'hour_features': False},
+      None,
+      {'hour': 'key of a categorical string'},
+    ),
+    ('csv', 'csv', {'numeric_columns': (), 'log_bucket': True}, None, {}),
+    (
+      'csv_ints',
+      'csv',
+      {'numeric_columns': ('n',), 'log_bucket': True},
+      None,
+      {'integer': 'key of an integer v: int(math.log'},
+    ),
+    (
+      'csv_side',
+      'csv',
+      {'numeric_columns': (), 'multi_hot_sep': ';'},
+      dataclasses.replace(_MULTI, dense_names=('price',)),
+      {'multi_hot': "a cell split at ';'; each", 'numeric': '(value - '},
+    ),
+    (
+      'movielens_side',
+      'movielens',
+      {},
+      dataclasses.replace(_MULTI, features=('genres',)),
+      {'keys': '', 'multi_hot': "the movie's list;", 'side_features': ''},
+    ),
+  )
+  def test_words_of_each_format(self, fmt, options, inputs, starts):
+    """Each rule starts with `starts[name]`; so do the label's and, for a
+    CSV, Criteo or Avazu file, the categorical rule."""
+    rules = encoder_side.rules(
+      fmt, options, inputs or encoder_side.SideInputs()
+    )
+    label = {'movielens': 'rating > 3 is', 'libfm': 'a label > 0 is'}
+    starts = {'label': label.get(fmt, '1 is a positive, 0 or -1')} | starts
+    if fmt in ('csv', 'criteo', 'avazu'):
+      starts = {'categorical': 'key of a categorical string'} | starts
+    self.assertEqual(sorted(rules), sorted(starts))
+    for name, start in starts.items():
+      self.assertStartsWith(rules[name], start)
