@@ -380,6 +380,44 @@ class StandardisationTest(absltest.TestCase):
         )
 
 
+class ChecksTest(absltest.TestCase):
+  def test_the_first_value_beyond_float32_in_row_order_is_named(self):
+    raw = np.array([[0.0, 0.0], [0.0, np.inf], [1e39, -1e39]])
+    with self.assertRaises(side.OutOfRange) as raised:
+      side.check_range(raw, 'ab')
+    self.assertEqual(raised.exception.row, 1)
+    self.assertStartsWith(str(raised.exception), 'numeric field b: inf is')
+
+  def test_a_tiny_std_gives_out_of_range_not_a_numpy_warning(self):
+    raw, mean, std = np.array([[1e10]]), np.zeros(1), np.array([1e-300])
+    with warnings.catch_warnings():
+      warnings.simplefilter('error')
+      with self.assertRaisesRegex(
+        side.OutOfRange,
+        'a: 1e\\+10 standardises to inf \\(mean 0, std 1e-300\\)',
+      ):
+        list(side.standardized(raw, mean, std, 'a'))
+
+  def test_multi_hot_ids_in_range_and_padded_at_the_end(self):
+    dims = np.array([3, 2])
+    ids = np.full((2, 2, 3), -1)
+    ids[0, 0, :2] = [2, 0]  # The last id of each field, and the first.
+    ids[1, 1, 0] = 1
+    self.assertIsNone(side.multi_problem(ids, dims))
+    for (m, k, value), message in (
+      ((1, 0, 2), 'outside [-1, multi_field_dims) in field(s) [1]'),
+      ((0, 1, 3), 'outside [-1, multi_field_dims) in field(s) [0]'),
+      ((0, 1, -2), 'outside [-1, multi_field_dims) in field(s) [0]'),
+      ((1, 2, 0), 'after the -1 padding of a list'),
+    ):
+      with self.subTest(message=message, value=value):
+        bad = ids.copy()
+        bad[1, m, k] = value
+        self.assertEqual(
+          side.multi_problem(bad, dims), f'multi-hot ids {message}'
+        )
+
+
 class CacheRangeTest(DatasetTestCase):
   def _load(self, train, **paths):
     files = {'path': train, **paths}
