@@ -329,6 +329,40 @@ class GroupLensSideTest(DatasetTestCase):
     with self.assertRaisesRegex(data.DataError, message):
       data.load_dataset(config)
 
+  def test_tags_that_pandas_reads_as_missing_are_tags(self):
+    # NA, null, N/A: a tag is a string (so is a title), not a missing value.
+    directory = os.path.join(self.tmp, 'ml')
+    ratings = ''.join(f'{u},{m},4.0,5\n' for u in range(1, 9) for m in (1, 2))
+    header = 'userId,movieId,rating,timestamp\n'
+    write_text(f'{directory}/ratings.csv', header + ratings)
+    movies = '1,NA,Drama\n2,B (1996),Comedy\n'
+    write_text(f'{directory}/movies.csv', 'movieId,title,genres\n' + movies)
+    tags = '1,1,NA,5\n1,1,null,5\n1,2,N/A,5\n1,2,x,5\n'
+    write_text(f'{directory}/tags.csv', 'userId,movieId,tag,timestamp\n' + tags)
+    config = self.config('ml-latest-small', directory, min_count=1)
+    config.side_features = ('tags,year',)
+    dataset = data.load_dataset(config)
+    vocabulary = np.sort(_keys(['na', 'null', 'n/a', 'x']))
+    np.testing.assert_array_equal(dataset.multi_vocabulary[0], vocabulary)
+    self.assertEqual(dataset.dense_mean, (1996.0,))  # Title NA: no year.
+
+  def test_a_short_line_of_a_dat_file_names_it(self):
+    directory = os.path.join(self.tmp, 'ml-1m')
+    _write_ml1m(directory)
+    path = f'{directory}/users.dat'
+    with open(path) as f:
+      lines = f.read().splitlines()
+    lines[2] = lines[2].rsplit('::', 1)[0]  # No zip.
+    write_text(path, '\n'.join(lines) + '\n')
+    config = self.config('ml-1m', directory)
+    config.side_features = ('age',)
+    with self.assertRaisesRegex(
+      data.DataError,
+      rf'^{re.escape(path)}: line 3 has 4 columns, expected the users.dat'
+      ' columns user, gender, age, occupation, zip.$',
+    ):
+      data.load_dataset(config)
+
 
 def _split(n, max_len=3, dense_fields=2):
   """A split whose every input of row r holds r, to check alignment."""
