@@ -309,6 +309,12 @@ class GroupLensSideTest(DatasetTestCase):
       r'movies\.csv:3: expected 3 columns, found 4: quote a value',
     ),
     (
+      'movies_quote',
+      'movies.csv',
+      'movieId,title,genres\n1,"A (1995),Drama\n',
+      r'movies\.csv: not a CSV file \(.*EOF inside string',
+    ),
+    (
       'tags_column',
       'tags.csv',
       'userId,movieId,label,timestamp\n1,1,fun,5\n',
@@ -330,14 +336,15 @@ class GroupLensSideTest(DatasetTestCase):
       data.load_dataset(config)
 
   def test_tags_that_pandas_reads_as_missing_are_tags(self):
-    # NA, null, N/A: a tag is a string (so is a title), not a missing value.
+    # NA, null, N/A: a tag is a string (so is a title), not a missing value;
+    # stripped and lowercased, and dropped if blank.
     directory = os.path.join(self.tmp, 'ml')
     ratings = ''.join(f'{u},{m},4.0,5\n' for u in range(1, 9) for m in (1, 2))
     header = 'userId,movieId,rating,timestamp\n'
     write_text(f'{directory}/ratings.csv', header + ratings)
     movies = '1,NA,Drama\n2,B (1996),Comedy\n'
     write_text(f'{directory}/movies.csv', 'movieId,title,genres\n' + movies)
-    tags = '1,1,NA,5\n1,1,null,5\n1,2,N/A,5\n1,2,x,5\n'
+    tags = '1,1,NA,5\n1,1,null,5\n1,2,N/A,5\n1,2, X ,5\n1,1,  ,5\n'
     write_text(f'{directory}/tags.csv', 'userId,movieId,tag,timestamp\n' + tags)
     config = self.config('ml-latest-small', directory, min_count=1)
     config.side_features = ('tags,year',)
