@@ -95,6 +95,13 @@ class ThreefryTest(absltest.TestCase):
     np.testing.assert_array_equal(np.asarray(got[0]), expected[0])
     np.testing.assert_array_equal(np.asarray(got[1]), expected[1])
 
+  def test_no_keys_have_no_bits_to_hash(self):
+    # An empty batch of keys has no key word to count the loop's pass from.
+    threefry.unroll_on_cpu()
+    keys = jax.random.split(jax.random.key(0), 0)
+    bits = jax.jit(jax.vmap(lambda k: jax.random.bits(k, (3,))))(keys)
+    self.assertEqual((bits.shape, bits.dtype), ((0, 3), np.uint32))
+
   def test_registered_lowering_keeps_jax_bits_in_one_pass(self):
     namespace = {}
     exec(DRAWS, namespace)
