@@ -342,7 +342,7 @@ class GroupLensSideTest(DatasetTestCase):
     ratings = ''.join(f'{u},{m},4.0,5\n' for u in range(1, 9) for m in (1, 2))
     header = 'userId,movieId,rating,timestamp\n'
     write_text(f'{directory}/ratings.csv', header + ratings)
-    movies = '1,NA,Drama\n2,B (1996),Comedy\n'
+    movies = '1,NA,Drama\n2,B (1990) (1996),Comedy\n'  # The last year.
     write_text(f'{directory}/movies.csv', 'movieId,title,genres\n' + movies)
     tags = '1,1,NA,5\n1,1,null,5\n1,2,N/A,5\n1,2, X ,5\n1,1,  ,5\n'
     write_text(f'{directory}/tags.csv', 'userId,movieId,tag,timestamp\n' + tags)
@@ -352,6 +352,21 @@ class GroupLensSideTest(DatasetTestCase):
     vocabulary = np.sort(_keys(['na', 'null', 'n/a', 'x']))
     np.testing.assert_array_equal(dataset.multi_vocabulary[0], vocabulary)
     self.assertEqual(dataset.dense_mean, (1996.0,))  # Title NA: no year.
+
+  def test_a_zip_code_in_lowercase_is_the_same_sectional_center(self):
+    directory = os.path.join(self.tmp, 'ml-1m')
+    _write_ml1m(directory)
+    config = self.config('ml-1m', directory)
+    config.side_features = ('zip',)
+    vocabulary = data.load_dataset(config).vocabulary[2]
+    path = f'{directory}/users.dat'
+    with open(path) as f:
+      text = f.read()
+    self.assertIn('::T8H1N', text)
+    write_text(path, text.replace('::T8H1N', ':: t8h1n'))
+    dataset = data.load_dataset(config)
+    np.testing.assert_array_equal(dataset.vocabulary[2], vocabulary)
+    self.assertLen(vocabulary, 4)
 
   def test_a_short_line_of_a_dat_file_names_it(self):
     directory = os.path.join(self.tmp, 'ml-1m')
