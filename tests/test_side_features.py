@@ -368,6 +368,36 @@ class GroupLensSideTest(DatasetTestCase):
     np.testing.assert_array_equal(dataset.vocabulary[2], vocabulary)
     self.assertLen(vocabulary, 4)
 
+  def test_a_user_or_movie_listed_twice_keeps_its_first_line(self):
+    directory = os.path.join(self.tmp, 'ml-1m')
+    _write_ml1m(directory)
+    config = self.config('ml-1m', directory, min_count=1)
+    config.side_features = ('zip,genres,year',)
+    first = data.load_dataset(config)
+    with open(f'{directory}/users.dat', 'a') as f:
+      f.write('1::F::53::other::00000\n')
+    with open(f'{directory}/movies.dat', 'a') as f:
+      f.write('1::Other (2000)::Drama|War\n')
+    again = data.load_dataset(config)
+    self.assertLen(self.encoded(), 2)
+    for name in ('vocabulary', 'multi_vocabulary', 'dense_mean'):
+      for a, b in zip(getattr(first, name), getattr(again, name), strict=True):
+        np.testing.assert_array_equal(a, b, name)
+
+  def test_movies_without_any_genre_have_lists_of_one_padding(self):
+    directory = os.path.join(self.tmp, 'ml')
+    ratings = ''.join(f'{u},{m},4.0,5\n' for u in range(1, 9) for m in (1, 2))
+    header = 'userId,movieId,rating,timestamp\n'
+    write_text(f'{directory}/ratings.csv', header + ratings)
+    movies = '1,A,(no genres listed)\n2,B,\n'
+    write_text(f'{directory}/movies.csv', 'movieId,title,genres\n' + movies)
+    config = self.config('ml-latest-small', directory, min_count=1)
+    config.side_features = ('genres',)
+    dataset = data.load_dataset(config)
+    self.assertEqual(dataset.multi_field_dims, (1,))
+    np.testing.assert_array_equal(dataset.train.multi_ids, -1)
+    self.assertEqual(dataset.train.multi_ids.shape[1:], (1, 1))
+
   def test_a_short_line_of_a_dat_file_names_it(self):
     directory = os.path.join(self.tmp, 'ml-1m')
     _write_ml1m(directory)
