@@ -13,6 +13,7 @@ import asyncio
 from concurrent import futures
 import errno
 import json
+import logging as std_logging
 import os
 import random
 import resource
@@ -838,6 +839,77 @@ class CheckpointPolicyTest(absltest.TestCase):
     self.assertTrue(kept(logging.converter.STANDARD_WARNING, orbax))
     self.assertTrue(kept(logging.converter.STANDARD_INFO, '/work/train.py'))
 
+  def test_without_drops_one_level_and_prefix_while_it_lasts(self):
+    logger = logging.get_absl_logger()
+    warning = logging.converter.STANDARD_WARNING
+    error = logging.converter.STANDARD_ERROR
+
+    def kept(level, message):
+      return logger.filter(
+        logger.makeRecord('absl', level, 'x.py', 1, message, (), None)
+      )
+
+    with orbax_logs.without(warning, 'Given directory'):
+      self.assertFalse(kept(warning, 'Given directory is read only'))
+      self.assertTrue(kept(error, 'Given directory is read only'))
+      self.assertTrue(kept(warning, 'Another directory'))
+    self.assertTrue(kept(warning, 'Given directory is read only'))
+
+  def test_a_save_holds_orbax_errors_alone_and_only_while_it_runs(self):
+    # Other errors pass at once; tensorstore's closed event loops are
+    # dropped during the save, reported after it (no save refused yet).
+    logger = logging.get_absl_logger()
+    orbax = '/site-packages/orbax/checkpoint/manager.py'
+    reported = []
+
+    def kept(path):
+      return logger.filter(
+        logger.makeRecord(
+          'absl', logging.converter.STANDARD_ERROR, path, 1, 'x', (), None
+        )
+      )
+
+    with (
+      mock.patch.dict(orbax_logs._saves, running=0, refused=False, cut=set()),
+      mock.patch.object(
+        sys, 'unraisablehook', lambda u: reported.append(str(u.exc_value))
+      ),
+      self.assertLogs('absl', 'ERROR') as logs,
+    ):
+      with orbax_logs.quiet_if_refused():
+        self.assertFalse(kept(orbax))
+        self.assertTrue(kept('/work/train.py'))
+        sys.unraisablehook(_closed_loop())
+      self.assertEqual(reported, [])
+      sys.unraisablehook(_closed_loop())
+    self.assertEqual(reported, ['Event loop is closed'])
+    self.assertEqual([r.pathname for r in logs.records], [orbax])
+
+  def test_a_cut_read_drops_its_own_late_reports_alone(self):
+    directory = os.path.join(tempfile.gettempdir(), 'cut-read-test', 'best')
+    asyncio_logger = std_logging.getLogger('asyncio')
+
+    def kept(message):
+      error = OSError(message)
+      return asyncio_logger.filter(
+        asyncio_logger.makeRecord(
+          'asyncio', 40, 'x.py', 1, 'x', (), (OSError, error, None)
+        )
+      )
+
+    reported = []
+    with (
+      mock.patch.dict(orbax_logs._saves, running=0, refused=False, cut=set()),
+      mock.patch.object(
+        sys, 'unraisablehook', lambda u: reported.append(str(u.exc_value))
+      ),
+    ):
+      orbax_logs.quiet_cut_reads(directory)
+      self.assertFalse(kept(f'reading {directory}/3/state failed'))
+      self.assertTrue(kept('reading /elsewhere/3/state failed'))
+      sys.unraisablehook(_closed_loop())
+    self.assertEqual(reported, [])
+
   def test_a_damaged_latest_step_falls_back_with_a_warning(self):
     for epoch in (1, 2):
       self.ckpt.save_latest(epoch, self._state(epoch), self._meta(epoch, 1))
@@ -851,6 +923,17 @@ class CheckpointPolicyTest(absltest.TestCase):
     self.assertEqual(meta['epoch'], 1)
     np.testing.assert_array_equal(state['w'], self._state(1)['w'])
     self.assertIn('latest/2 is damaged', '\n'.join(logs.output))
+
+
+def _closed_loop():
+  """What tensorstore's callbacks report to `sys.unraisablehook`."""
+  return types.SimpleNamespace(
+    exc_type=RuntimeError,
+    exc_value=RuntimeError('Event loop is closed'),
+    exc_traceback=None,
+    err_msg=None,
+    object=None,
+  )
 
 
 def _no_space(path=None):
