@@ -339,7 +339,10 @@ class GroupLensSideTest(DatasetTestCase):
     # NA, null, N/A: a tag is a string (so is a title), not a missing value;
     # stripped and lowercased, and dropped if blank.
     directory = os.path.join(self.tmp, 'ml')
-    ratings = ''.join(f'{u},{m},4.0,5\n' for u in range(1, 9) for m in (1, 2))
+    # Movie 3 is not in movies.csv: no year either.
+    ratings = ''.join(
+      f'{u},{m},4.0,5\n' for u in range(1, 9) for m in (1, 2, 3)
+    )
     header = 'userId,movieId,rating,timestamp\n'
     write_text(f'{directory}/ratings.csv', header + ratings)
     movies = '1,NA,Drama\n2,B (1990) (1996),Comedy\n'  # The last year.
