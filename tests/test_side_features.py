@@ -315,6 +315,13 @@ class GroupLensSideTest(DatasetTestCase):
       r'movies\.csv: not a CSV file \(.*EOF inside string',
     ),
     (
+      'movies_id',
+      'movies.csv',
+      'movieId,title,genres\n1,A (1995),Drama\nB,B (1996),Comedy\n',
+      r'movies\.csv: an id that is not an integer \(',
+    ),
+    ('tags_empty', 'tags.csv', '', r'tags\.csv: empty, but it needs the'),
+    (
       'tags_column',
       'tags.csv',
       'userId,movieId,label,timestamp\n1,1,fun,5\n',
