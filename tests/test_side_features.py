@@ -6,6 +6,7 @@ synthetic ones in GroupLens's layouts.
 """
 
 import collections
+import gzip
 import os
 import re
 import tempfile
@@ -407,6 +408,28 @@ class GroupLensSideTest(DatasetTestCase):
     self.assertEqual(dataset.multi_field_dims, (1,))
     np.testing.assert_array_equal(dataset.train.multi_ids, -1)
     self.assertEqual(dataset.train.multi_ids.shape[1:], (1, 1))
+
+  def test_a_short_u_item_line_or_a_cut_gz_names_the_file(self):
+    directory = os.path.join(self.tmp, 'ml-100k')
+    _write_ml100k(directory)
+    path = f'{directory}/u.item'
+    with open(path, 'rb') as f:
+      text = f.read()
+    with open(path, 'wb') as f:
+      f.write(text + b'5|Short (1995)|01-Jan-1995||http://x|0|1\n')
+    config = self.config('ml-100k', directory)
+    config.side_features = ('genres',)
+    with self.assertRaisesRegex(
+      data.DataError, f'^{re.escape(path)}: expected 24 \\|-separated columns'
+    ):
+      data.load_dataset(config)
+    os.remove(path)
+    with open(path + '.gz', 'wb') as f:
+      f.write(gzip.compress(text)[:-20])  # Cut short.
+    with self.assertRaisesRegex(
+      data.DataError, f'{re.escape(path)}.gz: the compressed data is truncated'
+    ):
+      data.load_dataset(config)
 
   def test_a_short_line_of_a_dat_file_names_it(self):
     directory = os.path.join(self.tmp, 'ml-1m')
