@@ -686,7 +686,9 @@ class FaultTest(_MultiProcessTestCase):
   def test_a_process_that_sees_no_checkpoint_stops_every_process(self):
     # It would start over while the others resume: other collectives.
     workdir = os.path.join(self.tmp, 'unseen')
-    run = Run(workdir, self.cache, NUM_PROCESSES, tag='first')
+    run = Run(
+      workdir, self.cache, NUM_PROCESSES, '--config.num_epochs=1', tag='first'
+    )
     self.assertEqual(run.wait(), [0] * NUM_PROCESSES, run.tails())
     latest = max(map(int, os.listdir(f'{workdir}/checkpoints/latest')))
     error = self._injected(workdir, None, 'unseen', 'none')
