@@ -79,7 +79,8 @@ def _role(feature: str) -> str:
 def files(name: str, directory: str, features: tuple[str, ...]) -> dict:
   """`{role: path}` of the side files `features` need, in `directory`.
 
-  A file may also be gzipped (`movies.csv.gz`, as the embedded copy).
+  A file may also be gzipped (`movies.csv.gz`, as the embedded copy); the
+  plain one is read where both are.
 
   Raises:
     DataError: a file is missing.

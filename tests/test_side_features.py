@@ -402,6 +402,9 @@ class GroupLensSideTest(DatasetTestCase):
     write_text(f'{directory}/ratings.csv', header + ratings)
     movies = '1,A,(no genres listed)\n2,B,\n'
     write_text(f'{directory}/movies.csv', 'movieId,title,genres\n' + movies)
+    # Beside the plain file, a gzipped one is not read.
+    with open(f'{directory}/movies.csv.gz', 'wb') as f:
+      f.write(gzip.compress(b'movieId,title,genres\n1,A,Drama\n2,B,War\n'))
     config = self.config('ml-latest-small', directory, min_count=1)
     config.side_features = ('genres',)
     dataset = data.load_dataset(config)
