@@ -463,10 +463,11 @@ def load(path: str) -> Encoder:
     ) from e
   except (OSError, ValueError) as e:
     raise utils.UserError(f'{directory}/encoder.json: unreadable ({e}).') from e
-  if meta.get('version', VERSION + 1) > VERSION:
+  if not isinstance(version := meta.get('version'), int) or version > VERSION:
     raise utils.UserError(
-      f'{directory}/encoder.json: layout version {meta.get("version")} is'
-      f' newer than this code reads ({VERSION}); update the code.'
+      f'{directory}/encoder.json: layout version {version} is not one this'
+      f' code reads (1 to {VERSION}): update the code if a newer one wrote'
+      ' it; without a version the file is damaged.'
     )
   side = encoder_side.read(meta, directory, utils.UserError)
   vocabulary = None

@@ -465,10 +465,18 @@ class EncoderTest(EncoderTestCase):
     with open(os.path.join(directory, 'encoder.json')) as f:
       self.assertEqual(f.read(), before)
     meta['version'] = encoder.VERSION + 1
-    with open(os.path.join(directory, 'encoder.json'), 'w') as f:
-      json.dump(meta, f)
-    with self.assertRaisesRegex(utils.UserError, 'newer'):
-      encoder.load(workdir)
+    for version in (encoder.VERSION + 1, None):  # Newer, or a damaged file.
+      if version is None:
+        del meta['version']
+      with open(os.path.join(directory, 'encoder.json'), 'w') as f:
+        json.dump(meta, f)
+      with self.assertRaisesRegex(
+        utils.UserError,
+        f'encoder.json: layout version {version} is not one this code reads'
+        rf' \(1 to {encoder.VERSION}\): update the code if a newer one wrote'
+        ' it; without a version the file is damaged',
+      ):
+        encoder.load(workdir)
     with self.assertRaisesRegex(utils.UserError, 'no encoder.json'):
       encoder.load(self.tmp)
     meta['version'] = encoder.VERSION
