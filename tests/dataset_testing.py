@@ -8,10 +8,12 @@ both.
 """
 
 import collections
+import http.server
 import math
 import os
 import random
 import tempfile
+import threading
 
 from absl.testing import parameterized
 import numpy as np
@@ -169,3 +171,69 @@ def random_split(num: int, field_dims, side: bool = False) -> data.Split:
   multi = -np.sort(-multi, axis=-1)  # -1 padding at the end of each list.
   dense = rng.normal(size=(num, 1)).astype(np.float32)
   return data.Split(ids.astype(np.int32), labels, multi, dense)
+
+
+class HttpServer:
+  """A one-file HTTP server on 127.0.0.1 that can cut a transfer short.
+
+  Every path serves `payload`; `requests` counts the GETs.
+  """
+
+  def __init__(
+    self,
+    payload: bytes,
+    truncate: bool = False,
+    status: int = 200,
+    stall: threading.Event | None = None,
+    length: str | None = None,
+    trickle: bool = False,
+  ):
+    payload_ = payload
+    stop = threading.Event()
+
+    requests = self.requests = []
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+      def do_GET(self):  # noqa: N802 (http.server's name)
+        requests.append(self.path)
+        if stall is not None:  # Silent until the test is done.
+          stall.wait(30)
+          return
+        if status != 200:
+          self.send_error(status)
+          return
+        self.send_response(200)
+        self.send_header('Content-Length', length or str(len(payload_)))
+        self.end_headers()
+        if trickle:  # A byte at a time, never silent for long.
+          for i in range(len(payload_)):
+            if stop.wait(0.02):
+              return
+            self.wfile.write(payload_[i : i + 1])
+            self.wfile.flush()
+        elif truncate:
+          self.wfile.write(payload_[: len(payload_) // 2])
+          self.wfile.flush()
+          self.connection.shutdown(2)  # The server goes away mid-transfer.
+        else:
+          self.wfile.write(payload_)
+
+      def log_message(self, *args):
+        pass
+
+    self.httpd = http.server.HTTPServer(('127.0.0.1', 0), Handler)
+    self.url = f'http://127.0.0.1:{self.httpd.server_port}'
+    self.stall = stall
+    self.stop = stop
+    self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
+
+  def __enter__(self):
+    self.thread.start()
+    return self
+
+  def __exit__(self, *exc):
+    if self.stall is not None:
+      self.stall.set()
+    self.stop.set()
+    self.httpd.shutdown()
+    self.httpd.server_close()

@@ -2,7 +2,6 @@
 
 import contextlib
 import hashlib
-import http.server
 import io
 import os
 import socket
@@ -15,6 +14,7 @@ import zipfile
 
 from absl.testing import absltest
 from absl.testing import parameterized
+from dataset_testing import HttpServer
 from dataset_testing import write_text
 import numpy as np
 
@@ -40,66 +40,6 @@ def _ml100k_zip(rows):
     )
     z.writestr('ml-100k/README', 'test archive')
   return buffer.getvalue()
-
-
-class _Server:
-  """A one-file HTTP server on 127.0.0.1 that can cut a transfer short."""
-
-  def __init__(
-    self,
-    payload: bytes,
-    truncate: bool = False,
-    status: int = 200,
-    stall: threading.Event | None = None,
-    length: str | None = None,
-    trickle: bool = False,
-  ):
-    payload_ = payload
-    stop = threading.Event()
-
-    class Handler(http.server.BaseHTTPRequestHandler):
-      def do_GET(self):  # noqa: N802 (http.server's name)
-        if stall is not None:  # Silent until the test is done.
-          stall.wait(30)
-          return
-        if status != 200:
-          self.send_error(status)
-          return
-        self.send_response(200)
-        self.send_header('Content-Length', length or str(len(payload_)))
-        self.end_headers()
-        if trickle:  # A byte at a time, never silent for long.
-          for i in range(len(payload_)):
-            if stop.wait(0.02):
-              return
-            self.wfile.write(payload_[i : i + 1])
-            self.wfile.flush()
-        elif truncate:
-          self.wfile.write(payload_[: len(payload_) // 2])
-          self.wfile.flush()
-          self.connection.shutdown(2)  # The server goes away mid-transfer.
-        else:
-          self.wfile.write(payload_)
-
-      def log_message(self, *args):
-        pass
-
-    self.httpd = http.server.HTTPServer(('127.0.0.1', 0), Handler)
-    self.url = f'http://127.0.0.1:{self.httpd.server_port}'
-    self.stall = stall
-    self.stop = stop
-    self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
-
-  def __enter__(self):
-    self.thread.start()
-    return self
-
-  def __exit__(self, *exc):
-    if self.stall is not None:
-      self.stall.set()
-    self.stop.set()
-    self.httpd.shutdown()
-    self.httpd.server_close()
 
 
 def _files_under(root):
@@ -134,7 +74,7 @@ class DownloadTest(absltest.TestCase):
     for name in kept + [f'ml-100k.zip.partial-{ended.pid}@{host}.a_1']:
       write_text(os.path.join(downloads, name), 'part')
     os.makedirs(os.path.join(downloads, f'.ml-100k-{ended.pid}@{host}.9f', 'x'))
-    with _Server(self.payload) as server:
+    with HttpServer(self.payload) as server:
       config = _dataset_config(self.tmp, name='ml-100k', url=server.url)
       with mock.patch.dict(movielens.GROUPLENS_MD5, {'ml-100k': self.md5}):
         dataset = data.load_dataset(config)
@@ -154,7 +94,7 @@ class DownloadTest(absltest.TestCase):
     self.assertEqual(stat.S_IMODE(mode), 0o755)
 
   def test_checksum_mismatch_is_a_clear_error_and_leaves_cache_clean(self):
-    with _Server(self.payload) as server:
+    with HttpServer(self.payload) as server:
       config = _dataset_config(self.tmp, name='ml-100k', url=server.url)
       with mock.patch.dict(movielens.GROUPLENS_MD5, {'ml-100k': '0' * 32}):
         with self.assertRaisesRegex(data.DownloadError, 'Checksum mismatch'):
@@ -162,7 +102,7 @@ class DownloadTest(absltest.TestCase):
     self.assertEqual(_files_under(config.cache_dir), [])
 
   def test_server_gone_mid_transfer_leaves_nothing_half_written(self):
-    with _Server(self.payload, truncate=True) as server:
+    with HttpServer(self.payload, truncate=True) as server:
       config = _dataset_config(self.tmp, name='ml-100k', url=server.url)
       with mock.patch.dict(movielens.GROUPLENS_MD5, {'ml-100k': self.md5}):
         with self.assertRaises(data.DownloadError):
@@ -172,7 +112,7 @@ class DownloadTest(absltest.TestCase):
   def test_a_short_transfer_without_a_checksum_is_not_kept(self):
     # Without an MD5 the announced length is the only check.
     dest = os.path.join(self.tmp, 'cache', 'x.zip')
-    with _Server(self.payload, truncate=True) as server:
+    with HttpServer(self.payload, truncate=True) as server:
       with self.assertRaisesRegex(
         data.DownloadError,
         rf'^Download of {server.url}/x.zip ended after'
@@ -182,7 +122,7 @@ class DownloadTest(absltest.TestCase):
     self.assertEqual(_files_under(self.tmp), [])
 
   def test_unreachable_server(self):
-    with _Server(b'') as server:
+    with HttpServer(b'') as server:
       url = server.url
     config = _dataset_config(self.tmp, name='ml-1m', url=url)
     with self.assertRaisesRegex(data.DownloadError, 'Could not download'):
@@ -191,9 +131,9 @@ class DownloadTest(absltest.TestCase):
   def test_http_error_and_stalled_server_say_what_to_do(self):
     stalled = threading.Event()
     for server, reason in (
-      (_Server(b'', status=404), 'HTTP Error 404: Not Found'),
-      (_Server(b'', status=500), 'HTTP Error 500'),
-      (_Server(b'', stall=stalled), 'timed out'),
+      (HttpServer(b'', status=404), 'HTTP Error 404: Not Found'),
+      (HttpServer(b'', status=500), 'HTTP Error 500'),
+      (HttpServer(b'', stall=stalled), 'timed out'),
     ):
       with (
         self.subTest(reason),
@@ -227,7 +167,7 @@ class DownloadTest(absltest.TestCase):
         tmp = tempfile.mkdtemp(dir=self.tmp)
         config = _dataset_config(tmp, name='ml-100k')
         with (
-          _Server(self.payload, length=length) as server,
+          HttpServer(self.payload, length=length) as server,
           mock.patch.dict(movielens.GROUPLENS_MD5, {'ml-100k': md5}),
         ):
           config.url = server.url
@@ -239,7 +179,7 @@ class DownloadTest(absltest.TestCase):
     # A byte every 20 ms never times out a read; the rate stops it.
     config = _dataset_config(tempfile.mkdtemp(dir=self.tmp), name='ml-1m')
     with (
-      _Server(self.payload, trickle=True) as server,
+      HttpServer(self.payload, trickle=True) as server,
       mock.patch.object(download, 'TIMEOUT_S', 0.5),
     ):
       config.url = server.url
@@ -271,7 +211,7 @@ class DownloadTest(absltest.TestCase):
     corrupt = bytearray(buffer.getvalue())
     corrupt[50:70] = b'\xff' * 20
     for payload in (bytes(corrupt), b'PK\x03\x04' + b'x' * 100):
-      with self.subTest(len(payload)), _Server(payload) as server:
+      with self.subTest(len(payload)), HttpServer(payload) as server:
         config = _dataset_config(self.tmp, name='ml-100k', url=server.url)
         md5 = hashlib.md5(payload).hexdigest()
         with mock.patch.dict(movielens.GROUPLENS_MD5, {'ml-100k': md5}):
@@ -282,7 +222,7 @@ class DownloadTest(absltest.TestCase):
           ):
             data.load_dataset(config)
         self.assertEqual(_files_under(config.cache_dir), [])
-    with _Server(self.payload) as server:
+    with HttpServer(self.payload) as server:
       config = _dataset_config(self.tmp, name='ml-100k', url=server.url)
       with mock.patch.dict(movielens.GROUPLENS_MD5, {'ml-100k': self.md5}):
         self.assertEqual(data.load_dataset(config).field_dims, (30, 9))
