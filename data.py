@@ -24,6 +24,7 @@ import batching
 from datasets import cache
 from datasets import core
 from datasets import digests
+from datasets import remote
 from datasets import split as split_lib
 
 # Re-exported: the names that training, benchmarks and tests use.
@@ -222,6 +223,7 @@ def load_dataset(config: ml_collections.ConfigDict) -> Dataset:
       or a cache that cannot be written.
   """
   source, config, options = resolve(config)
+  config = remote.localize(config)
   paths = source.files(config)
   if 'all' in paths:
     split_sizes(1, config.split)  # Validates the fractions before any work.

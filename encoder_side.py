@@ -37,6 +37,7 @@ from datasets import core
 from datasets import encode
 from datasets import movielens
 from datasets import movielens_side
+from datasets import remote
 from datasets import side as side_lib
 import utils
 
@@ -289,7 +290,7 @@ def from_dataset(
     return inputs
   tables = movielens_side.tables(
     config.name,
-    movielens.files(config),
+    movielens.files(remote.localize(config)),
     features,
     dataset.vocabulary[0],
     dataset.vocabulary[1],

@@ -28,8 +28,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # ml-latest-small (embedded), ml-100k, ml-1m, ml-20m, ml-25m, criteo,
   # avazu, libfm or csv (see README, Datasets).
   config.dataset.name = 'ml-latest-small'
-  # Local file or directory of the raw data; empty: the embedded copy
-  # (ml-latest-small) or a verified download into `cache_dir` (GroupLens).
+  # Local file or directory of the raw data, or an http(s) URL downloaded
+  # once into `cache_dir` (archives unpacked; a `#sha256=<hex>` fragment is
+  # checked; datasets/remote.py); empty: the embedded copy (ml-latest-small)
+  # or a verified download into `cache_dir` (GroupLens).
   config.dataset.path = ''
   # Predefined validation and test files (both or neither; neither: `split`
   # of `path` at random). A libfm `path` directory finds them by name.

@@ -66,8 +66,15 @@ def _copy(response, out, digest, url: str, expected: int | None) -> int:
   return received
 
 
-def download(url: str, dest: str, *, md5: str | None = None) -> str:
-  """Downloads `url` to `dest`, verifying its MD5; atomic.
+def download(
+  url: str,
+  dest: str,
+  *,
+  md5: str | None = None,
+  sha256: str | None = None,
+  key: str = 'url',
+) -> str:
+  """Downloads `url` to `dest`, verifying its MD5 or SHA-256; atomic.
 
   The bytes go to a temporary file beside `dest` that is renamed only when the
   transfer is complete and its checksum matches, so an interrupted or corrupt
@@ -77,6 +84,8 @@ def download(url: str, dest: str, *, md5: str | None = None) -> str:
     url: what to fetch.
     dest: final path of the file.
     md5: expected hex MD5 of the content, or None to skip the check.
+    sha256: expected hex SHA-256 of the content, or None (used if `md5` is).
+    key: the config.dataset key that gives `url`, for messages.
 
   Returns:
     `dest`.
@@ -94,7 +103,9 @@ def download(url: str, dest: str, *, md5: str | None = None) -> str:
     fd, tmp = tempfile.mkstemp(
       dir=directory, prefix=f'{prefix}{core.owner_tag()}.'
     )
-    digest = hashlib.md5()
+    digest, want = hashlib.md5(), md5
+    if md5 is None and sha256 is not None:
+      digest, want = hashlib.sha256(), sha256
     with os.fdopen(fd, 'wb') as out:
       try:
         response = urllib.request.urlopen(url, timeout=TIMEOUT_S)
@@ -107,11 +118,11 @@ def download(url: str, dest: str, *, md5: str | None = None) -> str:
       raise core.DownloadError(
         f'Download of {url} ended after {received} of {expected} bytes.'
       )
-    if md5 is not None and digest.hexdigest() != md5:
+    if want is not None and digest.hexdigest() != want.lower():
       raise core.DownloadError(
-        f'Checksum mismatch for {url}: MD5 {digest.hexdigest()}, expected'
-        f' {md5}. The file was discarded; retry, or download it yourself'
-        ' and set config.dataset.path.'
+        f'Checksum mismatch for {url}: {digest.name.upper()}'
+        f' {digest.hexdigest()}, expected {want}. The file was discarded;'
+        ' retry, or download it yourself and set config.dataset.path.'
       )
     os.replace(tmp, dest)
     return dest
@@ -124,7 +135,7 @@ def download(url: str, dest: str, *, md5: str | None = None) -> str:
   ) as e:
     raise core.DownloadError(
       f'Could not download {url}: {e}. Check the network and'
-      ' config.dataset.url, then run again; or download and unzip the'
+      f' config.dataset.{key}, then run again; or download and unzip the'
       ' archive yourself and set config.dataset.path to its directory.'
     ) from e
   except OSError as e:  # Not the network's: the cache directory's.

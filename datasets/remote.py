@@ -1,0 +1,182 @@
+"""Dataset files named by URL: downloaded once into the cache, unpacked.
+
+`config.dataset.path`, `valid_path` and `test_path` may be http(s) URLs, e.g.
+the Criteo Kaggle archive's. Each is downloaded once into
+`<cache_dir>/downloads/url-<hash of the URL>/` (atomic and verified:
+`download.download`); an archive (`.tar.gz`, `.tgz`, `.tar`, `.zip`, ...) is
+unpacked there into a directory that takes the archive's place, which the
+formats read as they read any directory (Criteo's `train.txt`, a libFM
+directory, ...), or as its one file if it holds one. A `#sha256=<hex>` or
+`#md5=<hex>` fragment is the content's checksum, checked before anything is
+kept. Later runs, and the other processes of a run sharing the cache, read
+the copy without the network.
+"""
+
+import contextlib
+import hashlib
+import logging
+import os
+import shutil
+import tarfile
+import urllib.parse
+import zipfile
+import zlib
+
+import ml_collections
+
+from datasets import core
+from datasets import download
+
+KEYS = ('path', 'valid_path', 'test_path')
+SCHEMES = ('http://', 'https://')
+# Names of the archives that are unpacked; other files are kept as they are
+# (a `.gz` of one file too: the formats read it compressed).
+TAR = ('.tar', '.tar.gz', '.tgz', '.tar.bz2', '.tbz2', '.tar.xz', '.txz')
+ZIP = ('.zip',)
+# Whether tarfile has PEP 706's extraction filters (Python 3.11.4 on).
+FILTERS = hasattr(tarfile, 'data_filter')
+
+
+def is_url(path: object) -> bool:
+  """Whether `path` is an http(s) URL."""
+  return isinstance(path, str) and path.lower().startswith(SCHEMES)
+
+
+def localize(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """`config.dataset` with each URL of `KEYS` replaced by its local copy.
+
+  Raises:
+    DataError: a fragment that is not a checksum.
+    DownloadError: the download or the unpacking failed.
+  """
+  if not any(is_url(config.get(key)) for key in KEYS):
+    return config
+  config = ml_collections.ConfigDict(config.to_dict())
+  for key in KEYS:
+    if is_url(config.get(key)):
+      config[key] = fetch(config[key], core.cache_dir(config), key)
+  return config
+
+
+def _checksum(url: str, key: str) -> tuple[str, str | None, str | None]:
+  """`(url without its fragment, algorithm, hex digest)` of `url`."""
+  url, _, fragment = url.partition('#')
+  if not fragment:
+    return url, None, None
+  algorithm, _, value = fragment.partition('=')
+  value = value.strip().lower()
+  digits = {'sha256': 64, 'md5': 32}.get(algorithm)
+  if len(value) != digits or set(value) - set('0123456789abcdef'):
+    raise core.DataError(
+      f'config.dataset.{key}: the URL fragment #{fragment} is not a'
+      f' checksum; write #sha256=<64 hex digits> or #md5=<32 hex digits>,'
+      ' or leave the fragment out.'
+    )
+  return url, algorithm, value
+
+
+def _kind(name: str) -> str | None:
+  """'tar', 'zip' or None (kept as it is) for the file name `name`."""
+  low = name.lower()
+  if low.endswith(TAR):
+    return 'tar'
+  return 'zip' if low.endswith(ZIP) else None
+
+
+def _stem(name: str) -> str:
+  """`name` without its archive suffix: the directory it unpacks into."""
+  for suffix in sorted(TAR + ZIP, key=len, reverse=True):
+    if name.lower().endswith(suffix):
+      return name[: -len(suffix)] or 'archive'
+  return name
+
+
+def _unpack(archive: str, kind: str, into: str) -> None:
+  """Unpacks `archive` into the directory `into`; nothing outside it."""
+  if kind == 'zip':
+    with zipfile.ZipFile(archive) as z:
+      z.extractall(into)  # zipfile drops '..' and absolute names.
+    return
+  with tarfile.open(archive) as t:
+    if FILTERS:
+      # No links out, devices, absolute or '..' names (PEP 706).
+      t.extractall(into, filter='data')
+      return
+    for member in t.getmembers():  # Python 3.11.0-3.11.3: no filters.
+      parts = member.name.replace('\\', '/').split('/')
+      if (
+        not (member.isfile() or member.isdir())
+        or '..' in parts
+        or os.path.isabs(member.name)
+      ):
+        raise tarfile.TarError(f'{member.name!r} is not a plain file in it')
+    t.extractall(into)
+
+
+def _inside(path: str) -> str:
+  """The one file that directory `path` holds, if so (an archive of one
+  file, e.g. a CSV: read as that file), else `path`."""
+  if not os.path.isdir(path):
+    return path
+  entries = [e for e in os.listdir(path) if not e.startswith('.')]
+  if len(entries) == 1 and os.path.isfile(os.path.join(path, entries[0])):
+    return os.path.join(path, entries[0])
+  return path
+
+
+def fetch(url: str, cache_dir: str, key: str = 'path') -> str:
+  """The local copy of `url`: a file, an archive's one file or directory.
+
+  Args:
+    url: http(s) URL, with an optional `#sha256=` or `#md5=` fragment.
+    cache_dir: the dataset cache; the copy goes under its `downloads/`.
+    key: the config key that holds `url`, for messages.
+
+  Raises:
+    DataError: a fragment that is not a checksum.
+    DownloadError: the download or the unpacking failed.
+  """
+  url, algorithm, digest = _checksum(url, key)
+  name = os.path.basename(urllib.parse.urlsplit(url).path) or 'download'
+  tag = hashlib.sha256(url.encode()).hexdigest()[:16]
+  root = os.path.join(cache_dir, 'downloads', f'url-{tag}')
+  kind = _kind(name)
+  final = os.path.join(root, _stem(name) if kind else name)
+  if os.path.exists(final):  # Complete: only renamed into place whole.
+    return _inside(final)
+  # One process downloads; the others (runs started together) wait.
+  with core.building(root, os.path.join(cache_dir, 'locks')):
+    if os.path.exists(final):
+      return _inside(final)
+    logging.info('Downloading %s into %s', url, root)
+    checksum = {algorithm: digest} if algorithm else {}
+    archive = download.download(
+      url, os.path.join(root, name), key=key, **checksum
+    )
+    if not kind:
+      return final  # A file of one name: never a directory.
+    tmp = None
+    try:
+      core.remove_orphans(root, f'.{name}-')
+      tmp = core.make_temp_dir(root, f'.{name}-{core.owner_tag()}.')
+      _unpack(archive, kind, tmp)
+      entries = [e for e in os.listdir(tmp) if not e.startswith('.')]
+      inner = os.path.join(tmp, entries[0]) if len(entries) == 1 else tmp
+      os.rename(inner if os.path.isdir(inner) else tmp, final)
+    except (tarfile.TarError, zipfile.BadZipFile, zlib.error, EOFError) as e:
+      raise core.DownloadError(
+        f'Could not unpack {url} (config.dataset.{key}): {e}. The archive'
+        ' was deleted: run again; or unpack it yourself and set'
+        f' config.dataset.{key} to its directory.'
+      ) from e
+    except OSError as e:
+      raise core.DownloadError(
+        f'Could not unpack {url} into {root}: {e}. Set'
+        ' config.dataset.cache_dir to a writable directory with free space.'
+      ) from e
+    finally:
+      if tmp is not None:
+        shutil.rmtree(tmp, ignore_errors=True)
+      with contextlib.suppress(FileNotFoundError):
+        os.remove(archive)
+  return _inside(final)

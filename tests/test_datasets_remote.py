@@ -1,0 +1,246 @@
+"""Tests of dataset files named by URL (datasets/remote.py)."""
+
+import dataclasses
+import hashlib
+import io
+import os
+import tarfile
+from unittest import mock
+import zipfile
+
+from absl.testing import absltest
+from dataset_testing import DatasetTestCase
+from dataset_testing import HttpServer
+from dataset_testing import all_rows
+from dataset_testing import criteo_rows
+import numpy as np
+from test_side_features import _write_ml100k
+
+import data
+from datasets import remote
+import encoder_side
+
+
+def _tar(members: dict[str, bytes], mode: str = 'w:gz') -> bytes:
+  buffer = io.BytesIO()
+  with tarfile.open(fileobj=buffer, mode=mode) as t:
+    for name, payload in members.items():
+      info = tarfile.TarInfo(name)
+      info.size = len(payload)
+      t.addfile(info, io.BytesIO(payload))
+  return buffer.getvalue()
+
+
+def _criteo_text(n: int, seed: int = 0) -> bytes:
+  return ''.join('\t'.join(r) + '\n' for r in criteo_rows(n, seed)).encode()
+
+
+def _files_under(root: str) -> list[str]:
+  return sorted(
+    os.path.relpath(os.path.join(d, f), root)
+    for d, _, files in os.walk(root)
+    for f in files
+  )
+
+
+class RemotePathTest(DatasetTestCase):
+  def _local(self, name: str, payload: bytes) -> str:
+    path = os.path.join(self.tmp, 'local', name)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, 'wb') as f:
+      f.write(payload)
+    return path
+
+  def _same(self, got, want):
+    self.assertEqual(got.field_dims, want.field_dims)
+    for a, b in zip(all_rows(got), all_rows(want), strict=True):
+      np.testing.assert_array_equal(a, b)
+
+  def test_a_criteo_archive_is_downloaded_once_unpacked_and_read(self):
+    train = _criteo_text(300)
+    archive = _tar(
+      {'train.txt': train, 'test.txt': b'', 'readme.txt': b'Criteo'}
+    )
+    digest = hashlib.sha256(archive).hexdigest()
+    want = data.load_dataset(
+      self.config('criteo', self._local('train.txt', train))
+    )
+    with HttpServer(archive) as server:
+      url = f'{server.url}/dac/dac.tar.gz'
+      config = self.config('criteo', f'{url}#sha256={digest.upper()}')
+      got = data.load_dataset(config)
+    self._same(got, want)
+    self.assertEqual(server.requests, ['/dac/dac.tar.gz'])
+    # The archive went; its directory stays, named after it, read offline.
+    downloads = os.path.join(self.tmp, 'cache', 'downloads')
+    tag = hashlib.sha256(url.encode()).hexdigest()[:16]
+    self.assertEqual(
+      _files_under(downloads),
+      [f'url-{tag}/dac/{n}' for n in ('readme.txt', 'test.txt', 'train.txt')],
+    )
+    with mock.patch.object(remote.download, 'download') as fetched:
+      self._same(data.load_dataset(config), want)  # Its cache.
+      self.assertEqual(
+        remote.fetch(url, config.cache_dir), f'{downloads}/url-{tag}/dac'
+      )
+    fetched.assert_not_called()
+
+  def test_a_file_that_is_no_archive_is_kept_as_it_is(self):
+    rows = [['clicked', 'user', 'city']] + [
+      [str(i % 2), f'u{i % 7}', f'c{i % 3}'] for i in range(200)
+    ]
+    text = ''.join(','.join(r) + '\n' for r in rows).encode()
+    csv = {'label_column': 'clicked'}
+    want = data.load_dataset(
+      self.config('csv', self._local('clicks.csv', text), csv=csv)
+    )
+    md5 = hashlib.md5(text).hexdigest()
+    with HttpServer(text) as server:
+      url = f'{server.url}/clicks.csv'
+      got = data.load_dataset(self.config('csv', f'{url}#md5={md5}', csv=csv))
+    self._same(got, want)
+    tag = hashlib.sha256(url.encode()).hexdigest()[:16]
+    self.assertEqual(
+      _files_under(os.path.join(self.tmp, 'cache', 'downloads')),
+      [f'url-{tag}/clicks.csv'],
+    )
+
+  def test_an_archive_of_one_file_is_read_as_that_file(self):
+    text = b'clicked,user\n' + b''.join(
+      b'%d,u%d\n' % (i % 2, i % 5) for i in range(100)
+    )
+    csv = {'label_column': 'clicked'}
+    want = data.load_dataset(
+      self.config('csv', self._local('clicks.csv', text), csv=csv)
+    )
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, 'w') as z:
+      z.writestr('clicks.csv', text)
+    with HttpServer(buffer.getvalue()) as server:
+      url = f'{server.url}/clicks.zip'
+      config = self.config('csv', url, csv=csv)
+      self._same(data.load_dataset(config), want)
+    tag = hashlib.sha256(url.encode()).hexdigest()[:16]
+    local = os.path.join(config.cache_dir, 'downloads', f'url-{tag}')
+    self.assertEqual(
+      remote.fetch(url, config.cache_dir), f'{local}/clicks/clicks.csv'
+    )
+
+  def test_valid_and_test_files_at_urls(self):
+    text = _criteo_text(60, seed=1)
+    with HttpServer(text) as server:
+      dataset = data.load_dataset(
+        self.config(
+          'criteo',
+          self._local('train.txt', _criteo_text(300)),
+          valid_path=f'{server.url}/valid.txt',
+          test_path=f'{server.url}/test.txt',
+        )
+      )
+    self.assertEqual(server.requests, ['/valid.txt', '/test.txt'])
+    self.assertEqual((len(dataset.valid), len(dataset.test)), (60, 60))
+    np.testing.assert_array_equal(dataset.valid.ids, dataset.test.ids)
+
+  def test_a_zip_of_a_movielens_set_with_side_files_at_a_url(self):
+    # The encoder reads the side tables again (encoder_side.from_dataset):
+    # from the downloaded copy too.
+    local = os.path.join(self.tmp, 'local', 'ml-100k')
+    _write_ml100k(local)
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, 'w') as z:
+      for name in sorted(os.listdir(local)):
+        z.write(os.path.join(local, name), f'ml-100k/{name}')
+    features = ('genres', 'gender')
+    want_config = self.config('ml-100k', local, side_features=features)
+    want = data.load_dataset(want_config)
+    with HttpServer(buffer.getvalue()) as server:
+      config = self.config(
+        'ml-100k', f'{server.url}/ml-100k.zip', side_features=features
+      )
+      got = data.load_dataset(config)
+    self._same(got, want)
+    self.assertEqual(got.multi_field_names, ('genres',))
+    _, config, _ = data.resolve(config)
+    _, want_config, _ = data.resolve(want_config)
+    got = encoder_side.from_dataset(got, 'movielens', config)
+    want = encoder_side.from_dataset(want, 'movielens', want_config)
+    self.assertIsNotNone(got.item_multi)
+    for field in dataclasses.fields(want):
+      np.testing.assert_equal(
+        getattr(got, field.name), getattr(want, field.name), field.name
+      )
+
+  def test_a_wrong_checksum_keeps_nothing_and_names_both(self):
+    archive = _tar({'train.txt': _criteo_text(20)})
+    with HttpServer(archive) as server:
+      url = f'{server.url}/dac.tar.gz'
+      with self.assertRaisesRegex(
+        data.DownloadError,
+        f'^Checksum mismatch for {url}: SHA256'
+        f' {hashlib.sha256(archive).hexdigest()}, expected {"0" * 64}\\.',
+      ):
+        data.load_dataset(self.config('criteo', f'{url}#sha256={"0" * 64}'))
+    self.assertEqual(_files_under(os.path.join(self.tmp, 'cache')), [])
+
+  def test_a_fragment_that_is_no_checksum_names_the_key(self):
+    for fragment in ('sha256=abc', 'sha1=' + '0' * 40, 'md5=' + 'g' * 32):
+      with self.subTest(fragment):
+        with self.assertRaisesRegex(
+          data.DataError,
+          f'^config.dataset.valid_path: the URL fragment #{fragment} is not'
+          ' a checksum; write #sha256=<64 hex digits> or #md5=<32 hex'
+          ' digits>, or leave the fragment out.$',
+        ):
+          data.load_dataset(
+            self.config(
+              'criteo',
+              self._local('train.txt', _criteo_text(20)),
+              valid_path=f'http://127.0.0.1:9/valid.txt#{fragment}',
+              test_path=self._local('test.txt', _criteo_text(20, 1)),
+            )
+          )
+
+  def test_an_http_error_names_the_key(self):
+    with HttpServer(b'', status=404) as server:
+      url = f'{server.url}/train.txt'
+      with self.assertRaisesRegex(
+        data.DownloadError,
+        f'^Could not download {url}: HTTP Error 404: Not Found. Check the'
+        ' network and config.dataset.path, then run again',
+      ):
+        data.load_dataset(self.config('criteo', url))
+
+  def test_an_archive_that_writes_outside_or_is_damaged_is_refused(self):
+    escape = _tar({'../outside.txt': b'x', 'train.txt': _criteo_text(20)})
+    damaged = _tar({'train.txt': _criteo_text(200)})[:-300]
+    for filters in (True, False):
+      for name, payload, reason in (
+        ('escape', escape, 'outside.txt'),
+        ('damaged', damaged, ''),
+      ):
+        with (
+          self.subTest(name=name, filters=filters),
+          mock.patch.object(remote, 'FILTERS', filters),
+          HttpServer(payload) as server,
+        ):
+          url = f'{server.url}/{name}{filters}.tar.gz'
+          with self.assertRaisesRegex(
+            data.DownloadError,
+            f'^Could not unpack {url} \\(config.dataset.path\\): .*{reason}.*'
+            ' The archive was deleted: run again; or unpack it yourself and'
+            ' set config.dataset.path to its directory.$',
+          ):
+            data.load_dataset(self.config('criteo', url))
+    self.assertEqual(_files_under(os.path.join(self.tmp, 'cache')), [])
+    self.assertFalse(os.path.exists(os.path.join(self.tmp, 'outside.txt')))
+
+  def test_local_paths_are_left_as_they_are(self):
+    config = self.config('criteo', '/data/train.txt', test_path='x.txt')
+    self.assertIs(remote.localize(config), config)
+    self.assertTrue(remote.is_url('HTTPS://host/x'))
+    self.assertFalse(remote.is_url('ftp://host/x'))
+    self.assertFalse(remote.is_url(None))
+
+
+if __name__ == '__main__':
+  absltest.main()
