@@ -141,11 +141,13 @@ def warm_start(state: TrainState, workdir: str) -> TrainState:
   )
   keystr, leaves = jax.tree_util.keystr, jax.tree_util.tree_leaves_with_path
   source = {keystr(path): value for path, value in leaves(restored['params'])}
-  copied = []
+  copied, skipped = [], []
 
   def take(path, value):
     old = source.get(keystr(path))
     if old is None or np.shape(old) != np.shape(value):
+      if old is not None:
+        skipped.append(f'{keystr(path)} {np.shape(old)} -> {np.shape(value)}')
       return value
     copied.append(keystr(path))
     return jnp.asarray(old, value.dtype)
@@ -156,6 +158,9 @@ def warm_start(state: TrainState, workdir: str) -> TrainState:
       f'config.init_from: no parameter of {workdir} matches this model.'
     )
   logging.info('Warm start from %s: %s', workdir, ', '.join(copied))
+  if skipped:  # E.g. another embed_dim: the user expected these copied.
+    msg = 'not copied, shapes differ (match e.g. embed_dim to copy them)'
+    logging.warning('Warm start from %s: %s: %s', workdir, msg, skipped)
   return state.replace(params=params, opt_state=state.tx.init(params))
 
 

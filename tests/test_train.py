@@ -440,7 +440,12 @@ class WarmStartTest(absltest.TestCase):
       'load_best',
       return_value=({'params': source}, {'epoch': 1}),
     ):
-      warm = jax.device_get(train.warm_start(state, '/runs/fm'))
+      with self.assertLogs(level='WARNING') as logs:
+        warm = jax.device_get(train.warm_start(state, '/runs/fm'))
+    # The embedding a user expected copied is named with both shapes.
+    self.assertRegex(
+      logs.output[0], r'not copied.*embed_dim.*FeaturesEmbedding_0.*\(30, 8\)'
+    )
     jax.tree.map(
       np.testing.assert_array_equal,
       warm.params,
