@@ -116,7 +116,9 @@ def download(
         received = _copy(response, out, digest, url, expected)
     if expected is not None and received != expected:
       raise core.DownloadError(
-        f'Download of {url} ended after {received} of {expected} bytes.'
+        f'Download of {url} ended after {received} of {expected} bytes;'
+        ' the partial file was discarded. Run again; or download and unzip'
+        ' the archive yourself and set config.dataset.path to its directory.'
       )
     if want is not None and digest.hexdigest() != want.lower():
       raise core.DownloadError(

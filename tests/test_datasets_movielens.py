@@ -116,7 +116,8 @@ class DownloadTest(absltest.TestCase):
       with self.assertRaisesRegex(
         data.DownloadError,
         rf'^Download of {server.url}/x.zip ended after'
-        rf' {len(self.payload) // 2} of {len(self.payload)} bytes\.$',
+        rf' {len(self.payload) // 2} of {len(self.payload)} bytes; the partial'
+        r' file was discarded\. Run again; .* set config\.dataset\.path',
       ):
         download.download(f'{server.url}/x.zip', dest)
     self.assertEqual(_files_under(self.tmp), [])
