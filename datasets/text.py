@@ -368,6 +368,7 @@ class Table:
       ).to_numpy(np.float64)
       if column in floats:  # Empty and NaN cells are missing values.
         ok = ~np.isnan(number) | np.isin(text.astype(str), FLOAT_MISSING)
+        integral = np.zeros(len(text), bool)  # Not the last integer column's.
         what, kind = f'float column {column}', 'a number'
       else:
         integral = np.isfinite(number) & (number == np.round(number))

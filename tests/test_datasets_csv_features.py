@@ -198,6 +198,14 @@ class CsvFeaturesTest(DatasetTestCase):
       rf"^{path}:132: float column price '12,5' is not a number \(set",
     ):
       self.load(path)
+    # With an integer column beside it, still not a number (it said 'is out
+    # of range', the integer column's word for an integral row).
+    with self.assertRaisesRegex(
+      data.DataError, rf"^{path}:132: float column price '12,5' is not a num"
+    ):
+      self.load(
+        path, csv=dict(float_columns=('price',), numeric_columns=('count',))
+      )
     rows[130][2] = 'inf'
     with self.assertRaisesRegex(
       data.DataError, rf'^{path}:132: float column price inf is not finite'

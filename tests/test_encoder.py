@@ -563,6 +563,14 @@ class SideInputsTest(EncoderTestCase):
     other = os.path.join(self.tmp, 'test.csv')
     shuffled.to_csv(other, index=False)
     self._check_inputs(enc.encode(other), train, labeled=False)
+    # Unlabelled, without an integer column: a bad float is named (it was an
+    # UnboundLocalError).
+    shuffled.assign(price=['cheap'] * len(shuffled)).to_csv(other, index=False)
+    with self.assertRaisesRegex(
+      data.DataError, r"test.csv:2: float column price 'cheap' is not a number"
+    ):
+      enc.encode(other)
+    shuffled.to_csv(other, index=False)
     typed = shuffled.assign(
       price=shuffled['price'].replace('', 'nan').astype(float),
       count=shuffled['count'].astype(float),
