@@ -40,7 +40,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # Where downloads and encoded arrays are kept; empty: $XDG_CACHE_HOME/flax_fm
   # (default ~/.cache/flax_fm).
   config.dataset.cache_dir = ''
-  # Base URL of the GroupLens archives (tests point it at a local server).
+  # Base URL of the GroupLens archives; a mirror must serve the same files
+  # (their MD5s are checked). Tests point it at a local server.
   config.dataset.url = 'https://files.grouplens.org/datasets/movielens'
   # Fractions of train / validation / test, split at random with `seed`.
   config.dataset.split = (0.8, 0.1, 0.1)
