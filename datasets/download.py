@@ -123,8 +123,12 @@ def download(
     if want is not None and digest.hexdigest() != want.lower():
       raise core.DownloadError(
         f'Checksum mismatch for {url}: {digest.name.upper()}'
-        f' {digest.hexdigest()}, expected {want}. The file was discarded;'
-        ' retry, or download it yourself and set config.dataset.path.'
+        f' {digest.hexdigest()}, expected {want}. The file was discarded:'
+        f' run again, and if it persists, config.dataset.{key} serves'
+        ' another file'
+        + (" (a mirror must serve GroupLens's own)" if key == 'url' else '')
+        + '; or download and unzip the archive yourself and set'
+        ' config.dataset.path to its directory.'
       )
     os.replace(tmp, dest)
     return dest

@@ -177,7 +177,9 @@ class RemotePathTest(DatasetTestCase):
       with self.assertRaisesRegex(
         data.DownloadError,
         f'^Checksum mismatch for {url}: SHA256'
-        f' {hashlib.sha256(archive).hexdigest()}, expected {"0" * 64}\\.',
+        f' {hashlib.sha256(archive).hexdigest()}, expected {"0" * 64}\\. The'
+        ' file was discarded: run again, and if it persists,'
+        ' config.dataset.path serves another file; or download',
       ):
         data.load_dataset(self.config('criteo', f'{url}#sha256={"0" * 64}'))
     self.assertEqual(_files_under(os.path.join(self.tmp, 'cache')), [])
