@@ -360,8 +360,12 @@ def encode(
       for m, counter in enumerate(multi_counts if role == train_role else ()):
         counter.add(side[0].multi[:, m][present[:, m]])
   for role, path in files.items():
-    if rows[role] == 0:
-      raise core.DataError(f'{path}: no examples found.')
+    if rows[role] == 0:  # Every line skipped: e.g. the wrong label column.
+      why = (
+        f'; {bad.count} malformed lines were skipped (the first logged'
+        ' above): check the format options'
+      )
+      raise core.DataError(f'{path}: no examples found{why * bool(bad.count)}.')
   if field_dims:
     vocabulary = None
     kept = tuple(np.arange(d, dtype=np.int64) for d in field_dims)

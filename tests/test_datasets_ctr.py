@@ -845,6 +845,19 @@ class BadLinesTest(DatasetTestCase):
       data.load_dataset(config)
     self.assertEqual(self.encoded(), [])
 
+  def test_a_file_whose_every_line_was_skipped_says_so(self):
+    path = os.path.join(self.tmp, 'c.csv')
+    with open(path, 'w') as f:
+      f.write('y,u\nparis,1\nlyon,2\n')  # A label_column that is not one.
+    config = self.config('csv', path, skip_bad_lines=True)
+    config.csv.label_column = 'y'
+    with self.assertRaisesRegex(
+      data.DataError,
+      rf'^{path}: no examples found; 2 malformed lines were skipped \(the'
+      r' first logged above\): check the format options\.$',
+    ):
+      data.load_dataset(config)
+
   def test_error_names_the_first_bad_line_of_a_chunk(self):
     rows = criteo_rows(60, seed=6)
     rows[9] = rows[9][:3] + ['12x'] + rows[9][4:]  # Line 10: parse stage.
