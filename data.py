@@ -54,6 +54,9 @@ SHARED_KEYS = (
 )
 
 SPLITS = cache.SPLITS
+# The part of the training split that an epoch may leave out (its last,
+# partial batch) without a warning.
+DROPPED_WARNING = 0.1
 
 
 def format_defaults() -> dict[str, ml_collections.ConfigDict]:
@@ -289,6 +292,17 @@ def check_splits(dataset: Dataset, config: ml_collections.ConfigDict):
       f'config.batch_size={config.batch_size} exceeds the'
       f' {len(dataset.train)} training examples of {dataset.name}: lower it,'
       ' or give training a larger part with config.dataset.split.'
+    )
+  left = len(dataset.train) % config.batch_size
+  if left > DROPPED_WARNING * len(dataset.train):
+    logging.warning(
+      'config.batch_size=%d leaves %d of the %d training examples out of each'
+      ' epoch (%.0f%%; drawn anew each epoch): a batch size that divides'
+      ' the split more evenly trains on more of it.',
+      config.batch_size,
+      left,
+      len(dataset.train),
+      100 * left / len(dataset.train),
     )
   for name, split in (('validation', dataset.valid), ('test', dataset.test)):
     positives = int(np.count_nonzero(np.asarray(split.labels) > 0.5))

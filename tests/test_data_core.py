@@ -3,6 +3,7 @@
 import errno
 import io
 import json
+import logging
 import os
 import socket
 import subprocess
@@ -529,6 +530,31 @@ class BatchTest(parameterized.TestCase):
   def _split(self, n):
     ids = np.stack([np.arange(n), np.arange(n) % 3], 1).astype(np.int32)
     return data.Split(ids, (np.arange(n) % 2).astype(np.float32))
+
+  def test_a_batch_size_that_leaves_much_of_an_epoch_out_is_warned(self):
+    config = fm.get_config()
+    # 3,200 rows in batches of 2048: 1,152 (36%) out of each epoch.
+    for rows, batch_size, warned in (
+      (3200, 2048, '1152 of the 3200 training examples out of each epoch (36%'),
+      (3200, 1024, None),  # 128 (4%).
+      (2300, 1000, '300 of the 2300'),  # 13%.
+      (2200, 1000, None),  # 9%: below a tenth.
+    ):
+      split = self._split(rows)
+      config.batch_size = batch_size
+      dataset = data.Dataset('x', ('a', 'b'), (rows, 3), split, split, split)
+      with self.subTest(rows=rows, batch_size=batch_size):
+        with self.assertLogs(level='WARNING') as logs:
+          logging.warning('sentinel')
+          data.check_splits(dataset, config)
+        said = [r.getMessage() for r in logs.records[1:]]
+        if warned is None:
+          self.assertEqual(said, [])
+        else:
+          [message] = said
+          self.assertIn(
+            f'config.batch_size={batch_size} leaves {warned}', message
+          )
 
   @parameterized.parameters(7, 8, 9, 16, 17)
   def test_train_batches_drop_remainder_and_processes_partition(self, n):
