@@ -459,7 +459,7 @@ def load(path: str) -> Encoder:
   except (FileNotFoundError, NotADirectoryError) as e:  # A file: no run.
     raise utils.UserError(
       f'{path}: no encoder.json in it or in its {DIRECTORY}/ directory; is'
-      ' it the workdir of a finished training run (or an export)?'
+      ' it the workdir of a finished training run?'
     ) from e
   except (OSError, ValueError) as e:
     raise utils.UserError(f'{directory}/encoder.json: unreadable ({e}).') from e
