@@ -268,12 +268,18 @@ def check_platforms(platforms: Sequence[str]) -> None:
 
 
 def check_output(output: str) -> None:
-  """Raises a UserError if `output` holds files and is not an export.
+  """Raises a UserError if `output` is a file, or holds files and is not an
+  export.
 
   An export is written over an earlier one (its signature.json), but not
   among other files: into a training workdir it would mix with the run's
   own encoder, and into any other directory with what is there.
   """
+  if os.path.lexists(output) and not os.path.isdir(output):
+    raise utils.UserError(
+      f'--output: {output} is a file, not a directory; give a new or empty'
+      ' directory, or an earlier export to replace.'
+    )
   if not os.path.isdir(output):
     return
   # `<name>.tmp-<pid>-<thread>`: another export's copies, being published.

@@ -298,20 +298,21 @@ class ExportRunTest(absltest.TestCase):
   def test_an_output_that_cannot_be_written_is_one_line(self):
     run = trained_run()
     tmp = self.enter_context(tempfile.TemporaryDirectory())
-    out = os.path.join(tmp, 'a_file')
-    with open(out, 'w') as f:
+    a_file = os.path.join(tmp, 'a_file')
+    with open(a_file, 'w') as f:
       f.write('kept')
+    out = os.path.join(a_file, 'export')  # Under a file: no directory.
     self.assertEqual(
       command_error(
         'export.py', tmp, f'--workdir={run.workdir}', f'--output={out}'
       ),
       (
         2,
-        f'export.py: error: --output: cannot write {out} (File exists);'
+        f'export.py: error: --output: cannot write {out} (Not a directory);'
         ' choose a directory you can write.',
       ),
     )
-    with open(out) as f:
+    with open(a_file) as f:
       self.assertEqual(f.read(), 'kept')
 
   def test_an_output_that_holds_other_files_is_refused(self):
@@ -347,6 +348,11 @@ class ExportRunTest(absltest.TestCase):
       f.write('mine')
     with self.assertRaisesRegex(UserError, r'holds other files \(notes.txt\)'):
       export.check_output(out)
+    # A file given as the output is refused before any work.
+    with self.assertRaisesRegex(
+      UserError, f'^--output: {out}/notes.txt is a file, not a directory;'
+    ):
+      export.check_output(os.path.join(out, 'notes.txt'))
     # An export removes what a killed one left an hour ago, not the copies
     # of one that may still run.
     # An earlier export's old files that are no copies stay.
