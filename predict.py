@@ -181,11 +181,13 @@ class Predictor:
       return np.zeros(0, np.float32)
     return np.concatenate([np.asarray(out)[:k] for out, k in outs])
 
-  def __call__(self, frame: pd.DataFrame) -> np.ndarray:
-    """Probabilities float32 `[n]` of a DataFrame of raw values.
+  def __call__(self, frame: pd.DataFrame | dict | list) -> np.ndarray:
+    """Probabilities float32 `[n]` of a DataFrame of raw values (or what
+    makes one: a dict of columns, a list of dicts of a row's values).
 
     See `encoder.Encoder.encode` for its columns.
     """
+    frame = frame if isinstance(frame, pd.DataFrame) else pd.DataFrame(frame)
     try:
       rows = self.encoder.encode(frame)
     except side.OutOfRange as e:

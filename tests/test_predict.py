@@ -340,6 +340,9 @@ class PredictTest(parameterized.TestCase):
     got = self.predictor(frame)
     np.testing.assert_allclose(got, self._expected(encoded.ids), atol=1e-6)
     self.assertEqual(len(set(got.tolist())), 4)
+    # As a dict of columns, or as a list of rows' dicts.
+    for given in (frame.to_dict('list'), frame.to_dict('records')):
+      np.testing.assert_array_equal(self.predictor(given), got)
 
   def test_rows_with_values_training_did_not_keep_are_counted(self):
     lines = list(self.trained.lines['test'][:40])
