@@ -233,6 +233,13 @@ def rules(fmt: str, options: dict, inputs: SideInputs) -> dict[str, str]:
     inputs: the run's side inputs.
   """
   out = _id_rules(fmt, options)
+  if not (fmt == 'libfm' and options.get('field_dims')):  # Else keys: ids.
+    out['ids'] = (
+      "vocabulary.npy (int64) holds each field's kept keys in ascending"
+      ' order, field after field (vocabulary_sizes): the id of a key is its'
+      " index in its field's part, and a key not there gets the field's"
+      ' oov_ids entry; multi_vocabulary.npy likewise for multi_hot values'
+    )
   if inputs.multi_field_names:
     split = (
       f'a cell split at {options.get("multi_hot_sep", "|")!r}'

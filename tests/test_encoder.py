@@ -749,7 +749,7 @@ class SideInputsTest(EncoderTestCase):
     self.assertLen(enc.field_dims, 26)
     # Its integers are numbers: no rule buckets them (encoder.json's words).
     rules = encoder_side.rules(enc.format, enc.options, enc.side)
-    self.assertEqual(sorted(rules), ['categorical', 'label', 'numeric'])
+    self.assertEqual(sorted(rules), ['categorical', 'ids', 'label', 'numeric'])
     self._check_inputs(enc.encode(path), dataset.train)
     frame = _frame(rows, CRITEO_COLUMNS).drop(columns='label')
     self._check_inputs(enc.encode(frame), dataset.train, labeled=False)
@@ -815,7 +815,22 @@ class SideInputsTest(EncoderTestCase):
       for name, file in meta['side_tables'].items()
     }
     self.assertIn('item_dense holds raw values, standardised', rule)
-    users, items = got.ids[:, 0], got.ids[:, 1]
+    # The ids of the raw user and movie ids, as the 'ids' rule says.
+    self.assertIn("index in its field's part", meta['rules']['ids'])
+    vocabulary = np.load(os.path.join(directory, 'vocabulary.npy'))
+    ends = np.cumsum(meta['vocabulary_sizes'])
+    raw_ids = frame[['user', 'item']].to_numpy()
+    users, items = [
+      np.array(
+        [
+          list(part).index(key) if key in part else meta['oov_ids'][f]
+          for key in raw_ids[:, f]
+        ]
+      )
+      for f, part in enumerate(np.split(vocabulary, ends[:-1])[:2])
+    ]
+    np.testing.assert_array_equal(users, got.ids[:, 0])
+    np.testing.assert_array_equal(items, got.ids[:, 1])
     ids = np.concatenate([got.ids[:, :2], tables['user_ids'][users]], axis=1)
     raw = tables['item_dense'][items]
     dense = (raw - meta['dense_mean']) / meta['dense_std']
@@ -1109,6 +1124,8 @@ class RulesTest(parameterized.TestCase):
     starts = {'label': label.get(fmt, '1 is a positive, 0 or -1')} | starts
     if fmt in ('csv', 'criteo', 'avazu'):
       starts = {'categorical': 'key of a categorical string'} | starts
+    if 'field_dims' not in options:  # Else the keys are the ids.
+      starts = {'ids': 'vocabulary.npy (int64) holds each field'} | starts
     self.assertEqual(sorted(rules), sorted(starts))
     for name, start in starts.items():
       self.assertStartsWith(rules[name], start)
