@@ -330,7 +330,12 @@ def table(
         raise core.DataError(
           f'{path}: no column {column!r}, which the model reads (its'
           f' config.dataset.csv.{key}); the columns: {", ".join(given)}.'
-          ' Add it (an empty cell is a value training did not see).'
+          ' Add it; an empty cell is '
+          + (
+            'a missing number (the training mean).'
+            if key == 'float_columns'
+            else 'a value training did not see.'
+          )
           + _separator_hint(given, sep)
         )
       if column not in header:

@@ -193,7 +193,8 @@ class EncoderTest(EncoderTestCase):
       with self.assertRaisesRegex(
         data.DataError,
         f"^{where}: no column 'age', which the model reads \\(its"
-        r' config.dataset.csv.numeric_columns\); the columns: ',
+        r' config.dataset.csv.numeric_columns\); the columns: .* Add it; an'
+        ' empty cell is a value training did not see',
       ):
         enc.encode(rows)
 
@@ -629,7 +630,8 @@ class SideInputsTest(EncoderTestCase):
       with self.assertRaisesRegex(
         data.DataError,
         f"^the DataFrame: no column 'price', which the model reads \\(its"
-        f' config.dataset.csv.float_columns\\); the columns: {listed}\\.',
+        f' config.dataset.csv.float_columns\\); the columns: {listed}\\.'
+        ' Add it; an empty cell is a missing number \\(the training mean\\)',
       ):
         enc.encode(source)
 
