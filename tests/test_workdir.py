@@ -714,5 +714,67 @@ class CheckResumeTest(absltest.TestCase):
     self.assertFalse(workdir.is_safe('some_key_added_later'))
 
 
+def _watched(tmp_path, record):
+  """Acquires `tmp_path` over an unreleased record of another host, on a
+  fake clock that each sleep moves on; the sleeps and the log lines."""
+  (tmp_path / workdir.LOCK_FILE).write_text(json.dumps(record))
+  clock, sleeps = [0.0], []
+
+  def sleep(seconds):
+    sleeps.append(seconds)
+    clock[0] += seconds
+
+  with (
+    mock.patch.object(lock_lib.time, 'monotonic', lambda: clock[0]),
+    mock.patch.object(lock_lib.time, 'sleep', sleep),
+    mock.patch.object(lock_lib.logging, 'warning') as warning,
+  ):
+    lock_lib.acquire(str(tmp_path)).release()
+  return sleeps, [args[0] % args[1:] for args, _ in warning.call_args_list]
+
+
+def test_a_record_of_an_older_version_is_watched_for_25_s(tmp_path):
+  # Without heartbeat_seconds: 2.5 beats of the default 10 s, in 1 s steps.
+  record = {'host': 'elsewhere', 'pid': 4242, 'heartbeat': 1.0}
+  sleeps, logged = _watched(tmp_path, record | {'released': False})
+  assert sleeps == [1.0] * 25
+  assert 'watching its heartbeat for 25.0 s' in logged[0]
+  assert logged[1].startswith(f'Taking over workdir {tmp_path} from pid 4242')
+
+
+def test_a_slow_heartbeat_is_watched_for_at_most_150_s(tmp_path):
+  record = {'host': 'elsewhere', 'pid': 4242, 'heartbeat': 1.0}
+  record |= {'heartbeat_seconds': 3600, 'released': False}
+  sleeps, logged = _watched(tmp_path, record)
+  assert sleeps == [1.0] * 150  # 2.5 beats of 60 s, not of an hour.
+  assert 'watching its heartbeat for 150.0 s' in logged[0]
+
+
+def test_a_user_without_a_passwd_entry_is_named_by_uid():
+  with mock.patch.object(lock_lib.getpass, 'getuser', side_effect=KeyError):
+    assert lock_lib.user() == f'uid {os.getuid()}'
+
+
+def test_a_heartbeat_that_cannot_be_written_is_warned_once(tmp_path):
+  with mock.patch.object(lock_lib.logging, 'warning') as warning:
+    lock = lock_lib.acquire(str(tmp_path), heartbeat_seconds=0.005)
+    beats = threading.Semaphore(0)
+
+    def full(fd, record):
+      del fd, record
+      beats.release()
+      raise OSError(errno.ENOSPC, 'No space left on device')
+
+    with mock.patch.object(lock_lib, '_write_record', full):
+      for _ in range(5):  # Five failed beats.
+        assert beats.acquire(timeout=TIMEOUT)
+      lock.release()
+  messages = [args[0] for args, _ in warning.call_args_list]
+  assert messages == [
+    'Cannot update the lock file %s: %s',
+    'Cannot mark %s released: %s',
+  ]
+
+
 if __name__ == '__main__':
   absltest.main()
