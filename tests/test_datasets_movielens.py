@@ -9,6 +9,7 @@ import stat
 import subprocess
 import tempfile
 import threading
+import time
 from unittest import mock
 import zipfile
 
@@ -17,6 +18,7 @@ from absl.testing import parameterized
 from dataset_testing import HttpServer
 from dataset_testing import write_text
 import numpy as np
+import pytest
 
 from configs import default
 import data
@@ -188,12 +190,16 @@ class DownloadTest(absltest.TestCase):
       mock.patch.object(download, 'TIMEOUT_S', 0.5),
     ):
       config.url = server.url
+      start = time.monotonic()
       with self.assertRaisesRegex(
         data.DownloadError,
         rf'^Download of {server.url}/ml-1m.zip stalled: \d+ bytes in \d+ s.*'
         'config.dataset.path',
       ):
         data.load_dataset(config)
+    # Stopped after a window, not when the whole file had trickled in (45 s).
+    self.assertLess(time.monotonic() - start, 0.5 + 5.0)
+    self.assertGreater(len(self.payload) * 0.02, 0.5 + 5.0)
     self.assertEqual(_files_under(config.cache_dir), [])
 
   def test_a_folder_unpacked_by_hand_without_its_ratings_is_named(self):
@@ -365,6 +371,104 @@ class MovieLensParsingTest(parameterized.TestCase):
     config = _dataset_config(self.tmp, split=(0.8, 0.3, 0.1))
     with self.assertRaisesRegex(data.DataError, 'config.dataset.split'):
       data.load_dataset(config)
+
+
+def test_a_url_with_a_trailing_slash_is_joined_with_one_slash(tmp_path):
+  payload = _ml100k_zip([(1, 1, 5), (2, 1, 1)])
+  md5 = hashlib.md5(payload).hexdigest()
+  with (
+    HttpServer(payload) as server,
+    mock.patch.dict(movielens.GROUPLENS_MD5, {'ml-100k': md5}),
+    mock.patch.object(
+      movielens.download, 'download', wraps=download.download
+    ) as fetched,
+  ):
+    config = _dataset_config(str(tmp_path), url=f'{server.url}/')
+    final = movielens.fetch_grouplens('ml-100k', config)
+  # Not '//ml-100k.zip' (which http.server would hide).
+  assert fetched.call_args.args[0] == f'{server.url}/ml-100k.zip'
+  assert server.requests == ['/ml-100k.zip']
+  assert (tmp_path / 'cache' / 'downloads' / 'ml-100k' / 'u.data').exists()
+  assert final == str(tmp_path / 'cache' / 'downloads' / 'ml-100k')
+
+
+def test_an_archive_unpacked_by_the_run_waited_for_is_not_fetched(tmp_path):
+  # Runs started together: the one that waited on the lock finds the
+  # directory that the other unpacked meanwhile, and downloads nothing.
+  config = _dataset_config(str(tmp_path), url='http://127.0.0.1:9')
+  final = tmp_path / 'cache' / 'downloads' / 'ml-100k'
+  building = movielens.core.building
+
+  @contextlib.contextmanager
+  def waited(path, lock_dir):
+    with building(path, lock_dir):
+      final.mkdir(parents=True)  # What the other run unpacked.
+      (final / 'u.data').write_text('1\t1\t5\t0\n')
+      yield
+
+  with mock.patch.object(movielens.core, 'building', waited):
+    assert movielens.fetch_grouplens('ml-100k', config) == str(final)
+  assert _files_under(final) == ['u.data']
+
+
+def _fetch_100k(tmp_path, payload, **patches):
+  """fetch_grouplens of ml-100k served as `payload`, its MD5 trusted."""
+  md5 = hashlib.md5(payload).hexdigest()
+  with (
+    HttpServer(payload) as server,
+    mock.patch.dict(movielens.GROUPLENS_MD5, {'ml-100k': md5}),
+  ):
+    config = _dataset_config(str(tmp_path), url=server.url)
+    with contextlib.ExitStack() as stack:
+      for name, value in patches.items():
+        stack.enter_context(mock.patch.object(movielens.core, name, value))
+      return movielens.fetch_grouplens('ml-100k', config)
+
+
+def test_an_archive_without_its_top_folder_is_unpacked_whole(tmp_path):
+  buffer = io.BytesIO()
+  with zipfile.ZipFile(buffer, 'w') as z:
+    z.writestr('u.data', '1\t2\t5\t0\n')
+    z.writestr('README', 'flat')
+  final = _fetch_100k(tmp_path, buffer.getvalue())
+  assert sorted(os.listdir(final)) == ['README', 'u.data']
+  assert movielens.read_movielens(
+    os.path.join(final, 'u.data'), 'ml-100k'
+  ).to_numpy().tolist() == [[1, 2, 5]]
+
+
+def test_a_folder_another_run_unpacked_first_is_kept(tmp_path):
+  # Where `building` cannot lock (no lock support), two runs may unpack at
+  # once: the later rename fails onto the other's folder, which is kept.
+  final = tmp_path / 'cache' / 'downloads' / 'ml-100k'
+  make_temp_dir = movielens.core.make_temp_dir
+
+  def raced(root, prefix):
+    final.mkdir()
+    (final / 'u.data').write_text('7\t8\t1\t0\n')
+    return make_temp_dir(root, prefix)
+
+  payload = _ml100k_zip([(1, 2, 5)])
+  assert _fetch_100k(tmp_path, payload, make_temp_dir=raced) == str(final)
+  assert (final / 'u.data').read_text() == '7\t8\t1\t0\n'
+  assert os.listdir(final.parent) == ['ml-100k']  # No archive, no temp.
+
+
+def test_a_path_from_home_or_missing_is_resolved_or_named(
+  tmp_path, monkeypatch
+):
+  monkeypatch.setenv('HOME', str(tmp_path))
+  (tmp_path / 'ml').mkdir()
+  (tmp_path / 'ml' / 'u.data').write_text('1\t2\t5\t0\n')
+  config = _dataset_config(str(tmp_path), name='ml-100k', path='~/ml')
+  assert movielens.files(config) == {'all': str(tmp_path / 'ml' / 'u.data')}
+  config.path = '~/none'
+  with pytest.raises(
+    data.DataError,
+    match=rf'^config.dataset.path: {tmp_path}/none/?(u.data)? does not'
+    r' exist \(expected the ml-100k file u.data or its directory\)',
+  ):
+    movielens.files(config)
 
 
 if __name__ == '__main__':
