@@ -19,6 +19,7 @@ from unittest import mock
 
 from absl.testing import absltest
 import ml_collections
+import pytest
 
 from configs import deepfm
 from configs import fm
@@ -774,6 +775,31 @@ def test_a_heartbeat_that_cannot_be_written_is_warned_once(tmp_path):
     'Cannot update the lock file %s: %s',
     'Cannot mark %s released: %s',
   ]
+
+
+def test_a_refusal_or_an_unwritable_lock_file_leaves_no_descriptor(tmp_path):
+  def descriptors():
+    return len(os.listdir('/proc/self/fd'))
+
+  before = descriptors()
+  (tmp_path / workdir.LOCK_FILE).write_text(
+    json.dumps({'host': 'elsewhere', 'pid': 4242, 'released': False})
+  )
+  busy = BlockingIOError(errno.EAGAIN, 'Resource temporarily unavailable')
+  with mock.patch.object(lock_lib.fcntl, 'flock', side_effect=busy):
+    with pytest.raises(utils.UserError, match='in use by pid 4242 on host'):
+      lock_lib.acquire(str(tmp_path))
+  assert descriptors() == before
+  # A directory where the lock file should be: not a traceback.
+  (tmp_path / workdir.LOCK_FILE).unlink()
+  (tmp_path / workdir.LOCK_FILE).mkdir()
+  with pytest.raises(
+    utils.UserError,
+    match=rf'^Cannot write the lock file {tmp_path}/run.lock \(Is a'
+    r' directory\)\. Make it writable by (user|uid) ',
+  ):
+    lock_lib.acquire(str(tmp_path))
+  assert descriptors() == before
 
 
 if __name__ == '__main__':
