@@ -4,6 +4,7 @@ import contextlib
 import hashlib
 import io
 import os
+import re
 import socket
 import stat
 import subprocess
@@ -323,6 +324,16 @@ class MovieLensParsingTest(parameterized.TestCase):
       '1,2,4.0,5\n99999999999999999999,4,5,6\n',
       ":3: user id '99999999999999999999' is out of range",
     ),
+    (  # 2**63: one past int64's largest.
+      'int64_max',
+      '1,2,4.0,5\n1,9223372036854775808,5,6\n',
+      ":3: item id '9223372036854775808' is out of range",
+    ),
+    (  # -2**63 is int64's smallest; a blank line is no row.
+      'int64_min_and_blank',
+      '-9223372036854775808,2,4.0,5\n\n1,4,good,6\n',
+      ":4: rating 'good' is not a number",
+    ),
     # A value quoted in the message is cut: it stays one readable line.
     (
       'long',
@@ -469,6 +480,19 @@ def test_a_path_from_home_or_missing_is_resolved_or_named(
     r' exist \(expected the ml-100k file u.data or its directory\)',
   ):
     movielens.files(config)
+
+
+@pytest.mark.parametrize(
+  ('body', 'message'),
+  [
+    ('\n\n', ': no ratings found'),  # Blank lines: no rows, no error.
+    ('1\t2\t5\t0\t9\n3\t4\t1\t0\t9\n', ":1: expected 4 '\\t'-separated"),
+  ],
+)
+def test_a_file_without_a_header_of_no_or_five_columns(tmp_path, body, message):
+  path = write_text(str(tmp_path / 'u.data'), body)
+  with pytest.raises(data.DataError, match='^' + re.escape(path + message)):
+    movielens.read_movielens(path, 'ml-100k')
 
 
 if __name__ == '__main__':
