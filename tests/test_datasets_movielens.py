@@ -495,5 +495,25 @@ def test_a_file_without_a_header_of_no_or_five_columns(tmp_path, body, message):
     movielens.read_movielens(path, 'ml-100k')
 
 
+def test_a_download_that_slows_down_stalls_in_its_second_window(tmp_path):
+  # A clock that moves 61 s per reading: 100 kB in the first 60 s window,
+  # 10 bytes in the second, which stalls; progress is logged every 30 s.
+  chunks = [b'x' * 100_000, b'y' * 10, b'z' * 10]
+  response = mock.Mock(read1=lambda size: chunks.pop(0) if chunks else b'')
+  clock = iter(range(0, 1000, 61))
+  with (
+    mock.patch.object(download.time, 'monotonic', lambda: next(clock)),
+    mock.patch.object(download.logging, 'info') as info,
+    pytest.raises(
+      data.DownloadError,
+      match=r'^Download of u stalled: 10 bytes in 61 s \(100010 in all\)\.',
+    ),
+  ):
+    download._copy(response, io.BytesIO(), hashlib.md5(), 'u', 100_020)
+  assert [args[0] % args[1:] for args, _ in info.call_args_list] == [
+    'Downloaded 0.1 of 0.1 MB of u'
+  ]
+
+
 if __name__ == '__main__':
   absltest.main()
