@@ -515,5 +515,18 @@ def test_a_download_that_slows_down_stalls_in_its_second_window(tmp_path):
   ]
 
 
+def test_a_tab_separated_file_as_ml_20m_names_the_separator(tmp_path):
+  # Its header is one ','-column: no header, so line 1 has the wrong columns.
+  path = write_text(
+    str(tmp_path / 'ratings.csv'),
+    'userId\tmovieId\trating\ttimestamp\n1\t2\t5\t0\n',
+  )
+  with pytest.raises(
+    data.DataError,
+    match=f"^{re.escape(path)}:1: expected 4 ','-separated columns .* found 1",
+  ):
+    movielens.read_movielens(path, 'ml-20m')
+
+
 if __name__ == '__main__':
   absltest.main()
