@@ -528,5 +528,36 @@ def test_a_tab_separated_file_as_ml_20m_names_the_separator(tmp_path):
     movielens.read_movielens(path, 'ml-20m')
 
 
+def test_the_reader_of_rows_to_predict_with_and_without_ratings():
+  reader = movielens.Reader(',')
+  assert not reader.for_rows(b'1,2\n').labeled
+  assert reader.for_rows(b'1,2,5,0\n').labeled
+  unlabeled = movielens.Reader(',', labeled=False)
+  assert unlabeled.has_header(b'user,item\n', 'p')
+  bad = []
+  keys, labels = unlabeled.parse(
+    [b'1,2\n', b'x,3\n', b'4,5\n'],
+    7,
+    'f:{}'.format,
+    lambda where, problem: bad.append((where, problem)),
+  )
+  assert keys.tolist() == [[1, 2], [4, 5]]
+  assert np.isnan(labels).all() and labels.shape == (2,)
+  assert bad == [('f:8', "user id 'x' is not a number")]
+  bad.clear()
+  keys, labels = reader.parse(
+    [b'1,2,5,0\n', b'1,2,5\n'],
+    1,
+    'f:{}'.format,
+    lambda where, problem: bad.append((where, problem)),
+  )
+  assert keys.tolist() == [[1, 2]] and labels.tolist() == [1.0]
+  assert bad[0][1].endswith(' (rows to predict may also have 2: user, item)')
+  with pytest.raises(
+    data.DataError, match=r'user then movie, rating, timestamp\. Reorder'
+  ):
+    reader.has_header(b'a,b,c,d\n', 'p')
+
+
 if __name__ == '__main__':
   absltest.main()
