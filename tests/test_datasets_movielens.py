@@ -559,5 +559,14 @@ def test_the_reader_of_rows_to_predict_with_and_without_ratings():
     reader.has_header(b'a,b,c,d\n', 'p')
 
 
+def test_an_upper_case_md5_is_checked_and_an_md5_before_a_sha256(tmp_path):
+  payload = b'archive bytes'
+  md5 = hashlib.md5(payload).hexdigest().upper()
+  dest = str(tmp_path / 'x.zip')
+  with HttpServer(payload) as server:
+    got = download.download(f'{server.url}/x.zip', dest, md5=md5, sha256='0')
+  assert got == dest and (tmp_path / 'x.zip').read_bytes() == payload
+
+
 if __name__ == '__main__':
   absltest.main()
