@@ -197,6 +197,44 @@ class BadValueTest(_TestCase):
     self.assertIn(rule, message)
     self.assertStartsWith(message, '1 bad config value: ')
 
+  @parameterized.parameters(
+    ('batch_size', True, 'an integer >= 1'),
+    ('patience', False, 'an integer >= 1'),
+    ('learning_rate', float('inf'), 'a number > 0'),
+    ('weight_decay', float('inf'), 'a number >= 0'),
+    ('shuffle', 1, 'True or False'),
+    ('init_from', 3, 'a string'),
+    ('dataset__sep', ',,', 'a string of one character'),
+    ('dataset__sep', '\n', 'a string of one character'),
+    ('dataset__numeric_columns', ('a', 1.5), 'column names'),
+    ('dataset__field_dims', (4, True), 'a sequence of integers >= 1'),
+    ('dataset__numeric', 'float', 'one of buckets, dense'),
+  )
+  def test_the_edges_of_each_rule_are_refused(self, key, value, rule):
+    # A bool is not an integer, nor is infinity a number.
+    message = self.problems(_config(**{key: value}))
+    self.assertIn(f'config.{key.replace("__", ".")}={value!r} must be', message)
+    self.assertIn(rule, message)
+    self.assertStartsWith(message, '1 bad config value: ')
+    self.assertIn('. Fix it in the config file', message)
+
+  def test_the_edges_of_each_rule_are_accepted(self):
+    config_check.validate_config(
+      _config(
+        batch_size=1,
+        patience=1,
+        seed=2**63 - 1,
+        learning_rate=1e-30,
+        weight_decay=0.0,
+        table_weight_decay=None,
+        device_split_mb=0,
+        dataset__min_count=-1,
+        dataset__sep='\\t',
+        dataset__numeric_columns=('a', 1),
+        dataset__field_dims=(1, 1),
+      )
+    )
+
   def test_keys_that_default_to_none_take_numbers_from_the_command_line(self):
     from absl import flags  # pylint: disable=g-import-not-at-top
     from ml_collections import config_flags  # pylint: disable=g-import-not-at-top
@@ -235,6 +273,8 @@ class BadValueTest(_TestCase):
     ('afm', 'model__attn_l2', -0.1, 'a number >= 0'),
     ('wd', 'model__cross_fields', ((1, 1),), 'two different field indices'),
     ('wd', 'model__cross_fields', ((0, -1),), 'two different field indices'),
+    ('wd', 'model__cross_fields', ((0, 1, 2),), 'two different field indices'),
+    ('wd', 'model__cross_fields', ((0, True),), 'two different field indices'),
     ('nfm', 'model__dropouts', (0.2, 1.0), 'sequence of 2 dropout rates'),
     # An integer argument without a rule of its own: from its default.
     ('dcnv2', 'model__num_cross_layers', -1, 'an integer >= 0'),
@@ -430,6 +470,7 @@ class BadValueTest(_TestCase):
     ):
       self.assertIn(f'config.{key} must', message)
     self.assertNotIn('\n', message)
+    self.assertIn('. Fix them in the config file', message)
     self.assertEndsWith(message, '--config.<key>=<value>.')
 
 
