@@ -10,6 +10,7 @@ import os
 import shutil
 import tempfile
 from unittest import mock
+import warnings
 
 from absl.testing import absltest
 from absl.testing import parameterized
@@ -120,6 +121,11 @@ def _tensorboard_fast(workdir):
   return {tag: sorted(steps.items()) for tag, steps in points.items()}
 
 
+def _metrics_lines(workdir):
+  with open(os.path.join(workdir, 'metrics.jsonl')) as f:
+    return [json.loads(line) for line in f]
+
+
 def _metrics(workdir):
   with open(os.path.join(workdir, 'metrics.jsonl')) as f:
     records = [json.loads(line) for line in f]
@@ -145,6 +151,27 @@ class MetricsTest(parameterized.TestCase):
     self.assertEqual(metrics.roc_auc([1, 1, 0, 0], [0.1, 0.2, 0.3, 0.4]), 0.0)
     self.assertEqual(metrics.roc_auc([0, 1], [0.5, 0.5]), 0.5)
     self.assertTrue(np.isnan(metrics.roc_auc([1, 1], [0.1, 0.2])))
+
+  def test_auc_of_one_class_is_nan_without_a_numpy_warning(self):
+    # A validation split of positives only divided 0 by 0: 'RuntimeWarning:
+    # invalid value encountered' in the log of every epoch.
+    for labels in ([1, 1, 1], [0, 0, 0]):
+      with warnings.catch_warnings():
+        warnings.simplefilter('error')
+        self.assertTrue(np.isnan(metrics.roc_auc(labels, [0.1, 0.2, 0.2])))
+
+  def test_json_line_writes_non_finite_numbers_at_any_depth_as_null(self):
+    record = {
+      'a': [1.5, float('nan')],
+      'b': (float('inf'), {'c': -float('inf')}),
+      'd': {'e': [float('nan')], 'f': 2},
+    }
+    line = metrics.json_line(record)
+    self.assertEqual(
+      line,
+      '{"a": [1.5, null], "b": [null, {"c": null}],'
+      ' "d": {"e": [null], "f": 2}}\n',
+    )
 
   def test_auc_of_nan_scores_is_nan(self):
     # Sorted, NaNs kept their positions: an AUC of the rows' order.
@@ -180,6 +207,33 @@ class MetricsTest(parameterized.TestCase):
         got = f.readlines()
       self.assertEqual(got[:2], lines[:2])
       self.assertEqual(json.loads(got[2])['loss'], 0.4)
+      writer.truncate(0)  # From the first line on: cut there too.
+      self.assertEqual(os.stat(path).st_ino, inode)
+      self.assertEqual(os.path.getsize(path), 0)
+
+  def test_an_edited_line_is_kept_but_not_plotted_where_it_cannot_be(self):
+    # A step that is not an integer has no place on TensorBoard's axis; a
+    # value that is not a number is not a scalar.
+    with tempfile.TemporaryDirectory() as workdir:
+      lines = [
+        {'split': 'train', 'epoch': 1, 'step': 'ten', 'loss': 0.5},
+        {'split': 'train', 'epoch': 1, 'step': None, 'loss': 0.6},
+        {'split': 'train', 'epoch': 1, 'step': 10, 'loss': 0.25},
+        {'split': 'valid', 'epoch': 1, 'step': 10, 'auc': 0.5, 'note': 'x'},
+        {'split': 'test', 'epoch': 1, 'step': 10, 'time': 'noon', 'auc': 1},
+      ]
+      with open(os.path.join(workdir, 'metrics.jsonl'), 'w') as f:
+        f.writelines(metrics.json_line(line) for line in lines)
+      metrics.MetricsWriter(workdir, enabled=True).truncate(2)
+      self.assertEqual(_metrics_lines(workdir), lines[:4])
+      self.assertEqual(
+        _tensorboard(workdir),
+        {'train/loss': {10: 0.25}, 'valid/auc': {10: 0.5}},
+      )
+      # A time that is not a number (an edited line) is the time of writing.
+      writer = event_files.EventWriter(workdir)
+      writer.write(lines[4])
+      self.assertEqual(_tensorboard(workdir)['test/auc'], {10: 1.0})
 
   def test_lines_kept_after_a_dropped_one_stay(self):
     # An edited file: a test line amid the epochs that a resume keeps.
@@ -263,6 +317,49 @@ class MetricsTest(parameterized.TestCase):
     self.assertEqual(event_files.crc32c(bytes(32)), 0x8A9136AA)
     self.assertEqual(event_files.crc32c(b'\xff' * 32), 0x62A8AB43)
 
+  def test_large_steps_and_long_tags_reach_tensorboard_as_written(self):
+    # Varints of more than one byte: a real run's steps pass 127 in its
+    # first epoch, and a tag of 128 bytes or more takes a two-byte length.
+    from tensorboard.compat.proto import event_pb2
+
+    tag = 'x' * 200
+    with tempfile.TemporaryDirectory() as workdir:
+      writer = event_files.EventWriter(workdir)
+      for step in (128, 300, 16_384, 2**40 + 5):
+        writer.write({'split': 'valid', 'step': step, tag: step % 1000})
+      want = {128: 128.0, 300: 300.0, 16_384: 384.0, 2**40 + 5: 781.0}
+      self.assertEqual(_tensorboard(workdir), {f'valid/{tag}': want})
+      # Each file opens with its version, then a SessionLog START.
+      from tensorboard.backend.event_processing import event_file_loader
+
+      (name,) = [n for n in os.listdir(workdir) if 'tfevents' in n]
+      path = os.path.join(workdir, name)
+      first = list(event_file_loader.LegacyEventFileLoader(path).Load())[:2]
+      self.assertEqual(first[0].file_version, 'brain.Event:2')
+      self.assertEqual(first[1].session_log.status, 1)  # START
+    parsed = event_pb2.Event.FromString(
+      event_files.event(2**63 - 1, 1.5, scalars={tag: 0.25})
+    )
+    self.assertEqual(parsed.step, 2**63 - 1)
+    self.assertEqual(parsed.wall_time, 1.5)
+    self.assertEqual(parsed.summary.value[0].tag, tag)
+    self.assertEqual(parsed.summary.value[0].simple_value, 0.25)
+
+  def test_resumes_leave_two_event_files_the_older_one_empty(self):
+    # Each resume emptied the file before it and left the older ones: a
+    # run resumed a hundred times left a hundred files behind.
+    with tempfile.TemporaryDirectory() as workdir:
+      for resumed in range(5):
+        writer = metrics.MetricsWriter(workdir, enabled=True)
+        writer.truncate(resumed)
+        writer.write(split='train', epoch=resumed + 1, step=resumed, loss=1)
+      names = sorted(n for n in os.listdir(workdir) if 'tfevents' in n)
+      sizes = [os.path.getsize(os.path.join(workdir, n)) for n in names]
+      self.assertLen(sizes, 2)
+      self.assertEqual(sizes[0], 0)
+      want = {step: 1.0 for step in range(5)}
+      self.assertEqual(_tensorboard(workdir), {'train/loss': want})
+
   def test_tensorboard_drops_the_events_a_resume_redoes(self):
     with tempfile.TemporaryDirectory() as workdir:
       writer = metrics.MetricsWriter(workdir, enabled=True)
@@ -344,9 +441,11 @@ class MetricsTest(parameterized.TestCase):
     # TensorBoard reads a run's files in the order of their names: a
     # process's tenth file came before its ninth.
     with tempfile.TemporaryDirectory() as workdir:
-      for n in range(12):
-        writer = event_files.EventWriter(workdir)
-        writer.write({'split': 'train', 'step': 1, 'loss': n})
+      # Counted from 0 (as in a new process): the 10th file passes 9.
+      with mock.patch.object(event_files, '_FILES_OPENED', [0]):
+        for n in range(12):
+          writer = event_files.EventWriter(workdir)
+          writer.write({'split': 'train', 'step': 1, 'loss': n})
       self.assertEqual(_tensorboard(workdir), {'train/loss': {1: 11.0}})
 
   @parameterized.parameters('replace', 'listdir')
