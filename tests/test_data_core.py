@@ -640,6 +640,47 @@ class BatchTest(parameterized.TestCase):
     longest = max(-(-n // processes), 1)
     self.assertLen(per_process[0], -(-longest // 4))
 
+  def test_eval_batches_keep_the_rows_in_order_and_pad_as_documented(self):
+    # 6 rows in batches of 4: the second batch holds rows 4, 5, then two
+    # padding rows of zero ids, empty lists (-1), zero dense and labels.
+    n = 6
+    ids = np.stack([np.arange(n) + 1, np.arange(n) + 7], 1).astype(np.int32)
+    multi = np.arange(n * 2 * 3, dtype=np.int32).reshape(n, 2, 3)
+    dense = np.arange(n * 2, dtype=np.float32).reshape(n, 2) + 1
+    labels = np.array([1, 0, 1, 1, 0, 1], np.float32)
+    split = data.Split(ids, labels, multi_ids=multi, dense=dense)
+    batches = list(batching.eval_batches(split, 4))
+    self.assertLen(batches, 2)
+    np.testing.assert_array_equal(batches[0]['ids'], ids[:4])
+    np.testing.assert_array_equal(batches[1]['ids'], [*ids[4:], [0, 0], [0, 0]])
+    np.testing.assert_array_equal(batches[1]['multi_ids'][:2], multi[4:])
+    np.testing.assert_array_equal(batches[1]['multi_ids'][2:], -1)
+    np.testing.assert_array_equal(batches[1]['dense'][:2], dense[4:])
+    np.testing.assert_array_equal(batches[1]['dense'][2:], 0)
+    np.testing.assert_array_equal(batches[1]['label'], [0, 1, 0, 0])
+    np.testing.assert_array_equal(batches[1]['mask'], [1, 1, 0, 0])
+    self.assertEqual(batches[1]['multi_ids'].dtype, np.int32)
+    self.assertEqual(batches[1]['dense'].dtype, np.float32)
+
+  def test_shard_gives_each_device_a_contiguous_block(self):
+    # `evaluate` reads the logits back device after device against the
+    # unsharded labels: device d must hold rows [d*B/D, (d+1)*B/D).
+    batch = {'ids': np.arange(12, dtype=np.int32).reshape(6, 2)}
+    np.testing.assert_array_equal(
+      batching.shard(batch, 2)['ids'],
+      [[[0, 1], [2, 3], [4, 5]], [[6, 7], [8, 9], [10, 11]]],
+    )
+
+  def test_stack_batches_pads_a_short_stack_with_zero_batches(self):
+    batches = [{'label': np.full(4, i + 1.0)} for i in range(3)]
+    stacks = list(batching.stack_batches(iter(batches), [1, 2], 2))
+    np.testing.assert_array_equal(
+      stacks[0]['label'], [[[1, 1], [0, 0]], [[1, 1], [0, 0]]]
+    )
+    np.testing.assert_array_equal(
+      stacks[1]['label'], [[[2, 2], [3, 3]], [[2, 2], [3, 3]]]
+    )
+
   def test_batch_sizes_must_split_over_processes(self):
     batching.check_batch_size(8, 4, 'config.batch_size', 'devices')
     for size in (6, 0, -4):
