@@ -232,7 +232,7 @@ class RowGradientsTest(parameterized.TestCase):
     np.testing.assert_array_equal(new_count, want_count)
 
   def test_update_rows_pads_a_last_chunk_past_the_lookups(self):
-    # 10 distinct rows in 11 lookups: chunks of 3 or 4 end past the 11th
+    # 10 distinct rows in 11 lookups: chunks of 3, 4 or 8 end past the 11th
     # slot. Padded, the last chunk holds the rows left; a slice moved back
     # to fit would update the rows before them a second time.
     rows = np.array([3, 0, 7, 1, 9, 6, 3, 5, 2, 8, 4], np.int32)
@@ -247,7 +247,8 @@ class RowGradientsTest(parameterized.TestCase):
     def rule(g, t, c):
       return t + g, c + 1
 
-    for chunk in (3, 4, 11, 16):
+    # With 8 the padding is 5 slots (-11 % 8); 3 (11 % 8) would be too few.
+    for chunk in (3, 4, 8, 11, 16):
       with self.subTest(chunk=chunk):
         new_table, new_count = jax.jit(
           functools.partial(sparse.update_rows, rule=rule, chunk=chunk)
