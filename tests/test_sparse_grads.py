@@ -256,6 +256,29 @@ class RowGradientsTest(parameterized.TestCase):
         np.testing.assert_array_equal(new_table, want_table)
         np.testing.assert_array_equal(new_count, want_count)
 
+  def test_update_rows_runs_no_chunk_past_distinct_lookups(self):
+    # 6 lookups, all distinct, in chunks that divide them (6 is also the
+    # default chunk's, min(2048, 6)): nothing is padded, and one chunk more
+    # would be a slice moved back onto the last rows, updated twice.
+    rows = np.array([3, 0, 7, 1, 9, 6], np.int32)
+    values = np.arange(1, 7, dtype=np.float32)[:, None] * [1.0, 10.0]
+    table = np.zeros((10, 2), np.float32)
+    count = np.zeros((10,), np.float32)
+    want_table, want_count = table.copy(), count.copy()
+    want_table[rows] = values
+    want_count[rows] = 1
+
+    def rule(g, t, c):
+      return t + g, c + 1
+
+    for chunk in (2, 3, 2048):
+      with self.subTest(chunk=chunk):
+        new_table, new_count = jax.jit(
+          functools.partial(sparse.update_rows, rule=rule, chunk=chunk)
+        )(sparse.RowGrads(jnp.asarray(rows), values), (table, count))
+        np.testing.assert_array_equal(new_table, want_table)
+        np.testing.assert_array_equal(new_count, want_count)
+
   def test_init_and_plain_apply_are_unchanged(self):
     model, params, _ = _model_and_params('fm')
     variables = model.init(jax.random.key(0), IDS[:2])
