@@ -752,10 +752,11 @@ class HyperparametersTest(absltest.TestCase):
   def test_a_seed_past_32_bits_keeps_its_low_bits(self):
     # As jax.random.key does (without jax_enable_x64); numpy's uint32
     # refused such a seed, which the config accepts.
-    seed = 2**32 + 5
+    # Bit 31 set: all 32 low bits, not 31.
+    seed = 2**32 + 2**31 + 5
     hyper = train.hyperparameters(self._config(seed=seed))
     self.assertEqual(hyper['seed'].dtype, np.uint32)
-    self.assertEqual(hyper['seed'], 5)
+    self.assertEqual(hyper['seed'], 2**31 + 5)
     np.testing.assert_array_equal(
       jax.random.key_data(jax.random.key(hyper['seed'])),
       jax.random.key_data(jax.random.key(seed)),
