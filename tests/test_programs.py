@@ -151,6 +151,17 @@ class CompileAheadTest(absltest.TestCase):
     ):
       refused(weights, inputs)  # So the options are the compiler's.
 
+  def test_several_processes_run_the_program_as_pmap_lowers_it(self):
+    # Every process must run the same programs: options are for a
+    # single-process run only.
+    step = jax.pmap(lambda x: x, axis_name=programs.AXIS)
+    options = programs.CPU_COMPILER_OPTIONS
+    with mock.patch.object(jax, 'process_count', return_value=2):
+      self.assertIs(programs.with_options(step, options), step)
+    program = programs.with_options(step, options)
+    self.assertIsInstance(program, programs.OptionedProgram)
+    self.assertEqual(program.options, options)
+
   def test_wait_raises_what_a_compilation_raised(self):
     step = jax.pmap(lambda x: x @ x, axis_name=programs.AXIS)
     wait = programs.compile_ahead(
