@@ -160,6 +160,8 @@ def _flag_error(argv: list[str], error: flags.Error) -> str:
   message = ' '.join(str(error).split()).replace(' ?', '?')
   name = message.partition('=')[0].removeprefix('flag --')
   values = [a.split('=', 1)[1] for a in argv if a.startswith(f'--{name}=')]
+  # A flag given twice: the value absl refused (its message starts with it).
+  values.sort(key=lambda v: not message.startswith(f'flag --{name}={v}: '))
   if '.' in name and name in flags.FLAGS and values:
     current = flags.FLAGS[name].value
     for kind, takes in _TAKES:
@@ -167,13 +169,13 @@ def _flag_error(argv: list[str], error: flags.Error) -> str:
         if isinstance(current, list):
           current = f"'{tuple(current)}'"
         return (
-          f'--{name}={values[-1]}: {name} takes {takes}, e.g.'
-          f' {current}; {values[-1]!r} is not one.'
+          f'--{name}={values[0]}: {name} takes {takes}, e.g.'
+          f' {current}; {values[0]!r} is not one.'
         )
   if name in flags.FLAGS and flags.FLAGS[name].boolean and values:
     return (
-      f'--{name}={values[-1]}: --{name} takes true or false (or --{name},'
-      f' --no{name}); {values[-1]!r} is not one.'
+      f'--{name}={values[0]}: --{name} takes true or false (or --{name},'
+      f' --no{name}); {values[0]!r} is not one.'
     )
   end = '' if message.endswith(('.', '?')) else '.'
   return f'{message}{end} Pass --helpshort to see the flags.'

@@ -211,8 +211,8 @@ class MainTest(absltest.TestCase):
 
   def test_a_value_of_the_wrong_type_names_what_the_key_takes(self):
     workdir = os.path.join(self.tmp, 'w')
-    self._assert_one_line(
-      _run(workdir, '--config.batch_size=1.5'),
+    self._assert_one_line(  # Given twice: the value refused is named.
+      _run(workdir, '--config.batch_size=1.5', '--config.batch_size=64'),
       '--config.batch_size=1.5: config.batch_size takes an integer, e.g. 512;'
       " '1.5' is not one.",
     )
@@ -226,7 +226,7 @@ class MainTest(absltest.TestCase):
       _run(workdir, 'fm'), 'Unexpected arguments: fm'
     )
     self._assert_one_line(  # absl's words: a Python tuple.
-      _run(workdir, '--distributed=maybe'),
+      _run(workdir, '--distributed=true', '--distributed=maybe'),
       '--distributed=maybe: --distributed takes true or false (or'
       " --distributed, --nodistributed); 'maybe' is not one.",
     )
