@@ -48,6 +48,9 @@ from utils import UserError
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NUM_PROCESSES = int(os.environ.get('FM_TEST_NUM_PROCESSES', '2'))
 NUM_EPOCHS = 3
+# The smoke config's batch of 512 makes 157 steps an epoch, each an
+# all-reduce between the processes; 39 of 2048 run the same paths sooner.
+BATCH_SIZE = 2048
 # --heartbeat_timeout_seconds of the fault test: survivors must stop within
 # about this long after a peer dies. Small, but far above scheduling noise.
 HEARTBEAT_TIMEOUT = 10
@@ -109,6 +112,7 @@ class Run:
       '--config=configs/fm.py:smoke',
       f'--config.dataset.cache_dir={cache}',
       f'--config.num_epochs={NUM_EPOCHS}',
+      f'--config.batch_size={BATCH_SIZE}',
       '--config.progress_bar=false',
       *flags,
     ]

@@ -1455,7 +1455,7 @@ class MainFaultTest(_Case):
 
 
 class KillRestartStressTest(_Case):
-  """SIGKILL at random moments of every phase, then restart: 20 kills.
+  """SIGKILL at random moments of every phase, then restart: 12 kills.
 
   Two chains of runs go side by side, each in its own workdir and cache. A
   kill waits for the log line that starts its phase (for the phases of an
@@ -1467,7 +1467,7 @@ class KillRestartStressTest(_Case):
   next kill then goes to a fresh workdir.
   """
 
-  KILLS = 20
+  KILLS = 12  # Each of the five phases two or three times.
   CHAINS = 2
   # Phase: (the log line that starts it, the line that ends it).
   PHASES = {
