@@ -231,12 +231,11 @@ class RowGradientsTest(parameterized.TestCase):
     np.testing.assert_array_equal(new_table, want_table)
     np.testing.assert_array_equal(new_count, want_count)
 
-  def test_update_rows_pads_a_last_chunk_past_the_lookups(self):
-    # 10 distinct rows in 11 lookups: chunks of 3, 4 or 8 end past the 11th
-    # slot. Padded, the last chunk holds the rows left; a slice moved back
-    # to fit would update the rows before them a second time.
-    rows = np.array([3, 0, 7, 1, 9, 6, 3, 5, 2, 8, 4], np.int32)
-    values = np.arange(1, 12, dtype=np.float32)[:, None] * [1.0, 10.0]
+  def _check_each_row_updated_once(self, rows, chunks):
+    """`update_rows` in each of `chunks` adds each row's summed values once
+    and counts one update per row read."""
+    values = np.arange(1, len(rows) + 1, dtype=np.float32)[:, None]
+    values = values * [1.0, 10.0]
     table = np.zeros((10, 2), np.float32)
     count = np.zeros((10,), np.float32)
     want_table, want_count = table.copy(), count.copy()
@@ -247,37 +246,28 @@ class RowGradientsTest(parameterized.TestCase):
     def rule(g, t, c):
       return t + g, c + 1
 
-    # With 8 the padding is 5 slots (-11 % 8); 3 (11 % 8) would be too few.
-    for chunk in (3, 4, 8, 11, 16):
+    for chunk in chunks:
       with self.subTest(chunk=chunk):
         new_table, new_count = jax.jit(
           functools.partial(sparse.update_rows, rule=rule, chunk=chunk)
         )(sparse.RowGrads(jnp.asarray(rows), values), (table, count))
         np.testing.assert_array_equal(new_table, want_table)
         np.testing.assert_array_equal(new_count, want_count)
+
+  def test_update_rows_pads_a_last_chunk_past_the_lookups(self):
+    # 10 distinct rows in 11 lookups: chunks of 3, 4 or 8 end past the 11th
+    # slot. Padded, the last chunk holds the rows left; a slice moved back
+    # to fit would update the rows before them a second time. With 8 the
+    # padding is 5 slots (-11 % 8); 3 (11 % 8) would be too few.
+    rows = np.array([3, 0, 7, 1, 9, 6, 3, 5, 2, 8, 4], np.int32)
+    self._check_each_row_updated_once(rows, (3, 4, 8, 11, 16))
 
   def test_update_rows_runs_no_chunk_past_distinct_lookups(self):
     # 6 lookups, all distinct, in chunks that divide them (6 is also the
     # default chunk's, min(2048, 6)): nothing is padded, and one chunk more
     # would be a slice moved back onto the last rows, updated twice.
     rows = np.array([3, 0, 7, 1, 9, 6], np.int32)
-    values = np.arange(1, 7, dtype=np.float32)[:, None] * [1.0, 10.0]
-    table = np.zeros((10, 2), np.float32)
-    count = np.zeros((10,), np.float32)
-    want_table, want_count = table.copy(), count.copy()
-    want_table[rows] = values
-    want_count[rows] = 1
-
-    def rule(g, t, c):
-      return t + g, c + 1
-
-    for chunk in (2, 3, 2048):
-      with self.subTest(chunk=chunk):
-        new_table, new_count = jax.jit(
-          functools.partial(sparse.update_rows, rule=rule, chunk=chunk)
-        )(sparse.RowGrads(jnp.asarray(rows), values), (table, count))
-        np.testing.assert_array_equal(new_table, want_table)
-        np.testing.assert_array_equal(new_count, want_count)
+    self._check_each_row_updated_once(rows, (2, 3, 2048))
 
   def test_init_and_plain_apply_are_unchanged(self):
     model, params, _ = _model_and_params('fm')
