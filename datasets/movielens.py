@@ -13,12 +13,10 @@ seen in training, it is the id of an unseen user or movie at prediction.
 from __future__ import annotations
 
 from collections.abc import Iterator
-import contextlib
 import io
 import logging
 import math
 import os
-import shutil
 from typing import TYPE_CHECKING
 import zipfile
 import zlib
@@ -29,6 +27,7 @@ import numpy as np
 from datasets import core
 from datasets import download
 from datasets import movielens_side
+from datasets import remote
 import utils
 
 if TYPE_CHECKING:
@@ -97,15 +96,8 @@ def fetch_grouplens(name: str, config: ml_collections.ConfigDict) -> str:
     archive = download.download(
       url, os.path.join(root, f'{name}.zip'), md5=GROUPLENS_MD5[name]
     )
-    tmp = None
     try:
-      core.remove_orphans(root, f'.{name}-')
-      # The umask's mode.
-      tmp = core.make_temp_dir(root, f'.{name}-{core.owner_tag()}.')
-      with zipfile.ZipFile(archive) as z:
-        z.extractall(tmp)
-      inner = os.path.join(tmp, name)
-      os.rename(inner if os.path.isdir(inner) else tmp, final)
+      remote.unpack(archive, final, top=name)
     except (zipfile.BadZipFile, zlib.error, EOFError, OSError) as e:
       if not os.path.isdir(final):  # Else another run unpacked it first.
         raise core.DownloadError(
@@ -113,11 +105,6 @@ def fetch_grouplens(name: str, config: ml_collections.ConfigDict) -> str:
           f' or unzip it yourself and set config.dataset.path to its'
           ' directory.'
         ) from e
-    finally:
-      if tmp is not None:
-        shutil.rmtree(tmp, ignore_errors=True)
-      with contextlib.suppress(FileNotFoundError):  # Another run's removal.
-        os.remove(archive)
   return final
 
 

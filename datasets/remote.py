@@ -113,6 +113,40 @@ def _unpack(archive: str, kind: str, into: str) -> None:
     t.extractall(into)
 
 
+def unpack(
+  archive: str, final: str, kind: str = 'zip', top: str | None = None
+) -> None:
+  """Unpacks `archive` into the new directory `final`, whole or not at all.
+
+  Unpacked into a temporary directory beside `final` (the umask's mode),
+  then renamed: the archive's folder `top`, or (None) its only entry if
+  that is a folder, becomes `final`; else all it holds. The archive is
+  removed, unpacked or not.
+
+  Raises:
+    tarfile.TarError, zipfile.BadZipFile, zlib.error, EOFError: a damaged
+      or unsafe archive.
+    OSError: `final`'s directory cannot be written, or `final` exists (a
+      racing run's).
+  """
+  root, base = os.path.split(final)
+  tmp = None
+  try:
+    core.remove_orphans(root, f'.{base}-')
+    tmp = core.make_temp_dir(root, f'.{base}-{core.owner_tag()}.')
+    _unpack(archive, kind, tmp)
+    if top is None:
+      entries = [e for e in os.listdir(tmp) if not e.startswith('.')]
+      top = entries[0] if len(entries) == 1 else ''
+    inner = os.path.join(tmp, top)
+    os.rename(inner if top and os.path.isdir(inner) else tmp, final)
+  finally:
+    if tmp is not None:
+      shutil.rmtree(tmp, ignore_errors=True)
+    with contextlib.suppress(FileNotFoundError):  # Another run's removal.
+      os.remove(archive)
+
+
 def _inside(path: str) -> str:
   """The one file that directory `path` holds, if so (an archive of one
   file, e.g. a CSV: read as that file), else `path`."""
@@ -155,14 +189,8 @@ def fetch(url: str, cache_dir: str, key: str = 'path') -> str:
     )
     if not kind:
       return final  # A file of one name: never a directory.
-    tmp = None
     try:
-      core.remove_orphans(root, f'.{name}-')
-      tmp = core.make_temp_dir(root, f'.{name}-{core.owner_tag()}.')
-      _unpack(archive, kind, tmp)
-      entries = [e for e in os.listdir(tmp) if not e.startswith('.')]
-      inner = os.path.join(tmp, entries[0]) if len(entries) == 1 else tmp
-      os.rename(inner if os.path.isdir(inner) else tmp, final)
+      unpack(archive, final, kind)
     except (tarfile.TarError, zipfile.BadZipFile, zlib.error, EOFError) as e:
       raise core.DownloadError(
         f'Could not unpack {url} (config.dataset.{key}): {e}. The archive'
@@ -174,9 +202,4 @@ def fetch(url: str, cache_dir: str, key: str = 'path') -> str:
         f'Could not unpack {url} into {root}: {e}. Set'
         ' config.dataset.cache_dir to a writable directory with free space.'
       ) from e
-    finally:
-      if tmp is not None:
-        shutil.rmtree(tmp, ignore_errors=True)
-      with contextlib.suppress(FileNotFoundError):
-        os.remove(archive)
   return _inside(final)
