@@ -1,16 +1,26 @@
-"""Verified, atomic downloads of a dataset's archive into the cache.
+"""Verified, atomic, resumable downloads of a dataset's files into the cache.
 
-`download` writes the bytes to a temporary file beside the destination and
-renames it only when the transfer is complete and its MD5 matches: an
+`download` writes the bytes to `<dest>.part` beside the destination and
+renames it only when the transfer is complete and its checksum matches: an
 interrupted, stalled or corrupt transfer never leaves a file that a later
-run would trust. Every failure is a `DownloadError` whose message says what
-to do.
+run would trust. When the server can send a range of the file (it says
+`Accept-Ranges: bytes` and names its version with an ETag or
+Last-Modified), a transfer cut short keeps what it received and the next
+call asks only for the rest (HTTP `Range` with `If-Range`): a 4 GB archive
+survives a dropped connection or Ctrl-C. The file's version sits beside it
+in `<dest>.part.json`; a file changed on the server since, a server that
+ignores the range, or a checksum that does not match start it over. Every
+failure is a `DownloadError` whose message says what to do.
 """
 
+import contextlib
+import fcntl
 import hashlib
 import http.client
+import json
 import logging
 import os
+import re
 import ssl
 import tempfile
 import time
@@ -26,6 +36,17 @@ TIMEOUT_S = 60
 MIN_BYTES_PER_TIMEOUT = 64 * 1024
 # Seconds between two log lines of a download's progress.
 PROGRESS_S = 30
+# `Content-Range: bytes <first>-<last>/<length or *>` of a 206 answer.
+CONTENT_RANGE = re.compile(r'bytes (\d+)-(\d+)/(\d+|\*)$')
+# The advice that ends the messages of a failed download.
+BY_HAND = (
+  'download and unzip the archive yourself and set config.dataset.path to'
+  ' its directory.'
+)
+
+
+class _Cut(Exception):
+  """A transfer that stopped short: stalled, or fewer bytes than announced."""
 
 
 def _content_length(response) -> int | None:
@@ -52,11 +73,9 @@ def _copy(response, out, digest, url: str, expected: int | None) -> int:
     now = time.monotonic()
     if now - window_start >= TIMEOUT_S:
       if received - window_bytes < MIN_BYTES_PER_TIMEOUT:
-        raise core.DownloadError(
-          f'Download of {url} stalled: {received - window_bytes} bytes in'
-          f' {now - window_start:.0f} s ({received} in all). Run again'
-          ' later; or download and unzip the archive yourself and set'
-          ' config.dataset.path to its directory.'
+        raise _Cut(
+          f'stalled: {received - window_bytes} bytes in'
+          f' {now - window_start:.0f} s ({received} in all)'
         )
       window_start, window_bytes = now, received
     if now - last_log >= PROGRESS_S:
@@ -64,6 +83,84 @@ def _copy(response, out, digest, url: str, expected: int | None) -> int:
       logging.info('Downloaded %.1f%s MB of %s', received / 1e6, of, url)
       last_log = now
   return received
+
+
+def _validator(response) -> str | None:
+  """The file's version by which a later range request is made, if the
+  server can send ranges: its ETag (if strong) or Last-Modified; else None."""
+  headers = response.headers
+  if response.status != 206 and headers.get('Accept-Ranges') != 'bytes':
+    return None
+  etag = headers.get('ETag')
+  if etag and not etag.startswith('W/'):  # If-Range takes no weak ETag.
+    return etag
+  return headers.get('Last-Modified')
+
+
+def _resume_offset(part: str, url: str) -> tuple[int, str | None]:
+  """`(bytes kept in part, their version)` for `url`; (0, None) if none."""
+  try:
+    with open(part + '.json') as f:
+      meta = json.load(f)
+    if meta['url'] == url and isinstance(meta['validator'], str):
+      return os.path.getsize(part), meta['validator']
+  except (OSError, ValueError, KeyError, TypeError):
+    pass
+  return 0, None
+
+
+def _open(url: str, offset: int, validator: str | None):
+  """The response to a GET of `url` from byte `offset` (if its version is
+  still `validator`), and where it starts: `offset` or 0 (all of it)."""
+  headers = {}
+  if offset:
+    headers = {'Range': f'bytes={offset}-', 'If-Range': validator}
+  try:
+    response = urllib.request.urlopen(
+      urllib.request.Request(url, headers=headers), timeout=TIMEOUT_S
+    )
+  except urllib.error.HTTPError as e:
+    if not offset or e.code != 416:  # 416: nothing from `offset` on.
+      raise
+    return _open(url, 0, None)
+  except ValueError as e:  # No scheme, or one urllib does not know.
+    raise urllib.error.URLError(e) from e
+  if response.status != 206:
+    return response, 0  # All of it: a server without ranges, or changed.
+  match = CONTENT_RANGE.match(response.headers.get('Content-Range', ''))
+  if not (match and int(match[1]) == offset) or _validator(response) not in (
+    None,
+    validator,
+  ):
+    response.close()
+    return _open(url, 0, None)
+  return response, offset
+
+
+@contextlib.contextmanager
+def _locked(path: str):
+  """`path` opened for update (created if absent) and held by this process;
+  None if another process holds it (it is downloading the same file)."""
+  fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+  try:
+    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    if os.fstat(fd).st_ino != os.stat(path).st_ino:  # Renamed since.
+      raise BlockingIOError
+  except OSError:  # Held, renamed, or no lock support here.
+    os.close(fd)
+    yield None
+    return
+  with os.fdopen(fd, 'r+b') as f:  # Closing it releases the lock.
+    yield f
+
+
+def _private(directory: str, dest: str):
+  """A new temporary file beside `dest` (a transfer that is not resumed)."""
+  prefix = os.path.basename(dest) + '.partial-'
+  fd, path = tempfile.mkstemp(
+    dir=directory, prefix=f'{prefix}{core.owner_tag()}.'
+  )
+  return os.fdopen(fd, 'r+b'), path
 
 
 def download(
@@ -76,9 +173,12 @@ def download(
 ) -> str:
   """Downloads `url` to `dest`, verifying its MD5 or SHA-256; atomic.
 
-  The bytes go to a temporary file beside `dest` that is renamed only when the
-  transfer is complete and its checksum matches, so an interrupted or corrupt
-  download never leaves a file that a later run would trust.
+  The bytes go to `<dest>.part`, renamed to `dest` only when the transfer
+  is complete and its checksum matches, so an interrupted or corrupt
+  download never leaves a file that a later run would trust. A transfer cut
+  short by the network or the user keeps `<dest>.part` if the server can
+  send the rest (a range of an unchanged file), and the next call resumes
+  it; otherwise nothing is left.
 
   Args:
     url: what to fetch.
@@ -95,60 +195,100 @@ def download(
       truncated or corrupt transfer, or a checksum mismatch.
   """
   directory = os.path.dirname(dest)
-  tmp = None
+  part = dest + '.part'
   try:
     os.makedirs(directory, exist_ok=True)
-    prefix = os.path.basename(dest) + '.partial-'
-    core.remove_orphans(directory, prefix)
-    fd, tmp = tempfile.mkstemp(
-      dir=directory, prefix=f'{prefix}{core.owner_tag()}.'
-    )
-    digest, want = hashlib.md5(), md5
-    if md5 is None and sha256 is not None:
-      digest, want = hashlib.sha256(), sha256
-    with os.fdopen(fd, 'wb') as out:
-      try:
-        response = urllib.request.urlopen(url, timeout=TIMEOUT_S)
-      except ValueError as e:  # No scheme, or one urllib does not know.
-        raise urllib.error.URLError(e) from e
+    core.remove_orphans(directory, os.path.basename(dest) + '.partial-')
+    with _locked(part) as out:
+      if out is None:  # Another process resumes it: start a file of ours.
+        out, tmp = _private(directory, dest)
+        with out:
+          _transfer(url, out, tmp, dest, md5, sha256, key, resume=False)
+      else:
+        _transfer(url, out, part, dest, md5, sha256, key, resume=True)
+    return dest
+  except OSError as e:  # Not the network's: the cache directory's.
+    raise core.DownloadError(
+      f'Could not write the download of {url} into {directory}: {e}. Set'
+      ' config.dataset.cache_dir to a writable directory with free space.'
+    ) from e
+
+
+def _transfer(url, out, path, dest, md5, sha256, key, resume: bool) -> None:
+  """Fills `out` (the file `path`) with `url`'s bytes, checks them and
+  renames `path` to `dest`; `resume`: `path` may hold a cut transfer's
+  first bytes and keeps them if this one is cut too."""
+  digest, want = hashlib.md5(), md5
+  if md5 is None and sha256 is not None:
+    digest, want = hashlib.sha256(), sha256
+  keep = done = False  # Whether `path` is left for the next call; renamed.
+  try:
+    try:
+      offset, validator = _resume_offset(path, url) if resume else (0, None)
+      keep = offset > 0  # Kept until the server says they are stale.
+      response, offset = _open(url, offset, validator)
       with response:
+        if offset:  # The checksum covers the kept bytes too.
+          logging.info('Resuming %s from %.1f MB', url, offset / 1e6)
+          while chunk := out.read(min(1 << 20, offset - out.tell())):
+            digest.update(chunk)
+        out.truncate(offset)  # Where `out` stands: after the kept bytes.
+        validator = _validator(response) if resume else None
+        keep = bool(validator)
+        if validator:  # Written before the bytes it describes.
+          with open(path + '.json', 'w') as f:
+            json.dump({'url': url, 'validator': validator}, f)
         expected = _content_length(response)
         received = _copy(response, out, digest, url, expected)
-    if expected is not None and received != expected:
+      if expected is not None and received != expected:
+        raise _Cut(f'ended after {received} of {expected} bytes')
+    except _Cut as e:
       raise core.DownloadError(
-        f'Download of {url} ended after {received} of {expected} bytes;'
-        ' the partial file was discarded. Run again; or download and unzip'
-        ' the archive yourself and set config.dataset.path to its directory.'
-      )
+        f'Download of {url} {e}; {_left(out, keep)} Run again; or {BY_HAND}'
+      ) from None
+    except (
+      urllib.error.URLError,
+      http.client.HTTPException,
+      ConnectionError,
+      TimeoutError,
+      ssl.SSLError,
+    ) as e:
+      left = _left(out, keep)
+      raise core.DownloadError(
+        f'Could not download {url}: {e}.'
+        + (f' T{left[1:]}' if 'kept' in left else '')
+        + f' Check the network and config.dataset.{key}, then run again; or'
+        f' {BY_HAND}'
+      ) from e
     if want is not None and digest.hexdigest() != want.lower():
+      keep = False
       raise core.DownloadError(
         f'Checksum mismatch for {url}: {digest.name.upper()}'
         f' {digest.hexdigest()}, expected {want}. The file was discarded:'
         f' run again, and if it persists, config.dataset.{key} serves'
         ' another file'
         + (" (a mirror must serve GroupLens's own)" if key == 'url' else '')
-        + '; or download and unzip the archive yourself and set'
-        ' config.dataset.path to its directory.'
+        + f'; or {BY_HAND}'
       )
-    os.replace(tmp, dest)
-    return dest
-  except (
-    urllib.error.URLError,
-    http.client.HTTPException,
-    ConnectionError,
-    TimeoutError,
-    ssl.SSLError,
-  ) as e:
-    raise core.DownloadError(
-      f'Could not download {url}: {e}. Check the network and'
-      f' config.dataset.{key}, then run again; or download and unzip the'
-      ' archive yourself and set config.dataset.path to its directory.'
-    ) from e
-  except OSError as e:  # Not the network's: the cache directory's.
-    raise core.DownloadError(
-      f'Could not write the download of {url} into {directory}: {e}. Set'
-      ' config.dataset.cache_dir to a writable directory with free space.'
-    ) from e
+    out.flush()
+    os.replace(path, dest)
+    keep, done = False, True
+  except OSError:
+    keep = False  # A full disk: free what it took.
+    raise
   finally:
-    if tmp is not None and os.path.exists(tmp):
-      os.remove(tmp)
+    # The next call resumes `path`, or it goes with what describes it.
+    for name in [] if keep else [path + '.json'] + [path] * (not done):
+      with contextlib.suppress(FileNotFoundError):
+        os.remove(name)
+
+
+def _left(out, keep: bool) -> str:
+  """What a cut transfer left: the message's middle sentence."""
+  out.flush()
+  kept = os.fstat(out.fileno()).st_size
+  if keep and kept:
+    return (
+      f'the {kept} bytes received are kept and the next run resumes from there.'
+    )
+  return 'the partial file was discarded.'

@@ -176,7 +176,12 @@ def random_split(num: int, field_dims, side: bool = False) -> data.Split:
 class HttpServer:
   """A one-file HTTP server on 127.0.0.1 that can cut a transfer short.
 
-  Every path serves `payload`; `requests` counts the GETs.
+  Every path serves `payload`; `requests` counts the GETs. With `ranges` it
+  says `Accept-Ranges: bytes` with `etag` and answers a `Range: bytes=N-`
+  (if its `If-Range` is `etag`) with 206 and the bytes from N; `headers`
+  holds each GET's Range and If-Range (`if_range=False`: a server that
+  ignores If-Range). `payload`, `etag` and `truncate` may be changed between
+  requests.
   """
 
   def __init__(
@@ -187,22 +192,44 @@ class HttpServer:
     stall: threading.Event | None = None,
     length: str | None = None,
     trickle: bool = False,
+    ranges: bool = False,
+    etag: str = '"v1"',
+    if_range: bool = True,
   ):
-    payload_ = payload
+    self.payload, self.truncate, self.etag = payload, truncate, etag
     stop = threading.Event()
-
+    server = self
     requests = self.requests = []
+    headers = self.headers = []
 
     class Handler(http.server.BaseHTTPRequestHandler):
       def do_GET(self):  # noqa: N802 (http.server's name)
         requests.append(self.path)
+        asked = self.headers.get('Range'), self.headers.get('If-Range')
+        headers.append(asked)
         if stall is not None:  # Silent until the test is done.
           stall.wait(30)
           return
         if status != 200:
           self.send_error(status)
           return
-        self.send_response(200)
+        payload_, first = server.payload, 0
+        if ranges and asked[0] and (asked[1] == server.etag or not if_range):
+          first = int(asked[0].removeprefix('bytes=').rstrip('-'))
+          if first >= len(payload_):
+            self.send_error(416)
+            return
+          self.send_response(206)
+          self.send_header(
+            'Content-Range',
+            f'bytes {first}-{len(payload_) - 1}/{len(payload_)}',
+          )
+          payload_ = payload_[first:]
+        else:
+          self.send_response(200)
+        if ranges:
+          self.send_header('Accept-Ranges', 'bytes')
+          self.send_header('ETag', server.etag)
         self.send_header('Content-Length', length or str(len(payload_)))
         self.end_headers()
         if trickle:  # A byte at a time, never silent for long.
@@ -211,7 +238,7 @@ class HttpServer:
               return
             self.wfile.write(payload_[i : i + 1])
             self.wfile.flush()
-        elif truncate:
+        elif server.truncate:
           self.wfile.write(payload_[: len(payload_) // 2])
           self.wfile.flush()
           self.connection.shutdown(2)  # The server goes away mid-transfer.

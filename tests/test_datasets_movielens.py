@@ -1,8 +1,10 @@
 """Tests of the MovieLens source: verified downloads and ratings parsing."""
 
 import contextlib
+import fcntl
 import hashlib
 import io
+import json
 import os
 import re
 import socket
@@ -12,6 +14,7 @@ import tempfile
 import threading
 import time
 from unittest import mock
+import urllib.error
 import zipfile
 
 from absl.testing import absltest
@@ -249,7 +252,7 @@ class DownloadTest(absltest.TestCase):
       (blocker, contextlib.nullcontext()),
       (
         os.path.join(self.tmp, 'ok'),
-        mock.patch.object(tempfile, 'mkstemp', side_effect=refused),
+        mock.patch.object(download, '_locked', side_effect=refused),
       ),
     ):
       with self.subTest(cache_dir=cache_dir), patch:
@@ -265,6 +268,232 @@ class DownloadTest(absltest.TestCase):
           f' into {cache_dir}/downloads: .*config.dataset.cache_dir',
         ):
           data.load_dataset(config)
+
+
+class ResumeTest(absltest.TestCase):
+  """A transfer cut short resumes where it stopped, when the server can."""
+
+  def setUp(self):
+    super().setUp()
+    self.tmp = tempfile.mkdtemp()
+    self.payload = bytes(range(256)) * 400  # 102,400 bytes.
+    self.md5 = hashlib.md5(self.payload).hexdigest()
+    self.dest = os.path.join(self.tmp, 'cache', 'x.tar.gz')
+    self.half = len(self.payload) // 2
+
+  def _cut(self, server, **checksum):
+    """One transfer that the server cuts at half; its bytes are kept."""
+    server.truncate = True
+    with self.assertRaisesRegex(
+      data.DownloadError,
+      rf'^Download of {server.url}/x.tar.gz ended after {self.half} of'
+      rf' {len(self.payload)} bytes; the {self.half} bytes received are kept'
+      r' and the next run resumes from there\. Run again; or download',
+    ):
+      download.download(f'{server.url}/x.tar.gz', self.dest, **checksum)
+    server.truncate = False
+    with open(self.dest + '.part', 'rb') as f:
+      self.assertEqual(f.read(), self.payload[: self.half])
+
+  def test_a_cut_transfer_asks_for_the_rest_and_checks_the_whole(self):
+    config = _dataset_config(self.tmp, name='ml-100k')
+    payload = _ml100k_zip(
+      [(u, i, u % 5 + 1) for u in range(1, 40) for i in (1, 2)]
+    )
+    md5 = hashlib.md5(payload).hexdigest()
+    half = len(payload) // 2
+    with (
+      HttpServer(payload, truncate=True, ranges=True) as server,
+      mock.patch.dict(movielens.GROUPLENS_MD5, {'ml-100k': md5}),
+    ):
+      config.url = server.url
+      with self.assertRaisesRegex(
+        data.DownloadError, f'the {half} bytes received are kept'
+      ):
+        data.load_dataset(config)
+      downloads = os.path.join(config.cache_dir, 'downloads')
+      self.assertCountEqual(
+        os.listdir(downloads), ['ml-100k.zip.part', 'ml-100k.zip.part.json']
+      )
+      server.truncate = False
+      self.assertEqual(data.load_dataset(config).field_dims, (40, 3))
+    # The second GET asked for the bytes from the first's end, of that file.
+    self.assertEqual(server.headers, [(None, None), (f'bytes={half}-', '"v1"')])
+    self.assertEqual(os.listdir(downloads), ['ml-100k'])
+
+  def test_interrupted_by_the_user_or_the_network_it_resumes_too(self):
+    copy = download._copy
+    reset = ConnectionResetError(104, 'Connection reset by peer')
+    for error in (KeyboardInterrupt, reset):
+
+      def interrupted(response, out, *args, error=error):
+        out.write(response.read(1000))
+        raise error
+
+      with self.subTest(error), HttpServer(self.payload, ranges=True) as s:
+        url = f'{s.url}/x.tar.gz'
+        with (
+          mock.patch.object(download, '_copy', interrupted),
+          self.assertRaises((KeyboardInterrupt, data.DownloadError)) as raised,
+        ):
+          download.download(url, self.dest, md5=self.md5)
+        if error is reset:
+          self.assertRegex(
+            str(raised.exception),
+            rf'^Could not download {url}: .*by peer\. The 1000 bytes received'
+            r' are kept and the next run resumes from there\. Check the',
+          )
+        self.assertEqual(os.path.getsize(self.dest + '.part'), 1000)
+        with mock.patch.object(download, '_copy', copy):
+          download.download(url, self.dest, md5=self.md5)
+        with open(self.dest, 'rb') as f:
+          self.assertEqual(f.read(), self.payload)
+        self.assertEqual(s.headers[-1], ('bytes=1000-', '"v1"'))
+        self.assertEqual(os.listdir(os.path.dirname(self.dest)), ['x.tar.gz'])
+        os.remove(self.dest)
+
+  def test_a_server_out_of_reach_on_the_rerun_leaves_the_kept_bytes(self):
+    with HttpServer(self.payload, ranges=True) as server:
+      url = f'{server.url}/x.tar.gz'
+      self._cut(server, md5=self.md5)
+      with (
+        mock.patch.object(
+          download.urllib.request,
+          'urlopen',
+          side_effect=urllib.error.URLError('no route'),
+        ),
+        self.assertRaisesRegex(
+          data.DownloadError,
+          rf'^Could not download {url}: <urlopen error no route>\. The'
+          rf' {self.half} bytes received are kept and the next run resumes',
+        ),
+      ):
+        download.download(url, self.dest, md5=self.md5)
+      download.download(url, self.dest, md5=self.md5)
+    self.assertEqual(server.headers[-1], (f'bytes={self.half}-', '"v1"'))
+    with open(self.dest, 'rb') as f:
+      self.assertEqual(f.read(), self.payload)
+
+  def test_a_full_disk_frees_what_the_transfer_took(self):
+    def full(response, out, *args):
+      out.write(response.read(1000))
+      raise OSError(28, 'No space left on device')
+
+    with (
+      HttpServer(self.payload, ranges=True) as server,
+      mock.patch.object(download, '_copy', full),
+      self.assertRaisesRegex(
+        data.DownloadError,
+        r'^Could not write the download of .* No space left on device\. Set'
+        r' config\.dataset\.cache_dir',
+      ),
+    ):
+      download.download(f'{server.url}/x.tar.gz', self.dest)
+    self.assertEqual(_files_under(self.tmp), [])
+
+  def test_a_range_that_starts_elsewhere_is_asked_again_whole(self):
+    def answer(status, **headers):
+      return mock.MagicMock(status=status, headers=headers)
+
+    whole = answer(200)
+    responses = [answer(206, **{'Content-Range': 'bytes 0-99/100'}), whole]
+    with mock.patch.object(
+      download.urllib.request, 'urlopen', side_effect=responses
+    ) as urlopen:
+      self.assertEqual(download._open('http://h/u', 50, '"v1"'), (whole, 0))
+    asked = [call.args[0].headers for call in urlopen.call_args_list]
+    self.assertEqual(asked, [{'Range': 'bytes=50-', 'If-range': '"v1"'}, {}])
+    # A 206 is a range, whether or not Accept-Ranges came with it.
+    self.assertEqual(download._validator(answer(206, ETag='"a"')), '"a"')
+
+  def test_a_file_changed_on_the_server_is_downloaded_again_whole(self):
+    other = self.payload[::-1]
+    # A server that sends the whole new file, and one that sends a range of
+    # it with the new ETag although If-Range named the old.
+    for if_range in (True, False):
+      with (
+        self.subTest(if_range=if_range),
+        HttpServer(self.payload, ranges=True, if_range=if_range) as server,
+      ):
+        self._cut(server)
+        server.payload, server.etag = other, '"v2"'
+        download.download(f'{server.url}/x.tar.gz', self.dest)
+        with open(self.dest, 'rb') as f:
+          self.assertEqual(f.read(), other)  # Not the old half, new rest.
+        self.assertEqual(
+          server.headers[1:],
+          [(f'bytes={self.half}-', '"v1"')] + [(None, None)] * (not if_range),
+        )
+        self.assertEqual(os.listdir(os.path.dirname(self.dest)), ['x.tar.gz'])
+        os.remove(self.dest)
+
+  def test_a_resumed_file_that_fails_its_checksum_is_all_discarded(self):
+    with HttpServer(self.payload, ranges=True) as server:
+      self._cut(server, md5=self.md5)
+      server.payload = self.payload[::-1]  # Changed, but the same ETag.
+      with self.assertRaisesRegex(data.DownloadError, 'Checksum mismatch'):
+        download.download(f'{server.url}/x.tar.gz', self.dest, md5=self.md5)
+      self.assertEqual(_files_under(self.tmp), [])
+      server.payload = self.payload
+      download.download(f'{server.url}/x.tar.gz', self.dest, md5=self.md5)
+    self.assertEqual(server.headers[-1], (None, None))  # From the start.
+    with open(self.dest, 'rb') as f:
+      self.assertEqual(f.read(), self.payload)
+
+  def test_kept_bytes_past_the_end_or_of_another_url_start_over(self):
+    with HttpServer(self.payload, ranges=True) as server:
+      url = f'{server.url}/x.tar.gz'
+      for kept, meta, asked in (
+        # All of it and more: the server answers 416, then the whole.
+        (self.payload + b'x', {'url': url, 'validator': '"v1"'}, 'bytes='),
+        (b'y' * 10, {'url': url + '?b', 'validator': '"v1"'}, None),
+        (b'y' * 10, {'url': url}, None),  # Damaged descriptions.
+        (b'y' * 10, {'url': url, 'validator': 5}, None),
+        (b'y' * 10, None, None),
+      ):
+        with self.subTest(meta=meta, kept=len(kept)):
+          write_text(self.dest + '.part.json', json.dumps(meta))
+          with open(self.dest + '.part', 'wb') as f:
+            f.write(kept)
+          del server.headers[:]
+          download.download(url, self.dest, md5=self.md5)
+          with open(self.dest, 'rb') as f:
+            self.assertEqual(f.read(), self.payload)
+          self.assertEqual(server.headers[-1], (None, None))
+          self.assertEqual(
+            (server.headers[0][0] or '').startswith('bytes='), bool(asked)
+          )
+          self.assertEqual(os.listdir(os.path.dirname(self.dest)), ['x.tar.gz'])
+
+  def test_a_server_without_ranges_or_a_version_keeps_nothing(self):
+    for headers in ({}, {'Accept-Ranges': 'bytes', 'ETag': 'W/"weak"'}):
+      with self.subTest(headers=headers):
+        response = mock.Mock(status=200, headers=headers)
+        self.assertIsNone(download._validator(response))
+    response = mock.Mock(
+      status=200, headers={'Accept-Ranges': 'bytes', 'Last-Modified': 'Mon'}
+    )
+    self.assertEqual(download._validator(response), 'Mon')
+    with HttpServer(self.payload, truncate=True) as server:
+      with self.assertRaisesRegex(
+        data.DownloadError, 'the partial file was discarded'
+      ):
+        download.download(f'{server.url}/x.tar.gz', self.dest)
+    self.assertEqual(_files_under(self.tmp), [])
+
+  def test_a_part_another_process_holds_is_left_to_it(self):
+    os.makedirs(os.path.dirname(self.dest))
+    with open(self.dest + '.part', 'wb') as held:
+      held.write(b'theirs')
+      held.flush()
+      fcntl.flock(held, fcntl.LOCK_EX)
+      with HttpServer(self.payload, ranges=True) as server:
+        download.download(f'{server.url}/x.tar.gz', self.dest, md5=self.md5)
+      with open(self.dest, 'rb') as f:
+        self.assertEqual(f.read(), self.payload)
+      with open(self.dest + '.part', 'rb') as f:
+        self.assertEqual(f.read(), b'theirs')
+    self.assertEqual(server.headers, [(None, None)])
 
 
 class MovieLensParsingTest(parameterized.TestCase):
@@ -505,8 +734,7 @@ def test_a_download_that_slows_down_stalls_in_its_second_window(tmp_path):
     mock.patch.object(download.time, 'monotonic', lambda: next(clock)),
     mock.patch.object(download.logging, 'info') as info,
     pytest.raises(
-      data.DownloadError,
-      match=r'^Download of u stalled: 10 bytes in 61 s \(100010 in all\)\.',
+      download._Cut, match=r'^stalled: 10 bytes in 61 s \(100010 in all\)$'
     ),
   ):
     download._copy(response, io.BytesIO(), hashlib.md5(), 'u', 100_020)
