@@ -128,10 +128,8 @@ def _open(url: str, offset: int, validator: str | None):
   if response.status != 206:
     return response, 0  # All of it: a server without ranges, or changed.
   match = CONTENT_RANGE.match(response.headers.get('Content-Range', ''))
-  if not (match and int(match[1]) == offset) or _validator(response) not in (
-    None,
-    validator,
-  ):
+  same = _validator(response) in (None, validator)  # Else changed since.
+  if not (match and int(match[1]) == offset and same):
     response.close()
     return _open(url, 0, None)
   return response, offset

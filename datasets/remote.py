@@ -3,13 +3,13 @@
 `config.dataset.path`, `valid_path` and `test_path` may be http(s) URLs, e.g.
 the Criteo Kaggle archive's. Each is downloaded once into
 `<cache_dir>/downloads/url-<hash of the URL>/` (atomic, verified, and
-resumed after a cut: `download.download`); an archive (`.tar.gz`, `.tgz`, `.tar`, `.zip`, ...) is
-unpacked there into a directory that takes the archive's place, which the
-formats read as they read any directory (Criteo's `train.txt`, a libFM
-directory, ...), or as its one file if it holds one. A `#sha256=<hex>` or
-`#md5=<hex>` fragment is the content's checksum, checked before anything is
-kept. Later runs, and the other processes of a run sharing the cache, read
-the copy without the network.
+resumed after a cut: `download.download`); an archive (`.tar.gz`, `.tgz`,
+`.tar`, `.zip`, ...) is unpacked there into a directory that takes the
+archive's place, which the formats read as they read any directory
+(Criteo's `train.txt`, a libFM directory, ...), or as its one file if it
+holds one. A `#sha256=<hex>` or `#md5=<hex>` fragment is the content's
+checksum, checked before anything is kept. Later runs, and the other
+processes of a run sharing the cache, read the copy without the network.
 """
 
 import contextlib
