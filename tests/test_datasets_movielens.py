@@ -481,19 +481,34 @@ class ResumeTest(absltest.TestCase):
         download.download(f'{server.url}/x.tar.gz', self.dest)
     self.assertEqual(_files_under(self.tmp), [])
 
-  def test_a_part_another_process_holds_is_left_to_it(self):
+  def test_a_part_another_process_holds_or_renamed_is_left_to_it(self):
     os.makedirs(os.path.dirname(self.dest))
-    with open(self.dest + '.part', 'wb') as held:
-      held.write(b'theirs')
-      held.flush()
-      fcntl.flock(held, fcntl.LOCK_EX)
-      with HttpServer(self.payload, ranges=True) as server:
-        download.download(f'{server.url}/x.tar.gz', self.dest, md5=self.md5)
-      with open(self.dest, 'rb') as f:
-        self.assertEqual(f.read(), self.payload)
-      with open(self.dest + '.part', 'rb') as f:
-        self.assertEqual(f.read(), b'theirs')
-    self.assertEqual(server.headers, [(None, None)])
+    part, real_stat = self.dest + '.part', os.stat
+
+    def renamed(path, *args, **kwargs):  # Another file took the name.
+      result = real_stat(path, *args, **kwargs)
+      return mock.Mock(st_ino=-1) if path == part else result
+
+    for how in ('held', 'renamed'):
+      with self.subTest(how), open(part, 'wb') as theirs:
+        theirs.write(b'theirs')
+        theirs.flush()
+        write_text(part + '.json', json.dumps({'url': 'u', 'validator': 'v'}))
+        if how == 'held':
+          fcntl.flock(theirs, fcntl.LOCK_EX)
+        with (
+          HttpServer(self.payload, ranges=True) as server,
+          mock.patch.object(download.os, 'stat', renamed)
+          if how == 'renamed'
+          else contextlib.nullcontext(),
+        ):
+          download.download(f'{server.url}/x.tar.gz', self.dest, md5=self.md5)
+        with open(self.dest, 'rb') as f:
+          self.assertEqual(f.read(), self.payload)
+        with open(part, 'rb') as f:
+          self.assertEqual(f.read(), b'theirs')
+        self.assertTrue(os.path.exists(part + '.json'))
+        self.assertEqual(server.headers, [(None, None)])
 
 
 class MovieLensParsingTest(parameterized.TestCase):
