@@ -226,6 +226,9 @@ def _transfer(url, out, path, dest, md5, sha256, key, resume: bool) -> None:
       keep = offset > 0  # Kept until the server says they are stale.
       response, offset = _open(url, offset, validator)
       with response:
+        expected = _content_length(response)
+        if expected:  # A disk too small stops it now, not hours later.
+          _check_space(url, path, expected, keep and offset)
         if offset:  # The checksum covers the kept bytes too.
           logging.info('Resuming %s from %.1f MB', url, offset / 1e6)
           while chunk := out.read(min(1 << 20, offset - out.tell())):
@@ -236,7 +239,6 @@ def _transfer(url, out, path, dest, md5, sha256, key, resume: bool) -> None:
         if validator:  # Written before the bytes it describes.
           with open(path + '.json', 'w') as f:
             json.dump({'url': url, 'validator': validator}, f)
-        expected = _content_length(response)
         received = _copy(response, out, digest, url, expected)
       if expected is not None and received != expected:
         raise _Cut(f'ended after {received} of {expected} bytes')
@@ -279,6 +281,21 @@ def _transfer(url, out, path, dest, md5, sha256, key, resume: bool) -> None:
     for name in [] if keep else [path + '.json'] + [path] * (not done):
       with contextlib.suppress(FileNotFoundError):
         os.remove(name)
+
+
+def _check_space(url: str, path: str, need: int, kept: int) -> None:
+  """Raises DownloadError (not OSError: what is kept stays) unless the disk
+  of `path` has `need` bytes free."""
+  directory = os.path.dirname(path)
+  try:
+    core.check_free_space(directory, need, 'the download')
+  except OSError as e:
+    raise core.DownloadError(
+      f'Could not download {url} into {directory}: {e}.'
+      + (f' The {kept} bytes received are kept.' if kept else '')
+      + ' Free space there, or set config.dataset.cache_dir to a disk with'
+      ' room, then run again.'
+    ) from e
 
 
 def _left(out, keep: bool) -> str:

@@ -92,19 +92,24 @@ def fetch_grouplens(name: str, config: ml_collections.ConfigDict) -> str:
     if os.path.isdir(final):  # Unpacked by the process waited for.
       return final
     url = f'{config.url.rstrip("/")}/{name}.zip'
-    logging.info('Downloading %s', url)
-    archive = download.download(
-      url, os.path.join(root, f'{name}.zip'), md5=GROUPLENS_MD5[name]
-    )
+    archive = os.path.join(root, f'{name}.zip')
+    if not os.path.exists(archive):  # Else verified, kept by a full disk.
+      logging.info('Downloading %s', url)
+      download.download(url, archive, md5=GROUPLENS_MD5[name])
     try:
       remote.unpack(archive, final, top=name)
     except (zipfile.BadZipFile, zlib.error, EOFError, OSError) as e:
-      if not os.path.isdir(final):  # Else another run unpacked it first.
+      if os.path.isdir(final):  # Another run unpacked it first.
+        return final
+      if remote.disk_refused(e):
         raise core.DownloadError(
-          f'Could not unpack {url}: {e}. The archive was deleted: run again;'
-          f' or unzip it yourself and set config.dataset.path to its'
-          ' directory.'
+          f'Could not unpack {url}: {e}. {remote.kept(e, archive)}'
         ) from e
+      raise core.DownloadError(
+        f'Could not unpack {url}: {e}. The archive was deleted: run again;'
+        f' or unzip it yourself and set config.dataset.path to its'
+        ' directory.'
+      ) from e
   return final
 
 

@@ -13,6 +13,7 @@ processes of a run sharing the cache, read the copy without the network.
 """
 
 import contextlib
+import errno
 import hashlib
 import logging
 import os
@@ -35,6 +36,8 @@ TAR = ('.tar', '.tar.gz', '.tgz', '.tar.bz2', '.tbz2', '.tar.xz', '.txz')
 ZIP = ('.zip',)
 # Whether tarfile has PEP 706's extraction filters (Python 3.11.4 on).
 FILTERS = hasattr(tarfile, 'data_filter')
+# What a disk that refuses a write raises (a damaged gzip is an OSError too).
+DISK_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES)
 
 
 def is_url(path: object) -> bool:
@@ -113,6 +116,12 @@ def _unpack(archive: str, kind: str, into: str) -> None:
     t.extractall(into)
 
 
+def disk_refused(error: BaseException) -> bool:
+  """Whether `error` is the disk's (full, read-only, no permission), not a
+  damaged archive's: then the verified archive is worth keeping."""
+  return isinstance(error, OSError) and error.errno in DISK_ERRNOS
+
+
 def unpack(
   archive: str, final: str, kind: str = 'zip', top: str | None = None
 ) -> None:
@@ -121,7 +130,8 @@ def unpack(
   Unpacked into a temporary directory beside `final` (the umask's mode),
   then renamed: the archive's folder `top`, or (None) its only entry if
   that is a folder, becomes `final`; else all it holds. The archive is
-  removed, unpacked or not.
+  removed once unpacked or found damaged; kept when the disk refused it
+  (`disk_refused`), so that a rerun unpacks it without a new download.
 
   Raises:
     tarfile.TarError, zipfile.BadZipFile, zlib.error, EOFError: a damaged
@@ -130,7 +140,7 @@ def unpack(
       racing run's).
   """
   root, base = os.path.split(final)
-  tmp = None
+  tmp, keep = None, False
   try:
     core.remove_orphans(root, f'.{base}-')
     tmp = core.make_temp_dir(root, f'.{base}-{core.owner_tag()}.')
@@ -140,11 +150,15 @@ def unpack(
       top = entries[0] if len(entries) == 1 else ''
     inner = os.path.join(tmp, top)
     os.rename(inner if top and os.path.isdir(inner) else tmp, final)
+  except OSError as e:
+    keep = disk_refused(e)
+    raise
   finally:
     if tmp is not None:
       shutil.rmtree(tmp, ignore_errors=True)
-    with contextlib.suppress(FileNotFoundError):  # Another run's removal.
-      os.remove(archive)
+    if not keep:
+      with contextlib.suppress(FileNotFoundError):  # Another run's removal.
+        os.remove(archive)
 
 
 def _inside(path: str) -> str:
@@ -182,11 +196,11 @@ def fetch(url: str, cache_dir: str, key: str = 'path') -> str:
   with core.building(root, os.path.join(cache_dir, 'locks')):
     if os.path.exists(final):
       return _inside(final)
-    logging.info('Downloading %s into %s', url, root)
-    checksum = {algorithm: digest} if algorithm else {}
-    archive = download.download(
-      url, os.path.join(root, name), key=key, **checksum
-    )
+    archive = os.path.join(root, name)
+    if not os.path.exists(archive):  # Else verified, kept by a full disk.
+      logging.info('Downloading %s into %s', url, root)
+      checksum = {algorithm: digest} if algorithm else {}
+      download.download(url, archive, key=key, **checksum)
     if not kind:
       return final  # A file of one name: never a directory.
     try:
@@ -199,7 +213,17 @@ def fetch(url: str, cache_dir: str, key: str = 'path') -> str:
       ) from e
     except OSError as e:
       raise core.DownloadError(
-        f'Could not unpack {url} into {root}: {e}. Set'
-        ' config.dataset.cache_dir to a writable directory with free space.'
+        f'Could not unpack {url} into {root}: {e}. {kept(e, archive)}'
       ) from e
   return _inside(final)
+
+
+def kept(error: OSError, archive: str) -> str:
+  """The advice of a failed unpacking: what is left, and what to do."""
+  if disk_refused(error) and os.path.exists(archive):
+    return (
+      f'The downloaded archive is kept ({archive}): free space there (or'
+      ' restore write access) and run again, and it is unpacked without'
+      ' being downloaded again.'
+    )
+  return 'Set config.dataset.cache_dir to a writable directory with free space.'

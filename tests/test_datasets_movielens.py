@@ -1,6 +1,7 @@
 """Tests of the MovieLens source: verified downloads and ratings parsing."""
 
 import contextlib
+import errno
 import fcntl
 import hashlib
 import io
@@ -131,6 +132,29 @@ class DownloadTest(absltest.TestCase):
       ):
         download.download(f'{server.url}/x.zip', dest)
     self.assertEqual(_files_under(self.tmp), [])
+
+  def test_an_archive_the_disk_cannot_unpack_is_kept_for_the_rerun(self):
+    full = OSError(errno.ENOSPC, 'No space left on device')
+    with (
+      HttpServer(self.payload) as server,
+      mock.patch.dict(movielens.GROUPLENS_MD5, {'ml-100k': self.md5}),
+    ):
+      config = _dataset_config(self.tmp, name='ml-100k', url=server.url)
+      archive = os.path.join(config.cache_dir, 'downloads', 'ml-100k.zip')
+      with (
+        mock.patch.object(movielens.remote, '_unpack', side_effect=full),
+        self.assertRaisesRegex(
+          data.DownloadError,
+          rf'^Could not unpack {server.url}/ml-100k.zip: \[Errno 28\] No'
+          rf' space left on device\. The downloaded archive is kept'
+          rf' \({archive}\): free space there',
+        ),
+      ):
+        data.load_dataset(config)
+      self.assertTrue(os.path.exists(archive))
+      self.assertEqual(data.load_dataset(config).field_dims, (30, 9))
+    self.assertEqual(server.requests, ['/ml-100k.zip'])  # Downloaded once.
+    self.assertFalse(os.path.exists(archive))
 
   def test_unreachable_server(self):
     with HttpServer(b'') as server:
@@ -370,6 +394,45 @@ class ResumeTest(absltest.TestCase):
       ):
         download.download(url, self.dest, md5=self.md5)
       download.download(url, self.dest, md5=self.md5)
+    self.assertEqual(server.headers[-1], (f'bytes={self.half}-', '"v1"'))
+    with open(self.dest, 'rb') as f:
+      self.assertEqual(f.read(), self.payload)
+
+  def test_a_disk_too_small_stops_the_transfer_before_it_starts(self):
+    def small_disk():
+      free = mock.Mock(free=1000, f_bfree=1000, f_frsize=1)
+      return (
+        mock.patch.object(download.core.shutil, 'disk_usage', lambda d: free),
+        mock.patch.object(download.core.os, 'statvfs', lambda d: free),
+      )
+
+    directory = os.path.dirname(self.dest)
+    with HttpServer(self.payload, ranges=True) as server:
+      url = f'{server.url}/x.tar.gz'
+      for kept in (0, self.half):
+        if kept:
+          self._cut(server)
+        disk_usage, statvfs = small_disk()
+        with (
+          self.subTest(kept=kept),
+          disk_usage,
+          statvfs,
+          self.assertRaisesRegex(
+            data.DownloadError,
+            rf'^Could not download {url} into {directory}: \[Errno 28\] No'
+            r' space left on device: the download needs at least'
+            rf' {(len(self.payload) - kept) / 2**20:.2f} MiB, 0\.00 MiB'
+            rf' free\.{f" The {kept} bytes received are kept." if kept else ""}'
+            r' Free space there, or set config\.dataset\.cache_dir to a disk'
+            r' with room, then run again\.$',
+          ),
+        ):
+          download.download(url, self.dest)
+        self.assertEqual(
+          _files_under(self.tmp),
+          ['cache/x.tar.gz.part', 'cache/x.tar.gz.part.json'] if kept else [],
+        )
+      download.download(url, self.dest, md5=self.md5)  # Room again.
     self.assertEqual(server.headers[-1], (f'bytes={self.half}-', '"v1"'))
     with open(self.dest, 'rb') as f:
       self.assertEqual(f.read(), self.payload)

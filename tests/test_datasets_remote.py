@@ -1,6 +1,7 @@
 """Tests of dataset files named by URL (datasets/remote.py)."""
 
 import dataclasses
+import errno
 import hashlib
 import io
 import os
@@ -235,6 +236,34 @@ class RemotePathTest(DatasetTestCase):
             data.load_dataset(self.config('criteo', url))
     self.assertEqual(_files_under(os.path.join(self.tmp, 'cache')), [])
     self.assertFalse(os.path.exists(os.path.join(self.tmp, 'outside.txt')))
+
+  def test_an_archive_the_disk_cannot_take_is_kept_and_unpacked_later(self):
+    train = _criteo_text(300)
+    archive = _tar({'train.txt': train, 'test.txt': b''})
+    want = data.load_dataset(
+      self.config('criteo', self._local('train.txt', train))
+    )
+    full = OSError(errno.ENOSPC, 'No space left on device')
+    with HttpServer(archive) as server:
+      url = f'{server.url}/dac.tar.gz'
+      config = self.config('criteo', url)
+      tag = hashlib.sha256(url.encode()).hexdigest()[:16]
+      kept = os.path.join(self.tmp, 'cache', 'downloads', f'url-{tag}')
+      with (
+        mock.patch.object(remote, '_unpack', side_effect=full),
+        self.assertRaisesRegex(
+          data.DownloadError,
+          rf'^Could not unpack {url} into {kept}: \[Errno 28\] No space left'
+          rf' on device\. The downloaded archive is kept \({kept}/dac\.tar'
+          r'\.gz\): free space there \(or restore write access\) and run'
+          r' again, and it is unpacked without being downloaded again\.$',
+        ),
+      ):
+        data.load_dataset(config)
+      self.assertEqual(os.listdir(kept), ['dac.tar.gz'])
+      self._same(data.load_dataset(config), want)
+    self.assertEqual(server.requests, ['/dac.tar.gz'])  # Downloaded once.
+    self.assertEqual(os.listdir(kept), ['dac'])
 
   def test_local_paths_are_left_as_they_are(self):
     config = self.config('criteo', '/data/train.txt', test_path='x.txt')
