@@ -57,11 +57,14 @@ def _content_length(response) -> int | None:
     return None
 
 
-def _copy(response, out, digest, url: str, expected: int | None) -> int:
+def _copy(
+  response, out, digest, url: str, expected: int | None, start: int = 0
+) -> int:
   """Copies `response` into `out` and `digest`; the bytes received.
 
   Reads what has arrived (`read1`), so that a server trickling bytes is
   caught: fewer than `MIN_BYTES_PER_TIMEOUT` in `TIMEOUT_S` seconds raise.
+  The progress logged counts the `start` bytes a resumed transfer kept.
   """
   read = getattr(response, 'read1', response.read)
   received = window_bytes = 0
@@ -79,8 +82,9 @@ def _copy(response, out, digest, url: str, expected: int | None) -> int:
         )
       window_start, window_bytes = now, received
     if now - last_log >= PROGRESS_S:
-      of = f' of {expected / 1e6:.1f}' if expected else ''
-      logging.info('Downloaded %.1f%s MB of %s', received / 1e6, of, url)
+      of = f' of {(start + expected) / 1e6:.1f}' if expected else ''
+      done = (start + received) / 1e6
+      logging.info('Downloaded %.1f%s MB of %s', done, of, url)
       last_log = now
   return received
 
@@ -239,7 +243,7 @@ def _transfer(url, out, path, dest, md5, sha256, key, resume: bool) -> None:
         if validator:  # Written before the bytes it describes.
           with open(path + '.json', 'w') as f:
             json.dump({'url': url, 'validator': validator}, f)
-        received = _copy(response, out, digest, url, expected)
+        received = _copy(response, out, digest, url, expected, offset)
       if expected is not None and received != expected:
         raise _Cut(f'ended after {received} of {expected} bytes')
     except _Cut as e:

@@ -815,9 +815,12 @@ def test_a_download_that_slows_down_stalls_in_its_second_window(tmp_path):
       download._Cut, match=r'^stalled: 10 bytes in 61 s \(100010 in all\)$'
     ),
   ):
-    download._copy(response, io.BytesIO(), hashlib.md5(), 'u', 100_020)
+    # A resumed transfer: 2.5 MB were kept.
+    download._copy(
+      response, io.BytesIO(), hashlib.md5(), 'u', 100_020, 2_500_000
+    )
   assert [args[0] % args[1:] for args, _ in info.call_args_list] == [
-    'Downloaded 0.1 of 0.1 MB of u'
+    'Downloaded 2.6 of 2.6 MB of u'
   ]
 
 
