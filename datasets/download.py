@@ -280,6 +280,10 @@ def _transfer(url, out, path, dest, md5, sha256, key, resume: bool) -> None:
   except OSError:
     keep = False  # A full disk: free what it took.
     raise
+  except KeyboardInterrupt:
+    if keep:
+      logging.warning('Interrupted: %s', _left(out, keep))
+    raise
   finally:
     # The next call resumes `path`, or it goes with what describes it.
     for name in [] if keep else [path + '.json'] + [path] * (not done):

@@ -358,9 +358,18 @@ class ResumeTest(absltest.TestCase):
         url = f'{s.url}/x.tar.gz'
         with (
           mock.patch.object(download, '_copy', interrupted),
+          mock.patch.object(download.logging, 'warning') as warning,
           self.assertRaises((KeyboardInterrupt, data.DownloadError)) as raised,
         ):
           download.download(url, self.dest, md5=self.md5)
+        self.assertEqual(
+          [args[0] % args[1:] for args, _ in warning.call_args_list],
+          [
+            'Interrupted: the 1000 bytes received are kept and the next run'
+            ' resumes from there.'
+          ]
+          * (error is KeyboardInterrupt),
+        )
         if error is reset:
           self.assertRegex(
             str(raised.exception),
