@@ -40,6 +40,12 @@ for _flag in _FLAGS:
       os.environ.get('XLA_FLAGS', '') + ' ' + _flag
     ).strip()
 os.environ.setdefault('JAX_PLATFORMS', 'cpu')
+# numpy's OpenBLAS in one thread in the workers and subprocesses (read as
+# numpy loads; a pytest plugin has loaded it in this process already): the
+# two workers use both cores, and its threads, waiting for each other on a
+# busy machine, made a dot product of 20,000 numbers take 9 ms
+# (benchmarks.synthetic.fit: 13.4 s, 2.8 s with one thread).
+os.environ.setdefault('OPENBLAS_NUM_THREADS', '1')
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
