@@ -405,7 +405,9 @@ class CheckpointPolicyTest(absltest.TestCase):
         checkpoints, 'restore', side_effect=ValueError('bad bytes')
       ) as broken,
       self.assertRaisesRegex(
-        utils.UserError, r'best checkpoint \S+/best/4 is damaged: bad bytes'
+        utils.UserError,
+        r'best checkpoint \S+/best/4 is damaged: bad bytes\. Run training'
+        r' again in \S+ with its config',
       ),
     ):
       best_reader.load_best(self.workdir)
@@ -534,6 +536,124 @@ class CheckpointPolicyTest(absltest.TestCase):
       self.assertLen(waiting, 1)
       self.assertEqual(meta['epoch'], 4)
       np.testing.assert_array_equal(state['w'], self._state(epoch)['w'])
+
+  def test_a_workdir_without_a_best_is_refused_at_once(self):
+    # predict.py on a run that never ended an epoch: no run writes a best
+    # there, so none is waited for.
+    workdir = tempfile.mkdtemp()
+    self.addCleanup(shutil.rmtree, workdir)
+    best = os.path.join(workdir, 'checkpoints', 'best')
+    waited = AssertionError('waited for a best that no run writes')
+    with (
+      mock.patch.object(best_reader.time, 'sleep', side_effect=waited),
+      self.assertRaisesRegex(
+        utils.UserError,
+        f'^No best checkpoint in {best}\\. Run training again in {workdir}'
+        ' with its config',
+      ),
+    ):
+      best_reader.load_best(workdir)
+
+  def test_a_best_under_the_home_directory_is_read(self):
+    self.ckpt.save_best(3, self._state(3), self._meta(3, 3))
+    home, run = os.path.split(self.workdir)
+    with mock.patch.dict(os.environ, HOME=home):
+      state, meta = best_reader.load_best(os.path.join('~', run))
+    np.testing.assert_array_equal(state['w'], self._state(3)['w'])
+    self.assertEqual(meta, self._meta(3, 3))
+
+  def test_a_best_that_cannot_be_read_is_named_at_once(self):
+    # A file the reader may not open is not damage, and no run fixes it.
+    self.ckpt.save_best(3, self._state(3), self._meta(3, 3))
+    best = os.path.join(self.workdir, 'checkpoints', 'best')
+    _age(best)
+    path = os.path.join(best, '3', 'state')
+    refused = PermissionError(errno.EACCES, 'Permission denied', path)
+    with (
+      mock.patch.object(checkpoints, 'restore', side_effect=refused) as read,
+      self.assertRaisesRegex(
+        utils.UserError,
+        f'^Cannot read the best checkpoint in {best}: .Errno 13. Permission'
+        f' denied: .{path}.\\. Run training again in {self.workdir} with',
+      ),
+    ):
+      best_reader.load_best(self.workdir)
+    self.assertEqual(read.call_count, 1)
+    # Nor is an error of orbax's before any step is known.
+    self.ckpt.best.delete(3)
+    _age(best)
+    with (
+      mock.patch.object(
+        checkpoints, 'manager', side_effect=ValueError('no metadata')
+      ),
+      self.assertRaisesRegex(
+        utils.UserError,
+        f'^Cannot read the best checkpoint in {best}: no metadata\\. Run',
+      ),
+    ):
+      best_reader.load_best(self.workdir)
+
+  def test_a_failed_read_is_named_by_its_first_error_and_line(self):
+    # Today's layout is read first, then the old one (legacy.py): a failure
+    # of both names today's, by its first line (orbax's run to many).
+    block = {
+      'Dense_0': {'kernel': np.ones((3, 2), np.float32)},
+      'BatchNorm_0': {'scale': np.ones(2, np.float32)},
+    }
+    self.ckpt.save_latest(1, {'params': block}, self._meta(1, 1))
+    targets = []
+
+    def failing(step, args):
+      targets.append(args['state'].item['params']['Dense_0'])
+      raise ValueError(f'read {len(targets)} of {step} failed\nat depth')
+
+    with (
+      mock.patch.object(self.ckpt.latest, 'restore', failing),
+      self.assertRaisesRegex(ValueError, '^ValueError: read 1 of 1 failed$'),
+    ):
+      checkpoints.restore(self.ckpt.latest, 1, {'params': block})
+    self.assertEqual(
+      [sorted(t) for t in targets], [['kernel'], ['bias', 'kernel']]
+    )
+
+  def _load_best_saved_at(self, finish):
+    """`load_best` as the run saves its best from fake time 0 to `finish`
+    (None: never): what it returns or raises, and the fake time then."""
+    self.ckpt.save_best(4, self._state(4), self._meta(4, 4))
+    best = os.path.join(self.workdir, 'checkpoints', 'best')
+    self.ckpt.best.delete(4)
+    saving = os.path.join(best, '4' + best_reader.SAVING)
+    os.makedirs(saving)
+    now = [0.0]
+
+    def sleep(seconds):
+      now[0] += seconds
+      if finish is not None and now[0] >= finish and os.path.exists(saving):
+        os.rmdir(saving)
+        self.ckpt.save_best(4, self._state(5), self._meta(4, 4))
+
+    clock = types.SimpleNamespace(
+      monotonic=lambda: now[0], sleep=sleep, time=time.time
+    )
+    with mock.patch.object(best_reader, 'time', clock):
+      try:
+        return best_reader.load_best(self.workdir), now[0]
+      except utils.UserError as e:
+        return e, now[0]
+
+  def test_a_best_being_saved_is_read_soon_after_and_waited_for_bounded(self):
+    # Reads again at 10 ms, doubling to one a second: a state saved in 50 ms
+    # is read at once, one of 11 s within a second of its end.
+    for finish, by in ((0.05, 0.1), (11.0, 12.0)):
+      (state, meta), end = self._load_best_saved_at(finish)
+      self.assertBetween(end, finish, by)
+      np.testing.assert_array_equal(state['w'], self._state(5)['w'])
+      self.assertEqual(meta['epoch'], 4)
+    # A save that never ends is given up READ_WAIT_S after the first read.
+    with mock.patch.object(best_reader, 'READ_WAIT_S', 5.0):
+      error, end = self._load_best_saved_at(None)
+    self.assertRegex(str(error), '^No best checkpoint in')
+    self.assertBetween(end, 5.0, 6.0)
 
   def test_file_system_faults_in_error_text_are_user_errors(self):
     # Tensorstore reports a full disk in the text of a ValueError.
