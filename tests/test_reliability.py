@@ -772,6 +772,81 @@ class CheckpointPolicyTest(absltest.TestCase):
     np.testing.assert_array_equal(latest['w'], self._state(5)['w'])
     np.testing.assert_array_equal(best['w'], self._state(3)['w'])
 
+  def test_a_best_is_copied_for_its_own_epoch_and_meta_alone(self):
+    # Saved as given (no copy of the state without a background), with the
+    # meta as it was: the caller may change its dict in between.
+    state, meta = self._state(1), self._meta(1, 1)
+    saved, save = [], checkpoints.save
+
+    def recording(mgr, step, state, *args):
+      saved.append(state)
+      return save(mgr, step, state, *args)
+
+    with mock.patch.object(checkpoints, 'save', recording):
+      self.ckpt.save_best(1, state, meta)
+      meta['wall'] = 5.0
+      self.ckpt.save_latest(1, state, meta)
+      self.ckpt.save_best(2, state, meta)
+      self.ckpt.save_latest(3, state, meta)  # Another epoch: no best of 3.
+    self.assertTrue(all(s is state for s in saved))
+    self.assertEqual(self.ckpt.latest.all_steps(), [1, 3])
+    _, got = checkpoints.restore(self.ckpt.latest, 1)
+    self.assertEqual(got, dict(self._meta(1, 1), wall=5.0))
+    restored, got = self.ckpt.restore_latest(None)
+    np.testing.assert_array_equal(restored['w'], state['w'])
+    self.assertEqual(got, meta)
+
+  def test_a_state_changed_in_place_after_its_epoch_is_saved_changed(self):
+    with checkpoints.Checkpoints(self.workdir, background=True) as ckpt:
+      state = self._state(1)
+      ckpt.save_best(1, state, self._meta(1, 1))
+      ckpt.save_latest(1, state, self._meta(1, 1))
+      state['w'] += 1  # The caller's own array, now epoch 2's.
+      ckpt.save_latest(2, state, self._meta(2, 1))
+      ckpt.wait()
+      latest, meta = ckpt.restore_latest(None)
+    self.assertEqual(meta['epoch'], 2)
+    np.testing.assert_array_equal(latest['w'], self._state(2)['w'])
+
+  def test_the_best_is_restored_once_its_background_save_ends(self):
+    gate, save = threading.Event(), checkpoints.save
+    with (
+      mock.patch.object(
+        checkpoints, 'save', lambda *a: gate.wait(60) and save(*a)
+      ),
+      checkpoints.Checkpoints(self.workdir, background=True) as ckpt,
+    ):
+      ckpt.save_best(3, self._state(3), self._meta(3, 3))
+      threading.Timer(0.2, gate.set).start()
+      best = ckpt.restore_best(self._meta(3, 3), None)
+    np.testing.assert_array_equal(best['w'], self._state(3)['w'])
+
+  def test_a_step_orbax_skips_is_an_error_and_no_step(self):
+    with (
+      mock.patch.object(self.ckpt.latest, 'save', return_value=False),
+      self.assertRaisesRegex(RuntimeError, r'^orbax skipped step 1 in \S+'),
+    ):
+      self.ckpt.save_latest(1, self._state(1), self._meta(1, 1))
+    latest = os.path.join(self.workdir, 'checkpoints', 'latest')
+    self.assertEqual(os.listdir(latest), [])
+
+  def test_close_closes_both_managers_when_the_first_fails(self):
+    ckpt = checkpoints.Checkpoints(tempfile.mkdtemp())
+    closed, close = [], ocp.CheckpointManager.close
+
+    def closing(mgr):
+      closed.append(os.path.basename(str(mgr.directory)))
+      close(mgr)
+      if closed == ['latest']:
+        raise OSError(errno.EIO, os.strerror(errno.EIO))
+
+    with (
+      mock.patch.object(ocp.CheckpointManager, 'close', closing),
+      self.assertRaises(OSError),
+    ):
+      ckpt.close()
+    self.assertEqual(closed, ['latest', 'best'])
+
   def test_a_background_save_waits_while_two_wait_to_start(self):
     gate, started = threading.Event(), threading.Event()
     save = checkpoints.save
