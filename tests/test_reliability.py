@@ -655,6 +655,31 @@ class CheckpointPolicyTest(absltest.TestCase):
     self.assertRegex(str(error), '^No best checkpoint in')
     self.assertBetween(end, 5.0, 6.0)
 
+  def test_every_manager_that_load_best_opens_is_closed(self):
+    # One a read: a reader that waits for a best being saved opens several.
+    opened, closed = [], []
+    manager, close = checkpoints.manager, ocp.CheckpointManager.close
+
+    def opening(*args, **kwargs):
+      opened.append(manager(*args, **kwargs))
+      return opened[-1]
+
+    def closing(mgr):
+      closed.append(mgr)
+      close(mgr)
+
+    with (
+      mock.patch.object(checkpoints, 'manager', opening),
+      mock.patch.object(ocp.CheckpointManager, 'close', closing),
+      mock.patch.object(best_reader, 'READ_WAIT_S', 0.5),
+    ):
+      (state, _), _ = self._load_best_saved_at(0.05)
+      self.assertGreater(len(opened), 1)
+      error, _ = self._load_best_saved_at(None)
+    self.assertIsInstance(error, utils.UserError)
+    self.assertEqual(list(map(id, closed)), list(map(id, opened)))
+    np.testing.assert_array_equal(state['w'], self._state(5)['w'])
+
   def test_file_system_faults_in_error_text_are_user_errors(self):
     # Tensorstore reports a full disk in the text of a ValueError.
     full = ValueError(
