@@ -446,6 +446,38 @@ class CheckpointPolicyTest(absltest.TestCase):
     self.assertEqual(calls, [4, 4])
     np.testing.assert_array_equal(state['w'], self._state(5)['w'])
 
+  def test_a_best_saved_again_differs_by_its_inode_or_its_change_time(self):
+    # The new directory may reuse the inode of the one deleted before it,
+    # or be made within the tick of a coarse clock: either tells it apart.
+    best = os.path.join(self.workdir, 'checkpoints', 'best')
+    step = os.path.join(best, '4')
+    for field in ('st_ctime_ns', 'st_ino'):
+      self.ckpt.save_best(4, self._state(4), self._meta(4, 4))
+      saves = [0]
+
+      def stat(path, field=field, saves=saves):
+        info = os.stat(path)
+        if path != step:
+          return info
+        identity = {'st_ino': 7, 'st_ctime_ns': 7}
+        identity[field] += saves[0]
+        return types.SimpleNamespace(st_mtime=info.st_mtime, **identity)
+
+      def save_again(saves=saves):
+        self.ckpt.best.delete(4)
+        self.ckpt.save_best(4, self._state(5), self._meta(4, 4))
+        _age(best)
+        saves[0] += 1
+
+      files = types.SimpleNamespace(**vars(os))
+      files.stat = stat
+      with mock.patch.object(best_reader, 'os', files):
+        state, _, calls = self._load_best_cut(
+          save_again, ValueError('FAILED_PRECONDITION: Error reading')
+        )
+      self.assertEqual(calls, [4, 4])
+      np.testing.assert_array_equal(state['w'], self._state(5)['w'])
+
   def test_a_best_deleted_and_saved_again_while_another_process_reads_it(self):
     # A resumed run redoing its best epoch deletes the step, then writes it:
     # a reader in between found no step, and called the best lost.
