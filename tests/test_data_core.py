@@ -1,6 +1,7 @@
 """Tests of data.py and batching.py: splits, cache, vocabulary, batches."""
 
 import errno
+import gzip
 import io
 import json
 import logging
@@ -10,6 +11,7 @@ import subprocess
 import sys
 import threading
 import time
+import types
 from unittest import mock
 
 from absl.testing import absltest
@@ -461,6 +463,112 @@ class ProgressTest(DatasetTestCase):
         line = info.call_args[0][0] % info.call_args[0][1:]
         self.assertStartsWith(line, 'epoch 1: 50%, 5/10 ')
         self.assertEndsWith(line, 'ex/s loss 0.5000')
+
+  def test_the_line_shows_scaled_amounts_the_rate_and_a_summary(self):
+    now = [100.0]
+    with (
+      mock.patch.object(
+        utils, 'time', types.SimpleNamespace(perf_counter=lambda: now[0])
+      ),
+      mock.patch.object(sys.stderr, 'isatty', lambda: False),
+      mock.patch.object(sys.stderr, 'write') as write,
+      mock.patch.object(utils.logging, 'info') as info,
+    ):
+      bar = utils.ProgressBar(
+        'count a.txt',
+        3 * 2**20,
+        'lines',
+        scale=2**20,
+        scale_unit='MiB',
+        log_summary=True,
+      )
+      now[0] += bar.LOG_EVERY
+      bar.update(2**20, 600)
+      now[0] += bar.LOG_EVERY
+      bar.update(4 * 2**20, 1800)  # A file that grew as it was read.
+      bar.update(4 * 2**20, 2025)  # Not due: counted, not logged.
+      now[0] += 15.0
+      bar.close()
+    lines = [c.args[0] % c.args[1:] for c in info.call_args_list]
+    self.assertEqual(
+      lines,
+      [
+        'count a.txt: 33%, 1/3 MiB 10 lines/s',
+        'count a.txt: 100%, 4/3 MiB 15 lines/s',
+        'count a.txt: 2025 lines in 135.0 s (15 lines/s)',
+      ],
+    )
+    write.assert_not_called()  # Off a terminal, nothing but the log.
+
+  def test_the_bar_is_full_at_its_total_and_an_empty_total_draws(self):
+    drawn = []
+    with (
+      mock.patch.object(sys.stderr, 'isatty', lambda: True),
+      mock.patch.object(sys.stderr, 'write', drawn.append),
+      mock.patch.object(sys.stderr, 'flush'),
+    ):
+      for total, done in ((10, 15), (0, 0), (10, 5)):
+        bar = utils.ProgressBar('epoch 1', total, 'ex')
+        bar.update(done, 0)
+        bar.close()
+    bars = [line.split('[')[1].split(']')[0] for line in drawn[::2]]
+    self.assertEqual(bars, ['#' * 30, '.' * 30, '#' * 15 + '.' * 15])
+    self.assertEqual(drawn[1::2], ['\n'] * 3)
+    self.assertStartsWith(drawn[2], '\repoch 1 [')
+    self.assertIn('] 0/1 0 ex/s', drawn[2])
+
+
+class HostUtilsTest(DatasetTestCase):
+  def test_prefetch_runs_at_most_size_items_ahead(self):
+    made = []
+
+    def numbers():
+      for number in range(10):
+        made.append(number)
+        yield number
+
+    items = utils.prefetch(numbers(), size=2)
+    self.assertEqual(next(items), 0)
+    deadline = time.monotonic() + 10
+    while len(made) < 4 and time.monotonic() < deadline:
+      time.sleep(0.005)
+    time.sleep(0.05)
+    self.assertEqual(made, [0, 1, 2, 3])  # 1 and 2 queued, 3 put next.
+    self.assertEqual(list(items), list(range(1, 10)))
+
+  def test_prefetch_raises_an_interrupt_of_the_thread_in_the_consumer(self):
+    def interrupted():
+      yield 1
+      raise KeyboardInterrupt
+
+    got = []
+
+    def consume():
+      try:
+        got.extend(utils.prefetch(interrupted()))
+      except KeyboardInterrupt:
+        got.append('interrupted')
+
+    consumer = threading.Thread(target=consume, daemon=True)
+    consumer.start()
+    consumer.join(5)
+    self.assertEqual(got, [1, 'interrupted'])
+
+  def test_gzip_is_read_by_its_name_and_bad_bytes_as_replacements(self):
+    text = b'u1,\xff\nu2,i2\n'
+    plain = os.path.join(self.tmp, 'a.txt')
+    with open(plain, 'wb') as f:
+      f.write(text)
+    packed = os.path.join(self.tmp, 'a.txt.gz')
+    with gzip.open(packed, 'wb') as f:
+      f.write(text)
+    for path in (plain, packed):
+      f, raw = utils.open_binary(path)
+      with raw, f:
+        self.assertEqual(f.read(), text)
+        self.assertEqual(raw.tell(), os.path.getsize(path))  # Progress.
+      with utils.open_text(path) as f:
+        self.assertEqual(f.read(), 'u1,\ufffd\nu2,i2\n')
 
 
 class MemmapTrainingTest(DatasetTestCase):
