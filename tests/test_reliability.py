@@ -16,6 +16,7 @@ import json
 import logging as std_logging
 import os
 import random
+import re
 import resource
 import shutil
 import signal
@@ -1282,6 +1283,59 @@ class RecordWriteFaultTest(absltest.TestCase):
     self.assertEqual(
       utils.os_problem(error), 'No space left on device (ENOSPC, a.npy)'
     )
+
+  def test_each_file_system_fault_in_the_text_of_an_error_is_named(self):
+    codes = 'ENOSPC', 'EDQUOT', 'EFBIG', 'EACCES', 'EPERM', 'EROFS'
+    for name in codes:
+      text = os.strerror(getattr(errno, name))
+      error = ValueError(f'Error writing "w": [UNKNOWN] {text}')
+      self.assertStartsWith(
+        utils.os_problem(error), f'{text} ({name}): Error writing "w"'
+      )
+    self.assertIsNone(utils.os_problem(ValueError('shapes do not match')))
+
+  def test_a_short_write_a_size_limit_and_a_bare_cause_are_named(self):
+    short = OSError('10 requested and 5 written')
+    said = '10 requested and 5 written (a short write: is the disk full?)'
+    self.assertEqual(utils.os_problem(short), said)
+    error = RuntimeError('the save failed')
+    error.__cause__ = short  # Given outside a handler: no context.
+    self.assertEqual(utils.os_problem(error), said)
+    big = OSError(errno.EFBIG, os.strerror(errno.EFBIG), 'w.npy')
+    self.assertEqual(
+      utils.os_problem(big),
+      'File too large (EFBIG, w.npy); a file outgrew the size limit of one'
+      ' file (`ulimit -f`, or the largest file the file system holds):'
+      ' raise it or write elsewhere',
+    )
+    first, second = RuntimeError('first'), RuntimeError('second')
+    first.__context__, second.__context__ = second, first
+    found = []
+    looking = threading.Thread(
+      target=lambda: found.append(utils.os_problem(first)), daemon=True
+    )
+    looking.start()
+    looking.join(5)
+    self.assertEqual(found, [None])  # A chain that loops ends.
+
+  def test_copies_left_where_a_write_failed_go_in_any_directory(self):
+    # A directory named like a glob; a copy that cannot be removed does
+    # not hide the fault.
+    directory = os.path.join(self.workdir, 'run[1]')
+    os.makedirs(directory)
+    refused = mock.Mock(side_effect=PermissionError())
+    for remove, left in ((os.remove, []), (refused, ['a.json.tmp-1'])):
+      with (
+        mock.patch.object(utils.os, 'remove', remove),
+        self.assertRaisesRegex(
+          utils.UserError,
+          f'^Cannot write a.json in {re.escape(directory)}: No space left',
+        ),
+        utils.writing('a.json', directory, 'a.json.tmp-*'),
+      ):
+        open(os.path.join(directory, 'a.json.tmp-1'), 'w').close()
+        raise _no_space()
+      self.assertEqual(os.listdir(directory), left)
 
 
 class TrainingFaultTest(_Case):
