@@ -263,6 +263,21 @@ class CompilationCacheTest(absltest.TestCase):
         jax.config.update(min_time, before_min_time)
         compilation_cache.reset_cache()
 
+  def test_a_cache_dir_set_in_the_environment_is_kept(self):
+    before = jax.config.jax_compilation_cache_dir
+    with (
+      tempfile.TemporaryDirectory() as tmp,
+      mock.patch.dict(os.environ, {'JAX_COMPILATION_CACHE_DIR': tmp}),
+    ):
+      try:
+        utils.enable_compilation_cache(tmp)
+        self.assertEqual(jax.config.jax_compilation_cache_dir, before)
+        self.assertEqual(os.listdir(tmp), [])
+      finally:
+        if jax.config.jax_compilation_cache_dir != before:
+          jax.config.update('jax_compilation_cache_dir', before)
+          compilation_cache.reset_cache()
+
   def test_an_unusable_cache_dir_is_skipped(self):
     with tempfile.NamedTemporaryFile() as not_a_directory:
       before = jax.config.jax_compilation_cache_dir
