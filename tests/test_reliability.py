@@ -688,6 +688,48 @@ class CheckpointPolicyTest(absltest.TestCase):
     self.assertRegex(str(error), '^No best checkpoint in')
     self.assertBetween(end, 5.0, 6.0)
 
+  def test_a_best_listed_then_deleted_reads_the_step_left(self):
+    # A resumed run deletes the steps from the epoch it redoes: the step
+    # listed went before it was looked at, an older one is the best now.
+    self.ckpt.save_best(3, self._state(3), self._meta(3, 3))
+    latest_step = checkpoints.ocp.CheckpointManager.latest_step
+    answers = iter([4])
+    with mock.patch.object(
+      checkpoints.ocp.CheckpointManager,
+      'latest_step',
+      lambda mgr: next(answers, None) or latest_step(mgr),
+    ):
+      state, meta = best_reader.load_best(self.workdir)
+    self.assertEqual(meta['epoch'], 3)
+    np.testing.assert_array_equal(state['w'], self._state(3)['w'])
+
+  def test_a_best_directory_deleted_while_it_is_read_is_named(self):
+    # Its workdir removed: a UserError, at READ_WAIT_S at most, not the
+    # FileNotFoundError of a listing.
+    self.ckpt.save_best(3, self._state(3), self._meta(3, 3))
+    best = os.path.join(self.workdir, 'checkpoints', 'best')
+    now = [0.0]
+
+    def sleep(seconds):
+      now[0] += seconds
+
+    def deleting(mgr, step, target=None):
+      shutil.rmtree(best)
+      raise ValueError('NOT_FOUND: Error opening "zarr" driver')
+
+    clock = types.SimpleNamespace(
+      monotonic=lambda: now[0], sleep=sleep, time=time.time
+    )
+    with (
+      mock.patch.object(best_reader, 'time', clock),
+      mock.patch.object(checkpoints, 'restore', deleting),
+      self.assertRaisesRegex(
+        utils.UserError, f'best checkpoint in {best}[:.].* Run training'
+      ),
+    ):
+      best_reader.load_best(self.workdir)
+    self.assertLessEqual(now[0], best_reader.READ_WAIT_S + 1.0)
+
   def test_every_manager_that_load_best_opens_is_closed(self):
     # One a read: a reader that waits for a best being saved opens several.
     opened, closed = [], []
