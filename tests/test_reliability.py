@@ -414,6 +414,29 @@ class CheckpointPolicyTest(absltest.TestCase):
       best_reader.load_best(self.workdir)
     self.assertEqual(broken.call_count, 1)
 
+  def test_a_read_cut_by_a_new_best_drops_its_late_reports(self):
+    # tensorstore's failed reads of the step replaced are logged by asyncio
+    # as they are collected, a traceback each, after the new one was read.
+    self.ckpt.save_best(3, self._state(3), self._meta(3, 3))
+    best = os.path.join(self.workdir, 'checkpoints', 'best')
+    asyncio_logger = std_logging.getLogger('asyncio')
+
+    def kept():
+      error = OSError(f'reading {best}/3/state/d/0 failed')
+      return asyncio_logger.filter(
+        asyncio_logger.makeRecord(
+          'asyncio', 40, 'x.py', 1, 'x', (), (OSError, error, None)
+        )
+      )
+
+    self.assertTrue(kept())
+    _, meta, _ = self._load_best_cut(
+      lambda: self.ckpt.save_best(4, self._state(4), self._meta(4, 4)),
+      ValueError('NOT_FOUND: Error opening "zarr" driver'),
+    )
+    self.assertEqual(meta['epoch'], 4)
+    self.assertFalse(kept())
+
   def test_a_best_read_as_a_newer_one_is_saved_before_it_goes(self):
     # The run saves its new best, then deletes the one being read: a read
     # that failed in between, the old step still there as it was, reads
