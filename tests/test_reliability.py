@@ -563,6 +563,45 @@ class CheckpointPolicyTest(absltest.TestCase):
     self.assertEqual(calls, [4, 4])
     np.testing.assert_array_equal(state['w'], self._state(5)['w'])
 
+  def test_a_best_written_in_place_or_renamed_as_it_is_seen_is_waited_for(
+    self,
+  ):
+    # The step being saved changes in its files alone (written in place),
+    # or orbax renames it into place as its files are looked at.
+    best = os.path.join(self.workdir, 'checkpoints', 'best')
+    saving = os.path.join(best, '4' + best_reader.SAVING)
+    part = os.path.join(saving, 'state', 'part')
+    for how in ('written', 'renamed'):
+      self.ckpt.save_best(4, self._state(4), self._meta(4, 4))
+
+      def finish():
+        shutil.rmtree(saving)
+        self.ckpt.save_best(4, self._state(5), self._meta(4, 4))
+
+      def stat(path, how=how):
+        if how == 'renamed' and path == part and os.path.exists(saving):
+          finish()
+        return os.stat(path)
+
+      def delete_then_save(how=how):
+        self.ckpt.best.delete(4)
+        os.makedirs(os.path.dirname(part))
+        with open(part, 'w') as f:
+          f.write('being written')
+        _age(best)
+        if how == 'written':
+          os.utime(part)
+          threading.Timer(0.3, finish).start()
+
+      files = types.SimpleNamespace(**vars(os))
+      files.stat = stat
+      with mock.patch.object(best_reader, 'os', files):
+        state, _, calls = self._load_best_cut(
+          delete_then_save, ValueError('FAILED_PRECONDITION: Error reading')
+        )
+      self.assertEqual(calls, [4, 4])
+      np.testing.assert_array_equal(state['w'], self._state(5)['w'])
+
   def test_a_best_read_as_a_resumed_run_deletes_and_saves_it_again(self):
     # The run deletes the step, then creates its temporary directory (14 ms
     # later with 2 processes, whose save starts with a barrier): a reader
@@ -609,6 +648,17 @@ class CheckpointPolicyTest(absltest.TestCase):
       ),
     ):
       best_reader.load_best(workdir)
+
+  def test_a_best_directory_left_empty_long_ago_is_refused_at_once(self):
+    # A run killed before its first best: no save of it is waited for.
+    best = os.path.join(self.workdir, 'checkpoints', 'best')
+    _age(best)
+    waited = AssertionError('waited for a best that no run writes')
+    with (
+      mock.patch.object(best_reader.time, 'sleep', side_effect=waited),
+      self.assertRaisesRegex(utils.UserError, f'^No best checkpoint in {best}'),
+    ):
+      best_reader.load_best(self.workdir)
 
   def test_a_best_under_the_home_directory_is_read(self):
     self.ckpt.save_best(3, self._state(3), self._meta(3, 3))
