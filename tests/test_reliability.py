@@ -343,6 +343,30 @@ class CheckpointPolicyTest(absltest.TestCase):
     np.testing.assert_array_equal(state['w'], self._state(2)['w'])
     self.assertEqual(meta, self._meta(2, 2))
 
+  def test_a_step_another_process_cannot_read_is_read_by_none(self):
+    self.ckpt.save_latest(1, self._state(1), self._meta(1, 1))
+    with (
+      mock.patch.object(
+        checkpoints.multihost, 'allgather', lambda x: np.array([x, 1])
+      ),
+      self.assertRaisesRegex(ValueError, '^another process could not read'),
+    ):
+      checkpoints.restore(self.ckpt.latest, 1)
+
+  def test_a_process_other_than_0_neither_makes_nor_cleans_the_steps(self):
+    # What process 0 is writing may be a temporary step of its save.
+    directory = os.path.join(self.workdir, 'other')
+    saving = os.path.join(directory, '3' + step_files.SAVING)
+    os.makedirs(saving)
+    with (
+      mock.patch.object(checkpoints.jax, 'process_count', lambda: 2),
+      mock.patch.object(checkpoints.jax, 'process_index', lambda: 1),
+    ):
+      checkpoints.manager(directory).close()
+      checkpoints.manager(os.path.join(self.workdir, 'none')).close()
+    self.assertTrue(os.path.isdir(saving))
+    self.assertEqual(sorted(os.listdir(self.workdir)), ['checkpoints', 'other'])
+
   def test_a_lost_best_is_named_with_its_epoch(self):
     self.ckpt.save_latest(3, self._state(3), self._meta(3, 1))
     with self.assertRaisesRegex(
