@@ -536,6 +536,26 @@ class HostUtilsTest(DatasetTestCase):
     self.assertEqual(made, [0, 1, 2, 3])  # 1 and 2 queued, 3 put next.
     self.assertEqual(list(items), list(range(1, 10)))
 
+  def test_prefetch_closes_what_it_reads_when_the_consumer_stops(self):
+    closed, made = threading.Event(), []
+
+    def lines():  # A file that its reader's close closes.
+      try:
+        for number in range(100):
+          made.append(number)
+          yield number
+      finally:
+        closed.set()
+
+    source = lines()  # Held: not closed as the last reference goes.
+    items = utils.prefetch(source, size=2)
+    self.assertEqual(next(items), 0)
+    deadline = time.monotonic() + 10
+    while len(made) < 4 and time.monotonic() < deadline:
+      time.sleep(0.005)
+    items.close()  # Its thread waits to put the fourth, in a full queue.
+    self.assertTrue(closed.wait(5))
+
   def test_prefetch_raises_an_interrupt_of_the_thread_in_the_consumer(self):
     def interrupted():
       yield 1
