@@ -181,7 +181,8 @@ class HttpServer:
   (if its `If-Range` is `etag`) with 206 and the bytes from N; `headers`
   holds each GET's Range and If-Range (`if_range=False`: a server that
   ignores If-Range). `payload`, `etag` and `truncate` may be changed between
-  requests.
+  requests; so may `hang`, an Event that a GET sending half the payload
+  waits for (up to 30 s) before it ends.
   """
 
   def __init__(
@@ -197,6 +198,7 @@ class HttpServer:
     if_range: bool = True,
   ):
     self.payload, self.truncate, self.etag = payload, truncate, etag
+    self.hang = None
     stop = threading.Event()
     server = self
     requests = self.requests = []
@@ -238,6 +240,11 @@ class HttpServer:
               return
             self.wfile.write(payload_[i : i + 1])
             self.wfile.flush()
+        elif server.hang is not None:
+          hang = server.hang
+          self.wfile.write(payload_[: len(payload_) // 2])
+          self.wfile.flush()
+          hang.wait(30)
         elif server.truncate:
           self.wfile.write(payload_[: len(payload_) // 2])
           self.wfile.flush()

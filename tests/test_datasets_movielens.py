@@ -11,6 +11,7 @@ import re
 import socket
 import stat
 import subprocess
+import sys
 import tempfile
 import threading
 import time
@@ -384,6 +385,38 @@ class ResumeTest(absltest.TestCase):
         self.assertEqual(s.headers[-1], ('bytes=1000-', '"v1"'))
         self.assertEqual(os.listdir(os.path.dirname(self.dest)), ['x.tar.gz'])
         os.remove(self.dest)
+
+  def test_a_download_killed_9_resumes_in_the_next_process(self):
+    with HttpServer(self.payload, ranges=True) as server:
+      url = f'{server.url}/x.tar.gz'
+      server.hang = threading.Event()
+      child = subprocess.Popen(
+        [
+          sys.executable,
+          '-c',
+          'import sys; from datasets import download;'
+          ' download.download(sys.argv[1], sys.argv[2], md5=sys.argv[3])',
+          url,
+          self.dest,
+          self.md5,
+        ],
+        cwd=os.path.dirname(os.path.dirname(download.__file__)),
+      )
+      part, deadline = self.dest + '.part', time.monotonic() + 60
+      while time.monotonic() < deadline and (
+        not os.path.exists(part) or os.path.getsize(part) < self.half
+      ):
+        time.sleep(0.01)
+      child.kill()  # SIGKILL: no handler, no clean-up.
+      child.wait()
+      hang, server.hang = server.hang, None
+      hang.set()
+      self.assertEqual(os.path.getsize(part), self.half)
+      download.download(url, self.dest, md5=self.md5)
+    self.assertEqual(server.headers[-1], (f'bytes={self.half}-', '"v1"'))
+    with open(self.dest, 'rb') as f:
+      self.assertEqual(f.read(), self.payload)
+    self.assertEqual(os.listdir(os.path.dirname(self.dest)), ['x.tar.gz'])
 
   def test_a_server_out_of_reach_on_the_rerun_leaves_the_kept_bytes(self):
     with HttpServer(self.payload, ranges=True) as server:
