@@ -376,6 +376,19 @@ class CheckpointPolicyTest(absltest.TestCase):
     ):
       self.ckpt.restore_best(self._meta(3, 1), None)
 
+  def _read_again_with_stat(self, stat, during):
+    """load_best cut by `during` (epoch 4's step replaced by epoch 5's),
+    with best_reader's `os.stat` replaced by `stat`: it reads the step
+    again and returns epoch 5's state."""
+    files = types.SimpleNamespace(**vars(os))
+    files.stat = stat
+    with mock.patch.object(best_reader, 'os', files):
+      state, _, calls = self._load_best_cut(
+        during, ValueError('FAILED_PRECONDITION: Error reading')
+      )
+    self.assertEqual(calls, [4, 4])
+    np.testing.assert_array_equal(state['w'], self._state(5)['w'])
+
   def _load_best_cut(self, during, error):
     """`load_best` whose first read meets `during()` (the run saving its
     best) and fails with `error`: the state and meta, and the steps read."""
@@ -517,14 +530,7 @@ class CheckpointPolicyTest(absltest.TestCase):
         _age(best)
         saves[0] += 1
 
-      files = types.SimpleNamespace(**vars(os))
-      files.stat = stat
-      with mock.patch.object(best_reader, 'os', files):
-        state, _, calls = self._load_best_cut(
-          save_again, ValueError('FAILED_PRECONDITION: Error reading')
-        )
-      self.assertEqual(calls, [4, 4])
-      np.testing.assert_array_equal(state['w'], self._state(5)['w'])
+      self._read_again_with_stat(stat, save_again)
 
   def test_a_best_deleted_and_saved_again_while_another_process_reads_it(self):
     # A resumed run redoing its best epoch deletes the step, then writes it:
@@ -617,14 +623,7 @@ class CheckpointPolicyTest(absltest.TestCase):
           os.utime(part)
           threading.Timer(0.3, finish).start()
 
-      files = types.SimpleNamespace(**vars(os))
-      files.stat = stat
-      with mock.patch.object(best_reader, 'os', files):
-        state, _, calls = self._load_best_cut(
-          delete_then_save, ValueError('FAILED_PRECONDITION: Error reading')
-        )
-      self.assertEqual(calls, [4, 4])
-      np.testing.assert_array_equal(state['w'], self._state(5)['w'])
+      self._read_again_with_stat(stat, delete_then_save)
 
   def test_a_best_read_as_a_resumed_run_deletes_and_saves_it_again(self):
     # The run deletes the step, then creates its temporary directory (14 ms
