@@ -161,6 +161,24 @@ def unpack(
         os.remove(archive)
 
 
+def _kept(archive: str, algorithm: str | None, digest: str | None) -> bool:
+  """Whether `archive` is in place, kept by a disk that could not unpack
+  it, and is the file that the URL's checksum (if any) names; if not that
+  file, it is removed."""
+  if not os.path.exists(archive):
+    return False
+  if algorithm is None:
+    return True  # Downloaded whole: only ever renamed into place so.
+  with open(archive, 'rb') as f:
+    if hashlib.file_digest(f, algorithm).hexdigest() == digest:
+      return True
+  logging.warning(
+    '%s is not the file #%s= names: downloading it', archive, algorithm
+  )
+  os.remove(archive)
+  return False
+
+
 def _inside(path: str) -> str:
   """The one file that directory `path` holds, if so (an archive of one
   file, e.g. a CSV: read as that file), else `path`."""
@@ -197,7 +215,7 @@ def fetch(url: str, cache_dir: str, key: str = 'path') -> str:
     if os.path.exists(final):
       return _inside(final)
     archive = os.path.join(root, name)
-    if not os.path.exists(archive):  # Else verified, kept by a full disk.
+    if not _kept(archive, algorithm, digest):
       logging.info('Downloading %s into %s', url, root)
       checksum = {algorithm: digest} if algorithm else {}
       download.download(url, archive, key=key, **checksum)

@@ -265,6 +265,31 @@ class RemotePathTest(DatasetTestCase):
     self.assertEqual(server.requests, ['/dac.tar.gz'])  # Downloaded once.
     self.assertEqual(os.listdir(kept), ['dac'])
 
+  def test_a_kept_archive_is_checked_against_a_checksum_given_later(self):
+    train = _criteo_text(100)
+    archive = _tar({'train.txt': train, 'test.txt': b''})
+    right = hashlib.sha256(archive).hexdigest()
+    full = OSError(errno.ENOSPC, 'No space left on device')
+    with HttpServer(archive) as server:
+      for name, fragment, gets in (('a', right, 1), ('b', '0' * 64, 2)):
+        with self.subTest(fragment=fragment):
+          url = f'{server.url}/{name}/dac.tar.gz'
+          with (
+            mock.patch.object(remote, '_unpack', side_effect=full),
+            self.assertRaisesRegex(data.DownloadError, 'archive is kept'),
+          ):
+            data.load_dataset(self.config('criteo', url))  # No checksum.
+          config = self.config('criteo', f'{url}#sha256={fragment}')
+          if gets == 1:  # The kept archive is the file named: no download.
+            self.assertEqual(len(data.load_dataset(config).train), 80)
+          else:  # Another file: downloaded again, and refused.
+            with self.assertRaisesRegex(data.DownloadError, 'Checksum'):
+              data.load_dataset(config)
+            tag = hashlib.sha256(url.encode()).hexdigest()[:16]
+            root = os.path.join(self.tmp, 'cache', 'downloads', f'url-{tag}')
+            self.assertEqual(os.listdir(root), [])  # Neither copy stays.
+          self.assertEqual(server.requests.count(f'/{name}/dac.tar.gz'), gets)
+
   def test_local_paths_are_left_as_they_are(self):
     config = self.config('criteo', '/data/train.txt', test_path='x.txt')
     self.assertIs(remote.localize(config), config)
