@@ -248,7 +248,9 @@ def _transfer(url, out, path, dest, md5, sha256, key, resume: bool) -> None:
         raise _Cut(f'ended after {received} of {expected} bytes')
     except _Cut as e:
       raise core.DownloadError(
-        f'Download of {url} {e}; {_left(out, keep)} Run again; or {BY_HAND}'
+        f'Download of {url} {e};'
+        f' {_kept(out, keep) or "the partial file was discarded."} Run again;'
+        f' or {BY_HAND}'
       ) from None
     except (
       urllib.error.URLError,
@@ -257,10 +259,9 @@ def _transfer(url, out, path, dest, md5, sha256, key, resume: bool) -> None:
       TimeoutError,
       ssl.SSLError,
     ) as e:
-      left = _left(out, keep)
       raise core.DownloadError(
         f'Could not download {url}: {e}.'
-        + (f' T{left[1:]}' if 'kept' in left else '')
+        + (f' {kept.capitalize()}' if (kept := _kept(out, keep)) else '')
         + f' Check the network and config.dataset.{key}, then run again; or'
         f' {BY_HAND}'
       ) from e
@@ -281,8 +282,8 @@ def _transfer(url, out, path, dest, md5, sha256, key, resume: bool) -> None:
     keep = False  # A full disk: free what it took.
     raise
   except KeyboardInterrupt:
-    if keep:
-      logging.warning('Interrupted: %s', _left(out, keep))
+    if kept := _kept(out, keep):
+      logging.warning('Interrupted: %s', kept)
     raise
   finally:
     # The next call resumes `path`, or it goes with what describes it.
@@ -306,12 +307,12 @@ def _check_space(url: str, path: str, need: int, kept: int) -> None:
     ) from e
 
 
-def _left(out, keep: bool) -> str:
-  """What a cut transfer left: the message's middle sentence."""
+def _kept(out, keep: bool) -> str:
+  """What a cut transfer keeps, as a sentence; '' if nothing."""
   out.flush()
   kept = os.fstat(out.fileno()).st_size
-  if keep and kept:
-    return (
-      f'the {kept} bytes received are kept and the next run resumes from there.'
-    )
-  return 'the partial file was discarded.'
+  if not (keep and kept):
+    return ''
+  return (
+    f'the {kept} bytes received are kept and the next run resumes from there.'
+  )

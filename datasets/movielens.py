@@ -103,7 +103,7 @@ def fetch_grouplens(name: str, config: ml_collections.ConfigDict) -> str:
         return final
       if remote.disk_refused(e):
         raise core.DownloadError(
-          f'Could not unpack {url}: {e}. {remote.kept(e, archive)}'
+          f'Could not unpack {url}: {e}. {remote.unpack_advice(e, archive)}'
         ) from e
       raise core.DownloadError(
         f'Could not unpack {url}: {e}. The archive was deleted: run again;'

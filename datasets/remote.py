@@ -161,7 +161,9 @@ def unpack(
         os.remove(archive)
 
 
-def _kept(archive: str, algorithm: str | None, digest: str | None) -> bool:
+def _archive_in_place(
+  archive: str, algorithm: str | None, digest: str | None
+) -> bool:
   """Whether `archive` is in place, kept by a disk that could not unpack
   it, and is the file that the URL's checksum (if any) names; if not that
   file, it is removed."""
@@ -215,7 +217,7 @@ def fetch(url: str, cache_dir: str, key: str = 'path') -> str:
     if os.path.exists(final):
       return _inside(final)
     archive = os.path.join(root, name)
-    if not _kept(archive, algorithm, digest):
+    if not _archive_in_place(archive, algorithm, digest):
       logging.info('Downloading %s into %s', url, root)
       checksum = {algorithm: digest} if algorithm else {}
       download.download(url, archive, key=key, **checksum)
@@ -231,12 +233,12 @@ def fetch(url: str, cache_dir: str, key: str = 'path') -> str:
       ) from e
     except OSError as e:
       raise core.DownloadError(
-        f'Could not unpack {url} into {root}: {e}. {kept(e, archive)}'
+        f'Could not unpack {url} into {root}: {e}. {unpack_advice(e, archive)}'
       ) from e
   return _inside(final)
 
 
-def kept(error: OSError, archive: str) -> str:
+def unpack_advice(error: OSError, archive: str) -> str:
   """The advice of a failed unpacking: what is left, and what to do."""
   if disk_refused(error) and os.path.exists(archive):
     return (
