@@ -516,9 +516,13 @@ class FactorizationSupportedNeuralNetwork(nn.Module):
       multi_pooling=self.multi_pooling,
       dtype=self.dtype,
     )
-    z = FeaturesEmbedding(self.field_dims, self.embed_dim, **fields)(
-      *inputs
-    )  # [B, T, D]
+    # Apart (`take_rows`) when only the flattening reshape reads the rows.
+    z = FeaturesEmbedding(
+      self.field_dims,
+      self.embed_dim,
+      **fields,
+      apart=not self.fm_linear_inputs,
+    )(*inputs)  # [B, T, D]
     if self.fm_linear_inputs:
       # Named as models/fm.py's linear block, so FM pre-training fills it.
       w = FieldLinearWeights(

@@ -197,7 +197,13 @@ class ModelContractTest(parameterized.TestCase):
     self.assertFalse(run(apart=True, collect=True, rows=rows[:, :7])[2])
     # The models whose embeddings only the MLP's flattening reads ask for it.
     field_dims = (3,) * 8
-    for name, kwargs in (('wd', {}), ('ncf', dict(shared_embedding=False))):
+    for name, kwargs, branched in (
+      ('wd', {}, True),
+      ('ncf', dict(shared_embedding=False), True),
+      ('fnn', dict(fm_linear_inputs=False), True),
+      # Its factors are concatenated with the linear weights (below).
+      ('fnn', dict(fm_linear_inputs=True), False),
+    ):
       model = build(name, field_dims=field_dims, **kwargs)
       ids = random_ids(BATCH, field_dims)
       variables = init(model, ids)
@@ -211,8 +217,8 @@ class ModelContractTest(parameterized.TestCase):
         .compile()
         .as_text()
       )
-      with self.subTest(model=name):
-        self.assertIn(' conditional(', hlo)
+      with self.subTest(model=name, **kwargs):
+        self.assertEqual(' conditional(' in hlo, branched)
     # Not when numeric rows are concatenated after it: the concatenation
     # would fuse with the reshape again, slower than without the branch.
     model = build('wd', field_dims=field_dims, num_dense=2)
