@@ -201,16 +201,14 @@ class Encoder:
     # Vocabulary first: encoder.json, written last, says what it must hold.
     path = os.path.join(directory, 'vocabulary.npy')
     if self.vocabulary is not None:
-      with open(path + '.tmp', 'wb') as f:
+      with utils.replace_file(path, 'wb') as f:
         flat = np.concatenate([np.zeros(0, np.int64), *self.vocabulary])
         np.save(f, flat, allow_pickle=False)
-      os.replace(path + '.tmp', path)
     elif os.path.exists(path):
       os.remove(path)
     path = os.path.join(directory, 'encoder.json')
-    with open(path + '.tmp', 'w') as f:
+    with utils.replace_file(path) as f:
       json.dump(meta, f, indent=1)
-    os.replace(path + '.tmp', path)
     return directory
 
   def encode_keys(self, keys: np.ndarray) -> np.ndarray:

@@ -130,9 +130,8 @@ class SideInputs:
         if os.path.exists(path):
           os.remove(path)
         continue
-      with open(path + '.tmp', 'wb') as f:
+      with utils.replace_file(path, 'wb') as f:
         np.save(f, np.ascontiguousarray(array), allow_pickle=False)
-      os.replace(path + '.tmp', path)
 
   def encode(self, parsed: core.Side | None, n: int) -> tuple:
     """`(multi_ids, dense)` of `n` parsed rows (each None if no such field).

@@ -260,6 +260,24 @@ def _hint(code: int) -> str:
 
 
 @contextlib.contextmanager
+def replace_file(path: str, mode: str = 'w') -> Iterator[IO]:
+  """Opens `path + '.tmp'` to write; on success renames it over `path`.
+
+  A failure inside (an OSError, an interrupt) removes the copy and leaves
+  `path` as it was.
+  """
+  temporary = path + '.tmp'
+  try:
+    with open(temporary, mode) as f:
+      yield f
+    os.replace(temporary, path)
+  except BaseException:
+    with contextlib.suppress(OSError):
+      os.remove(temporary)
+    raise
+
+
+@contextlib.contextmanager
 def writing(
   what: str, directory: str, temporary: str | None = None
 ) -> Iterator[None]:

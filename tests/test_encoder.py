@@ -455,6 +455,7 @@ class EncoderTest(EncoderTestCase):
     # A write that fails (a full disk) leaves the earlier encoder.json.
     with open(os.path.join(directory, 'encoder.json')) as f:
       before = f.read()
+    files = sorted(os.listdir(directory))
 
     def full(obj, f, **kwargs):
       del obj, kwargs
@@ -465,6 +466,17 @@ class EncoderTest(EncoderTestCase):
       enc.write(directory)
     with open(os.path.join(directory, 'encoder.json')) as f:
       self.assertEqual(f.read(), before)
+    # Nor any half-written copy, whichever file the disk refused.
+    self.assertEqual(sorted(os.listdir(directory)), files)
+    with (
+      mock.patch.object(np, 'save', side_effect=OSError('No space left')),
+      self.assertRaises(OSError),
+    ):
+      enc.write(directory)
+    self.assertEqual(sorted(os.listdir(directory)), files)
+    np.testing.assert_array_equal(
+      np.load(os.path.join(directory, 'vocabulary.npy')), flat
+    )
     meta['version'] = encoder.VERSION + 1
     for version in (encoder.VERSION + 1, None):  # Newer, or a damaged file.
       if version is None:
