@@ -27,6 +27,7 @@ from benchmarks import bandwidth
 from benchmarks import common
 from benchmarks import counts
 from benchmarks import plot
+from benchmarks import profile
 from benchmarks import quality
 from benchmarks import seeds
 from benchmarks import synthetic
@@ -382,6 +383,78 @@ class ThroughputTest(_TempDirs, absltest.TestCase):
     counts = np.sort(np.bincount(ids, minlength=n))[::-1]
     expected = size / np.arange(1, n + 1) / np.sum(1 / np.arange(1, n + 1))
     np.testing.assert_allclose(counts[:5], expected[:5], rtol=0.05)
+
+
+class ProfileTest(_TempDirs, absltest.TestCase):
+  def test_op_names_and_parts_read_the_hlo_metadata(self):
+    body = 'jit(_fun)/shard_map/while/body/closed_call'
+    text = '\n'.join(
+      [
+        'ENTRY %main.9 (p: f32[4]) -> f32[4] {',
+        '  %add_fusion.2 = f32[4]{0} fusion(%p), kind=kLoop, calls=%f,'
+        f' metadata={{op_name="{body}/jvp(FM)/Dense_0/add" stack_frame_id=3}}',
+        '  %dot.7 = f32[4]{0} dot(%p, %p),'
+        ' metadata={op_name="jit(_fun)/transpose(jvp(FM))/dot_general"}',
+        '  ROOT %wrapped_scatter.1 = f32[4]{0} fusion(%p),'
+        ' metadata={op_name="jit(_fun)/scatter-add"}',
+        '  %copy.3 = f32[4]{0} copy(%p)',
+        '}',
+      ]
+    )
+    names = profile.op_names(text)
+    self.assertEqual(
+      names,
+      {
+        'add_fusion.2': f'{body}/jvp(FM)/Dense_0/add',
+        'dot.7': 'jit(_fun)/transpose(jvp(FM))/dot_general',
+        'wrapped_scatter.1': 'jit(_fun)/scatter-add',
+      },
+    )
+    self.assertEqual(
+      [profile.part_of(n) for n in names.values()],
+      ['forward', 'backward', 'update'],
+    )
+    self.assertEqual(
+      profile._NOISE.sub('', names['add_fusion.2']), 'jvp(FM)/Dense_0/add'
+    )
+
+  def test_tiny_counts_each_operation_of_the_step(self):
+    out = self.create_tempdir().full_path
+    records = profile.main(['--model=fnn', '--tiny', f'--out_dir={out}'])
+    run = records[0]
+    self.assertEqual((run['data'], run['batch_size']), ('synthetic', 256))
+    self.assertEqual(run['steps'] % 2, 0)  # Two whole dispatches.
+    self.assertEqual([r['rank'] for r in records], list(range(len(records))))
+    times = [r['ms'] for r in records]
+    self.assertEqual(times, sorted(times, reverse=True))
+    self.assertTrue(all(t > 0 for t in times))
+    by_name = {r['op_name']: r for r in records}
+    # The first hidden layer's product runs once a step; no loop is counted
+    # as an operation of its own (its body's operations are).
+    dense = by_name[
+      'jvp(FactorizationSupportedNeuralNetwork)/MultiLayerPerceptron_0/'
+      'Dense_0/dot_general'
+    ]
+    self.assertEqual((dense['runs'], dense['part']), (1.0, 'forward'))
+    self.assertFalse(
+      [r for r in records if r['op'].split('.')[0] in profile.CONTROL]
+    )
+    self.assertEqual(
+      {r['part'] for r in records}, {'forward', 'backward', 'update'}
+    )
+    with open(os.path.join(out, 'profile.md')) as f:
+      text = f.read()
+    total = sum(r['ms'] for r in records)
+    self.assertIn(f'its {len(records)} operations {total:.2f} ms', text)
+    self.assertIn(f'`{records[0]["op"]}`', text)
+    saved = _read_json(os.path.join(out, 'profile.json'))['results']
+    self.assertLen(saved, len(records))
+
+  def test_bad_flags_stop_before_anything_runs(self):
+    with self.assertRaises(SystemExit):
+      profile.main(['--model=nosuch'])
+    with self.assertRaises(SystemExit):
+      profile.main(['--dispatches=0'])
 
 
 class QualityTest(_TempDirs, absltest.TestCase):

@@ -1,0 +1,229 @@
+"""Where a training step's time goes, operation by operation (XLA:CPU).
+
+  python -m benchmarks.profile --model=fnn --data=criteo
+  python -m benchmarks.profile --model=deepfm --data=criteo --top=25
+  python -m benchmarks.profile --tiny                   # seconds
+
+Builds the throughput benchmark's runner (`throughput._JaxRunner`: the same
+ids, config and pmapped train program), warms it up and traces `--dispatches`
+dispatches with JAX's profiler. Each operation of the compiled train program
+(a fusion, a dot, a scatter) is summed over the trace and divided by the
+steps: milliseconds per step, its share of all the operations' time, runs
+per step, and the JAX operation it came from (its HLO metadata: the model's
+forward `jvp(...)`, backward `transpose(jvp(...))`, or the rest, the
+optimizer's update). A loop (`while`) is not an operation of its own: its
+body's operations are counted in their rows. Their total exceeds the wall
+time of a step when XLA:CPU runs two operations at once, on two threads.
+With several (emulated) devices the times are summed over the devices and
+the runs counted per device.
+`jax.profiler.ProfileData` reads the trace: nothing beyond jax is needed.
+
+Results: benchmarks/results/profile.{json,csv,md} (with --tiny:
+benchmarks/results/tmp/, not committed).
+"""
+
+import argparse
+import collections
+from collections.abc import Sequence
+import glob
+import os
+import re
+import tempfile
+import time
+
+from benchmarks import common
+from benchmarks import throughput
+
+# The train program's operations that stand for others: loops and branches
+# run their bodies' operations, which the trace shows on their own.
+CONTROL = ('while', 'conditional', 'call')
+# Prefixes of a step's op_name that say nothing about where it came from.
+_NOISE = re.compile(r'^jit\([^)]*\)/(shard_map/)?(while/body/)?(closed_call/)?')
+_OP_NAME = re.compile(
+  r'^\s*(?:ROOT )?%?([\w.\-]+) = .*?metadata=\{op_name="([^"]*)"', re.M
+)
+
+
+def op_names(hlo_text: str) -> dict[str, str]:
+  """Each instruction of a compiled program's text: its metadata op_name."""
+  return {m[1]: m[2] for m in _OP_NAME.finditer(hlo_text)}
+
+
+def part_of(op_name: str) -> str:
+  """'forward', 'backward' or 'update' (the rest) from an op_name."""
+  if 'transpose(jvp(' in op_name:
+    return 'backward'
+  if 'jvp(' in op_name:
+    return 'forward'
+  return 'update'
+
+
+def op_times(xspace_path: str, program_ops: set[str]) -> dict[str, list]:
+  """`{hlo_op: [total ns, runs]}` of `program_ops` in a trace.
+
+  Control flow (`CONTROL`) is left out: its body's operations are counted.
+  """
+  from jax.profiler import ProfileData  # pylint: disable=g-import-not-at-top
+
+  totals = collections.defaultdict(lambda: [0.0, 0])
+  plane = ProfileData.from_file(xspace_path).find_plane_with_name('/host:CPU')
+  for line in plane.lines:
+    for event in line.events:
+      op = dict((k, v) for k, v in event.stats).get('hlo_op')
+      if op not in program_ops or op.split('.')[0] in CONTROL:
+        continue
+      totals[op][0] += event.duration_ns
+      totals[op][1] += 1
+  return dict(totals)
+
+
+def profile(spec: dict, dispatches: int) -> dict:
+  """Traces `dispatches` training dispatches of `spec`'s runner.
+
+  Returns:
+    `{'steps', 'wall_ms_per_step', 'ops': [{op, ms, runs, part, op_name}]}`,
+    the ops sorted by time, per step.
+  """
+  import jax  # pylint: disable=g-import-not-at-top
+
+  runner = throughput._JaxRunner(spec)  # pylint: disable=protected-access
+  steps = dispatches * runner.per_dispatch
+  runner.train(2 * steps)  # Compiles and warms up.
+  args = (runner.state, runner.train_batches[0], runner.hyper)
+  compiled = getattr(runner.p_train, 'compile', None)
+  if compiled is not None:  # programs.OptionedProgram
+    text = compiled(*args).as_text()
+  else:
+    text = runner.p_train.lower(*args).compile().as_text()
+  names = op_names(text)
+  with tempfile.TemporaryDirectory() as trace_dir:
+    jax.profiler.start_trace(trace_dir)
+    try:
+      start = time.perf_counter()
+      _, ran = runner.train(steps)
+      wall = time.perf_counter() - start
+    finally:
+      jax.profiler.stop_trace()
+    (path,) = glob.glob(f'{trace_dir}/**/*.xplane.pb', recursive=True)
+    totals = op_times(path, set(names))
+  ops = [
+    {
+      'op': op,
+      'ms': 1e-6 * ns / ran,
+      'runs': runs / ran / runner.num_devices,
+      'part': part_of(names[op]),
+      'op_name': _NOISE.sub('', names[op]),
+    }
+    for op, (ns, runs) in totals.items()
+  ]
+  ops.sort(key=lambda r: -r['ms'])
+  return {'steps': ran, 'wall_ms_per_step': 1e3 * wall / ran, 'ops': ops}
+
+
+def markdown(records: list[dict], info: dict, command: str) -> str:
+  """The parts' totals, then the top operations (one record per operation)."""
+  run = records[0]
+  total = sum(r['ms'] for r in records)
+  parts = collections.Counter()
+  for r in records:
+    parts[r['part']] += r['ms']
+  shown = [r for r in records if r['rank'] < run['top']]
+  return '\n'.join(
+    [
+      f'`{command}`',
+      '',
+      f'**{run["model"]}, {run["data"]}, `{run["optimizer"]}`**: a step (batch'
+      f' {run["batch_size"]}) takes {run["wall_ms_per_step"]:.2f} ms of wall'
+      f' time; its {len(records)} operations {total:.2f} ms (forward'
+      f' {parts["forward"]:.2f}, backward {parts["backward"]:.2f}, update and'
+      f' the rest {parts["update"]:.2f}), over {run["steps"]} steps. The'
+      f' {len(shown)} longest:',
+      '',
+      common.markdown_table(
+        ['operation', 'ms / step', 'share', 'runs / step', 'part', 'from'],
+        [
+          [
+            f'`{r["op"]}`',
+            f'{r["ms"]:.3f}',
+            f'{r["ms"] / total:.1%}',
+            f'{r["runs"]:g}',
+            r['part'],
+            f'`{r["op_name"][:90]}`' if r['op_name'] else '',
+          ]
+          for r in shown
+        ],
+      ),
+      '',
+      common.machine_line(info),
+      '',
+    ]
+  )
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+  parser = argparse.ArgumentParser(
+    prog='python -m benchmarks.profile', description=__doc__.split('\n')[0]
+  )
+  parser.add_argument('--model', default='fnn')
+  parser.add_argument('--data', default='criteo', choices=throughput.DATA)
+  parser.add_argument(
+    '--optimizer', default='rowwise_adagrad', choices=throughput.OPTIMIZERS
+  )
+  parser.add_argument('--batch_size', type=int, default=2048)
+  parser.add_argument('--dispatches', type=int, default=4)
+  parser.add_argument('--top', type=int, default=20, help='operations shown')
+  parser.add_argument('--tiny', action='store_true', help='seconds, tiny data')
+  parser.add_argument('--out_dir', default=None)
+  parser.add_argument('--out_name', default='profile')
+  args = parser.parse_args(argv)
+  common.parse_models(args.model)  # Exits on an unknown model.
+  field_dims = throughput.FIELD_DIMS.get(args.data, throughput.ML20M_FIELD_DIMS)
+  if args.tiny:
+    args.data, args.batch_size, args.dispatches = 'synthetic', 256, 2
+    field_dims = throughput.TINY_FIELD_DIMS
+  for key in ('batch_size', 'dispatches', 'top'):
+    if getattr(args, key) <= 0:
+      parser.error(f'--{key} must be positive')
+  args.spec = {
+    'model': args.model,
+    'data': args.data,
+    'field_dims': field_dims,
+    'batch_size': args.batch_size,
+    'eval_batch_size': args.batch_size,
+    'eval_batches': 1,
+    'pool_batches': 4 if args.tiny else 32,
+    'seed': 0,
+    'cache_dir': '',
+    'steps_per_dispatch': None,
+    'optimizer': args.optimizer,
+  }
+  if args.out_dir is None:
+    args.out_dir = os.path.join(common.RESULTS, 'tmp' if args.tiny else '')
+  return args
+
+
+def main(argv: Sequence[str] | None = None) -> list[dict]:
+  """Profiles; returns one record per operation, the longest first."""
+  args = parse_args(argv)
+  info = common.machine_info()
+  result = profile(args.spec, args.dispatches)
+  run = {
+    'model': args.model,
+    'data': args.data,
+    'optimizer': args.optimizer,
+    'batch_size': args.batch_size,
+    'steps': result['steps'],
+    'wall_ms_per_step': result['wall_ms_per_step'],
+    'top': args.top,
+  }
+  records = [{**run, 'rank': i, **op} for i, op in enumerate(result['ops'])]
+  command = common.command_line('profile', argv)
+  common.write_results(
+    args.out_dir, args.out_name, records, info, markdown, command
+  )
+  print(markdown(records, info, command))
+  return records
+
+
+if __name__ == '__main__':
+  main()
