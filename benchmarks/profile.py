@@ -34,8 +34,8 @@ import time
 from benchmarks import common
 from benchmarks import throughput
 
-# The train program's operations that stand for others: loops and branches
-# run their bodies' operations, which the trace shows on their own.
+# The opcodes of operations that stand for others: loops and branches run
+# their bodies' operations, which the trace shows on their own.
 CONTROL = ('while', 'conditional', 'call')
 # Prefixes of a step's op_name that say nothing about where it came from.
 _NOISE = re.compile(r'^jit\([^)]*\)/(shard_map/)?(while/body/)?(closed_call/)?')
@@ -44,9 +44,19 @@ _OP_NAME = re.compile(
 )
 
 
+_CONTROL = re.compile(
+  rf'^\s*(?:ROOT )?%?([\w.\-]+) = .*? (?:{"|".join(CONTROL)})\(', re.M
+)
+
+
 def op_names(hlo_text: str) -> dict[str, str]:
   """Each instruction of a compiled program's text: its metadata op_name."""
   return {m[1]: m[2] for m in _OP_NAME.finditer(hlo_text)}
+
+
+def control_ops(hlo_text: str) -> set[str]:
+  """The instructions whose opcode is one of `CONTROL`."""
+  return {m[1] for m in _CONTROL.finditer(hlo_text)}
 
 
 def part_of(op_name: str) -> str:
@@ -59,10 +69,7 @@ def part_of(op_name: str) -> str:
 
 
 def op_times(xspace_path: str, program_ops: set[str]) -> dict[str, list]:
-  """`{hlo_op: [total ns, runs]}` of `program_ops` in a trace.
-
-  Control flow (`CONTROL`) is left out: its body's operations are counted.
-  """
+  """`{hlo_op: [total ns, runs]}` of `program_ops` in a trace."""
   from jax.profiler import ProfileData  # pylint: disable=g-import-not-at-top
 
   totals = collections.defaultdict(lambda: [0.0, 0])
@@ -70,7 +77,7 @@ def op_times(xspace_path: str, program_ops: set[str]) -> dict[str, list]:
   for line in plane.lines:
     for event in line.events:
       op = dict((k, v) for k, v in event.stats).get('hlo_op')
-      if op not in program_ops or op.split('.')[0] in CONTROL:
+      if op not in program_ops:
         continue
       totals[op][0] += event.duration_ns
       totals[op][1] += 1
@@ -105,7 +112,8 @@ def profile(spec: dict, dispatches: int) -> dict:
     finally:
       jax.profiler.stop_trace()
     (path,) = glob.glob(f'{trace_dir}/**/*.xplane.pb', recursive=True)
-    totals = op_times(path, set(names))
+    # Control flow is left out: its bodies' operations are counted.
+    totals = op_times(path, set(names) - control_ops(text))
   ops = [
     {
       'op': op,

@@ -398,6 +398,9 @@ class ProfileTest(_TempDirs, absltest.TestCase):
         '  ROOT %wrapped_scatter.1 = f32[4]{0} fusion(%p),'
         ' metadata={op_name="jit(_fun)/scatter-add"}',
         '  %copy.3 = f32[4]{0} copy(%p)',
+        '  %cond.2.clone.9 = (f32[4]{0}, s32[]) conditional(%p, %p, %p),'
+        ' branch_computations={%a, %b}, metadata={op_name="jit(_fun)/cond"}',
+        '  %while.7 = (s32[], f32[4]{0}) while(%t), condition=%c, body=%b',
         '}',
       ]
     )
@@ -408,11 +411,13 @@ class ProfileTest(_TempDirs, absltest.TestCase):
         'add_fusion.2': f'{body}/jvp(FM)/Dense_0/add',
         'dot.7': 'jit(_fun)/transpose(jvp(FM))/dot_general',
         'wrapped_scatter.1': 'jit(_fun)/scatter-add',
+        'cond.2.clone.9': 'jit(_fun)/cond',
       },
     )
+    self.assertEqual(profile.control_ops(text), {'cond.2.clone.9', 'while.7'})
     self.assertEqual(
       [profile.part_of(n) for n in names.values()],
-      ['forward', 'backward', 'update'],
+      ['forward', 'backward', 'update', 'update'],
     )
     self.assertEqual(
       profile._NOISE.sub('', names['add_fusion.2']), 'jvp(FM)/Dense_0/add'
@@ -436,9 +441,7 @@ class ProfileTest(_TempDirs, absltest.TestCase):
       'Dense_0/dot_general'
     ]
     self.assertEqual((dense['runs'], dense['part']), (1.0, 'forward'))
-    self.assertFalse(
-      [r for r in records if r['op'].split('.')[0] in profile.CONTROL]
-    )
+    self.assertFalse([r for r in records if r['op'].startswith('while')])
     self.assertEqual(
       {r['part'] for r in records}, {'forward', 'backward', 'update'}
     )
