@@ -201,7 +201,7 @@ class ModelContractTest(parameterized.TestCase):
       ('wd', {}, True),
       ('ncf', dict(shared_embedding=False), True),
       ('fnn', dict(fm_linear_inputs=False), True),
-      # Its factors are concatenated with the linear weights (below).
+      # Its factors are concatenated with the linear weights: no branch.
       ('fnn', dict(fm_linear_inputs=True), False),
     ):
       model = build(name, field_dims=field_dims, **kwargs)
