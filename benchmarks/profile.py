@@ -2,6 +2,7 @@
 
   python -m benchmarks.profile --model=fnn --data=criteo
   python -m benchmarks.profile --model=deepfm --data=criteo --top=25
+  python -m benchmarks.profile --model=fnn --data=criteo --program=eval
   python -m benchmarks.profile --tiny                   # seconds
 
 Builds the throughput benchmark's runner (`throughput._JaxRunner`: the same
@@ -12,7 +13,9 @@ steps: milliseconds per step, its share of all the operations' time, runs
 per step, and the JAX operation it came from (its HLO metadata: the model's
 forward `jvp(...)`, backward `transpose(jvp(...))`, or the rest, the
 optimizer's update). A loop (`while`) is not an operation of its own: its
-body's operations are counted in their rows. Their total exceeds the wall
+body's operations are counted in their rows. `--program=eval` does the
+same for the evaluation program, per batch of `--batch_size` rows, whose
+operations are all forward. Their total exceeds the wall
 time of a step when XLA:CPU runs two operations at once, on two threads.
 With several (emulated) devices the times are summed over the devices and
 the runs counted per device.
@@ -84,30 +87,49 @@ def op_times(xspace_path: str, program_ops: set[str]) -> dict[str, list]:
   return dict(totals)
 
 
-def profile(spec: dict, dispatches: int) -> dict:
-  """Traces `dispatches` training dispatches of `spec`'s runner.
+def _compiled_text(program, *args) -> str:
+  """The compiled text of a pmapped `program` for `args`."""
+  if hasattr(program, 'compile'):  # programs.OptionedProgram
+    return program.compile(*args).as_text()
+  return program.lower(*args).compile().as_text()
+
+
+def profile(spec: dict, dispatches: int, program: str = 'train') -> dict:
+  """Traces `dispatches` dispatches of `spec`'s runner's `program`.
+
+  Args:
+    spec: the throughput benchmark's runner spec.
+    dispatches: training dispatches, or passes over the evaluation batches.
+    program: 'train' or 'eval'.
 
   Returns:
     `{'steps', 'wall_ms_per_step', 'ops': [{op, ms, runs, part, op_name}]}`,
-    the ops sorted by time, per step.
+    the ops sorted by time, per step (per batch for 'eval').
   """
   import jax  # pylint: disable=g-import-not-at-top
 
   runner = throughput._JaxRunner(spec)  # pylint: disable=protected-access
-  steps = dispatches * runner.per_dispatch
-  runner.train(2 * steps)  # Compiles and warms up.
-  args = (runner.state, runner.train_batches[0], runner.hyper)
-  compiled = getattr(runner.p_train, 'compile', None)
-  if compiled is not None:  # programs.OptionedProgram
-    text = compiled(*args).as_text()
+  if program == 'train':
+    steps = dispatches * runner.per_dispatch
+    run = lambda: runner.train(steps)[1]  # noqa: E731
+    args = (runner.state, runner.train_batches[0], runner.hyper)
+    text = _compiled_text(runner.p_train, *args)
   else:
-    text = runner.p_train.lower(*args).compile().as_text()
+
+    def run():
+      for _ in range(dispatches):
+        runner.evaluate()
+      return dispatches * len(runner.eval_batches)
+
+    text = _compiled_text(runner.p_eval, runner.state, runner.eval_batches[0])
+  run()  # Compiles and warms up.
+  run()
   names = op_names(text)
   with tempfile.TemporaryDirectory() as trace_dir:
     jax.profiler.start_trace(trace_dir)
     try:
       start = time.perf_counter()
-      _, ran = runner.train(steps)
+      ran = run()
       wall = time.perf_counter() - start
     finally:
       jax.profiler.stop_trace()
@@ -119,7 +141,7 @@ def profile(spec: dict, dispatches: int) -> dict:
       'op': op,
       'ms': 1e-6 * ns / ran,
       'runs': runs / ran / runner.num_devices,
-      'part': part_of(names[op]),
+      'part': part_of(names[op]) if program == 'train' else 'forward',
       'op_name': _NOISE.sub('', names[op]),
     }
     for op, (ns, runs) in totals.items()
@@ -136,19 +158,34 @@ def markdown(records: list[dict], info: dict, command: str) -> str:
   for r in records:
     parts[r['part']] += r['ms']
   shown = [r for r in records if r['rank'] < run['top']]
+  unit = 'step' if run['program'] == 'train' else 'batch'
+  if run['program'] == 'train':
+    what = f'a step (batch {run["batch_size"]})'
+    split = (
+      f' (forward {parts["forward"]:.2f}, backward {parts["backward"]:.2f},'
+      f' update and the rest {parts["update"]:.2f})'
+    )
+  else:
+    what, split = f'an evaluation batch ({run["batch_size"]} rows)', ''
   return '\n'.join(
     [
       f'`{command}`',
       '',
-      f'**{run["model"]}, {run["data"]}, `{run["optimizer"]}`**: a step (batch'
-      f' {run["batch_size"]}) takes {run["wall_ms_per_step"]:.2f} ms of wall'
-      f' time; its {len(records)} operations {total:.2f} ms (forward'
-      f' {parts["forward"]:.2f}, backward {parts["backward"]:.2f}, update and'
-      f' the rest {parts["update"]:.2f}), over {run["steps"]} steps. The'
+      f'**{run["model"]}, {run["data"]}, `{run["optimizer"]}`**: {what}'
+      f' takes {run["wall_ms_per_step"]:.2f} ms of wall time; its'
+      f' {len(records)} operations {total:.2f} ms{split}, over'
+      f' {run["steps"]} {unit}{"es" if unit == "batch" else "s"}. The'
       f' {len(shown)} longest:',
       '',
       common.markdown_table(
-        ['operation', 'ms / step', 'share', 'runs / step', 'part', 'from'],
+        [
+          'operation',
+          f'ms / {unit}',
+          'share',
+          f'runs / {unit}',
+          'part',
+          'from',
+        ],
         [
           [
             f'`{r["op"]}`',
@@ -177,7 +214,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
   parser.add_argument(
     '--optimizer', default='rowwise_adagrad', choices=throughput.OPTIMIZERS
   )
-  parser.add_argument('--batch_size', type=int, default=2048)
+  parser.add_argument('--program', default='train', choices=('train', 'eval'))
+  parser.add_argument(
+    '--batch_size', type=int, default=None, help='default: 2048; eval 8192'
+  )
   parser.add_argument('--dispatches', type=int, default=4)
   parser.add_argument('--top', type=int, default=20, help='operations shown')
   parser.add_argument('--tiny', action='store_true', help='seconds, tiny data')
@@ -186,6 +226,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
   args = parser.parse_args(argv)
   common.parse_models(args.model)  # Exits on an unknown model.
   field_dims = throughput.FIELD_DIMS.get(args.data, throughput.ML20M_FIELD_DIMS)
+  if args.batch_size is None:
+    args.batch_size = 2048 if args.program == 'train' else 8192
   if args.tiny:
     args.data, args.batch_size, args.dispatches = 'synthetic', 256, 2
     field_dims = throughput.TINY_FIELD_DIMS
@@ -198,7 +240,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     'field_dims': field_dims,
     'batch_size': args.batch_size,
     'eval_batch_size': args.batch_size,
-    'eval_batches': 1,
+    'eval_batches': 1 if args.tiny else 4,
     'pool_batches': 4 if args.tiny else 32,
     'seed': 0,
     'cache_dir': '',
@@ -214,11 +256,12 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
   """Profiles; returns one record per operation, the longest first."""
   args = parse_args(argv)
   info = common.machine_info()
-  result = profile(args.spec, args.dispatches)
+  result = profile(args.spec, args.dispatches, args.program)
   run = {
     'model': args.model,
     'data': args.data,
     'optimizer': args.optimizer,
+    'program': args.program,
     'batch_size': args.batch_size,
     'steps': result['steps'],
     'wall_ms_per_step': result['wall_ms_per_step'],

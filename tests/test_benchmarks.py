@@ -427,7 +427,10 @@ class ProfileTest(_TempDirs, absltest.TestCase):
     out = self.create_tempdir().full_path
     records = profile.main(['--model=fnn', '--tiny', f'--out_dir={out}'])
     run = records[0]
-    self.assertEqual((run['data'], run['batch_size']), ('synthetic', 256))
+    self.assertEqual(
+      (run['program'], run['data'], run['batch_size']),
+      ('train', 'synthetic', 256),
+    )
     self.assertEqual(run['steps'] % 2, 0)  # Two whole dispatches.
     self.assertEqual([r['rank'] for r in records], list(range(len(records))))
     times = [r['ms'] for r in records]
@@ -452,6 +455,28 @@ class ProfileTest(_TempDirs, absltest.TestCase):
     self.assertIn(f'`{records[0]["op"]}`', text)
     saved = _read_json(os.path.join(out, 'profile.json'))['results']
     self.assertLen(saved, len(records))
+
+  def test_tiny_evaluation_counts_each_operation_of_a_batch(self):
+    out = self.create_tempdir().full_path
+    records = profile.main(
+      ['--model=fnn', '--tiny', '--program=eval', f'--out_dir={out}']
+    )
+    run = records[0]
+    self.assertEqual((run['program'], run['batch_size']), ('eval', 256))
+    self.assertEqual(run['steps'], 2)  # Two passes over one batch.
+    self.assertEqual({r['part'] for r in records}, {'forward'})
+    (dense,) = [
+      r
+      for r in records
+      if r['op_name'].endswith('MultiLayerPerceptron_0/Dense_0/dot_general')
+    ]
+    self.assertEqual(dense['runs'], 1.0)
+    # Nothing of training: no gradient, no update.
+    self.assertFalse([r for r in records if 'jvp(' in r['op_name']])
+    with open(os.path.join(out, 'profile.md')) as f:
+      text = f.read()
+    self.assertIn('an evaluation batch (256 rows)', text)
+    self.assertIn('| operation | ms / batch |', text)
 
   def test_bad_flags_stop_before_anything_runs(self):
     with self.assertRaises(SystemExit):
