@@ -409,10 +409,11 @@ def write_predictions(
     )
   if scored and rows:  # An empty file has no AUC to log.
     probs, labels = (np.concatenate(a) for a in zip(*scored, strict=True))
+    auc, one = metrics.roc_auc(labels, probs), np.unique(labels)
     logging.info(
-      'The %d labelled rows: AUC %.6f, logloss %.6f',
+      'The %d labelled rows: AUC %s, logloss %.6f',
       rows,
-      metrics.roc_auc(labels, probs),
+      f'{auc:.6f}' if len(one) > 1 else f'undefined (all labels {one[0]:g})',
       log_loss(labels, probs),
     )
   return rows

@@ -287,6 +287,22 @@ class PredictTest(parameterized.TestCase):
     self.assertEmpty(pd.read_csv(output))
     self.assertNotIn('labelled rows', '\n'.join(logs.output))
 
+  def test_rows_of_one_label_log_that_their_auc_is_undefined(self):
+    # It logged 'AUC nan', as if the model had diverged.
+    test = self.trained.dataset.test
+    lines = np.asarray(self.trained.lines['test'])
+    for label in (0, 1):
+      source = os.path.join(self.tmp, f'label_{label}.txt')
+      _write(source, lines[np.asarray(test.labels) == label][:20])
+      output = os.path.join(self.tmp, 'out.csv')
+      with self.assertLogs('absl', 'INFO') as logs:
+        rows = predict.write_predictions(self.predictor, source, output, 7)
+      self.assertEqual(rows, 20)
+      self.assertIn(
+        f'The 20 labelled rows: AUC undefined (all labels {label}), logloss',
+        '\n'.join(logs.output),
+      )
+
   @parameterized.parameters(0, 1, 2, 3, 63, 64, 65, 150)
   def test_ids_of_any_count_match_model_apply(self, n):
     ids = np.asarray(self.trained.dataset.test.ids)[:n]
