@@ -12,13 +12,13 @@ dispatches with JAX's profiler. Each operation of the compiled train program
 steps: milliseconds per step, its share of all the operations' time, runs
 per step, and the JAX operation it came from (its HLO metadata: the model's
 forward `jvp(...)`, backward `transpose(jvp(...))`, or the rest, the
-optimizer's update). A loop (`while`) is not an operation of its own: its
-body's operations are counted in their rows. `--program=eval` does the
-same for the evaluation program, per batch of `--batch_size` rows, whose
-operations are all forward. Their total exceeds the wall
-time of a step when XLA:CPU runs two operations at once, on two threads.
-With several (emulated) devices the times are summed over the devices and
-the runs counted per device.
+optimizer's update; some operations XLA leaves unnamed). A loop (`while`)
+is not an operation of its own: its body's operations are counted in their
+rows. The operations' total exceeds the wall time of a step when XLA:CPU
+runs two of them at once, on two threads. With several (emulated) devices
+the times are summed over the devices and the runs counted per device.
+`--program=eval` does the same for the evaluation program, per batch of
+`--batch_size` rows (default 8192), whose operations are all forward.
 `jax.profiler.ProfileData` reads the trace: nothing beyond jax is needed.
 
 Results: benchmarks/results/profile.{json,csv,md} (with --tiny:
@@ -45,8 +45,7 @@ _NOISE = re.compile(r'^jit\([^)]*\)/(shard_map/)?(while/body/)?(closed_call/)?')
 _OP_NAME = re.compile(
   r'^\s*(?:ROOT )?%?([\w.\-]+) = .*?metadata=\{op_name="([^"]*)"', re.M
 )
-
-
+_INSTRUCTION = re.compile(r'^\s*(?:ROOT )?%?([\w.\-]+) = ', re.M)
 _CONTROL = re.compile(
   rf'^\s*(?:ROOT )?%?([\w.\-]+) = .*? (?:{"|".join(CONTROL)})\(', re.M
 )
@@ -57,13 +56,16 @@ def op_names(hlo_text: str) -> dict[str, str]:
   return {m[1]: m[2] for m in _OP_NAME.finditer(hlo_text)}
 
 
-def control_ops(hlo_text: str) -> set[str]:
-  """The instructions whose opcode is one of `CONTROL`."""
-  return {m[1] for m in _CONTROL.finditer(hlo_text)}
+def operations(hlo_text: str) -> set[str]:
+  """The instructions of a compiled program's text but its `CONTROL` ones."""
+  control = {m[1] for m in _CONTROL.finditer(hlo_text)}
+  return {m[1] for m in _INSTRUCTION.finditer(hlo_text)} - control
 
 
 def part_of(op_name: str) -> str:
-  """'forward', 'backward' or 'update' (the rest) from an op_name."""
+  """'forward', 'backward', 'update' (the rest) or 'unnamed' (no op_name)."""
+  if not op_name:
+    return 'unnamed'
   if 'transpose(jvp(' in op_name:
     return 'backward'
   if 'jvp(' in op_name:
@@ -134,15 +136,14 @@ def profile(spec: dict, dispatches: int, program: str = 'train') -> dict:
     finally:
       jax.profiler.stop_trace()
     (path,) = glob.glob(f'{trace_dir}/**/*.xplane.pb', recursive=True)
-    # Control flow is left out: its bodies' operations are counted.
-    totals = op_times(path, set(names) - control_ops(text))
+    totals = op_times(path, operations(text))
   ops = [
     {
       'op': op,
       'ms': 1e-6 * ns / ran,
       'runs': runs / ran / runner.num_devices,
-      'part': part_of(names[op]) if program == 'train' else 'forward',
-      'op_name': _NOISE.sub('', names[op]),
+      'part': part_of(names.get(op, '')) if program == 'train' else 'forward',
+      'op_name': _NOISE.sub('', names.get(op, '')),
     }
     for op, (ns, runs) in totals.items()
   ]
@@ -163,7 +164,8 @@ def markdown(records: list[dict], info: dict, command: str) -> str:
     what = f'a step (batch {run["batch_size"]})'
     split = (
       f' (forward {parts["forward"]:.2f}, backward {parts["backward"]:.2f},'
-      f' update and the rest {parts["update"]:.2f})'
+      f' update and the rest {parts["update"]:.2f}, without a name'
+      f' {parts["unnamed"]:.2f})'
     )
   else:
     what, split = f'an evaluation batch ({run["batch_size"]} rows)', ''

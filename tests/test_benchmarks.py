@@ -414,11 +414,16 @@ class ProfileTest(_TempDirs, absltest.TestCase):
         'cond.2.clone.9': 'jit(_fun)/cond',
       },
     )
-    self.assertEqual(profile.control_ops(text), {'cond.2.clone.9', 'while.7'})
+    # Every instruction, with metadata or not, but loops and branches.
+    self.assertEqual(
+      profile.operations(text),
+      {'add_fusion.2', 'dot.7', 'wrapped_scatter.1', 'copy.3'},
+    )
     self.assertEqual(
       [profile.part_of(n) for n in names.values()],
       ['forward', 'backward', 'update', 'update'],
     )
+    self.assertEqual(profile.part_of(''), 'unnamed')
     self.assertEqual(
       profile._NOISE.sub('', names['add_fusion.2']), 'jvp(FM)/Dense_0/add'
     )
@@ -445,9 +450,15 @@ class ProfileTest(_TempDirs, absltest.TestCase):
     ]
     self.assertEqual((dense['runs'], dense['part']), (1.0, 'forward'))
     self.assertFalse([r for r in records if r['op'].startswith('while')])
-    self.assertEqual(
-      {r['part'] for r in records}, {'forward', 'backward', 'update'}
+    self.assertLessEqual(
+      {'forward', 'backward', 'update'}, {r['part'] for r in records}
     )
+    self.assertLessEqual(
+      {r['part'] for r in records},
+      {'forward', 'backward', 'update', 'unnamed'},
+    )
+    for r in records:  # Only what XLA named after nothing is unnamed.
+      self.assertEqual(r['part'] == 'unnamed', not r['op_name'])
     with open(os.path.join(out, 'profile.md')) as f:
       text = f.read()
     total = sum(r['ms'] for r in records)
