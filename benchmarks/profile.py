@@ -81,7 +81,7 @@ def op_times(xspace_path: str, program_ops: set[str]) -> dict[str, list]:
   plane = ProfileData.from_file(xspace_path).find_plane_with_name('/host:CPU')
   for line in plane.lines:
     for event in line.events:
-      op = dict((k, v) for k, v in event.stats).get('hlo_op')
+      op = dict(event.stats).get('hlo_op')
       if op not in program_ops:
         continue
       totals[op][0] += event.duration_ns
