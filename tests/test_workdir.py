@@ -234,6 +234,11 @@ class LockTest(absltest.TestCase):
       message = str(cm.exception)
       self.assertIn(f'{self.path} is in use by pid {holder.pid}', message)
       self.assertIn(f'on host {socket.gethostname()}', message)
+      # When it started and what it runs, from its record.
+      with open(os.path.join(self.path, workdir.LOCK_FILE)) as f:
+        record = json.load(f)
+      self.assertRegex(record['start_time'], r'^\d{4}-\d\d-\d\dT')
+      self.assertIn(f'started {record["start_time"]}, command: -c ', message)
     finally:
       os.kill(holder.pid, signal.SIGKILL)
       holder.communicate(timeout=TIMEOUT)
@@ -775,6 +780,36 @@ def test_a_heartbeat_that_cannot_be_written_is_warned_once(tmp_path):
     'Cannot update the lock file %s: %s',
     'Cannot mark %s released: %s',
   ]
+
+
+def test_a_process_the_run_starts_does_not_inherit_the_lock(tmp_path):
+  # Else a child outliving a killed run would keep its workdir locked.
+  with lock_lib.acquire(str(tmp_path)):
+    child = subprocess.run(  # As os.fork and exec would: every open fd.
+      ['ls', '-l', '/proc/self/fd/'],
+      capture_output=True,
+      text=True,
+      close_fds=False,
+    )
+  assert 'pipe:' in child.stdout  # The listing of its descriptors.
+  assert workdir.LOCK_FILE not in child.stdout
+
+
+def test_a_record_that_is_not_an_object_is_no_holder(tmp_path):
+  for text in ('[1, 2]', '"run"', '7', 'null', '{"pid": '):
+    (tmp_path / workdir.LOCK_FILE).write_text(text)
+    with lock_lib.acquire(str(tmp_path)) as lock:
+      assert lock.taken_over_from is None
+
+
+def test_only_an_integer_pid_that_exists_or_is_not_ours_is_alive():
+  assert lock_lib._pid_alive(os.getpid())
+  for pid in (None, str(os.getpid()), float(os.getpid())):
+    assert not lock_lib._pid_alive(pid)
+  with mock.patch.object(lock_lib.os, 'kill', side_effect=PermissionError):
+    assert lock_lib._pid_alive(4242)  # Another user's process.
+  with mock.patch.object(lock_lib.os, 'kill', side_effect=ProcessLookupError):
+    assert not lock_lib._pid_alive(4242)
 
 
 def test_a_refusal_or_an_unwritable_lock_file_leaves_no_descriptor(tmp_path):
