@@ -389,6 +389,16 @@ class CheckpointPolicyTest(absltest.TestCase):
     self.assertEqual(calls, [4, 4])
     np.testing.assert_array_equal(state['w'], self._state(5)['w'])
 
+  def _load_best_refused(self, error, message):
+    """`load_best` whose one read fails with `error`: a UserError matching
+    `message`, and no second read."""
+    with (
+      mock.patch.object(checkpoints, 'restore', side_effect=error) as read,
+      self.assertRaisesRegex(utils.UserError, message),
+    ):
+      best_reader.load_best(self.workdir)
+    self.assertEqual(read.call_count, 1)
+
   def _load_best_cut(self, during, error):
     """`load_best` whose first read meets `during()` (the run saving its
     best) and fails with `error`: the state and meta, and the steps read."""
@@ -438,18 +448,11 @@ class CheckpointPolicyTest(absltest.TestCase):
     # Damage that no newer step, nor a change of late, explains is named,
     # once.
     _age(os.path.join(self.workdir, 'checkpoints', 'best', '4'))
-    with (
-      mock.patch.object(
-        checkpoints, 'restore', side_effect=ValueError('bad bytes')
-      ) as broken,
-      self.assertRaisesRegex(
-        utils.UserError,
-        r'best checkpoint \S+/best/4 is damaged: bad bytes\. Run training'
-        r' again in \S+ with its config',
-      ),
-    ):
-      best_reader.load_best(self.workdir)
-    self.assertEqual(broken.call_count, 1)
+    self._load_best_refused(
+      ValueError('bad bytes'),
+      r'best checkpoint \S+/best/4 is damaged: bad bytes\. Run training'
+      r' again in \S+ with its config',
+    )
 
   def test_a_read_cut_by_a_new_best_drops_its_late_reports(self):
     # tensorstore's failed reads of the step replaced are logged by asyncio
@@ -698,16 +701,11 @@ class CheckpointPolicyTest(absltest.TestCase):
     _age(best)
     path = os.path.join(best, '3', 'state')
     refused = PermissionError(errno.EACCES, 'Permission denied', path)
-    with (
-      mock.patch.object(checkpoints, 'restore', side_effect=refused) as read,
-      self.assertRaisesRegex(
-        utils.UserError,
-        f'^Cannot read the best checkpoint in {best}: .Errno 13. Permission'
-        f' denied: .{path}.\\. Run training again in {self.workdir} with',
-      ),
-    ):
-      best_reader.load_best(self.workdir)
-    self.assertEqual(read.call_count, 1)
+    self._load_best_refused(
+      refused,
+      f'^Cannot read the best checkpoint in {best}: .Errno 13. Permission'
+      f' denied: .{path}.\\. Run training again in {self.workdir} with',
+    )
     # Nor is an error of orbax's before any step is known.
     self.ckpt.best.delete(3)
     _age(best)
