@@ -192,6 +192,7 @@ DATASET = {
   'seed': integer(0),
   'min_count': integer(-1),
   'chunk_rows': integer(1),
+  'parse_workers': integer(-1),
   'skip_bad_lines': boolean,
   'log_bucket': boolean,
   'hour_features': boolean,

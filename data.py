@@ -51,6 +51,7 @@ FORMAT_OF = {name: fmt for fmt, s in SOURCES.items() for name in s.NAMES}
 SHARED_KEYS = (
   *('name', 'path', 'valid_path', 'test_path', 'cache_dir', 'url', 'split'),
   *('seed', 'min_count', 'skip_bad_lines', 'chunk_rows', 'side_features'),
+  'parse_workers',
 )
 
 SPLITS = cache.SPLITS

@@ -41,19 +41,20 @@ HISTORY_FILE = 'config_history.jsonl'
 # same metrics, to float32 rounding: about 1e-7); init_from is read only
 # by a run that starts from scratch; steps_per_dispatch and device_split_mb
 # change how the batches reach the devices, not the steps; the cache's
-# place and chunk size do not change what it holds; downloads are checked
-# against fixed checksums whatever their URL.
+# place, chunk size and parsing processes do not change what it holds;
+# downloads are checked against fixed checksums whatever their URL.
 SAFE_KEYS = (
   *('num_epochs', 'patience', 'log_every_steps', 'progress_bar'),
   *('eval_batch_size', 'init_from', 'steps_per_dispatch', 'device_split_mb'),
-  *('dataset.cache_dir', 'dataset.chunk_rows', 'dataset.url'),
+  *('dataset.cache_dir', 'dataset.chunk_rows', 'dataset.parse_workers'),
+  'dataset.url',
 )
 # Keys that may differ between the processes of a run: where each host finds
 # its files (multihost.assert_same_data compares what they loaded) and what
 # it shows. Process 0's are recorded; the others' are not compared.
 HOST_KEYS = (
   *('dataset.path', 'dataset.valid_path', 'dataset.test_path'),
-  *('dataset.cache_dir', 'progress_bar'),
+  *('dataset.cache_dir', 'dataset.parse_workers', 'progress_bar'),
 )
 
 

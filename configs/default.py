@@ -58,6 +58,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # Lines per chunk when preprocessing: memory grows with it (and with the
   # distinct values that pass 1 counts), not with the file's lines.
   config.dataset.chunk_rows = 100_000
+  # Processes that parse the chunks beside this one (each holds one chunk):
+  # -1, one per core (at most 4) for files of 64 MiB or more; 0, none.
+  config.dataset.parse_workers = -1
   # MovieLens movie and user features besides the ids, e.g. 'genres,year':
   # genres, year, tags (ml-latest-small, ml-20m, ml-25m); genres, year, age,
   # gender, occupation, zip (ml-100k, ml-1m). See datasets/movielens_side.py.

@@ -23,6 +23,7 @@ import ml_collections
 import numpy as np
 
 from datasets import core
+from datasets import parallel
 import utils
 
 
@@ -171,14 +172,27 @@ def _progress(desc: str, path: str) -> utils.ProgressBar:
 
 
 def chunks(
-  reader: core.Reader, path: str, chunk_rows: int, bad: BadLines, desc: str
+  reader: core.Reader,
+  path: str,
+  chunk_rows: int,
+  bad: BadLines,
+  desc: str,
+  workers: int = 0,
 ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-  """Parsed chunks `(keys [n, fields], labels [n])` of one source file."""
+  """Parsed chunks `(keys [n, fields], labels [n])` of one source file.
+
+  `workers`: `config.dataset.parse_workers` (datasets/parallel.py); 0
+  parses in this process.
+  """
   with core.reading(path):
-    yield from _chunks(reader, path, chunk_rows, bad, desc)
+    yield from _chunks(reader, path, chunk_rows, bad, desc, workers)
 
 
-def _chunks(reader, path, chunk_rows, bad, desc):
+def _line(path: str, number: int) -> str:
+  return f'{path}:{number}'
+
+
+def _chunks(reader, path, chunk_rows, bad, desc, workers):
   progress = _progress(desc, path)
   count = 0
   if hasattr(reader, 'line_batches'):
@@ -190,20 +204,36 @@ def _chunks(reader, path, chunk_rows, bad, desc):
       progress.update(0, count)
     progress.close()
     return
+  workers = parallel.workers_for(workers, path)
+  if workers and not parallel.picklable(reader):
+    workers = 0
+  where = functools.partial(_line, path)
   f, raw = utils.open_binary(path)
   with raw, f:
-    number = 1
-    first = f.readline()
-    if first and not reader.has_header(first, path):
-      lines = [first, *itertools.islice(f, chunk_rows - 1)]
+
+    def line_chunks():  # (lines, first line's number, (bytes read, lines))
+      number, read = 1, 0
+      first = f.readline()
+      if first and not reader.has_header(first, path):
+        lines = [first, *itertools.islice(f, chunk_rows - 1)]
+      else:
+        number, lines = 2, list(itertools.islice(f, chunk_rows))
+      while lines:
+        read += len(lines)
+        yield lines, number, (raw.tell(), read)
+        number += len(lines)
+        lines = list(itertools.islice(f, chunk_rows))
+
+    if workers:
+      parts = parallel.parsed(reader, line_chunks(), where, bad, workers)
     else:
-      number, lines = 2, list(itertools.islice(f, chunk_rows))
-    while lines:
-      yield reader.parse(lines, number, lambda n: f'{path}:{n}', bad)
-      number += len(lines)
-      count += len(lines)
-      progress.update(raw.tell(), count)
-      lines = list(itertools.islice(f, chunk_rows))
+      parts = (
+        (reader.parse(lines, number, where, bad), tag)
+        for lines, number, tag in line_chunks()
+      )
+    for part, (position, count) in parts:
+      yield part
+      progress.update(position, count)
   progress.close()
 
 
@@ -340,7 +370,15 @@ def encode(
     what = ('count', 'encode')[number - 1]
     for role, path in files.items():
       desc = f'{config.name} pass {number}/2 ({what}) {os.path.basename(path)}'
-      for chunk in chunks(readers[role], path, config.chunk_rows, bad, desc):
+      parsed = chunks(
+        readers[role],
+        path,
+        config.chunk_rows,
+        bad,
+        desc,
+        config.get('parse_workers', 0),
+      )
+      for chunk in parsed:
         yield role, chunk
 
   # Pass 1: validate, count rows, count the training values of each field.

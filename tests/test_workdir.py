@@ -706,6 +706,7 @@ class CheckResumeTest(absltest.TestCase):
       [
         'dataset.cache_dir',
         'dataset.chunk_rows',
+        'dataset.parse_workers',
         'dataset.url',
         'device_split_mb',
         'eval_batch_size',

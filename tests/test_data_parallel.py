@@ -1,0 +1,312 @@
+"""datasets/parallel.py: chunks parsed by worker processes, as by this one."""
+
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import textwrap
+import time
+from unittest import mock
+
+from absl.testing import absltest
+from absl.testing import parameterized
+import dataset_testing
+
+import data
+from datasets import core
+from datasets import parallel
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _running(pid: int) -> bool:
+  """Whether process `pid` exists and is not a zombie."""
+  try:
+    with open(f'/proc/{pid}/stat') as f:
+      return f.read().rsplit(')', 1)[1].split()[0] != 'Z'
+  except FileNotFoundError:
+    return False
+
+
+def _wait_gone(pids, seconds=10.0) -> set[int]:
+  """The processes of `pids` still running after `seconds`."""
+  deadline = time.monotonic() + seconds
+  while (left := {p for p in pids if _running(p)}) and (
+    time.monotonic() < deadline
+  ):
+    time.sleep(0.05)
+  return left
+
+
+class PidReader:
+  """Parses a chunk into the worker's pid; `die` or `hang` at given lines."""
+
+  def __init__(self, die=(), hang=()):
+    self.die, self.hang = set(die), set(hang)
+
+  def parse(self, lines, first, where, bad):
+    if first in self.die:
+      os._exit(3)
+    if first in self.hang:
+      time.sleep(600)
+    bad(where(first), f'{len(lines)} lines')
+    return os.getpid()
+
+
+def _chunks(count, size=2):
+  return [([b'x\n'] * size, 1 + i * size, i) for i in range(count)]
+
+
+class SameCacheTest(dataset_testing.DatasetTestCase):
+  def _build(self, config, workers):
+    config.cache_dir = os.path.join(self.tmp, f'cache{workers}')
+    config.parse_workers = workers
+    with self.assertLogs(level='WARNING') as logs:
+      dataset = data.load_dataset(config)
+    root = os.path.join(config.cache_dir, 'encoded')
+    files = {}
+    for directory, _, names in os.walk(root):
+      for name in names:
+        path = os.path.join(directory, name)
+        with open(path, 'rb') as f:
+          files[os.path.relpath(path, root)] = f.read()
+    skipped = [r.getMessage() for r in logs.records if 'Skipping' in r.msg]
+    return dataset, files, skipped
+
+  @parameterized.parameters('criteo', 'csv')
+  def test_workers_build_the_cache_of_this_process_byte_for_byte(self, name):
+    rows = dataset_testing.criteo_rows(1500, seed=4)
+    for i in (5, 250, 251, 990, 1499):  # Bad lines in several chunks.
+      rows[i] = rows[i][:-3]
+    path = os.path.join(self.tmp, 'train.txt')
+    overrides = dict(skip_bad_lines=True)
+    if name == 'csv':
+      header = ['clicked'] + [f'c{i}' for i in range(39)]
+      for r, row in enumerate(rows):
+        row[1] = f'{r % 7}.5' if r % 3 else ''  # A float column.
+        row[2] = '|'.join(row[14 : 14 + r % 4])  # A multi-hot column.
+      dataset_testing.write_lines(path, rows, ',', header)
+      overrides['csv'] = dict(
+        label_column='clicked',
+        float_columns=('c0',),
+        multi_hot_columns=('c1',),
+      )
+    else:
+      dataset_testing.write_lines(path, rows, '\t')
+    config = self.config(name, path, **overrides)
+    one, one_files, one_skipped = self._build(config, 0)
+    two, two_files, two_skipped = self._build(config, 2)
+    self.assertEqual(one_files.keys(), two_files.keys())
+    self.assertGreater(len(one_files), 5)
+    for file, content in one_files.items():
+      self.assertEqual(content, two_files[file], file)
+    self.assertLen(one_skipped, 5)  # The first five are logged, in order.
+    line = 7 if name == 'csv' else 6  # Row 5, after the csv's header.
+    self.assertIn(f'{path}:{line}:', one_skipped[0])
+    self.assertEqual(one_skipped, two_skipped)
+    self.assertEqual(one.field_dims, two.field_dims)
+    self.assertEqual(len(one.train) + len(one.valid) + len(one.test), 1495)
+    if name == 'csv':
+      self.assertIsNotNone(two.train.multi_ids)
+      self.assertIsNotNone(two.train.dense)
+
+  def test_the_first_bad_line_stops_the_build_as_in_this_process(self):
+    rows = dataset_testing.criteo_rows(1000, seed=5)
+    rows[700][3] = 'x'  # Line 701, the 8th chunk of 97 lines.
+    rows[900] = rows[900][:5]
+    path = dataset_testing.write_lines(
+      os.path.join(self.tmp, 'train.txt'), rows, '\t'
+    )
+    messages = []
+    for workers in (0, 2):
+      config = self.config('criteo', path, parse_workers=workers)
+      config.cache_dir = os.path.join(self.tmp, f'cache{workers}')
+      with self.assertRaises(core.DataError) as raised:
+        data.load_dataset(config)
+      messages.append(str(raised.exception))
+    self.assertIn(f'{path}:701: integer column I3', messages[0])
+    self.assertEqual(messages[0], messages[1])
+
+
+class ParsedTest(absltest.TestCase):
+  def test_results_come_in_order_with_their_bad_lines_first(self):
+    reported = []
+    results = list(
+      parallel.parsed(
+        PidReader(),
+        _chunks(9),
+        'f:{}'.format,
+        lambda where, reason: reported.append((where, reason)),
+        workers=3,
+      )
+    )
+    self.assertEqual([tag for _, tag in results], list(range(9)))
+    want = [(f'f:{1 + 2 * i}', '2 lines') for i in range(9)]
+    self.assertEqual(reported, want)
+    pids = {pid for pid, _ in results}
+    self.assertNotIn(os.getpid(), pids)
+    self.assertLessEqual(len(pids), 3)
+    self.assertEqual(_wait_gone(pids), set())
+
+  def test_a_bad_line_that_raises_stops_the_workers(self):
+    def bad(where, reason):
+      if where == 'f:7':
+        raise core.DataError(f'{where}: {reason}')
+
+    got = []
+    with self.assertRaisesRegex(core.DataError, '^f:7: 2 lines$'):
+      for pid, _ in parallel.parsed(
+        PidReader(hang={11}), _chunks(9), 'f:{}'.format, bad, workers=2
+      ):
+        got.append(pid)
+    self.assertLen(got, 3)  # Chunks 0-2; chunk 3 holds line 7.
+    self.assertEqual(_wait_gone(set(got), seconds=5), set())
+
+  def test_a_dead_worker_is_one_error_not_a_hang(self):
+    with self.assertRaisesRegex(
+      core.DataError, r'worker process parsing the data died.*parse_workers'
+    ):
+      for _ in parallel.parsed(
+        PidReader(die={5}), _chunks(6), str, lambda *_: None, workers=2
+      ):
+        pass
+
+  def test_stopping_early_ends_the_workers_at_once(self):
+    parts = parallel.parsed(
+      PidReader(hang={3}), _chunks(4), str, lambda *_: None, workers=2
+    )
+    pid, _ = next(parts)
+    start = time.monotonic()
+    parts.close()  # As a Ctrl-C or an error of the caller.
+    self.assertLess(time.monotonic() - start, 5)  # Not the hang's 600 s.
+    self.assertEqual(_wait_gone({pid}, seconds=5), set())
+
+  def test_workers_end_when_their_parent_is_killed(self):
+    script = textwrap.dedent(
+      f"""
+      import sys
+      sys.path.insert(0, {ROOT!r})
+      sys.path.insert(0, {os.path.dirname(os.path.abspath(__file__))!r})
+      from datasets import parallel
+      import test_data_parallel as t
+
+      if __name__ == '__main__':
+        chunks = t._chunks(5)
+        reader = t.PidReader(hang={{5, 7, 9}})
+        for pid, _ in parallel.parsed(reader, chunks, str, print, 2):
+          print('pid', pid, flush=True)
+      """
+    )
+    directory = self.enter_context(tempfile.TemporaryDirectory())
+    path = os.path.join(directory, 'parent.py')
+    with open(path, 'w') as f:
+      f.write(script)
+    parent = subprocess.Popen(
+      [sys.executable, path], stdout=subprocess.PIPE, text=True
+    )
+    try:
+      pids = set()
+      for line in parent.stdout:
+        if line.startswith('pid '):
+          pids.add(int(line.split()[1]))
+          break  # Chunks 2-4 now hang in both workers (or wait for one).
+      self.assertLen(pids, 1)
+      time.sleep(1)
+      servers = _children(parent.pid)  # The fork server, ...
+      workers = set().union(*map(_children, servers))  # ... its workers.
+      self.assertLen(workers, 2)
+      self.assertLessEqual(pids, workers)
+    finally:
+      parent.send_signal(signal.SIGKILL)
+      parent.wait()
+    self.assertEqual(_wait_gone(workers | pids, seconds=10), set())
+
+  def test_ctrl_c_stops_the_parent_and_its_workers_quietly(self):
+    script = textwrap.dedent(
+      f"""
+      import signal, sys
+      sys.path.insert(0, {ROOT!r})
+      sys.path.insert(0, {os.path.dirname(os.path.abspath(__file__))!r})
+      from datasets import parallel
+      import test_data_parallel as t
+
+      if __name__ == '__main__':
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        try:
+          reader = t.PidReader(hang={{3}})  # One worker hangs, one waits.
+          quiet = lambda *_: None
+          for pid, _ in parallel.parsed(reader, t._chunks(3), str, quiet, 2):
+            print('pid', pid, flush=True)
+        except KeyboardInterrupt:
+          print('interrupted', flush=True)
+      """
+    )
+    directory = self.enter_context(tempfile.TemporaryDirectory())
+    path = os.path.join(directory, 'parent.py')
+    with open(path, 'w') as f:
+      f.write(script)
+    parent = subprocess.Popen(
+      [sys.executable, path],
+      stdout=subprocess.PIPE,
+      stderr=subprocess.PIPE,
+      text=True,
+      start_new_session=True,  # Its own group: a terminal's Ctrl-C.
+    )
+    try:
+      self.assertTrue(parent.stdout.readline().startswith('pid '))
+      time.sleep(1)
+      workers = set().union(*map(_children, _children(parent.pid)))
+      self.assertLen(workers, 2)
+      os.killpg(parent.pid, signal.SIGINT)
+      out, err = parent.communicate(timeout=30)
+    finally:
+      if parent.poll() is None:
+        os.killpg(parent.pid, signal.SIGKILL)
+    self.assertEqual(out.split(), ['interrupted'])
+    self.assertNotIn('Traceback', err)
+    self.assertEqual(_wait_gone(workers, seconds=10), set())
+
+
+def _children(pid: int) -> set[int]:
+  """The running child processes of `pid`."""
+  found = set()
+  for p in filter(str.isdigit, os.listdir('/proc')):
+    try:
+      with open(f'/proc/{p}/stat') as f:
+        state, ppid = f.read().rsplit(')', 1)[1].split()[:2]
+    except OSError:
+      continue
+    if int(ppid) == pid and state != 'Z':
+      found.add(int(p))
+  return found
+
+
+class WorkersForTest(absltest.TestCase):
+  def test_auto_takes_a_worker_per_core_for_large_files_only(self):
+    directory = self.enter_context(tempfile.TemporaryDirectory())
+    path = os.path.join(directory, 'train.txt')
+    with open(path, 'w') as f:
+      f.write('x' * 1000)
+    cases = [  # (setting, cores, AUTO_MIN_BYTES, workers)
+      (-1, 8, 1001, 0),  # A small file: none.
+      (-1, 8, 1000, 4),  # At most AUTO_MAX_WORKERS.
+      (-1, 3, 1000, 3),
+      (-1, 1, 1000, 0),  # One core: this process alone.
+      (0, 8, 0, 0),
+      (2, 1, 10**9, 2),  # A number is taken as it is.
+    ]
+    for setting, cores, threshold, want in cases:
+      with (
+        mock.patch.object(parallel, 'AUTO_MIN_BYTES', threshold),
+        mock.patch.object(os, 'sched_getaffinity', lambda _, n=cores: range(n)),
+      ):
+        self.assertEqual(parallel.workers_for(setting, path), want)
+
+  def test_a_reader_that_cannot_travel_is_parsed_here(self):
+    self.assertTrue(parallel.picklable(PidReader()))
+    self.assertFalse(parallel.picklable(lambda: None))
+
+
+if __name__ == '__main__':
+  absltest.main()
