@@ -287,16 +287,21 @@ class Encoder:
         f' was trained on: {", ".join(self._all_fields())}.'
       )
 
-  def chunks(self, path: str, chunk_rows: int = 100_000) -> Iterator[Rows]:
+  def chunks(
+    self, path: str, chunk_rows: int = 100_000, parse_workers: int = -1
+  ) -> Iterator[Rows]:
     """The encoded rows of file `path`, in order, `chunk_rows` lines at a time.
 
     Memory does not grow with the file. A malformed line stops with a
-    DataError that names the file and line.
+    DataError that names the file and line. `parse_workers` as
+    `config.dataset.parse_workers` (datasets/parallel.py).
     """
     reader = self.reader(path)
     labeled = _is_labeled(reader)
     desc = f'predict {os.path.basename(path)}'
-    parsed = encode.chunks(reader, path, chunk_rows, _raise, desc)
+    parsed = encode.chunks(
+      reader, path, chunk_rows, _raise, desc, parse_workers
+    )
     empty = True
     for keys, labels, *side in parsed:
       empty = False

@@ -12,10 +12,14 @@ from unittest import mock
 from absl.testing import absltest
 from absl.testing import parameterized
 import dataset_testing
+import ml_collections
+import numpy as np
 
+from configs import default
 import data
 from datasets import core
 from datasets import parallel
+import encoder
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -129,6 +133,43 @@ class SameCacheTest(dataset_testing.DatasetTestCase):
     self.assertEqual(messages[0], messages[1])
 
 
+class PredictTest(dataset_testing.DatasetTestCase):
+  def test_an_encoder_reads_large_files_with_workers_as_without(self):
+    rows = dataset_testing.criteo_rows(600, seed=6)
+    path = dataset_testing.write_lines(
+      os.path.join(self.tmp, 'train.txt'), rows, '\t'
+    )
+    config = default.get_config()
+    config.dataset = self.config('criteo', path, split=(1.0, 0.0, 0.0))
+    config.model = ml_collections.ConfigDict({'embed_dim': 3})
+    dataset = data.load_dataset(config.dataset)
+    workdir = os.path.join(self.tmp, 'run')
+    encoder.save(workdir, dataset, config)
+    enc = encoder.load(workdir)
+    rows[400][5] = 'x'
+    bad = dataset_testing.write_lines(
+      os.path.join(self.tmp, 'bad.txt'), rows, '\t'
+    )
+    messages = []
+    for large in (False, True):  # The default: workers for large files.
+      with (
+        mock.patch.object(parallel, 'AUTO_MIN_BYTES', 0 if large else 2**40),
+        mock.patch.object(parallel, 'parsed', wraps=parallel.parsed) as spy,
+      ):
+        chunks = list(enc.chunks(path, chunk_rows=64))
+        with self.assertRaises(core.DataError) as raised:
+          list(enc.chunks(bad, chunk_rows=64))
+      self.assertEqual(spy.call_count, 2 * large)
+      self.assertLen(chunks, 10)
+      got = np.concatenate([c.ids for c in chunks])
+      np.testing.assert_array_equal(got, dataset.train.ids)
+      got = np.concatenate([c.labels for c in chunks])
+      np.testing.assert_array_equal(got, dataset.train.labels)
+      messages.append(str(raised.exception))
+    self.assertIn(f'{bad}:401: integer column I5', messages[0])
+    self.assertEqual(messages[0], messages[1])
+
+
 class ParsedTest(absltest.TestCase):
   def test_results_come_in_order_with_their_bad_lines_first(self):
     reported = []
@@ -189,6 +230,9 @@ class ParsedTest(absltest.TestCase):
       sys.path.insert(0, {ROOT!r})
       sys.path.insert(0, {os.path.dirname(os.path.abspath(__file__))!r})
       from datasets import parallel
+import encoder
+import ml_collections
+import numpy as np
       import test_data_parallel as t
 
       if __name__ == '__main__':
@@ -229,6 +273,9 @@ class ParsedTest(absltest.TestCase):
       sys.path.insert(0, {ROOT!r})
       sys.path.insert(0, {os.path.dirname(os.path.abspath(__file__))!r})
       from datasets import parallel
+import encoder
+import ml_collections
+import numpy as np
       import test_data_parallel as t
 
       if __name__ == '__main__':
