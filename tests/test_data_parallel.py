@@ -230,9 +230,6 @@ class ParsedTest(absltest.TestCase):
       sys.path.insert(0, {ROOT!r})
       sys.path.insert(0, {os.path.dirname(os.path.abspath(__file__))!r})
       from datasets import parallel
-import encoder
-import ml_collections
-import numpy as np
       import test_data_parallel as t
 
       if __name__ == '__main__':
@@ -264,7 +261,7 @@ import numpy as np
     finally:
       parent.send_signal(signal.SIGKILL)
       parent.wait()
-    self.assertEqual(_wait_gone(workers | pids, seconds=10), set())
+    self.assertEqual(_wait_gone(servers | workers, seconds=10), set())
 
   def test_ctrl_c_stops_the_parent_and_its_workers_quietly(self):
     script = textwrap.dedent(
@@ -273,9 +270,6 @@ import numpy as np
       sys.path.insert(0, {ROOT!r})
       sys.path.insert(0, {os.path.dirname(os.path.abspath(__file__))!r})
       from datasets import parallel
-import encoder
-import ml_collections
-import numpy as np
       import test_data_parallel as t
 
       if __name__ == '__main__':
