@@ -17,6 +17,7 @@ import numpy as np
 
 from configs import default
 import data
+from datasets import avazu
 from datasets import core
 from datasets import parallel
 import encoder
@@ -66,8 +67,12 @@ class SameCacheTest(dataset_testing.DatasetTestCase):
   def _build(self, config, workers):
     config.cache_dir = os.path.join(self.tmp, f'cache{workers}')
     config.parse_workers = workers
-    with self.assertLogs(level='WARNING') as logs:
+    with (
+      self.assertLogs(level='WARNING') as logs,
+      mock.patch.object(parallel, 'parsed', wraps=parallel.parsed) as spy,
+    ):
       dataset = data.load_dataset(config)
+    self.assertEqual(spy.call_count, 2 if workers else 0)  # Passes 1 and 2.
     root = os.path.join(config.cache_dir, 'encoded')
     files = {}
     for directory, _, names in os.walk(root):
@@ -78,26 +83,33 @@ class SameCacheTest(dataset_testing.DatasetTestCase):
     skipped = [r.getMessage() for r in logs.records if 'Skipping' in r.msg]
     return dataset, files, skipped
 
-  @parameterized.parameters('criteo', 'csv')
+  @parameterized.parameters('criteo', 'csv', 'avazu', 'libfm')
   def test_workers_build_the_cache_of_this_process_byte_for_byte(self, name):
     rows = dataset_testing.criteo_rows(1500, seed=4)
+    if name == 'avazu':
+      rows = dataset_testing.avazu_rows(1500, seed=4)
+    elif name == 'libfm':  # The k-th feature of a line is field k.
+      rows = [
+        [r[0]] + [f'{int(v or "7", 16) % 50}:1' for v in r[14:20]] for r in rows
+      ]
     for i in (5, 250, 251, 990, 1499):  # Bad lines in several chunks.
       rows[i] = rows[i][:-3]
     path = os.path.join(self.tmp, 'train.txt')
     overrides = dict(skip_bad_lines=True)
+    header, sep = None, {'csv': ',', 'avazu': ',', 'libfm': ' '}.get(name, '\t')
     if name == 'csv':
       header = ['clicked'] + [f'c{i}' for i in range(39)]
       for r, row in enumerate(rows):
         row[1] = f'{r % 7}.5' if r % 3 else ''  # A float column.
         row[2] = '|'.join(row[14 : 14 + r % 4])  # A multi-hot column.
-      dataset_testing.write_lines(path, rows, ',', header)
       overrides['csv'] = dict(
         label_column='clicked',
         float_columns=('c0',),
         multi_hot_columns=('c1',),
       )
-    else:
-      dataset_testing.write_lines(path, rows, '\t')
+    if name == 'avazu':
+      header = list(avazu.COLUMNS)
+    dataset_testing.write_lines(path, rows, sep, header)
     config = self.config(name, path, **overrides)
     one, one_files, one_skipped = self._build(config, 0)
     two, two_files, two_skipped = self._build(config, 2)
@@ -106,7 +118,7 @@ class SameCacheTest(dataset_testing.DatasetTestCase):
     for file, content in one_files.items():
       self.assertEqual(content, two_files[file], file)
     self.assertLen(one_skipped, 5)  # The first five are logged, in order.
-    line = 7 if name == 'csv' else 6  # Row 5, after the csv's header.
+    line = 7 if header else 6  # Row 5, after the header if any.
     self.assertIn(f'{path}:{line}:', one_skipped[0])
     self.assertEqual(one_skipped, two_skipped)
     self.assertEqual(one.field_dims, two.field_dims)
