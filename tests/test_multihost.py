@@ -541,7 +541,8 @@ class FaultTest(_MultiProcessTestCase):
         r' 0: 0.001, 1: 0.01(, \d: 0.001)*\. Start every process with the'
         r' same --config and flags \(only config.dataset.path,'
         r' config.dataset.valid_path, config.dataset.test_path,'
-        r' config.dataset.cache_dir, config.progress_bar may differ\)\.$',
+        r' config.dataset.cache_dir, config.dataset.parse_workers,'
+        r' config.progress_bar may differ\)\.$',
       )
     self.assertFalse(os.path.exists(os.path.join(workdir, 'config.json')))
 
