@@ -5,11 +5,14 @@ python -m benchmarks.preprocess --format=criteo --lines=1000000,10000000
 For each size it writes a synthetic file (benchmarks/synthetic.py, seeded)
 under `--dir` unless it is already there, preprocesses it with
 `data.load_dataset` in a fresh child process and an empty cache directory,
-and reports wall time, lines/s, MiB/s and the child's peak resident memory
-(`ru_maxrss` from `os.wait4`). Results go to
-`benchmarks/results/preprocess_<format>.{json,md}` (rows of other sizes
-are kept). The synthetic file and the cache are deleted afterwards unless
-`--keep` (10M Criteo lines are about 2.4 GB).
+and reports wall time, lines/s, MiB/s, the child's peak resident memory
+(`ru_maxrss` from `os.wait4`) and the peak of its parsing processes'
+(`config.dataset.parse_workers`: the fork server and its workers, sampled
+from /proc; pages they share are counted in each). `--parse_workers=0,2
+--rounds=2` alternates the settings, each round in that order. Results go
+to `benchmarks/results/preprocess_<format>.{json,md}` (rows of other sizes
+and settings are kept). The synthetic file and the cache are deleted
+afterwards unless `--keep` (10M Criteo lines are about 2.4 GB).
 """
 
 import argparse
@@ -20,6 +23,7 @@ import platform
 import shutil
 import subprocess
 import sys
+import threading
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -43,6 +47,24 @@ print(json.dumps(dict(
 """
 
 
+def descendants_rss(pid: int) -> int:
+  """Bytes resident in the processes descended from `pid` (not `pid`)."""
+  parents, rss = {}, {}
+  for entry in filter(str.isdigit, os.listdir('/proc')):
+    try:
+      with open(f'/proc/{entry}/stat') as f:
+        fields = f.read().rsplit(')', 1)[1].split()
+    except OSError:  # Gone since the listing.
+      continue
+    parents[int(entry)] = int(fields[1])
+    rss[int(entry)] = int(fields[21]) * os.sysconf('SC_PAGE_SIZE')
+  found, frontier = set(), {pid}
+  while frontier:
+    frontier = {p for p, q in parents.items() if q in frontier} - found
+    found |= frontier
+  return sum(rss[p] for p in found)
+
+
 def run_child(overrides: dict) -> dict:
   """Preprocesses in a fresh process; its result and peak RSS in MiB."""
   code = _CHILD.format(root=ROOT, overrides=json.dumps(overrides))
@@ -50,9 +72,19 @@ def run_child(overrides: dict) -> dict:
   child = subprocess.Popen(
     [sys.executable, '-c', code], stdout=subprocess.PIPE, text=True
   )
+  peak, done = [0], threading.Event()
+
+  def sample():  # The parsing processes' RSS, every 0.2 s.
+    while not done.wait(0.2):
+      peak[0] = max(peak[0], descendants_rss(child.pid))
+
+  sampler = threading.Thread(target=sample, daemon=True)
+  sampler.start()
   out = child.stdout.read()
   _, status, usage = os.wait4(child.pid, 0)
   wall = time.perf_counter() - start
+  done.set()
+  sampler.join()
   child.stdout.close()
   child.returncode = os.waitstatus_to_exitcode(status)
   if child.returncode:
@@ -60,12 +92,21 @@ def run_child(overrides: dict) -> dict:
   result = json.loads(out.strip().splitlines()[-1])
   # ru_maxrss is in KiB on Linux; it includes this (small) process's
   # resident size at the fork.
-  result.update(peak_rss_mib=usage.ru_maxrss / 1024, process_seconds=wall)
+  result.update(
+    peak_rss_mib=usage.ru_maxrss / 1024,
+    workers_peak_rss_mib=peak[0] / 2**20,
+    process_seconds=wall,
+  )
   return result
 
 
 def benchmark(
-  fmt: str, lines: int, directory: str, keep: bool, chunk_rows: int
+  fmt: str,
+  lines: int,
+  directory: str,
+  keep: bool,
+  chunk_rows: int,
+  parse_workers: int = -1,
 ) -> dict:
   suffix = 'txt' if fmt == 'criteo' else 'csv'
   path = os.path.join(directory, f'{fmt}_{lines}.{suffix}')
@@ -84,7 +125,13 @@ def benchmark(
   load = os.getloadavg()[0]
   try:
     result = run_child(
-      dict(name=fmt, path=path, cache_dir=cache, chunk_rows=chunk_rows)
+      dict(
+        name=fmt,
+        path=path,
+        cache_dir=cache,
+        chunk_rows=chunk_rows,
+        parse_workers=parse_workers,
+      )
     )
     cache_bytes = sum(
       os.path.getsize(os.path.join(d, f))
@@ -104,9 +151,11 @@ def benchmark(
     lines_per_sec=round(lines / seconds),
     mib_per_sec=round(size / 2**20 / seconds, 1),
     peak_rss_mib=round(result['peak_rss_mib']),
+    workers_peak_rss_mib=round(result['workers_peak_rss_mib']),
     cache_mib=round(cache_bytes / 2**20, 1),
     field_dims_sum=result['field_dims_sum'],
     chunk_rows=chunk_rows,
+    parse_workers=parse_workers,
     machine=f'{platform.machine()}, {os.cpu_count()} CPUs',
     # Other work on the machine slows the timing (not the memory).
     load_average=round(load, 1),
@@ -122,28 +171,32 @@ def write_results(fmt: str, rows: list[dict]) -> str:
   if os.path.exists(path):
     with open(path) as f:
       old = json.load(f)
-  sizes = {r['lines'] for r in rows}
-  merged = sorted(
-    [r for r in old if r['lines'] not in sizes] + rows,
-    key=lambda r: r['lines'],
-  )
+
+  def key(r):  # Rows older than parse_workers were parsed in one process.
+    return r['lines'], r.get('parse_workers', 0)
+
+  runs = {key(r) for r in rows}
+  merged = sorted([r for r in old if key(r) not in runs] + rows, key=key)
   with open(path, 'w') as f:
     json.dump(merged, f, indent=1)
   lines = [
     f'# Preprocessing synthetic {fmt} files (two passes, out of core)',
     '',
     f'`python -m benchmarks.preprocess --format={fmt}'
-    f' --lines={",".join(str(r["lines"]) for r in merged)}`',
+    f' --lines={",".join(str(n) for n in sorted({r["lines"] for r in merged}))}'
+    f' --parse_workers={",".join(sorted({str(key(r)[1]) for r in merged}))}`',
     '',
-    '| lines | file MiB | seconds | lines/s | MiB/s | peak RSS MiB |'
-    ' cache MiB | sum of field_dims | load average |',
-    '|---:|---:|---:|---:|---:|---:|---:|---:|---:|',
+    '| lines | `parse_workers` | file MiB | seconds | lines/s | MiB/s |'
+    ' peak RSS MiB | parsing processes: peak RSS MiB | cache MiB |'
+    ' sum of field_dims | load average |',
+    '|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|',
   ]
   for r in merged:
     lines.append(
-      f'| {r["lines"]:,} | {r["file_mib"]:,} | {r["seconds"]:,} |'
-      f' {r["lines_per_sec"]:,} | {r["mib_per_sec"]} |'
-      f' {r["peak_rss_mib"]:,} | {r["cache_mib"]:,} |'
+      f'| {r["lines"]:,} | {r.get("parse_workers", 0)} | {r["file_mib"]:,} |'
+      f' {r["seconds"]:,} | {r["lines_per_sec"]:,} | {r["mib_per_sec"]} |'
+      f' {r["peak_rss_mib"]:,} | {r.get("workers_peak_rss_mib", "")} |'
+      f' {r["cache_mib"]:,} |'
       f' {r["field_dims_sum"]:,} | {r.get("load_average", "")} |'
     )
   lines += ['', f'Machine: {merged[-1]["machine"]}.', '']
@@ -161,6 +214,10 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
   )
   parser.add_argument('--dir', default='/tmp/flax_fm_preprocess')
   parser.add_argument('--chunk_rows', type=int, default=100_000)
+  parser.add_argument(
+    '--parse_workers', default='-1', help='comma-separated settings'
+  )
+  parser.add_argument('--rounds', type=int, default=1)
   parser.add_argument('--keep', action='store_true', help='keep the files')
   parser.add_argument(
     '--no_write', action='store_true', help='do not write results/'
@@ -168,10 +225,16 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
   args = parser.parse_args(argv)
   os.makedirs(args.dir, exist_ok=True)
   rows = []
+  settings = [int(x) for x in args.parse_workers.split(',')]
   for lines in (int(x) for x in args.lines.split(',')):
-    row = benchmark(args.format, lines, args.dir, args.keep, args.chunk_rows)
-    print(json.dumps(row), flush=True)
-    rows.append(row)
+    runs = [w for _ in range(args.rounds) for w in settings]
+    for i, workers in enumerate(runs):
+      keep = args.keep or i < len(runs) - 1  # The file, for the next run.
+      row = benchmark(
+        args.format, lines, args.dir, keep, args.chunk_rows, workers
+      )
+      print(json.dumps(row), flush=True)
+      rows.append(row)
   if not args.no_write:
     print(write_results(args.format, rows), file=sys.stderr)
   return rows

@@ -1053,6 +1053,12 @@ class BenchmarkScriptsTest(DatasetTestCase):
       300 / row['lines_per_sec'], row['seconds'], delta=0.051
     )
     self.assertGreater(row['peak_rss_mib'], 0)
+    self.assertEqual(row['workers_peak_rss_mib'], 0)  # 300 lines: none.
+    workers = preprocess.benchmark(
+      'avazu', 300, self.tmp, keep=False, chunk_rows=64, parse_workers=2
+    )
+    self.assertEqual(workers['field_dims_sum'], row['field_dims_sum'])
+    self.assertGreater(workers['workers_peak_rss_mib'], 40)  # 3 processes.
     from benchmarks import synthetic
 
     path = synthetic.write('avazu', 300, os.path.join(self.tmp, 'x.csv'))
@@ -1060,10 +1066,13 @@ class BenchmarkScriptsTest(DatasetTestCase):
     self.assertEqual(row['field_dims_sum'], sum(dataset.field_dims))
     with mock.patch.object(preprocess, 'RESULTS', os.path.join(self.tmp, 'r')):
       preprocess.write_results('avazu', [dict(row, lines=5)])
-      md = preprocess.write_results('avazu', [row])
+      preprocess.write_results('avazu', [row])
+      md = preprocess.write_results('avazu', [workers])
       with open(md) as f:
-        table = [line for line in f if line.startswith('| ')]
-    self.assertLen(table, 3)  # Header and both sizes.
+        text = f.read()
+    table = [line for line in text.splitlines() if line.startswith('| ')]
+    self.assertLen(table, 4)  # Header, both sizes, both settings of 300.
+    self.assertIn('--lines=5,300 --parse_workers=-1,2`', text)
 
 
 if __name__ == '__main__':
