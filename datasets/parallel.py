@@ -90,7 +90,8 @@ def parsed(
     `(reader.parse(...), tag)` per chunk.
 
   Raises:
-    DataError: a worker process died (e.g. killed for memory).
+    DataError: a worker process could not start, or died (e.g. killed for
+      memory).
   """
   executor = concurrent.futures.ProcessPoolExecutor(
     workers,
@@ -101,7 +102,13 @@ def parsed(
   pending = collections.deque()
   try:
     for lines, first, tag in chunks:
-      future = executor.submit(_parse, reader, lines, first, where)
+      try:
+        future = executor.submit(_parse, reader, lines, first, where)
+      except OSError as e:  # No process to be had (`ulimit -u`, memory).
+        raise core.DataError(
+          f'Could not start the processes that parse the data ({e}). Set'
+          ' config.dataset.parse_workers=0 to parse in this process.'
+        ) from e
       pending.append((future, tag))
       del lines
       if len(pending) > workers:  # One chunk waits beside each worker's.

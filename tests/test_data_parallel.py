@@ -1,5 +1,6 @@
 """datasets/parallel.py: chunks parsed by worker processes, as by this one."""
 
+import multiprocessing
 import os
 import signal
 import subprocess
@@ -224,6 +225,23 @@ class ParsedTest(absltest.TestCase):
         PidReader(die={5}), _chunks(6), str, lambda *_: None, workers=2
       ):
         pass
+
+  def test_processes_that_cannot_start_are_one_error(self):
+    refused = BlockingIOError(11, 'Resource temporarily unavailable')
+    with (
+      mock.patch.object(
+        multiprocessing.context.ForkServerProcess,
+        '_Popen',
+        side_effect=refused,
+      ),
+      self.assertRaisesRegex(
+        core.DataError,
+        r'^Could not start the processes that parse the data \(\[Errno 11\]'
+        r' Resource temporarily unavailable\)\. Set'
+        r' config.dataset.parse_workers=0 to parse in this process\.$',
+      ),
+    ):
+      list(parallel.parsed(PidReader(), _chunks(3), str, print, workers=2))
 
   def test_stopping_early_ends_the_workers_at_once(self):
     parts = parallel.parsed(
