@@ -27,8 +27,10 @@ from typing import Any
 from datasets import core
 
 # 'auto' (config.dataset.parse_workers = -1) uses workers for files of this
-# many bytes or more: below, starting them costs more than they save.
-AUTO_MIN_BYTES = 64 << 20
+# many bytes or more (about 1.1M Criteo lines, 11 chunks): below, starting
+# them (the fork server imports main.py's modules) costs about what they
+# save.
+AUTO_MIN_BYTES = 256 << 20
 # ... and at most this many: each holds a parsed chunk (about 350 MB at
 # 100,000 Criteo lines), and this process's own share of the work (reading,
 # counting, encoding) bounds the gain.
