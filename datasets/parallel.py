@@ -31,7 +31,7 @@ from datasets import core
 # them (the fork server imports main.py's modules) costs about what they
 # save.
 AUTO_MIN_BYTES = 256 << 20
-# ... and at most this many: each holds a parsed chunk (about 350 MB at
+# ... and at most this many: each holds a parsed chunk (about 300 MB at
 # 100,000 Criteo lines), and this process's own share of the work (reading,
 # counting, encoding) bounds the gain.
 AUTO_MAX_WORKERS = 4
@@ -114,16 +114,16 @@ def parsed(
       pending.append((future, tag))
       del lines
       if len(pending) > workers:  # One chunk waits beside each worker's.
-        yield _result(*pending.popleft(), bad, workers)
+        yield _result(*pending.popleft(), bad)
     while pending:
-      yield _result(*pending.popleft(), bad, workers)
+      yield _result(*pending.popleft(), bad)
   except BaseException:  # An error, a Ctrl-C or the caller stopping early.
     _stop(executor)
     raise
   executor.shutdown(wait=True)
 
 
-def _result(future, tag, bad, workers):
+def _result(future, tag, bad):
   try:
     result, issues = future.result()
   except concurrent.futures.process.BrokenProcessPool as e:
