@@ -253,26 +253,32 @@ class ParsedTest(absltest.TestCase):
     self.assertLess(time.monotonic() - start, 5)  # Not the hang's 600 s.
     self.assertEqual(_wait_gone({pid}, seconds=5), set())
 
-  def test_workers_end_when_their_parent_is_killed(self):
-    script = textwrap.dedent(
-      f"""
-      import sys
-      sys.path.insert(0, {ROOT!r})
-      sys.path.insert(0, {os.path.dirname(os.path.abspath(__file__))!r})
-      from datasets import parallel
-      import test_data_parallel as t
-
-      if __name__ == '__main__':
-        chunks = t._chunks(5)
-        reader = t.PidReader(hang={{5, 7, 9}})
-        for pid, _ in parallel.parsed(reader, chunks, str, print, 2):
-          print('pid', pid, flush=True)
-      """
+  def _parent(self, body: str) -> str:
+    """A script that runs `body` (this module as `t`, `parallel`, `signal`
+    imported) as its main program; its path."""
+    here = os.path.dirname(os.path.abspath(__file__))
+    script = '\n'.join(
+      [
+        'import signal, sys',
+        f'sys.path[:0] = [{ROOT!r}, {here!r}]',
+        'from datasets import parallel',
+        'import test_data_parallel as t',
+        "if __name__ == '__main__':",
+        textwrap.indent(textwrap.dedent(body), '  '),
+      ]
     )
     directory = self.enter_context(tempfile.TemporaryDirectory())
     path = os.path.join(directory, 'parent.py')
     with open(path, 'w') as f:
       f.write(script)
+    return path
+
+  def test_workers_end_when_their_parent_is_killed(self):
+    path = self._parent("""
+      reader = t.PidReader(hang={5, 7, 9})
+      for pid, _ in parallel.parsed(reader, t._chunks(5), str, print, 2):
+        print('pid', pid, flush=True)
+    """)
     parent = subprocess.Popen(
       [sys.executable, path], stdout=subprocess.PIPE, text=True
     )
@@ -294,29 +300,16 @@ class ParsedTest(absltest.TestCase):
     self.assertEqual(_wait_gone(servers | workers, seconds=10), set())
 
   def test_ctrl_c_stops_the_parent_and_its_workers_quietly(self):
-    script = textwrap.dedent(
-      f"""
-      import signal, sys
-      sys.path.insert(0, {ROOT!r})
-      sys.path.insert(0, {os.path.dirname(os.path.abspath(__file__))!r})
-      from datasets import parallel
-      import test_data_parallel as t
-
-      if __name__ == '__main__':
-        signal.signal(signal.SIGINT, signal.default_int_handler)
-        try:
-          reader = t.PidReader(hang={{3}})  # One worker hangs, one waits.
-          quiet = lambda *_: None
-          for pid, _ in parallel.parsed(reader, t._chunks(3), str, quiet, 2):
-            print('pid', pid, flush=True)
-        except KeyboardInterrupt:
-          print('interrupted', flush=True)
-      """
-    )
-    directory = self.enter_context(tempfile.TemporaryDirectory())
-    path = os.path.join(directory, 'parent.py')
-    with open(path, 'w') as f:
-      f.write(script)
+    path = self._parent("""
+      signal.signal(signal.SIGINT, signal.default_int_handler)
+      try:
+        reader = t.PidReader(hang={3})  # One worker hangs, one waits.
+        quiet = lambda *_: None
+        for pid, _ in parallel.parsed(reader, t._chunks(3), str, quiet, 2):
+          print('pid', pid, flush=True)
+      except KeyboardInterrupt:
+        print('interrupted', flush=True)
+    """)
     parent = subprocess.Popen(
       [sys.executable, path],
       stdout=subprocess.PIPE,
