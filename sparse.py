@@ -19,10 +19,19 @@ from flax import traverse_util
 import jax
 from jax import lax
 import jax.numpy as jnp
+import numpy as np
 
 # The collections that the models' `take_rows` fills and reads.
 ROWS = 'table_rows'
 PERTURBATIONS = 'perturbations'
+
+# Tables of more rows than this find each row's first lookup (`dedup`)
+# through hashed buckets, not a scratch array of the table's size, whose
+# cost grows with the table (benchmarks/README.md, "A step, operation by
+# operation").
+HASHED_ROWS = 1 << 22
+# Odd 32-bit multipliers of the hash, one per round.
+_HASH_MULTIPLIERS = (0x9E3779B1, 0x85EBCA77, 0xC2B2AE3D)
 
 # A parameter's path in the params tree, e.g. ('FeaturesEmbedding_0',
 # 'embedding').
@@ -165,8 +174,9 @@ def dedup(grads: RowGrads, num_rows: int) -> tuple[jax.Array, RowGrads]:
 
   Each lookup finds the first lookup of its row through a `[num_rows]` int32
   scratch array (a scatter-min of positions): a small fraction of the
-  table, and no sort. The sizes stay static: the distinct rows come first,
-  in order of first lookup, then padding.
+  table, and no sort; above `HASHED_ROWS` rows, through hashed buckets
+  (`_hashed_owners`), with the same result. The sizes stay static: the
+  distinct rows come first, in order of first lookup, then padding.
 
   Args:
     grads: `[n]` rows and `[n, ...]` values.
@@ -180,9 +190,10 @@ def dedup(grads: RowGrads, num_rows: int) -> tuple[jax.Array, RowGrads]:
   n = grads.rows.shape[0]
   positions = jnp.arange(n, dtype=jnp.int32)
   rows = jnp.where(grads.rows < 0, num_rows, grads.rows)
-  first = jnp.full((num_rows,), n, jnp.int32)
-  first = first.at[rows].min(positions, mode='drop')
-  owner = jnp.take(first, rows, mode='fill', fill_value=n)  # [n]
+  if num_rows > HASHED_ROWS:
+    owner = _hashed_owners(rows, num_rows)
+  else:
+    owner = _owners(rows, num_rows)  # [n]
   is_first = owner == positions
   slot = jnp.cumsum(is_first, dtype=jnp.int32) - 1  # [n]
   count = slot[-1] + 1
@@ -191,6 +202,52 @@ def dedup(grads: RowGrads, num_rows: int) -> tuple[jax.Array, RowGrads]:
   slot = jnp.take(slot, owner, mode='fill', fill_value=n)  # The row's slot.
   sums = jnp.zeros_like(grads.values).at[slot].add(grads.values, mode='drop')
   return count, RowGrads(unique, sums)
+
+
+def _owners(rows: jax.Array, num_rows: int) -> jax.Array:
+  """The position of the first lookup of each lookup's row, through a
+  `[num_rows]` scratch array; `n` for padding (row `num_rows`)."""
+  n = rows.shape[0]
+  positions = jnp.arange(n, dtype=jnp.int32)
+  first = jnp.full((num_rows,), n, jnp.int32)
+  first = first.at[rows].min(positions, mode='drop')
+  return jnp.take(first, rows, mode='fill', fill_value=n)
+
+
+def _hashed_owners(rows: jax.Array, num_rows: int) -> jax.Array:
+  """`_owners` of every lookup through a scratch array of about `3 n`
+  buckets, not one of the table's size.
+
+  In each round the lookups not yet resolved scatter-min their positions
+  into their rows' buckets (a multiplicative hash, another per round); the
+  bucket's minimum is a lookup's owner if it belongs to the same row. Every
+  lookup of a row shares its buckets, so the row that holds a bucket's
+  minimum gets its true first lookup, and the rows that collided with it
+  try the next round's hash. What rounds leave (rarely any) goes through
+  `_owners`, in a branch taken only then.
+  """
+  n = rows.shape[0]
+  bits = max(4, (3 * n - 1).bit_length())
+  positions = jnp.arange(n, dtype=jnp.int32)
+  owner = jnp.full((n,), n, jnp.int32)
+  open_ = rows < num_rows
+  for multiplier in _HASH_MULTIPLIERS:
+    bucket = rows.astype(jnp.uint32) * np.uint32(multiplier)
+    bucket = (bucket >> np.uint32(32 - bits)).astype(jnp.int32)
+    first = jnp.full((1 << bits,), n, jnp.int32)
+    first = first.at[jnp.where(open_, bucket, 1 << bits)].min(
+      positions, mode='drop'
+    )
+    found = jnp.take(first, bucket)
+    same = jnp.take(rows, found, mode='fill', fill_value=-1) == rows
+    owner = jnp.where(open_ & same, found, owner)
+    open_ &= ~same
+  rest = jnp.where(open_, rows, num_rows)  # Resolved lookups as padding.
+  return lax.cond(
+    open_.any(),
+    lambda: jnp.where(open_, _owners(rest, num_rows), owner),
+    lambda: owner,
+  )
 
 
 def update_rows(

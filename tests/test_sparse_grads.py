@@ -6,6 +6,7 @@ computed here, and the cross-device exchange against a concatenation.
 """
 
 import functools
+from unittest import mock
 
 from absl.testing import absltest
 from absl.testing import parameterized
@@ -209,6 +210,32 @@ class RowGradientsTest(parameterized.TestCase):
       for j in np.flatnonzero(rows == r):  # In lookup order.
         want = want + values[j]
       np.testing.assert_array_equal(out.values[i], want)
+
+  def test_dedup_of_large_tables_through_hashed_buckets_is_the_same(self):
+    rng = np.random.default_rng(1)
+    num_rows = 50_000
+    rows = (rng.zipf(1.3, 3000) % num_rows).astype(np.int32)
+    rows[rng.random(3000) < 0.05] = -1  # Padding.
+    values = rng.normal(size=(3000, 4)).astype(np.float32)
+    grads = sparse.RowGrads(jnp.asarray(rows), jnp.asarray(values))
+    dedup = jax.jit(sparse.dedup, static_argnums=1)
+    want = jax.tree.map(np.asarray, dedup(grads, num_rows))
+    for multipliers in (
+      sparse._HASH_MULTIPLIERS,  # What rounds leave is rare.
+      (0,),  # Every row in one bucket: one row per round, the rest after.
+      (0, 0x9E3779B1),
+      (1, 3),  # Rows below 2**17 share a bucket.
+    ):
+      with (
+        self.subTest(multipliers=multipliers),
+        mock.patch.object(sparse, 'HASHED_ROWS', 0),
+        mock.patch.object(sparse, '_HASH_MULTIPLIERS', multipliers),
+      ):
+        # A new function: jit's cache would hold the first trace.
+        again = jax.jit(lambda g, n: sparse.dedup(g, n), static_argnums=1)
+        got = jax.tree.map(np.asarray, again(grads, num_rows))
+        jax.tree.map(np.testing.assert_array_equal, got, want)
+    self.assertGreater(int(want[0]), 100)  # Distinct rows.
 
   def test_update_rows_changes_the_rows_read_only_in_chunks(self):
     # 7 distinct rows in chunks of 3: three rounds of the rule, the last
