@@ -20,6 +20,7 @@ import multiprocessing
 import os
 import pickle
 import signal
+import sys
 import threading
 import time
 from typing import Any
@@ -35,6 +36,13 @@ AUTO_MIN_BYTES = 256 << 20
 # 100,000 Criteo lines), and this process's own share of the work (reading,
 # counting, encoding) bounds the gain.
 AUTO_MAX_WORKERS = 4
+# This repository and its programs, which do their work under `if __name__
+# == '__main__':` (files of its directories, or these files).
+_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+_PROGRAMS = (
+  *('benchmarks', 'tools', 'tests'),
+  *('main.py', 'predict.py', 'export.py'),
+)
 # Modules the fork server imports once, so that each worker starts parsing
 # at once; '__main__' (main.py) too, or each worker would run its imports
 # again (multiprocessing's start of a process that is not forked).
@@ -46,12 +54,14 @@ def workers_for(setting: int, path: str) -> int:
 
   Args:
     setting: `config.dataset.parse_workers`: -1 one per core, at most
-      `AUTO_MAX_WORKERS`, for files of `AUTO_MIN_BYTES` or more (0 below); 0
-      none; n > 0 that many.
+      `AUTO_MAX_WORKERS`, for files of `AUTO_MIN_BYTES` or more (0 below)
+      when `main_is_importable()`; 0 none; n > 0 that many.
     path: the source file.
   """
   if setting >= 0:
     return setting
+  if not main_is_importable():
+    return 0
   try:
     cores = len(os.sched_getaffinity(0))
   except AttributeError:  # Not on Linux.
@@ -59,6 +69,29 @@ def workers_for(setting: int, path: str) -> int:
   if cores < 2 or os.path.getsize(path) < AUTO_MIN_BYTES:
     return 0
   return min(cores, AUTO_MAX_WORKERS)
+
+
+def main_is_importable() -> bool:
+  """Whether worker processes may import this program's main module.
+
+  They do (multiprocessing starts them so), and a main module that
+  preprocesses at its top level, not under `if __name__ == '__main__':`,
+  would then build the cache again in the fork server, which waits for
+  this process's lock while this process waits for it. True without a
+  main module file (an interpreter, `python -c`, a notebook), for a
+  package's `__main__` (pytest's; multiprocessing does not import those)
+  and for this repository's programs; False for any other script.
+  """
+  main = sys.modules.get('__main__')
+  name = getattr(getattr(main, '__spec__', None), 'name', None)
+  if name is not None:  # Run with -m.
+    ours = name.split('.')[0] in _PROGRAMS
+    return ours or name == '__main__' or name.endswith('.__main__')
+  path = getattr(main, '__file__', None)
+  if path is None:
+    return True
+  path = os.path.relpath(os.path.abspath(path), _ROOT)
+  return path.split(os.sep)[0] in _PROGRAMS
 
 
 def picklable(reader: Any) -> bool:

@@ -1,5 +1,6 @@
 """datasets/parallel.py: chunks parsed by worker processes, as by this one."""
 
+import importlib.machinery
 import multiprocessing
 import os
 import signal
@@ -8,6 +9,7 @@ import sys
 import tempfile
 import textwrap
 import time
+import types
 from unittest import mock
 
 from absl.testing import absltest
@@ -167,6 +169,7 @@ class PredictTest(dataset_testing.DatasetTestCase):
     for large in (False, True):  # The default: workers for large files.
       with (
         mock.patch.object(parallel, 'AUTO_MIN_BYTES', 0 if large else 2**40),
+        mock.patch.object(parallel, 'main_is_importable', lambda: True),
         mock.patch.object(parallel, 'parsed', wraps=parallel.parsed) as spy,
       ):
         chunks = list(enc.chunks(path, chunk_rows=64))
@@ -364,8 +367,37 @@ class WorkersForTest(absltest.TestCase):
       with (
         mock.patch.object(parallel, 'AUTO_MIN_BYTES', threshold),
         mock.patch.object(os, 'sched_getaffinity', lambda _, n=cores: range(n)),
+        mock.patch.object(parallel, 'main_is_importable', lambda: True),
       ):
         self.assertEqual(parallel.workers_for(setting, path), want)
+
+  def test_auto_leaves_out_scripts_that_workers_would_run_again(self):
+    path = os.path.join(self.enter_context(tempfile.TemporaryDirectory()), 'f')
+    with open(path, 'w') as f:
+      f.write('x' * 1000)
+    cases = [  # (__file__, __spec__'s name, workers of -1)
+      (os.path.join(ROOT, 'main.py'), None, 4),
+      (os.path.join(ROOT, 'benchmarks', 'preprocess.py'), None, 4),
+      (None, None, 4),  # An interpreter, python -c, a notebook.
+      ('/x/pytest/__main__.py', 'pytest.__main__', 4),  # Not imported.
+      ('/x/benchmarks/preprocess.py', 'benchmarks.preprocess', 4),
+      ('/home/me/train.py', None, 0),  # Any other script.
+      (os.path.join(ROOT, 'train_mine.py'), None, 0),
+      ('/home/me/pkg/train.py', 'pkg.train', 0),
+    ]
+    for file, name, want in cases:
+      main = types.ModuleType('__main__')
+      if file:
+        main.__file__ = file
+      main.__spec__ = name and importlib.machinery.ModuleSpec(name, None)
+      with (
+        self.subTest(file=file),
+        mock.patch.dict(sys.modules, {'__main__': main}),
+        mock.patch.object(parallel, 'AUTO_MIN_BYTES', 0),
+        mock.patch.object(os, 'sched_getaffinity', lambda _: range(8)),
+      ):
+        self.assertEqual(parallel.workers_for(-1, path), want)
+        self.assertEqual(parallel.workers_for(2, path), 2)  # As asked.
 
   def test_a_reader_that_cannot_travel_is_parsed_here(self):
     self.assertTrue(parallel.picklable(PidReader()))
