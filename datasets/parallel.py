@@ -94,6 +94,22 @@ def main_is_importable() -> bool:
   return path.split(os.sep)[0] in _PROGRAMS
 
 
+def refuse_while_starting() -> None:
+  """Raises DataError in a worker process that imports the main program.
+
+  A script without `if __name__ == '__main__':` that loads its data with
+  workers runs again there at its start, and would wait for the build lock
+  that its parent holds while the parent waits for it.
+  """
+  if getattr(multiprocessing.current_process(), '_inheriting', False):
+    raise core.DataError(
+      'config.dataset.parse_workers: the worker processes that parse the'
+      ' data import the main program, and this one loads its data as it is'
+      " imported. Put its work under `if __name__ == '__main__':`, or set"
+      ' parse_workers=0.'
+    )
+
+
 def picklable(reader: Any) -> bool:
   """Whether `reader` can travel to a worker process."""
   try:
@@ -161,9 +177,10 @@ def _result(future, tag, bad):
     result, issues = future.result()
   except concurrent.futures.process.BrokenProcessPool as e:
     raise core.DataError(
-      'A worker process parsing the data died (killed for memory?). Lower'
-      ' config.dataset.parse_workers (0: parse in this process) or'
-      ' config.dataset.chunk_rows.'
+      'A worker process parsing the data died: killed for memory (lower'
+      ' config.dataset.parse_workers, 0 parses in this process, or'
+      ' config.dataset.chunk_rows), or its import of the main program'
+      ' failed (its error is above).'
     ) from e
   for where, reason in issues:
     bad(where, reason)

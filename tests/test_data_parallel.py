@@ -222,7 +222,7 @@ class ParsedTest(absltest.TestCase):
 
   def test_a_dead_worker_is_one_error_not_a_hang(self):
     with self.assertRaisesRegex(
-      core.DataError, r'worker process parsing the data died.*parse_workers'
+      core.DataError, r'worker process parsing the data died: killed for'
     ):
       for _ in parallel.parsed(
         PidReader(die={5}), _chunks(6), str, lambda *_: None, workers=2
@@ -301,6 +301,39 @@ class ParsedTest(absltest.TestCase):
       parent.send_signal(signal.SIGKILL)
       parent.wait()
     self.assertEqual(_wait_gone(servers | workers, seconds=10), set())
+
+  def test_a_script_that_loads_as_it_is_imported_stops_not_hangs(self):
+    rows = dataset_testing.criteo_rows(300, seed=7)
+    directory = self.enter_context(tempfile.TemporaryDirectory())
+    source = dataset_testing.write_lines(
+      os.path.join(directory, 'train.txt'), rows, '\t'
+    )
+    script = os.path.join(directory, 'unguarded.py')
+    with open(script, 'w') as f:
+      f.write(
+        textwrap.dedent(f"""
+          import sys
+          sys.path.insert(0, {ROOT!r})
+          import data
+          from configs import default
+          config = default.get_config().dataset
+          config.update(name='criteo', path={source!r}, chunk_rows=50,
+                        cache_dir={directory!r}, parse_workers=2)
+          data.load_dataset(config)  # No main guard.
+        """)
+      )
+    result = subprocess.run(
+      [sys.executable, script], capture_output=True, text=True, timeout=120
+    )
+    self.assertEqual(result.returncode, 1)
+    self.assertIn(
+      'DataError: config.dataset.parse_workers: the worker processes that'
+      ' parse the data import the main program, and this one loads its data'
+      " as it is imported. Put its work under `if __name__ == '__main__':`,"
+      ' or set parse_workers=0.',
+      result.stderr,
+    )
+    self.assertIn('its import of the main program failed', result.stderr)
 
   def test_ctrl_c_stops_the_parent_and_its_workers_quietly(self):
     path = self._parent("""
