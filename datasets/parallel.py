@@ -20,6 +20,7 @@ import multiprocessing
 import os
 import pickle
 import signal
+import socket
 import sys
 import threading
 import time
@@ -210,24 +211,15 @@ def _start_worker(parent: int) -> None:
   worker waiting for chunks would wait forever."""
   signal.signal(signal.SIGINT, signal.SIG_IGN)
   server = os.getppid()  # The fork server: it exits with the parent.
+  host = socket.gethostname()
 
   def watch():
     while True:
       time.sleep(0.5)
-      if os.getppid() != server or not _alive(parent):
+      if os.getppid() != server or core.process_gone(host, parent):
         os._exit(1)  # pylint: disable=protected-access
 
   threading.Thread(target=watch, daemon=True).start()
-
-
-def _alive(pid: int) -> bool:
-  try:
-    os.kill(pid, 0)
-  except ProcessLookupError:
-    return False
-  except PermissionError:
-    pass
-  return True
 
 
 def _parse(reader, lines, first, where):
