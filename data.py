@@ -24,7 +24,6 @@ import batching
 from datasets import cache
 from datasets import core
 from datasets import digests
-from datasets import parallel
 from datasets import remote
 from datasets import split as split_lib
 
@@ -227,7 +226,6 @@ def load_dataset(config: ml_collections.ConfigDict) -> Dataset:
     DataError: unknown name or key, missing, unreadable or malformed file,
       or a cache that cannot be written.
   """
-  parallel.refuse_while_starting()
   source, config, options = resolve(config)
   config = remote.localize(config)
   paths = source.files(config)

@@ -5,10 +5,10 @@ python -m benchmarks.preprocess --format=criteo --lines=1000000,10000000
 For each size it writes a synthetic file (benchmarks/synthetic.py, seeded)
 under `--dir` unless it is already there, preprocesses it with
 `data.load_dataset` in a fresh child process and an empty cache directory,
-and reports wall time, lines/s, MiB/s, the child's peak resident memory
-(`ru_maxrss` from `os.wait4`) and the peak of its parsing processes'
-(`config.dataset.parse_workers`: the fork server and its workers, sampled
-from /proc; pages they share are counted in each). `--parse_workers=0,2
+and reports wall time, lines/s, MiB/s, the child's own peak resident
+memory (`VmHWM`) and that of its parsing processes together
+(`config.dataset.parse_workers`, sampled from /proc; pages they share are
+counted in each). `--parse_workers=0,2
 --rounds=2` alternates the settings, each round in that order. Results go
 to `benchmarks/results/preprocess_<format>.{json,md}` (rows of other sizes
 and settings are kept). The synthetic file and the cache are deleted
@@ -39,8 +39,11 @@ config = default.get_config().dataset
 config.update(json.loads({overrides!r}))
 start = time.perf_counter()
 dataset = data.load_dataset(config)
+with open('/proc/self/status') as f:  # Its own peak, not its workers'.
+  hwm = next(l for l in f if l.startswith('VmHWM:')).split()[1]
 print(json.dumps(dict(
   seconds=time.perf_counter() - start,
+  peak_rss_mib=int(hwm) / 1024,
   examples=[len(dataset.train), len(dataset.valid), len(dataset.test)],
   field_dims_sum=int(sum(dataset.field_dims)),
 )))
@@ -81,7 +84,7 @@ def run_child(overrides: dict) -> dict:
   sampler = threading.Thread(target=sample, daemon=True)
   sampler.start()
   out = child.stdout.read()
-  _, status, usage = os.wait4(child.pid, 0)
+  _, status, _ = os.wait4(child.pid, 0)
   wall = time.perf_counter() - start
   done.set()
   sampler.join()
@@ -90,10 +93,7 @@ def run_child(overrides: dict) -> dict:
   if child.returncode:
     raise RuntimeError(f'preprocessing failed (exit {child.returncode})')
   result = json.loads(out.strip().splitlines()[-1])
-  # ru_maxrss is in KiB on Linux; it includes this (small) process's
-  # resident size at the fork.
   result.update(
-    peak_rss_mib=usage.ru_maxrss / 1024,
     workers_peak_rss_mib=peak[0] / 2**20,
     process_seconds=wall,
   )

@@ -59,9 +59,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # distinct values that pass 1 counts), not with the file's lines.
   config.dataset.chunk_rows = 100_000
   # Processes that parse the chunks beside this one (each holds one chunk):
-  # -1, one per core (at most 4) for files of 256 MiB or more, when run by
-  # this repository's programs; 0, none; n, n (your script must then do its
-  # work under `if __name__ == '__main__':`: the workers import it).
+  # -1, one per core (at most 4) for files of 128 MiB or more; 0, none; n, n.
   config.dataset.parse_workers = -1
   # MovieLens movie and user features besides the ids, e.g. 'genres,year':
   # genres, year, tags (ml-latest-small, ml-20m, ml-25m); genres, year, age,

@@ -2,52 +2,52 @@
 
 Parsing (pandas' reader and the key of every value) is most of the work of
 preprocessing a text source, and it holds the GIL. `parsed` hands each chunk
-of lines to a pool of worker processes and yields the chunks' results in
-file order, so counting, encoding and the cache's bytes are the same as
-parsing in this process. The lines are read here; a worker returns the
-parsed chunk and its malformed lines, which are reported here, in order,
-as if this process had parsed it.
+of lines to a worker process and yields the chunks' results in file order,
+so counting, encoding and the cache's bytes are the same as parsing in this
+process. The lines are read here; a worker returns the parsed chunk and its
+malformed lines, which are reported here, in order, as if this process had
+parsed it.
 
-The workers come from a fork server (they never fork this process, whose
-JAX threads may hold locks), ignore Ctrl-C (this process stops them) and
-end when this process ends, however it ends.
+The workers are new interpreters (`serve`) fed through pipes: they import
+this package and the reader's modules, never this process's main program,
+so any script may use them, guarded by `if __name__ == '__main__':` or not,
+and no process that has imported JAX is forked. They run in a session of
+their own (a terminal's Ctrl-C reaches this process, which stops them) and
+exit as soon as their pipe from this process closes, however it ends.
 """
 
 import collections
 from collections.abc import Callable, Iterable, Iterator
-import concurrent.futures
-import multiprocessing
 import os
 import pickle
-import signal
-import socket
+import queue
+import struct
+import subprocess
 import sys
+import tempfile
 import threading
-import time
 from typing import Any
 
 from datasets import core
 
 # 'auto' (config.dataset.parse_workers = -1) uses workers for files of this
-# many bytes or more (about 1.1M Criteo lines, 11 chunks): below, starting
-# them (the fork server imports main.py's modules) costs about what they
-# save.
-AUTO_MIN_BYTES = 256 << 20
+# many bytes or more (about 550K Criteo lines, 6 chunks): below, starting
+# them (each imports pandas) costs about what they save.
+AUTO_MIN_BYTES = 128 << 20
 # ... and at most this many: each holds a parsed chunk (about 300 MB at
 # 100,000 Criteo lines), and this process's own share of the work (reading,
 # counting, encoding) bounds the gain.
 AUTO_MAX_WORKERS = 4
-# This repository and its programs, which do their work under `if __name__
-# == '__main__':` (files of its directories, or these files).
+# How a worker starts: this package is found where this file is; the rest
+# of this process's `sys.path` comes with the reader.
 _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-_PROGRAMS = (
-  *('benchmarks', 'tools', 'tests'),
-  *('main.py', 'predict.py', 'export.py'),
+_SERVE = (
+  f'import sys; sys.path.insert(0, {_ROOT!r}); '
+  'from datasets import parallel; parallel.serve()'
 )
-# Modules the fork server imports once, so that each worker starts parsing
-# at once; '__main__' (main.py) too, or each worker would run its imports
-# again (multiprocessing's start of a process that is not forked).
-_PRELOAD = ('__main__', 'pandas', 'datasets.text')
+# A message is its length then its bytes; an empty one ends a worker.
+_LENGTH = struct.Struct('<Q')
+_END = b''
 
 
 def workers_for(setting: int, path: str) -> int:
@@ -55,14 +55,12 @@ def workers_for(setting: int, path: str) -> int:
 
   Args:
     setting: `config.dataset.parse_workers`: -1 one per core, at most
-      `AUTO_MAX_WORKERS`, for files of `AUTO_MIN_BYTES` or more (0 below)
-      when `main_is_importable()`; 0 none; n > 0 that many.
+      `AUTO_MAX_WORKERS`, for files of `AUTO_MIN_BYTES` or more (0 below);
+      0 none; n > 0 that many.
     path: the source file.
   """
   if setting >= 0:
     return setting
-  if not main_is_importable():
-    return 0
   try:
     cores = len(os.sched_getaffinity(0))
   except AttributeError:  # Not on Linux.
@@ -72,52 +70,17 @@ def workers_for(setting: int, path: str) -> int:
   return min(cores, AUTO_MAX_WORKERS)
 
 
-def main_is_importable() -> bool:
-  """Whether worker processes may import this program's main module.
-
-  They do (multiprocessing starts them so), and a main module that
-  preprocesses at its top level, not under `if __name__ == '__main__':`,
-  would then build the cache again in the fork server, which waits for
-  this process's lock while this process waits for it. True without a
-  main module file (an interpreter, `python -c`, a notebook), for a
-  package's `__main__` (pytest's; multiprocessing does not import those)
-  and for this repository's programs; False for any other script.
-  """
-  main = sys.modules.get('__main__')
-  name = getattr(getattr(main, '__spec__', None), 'name', None)
-  if name is not None:  # Run with -m.
-    ours = name.split('.')[0] in _PROGRAMS
-    return ours or name == '__main__' or name.endswith('.__main__')
-  path = getattr(main, '__file__', None)
-  if path is None:
-    return True
-  path = os.path.relpath(os.path.abspath(path), _ROOT)
-  return path.split(os.sep)[0] in _PROGRAMS
-
-
-def refuse_while_starting() -> None:
-  """Raises DataError in a worker process that imports the main program.
-
-  A script without `if __name__ == '__main__':` that loads its data with
-  workers runs again there at its start, and would wait for the build lock
-  that its parent holds while the parent waits for it.
-  """
-  if getattr(multiprocessing.current_process(), '_inheriting', False):
-    raise core.DataError(
-      'config.dataset.parse_workers: the worker processes that parse the'
-      ' data import the main program, and this one loads its data as it is'
-      " imported. Put its work under `if __name__ == '__main__':`, or set"
-      ' parse_workers=0.'
-    )
-
-
 def picklable(reader: Any) -> bool:
-  """Whether `reader` can travel to a worker process."""
+  """Whether `reader` can travel to a worker process.
+
+  It must pickle, and not by reference to the main program's names: the
+  workers do not import the main program.
+  """
   try:
-    pickle.dumps(reader)
+    pickled = pickle.dumps(reader)
   except Exception:  # pylint: disable=broad-except
     return False
-  return True
+  return b'__main__' not in pickled
 
 
 def parsed(
@@ -130,7 +93,7 @@ def parsed(
   """`reader.parse` of each chunk, in worker processes, in chunk order.
 
   Args:
-    reader: the file's parser (picklable, `picklable`).
+    reader: the file's parser (`picklable`).
     chunks: `(lines, number of the first line, tag)`; the tag (e.g. the
       file position after the chunk) comes back with the chunk's result.
     where: `where(line number)` names a line in messages (picklable).
@@ -142,88 +105,184 @@ def parsed(
     `(reader.parse(...), tag)` per chunk.
 
   Raises:
-    DataError: a worker process could not start, or died (e.g. killed for
-      memory).
+    DataError: a worker process could not start, could not load the
+      reader, or died (e.g. killed for memory).
+    Whatever `reader.parse` raises in a worker, raised here.
   """
-  executor = concurrent.futures.ProcessPoolExecutor(
-    workers,
-    mp_context=_context(),
-    initializer=_start_worker,
-    initargs=(os.getpid(),),
-  )
-  pending = collections.deque()
+  setup = pickle.dumps((sys.path, pickle.dumps((reader, where))))
+  pool, pending = [], collections.deque()
   try:
-    for lines, first, tag in chunks:
-      try:
-        future = executor.submit(_parse, reader, lines, first, where)
-      except OSError as e:  # No process to be had (`ulimit -u`, memory).
-        raise core.DataError(
-          f'Could not start the processes that parse the data ({e}). Set'
-          ' config.dataset.parse_workers=0 to parse in this process.'
-        ) from e
-      pending.append((future, tag))
+    for i, (lines, first, tag) in enumerate(chunks):
+      if len(pool) < workers:  # Started as chunks come: a small file
+        pool.append(_Worker(setup))  # needs fewer.
+      worker = pool[i % workers]  # Each parses its chunks in turn, so
+      worker.send(pickle.dumps((lines, first), protocol=5))  # results
+      pending.append((worker, tag))  # come back in order, one by one.
       del lines
       if len(pending) > workers:  # One chunk waits beside each worker's.
         yield _result(*pending.popleft(), bad)
     while pending:
       yield _result(*pending.popleft(), bad)
+    for worker in pool:
+      worker.finish()
   except BaseException:  # An error, a Ctrl-C or the caller stopping early.
-    _stop(executor)
+    for worker in pool:
+      worker.kill()
     raise
-  executor.shutdown(wait=True)
 
 
-def _result(future, tag, bad):
-  try:
-    result, issues = future.result()
-  except concurrent.futures.process.BrokenProcessPool as e:
-    raise core.DataError(
-      'A worker process parsing the data died: killed for memory (lower'
-      ' config.dataset.parse_workers, 0 parses in this process, or'
-      ' config.dataset.chunk_rows), or its import of the main program'
-      ' failed (its error is above).'
-    ) from e
+def _result(worker, tag, bad):
+  result, error, issues = pickle.loads(worker.receive())
   for where, reason in issues:
     bad(where, reason)
+  if error is not None:
+    raise error
   return result, tag
 
 
-def _stop(executor: concurrent.futures.ProcessPoolExecutor) -> None:
-  """Ends the workers now, without waiting for the chunks they parse."""
-  processes = list((getattr(executor, '_processes', None) or {}).values())
-  executor.shutdown(wait=False, cancel_futures=True)
-  for process in processes:
-    if process.is_alive():
-      process.kill()
-  for process in processes:
-    process.join(timeout=5)
+class _Worker:
+  """A worker process (`serve`), its pipes and its stderr."""
+
+  def __init__(self, setup: bytes):
+    self.stderr = tempfile.TemporaryFile()
+    try:
+      self.process = subprocess.Popen(
+        [sys.executable, '-c', _SERVE],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=self.stderr,
+        start_new_session=True,
+      )
+    except OSError as e:  # No process to be had (`ulimit -u`, memory).
+      self.stderr.close()
+      raise core.DataError(
+        f'Could not start the processes that parse the data ({e}). Set'
+        ' config.dataset.parse_workers=0 to parse in this process.'
+      ) from e
+    self.send(setup)
+
+  def send(self, message: bytes) -> None:
+    try:
+      self.process.stdin.write(_LENGTH.pack(len(message)))
+      self.process.stdin.write(message)
+      self.process.stdin.flush()
+    except BrokenPipeError:
+      raise self._died() from None
+
+  def receive(self) -> bytes:
+    try:
+      return _read(self.process.stdout)
+    except EOFError:
+      raise self._died() from None
+
+  def finish(self) -> None:
+    """Ends the worker once it has sent every result."""
+    self.send(_END)
+    self.process.stdin.close()
+    try:
+      self.process.wait(timeout=10)
+    except subprocess.TimeoutExpired:
+      pass
+    self.kill()
+
+  def kill(self) -> None:
+    """Ends the worker now, without waiting for the chunk it parses."""
+    if self.process.poll() is None:
+      self.process.kill()
+      self.process.wait()
+    for stream in (self.process.stdin, self.process.stdout, self.stderr):
+      try:
+        stream.close()
+      except OSError:  # A pipe whose worker is gone.
+        pass
+
+  def _died(self) -> core.DataError:
+    try:
+      code = self.process.wait(timeout=5)
+    except subprocess.TimeoutExpired:
+      code = None
+    how = {None: 'still running'}.get(code, f'exit status {code}')
+    if code is not None and code < 0:
+      how = f'signal {-code}'
+    self.stderr.seek(0)
+    said = self.stderr.read().decode(errors='replace').strip().splitlines()
+    last = f' (its last words: {said[-1]})' if said else ''
+    return core.DataError(
+      f'A worker process parsing the data died ({how}){last}: killed for'
+      ' memory? Lower config.dataset.parse_workers (0 parses in this'
+      ' process) or config.dataset.chunk_rows.'
+    )
 
 
-def _context():
-  context = multiprocessing.get_context('forkserver')
-  context.set_forkserver_preload(list(_PRELOAD))
-  return context
+def _read(stream) -> bytes:
+  """One message of `stream`; EOFError at its end."""
+  length = stream.read(_LENGTH.size)
+  if len(length) < _LENGTH.size:
+    raise EOFError
+  (size,) = _LENGTH.unpack(length)
+  message = stream.read(size)
+  if len(message) < size:
+    raise EOFError
+  return message
 
 
-def _start_worker(parent: int) -> None:
-  """Ignores Ctrl-C (the parent stops the workers) and exits when the
-  parent is gone: a parent killed outright cannot stop its workers, and a
-  worker waiting for chunks would wait forever."""
-  signal.signal(signal.SIGINT, signal.SIG_IGN)
-  server = os.getppid()  # The fork server: it exits with the parent.
-  host = socket.gethostname()
+def _write(stream, message: bytes) -> None:
+  stream.write(_LENGTH.pack(len(message)))
+  stream.write(message)
+  stream.flush()
 
-  def watch():
+
+def serve() -> None:
+  """A worker process: parses the chunks that come on stdin, in turn.
+
+  Each reply on stdout is `(result, exception, malformed lines)`. A thread
+  reads stdin at all times, so this process's replies never wait for this
+  one's next chunk, and it exits at once when stdin closes before the
+  empty message that ends the work: the parent is gone.
+  """
+  replies = os.fdopen(os.dup(1), 'wb')
+  os.dup2(2, 1)  # Stray prints go to stderr, not among the replies.
+  inbox = queue.SimpleQueue()
+
+  def read():
     while True:
-      time.sleep(0.5)
-      if os.getppid() != server or core.process_gone(host, parent):
+      try:
+        message = _read(sys.stdin.buffer)
+      except EOFError:
         os._exit(1)  # pylint: disable=protected-access
+      inbox.put(message)
+      if message == _END:
+        return
 
-  threading.Thread(target=watch, daemon=True).start()
+  threading.Thread(target=read, daemon=True).start()
+  path, setup = pickle.loads(inbox.get())
+  sys.path[:] = path  # The parent's: the reader's modules are found there.
+  try:
+    reader, where = pickle.loads(setup)
+    failed = None
+  except Exception as e:  # pylint: disable=broad-except
+    failed = core.DataError(
+      f'A worker process could not load the reader of the data ({e}). Set'
+      ' config.dataset.parse_workers=0 to parse in this process.'
+    )
+  while (message := inbox.get()) != _END:
+    lines, first = pickle.loads(message)
+    del message
+    issues, error, result = [], failed, None
+    if not failed:
+      try:
+        result = reader.parse(lines, first, where, _collect(issues))
+      except Exception as e:  # pylint: disable=broad-except
+        error = e
+    del lines
+    try:
+      reply = pickle.dumps((result, error, issues), protocol=5)
+    except Exception as e:  # pylint: disable=broad-except
+      what = error if error is not None else e  # Of the result, else.
+      error = core.DataError(f'{type(what).__name__}: {what}')
+      reply = pickle.dumps((None, error, issues), protocol=5)
+    _write(replies, reply)
 
 
-def _parse(reader, lines, first, where):
-  """In a worker: the parsed chunk and its malformed lines, in order."""
-  issues = []
-  result = reader.parse(lines, first, where, lambda *i: issues.append(i))
-  return result, issues
+def _collect(issues: list) -> core.BadLine:
+  return lambda where, reason: issues.append((where, reason))

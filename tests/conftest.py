@@ -1,7 +1,6 @@
 """Test set-up: two emulated CPU devices, fast compiles, one JAX cache."""
 
 import importlib.metadata
-import multiprocessing.util
 import os
 import re
 import shutil
@@ -76,8 +75,4 @@ def pytest_configure(config):
 
 def pytest_unconfigure(config):
   if getattr(config, '_temp_root', None):
-    # What multiprocessing would remove at exit (the fork server's socket
-    # directory, datasets/parallel.py), removed first: at exit the root is
-    # gone, and its finalizer prints a traceback.
-    multiprocessing.util._run_finalizers()  # pylint: disable=protected-access
     shutil.rmtree(config._temp_root, ignore_errors=True)
