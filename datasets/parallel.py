@@ -144,8 +144,9 @@ class _Worker:
   """A worker process (`serve`), its pipes and its stderr."""
 
   def __init__(self, setup: bytes):
-    self.stderr = tempfile.TemporaryFile()
+    self.stderr = None
     try:
+      self.stderr = tempfile.TemporaryFile()  # Read if the worker dies.
       self.process = subprocess.Popen(
         [sys.executable, '-c', _SERVE],
         stdin=subprocess.PIPE,
@@ -154,7 +155,8 @@ class _Worker:
         start_new_session=True,
       )
     except OSError as e:  # No process to be had (`ulimit -u`, memory).
-      self.stderr.close()
+      if self.stderr:
+        self.stderr.close()
       raise core.DataError(
         f'Could not start the processes that parse the data ({e}). Set'
         ' config.dataset.parse_workers=0 to parse in this process.'

@@ -265,16 +265,21 @@ class ParsedTest(absltest.TestCase):
 
   def test_processes_that_cannot_start_are_one_error(self):
     refused = BlockingIOError(11, 'Resource temporarily unavailable')
-    with (
-      mock.patch.object(subprocess, 'Popen', side_effect=refused),
-      self.assertRaisesRegex(
-        core.DataError,
-        r'^Could not start the processes that parse the data \(\[Errno 11\]'
-        r' Resource temporarily unavailable\)\. Set'
-        r' config.dataset.parse_workers=0 to parse in this process\.$',
-      ),
-    ):
-      list(parallel.parsed(PidReader(), _chunks(3), str, print, workers=2))
+    full = OSError(28, 'No space left on device')  # For their stderr.
+    for target, error, said in [
+      (subprocess, refused, r'\[Errno 11\] Resource temporarily unavailable'),
+      (tempfile, full, r'\[Errno 28\] No space left on device'),
+    ]:
+      name = 'Popen' if target is subprocess else 'TemporaryFile'
+      with (
+        mock.patch.object(target, name, side_effect=error),
+        self.assertRaisesRegex(
+          core.DataError,
+          rf'^Could not start the processes that parse the data \({said}\)\.'
+          r' Set config.dataset.parse_workers=0 to parse in this process\.$',
+        ),
+      ):
+        list(parallel.parsed(PidReader(), _chunks(3), str, print, workers=2))
 
   def test_stopping_early_ends_the_workers_at_once(self):
     parts = parallel.parsed(
