@@ -238,9 +238,10 @@ def serve() -> None:
   """A worker process: parses the chunks that come on stdin, in turn.
 
   Each reply on stdout is `(result, exception, malformed lines)`. A thread
-  reads stdin at all times, so this process's replies never wait for this
-  one's next chunk, and it exits at once when stdin closes before the
-  empty message that ends the work: the parent is gone.
+  reads stdin at all times: the parent's next chunk never waits for this
+  process's reply to be read (which would deadlock the two), and this
+  process exits at once when stdin closes before the empty message that
+  ends the work, as it does when the parent is gone.
   """
   replies = os.fdopen(os.dup(1), 'wb')
   os.dup2(2, 1)  # Stray prints go to stderr, not among the replies.
