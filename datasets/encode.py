@@ -18,6 +18,7 @@ import functools
 import itertools
 import logging
 import os
+from typing import Any
 
 import ml_collections
 import numpy as np
@@ -50,8 +51,13 @@ class Counts:
     self._added = 0  # Keys added: no count can exceed it.
 
   def add(self, keys: np.ndarray) -> None:
-    unique, counts = np.unique(keys, return_counts=True)
-    self._added += len(keys)
+    self.add_counted(*np.unique(keys, return_counts=True), len(keys))
+
+  def add_counted(
+    self, unique: np.ndarray, counts: np.ndarray, added: int
+  ) -> None:
+    """Adds `added` keys, given as their distinct keys and counts."""
+    self._added += added
     self._pending_keys.append(unique)
     self._pending_counts.append(counts.astype(self._dtype()))
     self._pending_size += len(unique)
@@ -132,6 +138,50 @@ def encode_multi(
   return np.where(keys == core.PAD_KEY, np.int32(-1), ids)
 
 
+def tally(count: bool, count_multi: bool, part: tuple) -> tuple:
+  """Pass 1 of one parsed chunk, where it was parsed (a worker, if any).
+
+  Args:
+    count: whether to count the one-hot fields' keys.
+    count_multi: whether to count the multi-hot fields' keys.
+    part: `reader.parse`'s `(keys [n, fields], labels [n], *side)`.
+
+  Returns:
+    `(n, fields, longest, multi)`: the rows; per one-hot field, its
+    distinct keys and their counts (none unless `count`); the longest
+    multi-hot list (0 without multi-hot fields); per multi-hot field, its
+    distinct keys, their counts and its values (none unless `count_multi`).
+  """
+  keys, _, *side = part
+  fields = [np.unique(k, return_counts=True) for k in keys.T] if count else []
+  longest, multi = 0, []
+  if side and side[0].multi is not None:
+    present = side[0].multi != core.PAD_KEY  # [n, M, L]
+    longest = int(present.sum(-1).max(initial=0))
+    for m in range(present.shape[1] if count_multi else 0):
+      values = side[0].multi[:, m][present[:, m]]
+      multi.append((*np.unique(values, return_counts=True), len(values)))
+  return len(keys), fields, longest, multi
+
+
+def encode_part(
+  vocabulary: tuple[np.ndarray, ...] | None,
+  multi_vocabulary: tuple[np.ndarray, ...],
+  longest: int,
+  part: tuple,
+) -> tuple:
+  """Pass 2 of one parsed chunk: `(ids, labels)`, and `multi_ids, dense`
+  where the source has them (`core.Chunk` without its role)."""
+  keys, labels, *side = part
+  ids = encode_ids(vocabulary, keys)
+  if not side:
+    return ids, labels
+  multi, dense = side[0]
+  if multi is not None:
+    multi = encode_multi(multi_vocabulary, multi[:, :, :longest])
+  return ids, labels, multi, dense
+
+
 class BadLines:
   """Raises on a malformed line, or counts and skips it (`skip_bad_lines`)."""
 
@@ -178,34 +228,37 @@ def chunks(
   bad: BadLines,
   desc: str,
   workers: int = 0,
-) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-  """Parsed chunks `(keys [n, fields], labels [n])` of one source file.
+  then: Callable[[tuple], Any] | None = None,
+) -> Iterator[Any]:
+  """Parsed chunks `(keys [n, fields], labels [n], ...)` of one source file.
 
   `workers`: `config.dataset.parse_workers` (datasets/parallel.py); 0
-  parses in this process.
+  parses in this process. `then` (picklable), if given, is applied to each
+  parsed chunk where it is parsed, and its results are yielded instead.
   """
   with core.reading(path):
-    yield from _chunks(reader, path, chunk_rows, bad, desc, workers)
+    yield from _chunks(reader, path, chunk_rows, bad, desc, workers, then)
 
 
 def _line(path: str, number: int) -> str:
   return f'{path}:{number}'
 
 
-def _chunks(reader, path, chunk_rows, bad, desc, workers):
+def _chunks(reader, path, chunk_rows, bad, desc, workers, then):
   progress = _progress(desc, path)
   count = 0
+  apply = then or (lambda part: part)
   if hasattr(reader, 'line_batches'):
     row = 1
     for lines in reader.line_batches(path, chunk_rows):
-      yield reader.parse(lines, row, lambda n: f'{path}: row {n}', bad)
+      yield apply(reader.parse(lines, row, lambda n: f'{path}: row {n}', bad))
       row += len(lines)
       count += len(lines)
       progress.update(0, count)
     progress.close()
     return
   workers = parallel.workers_for(workers, path)
-  if workers and not parallel.picklable(reader):
+  if workers and not parallel.picklable((reader, then)):
     workers = 0
   where = functools.partial(_line, path)
   f, raw = utils.open_binary(path)
@@ -225,10 +278,10 @@ def _chunks(reader, path, chunk_rows, bad, desc, workers):
         lines = list(itertools.islice(f, chunk_rows))
 
     if workers:
-      parts = parallel.parsed(reader, line_chunks(), where, bad, workers)
+      parts = parallel.parsed(reader, line_chunks(), where, bad, workers, then)
     else:
       parts = (
-        (reader.parse(lines, number, where, bad), tag)
+        (apply(reader.parse(lines, number, where, bad)), tag)
         for lines, number, tag in line_chunks()
       )
     for part, (position, count) in parts:
@@ -366,7 +419,8 @@ def encode(
     config.min_count,
   )
 
-  def passes(number: int, bad: BadLines) -> Iterator[tuple[str, tuple]]:
+  def passes(number, bad, then) -> Iterator[tuple[str, Any]]:
+    """`(role, then(role)(parsed chunk))` of every file's chunks."""
     what = ('count', 'encode')[number - 1]
     for role, path in files.items():
       desc = f'{config.name} pass {number}/2 ({what}) {os.path.basename(path)}'
@@ -377,26 +431,31 @@ def encode(
         bad,
         desc,
         config.get('parse_workers', 0),
+        then(role),
       )
       for chunk in parsed:
         yield role, chunk
 
   # Pass 1: validate, count rows, count the training values of each field.
+  # The chunks are counted where they are parsed, and their counts summed
+  # here (the same totals).
   counts = [Counts() for _ in field_names]
   multi_counts = [Counts() for _ in multi_names]
   longest = 1
   bad = BadLines(config.skip_bad_lines)
   rows = dict.fromkeys(files, 0)
-  for role, (keys, _, *side) in passes(1, bad):
-    rows[role] += len(keys)
-    if role == train_role and not field_dims:
-      for f, counter in enumerate(counts):
-        counter.add(keys[:, f])
-    if multi_names:
-      present = side[0].multi != core.PAD_KEY  # [n, M, L]
-      longest = max(longest, int(present.sum(-1).max(initial=0)))
-      for m, counter in enumerate(multi_counts if role == train_role else ()):
-        counter.add(side[0].multi[:, m][present[:, m]])
+
+  def tally_of(role):
+    train = role == train_role
+    return functools.partial(tally, train and not field_dims, train)
+
+  for role, (n, fields, most, multi) in passes(1, bad, tally_of):
+    rows[role] += n
+    for counter, (unique, count) in zip(counts, fields, strict=False):
+      counter.add_counted(unique, count, n)
+    longest = max(longest, most)
+    for counter, counted in zip(multi_counts, multi, strict=False):
+      counter.add_counted(*counted)
   for role, path in files.items():
     if rows[role] == 0:  # Every line skipped: e.g. the wrong label column.
       why = (
@@ -415,16 +474,16 @@ def encode(
   core.release_memory()  # The counts' heap, not held through pass 2.
 
   def pass_2() -> Iterator[core.Chunk]:
-    parsed = passes(2, BadLines(bad.skip, log=False))
-    for role, (keys, labels, *side) in parsed:
-      ids = encode_ids(vocabulary, keys)
-      if not side:
-        yield role, ids, labels
-        continue
-      multi, dense = side[0]
-      if multi is not None:
-        multi = encode_multi(multi_vocabulary, multi[:, :, :longest])
-      yield role, ids, labels, multi, dense
+    # The keys are looked up where they are parsed, with the vocabulary
+    # sent to each worker, unless it is too large to copy into each.
+    encoded = functools.partial(
+      encode_part, vocabulary, multi_vocabulary, longest
+    )
+    size = sum(v.nbytes for v in (*(vocabulary or ()), *multi_vocabulary))
+    sent = encoded if size <= parallel.MAX_SENT_BYTES else None
+    parsed = passes(2, BadLines(bad.skip, log=False), lambda _: sent)
+    for role, part in parsed:
+      yield role, *(part if sent else encoded(part))
 
   return core.Encoded(
     field_names=field_names,

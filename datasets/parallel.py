@@ -38,6 +38,9 @@ AUTO_MIN_BYTES = 128 << 20
 # 100,000 Criteo lines), and this process's own share of the work (reading,
 # counting, encoding) bounds the gain.
 AUTO_MAX_WORKERS = 4
+# What a caller may send to every worker with the reader (e.g. pass 2's
+# vocabulary, to look keys up there), at most: each worker holds a copy.
+MAX_SENT_BYTES = 64 << 20
 # How a worker starts: this package is found where this file is; the rest
 # of this process's `sys.path` comes with the reader.
 _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -89,7 +92,8 @@ def parsed(
   where: Callable[[int], str],
   bad: core.BadLine,
   workers: int,
-) -> Iterator[tuple[tuple, Any]]:
+  then: Callable[[tuple], Any] | None = None,
+) -> Iterator[tuple[Any, Any]]:
   """`reader.parse` of each chunk, in worker processes, in chunk order.
 
   Args:
@@ -100,16 +104,18 @@ def parsed(
     bad: called here, in line order, for each malformed line of a chunk
       before the chunk is yielded; may raise.
     workers: processes, at least 1.
+    then: if given (picklable), applied to each parsed chunk in its worker,
+      e.g. to count or look up its keys there rather than here.
 
   Yields:
-    `(reader.parse(...), tag)` per chunk.
+    `(then(reader.parse(...)), tag)` per chunk (without `then`, the parse).
 
   Raises:
     DataError: a worker process could not start, could not load the
       reader, or died (e.g. killed for memory).
     Whatever `reader.parse` raises in a worker, raised here.
   """
-  setup = pickle.dumps((sys.path, pickle.dumps((reader, where))))
+  setup = pickle.dumps((sys.path, pickle.dumps((reader, where, then))))
   pool, pending = [], collections.deque()
   try:
     for i, (lines, first, tag) in enumerate(chunks):
@@ -261,7 +267,7 @@ def serve() -> None:
   path, setup = pickle.loads(inbox.get())
   sys.path[:] = path  # The parent's: the reader's modules are found there.
   try:
-    reader, where = pickle.loads(setup)
+    reader, where, then = pickle.loads(setup)
     failed = None
   except Exception as e:  # pylint: disable=broad-except
     failed = core.DataError(
@@ -275,6 +281,8 @@ def serve() -> None:
     if not failed:
       try:
         result = reader.parse(lines, first, where, _collect(issues))
+        if then is not None:
+          result = then(result)
       except Exception as e:  # pylint: disable=broad-except
         error = e
     del lines

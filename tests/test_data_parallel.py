@@ -20,6 +20,7 @@ from configs import default
 import data
 from datasets import avazu
 from datasets import core
+from datasets import encode
 from datasets import parallel
 import encoder
 
@@ -70,15 +71,19 @@ def _chunks(count, size=2):
 
 
 class SameCacheTest(dataset_testing.DatasetTestCase):
-  def _build(self, config, workers):
-    config.cache_dir = os.path.join(self.tmp, f'cache{workers}')
+  def _build(self, config, workers, sent=parallel.MAX_SENT_BYTES):
+    config.cache_dir = os.path.join(self.tmp, f'cache{workers}_{sent}')
     config.parse_workers = workers
     with (
       self.assertLogs(level='WARNING') as logs,
       mock.patch.object(parallel, 'parsed', wraps=parallel.parsed) as spy,
+      mock.patch.object(parallel, 'MAX_SENT_BYTES', sent),
+      mock.patch.object(encode, 'encode_ids', wraps=encode.encode_ids) as ids,
     ):
       dataset = data.load_dataset(config)
     self.assertEqual(spy.call_count, 2 if workers else 0)  # Passes 1 and 2.
+    # The keys are looked up in the workers if the vocabulary may go there.
+    self.assertEqual(ids.call_count > 0, not workers or not sent)
     root = os.path.join(config.cache_dir, 'encoded')
     files = {}
     for directory, _, names in os.walk(root):
@@ -119,10 +124,13 @@ class SameCacheTest(dataset_testing.DatasetTestCase):
     config = self.config(name, path, **overrides)
     one, one_files, one_skipped = self._build(config, 0)
     two, two_files, two_skipped = self._build(config, 2)
+    _, here_files, _ = self._build(config, 2, sent=0)  # Looked up here.
     self.assertEqual(one_files.keys(), two_files.keys())
+    self.assertEqual(one_files.keys(), here_files.keys())
     self.assertGreater(len(one_files), 5)
     for file, content in one_files.items():
       self.assertEqual(content, two_files[file], file)
+      self.assertEqual(content, here_files[file], file)
     self.assertLen(one_skipped, 5)  # The first five are logged, in order.
     line = 7 if header else 6  # Row 5, after the header if any.
     self.assertIn(f'{path}:{line}:', one_skipped[0])
@@ -352,7 +360,7 @@ class ParsedTest(absltest.TestCase):
           from configs import default
           from datasets import parallel
           workers, parsed = [], parallel.parsed
-          parallel.parsed = lambda *a: workers.append(a[-1]) or parsed(*a)
+          parallel.parsed = lambda *a: workers.append(a[4]) or parsed(*a)
           config = default.get_config().dataset
           config.update(name='criteo', path={source!r}, chunk_rows=50,
                         cache_dir={directory!r}, parse_workers=2)
