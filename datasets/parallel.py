@@ -18,6 +18,7 @@ exit as soon as their pipe from this process closes, however it ends.
 
 import collections
 from collections.abc import Callable, Iterable, Iterator
+import io
 import os
 import pickle
 import queue
@@ -122,8 +123,9 @@ def parsed(
       if len(pool) < workers:  # Started as chunks come: a small file
         pool.append(_Worker(setup))  # needs fewer.
       worker = pool[i % workers]  # Each parses its chunks in turn, so
-      worker.send(pickle.dumps((lines, first), protocol=5))  # results
-      pending.append((worker, tag))  # come back in order, one by one.
+      pending.append((worker, tag))  # results come back in order.
+      # The lines as one string: 4x cheaper to send than a list of them.
+      worker.send(pickle.dumps((b''.join(lines), first), protocol=5))
       del lines
       if len(pending) > workers:  # One chunk waits beside each worker's.
         yield _result(*pending.popleft(), bad)
@@ -275,8 +277,9 @@ def serve() -> None:
       ' config.dataset.parse_workers=0 to parse in this process.'
     )
   while (message := inbox.get()) != _END:
-    lines, first = pickle.loads(message)
-    del message
+    text, first = pickle.loads(message)
+    lines = io.BytesIO(text).readlines()  # As the parent read them: at \n.
+    del message, text
     issues, error, result = [], failed, None
     if not failed:
       try:

@@ -66,6 +66,13 @@ class PidReader:
     return os.getpid()
 
 
+class EchoReader:
+  """Parses a chunk into its lines, as the worker received them."""
+
+  def parse(self, lines, first, where, bad):
+    return lines
+
+
 def _chunks(count, size=2):
   return [([b'x\n'] * size, 1 + i * size, i) for i in range(count)]
 
@@ -222,6 +229,15 @@ class ParsedTest(absltest.TestCase):
     self.assertNotIn(os.getpid(), pids)
     self.assertLessEqual(len(pids), 3)
     self.assertEqual(_wait_gone(pids), set())
+
+  def test_lines_reach_the_workers_as_they_were_read(self):
+    chunks = [
+      ([b'a\rb\n', b'\n', b'\r\n', b'c\x00\xff\n'], 1, 0),  # \r ends none.
+      ([b'\n'] * 3, 5, 1),
+      ([b'last line, no newline'], 8, 2),
+    ]
+    got = list(parallel.parsed(EchoReader(), chunks, str, print, workers=2))
+    self.assertEqual(got, [(lines, tag) for lines, _, tag in chunks])
 
   def test_a_bad_line_that_raises_stops_the_workers(self):
     def bad(where, reason):
