@@ -155,8 +155,10 @@ class _Worker:
     self.stderr = None
     try:
       self.stderr = tempfile.TemporaryFile()  # Read if the worker dies.
+      # -P: `-c` would import from the working directory first, where a
+      # `csv.py` or `queue.py` is none of the modules this process uses.
       self.process = subprocess.Popen(
-        [sys.executable, '-c', _SERVE],
+        [sys.executable, '-P', '-c', _SERVE],
         stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
         stderr=self.stderr,

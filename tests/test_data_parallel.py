@@ -1,5 +1,6 @@
 """datasets/parallel.py: chunks parsed by worker processes, as by this one."""
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -304,6 +305,15 @@ class ParsedTest(absltest.TestCase):
         ),
       ):
         list(parallel.parsed(PidReader(), _chunks(3), str, print, workers=2))
+
+  def test_the_working_directory_does_not_shadow_the_workers_modules(self):
+    directory = self.enter_context(tempfile.TemporaryDirectory())
+    with open(os.path.join(directory, 'queue.py'), 'w') as f:
+      f.write("raise ImportError('not the queue module')\n")
+    # As `python main.py` run there: its modules are not this process's.
+    self.enter_context(contextlib.chdir(directory))
+    got = list(parallel.parsed(PidReader(), _chunks(3), str, print, 2))
+    self.assertEqual([tag for _, tag in got], [0, 1, 2])
 
   def test_stopping_early_ends_the_workers_at_once(self):
     parts = parallel.parsed(
