@@ -27,7 +27,8 @@ import subprocess
 import sys
 import tempfile
 import threading
-from typing import Any
+import traceback
+from typing import Any, NoReturn
 
 from datasets import core
 
@@ -42,11 +43,12 @@ AUTO_MAX_WORKERS = 4
 # What a caller may send to every worker with the reader (e.g. pass 2's
 # vocabulary, to look keys up there), at most: each worker holds a copy.
 MAX_SENT_BYTES = 64 << 20
-# How a worker starts: this package is found where this file is; the rest
-# of this process's `sys.path` comes with the reader.
+# How a worker starts: its `sys.path` is this process's (its arguments,
+# after where this package is) from its first import, so that it finds
+# numpy and the reader's modules where this process did.
 _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 _SERVE = (
-  f'import sys; sys.path.insert(0, {_ROOT!r}); '
+  'import sys; sys.path[:] = sys.argv[1:]; '
   'from datasets import parallel; parallel.serve()'
 )
 # A message is its length then its bytes; an empty one ends a worker.
@@ -116,7 +118,7 @@ def parsed(
       reader, or died (e.g. killed for memory).
     Whatever `reader.parse` raises in a worker, raised here.
   """
-  setup = pickle.dumps((sys.path, pickle.dumps((reader, where, then))))
+  setup = pickle.dumps((reader, where, then))
   pool, pending = [], collections.deque()
   try:
     for i, (lines, first, tag) in enumerate(chunks):
@@ -155,10 +157,11 @@ class _Worker:
     self.stderr = None
     try:
       self.stderr = tempfile.TemporaryFile()  # Read if the worker dies.
-      # -P: `-c` would import from the working directory first, where a
-      # `csv.py` or `queue.py` is none of the modules this process uses.
+      # Not `-c`'s path: the working directory (a `csv.py` there?), then
+      # the environment's, which may lack what this process added.
+      path = [_ROOT, *(p for p in sys.path if isinstance(p, str))]
       self.process = subprocess.Popen(
-        [sys.executable, '-P', '-c', _SERVE],
+        [sys.executable, '-c', _SERVE, *path],
         stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
         stderr=self.stderr,
@@ -258,46 +261,57 @@ def serve() -> None:
   inbox = queue.SimpleQueue()
 
   def read():
-    while True:
-      try:
-        message = _read(sys.stdin.buffer)
-      except EOFError:
-        os._exit(1)  # pylint: disable=protected-access
-      inbox.put(message)
-      if message == _END:
-        return
+    try:
+      while (message := _read(sys.stdin.buffer)) != _END:
+        inbox.put(message)
+    except EOFError:
+      os._exit(1)  # pylint: disable=protected-access
+    except BaseException as e:  # pylint: disable=broad-except
+      _end(e)  # No memory for a chunk: none would read stdin, a hang.
+    inbox.put(_END)
 
   threading.Thread(target=read, daemon=True).start()
-  path, setup = pickle.loads(inbox.get())
-  sys.path[:] = path  # The parent's: the reader's modules are found there.
   try:
-    reader, where, then = pickle.loads(setup)
-    failed = None
-  except Exception as e:  # pylint: disable=broad-except
-    failed = core.DataError(
-      f'A worker process could not load the reader of the data ({e}). Set'
-      ' config.dataset.parse_workers=0 to parse in this process.'
-    )
-  while (message := inbox.get()) != _END:
-    text, first = pickle.loads(message)
-    lines = io.BytesIO(text).readlines()  # As the parent read them: at \n.
-    del message, text
-    issues, error, result = [], failed, None
-    if not failed:
-      try:
-        result = reader.parse(lines, first, where, _collect(issues))
-        if then is not None:
-          result = then(result)
-      except Exception as e:  # pylint: disable=broad-except
-        error = e
-    del lines
     try:
-      reply = pickle.dumps((result, error, issues), protocol=5)
+      reader, where, then = pickle.loads(inbox.get())
+      failed = None
     except Exception as e:  # pylint: disable=broad-except
-      what = error if error is not None else e  # Of the result, else.
-      error = core.DataError(f'{type(what).__name__}: {what}')
-      reply = pickle.dumps((None, error, issues), protocol=5)
-    _write(replies, reply)
+      failed = core.DataError(
+        f'A worker process could not load the reader of the data ({e}). Set'
+        ' config.dataset.parse_workers=0 to parse in this process.'
+      )
+    while (message := inbox.get()) != _END:
+      text, first = pickle.loads(message)
+      lines = io.BytesIO(text).readlines()  # As the parent read them: at \n.
+      del message, text
+      issues, error, result = [], failed, None
+      if not failed:
+        try:
+          result = reader.parse(lines, first, where, _collect(issues))
+          if then is not None:
+            result = then(result)
+        except Exception as e:  # pylint: disable=broad-except
+          error = e
+      del lines
+      try:
+        reply = pickle.dumps((result, error, issues), protocol=5)
+        if error is not None:  # It must load in the parent too: not so
+          pickle.loads(reply)  # an error whose __init__ takes other args.
+      except Exception as e:  # pylint: disable=broad-except
+        what = error if error is not None else e  # Of the result, else.
+        error = core.DataError(f'{type(what).__name__}: {what}')
+        reply = pickle.dumps((None, error, issues), protocol=5)
+      _write(replies, reply)
+  except BaseException as e:  # pylint: disable=broad-except
+    _end(e)  # A reader's sys.exit, no memory to load a chunk, ...
+
+
+def _end(error: BaseException) -> NoReturn:
+  """Ends this worker now, its last words `error` on stderr."""
+  # Not by raising: the interpreter's exit would abort (SIGABRT, the error
+  # unsaid) while `serve`'s thread that reads stdin waits there.
+  traceback.print_exception(error)
+  os._exit(1)  # pylint: disable=protected-access
 
 
 def _collect(issues: list) -> core.BadLine:

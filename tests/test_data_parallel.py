@@ -2,11 +2,13 @@
 
 import contextlib
 import os
+import resource
 import signal
 import subprocess
 import sys
 import tempfile
 import textwrap
+import threading
 import time
 import types
 from unittest import mock
@@ -48,11 +50,12 @@ def _wait_gone(pids, seconds=10.0) -> set[int]:
 
 
 class PidReader:
-  """Parses a chunk into the worker's pid; `die`, `hang` or `fail` at given
-  lines, printing to stdout as it parses."""
+  """Parses a chunk into the worker's pid; `die`, `hang`, `fail` or `leave`
+  (`sys.exit`) at given lines, printing to stdout as it parses."""
 
-  def __init__(self, die=(), hang=(), fail=()):
+  def __init__(self, die=(), hang=(), fail=(), leave=()):
     self.die, self.hang, self.fail = set(die), set(hang), set(fail)
+    self.leave = set(leave)
 
   def parse(self, lines, first, where, bad):
     print('parsing', first, flush=True)  # Not among the replies.
@@ -61,6 +64,8 @@ class PidReader:
       os._exit(3)
     if first in self.hang:
       time.sleep(600)
+    if first in self.leave:
+      sys.exit('gave up')
     bad(where(first), f'{len(lines)} lines')
     if first in self.fail:
       raise ValueError(f'line {first}')
@@ -72,6 +77,32 @@ class EchoReader:
 
   def parse(self, lines, first, where, bad):
     return lines
+
+
+class CappedReader(PidReader):
+  """A `PidReader` that, at line 1, caps the worker's address space near its
+  size (as `ulimit -v`): a larger chunk then finds no memory."""
+
+  def parse(self, lines, first, where, bad):
+    if first == 1:
+      with open('/proc/self/statm') as f:
+        size = int(f.read().split()[0]) * os.sysconf('SC_PAGE_SIZE')
+      cap = (size + (32 << 20), resource.RLIM_INFINITY)
+      resource.setrlimit(resource.RLIMIT_AS, cap)
+    return super().parse(lines, first, where, bad)
+
+
+class Refused(Exception):
+  """An error of other arguments than its message: it pickles, but cannot
+  be unpickled (`Refused(message)` lacks `why`)."""
+
+  def __init__(self, line, why):
+    super().__init__(f'line {line}: {why}')
+
+
+class RefusingReader:
+  def parse(self, lines, first, where, bad):
+    raise Refused(first, 'no')
 
 
 def _chunks(count, size=2):
@@ -274,6 +305,45 @@ class ParsedTest(absltest.TestCase):
         pass
     self.assertEqual(reported, ['1', '3', '5', '7'])
 
+  def test_a_worker_that_exits_by_an_exception_says_which(self):
+    with self.assertRaisesRegex(
+      core.DataError,
+      r'^A worker process parsing the data died \(exit status 1\) \(its last'
+      r' words: SystemExit: gave up\): killed for memory\? Lower',
+    ):
+      list(parallel.parsed(PidReader(leave={3}), _chunks(3), str, print, 1))
+
+  def test_a_chunk_that_a_worker_has_no_memory_for_is_one_error(self):
+    chunks = [*_chunks(2), ([b'x' * (128 << 20)], 5, 2)]
+    pids, raised = [], []
+
+    def parse():  # In a thread: a worker that stops reading hangs it.
+      try:
+        for pid, _ in parallel.parsed(CappedReader(), chunks, str, print, 1):
+          pids.append(pid)
+      except core.DataError as e:
+        raised.append(str(e))
+
+    thread = threading.Thread(target=parse, daemon=True)
+    thread.start()
+    thread.join(60)
+    hung = thread.is_alive()
+    if hung:
+      os.kill(pids[0], signal.SIGKILL)
+      thread.join()
+    self.assertFalse(hung)
+    self.assertLen(pids, 1)  # The large chunk goes before the 2nd result.
+    self.assertRegex(
+      raised[0],
+      r'^A worker process parsing the data died \(exit status 1\) \(its last'
+      r' words: MemoryError\): killed for memory\? Lower',
+    )
+    self.assertEqual(_wait_gone(set(pids), seconds=5), set())
+
+  def test_an_error_that_cannot_be_unpickled_is_one_error(self):
+    with self.assertRaisesRegex(core.DataError, r'^Refused: line 1: no$'):
+      list(parallel.parsed(RefusingReader(), _chunks(2), str, print, 1))
+
   def test_a_reader_the_workers_cannot_import_is_one_error(self):
     module = types.ModuleType('only_here')
     module.PidReader = type('PidReader', (PidReader,), {})
@@ -312,6 +382,16 @@ class ParsedTest(absltest.TestCase):
       f.write("raise ImportError('not the queue module')\n")
     # As `python main.py` run there: its modules are not this process's.
     self.enter_context(contextlib.chdir(directory))
+    got = list(parallel.parsed(PidReader(), _chunks(3), str, print, 2))
+    self.assertEqual([tag for _, tag in got], [0, 1, 2])
+
+  def test_the_workers_import_from_this_process_path_from_their_start(self):
+    directory = self.enter_context(tempfile.TemporaryDirectory())
+    os.mkdir(os.path.join(directory, 'numpy'))
+    with open(os.path.join(directory, 'numpy', '__init__.py'), 'w') as f:
+      f.write("raise ImportError('not the numpy of this process')\n")
+    # As a notebook's or a launcher's `sys.path`, not the environment's.
+    self.enter_context(mock.patch.dict(os.environ, PYTHONPATH=directory))
     got = list(parallel.parsed(PidReader(), _chunks(3), str, print, 2))
     self.assertEqual([tag for _, tag in got], [0, 1, 2])
 
