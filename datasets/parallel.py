@@ -22,6 +22,7 @@ import io
 import os
 import pickle
 import queue
+import signal
 import struct
 import subprocess
 import sys
@@ -192,7 +193,10 @@ class _Worker:
 
   def finish(self) -> None:
     """Ends the worker once it has sent every result."""
-    self.send(_END)
+    try:
+      self.send(_END)
+    except core.DataError:  # It died since its last result: nothing lost.
+      pass
     self.process.stdin.close()
     try:
       self.process.wait(timeout=10)
@@ -216,16 +220,22 @@ class _Worker:
       code = self.process.wait(timeout=5)
     except subprocess.TimeoutExpired:
       code = None
-    how = {None: 'still running'}.get(code, f'exit status {code}')
-    if code is not None and code < 0:
-      how = f'signal {-code}'
-    self.stderr.seek(0)
+    if code == -signal.SIGKILL:  # As the kernel does when memory runs out
+      return core.DataError(  # (and its stderr does not say why).
+        'A worker process parsing the data was killed (signal 9): out of'
+        ' memory? Lower config.dataset.parse_workers (0 parses in'
+        ' this process) or config.dataset.chunk_rows.'
+      )
+    end = self.stderr.seek(0, os.SEEK_END)  # Its last line, e.g. the
+    self.stderr.seek(max(0, end - 4096))  # end of a traceback.
     said = self.stderr.read().decode(errors='replace').strip().splitlines()
     last = f' (its last words: {said[-1]})' if said else ''
+    how = f'exit status {code}' if code is not None else 'still running'
+    if code is not None and code < 0:
+      how = f'signal {-code}'
     return core.DataError(
-      f'A worker process parsing the data died ({how}){last}: killed for'
-      ' memory? Lower config.dataset.parse_workers (0 parses in this'
-      ' process) or config.dataset.chunk_rows.'
+      f'A worker process parsing the data died ({how}){last}. Set'
+      ' config.dataset.parse_workers=0 to parse in this process.'
     )
 
 

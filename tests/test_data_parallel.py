@@ -50,18 +50,20 @@ def _wait_gone(pids, seconds=10.0) -> set[int]:
 
 
 class PidReader:
-  """Parses a chunk into the worker's pid; `die`, `hang`, `fail` or `leave`
-  (`sys.exit`) at given lines, printing to stdout as it parses."""
+  """Parses a chunk into the worker's pid; `die`, `hang`, `fail`, `leave`
+  (`sys.exit`) or `killed` at given lines, printing to stdout as it parses."""
 
-  def __init__(self, die=(), hang=(), fail=(), leave=()):
+  def __init__(self, die=(), hang=(), fail=(), leave=(), killed=()):
     self.die, self.hang, self.fail = set(die), set(hang), set(fail)
-    self.leave = set(leave)
+    self.leave, self.killed = set(leave), set(killed)
 
   def parse(self, lines, first, where, bad):
     print('parsing', first, flush=True)  # Not among the replies.
     if first in self.die:
       print('out of luck', file=sys.stderr, flush=True)
       os._exit(3)
+    if first in self.killed:  # As by the kernel, out of memory.
+      os.kill(os.getpid(), signal.SIGKILL)
     if first in self.hang:
       time.sleep(600)
     if first in self.leave:
@@ -289,12 +291,34 @@ class ParsedTest(absltest.TestCase):
     with self.assertRaisesRegex(
       core.DataError,
       r'^A worker process parsing the data died \(exit status 3\) \(its last'
-      r' words: out of luck\): killed for memory\? Lower',
+      r' words: out of luck\)\. Set config',
     ):
       for _ in parallel.parsed(
         PidReader(die={5}), _chunks(6), str, lambda *_: None, workers=2
       ):
         pass
+
+  def test_a_killed_worker_is_said_to_be_out_of_memory(self):
+    with self.assertRaisesRegex(
+      core.DataError,
+      r'^A worker process parsing the data was killed \(signal 9\): out of'
+      r' memory\? Lower config.dataset.parse_workers \(0 parses in this'
+      r' process\) or config.dataset.chunk_rows\.$',
+    ):
+      list(parallel.parsed(PidReader(killed={3}), _chunks(3), str, print, 2))
+
+  def test_a_worker_gone_after_its_last_result_loses_nothing(self):
+    send = parallel._Worker.send
+
+    def gone_at_the_end(worker, message):
+      if message == parallel._END:  # As if it had died since.
+        raise core.DataError('died')
+      send(worker, message)
+
+    with mock.patch.object(parallel._Worker, 'send', gone_at_the_end):
+      got = list(parallel.parsed(PidReader(), _chunks(3), str, print, 2))
+    self.assertEqual([tag for _, tag in got], [0, 1, 2])
+    self.assertEqual(_wait_gone({pid for pid, _ in got}), set())
 
   def test_an_error_of_the_reader_is_raised_here_after_its_bad_lines(self):
     reported = []
@@ -309,7 +333,7 @@ class ParsedTest(absltest.TestCase):
     with self.assertRaisesRegex(
       core.DataError,
       r'^A worker process parsing the data died \(exit status 1\) \(its last'
-      r' words: SystemExit: gave up\): killed for memory\? Lower',
+      r' words: SystemExit: gave up\)\. Set config',
     ):
       list(parallel.parsed(PidReader(leave={3}), _chunks(3), str, print, 1))
 
@@ -336,7 +360,7 @@ class ParsedTest(absltest.TestCase):
     self.assertRegex(
       raised[0],
       r'^A worker process parsing the data died \(exit status 1\) \(its last'
-      r' words: MemoryError\): killed for memory\? Lower',
+      r' words: MemoryError\)\. Set config',
     )
     self.assertEqual(_wait_gone(set(pids), seconds=5), set())
 
