@@ -44,13 +44,15 @@ AUTO_MAX_WORKERS = 4
 # What a caller may send to every worker with the reader (e.g. pass 2's
 # vocabulary, to look keys up there), at most: each worker holds a copy.
 MAX_SENT_BYTES = 64 << 20
-# How a worker starts: its `sys.path` is this process's (its arguments,
-# after where this package is) from its first import, so that it finds
-# numpy and the reader's modules where this process did.
+# How a worker starts: its replies go to a pipe of their own (the first
+# argument), never stdout, where anything may print as Python starts; its
+# `sys.path` is this process's (the next arguments, after where this
+# package is) from its first import, so that it finds numpy and the
+# reader's modules where this process did.
 _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 _SERVE = (
-  'import sys; sys.path[:] = sys.argv[1:]; '
-  'from datasets import parallel; parallel.serve()'
+  'import sys; sys.path[:] = sys.argv[2:]; '
+  'from datasets import parallel; parallel.serve(int(sys.argv[1]))'
 )
 # A message is its length then its bytes; an empty one ends a worker.
 _LENGTH = struct.Struct('<Q')
@@ -155,26 +157,33 @@ class _Worker:
   """A worker process (`serve`), its pipes and its stderr."""
 
   def __init__(self, setup: bytes):
-    self.stderr = None
+    self.stderr = self.replies = writes = None
     try:
       self.stderr = tempfile.TemporaryFile()  # Read if the worker dies.
+      reads, writes = os.pipe()
+      self.replies = open(reads, 'rb')
       # Not `-c`'s path: the working directory (a `csv.py` there?), then
       # the environment's, which may lack what this process added.
       path = [_ROOT, *(p for p in sys.path if isinstance(p, str))]
       self.process = subprocess.Popen(
-        [sys.executable, '-c', _SERVE, *path],
+        [sys.executable, '-c', _SERVE, str(writes), *path],
         stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
+        stdout=self.stderr,  # What prints there is not a reply.
         stderr=self.stderr,
+        pass_fds=(writes,),
         start_new_session=True,
       )
     except OSError as e:  # No process to be had (`ulimit -u`, memory).
-      if self.stderr:
-        self.stderr.close()
+      for f in (self.stderr, self.replies):
+        if f:
+          f.close()
       raise core.DataError(
         f'Could not start the processes that parse the data ({e}). Set'
         ' config.dataset.parse_workers=0 to parse in this process.'
       ) from e
+    finally:  # The worker's end: held here too, its death would be no EOF.
+      if writes is not None:
+        os.close(writes)
     self.send(setup)
 
   def send(self, message: bytes) -> None:
@@ -187,7 +196,7 @@ class _Worker:
 
   def receive(self) -> bytes:
     try:
-      return _read(self.process.stdout)
+      return _read(self.replies)
     except EOFError:
       raise self._died() from None
 
@@ -209,7 +218,7 @@ class _Worker:
     if self.process.poll() is None:
       self.process.kill()
       self.process.wait()
-    for stream in (self.process.stdin, self.process.stdout, self.stderr):
+    for stream in (self.process.stdin, self.replies, self.stderr):
       try:
         stream.close()
       except OSError:  # A pipe whose worker is gone.
@@ -257,17 +266,17 @@ def _write(stream, message: bytes) -> None:
   stream.flush()
 
 
-def serve() -> None:
+def serve(replies: int) -> None:
   """A worker process: parses the chunks that come on stdin, in turn.
 
-  Each reply on stdout is `(result, exception, malformed lines)`. A thread
-  reads stdin at all times: the parent's next chunk never waits for this
-  process's reply to be read (which would deadlock the two), and this
-  process exits at once when stdin closes before the empty message that
-  ends the work, as it does when the parent is gone.
+  Each reply, `(result, exception, malformed lines)`, goes to the file
+  descriptor `replies` (a pipe to the parent). A thread reads stdin at all
+  times: the parent's next chunk never waits for this process's reply to
+  be read (which would deadlock the two), and this process exits at once
+  when stdin closes before the empty message that ends the work, as it
+  does when the parent is gone.
   """
-  replies = os.fdopen(os.dup(1), 'wb')
-  os.dup2(2, 1)  # Stray prints go to stderr, not among the replies.
+  replies = os.fdopen(replies, 'wb')  # pylint: disable=consider-using-with
   inbox = queue.SimpleQueue()
 
   def read():

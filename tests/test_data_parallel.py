@@ -419,6 +419,22 @@ class ParsedTest(absltest.TestCase):
     got = list(parallel.parsed(PidReader(), _chunks(3), str, print, 2))
     self.assertEqual([tag for _, tag in got], [0, 1, 2])
 
+  def test_what_prints_as_python_starts_is_not_a_reply(self):
+    directory = self.enter_context(tempfile.TemporaryDirectory())
+    with open(os.path.join(directory, 'sitecustomize.py'), 'w') as f:
+      f.write("print('hello from a site, long enough for a length')\n")
+    self.enter_context(mock.patch.dict(os.environ, PYTHONPATH=directory))
+    got = []
+    thread = threading.Thread(  # A bogus length could wait for ever.
+      target=lambda: got.extend(
+        parallel.parsed(PidReader(), _chunks(3), str, print, 2)
+      ),
+      daemon=True,
+    )
+    thread.start()
+    thread.join(60)
+    self.assertEqual([tag for _, tag in got], [0, 1, 2])
+
   def test_stopping_early_ends_the_workers_at_once(self):
     parts = parallel.parsed(
       PidReader(hang={3}), _chunks(4), str, lambda *_: None, workers=2
