@@ -170,8 +170,11 @@ def encode_part(
   longest: int,
   part: tuple,
 ) -> tuple:
-  """Pass 2 of one parsed chunk: `(ids, labels)`, and `multi_ids, dense`
-  where the source has them (`core.Chunk` without its role)."""
+  """Pass 2 of one parsed chunk, where it was parsed (a worker, if any).
+
+  Returns `(ids, labels)`, or `(ids, labels, multi_ids, dense)` where the
+  source has side inputs: a `core.Chunk` without its role.
+  """
   keys, labels, *side = part
   ids = encode_ids(vocabulary, keys)
   if not side:
