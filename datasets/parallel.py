@@ -4,9 +4,10 @@ Parsing (pandas' reader and the key of every value) is most of the work of
 preprocessing a text source, and it holds the GIL. `parsed` hands each chunk
 of lines to a worker process and yields the chunks' results in file order,
 so counting, encoding and the cache's bytes are the same as parsing in this
-process. The lines are read here; a worker returns the parsed chunk and its
-malformed lines, which are reported here, in order, as if this process had
-parsed it.
+process. The lines are read here; a worker returns the parsed chunk (or
+what the caller's `then` makes of it there: its keys' counts, its ids) and
+its malformed lines, which are reported here, in order, as if this process
+had parsed it.
 
 The workers are new interpreters (`serve`) fed through pipes: they import
 this package and the reader's modules, never this process's main program,
@@ -38,8 +39,8 @@ from datasets import core
 # them (each imports pandas) costs about what they save.
 AUTO_MIN_BYTES = 128 << 20
 # ... and at most this many: each holds a parsed chunk (about 300 MB at
-# 100,000 Criteo lines), and this process's own share of the work (reading,
-# counting, encoding) bounds the gain.
+# 100,000 Criteo lines), and this process's own share of the work (reading
+# lines, summing counts, writing) bounds the gain.
 AUTO_MAX_WORKERS = 4
 # What a caller may send to every worker with the reader (e.g. pass 2's
 # vocabulary, to look keys up there), at most: each worker holds a copy.
