@@ -120,7 +120,7 @@ def parsed(
   Raises:
     DataError: a worker process could not start, could not load the
       reader, or died (e.g. killed for memory).
-    Whatever `reader.parse` raises in a worker, raised here.
+    Whatever `reader.parse` or `then` raises in a worker, raised here.
   """
   setup = pickle.dumps((reader, where, then))
   pool, pending = [], collections.deque()
