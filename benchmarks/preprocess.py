@@ -8,9 +8,9 @@ under `--dir` unless it is already there, preprocesses it with
 and reports wall time, lines/s, MiB/s, the child's own peak resident
 memory (`VmHWM`) and that of its parsing processes together
 (`config.dataset.parse_workers`, sampled from /proc; pages they share are
-counted in each). `--parse_workers=0,2
---rounds=2` alternates the settings, each round in that order. Results go
-to `benchmarks/results/preprocess_<format>.{json,md}` (rows of other sizes
+counted in each). `--parse_workers=0,2 --rounds=2` alternates the
+settings, each round in that order. Results go to
+`benchmarks/results/preprocess_<format>.{json,md}` (rows of other sizes
 and settings are kept). The synthetic file and the cache are deleted
 afterwards unless `--keep` (10M Criteo lines are about 2.4 GB).
 """
