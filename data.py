@@ -13,6 +13,7 @@ batching.py cuts the splits into batches.
 """
 
 from collections.abc import Iterator, Sequence
+import contextlib
 import importlib
 import logging
 import os
@@ -208,7 +209,10 @@ def _build(
       if cache.source_stat(path) != stat:
         raise DataError(f'{path} changed during preprocessing; run again.')
 
-  cache.write(directory, encoded, sizes, parts(), spec, replace)
+  # Closed at once if the writer stops: a traceback kept (a notebook keeps
+  # the last) would keep the pass and its parse workers alive.
+  with contextlib.closing(parts()) as pieces:
+    cache.write(directory, encoded, sizes, pieces, spec, replace)
   core.release_memory()  # What the passes freed, before training takes over.
 
 

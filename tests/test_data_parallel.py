@@ -22,6 +22,7 @@ import numpy as np
 from configs import default
 import data
 from datasets import avazu
+from datasets import cache
 from datasets import core
 from datasets import encode
 from datasets import parallel
@@ -181,6 +182,33 @@ class SameCacheTest(dataset_testing.DatasetTestCase):
     if name == 'csv':
       self.assertIsNotNone(two.train.multi_ids)
       self.assertIsNotNone(two.train.dense)
+
+  @parameterized.parameters(
+    (encode.Counts, 'add_counted'),  # Pass 1's consumer, here.
+    (cache, 'ids_problem'),  # Pass 2's, the cache's writer.
+  )
+  def test_an_interrupted_build_ends_its_workers_at_once(self, where, name):
+    path = dataset_testing.write_lines(
+      os.path.join(self.tmp, 'train.txt'),
+      dataset_testing.criteo_rows(1000, seed=8),
+      '\t',
+    )
+    config = self.config('criteo', path, parse_workers=2)
+    calls = []
+
+    def interrupted(*args):
+      calls.append(_children(os.getpid()))  # The workers, at work.
+      raise KeyboardInterrupt
+
+    with mock.patch.object(where, name, side_effect=interrupted):
+      try:
+        data.load_dataset(config)
+      except KeyboardInterrupt as e:
+        kept = e.__traceback__  # As a notebook keeps the last one.
+    self.assertLen(calls, 1)
+    self.assertLen(calls[0], 2)  # The pass's two workers.
+    self.assertEqual(_wait_gone(calls[0], seconds=5), set())
+    del kept
 
   def test_the_first_bad_line_stops_the_build_as_in_this_process(self):
     rows = dataset_testing.criteo_rows(1000, seed=5)
