@@ -51,7 +51,7 @@ class Counts:
     self._added = 0  # Keys added: no count can exceed it.
 
   def add(self, keys: np.ndarray) -> None:
-    self.add_counted(*np.unique(keys, return_counts=True), len(keys))
+    self.add_counted(*counted(keys))
 
   def add_counted(
     self, unique: np.ndarray, counts: np.ndarray, added: int
@@ -138,6 +138,11 @@ def encode_multi(
   return np.where(keys == core.PAD_KEY, np.int32(-1), ids)
 
 
+def counted(keys: np.ndarray) -> tuple[np.ndarray, np.ndarray, int]:
+  """`keys`' distinct keys, their counts and their number (`add_counted`)."""
+  return *np.unique(keys, return_counts=True), len(keys)
+
+
 def tally(count: bool, count_multi: bool, part: tuple) -> tuple:
   """Pass 1 of one parsed chunk, where it was parsed (a worker, if any).
 
@@ -147,20 +152,19 @@ def tally(count: bool, count_multi: bool, part: tuple) -> tuple:
     part: `reader.parse`'s `(keys [n, fields], labels [n], *side)`.
 
   Returns:
-    `(n, fields, longest, multi)`: the rows; per one-hot field, its
-    distinct keys and their counts (none unless `count`); the longest
-    multi-hot list (0 without multi-hot fields); per multi-hot field, its
-    distinct keys, their counts and its values (none unless `count_multi`).
+    `(n, fields, longest, multi)`: the rows; per one-hot field, its keys
+    `counted` (none unless `count`); the longest multi-hot list (0 without
+    multi-hot fields); per multi-hot field, its keys `counted` (none unless
+    `count_multi`).
   """
   keys, _, *side = part
-  fields = [np.unique(k, return_counts=True) for k in keys.T] if count else []
+  fields = [counted(k) for k in keys.T] if count else []
   longest, multi = 0, []
   if side and side[0].multi is not None:
     present = side[0].multi != core.PAD_KEY  # [n, M, L]
     longest = int(present.sum(-1).max(initial=0))
     for m in range(present.shape[1] if count_multi else 0):
-      values = side[0].multi[:, m][present[:, m]]
-      multi.append((*np.unique(values, return_counts=True), len(values)))
+      multi.append(counted(side[0].multi[:, m][present[:, m]]))
   return len(keys), fields, longest, multi
 
 
@@ -454,8 +458,8 @@ def encode(
 
   for role, (n, fields, most, multi) in passes(1, bad, tally_of):
     rows[role] += n
-    for counter, (unique, count) in zip(counts, fields, strict=False):
-      counter.add_counted(unique, count, n)
+    for counter, counted_keys in zip(counts, fields, strict=False):
+      counter.add_counted(*counted_keys)
     longest = max(longest, most)
     for counter, counted in zip(multi_counts, multi, strict=False):
       counter.add_counted(*counted)
