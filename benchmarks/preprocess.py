@@ -84,12 +84,11 @@ def run_child(overrides: dict) -> dict:
   sampler = threading.Thread(target=sample, daemon=True)
   sampler.start()
   out = child.stdout.read()
-  _, status, _ = os.wait4(child.pid, 0)
+  child.wait()  # Its own peak RSS comes in `out`: wait4's counts workers.
   wall = time.perf_counter() - start
   done.set()
   sampler.join()
   child.stdout.close()
-  child.returncode = os.waitstatus_to_exitcode(status)
   if child.returncode:
     raise RuntimeError(f'preprocessing failed (exit {child.returncode})')
   result = json.loads(out.strip().splitlines()[-1])
