@@ -1,4 +1,4 @@
-"""The metrics of a run: exact ROC AUC, and the `metrics.jsonl` it writes.
+"""The metrics of a run: exact ROC AUC and logloss; its `metrics.jsonl`.
 
 Without JAX (numpy, absl and utils), so that a process without it (a
 benchmark's torch worker) scores and records its runs the same way.
@@ -42,6 +42,18 @@ def roc_auc(labels: np.ndarray, scores: np.ndarray) -> float:
   return float(
     (ranks[labels == 1].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg)
   )
+
+
+def log_loss(labels: np.ndarray, probabilities: np.ndarray) -> float:
+  """Mean binary cross-entropy of float32 `probabilities` `[n]`.
+
+  A probability of exactly 0 or 1 (float32 saturates) is moved in by the
+  float32 spacing there, as if its logit were finite.
+  """
+  p = np.asarray(probabilities, np.float64)
+  p = np.clip(p, 2.0**-149, 1 - 2.0**-24)
+  y = np.asarray(labels, np.float64)
+  return float(-np.mean(y * np.log(p) + (1 - y) * np.log1p(-p)))
 
 
 def json_line(record: dict) -> str:

@@ -195,22 +195,24 @@ class Predictor:
     return self.predict_ids(**rows.inputs())
 
   def predict_file(
-    self, path: str, chunk_rows: int = 100_000
+    self, path: str, chunk_rows: int = 100_000, parse_workers: int = -1
   ) -> Iterator[tuple[np.ndarray, np.ndarray | None]]:
     """`(probabilities [n], labels [n] or None)` of each chunk of `path`.
 
-    The next chunk is parsed in the background while this one is scored.
+    The next chunk is parsed in the background while this one is scored;
+    `parse_workers` as `config.dataset.parse_workers`.
     """
-    for rows, probs in self.score_chunks(path, chunk_rows):
+    for rows, probs in self.score_chunks(path, chunk_rows, parse_workers):
       yield probs, rows.labels
 
   def score_chunks(
-    self, path: str, chunk_rows: int
+    self, path: str, chunk_rows: int, parse_workers: int = -1
   ) -> Iterator[tuple[encoder_lib.Rows, np.ndarray]]:
     """`(encoded rows, probabilities)` of each chunk of `path`."""
     done = 0  # Rows of the chunks before.
+    chunks = self.encoder.chunks(path, chunk_rows, parse_workers)
     try:
-      for rows in utils.prefetch(self.encoder.chunks(path, chunk_rows)):
+      for rows in utils.prefetch(chunks):
         yield rows, self.predict_ids(**rows.inputs())
         done += len(rows.ids)
     except side.OutOfRange as e:
@@ -354,14 +356,19 @@ def csv_lines(probabilities: np.ndarray, labels: np.ndarray | None) -> str:
 
 
 def write_predictions(
-  predictor: Predictor, path: str, output: str, chunk_rows: int = 100_000
+  predictor: Predictor,
+  path: str,
+  output: str,
+  chunk_rows: int = 100_000,
+  parse_workers: int = -1,
 ) -> int:
   """Writes the probabilities (and labels) of file `path` to CSV `output`.
 
   The output appears complete or not at all (written beside, then renamed;
   calls on other threads to the same `output` each write their own copy).
   Logs how many rows had a value that training did not keep, per field: a
-  model scoring many of them is out of date.
+  model scoring many of them is out of date. `parse_workers` as
+  `config.dataset.parse_workers`.
 
   Returns:
     The number of rows written.
@@ -379,7 +386,8 @@ def write_predictions(
   scored = []  # (probabilities, labels) of the chunks, when labelled.
   try:
     with open(tmp, 'w') as f:
-      for encoded, probs in predictor.score_chunks(path, chunk_rows):
+      scored_chunks = predictor.score_chunks(path, chunk_rows, parse_workers)
+      for encoded, probs in scored_chunks:
         labels = encoded.labels
         if header is None:
           header = 'probability' + (',label' if labels is not None else '')
@@ -414,21 +422,9 @@ def write_predictions(
       'The %d labelled rows: AUC %s, logloss %.6f',
       rows,
       f'{auc:.6f}' if len(one) > 1 else f'undefined (all labels {one[0]:g})',
-      log_loss(labels, probs),
+      metrics.log_loss(labels, probs),
     )
   return rows
-
-
-def log_loss(labels: np.ndarray, probabilities: np.ndarray) -> float:
-  """Mean binary cross-entropy of float32 `probabilities` `[n]`.
-
-  A probability of exactly 0 or 1 (float32 saturates) is moved in by the
-  float32 spacing there, as if its logit were finite.
-  """
-  p = np.asarray(probabilities, np.float64)
-  p = np.clip(p, 2.0**-149, 1 - 2.0**-24)
-  y = np.asarray(labels, np.float64)
-  return float(-np.mean(y * np.log(p) + (1 - y) * np.log1p(-p)))
 
 
 def check_output(output: str, source: str, workdir: str) -> None:
@@ -467,6 +463,14 @@ def define_flags(values: flags.FlagValues = flags.FLAGS) -> None:
     flags.DEFINE_integer(
       name, default, help_, lower_bound=1, flag_values=values
     )
+  flags.DEFINE_integer(
+    'parse_workers',
+    -1,
+    'Processes that parse the input beside this one: -1, one per core for'
+    ' files of 128 MiB or more; 0, none (config.dataset.parse_workers).',
+    lower_bound=-1,
+    flag_values=values,
+  )
   flags.mark_flags_as_required(['workdir', 'input', 'output'], values)
 
 
@@ -483,7 +487,9 @@ def main(argv):
   check_output(output, source, workdir)
   predictor = load(workdir, args.batch_size)
   try:
-    rows = write_predictions(predictor, source, output, args.chunk_rows)
+    rows = write_predictions(
+      predictor, source, output, args.chunk_rows, args.parse_workers
+    )
   except OSError as e:
     if e.filename and not str(e.filename).startswith(output):
       raise  # Not the output's.

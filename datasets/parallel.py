@@ -58,6 +58,11 @@ _SERVE = (
 # A message is its length then its bytes; an empty one ends a worker.
 _LENGTH = struct.Struct('<Q')
 _END = b''
+# How a user stops the workers: main.py's config key, predict.py's flag.
+_OFF = (
+  'Set config.dataset.parse_workers=0 (predict.py: --parse_workers=0) to'
+  ' parse in this process.'
+)
 
 
 def workers_for(setting: int, path: str) -> int:
@@ -179,8 +184,7 @@ class _Worker:
         if f:
           f.close()
       raise core.DataError(
-        f'Could not start the processes that parse the data ({e}). Set'
-        ' config.dataset.parse_workers=0 to parse in this process.'
+        f'Could not start the processes that parse the data ({e}). {_OFF}'
       ) from e
     finally:  # The worker's end: held here too, its death would be no EOF.
       if writes is not None:
@@ -234,7 +238,8 @@ class _Worker:
       return core.DataError(  # (and its stderr does not say why).
         'A worker process parsing the data was killed (signal 9): out of'
         ' memory? Lower config.dataset.parse_workers (0 parses in'
-        ' this process) or config.dataset.chunk_rows.'
+        ' this process) or config.dataset.chunk_rows (predict.py:'
+        ' --parse_workers, --chunk_rows).'
       )
     end = self.stderr.seek(0, os.SEEK_END)  # Its last line, e.g. the
     self.stderr.seek(max(0, end - 4096))  # end of a traceback.
@@ -244,8 +249,7 @@ class _Worker:
     if code is not None and code < 0:
       how = f'signal {-code}'
     return core.DataError(
-      f'A worker process parsing the data died ({how}){last}. Set'
-      ' config.dataset.parse_workers=0 to parse in this process.'
+      f'A worker process parsing the data died ({how}){last}. {_OFF}'
     )
 
 
@@ -297,8 +301,7 @@ def serve(replies: int) -> None:
       failed = None
     except Exception as e:  # pylint: disable=broad-except
       failed = core.DataError(
-        f'A worker process could not load the reader of the data ({e}). Set'
-        ' config.dataset.parse_workers=0 to parse in this process.'
+        f'A worker process could not load the reader of the data ({e}). {_OFF}'
       )
     while (message := inbox.get()) != _END:
       text, first = pickle.loads(message)

@@ -331,7 +331,8 @@ class ParsedTest(absltest.TestCase):
       core.DataError,
       r'^A worker process parsing the data was killed \(signal 9\): out of'
       r' memory\? Lower config.dataset.parse_workers \(0 parses in this'
-      r' process\) or config.dataset.chunk_rows\.$',
+      r' process\) or config.dataset.chunk_rows \(predict.py:'
+      r' --parse_workers, --chunk_rows\)\.$',
     ):
       list(parallel.parsed(PidReader(killed={3}), _chunks(3), str, print, 2))
 
@@ -423,7 +424,8 @@ class ParsedTest(absltest.TestCase):
         self.assertRaisesRegex(
           core.DataError,
           rf'^Could not start the processes that parse the data \({said}\)\.'
-          r' Set config.dataset.parse_workers=0 to parse in this process\.$',
+          r' Set config.dataset.parse_workers=0 \(predict.py:'
+          r' --parse_workers=0\) to parse in this process\.$',
         ),
       ):
         list(parallel.parsed(PidReader(), _chunks(3), str, print, workers=2))

@@ -17,6 +17,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import textwrap
 import threading
 import time
 from unittest import mock
@@ -194,9 +195,9 @@ class PredictTest(parameterized.TestCase):
       def __getattr__(_, name):
         return getattr(self.predictor, name)
 
-      def score_chunks(_, path, chunk_rows):
+      def score_chunks(_, path, chunk_rows, parse_workers):
         for i, chunk in enumerate(
-          self.predictor.score_chunks(path, chunk_rows)
+          self.predictor.score_chunks(path, chunk_rows, parse_workers)
         ):
           if i == 1:
             paused.set()
@@ -456,6 +457,68 @@ class PredictTest(parameterized.TestCase):
     ):
       predict.load(workdir)
 
+  def test_parse_workers_flag_reaches_the_workers(self):
+    # Workers that cannot start: --parse_workers=2 asks for them on a small
+    # file (-1 would parse it here), and the error names the flag; 0
+    # parses in this process.
+    lines = self.trained.lines['test'][:120]
+    source = _write(os.path.join(self.tmp, 'test.txt'), lines)
+    script = os.path.join(self.tmp, 'no_processes.py')
+    with open(script, 'w') as f:
+      f.write(
+        textwrap.dedent(f"""
+        import runpy, sys
+        sys.path.insert(0, {ROOT!r})
+        from datasets import parallel
+        def refused(*args, **kwargs):
+          raise OSError(11, 'Resource temporarily unavailable')
+        parallel.subprocess.Popen = refused
+        sys.argv[0] = {os.path.join(ROOT, 'predict.py')!r}
+        runpy.run_path(sys.argv[0], run_name='__main__')
+        """)
+      )
+    flags_ = [
+      f'--workdir={self.trained.workdir}',
+      f'--input={source}',
+      '--chunk_rows=50',
+    ]
+    outputs = {}
+    for workers in (2, 0):
+      outputs[workers] = os.path.join(self.tmp, f'out{workers}.csv')
+      rc, line = command_error(
+        script,
+        self.tmp,
+        *flags_,
+        f'--output={outputs[workers]}',
+        f'--parse_workers={workers}',
+      )
+      if workers:
+        self.assertEqual(rc, 2)
+        self.assertEqual(
+          line,
+          'predict.py: error: Could not start the processes that parse the'
+          ' data ([Errno 11]'
+          ' Resource temporarily unavailable). Set'
+          ' config.dataset.parse_workers=0 (predict.py: --parse_workers=0)'
+          ' to parse in this process.',
+        )
+        self.assertFalse(os.path.exists(outputs[workers]))
+      else:
+        self.assertEqual(rc, 0, line)
+    out = pd.read_csv(outputs[0])
+    self.assertLen(out, 120)
+    ids = self.trained.dataset.test.ids[:120]
+    np.testing.assert_allclose(
+      out['probability'], self._expected(ids), rtol=0, atol=1e-6
+    )
+    # From Python: the same rows, with workers that start.
+    got = predict.write_predictions(
+      self.predictor, source, outputs[2], 50, parse_workers=2
+    )
+    self.assertEqual(got, 120)
+    with open(outputs[0]) as f, open(outputs[2]) as g:
+      self.assertEqual(f.read(), g.read())
+
   def test_chunk_rows_and_batch_size_below_one_name_the_flag(self):
     values = flags.FlagValues()
     predict.define_flags(values)
@@ -477,7 +540,7 @@ class PredictTest(parameterized.TestCase):
   def test_log_loss_moves_saturated_probabilities_by_float32_spacing(self):
     # -log(2**-149) for a label 1 at 0, -log(2**-24) for a label 0 at 1,
     # -log(0.5): (149 + 24 + 1) / 3 * log(2).
-    got = predict.log_loss(
+    got = metrics.log_loss(
       np.array([1, 0, 1]), np.array([0.0, 1.0, 0.5], np.float32)
     )
     self.assertAlmostEqual(got, 58 * np.log(2), places=9)
