@@ -1,5 +1,6 @@
 """Test set-up: two emulated CPU devices, fast compiles, one JAX cache."""
 
+import gc
 import importlib.metadata
 import os
 import re
@@ -74,5 +75,19 @@ def pytest_configure(config):
 
 
 def pytest_unconfigure(config):
+  """Removes the temporary root; lets a worker exit without delay.
+
+  After this hook pytest collects garbage five times, for the unraisable
+  exceptions of finalizers. A worker that ran hundreds of tests holds
+  millions of objects (JAX's and flax's caches), and five collections took
+  longer than the 5 s that execnet waits for a worker to finish before it
+  sends a SIGINT; the KeyboardInterrupt landed in JAX's gc callback and was
+  printed as a warning at the end of the run. One collection here, under
+  pytest's hook, still finds them; the objects that survive it are then
+  frozen, so the five pass over nothing.
+  """
+  if hasattr(config, 'workerinput'):
+    gc.collect()
+    gc.freeze()
   if getattr(config, '_temp_root', None):
     shutil.rmtree(config._temp_root, ignore_errors=True)
