@@ -8,6 +8,8 @@ import shutil
 import sys
 import tempfile
 
+import pytest
+
 # Must happen before JAX initialises its backends; subprocesses inherit them.
 # Two devices, so that every pmap path runs sharded; and the cheapest
 # compilation of the CPU code: the tests run tiny programs once, where
@@ -72,6 +74,26 @@ def pytest_configure(config):
     cache = os.path.join(config._temp_root, 'jax-cache')
     os.environ['JAX_COMPILATION_CACHE_DIR'] = cache
     os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS', '0.2')
+
+
+_module = [None]  # The module of the test that ran last in this process.
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtest_setup(item):
+  """Empties JAX's caches when the tests move on to another module.
+
+  Each module traces and compiles its own programs, and the caches kept
+  every one of them: a worker's heap grew past a million objects, and each
+  full garbage collection (every cache build calls one,
+  `core.release_memory`) took more than half a second. A module's
+  programs are rarely another's; those that are come back from the
+  persistent cache.
+  """
+  module = getattr(item.module, '__name__', None)
+  if _module[0] not in (None, module) and 'jax' in sys.modules:
+    sys.modules['jax'].clear_caches()
+  _module[0] = module
 
 
 def pytest_unconfigure(config):
