@@ -4,6 +4,7 @@ Each case runs a tiny entry point in a subprocess, as a user runs main.py.
 """
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -50,6 +51,16 @@ _SCRIPT = textwrap.dedent(
                          ' bytes.')
     if kind == 'internal':
       raise RuntimeError('an internal bug')
+    if kind == 'frozen':  # Startup's objects frozen; new garbage is not.
+      import gc, weakref
+      class Node:
+        pass
+      node = Node()
+      node.self = node
+      gone = weakref.ref(node)
+      del node
+      gc.collect()
+      print('frozen', gc.get_freeze_count(), 'cycle kept', gone() is not None)
     if kind == 'interrupt_in_gc':  # Ctrl-C as JAX's gc callback runs.
       import gc, os, signal, time
       sent = []
@@ -85,6 +96,15 @@ class RunMainTest(absltest.TestCase):
       timeout=120,
       env={**os.environ, **(env or {})},
     )
+
+  def test_what_startup_made_is_frozen_and_new_cycles_are_collected(self):
+    result = self._run('frozen')
+    self.assertEqual(result.returncode, 0, result.stderr)
+    frozen, kept = re.fullmatch(
+      r'frozen (\d+) cycle kept (\w+)\ndone\n', result.stdout
+    ).groups()
+    self.assertGreater(int(frozen), 10_000)  # absl's and ml_collections'.
+    self.assertEqual(kept, 'False')
 
   def test_user_error_is_one_line_with_status_2(self):
     result = self._run('user')
