@@ -76,6 +76,16 @@ def pytest_configure(config):
     os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS', '0.2')
 
 
+def pytest_collection_finish(session):
+  """Freezes what collection made (the test modules and their imports).
+
+  It lives as long as the worker, and each full garbage collection would
+  walk it again.
+  """
+  if hasattr(session.config, 'workerinput'):
+    gc.freeze()
+
+
 _module = [None]  # The module of the test that ran last in this process.
 
 
@@ -100,13 +110,12 @@ def pytest_unconfigure(config):
   """Removes the temporary root; lets a worker exit without delay.
 
   After this hook pytest collects garbage five times, for the unraisable
-  exceptions of finalizers. A worker that ran hundreds of tests holds
-  millions of objects (JAX's and flax's caches), and five collections took
-  longer than the 5 s that execnet waits for a worker to finish before it
-  sends a SIGINT; the KeyboardInterrupt landed in JAX's gc callback and was
-  printed as a warning at the end of the run. One collection here, under
-  pytest's hook, still finds them; the objects that survive it are then
-  frozen, so the five pass over nothing.
+  exceptions of finalizers. On a worker's heap after hundreds of tests
+  they took longer than the 5 s that execnet waits for a worker to finish
+  before it sends a SIGINT; the KeyboardInterrupt landed in JAX's gc
+  callback and was printed as a warning at the end of the run. One
+  collection here, under pytest's hook, still finds them; the objects that
+  survive it are then frozen, so the five pass over nothing.
   """
   if hasattr(config, 'workerinput'):
     gc.collect()
