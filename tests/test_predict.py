@@ -497,8 +497,7 @@ class PredictTest(parameterized.TestCase):
         self.assertEqual(
           line,
           'predict.py: error: Could not start the processes that parse the'
-          ' data ([Errno 11]'
-          ' Resource temporarily unavailable). Set'
+          ' data ([Errno 11] Resource temporarily unavailable). Set'
           ' config.dataset.parse_workers=0 (predict.py: --parse_workers=0)'
           ' to parse in this process.',
         )
