@@ -386,8 +386,8 @@ def write_predictions(
   scored = []  # (probabilities, labels) of the chunks, when labelled.
   try:
     with open(tmp, 'w') as f:
-      scored_chunks = predictor.score_chunks(path, chunk_rows, parse_workers)
-      for encoded, probs in scored_chunks:
+      chunks = predictor.score_chunks(path, chunk_rows, parse_workers)
+      for encoded, probs in chunks:
         labels = encoded.labels
         if header is None:
           header = 'probability' + (',label' if labels is not None else '')
