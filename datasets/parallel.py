@@ -14,11 +14,15 @@ this package and the reader's modules, never this process's main program,
 so any script may use them, guarded by `if __name__ == '__main__':` or not,
 and no process that has imported JAX is forked. They run in a session of
 their own (a terminal's Ctrl-C reaches this process, which stops them) and
-exit as soon as their pipe from this process closes, however it ends.
+exit as soon as their pipe from this process closes, however it ends. A
+worker stopped by a signal (SIGSTOP) for `STOPPED_S` seconds of this
+process's time is ended, and the build with it: this process would wait for
+its next result for ever.
 """
 
 import collections
 from collections.abc import Callable, Iterable, Iterator
+import contextlib
 import io
 import os
 import pickle
@@ -45,6 +49,11 @@ AUTO_MAX_WORKERS = 4
 # What a caller may send to every worker with the reader (e.g. pass 2's
 # vocabulary, to look keys up there), at most: each worker holds a copy.
 MAX_SENT_BYTES = 64 << 20
+# A worker stopped (state T: SIGSTOP, not a debugger's stop) this long is
+# ended; counted in checks `_CHECK_S` apart, so that this process's own
+# stops (a suspended job, resumed) do not count.
+STOPPED_S = 60.0
+_CHECK_S = 1.0
 # How a worker starts: its replies go to a pipe of their own (the first
 # argument), never stdout, where anything may print as Python starts; its
 # `sys.path` is this process's (the next arguments, after where this
@@ -124,11 +133,14 @@ def parsed(
 
   Raises:
     DataError: a worker process could not start, could not load the
-      reader, or died (e.g. killed for memory).
+      reader, died (e.g. killed for memory), stayed stopped `STOPPED_S`,
+      or returned what cannot be loaded here.
     Whatever `reader.parse` or `then` raises in a worker, raised here.
   """
   setup = pickle.dumps((reader, where, then))
   pool, pending = [], collections.deque()
+  watched = threading.Event()  # Set: the watch ends.
+  threading.Thread(target=_watch, args=(pool, watched), daemon=True).start()
   try:
     for i, (lines, first, tag) in enumerate(chunks):
       if len(pool) < workers:  # Started as chunks come: a small file
@@ -148,10 +160,41 @@ def parsed(
     for worker in pool:
       worker.kill()
     raise
+  finally:
+    watched.set()
+
+
+def _watch(pool: list['_Worker'], done: threading.Event) -> None:
+  """Ends the workers of `pool` that stay stopped `STOPPED_S`, until `done`."""
+  checks = collections.Counter()  # Of each worker, stopped in a row.
+  while not done.wait(_CHECK_S):
+    for worker in list(pool):
+      if _state(worker.process.pid) == 'T':
+        checks[worker] += 1
+        if checks[worker] * _CHECK_S >= STOPPED_S and not worker.stopped:
+          worker.stopped = True  # Its reader's EOF then says why.
+          worker.process.kill()
+      else:
+        checks.pop(worker, None)
+
+
+def _state(pid: int) -> str | None:
+  """Process `pid`'s state (`R`, `S`, `T`, ...); None where unknown."""
+  with contextlib.suppress(OSError, IndexError):
+    with open(f'/proc/{pid}/stat', 'rb') as f:  # `pid (name) state ...`
+      return f.read().rsplit(b')', 1)[1].split()[0].decode()
+  return None
 
 
 def _result(worker, tag, bad):
-  result, error, issues = pickle.loads(worker.receive())
+  reply = worker.receive()
+  try:
+    result, error, issues = pickle.loads(reply)
+  except Exception as e:  # pylint: disable=broad-except
+    raise core.DataError(  # A class whose instances do not load again.
+      'A worker process parsed the data into what this process cannot'
+      f' load ({type(e).__name__}: {e}). {_OFF}'
+    ) from None
   for where, reason in issues:
     bad(where, reason)
   if error is not None:
@@ -164,6 +207,7 @@ class _Worker:
 
   def __init__(self, setup: bytes):
     self.stderr = self.replies = writes = None
+    self.stopped = False  # Ended by `_watch`.
     try:
       self.stderr = tempfile.TemporaryFile()  # Read if the worker dies.
       reads, writes = os.pipe()
@@ -234,6 +278,12 @@ class _Worker:
       code = self.process.wait(timeout=5)
     except subprocess.TimeoutExpired:
       code = None
+    if self.stopped:
+      return core.DataError(
+        f'A worker process parsing the data (pid {self.process.pid}) stayed'
+        f' stopped (SIGSTOP) for {STOPPED_S:.0f} s, so this run ended it;'
+        f' resume (SIGCONT) a worker paused on purpose sooner. {_OFF}'
+      )
     if code == -signal.SIGKILL:  # As the kernel does when memory runs out
       return core.DataError(  # (and its stderr does not say why).
         'A worker process parsing the data was killed (signal 9): out of'

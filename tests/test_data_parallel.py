@@ -52,11 +52,14 @@ def _wait_gone(pids, seconds=10.0) -> set[int]:
 
 class PidReader:
   """Parses a chunk into the worker's pid; `die`, `hang`, `fail`, `leave`
-  (`sys.exit`) or `killed` at given lines, printing to stdout as it parses."""
+  (`sys.exit`), `killed` or `stop` (SIGSTOP) at given lines, printing to
+  stdout as it parses."""
 
-  def __init__(self, die=(), hang=(), fail=(), leave=(), killed=()):
+  def __init__(
+    self, die=(), hang=(), fail=(), leave=(), killed=(), stop=()
+  ):  # fmt: skip
     self.die, self.hang, self.fail = set(die), set(hang), set(fail)
-    self.leave, self.killed = set(leave), set(killed)
+    self.leave, self.killed, self.stop = set(leave), set(killed), set(stop)
 
   def parse(self, lines, first, where, bad):
     print('parsing', first, flush=True)  # Not among the replies.
@@ -65,6 +68,8 @@ class PidReader:
       os._exit(3)
     if first in self.killed:  # As by the kernel, out of memory.
       os.kill(os.getpid(), signal.SIGKILL)
+    if first in self.stop:  # Until a SIGCONT, if any.
+      os.kill(os.getpid(), signal.SIGSTOP)
     if first in self.hang:
       time.sleep(600)
     if first in self.leave:
@@ -104,7 +109,14 @@ class Refused(Exception):
 
 
 class RefusingReader:
+  """Raises a `Refused`, or returns one (`give`)."""
+
+  def __init__(self, give=False):
+    self.give = give
+
   def parse(self, lines, first, where, bad):
+    if self.give:
+      return Refused(first, 'no')
     raise Refused(first, 'no')
 
 
@@ -396,6 +408,76 @@ class ParsedTest(absltest.TestCase):
   def test_an_error_that_cannot_be_unpickled_is_one_error(self):
     with self.assertRaisesRegex(core.DataError, r'^Refused: line 1: no$'):
       list(parallel.parsed(RefusingReader(), _chunks(2), str, print, 1))
+
+  def test_a_result_that_cannot_be_unpickled_is_one_error(self):
+    pids = _children(os.getpid())
+    with self.assertRaisesRegex(
+      core.DataError,
+      r'^A worker process parsed the data into what this process cannot load'
+      r' \(TypeError: .*missing 1 required positional argument.*\)\. Set'
+      r' config.dataset.parse_workers=0 \(predict.py: --parse_workers=0\)',
+    ):
+      list(
+        parallel.parsed(RefusingReader(give=True), _chunks(4), str, print, 2)
+      )
+    workers = _children(os.getpid()) - pids
+    self.assertEqual(_wait_gone(workers, seconds=5), set())
+
+  def _parse_in_thread(self, reader, chunks, seconds=60):
+    """`parsed` of `chunks` by 2 workers in a thread that must end within
+    `seconds`: (pids of its results, its DataError's message or None)."""
+    pids, raised = [], []
+
+    def parse():
+      try:
+        for pid, _ in parallel.parsed(reader, chunks, str, print, 2):
+          pids.append(pid)
+      except core.DataError as e:
+        raised.append(str(e))
+
+    before = _children(os.getpid())
+    thread = threading.Thread(target=parse, daemon=True)
+    thread.start()
+    thread.join(seconds)
+    workers = _children(os.getpid()) - before
+    hung = thread.is_alive()
+    if hung:  # A failure: not left stopped for the tests that follow.
+      for pid in workers:
+        os.kill(pid, signal.SIGKILL)
+      thread.join()
+    self.assertFalse(hung)
+    self.assertEqual(_wait_gone(workers | set(pids), seconds=5), set())
+    return pids, raised[0] if raised else None
+
+  @mock.patch.object(parallel, '_CHECK_S', 0.05)
+  @mock.patch.object(parallel, 'STOPPED_S', 1.0)
+  def test_a_worker_stopped_for_good_is_ended_not_waited_for(self):
+    pids, raised = self._parse_in_thread(PidReader(stop={3}), _chunks(6))
+    self.assertLen(pids, 1)  # Chunk 1's result; chunk 2 stopped its worker.
+    self.assertRegex(
+      raised,
+      r'^A worker process parsing the data \(pid \d+\) stayed stopped'
+      r' \(SIGSTOP\) for 1 s, so this run ended it; resume \(SIGCONT\) a'
+      r' worker paused on purpose sooner\. Set config.dataset.parse_workers=0',
+    )
+
+  @mock.patch.object(parallel, '_CHECK_S', 0.05)
+  @mock.patch.object(parallel, 'STOPPED_S', 3.0)
+  def test_a_worker_resumed_in_time_finishes_its_work(self):
+    def resume():  # The stopped worker, 0.5 s after it stops.
+      deadline = time.monotonic() + 30
+      while time.monotonic() < deadline:
+        for pid in _children(os.getpid()):
+          if parallel._state(pid) == 'T':
+            time.sleep(0.5)
+            os.kill(pid, signal.SIGCONT)
+            return
+        time.sleep(0.02)
+
+    threading.Thread(target=resume, daemon=True).start()
+    pids, raised = self._parse_in_thread(PidReader(stop={3}), _chunks(6))
+    self.assertIsNone(raised)
+    self.assertLen(pids, 6)
 
   def test_a_reader_the_workers_cannot_import_is_one_error(self):
     module = types.ModuleType('only_here')
