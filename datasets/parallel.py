@@ -23,7 +23,9 @@ its next result for ever.
 import collections
 from collections.abc import Callable, Iterable, Iterator
 import contextlib
+import functools
 import io
+import logging
 import os
 import pickle
 import queue
@@ -79,8 +81,9 @@ def workers_for(setting: int, path: str) -> int:
 
   Args:
     setting: `config.dataset.parse_workers`: -1 one per core, at most
-      `AUTO_MAX_WORKERS`, for files of `AUTO_MIN_BYTES` or more (0 below);
-      0 none; n > 0 that many.
+      `AUTO_MAX_WORKERS`, for files of `AUTO_MIN_BYTES` or more (0 below,
+      and where `sys.executable` is not this Python, as in an application
+      that embeds it); 0 none; n > 0 that many.
     path: the source file.
   """
   if setting >= 0:
@@ -91,7 +94,34 @@ def workers_for(setting: int, path: str) -> int:
     cores = os.cpu_count() or 1
   if cores < 2 or os.path.getsize(path) < AUTO_MIN_BYTES:
     return 0
+  if not _startable(sys.executable):
+    logging.info(
+      'Parsing %s in this process: %r is not this Python, so no worker'
+      ' process can start.',
+      path,
+      sys.executable,
+    )
+    return 0
   return min(cores, AUTO_MAX_WORKERS)
+
+
+@functools.cache
+def _startable(executable: str) -> bool:
+  """Whether `executable` runs as this Python (its version), as a worker
+  must; an application that embeds Python may name itself there."""
+  if not executable:
+    return False
+  try:
+    said = subprocess.run(
+      [executable, '-S', '-c', 'import sys; print(sys.hexversion)'],
+      stdin=subprocess.DEVNULL,
+      capture_output=True,
+      timeout=60,
+      check=False,
+    ).stdout
+  except (OSError, subprocess.SubprocessError):
+    return False
+  return said.strip() == str(sys.hexversion).encode()
 
 
 def picklable(reader: Any) -> bool:

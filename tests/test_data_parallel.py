@@ -705,6 +705,37 @@ class WorkersForTest(absltest.TestCase):
       ):
         self.assertEqual(parallel.workers_for(setting, path), want)
 
+  def test_auto_parses_here_where_the_executable_is_not_this_python(self):
+    directory = self.enter_context(tempfile.TemporaryDirectory())
+    path = os.path.join(directory, 'train.txt')
+    with open(path, 'w') as f:
+      f.write('x' * 1000)
+    other = os.path.join(directory, 'app')  # Runs, but says another version.
+    with open(other, 'w') as f:
+      f.write('#!/bin/sh\necho 50859248\n')
+    os.chmod(other, 0o755)
+    self.enter_context(mock.patch.object(parallel, 'AUTO_MIN_BYTES', 1000))
+    self.enter_context(
+      mock.patch.object(os, 'sched_getaffinity', lambda _: range(2))
+    )
+    for executable, want in [
+      (sys.executable, 2),
+      (other, 0),
+      ('/bin/true', 0),  # Says nothing.
+      (os.path.join(directory, 'missing'), 0),
+      ('', 0),  # Python embedded without a path to itself.
+    ]:
+      parallel._startable.cache_clear()
+      with mock.patch.object(sys, 'executable', executable):
+        if want:
+          self.assertEqual(parallel.workers_for(-1, path), want)
+        else:
+          with self.assertLogs(level='INFO') as logs:
+            self.assertEqual(parallel.workers_for(-1, path), 0)
+          self.assertIn(f'{executable!r} is not this Python', logs.output[0])
+        self.assertEqual(parallel.workers_for(3, path), 3)  # As asked.
+    parallel._startable.cache_clear()
+
   def test_a_reader_that_cannot_travel_is_parsed_here(self):
     self.assertTrue(parallel.picklable(PidReader()))
     self.assertFalse(parallel.picklable(lambda: None))
