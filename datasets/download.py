@@ -11,10 +11,18 @@ survives a dropped connection or Ctrl-C. The file's version sits beside it
 in `<dest>.part.json`; a file changed on the server since, a server that
 ignores the range, or a checksum that does not match start it over. Every
 failure is a `DownloadError` whose message says what to do.
+
+A power cut can leave `<dest>.part` as long as what was written but with a
+tail of zeros or garbage that never reached the disk. So every
+`DURABLE_EVERY` bytes, and when a transfer is cut, the bytes are put on the
+disk (`fsync`) and their count is recorded in `<dest>.part.json` (replaced
+whole); a resume keeps only those and asks again for the rest.
 """
 
+from collections.abc import Callable
 import contextlib
 import fcntl
+import functools
 import hashlib
 import http.client
 import json
@@ -36,6 +44,9 @@ TIMEOUT_S = 60
 MIN_BYTES_PER_TIMEOUT = 64 * 1024
 # Seconds between two log lines of a download's progress.
 PROGRESS_S = 30
+# Bytes between two `fsync`s of a resumable transfer, each recorded in
+# `<dest>.part.json` as the count a resume after a power cut may keep.
+DURABLE_EVERY = 64 * 2**20
 # `Content-Range: bytes <first>-<last>/<length or *>` of a 206 answer.
 CONTENT_RANGE = re.compile(r'bytes (\d+)-(\d+)/(\d+|\*)$')
 # The advice that ends the messages of a failed download.
@@ -58,21 +69,31 @@ def _content_length(response) -> int | None:
 
 
 def _copy(
-  response, out, digest, url: str, expected: int | None, start: int = 0
+  response,
+  out,
+  digest,
+  url: str,
+  expected: int | None,
+  start: int = 0,
+  sync: Callable[[], None] | None = None,
 ) -> int:
   """Copies `response` into `out` and `digest`; the bytes received.
 
   Reads what has arrived (`read1`), so that a server trickling bytes is
   caught: fewer than `MIN_BYTES_PER_TIMEOUT` in `TIMEOUT_S` seconds raise.
   The progress logged counts the `start` bytes a resumed transfer kept.
+  `sync` (if any) is called after every `DURABLE_EVERY` bytes.
   """
   read = getattr(response, 'read1', response.read)
-  received = window_bytes = 0
+  received = window_bytes = synced = 0
   window_start = last_log = time.monotonic()
   while chunk := read(1 << 20):
     out.write(chunk)
     digest.update(chunk)
     received += len(chunk)
+    if sync is not None and received - synced >= DURABLE_EVERY:
+      sync()
+      synced = received
     now = time.monotonic()
     if now - window_start >= TIMEOUT_S:
       if received - window_bytes < MIN_BYTES_PER_TIMEOUT:
@@ -102,15 +123,52 @@ def _validator(response) -> str | None:
 
 
 def _resume_offset(part: str, url: str) -> tuple[int, str | None]:
-  """`(bytes kept in part, their version)` for `url`; (0, None) if none."""
+  """`(bytes kept in part, their version)` for `url`; (0, None) if none.
+
+  Only the bytes recorded as durable are kept: past them, a power cut may
+  have left zeros or garbage. A description without that count (written by
+  an earlier version, which did not `fsync`) keeps none: starting over is
+  slower, resuming after garbage would be wrong.
+  """
   try:
     with open(part + '.json') as f:
       meta = json.load(f)
-    if meta['url'] == url and isinstance(meta['validator'], str):
-      return os.path.getsize(part), meta['validator']
-  except (OSError, ValueError, KeyError, TypeError):
+    durable = meta.get('durable', 0)
+    if (
+      meta['url'] == url
+      and isinstance(meta['validator'], str)
+      and type(durable) is int
+      and durable > 0
+    ):
+      return min(os.path.getsize(part), durable), meta['validator']
+  except (OSError, ValueError, KeyError, TypeError, AttributeError):
     pass
   return 0, None
+
+
+def _sync(out, path: str, url: str, validator: str) -> None:
+  """Puts `out` (the file `path`) on the disk, then records in
+  `<path>.json` that its bytes are durable (`_resume_offset`)."""
+  out.flush()
+  os.fsync(out.fileno())
+  _describe(path, url, validator, os.fstat(out.fileno()).st_size)
+
+
+def _describe(path: str, url: str, validator: str, durable: int) -> None:
+  """Writes `<path>.json`, whole or not at all (a temporary file beside it,
+  on the disk before it is renamed: a power cut leaves the old or the new;
+  `core.remove_orphans` removes one that a killed run left)."""
+  tmp = f'{path.removesuffix(".part")}.partial-{core.owner_tag()}.json'
+  try:
+    with open(tmp, 'w') as f:
+      json.dump({'url': url, 'validator': validator, 'durable': durable}, f)
+      f.flush()
+      os.fsync(f.fileno())
+    os.replace(tmp, path + '.json')
+  except BaseException:
+    with contextlib.suppress(OSError):
+      os.remove(tmp)
+    raise
 
 
 def _open(url: str, offset: int, validator: str | None):
@@ -224,9 +282,11 @@ def _transfer(url, out, path, dest, md5, sha256, key, resume: bool) -> None:
   if md5 is None and sha256 is not None:
     digest, want = hashlib.sha256(), sha256
   keep = done = False  # Whether `path` is left for the next call; renamed.
+  validator = None
   try:
     try:
       offset, validator = _resume_offset(path, url) if resume else (0, None)
+      out.truncate(offset)  # Past the durable bytes: maybe garbage.
       keep = offset > 0  # Kept until the server says they are stale.
       response, offset = _open(url, offset, validator)
       with response:
@@ -240,10 +300,11 @@ def _transfer(url, out, path, dest, md5, sha256, key, resume: bool) -> None:
         out.truncate(offset)  # Where `out` stands: after the kept bytes.
         validator = _validator(response) if resume else None
         keep = bool(validator)
+        sync = None
         if validator:  # Written before the bytes it describes.
-          with open(path + '.json', 'w') as f:
-            json.dump({'url': url, 'validator': validator}, f)
-        received = _copy(response, out, digest, url, expected, offset)
+          _describe(path, url, validator, offset)
+          sync = functools.partial(_sync, out, path, url, validator)
+        received = _copy(response, out, digest, url, expected, offset, sync)
       if expected is not None and received != expected:
         raise _Cut(f'ended after {received} of {expected} bytes')
     except _Cut as e:
@@ -276,6 +337,7 @@ def _transfer(url, out, path, dest, md5, sha256, key, resume: bool) -> None:
         + f'; or {BY_HAND}'
       )
     out.flush()
+    os.fsync(out.fileno())  # Else a power cut may leave `dest` with garbage.
     os.replace(path, dest)
     keep, done = False, True
   except OSError:
@@ -286,6 +348,9 @@ def _transfer(url, out, path, dest, md5, sha256, key, resume: bool) -> None:
       logging.warning('Interrupted: %s', kept)
     raise
   finally:
+    if keep:  # The next call resumes `path`: on the disk and recorded so.
+      with contextlib.suppress(OSError):  # Else it resumes from less.
+        _sync(out, path, url, validator)
     # The next call resumes `path`, or it goes with what describes it.
     for name in [] if keep else [path + '.json'] + [path] * (not done):
       with contextlib.suppress(FileNotFoundError):

@@ -319,6 +319,13 @@ class ResumeTest(absltest.TestCase):
     server.truncate = False
     with open(self.dest + '.part', 'rb') as f:
       self.assertEqual(f.read(), self.payload[: self.half])
+    # On the disk, and recorded so: a power cut now keeps them all.
+    self.assertEqual(self._durable(), self.half)
+
+  def _durable(self):
+    """The count of bytes `<dest>.part.json` records as on the disk."""
+    with open(self.dest + '.part.json') as f:
+      return json.load(f)['durable']
 
   def test_a_cut_transfer_asks_for_the_rest_and_checks_the_whole(self):
     config = _dataset_config(self.tmp, name='ml-100k')
@@ -378,6 +385,7 @@ class ResumeTest(absltest.TestCase):
             r' are kept and the next run resumes from there\. Check the',
           )
         self.assertEqual(os.path.getsize(self.dest + '.part'), 1000)
+        self.assertEqual(self._durable(), 1000)
         with mock.patch.object(download, '_copy', copy):
           download.download(url, self.dest, md5=self.md5)
         with open(self.dest, 'rb') as f:
@@ -395,6 +403,7 @@ class ResumeTest(absltest.TestCase):
           sys.executable,
           '-c',
           'import sys; from datasets import download;'
+          ' download.DURABLE_EVERY = 1;'  # What it receives is recorded.
           ' download.download(sys.argv[1], sys.argv[2], md5=sys.argv[3])',
           url,
           self.dest,
@@ -403,10 +412,11 @@ class ResumeTest(absltest.TestCase):
         cwd=os.path.dirname(os.path.dirname(download.__file__)),
       )
       part, deadline = self.dest + '.part', time.monotonic() + 60
-      while time.monotonic() < deadline and (
-        not os.path.exists(part) or os.path.getsize(part) < self.half
-      ):
+      durable = 0
+      while time.monotonic() < deadline and durable < self.half:
         time.sleep(0.01)
+        with contextlib.suppress(OSError, ValueError, KeyError):
+          durable = self._durable()
       child.kill()  # SIGKILL: no handler, no clean-up.
       child.wait()
       hang, server.hang = server.hang, None
@@ -550,7 +560,14 @@ class ResumeTest(absltest.TestCase):
       url = f'{server.url}/x.tar.gz'
       for kept, meta, asked in (
         # All of it and more: the server answers 416, then the whole.
-        (self.payload + b'x', {'url': url, 'validator': '"v1"'}, 'bytes='),
+        (
+          self.payload + b'x',
+          {'url': url, 'validator': '"v1"', 'durable': len(self.payload) + 1},
+          'bytes=',
+        ),
+        # Described by an earlier version, which did not say what is on the
+        # disk: nothing is.
+        (b'y' * 10, {'url': url, 'validator': '"v1"'}, None),
         (b'y' * 10, {'url': url + '?b', 'validator': '"v1"'}, None),
         (b'y' * 10, {'url': url}, None),  # Damaged descriptions.
         (b'y' * 10, {'url': url, 'validator': 5}, None),
@@ -585,6 +602,86 @@ class ResumeTest(absltest.TestCase):
       ):
         download.download(f'{server.url}/x.tar.gz', self.dest)
     self.assertEqual(_files_under(self.tmp), [])
+
+  def test_after_a_power_cut_only_the_bytes_on_the_disk_are_kept(self):
+    # A power cut left the part longer than what reached the disk: a tail
+    # of zeros or garbage past the bytes recorded as durable. Or shorter.
+    garbage = b'\0' * 10_000 + b'g' * 10_000
+    for kept, durable, resumed in (
+      (self.payload[:30_000] + garbage, 30_000, 30_000),
+      (self.payload[:20_000], 50_000, 20_000),
+    ):
+      with (
+        self.subTest(durable=durable),
+        HttpServer(self.payload, ranges=True) as server,
+      ):
+        url = f'{server.url}/x.tar.gz'
+        meta = {'url': url, 'validator': '"v1"', 'durable': durable}
+        write_text(self.dest + '.part.json', json.dumps(meta))
+        with open(self.dest + '.part', 'wb') as f:
+          f.write(kept)
+        download.download(url, self.dest)  # No checksum.
+        with open(self.dest, 'rb') as f:
+          self.assertEqual(f.read(), self.payload)
+        self.assertEqual(server.headers, [(f'bytes={resumed}-', '"v1"')])
+        self.assertEqual(os.listdir(os.path.dirname(self.dest)), ['x.tar.gz'])
+        os.remove(self.dest)
+
+  def test_the_bytes_are_on_the_disk_before_their_count_is_recorded(self):
+    # Every DURABLE_EVERY bytes received, and none between.
+    chunks = [b'x' * 1000] * 10
+    response = mock.Mock(read1=mock.Mock(side_effect=chunks + [b'']))
+    sizes = []
+    with (
+      io.BytesIO() as out,
+      mock.patch.object(download, 'DURABLE_EVERY', 2500),
+    ):
+      sync = lambda: sizes.append(out.tell())
+      received = download._copy(
+        response, out, hashlib.md5(), 'u', None, 0, sync
+      )
+    self.assertEqual((received, sizes), (10_000, [3000, 6000, 9000]))
+    # Each count recorded is the size the part had at its last fsync, and
+    # the part is on the disk before it takes the name of the download.
+    events, fsync, replace = [], os.fsync, os.replace
+
+    def fsynced(fd):
+      events.append(('fsync', os.fstat(fd).st_ino, os.fstat(fd).st_size))
+      fsync(fd)
+
+    def replaced(src, dst):
+      if dst.endswith('.json'):
+        with open(src) as f:
+          events.append(('record', json.load(f)['durable']))
+      else:
+        events.append(('rename', os.stat(src).st_ino, os.stat(src).st_size))
+      replace(src, dst)
+
+    with (
+      HttpServer(self.payload, ranges=True) as server,
+      mock.patch.object(download, 'DURABLE_EVERY', 1),
+      mock.patch.object(download.os, 'fsync', fsynced),
+      mock.patch.object(download.os, 'replace', replaced),
+    ):
+      download.download(f'{server.url}/x.tar.gz', self.dest, md5=self.md5)
+    inode = os.stat(self.dest).st_ino
+    # The part's own fsyncs (not the descriptions'), counts and renaming.
+    events = [e for e in events if e[0] != 'fsync' or e[1] == inode]
+    self.assertEqual(events[0], ('record', 0))  # Before any byte.
+    self.assertEqual(
+      events[-2:],
+      [
+        ('fsync', inode, len(self.payload)),
+        ('rename', inode, len(self.payload)),
+      ],
+    )
+    synced = 0
+    for event in events:
+      if event[0] == 'fsync':
+        synced = event[2]
+      elif event[0] == 'record':
+        self.assertEqual(event[1], synced)
+    self.assertGreater(len([e for e in events if e[0] == 'record']), 1)
 
   def test_a_part_another_process_holds_or_renamed_is_left_to_it(self):
     os.makedirs(os.path.dirname(self.dest))
