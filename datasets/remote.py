@@ -10,15 +10,24 @@ archive's place, which the formats read as they read any directory
 holds one. A `#sha256=<hex>` or `#md5=<hex>` fragment is the content's
 checksum, checked before anything is kept. Later runs, and the other
 processes of a run sharing the cache, read the copy without the network.
+
+A download cut short keeps its bytes in `url-<hash>/<name>.part` for the
+next run to resume. One that nothing has written for 7 days
+(`PART_MAX_AGE_S`; config.dataset.path names another URL since, say) was
+abandoned: a `fetch` of any other URL deletes it, unless a process holds
+it, and its directory if that is left empty. Complete files and unpacked
+directories stay.
 """
 
 import contextlib
 import errno
+import fcntl
 import hashlib
 import logging
 import os
 import shutil
 import tarfile
+import time
 import urllib.parse
 import zipfile
 import zlib
@@ -38,6 +47,8 @@ ZIP = ('.zip',)
 FILTERS = hasattr(tarfile, 'data_filter')
 # What a disk that refuses a write raises (a damaged gzip is an OSError too).
 DISK_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES)
+# Seconds after which a `.part` that nothing has written is abandoned.
+PART_MAX_AGE_S = 7 * 24 * 3600
 
 
 def is_url(path: object) -> bool:
@@ -208,6 +219,7 @@ def fetch(url: str, cache_dir: str, key: str = 'path') -> str:
   name = os.path.basename(urllib.parse.urlsplit(url).path) or 'download'
   tag = hashlib.sha256(url.encode()).hexdigest()[:16]
   root = os.path.join(cache_dir, 'downloads', f'url-{tag}')
+  sweep_parts(os.path.dirname(root), os.path.basename(root))
   kind = _kind(name)
   final = os.path.join(root, _stem(name) if kind else name)
   if os.path.exists(final):  # Complete: only renamed into place whole.
@@ -236,6 +248,57 @@ def fetch(url: str, cache_dir: str, key: str = 'path') -> str:
         f'Could not unpack {url} into {root}: {e}. {unpack_advice(e, archive)}'
       ) from e
   return _inside(final)
+
+
+def sweep_parts(downloads: str, current: str) -> None:
+  """Deletes the abandoned `.part` files of the `url-*` directories in
+  `downloads` other than `current` (`_remove_abandoned`), and a directory
+  that is left empty; nothing else."""
+  try:
+    tags = [
+      t for t in os.listdir(downloads) if t.startswith('url-') and t != current
+    ]
+  except OSError:  # No downloads yet.
+    return
+  for tag in tags:
+    root = os.path.join(downloads, tag)
+    try:
+      parts = [n for n in os.listdir(root) if n.endswith('.part')]
+    except OSError:  # Not a directory, or gone.
+      continue
+    removed = [_remove_abandoned(os.path.join(root, n)) for n in parts]
+    if any(removed):
+      with contextlib.suppress(OSError):  # Not empty.
+        os.rmdir(root)
+
+
+def _remove_abandoned(part: str) -> bool:
+  """Whether the file `part` and its `.json` were deleted: not modified for
+  `PART_MAX_AGE_S`, and held by no process (a download resuming it holds
+  it with `flock`, as `download._locked`)."""
+  try:
+    if time.time() - os.stat(part).st_mtime < PART_MAX_AGE_S:
+      return False
+    fd = os.open(part, os.O_RDONLY)
+  except OSError:
+    return False
+  try:
+    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    info = os.fstat(fd)
+    age = time.time() - info.st_mtime
+    if age < PART_MAX_AGE_S or info.st_ino != os.stat(part).st_ino:
+      return False  # Written or replaced since.
+    logging.info(
+      'Removing %s: a download not resumed for %.0f days', part, age / 86400
+    )
+    os.remove(part)
+    with contextlib.suppress(FileNotFoundError):
+      os.remove(part + '.json')
+    return True
+  except OSError:  # Held, gone, or a cache this process cannot write.
+    return False
+  finally:
+    os.close(fd)  # Releases the lock.
 
 
 def unpack_advice(error: OSError, archive: str) -> str:

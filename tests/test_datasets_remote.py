@@ -2,10 +2,12 @@
 
 import dataclasses
 import errno
+import fcntl
 import hashlib
 import io
 import os
 import tarfile
+import time
 from unittest import mock
 import zipfile
 
@@ -289,6 +291,65 @@ class RemotePathTest(DatasetTestCase):
             root = os.path.join(self.tmp, 'cache', 'downloads', f'url-{tag}')
             self.assertEqual(os.listdir(root), [])  # Neither copy stays.
           self.assertEqual(server.requests.count(f'/{name}/dac.tar.gz'), gets)
+
+  def test_a_part_left_7_days_goes_when_another_url_is_fetched(self):
+    downloads = os.path.join(self.tmp, 'cache', 'downloads')
+    ages = {  # Days since each file was written.
+      'url-old/x.tar.gz.part': 8,  # Abandoned: goes, with what describes it.
+      'url-old/x.tar.gz.part.json': 8,
+      'url-recent/y.zip.part': 1,  # Cut yesterday: resumed soon.
+      'url-recent/y.zip.part.json': 1,
+      'url-held/z.csv.part': 8,  # A download resumes it now.
+      'url-done/train.txt': 30,  # Complete: stays, however old.
+      'url-mixed/a.csv': 30,  # And keeps its directory.
+      'url-mixed/b.csv.part': 8,
+      'ml-100k.zip.part': 8,  # Not a URL's directory: not the sweep's.
+      'other/c.part': 8,
+    }
+
+    def write(name, days):
+      path = os.path.join(downloads, name)
+      os.makedirs(os.path.dirname(path), exist_ok=True)
+      with open(path, 'wb') as f:
+        f.write(b'kept bytes')
+      os.utime(path, (time.time() - days * 24 * 3600,) * 2)
+      return path
+
+    for name, days in ages.items():
+      write(name, days)
+    # flock holds an open file, not a path: this one is the test's own.
+    held = self.enter_context(open(f'{downloads}/url-held/z.csv.part', 'rb'))
+    fcntl.flock(held, fcntl.LOCK_EX)
+    text = b'clicked,user\n1,u1\n'
+    with (
+      HttpServer(text) as server,
+      mock.patch.object(remote.logging, 'info') as info,
+    ):
+      url = f'{server.url}/clicks.csv'
+      tag = hashlib.sha256(url.encode()).hexdigest()[:16]
+      self.assertEqual(
+        remote.fetch(url, os.path.join(self.tmp, 'cache')),
+        f'{downloads}/url-{tag}/clicks.csv',
+      )
+      # The fetched URL's own directory is not swept: its part is resumed.
+      write(f'url-{tag}/more.part', 8)
+      remote.fetch(url, os.path.join(self.tmp, 'cache'))
+    gone = ['url-old/x.tar.gz.part', 'url-old/x.tar.gz.part.json']
+    gone.append('url-mixed/b.csv.part')
+    self.assertEqual(
+      _files_under(downloads),
+      sorted(
+        (set(ages) - set(gone))
+        | {f'url-{tag}/clicks.csv', f'url-{tag}/more.part'}
+      ),
+    )
+    self.assertFalse(os.path.exists(f'{downloads}/url-old'))
+    logged = [args[0] % args[1:] for args, _ in info.call_args_list]
+    for part in ('url-old/x.tar.gz.part', 'url-mixed/b.csv.part'):
+      self.assertIn(
+        f'Removing {downloads}/{part}: a download not resumed for 8 days',
+        logged,
+      )
 
   def test_local_paths_are_left_as_they_are(self):
     config = self.config('criteo', '/data/train.txt', test_path='x.txt')
