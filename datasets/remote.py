@@ -15,8 +15,8 @@ A download cut short keeps its bytes in `url-<hash>/<name>.part` for the
 next run to resume. One that nothing has written for 7 days
 (`PART_MAX_AGE_S`; config.dataset.path names another URL since, say) was
 abandoned: a `fetch` of any other URL deletes it, unless a process holds
-it, and its directory if that is left empty. Complete files and unpacked
-directories stay.
+it. Complete files, unpacked directories and the URLs' directories stay
+(a run that fetches that URL again may be creating its file there).
 """
 
 import contextlib
@@ -219,7 +219,7 @@ def fetch(url: str, cache_dir: str, key: str = 'path') -> str:
   name = os.path.basename(urllib.parse.urlsplit(url).path) or 'download'
   tag = hashlib.sha256(url.encode()).hexdigest()[:16]
   root = os.path.join(cache_dir, 'downloads', f'url-{tag}')
-  sweep_parts(os.path.dirname(root), os.path.basename(root))
+  _sweep_parts(os.path.dirname(root), os.path.basename(root))
   kind = _kind(name)
   final = os.path.join(root, _stem(name) if kind else name)
   if os.path.exists(final):  # Complete: only renamed into place whole.
@@ -250,10 +250,9 @@ def fetch(url: str, cache_dir: str, key: str = 'path') -> str:
   return _inside(final)
 
 
-def sweep_parts(downloads: str, current: str) -> None:
+def _sweep_parts(downloads: str, current: str) -> None:
   """Deletes the abandoned `.part` files of the `url-*` directories in
-  `downloads` other than `current` (`_remove_abandoned`), and a directory
-  that is left empty; nothing else."""
+  `downloads` other than `current` (`_remove_abandoned`); nothing else."""
   try:
     tags = [
       t for t in os.listdir(downloads) if t.startswith('url-') and t != current
@@ -266,37 +265,34 @@ def sweep_parts(downloads: str, current: str) -> None:
       parts = [n for n in os.listdir(root) if n.endswith('.part')]
     except OSError:  # Not a directory, or gone.
       continue
-    removed = [_remove_abandoned(os.path.join(root, n)) for n in parts]
-    if any(removed):
-      with contextlib.suppress(OSError):  # Not empty.
-        os.rmdir(root)
+    for name in parts:
+      _remove_abandoned(os.path.join(root, name))
 
 
-def _remove_abandoned(part: str) -> bool:
-  """Whether the file `part` and its `.json` were deleted: not modified for
-  `PART_MAX_AGE_S`, and held by no process (a download resuming it holds
-  it with `flock`, as `download._locked`)."""
+def _remove_abandoned(part: str) -> None:
+  """Deletes the file `part` and its `.json` if not modified for
+  `PART_MAX_AGE_S` and held by no process (a download resuming it holds it
+  with `flock`, as `download._locked`)."""
   try:
     if time.time() - os.stat(part).st_mtime < PART_MAX_AGE_S:
-      return False
+      return
     fd = os.open(part, os.O_RDONLY)
   except OSError:
-    return False
+    return
   try:
     fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     info = os.fstat(fd)
     age = time.time() - info.st_mtime
     if age < PART_MAX_AGE_S or info.st_ino != os.stat(part).st_ino:
-      return False  # Written or replaced since.
+      return  # Written or replaced since.
     logging.info(
       'Removing %s: a download not resumed for %.0f days', part, age / 86400
     )
     os.remove(part)
     with contextlib.suppress(FileNotFoundError):
       os.remove(part + '.json')
-    return True
   except OSError:  # Held, gone, or a cache this process cannot write.
-    return False
+    pass
   finally:
     os.close(fd)  # Releases the lock.
 

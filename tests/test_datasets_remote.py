@@ -343,7 +343,7 @@ class RemotePathTest(DatasetTestCase):
         | {f'url-{tag}/clicks.csv', f'url-{tag}/more.part'}
       ),
     )
-    self.assertFalse(os.path.exists(f'{downloads}/url-old'))
+    self.assertEqual(os.listdir(f'{downloads}/url-old'), [])  # It stays.
     logged = [args[0] % args[1:] for args, _ in info.call_args_list]
     for part in ('url-old/x.tar.gz.part', 'url-mixed/b.csv.part'):
       self.assertIn(
