@@ -535,6 +535,29 @@ class CheckpointPolicyTest(absltest.TestCase):
 
       self._read_again_with_stat(stat, save_again)
 
+  def test_a_best_step_gone_between_its_listing_and_its_stat(self):
+    # The run deletes the step being read just after the reader listed it:
+    # its stat finds nothing, which is a step replaced, not an error.
+    self.ckpt.save_best(4, self._state(4), self._meta(4, 4))
+    best = os.path.join(self.workdir, 'checkpoints', 'best')
+    step = os.path.join(best, '4')
+    stats = []
+
+    def stat(path):
+      if path == step:
+        stats.append(path)
+        if len(stats) == 2:  # The check after the failed read.
+          raise FileNotFoundError(2, 'No such file or directory', path)
+      return os.stat(path)
+
+    def save_again():
+      self.ckpt.best.delete(4)
+      self.ckpt.save_best(4, self._state(5), self._meta(4, 4))
+      _age(best)
+
+    self._read_again_with_stat(stat, save_again)
+    self.assertLen(stats, 3)  # Read, the check that failed, read again.
+
   def test_a_best_deleted_and_saved_again_while_another_process_reads_it(self):
     # A resumed run redoing its best epoch deletes the step, then writes it:
     # a reader in between found no step, and called the best lost.
