@@ -37,6 +37,7 @@ import re
 import secrets
 import shutil
 import socket
+import time
 from typing import NamedTuple, Protocol
 import zlib
 
@@ -44,6 +45,12 @@ import ml_collections
 import numpy as np
 
 import utils
+
+# A process that holds the lock of a build and stays stopped (SIGSTOP, a
+# shell's Ctrl-Z) this long makes the others build too: they would wait for
+# it for ever. Counted in polls `_POLL_S` apart, while this process runs.
+HOLDER_STOPPED_S = 60.0
+_POLL_S = 0.2
 
 
 class DataError(utils.UserError, ValueError):
@@ -399,7 +406,9 @@ def building(path: str, lock_dir: str) -> Iterator[None]:
   `fcntl.flock`: the kernel frees it when its holder ends, however it ends.
   Where the lock file cannot be made (a read-only cache) or locks are not
   supported, the caller goes on unlocked: publishing is atomic anyway, and
-  only the work may be done twice. The file goes when its holder is done.
+  only the work may be done twice; so does a caller whose lock's holder
+  (named in the file) stays stopped `HOLDER_STOPPED_S`. The file goes when
+  its holder is done.
   """
   try:
     os.makedirs(lock_dir, exist_ok=True)
@@ -414,9 +423,13 @@ def building(path: str, lock_dir: str) -> Iterator[None]:
       fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
       logging.info('Waiting for another process to build %s', path)
-      fcntl.flock(fd, fcntl.LOCK_EX)
+      _wait_for_lock(fd, path)
     except OSError:
       pass  # No lock support here.
+    else:
+      with contextlib.suppress(OSError):  # Who holds it, for the others.
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, owner_tag().encode(), 0)
     yield
   finally:
     # Removed while held: a process that opens it later makes a new one and
@@ -424,3 +437,40 @@ def building(path: str, lock_dir: str) -> Iterator[None]:
     with contextlib.suppress(OSError):
       os.remove(lock_path)
     os.close(fd)  # Releases the lock.
+
+
+def _wait_for_lock(fd: int, path: str) -> None:
+  """Takes the lock of `fd` once its holder releases it; returns without it
+  once the holder has stayed stopped `HOLDER_STOPPED_S`."""
+  stopped = 0
+  while True:
+    try:
+      fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+      return
+    except BlockingIOError:
+      pass
+    owner = re.fullmatch(rb'(\d+)@(.*)', os.pread(fd, 1024, 0))
+    host = owner and owner[2].decode(errors='replace')
+    if host == socket.gethostname() and process_state(int(owner[1])) == 'T':
+      stopped += 1
+    else:
+      stopped = 0
+    if stopped * _POLL_S >= HOLDER_STOPPED_S:
+      logging.warning(
+        'Process %s, which builds %s, has been stopped for %.0f s (Ctrl-Z?):'
+        ' building it here as well. Resume it (kill -CONT %s) or end it.',
+        owner[1].decode(),
+        path,
+        HOLDER_STOPPED_S,
+        owner[1].decode(),
+      )
+      return
+    time.sleep(_POLL_S)
+
+
+def process_state(pid: int) -> str | None:
+  """Process `pid`'s state (`R`, `S`, `T` stopped, ...); None if unknown."""
+  with contextlib.suppress(OSError, IndexError):
+    with open(f'/proc/{pid}/stat', 'rb') as f:  # `pid (name) state ...`
+      return f.read().rsplit(b')', 1)[1].split()[0].decode()
+  return None

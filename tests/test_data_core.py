@@ -6,9 +6,11 @@ import io
 import json
 import logging
 import os
+import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import types
@@ -251,6 +253,72 @@ class CacheTest(DatasetTestCase):
       self.assertEqual(release.call_count, 2)
       data.load_dataset(config)  # From the cache.
       self.assertEqual(release.call_count, 2)
+
+
+class BuildLockTest(absltest.TestCase):
+  """`core.building` against a holder in another process."""
+
+  def _holder(self, directory: str) -> subprocess.Popen:
+    """A process that holds the lock of `directory/built`, stops itself
+    (SIGSTOP), then writes `directory/done` and lets go once resumed."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    script = (
+      'import os, signal, sys\n'
+      f'sys.path.insert(0, {root!r})\n'
+      'from datasets import core\n'
+      f'with core.building({directory!r} + "/built", {directory!r}):\n'
+      '  print("held", flush=True)\n'
+      '  os.kill(os.getpid(), signal.SIGSTOP)\n'
+      f'  open({directory!r} + "/done", "w").close()\n'
+    )
+    holder = subprocess.Popen(
+      [sys.executable, '-c', script], stdout=subprocess.PIPE, text=True
+    )
+    self.addCleanup(holder.wait)
+    self.addCleanup(holder.kill)
+    self.assertEqual(holder.stdout.readline(), 'held\n')
+    return holder
+
+  def _enter(self, directory: str) -> list[str]:
+    """Enters `building` as the holder's waiter, in a thread that must get
+    in within 30 s: whether `done` was there then, and the warnings."""
+    found = []
+    with self.assertLogs(level='INFO') as logs:
+      thread = threading.Thread(
+        target=self._wait_in, args=(directory, found), daemon=True
+      )
+      thread.start()
+      thread.join(30)
+    self.assertFalse(thread.is_alive())
+    self.assertIn('Waiting for another process to build', logs.output[0])
+    return found + [r for r in logs.output if r.startswith('WARNING')]
+
+  def _wait_in(self, directory, found):
+    with core.building(f'{directory}/built', directory):
+      found.append(str(os.path.exists(f'{directory}/done')))
+
+  @mock.patch.object(core, '_POLL_S', 0.02)
+  @mock.patch.object(core, 'HOLDER_STOPPED_S', 0.5)
+  def test_a_holder_stopped_for_good_is_not_waited_for(self):
+    directory = self.enter_context(tempfile.TemporaryDirectory())
+    holder = self._holder(directory)
+    found = self._enter(directory)
+    self.assertEqual(found[0], 'False')  # In while the holder still holds.
+    self.assertRegex(
+      found[1],
+      rf'^WARNING:root:Process {holder.pid}, which builds {directory}/built,'
+      r' has been stopped for 0 s \(Ctrl-Z\?\): building it here as well\.'
+      rf' Resume it \(kill -CONT {holder.pid}\) or end it\.$',
+    )
+    self.assertLen(found, 2)
+
+  @mock.patch.object(core, '_POLL_S', 0.02)
+  @mock.patch.object(core, 'HOLDER_STOPPED_S', 3.0)
+  def test_a_holder_resumed_in_time_is_waited_for(self):
+    directory = self.enter_context(tempfile.TemporaryDirectory())
+    holder = self._holder(directory)
+    threading.Timer(0.5, os.kill, (holder.pid, signal.SIGCONT)).start()
+    self.assertEqual(self._enter(directory), ['True'])  # Once it let go.
 
 
 class VocabularyTest(DatasetTestCase):
