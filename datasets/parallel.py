@@ -174,7 +174,8 @@ def parsed(
   try:
     for i, (lines, first, tag) in enumerate(chunks):
       if len(pool) < workers:  # Started as chunks come: a small file
-        pool.append(_Worker(setup))  # needs fewer.
+        pool.append(_Worker())  # needs fewer. Watched (`_watch`) as it
+        pool[-1].send(setup)  # takes its setup, which may fill the pipe.
       worker = pool[i % workers]  # Each parses its chunks in turn, so
       pending.append((worker, tag))  # results come back in order.
       # The lines as one string: 4x cheaper to send than a list of them.
@@ -235,7 +236,7 @@ def _result(worker, tag, bad):
 class _Worker:
   """A worker process (`serve`), its pipes and its stderr."""
 
-  def __init__(self, setup: bytes):
+  def __init__(self):
     self.stderr = self.replies = writes = None
     self.stopped = False  # Ended by `_watch`.
     try:
@@ -263,7 +264,6 @@ class _Worker:
     finally:  # The worker's end: held here too, its death would be no EOF.
       if writes is not None:
         os.close(writes)
-    self.send(setup)
 
   def send(self, message: bytes) -> None:
     try:

@@ -100,6 +100,14 @@ class CappedReader(PidReader):
     return super().parse(lines, first, where, bad)
 
 
+class BigReader(PidReader):
+  """A `PidReader` whose setup fills a pipe many times over."""
+
+  def __init__(self):
+    super().__init__()
+    self.ballast = b'x' * (4 << 20)
+
+
 class Refused(Exception):
   """An error of other arguments than its message: it pickles, but cannot
   be unpickled (`Refused(message)` lacks `why`)."""
@@ -478,6 +486,28 @@ class ParsedTest(absltest.TestCase):
     pids, raised = self._parse_in_thread(PidReader(stop={3}), _chunks(6))
     self.assertIsNone(raised)
     self.assertLen(pids, 6)
+
+  @mock.patch.object(parallel, '_CHECK_S', 0.05)
+  @mock.patch.object(parallel, 'STOPPED_S', 1.0)
+  def test_a_worker_stopped_before_it_takes_its_setup_is_ended(self):
+    # Its setup (the reader, a vocabulary: up to MAX_SENT_BYTES) fills the
+    # pipe: this process waits in the send, and the worker is watched then.
+    send, stopped = parallel._Worker.send, set()
+
+    def stop_first(worker, message):
+      if worker not in stopped:
+        stopped.add(worker)
+        os.kill(worker.process.pid, signal.SIGSTOP)
+      send(worker, message)
+
+    with mock.patch.object(parallel._Worker, 'send', stop_first):
+      pids, raised = self._parse_in_thread(BigReader(), _chunks(4), 10)
+    self.assertEqual(pids, [])
+    self.assertRegex(
+      raised,
+      r'^A worker process parsing the data \(pid \d+\)'
+      r' stayed stopped \(SIGSTOP\) for 1 s, so this run ended',
+    )
 
   def test_a_reader_the_workers_cannot_import_is_one_error(self):
     module = types.ModuleType('only_here')
