@@ -714,6 +714,89 @@ def _children(pid: int) -> set[int]:
   return found
 
 
+class WatchTest(absltest.TestCase):
+  """`_watch` ends a worker that stays stopped, and ends with `parsed`."""
+
+  def _kills(self, states: str) -> list[int]:
+    """`_watch` of one worker whose checks find `states`, one a check: the
+    checks after which it was killed (STOPPED_S: 3 checks)."""
+    worker = mock.Mock(stopped=False)
+    worker.process.pid = 12345
+    seen, kills = [], []
+    worker.process.kill.side_effect = lambda: kills.append(len(seen))
+
+    def state(pid):
+      self.assertEqual(pid, 12345)
+      seen.append(states[len(seen)])
+      return seen[-1]
+
+    done = mock.Mock()
+    done.wait.side_effect = [False] * len(states) + [True]
+    with (
+      mock.patch.object(parallel, '_state', state),
+      mock.patch.object(parallel, '_CHECK_S', 1.0),
+      mock.patch.object(parallel, 'STOPPED_S', 3.0),
+    ):
+      parallel._watch([worker], done)
+    done.wait.assert_called_with(1.0)
+    self.assertEqual(len(seen), len(states))
+    self.assertEqual(worker.stopped, bool(kills))
+    return kills
+
+  def test_a_worker_is_ended_after_stopped_s_of_checks_in_a_row(self):
+    self.assertEqual(self._kills('TTT'), [3])  # 3 s: ended, at once.
+    self.assertEqual(self._kills('STTTTTT'), [4])  # Once, then a zombie.
+    # Stopped 2 s at a time, twice or more, is no stop of 3 s.
+    self.assertEqual(self._kills('TTSTTRTTZ'), [])
+    self.assertEqual(self._kills('TT'), [])
+
+  def test_the_state_of_a_process_whose_name_has_parentheses(self):
+    # /proc/<pid>/stat is `pid (name) state ...`, and a name may hold
+    # `) T (`: the state is after the last `)`.
+    directory = self.enter_context(tempfile.TemporaryDirectory())
+    name = os.path.join(directory, 'a) T (b')
+    os.symlink(sys.executable, name)  # A process's name is its file's.
+    process = subprocess.Popen(
+      [name, '-S', '-c', 'import time; time.sleep(30)']
+    )
+    try:
+      for signum, want in ((None, 'S'), (signal.SIGSTOP, 'T')):
+        if signum:
+          os.kill(process.pid, signum)
+        deadline = time.monotonic() + 10
+        while (
+          parallel._state(process.pid) != want and time.monotonic() < deadline
+        ):
+          time.sleep(0.01)
+        self.assertEqual(parallel._state(process.pid), want)
+    finally:
+      process.kill()
+      process.wait()
+    self.assertIsNone(parallel._state(process.pid))  # Gone: unknown.
+
+  def test_the_watch_ends_with_the_parse_however_it_ends(self):
+    threads, watch = [], parallel._watch
+
+    def recorded(pool, done):
+      threads.append(threading.current_thread())
+      watch(pool, done)
+
+    self.enter_context(mock.patch.object(parallel, '_watch', recorded))
+    self.enter_context(mock.patch.object(parallel, '_CHECK_S', 0.01))
+    self.assertLen(
+      list(parallel.parsed(PidReader(), _chunks(3), str, print, 2)), 3
+    )
+    with self.assertRaises(core.DataError):
+      list(parallel.parsed(RefusingReader(), _chunks(2), str, print, 1))
+    chunks = parallel.parsed(PidReader(), _chunks(3), str, print, 2)
+    next(chunks)
+    chunks.close()  # The caller stops early.
+    self.assertLen(threads, 3)
+    for thread in threads:
+      thread.join(5)
+      self.assertFalse(thread.is_alive())
+
+
 class WorkersForTest(absltest.TestCase):
   def test_auto_takes_a_worker_per_core_for_large_files_only(self):
     directory = self.enter_context(tempfile.TemporaryDirectory())
@@ -765,6 +848,18 @@ class WorkersForTest(absltest.TestCase):
           self.assertIn(f'{executable!r} is not this Python', logs.output[0])
         self.assertEqual(parallel.workers_for(3, path), 3)  # As asked.
     parallel._startable.cache_clear()
+
+  def test_an_executable_that_does_not_answer_is_probed_once(self):
+    parallel._startable.cache_clear()
+    self.addCleanup(parallel._startable.cache_clear)
+    with mock.patch.object(
+      parallel.subprocess,
+      'run',
+      side_effect=subprocess.TimeoutExpired('app', 60),
+    ) as run:
+      self.assertFalse(parallel._startable('/opt/app'))
+      self.assertFalse(parallel._startable('/opt/app'))  # Not asked again.
+    run.assert_called_once()
 
   def test_a_reader_that_cannot_travel_is_parsed_here(self):
     self.assertTrue(parallel.picklable(PidReader()))
