@@ -572,6 +572,11 @@ class ResumeTest(absltest.TestCase):
         (b'y' * 10, {'url': url}, None),  # Damaged descriptions.
         (b'y' * 10, {'url': url, 'validator': 5}, None),
         (b'y' * 10, None, None),
+        # Counts that are no count of bytes on the disk: none is.
+        (b'y' * 10, {'url': url, 'validator': '"v1"', 'durable': 5.5}, None),
+        (b'y' * 10, {'url': url, 'validator': '"v1"', 'durable': True}, None),
+        (b'y' * 10, {'url': url, 'validator': '"v1"', 'durable': -3}, None),
+        (b'y' * 10, {'url': url, 'validator': '"v1"', 'durable': '5'}, None),
       ):
         with self.subTest(meta=meta, kept=len(kept)):
           write_text(self.dest + '.part.json', json.dumps(meta))
@@ -682,6 +687,129 @@ class ResumeTest(absltest.TestCase):
       elif event[0] == 'record':
         self.assertEqual(event[1], synced)
     self.assertGreater(len([e for e in events if e[0] == 'record']), 1)
+
+  def test_a_sync_falls_due_at_every_durable_every_bytes_exactly(self):
+    response = mock.Mock(read1=mock.Mock(side_effect=[b'x' * 1000] * 5 + [b'']))
+    sizes = []
+    with (
+      io.BytesIO() as out,
+      mock.patch.object(download, 'DURABLE_EVERY', 2000),
+    ):
+      sync = lambda: sizes.append(out.tell())
+      received = download._copy(
+        response, out, hashlib.md5(), 'u', None, 0, sync
+      )
+    self.assertEqual((received, sizes), (5000, [2000, 4000]))
+    # A transfer that is not resumed (no server ranges) syncs nothing.
+    response = mock.Mock(read1=mock.Mock(side_effect=[b'x' * 1000] * 5 + [b'']))
+    with (
+      io.BytesIO() as out,
+      mock.patch.object(download, 'DURABLE_EVERY', 2000),
+    ):
+      received = download._copy(response, out, hashlib.md5(), 'u', None)
+      self.assertEqual((received, out.tell()), (5000, 5000))
+
+  def test_garbage_past_the_durable_bytes_is_not_recorded_as_durable(self):
+    # A power cut, then a rerun that cannot reach the server: what it keeps
+    # for the next is still the bytes on the disk, not the garbage after.
+    url = 'http://127.0.0.1:9/x.tar.gz'
+    os.makedirs(os.path.dirname(self.dest))
+    meta = {'url': url, 'validator': '"v1"', 'durable': 30_000}
+    write_text(self.dest + '.part.json', json.dumps(meta))
+    with open(self.dest + '.part', 'wb') as f:
+      f.write(self.payload[:30_000] + b'\0' * 20_000)
+    with (
+      mock.patch.object(
+        download.urllib.request,
+        'urlopen',
+        side_effect=urllib.error.URLError('no route'),
+      ),
+      self.assertRaisesRegex(
+        data.DownloadError,
+        r'^Could not download .*: <urlopen error no route>\. The 30000 bytes'
+        r' received are kept and the next run resumes',
+      ),
+    ):
+      download.download(url, self.dest)
+    self.assertEqual(self._durable(), 30_000)
+    with open(self.dest + '.part', 'rb') as f:
+      self.assertEqual(f.read(), self.payload[:30_000])
+
+  def test_a_description_is_replaced_whole_once_on_the_disk(self):
+    os.makedirs(os.path.dirname(self.dest))
+    part = self.dest + '.part'
+    old = {'url': 'u', 'validator': 'v', 'durable': 3}
+    write_text(part + '.json', json.dumps(old))
+    events, fsync, replace = [], os.fsync, os.replace
+
+    def fsynced(fd):
+      events.append(('fsync', os.fstat(fd).st_ino))
+      fsync(fd)
+
+    def replaced(src, dst):
+      events.append(('replace', os.stat(src).st_ino, dst))
+      replace(src, dst)
+
+    with (
+      mock.patch.object(download.os, 'fsync', fsynced),
+      mock.patch.object(download.os, 'replace', replaced),
+    ):
+      download._describe(part, 'u', 'v', 7)
+    with open(part + '.json') as f:
+      self.assertEqual(json.load(f), dict(old, durable=7))
+    inode = os.stat(part + '.json').st_ino
+    self.assertEqual(
+      events, [('fsync', inode), ('replace', inode, part + '.json')]
+    )
+
+    def cut(obj, f):  # The disk fills as the description is written.
+      f.write(json.dumps(obj)[:5])
+      raise OSError(errno.ENOSPC, 'No space left on device')
+
+    with (
+      mock.patch.object(download.json, 'dump', cut),
+      self.assertRaisesRegex(OSError, 'No space'),
+    ):
+      download._describe(part, 'u', 'v', 9)
+    with open(part + '.json') as f:  # The last one, whole.
+      self.assertEqual(json.load(f), dict(old, durable=7))
+    self.assertEqual(os.listdir(os.path.dirname(part)), ['x.tar.gz.part.json'])
+
+  def test_a_sync_counts_the_bytes_still_in_the_buffer(self):
+    os.makedirs(os.path.dirname(self.dest))
+    part = self.dest + '.part'
+    with open(part, 'w+b') as out:
+      out.write(b'x' * 10)  # In the buffer of `out`, not the file's yet.
+      download._sync(out, part, 'u', 'v')
+      self.assertEqual(os.path.getsize(part), 10)
+    self.assertEqual(self._durable(), 10)
+
+  def test_a_cut_transfer_that_cannot_be_synced_still_says_why_it_ended(self):
+    # The disk refuses the fsync after a network error: the error is the
+    # network's, and the next run resumes from what was recorded (nothing).
+    def interrupted(response, out, *args):
+      out.write(response.read(1000))
+      raise ConnectionResetError(104, 'Connection reset by peer')
+
+    with HttpServer(self.payload, ranges=True) as server:
+      url = f'{server.url}/x.tar.gz'
+      with (
+        mock.patch.object(download, '_copy', interrupted),
+        mock.patch.object(
+          download, '_sync', side_effect=OSError(errno.EIO, 'I/O error')
+        ),
+        self.assertRaisesRegex(
+          data.DownloadError,
+          rf'^Could not download {url}: .*by peer\. The 1000 bytes received'
+          r' are kept and the next run resumes from there\. Check the',
+        ),
+      ):
+        download.download(url, self.dest, md5=self.md5)
+      self.assertEqual(self._durable(), 0)
+      download.download(url, self.dest, md5=self.md5)
+      self.assertEqual(server.headers[-1], (None, None))  # From the start.
+    with open(self.dest, 'rb') as f:
+      self.assertEqual(f.read(), self.payload)
 
   def test_a_part_another_process_holds_or_renamed_is_left_to_it(self):
     os.makedirs(os.path.dirname(self.dest))
