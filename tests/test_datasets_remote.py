@@ -299,12 +299,14 @@ class RemotePathTest(DatasetTestCase):
       'url-old/x.tar.gz.part.json': 8,
       'url-recent/y.zip.part': 1,  # Cut yesterday: resumed soon.
       'url-recent/y.zip.part.json': 1,
+      'url-week/w.csv.part': 6.9,  # Not quite 7 days: resumed yet, maybe.
       'url-held/z.csv.part': 8,  # A download resumes it now.
       'url-done/train.txt': 30,  # Complete: stays, however old.
       'url-mixed/a.csv': 30,  # And keeps its directory.
       'url-mixed/b.csv.part': 8,
       'ml-100k.zip.part': 8,  # Not a URL's directory: not the sweep's.
       'other/c.part': 8,
+      'url-file': 8,  # A file, where a URL's directory would be.
     }
 
     def write(name, days):
@@ -350,6 +352,42 @@ class RemotePathTest(DatasetTestCase):
         f'Removing {downloads}/{part}: a download not resumed for 8 days',
         logged,
       )
+
+  def test_a_part_written_or_replaced_as_it_is_swept_stays(self):
+    part = os.path.join(self.tmp, 'url-a', 'x.csv.part')
+    os.makedirs(os.path.dirname(part))
+    flock = fcntl.flock
+
+    def write(path, days):
+      with open(path, 'wb') as f:
+        f.write(b'kept bytes')
+      os.utime(path, (time.time() - days * 24 * 3600,) * 2)
+
+    # Between the sweep's look at its age and its lock, a download ...
+    def written(fd, how):  # ... resumed it,
+      os.utime(part, None)
+      flock(fd, how)
+
+    def replaced(fd, how):  # ... or another sweep deleted it and a download
+      os.remove(part)  # started it again.
+      write(part, 0)
+      flock(fd, how)
+
+    for race in (written, replaced):
+      with self.subTest(race.__name__):
+        write(part, 8)
+        write(part + '.json', 8)
+        with mock.patch.object(remote.fcntl, 'flock', race):
+          remote._remove_abandoned(part)
+        self.assertTrue(os.path.exists(part + '.json'))
+        with open(part, 'rb') as f:  # Left, and not held.
+          self.assertEqual(f.read(), b'kept bytes')
+          fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    write(part, 8)
+    remote._remove_abandoned(part)
+    self.assertEqual(os.listdir(os.path.dirname(part)), [])
+    remote._remove_abandoned(part)  # Gone since it was listed: nothing.
+    remote._sweep_parts(os.path.join(self.tmp, 'none'), 'url-b')  # No cache.
 
   def test_local_paths_are_left_as_they_are(self):
     config = self.config('criteo', '/data/train.txt', test_path='x.txt')
