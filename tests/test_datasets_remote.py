@@ -384,6 +384,10 @@ class RemotePathTest(DatasetTestCase):
           self.assertEqual(f.read(), b'kept bytes')
           fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
     write(part, 8)
+    denied = PermissionError(errno.EACCES, 'Permission denied')
+    with mock.patch.object(remote.os, 'remove', side_effect=denied):
+      remote._remove_abandoned(part)  # A cache this process cannot write.
+    self.assertTrue(os.path.exists(part))
     remote._remove_abandoned(part)
     self.assertEqual(os.listdir(os.path.dirname(part)), [])
     remote._remove_abandoned(part)  # Gone since it was listed: nothing.
