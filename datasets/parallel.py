@@ -22,7 +22,6 @@ its next result for ever.
 
 import collections
 from collections.abc import Callable, Iterable, Iterator
-import contextlib
 import functools
 import io
 import logging
@@ -200,21 +199,13 @@ def _watch(pool: list['_Worker'], done: threading.Event) -> None:
   checks = collections.Counter()  # Of each worker, stopped in a row.
   while not done.wait(_CHECK_S):
     for worker in list(pool):
-      if _state(worker.process.pid) == 'T':
+      if core.process_state(worker.process.pid) == 'T':
         checks[worker] += 1
         if checks[worker] * _CHECK_S >= STOPPED_S and not worker.stopped:
           worker.stopped = True  # Its reader's EOF then says why.
           worker.process.kill()
       else:
         checks.pop(worker, None)
-
-
-def _state(pid: int) -> str | None:
-  """Process `pid`'s state (`R`, `S`, `T`, ...); None where unknown."""
-  with contextlib.suppress(OSError, IndexError):
-    with open(f'/proc/{pid}/stat', 'rb') as f:  # `pid (name) state ...`
-      return f.read().rsplit(b')', 1)[1].split()[0].decode()
-  return None
 
 
 def _result(worker, tag, bad):

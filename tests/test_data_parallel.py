@@ -476,7 +476,7 @@ class ParsedTest(absltest.TestCase):
       deadline = time.monotonic() + 30
       while time.monotonic() < deadline:
         for pid in _children(os.getpid()):
-          if parallel._state(pid) == 'T':
+          if core.process_state(pid) == 'T':
             time.sleep(0.5)
             os.kill(pid, signal.SIGCONT)
             return
@@ -733,7 +733,7 @@ class WatchTest(absltest.TestCase):
     done = mock.Mock()
     done.wait.side_effect = [False] * len(states) + [True]
     with (
-      mock.patch.object(parallel, '_state', state),
+      mock.patch.object(core, 'process_state', state),
       mock.patch.object(parallel, '_CHECK_S', 1.0),
       mock.patch.object(parallel, 'STOPPED_S', 3.0),
     ):
@@ -765,14 +765,15 @@ class WatchTest(absltest.TestCase):
           os.kill(process.pid, signum)
         deadline = time.monotonic() + 10
         while (
-          parallel._state(process.pid) != want and time.monotonic() < deadline
+          core.process_state(process.pid) != want
+          and time.monotonic() < deadline
         ):
           time.sleep(0.01)
-        self.assertEqual(parallel._state(process.pid), want)
+        self.assertEqual(core.process_state(process.pid), want)
     finally:
       process.kill()
       process.wait()
-    self.assertIsNone(parallel._state(process.pid))  # Gone: unknown.
+    self.assertIsNone(core.process_state(process.pid))  # Gone: unknown.
 
   def test_the_watch_ends_with_the_parse_however_it_ends(self):
     threads, watch = [], parallel._watch
