@@ -418,15 +418,16 @@ def building(path: str, lock_dir: str) -> Iterator[None]:
   except OSError:
     yield
     return
+  passed = False  # A stopped holder's lock, left to it.
   try:
     try:
       fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
       logging.info('Waiting for another process to build %s', path)
-      _wait_for_lock(fd, path)
+      passed = not _wait_for_lock(fd, path)
     except OSError:
       pass  # No lock support here.
-    else:
+    if not passed:
       with contextlib.suppress(OSError):  # Who holds it, for the others.
         os.ftruncate(fd, 0)
         os.pwrite(fd, owner_tag().encode(), 0)
@@ -434,19 +435,20 @@ def building(path: str, lock_dir: str) -> Iterator[None]:
   finally:
     # Removed while held: a process that opens it later makes a new one and
     # may build too, but finds the cache first (publishing is atomic).
-    with contextlib.suppress(OSError):
-      os.remove(lock_path)
+    if not passed:
+      with contextlib.suppress(OSError):
+        os.remove(lock_path)
     os.close(fd)  # Releases the lock.
 
 
-def _wait_for_lock(fd: int, path: str) -> None:
-  """Takes the lock of `fd` once its holder releases it; returns without it
-  once the holder has stayed stopped `HOLDER_STOPPED_S`."""
+def _wait_for_lock(fd: int, path: str) -> bool:
+  """Takes the lock of `fd` once its holder releases it (True); False once
+  the holder has stayed stopped `HOLDER_STOPPED_S`, without it."""
   stopped = 0
   while True:
     try:
       fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-      return
+      return True
     except BlockingIOError:
       pass
     owner = re.fullmatch(rb'(\d+)@(.*)', os.pread(fd, 1024, 0))
@@ -464,7 +466,7 @@ def _wait_for_lock(fd: int, path: str) -> None:
         HOLDER_STOPPED_S,
         owner[1].decode(),
       )
-      return
+      return False
     time.sleep(_POLL_S)
 
 

@@ -1,6 +1,7 @@
 """Tests of data.py and batching.py: splits, cache, vocabulary, batches."""
 
 import errno
+import fcntl
 import gzip
 import io
 import json
@@ -311,6 +312,29 @@ class BuildLockTest(absltest.TestCase):
       rf' Resume it \(kill -CONT {holder.pid}\) or end it\.$',
     )
     self.assertLen(found, 2)
+    with open(f'{directory}/built.lock') as f:  # Still the holder's.
+      self.assertEqual(f.read(), f'{holder.pid}@{socket.gethostname()}')
+
+  @mock.patch.object(core, '_POLL_S', 0.02)
+  def test_a_waiter_that_takes_the_lock_names_itself_in_it(self):
+    directory = self.enter_context(tempfile.TemporaryDirectory())
+    lock_path = f'{directory}/built.lock'
+    with open(lock_path, 'w') as held:  # Held by this test, unnamed.
+      fcntl.flock(held, fcntl.LOCK_EX)
+      named = []
+
+      def wait():
+        with core.building(f'{directory}/built', directory):
+          with open(lock_path) as f:
+            named.append(f.read())
+
+      waiting = threading.Event()
+      with mock.patch.object(core.logging, 'info', lambda *_: waiting.set()):
+        thread = threading.Thread(target=wait, daemon=True)
+        thread.start()
+        self.assertTrue(waiting.wait(30))  # Then let go.
+    thread.join(30)
+    self.assertEqual(named, [core.owner_tag()])
 
   @mock.patch.object(core, '_POLL_S', 0.02)
   @mock.patch.object(core, 'HOLDER_STOPPED_S', 3.0)
