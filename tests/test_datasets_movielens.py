@@ -3,6 +3,7 @@
 import contextlib
 import errno
 import fcntl
+import functools
 import hashlib
 import io
 import json
@@ -48,6 +49,10 @@ def _ml100k_zip(rows):
     )
     z.writestr('ml-100k/README', 'test archive')
   return buffer.getvalue()
+
+
+def _append_tell(sizes: list[int], out) -> None:
+  sizes.append(out.tell())
 
 
 def _files_under(root):
@@ -428,22 +433,29 @@ class ResumeTest(absltest.TestCase):
       self.assertEqual(f.read(), self.payload)
     self.assertEqual(os.listdir(os.path.dirname(self.dest)), ['x.tar.gz'])
 
+  @contextlib.contextmanager
+  def _out_of_reach(self, kept: int):
+    """No server can be reached: a download in the block fails, saying that
+    the `kept` bytes received are kept for the next run."""
+    with (
+      mock.patch.object(
+        download.urllib.request,
+        'urlopen',
+        side_effect=urllib.error.URLError('no route'),
+      ),
+      self.assertRaisesRegex(
+        data.DownloadError,
+        r'^Could not download \S+: <urlopen error no route>\. The'
+        rf' {kept} bytes received are kept and the next run resumes',
+      ),
+    ):
+      yield
+
   def test_a_server_out_of_reach_on_the_rerun_leaves_the_kept_bytes(self):
     with HttpServer(self.payload, ranges=True) as server:
       url = f'{server.url}/x.tar.gz'
       self._cut(server, md5=self.md5)
-      with (
-        mock.patch.object(
-          download.urllib.request,
-          'urlopen',
-          side_effect=urllib.error.URLError('no route'),
-        ),
-        self.assertRaisesRegex(
-          data.DownloadError,
-          rf'^Could not download {url}: <urlopen error no route>\. The'
-          rf' {self.half} bytes received are kept and the next run resumes',
-        ),
-      ):
+      with self._out_of_reach(kept=self.half):
         download.download(url, self.dest, md5=self.md5)
       download.download(url, self.dest, md5=self.md5)
     self.assertEqual(server.headers[-1], (f'bytes={self.half}-', '"v1"'))
@@ -633,19 +645,6 @@ class ResumeTest(absltest.TestCase):
         os.remove(self.dest)
 
   def test_the_bytes_are_on_the_disk_before_their_count_is_recorded(self):
-    # Every DURABLE_EVERY bytes received, and none between.
-    chunks = [b'x' * 1000] * 10
-    response = mock.Mock(read1=mock.Mock(side_effect=chunks + [b'']))
-    sizes = []
-    with (
-      io.BytesIO() as out,
-      mock.patch.object(download, 'DURABLE_EVERY', 2500),
-    ):
-      sync = lambda: sizes.append(out.tell())
-      received = download._copy(
-        response, out, hashlib.md5(), 'u', None, 0, sync
-      )
-    self.assertEqual((received, sizes), (10_000, [3000, 6000, 9000]))
     # Each count recorded is the size the part had at its last fsync, and
     # the part is on the disk before it takes the name of the download.
     events, fsync, replace = [], os.fsync, os.replace
@@ -689,25 +688,26 @@ class ResumeTest(absltest.TestCase):
     self.assertGreater(len([e for e in events if e[0] == 'record']), 1)
 
   def test_a_sync_falls_due_at_every_durable_every_bytes_exactly(self):
-    response = mock.Mock(read1=mock.Mock(side_effect=[b'x' * 1000] * 5 + [b'']))
-    sizes = []
-    with (
-      io.BytesIO() as out,
-      mock.patch.object(download, 'DURABLE_EVERY', 2000),
-    ):
-      sync = lambda: sizes.append(out.tell())
-      received = download._copy(
-        response, out, hashlib.md5(), 'u', None, 0, sync
-      )
-    self.assertEqual((received, sizes), (5000, [2000, 4000]))
-    # A transfer that is not resumed (no server ranges) syncs nothing.
-    response = mock.Mock(read1=mock.Mock(side_effect=[b'x' * 1000] * 5 + [b'']))
-    with (
-      io.BytesIO() as out,
-      mock.patch.object(download, 'DURABLE_EVERY', 2000),
-    ):
-      received = download._copy(response, out, hashlib.md5(), 'u', None)
-      self.assertEqual((received, out.tell()), (5000, 5000))
+    # Chunks of 1000 bytes: a sync once DURABLE_EVERY more have come, with
+    # the bytes so far; none without a sync (a transfer not resumed).
+    for chunks, every, synced, want in [
+      (10, 2500, True, [3000, 6000, 9000]),
+      (5, 2000, True, [2000, 4000]),
+      (5, 2000, False, []),
+    ]:
+      read1 = mock.Mock(side_effect=[b'x' * 1000] * chunks + [b''])
+      response = mock.Mock(read1=read1)
+      sizes = []
+      with (
+        io.BytesIO() as out,
+        mock.patch.object(download, 'DURABLE_EVERY', every),
+      ):
+        sync = functools.partial(_append_tell, sizes, out) if synced else None
+        received = download._copy(
+          response, out, hashlib.md5(), 'u', None, 0, sync
+        )
+        self.assertEqual((received, out.tell()), (chunks * 1000,) * 2)
+      self.assertEqual(sizes, want)
 
   def test_garbage_past_the_durable_bytes_is_not_recorded_as_durable(self):
     # A power cut, then a rerun that cannot reach the server: what it keeps
@@ -718,18 +718,7 @@ class ResumeTest(absltest.TestCase):
     write_text(self.dest + '.part.json', json.dumps(meta))
     with open(self.dest + '.part', 'wb') as f:
       f.write(self.payload[:30_000] + b'\0' * 20_000)
-    with (
-      mock.patch.object(
-        download.urllib.request,
-        'urlopen',
-        side_effect=urllib.error.URLError('no route'),
-      ),
-      self.assertRaisesRegex(
-        data.DownloadError,
-        r'^Could not download .*: <urlopen error no route>\. The 30000 bytes'
-        r' received are kept and the next run resumes',
-      ),
-    ):
+    with self._out_of_reach(kept=30_000):
       download.download(url, self.dest)
     self.assertEqual(self._durable(), 30_000)
     with open(self.dest + '.part', 'rb') as f:
