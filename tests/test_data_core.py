@@ -344,6 +344,31 @@ class BuildLockTest(absltest.TestCase):
     threading.Timer(0.5, os.kill, (holder.pid, signal.SIGCONT)).start()
     self.assertEqual(self._enter(directory), ['True'])  # Once it let go.
 
+  def test_the_state_of_a_process_whose_name_has_parentheses(self):
+    # /proc/<pid>/stat is `pid (name) state ...`, and a name may hold
+    # `) T (`: the state is after the last `)`.
+    directory = self.enter_context(tempfile.TemporaryDirectory())
+    name = os.path.join(directory, 'a) T (b')
+    os.symlink(sys.executable, name)  # A process's name is its file's.
+    process = subprocess.Popen(
+      [name, '-S', '-c', 'import time; time.sleep(30)']
+    )
+    try:
+      for signum, want in ((None, 'S'), (signal.SIGSTOP, 'T')):
+        if signum:
+          os.kill(process.pid, signum)
+        deadline = time.monotonic() + 10
+        while (
+          core.process_state(process.pid) != want
+          and time.monotonic() < deadline
+        ):
+          time.sleep(0.01)
+        self.assertEqual(core.process_state(process.pid), want)
+    finally:
+      process.kill()
+      process.wait()
+    self.assertIsNone(core.process_state(process.pid))  # Gone: unknown.
+
 
 class VocabularyTest(DatasetTestCase):
   def test_raw_lines_encode_to_the_cached_ids_with_the_vocabulary(self):

@@ -750,31 +750,6 @@ class WatchTest(absltest.TestCase):
     self.assertEqual(self._kills('TTSTTRTTZ'), [])
     self.assertEqual(self._kills('TT'), [])
 
-  def test_the_state_of_a_process_whose_name_has_parentheses(self):
-    # /proc/<pid>/stat is `pid (name) state ...`, and a name may hold
-    # `) T (`: the state is after the last `)`.
-    directory = self.enter_context(tempfile.TemporaryDirectory())
-    name = os.path.join(directory, 'a) T (b')
-    os.symlink(sys.executable, name)  # A process's name is its file's.
-    process = subprocess.Popen(
-      [name, '-S', '-c', 'import time; time.sleep(30)']
-    )
-    try:
-      for signum, want in ((None, 'S'), (signal.SIGSTOP, 'T')):
-        if signum:
-          os.kill(process.pid, signum)
-        deadline = time.monotonic() + 10
-        while (
-          core.process_state(process.pid) != want
-          and time.monotonic() < deadline
-        ):
-          time.sleep(0.01)
-        self.assertEqual(core.process_state(process.pid), want)
-    finally:
-      process.kill()
-      process.wait()
-    self.assertIsNone(core.process_state(process.pid))  # Gone: unknown.
-
   def test_the_watch_ends_with_the_parse_however_it_ends(self):
     threads, watch = [], parallel._watch
 
