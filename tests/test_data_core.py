@@ -257,7 +257,8 @@ class CacheTest(DatasetTestCase):
 
 
 class BuildLockTest(absltest.TestCase):
-  """`core.building` against a holder in another process."""
+  """`core.building` against a holder in another process, and how it reads
+  a process's state."""
 
   def _holder(self, directory: str) -> subprocess.Popen:
     """A process that holds the lock of `directory/built`, stops itself
