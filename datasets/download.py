@@ -283,6 +283,10 @@ def _transfer(url, out, path, dest, md5, sha256, key, resume: bool) -> None:
     digest, want = hashlib.sha256(), sha256
   keep = done = False  # Whether `path` is left for the next call; renamed.
   validator = None
+
+  def record() -> None:  # What a cut transfer keeps, on the disk.
+    _sync(out, path, url, validator)
+
   try:
     try:
       offset, validator = _resume_offset(path, url) if resume else (0, None)
@@ -310,8 +314,8 @@ def _transfer(url, out, path, dest, md5, sha256, key, resume: bool) -> None:
     except _Cut as e:
       raise core.DownloadError(
         f'Download of {url} {e};'
-        f' {_kept(out, keep) or "the partial file was discarded."} Run again;'
-        f' or {BY_HAND}'
+        f' {_kept(out, keep, record) or "the partial file was discarded."}'
+        f' Run again; or {BY_HAND}'
       ) from None
     except (
       urllib.error.URLError,
@@ -322,7 +326,11 @@ def _transfer(url, out, path, dest, md5, sha256, key, resume: bool) -> None:
     ) as e:
       raise core.DownloadError(
         f'Could not download {url}: {e}.'
-        + (f' {kept.capitalize()}' if (kept := _kept(out, keep)) else '')
+        + (
+          f' {kept[0].upper()}{kept[1:]}'
+          if (kept := _kept(out, keep, record))
+          else ''
+        )
         + f' Check the network and config.dataset.{key}, then run again; or'
         f' {BY_HAND}'
       ) from e
@@ -344,13 +352,13 @@ def _transfer(url, out, path, dest, md5, sha256, key, resume: bool) -> None:
     keep = False  # A full disk: free what it took.
     raise
   except KeyboardInterrupt:
-    if kept := _kept(out, keep):
+    if kept := _kept(out, keep, record):
       logging.warning('Interrupted: %s', kept)
     raise
   finally:
     if keep:  # The next call resumes `path`: on the disk and recorded so.
       with contextlib.suppress(OSError):  # Else it resumes from less.
-        _sync(out, path, url, validator)
+        record()
     # The next call resumes `path`, or it goes with what describes it.
     for name in [] if keep else [path + '.json'] + [path] * (not done):
       with contextlib.suppress(FileNotFoundError):
@@ -372,12 +380,20 @@ def _check_space(url: str, path: str, need: int, kept: int) -> None:
     ) from e
 
 
-def _kept(out, keep: bool) -> str:
-  """What a cut transfer keeps, as a sentence; '' if nothing."""
+def _kept(out, keep: bool, record: Callable[[], None]) -> str:
+  """What a cut transfer keeps, as a sentence; '' if nothing. `record()`
+  puts it on the disk first, and records its size for the next run."""
   out.flush()
   kept = os.fstat(out.fileno()).st_size
   if not (keep and kept):
     return ''
+  try:
+    record()
+  except OSError as e:  # The next run resumes from an earlier record.
+    return (
+      f'the {kept} bytes received could not all be put on the disk ({e});'
+      ' the next run resumes from those that were.'
+    )
   return (
     f'the {kept} bytes received are kept and the next run resumes from there.'
   )

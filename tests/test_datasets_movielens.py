@@ -775,7 +775,8 @@ class ResumeTest(absltest.TestCase):
 
   def test_a_cut_transfer_that_cannot_be_synced_still_says_why_it_ended(self):
     # The disk refuses the fsync after a network error: the error is the
-    # network's, and the next run resumes from what was recorded (nothing).
+    # network's, it says so, and the next run resumes from what was
+    # recorded (nothing).
     def interrupted(response, out, *args):
       out.write(response.read(1000))
       raise ConnectionResetError(104, 'Connection reset by peer')
@@ -790,7 +791,8 @@ class ResumeTest(absltest.TestCase):
         self.assertRaisesRegex(
           data.DownloadError,
           rf'^Could not download {url}: .*by peer\. The 1000 bytes received'
-          r' are kept and the next run resumes from there\. Check the',
+          r' could not all be put on the disk \(\[Errno 5\] I/O error\); the'
+          r' next run resumes from those that were\. Check the',
         ),
       ):
         download.download(url, self.dest, md5=self.md5)
