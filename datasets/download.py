@@ -283,8 +283,11 @@ def _transfer(url, out, path, dest, md5, sha256, key, resume: bool) -> None:
     digest, want = hashlib.sha256(), sha256
   keep = done = False  # Whether `path` is left for the next call; renamed.
   validator = None
+  recorded = False  # Whether `record` ran (the message's `_kept`): once.
 
   def record() -> None:  # What a cut transfer keeps, on the disk.
+    nonlocal recorded
+    recorded = True
     _sync(out, path, url, validator)
 
   try:
@@ -356,7 +359,7 @@ def _transfer(url, out, path, dest, md5, sha256, key, resume: bool) -> None:
       logging.warning('Interrupted: %s', kept)
     raise
   finally:
-    if keep:  # The next call resumes `path`: on the disk and recorded so.
+    if keep and not recorded:  # The next call resumes `path`: on the disk.
       with contextlib.suppress(OSError):  # Else it resumes from less.
         record()
     # The next call resumes `path`, or it goes with what describes it.

@@ -773,6 +773,24 @@ class ResumeTest(absltest.TestCase):
       self.assertEqual(os.path.getsize(part), 10)
     self.assertEqual(self._durable(), 10)
 
+  def test_a_transfer_cut_by_any_error_records_what_it_kept(self):
+    # Not one of the network's errors, whose message records it: a bug,
+    # or memory running out, mid-transfer. The next run resumes from there.
+    def failed(response, out, *args):
+      out.write(response.read(1000))
+      raise MemoryError
+
+    with HttpServer(self.payload, ranges=True) as server:
+      url = f'{server.url}/x.tar.gz'
+      with (
+        mock.patch.object(download, '_copy', failed),
+        self.assertRaises(MemoryError),
+      ):
+        download.download(url, self.dest, md5=self.md5)
+      self.assertEqual(self._durable(), 1000)
+      download.download(url, self.dest, md5=self.md5)
+      self.assertEqual(server.headers[-1], ('bytes=1000-', '"v1"'))
+
   def test_a_cut_transfer_that_cannot_be_synced_still_says_why_it_ended(self):
     # The disk refuses the fsync after a network error: the error is the
     # network's, it says so, and the next run resumes from what was
