@@ -825,6 +825,34 @@ class WorkersForTest(absltest.TestCase):
         self.assertEqual(parallel.workers_for(3, path), 3)  # As asked.
     parallel._startable.cache_clear()
 
+  def test_the_probe_gives_the_executable_no_input_to_wait_for(self):
+    # An embedding application may read its stdin; the probe closes it. The
+    # probing process here has an open pipe for stdin, as a server might.
+    directory = self.enter_context(tempfile.TemporaryDirectory())
+    app = os.path.join(directory, 'app')
+    with open(app, 'w') as f:
+      f.write(
+        '#!/bin/sh\n[ "$(readlink /proc/$$/fd/0)" = /dev/null ]'
+        f' && echo {sys.hexversion}\n'
+      )
+    os.chmod(app, 0o755)
+    probe = subprocess.run(
+      [
+        sys.executable,
+        '-c',
+        'import sys; from datasets import parallel;'
+        ' print(parallel._startable(sys.argv[1]))',
+        app,
+      ],
+      stdin=subprocess.PIPE,
+      capture_output=True,
+      text=True,
+      cwd=ROOT,
+      timeout=120,
+      check=True,
+    )
+    self.assertEqual(probe.stdout.strip(), 'True', probe.stderr)
+
   def test_an_executable_that_does_not_answer_is_probed_once(self):
     parallel._startable.cache_clear()
     self.addCleanup(parallel._startable.cache_clear)
