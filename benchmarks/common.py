@@ -47,6 +47,59 @@ TORCHFM_MODELS = {
   'ipnn': ('pnn', 'ProductNeuralNetworkModel'),
   'opnn': ('pnn', 'ProductNeuralNetworkModel'),
 }
+# Models of pytorch-fm's GitHub master that torchfm 0.7.0 predates: compared
+# when $PYTORCH_FM_SRC names a checkout of https://github.com/rixwew/pytorch-fm.
+MASTER_MODELS = {'hofm': ('hofm', 'HighOrderFactorizationMachineModel')}
+
+
+def has_torchfm(name: str) -> bool:
+  """Whether model `name` has a pytorch-fm counterpart to run here."""
+  return name in TORCHFM_MODELS or (
+    name in MASTER_MODELS and _master_source() is not None
+  )
+
+
+def _master_source() -> str | None:
+  """$PYTORCH_FM_SRC if it names a pytorch-fm checkout, else None."""
+  src = os.environ.get('PYTORCH_FM_SRC', '')
+  found = os.path.isfile(os.path.join(src, 'torchfm', 'layer.py'))
+  return src if found else None
+
+
+def pytorch_fm_master(module: str):
+  """`torchfm/model/<module>.py` of the checkout that $PYTORCH_FM_SRC names.
+
+  Its model imports that checkout's torchfm/layer.py (e.g. AnovaKernel) in
+  place of the installed torchfm 0.7.0's, which stays installed.
+  """
+  src = _master_source()
+  if src is None:
+    raise SystemExit(
+      f'{module}: set PYTORCH_FM_SRC to a checkout of'
+      ' https://github.com/rixwew/pytorch-fm (master); torchfm 0.7.0 has no'
+      f' {module}.'
+    )
+
+  def load(name, path):
+    spec = importlib.util.spec_from_file_location(name, path)
+    loaded = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(loaded)
+    return loaded
+
+  installed = sys.modules.get('torchfm.layer')
+  sys.modules['torchfm.layer'] = load(
+    'torchfm.layer', os.path.join(src, 'torchfm', 'layer.py')
+  )
+  try:
+    return load(
+      f'pytorch_fm_master_{module}',
+      os.path.join(src, 'torchfm', 'model', f'{module}.py'),
+    )
+  finally:
+    if installed is None:
+      del sys.modules['torchfm.layer']
+    else:
+      sys.modules['torchfm.layer'] = installed
 
 
 def model_names() -> list[str]:
@@ -146,10 +199,14 @@ def torchfm_model(name: str, model_config: dict, field_dims: Sequence[int]):
   indices); ours that it lacks (e.g. AFM's attn_l2, W&D's crosses, FNN's
   fm_linear_inputs) are dropped. torchfm's models return probabilities.
   """
-  module_name, class_name = TORCHFM_MODELS[name]
-  cls = getattr(
-    importlib.import_module(f'torchfm.model.{module_name}'), class_name
-  )
+  if name in MASTER_MODELS:
+    module_name, class_name = MASTER_MODELS[name]
+    cls = getattr(pytorch_fm_master(module_name), class_name)
+  else:
+    module_name, class_name = TORCHFM_MODELS[name]
+    cls = getattr(
+      importlib.import_module(f'torchfm.model.{module_name}'), class_name
+    )
   accepted = inspect.signature(cls.__init__).parameters
   kwargs = {
     k: tuple(v) if isinstance(v, list) else v
@@ -189,7 +246,7 @@ def load_average() -> list[float] | None:
 
 def machine_info() -> dict[str, Any]:
   """CPU model, core count, load, and the versions of what was measured."""
-  return {
+  info = {
     'date': datetime.datetime.now(datetime.UTC).isoformat(timespec='seconds'),
     'cpu': _cpu_model(),
     'cores': os.cpu_count(),
@@ -209,6 +266,29 @@ def machine_info() -> dict[str, Any]:
       )
     },
   }
+  src = _master_source()
+  if src is not None:  # HOFM's reference: the commit, where it is a clone.
+    info['versions']['pytorch-fm master'] = _git_head(src) or src
+  return info
+
+
+def _git_head(path: str) -> str | None:
+  """The commit checked out at `path`, or None if it is not a git clone."""
+  import subprocess  # pylint: disable=g-import-not-at-top
+
+  if not os.path.exists(os.path.join(path, '.git')):
+    return None  # Not git's answer for a repository around it.
+  try:
+    done = subprocess.run(
+      ['git', '-C', path, 'rev-parse', 'HEAD'],
+      capture_output=True,
+      text=True,
+      timeout=30,
+      check=True,
+    )
+  except (OSError, subprocess.SubprocessError):
+    return None
+  return done.stdout.strip()[:12] or None
 
 
 def machine_line(info: dict[str, Any]) -> str:

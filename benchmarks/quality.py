@@ -288,8 +288,9 @@ def run_model(name: str, args, runs: Sequence[str]) -> dict:
     config.dataset.cache_dir = args.cache_dir
   record = {'model': name, 'batch_size': config.batch_size}
   lines = {}
-  # torchfm has no HOFM, FwFM, DCN-V2, FinalMLP or FiBiNET: flax-fm alone.
-  runs = [r for r in runs if r == 'flax' or name in common.TORCHFM_MODELS]
+  # torchfm has no FwFM, DCN-V2, FinalMLP or FiBiNET (nor HOFM but on
+  # pytorch-fm's master, `common.MASTER_MODELS`): flax-fm alone.
+  runs = [r for r in runs if r == 'flax' or common.has_torchfm(name)]
   for run in runs:
     workdir = os.path.join(args.workdir, name, run)
     shutil.rmtree(workdir, ignore_errors=True)  # Our own scratch runs.

@@ -293,7 +293,7 @@ def run_all(args: argparse.Namespace, argv: Sequence[str] | None) -> list[dict]:
     runs = [
       r
       for r in RUNS
-      if r == 'flax' or (with_torch and name in common.TORCHFM_MODELS)
+      if r == 'flax' or (with_torch and common.has_torchfm(name))
     ]
     pairs = {
       run: [

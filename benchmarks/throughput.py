@@ -507,7 +507,7 @@ def measure(
   runners = [
     (f'flax:{o}', 'flax', dict(spec, optimizer=o)) for o in args.optimizers
   ]
-  if 'torchfm' in libraries and model in common.TORCHFM_MODELS:
+  if 'torchfm' in libraries and common.has_torchfm(model):
     runners.append(('torchfm', 'torchfm', spec))
   workers = {}
   try:

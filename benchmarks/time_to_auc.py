@@ -283,8 +283,8 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
     )
   models = common.parse_models(args.models)
   if args.models == 'all':  # The models torchfm has.
-    models = [m for m in models if m in common.TORCHFM_MODELS]
-  missing = [m for m in models if m not in common.TORCHFM_MODELS]
+    models = [m for m in models if common.has_torchfm(m)]
+  missing = [m for m in models if not common.has_torchfm(m)]
   if missing:
     raise SystemExit(f'torchfm has no {", ".join(missing)}')
   with common.workdir_or_temp(args.workdir, 'flax_fm_time_to_auc-') as workdir:

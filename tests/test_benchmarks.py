@@ -12,6 +12,7 @@ import math
 import os
 import shutil
 import struct
+import sys
 import tempfile
 import types
 from unittest import mock
@@ -496,7 +497,54 @@ class ProfileTest(_TempDirs, absltest.TestCase):
       profile.main(['--dispatches=0'])
 
 
+class MasterModelsTest(_TempDirs, absltest.TestCase):
+  """HOFM's reference is pytorch-fm's master, found by $PYTORCH_FM_SRC."""
+
+  def _checkout(self):
+    src = self.create_tempdir().full_path
+    os.makedirs(os.path.join(src, 'torchfm', 'model'))
+    with open(os.path.join(src, 'torchfm', 'layer.py'), 'w') as f:
+      f.write('SOURCE = "master"\n')
+    with open(os.path.join(src, 'torchfm', 'model', 'hofm.py'), 'w') as f:
+      f.write(
+        'from torchfm.layer import SOURCE\n'
+        'class HighOrderFactorizationMachineModel:\n'
+        '  def __init__(self, field_dims, order, embed_dim):\n'
+        '    self.args = (field_dims, order, embed_dim, SOURCE)\n'
+      )
+    return src
+
+  def test_hofm_has_a_reference_only_with_a_checkout(self):
+    with mock.patch.dict(os.environ, {'PYTORCH_FM_SRC': ''}):
+      self.assertFalse(common.has_torchfm('hofm'))
+      with self.assertRaisesRegex(SystemExit, 'PYTORCH_FM_SRC'):
+        common.torchfm_model('hofm', {'order': 3, 'embed_dim': 16}, (3, 4))
+    with mock.patch.dict(os.environ, {'PYTORCH_FM_SRC': self._checkout()}):
+      self.assertTrue(common.has_torchfm('hofm'))
+      self.assertFalse(common.has_torchfm('fwfm'))
+    self.assertTrue(common.has_torchfm('fm'))
+
+  def test_the_machine_line_names_the_checkout(self):
+    with mock.patch.dict(os.environ, {'PYTORCH_FM_SRC': ''}):
+      self.assertNotIn('pytorch-fm master', common.machine_info()['versions'])
+    src = self._checkout()
+    with mock.patch.dict(os.environ, {'PYTORCH_FM_SRC': src}):
+      line = common.machine_line(common.machine_info())
+    self.assertIn(f'pytorch-fm master {src};', line)
+
+  def test_the_checkout_s_model_and_layers_are_built(self):
+    before = 'torchfm.layer' in sys.modules
+    with mock.patch.dict(os.environ, {'PYTORCH_FM_SRC': self._checkout()}):
+      model = common.torchfm_model(
+        'hofm', {'order': 3, 'embed_dim': 16, 'seed': 1}, (3, 4)
+      )
+    self.assertEqual(model.args, ([3, 4], 3, 16, 'master'))
+    # The checkout's layers were imported for the model only.
+    self.assertEqual('torchfm.layer' in sys.modules, before)
+
+
 class QualityTest(_TempDirs, absltest.TestCase):
+  @mock.patch.dict(os.environ, {'PYTORCH_FM_SRC': ''})
   def test_a_model_torchfm_lacks_trains_alone(self):
     # Every run was asked of torchfm too: KeyError at the first such model.
     out = self.create_tempdir().full_path

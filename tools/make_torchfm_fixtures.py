@@ -21,6 +21,9 @@ import sys
 import numpy as np
 import torch
 
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), '..'))
+from benchmarks import common  # noqa: E402  pylint: disable=g-import-not-at-top
+
 FIELD_DIMS = (5, 7, 4, 6)
 BATCH = 16
 OUT_DIR = os.path.join(os.path.dirname(__file__), '..', 'tests', 'fixtures')
@@ -218,47 +221,9 @@ def _autoint_extras(model, ids):
   return _variant('nores', nores, ids, seed=5)
 
 
-def _pytorch_fm_master(module: str):
-  """`torchfm/model/<module>.py` of pytorch-fm's GitHub master, imported.
-
-  torchfm 0.7.0 (PyPI) predates HOFM: PYTORCH_FM_SRC must name a checkout
-  of https://github.com/rixwew/pytorch-fm (master). Its model imports its
-  own torchfm/layer.py (AnovaKernel), in place of the installed one.
-  """
-  import importlib.util  # pylint: disable=g-import-not-at-top
-
-  import torchfm.layer  # pylint: disable=g-import-not-at-top
-
-  src = os.environ.get('PYTORCH_FM_SRC', '')
-  if not os.path.isfile(os.path.join(src, 'torchfm', 'layer.py')):
-    raise SystemExit(
-      f'{module}: set PYTORCH_FM_SRC to a checkout of'
-      ' https://github.com/rixwew/pytorch-fm (master); torchfm 0.7.0 has no'
-      f' {module}.'
-    )
-
-  def load(name, path):
-    spec = importlib.util.spec_from_file_location(name, path)
-    loaded = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(loaded)
-    return loaded
-
-  installed = torchfm.layer
-  sys.modules['torchfm.layer'] = load(
-    'torchfm.layer', os.path.join(src, 'torchfm', 'layer.py')
-  )
-  try:
-    return load(
-      f'pytorch_fm_master_{module}',
-      os.path.join(src, 'torchfm', 'model', f'{module}.py'),
-    )
-  finally:
-    sys.modules['torchfm.layer'] = installed
-
-
 def _hofm():
   # Order 4: the ANOVA kernels of orders 3 and 4 both have factors.
-  hofm = _pytorch_fm_master('hofm')
+  hofm = common.pytorch_fm_master('hofm')
   return hofm.HighOrderFactorizationMachineModel(
     FIELD_DIMS, order=4, embed_dim=3
   )
