@@ -23,6 +23,7 @@ field) and `embedded` (the training split of ml-latest-small).
   python -m benchmarks.throughput                       # all models
   python -m benchmarks.throughput --models=fm,ffm --steps=100 --rounds=5
   python -m benchmarks.throughput --optimizers=adam,rowwise_adagrad
+  python -m benchmarks.throughput --optimizers=auto     # each config's default
   python -m benchmarks.throughput --tiny                # seconds, no torch
 
 Results: benchmarks/results/throughput.{json,csv,md} (with --tiny:
@@ -55,6 +56,8 @@ CRITEO_FIELD_DIMS = (
 )
 FIELD_DIMS = {'criteo': CRITEO_FIELD_DIMS}
 OPTIMIZERS = ('adam', 'lazy_adam', 'rowwise_adagrad')
+# `auto` also: what a config's default picks for the shape (optim.resolve).
+KNOWN_OPTIMIZERS = OPTIMIZERS + ('auto',)
 DATA = ('synthetic', 'criteo', 'embedded')
 
 
@@ -142,9 +145,10 @@ class _JaxRunner:
     config.optimizer, config.seed = spec['optimizer'], spec['seed']
     if spec.get('steps_per_dispatch'):
       config.steps_per_dispatch = spec['steps_per_dispatch']
+    model = train.create_model(config, field_dims, axis_name=train.AXIS)
+    config = train.resolve_optimizer(config, model)  # `auto`: what it is.
     self.config, self.field_dims, self.train_mod = config, field_dims, train
     self.num_devices = jax.local_device_count()
-    model = train.create_model(config, field_dims, axis_name=train.AXIS)
     state = train.state_initializer(config, model)(jax.random.key(spec['seed']))
     b = spec['batch_size']
     self.leaves = self._leaves(state, ids, b)
@@ -387,7 +391,10 @@ def _worker(library: str, spec: dict, conn) -> None:
       info = {
         'devices': runner.num_devices,
         'steps_per_dispatch': runner.per_dispatch,
-        'step_bytes': bandwidth.step_bytes(runner.leaves, spec['optimizer']),
+        'optimizer': runner.config.optimizer,
+        'step_bytes': bandwidth.step_bytes(
+          runner.leaves, runner.config.optimizer
+        ),
         'matmul_flops_per_s': bandwidth.matmul_rate(),
       }
     else:
@@ -563,6 +570,7 @@ def measure(
     }
     ours = figures[f'flax:{optimizer}']
     record.update({f'flax_{k}': v for k, v in ours.items()})
+    record['resolved_optimizer'] = ours['info']['optimizer']
     # The least bytes a step touches, and the fastest step they allow.
     step_bytes = ours['info']['step_bytes']['total']
     record['flax_step_mib'] = step_bytes / 2**20
@@ -611,6 +619,12 @@ def measure(
   return records
 
 
+def _optimizer(record: dict) -> str:
+  """The optimizer asked for, and what `auto` was for the shape."""
+  asked, resolved = record['optimizer'], record.get('resolved_optimizer')
+  return f'{asked} ({resolved})' if resolved and resolved != asked else asked
+
+
 def markdown(records: list[dict], info: dict, command: str) -> str:
   header = [
     'model',
@@ -630,7 +644,7 @@ def markdown(records: list[dict], info: dict, command: str) -> str:
       [
         r['model'],
         r['data'],
-        r['optimizer'],
+        _optimizer(r),
         common.fmt(r.get('flax_train_ex_per_s')),
         common.fmt(r.get('torchfm_train_ex_per_s')),
         common.fmt(r.get('train_speedup'), '.1f') + 'x',
@@ -666,7 +680,7 @@ def markdown(records: list[dict], info: dict, command: str) -> str:
     'its bound ex/s',
   ]
   for r in records:
-    row = [r['model'], r['data'], r['optimizer']]
+    row = [r['model'], r['data'], _optimizer(r)]
     for lib in libraries:
       step, grad = r.get(f'{lib}_step_ms'), r.get(f'{lib}_forward_backward_ms')
       rest = step - grad if step is not None and grad is not None else None
@@ -754,8 +768,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
   parser.add_argument(
     '--optimizers',
     default=None,
-    help=f"flax-fm's config.optimizer values, some of {', '.join(OPTIMIZERS)}"
-    ' (default: all; with --tiny, adam). torchfm: always dense Adam',
+    help="flax-fm's config.optimizer values, some of"
+    f' {", ".join(KNOWN_OPTIMIZERS)} (default: all but auto; with --tiny,'
+    ' adam). torchfm: always dense Adam',
   )
   parser.add_argument(
     '--steps_per_dispatch',
@@ -782,7 +797,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     args.eval_batches, args.pool_batches = 2, 4
   if args.out_dir is None:
     args.out_dir = os.path.join(common.RESULTS, 'tmp' if args.tiny else '')
-  for key, known in (('data', DATA), ('optimizers', OPTIMIZERS)):
+  for key, known in (('data', DATA), ('optimizers', KNOWN_OPTIMIZERS)):
     values = [v.strip() for v in getattr(args, key).split(',') if v.strip()]
     for v in values:
       if v not in known:

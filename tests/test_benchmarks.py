@@ -35,6 +35,7 @@ from benchmarks import synthetic
 from benchmarks import throughput
 from benchmarks import time_to_auc
 from datasets import movielens
+import optim
 
 HAS_TORCH = common.torch_available()
 
@@ -335,6 +336,32 @@ class ThroughputTest(_TempDirs, absltest.TestCase):
       md = f.read()
     self.assertIn('| fm | synthetic |', md)
     self.assertIn(f'{os.cpu_count()} cores', md)
+
+  def test_auto_is_measured_as_what_it_resolves_to(self):
+    spec = dict(
+      model='fm',
+      data='synthetic',
+      field_dims=throughput.TINY_FIELD_DIMS,
+      batch_size=256,
+      eval_batch_size=512,
+      eval_batches=2,
+      pool_batches=2,
+      devices=None,
+      seed=0,
+      cache_dir='',
+      steps_per_dispatch=None,
+      optimizer='auto',
+    )
+    rows = sum(throughput.TINY_FIELD_DIMS)
+    for threshold, want in [(rows, 'lazy_adam'), (rows + 1, 'adam')]:
+      with mock.patch.object(optim, 'AUTO_SPARSE_ROWS', threshold):
+        runner = throughput._JaxRunner(spec)
+      self.assertEqual(runner.config.optimizer, want)
+    out, (record,) = self._run('--models=lr', '--no_torch', '--optimizers=auto')
+    self.assertEqual(record['optimizer'], 'auto')
+    self.assertEqual(record['resolved_optimizer'], 'adam')  # A tiny table.
+    with open(os.path.join(out, 'throughput.md')) as f:
+      self.assertIn('| lr | synthetic | auto (adam) |', f.read())
 
   def test_devices_flag(self):
     _, records = self._run('--models=lr', '--no_torch', '--devices=1')
