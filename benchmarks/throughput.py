@@ -23,7 +23,7 @@ field) and `embedded` (the training split of ml-latest-small).
   python -m benchmarks.throughput                       # all models
   python -m benchmarks.throughput --models=fm,ffm --steps=100 --rounds=5
   python -m benchmarks.throughput --optimizers=adam,rowwise_adagrad
-  python -m benchmarks.throughput --optimizers=auto     # each config's default
+  python -m benchmarks.throughput --optimizers=config   # each config's own
   python -m benchmarks.throughput --tiny                # seconds, no torch
 
 Results: benchmarks/results/throughput.{json,csv,md} (with --tiny:
@@ -56,8 +56,9 @@ CRITEO_FIELD_DIMS = (
 )
 FIELD_DIMS = {'criteo': CRITEO_FIELD_DIMS}
 OPTIMIZERS = ('adam', 'lazy_adam', 'rowwise_adagrad')
-# `auto` also: what a config's default picks for the shape (optim.resolve).
-KNOWN_OPTIMIZERS = OPTIMIZERS + ('auto',)
+# Also `auto`, resolved for the shape (optim.resolve), and `config`: each
+# config's own optimizer (`auto` but for LR and FiBiNET), what a user runs.
+KNOWN_OPTIMIZERS = OPTIMIZERS + ('auto', 'config')
 DATA = ('synthetic', 'criteo', 'embedded')
 
 
@@ -142,7 +143,9 @@ class _JaxRunner:
     self.jax = jax
     ids, labels, field_dims = make_data(spec)
     config = common.get_config(spec['model'])
-    config.optimizer, config.seed = spec['optimizer'], spec['seed']
+    config.seed = spec['seed']
+    if spec['optimizer'] != 'config':
+      config.optimizer = spec['optimizer']
     if spec.get('steps_per_dispatch'):
       config.steps_per_dispatch = spec['steps_per_dispatch']
     model = train.create_model(config, field_dims, axis_name=train.AXIS)

@@ -337,7 +337,7 @@ class ThroughputTest(_TempDirs, absltest.TestCase):
     self.assertIn('| fm | synthetic |', md)
     self.assertIn(f'{os.cpu_count()} cores', md)
 
-  def test_auto_is_measured_as_what_it_resolves_to(self):
+  def test_auto_and_config_are_measured_as_what_they_resolve_to(self):
     spec = dict(
       model='fm',
       data='synthetic',
@@ -357,11 +357,23 @@ class ThroughputTest(_TempDirs, absltest.TestCase):
       with mock.patch.object(optim, 'AUTO_SPARSE_ROWS', threshold):
         runner = throughput._JaxRunner(spec)
       self.assertEqual(runner.config.optimizer, want)
-    out, (record,) = self._run('--models=lr', '--no_torch', '--optimizers=auto')
-    self.assertEqual(record['optimizer'], 'auto')
-    self.assertEqual(record['resolved_optimizer'], 'adam')  # A tiny table.
+    # 'config': the config's own, 'auto' but for LR's and FiBiNET's 'adam'.
+    spec.update(optimizer='config')
+    with mock.patch.object(optim, 'AUTO_SPARSE_ROWS', rows):
+      self.assertEqual(
+        throughput._JaxRunner(spec).config.optimizer, 'lazy_adam'
+      )
+      spec.update(model='lr')
+      self.assertEqual(throughput._JaxRunner(spec).config.optimizer, 'adam')
+    out, records = self._run(
+      '--models=lr', '--no_torch', '--optimizers=auto,config'
+    )
+    self.assertEqual([r['optimizer'] for r in records], ['auto', 'config'])
+    self.assertEqual([r['resolved_optimizer'] for r in records], ['adam'] * 2)
     with open(os.path.join(out, 'throughput.md')) as f:
-      self.assertIn('| lr | synthetic | auto (adam) |', f.read())
+      md = f.read()
+    self.assertIn('| lr | synthetic | auto (adam) |', md)
+    self.assertIn('| lr | synthetic | config (adam) |', md)
 
   def test_devices_flag(self):
     _, records = self._run('--models=lr', '--no_torch', '--devices=1')
