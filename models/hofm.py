@@ -14,13 +14,17 @@ paper's model, written with ANOVA kernels, reads
 
 the ANOVA kernel of degree t over the fields, taken per embedding dimension
 `d` and summed. `A^2` is FM's pairwise term, computed in O(fields * dim) with
-Rendle's identity. For t >= 3 the kernel is the paper's dynamic programme
-(section 3, Algorithm 1), O(t * fields * dim):
+Rendle's identity. The paper evaluates `A^t` for t >= 3 by a dynamic
+programme over the fields (section 3, Algorithm 1), O(t * fields * dim):
 
   a(0, j) = 1,    a(s, 0) = 0 for s >= 1,
   a(s, j) = a(s, j - 1) + p_j a(s - 1, j - 1),      A^t(p) = a(t, F),
 
-where `a(s, j)` is the degree-s kernel over the first j fields.
+where `a(s, j)` is the degree-s kernel over the first j fields. This file
+takes the same kernel from the fields' power sums `P_k = sum_f p_f^k` by
+Newton's identities, of which Rendle's is the t = 2 case (`AnovaKernel`):
+
+  A^0 = 1,    A^s = (1 / s) sum_{k=1}^{s} (-1)^(k-1) A^(s-k) P_k.
 
 Inputs are per-field ids `[batch, fields]` (int32, field `f` in
 `[0, field_dims[f])`); the output is the logit y(x) `[batch]` (float32). The
@@ -37,6 +41,11 @@ this file follows: one table of `(m - 1) k` columns, `k = embed_dim`, whose
 columns `[(t - 2) k, (t - 1) k)` hold the order-t factors):
   * The linear weights start at zero instead of `nn.Embedding`'s N(0, 1),
     a large random per-id bias that the optimiser must first unlearn.
+  * The kernels of order 3 and up come from Newton's identities, not from
+    pytorch-fm's dynamic programme (its `AnovaKernel`, the paper's): the
+    same function, equal up to rounding, without the programme's
+    cumulative sums along the fields, which XLA runs as windowed
+    reductions.
   * The model returns logits; pytorch-fm returns probabilities.
 
 As pytorch-fm, the paper's optional per-factor weights `lambda_s^(t)` are
@@ -397,9 +406,17 @@ class FactorizationMachine(nn.Module):
 class AnovaKernel(nn.Module):
   """ANOVA kernel `A^t = sum_{f_1 < ... < f_t} prod_s x_{f_s}` per dimension.
 
-  The paper's dynamic programme: `a(s, j)`, the degree-s kernel over the
-  first j fields, held for all j at once as `[batch, fields + 1, dim]`, is a
-  cumulative sum over fields of `x_j a(s - 1, j - 1)`.
+  `A^t` is the t-th elementary symmetric polynomial of the fields' values,
+  so Newton's identities give it from the power sums `P_k = sum_f x_f^k`:
+
+    A^0 = 1,    A^s = (1 / s) sum_{k=1}^{s} (-1)^(k-1) A^(s-k) P_k,
+
+  in O(t fields dim), as the paper's dynamic programme, and equal to it up
+  to rounding; `t = 2` is Rendle's identity (`FactorizationMachine`). The
+  fields enter only through the sums, instead of the programme's t
+  cumulative sums along them, which XLA computes as windowed reductions
+  (each output summing up to `fields` inputs). An order above the field
+  count is exactly zero, as in the programme.
 
   Attributes:
     order: the degree t >= 1.
@@ -413,13 +430,22 @@ class AnovaKernel(nn.Module):
   @nn.compact
   def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
     """Maps `[batch, fields, dim]` to `[batch]` or `[batch, dim]`."""
-    batch, _, dim = x.shape
-    zero = jnp.zeros((batch, 1, dim), x.dtype)  # a(s, 0) = 0, s >= 1
-    a = jnp.ones((batch, x.shape[1] + 1, dim), x.dtype)  # a(0, j) = 1
-    for _ in range(self.order):
-      steps = x * a[:, :-1]  # x_j a(s - 1, j - 1): [B, F, D]
-      a = jnp.concatenate([zero, jnp.cumsum(steps, axis=1)], axis=1)
-    kernel = a[:, -1]  # a(t, F): [B, D]
+    batch, fields, dim = x.shape
+    if self.order > fields:  # No `order` distinct fields to multiply.
+      kernel = jnp.zeros((batch, dim), x.dtype)
+    else:
+      sums, power = [], x
+      for k in range(1, self.order + 1):
+        sums.append(jnp.sum(power, axis=1))  # P_k: [B, D]
+        if k < self.order:
+          power = power * x  # x^(k + 1): [B, F, D]
+      a = [jnp.ones((batch, dim), x.dtype)]  # A^0: [B, D]
+      for s in range(1, self.order + 1):
+        terms = [
+          (-1) ** (k - 1) * a[s - k] * sums[k - 1] for k in range(1, s + 1)
+        ]
+        a.append(sum(terms) / s)  # A^s: [B, D]
+      kernel = a[-1]
     if self.reduce_sum:
       return jnp.sum(kernel, axis=1)  # [B]
     return kernel

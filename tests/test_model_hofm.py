@@ -91,6 +91,21 @@ class AnovaKernelTest(parameterized.TestCase):
     self.assertEqual(per_dim.shape, (4, 3))
     np.testing.assert_allclose(per_dim.sum(-1), out, rtol=1e-5, atol=1e-5)
 
+  @parameterized.parameters('normal', 'positive')
+  def test_criteo_s_39_fields_lose_no_precision(self, values):
+    # Newton's identities subtract; with all values positive their terms
+    # are largest against the kernel. float32 against float64 enumeration.
+    rng = np.random.default_rng(7)
+    x = (
+      rng.normal(scale=0.3, size=(3, 39, 2))
+      if values == 'normal'
+      else rng.uniform(size=(3, 39, 2))
+    )
+    for order in (3, 4):
+      out = hofm.AnovaKernel(order).apply({}, x.astype(np.float32))
+      want = _np_anova(x, order)
+      np.testing.assert_allclose(out, want, rtol=5e-6)
+
   def test_order_above_the_field_count_is_zero(self):
     x = np.random.default_rng(0).normal(size=(4, 3, 2)).astype(np.float32)
     np.testing.assert_array_equal(hofm.AnovaKernel(4).apply({}, x), 0.0)
