@@ -251,22 +251,30 @@ class ThroughputTest(_TempDirs, absltest.TestCase):
     records = throughput.main(['--tiny', f'--out_dir={out}', *flags])
     return out, records
 
+  @staticmethod
+  def _spec(**changes):
+    """A runner's spec: FM on the tiny synthetic ids, batches of 256."""
+    return (
+      dict(
+        model='fm',
+        data='synthetic',
+        field_dims=throughput.TINY_FIELD_DIMS,
+        batch_size=256,
+        eval_batch_size=512,
+        eval_batches=8,
+        pool_batches=3,
+        devices=None,
+        seed=0,
+        cache_dir='',
+        steps_per_dispatch=None,
+        optimizer='adam',
+      )
+      | changes
+    )
+
   def test_evaluation_counts_rows_not_padding(self):
     # 3 batches of 256 in evaluation batches of 512: the second is padded.
-    spec = dict(
-      model='fm',
-      data='synthetic',
-      field_dims=throughput.TINY_FIELD_DIMS,
-      batch_size=256,
-      eval_batch_size=512,
-      eval_batches=8,
-      pool_batches=3,
-      devices=None,
-      seed=0,
-      cache_dir='',
-      steps_per_dispatch=None,
-      optimizer='adam',
-    )
+    spec = self._spec()
     self.assertEqual(throughput._JaxRunner(spec).evaluate()[1], 768)
     if HAS_TORCH:
       self.assertEqual(throughput._TorchRunner(spec).evaluate()[1], 768)
@@ -338,20 +346,7 @@ class ThroughputTest(_TempDirs, absltest.TestCase):
     self.assertIn(f'{os.cpu_count()} cores', md)
 
   def test_auto_and_config_are_measured_as_what_they_resolve_to(self):
-    spec = dict(
-      model='fm',
-      data='synthetic',
-      field_dims=throughput.TINY_FIELD_DIMS,
-      batch_size=256,
-      eval_batch_size=512,
-      eval_batches=2,
-      pool_batches=2,
-      devices=None,
-      seed=0,
-      cache_dir='',
-      steps_per_dispatch=None,
-      optimizer='auto',
-    )
+    spec = self._spec(optimizer='auto', eval_batches=2, pool_batches=2)
     rows = sum(throughput.TINY_FIELD_DIMS)
     for threshold, want in [(rows, 'lazy_adam'), (rows + 1, 'adam')]:
       with mock.patch.object(optim, 'AUTO_SPARSE_ROWS', threshold):
