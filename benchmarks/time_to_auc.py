@@ -14,7 +14,9 @@ checkpoints included.
   from `.npy` files: the process imports torch, torchfm and numpy, not
   JAX.
 - flax: `python main.py --config=configs/<model>.py` with each of
-  `--optimizers` (default: `auto`, the configs' own); `cold` with an empty
+  `--optimizers` (default: `config`, each config's own: `auto` but for
+  LR's and FiBiNET's `adam`; another name is passed as
+  `--config.optimizer`); `cold` with an empty
   JAX compilation cache (a first run), `warm` again with the cache the cold
   run filled (every later run of the config, as main.py keeps the cache
   under the dataset cache).
@@ -180,13 +182,7 @@ def run_one(name: str, data_name: str, args, split_dir: str) -> list[dict]:
     jit_cache = os.path.join(root, f'jax_cache_{optimizer}')
     for when in ('cold', 'warm'):
       workdir = os.path.join(root, f'flax_{optimizer}_{when}')
-      argv = [
-        'main.py',
-        f'--config=configs/{name}.py',
-        f'--workdir={workdir}',
-        f'--config.optimizer={optimizer}',
-        *data_flags(data_name, args),
-      ]
+      argv = main_argv(name, optimizer, workdir, data_flags(data_name, args))
       run = launch(argv, workdir, {'JAX_COMPILATION_CACHE_DIR': jit_cache})
       record = dict(
         model=name, data=data_name, run=f'{optimizer} {when}'
@@ -243,6 +239,21 @@ def markdown(records: list[dict], info: dict, command: str) -> str:
   )
 
 
+def main_argv(
+  name: str, optimizer: str, workdir: str, flags: Sequence[str]
+) -> list[str]:
+  """`main.py`'s arguments for config `name` with `optimizer` ('config':
+  the config's own, no flag)."""
+  chosen = [] if optimizer == 'config' else [f'--config.optimizer={optimizer}']
+  return [
+    'main.py',
+    f'--config=configs/{name}.py',
+    f'--workdir={workdir}',
+    *chosen,
+    *flags,
+  ]
+
+
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
   parser = argparse.ArgumentParser(
     prog='python -m benchmarks.time_to_auc',
@@ -254,7 +265,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
   parser.add_argument('--data', default='embedded', help=','.join(DATA))
   parser.add_argument('--criteo', default='', help='a Criteo-format file')
   parser.add_argument('--ml20m', default='', help='an ML-20M ratings.csv')
-  parser.add_argument('--optimizers', default='auto', help='a,b (optim.NAMES)')
+  parser.add_argument(
+    '--optimizers',
+    default='config',
+    help="a,b: 'config' (each config's own) or optim.NAMES",
+  )
   parser.add_argument('--workdir', default='', help='runs (default: temp)')
   parser.add_argument('--cache_dir', default='', help='dataset cache')
   parser.add_argument('--out_dir', default=common.RESULTS)

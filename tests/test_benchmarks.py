@@ -787,7 +787,16 @@ class TimeToAucTest(_TempDirs, absltest.TestCase):
         '--config.dataset.path=/d/c.txt',
       ],
     )
-    self.assertEqual(args.optimizers, ['auto'])  # What main.py runs.
+    self.assertEqual(args.optimizers, ['config'])  # What main.py runs.
+    # The config's own optimizer: no flag (LR's and FiBiNET's are 'adam').
+    self.assertEqual(
+      time_to_auc.main_argv('lr', 'config', '/w', ['--x']),
+      ['main.py', '--config=configs/lr.py', '--workdir=/w', '--x'],
+    )
+    self.assertIn(
+      '--config.optimizer=auto',
+      time_to_auc.main_argv('lr', 'auto', '/w', []),
+    )
     args = time_to_auc.parse_args(['--data=ml20m', '--ml20m=/d/r.csv'])
     self.assertEqual(
       time_to_auc.data_flags('ml20m', args)[1:],
