@@ -56,7 +56,7 @@ This file is self-contained on purpose: it imports only jax, flax and numpy,
 so it can be copied alone into another project.
 """
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import flax.linen as nn
 import jax
@@ -82,6 +82,27 @@ def one_hot_rows(field_dims: Sequence[int]) -> int:
       ' (categorical) field; multi-hot and numeric fields cannot replace it.'
     )
   return sum(field_dims)
+
+
+def side_init(rows: int, dim: int) -> Callable[..., jnp.ndarray]:
+  """Initialiser of the multi-hot and numeric tables, for any shape.
+
+  Draws U(-b, b) with b = sqrt(6 / (rows + dim)), xavier-uniform's bound for
+  the one-hot table `[rows, dim]`: a side field's rows start as the one-hot
+  fields' rows do. Xavier over a side table's own few rows would draw them
+  several times larger (13 numeric fields of 16 dimensions: b = 0.45), and
+  the products of many such fields would swamp the first logits.
+
+  Args:
+    rows: rows of the one-hot table, `one_hot_rows(field_dims)`.
+    dim: the embedding size.
+  """
+  bound = float(np.sqrt(6.0 / (rows + dim)))
+
+  def init(key, shape, dtype=jnp.float32):
+    return jax.random.uniform(key, shape, dtype, -bound, bound)
+
+  return init
 
 
 def take_rows(
@@ -324,7 +345,7 @@ class FeaturesLinear(nn.Module):
 
 
 class FeaturesEmbedding(nn.Module):
-  """Embeddings of every field, each table xavier-uniform initialised.
+  """Embeddings of every field, drawn as xavier-uniform draws the one-hot table.
 
   One-hot fields share one table, multi-hot fields another (pooled per
   field), numeric fields have one vector each, scaled by the value.
@@ -361,14 +382,16 @@ class FeaturesEmbedding(nn.Module):
     """
     init = nn.initializers.xavier_uniform()
     dim = self.embed_dim
-    table = self.param('embedding', init, (one_hot_rows(self.field_dims), dim))
+    rows = one_hot_rows(self.field_dims)
+    table = self.param('embedding', init, (rows, dim))
+    side = side_init(rows, dim)
     multi_table = dense_table = None
     if self.multi_field_dims:
       multi_table = self.param(
-        'multi_embedding', init, (sum(self.multi_field_dims), dim)
+        'multi_embedding', side, (sum(self.multi_field_dims), dim)
       )
     if self.num_dense:
-      dense_table = self.param('dense_embedding', init, (self.num_dense, dim))
+      dense_table = self.param('dense_embedding', side, (self.num_dense, dim))
     return embed_fields(
       (table, multi_table, dense_table),
       ids,

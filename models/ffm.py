@@ -48,7 +48,7 @@ This file is self-contained on purpose: it imports only jax, flax and numpy,
 so it can be copied alone into another project.
 """
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import flax.linen as nn
 import jax
@@ -74,6 +74,27 @@ def one_hot_rows(field_dims: Sequence[int]) -> int:
       ' (categorical) field; multi-hot and numeric fields cannot replace it.'
     )
   return sum(field_dims)
+
+
+def side_init(rows: int, dim: int) -> Callable[..., jnp.ndarray]:
+  """Initialiser of the multi-hot and numeric tables, for any shape.
+
+  Draws U(-b, b) with b = sqrt(6 / (rows + dim)), xavier-uniform's bound for
+  the one-hot table `[rows, dim]`: a side field's rows start as the one-hot
+  fields' rows do. Xavier over a side table's own few rows would draw them
+  several times larger (13 numeric fields of 16 dimensions: b = 0.45), and
+  the products of many such fields would swamp the first logits.
+
+  Args:
+    rows: rows of the one-hot table, `one_hot_rows(field_dims)`.
+    dim: the embedding size.
+  """
+  bound = float(np.sqrt(6.0 / (rows + dim)))
+
+  def init(key, shape, dtype=jnp.float32):
+    return jax.random.uniform(key, shape, dtype, -bound, bound)
+
+  return init
 
 
 def take_rows(
@@ -321,8 +342,9 @@ class FieldAwareEmbedding(nn.Module):
   Each table has one `[dim]` vector per row and field met: one-hot ids
   `[ids, fields, dim]`, multi-hot ids likewise (pooled per field), numeric
   fields `[dense_fields, fields, dim]` (scaled by the value), where `fields`
-  counts every field. Each `[:, g]` slice is xavier-uniform initialised as
-  one `[rows, dim]` table.
+  counts every field. Each `[:, g]` slice of the one-hot table is
+  xavier-uniform initialised as one `[rows, dim]` table; the side tables
+  are drawn alike (`side_init`).
 
   Attributes:
     field_dims: number of ids of each one-hot field.
@@ -358,16 +380,16 @@ class FieldAwareEmbedding(nn.Module):
     )
     fields = len(self.field_dims) + len(self.multi_field_dims) + self.num_dense
     row = (fields, self.embed_dim)
-    table = self.param(
-      'embedding', init, (one_hot_rows(self.field_dims),) + row
-    )
+    rows = one_hot_rows(self.field_dims)
+    table = self.param('embedding', init, (rows,) + row)
+    side = side_init(rows, self.embed_dim)
     multi_table = dense_table = None
     if self.multi_field_dims:
       multi_table = self.param(
-        'multi_embedding', init, (sum(self.multi_field_dims),) + row
+        'multi_embedding', side, (sum(self.multi_field_dims),) + row
       )
     if self.num_dense:
-      dense_table = self.param('dense_embedding', init, (self.num_dense,) + row)
+      dense_table = self.param('dense_embedding', side, (self.num_dense,) + row)
     return embed_fields(
       (table, multi_table, dense_table),
       ids,
