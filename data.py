@@ -59,6 +59,9 @@ SPLITS = cache.SPLITS
 # The part of the training split that an epoch may leave out (its last,
 # partial batch) without a warning.
 DROPPED_WARNING = 0.1
+# Training steps an epoch below which a run is warned: early stopping reads
+# the validation AUC after each epoch, which so few steps barely move.
+FEW_STEPS = 10
 
 
 def format_defaults() -> dict[str, ml_collections.ConfigDict]:
@@ -297,6 +300,22 @@ def check_splits(dataset: Dataset, config: ml_collections.ConfigDict):
       f'config.batch_size={config.batch_size} exceeds the'
       f' {len(dataset.train)} training examples of {dataset.name}: lower it,'
       ' or give training a larger part with config.dataset.split.'
+    )
+  steps = batching.num_train_steps(dataset.train, config.batch_size)
+  if steps < FEW_STEPS:
+    # The largest power of two that makes 3 * FEW_STEPS steps or more.
+    smaller = 2 ** max(int(np.log2(len(dataset.train) / (3 * FEW_STEPS))), 0)
+    logging.warning(
+      'config.batch_size=%d makes %d training steps an epoch of the %d'
+      ' examples: early stopping (config.patience=%d epochs) may end the run'
+      ' before training has moved the validation AUC. config.batch_size=%d'
+      ' makes %d.',
+      config.batch_size,
+      steps,
+      len(dataset.train),
+      config.patience,
+      smaller,
+      batching.num_train_steps(dataset.train, smaller),
     )
   left = len(dataset.train) % config.batch_size
   if left > DROPPED_WARNING * len(dataset.train):

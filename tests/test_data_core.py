@@ -794,6 +794,7 @@ class BatchTest(parameterized.TestCase):
           logging.warning('sentinel')
           data.check_splits(dataset, config)
         said = [r.getMessage() for r in logs.records[1:]]
+        said = [m for m in said if ' leaves ' in m]  # Not the steps' warning.
         if warned is None:
           self.assertEqual(said, [])
         else:
@@ -801,6 +802,36 @@ class BatchTest(parameterized.TestCase):
           self.assertIn(
             f'config.batch_size={batch_size} leaves {warned}', message
           )
+
+  def test_an_epoch_of_few_steps_is_warned_with_a_batch_size_that_makes_more(
+    self,
+  ):
+    # The Avazu sample's 8,087 lines in batches of 2048 made 3 steps an
+    # epoch, and early stopping ended LR after 9 steps at 0.57 test AUC
+    # (0.74 in batches of 256).
+    config = fm.get_config()
+    for rows, batch_size, warned in (
+      (8087, 2048, 'makes 3 training steps an epoch of the 8087 examples'),
+      (8087, 1024, 'makes 7 training steps'),
+      (8087, 800, None),  # 10 steps.
+      (20, 4, 'config.batch_size=1 makes 20.'),  # A batch of one at least.
+    ):
+      split = self._split(rows)
+      config.batch_size = batch_size
+      dataset = data.Dataset('x', ('a', 'b'), (rows, 3), split, split, split)
+      with self.subTest(rows=rows, batch_size=batch_size):
+        with self.assertLogs(level='WARNING') as logs:
+          logging.warning('sentinel')
+          data.check_splits(dataset, config)
+        said = [r.getMessage() for r in logs.records[1:]]
+        said = [m for m in said if ' training steps an epoch' in m]
+        if warned is None:
+          self.assertEqual(said, [])
+          continue
+        [message] = said
+        self.assertIn(warned, message)
+        if rows == 8087:
+          self.assertIn('config.batch_size=256 makes 31.', message)
 
   @parameterized.parameters(7, 8, 9, 16, 17)
   def test_train_batches_drop_remainder_and_processes_partition(self, n):
