@@ -319,14 +319,22 @@ def check_splits(dataset: Dataset, config: ml_collections.ConfigDict):
     )
   left = len(dataset.train) % config.batch_size
   if left > DROPPED_WARNING * len(dataset.train):
+    # Unshuffled, every epoch drops the same last rows (batching.train_rows).
+    which = (
+      'drawn anew each epoch'
+      if config.get('shuffle', True)
+      else 'the same last rows every epoch, config.shuffle=False: never'
+      ' trained on'
+    )
     logging.warning(
       'config.batch_size=%d leaves %d of the %d training examples out of each'
-      ' epoch (%.0f%%; drawn anew each epoch): a batch size that divides'
-      ' the split more evenly trains on more of it.',
+      ' epoch (%.0f%%; %s): a batch size that divides the split more evenly'
+      ' trains on more of it.',
       config.batch_size,
       left,
       len(dataset.train),
       100 * left / len(dataset.train),
+      which,
     )
   for name, split in (('validation', dataset.valid), ('test', dataset.test)):
     positives = int(np.count_nonzero(np.asarray(split.labels) > 0.5))

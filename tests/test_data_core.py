@@ -803,6 +803,27 @@ class BatchTest(parameterized.TestCase):
             f'config.batch_size={batch_size} leaves {warned}', message
           )
 
+  def test_the_left_out_rows_of_an_unshuffled_epoch_are_said_never_trained(
+    self,
+  ):
+    # config.shuffle=False reads the split in stored order: the remainder is
+    # the same last rows every epoch, not rows drawn anew.
+    split = self._split(3200)
+    dataset = data.Dataset('x', ('a', 'b'), (3200, 3), split, split, split)
+    config = fm.get_config()
+    config.batch_size = 2048
+    for shuffle, said in ((True, 'drawn anew'), (False, 'never trained on')):
+      config.shuffle = shuffle
+      with self.subTest(shuffle=shuffle):
+        with self.assertLogs(level='WARNING') as logs:
+          data.check_splits(dataset, config)
+        [message] = [
+          r.getMessage() for r in logs.records if ' leaves ' in r.getMessage()
+        ]
+        self.assertIn(said, message)
+    rows = batching.train_rows(split, 2048, seed=0, epoch=0, shuffle=False)
+    self.assertEqual(np.concatenate(list(rows)).max(), 2047)
+
   def test_an_epoch_of_few_steps_is_warned_with_a_batch_size_that_makes_more(
     self,
   ):
