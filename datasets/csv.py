@@ -194,7 +194,16 @@ class ParquetTable(text.Table):
       # column holds a multi-hot field's values.
       frame = batch.to_pandas(integer_object_nulls=True)[columns]
       frame = joined_lists(frame, multi, self.multi_sep)
+      if self.label and _is_boolean(batch.schema.field(self.label).type):
+        # True/False as 1/0 (a null stays a missing label), as a DataFrame's.
+        frame[self.label] = frame[self.label].astype('boolean').astype('Int64')
       yield frame_rows(frame, ',', True, 'CSV')
+
+
+def _is_boolean(kind) -> bool:
+  import pyarrow as pa  # pylint: disable=g-import-not-at-top
+
+  return pa.types.is_boolean(kind)
 
 
 def _missing(value) -> bool:

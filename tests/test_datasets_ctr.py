@@ -695,6 +695,33 @@ class CsvTest(DatasetTestCase):
     np.testing.assert_array_equal(a.train.ids, b.train.ids)
     np.testing.assert_array_equal(a.test.labels, b.test.labels)
 
+  def test_a_boolean_parquet_label_reads_as_0_and_1(self):
+    # pandas writes `clicks > 0` as a bool column; it read as 'True', 'False'
+    # ("label 'True' is not an integer") though a DataFrame's was 1 and 0.
+    try:
+      import pandas as pd
+      import pyarrow  # noqa: F401
+    except ImportError:
+      self.skipTest('pyarrow is not installed')
+    frame = pd.DataFrame({'u': [f'u{i % 7}' for i in range(200)]})
+    frame['y'] = np.arange(200) % 3 == 0
+    paths = [os.path.join(self.tmp, f'{k}.parquet') for k in ('b', 'i')]
+    frame.to_parquet(paths[0])
+    frame.astype({'y': int}).to_parquet(paths[1])
+    b, i = (
+      data.load_dataset(self.config('csv', p, csv=dict(label_column='y')))
+      for p in paths
+    )
+    np.testing.assert_array_equal(b.train.labels, i.train.labels)
+    np.testing.assert_array_equal(b.train.ids, i.train.ids)
+    frame.astype({'y': object}).assign(y=[True, None] * 100).to_parquet(
+      paths[0]
+    )
+    with self.assertRaisesRegex(data.DataError, r'b\.parquet: row 2: missing'):
+      data.load_dataset(
+        self.config('csv', paths[0], csv=dict(label_column='y'))
+      )
+
   def test_a_bad_parquet_row_is_named_by_its_row_across_batches(self):
     try:
       import pandas as pd
