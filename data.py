@@ -296,10 +296,16 @@ def check_splits(dataset: Dataset, config: ml_collections.ConfigDict):
     DataError: naming the split, its counts and what to change.
   """
   if batching.num_train_steps(dataset.train, config.batch_size) == 0:
+    # With valid_path and test_path the split is not drawn: path is training.
+    more = (
+      ' or give training more rows in config.dataset.path'
+      if config.dataset.get('valid_path')
+      else ' or give training a larger part with config.dataset.split'
+    )
     raise DataError(
       f'config.batch_size={config.batch_size} exceeds the'
       f' {len(dataset.train)} training examples of {dataset.name}: lower it,'
-      ' or give training a larger part with config.dataset.split.'
+      f'{more}.'
     )
   steps = batching.num_train_steps(dataset.train, config.batch_size)
   if steps < FEW_STEPS:

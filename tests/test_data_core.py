@@ -803,6 +803,21 @@ class BatchTest(parameterized.TestCase):
             f'config.batch_size={batch_size} leaves {warned}', message
           )
 
+  def test_a_batch_above_the_training_rows_names_what_sets_them(self):
+    # With valid_path and test_path, config.dataset.split is not used.
+    split = self._split(300)
+    dataset = data.Dataset('x', ('a', 'b'), (300, 3), split, split, split)
+    config = fm.get_config()
+    config.batch_size = 512
+    for valid, said in (('', 'dataset.split'), ('v.csv', 'dataset.path')):
+      config.dataset.valid_path = config.dataset.test_path = valid
+      with self.subTest(valid=valid):
+        with self.assertRaisesRegex(
+          data.DataError,
+          rf'^config.batch_size=512 exceeds the 300 .*config.{said}\.$',
+        ):
+          data.check_splits(dataset, config)
+
   def test_the_left_out_rows_of_an_unshuffled_epoch_are_said_never_trained(
     self,
   ):
