@@ -4,7 +4,8 @@
 `utils.UserError`, running out of memory, and a flag, config file or
 override that absl or ml_collections cannot read each print one line
 naming what to fix; a Ctrl-C stops the program wherever it lands, with
-one line and status 130.
+one line and status 130, and a SIGTERM (a scheduler's, `docker stop`'s,
+`timeout`'s) as a Ctrl-C does, status 143.
 """
 
 from collections.abc import Callable
@@ -29,14 +30,23 @@ from utils import UserError
 TRACEBACK_ENV = 'FLAX_FM_TRACEBACK'
 
 
+class Terminated(KeyboardInterrupt):
+  """A SIGTERM, raised where a Ctrl-C raises KeyboardInterrupt.
+
+  So a run that a scheduler, `docker stop` or `timeout` ends unwinds as an
+  interrupted one: the saves already queued finish, the workdir's lock is
+  released, and the exit is bounded (main.py's grace).
+  """
+
+
 def run_main(main: Callable[[list[str]], Any]) -> None:
   """`absl.app.run(main)`, with a `UserError` printed as one line, status 2.
 
   So are a flag or config file that `_parse_flags` cannot read, and running
   out of memory (what to lower). `--verbosity=1` (or higher) or
   `$FLAX_FM_TRACEBACK` also prints a UserError's traceback. A Ctrl-C prints
-  one line, status 130. Other exceptions reach absl unchanged: traceback,
-  status 1.
+  one line, status 130; a SIGTERM too, status 143. Other exceptions reach
+  absl unchanged: traceback, status 1.
   """
 
   def guarded(argv: list[str]) -> Any:
@@ -46,10 +56,13 @@ def run_main(main: Callable[[list[str]], Any]) -> None:
     gc.freeze()
     try:
       return main(argv)
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as e:
       if _verbose():
         traceback.print_exc()
-      fail('interrupted (Ctrl-C).', status=130)  # 128 + SIGINT, as a shell.
+      # 128 + the signal's number, as a shell says.
+      if isinstance(e, Terminated):
+        fail('terminated (SIGTERM).', status=128 + signal.SIGTERM)
+      fail('interrupted (Ctrl-C).', status=128 + signal.SIGINT)
     except Exception as e:  # pylint: disable=broad-except
       # XLA's out of memory: jax.errors.JaxRuntimeError, RESOURCE_EXHAUSTED.
       xla_oom = str(e).startswith('RESOURCE_EXHAUSTED')
@@ -72,16 +85,20 @@ def run_main(main: Callable[[list[str]], Any]) -> None:
 
 
 def keep_interrupts() -> None:
-  """Makes Ctrl-C stop the program even when it lands in a gc callback.
+  """Makes Ctrl-C and SIGTERM stop the program, even in a gc callback.
 
   CPython drops an exception raised in a garbage collector's callback
   (`Exception ignored in: <function _xla_gc_callback>`), and JAX's runs at
   every collection: about one Ctrl-C in twelve during preprocessing went
-  unheard and the run trained on. A SIGINT that arrives there is sent
-  again a moment later instead. Python's own handler only is replaced.
+  unheard and the run trained on. A signal that arrives there is sent
+  again a moment later instead. A SIGTERM raises `Terminated` where it
+  ended the process at once. Only Python's own handlers are replaced (not
+  a signal ignored, e.g. SIGINT under `nohup` or `&`, or a host program's).
   """
   if signal.getsignal(signal.SIGINT) is signal.default_int_handler:
     signal.signal(signal.SIGINT, _interrupt)
+  if signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:
+    signal.signal(signal.SIGTERM, _interrupt)
 
 
 def _interrupt(signum: int, frame: Any) -> None:
@@ -93,7 +110,7 @@ def _interrupt(signum: int, frame: Any) -> None:
       again.start()
       return
     frame = frame.f_back
-  raise KeyboardInterrupt
+  raise Terminated if signum == signal.SIGTERM else KeyboardInterrupt
 
 
 def _verbose() -> bool:

@@ -2,9 +2,12 @@
 
 import json
 import os
+import re
+import signal
 import subprocess
 import sys
 import tempfile
+import time
 
 from absl.testing import absltest
 
@@ -78,6 +81,51 @@ class MainTest(absltest.TestCase):
       for key in ('loss', 'auc', 'logloss'):
         if key in a:
           self.assertAlmostEqual(a[key], b[key], places=5)
+
+  def test_sigterm_stops_a_run_that_resumes_from_its_last_epoch(self):
+    # A scheduler's, `docker stop`'s or `timeout`'s SIGTERM ended the process
+    # at once: the saves still queued were lost, and nothing was said. Now
+    # it unwinds as a Ctrl-C: the queued saves finish, one line, 143.
+    workdir = os.path.join(self.tmp, 'term')
+    cache = os.path.join(self.tmp, 'cache')
+    log = os.path.join(self.tmp, 'term.log')
+
+    def said():
+      with open(log) as f:
+        return f.read()
+
+    flags = [f'--workdir={workdir}', f'--config.dataset.cache_dir={cache}']
+    with open(log, 'w') as out:
+      run = subprocess.Popen(
+        [sys.executable, 'main.py', '--config=configs/fm.py:smoke', *flags]
+        + ['--config.num_epochs=100', '--config.patience=100'],
+        cwd=ROOT,
+        stdout=out,
+        stderr=subprocess.STDOUT,
+      )
+    try:
+      deadline = time.monotonic() + 240
+      while 'Saved the checkpoint of epoch 2' not in said():
+        self.assertIsNone(run.poll(), said()[-3000:])
+        self.assertLess(time.monotonic(), deadline, 'no second checkpoint')
+        time.sleep(0.05)
+      run.send_signal(signal.SIGTERM)
+      self.assertEqual(run.wait(60), 143, said()[-3000:])
+    finally:
+      run.kill()
+    self.assertEqual(
+      said().strip().splitlines()[-1], 'main.py: error: terminated (SIGTERM).'
+    )
+    validated = max(
+      r['epoch'] for r in _metrics(workdir) if r['split'] == 'valid'
+    )
+    result = _run(workdir, f'--config.num_epochs={validated + 1}')
+    self.assertEqual(result.returncode, 0, result.stderr[-3000:])
+    # Every save queued finished: at most the epoch the signal cut short
+    # between its validation and its save is trained again.
+    resumed = int(re.search(r'Resumed from epoch (\d+)', result.stderr)[1])
+    self.assertIn(resumed, (validated - 1, validated))
+    self.assertEqual(_metrics(workdir)[-1]['split'], 'test')
 
   def _assert_one_line(self, result, message):
     self.assertEqual(result.returncode, 2, result.stderr[-3000:])

@@ -63,10 +63,11 @@ _SCRIPT = textwrap.dedent(
       print('frozen', gc.get_freeze_count(), 'cycle kept', gone() is not None)
     if kind == 'interrupt_in_gc':  # Ctrl-C as JAX's gc callback runs.
       import gc, os, signal, time
+      signum = getattr(signal, argv[2] if len(argv) > 2 else 'SIGINT')
       sent = []
       def collecting(phase, info):
         if phase == 'start' and not sent:
-          sent.append(os.kill(os.getpid(), signal.SIGINT))
+          sent.append(os.kill(os.getpid(), signum))
           sum(range(10000))  # The handler runs here, in the callback.
       gc.callbacks.append(collecting)
       gc.collect()
@@ -187,6 +188,23 @@ class RunMainTest(absltest.TestCase):
     self.assertIn('Traceback', result.stderr)
     self.assertIn('KeyboardInterrupt', result.stderr)
 
+  def test_a_sigterm_stops_the_program_as_a_ctrl_c_does(self):
+    # It ended the process at once: no queued checkpoint save finished, and
+    # nothing was said. Sent in a gc callback, as the hardest place.
+    result = self._run('interrupt_in_gc', 'SIGTERM')
+    self.assertEqual(result.returncode, 143, result.stderr)
+    self.assertNotIn('done', result.stdout)
+    self.assertNotIn('Traceback', result.stderr)
+    self.assertEqual(
+      result.stderr.strip().splitlines()[-1],
+      'tool.py: error: terminated (SIGTERM).',
+    )
+    result = self._run(
+      'interrupt_in_gc', 'SIGTERM', env={'FLAX_FM_TRACEBACK': '1'}
+    )
+    self.assertEqual(result.returncode, 143, result.stderr)
+    self.assertIn('entry.Terminated', result.stderr)
+
   def test_only_pythons_own_interrupt_handler_is_replaced(self):
     # Under nohup or `&` SIGINT comes ignored; a host program may have its
     # own handler: either stays.
@@ -202,6 +220,17 @@ class RunMainTest(absltest.TestCase):
     signal.signal(signal.SIGINT, signal.default_int_handler)
     entry.keep_interrupts()
     self.assertIs(signal.getsignal(signal.SIGINT), entry._interrupt)
+    # SIGTERM: its default (the end, at once) is replaced, nothing else.
+    self.addCleanup(
+      signal.signal, signal.SIGTERM, signal.getsignal(signal.SIGTERM)
+    )
+    for handler in (signal.SIG_IGN, print):
+      signal.signal(signal.SIGTERM, handler)
+      entry.keep_interrupts()
+      self.assertIs(signal.getsignal(signal.SIGTERM), handler)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    entry.keep_interrupts()
+    self.assertIs(signal.getsignal(signal.SIGTERM), entry._interrupt)
 
   def test_success_exits_0(self):
     result = self._run('ok')
