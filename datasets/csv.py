@@ -400,4 +400,22 @@ def table(
 
 
 files = encode.source_files
-build = encode.build_from(reader)
+
+
+def build(config, options, paths) -> core.Encoded:
+  """`encode.build_from(reader)`'s, each file's fields in the training's order.
+
+  Columns are read by name, so a validation or test file may hold the same
+  ones in another order (another tool's export), as rows to predict may.
+  """
+  train = reader(options, paths.get('train', paths.get('all')))
+  order = {field.name: k for k, field in enumerate(train.fields)}
+
+  def read(path: str) -> text.Table:
+    out = reader(options, path)
+    if sorted(order) == sorted(field.name for field in out.fields):
+      fields = sorted(out.fields, key=lambda field: order[field.name])
+      out = dataclasses.replace(out, fields=tuple(fields))
+    return out
+
+  return encode.encode(config, paths, read)

@@ -631,35 +631,51 @@ class CsvTest(DatasetTestCase):
     self.assertEqual(dataset.field_names, ('price, usd', 'u'))
     self.assertEqual(dataset.field_dims, (5, 4))
 
-  def test_valid_and_test_files_must_have_the_training_fields(self):
-    # In another order, a file's ids would be looked up in the wrong field.
+  def test_valid_and_test_files_may_order_the_training_fields_otherwise(self):
+    # Columns are read by name: a file with the training's columns in another
+    # order gives the same ids (it was refused, as other fields still are).
     header = ['clicked', 'user', 'city']
     rows = [[str(i % 2), f'u{i % 4}', f'c{i % 3}'] for i in range(40)]
     paths = [
       write_lines(os.path.join(self.tmp, f'{name}.csv'), rows, ',', header)
-      for name in ('train', 'valid')
+      for name in ('train', 'valid', 'test')
     ]
-    paths.append(
-      write_lines(
-        os.path.join(self.tmp, 'test.csv'),
-        [[r[0], r[2], r[1]] for r in rows],
-        ',',
-        ['clicked', 'city', 'user'],
+    os.makedirs(os.path.join(self.tmp, 'other'))
+    reordered = write_lines(
+      os.path.join(self.tmp, 'other', 'test.csv'),
+      [[r[2], r[0], r[1]] for r in rows],
+      ',',
+      ['city', 'clicked', 'user'],
+    )
+    other = write_lines(
+      os.path.join(self.tmp, 'other', 'fewer.csv'),
+      [[r[0], r[1]] for r in rows],
+      ',',
+      ['clicked', 'user'],
+    )
+
+    def load(test_path):
+      return data.load_dataset(
+        self.config(
+          'csv',
+          paths[0],
+          valid_path=paths[1],
+          test_path=test_path,
+          csv=dict(label_column='clicked'),
+        )
       )
-    )
-    config = self.config(
-      'csv',
-      paths[0],
-      valid_path=paths[1],
-      test_path=paths[2],
-      csv=dict(label_column='clicked'),
-    )
+
+    same, swapped = load(paths[2]), load(reordered)
+    self.assertEqual(swapped.field_names, ('user', 'city'))
+    np.testing.assert_array_equal(swapped.test.ids, same.test.ids)
+    np.testing.assert_array_equal(swapped.test.labels, same.test.labels)
+    self.assertGreater(len(np.unique(same.test.ids[:, 1])), 2)
     with self.assertRaisesRegex(
       data.DataError,
-      r"test\.csv: fields \('city', 'user'\) differ from those of"
+      r"fewer\.csv: fields \('user',\) differ from those of"
       r" .*train\.csv: \('user', 'city'\)",
     ):
-      data.load_dataset(config)
+      load(other)
 
   def test_columns_named_by_numbers_as_a_flag_gives_them(self):
     # `--config.dataset.csv.categorical_columns=1` arrives as (1,).
