@@ -439,8 +439,10 @@ class Table:
         derived, valid = field.derive(values)
         flag(
           missing | ~valid,
-          lambda i, c=column, s=series, e=field.expects: (
-            f'{c} {core.shown(s.iloc[i])} is not {e}'
+          lambda i, c=column, s=series, m=missing, e=field.expects: (
+            f'{c} is empty, not {e}'
+            if m[i]
+            else f'{c} {core.shown(s.iloc[i])} is not {e}'
           ),
         )
         keys[:, f] = derived

@@ -377,11 +377,15 @@ class AvazuTest(DatasetTestCase):
     path = write_lines(os.path.join(self.tmp, 'a.csv'), rows, ',', header)
     with self.assertRaisesRegex(data.DataError, r'a\.csv:1: header'):
       data.load_dataset(self.config('avazu', path))
-    for hour in ('14103224', '14103024'):  # October 32nd; hour 24.
+    for hour, said in (
+      ('14103224', "hour '14103224' is not"),  # October 32nd.
+      ('14103024', "hour '14103024' is not"),  # Hour 24.
+      ('', 'hour is empty, not'),  # Was "hour '<NA>' is not".
+    ):
       rows[6][2] = hour
       path = write_lines(os.path.join(self.tmp, 'b.csv'), rows, ',')
       with self.assertRaisesRegex(
-        data.DataError, rf"b\.csv:7: hour '{hour}' is not YYMMDDHH"
+        data.DataError, rf'b\.csv:7: {said} YYMMDDHH'
       ):
         data.load_dataset(self.config('avazu', path))
 
