@@ -295,7 +295,8 @@ def check_splits(dataset: Dataset, config: ml_collections.ConfigDict):
   Raises:
     DataError: naming the split, its counts and what to change.
   """
-  if batching.num_train_steps(dataset.train, config.batch_size) == 0:
+  steps = batching.num_train_steps(dataset.train, config.batch_size)
+  if steps == 0:
     # With valid_path and test_path the split is not drawn: path is training.
     more = (
       ' or give training more rows in config.dataset.path'
@@ -307,7 +308,6 @@ def check_splits(dataset: Dataset, config: ml_collections.ConfigDict):
       f' {len(dataset.train)} training examples of {dataset.name}: lower it,'
       f'{more}.'
     )
-  steps = batching.num_train_steps(dataset.train, config.batch_size)
   if steps < FEW_STEPS:
     # The largest power of two that makes 3 * FEW_STEPS steps or more.
     smaller = 2 ** max(int(np.log2(len(dataset.train) / (3 * FEW_STEPS))), 0)

@@ -402,7 +402,11 @@ def table(
 files = encode.source_files
 
 
-def build(config, options, paths) -> core.Encoded:
+def build(
+  config: ml_collections.ConfigDict,
+  options: ml_collections.ConfigDict,
+  paths: dict[str, str],
+) -> core.Encoded:
   """`encode.build_from(reader)`'s, each file's fields in the training's order.
 
   Columns are read by name, so a validation or test file may hold the same
