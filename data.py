@@ -234,6 +234,16 @@ def load_dataset(config: ml_collections.ConfigDict) -> Dataset:
       or a cache that cannot be written.
   """
   source, config, options = resolve(config)
+  if (
+    config.name == 'criteo'
+    and options.numeric == 'dense'
+    and not options.log_bucket
+  ):
+    logging.warning(
+      'config.dataset.criteo.log_bucket=False has no effect with'
+      " numeric='dense', which feeds the integer columns as"
+      ' log(1 + max(x, 0)), unbucketed.'
+    )
   config = remote.localize(config)
   paths = source.files(config)
   if 'all' in paths:

@@ -12,6 +12,7 @@ import random
 from unittest import mock
 import warnings
 
+from absl import logging
 from absl.testing import absltest
 from dataset_testing import DatasetTestCase
 from dataset_testing import criteo_rows
@@ -458,6 +459,27 @@ class CriteoDenseTest(DatasetTestCase):
     ):
       np.testing.assert_allclose(split.dense, expected[part], atol=1e-5)
     self.assertIsNone(buckets.train.dense)
+
+  def test_log_bucket_off_with_dense_numbers_is_said_to_do_nothing(self):
+    # It was silently ignored: dense numbers are never bucketed.
+    path = write_lines(os.path.join(self.tmp, 't.txt'), criteo_rows(40), '\t')
+    for options, warned in (
+      (dict(numeric='dense', log_bucket=False), True),
+      (dict(numeric='dense'), False),
+      (dict(log_bucket=False), False),  # Buckets: it applies.
+    ):
+      with self.subTest(**options):
+        with self.assertLogs(level='WARNING') as logs:
+          logging.warning('sentinel')
+          data.load_dataset(
+            self.config('criteo', path, split=(1.0, 0, 0), criteo=options)
+          )
+        said = [r.getMessage() for r in logs.records[1:]]
+        self.assertEqual(
+          [m for m in said if 'log_bucket=False has no effect' in m] != [],
+          warned,
+          said,
+        )
 
   def test_unknown_numeric_mode_is_an_error(self):
     path = write_lines(os.path.join(self.tmp, 't.txt'), criteo_rows(20), '\t')
