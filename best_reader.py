@@ -15,6 +15,7 @@ from typing import Any
 from absl import logging
 
 import checkpoints
+import lock
 import orbax_logs
 import step_files
 from utils import UserError
@@ -45,6 +46,12 @@ def load_best(workdir: str) -> tuple[Any, dict]:
     f' Run training again in {workdir} with its config: it recovers the best'
     ' checkpoint from checkpoints/latest while that holds it.'
   )
+  if holder := lock.running(path):
+    logging.warning(
+      '%s is still training (%s): its best checkpoint so far is read.',
+      workdir,
+      holder,
+    )
   if not os.path.isdir(directory):
     raise UserError(f'No best checkpoint in {directory}.{again}')
   deadline = time.monotonic() + READ_WAIT_S

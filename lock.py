@@ -237,6 +237,33 @@ def _live_reason(workdir: str, fd: int, record: dict, locked: bool) -> str:
   return ''
 
 
+def running(workdir: str) -> str:
+  """Who runs in `workdir` from this host, as a refusal names it; or ''.
+
+  Read only: a lock taken to test it, however briefly, would refuse a run
+  that starts at that moment, and a second descriptor of this process's own
+  lock file, once closed, would drop its POSIX (NFS) lock. A run on another
+  host is not judged: its pid means nothing here.
+  """
+  path = os.path.join(workdir, LOCK_FILE)
+  with _held_guard:
+    if os.path.realpath(path) in _held:
+      return f'this process, pid {os.getpid()}'
+  try:
+    with open(path, 'rb') as f:
+      record = _parse(f.read(1 << 16))
+  except OSError:
+    return ''
+  if (
+    not record
+    or record.get('released')
+    or record.get('host') != socket.gethostname()
+    or not _pid_alive(record.get('pid'))
+  ):
+    return ''
+  return _describe(record)
+
+
 def _pid_alive(pid: Any) -> bool:
   if not isinstance(pid, int):
     return False

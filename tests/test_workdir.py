@@ -21,6 +21,7 @@ from absl.testing import absltest
 import ml_collections
 import pytest
 
+import best_reader
 from configs import deepfm
 from configs import fm
 from configs import nfm
@@ -251,6 +252,35 @@ class LockTest(absltest.TestCase):
     # A released lock is not a dead run's: no takeover next time.
     with workdir.acquire(self.path) as lock:
       self.assertIsNone(lock.taken_over_from)
+
+  def test_a_live_run_is_seen_by_a_reader_that_takes_no_lock(self):
+    # predict.py, export.py and init_from read the best checkpoint of a run
+    # that may still train: they now say so, without a lock of their own
+    # (which would refuse a run starting at that moment).
+    self.assertEqual(lock_lib.running(self.path), '')  # No lock file yet.
+    signals = tempfile.mkdtemp(dir=self.tmp)
+    open(os.path.join(signals, 'go'), 'w').close()
+    holder = _start(self.path, signals)
+    try:
+      self.assertEqual(_read_line(holder), f'WON {holder.pid}')
+      said = lock_lib.running(self.path)
+      self.assertIn(f'pid {holder.pid} on host {socket.gethostname()}', said)
+      with self.assertLogs(level='WARNING') as logs:
+        with self.assertRaisesRegex(utils.UserError, 'No best checkpoint'):
+          best_reader.load_best(self.path)
+      self.assertIn(f'is still training (pid {holder.pid} ', logs.output[0])
+      # Reading took no lock: the holder still has it, and a run is refused.
+      with self.assertRaisesRegex(utils.UserError, 'is in use by'):
+        workdir.acquire(self.path)
+    finally:
+      os.kill(holder.pid, signal.SIGKILL)
+      holder.communicate(timeout=TIMEOUT)
+    self.assertEqual(lock_lib.running(self.path), '')  # Its pid is gone.
+    with workdir.acquire(self.path):
+      self.assertEqual(
+        lock_lib.running(self.path), f'this process, pid {os.getpid()}'
+      )
+    self.assertEqual(lock_lib.running(self.path), '')  # Released.
 
   def test_without_lock_support_a_live_pid_refuses(self):
     signals = tempfile.mkdtemp(dir=self.tmp)
