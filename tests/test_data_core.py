@@ -777,6 +777,16 @@ class BatchTest(parameterized.TestCase):
     ids = np.stack([np.arange(n), np.arange(n) % 3], 1).astype(np.int32)
     return data.Split(ids, (np.arange(n) % 2).astype(np.float32))
 
+  def _warnings(self, rows, config, containing):
+    """`check_splits`'s warnings that hold `containing`, of `rows` rows."""
+    split = self._split(rows)
+    dataset = data.Dataset('x', ('a', 'b'), (rows, 3), split, split, split)
+    with self.assertLogs(level='WARNING') as logs:
+      logging.warning('sentinel')
+      data.check_splits(dataset, config)
+    said = [r.getMessage() for r in logs.records[1:]]
+    return [m for m in said if containing in m]
+
   def test_a_batch_size_that_leaves_much_of_an_epoch_out_is_warned(self):
     config = fm.get_config()
     # 3,200 rows in batches of 2048: 1,152 (36%) out of each epoch.
@@ -786,15 +796,9 @@ class BatchTest(parameterized.TestCase):
       (2300, 1000, '300 of the 2300'),  # 13%.
       (2200, 1000, None),  # 9%: below a tenth.
     ):
-      split = self._split(rows)
       config.batch_size = batch_size
-      dataset = data.Dataset('x', ('a', 'b'), (rows, 3), split, split, split)
       with self.subTest(rows=rows, batch_size=batch_size):
-        with self.assertLogs(level='WARNING') as logs:
-          logging.warning('sentinel')
-          data.check_splits(dataset, config)
-        said = [r.getMessage() for r in logs.records[1:]]
-        said = [m for m in said if ' leaves ' in m]  # Not the steps' warning.
+        said = self._warnings(rows, config, ' leaves ')
         if warned is None:
           self.assertEqual(said, [])
         else:
@@ -823,19 +827,14 @@ class BatchTest(parameterized.TestCase):
   ):
     # config.shuffle=False reads the split in stored order: the remainder is
     # the same last rows every epoch, not rows drawn anew.
-    split = self._split(3200)
-    dataset = data.Dataset('x', ('a', 'b'), (3200, 3), split, split, split)
     config = fm.get_config()
     config.batch_size = 2048
     for shuffle, said in ((True, 'drawn anew'), (False, 'never trained on')):
       config.shuffle = shuffle
       with self.subTest(shuffle=shuffle):
-        with self.assertLogs(level='WARNING') as logs:
-          data.check_splits(dataset, config)
-        [message] = [
-          r.getMessage() for r in logs.records if ' leaves ' in r.getMessage()
-        ]
+        [message] = self._warnings(3200, config, ' leaves ')
         self.assertIn(said, message)
+    split = self._split(3200)
     rows = batching.train_rows(split, 2048, seed=0, epoch=0, shuffle=False)
     self.assertEqual(np.concatenate(list(rows)).max(), 2047)
 
@@ -852,15 +851,9 @@ class BatchTest(parameterized.TestCase):
       (8087, 800, None),  # 10 steps.
       (20, 4, 'config.batch_size=1 makes 20.'),  # A batch of one at least.
     ):
-      split = self._split(rows)
       config.batch_size = batch_size
-      dataset = data.Dataset('x', ('a', 'b'), (rows, 3), split, split, split)
       with self.subTest(rows=rows, batch_size=batch_size):
-        with self.assertLogs(level='WARNING') as logs:
-          logging.warning('sentinel')
-          data.check_splits(dataset, config)
-        said = [r.getMessage() for r in logs.records[1:]]
-        said = [m for m in said if ' training steps an epoch' in m]
+        said = self._warnings(rows, config, ' training steps an epoch')
         if warned is None:
           self.assertEqual(said, [])
           continue

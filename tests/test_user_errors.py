@@ -210,27 +210,19 @@ class RunMainTest(absltest.TestCase):
     # own handler: either stays.
     import entry  # pylint: disable=g-import-not-at-top
 
-    self.addCleanup(
-      signal.signal, signal.SIGINT, signal.getsignal(signal.SIGINT)
-    )
-    for handler in (signal.SIG_IGN, print):
-      signal.signal(signal.SIGINT, handler)
-      entry.keep_interrupts()
-      self.assertIs(signal.getsignal(signal.SIGINT), handler)
-    signal.signal(signal.SIGINT, signal.default_int_handler)
-    entry.keep_interrupts()
-    self.assertIs(signal.getsignal(signal.SIGINT), entry._interrupt)
     # SIGTERM: its default (the end, at once) is replaced, nothing else.
-    self.addCleanup(
-      signal.signal, signal.SIGTERM, signal.getsignal(signal.SIGTERM)
-    )
-    for handler in (signal.SIG_IGN, print):
-      signal.signal(signal.SIGTERM, handler)
+    for signum, default in (
+      (signal.SIGINT, signal.default_int_handler),
+      (signal.SIGTERM, signal.SIG_DFL),
+    ):
+      self.addCleanup(signal.signal, signum, signal.getsignal(signum))
+      for handler in (signal.SIG_IGN, print):
+        signal.signal(signum, handler)
+        entry.keep_interrupts()
+        self.assertIs(signal.getsignal(signum), handler)
+      signal.signal(signum, default)
       entry.keep_interrupts()
-      self.assertIs(signal.getsignal(signal.SIGTERM), handler)
-    signal.signal(signal.SIGTERM, signal.SIG_DFL)
-    entry.keep_interrupts()
-    self.assertIs(signal.getsignal(signal.SIGTERM), entry._interrupt)
+      self.assertIs(signal.getsignal(signum), entry._interrupt)
 
   def test_success_exits_0(self):
     result = self._run('ok')
