@@ -34,6 +34,7 @@ import multihost
 import optim
 import orbax_logs
 import programs
+import sources
 import sparse
 import threefry
 import utils
@@ -370,9 +371,11 @@ def _run(
   with multihost.errors_shared():  # Refused by one process: by all.
     config = workdir_lib.resumed_optimizer(workdir, config, optim.NAMES)
     changes = workdir_lib.check_resume(
-      workdir, config, write=is_main, record=False
+      workdir, config, write=is_main, record=False, moved=True
     )
     dataset = data.load_dataset(config.dataset)
+    if is_main:  # Moved data files must hold the same bytes.
+      sources.check(workdir, changes, dataset.sources)
   multihost.assert_same_data(dataset)
   logging.info('%s', data.describe(dataset))
   data.check_splits(dataset, config)
@@ -399,6 +402,7 @@ def _run(
       with utils.writing('the encoder', f'{workdir}/encoder', '*.tmp'):
         encoder.save(workdir, dataset, config, resuming)
       workdir_lib.record_history(workdir, changes)  # Accepted: same data.
+      sources.record(workdir, dataset.sources, resuming)
       if auto and not resuming:
         workdir_lib.record_resolved_optimizer(workdir, config.optimizer)
   p_train_step, p_eval_step = pmapped_steps(model, config)

@@ -49,11 +49,15 @@ SAFE_KEYS = (
   *('dataset.cache_dir', 'dataset.chunk_rows', 'dataset.parse_workers'),
   'dataset.url',
 )
+# Keys that name the data's files. A resumed run may name other paths when
+# the files there hold the bytes its checkpoints were trained on
+# (sources.py compares their digests).
+PATH_KEYS = ('dataset.path', 'dataset.valid_path', 'dataset.test_path')
 # Keys that may differ between the processes of a run: where each host finds
 # its files (multihost.assert_same_data compares what they loaded) and what
 # it shows. Process 0's are recorded; the others' are not compared.
 HOST_KEYS = (
-  *('dataset.path', 'dataset.valid_path', 'dataset.test_path'),
+  *PATH_KEYS,
   *('dataset.cache_dir', 'dataset.parse_workers', 'progress_bar'),
 )
 
@@ -204,6 +208,7 @@ def check_resume(
   resuming: bool | None = None,
   write: bool = True,
   record: bool = True,
+  moved: bool = False,
 ) -> list[dict]:
   """Records the config of a new run, or checks that a restart continues it.
 
@@ -221,6 +226,8 @@ def check_resume(
     write: whether this process writes (every process checks).
     record: whether it appends the safe changes now; False: the caller does
       (`record_history`) once the resume is accepted (e.g. the same data).
+    moved: whether changed `PATH_KEYS` are returned with the safe changes,
+      for `sources.check` to judge once the data is loaded; False: refused.
 
   Returns:
     The safe changes as appended to the history: `time`, `key`, `old`,
@@ -247,7 +254,7 @@ def check_resume(
       )
     if write:
       with utils.writing(CONFIG_FILE, workdir, f'{CONFIG_FILE}.tmp-*'):
-        _write_atomic(record_path, config.to_json_best_effort(indent=2) + '\n')
+        write_atomic(record_path, config.to_json_best_effort(indent=2) + '\n')
         if os.path.exists(history_path):
           os.remove(history_path)
     return []
@@ -267,7 +274,8 @@ def check_resume(
   changed = [k for k in keys if old.get(k, _ABSENT) != new.get(k, _ABSENT)]
   if not write:  # Another host's paths: process 0 recorded its own.
     changed = [k for k in changed if k not in HOST_KEYS]
-  refused = [k for k in changed if not is_safe(k)]
+  judged_later = PATH_KEYS if moved else ()
+  refused = [k for k in changed if not is_safe(k) and k not in judged_later]
   if refused:
     differences = '; '.join(
       f'{k} {_show(old, k)} -> {_show(new, k)}' for k in refused
@@ -284,7 +292,8 @@ def check_resume(
     entry = {'time': lock.now_text(), 'key': k}
     entry.update({n: v[k] for n, v in (('old', old), ('new', new)) if k in v})
     entries.append(entry)
-    logging.info('Resumed with %s %s -> %s', k, _show(old, k), _show(new, k))
+    if k not in judged_later:
+      logging.info('Resumed with %s %s -> %s', k, _show(old, k), _show(new, k))
   if write and record:
     record_history(workdir, entries)
   return entries
@@ -359,7 +368,7 @@ def record_resolved_optimizer(workdir: str, optimizer: str) -> None:
       record = json.load(f)
     if record.get('optimizer') == 'auto':
       record['optimizer'] = optimizer
-      _write_atomic(path, json.dumps(record, indent=2) + '\n')
+      write_atomic(path, json.dumps(record, indent=2) + '\n')
 
 
 def _defaults() -> dict[str, Any]:
@@ -460,7 +469,8 @@ def _recorded(record_path: str, history_path: str) -> dict[str, Any]:
   return flat
 
 
-def _write_atomic(path: str, text: str) -> None:
+def write_atomic(path: str, text: str) -> None:
+  """Writes `text` to `path` by a synced temporary file, renamed."""
   tmp = f'{path}.tmp-{os.getpid()}'
   with open(tmp, 'w') as f:
     f.write(text)

@@ -496,4 +496,5 @@ def _checked(directory: str, meta: dict, spec: dict) -> core.Dataset:
     dense_names=tuple(meta.get('dense_names', [])),
     dense_mean=tuple(meta.get('dense_mean', [])),
     dense_std=tuple(meta.get('dense_std', [])),
+    sources=spec.get('sources', {}),
   )

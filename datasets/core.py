@@ -109,6 +109,9 @@ class Dataset:
     dense_std: per numeric field, the standard deviation of its training
       values (1 where it is 0 or undefined): `dense` holds
       `(value - mean) / std`.
+    sources: per role of a file it was encoded from (`all`, `train`, ...),
+      that file's `{'size', 'sha256'}` (datasets/cache.py, `fingerprint`);
+      empty when not known.
   """
 
   name: str
@@ -124,6 +127,7 @@ class Dataset:
   dense_names: tuple[str, ...] = ()
   dense_mean: tuple[float, ...] = ()
   dense_std: tuple[float, ...] = ()
+  sources: dict[str, dict] = dataclasses.field(default_factory=dict)
 
 
 # (role of the file, ids int32 [n, fields], labels float32 [n]), and when

@@ -44,6 +44,7 @@ from configs import fm
 import encoder
 import metrics
 import orbax_logs
+import sources
 import step_files
 import train
 import utils
@@ -143,6 +144,18 @@ class _Case(parameterized.TestCase):
 def _read(path):
   with open(path, 'rb') as f:
     return f.read()
+
+
+def _files(directory):
+  """`{path: bytes}` of the files under `directory` but the lock's."""
+  return {
+    os.path.relpath(os.path.join(root, name), directory): _read(
+      os.path.join(root, name)
+    )
+    for root, _, names in os.walk(directory)
+    for name in names
+    if name != workdir_lib.LOCK_FILE
+  }
 
 
 def _largest_file(directory):
@@ -1639,6 +1652,60 @@ class TrainingFaultTest(_Case):
       changes = [json.loads(line) for line in f]
     self.assertEqual(
       [(c['key'], c['old'], c['new']) for c in changes], [('num_epochs', 1, 2)]
+    )
+
+  def test_moved_data_resumes_and_other_bytes_at_a_new_path_do_not(self):
+    # The path was compared as a string: the same file moved blocked the
+    # resume, though the cache knew it by its content.
+    data_dir = tempfile.mkdtemp(dir=self.tmp)
+    path = _write_csv(os.path.join(data_dir, 'clicks.csv'), 600, seed=0)
+    workdir = os.path.join(data_dir, 'run')
+    train.train_and_evaluate(_config(data_dir, num_epochs=1), workdir)
+    record = os.path.join(workdir, sources.FILE)
+    self.assertEqual(list(json.loads(_read(record))), ['all'])
+    moved = shutil.copy(path, os.path.join(data_dir, 'moved.csv'))
+    shuffled = os.path.join(data_dir, 'shuffled.csv')
+    with open(path) as f:
+      header, *rows = f.readlines()
+    with open(shuffled, 'w') as f:  # The same ids, in another split.
+      f.write(header + ''.join(rows[::-1]))
+    before = _files(workdir)
+    for other, why in (
+      (
+        shuffled,
+        'the files there differ from those recorded in [^ ]+'
+        r'sources.json \(all sha256 \w{12} -> sha256 \w{12}\)',
+      ),
+      (moved, '[^ ]+sources.json is missing or unreadable'),
+    ):
+      if other == moved:  # A run begun before the record.
+        os.rename(record, record + '.kept')
+        before = _files(workdir)
+      with self.assertRaisesRegex(
+        utils.UserError,
+        '^workdir [^ ]+ holds checkpoints of a run whose data files moved:'
+        f' dataset.path "{re.escape(path)}" -> "{re.escape(other)}"; {why}.',
+      ):
+        train.train_and_evaluate(
+          _config(data_dir, num_epochs=2, **{'dataset.path': other}), workdir
+        )
+      self.assertEqual(_files(workdir), before)  # Nothing written.
+    os.rename(record + '.kept', record)
+    train.train_and_evaluate(
+      _config(data_dir, num_epochs=2, **{'dataset.path': moved}), workdir
+    )
+    history = os.path.join(workdir, workdir_lib.HISTORY_FILE)
+    with open(history) as f:
+      changes = [json.loads(line) for line in f]
+    self.assertEqual(
+      [(c['key'], c['old'], c['new']) for c in changes],
+      [('dataset.path', path, moved), ('num_epochs', 1, 2)],
+    )
+    with open(os.path.join(workdir, 'metrics.jsonl')) as f:
+      lines = [json.loads(line) for line in f]
+    # Resumed: epoch 1 once, then epoch 2.
+    self.assertEqual(
+      [m['epoch'] for m in lines if m['split'] == 'valid'], [1, 2]
     )
 
   def test_changed_split_seed_is_refused_before_the_data(self):

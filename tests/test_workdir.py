@@ -27,6 +27,7 @@ from configs import fm
 from configs import nfm
 import lock as lock_lib
 import optim
+import sources
 import utils
 import workdir
 
@@ -528,6 +529,38 @@ class CheckResumeTest(absltest.TestCase):
     )
     with self.assertRaisesRegex(utils.UserError, 'dataset.path "/host0/d'):
       workdir.check_resume(self.path, other, resuming=True)
+
+  def test_moved_paths_are_left_to_the_sources_check(self):
+    workdir.check_resume(self.path, _changed(self.config, dataset__path='/a'))
+    moved = _changed(self.config, dataset__path='/b')
+    with self.assertRaisesRegex(utils.UserError, 'dataset.path "/a" -> "/b"'):
+      workdir.check_resume(self.path, moved, resuming=True)
+    changes = workdir.check_resume(self.path, moved, resuming=True, moved=True)
+    self.assertEqual(
+      [(c['key'], c['old'], c['new']) for c in changes],
+      [('dataset.path', '/a', '/b')],
+    )
+    with self.assertRaises(utils.UserError) as cm:
+      workdir.check_resume(  # Other keys are refused as before.
+        self.path, _changed(moved, batch_size=1), resuming=True, moved=True
+      )
+    self.assertIn(': batch_size 2048 -> 1 (recorded', str(cm.exception))
+    digests = {'all': {'size': 3, 'sha256': 'ab' * 32}}
+    with self.assertRaisesRegex(utils.UserError, 'missing or unreadable'):
+      sources.check(self.path, changes, digests)
+    sources.record(self.path, digests, resuming=False)
+    sources.check(self.path, changes, digests)  # The same bytes: accepted.
+    sources.check(self.path, [], {})  # Nothing moved: nothing to judge.
+    other = {'all': {'size': 3, 'sha256': 'cd' * 32}}
+    with self.assertRaisesRegex(
+      utils.UserError, r'\(all sha256 abababababab -> sha256 cdcdcdcdcdcd\)'
+    ):
+      sources.check(self.path, changes, other)
+    # The same paths, other bytes (their ids were found equal): recorded.
+    with self.assertLogs(level='WARNING') as logs:
+      sources.record(self.path, other, resuming=True)
+    self.assertIn('The data files (all) changed', logs.output[0])
+    sources.check(self.path, changes, other)
 
   def test_keys_added_by_a_newer_version_resume_at_their_defaults(self):
     # A record written before `dataset.side_features` existed.
