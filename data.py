@@ -109,6 +109,8 @@ def resolve(config: ml_collections.ConfigDict):
   source = SOURCES[selected]
   options = ml_collections.ConfigDict(source.DEFAULTS)
   options.update(dict(config.get(selected) or {}))
+  for key in getattr(source, 'NAME_LISTS', ()):  # As names: the cache's key
+    options[key] = core.name_list(options[key])  # and encoder.json's lists.
   features = core.name_list(config.get('side_features') or ())
   allowed = getattr(source, 'SIDE_FEATURES', {}).get(config.name, ())
   for feature in features:

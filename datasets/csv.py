@@ -65,11 +65,13 @@ DEFAULTS = {
 # Column names of a config value: `('a', 'b')`, or `'a,b'` from a flag.
 column_list = core.name_list
 
-# The keys of config.dataset.csv that name columns.
-COLUMN_KEYS = (
-  *('label_column', 'categorical_columns', 'numeric_columns'),
+# The keys of config.dataset.csv that name columns: one, then lists of them
+# (data.resolve splits a flag's 'a,b' into names).
+NAME_LISTS = (
+  *('categorical_columns', 'numeric_columns'),
   *('float_columns', 'multi_hot_columns'),
 )
+COLUMN_KEYS = ('label_column', *NAME_LISTS)
 
 
 # What config.dataset.csv.sep must be (config_check.py says the same).

@@ -341,6 +341,19 @@ class CsvFeaturesTest(DatasetTestCase):
     )
     self.assertEqual(dataset.multi_field_dims, (3,))  # x, y and unseen.
 
+  def test_column_lists_are_names_however_given(self):
+    # A flag's 'tags,colors' was kept as one string: encoder.json showed
+    # ['tags,colors'], and the same columns as a tuple built another cache.
+    path = self.write(feature_rows(200))
+    flag = self.load(path)
+    _, _, options = data.resolve(self.config('csv', path, csv=csv_options()))
+    self.assertEqual(options.multi_hot_columns, ('tags', 'colors'))
+    self.assertEqual(options.float_columns, ('price', 'count'))
+    with mock.patch.object(csv, 'build', side_effect=AssertionError):
+      names = self.load(path, csv=dict(multi_hot_columns=('tags', 'colors')))
+    self.assertLen(self.encoded(), 1)  # Served from the flag's cache.
+    self.assertEqual(names.multi_field_names, flag.multi_field_names)
+
   def test_cache_round_trip_and_damage_of_the_new_arrays(self):
     path = self.write(feature_rows(400))
     first = self.load(path)
