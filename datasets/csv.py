@@ -1,5 +1,8 @@
 """Your own CSV (or Parquet) file: a 0/1 label column and feature columns.
 
+A label may also be True or False, in any letter case (pandas' `to_csv` of
+a bool column), or a Parquet boolean: 1 or 0.
+
 The header names the columns. Categorical columns are encoded like Criteo's
 (a field each); numeric columns hold integers, bucketed as Criteo's by
 default. Values may be quoted. A file ending in `.parquet` or `.pq` is read
@@ -44,7 +47,7 @@ if TYPE_CHECKING:
 NAMES = ('csv',)
 MIN_COUNT = 1
 DEFAULTS = {
-  # The 0/1 label column (required).
+  # The 0/1 (or True/False) label column (required).
   'label_column': '',
   # Integer columns (bucketed as criteo's when log_bucket).
   'numeric_columns': (),

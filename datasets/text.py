@@ -3,9 +3,11 @@
 Every value becomes an int64 key (datasets/keying.py), so that counting and
 encoding (datasets/encode.py) never hold strings. A multi-hot column holds
 a list of categorical values (`a|b|c`), each keyed as a categorical string;
-a float column stays a number (`core.Side`). A line is one row: a line that
-is not (wrong columns, an unclosed quote, bytes that are not UTF-8, a value
-that does not parse) is a bad line, named by its file and number.
+a float column stays a number (`core.Side`). A label is 0 or 1 (-1: 0), or
+True or False in any case (pandas' `to_csv` of a bool column). A line is one
+row: a line that is not (wrong columns, an unclosed quote, bytes that are not
+UTF-8, a value that does not parse) is a bad line, named by its file and
+number.
 """
 
 from __future__ import annotations
@@ -112,6 +114,19 @@ SIDE_KINDS = ('multi', 'float')
 # Cells of a float column that are a missing value.
 FLOAT_MISSING = ('', 'nan', 'NaN', 'NAN', 'Nan')
 BEYOND_FLOAT32 = f'beyond float32 range (+-{side.FLOAT32_MAX:.4g})'
+
+# Label cells, lowercased, read as 1 and 0: a bool column's `to_csv`.
+TEXT_LABELS = {'true': '1', 'false': '0'}
+# What a label may be (messages).
+LABELS = '0 or 1 (or -1, True, False)'
+
+
+def _text_labels(cells: pd.Series) -> pd.Series:
+  """Label cells (strings; NaN: empty) with True and False as '1' and '0'."""
+  lowered = cells.str.strip().str.lower()
+  for text, number in TEXT_LABELS.items():
+    cells = cells.mask(lowered == text, number)
+  return cells
 
 
 @dataclasses.dataclass(frozen=True)
@@ -325,24 +340,38 @@ class Table:
     body = b''.join(lines)
     if b'\r' in body:  # Strip CRLF line ends; a bare CR is data.
       body = b''.join(re.sub(rb'\r(\n?)\Z', rb'\1', x) for x in lines)
-    # inf in an integer column fails its cast: the error names it, no warning.
-    with np.errstate(invalid='ignore'):
-      frame = pd.read_csv(
-        io.BytesIO(body),
-        sep=self.sep,
-        lineterminator='\n',
-        header=None,
-        names=list(self.columns),
-        usecols=[c for c in self.columns if c in needed],
-        dtype=dtype,
-        keep_default_na=False,
-        na_filter=typed,
-        na_values=na,
-        quoting=csv.QUOTE_MINIMAL if self.quoting else csv.QUOTE_NONE,
-        engine='c',
-        skip_blank_lines=False,
-        encoding_errors='replace',
-      )
+
+    def read(dtype) -> pd.DataFrame:
+      # inf in an integer column fails its cast: the error names it, no
+      # warning.
+      with np.errstate(invalid='ignore'):
+        return pd.read_csv(
+          io.BytesIO(body),
+          sep=self.sep,
+          lineterminator='\n',
+          header=None,
+          names=list(self.columns),
+          usecols=[c for c in self.columns if c in needed],
+          dtype=dtype,
+          keep_default_na=False,
+          na_filter=typed,
+          na_values=na,
+          quoting=csv.QUOTE_MINIMAL if self.quoting else csv.QUOTE_NONE,
+          engine='c',
+          skip_blank_lines=False,
+          encoding_errors='replace',
+        )
+
+    try:
+      frame = read(dtype)
+    except (ValueError, TypeError, OverflowError):
+      if not (typed and self.label):
+        raise
+      # A label written True or False: read as text, then as 1 or 0 (other
+      # text still raises: `_find_unparsable` names its line).
+      frame = read(dict(dtype, **{self.label: object}))
+      numbers = pd.to_numeric(_text_labels(frame[self.label]))
+      frame[self.label] = numbers.astype('Int64')
     for column in integers if typed else ():  # A `1e2` makes floats of all:
       if (frame[column].abs() >= 2**53).any():  # digits from 2**53 are lost.
         cells = self._read(lines, typed=False)[column]
@@ -363,6 +392,8 @@ class Table:
     floats = self._float_columns()
     for column in self._integer_columns() + floats:
       text = frame[column].to_numpy(object)
+      if column == self.label:
+        text = _text_labels(frame[column]).to_numpy(object)
       number = pd.to_numeric(
         pd.Series(text).replace('', None), errors='coerce'
       ).to_numpy(np.float64)
@@ -376,7 +407,8 @@ class Table:
         ok |= (text == '') & (column != self.label)
         what, kind = f'integer column {column}', 'an integer'
         integral &= column != self.label
-      what = 'label' if column == self.label else what
+      if column == self.label:
+        what, kind = 'label', LABELS
       for i in np.flatnonzero(~ok & ~wrong):
         problem = 'is out of range' if integral[i] else f'is not {kind}'
         issues.append((numbers[i], f'{what} {core.shown(text[i])} {problem}'))
@@ -404,9 +436,7 @@ class Table:
     flag(
       label_na | ~(np.isin(label, (-1, 0, 1)) | np.isnan(label)),
       lambda i: (
-        'missing label'
-        if label_na[i]
-        else f'label {label[i]} is not 0 or 1 (or -1)'
+        'missing label' if label_na[i] else f'label {label[i]} is not {LABELS}'
       ),
     )
     for field in (f for f in self.fields if f.kind == 'float'):

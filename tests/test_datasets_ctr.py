@@ -605,7 +605,8 @@ class CsvTest(DatasetTestCase):
     rows[4][0] = '2'
     path = write_lines(path, rows, ',', ['clicked', 'user'])
     with self.assertRaisesRegex(
-      data.DataError, r'c\.csv:6: label 2 is not 0 or 1 \(or -1\)'
+      data.DataError,
+      r'c\.csv:6: label 2 is not 0 or 1 \(or -1, True, False\)',
     ):
       data.load_dataset(config)
 
@@ -740,6 +741,68 @@ class CsvTest(DatasetTestCase):
     with self.assertRaisesRegex(data.DataError, r'b\.parquet: row 2: missing'):
       data.load_dataset(
         self.config('csv', paths[0], csv=dict(label_column='y'))
+      )
+
+  @parameterized.parameters(0, 2)
+  def test_a_true_false_csv_label_reads_as_1_and_0(self, workers):
+    # `to_csv` of a bool column writes True and False: a label so written
+    # was a bad line ("label 'True' is not an integer"). A categorical
+    # column of True and False keeps them as two values.
+    rng = np.random.default_rng(5)
+    frame = pd.DataFrame({'u': [f'u{i % 7}' for i in range(300)]})
+    frame['y'] = rng.random(300) < 0.3
+    frame['flag'] = rng.random(300) < 0.5
+    paths = [os.path.join(self.tmp, f'{k}.csv') for k in ('b', 'i', 'c')]
+    frame.to_csv(paths[0], index=False)
+    frame.astype({'y': int}).to_csv(paths[1], index=False)
+    cased = frame.astype({'y': str})
+    cased['y'] = cased['y'].str.upper().where(np.arange(300) % 2 == 0)
+    cased['y'] = cased['y'].fillna(frame['y'].astype(str).str.lower())
+    cased.to_csv(paths[2], index=False)  # TRUE, false, ...
+    with open(paths[0]) as f:
+      self.assertEqual(f.readline(), 'u,y,flag\n')
+      self.assertRegex(f.readline(), r'^u0,(True|False),(True|False)\n$')
+    b, i, c = (
+      data.load_dataset(
+        self.config(
+          'csv',
+          p,
+          csv=dict(label_column='y'),
+          parse_workers=workers,
+          cache_dir=os.path.join(self.tmp, f'cache{k}'),
+        )
+      )
+      for k, p in enumerate(paths)
+    )
+    self.assertEqual(b.field_names, ('u', 'flag'))
+    self.assertEqual(b.field_dims, (8, 3))  # flag: True, False and OOV.
+    for split in ('train', 'valid', 'test'):
+      for other in (i, c):
+        np.testing.assert_array_equal(
+          getattr(b, split).labels, getattr(other, split).labels
+        )
+        np.testing.assert_array_equal(
+          getattr(b, split).ids, getattr(other, split).ids
+        )
+    self.assertEqual(set(np.unique(b.train.labels)), {0.0, 1.0})
+    with open(paths[2], 'rb') as f:
+      lines = f.readlines()[1:]
+    keys, labels, _ = _parse(_csv_table(('u', 'y', 'flag')), lines)
+    np.testing.assert_array_equal(labels, frame['y'])
+    flags = frame['flag'].astype(str).to_numpy(object)
+    np.testing.assert_array_equal(keys[:, 1], keying.string_keys(flags))
+    frame.astype({'y': object}).assign(y=['True', 'yes'] * 150).to_csv(
+      paths[0], index=False
+    )
+    with self.assertRaisesRegex(
+      data.DataError,
+      r"b\.csv:3: label 'yes' is not 0 or 1 \(or -1, True, False\) \(set"
+      r' config\.dataset\.skip_bad_lines=True',
+    ):
+      data.load_dataset(
+        self.config(
+          'csv', paths[0], csv=dict(label_column='y'), parse_workers=workers
+        )
       )
 
   def test_a_bad_parquet_row_is_named_by_its_row_across_batches(self):

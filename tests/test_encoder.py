@@ -187,6 +187,8 @@ class EncoderTest(EncoderTestCase):
     # A bool label (`clicks > 0`) was "label 'False' is not an integer".
     clicked = frame.assign(clicked=frame['clicked'] > 0)
     self._check_rows(enc.encode(clicked), ids, labels)
+    clicked.to_csv(other, index=False)  # Its label written True and False.
+    self._check_rows(enc.encode(other), ids, labels)
     # Rows to predict without a column the run named: no config key to fix.
     frame[['device', 'city']].to_csv(other, index=False)
     for rows, where in ((other, other), (frame[['city']], 'the DataFrame')):
