@@ -36,6 +36,7 @@ Split = core.Split
 cache_dir = core.cache_dir
 split_sizes = split_lib.split_sizes
 split_indices = split_lib.split_indices
+DEFAULT_SPLIT = split_lib.DEFAULT
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 
@@ -250,6 +251,8 @@ def load_dataset(config: ml_collections.ConfigDict) -> Dataset:
   paths = source.files(config)
   if 'all' in paths:
     split_sizes(1, config.split)  # Validates the fractions before any work.
+  else:
+    _warn_unused_split(config, paths)
   with core.reading(*paths.values()):
     stats = {path: cache.source_stat(path) for path in paths.values()}
   spec = cache_spec(config, options, paths)
@@ -272,6 +275,36 @@ def load_dataset(config: ml_collections.ConfigDict) -> Dataset:
   except cache.Damaged as e:
     # The rows passed the same checks on the way in: a bug or a bad disk.
     raise RuntimeError(f'{directory} fails its check once written: {e}') from e
+
+
+def _warn_unused_split(config: ml_collections.ConfigDict, paths: dict) -> None:
+  """Warns that `config.split`, set, is not used: predefined validation
+  and test files (`paths`) give those splits, the training file trains.
+
+  Not an error: runs recorded with such a config still resume.
+  """
+  split = tuple(config.split)
+  if [float(f) for f in split] == list(DEFAULT_SPLIT):
+    return
+  train = paths['train']
+  if config.valid_path:
+    given = 'config.dataset.valid_path and test_path'
+    instead = f'leave valid_path and test_path empty to split {train}'
+  else:
+    given = f'found in the {config.name} directory config.dataset.path'
+    instead = f'name {train} itself as config.dataset.path to split it'
+  logging.warning(
+    'config.dataset.split=%s is not used: validation and test are the'
+    ' predefined files %s and %s (%s), and all of %s trains. Leave split at'
+    ' its default %s, or %s at random.',
+    split,
+    paths['valid'],
+    paths['test'],
+    given,
+    train,
+    DEFAULT_SPLIT,
+    instead,
+  )
 
 
 def _cached(directory: str, spec: dict, warn: bool = True) -> Dataset | None:

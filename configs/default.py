@@ -43,7 +43,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # Base URL of the GroupLens archives; a mirror must serve the same files
   # (their MD5s are checked). Tests point it at a local server.
   config.dataset.url = 'https://files.grouplens.org/datasets/movielens'
-  # Fractions of train / validation / test, split at random with `seed`.
+  # Fractions of train / validation / test, split at random with `seed`;
+  # unused (a warning says so) with predefined validation and test files.
+  # Its default is data.DEFAULT_SPLIT.
   config.dataset.split = (0.8, 0.1, 0.1)
   config.dataset.seed = 0
   # Values seen fewer times share one out-of-vocabulary id per field, counted

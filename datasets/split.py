@@ -12,6 +12,9 @@ import numpy as np
 
 from datasets import core
 
+# pytorch-fm's 8:1:1, `config.dataset.split` in configs/default.py.
+DEFAULT = (0.8, 0.1, 0.1)
+
 
 def split_sizes(n: int, fractions: Sequence[float]) -> tuple[int, int, int]:
   """Rows of train / valid / test, as pytorch-fm: int() of the first two."""

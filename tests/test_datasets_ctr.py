@@ -9,6 +9,7 @@ import collections
 import datetime
 import gzip
 import json
+import logging
 import os
 import random
 from unittest import mock
@@ -28,6 +29,7 @@ import numpy as np
 import pandas as pd
 
 import config_check
+from configs import default
 import data
 from datasets import avazu
 from datasets import criteo
@@ -449,6 +451,45 @@ class LibFMTest(DatasetTestCase):
           self.assertEqual(dataset.test.ids[i, f], dataset.field_dims[f] - 1)
         else:
           self.assertIn(dataset.test.ids[i, f], vocab[f])
+
+  def test_a_split_that_predefined_files_leave_unused_is_warned(self):
+    # Validation and test come from their own files: `split` is not used.
+    # Not an error (config_check allows (1, 0, 0) there, and runs recorded
+    # with such a config resume), but a warning says so.
+    self.assertEqual(data.DEFAULT_SPLIT, default.get_config().dataset.split)
+    os.makedirs(os.path.join(self.tmp, 'd'))
+    names = ('x.train.libfm', 'x.valid.libfm', 'x.test.libfm')
+    for name, n in zip(names, (60, 20, 20), strict=True):
+      self.write_text(name, self._lines(n, n), (0, 30, 38))
+    directory = os.path.join(self.tmp, 'd')
+    train, valid, test = (os.path.join(directory, name) for name in names)
+    predefined = dict(valid_path=valid, test_path=test)
+
+    def warnings(path, **overrides):
+      config = self.config('libfm', path, **overrides)
+      with self.assertLogs(level='WARNING') as logs:
+        logging.warning('sentinel')
+        dataset = data.load_dataset(config)
+      said = [r.getMessage() for r in logs.records[1:]]
+      return dataset, [m for m in said if 'is not used' in m]
+
+    for path, overrides, given in (
+      (directory, {}, 'found in the libfm directory config.dataset.path'),
+      (train, predefined, 'config.dataset.valid_path and test_path'),
+    ):
+      with self.subTest(given=given):
+        dataset, [message] = warnings(path, split=(1.0, 0.0, 0.0), **overrides)
+        self.assertEqual(len(dataset.valid), 20)
+        self.assertStartsWith(
+          message,
+          f'config.dataset.split=(1.0, 0.0, 0.0) is not used: validation and'
+          f' test are the predefined files {valid} and {test} ({given}), and'
+          f' all of {train} trains. Leave split at its default (0.8, 0.1,'
+          ' 0.1), or ',
+        )
+        self.assertEqual(warnings(path, **overrides)[1], [])  # The default.
+    _, said = warnings(train, split=(0.6, 0.2, 0.2))  # Split at random.
+    self.assertEqual(said, [])
 
   def test_a_utf8_bom_is_not_part_of_the_first_label(self):
     os.makedirs(os.path.join(self.tmp, 'd'))
