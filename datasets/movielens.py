@@ -118,6 +118,12 @@ def files(config: ml_collections.ConfigDict) -> dict[str, str]:
   files (`movies`, `tags`, `users`) beside it that its side features need."""
   name = config.name
   filename = RATINGS_FILE[name][0]
+  if config.get('valid_path') or config.get('test_path'):
+    raise core.DataError(
+      'config.dataset.valid_path and test_path: MovieLens is one ratings'
+      ' file, split at random by config.dataset.split; leave them empty'
+      ' (predefined files are read for criteo, avazu, libfm and csv).'
+    )
   if config.path:
     path = os.path.expanduser(config.path)
     if os.path.isdir(path):

@@ -156,6 +156,22 @@ class DatasetConfigTest(DatasetTestCase):
       ):
         data.load_dataset(self.config(name, ''))
 
+  def test_movielens_refuses_validation_and_test_files(self):
+    # They were ignored: the ratings were split at random all the same, and
+    # split (1, 0, 0), allowed with such files, left validation empty.
+    config = self.config(
+      'ml-latest-small', '', valid_path='/v.csv', test_path='/t.csv'
+    )
+    config.split = (1.0, 0.0, 0.0)
+    _validate(config)  # The config check lets them through.
+    with self.assertRaisesRegex(
+      data.DataError,
+      '^config.dataset.valid_path and test_path: MovieLens is one ratings'
+      ' file, split at random',
+    ):
+      data.load_dataset(config)
+    self.assertEqual(self.encoded(), [])
+
   def test_csv_sep_is_one_character_and_a_typed_backslash_t_is_a_tab(self):
     rows = [[f'u{i % 5}', str(i % 2), f'c{i % 3}'] for i in range(60)]
     path = write_lines(os.path.join(self.tmp, 't.tsv'), rows, '\t', 'uyc')
