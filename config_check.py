@@ -93,6 +93,11 @@ def rate(value: Any) -> str | None:
   return None if ok else 'a dropout rate in [0, 1)'
 
 
+def factor(value: Any) -> str | None:
+  ok = _is_number(value) and 0 < value <= 1
+  return None if ok else 'a factor in (0, 1] (1: off)'
+
+
 def boolean(value: Any) -> str | None:
   return None if isinstance(value, bool) else 'True or False'
 
@@ -171,6 +176,7 @@ TOP_LEVEL = {
   'num_epochs': integer(1),
   # 0 would stop before the first epoch; num_epochs alone bounds a run.
   'patience': integer(1),
+  'lr_plateau_factor': factor,
   'seed': integer(0, 2**63),  # jax.random.key's int64.
   'shuffle': boolean,
   'init_from': string,

@@ -23,12 +23,14 @@ whole table: a step costs the rows of the batch, not the rows of the table.
 In each, `config.table_weight_decay`, when set, is the tables' L2
 coefficient and `weight_decay` the other parameters' (as FuxiCTR's
 separate embedding and network regularizers); None keeps `weight_decay`
-everywhere.
+everywhere. `config.lr_plateau_factor` < 1 multiplies the learning rates
+by it after each epoch without a better validation AUC (`on_plateau`).
 """
 
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
+from absl import logging
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -361,6 +363,42 @@ RATES = (
   'table_learning_rate',
   'table_weight_decay',
 )
+
+
+# The lowest rate that `on_plateau` reduces a learning rate to (FuxiCTR's
+# `min_lr`); a rate set lower stays as set.
+MIN_PLATEAU_RATE = 1e-6
+
+
+def plateau_scale(scale: float, config: ml_collections.ConfigDict) -> float:
+  """The learning rates' scale after an epoch without a better validation
+  AUC: `scale` times `config.lr_plateau_factor` (FuxiCTR's
+  `reduce_lr_on_plateau`: 0.1; 1, pytorch-fm's: kept)."""
+  factor = config.get('lr_plateau_factor', 1.0)
+  if factor != 1:
+    logging.info(
+      'No better validation AUC: learning rates x%g.', scale * factor
+    )
+  return scale * factor
+
+
+def on_plateau(
+  config: ml_collections.ConfigDict, scale: float
+) -> ml_collections.ConfigDict:
+  """`config` with `learning_rate` and `table_learning_rate` times `scale`
+  (`plateau_scale`), none below `MIN_PLATEAU_RATE` unless set so.
+
+  The rates are the train program's arguments (`rates_of`): nothing
+  compiles again.
+  """
+  if scale == 1:
+    return config
+  out = config.copy_and_resolve_references()
+  for key in ('learning_rate', 'table_learning_rate'):
+    rate = config.get(key)
+    if rate is not None:
+      out[key] = max(rate * scale, min(rate, MIN_PLATEAU_RATE))
+  return out
 
 
 def rates_of(config: ml_collections.ConfigDict) -> dict[str, np.ndarray]:

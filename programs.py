@@ -390,6 +390,19 @@ def _first(losses: list[np.ndarray], sizes: list[int]) -> np.ndarray:
   )
 
 
+def check_finite(epoch: int, loss: float, valid: dict[str, float]) -> None:
+  """Raises a UserError if an epoch's loss or validation metrics are not
+  finite: NaN logits, the run diverged (in the epoch's last step, if only
+  the validation metrics are NaN)."""
+  if not all(map(math.isfinite, (loss, valid['auc'], valid['logloss']))):
+    raise utils.UserError(
+      f'Training diverged at epoch {epoch}: loss {loss}, validation AUC'
+      f' {valid["auc"]}, logloss {valid["logloss"]}. Lower'
+      ' config.learning_rate and train again (in a new workdir if this'
+      ' one holds checkpoints: a resume keeps the learning rate).'
+    )
+
+
 def train_epoch(
   p_train_step: Callable,
   state: Any,

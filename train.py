@@ -10,7 +10,6 @@ the best state on the test split. Rerun in its workdir, it resumes.
 from collections.abc import Callable
 import functools
 import importlib
-import math
 from typing import Any
 
 from absl import logging
@@ -452,8 +451,9 @@ def _run(
   with ckpt:
     epoch = meta['epoch']
     while epoch < config.num_epochs and meta['bad_epochs'] < config.patience:
+      rates = optim.on_plateau(config, meta.get('lr_scale', 1.0))
       replicated, loss, rate = train_epoch(
-        p_train_step, replicated, dataset.train, config, epoch, resident
+        p_train_step, replicated, dataset.train, rates, epoch, resident
       )
       epoch += 1
       step = epoch * steps_per_epoch
@@ -464,19 +464,16 @@ def _run(
         p_eval_step, replicated, dataset.valid, config.eval_batch_size
       )
       writer.write(split='valid', epoch=epoch, step=step, **valid)
-      if not all(map(math.isfinite, (loss, valid['auc'], valid['logloss']))):
-        raise UserError(  # NaN logits: diverged in the epoch's last step.
-          f'Training diverged at epoch {epoch}: loss {loss}, validation AUC'
-          f' {valid["auc"]}, logloss {valid["logloss"]}. Lower'
-          ' config.learning_rate and train again (in a new workdir if this'
-          ' one holds checkpoints: a resume keeps the learning rate).'
-        )
-
+      programs.check_finite(epoch, loss, valid)  # Before any save.
       host_state = programs.first_replica(replicated)
       if improved := valid['auc'] > meta['best_auc']:
         meta.update(best_auc=valid['auc'], best_epoch=epoch, bad_epochs=0)
       else:
         meta['bad_epochs'] += 1
+        if meta['bad_epochs'] < config.patience:  # Another epoch follows.
+          meta['lr_scale'] = optim.plateau_scale(
+            meta.get('lr_scale', 1), config
+          )
       meta.update(epoch=epoch, wall_time=writer.wall_time())
       if improved:  # Before latest: a kill between the two redoes the epoch.
         ckpt.save_best(epoch, host_state, meta)  # Latest copies its files.

@@ -102,6 +102,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.num_epochs = 100
   # Stop after this many epochs without a better validation AUC.
   config.patience = 2
+  # After each epoch without a better validation AUC the learning rates are
+  # multiplied by this, down to 1e-6 (FuxiCTR's reduce_lr_on_plateau: 0.1);
+  # 1: kept, as pytorch-fm.
+  config.lr_plateau_factor = 1.0
   # Seeds parameter initialisation, the shuffle of every epoch and dropout.
   config.seed = 0
   # Reshuffle the training rows every epoch. False: every epoch reads them

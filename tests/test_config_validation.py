@@ -173,6 +173,8 @@ class BadValueTest(_TestCase):
     ('num_epochs', 0, 'an integer >= 1'),
     ('log_every_steps', 0, 'an integer >= 1'),
     ('patience', 0, 'an integer >= 1'),
+    ('lr_plateau_factor', 0.0, 'a factor in (0, 1] (1: off)'),
+    ('lr_plateau_factor', 1.5, 'a factor in (0, 1] (1: off)'),
     ('learning_rate', -1.0, 'a number > 0'),
     ('learning_rate', 0.0, 'a number > 0'),
     ('learning_rate', float('nan'), 'a number > 0'),

@@ -447,6 +447,23 @@ class RowwiseOptimizerTest(parameterized.TestCase):
     )
     self.assertTrue(all(v.dtype == np.float32 for v in rates.values()))
 
+  def test_plateau_rates_stop_at_the_floor_unless_set_below_it(self):
+    config = _config('fm', 'rowwise_adagrad', learning_rate=1e-3)
+    config.table_learning_rate = 5e-7  # Below the floor: kept.
+    self.assertIs(optim.on_plateau(config, 1.0), config)
+    reduced = optim.rates_of(optim.on_plateau(config, 0.01))
+    np.testing.assert_allclose(
+      [float(reduced[k]) for k in ('learning_rate', 'table_learning_rate')],
+      [1e-5, 5e-7],
+    )
+    floor = optim.rates_of(optim.on_plateau(config, 1e-9))
+    self.assertEqual(float(floor['learning_rate']), np.float32(1e-6))
+    self.assertEqual(config.learning_rate, 1e-3)  # A copy was reduced.
+    config.lr_plateau_factor = 0.5
+    self.assertEqual(optim.plateau_scale(0.5, config), 0.25)
+    del config['lr_plateau_factor']  # A config from before the key.
+    self.assertEqual(optim.plateau_scale(0.5, config), 0.5)
+
   def test_unknown_optimizer_names_the_config_field(self):
     with self.assertRaisesRegex(ValueError, r'config\.optimizer.*sgd'):
       optim.create_optimizer(_config(optimizer='sgd'))

@@ -931,6 +931,56 @@ class TrainAndEvaluateTest(absltest.TestCase):
       [r['step'] for r in lines if r['split'] == 'train'], steps[:4]
     )
 
+  def test_plateaus_reduce_the_learning_rates_and_a_resume_keeps_them(self):
+    # Epochs 3 and 5 are no better: the next epoch trains at a tenth of the
+    # rates (Adam's and the tables'), down to 1e-6 only; epoch 6 is the
+    # second bad one in a row and stops the run (nothing follows it).
+    rates = []
+    real = self._scripted
+
+    def scripted(aucs, steps):
+      stack = real(aucs, steps)
+      scripted_epoch = train.train_epoch
+
+      def train_epoch(p_train_step, state, split, config, *args):
+        rates.append((config.learning_rate, config.table_learning_rate))
+        return scripted_epoch(p_train_step, state, split, config, *args)
+
+      stack.enter_context(mock.patch.object(train, 'train_epoch', train_epoch))
+      return stack
+
+    aucs = [0.6, 0.7, 0.65, 0.8, 0.75, 0.74]
+    with tempfile.TemporaryDirectory() as workdir:
+      config = _config(
+        num_epochs=3,
+        patience=2,
+        lr_plateau_factor=0.1,
+        learning_rate=1e-3,
+        table_learning_rate=2e-6,
+      )
+      config.dataset.cache_dir = os.path.join(workdir, 'cache')
+      with scripted(iter(aucs[:3] + [0.5]), []):
+        train.train_and_evaluate(config, workdir)
+      config.num_epochs = 10  # Resumed after the plateau of epoch 3.
+      with scripted(iter(aucs[3:] + [0.5]), []):
+        train.train_and_evaluate(config, workdir)
+      lines = _metrics(workdir)
+    np.testing.assert_allclose(
+      rates,
+      [(1e-3, 2e-6)] * 3 + [(1e-4, 1e-6)] * 2 + [(1e-5, 1e-6)],
+      rtol=1e-6,
+    )
+    self.assertEqual(
+      [r['epoch'] for r in lines if r['split'] != 'train'],
+      [1, 2, 3, 4, 5, 6, 4],
+    )
+    with tempfile.TemporaryDirectory() as workdir:  # 1: pytorch-fm's.
+      config = _config(num_epochs=3, patience=3, learning_rate=1e-3)
+      config.dataset.cache_dir = os.path.join(workdir, 'cache')
+      with scripted(iter([0.6, 0.5, 0.4, 0.5]), []):
+        train.train_and_evaluate(config, workdir)
+    self.assertEqual([r[0] for r in rates[6:]], [1e-3] * 3)
+
   def test_a_resume_goes_on_from_the_saved_wall_time(self):
     # The checkpoints keep the wall time of their epoch's end; a resumed
     # run's lines go on from it.
