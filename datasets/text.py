@@ -411,7 +411,10 @@ class Table:
         what, kind = 'label', LABELS
       for i in np.flatnonzero(~ok & ~wrong):
         problem = 'is out of range' if integral[i] else f'is not {kind}'
-        issues.append((numbers[i], f'{what} {core.shown(text[i])} {problem}'))
+        problem = f'{what} {core.shown(text[i])} {problem}'
+        if column == self.label and text[i] == '':
+          problem = 'missing label'  # As `_keys` says after a typed read.
+        issues.append((numbers[i], problem))
       wrong |= ~ok
     return np.flatnonzero(~wrong)
 

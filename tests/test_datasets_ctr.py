@@ -845,6 +845,18 @@ class CsvTest(DatasetTestCase):
           'csv', paths[0], csv=dict(label_column='y'), parse_workers=workers
         )
       )
+    # An empty label is missing, also in a chunk whose other bad label
+    # (maybe) makes the parser search it line by line.
+    for written in ('True', '1'):
+      frame.astype({'y': object}).assign(y=[written, '', 'maybe'] * 100).to_csv(
+        paths[0], index=False
+      )
+      with self.assertRaisesRegex(data.DataError, r'b\.csv:3: missing label'):
+        data.load_dataset(
+          self.config(
+            'csv', paths[0], csv=dict(label_column='y'), parse_workers=workers
+          )
+        )
 
   def test_a_bad_parquet_row_is_named_by_its_row_across_batches(self):
     try:
