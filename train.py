@@ -470,10 +470,9 @@ def _run(
         meta.update(best_auc=valid['auc'], best_epoch=epoch, bad_epochs=0)
       else:
         meta['bad_epochs'] += 1
-        if meta['bad_epochs'] < config.patience:  # Another epoch follows.
-          meta['lr_scale'] = optim.plateau_scale(
-            meta.get('lr_scale', 1), config
-          )
+        # Even at a stop: a resume with more patience goes on at the rates
+        # of a run begun with it.
+        meta['lr_scale'] = optim.plateau_scale(meta.get('lr_scale', 1), config)
       meta.update(epoch=epoch, wall_time=writer.wall_time())
       if improved:  # Before latest: a kill between the two redoes the epoch.
         ckpt.save_best(epoch, host_state, meta)  # Latest copies its files.

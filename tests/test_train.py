@@ -981,6 +981,32 @@ class TrainAndEvaluateTest(absltest.TestCase):
         train.train_and_evaluate(config, workdir)
     self.assertEqual([r[0] for r in rates[6:]], [1e-3] * 3)
 
+  def test_a_plateau_that_stops_the_run_reduces_the_rates_of_a_resume(self):
+    # Epoch 2, no better, stops a run of patience 1. Resumed with patience
+    # 2, epoch 3 trains at the rate of a run begun so: halved (it kept the
+    # full rate, as no reduction was recorded at the stop).
+    rates = []
+
+    def scripted(aucs):
+      stack = self._scripted(iter(aucs), [])
+      fake = train.train_epoch
+
+      def train_epoch(p_train_step, state, split, config, *args):
+        rates.append(config.learning_rate)
+        return fake(p_train_step, state, split, config, *args)
+
+      stack.enter_context(mock.patch.object(train, 'train_epoch', train_epoch))
+      return stack
+
+    with tempfile.TemporaryDirectory() as workdir:
+      config = _config(num_epochs=5, lr_plateau_factor=0.5, learning_rate=1e-3)
+      config.dataset.cache_dir = os.path.join(workdir, 'cache')
+      for aucs, patience in (([0.7, 0.6, 0.5], 1), ([0.55, 0.5], 2)):
+        config.patience = patience
+        with scripted(aucs):
+          train.train_and_evaluate(config, workdir)
+    np.testing.assert_allclose(rates, [1e-3, 1e-3, 5e-4], rtol=1e-6)
+
   def test_a_resume_goes_on_from_the_saved_wall_time(self):
     # The checkpoints keep the wall time of their epoch's end; a resumed
     # run's lines go on from it.
