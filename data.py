@@ -140,11 +140,10 @@ def cache_spec(
   paths: dict[str, str],
 ) -> dict:
   """Everything the encoded arrays depend on: the cache key's input."""
-  memo = os.path.join(cache_dir(config), 'digests')
   out = {
     'version': cache.VERSION,
     'name': config.name,
-    'sources': {r: digests.fingerprint(p, memo) for r, p in paths.items()},
+    'sources': _fingerprints(config, paths),
     'min_count': config.min_count,
     'skip_bad_lines': config.skip_bad_lines,
     'options': options.to_dict(),
@@ -154,6 +153,24 @@ def cache_spec(
   if 'all' in paths:
     out.update(split=list(config.split), seed=config.seed)
   return out
+
+
+def source_digests(config: ml_collections.ConfigDict) -> dict[str, dict]:
+  """The `Dataset.sources` that `load_dataset(config)` would give, without
+  encoding: `{role: {'size', 'sha256'}}` of the files `config` names (a
+  big file's digest is remembered, so that loading it does not hash again).
+
+  Raises:
+    DataError: unknown name or key, or a missing or unreadable file.
+  """
+  source, config, _ = resolve(config)
+  config = remote.localize(config)
+  return _fingerprints(config, source.files(config))
+
+
+def _fingerprints(config: ml_collections.ConfigDict, paths: dict) -> dict:
+  memo = os.path.join(cache_dir(config), 'digests')
+  return {r: digests.fingerprint(p, memo) for r, p in paths.items()}
 
 
 def _take(arrays: Sequence[np.ndarray | None], index) -> tuple:

@@ -5,9 +5,10 @@ were trained on their bytes. `record` writes each file's size and SHA-256
 (the digests that key the data cache, datasets/cache.py) when a run starts,
 so that a resumed run may name the same files at another path: `check`
 accepts the move when the files there have the recorded digests, and
-refuses it otherwise, before anything is written.
+refuses it otherwise, before the data is encoded or anything written.
 """
 
+from collections.abc import Callable
 import json
 import os
 
@@ -20,13 +21,16 @@ import workdir as workdir_lib
 FILE = 'sources.json'
 
 
-def check(workdir: str, changes: list[dict], sources: dict) -> None:
+def check(
+  workdir: str, changes: list[dict], digests: Callable[[], dict]
+) -> None:
   """Refuses a resume whose moved data files hold other bytes than before.
 
   Args:
     workdir: the run's directory.
     changes: `workdir.check_resume`'s entries, given `moved=True`.
-    sources: the loaded dataset's files, `{role: {'size', 'sha256'}}`.
+    digests: gives the files that the run names, `{role: {'size',
+      'sha256'}}` (`data.source_digests`); called only if a path moved.
 
   Raises:
     UserError: a path of `workdir.PATH_KEYS` changed, and `FILE` records
@@ -40,6 +44,7 @@ def check(workdir: str, changes: list[dict], sources: dict) -> None:
   )
   path = os.path.join(workdir, FILE)
   recorded = _recorded(path)
+  sources = {} if recorded is None else digests()
   if sources and recorded == sources:
     logging.info('Resumed with %s: the same files, by their SHA-256.', what)
     return

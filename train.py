@@ -372,9 +372,10 @@ def _run(
     changes = workdir_lib.check_resume(
       workdir, config, write=is_main, record=False, moved=True
     )
+    if is_main:  # Moved data files must hold the same bytes: hashed
+      digests = functools.partial(data.source_digests, config.dataset)
+      sources.check(workdir, changes, digests)  # before any encoding.
     dataset = data.load_dataset(config.dataset)
-    if is_main:  # Moved data files must hold the same bytes.
-      sources.check(workdir, changes, dataset.sources)
   multihost.assert_same_data(dataset)
   logging.info('%s', data.describe(dataset))
   data.check_splits(dataset, config)

@@ -227,7 +227,7 @@ def check_resume(
     record: whether it appends the safe changes now; False: the caller does
       (`record_history`) once the resume is accepted (e.g. the same data).
     moved: whether changed `PATH_KEYS` are returned with the safe changes,
-      for `sources.check` to judge once the data is loaded; False: refused.
+      for `sources.check` to judge by the files' digests; False: refused.
 
   Returns:
     The safe changes as appended to the history: `time`, `key`, `old`,
