@@ -312,8 +312,9 @@ def _warn_unused_split(config: ml_collections.ConfigDict, paths: dict) -> None:
     instead = f'name {train} itself as config.dataset.path to split it'
   logging.warning(
     'config.dataset.split=%s is not used: validation and test are the'
-    ' predefined files %s and %s (%s), and all of %s trains. Leave split at'
-    ' its default %s, or %s at random.',
+    ' predefined files %s and %s (%s), and all of %s trains. In a new run,'
+    ' leave split at its default %s, or %s at random (a resumed run must'
+    ' keep its recorded split).',
     split,
     paths['valid'],
     paths['test'],

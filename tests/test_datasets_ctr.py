@@ -484,8 +484,12 @@ class LibFMTest(DatasetTestCase):
           message,
           f'config.dataset.split=(1.0, 0.0, 0.0) is not used: validation and'
           f' test are the predefined files {valid} and {test} ({given}), and'
-          f' all of {train} trains. Leave split at its default (0.8, 0.1,'
-          ' 0.1), or ',
+          f' all of {train} trains. In a new run, leave split at its default'
+          ' (0.8, 0.1, 0.1), or ',
+        )
+        # A resume refuses a changed split: the advice is for a new run.
+        self.assertEndsWith(
+          message, ' at random (a resumed run must keep its recorded split).'
         )
         self.assertEqual(warnings(path, **overrides)[1], [])  # The default.
     _, said = warnings(train, split=(0.6, 0.2, 0.2))  # Split at random.
