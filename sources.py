@@ -49,7 +49,11 @@ def check(
     logging.info('Resumed with %s: the same files, by their SHA-256.', what)
     return
   if recorded is None:
-    why = f'{path} is missing or unreadable, so the files cannot be compared'
+    why = (
+      f'{path} is missing or unreadable (a run begun before it was written:'
+      ' a resume at the recorded paths writes it), so the files cannot be'
+      ' compared'
+    )
   else:
     why = ', '.join(
       f'{role} {_digest(recorded.get(role))} -> {_digest(sources.get(role))}'
