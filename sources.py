@@ -96,11 +96,17 @@ def record(workdir: str, sources: dict, resuming: bool) -> None:
 
 
 def _recorded(path: str) -> dict | None:
+  """The record at `path`; None if missing, unreadable or damaged."""
   try:
     with open(path) as f:
-      return json.load(f)
+      record = json.load(f)
   except (OSError, ValueError):
     return None
+  ok = isinstance(record, dict) and all(
+    isinstance(v, dict) and isinstance(v.get('sha256'), str)
+    for v in record.values()
+  )
+  return record if ok else None
 
 
 def _digest(source: dict | None) -> str:

@@ -561,6 +561,13 @@ class CheckResumeTest(absltest.TestCase):
       sources.record(self.path, other, resuming=True)
     self.assertIn('The data files (all) changed', logs.output[0])
     sources.check(self.path, changes, lambda: other)
+    for text in ('[1]', '{"all": "x"}', '{"all": {"size": 3}}'):
+      with open(os.path.join(self.path, sources.FILE), 'w') as f:
+        f.write(text)  # Damaged: as if missing.
+      with self.assertRaisesRegex(utils.UserError, 'missing or unreadable'):
+        sources.check(self.path, changes, lambda: other)
+      sources.record(self.path, other, resuming=True)  # Rewritten.
+      sources.check(self.path, changes, lambda: other)
 
   def test_keys_added_by_a_newer_version_resume_at_their_defaults(self):
     # A record written before `dataset.side_features` existed.
