@@ -5,7 +5,8 @@ were trained on their bytes. `record` writes each file's size and SHA-256
 (the digests that key the data cache, datasets/cache.py) when a run starts,
 so that a resumed run may name the same files at another path: `check`
 accepts the move when the files there have the recorded digests, and
-refuses it otherwise, before the data is encoded or anything written.
+refuses it otherwise, as it refuses files changed in place, before the
+data is encoded or anything written.
 """
 
 from collections.abc import Callable
@@ -22,75 +23,83 @@ FILE = 'sources.json'
 
 
 def check(
-  workdir: str, changes: list[dict], digests: Callable[[], dict]
+  workdir: str,
+  changes: list[dict],
+  digests: Callable[[], dict],
+  resuming: bool | None = None,
 ) -> None:
-  """Refuses a resume whose moved data files hold other bytes than before.
+  """Refuses a resume whose data files hold other bytes than recorded.
 
   Args:
     workdir: the run's directory.
     changes: `workdir.check_resume`'s entries, given `moved=True`.
     digests: gives the files that the run names, `{role: {'size',
-      'sha256'}}` (`data.source_digests`); called only if a path moved.
+      'sha256'}}` (`data.source_digests`); called only if there is a record
+      to compare them with.
+    resuming: whether the workdir holds checkpoints; None:
+      `workdir.has_checkpoints`. A new run compares nothing.
 
   Raises:
-    UserError: a path of `workdir.PATH_KEYS` changed, and `FILE` records
-      other files, or none (a run begun before it was written).
+    UserError: on a resume, the files differ from `FILE`'s record; or a
+      path of `workdir.PATH_KEYS` changed and there is no record (a run
+      begun before it was written).
   """
-  moved = [e for e in changes if e['key'] in workdir_lib.PATH_KEYS]
-  if not moved:
+  if resuming is None:
+    resuming = workdir_lib.has_checkpoints(workdir)
+  if not resuming:
     return
+  moved = [e for e in changes if e['key'] in workdir_lib.PATH_KEYS]
   what = '; '.join(
     f'{e["key"]} {_show(e, "old")} -> {_show(e, "new")}' for e in moved
   )
   path = os.path.join(workdir, FILE)
   recorded = _recorded(path)
-  sources = {} if recorded is None else digests()
-  if sources and recorded == sources:
-    logging.info('Resumed with %s: the same files, by their SHA-256.', what)
-    return
   if recorded is None:
-    why = (
-      f'{path} is missing or unreadable (a run begun before it was written:'
-      ' a resume at the recorded paths writes it), so the files cannot be'
-      ' compared'
-    )
+    if moved:
+      raise UserError(
+        f'workdir {workdir} holds checkpoints of a run whose data files'
+        f' moved: {what}; {path} is missing or unreadable (a run begun'
+        ' before it was written: a resume at the recorded paths writes it),'
+        ' so the files cannot be compared. Name the files it was trained on'
+        ' to resume; to train on these, use another workdir.'
+      )
+    return  # Recorded by this run, once its data is accepted.
+  sources = digests()
+  if recorded == sources:
+    if moved:
+      logging.info('Resumed with %s: the same files, by their SHA-256.', what)
+    return
+  differ = ', '.join(
+    f'{role} {_digest(recorded.get(role))} -> {_digest(sources.get(role))}'
+    for role in sorted(set(recorded) | set(sources))
+    if recorded.get(role) != sources.get(role)
+  )
+  if moved:
+    what = f'moved: {what}; the files there differ'
   else:
-    why = ', '.join(
-      f'{role} {_digest(recorded.get(role))} -> {_digest(sources.get(role))}'
-      for role in sorted(set(recorded) | set(sources))
-      if recorded.get(role) != sources.get(role)
-    )
-    why = f'the files there differ from those recorded in {path} ({why})'
+    what = 'changed: they differ'
   raise UserError(
-    f'workdir {workdir} holds checkpoints of a run whose data files moved:'
-    f' {what}; {why}. Name the files it was trained on to resume; to train'
-    ' on these, use another workdir or delete this one.'
+    f'workdir {workdir} holds checkpoints of a run whose data files {what}'
+    f' from those recorded in {path} ({differ}). Resumed, the run would'
+    ' train and be scored on other rows: name the files it was trained on'
+    ' to resume; to train on these, use another workdir'
+    f' (--config.init_from={workdir} starts from its best parameters).'
   )
 
 
-def record(workdir: str, sources: dict, resuming: bool) -> None:
+def record(workdir: str, sources: dict) -> None:
   """Writes the digests of the files a run trains on, if they changed.
 
   Args:
     workdir: the run's directory.
     sources: the loaded dataset's files, `{role: {'size', 'sha256'}}`.
-    resuming: the run has checkpoints: files changed at their recorded
-      paths are warned of (they gave the same ids: `encoder.save`).
 
   Raises:
     UserError: the record cannot be written.
   """
   path = os.path.join(workdir, FILE)
-  recorded = _recorded(path)
-  if not sources or recorded == sources:
+  if not sources or _recorded(path) == sources:
     return
-  if resuming and recorded is not None:
-    logging.warning(
-      'The data files (%s) changed since %s was written: the run resumes'
-      ' on their new rows, which give the same ids.',
-      ', '.join(sorted(r for r in sources if recorded.get(r) != sources[r])),
-      path,
-    )
   with utils.writing(FILE, workdir, f'{FILE}.tmp-*'):
     workdir_lib.write_atomic(path, json.dumps(sources, indent=2) + '\n')
 

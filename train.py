@@ -372,9 +372,9 @@ def _run(
     changes = workdir_lib.check_resume(
       workdir, config, write=is_main, record=False, moved=True
     )
-    if is_main:  # Moved data files must hold the same bytes: hashed
+    if is_main:  # A resume's data files must hold the recorded bytes,
       digests = functools.partial(data.source_digests, config.dataset)
-      sources.check(workdir, changes, digests)  # before any encoding.
+      sources.check(workdir, changes, digests)  # hashed before encoding.
     dataset = data.load_dataset(config.dataset)
   multihost.assert_same_data(dataset)
   logging.info('%s', data.describe(dataset))
@@ -402,7 +402,7 @@ def _run(
       with utils.writing('the encoder', f'{workdir}/encoder', '*.tmp'):
         encoder.save(workdir, dataset, config, resuming)
       workdir_lib.record_history(workdir, changes)  # Accepted: same data.
-      sources.record(workdir, dataset.sources, resuming)
+      sources.record(workdir, dataset.sources)
       if auto and not resuming:
         workdir_lib.record_resolved_optimizer(workdir, config.optimizer)
   p_train_step, p_eval_step = pmapped_steps(model, config)

@@ -577,6 +577,7 @@ class FaultTest(_MultiProcessTestCase):
     # Process 0 alone compared the data with the encoder of the checkpoints:
     # it refused while the others waited in their next collective, until its
     # exit was forced 30 s later and theirs aborted in jaxlib with a trace.
+    # Process 0 alone compares the files with sources.json, too.
     workdir = os.path.join(self.tmp, 'changed-data')
     flags = _csv_flags(f'{workdir}.csv')
     run = Run(workdir, self.cache, NUM_PROCESSES, *flags, tag='first')
@@ -590,8 +591,8 @@ class FaultTest(_MultiProcessTestCase):
     error = self._refused(workdir, 0, *flags, tag='changed')
     self.assertRegex(
       error,
-      r'^main.py: error: The data differ from those of the checkpoints \(the'
-      r' user vocabulary changed\)',
+      r'^main.py: error: workdir [^ ]+ holds checkpoints of a run whose data'
+      r' files changed: they differ from those recorded in',
     )
     self.assertEqual(_files(encoder), before)  # Not rewritten.
 

@@ -1629,23 +1629,42 @@ class TrainingFaultTest(_Case):
     train.train_and_evaluate(config, workdir)  # The same data resume.
     with open(path) as f:
       text = f.read()
-    with open(path, 'w') as f:  # u1 renamed: as many users, other ids.
-      f.write(text.replace('\nu1,', '\nu99,'))
+    header, *rows = text.splitlines(keepends=True)
+    record = os.path.join(workdir, sources.FILE)
+    kept = _read(record)
     longer = _config(data_dir, num_epochs=2)  # A change a resume may make.
     history = os.path.join(workdir, workdir_lib.HISTORY_FILE)
-    with self.assertRaisesRegex(
-      utils.UserError,
-      r'^The data differ from those of the checkpoints \(the user'
-      r' vocabulary changed\)',
+    for edited, refusal in (
+      # The rows reversed: the same ids, but other rows in each split, on
+      # which the run resumed (before sources.json), silently.
+      (
+        header + ''.join(rows[::-1]),
+        'workdir [^ ]+ holds checkpoints of a run whose data files changed:'
+        r' they differ from those recorded in [^ ]+sources.json \(all',
+      ),
+      # u1 renamed: as many users, other ids. Without sources.json (a run
+      # begun before it), the encoder's check refuses it.
+      (
+        text.replace('\nu1,', '\nu99,'),
+        r'The data differ from those of the checkpoints \(the user'
+        r' vocabulary changed\)',
+      ),
     ):
-      train.train_and_evaluate(longer, workdir)
-    after = {
-      n: _read(os.path.join(directory, n)) for n in os.listdir(directory)
-    }
-    self.assertEqual(after, before)
-    # Nor did the refused resume record its change (it did before the data
-    # were compared): it is recorded when the run resumes with it.
-    self.assertFalse(os.path.exists(history))
+      with open(path, 'w') as f:
+        f.write(edited)
+      if refusal.startswith('The data'):
+        os.remove(record)
+      with self.assertRaisesRegex(utils.UserError, f'^{refusal}'):
+        train.train_and_evaluate(longer, workdir)
+      after = {
+        n: _read(os.path.join(directory, n)) for n in os.listdir(directory)
+      }
+      self.assertEqual(after, before)
+      # Nor did the refused resume record its change (it did before the
+      # data were compared): it is recorded when the run resumes with it.
+      self.assertFalse(os.path.exists(history))
+    with open(record, 'wb') as f:
+      f.write(kept)
     with open(path, 'w') as f:
       f.write(text)
     train.train_and_evaluate(longer, workdir)

@@ -2,6 +2,7 @@
 
 import contextlib
 import errno
+import functools
 import json
 import os
 import pathlib
@@ -546,28 +547,38 @@ class CheckResumeTest(absltest.TestCase):
       )
     self.assertIn(': batch_size 2048 -> 1 (recorded', str(cm.exception))
     digests = {'all': {'size': 3, 'sha256': 'ab' * 32}}
+    check = functools.partial(sources.check, self.path, resuming=True)
     with self.assertRaisesRegex(utils.UserError, 'missing or unreadable'):
-      sources.check(self.path, changes, self.fail)  # Not hashed for it.
-    sources.record(self.path, digests, resuming=False)
-    sources.check(self.path, changes, lambda: digests)  # The same bytes.
-    sources.check(self.path, [], self.fail)  # Nothing moved: nothing to judge.
+      check(changes, self.fail)  # Not hashed for it.
+    check([], self.fail)  # No record, nothing moved: recorded once loaded.
+    sources.record(self.path, digests)
+    check(changes, lambda: digests)  # The same bytes.
+    check([], lambda: digests)
+    sources.check(self.path, changes, self.fail)  # A new run: no checkpoints.
     other = {'all': {'size': 3, 'sha256': 'cd' * 32}}
-    with self.assertRaisesRegex(
-      utils.UserError, r'\(all sha256 abababababab -> sha256 cdcdcdcdcdcd\)'
+    for moved, what in (
+      (
+        changes,
+        r'moved: dataset.path "/a" -> "/b"; the'
+        ' files there differ',
+      ),
+      ([], 'changed: they differ'),
     ):
-      sources.check(self.path, changes, lambda: other)
-    # The same paths, other bytes (their ids were found equal): recorded.
-    with self.assertLogs(level='WARNING') as logs:
-      sources.record(self.path, other, resuming=True)
-    self.assertIn('The data files (all) changed', logs.output[0])
-    sources.check(self.path, changes, lambda: other)
+      with self.assertRaisesRegex(
+        utils.UserError,
+        f'run whose data files {what} from those recorded in [^ ]+'
+        r'sources.json \(all sha256 abababababab -> sha256 cdcdcdcdcdcd\).'
+        ' Resumed, the run would train and be scored on other rows',
+      ):
+        check(moved, lambda: other)
     for text in ('[1]', '{"all": "x"}', '{"all": {"size": 3}}'):
       with open(os.path.join(self.path, sources.FILE), 'w') as f:
         f.write(text)  # Damaged: as if missing.
       with self.assertRaisesRegex(utils.UserError, 'missing or unreadable'):
-        sources.check(self.path, changes, lambda: other)
-      sources.record(self.path, other, resuming=True)  # Rewritten.
-      sources.check(self.path, changes, lambda: other)
+        check(changes, lambda: other)
+      check([], self.fail)
+      sources.record(self.path, other)  # Rewritten.
+      check(changes, lambda: other)
 
   def test_keys_added_by_a_newer_version_resume_at_their_defaults(self):
     # A record written before `dataset.side_features` existed.
