@@ -440,7 +440,9 @@ def _run(
     if config.get('init_from'):  # A resumed run has its weights already.
       state = warm_start(state, config.init_from)
   else:
-    logging.info('Resumed from epoch %d of %s', meta['epoch'], workdir)
+    scale = meta.get('lr_scale', 1)  # Below 1 after plateaus.
+    rates = f' at x{scale:g} the learning rates' if scale != 1 else ''
+    logging.info('Resumed from epoch %d of %s%s', meta['epoch'], workdir, rates)
   writer = metrics.MetricsWriter(  # Process 0 writes; its error stops all.
     workdir, is_main, meta.get('wall_time', 0.0), multihost.errors_shared
   )

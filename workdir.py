@@ -292,15 +292,18 @@ def check_resume(
     entry = {'time': lock.now_text(), 'key': k}
     entry.update({n: v[k] for n, v in (('old', old), ('new', new)) if k in v})
     entries.append(entry)
-    if k not in judged_later:
-      logging.info('Resumed with %s %s -> %s', k, _show(old, k), _show(new, k))
   if write and record:
     record_history(workdir, entries)
   return entries
 
 
 def record_history(workdir: str, entries: list[dict]) -> None:
-  """Appends `check_resume`'s entries to the workdir's history."""
+  """Appends `check_resume`'s entries to the workdir's history; logs them
+  (moved paths: sources.py, which compared their files)."""
+  for e in entries:
+    if e['key'] not in PATH_KEYS:
+      shown = _show(e, 'old'), _show(e, 'new')
+      logging.info('Resumed with %s %s -> %s', e['key'], *shown)
   if entries:
     path = os.path.join(workdir, HISTORY_FILE)
     with utils.writing(HISTORY_FILE, workdir), open(path, 'a') as f:

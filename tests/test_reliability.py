@@ -1714,14 +1714,28 @@ class TrainingFaultTest(_Case):
         ),
         # Refused before the data is encoded (long for a big file).
         mock.patch.object(csv, 'build', side_effect=AssertionError),
+        self.assertLogs(level='INFO') as logs,
       ):
         train.train_and_evaluate(
           _config(data_dir, num_epochs=2, **{'dataset.path': other}), workdir
         )
       self.assertEqual(_files(workdir), before)  # Nothing written.
+      # Nor said to resume with the change it refused (it was logged).
+      self.assertNotIn('Resumed with', '\n'.join(logs.output))
     os.rename(record + '.kept', record)
-    train.train_and_evaluate(
-      _config(data_dir, num_epochs=2, **{'dataset.path': moved}), workdir
+    with self.assertLogs(level='INFO') as logs:
+      train.train_and_evaluate(
+        _config(data_dir, num_epochs=2, **{'dataset.path': moved}), workdir
+      )
+    said = [m.split(':', 2)[-1] for m in logs.output if 'Resumed' in m]
+    self.assertEqual(
+      said,
+      [
+        f'Resumed with dataset.path "{path}" -> "{moved}": the same files,'
+        ' by their SHA-256.',
+        'Resumed with num_epochs 1 -> 2',
+        f'Resumed from epoch 1 of {workdir}',
+      ],
     )
     history = os.path.join(workdir, workdir_lib.HISTORY_FILE)
     with open(history) as f:

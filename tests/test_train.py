@@ -962,9 +962,16 @@ class TrainAndEvaluateTest(absltest.TestCase):
       with scripted(iter(aucs[:3] + [0.5]), []):
         train.train_and_evaluate(config, workdir)
       config.num_epochs = 10  # Resumed after the plateau of epoch 3.
-      with scripted(iter(aucs[3:] + [0.5]), []):
+      with (
+        scripted(iter(aucs[3:] + [0.5]), []),
+        self.assertLogs(level='INFO') as logs,
+      ):
         train.train_and_evaluate(config, workdir)
       lines = _metrics(workdir)
+    self.assertIn(
+      f'Resumed from epoch 3 of {workdir} at x0.1 the learning rates',
+      '\n'.join(logs.output),
+    )
     np.testing.assert_allclose(
       rates,
       [(1e-3, 2e-6)] * 3 + [(1e-4, 1e-6)] * 2 + [(1e-5, 1e-6)],
