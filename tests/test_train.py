@@ -899,6 +899,19 @@ class TrainAndEvaluateTest(absltest.TestCase):
     stack.enter_context(mock.patch.object(train, 'train_epoch', train_epoch))
     return stack
 
+  def _rates(self, aucs, rates):
+    """`_scripted(aucs, [])`, each epoch appending its `(learning_rate,
+    table_learning_rate)` to `rates`."""
+    stack = self._scripted(aucs, [])
+    scripted_epoch = train.train_epoch
+
+    def train_epoch(p_train_step, state, split, config, *args):
+      rates.append((config.learning_rate, config.table_learning_rate))
+      return scripted_epoch(p_train_step, state, split, config, *args)
+
+    stack.enter_context(mock.patch.object(train, 'train_epoch', train_epoch))
+    return stack
+
   def test_early_stopping_counts_the_epochs_without_a_better_auc(self):
     # Scripted validation AUCs, then the test AUC. A tie is no better:
     # with patience 2, epochs 3 (a tie) and 4 end the run after the best,
@@ -936,19 +949,6 @@ class TrainAndEvaluateTest(absltest.TestCase):
     # rates (Adam's and the tables'), down to 1e-6 only; epoch 6 is the
     # second bad one in a row and stops the run (nothing follows it).
     rates = []
-    real = self._scripted
-
-    def scripted(aucs, steps):
-      stack = real(aucs, steps)
-      scripted_epoch = train.train_epoch
-
-      def train_epoch(p_train_step, state, split, config, *args):
-        rates.append((config.learning_rate, config.table_learning_rate))
-        return scripted_epoch(p_train_step, state, split, config, *args)
-
-      stack.enter_context(mock.patch.object(train, 'train_epoch', train_epoch))
-      return stack
-
     aucs = [0.6, 0.7, 0.65, 0.8, 0.75, 0.74]
     with tempfile.TemporaryDirectory() as workdir:
       config = _config(
@@ -959,11 +959,11 @@ class TrainAndEvaluateTest(absltest.TestCase):
         table_learning_rate=2e-6,
       )
       config.dataset.cache_dir = os.path.join(workdir, 'cache')
-      with scripted(iter(aucs[:3] + [0.5]), []):
+      with self._rates(iter(aucs[:3] + [0.5]), rates):
         train.train_and_evaluate(config, workdir)
       config.num_epochs = 10  # Resumed after the plateau of epoch 3.
       with (
-        scripted(iter(aucs[3:] + [0.5]), []),
+        self._rates(iter(aucs[3:] + [0.5]), rates),
         self.assertLogs(level='INFO') as logs,
       ):
         train.train_and_evaluate(config, workdir)
@@ -984,7 +984,7 @@ class TrainAndEvaluateTest(absltest.TestCase):
     with tempfile.TemporaryDirectory() as workdir:  # 1: pytorch-fm's.
       config = _config(num_epochs=3, patience=3, learning_rate=1e-3)
       config.dataset.cache_dir = os.path.join(workdir, 'cache')
-      with scripted(iter([0.6, 0.5, 0.4, 0.5]), []):
+      with self._rates(iter([0.6, 0.5, 0.4, 0.5]), rates):
         train.train_and_evaluate(config, workdir)
     self.assertEqual([r[0] for r in rates[6:]], [1e-3] * 3)
 
@@ -993,26 +993,16 @@ class TrainAndEvaluateTest(absltest.TestCase):
     # 2, epoch 3 trains at the rate of a run begun so: halved (it kept the
     # full rate, as no reduction was recorded at the stop).
     rates = []
-
-    def scripted(aucs):
-      stack = self._scripted(iter(aucs), [])
-      fake = train.train_epoch
-
-      def train_epoch(p_train_step, state, split, config, *args):
-        rates.append(config.learning_rate)
-        return fake(p_train_step, state, split, config, *args)
-
-      stack.enter_context(mock.patch.object(train, 'train_epoch', train_epoch))
-      return stack
-
     with tempfile.TemporaryDirectory() as workdir:
       config = _config(num_epochs=5, lr_plateau_factor=0.5, learning_rate=1e-3)
       config.dataset.cache_dir = os.path.join(workdir, 'cache')
       for aucs, patience in (([0.7, 0.6, 0.5], 1), ([0.55, 0.5], 2)):
         config.patience = patience
-        with scripted(aucs):
+        with self._rates(iter(aucs), rates):
           train.train_and_evaluate(config, workdir)
-    np.testing.assert_allclose(rates, [1e-3, 1e-3, 5e-4], rtol=1e-6)
+    np.testing.assert_allclose(
+      [r[0] for r in rates], [1e-3, 1e-3, 5e-4], rtol=1e-6
+    )
 
   def test_a_resume_goes_on_from_the_saved_wall_time(self):
     # The checkpoints keep the wall time of their epoch's end; a resumed
