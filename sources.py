@@ -49,9 +49,7 @@ def check(
   if not resuming:
     return
   moved = [e for e in changes if e['key'] in workdir_lib.PATH_KEYS]
-  what = '; '.join(
-    f'{e["key"]} {_show(e, "old")} -> {_show(e, "new")}' for e in moved
-  )
+  what = '; '.join(map(workdir_lib.change_text, moved))
   path = os.path.join(workdir, FILE)
   recorded = _recorded(path)
   if recorded is None:
@@ -120,7 +118,3 @@ def _recorded(path: str) -> dict | None:
 
 def _digest(source: dict | None) -> str:
   return f'sha256 {source["sha256"][:12]}' if source else '(absent)'
-
-
-def _show(entry: dict, key: str) -> str:
-  return json.dumps(entry[key]) if key in entry else '(absent)'

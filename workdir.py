@@ -302,8 +302,7 @@ def record_history(workdir: str, entries: list[dict]) -> None:
   (moved paths: sources.py, which compared their files)."""
   for e in entries:
     if e['key'] not in PATH_KEYS:
-      shown = _show(e, 'old'), _show(e, 'new')
-      logging.info('Resumed with %s %s -> %s', e['key'], *shown)
+      logging.info('Resumed with %s', change_text(e))
   if entries:
     path = os.path.join(workdir, HISTORY_FILE)
     with utils.writing(HISTORY_FILE, workdir), open(path, 'a') as f:
@@ -396,6 +395,11 @@ def _model_defaults(name: Any) -> dict[str, Any]:
       }
     }
   )
+
+
+def change_text(entry: dict) -> str:
+  """`key old -> new` of a `check_resume` entry, values as JSON."""
+  return f'{entry["key"]} {_show(entry, "old")} -> {_show(entry, "new")}'
 
 
 def _show(flat: dict, key: str) -> str:
