@@ -5,7 +5,10 @@ python main.py --config=configs/dcn.py:smoke --workdir=/tmp/dcn_smoke
 
 Hyper-parameters of pytorch-fm's examples/main.py (its 'dcn' entry:
 embed_dim 16, num_layers 3, mlp_dims (16, 16), dropout 0.2), with its
-training recipe (configs/default.py).
+training recipe (configs/default.py), and torch.nn.Linear's initialisers in
+every dense layer (MLP, cross weights, logistic layer) as pytorch-fm
+(`linear_init='torch'`), chosen on the validation AUC over three splits
+(benchmarks/README.md, "Every dense layer as torch's").
 """
 
 import ml_collections
@@ -22,7 +25,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       num_layers=3,
       mlp_dims=(16, 16),
       dropout=0.2,
-      linear_init='lecun',
+      linear_init='torch',
     )
   )
   return default.with_model_arguments(config)

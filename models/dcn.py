@@ -34,9 +34,10 @@ architecture this file matches layer for layer):
   * The hidden layers' Linear has no bias, which the BatchNorm after it
     cancels (`MultiLayerPerceptron`); pytorch-fm's weights load with that
     bias folded into the running mean.
-  * The dense layers use Flax's default initialisers (LeCun normal kernels,
-    zero biases), not torch's uniform ones (`linear_init='torch'` gives
-    those to the MLP).
+  * The dense layers (the MLP's, the cross layers' `w_l` and the logistic
+    layer) use Flax's default initialisers (LeCun normal kernels, zero
+    biases), not torch's uniform ones; `linear_init='torch'` gives those to
+    every one of them.
 
 Differences from the paper, kept from pytorch-fm: every field has an
 embedding of the same size `embed_dim` (the paper sizes each field's
@@ -423,10 +424,13 @@ class VectorCrossNetwork(nn.Module):
 
   Attributes:
     num_layers: number of cross layers L1.
+    linear_init: initialisers of the weights `w_l`, 'lecun' (Flax's
+      default) or 'torch' (torch.nn.Linear's).
     dtype: dtype of the computation.
   """
 
   num_layers: int
+  linear_init: str = 'lecun'
   dtype: jnp.dtype = jnp.float32
 
   @nn.compact
@@ -435,9 +439,14 @@ class VectorCrossNetwork(nn.Module):
     x = x0
     for i in range(self.num_layers):
       # <x_l, w_l> as a Dense layer to one unit (torch's Linear(d, 1)).
-      xw = nn.Dense(1, use_bias=False, dtype=self.dtype, name=f'w_{i}')(
-        x
-      )  # [B, 1]
+      w = nn.Dense(
+        1,
+        use_bias=False,
+        dtype=self.dtype,
+        name=f'w_{i}',
+        **linear_initializers(self.linear_init, x.shape[-1]),
+      )
+      xw = w(x)  # [B, 1]
       b = self.param(f'b_{i}', nn.initializers.zeros, (x0.shape[-1],))
       x = x0 * xw + b.astype(self.dtype) + x  # [B, T * D]
     return x
@@ -456,8 +465,9 @@ class DeepCrossNetworkModel(nn.Module):
     mlp_dims: widths of the deep layers (L2 = len(mlp_dims)).
     dropout: dropout rate after each deep layer.
     axis_name: pmap axis over which BatchNorm statistics are averaged.
-    linear_init: initialisers of the MLP's Dense layers, 'lecun' (Flax's
-      default) or 'torch' (torch.nn.Linear's).
+    linear_init: initialisers of the Dense layers (the MLP's, the cross
+      layers' and the logistic layer), 'lecun' (Flax's default) or 'torch'
+      (torch.nn.Linear's).
     dtype: dtype of the computation.
   """
 
@@ -505,9 +515,9 @@ class DeepCrossNetworkModel(nn.Module):
       *inputs
     )  # [B, T, D]
     x0 = jax.lax.collapse(v, 1)  # [B, T * D]
-    cross = VectorCrossNetwork(self.num_layers, dtype=self.dtype)(
-      x0
-    )  # [B, T * D]
+    cross = VectorCrossNetwork(
+      self.num_layers, linear_init=self.linear_init, dtype=self.dtype
+    )(x0)  # [B, T * D]
     deep = MultiLayerPerceptron(
       self.mlp_dims,
       dropout=self.dropout,
@@ -517,7 +527,8 @@ class DeepCrossNetworkModel(nn.Module):
       dtype=self.dtype,
     )(x0, train=train)  # [B, H]
     stacked = jnp.concatenate([cross, deep], axis=1)  # [B, T * D + H]
-    logit = nn.Dense(1, dtype=self.dtype, name='output')(stacked)  # [B, 1]
+    init = linear_initializers(self.linear_init, stacked.shape[-1])
+    logit = nn.Dense(1, dtype=self.dtype, name='output', **init)(stacked)
     return logit[:, 0].astype(jnp.float32)
 
 

@@ -46,9 +46,9 @@ Differences from pytorch-fm (torchfm 0.7.0, `NeuralCollaborativeFiltering`):
   * The hidden layers' Linear has no bias, which the BatchNorm after it
     cancels (`MultiLayerPerceptron`); pytorch-fm's weights load with that
     bias folded into the running mean.
-  * The hidden layers use Flax's default initialisers (LeCun normal kernels,
-    zero biases), not torch's uniform ones (`linear_init='torch'` gives
-    those).
+  * The dense layers (the MLP's and the prediction layer) use Flax's
+    default initialisers (LeCun normal kernels, zero biases), not torch's
+    uniform ones; `linear_init='torch'` gives those to every one of them.
 
 Differences from the paper, kept from pytorch-fm: the MLP tower carries
 BatchNorm and dropout (the paper's is plain ReLU), reads the embeddings of
@@ -450,8 +450,9 @@ class NeuralCollaborativeFiltering(nn.Module):
     shared_embedding: feed both towers from one table (pytorch-fm) instead
       of the paper's separate GMF and MLP embeddings.
     axis_name: pmap axis over which BatchNorm statistics are averaged.
-    linear_init: initialisers of the MLP's Dense layers, 'lecun' (Flax's
-      default) or 'torch' (torch.nn.Linear's).
+    linear_init: initialisers of the Dense layers (the MLP's and the
+      prediction layer), 'lecun' (Flax's default) or 'torch'
+      (torch.nn.Linear's).
     dtype: dtype of the computation.
   """
 
@@ -546,8 +547,9 @@ class NeuralCollaborativeFiltering(nn.Module):
       dtype=self.dtype,
     )(jax.lax.collapse(e, 1), train=train)  # [B, T * D] -> [B, H]
     fused = jnp.concatenate([gmf, mlp], axis=-1)  # [B, D + H]
-    logits = nn.Dense(1, dtype=self.dtype, name='prediction')(fused)[:, 0]
-    return logits.astype(jnp.float32)  # [B]
+    init = linear_initializers(self.linear_init, fused.shape[-1])
+    logits = nn.Dense(1, dtype=self.dtype, name='prediction', **init)(fused)
+    return logits[:, 0].astype(jnp.float32)  # [B]
 
 
 Model = NeuralCollaborativeFiltering

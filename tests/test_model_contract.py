@@ -369,6 +369,13 @@ def _fields(name):
 # table, so that the bounds below are tight.
 INIT_FIELD_DIMS = (300, 500, 200)
 
+# Dense layers outside the MLP that `linear_init` starts too, by a part of
+# their parameter path: those whose pytorch-fm counterpart is a Linear.
+TORCH_INIT_LAYERS = {
+  'ncf': ("['prediction']",),
+  'dcn': ("['VectorCrossNetwork_0']['w_", "['output']"),
+}
+
 
 class InitialisationTest(parameterized.TestCase):
   """Initial values as pytorch-fm's, except the zero linear term.
@@ -422,11 +429,12 @@ class InitialisationTest(parameterized.TestCase):
     (n, n) for n in MODEL_NAMES if 'linear_init' in _fields(n)
   )
   def test_torch_linear_init_is_torch_nn_linear_default(self, name):
-    # linear_init='torch' changes the MLP's Dense layers and nothing else
-    # (Flax derives each layer's key from its path): kernel and bias (where
-    # there is one) U(-b, b) with b = 1/sqrt(fan_in), as torch.nn.Linear.
-    # The default stays Flax's: LeCun-normal kernels (variance 1/fan_in),
-    # zero biases.
+    # linear_init='torch' changes the MLP's Dense layers, and the other Dense
+    # layers that a model's docstring names (TORCH_INIT_LAYERS), and nothing
+    # else (Flax derives each layer's key from its path): kernel and bias
+    # (where there is one) U(-b, b) with b = 1/sqrt(fan_in), as
+    # torch.nn.Linear. The default stays Flax's: LeCun-normal kernels
+    # (variance 1/fan_in), zero biases.
     ids = random_ids(4, INIT_FIELD_DIMS)
     torch_params = init(
       build(name, field_dims=INIT_FIELD_DIMS, linear_init='torch'), ids
@@ -434,12 +442,19 @@ class InitialisationTest(parameterized.TestCase):
     flat = dict(jax.tree_util.tree_leaves_with_path(self._params(name)))
     torch_flat = dict(jax.tree_util.tree_leaves_with_path(torch_params))
     scaled = {'kernel': ([], []), 'bias': ([], [])}
+    others = TORCH_INIT_LAYERS.get(name, ())
     for path, x in torch_flat.items():
+      where = jax.tree_util.keystr(path)
       lecun = np.asarray(flat[path], np.float64)
       if np.array_equal(lecun, x):
+        self.assertFalse(any(o in where for o in others), where)
         continue
-      where = jax.tree_util.keystr(path)
-      self.assertTrue('MultiLayerPerceptron' in where or 'mlp' in where, where)
+      self.assertTrue(
+        'MultiLayerPerceptron' in where
+        or 'mlp' in where
+        or any(o in where for o in others),
+        where,
+      )
       kind = path[-1].key
       (fan_in,) = [
         v.shape[0]
@@ -478,7 +493,11 @@ class ConfigTest(parameterized.TestCase):
       nfm_config,
       dict(embed_dim=64, mlp_dims=(64,), linear_init='torch'),
     ),
-    ('ncf', ncf_config, dict(embed_dim=16, mlp_dims=(16, 16), dropout=0.2)),
+    (
+      'ncf',
+      ncf_config,
+      dict(embed_dim=16, mlp_dims=(16, 16), dropout=0.2, linear_init='torch'),
+    ),
     ('fnfm', fnfm_config, dict(embed_dim=4, mlp_dims=(64,))),
     ('deepfm', deepfm_config, dict(embed_dim=16, mlp_dims=(16, 16))),
   )

@@ -203,7 +203,7 @@ class ConfigTest(absltest.TestCase):
         num_layers=3,
         mlp_dims=(16, 16),
         dropout=0.2,
-        linear_init='lecun',
+        linear_init='torch',
       ),
     )
     check_config_model(dcn, config)
