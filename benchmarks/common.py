@@ -146,7 +146,9 @@ def get_config(name: str, arg: str | None = None, *overrides: dict):
     arg: its argument, e.g. 'smoke'.
     *overrides: `{dotted.key: value}` dicts (`parse_overrides`), applied in
       order; a missing parent stops with a message, a new leaf is added
-      (and checked with the rest when the run validates its config).
+      (and checked with the rest when the run validates its config). A
+      string for a tuple is a comma-separated list, as main.py's flags
+      take it (`dataset.side_features=genres,year`).
   """
   config = importlib.import_module(f'configs.{name}').get_config(arg)
   for layer in overrides:
@@ -156,6 +158,8 @@ def get_config(name: str, arg: str | None = None, *overrides: dict):
       try:
         for parent in parents:
           node = node[parent]
+        if isinstance(value, str) and isinstance(node.get(last), tuple):
+          value = tuple(v.strip() for v in value.split(',') if v.strip())
         node[last] = value
       except (KeyError, TypeError, AttributeError) as e:
         raise SystemExit(f'{key}={value!r}: {e}') from None

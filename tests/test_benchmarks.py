@@ -138,6 +138,16 @@ class AbTest(_TempDirs, absltest.TestCase):
     with self.assertRaisesRegex(SystemExit, "--a_xla: 'fast' is not xla_"):
       ab.main([*flags, '--a_xla=fast'])
 
+  def test_a_string_for_a_tuple_is_a_list_as_main_takes_it(self):
+    overrides = common.parse_overrides(
+      ['dataset.side_features=genres, year', 'model.mlp_dims=(8,)'], '--set'
+    )
+    config = common.get_config('deepfm', None, overrides)
+    self.assertEqual(config.dataset.side_features, ('genres', 'year'))
+    self.assertEqual(config.model.mlp_dims, (8,))
+    config = common.get_config('fm', None, {'optimizer': 'lazy_adam'})
+    self.assertEqual(config.optimizer, 'lazy_adam')
+
   def test_bad_overrides_name_themselves(self):
     with self.assertRaisesRegex(SystemExit, "--a: 'lr' is not key=value"):
       ab.main(['--model=fm', '--a=lr'])
