@@ -374,6 +374,7 @@ INIT_FIELD_DIMS = (300, 500, 200)
 TORCH_INIT_LAYERS = {
   'ncf': ("['prediction']",),
   'dcn': ("['VectorCrossNetwork_0']['w_", "['output']"),
+  'fibinet': ("['DeepNetwork_0']", "['SqueezeExcitation_0']"),
 }
 
 

@@ -203,6 +203,7 @@ class ConfigTest(absltest.TestCase):
         reduction_ratio=3.0,
         excitation='sigmoid',
         bilinear_type='field_interaction',
+        linear_init='torch',
       ),
     )
     variables = check_config_model(fibinet, config)
