@@ -38,14 +38,16 @@ HISTORY_FILE = 'config_history.jsonl'
 # data, the split, the parameters nor the arithmetic of the steps taken.
 # Every other key, including any added later, refuses a resume until it is
 # listed here. Evaluation masks its padding (any eval_batch_size gives the
-# same metrics, to float32 rounding: about 1e-7); init_from is read only
-# by a run that starts from scratch; steps_per_dispatch and device_split_mb
+# same metrics, to float32 rounding: about 1e-7); init_from and the dense
+# layers' initialisers (model.linear_init) are read only by a run that
+# starts from scratch; steps_per_dispatch and device_split_mb
 # change how the batches reach the devices, not the steps; the cache's
 # place, chunk size and parsing processes do not change what it holds;
 # downloads are checked against fixed checksums whatever their URL.
 SAFE_KEYS = (
   *('num_epochs', 'patience', 'log_every_steps', 'progress_bar'),
   *('eval_batch_size', 'init_from', 'steps_per_dispatch', 'device_split_mb'),
+  'model.linear_init',
   *('dataset.cache_dir', 'dataset.chunk_rows', 'dataset.parse_workers'),
   'dataset.url',
 )

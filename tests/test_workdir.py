@@ -598,19 +598,46 @@ class CheckResumeTest(absltest.TestCase):
     )
 
   def test_model_arguments_added_by_a_newer_version_resume_at_defaults(self):
-    # A record written before the MLP's `linear_init` existed: the model's
-    # own default continues it, another value does not.
+    # A record written before a model argument existed (here DeepFM's
+    # dropout): the model's own default continues it, another value does
+    # not.
     config = deepfm.get_config()
     workdir.check_resume(self.path, config)
+    record = self._record()
+    del record['model']['dropout']
+    with open(os.path.join(self.path, workdir.CONFIG_FILE), 'w') as f:
+      json.dump(record, f)
+    self.assertEqual(workdir.check_resume(self.path, config, resuming=True), [])
+    changed = _changed(config, model__dropout=0.5)
+    with self.assertRaises(utils.UserError) as cm:
+      workdir.check_resume(self.path, changed, resuming=True)
+    self.assertIn('model.dropout (absent) -> 0.5', str(cm.exception))
+
+  def test_initialisers_may_change_on_a_resume(self):
+    # A resume restores its parameters: linear_init, like init_from, only
+    # starts a run. Old records (before linear_init, or before a config
+    # changed it) resume with today's configs, and the history says so.
+    config = deepfm.get_config()
+    workdir.check_resume(self.path, config)
+    changes = workdir.check_resume(
+      self.path, _changed(config, model__linear_init='torch'), resuming=True
+    )
+    self.assertEqual(
+      [(c['key'], c['old'], c['new']) for c in changes],
+      [('model.linear_init', 'lecun', 'torch')],
+    )
+    os.remove(os.path.join(self.path, workdir.HISTORY_FILE))
     record = self._record()
     del record['model']['linear_init']
     with open(os.path.join(self.path, workdir.CONFIG_FILE), 'w') as f:
       json.dump(record, f)
-    self.assertEqual(workdir.check_resume(self.path, config, resuming=True), [])
-    changed = _changed(config, model__linear_init='torch')
-    with self.assertRaises(utils.UserError) as cm:
-      workdir.check_resume(self.path, changed, resuming=True)
-    self.assertIn('model.linear_init (absent) -> "torch"', str(cm.exception))
+    changes = workdir.check_resume(
+      self.path, _changed(config, model__linear_init='torch'), resuming=True
+    )
+    self.assertEqual(
+      [(c['key'], c.get('old'), c['new']) for c in changes],
+      [('model.linear_init', None, 'torch')],
+    )
 
   def test_another_model_is_refused(self):
     workdir.check_resume(self.path, self.config)
@@ -800,6 +827,8 @@ class CheckResumeTest(absltest.TestCase):
       ],
     )
     self.assertFalse(workdir.is_safe('some_key_added_later'))
+    self.assertTrue(workdir.is_safe('model.linear_init'))
+    self.assertFalse(workdir.is_safe('model.embed_dim'))
 
 
 def _watched(tmp_path, record):
