@@ -18,7 +18,8 @@ It reports each side's mean, sample standard deviation and every seed's test
 AUC (of the best-validation state), the difference of the means with its
 standard error, and each side's mean best validation AUC (what a config is
 chosen on). A run whose workdir already holds its test result is read,
-not trained again: an interrupted benchmark goes on where it stopped.
+not trained again: an interrupted benchmark goes on where it stopped
+(`--tiny`'s smoke runs have directories of their own).
 
   python -m benchmarks.seeds --models=fm,ipnn,opnn --seeds=0-9 \
     --workdir=/tmp/flax_fm_seeds
@@ -97,7 +98,9 @@ def run_seed(name: str, run: str, seed: int, args) -> tuple[float, float]:
     name,
     f'split{args.split_seed}_s{seed}' if args.split_seed else f's{seed}',
     run_dir(run, args.overrides)
-    + ('-drop_last' if run == 'torchfm' and args.torch_drop_last else ''),
+    + ('-drop_last' if run == 'torchfm' and args.torch_drop_last else '')
+    # A smoke run's result is not a finished run of the config.
+    + ('-tiny' if args.tiny else ''),
   )
   aucs = finished_aucs(workdir)
   if aucs is not None:

@@ -868,6 +868,34 @@ class SeedsTest(_TempDirs, absltest.TestCase):
     self.assertIn('0.6200 ± 0.0141', text)
     self.assertIn('| 0.5000 / - |', text)
 
+  def test_a_tiny_run_is_not_read_as_a_finished_run(self):
+    out = self.create_tempdir().full_path
+    work = self.create_tempdir().full_path
+    args = ['--models=fm', '--seeds=0', '--no_torch', f'--workdir={work}']
+    args.append(f'--out_dir={out}')
+    run = os.path.join(work, 'fm', 's0', 'flax')
+    os.makedirs(run)
+    with open(os.path.join(run, 'metrics.jsonl'), 'w') as f:
+      f.write(json.dumps({'split': 'valid', 'epoch': 1, 'auc': 0.6}) + '\n')
+      f.write(json.dumps({'split': 'test', 'epoch': 1, 'auc': 0.61}) + '\n')
+    trained = []
+
+    def train_and_evaluate(config, workdir):
+      trained.append((config.num_epochs, workdir))
+      os.makedirs(workdir, exist_ok=True)
+      with open(os.path.join(workdir, 'metrics.jsonl'), 'w') as f:
+        for split in ('valid', 'test'):
+          f.write(json.dumps({'split': split, 'epoch': 1, 'auc': 0.55}))
+          f.write('\n')
+
+    with mock.patch('train.train_and_evaluate', train_and_evaluate):
+      (tiny,) = seeds.main(args + ['--tiny'])
+    # The smoke config trained in a directory of its own...
+    self.assertEqual(trained, [(2, run + '-tiny')])
+    self.assertEqual(tiny['flax_test_auc'], [0.55])
+    # ... and the finished run of the whole config is still the one read.
+    self.assertEqual(seeds.main(args)[0]['flax_test_auc'], [0.61])
+
   def test_overrides_have_runs_of_their_own(self):
     out = self.create_tempdir().full_path
     work = self.create_tempdir().full_path
