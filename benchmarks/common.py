@@ -16,6 +16,7 @@ import inspect
 import json
 import os
 import platform
+import shlex
 import sys
 import tempfile
 from typing import Any
@@ -351,9 +352,13 @@ def workdir_or_temp(workdir: str, prefix: str) -> Iterator[str]:
 
 
 def command_line(script: str, argv: Sequence[str] | None) -> str:
-  """`python -m benchmarks.<script>` and its arguments (None: sys.argv's)."""
+  """`python -m benchmarks.<script>` and its arguments (None: sys.argv's).
+
+  Quoted for a POSIX shell where needed (`--set=model.mlp_dims=(8, 8)`), so
+  that the line pasted from a results file runs what it names.
+  """
   args = sys.argv[1:] if argv is None else argv
-  return ' '.join(['python -m benchmarks.' + script, *args])
+  return ' '.join(['python -m benchmarks.' + script, shlex.join(args)]).strip()
 
 
 def write_results(

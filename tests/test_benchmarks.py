@@ -10,6 +10,7 @@ against timing thresholds.
 import json
 import math
 import os
+import shlex
 import shutil
 import struct
 import sys
@@ -75,6 +76,25 @@ class WorkdirOrTempTest(_TempDirs, absltest.TestCase):
   def test_parsing_the_flags_creates_nothing(self):
     for module in (seeds, quality, time_to_auc):
       self.assertEqual(module.parse_args([]).workdir, '')
+
+
+class CommandLineTest(absltest.TestCase):
+  def test_the_line_runs_what_it_names_in_a_shell(self):
+    argv = [
+      '--model=fm',
+      '--set=model.mlp_dims=(8, 8)',
+      "--b=optimizer='adam'",
+      '--out_dir=/tmp/a b',
+    ]
+    line = common.command_line('ab', argv)
+    self.assertEqual(
+      shlex.split(line), ['python', '-m', 'benchmarks.ab', *argv]
+    )
+    # Plain arguments stay as they were typed.
+    self.assertEqual(
+      common.command_line('seeds', ['--models=fm', '--seeds=0-9']),
+      'python -m benchmarks.seeds --models=fm --seeds=0-9',
+    )
 
 
 class AbTest(_TempDirs, absltest.TestCase):
