@@ -53,6 +53,7 @@ class Variant:
 
     self.jax = jax
     dataset = data.load_dataset(config.dataset)
+    data.check_splits(dataset, config)  # A batch larger than the split.
     model = train.create_model(
       config, dataset.field_dims, train.AXIS, **batching.model_fields(dataset)
     )
@@ -158,6 +159,7 @@ def markdown(records: list[dict], info: dict, command: str) -> str:
   )
 
 
+@common.user_errors('--set')
 def main(argv: Sequence[str] | None = None) -> list[dict]:
   parser = argparse.ArgumentParser(
     prog='python -m benchmarks.ab', description=__doc__.split('\n')[0]
@@ -205,7 +207,13 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
     v: common.parse_overrides(getattr(args, v), f'--{v}') for v in VARIANTS
   }
   configs = {
-    v: common.get_config(args.model, None, common_overrides, overrides[v])
+    v: common.get_config(
+      args.model,
+      None,
+      common_overrides,
+      overrides[v],
+      flags=('--set', f'--{v}'),
+    )
     for v in VARIANTS
   }
   xla = {v: _xla_options(getattr(args, f'{v}_xla'), v) for v in VARIANTS}
@@ -215,7 +223,8 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
     try:
       variants[v] = Variant(configs[v], xla[v])
     except Exception as e:  # pylint: disable=broad-except
-      if not xla[v] or 'While setting option' not in str(e):
+      known = ('While setting option', 'No such compile option')
+      if not xla[v] or not any(k in str(e) for k in known):
         raise
       raise SystemExit(f'--{v}_xla: {str(e).splitlines()[0]}') from e
   rates = measure(variants, args.rounds, args.dispatches)

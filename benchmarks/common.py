@@ -10,6 +10,8 @@ from collections.abc import Callable, Iterator, Sequence
 import contextlib
 import csv
 import datetime
+import difflib
+import functools
 import importlib
 import importlib.util
 import inspect
@@ -139,32 +141,112 @@ def parse_models(value: str) -> list[str]:
   return names
 
 
-def get_config(name: str, arg: str | None = None, *overrides: dict):
+def get_config(
+  name: str,
+  arg: str | None = None,
+  *overrides: dict,
+  flags: Sequence[str] = (),
+):
   """`configs/<name>.py`'s config (`arg='smoke'` for the smoke variant).
 
   Args:
     name: the config file.
     arg: its argument, e.g. 'smoke'.
     *overrides: `{dotted.key: value}` dicts (`parse_overrides`), applied in
-      order; a missing parent stops with a message, a new leaf is added
-      (and checked with the rest when the run validates its config). A
-      string for a tuple is a comma-separated list, as main.py's flags
-      take it (`dataset.side_features=genres,year`).
+      order; a key the config lacks stops with a message, but under `model`
+      (an argument of the model's constructor), and the overridden config
+      is checked as a run checks it (`config_check.validate_config`). A
+      string for a tuple is a comma-separated list, as main.py's flags take
+      it (`dataset.side_features=genres,year`).
+    flags: the command-line flag of each of `overrides` (default `--set`),
+      named by the messages.
+
+  Raises:
+    SystemExit: an override names no key of the config, or gives a value
+      that the config cannot take, naming its flag.
   """
   config = importlib.import_module(f'configs.{name}').get_config(arg)
-  for layer in overrides:
+  flags = list(flags) + ['--set'] * (len(overrides) - len(flags))
+  for flag, layer in zip(flags, overrides, strict=True):
     for key, value in layer.items():
       *parents, last = key.split('.')
       node = config
       try:
-        for parent in parents:
+        for i, parent in enumerate(parents, 1):
           node = node[parent]
+          if not hasattr(node, 'keys'):  # A value: model.embed_dim.x=1.
+            raise KeyError(
+              f'{".".join(parents[:i])} is a value, not a group of keys'
+            )
+        if last not in node and parents[:1] != ['model']:
+          # Only a model takes new keys (its constructor's, checked below).
+          close = difflib.get_close_matches(last, list(node.keys()), 1)
+          hint = f'\nDid you mean {close[0]!r}?' if close else ''
+          raise KeyError(f'{key!r}{hint}')
         if isinstance(value, str) and isinstance(node.get(last), tuple):
           value = tuple(v.strip() for v in value.split(',') if v.strip())
         node[last] = value
       except (KeyError, TypeError, AttributeError) as e:
-        raise SystemExit(f'{key}={value!r}: {e}') from None
+        raise SystemExit(f'{flag}={key}={value!r}: {_reason(e)}') from None
+  if any(overrides):
+    import config_check  # pylint: disable=g-import-not-at-top
+    import data  # pylint: disable=g-import-not-at-top
+
+    try:
+      config_check.validate_config(config, dataset_names=tuple(data.FORMAT_OF))
+    except config_check.ConfigError as e:
+      given = ' or '.join(
+        dict.fromkeys(f for f, o in zip(flags, overrides, strict=True) if o)
+      )
+      last = given.rpartition(' or ')[2]  # The variant's own, if any.
+      raise SystemExit(f'{given}: {without_main_flags(str(e), last)}') from None
   return config
+
+
+def _reason(error: Exception) -> str:
+  """ml_collections' error for an override, in one sentence."""
+  if isinstance(error, KeyError) and error.args:
+    first, _, hint = str(error.args[0]).partition('\n')
+    if ' is a value' in first:
+      return first + '.'
+    key = first.strip('\'"')
+    hint = f' {hint.strip()}' if hint.strip() else ''
+    return f'the config has no key {key!r}.{hint}'
+  return str(error)
+
+
+def without_main_flags(message: str, flag: str | None = '--set') -> str:
+  """A user error's advice, main.py's `--config.<key>=<value>`, as a
+  benchmark's: `flag` (`--set`), or the config file alone where None."""
+  if flag is None:
+    return message.replace(' or with --config.<key>=<value>', '')
+  return message.replace('--config.<key>=<value>', f'{flag}=<key>=<value>')
+
+
+def user_errors(flag: str | None = None):
+  """Decorates a benchmark's `main`: a user's mistake stops it in one line.
+
+  A `utils.UserError` (a bad config value, a missing data file, a workdir
+  in use), raised by the trainer or the data, becomes a `SystemExit` with
+  its message, not a traceback; main.py's `--config.<key>=<value>` in it
+  becomes `flag`'s (the script's `--set`, or none).
+  """
+
+  def decorate(main: Callable) -> Callable:
+    @functools.wraps(main)
+    def wrapped(*args, **kwargs):
+      try:
+        return main(*args, **kwargs)
+      except Exception as e:  # pylint: disable=broad-except
+        # Only a module that was imported can have raised its error.
+        utils = sys.modules.get('utils')
+        if utils is None or not isinstance(e, utils.UserError):
+          raise
+        raise SystemExit(f'error: {without_main_flags(str(e), flag)}') from e
+
+    return wrapped
+
+  return decorate
 
 
 def parse_overrides(items: Sequence[str], flag: str) -> dict[str, Any]:

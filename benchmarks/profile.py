@@ -254,6 +254,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
   return args
 
 
+@common.user_errors()
 def main(argv: Sequence[str] | None = None) -> list[dict]:
   """Profiles; returns one record per operation, the longest first."""
   args = parse_args(argv)

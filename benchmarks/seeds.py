@@ -276,6 +276,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
   return args
 
 
+@common.user_errors('--set')
 def main(argv: Sequence[str] | None = None) -> list[dict]:
   args = parse_args(argv)
   with common.workdir_or_temp(args.workdir, 'flax_fm_seeds-') as workdir:
@@ -286,6 +287,9 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
 def run_all(args: argparse.Namespace, argv: Sequence[str] | None) -> list[dict]:
   """Runs every model of `args`; writes the results after each."""
   models = common.parse_models(args.models)
+  for name in models:  # A bad --set stops the run before any training.
+    for run in RUNS:
+      common.get_config(name, None, run_overrides(run, args.overrides))
   with_torch = not args.no_torch and common.torch_available()
   if not with_torch:
     print('torchfm runs skipped (--no_torch, or torch/torchfm missing).')

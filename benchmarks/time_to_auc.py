@@ -287,6 +287,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
   return args
 
 
+@common.user_errors()
 def main(argv: Sequence[str] | None = None) -> list[dict]:
   args = parse_args(argv)
   if args.torch_worker:

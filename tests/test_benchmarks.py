@@ -177,6 +177,84 @@ class AbTest(_TempDirs, absltest.TestCase):
       ab.main(['--model=nope'])
 
 
+class UserErrorsTest(_TempDirs, absltest.TestCase):
+  def test_an_override_the_config_cannot_take_names_its_flag(self):
+    for overrides, message in (
+      (
+        {'learning_rat': 0.1},
+        '--set=learning_rat=0.1: the config has no key'
+        " 'learning_rat'. Did you mean 'learning_rate'?",
+      ),
+      ({'dataset.nme': 'x'}, "no key 'dataset.nme'"),
+      (
+        {'modell.embed_dim': 4},
+        "--set=modell.embed_dim=4: the config has no key 'modell'.",
+      ),
+      ({'model.embed_dim.x': 1}, 'model.embed_dim is a value'),
+      # Checked as a run checks it, with the benchmark's flag as advice.
+      (
+        {'model.embed_dimm': 4},
+        r'--set: .*models/fm.py has no such argument'
+        r'.* or with --set=<key>=<value>\.$',
+      ),
+      ({'optimizer': 'adamm'}, "config.optimizer='adamm' must be one of"),
+    ):
+      with self.subTest(overrides=overrides):
+        with self.assertRaisesRegex(SystemExit, message):
+          common.get_config('fm', None, overrides)
+    # A model's argument that its config does not list is one to add.
+    config = common.get_config('deepfm', None, {'model.linear_init': 'torch'})
+    self.assertEqual(config.model.linear_init, 'torch')
+    with self.assertRaisesRegex(SystemExit, r'^--set or --b: .*adamm'):
+      common.get_config(
+        'fm', None, {'seed': 1}, {'optimizer': 'adamm'}, flags=('--set', '--b')
+      )
+
+  def test_ab_stops_on_a_bad_variant_before_it_trains(self):
+    out = self.create_tempdir().full_path
+    flags = ['--model=fm', '--tiny', f'--out_dir={out}']
+    with self.assertRaisesRegex(SystemExit, '--a: .*embed_dimm'):
+      ab.main([*flags, '--a=model.embed_dimm=4'])
+    # Data that cannot train: the data's message, not a ZeroDivisionError.
+    with self.assertRaisesRegex(SystemExit, 'batch_size=100000000 exceeds'):
+      ab.main([*flags, '--b=batch_size=100000000'])
+    self.assertEmpty(os.listdir(out))
+
+  def test_a_user_error_of_a_run_is_one_line(self):
+    import utils  # pylint: disable=g-import-not-at-top
+
+    out = self.create_tempdir().full_path
+    work = self.create_tempdir().full_path
+
+    def train_and_evaluate(config, workdir):
+      del workdir
+      raise utils.UserError(
+        f'config.dataset.path: {config.dataset.path} does not exist. Fix it'
+        ' in the config file or with --config.<key>=<value>.'
+      )
+
+    args = ['--models=fm', '--seeds=0', '--no_torch', f'--workdir={work}']
+    args += [f'--out_dir={out}', '--set=dataset.path=/no/such/file']
+    with mock.patch('train.train_and_evaluate', train_and_evaluate):
+      with self.assertRaisesRegex(
+        SystemExit,
+        '^error: config.dataset.path: /no/such/file does not exist. Fix it'
+        r' in the config file or with --set=<key>=<value>\.$',
+      ):
+        seeds.main(args)
+      # A --set that one of the models cannot take stops before any runs.
+      with self.assertRaisesRegex(SystemExit, 'models/lr.py has no such'):
+        seeds.main([*args[1:], '--models=fm,lr', '--set=model.embed_dim=4'])
+      with self.assertRaisesRegex(
+        SystemExit,
+        r'^error: .* in the config'
+        r' file\.$',
+      ):
+        quality.main(
+          ['--models=fm', '--no_torch', f'--workdir={work}', f'--out_dir={out}']
+        )
+
+
 class CountsTest(absltest.TestCase):
   def test_measure_counts_the_distinct_keys_and_their_memory(self):
     chunks = counts.key_chunks(5, 2000, seed=3)
