@@ -195,6 +195,7 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
     args.out_dir = common.RESULTS
     if args.tiny:
       args.out_dir = os.path.join(common.RESULTS, 'tmp')
+  common.check_dir(args.out_dir, '--out_dir')
   if args.model not in common.model_names():
     raise SystemExit(
       f'--model: unknown {args.model!r}; one of'

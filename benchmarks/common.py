@@ -419,6 +419,30 @@ def markdown_table(header: Sequence[str], rows: Sequence[Sequence]) -> str:
   return '\n'.join(lines)
 
 
+def check_dir(path: str, flag: str) -> None:
+  """Stops unless `path` is a directory or one that can be made.
+
+  Checked before a benchmark measures anything: its results are written
+  after the first model, and runs under a workdir as they go.
+  """
+  if not path:
+    return
+  existing = os.path.abspath(path)
+  while not os.path.exists(existing):
+    existing = os.path.dirname(existing)
+  if not os.path.isdir(existing):
+    why = (
+      'is a file'
+      if existing == os.path.abspath(path)
+      else (f'cannot be made: {existing} is a file')
+    )
+  elif not os.access(existing, os.W_OK | os.X_OK):
+    why = f'cannot be written: {existing} is not writable'
+  else:
+    return
+  raise SystemExit(f'{flag}={path}: {why}; give a directory (made if missing).')
+
+
 @contextlib.contextmanager
 def workdir_or_temp(workdir: str, prefix: str) -> Iterator[str]:
   """Yields `workdir`, or a temporary directory removed on the way out.

@@ -443,6 +443,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     args.max_steps = args.max_steps or 10
   if args.out_dir is None:
     args.out_dir = os.path.join(common.RESULTS, 'tmp' if args.tiny else '')
+  common.check_dir(args.out_dir, '--out_dir')
+  common.check_dir(args.workdir, '--workdir')
   args.runs = [r.strip() for r in args.runs.split(',') if r.strip()]
   for run in args.runs:
     if run not in RUNS:

@@ -273,6 +273,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
   )
   if args.out_dir is None:
     args.out_dir = os.path.join(common.RESULTS, 'tmp' if args.tiny else '')
+  common.check_dir(args.out_dir, '--out_dir')
+  common.check_dir(args.workdir, '--workdir')
   return args
 
 

@@ -800,6 +800,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     args.eval_batches, args.pool_batches = 2, 4
   if args.out_dir is None:
     args.out_dir = os.path.join(common.RESULTS, 'tmp' if args.tiny else '')
+  common.check_dir(args.out_dir, '--out_dir')
   for key, known in (('data', DATA), ('optimizers', KNOWN_OPTIMIZERS)):
     values = [v.strip() for v in getattr(args, key).split(',') if v.strip()]
     for v in values:

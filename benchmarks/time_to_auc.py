@@ -284,6 +284,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
   for name in FILE_DATA:
     if name in args.data and not getattr(args, name):
       parser.error(f'--data={name} needs --{name}=FILE')
+  common.check_dir(args.out_dir, '--out_dir')
+  common.check_dir(args.workdir, '--workdir')
   return args
 
 

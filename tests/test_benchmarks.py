@@ -97,6 +97,30 @@ class CommandLineTest(absltest.TestCase):
     )
 
 
+class OutDirTest(_TempDirs, absltest.TestCase):
+  def test_a_file_for_a_directory_stops_before_anything_runs(self):
+    tmp = self.create_tempdir().full_path
+    path = os.path.join(tmp, 'results.md')
+    open(path, 'w').close()
+    for module in (seeds, quality, throughput, profile, time_to_auc):
+      for flags, message in (
+        ([f'--out_dir={path}'], f'--out_dir={path}: is a file'),
+        ([f'--out_dir={path}/x'], f'cannot be made: {path} is a file'),
+      ):
+        with self.subTest(module=module.__name__, flags=flags):
+          with self.assertRaisesRegex(SystemExit, message):
+            module.parse_args(flags)
+    for module in (seeds, quality, time_to_auc):
+      with self.assertRaisesRegex(SystemExit, f'--workdir={path}: is a'):
+        module.parse_args([f'--workdir={path}'])
+    with self.assertRaisesRegex(SystemExit, f'--out_dir={path}: is a file'):
+      ab.main(['--model=fm', f'--out_dir={path}'])
+    # A directory to be made is fine, and made only by the run.
+    args = seeds.parse_args([f'--out_dir={tmp}/new/out'])
+    self.assertEqual(args.out_dir, f'{tmp}/new/out')
+    self.assertFalse(os.path.exists(f'{tmp}/new'))
+
+
 class AbTest(_TempDirs, absltest.TestCase):
   def test_two_variants_alternate_and_train_what_they_time(self):
     out = self.create_tempdir().full_path
