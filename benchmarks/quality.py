@@ -446,9 +446,14 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
   common.check_dir(args.out_dir, '--out_dir')
   common.check_dir(args.workdir, '--workdir')
   args.runs = [r.strip() for r in args.runs.split(',') if r.strip()]
+  if not args.runs:
+    parser.error(f'--runs: give some of {", ".join(RUNS)}')
   for run in args.runs:
     if run not in RUNS:
       parser.error(f'--runs: unknown {run!r}; choose from {", ".join(RUNS)}')
+  for key in ('num_epochs', 'max_steps'):
+    if getattr(args, key) < 0:
+      parser.error(f'--{key}: at least 0 (0: no cap)')
   return args
 
 
@@ -473,6 +478,13 @@ def run_all(args: argparse.Namespace, argv: Sequence[str] | None) -> list[dict]:
     if why:
       print(f'torchfm runs skipped ({why}).')
       runs = [r for r in runs if not r.startswith('torchfm')]
+  for name in models:  # Not a results file without results.
+    if not any(r == 'flax' or common.has_torchfm(name) for r in runs):
+      raise SystemExit(
+        f'--runs={",".join(args.runs)}: nothing to run for {name}'
+        + (' (torchfm has no such model)' if runs else f' ({why})')
+        + '; add flax to --runs.'
+      )
   info = common.machine_info()
   command = common.command_line('quality', argv)
   records = []

@@ -786,6 +786,19 @@ class QualityTest(_TempDirs, absltest.TestCase):
     with open(os.path.join(out, 'quality.md')) as f:
       self.assertIn(f'| fm | {r["flax_best_valid_auc"]:.4f} |', f.read())
 
+  def test_runs_that_leave_nothing_to_run_stop_before_any_result(self):
+    out = self.create_tempdir().full_path
+    flags = ['--tiny', f'--out_dir={out}']
+    with self.assertRaisesRegex(SystemExit, 'nothing to run for fm'):
+      quality.main([*flags, '--runs=torchfm_raw', '--no_torch'])
+    with self.assertRaisesRegex(SystemExit, 'torchfm has no such model'):
+      quality.main([*flags, '--models=fwfm', '--runs=torchfm_dense'])
+    for bad in ('--runs=,', '--num_epochs=-1', '--max_steps=-1'):
+      with self.assertRaises(SystemExit):
+        quality.parse_args([*flags, bad])
+    # No results file whose table has no runs.
+    self.assertEmpty(os.listdir(out))
+
   def test_time_to_reach_and_summarize(self):
     lines = [
       {'split': 'train', 'epoch': 1, 'loss': 0.7, 'examples_per_sec': 10.0},
