@@ -226,7 +226,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
   parser.add_argument('--out_dir', default=None)
   parser.add_argument('--out_name', default='profile')
   args = parser.parse_args(argv)
-  common.parse_models(args.model)  # Exits on an unknown model.
+  if args.model not in common.model_names():  # One model: not all, a,b.
+    parser.error(
+      f'--model: unknown {args.model!r}; one of'
+      f' {", ".join(common.model_names())}.'
+    )
   field_dims = throughput.FIELD_DIMS.get(args.data, throughput.ML20M_FIELD_DIMS)
   if args.batch_size is None:
     args.batch_size = 2048 if args.program == 'train' else 8192

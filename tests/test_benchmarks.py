@@ -661,6 +661,10 @@ class ProfileTest(_TempDirs, absltest.TestCase):
       profile.main(['--model=nosuch'])
     with self.assertRaises(SystemExit):
       profile.main(['--dispatches=0'])
+    # One model: `all` and lists are the other scripts' --models.
+    for value in ('all', 'fm,ffm'):
+      with self.assertRaises(SystemExit):
+        profile.parse_args([f'--model={value}'])
 
 
 class MasterModelsTest(_TempDirs, absltest.TestCase):
