@@ -807,9 +807,24 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
       if v not in known:
         parser.error(f'--{key}: unknown {v!r}; use some of {", ".join(known)}')
     setattr(args, key, values)
-  for key in ('batch_size', 'eval_batch_size', 'steps', 'rounds'):
-    if getattr(args, key) <= 0:
+  for key in (
+    'batch_size',
+    'eval_batch_size',
+    'steps',
+    'rounds',
+    'warmup',  # Compiles outside the timed rounds.
+    'eval_batches',
+    'pool_batches',
+    'devices',
+  ):
+    if getattr(args, key) is not None and getattr(args, key) <= 0:
       parser.error(f'--{key} must be positive')
+  for key in ('batch_size', 'eval_batch_size'):  # Split over the devices.
+    if args.devices and getattr(args, key) % args.devices:
+      parser.error(
+        f'--{key}={getattr(args, key)} must be a multiple of'
+        f' --devices={args.devices}'
+      )
   if args.steps_per_dispatch is not None and args.steps_per_dispatch <= 0:
     parser.error('--steps_per_dispatch must be positive')
   return args

@@ -506,6 +506,21 @@ class ThroughputTest(_TempDirs, absltest.TestCase):
     _, records = self._run('--models=lr', '--no_torch', '--devices=1')
     self.assertEqual(records[0]['flax_info']['devices'], 1)
 
+  def test_flags_a_worker_cannot_run_are_errors(self):
+    for flags in (
+      ['--warmup=0'],
+      ['--pool_batches=0'],
+      ['--eval_batches=0'],
+      ['--devices=0'],
+      ['--devices=3', '--batch_size=256'],
+      ['--devices=2', '--batch_size=256', '--eval_batch_size=511'],
+    ):
+      with self.subTest(flags=flags):
+        with self.assertRaises(SystemExit):
+          throughput.parse_args(flags)
+    args = throughput.parse_args(['--devices=2', '--batch_size=256'])
+    self.assertEqual((args.devices, args.warmup), (2, 5))
+
   def test_unknown_model_is_an_error(self):
     with self.assertRaisesRegex(SystemExit, 'unknown model.*nope'):
       self._run('--models=nope')
