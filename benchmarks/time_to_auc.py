@@ -21,11 +21,11 @@ checkpoints included.
   run filled (every later run of the config, as main.py keeps the cache
   under the dataset cache).
 
-Data: `embedded` (ml-latest-small, the default config) and, given
-`--criteo=FILE` or `--ml20m=FILE`, a Criteo-format file or a MovieLens-20M
-`ratings.csv` (e.g. the 2M lines of `python -m benchmarks.synthetic
---format=criteo --lines=2000000 --out=FILE`, or of `--format=movielens`:
-ML-20M's users and movies).
+Data (`--data`): `embedded` (ml-latest-small, the default config),
+`criteo` with `--criteo=FILE`, a Criteo-format file, and `ml20m` with
+`--ml20m=FILE`, a MovieLens-20M `ratings.csv` (e.g. the 2M lines of
+`python -m benchmarks.synthetic --format=criteo --lines=2000000
+--out=FILE`, or of `--format=movielens`: ML-20M's users and movies).
 
   python -m benchmarks.time_to_auc --models=fm,deepfm
   python -m benchmarks.time_to_auc --models=fm --criteo=/tmp/criteo_2m.txt \
@@ -282,8 +282,17 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     if name not in DATA:
       parser.error(f'--data: {name!r} is not one of {", ".join(DATA)}')
   for name in FILE_DATA:
-    if name in args.data and not getattr(args, name):
+    path = getattr(args, name)
+    if name in args.data and not path:
       parser.error(f'--data={name} needs --{name}=FILE')
+    if path and name not in args.data:  # Else silently not measured.
+      parser.error(f'--{name} is read with --data={name} only; add it')
+  import config_check  # pylint: disable=g-import-not-at-top
+
+  known = ('config', *config_check.OPTIMIZERS)  # optim.NAMES, without JAX.
+  for name in args.optimizers:
+    if name not in known:
+      parser.error(f'--optimizers: {name!r} is not one of {", ".join(known)}')
   common.check_dir(args.out_dir, '--out_dir')
   common.check_dir(args.workdir, '--workdir')
   return args
@@ -295,6 +304,10 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
   if args.torch_worker:
     torch_worker(args.torch_worker)
     return []
+  for name in FILE_DATA:
+    path = getattr(args, name)
+    if path and not os.path.isfile(path):
+      raise SystemExit(f'--{name}={path}: no such file.')
   if not common.torch_available():
     raise SystemExit(
       'torch and torchfm are needed: pip install torch==2.13.0 torchfm==0.7.0'

@@ -7,6 +7,8 @@ AUCs against a brute-force count, field_dims against the raw file), never
 against timing thresholds.
 """
 
+import contextlib
+import io
 import json
 import math
 import os
@@ -971,6 +973,22 @@ class TimeToAucTest(_TempDirs, absltest.TestCase):
         time_to_auc.parse_args([f'--data={name}'])
     with self.assertRaises(SystemExit):
       time_to_auc.parse_args(['--data=avazu'])
+
+  def test_flags_that_would_fail_late_or_be_ignored_stop_first(self):
+    for flags, message in (
+      # main.py's subprocess would fail after torchfm's whole run.
+      (['--optimizers=config,adamm'], "--optimizers: 'adamm' is not one of"),
+      # The file would be read by no run.
+      (['--criteo=/d/c.txt'], '--criteo is read with --data=criteo only'),
+    ):
+      with self.subTest(flags=flags):
+        stderr = io.StringIO()
+        with contextlib.redirect_stderr(stderr):
+          with self.assertRaises(SystemExit):
+            time_to_auc.parse_args(flags)
+        self.assertIn(message, stderr.getvalue())
+    with self.assertRaisesRegex(SystemExit, '--criteo=/d/c.txt: no such file'):
+      time_to_auc.main(['--data=criteo', '--criteo=/d/c.txt'])
 
 
 class SeedsTest(_TempDirs, absltest.TestCase):
