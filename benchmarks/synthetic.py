@@ -401,7 +401,9 @@ def _write_movielens(rng: np.random.Generator, lines: int, out: str) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> str:
-  parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+  parser = argparse.ArgumentParser(
+    prog='python -m benchmarks.synthetic', description=__doc__.split('\n')[0]
+  )
   parser.add_argument(
     '--format', choices=('criteo', 'avazu', 'movielens'), required=True
   )
@@ -423,6 +425,12 @@ def main(argv: Sequence[str] | None = None) -> str:
     ' split one file for those.',
   )
   args = parser.parse_args(argv)
+  if args.cardinality != 'default' and args.format != 'criteo':
+    parser.error(f'--cardinality={args.cardinality} is for --format=criteo')
+  if args.lines < 1:
+    parser.error('--lines: at least 1')
+  if os.path.isdir(args.out):  # Else written, then not renamed to it.
+    parser.error(f'--out={args.out} is a directory; give a file name')
   start = time.perf_counter()
   write(args.format, args.lines, args.out, args.seed, args.cardinality)
   print(

@@ -348,6 +348,20 @@ class SyntheticTest(_TempDirs, absltest.TestCase):
     with self.assertRaisesRegex(ValueError, 'Criteo only'):
       synthetic.write('avazu', 10, path, cardinality='kaggle')
 
+  def test_flags_it_cannot_write_are_errors_before_it_writes(self):
+    out = self.create_tempdir().full_path
+    for flags in (
+      ['--format=avazu', '--cardinality=kaggle', f'--out={out}/a.txt'],
+      ['--format=criteo', '--lines=0', f'--out={out}/c.txt'],
+      ['--format=criteo', f'--out={out}'],  # A directory.
+    ):
+      with self.subTest(flags=flags):
+        with mock.patch('sys.stderr'):  # argparse's usage.
+          with self.assertRaises(SystemExit):
+            synthetic.main(['--lines=10', *flags])
+    self.assertEmpty(os.listdir(out))
+    self.assertFalse(os.path.exists(f'{out}.partial'))
+
 
 class BandwidthTest(absltest.TestCase):
   def test_compiled_cost_counts_operations_and_bytes(self):
