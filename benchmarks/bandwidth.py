@@ -18,7 +18,8 @@ which bound a step that crosses every pair of fields as XLA compiles it.
   python -m benchmarks.bandwidth      # prints both rates
 """
 
-from collections.abc import Callable, Mapping
+import argparse
+from collections.abc import Callable, Mapping, Sequence
 import statistics
 import time
 
@@ -143,6 +144,17 @@ def compiled_cost(fn, *args) -> dict[str, float]:
   }
 
 
+def main(argv: Sequence[str] | None = None) -> dict[str, float]:
+  """Prints and returns both rates; takes no flags but --help."""
+  argparse.ArgumentParser(
+    prog='python -m benchmarks.bandwidth', description=__doc__.split('\n')[0]
+  ).parse_args(argv)
+  copy = copy_bandwidth()
+  print(f'copy bandwidth: {copy / 1e9:.1f} GB/s')
+  matmul = matmul_rate()
+  print(f'XLA f32 matmul: {matmul / 1e9:.1f} GFLOP/s')
+  return {'copy_bytes_per_s': copy, 'matmul_flops_per_s': matmul}
+
+
 if __name__ == '__main__':
-  print(f'copy bandwidth: {copy_bandwidth() / 1e9:.1f} GB/s')
-  print(f'XLA f32 matmul: {matmul_rate() / 1e9:.1f} GFLOP/s')
+  main()

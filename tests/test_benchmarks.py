@@ -384,6 +384,16 @@ class BandwidthTest(absltest.TestCase):
         bandwidth.compiled_cost(jitted, x, w)['flops'], 2 * 8 * 16 * 4
       )
 
+  def test_its_command_line_takes_help_and_no_other_flag(self):
+    # --help and a flag it does not have measure nothing (seconds each).
+    with mock.patch.object(bandwidth, 'copy_bandwidth') as copy:
+      for argv in (['--help'], ['--mib=32']):
+        with contextlib.redirect_stdout(io.StringIO()):
+          with contextlib.redirect_stderr(io.StringIO()):
+            with self.assertRaises(SystemExit):
+              bandwidth.main(argv)
+      copy.assert_not_called()
+
   def test_matmul_rate_is_the_operations_over_the_median_time(self):
     times = iter([0.0, 1.0, 1.0, 3.0, 3.0, 7.0, 7.0, 8.0])  # 1, 2, 4, 1 s.
     with mock.patch.object(
