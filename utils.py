@@ -192,6 +192,14 @@ def enable_compilation_cache(cache_dir: str) -> None:
   ):
     if name.upper() not in os.environ:
       jax.config.update(name, value)
+  # With the persistent cache JAX turns on XLA's GPU autotuning cache, in a
+  # directory under it, on every platform: that path enters each program's
+  # compile options and so each entry's key, and a cache copied or moved
+  # elsewhere (a CI cache, an image) misses entirely. Off GPUs it caches
+  # nothing, so it is left off there.
+  xla_caches = 'jax_persistent_cache_enable_xla_caches'
+  if xla_caches.upper() not in os.environ and jax.default_backend() != 'gpu':
+    jax.config.update(xla_caches, None)
   if os.environ.get('JAX_COMPILATION_CACHE_DIR'):
     return
   directory = os.path.abspath(os.path.join(cache_dir, 'jax'))

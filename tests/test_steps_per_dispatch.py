@@ -6,6 +6,7 @@ what the steps compute; the cache must store what a run compiles.
 
 import functools
 import os
+import shutil
 import sys
 import tempfile
 from unittest import mock
@@ -260,6 +261,41 @@ class CompilationCacheTest(absltest.TestCase):
         self.assertEqual(getattr(jax.config, min_time), 0.5)
       finally:
         jax.config.update('jax_compilation_cache_dir', before)
+        jax.config.update(min_time, before_min_time)
+        compilation_cache.reset_cache()
+
+  def test_a_cache_copied_to_another_path_is_still_hit(self):
+    # An entry's key must not hold the cache's own path: a warm cache
+    # copied elsewhere (a CI cache, an image) loads its programs there.
+    before = jax.config.jax_compilation_cache_dir
+    xla_caches = 'jax_persistent_cache_enable_xla_caches'
+    before_xla_caches = getattr(jax.config, xla_caches)
+    min_time = 'jax_persistent_cache_min_compile_time_secs'
+    before_min_time = getattr(jax.config, min_time)
+    env = dict(os.environ, JAX_COMPILATION_CACHE_DIR='')
+    env.pop(xla_caches.upper(), None)
+    env.pop(min_time.upper(), None)  # The tests' conftest sets one.
+    program = lambda x: jnp.cos(x) * 2.75 - 0.125  # Cached nowhere else.
+    with (
+      tempfile.TemporaryDirectory() as first,
+      tempfile.TemporaryDirectory() as second,
+      mock.patch.dict(os.environ, env, clear=True),
+    ):
+      try:
+        utils.enable_compilation_cache(first)
+        jax.jit(program)(jnp.arange(5.0)).block_until_ready()
+        written = sorted(os.listdir(os.path.join(first, 'jax')))
+        self.assertNotEmpty(written)
+        shutil.copytree(os.path.join(first, 'jax'), os.path.join(second, 'jax'))
+        utils.enable_compilation_cache(second)
+        jax.clear_caches()  # Compile again, or load from the copy.
+        jax.jit(program)(jnp.arange(5.0)).block_until_ready()
+        self.assertEqual(
+          sorted(os.listdir(os.path.join(second, 'jax'))), written
+        )
+      finally:
+        jax.config.update('jax_compilation_cache_dir', before)
+        jax.config.update(xla_caches, before_xla_caches)
         jax.config.update(min_time, before_min_time)
         compilation_cache.reset_cache()
 
