@@ -235,13 +235,11 @@ def user_errors(flag: str | None = None):
   def decorate(main: Callable) -> Callable:
     @functools.wraps(main)
     def wrapped(*args, **kwargs):
+      import utils  # pylint: disable=g-import-not-at-top
+
       try:
         return main(*args, **kwargs)
-      except Exception as e:  # pylint: disable=broad-except
-        # Only a module that was imported can have raised its error.
-        utils = sys.modules.get('utils')
-        if utils is None or not isinstance(e, utils.UserError):
-          raise
+      except utils.UserError as e:
         raise SystemExit(f'error: {without_main_flags(str(e), flag)}') from e
 
     return wrapped
