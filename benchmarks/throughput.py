@@ -440,8 +440,13 @@ def _worker(library: str, spec: dict, conn) -> None:
       else:
         conn.send(('ok', None))
         return
-  except BaseException:  # Reported to the parent, which names the model.
-    conn.send(('error', traceback.format_exc()))
+  except BaseException as e:  # Reported to the parent, which names the model.
+    import utils  # pylint: disable=g-import-not-at-top
+
+    if isinstance(e, utils.UserError):  # A config or data error: one line.
+      conn.send(('user_error', str(e)))
+    else:
+      conn.send(('error', traceback.format_exc()))
 
 
 class Worker:
@@ -456,15 +461,30 @@ class Worker:
     )
     self.process.start()
     child.close()
-    self.info = self._receive()
+    try:
+      self.info = self._receive()
+    except BaseException:  # No worker is left behind by one that failed.
+      self.close()
+      raise
 
   def _receive(self):
+    """The worker's answer.
+
+    Raises:
+      utils.UserError: the worker stopped on a config or data error; its
+        message, without the worker's traceback.
+      RuntimeError: the worker died or failed otherwise (its traceback).
+    """
     try:
       status, payload = self.conn.recv()
     except EOFError as e:
       raise RuntimeError(
         f'The {self.library} worker died (exit code {self.process.exitcode}).'
       ) from e
+    if status == 'user_error':
+      import utils  # pylint: disable=g-import-not-at-top
+
+      raise utils.UserError(payload)
     if status != 'ok':
       raise RuntimeError(f'The {self.library} worker failed:\n{payload}')
     return payload
@@ -830,6 +850,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
   return args
 
 
+@common.user_errors()
 def main(argv: Sequence[str] | None = None) -> list[dict]:
   args = parse_args(argv)
   models = common.parse_models(args.models)

@@ -11,6 +11,7 @@ import contextlib
 import io
 import json
 import math
+import multiprocessing
 import os
 import shlex
 import shutil
@@ -550,6 +551,19 @@ class ThroughputTest(_TempDirs, absltest.TestCase):
   def test_unknown_model_is_an_error(self):
     with self.assertRaisesRegex(SystemExit, 'unknown model.*nope'):
       self._run('--models=nope')
+
+  def test_a_user_error_in_a_worker_is_one_line(self):
+    # The data's cache cannot be written: the worker's DataError (a
+    # UserError) stops the run in one line, and no worker is left running.
+    blocked = os.path.join(self.create_tempdir().full_path, 'a_file')
+    open(blocked, 'w').close()
+    with self.assertRaisesRegex(
+      SystemExit,
+      r'^error: Could not write the dataset cache [^\n]*cache_dir to a'
+      r' writable directory\.$',
+    ):
+      self._run('--data=embedded', '--no_torch', f'--cache_dir={blocked}/x')
+    self.assertEqual(multiprocessing.active_children(), [])
 
   @pytest.mark.skipif(not HAS_TORCH, reason='torch/torchfm not installed')
   def test_tiny_with_torchfm(self):
