@@ -5,6 +5,7 @@ of `benchmarks.throughput` stays free of both, and every torch import is
 guarded so the scripts run (without their torchfm side) where torch is absent.
 """
 
+import argparse
 import ast
 from collections.abc import Callable, Iterator, Sequence
 import contextlib
@@ -245,6 +246,28 @@ def user_errors(flag: str | None = None):
     return wrapped
 
   return decorate
+
+
+def parse_tiny(
+  parser: argparse.ArgumentParser,
+  argv: Sequence[str] | None,
+  tiny: dict[str, Any],
+) -> argparse.Namespace:
+  """Parses `argv`; with `--tiny`, `tiny`'s values are the defaults.
+
+  `--tiny` changes only the flags the command line leaves out: one given
+  explicitly (`--tiny --steps=7`) keeps its value.
+
+  Args:
+    parser: the benchmark's parser, with a `--tiny` flag.
+    argv: the arguments (None: sys.argv's).
+    tiny: `{dest: value}`, each flag's default under `--tiny`.
+  """
+  args = parser.parse_args(argv)
+  if args.tiny:
+    parser.set_defaults(**tiny)
+    args = parser.parse_args(argv)
+  return args
 
 
 def parse_overrides(items: Sequence[str], flag: str) -> dict[str, Any]:

@@ -218,25 +218,34 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
   )
   parser.add_argument('--program', default='train', choices=('train', 'eval'))
   parser.add_argument(
-    '--batch_size', type=int, default=None, help='default: 2048; eval 8192'
+    '--batch_size',
+    type=int,
+    default=None,
+    help='default: 2048; eval 8192; --tiny 256',
   )
   parser.add_argument('--dispatches', type=int, default=4)
   parser.add_argument('--top', type=int, default=20, help='operations shown')
-  parser.add_argument('--tiny', action='store_true', help='seconds, tiny data')
+  parser.add_argument(
+    '--tiny',
+    action='store_true',
+    help='seconds, tiny data (flags given explicitly win)',
+  )
   parser.add_argument('--out_dir', default=None)
   parser.add_argument('--out_name', default='profile')
-  args = parser.parse_args(argv)
+  args = common.parse_tiny(
+    parser, argv, dict(data='synthetic', batch_size=256, dispatches=2)
+  )
   if args.model not in common.model_names():  # One model: not all, a,b.
     parser.error(
       f'--model: unknown {args.model!r}; one of'
       f' {", ".join(common.model_names())}.'
     )
-  field_dims = throughput.FIELD_DIMS.get(args.data, throughput.ML20M_FIELD_DIMS)
+  field_dims = throughput.FIELD_DIMS.get(
+    args.data,
+    throughput.TINY_FIELD_DIMS if args.tiny else throughput.ML20M_FIELD_DIMS,
+  )
   if args.batch_size is None:
     args.batch_size = 2048 if args.program == 'train' else 8192
-  if args.tiny:
-    args.data, args.batch_size, args.dispatches = 'synthetic', 256, 2
-    field_dims = throughput.TINY_FIELD_DIMS
   for key in ('batch_size', 'dispatches', 'top'):
     if getattr(args, key) <= 0:
       parser.error(f'--{key} must be positive')

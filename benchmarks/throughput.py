@@ -60,6 +60,19 @@ OPTIMIZERS = ('adam', 'lazy_adam', 'rowwise_adagrad')
 # config's own optimizer (`auto` but for LR and FiBiNET), what a user runs.
 KNOWN_OPTIMIZERS = OPTIMIZERS + ('auto', 'config')
 DATA = ('synthetic', 'criteo', 'embedded')
+# --tiny's defaults (flags given explicitly keep their values).
+TINY = dict(
+  models='fm',
+  data='synthetic',
+  optimizers='adam',
+  batch_size=256,
+  eval_batch_size=512,
+  steps=4,
+  warmup=2,
+  rounds=2,
+  eval_batches=2,
+  pool_batches=4,
+)
 
 
 # --------------------------------------------------------------------------
@@ -790,7 +803,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
   parser.add_argument('--cache_dir', default='', help='dataset cache')
   parser.add_argument(
     '--optimizers',
-    default=None,
+    default=','.join(OPTIMIZERS),
     help="flax-fm's config.optimizer values, some of"
     f' {", ".join(KNOWN_OPTIMIZERS)} (default: all but auto; with --tiny,'
     ' adam). torchfm: always dense Adam',
@@ -802,22 +815,13 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     help="flax-fm's config.steps_per_dispatch (default: the config's)",
   )
   parser.add_argument(
-    '--tiny', action='store_true', help='a seconds-long run on tiny data'
+    '--tiny',
+    action='store_true',
+    help='a seconds-long run on tiny data (flags given explicitly win)',
   )
   parser.add_argument('--out_dir', default=None)
-  args = parser.parse_args(argv)
-  args.field_dims = ML20M_FIELD_DIMS
-  if args.optimizers is None:
-    args.optimizers = 'adam' if args.tiny else ','.join(OPTIMIZERS)
-  if args.tiny:
-    args.field_dims = TINY_FIELD_DIMS
-    if args.models == 'all':
-      args.models = 'fm'
-    if args.data == ','.join(DATA):
-      args.data = 'synthetic'
-    args.batch_size, args.eval_batch_size = 256, 512
-    args.steps, args.warmup, args.rounds = 4, 2, 2
-    args.eval_batches, args.pool_batches = 2, 4
+  args = common.parse_tiny(parser, argv, TINY)
+  args.field_dims = TINY_FIELD_DIMS if args.tiny else ML20M_FIELD_DIMS
   if args.out_dir is None:
     args.out_dir = os.path.join(common.RESULTS, 'tmp' if args.tiny else '')
   common.check_dir(args.out_dir, '--out_dir')

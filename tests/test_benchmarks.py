@@ -548,6 +548,29 @@ class ThroughputTest(_TempDirs, absltest.TestCase):
     args = throughput.parse_args(['--devices=2', '--batch_size=256'])
     self.assertEqual((args.devices, args.warmup), (2, 5))
 
+  def test_tiny_changes_only_the_flags_not_given(self):
+    args = throughput.parse_args(
+      ['--tiny', '--steps=7', '--rounds=3', '--batch_size=128']
+      + ['--models=lr', '--data=criteo', '--optimizers=lazy_adam']
+    )
+    self.assertEqual(
+      (args.steps, args.rounds, args.batch_size, args.models),
+      (7, 3, 128, 'lr'),
+    )
+    self.assertEqual((args.data, args.optimizers), (['criteo'], ['lazy_adam']))
+    # The others are --tiny's.
+    self.assertEqual(
+      (args.warmup, args.eval_batch_size, args.eval_batches, args.pool_batches),
+      (2, 512, 2, 4),
+    )
+    self.assertEqual(args.field_dims, throughput.TINY_FIELD_DIMS)
+    # A value equal to the default, given explicitly, is kept too.
+    args = throughput.parse_args(['--tiny', '--models=all'])
+    self.assertEqual((args.models, args.data), ('all', ['synthetic']))
+    args = throughput.parse_args([])
+    self.assertEqual((args.steps, args.data), (50, list(throughput.DATA)))
+    self.assertEqual(args.optimizers, list(throughput.OPTIMIZERS))
+
   def test_unknown_model_is_an_error(self):
     with self.assertRaisesRegex(SystemExit, 'unknown model.*nope'):
       self._run('--models=nope')
@@ -710,6 +733,21 @@ class ProfileTest(_TempDirs, absltest.TestCase):
       text = f.read()
     self.assertIn('an evaluation batch (256 rows)', text)
     self.assertIn('| operation | ms / batch |', text)
+
+  def test_tiny_changes_only_the_flags_not_given(self):
+    args = profile.parse_args(
+      ['--tiny', '--dispatches=3', '--batch_size=64', '--data=criteo']
+    )
+    self.assertEqual(
+      (args.dispatches, args.batch_size, args.data), (3, 64, 'criteo')
+    )
+    self.assertEqual(args.spec['batch_size'], 64)
+    self.assertEqual(args.spec['field_dims'], throughput.CRITEO_FIELD_DIMS)
+    args = profile.parse_args(['--tiny', '--program=eval'])
+    self.assertEqual(
+      (args.dispatches, args.batch_size, args.data), (2, 256, 'synthetic')
+    )
+    self.assertEqual(args.spec['field_dims'], throughput.TINY_FIELD_DIMS)
 
   def test_bad_flags_stop_before_anything_runs(self):
     with self.assertRaises(SystemExit):
