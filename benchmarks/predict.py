@@ -8,7 +8,8 @@ each size (benchmarks/synthetic.py, seed 0: mostly unseen values, as new
 data is), and scores it with `predict.write_predictions` in a fresh child
 process: rows/s of the whole file (parsing, encoding, the model, writing
 the CSV) and the child's peak resident memory (`ru_maxrss`), which must not
-grow with the file. Results go to `benchmarks/results/predict.{json,md}`.
+grow with the file. Results go to `<out_dir>/predict.{json,md}` (default
+`benchmarks/results/`).
 """
 
 import argparse
@@ -21,8 +22,9 @@ import subprocess
 import sys
 import time
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-RESULTS = os.path.join(ROOT, 'benchmarks', 'results')
+from benchmarks import common
+
+ROOT = common.ROOT
 
 _TRAIN = """
 import sys
@@ -130,10 +132,10 @@ def benchmark(
   )
 
 
-def write_results(rows: list[dict]) -> str:
-  """Writes results/predict.json and predict.md."""
-  os.makedirs(RESULTS, exist_ok=True)
-  with open(os.path.join(RESULTS, 'predict.json'), 'w') as f:
+def write_results(rows: list[dict], out_dir: str) -> str:
+  """Writes `out_dir`/predict.json and predict.md."""
+  os.makedirs(out_dir, exist_ok=True)
+  with open(os.path.join(out_dir, 'predict.json'), 'w') as f:
     json.dump(rows, f, indent=1)
   lines = [
     '# predict.py on synthetic Criteo files (FM, raw rows to CSV)',
@@ -158,7 +160,7 @@ def write_results(rows: list[dict]) -> str:
       f' {r["chunk_rows"]:,} | {r["devices"]} | {r["load_average"]} |'
     )
   lines += ['', f'Machine: {rows[-1]["machine"]}.', '']
-  md = os.path.join(RESULTS, 'predict.md')
+  md = os.path.join(out_dir, 'predict.md')
   with open(md, 'w') as f:
     f.write('\n'.join(lines))
   return md
@@ -173,7 +175,11 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
   parser.add_argument('--chunk_rows', type=int, default=100_000)
   parser.add_argument('--keep', action='store_true', help='keep the files')
   parser.add_argument('--no_write', action='store_true')
+  parser.add_argument(
+    '--out_dir', default=common.RESULTS, help='default: benchmarks/results/'
+  )
   args = parser.parse_args(argv)
+  common.check_dir(args.out_dir, '--out_dir')
   os.makedirs(args.dir, exist_ok=True)
   workdir = args.workdir
   if not workdir:
@@ -199,7 +205,7 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
     print(json.dumps(row), flush=True)
     rows.append(row)
   if not args.no_write:
-    print(write_results(rows), file=sys.stderr)
+    print(write_results(rows, args.out_dir), file=sys.stderr)
   return rows
 
 

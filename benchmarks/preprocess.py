@@ -10,9 +10,10 @@ memory (`VmHWM`) and that of its parsing processes together
 (`config.dataset.parse_workers`, sampled from /proc; pages they share are
 counted in each). `--parse_workers=0,2 --rounds=2` alternates the
 settings, each round in that order. Results go to
-`benchmarks/results/preprocess_<format>.{json,md}` (rows of other sizes
-and settings are kept). The synthetic file and the cache are deleted
-afterwards unless `--keep` (10M Criteo lines are about 2.4 GB).
+`<out_dir>/preprocess_<format>.{json,md}` (default `benchmarks/results/`;
+rows of other sizes and settings are kept). The synthetic file and the
+cache are deleted afterwards unless `--keep` (10M Criteo lines are about
+2.4 GB).
 """
 
 import argparse
@@ -26,8 +27,9 @@ import sys
 import threading
 import time
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-RESULTS = os.path.join(ROOT, 'benchmarks', 'results')
+from benchmarks import common
+
+ROOT = common.ROOT
 
 # Runs in the child: preprocess, then report what was made as JSON.
 _CHILD = """
@@ -162,10 +164,10 @@ def benchmark(
   )
 
 
-def write_results(fmt: str, rows: list[dict]) -> str:
-  """Merges `rows` into results/preprocess_<fmt>.json and rewrites the .md."""
-  os.makedirs(RESULTS, exist_ok=True)
-  path = os.path.join(RESULTS, f'preprocess_{fmt}.json')
+def write_results(fmt: str, rows: list[dict], out_dir: str) -> str:
+  """Merges `rows` into `out_dir`/preprocess_<fmt>.json, rewrites the .md."""
+  os.makedirs(out_dir, exist_ok=True)
+  path = os.path.join(out_dir, f'preprocess_{fmt}.json')
   old = []
   if os.path.exists(path):
     with open(path) as f:
@@ -199,7 +201,7 @@ def write_results(fmt: str, rows: list[dict]) -> str:
       f' {r["field_dims_sum"]:,} | {r.get("load_average", "")} |'
     )
   lines += ['', f'Machine: {merged[-1]["machine"]}.', '']
-  md = os.path.join(RESULTS, f'preprocess_{fmt}.md')
+  md = os.path.join(out_dir, f'preprocess_{fmt}.md')
   with open(md, 'w') as f:
     f.write('\n'.join(lines))
   return md
@@ -219,9 +221,13 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
   parser.add_argument('--rounds', type=int, default=1)
   parser.add_argument('--keep', action='store_true', help='keep the files')
   parser.add_argument(
-    '--no_write', action='store_true', help='do not write results/'
+    '--no_write', action='store_true', help='do not write the results'
+  )
+  parser.add_argument(
+    '--out_dir', default=common.RESULTS, help='default: benchmarks/results/'
   )
   args = parser.parse_args(argv)
+  common.check_dir(args.out_dir, '--out_dir')
   os.makedirs(args.dir, exist_ok=True)
   rows = []
   settings = [int(x) for x in args.parse_workers.split(',')]
@@ -235,7 +241,7 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
       print(json.dumps(row), flush=True)
       rows.append(row)
   if not args.no_write:
-    print(write_results(args.format, rows), file=sys.stderr)
+    print(write_results(args.format, rows, args.out_dir), file=sys.stderr)
   return rows
 
 

@@ -32,6 +32,8 @@ from benchmarks import bandwidth
 from benchmarks import common
 from benchmarks import counts
 from benchmarks import plot
+from benchmarks import predict as predict_benchmark
+from benchmarks import preprocess
 from benchmarks import profile
 from benchmarks import quality
 from benchmarks import seeds
@@ -1296,6 +1298,105 @@ class SeedsTest(_TempDirs, absltest.TestCase):
     self.assertAlmostEqual(r['difference'], 0.785 - 0.76)
     text = seeds.markdown([r], common.machine_info(), '')
     self.assertIn('0.7600 ± - | +0.0250 (± -)', text)
+
+
+class PreprocessTest(_TempDirs, absltest.TestCase):
+  def _row(self, fmt, lines, directory, keep, chunk_rows, parse_workers):
+    """`preprocess.benchmark`'s row, without the work."""
+    del directory, keep
+    self.ran.append((lines, parse_workers))
+    return dict(
+      format=fmt,
+      lines=lines,
+      file_mib=0.1,
+      seconds=0.1,
+      lines_per_sec=10 * lines,
+      mib_per_sec=1.0,
+      peak_rss_mib=100,
+      workers_peak_rss_mib=0,
+      cache_mib=0.1,
+      field_dims_sum=9,
+      chunk_rows=chunk_rows,
+      parse_workers=parse_workers,
+      machine='x86_64, 2 CPUs',
+      load_average=0.5,
+      python='3.12',
+    )
+
+  def setUp(self):
+    super().setUp()
+    self.ran = []
+    self.tmp = self.create_tempdir().full_path
+    self.enter_context(mock.patch.object(preprocess, 'benchmark', self._row))
+
+  def test_results_go_to_out_dir(self):
+    blocked = os.path.join(self.tmp, 'a_file')
+    open(blocked, 'w').close()
+    with self.assertRaisesRegex(SystemExit, f'--out_dir={blocked}: is a file'):
+      preprocess.main([f'--dir={self.tmp}/files', f'--out_dir={blocked}'])
+    self.assertEqual((self.ran, os.listdir(self.tmp)), ([], ['a_file']))
+    out = os.path.join(self.tmp, 'new', 'out')
+    flags = ['--format=avazu', f'--dir={self.tmp}/files', f'--out_dir={out}']
+    preprocess.main([*flags, '--lines=5,7', '--parse_workers=0,2'])
+    self.assertEqual(self.ran, [(5, 0), (5, 2), (7, 0), (7, 2)])
+    self.assertEqual(
+      sorted(os.listdir(out)), ['preprocess_avazu.json', 'preprocess_avazu.md']
+    )
+    # Rows of other sizes in --out_dir are kept.
+    preprocess.main([*flags, '--lines=9', '--parse_workers=0'])
+    saved = _read_json(os.path.join(out, 'preprocess_avazu.json'))
+    self.assertEqual(
+      [(r['lines'], r['parse_workers']) for r in saved][-1], (9, 0)
+    )
+    self.assertLen(saved, 5)
+    with open(os.path.join(out, 'preprocess_avazu.md')) as f:
+      self.assertIn('--lines=5,7,9 --parse_workers=0,2`', f.read())
+    self.assertEqual(
+      preprocess.main([*flags, '--lines=3', '--no_write'])[0]['lines'], 3
+    )
+    self.assertLen(os.listdir(out), 2)
+
+
+class PredictTest(_TempDirs, absltest.TestCase):
+  def test_results_go_to_out_dir(self):
+    tmp = self.create_tempdir().full_path
+    run = os.path.join(tmp, 'run')
+    os.makedirs(os.path.join(run, 'encoder'))  # A finished run.
+    out = os.path.join(tmp, 'out')
+    open(out, 'w').close()
+    with self.assertRaisesRegex(SystemExit, f'--out_dir={out}: is a file'):
+      predict_benchmark.main([f'--dir={tmp}/files', f'--out_dir={out}'])
+    self.assertEqual(sorted(os.listdir(tmp)), ['out', 'run'])
+    os.remove(out)
+    ran = []
+
+    def benchmark(workdir, lines, directory, chunk_rows, keep):
+      del directory, keep
+      ran.append((workdir, lines))
+      return dict(
+        lines=lines,
+        rows=lines,
+        seconds=0.1,
+        rows_per_sec=10 * lines,
+        load_seconds=0.1,
+        cpu_seconds=0.2,
+        rows_per_cpu_sec=5 * lines,
+        peak_rss_mib=100,
+        chunk_rows=chunk_rows,
+        devices=1,
+        machine='x86_64, 2 CPUs',
+        load_average=0.5,
+      )
+
+    with mock.patch.object(predict_benchmark, 'benchmark', benchmark):
+      rows = predict_benchmark.main(
+        ['--lines=5,7', f'--dir={tmp}/files', f'--workdir={run}']
+        + [f'--out_dir={out}']
+      )
+    self.assertEqual(ran, [(run, 5), (run, 7)])
+    self.assertEqual(_read_json(os.path.join(out, 'predict.json')), rows)
+    with open(os.path.join(out, 'predict.md')) as f:
+      self.assertIn('`python -m benchmarks.predict --lines=5,7`', f.read())
 
 
 class PlotTest(_TempDirs, absltest.TestCase):

@@ -12,7 +12,6 @@ import json
 import logging
 import os
 import random
-from unittest import mock
 
 from absl.testing import absltest
 from absl.testing import parameterized
@@ -1231,12 +1230,12 @@ class BenchmarkScriptsTest(DatasetTestCase):
     path = synthetic.write('avazu', 300, os.path.join(self.tmp, 'x.csv'))
     dataset = data.load_dataset(self.config('avazu', path))
     self.assertEqual(row['field_dims_sum'], sum(dataset.field_dims))
-    with mock.patch.object(preprocess, 'RESULTS', os.path.join(self.tmp, 'r')):
-      preprocess.write_results('avazu', [dict(row, lines=5)])
-      preprocess.write_results('avazu', [row])
-      md = preprocess.write_results('avazu', [workers])
-      with open(md) as f:
-        text = f.read()
+    out = os.path.join(self.tmp, 'r')
+    preprocess.write_results('avazu', [dict(row, lines=5)], out)
+    preprocess.write_results('avazu', [row], out)
+    md = preprocess.write_results('avazu', [workers], out)
+    with open(md) as f:
+      text = f.read()
     table = [line for line in text.splitlines() if line.startswith('| ')]
     self.assertLen(table, 4)  # Header, both sizes, both settings of 300.
     self.assertIn('--lines=5,300 --parse_workers=-1,2`', text)
