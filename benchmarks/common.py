@@ -248,6 +248,32 @@ def user_errors(flag: str | None = None):
   return decorate
 
 
+def parse_ints(value: str, flag: str, least: int = 1) -> list[int]:
+  """`value`'s comma-separated integers (`1000,10000`), in order.
+
+  Raises:
+    SystemExit: `value` holds no integer, something else, or one below
+      `least`, naming `flag`.
+  """
+  try:
+    values = [int(v) for v in value.split(',') if v.strip()]
+  except ValueError:
+    values = []
+  if not values or min(values) < least:
+    raise SystemExit(
+      f'{flag}={value}: give integers of at least {least}, separated by commas.'
+    )
+  return values
+
+
+def check_least(args: Any, least: dict[str, int]) -> None:
+  """Stops unless each flag `--<name>` of `args` is at least `least[name]`."""
+  for name, bound in least.items():
+    value = getattr(args, name)
+    if value < bound:
+      raise SystemExit(f'--{name}={value}: give at least {bound}.')
+
+
 def parse_tiny(
   parser: argparse.ArgumentParser,
   argv: Sequence[str] | None,

@@ -179,6 +179,15 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
     '--out_dir', default=common.RESULTS, help='default: benchmarks/results/'
   )
   args = parser.parse_args(argv)
+  # Bad values stop here, in a line, before any file is written.
+  sizes = common.parse_ints(args.lines, '--lines')
+  common.check_least(args, {'train_lines': 1, 'chunk_rows': 1})
+  if args.workdir and not os.path.isdir(os.path.join(args.workdir, 'encoder')):
+    raise SystemExit(
+      f'--workdir={args.workdir}: not a finished run (no encoder/); give the'
+      ' workdir of a finished Criteo run, or none to train one.'
+    )
+  common.check_dir(args.dir, '--dir')
   common.check_dir(args.out_dir, '--out_dir')
   os.makedirs(args.dir, exist_ok=True)
   workdir = args.workdir
@@ -200,7 +209,7 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
       )
       print(f'trained {workdir} in {time.perf_counter() - start:.0f} s')
   rows = []
-  for lines in (int(x) for x in args.lines.split(',')):
+  for lines in sizes:
     row = benchmark(workdir, lines, args.dir, args.chunk_rows, args.keep)
     print(json.dumps(row), flush=True)
     rows.append(row)

@@ -227,11 +227,16 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
     '--out_dir', default=common.RESULTS, help='default: benchmarks/results/'
   )
   args = parser.parse_args(argv)
+  # Bad values stop here, in a line, before any file is written.
+  sizes = common.parse_ints(args.lines, '--lines')
+  # config.dataset.parse_workers: -1 (by the cores and size), 0 (none), n.
+  settings = common.parse_ints(args.parse_workers, '--parse_workers', -1)
+  common.check_least(args, {'chunk_rows': 1, 'rounds': 1})
+  common.check_dir(args.dir, '--dir')
   common.check_dir(args.out_dir, '--out_dir')
   os.makedirs(args.dir, exist_ok=True)
   rows = []
-  settings = [int(x) for x in args.parse_workers.split(',')]
-  for lines in (int(x) for x in args.lines.split(',')):
+  for lines in sizes:
     runs = [w for _ in range(args.rounds) for w in settings]
     for i, workers in enumerate(runs):
       keep = args.keep or i < len(runs) - 1  # The file, for the next run.

@@ -1356,8 +1356,57 @@ class PreprocessTest(_TempDirs, absltest.TestCase):
     )
     self.assertLen(os.listdir(out), 2)
 
+  def test_bad_flags_stop_in_a_line_before_anything_runs(self):
+    files = os.path.join(self.tmp, 'files')
+    blocked = os.path.join(self.tmp, 'a_file')
+    open(blocked, 'w').close()
+    for flag, message in (
+      ('--lines=1e6', '--lines=1e6: give integers of at least 1,'),
+      ('--lines=', '--lines=: give integers'),
+      ('--lines=100,0', '--lines=100,0: give integers of at least 1,'),
+      ('--parse_workers=two', '--parse_workers=two: give integers of at'),
+      (
+        '--parse_workers=0,-2',
+        r'--parse_workers=0,-2: give integers of at least -1, separated by'
+        r' commas\.$',
+      ),
+      ('--chunk_rows=0', r'--chunk_rows=0: give at least 1\.'),
+      ('--rounds=0', r'--rounds=0: give at least 1\.'),
+      (f'--dir={blocked}', f'--dir={blocked}: is a file'),
+    ):
+      with self.subTest(flag=flag):
+        with self.assertRaisesRegex(SystemExit, f'^{message}'):
+          preprocess.main([f'--dir={files}', flag, f'--out_dir={files}/out'])
+    self.assertEqual((self.ran, os.listdir(self.tmp)), ([], ['a_file']))
+    preprocess.main(
+      ['--lines=5', '--parse_workers=-1,0,3', f'--dir={files}', '--no_write']
+    )
+    self.assertEqual(self.ran, [(5, -1), (5, 0), (5, 3)])
+
 
 class PredictTest(_TempDirs, absltest.TestCase):
+  def test_bad_flags_stop_in_a_line_before_anything_runs(self):
+    tmp = self.create_tempdir().full_path
+    files = os.path.join(tmp, 'files')
+    blocked = os.path.join(tmp, 'a_file')
+    open(blocked, 'w').close()
+    for flag, message in (
+      ('--lines=1k', '--lines=1k: give integers of at least 1,'),
+      ('--lines=0', '--lines=0: give integers of at least 1,'),
+      ('--train_lines=0', r'--train_lines=0: give at least 1\.'),
+      ('--chunk_rows=-5', r'--chunk_rows=-5: give at least 1\.'),
+      (f'--workdir={tmp}', f'--workdir={tmp}: not a finished run'),
+      (f'--dir={blocked}', f'--dir={blocked}: is a file'),
+    ):
+      with self.subTest(flag=flag):
+        with mock.patch.object(predict_benchmark, 'run_child') as run_child:
+          with self.assertRaisesRegex(SystemExit, f'^{message}'):
+            predict_benchmark.main(
+              [f'--dir={files}', flag, f'--out_dir={files}/out']
+            )
+        run_child.assert_not_called()
+    self.assertEqual(os.listdir(tmp), ['a_file'])
+
   def test_results_go_to_out_dir(self):
     tmp = self.create_tempdir().full_path
     run = os.path.join(tmp, 'run')
