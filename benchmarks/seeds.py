@@ -32,6 +32,7 @@ from collections.abc import Sequence
 import json
 import os
 import re
+from typing import Any
 
 import numpy as np
 
@@ -82,8 +83,44 @@ def run_overrides(run: str, overrides: dict) -> dict:
   return {k: v for k, v in overrides.items() if k.startswith('dataset.')}
 
 
+def resolved(config: Any, overrides: dict) -> dict:
+  """The values `config` holds at the keys of `overrides`, canonical.
+
+  Equal values, however typed, are equal here: a comma-separated string
+  for a tuple is that tuple (`genres` and `('genres',)`), an integer for a
+  float is that float (`1` and `1.0`), a list is a tuple.
+
+  Args:
+    config: the config with `overrides` applied (`common.get_config`).
+    overrides: `{dotted.key: value}`, as `--set` gave them.
+  """
+
+  def canonical(value):
+    if hasattr(value, 'to_dict'):  # A ConfigDict: a group of keys.
+      value = value.to_dict()
+    if isinstance(value, dict):
+      return {k: canonical(v) for k, v in sorted(value.items())}
+    if isinstance(value, (list, tuple)):
+      return tuple(canonical(v) for v in value)
+    return value
+
+  values = {}
+  for key in overrides:
+    node = config
+    for part in key.split('.'):
+      node = node[part]
+    values[key] = canonical(node)
+  return values
+
+
 def run_dir(run: str, overrides: dict) -> str:
-  """`run`, or `run-key=value-...` for a run with config overrides."""
+  """`run`, or `run-key=value-...` for a run with config overrides.
+
+  Args:
+    run: 'flax' or 'torchfm'.
+    overrides: `{dotted.key: value}`, the values as the config holds them
+      (`resolved`), so that equal values name one directory.
+  """
   overrides = run_overrides(run, overrides)
   if not overrides:
     return run
@@ -93,11 +130,14 @@ def run_dir(run: str, overrides: dict) -> str:
 
 def run_seed(name: str, run: str, seed: int, args) -> tuple[float, float]:
   """(test, best valid) AUC of `run` of `name` with `seed` (trained if not)."""
+  overrides = run_overrides(run, args.overrides)
+  config = common.get_config(name, 'smoke' if args.tiny else None, overrides)
   workdir = os.path.join(
     args.workdir,
     name,
     f'split{args.split_seed}_s{seed}' if args.split_seed else f's{seed}',
-    run_dir(run, args.overrides)
+    # Keyed by the values the config takes, not by how they were typed.
+    run_dir(run, resolved(config, overrides))
     + ('-drop_last' if run == 'torchfm' and args.torch_drop_last else '')
     # A smoke run's result is not a finished run of the config.
     + ('-tiny' if args.tiny else ''),
@@ -108,9 +148,6 @@ def run_seed(name: str, run: str, seed: int, args) -> tuple[float, float]:
   import data  # pylint: disable=g-import-not-at-top
   import train  # pylint: disable=g-import-not-at-top
 
-  config = common.get_config(
-    name, 'smoke' if args.tiny else None, run_overrides(run, args.overrides)
-  )
   config.seed = seed
   config.dataset.seed = args.split_seed  # Both libraries: the same split.
   config.progress_bar = False

@@ -1192,6 +1192,40 @@ class SeedsTest(_TempDirs, absltest.TestCase):
     with self.assertRaises(SystemExit):
       seeds.main(args + ['--set=embed_dim'])
 
+  def test_equal_values_typed_otherwise_share_a_run(self):
+    out = self.create_tempdir().full_path
+    work = self.create_tempdir().full_path
+    trained = []
+
+    def train_and_evaluate(config, workdir):
+      trained.append(
+        (os.path.relpath(workdir, work), config.dataset.side_features)
+      )
+      os.makedirs(workdir, exist_ok=True)
+      with open(os.path.join(workdir, 'metrics.jsonl'), 'w') as f:
+        for split in ('valid', 'test'):
+          f.write(json.dumps({'split': split, 'epoch': 1, 'auc': 0.6}) + '\n')
+
+    args = ['--models=fm', '--seeds=0', '--no_torch', f'--workdir={work}']
+    args.append(f'--out_dir={out}')
+    with mock.patch('train.train_and_evaluate', train_and_evaluate):
+      for typed in (
+        ['dataset.side_features=genres', 'learning_rate=1'],
+        ["dataset.side_features=('genres',)", 'learning_rate=1.0'],
+        ['dataset.side_features=["genres"]', 'learning_rate=1e0'],
+      ):
+        seeds.main(args + [f'--set={s}' for s in typed])
+    # One run, named as the config holds the values, read by the others.
+    self.assertEqual(
+      trained,
+      [
+        (
+          'fm/s0/flax-dataset.side_features=genres,-learning_rate=1.0',
+          ('genres',),
+        )
+      ],
+    )
+
   def test_both_libraries_train_on_the_split_of_split_seed(self):
     # The flax and torchfm runs read config.dataset.seed; --set reaches
     # flax-fm's config only.
