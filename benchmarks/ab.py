@@ -185,11 +185,13 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
   parser.add_argument('--out_dir', default=None, help='default: results/')
   parser.add_argument('--out_name', default='ab')
   parser.add_argument(
-    '--tiny', action='store_true', help='a seconds-long run: 2 rounds of 1'
+    '--tiny',
+    action='store_true',
+    help='a seconds-long run: 2 rounds of 1, batch_size=256 (flags given'
+    ' explicitly win)',
   )
-  args = parser.parse_args(argv)
-  if args.tiny:
-    args.rounds, args.dispatches = 2, 1
+  args = common.parse_tiny(parser, argv, dict(rounds=2, dispatches=1))
+  if args.tiny:  # A --set=batch_size=..., later, wins.
     args.set = ['batch_size=256', *args.set]
   if args.out_dir is None:
     args.out_dir = common.RESULTS

@@ -18,6 +18,7 @@ import shutil
 import struct
 import sys
 import tempfile
+import time
 import types
 from unittest import mock
 
@@ -171,6 +172,31 @@ class AbTest(_TempDirs, absltest.TestCase):
     steps = r['a_steps_per_dispatch']
     self.assertEqual(r['a_trained_steps'], 3 * steps)
     self.assertTrue(os.path.exists(os.path.join(out, 'ab.md')))
+
+  def test_tiny_changes_only_the_flags_not_given(self):
+    out = self.create_tempdir().full_path
+
+    class Variant:  # No compilation, no training: what main asks of it.
+      def __init__(self, config, xla_options=None):
+        del xla_options
+        self.steps, self.examples = 1, config.batch_size
+
+      def dispatch(self, n):
+        time.sleep(0.001 * n)
+
+      def trained_steps(self):
+        return 0
+
+    flags = ['--model=fm', '--tiny', f'--out_dir={out}']
+    with mock.patch.object(ab, 'Variant', Variant):
+      (r,) = ab.main([*flags, '--rounds=5', '--set=batch_size=512'])
+      self.assertEqual((r['rounds'], r['dispatches']), (5, 1))
+      self.assertLen(r['a_rounds'], 5)
+      self.assertEqual(r['set'], {'batch_size': 512})
+      # A value equal to the default, given explicitly, is kept too.
+      (r,) = ab.main([*flags, '--rounds=12', '--dispatches=3'])
+      self.assertEqual((r['rounds'], r['dispatches']), (12, 3))
+      self.assertEqual(r['set'], {'batch_size': 256})
 
   def test_xla_options_compile_one_variant(self):
     out = self.create_tempdir().full_path
