@@ -434,13 +434,14 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     help='cap on torchfm steps per epoch (0: none; --tiny: 10)',
   )
   parser.add_argument('--no_torch', action='store_true')
-  parser.add_argument('--tiny', action='store_true', help='smoke config')
+  parser.add_argument(
+    '--tiny',
+    action='store_true',
+    help='smoke config; FM, 10 torchfm steps per epoch (flags given'
+    ' explicitly win)',
+  )
   parser.add_argument('--out_dir', default=None)
-  args = parser.parse_args(argv)
-  if args.tiny:
-    if args.models == 'all':
-      args.models = 'fm'
-    args.max_steps = args.max_steps or 10
+  args = common.parse_tiny(parser, argv, dict(models='fm', max_steps=10))
   if args.out_dir is None:
     args.out_dir = os.path.join(common.RESULTS, 'tmp' if args.tiny else '')
   common.check_dir(args.out_dir, '--out_dir')

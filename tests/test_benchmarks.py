@@ -911,6 +911,18 @@ class QualityTest(_TempDirs, absltest.TestCase):
     with open(os.path.join(out, 'quality.md')) as f:
       self.assertIn(f'| fm | {r["flax_best_valid_auc"]:.4f} |', f.read())
 
+  def test_tiny_changes_only_the_flags_not_given(self):
+    out = f'--out_dir={self.create_tempdir().full_path}'
+    args = quality.parse_args(['--tiny', out])
+    self.assertEqual((args.models, args.max_steps), ('fm', 10))
+    # Values equal to the defaults, given explicitly, are kept too.
+    args = quality.parse_args(['--tiny', '--models=all', '--max_steps=0', out])
+    self.assertEqual((args.models, args.max_steps), ('all', 0))
+    args = quality.parse_args(['--tiny', '--models=lr', '--max_steps=3', out])
+    self.assertEqual((args.models, args.max_steps), ('lr', 3))
+    args = quality.parse_args([out])
+    self.assertEqual((args.models, args.max_steps), ('all', 0))
+
   def test_runs_that_leave_nothing_to_run_stop_before_any_result(self):
     out = self.create_tempdir().full_path
     flags = ['--tiny', f'--out_dir={out}']
