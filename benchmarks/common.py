@@ -248,6 +248,65 @@ def user_errors(flag: str | None = None):
   return decorate
 
 
+# The start of a benchmark's child script (`python -c`): the repository is
+# importable, and a utils.UserError that ends the child is the last line of
+# its stdout, `{"user_error": message}`, not a traceback on its stderr.
+_CHILD_START = f"""
+import json, sys
+sys.path.insert(0, {ROOT!r})
+
+
+def _one_line_user_errors(kind, error, tb, default=sys.excepthook):
+  utils = sys.modules.get('utils')  # Not imported: not a UserError.
+  if utils is not None and issubclass(kind, utils.UserError):
+    print(json.dumps({{'user_error': str(error)}}), flush=True)
+  else:  # A bug: its traceback.
+    default(kind, error, tb)
+
+
+sys.excepthook = _one_line_user_errors
+"""
+
+
+def child_script(code: str) -> str:
+  """`code` as a child's `python -c` script that `child_result` reads.
+
+  The repository is on the child's `sys.path`; a `utils.UserError` that
+  ends the child is sent to the parent (`child_result`), not printed as a
+  traceback; any other exception keeps its traceback on the child's stderr.
+  """
+  return _CHILD_START + code
+
+
+def child_result(status: int, out: str, what: str) -> dict | None:
+  """The JSON object on the last line of a `child_script`'s stdout, if any.
+
+  Args:
+    status: the child's exit status.
+    out: its stdout.
+    what: what the child did, for the message of a failure.
+
+  Raises:
+    utils.UserError: the child stopped on one (a config or data error):
+      its message, which `user_errors` turns into one line.
+    RuntimeError: the child failed otherwise (its traceback is on stderr).
+  """
+  lines = out.strip().splitlines()
+  try:
+    result = json.loads(lines[-1]) if lines else None
+  except ValueError:  # Not a result: the child's own output.
+    result = None
+  if not isinstance(result, dict):
+    result = None
+  if status:
+    if result is not None and list(result) == ['user_error']:
+      import utils  # pylint: disable=g-import-not-at-top
+
+      raise utils.UserError(result['user_error'])
+    raise RuntimeError(f'{what} failed (exit {status})')
+  return result
+
+
 def parse_ints(value: str, flag: str, least: int = 1) -> list[int]:
   """`value`'s comma-separated integers (`1000,10000`), in order.
 

@@ -27,8 +27,6 @@ from benchmarks import common
 ROOT = common.ROOT
 
 _TRAIN = """
-import sys
-sys.path.insert(0, {root!r})
 from configs import fm
 import data, encoder, train
 config = fm.get_config()
@@ -42,8 +40,7 @@ encoder.save({workdir!r}, data.load_dataset(config.dataset), config)
 """
 
 _PREDICT = """
-import json, sys, time
-sys.path.insert(0, {root!r})
+import json, time
 import jax
 import predict
 start = time.perf_counter()
@@ -73,18 +70,23 @@ def _synthetic(path: str, lines: int, seed: int) -> str:
 
 def run_child(code: str) -> tuple[dict | None, float, float]:
   """Runs `code` in a fresh Python: its last JSON line, peak RSS (MiB) and
-  CPU seconds (user + system, all threads)."""
+  CPU seconds (user + system, all threads).
+
+  Raises:
+    utils.UserError: the child stopped on one (its message, one line).
+    RuntimeError: the child failed otherwise (its traceback on stderr).
+  """
   child = subprocess.Popen(
-    [sys.executable, '-c', code], stdout=subprocess.PIPE, text=True, cwd=ROOT
+    [sys.executable, '-c', common.child_script(code)],
+    stdout=subprocess.PIPE,
+    text=True,
+    cwd=ROOT,
   )
   out = child.stdout.read()
   _, status, usage = os.wait4(child.pid, 0)
   child.stdout.close()
   code = os.waitstatus_to_exitcode(status)
-  if code:
-    raise RuntimeError(f'child failed (exit {code})')
-  lines = out.strip().splitlines()
-  result = json.loads(lines[-1]) if lines and lines[-1][:1] == '{' else None
+  result = common.child_result(code, out, 'child')
   cpu = usage.ru_utime + usage.ru_stime
   return result, usage.ru_maxrss / 1024, cpu  # ru_maxrss: KiB on Linux.
 
@@ -99,7 +101,6 @@ def benchmark(
   try:
     result, rss, cpu = run_child(
       _PREDICT.format(
-        root=ROOT,
         workdir=workdir,
         path=path,
         output=output,
@@ -166,6 +167,7 @@ def write_results(rows: list[dict], out_dir: str) -> str:
   return md
 
 
+@common.user_errors()
 def main(argv: Sequence[str] | None = None) -> list[dict]:
   parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
   parser.add_argument('--lines', default='100000,1000000', help='sizes')
@@ -201,7 +203,6 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
       start = time.perf_counter()
       run_child(
         _TRAIN.format(
-          root=ROOT,
           path=train,
           cache=os.path.join(args.dir, 'cache'),
           workdir=workdir,

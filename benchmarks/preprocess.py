@@ -33,8 +33,7 @@ ROOT = common.ROOT
 
 # Runs in the child: preprocess, then report what was made as JSON.
 _CHILD = """
-import json, sys, time
-sys.path.insert(0, {root!r})
+import json, time
 import data
 from configs import default
 config = default.get_config().dataset
@@ -71,8 +70,13 @@ def descendants_rss(pid: int) -> int:
 
 
 def run_child(overrides: dict) -> dict:
-  """Preprocesses in a fresh process; its result and peak RSS in MiB."""
-  code = _CHILD.format(root=ROOT, overrides=json.dumps(overrides))
+  """Preprocesses in a fresh process; its result and peak RSS in MiB.
+
+  Raises:
+    utils.UserError: the child stopped on one (its message, one line).
+    RuntimeError: the child failed otherwise (its traceback on stderr).
+  """
+  code = common.child_script(_CHILD.format(overrides=json.dumps(overrides)))
   start = time.perf_counter()
   child = subprocess.Popen(
     [sys.executable, '-c', code], stdout=subprocess.PIPE, text=True
@@ -91,9 +95,7 @@ def run_child(overrides: dict) -> dict:
   done.set()
   sampler.join()
   child.stdout.close()
-  if child.returncode:
-    raise RuntimeError(f'preprocessing failed (exit {child.returncode})')
-  result = json.loads(out.strip().splitlines()[-1])
+  result = common.child_result(child.returncode, out, 'preprocessing')
   result.update(
     workers_peak_rss_mib=peak[0] / 2**20,
     process_seconds=wall,
@@ -207,6 +209,7 @@ def write_results(fmt: str, rows: list[dict], out_dir: str) -> str:
   return md
 
 
+@common.user_errors()
 def main(argv: Sequence[str] | None = None) -> list[dict]:
   parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
   parser.add_argument('--format', choices=('criteo', 'avazu'), default='criteo')

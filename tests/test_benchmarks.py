@@ -1520,6 +1520,81 @@ class PredictTest(_TempDirs, absltest.TestCase):
       self.assertIn('`python -m benchmarks.predict --lines=5,7`', f.read())
 
 
+@contextlib.contextmanager
+def _stderr_of_children(path):
+  """Sends file descriptor 2, which child processes inherit, to `path`."""
+  sys.stderr.flush()
+  saved = os.dup(2)
+  with open(path, 'w') as f:
+    os.dup2(f.fileno(), 2)
+  try:
+    yield
+  finally:
+    sys.stderr.flush()
+    os.dup2(saved, 2)
+    os.close(saved)
+
+
+class ChildErrorsTest(_TempDirs, absltest.TestCase):
+  """A config or data error in a benchmark's child process is one line."""
+
+  def setUp(self):
+    super().setUp()
+    self.tmp = self.create_tempdir().full_path
+    self.stderr = os.path.join(self.tmp, 'stderr')
+
+  def _children_wrote(self):
+    with open(self.stderr) as f:
+      return f.read()
+
+  def test_preprocess(self):
+    files = os.path.join(self.tmp, 'files')
+    os.makedirs(files)
+    with open(os.path.join(files, 'criteo_5.txt'), 'w') as f:
+      f.write('not a criteo line\n')  # Read as it is: no synthetic file.
+    with _stderr_of_children(self.stderr):
+      with self.assertRaisesRegex(
+        SystemExit, r'^error: [^\n]*criteo_5\.txt:1: expected 40 columns'
+      ) as raised:
+        preprocess.main(['--lines=5', f'--dir={files}', '--no_write'])
+    self.assertNotIn('\n', str(raised.exception))
+    self.assertNotIn('Traceback', self._children_wrote())
+    # Any other failure keeps its traceback.
+    with (
+      mock.patch.object(preprocess, '_CHILD', 'raise ValueError("a bug")'),
+      _stderr_of_children(self.stderr),
+    ):
+      with self.assertRaisesRegex(RuntimeError, r'^preprocessing failed'):
+        preprocess.run_child({})
+    self.assertIn('ValueError: a bug', self._children_wrote())
+
+  def test_predict(self):
+    run = os.path.join(self.tmp, 'run')
+    os.makedirs(os.path.join(run, 'encoder'))  # But no encoder.json in it.
+
+    def synthetic(path, lines, seed):  # An empty file, without a child.
+      del lines, seed
+      open(path, 'w').close()
+      return path
+
+    with (
+      mock.patch.object(predict_benchmark, '_synthetic', synthetic),
+      _stderr_of_children(self.stderr),
+    ):
+      with self.assertRaisesRegex(
+        SystemExit, rf'^error: {run}: no encoder\.json in it[^\n]*\?$'
+      ):
+        predict_benchmark.main(
+          ['--lines=5', f'--dir={self.tmp}/files', f'--workdir={run}']
+          + ['--no_write']
+        )
+    self.assertNotIn('Traceback', self._children_wrote())
+    with _stderr_of_children(self.stderr):
+      with self.assertRaisesRegex(RuntimeError, r'^child failed \(exit 1\)$'):
+        predict_benchmark.run_child('raise ValueError("a bug")')
+    self.assertIn('ValueError: a bug', self._children_wrote())
+
+
 class PlotTest(_TempDirs, absltest.TestCase):
   def _metrics(self, name, wall_time=True):
     workdir = os.path.join(self.create_tempdir().full_path, name)
