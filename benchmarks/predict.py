@@ -133,16 +133,21 @@ def benchmark(
   )
 
 
-def write_results(rows: list[dict], out_dir: str) -> str:
-  """Writes `out_dir`/predict.json and predict.md."""
+def write_results(rows: list[dict], out_dir: str, command: str) -> str:
+  """Writes `out_dir`/predict.json and predict.md.
+
+  Args:
+    rows: one dict per file size (`benchmark`).
+    out_dir: where the files go.
+    command: the command that ran the benchmark (`common.command_line`).
+  """
   os.makedirs(out_dir, exist_ok=True)
   with open(os.path.join(out_dir, 'predict.json'), 'w') as f:
     json.dump(rows, f, indent=1)
   lines = [
     '# predict.py on synthetic Criteo files (FM, raw rows to CSV)',
     '',
-    '`python -m benchmarks.predict'
-    f' --lines={",".join(str(r["lines"]) for r in rows)}`',
+    f'`{command}`',
     '',
     'Rows/s covers the whole file: parsing, encoding, the model and writing'
     ' the CSV (restoring the run is `load s`, apart). CPU s is the whole'
@@ -215,7 +220,8 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
     print(json.dumps(row), flush=True)
     rows.append(row)
   if not args.no_write:
-    print(write_results(rows, args.out_dir), file=sys.stderr)
+    command = common.command_line('predict', argv)
+    print(write_results(rows, args.out_dir, command), file=sys.stderr)
   return rows
 
 

@@ -1509,15 +1509,21 @@ class PredictTest(_TempDirs, absltest.TestCase):
         load_average=0.5,
       )
 
+    argv = ['--lines=5,7', f'--dir={tmp}/my files', f'--workdir={run}']
+    argv += ['--chunk_rows=3', f'--out_dir={out}']
     with mock.patch.object(predict_benchmark, 'benchmark', benchmark):
-      rows = predict_benchmark.main(
-        ['--lines=5,7', f'--dir={tmp}/files', f'--workdir={run}']
-        + [f'--out_dir={out}']
-      )
+      rows = predict_benchmark.main(argv)
     self.assertEqual(ran, [(run, 5), (run, 7)])
     self.assertEqual(_read_json(os.path.join(out, 'predict.json')), rows)
     with open(os.path.join(out, 'predict.md')) as f:
-      self.assertIn('`python -m benchmarks.predict --lines=5,7`', f.read())
+      text = f.read()
+    # The whole command, quoted for a shell, and the table.
+    (line,) = [x for x in text.splitlines() if x.startswith('`python')]
+    self.assertEqual(
+      shlex.split(line.strip('`')),
+      ['python', '-m', 'benchmarks.predict', *argv],
+    )
+    self.assertIn('| 7 | 0.1 | 70 | 0.1 | 0.2 | 35 | 100 | 3 | 1 | 0.5 |', text)
 
 
 @contextlib.contextmanager
