@@ -7,7 +7,7 @@ guarded so the scripts run (without their torchfm side) where torch is absent.
 
 import argparse
 import ast
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 import contextlib
 import csv
 import datetime
@@ -19,6 +19,7 @@ import inspect
 import json
 import os
 import platform
+import re
 import shlex
 import sys
 import tempfile
@@ -224,13 +225,36 @@ def without_main_flags(message: str, flag: str | None = '--set') -> str:
   return message.replace('--config.<key>=<value>', f'{flag}=<key>=<value>')
 
 
-def user_errors(flag: str | None = None):
+def with_flags(message: str, keys: Mapping[str, str]) -> str:
+  """`message` with each config key of `keys` named as the script's flag.
+
+  Args:
+    message: a user error's message.
+    keys: `{config key: flag}`, e.g. `{'config.dataset.cache_dir':
+      '--cache_dir'}`: the key, with or without main.py's `--` before it,
+      becomes the flag (`config.dataset.cache_dir=/x` -> `--cache_dir=/x`),
+      but not a longer key that starts with it.
+  """
+  for key, flag in keys.items():
+    message = re.sub(
+      rf'(?<![\w.-])(?:--)?{re.escape(key)}(?!\.?\w)', flag, message
+    )
+  return message
+
+
+def user_errors(flag: str | None = None, keys: Mapping[str, str] | None = None):
   """Decorates a benchmark's `main`: a user's mistake stops it in one line.
 
   A `utils.UserError` (a bad config value, a missing data file, a workdir
   in use), raised by the trainer or the data, becomes a `SystemExit` with
   its message, not a traceback; main.py's `--config.<key>=<value>` in it
   becomes `flag`'s (the script's `--set`, or none).
+
+  Args:
+    flag: the script's flag of config overrides (`--set`), or None.
+    keys: `{config key: flag}` for the config values that flags of the
+      script set (`with_flags`), which the message names as those flags:
+      throughput's `{'config.dataset.cache_dir': '--cache_dir'}`.
   """
 
   def decorate(main: Callable) -> Callable:
@@ -241,7 +265,8 @@ def user_errors(flag: str | None = None):
       try:
         return main(*args, **kwargs)
       except utils.UserError as e:
-        raise SystemExit(f'error: {without_main_flags(str(e), flag)}') from e
+        message = with_flags(without_main_flags(str(e), flag), keys or {})
+        raise SystemExit(f'error: {message}') from e
 
     return wrapped
 

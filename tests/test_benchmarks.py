@@ -265,6 +265,32 @@ class UserErrorsTest(_TempDirs, absltest.TestCase):
         'fm', None, {'seed': 1}, {'optimizer': 'adamm'}, flags=('--set', '--b')
       )
 
+  def test_a_config_key_a_flag_sets_is_named_as_the_flag(self):
+    import utils  # pylint: disable=g-import-not-at-top
+
+    @common.user_errors(keys={'config.dataset.cache_dir': '--cache_dir'})
+    def main(message):
+      raise utils.UserError(message)
+
+    for message, expected in (
+      (
+        'Free some space or set config.dataset.cache_dir to a writable'
+        ' directory.',
+        'Free some space or set --cache_dir to a writable directory.',
+      ),
+      ('--config.dataset.cache_dir=/x: no.', '--cache_dir=/x: no.'),
+      ('Set config.dataset.cache_dir.', 'Set --cache_dir.'),
+      # Other keys, and keys that only start with it, are left as they are.
+      ('config.dataset.cache_dirs=1', 'config.dataset.cache_dirs=1'),
+      ('config.dataset.cache_dir.x', 'config.dataset.cache_dir.x'),
+      ('myconfig.dataset.cache_dir', 'myconfig.dataset.cache_dir'),
+      ('config.dataset.path', 'config.dataset.path'),
+    ):
+      with self.subTest(message=message):
+        with self.assertRaises(SystemExit) as raised:
+          main(message)
+        self.assertEqual(str(raised.exception), f'error: {expected}')
+
   def test_ab_stops_on_a_bad_variant_before_it_trains(self):
     out = self.create_tempdir().full_path
     flags = ['--model=fm', '--tiny', f'--out_dir={out}']
@@ -610,8 +636,8 @@ class ThroughputTest(_TempDirs, absltest.TestCase):
     open(blocked, 'w').close()
     with self.assertRaisesRegex(
       SystemExit,
-      r'^error: Could not write the dataset cache [^\n]*cache_dir to a'
-      r' writable directory\.$',
+      r'^error: Could not write the dataset cache [^\n]* set --cache_dir to a'
+      r' writable directory\.$',  # The flag, not config.dataset.cache_dir.
     ):
       self._run('--data=embedded', '--no_torch', f'--cache_dir={blocked}/x')
     self.assertEqual(multiprocessing.active_children(), [])
