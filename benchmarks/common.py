@@ -225,6 +225,10 @@ def without_main_flags(message: str, flag: str | None = '--set') -> str:
   return message.replace('--config.<key>=<value>', f'{flag}=<key>=<value>')
 
 
+# For `user_errors`: the flag of the scripts that have one for the cache.
+CACHE_DIR_FLAG = {'config.dataset.cache_dir': '--cache_dir'}
+
+
 def with_flags(message: str, keys: Mapping[str, str]) -> str:
   """`message` with each config key of `keys` named as the script's flag.
 
@@ -254,7 +258,7 @@ def user_errors(flag: str | None = None, keys: Mapping[str, str] | None = None):
     flag: the script's flag of config overrides (`--set`), or None.
     keys: `{config key: flag}` for the config values that flags of the
       script set (`with_flags`), which the message names as those flags:
-      throughput's `{'config.dataset.cache_dir': '--cache_dir'}`.
+      `CACHE_DIR_FLAG` for a script with a `--cache_dir` flag.
   """
 
   def decorate(main: Callable) -> Callable:

@@ -458,7 +458,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
   return args
 
 
-@common.user_errors()
+@common.user_errors(keys=common.CACHE_DIR_FLAG)
 def main(argv: Sequence[str] | None = None) -> list[dict]:
   args = parse_args(argv)
   with common.workdir_or_temp(args.workdir, 'flax_fm_quality-') as workdir:

@@ -315,7 +315,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
   return args
 
 
-@common.user_errors('--set')
+@common.user_errors('--set', common.CACHE_DIR_FLAG)
 def main(argv: Sequence[str] | None = None) -> list[dict]:
   args = parse_args(argv)
   with common.workdir_or_temp(args.workdir, 'flax_fm_seeds-') as workdir:

@@ -854,7 +854,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
   return args
 
 
-@common.user_errors(keys={'config.dataset.cache_dir': '--cache_dir'})
+@common.user_errors(keys=common.CACHE_DIR_FLAG)
 def main(argv: Sequence[str] | None = None) -> list[dict]:
   args = parse_args(argv)
   models = common.parse_models(args.models)

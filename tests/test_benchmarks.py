@@ -335,6 +335,32 @@ class UserErrorsTest(_TempDirs, absltest.TestCase):
           ['--models=fm', '--no_torch', f'--workdir={work}', f'--out_dir={out}']
         )
 
+  def test_a_cache_error_of_a_run_names_the_cache_flag(self):
+    import utils  # pylint: disable=g-import-not-at-top
+
+    out = self.create_tempdir().full_path
+    work = self.create_tempdir().full_path
+
+    def train_and_evaluate(config, workdir):
+      del workdir
+      raise utils.UserError(
+        f'Could not write the dataset cache {config.dataset.cache_dir}.'
+        ' Free some space or set config.dataset.cache_dir to a writable'
+        ' directory.'
+      )
+
+    flags = ['--models=fm', '--no_torch', f'--workdir={work}']
+    flags += [f'--out_dir={out}', '--cache_dir=/full']
+    message = (
+      r'^error: Could not write the dataset cache /full\. Free some space or'
+      r' set --cache_dir to a writable directory\.$'
+    )
+    with mock.patch('train.train_and_evaluate', train_and_evaluate):
+      for module, more in ((seeds, ['--seeds=0']), (quality, [])):
+        with self.subTest(module=module.__name__):
+          with self.assertRaisesRegex(SystemExit, message):
+            module.main([*flags, *more])
+
 
 class CountsTest(absltest.TestCase):
   def test_measure_counts_the_distinct_keys_and_their_memory(self):
