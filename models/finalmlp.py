@@ -16,7 +16,7 @@ where `x_k` is the concatenated embeddings of the stream's context fields
 MLP is Linear -> ReLU per hidden layer, then Linear to `fields * dim` units;
 a stream without context fields (FuxiCTR's default) has the same gate for
 every example, `g_k = 2 sigmoid(b_k)` with a learned `b_k` `[fields * dim]`.
-Each stream is an MLP (Linear -> BatchNorm -> ReLU -> Dropout) with outputs
+Each stream is an MLP (Linear -> [BatchNorm] -> ReLU -> Dropout) with outputs
 `o_1` `[batch, d_1]` and `o_2` `[batch, d_2]`, fused by multi-head bilinear
 aggregation (eq. (5)-(6)): both are split into `num_heads` chunks `o_k^h`,
 
@@ -35,10 +35,12 @@ one-hot fields.
 pytorch-fm has no FinalMLP; the reference for the details the paper leaves
 open is FuxiCTR (`FinalMLP`, `FeatureSelection`, `InteractionAggregation`).
 Differences from it:
-  * The stream MLPs carry BatchNorm (as every MLP of this library, after
-    pytorch-fm), and their Linear layers no bias (BatchNorm cancels it);
-    FuxiCTR's published FinalMLP configs switch BatchNorm off. The gate
-    MLPs have none, as FuxiCTR's.
+  * By default the stream MLPs carry BatchNorm (as every MLP of this
+    library, after pytorch-fm), and their Linear layers no bias (BatchNorm
+    cancels it); `batch_norm=False` drops it and keeps the biases, as
+    FuxiCTR's published FinalMLP configs (its `mlp1_batch_norm` and
+    `mlp2_batch_norm`, one flag here). The gate MLPs have none, as
+    FuxiCTR's.
   * One bias `b` where FuxiCTR's two Linear layers `w_1`, `w_2` have one each
     (their sum is one parameter). W starts xavier-normal over its
     `[heads * d_1/heads * d_2/heads, 1]` view, as FuxiCTR; the other layers
@@ -385,7 +387,9 @@ class MultiLayerPerceptron(nn.Module):
   from weight decay, which Adam scales up to full-size steps; it would then
   drift every step and the running mean that evaluation subtracts would
   trail it. BatchNorm's own bias takes its place (torch.nn.Linear's bias
-  there folds into the running mean: `mean - bias`).
+  there folds into the running mean: `mean - bias`). Without BatchNorm
+  (`batch_norm=False`: Linear -> ReLU -> Dropout, FuxiCTR's `MLP_Block`
+  with `batch_norm=False`) the hidden layers keep their biases.
 
   Attributes:
     hidden_dims: widths of the hidden layers.
@@ -395,6 +399,7 @@ class MultiLayerPerceptron(nn.Module):
     axis_name: pmap axis over which BatchNorm statistics are averaged.
     linear_init: initialisers of the Dense layers, 'lecun' (Flax's
       default) or 'torch' (torch.nn.Linear's).
+    batch_norm: BatchNorm after each hidden Linear layer.
     dtype: dtype of the computation.
   """
 
@@ -403,6 +408,7 @@ class MultiLayerPerceptron(nn.Module):
   output_layer: bool = True
   axis_name: str | None = None
   linear_init: str = 'lecun'
+  batch_norm: bool = True
   dtype: jnp.dtype = jnp.float32
 
   @nn.compact
@@ -410,14 +416,17 @@ class MultiLayerPerceptron(nn.Module):
     """Maps `[batch, features]` to `[batch]` (or `[batch, hidden]`)."""
     for width in self.hidden_dims:
       init = linear_initializers(self.linear_init, x.shape[-1])
-      x = nn.Dense(width, use_bias=False, dtype=self.dtype, **init)(x)  # [B, H]
-      x = nn.BatchNorm(
-        use_running_average=not train,
-        momentum=0.9,
-        epsilon=1e-5,
-        axis_name=self.axis_name,
-        dtype=self.dtype,
-      )(x)
+      x = nn.Dense(
+        width, use_bias=not self.batch_norm, dtype=self.dtype, **init
+      )(x)  # [B, H]
+      if self.batch_norm:
+        x = nn.BatchNorm(
+          use_running_average=not train,
+          momentum=0.9,
+          epsilon=1e-5,
+          axis_name=self.axis_name,
+          dtype=self.dtype,
+        )(x)
       x = nn.relu(x)
       x = nn.Dropout(self.dropout, deterministic=not train)(x)
     if self.output_layer:
@@ -503,6 +512,9 @@ class FinalMLP(nn.Module):
     axis_name: pmap axis over which BatchNorm statistics are averaged.
     linear_init: initialisers of the MLP's Dense layers, 'lecun' (Flax's
       default) or 'torch' (torch.nn.Linear's).
+    batch_norm: BatchNorm in the stream MLPs (pytorch-fm's MLP); False,
+      FuxiCTR's published configs: Linear (with its bias) -> ReLU ->
+      Dropout.
     dtype: dtype of the computation.
   """
 
@@ -521,6 +533,7 @@ class FinalMLP(nn.Module):
   num_heads: int = 2
   axis_name: str | None = None
   linear_init: str = 'lecun'
+  batch_norm: bool = True
   dtype: jnp.dtype = jnp.float32
 
   @nn.compact
@@ -588,6 +601,7 @@ class FinalMLP(nn.Module):
         output_layer=False,
         axis_name=self.axis_name,
         linear_init=self.linear_init,
+        batch_norm=self.batch_norm,
         dtype=self.dtype,
         name=f'mlp{k}',
       )

@@ -383,7 +383,9 @@ class MultiLayerPerceptron(nn.Module):
   from weight decay, which Adam scales up to full-size steps; it would then
   drift every step and the running mean that evaluation subtracts would
   trail it. BatchNorm's own bias takes its place (torch.nn.Linear's bias
-  there folds into the running mean: `mean - bias`).
+  there folds into the running mean: `mean - bias`). Without BatchNorm
+  (`batch_norm=False`: Linear -> ReLU -> Dropout, FuxiCTR's `MLP_Block`
+  with `batch_norm=False`) the hidden layers keep their biases.
 
   Attributes:
     hidden_dims: widths of the hidden layers.
@@ -393,6 +395,7 @@ class MultiLayerPerceptron(nn.Module):
     axis_name: pmap axis over which BatchNorm statistics are averaged.
     linear_init: initialisers of the Dense layers, 'lecun' (Flax's
       default) or 'torch' (torch.nn.Linear's).
+    batch_norm: BatchNorm after each hidden Linear layer.
     dtype: dtype of the computation.
   """
 
@@ -401,6 +404,7 @@ class MultiLayerPerceptron(nn.Module):
   output_layer: bool = True
   axis_name: str | None = None
   linear_init: str = 'lecun'
+  batch_norm: bool = True
   dtype: jnp.dtype = jnp.float32
 
   @nn.compact
@@ -408,14 +412,17 @@ class MultiLayerPerceptron(nn.Module):
     """Maps `[batch, features]` to `[batch]` (or `[batch, hidden]`)."""
     for width in self.hidden_dims:
       init = linear_initializers(self.linear_init, x.shape[-1])
-      x = nn.Dense(width, use_bias=False, dtype=self.dtype, **init)(x)  # [B, H]
-      x = nn.BatchNorm(
-        use_running_average=not train,
-        momentum=0.9,
-        epsilon=1e-5,
-        axis_name=self.axis_name,
-        dtype=self.dtype,
-      )(x)
+      x = nn.Dense(
+        width, use_bias=not self.batch_norm, dtype=self.dtype, **init
+      )(x)  # [B, H]
+      if self.batch_norm:
+        x = nn.BatchNorm(
+          use_running_average=not train,
+          momentum=0.9,
+          epsilon=1e-5,
+          axis_name=self.axis_name,
+          dtype=self.dtype,
+        )(x)
       x = nn.relu(x)
       x = nn.Dropout(self.dropout, deterministic=not train)(x)
     if self.output_layer:

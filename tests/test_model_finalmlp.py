@@ -50,8 +50,8 @@ def _np_fusion(o1, o2, params, heads):
   return y
 
 
-def _np_model(ids, variables, contexts, heads):
-  p, s = variables['params'], variables['batch_stats']
+def _np_model(ids, variables, contexts, heads, batch_norm=True):
+  p, s = variables['params'], variables.get('batch_stats')
   table = np.asarray(p['FeaturesEmbedding_0']['embedding'], np.float64)
   e = table[ids + offsets(FIELD_DIMS)].reshape(len(ids), -1)  # [B, F * D]
   streams = []
@@ -66,7 +66,10 @@ def _np_model(ids, variables, contexts, heads):
     else:
       gate = 2.0 / (1.0 + np.exp(-np.asarray(p[f'fs{k}_gate_bias'])))
     h = gate * e
-    hidden = np_mlp(h, p[f'mlp{k}'], s[f'mlp{k}'], 2, output_layer=False)
+    stats = s[f'mlp{k}'] if batch_norm else None
+    hidden = np_mlp(
+      h, p[f'mlp{k}'], stats, 2, output_layer=False, batchnorm=batch_norm
+    )
     streams.append(hidden)
   return _np_fusion(*streams, p['InteractionAggregation_0'], heads)
 
@@ -86,6 +89,22 @@ class EquationTest(parameterized.TestCase):
     variables = random_variables(model, ids)
     out = model.apply(variables, ids, train=False)
     expected = _np_model(ids, variables, (fs1, fs2), heads)
+    np.testing.assert_allclose(out, expected, rtol=1e-4, atol=1e-4)
+
+  def test_streams_without_batchnorm_match_brute_force(self):
+    # FuxiCTR's published configs: Linear (with bias) -> ReLU -> Dropout.
+    model = finalmlp.Model(
+      FIELD_DIMS, fs1_context=(0,), batch_norm=False, **KWARGS
+    )
+    ids = random_ids(6, FIELD_DIMS)
+    variables = random_variables(model, ids)
+    self.assertEqual(set(variables), {'params'})
+    for k in (1, 2):
+      mlp = variables['params'][f'mlp{k}']
+      self.assertEqual(set(mlp), {'Dense_0', 'Dense_1'})
+      self.assertEqual(set(mlp['Dense_0']), {'kernel', 'bias'})
+    out = model.apply(variables, ids, train=False)
+    expected = _np_model(ids, variables, ((0,), ()), 2, batch_norm=False)
     np.testing.assert_allclose(out, expected, rtol=1e-4, atol=1e-4)
 
   def test_without_feature_selection_streams_see_the_embeddings(self):
@@ -144,6 +163,19 @@ class TrainingModeTest(parameterized.TestCase):
     dropped = finalmlp.Model(FIELD_DIMS, dropouts=tuple(rates), **KWARGS)
     variables = random_variables(base, ids)
     self.assertEqual(set(variables['batch_stats']), {'mlp1', 'mlp2'})
+    check_dropout_in_training_only(base, dropped, variables, ids)
+
+  @parameterized.parameters(0, 1)
+  def test_dropout_without_batchnorm(self, stream):
+    # No statistics: training mode without dropout is eval mode.
+    ids = random_ids(16, FIELD_DIMS, seed=2)
+    kwargs = dict(KWARGS, batch_norm=False)
+    base = finalmlp.Model(FIELD_DIMS, dropouts=(0.0, 0.0), **kwargs)
+    rates = [0.0, 0.0]
+    rates[stream] = 0.5
+    dropped = finalmlp.Model(FIELD_DIMS, dropouts=tuple(rates), **kwargs)
+    variables = random_variables(base, ids)
+    self.assertNotIn('batch_stats', variables)
     check_dropout_in_training_only(base, dropped, variables, ids)
 
 
