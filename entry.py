@@ -55,7 +55,10 @@ def run_main(main: Callable[[list[str]], Any]) -> None:
     # "Time from launch").
     gc.freeze()
     try:
-      return main(argv)
+      try:
+        return main(argv)
+      finally:
+        end_at_interrupts()
     except KeyboardInterrupt as e:
       if _verbose():
         traceback.print_exc()
@@ -99,6 +102,19 @@ def keep_interrupts() -> None:
     signal.signal(signal.SIGINT, _interrupt)
   if signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:
     signal.signal(signal.SIGTERM, _interrupt)
+
+
+def end_at_interrupts() -> None:
+  """Makes Ctrl-C and SIGTERM end the program at once, as by default.
+
+  Once main has returned, only the interpreter's shutdown is left (atexit
+  callbacks, JAX's among them): an exception raised there cannot stop it,
+  and Python prints it with a traceback. Handlers other than
+  `keep_interrupts`' stay.
+  """
+  for signum in (signal.SIGINT, signal.SIGTERM):
+    if signal.getsignal(signum) is _interrupt:
+      signal.signal(signum, signal.SIG_DFL)
 
 
 def _interrupt(signum: int, frame: Any) -> None:

@@ -72,6 +72,10 @@ _SCRIPT = textwrap.dedent(
       gc.callbacks.append(collecting)
       gc.collect()
       time.sleep(5)
+    if kind == 'signal_at_exit':  # A signal as the interpreter shuts down.
+      import atexit, os, signal, time
+      signum = getattr(signal, argv[2])
+      atexit.register(lambda: (os.kill(os.getpid(), signum), time.sleep(5)))
     print('done')
 
 
@@ -204,6 +208,17 @@ class RunMainTest(absltest.TestCase):
     )
     self.assertEqual(result.returncode, 143, result.stderr)
     self.assertIn('entry.Terminated', result.stderr)
+
+  def test_a_signal_after_main_ends_the_process_without_a_traceback(self):
+    # Once main has returned, what is left is the interpreter's shutdown
+    # (atexit callbacks, JAX's among them): an exception raised there was
+    # printed as `Exception ignored in atexit callback`, with a traceback.
+    for name in ('SIGINT', 'SIGTERM'):
+      result = self._run('signal_at_exit', name)
+      self.assertEqual(result.returncode, -getattr(signal, name), result.stderr)
+      self.assertEqual(result.stdout.strip(), 'done')
+      self.assertNotIn('Traceback', result.stderr)
+      self.assertNotIn('Exception ignored', result.stderr)
 
   def test_only_pythons_own_interrupt_handler_is_replaced(self):
     # Under nohup or `&` SIGINT comes ignored; a host program may have its
