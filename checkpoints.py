@@ -226,7 +226,8 @@ class Checkpoints:
 
   A context manager: leaving it waits for the saves still running and
   closes the managers; an error of those saves raises then, unless another
-  error is already on its way (it is logged instead).
+  error is already on its way (it is logged instead). An interrupt during
+  that wait skips the saves not started and waits for the one being written.
   """
 
   def __init__(self, workdir: str, *, background: bool = False):
@@ -261,7 +262,12 @@ class Checkpoints:
 
   def __exit__(self, kind, error, tb) -> None:
     try:
-      self.wait()
+      try:
+        self.wait()
+      except KeyboardInterrupt:  # Ctrl-C again: the save being written ends.
+        self._skip_queued()
+        self.wait()
+        raise
     except Exception as e:  # pylint: disable=broad-except
       if error is None:
         raise
@@ -298,6 +304,25 @@ class Checkpoints:
       except BaseException as e:  # pylint: disable=broad-except
         with self._changed:
           self._failed, self._error = True, e
+
+  def _skip_queued(self) -> None:
+    """Drops the saves not started; the one being written goes on.
+
+    Closing the managers under it, the exit would break it: orbax's
+    threads fail once the interpreter shuts down, with a traceback.
+    """
+    with self._changed:
+      skipped, self._queue = len(self._queue), []
+      writing = self._worker is not None
+      self._changed.notify_all()
+    if not writing:  # It ended as the interrupt came.
+      return
+    logging.warning(
+      'Interrupted during the checkpoint saves: skipping the %d not'
+      ' started, finishing the one being written (interrupt again to'
+      ' abandon it; a rerun resumes from the last complete one).',
+      skipped,
+    )
 
   def _raise_error(self) -> None:
     """Raises the first failed save's error, once."""

@@ -1106,6 +1106,50 @@ class CheckpointPolicyTest(absltest.TestCase):
       self.assertFalse(fourth.is_alive())
     self.assertEqual(ckpt.latest.all_steps(), [1, 3, 4])
 
+  def test_a_second_interrupt_finishes_the_save_being_written(self):
+    # Ctrl-C twice: the second landed in the exit's wait, which closed the
+    # managers under the save being written; the interpreter's shutdown
+    # then broke it (orbax's traceback, `cannot schedule new futures after
+    # interpreter shutdown`) and left a `.orbax-checkpoint-tmp` step.
+    gate, started = threading.Event(), threading.Event()
+    save = checkpoints.save
+
+    def gated_save(*args):
+      started.set()
+      gate.wait(60)
+      return save(*args)
+
+    workdir = tempfile.mkdtemp()
+    ckpt = checkpoints.Checkpoints(workdir, background=True)
+    wait, waits = ckpt.wait, []
+
+    def interrupted_once():
+      waits.append(1)
+      if len(waits) == 1:  # The second Ctrl-C, as epoch 1 is written.
+        threading.Timer(0.5, gate.set).start()
+        raise KeyboardInterrupt
+      wait()
+
+    self.addCleanup(gate.set)
+    with (
+      mock.patch.object(checkpoints, 'save', gated_save),
+      mock.patch.object(ckpt, 'wait', interrupted_once),
+      self.assertRaises(KeyboardInterrupt),
+      self.assertLogs('absl', 'WARNING') as logs,
+      ckpt,
+    ):
+      ckpt.save_latest(1, self._state(1), self._meta(1, 1))  # Written.
+      self.assertTrue(started.wait(60))
+      for epoch in (2, 3):  # Not started: skipped.
+        ckpt.save_latest(epoch, self._state(epoch), self._meta(epoch, 1))
+      raise KeyboardInterrupt  # The first Ctrl-C.
+    self.assertTrue(gate.is_set())  # The exit waited for epoch 1's save.
+    self.assertIn('skipping the 2 not started', '\n'.join(logs.output))
+    with checkpoints.Checkpoints(workdir) as reopened:
+      self.assertEqual(reopened.latest.all_steps(), [1])
+      state, _ = reopened.restore_latest(None)
+    np.testing.assert_array_equal(state['w'], self._state(1)['w'])
+
   def _failing_at(self, ckpt, bad_epoch):
     """Makes the orbax save of `bad_epoch` in `ckpt.latest` find a full disk."""
     real = ckpt.latest.save
