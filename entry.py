@@ -129,6 +129,26 @@ def _interrupt(signum: int, frame: Any) -> None:
   raise Terminated if signum == signal.SIGTERM else KeyboardInterrupt
 
 
+def path_flags(*names: str) -> list[str]:
+  """The values of the path flags `names`, `~` expanded.
+
+  A shell leaves `--flag=~/x` unexpanded.
+
+  Raises:
+    UserError: one is empty, as `--output=$OUT` is with `$OUT` unset: it
+      names no file, or the current directory.
+  """
+  values = []
+  for name in names:
+    flag = flags.FLAGS[name]
+    if not flag.value:
+      raise UserError(
+        f'--{name} is empty: give the path it takes ({flag.help.rstrip(".")}).'
+      )
+    values.append(os.path.expanduser(flag.value))
+  return values
+
+
 def _verbose() -> bool:
   """Whether the user asked for tracebacks (`--verbosity`, TRACEBACK_ENV)."""
   verbose = os.environ.get(TRACEBACK_ENV, '') not in ('', '0')

@@ -400,8 +400,8 @@ def main(argv):
     raise utils.UserError(f'Unexpected arguments: {" ".join(argv[1:])}')
   args = flags.FLAGS
   check_platforms(args.platforms)
-  predictor = predict.load(args.workdir)
-  output = os.path.expanduser(args.output)  # `--output=~/x`: unexpanded.
+  workdir, output = entry.path_flags('workdir', 'output')
+  predictor = predict.load(workdir)
   try:
     signature = export(predictor, output, args.platforms, args.onnx)
   except OSError as e:
@@ -411,7 +411,7 @@ def main(argv):
     ) from e
   logging.info(
     'Exported %s to %s: %s',
-    args.workdir,
+    workdir,
     output,
     ', '.join(f for f in signature['files'].values() if f),
   )

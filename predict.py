@@ -478,10 +478,7 @@ def main(argv):
   if len(argv) > 1:
     raise utils.UserError(f'Unexpected arguments: {" ".join(argv[1:])}')
   args = flags.FLAGS
-  # `--flag=~/x` reaches us unexpanded by the shell.
-  workdir, source, output = map(
-    os.path.expanduser, (args.workdir, args.input, args.output)
-  )
+  workdir, source, output = entry.path_flags('workdir', 'input', 'output')
   if not os.path.isfile(source):
     raise utils.UserError(f'--input: {source} is not a file.')
   check_output(output, source, workdir)

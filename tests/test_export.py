@@ -315,6 +315,23 @@ class ExportRunTest(absltest.TestCase):
     with open(a_file) as f:
       self.assertEqual(f.read(), 'kept')
 
+  def test_an_empty_path_flag_is_refused_by_name(self):
+    # `--output=$OUT` with $OUT unset: `cannot write  (No such file or
+    # directory)`, after the export was built.
+    run = trained_run()
+    tmp = self.enter_context(tempfile.TemporaryDirectory())
+    for flags, name, what in (
+      (('--workdir=', '--output=out'), 'workdir', 'Workdir of a finished'),
+      ((f'--workdir={run.workdir}', '--output='), 'output', 'Directory to'),
+    ):
+      rc, line = command_error('export.py', tmp, *flags)
+      self.assertEqual(rc, 2)
+      self.assertStartsWith(
+        line,
+        f'export.py: error: --{name} is empty: give the path it takes ({what}',
+      )
+    self.assertEqual(os.listdir(tmp), [])
+
   def test_an_output_that_holds_other_files_is_refused(self):
     run = trained_run()
     before = {

@@ -156,6 +156,34 @@ class PredictTest(parameterized.TestCase):
       predict.main(['predict.py', 'extra'])
     self.assertFalse(os.path.exists(output))
 
+  def test_an_empty_path_flag_is_refused_by_name(self):
+    # `--output=$OUT` with $OUT unset: the output was refused only after
+    # every row was scored, as `cannot write  (No such file or
+    # directory)`; an empty --workdir read the current directory.
+    source = _write(os.path.join(self.tmp, 'test.txt'), ['x'])
+    given = {
+      'workdir': self.trained.workdir,
+      'input': source,
+      'output': os.path.join(self.tmp, 'out.csv'),
+    }
+    for name, what in (
+      ('workdir', 'Workdir of a finished training run'),
+      ('input', 'Rows to score, in the run format'),
+      ('output', 'CSV to write: probability[,label]'),
+    ):
+      paths = dict(given, **{name: ''})
+      self.assertEqual(
+        command_error(
+          'predict.py', self.tmp, *(f'--{k}={v}' for k, v in paths.items())
+        ),
+        (
+          2,
+          f'predict.py: error: --{name} is empty: give the path it takes'
+          f' ({what}).',
+        ),
+      )
+    self.assertFalse(os.path.exists(given['output']))
+
   def test_an_output_beside_the_run_is_not_inside_it(self):
     # A path that only starts with the run's path, /tmp/fm2 for /tmp/fm.
     workdir = self.trained.workdir
