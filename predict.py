@@ -434,6 +434,8 @@ def check_output(output: str, source: str, workdir: str) -> None:
   the input, the rows would be lost; inside the run's directory, one of
   its files (metrics.jsonl, a checkpoint) could be.
   """
+  if os.path.isdir(output):  # Found before the rows are scored.
+    raise utils.UserError(f'--output: {output} is a directory, not a file.')
   if os.path.exists(output) and os.path.samefile(output, source):
     raise utils.UserError(
       f'--output: {output} is the --input file; write the probabilities to'

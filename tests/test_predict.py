@@ -113,7 +113,7 @@ class PredictTest(parameterized.TestCase):
       float(found[3]), self.trained.test_metrics['logloss'], delta=1e-5
     )
 
-  def test_an_output_over_the_input_or_the_run_is_refused(self):
+  def test_an_output_over_the_input_the_run_or_a_directory_is_refused(self):
     lines = list(self.trained.lines['test'][:3])
     source = _write(os.path.join(self.tmp, 'test.txt'), lines)
     workdir = self.trained.workdir
@@ -123,6 +123,7 @@ class PredictTest(parameterized.TestCase):
     for output, message in (
       (source, f'{source} is the --input file; write the probabilities to'),
       (metrics_file, f"{metrics_file} is inside the run's directory"),
+      (self.tmp, f'{self.tmp} is a directory, not a file.'),
     ):
       rc, line = command_error(
         'predict.py',
