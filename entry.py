@@ -224,7 +224,10 @@ def _flag_error(argv: list[str], error: flags.Error) -> str:
     for kind, takes in _TAKES:
       if isinstance(current, kind):
         if isinstance(current, list):
-          current = f"'{tuple(current)}'"
+          if all(isinstance(c, str) for c in current):  # Names: the given.
+            current = [v.strip(' \'"()') for v in values[0].split(',')]
+          text = str(tuple(current))
+          current = f'"{text}"' if "'" in text else f"'{text}'"
         return (
           f'--{name}={values[0]}: {name} takes {takes}, e.g.'
           f' {current}; {values[0]!r} is not one.'

@@ -270,6 +270,16 @@ class MainTest(absltest.TestCase):
       " quoted for the shell, e.g. '(0.8, 0.1, 0.1)'; '(0.8,0.2' is not"
       ' one.',
     )
+    self._assert_one_line(  # Names with a space: the example is theirs.
+      _run(
+        workdir,
+        '--config.dataset.name=csv',
+        '--config.dataset.csv.categorical_columns=user id,city',
+      ),
+      '--config.dataset.csv.categorical_columns=user id,city:'
+      ' config.dataset.csv.categorical_columns takes a tuple, quoted for the'
+      " shell, e.g. \"('user id', 'city')\"; 'user id,city' is not one.",
+    )
     self._assert_one_line(  # As predict.py and export.py say it.
       _run(workdir, 'fm'), 'Unexpected arguments: fm'
     )
