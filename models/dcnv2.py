@@ -41,10 +41,10 @@ open is FuxiCTR (`CrossNetV2`, `CrossNetMix`, `DCNv2`):
     torch's xavier-normal over the whole tensor (fan-in `n r` and fan-out
     `experts r` for U and V, `r^2` and `experts r` for C), b at zero.
 
-Differences from FuxiCTR: the hidden layers carry BatchNorm (as every MLP of
-this library, after pytorch-fm), which FuxiCTR's published DCN-V2 configs
-switch off, and their Linear has no bias (BatchNorm cancels it); the
-full-rank cross layers, the gates and the hidden layers use Flax's default
+Differences from FuxiCTR: by default the hidden layers carry BatchNorm (as
+every MLP of this library, after pytorch-fm) and their Linear has no bias
+(BatchNorm cancels it); `batch_norm=False` drops it and keeps the biases,
+as FuxiCTR's published DCN-V2 configs. The full-rank cross layers, the gates and the hidden layers use Flax's default
 initialisers (LeCun normal kernels, zero biases; with `linear_init='torch'`
 the hidden layers use torch's), FuxiCTR xavier-normal ones. FuxiCTR's fourth
 structure 'stacked_parallel' is left out.
@@ -493,6 +493,8 @@ class DeepCrossNetworkV2(nn.Module):
     axis_name: pmap axis over which BatchNorm statistics are averaged.
     linear_init: initialisers of the MLP's Dense layers, 'lecun' (Flax's
       default) or 'torch' (torch.nn.Linear's).
+    batch_norm: BatchNorm in the deep network's hidden layers (pytorch-fm's
+      MLP); False, FuxiCTR's: Linear (with its bias) -> ReLU -> Dropout.
     dtype: dtype of the computation.
   """
 
@@ -509,6 +511,7 @@ class DeepCrossNetworkV2(nn.Module):
   num_experts: int = 4
   axis_name: str | None = None
   linear_init: str = 'lecun'
+  batch_norm: bool = True
   dtype: jnp.dtype = jnp.float32
 
   @nn.compact
@@ -559,6 +562,7 @@ class DeepCrossNetworkV2(nn.Module):
       output_layer=False,
       axis_name=self.axis_name,
       linear_init=self.linear_init,
+      batch_norm=self.batch_norm,
       dtype=self.dtype,
     )
     if self.structure == 'stacked':

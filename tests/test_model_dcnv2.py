@@ -49,18 +49,22 @@ def _np_cross(x0, params, num_layers, low_rank):
   return x
 
 
-def _np_model(ids, variables, structure, low_rank, num_layers, num_hidden):
-  p, s = variables['params'], variables['batch_stats']
+def _np_model(
+  ids, variables, structure, low_rank, num_layers, num_hidden, batch_norm=True
+):
+  p, s = variables['params'], variables.get('batch_stats')
   table = np.asarray(p['FeaturesEmbedding_0']['embedding'], np.float64)
   x0 = table[ids + offsets(FIELD_DIMS)].reshape(len(ids), -1)  # [B, F * D]
   cross = np.stack(
     [_np_cross(x, p['CrossNetworkV2_0'], num_layers, low_rank) for x in x0]
   )
-  mlp_p, mlp_s = p['MultiLayerPerceptron_0'], s['MultiLayerPerceptron_0']
+  mlp_p = p['MultiLayerPerceptron_0']
+  mlp_s = s['MultiLayerPerceptron_0'] if batch_norm else None
+  mlp = dict(output_layer=False, batchnorm=batch_norm)
   if structure == 'stacked':
-    h = np_mlp(cross, mlp_p, mlp_s, num_hidden, output_layer=False)
+    h = np_mlp(cross, mlp_p, mlp_s, num_hidden, **mlp)
   else:
-    hidden = np_mlp(x0, mlp_p, mlp_s, num_hidden, output_layer=False)
+    hidden = np_mlp(x0, mlp_p, mlp_s, num_hidden, **mlp)
     h = np.concatenate([cross, hidden], -1)
   return (h @ p['logit']['kernel'] + p['logit']['bias'])[:, 0]
 
@@ -84,6 +88,22 @@ class EquationTest(parameterized.TestCase):
     variables = random_variables(model, ids)
     out = model.apply(variables, ids, train=False)
     expected = _np_model(ids, variables, structure, low_rank, 2, 2)
+    np.testing.assert_allclose(out, expected, rtol=1e-4, atol=1e-4)
+
+  @parameterized.parameters('parallel', 'stacked')
+  def test_deep_network_without_batchnorm_matches_brute_force(self, structure):
+    # FuxiCTR's published configs: Linear (with bias) -> ReLU -> Dropout.
+    model = dcnv2.Model(
+      FIELD_DIMS, structure=structure, batch_norm=False, **KWARGS
+    )
+    ids = random_ids(7, FIELD_DIMS)
+    variables = random_variables(model, ids)
+    self.assertEqual(set(variables), {'params'})
+    mlp = variables['params']['MultiLayerPerceptron_0']
+    self.assertEqual(set(mlp), {'Dense_0', 'Dense_1'})
+    self.assertEqual(set(mlp['Dense_0']), {'kernel', 'bias'})
+    out = model.apply(variables, ids, train=False)
+    expected = _np_model(ids, variables, structure, None, 2, 2, False)
     np.testing.assert_allclose(out, expected, rtol=1e-4, atol=1e-4)
 
   def test_one_full_rank_layer_is_a_polynomial_of_degree_two(self):
@@ -139,6 +159,16 @@ class TrainingModeTest(parameterized.TestCase):
       FIELD_DIMS, structure=structure, dropout=0.5, **KWARGS
     )
     variables = random_variables(base, ids)
+    check_dropout_in_training_only(base, dropped, variables, ids)
+
+  def test_dropout_without_batchnorm(self):
+    # No statistics: training mode without dropout is eval mode.
+    ids = random_ids(16, FIELD_DIMS, seed=2)
+    kwargs = dict(KWARGS, batch_norm=False)
+    base = dcnv2.Model(FIELD_DIMS, dropout=0.0, **kwargs)
+    dropped = dcnv2.Model(FIELD_DIMS, dropout=0.5, **kwargs)
+    variables = random_variables(base, ids)
+    self.assertNotIn('batch_stats', variables)
     check_dropout_in_training_only(base, dropped, variables, ids)
 
 
