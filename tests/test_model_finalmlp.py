@@ -196,6 +196,7 @@ class ConfigTest(absltest.TestCase):
         fs2_context=(1,),
         num_heads=2,
         linear_init='lecun',
+        batch_norm=False,
       ),
     )
     variables = check_config_model(finalmlp, config)
