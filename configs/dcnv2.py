@@ -6,13 +6,15 @@ python main.py --config=configs/dcnv2.py:smoke --workdir=/tmp/dcnv2_smoke
 pytorch-fm has no DCN-V2. Model hyper-parameters of FuxiCTR's published
 template (model_zoo/DCNv2/config/model_config.yaml, `DCNv2_default`):
 parallel structure, 3 full-rank cross layers (low rank 32 and 4 experts when
-the mixture is switched on with `--config.model.low_rank=32`). But the deep
-part, embedding and dropout of pytorch-fm's DCN (examples/main.py: hidden
-layers 16-16, embedding 16, dropout 0.2) instead of the template's
-500-500-500, 40 and 0, chosen on the validation AUC (mean of 3 seeds: 0.7927
-against 0.7896 with 500-500-500 and dropout 0.5, 0.7919 with 64-64, 0.7905
-stacked, 0.7926 with the low-rank mixture): the template overfits this
-two-field data set within two epochs. Training as pytorch-fm
+the mixture is switched on with `--config.model.low_rank=32`), no BatchNorm
+in the deep part. But the deep part, embedding and dropout of pytorch-fm's
+DCN (examples/main.py: hidden layers 16-16, embedding 16, dropout 0.2)
+instead of the template's 500-500-500, 40 and 0, chosen on the validation
+AUC (against 500-500-500 with dropout 0 or 0.5, 64-64, the stacked
+structure and the low-rank mixture): the template overfits this two-field
+data set within two epochs. With BatchNorm in the deep part (this library's
+MLP, after pytorch-fm) the validation AUC is lower (benchmarks/README.md,
+"BatchNorm off in FinalMLP and DCN-V2"). Training as pytorch-fm
 (configs/default.py: Adam 1e-3, weight decay 1e-6, batch 2048), not
 FuxiCTR's batch of 10000 (worse here on the validation AUC).
 """
@@ -36,6 +38,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       low_rank=ml_collections.config_dict.placeholder(int),
       num_experts=4,
       linear_init='lecun',
+      batch_norm=False,
     )
   )
   return default.with_model_arguments(config)

@@ -187,6 +187,7 @@ class ConfigTest(absltest.TestCase):
         low_rank=None,
         num_experts=4,
         linear_init='lecun',
+        batch_norm=False,
       ),
     )
     variables = check_config_model(dcnv2, config)
