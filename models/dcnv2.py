@@ -44,10 +44,11 @@ open is FuxiCTR (`CrossNetV2`, `CrossNetMix`, `DCNv2`):
 Differences from FuxiCTR: by default the hidden layers carry BatchNorm (as
 every MLP of this library, after pytorch-fm) and their Linear has no bias
 (BatchNorm cancels it); `batch_norm=False` drops it and keeps the biases,
-as FuxiCTR's published DCN-V2 configs. The full-rank cross layers, the gates and the hidden layers use Flax's default
-initialisers (LeCun normal kernels, zero biases; with `linear_init='torch'`
-the hidden layers use torch's), FuxiCTR xavier-normal ones. FuxiCTR's fourth
-structure 'stacked_parallel' is left out.
+as FuxiCTR's published DCN-V2 configs. The full-rank cross layers, the
+gates and the hidden layers use Flax's default initialisers (LeCun normal
+kernels, zero biases; with `linear_init='torch'` the hidden layers use
+torch's), FuxiCTR xavier-normal ones. FuxiCTR's fourth structure
+'stacked_parallel' is left out.
 
 
 This file is self-contained on purpose: it imports only jax, flax and numpy,
