@@ -67,6 +67,20 @@ def data_flags(name: str, args) -> list[str]:
   return flags
 
 
+def data_keys(name: str) -> dict[str, str]:
+  """`{config key: flag}` of the config values that flags set for `name`.
+
+  For `common.with_flags`: an error of the data, ours or main.py's, names
+  the flags a user of this tool gives, `--cache_dir` and, for a data set
+  read from a file, its flag (`--criteo`, `--ml20m`), not the config keys
+  they set.
+  """
+  keys = dict(common.CACHE_DIR_FLAG)
+  if name in FILE_DATA:
+    keys['config.dataset.path'] = f'--{name}'
+  return keys
+
+
 def write_split(name: str, args, out: str) -> None:
   """Our encoded split of data set `name` as `.npy` files for torchfm."""
   import data  # pylint: disable=g-import-not-at-top
@@ -117,7 +131,10 @@ def launch(argv: list[str], workdir: str, env: dict | None = None) -> dict:
   """Runs `python argv` from the repository root; its launch time and lines.
 
   Raises:
-    RuntimeError: the process failed (its last output lines).
+    utils.UserError: `main.py` stopped on a user error (status 2 and its
+      one line, `main.py: error: <message>`): the message, which
+      `common.user_errors` shows as one line.
+    RuntimeError: the process failed otherwise (its last output lines).
   """
   start = time.time()
   result = subprocess.run(
@@ -128,6 +145,15 @@ def launch(argv: list[str], workdir: str, env: dict | None = None) -> dict:
     env={**os.environ, **(env or {})},
   )
   end = time.time()
+  if result.returncode == 2 and argv[:1] == ['main.py']:
+    prefix = 'main.py: error: '
+    errors = [
+      line for line in result.stderr.splitlines() if line.startswith(prefix)
+    ]
+    if errors:
+      import utils  # pylint: disable=g-import-not-at-top
+
+      raise utils.UserError(errors[-1].removeprefix(prefix))
   if result.returncode:
     tail = '\n'.join(result.stderr.splitlines()[-15:])
     raise RuntimeError(f'{" ".join(argv)} failed:\n{tail}')
@@ -326,18 +352,28 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
 def run_all(
   models: Sequence[str], args: argparse.Namespace, argv: Sequence[str] | None
 ) -> list[dict]:
-  """Times every model on every dataset; writes the results after each."""
+  """Times every model on every dataset; writes the results after each.
+
+  A user error, of the data read here or of a run of main.py, names the
+  flags of this tool that set the config values it names (`data_keys`).
+  """
+  import utils  # pylint: disable=g-import-not-at-top
+
   info = common.machine_info()
   command = common.command_line('time_to_auc', argv)
   records = []
   for data_name in args.data:
     split_dir = os.path.join(args.workdir, data_name, 'split')
-    write_split(data_name, args, split_dir)
-    for name in models:
-      records += run_one(name, data_name, args, split_dir)
-      common.write_results(
-        args.out_dir, args.out_name, records, info, markdown, command
-      )
+    try:
+      write_split(data_name, args, split_dir)
+      for name in models:
+        records += run_one(name, data_name, args, split_dir)
+        common.write_results(
+          args.out_dir, args.out_name, records, info, markdown, command
+        )
+    except utils.UserError as e:
+      message = common.with_flags(str(e), data_keys(data_name))
+      raise utils.UserError(message) from e
   return records
 
 

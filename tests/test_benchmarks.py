@@ -1111,6 +1111,62 @@ class TimeToAucTest(_TempDirs, absltest.TestCase):
     ):
       time_to_auc.launch(['-c', '1 / 0'], workdir)
 
+  def test_a_user_error_of_main_py_is_its_one_line(self):
+    import utils  # pylint: disable=g-import-not-at-top
+
+    tmp = self.create_tempdir().full_path
+    path = synthetic.write('criteo', 50, os.path.join(tmp, 'train.txt'))
+    args = time_to_auc.parse_args(
+      ['--data=criteo', f'--criteo={path}', f'--cache_dir={tmp}/cache']
+    )
+    workdir = os.path.join(tmp, 'flax')
+    flags = time_to_auc.data_flags('criteo', args)
+    # Fewer training examples than one batch: main.py stops, status 2.
+    with self.assertRaisesRegex(
+      utils.UserError, r'^config\.batch_size=2048 exceeds the \d+ training'
+    ) as raised:
+      time_to_auc.launch(
+        time_to_auc.main_argv('fm', 'config', workdir, flags), workdir
+      )
+    self.assertNotIn('\n', str(raised.exception))
+    # Another program's status 2 is a failure, with its last lines.
+    script = 'import sys; sys.exit("main.py: error: not main.py")'
+    with self.assertRaisesRegex(RuntimeError, 'failed:'):
+      time_to_auc.launch(['-c', script], workdir)
+
+  def test_a_user_error_names_the_flags_of_the_tool(self):
+    import utils  # pylint: disable=g-import-not-at-top
+
+    tmp = self.create_tempdir().full_path
+    path = os.path.join(tmp, 'c.txt')
+    open(path, 'w').close()
+
+    def write_split(name, args, out):
+      del name, out
+      raise utils.UserError(
+        f'config.dataset.path: {args.criteo} is not readable. Free some'
+        ' space or set config.dataset.cache_dir to a writable directory.'
+      )
+
+    with (
+      mock.patch.object(time_to_auc, 'write_split', write_split),
+      mock.patch.object(common, 'torch_available', lambda: True),
+      self.assertRaises(SystemExit) as raised,
+    ):
+      time_to_auc.main(
+        ['--data=criteo', f'--criteo={path}', f'--out_dir={tmp}/out']
+      )
+    self.assertEqual(
+      str(raised.exception),
+      f'error: --criteo: {path} is not readable. Free some space or set'
+      ' --cache_dir to a writable directory.',
+    )
+    # The embedded data set is read from no flag's file.
+    self.assertEqual(
+      time_to_auc.data_keys('embedded'),
+      {'config.dataset.cache_dir': '--cache_dir'},
+    )
+
   def test_data_flags_and_arguments(self):
     args = time_to_auc.parse_args(['--data=criteo', '--criteo=/d/c.txt'])
     self.assertEqual(
