@@ -28,7 +28,9 @@ Results: benchmarks/results/<out_name>.{json,csv,md} (default seeds).
 """
 
 import argparse
+import ast
 from collections.abc import Sequence
+import hashlib
 import json
 import os
 import re
@@ -113,19 +115,75 @@ def resolved(config: Any, overrides: dict) -> dict:
   return values
 
 
+# The characters of a run directory's name.
+_NAME_CHARACTERS = r'A-Za-z0-9_.=,+-'
+
+
+def _text(value: Any) -> str:
+  """`value` as a run directory's name writes it: a string as itself, a
+  tuple as its items separated by commas (`genres,` for one), else repr."""
+  if isinstance(value, str):
+    return value
+  if isinstance(value, tuple):
+    items = ','.join(_text(v) for v in value)
+    return items + ',' if len(value) == 1 else items
+  return repr(value)
+
+
+def _read(text: str) -> Any:
+  """The value that `_text` wrote as `text`, if it is one of its names.
+
+  As `--set` reads a value (`common.parse_overrides`), a Python literal or
+  else the string itself; with a comma, the tuple of such values.
+  """
+  if ',' in text:
+    return tuple(_read(t) for t in text.removesuffix(',').split(','))
+  try:
+    return ast.literal_eval(text)
+  except (ValueError, SyntaxError):
+    return text
+
+
+def _names(value: Any) -> bool:
+  """Whether `_text(value)`, kept whole in a name, is read back as `value`.
+
+  Only then can no other value share the name: its text has no character
+  that a name drops, no `=` (the text of each `key=value` ends where the
+  next `-key=` starts) and is read back as `value` itself, of its type
+  (`repr`: the string `'1'` is not the integer `1`, nor `1.0` `1`).
+  """
+  text = _text(value)
+  return (
+    re.fullmatch(f'[{_NAME_CHARACTERS}]*', text) is not None
+    and '=' not in text
+    and repr(_read(text)) == repr(value)
+  )
+
+
 def run_dir(run: str, overrides: dict) -> str:
   """`run`, or `run-key=value-...` for a run with config overrides.
+
+  A name that drops characters of a value (`dataset.path=/a/b.csv`:
+  `dataset.path=ab.csv`), or that cannot be read back as the values
+  otherwise, ends in `-` and a hash of the values, so that different
+  values never share a directory, nor a finished result.
 
   Args:
     run: 'flax' or 'torchfm'.
     overrides: `{dotted.key: value}`, the values as the config holds them
       (`resolved`), so that equal values name one directory.
   """
-  overrides = run_overrides(run, overrides)
+  overrides = sorted(run_overrides(run, overrides).items())
   if not overrides:
     return run
-  parts = [f'{k}={v!r}' for k, v in sorted(overrides.items())]
-  return f'{run}-' + re.sub(r'[^A-Za-z0-9_.=,+-]', '', '-'.join(parts))
+  name = '-'.join(f'{k}={_text(v)}' for k, v in overrides)
+  name = re.sub(f'[^{_NAME_CHARACTERS}]', '', name)
+  plain = (
+    re.fullmatch(r'[A-Za-z0-9_.]+', k) and _names(v) for k, v in overrides
+  )
+  if not all(plain):
+    name += '-' + hashlib.sha256(repr(overrides).encode()).hexdigest()[:8]
+  return f'{run}-{name}'
 
 
 def run_seed(name: str, run: str, seed: int, args) -> tuple[float, float]:

@@ -1372,6 +1372,70 @@ class SeedsTest(_TempDirs, absltest.TestCase):
       ],
     )
 
+  def test_different_values_never_share_a_run(self):
+    # Names that drop no character of a value are kept (those of the --set
+    # flags of benchmarks/README.md among them).
+    for overrides, expected in (
+      ({'dataset.path': 'ab.csv'}, 'dataset.path=ab.csv'),
+      ({'dataset.name': 'ml-20m'}, 'dataset.name=ml-20m'),
+      ({'model.linear_init': 'lecun'}, 'model.linear_init=lecun'),
+      (
+        {'shuffle': False, 'weight_decay': 5e-5, 'learning_rate': 0.002},
+        'learning_rate=0.002-shuffle=False-weight_decay=5e-05',
+      ),
+      ({'dataset.side_features': ('genres',)}, 'dataset.side_features=genres,'),
+      ({'model.mlp_dims': (8, 8)}, 'model.mlp_dims=8,8'),
+    ):
+      with self.subTest(overrides=overrides):
+        self.assertEqual(seeds.run_dir('flax', overrides), f'flax-{expected}')
+    # Values whose names would be one, each with a run of its own.
+    for values in (
+      ['ab.csv', '/a/b.csv', 'a/b.csv', 'ab.csv-deadbeef'],
+      ['1', 1, 1.0, True, (1,), '1,'],
+      [('a', 'b'), 'a,b', ('a,b',), ('a', 'b,')],
+      ['x-model.b=y'],
+    ):
+      with self.subTest(values=values):
+        names = [seeds.run_dir('flax', {'model.a': v}) for v in values]
+        self.assertLen(set(names), len(values))
+    self.assertNotEqual(
+      seeds.run_dir('flax', {'model.a': 'x-model.b=y'}),
+      seeds.run_dir('flax', {'model.a': 'x', 'model.b': 'y'}),
+    )
+    # The readable name stays, with a hash of the value.
+    self.assertRegex(
+      seeds.run_dir('torchfm', {'dataset.path': '/a/b.csv'}),
+      r'^torchfm-dataset\.path=ab\.csv-[0-9a-f]{8}$',
+    )
+
+  def test_a_path_does_not_read_the_run_of_another(self):
+    out = self.create_tempdir().full_path
+    work = self.create_tempdir().full_path
+    done = os.path.join(
+      work, 'fm', 's0', seeds.run_dir('flax', {'dataset.path': 'ab.csv'})
+    )
+    os.makedirs(done)
+    with open(os.path.join(done, 'metrics.jsonl'), 'w') as f:
+      for split in ('valid', 'test'):
+        f.write(json.dumps({'split': split, 'epoch': 1, 'auc': 0.9}) + '\n')
+    trained = []
+
+    def train_and_evaluate(config, workdir):
+      trained.append(config.dataset.path)
+      os.makedirs(workdir, exist_ok=True)
+      with open(os.path.join(workdir, 'metrics.jsonl'), 'w') as f:
+        for split in ('valid', 'test'):
+          f.write(json.dumps({'split': split, 'epoch': 1, 'auc': 0.6}) + '\n')
+
+    args = ['--models=fm', '--seeds=0', '--no_torch', f'--workdir={work}']
+    args.append(f'--out_dir={out}')
+    with mock.patch('train.train_and_evaluate', train_and_evaluate):
+      (record,) = seeds.main(args + ['--set=dataset.path=/a/b.csv'])
+      self.assertEqual(record['flax_test_auc'], [0.6])
+      (record,) = seeds.main(args + ['--set=dataset.path=ab.csv'])
+      self.assertEqual(record['flax_test_auc'], [0.9])
+    self.assertEqual(trained, ['/a/b.csv'])
+
   def test_both_libraries_train_on_the_split_of_split_seed(self):
     # The flax and torchfm runs read config.dataset.seed; --set reaches
     # flax-fm's config only.
