@@ -15,6 +15,7 @@ grow with the file. Results go to `<out_dir>/predict.{json,md}` (default
 import argparse
 from collections.abc import Sequence
 import json
+import math
 import os
 import platform
 import shutil
@@ -66,6 +67,23 @@ def _synthetic(path: str, lines: int, seed: int) -> str:
       cwd=ROOT,
     )
   return path
+
+
+def least_train_lines() -> int:
+  """The fewest `--train_lines` whose training split holds one batch.
+
+  The run that `_TRAIN` trains stops on fewer: its training split (the
+  first of `config.dataset.split`, as `datasets.split.split_sizes` counts
+  it, without importing JAX) is smaller than `config.batch_size`.
+  """
+  config = common.get_config('fm')
+  batch, fraction = config.batch_size, float(config.dataset.split[0])
+  lines = math.ceil(batch / fraction)
+  while int(lines * fraction) < batch:
+    lines += 1
+  while lines > 1 and int((lines - 1) * fraction) >= batch:
+    lines -= 1
+  return lines
 
 
 def run_child(code: str) -> tuple[dict | None, float, float]:
@@ -194,26 +212,27 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
       f'--workdir={args.workdir}: not a finished run (no encoder/); give the'
       ' workdir of a finished Criteo run, or none to train one.'
     )
+  workdir = args.workdir or os.path.join(args.dir, 'run')
+  trains = not os.path.isdir(os.path.join(workdir, 'encoder'))
+  if trains:  # Fewer lines than a batch of training: the run would stop.
+    common.check_least(args, {'train_lines': least_train_lines()})
   common.check_dir(args.dir, '--dir')
   common.check_dir(args.out_dir, '--out_dir')
   os.makedirs(args.dir, exist_ok=True)
-  workdir = args.workdir
-  if not workdir:
-    workdir = os.path.join(args.dir, 'run')
-    if not os.path.isdir(os.path.join(workdir, 'encoder')):
-      shutil.rmtree(workdir, ignore_errors=True)
-      train = _synthetic(
-        os.path.join(args.dir, 'train.txt'), args.train_lines, seed=1
+  if trains:
+    shutil.rmtree(workdir, ignore_errors=True)
+    train = _synthetic(
+      os.path.join(args.dir, 'train.txt'), args.train_lines, seed=1
+    )
+    start = time.perf_counter()
+    run_child(
+      _TRAIN.format(
+        path=train,
+        cache=os.path.join(args.dir, 'cache'),
+        workdir=workdir,
       )
-      start = time.perf_counter()
-      run_child(
-        _TRAIN.format(
-          path=train,
-          cache=os.path.join(args.dir, 'cache'),
-          workdir=workdir,
-        )
-      )
-      print(f'trained {workdir} in {time.perf_counter() - start:.0f} s')
+    )
+    print(f'trained {workdir} in {time.perf_counter() - start:.0f} s')
   rows = []
   for lines in sizes:
     row = benchmark(workdir, lines, args.dir, args.chunk_rows, args.keep)

@@ -1651,6 +1651,50 @@ class PredictTest(_TempDirs, absltest.TestCase):
         run_child.assert_not_called()
     self.assertEqual(os.listdir(tmp), ['a_file'])
 
+  def test_too_few_train_lines_for_a_batch_name_the_least(self):
+    from datasets import split  # pylint: disable=g-import-not-at-top
+
+    tmp = self.create_tempdir().full_path
+    config = common.get_config('fm')
+    least = predict_benchmark.least_train_lines()
+    # The least whose training split holds one batch, as the data counts it.
+    sizes = [
+      split.split_sizes(n, config.dataset.split)[0] for n in (least - 1, least)
+    ]
+    self.assertLess(sizes[0], config.batch_size)
+    self.assertGreaterEqual(sizes[1], config.batch_size)
+    made = []
+
+    class Trains(Exception):
+      pass
+
+    def synthetic(path, lines, seed):
+      del seed
+      made.append(lines)
+      return path
+
+    argv = ['--lines=5', f'--dir={tmp}/files', f'--out_dir={tmp}/out']
+    with (
+      mock.patch.object(predict_benchmark, '_synthetic', synthetic),
+      mock.patch.object(
+        predict_benchmark, 'run_child', side_effect=Trains
+      ) as run_child,
+    ):
+      with self.assertRaisesRegex(
+        SystemExit, rf'^--train_lines={least - 1}: give at least {least}\.$'
+      ):
+        predict_benchmark.main([*argv, f'--train_lines={least - 1}'])
+      self.assertEqual((made, os.listdir(tmp)), ([], []))
+      run_child.assert_not_called()
+      # With as many, the run trains.
+      with self.assertRaises(Trains):
+        predict_benchmark.main([*argv, f'--train_lines={least}'])
+      self.assertEqual(made, [least])
+      # A finished run trains no more: --train_lines is not read.
+      os.makedirs(os.path.join(tmp, 'files', 'run', 'encoder'))
+      with mock.patch.object(predict_benchmark, 'benchmark', lambda *a: {}):
+        predict_benchmark.main([*argv, '--train_lines=1', '--no_write'])
+
   def test_results_go_to_out_dir(self):
     tmp = self.create_tempdir().full_path
     run = os.path.join(tmp, 'run')
