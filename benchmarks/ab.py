@@ -203,8 +203,7 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
       f'--model: unknown {args.model!r}; one of'
       f' {", ".join(common.model_names())}.'
     )
-  if args.rounds < 1 or args.dispatches < 1:
-    raise SystemExit('--rounds and --dispatches: at least 1.')
+  common.check_least(args, {'rounds': 1, 'dispatches': 1})
   common_overrides = common.parse_overrides(args.set, '--set')
   overrides = {
     v: common.parse_overrides(getattr(args, v), f'--{v}') for v in VARIANTS

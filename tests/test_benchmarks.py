@@ -213,6 +213,19 @@ class AbTest(_TempDirs, absltest.TestCase):
     with self.assertRaisesRegex(SystemExit, "--a_xla: 'fast' is not xla_"):
       ab.main([*flags, '--a_xla=fast'])
 
+  def test_too_few_rounds_or_dispatches_stop_as_in_the_other_tools(self):
+    out = self.create_tempdir().full_path
+    for flag, message in (
+      ('--rounds=0', r'^--rounds=0: give at least 1\.$'),
+      ('--dispatches=-2', r'^--dispatches=-2: give at least 1\.$'),
+    ):
+      with self.subTest(flag=flag):
+        with mock.patch.object(ab, 'Variant') as variant:
+          with self.assertRaisesRegex(SystemExit, message):
+            ab.main(['--model=fm', flag, f'--out_dir={out}'])
+        variant.assert_not_called()
+    self.assertEqual(os.listdir(out), [])
+
   def test_a_string_for_a_tuple_is_a_list_as_main_takes_it(self):
     overrides = common.parse_overrides(
       ['dataset.side_features=genres, year', 'model.mlp_dims=(8,)'], '--set'
