@@ -32,10 +32,13 @@ from utils import UserError
 import workdir as workdir_lib
 
 UNJOINED = (
-  'Not every process has joined the run at %s after %d of the %s s that'
-  ' --initialization_timeout_seconds allows: start all %s with the same'
+  'Not every process joined the run at %s within the %s s of'
+  ' --initialization_timeout_seconds: start all %s with the same'
   ' --coordinator_address and --num_processes, each with its own --process_id.'
 )
+# jaxlib aborts (status 134, a C++ stack) where not every process joined in
+# its timeout: given this much more, `_unjoined` ends the process first.
+JOIN_GRACE_SECONDS = 10
 
 
 def setup_distributed(
@@ -61,15 +64,15 @@ def setup_distributed(
       coordination service for this long is declared dead, and every other
       process stops with an error naming it.
     initialization_timeout_seconds: how long the processes wait for each other
-      to connect at start-up.
+      to connect at start-up; then, given the address and count, a process
+      still waiting exits with status 2 and one line.
 
   Raises:
     UserError: the run is not described by the arguments or the cluster
       (the message names the flags to set).
   """
-  # Cross-process collectives of the CPU backend (the 2-process tests on one
-  # machine). gloo is JAX 0.10's default but not older versions'; GPU and
-  # TPU backends ignore the option.
+  # Cross-process collectives of the CPU backend (the 2-process tests): JAX
+  # 0.10's default, not older versions'; GPU and TPU backends ignore it.
   jax.config.update('jax_cpu_collectives_implementation', 'gloo')
   address = coordinator_address or os.environ.get('JAX_COORDINATOR_ADDRESS')
   if (
@@ -79,22 +82,19 @@ def setup_distributed(
     and 0 <= process_id < num_processes
   ):
     check_coordinator(address, process_id, initialization_timeout_seconds)
-  # Where a process never connects, jaxlib aborts the waiting ones with
-  # "another task died": say first what is more likely.
   timeout = initialization_timeout_seconds
-  after = max(timeout - 2, 0.9 * timeout)
-  unjoined = threading.Timer(
-    after, logging.warning, (UNJOINED, address, after, timeout, num_processes)
-  )
+  args = (address, timeout, num_processes)
+  unjoined = threading.Timer(timeout, _unjoined, args)
   unjoined.daemon = True
-  if address and num_processes:  # Else the cluster's, unknown here.
+  named = bool(address and num_processes)  # Else the cluster's, unknown here.
+  if named:
     unjoined.start()
   try:
     jax.distributed.initialize(
       coordinator_address=coordinator_address,
       num_processes=num_processes,
       process_id=process_id,
-      initialization_timeout=initialization_timeout_seconds,
+      initialization_timeout=timeout + (JOIN_GRACE_SECONDS if named else 0),
       heartbeat_timeout_seconds=heartbeat_timeout_seconds,
     )
   except jax.errors.JaxRuntimeError as e:  # E.g. the port was taken since.
@@ -116,6 +116,14 @@ def setup_distributed(
     ) from e
   finally:
     unjoined.cancel()
+
+
+def _unjoined(address: str, timeout: float, num_processes: int) -> None:
+  """Ends this process, stuck in jaxlib's wait for the others: one line."""
+  message = UNJOINED % (address, timeout, num_processes)
+  sys.stderr.write(f'{os.path.basename(sys.argv[0])}: error: {message}\n')
+  sys.stderr.flush()
+  os._exit(2)  # pylint: disable=protected-access
 
 
 def check_coordinator(
@@ -308,11 +316,10 @@ def stop_after_failure(
   )
   for stream in (logging, sys.stdout, sys.stderr):
     stream.flush()
-  # Not sys.exit: the interpreter's exit runs JAX's shutdown barrier, which
-  # waits for the dead peer, and joins orbax's and the collectives' threads,
-  # which may wait on it forever too. The logs are flushed above; finished
-  # checkpoints are complete on disk, and a save cut short leaves only a
-  # temporary directory that the next start removes.
+  # Not sys.exit: the interpreter's exit runs JAX's shutdown barrier and
+  # joins orbax's and the collectives' threads, which may wait forever for
+  # the dead peer. Finished checkpoints are complete on disk; a save cut
+  # short leaves a temporary directory that the next start removes.
   os._exit(1)
 
 
