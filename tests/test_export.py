@@ -222,6 +222,37 @@ class EveryModelTest(absltest.TestCase):
         self.assertLessEqual(max(one, many), TOLERANCE)
 
 
+class WithoutBatchNormTest(absltest.TestCase):
+  def test_models_without_batchnorm_export_to_jax_and_onnx(self):
+    # FinalMLP's and DCN-V2's configs: an MLP of biased Linear layers, no
+    # statistics to fold in.
+    inputs = _side_inputs(33, seed=4)
+    names = [
+      n for n in MODEL_NAMES if 'batch_norm' in build(n).__dataclass_fields__
+    ]
+    self.assertEqual(names, ['dcnv2', 'finalmlp'])
+    for seed, name in enumerate(names):
+      with self.subTest(model=name):
+        model = build(
+          name,
+          multi_field_dims=MULTI_FIELD_DIMS,
+          num_dense=NUM_DENSE,
+          batch_norm=False,
+        )
+        specs = export.model_inputs(model, MAX_LEN)
+        variables = _variables(model, inputs, seed)
+        self.assertEqual(set(variables), {'params'})
+        expected = np.asarray(_reference(model, variables)(inputs))
+        fn = export.inference_function(model, variables, tuple(specs))
+        exported = jax.export.deserialize(export.export_jax(fn, specs))
+        got = np.asarray(exported.call(*inputs.values()))
+        np.testing.assert_allclose(got, expected, rtol=0, atol=TOLERANCE)
+        feeds = export.sample_inputs(model, specs)
+        serialized = export.export_onnx(fn, specs, feeds)
+        got = _onnx_run(serialized, inputs)
+        np.testing.assert_allclose(got, expected, rtol=0, atol=TOLERANCE)
+
+
 class OnnxCheckTest(absltest.TestCase):
   def test_a_model_onnxruntime_refuses_or_that_differs_is_not_kept(self):
     run = trained_run()
