@@ -345,11 +345,10 @@ def table(
           f'{path}: no column {column!r}, which the model reads (its'
           f' config.dataset.csv.{key}); the columns: {", ".join(given)}.'
           ' Add it; an empty cell is '
-          + (
-            'a missing number (the training mean).'
-            if key == 'float_columns'
-            else 'a value training did not see.'
-          )
+          + {
+            'float_columns': 'a missing number (the training mean).',
+            'multi_hot_columns': 'an empty list.',
+          }.get(key, 'a value training did not see.')
           + _separator_hint(given, sep)
         )
       if column not in header:

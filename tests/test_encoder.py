@@ -648,6 +648,12 @@ class SideInputsTest(EncoderTestCase):
         ' Add it; an empty cell is a missing number \\(the training mean\\)',
       ):
         enc.encode(source)
+    # An empty multi-hot cell is an empty list, not an unseen value.
+    with self.assertRaisesRegex(
+      data.DataError,
+      "^the DataFrame: no column 'tags', .* an empty cell is an empty list",
+    ):
+      enc.encode(frame.drop(columns='tags'))
 
   def test_a_quoted_header_with_the_label(self):
     # R's write.csv and pandas' QUOTE_NONNUMERIC quote the names: training
