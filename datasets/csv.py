@@ -343,7 +343,8 @@ def table(
       if column not in header and not require_label:  # Rows to predict.
         raise core.DataError(
           f'{path}: no column {column!r}, which the model reads (its'
-          f' config.dataset.csv.{key}); the columns: {", ".join(given)}.'
+          f' config.dataset.csv.{key}); the columns:'
+          f' {", ".join(given) or "none"}.'
           ' Add it; an empty cell is '
           + {
             'float_columns': 'a missing number (the training mean).',

@@ -654,6 +654,11 @@ class SideInputsTest(EncoderTestCase):
       "^the DataFrame: no column 'tags', .* an empty cell is an empty list",
     ):
       enc.encode(frame.drop(columns='tags'))
+    with self.assertRaisesRegex(  # No rows: pd.DataFrame([]).
+      data.DataError,
+      r"^the DataFrame: no column '\w+', .* the columns: none\.",
+    ):
+      enc.encode(pd.DataFrame([]))
 
   def test_a_quoted_header_with_the_label(self):
     # R's write.csv and pandas' QUOTE_NONNUMERIC quote the names: training
