@@ -11,10 +11,10 @@ by the best checkpoint. The output CSV has a `probability` column, and
 row), in input order. The file is read in chunks of `--chunk_rows` lines,
 so memory does not grow with it, and each batch is split over every local
 device. A malformed row stops with its file and line. The log counts the
-rows with values that training did not keep, per field: many of them mean
-a model out of date. With labels, it also gives the file's AUC and logloss
-(of the probabilities written; they and the labels stay in memory, 5 bytes
-a row).
+rows with values that training did not keep, per field (many mean a model
+out of date), and warns of rows scored NaN (numbers so far outside
+training's range that the model overflows). With labels, it also gives the
+AUC and logloss (probabilities and labels stay in memory, 5 bytes a row).
 
 A run with multi-hot or numeric fields (CSV `float_columns` and
 `multi_hot_columns`, Criteo `numeric='dense'`, MovieLens `side_features`)
@@ -25,8 +25,7 @@ From Python:
 
   predictor = predict.load('/tmp/fm')
   probabilities = predictor(frame)  # a DataFrame of raw values
-  probabilities = predictor.predict_ids(ids)  # int32 ids [n, fields]
-  probabilities = predictor.predict_ids(ids, multi_ids=m, dense=d)
+  probabilities = predictor.predict_ids(ids)  # [n, fields]; multi_ids, dense
   unseen = predictor.unseen(ids)  # bool [n, fields]: out-of-vocabulary ids
 """
 
@@ -382,7 +381,7 @@ def write_predictions(
   if lists:
     names += enc.side.multi_field_names
   unseen = np.zeros(len(names), np.int64)  # Per field.
-  unseen_rows = 0
+  unseen_rows = nans = 0
   scored = []  # (probabilities, labels) of the chunks, when labelled.
   try:
     with open(tmp, 'w') as f:
@@ -393,7 +392,7 @@ def write_predictions(
           header = 'probability' + (',label' if labels is not None else '')
           f.write(header + '\n')
         f.write(csv_lines(probs, labels))
-        rows += len(probs)
+        rows, nans = rows + len(probs), nans + int(np.isnan(probs).sum())
         if labels is not None:
           scored.append((probs, np.asarray(labels, np.uint8)))
         mask = predictor.unseen(encoded.ids)
@@ -415,6 +414,8 @@ def write_predictions(
         f'{name} {n}' for name, n in zip(names, unseen, strict=True) if n
       ),
     )
+  if nans:  # Numbers far outside training's range overflow the model.
+    logging.warning('%d of %d rows scored NaN (nan in the output).', nans, rows)
   if scored and rows:  # An empty file has no AUC to log.
     probs, labels = (np.concatenate(a) for a in zip(*scored, strict=True))
     auc, one = metrics.roc_auc(labels, probs), np.unique(labels)

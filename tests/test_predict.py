@@ -317,6 +317,36 @@ class PredictTest(parameterized.TestCase):
     self.assertEmpty(pd.read_csv(output))
     self.assertNotIn('labelled rows', '\n'.join(logs.output))
 
+  def test_rows_scored_nan_are_warned_of(self):
+    # A number far outside training's range can overflow a model (DCN-V2's
+    # cross layers: price=1e12 in a run of prices near 10): the output said
+    # nan for those rows, and nothing else did.
+    lines = self.trained.lines['test'][:12]
+    source = _write(os.path.join(self.tmp, 'overflow.txt'), lines)
+    output = os.path.join(self.tmp, 'out.csv')
+
+    class Overflowing:  # The first chunk's second row overflows.
+      def __getattr__(_, name):
+        return getattr(self.predictor, name)
+
+      def score_chunks(_, path, chunk_rows, parse_workers):
+        chunks = self.predictor.score_chunks(path, chunk_rows, parse_workers)
+        for i, (encoded, probs) in enumerate(chunks):
+          probs = np.array(probs)
+          if i == 0:
+            probs[1] = np.nan
+          yield encoded, probs
+
+    with self.assertLogs('absl', 'INFO') as logs:
+      predict.write_predictions(Overflowing(), source, output, 5)
+    self.assertIn(
+      'WARNING:absl:1 of 12 rows scored NaN (nan in the output).', logs.output
+    )
+    self.assertTrue(np.isnan(pd.read_csv(output)['probability'][1]))
+    with self.assertLogs('absl', 'INFO') as logs:  # None: no warning.
+      predict.write_predictions(self.predictor, source, output, 5)
+    self.assertNotIn('NaN', '\n'.join(logs.output))
+
   def test_rows_of_one_label_log_that_their_auc_is_undefined(self):
     # It logged 'AUC nan', as if the model had diverged.
     test = self.trained.dataset.test
