@@ -1078,7 +1078,8 @@ class CheckpointPolicyTest(absltest.TestCase):
       ckpt.close()
     self.assertEqual(closed, ['latest', 'best'])
 
-  def test_a_background_save_waits_while_two_wait_to_start(self):
+  def _gated_save(self):
+    """`checkpoints.save` held until `gate` is set; `started` once called."""
     gate, started = threading.Event(), threading.Event()
     save = checkpoints.save
 
@@ -1087,6 +1088,10 @@ class CheckpointPolicyTest(absltest.TestCase):
       gate.wait(60)
       return save(*args)
 
+    return gated_save, gate, started
+
+  def test_a_background_save_waits_while_two_wait_to_start(self):
+    gated_save, gate, started = self._gated_save()
     ckpt = checkpoints.Checkpoints(tempfile.mkdtemp(), background=True)
     with mock.patch.object(checkpoints, 'save', gated_save), ckpt:
       ckpt.save_latest(1, self._state(1), self._meta(1, 1))  # Written.
@@ -1111,14 +1116,7 @@ class CheckpointPolicyTest(absltest.TestCase):
     # managers under the save being written; the interpreter's shutdown
     # then broke it (orbax's traceback, `cannot schedule new futures after
     # interpreter shutdown`) and left a `.orbax-checkpoint-tmp` step.
-    gate, started = threading.Event(), threading.Event()
-    save = checkpoints.save
-
-    def gated_save(*args):
-      started.set()
-      gate.wait(60)
-      return save(*args)
-
+    gated_save, gate, started = self._gated_save()
     workdir = tempfile.mkdtemp()
     ckpt = checkpoints.Checkpoints(workdir, background=True)
     wait, waits = ckpt.wait, []
