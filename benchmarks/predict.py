@@ -24,6 +24,7 @@ import sys
 import time
 
 from benchmarks import common
+from datasets import split
 
 ROOT = common.ROOT
 
@@ -72,16 +73,16 @@ def _synthetic(path: str, lines: int, seed: int) -> str:
 def least_train_lines() -> int:
   """The fewest `--train_lines` whose training split holds one batch.
 
-  The run that `_TRAIN` trains stops on fewer: its training split (the
-  first of `config.dataset.split`, as `datasets.split.split_sizes` counts
-  it, without importing JAX) is smaller than `config.batch_size`.
+  The run that `_TRAIN` trains stops on fewer: its training split
+  (`datasets.split.split_sizes` of `config.dataset.split`) is smaller than
+  `config.batch_size`.
   """
   config = common.get_config('fm')
-  batch, fraction = config.batch_size, float(config.dataset.split[0])
-  lines = math.ceil(batch / fraction)
-  while int(lines * fraction) < batch:
+  batch, fractions = config.batch_size, config.dataset.split
+  lines = math.ceil(batch / float(fractions[0]))
+  while split.split_sizes(lines, fractions)[0] < batch:
     lines += 1
-  while lines > 1 and int((lines - 1) * fraction) >= batch:
+  while lines > 1 and split.split_sizes(lines - 1, fractions)[0] >= batch:
     lines -= 1
   return lines
 
