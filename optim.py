@@ -4,8 +4,9 @@
 `config.optimizer` names; `apply_gradients` is the one update that every
 caller uses (the pmapped train step, and the benchmarks with no axis).
 
-- 'auto' (the default): 'adam' while the tables hold fewer than
-  `AUTO_SPARSE_ROWS` rows, 'lazy_adam' from there (`resolve`).
+- 'auto' (the default): 'adam' while the fields have fewer than
+  `AUTO_SPARSE_ROWS` one-hot and multi-hot ids (W&D's hashed crosses and
+  NCF's GMF table not counted), 'lazy_adam' from there (`resolve`).
 - 'adam': optax's Adam with L2 weight decay added to the gradient, over every
   parameter, tables included (torch's `Adam(weight_decay=...)`, as
   pytorch-fm): the reference.
@@ -42,18 +43,18 @@ import sparse
 # The values of `config.optimizer`.
 NAMES = ('auto', 'adam', 'lazy_adam', 'rowwise_adagrad')
 
-# 'auto' takes 'lazy_adam' for tables of this many rows or more. Below it a
-# batch reads a large share of the rows: dense Adam's update over the whole
-# table costs little, and it is pytorch-fm's. Above it 'lazy_adam', whose
-# step touches only the rows read, reaches the same test AUC sooner
+# 'auto' takes 'lazy_adam' from this many one-hot and multi-hot ids. Below
+# it a batch reads a large share of the rows: dense Adam's update over the
+# whole table costs little, and it is pytorch-fm's. Above it 'lazy_adam',
+# whose step touches only the rows read, reaches the same test AUC sooner
 # (benchmarks/README.md, "The default optimizer: `auto`").
 AUTO_SPARSE_ROWS = 100_000
 
 
 def resolve(name: str, table_rows: int) -> str:
-  """The optimizer that `name` is for tables of `table_rows` rows in all.
+  """The optimizer that `name` is for fields of `table_rows` ids in all.
 
-  'auto' becomes 'adam' below `AUTO_SPARSE_ROWS` rows and 'lazy_adam' from
+  'auto' becomes 'adam' below `AUTO_SPARSE_ROWS` ids and 'lazy_adam' from
   there; any other name is itself.
   """
   if name != 'auto':
