@@ -17,6 +17,7 @@ import importlib
 import importlib.util
 import inspect
 import json
+import math
 import os
 import platform
 import re
@@ -360,6 +361,24 @@ def check_least(args: Any, least: dict[str, int]) -> None:
     value = getattr(args, name)
     if value < bound:
       raise SystemExit(f'--{name}={value}: give at least {bound}.')
+
+
+def least_lines(config) -> int:
+  """The fewest rows of a data set whose training split holds one batch.
+
+  The training split is `datasets.split.split_sizes`' first part of
+  `config.dataset.split`; a run stops on fewer rows than this, as its
+  training split is smaller than `config.batch_size`.
+  """
+  from datasets import split  # pylint: disable=g-import-not-at-top
+
+  batch, fractions = config.batch_size, config.dataset.split
+  lines = math.ceil(batch / float(fractions[0]))
+  while split.split_sizes(lines, fractions)[0] < batch:
+    lines += 1
+  while lines > 1 and split.split_sizes(lines - 1, fractions)[0] >= batch:
+    lines -= 1
+  return lines
 
 
 def parse_tiny(

@@ -15,7 +15,6 @@ grow with the file. Results go to `<out_dir>/predict.{json,md}` (default
 import argparse
 from collections.abc import Sequence
 import json
-import math
 import os
 import platform
 import shutil
@@ -24,7 +23,6 @@ import sys
 import time
 
 from benchmarks import common
-from datasets import split
 
 ROOT = common.ROOT
 
@@ -73,18 +71,9 @@ def _synthetic(path: str, lines: int, seed: int) -> str:
 def least_train_lines() -> int:
   """The fewest `--train_lines` whose training split holds one batch.
 
-  The run that `_TRAIN` trains stops on fewer: its training split
-  (`datasets.split.split_sizes` of `config.dataset.split`) is smaller than
-  `config.batch_size`.
+  The run that `_TRAIN` trains stops on fewer (`common.least_lines`).
   """
-  config = common.get_config('fm')
-  batch, fractions = config.batch_size, config.dataset.split
-  lines = math.ceil(batch / float(fractions[0]))
-  while split.split_sizes(lines, fractions)[0] < batch:
-    lines += 1
-  while lines > 1 and split.split_sizes(lines - 1, fractions)[0] >= batch:
-    lines -= 1
-  return lines
+  return common.least_lines(common.get_config('fm'))
 
 
 def run_child(code: str) -> tuple[dict | None, float, float]:
