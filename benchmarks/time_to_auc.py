@@ -38,6 +38,7 @@ import argparse
 from collections.abc import Sequence
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -81,6 +82,62 @@ def data_keys(name: str) -> dict[str, str]:
   return keys
 
 
+def data_source(name: str, args) -> str:
+  """Data set `name` as this tool's user gives it, for messages."""
+  if name in FILE_DATA:
+    return f'--{name}={getattr(args, name)}'
+  return 'the embedded ml-latest-small'
+
+
+def count_rows(path: str, header: bool, stop: int) -> int:
+  """The examples of data file `path`, counted up to `stop`.
+
+  Its non-blank lines (`.gz` read decompressed), but a first line that is
+  a header (`header`: one that starts with no digit).
+  """
+  from datasets import encode  # pylint: disable=g-import-not-at-top
+
+  rows = 0
+  for number, line in enumerate(encode.text_lines(path)):
+    if not line.strip() or (header and not number and not line[:1].isdigit()):
+      continue
+    rows += 1
+    if rows >= stop:
+      break
+  return rows
+
+
+def check_rows(name: str, path: str, models: Sequence[str]) -> None:
+  """Stops, before any run, on a file too small for the runs of `models`.
+
+  Each run splits the file's rows by its config's `dataset.split`, and one
+  whose training split is smaller than its `batch_size` stops (main.py), at
+  the earliest after torchfm's whole run; the file is counted up to the
+  most rows any of `models` needs (`common.least_lines`).
+
+  Raises:
+    SystemExit: the file holds fewer rows, naming its flag, the least and
+      the config that needs them.
+    utils.UserError: the file cannot be read.
+  """
+  least, model = max(
+    (common.least_lines(common.get_config(m)), m) for m in models
+  )
+  import utils  # pylint: disable=g-import-not-at-top
+
+  try:
+    rows = count_rows(path, header=name == 'ml20m', stop=least)
+  except utils.UserError as e:  # E.g. a truncated `.gz`.
+    raise utils.UserError(in_tool_terms(str(e), name)) from e
+  if rows < least:
+    config = common.get_config(model)
+    raise SystemExit(
+      f'--{name}={path}: {rows} rows; give at least {least}, so that the'
+      f' training split ({config.dataset.split[0]:.0%} of the rows) holds one'
+      f' batch of configs/{model}.py ({config.batch_size} rows).'
+    )
+
+
 def write_split(name: str, args, out: str) -> None:
   """Our encoded split of data set `name` as `.npy` files for torchfm."""
   import data  # pylint: disable=g-import-not-at-top
@@ -106,8 +163,52 @@ def write_split(name: str, args, out: str) -> None:
     json.dump([int(d) for d in dataset.field_dims], f)
 
 
+def check_splits(splits: dict, spec: dict) -> None:
+  """Refuses, before torchfm trains, splits it cannot train or score.
+
+  Args:
+    splits: `{split: (ids, labels)}`, as `torch_worker` reads them.
+    spec: the worker's spec: `source`, the data as this tool's user gave
+      it (`--criteo=FILE`), `model` and `config`.
+
+  Raises:
+    utils.UserError: the training split is smaller than one batch, or the
+      validation or test split lacks a class (its AUC is undefined): naming
+      `source`, the fixed values and what to change.
+  """
+  import utils  # pylint: disable=g-import-not-at-top
+
+  batch = spec['config']['batch_size']
+  fractions = spec['config']['dataset']['split']
+  train = len(splits['train'][1])
+  if train < batch:
+    raise utils.UserError(
+      f'{spec["source"]}: its training split ({fractions[0]:.0%} of the'
+      f' rows) holds {train} rows, fewer than one batch of'
+      f' configs/{spec["model"]}.py ({batch}); give a larger file.'
+    )
+  for name, split, fraction in (
+    ('validation', 'valid', fractions[1]),
+    ('test', 'test', fractions[2]),
+  ):
+    labels = splits[split][1]
+    positives = int(np.count_nonzero(np.asarray(labels) > 0.5))
+    negatives = len(labels) - positives
+    if not (positives and negatives):
+      raise utils.UserError(
+        f'{spec["source"]}: its {name} split ({fraction:.0%} of the rows) has'
+        f' {positives} positive and {negatives} negative examples, and its'
+        ' AUC is undefined without both classes; give a file with more rows'
+        ' of each label.'
+      )
+
+
 def torch_worker(spec_path: str) -> None:
-  """The torchfm process: reads the split, trains, writes metrics.jsonl."""
+  """The torchfm process: reads the split, trains, writes metrics.jsonl.
+
+  Raises:
+    utils.UserError: the split cannot train or be scored (`check_splits`).
+  """
   import ml_collections  # pylint: disable=g-import-not-at-top
 
   with open(spec_path) as f:
@@ -119,6 +220,7 @@ def torch_worker(spec_path: str) -> None:
     )
     for split in ('train', 'valid', 'test')
   }
+  check_splits(splits, spec)
   with open(os.path.join(spec['data'], 'field_dims.json')) as f:
     field_dims = tuple(json.load(f))
   config = ml_collections.ConfigDict(spec['config'])
@@ -127,13 +229,38 @@ def torch_worker(spec_path: str) -> None:
   )
 
 
-def launch(argv: list[str], workdir: str, env: dict | None = None) -> dict:
+def worker_argv(spec_path: str) -> list[str]:
+  """`python`'s arguments of the torchfm process of `spec_path`.
+
+  A `common.child_script`: a user error that stops it comes back to
+  `launch` as one (`common.child_result`), not as a traceback.
+  """
+  code = (
+    'from benchmarks import time_to_auc\n'
+    f'time_to_auc.torch_worker({spec_path!r})\n'
+  )
+  return ['-c', common.child_script(code)]
+
+
+def launch(
+  argv: list[str],
+  workdir: str,
+  env: dict | None = None,
+  what: str | None = None,
+) -> dict:
   """Runs `python argv` from the repository root; its launch time and lines.
+
+  Args:
+    argv: `python`'s arguments.
+    workdir: where the process writes its `metrics.jsonl`.
+    env: variables added to this process's environment.
+    what: the process, for the message of a failure (default: `argv`).
 
   Raises:
     utils.UserError: `main.py` stopped on a user error (status 2 and its
-      one line, `main.py: error: <message>`): the message, which
-      `common.user_errors` shows as one line.
+      one line, `main.py: error: <message>`), or a `common.child_script`
+      (`worker_argv`) on one: the message, which `common.user_errors` shows
+      as one line.
     RuntimeError: the process failed otherwise (its last output lines).
   """
   start = time.time()
@@ -154,9 +281,14 @@ def launch(argv: list[str], workdir: str, env: dict | None = None) -> dict:
       import utils  # pylint: disable=g-import-not-at-top
 
       raise utils.UserError(errors[-1].removeprefix(prefix))
+  if result.returncode and argv[:1] == ['-c']:
+    try:  # A child script's user error: raised; any other failure: below.
+      common.child_result(result.returncode, result.stdout, '')
+    except RuntimeError:
+      pass
   if result.returncode:
     tail = '\n'.join(result.stderr.splitlines()[-15:])
-    raise RuntimeError(f'{" ".join(argv)} failed:\n{tail}')
+    raise RuntimeError(f'{what or " ".join(argv)} failed:\n{tail}')
   lines = quality.read_metrics(os.path.join(workdir, 'metrics.jsonl'))
   return {'start': start, 'end': end, 'lines': lines}
 
@@ -188,6 +320,7 @@ def run_one(name: str, data_name: str, args, split_dir: str) -> list[dict]:
   shutil.rmtree(root, ignore_errors=True)
   spec = {
     'model': name,
+    'source': data_source(data_name, args),
     'data': split_dir,
     'workdir': os.path.join(root, 'torchfm'),
     'config': config.to_dict(),
@@ -197,8 +330,7 @@ def run_one(name: str, data_name: str, args, split_dir: str) -> list[dict]:
   with open(spec_path, 'w') as f:
     json.dump(spec, f, default=list)
   torch = launch(
-    ['-m', 'benchmarks.time_to_auc', f'--torch_worker={spec_path}'],
-    spec['workdir'],
+    worker_argv(spec_path), spec['workdir'], what='the torchfm process'
   )
   base = summary(torch, float('inf'))
   target = base['best_valid_auc']
@@ -300,7 +432,6 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
   parser.add_argument('--cache_dir', default='', help='dataset cache')
   parser.add_argument('--out_dir', default=common.RESULTS)
   parser.add_argument('--out_name', default='time_to_auc')
-  parser.add_argument('--torch_worker', default='', help=argparse.SUPPRESS)
   args = parser.parse_args(argv)
   args.data = args.data.split(',')
   args.optimizers = args.optimizers.split(',')
@@ -327,9 +458,6 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 @common.user_errors()
 def main(argv: Sequence[str] | None = None) -> list[dict]:
   args = parse_args(argv)
-  if args.torch_worker:
-    torch_worker(args.torch_worker)
-    return []
   for name in FILE_DATA:
     path = getattr(args, name)
     if path and not os.path.isfile(path):
@@ -344,6 +472,9 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
   missing = [m for m in models if not common.has_torchfm(m)]
   if missing:
     raise SystemExit(f'torchfm has no {", ".join(missing)}')
+  for name in FILE_DATA:  # Before torchfm's run, not after it.
+    if name in args.data:
+      check_rows(name, getattr(args, name), models)
   with common.workdir_or_temp(args.workdir, 'flax_fm_time_to_auc-') as workdir:
     args.workdir = workdir
     return run_all(models, args, argv)
@@ -354,8 +485,8 @@ def run_all(
 ) -> list[dict]:
   """Times every model on every dataset; writes the results after each.
 
-  A user error, of the data read here or of a run of main.py, names the
-  flags of this tool that set the config values it names (`data_keys`).
+  A user error, of the data read here or of a run of main.py or torchfm,
+  names the flags of this tool, not config keys (`in_tool_terms`).
   """
   import utils  # pylint: disable=g-import-not-at-top
 
@@ -372,9 +503,27 @@ def run_all(
           args.out_dir, args.out_name, records, info, markdown, command
         )
     except utils.UserError as e:
-      message = common.with_flags(str(e), data_keys(data_name))
-      raise utils.UserError(message) from e
+      raise utils.UserError(in_tool_terms(str(e), data_name)) from e
   return records
+
+
+def in_tool_terms(message: str, data_name: str) -> str:
+  """A user error of data set `data_name` as this tool's user can act on it.
+
+  The config keys that flags of this tool set are named as those flags
+  (`data_keys`); any other key it names, which no flag of this tool sets,
+  is said to be the config's, fixed here.
+  """
+  message = common.with_flags(message, data_keys(data_name))
+  keys = re.findall(r'(?<![\w.-])(?:--)?config((?:\.\w+)+)', message)
+  if not keys:
+    return message
+  named = ', '.join(dict.fromkeys(f'config{k}' for k in keys))
+  return (
+    f'{message} (No flag of this tool sets {named}: it runs each'
+    ' configs/<model>.py as it is; its flags change the data: --data,'
+    ' --criteo, --ml20m, --cache_dir.)'
+  )
 
 
 if __name__ == '__main__':

@@ -1151,8 +1151,8 @@ class TimeToAucTest(_TempDirs, absltest.TestCase):
     import utils  # pylint: disable=g-import-not-at-top
 
     tmp = self.create_tempdir().full_path
-    path = os.path.join(tmp, 'c.txt')
-    open(path, 'w').close()
+    lines = common.least_lines(common.get_config('fm'))  # Enough for a run.
+    path = synthetic.write('criteo', lines, os.path.join(tmp, 'c.txt'))
 
     def write_split(name, args, out):
       del name, out
@@ -1178,6 +1178,128 @@ class TimeToAucTest(_TempDirs, absltest.TestCase):
     self.assertEqual(
       time_to_auc.data_keys('embedded'),
       {'config.dataset.cache_dir': '--cache_dir'},
+    )
+
+  def test_a_file_too_small_for_a_batch_stops_before_any_run(self):
+    from datasets import split  # pylint: disable=g-import-not-at-top
+
+    tmp = self.create_tempdir().full_path
+    config = common.get_config('fm')
+    least = common.least_lines(config)
+    # The least whose training split holds one batch, as the data counts it.
+    self.assertLess(
+      split.split_sizes(least - 1, config.dataset.split)[0], config.batch_size
+    )
+    self.assertGreaterEqual(
+      split.split_sizes(least, config.dataset.split)[0], config.batch_size
+    )
+    path = synthetic.write('criteo', least - 1, os.path.join(tmp, 'c.txt'))
+    with open(path, 'a') as f:
+      f.write('\n\n')  # Blank lines hold no example.
+    flags = ['--data=criteo', f'--criteo={path}', f'--workdir={tmp}/w']
+    with (
+      mock.patch.object(common, 'torch_available', lambda: True),
+      mock.patch.object(
+        time_to_auc, 'write_split', side_effect=AssertionError('read')
+      ) as write_split,
+      mock.patch.object(
+        time_to_auc, 'launch', side_effect=AssertionError('ran')
+      ) as launch,
+      self.assertRaises(SystemExit) as raised,
+    ):
+      time_to_auc.main([*flags, f'--out_dir={tmp}/out'])
+    self.assertEqual(
+      str(raised.exception),
+      f'--criteo={path}: {least - 1} rows; give at least {least}, so that'
+      ' the training split (80% of the rows) holds one batch of'
+      ' configs/fm.py (2048 rows).',
+    )
+    write_split.assert_not_called()
+    launch.assert_not_called()
+    self.assertFalse(os.path.exists(f'{tmp}/w'))
+    # One row more is enough; a ratings file's header is not a row.
+    with open(path) as f:
+      first = f.readline()
+    with open(path, 'a') as f:
+      f.write(first)
+    time_to_auc.check_rows('criteo', path, ['fm'])
+    ratings = synthetic.write('movielens', least, os.path.join(tmp, 'r.csv'))
+    time_to_auc.check_rows('ml20m', ratings, ['fm'])
+    with open(ratings) as f:
+      lines = f.readlines()
+    with open(ratings, 'w') as f:
+      f.writelines(lines[:-1])
+    with self.assertRaisesRegex(SystemExit, f': {least - 1} rows; give at'):
+      time_to_auc.check_rows('ml20m', ratings, ['fm'])
+
+  def test_a_user_error_of_the_torchfm_process_is_one_line(self):
+    import utils  # pylint: disable=g-import-not-at-top
+
+    tmp = self.create_tempdir().full_path
+    stderr = os.path.join(tmp, 'stderr')
+    lines = common.least_lines(common.get_config('fm')) + 40
+    path = synthetic.write('criteo', lines, os.path.join(tmp, 'c.txt'))
+    with open(path) as f:  # Every label 0: no AUC to reach.
+      rows = ['0' + line[1:] for line in f]
+    with open(path, 'w') as f:
+      f.writelines(rows)
+    flags = ['--data=criteo', f'--criteo={path}', f'--workdir={tmp}/w']
+    flags += [f'--cache_dir={tmp}/cache', f'--out_dir={tmp}/out']
+    with (
+      mock.patch.object(common, 'torch_available', lambda: True),
+      _stderr_of_children(stderr),
+      self.assertRaises(SystemExit) as raised,
+    ):
+      time_to_auc.main(flags)
+    self.assertEqual(
+      str(raised.exception),
+      f'error: --criteo={path}: its validation split (10% of the rows) has'
+      f' 0 positive and {lines // 10} negative examples, and its AUC is'
+      ' undefined without both classes; give a file with more rows of each'
+      ' label.',
+    )
+    with open(stderr) as f:
+      self.assertNotIn('Traceback', f.read())
+    # Checked before torchfm trains: no metrics written.
+    self.assertFalse(os.path.exists(f'{tmp}/w/criteo/fm/torchfm/metrics.jsonl'))
+    # Its training split, too, must hold a batch.
+    spec = {
+      'source': '--criteo=c.txt',
+      'model': 'fm',
+      'config': {'batch_size': 4, 'dataset': {'split': [0.8, 0.1, 0.1]}},
+    }
+    both = (None, np.array([0.0, 1.0]))
+    splits = {'train': (None, np.zeros(3)), 'valid': both, 'test': both}
+    with self.assertRaisesRegex(
+      utils.UserError,
+      r'^--criteo=c\.txt: its training split \(80% of the rows\) holds 3'
+      r' rows, fewer than one batch of configs/fm\.py \(4\); give a larger',
+    ):
+      time_to_auc.check_splits(splits, spec)
+    splits['train'] = (None, np.zeros(4))
+    time_to_auc.check_splits(splits, spec)
+    # Any other failure of the process keeps its last lines.
+    script = common.child_script('raise ValueError("a bug")')
+    with self.assertRaisesRegex(RuntimeError, '(?s)^the child failed:.*a bug'):
+      time_to_auc.launch(['-c', script], tmp, what='the child')
+
+  def test_a_config_key_no_flag_sets_is_said_to_be_fixed(self):
+    message = (
+      'config.batch_size=2048 exceeds the 40 training examples of criteo:'
+      ' lower it, or give training a larger part with config.dataset.split.'
+    )
+    self.assertEqual(
+      time_to_auc.in_tool_terms(message, 'criteo'),
+      f'{message} (No flag of this tool sets config.batch_size,'
+      ' config.dataset.split: it runs each configs/<model>.py as it is; its'
+      ' flags change the data: --data, --criteo, --ml20m, --cache_dir.)',
+    )
+    # Keys its flags set are named as the flags, with nothing added.
+    self.assertEqual(
+      time_to_auc.in_tool_terms(
+        '--config.dataset.path=/c: no. Set config.dataset.cache_dir.', 'criteo'
+      ),
+      '--criteo=/c: no. Set --cache_dir.',
     )
 
   def test_data_flags_and_arguments(self):
