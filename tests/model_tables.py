@@ -114,6 +114,19 @@ TEST_KWARGS = {
   },
 }
 
+# Variants of a model that its config builds and TEST_KWARGS does not: case
+# name -> (model, arguments over TEST_KWARGS[model]). configs/dcnv2.py and
+# configs/finalmlp.py turn BatchNorm off (`batch_norm=False`: each hidden
+# layer Linear with bias -> ReLU -> Dropout), where the models' default
+# keeps pytorch-fm's BatchNorm. `build`, `module` and PARAM_COUNTS take a
+# case name as a model name.
+VARIANTS = {
+  'dcnv2_no_batch_norm': ('dcnv2', {'batch_norm': False}),
+  'finalmlp_no_batch_norm': ('finalmlp', {'batch_norm': False}),
+}
+# The contract tests' cases: every model, then every variant.
+CASE_NAMES = MODEL_NAMES + sorted(VARIANTS)
+
 # Number of parameters with FIELD_DIMS and TEST_KWARGS. A Dense layer before
 # a BatchNorm (BN) has no bias.
 PARAM_COUNTS = {
@@ -222,6 +235,29 @@ PARAM_COUNTS = {
     + (8 + 1)
     + 4
   ),
+  # As dcnv2, but the MLP's Dense layers keep their biases and have no BN.
+  'dcnv2_no_batch_norm': (
+    23 * 4
+    + 12 * 3
+    + 2 * (2 * 3 * 12 * 2 + 3 * 2 * 2 + 12)
+    + (12 * 8 + 8)
+    + (8 * 6 + 6)
+    + 19
+  ),
+  # As finalmlp, but the streams' Dense layers keep their biases, no BN.
+  'finalmlp_no_batch_norm': (
+    23 * 4
+    + 7 * 4
+    + (4 * 5 + 5)
+    + (5 * 12 + 12)
+    + 12
+    + (12 * 8 + 8)
+    + (12 * 6 + 6)
+    + (6 * 4 + 4)
+    + 2 * 4 * 2
+    + (8 + 1)
+    + 4
+  ),
   # linear + embeddings + SENET 3->1->3 (no biases) + 2 bilinear layers of
   # [3 pairs, 4, 4] + MLP on 2 * 3 pairs * 4 = 24 inputs, no BatchNorm:
   # Dense 24->8, Dense 8->6, Dense 6->1
@@ -286,7 +322,8 @@ TORCHFM_PARITY.update(
 
 
 def module(name):
-  """The model file `models/<name>.py`."""
+  """The model file `models/<name>.py`, or a variant's (VARIANTS)."""
+  name = VARIANTS.get(name, (name,))[0]
   return importlib.import_module(f'models.{name}')
 
 
@@ -312,9 +349,14 @@ def dropout_kwargs(name, rates=None, base=None):
 
 
 def build(name, field_dims=FIELD_DIMS, **overrides):
-  """`Model(field_dims, **TEST_KWARGS[name], **overrides)`."""
-  kwargs = {**TEST_KWARGS.get(name, {}), **overrides}
-  return module(name).Model(field_dims=field_dims, **kwargs)
+  """`Model(field_dims, **TEST_KWARGS[name], **overrides)`.
+
+  A variant's name (VARIANTS) builds its model with TEST_KWARGS of the
+  model and the variant's arguments.
+  """
+  model, variant = VARIANTS.get(name, (name, {}))
+  kwargs = {**TEST_KWARGS.get(model, {}), **variant, **overrides}
+  return module(model).Model(field_dims=field_dims, **kwargs)
 
 
 def initial_zero_gradients(name, seeds=(0, 1, 2)):

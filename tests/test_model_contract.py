@@ -8,6 +8,7 @@ each model. The per-model tables live in tests/model_tables.py.
 import ast
 import collections
 import dataclasses
+import importlib
 import json
 import os
 import subprocess
@@ -20,12 +21,14 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 from model_tables import BATCH
+from model_tables import CASE_NAMES
 from model_tables import DROPOUT_SITES
 from model_tables import FIELD_DIMS
 from model_tables import MODEL_NAMES
 from model_tables import PARAM_COUNTS
 from model_tables import TEST_KWARGS
 from model_tables import TWO_FIELD_ZERO_GRADIENTS
+from model_tables import VARIANTS
 from model_tables import build
 from model_tables import initial_zero_gradients
 from model_tables import module
@@ -101,11 +104,34 @@ print(json.dumps([imported, copies, ref]))
 
 class ModelContractTest(parameterized.TestCase):
   def test_every_model_has_a_table_entry(self):
-    self.assertEqual(sorted(PARAM_COUNTS), MODEL_NAMES)
+    self.assertEqual(sorted(PARAM_COUNTS), sorted(CASE_NAMES))
     self.assertEqual(sorted(TEST_KWARGS), MODEL_NAMES)
     self.assertEqual(sorted(DROPOUT_SITES), MODEL_NAMES)
 
-  @parameterized.named_parameters((n, n) for n in MODEL_NAMES)
+  def test_the_variants_are_the_configs_without_batch_norm(self):
+    # A config that turns BatchNorm off builds a model that the model's
+    # default does not: its variant runs the contract tests as well.
+    off = [
+      name
+      for name in MODEL_NAMES
+      if os.path.exists(os.path.join(ROOT, 'configs', f'{name}.py'))
+      and importlib.import_module(f'configs.{name}')
+      .get_config()
+      .model.get('batch_norm', True)
+      is False
+    ]
+    self.assertEqual(off, ['dcnv2', 'finalmlp'])
+    self.assertEqual(
+      sorted(m for m, kw in VARIANTS.values() if kw == {'batch_norm': False}),
+      off,
+    )
+    ids = random_ids(BATCH, FIELD_DIMS)
+    for case, (name, _) in VARIANTS.items():
+      with self.subTest(case):
+        self.assertNotIn('batch_stats', init(build(case), ids))
+        self.assertIn('batch_stats', init(build(name), ids))
+
+  @parameterized.named_parameters((n, n) for n in CASE_NAMES)
   def test_output_shape_and_dtype(self, name):
     model = build(name)
     ids = random_ids(BATCH, FIELD_DIMS)
@@ -236,7 +262,7 @@ class ModelContractTest(parameterized.TestCase):
     )
     self.assertNotIn(' conditional(', hlo)
 
-  @parameterized.named_parameters((n, n) for n in MODEL_NAMES)
+  @parameterized.named_parameters((n, n) for n in CASE_NAMES)
   def test_param_count(self, name):
     model = build(name)
     ids = random_ids(BATCH, FIELD_DIMS)
@@ -244,7 +270,7 @@ class ModelContractTest(parameterized.TestCase):
     count = sum(np.prod(x.shape) for x in jax.tree.leaves(variables['params']))
     self.assertEqual(count, PARAM_COUNTS.get(name))
 
-  @parameterized.named_parameters((n, n) for n in MODEL_NAMES)
+  @parameterized.named_parameters((n, n) for n in CASE_NAMES)
   def test_gradients_finite_and_nonzero(self, name):
     model = build(name)
     ids = random_ids(32, FIELD_DIMS)
@@ -260,7 +286,7 @@ class ModelContractTest(parameterized.TestCase):
         self.assertTrue(np.all(np.isfinite(g)))
         self.assertGreater(float(jnp.max(jnp.abs(g))), 0.0)
 
-  @parameterized.named_parameters((n, n) for n in MODEL_NAMES)
+  @parameterized.named_parameters((n, n) for n in CASE_NAMES)
   def test_every_parameter_gets_a_gradient_from_initialisation(self, name):
     # The TEST_KWARGS model on two fields, three draws: a parameter without
     # a gradient at the first step (behind a dead ReLU, in an unused branch)
