@@ -17,7 +17,9 @@ import jax.numpy as jnp
 import numpy as np
 
 import batching
+from configs import dcnv2 as dcnv2_config
 from configs import default
+from configs import finalmlp as finalmlp_config
 from models import fm
 import sparse
 import train
@@ -61,6 +63,25 @@ MODEL_KWARGS = {
     'cross_fields': ((0, 1),),
     'cross_buckets': 5,
   },
+  # As their configs build them, without BatchNorm (Linear with bias ->
+  # ReLU -> Dropout, no batch_stats), smaller and without dropout;
+  # FinalMLP's gates read fields 0 and 1 in their own tables.
+  'dcnv2': dict(
+    dcnv2_config.get_config().model.to_dict(),
+    embed_dim=3,
+    mlp_dims=(4,),
+    num_cross_layers=1,
+    num_experts=2,
+    dropout=0.0,
+  ),
+  'finalmlp': dict(
+    finalmlp_config.get_config().model.to_dict(),
+    embed_dim=3,
+    mlp1_dims=(4,),
+    mlp2_dims=(4,),
+    fs_dims=(4,),
+    dropouts=(0.0, 0.0),
+  ),
 }
 
 
@@ -78,6 +99,14 @@ def _rows_read(name, batch):
       ('embedding', 'embedding'): one_hot,
       ('gmf_embedding', 'embedding'): gmf.reshape(-1),
     }
+  if name in ('dcnv2', 'finalmlp'):  # No linear term.
+    rows = {('FeaturesEmbedding_0', 'embedding'): one_hot}
+    for k in (1, 2) if name == 'finalmlp' else ():
+      fields = list(MODEL_KWARGS[name][f'fs{k}_context'])
+      dims = [FIELD_DIMS[f] for f in fields]
+      context = batch['ids'][:, fields] + _offsets(dims)
+      rows[(f'fs{k}_context_embedding', 'embedding')] = context.reshape(-1)
+    return rows
   prefix = 'FieldAwareEmbedding_0' if name == 'ffm' else 'FeaturesEmbedding_0'
   rows = {
     ('FeaturesLinear_0', 'weight'): one_hot,
@@ -142,12 +171,16 @@ class RowGradientsTest(parameterized.TestCase):
     ('ncf_item_field_first', 'ncf', False),
     ('wd_with_a_cross', 'wd', False),
     ('fm_multi_hot_and_numeric', 'fm', True),
+    ('dcnv2_no_batch_norm', 'dcnv2', False),
+    ('finalmlp_no_batch_norm', 'finalmlp', False),
   )
   def test_row_gradients_are_the_rows_of_the_dense_gradient(self, name, multi):
     fields = (
       {'multi_field_dims': MULTI_FIELD_DIMS, 'num_dense': 2} if multi else {}
     )
     model, params, batch_stats = _model_and_params(name, **fields)
+    if MODEL_KWARGS[name].get('batch_norm') is False:  # As the configs'.
+      self.assertEqual(batch_stats, {})
     batch = _batch(multi)
 
     fun = _loss(model, batch_stats, batch)
