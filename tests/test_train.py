@@ -555,7 +555,7 @@ class WarmStartTest(absltest.TestCase):
     )
 
 
-class PmapStepTest(absltest.TestCase):
+class PmapStepTest(parameterized.TestCase):
   def setUp(self):
     super().setUp()
     self.assertEqual(jax.local_device_count(), 2, 'conftest sets 2 devices')
@@ -567,16 +567,16 @@ class PmapStepTest(absltest.TestCase):
     split = _dataset(64)
     self.batch = {'ids': split.ids, 'label': split.labels}
 
-  def _step(self, devices):
+  def _step(self, devices, model=None, config=None, state=None):
+    """One step of `self`'s model (or `model`) on `devices`."""
+    model, config = model or self.model, config or self.config
     p_step = jax.pmap(
-      functools.partial(train.train_step, model=self.model, config=self.config),
+      functools.partial(train.train_step, model=model, config=config),
       axis_name=train.AXIS,
       devices=devices,
     )
-    state = jax_utils.replicate(self.state, devices=devices)
-    hyper = jax_utils.replicate(
-      train.hyperparameters(self.config), devices=devices
-    )
+    state = jax_utils.replicate(state or self.state, devices=devices)
+    hyper = jax_utils.replicate(train.hyperparameters(config), devices=devices)
     state, loss = p_step(state, batching.shard(self.batch, len(devices)), hyper)
     return state, loss
 
@@ -602,6 +602,58 @@ class PmapStepTest(absltest.TestCase):
       two.params,
       one.params,
     )
+
+  @parameterized.named_parameters(
+    (
+      'dcnv2_no_batch_norm',
+      'dcnv2',
+      dict(
+        embed_dim=3,
+        mlp_dims=(4,),
+        num_cross_layers=1,
+        num_experts=2,
+        dropout=0.0,
+      ),
+    ),
+    (
+      'finalmlp_no_batch_norm',
+      'finalmlp',
+      dict(
+        embed_dim=3,
+        mlp1_dims=(4,),
+        mlp2_dims=(4,),
+        fs_dims=(4,),
+        dropouts=(0.0, 0.0),
+      ),
+    ),
+  )
+  def test_a_config_without_batch_norm_steps_on_two_devices_as_on_one(
+    self, name, small
+  ):
+    # As the config builds it (Linear with bias -> ReLU -> Dropout, no
+    # batch_stats), smaller and without dropout, whose keys differ by device.
+    config = importlib.import_module(f'configs.{name}').get_config('smoke')
+    self.assertIs(config.model.batch_norm, False)
+    config.model.update(small)
+    model = train.create_model(config, (13, 17), axis_name=train.AXIS)
+    config = train.resolve_optimizer(config, model)
+    state = train.state_initializer(config, model)(jax.random.key(0))
+    self.assertEqual(jax.tree.leaves(state.batch_stats), [])
+    two, loss2 = self._step(jax.local_devices(), model, config, state)
+    one, loss1 = self._step(jax.local_devices()[:1], model, config, state)
+    np.testing.assert_allclose(loss2[0], loss1[0], rtol=1e-6)
+    jax.tree.map(
+      lambda a, b: np.testing.assert_allclose(a[0], b[0], rtol=1e-5, atol=1e-7),
+      two.params,
+      one.params,
+    )
+    # The step moved every parameter, the hidden layers' biases among them.
+    moved = jax.tree.map(
+      lambda a, b: np.abs(np.asarray(a[0]) - np.asarray(b)).max(),
+      two.params,
+      state.params,
+    )
+    self.assertGreater(min(jax.tree.leaves(moved)), 0)
 
   def test_batch_norm_statistics_are_the_global_batchs(self):
     # Each device normalises its half with the global batch's statistics
