@@ -31,6 +31,10 @@ Data (`--data`): `embedded` (ml-latest-small, the default config),
   python -m benchmarks.time_to_auc --models=fm --criteo=/tmp/criteo_2m.txt \
     --data=criteo --optimizers=adam,rowwise_adagrad
 
+A file too small for one batch of training stops before any run
+(`check_rows`); a user error of the data, of main.py or of the torchfm
+process stops in one line that names this tool's flags (`in_tool_terms`).
+
 Results: benchmarks/results/time_to_auc.{json,csv,md}.
 """
 
