@@ -5,8 +5,8 @@ python main.py --config=configs/opnn.py:smoke --workdir=/tmp/opnn_smoke
 
 Hyper-parameters of pytorch-fm's examples/main.py (its 'opnn' entry:
 embed_dim 16, mlp_dims (16,), dropout 0.2), with its training recipe
-(configs/default.py) and torch.nn.Linear's initialisers in the MLP (as
-configs/ipnn.py). Its outer product is the kernel product of the
+(configs/default.py), torch.nn.Linear's initialisers in the MLP and lazy
+Adam (as configs/ipnn.py). Its outer product is the kernel product of the
 journal version (models/pnn.py).
 """
 
