@@ -18,8 +18,10 @@ caller uses (the pmapped train step, and the benchmarks with no axis).
   dense Adam with L2 on the other parameters.
 
 The row-wise two take the tables' gradients as the rows read
-(`sparse.RowGrads`, from `sparse.value_and_grad`) and never read or write a
-whole table: a step costs the rows of the batch, not the rows of the table.
+(`sparse.RowGrads`, from `sparse.value_and_grad`) and read and write only
+those rows of the parameters and moments: beside the batch's rows a step
+costs at most an int32 per table row (`sparse.dedup`'s scratch, below
+`sparse.HASHED_ROWS` rows).
 
 In each, `config.table_weight_decay`, when set, is the tables' L2
 coefficient and `weight_decay` the other parameters' (as FuxiCTR's
