@@ -88,7 +88,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # form a table-sized gradient: much faster steps on large tables.
   # 'auto': 'adam' below 100,000 one-hot and multi-hot ids (ml-latest-small:
   # pytorch-fm's update), 'lazy_adam' from there (Criteo, MovieLens-20M: the
-  # same test AUC sooner). Training logs which one it took.
+  # same test AUC sooner). Training logs which one it took. A model's config
+  # may name one: 'lazy_adam' in FNN's, the PNNs', DCN's, NCF's, FFM's,
+  # FwFM's and DCN-V2's, 'adam' in LR's and FiBiNET's.
   config.optimizer = 'auto'
   config.learning_rate = 1e-3
   # 'rowwise_adagrad's step size on the tables (`learning_rate` is Adam's).
