@@ -116,10 +116,13 @@ def train_rows(
   else:
     perm = split_lib.arange(len(split))
   for step in range(num_train_steps(split, batch_size)):
-    start = step * batch_size + process_index * local
-    # Sorted rows read a memory map front to back; the rows of a batch are
-    # a set, so their order does not matter.
-    yield np.sort(perm[start : start + local]).astype(np.int32)
+    # Sorted rows read a memory map front to back. The global batch is
+    # sorted before it is cut, so that each device (and its dropout key)
+    # gets the rows it gets in one process with as many devices.
+    rows = np.sort(perm[step * batch_size : (step + 1) * batch_size])
+    yield rows[process_index * local : (process_index + 1) * local].astype(
+      np.int32
+    )
 
 
 def train_batches(
