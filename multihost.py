@@ -74,6 +74,9 @@ def setup_distributed(
   # Cross-process collectives of the CPU backend (the 2-process tests): JAX
   # 0.10's default, not older versions'; GPU and TPU backends ignore it.
   jax.config.update('jax_cpu_collectives_implementation', 'gloo')
+  # Its notifier takes SIGTERM from entry.py's handler and then waits for a
+  # sync point that we never ask for: a SIGTERM went unheard.
+  jax.config.update('jax_enable_preemption_service', False)
   address = coordinator_address or os.environ.get('JAX_COORDINATOR_ADDRESS')
   if (
     address

@@ -500,6 +500,29 @@ class FaultTest(_MultiProcessTestCase):
   """A hung process, an unshared workdir, a missing cluster, a save that
   one process cannot write."""
 
+  def test_sigterm_to_every_process_stops_the_run(self):
+    # A scheduler's SIGTERM (scancel, docker stop) reaches every process:
+    # JAX's preemption notifier took it from entry.py's handler and waited
+    # for a sync point never asked for, so the run trained on, unheard.
+    workdir = os.path.join(self.tmp, 'terminated')
+    run, _, since = self._start_and_hit_after_first_checkpoint(
+      workdir, signal.SIGTERM
+    )
+    try:
+      for p in run.procs[:-1]:
+        p.send_signal(signal.SIGTERM)
+      codes = [
+        p.wait(max(since + SLACK - time.monotonic(), 0.1)) for p in run.procs
+      ]
+    except subprocess.TimeoutExpired:
+      self.fail(f'Still running {SLACK} s after SIGTERM:\n{run.tails()}')
+    finally:
+      run.kill()
+    self.assertNotIn(0, codes, run.tails())
+    for i in range(NUM_PROCESSES):
+      self.assertIn(f'Process {i} of {NUM_PROCESSES} interrupted', run.log(i))
+    self.assertNotIn('test', [r['split'] for r in _metrics(workdir)])
+
   def test_frozen_process_is_declared_dead_after_the_heartbeat_timeout(self):
     # A stopped process (a hung or unreachable host) keeps its sockets open:
     # the others wait in a collective until the coordination service misses
