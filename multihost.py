@@ -401,9 +401,9 @@ def assert_same_config(flat: dict[str, Any]) -> None:
 def assert_same_data(dataset: Any) -> None:
   """Raises a UserError on every process unless all loaded the same data.
 
-  Compares the fields, the splits' sizes and label counts, and digests of
-  the vocabularies and each split's ends: hosts reading other files (a
-  host's own `config.dataset.path`) would train apart on other rows.
+  Compares the data files' digests, the fields, the splits' sizes and label
+  counts, and digests of the vocabularies and each split's ends: hosts
+  reading other files (a host's own `config.dataset.path`) would train apart.
 
   Args:
     dataset: the `data.Dataset` this process loaded.
@@ -430,6 +430,7 @@ def _fingerprint(dataset: Any) -> dict[str, Any]:
     return h.hexdigest()[:12]
 
   out = {
+    'sources': dataset.sources,  # Size and SHA-256 of each file, by role.
     'fields': [
       list(dataset.field_names),
       list(dataset.field_dims),
