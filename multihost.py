@@ -69,13 +69,12 @@ def setup_distributed(
 
   Raises:
     UserError: the run is not described by the arguments or the cluster
-      (the message names the flags to set).
+      (the message names the flags to set), or hosts hold other device counts.
   """
   # Cross-process collectives of the CPU backend (the 2-process tests): JAX
   # 0.10's default, not older versions'; GPU and TPU backends ignore it.
   jax.config.update('jax_cpu_collectives_implementation', 'gloo')
-  # Its notifier takes SIGTERM from entry.py's handler and then waits for a
-  # sync point that we never ask for: a SIGTERM went unheard.
+  # Its notifier took SIGTERM from entry.py and waited for a sync point.
   jax.config.update('jax_enable_preemption_service', False)
   address = coordinator_address or os.environ.get('JAX_COORDINATOR_ADDRESS')
   if (
@@ -119,13 +118,19 @@ def setup_distributed(
     ) from e
   finally:
     unjoined.cancel()
+  owners = [d.process_index for d in jax.devices()]  # pmap needs equal ones.
+  counts = {p: owners.count(p) for p in sorted(set(owners))}
+  if len(set(counts.values())) > 1:
+    raise UserError(
+      'The processes have different numbers of devices: {process: devices}'
+      f' {counts}. Give each the same (e.g. CUDA_VISIBLE_DEVICES, XLA_FLAGS).'
+    )
 
 
 def _unjoined(address: str, timeout: float, num_processes: int) -> None:
   """Ends this process, stuck in jaxlib's wait for the others: one line."""
   message = UNJOINED % (address, timeout, num_processes)
-  sys.stderr.write(f'{os.path.basename(sys.argv[0])}: error: {message}\n')
-  sys.stderr.flush()
+  print(f'{os.path.basename(sys.argv[0])}: error: {message}', file=sys.stderr)
   os._exit(2)  # pylint: disable=protected-access
 
 

@@ -265,6 +265,9 @@ _INJECT = textwrap.dedent(
 
     best_reader.load_best = other_best
 
+  if fault == 'devices' and '--process_id=1' in sys.argv:  # A second GPU.
+    os.environ['XLA_FLAGS'] += ' --xla_force_host_platform_device_count=2'
+
   sys.argv = sys.argv[1:]
   entry.run_main(main.main)
   """
@@ -711,6 +714,19 @@ class FaultTest(_MultiProcessTestCase):
       wrapper=(script,),
       env={'FAULT': fault, 'FAULT_DIR': where},
     )
+
+  def test_hosts_with_other_device_counts_stop_in_one_line(self):
+    # A host with another GPU visible: every process stopped in its first
+    # collective with a traceback, "cannot reshape array of size 3".
+    workdir = os.path.join(self.tmp, 'devices')
+    error = self._injected(workdir, None, 'devices', 'none')
+    self.assertRegex(
+      error,
+      r'^main.py: error: The processes have different numbers of devices:'
+      r' {process: devices} {0: 1, 1: 2(, \d+: 1)*}\. Give each the same'
+      r' \(e.g. CUDA_VISIBLE_DEVICES, XLA_FLAGS\)\.$',
+    )
+    self.assertFalse(os.path.exists(workdir))
 
   def test_a_process_that_sees_no_checkpoint_stops_every_process(self):
     # It would start over while the others resume: other collectives.
