@@ -411,7 +411,8 @@ def _run(
   rng = jax.random.key(config.seed)
   resident = replicate(batching.resident_split(dataset.train, config))
   shapes = jax.eval_shape(init, rng)
-  programs.check_state_fits(shapes)  # Before XLA allocates the state.
+  with multihost.errors_shared():  # Before XLA allocates the state; a
+    programs.check_state_fits(shapes)  # host's own memory may refuse it.
   wait_compiled = programs.compile_train_and_eval(
     p_train_step,
     p_eval_step,

@@ -265,6 +265,11 @@ _INJECT = textwrap.dedent(
 
     best_reader.load_best = other_best
 
+  if fault == 'memory' and '--process_id=1' in sys.argv:  # A smaller host.
+    import programs
+
+    programs.host_memory = lambda: 2**10
+
   if fault == 'devices' and '--process_id=1' in sys.argv:  # A second GPU.
     os.environ['XLA_FLAGS'] += ' --xla_force_host_platform_device_count=2'
 
@@ -713,6 +718,16 @@ class FaultTest(_MultiProcessTestCase):
       tag='fault',
       wrapper=(script,),
       env={'FAULT': fault, 'FAULT_DIR': where},
+    )
+
+  def test_a_state_that_one_host_cannot_hold_stops_every_process(self):
+    # Process 1 alone refused the state for its memory: it waited 30 s in
+    # JAX's shutdown, and the others in their next collective, then aborted.
+    error = self._injected(os.path.join(self.tmp, 'memory'), 1, 'memory', '-')
+    self.assertRegex(
+      error,
+      r'^main.py: error: The train state \(parameters and optimizer slots\)'
+      r" needs 0.00 GiB, more than the 0.00 GiB of this host's available",
     )
 
   def test_hosts_with_other_device_counts_stop_in_one_line(self):
