@@ -90,7 +90,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # pytorch-fm's update), 'lazy_adam' from there (Criteo, MovieLens-20M: the
   # same test AUC sooner). Training logs which one it took. A model's config
   # may name one: 'lazy_adam' in FNN's, the PNNs', DCN's, NCF's, FFM's,
-  # FwFM's and DCN-V2's, 'adam' in LR's and FiBiNET's.
+  # FwFM's, DCN-V2's and FinalMLP's, 'adam' in LR's and FiBiNET's.
   config.optimizer = 'auto'
   config.learning_rate = 1e-3
   # 'rowwise_adagrad's step size on the tables (`learning_rate` is Adam's).
