@@ -68,7 +68,8 @@ def setup_distributed(
 
   Raises:
     UserError: the run is not described by the arguments or the cluster
-      (the message names the flags to set), or hosts hold other device counts.
+      (the message names the flags to set), or hosts hold other device
+      counts or were given other `num_processes`.
   """
   # Cross-process collectives of the CPU backend (the 2-process tests): JAX
   # 0.10's default, not older versions'; GPU and TPU backends ignore it.
@@ -124,6 +125,12 @@ def setup_distributed(
       'The processes have different numbers of devices: {process: devices}'
       f' {counts}. Give each the same (e.g. CUDA_VISIBLE_DEVICES, XLA_FLAGS).'
     )
+  with errors_shared():  # Process 0's count is the run's: a typo trains on.
+    if num_processes is not None and num_processes != jax.process_count():
+      raise UserError(
+        f'--num_processes={num_processes}, but process 0 started a run of'
+        f' {jax.process_count()} at {address}: give every process the same.'
+      )
 
 
 def _unjoined(address: str, timeout: float, num_processes: int) -> None:

@@ -730,6 +730,21 @@ class FaultTest(_MultiProcessTestCase):
       r" needs 0.00 GiB, more than the 0.00 GiB of this host's available",
     )
 
+  def test_a_process_given_another_count_stops_every_process(self):
+    # Process 0's --num_processes sets the run's size: one given another
+    # (a typo on one host) trained on in a run it did not ask for.
+    error = self._refused(
+      os.path.join(self.tmp, 'count'),
+      1,
+      only={1: [f'--num_processes={NUM_PROCESSES + 1}']},
+    )
+    self.assertRegex(
+      error,
+      rf'^main.py: error: --num_processes={NUM_PROCESSES + 1}, but process 0'
+      rf' started a run of {NUM_PROCESSES} at 127.0.0.1:\d+: give every'
+      r' process the same\.$',
+    )
+
   def test_hosts_with_other_device_counts_stop_in_one_line(self):
     # A host with another GPU visible: every process stopped in its first
     # collective with a traceback, "cannot reshape array of size 3".
@@ -1022,6 +1037,8 @@ class UserErrorTest(absltest.TestCase):
         mock.patch.object(multihost.jax.config, 'update'),
         mock.patch.object(multihost.jax.distributed, 'initialize') as init,
         mock.patch.object(multihost, 'check_coordinator') as check,
+        mock.patch.object(multihost.jax, 'process_count', return_value=2),
+        mock.patch.object(multihost, 'gather_text', return_value=['', '']),
       ):
         multihost.setup_distributed(
           *flags, heartbeat_timeout_seconds=7, initialization_timeout_seconds=50
@@ -1052,6 +1069,8 @@ class UserErrorTest(absltest.TestCase):
         mock.patch.object(multihost.jax.distributed, 'initialize') as init,
         mock.patch.object(multihost, 'check_coordinator'),
         mock.patch.object(multihost.threading, 'Timer') as timer,
+        mock.patch.object(multihost.jax, 'process_count', return_value=2),
+        mock.patch.object(multihost, 'gather_text', return_value=['', '']),
       ):
         os.environ.pop('JAX_COORDINATOR_ADDRESS', None)
         multihost.setup_distributed(*flags, initialization_timeout_seconds=50)
