@@ -16,6 +16,7 @@ import contextlib
 import hashlib
 import json
 import os
+import signal
 import sys
 import threading
 from typing import Any
@@ -26,6 +27,7 @@ from jax.experimental import multihost_utils
 import numpy as np
 
 from coordinator import check_coordinator
+import entry
 import lock
 from utils import UserError
 import workdir as workdir_lib
@@ -181,10 +183,11 @@ def stop_after_failure(
 
   A process that dies leaves the others waiting in a collective or failing in
   one; this names the lost processes and exits with status 1 instead of
-  hanging. Within about `heartbeat_timeout_seconds` the coordination service
-  declares a silent process dead: the wait for its answer is bounded by
-  that, and JAX itself then terminates every process (its log also names the
-  dead task).
+  hanging (interrupted: one line and status 130, or 143 for a SIGTERM, as
+  `entry.run_main` ends one process). Within about
+  `heartbeat_timeout_seconds` the coordination service declares a silent
+  process dead: the wait for its answer is bounded by that, and JAX itself
+  then terminates every process (its log also names the dead task).
 
   Returns (for the caller to re-raise `error`) in a single-process run, and
   when every process is alive and failed too (e.g. a bad config): then they
@@ -197,11 +200,15 @@ def stop_after_failure(
   if jax.process_count() == 1:
     return
   me, count = jax.process_index(), jax.process_count()
-  if isinstance(error, KeyboardInterrupt):
+  status = 1
+  if isinstance(error, KeyboardInterrupt):  # As entry.run_main says it.
+    term = isinstance(error, entry.Terminated)
+    status = 128 + (signal.SIGTERM if term else signal.SIGINT)
     message = (
       f'Process {me} of {count} interrupted; the others stop when the'
       ' coordination service misses its heartbeats.'
     )
+    error = None  # No traceback.
   else:
     # Long enough for the service to declare a dead peer dead.
     wait = heartbeat_timeout_seconds + 10
@@ -238,13 +245,16 @@ def stop_after_failure(
     count,
     exc_info=error,
   )
+  if status != 1:
+    what = 'terminated (SIGTERM)' if term else 'interrupted (Ctrl-C)'
+    print(f'{os.path.basename(sys.argv[0])}: {what}.', file=sys.stderr)
   for stream in (logging, sys.stdout, sys.stderr):
     stream.flush()
   # Not sys.exit: the interpreter's exit runs JAX's shutdown barrier and
   # joins orbax's and the collectives' threads, which may wait forever for
   # the dead peer. Finished checkpoints are complete on disk; a save cut
   # short leaves a temporary directory that the next start removes.
-  os._exit(1)
+  os._exit(status)  # pylint: disable=protected-access
 
 
 def check_shared_workdir(workdir: str) -> None:

@@ -40,6 +40,7 @@ import orbax.checkpoint as ocp
 
 from configs import fm as fm_config
 import data
+import entry
 import lock
 import multihost
 import step_files
@@ -529,6 +530,12 @@ class FaultTest(_MultiProcessTestCase):
     self.assertNotIn(0, codes, run.tails())
     for i in range(NUM_PROCESSES):
       self.assertIn(f'Process {i} of {NUM_PROCESSES} interrupted', run.log(i))
+      if codes[i] == 128 + signal.SIGTERM:  # Ended as one process would.
+        self.assertNotIn('Traceback', run.log(i), run.tails())
+        self.assertEqual(
+          run.log(i).strip().splitlines()[-1], 'main.py: terminated (SIGTERM).'
+        )
+    self.assertIn(128 + signal.SIGTERM, codes, run.tails())
     self.assertNotIn('test', [r['split'] for r in _metrics(workdir)])
 
   def test_frozen_process_is_declared_dead_after_the_heartbeat_timeout(self):
@@ -1496,7 +1503,9 @@ class LostPeerTest(absltest.TestCase):
       except _Exited:
         pass
     last = logs.records[-1]
-    if exit_.called:  # The traceback of what stopped it goes with it.
+    if isinstance(error, KeyboardInterrupt):  # One line, as one process.
+      self.assertFalse(last.exc_info)
+    elif exit_.called:  # The traceback of what stopped it goes with it.
       self.assertIs(last.exc_info[1], error)
     status = exit_.call_args.args[0] if exit_.called else None
     return status, last.getMessage(), ask.call_args and ask.call_args.args
@@ -1540,8 +1549,9 @@ class LostPeerTest(absltest.TestCase):
   def test_an_interrupted_process_exits_without_asking(self):
     # The question would wait for peers that go on training.
     status, logged, asked = self._stop(KeyboardInterrupt(), {0, 1})
-    self.assertEqual((status, asked), (1, None))
+    self.assertEqual((status, asked), (130, None))  # As one process.
     self.assertTrue(logged.startswith('Process 1 of 2 interrupted;'), logged)
+    self.assertEqual(self._stop(entry.Terminated(), {0, 1})[0], 143)
 
   def test_a_single_process_returns_at_once(self):
     with (
