@@ -200,15 +200,16 @@ def stop_after_failure(
   if jax.process_count() == 1:
     return
   me, count = jax.process_index(), jax.process_count()
-  status = 1
-  if isinstance(error, KeyboardInterrupt):  # As entry.run_main says it.
+  status, last_line = 1, None
+  interrupted = isinstance(error, KeyboardInterrupt)
+  if interrupted:  # One line and a signal's status, as entry.run_main's.
     term = isinstance(error, entry.Terminated)
     status = 128 + (signal.SIGTERM if term else signal.SIGINT)
+    last_line = 'terminated (SIGTERM).' if term else 'interrupted (Ctrl-C).'
     message = (
       f'Process {me} of {count} interrupted; the others stop when the'
       ' coordination service misses its heartbeats.'
     )
-    error = None  # No traceback.
   else:
     # Long enough for the service to declare a dead peer dead.
     wait = heartbeat_timeout_seconds + 10
@@ -243,11 +244,10 @@ def stop_after_failure(
     ' latest checkpoint.',
     message,
     count,
-    exc_info=error,
+    exc_info=None if interrupted else error,
   )
-  if status != 1:
-    what = 'terminated (SIGTERM)' if term else 'interrupted (Ctrl-C)'
-    print(f'{os.path.basename(sys.argv[0])}: {what}.', file=sys.stderr)
+  if last_line:
+    print(f'{os.path.basename(sys.argv[0])}: {last_line}', file=sys.stderr)
   for stream in (logging, sys.stdout, sys.stderr):
     stream.flush()
   # Not sys.exit: the interpreter's exit runs JAX's shutdown barrier and
