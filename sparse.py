@@ -42,8 +42,8 @@ class RowGrads(NamedTuple):
   """A table's gradient as the rows read: `values[i]` belongs to `rows[i]`.
 
   Attributes:
-    rows: `[n]` int32 rows of the table, repeated once per lookup; negative
-      rows (padding) belong to no row.
+    rows: `[n]` int32 rows of the table, repeated once per lookup, below its
+      size; negative rows (padding) belong to no row.
     values: `[n, ...]`, each of the table's row shape.
   """
 
@@ -89,7 +89,8 @@ def value_and_grad(
 
   Returns:
     `((loss, aux), grads)`: `grads` is shaped as `params`, but each table's
-    leaf is the `RowGrads` of every lookup of this call.
+    leaf is the `RowGrads` of every lookup of this call; a lookup past the
+    table's end is its last row, which it read, as in a dense gradient.
 
   Raises:
     ValueError: the call reads other tables than `tables`, or one table
@@ -133,9 +134,12 @@ def value_and_grad(
   rows = traverse_util.flatten_dict(rows)
   grads = dict(dense_grads)  # Both keyed by path, as `dense` and `zeros`.
   for path in tables:
-    table_rows = rows[path][0].reshape(-1)
+    # A row past the table's end read its last row (`take_rows` clips), so
+    # its gradient goes there, as a dense gradient's would; padding stays.
+    table_rows = rows[path][0].reshape(-1).astype(jnp.int32)
+    table_rows = jnp.minimum(table_rows, flat[path].shape[0] - 1)
     values = row_grads[path].reshape((-1,) + flat[path].shape[1:])
-    grads[path] = RowGrads(table_rows.astype(jnp.int32), values)
+    grads[path] = RowGrads(table_rows, values)
   return (value, aux), traverse_util.unflatten_dict(grads)
 
 
@@ -179,7 +183,9 @@ def dedup(grads: RowGrads, num_rows: int) -> tuple[jax.Array, RowGrads]:
   distinct rows come first, in order of first lookup, then padding.
 
   Args:
-    grads: `[n]` rows and `[n, ...]` values.
+    grads: `[n]` rows and `[n, ...]` values; negative rows are padding, and
+      rows from `num_rows` are dropped as well (`value_and_grad` gives
+      none).
     num_rows: the table's rows.
 
   Returns:

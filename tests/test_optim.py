@@ -27,6 +27,11 @@ ALL_ROWS_2 = np.array([[2, 3], [1, 0], [0, 2], [1, 1]], np.int32)
 # Rows 0, 1 (field 0) and 3, 5 (field 1), each read twice; rows 2, 4 and 6
 # stay untouched.
 SOME_ROWS = np.array([[0, 0], [1, 2], [0, 2], [1, 0]], np.int32)
+# Field 1's ids 5 and 9 are rows 8 and 12, past the table's 7: each reads
+# its last row, 6 (the gather clips). ALL_ROWS with [0, 5]: every row read,
+# row 6 only so; SOME_ROWS with [0, 9]: rows 2 and 4 untouched.
+ALL_ROWS_PAST_END = np.array([[0, 0], [1, 1], [2, 2], [0, 5]], np.int32)
+SOME_ROWS_PAST_END = np.array([[0, 0], [1, 2], [0, 9], [1, 0]], np.int32)
 LABELS = np.array([1.0, 0.0, 1.0, 0.0], np.float32)
 SPARSE = ('lazy_adam', 'rowwise_adagrad')
 
@@ -89,13 +94,18 @@ def _first(tree):
 
 
 def _rows_read(model_name, ids):
-  """Brute force: the table rows that `ids` read, per table path."""
-  rows = set((ids + [0, FIELD_DIMS[0]]).reshape(-1).tolist())
+  """Brute force: the table rows that `ids` read, per table path (a row
+  past a table's end reads its last row)."""
+
+  def read(rows):
+    return set(np.minimum(rows, NUM_ROWS - 1).reshape(-1).tolist())
+
+  rows = read(ids + [0, FIELD_DIMS[0]])
   if model_name == 'ncf':
     gmf = ids[:, [1, 0]] + [0, FIELD_DIMS[1]]  # Item field first.
     return {
       ('embedding', 'embedding'): rows,
-      ('gmf_embedding', 'embedding'): set(gmf.reshape(-1).tolist()),
+      ('gmf_embedding', 'embedding'): read(gmf),
     }
   return {
     ('FeaturesLinear_0', 'weight'): rows,
@@ -232,9 +242,17 @@ class RowwiseOptimizerTest(parameterized.TestCase):
     ('rowwise_adagrad', 'ncf'),
     ('lazy_adam', 'fm', 0.5),  # The tables' own weight decay.
     ('rowwise_adagrad', 'ncf', 0.5),
+    # Ids past the table's end: the last row they read takes their steps.
+    ('lazy_adam', 'fm', None, (SOME_ROWS_PAST_END,)),
+    ('rowwise_adagrad', 'fm', None, (SOME_ROWS_PAST_END,)),
+    ('rowwise_adagrad', 'ncf', None, (SOME_ROWS_PAST_END,)),
   )
   def test_steps_match_brute_force(
-    self, optimizer, model_name, table_weight_decay=None
+    self,
+    optimizer,
+    model_name,
+    table_weight_decay=None,
+    batches=(SOME_ROWS, SOME_ROWS[::-1], ALL_ROWS_2),
   ):
     config = _config(
       model_name, optimizer, table_weight_decay=table_weight_decay
@@ -245,7 +263,7 @@ class RowwiseOptimizerTest(parameterized.TestCase):
     # A first step touching every row makes all moments nonzero; then steps
     # that read some rows, each twice.
     state = _first(_run(step, state, [(ALL_ROWS, LABELS)]))
-    for ids in (SOME_ROWS, SOME_ROWS[::-1], ALL_ROWS_2):
+    for ids in batches:
       read = _rows_read(model_name, ids)
       grads = _dense_grads(config, state, ids)
       want_p, want_state = _numpy_step(optimizer, grads, state, read, config)
@@ -318,11 +336,19 @@ class RowwiseOptimizerTest(parameterized.TestCase):
     # Row 0's tiny gradients took two steps of about the rate.
     self.assertGreater(np.abs(table[0] - want_w[0]).min(), 0.5)
 
-  @parameterized.parameters('fm', 'ffm', 'ncf', 'deepfm')
+  @parameterized.parameters(
+    ('fm',),
+    ('ffm',),
+    ('ncf',),
+    ('deepfm',),
+    # Row 6 read only through ids past the table's end.
+    ('fm', ALL_ROWS_PAST_END),
+    ('deepfm', ALL_ROWS_PAST_END),
+  )
   def test_lazy_adam_equals_dense_adam_when_every_row_is_touched(
-    self, model_name
+    self, model_name, first=ALL_ROWS
   ):
-    batches = [(ALL_ROWS, LABELS), (ALL_ROWS_2, LABELS), (ALL_ROWS, LABELS)]
+    batches = [(first, LABELS), (ALL_ROWS_2, LABELS), (first, LABELS)]
     states = {}
     for optimizer in ('adam', 'lazy_adam'):
       _, state, step = _setup(_config(model_name, optimizer))

@@ -43,6 +43,14 @@ MULTI_IDS = np.array(
   np.int32,
 )
 MULTI_FIELD_DIMS = (3, 2)
+# IDS with field 1's ids 5 and 9: rows 8 and 12, past the 7 one-hot rows.
+# Each reads the table's last row (the gather clips), unread in IDS.
+IDS_PAST_END = np.array(
+  [[0, 0], [1, 5], [0, 2], [1, 0], [0, 9], [1, 0]], np.int32
+)
+# MULTI_IDS with multi-hot field 1's id 3: row 6, past the 5 multi-hot rows.
+MULTI_IDS_PAST_END = MULTI_IDS.copy()
+MULTI_IDS_PAST_END[0, 1, 1] = 3
 DENSE = np.linspace(-1, 1, 12, dtype=np.float32).reshape(6, 2)
 
 MODEL_KWARGS = {
@@ -157,10 +165,11 @@ def _loss(model, batch_stats, batch):
   )
 
 
-def _batch(multi=False):
-  batch = {'ids': IDS, 'label': LABELS}
+def _batch(multi=False, past_end=False):
+  batch = {'ids': IDS_PAST_END if past_end else IDS, 'label': LABELS}
   if multi:
-    batch.update(multi_ids=MULTI_IDS, dense=DENSE)
+    multi_ids = MULTI_IDS_PAST_END if past_end else MULTI_IDS
+    batch.update(multi_ids=multi_ids, dense=DENSE)
   return batch
 
 
@@ -173,15 +182,20 @@ class RowGradientsTest(parameterized.TestCase):
     ('fm_multi_hot_and_numeric', 'fm', True),
     ('dcnv2_no_batch_norm', 'dcnv2', False),
     ('finalmlp_no_batch_norm', 'finalmlp', False),
+    ('fm_ids_past_the_end', 'fm', False, True),
+    ('fm_multi_hot_ids_past_the_end', 'fm', True, True),
+    ('ncf_ids_past_the_end', 'ncf', False, True),
   )
-  def test_row_gradients_are_the_rows_of_the_dense_gradient(self, name, multi):
+  def test_row_gradients_are_the_rows_of_the_dense_gradient(
+    self, name, multi, past_end=False
+  ):
     fields = (
       {'multi_field_dims': MULTI_FIELD_DIMS, 'num_dense': 2} if multi else {}
     )
     model, params, batch_stats = _model_and_params(name, **fields)
     if MODEL_KWARGS[name].get('batch_norm') is False:  # As the configs'.
       self.assertEqual(batch_stats, {})
-    batch = _batch(multi)
+    batch = _batch(multi, past_end)
 
     fun = _loss(model, batch_stats, batch)
     tables = sparse.declared_tables(
@@ -210,13 +224,17 @@ class RowGradientsTest(parameterized.TestCase):
           continue
         self.assertIsInstance(g, sparse.RowGrads)
         rows = np.asarray(g.rows)
+        num_rows = dense[path].shape[0]
         if want_rows[path] is None:
           self.assertEqual(len(rows), len(IDS))
         else:
-          np.testing.assert_array_equal(rows, want_rows[path])
+          # A row past the end is the last row, which the gather read.
+          want = np.minimum(want_rows[path], num_rows - 1)
+          np.testing.assert_array_equal(rows, want)
+        if past_end and path[-1] == 'embedding':
+          self.assertIn(num_rows - 1, rows)
         # Summed per row: exactly the dense gradient's rows (bit for bit),
         # whose other rows are zero.
-        num_rows = dense[path].shape[0]
         count, summed = jax.jit(sparse.dedup, static_argnums=1)(g, num_rows)
         read = np.asarray(summed.rows)[:count]
         self.assertEqual(sorted(read), sorted(set(rows[rows >= 0])))
