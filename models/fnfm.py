@@ -139,9 +139,10 @@ def take_rows(
   Args:
     table: `[rows, ...]`.
     rows: int rows to read, below the table's size (a larger one reads the
-      last row: the gather clips, so XLA adds no mask over its result);
-      negative ones are padding, read as row 0 (the caller masks them) and
-      reported as no row of the table.
+      last row, and its gradient goes there with every optimizer: the
+      gather clips, so XLA adds no mask over its result); negative ones are
+      padding, read as row 0 (the caller masks them) and reported as no
+      row of the table.
     module: the module that owns `table`; None: a plain gather.
     name: the parameter name of `table` in `module`.
     apart: run the gather apart from what reads it (above); for rows that
