@@ -24,7 +24,6 @@ them), which `XLA_FLAGS` could only set for both.
 Results: benchmarks/results/<out_name>.{json,csv,md} (default ab).
 """
 
-import argparse
 from collections.abc import Sequence
 import itertools
 import os
@@ -161,7 +160,7 @@ def markdown(records: list[dict], info: dict, command: str) -> str:
 
 @common.user_errors('--set')
 def main(argv: Sequence[str] | None = None) -> list[dict]:
-  parser = argparse.ArgumentParser(
+  parser = common.ArgumentParser(
     prog='python -m benchmarks.ab', description=__doc__.split('\n')[0]
   )
   parser.add_argument('--model', required=True, help='a config in configs/')
@@ -264,4 +263,4 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
 
 
 if __name__ == '__main__':
-  main()
+  common.run(main)

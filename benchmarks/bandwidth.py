@@ -18,12 +18,13 @@ which bound a step that crosses every pair of fields as XLA compiles it.
   python -m benchmarks.bandwidth      # prints both rates
 """
 
-import argparse
 from collections.abc import Callable, Mapping, Sequence
 import statistics
 import time
 
 import numpy as np
+
+from benchmarks import common
 
 # The clock of `_median_seconds`. A test replaces this one, not the time
 # module's, which anything running meanwhile (a gc callback) may read.
@@ -146,7 +147,7 @@ def compiled_cost(fn, *args) -> dict[str, float]:
 
 def main(argv: Sequence[str] | None = None) -> dict[str, float]:
   """Prints and returns both rates; takes no flags but --help."""
-  argparse.ArgumentParser(
+  common.ArgumentParser(
     prog='python -m benchmarks.bandwidth', description=__doc__.split('\n')[0]
   ).parse_args(argv)
   copy = copy_bandwidth()
@@ -157,4 +158,4 @@ def main(argv: Sequence[str] | None = None) -> dict[str, float]:
 
 
 if __name__ == '__main__':
-  main()
+  common.run(main)

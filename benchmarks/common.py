@@ -24,7 +24,7 @@ import re
 import shlex
 import sys
 import tempfile
-from typing import Any
+from typing import Any, NoReturn
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RESULTS = os.path.join(ROOT, 'benchmarks', 'results')
@@ -252,8 +252,9 @@ def user_errors(flag: str | None = None, keys: Mapping[str, str] | None = None):
 
   A `utils.UserError` (a bad config value, a missing data file, a workdir
   in use), raised by the trainer or the data, becomes a `SystemExit` with
-  its message, not a traceback; main.py's `--config.<key>=<value>` in it
-  becomes `flag`'s (the script's `--set`, or none).
+  its message, not a traceback (`run` prints it in one line, status 2);
+  main.py's `--config.<key>=<value>` in it becomes `flag`'s (the script's
+  `--set`, or none).
 
   Args:
     flag: the script's flag of config overrides (`--set`), or None.
@@ -276,6 +277,53 @@ def user_errors(flag: str | None = None, keys: Mapping[str, str] | None = None):
     return wrapped
 
   return decorate
+
+
+class ArgumentParser(argparse.ArgumentParser):
+  """argparse's parser, whose errors are one line, as main.py's flags'.
+
+  A flag it cannot read, or a check of the tool's (`parser.error`), prints
+  `<prog>: error: <message>` without the usage before it, and exits with
+  status 2 (`--help` shows the usage).
+  """
+
+  def error(self, message: str) -> NoReturn:
+    self.exit(2, f'{self.prog}: error: {message}\n')
+
+
+def run(main: Callable[[], Any]) -> None:
+  """Runs a tool's `main` as its command: a user's mistake ends in one line.
+
+  A `SystemExit` with a message (a flag, file or config the tool refuses;
+  `user_errors`' messages) and a `utils.UserError` print `python -m
+  benchmarks.<tool>: error: <message>` on stderr and exit with status 2,
+  as main.py does. An integer status (argparse's, `--help`'s) stays, and
+  any other exception keeps its traceback, status 1.
+
+  Args:
+    main: the tool's `main`, called without arguments (sys.argv's).
+  """
+  spec = inspect.unwrap(main).__globals__.get('__spec__')  # user_errors'.
+  program = os.path.basename(sys.argv[0])
+  if spec is not None:
+    program = f'python -m {spec.name}'
+  try:
+    main()
+  except SystemExit as e:
+    if e.code is None or isinstance(e.code, int):
+      raise
+    message = str(e.code)
+  except Exception as e:  # pylint: disable=broad-except
+    utils = sys.modules.get('utils')  # Not imported: not a UserError.
+    if utils is None or not isinstance(e, utils.UserError):
+      raise
+    message = str(e)
+  else:
+    return
+  sys.stdout.flush()
+  sys.stderr.write(f'{program}: error: {message.removeprefix("error: ")}\n')
+  sys.stderr.flush()
+  sys.exit(2)
 
 
 # The start of a benchmark's child script (`python -c`): the repository is

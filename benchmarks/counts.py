@@ -10,13 +10,12 @@ reports the distinct keys, the totals' final size and the peak of the
 memory numpy allocated while counting (tracemalloc), and the seconds.
 """
 
-import argparse
 import time
 import tracemalloc
 
 import numpy as np
 
-from benchmarks import common  # noqa: F401  (the repository root on the path)
+from benchmarks import common
 from datasets import encode
 
 
@@ -56,7 +55,9 @@ def measure(chunks: list[np.ndarray]) -> dict:
 
 
 def main() -> None:
-  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser = common.ArgumentParser(
+    prog='python -m benchmarks.counts', description=__doc__.splitlines()[0]
+  )
   parser.add_argument('--chunks', type=int, default=300)
   parser.add_argument('--chunk_keys', type=int, default=100_000)
   parser.add_argument('--seed', type=int, default=0)
@@ -70,4 +71,4 @@ def main() -> None:
 
 
 if __name__ == '__main__':
-  main()
+  common.run(main)

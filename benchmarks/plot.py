@@ -13,12 +13,12 @@ Needs matplotlib (`pip install matplotlib`), an optional dependency used by
 this script only.
 """
 
-import argparse
 from collections.abc import Sequence
 import json
 import math
 import os
-import sys
+
+from benchmarks import common
 
 
 def read_run(path: str) -> list[dict]:
@@ -120,7 +120,7 @@ def plot(
 
 
 def main(argv: Sequence[str] | None = None) -> str:
-  parser = argparse.ArgumentParser(
+  parser = common.ArgumentParser(
     prog='python -m benchmarks.plot', description=__doc__.split('\n')[0]
   )
   parser.add_argument('workdirs', nargs='+', help='runs or metrics.jsonl')
@@ -137,4 +137,4 @@ def main(argv: Sequence[str] | None = None) -> str:
 
 
 if __name__ == '__main__':
-  main(sys.argv[1:])
+  common.run(main)

@@ -12,7 +12,6 @@ grow with the file. Results go to `<out_dir>/predict.{json,md}` (default
 `benchmarks/results/`).
 """
 
-import argparse
 from collections.abc import Sequence
 import json
 import os
@@ -182,7 +181,9 @@ def write_results(rows: list[dict], out_dir: str, command: str) -> str:
 
 @common.user_errors()
 def main(argv: Sequence[str] | None = None) -> list[dict]:
-  parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+  parser = common.ArgumentParser(
+    prog='python -m benchmarks.predict', description=__doc__.split('\n')[0]
+  )
   parser.add_argument('--lines', default='100000,1000000', help='sizes')
   parser.add_argument('--dir', default='/tmp/flax_fm_predict')
   parser.add_argument('--workdir', default='', help='a finished Criteo run')
@@ -235,4 +236,4 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
 
 
 if __name__ == '__main__':
-  main()
+  common.run(main)

@@ -16,7 +16,6 @@ cache are deleted afterwards unless `--keep` (10M Criteo lines are about
 2.4 GB).
 """
 
-import argparse
 from collections.abc import Sequence
 import json
 import os
@@ -211,7 +210,9 @@ def write_results(fmt: str, rows: list[dict], out_dir: str) -> str:
 
 @common.user_errors()
 def main(argv: Sequence[str] | None = None) -> list[dict]:
-  parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+  parser = common.ArgumentParser(
+    prog='python -m benchmarks.preprocess', description=__doc__.split('\n')[0]
+  )
   parser.add_argument('--format', choices=('criteo', 'avazu'), default='criteo')
   parser.add_argument(
     '--lines', default='1000000,10000000', help='comma-separated sizes'
@@ -254,4 +255,4 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
 
 
 if __name__ == '__main__':
-  main()
+  common.run(main)

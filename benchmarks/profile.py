@@ -208,7 +208,7 @@ def markdown(records: list[dict], info: dict, command: str) -> str:
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-  parser = argparse.ArgumentParser(
+  parser = common.ArgumentParser(
     prog='python -m benchmarks.profile', description=__doc__.split('\n')[0]
   )
   parser.add_argument('--model', default='fnn')
@@ -294,4 +294,4 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
 
 
 if __name__ == '__main__':
-  main()
+  common.run(main)

@@ -321,7 +321,7 @@ def markdown(records: list[dict], info: dict, command: str) -> str:
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-  parser = argparse.ArgumentParser(
+  parser = common.ArgumentParser(
     prog='python -m benchmarks.seeds', description=__doc__.split('\n')[0]
   )
   parser.add_argument('--models', default='all', help='all or a,b,c')
@@ -417,4 +417,4 @@ def run_all(args: argparse.Namespace, argv: Sequence[str] | None) -> list[dict]:
 
 
 if __name__ == '__main__':
-  main()
+  common.run(main)

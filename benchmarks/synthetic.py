@@ -35,13 +35,14 @@ real file would under the fit (`expected_values`): 5.6M distinct at 5M
 lines, 9.9M at 10M, 17.4M at 20M.
 """
 
-import argparse
 from collections.abc import Sequence
 import os
 import sys
 import time
 
 import numpy as np
+
+from benchmarks import common
 
 # Distinct values of C1..C26 in Criteo's 45.8M-line Kaggle train.txt.
 CRITEO_CARDINALITIES = (
@@ -401,7 +402,7 @@ def _write_movielens(rng: np.random.Generator, lines: int, out: str) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> str:
-  parser = argparse.ArgumentParser(
+  parser = common.ArgumentParser(
     prog='python -m benchmarks.synthetic', description=__doc__.split('\n')[0]
   )
   parser.add_argument(
@@ -443,4 +444,4 @@ def main(argv: Sequence[str] | None = None) -> str:
 
 
 if __name__ == '__main__':
-  main()
+  common.run(main)

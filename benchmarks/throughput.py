@@ -778,7 +778,7 @@ def markdown(records: list[dict], info: dict, command: str) -> str:
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-  parser = argparse.ArgumentParser(
+  parser = common.ArgumentParser(
     prog='python -m benchmarks.throughput', description=__doc__.split('\n')[0]
   )
   parser.add_argument('--models', default='all', help='all or a,b,c')
@@ -895,4 +895,4 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
 
 
 if __name__ == '__main__':
-  main()
+  common.run(main)

@@ -417,7 +417,7 @@ def main_argv(
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-  parser = argparse.ArgumentParser(
+  parser = common.ArgumentParser(
     prog='python -m benchmarks.time_to_auc',
     description=__doc__.split('\n')[0],
   )
@@ -531,4 +531,4 @@ def in_tool_terms(message: str, data_name: str) -> str:
 
 
 if __name__ == '__main__':
-  main()
+  common.run(main)

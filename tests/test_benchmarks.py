@@ -13,9 +13,11 @@ import json
 import math
 import multiprocessing
 import os
+import re
 import shlex
 import shutil
 import struct
+import subprocess
 import sys
 import tempfile
 import time
@@ -101,6 +103,63 @@ class CommandLineTest(absltest.TestCase):
       common.command_line('seeds', ['--models=fm', '--seeds=0-9']),
       'python -m benchmarks.seeds --models=fm --seeds=0-9',
     )
+
+  def test_a_refused_flag_or_file_ends_the_command_in_one_line(self):
+    # As main.py: status 2 and one line on stderr, whether the tool, a
+    # user_errors main or argparse refused it (each before any run).
+    for argv, message in (
+      (['plot', '/no/such'], '/no/such: no such metrics file'),
+      (['plot', '--nope', 'x'], 'unrecognized arguments: --nope'),
+      (['throughput', '--models=nope'], '--models: unknown model(s) nope;'),
+    ):
+      with self.subTest(argv=argv):
+        done = subprocess.run(
+          [sys.executable, '-m', f'benchmarks.{argv[0]}', *argv[1:]],
+          cwd=common.ROOT,
+          capture_output=True,
+          text=True,
+          timeout=120,
+        )
+        self.assertEqual(done.returncode, 2, done.stderr)
+        self.assertEqual(done.stdout, '')
+        self.assertStartsWith(
+          done.stderr, f'python -m benchmarks.{argv[0]}: error: {message}'
+        )
+        self.assertEqual(done.stderr.count('\n'), 1, done.stderr)
+        self.assertTrue(done.stderr.endswith('\n'))
+
+  def test_run_ends_a_user_error_in_one_line_and_lets_others_through(self):
+    import utils  # pylint: disable=g-import-not-at-top
+
+    def plain():
+      raise utils.UserError('config.batch_size=0: set --config.<key>=<value>')
+
+    for name, main, want in (
+      ('plain', plain, 'set --config.<key>=<value>'),
+      (
+        'user_errors',
+        common.user_errors('--set')(plain),
+        'set --set=<key>=<value>',
+      ),
+    ):
+      with self.subTest(name):
+        stderr = io.StringIO()
+        with (
+          contextlib.redirect_stderr(stderr),
+          self.assertRaises(SystemExit) as raised,
+        ):
+          common.run(main)
+        self.assertEqual(raised.exception.code, 2)
+        self.assertRegex(
+          stderr.getvalue(),
+          rf'^[^\n]+: error: config\.batch_size=0: {re.escape(want)}\n\Z',
+        )
+    # A bug keeps its traceback; --help's status stays.
+    with self.assertRaises(ZeroDivisionError):
+      common.run(lambda: 1 / 0)
+    with self.assertRaises(SystemExit) as raised:
+      common.run(lambda: sys.exit(0))
+    self.assertEqual(raised.exception.code, 0)
 
 
 class OutDirTest(_TempDirs, absltest.TestCase):
