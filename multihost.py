@@ -7,8 +7,9 @@ writes the replicated state once and every process restores it from the
 shared workdir. A badly set-up run fails on every process with one
 clear message: `errors_shared` raises on all what one process refused alone
 (process 0's lock of the workdir, a host's data); `assert_same_config` and
-`assert_same_data` compare what they were given. `stop_after_failure` turns
-a lost peer into a bounded exit that names it.
+`assert_same_data` compare what they were given. A lost peer ends the
+others with one line naming it (`peer_watch`), and `stop_after_failure`
+bounds the exit of a process that failed.
 """
 
 from collections.abc import Iterator
@@ -23,12 +24,14 @@ from typing import Any
 
 from absl import logging
 import jax
+from jax._src import distributed  # The client: multihost_utils reads it too.
 from jax.experimental import multihost_utils
 import numpy as np
 
 from coordinator import check_coordinator
 import entry
 import lock
+import peer_watch
 from utils import UserError
 import workdir as workdir_lib
 
@@ -40,6 +43,7 @@ UNJOINED = (
 # jaxlib aborts (status 134, a C++ stack) where not every process joined in
 # its timeout: given this much more, `_unjoined` ends the process first.
 JOIN_GRACE_SECONDS = 10
+_FAILED_BARRIER = 'flax_fm: every process failed'
 
 
 def setup_distributed(
@@ -63,7 +67,8 @@ def setup_distributed(
     process_id: this process, in `[0, num_processes)`.
     heartbeat_timeout_seconds: a process that sends no heartbeat to the
       coordination service for this long is declared dead, and every other
-      process stops with an error naming it.
+      process stops with one line naming it, status 1 (`peer_watch`; when
+      process 0 is lost, jaxlib aborts the others at once).
     initialization_timeout_seconds: how long the processes wait for each other
       to connect at start-up; then, given the address and count, a process
       still waiting exits with status 2 and one line.
@@ -78,6 +83,9 @@ def setup_distributed(
   jax.config.update('jax_cpu_collectives_implementation', 'gloo')
   # Its notifier took SIGTERM from entry.py and waited for a sync point.
   jax.config.update('jax_enable_preemption_service', False)
+  # A lost process no longer aborts the others (a C++ stack): `peer_watch`
+  # ends them in one line. Process 0's service reads it.
+  jax.config.update('jax_enable_recoverability', True)
   address = coordinator_address or os.environ.get('JAX_COORDINATOR_ADDRESS')
   if (
     address
@@ -120,6 +128,7 @@ def setup_distributed(
     ) from e
   finally:
     unjoined.cancel()
+  peer_watch.start(heartbeat_timeout_seconds)  # Before any exit: see there.
   owners = [d.process_index for d in jax.devices()]  # pmap needs equal ones.
   counts = {p: owners.count(p) for p in sorted(set(owners))}
   if len(set(counts.values())) > 1:
@@ -142,38 +151,19 @@ def _unjoined(address: str, timeout: float, num_processes: int) -> None:
   os._exit(2)  # pylint: disable=protected-access
 
 
-def live_processes(timeout: float) -> set[int] | Exception | None:
-  """The processes the JAX coordination service holds alive.
-
-  `multihost_utils.live_devices` acts as a barrier: it answers once every
-  live process has asked, or once the others are declared dead (no heartbeat
-  for the heartbeat timeout).
+def all_failed(timeout: float) -> bool | Exception:
+  """Whether every process came here, failed too, within `timeout` seconds.
 
   Returns:
-    Their indices; the exception when the service cannot be reached (it runs
-    in process 0); or None when no answer came within `timeout` seconds
-    (some process is still busy, e.g. waiting in a collective).
+    True or False; the exception when the JAX coordination service cannot be
+    reached (it runs in process 0).
   """
-  answer = {}
-
-  def ask():
-    try:
-      with multihost_utils.live_devices(jax.devices()) as devices:
-        answer['live'] = {d.process_index for d in devices}
-    except multihost_utils.ProcessFailureError as e:
-      # Leaving the block asks again: a process lost in between is dead too.
-      lost = {d.process_index for d in e.failed_devices}
-      answer['live'] = answer.get('live', set()) - lost
-    except Exception as e:  # pylint: disable=broad-except
-      answer['error'] = e
-
-  # A daemon thread, so that an unanswered question cannot keep us alive.
-  thread = threading.Thread(target=ask, daemon=True)
-  thread.start()
-  thread.join(timeout)
-  if thread.is_alive():
-    return None
-  return answer.get('live', answer.get('error'))
+  client = distributed.global_state.client
+  try:
+    client.wait_at_barrier(_FAILED_BARRIER, int(timeout * 1000))
+  except Exception as e:  # pylint: disable=broad-except
+    return False if 'DEADLINE_EXCEEDED' in str(e) else e
+  return True
 
 
 def stop_after_failure(
@@ -181,17 +171,15 @@ def stop_after_failure(
 ) -> None:
   """Ends this process of a multi-process run that failed with `error`.
 
-  A process that dies leaves the others waiting in a collective or failing in
-  one; this names the lost processes and exits with status 1 instead of
-  hanging (interrupted: one line and status 130, or 143 for a SIGTERM, as
-  `entry.run_main` ends one process). Within about
-  `heartbeat_timeout_seconds` the coordination service declares a silent
-  process dead: the wait for its answer is bounded by that, and JAX itself
-  then terminates every process (its log also names the dead task).
-
-  Returns (for the caller to re-raise `error`) in a single-process run, and
-  when every process is alive and failed too (e.g. a bad config): then they
-  all leave through JAX's normal shutdown.
+  A process that dies leaves the others failing in a collective, or waiting
+  in one (a frozen process). `peer_watch` ends them within about
+  `heartbeat_timeout_seconds`, naming it, with one line and status 1. Here a
+  failed process waits that long (and some) for the others: when every one
+  fails alike (e.g. a bad config), this returns, for the caller to re-raise
+  `error`, and they all leave through the normal exit; else it exits with
+  status 1 (interrupted: at once, with one line and status 130, or 143 for a
+  SIGTERM, as `entry.run_main` ends one process). It returns at once in a
+  single-process run.
 
   Args:
     error: what stopped this process.
@@ -214,30 +202,23 @@ def stop_after_failure(
     # Long enough for the service to declare a dead peer dead.
     wait = heartbeat_timeout_seconds + 10
     logging.error(
-      'Process %d of %d stopped: %s: %s. Asking the JAX coordination service'
-      ' which processes are alive (at most %s s). If JAX ends this process'
-      ' first, naming a task that stopped sending heartbeats, that process'
-      ' was lost: start all %d again with the same flags to resume.',
-      *(me, count, type(error).__name__, error, wait, count),
+      'Process %d of %d stopped: %s: %s. Waiting for the others (at most %s'
+      ' s): a process that was lost is named when the JAX coordination'
+      ' service misses its heartbeats.',
+      *(me, count, type(error).__name__, error, wait),
     )
-    live = live_processes(wait)
-    if isinstance(live, set) and len(live) == count:
-      return  # All failed alike: re-raise everywhere, shut down normally.
-    if live is None:
+    failed = all_failed(wait)
+    if failed is True:
+      return  # All failed alike: re-raise everywhere, leave together.
+    if failed is False:
       message = (
         f'Process {me} of {count} failed alone while the others still run;'
         ' stopping it, which stops them.'
       )
-    elif isinstance(live, Exception):
+    else:
       message = (
         f'Lost process 0 of {count}: the JAX coordination service it runs is'
-        f' unreachable ({live}). Process {me} stops.'
-      )
-    else:
-      lost = sorted(set(range(count)) - live)
-      message = (
-        f'Lost process(es) {", ".join(map(str, lost))} of {count}: no'
-        f' heartbeat for {heartbeat_timeout_seconds} s. Process {me} stops.'
+        f' unreachable ({failed}). Process {me} stops.'
       )
   logging.error(
     '%s Start all %d processes again with the same flags to resume from the'
@@ -250,10 +231,11 @@ def stop_after_failure(
     print(f'{os.path.basename(sys.argv[0])}: {last_line}', file=sys.stderr)
   for stream in (logging, sys.stdout, sys.stderr):
     stream.flush()
-  # Not sys.exit: the interpreter's exit runs JAX's shutdown barrier and
-  # joins orbax's and the collectives' threads, which may wait forever for
-  # the dead peer. Finished checkpoints are complete on disk; a save cut
-  # short leaves a temporary directory that the next start removes.
+  # Not sys.exit: the interpreter's exit waits for every process (in
+  # `peer_watch`) and joins orbax's and the collectives' threads, which may
+  # wait forever for a dead peer. Finished checkpoints are complete on disk;
+  # a save cut short leaves a temporary directory that the next start
+  # removes.
   os._exit(status)  # pylint: disable=protected-access
 
 

@@ -274,6 +274,11 @@ _INJECT = textwrap.dedent(
   if fault == 'devices' and '--process_id=1' in sys.argv:  # A second GPU.
     os.environ['XLA_FLAGS'] += ' --xla_force_host_platform_device_count=2'
 
+  if fault == 'slow_exit' and '--process_id=1' in sys.argv:  # Ends last.
+    import atexit, time
+
+    atexit.register(time.sleep, 3)  # After the peer watch's end, before JAX's.
+
   sys.argv = sys.argv[1:]
   entry.run_main(main.main)
   """
@@ -294,6 +299,25 @@ def _names_lost(log: str, process: int) -> bool:
   if process == 0:  # It runs the coordination service ("leader").
     patterns.append(r'the leader task was preempted/died')
   return any(re.search(p, log) for p in patterns)
+
+
+# What jaxlib prints when it aborts a process (a C++ or Python stack).
+_STACKS = ('Traceback', 'Check failure stack trace', 'Fatal Python error')
+
+
+def _lost_in_one_line(test, run, survivor: int, victim: int) -> None:
+  """`survivor` ended with status 1 and one line naming `victim` lost."""
+  log = run.log(survivor)
+  test.assertEqual(run.procs[survivor].returncode, 1, run.tails())
+  for stack in _STACKS:
+    test.assertNotIn(stack, log, run.tails())
+  test.assertRegex(
+    log.strip().splitlines()[-1],
+    rf'^main.py: error: Lost process\(es\) {victim} of {NUM_PROCESSES}: no'
+    rf' heartbeat for {HEARTBEAT_TIMEOUT} s\. Process {survivor} stops\.'
+    rf' Start all {NUM_PROCESSES} processes again with the same flags to'
+    r' resume from the latest checkpoint\.$',
+  )
 
 
 def _state(workdir: str) -> dict:
@@ -470,7 +494,12 @@ class TrainingTest(_MultiProcessTestCase):
       survivors = self._wait_for_survivors(run, victim, killed)
       logs = {i: run.log(i) for i in survivors}
       named = {i for i in survivors if _names_lost(logs[i], victim)}
-      if named != set(survivors):
+      if named == set(survivors):
+        # Not jaxlib's abort (status -6, a C++ stack) at the heartbeat
+        # timeout: the peer watch's one line.
+        for i in survivors:
+          _lost_in_one_line(self, run, i, victim)
+      else:
         # With 3+ processes, gloo (the CPU collectives) can abort process 0
         # on a collective mismatch within milliseconds of the kill, before
         # the heartbeat timeout; its coordination service goes with it and
@@ -548,9 +577,32 @@ class FaultTest(_MultiProcessTestCase):
     )
     try:
       for i in self._wait_for_survivors(run, victim, stopped):
-        self.assertTrue(_names_lost(run.log(i), victim), run.tails())
+        # Recoverable, the service no longer aborts the others: without the
+        # peer watch they waited in the collective, forever.
+        _lost_in_one_line(self, run, i, victim)
     finally:
       run.kill()
+
+  def test_a_process_that_ends_last_is_not_aborted(self):
+    # A recoverable run has no shutdown barrier: process 0 stopped the
+    # coordination service while process 1 still ended, and jaxlib aborted
+    # it (status -6, a C++ stack).
+    workdir = os.path.join(self.tmp, 'ends-last')
+    script = os.path.join(self.tmp, 'inject.py')
+    with open(script, 'w') as f:
+      f.write(_INJECT)
+    run = Run(
+      workdir,
+      self.cache,
+      NUM_PROCESSES,
+      '--config.num_epochs=1',
+      wrapper=(script,),
+      env={'FAULT': 'slow_exit', 'FAULT_DIR': 'none'},
+    )
+    self.assertEqual(run.wait(), [0] * NUM_PROCESSES, run.tails())
+    for i in range(NUM_PROCESSES):
+      for stack in _STACKS:
+        self.assertNotIn(stack, run.log(i), run.tails())
 
   def test_unshared_workdir_stops_every_process_with_a_clear_error(self):
     workdir = os.path.join(self.tmp, 'unshared-{i}')
@@ -1437,64 +1489,39 @@ class _Exited(Exception):
   """What the tests' `os._exit` raises instead of ending the process."""
 
 
-def _live_devices(alive=(), lost=(), error=None, release=None):
-  """A fake `multihost_utils.live_devices`: it waits for `release` (an
-  Event, at most 5 s), raises `error` or yields the devices of the `alive`
-  processes, and raises at the block's end that those of `lost` failed."""
-
-  def devices(processes):
-    return {mock.Mock(process_index=i) for i in processes}
-
-  @contextlib.contextmanager
-  def live_devices(_):
-    if release is not None:
-      release.wait(5)
-    if error is not None:
-      raise error
-    yield devices(alive)
-    if lost:
-      raise multihost.multihost_utils.ProcessFailureError(devices(lost))
-
-  return live_devices
-
-
 class LostPeerTest(absltest.TestCase):
-  """A failed process asks which peers live, names the lost, exits with 1."""
+  """A failed process waits for the others; failed alone, it exits with 1."""
 
-  def _live(self, **kwargs):
+  def _all_failed(self, **barrier):
+    """`all_failed(2.5)`, its barrier answering as `barrier` says (a
+    `side_effect`); returns the answer and the barrier's arguments."""
+    client = mock.Mock()
+    client.wait_at_barrier.configure_mock(**barrier)
     with mock.patch.object(
-      multihost.multihost_utils, 'live_devices', _live_devices(**kwargs)
+      multihost.distributed.global_state, 'client', client
     ):
-      return multihost.live_processes(1.0)
+      answer = multihost.all_failed(2.5)
+    return answer, client.wait_at_barrier.call_args.args
 
-  def test_live_processes_are_those_the_service_holds_alive(self):
-    self.assertEqual(self._live(alive=(0, 1)), {0, 1})
-    # One lost while the others asked: dead too.
-    self.assertEqual(self._live(alive=(0, 1, 2), lost=(1,)), {0, 2})
-    unreachable = ConnectionError('the service is gone')
-    self.assertIs(self._live(error=unreachable), unreachable)
+  def test_all_failed_is_whether_every_process_came_to_the_barrier(self):
+    answer, args = self._all_failed()
+    self.assertIs(answer, True)
+    self.assertEqual(args, ('flax_fm: every process failed', 2500))
+    error = multihost.jax.errors.JaxRuntimeError
+    timeout = error('DEADLINE_EXCEEDED: Barrier timed out. Id: x')
+    self.assertIs(self._all_failed(side_effect=timeout)[0], False)
+    unreachable = error('UNAVAILABLE: Failed to send RPC to coordination')
+    self.assertIs(self._all_failed(side_effect=unreachable)[0], unreachable)
 
-  def test_no_answer_is_none_after_the_timeout(self):
-    release = threading.Event()
-    self.addCleanup(release.set)
-    started = time.monotonic()
-    with mock.patch.object(
-      multihost.multihost_utils,
-      'live_devices',
-      _live_devices(alive=(0, 1), release=release),
-    ):
-      self.assertIsNone(multihost.live_processes(0.2))
-    self.assertLess(time.monotonic() - started, 3)
-
-  def _stop(self, error, live, count=2):
-    """`stop_after_failure(error, 10)` in process 1 of `count`, whose
-    question gets `live`. Returns the exit status (None: it returned), the
-    last error logged, and the seconds given to `live_processes` (None: not
-    asked)."""
+  def _stop(self, error, failed, count=2):
+    """`stop_after_failure(error, 10)` in process 1 of `count`, whose wait
+    for the others answers `failed`. Returns the exit status (None: it
+    returned), the last error logged, and the seconds given to `all_failed`
+    (None: not asked)."""
     with (
       mock.patch.object(multihost.jax, 'process_count', return_value=count),
       mock.patch.object(multihost.jax, 'process_index', return_value=1),
-      mock.patch.object(multihost, 'live_processes', return_value=live) as ask,
+      mock.patch.object(multihost, 'all_failed', return_value=failed) as ask,
       mock.patch.object(multihost.os, '_exit', side_effect=_Exited) as exit_,
       self.assertLogs('absl', 'ERROR') as logs,
     ):
@@ -1510,52 +1537,44 @@ class LostPeerTest(absltest.TestCase):
     status = exit_.call_args.args[0] if exit_.called else None
     return status, last.getMessage(), ask.call_args and ask.call_args.args
 
-  def test_a_lost_peer_is_named_and_the_process_exits(self):
+  def test_a_process_that_failed_alone_exits(self):
     error = RuntimeError('collective failed')
     again = ' Start all 2 processes again with the same flags to resume'
-    for live, message in (
-      ({1}, 'Lost process(es) 0 of 2: no heartbeat for 10 s. Process 1 stops.'),
-      (None, 'Process 1 of 2 failed alone while the others still run;'),
+    for failed, message in (
+      (False, 'Process 1 of 2 failed alone while the others still run;'),
       (
         ConnectionError('gone'),
         'Lost process 0 of 2: the JAX coordination service it runs is'
         ' unreachable (gone). Process 1 stops.',
       ),
     ):
-      status, logged, asked = self._stop(error, live)
-      self.assertEqual(status, 1, live)
+      status, logged, asked = self._stop(error, failed)
+      self.assertEqual(status, 1, failed)
       self.assertTrue(logged.startswith(message), logged)
       self.assertIn(again, logged)
       self.assertEqual(asked, (20,))  # The heartbeat timeout, and some.
-    status, logged, _ = self._stop(error, {0, 1}, count=3)
-    self.assertEqual(status, 1)
-    self.assertTrue(logged.startswith('Lost process(es) 2 of 3:'), logged)
 
-  def test_all_alive_and_failed_alike_return_to_re_raise(self):
-    status, logged, asked = self._stop(ValueError('bad config'), {0, 1})
+  def test_all_failed_alike_return_to_re_raise(self):
+    status, logged, asked = self._stop(ValueError('bad config'), True)
     self.assertIsNone(status)
     self.assertEqual(asked, (20,))
-    self.assertIn('Process 1 of 2 stopped: ValueError: bad config.', logged)
-    # JAX's abort for a lost peer may come first: how to resume, said now.
-    self.assertTrue(
-      logged.endswith(
-        ' (at most 20 s). If JAX ends this process first, naming a task that'
-        ' stopped sending heartbeats, that process was lost: start all 2'
-        ' again with the same flags to resume.'
-      ),
+    self.assertEqual(
       logged,
+      'Process 1 of 2 stopped: ValueError: bad config. Waiting for the others'
+      ' (at most 20 s): a process that was lost is named when the JAX'
+      ' coordination service misses its heartbeats.',
     )
 
   def test_an_interrupted_process_exits_without_asking(self):
     # The question would wait for peers that go on training.
-    status, logged, asked = self._stop(KeyboardInterrupt(), {0, 1})
+    status, logged, asked = self._stop(KeyboardInterrupt(), True)
     self.assertEqual((status, asked), (130, None))  # As one process.
     self.assertTrue(logged.startswith('Process 1 of 2 interrupted;'), logged)
-    self.assertEqual(self._stop(entry.Terminated(), {0, 1})[0], 143)
+    self.assertEqual(self._stop(entry.Terminated(), True)[0], 143)
 
   def test_a_single_process_returns_at_once(self):
     with (
-      mock.patch.object(multihost, 'live_processes') as ask,
+      mock.patch.object(multihost, 'all_failed') as ask,
       mock.patch.object(multihost.os, '_exit') as exit_,
     ):
       multihost.stop_after_failure(RuntimeError('x'), 10)

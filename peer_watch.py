@@ -1,0 +1,120 @@
+"""Watches the peers of a multi-process run: a lost one ends this process.
+
+JAX's coordination service declares a process dead once it misses its
+heartbeats for `--heartbeat_timeout_seconds`. By default it then aborts
+every other process (status 134, a C++ stack). `multihost.setup_distributed`
+makes the run recoverable (`jax_enable_recoverability`), so that the others
+live on; `start` then runs a thread that asks the service which processes
+are alive and, when one is lost, ends this process with one line and
+status `LOST_STATUS`, whatever its main thread waits for (a collective with
+a frozen peer never returns). Process 0 runs the service: when it dies,
+jaxlib still aborts the others, at once.
+
+A recoverable run's processes no longer wait for each other when they end
+(JAX's shutdown barrier): `start` registers an exit that does, and process 0
+stops the service only once the others have left it.
+"""
+
+import atexit
+import os
+import sys
+import threading
+import time
+
+from absl import logging
+import jax
+from jax._src import distributed  # The client: multihost_utils reads it too.
+
+# The exit status of a process that lost a peer, as of any failed run: the
+# scheduler reruns it, the processes resume from the latest checkpoint.
+LOST_STATUS = 1
+# How long a process that ends waits for the others to end too (JAX's own
+# shutdown barrier's default).
+EXIT_TIMEOUT_SECONDS = 300
+# Seconds between two questions to the service.
+INTERVAL_SECONDS = 0.5
+
+_EXIT_BARRIER = 'flax_fm: every process ends'
+
+
+class Watch:
+  """A daemon thread that ends this process once a peer is lost."""
+
+  def __init__(self, client, heartbeat_timeout_seconds: float):
+    self.client = client
+    self.me, self.count = jax.process_index(), jax.process_count()
+    self.heartbeat_timeout_seconds = heartbeat_timeout_seconds
+    self.ending = threading.Event()  # Every process came to its end.
+    self.alone = threading.Event()  # Process 0: the others have left.
+    self.thread = threading.Thread(
+      target=self._watch, name='peer_watch', daemon=True
+    )
+
+  def _watch(self) -> None:
+    everyone = list(range(self.count))
+    while not (self.ending.is_set() and self.me != 0):
+      try:
+        # A barrier among the live processes' watches: it answers once each
+        # asked, or once the service declares the silent ones dead.
+        live = set(self.client.get_live_nodes(everyone))
+      except Exception as e:  # pylint: disable=broad-except
+        if self.ending.is_set():
+          return
+        reason = (str(e).splitlines() or [type(e).__name__])[0]
+        lost(
+          f'Lost process 0 of {self.count}: the JAX coordination service it'
+          f' runs is unreachable ({reason}).'
+        )
+      if self.ending.is_set():
+        if live == {self.me}:
+          self.alone.set()
+          return
+      elif missing := sorted(set(everyone) - live):
+        lost(
+          f'Lost process(es) {", ".join(map(str, missing))} of {self.count}:'
+          f' no heartbeat for {self.heartbeat_timeout_seconds} s.'
+        )
+      time.sleep(INTERVAL_SECONDS)
+
+  def end(self) -> None:
+    """At exit: waits for every process, then (process 0) for their leave."""
+    try:
+      self.client.wait_at_barrier(_EXIT_BARRIER, EXIT_TIMEOUT_SECONDS * 1000)
+    except Exception as e:  # pylint: disable=broad-except
+      # A peer died meanwhile (the watch ends this process) or hangs.
+      logging.error('Not every process came to its end: %s', e)
+      return
+    self.ending.set()
+    if self.me == 0:  # Else the others lose the service while they leave.
+      self.alone.wait(self.heartbeat_timeout_seconds + 10)
+
+
+def lost(message: str) -> None:
+  """Ends this process: `message` (a lost peer) as one line."""
+  me, count = jax.process_index(), jax.process_count()
+  logging.flush()
+  sys.stdout.flush()
+  print(
+    f'{os.path.basename(sys.argv[0])}: error: {message} Process {me} stops.'
+    f' Start all {count} processes again with the same flags to resume from'
+    ' the latest checkpoint.',
+    file=sys.stderr,
+    flush=True,
+  )
+  # Not sys.exit: from this thread it would end only the thread, and the
+  # main thread may wait in a collective forever. Finished checkpoints are
+  # complete on disk; a save cut short leaves a temporary directory that the
+  # next start removes.
+  os._exit(LOST_STATUS)  # pylint: disable=protected-access
+
+
+def start(heartbeat_timeout_seconds: float) -> Watch | None:
+  """Watches the peers of this multi-process run (none: returns None)."""
+  client = distributed.global_state.client
+  if client is None or jax.process_count() == 1:
+    return None
+  watch = Watch(client, heartbeat_timeout_seconds)
+  watch.thread.start()
+  # Before JAX's own exit (registered at its import), which leaves the run.
+  atexit.register(watch.end)
+  return watch
