@@ -28,6 +28,7 @@ from jax._src import distributed  # The client: multihost_utils reads it too.
 from jax.experimental import multihost_utils
 import numpy as np
 
+from coordinator import UNJOINED
 from coordinator import check_coordinator
 import entry
 import lock
@@ -35,11 +36,6 @@ import peer_watch
 from utils import UserError
 import workdir as workdir_lib
 
-UNJOINED = (
-  'Not every process joined the run at %s within the %s s of'
-  ' --initialization_timeout_seconds: start all %s with the same'
-  ' --coordinator_address and --num_processes, each with its own --process_id.'
-)
 # jaxlib aborts (status 134, a C++ stack) where not every process joined in
 # its timeout: given this much more, `_unjoined` ends the process first.
 JOIN_GRACE_SECONDS = 10
@@ -71,7 +67,9 @@ def setup_distributed(
       process 0 is lost, jaxlib aborts the others at once).
     initialization_timeout_seconds: how long the processes wait for each other
       to connect at start-up; then, given the address and count, a process
-      still waiting exits with status 2 and one line.
+      still waiting exits with status 2 and one line. Given the address,
+      count and id, processes given other counts or the same id stop at once
+      (`check_coordinator`'s lobby).
 
   Raises:
     UserError: the run is not described by the arguments or the cluster
@@ -93,7 +91,12 @@ def setup_distributed(
     and isinstance(process_id, int)
     and 0 <= process_id < num_processes
   ):
-    check_coordinator(address, process_id, initialization_timeout_seconds)
+    check_coordinator(
+      address,
+      process_id,
+      initialization_timeout_seconds,
+      num_processes=num_processes,
+    )
   timeout = initialization_timeout_seconds
   args = (address, timeout, num_processes)
   unjoined = threading.Timer(timeout, _unjoined, args)

@@ -789,20 +789,27 @@ class FaultTest(_MultiProcessTestCase):
       r" needs 0.00 GiB, more than the 0.00 GiB of this host's available",
     )
 
-  def test_a_process_given_another_count_stops_every_process(self):
+  def test_processes_given_other_counts_stop_at_once(self):
     # Process 0's --num_processes sets the run's size: one given another
-    # (a typo on one host) trained on in a run it did not ask for.
-    error = self._refused(
-      os.path.join(self.tmp, 'count'),
-      1,
-      only={1: [f'--num_processes={NUM_PROCESSES + 1}']},
-    )
-    self.assertRegex(
-      error,
-      rf'^main.py: error: --num_processes={NUM_PROCESSES + 1}, but process 0'
-      rf' started a run of {NUM_PROCESSES} at 127.0.0.1:\d+: give every'
-      r' process the same\.$',
-    )
+    # (a typo on one host) trained on in a run it did not ask for; given a
+    # larger one, process 0 waited for a process that never came, and the
+    # others with it, the whole start-up timeout (300 s by default).
+    for process in (1, 0):
+      error = self._refused(
+        os.path.join(self.tmp, f'count-{process}'),
+        None,
+        only={process: [f'--num_processes={NUM_PROCESSES + 1}']},
+        tag=f'count-{process}',
+      )
+      zero, other = NUM_PROCESSES, NUM_PROCESSES + 1
+      if process == 0:
+        zero, other = other, zero
+      self.assertRegex(
+        error,
+        r'^main.py: error: The processes were given different'
+        rf' --num_processes at 127.0.0.1:\d+: {zero} \(process 0\), {other}'
+        r' \(process \d+\)\. Give every process the same\.$',
+      )
 
   def test_hosts_with_other_device_counts_stop_in_one_line(self):
     # A host with another GPU visible: every process stopped in its first
@@ -1103,6 +1110,8 @@ class UserErrorTest(absltest.TestCase):
           *flags, heartbeat_timeout_seconds=7, initialization_timeout_seconds=50
         )
       self.assertEqual(check.call_args and check.call_args.args, checked)
+      if checked:  # Process 0 hears the others' counts.
+        self.assertEqual(check.call_args.kwargs, {'num_processes': 2})
       init.assert_called_once_with(
         coordinator_address=flags[0],
         num_processes=2,
