@@ -6,7 +6,9 @@ Given an address that it cannot serve or reach, jaxlib aborts the process
 Given `num_processes`, process 0 then holds a lobby on the address, where
 every other process says its `--process_id` and `--num_processes` before any
 joins JAX's coordination service: processes given other counts (or the
-same id) all stop at once, instead of waiting out the start-up timeout.
+same id) all stop at once, instead of waiting out the start-up timeout. A
+process that cannot start (a bad flag) tells them there too
+(`report_failure`).
 """
 
 from collections.abc import Callable, Iterable
@@ -21,12 +23,17 @@ UNJOINED = (
   ' --initialization_timeout_seconds: start all %s with the same'
   ' --coordinator_address and --num_processes, each with its own --process_id.'
 )
-# What the lobby's guests say, and what process 0 answers (one line each).
-_HELLO, _OK, _ERROR = 'flax_fm hello', 'flax_fm ok', 'flax_fm error '
+# What the lobby's guests say (hello, or failed), and what process 0 answers
+# (ok, or error): one line each.
+_PREFIX = 'flax_fm'
+_HELLO, _FAILED = f'{_PREFIX} hello', f'{_PREFIX} failed'
+_OK, _ERROR = f'{_PREFIX} ok', f'{_PREFIX} error '
 # Seconds a guest waits past its timeout for process 0's verdict.
 _VERDICT_GRACE_SECONDS = 10
 # Seconds process 0 tells its error to processes still on their way.
 _LATE_SECONDS = 5
+# Seconds a process that could not start tries to tell the others.
+REPORT_SECONDS = 10
 
 
 def check_coordinator(
@@ -100,6 +107,60 @@ def check_coordinator(
     time.sleep(min(1.0, max(0.0, deadline - time.monotonic())))
 
 
+def report_failure(
+  address: str, process_id: int, num_processes: int, message: str
+) -> None:
+  """Tells the other processes why this one could not start (e.g. a flag).
+
+  Else they wait for it the whole start-up timeout. Process 0 holds the
+  lobby, telling each that comes; another process tells process 0's lobby,
+  which tells them. At most `REPORT_SECONDS`, and best effort: an address
+  that does not serve or reach the lobby is left alone.
+  """
+  host, _, port = address.rpartition(':')
+  host = host.strip('[]')
+  if not (host and port.isdigit() and num_processes > 1):
+    return
+  line = ' '.join(message.split())  # One line.
+  try:
+    if process_id == 0:
+      _tell_guests(host, int(port), f'Process 0: {line}', num_processes)
+    else:
+      _tell_lobby(host, int(port), f'{_FAILED} {process_id} {line}')
+  except (OSError, UnicodeError):
+    pass
+
+
+def _tell_guests(host: str, port: int, error: str, count: int) -> None:
+  """Process 0: tells `error` to the others as they come to its lobby."""
+  family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][0]
+  heard = []
+  with socket.socket(family, socket.SOCK_STREAM) as listener:
+    listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    listener.bind(('::' if family == socket.AF_INET6 else '', port))
+    listener.listen()
+    try:
+      _tell_late(listener, error, set(), count, heard, REPORT_SECONDS)
+    finally:
+      for guest in heard:
+        guest.close()
+
+
+def _tell_lobby(host: str, port: int, line: str) -> None:
+  """Another process: says `line` in process 0's lobby, once it is there."""
+  deadline = time.monotonic() + REPORT_SECONDS
+  while time.monotonic() < deadline:
+    try:
+      with socket.create_connection((host, port), timeout=2) as connection:
+        connection.sendall(f'{line}\n'.encode())
+        connection.settimeout(max(deadline - time.monotonic(), 0.1))
+        if _read_line(connection):  # Process 0 answered: it heard.
+          return
+    except OSError:
+      pass
+    time.sleep(0.5)
+
+
 def _visit(
   connection: socket.socket,
   process_id: int,
@@ -144,12 +205,12 @@ def _lobby(
   Each says its id and count; once all `count` - 1 came, each hears OK.
 
   Raises:
-    UserError: one was given another count, or an id another took (every
-      process that came, or comes within `_LATE_SECONDS`, hears it too); or
-      not all came within `timeout`.
+    UserError: one was given another count, or an id another took, or one
+      could not start (every process that came, or comes within
+      `_LATE_SECONDS`, hears it too); or not all came within `timeout`.
   """
   deadline = time.monotonic() + timeout
-  guests: dict[int, socket.socket] = {}  # By process id.
+  guests: dict[int, socket.socket] = {}  # Those waiting, by process id.
   heard = []  # Every guest's connection, to close.
   try:
     error = None
@@ -163,41 +224,57 @@ def _lobby(
         message = UNJOINED % (address, f'{timeout:g}', count)
         _answer(guests.values(), f'{_ERROR}{message}')
         raise UserError(message)
-      connection, process, given = guest
+      connection, process, said = guest
       heard.append(connection)
       if process in guests and _closed(guests[process]):
         del guests[process]  # It came again.
-      if process in guests or process == 0:
+      if isinstance(said, str):
+        error = f'Process {process}: {said}'
+      elif process in guests or process == 0:
         error = (
           f'Two processes were given --process_id={process} at {address}:'
           ' give each its own, 0 to --num_processes - 1.'
         )
-      elif given != count:
+      elif said != count:
         error = (
           f'The processes were given different --num_processes at {address}:'
-          f' {count} (process 0), {given} (process {process}). Give every'
+          f' {count} (process 0), {said} (process {process}). Give every'
           ' process the same.'
         )
       guests.setdefault(process, connection)
     _answer(heard, f'{_ERROR}{error}')
-    late = time.monotonic() + _LATE_SECONDS  # Those still on their way.
-    while len(guests) < count - 1 and (guest := _next_guest(listener, late)):
-      heard.append(guest[0])
-      guests.setdefault(guest[1], guest[0])
-      _answer([guest[0]], f'{_ERROR}{error}')
+    _tell_late(listener, error, set(guests), count, heard, _LATE_SECONDS)
     raise UserError(error)
   finally:
     for guest in heard:
       guest.close()
 
 
+def _tell_late(
+  listener: socket.socket,
+  error: str,
+  told: set[int],
+  count: int,
+  heard: list[socket.socket],
+  seconds: float,
+) -> None:
+  """Tells `error` to the processes that come within `seconds`, until
+  every one of the `count` - 1 but process 0 heard it (the ids `told`)."""
+  until = time.monotonic() + seconds
+  while len(told - {0}) < count - 1 and (guest := _next_guest(listener, until)):
+    heard.append(guest[0])
+    told.add(guest[1])
+    _answer([guest[0]], f'{_ERROR}{error}')
+
+
 def _next_guest(
   listener: socket.socket, deadline: float
-) -> tuple[socket.socket, int, int] | None:
+) -> tuple[socket.socket, int, int | str] | None:
   """The next process to come to `listener` (None: none before `deadline`).
 
-  Returns its connection, id and count. Any other connection (e.g. process
-  0's own check of the address) is closed.
+  Returns its connection, id, and count (int) or why it could not start
+  (str). Any other connection (e.g. process 0's own check of the address) is
+  closed.
   """
   while (left := deadline - time.monotonic()) > 0:
     listener.settimeout(left)
@@ -207,14 +284,14 @@ def _next_guest(
       return None
     try:
       connection.settimeout(5)  # A guest says hello as it connects.
-      words = _read_line(connection).split()
+      words = _read_line(connection).split(' ', 3)
     except OSError:
       words = []
-    said = words[2:]
-    if words[:2] == _HELLO.split() and (
-      len(said) == 2 and all(w.isdigit() for w in said)
-    ):
-      return connection, int(said[0]), int(said[1])
+    if len(words) == 4 and words[0] == _PREFIX and words[2].isdigit():
+      if words[1] == 'hello' and words[3].isdigit():
+        return connection, int(words[2]), int(words[3])
+      if words[1] == 'failed':
+        return connection, int(words[2]), words[3]
     connection.close()
   return None
 

@@ -24,6 +24,7 @@ from absl import logging
 import ml_collections
 from ml_collections.config_flags import config_flags as config_flags_lib
 
+import coordinator
 from utils import UserError
 
 # Set (to anything but 0) to see the traceback of a UserError.
@@ -155,14 +156,52 @@ def _verbose() -> bool:
   return verbose or flags.FLAGS.verbosity >= 1
 
 
-def fail(message: str, status: int = 2) -> NoReturn:
-  """Prints `<program>: error: <message>` as one line and exits."""
+def fail(
+  message: str, status: int = 2, then: Callable[[], Any] | None = None
+) -> NoReturn:
+  """Prints `<program>: error: <message>` as one line and exits.
+
+  `then`, if given, is called between the two.
+  """
   logging.flush()
   sys.stdout.flush()
   program = os.path.basename(sys.argv[0])
   sys.stderr.write(f'{program}: error: {message}\n')
   sys.stderr.flush()
+  if then is not None:
+    then()
   sys.exit(status)
+
+
+# The flags of a multi-process run (main.py's).
+_RUN_FLAGS = ('coordinator_address', 'process_id', 'num_processes')
+
+
+def _fail_at_start(argv: list[str], message: str) -> NoReturn:
+  """`fail(message)`; in a multi-process run, the others hear it too.
+
+  They would wait for this process the whole start-up timeout: process 0's
+  lobby tells them (`coordinator.report_failure`, at most
+  `coordinator.REPORT_SECONDS`). The flags are read from `argv` as given,
+  since absl could not parse them.
+  """
+  given = {}
+  if all(name in flags.FLAGS for name in _RUN_FLAGS):
+    for i, arg in enumerate(argv[1:], 1):
+      name, equals, value = arg.lstrip('-').partition('=')
+      if arg.startswith('-') and name in _RUN_FLAGS:
+        given[name] = value if equals else ''.join(argv[i + 1 : i + 2])
+  address = given.get('coordinator_address')
+  address = address or os.environ.get('JAX_COORDINATOR_ADDRESS')
+  process, count = given.get('process_id', ''), given.get('num_processes', '')
+  if not (address and process.isdigit() and count.isdigit()):
+    fail(message)
+  fail(
+    message,
+    then=lambda: coordinator.report_failure(
+      address, int(process), int(count), message
+    ),
+  )
 
 
 def _parse_flags(argv: list[str]) -> list[str]:
@@ -175,7 +214,8 @@ def _parse_flags(argv: list[str]) -> list[str]:
   get_config() or one returning no ConfigDict. Returns the other arguments.
   """
   if (message := _config_file_unreadable(argv)) is not None:
-    fail(message)  # ml_collections would raise at the config's first use.
+    # ml_collections would raise at the config's first use.
+    _fail_at_start(argv, message)
   try:
     args = flags.FLAGS(argv)
   except flags.Error as e:
@@ -186,19 +226,20 @@ def _parse_flags(argv: list[str]) -> list[str]:
       if cause in chain:
         break
       chain.append(cause)
-    fail(
+    _fail_at_start(
+      argv,
       _config_file_error(argv, chain[-1])
       or _no_argument(argv, e)
-      or _flag_error(argv, e)
+      or _flag_error(argv, e),
     )
   except Exception as e:  # pylint: disable=broad-except
     missing = "attribute 'get_config'" in str(e) and 'has no get_config()'
     message = _override_error(argv, e) or _config_file_error(argv, e)
     if not (message := message or _not_a_config(argv, missing or '')):
       raise
-    fail(message)
+    _fail_at_start(argv, message)
   if message := _not_a_config(argv):
-    fail(message)
+    _fail_at_start(argv, message)
   return args
 
 

@@ -12,6 +12,7 @@ from unittest import mock
 from absl.testing import absltest
 
 import coordinator
+import entry
 from utils import UserError
 
 
@@ -130,6 +131,42 @@ class LobbyTest(absltest.TestCase):
     results, _ = self._run([(0, 2), (1, 2)], extra=stranger)
     self.assertEqual(results, {0: None, 1: None})
 
+  def test_a_process_that_could_not_start_stops_the_others(self):
+    # E.g. a bad flag: they waited for it the whole start-up timeout.
+    def report(address, process):
+      thread = threading.Thread(
+        target=coordinator.report_failure,
+        args=(address, process, 3, '--x=y: bad\nflag.'),
+        daemon=True,
+      )
+      thread.start()
+      return thread
+
+    results, took = self._run(
+      [(0, 3), (1, 3, 0.3)], extra=lambda address: report(address, 2)
+    )
+    self.assertLess(max(took.values()), 2)
+    for i in (0, 1):
+      self.assertEqual(str(results[i]), 'Process 2: --x=y: bad flag.')
+    # Process 0 holds the lobby to tell them, until all heard it.
+    address = f'127.0.0.1:{_free_port()}'
+    reporting = report(address, 0)
+    time.sleep(0.2)
+    for process in (1, 2):
+      with self.assertRaisesRegex(UserError, r'^Process 0: --x=y: bad flag\.$'):
+        coordinator.check_coordinator(address, process, 20, num_processes=3)
+    reporting.join(2)
+    self.assertFalse(reporting.is_alive())
+
+  def test_a_failure_that_no_process_hears_ends_in_time(self):
+    address = f'127.0.0.1:{_free_port()}'
+    with mock.patch.object(coordinator, 'REPORT_SECONDS', 0.5):
+      for process in (0, 1):
+        started = time.monotonic()
+        coordinator.report_failure(address, process, 2, 'bad flag')
+        self.assertLess(time.monotonic() - started, 2)
+      coordinator.report_failure('no-port', 1, 2, 'bad flag')
+
   def test_a_process_that_finds_the_run_started_stops(self):
     # JAX's coordination service answers there (a gRPC server): the lobby
     # was over, the others joined without this one.
@@ -151,6 +188,39 @@ class LobbyTest(absltest.TestCase):
         coordinator.check_coordinator(
           f'127.0.0.1:{port}', 1, 5, num_processes=2
         )
+
+
+class FailAtStartTest(absltest.TestCase):
+  """A process that cannot parse its flags tells the others."""
+
+  def _told(self, *args, env=None, defined=entry._RUN_FLAGS):
+    """What `report_failure` got from `_fail_at_start` on argv `args`, with
+    the flags `defined` (main.py's)."""
+    with (
+      mock.patch.object(entry.flags, 'FLAGS', set(defined)),
+      mock.patch.object(coordinator, 'report_failure') as report,
+      mock.patch.dict(entry.os.environ, env or {}),
+      mock.patch.object(entry.sys, 'stderr'),
+      self.assertRaises(SystemExit) as exited,
+    ):
+      entry._fail_at_start(['main.py', *args], 'bad flag')
+    self.assertEqual(exited.exception.code, 2)
+    return report.call_args and report.call_args.args
+
+  def test_the_run_flags_are_read_as_given(self):
+    told = ('h:1', 1, 2, 'bad flag')
+    flags = ['--coordinator_address=h:1', '--num_processes=2']
+    self.assertEqual(self._told(*flags, '--process_id=1', '--x=y'), told)
+    self.assertEqual(self._told('-process_id', '1', *flags), told)
+    env = {'JAX_COORDINATOR_ADDRESS': 'h:1'}
+    self.assertEqual(
+      self._told('--num_processes=2', '--process_id=1', env=env), told
+    )
+    # Not a multi-process run's, or not readable: no one to tell.
+    self.assertIsNone(self._told('--x=y'))
+    self.assertIsNone(self._told(*flags, '--process_id=1', defined=()))
+    self.assertIsNone(self._told(*flags, '--process_id=one'))
+    self.assertIsNone(self._told(*flags, '--process_id'))
 
 
 if __name__ == '__main__':

@@ -811,6 +811,22 @@ class FaultTest(_MultiProcessTestCase):
         r' \(process \d+\)\. Give every process the same\.$',
       )
 
+  def test_a_bad_flag_on_one_process_stops_every_process_at_once(self):
+    # It stopped at once; the others waited for it the whole start-up
+    # timeout (300 s by default).
+    for culprit in (1, 0):
+      error = self._refused(
+        os.path.join(self.tmp, f'bad-flag-{culprit}'),
+        culprit,
+        only={culprit: ['--config.num_epochs=x']},
+        tag=f'bad-flag-{culprit}',
+      )
+      self.assertEqual(
+        error,
+        'main.py: error: --config.num_epochs=x: config.num_epochs takes an'
+        f" integer, e.g. {NUM_EPOCHS}; 'x' is not one.",
+      )
+
   def test_hosts_with_other_device_counts_stop_in_one_line(self):
     # A host with another GPU visible: every process stopped in its first
     # collective with a traceback, "cannot reshape array of size 3".
