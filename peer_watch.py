@@ -20,6 +20,7 @@ import os
 import sys
 import threading
 import time
+from typing import Any
 
 from absl import logging
 import jax
@@ -33,6 +34,9 @@ LOST_STATUS = 1
 EXIT_TIMEOUT_SECONDS = 300
 # Seconds between two questions to the service.
 INTERVAL_SECONDS = 0.5
+# At most how long a process that lost a peer takes to leave the service,
+# and process 0 waits for the others to (they learn of it from the service).
+LEAVE_SECONDS = 10
 
 _EXIT_BARRIER = 'flax_fm: every process ends'
 
@@ -61,20 +65,54 @@ class Watch:
         if self.ending.is_set():
           return
         reason = (str(e).splitlines() or [type(e).__name__])[0]
-        lost(
+        self._lost(
           f'Lost process 0 of {self.count}: the JAX coordination service it'
-          f' runs is unreachable ({reason}).'
+          f' runs is unreachable ({reason}).',
+          leave=False,
         )
       if self.ending.is_set():
         if live == {self.me}:
           self.alone.set()
           return
       elif missing := sorted(set(everyone) - live):
-        lost(
+        self._lost(
           f'Lost process(es) {", ".join(map(str, missing))} of {self.count}:'
           f' no heartbeat for {self.heartbeat_timeout_seconds} s.'
         )
       time.sleep(INTERVAL_SECONDS)
+
+  def _lost(self, message: str, leave: bool = True) -> None:
+    """Ends this process: `message` (a lost peer) as one line, status 1.
+
+    The others learn of the loss at the same moment, from the service in
+    process 0: it stays until they left it (at most `LEAVE_SECONDS`), or
+    its end would abort them. They leave it first (`leave`; not where it
+    is unreachable).
+    """
+    logging.flush()
+    sys.stdout.flush()
+    print(
+      f'{os.path.basename(sys.argv[0])}: error: {message} Process'
+      f' {self.me} stops. Start all {self.count} processes again with the'
+      ' same flags to resume from the latest checkpoint.',
+      file=sys.stderr,
+      flush=True,
+    )
+    if self.me == 0:
+      everyone = list(range(self.count))
+      deadline = time.monotonic() + LEAVE_SECONDS
+      while (left := deadline - time.monotonic()) > 0:
+        live, _ = _within(left, self.client.get_live_nodes, everyone)
+        if live is None or set(live) == {0}:
+          break
+        time.sleep(min(INTERVAL_SECONDS, left))
+    elif leave:
+      _within(LEAVE_SECONDS, self.client.shutdown)
+    # Not sys.exit: from this thread it would end only the thread, and the
+    # main thread may wait in a collective forever. Finished checkpoints are
+    # complete on disk; a save cut short leaves a temporary directory that
+    # the next start removes.
+    os._exit(LOST_STATUS)  # pylint: disable=protected-access
 
   def end(self) -> None:
     """At exit: waits for every process, then (process 0) for their leave."""
@@ -89,23 +127,25 @@ class Watch:
       self.alone.wait(self.heartbeat_timeout_seconds + 10)
 
 
-def lost(message: str) -> None:
-  """Ends this process: `message` (a lost peer) as one line."""
-  me, count = jax.process_index(), jax.process_count()
-  logging.flush()
-  sys.stdout.flush()
-  print(
-    f'{os.path.basename(sys.argv[0])}: error: {message} Process {me} stops.'
-    f' Start all {count} processes again with the same flags to resume from'
-    ' the latest checkpoint.',
-    file=sys.stderr,
-    flush=True,
-  )
-  # Not sys.exit: from this thread it would end only the thread, and the
-  # main thread may wait in a collective forever. Finished checkpoints are
-  # complete on disk; a save cut short leaves a temporary directory that the
-  # next start removes.
-  os._exit(LOST_STATUS)  # pylint: disable=protected-access
+def _within(seconds: float, function, *args) -> tuple[Any, bool]:
+  """`function(*args)` in a daemon thread, waited for at most `seconds`.
+
+  Returns:
+    What it returned (None if it raised or did not end), and whether it
+    ended.
+  """
+  answer = []
+
+  def call():
+    try:
+      answer.append(function(*args))
+    except Exception:  # pylint: disable=broad-except
+      answer.append(None)
+
+  thread = threading.Thread(target=call, daemon=True)
+  thread.start()
+  thread.join(seconds)
+  return (answer or [None])[0], bool(answer)
 
 
 def start(heartbeat_timeout_seconds: float) -> Watch | None:

@@ -6,6 +6,8 @@ processes that leave together.
 
 import contextlib
 import io
+import threading
+import time
 from unittest import mock
 
 from absl.testing import absltest
@@ -19,11 +21,20 @@ class _Exited(Exception):
 
 def _client(*answers):
   """A coordination client whose `get_live_nodes` gives `answers` in turn:
-  a process list (as {process: incarnation}) or an exception to raise."""
+  a process list (as {process: incarnation}), an exception to raise, or a
+  function to call (which waits, say)."""
+  left = list(answers)
+
+  def get_live_nodes(processes):
+    answer = left.pop(0)
+    if isinstance(answer, Exception):
+      raise answer
+    if callable(answer):
+      return answer()
+    return {p: 7 for p in answer}
+
   client = mock.Mock()
-  client.get_live_nodes.side_effect = [
-    a if isinstance(a, Exception) else {p: 7 for p in a} for a in answers
-  ]
+  client.get_live_nodes.side_effect = get_live_nodes
   return client
 
 
@@ -72,9 +83,34 @@ class WatchTest(absltest.TestCase):
     status, stderr, _ = self._watch(_client((2,)), me=2)
     self.assertRegex(stderr, r'Lost process\(es\) 0, 1 of 3: ')
 
+  def test_a_process_that_lost_a_peer_leaves_the_service(self):
+    # Process 0's end would abort the others before they learnt of the loss
+    # (the service's answer to their question went with it).
+    client = _client((0, 1, 2), (0, 1))
+    status, stderr, _ = self._watch(client, me=1)
+    self.assertEqual(status, 1)
+    self.assertRegex(stderr, r'^main.py: error: Lost process\(es\) 2 of 3: ')
+    client.shutdown.assert_called_once_with()
+    # Process 0 stays until the others left it.
+    client = _client((0, 1, 2), (0, 1), (0, 1), (0,), (0,))
+    status, stderr, _ = self._watch(client, me=0)
+    self.assertEqual(status, 1)
+    self.assertRegex(stderr, r'Lost process\(es\) 2 of 3: .* Process 0 stops')
+    self.assertEqual(client.get_live_nodes.call_count, 4)
+    client.shutdown.assert_not_called()
+    # Not longer than LEAVE_SECONDS.
+    release = threading.Event()
+    self.addCleanup(release.set)
+    client = _client((0, 1, 2), (0, 2), lambda: release.wait(10))
+    started = time.monotonic()
+    with mock.patch.object(peer_watch, 'LEAVE_SECONDS', 0.3):
+      self.assertEqual(self._watch(client, me=0)[0], 1)
+    self.assertLess(time.monotonic() - started, 3)
+
   def test_an_unreachable_service_is_process_0_lost(self):
     gone = RuntimeError('UNAVAILABLE: Failed to send RPC\nmore')
-    status, stderr, _ = self._watch(_client((0, 1, 2), gone), me=1)
+    client = _client((0, 1, 2), gone)
+    status, stderr, _ = self._watch(client, me=1)
     self.assertEqual(status, 1)
     self.assertTrue(
       stderr.startswith(
@@ -84,6 +120,7 @@ class WatchTest(absltest.TestCase):
       ),
       stderr,
     )
+    client.shutdown.assert_not_called()  # Nothing to leave.
 
   def test_at_the_end_process_0_waits_until_the_others_left(self):
     # They leave one by one: no process is lost.
