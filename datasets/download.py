@@ -230,6 +230,7 @@ def download(
   md5: str | None = None,
   sha256: str | None = None,
   key: str = 'url',
+  digests: dict[str, str] | None = None,
 ) -> str:
   """Downloads `url` to `dest`, verifying its MD5 or SHA-256; atomic.
 
@@ -246,6 +247,8 @@ def download(
     md5: expected hex MD5 of the content, or None to skip the check.
     sha256: expected hex SHA-256 of the content, or None (used if `md5` is).
     key: the config.dataset key that gives `url`, for messages.
+    digests: if given, receives `{'md5' or 'sha256': hex digest}` of the
+      content (SHA-256 when no checksum is expected).
 
   Returns:
     `dest`.
@@ -263,9 +266,9 @@ def download(
       if out is None:  # Another process resumes it: start a file of ours.
         out, tmp = _private(directory, dest)
         with out:
-          _transfer(url, out, tmp, dest, md5, sha256, key, resume=False)
+          _transfer(url, out, tmp, dest, md5, sha256, key, False, digests)
       else:
-        _transfer(url, out, part, dest, md5, sha256, key, resume=True)
+        _transfer(url, out, part, dest, md5, sha256, key, True, digests)
     return dest
   except OSError as e:  # Not the network's: the cache directory's.
     raise core.DownloadError(
@@ -274,12 +277,15 @@ def download(
     ) from e
 
 
-def _transfer(url, out, path, dest, md5, sha256, key, resume: bool) -> None:
+def _transfer(
+  url, out, path, dest, md5, sha256, key, resume: bool, digests=None
+) -> None:
   """Fills `out` (the file `path`) with `url`'s bytes, checks them and
   renames `path` to `dest`; `resume`: `path` may hold a cut transfer's
-  first bytes and keeps them if this one is cut too."""
+  first bytes and keeps them if this one is cut too; `digests` as
+  `download`'s."""
   digest, want = hashlib.md5(), md5
-  if md5 is None and sha256 is not None:
+  if md5 is None:
     digest, want = hashlib.sha256(), sha256
   keep = done = False  # Whether `path` is left for the next call; renamed.
   validator = None
@@ -351,6 +357,8 @@ def _transfer(url, out, path, dest, md5, sha256, key, resume: bool) -> None:
     os.fsync(out.fileno())  # Else a power cut may leave `dest` with garbage.
     os.replace(path, dest)
     keep, done = False, True
+    if digests is not None:
+      digests[digest.name] = digest.hexdigest()
   except OSError:
     keep = False  # A full disk: free what it took.
     raise

@@ -8,8 +8,11 @@ resumed after a cut: `download.download`); an archive (`.tar.gz`, `.tgz`,
 archive's place, which the formats read as they read any directory
 (Criteo's `train.txt`, a libFM directory, ...), or as its one file if it
 holds one. A `#sha256=<hex>` or `#md5=<hex>` fragment is the content's
-checksum, checked before anything is kept. Later runs, and the other
-processes of a run sharing the cache, read the copy without the network.
+checksum, checked before anything is kept; the download's digest (that
+one, else its SHA-256) is recorded beside the copy (`RECORD`), so that a
+later run's fragment is checked against the copy it reads too. Later runs,
+and the other processes of a run sharing the cache, read the copy without
+the network.
 
 A download cut short keeps its bytes in `url-<hash>/<name>.part` for the
 next run to resume. One that nothing has written for 7 days
@@ -23,6 +26,7 @@ import contextlib
 import errno
 import fcntl
 import hashlib
+import json
 import logging
 import os
 import shutil
@@ -47,6 +51,8 @@ ZIP = ('.zip',)
 FILTERS = hasattr(tarfile, 'data_filter')
 # What a disk that refuses a write raises (a damaged gzip is an OSError too).
 DISK_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES)
+# In a URL's directory: `{algorithm: hex digest}` of the download checked.
+RECORD = '.checksums.json'
 # Seconds after which a `.part` that nothing has written is abandoned.
 PART_MAX_AGE_S = 7 * 24 * 3600
 
@@ -216,6 +222,7 @@ def fetch(url: str, cache_dir: str, key: str = 'path') -> str:
     DownloadError: the download or the unpacking failed.
   """
   url, algorithm, digest = _checksum(url, key)
+  checksum = {algorithm: digest} if algorithm else {}
   name = os.path.basename(urllib.parse.urlsplit(url).path) or 'download'
   tag = hashlib.sha256(url.encode()).hexdigest()[:16]
   root = os.path.join(cache_dir, 'downloads', f'url-{tag}')
@@ -223,17 +230,21 @@ def fetch(url: str, cache_dir: str, key: str = 'path') -> str:
   kind = _kind(name)
   final = os.path.join(root, _stem(name) if kind else name)
   if os.path.exists(final):  # Complete: only renamed into place whole.
+    _check_copy(url, final, algorithm, digest, key)
     return _inside(final)
   # One process downloads; the others (runs started together) wait.
   with core.building(root, os.path.join(cache_dir, 'locks')):
     if os.path.exists(final):
+      _check_copy(url, final, algorithm, digest, key)
       return _inside(final)
     archive = os.path.join(root, name)
+    digests = dict(checksum)  # Of the archive.
     if not _archive_in_place(archive, algorithm, digest):
       logging.info('Downloading %s into %s', url, root)
-      checksum = {algorithm: digest} if algorithm else {}
-      download.download(url, archive, key=key, **checksum)
+      digests = {}
+      download.download(url, archive, key=key, digests=digests, **checksum)
     if not kind:
+      _record(root, digests)
       return final  # A file of one name: never a directory.
     try:
       unpack(archive, final, kind)
@@ -247,7 +258,69 @@ def fetch(url: str, cache_dir: str, key: str = 'path') -> str:
       raise core.DownloadError(
         f'Could not unpack {url} into {root}: {e}. {unpack_advice(e, archive)}'
       ) from e
+    _record(root, digests)
   return _inside(final)
+
+
+def _recorded(root: str) -> dict[str, str]:
+  """The digests recorded in `root` (`RECORD`); none if unreadable."""
+  try:
+    with open(os.path.join(root, RECORD)) as f:
+      record = json.load(f)
+  except (OSError, ValueError):
+    return {}
+  return record if isinstance(record, dict) else {}
+
+
+def _record(root: str, digests: dict[str, str], add: bool = False) -> None:
+  """Writes `digests` (`add`: besides those recorded) as `root`'s `RECORD`
+  (atomic; skipped if unwritable); none: removes it."""
+  path = os.path.join(root, RECORD)
+  tmp = f'{path}.{core.owner_tag()}'
+  try:
+    if not digests:
+      with contextlib.suppress(FileNotFoundError):
+        os.remove(path)
+      return
+    with open(tmp, 'w') as f:
+      json.dump({**(_recorded(root) if add else {}), **digests}, f)
+    os.replace(tmp, path)
+  except OSError:
+    with contextlib.suppress(OSError):
+      os.remove(tmp)
+
+
+def _check_copy(
+  url: str, final: str, algorithm: str | None, digest: str | None, key: str
+) -> None:
+  """Raises a DataError unless the kept copy `final` of `url` is the file
+  that the fragment's `digest` names (no fragment: nothing to check).
+
+  The digest recorded when it was downloaded is compared; a file kept as it
+  is, without one, is hashed (and recorded).
+  """
+  if algorithm is None:
+    return
+  root = os.path.dirname(final)
+  got = _recorded(root).get(algorithm)
+  if got is None and os.path.isfile(final):  # The download itself.
+    with open(final, 'rb') as f:
+      got = hashlib.file_digest(f, algorithm).hexdigest()
+    _record(root, {algorithm: got}, add=True)
+  if got is None:
+    raise core.DataError(
+      f'config.dataset.{key}: the copy of {url} in {root} was unpacked from'
+      f' a download whose {algorithm} was not recorded, so #{algorithm}='
+      f' cannot be checked against it: delete {root} to download it again'
+      ' and check it, or leave the fragment out.'
+    )
+  if got != digest:
+    raise core.DataError(
+      f'config.dataset.{key}: the copy of {url} in {root} has'
+      f' {algorithm.upper()} {got}, not the #{algorithm}={digest} of the URL:'
+      ' correct the fragment; or, if the URL serves another file now,'
+      f' delete {root} to download it again.'
+    )
 
 
 def _sweep_parts(downloads: str, current: str) -> None:

@@ -79,7 +79,8 @@ class RemotePathTest(DatasetTestCase):
     tag = hashlib.sha256(url.encode()).hexdigest()[:16]
     self.assertEqual(
       _files_under(downloads),
-      [f'url-{tag}/dac/{n}' for n in ('readme.txt', 'test.txt', 'train.txt')],
+      [f'url-{tag}/{remote.RECORD}']
+      + [f'url-{tag}/dac/{n}' for n in ('readme.txt', 'test.txt', 'train.txt')],
     )
     with mock.patch.object(remote.download, 'download') as fetched:
       self._same(data.load_dataset(config), want)  # Its cache.
@@ -105,7 +106,7 @@ class RemotePathTest(DatasetTestCase):
     tag = hashlib.sha256(url.encode()).hexdigest()[:16]
     self.assertEqual(
       _files_under(os.path.join(self.tmp, 'cache', 'downloads')),
-      [f'url-{tag}/clicks.csv'],
+      [f'url-{tag}/{remote.RECORD}', f'url-{tag}/clicks.csv'],
     )
 
   def test_an_archive_of_one_file_is_read_as_that_file(self):
@@ -292,6 +293,40 @@ class RemotePathTest(DatasetTestCase):
             self.assertEqual(os.listdir(root), [])  # Neither copy stays.
           self.assertEqual(server.requests.count(f'/{name}/dac.tar.gz'), gets)
 
+  def test_a_kept_copy_is_checked_against_the_checksum_of_each_run(self):
+    archive = _tar({'train.txt': _criteo_text(100), 'test.txt': b''})
+    sha256 = hashlib.sha256(archive).hexdigest()
+    with HttpServer(archive) as server:
+      url = f'{server.url}/a/dac.tar.gz'
+      config = self.config('criteo', f'{url}#sha256={sha256}')
+      self.assertEqual(len(data.load_dataset(config).train), 80)
+      tag = hashlib.sha256(url.encode()).hexdigest()[:16]
+      root = os.path.join(self.tmp, 'cache', 'downloads', f'url-{tag}')
+      md5 = hashlib.md5(archive).hexdigest()
+      for fragment, error in (
+        (f'sha256={"0" * 64}', f'has SHA256 {sha256}, not the #sha256=0{{64}}'),
+        (f'md5={md5}', 'was unpacked from a download whose md5 was not'),
+      ):
+        with self.subTest(fragment=fragment):
+          with self.assertRaisesRegex(
+            data.DataError,
+            f'^config.dataset.path: the copy of {url} in {root} {error}',
+          ):
+            data.load_dataset(self.config('criteo', f'{url}#{fragment}'))
+      self.assertEqual(server.requests, ['/a/dac.tar.gz'])  # Once.
+    text = _criteo_text(100, seed=2)
+    with HttpServer(text) as server:  # A file kept as it is: hashed.
+      url = f'{server.url}/f/train.txt'
+      self.assertEqual(
+        len(data.load_dataset(self.config('criteo', url)).train), 80
+      )
+      with self.assertRaisesRegex(data.DataError, 'has MD5 .*, not the #md5='):
+        data.load_dataset(self.config('criteo', f'{url}#md5={"0" * 32}'))
+      md5 = hashlib.md5(text).hexdigest()
+      config = self.config('criteo', f'{url}#md5={md5}')
+      self.assertEqual(len(data.load_dataset(config).train), 80)
+      self.assertEqual(server.requests, ['/f/train.txt'])
+
   def test_a_part_left_7_days_goes_when_another_url_is_fetched(self):
     downloads = os.path.join(self.tmp, 'cache', 'downloads')
     ages = {  # Days since each file was written.
@@ -342,7 +377,7 @@ class RemotePathTest(DatasetTestCase):
       _files_under(downloads),
       sorted(
         (set(ages) - set(gone))
-        | {f'url-{tag}/clicks.csv', f'url-{tag}/more.part'}
+        | {f'url-{tag}/{n}' for n in ('clicks.csv', 'more.part', remote.RECORD)}
       ),
     )
     self.assertEqual(os.listdir(f'{downloads}/url-old'), [])  # It stays.
