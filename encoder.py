@@ -378,7 +378,8 @@ class Encoder:
           table = table.without_label()
       reader = dataclasses.replace(table, header=False)
       needed = [table.label] if table.label else []
-      needed += [f.column for f in table.fields if f.column not in needed]
+      needed += [f.column for f in table.fields]  # Avazu's hour: 2 fields.
+      needed = list(dict.fromkeys(needed))
       frame = frame.reindex(columns=list(table.columns), fill_value='')
       columns, sep = list(table.columns), table.sep
       quoting = table.quoting

@@ -332,11 +332,19 @@ class EncoderTest(EncoderTestCase):
     criteo_path = write_lines(os.path.join(self.tmp, 'train.txt'), rows, '\t')
     _, ct, _ = self._save('criteo', criteo_path)
     criteo_frame = _frame(rows, CRITEO_COLUMNS).drop(columns=['C3', 'I2'])
+    rows = avazu_rows(8, seed=1)
+    avazu_path = write_lines(
+      os.path.join(self.tmp, 'avazu.csv'), rows, ',', AVAZU_HEADER
+    )
+    _, av, _ = self._save('avazu', avazu_path)
+    avazu_frame = _frame(rows, AVAZU_HEADER).drop(columns=['hour', 'C1'])
+    avazu_reads = [c for c in AVAZU_HEADER if c != 'id']  # hour: 2 fields.
     for enc, frame, missing, reads in (
       (ml, pd.DataFrame({'userId': [7], 'movieId': [10]}), 'user, item', ''),
       (ml, pd.DataFrame({'user': [7], 'rating': [4.0]}), 'item', ', rating'),
       (ml, pd.DataFrame(), 'user, item', ''),
       (ct, criteo_frame, 'I2, C3', ', '.join(CRITEO_COLUMNS)),
+      (av, avazu_frame, 'hour, C1', ', '.join(avazu_reads)),
     ):
       have = ', '.join(frame.columns) or 'none'
       reads = 'user, item' + reads if enc is ml else reads
