@@ -99,6 +99,11 @@ def _tuples(value: Any) -> Any:
 
 def _raise(where: str, reason: str) -> None:
   """Bad rows stop prediction: an output line per input row is promised."""
+  if reason == 'missing label':  # E.g. a click column not filled in yet.
+    reason += (
+      ': give every row its 0/1 label, or leave the label column out to'
+      ' score the rows unlabelled'
+    )
   raise core.DataError(f'{where}: {reason}')
 
 

@@ -463,6 +463,23 @@ class PredictTest(parameterized.TestCase):
       predict.write_predictions(self.predictor, source, output)
     self.assertEqual(os.listdir(self.tmp), ['bad.txt'])  # No partial copy.
 
+  def test_a_row_without_its_label_says_what_to_do(self):
+    lines = list(self.trained.lines['test'][:3])
+    lines[1] = '\t' + lines[1].split('\t', 1)[1]  # Criteo: label first.
+    source = _write(os.path.join(self.tmp, 'empty.txt'), lines)
+    message = (
+      'missing label: give every row its 0/1 label, or leave the label'
+      ' column out to score the rows unlabelled$'
+    )
+    with self.assertRaisesRegex(UserError, rf'^{source}:2: {message}'):
+      predict.write_predictions(
+        self.predictor, source, os.path.join(self.tmp, 'out.csv')
+      )
+    columns = criteo.COLUMNS[1:]
+    frame = pd.DataFrame({'label': [None]} | {c: ['1'] for c in columns})
+    with self.assertRaisesRegex(UserError, f'^DataFrame row 0: {message}'):
+      self.predictor(frame)
+
   def test_a_relative_workdir_loads(self):
     # orbax reads absolute paths only: a relative one was called damaged.
     self.enter_context(contextlib.chdir(self.tmp))
