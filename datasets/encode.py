@@ -417,7 +417,16 @@ def encode(
     if names(role) != names(train_role):
       raise core.DataError(
         f'{path}: fields {sum(names(role), ())} differ from those of'
-        f' {files[train_role]}: {sum(names(train_role), ())}.'
+        f' {files[train_role]}: {sum(names(train_role), ())}. Give every file'
+        " the training file's "
+        + (
+          'columns, or name the columns to read in config.dataset.csv'
+          ' (categorical_columns, numeric_columns, float_columns,'
+          ' multi_hot_columns; empty categorical_columns reads every other'
+          ' column).'
+          if config.name == 'csv'
+          else 'fields.'
+        )
       )
   logging.info(
     'Preprocessing %s from %s (min_count %d)',

@@ -722,7 +722,9 @@ class CsvTest(DatasetTestCase):
     with self.assertRaisesRegex(
       data.DataError,
       r"fewer\.csv: fields \('user',\) differ from those of"
-      r" .*train\.csv: \('user', 'city'\)",
+      r" .*train\.csv: \('user', 'city'\)\. Give every file the training"
+      r" file's columns, or name the columns to read in config\.dataset\.csv"
+      r' \(categorical_columns, .*\)\.$',
     ):
       load(other)
 
