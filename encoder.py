@@ -170,6 +170,20 @@ class Encoder:
       return self.field_names[:2]
     return self.field_names
 
+  def _options(self) -> ml_collections.ConfigDict:
+    """The format's options for rows to score. A CSV run that read every
+    other column (`categorical_columns` empty) reads the columns it was
+    trained on, so that a file's other columns (a row id) are left out."""
+    options = ml_collections.ConfigDict(self.options)
+    if self.format == 'csv' and not csv.column_list(
+      options.categorical_columns
+    ):
+      numeric = {str(c) for c in csv.column_list(options.numeric_columns)}
+      categorical = [n for n in self.raw_field_names if n not in numeric]
+      if categorical:
+        options.categorical_columns = tuple(categorical)
+    return options
+
   def model_config(self) -> ml_collections.ConfigDict:
     """`model_name` and `model`, the keys that `train.create_model` reads;
     `model` includes the inputs' `multi_field_dims` and `num_dense`."""
@@ -248,7 +262,7 @@ class Encoder:
     Raises:
       DataError: the file's fields differ from the run's.
     """
-    options = ml_collections.ConfigDict(self.options)
+    options = self._options()
     if self.format == 'movielens':
       reader = movielens.Reader(movielens.RATINGS_FILE[self.name][1])
     elif self.format == 'libfm':
@@ -354,7 +368,7 @@ class Encoder:
 
   def _frame_lines(self, frame: pd.DataFrame) -> tuple[Any, list[bytes]]:
     """The source's reader of `frame` and its rows as lines of that format."""
-    options = ml_collections.ConfigDict(self.options)
+    options = self._options()
     names = [str(c) for c in frame.columns]
     sep, quoting = ' ', False
     if self.format == 'movielens':

@@ -171,8 +171,12 @@ class EncoderTest(EncoderTestCase):
     self._check_rows(enc.encode(parquet), ids, labels)
     shuffled.to_parquet(parquet)
     self._check_rows(enc.encode(parquet), ids, None)
-    with self.assertRaisesRegex(data.DataError, 'differ from those the model'):
-      enc.encode(frame.assign(extra=1))
+    # The run read every other column: rows to score are read for the
+    # columns it was trained on, and their other columns (a row id) left out.
+    extra = frame.assign(request_id=[f'r{i}' for i in range(len(frame))])
+    self._check_rows(enc.encode(extra), ids, labels)
+    extra.to_csv(other, index=False)
+    self._check_rows(enc.encode(other), ids, labels)
     # A file whose header names another field: its cells are not device's.
     renamed = frame.rename(columns={'device': 'dev'})
     renamed.to_csv(other, index=False)
@@ -180,8 +184,9 @@ class EncoderTest(EncoderTestCase):
     for source in (other, parquet):
       with self.assertRaisesRegex(
         data.DataError,
-        f'^{source}: its fields age, city, dev differ from those the model'
-        ' was trained on: age, city, device.',
+        f"^{source}: no column 'device', which the model reads \\(its"
+        r' config.dataset.csv.categorical_columns\); the columns: clicked,'
+        ' age, city, dev\\.',
       ):
         enc.encode(source)
     # A bool label (`clicks > 0`) was "label 'False' is not an integer".
@@ -191,7 +196,10 @@ class EncoderTest(EncoderTestCase):
     self._check_rows(enc.encode(other), ids, labels)
     # Rows to predict without a column the run named: no config key to fix.
     frame[['device', 'city']].to_csv(other, index=False)
-    for rows, where in ((other, other), (frame[['city']], 'the DataFrame')):
+    for rows, where in (
+      (other, other),
+      (frame[['device', 'city']], 'the DataFrame'),
+    ):
       with self.assertRaisesRegex(
         data.DataError,
         f"^{where}: no column 'age', which the model reads \\(its"
