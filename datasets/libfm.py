@@ -46,8 +46,17 @@ class Reader:
     self.field_names = tuple(f'field{f}' for f in range(num_fields))
 
   def for_rows(self, first_line: bytes) -> 'Reader':
-    """The reader of lines like `first_line`: with a label, or without."""
-    labeled = len(first_line.split()) != self.num_fields
+    """The reader of lines like `first_line`: with a label, or without.
+
+    A line of one token per field is unlabelled, unless its first token
+    alone is no `idx:value` (a label, before too few features: named so).
+    """
+    tokens = first_line.split()
+    labeled = len(tokens) != self.num_fields or (
+      len(tokens) > 1
+      and b':' not in tokens[0]
+      and all(b':' in t for t in tokens[1:])
+    )
     return Reader(self.num_fields, self.field_dims, labeled)
 
   @staticmethod

@@ -251,6 +251,20 @@ class EncoderTest(EncoderTestCase):
     self._check_rows(enc.encode(test), ids, None)
     frame = pd.DataFrame(feats.astype(int), columns=enc.field_names)
     self._check_rows(enc.encode(frame.assign(label=labels)), ids, labels)
+    # A labelled line short of a feature is not read as an unlabelled one
+    # whose first feature is the label.
+    short = write_lines(
+      os.path.join(self.tmp, 'short.libfm'), [r[:-1] for r in rows], ' '
+    )
+    with self.assertRaisesRegex(
+      data.DataError,
+      r'short\.libfm:1: expected 3 features idx:value \(one per field\),'
+      ' found 2$',
+    ):
+      enc.encode(short)
+    bare_indices = [[t.split(':')[0] for t in r] for r in bare]
+    test = write_lines(os.path.join(self.tmp, 'test.libfm'), bare_indices, ' ')
+    self._check_rows(enc.encode(test), ids, None)  # idx alone: value 1.
 
   def test_movielens_unseen_user_and_movie_get_the_oov_id(self):
     ratings = [(7, 10, 4.0), (7, 20, 2.0), (9, 10, 5.0), (3, 30, 3.5)]
