@@ -104,6 +104,11 @@ def _raise(where: str, reason: str) -> None:
       ': give every row its 0/1 label, or leave the label column out to'
       ' score the rows unlabelled'
     )
+  elif reason == 'missing rating':  # MovieLens: user, item[, rating, time].
+    reason += (
+      ': give every row its rating, or leave the rating and timestamp'
+      ' columns out to score the rows unlabelled'
+    )
   raise core.DataError(f'{where}: {reason}')
 
 

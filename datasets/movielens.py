@@ -173,6 +173,8 @@ def _line_problem(
   for what, value, kind in zip(
     COLUMNS, parts[:3], (int, int, float), strict=False
   ):
+    if what == 'rating' and not value.strip():
+      return 'missing rating'  # A row to score, say.
     try:
       number = kind(value)
     except ValueError:

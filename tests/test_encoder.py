@@ -345,6 +345,24 @@ class EncoderTest(EncoderTestCase):
       self.assertEqual((got.ids.shape, got.ids.dtype), ((0, 2), np.int32))
       self._check_rows(got, np.zeros((0, 2)), [] if labeled else None)
 
+  def test_a_movielens_row_to_score_without_its_rating_says_what_to_do(self):
+    path = os.path.join(self.tmp, 'ratings.csv')
+    with open(path, 'w') as f:
+      f.write('userId,movieId,rating,timestamp\n7,10,4.0,0\n9,20,2.0,0\n')
+    _, enc, _ = self._save('ml-20m', path)
+    rows = os.path.join(self.tmp, 'rows.csv')
+    with open(rows, 'w') as f:
+      f.write('userId,movieId,rating,timestamp\n7,10,5.0,0\n9,10,,0\n')
+    message = (
+      'missing rating: give every row its rating, or leave the rating and'
+      ' timestamp columns out to score the rows unlabelled$'
+    )
+    with self.assertRaisesRegex(data.DataError, f'^{rows}:3: {message}'):
+      enc.encode(rows)
+    frame = pd.DataFrame({'user': [9], 'item': [10], 'rating': [None]})
+    with self.assertRaisesRegex(data.DataError, f'^DataFrame row 0: {message}'):
+      enc.encode(frame)
+
   def test_a_frame_missing_columns_names_them_and_its_own_columns(self):
     path = os.path.join(self.tmp, 'ratings.csv')
     with open(path, 'w') as f:
