@@ -30,6 +30,7 @@ From Python:
 """
 
 from collections.abc import Iterator
+import gzip
 import json
 import os
 import threading
@@ -361,7 +362,8 @@ def write_predictions(
   chunk_rows: int = 100_000,
   parse_workers: int = -1,
 ) -> int:
-  """Writes the probabilities (and labels) of file `path` to CSV `output`.
+  """Writes the probabilities (and labels) of file `path` to CSV `output`
+  (gzipped if its name ends in `.gz`, as an input may be).
 
   The output appears complete or not at all (written beside, then renamed;
   calls on other threads to the same `output` each write their own copy).
@@ -383,8 +385,9 @@ def write_predictions(
   unseen = np.zeros(len(names), np.int64)  # Per field.
   unseen_rows = nans = 0
   scored = []  # (probabilities, labels) of the chunks, when labelled.
+  opener = gzip.open if output.lower().endswith('.gz') else open
   try:
-    with open(tmp, 'w') as f:
+    with opener(tmp, 'wt') as f:
       chunks = predictor.score_chunks(path, chunk_rows, parse_workers)
       for encoded, probs in chunks:
         labels = encoded.labels

@@ -9,6 +9,7 @@ split and padded.
 
 import contextlib
 import dataclasses
+import gzip
 import io
 import json
 import os
@@ -290,6 +291,16 @@ class PredictTest(parameterized.TestCase):
     np.testing.assert_array_equal(labels, np.asarray(test.labels)[:12])
     expected = self._expected(np.asarray(test.ids)[:12])
     np.testing.assert_allclose(probs, expected, atol=1e-6)
+
+  def test_an_output_named_gz_is_gzipped(self):
+    source = _write(
+      os.path.join(self.tmp, 'test.txt'), self.trained.lines['test'][:9]
+    )
+    plain, packed = (os.path.join(self.tmp, f'out{e}') for e in ('', '.gz'))
+    predict.write_predictions(self.predictor, source, plain)
+    predict.write_predictions(self.predictor, source, packed)
+    with open(plain, 'rb') as f, gzip.open(packed, 'rb') as g:
+      self.assertEqual(g.read(), f.read())
 
   def test_unlabeled_rows_in_any_chunks(self):
     lines = [line.split('\t', 1)[1] for line in self.trained.lines['valid']]
