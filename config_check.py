@@ -10,6 +10,7 @@ data is loaded.
 
 from collections.abc import Callable, Sequence
 import dataclasses
+import difflib
 import importlib
 import math
 import numbers
@@ -292,6 +293,15 @@ def validate_config(
     if expected:
       problems.append(f'config.{key}={value!r} must be {expected}')
 
+  if dataset_names is not None:  # A config file's typo would be ignored.
+    known = (*TOP_LEVEL, 'optimizer', 'dataset', 'model')
+    for key in config:
+      if key not in known:
+        close = difflib.get_close_matches(key, known, 1)
+        problems.append(
+          f'config.{key} is no key of configs/default.py'
+          + (f' (did you mean {close[0]}?)' if close else '')
+        )
   for key, rule in TOP_LEVEL.items():
     if key in config:
       check(key, config[key], rule)

@@ -361,6 +361,19 @@ class BadValueTest(_TestCase):
       _config(), dataset_names=('ml-latest-small',)
     )
 
+  def test_a_key_that_no_run_reads_is_named(self):
+    # A config file's `config.learning_rte = 0.01` trained at the default.
+    config = _config()
+    config.learning_rte = 0.01
+    config.foo = 1
+    message = self.problems(config, dataset_names=('ml-latest-small',))
+    self.assertIn(
+      'config.foo is no key of configs/default.py; config.learning_rte is no'
+      ' key of configs/default.py (did you mean learning_rate?).',
+      message,
+    )
+    config_check.validate_config(config)  # A part of a config: its keys.
+
   def test_unknown_model_is_named_before_any_data(self):
     message = self.problems(_config(model_name='nope'))
     self.assertIn("model_name='nope' must name a file in models/", message)
