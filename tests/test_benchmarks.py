@@ -1052,7 +1052,10 @@ class QualityTest(_TempDirs, absltest.TestCase):
     flags = ['--tiny', f'--out_dir={out}']
     with self.assertRaisesRegex(SystemExit, 'nothing to run for fm'):
       quality.main([*flags, '--runs=torchfm_raw', '--no_torch'])
-    with self.assertRaisesRegex(SystemExit, 'torchfm has no such model'):
+    with (  # Whether or not torch is installed (it is not needed).
+      mock.patch.object(quality.common, 'torch_available', lambda: True),
+      self.assertRaisesRegex(SystemExit, 'torchfm has no such model'),
+    ):
       quality.main([*flags, '--models=fwfm', '--runs=torchfm_dense'])
     for bad in ('--runs=,', '--num_epochs=-1', '--max_steps=-1'):
       with self.assertRaises(SystemExit):
