@@ -125,6 +125,11 @@ class Watch:
     self.ending.set()
     if self.me == 0:  # Else the others lose the service while they leave.
       self.alone.wait(self.heartbeat_timeout_seconds + 10)
+    # The watch may be in a call to the service, which the interpreter's end
+    # would cut (a daemon thread taking the GIL back is stopped), and jaxlib
+    # aborts on that (status -6, 'FATAL: exception not rethrown').
+    if self.thread.is_alive():
+      self.thread.join(LEAVE_SECONDS)
 
 
 def _within(seconds: float, function, *args) -> tuple[Any, bool]:

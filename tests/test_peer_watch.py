@@ -161,6 +161,30 @@ class WatchTest(absltest.TestCase):
       watch.end()
     self.assertFalse(watch.ending.is_set())
 
+  def test_end_returns_once_the_watch_left_its_call_to_the_service(self):
+    # The interpreter's end would cut a call still under way, and jaxlib
+    # aborts the process on that ('FATAL: exception not rethrown').
+    inside, release = threading.Event(), threading.Event()
+
+    def slow():
+      inside.set()
+      release.wait(5)
+      return {0: 7, 1: 7}
+
+    client = _client(slow)
+    with _as_process(1):
+      watch = peer_watch.Watch(client, 10)
+      watch.thread.start()
+      self.assertTrue(inside.wait(5))
+      ended = threading.Thread(target=watch.end)
+      ended.start()
+      ended.join(0.5)
+      self.assertTrue(ended.is_alive())  # Waits for the call under way.
+      release.set()
+      ended.join(5)
+    self.assertFalse(ended.is_alive())
+    self.assertFalse(watch.thread.is_alive())
+
   def test_start_watches_only_a_multi_process_run(self):
     client = _client()
     with (
