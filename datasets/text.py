@@ -289,7 +289,16 @@ class Table:
         )
     if found == len(self.columns):
       return None
-    return f'expected {len(self.columns)} columns ({self.hint}), found {found}'
+    problem = (
+      f'expected {len(self.columns)} columns ({self.hint}), found {found}'
+    )
+    if self.sep == '\t' and 1 < found < len(self.columns):
+      # E.g. a Criteo copy whose empty last columns lost their tabs.
+      problem += (
+        '; empty columns at the end of a line keep their tabs, which a tool'
+        ' that strips trailing whitespace drops'
+      )
+    return problem
 
   def _integer_columns(self) -> list[str]:
     cols = [self.label] if self.label else []

@@ -1086,6 +1086,20 @@ class LineAlignmentTest(parameterized.TestCase):
     self.assertEqual(skipped, 2)  # Lines 2 and 3; 4 and 5 are blank.
     self.assertLen(labels, 2)
 
+  def test_a_line_short_of_its_last_tabs_says_they_may_be_stripped(self):
+    # Some copies of Criteo's files lost the tabs of empty last columns.
+    table = criteo.reader(ml_collections.ConfigDict(criteo.DEFAULTS), '')
+    rows = criteo_rows(2, seed=1)
+    rows[1][-2:] = ['', '']
+    lines = ['\t'.join(rows[0]), '\t'.join(rows[1]).rstrip('\t')]
+    with self.assertRaisesRegex(
+      data.DataError,
+      r'^f\.csv:2: expected 40 columns .*, found 38; empty columns at the'
+      r' end of a line keep their tabs, which a tool that strips trailing'
+      r' whitespace drops \(set config\.dataset\.skip_bad_lines=True',
+    ):
+      _parse(table, lines)
+
   def test_a_line_of_text_without_separators_is_not_blank(self):
     table = criteo.reader(ml_collections.ConfigDict(criteo.DEFAULTS), '')
     good = ['\t'.join(r) for r in criteo_rows(2, seed=1)]
