@@ -445,7 +445,7 @@ class EncoderTest(EncoderTestCase):
         data.DataError,
         r'^\S*a\.txt:2: expected {} columns \(label, 13 integer and 26'
         r' categorical, tab-separated; read {} the label column, as the first'
-        r' line has {} columns\), found {}$'.format(*how),
+        r' line has {} columns\), found {}(;|$)'.format(*how),
       ):
         enc.encode(test)
 
