@@ -24,7 +24,6 @@ from typing import Any
 
 from absl import logging
 import jax
-from jax._src import distributed  # The client: multihost_utils reads it too.
 from jax.experimental import multihost_utils
 import numpy as np
 
@@ -161,7 +160,7 @@ def all_failed(timeout: float) -> bool | Exception:
     True or False; the exception when the JAX coordination service cannot be
     reached (it runs in process 0).
   """
-  client = distributed.global_state.client
+  client = peer_watch.coordination_client()
   try:
     client.wait_at_barrier(_FAILED_BARRIER, int(timeout * 1000))
   except Exception as e:  # pylint: disable=broad-except

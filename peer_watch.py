@@ -24,7 +24,7 @@ from typing import Any
 
 from absl import logging
 import jax
-from jax._src import distributed  # The client: multihost_utils reads it too.
+from jax._src import distributed  # No public API: `coordination_client`.
 
 # The exit status of a process that lost a peer, as of any failed run: the
 # scheduler reruns it, the processes resume from the latest checkpoint.
@@ -153,9 +153,21 @@ def _within(seconds: float, function, *args) -> tuple[Any, bool]:
   return (answer or [None])[0], bool(answer)
 
 
+def coordination_client() -> Any:
+  """This process's client of JAX's coordination service; None: not joined.
+
+  The one use of JAX's private API here: jax 0.10 has no public handle on
+  the client (`jax.experimental.multihost_utils` reads the same
+  `global_state`). A recoverable run needs its `get_live_nodes`, its
+  `wait_at_barrier` with a timeout and its `shutdown`; the public
+  `multihost_utils.live_devices` wraps the first alone, with no timeout.
+  """
+  return distributed.global_state.client
+
+
 def start(heartbeat_timeout_seconds: float) -> Watch | None:
   """Watches the peers of this multi-process run (none: returns None)."""
-  client = distributed.global_state.client
+  client = coordination_client()
   if client is None or jax.process_count() == 1:
     return None
   watch = Watch(client, heartbeat_timeout_seconds)

@@ -1523,7 +1523,7 @@ class LostPeerTest(absltest.TestCase):
     client = mock.Mock()
     client.wait_at_barrier.configure_mock(**barrier)
     with mock.patch.object(
-      multihost.distributed.global_state, 'client', client
+      multihost.peer_watch.distributed.global_state, 'client', client
     ):
       answer = multihost.all_failed(2.5)
     return answer, client.wait_at_barrier.call_args.args
