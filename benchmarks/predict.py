@@ -5,8 +5,8 @@ python -m benchmarks.predict --lines=100000,1000000
 Trains a small FM run (one epoch on `--train_lines` synthetic lines, seed 1)
 unless `--workdir` names a finished run, writes a synthetic Criteo file of
 each size (benchmarks/synthetic.py, seed 0: mostly unseen values, as new
-data is), and scores it with `predict.write_predictions` in a fresh child
-process: rows/s of the whole file (parsing, encoding, the model, writing
+data is), and scores it with `predict_output.write_predictions` in a fresh
+child process: rows/s of the whole file (parsing, encoding, the model, writing
 the CSV) and the child's peak resident memory (`ru_maxrss`), which must not
 grow with the file. Results go to `<out_dir>/predict.{json,md}` (default
 `benchmarks/results/`).
@@ -42,10 +42,11 @@ _PREDICT = """
 import json, time
 import jax
 import predict
+import predict_output
 start = time.perf_counter()
 predictor = predict.load({workdir!r})
 loaded = time.perf_counter()
-rows = predict.write_predictions(
+rows = predict_output.write_predictions(
   predictor, {path!r}, {output!r}, chunk_rows={chunk_rows}
 )
 done = time.perf_counter()

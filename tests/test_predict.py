@@ -40,6 +40,7 @@ from datasets import criteo
 import entry
 import metrics
 import predict
+import predict_output
 from utils import UserError
 
 
@@ -190,9 +191,9 @@ class PredictTest(parameterized.TestCase):
     # A path that only starts with the run's path, /tmp/fm2 for /tmp/fm.
     workdir = self.trained.workdir
     for output in (workdir + '.csv', workdir + '2/out.csv'):
-      predict.check_output(output, os.path.join(self.tmp, 'x'), workdir)
+      predict_output.check_output(output, os.path.join(self.tmp, 'x'), workdir)
     with self.assertRaisesRegex(UserError, 'inside the run'):
-      predict.check_output(workdir + '/out.csv', 'x', workdir)
+      predict_output.check_output(workdir + '/out.csv', 'x', workdir)
 
   def test_an_output_that_cannot_be_written_is_one_line(self):
     source = _write(os.path.join(self.tmp, 'test.txt'), ['x'])
@@ -238,20 +239,20 @@ class PredictTest(parameterized.TestCase):
 
     def write_first():
       try:
-        predict.write_predictions(Paused(), first, output, 8)
+        predict_output.write_predictions(Paused(), first, output, 8)
       except Exception as e:  # pylint: disable=broad-except
         errors.append(e)
 
     thread = threading.Thread(target=write_first)
     thread.start()
     self.assertTrue(paused.wait(60))
-    predict.write_predictions(self.predictor, second, output)
+    predict_output.write_predictions(self.predictor, second, output)
     self.assertLen(pd.read_csv(output), 10)
     go.set()
     thread.join(60)
     self.assertEqual(errors, [])
     alone = os.path.join(self.tmp, 'alone.csv')
-    predict.write_predictions(self.predictor, first, alone, 8)
+    predict_output.write_predictions(self.predictor, first, alone, 8)
     with open(output) as f, open(alone) as g:
       self.assertEqual(f.read(), g.read())
     self.assertEqual(  # No copy left behind.
@@ -297,8 +298,8 @@ class PredictTest(parameterized.TestCase):
       os.path.join(self.tmp, 'test.txt'), self.trained.lines['test'][:9]
     )
     plain, packed = (os.path.join(self.tmp, f'out{e}') for e in ('', '.gz'))
-    predict.write_predictions(self.predictor, source, plain)
-    predict.write_predictions(self.predictor, source, packed)
+    predict_output.write_predictions(self.predictor, source, plain)
+    predict_output.write_predictions(self.predictor, source, packed)
     with open(plain, 'rb') as f, gzip.open(packed, 'rb') as g:
       self.assertEqual(g.read(), f.read())
 
@@ -306,7 +307,7 @@ class PredictTest(parameterized.TestCase):
     lines = [line.split('\t', 1)[1] for line in self.trained.lines['valid']]
     source = _write(os.path.join(self.tmp, 'test.txt'), lines)
     output = os.path.join(self.tmp, 'out.csv')
-    rows = predict.write_predictions(self.predictor, source, output, 7)
+    rows = predict_output.write_predictions(self.predictor, source, output, 7)
     out = pd.read_csv(output)
     self.assertEqual(rows, len(lines))
     self.assertEqual(list(out.columns), ['probability'])
@@ -323,7 +324,7 @@ class PredictTest(parameterized.TestCase):
       self.assertLogs('absl', 'INFO') as logs,
     ):
       warnings.simplefilter('error')
-      rows = predict.write_predictions(self.predictor, source, output, 7)
+      rows = predict_output.write_predictions(self.predictor, source, output, 7)
     self.assertEqual(rows, 0)
     self.assertEmpty(pd.read_csv(output))
     self.assertNotIn('labelled rows', '\n'.join(logs.output))
@@ -349,13 +350,13 @@ class PredictTest(parameterized.TestCase):
           yield encoded, probs
 
     with self.assertLogs('absl', 'INFO') as logs:
-      predict.write_predictions(Overflowing(), source, output, 5)
+      predict_output.write_predictions(Overflowing(), source, output, 5)
     self.assertIn(
       'WARNING:absl:1 of 12 rows scored NaN (nan in the output).', logs.output
     )
     self.assertTrue(np.isnan(pd.read_csv(output)['probability'][1]))
     with self.assertLogs('absl', 'INFO') as logs:  # None: no warning.
-      predict.write_predictions(self.predictor, source, output, 5)
+      predict_output.write_predictions(self.predictor, source, output, 5)
     self.assertNotIn('NaN', '\n'.join(logs.output))
 
   def test_rows_of_one_label_log_that_their_auc_is_undefined(self):
@@ -367,7 +368,9 @@ class PredictTest(parameterized.TestCase):
       _write(source, lines[np.asarray(test.labels) == label][:20])
       output = os.path.join(self.tmp, 'out.csv')
       with self.assertLogs('absl', 'INFO') as logs:
-        rows = predict.write_predictions(self.predictor, source, output, 7)
+        rows = predict_output.write_predictions(
+          self.predictor, source, output, 7
+        )
       self.assertEqual(rows, 20)
       self.assertIn(
         f'The 20 labelled rows: AUC undefined (all labels {label}), logloss',
@@ -437,7 +440,7 @@ class PredictTest(parameterized.TestCase):
     lines[5] = '\t'.join(cells[:14] + ['unseen'] * 26)  # Every categorical.
     source = _write(os.path.join(self.tmp, 'test.txt'), lines)
     with self.assertLogs('absl', 'INFO') as logs:
-      predict.write_predictions(
+      predict_output.write_predictions(
         self.predictor, source, os.path.join(self.tmp, 'out.csv'), 16
       )
     encoded = self.predictor.encoder.encode(source)
@@ -471,7 +474,7 @@ class PredictTest(parameterized.TestCase):
     source = _write(os.path.join(self.tmp, 'bad.txt'), lines)
     output = os.path.join(self.tmp, 'out.csv')
     with self.assertRaisesRegex(UserError, r'bad\.txt:3: expected'):
-      predict.write_predictions(self.predictor, source, output)
+      predict_output.write_predictions(self.predictor, source, output)
     self.assertEqual(os.listdir(self.tmp), ['bad.txt'])  # No partial copy.
 
   def test_a_row_without_its_label_says_what_to_do(self):
@@ -483,7 +486,7 @@ class PredictTest(parameterized.TestCase):
       ' column out to score the rows unlabelled$'
     )
     with self.assertRaisesRegex(UserError, rf'^{source}:2: {message}'):
-      predict.write_predictions(
+      predict_output.write_predictions(
         self.predictor, source, os.path.join(self.tmp, 'out.csv')
       )
     columns = criteo.COLUMNS[1:]
@@ -598,7 +601,7 @@ class PredictTest(parameterized.TestCase):
       out['probability'], self._expected(ids), rtol=0, atol=1e-6
     )
     # From Python: the same rows, with workers that start.
-    got = predict.write_predictions(
+    got = predict_output.write_predictions(
       self.predictor, source, outputs[2], 50, parse_workers=2
     )
     self.assertEqual(got, 120)
@@ -633,14 +636,14 @@ class PredictTest(parameterized.TestCase):
 
   def test_output_is_parsed_back_exactly(self):
     probs = np.array([1e-8, 0.123456789, 1 - 1e-7, 0.5], np.float32)
-    text = 'probability,label\n' + predict.csv_lines(probs, np.eye(4)[0])
+    text = 'probability,label\n' + predict_output.csv_lines(probs, np.eye(4)[0])
     back = pd.read_csv(io.StringIO(text))
     got = back['probability'].to_numpy(np.float32)
     np.testing.assert_array_equal(got, probs)
     np.testing.assert_array_equal(back['label'], [1, 0, 0, 0])
     # The shortest text of the float32, not of the float64 it widens to
     # (0.10000000149011612).
-    got = predict.csv_lines(np.array([0.1, 0.5], np.float32), None)
+    got = predict_output.csv_lines(np.array([0.1, 0.5], np.float32), None)
     self.assertEqual(got, '0.1\n0.5\n')
 
 

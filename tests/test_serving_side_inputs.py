@@ -41,6 +41,7 @@ import encoder
 import export
 import metrics
 import predict
+import predict_output
 import train
 
 TOLERANCE = 1e-5
@@ -148,7 +149,7 @@ class CsvTest(absltest.TestCase):
         getattr(rows, name), getattr(self.test, name)
       )
     output = os.path.join(self.tmp, 'out.csv')
-    count = predict.write_predictions(self.predictor, source, output, 50)
+    count = predict_output.write_predictions(self.predictor, source, output, 50)
     out = pd.read_csv(output)
     self.assertEqual(count, len(self.test))
     np.testing.assert_array_equal(out['label'], self.test.labels)
@@ -160,7 +161,9 @@ class CsvTest(absltest.TestCase):
       self.metrics['auc'],
       delta=1e-6,
     )
-    count = predict.write_predictions(self.predictor, self._file([]), output)
+    count = predict_output.write_predictions(
+      self.predictor, self._file([]), output
+    )
     with open(output) as f:
       self.assertEqual((count, f.read()), (0, 'probability,label\n'))
 
@@ -188,7 +191,7 @@ class CsvTest(absltest.TestCase):
     lines[7][1] = 'zzz'  # shop, a one-hot field, in the same row.
     source = self._file([','.join(line) for line in lines])
     with self.assertLogs('absl', 'INFO') as logs:
-      predict.write_predictions(
+      predict_output.write_predictions(
         self.predictor, source, os.path.join(self.tmp, 'o.csv'), 10
       )
     rows = self.predictor.encoder.encode(source)
@@ -265,7 +268,7 @@ class CsvTest(absltest.TestCase):
       rf'^{re.escape(source)}:7: float column price 1e\+300'
       rf'{re.escape(beyond)}$',
     ):
-      predict.write_predictions(self.predictor, source, output, 2)
+      predict_output.write_predictions(self.predictor, source, output, 2)
     self.assertFalse(os.path.exists(output))
     frame = pd.DataFrame({'shop': ['a', 'b'], 'price': [1.0, -1e39]})
     frame = frame.assign(count=1.0, tags='', colors='')
@@ -299,7 +302,7 @@ class CsvTest(absltest.TestCase):
       rf'^{re.escape(source)}: row 5 \(the header and blank lines not'
       rf' counted\): {beyond}$',
     ):
-      predict.write_predictions(tiny, source, output, 2)
+      predict_output.write_predictions(tiny, source, output, 2)
     self.assertFalse(os.path.exists(output))
     frame = pd.DataFrame({'shop': ['a', 'b', 'c'], 'price': [1.0, 2.0, 1e9]})
     frame = frame.assign(count=1.0, tags='', colors='')
@@ -392,7 +395,9 @@ class MovieLensTest(absltest.TestCase):
     frame.rename(columns={'user': 'userId', 'item': 'movieId'}).to_csv(
       source, index=False
     )
-    predict.write_predictions(self.predictor, source, output, chunk_rows=7)
+    predict_output.write_predictions(
+      self.predictor, source, output, chunk_rows=7
+    )
     np.testing.assert_allclose(
       pd.read_csv(output)['probability'], expected, rtol=0, atol=1e-6
     )

@@ -1,0 +1,136 @@
+"""The output file of predict.py: a CSV of the probabilities of raw rows.
+
+`write_predictions` scores an input file chunk by chunk into
+`probability[,label]` lines (gzipped for a name ending in `.gz`), written
+beside the output and renamed over it at the end, and logs what the rows
+tell about the model: values that training did not keep, rows scored NaN,
+and the AUC and logloss of labelled rows. `check_output` refuses an output
+that would replace what is read, before any row is scored.
+"""
+
+from __future__ import annotations
+
+import gzip
+import os
+import threading
+from typing import TYPE_CHECKING
+
+from absl import logging
+import numpy as np
+
+import metrics
+import utils
+
+if TYPE_CHECKING:
+  import predict
+
+
+def csv_lines(probabilities: np.ndarray, labels: np.ndarray | None) -> str:
+  """Output lines `probability[,label]`, each float32 written exactly.
+
+  numpy's shortest repr of a float32 reads back as the same float32, and is
+  many times faster than formatting each value in Python.
+  """
+  text = np.asarray(probabilities, np.float32).astype(str).tolist()
+  if labels is not None:
+    flags_ = ('0', '1')
+    text = [f'{p},{flags_[int(y)]}' for p, y in zip(text, labels, strict=True)]
+  return ''.join(line + '\n' for line in text)
+
+
+def write_predictions(
+  predictor: predict.Predictor,
+  path: str,
+  output: str,
+  chunk_rows: int = 100_000,
+  parse_workers: int = -1,
+) -> int:
+  """Writes the probabilities (and labels) of file `path` to CSV `output`
+  (gzipped if its name ends in `.gz`, as an input may be).
+
+  The output appears complete or not at all (written beside, then renamed;
+  calls on other threads to the same `output` each write their own copy).
+  Logs how many rows had a value that training did not keep, per field: a
+  model scoring many of them is out of date. `parse_workers` as
+  `config.dataset.parse_workers`.
+
+  Returns:
+    The number of rows written.
+  """
+  tmp = f'{output}.tmp-{os.getpid()}-{threading.get_ident()}'
+  rows, header = 0, None
+  enc = predictor.encoder
+  names = enc.field_names
+  # Lists read from the rows; MovieLens's come from the movie, by its id.
+  lists = enc.format != 'movielens' and bool(enc.side.multi_field_names)
+  if lists:
+    names += enc.side.multi_field_names
+  unseen = np.zeros(len(names), np.int64)  # Per field.
+  unseen_rows = nans = 0
+  scored = []  # (probabilities, labels) of the chunks, when labelled.
+  opener = gzip.open if output.lower().endswith('.gz') else open
+  try:
+    with opener(tmp, 'wt') as f:
+      chunks = predictor.score_chunks(path, chunk_rows, parse_workers)
+      for encoded, probs in chunks:
+        labels = encoded.labels
+        if header is None:
+          header = 'probability' + (',label' if labels is not None else '')
+          f.write(header + '\n')
+        f.write(csv_lines(probs, labels))
+        rows, nans = rows + len(probs), nans + int(np.isnan(probs).sum())
+        if labels is not None:
+          scored.append((probs, np.asarray(labels, np.uint8)))
+        mask = predictor.unseen(encoded.ids)
+        if lists:
+          mask = np.hstack([mask, predictor.unseen_lists(encoded.multi_ids)])
+        unseen += mask.sum(0)
+        unseen_rows += int(mask.any(1).sum())
+    os.replace(tmp, output)
+  finally:
+    if os.path.exists(tmp):
+      os.remove(tmp)
+  if unseen_rows:
+    logging.info(
+      '%d of %d rows have values that training did not keep, scored with'
+      " the field's out-of-vocabulary id: %s",
+      unseen_rows,
+      rows,
+      ', '.join(
+        f'{name} {n}' for name, n in zip(names, unseen, strict=True) if n
+      ),
+    )
+  if nans:  # Numbers far outside training's range overflow the model.
+    logging.warning('%d of %d rows scored NaN (nan in the output).', nans, rows)
+  if scored and rows:  # An empty file has no AUC to log.
+    probs, labels = (np.concatenate(a) for a in zip(*scored, strict=True))
+    auc, one = metrics.roc_auc(labels, probs), np.unique(labels)
+    logging.info(
+      'The %d labelled rows: AUC %s, logloss %.6f',
+      rows,
+      f'{auc:.6f}' if len(one) > 1 else f'undefined (all labels {one[0]:g})',
+      metrics.log_loss(labels, probs),
+    )
+  return rows
+
+
+def check_output(output: str, source: str, workdir: str) -> None:
+  """Raises a UserError if writing `output` would replace what we read.
+
+  The output is written beside and renamed over its path at the end: over
+  the input, the rows would be lost; inside the run's directory, one of
+  its files (metrics.jsonl, a checkpoint) could be.
+  """
+  if os.path.isdir(output):  # Found before the rows are scored.
+    raise utils.UserError(f'--output: {output} is a directory, not a file.')
+  if os.path.exists(output) and os.path.samefile(output, source):
+    raise utils.UserError(
+      f'--output: {output} is the --input file; write the probabilities to'
+      ' another file.'
+    )
+  run = os.path.realpath(workdir)
+  if os.path.realpath(output).startswith(run + os.sep):
+    raise utils.UserError(
+      f"--output: {output} is inside the run's directory {workdir}; write"
+      ' the probabilities outside it.'
+    )
