@@ -24,6 +24,16 @@ import utils
 if TYPE_CHECKING:
   import predict
 
+# Suffixes of formats the output is not written in (it is CSV, gzipped for
+# `.gz`): a name ending in one, before a `.gz` or not, is refused rather
+# than given CSV. `.tsv` too: the columns are separated by commas.
+OTHER_FORMATS = frozenset(
+  (
+    '.arrow .avro .bz2 .feather .h5 .hdf5 .ipc .json .jsonl .ndjson .npy'
+    ' .npz .orc .parquet .pickle .pkl .pq .tsv .xls .xlsx .xz .zip .zst'
+  ).split()
+)
+
 
 def csv_lines(probabilities: np.ndarray, labels: np.ndarray | None) -> str:
   """Output lines `probability[,label]`, each float32 written exactly.
@@ -115,7 +125,8 @@ def write_predictions(
 
 
 def check_output(output: str, source: str, workdir: str) -> None:
-  """Raises a UserError if writing `output` would replace what we read.
+  """Raises a UserError if writing `output` would replace what we read,
+  or its name asks for a format other than CSV (`OTHER_FORMATS`).
 
   The output is written beside and renamed over its path at the end: over
   the input, the rows would be lost; inside the run's directory, one of
@@ -133,4 +144,13 @@ def check_output(output: str, source: str, workdir: str) -> None:
     raise utils.UserError(
       f"--output: {output} is inside the run's directory {workdir}; write"
       ' the probabilities outside it.'
+    )
+  gzipped = output.lower().endswith('.gz')  # As write_predictions reads it.
+  stem, suffix = os.path.splitext(output[:-3] if gzipped else output)
+  if suffix.lower() in OTHER_FORMATS:
+    stem = stem[:-4] if stem.lower().endswith('.csv') else stem  # x.csv.xz
+    raise utils.UserError(
+      f'--output: {output} names a {suffix} file, but the output is CSV'
+      f' (probability[,label]): name it {stem}.csv, or {stem}.csv.gz to'
+      ' gzip it.'
     )

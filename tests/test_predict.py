@@ -195,6 +195,72 @@ class PredictTest(parameterized.TestCase):
     with self.assertRaisesRegex(UserError, 'inside the run'):
       predict_output.check_output(workdir + '/out.csv', 'x', workdir)
 
+  def test_an_output_named_for_another_format_is_refused(self):
+    # --output=x.parquet wrote CSV under that name, silently.
+    source = _write(os.path.join(self.tmp, 'test.txt'), ['x'])
+    output = os.path.join(self.tmp, 'x.parquet')
+    stem = os.path.join(self.tmp, 'x')
+    self.assertEqual(
+      command_error(
+        'predict.py',
+        self.tmp,
+        f'--workdir={self.trained.workdir}',
+        f'--input={source}',
+        f'--output={output}',
+      ),
+      (
+        2,
+        f'predict.py: error: --output: {output} names a .parquet file, but'
+        f' the output is CSV (probability[,label]): name it {stem}.csv, or'
+        f' {stem}.csv.gz to gzip it.',
+      ),
+    )
+    self.assertEqual(os.listdir(self.tmp), ['test.txt'])
+    workdir = self.trained.workdir
+    for name, suffix, stem in (
+      ('x.PQ', '.PQ', 'x'),
+      ('x.json.gz', '.json', 'x'),
+      ('x.jsonl', '.jsonl', 'x'),
+      ('x.feather', '.feather', 'x'),
+      ('x.arrow', '.arrow', 'x'),
+      ('x.xlsx', '.xlsx', 'x'),
+      ('x.npy', '.npy', 'x'),
+      ('x.npz', '.npz', 'x'),
+      ('x.pkl', '.pkl', 'x'),
+      ('x.tsv', '.tsv', 'x'),  # The columns are separated by commas.
+      ('x.csv.bz2', '.bz2', 'x'),  # Compressed by gzip alone.
+      ('a.b/x.csv.zip', '.zip', 'a.b/x'),
+    ):
+      with self.subTest(name):
+        with self.assertRaisesRegex(
+          UserError,
+          f'^--output: {re.escape(name)} names a {suffix} file, but the'
+          r' output is CSV \(probability\[,label\]\): name it'
+          f' {stem}.csv, or {stem}.csv.gz to gzip it.$',
+        ):
+          predict_output.check_output(name, source, workdir)
+    # Other names are CSV as they were, gzipped for .gz.
+    for name in ('out', 'out.txt', 'out.csv', 'OUT.CSV', 'out.csv.gz', 'o.GZ'):
+      predict_output.check_output(os.path.join(self.tmp, name), source, workdir)
+    source = _write(source, self.trained.lines['test'][:3])
+    output = os.path.join(self.tmp, 'out.txt')
+    rc, line = command_error(
+      'predict.py',
+      self.tmp,
+      f'--workdir={workdir}',
+      f'--input={source}',
+      f'--output={output}',
+    )
+    self.assertEqual(rc, 0, line)
+    out = pd.read_csv(output)
+    self.assertEqual(list(out.columns), ['probability', 'label'])
+    np.testing.assert_allclose(
+      out['probability'],
+      self._expected(self.trained.dataset.test.ids[:3]),
+      rtol=0,
+      atol=1e-6,
+    )
+
   def test_an_output_that_cannot_be_written_is_one_line(self):
     source = _write(os.path.join(self.tmp, 'test.txt'), ['x'])
     output = os.path.join(self.tmp, 'missing', 'out.csv')
