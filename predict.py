@@ -107,7 +107,11 @@ class Predictor:
   def _problem(self, name: str, raw: np.ndarray) -> str | None:
     """What is wrong with the values of encoded input `name`, if anything."""
     if name == 'dense':
-      return side.dense_problem(raw.astype(np.float32))
+      with np.errstate(over='ignore'):  # Beyond float32's range: inf.
+        problem = side.dense_problem(raw.astype(np.float32))
+      return problem and (
+        f'{problem} as float32 (inf, nan, or beyond +-{side.FLOAT32_MAX:.4g})'
+      )
     if raw.size and raw.dtype.kind not in 'iu':
       return f'ids must be integers, got {raw.dtype}'
     if name == 'multi_ids':
@@ -142,7 +146,8 @@ class Predictor:
 
     Raises:
       ValueError: a missing or extra input, a wrong shape, ids that are
-        not integers or outside the run's ranges, or a non-finite value.
+        not integers or outside the run's ranges, or a number not finite
+        in float32.
     """
     given = {'ids': ids, 'multi_ids': multi_ids, 'dense': dense}
     inputs = {}
@@ -156,7 +161,10 @@ class Predictor:
         continue
       shape, _, dtype = self._inputs[name]
       raw = np.asarray(value)
-      inputs[name] = raw.astype(dtype, copy=False)
+      # What the cast overflows (1e300 to float32: inf; 1e300 or NaN to
+      # int32) is refused below from `raw`, without numpy's warnings.
+      with np.errstate(over='ignore', invalid='ignore'):
+        inputs[name] = raw.astype(dtype, copy=False)
       rows = len(inputs['ids']) if inputs['ids'].ndim else -1
       if inputs[name].shape[1:] != shape or len(inputs[name]) != rows:
         want = ', '.join(str(d) for d in ('n',) + shape)

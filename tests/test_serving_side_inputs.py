@@ -16,6 +16,7 @@ import os
 import re
 import shutil
 import tempfile
+import warnings
 
 from absl.testing import absltest
 import jax
@@ -244,6 +245,36 @@ class CsvTest(absltest.TestCase):
           self.predictor.predict_ids(**{**inputs, name: value})
     got = self.predictor.predict_ids(**inputs)
     np.testing.assert_allclose(got, self.expected[:3], rtol=0, atol=1e-6)
+
+  def test_inputs_beyond_their_dtype_raise_one_error_and_no_warning(self):
+    # numpy printed 'overflow encountered in cast' (and 'invalid value')
+    # RuntimeWarnings before the error: the float32 and int32 casts came
+    # first.
+    inputs = {k: v[:3] for k, v in _inputs(self.test).items()}
+    dense = (
+      r'^dense: numeric values that are not finite in field\(s\) \[1\] as'
+      r' float32 \(inf, nan, or beyond \+-3.403e\+38\)\.$'
+    )
+    ids = '^ids: ids must be integers, got float64'
+    for name, value, message in (
+      ('dense', 1e300, dense),
+      ('dense', -1e39, dense),
+      ('dense', np.inf, dense),
+      ('dense', np.nan, dense),
+      ('ids', 1e300, ids),
+      ('ids', np.nan, ids),
+    ):
+      given = np.array(inputs[name], np.float64)
+      given[2, -1] = value  # dense: field 1, the last.
+      with self.subTest(name=name, value=value):
+        with (
+          warnings.catch_warnings(record=True) as caught,
+          np.errstate(all='warn'),
+        ):
+          warnings.simplefilter('always')
+          with self.assertRaisesRegex(ValueError, message):
+            self.predictor.predict_ids(**{**inputs, name: given})
+        self.assertEqual([str(w.message) for w in caught], [])
 
   def test_inputs_of_another_row_count_than_the_ids_are_refused(self):
     # Longer lists or numbers than ids were cut to the ids' rows, silently.
