@@ -4,7 +4,9 @@
 `config.init_from`. The run that owns it may replace its best step while it
 is read (a newer best, or the same epoch saved again by a resumed run): the
 read waits for the new step, up to `READ_WAIT_S` seconds, instead of calling
-the best lost or damaged.
+the best lost or damaged. Only while a run may hold the workdir's lock
+(`lock.may_be_held`): without one (a copy of a run, a run that ended), a
+best that fails to read is reported at once.
 """
 
 import itertools
@@ -34,7 +36,9 @@ def load_best(workdir: str) -> tuple[Any, dict]:
 
   The run may be training still: a step it replaces while it is read (by a
   newer best, or by the same epoch's when it resumed) is read again once the
-  new one is saved.
+  new one is saved. Where no run may hold the workdir's lock, asked after
+  each failed read (a run may start as we read), none can replace the step:
+  the failure is reported at once.
 
   Raises:
     UserError: `workdir` has no readable best checkpoint.
@@ -62,14 +66,14 @@ def load_best(workdir: str) -> tuple[Any, dict]:
       mgr = checkpoints.manager(directory, read_only=True)
       step = mgr.latest_step()
       if step is None:
-        if not last and _replaced(directory, None, None):
+        if not last and _replaced_by_a_run(path, directory, None, None):
           _wait(directory, attempt)
           continue  # Listed as the run swapped its best: none seen.
         raise UserError(f'No best checkpoint in {directory}.{again}')
       seen = _identity(directory, step)
       return checkpoints.restore(mgr, step)
     except (ValueError, OSError) as e:
-      if not last and _replaced(directory, step, seen):
+      if not last and _replaced_by_a_run(path, directory, step, seen):
         orbax_logs.quiet_cut_reads(directory)
         _wait(directory, attempt)
         continue
@@ -95,6 +99,14 @@ def _wait(directory: str, attempt: int) -> None:
       READ_WAIT_S,
     )
   time.sleep(min(0.01 * 2**attempt, 1.0))
+
+
+def _replaced_by_a_run(
+  workdir: str, directory: str, step: int | None, seen: tuple | None
+) -> bool:
+  """Whether a run in `workdir` replaced `step` of its best `directory`;
+  False at once where no run may hold the workdir (`lock.may_be_held`)."""
+  return lock.may_be_held(workdir) and _replaced(directory, step, seen)
 
 
 def _identity(directory: str, step: int) -> tuple[int, int] | None:

@@ -250,8 +250,7 @@ def running(workdir: str) -> str:
     if os.path.realpath(path) in _held:
       return f'this process, pid {os.getpid()}'
   try:
-    with open(path, 'rb') as f:
-      record = _parse(f.read(1 << 16))
+    record = _read_record(path)
   except OSError:
     return ''
   if (
@@ -262,6 +261,41 @@ def running(workdir: str) -> str:
   ):
     return ''
   return _describe(record)
+
+
+def may_be_held(workdir: str) -> bool:
+  """Whether a run may hold `workdir` now, and so write in it as it is read.
+
+  False only where no run can: there is no lock file (every run takes the
+  lock before it writes), or its record is marked released, or it names
+  this host and a process that is gone. A record of another host (a shared
+  file system) may be a live run's, whose pid means nothing here; one that
+  cannot be read, or is caught as it is written, may be a run's that
+  starts. Read only, as `running`.
+  """
+  path = os.path.join(workdir, LOCK_FILE)
+  with _held_guard:
+    if os.path.realpath(path) in _held:
+      return True
+  try:
+    record = _read_record(path)
+  except FileNotFoundError:
+    return False
+  except OSError:
+    return True
+  if not record:
+    return True
+  if record.get('released'):
+    return False
+  if record.get('host') == socket.gethostname():
+    return _pid_alive(record.get('pid'))
+  return True
+
+
+def _read_record(path: str) -> dict | None:
+  """The record in lock file `path` (None: empty or half written)."""
+  with open(path, 'rb') as f:
+    return _parse(f.read(1 << 16))
 
 
 def _pid_alive(pid: Any) -> bool:

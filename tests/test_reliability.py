@@ -20,6 +20,7 @@ import re
 import resource
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -43,6 +44,7 @@ import checkpoints
 from configs import fm
 from datasets import csv
 import encoder
+import lock
 import metrics
 import orbax_logs
 import sources
@@ -194,6 +196,9 @@ class CheckpointPolicyTest(absltest.TestCase):
   def setUp(self):
     super().setUp()
     self.workdir = tempfile.mkdtemp()
+    # As a training run does: best_reader waits for a best that a run
+    # replaces only while a run may hold the workdir.
+    self.enter_context(lock.acquire(self.workdir))
     self.ckpt = checkpoints.Checkpoints(self.workdir)
 
   def tearDown(self):
@@ -318,7 +323,9 @@ class CheckpointPolicyTest(absltest.TestCase):
     target = os.path.join(self.workdir, 'copy')
     with self.assertRaisesRegex(ValueError, 'has no checksums.json'):
       step_files.copy_step(source, target)
-    self.assertEqual(os.listdir(self.workdir), ['checkpoints'])
+    self.assertEqual(
+      sorted(os.listdir(self.workdir)), ['checkpoints', lock.LOCK_FILE]
+    )
 
   def test_a_full_disk_stops_the_copy_of_the_best_at_its_first_file(self):
     # Named as a refused orbax write is, not as a list of every file's
@@ -379,7 +386,9 @@ class CheckpointPolicyTest(absltest.TestCase):
       checkpoints.manager(directory).close()
       checkpoints.manager(os.path.join(self.workdir, 'none')).close()
     self.assertTrue(os.path.isdir(saving))
-    self.assertEqual(sorted(os.listdir(self.workdir)), ['checkpoints', 'other'])
+    self.assertEqual(
+      sorted(os.listdir(self.workdir)), ['checkpoints', 'other', lock.LOCK_FILE]
+    )
 
   def test_a_lost_best_is_named_with_its_epoch(self):
     self.ckpt.save_latest(3, self._state(3), self._meta(3, 1))
@@ -694,6 +703,96 @@ class CheckpointPolicyTest(absltest.TestCase):
       self.assertLen(waiting, 1)
       self.assertEqual(meta['epoch'], 4)
       np.testing.assert_array_equal(state['w'], self._state(epoch)['w'])
+
+  def _copy_of_this_run(self, record):
+    """A copy (`cp -r`) of this workdir whose lock file holds `record`
+    (None: no lock file), its files all changed just now."""
+    copy = os.path.join(tempfile.mkdtemp(), 'copy')
+    self.addCleanup(shutil.rmtree, os.path.dirname(copy))
+    shutil.copytree(self.workdir, copy, copy_function=shutil.copy)
+    path = os.path.join(copy, lock.LOCK_FILE)
+    os.remove(path)
+    if record is not None:
+      with open(path, 'w') as f:
+        json.dump(record, f)
+    return copy
+
+  def _load_best_waits(self, workdir):
+    """`load_best(workdir)`: what it returns or raises, and the waits it
+    began for a run to save its best (it raises at the first)."""
+    waits = []
+
+    def wait(directory, attempt):
+      waits.append(attempt)
+      raise AssertionError('waited for a run to save its best')
+
+    with mock.patch.object(best_reader, '_wait', wait):
+      try:
+        return best_reader.load_best(workdir), waits
+      except (utils.UserError, AssertionError) as e:
+        return e, waits
+
+  def test_a_damaged_best_that_no_run_can_replace_is_named_at_once(self):
+    # A workdir copied just now (cp -r) whose best is damaged was read again
+    # for STALE_S (30 s) as a best that a run replaces, though no run holds
+    # the workdir: its lock released, its holder gone, or no lock file.
+    self.ckpt.save_best(3, self._state(3), self._meta(3, 3))
+    gone = subprocess.Popen(['true'])
+    gone.wait()
+    here = socket.gethostname()
+    for what, record in (
+      ('released', {'host': here, 'pid': os.getpid(), 'released': True}),
+      ('its process gone', {'host': here, 'pid': gone.pid, 'released': False}),
+      ('no lock file', None),
+    ):
+      with self.subTest(what):
+        copy = self._copy_of_this_run(record)
+        best = os.path.join(copy, 'checkpoints', 'best')
+        _corrupt(os.path.join(best, '3'), 'truncate')
+        error, waits = self._load_best_waits(copy)
+        self.assertEqual(waits, [])
+        self.assertIsInstance(error, utils.UserError)
+        self.assertRegex(
+          str(error),
+          f'^The best checkpoint {re.escape(best)}/3 is damaged: state/.* has'
+          r' \d+ bytes, not \d+\. Run training again in',
+        )
+        # Nor is a best directory emptied just now, a run's best deleted.
+        shutil.rmtree(os.path.join(best, '3'))
+        error, waits = self._load_best_waits(copy)
+        self.assertEqual(waits, [])
+        self.assertRegex(str(error), f'^No best checkpoint in {best}\\.')
+    # A run of another host (a shared file system) may still write: waited
+    # for as before.
+    copy = self._copy_of_this_run(
+      {'host': 'elsewhere', 'pid': 4242, 'released': False}
+    )
+    _corrupt(os.path.join(copy, 'checkpoints', 'best', '3'), 'truncate')
+    error, waits = self._load_best_waits(copy)
+    self.assertEqual(
+      (waits, str(error)), ([0], 'waited for a run to save its best')
+    )
+
+  def test_a_run_that_starts_as_its_best_is_read_is_waited_for(self):
+    # Whether a run may hold the workdir is asked at each failed read.
+    self.ckpt.save_best(3, self._state(3), self._meta(3, 3))
+    copy = self._copy_of_this_run(None)
+    real, calls, held = checkpoints.restore, [], []
+
+    def restore(mgr, step, target=None):
+      calls.append(step)
+      if len(calls) == 1:  # A run starts in the copy and saves a new best.
+        held.append(lock.acquire(copy))
+        self.addCleanup(held[0].release)
+        with checkpoints.Checkpoints(copy) as ckpt:
+          ckpt.save_best(4, self._state(4), self._meta(4, 4))
+        raise ValueError('NOT_FOUND: Error opening "zarr" driver')
+      return real(mgr, step, target)
+
+    with mock.patch.object(checkpoints, 'restore', restore):
+      state, meta = best_reader.load_best(copy)
+    self.assertEqual((calls, meta['epoch']), ([3, 4], 4))
+    np.testing.assert_array_equal(state['w'], self._state(4)['w'])
 
   def test_a_workdir_without_a_best_is_refused_at_once(self):
     # predict.py on a run that never ended an epoch: no run writes a best

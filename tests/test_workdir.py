@@ -260,6 +260,7 @@ class LockTest(absltest.TestCase):
     # that may still train: they now say so, without a lock of their own
     # (which would refuse a run starting at that moment).
     self.assertEqual(lock_lib.running(self.path), '')  # No lock file yet.
+    self.assertFalse(lock_lib.may_be_held(self.path))
     signals = tempfile.mkdtemp(dir=self.tmp)
     open(os.path.join(signals, 'go'), 'w').close()
     holder = _start(self.path, signals)
@@ -267,6 +268,7 @@ class LockTest(absltest.TestCase):
       self.assertEqual(_read_line(holder), f'WON {holder.pid}')
       said = lock_lib.running(self.path)
       self.assertIn(f'pid {holder.pid} on host {socket.gethostname()}', said)
+      self.assertTrue(lock_lib.may_be_held(self.path))
       with self.assertLogs(level='WARNING') as logs:
         with self.assertRaisesRegex(utils.UserError, 'No best checkpoint'):
           best_reader.load_best(self.path)
@@ -278,11 +280,30 @@ class LockTest(absltest.TestCase):
       os.kill(holder.pid, signal.SIGKILL)
       holder.communicate(timeout=TIMEOUT)
     self.assertEqual(lock_lib.running(self.path), '')  # Its pid is gone.
+    self.assertFalse(lock_lib.may_be_held(self.path))
     with workdir.acquire(self.path):
       self.assertEqual(
         lock_lib.running(self.path), f'this process, pid {os.getpid()}'
       )
+      self.assertTrue(lock_lib.may_be_held(self.path))
     self.assertEqual(lock_lib.running(self.path), '')  # Released.
+    self.assertFalse(lock_lib.may_be_held(self.path))
+
+  def test_a_record_of_another_host_or_half_written_may_be_held(self):
+    # A run elsewhere (a shared file system), or one writing its record as
+    # it starts, may write in the workdir: best_reader waits for it.
+    path = os.path.join(self.path, workdir.LOCK_FILE)
+    for record, held in (
+      ({'host': 'elsewhere', 'pid': 4242, 'released': False}, True),
+      ({'host': 'elsewhere', 'pid': 4242, 'released': True}, False),
+      ({'host': socket.gethostname(), 'pid': os.getpid()}, True),
+      ('', True),
+      ('{"host": "elsew', True),
+    ):
+      with self.subTest(record=record):
+        with open(path, 'w') as f:
+          f.write(record if isinstance(record, str) else json.dumps(record))
+        self.assertEqual(lock_lib.may_be_held(self.path), held)
 
   def test_without_lock_support_a_live_pid_refuses(self):
     signals = tempfile.mkdtemp(dir=self.tmp)
