@@ -4,8 +4,9 @@
 `probability[,label]` lines (gzipped for a name ending in `.gz`), written
 beside the output and renamed over it at the end, and logs what the rows
 tell about the model: values that training did not keep, rows scored NaN,
-and the AUC and logloss of labelled rows. `check_output` refuses an output
-that would replace what is read, before any row is scored.
+and the AUC and logloss of labelled rows. `check_output` refuses, before
+any row is scored, an output that would replace what is read or that is
+named for another format (`x.parquet`).
 """
 
 from __future__ import annotations
