@@ -52,6 +52,7 @@ from datasets import csv
 from datasets import encode
 from datasets import libfm
 from datasets import movielens
+from datasets import streaming
 from datasets import text
 import encoder_side
 import utils
@@ -114,7 +115,7 @@ def _raise(where: str, reason: str) -> None:
 
 def _first_line(path: str) -> bytes:
   """The first line of `path` that is not blank (b'' if none)."""
-  for line in encode.text_lines(path):
+  for line in streaming.text_lines(path):
     if line.strip():
       return line
   return b''
@@ -323,7 +324,7 @@ class Encoder:
     reader = self.reader(path)
     labeled = _is_labeled(reader)
     desc = f'predict {os.path.basename(path)}'
-    parsed = encode.chunks(
+    parsed = streaming.chunks(
       reader, path, chunk_rows, _raise, desc, parse_workers
     )
     empty = True

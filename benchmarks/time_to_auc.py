@@ -99,10 +99,10 @@ def count_rows(path: str, header: bool, stop: int) -> int:
   Its non-blank lines (`.gz` read decompressed), but a first line that is
   a header (`header`: one that starts with no digit).
   """
-  from datasets import encode  # pylint: disable=g-import-not-at-top
+  from datasets import streaming  # pylint: disable=g-import-not-at-top
 
   rows = 0
-  for number, line in enumerate(encode.text_lines(path)):
+  for number, line in enumerate(streaming.text_lines(path)):
     if not line.strip() or (header and not number and not line[:1].isdigit()):
       continue
     rows += 1

@@ -19,6 +19,7 @@ import numpy as np
 from datasets import core
 from datasets import encode
 from datasets import keying
+from datasets import streaming
 
 NAMES = ('libfm',)
 MIN_COUNT = 1
@@ -142,7 +143,7 @@ def reader(options: ml_collections.ConfigDict, path: str) -> Reader:
     )
   num_fields = len(field_dims)
   if not num_fields:
-    for line in encode.text_lines(path):
+    for line in streaming.text_lines(path):
       if line.strip():
         num_fields = len(line.split()) - 1
         break

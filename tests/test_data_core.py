@@ -35,6 +35,7 @@ from datasets import core
 from datasets import criteo
 from datasets import encode
 from datasets import movielens
+from datasets import streaming
 import train
 import utils
 
@@ -381,7 +382,7 @@ class VocabularyTest(DatasetTestCase):
     # reader, then look its keys up in the cached vocabulary.
     lines = [('\t'.join(r) + '\n').encode() for r in rows]
     keys, labels = criteo.reader(config.criteo, path).parse(
-      lines, 1, str, encode.BadLines(skip=False)
+      lines, 1, str, streaming.BadLines(skip=False)
     )
     ids = encode.encode_ids(dataset.vocabulary, keys)
     parts = data.split_indices(600, config.split, config.seed)

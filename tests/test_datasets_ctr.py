@@ -36,6 +36,7 @@ from datasets import csv
 from datasets import encode
 from datasets import keying
 from datasets import libfm
+from datasets import streaming
 
 
 def _csv_table(header=('y', 'a', 'b'), **options):
@@ -48,7 +49,7 @@ def _csv_table(header=('y', 'a', 'b'), **options):
 
 def _parse(table, lines, skip=False):
   """(keys, labels, lines skipped) of `table.parse` of lines 1, 2, ..."""
-  bad = encode.BadLines(skip, log=False)
+  bad = streaming.BadLines(skip, log=False)
   lines = [
     line if isinstance(line, bytes) else line.encode() + b'\n' for line in lines
   ]
@@ -559,7 +560,7 @@ class LibFMTest(DatasetTestCase):
 
   def test_given_field_dims_need_one_feature_of_each_field(self):
     reader = libfm.Reader(3, (30, 8, 5))
-    bad = encode.BadLines(skip=False)
+    bad = streaming.BadLines(skip=False)
     with self.assertRaisesRegex(
       data.DataError, r'^f:1: expected one feature of each field'
     ):
@@ -946,8 +947,8 @@ class CsvTest(DatasetTestCase):
     table = csv.reader(
       ml_collections.ConfigDict(dict(csv.DEFAULTS, label_column='y')), path
     )
-    bad = encode.BadLines(False)
-    parts = list(encode.chunks(table, path, 3, bad, 'test'))
+    bad = streaming.BadLines(False)
+    parts = list(streaming.chunks(table, path, 3, bad, 'test'))
     keys = np.concatenate([k for k, _ in parts])
     labels = np.concatenate([y for _, y in parts])
     np.testing.assert_array_equal(labels, [1, 0, 1, 0])
@@ -955,7 +956,7 @@ class CsvTest(DatasetTestCase):
     np.testing.assert_array_equal(keys.ravel(), expected)
     frame.assign(y=[1, 0, 7, 0]).to_parquet(path)
     with self.assertRaisesRegex(data.DataError, r'a\.parquet: row 3: label 7'):
-      list(encode.chunks(table, path, 3, bad, 'test'))
+      list(streaming.chunks(table, path, 3, bad, 'test'))
 
 
 # --------------------------------------------------------------------------
