@@ -28,10 +28,10 @@ cache:
 
 JSON and plain `.npy`, no pickle; layout version 1 (ids only) still loads.
 `load(workdir)` returns the `Encoder`; it parses raw rows (a file in the
-run's format, or a pandas DataFrame) with the source's own reader
-(datasets/<format>.py), so a row gets exactly the keys it got in training,
-and looks the keys up: a value that training did not keep gets its field's
-out-of-vocabulary id.
+run's format, or a pandas DataFrame written as lines of that format by
+encoder_frames.py) with the source's own reader (datasets/<format>.py), so
+a row gets exactly the keys it got in training, and looks the keys up: a
+value that training did not keep gets its field's out-of-vocabulary id.
 """
 
 from __future__ import annotations
@@ -54,6 +54,7 @@ from datasets import libfm
 from datasets import movielens
 from datasets import streaming
 from datasets import text
+import encoder_frames
 import encoder_side
 import utils
 
@@ -176,7 +177,7 @@ class Encoder:
       return self.field_names[:2]
     return self.field_names
 
-  def _options(self) -> ml_collections.ConfigDict:
+  def row_options(self) -> ml_collections.ConfigDict:
     """The format's options for rows to score. A CSV run that read every
     other column (`categorical_columns` empty) reads the columns it was
     trained on, so that a file's other columns (a row id) are left out."""
@@ -268,20 +269,20 @@ class Encoder:
     Raises:
       DataError: the file's fields differ from the run's.
     """
-    options = self._options()
+    options = self.row_options()
     if self.format == 'movielens':
       reader = movielens.Reader(movielens.RATINGS_FILE[self.name][1])
     elif self.format == 'libfm':
       dims = tuple(int(d) for d in options.field_dims)
       reader = libfm.Reader(len(self.field_names), dims)
     elif self.format == 'csv':
-      reader = self._in_order(csv.reader(options, path, require_label=False))
+      reader = self.in_order(csv.reader(options, path, require_label=False))
     else:
       reader = data.SOURCES[self.format].reader(options, path)
     if not hasattr(reader, 'line_batches'):  # Parquet: chose by its schema.
       with core.reading(path):
         reader = reader.for_rows(_first_line(path))
-    self._check_fields(reader, path)
+    self.check_fields(reader, path)
     return reader
 
   def _all_fields(self) -> tuple[str, ...]:
@@ -292,7 +293,7 @@ class Encoder:
       self.raw_field_names + self.side.multi_field_names + self.side.dense_names
     )
 
-  def _in_order(self, table: text.Table) -> text.Table:
+  def in_order(self, table: text.Table) -> text.Table:
     """`table` with its fields in the run's order (a CSV's columns may be
     in any order)."""
     want = self._all_fields()
@@ -302,7 +303,9 @@ class Encoder:
     fields = tuple(by_name[name] for name in want)
     return dataclasses.replace(table, fields=fields)
 
-  def _check_fields(self, reader: Any, where: str) -> None:
+  def check_fields(self, reader: Any, where: str) -> None:
+    """Raises DataError, naming `where`, if `reader`'s fields are not the
+    run's."""
     names = tuple(reader.field_names)
     names += tuple(getattr(reader, 'multi_field_names', ()))
     names += tuple(getattr(reader, 'dense_names', ()))
@@ -365,62 +368,12 @@ class Encoder:
           for name, values in arrays.items()
         }
       )
-    reader, lines = self._frame_lines(rows)
+    reader, lines = encoder_frames.frame_lines(self, rows)
     labeled = _is_labeled(reader)
     keys, labels, *side = reader.parse(
       lines, 1, lambda n: f'DataFrame row {n - 1}', _raise
     )
     return self._rows(keys, labels if labeled else None, *side)
-
-  def _frame_lines(self, frame: pd.DataFrame) -> tuple[Any, list[bytes]]:
-    """The source's reader of `frame` and its rows as lines of that format."""
-    options = self._options()
-    names = [str(c) for c in frame.columns]
-    sep, quoting = ' ', False
-    if self.format == 'movielens':
-      labeled = 'rating' in names
-      reader = movielens.Reader(',', labeled)
-      frame = frame.assign(timestamp=0)
-      needed = ['user', 'item'] + ['rating'] * labeled
-      columns = needed + ['timestamp'] * labeled
-      sep = ','
-    elif self.format == 'libfm':
-      labeled = 'label' in names
-      dims = tuple(int(d) for d in options.field_dims)
-      reader = libfm.Reader(len(self.field_names), dims, labeled)
-      needed = columns = ['label'] * labeled + list(self.field_names)
-    else:
-      frame = csv.joined_lists(
-        frame, self.side.multi_field_names, options.get('multi_hot_sep', '|')
-      )
-      if self.format == 'csv':
-        table = self._in_order(
-          csv.table(options, names, 'the DataFrame', require_label=False)
-        )
-      else:
-        table = data.SOURCES[self.format].reader(options, '')
-        if table.label not in names:
-          table = table.without_label()
-      reader = dataclasses.replace(table, header=False)
-      needed = [table.label] if table.label else []
-      needed += [f.column for f in table.fields]  # Avazu's hour: 2 fields.
-      needed = list(dict.fromkeys(needed))
-      frame = frame.reindex(columns=list(table.columns), fill_value='')
-      columns, sep = list(table.columns), table.sep
-      quoting = table.quoting
-    missing = [c for c in needed if c not in names]
-    if missing:  # Its own columns too: raw names (userId) are a common slip.
-      raise core.DataError(
-        f'The DataFrame has no column {", ".join(missing)}; the run reads'
-        f' {", ".join(needed)}, and its columns are'
-        f' {", ".join(names) or "none"}.'
-      )
-    self._check_fields(reader, 'The DataFrame')
-    frame = frame[columns].apply(csv.integral)
-    label = 'label' if self.format == 'libfm' else getattr(reader, 'label', '')
-    if label in frame and frame[label].dtype == bool:  # False/True: 0/1.
-      frame[label] = frame[label].astype(np.int64)
-    return reader, csv.frame_rows(frame, sep, quoting, self.format)
 
 
 def save(

@@ -1,0 +1,91 @@
+"""A DataFrame of raw values as lines of the run's format (see encoder.py).
+
+`frame_lines` turns the rows of a pandas DataFrame into the lines that the
+run's source reader (datasets/<format>.py) parses, so that a row gets the
+keys it would get in a file: the columns the run reads are picked by name
+(MovieLens `user`, `item` and `rating`; libFM `label`, `field0`, ...; the
+other formats the names of their files' header) and written in the
+format's order, multi-hot lists joined by the run's separator and
+whole-number floats as integers. A frame without a column that the run
+reads is a DataError that names it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+import data
+from datasets import core
+from datasets import csv
+from datasets import libfm
+from datasets import movielens
+
+if TYPE_CHECKING:
+  import pandas as pd
+
+  import encoder
+
+
+def frame_lines(
+  enc: encoder.Encoder, frame: pd.DataFrame
+) -> tuple[Any, list[bytes]]:
+  """The source's reader of `frame` and its rows as lines of that format.
+
+  Args:
+    enc: the run's encoder.
+    frame: raw rows, columns as `encoder.Encoder.encode` says.
+
+  Raises:
+    DataError: a column that the run reads is missing, or the frame's
+      fields differ from the run's.
+  """
+  options = enc.row_options()
+  names = [str(c) for c in frame.columns]
+  sep, quoting = ' ', False
+  if enc.format == 'movielens':
+    labeled = 'rating' in names
+    reader = movielens.Reader(',', labeled)
+    frame = frame.assign(timestamp=0)
+    needed = ['user', 'item'] + ['rating'] * labeled
+    columns = needed + ['timestamp'] * labeled
+    sep = ','
+  elif enc.format == 'libfm':
+    labeled = 'label' in names
+    dims = tuple(int(d) for d in options.field_dims)
+    reader = libfm.Reader(len(enc.field_names), dims, labeled)
+    needed = columns = ['label'] * labeled + list(enc.field_names)
+  else:
+    frame = csv.joined_lists(
+      frame, enc.side.multi_field_names, options.get('multi_hot_sep', '|')
+    )
+    if enc.format == 'csv':
+      table = enc.in_order(
+        csv.table(options, names, 'the DataFrame', require_label=False)
+      )
+    else:
+      table = data.SOURCES[enc.format].reader(options, '')
+      if table.label not in names:
+        table = table.without_label()
+    reader = dataclasses.replace(table, header=False)
+    needed = [table.label] if table.label else []
+    needed += [f.column for f in table.fields]  # Avazu's hour: 2 fields.
+    needed = list(dict.fromkeys(needed))
+    frame = frame.reindex(columns=list(table.columns), fill_value='')
+    columns, sep = list(table.columns), table.sep
+    quoting = table.quoting
+  missing = [c for c in needed if c not in names]
+  if missing:  # Its own columns too: raw names (userId) are a common slip.
+    raise core.DataError(
+      f'The DataFrame has no column {", ".join(missing)}; the run reads'
+      f' {", ".join(needed)}, and its columns are'
+      f' {", ".join(names) or "none"}.'
+    )
+  enc.check_fields(reader, 'The DataFrame')
+  frame = frame[columns].apply(csv.integral)
+  label = 'label' if enc.format == 'libfm' else getattr(reader, 'label', '')
+  if label in frame and frame[label].dtype == bool:  # False/True: 0/1.
+    frame[label] = frame[label].astype(np.int64)
+  return reader, csv.frame_rows(frame, sep, quoting, enc.format)
