@@ -343,7 +343,9 @@ class Encoder:
 
     A DataFrame has the columns of the run's files, named as in their
     header (Criteo: label, I1..I13, C1..C26; Avazu: click, hour, C1, ...;
-    CSV: its header's), MovieLens `user`, `item` (and `rating`), libFM
+    CSV: its header's), MovieLens `user`, `item` (and `rating`) or
+    GroupLens's `userId`, `movieId` (as `pd.read_csv` of its ratings.csv
+    gives; a frame with both names of one field is refused), libFM
     `field0`, `field1`, ... (the feature indices, and `label`). The label
     column is optional; a missing value is an empty (None or NaN) cell. A
     multi-hot cell is a string of values joined by the run's separator or

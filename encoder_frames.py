@@ -3,11 +3,12 @@
 `frame_lines` turns the rows of a pandas DataFrame into the lines that the
 run's source reader (datasets/<format>.py) parses, so that a row gets the
 keys it would get in a file: the columns the run reads are picked by name
-(MovieLens `user`, `item` and `rating`; libFM `label`, `field0`, ...; the
-other formats the names of their files' header) and written in the
-format's order, multi-hot lists joined by the run's separator and
-whole-number floats as integers. A frame without a column that the run
-reads is a DataError that names it.
+(MovieLens `user`, `item` and `rating`, or GroupLens's `userId` and
+`movieId` for the first two; libFM `label`, `field0`, ...; the other
+formats the names of their files' header) and written in the format's
+order, multi-hot lists joined by the run's separator and whole-number
+floats as integers. A frame without a column that the run reads is a
+DataError that names it.
 """
 
 from __future__ import annotations
@@ -27,6 +28,22 @@ if TYPE_CHECKING:
   import pandas as pd
 
   import encoder
+
+# GroupLens's names of the MovieLens columns (ratings.csv of ml-20m, ml-25m
+# and ml-latest), taken where the frame lacks ours.
+GROUPLENS = {'user': 'userId', 'item': 'movieId'}
+
+
+def _movielens_column(field: str, names: list[str]) -> str:
+  """The frame's column of MovieLens `field`: `field`, or GroupLens's name
+  of it when the frame has only that (a frame with both is refused)."""
+  theirs = GROUPLENS[field]
+  if field in names and theirs in names:
+    raise core.DataError(
+      f'The DataFrame has both a {field} and a {theirs} column, two names'
+      ' of one field: drop one of them.'
+    )
+  return theirs if theirs in names else field
 
 
 def frame_lines(
@@ -49,7 +66,8 @@ def frame_lines(
     labeled = 'rating' in names
     reader = movielens.Reader(',', labeled)
     frame = frame.assign(timestamp=0)
-    needed = ['user', 'item'] + ['rating'] * labeled
+    needed = [_movielens_column(f, names) for f in GROUPLENS]
+    needed += ['rating'] * labeled
     columns = needed + ['timestamp'] * labeled
     sep = ','
   elif enc.format == 'libfm':

@@ -282,6 +282,17 @@ class EncoderTest(EncoderTestCase):
     self._check_rows(enc.encode(path), ids, labels)
     frame = pd.DataFrame({'user': [9, 5, 3], 'item': [99, 20, 30]})
     self._check_rows(enc.encode(frame), [[2, 3], [3, 1], [0, 2]], None)
+    for names in ({'user': 'userId', 'item': 'movieId'}, {'item': 'movieId'}):
+      # GroupLens's names, of both columns or of one: the same ids.
+      got = enc.encode(frame.rename(columns=names))
+      self._check_rows(got, [[2, 3], [3, 1], [0, 2]], None)
+    for ours, theirs in (('user', 'userId'), ('item', 'movieId')):
+      with self.assertRaisesRegex(
+        data.DataError,
+        f'^The DataFrame has both a {ours} and a {theirs} column, two names'
+        ' of one field: drop one of them.$',
+      ):
+        enc.encode(frame.assign(**{theirs: frame[ours]}))
     unlabeled = os.path.join(self.tmp, 'pairs.csv')
     with open(unlabeled, 'w') as f:
       f.write('userId,movieId\n9,99\n\n5,20\n')
@@ -379,15 +390,16 @@ class EncoderTest(EncoderTestCase):
     _, av, _ = self._save('avazu', avazu_path)
     avazu_frame = _frame(rows, AVAZU_HEADER).drop(columns=['hour', 'C1'])
     avazu_reads = [c for c in AVAZU_HEADER if c != 'id']  # hour: 2 fields.
+    rated = pd.DataFrame({'user': [7], 'rating': [4.0]})
+    movie_id = pd.DataFrame({'uid': [7], 'movieId': [10]})  # GroupLens's.
     for enc, frame, missing, reads in (
-      (ml, pd.DataFrame({'userId': [7], 'movieId': [10]}), 'user, item', ''),
-      (ml, pd.DataFrame({'user': [7], 'rating': [4.0]}), 'item', ', rating'),
-      (ml, pd.DataFrame(), 'user, item', ''),
+      (ml, rated, 'item', 'user, item, rating'),
+      (ml, movie_id, 'user', 'user, movieId'),
+      (ml, pd.DataFrame(), 'user, item', 'user, item'),
       (ct, criteo_frame, 'I2, C3', ', '.join(CRITEO_COLUMNS)),
       (av, avazu_frame, 'hour, C1', ', '.join(avazu_reads)),
     ):
       have = ', '.join(frame.columns) or 'none'
-      reads = 'user, item' + reads if enc is ml else reads
       with self.assertRaisesRegex(
         data.DataError,
         f'^The DataFrame has no column {missing}; the run reads {reads}, and'

@@ -433,6 +433,43 @@ class MovieLensTest(absltest.TestCase):
       pd.read_csv(output)['probability'], expected, rtol=0, atol=1e-6
     )
 
+  def test_grouplens_column_names_score_as_ours_and_as_their_file(self):
+    # pd.read_csv of GroupLens's ratings.csv: userId,movieId,rating,timestamp.
+    test = self.dataset.test
+    users, items = self.dataset.vocabulary[:2]
+    ours = pd.DataFrame(
+      {
+        'user': users[test.ids[:, 0]],
+        'item': items[test.ids[:, 1]],
+        'rating': np.where(test.labels > 0, 4.5, 2.0),  # rating > 3: 1.
+      }
+    )
+    tmp = self.enter_context(tempfile.TemporaryDirectory())
+    path = os.path.join(tmp, 'ratings.csv')
+    names = {'user': 'userId', 'item': 'movieId'}
+    ours.rename(columns=names).assign(timestamp=964982703).to_csv(
+      path, index=False
+    )
+    theirs = pd.read_csv(path)
+    self.assertEqual(
+      list(theirs.columns), ['userId', 'movieId', 'rating', 'timestamp']
+    )
+    expected = self.predictor(ours)
+    np.testing.assert_allclose(
+      expected, self.reference(_inputs(test)), rtol=0, atol=1e-6
+    )
+    np.testing.assert_array_equal(self.predictor(theirs), expected)
+    np.testing.assert_array_equal(
+      self.predictor.encoder.encode(theirs).labels, test.labels
+    )
+    chunks = list(self.predictor.predict_file(path))
+    np.testing.assert_array_equal(
+      np.concatenate([p for p, _ in chunks]), expected
+    )
+    np.testing.assert_array_equal(
+      np.concatenate([labels for _, labels in chunks]), test.labels
+    )
+
   def test_an_unseen_movie_has_no_genres_and_the_mean_year(self):
     users, items = self.dataset.vocabulary[:2]
     frame = pd.DataFrame({'user': [users[0]], 'item': [10**9]})
