@@ -416,10 +416,25 @@ def check_splits(dataset: Dataset, config: ml_collections.ConfigDict):
       else f'{positives} positive and {negatives} negative examples'
     )
     use = 'early stopping' if name == 'validation' else 'the final score'
+    key = 'valid_path' if name == 'validation' else 'test_path'
+    if config.dataset.get(key):
+      # A predefined file: the split and its seed draw nothing.
+      change = (
+        f' Give config.dataset.{key} (now {config.dataset[key]}) a file'
+        ' that holds both labels.'
+      )
+    elif 'all' in dataset.sources or not dataset.sources:
+      change = (
+        f' Change config.dataset.split (now {tuple(config.dataset.split)})'
+        ' or config.dataset.seed, or pass config.dataset.valid_path and'
+        ' config.dataset.test_path files that hold both labels.'
+      )
+    else:  # Found in the config.dataset.path directory.
+      change = (
+        f' Give the {name} file in config.dataset.path (now'
+        f' {config.dataset.path}) both labels.'
+      )
     raise DataError(
       f'The {name} split of {dataset.name} has {what}: its AUC, which'
-      f' {use} needs, is undefined without both classes. Change'
-      f' config.dataset.split (now {tuple(config.dataset.split)}) or'
-      ' config.dataset.seed, or pass config.dataset.valid_path and'
-      ' config.dataset.test_path files that hold both labels.'
+      f' {use} needs, is undefined without both classes.{change}'
     )

@@ -1938,9 +1938,15 @@ class SplitCheckTest(_Case):
 
   @parameterized.parameters(('validation', 'valid'), ('test', 'test'))
   def test_split_with_one_class(self, name, key):
+    # A predefined file: the advice names it, not config.dataset.split and
+    # seed, which draw nothing then.
     files = {'valid': 'mixed.csv', 'test': 'mixed.csv', key: 'zeros.csv'}
+    zeros = os.path.join(self.tmp, 'zeros.csv')
     self._refused(
-      f'The {name} split of csv has 0 positive and 60 negative examples',
+      f'^The {name} split of csv has 0 positive and 60 negative examples:'
+      f' its AUC, .* is undefined without both classes. Give'
+      f' config.dataset.{key}_path \\(now {re.escape(zeros)}\\) a file that'
+      ' holds both labels.$',
       **{
         'dataset.path': os.path.join(self.tmp, 'train.csv'),
         'dataset.valid_path': os.path.join(self.tmp, files['valid']),
