@@ -349,8 +349,42 @@ def describe(dataset: Dataset) -> str:
   return f'Dataset {dataset.name}: ' + ', '.join(parts)
 
 
+def _warn_empty_fields(dataset: Dataset, config: ml_collections.ConfigDict):
+  """Warns of fields that kept no value: all their rows share one id.
+
+  Every value of such a field was seen fewer than `min_count` times in
+  training (a small file, or a large min_count): the field tells the model
+  nothing, and with every field so the run learns a constant.
+  """
+  fields = []  # (name, kept keys) where the keys are known.
+  if dataset.vocabulary is not None:
+    fields += zip(dataset.field_names, dataset.vocabulary, strict=True)
+  if dataset.multi_vocabulary:
+    multi = dataset.multi_field_names, dataset.multi_vocabulary
+    fields += zip(*multi, strict=True)
+  empty = [name for name, keys in fields if not len(keys)]
+  if not empty:
+    return
+  min_count = config.min_count
+  if min_count < 0 and config.name in FORMAT_OF:
+    min_count = SOURCES[FORMAT_OF[config.name]].MIN_COUNT
+  total = len(dataset.field_names) + len(dataset.multi_field_names)
+  logging.warning(
+    '%d of the %d categorical fields of %s kept no value, each seen fewer'
+    ' than config.dataset.min_count=%d times in training: their rows all'
+    ' share the out-of-vocabulary id, which tells the model nothing (%s).'
+    ' Lower config.dataset.min_count to keep more values.',
+    len(empty),
+    total,
+    dataset.name,
+    min_count,
+    ', '.join(empty),
+  )
+
+
 def check_splits(dataset: Dataset, config: ml_collections.ConfigDict):
-  """Refuses, before any training, splits that cannot train or be scored.
+  """Refuses, before any training, splits that cannot train or be scored;
+  warns of fields that kept no value (`_warn_empty_fields`).
 
   Early stopping maximises the validation AUC and the run reports the test
   AUC: both are undefined without examples of both classes.
@@ -358,6 +392,7 @@ def check_splits(dataset: Dataset, config: ml_collections.ConfigDict):
   Raises:
     DataError: naming the split, its counts and what to change.
   """
+  _warn_empty_fields(dataset, config.dataset)
   steps = batching.num_train_steps(dataset.train, config.batch_size)
   if steps == 0:
     # With valid_path and test_path the split is not drawn: path is training.

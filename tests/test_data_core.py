@@ -409,6 +409,55 @@ class VocabularyTest(DatasetTestCase):
     np.testing.assert_array_equal(vocab, np.concatenate(dataset.vocabulary))
     self.assertEqual(meta['field_names'], list(dataset.field_names))
 
+  def test_fields_that_kept_no_value_are_warned_by_name(self):
+    # Brute force: a field kept no value when none of its keys reaches
+    # min_count in the training rows (the whole file, split at random).
+    rows = criteo_rows(400, seed=3)
+    path = write_lines(os.path.join(self.tmp, 'train.txt'), rows, '\t')
+    config = fm.get_config()
+    config.batch_size = 64
+    for min_count in (100, 10**6):
+      config.dataset = self.config('criteo', path, min_count=min_count)
+      dataset = data.load_dataset(config.dataset)
+      counts = [{} for _ in dataset.field_names]
+      for row in rows:
+        for f, key in enumerate(row[14:], start=13):  # C1..C26 as written.
+          counts[f][key] = counts[f].get(key, 0) + 1
+      expected = [
+        name
+        for f, name in enumerate(dataset.field_names)
+        if f >= 13 and max(counts[f].values()) < min_count
+      ]
+      with self.subTest(min_count=min_count):
+        self.assertNotEqual(expected, [])
+        with self.assertLogs(level='WARNING') as logs:
+          logging.warning('sentinel')
+          data.check_splits(dataset, config)
+        [said] = [
+          r.getMessage()
+          for r in logs.records
+          if 'kept no value' in r.getMessage()
+        ]
+        named = said.split(' (')[-1].split(')')[0].split(', ')
+        # The integer fields (log-bucketed) are checked by the vocabulary.
+        empty_ints = [
+          n
+          for n, v in zip(
+            dataset.field_names[:13], dataset.vocabulary[:13], strict=True
+          )
+          if not len(v)
+        ]
+        self.assertEqual(named, empty_ints + expected)
+        self.assertIn(
+          f'of the 39 categorical fields of criteo kept no value, each seen'
+          f' fewer than config.dataset.min_count={min_count} times',
+          said,
+        )
+        # 100: some fields (the skewed draws' rarest), 10**6: every one.
+        self.assertLen(named, 39 if min_count == 10**6 else len(named))
+        if min_count == 100:
+          self.assertBetween(len(expected), 1, 25)
+
 
 class CacheKeyTest(DatasetTestCase):
   def test_every_option_and_the_source_change_the_key(self):
@@ -806,6 +855,49 @@ class BatchTest(parameterized.TestCase):
           self.assertIn(
             f'config.batch_size={batch_size} leaves {warned}', message
           )
+
+  def test_fields_without_a_kept_value_are_named_with_the_min_count(self):
+    split = self._split(3000)
+    config = fm.get_config()
+    config.dataset.name = 'criteo'  # min_count -1: criteo's default, 10.
+    keys = np.arange(2, dtype=np.int64)
+    for vocabulary, multi, named in (
+      ((keys, keys), (keys,), None),
+      ((keys, keys[:0]), (keys[:0],), 'b, m'),
+      ((keys[:0], keys), (keys,), 'a'),
+    ):
+      dataset = data.Dataset(
+        'x',
+        ('a', 'b'),
+        (3000, 3),
+        split,
+        split,
+        split,
+        vocabulary=vocabulary,
+        multi_field_names=('m',),
+        multi_field_dims=(3,),
+        multi_vocabulary=multi,
+      )
+      with self.subTest(named=named):
+        with self.assertLogs(level='WARNING') as logs:
+          logging.warning('sentinel')
+          data.check_splits(dataset, config)
+        said = [
+          r.getMessage()
+          for r in logs.records
+          if 'kept no value' in r.getMessage()
+        ]
+        if named is None:
+          self.assertEqual(said, [])
+          continue
+        [message] = said
+        count = len(named.split(', '))
+        self.assertIn(
+          f'{count} of the 3 categorical fields of x kept no value, each seen'
+          ' fewer than config.dataset.min_count=10 times',
+          message,
+        )
+        self.assertIn(f'nothing ({named}). Lower', message)
 
   def test_a_batch_above_the_training_rows_names_what_sets_them(self):
     # With valid_path and test_path, config.dataset.split is not used.
