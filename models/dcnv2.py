@@ -516,6 +516,18 @@ class DeepCrossNetworkV2(nn.Module):
   batch_norm: bool = True
   dtype: jnp.dtype = jnp.float32
 
+  def __post_init__(self):
+    if self.low_rank is not None and self.low_rank < 1:
+      raise ValueError(
+        'config.model.low_rank must be >= 1, or None for full-rank cross'
+        f' layers; got {self.low_rank!r}.'
+      )
+    if self.num_experts < 1:
+      raise ValueError(
+        f'config.model.num_experts must be >= 1; got {self.num_experts!r}.'
+      )
+    super().__post_init__()
+
   @nn.compact
   def __call__(
     self,

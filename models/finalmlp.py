@@ -537,6 +537,18 @@ class FinalMLP(nn.Module):
   batch_norm: bool = True
   dtype: jnp.dtype = jnp.float32
 
+  def __post_init__(self):
+    if len(self.dropouts) != 2:
+      raise ValueError(
+        'config.model.dropouts: give two rates (stream 1, stream 2); '
+        f'got {tuple(self.dropouts)!r}.'
+      )
+    if self.num_heads < 1:
+      raise ValueError(
+        f'config.model.num_heads must be >= 1; got {self.num_heads!r}.'
+      )
+    super().__post_init__()
+
   @nn.compact
   def __call__(
     self,

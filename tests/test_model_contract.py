@@ -140,10 +140,11 @@ class ModelContractTest(parameterized.TestCase):
     self.assertEqual(logits.dtype, jnp.float32)
     self.assertTrue(np.all(np.isfinite(logits)))
 
-  @parameterized.parameters('afm', 'autoint', 'fnfm', 'nfm')
+  @parameterized.parameters('afm', 'autoint', 'finalmlp', 'fnfm', 'nfm')
   def test_two_dropout_rates_or_a_clear_error(self, name):
-    # afm took the first two of three rates; nfm and fnfm raised an unpacking
-    # error naming neither the argument nor what it holds.
+    # afm and finalmlp took the first two of three rates; nfm and fnfm
+    # raised an unpacking error naming neither the argument nor what it
+    # holds, finalmlp an IndexError at its first call.
     for rates in ((0.1,), (0.1, 0.2, 0.3)):
       with self.assertRaisesRegex(
         ValueError, r'^config\.model\.dropouts: give two rates \(.*\);'

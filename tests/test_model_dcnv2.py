@@ -143,6 +143,25 @@ class EquationTest(parameterized.TestCase):
       if name != 'C_0':  # 6144 draws: a normal's tail, not truncated at 2.
         self.assertGreater(np.max(np.abs(w)) / std, 3.0)
 
+  def test_a_rank_or_experts_below_one_is_an_error_at_construction(self):
+    # Copied alone, without the trainer's config check: rank 0 or no
+    # experts divided by zero in the initialiser, a negative rank failed in
+    # XLA ('Invalid type').
+    for low_rank, experts, key, value in (
+      (0, 4, 'low_rank', 0),
+      (-1, 4, 'low_rank', -1),
+      (2, 0, 'num_experts', 0),
+    ):
+      with self.subTest(low_rank=low_rank, num_experts=experts):
+        with self.assertRaisesRegex(
+          ValueError, rf'^config.model.{key} must be >= 1.*; got {value}.$'
+        ):
+          dcnv2.Model(
+            FIELD_DIMS,
+            **{**KWARGS, 'low_rank': low_rank, 'num_experts': experts},
+          )
+    dcnv2.Model(FIELD_DIMS, **{**KWARGS, 'low_rank': None})
+
   def test_unknown_structure_is_an_error(self):
     model = dcnv2.Model(FIELD_DIMS, structure='stacked_parallel', **KWARGS)
     with self.assertRaisesRegex(ValueError, "'parallel' or 'stacked'"):

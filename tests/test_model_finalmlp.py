@@ -143,6 +143,15 @@ class EquationTest(parameterized.TestCase):
     with self.assertRaisesRegex(ValueError, 'num_heads=3 must divide'):
       model.init(jax.random.key(0), random_ids(2, FIELD_DIMS))
 
+  def test_heads_below_one_are_an_error_at_construction(self):
+    # Copied alone, without the trainer's config check: 0 heads divided by
+    # zero at the first call.
+    for heads in (0, -2):
+      with self.assertRaisesRegex(
+        ValueError, rf'^config.model.num_heads must be >= 1; got {heads}.$'
+      ):
+        finalmlp.Model(FIELD_DIMS, **{**KWARGS, 'num_heads': heads})
+
   def test_context_fields_must_be_one_hot_fields(self):
     n = len(FIELD_DIMS)
     model = finalmlp.Model(FIELD_DIMS, fs1_context=(0, n), **KWARGS)
