@@ -77,8 +77,8 @@ def reader(options: ml_collections.ConfigDict, path: str) -> text.Table:
     sep=',',
     quoting=False,
     log_bucket=False,
-    hint='id, click, hour and 21 categorical; the Kaggle test file has no'
-    ' click column',
+    hint='id, click, hour and 21 categorical, comma-separated; the Kaggle'
+    ' test file has no click column',
     header=None,
   )
 

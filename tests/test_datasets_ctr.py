@@ -391,6 +391,18 @@ class AvazuTest(DatasetTestCase):
       ):
         data.load_dataset(self.config('avazu', path))
 
+  def test_a_tab_separated_file_is_told_the_separator(self):
+    # The Criteo message says 'tab-separated'; Avazu's said only the
+    # columns, and a tab-separated copy found 1 of them.
+    rows = avazu_rows(20)
+    path = write_lines(os.path.join(self.tmp, 'a.tsv'), rows, '\t')
+    with self.assertRaisesRegex(
+      data.DataError,
+      r'a\.tsv:1: expected 24 columns \(id, click, hour and 21 categorical,'
+      r' comma-separated; .*\), found 1',
+    ):
+      data.load_dataset(self.config('avazu', path))
+
 
 class LibFMTest(DatasetTestCase):
   def _lines(self, n, seed, fields=(30, 8, 5)):
