@@ -69,6 +69,8 @@ def localize(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     DataError: a fragment that is not a checksum.
     DownloadError: the download or the unpacking failed.
   """
+  for key in KEYS:
+    _refuse_local_archive(key, config.get(key))
   if not any(is_url(config.get(key)) for key in KEYS):
     return config
   config = ml_collections.ConfigDict(config.to_dict())
@@ -76,6 +78,22 @@ def localize(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     if is_url(config.get(key)):
       config[key] = fetch(config[key], core.cache_dir(config), key)
   return config
+
+
+def _refuse_local_archive(key: str, path: object) -> None:
+  """Raises a DataError if `path` is a local archive (by its name).
+
+  Only a URL's archive is unpacked; a local one would be read as text, its
+  first line a tar header or a zip signature.
+  """
+  if not path or is_url(path) or not _kind(str(path)):
+    return
+  if os.path.isfile(os.path.expanduser(str(path))):
+    raise core.DataError(
+      f'config.dataset.{key}: {path} is an archive, which only an http(s)'
+      ' URL unpacks (once, into the cache); unpack it yourself (tar xf,'
+      ' unzip) and name the file or directory it holds.'
+    )
 
 
 def _checksum(url: str, key: str) -> tuple[str, str | None, str | None]:

@@ -428,6 +428,35 @@ class RemotePathTest(DatasetTestCase):
     remote._remove_abandoned(part)  # Gone since it was listed: nothing.
     remote._sweep_parts(os.path.join(self.tmp, 'none'), 'url-b')  # No cache.
 
+  def test_a_local_archive_is_refused_with_what_to_do(self):
+    # The Criteo Kaggle archive, downloaded by hand: read as text, its tar
+    # header was line 1 ("label 'train.txt\x00\x00...' is not 0 or 1"),
+    # a MovieLens zip's signature 'PK\x03\x04' was a line of 1 column.
+    tar = self._local('dac.tar.gz', _tar({'train.txt': _criteo_text(30)}))
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, 'w') as z:
+      z.writestr('ml/ratings.csv', 'userId,movieId,rating,timestamp\n')
+    zipped = self._local('ml.zip', buffer.getvalue())
+    text = self._local('train.txt', _criteo_text(30))
+    for name, key, archive in (
+      ('criteo', 'path', tar),
+      ('criteo', 'test_path', tar),
+      ('ml-latest-small', 'path', zipped),
+    ):
+      paths = {'path': text, 'valid_path': text, 'test_path': text}
+      if name != 'criteo':
+        paths = {'path': ''}
+      paths[key] = archive
+      config = self.config(name, paths.pop('path'), **paths)
+      with self.subTest(name=name, key=key):
+        with self.assertRaisesRegex(
+          data.DataError,
+          rf'^config\.dataset\.{key}: {archive} is an archive, which only an'
+          r' http\(s\) URL unpacks .* name the file or directory it holds\.$',
+        ):
+          data.load_dataset(config)
+    self.assertFalse(os.path.exists(os.path.join(self.tmp, 'cache', 'encoded')))
+
   def test_local_paths_are_left_as_they_are(self):
     config = self.config('criteo', '/data/train.txt', test_path='x.txt')
     self.assertIs(remote.localize(config), config)
