@@ -44,6 +44,7 @@ import pandas as pd
 
 import best_reader
 from datasets import core
+from datasets import remote
 from datasets import side
 import encoder as encoder_lib
 import entry
@@ -382,6 +383,11 @@ def main(argv):
   workdir, source, output = entry.path_flags('workdir', 'input', 'output')
   if not os.path.isfile(source):
     raise utils.UserError(f'--input: {source} is not a file.')
+  if remote.archive_kind(source):  # Else read as text: a tar header's line.
+    raise utils.UserError(
+      f'--input: {source} is an archive; unpack it (tar xf, unzip) and name'
+      ' the file it holds.'
+    )
   predict_output.check_output(output, source, workdir)
   predictor = load(workdir, args.batch_size)
   try:

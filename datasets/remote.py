@@ -86,7 +86,7 @@ def _refuse_local_archive(key: str, path: object) -> None:
   Only a URL's archive is unpacked; a local one would be read as text, its
   first line a tar header or a zip signature.
   """
-  if not path or is_url(path) or not _kind(str(path)):
+  if not path or is_url(path) or not archive_kind(str(path)):
     return
   if os.path.isfile(os.path.expanduser(str(path))):
     raise core.DataError(
@@ -113,7 +113,7 @@ def _checksum(url: str, key: str) -> tuple[str, str | None, str | None]:
   return url, algorithm, value
 
 
-def _kind(name: str) -> str | None:
+def archive_kind(name: str) -> str | None:
   """'tar', 'zip' or None (kept as it is) for the file name `name`."""
   low = name.lower()
   if low.endswith(TAR):
@@ -245,7 +245,7 @@ def fetch(url: str, cache_dir: str, key: str = 'path') -> str:
   tag = hashlib.sha256(url.encode()).hexdigest()[:16]
   root = os.path.join(cache_dir, 'downloads', f'url-{tag}')
   _sweep_parts(os.path.dirname(root), os.path.basename(root))
-  kind = _kind(name)
+  kind = archive_kind(name)
   final = os.path.join(root, _stem(name) if kind else name)
   if os.path.exists(final):  # Complete: only renamed into place whole.
     _check_copy(url, final, algorithm, digest, key)

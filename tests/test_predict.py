@@ -17,6 +17,7 @@ import re
 import shutil
 import subprocess
 import sys
+import tarfile
 import tempfile
 import textwrap
 import threading
@@ -194,6 +195,32 @@ class PredictTest(parameterized.TestCase):
       predict_output.check_output(output, os.path.join(self.tmp, 'x'), workdir)
     with self.assertRaisesRegex(UserError, 'inside the run'):
       predict_output.check_output(workdir + '/out.csv', 'x', workdir)
+
+  def test_an_archive_as_input_is_refused_with_what_to_do(self):
+    # Kaggle's dac.tar.gz given as it was downloaded was read as text:
+    # "label 'train.txt\x00\x00...' is not 0 or 1".
+    inner = _write(
+      os.path.join(self.tmp, 'train.txt'), self.trained.lines['test'][:3]
+    )
+    source = os.path.join(self.tmp, 'dac.tar.gz')
+    with tarfile.open(source, 'w:gz') as tar:
+      tar.add(inner, arcname='train.txt')
+    output = os.path.join(self.tmp, 'out.csv')
+    self.assertEqual(
+      command_error(
+        'predict.py',
+        self.tmp,
+        f'--workdir={self.trained.workdir}',
+        f'--input={source}',
+        f'--output={output}',
+      ),
+      (
+        2,
+        f'predict.py: error: --input: {source} is an archive; unpack it (tar'
+        ' xf, unzip) and name the file it holds.',
+      ),
+    )
+    self.assertFalse(os.path.exists(output))
 
   def test_an_output_named_for_another_format_is_refused(self):
     # --output=x.parquet wrote CSV under that name, silently.
