@@ -146,6 +146,7 @@ class Table:
       field of the first line is the first column's name).
     multi_sep: separator of the values of a 'multi' field's list.
     max_len: a longer list keeps its first `max_len` values.
+    scored: rows to score (`for_rows`), which may lack the label.
   """
 
   columns: tuple[str, ...]
@@ -158,6 +159,7 @@ class Table:
   header: bool | None
   multi_sep: str = '|'
   max_len: int = 16
+  scored: bool = False
 
   @property
   def field_names(self) -> tuple[str, ...]:
@@ -184,7 +186,7 @@ class Table:
     has one column less (a later line's column error then names the choice).
     """
     names = [c.strip() for c in split_line(first_line, self.sep, self.quoting)]
-    table, n = self, len(names)
+    table, n = dataclasses.replace(self, scored=True), len(names)
     if self.header or (self.header is None and names[0] == self.columns[0]):
       labeled = self.label in names
     else:
@@ -193,7 +195,7 @@ class Table:
         how = 'with' if labeled else 'without'
         hint = f'{self.hint}; read {how} the {self.label} column, as the'
         hint += f' first line has {n} columns'
-        table = dataclasses.replace(self, hint=hint)
+        table = dataclasses.replace(table, hint=hint)
     return table if labeled or not self.label else table.without_label()
 
   def has_header(self, first_line: bytes, path: str) -> bool:
@@ -292,6 +294,11 @@ class Table:
     problem = (
       f'expected {len(self.columns)} columns ({self.hint}), found {found}'
     )
+    if self.label and not self.scored and found == len(self.columns) - 1:
+      problem += (
+        "; a file without its label column (as Kaggle's test.txt) can only"
+        ' be scored, by predict.py'
+      )
     if self.sep == '\t' and 1 < found < len(self.columns):
       # E.g. a Criteo copy whose empty last columns lost their tabs.
       problem += (
@@ -423,6 +430,8 @@ class Table:
         problem = f'{what} {core.shown(text[i])} {problem}'
         if column == self.label and text[i] == '':
           problem = 'missing label'  # As `_keys` says after a typed read.
+        elif column == self.label and numbers[i] == 1 and self.header is False:
+          problem += '; a header line? This format has none: delete it'
         issues.append((numbers[i], problem))
       wrong |= ~ok
     return np.flatnonzero(~wrong)

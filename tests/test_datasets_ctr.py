@@ -1113,6 +1113,47 @@ class LineAlignmentTest(parameterized.TestCase):
     ):
       _parse(table, lines)
 
+  def test_a_file_without_its_label_column_is_told_it_can_only_be_scored(self):
+    # Kaggle's test.txt (39 columns) as a training or test file was told
+    # only that empty last columns may have lost their tabs.
+    table = criteo.reader(ml_collections.ConfigDict(criteo.DEFAULTS), '')
+    rows = criteo_rows(2, seed=1)
+    lines = ['\t'.join(r[1:]) for r in rows]
+    with self.assertRaisesRegex(
+      data.DataError,
+      r'^f\.csv:1: expected 40 columns .*, found 39; a file without its label'
+      r" column \(as Kaggle's test\.txt\) can only be scored, by predict\.py;"
+      r' empty columns at the end',
+    ):
+      _parse(table, lines)
+    # Rows to score read the first line's way: a later short line is not
+    # told to go to predict.py, where it is.
+    labeled = '\t'.join(rows[0])
+    scored = table.for_rows(labeled.encode())
+    with self.assertRaisesRegex(data.DataError, 'found 39') as caught:
+      _parse(scored, [labeled, lines[1]])
+    self.assertNotIn('scored', str(caught.exception))
+    # Without the label from the first line, the rows are read so.
+    keys, labels, _ = _parse(table.for_rows(lines[0].encode()), lines)
+    self.assertLen(keys, 2)
+    self.assertTrue(np.isnan(labels).all())
+
+  def test_a_header_line_is_told_the_format_has_none(self):
+    # 'label 'label' is not 0 or 1' said nothing of a header.
+    table = criteo.reader(ml_collections.ConfigDict(criteo.DEFAULTS), '')
+    header = '\t'.join(criteo.COLUMNS)
+    good = ['\t'.join(r) for r in criteo_rows(2, seed=1)]
+    with self.assertRaisesRegex(
+      data.DataError,
+      r"^f\.csv:1: label 'label' is not 0 or 1 \(or -1, True, False\); a"
+      r' header line\? This format has none: delete it \(set',
+    ):
+      _parse(table, [header, *good])
+    # Not on a later line: that is no header.
+    with self.assertRaisesRegex(data.DataError, 'f.csv:2: label') as caught:
+      _parse(table, [good[0], header, good[1]])
+    self.assertNotIn('header', str(caught.exception))
+
   def test_a_line_of_text_without_separators_is_not_blank(self):
     table = criteo.reader(ml_collections.ConfigDict(criteo.DEFAULTS), '')
     good = ['\t'.join(r) for r in criteo_rows(2, seed=1)]
