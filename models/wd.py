@@ -612,6 +612,14 @@ class WideAndDeep(nn.Module):
   linear_init: str = 'lecun'
   dtype: jnp.dtype = jnp.float32
 
+  def __post_init__(self):
+    if not 0 < self.cross_buckets < 2**31:  # Named as the user set it.
+      raise ValueError(
+        'config.model.cross_buckets must be in [1, 2**31); got'
+        f' {self.cross_buckets!r}.'
+      )
+    super().__post_init__()
+
   @nn.compact
   def __call__(
     self,

@@ -227,6 +227,20 @@ class WideAndDeepTest(parameterized.TestCase):
     params = {'weight': np.arange(size, dtype=np.float32)[:, None]}
     return np.asarray(layer.apply({'params': params}, ids)).astype(np.int64)
 
+  def test_buckets_out_of_range_name_the_model_argument(self):
+    # Copied alone, the inner layer's check named num_buckets at the first
+    # call, not the cross_buckets the user set.
+    wd = module('wd')
+    for buckets in (0, -1, 2**31):
+      with self.assertRaisesRegex(
+        ValueError,
+        r'^config\.model\.cross_buckets must be in \[1, 2\*\*31\); got'
+        f' {buckets}\\.$',
+      ):
+        wd.WideAndDeep(
+          FIELD_DIMS, cross_fields=((0, 1),), cross_buckets=buckets
+        )
+
   def test_cross_product_is_exact_when_the_pairs_fit(self):
     ids = random_ids(9, FIELD_DIMS)
     cross_fields = ((0, 1), (3, 2))
