@@ -255,6 +255,23 @@ MODEL = {
 }
 
 
+def _check_resumed_batch_size(value: Any, num_devices: int) -> None:
+  """Raises a ConfigError if a resume's batch does not split over its devices.
+
+  A resume cannot change `batch_size` (workdir.check_resume refuses it), so
+  what to change is the number of devices, not the config.
+  """
+  if not (_is_int(value) and value >= 1 and value % num_devices):
+    return
+  fits = max(d for d in range(1, num_devices) if value % d == 0)
+  raise ConfigError(
+    f'config.batch_size={value} must be a multiple of the {num_devices}'
+    ' devices of this run, and a resume keeps the batch size of its'
+    f' checkpoints: resume on {fits} device{"s" * (fits > 1)} (or a count'
+    f' that divides {value}), or start a new run in another workdir.'
+  )
+
+
 def validate_config(
   config: ml_collections.ConfigDict,
   *,
@@ -275,7 +292,9 @@ def validate_config(
     num_devices: the run's device count (all processes): batch sizes must
       be multiples of it; None: not checked here.
     resuming: the run resumes from its checkpoints, which hold the weights:
-      `init_from` is not read, so not checked.
+      `init_from` is not read, so not checked; and their `batch_size` stays,
+      so one that `num_devices` does not divide is refused alone, naming
+      the device counts that divide it.
 
   Raises:
     ConfigError: one message naming every bad key, its value and the rule.
@@ -307,6 +326,8 @@ def validate_config(
       check(key, config[key], rule)
   if 'optimizer' in config:
     check('optimizer', config.optimizer, one_of(optimizers))
+  if num_devices and resuming:
+    _check_resumed_batch_size(config.get('batch_size'), num_devices)
   if num_devices:
     for key in ('batch_size', 'eval_batch_size'):
       value = config.get(key)

@@ -446,6 +446,24 @@ class BadValueTest(_TestCase):
     message = self.problems(_config(eval_batch_size=6), num_devices=4)
     self.assertIn('config.eval_batch_size=6 must be a multiple of', message)
 
+  def test_a_resume_whose_batch_size_does_not_split_names_device_counts(self):
+    # A resume cannot change batch_size: the device count is what to fix.
+    for size, devices, fits in ((6, 4, '3 devices'), (2047, 2, '1 device')):
+      message = self.problems(
+        _config(batch_size=size, eval_batch_size=6),
+        num_devices=devices,
+        resuming=True,
+      )
+      self.assertIn(
+        f'config.batch_size={size} must be a multiple of the {devices}', message
+      )
+      self.assertIn(f'resume on {fits} (or a count that divides', message)
+      self.assertNotIn('--config.<key>', message)
+    # A resume whose batch size splits is not refused for it.
+    config_check.validate_config(
+      _config(batch_size=12), num_devices=4, resuming=True
+    )
+
   def test_init_from_must_hold_a_best_checkpoint(self):
     with tempfile.TemporaryDirectory() as run:
       message = self.problems(_config(init_from=run))
