@@ -15,6 +15,7 @@ import importlib
 import math
 import numbers
 import os
+import pathlib
 from typing import Any
 
 import ml_collections
@@ -417,6 +418,50 @@ def _rule_like(default: Any) -> Rule | None:
   if isinstance(default, str):
     return string
   return None
+
+
+def check_model_name_override(config: ml_collections.ConfigDict) -> None:
+  """Refuses a `--config.model_name` whose model `config.model` is not for.
+
+  A config file fills `config.model` with every argument of its own model
+  (configs/default.py's `with_model_arguments`), so that a flag can set
+  each. Another model would train at its own defaults for the arguments
+  that config lacks (not configs/dcnv2.py's 16-16 layers but 500-500-500),
+  which no flag could set. Models of the same arguments (fm, ffm) pass.
+
+  Raises:
+    ConfigError: naming the keys and the model's config file.
+  """
+  name = config.get('model_name')
+  if not isinstance(name, str) or name not in models.names():
+    return  # validate_config names it.
+  model = config.get('model') or {}
+  fields = dataclasses.fields(importlib.import_module(f'models.{name}').Model)
+  takes = {f.name for f in fields if f.name not in TRAINER_SET}
+  defaults = {
+    f.name
+    for f in fields
+    if f.name in takes and f.default not in (None, dataclasses.MISSING)
+  }
+  missing, extra = sorted(defaults - set(model)), sorted(set(model) - takes)
+  if not (missing or extra):
+    return
+  why = []
+  if missing:
+    why.append(f'lacks {", ".join(missing)}, which no flag could then set')
+  if extra:
+    why.append(f'has {", ".join(extra)}, which models/{name}.py does not take')
+  files = [
+    f'--config=configs/{path.name}'
+    for path in sorted((pathlib.Path(__file__).parent / 'configs').glob('*.py'))
+    if path.name != 'default.py'
+    and f"model_name = '{name}'" in path.read_text(encoding='utf-8')
+  ]
+  raise ConfigError(
+    f'--config.model_name={name}: config.model holds the arguments of the'
+    f" config file's model; it {' and '.join(why)}. Pick the model by its"
+    f' config file instead: {" or ".join(files) or "one of that model"}.'
+  )
 
 
 def _dataset_problems(

@@ -18,6 +18,7 @@ from absl import logging
 import jax
 from ml_collections import config_flags
 
+import config_check
 import entry
 import multihost
 import train
@@ -98,6 +99,8 @@ def main(argv):
     jax.local_devices(),
   )
   try:
+    if 'config.model_name' in FLAGS:  # Only an override has a flag.
+      config_check.check_model_name_override(FLAGS.config)
     train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
   except (Exception, KeyboardInterrupt) as e:
     user_error = isinstance(e, utils.UserError)

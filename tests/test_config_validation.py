@@ -374,6 +374,33 @@ class BadValueTest(_TestCase):
     )
     config_check.validate_config(config)  # A part of a config: its keys.
 
+  def test_a_model_name_override_needs_a_config_built_for_that_model(self):
+    # `--config=configs/fm.py --config.model_name=dcnv2` trained DCN-V2 at
+    # its class defaults (500-500-500 layers, BatchNorm), not at
+    # configs/dcnv2.py's, and the locked config took no flag for them.
+    check = config_check.check_model_name_override
+    with self.assertRaises(config_check.ConfigError) as cm:
+      check(_config('fm', model_name='dcnv2'))
+    message = str(cm.exception)
+    self.assertStartsWith(message, '--config.model_name=dcnv2: config.model')
+    self.assertIn('lacks batch_norm, dropout, linear_init, mlp_dims,', message)
+    self.assertEndsWith(message, 'instead: --config=configs/dcnv2.py.')
+    with self.assertRaises(config_check.ConfigError) as cm:
+      check(_config('deepfm', model_name='fm'))
+    self.assertIn(
+      'has dropout, linear_init, mlp_dims, which models/fm.py does not take',
+      str(cm.exception),
+    )
+    with self.assertRaises(config_check.ConfigError) as cm:
+      check(_config('fm', model_name='pnn'))  # Its file: configs/ipnn.py.
+    self.assertEndsWith(str(cm.exception), ': --config=configs/ipnn.py.')
+    # Each config's own model, and one whose arguments are the same, pass;
+    # an unknown name is left to validate_config.
+    for name in CONFIGS:
+      check(_config(name))
+    check(_config('fm', model_name='ffm'))
+    check(_config('fm', model_name='nope'))
+
   def test_unknown_model_is_named_before_any_data(self):
     message = self.problems(_config(model_name='nope'))
     self.assertIn("model_name='nope' must name a file in models/", message)

@@ -295,6 +295,16 @@ class MainTest(absltest.TestCase):
     )
     self.assertFalse(os.path.exists(workdir))
 
+  def test_a_model_name_flag_for_another_models_config_is_refused(self):
+    workdir = os.path.join(self.tmp, 'w')
+    self._assert_one_line(
+      _run(workdir, '--config.model_name=hofm'),
+      '--config.model_name=hofm: config.model holds the arguments of the'
+      " config file's model; it lacks order, which no flag could then set."
+      ' Pick the model by its config file instead: --config=configs/hofm.py.',
+    )
+    self.assertFalse(os.path.exists(workdir))
+
   def test_bad_batch_size_names_the_key(self):
     result = _run(os.path.join(self.tmp, 'odd'), '--config.batch_size=511')
     self.assertNotEqual(result.returncode, 0)
