@@ -251,6 +251,11 @@ _TAKES = (
   (float, 'a number'),
   ((tuple, list), 'a tuple, quoted for the shell'),
 )
+# The same for a key whose value is None, by the parser of its type.
+_PLACEHOLDERS = (
+  (flags.IntegerParser, 'an integer'),
+  (flags.FloatParser, 'a number'),
+)
 
 
 def _flag_error(argv: list[str], error: flags.Error) -> str:
@@ -261,7 +266,14 @@ def _flag_error(argv: list[str], error: flags.Error) -> str:
   # A flag given twice: the value absl refused (its message starts with it).
   values.sort(key=lambda v: not message.startswith(f'flag --{name}={v}: '))
   if '.' in name and name in flags.FLAGS and values:
-    current = flags.FLAGS[name].value
+    current, parser = flags.FLAGS[name].value, flags.FLAGS[name].parser
+    if current is None:  # A placeholder, as table_weight_decay: by type.
+      for kind, takes in _PLACEHOLDERS:
+        if isinstance(parser, kind):
+          return (
+            f'--{name}={values[0]}: {name} takes {takes} (leave the flag out'
+            f' for None, as now); {values[0]!r} is not one.'
+          )
     for kind, takes in _TAKES:
       if isinstance(current, kind):
         if isinstance(current, list):

@@ -305,6 +305,22 @@ class MainTest(absltest.TestCase):
     )
     self.assertFalse(os.path.exists(workdir))
 
+  def test_a_bad_value_of_a_key_that_is_none_names_its_type(self):
+    # absl's words were "could not convert string to float: 'abc'. Pass
+    # --helpshort to see the flags." (and the help lists no config key).
+    workdir = os.path.join(self.tmp, 'w')
+    for flag, value, takes, config in (
+      ('table_weight_decay', 'abc', 'a number', 'configs/fm.py:smoke'),
+      ('table_weight_decay', 'None', 'a number', 'configs/fm.py:smoke'),
+      ('model.low_rank', '1.5', 'an integer', 'configs/dcnv2.py:smoke'),
+    ):
+      self._assert_one_line(
+        _run(workdir, f'--config.{flag}={value}', config=config),
+        f'--config.{flag}={value}: config.{flag} takes {takes} (leave the'
+        f" flag out for None, as now); '{value}' is not one.",
+      )
+    self.assertFalse(os.path.exists(workdir))
+
   def test_bad_batch_size_names_the_key(self):
     result = _run(os.path.join(self.tmp, 'odd'), '--config.batch_size=511')
     self.assertNotEqual(result.returncode, 0)
