@@ -382,6 +382,27 @@ def _warn_empty_fields(dataset: Dataset, config: ml_collections.ConfigDict):
   )
 
 
+def check_model_inputs(dataset: Dataset, config: ml_collections.ConfigDict):
+  """Refuses a model option for inputs that `dataset` does not have.
+
+  `config.model.multi_pooling` pools the lists of multi-hot fields: set to
+  other than every model's default ('mean') on data without one, it would
+  change nothing, silently, as a key of another format would (`resolve`).
+
+  Raises:
+    DataError: naming the key and how to add such a field.
+  """
+  pooling = (config.get('model') or {}).get('multi_pooling', 'mean')
+  if pooling == 'mean' or dataset.multi_field_dims:
+    return
+  raise DataError(
+    f'config.model.multi_pooling={pooling!r} pools the lists of multi-hot'
+    f' fields, and {dataset.name} has none here: leave it at its default,'
+    " 'mean', or add one (config.dataset.side_features=genres on"
+    ' MovieLens, config.dataset.csv.multi_hot_columns on a CSV).'
+  )
+
+
 def check_splits(dataset: Dataset, config: ml_collections.ConfigDict):
   """Refuses, before any training, splits that cannot train or be scored;
   warns of fields that kept no value (`_warn_empty_fields`).

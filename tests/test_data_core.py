@@ -914,6 +914,38 @@ class BatchTest(parameterized.TestCase):
         ):
           data.check_splits(dataset, config)
 
+  def test_multi_pooling_on_data_without_multi_hot_fields_is_refused(self):
+    # `--config.model.multi_pooling=sum` on MovieLens without side features
+    # trained the same model as 'mean', silently.
+    split = self._split(300)
+    config = fm.get_config()
+    for pooling, multi_field_dims, refused in (
+      ('sum', (), True),
+      ('mean', (), False),
+      ('sum', (7,), False),
+    ):
+      dataset = data.Dataset(
+        'x',
+        ('a', 'b'),
+        (300, 3),
+        split,
+        split,
+        split,
+        multi_field_names=('m',) * len(multi_field_dims),
+        multi_field_dims=multi_field_dims,
+      )
+      config.model.multi_pooling = pooling
+      with self.subTest(pooling=pooling, multi_field_dims=multi_field_dims):
+        if refused:
+          with self.assertRaisesRegex(
+            data.DataError,
+            r"^config.model.multi_pooling='sum' pools the lists of multi-hot"
+            r' fields, and x has none here: ',
+          ):
+            data.check_model_inputs(dataset, config)
+        else:
+          data.check_model_inputs(dataset, config)
+
   def test_the_left_out_rows_of_an_unshuffled_epoch_are_said_never_trained(
     self,
   ):

@@ -321,6 +321,18 @@ class MainTest(absltest.TestCase):
       )
     self.assertFalse(os.path.exists(workdir))
 
+  def test_multi_pooling_without_multi_hot_fields_is_refused(self):
+    result = _run(
+      os.path.join(self.tmp, 'w'), '--config.model.multi_pooling=sum'
+    )
+    self._assert_one_line(
+      result,
+      "config.model.multi_pooling='sum' pools the lists of multi-hot fields,"
+      " and ml-latest-small has none here: leave it at its default, 'mean',"
+      ' or add one (config.dataset.side_features=genres on MovieLens,'
+      ' config.dataset.csv.multi_hot_columns on a CSV).',
+    )
+
   def test_bad_batch_size_names_the_key(self):
     result = _run(os.path.join(self.tmp, 'odd'), '--config.batch_size=511')
     self.assertNotEqual(result.returncode, 0)
