@@ -233,6 +233,56 @@ class TrainCompileAheadTest(parameterized.TestCase):
     self.assertEqual(scores['num_examples'], 40)
 
 
+class EvalBatchSizeTest(absltest.TestCase):
+  def test_an_eval_batch_far_above_the_split_pads_it_less_than_twice(self):
+    # config.eval_batch_size=10**8 padded the embedded data's 10,084
+    # validation rows to 10**8 rows: 98 s an epoch instead of 2.
+    devices = jax.device_count()
+    for rows in (1, 2, 3, 30, 40, 64, 65, 10_084):
+      smallest = devices  # The least devices * 2**k that holds the rows.
+      while smallest < rows:
+        smallest *= 2
+      split = data.Split(
+        np.zeros((rows, 2), np.int32), np.zeros((rows,), np.float32)
+      )
+      with self.subTest(rows=rows):
+        self.assertEqual(programs.eval_batch_size(split, 10**8), smallest)
+        self.assertEqual(programs.eval_batch_size(split, devices), devices)
+    # Through the eval program: the same metrics, batches of 64 rows (40
+    # rows, 2 devices: 2 * 32), and the program compiled ahead is the one
+    # that runs.
+    config = default.get_config()
+    config.model = {'embed_dim': 4}
+    config.batch_size, config.eval_batch_size = 8, 10**6
+    model = train.create_model(config, FIELD_DIMS, train.AXIS)
+    p_train, p_eval = train.pmapped_steps(model, config)
+    init, rng = train.state_initializer(config, model), jax.random.key(0)
+    train_split, valid_split = _split(7 * 8 + 5), _split(40)
+    wait = programs.compile_train_and_eval(
+      p_train,
+      p_eval,
+      jax.eval_shape(init, rng),
+      train.hyperparameters(config),
+      train_split,
+      valid_split,
+      config,
+      None,
+    )
+    state = train.replicate(init(rng))
+    wait()
+    shapes = []
+
+    def recording(state, batch):
+      shapes.append(batch['ids'].shape)
+      return p_eval(state, batch)
+
+    with lowerings() as lowered:
+      scores = programs.evaluate(recording, state, valid_split, 10**6)
+    self.assertEqual(lowered, [])
+    self.assertEqual(shapes, [(devices, 64 // devices, len(FIELD_DIMS))])
+    self.assertEqual(scores, programs.evaluate(p_eval, state, valid_split, 8))
+
+
 class TrainEpochRateTest(parameterized.TestCase):
   # 7 steps of 8: one dispatch of 7, or a padded stack of 1, then 3 and 3.
   @parameterized.parameters((16, 0), (3, 1))
