@@ -383,15 +383,28 @@ def _warn_empty_fields(dataset: Dataset, config: ml_collections.ConfigDict):
 
 
 def check_model_inputs(dataset: Dataset, config: ml_collections.ConfigDict):
-  """Refuses a model option for inputs that `dataset` does not have.
+  """Refuses inputs that cannot inform the model, or options they lack.
 
+  A field whose every value is rarer than `config.dataset.min_count` holds
+  one id, the out-of-vocabulary one, in every row: with every field so
+  (and no numeric one) the model can learn only the share of positives.
   `config.model.multi_pooling` pools the lists of multi-hot fields: set to
   other than every model's default ('mean') on data without one, it would
   change nothing, silently, as a key of another format would (`resolve`).
 
   Raises:
-    DataError: naming the key and how to add such a field.
+    DataError: naming the key and what to change.
   """
+  dims = (*dataset.field_dims, *dataset.multi_field_dims)
+  if not dataset.dense_names and all(d <= 1 for d in dims):
+    min_count = config.dataset.get('min_count', -1)
+    given = f'={min_count}' + " (the format's default)" * (min_count < 0)
+    raise DataError(
+      f'Every field of {dataset.name} holds one id, the out-of-vocabulary'
+      ' one, in every row: no value is seen config.dataset.min_count'
+      f'{given} times in the training file, so the model could learn only'
+      ' the share of positives. Lower config.dataset.min_count.'
+    )
   pooling = (config.get('model') or {}).get('multi_pooling', 'mean')
   if pooling == 'mean' or dataset.multi_field_dims:
     return

@@ -946,6 +946,42 @@ class BatchTest(parameterized.TestCase):
         else:
           data.check_model_inputs(dataset, config)
 
+  def test_data_whose_every_field_is_one_id_is_refused(self):
+    # --config.dataset.min_count=100000 on a 3,000-line CSV left field_dims
+    # (1, 1, 1, 1, 1): the run trained to AUC 0.5, silently.
+    split = self._split(300)
+    config = fm.get_config()
+    config.dataset.min_count = 100_000
+    for field_dims, multi_field_dims, dense, refused in (
+      ((1, 1), (), (), True),
+      ((1, 1), (1,), (), True),
+      ((1, 2), (), (), False),  # One field keeps a value.
+      ((1, 1), (3,), (), False),  # A multi-hot one does.
+      ((1, 1), (), ('price',), False),  # A numeric field is not counted.
+    ):
+      dataset = data.Dataset(
+        'x',
+        ('a', 'b'),
+        field_dims,
+        split,
+        split,
+        split,
+        multi_field_names=('m',) * len(multi_field_dims),
+        multi_field_dims=multi_field_dims,
+        dense_names=dense,
+      )
+      with self.subTest(field_dims=field_dims, multi=multi_field_dims):
+        if refused:
+          with self.assertRaisesRegex(
+            data.DataError,
+            r'^Every field of x holds one id, the out-of-vocabulary one, in'
+            r' every row: no value is seen config.dataset.min_count=100000'
+            r' times in the training file, .* Lower config.dataset.min_count.$',
+          ):
+            data.check_model_inputs(dataset, config)
+        else:
+          data.check_model_inputs(dataset, config)
+
   def test_the_left_out_rows_of_an_unshuffled_epoch_are_said_never_trained(
     self,
   ):
