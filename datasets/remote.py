@@ -66,10 +66,19 @@ def localize(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   """`config.dataset` with each URL of `KEYS` replaced by its local copy.
 
   Raises:
-    DataError: a fragment that is not a checksum.
+    DataError: a fragment that is not a checksum, or a URL of another
+      scheme (`gs://`, `s3://`, `ftp://`: read as a relative path, it was
+      said not to exist as `<cwd>/gs:/...`).
     DownloadError: the download or the unpacking failed.
   """
   for key in KEYS:
+    value = config.get(key)
+    if isinstance(value, str) and '://' in value and not is_url(value):
+      raise core.DataError(
+        f'config.dataset.{key}={value!r}: only http and https URLs'
+        ' are downloaded; copy the file here yourself (e.g. gsutil cp,'
+        ' aws s3 cp) and give its local path.'
+      )
     _refuse_local_archive(key, config.get(key))
   if not any(is_url(config.get(key)) for key in KEYS):
     return config

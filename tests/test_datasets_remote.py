@@ -206,6 +206,26 @@ class RemotePathTest(DatasetTestCase):
             )
           )
 
+  def test_a_url_of_another_scheme_names_the_key(self):
+    # `gs://bucket/train.txt` was read as a relative path and said not to
+    # exist as `<cwd>/gs:/bucket/train.txt`.
+    local = self._local('train.txt', _criteo_text(20))
+    for key, url in (
+      ('path', 'gs://bucket/train.txt'),
+      ('path', 's3://bucket/train.txt'),
+      ('valid_path', 'ftp://host/valid.txt'),
+      ('test_path', 'file:///data/test.txt'),
+    ):
+      paths = {'valid_path': local, 'test_path': local, key: url}
+      path = paths.pop('path', local)
+      with self.subTest(url):
+        with self.assertRaisesRegex(
+          data.DataError,
+          f'^config.dataset.{key}={url!r}: only http and https URLs are'
+          ' downloaded; copy the file here yourself',
+        ):
+          data.load_dataset(self.config('criteo', path, **paths))
+
   def test_an_http_error_names_the_key(self):
     with HttpServer(b'', status=404) as server:
       url = f'{server.url}/train.txt'
