@@ -382,7 +382,9 @@ def _warn_empty_fields(dataset: Dataset, config: ml_collections.ConfigDict):
   )
 
 
-def check_model_inputs(dataset: Dataset, config: ml_collections.ConfigDict):
+def check_model_inputs(
+  dataset: Dataset, config: ml_collections.ConfigDict, resuming: bool = False
+):
   """Refuses inputs that cannot inform the model, or options they lack.
 
   A field whose every value is rarer than `config.dataset.min_count` holds
@@ -392,9 +394,14 @@ def check_model_inputs(dataset: Dataset, config: ml_collections.ConfigDict):
   other than every model's default ('mean') on data without one, it would
   change nothing, silently, as a key of another format would (`resolve`).
 
+  Not on a resume (`resuming`): runs recorded with such a config, which a
+  resume may not change, still resume.
+
   Raises:
     DataError: naming the key and what to change.
   """
+  if resuming:
+    return
   dims = (*dataset.field_dims, *dataset.multi_field_dims)
   if not dataset.dense_names and all(d <= 1 for d in dims):
     min_count = config.dataset.get('min_count', -1)

@@ -379,7 +379,7 @@ def _run(
   multihost.assert_same_data(dataset)
   logging.info('%s', data.describe(dataset))
   data.check_splits(dataset, config)
-  data.check_model_inputs(dataset, config)
+  data.check_model_inputs(dataset, config, workdir_lib.has_checkpoints(workdir))
   try:  # A model checks what depends on several arguments (or the data).
     model = create_model(
       config, dataset.field_dims, AXIS, **batching.model_fields(dataset)

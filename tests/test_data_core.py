@@ -943,6 +943,8 @@ class BatchTest(parameterized.TestCase):
             r' fields, and x has none here: ',
           ):
             data.check_model_inputs(dataset, config)
+          # A run recorded so before this check still resumes.
+          data.check_model_inputs(dataset, config, resuming=True)
         else:
           data.check_model_inputs(dataset, config)
 
