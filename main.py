@@ -23,6 +23,7 @@ import entry
 import multihost
 import train
 import utils
+import workdir as workdir_lib
 
 FLAGS = flags.FLAGS
 
@@ -99,7 +100,10 @@ def main(argv):
     jax.local_devices(),
   )
   try:
-    if 'config.model_name' in FLAGS:  # Only an override has a flag.
+    # Only an override has a flag; a run recorded with one still resumes.
+    if 'config.model_name' in FLAGS and not workdir_lib.has_checkpoints(
+      FLAGS.workdir
+    ):
       config_check.check_model_name_override(FLAGS.config)
     train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
   except (Exception, KeyboardInterrupt) as e:

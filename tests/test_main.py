@@ -304,6 +304,19 @@ class MainTest(absltest.TestCase):
       ' Pick the model by its config file instead: --config=configs/hofm.py.',
     )
     self.assertFalse(os.path.exists(workdir))
+    # A run recorded with such an override (before it was refused) resumes.
+    result = _run(
+      workdir, '--config.num_epochs=1', config='configs/hofm.py:smoke'
+    )
+    self.assertEqual(result.returncode, 0, result.stderr[-3000:])
+    with open(os.path.join(workdir, 'config.json')) as f:
+      recorded = json.load(f)
+    del recorded['model']['order']  # What configs/fm.py's config holds.
+    with open(os.path.join(workdir, 'config.json'), 'w') as f:
+      json.dump(recorded, f)
+    result = _run(workdir, '--config.model_name=hofm', '--config.num_epochs=2')
+    self.assertEqual(result.returncode, 0, result.stderr[-3000:])
+    self.assertEqual(_metrics(workdir)[-1]['epoch'], 2)
 
   def test_a_bad_value_of_a_key_that_is_none_names_its_type(self):
     # absl's words were "could not convert string to float: 'abc'. Pass
