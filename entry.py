@@ -8,7 +8,7 @@ one line and status 130, and a SIGTERM (a scheduler's, `docker stop`'s,
 `timeout`'s) as a Ctrl-C does, status 143.
 """
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 import gc
 import os
 import re
@@ -390,11 +390,39 @@ def _override_error(argv: list[str], error: Exception) -> str | None:
     parts = name[2:].split('.')
     if name.startswith('--') and key in parts[1:]:  # Anywhere in the path.
       where = '.'.join(parts[: parts.index(key, 1)])
+      if not hint and (found := _keys_named(argv, parts, key)):
+        hint = f' Did you mean --{" or --".join(found)}?'
       return (
         f'{name}: {where} has no key {key!r}.{hint} Its keys are in the'
         ' config file and configs/default.py.'
       )
   return None
+
+
+def _keys_named(argv: list[str], parts: list[str], key: str) -> list[str]:
+  """Where else the config file of flag `parts[0]` has a key named `key`,
+  as flags that end in `parts`' rest (`config.embed_dim` ->
+  `config.model.embed_dim`)."""
+  rest = parts[parts.index(key, 1) :]
+  for name, path in _config_files(argv):
+    if name == parts[0]:
+      try:  # The file again, without `:arg`: the keys, not their values.
+        config = flags.FLAGS[name].parser.parse(path)
+      except Exception:  # pylint: disable=broad-except
+        return []
+      return ['.'.join([name, *p, *rest]) for p in _groups_with(config, key)]
+  return []
+
+
+def _groups_with(
+  node: ml_collections.ConfigDict, key: str, prefix: tuple[str, ...] = ()
+) -> Iterator[tuple[str, ...]]:
+  """The paths of the groups of keys under `node` that hold `key`."""
+  for name, value in node.items():
+    if name == key:
+      yield prefix
+    elif isinstance(value, ml_collections.ConfigDict):
+      yield from _groups_with(value, key, (*prefix, name))
 
 
 def _config_file_error(argv: list[str], error: Exception) -> str | None:

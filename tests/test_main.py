@@ -185,6 +185,26 @@ class MainTest(absltest.TestCase):
     )
     self.assertFalse(os.path.exists(os.path.join(self.tmp, 'typo')))
 
+  def test_a_key_given_at_another_level_names_where_it_is(self):
+    # `--config.embed_dim=32` for `--config.model.embed_dim=32` said only
+    # that config has no key 'embed_dim'.
+    workdir = os.path.join(self.tmp, 'w')
+    for flag, meant in (
+      ('embed_dim=32', 'model.embed_dim'),
+      ('csv.label_column=y', 'dataset.csv.label_column'),
+      ('model.seed=1', 'dataset.seed or --config.seed'),
+    ):
+      name, _, _ = flag.partition('=')
+      key = name.split('.')[-2 if name.startswith('csv') else -1]
+      where = 'config.model' if name.startswith('model.') else 'config'
+      self._assert_one_line(
+        _run(workdir, f'--config.{flag}'),
+        f"--config.{name}: {where} has no key '{key}'. Did you mean"
+        f' --config.{meant}? Its keys are in the config file and'
+        ' configs/default.py.',
+      )
+    self.assertFalse(os.path.exists(workdir))
+
   def test_a_config_file_that_fails_is_named_with_its_line(self):
     missing = os.path.join(self.tmp, 'missing.py')
     self._assert_one_line(
