@@ -78,9 +78,10 @@ def run_main(main: Callable[[list[str]], Any]) -> None:
         reason = (str(e).splitlines() or [type(e).__name__])[0]
         fail(
           f'Out of memory ({reason}). Lower'
-          ' config.dataset.chunk_rows (while preprocessing), config.batch_size'
-          ' or --batch_size, make the tables smaller (a larger'
-          ' config.dataset.min_count), or run where more memory is free.'
+          ' config.dataset.chunk_rows (while preprocessing), config.batch_size,'
+          ' config.eval_batch_size or --batch_size, make the tables smaller (a'
+          ' larger config.dataset.min_count), or run where more memory is'
+          ' free.'
         )
       fail(str(e))
 

@@ -150,7 +150,8 @@ class RunMainTest(absltest.TestCase):
     self.assertRegex(
       result.stderr.strip().splitlines()[-1],
       r'^tool.py: error: Out of memory \(Unable to allocate 4.00 EiB .*\).'
-      r' Lower config.dataset.chunk_rows \(while preprocessing\)',
+      r' Lower config.dataset.chunk_rows \(while preprocessing\),'
+      r' config.batch_size, config.eval_batch_size or --batch_size',
     )
 
   def test_a_memory_error_without_a_message_is_named(self):
