@@ -26,6 +26,7 @@ import best_reader
 import checkpoints
 import config_check
 import data
+import data_checks
 import encoder
 import metrics
 import models
@@ -378,8 +379,7 @@ def _run(
     dataset = data.load_dataset(config.dataset)
   multihost.assert_same_data(dataset)
   logging.info('%s', data.describe(dataset))
-  data.check_model_inputs(dataset, config, workdir_lib.has_checkpoints(workdir))
-  data.check_splits(dataset, config)  # Warns of some fields left empty.
+  data_checks.check(dataset, config, workdir_lib.has_checkpoints(workdir))
   try:  # A model checks what depends on several arguments (or the data).
     model = create_model(
       config, dataset.field_dims, AXIS, **batching.model_fields(dataset)

@@ -47,12 +47,13 @@ class Variant:
 
     import batching  # pylint: disable=g-import-not-at-top
     import data  # pylint: disable=g-import-not-at-top
+    import data_checks  # pylint: disable=g-import-not-at-top
     import programs  # pylint: disable=g-import-not-at-top
     import train  # pylint: disable=g-import-not-at-top
 
     self.jax = jax
     dataset = data.load_dataset(config.dataset)
-    data.check_splits(dataset, config)  # A batch larger than the split.
+    data_checks.check_splits(dataset, config)  # A batch larger than the split.
     model = train.create_model(
       config, dataset.field_dims, train.AXIS, **batching.model_fields(dataset)
     )

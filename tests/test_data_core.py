@@ -30,6 +30,7 @@ import numpy as np
 import batching
 from configs import fm
 import data
+import data_checks
 from datasets import cache
 from datasets import core
 from datasets import criteo
@@ -432,7 +433,7 @@ class VocabularyTest(DatasetTestCase):
         self.assertNotEqual(expected, [])
         with self.assertLogs(level='WARNING') as logs:
           logging.warning('sentinel')
-          data.check_splits(dataset, config)
+          data_checks.check_splits(dataset, config)
         [said] = [
           r.getMessage()
           for r in logs.records
@@ -832,7 +833,7 @@ class BatchTest(parameterized.TestCase):
     dataset = data.Dataset('x', ('a', 'b'), (rows, 3), split, split, split)
     with self.assertLogs(level='WARNING') as logs:
       logging.warning('sentinel')
-      data.check_splits(dataset, config)
+      data_checks.check_splits(dataset, config)
     said = [r.getMessage() for r in logs.records[1:]]
     return [m for m in said if containing in m]
 
@@ -881,7 +882,7 @@ class BatchTest(parameterized.TestCase):
       with self.subTest(named=named):
         with self.assertLogs(level='WARNING') as logs:
           logging.warning('sentinel')
-          data.check_splits(dataset, config)
+          data_checks.check_splits(dataset, config)
         said = [
           r.getMessage()
           for r in logs.records
@@ -912,7 +913,7 @@ class BatchTest(parameterized.TestCase):
           data.DataError,
           rf'^config.batch_size=512 exceeds the 300 .*config.{said}\.$',
         ):
-          data.check_splits(dataset, config)
+          data_checks.check_splits(dataset, config)
 
   def test_multi_pooling_on_data_without_multi_hot_fields_is_refused(self):
     # `--config.model.multi_pooling=sum` on MovieLens without side features
@@ -942,11 +943,11 @@ class BatchTest(parameterized.TestCase):
             r"^config.model.multi_pooling='sum' pools the lists of multi-hot"
             r' fields, and x has none here: ',
           ):
-            data.check_model_inputs(dataset, config)
+            data_checks.check_model_inputs(dataset, config)
           # A run recorded so before this check still resumes.
-          data.check_model_inputs(dataset, config, resuming=True)
+          data_checks.check_model_inputs(dataset, config, resuming=True)
         else:
-          data.check_model_inputs(dataset, config)
+          data_checks.check_model_inputs(dataset, config)
 
   def test_data_whose_every_field_is_one_id_is_refused(self):
     # --config.dataset.min_count=100000 on a 3,000-line CSV left field_dims
@@ -980,9 +981,9 @@ class BatchTest(parameterized.TestCase):
             r' every row: no value is seen config.dataset.min_count=100000'
             r' times in the training file, .* Lower config.dataset.min_count.$',
           ):
-            data.check_model_inputs(dataset, config)
+            data_checks.check_model_inputs(dataset, config)
         else:
-          data.check_model_inputs(dataset, config)
+          data_checks.check_model_inputs(dataset, config)
 
   def test_the_left_out_rows_of_an_unshuffled_epoch_are_said_never_trained(
     self,
