@@ -13,13 +13,30 @@ import dataclasses
 import difflib
 import importlib
 import math
-import numbers
 import os
 import pathlib
 from typing import Any
 
 import ml_collections
 
+from config_rules import Rule
+from config_rules import boolean
+from config_rules import columns
+from config_rules import factor
+from config_rules import field_pairs
+from config_rules import integer
+from config_rules import integers
+from config_rules import is_int
+from config_rules import is_number
+from config_rules import is_sequence
+from config_rules import number
+from config_rules import one_of
+from config_rules import optional
+from config_rules import optional_index
+from config_rules import rate
+from config_rules import rates
+from config_rules import separator
+from config_rules import string
 import models
 from utils import UserError
 
@@ -40,131 +57,6 @@ TRAINER_SET = (
 
 class ConfigError(UserError, ValueError):
   """Bad config values; the message names each key, its value and the rule."""
-
-
-# A rule returns None when the value is fine, else what it must be.
-Rule = Callable[[Any], str | None]
-
-
-def _is_int(value: Any) -> bool:
-  return isinstance(value, numbers.Integral) and not isinstance(value, bool)
-
-
-def _is_number(value: Any) -> bool:
-  return (
-    isinstance(value, numbers.Real)
-    and not isinstance(value, bool)
-    and math.isfinite(value)
-  )
-
-
-def _is_sequence(value: Any) -> bool:
-  return isinstance(value, (list, tuple))
-
-
-def integer(low: int, below: int | None = None) -> Rule:
-  """An integer >= `low` (and < `below`)."""
-
-  def rule(value: Any) -> str | None:
-    ok = _is_int(value) and value >= low and (below is None or value < below)
-    less = '' if below is None else f' and < {below}'
-    return None if ok else f'an integer >= {low}{less}'
-
-  return rule
-
-
-def number(low: float, *, strict: bool = False) -> Rule:
-  """A finite number >= `low` (> if `strict`)."""
-
-  def rule(value: Any) -> str | None:
-    ok = _is_number(value) and (value > low if strict else value >= low)
-    return None if ok else f'a number {">" if strict else ">="} {low}'
-
-  return rule
-
-
-def optional(rule: Rule) -> Rule:
-  """`rule`, or None."""
-  return lambda v: (
-    None if v is None or rule(v) is None else f'{rule(v)} or None'
-  )
-
-
-def rate(value: Any) -> str | None:
-  ok = _is_number(value) and 0 <= value < 1
-  return None if ok else 'a dropout rate in [0, 1)'
-
-
-def factor(value: Any) -> str | None:
-  ok = _is_number(value) and 0 < value <= 1
-  return None if ok else 'a factor in (0, 1] (1: off)'
-
-
-def boolean(value: Any) -> str | None:
-  return None if isinstance(value, bool) else 'True or False'
-
-
-def string(value: Any) -> str | None:
-  return None if isinstance(value, str) else 'a string'
-
-
-def separator(value: Any) -> str | None:
-  """A CSV column separator; `\\t` typed on a shell is a tab (csv.py)."""
-  ok = isinstance(value, str) and (len(value) <= 1 or value == '\\t')
-  if ok and value not in ('"', '\r', '\n'):
-    return None
-  return (
-    'a string of one character other than a quote or a newline, e.g. "," or'
-    ' ";" or a tab (also written \\t)'
-  )
-
-
-def one_of(names: Sequence[str]) -> Rule:
-  return lambda v: None if v in names else f'one of {", ".join(names)}'
-
-
-def integers(low: int) -> Rule:
-  def rule(value: Any) -> str | None:
-    ok = _is_sequence(value) and all(_is_int(v) and v >= low for v in value)
-    return None if ok else f'a sequence of integers >= {low}'
-
-  return rule
-
-
-def columns(value: Any) -> str | None:
-  # A flag's `a,1` arrives as ('a', 1): a column may be named by a number.
-  ok = isinstance(value, str) or (
-    _is_sequence(value) and all(isinstance(v, str) or _is_int(v) for v in value)
-  )
-  return None if ok else 'column names: a sequence of strings, or "a,b,c"'
-
-
-def rates(length: int | None) -> Rule:
-  def rule(value: Any) -> str | None:
-    ok = _is_sequence(value) and all(
-      _is_number(v) and 0 <= v < 1 for v in value
-    )
-    ok = ok and (length is None or len(value) == length)
-    n = f'{length} ' if length is not None else ''
-    return None if ok else f'a sequence of {n}dropout rates in [0, 1)'
-
-  return rule
-
-
-def optional_index(value: Any) -> str | None:
-  ok = value is None or (_is_int(value) and value >= 0)
-  return None if ok else 'a field index >= 0 (or None)'
-
-
-def field_pairs(value: Any) -> str | None:
-  ok = _is_sequence(value) and all(
-    _is_sequence(p)
-    and len(p) == 2
-    and all(_is_int(i) and i >= 0 for i in p)
-    and p[0] != p[1]
-    for p in value
-  )
-  return None if ok else 'a sequence of pairs of two different field indices'
 
 
 TOP_LEVEL = {
@@ -262,7 +154,7 @@ def _check_resumed_batch_size(value: Any, num_devices: int) -> None:
   A resume cannot change `batch_size` (workdir.check_resume refuses it), so
   what to change is the number of devices, not the config.
   """
-  if not (_is_int(value) and value >= 1 and value % num_devices):
+  if not (is_int(value) and value >= 1 and value % num_devices):
     return
   fits = max(d for d in range(1, num_devices) if value % d == 0)
   raise ConfigError(
@@ -332,7 +224,7 @@ def validate_config(
   if num_devices:
     for key in ('batch_size', 'eval_batch_size'):
       value = config.get(key)
-      if _is_int(value) and value >= 1 and value % num_devices:
+      if is_int(value) and value >= 1 and value % num_devices:
         problems.append(
           f'config.{key}={value} must be a multiple of the {num_devices}'
           ' devices of this run'
@@ -398,7 +290,7 @@ def _model_problems(config: ml_collections.ConfigDict) -> list[str]:
     default = fields[key].default
     rule = MODEL.get(key)
     if key == 'dropouts':
-      rule = rates(len(default) if _is_sequence(default) else None)
+      rule = rates(len(default) if is_sequence(default) else None)
     elif rule is None:
       rule = _rule_like(default)
     expected = rule(value) if rule else None
@@ -411,7 +303,7 @@ def _rule_like(default: Any) -> Rule | None:
   """A type check from a constructor argument's default value."""
   if isinstance(default, bool):
     return boolean
-  if _is_int(default):
+  if is_int(default):
     return integer(0)
   if isinstance(default, float):
     return number(-math.inf)
@@ -504,9 +396,9 @@ def _dataset_problems(
 def _split_problems(split: Any, predefined: bool) -> list[str]:
   where = f'config.dataset.split={split!r}'
   if not (
-    _is_sequence(split)
+    is_sequence(split)
     and len(split) == 3
-    and all(_is_number(f) and f >= 0 for f in split)
+    and all(is_number(f) and f >= 0 for f in split)
     and abs(sum(split) - 1) <= 1e-6
   ):
     return [
