@@ -36,6 +36,8 @@ cache_dir = core.cache_dir
 split_sizes = split_lib.split_sizes
 split_indices = split_lib.split_indices
 DEFAULT_SPLIT = split_lib.DEFAULT
+# configs/default.py's config.dataset.seed.
+DEFAULT_SEED = 0
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 
@@ -288,14 +290,12 @@ def load_dataset(config: ml_collections.ConfigDict) -> Dataset:
 
 
 def _warn_unused_split(config: ml_collections.ConfigDict, paths: dict) -> None:
-  """Warns that `config.split`, set, is not used: predefined validation
-  and test files (`paths`) give those splits, the training file trains.
+  """Warns that `config.split` and `seed`, set, are not used: predefined
+  validation and test files (`paths`) give those splits, the training file
+  trains, and nothing is drawn at random.
 
   Not an error: runs recorded with such a config still resume.
   """
-  split = tuple(config.split)
-  if [float(f) for f in split] == list(DEFAULT_SPLIT):
-    return
   train = paths['train']
   if config.valid_path:
     given = 'config.dataset.valid_path and test_path'
@@ -303,19 +303,32 @@ def _warn_unused_split(config: ml_collections.ConfigDict, paths: dict) -> None:
   else:
     given = f'found in the {config.name} directory config.dataset.path'
     instead = f'name {train} itself as config.dataset.path to split it'
-  logging.warning(
-    'config.dataset.split=%s is not used: validation and test are the'
-    ' predefined files %s and %s (%s), and all of %s trains. In a new run,'
-    ' leave split at its default %s, or %s at random (a resumed run must'
-    ' keep its recorded split).',
-    split,
-    paths['valid'],
-    paths['test'],
-    given,
-    train,
-    DEFAULT_SPLIT,
-    instead,
+  files = (
+    f'validation and test are the predefined files {paths["valid"]} and'
+    f' {paths["test"]} ({given}), and all of {train} trains'
   )
+  split = tuple(config.split)
+  if [float(f) for f in split] != list(DEFAULT_SPLIT):
+    logging.warning(
+      'config.dataset.split=%s is not used: %s. In a new run, leave split at'
+      ' its default %s, or %s at random (a resumed run must keep its'
+      ' recorded split).',
+      split,
+      files,
+      DEFAULT_SPLIT,
+      instead,
+    )
+  if config.seed != DEFAULT_SEED:
+    logging.warning(
+      'config.dataset.seed=%s is not used: it seeds the random split, and %s:'
+      ' the seed draws nothing (config.seed seeds the parameters, the shuffle'
+      ' and dropout). In a new run, leave dataset.seed at its default'
+      ' %s, or %s at random (a resumed run must keep its recorded seed).',
+      config.seed,
+      files,
+      DEFAULT_SEED,
+      instead,
+    )
 
 
 def _cached(directory: str, spec: dict, warn: bool = True) -> Dataset | None:

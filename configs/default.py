@@ -47,7 +47,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # unused (a warning says so) with predefined validation and test files.
   # Its default is data.DEFAULT_SPLIT.
   config.dataset.split = (0.8, 0.1, 0.1)
-  config.dataset.seed = 0
+  config.dataset.seed = data.DEFAULT_SEED
   # Values seen fewer times share one out-of-vocabulary id per field, counted
   # in the training file (`path`, the whole of it when `split` divides it,
   # as pytorch-fm counts); -1: the format's default (criteo 10, avazu 4,

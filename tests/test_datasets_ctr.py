@@ -507,6 +507,49 @@ class LibFMTest(DatasetTestCase):
     _, said = warnings(train, split=(0.6, 0.2, 0.2))  # Split at random.
     self.assertEqual(said, [])
 
+  def test_a_dataset_seed_that_predefined_files_leave_unused_is_warned(self):
+    # With predefined validation and test files nothing is drawn at random:
+    # config.dataset.seed=3 trained exactly as seed 0, and nothing said so.
+    self.assertEqual(data.DEFAULT_SEED, default.get_config().dataset.seed)
+    os.makedirs(os.path.join(self.tmp, 'd'))
+    names = ('x.train.libfm', 'x.valid.libfm', 'x.test.libfm')
+    for name, n in zip(names, (60, 20, 20), strict=True):
+      self.write_text(name, self._lines(n, n), (0, 30, 38))
+    directory = os.path.join(self.tmp, 'd')
+    train, valid, test = (os.path.join(directory, name) for name in names)
+    predefined = dict(valid_path=valid, test_path=test)
+
+    def warnings(path, **overrides):
+      config = self.config('libfm', path, **overrides)
+      with self.assertLogs(level='WARNING') as logs:
+        logging.warning('sentinel')
+        data.load_dataset(config)
+      said = [r.getMessage() for r in logs.records[1:]]
+      return [m for m in said if m.startswith('config.dataset.seed=')]
+
+    for path, overrides, given in (
+      (directory, {}, 'found in the libfm directory config.dataset.path'),
+      (train, predefined, 'config.dataset.valid_path and test_path'),
+    ):
+      with self.subTest(given=given):
+        [message] = warnings(path, seed=3, **overrides)
+        self.assertEqual(
+          message,
+          'config.dataset.seed=3 is not used: it seeds the random split, and'
+          f' validation and test are the predefined files {valid} and {test}'
+          f' ({given}), and all of {train} trains: the seed draws nothing'
+          ' (config.seed seeds the parameters, the shuffle and dropout). In a'
+          ' new run, leave dataset.seed at its default 0, or '
+          + (
+            f'name {train} itself as config.dataset.path to split it'
+            if path == directory
+            else f'leave valid_path and test_path empty to split {train}'
+          )
+          + ' at random (a resumed run must keep its recorded seed).',
+        )
+        self.assertEqual(warnings(path, **overrides), [])  # The default.
+    self.assertEqual(warnings(train, seed=3), [])  # Split at random.
+
   def test_a_utf8_bom_is_not_part_of_the_first_label(self):
     os.makedirs(os.path.join(self.tmp, 'd'))
     rows = self._lines(60, 5)
