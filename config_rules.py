@@ -124,6 +124,10 @@ def optional_index(value: Any) -> str | None:
 
 
 def field_pairs(value: Any) -> str | None:
+  """Pairs of two different field indices, each pair once in either order
+  (W&D's crosses: `(0, 1)` twice, or with `(1, 0)`, would train two weights
+  for one cross)."""
+  what = 'a sequence of pairs of two different field indices'
   ok = is_sequence(value) and all(
     is_sequence(p)
     and len(p) == 2
@@ -131,4 +135,18 @@ def field_pairs(value: Any) -> str | None:
     and p[0] != p[1]
     for p in value
   )
-  return None if ok else 'a sequence of pairs of two different field indices'
+  if not ok:
+    return what
+  for k, pair in enumerate(value):
+    earlier = [tuple(p) for p in value[:k] if set(p) == set(pair)]
+    if earlier:
+      same = (
+        'is given twice'
+        if earlier[0] == tuple(pair)
+        else f'crosses the same fields as {earlier[0]}'
+      )
+      return (
+        f'{what}, each pair once: {tuple(pair)} {same} (one cross would'
+        ' train two weights)'
+      )
+  return None

@@ -282,6 +282,20 @@ class BadValueTest(_TestCase):
     ('wd', 'model__cross_fields', ((0, -1),), 'two different field indices'),
     ('wd', 'model__cross_fields', ((0, 1, 2),), 'two different field indices'),
     ('wd', 'model__cross_fields', ((0, True),), 'two different field indices'),
+    # One cross given twice trained two weights for it, silently.
+    (
+      'wd',
+      'model__cross_fields',
+      ((0, 1), (0, 1)),
+      'must be a sequence of pairs of two different field indices, each pair'
+      ' once: (0, 1) is given twice (one cross would train two weights)',
+    ),
+    (
+      'wd',
+      'model__cross_fields',
+      ((0, 1), (1, 0)),
+      'each pair once: (1, 0) crosses the same fields as (0, 1) (one cross',
+    ),
     ('nfm', 'model__dropouts', (0.2, 1.0), 'sequence of 2 dropout rates'),
     # An integer argument without a rule of its own: from its default.
     ('dcnv2', 'model__num_cross_layers', -1, 'an integer >= 0'),
