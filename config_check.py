@@ -5,7 +5,8 @@ ranges of every key of configs/default.py, the model file and its
 constructor arguments, the dataset split. It reports all problems in one
 `ConfigError`; what needs the data (field indices against the number of
 fields, batch sizes against the number of examples) is checked where the
-data is loaded.
+data is loaded. A new run's valid config is then warned of the keys it
+sets but would not read (config_unused.py).
 """
 
 from collections.abc import Callable, Sequence
@@ -37,6 +38,7 @@ from config_rules import rate
 from config_rules import rates
 from config_rules import separator
 from config_rules import string
+import config_unused
 import models
 from utils import UserError
 
@@ -180,7 +182,8 @@ def validate_config(
       not checked, unless `dataset_names` is given.
     dataset_names: the accepted `dataset.name`s; None: not checked here.
       Given (a run's whole config), a config without a key that every run
-      reads is refused.
+      reads is refused, and a new run's valid config is warned of each key
+      it sets but would not read (`config_unused.warn_unused`).
     optimizers: the accepted `optimizer`s.
     num_devices: the run's device count (all processes): batch sizes must
       be multiples of it; None: not checked here.
@@ -241,6 +244,8 @@ def validate_config(
       + f'. Fix {"them" if len(problems) > 1 else "it"} in the config file or'
       ' with --config.<key>=<value>.'
     )
+  if dataset_names is not None and not resuming:  # A new run's config.
+    config_unused.warn_unused(config)
 
 
 def _init_from_problems(init_from: Any) -> list[str]:
