@@ -17,6 +17,7 @@ import numpy as np
 
 import config_check
 import config_unused
+from configs import default
 import data
 import train
 
@@ -184,6 +185,20 @@ class WarnUnusedTest(_TestCase):
             config_check.validate_config(
               config, dataset_names=tuple(data.FORMAT_OF), num_devices=2
             )
+
+  def test_the_shipped_configs_load_the_embedded_data_without_a_warning(self):
+    # data.load_dataset warns of what the data's files decide (split and
+    # seed beside predefined files, criteo's log_bucket): every config
+    # shares default.py's dataset, so one load stands for all.
+    dataset = default.get_config().dataset
+    for name in CONFIGS:
+      for arg in (None, 'smoke'):
+        config = importlib.import_module(f'configs.{name}').get_config(arg)
+        self.assertEqual(config.dataset.to_dict(), dataset.to_dict())
+    dataset.cache_dir = tempfile.mkdtemp()
+    with self.assertNoLogs(level='WARNING'):
+      loaded = data.load_dataset(dataset)
+    self.assertEqual(loaded.name, 'ml-latest-small')
 
   def test_a_new_run_is_warned_once_by_validate_config_a_resume_is_not(self):
     config = _config(optimizer='adam', table_learning_rate=0.2)
