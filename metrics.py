@@ -104,15 +104,20 @@ class MetricsWriter:
     self.enabled = enabled
     self.start = time.perf_counter() - wall_time_offset
     self.events = event_files.EventWriter(workdir)
+    self.kept_test = False  # A finished run's test line, kept (`truncate`).
 
   def wall_time(self) -> float:
     return time.perf_counter() - self.start
 
-  def truncate(self, epoch: int) -> None:
-    """Keeps only train/valid lines of epochs <= `epoch`.
+  def truncate(self, epoch: int, keep_test: bool = False) -> None:
+    """Keeps only train/valid lines of epochs <= `epoch` (and, with
+    `keep_test`, the test line).
 
     A resumed run redoes the epochs after its checkpoint; their old lines,
-    and any old test line, would otherwise appear twice. They end the file
+    and any old test line, would otherwise appear twice. A run that has
+    finished training (`keep_test`) only scores its best state again: its
+    test line stays, and `write` does not repeat it, so that a rerun stopped
+    before it scores loses nothing. The lines dropped end the file
     (with a line cut short by a kill): it is cut there, in place, so that
     a reader following it (`tail -f`) goes on. Lines to drop elsewhere
     (an edited file) make an atomic rewrite. The event files are replaced
@@ -124,9 +129,9 @@ class MetricsWriter:
     """
     with self.shared():
       if self.enabled and os.path.exists(self.path):
-        self._truncate(epoch)
+        self._truncate(epoch, keep_test)
 
-  def _truncate(self, epoch: int) -> None:
+  def _truncate(self, epoch: int, keep_test: bool) -> None:
     try:
       with open(self.path, 'rb') as f:
         lines = f.readlines()
@@ -141,12 +146,12 @@ class MetricsWriter:
         record = json.loads(line)
       except ValueError:
         record = None  # A line cut short by a kill.
-      if (
-        isinstance(record, dict)
-        and record.get('split') != 'test'
-        and record.get('epoch', 0) <= epoch
+      test = isinstance(record, dict) and record.get('split') == 'test'
+      if isinstance(record, dict) and (
+        keep_test if test else record.get('epoch', 0) <= epoch
       ):
         kept.append(record)
+        self.kept_test |= test
         if cut is not None or json_line(record).encode() != line:
           cut = -1  # A kept line after a dropped one, or not strict JSON.
       elif cut is None:
@@ -177,8 +182,9 @@ class MetricsWriter:
     record['wall_time'] = round(self.wall_time(), 3)
     record['time'] = round(time.time(), 3)
     logging.info('%s', ' '.join(f'{k}={v}' for k, v in record.items()))
+    kept = record.get('split') == 'test' and self.kept_test
     with self.shared():
-      if self.enabled:
+      if self.enabled and not kept:  # Else the same scores, kept.
         self._append(record)
 
   def _append(self, record: dict) -> None:

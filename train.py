@@ -407,8 +407,7 @@ def _run(
       if auto and not resuming:
         workdir_lib.record_resolved_optimizer(workdir, config.optimizer)
   p_train_step, p_eval_step = pmapped_steps(model, config)
-  # The train and eval programs compile on threads, from shapes, while the
-  # state initialises and the latest checkpoint restores.
+  # The programs compile on threads, from shapes, as the state initialises.
   rng = jax.random.key(config.seed)
   resident = replicate(batching.resident_split(dataset.train, config))
   shapes = jax.eval_shape(init, rng)
@@ -431,8 +430,7 @@ def _run(
   # Single-host saves run on a thread while training goes on (multi-host
   # ones end in a collective); `with ckpt` waits for them, inside the lock.
   ckpt = checkpoints.Checkpoints(workdir, background=jax.process_count() == 1)
-  # Every process restores the files process 0 wrote; a process that saw
-  # none would start over and run other steps than the rest.
+  # All restore process 0's files; one that saw none would run other steps.
   multihost.assert_same_on_all_processes(
     ckpt.latest.latest_step(), 'latest checkpoints', workdir
   )
@@ -448,14 +446,16 @@ def _run(
   writer = metrics.MetricsWriter(  # Process 0 writes; its error stops all.
     workdir, is_main, meta.get('wall_time', 0.0), multihost.errors_shared
   )
-  writer.truncate(meta['epoch'])
+  epochs, patience = config.num_epochs, config.patience
+  done = meta['epoch'] >= epochs or meta['bad_epochs'] >= patience
+  writer.truncate(meta['epoch'], keep_test=done)  # Done: only scored again.
 
   replicated = replicate(state)
   wait_compiled()
 
   with ckpt:
     epoch = meta['epoch']
-    while epoch < config.num_epochs and meta['bad_epochs'] < config.patience:
+    while epoch < epochs and meta['bad_epochs'] < patience:
       rates = optim.on_plateau(config, meta.get('lr_scale', 1.0))
       replicated, loss, rate = train_epoch(
         p_train_step, replicated, dataset.train, rates, epoch, resident
@@ -483,7 +483,7 @@ def _run(
         ckpt.save_best(epoch, host_state, meta)  # Latest copies its files.
       ckpt.save_latest(epoch, host_state, meta)
 
-    if meta['bad_epochs'] >= config.patience:
+    if meta['bad_epochs'] >= patience:
       logging.info(
         'Early stop after epoch %d: best validation AUC %.5f at epoch %d',
         epoch,

@@ -925,12 +925,28 @@ class TrainAndEvaluateTest(absltest.TestCase):
             tag[line['step']] = np.float32(line[k])
       self.assertLen(plotted['valid/auc'], 2)
       self.assertEqual(_tensorboard(workdir), plotted)
-      # A finished run started again trains nothing and ends the same (only
-      # the wall time of the re-evaluated test line differs).
+      # A finished run started again trains nothing and ends the same: it
+      # scores its best state again, and keeps the test line as it was.
+      with open(os.path.join(workdir, 'metrics.jsonl'), 'rb') as f:
+        written = f.read()
       again = train.train_and_evaluate(config, workdir)
-      self.assertEqual(_metrics(workdir), lines)
+      with open(os.path.join(workdir, 'metrics.jsonl'), 'rb') as f:
+        self.assertEqual(f.read(), written)
       self.assertEqual(_tensorboard(workdir), plotted)
       self.assertEqual(again, test)
+
+      # Stopped before it scores, it loses nothing: the test line stayed.
+      def stopped(p_eval_step, state, split, batch_size):
+        raise KeyboardInterrupt
+
+      with (
+        mock.patch.object(train, 'evaluate', stopped),
+        self.assertRaises(KeyboardInterrupt),
+      ):
+        train.train_and_evaluate(config, workdir)
+      with open(os.path.join(workdir, 'metrics.jsonl'), 'rb') as f:
+        self.assertEqual(f.read(), written)
+      self.assertEqual(_tensorboard(workdir), plotted)
 
   def _scripted(self, aucs, steps):
     """Epochs that only count their steps, evaluations that return the next
