@@ -108,6 +108,7 @@ def _dataset_unused(dataset: ml_collections.ConfigDict) -> list[str]:
         ' integers of config.dataset.csv.numeric_columns unbucketed, and'
         ' numeric_columns is empty (no other column is bucketed).'
       )
+  out += _url_unused(dataset, fmt)
   min_count = dataset.get('min_count', -1)
   if (
     fmt == 'movielens'
@@ -121,6 +122,23 @@ def _dataset_unused(dataset: ml_collections.ConfigDict) -> list[str]:
       ' config.dataset.side_features is empty.'
     )
   return out
+
+
+def _url_unused(dataset: ml_collections.ConfigDict, fmt: str | None) -> list:
+  """`config.dataset.url`: read only to download a GroupLens archive."""
+  default = importlib.import_module('configs.default').get_config()
+  url = dataset.get('url', default.dataset.url)
+  name = dataset.get('name')
+  downloads = fmt == 'movielens' and name != 'ml-latest-small'
+  if _same(url, default.dataset.url) or (downloads and not dataset.get('path')):
+    return []
+  why = 'config.dataset.path is given' if downloads else f'{name} is not one'
+  return [
+    f'config.dataset.url={url!r} has no effect: it is the base URL of the'
+    ' GroupLens archives, read only to download ml-100k, ml-1m, ml-20m or'
+    f' ml-25m, and {why}. To download a file, give its http(s) URL as'
+    ' config.dataset.path (valid_path, test_path).'
+  ]
 
 
 def _optimizer_unused(config: ml_collections.ConfigDict) -> list[str]:

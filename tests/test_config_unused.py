@@ -59,6 +59,27 @@ class _TestCase(parameterized.TestCase):
 
 
 class WarnUnusedTest(_TestCase):
+  def test_the_grouplens_url_is_warned_of_where_nothing_downloads(self):
+    # A Criteo URL put in dataset.url trained on dataset.path, silently.
+    url = 'http://127.0.0.1:1/criteo.tar.gz'
+    base = (
+      f"config.dataset.url='{url}' has no effect: it is the base URL of the"
+      ' GroupLens archives, read only to download ml-100k, ml-1m, ml-20m or'
+      ' ml-25m, and {}. To download a file, give its http(s) URL as'
+      ' config.dataset.path (valid_path, test_path).'
+    )
+    for name, path, why in (
+      ('criteo', '/data/train.txt', 'criteo is not one'),
+      ('ml-latest-small', '', 'ml-latest-small is not one'),
+      ('ml-1m', '/data/ml-1m', 'config.dataset.path is given'),
+    ):
+      config = _config(dataset__name=name, dataset__path=path, dataset__url=url)
+      self.assertEqual(self.warnings(config), [base.format(why)])
+    # Read: a GroupLens set downloaded from a mirror; or the default URL.
+    config = _config(dataset__name='ml-1m', dataset__url=url)
+    self.assertEqual(self.warnings(config), [])
+    self.assertEqual(self.warnings(_config(dataset__name='criteo')), [])
+
   def test_multi_hot_keys_without_multi_hot_columns_are_warned(self):
     self.assertEqual(
       self.warnings(_csv(multi_hot_sep=';', multi_hot_max_len=4)),
