@@ -109,6 +109,16 @@ def _dataset_unused(dataset: ml_collections.ConfigDict) -> list[str]:
         ' numeric_columns is empty (no other column is bucketed).'
       )
   out += _url_unused(dataset, fmt)
+  if fmt == 'movielens':  # Read whole, in memory (datasets/movielens.py).
+    default = importlib.import_module('configs.default').get_config()
+    for key in ('skip_bad_lines', 'chunk_rows', 'parse_workers'):
+      value = dataset.get(key, default.dataset[key])
+      if not _same(value, default.dataset[key]):
+        out.append(
+          f'config.dataset.{key}={value!r} has no effect: {dataset.name}'
+          ' is read whole, in memory, and stops at its first malformed'
+          ' line; the key serves criteo, avazu, libfm and csv files.'
+        )
   min_count = dataset.get('min_count', -1)
   if (
     fmt == 'movielens'

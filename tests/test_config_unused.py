@@ -80,6 +80,32 @@ class WarnUnusedTest(_TestCase):
     self.assertEqual(self.warnings(config), [])
     self.assertEqual(self.warnings(_config(dataset__name='criteo')), [])
 
+  def test_chunked_reading_keys_are_warned_of_on_movielens(self):
+    # MovieLens reads its ratings whole: skip_bad_lines=True still stopped
+    # at a malformed line.
+    config = _config(
+      dataset__skip_bad_lines=True,
+      dataset__chunk_rows=10,
+      dataset__parse_workers=2,
+    )
+    self.assertEqual(
+      self.warnings(config),
+      [
+        f'config.dataset.{key}={value!r} has no effect: ml-latest-small is'
+        ' read whole, in memory, and stops at its first malformed line; the'
+        ' key serves criteo, avazu, libfm and csv files.'
+        for key, value in (
+          ('skip_bad_lines', True),
+          ('chunk_rows', 10),
+          ('parse_workers', 2),
+        )
+      ],
+    )
+    for name in ('criteo', 'csv'):  # Read there.
+      config.dataset.name = name
+      config.dataset.csv.label_column = 'y'
+      self.assertEqual(self.warnings(config), [])
+
   def test_multi_hot_keys_without_multi_hot_columns_are_warned(self):
     self.assertEqual(
       self.warnings(_csv(multi_hot_sep=';', multi_hot_max_len=4)),
