@@ -209,12 +209,14 @@ def source_files(
   path = os.path.abspath(os.path.expanduser(config.path))
   valid, test = config.valid_path, config.test_path
   if os.path.isdir(path):
-    found = {}
+    found, others = {}, []  # Others: not read without find_splits.
     for entry in sorted(os.listdir(path)):
       full = os.path.join(path, entry)
       if entry.startswith('.') or not os.path.isfile(full):
         continue
       low = entry.lower()
+      if any(word in low for word in ('valid', 'dev', 'test')):
+        others.append(entry)
       role = (
         'train'
         if 'train' in low
@@ -236,6 +238,15 @@ def source_files(
     if find_splits and not (valid or test):
       if 'valid' in found and 'test' in found:
         valid, test = found['valid'][0], found['test'][0]
+    if not find_splits and others and not (valid or test):
+      logging.warning(
+        'config.dataset.path %s is a directory: %s trains, split at random;'
+        ' %s there not read (labelled validation and test files are named'
+        ' with config.dataset.valid_path and test_path).',
+        config.path,
+        os.path.basename(path),
+        ', '.join(others),
+      )
   files = {'all': path}
   if valid or test:
     if not (valid and test):

@@ -265,6 +265,40 @@ class CriteoTest(DatasetTestCase):
     self.assertEqual(dataset.train.ids.dtype, np.int32)
     self.assertEqual(dataset.train.labels.dtype, np.float32)
 
+  def test_a_directory_says_which_of_its_files_it_does_not_read(self):
+    # Its dev and test files were passed over, silently: the training file
+    # was split at random.
+    directory = os.path.join(self.tmp, 'criteo')
+    os.makedirs(directory)
+    rows = criteo_rows(40, seed=2)
+    for name in ('train.txt', 'dev.txt', 'test.txt', 'readme.txt'):
+      write_lines(os.path.join(directory, name), rows, '\t')
+    config = self.config('criteo', directory)
+    with self.assertLogs(level='WARNING') as logs:
+      files = encode.source_files(config)
+    self.assertEqual(files, {'all': os.path.join(directory, 'train.txt')})
+    self.assertEqual(
+      [r.getMessage() for r in logs.records],
+      [
+        f'config.dataset.path {directory} is a directory: train.txt trains,'
+        ' split at random; dev.txt, test.txt there not read (labelled'
+        ' validation and test files are named with config.dataset.valid_path'
+        ' and test_path).'
+      ],
+    )
+    config = self.config(
+      'criteo',
+      directory,
+      valid_path=os.path.join(directory, 'dev.txt'),
+      test_path=os.path.join(directory, 'test.txt'),
+    )
+    with self.assertNoLogs(level='WARNING'):
+      encode.source_files(config)
+    os.remove(os.path.join(directory, 'dev.txt'))
+    os.remove(os.path.join(directory, 'test.txt'))
+    with self.assertNoLogs(level='WARNING'):
+      encode.source_files(self.config('criteo', directory))
+
   def test_gzip_and_crlf_sources_encode_the_same(self):
     rows = criteo_rows(300, seed=2)
     plain = write_lines(os.path.join(self.tmp, 'a.txt'), rows, '\t')
