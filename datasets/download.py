@@ -231,6 +231,7 @@ def download(
   sha256: str | None = None,
   key: str = 'url',
   digests: dict[str, str] | None = None,
+  mismatched: str | None = None,
 ) -> str:
   """Downloads `url` to `dest`, verifying its MD5 or SHA-256; atomic.
 
@@ -249,6 +250,9 @@ def download(
     key: the config.dataset key that gives `url`, for messages.
     digests: if given, receives `{'md5' or 'sha256': hex digest}` of the
       content (SHA-256 when no checksum is expected).
+    mismatched: if given, where a whole transfer that fails its checksum is
+      moved (never `dest`): the caller may find it is the file that a
+      corrected checksum names (a typo in it need not cost a download).
 
   Returns:
     `dest`.
@@ -266,9 +270,13 @@ def download(
       if out is None:  # Another process resumes it: start a file of ours.
         out, tmp = _private(directory, dest)
         with out:
-          _transfer(url, out, tmp, dest, md5, sha256, key, False, digests)
+          _transfer(
+            url, out, tmp, dest, md5, sha256, key, False, digests, mismatched
+          )
       else:
-        _transfer(url, out, part, dest, md5, sha256, key, True, digests)
+        _transfer(
+          url, out, part, dest, md5, sha256, key, True, digests, mismatched
+        )
     return dest
   except OSError as e:  # Not the network's: the cache directory's.
     raise core.DownloadError(
@@ -278,12 +286,21 @@ def download(
 
 
 def _transfer(
-  url, out, path, dest, md5, sha256, key, resume: bool, digests=None
+  url,
+  out,
+  path,
+  dest,
+  md5,
+  sha256,
+  key,
+  resume: bool,
+  digests=None,
+  mismatched=None,
 ) -> None:
   """Fills `out` (the file `path`) with `url`'s bytes, checks them and
   renames `path` to `dest`; `resume`: `path` may hold a cut transfer's
-  first bytes and keeps them if this one is cut too; `digests` as
-  `download`'s."""
+  first bytes and keeps them if this one is cut too; `digests` and
+  `mismatched` as `download`'s."""
   digest, want = hashlib.md5(), md5
   if md5 is None:
     digest, want = hashlib.sha256(), sha256
@@ -345,9 +362,19 @@ def _transfer(
       ) from e
     if want is not None and digest.hexdigest() != want.lower():
       keep = False
+      fate = 'The file was discarded'
+      if mismatched is not None:  # Whole, but not what was asked for.
+        with contextlib.suppress(OSError):  # Else discarded, as it was.
+          out.flush()
+          os.replace(path, mismatched)
+          done = True
+          fate = (
+            f'The file is kept aside as {mismatched}, used only if a later'
+            ' checksum names it'
+          )
       raise core.DownloadError(
         f'Checksum mismatch for {url}: {digest.name.upper()}'
-        f' {digest.hexdigest()}, expected {want}. The file was discarded:'
+        f' {digest.hexdigest()}, expected {want}. {fate}:'
         f' run again, and if it persists, config.dataset.{key} serves'
         ' another file'
         + (" (a mirror must serve GroupLens's own)" if key == 'url' else '')

@@ -10,9 +10,12 @@ archive's place, which the formats read as they read any directory
 holds one. A `#sha256=<hex>` or `#md5=<hex>` fragment is the content's
 checksum, checked before anything is kept; the download's digest (that
 one, else its SHA-256) is recorded beside the copy (`RECORD`), so that a
-later run's fragment is checked against the copy it reads too. Later runs,
-and the other processes of a run sharing the cache, read the copy without
-the network.
+later run's fragment is checked against the copy it reads too. A whole
+download that fails the fragment is kept aside (`<name>.unverified`, never
+read unchecked) until the URL is fetched again: if the next fragment names
+it (the first had a typo), it is used without a download; else it goes
+(as a `.part` does, after 7 days). Later runs, and the other processes of
+a run sharing the cache, read the copy without the network.
 
 A download cut short keeps its bytes in `url-<hash>/<name>.part` for the
 next run to resume. One that nothing has written for 7 days
@@ -55,6 +58,9 @@ DISK_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES)
 RECORD = '.checksums.json'
 # Seconds after which a `.part` that nothing has written is abandoned.
 PART_MAX_AGE_S = 7 * 24 * 3600
+# Beside a download's name: the whole file that failed the URL's checksum,
+# kept until a run gives its URL again (a corrected checksum may name it).
+UNVERIFIED = '.unverified'
 
 
 def is_url(path: object) -> bool:
@@ -225,6 +231,27 @@ def _archive_in_place(
   return False
 
 
+def _named(
+  aside: str, archive: str, algorithm: str | None, digest: str | None
+) -> bool:
+  """Whether `aside`, a whole download that failed an earlier checksum, is
+  the file that this one names: then it becomes `archive`. Else (no
+  checksum, or another file) it is removed: it is never read unchecked."""
+  try:
+    if algorithm is not None:
+      with open(aside, 'rb') as f:
+        if hashlib.file_digest(f, algorithm).hexdigest() == digest:
+          logging.info(
+            '%s is the file #%s= names: not downloaded', aside, algorithm
+          )
+          os.replace(aside, archive)
+          return True
+    os.remove(aside)
+  except OSError:  # None; or unwritable: the download says so.
+    pass
+  return False
+
+
 def _inside(path: str) -> str:
   """The one file that directory `path` holds, if so (an archive of one
   file, e.g. a CSV: read as that file), else `path`."""
@@ -266,10 +293,15 @@ def fetch(url: str, cache_dir: str, key: str = 'path') -> str:
       return _inside(final)
     archive = os.path.join(root, name)
     digests = dict(checksum)  # Of the archive.
-    if not _archive_in_place(archive, algorithm, digest):
+    aside = archive + UNVERIFIED
+    if not _archive_in_place(archive, algorithm, digest) and not _named(
+      aside, archive, algorithm, digest
+    ):
       logging.info('Downloading %s into %s', url, root)
       digests = {}
-      download.download(url, archive, key=key, digests=digests, **checksum)
+      download.download(
+        url, archive, key=key, digests=digests, mismatched=aside, **checksum
+      )
     if not kind:
       _record(root, digests)
       return final  # A file of one name: never a directory.
@@ -351,8 +383,9 @@ def _check_copy(
 
 
 def _sweep_parts(downloads: str, current: str) -> None:
-  """Deletes the abandoned `.part` files of the `url-*` directories in
-  `downloads` other than `current` (`_remove_abandoned`); nothing else."""
+  """Deletes the abandoned `.part` and `UNVERIFIED` files of the `url-*`
+  directories in `downloads` other than `current` (`_remove_abandoned`);
+  nothing else."""
   try:
     tags = [
       t for t in os.listdir(downloads) if t.startswith('url-') and t != current
@@ -362,7 +395,8 @@ def _sweep_parts(downloads: str, current: str) -> None:
   for tag in tags:
     root = os.path.join(downloads, tag)
     try:
-      parts = [n for n in os.listdir(root) if n.endswith('.part')]
+      names = os.listdir(root)
+      parts = [n for n in names if n.endswith(('.part', UNVERIFIED))]
     except OSError:  # Not a directory, or gone.
       continue
     for name in parts:

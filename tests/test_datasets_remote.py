@@ -47,6 +47,10 @@ def _files_under(root: str) -> list[str]:
 
 
 class RemotePathTest(DatasetTestCase):
+  @property
+  def cache(self) -> str:
+    return os.path.join(self.tmp, 'cache')
+
   def _local(self, name: str, payload: bytes) -> str:
     path = os.path.join(self.tmp, 'local', name)
     os.makedirs(os.path.dirname(path), exist_ok=True)
@@ -174,19 +178,39 @@ class RemotePathTest(DatasetTestCase):
         getattr(got, field.name), getattr(want, field.name), field.name
       )
 
-  def test_a_wrong_checksum_keeps_nothing_and_names_both(self):
+  def test_a_wrong_checksum_keeps_the_file_aside_for_a_corrected_one(self):
     archive = _tar({'train.txt': _criteo_text(20)})
+    right = hashlib.sha256(archive).hexdigest()
     with HttpServer(archive) as server:
       url = f'{server.url}/dac.tar.gz'
-      with self.assertRaisesRegex(
-        data.DownloadError,
-        f'^Checksum mismatch for {url}: SHA256'
-        f' {hashlib.sha256(archive).hexdigest()}, expected {"0" * 64}\\. The'
-        ' file was discarded: run again, and if it persists,'
-        ' config.dataset.path serves another file; or download',
-      ):
-        data.load_dataset(self.config('criteo', f'{url}#sha256={"0" * 64}'))
-    self.assertEqual(_files_under(os.path.join(self.tmp, 'cache')), [])
+      tag = hashlib.sha256(url.encode()).hexdigest()[:16]
+      aside = f'downloads/url-{tag}/dac.tar.gz{remote.UNVERIFIED}'
+      for gets in (1, 2):  # The same typo again: downloaded again.
+        with self.assertRaisesRegex(
+          data.DownloadError,
+          f'^Checksum mismatch for {url}: SHA256 {right}, expected'
+          f' {"0" * 64}\\. The file is kept aside as \\S+{aside}, used only'
+          ' if a later checksum names it: run again, and if it persists,'
+          ' config.dataset.path serves another file; or download',
+        ):
+          data.load_dataset(self.config('criteo', f'{url}#sha256={"0" * 64}'))
+        self.assertEqual(_files_under(self.cache), [aside])
+        self.assertEqual(len(server.requests), gets)
+      config = self.config('criteo', f'{url}#sha256={right}')
+      self.assertEqual(len(data.load_dataset(config).train), 16)
+      self.assertEqual(len(server.requests), 2)  # The file kept aside.
+      self.assertNotIn(aside, _files_under(self.cache))
+      with self.assertRaisesRegex(data.DataError, 'has SHA256'):
+        data.load_dataset(self.config('criteo', f'{url}#sha256={"1" * 64}'))
+      # Aside, and no checksum: never read unchecked, downloaded again.
+      other = f'{server.url}/b/dac.tar.gz'
+      with self.assertRaisesRegex(data.DownloadError, 'kept aside'):
+        remote.fetch(f'{other}#md5={"0" * 32}', self.cache)
+      remote.fetch(other, self.cache)
+      self.assertEqual(len(server.requests), 4)
+    self.assertEqual(
+      [f for f in _files_under(self.cache) if 'unverified' in f], []
+    )
 
   def test_a_fragment_that_is_no_checksum_names_the_key(self):
     for fragment in ('sha256=abc', 'sha1=' + '0' * 40, 'md5=' + 'g' * 32):
@@ -310,7 +334,10 @@ class RemotePathTest(DatasetTestCase):
               data.load_dataset(config)
             tag = hashlib.sha256(url.encode()).hexdigest()[:16]
             root = os.path.join(self.tmp, 'cache', 'downloads', f'url-{tag}')
-            self.assertEqual(os.listdir(root), [])  # Neither copy stays.
+            # Neither copy stays as if good; the download is kept aside.
+            self.assertEqual(
+              os.listdir(root), [f'dac.tar.gz{remote.UNVERIFIED}']
+            )
           self.assertEqual(server.requests.count(f'/{name}/dac.tar.gz'), gets)
 
   def test_a_kept_copy_is_checked_against_the_checksum_of_each_run(self):
@@ -356,6 +383,9 @@ class RemotePathTest(DatasetTestCase):
       'url-recent/y.zip.part.json': 1,
       'url-week/w.csv.part': 6.9,  # Not quite 7 days: resumed yet, maybe.
       'url-held/z.csv.part': 8,  # A download resumes it now.
+      # A download that failed its checksum, never fetched again: as a part.
+      f'url-bad/v.csv{remote.UNVERIFIED}': 8,
+      f'url-new/u.csv{remote.UNVERIFIED}': 1,
       'url-done/train.txt': 30,  # Complete: stays, however old.
       'url-mixed/a.csv': 30,  # And keeps its directory.
       'url-mixed/b.csv.part': 8,
@@ -392,7 +422,7 @@ class RemotePathTest(DatasetTestCase):
       write(f'url-{tag}/more.part', 8)
       remote.fetch(url, os.path.join(self.tmp, 'cache'))
     gone = ['url-old/x.tar.gz.part', 'url-old/x.tar.gz.part.json']
-    gone.append('url-mixed/b.csv.part')
+    gone += ['url-mixed/b.csv.part', f'url-bad/v.csv{remote.UNVERIFIED}']
     self.assertEqual(
       _files_under(downloads),
       sorted(
