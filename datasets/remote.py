@@ -7,10 +7,14 @@ resumed after a cut: `download.download`); an archive (`.tar.gz`, `.tgz`,
 `.tar`, `.zip`, ...) is unpacked there into a directory that takes the
 archive's place, which the formats read as they read any directory
 (Criteo's `train.txt`, a libFM directory, ...), or as its one file if it
-holds one. A `#sha256=<hex>` or `#md5=<hex>` fragment is the content's
-checksum, checked before anything is kept; the download's digest (that
-one, else its SHA-256) is recorded beside the copy (`RECORD`), so that a
-later run's fragment is checked against the copy it reads too. A whole
+holds one. An archive whose URL's name says none (the URL redirects to it,
+or its server names it in Content-Disposition: `.../download?id=1`) is
+told by its content; so is a gzip of one file there, kept as
+`<name>/<name>.gz` for the formats to read it compressed. A
+`#sha256=<hex>` or `#md5=<hex>` fragment is the content's checksum,
+checked before anything is kept; the download's digest (that one, else
+its SHA-256) is recorded beside the copy (`RECORD`), so that a later
+run's fragment is checked against the copy it reads too. A whole
 download that fails the fragment is kept aside (`<name>.unverified`, never
 read unchecked) until the URL is fetched again: if the next fragment names
 it (the first had a typo), it is used without a download; else it goes
@@ -61,6 +65,9 @@ PART_MAX_AGE_S = 7 * 24 * 3600
 # Beside a download's name: the whole file that failed the URL's checksum,
 # kept until a run gives its URL again (a corrected checksum may name it).
 UNVERIFIED = '.unverified'
+# Beside the name of a download that names no archive, until its content
+# has said whether it is one (`_sniff`).
+UNNAMED = '.download'
 
 
 def is_url(path: object) -> bool:
@@ -252,6 +259,33 @@ def _named(
   return False
 
 
+def _sniff(path: str, name: str) -> str | None:
+  """'zip', 'tar' or 'gz' (a gzip whose `name` lacks `.gz`) by the content
+  of `path`, whose name says none (a URL that redirects to the archive, or
+  names it in Content-Disposition: `.../download?id=...`); else None."""
+  with open(path, 'rb') as f:
+    magic = f.read(4)
+  if magic in (b'PK\x03\x04', b'PK\x05\x06'):
+    return 'zip'
+  with contextlib.suppress(tarfile.TarError, OSError, EOFError, zlib.error):
+    if tarfile.is_tarfile(path):  # Compressed or not.
+      return 'tar'
+  gz = magic[:2] == b'\x1f\x8b' and not name.lower().endswith('.gz')
+  return 'gz' if gz else None
+
+
+def _keep_as(path: str, final: str, name: str) -> None:
+  """Moves file `path` into the new directory `final` as `name`, whole or
+  not at all (read as the one file it holds, `_inside`)."""
+  root, base = os.path.split(final)
+  tmp = core.make_temp_dir(root, f'.{base}-{core.owner_tag()}.')
+  try:
+    os.replace(path, os.path.join(tmp, name))
+    os.rename(tmp, final)
+  finally:
+    shutil.rmtree(tmp, ignore_errors=True)
+
+
 def _inside(path: str) -> str:
   """The one file that directory `path` holds, if so (an archive of one
   file, e.g. a CSV: read as that file), else `path`."""
@@ -291,7 +325,8 @@ def fetch(url: str, cache_dir: str, key: str = 'path') -> str:
     if os.path.exists(final):
       _check_copy(url, final, algorithm, digest, key)
       return _inside(final)
-    archive = os.path.join(root, name)
+    # Unknown by its name, it is looked at before it takes its place.
+    archive = os.path.join(root, name + ('' if kind else UNNAMED))
     digests = dict(checksum)  # Of the archive.
     aside = archive + UNVERIFIED
     if not _archive_in_place(archive, algorithm, digest) and not _named(
@@ -302,11 +337,16 @@ def fetch(url: str, cache_dir: str, key: str = 'path') -> str:
       download.download(
         url, archive, key=key, digests=digests, mismatched=aside, **checksum
       )
+    kind = kind or _sniff(archive, name)
     if not kind:
+      os.replace(archive, final)
       _record(root, digests)
       return final  # A file of one name: never a directory.
     try:
-      unpack(archive, final, kind)
+      if kind == 'gz':  # A gzip of one file: read compressed, so named.
+        _keep_as(archive, final, name + '.gz')
+      else:
+        unpack(archive, final, kind)
     except (tarfile.TarError, zipfile.BadZipFile, zlib.error, EOFError) as e:
       raise core.DownloadError(
         f'Could not unpack {url} (config.dataset.{key}): {e}. The archive'

@@ -3,10 +3,13 @@
 import dataclasses
 import errno
 import fcntl
+import gzip
 import hashlib
+import http.server
 import io
 import os
 import tarfile
+import threading
 import time
 from unittest import mock
 import zipfile
@@ -133,6 +136,60 @@ class RemotePathTest(DatasetTestCase):
     self.assertEqual(
       remote.fetch(url, config.cache_dir), f'{local}/clicks/clicks.csv'
     )
+
+  def test_an_archive_or_gzip_whose_url_names_none_is_told_by_content(self):
+    train = _criteo_text(200, seed=3)
+    want = data.load_dataset(
+      self.config('criteo', self._local('train.txt', train))
+    )
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, 'w') as z:
+      z.writestr('day_0.txt', train)
+    payloads = {  # What each URL serves, and what it is kept as.
+      'tar': (_tar({'dac/train.txt': train}), 'train.txt'),  # Its folder.
+      'zip': (buffer.getvalue(), 'day_0.txt'),
+      'gz': (gzip.compress(train), '{}.gz'),
+      'text': (train, None),
+    }
+    for kind, (payload, kept) in payloads.items():
+      with self.subTest(kind), HttpServer(payload) as server:
+        # A server that names the file in Content-Disposition only, and
+        # one that redirects to it (another name, which is not looked at).
+        for url in (
+          f'{server.url}/{kind}/download?id=7',
+          self._redirect(f'{server.url}/{kind}/download?id=7'),
+        ):
+          self._same(data.load_dataset(self.config('criteo', url)), want)
+          tag = hashlib.sha256(url.encode()).hexdigest()[:16]
+          root = os.path.join(self.cache, 'downloads', f'url-{tag}')
+          name = url.split('?')[0].rsplit('/', 1)[1]  # The URL's.
+          self.assertEqual(
+            _files_under(root),
+            [remote.RECORD, f'{name}/{kept.format(name)}' if kept else name],
+          )
+          with mock.patch.object(remote.download, 'download') as fetched:
+            self._same(data.load_dataset(self.config('criteo', url)), want)
+          fetched.assert_not_called()
+
+  def _redirect(self, to: str) -> str:
+    """A URL on 127.0.0.1 that answers 302 with `to`, while the test runs."""
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+      def do_GET(self):  # noqa: N802 (http.server's name)
+        self.send_response(302)
+        self.send_header('Location', to)
+        self.send_header('Content-Length', '0')
+        self.end_headers()
+
+      def log_message(self, *args):
+        pass
+
+    httpd = http.server.HTTPServer(('127.0.0.1', 0), Handler)
+    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+    thread.start()
+    self.addCleanup(httpd.server_close)
+    self.addCleanup(httpd.shutdown)
+    return f'http://127.0.0.1:{httpd.server_port}/latest'
 
   def test_valid_and_test_files_at_urls(self):
     text = _criteo_text(60, seed=1)
