@@ -190,7 +190,11 @@ def _open(url: str, offset: int, validator: str | None):
   if response.status != 206:
     return response, 0  # All of it: a server without ranges, or changed.
   match = CONTENT_RANGE.match(response.headers.get('Content-Range', ''))
-  same = _validator(response) in (None, validator)  # Else changed since.
+  # Else changed since. A 206 must repeat the ETag (RFC 9110 15.3.7), not
+  # Last-Modified: one without the ETag may be another file's range.
+  got = _validator(response)
+  etag = (validator or '').startswith('"')
+  same = got == validator or (got is None and not etag)
   if not (match and int(match[1]) == offset and same):
     response.close()
     return _open(url, 0, None)

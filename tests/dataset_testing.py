@@ -180,7 +180,8 @@ class HttpServer:
   says `Accept-Ranges: bytes` with `etag` and answers a `Range: bytes=N-`
   (if its `If-Range` is `etag`) with 206 and the bytes from N; `headers`
   holds each GET's Range and If-Range (`if_range=False`: a server that
-  ignores If-Range). `payload`, `etag` and `truncate` may be changed between
+  ignores If-Range; `etag=None`: no ETag). `payload`, `etag` and `truncate`
+  may be changed between
   requests; so may `hang`, an Event that a GET sending half the payload
   waits for (up to 30 s) before it ends.
   """
@@ -231,7 +232,8 @@ class HttpServer:
           self.send_response(200)
         if ranges:
           self.send_header('Accept-Ranges', 'bytes')
-          self.send_header('ETag', server.etag)
+          if server.etag is not None:  # None: a server that sends none.
+            self.send_header('ETag', server.etag)
         self.send_header('Content-Length', length or str(len(payload_)))
         self.end_headers()
         if trickle:  # A byte at a time, never silent for long.

@@ -533,17 +533,34 @@ class ResumeTest(absltest.TestCase):
     # A 206 is a range, whether or not Accept-Ranges came with it.
     self.assertEqual(download._validator(answer(206, ETag='"a"')), '"a"')
 
+  def test_a_range_without_the_etag_is_asked_again_whole(self):
+    def answer(status, **headers):
+      return mock.MagicMock(status=status, headers=headers)
+
+    date = 'Tue, 01 Dec 2026 10:00:00 GMT'
+    for validator, resumed in (('"v1"', False), (date, True)):
+      with self.subTest(validator):
+        part = answer(206, **{'Content-Range': 'bytes 50-99/100'})
+        whole = answer(200)
+        with mock.patch.object(
+          download.urllib.request, 'urlopen', side_effect=[part, whole]
+        ):
+          got = download._open('http://h/u', 50, validator)
+        # A 206 must repeat an ETag, not Last-Modified (RFC 9110 15.3.7).
+        self.assertEqual(got, (part, 50) if resumed else (whole, 0))
+
   def test_a_file_changed_on_the_server_is_downloaded_again_whole(self):
     other = self.payload[::-1]
-    # A server that sends the whole new file, and one that sends a range of
-    # it with the new ETag although If-Range named the old.
-    for if_range in (True, False):
+    # A server that sends the whole new file, one that sends a range of it
+    # with the new ETag although If-Range named the old, and one that sends
+    # such a range with no version at all (RFC 9110 says a 206 must).
+    for if_range, etag in ((True, '"v2"'), (False, '"v2"'), (False, None)):
       with (
-        self.subTest(if_range=if_range),
+        self.subTest(if_range=if_range, etag=etag),
         HttpServer(self.payload, ranges=True, if_range=if_range) as server,
       ):
         self._cut(server)
-        server.payload, server.etag = other, '"v2"'
+        server.payload, server.etag = other, etag
         download.download(f'{server.url}/x.tar.gz', self.dest)
         with open(self.dest, 'rb') as f:
           self.assertEqual(f.read(), other)  # Not the old half, new rest.
