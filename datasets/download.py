@@ -354,8 +354,11 @@ def _transfer(
       TimeoutError,
       ssl.SSLError,
     ) as e:
+      why = str(e)
+      if TimeoutError in (type(e), type(getattr(e, 'reason', None))):
+        why += f' (nothing from the server for {TIMEOUT_S} s)'
       raise core.DownloadError(
-        f'Could not download {url}: {e}.'
+        f'Could not download {url}: {why}.'
         + (
           f' {kept[0].upper()}{kept[1:]}'
           if (kept := _kept(out, keep, record))
