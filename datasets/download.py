@@ -7,10 +7,11 @@ run would trust. When the server can send a range of the file (it says
 `Accept-Ranges: bytes` and names its version with an ETag or
 Last-Modified), a transfer cut short keeps what it received and the next
 call asks only for the rest (HTTP `Range` with `If-Range`): a 4 GB archive
-survives a dropped connection or Ctrl-C. The file's version sits beside it
-in `<dest>.part.json`; a file changed on the server since, a server that
-ignores the range, or a checksum that does not match start it over. Every
-failure is a `DownloadError` whose message says what to do.
+survives a dropped connection or Ctrl-C. The file's version and length sit
+beside it in `<dest>.part.json`; a file changed on the server since (a
+range of another version or length), a server that ignores the range, or
+a checksum that does not match start it over. Every failure is a
+`DownloadError` whose message says what to do.
 
 A power cut can leave `<dest>.part` as long as what was written but with a
 tail of zeros or garbage that never reached the disk. So every
@@ -122,8 +123,9 @@ def _validator(response) -> str | None:
   return headers.get('Last-Modified')
 
 
-def _resume_offset(part: str, url: str) -> tuple[int, str | None]:
-  """`(bytes kept in part, their version)` for `url`; (0, None) if none.
+def _resume_offset(part: str, url: str) -> tuple[int, str | None, int | None]:
+  """`(bytes kept in part, their version, the file's length or None)` for
+  `url`; (0, None, None) if none.
 
   Only the bytes recorded as durable are kept: past them, a power cut may
   have left zeros or garbage. A description without that count (written by
@@ -140,28 +142,37 @@ def _resume_offset(part: str, url: str) -> tuple[int, str | None]:
       and type(durable) is int
       and durable > 0
     ):
-      return min(os.path.getsize(part), durable), meta['validator']
+      length = meta.get('length')
+      length = length if type(length) is int else None
+      return min(os.path.getsize(part), durable), meta['validator'], length
   except (OSError, ValueError, KeyError, TypeError, AttributeError):
     pass
-  return 0, None
+  return 0, None, None
 
 
-def _sync(out, path: str, url: str, validator: str) -> None:
+def _sync(
+  out, path: str, url: str, validator: str, length: int | None = None
+) -> None:
   """Puts `out` (the file `path`) on the disk, then records in
   `<path>.json` that its bytes are durable (`_resume_offset`)."""
   out.flush()
   os.fsync(out.fileno())
-  _describe(path, url, validator, os.fstat(out.fileno()).st_size)
+  _describe(path, url, validator, os.fstat(out.fileno()).st_size, length)
 
 
-def _describe(path: str, url: str, validator: str, durable: int) -> None:
-  """Writes `<path>.json`, whole or not at all (a temporary file beside it,
-  on the disk before it is renamed: a power cut leaves the old or the new;
-  `core.remove_orphans` removes one that a killed run left)."""
+def _describe(
+  path: str, url: str, validator: str, durable: int, length: int | None = None
+) -> None:
+  """Writes `<path>.json` (`length`: the whole file's bytes, if known),
+  whole or not at all (a temporary file beside it, on the disk before it
+  is renamed: a power cut leaves the old or the new; `core.remove_orphans`
+  removes one that a killed run left)."""
   tmp = f'{path.removesuffix(".part")}.partial-{core.owner_tag()}.json'
+  meta = {'url': url, 'validator': validator, 'durable': durable}
+  meta.update({'length': length} if length is not None else {})
   try:
     with open(tmp, 'w') as f:
-      json.dump({'url': url, 'validator': validator, 'durable': durable}, f)
+      json.dump(meta, f)
       f.flush()
       os.fsync(f.fileno())
     os.replace(tmp, path + '.json')
@@ -171,9 +182,12 @@ def _describe(path: str, url: str, validator: str, durable: int) -> None:
     raise
 
 
-def _open(url: str, offset: int, validator: str | None):
+def _open(
+  url: str, offset: int, validator: str | None, length: int | None = None
+):
   """The response to a GET of `url` from byte `offset` (if its version is
-  still `validator`), and where it starts: `offset` or 0 (all of it)."""
+  still `validator`, and its length `length` if known), and where it
+  starts: `offset` or 0 (all of it)."""
   headers = {}
   if offset:
     headers = {'Range': f'bytes={offset}-', 'If-Range': validator}
@@ -195,6 +209,8 @@ def _open(url: str, offset: int, validator: str | None):
   got = _validator(response)
   etag = (validator or '').startswith('"')
   same = got == validator or (got is None and not etag)
+  if length is not None and match and match[3] not in ('*', str(length)):
+    same = False  # Another length: another file, whatever its version.
   if not (match and int(match[1]) == offset and same):
     response.close()
     return _open(url, 0, None)
@@ -309,22 +325,26 @@ def _transfer(
   if md5 is None:
     digest, want = hashlib.sha256(), sha256
   keep = done = False  # Whether `path` is left for the next call; renamed.
-  validator = None
+  validator = length = None  # Of the file whose bytes `path` holds.
   recorded = False  # Whether `record` ran (the message's `_kept`): once.
 
   def record() -> None:  # What a cut transfer keeps, on the disk.
     nonlocal recorded
     recorded = True
-    _sync(out, path, url, validator)
+    _sync(out, path, url, validator, length)
 
   try:
     try:
-      offset, validator = _resume_offset(path, url) if resume else (0, None)
+      if resume:
+        offset, validator, length = _resume_offset(path, url)
+      else:
+        offset = 0
       out.truncate(offset)  # Past the durable bytes: maybe garbage.
       keep = offset > 0  # Kept until the server says they are stale.
-      response, offset = _open(url, offset, validator)
+      response, offset = _open(url, offset, validator, length)
       with response:
         expected = _content_length(response)
+        length = None if expected is None else offset + expected
         if expected:  # A disk too small stops it now, not hours later.
           _check_space(url, path, expected, keep and offset)
         if offset:  # The checksum covers the kept bytes too.
@@ -336,8 +356,8 @@ def _transfer(
         keep = bool(validator)
         sync = None
         if validator:  # Written before the bytes it describes.
-          _describe(path, url, validator, offset)
-          sync = functools.partial(_sync, out, path, url, validator)
+          _describe(path, url, validator, offset, length)
+          sync = functools.partial(_sync, out, path, url, validator, length)
         received = _copy(response, out, digest, url, expected, offset, sync)
       if expected is not None and received != expected:
         raise _Cut(f'ended after {received} of {expected} bytes')

@@ -553,13 +553,19 @@ class ResumeTest(absltest.TestCase):
         self.assertEqual(got, (part, 50) if resumed else (whole, 0))
 
   def test_a_file_changed_on_the_server_is_downloaded_again_whole(self):
-    other = self.payload[::-1]
+    reversed_, longer = self.payload[::-1], self.payload[::-1] + b'more'
     # A server that sends the whole new file, one that sends a range of it
-    # with the new ETag although If-Range named the old, and one that sends
-    # such a range with no version at all (RFC 9110 says a 206 must).
-    for if_range, etag in ((True, '"v2"'), (False, '"v2"'), (False, None)):
+    # with the new ETag although If-Range named the old, one that sends
+    # such a range with no version at all (RFC 9110 says a 206 must), and
+    # one that kept the old ETag for a file of another length.
+    for if_range, etag, other in (
+      (True, '"v2"', reversed_),
+      (False, '"v2"', reversed_),
+      (False, None, reversed_),
+      (False, '"v1"', longer),
+    ):
       with (
-        self.subTest(if_range=if_range, etag=etag),
+        self.subTest(if_range=if_range, etag=etag, length=len(other)),
         HttpServer(self.payload, ranges=True, if_range=if_range) as server,
       ):
         self._cut(server)
