@@ -337,13 +337,11 @@ def fetch(url: str, cache_dir: str, key: str = 'path') -> str:
       download.download(
         url, archive, key=key, digests=digests, mismatched=aside, **checksum
       )
-    kind = kind or _sniff(archive, name)
-    if not kind:
-      os.replace(archive, final)
-      _record(root, digests)
-      return final  # A file of one name: never a directory.
     try:
-      if kind == 'gz':  # A gzip of one file: read compressed, so named.
+      kind = kind or _sniff(archive, name)
+      if not kind:
+        os.replace(archive, final)
+      elif kind == 'gz':  # A gzip of one file: read compressed, so named.
         _keep_as(archive, final, name + '.gz')
       else:
         unpack(archive, final, kind)
@@ -354,6 +352,10 @@ def fetch(url: str, cache_dir: str, key: str = 'path') -> str:
         f' config.dataset.{key} to its directory.'
       ) from e
     except OSError as e:
+      # Unlocked (`core.building`), a run that downloaded the same URL at
+      # once put its copy in place first (and took the archive).
+      if os.path.exists(final):
+        return _inside(final)
       raise core.DownloadError(
         f'Could not unpack {url} into {root}: {e}. {unpack_advice(e, archive)}'
       ) from e

@@ -1,5 +1,6 @@
 """Tests of dataset files named by URL (datasets/remote.py)."""
 
+import contextlib
 import dataclasses
 import errno
 import fcntl
@@ -190,6 +191,43 @@ class RemotePathTest(DatasetTestCase):
     self.addCleanup(httpd.server_close)
     self.addCleanup(httpd.shutdown)
     return f'http://127.0.0.1:{httpd.server_port}/latest'
+
+  def test_runs_unlocked_at_once_all_read_the_copy_the_first_put(self):
+    # Without the lock (a filesystem without flock: core.building goes on
+    # unlocked), a run downloads while another does all of it.
+    text = _criteo_text(30)
+    real, others = remote.download.download, []
+
+    def racing(url, dest, **kwargs):
+      real(url, dest, **kwargs)
+      if not others:  # Another run, started at once, all of it now.
+        others.append(None)
+        others[0] = remote.fetch(url, self.cache)
+
+    for name, payload, kept in (
+      ('dac.tar.gz', _tar({'dac/train.txt': text}), 'dac/train.txt'),
+      ('train.txt', text, 'train.txt'),
+    ):
+      others.clear()
+      with (
+        self.subTest(name),
+        HttpServer(payload) as server,
+        mock.patch.object(
+          remote.core, 'building', lambda *_: contextlib.nullcontext()
+        ),
+        mock.patch.object(remote.download, 'download', side_effect=racing),
+      ):
+        url = f'{server.url}/{name}'
+        got = remote.fetch(url, self.cache)
+        tag = hashlib.sha256(url.encode()).hexdigest()[:16]
+        root = os.path.join(self.cache, 'downloads', f'url-{tag}')
+        self.assertEqual([got], others)
+        self.assertEqual(got, os.path.join(root, kept))
+        with open(got, 'rb') as f:
+          self.assertEqual(f.read(), text)
+        # The other run unpacked the archive this one downloaded (no
+        # checksum to record); nothing half-done stays.
+        self.assertEqual(_files_under(root), [kept])
 
   def test_valid_and_test_files_at_urls(self):
     text = _criteo_text(60, seed=1)
