@@ -311,7 +311,9 @@ def fetch(url: str, cache_dir: str, key: str = 'path') -> str:
   """
   url, algorithm, digest = _checksum(url, key)
   checksum = {algorithm: digest} if algorithm else {}
-  name = os.path.basename(urllib.parse.urlsplit(url).path) or 'download'
+  name = os.path.basename(urllib.parse.urlsplit(url).path)
+  if name in ('', '.', '..'):  # Else its copy would be the cache's folders.
+    name = 'download'
   tag = hashlib.sha256(url.encode()).hexdigest()[:16]
   root = os.path.join(cache_dir, 'downloads', f'url-{tag}')
   _sweep_parts(os.path.dirname(root), os.path.basename(root))

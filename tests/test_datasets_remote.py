@@ -229,6 +229,20 @@ class RemotePathTest(DatasetTestCase):
         # checksum to record); nothing half-done stays.
         self.assertEqual(_files_under(root), [kept])
 
+  def test_a_url_whose_name_is_a_dot_or_none_is_kept_as_download(self):
+    text = _criteo_text(5)
+    with HttpServer(text) as server:
+      for path in ('/a/..', '/a/.', '/', '/a/..?x=1'):
+        with self.subTest(path):
+          url = f'{server.url}{path}'
+          tag = hashlib.sha256(url.encode()).hexdigest()[:16]
+          got = remote.fetch(url, self.cache)
+          self.assertEqual(
+            got, os.path.join(self.cache, 'downloads', f'url-{tag}', 'download')
+          )
+          with open(got, 'rb') as f:
+            self.assertEqual(f.read(), text)
+
   def test_valid_and_test_files_at_urls(self):
     text = _criteo_text(60, seed=1)
     with HttpServer(text) as server:
