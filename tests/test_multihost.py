@@ -741,8 +741,11 @@ class FaultTest(_MultiProcessTestCase):
     path = os.path.join(workdir, 'metrics.jsonl')
     with open(path) as f:
       lines = f.readlines()
-    with open(path, 'w') as f:  # A line to drop first: the file is rewritten,
-      f.writelines([lines[-1], *lines[:-1]])
+    # A line to drop first (of an epoch past the checkpoints'; a finished
+    # run keeps its test line): the file is rewritten,
+    later = json.dumps({**json.loads(lines[0]), 'epoch': 99}) + '\n'
+    with open(path, 'w') as f:
+      f.writelines([later, *lines])
     os.makedirs(f'{path}.tmp')  # where its copy cannot be written.
     error = self._refused(workdir, 0, tag='again')
     self.assertRegex(
