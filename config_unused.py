@@ -15,6 +15,7 @@ files, `criteo.log_bucket=False` with `numeric='dense'`.
 
 from collections.abc import Sequence
 import dataclasses
+import functools
 import importlib
 from typing import Any
 
@@ -50,6 +51,22 @@ MODEL_SWITCHES = {
     'cross_fields to pairs of field indices, e.g. ((0, 1),)',
   ),
 }
+
+
+@functools.cache
+def _default() -> ml_collections.ConfigDict:
+  """configs/default.py's config (read, never changed). Imported here:
+  configs/default.py imports this project's modules."""
+  return importlib.import_module('configs.default').get_config()
+
+
+def _changed(
+  options: Any, defaults: Any, keys: Sequence[str]
+) -> list[tuple[str, Any]]:
+  """`(key, value)` of each of `keys` that `options` sets other than
+  `defaults` does."""
+  values = [(key, options.get(key, defaults[key])) for key in keys]
+  return [(k, v) for k, v in values if not _same(v, defaults[k])]
 
 
 def _same(a: Any, b: Any) -> bool:
@@ -91,15 +108,14 @@ def _dataset_unused(dataset: ml_collections.ConfigDict) -> list[str]:
     csv = data.SOURCES['csv']
     options = dataset.get('csv') or {}
     if not core.name_list(options.get('multi_hot_columns', ())):
-      for key in ('multi_hot_sep', 'multi_hot_max_len'):
-        value = options.get(key, csv.DEFAULTS[key])
-        if not _same(value, csv.DEFAULTS[key]):
-          out.append(
-            f'config.dataset.csv.{key}={value!r} has no effect:'
-            ' config.dataset.csv.multi_hot_columns is empty, so no column is'
-            ' read as a list. Name the list columns there, or leave'
-            f' {key} at its default {csv.DEFAULTS[key]!r}.'
-          )
+      keys = ('multi_hot_sep', 'multi_hot_max_len')
+      for key, value in _changed(options, csv.DEFAULTS, keys):
+        out.append(
+          f'config.dataset.csv.{key}={value!r} has no effect:'
+          ' config.dataset.csv.multi_hot_columns is empty, so no column is'
+          ' read as a list. Name the list columns there, or leave'
+          f' {key} at its default {csv.DEFAULTS[key]!r}.'
+        )
     if options.get('log_bucket', True) is False and not core.name_list(
       options.get('numeric_columns', ())
     ):
@@ -110,15 +126,13 @@ def _dataset_unused(dataset: ml_collections.ConfigDict) -> list[str]:
       )
   out += _url_unused(dataset, fmt)
   if fmt == 'movielens':  # Read whole, in memory (datasets/movielens.py).
-    default = importlib.import_module('configs.default').get_config()
-    for key in ('skip_bad_lines', 'chunk_rows', 'parse_workers'):
-      value = dataset.get(key, default.dataset[key])
-      if not _same(value, default.dataset[key]):
-        out.append(
-          f'config.dataset.{key}={value!r} has no effect: {dataset.name}'
-          ' is read whole, in memory, and stops at its first malformed'
-          ' line; the key serves criteo, avazu, libfm and csv files.'
-        )
+    keys = ('skip_bad_lines', 'chunk_rows', 'parse_workers')
+    for key, value in _changed(dataset, _default().dataset, keys):
+      out.append(
+        f'config.dataset.{key}={value!r} has no effect: {dataset.name}'
+        ' is read whole, in memory, and stops at its first malformed'
+        ' line; the key serves criteo, avazu, libfm and csv files.'
+      )
   min_count = dataset.get('min_count', -1)
   if (
     fmt == 'movielens'
@@ -136,7 +150,7 @@ def _dataset_unused(dataset: ml_collections.ConfigDict) -> list[str]:
 
 def _url_unused(dataset: ml_collections.ConfigDict, fmt: str | None) -> list:
   """`config.dataset.url`: read only to download a GroupLens archive."""
-  default = importlib.import_module('configs.default').get_config()
+  default = _default()
   url = dataset.get('url', default.dataset.url)
   name = dataset.get('name')
   downloads = fmt == 'movielens' and name != 'ml-latest-small'
@@ -152,8 +166,7 @@ def _url_unused(dataset: ml_collections.ConfigDict, fmt: str | None) -> list:
 
 
 def _optimizer_unused(config: ml_collections.ConfigDict) -> list[str]:
-  # Imported here: configs/default.py imports this project's modules.
-  default = importlib.import_module('configs.default').get_config()
+  default = _default()
   optimizer = config.get('optimizer', default.optimizer)
   value = config.get('table_learning_rate', default.table_learning_rate)
   if optimizer == 'rowwise_adagrad' or _same(
@@ -187,9 +200,8 @@ def _model_unused(config: ml_collections.ConfigDict) -> list[str]:
   if not _same(model.get(switch, fields[switch]), off):
     return []
   return [
-    f'config.model.{key}={model[key]!r} has no effect: config.model.'
+    f'config.model.{key}={value!r} has no effect: config.model.'
     f'{switch}={model.get(switch, off)!r} {does} (models/{name}.py). Set'
     f' {how}, or leave {key} at its default {fields[key]!r}.'
-    for key in keys
-    if key in model and not _same(model[key], fields[key])
+    for key, value in _changed(model, fields, keys)
   ]
