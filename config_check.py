@@ -185,8 +185,8 @@ def validate_config(
       reads is refused, and a new run's valid config is warned of each key
       it sets but would not read (`config_unused.warn_unused`).
     optimizers: the accepted `optimizer`s.
-    num_devices: the run's device count (all processes): batch sizes must
-      be multiples of it; None: not checked here.
+    num_devices: the run's device count (all processes): `batch_size` must
+      be a multiple of it; None: not checked here.
     resuming: the run resumes from its checkpoints, which hold the weights:
       `init_from` is not read, so not checked; and their `batch_size` stays,
       so one that `num_devices` does not divide is refused alone, naming
@@ -224,14 +224,14 @@ def validate_config(
     check('optimizer', config.optimizer, one_of(optimizers))
   if num_devices and resuming:
     _check_resumed_batch_size(config.get('batch_size'), num_devices)
-  if num_devices:
-    for key in ('batch_size', 'eval_batch_size'):
-      value = config.get(key)
-      if is_int(value) and value >= 1 and value % num_devices:
-        problems.append(
-          f'config.{key}={value} must be a multiple of the {num_devices}'
-          ' devices of this run'
-        )
+  # Only the train batch: evaluation pads its batches to split evenly
+  # (programs.eval_batch_size).
+  value = config.get('batch_size')
+  if num_devices and is_int(value) and value >= 1 and value % num_devices:
+    problems.append(
+      f'config.batch_size={value} must be a multiple of the {num_devices}'
+      ' devices of this run'
+    )
   if not resuming:
     problems += _init_from_problems(config.get('init_from'))
   problems += _model_problems(config)

@@ -341,17 +341,21 @@ def hyperparameters(config: ml_collections.ConfigDict) -> dict[str, Any]:
 
 
 def eval_batch_size(split: data.Split, batch_size: int) -> int:
-  """`batch_size`, or less where it would pad `split` more than twice over.
+  """`batch_size` rounded up to split evenly over the devices, or less where
+  it would pad `split` more than twice over.
 
-  The last batch is padded to the whole size, so a `config.eval_batch_size`
-  far above the split's rows (10**8 for the embedded data's 10,084) costs
-  that many rows of time and memory for nothing. The smaller size is the
-  devices times a power of two, so that splits of about the same rows (a
-  random split's validation and test) share one program.
+  Evaluation pads and masks, so `config.eval_batch_size` need not divide by
+  the device count (8192 on 3 devices: 8193). The last batch is padded to
+  the whole size, so a `config.eval_batch_size` far above the split's rows
+  (10**8 for the embedded data's 10,084) costs that many rows of time and
+  memory for nothing. The smaller size is the devices times a power of two,
+  so that splits of about the same rows (a random split's validation and
+  test) share one program.
   """
   devices = jax.device_count()
   per_device = math.ceil(max(len(split), 1) / devices)
-  return min(batch_size, devices * 2 ** math.ceil(math.log2(per_device)))
+  smallest = 2 ** math.ceil(math.log2(per_device))
+  return devices * min(math.ceil(batch_size / devices), smallest)
 
 
 def evaluate(
@@ -363,8 +367,8 @@ def evaluate(
   """`auc`, `logloss` and `num_examples` of replicated `state` on `split`.
 
   Each process scores its slice of `split` with the pmapped
-  `train.eval_step` in padded global batches of `batch_size` (at most
-  `eval_batch_size`'s); the padding is masked out.
+  `train.eval_step` in padded global batches of `eval_batch_size(split,
+  batch_size)` rows; the padding is masked out.
   """
   num_devices = jax.local_device_count()
   batches = batching.eval_batches(

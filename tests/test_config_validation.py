@@ -484,8 +484,16 @@ class BadValueTest(_TestCase):
     self.assertIn("dataset.name='movielens' must be one of ml-1m", message)
     self.assertIn('config.batch_size=6 must be a multiple of the 4', message)
     self.assertNotIn('eval_batch_size=8', message)
-    message = self.problems(_config(eval_batch_size=6), num_devices=4)
-    self.assertIn('config.eval_batch_size=6 must be a multiple of', message)
+
+  def test_the_eval_batch_need_not_split_over_the_devices(self):
+    # Evaluation pads its batches (programs.eval_batch_size): the default
+    # eval_batch_size=8192 runs on 3 or 6 devices when batch_size splits.
+    for devices in (3, 6):
+      config_check.validate_config(
+        _config(batch_size=3072, eval_batch_size=8192), num_devices=devices
+      )
+    message = self.problems(_config(batch_size=2048), num_devices=3)
+    self.assertIn('config.batch_size=2048 must be a multiple of the 3', message)
 
   def test_a_resume_whose_batch_size_does_not_split_names_device_counts(self):
     # A resume cannot change batch_size: the device count is what to fix.

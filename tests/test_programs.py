@@ -6,8 +6,11 @@ calls, so the first epoch and evaluation start without compiling.
 
 import contextlib
 import itertools
+import json
 import os
 import resource
+import subprocess
+import sys
 import types
 from unittest import mock
 
@@ -281,6 +284,80 @@ class EvalBatchSizeTest(absltest.TestCase):
     self.assertEqual(lowered, [])
     self.assertEqual(shapes, [(devices, 64 // devices, len(FIELD_DIMS))])
     self.assertEqual(scores, programs.evaluate(p_eval, state, valid_split, 8))
+
+
+# Evaluates a model on 3 devices at eval batch sizes that 3 does not divide,
+# and on the whole split at once without pmap, printing both as JSON.
+_THREE_DEVICES = """
+import json
+import jax
+import numpy as np
+from configs import default
+import data, programs, train
+assert jax.device_count() == 3
+rng = np.random.default_rng(0)
+# Distinct rows: no tied scores, which rounding could split apart.
+ids = rng.permutation(1000 * 1000)[:100]
+split = data.Split(
+  np.stack([ids // 1000, ids % 1000], 1).astype(np.int32),
+  rng.integers(0, 2, 100).astype(np.float32),
+)
+config = default.get_config()
+config.model_name, config.model = 'deepfm', {'embed_dim': 4, 'mlp_dims': (8,)}
+model = train.create_model(config, (1000, 1000), train.AXIS)
+_, p_eval = train.pmapped_steps(model, config)
+state = train.state_initializer(config, model)(jax.random.key(0))
+out = {}
+for size in (1, 16, 8192):
+  sizes = programs.eval_batch_size(split, size)
+  scores = train.evaluate(p_eval, train.replicate(state), split, size)
+  out[size] = [sizes, scores]
+plain = train.create_model(config, (1000, 1000))
+logits = plain.apply(
+  {'params': state.params, 'batch_stats': state.batch_stats},
+  split.ids, train=False,
+)
+out['logits'] = np.asarray(logits, np.float64).tolist()
+out['labels'] = split.labels.tolist()
+print(json.dumps(out))
+"""
+
+
+class ThreeDeviceEvalTest(absltest.TestCase):
+  def test_eval_batches_that_3_devices_do_not_divide_give_exact_metrics(self):
+    # config.eval_batch_size had to divide by the devices: the default 8192
+    # was refused on 3. Evaluation pads, so it rounds its size up instead.
+    env = dict(os.environ)
+    env['XLA_FLAGS'] = env.get('XLA_FLAGS', '').replace(
+      'device_count=2', 'device_count=3'
+    )
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    done = subprocess.run(
+      [sys.executable, '-c', _THREE_DEVICES],
+      cwd=root,
+      env=env,
+      capture_output=True,
+      text=True,
+      timeout=300,
+    )
+    self.assertEqual(done.returncode, 0, done.stderr[-3000:])
+    out = json.loads(done.stdout.splitlines()[-1])
+    logits, labels = np.array(out.pop('logits')), np.array(out.pop('labels'))
+    # Brute force on one device: every positive against every negative, the
+    # scores far enough apart that rounding cannot reorder them.
+    self.assertGreater(np.diff(np.sort(logits)).min(), 1e-5)
+    pos, neg = logits[labels == 1], logits[labels == 0]
+    auc = (pos[:, None] > neg[None, :]).mean()
+    logloss = np.mean(np.logaddexp(0, logits) - labels * logits)
+    # Rounded up to a multiple of 3; at most the devices times a power of
+    # two above the split's 100 rows (34 a device: 64).
+    expected_sizes = {'1': 3, '16': 18, '8192': 192}
+    for size, (rows, scores) in out.items():
+      with self.subTest(eval_batch_size=size):
+        self.assertEqual(rows, expected_sizes[size])
+        self.assertEqual(scores['num_examples'], 100)
+        self.assertAlmostEqual(scores['auc'], auc, places=12)
+        self.assertAlmostEqual(scores['logloss'], logloss, places=5)
 
 
 class TrainEpochRateTest(parameterized.TestCase):
