@@ -6,7 +6,7 @@ falls back to the one before and a lost best one can be recovered.
 `workdir/checkpoints/best` keeps the state of the best validation AUC, which
 the test split scores. Each is an orbax step directory named by its epoch,
 holding the `TrainState` and a JSON `meta` (epoch, best AUC and epoch, bad
-epochs, wall time).
+epochs, wall time, the run's device count: `run_meta`).
 
 Nothing on disk is trusted without a check: a complete step records the
 checksums of its files, which a restore verifies first (`step_files`).
@@ -219,6 +219,31 @@ def _save(mgr, step, state, meta, keep, copy_of) -> None:
       f' {problem}. Free space or restore write access there, then start'
       ' the run again: it resumes from the last checkpoint saved.'
     ) from e
+
+
+def run_meta(meta: dict | None, workdir: str) -> dict:
+  """A new run's meta (None), or a resumed run's, with this run's devices.
+
+  A resume is logged, with a warning when the checkpoint was saved by a run
+  on another device count: dropout masks are drawn per device, so the
+  epochs that follow differ from those of the run uninterrupted. Checkpoints
+  of earlier versions record no count and resume silently.
+  """
+  devices = jax.device_count()
+  if meta is None:
+    new = {'epoch': 0, 'best_auc': -1.0, 'best_epoch': 0, 'bad_epochs': 0}
+    return dict(new, num_devices=devices)
+  scale = meta.get('lr_scale', 1)  # Below 1 after plateaus.
+  rates = f' at x{scale:g} the learning rates' if scale != 1 else ''
+  logging.info('Resumed from epoch %d of %s%s', meta['epoch'], workdir, rates)
+  saved = meta.get('num_devices', devices)
+  if saved != devices:
+    logging.warning(
+      'Resuming on %s a run saved on %s: dropout masks are drawn per'
+      ' device, so the epochs from here differ from those of a run on %s.',
+      *(f'{n} device{"s" * (n > 1)}' for n in (devices, saved, saved)),
+    )
+  return dict(meta, num_devices=devices)
 
 
 class Checkpoints:

@@ -435,14 +435,9 @@ def _run(
     ckpt.latest.latest_step(), 'latest checkpoints', workdir
   )
   state, meta = ckpt.restore_latest(state)
-  if meta is None:
-    meta = {'epoch': 0, 'best_auc': -1.0, 'best_epoch': 0, 'bad_epochs': 0}
-    if config.get('init_from'):  # A resumed run has its weights already.
-      state = warm_start(state, config.init_from)
-  else:
-    scale = meta.get('lr_scale', 1)  # Below 1 after plateaus.
-    rates = f' at x{scale:g} the learning rates' if scale != 1 else ''
-    logging.info('Resumed from epoch %d of %s%s', meta['epoch'], workdir, rates)
+  if meta is None and config.get('init_from'):  # A resume has its weights.
+    state = warm_start(state, config.init_from)
+  meta = checkpoints.run_meta(meta, workdir)  # Logs a resume.
   writer = metrics.MetricsWriter(  # Process 0 writes; its error stops all.
     workdir, is_main, meta.get('wall_time', 0.0), multihost.errors_shared
   )

@@ -14,8 +14,14 @@ from absl.testing import absltest
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def _run(workdir, *flags, config='configs/fm.py:smoke'):
+def _run(workdir, *flags, config='configs/fm.py:smoke', devices=None):
+  """`main.py` on conftest's 2 emulated devices, or on `devices`."""
   cache = os.path.join(os.path.dirname(workdir), 'cache')
+  env = dict(os.environ)
+  if devices is not None:
+    env['XLA_FLAGS'] = re.sub(
+      r'device_count=\d+', f'device_count={devices}', env['XLA_FLAGS']
+    )
   return subprocess.run(
     [
       sys.executable,
@@ -26,6 +32,7 @@ def _run(workdir, *flags, config='configs/fm.py:smoke'):
       *flags,
     ],
     cwd=ROOT,
+    env=env,
     capture_output=True,
     text=True,
     timeout=300,
@@ -65,6 +72,7 @@ class MainTest(absltest.TestCase):
     result = _run(workdir, '--config.num_epochs=2')
     self.assertEqual(result.returncode, 0, result.stderr[-3000:])
     self.assertIn('Resumed from epoch 1', result.stderr)
+    self.assertNotIn('Resuming on', result.stderr)  # The same devices.
     resumed = _metrics(workdir)
     self.assertEqual(resumed[:2], lines[:2])
     self.assertEqual(
@@ -81,6 +89,24 @@ class MainTest(absltest.TestCase):
       for key in ('loss', 'auc', 'logloss'):
         if key in a:
           self.assertAlmostEqual(a[key], b[key], places=5)
+
+  def test_a_resume_on_another_device_count_warns_in_one_line(self):
+    # Dropout masks are drawn per device: such a resume differs from the
+    # run uninterrupted, and said nothing.
+    workdir = os.path.join(self.tmp, 'devices')
+    result = _run(workdir, '--config.num_epochs=1')
+    self.assertEqual(result.returncode, 0, result.stderr[-3000:])
+    result = _run(workdir, '--config.num_epochs=2', devices=1)
+    self.assertEqual(result.returncode, 0, result.stderr[-3000:])
+    warned = [x for x in result.stderr.splitlines() if 'Resuming on' in x]
+    self.assertLen(warned, 1, result.stderr[-3000:])
+    self.assertRegex(
+      warned[0],
+      r'^W.*\] Resuming on 1 device a run saved on 2 devices: dropout masks'
+      r' are drawn per device, so the epochs from here differ from those of'
+      r' a run on 2 devices\.$',
+    )
+    self.assertEqual(_metrics(workdir)[-1]['split'], 'test')
 
   def test_sigterm_stops_a_run_that_resumes_from_its_last_epoch(self):
     # A scheduler's, `docker stop`'s or `timeout`'s SIGTERM ended the process

@@ -211,6 +211,30 @@ class CheckpointPolicyTest(absltest.TestCase):
   def _meta(self, epoch, best_epoch):
     return {'epoch': epoch, 'best_epoch': best_epoch, 'best_auc': 0.7}
 
+  def test_run_meta_records_the_device_count_and_old_metas_resume_silently(
+    self,
+  ):
+    devices = jax.device_count()
+    new = checkpoints.run_meta(None, self.workdir)
+    self.assertEqual(new['num_devices'], devices)
+    self.assertEqual((new['epoch'], new['best_auc']), (0, -1.0))
+    # Saved and restored as the run's meta.
+    self.ckpt.save_latest(1, self._state(1), dict(new, epoch=1, best_epoch=1))
+    _, saved = self.ckpt.restore_latest(None)
+    self.assertEqual(saved['num_devices'], devices)
+    old = self._meta(1, 1)  # Saved before the count was recorded.
+    for meta in (saved, old):
+      with self.assertNoLogs('absl', 'WARNING'):
+        resumed = checkpoints.run_meta(meta, self.workdir)
+      self.assertEqual(resumed, dict(meta, num_devices=devices))
+    with self.assertLogs('absl', 'WARNING') as logs:
+      resumed = checkpoints.run_meta(dict(old, num_devices=3), self.workdir)
+    self.assertEqual(resumed['num_devices'], devices)
+    self.assertLen(logs.output, 1)
+    self.assertIn(
+      f'Resuming on {devices} devices a run saved on 3', logs.output[0]
+    )
+
   def test_a_checkpoint_directory_that_cannot_be_made_is_refused_at_once(self):
     # Before the first epoch, as one UserError: orbax's own refusal came
     # from a thread, with its traceback, at the end of epoch 1.
