@@ -18,6 +18,7 @@ import logging
 import math
 import os
 from typing import TYPE_CHECKING
+import urllib.parse
 import zipfile
 import zlib
 
@@ -69,6 +70,27 @@ SIDE_FEATURES = movielens_side.SIDE_FEATURES
 MIN_COUNT = 1  # Every user and item is kept.
 
 
+def archive_url(base: str, name: str) -> str:
+  """The URL of GroupLens archive `name` under `base`, `config.dataset.url`:
+  `/<name>.zip` goes after its path, before a query string (a mirror's
+  token, e.g. `https://mirror.example/movielens?token=...`).
+
+  Raises:
+    DataError: `base` has a fragment, which no server sees: a checksum
+      there (as `config.dataset.path` takes) would not be checked.
+  """
+  parts = urllib.parse.urlsplit(base)
+  if parts.fragment:
+    raise core.DataError(
+      f'config.dataset.url={base!r} ends in a fragment'
+      f' (#{parts.fragment}), which no server sees: remove it. It is the'
+      " base URL of GroupLens's archives, checked against their published"
+      ' MD5s.'
+    )
+  path = f'{parts.path.rstrip("/")}/{name}.zip'
+  return urllib.parse.urlunsplit(parts._replace(path=path))
+
+
 def fetch_grouplens(name: str, config: ml_collections.ConfigDict) -> str:
   """Returns the directory of GroupLens archive `name`, downloading it once.
 
@@ -91,7 +113,7 @@ def fetch_grouplens(name: str, config: ml_collections.ConfigDict) -> str:
   with core.building(final, os.path.join(core.cache_dir(config), 'locks')):
     if os.path.isdir(final):  # Unpacked by the process waited for.
       return final
-    url = f'{config.url.rstrip("/")}/{name}.zip'
+    url = archive_url(config.url, name)
     archive = os.path.join(root, f'{name}.zip')
     if not os.path.exists(archive):  # Else verified, kept by a full disk.
       logging.info('Downloading %s', url)

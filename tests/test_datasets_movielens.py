@@ -1012,6 +1012,39 @@ def test_a_url_with_a_trailing_slash_is_joined_with_one_slash(tmp_path):
   assert final == str(tmp_path / 'cache' / 'downloads' / 'ml-100k')
 
 
+def test_a_url_with_a_query_string_keeps_it_after_the_archive(tmp_path):
+  # A mirror's token: '/ml-100k.zip' went after the query, into its value.
+  payload = _ml100k_zip([(1, 1, 5), (2, 1, 1)])
+  md5 = hashlib.md5(payload).hexdigest()
+  with (
+    HttpServer(payload) as server,
+    mock.patch.dict(movielens.GROUPLENS_MD5, {'ml-100k': md5}),
+  ):
+    urls = ('/mirror?token=a/b', '/mirror/?token=a/b', '?token=a/b')
+    for i, url in enumerate(urls):
+      config = _dataset_config(str(tmp_path / str(i)), url=server.url + url)
+      final = movielens.fetch_grouplens('ml-100k', config)
+      assert os.path.exists(os.path.join(final, 'u.data'))
+  assert server.requests == [
+    '/mirror/ml-100k.zip?token=a/b',
+    '/mirror/ml-100k.zip?token=a/b',
+    '/ml-100k.zip?token=a/b',
+  ]
+
+
+def test_a_url_with_a_fragment_is_refused_naming_the_key(tmp_path):
+  url = 'https://mirror.example/movielens#md5=0e33842e'
+  config = _dataset_config(str(tmp_path), url=url)
+  with pytest.raises(data.DataError) as refused:
+    movielens.fetch_grouplens('ml-100k', config)
+  assert str(refused.value) == (
+    f"config.dataset.url='{url}' ends in a fragment (#md5=0e33842e), which"
+    " no server sees: remove it. It is the base URL of GroupLens's"
+    ' archives, checked against their published MD5s.'
+  )
+  assert not (tmp_path / 'cache' / 'downloads' / 'ml-100k.zip').exists()
+
+
 def test_an_archive_unpacked_by_the_run_waited_for_is_not_fetched(tmp_path):
   # Runs started together: the one that waited on the lock finds the
   # directory that the other unpacked meanwhile, and downloads nothing.
