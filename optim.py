@@ -329,14 +329,13 @@ def rowwise_adagrad(
   table_rate = (
     learning_rate if table_learning_rate is None else table_learning_rate
   )
+  table_decay = (
+    weight_decay if table_weight_decay is None else table_weight_decay
+  )
 
   def apply(grads, state, params):
     count = optax.safe_increment(state.count)
     hyper = (count, learning_rate, weight_decay, b1, b2, eps)
-
-    table_decay = (
-      weight_decay if table_weight_decay is None else table_weight_decay
-    )
 
     def rule(g, p, a):
       g = g + table_decay * p
@@ -366,7 +365,6 @@ RATES = (
   'table_learning_rate',
   'table_weight_decay',
 )
-
 
 # The lowest rate that `on_plateau` reduces a learning rate to (FuxiCTR's
 # `min_lr`); a rate set lower stays as set.
@@ -454,8 +452,7 @@ def create_optimizer(
       "config.optimizer 'auto' depends on the tables' rows: resolve it with"
       ' optim.resolve (train.resolve_optimizer) first.'
     )
-  if rates is None:
-    rates = rates_of(config)
+  rates = rates_of(config) if rates is None else rates
   lr, wd, table_lr, table_wd = (rates[name] for name in RATES)
   if config.get('table_weight_decay') is None:
     table_wd = None  # The same program as before the key existed.

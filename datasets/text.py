@@ -247,8 +247,7 @@ class Table:
         if reason := _not_utf8(lines[i]):
           good[i] = False
           issues.append((numbers[i], reason))
-    lines = [lines[i] for i in np.flatnonzero(good)]
-    numbers = numbers[good]
+    lines, numbers = [lines[i] for i in np.flatnonzero(good)], numbers[good]
     keys = np.zeros((0, len(self.field_names)), np.int64)
     labels = np.zeros(0, np.float32)
     side = self._side(None)
@@ -358,8 +357,7 @@ class Table:
       body = b''.join(re.sub(rb'\r(\n?)\Z', rb'\1', x) for x in lines)
 
     def read(dtype) -> pd.DataFrame:
-      # inf in an integer column fails its cast: the error names it, no
-      # warning.
+      # inf in an integer column fails its cast, named, without a warning.
       with np.errstate(invalid='ignore'):
         return pd.read_csv(
           io.BytesIO(body),
@@ -447,13 +445,10 @@ class Table:
         reasons[i] = reason(i)
       wrong[mask] = True
 
-    if not self.label:
-      label = np.full(n, np.nan)
-      label_na = np.zeros(n, bool)
-    else:
-      label = frame[self.label]
-      label_na = label.isna().to_numpy()
-      label = label.to_numpy(np.int64, na_value=0)
+    label, label_na = np.full(n, np.nan), np.zeros(n, bool)  # Rows to score.
+    if self.label:
+      label_na = frame[self.label].isna().to_numpy()
+      label = frame[self.label].to_numpy(np.int64, na_value=0)
     flag(
       label_na | ~(np.isin(label, (-1, 0, 1)) | np.isnan(label)),
       lambda i: (
