@@ -8,7 +8,9 @@ keys it would get in a file: the columns the run reads are picked by name
 formats the names of their files' header) and written in the format's
 order, multi-hot lists joined by the run's separator and whole-number
 floats as integers. A frame without a column that the run reads is a
-DataError that names it.
+DataError that names it, and so is a cell holding a collection that is not
+a multi-hot list (a list in another column, a set): its text would be keyed
+as one value.
 """
 
 from __future__ import annotations
@@ -46,6 +48,46 @@ def _movielens_column(field: str, names: list[str]) -> str:
   return theirs if theirs in names else field
 
 
+def _check_cells(
+  frame: pd.DataFrame, columns: list[str], multi: dict[str, str]
+) -> None:
+  """Refuses a cell holding a collection, which its row's text would key as
+  one value (`['a', 'b']`), out of vocabulary.
+
+  Args:
+    frame: the rows, multi-hot lists already joined (`csv.joined_lists`).
+    columns: the columns the run reads.
+    multi: the multi-hot columns, each with its separator.
+  """
+  import pandas as pd  # pylint: disable=g-import-not-at-top
+
+  for column in columns:
+    cells = frame[column]
+    if cells.dtype != object:  # Numbers or strings: one value a cell.
+      continue
+    held = cells.map(
+      lambda c: not isinstance(c, str) and pd.api.types.is_list_like(c)
+    ).to_numpy(bool)
+    if not held.any():
+      continue
+    row = int(np.argmax(held))
+    kind = type(cells.iloc[row]).__name__
+    if column in multi:
+      fix = (
+        f'give a list (its order decides which values a long list keeps) or'
+        f' a string of values joined by {multi[column]!r}'
+      )
+    else:
+      fix = (
+        "give one value a cell: only a multi-hot field (training's"
+        ' config.dataset.csv.multi_hot_columns) reads a list'
+      )
+    raise core.DataError(
+      f'DataFrame row {row}: column {column} holds a {kind}'
+      f' {core.shown(cells.iloc[row])}; {fix}.'
+    )
+
+
 def frame_lines(
   enc: encoder.Encoder, frame: pd.DataFrame
 ) -> tuple[Any, list[bytes]]:
@@ -61,7 +103,7 @@ def frame_lines(
   """
   options = enc.row_options()
   names = [str(c) for c in frame.columns]
-  sep, quoting = ' ', False
+  sep, quoting, multi = ' ', False, {}
   if enc.format == 'movielens':
     labeled = 'rating' in names
     reader = movielens.Reader(',', labeled)
@@ -76,9 +118,9 @@ def frame_lines(
     reader = libfm.Reader(len(enc.field_names), dims, labeled)
     needed = columns = ['label'] * labeled + list(enc.field_names)
   else:
-    frame = csv.joined_lists(
-      frame, enc.side.multi_field_names, options.get('multi_hot_sep', '|')
-    )
+    multi_sep = options.get('multi_hot_sep', '|')
+    multi = dict.fromkeys(enc.side.multi_field_names, multi_sep)
+    frame = csv.joined_lists(frame, list(multi), multi_sep)
     if enc.format == 'csv':
       table = enc.in_order(
         csv.table(options, names, 'the DataFrame', require_label=False)
@@ -102,6 +144,7 @@ def frame_lines(
       f' {", ".join(names) or "none"}.'
     )
   enc.check_fields(reader, 'The DataFrame')
+  _check_cells(frame, needed, multi)
   frame = frame[columns].apply(csv.integral)
   label = 'label' if enc.format == 'libfm' else getattr(reader, 'label', '')
   if label in frame and frame[label].dtype == bool:  # False/True: 0/1.

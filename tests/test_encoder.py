@@ -720,6 +720,35 @@ class SideInputsTest(EncoderTestCase):
     ):
       enc.encode(pd.DataFrame([]))
 
+  def test_a_frame_cell_holding_a_collection_is_refused(self):
+    # Written as its row's text, a list in a one-hot or numeric column or a
+    # set in a multi-hot one was keyed as one value ("['a']"): silently out
+    # of vocabulary. Lists and tuples in a multi-hot column are its values.
+    rows = feature_rows(120, seed=3)
+    path = write_lines(os.path.join(self.tmp, 'train.csv'), rows, ',', HEADER)
+    dataset, enc, _ = self._save(
+      'csv', path, min_count=MIN_COUNT, csv=csv_options()
+    )
+    frame = pd.read_csv(path, dtype=str, keep_default_na=False)
+    tuples = frame.assign(tags=[tuple(c.split('|')) for c in frame['tags']])
+    self._check_inputs(enc.encode(tuples), dataset.train)
+    cases = (
+      ('shop', lambda c: [c], r"a list \"\['[a-e]'\]\"; give one value a cell"),
+      ('price', lambda c: [c], 'a list .*; give one value a cell'),
+      ('click', lambda c: (c,), 'a tuple .*; give one value a cell'),
+      ('tags', lambda c: set(c.split('|')), "a set .*; give a list .* '\\|'"),
+      ('colors', lambda c: {'c': c}, 'a dict .*; give a list'),
+    )
+    for column, wrap, message in cases:
+      with self.subTest(column):
+        cells = frame[column].tolist()
+        cells[2] = wrap(cells[2])
+        cells = pd.Series(cells, dtype=object)
+        with self.assertRaisesRegex(
+          data.DataError, f'^DataFrame row 2: column {column} holds {message}'
+        ):
+          enc.encode(frame.assign(**{column: cells}))
+
   def test_a_quoted_header_with_the_label(self):
     # R's write.csv and pandas' QUOTE_NONNUMERIC quote the names: training
     # read them, the encoder took the table for one without its label.
