@@ -56,6 +56,14 @@ def log_loss(labels: np.ndarray, probabilities: np.ndarray) -> float:
   return float(-np.mean(y * np.log(p) + (1 - y) * np.log1p(-p)))
 
 
+def logit_log_loss(labels: np.ndarray, logits: np.ndarray) -> float:
+  """Mean binary cross-entropy of `logits` `[n]`, in float64: training's
+  `optax.sigmoid_binary_cross_entropy`, which no probability cuts."""
+  x = np.asarray(logits, np.float64)
+  y = np.asarray(labels, np.float64)
+  return float(np.mean(np.maximum(x, 0) - x * y + np.log1p(np.exp(-np.abs(x)))))
+
+
 def json_line(record: dict) -> str:
   """`record` as one line of strict JSON, a non-finite number as `null`.
 

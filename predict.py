@@ -14,7 +14,8 @@ device. A malformed row stops with its file and line. The log counts the
 rows with values that training did not keep, per field (many mean a model
 out of date), and warns of rows scored NaN (numbers so far outside
 training's range that the model overflows). With labels, it also gives the
-AUC and logloss (probabilities and labels stay in memory, 5 bytes a row).
+AUC and logloss, from the logits as training's evaluation (a probability
+saturates in float32); logits and labels stay in memory, 5 bytes a row.
 
 A run with multi-hot or numeric fields (CSV `float_columns` and
 `multi_hot_columns`, Criteo `numeric='dense'`, MovieLens `side_features`)
@@ -26,6 +27,7 @@ From Python:
   predictor = predict.load('/tmp/fm')
   probabilities = predictor(frame)  # a DataFrame of raw values
   probabilities = predictor.predict_ids(ids)  # [n, fields]; multi_ids, dense
+  probabilities, logits = predictor.score_ids(ids)
   unseen = predictor.unseen(ids)  # bool [n, fields]: out-of-vocabulary ids
 """
 
@@ -91,10 +93,10 @@ class Predictor:
     self._rows = NamedSharding(mesh, PartitionSpec('batch'))
     replicated = NamedSharding(mesh, PartitionSpec())
     self.variables = jax.device_put(variables, replicated)
-    self._probabilities = jax.jit(
-      lambda variables, inputs: probabilities(model, variables, **inputs),
+    self._scores = jax.jit(
+      lambda variables, inputs: scores(model, variables, **inputs),
       in_shardings=(replicated, self._rows),
-      out_shardings=self._rows,
+      out_shardings=(self._rows, self._rows),
     )
     side = encoder.side
     # The shape after the batch, the padding value and dtype of each input.
@@ -146,6 +148,28 @@ class Predictor:
         when the run has numeric fields.
 
     Raises:
+      ValueError: see `score_ids`.
+    """
+    return self.score_ids(ids, multi_ids, dense)[0]
+
+  def score_ids(
+    self,
+    ids: np.ndarray,
+    multi_ids: np.ndarray | None = None,
+    dense: np.ndarray | None = None,
+  ) -> tuple[np.ndarray, np.ndarray]:
+    """Probabilities and logits, float32 `[n]` each, of encoded inputs.
+
+    The logits rank and score rows as training's evaluation does: a
+    probability saturates to 0 or 1 in float32 (|logit| above about 17 on
+    the side of 1), where rows tie and the logloss is cut.
+
+    Args:
+      ids: as `predict_ids`.
+      multi_ids: as `predict_ids`.
+      dense: as `predict_ids`.
+
+    Raises:
       ValueError: a missing or extra input, a wrong shape, ids that are
         not integers or outside the run's ranges, or a number not finite
         in float32.
@@ -183,10 +207,13 @@ class Predictor:
         padded[:size] = value[start : start + size]
         batch[name] = padded
       placed = jax.device_put(batch, self._rows)
-      outs.append((self._probabilities(self.variables, placed), size))
+      outs.append((self._scores(self.variables, placed), size))
     if not outs:
-      return np.zeros(0, np.float32)
-    return np.concatenate([np.asarray(out)[:k] for out, k in outs])
+      return np.zeros(0, np.float32), np.zeros(0, np.float32)
+    return tuple(
+      np.concatenate([np.asarray(out[i])[:k] for out, k in outs])
+      for i in range(2)
+    )
 
   def __call__(self, frame: pd.DataFrame | dict | list) -> np.ndarray:
     """Probabilities float32 `[n]` of a DataFrame of raw values (or what
@@ -209,18 +236,18 @@ class Predictor:
     The next chunk is parsed in the background while this one is scored;
     `parse_workers` as `config.dataset.parse_workers`.
     """
-    for rows, probs in self.score_chunks(path, chunk_rows, parse_workers):
+    for rows, probs, _ in self.score_chunks(path, chunk_rows, parse_workers):
       yield probs, rows.labels
 
   def score_chunks(
     self, path: str, chunk_rows: int, parse_workers: int = -1
-  ) -> Iterator[tuple[encoder_lib.Rows, np.ndarray]]:
-    """`(encoded rows, probabilities)` of each chunk of `path`."""
+  ) -> Iterator[tuple[encoder_lib.Rows, np.ndarray, np.ndarray]]:
+    """`(encoded rows, probabilities, logits)` of each chunk of `path`."""
     done = 0  # Rows of the chunks before.
     chunks = self.encoder.chunks(path, chunk_rows, parse_workers)
     try:
       for rows in utils.prefetch(chunks):
-        yield rows, self.predict_ids(**rows.inputs())
+        yield rows, *self.score_ids(**rows.inputs())
         done += len(rows.ids)
     except side.OutOfRange as e:
       raise core.DataError(
@@ -251,6 +278,22 @@ class Predictor:
     return (np.asarray(multi_ids) == oov[:, None]).any(2)
 
 
+def scores(
+  model: Any,
+  variables: dict,
+  ids: jax.Array,
+  multi_ids: jax.Array | None = None,
+  dense: jax.Array | None = None,
+) -> tuple[jax.Array, jax.Array]:
+  """`(sigmoid(logits), logits)` float32 `[batch]` of `model(ids[,
+  multi_ids][, dense])` in inference mode; the inputs as `encoder.Rows`
+  holds them."""
+  side = {'multi_ids': multi_ids, 'dense': dense}
+  side = {k: v for k, v in side.items() if v is not None}
+  logits = model.apply(variables, ids, train=False, **side).astype(np.float32)
+  return jax.nn.sigmoid(logits), logits
+
+
 def probabilities(
   model: Any,
   variables: dict,
@@ -260,10 +303,7 @@ def probabilities(
 ) -> jax.Array:
   """`sigmoid(model(ids[, multi_ids][, dense]))` float32 `[batch]`, in
   inference mode; the inputs as `encoder.Rows` holds them."""
-  side = {'multi_ids': multi_ids, 'dense': dense}
-  side = {k: v for k, v in side.items() if v is not None}
-  logits = model.apply(variables, ids, train=False, **side)
-  return jax.nn.sigmoid(logits.astype(np.float32))
+  return scores(model, variables, ids, multi_ids, dense)[0]
 
 
 def load(workdir: str, batch_size: int = 8192) -> Predictor:

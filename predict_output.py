@@ -78,12 +78,12 @@ def write_predictions(
     names += enc.side.multi_field_names
   unseen = np.zeros(len(names), np.int64)  # Per field.
   unseen_rows = nans = 0
-  scored = []  # (probabilities, labels) of the chunks, when labelled.
+  scored = []  # (logits, labels) of the chunks, when labelled.
   opener = gzip.open if output.lower().endswith('.gz') else open
   try:
     with opener(tmp, 'wt') as f:
       chunks = predictor.score_chunks(path, chunk_rows, parse_workers)
-      for encoded, probs in chunks:
+      for encoded, probs, logits in chunks:
         labels = encoded.labels
         if header is None:
           header = 'probability' + (',label' if labels is not None else '')
@@ -91,7 +91,7 @@ def write_predictions(
         f.write(csv_lines(probs, labels))
         rows, nans = rows + len(probs), nans + int(np.isnan(probs).sum())
         if labels is not None:
-          scored.append((probs, np.asarray(labels, np.uint8)))
+          scored.append((logits, np.asarray(labels, np.uint8)))
         mask = predictor.unseen(encoded.ids)
         if lists:
           mask = np.hstack([mask, predictor.unseen_lists(encoded.multi_ids)])
@@ -114,13 +114,14 @@ def write_predictions(
   if nans:  # Numbers far outside training's range overflow the model.
     logging.warning('%d of %d rows scored NaN (nan in the output).', nans, rows)
   if scored and rows:  # An empty file has no AUC to log.
-    probs, labels = (np.concatenate(a) for a in zip(*scored, strict=True))
-    auc, one = metrics.roc_auc(labels, probs), np.unique(labels)
+    # From the logits, as training's evaluation: probabilities saturate.
+    logits, labels = (np.concatenate(a) for a in zip(*scored, strict=True))
+    auc, one = metrics.roc_auc(labels, logits), np.unique(labels)
     logging.info(
       'The %d labelled rows: AUC %s, logloss %.6f',
       rows,
       f'{auc:.6f}' if len(one) > 1 else f'undefined (all labels {one[0]:g})',
-      metrics.log_loss(labels, probs),
+      metrics.logit_log_loss(labels, logits),
     )
   return rows
 

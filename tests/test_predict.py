@@ -29,7 +29,9 @@ from absl import flags
 from absl.testing import absltest
 from absl.testing import parameterized
 from dataset_testing import criteo_rows
+import jax
 import numpy as np
+import optax
 import pandas as pd
 from predict_testing import ROOT
 from predict_testing import command_error
@@ -436,11 +438,11 @@ class PredictTest(parameterized.TestCase):
 
       def score_chunks(_, path, chunk_rows, parse_workers):
         chunks = self.predictor.score_chunks(path, chunk_rows, parse_workers)
-        for i, (encoded, probs) in enumerate(chunks):
-          probs = np.array(probs)
+        for i, (encoded, probs, logits) in enumerate(chunks):
+          probs, logits = np.array(probs), np.array(logits)
           if i == 0:
-            probs[1] = np.nan
-          yield encoded, probs
+            probs[1] = logits[1] = np.nan
+          yield encoded, probs, logits
 
     with self.assertLogs('absl', 'INFO') as logs:
       predict_output.write_predictions(Overflowing(), source, output, 5)
@@ -726,6 +728,35 @@ class PredictTest(parameterized.TestCase):
       np.array([1, 0, 1]), np.array([0.0, 1.0, 0.5], np.float32)
     )
     self.assertAlmostEqual(got, 58 * np.log(2), places=9)
+
+  def test_saturated_rows_log_the_runs_auc_and_logloss(self):
+    # Rows whose probability saturates in float32 (a logit above about 17)
+    # tied at 1.0 and had their logloss cut at -log(2**-24): the logged
+    # metrics were not the run's, which its evaluation takes from logits.
+    test = self.trained.dataset.test
+    lines = self.trained.lines['test']
+    source = _write(os.path.join(self.tmp, 'test.txt'), lines)
+    model = self.predictor.model
+    sharp = jax.tree.map(lambda x: np.asarray(x) * 20, self.predictor.variables)
+    predictor = predict.Predictor(
+      self.predictor.encoder, model, sharp, batch_size=64
+    )
+    logits = model.apply(sharp, np.asarray(test.ids), train=False)
+    logits, labels = np.asarray(logits), np.asarray(test.labels)
+    for label in (0, 1):  # Saturated rows of either label.
+      self.assertGreater(np.sum((logits > 17) & (labels == label)), 1)
+    loss = float(np.mean(optax.sigmoid_binary_cross_entropy(logits, labels)))
+    with self.assertLogs('absl', 'INFO') as logs:
+      predict_output.write_predictions(
+        predictor, source, os.path.join(self.tmp, 'out.csv'), 50
+      )
+    found = re.search(
+      r'labelled rows: AUC (\S+), logloss (\S+)', '\n'.join(logs.output)
+    )
+    self.assertAlmostEqual(
+      float(found[1]), metrics.roc_auc(labels, logits), delta=1e-6
+    )
+    self.assertAlmostEqual(float(found[2]), loss, delta=1e-5 * loss)
 
   def test_output_is_parsed_back_exactly(self):
     probs = np.array([1e-8, 0.123456789, 1 - 1e-7, 0.5], np.float32)
