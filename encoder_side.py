@@ -255,8 +255,10 @@ def rules(fmt: str, options: dict, inputs: SideInputs) -> dict[str, str]:
       'log(1 + max(x, 0)) of the integer, then ' if fmt == 'criteo' else ''
     )
     out['numeric'] = (
-      f'{transform}(value - dense_mean) / dense_std in float32; an empty'
-      ' cell or NaN is missing and becomes 0 (the training mean)'
+      f'{transform}(value - dense_mean) / dense_std, computed in float64'
+      ' and then rounded to float32 (float32 arithmetic misses the last bit'
+      ' of about half the values); an empty cell or NaN is missing and'
+      ' becomes 0 (the training mean)'
     )
   if inputs.features:
     out['side_features'] = (

@@ -1162,6 +1162,22 @@ _DENSE = encoder_side.SideInputs(dense_names=('price',))
 class RulesTest(parameterized.TestCase):
   """encoder.json's rules, in words, follow each format's options."""
 
+  def test_numeric_rule_names_the_arithmetic_that_gives_dense(self):
+    # It said "in float32": a server computing in float32 got other inputs
+    # than predict.py for about half the values.
+    side = dataclasses.replace(
+      _DENSE, dense_mean=(49.794032700254554,), dense_std=(29.5118921810568,)
+    )
+    raw = np.random.default_rng(0).normal(50, 30, (1000, 1))
+    want = side.standardized(raw, len(raw))
+    mean, std = side.dense_mean[0], side.dense_std[0]
+    wide = ((raw - mean) / std).astype(np.float32)
+    narrow = (raw.astype(np.float32) - np.float32(mean)) / np.float32(std)
+    np.testing.assert_array_equal(want, wide)
+    self.assertGreater(np.mean(want != narrow), 0.2)
+    rule = encoder_side.rules('csv', {}, side)['numeric']
+    self.assertIn(', computed in float64 and then rounded to float32', rule)
+
   @parameterized.named_parameters(
     ('movielens', 'movielens', {}, None, {'keys': 'the raw user id and'}),
     ('libfm', 'libfm', {}, None, {'keys': 'the feature index of the line'}),
