@@ -65,6 +65,9 @@ def _check_cells(
     cells = frame[column]
     if cells.dtype != object:  # Numbers or strings: one value a cell.
       continue
+    kinds = {type(c) for c in cells.to_numpy()}  # Fast: few kinds to check.
+    if not any(k is not str and hasattr(k, '__iter__') for k in kinds):
+      continue
     held = cells.map(
       lambda c: not isinstance(c, str) and pd.api.types.is_list_like(c)
     ).to_numpy(bool)
