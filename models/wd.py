@@ -618,6 +618,14 @@ class WideAndDeep(nn.Module):
         'config.model.cross_buckets must be in [1, 2**31); got'
         f' {self.cross_buckets!r}.'
       )
+    num_fields = len(self.field_dims)
+    for f, g in self.cross_fields:  # Before the first call, named the same.
+      if not (0 <= f < num_fields and 0 <= g < num_fields and f != g):
+        raise ValueError(
+          f'config.model.cross_fields entry {(f, g)} must name two different'
+          f' one-hot fields, columns of ids in [0, {num_fields}): multi-hot'
+          ' and numeric fields are not crossed.'
+        )
     super().__post_init__()
 
   @nn.compact

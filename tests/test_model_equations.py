@@ -241,6 +241,23 @@ class WideAndDeepTest(parameterized.TestCase):
           FIELD_DIMS, cross_fields=((0, 1),), cross_buckets=buckets
         )
 
+  def test_cross_fields_out_of_range_name_the_config_key(self):
+    # With multi-hot and numeric fields, (0, 4) may look like a cross with
+    # the first of them: it failed at the first call, naming the inner
+    # layer's argument, and not why 4 is out of range.
+    wd = module('wd')
+    for pair in ((0, 4), (2, 2), (-1, 0)):
+      with self.assertRaisesRegex(
+        ValueError,
+        r'^config\.model\.cross_fields entry \(-?\d, \d\) must name two'
+        r' different one-hot fields, columns of ids in \[0, 4\): multi-hot'
+        r' and numeric fields are not crossed\.$',
+      ):
+        wd.WideAndDeep(
+          FIELD_DIMS, multi_field_dims=(3,), num_dense=1, cross_fields=(pair,)
+        )
+    wd.WideAndDeep(FIELD_DIMS, cross_fields=((3, 0),))  # In range.
+
   def test_cross_product_is_exact_when_the_pairs_fit(self):
     ids = random_ids(9, FIELD_DIMS)
     cross_fields = ((0, 1), (3, 2))
@@ -325,9 +342,13 @@ class WideAndDeepTest(parameterized.TestCase):
   @parameterized.parameters(((0, 0),), ((0, 4),), ((-1, 1),))
   def test_invalid_cross_fields_raise(self, cross):
     wd = module('wd')
-    model = wd.Model(field_dims=FIELD_DIMS, cross_fields=(cross,))
-    with self.assertRaisesRegex(ValueError, 'cross_fields'):
+    with self.assertRaisesRegex(ValueError, 'cross_fields'):  # Built: raised.
+      model = wd.Model(field_dims=FIELD_DIMS, cross_fields=(cross,))
       model.init(jax.random.key(0), random_ids(2, FIELD_DIMS))
+    # The inner layer, copied alone, checks its own.
+    layer = wd.CrossProductLinear(FIELD_DIMS, (cross,), 10)
+    with self.assertRaisesRegex(ValueError, '^cross_fields entry'):
+      layer.init(jax.random.key(0), random_ids(2, FIELD_DIMS))
 
   def test_crosses_from_a_config_list_add_to_the_wide_part(self):
     # ConfigDict may hand over lists; the cross term adds to the logit.
