@@ -31,6 +31,7 @@ import threading
 import time
 from typing import Any
 
+from absl import logging
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -410,14 +411,39 @@ def _first(losses: list[np.ndarray], sizes: list[int]) -> np.ndarray:
 
 def check_finite(epoch: int, loss: float, valid: dict[str, float]) -> None:
   """Raises a UserError if an epoch's loss or validation metrics are not
-  finite: NaN logits, the run diverged (in the epoch's last step, if only
-  the validation metrics are NaN)."""
-  if not all(map(math.isfinite, (loss, valid['auc'], valid['logloss']))):
+  finite: NaN logits. A NaN loss is a diverged run; NaN validation scores
+  after a finite loss are a divergence in the epoch's last step, or
+  validation rows that the model overflows on."""
+  scores = f'validation AUC {valid["auc"]}, logloss {valid["logloss"]}'
+  retry = (
+    'Lower config.learning_rate and train again (in a new workdir if this'
+    ' one holds checkpoints: a resume keeps the learning rate).'
+  )
+  if not math.isfinite(loss):
     raise utils.UserError(
-      f'Training diverged at epoch {epoch}: loss {loss}, validation AUC'
-      f' {valid["auc"]}, logloss {valid["logloss"]}. Lower'
-      ' config.learning_rate and train again (in a new workdir if this'
-      ' one holds checkpoints: a resume keeps the learning rate).'
+      f'Training diverged at epoch {epoch}: loss {loss}, {scores}. {retry}'
+    )
+  if not all(map(math.isfinite, (valid['auc'], valid['logloss']))):
+    raise utils.UserError(
+      f'Validation scores are not finite at epoch {epoch} (loss {loss},'
+      f' {scores}): the run diverged in its last step, or validation rows'
+      " hold inputs far outside training's range that the model overflows"
+      ' on (a huge number in a numeric field: predict.py on the validation'
+      f' file counts the rows scored NaN). Fix those rows, or: {retry}'
+    )
+
+
+def warn_not_finite(split: str, scores: dict[str, float]) -> None:
+  """Logs a warning if `split`'s AUC or logloss is not finite (written as
+  null in metrics.jsonl): some of its rows overflow the model."""
+  if not all(map(math.isfinite, (scores['auc'], scores['logloss']))):
+    logging.warning(
+      'The %s split scored NaN (AUC %s, logloss %s; null in metrics.jsonl):'
+      " some of its rows hold inputs far outside training's range that the"
+      ' model overflows on; predict.py on its file counts them.',
+      split,
+      scores['auc'],
+      scores['logloss'],
     )
 
 

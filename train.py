@@ -492,4 +492,5 @@ def _run(
     )
     best = meta['best_epoch']
     writer.write(split='test', epoch=best, step=best * steps_per_epoch, **test)
+    programs.warn_not_finite('test', test)
   return test

@@ -1125,8 +1125,9 @@ class TrainAndEvaluateTest(absltest.TestCase):
       config.dataset.cache_dir = os.path.join(workdir, 'cache')
       with self.assertRaisesRegex(
         UserError,
-        r'^Training diverged at epoch 1: loss 0\.\d+, validation AUC nan,'
-        ' logloss nan.',
+        r'^Validation scores are not finite at epoch 1 \(loss 0\.\d+,'
+        r' validation AUC nan, logloss nan\): the run diverged in its last'
+        r' step, or validation rows hold inputs far outside',
       ):
         train.train_and_evaluate(config, workdir)
       for kind in ('latest', 'best'):
@@ -1134,6 +1135,32 @@ class TrainAndEvaluateTest(absltest.TestCase):
         self.assertEqual(os.listdir(directory), [])
       valid = _metrics(workdir)[-1]
       self.assertEqual((valid['split'], valid['auc']), ('valid', None))
+
+  def test_test_scores_that_are_not_finite_are_warned_of(self):
+    # Rows that overflow the model (a number far outside training's range)
+    # score NaN: metrics.jsonl records null, and the log now says why.
+    real, calls = train.evaluate, []
+
+    def nan_on_test(*args):
+      scores = real(*args)
+      calls.append(args[2])
+      if len(calls) == 2:  # Epoch 1's validation, then the test split.
+        scores.update(auc=float('nan'), logloss=float('nan'))
+      return scores
+
+    with tempfile.TemporaryDirectory() as workdir:
+      config = _config(num_epochs=1)
+      config.dataset.cache_dir = os.path.join(workdir, 'cache')
+      with (
+        mock.patch.object(train, 'evaluate', nan_on_test),
+        self.assertLogs(level='WARNING') as logs,
+      ):
+        train.train_and_evaluate(config, workdir)
+      warned = [x for x in logs.output if 'The test split scored NaN' in x]
+      self.assertLen(warned, 1)
+      self.assertIn('AUC nan, logloss nan; null in metrics.jsonl', warned[0])
+      test = _metrics(workdir)[-1]
+      self.assertEqual((test['split'], test['auc']), ('test', None))
 
   def test_divergence_stops_with_a_user_error_and_keeps_the_checkpoints(self):
     real = train.train_epoch
