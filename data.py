@@ -204,34 +204,54 @@ def _build(
   directory, source, config, options, paths, spec, replace, stats
 ) -> None:
   """Encodes the sources and writes the cache; a source changed since its
-  `stats`, taken before `spec` hashed it, is an error."""
-  with core.reading(*paths.values()):
-    encoded = source.build(config, options, paths)
-  if not encoded.field_dims:  # After pass 1, before pass 2 writes anything.
-    raise DataError(
-      f'config.dataset ({config.name}): at least one categorical (one-hot)'
-      ' field is needed besides multi-hot and float ones; name one in'
-      ' config.dataset.csv.categorical_columns or numeric_columns.'
+  `stats`, taken before `spec` hashed it, is an error.
+
+  A source changed mid-way also makes pass 2 read other lines than pass 1
+  counted (a line cut short, a row too many): whatever fails then is
+  reported as the change, not as its symptom.
+  """
+  try:
+    with core.reading(*paths.values()):
+      encoded = source.build(config, options, paths)
+    if not encoded.field_dims:  # After pass 1, before pass 2 writes anything.
+      raise DataError(
+        f'config.dataset ({config.name}): at least one categorical (one-hot)'
+        ' field is needed besides multi-hot and float ones; name one in'
+        ' config.dataset.csv.categorical_columns or numeric_columns.'
+      )
+    if 'all' in encoded.rows:
+      sizes = split_sizes(encoded.rows['all'], config.split)
+    else:
+      sizes = tuple(encoded.rows[split] for split in SPLITS)
+    logging.info(
+      '%s: %s examples, field_dims %s', config.name, sizes, encoded.field_dims
     )
-  if 'all' in encoded.rows:
-    sizes = split_sizes(encoded.rows['all'], config.split)
-  else:
-    sizes = tuple(encoded.rows[split] for split in SPLITS)
-  logging.info(
-    '%s: %s examples, field_dims %s', config.name, sizes, encoded.field_dims
-  )
 
-  def parts():
-    yield from _routed(encoded, config)
-    for path, stat in stats.items():  # Before the cache is published.
-      if cache.source_stat(path) != stat:
-        raise DataError(f'{path} changed during preprocessing; run again.')
+    def parts():
+      yield from _routed(encoded, config)
+      _check_unchanged(stats)  # Before the cache is published.
 
-  # Closed at once if the writer stops: a traceback kept (a notebook keeps
-  # the last) would keep the pass and its parse workers alive.
-  with contextlib.closing(parts()) as pieces:
-    cache.write(directory, encoded, sizes, pieces, spec, replace)
+    # Closed at once if the writer stops: a traceback kept (a notebook keeps
+    # the last) would keep the pass and its parse workers alive.
+    with contextlib.closing(parts()) as pieces:
+      cache.write(directory, encoded, sizes, pieces, spec, replace)
+  except DataError as e:
+    _check_unchanged(stats, e)
+    raise
   core.release_memory()  # What the passes freed, before training takes over.
+
+
+def _check_unchanged(stats: dict, error: Exception | None = None) -> None:
+  """Raises a DataError, after `error` if given, if a source has changed
+  (or gone) since its `stats` were taken."""
+  for path, stat in stats.items():
+    try:
+      same = cache.source_stat(path) == stat
+    except OSError:
+      same = False
+    if not same:
+      message = f'{path} changed during preprocessing; run again.'
+      raise DataError(message) from error
 
 
 def load_dataset(config: ml_collections.ConfigDict) -> Dataset:

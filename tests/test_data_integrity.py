@@ -33,6 +33,7 @@ import data
 from datasets import cache
 from datasets import core
 from datasets import movielens
+from datasets import streaming
 import utils
 
 RATINGS_HEADER = 'userId,movieId,rating,timestamp\n'
@@ -439,6 +440,39 @@ class SourceChangeTest(IntegrityTestCase):
     # Between the digest that names the cache and the first read of pass 1:
     # its rows must not be cached under the old content's key.
     self.assert_edit_refused(data, 'cache_spec')
+
+  @parameterized.parameters('append', 'cut', 'delete')
+  def test_a_text_source_changed_during_pass_2_is_named(self, edit):
+    # Pass 2 then reads other lines than pass 1 counted: a row too many, a
+    # line cut short (a malformed line, were it not for the change), or no
+    # file. The error is the change, with what to do, not its symptom.
+    path = os.path.join(self.tmp, 'train.txt')
+    write_lines(path, criteo_rows(600), '\t')
+    size = os.path.getsize(path)
+    real, calls = streaming.chunks, []
+
+    def editing(*args, **kwargs):
+      calls.append(args)
+      for i, chunk in enumerate(real(*args, **kwargs)):
+        yield chunk
+        if len(calls) == 2 and i == 0:  # Pass 2's first chunk is read.
+          if edit == 'delete':
+            os.remove(path)
+            continue
+          with open(path, 'r+' if edit == 'cut' else 'a') as f:
+            if edit == 'cut':
+              f.truncate(size // 2 + 7)
+            else:
+              f.writelines('\t'.join(r) + '\n' for r in criteo_rows(5, 1))
+
+    config = self.config('criteo', path, parse_workers=0)
+    with mock.patch.object(streaming, 'chunks', editing):
+      with self.assertRaises(data.DataError) as cm:
+        data.load_dataset(config)
+    self.assertEqual(
+      str(cm.exception), f'{path} changed during preprocessing; run again.'
+    )
+    self.assertEqual(self.encoded(), [])
 
 
 class ReadErrorTest(IntegrityTestCase):
