@@ -32,6 +32,7 @@ import numpy as np
 
 from datasets import core
 from datasets import side
+import utils
 
 # Bump when the cache's files or any encoding change: part of every key.
 VERSION = 4
@@ -353,9 +354,10 @@ def write(
     _publish(tmp, directory, replace)
     logging.info('Wrote %s', directory)
   except OSError as e:
-    raise core.DataError(
-      f'Could not write the dataset cache {directory}: {e}. Free some space'
-      ' or set config.dataset.cache_dir to a writable directory.'
+    raise core.DataError(  # os_problem: EFBIG is a limit, not the space.
+      f'Could not write the dataset cache {directory}: {utils.os_problem(e)}.'
+      ' Free some space or set config.dataset.cache_dir to a writable'
+      ' directory.'
     ) from e
   finally:
     for writer in writers.values():
@@ -441,14 +443,10 @@ def _checked(directory: str, meta: dict, spec: dict) -> core.Dataset:
       raise Damaged(
         f'{name}.npy has {size} bytes, meta.json says {record["bytes"]}'
       )
-    with open(path, 'rb') as f:
-      major, _ = np.lib.format.read_magic(f)
-      header = (
-        np.lib.format.read_array_header_1_0(f)
-        if major == 1
-        else np.lib.format.read_array_header_2_0(f)
-      )
-      start = f.tell()
+    with open(path, 'rb') as f:  # Version 1.0, as NpyWriter writes.
+      if np.lib.format.read_magic(f) != (1, 0):
+        raise Damaged(f'{name}.npy: not a version 1.0 .npy header')
+      header, start = np.lib.format.read_array_header_1_0(f), f.tell()
     if header != (shape, False, np.dtype(dtype)):
       raise Damaged(f'{name}.npy holds {header}, expected {shape} {dtype}')
     row_bytes = np.dtype(dtype).itemsize * math.prod(shape[1:])

@@ -674,6 +674,46 @@ class FailedWriteTest(IntegrityTestCase):
     for x, y in zip(served, expected, strict=True):
       np.testing.assert_array_equal(x, y)
 
+  def test_a_file_size_limit_is_named_not_the_free_space(self):
+    # `ulimit -f`, or FAT32's 4 GiB: a write fails with EFBIG, which no
+    # space freed cures. A process limited to 64 KiB files writes a cache of
+    # a 250 KiB train_ids.npy (Python ignores SIGXFSZ: writes fail).
+    path = os.path.join(self.tmp, 'train.txt')
+    write_lines(path, criteo_rows(2000), '\t')
+    config = self.config('criteo', path)
+    child = (
+      'import resource, sys, data\n'
+      'from configs import default\n'
+      'config = default.get_config().dataset\n'
+      'config.name, config.path, config.cache_dir = sys.argv[1:]\n'
+      'resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 16, 1 << 16))\n'
+      'try:\n'
+      '  data.load_dataset(config)\n'
+      'except data.DataError as e:\n'
+      '  print(e)\n'
+    )
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    said = subprocess.run(
+      [sys.executable, '-c', child, 'criteo', path, config.cache_dir],
+      cwd=root,
+      env=dict(os.environ, PYTHONPATH=root),
+      capture_output=True,
+      text=True,
+      timeout=300,
+      check=True,
+    ).stdout
+    self.assertRegex(
+      said,
+      rf'^Could not write the dataset cache {config.cache_dir}/encoded/'
+      r'criteo-[0-9a-f]+: File too large \(EFBIG\); a file outgrew the size'
+      r' limit of one file'
+      r' \(`ulimit -f`, [^\n]* set config\.dataset\.cache_dir to a'
+      r' writable directory\.\n$',
+    )
+    self.assertEqual(self.encoded(), [])  # No temporary left.
+    dataset = data.load_dataset(config)  # Without the limit.
+    self.assertEqual(len(dataset.train) + len(dataset.valid), 1800)
+
 
 class DurabilityTest(IntegrityTestCase):
   def test_every_file_is_synced_before_the_cache_is_renamed_into_place(self):
