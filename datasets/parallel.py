@@ -22,6 +22,7 @@ its next result for ever.
 
 import collections
 from collections.abc import Callable, Iterable, Iterator
+import contextlib
 import functools
 import io
 import logging
@@ -40,8 +41,9 @@ from typing import Any, NoReturn
 from datasets import core
 
 # 'auto' (config.dataset.parse_workers = -1) uses workers for files of this
-# many bytes or more (about 550K Criteo lines, 6 chunks): below, starting
-# them (each imports pandas) costs about what they save.
+# many bytes of text or more (about 550K Criteo lines, 6 chunks; a `.gz`
+# file's text is 3-4 times its size): below, starting them (each imports
+# pandas) costs about what they save.
 AUTO_MIN_BYTES = 128 << 20
 # ... and at most this many: each holds a parsed chunk (about 300 MB at
 # 100,000 Criteo lines), and this process's own share of the work (reading
@@ -80,7 +82,7 @@ def workers_for(setting: int, path: str) -> int:
 
   Args:
     setting: `config.dataset.parse_workers`: -1 one per core, at most
-      `AUTO_MAX_WORKERS`, for files of `AUTO_MIN_BYTES` or more (0 below,
+      `AUTO_MAX_WORKERS`, for `AUTO_MIN_BYTES` of text or more (0 below,
       and where `sys.executable` is not this Python, as in an application
       that embeds it); 0 none; n > 0 that many.
     path: the source file.
@@ -91,7 +93,7 @@ def workers_for(setting: int, path: str) -> int:
     cores = len(os.sched_getaffinity(0))
   except AttributeError:  # Not on Linux.
     cores = os.cpu_count() or 1
-  if cores < 2 or os.path.getsize(path) < AUTO_MIN_BYTES:
+  if cores < 2 or _text_bytes(path) < AUTO_MIN_BYTES:
     return 0
   if not _startable(sys.executable):
     logging.info(
@@ -102,6 +104,17 @@ def workers_for(setting: int, path: str) -> int:
     )
     return 0
   return min(cores, AUTO_MAX_WORKERS)
+
+
+def _text_bytes(path: str) -> int:
+  """The bytes of text in `path`: for a `.gz` file, what its trailer says
+  (its last member's size, modulo 4 GiB), if more than its own size."""
+  size = os.path.getsize(path)
+  if path.endswith('.gz'):
+    with contextlib.suppress(OSError), open(path, 'rb') as f:
+      f.seek(-4, os.SEEK_END)
+      size = max(size, int.from_bytes(f.read(4), 'little'))
+  return size
 
 
 @functools.cache
