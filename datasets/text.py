@@ -224,9 +224,7 @@ class Table:
     # at the end, so that an error names the chunk's first bad line.
     issues = []
     sep = self.sep.encode()
-    counts = np.fromiter(
-      (line.count(sep) for line in lines), np.int64, len(lines)
-    )
+    counts = np.array([line.count(sep) for line in lines], np.int64)
     good = counts == len(self.columns) - 1
     check = ~good
     if self.quoting:  # Quotes may hide separators, or leave a field open.
@@ -293,6 +291,8 @@ class Table:
     problem = (
       f'expected {len(self.columns)} columns ({self.hint}), found {found}'
     )
+    if found < len(self.columns) and not line.endswith(b'\n'):
+      return f'{problem}; the last line, with no line end: a cut-short file?'
     if self.label and not self.scored and found == len(self.columns) - 1:
       problem += (
         "; a file without its label column (as Kaggle's test.txt) can only"
@@ -307,11 +307,8 @@ class Table:
     return problem
 
   def _integer_columns(self) -> list[str]:
-    cols = [self.label] if self.label else []
-    for field in self.fields:
-      if field.kind in ('int', 'derived') and field.column not in cols:
-        cols.append(field.column)
-    return cols
+    ints = [f.column for f in self.fields if f.kind in ('int', 'derived')]
+    return list(dict.fromkeys(([self.label] if self.label else []) + ints))
 
   def _float_columns(self) -> list[str]:
     return [f.column for f in self.fields if f.kind == 'float']

@@ -1190,6 +1190,25 @@ class LineAlignmentTest(parameterized.TestCase):
     ):
       _parse(table, lines)
 
+  def test_a_short_last_line_without_its_line_end_says_the_file_is_cut(self):
+    # A copy or download that stopped mid-line (`head -c`): its last line
+    # was told that tabs of empty columns may have been stripped.
+    table = criteo.reader(ml_collections.ConfigDict(criteo.DEFAULTS), '')
+    good = ['\t'.join(r) for r in criteo_rows(3, seed=1)]
+    cut = good[2][: len(good[2]) // 2].encode()
+    with self.assertRaisesRegex(
+      data.DataError,
+      r'^f\.csv:3: expected 40 columns .*, found \d+; the last line, with no'
+      r' line end: a cut-short file\? \(set config\.dataset\.skip_bad_lines',
+    ):
+      _parse(table, [*good[:2], cut])
+    keys, _, skipped = _parse(table, [*good[:2], cut], skip=True)
+    self.assertEqual((len(keys), skipped), (2, 1))
+    # A whole last line needs no line end; a short one with it is not cut.
+    self.assertLen(_parse(table, [*good[:2], good[2].encode()])[0], 3)
+    with self.assertRaisesRegex(data.DataError, 'keep their tabs'):
+      _parse(table, [*good[:2], cut + b'\n'])
+
   def test_a_file_without_its_label_column_is_told_it_can_only_be_scored(self):
     # Kaggle's test.txt (39 columns) as a training or test file was told
     # only that empty last columns may have lost their tabs.
