@@ -210,8 +210,53 @@ def enable_compilation_cache(cache_dir: str) -> None:
   except OSError as e:  # The data's own cache reports an unusable cache_dir.
     logging.warning('No compilation cache in %s: %s', directory, e)
     return
+  drop_torn_programs(directory)
   jax.config.update('jax_compilation_cache_dir', directory)
   cc.reset_cache()  # Another directory may already be in use.
+
+
+# Stamp file of `drop_torn_programs`: entries older than it were checked.
+CHECKED_STAMP = '.checked'
+
+
+def drop_torn_programs(directory: str) -> None:
+  """Deletes the entries of JAX's compilation cache `directory` cut short.
+
+  JAX writes an entry in place and never replaces one that exists: an
+  entry cut short (a full disk, `ulimit -f`, a kill) failed to load with
+  a warning, and compiled again, in every later run. Each entry written
+  since the last check (the stamp's time) is decompressed once here.
+  """
+  try:
+    from jax._src import compilation_cache  # pylint: disable=g-import-not-at-top
+
+    decompress = compilation_cache.decompress_executable
+  except (ImportError, AttributeError):  # Another JAX: no check.
+    return
+  stamp = os.path.join(directory, CHECKED_STAMP)
+  started = time.time_ns()
+  try:
+    since = os.stat(stamp).st_mtime_ns
+  except OSError:
+    since = 0
+  with contextlib.suppress(OSError):
+    for entry in os.scandir(directory):
+      if not entry.name.endswith('-cache'):
+        continue
+      try:
+        if entry.stat().st_mtime_ns < since:
+          continue
+        with open(entry.path, 'rb') as f:
+          decompress(f.read())
+      except Exception:  # pylint: disable=broad-except
+        logging.warning(
+          'Removing %s: a compiled program cut short (a full disk?)', entry.path
+        )
+        with contextlib.suppress(OSError):
+          os.remove(entry.path)
+    with open(stamp, 'wb'):
+      pass
+    os.utime(stamp, ns=(started, started))
 
 
 class UserError(Exception):

@@ -299,6 +299,59 @@ class CompilationCacheTest(absltest.TestCase):
         jax.config.update(min_time, before_min_time)
         compilation_cache.reset_cache()
 
+  def test_entries_cut_short_are_dropped_once(self):
+    # JAX writes an entry in place and keeps one that exists: entries cut
+    # short by a full disk (0 bytes on a full tmpfs) warned "Error reading
+    # persistent compilation cache entry" and compiled again in every run.
+    from jax._src import compilation_cache as jax_cache  # pylint: disable=g-import-not-at-top
+
+    before = jax.config.jax_compilation_cache_dir
+    whole = jax_cache.compress_executable(b'program' * 100)
+    with (
+      tempfile.TemporaryDirectory() as tmp,
+      mock.patch.dict(os.environ, {'JAX_COMPILATION_CACHE_DIR': ''}),
+    ):
+      directory = os.path.join(tmp, 'jax')
+      os.makedirs(directory)
+
+      def write(name, data, ns=None):
+        with open(os.path.join(directory, name), 'wb') as f:
+          f.write(data)
+        if ns:
+          os.utime(os.path.join(directory, name), ns=(ns, ns))
+
+      write('jit_a-1-cache', whole)
+      write('jit_a-1-atime', b'12345678')  # Not an entry.
+      write('jit_b-2-cache', b'')
+      write('jit_c-3-cache', whole[: len(whole) // 2])
+      try:
+        with self.assertLogs(level='WARNING') as logs:
+          utils.enable_compilation_cache(tmp)
+        self.assertLen(logs.output, 2)
+        for name in ('jit_b-2-cache', 'jit_c-3-cache'):
+          self.assertIn(
+            f'{name}: a compiled program cut short', str(logs.output)
+          )
+        self.assertEqual(
+          sorted(os.listdir(directory)),
+          ['.checked', 'jit_a-1-atime', 'jit_a-1-cache'],
+        )
+        # Checked once: an entry older than the check is not read again.
+        write('jit_d-4-cache', b'', ns=1)
+        write('jit_e-5-cache', b'')
+        jax.config.update('jax_compilation_cache_dir', before)
+        with self.assertLogs(level='WARNING') as logs:
+          utils.enable_compilation_cache(tmp)
+        self.assertLen(logs.output, 1)
+        self.assertIn('jit_e-5-cache', logs.output[0])
+        self.assertEqual(
+          sorted(os.listdir(directory)),
+          ['.checked', 'jit_a-1-atime', 'jit_a-1-cache', 'jit_d-4-cache'],
+        )
+      finally:
+        jax.config.update('jax_compilation_cache_dir', before)
+        compilation_cache.reset_cache()
+
   def test_a_cache_dir_set_in_the_environment_is_kept(self):
     before = jax.config.jax_compilation_cache_dir
     with (
