@@ -350,8 +350,9 @@ def write(
       json.dump(meta, f, indent=1)
       f.flush()
       os.fsync(f.fileno())
-    os.remove(os.path.join(tmp, _OWNER))
-    _publish(tmp, directory, replace)
+    _publish(tmp, directory, replace)  # Owned till then: see remove_stale.
+    with contextlib.suppress(OSError):  # Or another run's, which won.
+      os.remove(os.path.join(directory, _OWNER))
     logging.info('Wrote %s', directory)
   except OSError as e:
     raise core.DataError(  # os_problem: EFBIG is a limit, not the space.

@@ -714,6 +714,43 @@ class FailedWriteTest(IntegrityTestCase):
     dataset = data.load_dataset(config)  # Without the limit.
     self.assertEqual(len(dataset.train) + len(dataset.valid), 1800)
 
+  def test_a_run_killed_as_it_publishes_leaves_what_the_next_removes(self):
+    # Killed (no clean-up) at the rename that publishes its cache: the
+    # temporary directory must still name its owner, or no later run
+    # removes it (as big as the cache).
+    path = os.path.join(self.tmp, 'train.txt')
+    write_lines(path, criteo_rows(300), '\t')
+    config = self.config('criteo', path)
+    child = (
+      'import os, sys, data\n'
+      'from configs import default\n'
+      'config = default.get_config().dataset\n'
+      'config.name, config.path, config.cache_dir = sys.argv[1:]\n'
+      'rename = os.rename\n'
+      'def killed(src, dst):\n'
+      "  if os.path.basename(src).startswith('.tmp-'):\n"
+      '    os._exit(9)\n'
+      '  rename(src, dst)\n'
+      'os.rename = killed\n'
+      'data.load_dataset(config)\n'
+    )
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    code = subprocess.run(
+      [sys.executable, '-c', child, 'criteo', path, config.cache_dir],
+      cwd=root,
+      env=dict(os.environ, PYTHONPATH=root),
+      capture_output=True,
+      timeout=300,
+      check=False,
+    ).returncode
+    self.assertEqual(code, 9)
+    [left] = self.encoded()
+    self.assertTrue(left.startswith('.tmp-criteo-'), left)
+    data.load_dataset(config)
+    [built] = self.encoded()
+    self.assertTrue(built.startswith('criteo-'), built)
+    self.assertNotIn('owner.json', os.listdir(self.cache_path()))
+
 
 class DurabilityTest(IntegrityTestCase):
   def test_every_file_is_synced_before_the_cache_is_renamed_into_place(self):
@@ -728,7 +765,8 @@ class DurabilityTest(IntegrityTestCase):
 
     def recording_rename(src, dst):
       if os.path.basename(src).startswith('.tmp-'):
-        paths = [os.path.join(src, n) for n in sorted(os.listdir(src))]
+        names = sorted(set(os.listdir(src)) - {'owner.json'})  # No data:
+        paths = [os.path.join(src, n) for n in names]  # gone once published.
         missing = [p for p in paths if os.stat(p).st_ino not in synced]
         unsynced.append([os.path.basename(p) for p in missing])
       return rename(src, dst)
