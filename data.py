@@ -26,6 +26,7 @@ from datasets import core
 from datasets import digests
 from datasets import remote
 from datasets import split as split_lib
+import utils
 
 # Re-exported: the names that training, benchmarks and tests use.
 DataError = core.DataError
@@ -294,6 +295,7 @@ def load_dataset(config: ml_collections.ConfigDict) -> Dataset:
   dataset = _cached(directory, spec)
   if dataset is not None:
     return dataset
+  _check_writable(directory)
   # One process builds; the others (a sweep started at once) wait for it.
   with core.building(directory, os.path.join(cache_dir(config), 'locks')):
     # Built by the process waited for? (Damage was reported above.)
@@ -307,6 +309,21 @@ def load_dataset(config: ml_collections.ConfigDict) -> Dataset:
   except cache.Damaged as e:
     # The rows passed the same checks on the way in: a bug or a bad disk.
     raise RuntimeError(f'{directory} fails its check once written: {e}') from e
+
+
+def _check_writable(directory: str) -> None:
+  """Fails now, not after pass 1 (minutes on a big file), where the cache
+  `directory` cannot be written: as `cache.write` would then."""
+  parent = os.path.dirname(directory)
+  try:
+    os.makedirs(parent, exist_ok=True)
+    os.rmdir(core.make_temp_dir(parent, '.probe-'))
+  except OSError as e:
+    raise DataError(
+      f'Could not write the dataset cache {directory}: {utils.os_problem(e)}.'
+      ' Free some space or set config.dataset.cache_dir to a writable'
+      ' directory.'
+    ) from e
 
 
 def _warn_unused_split(config: ml_collections.ConfigDict, paths: dict) -> None:

@@ -32,6 +32,7 @@ import numpy as np
 import data
 from datasets import cache
 from datasets import core
+from datasets import encode
 from datasets import movielens
 from datasets import streaming
 import utils
@@ -578,6 +579,25 @@ class ReadErrorTest(IntegrityTestCase):
     self.assert_names(
       config, config.cache_dir, 'Could not write the dataset cache.*cache_dir'
     )
+
+  def test_cache_dir_that_cannot_be_written_fails_before_pass_1(self):
+    # Found by the write after pass 1, it cost the minutes of pass 1 over a
+    # big file first (a 3M-line Criteo file: 27 s, then the error).
+    path = os.path.join(self.tmp, 'train.txt')
+    write_lines(path, criteo_rows(300), '\t')
+    config = self.config('criteo', path)
+    blocked = write_text(os.path.join(self.tmp, 'a_file'), '')
+    config.cache_dir = os.path.join(blocked, 'cache')
+    with mock.patch.object(
+      encode, 'encode', side_effect=AssertionError('pass 1 ran')
+    ):
+      self.assert_names(
+        config,
+        config.cache_dir,
+        r'^Could not write the dataset cache [^ ]*: Not a directory'
+        r' \(ENOTDIR, .*\)\. Free some space or set config\.dataset\.cache_dir'
+        r' to a writable directory\.$',
+      )
 
 
 class FailedWriteTest(IntegrityTestCase):
