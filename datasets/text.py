@@ -427,6 +427,8 @@ class Table:
           problem = 'missing label'  # As `_keys` says after a typed read.
         elif column == self.label and numbers[i] == 1 and self.header is False:
           problem += '; a header line? This format has none: delete it'
+        elif column == self.label and text[i] == self.label:
+          problem += '; a header line amid the rows (files joined?): delete it'
         issues.append((numbers[i], problem))
       wrong |= ~ok
     return np.flatnonzero(~wrong)

@@ -425,6 +425,19 @@ class AvazuTest(DatasetTestCase):
       ):
         data.load_dataset(self.config('avazu', path))
 
+  def test_a_header_amid_the_rows_is_named(self):
+    # Two files joined with cat: the second's header said only "label
+    # 'click' is not 0 or 1".
+    rows = avazu_rows(20)
+    path = os.path.join(self.tmp, 'joined.csv')
+    write_lines(path, rows[:10] + [list(avazu.COLUMNS)] + rows[10:], ',')
+    with self.assertRaisesRegex(
+      data.DataError,
+      r"^.*joined\.csv:11: label 'click' is not 0 or 1 \(or -1, True,"
+      r' False\); a header line amid the rows \(files joined\?\): delete it',
+    ):
+      data.load_dataset(self.config('avazu', path))
+
   def test_a_tab_separated_file_is_told_the_separator(self):
     # The Criteo message says 'tab-separated'; Avazu's said only the
     # columns, and a tab-separated copy found 1 of them.
@@ -1245,9 +1258,17 @@ class LineAlignmentTest(parameterized.TestCase):
       r' header line\? This format has none: delete it \(set',
     ):
       _parse(table, [header, *good])
-    # Not on a later line: that is no header.
-    with self.assertRaisesRegex(data.DataError, 'f.csv:2: label') as caught:
+    # A later line is a header amid the rows (files joined with cat) only
+    # where its label is the label column's name.
+    with self.assertRaisesRegex(
+      data.DataError,
+      r"^f\.csv:2: label 'label' is not 0 or 1 \(or -1, True, False\); a"
+      r' header line amid the rows \(files joined\?\): delete it \(set',
+    ):
       _parse(table, [good[0], header, good[1]])
+    other = '\t'.join(['click'] + header.split('\t')[1:])
+    with self.assertRaisesRegex(data.DataError, 'f.csv:2: label') as caught:
+      _parse(table, [good[0], other, good[1]])
     self.assertNotIn('header', str(caught.exception))
 
   def test_a_line_of_text_without_separators_is_not_blank(self):
