@@ -7,6 +7,7 @@ AUCs against a brute-force count, field_dims against the raw file), never
 against timing thresholds.
 """
 
+import argparse
 import contextlib
 import io
 import json
@@ -2067,6 +2068,67 @@ class PlotTest(_TempDirs, absltest.TestCase):
       plot.read_run(workdir)
     with self.assertRaisesRegex(SystemExit, 'no such metrics file'):
       plot.read_run(os.path.join(workdir, 'missing'))
+
+
+class ReadmeCommandsTest(absltest.TestCase):
+  """Every command benchmarks/README.md shows is one its tool accepts."""
+
+  def commands(self):
+    with open(os.path.join(common.ROOT, 'benchmarks', 'README.md')) as f:
+      text = f.read()
+    spans = re.findall(r'(?<!`)`([^`]+)`(?!`)', text)
+    spans += re.findall(r'```sh\n(.*?)```', text, re.S)
+    commands = []
+    for span in spans:
+      span = ' '.join(span.replace('\\\n', ' ').split())
+      if 'python -m benchmarks.' in span:
+        # Placeholders: <model>, <dir>, ... and --lines=N.
+        span = re.sub(r'<[^>]*>|\.\.\.', 'fm', span)
+        commands.append(re.sub(r'=N\b', '=1', span))
+    return commands
+
+  def test_every_command_parses(self):
+    tools = {
+      name: sys.modules[f'benchmarks.{name}']
+      for name in ('ab', 'counts', 'plot', 'preprocess', 'profile')
+      + ('quality', 'seeds', 'synthetic', 'throughput', 'time_to_auc')
+    }
+    parse = argparse.ArgumentParser.parse_args
+
+    class Parsed(Exception):
+      pass
+
+    def parse_then_stop(parser, args=None, namespace=None):
+      parse(parser, args, namespace)
+      raise Parsed()
+
+    commands = self.commands()
+    self.assertGreater(len(commands), 50)
+    for command in commands:
+      with self.subTest(command=command):
+        argv = shlex.split(command)
+        argv = argv[argv.index('-m') + 1 :]
+        tool = tools[argv.pop(0).removeprefix('benchmarks.')]
+        stderr = io.StringIO()
+        try:
+          with contextlib.redirect_stderr(stderr):
+            if hasattr(tool, 'parse_args'):  # Its checks of the values too.
+              args = tool.parse_args(argv)
+              for key in ('models', 'model'):
+                if getattr(args, key, None) is not None:
+                  common.parse_models(getattr(args, key))
+              continue
+            with (
+              mock.patch.object(
+                argparse.ArgumentParser, 'parse_args', parse_then_stop
+              ),
+              mock.patch.object(sys, 'argv', ['benchmarks', *argv]),
+            ):
+              tool.main() if tool is counts else tool.main(argv)
+        except Parsed:
+          pass
+        except SystemExit as e:
+          self.fail(f'{e.code}: {stderr.getvalue()}')
 
 
 if __name__ == '__main__':
