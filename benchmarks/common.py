@@ -66,10 +66,21 @@ def has_torchfm(name: str) -> bool:
 
 
 def _master_source() -> str | None:
-  """$PYTORCH_FM_SRC if it names a pytorch-fm checkout, else None."""
+  """$PYTORCH_FM_SRC, a pytorch-fm checkout; None where it is unset.
+
+  Set to anything else, it stops the tool: a mistyped path would otherwise
+  leave HOFM without its reference, silently.
+  """
   src = os.environ.get('PYTORCH_FM_SRC', '')
-  found = os.path.isfile(os.path.join(src, 'torchfm', 'layer.py'))
-  return src if found else None
+  if not src:
+    return None
+  if not os.path.isfile(os.path.join(src, 'torchfm', 'layer.py')):
+    raise SystemExit(
+      f'PYTORCH_FM_SRC={src} is not a checkout of'
+      ' https://github.com/rixwew/pytorch-fm: it has no torchfm/layer.py.'
+      ' Give the directory of a clone, or unset it.'
+    )
+  return src
 
 
 def pytorch_fm_master(module: str):

@@ -940,6 +940,21 @@ class MasterModelsTest(_TempDirs, absltest.TestCase):
       self.assertFalse(common.has_torchfm('fwfm'))
     self.assertTrue(common.has_torchfm('fm'))
 
+  def test_a_path_that_is_no_checkout_stops(self):
+    # Not a silent "torchfm n/a" for HOFM: a mistyped path is named.
+    src = self.create_tempdir().full_path
+    with mock.patch.dict(os.environ, {'PYTORCH_FM_SRC': src}):
+      self.assertTrue(common.has_torchfm('fm'))  # torchfm 0.7.0's.
+      message = f'PYTORCH_FM_SRC={re.escape(src)} .*torchfm/layer.py'
+      with self.assertRaisesRegex(SystemExit, message):
+        common.has_torchfm('hofm')
+      with self.assertRaisesRegex(SystemExit, message):
+        common.machine_info()
+      out = self.create_tempdir().full_path
+      with self.assertRaisesRegex(SystemExit, message):
+        throughput.main(['--tiny', '--models=hofm', f'--out_dir={out}'])
+      self.assertEqual(os.listdir(out), [])
+
   def test_the_machine_line_names_the_checkout(self):
     with mock.patch.dict(os.environ, {'PYTORCH_FM_SRC': ''}):
       self.assertNotIn('pytorch-fm master', common.machine_info()['versions'])
