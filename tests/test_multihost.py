@@ -510,7 +510,7 @@ class TrainingTest(_MultiProcessTestCase):
           self.assertTrue(_names_lost(logs[i], 0), run.tails())
         warnings.warn(
           f'gloo aborted process 0 after the kill of process {victim}: the'
-          ' survivors named process 0 (see README, Faults).',
+          ' survivors named process 0 (README: Multi-device and multi-host).',
           stacklevel=1,
         )
     finally:
