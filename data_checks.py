@@ -141,12 +141,13 @@ def check_splits(dataset: Dataset, config: ml_collections.ConfigDict):
     # The largest power of two that makes 3 * FEW_STEPS steps or more.
     smaller = 2 ** max(int(np.log2(len(dataset.train) / (3 * FEW_STEPS))), 0)
     logging.warning(
-      'config.batch_size=%d makes %d training steps an epoch of the %d'
+      'config.batch_size=%d makes %d training step%s an epoch of the %d'
       ' examples: early stopping (config.patience=%d epochs) may end the run'
       ' before training has moved the validation AUC. config.batch_size=%d'
       ' makes %d.',
       config.batch_size,
       steps,
+      's' * (steps != 1),
       len(dataset.train),
       config.patience,
       smaller,

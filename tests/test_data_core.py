@@ -1013,10 +1013,11 @@ class BatchTest(parameterized.TestCase):
       (8087, 1024, 'makes 7 training steps'),
       (8087, 800, None),  # 10 steps.
       (20, 4, 'config.batch_size=1 makes 20.'),  # A batch of one at least.
+      (20, 16, 'makes 1 training step an epoch of the 20'),  # Not 'steps'.
     ):
       config.batch_size = batch_size
       with self.subTest(rows=rows, batch_size=batch_size):
-        said = self._warnings(rows, config, ' training steps an epoch')
+        said = self._warnings(rows, config, ' training step')
         if warned is None:
           self.assertEqual(said, [])
           continue
