@@ -98,6 +98,19 @@ MULTI_IDS = (
   ),
 )
 LABELS = np.array([1, 0, 0, 1, 1, 1, 0, 0], np.float32)
+# Eight one-hot fields and no others: the tables that some models read
+# only through a flattening reshape are gathered apart (take_rows). Random
+# ids, the first example's all OOV.
+WIDE_FIELD_DIMS = (9, 8, 7, 4, 6, 8, 5, 7)
+WIDE_IDS = tuple(
+  np.concatenate(
+    [
+      [np.array(WIDE_FIELD_DIMS) - 1],
+      np.random.default_rng(i).integers(0, WIDE_FIELD_DIMS, (7, 8)),
+    ]
+  ).astype(np.int32)
+  for i in (0, 1)
+)
 
 CONFIGS = sorted(
   name[:-3]
@@ -109,7 +122,11 @@ CONFIGS = sorted(
 VARIANTS = {
   'ncf_item_field_first': ('ncf', {'user_field_idx': 1, 'item_field_idx': 0}),
   'wd_cross': ('wd', {'cross_fields': ((0, 2),)}),  # 30 rows: not hashed.
+  # Their MLP's tables gathered apart, on WIDE_FIELD_DIMS.
+  'ncf_eight_fields': ('ncf', {}),
+  'wd_eight_fields': ('wd', {}),
 }
+WIDE = ('ncf_eight_fields', 'wd_eight_fields')
 # The models without the linear term's tables (FeaturesLinear).
 NO_LINEAR = ('dcn', 'dcnv2', 'finalmlp', 'fwfm', 'ncf', 'pnn')
 B1, B2, EPS = 0.9, 0.999, 1e-8
@@ -145,12 +162,14 @@ def _config(case, optimizer):
   return config
 
 
-def _tables(config, ids, multi_ids):
-  """Brute force: each table's path and the rows that the batch reads."""
-  name = config.model_name
-  one_hot = set((ids + _offsets(FIELD_DIMS)).reshape(-1).tolist())
-  multi = multi_ids + _offsets(MULTI_FIELD_DIMS)[:, None]
-  multi = set(multi[multi_ids >= 0].tolist())
+def _tables(config, batch, field_dims):
+  """Brute force: each table's path and the rows that `batch` reads."""
+  name, ids = config.model_name, batch['ids']
+  one_hot = set((ids + _offsets(field_dims)).reshape(-1).tolist())
+  multi = batch.get('multi_ids')
+  if multi is not None:
+    rows = multi + _offsets(MULTI_FIELD_DIMS)[:, None]
+    multi = set(rows[multi >= 0].tolist())
   out = {}
   if name != 'lr':
     embedding = {
@@ -159,28 +178,34 @@ def _tables(config, ids, multi_ids):
       'ncf': 'embedding',
     }.get(name, 'FeaturesEmbedding_0')
     out[(embedding, 'embedding')] = one_hot
-    out[(embedding, 'multi_embedding')] = multi
+    if multi is not None:
+      out[(embedding, 'multi_embedding')] = multi
   if name not in NO_LINEAR:
     out[('FeaturesLinear_0', 'weight')] = one_hot
-    out[('FeaturesLinear_0', 'multi_weight')] = multi
+    if multi is not None:
+      out[('FeaturesLinear_0', 'multi_weight')] = multi
   if name == 'ncf' and not config.model.shared_embedding:
     fields = [config.model.user_field_idx, config.model.item_field_idx]
-    rows = ids[:, fields] + _offsets([FIELD_DIMS[f] for f in fields])
+    rows = ids[:, fields] + _offsets([field_dims[f] for f in fields])
     out[('gmf_embedding', 'embedding')] = set(rows.reshape(-1).tolist())
   if name == 'finalmlp':
     for k in (1, 2):
       fields = sorted(config.model[f'fs{k}_context'])
       if fields:
-        rows = ids[:, fields] + _offsets([FIELD_DIMS[f] for f in fields])
+        rows = ids[:, fields] + _offsets([field_dims[f] for f in fields])
         path = (f'fs{k}_context_embedding', 'embedding')
         out[path] = set(rows.reshape(-1).tolist())
   for f, g in config.model.get('cross_fields', ()):
-    rows = ids[:, f] * FIELD_DIMS[g] + ids[:, g]  # One cross: from row 0.
+    rows = ids[:, f] * field_dims[g] + ids[:, g]  # One cross: from row 0.
     out[('CrossProductLinear_0', 'weight')] = set(rows.tolist())
   return out
 
 
-def _batch(i):
+def _batch(i, wide=False):
+  """Batch `i` of the case's inputs: WIDE_IDS alone, or three one-hot,
+  two multi-hot and two numeric fields."""
+  if wide:
+    return {'ids': WIDE_IDS[i], 'label': LABELS[::-1] if i else LABELS}
   dense = np.linspace(-1.5, 2, 16, dtype=np.float32).reshape(8, 2)
   return {
     'ids': IDS[i],
@@ -190,7 +215,9 @@ def _batch(i):
   }
 
 
-def _model(config, axis_name=None):
+def _model(config, wide, axis_name=None):
+  if wide:
+    return train.create_model(config, WIDE_FIELD_DIMS, axis_name)
   return train.create_model(
     config,
     FIELD_DIMS,
@@ -200,12 +227,12 @@ def _model(config, axis_name=None):
   )
 
 
-def _initial_state(config):
+def _initial_state(config, wide):
   """The train state from step 5, its parameters moved off their initial
   values (zeros among them) and its moments random: a row's parameters and
   state that a step should not touch would move if stepped.
   """
-  model = _model(config, train.AXIS)
+  model = _model(config, wide, train.AXIS)
   state = train.state_initializer(config, model)(jax.random.key(0))
   rng = np.random.default_rng(0)
 
@@ -234,11 +261,12 @@ def _initial_state(config):
   )
 
 
-def _stepper(config):
+def _stepper(config, wide):
   """`steps(state, which, num_devices)`: `state` after one dispatch of the
   run's train program for each `i` in `which`, of `_batch(i)` at the rates
   of `RATES[i]`, on `num_devices` devices; every device's copy returned."""
-  p_train_step, _ = train.pmapped_steps(_model(config, train.AXIS), config)
+  model = _model(config, wide, train.AXIS)
+  p_train_step, _ = train.pmapped_steps(model, config)
 
   def steps(state, which, num_devices):
     devices = jax.local_devices()[:num_devices]
@@ -246,7 +274,7 @@ def _stepper(config):
     state = replicate(state)
     count = replicate(np.int32(1))
     for i in which:
-      batch = _batch(i)
+      batch = _batch(i, wide)
       hyper = replicate(train.hyperparameters(RATES[i](config)))
       stack = {
         k: v.reshape((num_devices, 1, -1) + v.shape[1:])
@@ -258,10 +286,11 @@ def _stepper(config):
   return steps
 
 
-def _dense_grads(config):
+@functools.cache
+def _dense_grads(case):
   """`grads(state, batch)`: `jax.grad` of the train loss over every
-  parameter, tables whole."""
-  model = _model(config)
+  parameter, tables whole; one compiled program for both optimizers."""
+  model = _model(_config(case, 'adam'), case in WIDE)
   rng = jax.random.key(0)  # No dropout: the key is not read.
 
   @jax.jit
@@ -344,13 +373,16 @@ class EveryModelTest(parameterized.TestCase):
   )
   def test_steps_match_brute_force_and_two_devices_one(self, case, optimizer):
     config = _config(case, optimizer)
-    state = start = _initial_state(config)
-    read = [_tables(config, IDS[i], MULTI_IDS[i]) for i in (0, 1)]
+    wide = case in WIDE
+    state = start = _initial_state(config, wide)
+    field_dims = WIDE_FIELD_DIMS if wide else FIELD_DIMS
+    batches = [_batch(i, wide) for i in (0, 1)]
+    read = [_tables(config, batch, field_dims) for batch in batches]
     self.assertEqual(set(optim.tables_of(state.tx)), set(read[0]))
-    steps, dense_grads = _stepper(config), _dense_grads(config)
+    steps, dense_grads = _stepper(config, wide), _dense_grads(case)
     worst = []  # Of each step: params, then state.
     for i in (0, 1):
-      grads = dense_grads(state, _batch(i))
+      grads = dense_grads(state, batches[i])
       rates = RATES[i](config)
       want_p, want_state = _numpy_step(rates, grads, state, read[i])
       after = jax.tree.map(lambda x: x[0], steps(state, [i], 1))
