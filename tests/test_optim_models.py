@@ -391,16 +391,20 @@ class EveryModelTest(parameterized.TestCase):
       )
       got_p = _flat(after.params)
       self.assertEqual(set(got_p), set(want_p))
+      # The two programs' float32 gradients differ by rounding (~1e-7
+      # relative), which Adagrad's steps of up to table_learning_rate carry
+      # to ~1e-6 (AFN: 8.7e-7). A row missed, decayed at the other rate or
+      # stepped at another learning rate is off by 1e-3 or more.
       for key, want in want_p.items():
         np.testing.assert_allclose(
-          got_p[key], want, rtol=2e-5, atol=1e-6, err_msg=f'{i} {key}'
+          got_p[key], want, rtol=2e-5, atol=5e-6, err_msg=f'{i} {key}'
         )
       for field, leaves in want_state.items():
         got = _flat(getattr(after.opt_state, field))
         self.assertEqual(set(got), set(leaves))
         for key, want in leaves.items():
           np.testing.assert_allclose(
-            got[key], want, rtol=2e-5, atol=1e-7, err_msg=f'{i} {field} {key}'
+            got[key], want, rtol=2e-5, atol=1e-6, err_msg=f'{i} {field} {key}'
           )
       worst.append(_max_difference(got_p, want_p))
       got_state = {f: _flat(getattr(after.opt_state, f)) for f in want_state}
@@ -428,8 +432,9 @@ class EveryModelTest(parameterized.TestCase):
     for leaf in jax.tree.leaves(two):
       np.testing.assert_array_equal(leaf[0], leaf[1])
     two = jax.tree.map(lambda x: x[0], two)
+    # Summed in another order: as far apart as from brute force (AFN 8.2e-7).
     jax.tree.map(
-      functools.partial(np.testing.assert_allclose, rtol=1e-5, atol=1e-6),
+      functools.partial(np.testing.assert_allclose, rtol=1e-5, atol=5e-6),
       (two.params, two.opt_state, two.batch_stats),
       (one.params, one.opt_state, one.batch_stats),
     )
