@@ -2,8 +2,8 @@
 
 For each config in configs/ (and two variants that move a table's rows:
 NCF's GMF table with the item field first, W&D with a cross), each of two
-steps of the run's own train program with 'lazy_adam' and
-'rowwise_adagrad' (the second at plateau-reduced rates) is checked
+steps of the run's own train program with 'lazy_adam' (and with
+'rowwise_adagrad' on a few; the second at plateau-reduced rates) is checked
 against a float64 numpy step computed from the DENSE gradient
 (`jax.grad` over every parameter, tables whole): the tables' rows that the
 batch's ids name, and only those, take the step, their moments or
@@ -12,7 +12,8 @@ tables and their rows are written out here from the ids, not read from the
 models' declarations. The batches hold duplicate ids, every field's OOV id
 (its last), multi-hot lists padded with -1 (one empty) and numeric fields;
 the trainer never pads a training batch (batching.train_rows drops the
-remainder). The same steps on 2 devices (pmap) must equal 1 device's.
+remainder). The same steps on 2 devices (pmap) must equal 1 device's
+(on a few cases).
 
 A run stopped after an epoch and resumed must end with the parameters and
 optimizer state, bit for bit, of one never stopped; a resume that changes
@@ -127,6 +128,14 @@ VARIANTS = {
   'wd_eight_fields': ('wd', {}),
 }
 WIDE = ('ncf_eight_fields', 'wd_eight_fields')
+ROWWISE_CASES = (
+  'afn',  # The largest rounding.
+  'deepfm',
+  'fm',
+  'ncf_item_field_first',
+  'wd_cross',
+  'wd_eight_fields',
+)
 # The models without the linear term's tables (FeaturesLinear).
 NO_LINEAR = ('dcn', 'dcnv2', 'finalmlp', 'fwfm', 'ncf', 'pnn')
 B1, B2, EPS = 0.9, 0.999, 1e-8
@@ -367,9 +376,13 @@ class EveryModelTest(parameterized.TestCase):
     built = {m.get_config().model_name for m in names}
     self.assertEqual(built, set(models.names()))
 
-  @parameterized.product(
-    case=CONFIGS + sorted(VARIANTS),
-    optimizer=('lazy_adam', 'rowwise_adagrad'),
+  # lazy_adam on every case finds a table declared wrong; rowwise_adagrad,
+  # whose rows take the same path with another rule, and 2 devices, whose
+  # exchange of rows is the same code for all, on a few (the suite's time:
+  # each compiles its programs).
+  @parameterized.parameters(
+    *((case, 'lazy_adam') for case in CONFIGS + sorted(VARIANTS)),
+    *((case, 'rowwise_adagrad') for case in ROWWISE_CASES),
   )
   def test_steps_match_brute_force_and_two_devices_one(self, case, optimizer):
     config = _config(case, optimizer)
@@ -426,6 +439,16 @@ class EveryModelTest(parameterized.TestCase):
             now[key][unread], was[key][unread], err_msg=f'{i} {field} {key}'
           )
       state = after
+    logging.info(
+      '%s %s: largest |difference| from brute force: params %.3g, %.3g,'
+      ' state %.3g, %.3g (steps 1, 2)',
+      case,
+      optimizer,
+      *worst[::2],
+      *worst[1::2],
+    )
+    if case not in ROWWISE_CASES:  # The exchange of rows is the same code.
+      return
     # Both steps on 2 devices, each with half of each batch.
     one = jax.tree.map(lambda x: x[0], steps(start, (0, 1), 1))
     two = steps(start, (0, 1), 2)
@@ -439,12 +462,9 @@ class EveryModelTest(parameterized.TestCase):
       (one.params, one.opt_state, one.batch_stats),
     )
     logging.info(
-      '%s %s: largest |difference| from brute force: params %.3g, %.3g,'
-      ' state %.3g, %.3g (steps 1, 2); 2 devices from 1: %.3g',
+      '%s %s: 2 devices from 1: %.3g',
       case,
       optimizer,
-      *worst[::2],
-      *worst[1::2],
       _max_difference(two, one),
     )
 
