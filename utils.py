@@ -227,6 +227,9 @@ def drop_torn_programs(directory: str) -> None:
   a warning, and compiled again, in every later run. Each entry written
   since the last check (the stamp's time) is decompressed once here.
   """
+  # No public API reads an entry (jax.experimental's compilation_cache has
+  # only set_cache_dir and reset_cache), so the private module's own
+  # decompressor, which knows zstd from zlib; without it, no check.
   try:
     from jax._src import compilation_cache  # pylint: disable=g-import-not-at-top
 
