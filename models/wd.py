@@ -619,7 +619,9 @@ class WideAndDeep(nn.Module):
         f' {self.cross_buckets!r}.'
       )
     num_fields = len(self.field_dims)
-    for f, g in self.cross_fields:  # Before the first call, named the same.
+    # Before the first call, named the same; no fields at all is its own
+    # error, at the first call.
+    for f, g in self.cross_fields if num_fields else ():
       if not (0 <= f < num_fields and 0 <= g < num_fields and f != g):
         raise ValueError(
           f'config.model.cross_fields entry {(f, g)} must name two different'
