@@ -314,10 +314,15 @@ def load_dataset(config: ml_collections.ConfigDict) -> Dataset:
 def _check_writable(directory: str) -> None:
   """Fails now, not after pass 1 (minutes on a big file), where the cache
   `directory` cannot be written: as `cache.write` would then."""
-  parent = os.path.dirname(directory)
+  parent = existing = os.path.dirname(directory)
+  # The probe goes where the first missing directory would be made, so that
+  # a run that fails (a bad line) leaves cache_dir as it found it.
+  while existing and not os.path.exists(existing):
+    existing = os.path.dirname(existing)
   try:
-    os.makedirs(parent, exist_ok=True)
-    os.rmdir(core.make_temp_dir(parent, '.probe-'))
+    if not os.path.isdir(existing or '.'):
+      os.makedirs(parent)  # Fails: a file on the path.
+    os.rmdir(core.make_temp_dir(existing or '.', '.probe-'))
   except OSError as e:
     raise DataError(
       f'Could not write the dataset cache {directory}: {utils.os_problem(e)}.'
