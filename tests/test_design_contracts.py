@@ -1,5 +1,6 @@
 """Contracts of DESIGN.md that no other test guards, on the code's output."""
 
+import ast
 import os
 import tomllib
 import warnings
@@ -57,6 +58,70 @@ class DeprecationFilterTest(absltest.TestCase):
           continue
         missed.append(name)
     self.assertEqual(missed, [], 'add them to pyproject.toml filterwarnings')
+
+
+def _imports(path: str, modules: dict[str, str]) -> set[str]:
+  """The project modules that the file at `path` imports, at its top or in
+  a function, but not for type checking alone (`if TYPE_CHECKING:`)."""
+  with open(path) as f:
+    tree = ast.parse(f.read())
+  checking = {
+    id(node)
+    for block in ast.walk(tree)
+    if isinstance(block, ast.If) and 'TYPE_CHECKING' in ast.unparse(block.test)
+    for stmt in block.body
+    for node in ast.walk(stmt)
+  }
+  out = set()
+  for node in ast.walk(tree):
+    if id(node) in checking:
+      continue
+    if isinstance(node, ast.Import):
+      out.update(a.name for a in node.names if a.name in modules)
+    elif isinstance(node, ast.ImportFrom) and node.level == 0:
+      if node.module in modules:
+        out.add(node.module)
+      for a in node.names:
+        if f'{node.module}.{a.name}' in modules:
+          out.add(f'{node.module}.{a.name}')
+  return out
+
+
+def _cycle(graph: dict[str, set[str]]) -> list[str]:
+  """A cycle of `graph` ({module: imported modules}) as a path, or []."""
+  state = {}  # 1: on the path, 2: done.
+
+  def visit(node, path):
+    state[node] = 1
+    for other in sorted(graph[node]):
+      if state.get(other) == 1:
+        return path[path.index(other) :] + [other]
+      if other not in state and (found := visit(other, path + [other])):
+        return found
+    state[node] = 2
+    return []
+
+  for node in sorted(graph):
+    if node not in state and (found := visit(node, [node])):
+      return found
+  return []
+
+
+class ImportLayersTest(absltest.TestCase):
+  def test_imports_go_only_downward(self):
+    # DESIGN.md 7: no file imports one that imports it, through any chain
+    # (the sources and data.py, the encoder and the registry, optim.py and
+    # train.py closed such circles before the restructuring).
+    modules = _project_modules()
+    graph = {
+      name: _imports(path, modules) - {name} for name, path in modules.items()
+    }
+    # The parse finds the imports: train.py's of the layers below it.
+    self.assertLessEqual({'data', 'optim', 'programs'}, graph['train'])
+    self.assertIn('datasets.core', graph['data'])
+    self.assertEqual(_cycle(graph), [])
+    # The shared types sit at the bottom: nothing of the data layers above.
+    self.assertLessEqual(graph['datasets.core'], {'utils'})
 
 
 if __name__ == '__main__':
