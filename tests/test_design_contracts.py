@@ -1,11 +1,24 @@
 """Contracts of DESIGN.md that no other test guards, on the code's output."""
 
 import ast
+import functools
 import os
 import tomllib
 import warnings
 
 from absl.testing import absltest
+from absl.testing import parameterized
+import jax
+import ml_collections
+from model_tables import FIELD_DIMS
+from model_tables import MODEL_NAMES
+from model_tables import TEST_KWARGS
+from model_testing import random_ids
+import numpy as np
+
+import batching
+from configs import default
+import train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # Packages of our scripts rather than of the library.
@@ -122,6 +135,57 @@ class ImportLayersTest(absltest.TestCase):
     self.assertEqual(_cycle(graph), [])
     # The shared types sit at the bottom: nothing of the data layers above.
     self.assertLessEqual(graph['datasets.core'], {'utils'})
+
+
+def _has_batch_norm(name: str) -> bool:
+  with open(os.path.join(ROOT, 'models', f'{name}.py')) as f:
+    return 'nn.BatchNorm(' in f.read()
+
+
+class ReplicasTest(parameterized.TestCase):
+  @parameterized.named_parameters(
+    (n, n) for n in MODEL_NAMES if _has_batch_norm(n)
+  )
+  def test_a_pmapped_step_leaves_one_state_on_every_device(self, name):
+    # DESIGN.md 4 and 5: pmap does not check that replicas agree, and the
+    # run saves device 0's copy. Each device trains on its own half batch;
+    # a BatchNorm without the pmap axis (axis_name) would keep that half's
+    # statistics on its device. Every leaf of the state, statistics,
+    # parameters and optimizer slots, must be the same on both.
+    self.assertEqual(jax.local_device_count(), 2, 'conftest sets 2 devices')
+    config = default.get_config('smoke')
+    config.model_name = name
+    config.model = ml_collections.ConfigDict(TEST_KWARGS[name])
+    model = train.create_model(config, FIELD_DIMS, axis_name=train.AXIS)
+    config = train.resolve_optimizer(config, model)
+    state = train.state_initializer(config, model)(jax.random.key(0))
+    self.assertNotEmpty(jax.tree.leaves(state.batch_stats))
+    batch = {
+      'ids': random_ids(16, FIELD_DIMS, seed=1),
+      'label': (np.arange(16) % 2).astype(np.float32),
+    }
+    p_step = jax.pmap(
+      functools.partial(train.train_step, model=model, config=config),
+      axis_name=train.AXIS,
+    )
+    new, _ = p_step(
+      train.replicate(state),
+      batching.shard(batch, 2),
+      train.replicate(train.hyperparameters(config)),
+    )
+    differ = [
+      jax.tree_util.keystr(path)
+      for path, x in jax.tree_util.tree_leaves_with_path(new)
+      if not np.array_equal(x.addressable_data(0), x.addressable_data(1))
+    ]
+    self.assertEqual(differ, [])
+    # The statistics moved: the step updated them.
+    moved = jax.tree.map(
+      lambda a, b: np.abs(np.asarray(a.addressable_data(0))[0] - b).max(),
+      new.batch_stats,
+      state.batch_stats,
+    )
+    self.assertGreater(min(jax.tree.leaves(moved)), 0)
 
 
 if __name__ == '__main__':
