@@ -2,7 +2,9 @@
 
 import ast
 import functools
+import json
 import os
+import tempfile
 import tomllib
 import warnings
 
@@ -18,6 +20,7 @@ import numpy as np
 
 import batching
 from configs import default
+import data
 import train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -186,6 +189,55 @@ class ReplicasTest(parameterized.TestCase):
       state.batch_stats,
     )
     self.assertGreater(min(jax.tree.leaves(moved)), 0)
+
+
+class RunFilesTest(absltest.TestCase):
+  def test_metrics_jsonl_and_config_json_hold_what_design_md_says(self):
+    # DESIGN.md 4: every line has split, epoch and step; train lines add
+    # loss and examples_per_sec, valid and test lines auc, logloss and
+    # num_examples (and each line wall_time and time, metrics.py); the last
+    # line is the test line; config.json holds the resolved config.
+    config = default.get_config('smoke')
+    config.model = ml_collections.ConfigDict(dict(embed_dim=4))
+    with tempfile.TemporaryDirectory() as workdir:
+      config.dataset.cache_dir = os.path.join(workdir, 'cache')
+      test = train.train_and_evaluate(config, workdir)
+      with open(os.path.join(workdir, 'metrics.jsonl')) as f:
+        lines = [json.loads(line) for line in f]
+      with open(os.path.join(workdir, 'config.json')) as f:
+        saved = json.load(f)
+      dataset = data.load_dataset(config.dataset)
+    steps = len(dataset.train) // config.batch_size
+    common = {'split': str, 'epoch': int, 'step': int}
+    common.update(wall_time=float, time=float)
+    fields = {
+      'train': dict(common, loss=float, examples_per_sec=float),
+      'valid': dict(common, auc=float, logloss=float, num_examples=int),
+    }
+    fields['test'] = fields['valid']
+    self.assertEqual(
+      [(r['split'], r['epoch']) for r in lines],
+      [('train', 1), ('valid', 1), ('train', 2), ('valid', 2)]
+      + [('test', lines[-1]['epoch'])],
+    )
+    for record in lines:
+      want = fields[record['split']]
+      self.assertEqual(
+        {k: type(v) for k, v in record.items()}, want, record['split']
+      )
+      self.assertEqual(record['step'], record['epoch'] * steps)
+    valid = [r for r in lines if r['split'] == 'valid']
+    best = max(valid, key=lambda r: r['auc'])
+    self.assertEqual(lines[-1]['epoch'], best['epoch'])
+    self.assertEqual(valid[0]['num_examples'], len(dataset.valid))
+    self.assertEqual(lines[-1]['num_examples'], len(dataset.test))
+    self.assertEqual(
+      test, {k: lines[-1][k] for k in ('auc', 'logloss', 'num_examples')}
+    )
+    # Resolved: 'auto' is saved as the optimizer it chose.
+    self.assertEqual(config.optimizer, 'auto')
+    self.assertEqual(saved['optimizer'], 'adam')
+    self.assertEqual(saved['model'], config.model.to_dict())
 
 
 if __name__ == '__main__':
