@@ -1,7 +1,10 @@
 """Contracts of DESIGN.md that no other test guards, on the code's output."""
 
 import ast
+import dataclasses
 import functools
+import importlib
+import inspect
 import json
 import os
 import tempfile
@@ -10,7 +13,9 @@ import warnings
 
 from absl.testing import absltest
 from absl.testing import parameterized
+import flax.linen as nn
 import jax
+import jax.numpy as jnp
 import ml_collections
 from model_tables import FIELD_DIMS
 from model_tables import MODEL_NAMES
@@ -283,6 +288,44 @@ class SparseStepMemoryTest(absltest.TestCase):
     self.assertGreaterEqual(temp['adam'], table, temp)
     self.assertLess(temp['lazy_adam'], table / 3, temp)
     self.assertLess(temp['rowwise_adagrad'], table / 3, temp)
+
+
+class ModelFileTest(parameterized.TestCase):
+  @parameterized.named_parameters((n, n) for n in MODEL_NAMES)
+  def test_signature_and_docstring_are_the_contracts(self, name):
+    # DESIGN.md 2: Model(field_dims, ..., axis_name=None, dtype=float32),
+    # the file ends with `Model = <ClassName>`, it is called as
+    # `apply(variables, ids, train=bool)`, and its docstring cites the
+    # paper (year and link) and how it differs from pytorch-fm, with shapes.
+    path = os.path.join(ROOT, 'models', f'{name}.py')
+    with open(path) as f:
+      tree = ast.parse(f.read())
+    last = tree.body[-1]
+    self.assertIsInstance(last, ast.Assign)
+    self.assertEqual(ast.unparse(last.targets[0]), 'Model')
+    model = importlib.import_module(f'models.{name}').Model
+    self.assertEqual(ast.unparse(last.value), model.__name__)
+    self.assertTrue(issubclass(model, nn.Module))
+    fields = {
+      f.name: f
+      for f in dataclasses.fields(model)
+      if f.name not in ('parent', 'name')
+    }
+    first = next(iter(fields.values()))
+    self.assertEqual(first.name, 'field_dims')
+    self.assertIs(first.default, dataclasses.MISSING)
+    self.assertIsNone(fields['axis_name'].default)
+    self.assertIs(fields['dtype'].default, jnp.float32)
+    params = list(inspect.signature(model.__call__).parameters.values())
+    self.assertEqual(params[1].name, 'ids')
+    self.assertEqual(params[1].kind, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+    train_arg = inspect.signature(model.__call__).parameters['train']
+    self.assertEqual(train_arg.kind, inspect.Parameter.KEYWORD_ONLY)
+    doc = ast.get_docstring(tree)
+    self.assertRegex(doc, r'https://(arxiv\.org|doi\.org)/')
+    self.assertRegex(doc, r'\b(19|20)\d\d\b')  # The paper's year.
+    self.assertIn('pytorch-fm', doc)
+    self.assertIn('[batch', doc)
 
 
 if __name__ == '__main__':
