@@ -17,10 +17,14 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
+from model_tables import CASE_NAMES
 from model_tables import FIELD_DIMS
 from model_tables import MODEL_NAMES
 from model_tables import TEST_KWARGS
+from model_tables import build
 from model_testing import random_ids
+from model_testing import random_variables
+from model_testing import side_inputs
 import numpy as np
 
 import batching
@@ -326,6 +330,31 @@ class ModelFileTest(parameterized.TestCase):
     self.assertRegex(doc, r'\b(19|20)\d\d\b')  # The paper's year.
     self.assertIn('pytorch-fm', doc)
     self.assertIn('[batch', doc)
+
+
+class PaddingTest(parameterized.TestCase):
+  @parameterized.named_parameters((n, n) for n in CASE_NAMES)
+  def test_padding_rows_change_no_score_and_score_finite(self, name):
+    # DESIGN.md 3: evaluation pads the last batch and masks the padding, so
+    # metrics are exact. That needs each row's eval logit to depend on its
+    # row alone (BatchNorm on its running averages), and the padding rows
+    # (batching.eval_batches': id 0, empty lists, 0) to score finite:
+    # eval_step multiplies their losses by a mask of 0, and NaN * 0 is NaN.
+    model = build(name, multi_field_dims=(6, 9), num_dense=2)
+    ids = random_ids(5, FIELD_DIMS, seed=3)
+    multi_ids, dense = side_inputs(5, (6, 9), seed=4)
+    labels = np.ones(5, np.float32)
+    split = data.Split(ids, labels, multi_ids, dense)
+    (batch,) = batching.eval_batches(split, 8)
+    self.assertEqual(batch['mask'].tolist(), [1.0] * 5 + [0.0] * 3)
+    variables = random_variables(model, ids, multi_ids, dense, seed=5)
+    inputs = batching.model_inputs(batch)
+    padded = np.asarray(model.apply(variables, **inputs, train=False))
+    alone = np.asarray(
+      model.apply(variables, ids, multi_ids, dense, train=False)
+    )
+    np.testing.assert_allclose(padded[:5], alone, rtol=1e-5, atol=1e-6)
+    self.assertTrue(np.all(np.isfinite(padded)), padded)
 
 
 if __name__ == '__main__':
