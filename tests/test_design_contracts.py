@@ -347,6 +347,17 @@ class PaddingTest(parameterized.TestCase):
     split = data.Split(ids, labels, multi_ids, dense)
     (batch,) = batching.eval_batches(split, 8)
     self.assertEqual(batch['mask'].tolist(), [1.0] * 5 + [0.0] * 3)
+    # The batch contract: its keys and dtypes.
+    self.assertEqual(
+      {k: v.dtype for k, v in batch.items()},
+      dict(
+        ids=np.int32,
+        label=np.float32,
+        multi_ids=np.int32,
+        dense=np.float32,
+        mask=np.float32,
+      ),
+    )
     variables = random_variables(model, ids, multi_ids, dense, seed=5)
     inputs = batching.model_inputs(batch)
     padded = np.asarray(model.apply(variables, **inputs, train=False))
