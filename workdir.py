@@ -51,6 +51,10 @@ SAFE_KEYS = (
   *('dataset.cache_dir', 'dataset.chunk_rows', 'dataset.parse_workers'),
   'dataset.url',
 )
+# Keys that a resumed run may change where neither the recorded nor the new
+# optimizer reads them (optim.create_optimizer; 'auto' never resolves to
+# rowwise_adagrad): {key: the optimizers that read it}.
+READ_BY = {'table_learning_rate': ('rowwise_adagrad',)}
 # Keys that name the data's files. A resumed run may name other paths when
 # the files there hold the bytes its checkpoints were trained on
 # (sources.py compares their digests).
@@ -184,8 +188,11 @@ def _as_names(flat: dict[str, Any]) -> dict[str, Any]:
   }
 
 
-def is_safe(key: str) -> bool:
-  """Whether a resumed run may change config key `key` (dotted)."""
+def is_safe(key: str, old: dict | None = None, new: dict | None = None) -> bool:
+  """Whether a resumed run may change config key `key` (dotted), given the
+  flat configs `old` and `new` for the keys of `READ_BY`."""
+  if key in READ_BY and old is not None and new is not None:
+    return not {old.get('optimizer'), new.get('optimizer')} & {*READ_BY[key]}
   return key in SAFE_KEYS
 
 
@@ -277,7 +284,9 @@ def check_resume(
   if not write:  # Another host's paths: process 0 recorded its own.
     changed = [k for k in changed if k not in HOST_KEYS]
   judged_later = PATH_KEYS if moved else ()
-  refused = [k for k in changed if not is_safe(k) and k not in judged_later]
+  refused = [
+    k for k in changed if not is_safe(k, old, new) and k not in judged_later
+  ]
   if refused:
     differences = '; '.join(
       f'{k} {_show(old, k)} -> {_show(new, k)}' for k in refused
@@ -287,7 +296,8 @@ def check_resume(
       f' and resuming it with this one would not continue that run:'
       f' {differences} (recorded in {record_path}). Set these back to'
       ' resume; to start a new run instead, use another workdir or delete'
-      f' this one. Only {", ".join(SAFE_KEYS)} may change on a resume.'
+      f' this one. Only {", ".join(SAFE_KEYS)} may change on a resume (and'
+      ' table_learning_rate where the optimizer is not rowwise_adagrad).'
     )
   entries = []
   for k in changed:

@@ -758,6 +758,43 @@ class CheckResumeTest(absltest.TestCase):
     ):
       workdir.check_resume(self.path, config, resuming=True)
 
+  def test_table_learning_rate_may_change_where_the_optimizer_ignores_it(
+    self,
+  ):
+    # Only rowwise_adagrad reads it (tests/test_config_unused.py's
+    # NoEffectTest: adam's and lazy_adam's steps are the same without it).
+    for optimizer in ('adam', 'lazy_adam', 'auto', 'rowwise_adagrad'):
+      with self.subTest(optimizer):
+        self.path = workdir.prepare(tempfile.mkdtemp())
+        config = _changed(self.config, optimizer=optimizer)
+        workdir.check_resume(self.path, config)
+        faster = _changed(config, table_learning_rate=0.5)
+        if optimizer == 'rowwise_adagrad':
+          with self.assertRaisesRegex(
+            utils.UserError, 'table_learning_rate 0.05 -> 0.5 '
+          ):
+            workdir.check_resume(self.path, faster, resuming=True)
+          self.assertEqual(self._history(), [])
+          continue
+        changes = workdir.check_resume(self.path, faster, resuming=True)
+        self.assertEqual(
+          [(c['key'], c['old'], c['new']) for c in changes],
+          [('table_learning_rate', 0.05, 0.5)],
+        )
+        self.assertEqual(self._history(), changes)
+    # A switch to the optimizer that reads it: both changes are named.
+    self.path = workdir.prepare(tempfile.mkdtemp())
+    workdir.check_resume(self.path, _changed(self.config, optimizer='adam'))
+    with self.assertRaisesRegex(
+      utils.UserError,
+      'optimizer "adam" -> "rowwise_adagrad"; table_learning_rate 0.05 -> 0.1',
+    ):
+      workdir.check_resume(
+        self.path,
+        _changed(config, optimizer='rowwise_adagrad', table_learning_rate=0.1),
+        resuming=True,
+      )
+
   def test_process_that_does_not_write_checks_only(self):
     workdir.check_resume(self.path, self.config)
     shorter = _changed(self.config, num_epochs=5)
