@@ -31,6 +31,7 @@ import socket
 import numpy as np
 
 from datasets import core
+from datasets import housekeeping
 from datasets import side
 import utils
 
@@ -42,9 +43,6 @@ SPLITS = ('train', 'valid', 'test')
 # Files are hashed in pieces of whole rows of about this size, in parallel:
 # the SHA-256 of a file is that of its pieces' SHA-256s, end to end.
 PIECE_BYTES = 16 << 20
-
-# Written into a temporary cache directory: who is filling it.
-_OWNER = 'owner.json'
 
 
 class Damaged(Exception):
@@ -194,34 +192,6 @@ class NpyWriter:
     return {'bytes': self.bytes, 'sha256': digest}
 
 
-def remove_stale(parent: str) -> None:
-  """Deletes temporary and damaged cache directories of dead runs.
-
-  A killed preprocessing run leaves its `.tmp-*` directory (up to the size
-  of the encoded data); its `owner.json` names the host and process, so a
-  later run on the same host removes it once that process is gone. A
-  `.damaged-*` directory is a replaced cache that nothing reads any more.
-  """
-  for entry in os.listdir(parent):
-    path = os.path.join(parent, entry)
-    if entry.startswith('.damaged-'):
-      shutil.rmtree(path, ignore_errors=True)
-    if not entry.startswith('.tmp-'):
-      continue
-    try:
-      with open(os.path.join(path, _OWNER)) as f:
-        owner = json.load(f)
-    except (OSError, ValueError):
-      continue  # Not ours, or being created.
-    try:
-      gone = core.process_gone(owner['host'], int(owner['pid']))
-    except (KeyError, ValueError, TypeError):
-      continue  # Unreadable: leave it.
-    if gone:
-      logging.info('Removing %s, left by a run that died', path)
-      shutil.rmtree(path, ignore_errors=True)
-
-
 def _publish(tmp: str, directory: str, replace: bool) -> None:
   """Renames `tmp` to `directory`, first moving a damaged one aside."""
   parent, name = os.path.split(directory)
@@ -277,9 +247,9 @@ def write(
 
   try:
     os.makedirs(parent, exist_ok=True)
-    remove_stale(parent)
+    housekeeping.remove_stale(parent)
     tmp = core.make_temp_dir(parent, f'.tmp-{name}-')
-    with open(os.path.join(tmp, _OWNER), 'w') as f:
+    with open(os.path.join(tmp, housekeeping.OWNER), 'w') as f:
       json.dump({'host': socket.gethostname(), 'pid': os.getpid()}, f)
     num_fields = len(encoded.field_names)
     dims = np.array(encoded.field_dims, np.uint32)
@@ -352,7 +322,7 @@ def write(
       os.fsync(f.fileno())
     _publish(tmp, directory, replace)  # Owned till then: see remove_stale.
     with contextlib.suppress(OSError):  # Or another run's, which won.
-      os.remove(os.path.join(directory, _OWNER))
+      os.remove(os.path.join(directory, housekeeping.OWNER))
     logging.info('Wrote %s', directory)
   except OSError as e:
     raise core.DataError(  # os_problem: EFBIG is a limit, not the space.

@@ -33,6 +33,7 @@ import data
 from datasets import cache
 from datasets import core
 from datasets import encode
+from datasets import housekeeping
 from datasets import movielens
 from datasets import streaming
 import utils
@@ -894,7 +895,7 @@ class CacheFilesTest(absltest.TestCase):
     make('.tmp-a-writing', '{"host": ')  # Its owner mid-way through writing.
     make('.tmp-a-foreign', json.dumps({'host': host + 'x', 'pid': dead.pid}))
     make('ml-20m-0123')  # A published cache.
-    cache.remove_stale(self.tmp)
+    housekeeping.remove_stale(self.tmp)
     self.assertEqual(
       sorted(os.listdir(self.tmp)),
       ['.tmp-a-alive', '.tmp-a-foreign', '.tmp-a-writing', 'ml-20m-0123'],
@@ -922,7 +923,7 @@ class CacheFilesTest(absltest.TestCase):
     def sweeping(src, dst):
       if not swept and '.damaged-' in dst:
         swept.append(dst)
-        cache.remove_stale(self.tmp)
+        housekeeping.remove_stale(self.tmp)
       return rename(src, dst)
 
     with mock.patch.object(os, 'rename', sweeping):
