@@ -2,7 +2,8 @@
 
 A cache is one directory: `{split}_ids.npy`, `{split}_labels.npy`,
 `vocab.npy` (every field's keys in id order, end to end) and `meta.json`,
-which records each file's size and SHA-256, computed while writing. A
+which records each file's size and SHA-256, computed while writing, and
+its own content's (`meta_sha256`: a hand-edited `field_dims` is damage). A
 dataset with multi-hot fields adds `{split}_multi_ids.npy` and
 `multi_vocab.npy`, one with numeric fields `{split}_dense.npy`
 (standardised, see datasets/side.py; the statistics are in meta.json).
@@ -108,6 +109,17 @@ def key(spec: dict) -> str:
   """A short stable hash of a JSON-able description of the preprocessing."""
   blob = json.dumps(spec, sort_keys=True)
   return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def meta_digest(meta: dict) -> str:
+  """The SHA-256 of meta.json's content but its own `meta_sha256`.
+
+  Of the parsed JSON, keys sorted: only a change of content changes it,
+  not indentation or the order of keys.
+  """
+  content = {k: v for k, v in meta.items() if k != 'meta_sha256'}
+  blob = json.dumps(content, sort_keys=True)
+  return hashlib.sha256(blob.encode()).hexdigest()
 
 
 def ids_problem(ids: np.ndarray, field_dims: np.ndarray) -> str | None:
@@ -316,6 +328,8 @@ def write(
       'skipped_lines': encoded.skipped,
       'files': {f: w.close() for f, w in writers.items()},
     }
+    meta = json.loads(json.dumps(meta))  # As `read` will see it.
+    meta['meta_sha256'] = meta_digest(meta)
     with open(os.path.join(tmp, 'meta.json'), 'w') as f:
       json.dump(meta, f, indent=1)
       f.flush()
@@ -346,7 +360,8 @@ def read(directory: str, spec: dict) -> core.Dataset:
 
   Raises:
     Damaged: a file is missing, has another size, shape or checksum than
-      meta.json says, or holds ids outside `field_dims` or labels not 0/1.
+      meta.json says, or holds ids outside `field_dims` or labels not 0/1;
+      or meta.json's content differs from its own checksum.
   """
   try:
     with open(os.path.join(directory, 'meta.json')) as f:
@@ -361,6 +376,10 @@ def read(directory: str, spec: dict) -> core.Dataset:
 
 def _checked(directory: str, meta: dict, spec: dict) -> core.Dataset:
   """`read` once meta.json is parsed; a missing key raises KeyError."""
+  if not isinstance(meta, dict) or 'meta_sha256' not in meta:
+    raise Damaged('meta.json has no checksum of itself (an older cache)')
+  if meta['meta_sha256'] != meta_digest(meta):
+    raise Damaged('meta.json: its content differs from its checksum')
   if meta['version'] != VERSION or meta['spec'] != spec:
     raise Damaged('meta.json describes other data than its key')
   num_fields = len(meta['field_names'])

@@ -102,6 +102,22 @@ def _edit_meta(directory, edit):
   with open(path) as f:
     meta = json.load(f)
   edit(meta)
+  _write_meta(path, meta)
+
+
+def _write_meta(path, meta):
+  """Writes `meta` with its own checksum updated: only the checks of its
+  content can tell."""
+  meta['meta_sha256'] = cache.meta_digest(meta)
+  with open(path, 'w') as f:
+    json.dump(meta, f)
+
+
+def _without_checksum(directory):
+  path = os.path.join(directory, 'meta.json')
+  with open(path) as f:
+    meta = json.load(f)
+  del meta['meta_sha256']
   with open(path, 'w') as f:
     json.dump(meta, f)
 
@@ -157,8 +173,7 @@ def _update_checksum(directory, name):
   with open(meta_path) as f:
     meta = json.load(f)
   meta['files'][name]['sha256'] = checksum
-  with open(meta_path, 'w') as f:
-    json.dump(meta, f)
+  _write_meta(meta_path, meta)
 
 
 class DamagedCacheTest(IntegrityTestCase):
@@ -218,6 +233,11 @@ class DamagedCacheTest(IntegrityTestCase):
     ),
     ('meta_of_other_fields', _meta_with_another_file, 'lists other files'),
     (
+      'meta_without_its_checksum',  # As written before it had one.
+      _without_checksum,
+      'meta.json has no checksum of itself',
+    ),
+    (
       'meta_of_another_key',  # A cache directory copied under another key.
       lambda d: _edit_meta(d, lambda m: m['spec'].update(min_count=7)),
       'meta.json describes other data than its key',
@@ -274,10 +294,43 @@ class DamagedCacheTest(IntegrityTestCase):
       with open(f'{directory}/meta.json') as f:
         meta = json.load(f)
       meta['field_dims'][0] = 1  # Would let ids of field 0 overflow.
-      with open(f'{directory}/meta.json', 'w') as f:
-        json.dump(meta, f)
+      _write_meta(f'{directory}/meta.json', meta)  # Its checksum updated.
 
     self.assertIn('train_ids.npy: ids outside', self.damage_and_reload(damage))
+
+  def test_a_hand_edited_meta_json_is_rebuilt_not_served(self):
+    # A larger field_dims passes every check of the arrays' content (their
+    # ids stay inside it): only meta.json's own checksum can tell.
+    config = self.config('ml-20m', self.path)
+    dims = data.load_dataset(config).field_dims
+    path = self.cache_path('meta.json')
+    with open(path) as f:
+      meta = json.load(f)
+    meta['field_dims'][1] += 100
+    with open(path, 'w') as f:
+      json.dump(meta, f)
+    with self.assertLogs(level='WARNING') as logs:
+      self.assertEqual(data.load_dataset(config).field_dims, dims)
+    self.assertIn(
+      'meta.json: its content differs from its checksum', logs.output[0]
+    )
+    with open(path) as f:
+      self.assertEqual(json.load(f)['field_dims'], list(dims))
+
+  def test_a_reformatted_meta_json_is_served(self):
+    # Indentation and the order of keys are not content.
+    config = self.config('ml-20m', self.path)
+    data.load_dataset(config)
+    path = self.cache_path('meta.json')
+    with open(path) as f:
+      meta = json.load(f)
+    with open(path, 'w') as f:
+      json.dump(dict(reversed(meta.items())), f, indent=4)
+    with mock.patch.object(
+      movielens, 'read_movielens', side_effect=AssertionError
+    ):
+      with self.assertNoLogs(level='WARNING'):
+        data.load_dataset(config)
 
 
 class PiecesTest(IntegrityTestCase):
