@@ -8,7 +8,9 @@ source module of datasets/; its format keys sit in
 (memory-mapped when read), under a key of the source files' content and of
 every option, so a second run skips the encoding and a changed input never
 serves stale data. Every load checks the cache against its checksums and
-the data's invariants (datasets/cache.py), and rebuilds a damaged one.
+the data's invariants (datasets/cache.py), and rebuilds a damaged one; a
+build names the caches that its files' older contents left behind
+(datasets/housekeeping.py).
 batching.py cuts the splits into batches.
 """
 
@@ -24,6 +26,7 @@ import numpy as np
 from datasets import cache
 from datasets import core
 from datasets import digests
+from datasets import housekeeping
 from datasets import remote
 from datasets import split as split_lib
 import utils
@@ -235,7 +238,7 @@ def _build(
     # Closed at once if the writer stops: a traceback kept (a notebook keeps
     # the last) would keep the pass and its parse workers alive.
     with contextlib.closing(parts()) as pieces:
-      cache.write(directory, encoded, sizes, pieces, spec, replace)
+      cache.write(directory, encoded, sizes, pieces, spec, replace, paths)
   except DataError as e:
     _check_unchanged(stats, e)
     raise
@@ -304,6 +307,7 @@ def load_dataset(config: ml_collections.ConfigDict) -> Dataset:
       return dataset
     replace = os.path.lexists(directory)
     _build(directory, source, config, options, paths, spec, replace, stats)
+  housekeeping.report_superseded(directory, spec, paths)
   try:
     return cache.read(directory, spec)
   except cache.Damaged as e:

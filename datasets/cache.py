@@ -229,6 +229,7 @@ def write(
   parts: Iterable[tuple[int, np.ndarray, np.ndarray]],
   spec: dict,
   replace: bool = False,
+  paths: dict[str, str] | None = None,
 ) -> None:
   """Writes the splits of `encoded` to `directory`, atomically.
 
@@ -245,6 +246,8 @@ def write(
       has such fields.
     spec: the cache key's input, recorded in meta.json.
     replace: `directory` exists and is damaged: replace it.
+    paths: `{role: path}` of the sources, recorded as their real paths
+      (see datasets/housekeeping.py).
 
   Raises:
     DataError: the cache directory is not writable or the disk is full.
@@ -324,6 +327,7 @@ def write(
       'dense_mean': mean,
       'dense_std': std,
       'spec': spec,
+      'source_paths': housekeeping.source_paths(paths or {}),
       'examples': dict(zip(SPLITS, sizes, strict=True)),
       'skipped_lines': encoded.skipped,
       'files': {f: w.close() for f, w in writers.items()},
