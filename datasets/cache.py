@@ -3,9 +3,10 @@
 A cache is one directory: `{split}_ids.npy`, `{split}_labels.npy`,
 `vocab.npy` (every field's keys in id order, end to end) and `meta.json`,
 which records each file's size and SHA-256, computed while writing, and
-its own content's (`meta_sha256`: a hand-edited `field_dims` is damage). A
-dataset with multi-hot fields adds `{split}_multi_ids.npy` and
-`multi_vocab.npy`, one with numeric fields `{split}_dense.npy`
+its own content's (`meta_sha256`: a hand-edited `field_dims` is damage;
+an older cache without it is trusted as before). A dataset with
+multi-hot fields adds `{split}_multi_ids.npy` and `multi_vocab.npy`, one
+with numeric fields `{split}_dense.npy`
 (standardised, see datasets/side.py; the statistics are in meta.json).
 `read` checks all of it and the data's invariants (ids inside `field_dims`,
 multi-hot ids inside `multi_field_dims` or -1 padding, finite numeric
@@ -380,9 +381,11 @@ def read(directory: str, spec: dict) -> core.Dataset:
 
 def _checked(directory: str, meta: dict, spec: dict) -> core.Dataset:
   """`read` once meta.json is parsed; a missing key raises KeyError."""
-  if not isinstance(meta, dict) or 'meta_sha256' not in meta:
-    raise Damaged('meta.json has no checksum of itself (an older cache)')
-  if meta['meta_sha256'] != meta_digest(meta):
+  # A cache written before meta.json had its checksum is served as then:
+  # rebuilding every user's caches once (minutes for a big file) for a
+  # check of hand edits costs more than it saves.
+  recorded = meta.get('meta_sha256') if isinstance(meta, dict) else None
+  if recorded is not None and recorded != meta_digest(meta):
     raise Damaged('meta.json: its content differs from its checksum')
   if meta['version'] != VERSION or meta['spec'] != spec:
     raise Damaged('meta.json describes other data than its key')

@@ -233,11 +233,6 @@ class DamagedCacheTest(IntegrityTestCase):
     ),
     ('meta_of_other_fields', _meta_with_another_file, 'lists other files'),
     (
-      'meta_without_its_checksum',  # As written before it had one.
-      _without_checksum,
-      'meta.json has no checksum of itself',
-    ),
-    (
       'meta_of_another_key',  # A cache directory copied under another key.
       lambda d: _edit_meta(d, lambda m: m['spec'].update(min_count=7)),
       'meta.json describes other data than its key',
@@ -316,6 +311,17 @@ class DamagedCacheTest(IntegrityTestCase):
     )
     with open(path) as f:
       self.assertEqual(json.load(f)['field_dims'], list(dims))
+
+  def test_an_older_meta_json_without_its_checksum_is_served(self):
+    # Caches written before meta.json had its checksum are not rebuilt.
+    config = self.config('ml-20m', self.path)
+    dims = data.load_dataset(config).field_dims
+    _without_checksum(self.cache_path())
+    with mock.patch.object(
+      movielens, 'read_movielens', side_effect=AssertionError
+    ):
+      with self.assertNoLogs(level='WARNING'):
+        self.assertEqual(data.load_dataset(config).field_dims, dims)
 
   def test_a_reformatted_meta_json_is_served(self):
     # Indentation and the order of keys are not content.
