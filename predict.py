@@ -394,7 +394,7 @@ def define_flags(values: flags.FlagValues = flags.FLAGS) -> None:
   for name, help_ in (
     ('workdir', 'Workdir of a finished training run.'),
     ('input', 'Rows to score, in the run format.'),
-    ('output', 'CSV to write: probability[,label].'),
+    ('output', 'CSV to write: probability[,label]; - for standard output.'),
   ):
     flags.DEFINE_string(name, None, help_, flag_values=values)
   # lower_bound: a value below 1 is a one-line error naming the flag.

@@ -2,7 +2,9 @@
 
 `write_predictions` scores an input file chunk by chunk into
 `probability[,label]` lines (gzipped for a name ending in `.gz`), written
-beside the output and renamed over it at the end, and logs what the rows
+beside the output and renamed over it at the end (`-`, standard output,
+and an existing output that is no regular file, such as a FIFO or
+/dev/null, are written in place), and logs what the rows
 tell about the model: values that training did not keep, rows scored NaN,
 and the AUC and logloss of labelled rows. `check_output` refuses, before
 any row is scored, an output that would replace what is read or that is
@@ -11,8 +13,11 @@ named for another format (`x.parquet`).
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 import os
+import stat
+import sys
 import threading
 from typing import TYPE_CHECKING
 
@@ -60,7 +65,8 @@ def write_predictions(
   (gzipped if its name ends in `.gz`, as an input may be).
 
   The output appears complete or not at all (written beside, then renamed;
-  calls on other threads to the same `output` each write their own copy).
+  calls on other threads to the same `output` each write their own copy),
+  except where it is streamed (`streamed`): `-` is standard output.
   Logs how many rows had a value that training did not keep, per field: a
   model scoring many of them is out of date. `parse_workers` as
   `config.dataset.parse_workers`.
@@ -68,7 +74,10 @@ def write_predictions(
   Returns:
     The number of rows written.
   """
-  tmp = f'{output}.tmp-{os.getpid()}-{threading.get_ident()}'
+  in_place = streamed(output)
+  tmp = output
+  if not in_place:
+    tmp = f'{output}.tmp-{os.getpid()}-{threading.get_ident()}'
   rows, header = 0, None
   enc = predictor.encoder
   names = enc.field_names
@@ -79,9 +88,12 @@ def write_predictions(
   unseen = np.zeros(len(names), np.int64)  # Per field.
   unseen_rows = nans = 0
   scored = []  # (logits, labels) of the chunks, when labelled.
-  opener = gzip.open if output.lower().endswith('.gz') else open
+  if output == '-':
+    opened = contextlib.nullcontext(sys.stdout)
+  else:
+    opened = (gzip.open if output.lower().endswith('.gz') else open)(tmp, 'wt')
   try:
-    with opener(tmp, 'wt') as f:
+    with opened as f:
       chunks = predictor.score_chunks(path, chunk_rows, parse_workers)
       for encoded, probs, logits in chunks:
         labels = encoded.labels
@@ -97,9 +109,11 @@ def write_predictions(
           mask = np.hstack([mask, predictor.unseen_lists(encoded.multi_ids)])
         unseen += mask.sum(0)
         unseen_rows += int(mask.any(1).sum())
-    os.replace(tmp, output)
+      f.flush()  # Standard output stays open.
+    if not in_place:
+      os.replace(tmp, output)
   finally:
-    if os.path.exists(tmp):
+    if not in_place and os.path.exists(tmp):
       os.remove(tmp)
   if unseen_rows:
     logging.info(
@@ -126,14 +140,33 @@ def write_predictions(
   return rows
 
 
+def streamed(output: str) -> bool:
+  """Whether `output` is written in place rather than beside and renamed.
+
+  `-` (standard output), or an existing path that is no regular file or
+  directory (a FIFO, /dev/stdout, /dev/null): a rename would replace it
+  with a regular file (as root, even /dev/null's device node).
+  """
+  if output == '-':
+    return True
+  try:
+    mode = os.stat(output).st_mode
+  except OSError:  # None yet (or unreadable: the write will say).
+    return False
+  return not (stat.S_ISREG(mode) or stat.S_ISDIR(mode))
+
+
 def check_output(output: str, source: str, workdir: str) -> None:
   """Raises a UserError if writing `output` would replace what we read,
   or its name asks for a format other than CSV (`OTHER_FORMATS`).
 
   The output is written beside and renamed over its path at the end: over
   the input, the rows would be lost; inside the run's directory, one of
-  its files (metrics.jsonl, a checkpoint) could be.
+  its files (metrics.jsonl, a checkpoint) could be. A `streamed` output
+  is not renamed.
   """
+  if streamed(output):
+    return
   if os.path.isdir(output):  # Found before the rows are scored.
     raise utils.UserError(f'--output: {output} is a directory, not a file.')
   if os.path.exists(output) and os.path.samefile(output, source):

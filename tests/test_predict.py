@@ -15,6 +15,7 @@ import json
 import os
 import re
 import shutil
+import stat
 import subprocess
 import sys
 import tarfile
@@ -175,7 +176,7 @@ class PredictTest(parameterized.TestCase):
     for name, what in (
       ('workdir', 'Workdir of a finished training run'),
       ('input', 'Rows to score, in the run format'),
-      ('output', 'CSV to write: probability[,label]'),
+      ('output', 'CSV to write: probability[,label]; - for standard output'),
     ):
       paths = dict(given, **{name: ''})
       self.assertEqual(
@@ -397,6 +398,41 @@ class PredictTest(parameterized.TestCase):
     predict_output.write_predictions(self.predictor, source, packed)
     with open(plain, 'rb') as f, gzip.open(packed, 'rb') as g:
       self.assertEqual(g.read(), f.read())
+
+  def test_a_fifo_output_is_written_into_not_replaced(self):
+    # It was written beside and renamed over: the FIFO (so /dev/stdout or,
+    # as root, /dev/null) became a regular file, its reader got nothing.
+    source = _write(
+      os.path.join(self.tmp, 'test.txt'), self.trained.lines['test'][:9]
+    )
+    plain, fifo = (os.path.join(self.tmp, n) for n in ('out.csv', 'fifo'))
+    predict_output.write_predictions(self.predictor, source, plain)
+    os.mkfifo(fifo)
+    reader = os.open(fifo, os.O_RDONLY | os.O_NONBLOCK)  # 9 rows fit a pipe.
+    self.addCleanup(os.close, reader)
+    predict_output.write_predictions(self.predictor, source, fifo)
+    self.assertTrue(stat.S_ISFIFO(os.stat(fifo).st_mode))
+    with open(plain, 'rb') as f:
+      self.assertEqual(os.read(reader, 1 << 16), f.read())
+    self.assertEqual(
+      sorted(os.listdir(self.tmp)), ['fifo', 'out.csv', 'test.txt']
+    )
+
+  def test_an_output_named_dash_is_standard_output(self):
+    source = _write(
+      os.path.join(self.tmp, 'test.txt'), self.trained.lines['test'][:9]
+    )
+    plain = os.path.join(self.tmp, 'out.csv')
+    predict_output.write_predictions(self.predictor, source, plain)
+    self.enter_context(contextlib.chdir(self.tmp))
+    stdout = self.enter_context(mock.patch.object(sys, 'stdout', io.StringIO()))
+    predict_output.check_output('-', source, self.trained.workdir)
+    self.assertEqual(
+      predict_output.write_predictions(self.predictor, source, '-'), 9
+    )
+    with open(plain) as f:
+      self.assertEqual(stdout.getvalue(), f.read())
+    self.assertEqual(sorted(os.listdir(self.tmp)), ['out.csv', 'test.txt'])
 
   def test_unlabeled_rows_in_any_chunks(self):
     lines = [line.split('\t', 1)[1] for line in self.trained.lines['valid']]
