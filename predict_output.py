@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING
 from absl import logging
 import numpy as np
 
+from datasets import core
 import metrics
 import utils
 
@@ -65,7 +66,8 @@ def write_predictions(
   (gzipped if its name ends in `.gz`, as an input may be).
 
   The output appears complete or not at all (written beside, then renamed;
-  calls on other threads to the same `output` each write their own copy),
+  calls on other threads to the same `output` each write their own copy,
+  and the copies of killed processes are removed first),
   except where it is streamed (`streamed`): `-` is standard output.
   Logs how many rows had a value that training did not keep, per field: a
   model scoring many of them is out of date. `parse_workers` as
@@ -77,7 +79,10 @@ def write_predictions(
   in_place = streamed(output)
   tmp = output
   if not in_place:
-    tmp = f'{output}.tmp-{os.getpid()}-{threading.get_ident()}'
+    tmp = f'{output}.tmp-{core.owner_tag()}.{threading.get_ident()}'
+    # The copies of writes that were killed (SIGKILL, out of memory).
+    directory, name = os.path.split(os.path.abspath(output))
+    core.remove_orphans(directory, f'{name}.tmp-')
   rows, header = 0, None
   enc = predictor.encoder
   names = enc.field_names

@@ -15,6 +15,7 @@ import json
 import os
 import re
 import shutil
+import socket
 import stat
 import subprocess
 import sys
@@ -398,6 +399,25 @@ class PredictTest(parameterized.TestCase):
     predict_output.write_predictions(self.predictor, source, packed)
     with open(plain, 'rb') as f, gzip.open(packed, 'rb') as g:
       self.assertEqual(g.read(), f.read())
+
+  def test_the_copy_a_killed_write_left_is_removed_not_a_live_ones(self):
+    # A SIGKILL mid-way left `<output>.tmp-<pid>-<thread>` (16 MB of a 3M
+    # row file after 15 s) for ever: no later run removed it.
+    source = _write(
+      os.path.join(self.tmp, 'test.txt'), self.trained.lines['test'][:9]
+    )
+    output = os.path.join(self.tmp, 'out.csv')
+    dead = subprocess.Popen([sys.executable, '-c', ''])
+    dead.wait()
+    host = socket.gethostname()
+    orphan = _write(f'{output}.tmp-{dead.pid}@{host}.7', ['0.5'])
+    live = _write(f'{output}.tmp-{os.getpid()}@{host}.7', ['0.5'])
+    other = _write(f'{output}.tmp-{dead.pid}@not-{host}.7', ['0.5'])
+    predict_output.write_predictions(self.predictor, source, output)
+    self.assertFalse(os.path.exists(orphan))
+    self.assertTrue(os.path.exists(live))  # A thread of this process.
+    self.assertTrue(os.path.exists(other))  # Another host's: unknown.
+    self.assertLen(pd.read_csv(output), 9)
 
   def test_a_fifo_output_is_written_into_not_replaced(self):
     # It was written beside and renamed over: the FIFO (so /dev/stdout or,
