@@ -32,6 +32,7 @@ From Python:
 """
 
 from collections.abc import Iterator
+import errno
 import json
 import os
 from typing import Any
@@ -437,9 +438,14 @@ def main(argv):
   except OSError as e:
     if e.filename and not str(e.filename).startswith(output):
       raise  # Not the output's.
+    todo = 'choose a path in a directory you can write'
+    if e.errno in (errno.ENOSPC, errno.EDQUOT):
+      todo = 'free space on its disk, or write it to another (.gz: gzipped)'
+    elif e.errno == errno.EFBIG:  # The file system's or `ulimit -f`'s cap.
+      todo = 'a file there cannot be that large: write it to another disk,'
+      todo += ' or name it .gz to gzip it'
     raise utils.UserError(
-      f'--output: cannot write {output} ({e.strerror or e}); choose a'
-      ' path in a directory you can write.'
+      f'--output: cannot write {output} ({e.strerror or e}); {todo}.'
     ) from e
   logging.info('Wrote %d rows to %s', rows, output)
 

@@ -310,6 +310,38 @@ class PredictTest(parameterized.TestCase):
       ),
     )
 
+  def test_an_output_over_the_file_size_limit_says_so(self):
+    # A full disk or `ulimit -f` said 'choose a path in a directory you can
+    # write', of a directory that could be written.
+    source = _write(
+      os.path.join(self.tmp, 'test.txt'), self.trained.lines['test']
+    )
+    output = os.path.join(self.tmp, 'out.csv')
+    run = subprocess.run
+
+    def limited(command, **kwargs):  # The output's 1.8 KB is over 1 KB.
+      shell = ['bash', '-c', 'ulimit -f 1 && exec "$@"', 'bash']
+      return run(shell + command, **kwargs)
+
+    with mock.patch.object(subprocess, 'run', limited):
+      got = command_error(
+        'predict.py',
+        self.tmp,
+        f'--workdir={self.trained.workdir}',
+        f'--input={source}',
+        f'--output={output}',
+      )
+    self.assertEqual(
+      got,
+      (
+        2,
+        f'predict.py: error: --output: cannot write {output} (File too'
+        ' large); a file there cannot be that large: write it to another'
+        ' disk, or name it .gz to gzip it.',
+      ),
+    )
+    self.assertEqual(sorted(os.listdir(self.tmp)), ['test.txt'])
+
   def test_two_threads_writing_one_output_each_write_it_whole(self):
     # Both wrote `<output>.tmp-<pid>`: the first to finish renamed the
     # other's copy, which went on writing into the output, then failed.
