@@ -17,6 +17,10 @@ import numpy as np
 import event_files
 import utils
 
+# Rows at a time of the metrics' float64 temporaries: their memory stays a
+# few MB beyond the inputs, whatever the rows (predict.py: a whole file's).
+BLOCK_ROWS = 1 << 20
+
 
 def roc_auc(labels: np.ndarray, scores: np.ndarray) -> float:
   """Exact ROC AUC: P(score of a positive > score of a negative), ties half.
@@ -24,24 +28,30 @@ def roc_auc(labels: np.ndarray, scores: np.ndarray) -> float:
   `labels` are 0/1 `[n]`; `scores` `[n]` any monotone score (logits keep more
   resolution than probabilities, which saturate to 1.0 in float32). NaN when
   one class is absent, or when a score is NaN (a diverged model): NaNs have
-  no order, and sorting them would rank them by their position.
+  no order, and sorting them would rank them by their position. Beyond the
+  inputs it holds the negatives' scores sorted, the positives' and a
+  flag per row (float32 scores: 5 bytes a row, where ranks took 80).
   """
-  labels = np.asarray(labels, np.float64).reshape(-1)
-  scores = np.asarray(scores, np.float64).reshape(-1)
-  n_pos = labels.sum()
-  n_neg = len(labels) - n_pos
+  positive = np.asarray(labels).reshape(-1) == 1
+  scores = np.asarray(scores).reshape(-1)
+  if scores.dtype.kind != 'f' or scores.dtype.itemsize < 4:
+    scores = scores.astype(np.float64)
+  n_pos = int(np.count_nonzero(positive))
+  n_neg = len(positive) - n_pos
   if n_pos == 0 or n_neg == 0 or np.isnan(scores).any():
     return float('nan')
-  order = np.argsort(scores, kind='mergesort')
-  sorted_scores = scores[order]
-  # Average 1-based rank of each run of equal scores.
-  starts = np.r_[0, np.flatnonzero(np.diff(sorted_scores)) + 1]
-  ends = np.r_[starts[1:], len(scores)]
-  ranks = np.empty(len(scores))
-  ranks[order] = np.repeat((starts + ends + 1) / 2.0, ends - starts)
-  return float(
-    (ranks[labels == 1].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg)
-  )
+  negatives = scores[~positive]
+  negatives.sort()
+  positives = scores[positive]
+  del positive
+  # Per positive: the negatives below it, plus those below or tied: twice
+  # its wins, a tie counted half.
+  twice_wins = 0
+  for start in range(0, n_pos, BLOCK_ROWS):
+    block = positives[start : start + BLOCK_ROWS]
+    for side in ('left', 'right'):
+      twice_wins += int(np.searchsorted(negatives, block, side).sum())
+  return twice_wins / (2 * n_pos * n_neg)
 
 
 def log_loss(labels: np.ndarray, probabilities: np.ndarray) -> float:
@@ -59,9 +69,16 @@ def log_loss(labels: np.ndarray, probabilities: np.ndarray) -> float:
 def logit_log_loss(labels: np.ndarray, logits: np.ndarray) -> float:
   """Mean binary cross-entropy of `logits` `[n]`, in float64: training's
   `optax.sigmoid_binary_cross_entropy`, which no probability cuts."""
-  x = np.asarray(logits, np.float64)
-  y = np.asarray(labels, np.float64)
-  return float(np.mean(np.maximum(x, 0) - x * y + np.log1p(np.exp(-np.abs(x)))))
+  logits = np.asarray(logits).reshape(-1)
+  labels = np.asarray(labels).reshape(-1)
+  total = 0.0
+  for start in range(0, len(logits), BLOCK_ROWS):
+    x = logits[start : start + BLOCK_ROWS].astype(np.float64)
+    y = labels[start : start + BLOCK_ROWS].astype(np.float64)
+    total += float(
+      np.sum(np.maximum(x, 0) - x * y + np.log1p(np.exp(-np.abs(x))))
+    )
+  return total / len(logits) if len(logits) else float('nan')
 
 
 def json_line(record: dict) -> str:

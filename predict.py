@@ -15,7 +15,8 @@ rows with values that training did not keep, per field (many mean a model
 out of date), and warns of rows scored NaN (numbers so far outside
 training's range that the model overflows). With labels, it also gives the
 AUC and logloss, from the logits as training's evaluation (a probability
-saturates in float32); logits and labels stay in memory, 5 bytes a row.
+saturates in float32); logits and labels stay in memory, 5 bytes a row
+(about 12 while the metrics are computed, at the end).
 
 A run with multi-hot or numeric fields (CSV `float_columns` and
 `multi_hot_columns`, Criteo `numeric='dense'`, MovieLens `side_features`)

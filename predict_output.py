@@ -135,6 +135,7 @@ def write_predictions(
   if scored and rows:  # An empty file has no AUC to log.
     # From the logits, as training's evaluation: probabilities saturate.
     logits, labels = (np.concatenate(a) for a in zip(*scored, strict=True))
+    scored.clear()
     auc, one = metrics.roc_auc(labels, logits), np.unique(labels)
     logging.info(
       'The %d labelled rows: AUC %s, logloss %.6f',

@@ -9,6 +9,7 @@ import json
 import os
 import shutil
 import tempfile
+import tracemalloc
 from unittest import mock
 import warnings
 
@@ -145,6 +146,40 @@ class MetricsTest(parameterized.TestCase):
     self.assertAlmostEqual(
       metrics.roc_auc(labels, scores), _brute_force_auc(labels, scores), 12
     )
+
+  def test_auc_and_logloss_in_blocks_match_brute_force(self):
+    rng = np.random.default_rng(5)
+    labels = rng.integers(0, 2, 300)
+    scores = rng.integers(-3, 4, 300).astype(np.float32)  # Many ties.
+    with mock.patch.object(metrics, 'BLOCK_ROWS', 7):
+      self.assertAlmostEqual(
+        metrics.roc_auc(labels, scores), _brute_force_auc(labels, scores), 12
+      )
+      self.assertAlmostEqual(
+        metrics.logit_log_loss(labels, scores),
+        _numpy_logloss(labels, scores),
+        12,
+      )
+
+  def test_auc_and_logloss_of_many_rows_hold_little_beyond_them(self):
+    # predict.py scores a whole file's logits (4 bytes a row) and labels (1)
+    # at its end: ranks in float64 took 79 bytes a row more (3.6 GB for
+    # Kaggle Criteo's 45M lines), the logloss 40.
+    n = 1 << 21
+    rng = np.random.default_rng(0)
+    logits = rng.normal(size=n).astype(np.float32)
+    labels = (rng.random(n) < 0.3).astype(np.uint8)
+    self.enter_context(
+      mock.patch.object(metrics, 'BLOCK_ROWS', 1 << 16, create=True)
+    )
+    for score in (metrics.roc_auc, metrics.logit_log_loss):
+      tracemalloc.start()
+      try:
+        score(labels, logits)
+        peak = tracemalloc.get_traced_memory()[1]
+      finally:
+        tracemalloc.stop()
+      self.assertLess(peak / n, 10, score.__name__)  # Bytes a row.
 
   def test_auc_extremes_and_one_class(self):
     self.assertEqual(metrics.roc_auc([0, 0, 1, 1], [0.1, 0.2, 0.3, 0.4]), 1.0)
