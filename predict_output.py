@@ -146,14 +146,25 @@ def write_predictions(
   return rows
 
 
+# Paths of a process's open files and of devices: written where they lead.
+SPECIAL_DIRS = ('/dev/', '/proc/')
+
+
 def streamed(output: str) -> bool:
   """Whether `output` is written in place rather than beside and renamed.
 
-  `-` (standard output), or an existing path that is no regular file or
-  directory (a FIFO, /dev/stdout, /dev/null): a rename would replace it
-  with a regular file (as root, even /dev/null's device node).
+  `-` (standard output); a path in /dev or /proc (/dev/stdout, /dev/null,
+  /proc/self/fd/1), or a link to one; an existing path that is no regular
+  file or directory (a FIFO). A rename would replace the link or device
+  with a regular file: as root, /dev/stdout itself, also when the shell
+  sends standard output to a file (`> out.csv`).
   """
   if output == '-':
+    return True
+  targets = [os.path.abspath(output)]
+  with contextlib.suppress(OSError):  # Not a link: no target.
+    targets.append(os.path.join(targets[0], '..', os.readlink(output)))
+  if any(os.path.normpath(t).startswith(SPECIAL_DIRS) for t in targets):
     return True
   try:
     mode = os.stat(output).st_mode

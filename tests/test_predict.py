@@ -470,6 +470,27 @@ class PredictTest(parameterized.TestCase):
       sorted(os.listdir(self.tmp)), ['fifo', 'out.csv', 'test.txt']
     )
 
+  def test_a_link_to_an_open_file_is_written_through_not_replaced(self):
+    # `--output=/dev/stdout > out.csv`: /dev/stdout led to a regular file,
+    # so the rows were written to /dev/stdout.tmp-... and renamed over
+    # /dev/stdout (as root: the machine's link replaced by a file, the
+    # shell's out.csv left empty). Here with a link of our own.
+    source = _write(
+      os.path.join(self.tmp, 'test.txt'), self.trained.lines['test'][:9]
+    )
+    plain = os.path.join(self.tmp, 'out.csv')
+    predict_output.write_predictions(self.predictor, source, plain)
+    shell = self.enter_context(open(os.path.join(self.tmp, 'shell.csv'), 'w'))
+    link = os.path.join(self.tmp, 'stdout')
+    os.symlink(f'/proc/self/fd/{shell.fileno()}', link)
+    self.assertTrue(predict_output.streamed(link))
+    self.assertTrue(predict_output.streamed('/dev/stdout'))
+    self.assertTrue(predict_output.streamed('/dev/null'))
+    predict_output.write_predictions(self.predictor, source, link)
+    self.assertTrue(os.path.islink(link))
+    with open(plain) as f, open(shell.name) as g:
+      self.assertEqual(g.read(), f.read())
+
   def test_an_output_named_dash_is_standard_output(self):
     source = _write(
       os.path.join(self.tmp, 'test.txt'), self.trained.lines['test'][:9]
