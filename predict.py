@@ -8,15 +8,17 @@ its label column. Rows are encoded with the run's saved encoder (a value
 that training did not keep gets its field's out-of-vocabulary id) and scored
 by the best checkpoint. The output CSV has a `probability` column, and
 `label` when the input has one: one line per input row (blank lines carry no
-row), in input order. The file is read in chunks of `--chunk_rows` lines,
-so memory does not grow with it, and each batch is split over every local
-device. A malformed row stops with its file and line. The log counts the
-rows with values that training did not keep, per field (many mean a model
-out of date), and warns of rows scored NaN (numbers so far outside
-training's range that the model overflows). With labels, it also gives the
-AUC and logloss, from the logits as training's evaluation (a probability
-saturates in float32); logits and labels stay in memory, 5 bytes a row
-(about 12 while the metrics are computed, at the end).
+row), in input order, written beside `--output` and renamed over it at the
+end (a killed run's copy is removed by the next); `-` is standard output,
+and /dev paths and FIFOs are written in place. The file is read in chunks
+of `--chunk_rows` lines, so memory does not grow with it, and each batch is
+split over every local device. A malformed row stops with its file and
+line. The log counts the rows with values that training did not keep, per
+field (many mean a model out of date), and warns of rows scored NaN
+(numbers so far outside training's range that the model overflows). With
+labels, it also gives the AUC and logloss, from the logits as training's
+evaluation (a probability saturates in float32); logits and labels stay in
+memory, 5 bytes a row (about 12 while the metrics are computed, at the end).
 
 A run with multi-hot or numeric fields (CSV `float_columns` and
 `multi_hot_columns`, Criteo `numeric='dense'`, MovieLens `side_features`)
