@@ -439,7 +439,8 @@ def main(argv):
       predictor, source, output, args.chunk_rows, args.parse_workers
     )
   except OSError as e:
-    if e.filename and not str(e.filename).startswith(output):
+    mine = (output, os.path.realpath(output))  # Beside a link's file.
+    if e.filename and not str(e.filename).startswith(mine):
       raise  # Not the output's.
     todo = 'choose a path in a directory you can write'
     if e.errno in (errno.ENOSPC, errno.EDQUOT):

@@ -66,9 +66,10 @@ def write_predictions(
   (gzipped if its name ends in `.gz`, as an input may be).
 
   The output appears complete or not at all (written beside, then renamed;
-  calls on other threads to the same `output` each write their own copy,
-  and the copies of killed processes are removed first),
-  except where it is streamed (`streamed`): `-` is standard output.
+  a link's file is, the link kept; calls on other threads to the same
+  `output` each write their own copy, and the copies of killed processes
+  are removed first), except where it is streamed (`streamed`): `-` is
+  standard output.
   Logs how many rows had a value that training did not keep, per field: a
   model scoring many of them is out of date. `parse_workers` as
   `config.dataset.parse_workers`.
@@ -77,11 +78,12 @@ def write_predictions(
     The number of rows written.
   """
   in_place = streamed(output)
-  tmp = output
+  target = tmp = output
   if not in_place:
-    tmp = f'{output}.tmp-{core.owner_tag()}.{threading.get_ident()}'
+    target = os.path.realpath(output)  # A link stays, its file is replaced.
+    tmp = f'{target}.tmp-{core.owner_tag()}.{threading.get_ident()}'
     # The copies of writes that were killed (SIGKILL, out of memory).
-    directory, name = os.path.split(os.path.abspath(output))
+    directory, name = os.path.split(target)
     core.remove_orphans(directory, f'{name}.tmp-')
   rows, header = 0, None
   enc = predictor.encoder
@@ -116,7 +118,7 @@ def write_predictions(
         unseen_rows += int(mask.any(1).sum())
       f.flush()  # Standard output stays open.
     if not in_place:
-      os.replace(tmp, output)
+      os.replace(tmp, target)
   finally:
     if not in_place and os.path.exists(tmp):
       os.remove(tmp)

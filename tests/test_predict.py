@@ -491,6 +491,41 @@ class PredictTest(parameterized.TestCase):
     with open(plain) as f, open(shell.name) as g:
       self.assertEqual(g.read(), f.read())
 
+  def test_a_link_to_a_file_keeps_and_its_file_gets_the_rows(self):
+    # The copy was renamed over the link: the link became a file of its
+    # own and the file it led to kept the old rows.
+    source = _write(
+      os.path.join(self.tmp, 'test.txt'), self.trained.lines['test'][:9]
+    )
+    plain = os.path.join(self.tmp, 'out.csv')
+    predict_output.write_predictions(self.predictor, source, plain)
+    shared = os.path.join(self.tmp, 'shared')
+    os.mkdir(shared)
+    real = _write(os.path.join(shared, 'out.csv'), ['old'])
+    link = os.path.join(self.tmp, 'link.csv')
+    os.symlink(os.path.join('shared', 'out.csv'), link)
+    predict_output.write_predictions(self.predictor, source, link)
+    self.assertTrue(os.path.islink(link))
+    with open(plain) as f, open(real) as g:
+      self.assertEqual(g.read(), f.read())
+    self.assertEqual(os.listdir(shared), ['out.csv'])
+    dangling = os.path.join(self.tmp, 'dangling.csv')
+    os.symlink(os.path.join(self.tmp, 'missing', 'out.csv'), dangling)
+    self.assertEqual(
+      command_error(
+        'predict.py',
+        self.tmp,
+        f'--workdir={self.trained.workdir}',
+        f'--input={source}',
+        f'--output={dangling}',
+      ),
+      (
+        2,
+        f'predict.py: error: --output: cannot write {dangling} (No such file'
+        ' or directory); choose a path in a directory you can write.',
+      ),
+    )
+
   def test_an_output_named_dash_is_standard_output(self):
     source = _write(
       os.path.join(self.tmp, 'test.txt'), self.trained.lines['test'][:9]
