@@ -531,11 +531,14 @@ class ResumeTest(parameterized.TestCase):
       got, got_meta = self._latest(root, 'resumed', 3)
       # Another optimizer, learning rate, weight decay or plateau factor
       # would not continue the run: refused, in one line naming the key.
+      # (table_learning_rate only where the optimizer reads it: see
+      # test_workdir.)
       other = 'adam' if optimizer != 'adam' else 'lazy_adam'
+      reads_table_rate = optimizer == 'rowwise_adagrad'
       for key, value in (
         ('optimizer', other),
         ('learning_rate', 0.02),
-        ('table_learning_rate', 0.2),
+        *[('table_learning_rate', 0.2)] * reads_table_rate,
         ('weight_decay', 1e-5),
         ('table_weight_decay', None),
         ('lr_plateau_factor', 0.1),
