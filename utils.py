@@ -18,6 +18,7 @@ import sys
 import threading
 import time
 from typing import IO
+import zlib
 
 from absl import logging
 
@@ -227,15 +228,6 @@ def drop_torn_programs(directory: str) -> None:
   a warning, and compiled again, in every later run. Each entry written
   since the last check (the stamp's time) is decompressed once here.
   """
-  # No public API reads an entry (jax.experimental's compilation_cache has
-  # only set_cache_dir and reset_cache), so the private module's own
-  # decompressor, which knows zstd from zlib; without it, no check.
-  try:
-    from jax._src import compilation_cache  # pylint: disable=g-import-not-at-top
-
-    decompress = compilation_cache.decompress_executable
-  except (ImportError, AttributeError):  # Another JAX: no check.
-    return
   stamp = os.path.join(directory, CHECKED_STAMP)
   started = time.time_ns()
   try:
@@ -250,16 +242,50 @@ def drop_torn_programs(directory: str) -> None:
         if entry.stat().st_mtime_ns < since:
           continue
         with open(entry.path, 'rb') as f:
-          decompress(f.read())
-      except Exception:  # pylint: disable=broad-except
-        logging.warning(
-          'Removing %s: a compiled program cut short (a full disk?)', entry.path
-        )
-        with contextlib.suppress(OSError):
-          os.remove(entry.path)
+          if _whole(f.read()) is not False:
+            continue
+      except OSError:
+        continue
+      logging.warning(
+        'Removing %s: a compiled program cut short (a full disk?)', entry.path
+      )
+      with contextlib.suppress(OSError):
+        os.remove(entry.path)
     with open(stamp, 'wb'):
       pass
     os.utime(stamp, ns=(started, started))
+
+
+def _whole(blob: bytes) -> bool | None:
+  """Whether a compilation cache entry decompresses whole; None where its
+  format is not known here (it is then kept).
+
+  JAX compresses an entry with zstd where a zstd module is installed, else
+  with zlib; each format is told by its own header, and no public JAX API
+  reads an entry. Neither format fits a program in fewer than 8 bytes.
+  """
+  if len(blob) < 8:
+    return False
+  if blob[:4] == b'\x28\xb5\x2f\xfd':  # A zstd frame.
+    try:
+      from compression import zstd  # pylint: disable=g-import-not-at-top
+
+      decompress = zstd.decompress
+    except ImportError:  # Before Python 3.14.
+      try:
+        import zstandard  # pylint: disable=g-import-not-at-top
+      except ImportError:
+        return None  # Not JAX's either, then.
+      decompress = zstandard.ZstdDecompressor().decompress
+  elif blob[0] & 0x0F == 8 and int.from_bytes(blob[:2], 'big') % 31 == 0:
+    decompress = zlib.decompress  # A zlib stream's header.
+  else:
+    return None
+  try:
+    decompress(blob)
+  except Exception:  # pylint: disable=broad-except
+    return False  # Each module has its own error; all mean cut short.
+  return True
 
 
 class UserError(Exception):
