@@ -239,9 +239,43 @@ def _parse_flags(argv: list[str]) -> list[str]:
     if not (message := message or _not_a_config(argv, missing or '')):
       raise
     _fail_at_start(argv, message)
-  if message := _not_a_config(argv):
+  if message := _not_a_config(argv) or _repeated_tuple(argv):
     _fail_at_start(argv, message)
   return args
+
+
+def _repeated_tuple(argv: list[str]) -> str | None:
+  """The message for a tuple key's override given twice, or None.
+
+  ml_collections appends the values of each (`--config.dataset.split`
+  twice gives six numbers). A scalar key keeps its last, as any absl flag.
+  """
+  args = flags.FLAGS.read_flags_from_files(argv[1:], force_gnu=False)
+  given = {}
+  for i, arg in enumerate(args):
+    if arg == '--':
+      break
+    name, equals, value = arg.lstrip('-').partition('=')
+    top = name.split('.')[0]
+    if not (arg.startswith('-') and '.' in name and name in flags.FLAGS):
+      continue
+    if top in flags.FLAGS and (
+      isinstance(flags.FLAGS[name], flags.MultiFlag)
+      and isinstance(
+        flags.FLAGS[top].parser, config_flags_lib.ConfigFileFlagParser
+      )
+    ):
+      value = value if equals else ''.join(args[i + 1 : i + 2])
+      given.setdefault(name, []).append(repr(value))
+  for name, values in given.items():
+    if len(values) > 1:
+      times = 'twice' if len(values) == 2 else f'{len(values)} times'
+      return (
+        f'--{name} is given {times} ({", then ".join(values)}), and'
+        ' ml_collections would join them into one tuple of all their values.'
+        ' Give it once.'
+      )
+  return None
 
 
 # What a config key of each type takes on the command line (bool first: a

@@ -1,0 +1,47 @@
+"""Leftovers of the last stop's list, one class each."""
+
+import os
+import subprocess
+import sys
+import tempfile
+
+from absl.testing import absltest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+class RepeatedOverrideTest(absltest.TestCase):
+  def test_a_tuple_key_given_twice_is_refused_naming_it(self):
+    # ml_collections appends a tuple key's values: the split given twice
+    # became (0.8, 0.1, 0.1, 0.8, 0.1, 0.1), and a run went on from there.
+    with tempfile.TemporaryDirectory() as tmp:
+      workdir = os.path.join(tmp, 'w')
+      result = subprocess.run(
+        [
+          sys.executable,
+          'main.py',
+          '--config=configs/fm.py:smoke',
+          f'--workdir={workdir}',
+          '--config.dataset.split=0.8,0.1,0.1',
+          '--config.batch_size=64',
+          '--config.dataset.split',
+          '0.7,0.2,0.1',
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+      )
+      self.assertFalse(os.path.exists(workdir))
+    self.assertEqual(result.returncode, 2, result.stderr[-3000:])
+    self.assertNotIn('Traceback', result.stderr)
+    self.assertEqual(
+      result.stderr.strip().splitlines()[-1],
+      "main.py: error: --config.dataset.split is given twice ('0.8,0.1,0.1',"
+      " then '0.7,0.2,0.1'), and ml_collections would join them into one"
+      ' tuple of all their values. Give it once.',
+    )
+
+
+if __name__ == '__main__':
+  absltest.main()
