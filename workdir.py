@@ -66,6 +66,7 @@ HOST_KEYS = (
   *PATH_KEYS,
   *('dataset.cache_dir', 'dataset.parse_workers', 'progress_bar'),
 )
+_ABSENT = object()  # A key that one of two flat configs lacks.
 
 
 # --------------------------------------------------------------------------
@@ -291,13 +292,17 @@ def check_resume(
     differences = '; '.join(
       f'{k} {_show(old, k)} -> {_show(new, k)}' for k in refused
     )
+    unread = ', '.join(
+      f'{k} where the optimizer is not {" or ".join(v)}'
+      for k, v in READ_BY.items()
+    )
     raise UserError(
       f'workdir {workdir} holds checkpoints of a run with another config,'
       f' and resuming it with this one would not continue that run:'
       f' {differences} (recorded in {record_path}). Set these back to'
       ' resume; to start a new run instead, use another workdir or delete'
       f' this one. Only {", ".join(SAFE_KEYS)} may change on a resume (and'
-      ' table_learning_rate where the optimizer is not rowwise_adagrad).'
+      f' {unread}).'
     )
   entries = []
   for k in changed:
@@ -362,9 +367,6 @@ def resumed_optimizer(
   config = config.copy_and_resolve_references()
   config.optimizer = recorded
   return config
-
-
-_ABSENT = object()
 
 
 def record_resolved_optimizer(workdir: str, optimizer: str) -> None:

@@ -4,8 +4,13 @@ import os
 import subprocess
 import sys
 import tempfile
+from unittest import mock
 
 from absl.testing import absltest
+
+from configs import fm
+import utils
+import workdir
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -41,6 +46,37 @@ class RepeatedOverrideTest(absltest.TestCase):
       " then '0.7,0.2,0.1'), and ml_collections would join them into one"
       ' tuple of all their values. Give it once.',
     )
+
+
+class ResumeRefusalTest(absltest.TestCase):
+  def _refusal(self) -> str:
+    config = fm.get_config('smoke')
+    with tempfile.TemporaryDirectory() as path:
+      workdir.check_resume(path, config, resuming=False)
+      config.learning_rate = 0.5
+      with self.assertRaises(utils.UserError) as refused:
+        workdir.check_resume(path, config, resuming=True)
+    return str(refused.exception)
+
+  def test_the_refusal_names_the_keys_of_read_by_from_the_table(self):
+    # The line named table_learning_rate and rowwise_adagrad itself: a key
+    # or an optimizer added to READ_BY would have been left out.
+    self.assertEndsWith(
+      self._refusal(),
+      ' may change on a resume (and table_learning_rate where the optimizer'
+      ' is not rowwise_adagrad).',
+    )
+    table = {
+      'table_learning_rate': ('rowwise_adagrad', 'row_sgd'),
+      'table_momentum': ('row_sgd',),
+    }
+    with mock.patch.object(workdir, 'READ_BY', table):
+      self.assertEndsWith(
+        self._refusal(),
+        ' may change on a resume (and table_learning_rate where the'
+        ' optimizer is not rowwise_adagrad or row_sgd, table_momentum where'
+        ' the optimizer is not row_sgd).',
+      )
 
 
 if __name__ == '__main__':
