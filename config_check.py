@@ -20,6 +20,7 @@ from typing import Any
 
 import ml_collections
 
+from config_rules import TRAINER_SET
 from config_rules import Rule
 from config_rules import boolean
 from config_rules import columns
@@ -44,17 +45,6 @@ from utils import UserError
 
 # The values of `config.optimizer` (optim.NAMES).
 OPTIMIZERS = ('auto', 'adam', 'lazy_adam', 'rowwise_adagrad')
-
-# Model attributes that the trainer sets from the data (or flax itself).
-TRAINER_SET = (
-  'field_dims',
-  'multi_field_dims',
-  'num_dense',
-  'axis_name',
-  'dtype',
-  'parent',
-  'name',
-)
 
 
 class ConfigError(UserError, ValueError):

@@ -14,6 +14,19 @@ from typing import Any
 # A rule returns None when the value is fine, else what it must be.
 Rule = Callable[[Any], str | None]
 
+# Model attributes that the trainer sets from the data (or flax itself).
+# Here, not in config_check.py: configs/default.py reads them too, and
+# config_check.py imports config_unused.py, which imports configs/default.py.
+TRAINER_SET = (
+  'field_dims',
+  'multi_field_dims',
+  'num_dense',
+  'axis_name',
+  'dtype',
+  'parent',
+  'name',
+)
+
 
 def is_int(value: Any) -> bool:
   return isinstance(value, numbers.Integral) and not isinstance(value, bool)

@@ -12,7 +12,7 @@ import importlib
 
 import ml_collections
 
-import config_check
+import config_rules
 import data
 
 
@@ -151,7 +151,7 @@ def with_model_arguments(
   for field in dataclasses.fields(model):
     default = field.default
     if not (
-      field.name in config_check.TRAINER_SET
+      field.name in config_rules.TRAINER_SET
       or field.name in config.model
       or default is None
       or default is dataclasses.MISSING
