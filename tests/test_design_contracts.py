@@ -88,7 +88,12 @@ class DeprecationFilterTest(absltest.TestCase):
 
 def _imports(path: str, modules: dict[str, str]) -> set[str]:
   """The project modules that the file at `path` imports, at its top or in
-  a function, but not for type checking alone (`if TYPE_CHECKING:`)."""
+  a function, but not for type checking alone (`if TYPE_CHECKING:`).
+
+  `importlib.import_module(name)` counts too: a constant name as itself, a
+  formatted one (`f'datasets.{f}'`) as every module whose name begins with
+  its constant start (data.py's registry imports the sources so).
+  """
   with open(path) as f:
     tree = ast.parse(f.read())
   checking = {
@@ -110,6 +115,18 @@ def _imports(path: str, modules: dict[str, str]) -> set[str]:
       for a in node.names:
         if f'{node.module}.{a.name}' in modules:
           out.add(f'{node.module}.{a.name}')
+    elif (
+      isinstance(node, ast.Call)
+      and ast.unparse(node.func) in ('importlib.import_module', 'import_module')
+      and node.args
+    ):
+      name = node.args[0]
+      if isinstance(name, ast.Constant) and name.value in modules:
+        out.add(name.value)
+      elif isinstance(name, ast.JoinedStr) and name.values:
+        start = name.values[0]
+        start = start.value if isinstance(start, ast.Constant) else ''
+        out.update(m for m in modules if start and m.startswith(start))
   return out
 
 
@@ -145,6 +162,8 @@ class ImportLayersTest(absltest.TestCase):
     # The parse finds the imports: train.py's of the layers below it.
     self.assertLessEqual({'data', 'optim', 'programs'}, graph['train'])
     self.assertIn('datasets.core', graph['data'])
+    # And data.py's importlib import of the sources (its registry).
+    self.assertIn('datasets.movielens', graph['data'])
     self.assertEqual(_cycle(graph), [])
     # The shared types sit at the bottom: nothing of the data layers above.
     self.assertLessEqual(graph['datasets.core'], {'utils'})
