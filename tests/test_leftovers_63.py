@@ -4,7 +4,9 @@ import os
 import subprocess
 import sys
 import tempfile
+import tomllib
 from unittest import mock
+import warnings
 
 from absl.testing import absltest
 
@@ -77,6 +79,38 @@ class ResumeRefusalTest(absltest.TestCase):
         ' optimizer is not rowwise_adagrad or row_sgd, table_momentum where'
         ' the optimizer is not row_sgd).',
       )
+
+
+class BenchmarksDeprecationTest(absltest.TestCase):
+  def test_deprecation_warnings_of_the_benchmarks_are_errors(self):
+    # pyproject.toml named the library's modules only. A DeprecationWarning
+    # raised in each benchmarks module, under the filters pyproject.toml
+    # gives pytest, must raise (as tests/test_design_contracts.py checks
+    # for the library).
+    with open(os.path.join(ROOT, 'pyproject.toml'), 'rb') as f:
+      filters = tomllib.load(f)['tool']['pytest']['ini_options']
+    names = ['benchmarks'] + [
+      f'benchmarks.{n[:-3]}'
+      for n in sorted(os.listdir(os.path.join(ROOT, 'benchmarks')))
+      if n.endswith('.py') and n != '__init__.py'
+    ]
+    self.assertIn('benchmarks.throughput', names)
+    missed = []
+    with warnings.catch_warnings():
+      warnings.resetwarnings()
+      for entry in filters['filterwarnings']:
+        action, message, category, module = (entry.split(':') + [''] * 4)[:4]
+        warnings.filterwarnings(action, message, DeprecationWarning, module)
+      warnings.simplefilter('ignore', DeprecationWarning, append=True)
+      for name in names:
+        try:
+          warnings.warn_explicit(
+            'deprecated', DeprecationWarning, name, 1, name
+          )
+        except DeprecationWarning:
+          continue
+        missed.append(name)
+    self.assertEqual(missed, [])
 
 
 if __name__ == '__main__':
