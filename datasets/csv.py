@@ -21,7 +21,9 @@ Two more kinds of column feed the model other inputs than one id:
   with its own vocabulary: values seen fewer than `min_count` times share
   an out-of-vocabulary id, as in a categorical field. Values are stripped,
   empty ones dropped (an empty cell is an empty list); a list longer than
-  `multi_hot_max_len` keeps its first `multi_hot_max_len` values.
+  `multi_hot_max_len` keeps its first `multi_hot_max_len` values. A
+  Parquet (or DataFrame) list cell holds the values themselves, none of
+  which may hold `multi_hot_sep`.
 """
 
 from __future__ import annotations
@@ -193,12 +195,14 @@ class ParquetTable(text.Table):
     batches = _parquet_file(path).iter_batches(
       batch_size=chunk_rows, columns=columns
     )
+    first = 1  # The rows' numbers, as datasets/streaming.py gives them.
     for batch in batches:
       # An integer column with a null stays integers (pandas would make it
       # floats, written `1.0` in this batch and `1` in the next), and a list
       # column holds a multi-hot field's values.
       frame = batch.to_pandas(integer_object_nulls=True)[columns]
-      frame = joined_lists(frame, multi, self.multi_sep)
+      frame = joined_lists(frame, multi, self.multi_sep, f'{path}:', first)
+      first += len(frame)
       if self.label and _is_boolean(batch.schema.field(self.label).type):
         # True/False as 1/0 (a null stays a missing label), as a DataFrame's.
         frame[self.label] = frame[self.label].astype('boolean').astype('Int64')
@@ -217,22 +221,60 @@ def _missing(value) -> bool:
   return pd.api.types.is_scalar(value) and bool(pd.isna(value))
 
 
+# What a multi-hot cell holds as a list.
+LISTS = (list, tuple, np.ndarray)
+
+
 def joined_lists(
-  frame: pd.DataFrame, columns: Sequence[str], sep: str
+  frame: pd.DataFrame,
+  columns: Sequence[str],
+  sep: str,
+  where: str = 'DataFrame',
+  first_row: int = 0,
 ) -> pd.DataFrame:
   """`frame` with the list cells of multi-hot `columns` joined by `sep`.
 
   A missing value in a list (None, NaN) is dropped, as an empty value
   between two separators of a text cell is.
+
+  Raises:
+    DataError: a value in a list holds `sep`, and joined would be split
+      there; the message names it, its column and `{where} row {n}`,
+      the frame's rows numbered from `first_row`.
   """
   columns = [c for c in columns if c in frame.columns]
 
   def join(cell):
-    if isinstance(cell, (list, tuple, np.ndarray)):
-      return sep.join(str(v) for v in cell if not _missing(v))
-    return cell
+    if not isinstance(cell, LISTS):
+      return cell
+    values = [str(v) for v in cell if not _missing(v)]
+    if held := [v for v in values if sep in v]:
+      raise _SeparatorInList(held[0])
+    return sep.join(values)
 
-  return frame.assign(**{c: frame[c].map(join) for c in columns})
+  joined = {}
+  for c in columns:
+    try:
+      joined[c] = frame[c].map(join)
+    except _SeparatorInList as e:
+      value = e.args[0]  # Its row: the first list that holds it.
+      row = next(
+        i
+        for i, cell in enumerate(frame[c])
+        if isinstance(cell, LISTS) and value in map(str, cell)
+      )
+      raise core.DataError(
+        f'{where} row {first_row + row}: column {c} holds a list with the'
+        f' value {core.shown(value)}, which holds the multi-hot separator'
+        f' {sep!r} and would be read as {len(value.split(sep))} values.'
+        f' Remove {sep!r} from the value, or train with a'
+        ' config.dataset.csv.multi_hot_sep that no value holds.'
+      ) from None
+  return frame.assign(**joined)
+
+
+class _SeparatorInList(Exception):
+  """A multi-hot list's value holds the separator (`joined_lists`)."""
 
 
 def reader(

@@ -9,8 +9,12 @@ from unittest import mock
 import warnings
 
 from absl.testing import absltest
+from dataset_testing import DatasetTestCase
+import pandas as pd
 
 from configs import fm
+import data
+from datasets import csv
 import utils
 import workdir
 
@@ -79,6 +83,52 @@ class ResumeRefusalTest(absltest.TestCase):
         ' optimizer is not rowwise_adagrad or row_sgd, table_momentum where'
         ' the optimizer is not row_sgd).',
       )
+
+
+class SeparatorInListTest(DatasetTestCase):
+  def _frame(self):
+    tags = [['t1'], ['t2', 't3'], [], ['t1'], ['t3'], ['t1|t2', 't3']]
+    return pd.DataFrame(
+      {'click': [1, 0, 1, 0, 1, 0], 'shop': list('abcabc'), 'tags': tags}
+    )
+
+  def test_a_parquet_list_value_with_the_separator_is_refused(self):
+    # ['t1|t2'] was joined as 't1|t2|t3' and read as three values, t1 and
+    # t2 among them, where the list held two.
+    parquet = os.path.join(self.tmp, 'tags.parquet')
+    self._frame().to_parquet(parquet)
+    config = self.config(
+      'csv',
+      parquet,
+      min_count=1,
+      chunk_rows=4,  # The row is in the second batch.
+      csv=dict(
+        label_column='click', float_columns=(), multi_hot_columns=('tags',)
+      ),
+    )
+    with self.assertRaises(data.DataError) as refused:
+      data.load_dataset(config)
+    self.assertEqual(
+      str(refused.exception),
+      f"{parquet}: row 6: column tags holds a list with the value 't1|t2',"
+      " which holds the multi-hot separator '|' and would be read as 2"
+      " values. Remove '|' from the value, or train with a"
+      ' config.dataset.csv.multi_hot_sep that no value holds.',
+    )
+
+  def test_a_data_frame_list_value_with_the_separator_is_refused(self):
+    # predict's DataFrame rows (encoder_frames.py) are joined here too.
+    frame = self._frame()
+    joined = csv.joined_lists(frame.iloc[:5], ['tags'], '|')
+    self.assertEqual(joined.tags.tolist(), ['t1', 't2|t3', '', 't1', 't3'])
+    with self.assertRaisesRegex(
+      data.DataError,
+      r"^DataFrame row 5: column tags holds a list with the value 't1\|t2',",
+    ):
+      csv.joined_lists(frame, ['tags'], '|')
+    # Another separator reads it as one value.
+    joined = csv.joined_lists(frame, ['tags'], ';')
+    self.assertEqual(joined.tags.tolist()[5], 't1|t2;t3')
 
 
 class BenchmarksDeprecationTest(absltest.TestCase):
