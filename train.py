@@ -33,6 +33,7 @@ import models
 import multihost
 import optim
 import orbax_logs
+import pmap_cache
 import programs
 import sources
 import sparse
@@ -318,6 +319,8 @@ def pmapped_steps(model, config: ml_collections.ConfigDict) -> tuple:
     donate_argnums=programs.state_donation(config.optimizer),
   )
   p_eval_step = jax.pmap(functools.partial(eval_step, model=model), AXIS)
+  for program in (p_train_step, p_eval_step):  # New partials each call.
+    pmap_cache.free_when_unused(program)
   cpu = jax.default_backend() == 'cpu'
   options = programs.CPU_COMPILER_OPTIONS if cpu else None
   return (
@@ -333,8 +336,7 @@ def train_and_evaluate(
 
   The config is checked before anything else; the workdir is locked for the
   whole run, and a restart must continue the run its checkpoints come from
-  (see workdir.py). A JAX cache keeps each call's compiled programs: a sweep
-  in one process frees them with `jax.clear_caches()` between runs.
+  (see workdir.py).
 
   Args:
     config: the run's config (see configs/default.py).
