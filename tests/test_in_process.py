@@ -1,6 +1,11 @@
 """The library called many times in one process (a notebook, a sweep)."""
 
 import gc
+import json
+import os
+import tempfile
+import threading
+from unittest import mock
 import weakref
 
 from absl.testing import absltest
@@ -10,7 +15,9 @@ import numpy as np
 
 from configs import default
 import data
+import predict
 import train
+import utils
 
 
 def _config(**overrides):
@@ -46,6 +53,107 @@ class PmappedProgramsTest(absltest.TestCase):
     del p_train, p_eval
     gc.collect()
     self.assertEqual([m() for m in mapped], [None, None])
+
+
+def _train_lines(workdir):
+  with open(os.path.join(workdir, 'metrics.jsonl')) as f:
+    lines = [json.loads(line) for line in f]
+  return [line['epoch'] for line in lines if line['split'] == 'train']
+
+
+class RunsInOneProcessTest(absltest.TestCase):
+  """`train_and_evaluate` and `predict.load` as a notebook calls them."""
+
+  @classmethod
+  def setUpClass(cls):
+    super().setUpClass()
+    cls.tmp = tempfile.TemporaryDirectory()
+    cls.workdir = os.path.join(cls.tmp.name, 'fm')
+    train.train_and_evaluate(cls.config(num_epochs=1), cls.workdir)
+
+  @classmethod
+  def tearDownClass(cls):
+    cls.tmp.cleanup()
+    super().tearDownClass()
+
+  @classmethod
+  def config(cls, **overrides):
+    config = _config(progress_bar=False, **overrides)
+    config.dataset.cache_dir = os.path.join(cls.tmp.name, 'cache')
+    return config
+
+  def test_errors_leave_the_process_usable_and_the_run_resumable(self):
+    # A notebook's failed call must leave no thread, no held lock and no
+    # half-written checkpoint: the next call in the process goes on.
+    threads = set(threading.enumerate())
+    workdir = os.path.join(self.tmp.name, 'interrupted')
+    bad = self.config(num_epochs=2)
+    bad.model.embed_dm = 4
+    with self.assertRaisesRegex(utils.UserError, 'config.model.embed_dm'):
+      train.train_and_evaluate(bad, workdir)
+    epochs = []
+
+    def interrupted(*args, **kwargs):  # A Ctrl-C in the second epoch.
+      epochs.append(args[4])
+      if len(epochs) == 2:
+        raise KeyboardInterrupt
+      return train_epoch(*args, **kwargs)
+
+    train_epoch = train.train_epoch
+    with (
+      mock.patch.object(train, 'train_epoch', interrupted),
+      self.assertRaises(KeyboardInterrupt),
+    ):
+      train.train_and_evaluate(self.config(num_epochs=2), workdir)
+    self.assertEqual(epochs, [0, 1])
+    self.assertEqual(set(threading.enumerate()), threads)
+    with open(os.path.join(workdir, 'run.lock')) as f:
+      self.assertTrue(json.load(f)['released'])
+    self.assertEqual(
+      os.listdir(os.path.join(workdir, 'checkpoints', 'latest')), ['1']
+    )
+    test = train.train_and_evaluate(self.config(num_epochs=2), workdir)
+    self.assertEqual(_train_lines(workdir), [1, 2])  # Epoch 1 not redone.
+    self.assertBetween(test['auc'], 0.6, 1.0)
+    self.assertEqual(set(threading.enumerate()), threads)
+
+  def test_predictors_loaded_again_are_freed_and_threads_score_exactly(self):
+    first = predict.load(self.workdir)
+    rng = np.random.default_rng(0)
+    dims = first.encoder.field_dims
+    ids = np.stack([rng.integers(0, d, 3000) for d in dims], 1)
+    # The reference: the model applied at once, on one device.
+    want = np.asarray(
+      jax.jit(predict.probabilities, static_argnums=0)(
+        first.model, first.variables, ids
+      )
+    )
+    loaded = [weakref.ref(first)]
+    del first
+    for _ in range(2):
+      loaded.append(weakref.ref(predict.load(self.workdir)))
+    gc.collect()
+    self.assertEqual([p() for p in loaded], [None] * 3)
+    predictor = predict.load(self.workdir, batch_size=256)
+    got, errors = {}, []
+
+    def score(k):  # Sizes that pad to different shapes, in two threads.
+      try:
+        for start in range(k, 3000, 701):
+          rows = slice(start, start + 50 + 97 * k + start % 300)
+          got[k, start] = (rows, predictor.predict_ids(ids[rows]))
+      except Exception as e:  # pylint: disable=broad-except
+        errors.append(e)
+
+    workers = [threading.Thread(target=score, args=(k,)) for k in (0, 1)]
+    for worker in workers:
+      worker.start()
+    for worker in workers:
+      worker.join()
+    self.assertEqual(errors, [])
+    self.assertLen(got, 10)
+    for rows, probabilities in got.values():
+      np.testing.assert_allclose(probabilities, want[rows], rtol=1e-5)
 
 
 if __name__ == '__main__':
