@@ -5,6 +5,11 @@ log; `without` drops one expected warning; `quiet_if_refused` holds back
 orbax's error tracebacks during a save, and drops them when the file
 system refused the save (its UserError says it in one line);
 `quiet_cut_reads` drops what a read that a writer cut short reports late.
+What they install stays for the life of the process (a notebook's too):
+the filters on absl's handler and logger (and asyncio's logger, after a
+cut read), and a wrapper of `sys.unraisablehook` that passes on all but
+"Event loop is closed" errors, which it drops while a save runs and, once
+a save was refused or a read cut short, from then on.
 """
 
 from collections.abc import Callable, Iterator

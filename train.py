@@ -45,7 +45,7 @@ import workdir as workdir_lib
 # The pmap axis of the devices; models name it for BatchNorm's statistics.
 AXIS = programs.AXIS
 
-# Dropout masks and initialisers hashed in one pass on CPU, with the same bits.
+# Random bits hashed in one pass on CPU, same bits; process-wide (threefry.py).
 threefry.unroll_on_cpu()
 
 
@@ -336,7 +336,9 @@ def train_and_evaluate(
 
   The config is checked before anything else; the workdir is locked for the
   whole run, and a restart must continue the run its checkpoints come from
-  (see workdir.py).
+  (see workdir.py). Left on for the rest of the process: JAX's persistent
+  compilation cache (`utils.enable_compilation_cache`) and the filters of
+  orbax's logs (`orbax_logs`).
 
   Args:
     config: the run's config (see configs/default.py).

@@ -182,7 +182,9 @@ def enable_compilation_cache(cache_dir: str) -> None:
   restart or a second run with the same shapes then loads the programs
   instead. A directory set in `JAX_COMPILATION_CACHE_DIR` is used instead
   of `cache_dir/jax`, and a threshold set in its own environment variable
-  is kept; `JAX_ENABLE_COMPILATION_CACHE=false` disables the cache.
+  is kept; `JAX_ENABLE_COMPILATION_CACHE=false` disables the cache. The
+  settings are JAX's, for the rest of the process: a directory set only
+  with `jax.config.update` is replaced (set the variable to keep one).
   """
   import jax  # pylint: disable=g-import-not-at-top
   from jax.experimental.compilation_cache import compilation_cache as cc  # pylint: disable=g-import-not-at-top
