@@ -157,6 +157,25 @@ def _check_resumed_batch_size(value: Any, num_devices: int) -> None:
   )
 
 
+def thawed(config: Any) -> ml_collections.ConfigDict:
+  """`config` as a ConfigDict that a run may change: a FrozenConfigDict is
+  copied into one.
+
+  Raises:
+    ConfigError: `config` is no ConfigDict (a dict, a path, None).
+  """
+  if isinstance(config, ml_collections.FrozenConfigDict):
+    return ml_collections.ConfigDict(config)
+  if not isinstance(config, ml_collections.ConfigDict):
+    raise ConfigError(
+      f'The config is a {type(config).__name__}, not an'
+      " ml_collections.ConfigDict: pass what a config file's get_config()"
+      ' returns, e.g. configs/fm.py (ml_collections.ConfigDict(d) converts'
+      ' a dict d).'
+    )
+  return config
+
+
 def validate_config(
   config: ml_collections.ConfigDict,
   *,

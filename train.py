@@ -336,9 +336,8 @@ def train_and_evaluate(
 
   The config is checked before anything else; the workdir is locked for the
   whole run, and a restart must continue the run its checkpoints come from
-  (see workdir.py). Left on for the rest of the process: JAX's persistent
-  compilation cache (`utils.enable_compilation_cache`) and the filters of
-  orbax's logs (`orbax_logs`).
+  (see workdir.py). It leaves JAX's compilation cache set and orbax's logs
+  filtered for the process (`utils.enable_compilation_cache`, `orbax_logs`).
 
   Args:
     config: the run's config (see configs/default.py).
@@ -350,6 +349,7 @@ def train_and_evaluate(
   Raises:
     UserError: a bad config, workdir or dataset, or a workdir in use.
   """
+  config = config_check.thawed(config)  # A FrozenConfigDict is copied.
   orbax_logs.quiet_info()
   multihost.assert_same_config(workdir_lib.flatten(config))
   with multihost.errors_shared():  # A host's own paths may fail alone.

@@ -69,7 +69,7 @@ class RunsInOneProcessTest(absltest.TestCase):
     super().setUpClass()
     cls.tmp = tempfile.TemporaryDirectory()
     cls.workdir = os.path.join(cls.tmp.name, 'fm')
-    train.train_and_evaluate(cls.config(num_epochs=1), cls.workdir)
+    cls.test = train.train_and_evaluate(cls.config(num_epochs=1), cls.workdir)
 
   @classmethod
   def tearDownClass(cls):
@@ -116,6 +116,18 @@ class RunsInOneProcessTest(absltest.TestCase):
     self.assertEqual(_train_lines(workdir), [1, 2])  # Epoch 1 not redone.
     self.assertBetween(test['auc'], 0.6, 1.0)
     self.assertEqual(set(threading.enumerate()), threads)
+
+  def test_a_frozen_config_trains_as_its_config_dict_and_a_dict_is_refused(
+    self,
+  ):
+    # A FrozenConfigDict failed after the workdir was locked (an
+    # AttributeError from resolve_optimizer), a dict with a traceback.
+    config = self.config(num_epochs=1)
+    with self.assertRaisesRegex(utils.UserError, 'is a dict, not an ml_coll'):
+      train.train_and_evaluate(config.to_dict(), self.tmp.name)
+    frozen = ml_collections.FrozenConfigDict(config)
+    workdir = os.path.join(self.tmp.name, 'frozen')
+    self.assertEqual(train.train_and_evaluate(frozen, workdir), self.test)
 
   def test_predictors_loaded_again_are_freed_and_threads_score_exactly(self):
     first = predict.load(self.workdir)
