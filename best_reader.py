@@ -1,10 +1,11 @@
 """The best checkpoint of another run, which may be training still.
 
 `load_best` reads `workdir/checkpoints/best` for predict.py (and export) and
-`config.init_from`. The run that owns it may replace its best step while it
-is read (a newer best, or the same epoch saved again by a resumed run): the
-read waits for the new step, up to `READ_WAIT_S` seconds, instead of calling
-the best lost or damaged. Only while a run may hold the workdir's lock
+`config.init_from` (`warm_start` copies its parameters into a new state).
+The run that owns it may replace its best step while it is read (a newer
+best, or the same epoch saved again by a resumed run): the read waits for
+the new step, up to `READ_WAIT_S` seconds, instead of calling the best lost
+or damaged. Only while a run may hold the workdir's lock
 (`lock.may_be_held`): without one (a copy of a run, a run that ended), a
 best that fails to read is reported at once.
 """
@@ -15,9 +16,13 @@ import time
 from typing import Any
 
 from absl import logging
+import jax
+import jax.numpy as jnp
+import numpy as np
 
 import checkpoints
 import lock
+import multihost
 import orbax_logs
 import step_files
 from utils import UserError
@@ -157,3 +162,41 @@ def _recent(path: str, tree: bool = True) -> bool:
       except OSError:
         return True  # Renamed as orbax finishes it, or deleted.
   return False
+
+
+def warm_start(state: Any, workdir: str) -> Any:
+  """`state` (a train.TrainState) with every parameter whose path and shape
+  match copied from the best checkpoint of run `workdir`, and a new
+  optimizer state.
+
+  Used e.g. for FNN's FM pre-training: `--config.init_from=<fm workdir>`.
+  Every process reads it; all stop unless all read the same epoch.
+  """
+  with multihost.errors_shared():  # Unshared storage fails on one alone.
+    restored, meta = load_best(workdir)
+  multihost.assert_same_on_all_processes(
+    meta['epoch'], 'best checkpoints (config.init_from)', workdir
+  )
+  keystr, leaves = jax.tree_util.keystr, jax.tree_util.tree_leaves_with_path
+  source = {keystr(path): value for path, value in leaves(restored['params'])}
+  copied, skipped = [], []
+
+  def take(path, value):
+    old = source.get(keystr(path))
+    if old is None or np.shape(old) != np.shape(value):
+      if old is not None:
+        skipped.append(f'{keystr(path)} {np.shape(old)} -> {np.shape(value)}')
+      return value
+    copied.append(keystr(path))
+    return jnp.asarray(old, value.dtype)
+
+  params = jax.tree_util.tree_map_with_path(take, state.params)
+  if not copied:
+    raise UserError(
+      f'config.init_from: no parameter of {workdir} matches this model.'
+    )
+  logging.info('Warm start from %s: %s', workdir, ', '.join(copied))
+  if skipped:  # E.g. another embed_dim: the user expected these copied.
+    msg = 'not copied, shapes differ (match e.g. embed_dim to copy them)'
+    logging.warning('Warm start from %s: %s: %s', workdir, msg, skipped)
+  return state.replace(params=params, opt_state=state.tx.init(params))

@@ -18,7 +18,6 @@ import jax
 from jax import lax
 import jax.numpy as jnp
 import ml_collections
-import numpy as np
 import optax
 
 import batching
@@ -128,42 +127,6 @@ def state_initializer(
       return init(rng)
 
   return initialise
-
-
-def warm_start(state: TrainState, workdir: str) -> TrainState:
-  """Copies every parameter whose path and shape match from another run.
-
-  Used e.g. for FNN's FM pre-training: `--config.init_from=<fm workdir>`.
-  Every process reads it; all stop unless all read the same epoch.
-  """
-  with multihost.errors_shared():  # Unshared storage fails on one alone.
-    restored, meta = best_reader.load_best(workdir)
-  multihost.assert_same_on_all_processes(
-    meta['epoch'], 'best checkpoints (config.init_from)', workdir
-  )
-  keystr, leaves = jax.tree_util.keystr, jax.tree_util.tree_leaves_with_path
-  source = {keystr(path): value for path, value in leaves(restored['params'])}
-  copied, skipped = [], []
-
-  def take(path, value):
-    old = source.get(keystr(path))
-    if old is None or np.shape(old) != np.shape(value):
-      if old is not None:
-        skipped.append(f'{keystr(path)} {np.shape(old)} -> {np.shape(value)}')
-      return value
-    copied.append(keystr(path))
-    return jnp.asarray(old, value.dtype)
-
-  params = jax.tree_util.tree_map_with_path(take, state.params)
-  if not copied:
-    raise UserError(
-      f'config.init_from: no parameter of {workdir} matches this model.'
-    )
-  logging.info('Warm start from %s: %s', workdir, ', '.join(copied))
-  if skipped:  # E.g. another embed_dim: the user expected these copied.
-    msg = 'not copied, shapes differ (match e.g. embed_dim to copy them)'
-    logging.warning('Warm start from %s: %s: %s', workdir, msg, skipped)
-  return state.replace(params=params, opt_state=state.tx.init(params))
 
 
 def loss_fn(
@@ -297,11 +260,12 @@ def eval_step(
   return logits, loss_sum, count
 
 
-# programs.py's, under the names the benchmarks and tests call them by.
+# programs.py's and best_reader's, under the names that others call them by.
 replicate = programs.replicate
 hyperparameters = programs.hyperparameters
 evaluate = programs.evaluate
 train_epoch = programs.train_epoch
+warm_start = best_reader.warm_start
 
 
 def pmapped_steps(model, config: ml_collections.ConfigDict) -> tuple:
