@@ -5,6 +5,7 @@ import json
 import os
 import tempfile
 import threading
+import time
 from unittest import mock
 import weakref
 
@@ -16,6 +17,7 @@ import numpy as np
 from configs import default
 import data
 import predict
+import programs
 import train
 import utils
 
@@ -115,6 +117,34 @@ class RunsInOneProcessTest(absltest.TestCase):
     test = train.train_and_evaluate(self.config(num_epochs=2), workdir)
     self.assertEqual(_train_lines(workdir), [1, 2])  # Epoch 1 not redone.
     self.assertBetween(test['auc'], 0.6, 1.0)
+    self.assertEqual(set(threading.enumerate()), threads)
+
+  def test_an_error_before_training_waits_for_the_compile_threads(self):
+    # The programs compile on threads while the state initialises; an error
+    # there (here an init_from that cannot be read) returned at once and
+    # left them compiling, for seconds, in the caller's process. They are
+    # held until the error, then take 0.5 s more.
+    threads = set(threading.enumerate())
+    failed = threading.Event()
+    compile_ = programs.OptionedProgram.compile
+
+    def slow(program, *args):
+      failed.wait(30)
+      time.sleep(0.5)
+      return compile_(program, *args)
+
+    def unreadable(state, workdir):
+      failed.set()
+      raise utils.UserError(f'{workdir}: unreadable')
+
+    config = self.config(num_epochs=1, init_from=self.workdir)
+    with (
+      mock.patch.object(programs.OptionedProgram, 'compile', slow),
+      mock.patch.object(train, 'warm_start', unreadable),
+      self.assertRaisesRegex(utils.UserError, 'unreadable'),
+    ):
+      train.train_and_evaluate(config, os.path.join(self.tmp.name, 'warm'))
+    self.assertTrue(failed.is_set())
     self.assertEqual(set(threading.enumerate()), threads)
 
   def test_a_frozen_config_trains_as_its_config_dict_and_a_dict_is_refused(
