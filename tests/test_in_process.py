@@ -3,6 +3,8 @@
 import gc
 import json
 import os
+import subprocess
+import sys
 import tempfile
 import threading
 import time
@@ -40,6 +42,33 @@ def _mapped(program):
   return getattr(program, 'program', program).__wrapped__
 
 
+class ImportTest(absltest.TestCase):
+  def test_importing_train_and_predict_changes_no_process_state(self):
+    # Beyond JAX's threefry lowering on CPU (train.py says so): jax config
+    # flags, environment, signal handlers, logging, absl flags, hooks and
+    # the working directory are as the user left them.
+    changed = subprocess.run(
+      [sys.executable, '-c', _STATE_AROUND_IMPORT, 'train', 'predict'],
+      cwd=ROOT,
+      capture_output=True,
+      text=True,
+      check=True,
+    ).stdout.splitlines()[-1]
+    self.assertEqual(
+      json.loads(changed),
+      {
+        'jax': [],
+        'env': [],
+        'signals': False,
+        'levels': False,
+        'handlers': False,
+        'absl': False,
+        'hooks': False,
+        'cwd': False,
+      },
+    )
+
+
 class PmappedProgramsTest(absltest.TestCase):
   def test_programs_of_a_run_are_freed_with_it(self):
     # jax.pmap caches each function it maps in an entry that holds the
@@ -55,6 +84,51 @@ class PmappedProgramsTest(absltest.TestCase):
     del p_train, p_eval
     gc.collect()
     self.assertEqual([m() for m in mapped], [None, None])
+
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+# What a notebook may rely on, before and after importing `modules`: the
+# state of the process that the libraries they import leave alone.
+_STATE_AROUND_IMPORT = """
+import json, logging, os, signal, sys, warnings
+import absl.logging, jax, flax, optax, orbax.checkpoint, pandas
+from absl import flags
+jax.devices()
+
+def state():
+  return {
+    'jax': {k: repr(v) for k, v in jax.config.values.items()},
+    'env': dict(os.environ),
+    'signals': [repr(signal.getsignal(s)) for s in (2, 15)],
+    'levels': [logging.getLogger(n).level for n in ('', 'absl', 'jax')],
+    'handlers': [len(logging.getLogger(n).handlers) for n in ('', 'absl')],
+    'absl': [absl.logging.get_verbosity(), flags.FLAGS.is_parsed()],
+    'hooks': [repr(sys.excepthook), repr(sys.unraisablehook)],
+    'cwd': os.getcwd(),
+  }
+
+# Writes are recorded too: this process inherits what its parent, which
+# imported the modules, wrote into the environment or set to SIG_IGN.
+written = {'env': set(), 'signals': set()}
+putenv, unsetenv, set_signal = os.putenv, os.unsetenv, signal.signal
+os.putenv = lambda k, v: written['env'].add(os.fsdecode(k)) or putenv(k, v)
+os.unsetenv = lambda k: written['env'].add(os.fsdecode(k)) or unsetenv(k)
+signal.signal = lambda s, h: written['signals'].add(s) or set_signal(s, h)
+before = state()
+for module in sys.argv[1:]:
+  __import__(module)
+after = state()
+changed = {
+  group: sorted(k for k in set(before[group]) | set(after[group])
+                if before[group].get(k) != after[group].get(k))
+  if isinstance(before[group], dict) else before[group] != after[group]
+  for group in before
+}
+changed['env'] = sorted(set(changed['env']) | written['env'])
+changed['signals'] |= bool(written['signals'])
+print(json.dumps(changed))
+"""
 
 
 def _train_lines(workdir):
