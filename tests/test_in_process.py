@@ -78,8 +78,13 @@ class PmappedProgramsTest(absltest.TestCase):
     model = train.create_model(config, (13, 17), train.AXIS)
     state = train.state_initializer(config, model)(jax.random.key(0))
     p_train, p_eval = train.pmapped_steps(model, config)
-    scores = train.evaluate(p_eval, train.replicate(state), _split(), 16)
-    self.assertBetween(scores['auc'], 0.0, 1.0)  # The program ran.
+    replicated = train.replicate(state)
+    replicated, loss, _ = train.train_epoch(
+      p_train, replicated, _split(n=1024), config, epoch=0
+    )
+    self.assertEqual(int(replicated.step[0]), 2)  # The programs ran.
+    scores = train.evaluate(p_eval, replicated, _split(), 16)
+    self.assertTrue(np.isfinite([loss, scores['logloss']]).all())
     mapped = [weakref.ref(_mapped(p)) for p in (p_train, p_eval)]
     del p_train, p_eval
     gc.collect()
