@@ -369,7 +369,10 @@ def evaluate(
 
   Each process scores its slice of `split` with the pmapped
   `train.eval_step` in padded global batches of `eval_batch_size(split,
-  batch_size)` rows; the padding is masked out.
+  batch_size)` rows; the padding is masked out. Both metrics come from the
+  gathered logits, in float64 (as predict.py's): the eval program's float32
+  psums of the loss are summed in another order for each batch size and
+  device count.
   """
   num_devices = jax.local_device_count()
   batches = batching.eval_batches(
@@ -387,9 +390,6 @@ def evaluate(
     masks.append(batch['mask'])
     if len(outs) > IN_FLIGHT:
       outs[-1 - IN_FLIGHT][0].block_until_ready()
-  # Device 0's copies of the psums; `x[0]` would compile a program.
-  loss_sum = sum(loss.addressable_data(0).item() for _, loss, _ in outs)
-  count = sum(n.addressable_data(0).item() for _, _, n in outs)
   logits = np.concatenate([np.asarray(out[0]).reshape(-1) for out in outs])
   labels, masks = np.concatenate(labels), np.concatenate(masks)
   # AUC is not a sum: every process gets the whole split's scores.
@@ -397,7 +397,7 @@ def evaluate(
   keep = masks > 0
   return {
     'auc': metrics.roc_auc(labels[keep], logits[keep]),
-    'logloss': loss_sum / max(count, 1.0),
+    'logloss': metrics.logit_log_loss(labels[keep], logits[keep]),
     'num_examples': int(keep.sum()),
   }
 
