@@ -76,9 +76,12 @@ class KnobsTest(absltest.TestCase):
     train.train_and_evaluate(config, workdir)
     return workdir
 
-  def assert_same_run(self, workdir: str) -> None:
-    self.assertEqual(_numbers(workdir), _numbers(self.base))
-    mine, base = _states(workdir), _states(self.base)
+  def assert_same_run(self, workdir: str, reference: str = '') -> None:
+    """metrics.jsonl's numbers and every checkpoint are the reference run's
+    (the shared one by default), to the bit."""
+    reference = reference or self.base
+    self.assertEqual(_numbers(workdir), _numbers(reference))
+    mine, base = _states(workdir), _states(reference)
     self.assertEqual(sorted(mine), sorted(base))
     for key, leaves in base.items():
       self.assertEqual(sorted(mine[key]), sorted(leaves))
@@ -91,6 +94,22 @@ class KnobsTest(absltest.TestCase):
     # in another order for each size (1e-8 apart).
     self.assertEqual(jax.device_count(), 2)
     self.assert_same_run(self.train('eval_batch', eval_batch_size=3000))
+
+  def test_steps_per_dispatch_and_a_split_fed_by_the_host_change_nothing(self):
+    # 157 steps an epoch: 5 a dispatch leaves a remainder of 2.
+    self.assert_same_run(
+      self.train('streamed', steps_per_dispatch=5, device_split_mb=0)
+    )
+
+  def test_a_run_resumed_after_epoch_1_is_the_run_straight_through(self):
+    # DeepFM: BatchNorm statistics and dropout keys must resume too.
+    deepfm = dict(
+      model_name='deepfm',
+      model={'embed_dim': 4, 'mlp_dims': (8,), 'dropout': 0.2},
+    )
+    straight = self.train('straight', **deepfm)
+    self.train('resumed', num_epochs=1, **deepfm)
+    self.assert_same_run(self.train('resumed', **deepfm), straight)
 
 
 if __name__ == '__main__':
