@@ -12,8 +12,9 @@ row), in input order, written beside `--output` and renamed over it at the
 end (a killed run's copy is removed by the next); `-` is standard output,
 and /dev paths and FIFOs are written in place. The file is read in chunks
 of `--chunk_rows` lines, so memory does not grow with it, and each batch is
-split over every local device. A malformed row stops with its file and
-line. The log counts the rows with values that training did not keep, per
+split over every local device (XLA compiles each batch shape apart, so
+`--batch_size` and `--chunk_rows` may move a probability by a float32
+ulp). A malformed row stops with its file and line. The log counts the rows with values that training did not keep, per
 field (many mean a model out of date), and warns of rows scored NaN
 (numbers so far outside training's range that the model overflows). With
 labels, it also gives the AUC and logloss, from the logits as training's
