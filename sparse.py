@@ -11,10 +11,11 @@ read and write only those rows of the tables and of their state. Across
 devices only the rows read and their gradients travel (`exchange`).
 """
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 import functools
 from typing import Any, NamedTuple
 
+from flax import linen as nn
 from flax import traverse_util
 import jax
 from jax import lax
@@ -106,14 +107,8 @@ def value_and_grad(
   # persistent compilation cache.
   tables = sorted(tables)
   flat = traverse_util.flatten_dict(params)
-  _, (_, shapes) = jax.eval_shape(fun, params, None)
-  shapes = traverse_util.flatten_dict(shapes)
-  if set(shapes) != set(tables) or any(len(r) != 1 for r in shapes.values()):
-    raise ValueError(
-      'The model read its tables otherwise than declared: read'
-      f' { {"/".join(k): len(v) for k, v in shapes.items()} } (times),'
-      f' declared {sorted("/".join(k) for k in tables)}.'
-    )
+  shapes = _rows_read(fun, params, tables)
+  _check_reads(shapes, tables)
   zeros = {
     path: jnp.zeros(
       shapes[path][0].shape + flat[path].shape[1:], flat[path].dtype
@@ -128,10 +123,16 @@ def value_and_grad(
     params = traverse_util.unflatten_dict({**dense, **fixed})
     return fun(params, traverse_util.unflatten_dict(zeros))
 
-  (value, (aux, rows)), (dense_grads, row_grads) = jax.value_and_grad(
-    loss, argnums=(0, 1), has_aux=True
-  )(dense, zeros)
+  try:
+    (value, (aux, rows)), (dense_grads, row_grads) = jax.value_and_grad(
+      loss, argnums=(0, 1), has_aux=True
+    )(dense, zeros)
+  except Exception:  # E.g. a table read but not declared: named, if so.
+    _check_reads(_rows_read(fun, params, ()), tables)
+    raise
   rows = traverse_util.flatten_dict(rows)
+  # The reads after those that `_rows_read` saw.
+  _check_reads(rows, tables)
   grads = dict(dense_grads)  # Both keyed by path, as `dense` and `zeros`.
   for path in tables:
     # A row past the table's end read its last row (`take_rows` clips), so
@@ -141,6 +142,55 @@ def value_and_grad(
     values = row_grads[path].reshape((-1,) + flat[path].shape[1:])
     grads[path] = RowGrads(table_rows, values)
   return (value, aux), traverse_util.unflatten_dict(grads)
+
+
+class _AllRead(Exception):
+  """Ends `_rows_read`'s trace: every table has been read once."""
+
+
+def _rows_read(
+  fun: Callable, params: Any, tables: Sequence[Path]
+) -> dict[Path, tuple[jax.ShapeDtypeStruct, ...]]:
+  """The shapes of the rows that `fun(params, None)` reads of each table.
+
+  As its 'table_rows' collection from `jax.eval_shape`, but the trace stops
+  as soon as each of `tables` has been read once (checked after each call of
+  a module's method): the model's layers after its lookups are traced once,
+  by `value_and_grad`'s gradient, not twice. Reads after that point are
+  seen in the gradient's own rows. Empty `tables`: the whole trace.
+  """
+  read = {}
+
+  def interceptor(next_fun, args, kwargs, context):
+    out = next_fun(*args, **kwargs)
+    module = context.module
+    for path in tables:
+      if path[:-1] == module.scope.path and module.has_variable(ROWS, path[-1]):
+        read[path] = tuple(
+          jax.ShapeDtypeStruct(x.shape, x.dtype)
+          for x in module.get_variable(ROWS, path[-1])
+        )
+    if tables and len(read) == len(tables):
+      if all(len(r) == 1 for r in read.values()):
+        raise _AllRead()
+    return out
+
+  try:
+    with nn.intercept_methods(interceptor):
+      _, (_, rows) = jax.eval_shape(fun, params, None)
+  except _AllRead:
+    return read
+  return traverse_util.flatten_dict(rows)
+
+
+def _check_reads(rows: dict[Path, tuple], tables: Sequence[Path]) -> None:
+  """Raises a ValueError unless `rows` holds one read of each of `tables`."""
+  if set(rows) != set(tables) or any(len(r) != 1 for r in rows.values()):
+    raise ValueError(
+      'The model read its tables otherwise than declared: read'
+      f' { {"/".join(k): len(v) for k, v in rows.items()} } (times),'
+      f' declared {sorted("/".join(k) for k in tables)}.'
+    )
 
 
 def exchange(grads: Any, axis_name: str | None) -> Any:
