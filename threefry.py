@@ -20,6 +20,8 @@ inline for the programs lowered within it (`train.state_initializer` uses it
 for `jit(init)`).
 
 The hash is the same, so every initial weight and every mask keeps its bits.
+
+`key(seed)` is `jax.random.key(seed)`'s key, made without compiling.
 """
 
 from collections.abc import Iterator
@@ -122,3 +124,18 @@ def unroll_on_cpu() -> None:
     mlir.lower_fun(_lowering, multiple_results=True),
     platform='cpu',
   )
+
+
+def key(seed: int) -> jax.Array:
+  """`jax.random.key(seed)`, the same key, without compiling a program.
+
+  `jax.random.key` hashes the seed in two small compiled programs, which a
+  run's first launch (an empty compilation cache) compiles before anything
+  else: with JAX's default Threefry keys, the key's two words are the
+  seed's high and low 32 bits (the high word 0 without 64-bit types).
+  """
+  if jax.config.jax_default_prng_impl != 'threefry2x32':
+    return jax.random.key(seed)
+  high = (seed >> 32) & 0xFFFFFFFF if jax.config.jax_enable_x64 else 0
+  data = np.array([high, seed & 0xFFFFFFFF], np.uint32)
+  return jax.random.wrap_key_data(data, impl='threefry2x32')

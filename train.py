@@ -106,7 +106,7 @@ def state_initializer(
   def variables(rng):
     return model.init({'params': rng, 'dropout': rng}, train=False, **inputs)
 
-  shapes = jax.eval_shape(variables, jax.random.key(0))
+  shapes = jax.eval_shape(variables, threefry.key(0))
   tx = optim.create_optimizer(
     config, sparse.declared_tables(model.apply, shapes, **inputs)
   )
@@ -377,7 +377,7 @@ def _run(
         workdir_lib.record_resolved_optimizer(workdir, config.optimizer)
   p_train_step, p_eval_step = pmapped_steps(model, config)
   # The programs compile on threads, from shapes, as the state initialises.
-  rng = jax.random.key(config.seed)
+  rng = threefry.key(config.seed)
   resident = replicate(batching.resident_split(dataset.train, config))
   shapes = jax.eval_shape(init, rng)
   with multihost.errors_shared():  # Before XLA allocates the state; a

@@ -4,7 +4,8 @@
 before it traces the gradient; it takes them from a trace of the model cut
 short after the lookups, so the layers after them are traced once. The
 gradient is checked against `jax.grad`'s dense one, and the program against
-the one traced with the shapes of a whole `jax.eval_shape`.
+the one traced with the shapes of a whole `jax.eval_shape`. `threefry.key`
+is checked against `jax.random.key`, and for compiling nothing.
 """
 
 from unittest import mock
@@ -13,11 +14,15 @@ from absl.testing import absltest
 from flax import linen as nn
 from flax import traverse_util
 import jax
+from jax import monitoring
 import jax.numpy as jnp
 import numpy as np
 
+from configs import default
 from models import fm
 import sparse
+import threefry
+import train
 
 ROWS = np.array([[0, 3], [2, 2], [4, 1]], np.int32)
 TABLE = ('Lookup_0', 'table')
@@ -142,6 +147,51 @@ class RowShapesTest(absltest.TestCase):
       sparse.value_and_grad(
         _loss(model), _params(other=True), frozenset({TABLE})
       )
+
+
+class KeyTest(absltest.TestCase):
+  def test_the_key_of_jax_random_key(self):
+    seeds = (0, 1, 7, 2**31 - 1, 2**31, 2**32 + 3, 2**40 + 7, 2**63 - 1)
+    for x64 in (False, True):
+      with jax.enable_x64(x64):
+        for seed in seeds:
+          with self.subTest(x64=x64, seed=seed):
+            want = jax.random.key(seed)
+            got = threefry.key(seed)
+            self.assertEqual(got.dtype, want.dtype)
+            np.testing.assert_array_equal(
+              jax.random.key_data(got), jax.random.key_data(want)
+            )
+
+  def _compiled(self, fun):
+    """The programs that `fun()` compiles, from empty in-memory caches."""
+    compiled = []
+
+    def listen(name, duration, **kwargs):
+      del duration, kwargs
+      if name == '/jax/core/compile/backend_compile_duration':
+        compiled.append(name)
+
+    jax.clear_caches()
+    monitoring.register_event_duration_secs_listener(listen)
+    try:
+      fun()
+    finally:
+      monitoring.unregister_event_duration_listener(listen)
+    return compiled
+
+  def test_compiles_nothing(self):
+    self.assertNotEmpty(self._compiled(lambda: jax.random.key(11)))
+    self.assertEmpty(self._compiled(lambda: threefry.key(11)))
+
+  def test_the_train_state_initializer_compiles_nothing(self):
+    # Its shapes only: the run's first compilation is its own program's.
+    config = default.get_config()
+    config.model_name = 'fm'
+    model = train.create_model(config, (3, 4))
+    self.assertEmpty(
+      self._compiled(lambda: train.state_initializer(config, model))
+    )
 
 
 if __name__ == '__main__':
