@@ -121,11 +121,15 @@ def state_initializer(
       batch_stats=initial.get('batch_stats', {}),
     )
 
+  options = utils.init_compiler_options()
+
   def initialise(rng: jax.Array) -> TrainState:
     # Each initialiser reads its random words once: the hash inline compiles
     # faster than in its loop, with the same bits (threefry.py).
     with threefry.inline():
-      return init(rng)
+      if options is None or isinstance(rng, jax.core.Tracer):  # eval_shape
+        return init(rng)
+      return init.lower(rng).compile(compiler_options=options)(rng)
 
   return initialise
 

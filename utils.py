@@ -14,6 +14,7 @@ import glob
 import gzip
 import os
 import queue
+import re
 import sys
 import threading
 import time
@@ -219,6 +220,31 @@ def enable_compilation_cache(cache_dir: str) -> None:
 
 
 # Stamp file of `drop_torn_programs`: entries older than it were checked.
+def init_compiler_options() -> dict[str, str | bool] | None:
+  """XLA options of a run's `jit(init)` (`train.state_initializer`).
+
+  On CPU, with jaxlib before 0.11.1 (later ones no longer have the option),
+  init compiles without XLA:CPU's fusion emitters, at LLVM's level 2 as the
+  train and eval programs: it runs once, beside the train program's
+  compilation in a first run, and compiles in about two thirds of the CPU
+  time, with the same bits (benchmarks/README.md, "A first run's
+  compilations"). An option that `XLA_FLAGS` names is left to it (the tests
+  set both). None: XLA's defaults.
+  """
+  import jax  # pylint: disable=g-import-not-at-top
+  import jaxlib.version  # pylint: disable=g-import-not-at-top
+
+  version = tuple(map(int, re.findall(r'\d+', jaxlib.version.__version__)))
+  if jax.default_backend() != 'cpu' or version[:3] >= (0, 11, 1):
+    return None
+  options = {
+    'xla_backend_optimization_level': '2',
+    'xla_cpu_use_fusion_emitters': False,
+  }
+  flags = os.environ.get('XLA_FLAGS', '')
+  return {k: v for k, v in options.items() if f'--{k}=' not in flags} or None
+
+
 CHECKED_STAMP = '.checked'
 
 

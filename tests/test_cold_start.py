@@ -5,9 +5,12 @@ before it traces the gradient; it takes them from a trace of the model cut
 short after the lookups, so the layers after them are traced once. The
 gradient is checked against `jax.grad`'s dense one, and the program against
 the one traced with the shapes of a whole `jax.eval_shape`. `threefry.key`
-is checked against `jax.random.key`, and for compiling nothing.
+is checked against `jax.random.key`, and for compiling nothing; `jit(init)`
+compiled with `utils.init_compiler_options()` against XLA's defaults.
 """
 
+import importlib
+import os
 from unittest import mock
 
 from absl.testing import absltest
@@ -23,6 +26,7 @@ from models import fm
 import sparse
 import threefry
 import train
+import utils
 
 ROWS = np.array([[0, 3], [2, 2], [4, 1]], np.int32)
 TABLE = ('Lookup_0', 'table')
@@ -192,6 +196,57 @@ class KeyTest(absltest.TestCase):
     self.assertEmpty(
       self._compiled(lambda: train.state_initializer(config, model))
     )
+
+
+class InitOptionsTest(absltest.TestCase):
+  def test_the_init_program_compiles_with_them(self):
+    config = default.get_config()
+    config.model_name = 'fm'
+    model = train.create_model(config, (3, 4))
+    with mock.patch.object(
+      utils, 'init_compiler_options', return_value={'xla_no_such_option': 1}
+    ):
+      init = train.state_initializer(config, model)
+    rng = threefry.key(0)
+    jax.eval_shape(init, rng)  # Traced: nothing compiles.
+    with self.assertRaisesRegex(Exception, 'xla_no_such_option'):
+      init(rng)
+
+  def test_the_same_state_as_with_xlas_defaults(self):
+    with mock.patch.dict(os.environ):
+      os.environ.pop('XLA_FLAGS', None)  # The tests' own level 0.
+      options = utils.init_compiler_options()
+    self.assertEqual(
+      options,
+      {
+        'xla_backend_optimization_level': '2',
+        'xla_cpu_use_fusion_emitters': False,
+      },
+    )
+    defaults = {
+      'xla_backend_optimization_level': '3',
+      'xla_cpu_use_fusion_emitters': True,
+    }
+    # Each config's optimizer; smaller layers.
+    for name, sizes in (
+      ('fm', {'embed_dim': 4}),
+      ('fnn', {'embed_dim': 4, 'mlp_dims': (8,)}),
+      ('dcn', {'embed_dim': 4, 'mlp_dims': (8,)}),
+    ):
+      config = importlib.import_module(f'configs.{name}').get_config()
+      config.model.update(sizes)
+      model = train.create_model(config, (30, 40))
+      rng = threefry.key(3)
+      lowered = jax.jit(train.state_initializer(config, model)).lower(rng)
+      got = lowered.compile(compiler_options=options)(rng)
+      want = lowered.compile(compiler_options=defaults)(rng)
+      with self.subTest(name):
+        leaves = zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True)
+        for a, b in leaves:
+          np.testing.assert_array_equal(a, b)
+        self.assertGreater(
+          np.abs(got.params['FeaturesEmbedding_0']['embedding']).max(), 0
+        )
 
 
 if __name__ == '__main__':
