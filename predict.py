@@ -14,12 +14,13 @@ and /dev paths and FIFOs are written in place. The file is read in chunks
 of `--chunk_rows` lines, so memory does not grow with it, and each batch is
 split over every local device (XLA compiles each batch shape apart, so
 `--batch_size` and `--chunk_rows` may move a probability by a float32
-ulp). A malformed row stops with its file and line. The log counts the rows with values that training did not keep, per
-field (many mean a model out of date), and warns of rows scored NaN
-(numbers so far outside training's range that the model overflows). With
-labels, it also gives the AUC and logloss, from the logits as training's
-evaluation (a probability saturates in float32); logits and labels stay in
-memory, 5 bytes a row (about 12 while the metrics are computed, at the end).
+ulp). A malformed row stops with its file and line. The log counts the
+rows with values that training did not keep, per field (many mean a model
+out of date), and warns of rows scored NaN (numbers so far outside
+training's range that the model overflows). With labels, it also gives the
+AUC and logloss, from the logits as training's evaluation (a probability
+saturates in float32); logits and labels stay in memory, 5 bytes a row
+(about 12 while the metrics are computed, at the end).
 
 A run with multi-hot or numeric fields (CSV `float_columns` and
 `multi_hot_columns`, Criteo `numeric='dense'`, MovieLens `side_features`)
