@@ -174,9 +174,35 @@ def _has_batch_norm(name: str) -> bool:
     return 'nn.BatchNorm(' in f.read()
 
 
+# BatchNorm models whose statistics test_model_training.py's
+# BatchNormAcrossDevicesTest checks on 2 devices against the global batch's
+# (a BatchNorm without axis_name fails there, named). The whole step runs
+# here on two of them, which catch what is common to all (train.create_model
+# passing axis_name, train_step's pmean); a BatchNorm model not listed runs
+# here too.
+SYNCED_ELSEWHERE = (
+  'afn',
+  'autoint',
+  'dcn',
+  'dcnv2',
+  'deepfm',
+  'finalmlp',
+  'fnfm',
+  'fnn',
+  'ncf',
+  'nfm',
+  'pnn',
+  'wd',
+  'xdeepfm',
+)
+WHOLE_STEP = ('afn', 'fnn')
+
+
 class ReplicasTest(parameterized.TestCase):
   @parameterized.named_parameters(
-    (n, n) for n in MODEL_NAMES if _has_batch_norm(n)
+    (n, n)
+    for n in MODEL_NAMES
+    if _has_batch_norm(n) and (n in WHOLE_STEP or n not in SYNCED_ELSEWHERE)
   )
   def test_a_pmapped_step_leaves_one_state_on_every_device(self, name):
     # DESIGN.md 4 and 5: pmap does not check that replicas agree, and the
