@@ -732,12 +732,23 @@ class FaultTest(_MultiProcessTestCase):
       error,
     )
 
+  def _finished_copy(self, name):
+    """A copy at `name` of a run of the default flags that finished: one
+    run for the tests that resume one (each run costs 2 processes)."""
+    cls = type(self)
+    if not hasattr(cls, 'finished'):
+      finished = os.path.join(cls.tmp, 'finished')
+      run = Run(finished, cls.cache, NUM_PROCESSES, tag='first')
+      self.assertEqual(run.wait(), [0] * NUM_PROCESSES, run.tails())
+      cls.finished = finished
+    workdir = os.path.join(self.tmp, name)
+    shutil.copytree(cls.finished, workdir)
+    return workdir
+
   def test_metrics_that_process_0_cannot_write_stop_every_process(self):
     # Process 0 alone writes metrics.jsonl: a full disk there left the
     # others in the epoch's collectives until its exit was forced, 30 s on.
-    workdir = os.path.join(self.tmp, 'metrics-unwritable')
-    run = Run(workdir, self.cache, NUM_PROCESSES, tag='first')
-    self.assertEqual(run.wait(), [0] * NUM_PROCESSES, run.tails())
+    workdir = self._finished_copy('metrics-unwritable')
     path = os.path.join(workdir, 'metrics.jsonl')
     with open(path) as f:
       lines = f.readlines()
@@ -757,9 +768,7 @@ class FaultTest(_MultiProcessTestCase):
   def test_an_unreadable_metrics_file_of_process_0_stops_every_process(self):
     # Process 0 alone reads metrics.jsonl on a resume: its error left the
     # others in their next collective until the heartbeat timeout.
-    workdir = os.path.join(self.tmp, 'metrics-unreadable')
-    run = Run(workdir, self.cache, NUM_PROCESSES, tag='first')
-    self.assertEqual(run.wait(), [0] * NUM_PROCESSES, run.tails())
+    workdir = self._finished_copy('metrics-unreadable')
     path = os.path.join(workdir, 'metrics.jsonl')
     os.remove(path)
     os.makedirs(path)
@@ -845,11 +854,7 @@ class FaultTest(_MultiProcessTestCase):
 
   def test_a_process_that_sees_no_checkpoint_stops_every_process(self):
     # It would start over while the others resume: other collectives.
-    workdir = os.path.join(self.tmp, 'unseen')
-    run = Run(
-      workdir, self.cache, NUM_PROCESSES, '--config.num_epochs=1', tag='first'
-    )
-    self.assertEqual(run.wait(), [0] * NUM_PROCESSES, run.tails())
+    workdir = self._finished_copy('unseen')
     latest = max(map(int, os.listdir(f'{workdir}/checkpoints/latest')))
     error = self._injected(workdir, None, 'unseen', 'none')
     self.assertRegex(
