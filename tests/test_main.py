@@ -39,12 +39,106 @@ def _run(workdir, *flags, config='configs/fm.py:smoke', devices=None):
   )
 
 
+# A server of `python main.py` runs that end before training: it imports
+# what main.py imports once, then for each argv (a JSON line on stdin) forks
+# a child that runs main.py as `__main__` with that argv, its stdout and
+# stderr in files, and answers a JSON line: status, stdout, stderr. Each
+# `python main.py` spent seconds importing JAX, Flax and the project before
+# its flags were read; the child runs the same file from the same start.
+_SERVER = """
+import json, os, runpy, sys, tempfile, time, traceback
+root = sys.argv[1]
+os.chdir(root)
+sys.path.insert(0, root)  # As `python main.py` puts the script's directory.
+import jax, ml_collections.config_flags  # noqa: F401
+import config_check, entry, multihost, train, utils, workdir  # noqa: F401
+
+for line in sys.stdin:
+  argv = json.loads(line)
+  out, err = (tempfile.mkstemp()[1] for _ in range(2))
+  pid = os.fork()
+  if pid == 0:
+    try:
+      for fd, path in ((1, out), (2, err)):
+        os.dup2(os.open(path, os.O_WRONLY), fd)
+      sys.argv = argv
+      try:
+        runpy.run_path('main.py', run_name='__main__')
+        code = 0
+      except SystemExit as e:
+        code = e.code if isinstance(e.code, int) else int(e.code is not None)
+        if isinstance(e.code, str):
+          sys.stderr.write(e.code + '\\n')
+      except BaseException:
+        traceback.print_exc()
+        code = 1
+      sys.stdout.flush()
+      sys.stderr.flush()
+    finally:
+      os._exit(locals().get('code', 1))
+  deadline = time.monotonic() + 300
+  while not (done := os.waitpid(pid, os.WNOHANG))[0]:
+    if time.monotonic() > deadline:
+      os.kill(pid, 9)
+      done = os.waitpid(pid, 0)
+      break
+    time.sleep(0.01)
+  texts = []
+  for path in (out, err):
+    with open(path, errors='replace') as f:
+      texts.append(f.read())
+    os.remove(path)
+  print(json.dumps([os.waitstatus_to_exitcode(done[1]), *texts]), flush=True)
+"""
+_server = []  # The server of this process, started at its first use.
+
+
+def _main(argv):
+  """`subprocess.run([sys.executable, *argv])` for a main.py run that stops
+  before training: a fork of the server (`_SERVER`)."""
+  if not _server or _server[0].poll() is not None:
+    _server[:] = [
+      subprocess.Popen(
+        [sys.executable, '-c', _SERVER, ROOT],
+        cwd=ROOT,
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+      )
+    ]
+  server = _server[0]
+  server.stdin.write(json.dumps(argv) + '\n')
+  server.stdin.flush()
+  code, stdout, stderr = json.loads(server.stdout.readline())
+  return subprocess.CompletedProcess(argv, code, stdout, stderr)
+
+
+def _refused(workdir, *flags, config='configs/fm.py:smoke'):
+  """`_run` of a main.py that stops before training, by `_main`."""
+  cache = os.path.join(os.path.dirname(workdir), 'cache')
+  return _main(
+    [
+      'main.py',
+      f'--config={config}',
+      f'--workdir={workdir}',
+      f'--config.dataset.cache_dir={cache}',
+      *flags,
+    ]
+  )
+
+
 def _metrics(workdir):
   with open(os.path.join(workdir, 'metrics.jsonl')) as f:
     return [json.loads(line) for line in f]
 
 
 class MainTest(absltest.TestCase):
+  @classmethod
+  def tearDownClass(cls):
+    if _server:  # Its stdin closed, it ends.
+      _server.pop().communicate(timeout=60)
+    super().tearDownClass()
+
   def setUp(self):
     super().setUp()
     self.tmp = tempfile.mkdtemp()
@@ -180,28 +274,28 @@ class MainTest(absltest.TestCase):
     self.assertNotIn('pandas', modules)
 
   def test_config_typo_names_the_key(self):
-    result = _run(os.path.join(self.tmp, 'typo'), '--config.batch_sise=64')
+    result = _refused(os.path.join(self.tmp, 'typo'), '--config.batch_sise=64')
     self._assert_one_line(
       result,
       "--config.batch_sise: config has no key 'batch_sise'. Did you mean"
       ' "batch_size" instead of "batch_sise"? Its keys are in the config file'
       ' and configs/default.py.',
     )
-    result = _run(os.path.join(self.tmp, 'typo'), '--config.model.dim=8')
+    result = _refused(os.path.join(self.tmp, 'typo'), '--config.model.dim=8')
     self._assert_one_line(
       result,
       "--config.model.dim: config.model has no key 'dim'. Its keys are in"
       ' the config file and configs/default.py.',
     )
     # A typo before the last part of the key, and a key under a value.
-    result = _run(os.path.join(self.tmp, 'typo'), '--config.datset.name=x')
+    result = _refused(os.path.join(self.tmp, 'typo'), '--config.datset.name=x')
     self._assert_one_line(
       result,
       "--config.datset.name: config has no key 'datset'. Did you mean"
       ' "dataset" instead of "datset"? Its keys are in the config file and'
       ' configs/default.py.',
     )
-    result = _run(
+    result = _refused(
       os.path.join(self.tmp, 'typo'), '--config.model.embed_dim.x=1'
     )
     self._assert_one_line(
@@ -224,7 +318,7 @@ class MainTest(absltest.TestCase):
       key = name.split('.')[-2 if name.startswith('csv') else -1]
       where = 'config.model' if name.startswith('model.') else 'config'
       self._assert_one_line(
-        _run(workdir, f'--config.{flag}'),
+        _refused(workdir, f'--config.{flag}'),
         f"--config.{name}: {where} has no key '{key}'. Did you mean"
         f' --config.{meant}? Its keys are in the config file and'
         ' configs/default.py.',
@@ -234,13 +328,13 @@ class MainTest(absltest.TestCase):
   def test_a_config_file_that_fails_is_named_with_its_line(self):
     missing = os.path.join(self.tmp, 'missing.py')
     self._assert_one_line(
-      _run(os.path.join(self.tmp, 'w'), config=missing),
+      _refused(os.path.join(self.tmp, 'w'), config=missing),
       f'--config: {missing} does not exist. Give a config file, e.g.'
       ' --config=configs/fm.py (relative to the current directory).',
     )
     # A directory: ml_collections' own error named an `_ErrorConfig`.
     self._assert_one_line(
-      _run(os.path.join(self.tmp, 'w'), config=self.tmp),
+      _refused(os.path.join(self.tmp, 'w'), config=self.tmp),
       f'--config: {self.tmp} is not a file. Give a config file, e.g.'
       ' --config=configs/fm.py (relative to the current directory).',
     )
@@ -248,18 +342,18 @@ class MainTest(absltest.TestCase):
     with open(broken, 'w') as f:
       f.write('def get_config(arg=None):\n  return undefined_name\n')
     self._assert_one_line(
-      _run(os.path.join(self.tmp, 'w'), config=broken),
+      _refused(os.path.join(self.tmp, 'w'), config=broken),
       f'{broken}:2: error in the config file: NameError: name'
       " 'undefined_name' is not defined",
     )
     with open(broken, 'w') as f:
       f.write('def get_config(arg=None)\n  return None\n')
     self._assert_one_line(
-      _run(os.path.join(self.tmp, 'w'), config=broken),
+      _refused(os.path.join(self.tmp, 'w'), config=broken),
       f"{broken}:1: expected ':'",
     )
     # A ValueError of the config file reaches absl as a flag error.
-    result = _run(os.path.join(self.tmp, 'w'), config='configs/fm.py:Smoke')
+    result = _refused(os.path.join(self.tmp, 'w'), config='configs/fm.py:Smoke')
     self.assertEqual(result.returncode, 2, result.stderr[-3000:])
     self.assertRegex(  # All of stderr: one line.
       result.stderr.strip(),
@@ -281,13 +375,8 @@ class MainTest(absltest.TestCase):
       path = os.path.join(self.tmp, 'not_a_config.py')
       with open(path, 'w') as f:
         f.write(text)
-      result = subprocess.run(  # No override: it would fail first.
-        [sys.executable, 'main.py', f'--config={path}', f'--workdir={w}'],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=300,
-      )
+      # No override: it would fail first.
+      result = _main(['main.py', f'--config={path}', f'--workdir={w}'])
       self._assert_one_line(result, f'--config: {path} {what}{needs}')
     self.assertFalse(os.path.exists(w))
     # `:arg` for a get_config() that takes none: ml_collections' traceback,
@@ -297,7 +386,7 @@ class MainTest(absltest.TestCase):
         'from configs import fm\ndef get_config():\n  return fm.get_config()\n'
       )
     self._assert_one_line(
-      _run(w, config=f'{path}:smoke'),
+      _refused(w, config=f'{path}:smoke'),
       f"--config: get_config() in {path} takes no argument, so 'smoke'"
       ' (after the colon) cannot be passed to it. Drop ":smoke", or define'
       ' get_config(arg=None) as configs/fm.py does.',
@@ -306,18 +395,18 @@ class MainTest(absltest.TestCase):
   def test_a_value_of_the_wrong_type_names_what_the_key_takes(self):
     workdir = os.path.join(self.tmp, 'w')
     self._assert_one_line(  # Given twice: the value refused is named.
-      _run(workdir, '--config.batch_size=1.5', '--config.batch_size=64'),
+      _refused(workdir, '--config.batch_size=1.5', '--config.batch_size=64'),
       '--config.batch_size=1.5: config.batch_size takes an integer, e.g. 512;'
       " '1.5' is not one.",
     )
     self._assert_one_line(
-      _run(workdir, '--config.dataset.split=(0.8,0.2'),
+      _refused(workdir, '--config.dataset.split=(0.8,0.2'),
       '--config.dataset.split=(0.8,0.2: config.dataset.split takes a tuple,'
       " quoted for the shell, e.g. '(0.8, 0.1, 0.1)'; '(0.8,0.2' is not"
       ' one.',
     )
     self._assert_one_line(  # Names with a space: the example is theirs.
-      _run(
+      _refused(
         workdir,
         '--config.dataset.name=csv',
         '--config.dataset.csv.categorical_columns=user id,city',
@@ -327,15 +416,15 @@ class MainTest(absltest.TestCase):
       " shell, e.g. \"('user id', 'city')\"; 'user id,city' is not one.",
     )
     self._assert_one_line(  # As predict.py and export.py say it.
-      _run(workdir, 'fm'), 'Unexpected arguments: fm'
+      _refused(workdir, 'fm'), 'Unexpected arguments: fm'
     )
     self._assert_one_line(  # absl's words: a Python tuple.
-      _run(workdir, '--distributed=true', '--distributed=maybe'),
+      _refused(workdir, '--distributed=true', '--distributed=maybe'),
       '--distributed=maybe: --distributed takes true or false (or'
       " --distributed, --nodistributed); 'maybe' is not one.",
     )
     self._assert_one_line(
-      _run(workdir, '--workdirr=/tmp'),
+      _refused(workdir, '--workdirr=/tmp'),
       "Unknown command line flag 'workdirr'. Did you mean: workdir? Pass"
       ' --helpshort to see the flags.',
     )
@@ -344,7 +433,7 @@ class MainTest(absltest.TestCase):
   def test_a_model_name_flag_for_another_models_config_is_refused(self):
     workdir = os.path.join(self.tmp, 'w')
     self._assert_one_line(
-      _run(workdir, '--config.model_name=hofm'),
+      _refused(workdir, '--config.model_name=hofm'),
       '--config.model_name=hofm: config.model holds the arguments of the'
       " config file's model; it lacks order, which no flag could then set."
       ' Pick the model by its config file instead: --config=configs/hofm.py.',
@@ -374,14 +463,14 @@ class MainTest(absltest.TestCase):
       ('model.low_rank', '1.5', 'an integer', 'configs/dcnv2.py:smoke'),
     ):
       self._assert_one_line(
-        _run(workdir, f'--config.{flag}={value}', config=config),
+        _refused(workdir, f'--config.{flag}={value}', config=config),
         f'--config.{flag}={value}: config.{flag} takes {takes} (leave the'
         f" flag out for None, as now); '{value}' is not one.",
       )
     self.assertFalse(os.path.exists(workdir))
 
   def test_multi_pooling_without_multi_hot_fields_is_refused(self):
-    result = _run(
+    result = _refused(
       os.path.join(self.tmp, 'w'), '--config.model.multi_pooling=sum'
     )
     self._assert_one_line(
