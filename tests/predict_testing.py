@@ -18,6 +18,7 @@ from dataset_testing import write_lines
 import jax
 import ml_collections
 import numpy as np
+import script_runs
 
 import best_reader
 from configs import fm
@@ -123,19 +124,24 @@ def trained_run() -> Run:
   )
 
 
-def command_error(script: str, cwd: str, *flags: str) -> tuple[int, str]:
-  """Runs `python <script> <flags>` (predict.py, export.py) as a user would.
+def command_error(
+  script: str, cwd: str, *flags: str, real: bool = False
+) -> tuple[int, str]:
+  """Runs `python <script> <flags>` (predict.py, export.py) as a user would,
+  by `script_runs.run` (a fork of a server that imported the project), or
+  with `real`, by `subprocess.run` (what a test can wrap: limits).
 
   Returns:
     The exit status and the last line of stderr; a traceback anywhere in
     stderr fails (ValueError) instead.
   """
-  done = subprocess.run(
-    [sys.executable, os.path.join(ROOT, script), *flags],
-    cwd=cwd,
-    capture_output=True,
-    text=True,
-  )
+  argv = [os.path.join(ROOT, script), *flags]
+  if real:
+    done = subprocess.run(
+      [sys.executable, *argv], cwd=cwd, capture_output=True, text=True
+    )
+  else:
+    done = script_runs.run(argv, cwd=cwd)
   if 'Traceback' in done.stderr:
     raise ValueError(done.stderr[-3000:])
   lines = done.stderr.strip().splitlines()

@@ -10,6 +10,7 @@ import tempfile
 import time
 
 from absl.testing import absltest
+import script_runs
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -39,84 +40,10 @@ def _run(workdir, *flags, config='configs/fm.py:smoke', devices=None):
   )
 
 
-# A server of `python main.py` runs that end before training: it imports
-# what main.py imports once, then for each argv (a JSON line on stdin) forks
-# a child that runs main.py as `__main__` with that argv, its stdout and
-# stderr in files, and answers a JSON line: status, stdout, stderr. Each
-# `python main.py` spent seconds importing JAX, Flax and the project before
-# its flags were read; the child runs the same file from the same start.
-_SERVER = """
-import json, os, runpy, sys, tempfile, time, traceback
-root = sys.argv[1]
-os.chdir(root)
-sys.path.insert(0, root)  # As `python main.py` puts the script's directory.
-import jax, ml_collections.config_flags  # noqa: F401
-import config_check, entry, multihost, train, utils, workdir  # noqa: F401
-
-for line in sys.stdin:
-  argv = json.loads(line)
-  out, err = (tempfile.mkstemp()[1] for _ in range(2))
-  pid = os.fork()
-  if pid == 0:
-    try:
-      for fd, path in ((1, out), (2, err)):
-        os.dup2(os.open(path, os.O_WRONLY), fd)
-      sys.argv = argv
-      try:
-        runpy.run_path('main.py', run_name='__main__')
-        code = 0
-      except SystemExit as e:
-        code = e.code if isinstance(e.code, int) else int(e.code is not None)
-        if isinstance(e.code, str):
-          sys.stderr.write(e.code + '\\n')
-      except BaseException:
-        traceback.print_exc()
-        code = 1
-      sys.stdout.flush()
-      sys.stderr.flush()
-    finally:
-      os._exit(locals().get('code', 1))
-  deadline = time.monotonic() + 300
-  while not (done := os.waitpid(pid, os.WNOHANG))[0]:
-    if time.monotonic() > deadline:
-      os.kill(pid, 9)
-      done = os.waitpid(pid, 0)
-      break
-    time.sleep(0.01)
-  texts = []
-  for path in (out, err):
-    with open(path, errors='replace') as f:
-      texts.append(f.read())
-    os.remove(path)
-  print(json.dumps([os.waitstatus_to_exitcode(done[1]), *texts]), flush=True)
-"""
-_server = []  # The server of this process, started at its first use.
-
-
-def _main(argv):
-  """`subprocess.run([sys.executable, *argv])` for a main.py run that stops
-  before training: a fork of the server (`_SERVER`)."""
-  if not _server or _server[0].poll() is not None:
-    _server[:] = [
-      subprocess.Popen(
-        [sys.executable, '-c', _SERVER, ROOT],
-        cwd=ROOT,
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        text=True,
-      )
-    ]
-  server = _server[0]
-  server.stdin.write(json.dumps(argv) + '\n')
-  server.stdin.flush()
-  code, stdout, stderr = json.loads(server.stdout.readline())
-  return subprocess.CompletedProcess(argv, code, stdout, stderr)
-
-
 def _refused(workdir, *flags, config='configs/fm.py:smoke'):
-  """`_run` of a main.py that stops before training, by `_main`."""
+  """`_run` of a main.py that stops before training (script_runs.run)."""
   cache = os.path.join(os.path.dirname(workdir), 'cache')
-  return _main(
+  return script_runs.run(
     [
       'main.py',
       f'--config={config}',
@@ -133,12 +60,6 @@ def _metrics(workdir):
 
 
 class MainTest(absltest.TestCase):
-  @classmethod
-  def tearDownClass(cls):
-    if _server:  # Its stdin closed, it ends.
-      _server.pop().communicate(timeout=60)
-    super().tearDownClass()
-
   def setUp(self):
     super().setUp()
     self.tmp = tempfile.mkdtemp()
@@ -376,7 +297,9 @@ class MainTest(absltest.TestCase):
       with open(path, 'w') as f:
         f.write(text)
       # No override: it would fail first.
-      result = _main(['main.py', f'--config={path}', f'--workdir={w}'])
+      result = script_runs.run(
+        ['main.py', f'--config={path}', f'--workdir={w}']
+      )
       self._assert_one_line(result, f'--config: {path} {what}{needs}')
     self.assertFalse(os.path.exists(w))
     # `:arg` for a get_config() that takes none: ml_collections' traceback,

@@ -330,6 +330,7 @@ class PredictTest(parameterized.TestCase):
         f'--workdir={self.trained.workdir}',
         f'--input={source}',
         f'--output={output}',
+        real=True,
       )
     self.assertEqual(
       got,
