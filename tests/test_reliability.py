@@ -37,6 +37,7 @@ from absl.testing import parameterized
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+import script_runs
 import tensorstore
 
 import best_reader
@@ -2155,7 +2156,7 @@ class MainFaultTest(_Case):
       'patience': 0,
       'dataset.cache_dir': cache,
     }
-    result = _run(_flags(self._workdir(), self.tmp, **bad))
+    result = script_runs.run(_flags(self._workdir(), self.tmp, **bad))
     self.assertUserError(
       result,
       '4 bad config values',
@@ -2165,14 +2166,16 @@ class MainFaultTest(_Case):
       'config.patience=0 must be an integer >= 1',
     )
     self.assertFalse(os.path.exists(cache))
-    result = _run(_flags(self._workdir(), self.tmp, **{'model.embed_dim': 0}))
+    result = script_runs.run(
+      _flags(self._workdir(), self.tmp, **{'model.embed_dim': 0})
+    )
     self.assertUserError(result, 'config.model.embed_dim=0 must be')
 
   def test_workdir_that_is_a_file(self):
     path = os.path.join(self.tmp, 'a-file')
     with open(path, 'w'):
       pass
-    result = _run(_flags(path, self.tmp))
+    result = script_runs.run(_flags(path, self.tmp))
     self.assertUserError(result, f'workdir {path} exists and is not a dir')
 
   def test_unwritable_workdir(self):
@@ -2188,7 +2191,7 @@ class MainFaultTest(_Case):
     else:
       undo = ['chattr', '-i', workdir]
     try:
-      result = _run(_flags(workdir, self.tmp))
+      result = script_runs.run(_flags(workdir, self.tmp))
     finally:
       subprocess.run(undo, check=True)
     self.assertUserError(result, f'workdir {workdir} is not writable')
@@ -2196,7 +2199,7 @@ class MainFaultTest(_Case):
   def test_workdir_in_use_names_its_holder(self):
     workdir = workdir_lib.prepare(self._workdir())
     with workdir_lib.acquire(workdir):
-      result = _run(_flags(workdir, self.tmp))
+      result = script_runs.run(_flags(workdir, self.tmp))
     self.assertUserError(result, f'is in use by pid {os.getpid()} on host')
 
 
