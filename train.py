@@ -10,7 +10,6 @@ the best state on the test split. Rerun in its workdir, it resumes.
 from collections.abc import Callable
 import contextlib
 import functools
-import importlib
 from typing import Any
 
 from absl import logging
@@ -29,7 +28,7 @@ import data
 import data_checks
 import encoder
 import metrics
-import models
+import model_contract
 import multihost
 import optim
 import orbax_logs
@@ -62,15 +61,7 @@ def create_model(
   **inputs,
 ):
   """The `Model` of models/<config.model_name>.py; `inputs`: model_fields."""
-  if config.model_name not in models.names():
-    raise ValueError(
-      f'config.model_name: no model {config.model_name!r} in models/;'
-      f' choose one of {", ".join(models.names())}.'
-    )
-  module = importlib.import_module(f'models.{config.model_name}')
-  return module.Model(
-    field_dims=tuple(field_dims), axis_name=axis_name, **config.model, **inputs
-  )
+  return model_contract.create_model(config, field_dims, axis_name, **inputs)
 
 
 def _table_rows(model) -> int:

@@ -8,12 +8,12 @@ of seconds (configs/afn.py and finalmlp.py also narrow their layers);
 """
 
 import dataclasses
-import importlib
 
 import ml_collections
 
 import config_rules
 import data
+import model_contract
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
@@ -149,7 +149,7 @@ def with_model_arguments(
   """`config` with every other argument of its model at the model's default
   (None-valued ones aside), so that a flag can set any of them, e.g.
   `--config.model.multi_pooling=sum`."""
-  model = importlib.import_module(f'models.{config.model_name}').Model
+  model = model_contract.model_class(config.model_name)
   for field in dataclasses.fields(model):
     default = field.default
     if not (

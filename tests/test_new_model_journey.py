@@ -1,0 +1,156 @@
+"""A researcher's new model file: what the trainer refuses, and how it says so.
+
+Each case is a small model that breaks one rule of DESIGN.md 2 as a first
+draft might: a constructor without `axis_name` or `multi_field_dims`, a
+file without `Model`. The trainer must refuse each before training, in one
+line that says what to write.
+"""
+
+from collections.abc import Sequence
+import sys
+import types
+from unittest import mock
+
+from absl.testing import absltest
+from absl.testing import parameterized
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from configs import default
+from configs import fm as fm_config
+import models
+import train
+
+FIELD_DIMS = (5, 7)
+
+
+class Draft(nn.Module):
+  """An FM-like draft: a table read with a plain gather, then `out`.
+
+  Attributes:
+    field_dims: number of ids of each field.
+    multi_field_dims: number of ids of each multi-hot field (unused).
+    num_dense: number of numeric fields (unused).
+    out: 'logits' (right), 'column' (`[batch, 1]`), 'bfloat16'.
+    batch_norm: None (no BatchNorm), 'synced' (over `axis_name`) or
+      'unsynced' (no axis name).
+    axis_name: the pmap axis.
+  """
+
+  field_dims: Sequence[int]
+  multi_field_dims: Sequence[int] = ()
+  num_dense: int = 0
+  out: str = 'logits'
+  batch_norm: str | None = None
+  axis_name: str | None = None
+
+  @nn.compact
+  def __call__(self, ids, multi_ids=None, dense=None, *, train=False):
+    offsets = np.concatenate([[0], np.cumsum(self.field_dims)[:-1]])
+    table = self.param(
+      'embedding', nn.initializers.normal(0.1), (sum(self.field_dims), 3)
+    )
+    v = table[ids + offsets]  # [B, F, D]
+    if self.batch_norm:
+      axis = self.axis_name if self.batch_norm == 'synced' else None
+      v = nn.BatchNorm(use_running_average=not train, axis_name=axis)(v)
+    y = jnp.sum(v[:, 0] * v[:, 1], axis=-1)  # [B]
+    if self.out == 'column':
+      return y[:, None]
+    return y.astype(jnp.bfloat16 if self.out == 'bfloat16' else jnp.float32)
+
+
+class NoAxisName(nn.Module):
+  """A draft without the `axis_name` argument that the trainer passes."""
+
+  field_dims: Sequence[int]
+
+  @nn.compact
+  def __call__(self, ids, *, train=False):
+    return jnp.zeros(ids.shape[:1], jnp.float32)
+
+
+class IdsOnly(nn.Module):
+  """A draft without `multi_field_dims` and `num_dense`."""
+
+  field_dims: Sequence[int]
+  axis_name: str | None = None
+
+  @nn.compact
+  def __call__(self, ids, *, train=False):
+    return jnp.zeros(ids.shape[:1], jnp.float32)
+
+
+def _install(name, model):
+  """Makes `models/<name>.py` seem to exist, its `Model` being `model`
+  (None: a file without `Model`)."""
+  module = types.ModuleType(f'models.{name}')
+  if model is not None:
+    module.Model = model
+  names = models.names() + [name]
+  patches = [
+    mock.patch.dict(sys.modules, {f'models.{name}': module}),
+    mock.patch.object(models, 'names', lambda: sorted(names)),
+  ]
+  for patch in patches:
+    patch.start()
+  return patches
+
+
+def _config(name, **model):
+  config = fm_config.get_config('smoke')
+  config.model_name = name
+  config.model = model
+  config.optimizer = 'adam'
+  return config
+
+
+class NewModelJourneyTest(parameterized.TestCase):
+  def use(self, model, name='draft'):
+    for patch in _install(name, model):
+      self.addCleanup(patch.stop)
+    return name
+
+  def initialise(self, config, **inputs):
+    model = train.create_model(config, FIELD_DIMS, train.AXIS, **inputs)
+    return train.state_initializer(config, model)
+
+  def test_the_right_draft_trains_its_logits(self):
+    # The control: the same file with float32 logits [batch] is accepted,
+    # and its state initialises.
+    name = self.use(Draft)
+    state = self.initialise(_config(name))(jax.random.key(0))
+    self.assertEqual(state.params['embedding'].shape, (12, 3))
+
+  def test_a_model_without_axis_name_is_told_to_declare_it(self):
+    name = self.use(NoAxisName)
+    with self.assertRaisesRegex(ValueError, 'no argument axis_name') as caught:
+      train.create_model(_config(name), FIELD_DIMS, train.AXIS)
+    self.assertIn('`axis_name: str | None = None`', str(caught.exception))
+
+  def test_a_model_without_side_fields_is_told_when_the_data_has_them(self):
+    name = self.use(IdsOnly)
+    train.create_model(_config(name), FIELD_DIMS)  # Ids alone: accepted.
+    with self.assertRaisesRegex(ValueError, 'no argument') as caught:
+      train.create_model(
+        _config(name), FIELD_DIMS, multi_field_dims=(4,), num_dense=1
+      )
+    message = str(caught.exception)
+    self.assertIn('multi_field_dims or num_dense', message)
+    self.assertIn('`multi_field_dims: Sequence[int] = ()`', message)
+    self.assertIn('`num_dense: int = 0`', message)
+
+  def test_a_file_without_model_is_told_to_end_with_it(self):
+    name = self.use(None)
+    told = r'models/draft.py must end with `Model = <ClassName>`'
+    with self.assertRaisesRegex(ValueError, told):
+      train.create_model(_config(name), FIELD_DIMS)
+    # The config file's own call, which a run makes first.
+    with self.assertRaisesRegex(ValueError, told):
+      default.with_model_arguments(_config(name))
+
+
+if __name__ == '__main__':
+  absltest.main()
