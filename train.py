@@ -98,6 +98,7 @@ def state_initializer(
     return model.init({'params': rng, 'dropout': rng}, train=False, **inputs)
 
   shapes = jax.eval_shape(variables, threefry.key(0))
+  model_contract.check(model, shapes, inputs)  # Before it trains wrongly.
   tx = optim.create_optimizer(
     config, sparse.declared_tables(model.apply, shapes, **inputs)
   )

@@ -1,9 +1,12 @@
 """A researcher's new model file: what the trainer refuses, and how it says so.
 
 Each case is a small model that breaks one rule of DESIGN.md 2 as a first
-draft might: a constructor without `axis_name` or `multi_field_dims`, a
-file without `Model`. The trainer must refuse each before training, in one
-line that says what to write.
+draft might: logits `[batch, 1]` (broadcast against labels `[batch]` they
+train a `[batch, batch]` loss), bfloat16 logits, a BatchNorm without the
+pmap axis (each device keeps its own statistics), a constructor without
+`axis_name` or `multi_field_dims`, a file without `Model`. The trainer must
+refuse each before training, naming what to write; the shipped models must
+all pass the same checks.
 """
 
 from collections.abc import Sequence
@@ -16,10 +19,14 @@ from absl.testing import parameterized
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from model_tables import MODEL_NAMES
+from model_tables import TEST_KWARGS
 import numpy as np
 
+import batching
 from configs import default
 from configs import fm as fm_config
+import model_contract
 import models
 import train
 
@@ -27,7 +34,7 @@ FIELD_DIMS = (5, 7)
 
 
 class Draft(nn.Module):
-  """An FM-like draft: a table read with a plain gather, then `out`.
+  """An FM-like draft: the pairwise term of a table's rows, then `out`.
 
   Attributes:
     field_dims: number of ids of each field.
@@ -36,6 +43,8 @@ class Draft(nn.Module):
     out: 'logits' (right), 'column' (`[batch, 1]`), 'bfloat16'.
     batch_norm: None (no BatchNorm), 'synced' (over `axis_name`) or
       'unsynced' (no axis name).
+    declared: read the table as `take_rows` does; otherwise with a plain
+      gather, which the optimizers cannot see.
     axis_name: the pmap axis.
   """
 
@@ -44,6 +53,7 @@ class Draft(nn.Module):
   num_dense: int = 0
   out: str = 'logits'
   batch_norm: str | None = None
+  declared: bool = True
   axis_name: str | None = None
 
   @nn.compact
@@ -52,7 +62,11 @@ class Draft(nn.Module):
     table = self.param(
       'embedding', nn.initializers.normal(0.1), (sum(self.field_dims), 3)
     )
-    v = table[ids + offsets]  # [B, F, D]
+    rows = ids + offsets  # [B, F]
+    v = table[rows]  # [B, F, D]
+    if self.declared and not self.is_initializing():  # As take_rows does.
+      self.sow('table_rows', 'embedding', rows)
+      v = self.perturb('embedding', v)
     if self.batch_norm:
       axis = self.axis_name if self.batch_norm == 'synced' else None
       v = nn.BatchNorm(use_running_average=not train, axis_name=axis)(v)
@@ -124,6 +138,36 @@ class NewModelJourneyTest(parameterized.TestCase):
     state = self.initialise(_config(name))(jax.random.key(0))
     self.assertEqual(state.params['embedding'].shape, (12, 3))
 
+  @parameterized.named_parameters(
+    ('column', 'column', 'returned float32[2, 1]'),
+    ('bfloat16', 'bfloat16', 'returned bfloat16[2]'),
+  )
+  def test_logits_of_another_shape_or_dtype_are_refused(self, out, got):
+    name = self.use(Draft)
+    with self.assertRaisesRegex(ValueError, 'float32 logits') as caught:
+      self.initialise(_config(name, out=out))
+    message = str(caught.exception)
+    self.assertIn(got, message)
+    self.assertIn('DESIGN.md 2', message)
+    self.assertNotIn('\n', message)
+
+  def test_a_batch_norm_without_the_axis_is_refused(self):
+    name = self.use(Draft)
+    with self.assertRaisesRegex(ValueError, 'BatchNorm') as caught:
+      self.initialise(_config(name, batch_norm='unsynced'))
+    message = str(caught.exception)
+    self.assertIn('BatchNorm_0 (axis_name=None)', message)
+    self.assertIn('axis_name=self.axis_name', message)
+    # Synced over the trainer's axis, the same BatchNorm is accepted; and
+    # under plain jax.jit (no axis) nothing is asked of it.
+    self.initialise(_config(name, batch_norm='synced'))
+    model = train.create_model(_config(name, batch_norm='unsynced'), FIELD_DIMS)
+    inputs = batching.example_inputs(model)
+    shapes = jax.eval_shape(
+      lambda: model.init(jax.random.key(0), train=False, **inputs)
+    )
+    model_contract.check(model, shapes, inputs)
+
   def test_a_model_without_axis_name_is_told_to_declare_it(self):
     name = self.use(NoAxisName)
     with self.assertRaisesRegex(ValueError, 'no argument axis_name') as caught:
@@ -150,6 +194,23 @@ class NewModelJourneyTest(parameterized.TestCase):
     # The config file's own call, which a run makes first.
     with self.assertRaisesRegex(ValueError, told):
       default.with_model_arguments(_config(name))
+
+  @parameterized.named_parameters((n, n) for n in MODEL_NAMES)
+  def test_every_shipped_model_keeps_the_contract(self, name):
+    module = model_contract.model_class(name)
+    # With multi-hot and numeric fields: their tables are read by ids too.
+    model = module(
+      field_dims=(4, 6, 5),
+      multi_field_dims=(3, 4),
+      num_dense=2,
+      axis_name='batch',
+      **TEST_KWARGS[name],
+    )
+    inputs = batching.example_inputs(model)
+    shapes = jax.eval_shape(
+      lambda: model.init(jax.random.key(0), train=False, **inputs)
+    )
+    model_contract.check(model, shapes, inputs)
 
 
 if __name__ == '__main__':
