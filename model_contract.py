@@ -12,8 +12,10 @@ import dataclasses
 import functools
 import importlib
 
+from flax import traverse_util
 import flax.linen as nn
 import jax
+from jax.extend import core as jax_core
 import jax.numpy as jnp
 import ml_collections
 
@@ -83,17 +85,26 @@ def create_model(
   )
 
 
-def check(model: nn.Module, variables, inputs: dict) -> None:
+def check(
+  model: nn.Module,
+  variables,
+  inputs: dict,
+  tables: frozenset[tuple[str, ...]] = frozenset(),
+) -> None:
   """Refuses a model whose call breaks the contract, from shapes alone.
 
   In both modes the output must be float32 logits `[batch]`, and in
   training mode every BatchNorm must average its statistics over the
-  model's `axis_name` (when it has one).
+  model's `axis_name` (when it has one); a parameter read at rows that the
+  ids name must be a declared table (`take_rows`), or the row-wise
+  optimizers would update it as a dense leaf.
 
   Args:
     model: the model, as the trainer builds it.
     variables: the shapes of its variables (`params`, `batch_stats`).
     inputs: keyword inputs of one call (`batching.example_inputs`).
+    tables: the params paths of its declared tables
+      (`sparse.declared_tables`).
 
   Raises:
     ValueError: what breaks the contract and what to write instead.
@@ -146,3 +157,96 @@ def check(model: nn.Module, variables, inputs: dict) -> None:
       ' its own: pass `nn.BatchNorm(..., axis_name=self.axis_name)`'
       ' (DESIGN.md 2).'
     )
+  undeclared = sorted(set(_read_by_ids(model, variables, inputs)) - tables)
+  if undeclared:
+    raise ValueError(
+      f'{", ".join("/".join(p) for p in undeclared)} is read at the rows'
+      ' that the ids name but not declared as a table, so lazy_adam and'
+      ' rowwise_adagrad would update it whole: read it with'
+      " `take_rows(table, rows, self, '<its param name>')`, copied from"
+      ' models/fm.py (DESIGN.md 2).'
+    )
+
+
+# Primitives whose output is their operand's values rearranged: a table
+# read after them is still the parameter.
+_VIEWS = frozenset(
+  ('convert_element_type', 'reshape', 'squeeze', 'expand_dims', 'copy')
+)
+
+
+def _read_by_ids(model, variables, inputs) -> list[tuple[str, ...]]:
+  """The params paths that an eval-mode call gathers at indices computed
+  from `ids` or `multi_ids` (a `gather` or `dynamic_slice` in its jaxpr)."""
+  params = traverse_util.flatten_dict(variables['params'])
+  paths = list(params)
+  others = {k: v for k, v in variables.items() if k != 'params'}
+
+  def call(leaves, others, inputs):
+    tree = traverse_util.unflatten_dict(dict(zip(paths, leaves, strict=True)))
+    return model.apply({'params': tree, **others}, train=False, **inputs)
+
+  closed = jax.make_jaxpr(call)([params[p] for p in paths], others, inputs)
+  invars = closed.jaxpr.invars
+  origin = dict(zip(invars[: len(paths)], paths, strict=True))
+  # Then the leaves of `others`, then `inputs` by sorted key (one each).
+  names = sorted(inputs)
+  tainted = {
+    v
+    for name, v in zip(names, invars[-len(names) :], strict=True)
+    if name in ('ids', 'multi_ids')
+  }
+  found = []
+  _walk(closed.jaxpr, origin, tainted, found)
+  return found
+
+
+def _walk(jaxpr, origin: dict, tainted: set, found: list) -> None:
+  """Follows parameters (`origin`: var -> path) and id-derived values
+  (`tainted`) through `jaxpr`, nested calls included; appends to `found`
+  each path gathered at id-derived indices."""
+  for eqn in jaxpr.eqns:
+    ins = [v for v in eqn.invars if isinstance(v, jax_core.Var)]
+    name = eqn.primitive.name
+    if name in ('gather', 'dynamic_slice') and eqn.invars[0] in origin:
+      if any(v in tainted for v in ins[1:]):
+        found.append(origin[eqn.invars[0]])
+    subs = _calls(eqn)
+    for sub, operands in subs:
+      pairs = [
+        (v, w)
+        for v, w in zip(operands, sub.invars, strict=True)
+        if isinstance(v, jax_core.Var)
+      ]
+      inner_tainted = {w for v, w in pairs if v in tainted}
+      inner_origin = {w: origin[v] for v, w in pairs if v in origin}
+      _walk(sub, inner_origin, inner_tainted, found)
+      for v, w in zip(eqn.outvars, sub.outvars, strict=True):
+        if isinstance(w, jax_core.Var) and w in inner_tainted:
+          tainted.add(v)
+    if subs:
+      continue
+    if any(v in tainted for v in ins):
+      tainted.update(eqn.outvars)
+    if name in _VIEWS and ins and ins[0] in origin:
+      origin[eqn.outvars[0]] = origin[ins[0]]
+
+
+def _calls(eqn) -> list:
+  """The jaxprs that `eqn` calls with its operands one to one (jit, custom
+  derivatives, each branch of a cond), as `(jaxpr, operands)`; [] for
+  others, whose outputs are then taken as depending on all their inputs."""
+  inner = eqn.params.get('jaxpr', eqn.params.get('call_jaxpr'))
+  if inner is not None:
+    subs, operands = [inner], eqn.invars
+  else:
+    subs, operands = eqn.params.get('branches', ()), eqn.invars[1:]
+  subs = [getattr(sub, 'jaxpr', sub) for sub in subs]
+  if not subs or any(
+    not hasattr(sub, 'eqns')
+    or len(sub.invars) != len(operands)
+    or len(sub.outvars) != len(eqn.outvars)
+    for sub in subs
+  ):
+    return []
+  return [(sub, operands) for sub in subs]

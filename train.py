@@ -98,10 +98,9 @@ def state_initializer(
     return model.init({'params': rng, 'dropout': rng}, train=False, **inputs)
 
   shapes = jax.eval_shape(variables, threefry.key(0))
-  model_contract.check(model, shapes, inputs)  # Before it trains wrongly.
-  tx = optim.create_optimizer(
-    config, sparse.declared_tables(model.apply, shapes, **inputs)
-  )
+  tables = sparse.declared_tables(model.apply, shapes, **inputs)
+  model_contract.check(model, shapes, inputs, tables)  # Before it trains.
+  tx = optim.create_optimizer(config, tables)
 
   @jax.jit
   def init(rng):

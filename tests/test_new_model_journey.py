@@ -28,6 +28,7 @@ from configs import default
 from configs import fm as fm_config
 import model_contract
 import models
+import sparse
 import train
 
 FIELD_DIMS = (5, 7)
@@ -166,7 +167,23 @@ class NewModelJourneyTest(parameterized.TestCase):
     shapes = jax.eval_shape(
       lambda: model.init(jax.random.key(0), train=False, **inputs)
     )
-    model_contract.check(model, shapes, inputs)
+    tables = sparse.declared_tables(model.apply, shapes, **inputs)
+    model_contract.check(model, shapes, inputs, tables)
+
+  @parameterized.named_parameters(
+    (o, o) for o in ('adam', 'lazy_adam', 'rowwise_adagrad')
+  )
+  def test_a_table_read_without_take_rows_is_refused(self, optimizer):
+    # lazy_adam would have updated the undeclared table as a dense leaf,
+    # every row, with no word (as 'auto' picks it on large tables).
+    name = self.use(Draft)
+    config = _config(name, declared=False)
+    config.optimizer = optimizer
+    with self.assertRaisesRegex(ValueError, 'not declared') as caught:
+      self.initialise(config)
+    message = str(caught.exception)
+    self.assertStartsWith(message, 'embedding is read at the rows')
+    self.assertIn('take_rows(table, rows, self', message)
 
   def test_a_model_without_axis_name_is_told_to_declare_it(self):
     name = self.use(NoAxisName)
@@ -210,7 +227,9 @@ class NewModelJourneyTest(parameterized.TestCase):
     shapes = jax.eval_shape(
       lambda: model.init(jax.random.key(0), train=False, **inputs)
     )
-    model_contract.check(model, shapes, inputs)
+    tables = sparse.declared_tables(model.apply, shapes, **inputs)
+    self.assertNotEmpty(tables)
+    model_contract.check(model, shapes, inputs, tables)
 
 
 if __name__ == '__main__':
