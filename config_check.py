@@ -16,6 +16,7 @@ import importlib
 import math
 import os
 import pathlib
+import typing
 from typing import Any
 
 import ml_collections
@@ -128,7 +129,8 @@ MODEL = {
   'item_field_idx': optional_index,
   'cross_fields': field_pairs,
   # Every string argument is one of a few names; a test holds each model's
-  # string arguments to this list.
+  # string arguments to this list, or to their `typing.Literal` annotation
+  # (model_rule).
   'linear_init': one_of(('lecun', 'torch')),
   'multi_pooling': one_of(('mean', 'sum')),
   'method': one_of(('inner', 'outer')),
@@ -301,16 +303,28 @@ def _model_problems(config: ml_collections.ConfigDict) -> list[str]:
         f' {", ".join(accepted) or "none"}'
       )
       continue
-    default = fields[key].default
-    rule = MODEL.get(key)
-    if key == 'dropouts':
-      rule = rates(len(default) if is_sequence(default) else None)
-    elif rule is None:
-      rule = _rule_like(default)
+    rule = model_rule(fields[key])
     expected = rule(value) if rule else None
     if expected:
       problems.append(f'{where} must be {expected}')
   return problems
+
+
+def model_rule(field: dataclasses.Field) -> Rule | None:
+  """The rule of a model's constructor argument.
+
+  The names of its `typing.Literal` annotation (a new model's string
+  choices need no entry here), else its entry in MODEL, else (`dropouts`)
+  as many rates as its default, else the type of its default.
+  """
+  if typing.get_origin(field.type) is typing.Literal:
+    return one_of(tuple(str(a) for a in typing.get_args(field.type)))
+  if field.name in MODEL:
+    return MODEL[field.name]
+  default = field.default
+  if field.name == 'dropouts':
+    return rates(len(default) if is_sequence(default) else None)
+  return _rule_like(default)
 
 
 def _rule_like(default: Any) -> Rule | None:

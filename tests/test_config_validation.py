@@ -342,7 +342,7 @@ class BadValueTest(_TestCase):
         ):
           continue
         with self.subTest(model=name, key=field.name):
-          rule = config_check.MODEL.get(field.name)
+          rule = config_check.model_rule(field)
           self.assertIsNotNone(rule, f'no rule for {field.name}')
           self.assertIsNone(rule(field.default))
           self.assertIsNotNone(rule('no-such-name'))

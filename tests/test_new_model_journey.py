@@ -10,10 +10,12 @@ all pass the same checks.
 """
 
 from collections.abc import Sequence
+import dataclasses
 import importlib
 import os
 import sys
 import types
+from typing import Literal
 from unittest import mock
 
 from absl.testing import absltest
@@ -26,6 +28,7 @@ from model_tables import TEST_KWARGS
 import numpy as np
 
 import batching
+import config_check
 from configs import default
 from configs import fm as fm_config
 import model_contract
@@ -97,6 +100,20 @@ class IdsOnly(nn.Module):
 
   @nn.compact
   def __call__(self, ids, *, train=False):
+    return jnp.zeros(ids.shape[:1], jnp.float32)
+
+
+class Choices(nn.Module):
+  """A draft whose string argument lists its names as a `Literal`."""
+
+  field_dims: Sequence[int]
+  interaction: Literal['matrixed', 'vectorized'] = 'matrixed'
+  axis_name: str | None = None
+
+  @nn.compact
+  def __call__(self, ids, *, train=False):
+    if self.interaction not in ('matrixed', 'vectorized'):
+      raise ValueError(f'interaction {self.interaction!r}')
     return jnp.zeros(ids.shape[:1], jnp.float32)
 
 
@@ -213,6 +230,26 @@ class NewModelJourneyTest(parameterized.TestCase):
     # The config file's own call, which a run makes first.
     with self.assertRaisesRegex(ValueError, told):
       default.with_model_arguments(_config(name))
+
+  def test_a_literal_annotation_is_the_config_rule_of_a_string(self):
+    # Before, config_check.MODEL had to learn each new string argument by
+    # hand (a test insists), or a bad value passed the config check and
+    # stopped the run only after the data had loaded.
+    name = self.use(Choices)
+    config = _config(name, interaction='bogus')
+    with self.assertRaises(config_check.ConfigError) as caught:
+      config_check.validate_config(config)
+    self.assertIn(
+      "config.model.interaction='bogus' must be one of matrixed, vectorized",
+      str(caught.exception),
+    )
+    config.model.interaction = 'vectorized'
+    config_check.validate_config(config)
+    # The rule the every-model test of tests/test_config_validation.py reads.
+    field = {f.name: f for f in dataclasses.fields(Choices)}['interaction']
+    rule = config_check.model_rule(field)
+    self.assertIsNone(rule('matrixed'))
+    self.assertEqual(rule('no-such-name'), 'one of matrixed, vectorized')
 
   @parameterized.named_parameters((n, n) for n in MODEL_NAMES)
   def test_every_shipped_model_keeps_the_contract(self, name):
