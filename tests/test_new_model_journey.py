@@ -11,8 +11,6 @@ all pass the same checks.
 
 from collections.abc import Sequence
 import dataclasses
-import importlib
-import os
 import sys
 import types
 from typing import Literal
@@ -269,35 +267,6 @@ class NewModelJourneyTest(parameterized.TestCase):
     tables = sparse.declared_tables(model.apply, shapes, **inputs)
     self.assertNotEmpty(tables)
     model_contract.check(model, shapes, inputs, tables)
-
-
-class EveryModelHasAConfigTest(absltest.TestCase):
-  def test_every_model_file_is_built_by_a_config(self):
-    # The every-config tests (tests/test_optim_models.py: the row-wise
-    # optimizers against brute force) and benchmarks.common.model_names
-    # iterate over configs/: a model file without a config naming it was
-    # left out of them without a word.
-    built = {
-      importlib.import_module(f'configs.{name}').get_config().model_name
-      for name in _config_names()
-    }
-    missing = sorted(set(models.names()) - built)
-    self.assertEqual(
-      missing,
-      [],
-      'add configs/<name>.py setting config.model_name (copy configs/fm.py)',
-    )
-    self.assertLessEqual(built, set(models.names()))
-
-
-def _config_names() -> list[str]:
-  """The files of configs/ but default.py: one run each."""
-  here = os.path.join(os.path.dirname(os.path.dirname(__file__)), 'configs')
-  return sorted(
-    f[:-3]
-    for f in os.listdir(here)
-    if f.endswith('.py') and f not in ('__init__.py', 'default.py')
-  )
 
 
 if __name__ == '__main__':
