@@ -11,6 +11,8 @@ all pass the same checks.
 
 from collections.abc import Sequence
 import dataclasses
+import os
+import re
 import sys
 import types
 from typing import Literal
@@ -23,6 +25,7 @@ import jax
 import jax.numpy as jnp
 from model_tables import MODEL_NAMES
 from model_tables import TEST_KWARGS
+from model_tables import TORCHFM_PARITY
 import numpy as np
 
 import batching
@@ -267,6 +270,28 @@ class NewModelJourneyTest(parameterized.TestCase):
     tables = sparse.declared_tables(model.apply, shapes, **inputs)
     self.assertNotEmpty(tables)
     model_contract.check(model, shapes, inputs, tables)
+
+
+class EquationTestTest(absltest.TestCase):
+  def test_every_model_names_an_equation_test_that_exists(self):
+    # tests/test_model_parity.py checks the files of TORCHFM_PARITY's
+    # entries that start with 'tests/'; a model without a pytorch-fm
+    # counterpart says 'none: ...; brute force in tests/test_model_<name>.py'
+    # and the file it names was never looked for: a new model's entry
+    # passed every test with no test of its equation.
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    self.assertEqual(sorted(TORCHFM_PARITY), MODEL_NAMES)
+    for name, where in TORCHFM_PARITY.items():
+      with self.subTest(name):
+        paths = re.findall(r'tests/\S+\.py', where)
+        self.assertNotEmpty(paths, f'{name}: {where!r} names no test file')
+        for path in paths:
+          self.assertTrue(
+            os.path.exists(os.path.join(root, path)),
+            f'{name}: {path} does not exist; write it (numpy brute force of'
+            ' the equation, as tests/test_model_fwfm.py) or name the test'
+            ' that checks the model in tests/model_tables.py TORCHFM_PARITY',
+          )
 
 
 if __name__ == '__main__':
