@@ -6,10 +6,12 @@ nothing: logits `[batch, 1]` broadcast against labels `[batch]` into a
 device's own statistics. `create_model` and `check` refuse such a file at
 start-up with a `ValueError` that says what to write (the trainer turns it
 into one line naming the file); they read only shapes, so nothing runs.
+`check` costs one trace of the model, which also finds its tables, and
+every run pays it: the training mode's logits are checked in the train
+program's own trace (`check_logits`), on its compiling thread.
 """
 
 import dataclasses
-import functools
 import importlib
 
 from flax import traverse_util
@@ -20,6 +22,7 @@ import jax.numpy as jnp
 import ml_collections
 
 import models
+import sparse
 
 # What the README tells a model file to copy from: the arguments that
 # describe the dataset's inputs, in the words of models/fm.py.
@@ -85,34 +88,38 @@ def create_model(
   )
 
 
-def check(
-  model: nn.Module,
-  variables,
-  inputs: dict,
-  tables: frozenset[tuple[str, ...]] = frozenset(),
-) -> None:
-  """Refuses a model whose call breaks the contract, from shapes alone.
+class ContractError(ValueError):
+  """A model breaks the contract of DESIGN.md 2; says what to write."""
 
-  In both modes the output must be float32 logits `[batch]`, and in
-  training mode every BatchNorm must average its statistics over the
-  model's `axis_name` (when it has one); a parameter read at rows that the
-  ids name must be a declared table (`take_rows`), or the row-wise
-  optimizers would update it as a dense leaf.
+
+def check(
+  model: nn.Module, variables, inputs: dict
+) -> frozenset[tuple[str, ...]]:
+  """Refuses a model whose call breaks the contract; returns its tables.
+
+  One trace (`jax.make_jaxpr`; nothing runs) of the call that the eval
+  program makes tells all: its output must be float32 logits `[batch]`,
+  every BatchNorm must average its statistics over the model's
+  `axis_name` (when it has one), and a parameter read at rows that the ids
+  name must be a declared table (`take_rows`), or the row-wise optimizers
+  would update it as a dense leaf. The logits of training mode are checked
+  where the train program traces them (`check_logits` in `train.loss_fn`).
 
   Args:
     model: the model, as the trainer builds it.
     variables: the shapes of its variables (`params`, `batch_stats`).
     inputs: keyword inputs of one call (`batching.example_inputs`).
-    tables: the params paths of its declared tables
-      (`sparse.declared_tables`).
+
+  Returns:
+    The params paths of its declared tables, as `sparse.declared_tables`.
 
   Raises:
-    ValueError: what breaks the contract and what to write instead.
+    ContractError: what breaks the contract and what to write instead.
   """
-  batch = len(inputs['ids'])
   axis_name = getattr(model, 'axis_name', None)
   unsynced = []
 
+  # A BatchNorm's axis_name is an attribute: the eval call meets it too.
   def interceptor(next_fun, args, kwargs, context):
     module = context.module
     if (
@@ -124,47 +131,61 @@ def check(
       unsynced.append(f'{path} (axis_name={module.axis_name!r})')
     return next_fun(*args, **kwargs)
 
-  def call(variables, train):
-    rngs = {'dropout': jax.random.key(0)}
-    with nn.intercept_methods(interceptor):
-      out = model.apply(
-        variables, train=train, rngs=rngs, mutable=['batch_stats'], **inputs
-      )
-    return out[0]
+  params = traverse_util.flatten_dict(variables['params'])
+  paths = list(params)
+  others = {k: v for k, v in variables.items() if k != 'params'}
 
-  axis_env = [(axis_name, 1)] if axis_name else []
-  for train in (False, True):
-    trace = jax.make_jaxpr(
-      functools.partial(call, train=train),
-      axis_env=axis_env,
-      return_shape=True,
-    )
-    _, out = trace(variables)
-    if getattr(out, 'shape', None) != (batch,) or out.dtype != jnp.float32:
-      got = (
-        f'{out.dtype}{list(out.shape)}' if hasattr(out, 'shape') else repr(out)
+  def call(leaves, others, inputs):
+    tree = traverse_util.unflatten_dict(dict(zip(paths, leaves, strict=True)))
+    with nn.intercept_methods(interceptor):
+      return model.apply(
+        {'params': tree, **others},
+        train=False,
+        mutable=[sparse.ROWS],
+        **inputs,
       )
-      raise ValueError(
-        f'Model(...).apply(ids [{batch}, fields], train={train}) returned'
-        f' {got}; the trainer needs float32 logits [{batch}] (DESIGN.md 2:'
-        ' one logit per example, before the sigmoid; e.g. squeeze a last'
-        ' axis of 1 and end with .astype(jnp.float32)).'
-      )
+
+  trace = jax.make_jaxpr(call, return_shape=True)
+  closed, (logits, state) = trace([params[p] for p in paths], others, inputs)
+  check_logits(logits, len(inputs['ids']), train=False)
   if axis_name and unsynced:
-    raise ValueError(
+    raise ContractError(
       f'BatchNorm {", ".join(sorted(set(unsynced)))} does not average its'
       f' statistics over axis_name={axis_name!r}, so each device would keep'
       ' its own: pass `nn.BatchNorm(..., axis_name=self.axis_name)`'
       ' (DESIGN.md 2).'
     )
-  undeclared = sorted(set(_read_by_ids(model, variables, inputs)) - tables)
+  tables = frozenset(traverse_util.flatten_dict(state.get(sparse.ROWS, {})))
+  undeclared = sorted(set(_read_by_ids(closed.jaxpr, paths, inputs)) - tables)
   if undeclared:
-    raise ValueError(
+    raise ContractError(
       f'{", ".join("/".join(p) for p in undeclared)} is read at the rows'
       ' that the ids name but not declared as a table, so lazy_adam and'
       ' rowwise_adagrad would update it whole: read it with'
       " `take_rows(table, rows, self, '<its param name>')`, copied from"
       ' models/fm.py (DESIGN.md 2).'
+    )
+  return tables
+
+
+def check_logits(logits, batch: int, *, train: bool) -> None:
+  """Refuses a model's output other than float32 logits `[batch]` (from
+  its shape alone: traced, it costs nothing).
+
+  Raises:
+    ContractError: what it returned and what the trainer needs.
+  """
+  if getattr(logits, 'shape', None) != (batch,) or logits.dtype != jnp.float32:
+    got = (
+      f'{logits.dtype}{list(logits.shape)}'
+      if hasattr(logits, 'shape')
+      else repr(logits)
+    )
+    raise ContractError(
+      f'Model(...).apply(ids [{batch}, fields], train={train}) returned'
+      f' {got}; the trainer needs float32 logits [{batch}] (DESIGN.md 2:'
+      ' one logit per example, before the sigmoid; e.g. squeeze a last'
+      ' axis of 1 and end with .astype(jnp.float32)).'
     )
 
 
@@ -175,21 +196,13 @@ _VIEWS = frozenset(
 )
 
 
-def _read_by_ids(model, variables, inputs) -> list[tuple[str, ...]]:
-  """The params paths that an eval-mode call gathers at indices computed
-  from `ids` or `multi_ids` (a `gather` or `dynamic_slice` in its jaxpr)."""
-  params = traverse_util.flatten_dict(variables['params'])
-  paths = list(params)
-  others = {k: v for k, v in variables.items() if k != 'params'}
-
-  def call(leaves, others, inputs):
-    tree = traverse_util.unflatten_dict(dict(zip(paths, leaves, strict=True)))
-    return model.apply({'params': tree, **others}, train=False, **inputs)
-
-  closed = jax.make_jaxpr(call)([params[p] for p in paths], others, inputs)
-  invars = closed.jaxpr.invars
+def _read_by_ids(jaxpr, paths: list, inputs: dict) -> list[tuple[str, ...]]:
+  """The params paths that `jaxpr` gathers at indices computed from `ids` or
+  `multi_ids` (a `gather` or `dynamic_slice`); its inputs are the params
+  leaves in `paths`' order, then other variables, then `inputs` by sorted
+  key (one leaf each)."""
+  invars = jaxpr.invars
   origin = dict(zip(invars[: len(paths)], paths, strict=True))
-  # Then the leaves of `others`, then `inputs` by sorted key (one each).
   names = sorted(inputs)
   tainted = {
     v
@@ -197,7 +210,7 @@ def _read_by_ids(model, variables, inputs) -> list[tuple[str, ...]]:
     if name in ('ids', 'multi_ids')
   }
   found = []
-  _walk(closed.jaxpr, origin, tainted, found)
+  _walk(jaxpr, origin, tainted, found)
   return found
 
 

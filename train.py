@@ -54,14 +54,8 @@ class TrainState(train_state.TrainState):
   batch_stats: Any = None
 
 
-def create_model(
-  config: ml_collections.ConfigDict,
-  field_dims: tuple[int, ...],
-  axis_name: str | None = None,
-  **inputs,
-):
-  """The `Model` of models/<config.model_name>.py; `inputs`: model_fields."""
-  return model_contract.create_model(config, field_dims, axis_name, **inputs)
+# The `Model` of models/<config.model_name>.py; `inputs`: model_fields.
+create_model = model_contract.create_model
 
 
 def _table_rows(model) -> int:
@@ -98,8 +92,7 @@ def state_initializer(
     return model.init({'params': rng, 'dropout': rng}, train=False, **inputs)
 
   shapes = jax.eval_shape(variables, threefry.key(0))
-  tables = sparse.declared_tables(model.apply, shapes, **inputs)
-  model_contract.check(model, shapes, inputs, tables)  # Before it trains.
+  tables = model_contract.check(model, shapes, inputs)  # Before it trains.
   tx = optim.create_optimizer(config, tables)
 
   @jax.jit
@@ -151,6 +144,7 @@ def loss_fn(
     rngs={'dropout': dropout_rng},
     mutable=['batch_stats', 'losses', sparse.ROWS],
   )
+  model_contract.check_logits(logits, len(batch['label']), train=True)
   loss = optax.sigmoid_binary_cross_entropy(logits, batch['label']).mean()
   loss += sum(jnp.sum(x) for x in jax.tree.leaves(updates.get('losses', {})))
   return loss, (updates.get('batch_stats', {}), updates.get(sparse.ROWS, {}))
@@ -325,7 +319,10 @@ def train_and_evaluate(
   is_main = jax.process_index() == 0
   multihost.check_shared_workdir(workdir)
   with multihost.lock_workdir(workdir, is_main):
-    return _run(config, workdir, is_main)
+    try:  # Also from the train program's trace (`loss_fn`), on a thread.
+      return _run(config, workdir, is_main)
+    except model_contract.ContractError as e:
+      raise UserError(f'models/{config.model_name}.py: {e}') from e
 
 
 def _run(

@@ -11,9 +11,11 @@ all pass the same checks.
 
 from collections.abc import Sequence
 import dataclasses
+import functools
 import os
 import re
 import sys
+import tempfile
 import types
 from typing import Literal
 from unittest import mock
@@ -36,6 +38,7 @@ import model_contract
 import models
 import sparse
 import train
+import utils
 
 FIELD_DIMS = (5, 7)
 
@@ -47,7 +50,8 @@ class Draft(nn.Module):
     field_dims: number of ids of each field.
     multi_field_dims: number of ids of each multi-hot field (unused).
     num_dense: number of numeric fields (unused).
-    out: 'logits' (right), 'column' (`[batch, 1]`), 'bfloat16'.
+    out: 'logits' (right), 'column' (`[batch, 1]`), 'bfloat16',
+      'train_column' (`[batch, 1]` in training mode only).
     batch_norm: None (no BatchNorm), 'synced' (over `axis_name`) or
       'unsynced' (no axis name).
     declared: read the table as `take_rows` does; otherwise with a plain
@@ -78,7 +82,7 @@ class Draft(nn.Module):
       axis = self.axis_name if self.batch_norm == 'synced' else None
       v = nn.BatchNorm(use_running_average=not train, axis_name=axis)(v)
     y = jnp.sum(v[:, 0] * v[:, 1], axis=-1)  # [B]
-    if self.out == 'column':
+    if self.out == 'column' or (self.out == 'train_column' and train):
       return y[:, None]
     return y.astype(jnp.bfloat16 if self.out == 'bfloat16' else jnp.float32)
 
@@ -172,6 +176,36 @@ class NewModelJourneyTest(parameterized.TestCase):
     self.assertIn('DESIGN.md 2', message)
     self.assertNotIn('\n', message)
 
+  def test_logits_of_another_shape_in_training_alone_are_refused(self):
+    # Start-up traces the eval call alone (its cost counts in every run);
+    # the train program's own trace checks the training mode's logits.
+    name = self.use(Draft)
+    config = _config(name, out='train_column')
+    model = train.create_model(config, FIELD_DIMS, train.AXIS)
+    state = train.state_initializer(config, model)(jax.random.key(0))
+    batch = {
+      'ids': np.zeros((4, len(FIELD_DIMS)), np.int32),
+      'label': np.zeros(4, np.float32),
+    }
+    loss = functools.partial(train.loss_fn, model=model)
+    told = r'train=True\) returned float32\[4, 1\]; .*float32 logits \[4\]'
+    with self.assertRaisesRegex(model_contract.ContractError, told):
+      jax.eval_shape(
+        loss, state.params, state.batch_stats, batch, jax.random.key(0)
+      )
+    # A run stops on it in one line that names the file, before training.
+    with tempfile.TemporaryDirectory() as workdir:
+      config.dataset.cache_dir = os.path.join(workdir, 'cache')
+      with self.assertRaises(utils.UserError) as caught:
+        train.train_and_evaluate(config, os.path.join(workdir, 'run'))
+      self.assertFalse(
+        os.path.exists(os.path.join(workdir, 'run', 'metrics.jsonl'))
+      )
+    message = str(caught.exception)
+    self.assertStartsWith(message, f'models/{name}.py: Model(...).apply(')
+    self.assertIn('train=True) returned float32[', message)
+    self.assertNotIn('\n', message)
+
   def test_a_batch_norm_without_the_axis_is_refused(self):
     name = self.use(Draft)
     with self.assertRaisesRegex(ValueError, 'BatchNorm') as caught:
@@ -187,8 +221,7 @@ class NewModelJourneyTest(parameterized.TestCase):
     shapes = jax.eval_shape(
       lambda: model.init(jax.random.key(0), train=False, **inputs)
     )
-    tables = sparse.declared_tables(model.apply, shapes, **inputs)
-    model_contract.check(model, shapes, inputs, tables)
+    model_contract.check(model, shapes, inputs)
 
   @parameterized.named_parameters(
     (o, o) for o in ('adam', 'lazy_adam', 'rowwise_adagrad')
@@ -267,9 +300,12 @@ class NewModelJourneyTest(parameterized.TestCase):
     shapes = jax.eval_shape(
       lambda: model.init(jax.random.key(0), train=False, **inputs)
     )
-    tables = sparse.declared_tables(model.apply, shapes, **inputs)
+    tables = model_contract.check(model, shapes, inputs)
     self.assertNotEmpty(tables)
-    model_contract.check(model, shapes, inputs, tables)
+    # Its one trace finds the tables that a trace of its own would.
+    self.assertEqual(
+      tables, sparse.declared_tables(model.apply, shapes, **inputs)
+    )
 
 
 class EquationTestTest(absltest.TestCase):
