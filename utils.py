@@ -219,7 +219,6 @@ def enable_compilation_cache(cache_dir: str) -> None:
   cc.reset_cache()  # Another directory may already be in use.
 
 
-# Stamp file of `drop_torn_programs`: entries older than it were checked.
 def init_compiler_options() -> dict[str, str | bool] | None:
   """XLA options of a run's `jit(init)` (`train.state_initializer`).
 
@@ -245,6 +244,7 @@ def init_compiler_options() -> dict[str, str | bool] | None:
   return {k: v for k, v in options.items() if f'--{k}=' not in flags} or None
 
 
+# Stamp file of `drop_torn_programs`: entries older than it were checked.
 CHECKED_STAMP = '.checked'
 
 
