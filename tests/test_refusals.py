@@ -1,12 +1,11 @@
-"""Leftovers of the last stop's list, one class each."""
+"""Refusals in one line: a tuple flag given twice, a resume's changed
+key, and a multi-hot list value holding the separator."""
 
 import os
 import subprocess
 import sys
 import tempfile
-import tomllib
 from unittest import mock
-import warnings
 
 from absl.testing import absltest
 from dataset_testing import DatasetTestCase
@@ -129,38 +128,6 @@ class SeparatorInListTest(DatasetTestCase):
     # Another separator reads it as one value.
     joined = csv.joined_lists(frame, ['tags'], ';')
     self.assertEqual(joined.tags.tolist()[5], 't1|t2;t3')
-
-
-class BenchmarksDeprecationTest(absltest.TestCase):
-  def test_deprecation_warnings_of_the_benchmarks_are_errors(self):
-    # pyproject.toml named the library's modules only. A DeprecationWarning
-    # raised in each benchmarks module, under the filters pyproject.toml
-    # gives pytest, must raise (as tests/test_design_contracts.py checks
-    # for the library).
-    with open(os.path.join(ROOT, 'pyproject.toml'), 'rb') as f:
-      filters = tomllib.load(f)['tool']['pytest']['ini_options']
-    names = ['benchmarks'] + [
-      f'benchmarks.{n[:-3]}'
-      for n in sorted(os.listdir(os.path.join(ROOT, 'benchmarks')))
-      if n.endswith('.py') and n != '__init__.py'
-    ]
-    self.assertIn('benchmarks.throughput', names)
-    missed = []
-    with warnings.catch_warnings():
-      warnings.resetwarnings()
-      for entry in filters['filterwarnings']:
-        action, message, category, module = (entry.split(':') + [''] * 4)[:4]
-        warnings.filterwarnings(action, message, DeprecationWarning, module)
-      warnings.simplefilter('ignore', DeprecationWarning, append=True)
-      for name in names:
-        try:
-          warnings.warn_explicit(
-            'deprecated', DeprecationWarning, name, 1, name
-          )
-        except DeprecationWarning:
-          continue
-        missed.append(name)
-    self.assertEqual(missed, [])
 
 
 if __name__ == '__main__':
