@@ -383,37 +383,40 @@ def _run(
     config,
     resident,
   )
-  try:  # On an error too, the compilations end before the call does.
-    state = init(rng)
-    num_params = sum(x.size for x in jax.tree.leaves(state.params))
-    logging.info('Model %s: %d parameters', config.model_name, num_params)
+  with contextlib.ExitStack() as stack:
+    try:  # On an error too, the compilations end before the call does.
+      state = init(rng)
+      num_params = sum(x.size for x in jax.tree.leaves(state.params))
+      logging.info('Model %s: %d parameters', config.model_name, num_params)
 
-    # Single-host saves run on a thread while training goes on (multi-host
-    # ones end in a collective); `with ckpt` waits for them, inside the lock.
-    ckpt = checkpoints.Checkpoints(workdir, background=jax.process_count() == 1)
-    # All restore process 0's files; one that saw none would run other steps.
-    multihost.assert_same_on_all_processes(
-      ckpt.latest.latest_step(), 'latest checkpoints', workdir
-    )
-    state, meta = ckpt.restore_latest(state)
-    if meta is None and config.get('init_from'):  # A resume has its weights.
-      state = warm_start(state, config.init_from)
-    meta = checkpoints.run_meta(meta, workdir)  # Logs a resume.
-    writer = metrics.MetricsWriter(  # Process 0 writes; its error stops all.
-      workdir, is_main, meta.get('wall_time', 0.0), multihost.errors_shared
-    )
-    epochs, patience = config.num_epochs, config.patience
-    done = meta['epoch'] >= epochs or meta['bad_epochs'] >= patience
-    writer.truncate(meta['epoch'], keep_test=done)  # Done: only scored again.
+      # Single-host saves run on a thread while training goes on (multi-host
+      # ones end in a collective); leaving `stack` waits for them, inside the
+      # lock, and closes the managers on any error, an early one too.
+      ckpt = stack.enter_context(
+        checkpoints.Checkpoints(workdir, background=jax.process_count() == 1)
+      )
+      # All restore process 0's files; one that saw none would run other steps.
+      multihost.assert_same_on_all_processes(
+        ckpt.latest.latest_step(), 'latest checkpoints', workdir
+      )
+      state, meta = ckpt.restore_latest(state)
+      if meta is None and config.get('init_from'):  # A resume has its weights.
+        state = warm_start(state, config.init_from)
+      meta = checkpoints.run_meta(meta, workdir)  # Logs a resume.
+      writer = metrics.MetricsWriter(  # Process 0 writes; its error stops all.
+        workdir, is_main, meta.get('wall_time', 0.0), multihost.errors_shared
+      )
+      epochs, patience = config.num_epochs, config.patience
+      done = meta['epoch'] >= epochs or meta['bad_epochs'] >= patience
+      writer.truncate(meta['epoch'], keep_test=done)  # Done: only scored again.
 
-    replicated = replicate(state)
-  except BaseException:
-    with contextlib.suppress(Exception):  # The first error is raised.
-      wait_compiled()
-    raise
-  wait_compiled()
+      replicated = replicate(state)
+    except BaseException:
+      with contextlib.suppress(Exception):  # The first error is raised.
+        wait_compiled()
+      raise
+    wait_compiled()
 
-  with ckpt:
     epoch = meta['epoch']
     while epoch < epochs and meta['bad_epochs'] < patience:
       rates = optim.on_plateau(config, meta.get('lr_scale', 1.0))
