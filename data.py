@@ -258,6 +258,7 @@ def _check_unchanged(stats: dict, error: Exception | None = None) -> None:
       raise DataError(message) from error
 
 
+@utils.interrupts_heard()  # A Ctrl-C in a gc callback is not lost.
 def load_dataset(config: ml_collections.ConfigDict) -> Dataset:
   """Loads (from the cache when possible) the dataset `config.dataset`.
 

@@ -14,7 +14,6 @@ import os
 import re
 import signal
 import sys
-import threading
 import traceback
 from typing import Any, NoReturn
 
@@ -25,6 +24,7 @@ import ml_collections
 from ml_collections.config_flags import config_flags as config_flags_lib
 
 import coordinator
+import utils
 from utils import UserError
 
 # Set (to anything but 0) to see the traceback of a UserError.
@@ -120,14 +120,8 @@ def end_at_interrupts() -> None:
 
 
 def _interrupt(signum: int, frame: Any) -> None:
-  callbacks = {getattr(c, '__code__', None) for c in gc.callbacks}
-  while frame is not None:
-    if frame.f_code in callbacks:
-      again = threading.Timer(0.01, os.kill, (os.getpid(), signum))
-      again.daemon = True  # A process on its way out is not held.
-      again.start()
-      return
-    frame = frame.f_back
+  if utils.resent_from_gc(signum, frame):
+    return
   raise Terminated if signum == signal.SIGTERM else KeyboardInterrupt
 
 

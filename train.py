@@ -280,6 +280,7 @@ def pmapped_steps(model, config: ml_collections.ConfigDict) -> tuple:
   )
 
 
+@utils.interrupts_heard()  # A Ctrl-C in a gc callback is not lost.
 def train_and_evaluate(
   config: ml_collections.ConfigDict, workdir: str
 ) -> dict[str, float]:

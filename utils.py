@@ -10,15 +10,17 @@ entry points print them (`entry.run_main`).
 from collections.abc import Iterator
 import contextlib
 import errno
+import gc
 import glob
 import gzip
 import os
 import queue
 import re
+import signal
 import sys
 import threading
 import time
-from typing import IO
+from typing import IO, Any
 import zlib
 
 from absl import logging
@@ -314,6 +316,53 @@ def _whole(blob: bytes) -> bool | None:
   except Exception:  # pylint: disable=broad-except
     return False  # Each module has its own error; all mean cut short.
   return True
+
+
+def resent_from_gc(signum: int, frame: Any) -> bool:
+  """Whether a signal handler's `frame` runs in a gc callback; if so, the
+  signal `signum` is sent again 10 ms later.
+
+  CPython drops an exception raised in a garbage collector's callback
+  (`Exception ignored in: <function _xla_gc_callback>`), and JAX's runs at
+  every collection: a Ctrl-C during a long one went unheard.
+  """
+  callbacks = {getattr(c, '__code__', None) for c in gc.callbacks}
+  while frame is not None:
+    if frame.f_code in callbacks:
+      again = threading.Timer(0.01, os.kill, (os.getpid(), signum))
+      again.daemon = True  # A process on its way out is not held.
+      again.start()
+      return True
+    frame = frame.f_back
+  return False
+
+
+def _interrupt(signum: int, frame: Any) -> None:
+  if not resent_from_gc(signum, frame):
+    raise KeyboardInterrupt
+
+
+@contextlib.contextmanager
+def interrupts_heard() -> Iterator[None]:
+  """Within: a Ctrl-C raises KeyboardInterrupt, even sent in a gc callback.
+
+  For the library's calls (the programs have `entry.keep_interrupts`).
+  Python's own SIGINT handler is replaced for the call and put back after;
+  a handler of the caller's (or none, SIGINT ignored), a call from a thread
+  other than the main one, and a call within another, are left as they are.
+  """
+  if (
+    threading.current_thread() is not threading.main_thread()
+    or signal.getsignal(signal.SIGINT) is not signal.default_int_handler
+  ):
+    yield
+    return
+  signal.signal(signal.SIGINT, _interrupt)
+  try:
+    yield
+  finally:
+    if signal.getsignal(signal.SIGINT) is _interrupt:
+      signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 class UserError(Exception):
