@@ -122,7 +122,8 @@ def _first_line(path: str) -> bytes:
   return b''
 
 
-def _is_labeled(reader) -> bool:
+def is_labeled(reader) -> bool:
+  """Whether the rows that `reader` parses have their label."""
   return reader.labeled if hasattr(reader, 'labeled') else bool(reader.label)
 
 
@@ -252,7 +253,7 @@ class Encoder:
       vocabulary = vocabulary[: keys.shape[1]]
     return encode.encode_ids(vocabulary, keys)
 
-  def _rows(
+  def encode_parsed(
     self, keys: np.ndarray, labels: np.ndarray | None, parsed: Any = None
   ) -> Rows:
     """The encoded `Rows` of a reader's keys, labels and `core.Side`."""
@@ -325,7 +326,7 @@ class Encoder:
     `config.dataset.parse_workers` (datasets/parallel.py).
     """
     reader = self.reader(path)
-    labeled = _is_labeled(reader)
+    labeled = is_labeled(reader)
     desc = f'predict {os.path.basename(path)}'
     parsed = streaming.chunks(
       reader, path, chunk_rows, _raise, desc, parse_workers
@@ -333,10 +334,11 @@ class Encoder:
     empty = True
     for keys, labels, *side in parsed:
       empty = False
-      yield self._rows(keys, labels if labeled else None, *side)
+      yield self.encode_parsed(keys, labels if labeled else None, *side)
     if empty:  # A chunk of no rows all the same: it says if rows have labels.
       keys = np.zeros((0, len(self.raw_field_names)), np.int64)
-      yield self._rows(keys, np.zeros(0, np.float32) if labeled else None)
+      labels = np.zeros(0, np.float32) if labeled else None
+      yield self.encode_parsed(keys, labels)
 
   def encode(self, rows: pd.DataFrame | str) -> Rows:
     """Encodes a DataFrame of raw values, or a whole file (its path).
@@ -371,11 +373,11 @@ class Encoder:
         }
       )
     reader, lines = encoder_frames.frame_lines(self, rows)
-    labeled = _is_labeled(reader)
+    labeled = is_labeled(reader)
     keys, labels, *side = reader.parse(
       lines, 1, lambda n: f'DataFrame row {n - 1}', _raise
     )
-    return self._rows(keys, labels if labeled else None, *side)
+    return self.encode_parsed(keys, labels if labeled else None, *side)
 
 
 def save(

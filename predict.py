@@ -14,7 +14,8 @@ and /dev paths and FIFOs are written in place. The file is read in chunks
 of `--chunk_rows` lines, so memory does not grow with it, and each batch is
 split over every local device (XLA compiles each batch shape apart, so
 `--batch_size` and `--chunk_rows` may move a probability by a float32
-ulp). A malformed row stops with its file and line. The log counts the
+ulp). A malformed row stops with its file and line (`--bad_rows=nan`: it
+is scored nan, and counted in the log: bad_rows.py). The log counts the
 rows with values that training did not keep, per field (many mean a model
 out of date), and warns of rows scored NaN (numbers so far outside
 training's range that the model overflows). With labels, it also gives the
@@ -50,6 +51,7 @@ from jax.sharding import PartitionSpec
 import numpy as np
 import pandas as pd
 
+import bad_rows
 import best_reader
 from datasets import core
 from datasets import remote
@@ -246,11 +248,24 @@ class Predictor:
       yield probs, rows.labels
 
   def score_chunks(
-    self, path: str, chunk_rows: int, parse_workers: int = -1
+    self,
+    path: str,
+    chunk_rows: int,
+    parse_workers: int = -1,
+    bad: bad_rows.Count | None = None,
   ) -> Iterator[tuple[encoder_lib.Rows, np.ndarray, np.ndarray]]:
-    """`(encoded rows, probabilities, logits)` of each chunk of `path`."""
+    """`(encoded rows, probabilities, logits)` of each chunk of `path`.
+
+    With `bad` (`--bad_rows=nan`), the rows that cannot be encoded are
+    counted there instead of stopping, and left out: the encoded rows are
+    a `bad_rows.Kept`, whose `bad` says where they were.
+    """
     done = 0  # Rows of the chunks before.
     chunks = self.encoder.chunks(path, chunk_rows, parse_workers)
+    if bad is not None:
+      chunks = bad_rows.chunks(
+        self.encoder, path, chunk_rows, parse_workers, bad
+      )
     try:
       for rows in utils.prefetch(chunks):
         yield rows, *self.score_ids(**rows.inputs())
@@ -419,6 +434,14 @@ def define_flags(values: flags.FlagValues = flags.FLAGS) -> None:
     lower_bound=-1,
     flag_values=values,
   )
+  flags.DEFINE_enum(
+    'bad_rows',
+    'error',
+    bad_rows.MODES,
+    'A row that cannot be encoded: error, stop with its file and line; nan,'
+    ' score it nan and count such rows in the log.',
+    flag_values=values,
+  )
   flags.mark_flags_as_required(['workdir', 'input', 'output'], values)
 
 
@@ -438,7 +461,12 @@ def main(argv):
   predictor = load(workdir, args.batch_size)
   try:
     rows = predict_output.write_predictions(
-      predictor, source, output, args.chunk_rows, args.parse_workers
+      predictor,
+      source,
+      output,
+      args.chunk_rows,
+      args.parse_workers,
+      args.bad_rows,
     )
   except OSError as e:
     mine = (output, os.path.realpath(output))  # Beside a link's file.

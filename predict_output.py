@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING
 from absl import logging
 import numpy as np
 
+import bad_rows as bad_rows_lib
 from datasets import core
 import metrics
 import utils
@@ -49,9 +50,12 @@ def csv_lines(probabilities: np.ndarray, labels: np.ndarray | None) -> str:
   many times faster than formatting each value in Python.
   """
   text = np.asarray(probabilities, np.float32).astype(str).tolist()
-  if labels is not None:
-    flags_ = ('0', '1')
-    text = [f'{p},{flags_[int(y)]}' for p, y in zip(text, labels, strict=True)]
+  if labels is not None:  # NaN: a row that could not be encoded, blank.
+    flags_ = {0.0: '0', 1.0: '1'}
+    labels = np.asarray(labels, np.float32).tolist()
+    text = [
+      f'{p},{flags_.get(y, "")}' for p, y in zip(text, labels, strict=True)
+    ]
   return ''.join(line + '\n' for line in text)
 
 
@@ -61,6 +65,7 @@ def write_predictions(
   output: str,
   chunk_rows: int = 100_000,
   parse_workers: int = -1,
+  bad_rows: str = 'error',
 ) -> int:
   """Writes the probabilities (and labels) of file `path` to CSV `output`
   (gzipped if its name ends in `.gz`, as an input may be).
@@ -72,7 +77,9 @@ def write_predictions(
   standard output.
   Logs how many rows had a value that training did not keep, per field: a
   model scoring many of them is out of date. `parse_workers` as
-  `config.dataset.parse_workers`.
+  `config.dataset.parse_workers`. `bad_rows` 'nan' scores a row that
+  cannot be encoded nan, with a blank label, and logs how many there were
+  (bad_rows.py); 'error' stops at it.
 
   Returns:
     The number of rows written.
@@ -99,16 +106,20 @@ def write_predictions(
     opened = contextlib.nullcontext(sys.stdout)
   else:
     opened = (gzip.open if output.lower().endswith('.gz') else open)(tmp, 'wt')
+  bad = bad_rows_lib.Count() if bad_rows == 'nan' else None
+  more = {} if bad is None else {'bad': bad}
   try:
     with opened as f:
-      chunks = predictor.score_chunks(path, chunk_rows, parse_workers)
+      chunks = predictor.score_chunks(path, chunk_rows, parse_workers, **more)
       for encoded, probs, logits in chunks:
         labels = encoded.labels
         if header is None:
           header = 'probability' + (',label' if labels is not None else '')
           f.write(header + '\n')
-        f.write(csv_lines(probs, labels))
-        rows, nans = rows + len(probs), nans + int(np.isnan(probs).sum())
+        places = getattr(encoded, 'bad', ())  # Rows not encoded: nan.
+        f.write(csv_lines(*bad_rows_lib.placed(probs, labels, places)))
+        rows += len(probs) + len(places)
+        nans += int(np.isnan(probs).sum())
         if labels is not None:
           scored.append((logits, np.asarray(labels, np.uint8)))
         mask = predictor.unseen(encoded.ids)
@@ -132,6 +143,8 @@ def write_predictions(
         f'{name} {n}' for name, n in zip(names, unseen, strict=True) if n
       ),
     )
+  if bad is not None:
+    bad.log(rows)
   if nans:  # Numbers far outside training's range overflow the model.
     logging.warning('%d of %d rows scored NaN (nan in the output).', nans, rows)
   if scored and rows:  # An empty file has no AUC to log.

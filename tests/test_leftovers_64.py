@@ -1,23 +1,54 @@
 """A failed library call leaves nothing behind; predict's bad rows."""
 
+import functools
 import gc
 import os
+import pickle
 import signal
 import tempfile
 import threading
 from unittest import mock
 
+from absl import flags
 from absl.testing import absltest
 from dataset_testing import criteo_rows
 from dataset_testing import write_lines
+import jax
+import numpy as np
 import predict_testing
 
+import bad_rows
 import checkpoints
 import data
+from datasets import core
 from datasets import parallel
+from datasets import side
+import encoder
+import predict
+import predict_output
 import programs
 import train
 import utils
+
+
+@functools.cache
+def _tiny() -> tuple[str, list[str]]:
+  """A directory holding a Criteo file of 200 rows, and the file's lines."""
+  tmp = tempfile.mkdtemp()
+  rows = criteo_rows(200, 3)
+  write_lines(os.path.join(tmp, 'a.txt'), rows, '\t')
+  return tmp, ['\t'.join(row) for row in rows]
+
+
+def _read(path: str) -> list[str]:
+  with open(path) as f:
+    return f.readlines()
+
+
+def _tiny_config():
+  tmp, _ = _tiny()
+  path = os.path.join(tmp, 'a.txt')
+  return predict_testing.criteo_config(path, os.path.join(tmp, 'cache'))
 
 
 def _open_files(directory: str) -> list[str]:
@@ -38,10 +69,8 @@ class EarlyErrorTest(absltest.TestCase):
     # A damaged latest checkpoint fails the run after the checkpoint
     # managers open and before training: they were left open (no `with`
     # around them yet).
-    tmp = tempfile.mkdtemp()
-    path = write_lines(os.path.join(tmp, 'a.txt'), criteo_rows(200, 3), '\t')
-    config = predict_testing.criteo_config(path, os.path.join(tmp, 'cache'))
-    workdir = os.path.join(tmp, 'run')
+    config = _tiny_config()
+    workdir = os.path.join(tempfile.mkdtemp(), 'run')
     step = os.path.join(workdir, 'checkpoints', 'latest', '1')
     os.makedirs(step)
     with open(os.path.join(step, 'junk'), 'w') as f:
@@ -116,6 +145,125 @@ class InterruptTest(absltest.TestCase):
     for thread in set(threading.enumerate()) - threads:
       thread.join(5)  # The signal sent again, and the workers' watch.
     self.assertEqual(set(threading.enumerate()), threads)
+
+
+class BadRowsTest(absltest.TestCase):
+  @classmethod
+  def setUpClass(cls):
+    super().setUpClass()
+    # The encoder of the tiny file and an untrained FM: no run needed.
+    config, tmp = _tiny_config(), tempfile.mkdtemp()
+    dataset = data.load_dataset(config.dataset)
+    encoder.save(tmp, dataset, config)
+    model = train.create_model(config, dataset.field_dims)
+    ids = np.zeros((1, len(dataset.field_dims)), np.int32)
+    variables = model.init(jax.random.key(0), ids, train=False)
+    cls.predictor = predict.Predictor(encoder.load(tmp), model, variables, 4)
+
+  def setUp(self):
+    super().setUp()
+    self.tmp = self.enter_context(tempfile.TemporaryDirectory())
+
+  def write(self, name, lines):
+    path = os.path.join(self.tmp, name)
+    with open(path, 'w') as f:
+      f.writelines(line + '\n' for line in lines)
+    return path
+
+  def test_rows_that_cannot_be_encoded_are_scored_nan_in_their_place(self):
+    lines = _tiny()[1][:45]
+    cells = lines[7].split('\t')
+    bad = {
+      2: lines[2].rsplit('\t', 1)[0],  # A column short.
+      7: '\t'.join([cells[0], 'x', *cells[2:]]),  # An integer that is not.
+      8: '\t' + lines[8].split('\t', 1)[1],  # No label.
+      10: 'garbage',  # The first line of the second chunk of 10.
+      44: lines[44] + '\tz',  # The last line, a column too many.
+    }
+    blank = {14: '   ', 15: ''}  # Blank lines carry no row.
+    given = [bad.get(i, blank.get(i, line)) for i, line in enumerate(lines)]
+    source = self.write('bad.txt', given)
+    clean = self.write(
+      'clean.txt', [g for i, g in enumerate(given) if i not in bad]
+    )
+    outputs = [os.path.join(self.tmp, f'{name}.csv') for name in ('nan', 'ok')]
+    with self.assertLogs('absl', 'WARNING') as logs:
+      rows = predict_output.write_predictions(
+        self.predictor, source, outputs[0], 10, 0, 'nan'
+      )
+    self.assertEqual(rows, 43)
+    self.assertLen(logs.output, 1)
+    self.assertRegex(
+      logs.output[0],
+      f'^WARNING:absl:5 of 43 rows could not be encoded and were scored nan'
+      rf' \(--bad_rows=nan\); the first, {source}:3: expected 40 columns',
+    )
+    predict_output.write_predictions(self.predictor, clean, outputs[1], 10, 0)
+    got, want = (_read(o) for o in outputs)
+    # The good rows' lines as a file without the bad ones gives them: the
+    # same float32 values, written exactly.
+    places = [i - (i > 15) - (i > 14) for i in sorted(bad)]
+    self.assertEqual([got[1 + i] for i in places], ['nan,\n'] * 5)
+    self.assertEqual(
+      [g for i, g in enumerate(got) if i - 1 not in places], want
+    )
+    self.assertNotIn('nan', ''.join(want))
+    with self.assertRaisesRegex(core.DataError, rf'{source}:3: expected 40'):
+      predict_output.write_predictions(self.predictor, source, outputs[1], 10)
+
+  def test_a_row_beyond_float32_once_standardised_is_scored_nan(self):
+    # What the reader takes and the encoder refuses: side.OutOfRange, here
+    # for the third row of the first chunk.
+    lines = _tiny()[1][:12]
+    source = self.write('all.txt', lines)
+    rest = self.write('rest.txt', lines[:2] + lines[3:])
+    encode, raised = encoder.Encoder.encode_parsed, []
+
+    def out_of_range(encoder_, keys, *args):
+      if not raised and len(keys) > 2:
+        raised.append(side.OutOfRange('numeric field x: 1e39 is beyond', 2))
+        raise raised[0]
+      return encode(encoder_, keys, *args)
+
+    outputs = [os.path.join(self.tmp, f'{name}.csv') for name in ('nan', 'ok')]
+    with (
+      mock.patch.object(encoder.Encoder, 'encode_parsed', out_of_range),
+      self.assertLogs('absl', 'WARNING') as logs,
+    ):
+      predict_output.write_predictions(
+        self.predictor, source, outputs[0], 5, 0, 'nan'
+      )
+    self.assertIn(
+      f'the first, {source}: row 3: numeric field x', logs.output[0]
+    )
+    predict_output.write_predictions(self.predictor, rest, outputs[1], 5, 0)
+    got, want = (_read(o) for o in outputs)
+    self.assertEqual(got[3], 'nan,\n')
+    self.assertEqual(got[:3] + got[4:], want)
+
+  def test_the_placing_reader_travels_to_the_parse_workers(self):
+    reader = bad_rows._Placing(
+      self.predictor.encoder.reader(_tiny_config().dataset.path)
+    )
+    self.assertTrue(parallel.picklable(reader))
+    again = pickle.loads(pickle.dumps(reader))
+    lines = [line.encode() + b'\n' for line in _tiny()[1][:4]]
+    lines[1] = b'x\n'
+    issues = []
+    keys, _, places = again.parse(lines, 1, str, lambda *i: issues.append(i))
+    self.assertEqual(places.tolist(), [1])
+    self.assertEqual(len(keys), 3)
+    self.assertEqual([w for w, _ in issues], ['2'])
+
+  def test_the_flag_takes_error_or_nan(self):
+    values = flags.FlagValues()
+    predict.define_flags(values)
+    values(['predict.py', '--workdir=w', '--input=i', '--output=o'])
+    self.assertEqual(values.bad_rows, 'error')
+    values(['predict.py', '--bad_rows=nan'])
+    self.assertEqual(values.bad_rows, 'nan')
+    with self.assertRaises(flags.IllegalFlagValueError):
+      values(['predict.py', '--bad_rows=skip'])
 
 
 if __name__ == '__main__':
