@@ -147,14 +147,15 @@ def write_predictions(
     bad.log(rows)
   if nans:  # Numbers far outside training's range overflow the model.
     logging.warning('%d of %d rows scored NaN (nan in the output).', nans, rows)
-  if scored and rows:  # An empty file has no AUC to log.
+  labelled = sum(len(y) for _, y in scored)  # Not the rows scored nan.
+  if labelled:  # An empty file has no AUC to log.
     # From the logits, as training's evaluation: probabilities saturate.
     logits, labels = (np.concatenate(a) for a in zip(*scored, strict=True))
     scored.clear()
     auc, one = metrics.roc_auc(labels, logits), np.unique(labels)
     logging.info(
       'The %d labelled rows: AUC %s, logloss %.6f',
-      rows,
+      labelled,
       f'{auc:.6f}' if len(one) > 1 else f'undefined (all labels {one[0]:g})',
       metrics.logit_log_loss(labels, logits),
     )

@@ -187,17 +187,20 @@ class BadRowsTest(absltest.TestCase):
       'clean.txt', [g for i, g in enumerate(given) if i not in bad]
     )
     outputs = [os.path.join(self.tmp, f'{name}.csv') for name in ('nan', 'ok')]
-    with self.assertLogs('absl', 'WARNING') as logs:
+    with self.assertLogs('absl', 'INFO') as logs:
       rows = predict_output.write_predictions(
         self.predictor, source, outputs[0], 10, 0, 'nan'
       )
     self.assertEqual(rows, 43)
-    self.assertLen(logs.output, 1)
+    warnings = [line for line in logs.output if line.startswith('WARNING')]
+    self.assertLen(warnings, 1)
     self.assertRegex(
-      logs.output[0],
+      warnings[0],
       f'^WARNING:absl:5 of 43 rows could not be encoded and were scored nan'
       rf' \(--bad_rows=nan\); the first, {source}:3: expected 40 columns',
     )
+    # The metrics are of the rows scored (the bad ones' labels are unread).
+    self.assertIn('The 38 labelled rows: AUC', '\n'.join(logs.output))
     predict_output.write_predictions(self.predictor, clean, outputs[1], 10, 0)
     got, want = (_read(o) for o in outputs)
     # The good rows' lines as a file without the bad ones gives them: the
