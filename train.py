@@ -87,6 +87,7 @@ def state_initializer(
   config = resolve_optimizer(config, model)
   inputs = batching.example_inputs(model)
 
+  @jax.jit  # Traced once: its shapes' trace is the state's too.
   def variables(rng):
     return model.init({'params': rng, 'dropout': rng}, train=False, **inputs)
 

@@ -7,6 +7,7 @@ each model. The per-model tables live in tests/model_tables.py.
 
 import ast
 import collections
+from collections.abc import Sequence
 import dataclasses
 import importlib
 import json
@@ -41,9 +42,12 @@ from model_testing import random_variables
 import numpy as np
 
 from configs import deepfm as deepfm_config
+from configs import fm as fm_config
 from configs import fnfm as fnfm_config
 from configs import ncf as ncf_config
 from configs import nfm as nfm_config
+import threefry
+import train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MODELS_DIR = os.path.join(ROOT, 'models')
@@ -586,6 +590,73 @@ class ConfigTest(parameterized.TestCase):
     for key, value in expected.items():
       self.assertEqual(config.model[key], value, key)
     check_config_model(module(name), config)
+
+
+class Toy(nn.Module):
+  """A 2-field draft for the start-up checks: a pairwise term, then `out`.
+
+  Attributes:
+    field_dims: number of ids of each field.
+    out: 'logits'; 'sigmoid' (`nn.sigmoid` of them), 'formula' (`1 / (1 +
+      exp(-x))` of a column, squeezed) or 'train_column' (`[batch, 1]` in
+      training alone).
+    train_batch_norm: a BatchNorm built in training alone: None (none),
+      'synced' (over `axis_name`) or 'unsynced' (no axis).
+    axis_name: the pmap axis.
+  """
+
+  field_dims: Sequence[int]
+  out: str = 'logits'
+  train_batch_norm: str | None = None
+  axis_name: str | None = None
+
+  @nn.compact
+  def __call__(self, ids, *, train=False):
+    table = self.param(
+      'embedding', nn.initializers.normal(0.1), (sum(self.field_dims), 2)
+    )
+    rows = ids + np.array([0, self.field_dims[0]])  # [B, 2]
+    v = module('fm').take_rows(table, rows, self, 'embedding')  # [B, 2, D]
+    if self.train_batch_norm and train:
+      axis = self.axis_name if self.train_batch_norm == 'synced' else None
+      v = nn.BatchNorm(False, axis_name=axis, use_bias=False, use_scale=False)(
+        v
+      )
+    y = jnp.sum(v[:, 0] * v[:, 1], axis=-1)  # [B]
+    if self.out == 'sigmoid':
+      return nn.sigmoid(y)
+    if self.out == 'formula':
+      return (1.0 / (1.0 + jnp.exp(-y[:, None]))).squeeze(-1)
+    return y[:, None] if self.out == 'train_column' and train else y
+
+
+def _toy_config(**model):
+  config = fm_config.get_config('smoke')
+  config.model_name = 'toy'
+  config.model = model
+  config.optimizer = 'adam'
+  return config
+
+
+class StartUpCheckTest(absltest.TestCase):
+  """What `model_contract.check` and the train program's trace refuse."""
+
+  def test_the_model_init_is_traced_once_for_both_shapes(self):
+    # The contract check's variables and the train state's shapes share one
+    # trace of `model.init`, which the init program reuses; the check
+    # traces the eval call once more.
+    model = Toy((3, 4), axis_name=train.AXIS)
+    calls = []
+
+    def count(next_fun, args, kwargs, context):
+      if isinstance(context.module, Toy):
+        calls.append(context.method_name)
+      return next_fun(*args, **kwargs)
+
+    with nn.intercept_methods(count):
+      init = train.state_initializer(_toy_config(), model)
+      jax.eval_shape(init, threefry.key(0))
+    self.assertEqual(calls, ['__call__', '__call__'])
 
 
 if __name__ == '__main__':
