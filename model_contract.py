@@ -2,13 +2,14 @@
 
 A model file that breaks the contract would otherwise train wrongly and say
 nothing: logits `[batch, 1]` broadcast against labels `[batch]` into a
-`[batch, batch]` loss, a BatchNorm without the pmap axis keeps each
-device's own statistics. `create_model` and `check` refuse such a file at
-start-up with a `ValueError` that says what to write (the trainer turns it
-into one line naming the file); they read only shapes, so nothing runs.
-`check` costs one trace of the model, which also finds its tables, and
-every run pays it: the training mode's logits are checked in the train
-program's own trace (`check_logits`), on its compiling thread.
+`[batch, batch]` loss, probabilities take a second sigmoid in the loss, a
+BatchNorm without the pmap axis keeps each device's own statistics.
+`create_model` and `check` refuse such a file at start-up with a
+`ValueError` that says what to write (the trainer turns it into one line
+naming the file); they read only shapes, so nothing runs. `check` costs one
+trace of the model, which also finds its tables, and every run pays it: the
+training mode's logits are checked in the train program's own trace
+(`check_logits`), on its compiling thread.
 """
 
 import dataclasses
@@ -20,6 +21,7 @@ import jax
 from jax.extend import core as jax_core
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
 
 import models
 import sparse
@@ -99,11 +101,12 @@ def check(
 
   One trace (`jax.make_jaxpr`; nothing runs) of the call that the eval
   program makes tells all: its output must be float32 logits `[batch]`,
-  every BatchNorm must average its statistics over the model's
-  `axis_name` (when it has one), and a parameter read at rows that the ids
-  name must be a declared table (`take_rows`), or the row-wise optimizers
-  would update it as a dense leaf. The logits of training mode are checked
-  where the train program traces them (`check_logits` in `train.loss_fn`).
+  not made by a sigmoid (probabilities), every BatchNorm must average its
+  statistics over the model's `axis_name` (when it has one), and a
+  parameter read at rows that the ids name must be a declared table
+  (`take_rows`), or the row-wise optimizers would update it as a dense
+  leaf. The logits of training mode are checked where the train program
+  traces them (`check_logits` in `train.loss_fn`).
 
   Args:
     model: the model, as the trainer builds it.
@@ -148,6 +151,13 @@ def check(
   trace = jax.make_jaxpr(call, return_shape=True)
   closed, (logits, state) = trace([params[p] for p in paths], others, inputs)
   check_logits(logits, len(inputs['ids']), train=False)
+  if _is_sigmoid(closed.jaxpr, closed.jaxpr.outvars[0]):
+    raise ContractError(
+      f'Model(...).apply(ids [{len(inputs["ids"])}, fields], train=False)'
+      ' returns probabilities (its output is a sigmoid); the trainer needs'
+      ' the logits before it: drop the sigmoid, as the loss applies it'
+      ' (sigmoid_binary_cross_entropy; DESIGN.md 2).'
+    )
   if axis_name and unsynced:
     raise ContractError(
       f'BatchNorm {", ".join(sorted(set(unsynced)))} does not average its'
@@ -194,6 +204,51 @@ def check_logits(logits, batch: int, *, train: bool) -> None:
 _VIEWS = frozenset(
   ('convert_element_type', 'reshape', 'squeeze', 'expand_dims', 'copy')
 )
+
+
+def _is_sigmoid(jaxpr, var) -> bool:
+  """Whether `jaxpr` makes `var` as a sigmoid: `logistic` (`nn.sigmoid`) or
+  `1 / (1 + exp(x))` (`div` or `integer_pow` -1), through views and calls."""
+  eqn, jaxpr = _made_by(jaxpr, var)
+  name = eqn and eqn.primitive.name
+  if name == 'logistic':
+    return True
+  if name == 'div' and _is_one(eqn.invars[0]):
+    eqn, jaxpr = _made_by(jaxpr, eqn.invars[1])
+  elif name == 'integer_pow' and eqn.params['y'] == -1:
+    eqn, jaxpr = _made_by(jaxpr, eqn.invars[0])
+  else:
+    return False
+  if not eqn or eqn.primitive.name != 'add':
+    return False
+  one, other = sorted(eqn.invars, key=lambda v: not _is_one(v))
+  eqn = _is_one(one) and _made_by(jaxpr, other)[0]
+  return bool(eqn) and eqn.primitive.name == 'exp'
+
+
+def _is_one(v) -> bool:
+  return isinstance(v, jax_core.Literal) and bool(np.all(v.val == 1))
+
+
+def _made_by(jaxpr, var) -> tuple:
+  """`(eqn, jaxpr)`: the equation of `jaxpr` or of a call in it that makes
+  `var`, seen through views (`_VIEWS`); `(None, None)` for an input or a
+  literal."""
+  if not isinstance(var, jax_core.Var):
+    return None, None
+  eqn = next((e for e in jaxpr.eqns if var in e.outvars), None)
+  if eqn is None:
+    return None, None
+  if eqn.primitive.name in _VIEWS:
+    return _made_by(jaxpr, eqn.invars[0])
+  subs = _calls(eqn)
+  if len(subs) == 1:
+    sub, operands = subs[0]
+    inner = sub.outvars[eqn.outvars.index(var)]
+    if isinstance(inner, jax_core.Var) and inner in sub.invars:
+      return _made_by(jaxpr, operands[sub.invars.index(inner)])
+    return _made_by(sub, inner)
+  return eqn, jaxpr
 
 
 def _read_by_ids(jaxpr, paths: list, inputs: dict) -> list[tuple[str, ...]]:
