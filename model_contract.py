@@ -8,10 +8,11 @@ BatchNorm without the pmap axis keeps each device's own statistics.
 `ValueError` that says what to write (the trainer turns it into one line
 naming the file); they read only shapes, so nothing runs. `check` costs one
 trace of the model, which also finds its tables, and every run pays it: the
-training mode's logits are checked in the train program's own trace
-(`check_logits`), on its compiling thread.
+training call's logits and BatchNorms are checked in the train program's
+own trace (`check_logits`, `batch_norms_checked`), on its compiling thread.
 """
 
+import contextlib
 import dataclasses
 import importlib
 
@@ -105,8 +106,8 @@ def check(
   statistics over the model's `axis_name` (when it has one), and a
   parameter read at rows that the ids name must be a declared table
   (`take_rows`), or the row-wise optimizers would update it as a dense
-  leaf. The logits of training mode are checked where the train program
-  traces them (`check_logits` in `train.loss_fn`).
+  leaf. The training call is checked where the train program traces it
+  (`check_logits` and `batch_norms_checked` in `train.loss_fn`).
 
   Args:
     model: the model, as the trainer builds it.
@@ -121,18 +122,8 @@ def check(
   """
   axis_name = getattr(model, 'axis_name', None)
   unsynced = []
-
   # A BatchNorm's axis_name is an attribute: the eval call meets it too.
-  def interceptor(next_fun, args, kwargs, context):
-    module = context.module
-    if (
-      isinstance(module, nn.BatchNorm)
-      and context.method_name == '__call__'
-      and module.axis_name != axis_name
-    ):
-      path = '/'.join(module.scope.path)
-      unsynced.append(f'{path} (axis_name={module.axis_name!r})')
-    return next_fun(*args, **kwargs)
+  interceptor = _batch_norms(axis_name, unsynced)
 
   params = traverse_util.flatten_dict(variables['params'])
   paths = list(params)
@@ -158,13 +149,7 @@ def check(
       ' the logits before it: drop the sigmoid, as the loss applies it'
       ' (sigmoid_binary_cross_entropy; DESIGN.md 2).'
     )
-  if axis_name and unsynced:
-    raise ContractError(
-      f'BatchNorm {", ".join(sorted(set(unsynced)))} does not average its'
-      f' statistics over axis_name={axis_name!r}, so each device would keep'
-      ' its own: pass `nn.BatchNorm(..., axis_name=self.axis_name)`'
-      ' (DESIGN.md 2).'
-    )
+  _refuse_unsynced(unsynced, axis_name)
   tables = frozenset(traverse_util.flatten_dict(state.get(sparse.ROWS, {})))
   undeclared = sorted(set(_read_by_ids(closed.jaxpr, paths, inputs)) - tables)
   if undeclared:
@@ -176,6 +161,55 @@ def check(
       ' models/fm.py (DESIGN.md 2).'
     )
   return tables
+
+
+def batch_norms_checked(model: nn.Module) -> contextlib.AbstractContextManager:
+  """Within it, the training call of `model` (traced) refuses a BatchNorm
+  that `check`'s eval call does not meet: one off the model's `axis_name`
+  in training alone, or one built in training alone.
+
+  Raises:
+    ContractError: from the call, naming the BatchNorm and what to write.
+  """
+  axis_name = getattr(model, 'axis_name', None)
+  return nn.intercept_methods(_batch_norms(axis_name, [], train=True))
+
+
+def _batch_norms(axis_name: str | None, unsynced: list, train: bool = False):
+  """A method interceptor that lists in `unsynced` each BatchNorm called off
+  `axis_name`; in training it refuses the first at once, and a BatchNorm
+  without statistics (not built by the eval call of `init`)."""
+
+  def interceptor(next_fun, args, kwargs, context):
+    module = context.module
+    if isinstance(module, nn.BatchNorm) and context.method_name == '__call__':
+      path = '/'.join(module.scope.path)
+      if train and not module.has_variable('batch_stats', 'mean'):
+        raise ContractError(
+          f'BatchNorm {path} is built in training alone: the trainer'
+          ' initialises the model with train=False, which makes no'
+          ' statistics (nor scale and bias) for it; build it in both modes,'
+          ' as `nn.BatchNorm(use_running_average=not train,'
+          ' axis_name=self.axis_name)` (DESIGN.md 2).'
+        )
+      if module.axis_name != axis_name:
+        unsynced.append(f'{path} (axis_name={module.axis_name!r})')
+        if train:
+          _refuse_unsynced(unsynced, axis_name)
+    return next_fun(*args, **kwargs)
+
+  return interceptor
+
+
+def _refuse_unsynced(unsynced: list, axis_name: str | None) -> None:
+  """Refuses the BatchNorms in `unsynced` (off the pmap axis `axis_name`)."""
+  if axis_name and unsynced:
+    raise ContractError(
+      f'BatchNorm {", ".join(sorted(set(unsynced)))} does not average its'
+      f' statistics over axis_name={axis_name!r}, so each device would keep'
+      ' its own: pass `nn.BatchNorm(..., axis_name=self.axis_name)`'
+      ' (DESIGN.md 2).'
+    )
 
 
 def check_logits(logits, batch: int, *, train: bool) -> None:

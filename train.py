@@ -137,13 +137,14 @@ def loss_fn(
   variables = {'params': params, 'batch_stats': batch_stats}
   if perturbations:
     variables[sparse.PERTURBATIONS] = perturbations
-  logits, updates = model.apply(
-    variables,
-    **batching.model_inputs(batch),
-    train=True,
-    rngs={'dropout': dropout_rng},
-    mutable=['batch_stats', 'losses', sparse.ROWS],
-  )
+  with model_contract.batch_norms_checked(model):  # Not seen in eval mode.
+    logits, updates = model.apply(
+      variables,
+      **batching.model_inputs(batch),
+      train=True,
+      rngs={'dropout': dropout_rng},
+      mutable=['batch_stats', 'losses', sparse.ROWS],
+    )
   model_contract.check_logits(logits, len(batch['label']), train=True)
   loss = optax.sigmoid_binary_cross_entropy(logits, batch['label']).mean()
   loss += sum(jnp.sum(x) for x in jax.tree.leaves(updates.get('losses', {})))

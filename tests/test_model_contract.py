@@ -9,6 +9,7 @@ import ast
 import collections
 from collections.abc import Sequence
 import dataclasses
+import functools
 import importlib
 import json
 import os
@@ -601,14 +602,15 @@ class Toy(nn.Module):
     out: 'logits'; 'sigmoid' (`nn.sigmoid` of them), 'formula' (`1 / (1 +
       exp(-x))` of a column, squeezed) or 'train_column' (`[batch, 1]` in
       training alone).
-    train_batch_norm: a BatchNorm built in training alone: None (none),
-      'synced' (over `axis_name`) or 'unsynced' (no axis).
+    batch_norm: None; 'synced' (a BatchNorm over `axis_name`),
+      'train_only' (built in training alone) or 'train_unsynced' (off the
+      axis in training).
     axis_name: the pmap axis.
   """
 
   field_dims: Sequence[int]
   out: str = 'logits'
-  train_batch_norm: str | None = None
+  batch_norm: str | None = None
   axis_name: str | None = None
 
   @nn.compact
@@ -618,11 +620,13 @@ class Toy(nn.Module):
     )
     rows = ids + np.array([0, self.field_dims[0]])  # [B, 2]
     v = module('fm').take_rows(table, rows, self, 'embedding')  # [B, 2, D]
-    if self.train_batch_norm and train:
-      axis = self.axis_name if self.train_batch_norm == 'synced' else None
-      v = nn.BatchNorm(False, axis_name=axis, use_bias=False, use_scale=False)(
-        v
-      )
+    if self.batch_norm == 'train_only':
+      if train:
+        v = nn.BatchNorm(use_running_average=False, axis_name=self.axis_name)(v)
+    elif self.batch_norm:
+      off = self.batch_norm == 'train_unsynced' and train
+      axis = None if off else self.axis_name
+      v = nn.BatchNorm(use_running_average=not train, axis_name=axis)(v)
     y = jnp.sum(v[:, 0] * v[:, 1], axis=-1)  # [B]
     if self.out == 'sigmoid':
       return nn.sigmoid(y)
@@ -671,6 +675,34 @@ class StartUpCheckTest(absltest.TestCase):
       self.assertIn('train=False) returns probabilities', message)
       self.assertIn('drop the sigmoid', message)
       self.assertNotIn('\n', message)
+
+  def test_a_batch_norm_met_in_training_alone_is_checked_there(self):
+    # The start-up check traces the eval call, which meets neither; the
+    # train program's trace (train.loss_fn, here one device's batch under
+    # the pmap axis) refuses both, the first before flax's own error for
+    # its missing scale.
+    batch = {'ids': np.zeros((1, 4, 2), np.int32), 'label': np.zeros((1, 4))}
+    for norm, told in (
+      ('train_only', 'BatchNorm BatchNorm_0 is built in training alone'),
+      ('train_unsynced', r'BatchNorm_0 \(axis_name=None\) does not average'),
+      ('synced', None),  # Built in both modes over the axis: accepted.
+    ):
+      model = Toy((3, 4), batch_norm=norm, axis_name=train.AXIS)
+      init = train.state_initializer(_toy_config(), model)
+      state = jax.eval_shape(init, threefry.key(0))
+      loss = jax.vmap(
+        functools.partial(train.loss_fn, model=model),
+        in_axes=(None, None, 0, None),
+        axis_name=train.AXIS,
+      )
+      args = state.params, state.batch_stats, batch, jax.random.key(0)
+      with self.subTest(norm):
+        if told is None:
+          jax.eval_shape(loss, *args)
+          continue
+        with self.assertRaisesRegex(ContractError, told) as caught:
+          jax.eval_shape(loss, *args)
+        self.assertIn('axis_name=self.axis_name', str(caught.exception))
 
 
 if __name__ == '__main__':
