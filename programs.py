@@ -162,23 +162,30 @@ def compile_ahead(
   later call with arguments of those shapes runs without compiling.
 
   Returns:
-    `wait()`, which waits for the compilations and raises what they raised.
-    Python waits for them at exit, so none is cut off.
+    `wait(traced=False)`, which waits for the compilations (with `traced`,
+    for the programs' traces alone) and raises what they raised. Python
+    waits for them at exit, so none is cut off.
   """
+  traces = [concurrent.futures.Future() for _ in programs]
 
-  def compile_one(program, args):
+  def compile_one(program, args, traced):
+    try:  # pmap keeps the lowering: compiling lowers it no more.
+      program.lower(*(args := args()))
+    except BaseException as e:
+      traced.set_exception(e)
+      raise
+    traced.set_result(None)
     if isinstance(program, OptionedProgram):
-      return program.compile(*args())
-    return program.lower(*args()).compile()
+      return program.compile(*args)
+    return program.lower(*args).compile()
 
   pool = concurrent.futures.ThreadPoolExecutor(len(programs), 'compile_ahead')
-  futures = [
-    pool.submit(compile_one, program, args) for program, args in programs
-  ]
+  pairs = zip(programs, traces, strict=True)
+  futures = [pool.submit(compile_one, *p, t) for p, t in pairs]
   pool.shutdown(wait=False)
 
-  def wait():
-    for future in futures:
+  def wait(traced: bool = False):
+    for future in traces if traced else futures:
       future.result()
 
   return wait
@@ -299,13 +306,13 @@ def compile_train_and_eval(
       kept there.
 
   Returns:
-    `wait()`, which returns once both are compiled. With several processes
-    it returns at once and the programs compile at their first call: there
+    `compile_ahead`'s `wait`. With several processes it returns at once
+    and the programs compile (and trace) at their first call: there
     pmap's lowering of `jax.ShapeDtypeStruct` arguments fails (an
     IndexError in jax 0.10's `mesh_local_to_global`).
   """
   if jax.process_count() > 1:
-    return lambda: None
+    return lambda traced=False: None
   state = replicated_shapes(shapes)
   count = replicated_shapes(jax.ShapeDtypeStruct((), jnp.int32))
   hyper = replicated_shapes(

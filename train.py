@@ -359,16 +359,7 @@ def _run(
       _table_rows(model),
       optim.AUTO_SPARSE_ROWS,
     )
-  # Process 0 records the encoder, changes and 'auto'; its error stops all.
   resuming = workdir_lib.has_checkpoints(workdir)  # Same data, same ids.
-  with multihost.errors_shared():
-    if is_main:
-      with utils.writing('the encoder', f'{workdir}/encoder', '*.tmp'):
-        encoder.save(workdir, dataset, config, resuming)
-      workdir_lib.record_history(workdir, changes)  # Accepted: same data.
-      sources.record(workdir, dataset.sources)
-      if auto and not resuming:
-        workdir_lib.record_resolved_optimizer(workdir, config.optimizer)
   p_train_step, p_eval_step = pmapped_steps(model, config)
   # The programs compile on threads, from shapes, as the state initialises.
   rng = threefry.key(config.seed)
@@ -391,6 +382,17 @@ def _run(
       state = init(rng)
       num_params = sum(x.size for x in jax.tree.leaves(state.params))
       logging.info('Model %s: %d parameters', config.model_name, num_params)
+      # The model's programs traced (a refused one writes nothing), process 0
+      # records the encoder, changes and 'auto'; its error stops all.
+      wait_compiled(traced=True)
+      with multihost.errors_shared():
+        if is_main:
+          with utils.writing('the encoder', f'{workdir}/encoder', '*.tmp'):
+            encoder.save(workdir, dataset, config, resuming)
+          workdir_lib.record_history(workdir, changes)  # Accepted: same data.
+          sources.record(workdir, dataset.sources)
+          if auto and not resuming:
+            workdir_lib.record_resolved_optimizer(workdir, config.optimizer)
 
       # Single-host saves run on a thread while training goes on (multi-host
       # ones end in a collective); leaving `stack` waits for them, inside the

@@ -16,6 +16,7 @@ import os
 import subprocess
 import sys
 import tempfile
+from unittest import mock
 
 from absl.testing import absltest
 from absl.testing import parameterized
@@ -48,8 +49,10 @@ from configs import fnfm as fnfm_config
 from configs import ncf as ncf_config
 from configs import nfm as nfm_config
 from model_contract import ContractError
+import models
 import threefry
 import train
+import utils
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MODELS_DIR = os.path.join(ROOT, 'models')
@@ -703,6 +706,38 @@ class StartUpCheckTest(absltest.TestCase):
         with self.assertRaisesRegex(ContractError, told) as caught:
           jax.eval_shape(loss, *args)
         self.assertIn('axis_name=self.axis_name', str(caught.exception))
+
+  def test_a_refused_first_run_leaves_only_its_config_and_lock(self):
+    # The train program's trace refused its logits only after the encoder,
+    # sources.json and checkpoints/ were written. Now such a first run
+    # leaves what a refusal by the start-up check leaves: config.json (the
+    # first thing a run writes) and the lock file.
+    tmp = self.enterContext(tempfile.TemporaryDirectory())
+    ratings = os.path.join(tmp, 'ratings.csv')
+    with open(ratings, 'w') as f:
+      f.write('userId,movieId,rating,timestamp\n')
+      f.writelines(f'{i % 7},{i % 11},{i % 5 + 1},{i}\n' for i in range(300))
+    with (
+      mock.patch.dict(sys.modules, {'models.toy': mock.Mock(Model=Toy)}),
+      mock.patch.object(models, 'names', lambda: [*MODEL_NAMES, 'toy']),
+    ):
+      left = {}
+      for out, told in (
+        ('sigmoid', 'train=False) returns probabilities'),
+        ('train_column', 'train=True) returned float32['),
+      ):
+        config = _toy_config(out=out)
+        config.dataset.path = ratings
+        config.dataset.cache_dir = os.path.join(tmp, 'cache')
+        config.batch_size = 64
+        workdir = os.path.join(tmp, out)
+        with self.assertRaises(utils.UserError) as caught:
+          train.train_and_evaluate(config, workdir)
+        self.assertStartsWith(str(caught.exception), 'models/toy.py: ')
+        self.assertIn(told, str(caught.exception))
+        left[out] = sorted(os.listdir(workdir))
+    self.assertEqual(left['sigmoid'], ['config.json', 'run.lock'])
+    self.assertEqual(left['train_column'], left['sigmoid'])
 
 
 if __name__ == '__main__':
