@@ -30,6 +30,7 @@ from model_tables import FIELD_DIMS
 from model_tables import MODEL_NAMES
 from model_tables import PARAM_COUNTS
 from model_tables import TEST_KWARGS
+from model_tables import TORCHFM_PARITY
 from model_tables import TWO_FIELD_ZERO_GRADIENTS
 from model_tables import VARIANTS
 from model_tables import build
@@ -149,9 +150,16 @@ print(json.dumps([imported, copies, ref]))
 
 class ModelContractTest(parameterized.TestCase):
   def test_every_model_has_a_table_entry(self):
-    self.assertEqual(sorted(PARAM_COUNTS), sorted(CASE_NAMES))
-    self.assertEqual(sorted(TEST_KWARGS), MODEL_NAMES)
-    self.assertEqual(sorted(DROPOUT_SITES), MODEL_NAMES)
+    problems = table_problems(
+      {
+        'PARAM_COUNTS': (PARAM_COUNTS, CASE_NAMES),
+        'TEST_KWARGS': (TEST_KWARGS, MODEL_NAMES),
+        'DROPOUT_SITES': (DROPOUT_SITES, MODEL_NAMES),
+        'TORCHFM_PARITY': (TORCHFM_PARITY, MODEL_NAMES),
+      }
+    )
+    if problems:  # One line each, naming the model and the table.
+      self.fail('\n'.join(problems))
 
   def test_the_variants_are_the_configs_without_batch_norm(self):
     # A config that turns BatchNorm off builds a model that the model's
@@ -439,6 +447,28 @@ class ModelContractTest(parameterized.TestCase):
       np.testing.assert_allclose(
         along, differences, rtol=1e-2, atol=5e-5, err_msg=name
       )
+
+
+def table_problems(tables: dict) -> list[str]:
+  """Each entry missing from or extra in tests/model_tables.py, in words.
+
+  Args:
+    tables: table name -> (the table, the model or case names it needs).
+  """
+  problems = []
+  for table, (entries, names) in tables.items():
+    problems += [
+      f'{table} in tests/model_tables.py has no entry for {name!r}: add'
+      f' one as the other models have (models/{VARIANTS.get(name, [name])[0]}'
+      '.py)'
+      for name in sorted(set(names) - set(entries))
+    ]
+    problems += [
+      f'{table} in tests/model_tables.py has an entry for {name!r}, which'
+      ' is no model (nor variant): remove it or rename it'
+      for name in sorted(set(entries) - set(names))
+    ]
+  return problems
 
 
 def _squared_error(logits, labels):
@@ -738,6 +768,27 @@ class StartUpCheckTest(absltest.TestCase):
         left[out] = sorted(os.listdir(workdir))
     self.assertEqual(left['sigmoid'], ['config.json', 'run.lock'])
     self.assertEqual(left['train_column'], left['sigmoid'])
+
+  def test_a_missing_table_entry_names_the_model_and_the_table(self):
+    # Before, a new model without its entries failed as 'Lists differ'.
+    problems = table_problems(
+      {
+        'TEST_KWARGS': ({'fm': {}, 'old': {}}, ['fm', 'new']),
+        'PARAM_COUNTS': ({'fm': 1}, ['fm', 'dcnv2_no_batch_norm']),
+      }
+    )
+    self.assertEqual(
+      problems,
+      [
+        "TEST_KWARGS in tests/model_tables.py has no entry for 'new': add"
+        ' one as the other models have (models/new.py)',
+        "TEST_KWARGS in tests/model_tables.py has an entry for 'old', which"
+        ' is no model (nor variant): remove it or rename it',
+        'PARAM_COUNTS in tests/model_tables.py has no entry for'
+        " 'dcnv2_no_batch_norm': add one as the other models have"
+        ' (models/dcnv2.py)',
+      ],
+    )
 
 
 if __name__ == '__main__':
