@@ -747,10 +747,11 @@ class StartUpCheckTest(absltest.TestCase):
     with open(ratings, 'w') as f:
       f.write('userId,movieId,rating,timestamp\n')
       f.writelines(f'{i % 7},{i % 11},{i % 5 + 1},{i}\n' for i in range(300))
-    with (
-      mock.patch.dict(sys.modules, {'models.toy': mock.Mock(Model=Toy)}),
-      mock.patch.object(models, 'names', lambda: [*MODEL_NAMES, 'toy']),
-    ):
+    # Not mock.patch.dict(sys.modules): its exit would drop the modules
+    # that the run imports (pandas' parsers), and later imports break.
+    sys.modules['models.toy'] = mock.Mock(Model=Toy)
+    self.addCleanup(sys.modules.pop, 'models.toy')
+    with mock.patch.object(models, 'names', lambda: [*MODEL_NAMES, 'toy']):
       left = {}
       for out, told in (
         ('sigmoid', 'train=False) returns probabilities'),
