@@ -90,7 +90,7 @@ class EarlyErrorTest(absltest.TestCase):
       mock.patch.object(checkpoints, 'manager', tracked),
       # Not compiled ahead: the error comes before any step runs.
       mock.patch.object(
-        programs, 'compile_train_and_eval', lambda *a: lambda: None
+        programs, 'compile_train_and_eval', lambda *a: lambda traced=False: None
       ),
       self.assertRaisesRegex(utils.UserError, 'No checkpoint in .* can be'),
     ):
