@@ -13,9 +13,11 @@ from collections.abc import Callable, Sequence
 import dataclasses
 import difflib
 import importlib
+import importlib.util
 import math
 import os
 import pathlib
+import traceback
 import typing
 from typing import Any
 
@@ -286,10 +288,7 @@ def _model_problems(config: ml_collections.ConfigDict) -> list[str]:
     model = model.to_dict()
   # Importing a model file costs well under a second; the data may cost
   # minutes.
-  fields = {
-    f.name: f
-    for f in dataclasses.fields(importlib.import_module(f'models.{name}').Model)
-  }
+  fields = {f.name: f for f in model_fields(name)}
   accepted = [k for k in fields if k not in TRAINER_SET]
   problems = []
   for key, value in model.items():
@@ -308,6 +307,35 @@ def _model_problems(config: ml_collections.ConfigDict) -> list[str]:
     if expected:
       problems.append(f'{where} must be {expected}')
   return problems
+
+
+def model_fields(name: str) -> tuple[dataclasses.Field, ...]:
+  """The constructor arguments of the `Model` of `models/<name>.py`.
+
+  Raises:
+    ConfigError: the file stops at its import (a syntax error, a module
+      not installed), naming its line; or has no `Model` linen module.
+  """
+  path, module = f'models/{name}.py', f'models.{name}'
+  try:
+    importlib.import_module(module)
+  except Exception as e:
+    line = e.lineno if isinstance(e, SyntaxError) else None
+    origin = importlib.util.find_spec(module).origin
+    for frame in traceback.extract_tb(e.__traceback__):
+      if frame.filename == origin:  # The file's last line before the error.
+        line = frame.lineno
+    what = str(e.msg if isinstance(e, SyntaxError) else e).rstrip('.')
+    raise ConfigError(
+      f'{path}{f":{line}" if line else ""}: {type(e).__name__}: {what}.'
+      f' Fix {path}, the file of config.model_name={name!r}.'
+    ) from e
+  import model_contract  # Here: it imports JAX, which the rest never needs.
+
+  try:
+    return dataclasses.fields(model_contract.model_class(name))
+  except ValueError as e:  # No Model, or not a linen module.
+    raise ConfigError(str(e)) from e
 
 
 def model_rule(field: dataclasses.Field) -> Rule | None:
@@ -356,7 +384,7 @@ def check_model_name_override(config: ml_collections.ConfigDict) -> None:
   if not isinstance(name, str) or name not in models.names():
     return  # validate_config names it.
   model = config.get('model') or {}
-  fields = dataclasses.fields(importlib.import_module(f'models.{name}').Model)
+  fields = model_fields(name)
   takes = {f.name for f in fields if f.name not in TRAINER_SET}
   defaults = {
     f.name

@@ -1,0 +1,85 @@
+"""What a new user meets, following README.md: each case a promise it makes.
+
+A new model is `models/<name>.py` and `configs/<name>.py`, and a run that
+refuses a file says so in one line: `config_check` imports the file first,
+so a draft that does not import, or lacks `Model`, must be told there, not
+end in a traceback.
+"""
+
+import os
+import sys
+import tempfile
+import textwrap
+from unittest import mock
+
+from absl.testing import absltest
+
+import config_check
+from configs import fm as fm_config
+import models
+
+
+class NewModelFileTest(absltest.TestCase):
+  def draft(self, source: str, name: str = 'readme_draft') -> str:
+    """Writes `models/<name>.py` in a directory that `models` also reads."""
+    temporary = tempfile.TemporaryDirectory()
+    self.addCleanup(temporary.cleanup)
+    directory = temporary.name
+    with open(os.path.join(directory, f'{name}.py'), 'w') as f:
+      f.write(textwrap.dedent(source))
+    names = sorted(models.names() + [name])
+    for patch in (
+      mock.patch.object(models, '__path__', [*models.__path__, directory]),
+      mock.patch.object(models, 'names', lambda: names),
+      mock.patch.dict(sys.modules),  # The draft's import goes with it.
+    ):
+      patch.start()
+      self.addCleanup(patch.stop)
+    return name
+
+  def config(self, name: str, model_name_only: bool = False):
+    config = fm_config.get_config('smoke')
+    config.model_name = name
+    if not model_name_only:
+      config.model = {}
+    return config
+
+  def test_a_file_without_model_is_one_line_naming_it(self):
+    # Before: AttributeError: module 'models.readme_draft' has no
+    # attribute 'Model', a traceback from config_check.
+    name = self.draft(
+      'import flax.linen as nn\n\n\nclass Mine(nn.Module):\n  pass\n'
+    )
+    told = r'models/readme_draft\.py must end with `Model = <ClassName>`'
+    with self.assertRaisesRegex(config_check.ConfigError, told):
+      config_check.validate_config(self.config(name))
+    # --config.model_name=<draft> on another model's config file.
+    with self.assertRaisesRegex(config_check.ConfigError, told):
+      config_check.check_model_name_override(self.config(name, True))
+
+  def test_a_file_that_does_not_import_names_its_line(self):
+    name = self.draft(
+      """\
+      import jax
+
+      def broken(:
+        pass
+      """
+    )
+    told = (
+      r'^models/readme_draft\.py:3: SyntaxError: invalid syntax\. Fix'
+      r' models/readme_draft\.py, the file of config\.model_name='
+      r"'readme_draft'\.$"
+    )
+    with self.assertRaisesRegex(config_check.ConfigError, told):
+      config_check.validate_config(self.config(name))
+
+  def test_an_error_at_import_names_the_files_line(self):
+    name = self.draft('import jax\n\nSCALE = 1 / 0\n')
+    told = r'^models/readme_draft\.py:3: ZeroDivisionError: division by zero'
+    with self.assertRaisesRegex(config_check.ConfigError, told):
+      config_check.validate_config(self.config(name))
+
+
+if __name__ == '__main__':
+  absltest.main()
