@@ -279,7 +279,16 @@ def read_movielens(path: str, name: str) -> pd.DataFrame:
       with raw, f:
         first = f.readline()
     if first.strip():  # An empty file has no ratings (below).
-      header = Reader(sep, labeled=True).has_header(first, path)
+      try:
+        header = Reader(sep, labeled=True).has_header(first, path)
+      except core.DataError as e:
+        names = first.decode('utf-8-sig', 'replace').strip().split(sep)
+        if {n.strip() for n in names[:2]} <= {*HEADERS[0][:2], *HEADERS[1][:2]}:
+          raise  # MovieLens's columns, in another order.
+        raise core.DataError(
+          f'{e} Or, for a file of your own, set config.dataset.name=csv (it'
+          f' is {name!r}, a MovieLens ratings file).'
+        ) from e
   try:
     out = _read_ratings(path, sep, header)
   except (ValueError, pd.errors.ParserError) as e:

@@ -3,7 +3,8 @@
 A new model is `models/<name>.py` and `configs/<name>.py`, and a run that
 refuses a file says so in one line: `config_check` imports the file first,
 so a draft that does not import, or lacks `Model`, must be told there, not
-end in a traceback.
+end in a traceback. Your own data is `config.dataset.name=csv`: a CSV given
+as `path` without it is read as MovieLens ratings, and the error says so.
 """
 
 import os
@@ -16,6 +17,8 @@ from absl.testing import absltest
 
 import config_check
 from configs import fm as fm_config
+from datasets import core
+from datasets import movielens
 import models
 
 
@@ -79,6 +82,35 @@ class NewModelFileTest(absltest.TestCase):
     told = r'^models/readme_draft\.py:3: ZeroDivisionError: division by zero'
     with self.assertRaisesRegex(config_check.ConfigError, told):
       config_check.validate_config(self.config(name))
+
+
+class OwnDataTest(absltest.TestCase):
+  def ratings_file(self, header: str) -> str:
+    temporary = tempfile.TemporaryDirectory()
+    self.addCleanup(temporary.cleanup)
+    path = os.path.join(temporary.name, 'clicks.csv')
+    with open(path, 'w') as f:
+      f.write(f'{header}\n1,2,0,0\n')
+    return path
+
+  def test_a_csv_of_your_own_without_name_csv_is_told_to_set_it(self):
+    # README's "Your own data" without --config.dataset.name=csv: the path
+    # is read as ml-latest-small's ratings, whose header check said only
+    # "Reorder or rename them".
+    path = self.ratings_file('user,city,device,clicked')
+    told = (
+      r"clicks\.csv:1: header 'user,city,device,clicked' is not userId,.*"
+      r' Reorder or rename them\. Or, for a file of your own, set'
+      r" config\.dataset\.name=csv \(it is 'ml-latest-small', a MovieLens"
+      r' ratings file\)\.$'
+    )
+    with self.assertRaisesRegex(core.DataError, told):
+      movielens.read_movielens(path, 'ml-latest-small')
+
+  def test_movielens_columns_in_another_order_are_told_only_that(self):
+    path = self.ratings_file('movieId,userId,rating,timestamp')
+    with self.assertRaisesRegex(core.DataError, r'Reorder or rename them\.$'):
+      movielens.read_movielens(path, 'ml-latest-small')
 
 
 if __name__ == '__main__':
