@@ -34,10 +34,11 @@ class NewModelFileTest(absltest.TestCase):
     for patch in (
       mock.patch.object(models, '__path__', [*models.__path__, directory]),
       mock.patch.object(models, 'names', lambda: names),
-      mock.patch.dict(sys.modules),  # The draft's import goes with it.
     ):
       patch.start()
       self.addCleanup(patch.stop)
+    self.addCleanup(sys.modules.pop, f'models.{name}', None)  # If imported.
+    self.addCleanup(vars(models).pop, name, None)
     return name
 
   def config(self, name: str, model_name_only: bool = False):
