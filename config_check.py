@@ -274,7 +274,8 @@ def _init_from_problems(init_from: Any) -> list[str]:
 
 
 def _model_problems(config: ml_collections.ConfigDict) -> list[str]:
-  """The model file exists and accepts every `config.model` key."""
+  """The model file exists, accepts every `config.model` key and is given
+  each argument that it has no default for."""
   name = config.get('model_name')
   if not isinstance(name, str):
     return []  # Reported by TOP_LEVEL.
@@ -306,6 +307,14 @@ def _model_problems(config: ml_collections.ConfigDict) -> list[str]:
     expected = rule(value) if rule else None
     if expected:
       problems.append(f'{where} must be {expected}')
+  missing = dataclasses.MISSING
+  for key in accepted:  # Else Model(...) raises a TypeError at start-up.
+    field = fields[key]
+    if key not in model and field.default is field.default_factory is missing:
+      problems.append(
+        f'config.model.{key} is not set, and models/{name}.py has no default'
+        ' for it: add it to config.model in the config file'
+      )
   return problems
 
 

@@ -84,6 +84,37 @@ class NewModelFileTest(absltest.TestCase):
     with self.assertRaisesRegex(config_check.ConfigError, told):
       config_check.validate_config(self.config(name))
 
+  def test_an_argument_without_default_left_out_of_the_config_is_named(self):
+    # Before: TypeError: Draft.__init__() missing 1 required positional
+    # argument: 'embed_dim', a traceback when the run built the model.
+    name = self.draft(
+      """\
+      from collections.abc import Sequence
+
+      import flax.linen as nn
+
+
+      class Draft(nn.Module):
+        field_dims: Sequence[int]
+        embed_dim: int
+        scale: float = 1.0
+        axis_name: str | None = None
+
+
+      Model = Draft
+      """
+    )
+    told = (
+      r'^1 bad config value: config\.model\.embed_dim is not set, and'
+      r' models/readme_draft\.py has no default for it: add it to'
+      r' config\.model in the config file\.'
+    )
+    with self.assertRaisesRegex(config_check.ConfigError, told):
+      config_check.validate_config(self.config(name))
+    config = self.config(name)
+    config.model = {'embed_dim': 4}  # Given: nothing to say.
+    config_check.validate_config(config)
+
 
 class OwnDataTest(absltest.TestCase):
   def ratings_file(self, header: str) -> str:
