@@ -32,6 +32,7 @@ import collections
 from collections.abc import Iterator, Sequence
 import csv as csv_lib
 import dataclasses
+import math
 from typing import TYPE_CHECKING
 
 import ml_collections
@@ -350,6 +351,21 @@ def _separator_hint(header: Sequence[str], sep: str) -> str:
   return ''
 
 
+def _values_hint(header: Sequence[str]) -> str:
+  """Why a header may lack a column: it is a row of values, no header."""
+  for name in header:
+    try:
+      number = float(name)
+    except (TypeError, ValueError):  # A name (or a DataFrame's int label).
+      continue
+    if isinstance(name, str) and math.isfinite(number):  # Not 'nan', 'inf'.
+      return (
+        f' {name!r} in the header is a number: is the first line a row of'
+        ' values? Put a line naming the columns first.'
+      )
+  return ''
+
+
 def _check_unique(header: Sequence[str], where: str) -> None:
   counts = collections.Counter(header)
   twice = [c for c in header if counts[c] > 1]
@@ -393,11 +409,14 @@ def table(
             'multi_hot_columns': 'an empty list.',
           }.get(key, 'a value training did not see.')
           + _separator_hint(given, sep)
+          + _values_hint(given)
         )
       if column not in header:
         raise core.DataError(
           f'config.dataset.csv.{key}: column {column!r} is not in the header'
-          f' of {path}: {", ".join(given)}.' + _separator_hint(given, sep)
+          f' of {path}: {", ".join(given)}.'
+          + _separator_hint(given, sep)
+          + _values_hint(given)
         )
   kinds = {'int': column_list(options.numeric_columns)}
   kinds['float'] = column_list(options.get('float_columns', ()))

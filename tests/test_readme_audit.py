@@ -14,10 +14,12 @@ import textwrap
 from unittest import mock
 
 from absl.testing import absltest
+import ml_collections
 
 import config_check
 from configs import fm as fm_config
 from datasets import core
+from datasets import csv
 from datasets import movielens
 import models
 
@@ -143,6 +145,35 @@ class OwnDataTest(absltest.TestCase):
     path = self.ratings_file('movieId,userId,rating,timestamp')
     with self.assertRaisesRegex(core.DataError, r'Reorder or rename them\.$'):
       movielens.read_movielens(path, 'ml-latest-small')
+
+  def csv_options(self, **options):
+    config = ml_collections.ConfigDict(csv.DEFAULTS)
+    config.update(label_column='clicked', **options)
+    return config
+
+  def test_a_csv_without_header_is_told_to_add_one(self):
+    # The first row of values is read as the header: the label column and
+    # the model's columns are "not in the header", which did not say why.
+    row = ['170', 'rome', 'android', '1']
+    told = (
+      r"^config\.dataset\.csv\.label_column: column 'clicked' is not in the"
+      r" header of f\.csv: 170, rome, android, 1\. '170' in the header is a"
+      r' number: is the first line a row of values\? Put a line naming the'
+      r' columns first\.$'
+    )
+    with self.assertRaisesRegex(core.DataError, told):
+      csv.table(self.csv_options(), row, 'f.csv')
+    options = self.csv_options(categorical_columns=('user', 'city'))
+    told = r"^new\.csv: no column 'user', .* '170' in the header is a number"
+    with self.assertRaisesRegex(core.DataError, told):  # Rows to predict.
+      csv.table(options, row[:3], 'new.csv', require_label=False)
+
+  def test_a_header_of_names_is_not_told_it_is_values(self):
+    options = self.csv_options(categorical_columns=('device',))
+    for header in (['user', 'city', 'clicked'], ['nan', 'inf', 'clicked']):
+      with self.assertRaisesRegex(core.DataError, r"'device' is not") as e:
+        csv.table(options, header, 'f')
+      self.assertNotIn('is a number', str(e.exception))
 
 
 if __name__ == '__main__':
