@@ -132,10 +132,18 @@ def acquire(
 
   Raises:
     UserError: another live run holds the workdir (the message names its
-      host, pid and start time), or the lock file cannot be written.
+      host, pid and start time), or the lock file cannot be written; or
+      the workdir is an export (export.py), whose encoder/ a run rewrites.
   """
   if not enabled:
     return Lock()
+  # Before anything is written in it, the lock included.
+  if os.path.exists(os.path.join(workdir, 'signature.json')):
+    raise UserError(
+      f'workdir {workdir} is an export (export.py: signature.json), not a'
+      ' run: training in it would overwrite its encoder/. Use another'
+      ' workdir.'
+    )
   path = os.path.join(workdir, LOCK_FILE)
   key = os.path.realpath(path)
   with _held_guard:

@@ -5,6 +5,7 @@ refuses a file says so in one line: `config_check` imports the file first,
 so a draft that does not import, or lacks `Model`, must be told there, not
 end in a traceback. Your own data is `config.dataset.name=csv`: a CSV given
 as `path` without it is read as MovieLens ratings, and the error says so.
+An export's directory is no workdir: a run refuses it, writing nothing.
 """
 
 import os
@@ -18,10 +19,13 @@ import ml_collections
 
 import config_check
 from configs import fm as fm_config
+from configs import nfm as nfm_config
 from datasets import core
 from datasets import csv
 from datasets import movielens
 import models
+import train
+import utils
 
 
 class NewModelFileTest(absltest.TestCase):
@@ -174,6 +178,39 @@ class OwnDataTest(absltest.TestCase):
       with self.assertRaisesRegex(core.DataError, r"'device' is not") as e:
         csv.table(options, header, 'f')
       self.assertNotIn('is a number', str(e.exception))
+
+
+class ExportAsWorkdirTest(absltest.TestCase):
+  def test_a_run_in_an_export_refuses_it_and_writes_nothing(self):
+    # Before: the run trained there and replaced the export's
+    # encoder/encoder.json with its own (another model's), beside the
+    # export's model.jax.
+    temporary = tempfile.TemporaryDirectory()
+    self.addCleanup(temporary.cleanup)
+    export = temporary.name
+    os.makedirs(os.path.join(export, 'encoder'))
+    files = {'signature.json': '{"version": 2}\n', 'model.jax': 'x'}
+    files['encoder/encoder.json'] = '{"model_name": "fm"}\n'
+    for name, text in files.items():
+      with open(os.path.join(export, name), 'w') as f:
+        f.write(text)
+    told = (
+      rf'^workdir {export} is an export \(export\.py: signature\.json\), not'
+      r' a run: training in it would overwrite its encoder/\. Use another'
+      r' workdir\.$'
+    )
+    config = nfm_config.get_config('smoke')
+    with self.assertRaisesRegex(utils.UserError, told):
+      train.train_and_evaluate(config, export)
+    written = {
+      os.path.relpath(os.path.join(root, name), export)
+      for root, _, names in os.walk(export)
+      for name in names
+    }
+    self.assertEqual(written, set(files))
+    for name, text in files.items():
+      with open(os.path.join(export, name)) as f:
+        self.assertEqual(f.read(), text)
 
 
 if __name__ == '__main__':
