@@ -15,6 +15,7 @@ own trace (`check_logits`, `batch_norms_checked`), on its compiling thread.
 import contextlib
 import dataclasses
 import importlib
+import inspect
 
 from flax import traverse_util
 import flax.linen as nn
@@ -52,7 +53,7 @@ def model_class(name: str) -> type[nn.Module]:
   if not (isinstance(model, type) and issubclass(model, nn.Module)):
     raise ValueError(
       f'models/{name}.py must end with `Model = <ClassName>`, naming its'
-      ' linen module (DESIGN.md 2; see models/fm.py);'
+      ' linen module (see models/fm.py; README.md: Models);'
       f' its Model is {model!r}.'
     )
   return model
@@ -67,8 +68,9 @@ def create_model(
   """The `Model` of models/<config.model_name>.py; `inputs`: model_fields.
 
   Raises:
-    ValueError: the file has no `Model`, or its `Model` lacks an argument
-      that the trainer or the dataset's inputs (`inputs`) pass.
+    ValueError: the file has no `Model`, or its `Model` (or its `__call__`,
+      `train`) lacks an argument that the trainer or the dataset's inputs
+      (`inputs`) pass.
   """
   model = model_class(config.model_name)
   fields = {f.name for f in dataclasses.fields(model)}
@@ -77,6 +79,14 @@ def create_model(
     for key in ('field_dims', 'axis_name', *inputs)
     if key in _DECLARATIONS and key not in fields
   ]
+  params = inspect.signature(model.__call__).parameters.values()
+  if not any(p.name == 'train' or p.kind == p.VAR_KEYWORD for p in params):
+    raise ValueError(
+      'Model.__call__ has no argument `train`, which the trainer passes'
+      ' (True in training, False in evaluation): declare'
+      ' `train: bool = False` and use it for dropout and BatchNorm as'
+      ' models/fm.py does (README.md: Models).'
+    )
   if missing:
     why = ' (the dataset has multi-hot or numeric fields)' if inputs else ''
     raise ValueError(
@@ -84,7 +94,7 @@ def create_model(
       f' passes{why}: declare'
       f' {" and ".join(f"`{_DECLARATIONS[k]}`" for k in missing)} and use'
       f' {"it" if len(missing) == 1 else "them"} as models/fm.py does'
-      ' (DESIGN.md 2).'
+      ' (README.md: Models).'
     )
   return model(
     field_dims=tuple(field_dims), axis_name=axis_name, **config.model, **inputs
@@ -147,7 +157,7 @@ def check(
       f'Model(...).apply(ids [{len(inputs["ids"])}, fields], train=False)'
       ' returns probabilities (its output is a sigmoid); the trainer needs'
       ' the logits before it: drop the sigmoid, as the loss applies it'
-      ' (sigmoid_binary_cross_entropy; DESIGN.md 2).'
+      ' (sigmoid_binary_cross_entropy; README.md: Models).'
     )
   _refuse_unsynced(unsynced, axis_name)
   tables = frozenset(traverse_util.flatten_dict(state.get(sparse.ROWS, {})))
@@ -158,7 +168,7 @@ def check(
       ' that the ids name but not declared as a table, so lazy_adam and'
       ' rowwise_adagrad would update it whole: read it with'
       " `take_rows(table, rows, self, '<its param name>')`, copied from"
-      ' models/fm.py (DESIGN.md 2).'
+      ' models/fm.py (README.md: Models).'
     )
   return tables
 
@@ -190,7 +200,7 @@ def _batch_norms(axis_name: str | None, unsynced: list, train: bool = False):
           ' initialises the model with train=False, which makes no'
           ' statistics (nor scale and bias) for it; build it in both modes,'
           ' as `nn.BatchNorm(use_running_average=not train,'
-          ' axis_name=self.axis_name)` (DESIGN.md 2).'
+          ' axis_name=self.axis_name)` (README.md: Models).'
         )
       if module.axis_name != axis_name:
         unsynced.append(f'{path} (axis_name={module.axis_name!r})')
@@ -208,7 +218,7 @@ def _refuse_unsynced(unsynced: list, axis_name: str | None) -> None:
       f'BatchNorm {", ".join(sorted(set(unsynced)))} does not average its'
       f' statistics over axis_name={axis_name!r}, so each device would keep'
       ' its own: pass `nn.BatchNorm(..., axis_name=self.axis_name)`'
-      ' (DESIGN.md 2).'
+      ' (README.md: Models).'
     )
 
 
@@ -227,9 +237,9 @@ def check_logits(logits, batch: int, *, train: bool) -> None:
     )
     raise ContractError(
       f'Model(...).apply(ids [{batch}, fields], train={train}) returned'
-      f' {got}; the trainer needs float32 logits [{batch}] (DESIGN.md 2:'
-      ' one logit per example, before the sigmoid; e.g. squeeze a last'
-      ' axis of 1 and end with .astype(jnp.float32)).'
+      f' {got}; the trainer needs float32 logits [{batch}]: one logit per'
+      ' example, before the sigmoid; e.g. squeeze a last axis of 1 and end'
+      ' with .astype(jnp.float32) (README.md: Models).'
     )
 
 

@@ -97,6 +97,17 @@ class NoAxisName(nn.Module):
     return jnp.zeros(ids.shape[:1], jnp.float32)
 
 
+class NoTrain(nn.Module):
+  """A draft whose `__call__` takes no `train`, which the trainer passes."""
+
+  field_dims: Sequence[int]
+  axis_name: str | None = None
+
+  @nn.compact
+  def __call__(self, ids):
+    return jnp.zeros(ids.shape[:1], jnp.float32)
+
+
 class IdsOnly(nn.Module):
   """A draft without `multi_field_dims` and `num_dense`."""
 
@@ -122,6 +133,23 @@ class Choices(nn.Module):
     return jnp.zeros(ids.shape[:1], jnp.float32)
 
 
+class _ModulePatch:
+  """`sys.modules[key] = module` while started; only that key is undone."""
+
+  def __init__(self, key, module):
+    self.key, self.module = key, module
+
+  def start(self):
+    self.old = sys.modules.get(self.key)
+    sys.modules[self.key] = self.module
+
+  def stop(self):
+    if self.old is None:
+      sys.modules.pop(self.key, None)
+    else:
+      sys.modules[self.key] = self.old
+
+
 def _install(name, model):
   """Makes `models/<name>.py` seem to exist, its `Model` being `model`
   (None: a file without `Model`)."""
@@ -129,8 +157,10 @@ def _install(name, model):
   if model is not None:
     module.Model = model
   names = models.names() + [name]
+  # Not patch.dict(sys.modules): it would drop every module imported while
+  # it is on (pandas' own, say), which a later test in the process needs.
   patches = [
-    mock.patch.dict(sys.modules, {f'models.{name}': module}),
+    _ModulePatch(f'models.{name}', module),
     mock.patch.object(models, 'names', lambda: sorted(names)),
   ]
   for patch in patches:
@@ -173,7 +203,7 @@ class NewModelJourneyTest(parameterized.TestCase):
       self.initialise(_config(name, out=out))
     message = str(caught.exception)
     self.assertIn(got, message)
-    self.assertIn('DESIGN.md 2', message)
+    self.assertIn('README.md: Models', message)
     self.assertNotIn('\n', message)
 
   def test_logits_of_another_shape_in_training_alone_are_refused(self):
@@ -243,6 +273,14 @@ class NewModelJourneyTest(parameterized.TestCase):
     with self.assertRaisesRegex(ValueError, 'no argument axis_name') as caught:
       train.create_model(_config(name), FIELD_DIMS, train.AXIS)
     self.assertIn('`axis_name: str | None = None`', str(caught.exception))
+
+  def test_a_call_without_train_is_told_to_declare_it(self):
+    # It was a TypeError traceback from model.init(..., train=False).
+    name = self.use(NoTrain)
+    with self.assertRaisesRegex(ValueError, 'no argument `train`') as caught:
+      train.create_model(_config(name), FIELD_DIMS, train.AXIS)
+    self.assertIn('`train: bool = False`', str(caught.exception))
+    self.assertNotIn('\n', str(caught.exception))
 
   def test_a_model_without_side_fields_is_told_when_the_data_has_them(self):
     name = self.use(IdsOnly)
