@@ -128,7 +128,12 @@ def value_and_grad(
       loss, argnums=(0, 1), has_aux=True
     )(dense, zeros)
   except Exception:  # E.g. a table read but not declared: named, if so.
-    _check_reads(_rows_read(fun, params, ()), tables)
+    try:
+      read = _rows_read(fun, params, ())
+    except Exception:  # The same error, traced again: raised once.
+      read = None
+    if read is not None:
+      _check_reads(read, tables)
     raise
   rows = traverse_util.flatten_dict(rows)
   # The reads after those that `_rows_read` saw.
