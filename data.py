@@ -14,7 +14,7 @@ build names the caches that its files' older contents left behind
 batching.py cuts the splits into batches.
 """
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 import contextlib
 import importlib
 import logging
@@ -154,19 +154,6 @@ def cache_spec(
   return out
 
 
-def source_digests(config: ml_collections.ConfigDict) -> dict[str, dict]:
-  """The `Dataset.sources` that `load_dataset(config)` would give, without
-  encoding: `{role: {'size', 'sha256'}}` of the files `config` names (a
-  big file's digest is remembered, so that loading it does not hash again).
-
-  Raises:
-    DataError: unknown name or key, or a missing or unreadable file.
-  """
-  source, config, _ = resolve(config)
-  config = remote.localize(config)
-  return _fingerprints(config, source.files(config))
-
-
 def _fingerprints(config: ml_collections.ConfigDict, paths: dict) -> dict:
   memo = os.path.join(cache_dir(config), 'digests')
   return {r: digests.fingerprint(p, memo) for r, p in paths.items()}
@@ -259,11 +246,19 @@ def _check_unchanged(stats: dict, error: Exception | None = None) -> None:
 
 
 @utils.interrupts_heard()  # A Ctrl-C in a gc callback is not lost.
-def load_dataset(config: ml_collections.ConfigDict) -> Dataset:
+def load_dataset(
+  config: ml_collections.ConfigDict,
+  check_sources: Callable[[dict[str, dict]], None] | None = None,
+) -> Dataset:
   """Loads (from the cache when possible) the dataset `config.dataset`.
 
   Args:
     config: the `dataset` part of the config.
+    check_sources: called with the files' digests, `{role: {'size',
+      'sha256'}}` (the `Dataset.sources` to come), before the cache is read
+      or built; what it raises ends the load (a resume's files that hold
+      other bytes than recorded: `sources.check`). The files are hashed
+      once, for it and the cache's key.
 
   Returns:
     The encoded dataset, its splits memory-mapped from the cache, checked:
@@ -293,6 +288,8 @@ def load_dataset(config: ml_collections.ConfigDict) -> Dataset:
   with core.reading(*paths.values()):
     stats = {path: cache.source_stat(path) for path in paths.values()}
   spec = cache_spec(config, options, paths)
+  if check_sources is not None:
+    check_sources(spec['sources'])
   directory = os.path.join(
     cache_dir(config), 'encoded', f'{config.name}-{cache.key(spec)}'
   )

@@ -34,8 +34,8 @@ def check(
     workdir: the run's directory.
     changes: `workdir.check_resume`'s entries, given `moved=True`.
     digests: gives the files that the run names, `{role: {'size',
-      'sha256'}}` (`data.source_digests`); called only if there is a record
-      to compare them with.
+      'sha256'}}` (as `data.load_dataset` gives them to its `check_sources`);
+      called only if there is a record to compare them with.
     resuming: whether the workdir holds checkpoints; None:
       `workdir.has_checkpoints`. A new run compares nothing.
 

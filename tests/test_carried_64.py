@@ -3,13 +3,24 @@
 Each test runs in-process on tiny inputs; each fails without its fix.
 """
 
+import os
+from unittest import mock
+
 from absl.testing import absltest
+from dataset_testing import DatasetTestCase
 from flax import linen as nn
 import jax.numpy as jnp
 import numpy as np
 
+from configs import default
+from datasets import cache
 from models import fm
+import multihost
+import sources
 import sparse
+import train
+from utils import UserError
+import workdir as workdir_lib
 
 
 class _OneTable(nn.Module):
@@ -45,6 +56,48 @@ class SparseErrorTest(absltest.TestCase):
     self.assertIsNone(cm.exception.__cause__)
     # The gradient's trace, then the whole trace that names the reads.
     self.assertEqual(calls, [True, False])
+
+
+class _Loaded(Exception):
+  """Stops `train._run` once its dataset is loaded."""
+
+
+class ResumeHashTest(DatasetTestCase):
+  def test_a_resume_hashes_a_small_source_once_and_checks_it_first(self):
+    # The check of a resume's files and the cache's key share one hash
+    # (files under digests.MIN_BYTES are hashed on every call).
+    path = os.path.join(self.tmp, 'train.csv')
+    rows = [f'{i % 2},u{i % 7},i{i % 5}' for i in range(60)]
+    with open(path, 'w') as f:
+      f.write('\n'.join(['click,user,item', *rows]) + '\n')
+    config = default.get_config()
+    config.dataset = self.config('csv', path, csv={'label_column': 'click'})
+    workdir = workdir_lib.prepare(os.path.join(self.tmp, 'run'))
+    workdir_lib.check_resume(workdir, config)  # The run's record,
+    os.makedirs(os.path.join(workdir, 'checkpoints', 'state', '1'))
+    sources.record(workdir, {'all': cache.fingerprint(path)})  # its files.
+    scan = self.enter_context(
+      mock.patch.object(cache, '_scan', wraps=cache._scan)
+    )
+    self.enter_context(
+      mock.patch.object(multihost, 'assert_same_data', side_effect=_Loaded)
+    )
+
+    def hashes():
+      count = [c.args[0] for c in scan.call_args_list].count(path)
+      scan.reset_mock()
+      return count
+
+    with self.assertRaises(_Loaded):
+      train._run(config, workdir, True)
+    self.assertEqual(hashes(), 1)
+    self.assertLen(self.encoded(), 1)
+    with open(path, 'a') as f:  # Other bytes: refused before encoding.
+      f.write('1,u1,i1\n')
+    with self.assertRaisesRegex(UserError, 'differ from those recorded'):
+      train._run(config, workdir, True)
+    self.assertEqual(hashes(), 1)
+    self.assertLen(self.encoded(), 1)
 
 
 if __name__ == '__main__':
