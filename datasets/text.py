@@ -23,6 +23,7 @@ import numpy as np
 
 from datasets import core
 from datasets import keying
+from datasets import labels
 from datasets import side
 
 if TYPE_CHECKING:
@@ -115,18 +116,8 @@ SIDE_KINDS = ('multi', 'float')
 FLOAT_MISSING = ('', 'nan', 'NaN', 'NAN', 'Nan')
 BEYOND_FLOAT32 = f'beyond float32 range (+-{side.FLOAT32_MAX:.4g})'
 
-# Label cells, lowercased, read as 1 and 0: a bool column's `to_csv`.
-TEXT_LABELS = {'true': '1', 'false': '0'}
 # What a label may be (messages).
 LABELS = '0 or 1 (or -1, True, False)'
-
-
-def _text_labels(cells: pd.Series) -> pd.Series:
-  """Label cells (strings; NaN: empty) with True and False as '1' and '0'."""
-  lowered = cells.str.strip().str.lower()
-  for text, number in TEXT_LABELS.items():
-    cells = cells.mask(lowered == text, number)
-  return cells
 
 
 @dataclasses.dataclass(frozen=True)
@@ -373,16 +364,21 @@ class Table:
           encoding_errors='replace',
         )
 
+    # A label written True or False: read as text, then as 1 or 0 (other
+    # text still raises: `_find_unparsable` names its line). A chunk whose
+    # first label is a word skips the typed read that would fail.
+    as_text = bool(typed and self.label) and labels.first_is_text(
+      lines, self.sep, self.columns.index(self.label)
+    )
     try:
-      frame = read(dtype)
+      frame = None if as_text else read(dtype)
     except (ValueError, TypeError, OverflowError):
       if not (typed and self.label):
         raise
-      # A label written True or False: read as text, then as 1 or 0 (other
-      # text still raises: `_find_unparsable` names its line).
+      frame = None
+    if frame is None:
       frame = read(dict(dtype, **{self.label: object}))
-      numbers = pd.to_numeric(_text_labels(frame[self.label]))
-      frame[self.label] = numbers.astype('Int64')
+      frame[self.label] = labels.numbers(frame[self.label])
     for column in integers if typed else ():  # A `1e2` makes floats of all:
       if (frame[column].abs() >= 2**53).any():  # digits from 2**53 are lost.
         cells = self._read(lines, typed=False)[column]
@@ -404,7 +400,7 @@ class Table:
     for column in self._integer_columns() + floats:
       text = frame[column].to_numpy(object)
       if column == self.label:
-        text = _text_labels(frame[column]).to_numpy(object)
+        text = labels.text_labels(frame[column]).to_numpy(object)
       number = pd.to_numeric(
         pd.Series(text).replace('', None), errors='coerce'
       ).to_numpy(np.float64)

@@ -10,10 +10,13 @@ from absl.testing import absltest
 from dataset_testing import DatasetTestCase
 from flax import linen as nn
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
+import pandas as pd
 
 from configs import default
 from datasets import cache
+from datasets import csv as csv_source
 from models import fm
 import multihost
 import sources
@@ -98,6 +101,32 @@ class ResumeHashTest(DatasetTestCase):
       train._run(config, workdir, True)
     self.assertEqual(hashes(), 1)
     self.assertLen(self.encoded(), 1)
+
+
+class TextLabelTest(DatasetTestCase):
+  def test_true_false_labels_are_read_once_and_as_their_numbers(self):
+    # pandas' `to_csv` of a bool label column: a chunk that starts with a
+    # word is read once, as text; one that starts with a number tries the
+    # typed read first. Either way each cell is its number (-1: 0).
+    cells = ['True', 'False', ' true', 'FALSE ', '1', '0', '-1', 'tRuE']
+    expected = [1, 0, 1, 0, 1, 0, 0, 1]
+    path = os.path.join(self.tmp, 'train.csv')
+    with open(path, 'w') as f:
+      f.write('click,user\n')
+    options = dict(csv_source.DEFAULTS, label_column='click')
+    table = csv_source.reader(ml_collections.ConfigDict(options), path)
+
+    def bad(where, reason):
+      raise AssertionError(f'{where}: {reason}')
+
+    for order in (cells, cells[4:] + cells[:4]):
+      lines = [f'{c},u{i}\n'.encode() for i, c in enumerate(order)]
+      want = expected if order is cells else expected[4:] + expected[:4]
+      with mock.patch.object(pd, 'read_csv', wraps=pd.read_csv) as read:
+        _, got = table.parse(lines, 2, str, bad)
+      with self.subTest(first=order[0]):
+        np.testing.assert_array_equal(got, np.array(want, np.float32))
+        self.assertEqual(read.call_count, 1 if order is cells else 2)
 
 
 if __name__ == '__main__':
