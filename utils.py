@@ -177,6 +177,10 @@ def open_text(path: str) -> IO[str]:
   return open(path, encoding='utf-8', errors='replace')
 
 
+# The compilation cache directory that `enable_compilation_cache` set last.
+_own_cache_dir = [None]
+
+
 def enable_compilation_cache(cache_dir: str) -> None:
   """Keeps every compiled program in `cache_dir/jax` for the next runs.
 
@@ -184,10 +188,11 @@ def enable_compilation_cache(cache_dir: str) -> None:
   time: a run on small data spends most of its time compiling, and a
   restart or a second run with the same shapes then loads the programs
   instead. A directory set in `JAX_COMPILATION_CACHE_DIR` is used instead
-  of `cache_dir/jax`, and a threshold set in its own environment variable
-  is kept; `JAX_ENABLE_COMPILATION_CACHE=false` disables the cache. The
-  settings are JAX's, for the rest of the process: a directory set only
-  with `jax.config.update` is replaced (set the variable to keep one).
+  of `cache_dir/jax`, and so is one set with `jax.config.update` where the
+  variable is unset (an empty one asks for `cache_dir/jax`); a threshold
+  set in its own environment variable is kept;
+  `JAX_ENABLE_COMPILATION_CACHE=false` disables the cache. The settings are
+  JAX's, for the rest of the process.
   """
   import jax  # pylint: disable=g-import-not-at-top
   from jax.experimental.compilation_cache import compilation_cache as cc  # pylint: disable=g-import-not-at-top
@@ -206,10 +211,14 @@ def enable_compilation_cache(cache_dir: str) -> None:
   xla_caches = 'jax_persistent_cache_enable_xla_caches'
   if xla_caches.upper() not in os.environ and jax.default_backend() != 'gpu':
     jax.config.update(xla_caches, None)
-  if os.environ.get('JAX_COMPILATION_CACHE_DIR'):
-    return
+  variable = os.environ.get('JAX_COMPILATION_CACHE_DIR')
+  current = jax.config.jax_compilation_cache_dir
+  if variable or (
+    variable is None and current not in (None, '', _own_cache_dir[0])
+  ):
+    return  # The user's: in the variable, or set by a caller.
   directory = os.path.abspath(os.path.join(cache_dir, 'jax'))
-  if jax.config.jax_compilation_cache_dir == directory:
+  if current == directory:
     return
   try:
     os.makedirs(directory, exist_ok=True)
@@ -218,6 +227,7 @@ def enable_compilation_cache(cache_dir: str) -> None:
     return
   drop_torn_programs(directory)
   jax.config.update('jax_compilation_cache_dir', directory)
+  _own_cache_dir[0] = directory  # Replaced by a later call's, if another.
   cc.reset_cache()  # Another directory may already be in use.
 
 

@@ -4,11 +4,14 @@ Each test runs in-process on tiny inputs; each fails without its fix.
 """
 
 import os
+import tempfile
 from unittest import mock
 
 from absl.testing import absltest
 from dataset_testing import DatasetTestCase
 from flax import linen as nn
+import jax
+from jax.experimental.compilation_cache import compilation_cache
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
@@ -22,6 +25,7 @@ import multihost
 import sources
 import sparse
 import train
+import utils
 from utils import UserError
 import workdir as workdir_lib
 
@@ -127,6 +131,39 @@ class TextLabelTest(DatasetTestCase):
       with self.subTest(first=order[0]):
         np.testing.assert_array_equal(got, np.array(want, np.float32))
         self.assertEqual(read.call_count, 1 if order is cells else 2)
+
+
+class CompilationCacheDirTest(absltest.TestCase):
+  def test_a_directory_set_by_a_caller_is_kept_and_ours_replaced(self):
+    names = (
+      'jax_compilation_cache_dir',
+      'jax_persistent_cache_min_entry_size_bytes',
+      'jax_persistent_cache_min_compile_time_secs',
+      'jax_persistent_cache_enable_xla_caches',
+    )
+    before = {name: getattr(jax.config, name) for name in names}
+    env = {k: v for k, v in os.environ.items() if k != names[0].upper()}
+    with (
+      tempfile.TemporaryDirectory() as tmp,
+      mock.patch.dict(os.environ, env, clear=True),
+    ):
+      try:
+        mine = os.path.join(tmp, 'mine')
+        jax.config.update(names[0], mine)  # A library user's.
+        utils.enable_compilation_cache(os.path.join(tmp, 'data'))
+        self.assertEqual(jax.config.jax_compilation_cache_dir, mine)
+        self.assertFalse(os.path.exists(os.path.join(tmp, 'data')))
+        # One that enable_compilation_cache set follows the next call's.
+        jax.config.update(names[0], None)
+        for data in ('a', 'b'):
+          utils.enable_compilation_cache(os.path.join(tmp, data))
+          self.assertEqual(
+            jax.config.jax_compilation_cache_dir, os.path.join(tmp, data, 'jax')
+          )
+      finally:
+        for name, value in before.items():
+          jax.config.update(name, value)
+        compilation_cache.reset_cache()
 
 
 if __name__ == '__main__':
