@@ -257,14 +257,20 @@ def check_size(variables: Any) -> None:
     )
 
 
-def check_platforms(platforms: Sequence[str]) -> None:
-  """Raises a UserError unless `platforms` are known to jax.export."""
+def check_platforms(platforms: Sequence[str]) -> list[str]:
+  """`platforms` once each, empty names dropped (`--platforms=cpu,`).
+
+  Raises:
+    UserError: a platform unknown to jax.export, or none.
+  """
+  platforms = list(dict.fromkeys(p for p in platforms if p))
   unknown = sorted(set(platforms) - set(PLATFORMS))
   if unknown or not platforms:
     raise utils.UserError(
       f'--platforms: {",".join(unknown) or "none"}; choose among'
       f' {",".join(PLATFORMS)}.'
     )
+  return platforms
 
 
 def check_output(output: str) -> None:
@@ -399,11 +405,11 @@ def main(argv):
   if len(argv) > 1:
     raise utils.UserError(f'Unexpected arguments: {" ".join(argv[1:])}')
   args = flags.FLAGS
-  check_platforms(args.platforms)
+  platforms = check_platforms(args.platforms)
   workdir, output = entry.path_flags('workdir', 'output')
   predictor = predict.load(workdir)
   try:
-    signature = export(predictor, output, args.platforms, args.onnx)
+    signature = export(predictor, output, platforms, args.onnx)
   except OSError as e:
     raise utils.UserError(
       f'--output: cannot write {e.filename or output} ({e.strerror or e});'

@@ -495,8 +495,11 @@ class ExportRunTest(absltest.TestCase):
     self.assertEqual(sorted(os.listdir(encoder_dir)), files)
 
   def test_no_platform_or_an_unknown_one_is_refused(self):
-    export.check_platforms(['cpu', 'tpu'])
-    for platforms, named in (([], 'none'), (['cpu', 'gpu'], 'gpu')):
+    # `--platforms=cpu,` or `cpu,cpu`: each platform once, as signature.json
+    # lists them.
+    got = export.check_platforms(['cpu', '', 'tpu', 'cpu'])
+    self.assertEqual(got, ['cpu', 'tpu'])
+    for platforms, named in (([''], 'none'), (['cpu', 'gpu'], 'gpu')):
       with self.assertRaisesRegex(
         UserError, f'^--platforms: {named}; choose among cpu,cuda,rocm,tpu'
       ):
