@@ -52,8 +52,8 @@ DURABLE_EVERY = 64 * 2**20
 CONTENT_RANGE = re.compile(r'bytes (\d+)-(\d+)/(\d+|\*)$')
 # The advice that ends the messages of a failed download.
 BY_HAND = (
-  'download and unzip the archive yourself and set config.dataset.path to'
-  ' its directory.'
+  'download and unpack the archive yourself (unzip, tar xf) and set'
+  ' config.dataset.path to what it holds.'
 )
 
 
