@@ -100,7 +100,8 @@ def resolve(config: ml_collections.ConfigDict):
       if fmt != selected and value != source.DEFAULTS[key]:
         raise DataError(
           f'config.dataset.{fmt}.{key} is set but config.dataset.name is'
-          f' {config.name!r}.'
+          f' {config.name!r}: remove it, or set config.dataset.name to'
+          f' {" or ".join(source.NAMES)}.'
         )
   if config.chunk_rows <= 0:
     raise DataError(

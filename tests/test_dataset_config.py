@@ -71,7 +71,8 @@ class DatasetConfigTest(DatasetTestCase):
     with self.assertRaisesRegex(
       data.DataError,
       rf'^config\.dataset\.{fmt}\.{key} is set but config\.dataset\.name is'
-      rf" '{other}'\.$",
+      rf" '{other}': remove it, or set config\.dataset\.name to"
+      rf' {" or ".join(data.SOURCES[fmt].NAMES)}\.$',
     ):
       data.load_dataset(config)
     self.assertEqual(self.encoded(), [])
