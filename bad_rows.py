@@ -13,7 +13,7 @@ ones.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 import dataclasses
 import os
 from typing import Any
@@ -45,7 +45,8 @@ class Kept(encoder_lib.Rows):
 
 
 class Count:
-  """The bad rows of a file: called as a reader's `core.BadLine`."""
+  """The bad rows of a file: called as a reader's `core.BadLine`, in line
+  order (`chunks`), so that the first is the lowest line."""
 
   def __init__(self):
     self.count = 0
@@ -86,12 +87,38 @@ def placed(
   return tuple(out)
 
 
-class _Placing:
-  """A reader whose `parse` also returns the places of its bad lines' rows.
+@dataclasses.dataclass(frozen=True)
+class _Lines:
+  """Where a chunk's rows are in its file, as `_Placing.parse` found them.
 
-  `parse` returns the reader's, then the places (int64, sorted), among the
-  chunk's rows counted with them, of the malformed lines that the reader
-  left out. Picklable, for the parse workers, where the reader is.
+  Attributes:
+    first: the number of the chunk's first line.
+    blank: int64, sorted: the offsets from `first` of the lines that carry
+      no row.
+    bad: int64 `[k]`, sorted: the places, among the chunk's rows, of its
+      malformed lines' (left out by the reader).
+    issues: `(place, where, why)` of each malformed line, in line order.
+    where: `where(number)` names a line (a row of a Parquet file).
+  """
+
+  first: int
+  blank: np.ndarray
+  bad: np.ndarray
+  issues: list[tuple[int, str, str]]
+  where: Callable[[int], str]
+
+  def name(self, place: int) -> str:
+    """Where the row at `place` among the chunk's rows is."""
+    offsets = np.delete(np.arange(place + len(self.blank) + 1), self.blank)
+    return self.where(self.first + int(offsets[place]))
+
+
+class _Placing:
+  """A reader whose `parse` also returns where the rows are (`_Lines`).
+
+  The malformed lines that the reader leaves out are not reported to its
+  `bad` but returned, to be reported with the rows that the encoder refuses
+  in line order. Picklable, for the parse workers, where the reader is.
   """
 
   def __init__(self, reader: core.Reader):
@@ -103,30 +130,35 @@ class _Placing:
     return getattr(self.reader, name)
 
   def parse(self, lines, first, where, bad) -> tuple:
+    del bad  # Reported by `chunks`.
     found = []
     parsed = self.reader.parse(
       lines, first, where, lambda *issue: found.append(issue)
     )
-    for issue in found:
-      bad(*issue)
-    if not found:
-      return *parsed, np.zeros(0, np.int64)
-    number = {where(n): n - first for n in range(first, first + len(lines))}
+    number = {}
+    if found:
+      number = {where(n): n - first for n in range(first, first + len(lines))}
     lost = sorted({number[w] for w, _ in found})
-    places, row, start = [], 0, 0
-    for end in [*lost, len(lines)]:
-      run = lines[start:end]
-      # Blank lines carry no row, by the reader's own rule: a run that may
-      # hold one is counted by the reader.
-      if any(not line.strip() for line in run):
-        run = self.reader.parse(run, first + start, where, lambda *_: None)[0]
-      row += len(run)
-      places.append(row)
-      row, start = row + 1, end + 1
-    places.pop()  # The end of the chunk.
-    if row - 1 - len(places) != len(parsed[0]):
+    rows = len(parsed[0]) + len(lost)
+    blank = []
+    if rows < len(lines):  # Blank lines carry no row, by the reader's rule.
+      kept = set(lost)
+      blank = [
+        i
+        for i, line in enumerate(lines)
+        if not (line.strip() or i in kept or self._rows(line, first + i, where))
+      ]
+    kept = np.delete(np.arange(len(lines)), blank)
+    if len(kept) != rows:
       raise RuntimeError(f'{where(first)}: bad rows placed wrong')
-    return *parsed, np.array(places, np.int64)
+    places = np.searchsorted(kept, lost).astype(np.int64)
+    issues = [(int(np.searchsorted(kept, number[w])), w, r) for w, r in found]
+    blank = np.array(blank, np.int64)
+    return *parsed, _Lines(first, blank, places, issues, where)
+
+  def _rows(self, line: bytes, number: int, where) -> int:
+    """How many rows the reader reads from line `number` alone."""
+    return len(self.reader.parse([line], number, where, lambda *_: None)[0])
 
 
 def _drop(value: Any, i: int) -> Any:
@@ -146,28 +178,31 @@ def chunks(
   bad: Count,
 ) -> Iterator[Kept]:
   """`encoder.chunks(path, chunk_rows, parse_workers)`, each chunk's rows
-  that cannot be encoded counted in `bad` and left out (`Kept.bad`)."""
+  that cannot be encoded counted in `bad` (in line order) and left out
+  (`Kept.bad`)."""
   reader = _Placing(encoder.reader(path))
   labeled = encoder_lib.is_labeled(reader)
   desc = f'predict {os.path.basename(path)}'
   parsed = streaming.chunks(reader, path, chunk_rows, bad, desc, parse_workers)
-  done = 0  # Rows of the chunks before.
   empty = True
   for keys, labels, *rest in parsed:
-    *extra, places = rest
+    *extra, lines = rest
     part = [keys, labels if labeled else None, *extra]
+    places, issues = lines.bad, list(lines.issues)
     while True:
       try:
         rows = encoder.encode_parsed(*part)
         break
       except side.OutOfRange as e:  # Standardised beyond float32.
         good = np.delete(np.arange(len(part[0]) + len(places)), places)
-        bad(f'{path}: row {done + good[e.row] + 1}', str(e))
-        places = np.sort(np.append(places, good[e.row]))
+        place = int(good[e.row])
+        issues.append((place, lines.name(place), str(e)))
+        places = np.sort(np.append(places, place))
         part = [_drop(value, e.row) for value in part]
+    for _, where, reason in sorted(issues):
+      bad(where, reason)
     empty = False
     yield _kept(rows, places)
-    done += len(rows.ids) + len(places)
   if empty:  # A chunk of no rows all the same: it says if rows have labels.
     keys = np.zeros((0, len(encoder.raw_field_names)), np.int64)
     labels = np.zeros(0, np.float32) if labeled else None

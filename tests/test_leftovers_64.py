@@ -236,13 +236,44 @@ class BadRowsTest(absltest.TestCase):
       predict_output.write_predictions(
         self.predictor, source, outputs[0], 5, 0, 'nan'
       )
-    self.assertIn(
-      f'the first, {source}: row 3: numeric field x', logs.output[0]
-    )
+    self.assertIn(f'the first, {source}:3: numeric field x', logs.output[0])
     predict_output.write_predictions(self.predictor, rest, outputs[1], 5, 0)
     got, want = (_read(o) for o in outputs)
     self.assertEqual(got[3], 'nan,\n')
     self.assertEqual(got[:3] + got[4:], want)
+
+  def test_a_row_the_encoder_refuses_is_named_by_its_line_in_line_order(self):
+    # A row that parses and that the encoder refuses (side.OutOfRange) was
+    # named by its row number, and logged after its chunk's parse errors:
+    # here, line 4 (the third row: line 2 is blank) comes before line 6.
+    lines = _tiny()[1][:11]
+    given = [lines[0], '', *lines[1:4], 'garbage', *lines[4:]]
+    source = self.write('all.txt', given)
+    rest = self.write('rest.txt', [lines[0], lines[1], *lines[3:]])
+    encode, raised = encoder.Encoder.encode_parsed, []
+
+    def out_of_range(encoder_, keys, *args):
+      if not raised and len(keys) > 2:
+        raised.append(side.OutOfRange('numeric field x: 1e39 is beyond', 2))
+        raise raised[0]
+      return encode(encoder_, keys, *args)
+
+    outputs = [os.path.join(self.tmp, f'{name}.csv') for name in ('nan', 'ok')]
+    with (
+      mock.patch.object(encoder.Encoder, 'encode_parsed', out_of_range),
+      self.assertLogs('absl', 'WARNING') as logs,
+    ):
+      predict_output.write_predictions(
+        self.predictor, source, outputs[0], 10, 0, 'nan'
+      )
+    self.assertRegex(
+      logs.output[0],
+      rf'2 of 12 rows .* the first, {source}:4: numeric field x: 1e39',
+    )
+    predict_output.write_predictions(self.predictor, rest, outputs[1], 10, 0)
+    got, want = (_read(o) for o in outputs)
+    self.assertEqual([got[3], got[5]], ['nan,\n'] * 2)
+    self.assertEqual([g for i, g in enumerate(got) if i not in (3, 5)], want)
 
   def test_the_placing_reader_travels_to_the_parse_workers(self):
     reader = bad_rows._Placing(
@@ -253,10 +284,13 @@ class BadRowsTest(absltest.TestCase):
     lines = [line.encode() + b'\n' for line in _tiny()[1][:4]]
     lines[1] = b'x\n'
     issues = []
-    keys, _, places = again.parse(lines, 1, str, lambda *i: issues.append(i))
-    self.assertEqual(places.tolist(), [1])
+    keys, _, found = again.parse(lines, 1, str, lambda *i: issues.append(i))
+    found = pickle.loads(pickle.dumps(found))  # As a worker returns it.
+    self.assertEqual(found.bad.tolist(), [1])
     self.assertEqual(len(keys), 3)
-    self.assertEqual([w for w, _ in issues], ['2'])
+    self.assertEqual(issues, [])  # Returned, for chunks to report in order.
+    self.assertEqual([i[:2] for i in found.issues], [(1, '2')])
+    self.assertEqual(found.name(2), '3')
 
   def test_the_flag_takes_error_or_nan(self):
     values = flags.FlagValues()
