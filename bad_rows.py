@@ -1,14 +1,15 @@
 """Rows of a file to score that cannot be encoded, scored NaN instead.
 
-predict.py's `--bad_rows=nan`: a row that the run's encoder cannot encode
-(wrong column count, a number that does not parse, a missing label, a
-numeric value beyond float32 once standardised) gets `nan` as its
-probability, in its place among the output's rows, instead of stopping
-the file (`error`, the default). `chunks` reads a file's rows as
-`Encoder.chunks` does, the bad rows left out of each chunk's `Kept` and
-their places kept in its `bad`; `Count` counts them for one log line at
-the end. The good rows are scored as they are in a file without the bad
-ones.
+predict.py's `--bad_rows=nan` (and `Predictor.predict_file`'s): a row
+that the run's encoder cannot encode (wrong column count, a number that
+does not parse, a missing label, a numeric value beyond float32 once
+standardised) gets `nan` as its probability, in its place among the
+output's rows, instead of stopping the file (`error`, the default).
+`chunks` reads a file's rows as `Encoder.chunks` does, the bad rows left
+out of each chunk's `Kept` and their places kept in its `bad`; `Count`
+counts them for one log line at the end; `placed_chunks` puts NaN in
+their places. The good rows are scored as they are in a file without the
+bad ones.
 """
 
 from __future__ import annotations
@@ -69,6 +70,17 @@ class Count:
       )
 
 
+def count(mode: str) -> Count | None:
+  """The `Count` of mode 'nan'; None for 'error', which stops at a bad row.
+
+  Raises:
+    ValueError: `mode` is neither.
+  """
+  if mode not in MODES:
+    raise ValueError(f'bad_rows must be error or nan, got {mode!r}.')
+  return Count() if mode == 'nan' else None
+
+
 def placed(
   probabilities: np.ndarray, labels: np.ndarray | None, bad: np.ndarray
 ) -> tuple[np.ndarray, np.ndarray | None]:
@@ -85,6 +97,21 @@ def placed(
       full[keep] = values
     out.append(full)
   return tuple(out)
+
+
+def placed_chunks(
+  chunks: Iterator[tuple[encoder_lib.Rows, np.ndarray, np.ndarray]],
+  bad: Count | None,
+) -> Iterator[tuple[np.ndarray, np.ndarray | None]]:
+  """`(probabilities, labels)` of `Predictor.score_chunks`' chunks, NaN at
+  the places of the rows not encoded (`Kept.bad`); `bad` logged after."""
+  rows = 0
+  for kept, probs, _ in chunks:
+    places = getattr(kept, 'bad', ())
+    rows += len(probs) + len(places)
+    yield placed(probs, kept.labels, places)
+  if bad is not None:
+    bad.log(rows)
 
 
 @dataclasses.dataclass(frozen=True)

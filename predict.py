@@ -51,7 +51,7 @@ from jax.sharding import PartitionSpec
 import numpy as np
 import pandas as pd
 
-import bad_rows
+import bad_rows as bad_rows_lib
 import best_reader
 from datasets import core
 from datasets import remote
@@ -237,22 +237,31 @@ class Predictor:
     return self.predict_ids(**rows.inputs())
 
   def predict_file(
-    self, path: str, chunk_rows: int = 100_000, parse_workers: int = -1
+    self,
+    path: str,
+    chunk_rows: int = 100_000,
+    parse_workers: int = -1,
+    bad_rows: str = 'error',
   ) -> Iterator[tuple[np.ndarray, np.ndarray | None]]:
     """`(probabilities [n], labels [n] or None)` of each chunk of `path`.
 
     The next chunk is parsed in the background while this one is scored;
-    `parse_workers` as `config.dataset.parse_workers`.
+    `parse_workers` as `config.dataset.parse_workers`, `bad_rows` as
+    `predict_output.write_predictions`' (nan: the label too).
+
+    Raises:
+      ValueError: `bad_rows` is not 'error' or 'nan'.
     """
-    for rows, probs, _ in self.score_chunks(path, chunk_rows, parse_workers):
-      yield probs, rows.labels
+    bad = bad_rows_lib.count(bad_rows)
+    chunks = self.score_chunks(path, chunk_rows, parse_workers, bad)
+    yield from bad_rows_lib.placed_chunks(chunks, bad)
 
   def score_chunks(
     self,
     path: str,
     chunk_rows: int,
     parse_workers: int = -1,
-    bad: bad_rows.Count | None = None,
+    bad: bad_rows_lib.Count | None = None,
   ) -> Iterator[tuple[encoder_lib.Rows, np.ndarray, np.ndarray]]:
     """`(encoded rows, probabilities, logits)` of each chunk of `path`.
 
@@ -260,12 +269,10 @@ class Predictor:
     counted there instead of stopping, and left out: the encoded rows are
     a `bad_rows.Kept`, whose `bad` says where they were.
     """
-    done = 0  # Rows of the chunks before.
-    chunks = self.encoder.chunks(path, chunk_rows, parse_workers)
+    done, args = 0, (path, chunk_rows, parse_workers)  # Rows done before.
+    chunks = self.encoder.chunks(*args)
     if bad is not None:
-      chunks = bad_rows.chunks(
-        self.encoder, path, chunk_rows, parse_workers, bad
-      )
+      chunks = bad_rows_lib.chunks(self.encoder, *args, bad)
     try:
       for rows in utils.prefetch(chunks):
         yield rows, *self.score_ids(**rows.inputs())
@@ -437,7 +444,7 @@ def define_flags(values: flags.FlagValues = flags.FLAGS) -> None:
   flags.DEFINE_enum(
     'bad_rows',
     'error',
-    bad_rows.MODES,
+    bad_rows_lib.MODES,
     'A row that cannot be encoded: error, stop with its file and line; nan,'
     ' score it nan and count such rows in the log.',
     flag_values=values,

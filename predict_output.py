@@ -106,7 +106,7 @@ def write_predictions(
     opened = contextlib.nullcontext(sys.stdout)
   else:
     opened = (gzip.open if output.lower().endswith('.gz') else open)(tmp, 'wt')
-  bad = bad_rows_lib.Count() if bad_rows == 'nan' else None
+  bad = bad_rows_lib.count(bad_rows)
   more = {} if bad is None else {'bad': bad}
   try:
     with opened as f:

@@ -275,6 +275,44 @@ class BadRowsTest(absltest.TestCase):
     self.assertEqual([got[3], got[5]], ['nan,\n'] * 2)
     self.assertEqual([g for i, g in enumerate(got) if i not in (3, 5)], want)
 
+  def test_predict_file_scores_bad_rows_nan_as_the_command_line_does(self):
+    # Predictor.predict_file had no bad_rows: a caller from Python could
+    # only stop at a bad row.
+    lines = _tiny()[1][:25]
+    bad = {3: 'garbage', 22: lines[20] + '\tz'}  # Lines 4 and 23.
+    given = [*lines[:3], bad[3], *lines[3:12], '', *lines[12:20], bad[22]]
+    given += lines[21:]
+    source = self.write('bad.txt', given)
+    clean = self.write('clean.txt', [g for g in given if g not in bad.values()])
+    with self.assertLogs('absl', 'WARNING') as logs:
+      chunks = list(self.predictor.predict_file(source, 10, 0, 'nan'))
+    self.assertLen(logs.output, 1)
+    self.assertRegex(
+      logs.output[0],
+      rf'^WARNING:absl:2 of 26 rows could not be encoded and were scored nan'
+      rf' \(--bad_rows=nan\); the first, {source}:4: expected 40 columns',
+    )
+    output = os.path.join(self.tmp, 'out.csv')
+    with self.assertLogs('absl', 'WARNING') as written:  # The same line.
+      predict_output.write_predictions(
+        self.predictor, source, output, 10, 0, 'nan'
+      )
+    self.assertEqual(written.output, logs.output)
+    probs, labels = (np.concatenate(a) for a in zip(*chunks, strict=True))
+    want = list(self.predictor.predict_file(clean, 10, 0))
+    want, want_labels = (np.concatenate(a) for a in zip(*want, strict=True))
+    places = [3, 21]  # Line 13 is blank: no row.
+    self.assertTrue(np.isnan(probs[places]).all())
+    self.assertTrue(np.isnan(labels[places]).all())
+    np.testing.assert_array_equal(  # The same float32 bits.
+      np.delete(probs, places).view(np.uint32), want.view(np.uint32)
+    )
+    np.testing.assert_array_equal(np.delete(labels, places), want_labels)
+    with self.assertRaisesRegex(core.DataError, rf'{source}:4: expected 40'):
+      list(self.predictor.predict_file(source, 10, 0))
+    with self.assertRaisesRegex(ValueError, 'must be error or nan, got .skip'):
+      next(self.predictor.predict_file(source, bad_rows='skip'))
+
   def test_the_placing_reader_travels_to_the_parse_workers(self):
     reader = bad_rows._Placing(
       self.predictor.encoder.reader(_tiny_config().dataset.path)
