@@ -274,9 +274,10 @@ class Predictor:
     if bad is not None:
       chunks = bad_rows_lib.chunks(self.encoder, *args, bad)
     try:
-      for rows in utils.prefetch(chunks):
-        yield rows, *self.score_ids(**rows.inputs())
-        done += len(rows.ids)
+      with utils.interrupts_heard():  # A decorator's ends before the loop.
+        for rows in utils.prefetch(chunks):
+          yield rows, *self.score_ids(**rows.inputs())
+          done += len(rows.ids)
     except side.OutOfRange as e:
       raise core.DataError(
         f'{path}: row {done + e.row + 1} (the header and blank lines not'
@@ -334,6 +335,7 @@ def probabilities(
   return scores(model, variables, ids, multi_ids, dense)[0]
 
 
+@utils.interrupts_heard()  # A Ctrl-C in a gc callback is not lost.
 def load(workdir: str, batch_size: int = 8192) -> Predictor:
   """The predictor of the best checkpoint of run `workdir`.
 

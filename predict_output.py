@@ -59,6 +59,7 @@ def csv_lines(probabilities: np.ndarray, labels: np.ndarray | None) -> str:
   return ''.join(line + '\n' for line in text)
 
 
+@utils.interrupts_heard()  # A Ctrl-C in a gc callback is not lost.
 def write_predictions(
   predictor: predict.Predictor,
   path: str,

@@ -7,6 +7,7 @@ import pickle
 import signal
 import tempfile
 import threading
+import time
 from unittest import mock
 
 from absl import flags
@@ -24,6 +25,7 @@ from datasets import core
 from datasets import parallel
 from datasets import side
 import encoder
+import metrics
 import predict
 import predict_output
 import programs
@@ -312,6 +314,64 @@ class BadRowsTest(absltest.TestCase):
       list(self.predictor.predict_file(source, 10, 0))
     with self.assertRaisesRegex(ValueError, 'must be error or nan, got .skip'):
       next(self.predictor.predict_file(source, bad_rows='skip'))
+
+  def test_a_ctrl_c_in_a_gc_callback_stops_predict_calls(self):
+    # As data.load_dataset's: a Ctrl-C sent during a collection was lost by
+    # predict.load, write_predictions and predict_file (a generator, which
+    # a decorator does not cover), which went on. Here sent from a gc
+    # callback in a function that each call runs, then sleeps: the signal
+    # sent again 10 ms later ends the sleep.
+    self.addCleanup(signal.signal, signal.SIGINT, signal.getsignal(2))
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    armed, sent = [], []
+
+    def collecting(phase, info):
+      del info
+      if phase == 'start' and armed:
+        armed.clear()
+        sent.append(True)
+        os.kill(os.getpid(), signal.SIGINT)
+        sum(range(10_000))  # The handler runs here, in the callback.
+
+    def interrupted(*args, **kwargs):
+      del args, kwargs
+      armed.append(True)
+      gc.collect()
+      time.sleep(2)
+      raise RuntimeError('the Ctrl-C was lost')
+
+    gc.callbacks.append(collecting)
+    self.addCleanup(gc.callbacks.remove, collecting)
+    source = self.write('a.txt', _tiny()[1][:12])
+    output = os.path.join(self.tmp, 'out.csv')
+    calls = {  # What each runs after its guard is on: where it stops.
+      'load': (encoder, 'load', lambda: predict.load(self.tmp)),
+      'write_predictions': (
+        metrics,  # After the chunks: the decorator's alone.
+        'roc_auc',
+        lambda: predict_output.write_predictions(
+          self.predictor, source, output, 5, 0
+        ),
+      ),
+      'predict_file': (
+        predict.Predictor,
+        'score_ids',
+        lambda: list(self.predictor.predict_file(source, 5, 0)),
+      ),
+    }
+    threads = set(threading.enumerate())
+    for name, (owner, function, call) in calls.items():
+      with (
+        self.subTest(name),
+        mock.patch.object(owner, function, interrupted),
+        self.assertRaises(KeyboardInterrupt),
+      ):
+        call()
+      self.assertIs(signal.getsignal(signal.SIGINT), signal.default_int_handler)
+    self.assertLen(sent, 3)
+    for thread in set(threading.enumerate()) - threads:
+      thread.join(5)  # The signal sent again; predict_file's prefetch.
+    self.assertEqual(set(threading.enumerate()), threads)
 
   def test_the_placing_reader_travels_to_the_parse_workers(self):
     reader = bad_rows._Placing(
