@@ -136,7 +136,7 @@ class _Lines:
 
   def name(self, place: int) -> str:
     """Where the row at `place` among the chunk's rows is."""
-    offsets = np.delete(np.arange(place + len(self.blank) + 1), self.blank)
+    offsets = np.setdiff1d(np.arange(place + len(self.blank) + 1), self.blank)
     return self.where(self.first + int(offsets[place]))
 
 
@@ -169,11 +169,13 @@ class _Placing:
     rows = len(parsed[0]) + len(lost)
     blank = []
     if rows < len(lines):  # Blank lines carry no row, by the reader's rule.
-      kept = set(lost)
+      bad_lines = set(lost)
       blank = [
         i
         for i, line in enumerate(lines)
-        if not (line.strip() or i in kept or self._rows(line, first + i, where))
+        if not (
+          line.strip() or i in bad_lines or self._rows(line, first + i, where)
+        )
       ]
     kept = np.delete(np.arange(len(lines)), blank)
     if len(kept) != rows:

@@ -247,9 +247,9 @@ class BadRowsTest(absltest.TestCase):
   def test_a_row_the_encoder_refuses_is_named_by_its_line_in_line_order(self):
     # A row that parses and that the encoder refuses (side.OutOfRange) was
     # named by its row number, and logged after its chunk's parse errors:
-    # here, line 4 (the third row: line 2 is blank) comes before line 6.
+    # here, line 4 (the third row: lines 2 and 7 are blank) before line 6.
     lines = _tiny()[1][:11]
-    given = [lines[0], '', *lines[1:4], 'garbage', *lines[4:]]
+    given = [lines[0], '', *lines[1:4], 'garbage', '', *lines[4:]]
     source = self.write('all.txt', given)
     rest = self.write('rest.txt', [lines[0], lines[1], *lines[3:]])
     encode, raised = encoder.Encoder.encode_parsed, []
