@@ -360,6 +360,8 @@ def interrupts_heard() -> Iterator[None]:
   Python's own SIGINT handler is replaced for the call and put back after;
   a handler of the caller's (or none, SIGINT ignored), a call from a thread
   other than the main one, and a call within another, are left as they are.
+  A generator that uses it and is closed on another thread leaves it on
+  (it acts as Python's, but for a gc callback's Ctrl-C).
   """
   if (
     threading.current_thread() is not threading.main_thread()
@@ -370,8 +372,11 @@ def interrupts_heard() -> Iterator[None]:
   signal.signal(signal.SIGINT, _interrupt)
   try:
     yield
-  finally:
-    if signal.getsignal(signal.SIGINT) is _interrupt:
+  finally:  # A generator may end on another thread: the handler stays.
+    if (
+      threading.current_thread() is threading.main_thread()
+      and signal.getsignal(signal.SIGINT) is _interrupt
+    ):
       signal.signal(signal.SIGINT, signal.default_int_handler)
 
 

@@ -401,5 +401,41 @@ class BadRowsTest(absltest.TestCase):
       values(['predict.py', '--bad_rows=skip'])
 
 
+class GuardAcrossThreadsTest(absltest.TestCase):
+  def test_a_guarded_generator_closed_on_another_thread_raises_nothing(self):
+    # Predictor.score_chunks guards its loop: a caller's thread (or the gc)
+    # may close it. signal.signal there raised ValueError ('signal only
+    # works in main thread of the main interpreter').
+    def chunks():
+      with utils.interrupts_heard():
+        yield 1
+        yield 2
+
+    self.assertIs(signal.getsignal(signal.SIGINT), signal.default_int_handler)
+    self.addCleanup(signal.signal, signal.SIGINT, signal.default_int_handler)
+    generator = chunks()
+    self.assertEqual(next(generator), 1)
+    errors = []
+
+    def close():
+      try:
+        generator.close()
+      except Exception as e:  # pylint: disable=broad-exception-caught
+        errors.append(e)
+
+    thread = threading.Thread(target=close)
+    thread.start()
+    thread.join()
+    self.assertEqual(errors, [])
+    self.assertIs(signal.getsignal(signal.SIGINT), utils._interrupt)  # Left.
+    # On the main thread it puts Python's handler back.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    generator = chunks()
+    next(generator)
+    self.assertIs(signal.getsignal(signal.SIGINT), utils._interrupt)
+    generator.close()
+    self.assertIs(signal.getsignal(signal.SIGINT), signal.default_int_handler)
+
+
 if __name__ == '__main__':
   absltest.main()
