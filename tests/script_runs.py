@@ -27,7 +27,7 @@ import config_check, entry, export, multihost, predict, train  # noqa: F401
 import utils, workdir  # noqa: F401
 
 for line in sys.stdin:
-  script, argv, cwd = json.loads(line)
+  script, argv, cwd, env = json.loads(line)
   out, err = (tempfile.mkstemp()[1] for _ in range(2))
   pid = os.fork()
   if pid == 0:
@@ -36,6 +36,9 @@ for line in sys.stdin:
       for fd, path in ((1, out), (2, err)):
         os.dup2(os.open(path, os.O_WRONLY), fd)
       os.chdir(cwd)
+      if env is not None:
+        os.environ.clear()
+        os.environ.update(env)
       sys.argv = argv
       try:
         runpy.run_path(script, run_name='__main__')
@@ -72,13 +75,17 @@ def _stop() -> None:
     _server.pop().communicate(timeout=60)
 
 
-def run(argv: list[str], cwd: str = ROOT) -> subprocess.CompletedProcess:
+def run(
+  argv: list[str], cwd: str = ROOT, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess:
   """`subprocess.run([sys.executable, *argv], cwd=cwd, capture_output=True,
   text=True)` for a run of a project script that stops early.
 
   Args:
     argv: the script (a path relative to `cwd`, or absolute), then its flags.
     cwd: the working directory of the run.
+    env: its environment, read by the script (not by the imports the server
+      made already); None: this process's.
   """
   if not _server or _server[0].poll() is not None:
     _server[:] = [
@@ -93,7 +100,7 @@ def run(argv: list[str], cwd: str = ROOT) -> subprocess.CompletedProcess:
     atexit.register(_stop)
   server = _server[0]
   script = os.path.join(cwd, argv[0])
-  server.stdin.write(json.dumps([script, list(argv), cwd]) + '\n')
+  server.stdin.write(json.dumps([script, list(argv), cwd, env]) + '\n')
   server.stdin.flush()
   code, stdout, stderr = json.loads(server.stdout.readline())
   return subprocess.CompletedProcess(list(argv), code, stdout, stderr)

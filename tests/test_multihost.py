@@ -37,6 +37,7 @@ import warnings
 from absl.testing import absltest
 import numpy as np
 import orbax.checkpoint as ocp
+import script_runs
 
 from configs import fm as fm_config
 import data
@@ -586,20 +587,8 @@ class FaultTest(_MultiProcessTestCase):
   def test_a_process_that_ends_last_is_not_aborted(self):
     # A recoverable run has no shutdown barrier: process 0 stopped the
     # coordination service while process 1 still ended, and jaxlib aborted
-    # it (status -6, a C++ stack).
-    workdir = os.path.join(self.tmp, 'ends-last')
-    script = os.path.join(self.tmp, 'inject.py')
-    with open(script, 'w') as f:
-      f.write(_INJECT)
-    run = Run(
-      workdir,
-      self.cache,
-      NUM_PROCESSES,
-      '--config.num_epochs=1',
-      wrapper=(script,),
-      env={'FAULT': 'slow_exit', 'FAULT_DIR': 'none'},
-    )
-    self.assertEqual(run.wait(), [0] * NUM_PROCESSES, run.tails())
+    # it (status -6, a C++ stack). The finished run's process 1 ends last.
+    run = self._finished()
     for i in range(NUM_PROCESSES):
       for stack in _STACKS:
         self.assertNotIn(stack, run.log(i), run.tails())
@@ -732,17 +721,32 @@ class FaultTest(_MultiProcessTestCase):
       error,
     )
 
-  def _finished_copy(self, name):
-    """A copy at `name` of a run of the default flags that finished: one
-    run for the tests that resume one (each run costs 2 processes)."""
+  def _finished(self) -> Run:
+    """One run of the default flags that finished, for the tests that resume
+    one or read its best (each run costs 2 processes). Its process 1 ends
+    last, 3 s after the others (`_INJECT`'s slow_exit)."""
     cls = type(self)
     if not hasattr(cls, 'finished'):
       finished = os.path.join(cls.tmp, 'finished')
-      run = Run(finished, cls.cache, NUM_PROCESSES, tag='first')
+      script = os.path.join(cls.tmp, 'inject.py')
+      with open(script, 'w') as f:
+        f.write(_INJECT)
+      run = Run(
+        finished,
+        cls.cache,
+        NUM_PROCESSES,
+        tag='first',
+        wrapper=(script,),
+        env={'FAULT': 'slow_exit', 'FAULT_DIR': 'none'},
+      )
       self.assertEqual(run.wait(), [0] * NUM_PROCESSES, run.tails())
-      cls.finished = finished
+      cls.finished = run
+    return cls.finished
+
+  def _finished_copy(self, name):
+    """A copy at `name` of the workdir of `_finished`'s run."""
     workdir = os.path.join(self.tmp, name)
-    shutil.copytree(cls.finished, workdir)
+    shutil.copytree(self._finished().workdir, workdir)
     return workdir
 
   def test_metrics_that_process_0_cannot_write_stop_every_process(self):
@@ -870,8 +874,7 @@ class FaultTest(_MultiProcessTestCase):
     # Each process reads config.init_from: one that could not (storage it
     # does not share) left the others in their next collective, and two
     # that read other best epochs of a run still training trained apart.
-    source = os.path.join(self.tmp, 'init-source')
-    self.assertEqual(Run(source, self.cache, 1).wait(), [0], source)
+    source = self._finished_copy('init-source')
     best = [m['epoch'] for m in _metrics(source) if m['split'] == 'test'][0]
     script = os.path.join(self.tmp, 'inject.py')
     with open(script, 'w') as f:
@@ -1022,19 +1025,14 @@ class FaultTest(_MultiProcessTestCase):
       ('--num_processes=2', '--coordinator_address, --process_id'),
       ('--process_id=0', '--coordinator_address, --num_processes'),
     ):
-      result = subprocess.run(
+      result = script_runs.run(  # It stops before JAX's backends start.
         [
-          sys.executable,
           'main.py',
           '--config=configs/fm.py:smoke',
           f'--workdir={os.path.join(self.tmp, "nocluster")}',
           flag,
         ],
-        cwd=ROOT,
         env=env,
-        capture_output=True,
-        text=True,
-        timeout=RUN_TIMEOUT,
       )
       self.assertEqual(result.returncode, 2, result.stderr[-3000:])
       self.assertNotIn('Traceback', result.stderr)
