@@ -16,6 +16,7 @@ test accepts that case only with gloo's abort in process 0's log, and says so
 in a warning.
 """
 
+import atexit
 import contextlib
 import dataclasses
 import errno
@@ -122,19 +123,25 @@ class Run:
       base.append(f'--coordinator_address=127.0.0.1:{_free_port()}')
       base.append(f'--num_processes={num_processes}')
     devices = 1 if num_processes > 1 else NUM_PROCESSES
+    self.commands = []
     for i in range(num_processes):
       command = base + [f'--workdir={workdir.format(i=i)}']
       command += (only or {}).get(i, [])  # Process i's own flags.
       if num_processes > 1:
         command.append(f'--process_id={i}')
-      log = f'{workdir.format(i=i)}.{tag}.{i}.log'
-      self.logs.append(log)
+      self.commands.append(command)
+      self.logs.append(f'{workdir.format(i=i)}.{tag}.{i}.log')
+    self.env = {**_env(devices), **(env or {})}
+    self._start()
+
+  def _start(self) -> None:
+    for command, log in zip(self.commands, self.logs, strict=True):
       with open(log, 'w') as out:
         self.procs.append(
           subprocess.Popen(
             command,
             cwd=ROOT,
-            env={**_env(devices), **(env or {})},
+            env=self.env,
             stdout=out,
             stderr=subprocess.STDOUT,
           )
@@ -147,7 +154,7 @@ class Run:
   def tails(self) -> str:
     return '\n'.join(
       f'--- process {i} ---\n{self.log(i)[-3000:]}'
-      for i in range(len(self.procs))
+      for i in range(len(self.logs))
     )
 
   def wait(self, timeout: float = RUN_TIMEOUT) -> list[int]:
@@ -163,6 +170,89 @@ class Run:
       if p.poll() is None:
         p.send_signal(signal.SIGKILL)
         p.wait()
+
+
+# Forks the processes of a run, each as `python <command>` with its log, from
+# a process that imported what main.py imports (not main.py: each child
+# defines its flags); then waits for them all (SIGKILL at the timeout) and
+# prints their exit statuses. A child ends as the interpreter does
+# (SystemExit, atexit, threads), not by os._exit.
+_FORK_SERVER = textwrap.dedent(
+  """
+  import json, os, runpy, sys, time
+  sys.path[0] = sys.argv[1]
+  import jax, ml_collections.config_flags  # noqa: F401
+  import checkpoints, config_check, entry, multihost, train  # noqa: F401
+
+  for line in sys.stdin:
+    commands, env, logs, timeout = json.loads(line)
+    pids = []
+    for command, log in zip(commands, logs):
+      pid = os.fork()
+      if pid == 0:
+        fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
+        os.dup2(fd, 1)
+        os.dup2(fd, 2)
+        os.environ.clear()
+        os.environ.update(env)
+        sys.argv = command[1:]
+        sys.path[0] = os.path.dirname(os.path.abspath(sys.argv[0]))
+        runpy.run_path(sys.argv[0], run_name='__main__')
+        sys.exit(0)
+      pids.append(pid)
+    deadline = time.monotonic() + timeout
+    codes = [None] * len(pids)
+    while None in codes and time.monotonic() < deadline:
+      for i, pid in enumerate(pids):
+        if codes[i] is None and (done := os.waitpid(pid, os.WNOHANG))[0]:
+          codes[i] = os.waitstatus_to_exitcode(done[1])
+      time.sleep(0.01)
+    for i, pid in enumerate(pids):
+      if codes[i] is None:
+        os.kill(pid, 9)
+        os.waitpid(pid, 0)
+    print(json.dumps(codes), flush=True)
+  """
+)
+_fork_server = []  # This process's server, started at the first forked run.
+
+
+def _stop_fork_server() -> None:
+  if _fork_server:  # Its stdin closed, it ends.
+    _fork_server.pop().communicate(timeout=60)
+
+
+class ForkedRun(Run):
+  """A `Run` that stops before training: its processes are forked from a
+  server (`_FORK_SERVER`) that spent JAX's and main.py's import once, when
+  `wait` is called. The same script, flags, environment and exit path."""
+
+  def _start(self) -> None:
+    if not _fork_server or _fork_server[0].poll() is not None:
+      _fork_server[:] = [
+        subprocess.Popen(
+          [sys.executable, '-c', _FORK_SERVER, ROOT],
+          cwd=ROOT,
+          env=_env(1),
+          stdin=subprocess.PIPE,
+          stdout=subprocess.PIPE,
+          text=True,
+        )
+      ]
+      atexit.register(_stop_fork_server)
+
+  def wait(self, timeout: float = RUN_TIMEOUT) -> list[int]:
+    server = _fork_server[0]
+    request = [self.commands, self.env, self.logs, timeout]
+    server.stdin.write(json.dumps(request) + '\n')
+    server.stdin.flush()
+    codes = json.loads(server.stdout.readline())
+    if None in codes:
+      raise AssertionError(f'Timed out:\n{self.tails()}')
+    return codes
+
+  def kill(self) -> None:
+    pass  # The server kills its children at the timeout.
 
 
 def _metrics(workdir: str) -> list[dict]:
@@ -595,7 +685,7 @@ class FaultTest(_MultiProcessTestCase):
 
   def test_unshared_workdir_stops_every_process_with_a_clear_error(self):
     workdir = os.path.join(self.tmp, 'unshared-{i}')
-    run = Run(workdir, self.cache, NUM_PROCESSES)
+    run = ForkedRun(workdir, self.cache, NUM_PROCESSES)
     self.assertEqual(run.wait(), [2] * NUM_PROCESSES, run.tails())
     for i in range(NUM_PROCESSES):
       self.assertRegex(
@@ -610,7 +700,9 @@ class FaultTest(_MultiProcessTestCase):
     workdir = os.path.join(self.tmp, 'other-configs')
     other = ['--config.learning_rate=0.01', '--config.eval_batch_size=1024']
     cache = f'--config.dataset.cache_dir={self.cache}/../cache'  # Same files.
-    run = Run(workdir, self.cache, NUM_PROCESSES, only={1: other + [cache]})
+    run = ForkedRun(
+      workdir, self.cache, NUM_PROCESSES, only={1: other + [cache]}
+    )
     self.assertEqual(run.wait(), [2] * NUM_PROCESSES, run.tails())
     for i in range(NUM_PROCESSES):
       self.assertRegex(
@@ -625,12 +717,13 @@ class FaultTest(_MultiProcessTestCase):
       )
     self.assertFalse(os.path.exists(os.path.join(workdir, 'config.json')))
 
-  def _refused(self, workdir, culprit, *flags, **kwargs):
+  def _refused(self, workdir, culprit, *flags, trains=False, **kwargs):
     """The one line with which every process of a run leaves (status 2,
     within 30 s: before main.py forces an exit or a heartbeat is missed),
-    the others naming process `culprit` (None: none), and no traceback."""
+    the others naming process `culprit` (None: none), and no traceback.
+    Forked (`ForkedRun`) unless the run `trains` first."""
     started = time.monotonic()
-    run = Run(
+    run = (Run if trains else ForkedRun)(
       workdir,
       self.cache,
       NUM_PROCESSES,
@@ -781,7 +874,7 @@ class FaultTest(_MultiProcessTestCase):
       error, rf'^main.py: error: Cannot read {path}: Is a directory \(EISDIR'
     )
 
-  def _injected(self, workdir, culprit, fault, where):
+  def _injected(self, workdir, culprit, fault, where, trains=False):
     """`_refused` of a run under `_INJECT` with `fault` in checkpoints/`where`
     from epoch 2 on."""
     script = os.path.join(self.tmp, 'inject.py')
@@ -793,6 +886,7 @@ class FaultTest(_MultiProcessTestCase):
       tag='fault',
       wrapper=(script,),
       env={'FAULT': fault, 'FAULT_DIR': where},
+      trains=trains,
     )
 
   def test_a_state_that_one_host_cannot_hold_stops_every_process(self):
@@ -903,7 +997,7 @@ class FaultTest(_MultiProcessTestCase):
     (`fault`): every process stops in one line naming `reason`, epoch 1's
     checkpoints and the best are intact, and a rerun resumes from them."""
     workdir = os.path.join(self.tmp, name)
-    error = self._injected(workdir, 0, fault, where)
+    error = self._injected(workdir, 0, fault, where, trains=True)
     ckpts = os.path.join(workdir, 'checkpoints')
     self.assertRegex(
       error,
@@ -971,7 +1065,7 @@ class FaultTest(_MultiProcessTestCase):
     # The others list the steps that process 0 saved: an error there left
     # process 0 in its next collective until the heartbeat timeout.
     workdir = os.path.join(self.tmp, 'reload-refused')
-    error = self._injected(workdir, 1, 'reload', 'best')
+    error = self._injected(workdir, 1, 'reload', 'best', trains=True)
     best = os.path.join(workdir, 'checkpoints', 'best')
     self.assertRegex(
       error,
