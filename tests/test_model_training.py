@@ -21,6 +21,7 @@ from model_tables import TEST_KWARGS
 from model_tables import build
 from model_tables import dropout_kwargs
 from model_tables import module
+from model_testing import apply_train
 from model_testing import np_batchnorm
 from model_testing import np_linear
 from model_testing import np_mlp
@@ -449,11 +450,9 @@ class BatchNormAcrossDevicesTest(parameterized.TestCase):
     single = model_file.Model(PMAP_FIELD_DIMS, **kwargs)
     sharded = model_file.Model(PMAP_FIELD_DIMS, axis_name='batch', **kwargs)
     ids = random_ids(32, PMAP_FIELD_DIMS, seed=3)
-    variables = randomize(single.init(jax.random.key(0), ids))
+    variables = random_variables(single, ids)  # Shapes only: no eager init.
 
-    _, global_state = single.apply(
-      variables, ids, train=True, mutable=['batch_stats']
-    )
+    _, global_stats = apply_train(single, variables, ids)  # Compiled.
 
     def step(v, x):
       _, state = sharded.apply(v, x, train=True, mutable=['batch_stats'])
@@ -465,7 +464,7 @@ class BatchNormAcrossDevicesTest(parameterized.TestCase):
       in_axes=(None, 0),
       devices=jax.local_devices()[:num_devices],
     )(variables, ids.reshape(num_devices, -1, ids.shape[1]))
-    leaves = jax.tree_util.tree_leaves_with_path(global_state['batch_stats'])
+    leaves = jax.tree_util.tree_leaves_with_path(global_stats)
     self.assertGreaterEqual(len(leaves), 4)
     for path, expected in leaves:
       got = _lookup(per_device, path)  # [devices, ...]
