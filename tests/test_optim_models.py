@@ -1,10 +1,12 @@
 """The row-wise optimizers on every model's config, against brute force.
 
-For each config in configs/ (and two variants that move a table's rows:
-NCF's GMF table with the item field first, W&D with a cross), each of two
-steps of the run's own train program with 'lazy_adam' (and with
-'rowwise_adagrad' on a few; the second at plateau-reduced rates) is checked
-against a float64 numpy step computed from the DENSE gradient
+For each config in configs/ (and variants that move a table's rows: NCF's
+GMF table with the item field first, W&D with a cross, and both on eight
+fields), the tables that the optimizer takes as rows are those that the
+batches read. On a case of each table path, each of two steps of the run's
+own train program with 'lazy_adam' (and with 'rowwise_adagrad' on a few;
+the second at plateau-reduced rates) is checked against a float64 numpy
+step computed from the DENSE gradient
 (`jax.grad` over every parameter, tables whole): the tables' rows that the
 batch's ids name, and only those, take the step, their moments or
 accumulators with them; every other leaf takes dense Adam with L2. The
@@ -135,6 +137,25 @@ ROWWISE_CASES = (
   'ncf_item_field_first',
   'wd_cross',
   'wd_eight_fields',
+)
+# lazy_adam's steps: every table path once, through the blocks that the
+# model files copy verbatim (tests/test_model_contract.py): FeaturesLinear
+# alone (lr), FeaturesEmbedding with multi-hot and numeric rows and
+# BatchNorm (fm, deepfm), FieldAwareEmbedding (ffm), NCF's own names and GMF
+# table, FinalMLP's context tables without a linear term, a cross, and the
+# tables gathered apart (take_rows). The other cases' tables, against brute
+# force, in test_every_case_declares_the_tables_its_batches_read.
+STEP_CASES = ROWWISE_CASES + (
+  'ffm',
+  'finalmlp',
+  'lr',
+  'ncf',
+  'ncf_eight_fields',
+)
+# 2 devices: each rowwise_adagrad case, and lazy_adam on one (the exchange
+# of rows comes before the rule, the same code for both).
+TWO_DEVICE_CASES = frozenset(
+  [(c, 'rowwise_adagrad') for c in ROWWISE_CASES] + [('fm', 'lazy_adam')]
 )
 # The models without the linear term's tables (FeaturesLinear).
 NO_LINEAR = ('dcn', 'dcnv2', 'finalmlp', 'fwfm', 'ncf', 'pnn')
@@ -376,12 +397,28 @@ class EveryModelTest(parameterized.TestCase):
     built = {m.get_config().model_name for m in names}
     self.assertEqual(built, set(models.names()))
 
-  # lazy_adam on every case finds a table declared wrong; rowwise_adagrad,
-  # whose rows take the same path with another rule, and 2 devices, whose
-  # exchange of rows is the same code for all, on a few (the suite's time:
-  # each compiles its programs).
+  # Every case: the optimizer's tables are those that brute force finds
+  # read (shapes only: nothing compiles). A table read otherwise than
+  # through the copied blocks is refused per model by model_contract.check
+  # (tests/test_new_model_journey.py).
+  @parameterized.parameters(*CONFIGS, *sorted(VARIANTS))
+  def test_every_case_declares_the_tables_its_batches_read(self, case):
+    wide = case in WIDE
+    field_dims = WIDE_FIELD_DIMS if wide else FIELD_DIMS
+    for optimizer in ('lazy_adam', 'rowwise_adagrad'):
+      config = _config(case, optimizer)
+      init = train.state_initializer(config, _model(config, wide, train.AXIS))
+      tx = jax.eval_shape(init, jax.random.key(0)).tx
+      for i in (0, 1):
+        read = _tables(config, _batch(i, wide), field_dims)
+        self.assertEqual(set(optim.tables_of(tx)), set(read), (optimizer, i))
+
+  # The steps on STEP_CASES (lazy_adam) and ROWWISE_CASES
+  # (rowwise_adagrad, whose rows take the same paths with another rule);
+  # 2 devices on TWO_DEVICE_CASES (the suite's time: each compiles its
+  # programs).
   @parameterized.parameters(
-    *((case, 'lazy_adam') for case in CONFIGS + sorted(VARIANTS)),
+    *((case, 'lazy_adam') for case in STEP_CASES),
     *((case, 'rowwise_adagrad') for case in ROWWISE_CASES),
   )
   def test_steps_match_brute_force_and_two_devices_one(self, case, optimizer):
@@ -447,7 +484,7 @@ class EveryModelTest(parameterized.TestCase):
       *worst[::2],
       *worst[1::2],
     )
-    if case not in ROWWISE_CASES:  # The exchange of rows is the same code.
+    if (case, optimizer) not in TWO_DEVICE_CASES:
       return
     # Both steps on 2 devices, each with half of each batch.
     one = jax.tree.map(lambda x: x[0], steps(start, (0, 1), 1))
