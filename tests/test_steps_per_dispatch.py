@@ -48,6 +48,21 @@ def _setup(optimizer, **inputs):
   return config, state, p_steps
 
 
+@functools.cache
+def _built(optimizer, **inputs):
+  config, state, p_steps = _setup(optimizer, **inputs)
+  return config, jax.device_get(state), p_steps
+
+
+def _shared_setup(optimizer, **inputs):
+  """`_setup`'s, built once per optimizer and inputs: the same program
+  (compiled once per shape of stack) and initial state (on the host, so
+  that no run's donation deletes it), and a copy of the config to change
+  (the program reads none of the fields that the tests set)."""
+  config, state, p_steps = _built(optimizer, **inputs)
+  return config.copy_and_resolve_references(), state, p_steps
+
+
 def _split(num, side=False):
   return dataset_testing.random_split(num, FIELD_DIMS, side)
 
@@ -61,7 +76,7 @@ class StepsPerDispatchTest(parameterized.TestCase):
     split = _split(7 * 8 + 5)
     states, losses = {}, {}
     for size in (1, 3, 16):
-      config, state, p_steps = _setup(optimizer)
+      config, state, p_steps = _shared_setup(optimizer)
       config.steps_per_dispatch = size
       state, loss, rate = train.train_epoch(
         p_steps, train.replicate(state), split, config, epoch=0
@@ -80,7 +95,7 @@ class StepsPerDispatchTest(parameterized.TestCase):
     moved = jax.tree.map(
       lambda a, b: np.abs(a - b).max(),
       states[1].params,
-      jax.device_get(train.replicate(_setup(optimizer)[1]).params),
+      jax.device_get(train.replicate(_shared_setup(optimizer)[1]).params),
     )
     self.assertGreater(max(jax.tree.leaves(moved)), 1e-3)
 
@@ -92,7 +107,7 @@ class StepsPerDispatchTest(parameterized.TestCase):
     inputs = {'multi_field_dims': (4,), 'num_dense': 1}
     runs = {}
     for mb in (0, 1):
-      config, state, p_steps = _setup(optimizer, **inputs)
+      config, state, p_steps = _shared_setup(optimizer, **inputs)
       config.steps_per_dispatch = 3
       config.device_split_mb = mb
       resident = train.replicate(batching.resident_split(split, config))
@@ -111,7 +126,9 @@ class StepsPerDispatchTest(parameterized.TestCase):
       return {jax.tree_util.keystr(k): np.asarray(v) for k, v in leaves}
 
     trained = flat(runs[1][0][0])
-    initial = flat(train.replicate(_setup(optimizer, **inputs)[1]).params)
+    initial = flat(
+      train.replicate(_shared_setup(optimizer, **inputs)[1]).params
+    )
     for name in ('multi_embedding', 'dense_embedding'):
       key = next(k for k in trained if name in k)
       self.assertGreater(np.abs(trained[key] - initial[key]).max(), 1e-3)
