@@ -181,17 +181,23 @@ def _before_batch_norm(path, flat_params):
   return path[-1] == 'bias' and norm in flat_params
 
 
+@functools.cache
+def _grad_program(model):
+  """One compiled `jax.grad` of the train loss per model, for every call."""
+
+  def loss(params, batch_stats, batch):
+    return train.loss_fn(
+      params, batch_stats, batch, jax.random.key(0), model=model
+    )[0]
+
+  return jax.jit(jax.grad(loss))
+
+
 def _dense_grads(config, state, ids):
   """`jax.grad` of the train step's loss over whole tables, one device."""
   model = train.create_model(config, FIELD_DIMS)
   batch = {'ids': ids, 'label': LABELS}
-  return jax.jit(
-    jax.grad(
-      lambda p: train.loss_fn(
-        p, state.batch_stats, batch, jax.random.key(0), model=model
-      )[0]
-    )
-  )(state.params)
+  return _grad_program(model)(state.params, state.batch_stats, batch)
 
 
 class TableWeightDecayTest(parameterized.TestCase):
@@ -384,8 +390,8 @@ class RowwiseOptimizerTest(parameterized.TestCase):
       (np.concatenate([ALL_ROWS_2, ALL_ROWS]), labels),
       (np.concatenate([SOME_ROWS, np.array([[2, 3]] * 4, np.int32)]), labels),
     ]
-    _, state, step1 = _setup(config, num_devices=1)
-    one = _first(_run(step1, state, batches, num_devices=1))
+    _, start, step1 = _setup(config, num_devices=1)
+    one = _first(_run(step1, start, batches, num_devices=1))
     _, state, step2 = _setup(config, num_devices=2)
     two = _run(step2, state, batches, num_devices=2)
     for leaf in jax.tree.leaves(two):
@@ -397,8 +403,7 @@ class RowwiseOptimizerTest(parameterized.TestCase):
     )
     # With a batch per device that touched every row, the same steps on
     # device 0's rows alone would leave rows 2 and 6 as after the first.
-    _, state, step1 = _setup(config, num_devices=1)
-    first = _first(_run(step1, state, batches[:1], num_devices=1))
+    first = _first(_run(step1, start, batches[:1], num_devices=1))
     table = two.params['FeaturesLinear_0']['weight'][0]
     self.assertFalse(
       np.array_equal(
