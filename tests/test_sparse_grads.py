@@ -137,20 +137,24 @@ def _model_and_params(name, **fields):
   config.model_name = name
   config.model = dict(MODEL_KWARGS[name])
   model = train.create_model(config, FIELD_DIMS, **fields)
-  variables = jax.jit(functools.partial(model.init, train=False))(
-    jax.random.key(0), **batching.example_inputs(model)
+  # The variables' shapes (nothing compiles); random values everywhere:
+  # zero-initialised tables hide gradients. BatchNorm's statistics as
+  # init sets them: mean 0, variance 1.
+  shapes = jax.eval_shape(
+    functools.partial(model.init, train=False),
+    jax.random.key(0),
+    **batching.example_inputs(model),
   )
-  # Random values everywhere: zero-initialised tables hide gradients.
-  leaves, treedef = jax.tree.flatten(variables['params'])
-  keys = jax.random.split(jax.random.key(1), len(leaves))
-  params = jax.tree.unflatten(
-    treedef,
-    [
-      0.5 * jax.random.normal(k, x.shape)
-      for k, x in zip(keys, leaves, strict=True)
-    ],
+  rng = np.random.default_rng(1)
+  params = jax.tree.map(
+    lambda x: (0.5 * rng.standard_normal(x.shape)).astype(x.dtype),
+    shapes['params'],
   )
-  return model, params, variables.get('batch_stats', {})
+  batch_stats = jax.tree_util.tree_map_with_path(
+    lambda path, x: np.full(x.shape, path[-1].key == 'var', x.dtype),
+    shapes.get('batch_stats', {}),
+  )
+  return model, params, batch_stats
 
 
 def _loss(model, batch_stats, batch):
