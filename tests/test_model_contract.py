@@ -36,7 +36,6 @@ from model_tables import VARIANTS
 from model_tables import build
 from model_tables import initial_zero_gradients
 from model_tables import module
-from model_testing import apply_eval
 from model_testing import check_config_model
 from model_testing import init
 from model_testing import loss_and_grads
@@ -194,7 +193,13 @@ class ModelContractTest(parameterized.TestCase):
   def test_output_shape_and_dtype(self, name):
     model = build(name)
     ids = random_ids(BATCH, FIELD_DIMS)
-    logits = apply_eval(model, init(model, ids), ids)
+    rngs = {'params': jax.random.key(0), 'dropout': jax.random.key(1)}
+    # init's variables and the eval logits in one compiled program.
+    logits = jax.jit(
+      lambda ids: model.apply(
+        model.init(rngs, ids, train=False), ids, train=False
+      )
+    )(ids)
     self.assertEqual(logits.shape, (BATCH,))
     self.assertEqual(logits.dtype, jnp.float32)
     self.assertTrue(np.all(np.isfinite(logits)))
