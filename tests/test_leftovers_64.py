@@ -66,6 +66,20 @@ def _open_files(directory: str) -> list[str]:
   return found
 
 
+def _refused_once():
+  """`Encoder.encode_parsed` refusing the third row of the first chunk of
+  more than 2 rows (`side.OutOfRange`, as a value beyond float32)."""
+  encode, raised = encoder.Encoder.encode_parsed, []
+
+  def out_of_range(encoder_, keys, *args):
+    if not raised and len(keys) > 2:
+      raised.append(side.OutOfRange('numeric field x: 1e39 is beyond', 2))
+      raise raised[0]
+    return encode(encoder_, keys, *args)
+
+  return mock.patch.object(encoder.Encoder, 'encode_parsed', out_of_range)
+
+
 class EarlyErrorTest(absltest.TestCase):
   def test_an_error_after_the_managers_open_closes_them(self):
     # A damaged latest checkpoint fails the run after the checkpoint
@@ -222,17 +236,9 @@ class BadRowsTest(absltest.TestCase):
     lines = _tiny()[1][:12]
     source = self.write('all.txt', lines)
     rest = self.write('rest.txt', lines[:2] + lines[3:])
-    encode, raised = encoder.Encoder.encode_parsed, []
-
-    def out_of_range(encoder_, keys, *args):
-      if not raised and len(keys) > 2:
-        raised.append(side.OutOfRange('numeric field x: 1e39 is beyond', 2))
-        raise raised[0]
-      return encode(encoder_, keys, *args)
-
     outputs = [os.path.join(self.tmp, f'{name}.csv') for name in ('nan', 'ok')]
     with (
-      mock.patch.object(encoder.Encoder, 'encode_parsed', out_of_range),
+      _refused_once(),
       self.assertLogs('absl', 'WARNING') as logs,
     ):
       predict_output.write_predictions(
@@ -252,17 +258,9 @@ class BadRowsTest(absltest.TestCase):
     given = [lines[0], '', *lines[1:4], 'garbage', '', *lines[4:]]
     source = self.write('all.txt', given)
     rest = self.write('rest.txt', [lines[0], lines[1], *lines[3:]])
-    encode, raised = encoder.Encoder.encode_parsed, []
-
-    def out_of_range(encoder_, keys, *args):
-      if not raised and len(keys) > 2:
-        raised.append(side.OutOfRange('numeric field x: 1e39 is beyond', 2))
-        raise raised[0]
-      return encode(encoder_, keys, *args)
-
     outputs = [os.path.join(self.tmp, f'{name}.csv') for name in ('nan', 'ok')]
     with (
-      mock.patch.object(encoder.Encoder, 'encode_parsed', out_of_range),
+      _refused_once(),
       self.assertLogs('absl', 'WARNING') as logs,
     ):
       predict_output.write_predictions(
