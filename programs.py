@@ -99,9 +99,7 @@ def replicated_shapes(shapes: Any) -> Any:
   """`replicate`'s output shapes for a tree of shapes (`jax.eval_shape`'s)."""
   layout, count = sharding(), jax.local_device_count()
   return jax.tree.map(
-    lambda x: jax.ShapeDtypeStruct(
-      (count,) + x.shape, x.dtype, sharding=layout
-    ),
+    lambda x: jax.ShapeDtypeStruct((count, *x.shape), x.dtype, sharding=layout),
     shapes,
   )
 
@@ -154,7 +152,7 @@ def with_options(program: Callable, options: dict[str, str] | None) -> Any:
 
 def compile_ahead(
   *programs: tuple[Callable, Callable[[], tuple]],
-) -> Callable[[], None]:
+) -> Callable[..., None]:
   """Compiles each `(program, args)` pair on a thread of its own.
 
   `args()`, run on the thread, returns the program's arguments or their
@@ -162,22 +160,20 @@ def compile_ahead(
   later call with arguments of those shapes runs without compiling.
 
   Returns:
-    `wait(traced=False)`, which waits for the compilations (with `traced`,
-    for the programs' traces alone) and raises what they raised. Python
-    waits for them at exit, so none is cut off.
+    `wait(traced=False)`: waits for the compilations (`traced`: for their
+    traces alone), raising what they raised. Python waits for them at exit.
   """
   traces = [concurrent.futures.Future() for _ in programs]
 
   def compile_one(program, args, traced):
     try:  # pmap keeps the lowering: compiling lowers it no more.
-      program.lower(*(args := args()))
+      lowered = program.lower(*(args := args()))
     except BaseException as e:
       traced.set_exception(e)
       raise
     traced.set_result(None)
-    if isinstance(program, OptionedProgram):
-      return program.compile(*args)
-    return program.lower(*args).compile()
+    optioned = isinstance(program, OptionedProgram)
+    return program.compile(*args) if optioned else lowered.compile()
 
   pool = concurrent.futures.ThreadPoolExecutor(len(programs), 'compile_ahead')
   pairs = zip(programs, traces, strict=True)
@@ -291,7 +287,7 @@ def compile_train_and_eval(
   valid_split: data.Split,
   config: ml_collections.ConfigDict,
   resident: dict[str, jax.Array] | None = None,
-) -> Callable[[], None]:
+) -> Callable[..., None]:
   """Compiles the train and eval programs on threads, while the host goes on.
 
   Args:
