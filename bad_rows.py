@@ -238,6 +238,23 @@ def chunks(
     yield _kept(encoder.encode_parsed(keys, labels), np.zeros(0, np.int64))
 
 
+def name_row(
+  encoder: encoder_lib.Encoder, path: str, chunk_rows: int, row: int
+) -> str:
+  """Where row `row` of `path` is (0 first; blank lines hold no row): its
+  `file:line`, found by reading the file again, for an error's message."""
+  reader = _Placing(encoder.reader(path))
+  desc = f'find row {row + 1} of {os.path.basename(path)}'
+  for keys, *_, lines in streaming.chunks(
+    reader, path, chunk_rows, lambda *_: None, desc
+  ):
+    rows = len(keys) + len(lines.bad)
+    if row < rows:
+      return lines.name(row)
+    row -= rows
+  return f'{path}: row {row + 1}'
+
+
 def _kept(rows: encoder_lib.Rows, places: np.ndarray) -> Kept:
   fields = {f.name: getattr(rows, f.name) for f in dataclasses.fields(rows)}
   return Kept(**fields, bad=places)

@@ -279,10 +279,9 @@ class Predictor:
           yield rows, *self.score_ids(**rows.inputs())
           done += len(rows.ids)
     except side.OutOfRange as e:
-      raise core.DataError(
-        f'{path}: row {done + e.row + 1} (the header and blank lines not'
-        f' counted): {e}'
-      ) from e
+      row = done + e.row  # Among the file's rows: named by its line.
+      where = bad_rows_lib.name_row(self.encoder, path, chunk_rows, row)
+      raise core.DataError(f'{where}: {e}') from e
 
   def unseen(self, ids: np.ndarray) -> np.ndarray:
     """Which `ids` `[n, fields]` are their field's out-of-vocabulary id.

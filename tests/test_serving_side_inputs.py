@@ -330,8 +330,7 @@ class CsvTest(absltest.TestCase):
     output = os.path.join(self.tmp, 'out.csv')
     with self.assertRaisesRegex(
       data.DataError,
-      rf'^{re.escape(source)}: row 5 \(the header and blank lines not'
-      rf' counted\): {beyond}$',
+      rf'^{re.escape(source)}:7: {beyond}$',  # Header, blank: line 7.
     ):
       predict_output.write_predictions(tiny, source, output, 2)
     self.assertFalse(os.path.exists(output))
