@@ -336,15 +336,14 @@ def _run(
     changes = workdir_lib.check_resume(
       workdir, config, write=is_main, record=False, moved=True
     )
-    if is_main and workdir_lib.has_checkpoints(workdir):
-      # A resume's files must hold the recorded bytes: compared before any
-      # encoding, on the digests that also key the cache (hashed once).
-      def check(digests):
-        sources.check(workdir, changes, lambda: digests, resuming=True)
 
-      dataset = data.load_dataset(config.dataset, check)
-    else:
-      dataset = data.load_dataset(config.dataset)
+    # A resume's files must hold the recorded bytes: compared before any
+    # encoding, on the digests that also key the cache (hashed once).
+    def check(digests):
+      if is_main:
+        sources.check(workdir, changes, lambda: digests)
+
+    dataset = data.load_dataset(config.dataset, check)
   multihost.assert_same_data(dataset)
   logging.info('%s', data.describe(dataset))
   data_checks.check(dataset, config, workdir_lib.has_checkpoints(workdir))

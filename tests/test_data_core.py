@@ -798,8 +798,8 @@ class MemmapTrainingTest(DatasetTestCase):
     config.progress_bar = False
     load = data.load_dataset
 
-    def in_memory(dataset_config):
-      dataset = load(dataset_config)
+    def in_memory(dataset_config, check_sources=None):
+      dataset = load(dataset_config, check_sources)
       splits = {
         s: data.Split(
           np.array(getattr(dataset, s).ids),
