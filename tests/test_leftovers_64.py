@@ -180,6 +180,19 @@ class BadRowsTest(absltest.TestCase):
     super().setUp()
     self.tmp = self.enter_context(tempfile.TemporaryDirectory())
 
+  def refused_then_without(self, source, rest, chunk_rows):
+    """The warnings and output lines of `source` under `_refused_once` with
+    --bad_rows=nan, and the output lines of `rest` (the good rows alone)."""
+    outputs = [os.path.join(self.tmp, f'{name}.csv') for name in ('nan', 'ok')]
+    with _refused_once(), self.assertLogs('absl', 'WARNING') as logs:
+      predict_output.write_predictions(
+        self.predictor, source, outputs[0], chunk_rows, 0, 'nan'
+      )
+    predict_output.write_predictions(
+      self.predictor, rest, outputs[1], chunk_rows, 0
+    )
+    return logs.output, *(_read(o) for o in outputs)
+
   def write(self, name, lines):
     path = os.path.join(self.tmp, name)
     with open(path, 'w') as f:
@@ -236,17 +249,8 @@ class BadRowsTest(absltest.TestCase):
     lines = _tiny()[1][:12]
     source = self.write('all.txt', lines)
     rest = self.write('rest.txt', lines[:2] + lines[3:])
-    outputs = [os.path.join(self.tmp, f'{name}.csv') for name in ('nan', 'ok')]
-    with (
-      _refused_once(),
-      self.assertLogs('absl', 'WARNING') as logs,
-    ):
-      predict_output.write_predictions(
-        self.predictor, source, outputs[0], 5, 0, 'nan'
-      )
-    self.assertIn(f'the first, {source}:3: numeric field x', logs.output[0])
-    predict_output.write_predictions(self.predictor, rest, outputs[1], 5, 0)
-    got, want = (_read(o) for o in outputs)
+    logs, got, want = self.refused_then_without(source, rest, 5)
+    self.assertIn(f'the first, {source}:3: numeric field x', logs[0])
     self.assertEqual(got[3], 'nan,\n')
     self.assertEqual(got[:3] + got[4:], want)
 
@@ -258,20 +262,10 @@ class BadRowsTest(absltest.TestCase):
     given = [lines[0], '', *lines[1:4], 'garbage', '', *lines[4:]]
     source = self.write('all.txt', given)
     rest = self.write('rest.txt', [lines[0], lines[1], *lines[3:]])
-    outputs = [os.path.join(self.tmp, f'{name}.csv') for name in ('nan', 'ok')]
-    with (
-      _refused_once(),
-      self.assertLogs('absl', 'WARNING') as logs,
-    ):
-      predict_output.write_predictions(
-        self.predictor, source, outputs[0], 10, 0, 'nan'
-      )
+    logs, got, want = self.refused_then_without(source, rest, 10)
     self.assertRegex(
-      logs.output[0],
-      rf'2 of 12 rows .* the first, {source}:4: numeric field x: 1e39',
+      logs[0], rf'2 of 12 rows .* the first, {source}:4: numeric field x: 1e39'
     )
-    predict_output.write_predictions(self.predictor, rest, outputs[1], 10, 0)
-    got, want = (_read(o) for o in outputs)
     self.assertEqual([got[3], got[5]], ['nan,\n'] * 2)
     self.assertEqual([g for i, g in enumerate(got) if i not in (3, 5)], want)
 
