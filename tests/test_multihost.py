@@ -16,7 +16,6 @@ test accepts that case only with gloo's abort in process 0's log, and says so
 in a warning.
 """
 
-import atexit
 import contextlib
 import dataclasses
 import errno
@@ -172,81 +171,19 @@ class Run:
         p.wait()
 
 
-# Forks the processes of a run, each as `python <command>` with its log, from
-# a process that imported what main.py imports (not main.py: each child
-# defines its flags); then waits for them all (SIGKILL at the timeout) and
-# prints their exit statuses. A child ends as the interpreter does
-# (SystemExit, atexit, threads), not by os._exit.
-_FORK_SERVER = textwrap.dedent(
-  """
-  import json, os, runpy, sys, time
-  sys.path[0] = sys.argv[1]
-  import jax, ml_collections.config_flags  # noqa: F401
-  import checkpoints, config_check, entry, multihost, train  # noqa: F401
-
-  for line in sys.stdin:
-    commands, env, logs, timeout = json.loads(line)
-    pids = []
-    for command, log in zip(commands, logs):
-      pid = os.fork()
-      if pid == 0:
-        fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
-        os.dup2(fd, 1)
-        os.dup2(fd, 2)
-        os.environ.clear()
-        os.environ.update(env)
-        sys.argv = command[1:]
-        sys.path[0] = os.path.dirname(os.path.abspath(sys.argv[0]))
-        runpy.run_path(sys.argv[0], run_name='__main__')
-        sys.exit(0)
-      pids.append(pid)
-    deadline = time.monotonic() + timeout
-    codes = [None] * len(pids)
-    while None in codes and time.monotonic() < deadline:
-      for i, pid in enumerate(pids):
-        if codes[i] is None and (done := os.waitpid(pid, os.WNOHANG))[0]:
-          codes[i] = os.waitstatus_to_exitcode(done[1])
-      time.sleep(0.01)
-    for i, pid in enumerate(pids):
-      if codes[i] is None:
-        os.kill(pid, 9)
-        os.waitpid(pid, 0)
-    print(json.dumps(codes), flush=True)
-  """
-)
-_fork_server = []  # This process's server, started at the first forked run.
-
-
-def _stop_fork_server() -> None:
-  if _fork_server:  # Its stdin closed, it ends.
-    _fork_server.pop().communicate(timeout=60)
-
-
 class ForkedRun(Run):
-  """A `Run` that stops before training: its processes are forked from a
-  server (`_FORK_SERVER`) that spent JAX's and main.py's import once, when
-  `wait` is called. The same script, flags, environment and exit path."""
+  """A `Run` that stops before training: its processes are forked, when
+  `wait` is called, from tests/script_runs.py's server, which spent JAX's
+  and main.py's imports once (`script_runs.run_together`). The same script,
+  flags, environment and exit path."""
 
   def _start(self) -> None:
-    if not _fork_server or _fork_server[0].poll() is not None:
-      _fork_server[:] = [
-        subprocess.Popen(
-          [sys.executable, '-c', _FORK_SERVER, ROOT],
-          cwd=ROOT,
-          env=_env(1),
-          stdin=subprocess.PIPE,
-          stdout=subprocess.PIPE,
-          text=True,
-        )
-      ]
-      atexit.register(_stop_fork_server)
+    pass  # At `wait`.
 
   def wait(self, timeout: float = RUN_TIMEOUT) -> list[int]:
-    server = _fork_server[0]
-    request = [self.commands, self.env, self.logs, timeout]
-    server.stdin.write(json.dumps(request) + '\n')
-    server.stdin.flush()
-    codes = json.loads(server.stdout.readline())
+    codes = script_runs.run_together(
+      self.commands, self.env, self.logs, timeout
+    )
     if None in codes:
       raise AssertionError(f'Timed out:\n{self.tails()}')
     return codes
